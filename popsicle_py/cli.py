@@ -1,0 +1,339 @@
+"""The `popsicle-py` command: flash, list, verify.
+
+The CLI parses, asks, and picks a view; it holds no I/O logic.  The flow of a flash is
+image -> plan (checked targets) -> confirmation -> checksum -> unmount -> open -> job -> view.
+
+Exit status: 0 every drive written and verified; 1 at least one drive failed or did not verify;
+2 bad usage or input, nothing written; 128 + signal (130 SIGINT, 143 SIGTERM, 129 SIGHUP)
+when a signal stopped the run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import traceback
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from popsicle_py import drives as drives_mod
+from popsicle_py import events
+from popsicle_py._version import __version__
+from popsicle_py.engine import DEFAULT_BUCKET_SIZE, DEFAULT_BUCKETS
+from popsicle_py.flash import FlashJob, FlashOptions, OpenError, VerifyJob, open_targets
+from popsicle_py.images import (
+    Checksum,
+    ImageError,
+    find_sidecar,
+    open_image,
+    parse_checksum_option,
+    verify_checksum,
+)
+from popsicle_py.plan import DEFAULT_MAX_AUTO_SIZE, Plan, PlanError, make_plan, unmount_targets
+from popsicle_py.signals import Cancellation
+from popsicle_py.units import format_size, parse_size
+from popsicle_py.view import JsonView, PlainView, RichView
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+PROG = "popsicle-py"
+
+
+class Refused(Exception):
+    """Bad usage or input found before anything was written: exit 2 with these lines."""
+
+    def __init__(self, lines: Sequence[str]) -> None:
+        self.lines = [line for line in lines if line]
+        super().__init__("\n".join(self.lines))
+
+
+class SizeType(click.ParamType):
+    """A byte count written as 16M, 4MiB or 1048576."""
+
+    name = "SIZE"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+                ) -> int:
+        if isinstance(value, int):
+            return value
+        try:
+            size = parse_size(str(value))
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+        if size < 1:
+            self.fail("must be at least 1 byte", param, ctx)
+        return size
+
+
+SIZE = SizeType()
+DEVICE = click.Path(dir_okay=False, path_type=str)
+
+
+def _stderr() -> Console:
+    return Console(stderr=True, highlight=False)
+
+
+def _error(line: str) -> None:
+    click.echo(f"{PROG}: {line}", err=True)
+
+
+def _make_view(as_json: bool, labels: dict[str, str]) -> Any:
+    if as_json:
+        return JsonView()
+    if sys.stdout.isatty():
+        return RichView(Console(highlight=False), labels)
+    return PlainView()
+
+
+def _run_guarded(debug: bool, as_json: bool, body: Callable[[], int]) -> NoReturn:
+    """Run a command body; turn refusals into exit 2 and surprises into one line, not a trace."""
+    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING,
+                        format=f"{PROG}: %(message)s")
+    try:
+        status = body()
+    except Refused as exc:
+        for line in exc.lines:
+            _error(line)
+        if as_json:
+            for line in exc.lines:
+                print(json.dumps({"event": "error", "message": line}))
+            print(json.dumps(events.Summary().to_json()), flush=True)
+        status = EXIT_USAGE
+    except KeyboardInterrupt:
+        _error("interrupted before writing: nothing was written")
+        status = 130
+    except click.exceptions.Exit:
+        raise
+    except Exception as exc:
+        if debug:
+            traceback.print_exc()
+        _error(f"unexpected error: {exc} (run with --debug to see where)")
+        status = EXIT_FAILED
+    sys.exit(status)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "-V", "--version", prog_name=PROG)
+def main() -> None:
+    """Write one disk image to many USB drives at once, then verify each from the device.
+
+    The image is read once for all drives; each drive gets its own progress, and the exit
+    status says whether every drive was written and verified (0), some failed (1), the input
+    was refused and nothing was written (2), or a signal stopped the run (128 + signal).
+    """
+
+
+# ----------------------------------------------------------------------------------------------
+# flash
+
+
+def _checksum_for(image_path: str, sha256: str | None, checksum: str | None,
+                  no_checksum: bool) -> Checksum | None:
+    given = parse_checksum_option(sha256, checksum)
+    if given is not None:
+        return given
+    return None if no_checksum else find_sidecar(image_path)
+
+
+def _confirm(plan: Plan, image: Any, yes: bool, action: str) -> None:
+    """Show what will be overwritten and ask once; without a terminal, refuse unless --yes."""
+    if yes:
+        return
+    if not sys.stdin.isatty():
+        raise Refused(["refusing to write without confirmation: standard input is not a "
+                       "terminal; pass --yes to confirm in scripts"])
+    console = _stderr()
+    table = Table(title=f"{action} {image.path} ({format_size(image.size)})",
+                  title_justify="left")
+    for column in ("Device", "Drive", "Size", "Mounted at", "Warnings"):
+        table.add_column(column, overflow="fold")
+    for drive in plan.targets:
+        table.add_row(drive.path, drive.label or "?", format_size(drive.size),
+                      ", ".join(drive.mountpoints), "; ".join(plan.warnings.get(drive.path, ())))
+    console.print(table)
+    for note in plan.notes:
+        console.print(note)
+    if not click.confirm(f"Everything on these {len(plan.targets)} drive(s) will be lost. "
+                         "Continue?", default=False, err=True):
+        raise Refused(["cancelled at the confirmation: nothing was written"])
+
+
+def _run_checksum(image: Any, checksum: Checksum, view: Any, cancel: Cancellation) -> None:
+    view.handle(events.Phase(None, "checksum", checksum.source))
+
+    def progress(done: int, total: int) -> None:
+        view.handle(events.Progress(None, "checksum", done, total))
+
+    verify_checksum(image.path, checksum, progress, cancel)
+    view.handle(events.Note(f"checksum ok ({checksum.algo} from {checksum.source})"))
+
+
+@main.command()
+@click.argument("image", type=click.Path(path_type=str))
+@click.argument("devices", nargs=-1, type=DEVICE)
+@click.option("-a", "--all-usb", is_flag=True, help="Add every eligible USB and SD drive.")
+@click.option("-y", "--yes", is_flag=True, help="Do not ask for confirmation.")
+@click.option("-u", "--unmount", is_flag=True,
+              help="Unmount mounted partitions of the targets first (otherwise refuse).")
+@click.option("--no-verify", is_flag=True, help="Skip reading the drives back.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable events on stdout.")
+@click.option("--bucket-size", type=SIZE, default=str(DEFAULT_BUCKET_SIZE), show_default="16M",
+              help="Size of each buffer in the ring (16M, 4MiB, 1048576).")
+@click.option("--buckets", type=click.IntRange(1, 64), default=DEFAULT_BUCKETS,
+              show_default=True, help="How many buffers may be in flight.")
+@click.option("--max-size", type=SIZE, default=str(DEFAULT_MAX_AUTO_SIZE), show_default="128GiB",
+              help="--all-usb skips drives larger than this.")
+@click.option("--stall-timeout", type=click.FloatRange(min=0.1), default=60.0,
+              show_default=True, help="Fail a drive that makes no progress for SECONDS.")
+@click.option("--sha256", metavar="HEX", help="Expected SHA-256 of the image file.")
+@click.option("--checksum", metavar="ALGO:HEX",
+              help="Expected checksum (sha1, sha256, sha512 or blake2b) of the image file.")
+@click.option("--no-checksum", is_flag=True, help="Ignore a checksum file next to the image.")
+@click.option("--debug", is_flag=True, help="Show debug messages and tracebacks.")
+def flash(image: str, devices: tuple[str, ...], all_usb: bool, yes: bool, unmount: bool,
+          no_verify: bool, as_json: bool, bucket_size: int, buckets: int, max_size: int,
+          stall_timeout: float, sha256: str | None, checksum: str | None, no_checksum: bool,
+          debug: bool) -> None:
+    """Write IMAGE to every DEVICE in parallel, then verify each.
+
+    IMAGE may be raw or compressed (gzip, xz, bzip2, zstd, or a zip holding one image).
+    """
+
+    def body() -> int:
+        if not devices and not all_usb:
+            raise Refused(["no target drives: name devices or use --all-usb"])
+        try:
+            img = open_image(image)
+            expected = _checksum_for(img.path, sha256, checksum, no_checksum)
+            plan = make_plan(devices, all_usb=all_usb, image_path=img.path, image_size=img.size,
+                             unmount=unmount, max_auto_size=max_size)
+        except (ImageError, PlanError) as exc:
+            raise Refused([*getattr(exc, "notes", ()), *str(exc).splitlines()]) from None
+        _confirm(plan, img, yes, "Flash")
+        labels = {d.path: d.label for d in plan.targets}
+        view = _make_view(as_json, labels)
+        if not as_json:
+            for note in plan.notes:
+                view.handle(events.Note(note))
+        cancel = Cancellation()
+        with cancel.installed():
+            try:
+                if expected is not None:
+                    _run_checksum(img, expected, view, cancel)
+                if cancel():
+                    return cancel.exit_status
+                if unmount:
+                    unmount_targets(plan)
+                opened = open_targets(plan.targets, check=drives_mod.still_same)
+            except (ImageError, PlanError, OpenError) as exc:
+                view.close()
+                if cancel():
+                    return cancel.exit_status
+                raise Refused(str(exc).splitlines()) from None
+            options = FlashOptions(verify=not no_verify, bucket_size=bucket_size,
+                                   buckets=buckets, stall_timeout=stall_timeout)
+            summary = FlashJob(img, opened, options, view.handle, cancel).run()
+            view.close()
+        return _exit_status(summary, cancel)
+
+    _run_guarded(debug, as_json, body)
+
+
+def _exit_status(summary: events.Summary, cancel: Cancellation) -> int:
+    if summary.cancelled or cancel():
+        return cancel.exit_status
+    return EXIT_OK if summary.ok else EXIT_FAILED
+
+
+# ----------------------------------------------------------------------------------------------
+# verify
+
+
+@main.command()
+@click.argument("image", type=click.Path(path_type=str))
+@click.argument("devices", nargs=-1, required=True, type=DEVICE)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable events on stdout.")
+@click.option("--debug", is_flag=True, help="Show debug messages and tracebacks.")
+def verify(image: str, devices: tuple[str, ...], as_json: bool, debug: bool) -> None:
+    """Compare each DEVICE with IMAGE; report the first bad offset."""
+
+    def body() -> int:
+        lines: list[str] = []
+        targets = []
+        seen: dict[int, str] = {}
+        try:
+            img = open_image(image)
+        except ImageError as exc:
+            raise Refused([str(exc)]) from None
+        for path in devices:
+            try:
+                drive = drives_mod.drive_for_path(path)
+            except drives_mod.TargetError as exc:
+                lines.append(str(exc))
+                continue
+            if drive.devnum in seen:
+                lines.append(f"{path} and {seen[drive.devnum]} are the same drive; name it once")
+                continue
+            seen[drive.devnum] = path
+            if img.size is not None and img.size > drive.size:
+                lines.append(f"image is larger than {drive.path}: {format_size(img.size)} "
+                             f"image, {format_size(drive.size)} drive")
+            targets.append(drive)
+        if lines:
+            raise Refused(lines)
+        try:
+            opened = open_targets(targets, for_writing=False)
+        except OpenError as exc:
+            raise Refused(exc.lines) from None
+        view = _make_view(as_json, {d.path: d.label for d in targets})
+        cancel = Cancellation()
+        with cancel.installed():
+            summary = VerifyJob(img, opened, view.handle, cancel).run()
+            view.close()
+        return _exit_status(summary, cancel)
+
+    _run_guarded(debug, as_json, body)
+
+
+# ----------------------------------------------------------------------------------------------
+# list
+
+
+@main.command(name="list")
+@click.option("--json", "as_json", is_flag=True, help="One JSON array of drives on stdout.")
+@click.option("--all", "show_all", is_flag=True,
+              help="Every disk, and why it is not eligible.")
+@click.option("--debug", is_flag=True, help="Show debug messages and tracebacks.")
+def list_drives(as_json: bool, show_all: bool, debug: bool) -> None:
+    """List USB and SD drives (with --all, every disk) and whether each may be written."""
+
+    def body() -> int:
+        found = drives_mod.discover(include_all=show_all)
+        if as_json:
+            click.echo(json.dumps([d.to_json() for d in found], indent=None))
+            return EXIT_OK
+        if not found:
+            click.echo("no USB or SD drives found" if not show_all else "no disks found")
+            return EXIT_OK
+        table = Table()
+        for column in ("Device", "Drive", "Size", "Bus", "Mounted at", "Eligible"):
+            table.add_column(column, overflow="fold")
+        for d in found:
+            eligible = "yes" if d.eligible else f"no: {d.reason}"
+            table.add_row(d.path, d.label or "?", format_size(d.size), d.bus,
+                          ", ".join(d.mountpoints), eligible)
+        Console(highlight=False).print(table)
+        return EXIT_OK
+
+    _run_guarded(debug, as_json, body)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

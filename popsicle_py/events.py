@@ -1,0 +1,118 @@
+"""What a flash tells its views: small frozen dataclasses, one per kind of news.
+
+The flow is one way: the job emits these, a view (Rich, plain lines or JSON) renders them.
+``to_json`` gives each event's JSON object; the README and man page document the schema.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+# Phases a drive goes through, in order; a drive ends in one of the STATUSES.
+PHASES = ("checksum", "waiting", "writing", "syncing", "verifying", "done", "failed")
+STATUSES = ("ok", "failed", "invalid", "cancelled")
+
+
+@dataclass(frozen=True)
+class Started:
+    """The run begins: what is written where."""
+
+    image: str
+    format: str
+    size: int | None
+    devices: tuple[str, ...]
+    labels: tuple[str, ...] = ()
+    verify: bool = True
+
+    def to_json(self) -> dict[str, Any]:
+        return {"event": "start", "image": self.image, "format": self.format,
+                "size": self.size, "devices": list(self.devices), "verify": self.verify}
+
+
+@dataclass(frozen=True)
+class Note:
+    """Something the user should read that is not about one drive's progress."""
+
+    text: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"event": "note", "text": self.text}
+
+
+@dataclass(frozen=True)
+class Phase:
+    """A drive (or, with ``device`` None, the image: checksum) entered a new phase."""
+
+    device: str | None
+    phase: str
+    detail: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"event": "phase", "device": self.device, "phase": self.phase,
+                "detail": self.detail}
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Bytes done of ``total`` (None when unknown) in a drive's current phase."""
+
+    device: str | None
+    phase: str
+    done: int
+    total: int | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"event": "progress", "device": self.device, "phase": self.phase,
+                "bytes": self.done, "total": self.total}
+
+
+@dataclass(frozen=True)
+class DriveResult:
+    """How one drive ended.  ``status`` is one of :data:`STATUSES`."""
+
+    device: str
+    status: str
+    bytes_written: int
+    error: str | None = None
+    mismatch_offset: int | None = None
+    elapsed: float | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        if self.elapsed is not None:
+            data["elapsed"] = round(self.elapsed, 3)
+        return data
+
+
+@dataclass(frozen=True)
+class Result:
+    """A drive's result, as an event."""
+
+    result: DriveResult
+
+    def to_json(self) -> dict[str, Any]:
+        return {"event": "result", **self.result.to_json()}
+
+
+@dataclass(frozen=True)
+class Summary:
+    """The last event of every run."""
+
+    results: tuple[DriveResult, ...] = field(default_factory=tuple)
+    cancelled: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.results) and all(r.ok for r in self.results) and not self.cancelled
+
+    def to_json(self) -> dict[str, Any]:
+        return {"event": "summary", "ok": self.ok,
+                "results": [r.to_json() for r in self.results]}
+
+
+Event = Started | Note | Phase | Progress | Result | Summary

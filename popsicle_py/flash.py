@@ -1,0 +1,363 @@
+"""A flash from start to end: open the checked targets, write, verify, write the first bucket last.
+
+This is the edge between the engine (which knows file objects and messages) and the views
+(which know events).  It owns every drive's state and turns each engine message into an event;
+it never decides whether a drive may be written (that is :mod:`popsicle_py.plan`'s job).
+
+Order of work for each drive, so that a drive that fails or is interrupted never holds a
+complete-looking image: write everything but the first bucket (the engine keeps it in memory),
+verify that from the device, then write the first bucket, flush, and verify it too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from popsicle_py import blockdev
+from popsicle_py.blockdev import BlockDevice, OpenSpec
+from popsicle_py.engine import (
+    DEFAULT_BUCKET_SIZE,
+    DEFAULT_BUCKETS,
+    AllDestinationsFailed,
+    BusVerifier,
+    BusWriter,
+    Cancelled,
+    WriteResult,
+    first_difference,
+    sync,
+    write_all,
+)
+from popsicle_py.events import DriveResult, Event, Phase, Progress, Result, Started, Summary
+from popsicle_py.messages import BusVerifierMessage, BusWriterMessage
+
+Emit = Callable[[Event], None]
+CancelCheck = Callable[[], bool]
+
+
+class DriveLike(Protocol):
+    """What the job needs of a drive (a :class:`popsicle_py.drives.Drive` has it all)."""
+
+    path: str
+    size: int
+    logical_block_size: int
+
+
+class ImageLike(Protocol):
+    path: str
+    format: str
+    size: int | None
+
+    def open(self) -> Any: ...
+
+    @property
+    def seekable_raw(self) -> bool: ...
+
+
+class OpenError(Exception):
+    """Some targets could not be opened; nothing was written.  One line per target."""
+
+    def __init__(self, lines: Sequence[str]) -> None:
+        self.lines = list(lines)
+        super().__init__("\n".join(self.lines))
+
+
+@dataclass(frozen=True)
+class FlashOptions:
+    verify: bool = True
+    bucket_size: int = DEFAULT_BUCKET_SIZE
+    buckets: int = DEFAULT_BUCKETS
+    stall_timeout: float | None = 60.0
+
+
+def open_targets(drives: Sequence[DriveLike], *, for_writing: bool = True,
+                 check: Callable[[Any], str | None] | None = None) -> list[BlockDevice]:
+    """Open every drive, or none: a drive that cannot be opened stops the run before writing.
+
+    ``check(drive)`` may refuse a drive that changed since it was selected.
+    """
+    opened: list[BlockDevice] = []
+    problems: list[str] = []
+    for drive in drives:
+        if check is not None:
+            problem = check(drive)
+            if problem:
+                problems.append(problem)
+                continue
+        spec = OpenSpec(drive.path, drive.size, getattr(drive, "logical_block_size", 512))
+        try:
+            opener = blockdev.open_for_writing if for_writing else blockdev.open_for_reading
+            opened.append(opener(spec))
+        except OSError as exc:
+            problems.append(blockdev.describe_error(exc, drive.path))
+    if problems:
+        for device in opened:
+            device.close()
+        raise OpenError(problems)
+    return opened
+
+
+class _Drive:
+    """The job's record of one drive."""
+
+    def __init__(self, device: BlockDevice) -> None:
+        self.device = device
+        self.path = device.path
+        self.written = 0
+        self.status: str | None = None  # final status once known
+        self.error: str | None = None
+        self.mismatch: int | None = None
+        self.ended: float | None = None
+
+    @property
+    def live(self) -> bool:
+        return self.status is None
+
+
+class _Job:
+    """State and reporting shared by flashing and verifying: every drive ends exactly once."""
+
+    def __init__(self, devices: Sequence[BlockDevice], emit: Emit, cancel: CancelCheck) -> None:
+        self.emit = emit
+        self.cancel = cancel
+        self.drives = [_Drive(d) for d in devices]
+        self.started = time.monotonic()
+        self.cancelled = False
+
+    def _phase(self, drive: _Drive, phase: str, detail: str | None = None) -> None:
+        self.emit(Phase(drive.path, phase, detail))
+
+    def _end(self, drive: _Drive, status: str, error: str | None = None,
+             mismatch: int | None = None) -> None:
+        if not drive.live:
+            return
+        drive.status, drive.error, drive.mismatch = status, error, mismatch
+        drive.ended = time.monotonic()
+        self._phase(drive, "done" if status == "ok" else "failed", error or status)
+        self.emit(Result(self._result(drive)))
+
+    def _result(self, drive: _Drive) -> DriveResult:
+        elapsed = None if drive.ended is None else drive.ended - self.started
+        return DriveResult(drive.path, drive.status or "cancelled", drive.written, drive.error,
+                           drive.mismatch, elapsed)
+
+    def _fail(self, drive: _Drive, exc: BaseException) -> None:
+        self._end(drive, "failed", blockdev.describe_error(exc, drive.path))
+
+    def _cancel_rest(self) -> None:
+        self.cancelled = True
+        for drive in self.drives:
+            self._end(drive, "cancelled", "cancelled")
+
+    def _live(self) -> list[_Drive]:
+        return [d for d in self.drives if d.live]
+
+    def _summary(self) -> Summary:
+        summary = Summary(tuple(self._result(d) for d in self.drives), self.cancelled)
+        self.emit(summary)
+        return summary
+
+
+class FlashJob(_Job):
+    """Write one image to many opened drives, then verify each from the device."""
+
+    def __init__(self, image: ImageLike, devices: Sequence[BlockDevice], options: FlashOptions,
+                 emit: Emit, cancel: CancelCheck) -> None:
+        super().__init__(devices, emit, cancel)
+        self.image = image
+        self.options = options
+
+    # The run.
+    def run(self) -> Summary:
+        try:
+            self._run()
+        except Cancelled:
+            self._cancel_rest()
+        finally:
+            for drive in self.drives:
+                with contextlib.suppress(OSError):
+                    drive.device.close()
+            for drive in self.drives:
+                if drive.status == "ok":
+                    blockdev.reread_partitions(drive.path)
+        return self._summary()
+
+    def _run(self) -> None:
+        size = self.image.size
+        self.emit(Started(self.image.path, self.image.format, size,
+                          tuple(d.path for d in self.drives), verify=self.options.verify))
+        result = self._write()
+        if result is None:
+            return
+        if self.options.verify:
+            self._verify(result, first=1)
+        self._write_first_bucket(result)
+        if self.options.verify:
+            self._verify(result, first=0, last=1)
+        for drive in self._live():
+            self._end(drive, "ok")
+
+    def _write(self) -> WriteResult | None:
+        by_id = self.drives
+        total = self.image.size
+
+        def on_message(msg: Any) -> None:
+            drive = by_id[msg.id]
+            match msg:
+                case BusWriterMessage.Written(bytes_written=n):
+                    drive.written = n
+                    self.emit(Progress(drive.path, "writing", n, total))
+                case BusWriterMessage.Errored(why=why):
+                    self._fail(drive, why)
+                case BusWriterMessage.Completed():
+                    pass
+
+        for drive in self.drives:
+            self._phase(drive, "writing")
+        source = self.image.open()
+        try:
+            writer = (
+                BusWriter(source, [d.device for d in self.drives], on_message, self.cancel)
+                .bucket_size(self.options.bucket_size)
+                .buckets(self.options.buckets)
+                .stall_timeout(self.options.stall_timeout)
+                .record_digests()
+                .first_bucket_last()
+            )
+            return writer.write()
+        except (Cancelled, KeyboardInterrupt):
+            raise Cancelled from None
+        except AllDestinationsFailed:
+            return None
+        except Exception as exc:  # the image could not be read: no drive holds it
+            why = str(exc) or type(exc).__name__
+            for drive in self._live():
+                self._end(drive, "failed", f"{drive.path}: {why}")
+            return None
+        finally:
+            with contextlib.suppress(Exception):
+                source.close()
+
+    def _drop_caches(self, drives: Sequence[_Drive]) -> None:
+        for drive in drives:
+            try:
+                blockdev.drop_cache(drive.device)
+            except OSError as exc:
+                self._fail(drive, exc)
+
+    def _verify(self, result: WriteResult, *, first: int, last: int | None = None) -> None:
+        drives = self._live()
+        self._drop_caches(drives)
+        drives = [d for d in drives if d.live]
+        if not drives or result.size == 0:
+            return
+        size = result.size
+        bucket = result.bucket_size
+        end = size if last is None else min(size, last * bucket)
+        base = first * bucket
+        span = max(0, end - base)
+        if span == 0:
+            return
+        for drive in drives:
+            self._phase(drive, "verifying")
+
+        def on_message(msg: Any) -> None:
+            drive = drives[msg.id]
+            match msg:
+                case BusVerifierMessage.Read(bytes_read=n):
+                    self.emit(Progress(drive.path, "verifying", base + n if first else n,
+                                       size if first else span))
+                case BusVerifierMessage.Invalid(offset=offset, end=stop):
+                    exact = self._exact_offset(drive, offset, stop)
+                    self._end(drive, "invalid", f"{drive.path}: verification failed: the drive "
+                              f"differs from the image at byte {exact}", exact)
+                case BusVerifierMessage.Errored(why=why):
+                    self._fail(drive, why)
+
+        verifier = BusVerifier(None, [d.device for d in drives], on_message, self.cancel)
+        verifier.with_digests(result.digests, bucket, size, first=first, last=last)
+        verifier.stall_timeout(self.options.stall_timeout).verify()
+
+    def _exact_offset(self, drive: _Drive, offset: int, end: int | None) -> int:
+        """Narrow a bad bucket to its first bad byte when the image can be read by position."""
+        if end is None or not self.image.seekable_raw:
+            return offset
+        try:
+            with open(self.image.path, "rb", buffering=0) as f:
+                want = memoryview(os.pread(f.fileno(), end - offset, offset))
+            buf = memoryview(bytearray(len(want)))
+            drive.device.seek(offset)
+            got = drive.device.readinto(buf)
+            diff = first_difference(want[:got], buf[:got])
+            if diff >= 0:
+                return offset + diff
+            return offset + got if got < len(want) else offset
+        except OSError:
+            return offset
+
+    def _write_first_bucket(self, result: WriteResult) -> None:
+        held = result.held
+        if held is None or len(held) == 0:
+            return
+        for drive in self._live():
+            if self.cancel():
+                raise Cancelled("cancelled")
+            self._phase(drive, "syncing")
+            try:
+                drive.device.seek(0)
+                write_all(drive.device, held)
+                sync(drive.device)
+            except OSError as exc:
+                self._fail(drive, exc)
+                continue
+            drive.written += len(held)
+            self.emit(Progress(drive.path, "writing", drive.written, self.image.size))
+
+
+class VerifyJob(_Job):
+    """Compare drives with an image, reading the image once for all of them."""
+
+    def __init__(self, image: ImageLike, devices: Sequence[BlockDevice], emit: Emit,
+                 cancel: CancelCheck) -> None:
+        super().__init__(devices, emit, cancel)
+        self.image = image
+
+    def run(self) -> Summary:
+        size = self.image.size
+        self.emit(Started(self.image.path, self.image.format, size,
+                          tuple(d.path for d in self.drives)))
+        drives = self.drives
+
+        def on_message(msg: Any) -> None:
+            drive = drives[msg.id]
+            match msg:
+                case BusVerifierMessage.Read(bytes_read=n):
+                    self.emit(Progress(drive.path, "verifying", n, size))
+                case BusVerifierMessage.Valid():
+                    self._end(drive, "ok")
+                case BusVerifierMessage.Invalid(offset=offset):
+                    self._end(drive, "invalid", f"{drive.path}: differs from the image at byte "
+                              f"{offset}", offset)
+                case BusVerifierMessage.Errored(why=why):
+                    self._fail(drive, why)
+
+        for drive in drives:
+            self._phase(drive, "verifying")
+        source = self.image.open()
+        try:
+            BusVerifier(source, [d.device for d in drives], on_message, self.cancel).verify()
+        except Cancelled:
+            self._cancel_rest()
+        except Exception as exc:
+            for drive in self._live():
+                self._end(drive, "failed", f"{drive.path}: {exc}")
+        finally:
+            with contextlib.suppress(Exception):
+                source.close()
+            for drive in drives:
+                drive.device.close()
+        return self._summary()

@@ -1,0 +1,53 @@
+"""Turn SIGINT, SIGTERM and SIGHUP into a cancel request the engine polls.
+
+The first signal asks every worker to stop; the job then closes the drives and prints its
+summary, and the command exits 128 + the signal's number.  A second Ctrl-C while stopping
+exits at once: the user has said twice that they want out.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from types import FrameType
+
+HANDLED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+class Cancellation:
+    """Owns the cancel flag and remembers which signal set it."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self.signum: int | None = None
+
+    def __call__(self) -> bool:
+        return self._event.is_set()
+
+    def request(self, signum: int | None = None) -> None:
+        if self.signum is None:
+            self.signum = signum
+        self._event.set()
+
+    @property
+    def exit_status(self) -> int:
+        """128 + the signal's number, as shells report a death by signal."""
+        return 128 + (self.signum or signal.SIGINT)
+
+    def _handler(self, signum: int, frame: FrameType | None) -> None:
+        if self._event.is_set() and signum == signal.SIGINT:
+            os._exit(128 + signum)
+        self.request(signum)
+
+    @contextmanager
+    def installed(self) -> Iterator[Cancellation]:
+        """Handle the signals for the duration of a run, then restore the previous handlers."""
+        previous = {s: signal.signal(s, self._handler) for s in HANDLED}
+        try:
+            yield self
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)

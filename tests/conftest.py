@@ -1,0 +1,167 @@
+"""Real block devices for tests: loop devices, dying drives, read-only drives, slow drives.
+
+Every fixture cleans up (detach, unmount, remove cgroups) even when its test fails.  Tests that
+need root are marked ``root``; CI runs as root, so they run there and never skip.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import subprocess
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+IS_ROOT = os.geteuid() == 0
+needs_root = pytest.mark.skipif(not IS_ROOT, reason="needs root for loop devices")
+REPO = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class Loop:
+    """A loop device and the file behind it."""
+
+    path: str  # /dev/loopN
+    backing: Path
+    size: int
+
+    @property
+    def devnum(self) -> tuple[int, int]:
+        rdev = os.stat(self.path).st_rdev
+        return os.major(rdev), os.minor(rdev)
+
+    def read(self, length: int | None = None, offset: int = 0) -> bytes:
+        """The device's bytes, read with O_DIRECT-free buffered I/O after a cache drop."""
+        with open(self.backing, "rb") as f:
+            f.seek(offset)
+            return f.read(self.size if length is None else length)
+
+    def write_stat_sectors(self) -> int:
+        major, minor = self.devnum
+        with open(f"/sys/dev/block/{major}:{minor}/stat") as f:
+            return int(f.read().split()[6])
+
+
+def _losetup(*args: str) -> str:
+    return subprocess.run(["losetup", *args], check=True, capture_output=True,
+                          text=True).stdout.strip()
+
+
+def fill_pattern(path: Path, size: int, byte: int = 0xA5) -> None:
+    with open(path, "r+b") as f:
+        f.write(bytes([byte]) * size)
+
+
+@pytest.fixture
+def loop_factory() -> Iterator[Callable[..., Loop]]:
+    """Make loop devices backed by files on /dev/shm; ``make(size, read_only=False, fill=None)``."""
+    if not IS_ROOT:
+        pytest.skip("needs root for loop devices")
+    made: list[Loop] = []
+    files: list[Path] = []
+
+    def make(size: int = 8 << 20, *, read_only: bool = False, fill: int | None = None,
+             directory: Path | None = None, backing_size: int | None = None,
+             partscan: bool = False) -> Loop:
+        base = directory or Path("/dev/shm")
+        backing = base / f"popsicle-test-{uuid.uuid4().hex[:8]}.img"
+        with open(backing, "wb") as f:
+            f.truncate(backing_size or size)
+        files.append(backing)
+        if fill is not None:
+            fill_pattern(backing, size, fill)
+        args = ["-f", "--show"]
+        if read_only:
+            args.append("-r")
+        if partscan:
+            args.append("-P")
+        path = _losetup(*args, str(backing))
+        loop = Loop(path, backing, size)
+        made.append(loop)
+        return loop
+
+    yield make
+    for loop in made:
+        with contextlib.suppress(subprocess.CalledProcessError):
+            subprocess.run(["umount", "-q", loop.path], capture_output=True)
+            _losetup("-d", loop.path)
+    for f in files:
+        with contextlib.suppress(OSError):
+            f.unlink()
+
+
+@pytest.fixture
+def dying_loop(loop_factory: Callable[..., Loop], tmp_path: Path) -> Iterator[Callable[..., Loop]]:
+    """A drive that accepts ``good`` bytes, then fails every write with ENOSPC."""
+    mounts: list[Path] = []
+
+    def make(size: int = 16 << 20, good: int = 4 << 20) -> Loop:
+        mnt = tmp_path / f"small{len(mounts)}"
+        mnt.mkdir()
+        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={good}", "tmpfs", str(mnt)],
+                       check=True)
+        mounts.append(mnt)
+        return loop_factory(size, directory=mnt)
+
+    yield make
+    # loop_factory's teardown runs after ours: detach first, then unmount.
+    _detach_under(mounts)
+    for mnt in mounts:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def _detach_under(mounts: list[Path]) -> None:
+    listing = subprocess.run(["losetup", "-l", "-n", "-O", "NAME,BACK-FILE"],
+                             capture_output=True, text=True).stdout
+    for line in listing.splitlines():
+        parts = line.split(None, 1)
+        if len(parts) == 2 and any(parts[1].startswith(str(m)) for m in mounts):
+            subprocess.run(["losetup", "-d", parts[0]], capture_output=True)
+
+
+@pytest.fixture
+def throttle() -> Iterator[Callable[..., Callable[[int], None]]]:
+    """Slow drives down for one process: ``throttle((loop, bytes_per_s), ...)(pid)``.
+
+    A blkio (cgroup v1) group per call; processes are moved back and the group removed at the
+    end.  Only direct I/O is throttled exactly, which is what popsicle-py does.
+    """
+    root = Path("/sys/fs/cgroup/blkio")
+    if not IS_ROOT or not root.is_dir():
+        pytest.skip("needs root and the cgroup v1 blkio controller")
+    groups: list[Path] = []
+
+    def make(*limits: tuple[Loop, int]) -> Callable[[int], None]:
+        group = root / f"popsicle-test-{uuid.uuid4().hex[:8]}"
+        group.mkdir()
+        groups.append(group)
+        for loop, rate in limits:
+            major, minor = loop.devnum
+            for kind in ("write", "read"):
+                (group / f"blkio.throttle.{kind}_bps_device").write_text(
+                    f"{major}:{minor} {rate}\n")
+
+        def add(pid: int) -> None:
+            (group / "cgroup.procs").write_text(f"{pid}\n")
+
+        return add
+
+    yield make
+    for group in groups:
+        with contextlib.suppress(OSError):
+            for pid in (group / "cgroup.procs").read_text().split():
+                with contextlib.suppress(OSError):
+                    (root / "cgroup.procs").write_text(f"{pid}\n")
+        with contextlib.suppress(OSError):
+            group.rmdir()
+
+
+def popsicle_cmd() -> list[str]:
+    """The installed command (CI installs the package), else the module."""
+    exe = shutil.which("popsicle-py")
+    return [exe] if exe else ["python", "-m", "popsicle_py"]

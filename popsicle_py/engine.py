@@ -63,6 +63,16 @@ class AllDestinationsFailed(Exception):
         super().__init__(f"every destination failed ({reasons})")
 
 
+class SourceChanged(OSError):
+    """The source held more or fewer bytes than it was said to."""
+
+    def __init__(self, expected: int, got: int) -> None:
+        super().__init__(errno.EIO, f"the image ended at byte {got} but should hold {expected} "
+                         "bytes (was it truncated or changed while being read?)")
+        self.expected = expected
+        self.got = got
+
+
 @dataclass(frozen=True)
 class DestinationResult:
     """How one destination did: bytes written and the error that ended it, if any."""
@@ -294,6 +304,8 @@ class _Broadcast:
         self._buckets = DEFAULT_BUCKETS
         self._stall_timeout: float | None = None
         self._retries = DEFAULT_RETRIES
+        self._expected_size: int | None = None
+        self._source_total: int | None = None
 
     # Builder methods (the seed's API, chainable).
     def with_bucket(self, buffer: Any) -> Any:
@@ -329,6 +341,15 @@ class _Broadcast:
     def stall_timeout(self, seconds: float | None) -> Any:
         """Fail a destination that makes no progress for this long (None: never)."""
         self._stall_timeout = seconds
+        return self
+
+    def expect_size(self, size: int | None) -> Any:
+        """Fail the run if the source does not hold exactly ``size`` bytes.
+
+        A file truncated or replaced while it is being read would otherwise look like a
+        shorter image that was written and verified perfectly.
+        """
+        self._expected_size = size
         return self
 
     def retries(self, count: int) -> Any:
@@ -513,7 +534,10 @@ class _Broadcast:
                 total += length
             if length < len(view):
                 break
+        if self._expected_size is not None and total != self._expected_size:
+            raise SourceChanged(self._expected_size, total)
         with ring.cond:
+            self._source_total = total
             ring.eof = True
             ring.cond.notify_all()
         return total
@@ -665,9 +689,13 @@ class BusWriter(_Broadcast):
         buf = memoryview(aligned_buffer(CHUNK))
         _seek(w.dest, offset)
         while not self._stop.is_set():
-            n = os.preadv(fd, [buf], base + offset)
-            if n == 0:
+            total = self._source_total
+            if total is not None and offset >= total:
                 return
+            want = buf if total is None else buf[: min(len(buf), total - offset)]
+            n = os.preadv(fd, [want], base + offset)
+            if n == 0:  # the ring's reader is ahead of us, so the file shrank under us
+                raise SourceChanged(total if total is not None else offset + 1, offset)
             write_all(w.dest, buf[:n], offset=offset, stop=self._stop, progress=progressed,
                       retries=self._retries)
             offset += n

@@ -227,6 +227,7 @@ class FlashJob(_Job):
                 .stall_timeout(self.options.stall_timeout)
                 .record_digests()
                 .first_bucket_last()
+                .expect_size(self.image.size)
             )
             return writer.write()
         except (Cancelled, KeyboardInterrupt):
@@ -234,7 +235,7 @@ class FlashJob(_Job):
         except AllDestinationsFailed:
             return None
         except Exception as exc:  # the image could not be read: no drive holds it
-            why = str(exc) or type(exc).__name__
+            why = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
             for drive in self._live():
                 self._end(drive, "failed", f"{drive.path}: {why}")
             return None

@@ -227,15 +227,15 @@ def flash(image: str, devices: tuple[str, ...], all_usb: bool, yes: bool, unmoun
             try:
                 if expected is not None:
                     _run_checksum(img, expected, view, cancel)
-                if cancel():
-                    return cancel.exit_status
-                if unmount:
+                if unmount and not cancel():
                     unmount_targets(plan)
+                if cancel():
+                    return _cancelled_before_writing(plan, view, cancel)
                 opened = open_targets(plan.targets, check=drives_mod.still_same)
             except (ImageError, PlanError, OpenError) as exc:
-                view.close()
                 if cancel():
-                    return cancel.exit_status
+                    return _cancelled_before_writing(plan, view, cancel)
+                view.close()
                 raise Refused(str(exc).splitlines()) from None
             options = FlashOptions(verify=not no_verify, bucket_size=bucket_size,
                                    buckets=buckets, stall_timeout=stall_timeout)
@@ -244,6 +244,15 @@ def flash(image: str, devices: tuple[str, ...], all_usb: bool, yes: bool, unmoun
         return _exit_status(summary, cancel)
 
     _run_guarded(debug, as_json, body)
+
+
+def _cancelled_before_writing(plan: Plan, view: Any, cancel: Cancellation) -> int:
+    """A signal before the first write: every drive is reported cancelled, none was touched."""
+    results = tuple(events.DriveResult(d.path, "cancelled", 0, "cancelled before writing")
+                    for d in plan.targets)
+    view.handle(events.Summary(results, cancelled=True))
+    view.close()
+    return cancel.exit_status
 
 
 def _exit_status(summary: events.Summary, cancel: Cancellation) -> int:

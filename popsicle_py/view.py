@@ -73,7 +73,7 @@ class PlainView:
                 self._line(f"image {image} ({format_size(size)}) -> {', '.join(devices)}")
             case events.Note(text=text):
                 self._line(text)
-            case events.Phase(device=device, phase=phase, detail=detail):
+            case events.Phase(device=device, phase=phase):
                 if phase in ("done", "failed"):
                     return  # the result line says it
                 self._line(f"{device or 'image'}: {phase}")

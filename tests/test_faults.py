@@ -1,0 +1,236 @@
+"""The fault matrix: dying, read-only, busy, crawling drives, signals, a shrinking image.
+
+Each case runs the real command on loop devices and checks what a user would see: the exit
+status, every drive's status in the JSON summary, and the bytes on every drive.  Interrupted
+or failed drives must not hold the image's first bucket (it is written last).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from conftest import Loop, needs_root, popsicle_cmd
+
+pytestmark = needs_root
+
+BUCKET = 1 << 20
+PATTERN = 0x5A
+
+
+def make_image(path: Path, size: int) -> bytes:
+    data = os.urandom(size)
+    path.write_bytes(data)
+    return data
+
+
+def flash_args(image: Path | str, *devices: str, extra: tuple[str, ...] = ()) -> list[str]:
+    return [*popsicle_cmd(), "flash", str(image), *devices, "--yes", "--json",
+            "--bucket-size", str(BUCKET), *extra]
+
+
+def run(args: list[str], preexec: Callable[[], None] | None = None,
+        timeout: float = 120) -> tuple[int, list[dict], str]:
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=timeout,
+                          preexec_fn=preexec, stdin=subprocess.DEVNULL)
+    return proc.returncode, [json.loads(line) for line in proc.stdout.splitlines()], proc.stderr
+
+
+def statuses(events: list[dict]) -> dict[str, str]:
+    summary = events[-1]
+    assert summary["event"] == "summary"
+    return {r["device"]: r["status"] for r in summary["results"]}
+
+
+def result_of(events: list[dict], device: str) -> dict:
+    return next(r for r in events[-1]["results"] if r["device"] == device)
+
+
+def first_bucket_is_not_image(loop: Loop, image: bytes) -> bool:
+    return loop.read(BUCKET) != image[:BUCKET]
+
+
+def test_enospc_on_one_of_three(loop_factory: Callable[..., Loop],
+                                dying_loop: Callable[..., Loop], tmp_path: Path) -> None:
+    image = make_image(tmp_path / "img", 12 << 20)
+    good = [loop_factory(16 << 20, fill=PATTERN) for _ in range(2)]
+    dying = dying_loop(16 << 20, good=4 << 20)
+    rc, events, stderr = run(flash_args(tmp_path / "img", good[0].path, dying.path,
+                                        good[1].path))
+    assert rc == 1, stderr
+    assert statuses(events) == {good[0].path: "ok", dying.path: "failed", good[1].path: "ok"}
+    assert "no space" in result_of(events, dying.path)["error"]
+    for loop in good:
+        assert loop.read(len(image)) == image
+    assert first_bucket_is_not_image(dying, image)
+    assert "Traceback" not in stderr
+
+
+def test_read_only_drive_is_refused_and_nothing_written(
+        loop_factory: Callable[..., Loop], tmp_path: Path) -> None:
+    make_image(tmp_path / "img", 2 << 20)
+    healthy = loop_factory(4 << 20, fill=PATTERN)
+    locked = loop_factory(4 << 20, fill=PATTERN, read_only=True)
+    rc, events, stderr = run(flash_args(tmp_path / "img", healthy.path, locked.path))
+    assert rc == 2
+    assert "read-only" in stderr or "write-protected" in stderr
+    assert events[-1] == {"event": "summary", "ok": False, "results": []}
+    assert healthy.read() == bytes([PATTERN]) * healthy.size
+
+
+def test_mounted_drive_is_refused(loop_factory: Callable[..., Loop], tmp_path: Path) -> None:
+    make_image(tmp_path / "img", 2 << 20)
+    healthy = loop_factory(4 << 20, fill=PATTERN)
+    busy = loop_factory(16 << 20)
+    subprocess.run(["mkfs.ext4", "-q", busy.path], check=True)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    subprocess.run(["mount", busy.path, str(mnt)], check=True)
+    try:
+        before = busy.read(1 << 20)
+        rc, _, stderr = run(flash_args(tmp_path / "img", healthy.path, busy.path))
+        assert rc == 2
+        assert f"mounted at {mnt}" in stderr and "--unmount" in stderr
+        assert healthy.read() == bytes([PATTERN]) * healthy.size
+        assert busy.read(1 << 20) == before
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+
+
+def test_drive_opened_exclusively_elsewhere_is_busy(
+        loop_factory: Callable[..., Loop], tmp_path: Path) -> None:
+    make_image(tmp_path / "img", 2 << 20)
+    healthy = loop_factory(4 << 20, fill=PATTERN)
+    held = loop_factory(4 << 20, fill=PATTERN)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import os,sys; os.open(sys.argv[1], os.O_RDONLY | os.O_EXCL);"
+         " print('held', flush=True); sys.stdin.read()", held.path],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        rc, _, stderr = run(flash_args(tmp_path / "img", healthy.path, held.path))
+        assert rc == 2
+        assert "busy" in stderr
+        assert healthy.read() == bytes([PATTERN]) * healthy.size
+    finally:
+        holder.communicate("")
+
+
+def test_crawling_drive_is_declared_stalled(loop_factory: Callable[..., Loop], throttle,
+                                            tmp_path: Path) -> None:
+    image = make_image(tmp_path / "img", 6 << 20)
+    fast = [loop_factory(8 << 20, fill=PATTERN) for _ in range(2)]
+    slow = loop_factory(8 << 20, fill=PATTERN)
+    add = throttle((slow, 256 << 10))
+    started = time.monotonic()
+    rc, events, stderr = run(
+        flash_args(tmp_path / "img", fast[0].path, slow.path, fast[1].path,
+                   extra=("--stall-timeout", "1")),
+        preexec=lambda: add(os.getpid()))
+    assert rc == 1, stderr
+    assert statuses(events) == {fast[0].path: "ok", slow.path: "failed", fast[1].path: "ok"}
+    assert "stalled: no progress for 1 s" in result_of(events, slow.path)["error"]
+    for loop in fast:
+        assert loop.read(len(image)) == image
+    assert first_bucket_is_not_image(slow, image)
+    # The crawl would need 24 s for the image; the run ends once the stall is seen.
+    assert time.monotonic() - started < 20
+
+
+def _wait_for(proc: subprocess.Popen, predicate: Callable[[dict], bool]) -> list[dict]:
+    seen = []
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        event = json.loads(line)
+        seen.append(event)
+        if predicate(event):
+            return seen
+    raise AssertionError(f"the run ended before the expected event: {seen[-3:]}")
+
+
+POINTS = {
+    "before-writing": lambda e: e["event"] == "phase" and e["phase"] == "checksum",
+    "mid-write": lambda e: e["event"] == "progress" and e["phase"] == "writing"
+    and e["bytes"] >= 2 * BUCKET,
+    "mid-verify": lambda e: e["event"] == "phase" and e["phase"] == "verifying",
+}
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP],
+                         ids=["INT", "TERM", "HUP"])
+@pytest.mark.parametrize("point", list(POINTS))
+def test_signal_stops_everything_cleanly(sig: signal.Signals, point: str,
+                                         loop_factory: Callable[..., Loop], throttle,
+                                         tmp_path: Path) -> None:
+    size = 8 << 20
+    data = os.urandom(size)
+    drives = [loop_factory(size, fill=PATTERN) for _ in range(2)]
+    limits = [(d, 4 << 20) for d in drives]
+    extra: tuple[str, ...] = ()
+    if point == "before-writing":
+        # The image on a slow drive of its own, so that its checksum takes a while.
+        source = loop_factory(size)
+        source.backing.write_bytes(data)
+        image: str = source.path
+        limits.append((source, 2 << 20))
+        import hashlib
+        extra = ("--sha256", hashlib.sha256(data).hexdigest())
+    else:
+        (tmp_path / "img").write_bytes(data)
+        image = str(tmp_path / "img")
+    add = throttle(*limits)
+    proc = subprocess.Popen(flash_args(image, *(d.path for d in drives), extra=extra),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            stdin=subprocess.DEVNULL, preexec_fn=lambda: add(os.getpid()))
+    try:
+        _wait_for(proc, POINTS[point])
+        proc.send_signal(sig)
+        sent = time.monotonic()
+        out, err = proc.communicate(timeout=30)
+        took = time.monotonic() - sent
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 128 + sig, err
+    assert took < 3.0, f"took {took:.1f} s to stop"
+    events = [json.loads(line) for line in out.splitlines()]
+    assert events[-1]["event"] == "summary" and events[-1]["ok"] is False
+    assert set(statuses(events).values()) == {"cancelled"}
+    for drive in drives:
+        assert first_bucket_is_not_image(drive, data)
+        if point == "before-writing":
+            assert drive.read() == bytes([PATTERN]) * size
+    assert "Traceback" not in err
+
+
+def test_image_truncated_while_being_read(loop_factory: Callable[..., Loop], throttle,
+                                          tmp_path: Path) -> None:
+    path = tmp_path / "img"
+    image = make_image(path, 24 << 20)
+    drives = [loop_factory(32 << 20, fill=PATTERN) for _ in range(2)]
+    add = throttle(*[(d, 4 << 20) for d in drives])
+    proc = subprocess.Popen(flash_args(path, *(d.path for d in drives), extra=("--buckets", "2")),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            stdin=subprocess.DEVNULL, preexec_fn=lambda: add(os.getpid()))
+    try:
+        _wait_for(proc, POINTS["mid-write"])
+        os.truncate(path, 6 << 20)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 1, err
+    events = [json.loads(line) for line in out.splitlines()]
+    assert set(statuses(events).values()) == {"failed"}
+    for drive in drives:
+        assert "truncated or changed" in result_of(events, drive.path)["error"]
+        assert first_bucket_is_not_image(drive, image)

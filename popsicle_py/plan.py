@@ -1,0 +1,199 @@
+"""Checking a set of targets before anything is written to any of them.
+
+A refused target stops the whole run, and the user gets every reason at once (one line per
+problem) rather than fixing them one run at a time.  The rules are plain functions over a
+:class:`~popsicle_py.drives.Drive` (:func:`refusals`, :func:`warnings_for`), testable without a
+drive; :func:`make_plan` and :func:`unmount_targets` are the thin I/O edges.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import subprocess
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import pyudev
+
+from popsicle_py import drives
+from popsicle_py.drives import Drive, TargetError, format_size
+
+DEFAULT_MAX_AUTO_SIZE = 128 * 2**30
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The checked targets, what was skipped (notes) and what to confirm (warnings per path)."""
+
+    targets: tuple[Drive, ...]
+    notes: tuple[str, ...] = ()
+    warnings: dict[str, tuple[str, ...]] = field(default_factory=dict)
+
+
+class PlanError(Exception):
+    """Targets refused before anything was written; ``lines`` holds one line per problem."""
+
+    def __init__(self, lines: Sequence[str], notes: Sequence[str] = ()) -> None:
+        self.lines = list(lines)
+        self.notes = tuple(notes)
+        super().__init__("\n".join(self.lines))
+
+    def __str__(self) -> str:
+        return "\n".join(self.lines)
+
+
+def format_binary(size: int) -> str:
+    """Thresholds are set in binary units: 128 GiB, 1.5 GiB, 512 MiB."""
+    for unit, factor in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if size >= factor:
+            return f"{size // factor} {unit}" if size % factor == 0 else \
+                f"{size / factor:.1f} {unit}"
+    return f"{size} B"
+
+
+def _sizes(image_size: int, drive_size: int) -> tuple[str, str]:
+    """Both sizes for the user; exact bytes too when rounding would make them look equal."""
+    image, drive = format_size(image_size), format_size(drive_size)
+    if image == drive:
+        image, drive = f"{image} ({image_size} bytes)", f"{drive} ({drive_size} bytes)"
+    return image, drive
+
+
+def refusals(drive: Drive, image_size: int | None, unmount: bool) -> list[str]:
+    """Why ``drive`` cannot be written now, one line each; empty when it can.
+
+    An ineligible drive gets its reason only (a system drive stays refused whatever the user
+    asked: ``unmount`` only covers ordinary mounted partitions).
+    """
+    if not drive.eligible:
+        return [drives.explain(drive.path, drive.reason or "not eligible")]
+    lines: list[str] = []
+    if image_size is not None and image_size > drive.size:
+        image, size = _sizes(image_size, drive.size)
+        lines.append(f"image is larger than {drive.path}: {image} image, {size} drive")
+    if drive.mountpoints and not unmount:
+        lines.append(f"{drive.path} is mounted at {', '.join(drive.mountpoints)};"
+                     " use --unmount to unmount it")
+    if drive.holders:
+        lines.append(f"{drive.path} is in use by {', '.join(drive.holders)}"
+                     " (LVM, encryption or RAID); deactivate that first")
+    return lines
+
+
+def warnings_for(drive: Drive, *, unmount: bool, max_auto_size: int = DEFAULT_MAX_AUTO_SIZE
+                 ) -> tuple[str, ...]:
+    """What the confirmation should point out about a target that is allowed."""
+    found: list[str] = []
+    if drive.size > max_auto_size:
+        found.append(f"larger than {format_binary(max_auto_size)}")
+    if drive.bus not in ("usb", "sd", "loop"):
+        found.append(f"not a USB or SD drive ({drive.bus})")
+    if drive.mountpoints and unmount:
+        found.append(f"mounted at {', '.join(drive.mountpoints)} (will be unmounted)")
+    return tuple(found)
+
+
+def make_plan(devices: Sequence[str], *, all_usb: bool, image_path: str | None,
+              image_size: int | None, unmount: bool,
+              max_auto_size: int = DEFAULT_MAX_AUTO_SIZE,
+              context: pyudev.Context | None = None) -> Plan:
+    """Resolve and check every target; raise PlanError listing every refusal.
+
+    Explicitly named devices come first, in the order given; ``all_usb`` adds the eligible USB
+    and SD drives discovery finds, skipping (with a note) the ineligible and those larger than
+    ``max_auto_size``, which a user can still name explicitly.
+    """
+    context = context or pyudev.Context()
+    facts = drives.gather_facts(image_path)
+    lines: list[str] = []
+    notes: list[str] = []
+    targets: list[Drive] = []
+    named: dict[int, str] = {}
+
+    for path in devices:
+        try:
+            drive = drives.drive_for_path(path, image_path=image_path, context=context,
+                                          facts=facts)
+        except TargetError as e:
+            lines.append(str(e))
+            continue
+        if drive.devnum in named:
+            lines.append(f"{path} and {named[drive.devnum]} are the same drive ({drive.path});"
+                         " name it once")
+            continue
+        named[drive.devnum] = path
+        targets.append(drive)
+
+    if all_usb:
+        for drive in drives.discover(context, image_path=image_path, facts=facts):
+            if drive.devnum in named:
+                continue
+            if not drive.eligible:
+                notes.append(f"skipped {drive.describe()}: {drive.reason}")
+            elif drive.size > max_auto_size:
+                notes.append(f"skipped {drive.describe()}: larger than"
+                             f" {format_binary(max_auto_size)}; name it explicitly to use it")
+            else:
+                named[drive.devnum] = drive.path
+                targets.append(drive)
+
+    for drive in targets:
+        lines.extend(refusals(drive, image_size, unmount))
+    if not targets and not lines:
+        if all_usb:
+            lines.append("no target drives: no eligible USB or SD drive was found")
+        else:
+            lines.append("no target drives: name devices or use --all-usb")
+    if lines:
+        raise PlanError(lines, notes)
+    warnings = {d.path: w for d in targets
+                if (w := warnings_for(d, unmount=unmount, max_auto_size=max_auto_size))}
+    return Plan(tuple(targets), tuple(notes), warnings)
+
+
+def _umount(mountpoint: str) -> str | None:
+    """Unmount one mountpoint; None on success (or if already gone), else umount's reason."""
+    try:
+        result = subprocess.run(["umount", mountpoint], capture_output=True, text=True,
+                                env={**os.environ, "LC_ALL": "C"}, check=False)
+    except FileNotFoundError:
+        return _umount_libc(mountpoint)
+    if result.returncode == 0:
+        return None
+    message = (result.stderr.strip().splitlines() or ["failed"])[0]
+    message = message.removeprefix("umount: ").removeprefix(f"{mountpoint}: ").rstrip(".")
+    if "not mounted" in message:
+        return None
+    return message
+
+
+def _umount_libc(mountpoint: str) -> str | None:
+    """umount2(2) for systems without umount(8)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.umount2(os.fsencode(mountpoint), 0) == 0:
+        return None
+    code = ctypes.get_errno()
+    if code == errno.EINVAL:  # not a mountpoint (any more)
+        return None
+    return "target is busy" if code == errno.EBUSY else os.strerror(code)
+
+
+def unmount_targets(plan: Plan) -> None:
+    """Unmount everything mounted from the targets, deepest and latest first.
+
+    The mount table is read again here (a desktop may have automounted a partition since the
+    plan was made).  Every mountpoint is tried; all failures are reported together.
+    """
+    devnums = {d.devnum for d in plan.targets}
+    mounts = [m for m in drives.current_mounts() if m.devnums & devnums]
+    order = sorted(enumerate(mounts),
+                   key=lambda im: (-im[1].mountpoint.rstrip("/").count("/"), -im[0]))
+    failures: list[str] = []
+    for _, mount in order:
+        reason = _umount(mount.mountpoint)
+        if reason:
+            failures.append(f"could not unmount {mount.mountpoint} ({mount.device}): {reason}")
+    if failures:
+        raise PlanError(failures)

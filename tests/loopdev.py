@@ -1,0 +1,191 @@
+"""Real block devices for tests: loop devices, partition tables, ext4 mounts, umockdev runs.
+
+Context managers rather than fixtures, so any test module can import them, and each one
+always cleans up (unmount, detach, delete) even when the test fails.  Loop numbers are never
+assumed: other tests on the same machine use loop devices at the same time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import stat
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+MiB = 2**20
+
+HAVE_UMOCKDEV = shutil.which("umockdev-run") is not None
+IS_ROOT = os.geteuid() == 0
+HAVE_LOSETUP = shutil.which("losetup") is not None
+
+
+@dataclass(frozen=True)
+class Loop:
+    """An attached loop device and its backing file."""
+
+    path: str
+    backing: str
+
+    @property
+    def devnum(self) -> int:
+        return os.stat(self.path).st_rdev
+
+    @property
+    def name(self) -> str:
+        return os.path.basename(self.path)
+
+
+def run(*args: str) -> str:
+    """Run a command, fail loudly with its stderr."""
+    result = subprocess.run(args, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(args)} failed: {result.stderr.strip()}")
+    return result.stdout
+
+
+def write_mbr(path: str, partitions: Sequence[tuple[int, int]]) -> None:
+    """Write a DOS partition table (type 0x83 entries of (start, sectors)), as sfdisk would."""
+    table = bytearray(512)
+    for index, (start, sectors) in enumerate(partitions):
+        entry = struct.pack("<B3sB3sII", 0, b"\xff\xff\xff", 0x83, b"\xff\xff\xff",
+                            start, sectors)
+        table[446 + 16 * index: 446 + 16 * (index + 1)] = entry
+    table[510:512] = b"\x55\xaa"
+    with open(path, "r+b") as f:
+        f.write(table)
+
+
+def _mounts_of(devnums: set[int]) -> list[str]:
+    found: list[str] = []
+    with open("/proc/self/mounts") as f:
+        for line in f:
+            device, mountpoint = line.split()[:2]
+            try:
+                st = os.stat(device)
+            except OSError:
+                continue
+            if stat.S_ISBLK(st.st_mode) and st.st_rdev in devnums:
+                found.append(mountpoint.replace("\\040", " "))
+    return found
+
+
+def _detach(loop: Loop) -> None:
+    devnums = {os.stat(p).st_rdev for p in (loop.path, *partition_paths(loop))
+               if os.path.exists(p)}
+    for mountpoint in reversed(_mounts_of(devnums)):
+        subprocess.run(["umount", "-l", mountpoint], capture_output=True, check=False)
+    for _ in range(50):
+        if subprocess.run(["losetup", "-d", loop.path], capture_output=True,
+                          check=False).returncode == 0:
+            return
+        time.sleep(0.1)
+
+
+def partition_paths(loop: Loop) -> list[str]:
+    sysdir = f"/sys/block/{loop.name}"
+    if not os.path.isdir(sysdir):
+        return []
+    names = sorted(n for n in os.listdir(sysdir) if n.startswith(f"{loop.name}p"))
+    return [f"/dev/{n}" for n in names]
+
+
+def _wait_for_partitions(loop: Loop, count: int) -> None:
+    """Wait for loopNp1..; add them with partx when the kernel does not parse the table.
+
+    Kernels built without CONFIG_MSDOS_PARTITION (this machine's) ignore ``losetup -P``;
+    partx reads the table in user space and adds the partitions with BLKPG.
+    """
+    wanted = [f"{loop.path}p{i + 1}" for i in range(count)]
+
+    def present(timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if all(os.path.exists(p) for p in wanted):
+                return True
+            time.sleep(0.02)
+        return False
+
+    if not present(0.5):
+        run("partx", "-a", loop.path)
+        if not present(5):
+            raise RuntimeError(f"partitions of {loop.path} did not appear")
+
+
+@contextlib.contextmanager
+def loop_device(size: int = 4 * MiB, *, read_only: bool = False,
+                partitions: Sequence[tuple[int, int]] = (), directory: str = "/dev/shm"
+                ) -> Iterator[Loop]:
+    """A loop device over a fresh sparse file; ``partitions`` writes an MBR and scans it."""
+    fd, backing = tempfile.mkstemp(prefix="popsicle-test-", suffix=".img", dir=directory)
+    os.close(fd)
+    loop: Loop | None = None
+    try:
+        os.truncate(backing, size)
+        if partitions:
+            write_mbr(backing, partitions)
+        args = ["losetup", "-f", "--show"]
+        if read_only:
+            args.append("-r")
+        if partitions:
+            args.append("-P")
+        loop = Loop(run(*args, backing).strip(), backing)
+        if partitions:
+            _wait_for_partitions(loop, len(partitions))
+        yield loop
+    finally:
+        if loop is not None:
+            _detach(loop)
+        os.unlink(backing)
+
+
+@contextlib.contextmanager
+def mounted_ext4(device: str) -> Iterator[str]:
+    """mkfs.ext4 on ``device`` and mount it on a fresh directory; unmount afterwards."""
+    run("mkfs.ext4", "-q", "-F", device)
+    mountpoint = tempfile.mkdtemp(prefix="popsicle-mnt-")
+    try:
+        run("mount", device, mountpoint)
+        yield mountpoint
+    finally:
+        if os.path.ismount(mountpoint):
+            subprocess.run(["umount", "-l", mountpoint], capture_output=True, check=False)
+        os.rmdir(mountpoint)
+
+
+def is_mounted(mountpoint: str) -> bool:
+    with open("/proc/self/mounts") as f:
+        return any(line.split()[1] == mountpoint for line in f)
+
+
+def python_env() -> dict[str, str]:
+    """Environment for a child Python that imports popsicle_py from this checkout."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    return env
+
+
+def in_testbed(fixtures: Sequence[str | Path], code: str, tmp_dir: Path) -> object:
+    """Run ``code`` (which prints JSON) in a umockdev testbed holding ``fixtures``; parse it.
+
+    Several fixtures are joined into one description, so one testbed can hold them all.
+    """
+    description = tmp_dir / "testbed.umockdev"
+    texts = [(FIXTURES / f if not os.path.isabs(f) else Path(f)).read_text() for f in fixtures]
+    description.write_text("\n".join(t.strip() + "\n" for t in texts))
+    result = subprocess.run(
+        ["umockdev-run", "-d", str(description), "--", sys.executable, "-c", code],
+        capture_output=True, text=True, env=python_env(), timeout=60, check=False)
+    if result.returncode != 0:
+        raise RuntimeError(f"testbed run failed ({result.returncode}): {result.stderr}")
+    return json.loads(result.stdout)

@@ -274,8 +274,11 @@ class FlashJob(_Job):
                                        size if first else span))
                 case BusVerifierMessage.Invalid(offset=offset, end=stop):
                     exact = self._exact_offset(drive, offset, stop)
+                    where = (f"at byte {exact}" if exact is not None or stop is None
+                             else f"somewhere in bytes {offset}-{stop - 1}")
                     self._end(drive, "invalid", f"{drive.path}: verification failed: the drive "
-                              f"differs from the image at byte {exact}", exact)
+                              f"differs from the image {where}",
+                              offset if exact is None else exact)
                 case BusVerifierMessage.Errored(why=why):
                     self._fail(drive, why)
 
@@ -283,10 +286,15 @@ class FlashJob(_Job):
         verifier.with_digests(result.digests, bucket, size, first=first, last=last)
         verifier.stall_timeout(self.options.stall_timeout).verify()
 
-    def _exact_offset(self, drive: _Drive, offset: int, end: int | None) -> int:
-        """Narrow a bad bucket to its first bad byte when the image can be read by position."""
-        if end is None or not self.image.seekable_raw:
+    def _exact_offset(self, drive: _Drive, offset: int, end: int | None) -> int | None:
+        """Narrow a bad bucket to its first bad byte when the image can be read by position.
+
+        None when it cannot be narrowed (a compressed image is not read a second time).
+        """
+        if end is None:
             return offset
+        if not self.image.seekable_raw:
+            return None
         try:
             with open(self.image.path, "rb", buffering=0) as f:
                 want = memoryview(os.pread(f.fileno(), end - offset, offset))
@@ -296,9 +304,9 @@ class FlashJob(_Job):
             diff = first_difference(want[:got], buf[:got])
             if diff >= 0:
                 return offset + diff
-            return offset + got if got < len(want) else offset
+            return offset + got if got < len(want) else None
         except OSError:
-            return offset
+            return None
 
     def _write_first_bucket(self, result: WriteResult) -> None:
         held = result.held

@@ -392,34 +392,39 @@ class _Broadcast:
 
         cancelled = False
         deadline = 0.0
-        while True:
-            if reader_done and all(w.finished or w.abandoned for w in workers):
-                break
-            try:
-                msg = self._queue.get(timeout=POLL)
-            except queue.Empty:
-                msg = None
-            if isinstance(msg, _Finished):
-                workers[msg.id].finished = True
-            elif isinstance(msg, _ReaderDone):
-                reader_done = True
-                if msg.error is not None and not cancelled:
-                    reader_error = msg.error
+        try:
+            while True:
+                if reader_done and all(w.finished or w.abandoned for w in workers):
+                    break
+                try:
+                    msg = self._queue.get(timeout=POLL)
+                except queue.Empty:
+                    msg = None
+                if isinstance(msg, _Finished):
+                    workers[msg.id].finished = True
+                elif isinstance(msg, _ReaderDone):
+                    reader_done = True
+                    if msg.error is not None and not cancelled:
+                        reader_error = msg.error
+                        self._halt()
+                elif msg is not None and not workers[msg.id].abandoned:
+                    self.callback(msg)
+                if not cancelled and self.cancel():
+                    cancelled = True
+                    deadline = time.monotonic() + CANCEL_GRACE
                     self._halt()
-            elif msg is not None and not workers[msg.id].abandoned:
-                self.callback(msg)
-            if not cancelled and self.cancel():
-                cancelled = True
-                deadline = time.monotonic() + CANCEL_GRACE
-                self._halt()
-            now = time.monotonic()
-            if cancelled and now > deadline:
-                for w in workers:
-                    w.abandoned = w.abandoned or not w.finished
-                break
-            if not cancelled:
-                self._check_stalls(now)
-        self._drain()
+                now = time.monotonic()
+                if cancelled and now > deadline:
+                    for w in workers:
+                        w.abandoned = w.abandoned or not w.finished
+                    break
+                if not cancelled:
+                    self._check_stalls(now)
+            self._drain()
+        finally:
+            # Whatever ends the run (the end, a cancel, an exception from the callback or from
+            # cancel()), the threads must not go on: abandoned ones stop when their call returns.
+            self._halt()
         if cancelled:
             raise Cancelled("cancelled")
         return reader_error
@@ -507,8 +512,8 @@ class _Broadcast:
             else:
                 with ring.cond:
                     while not self._stop.is_set() and not ring.slot_free(seq):
-                        if laggards:
-                            self._detach_laggards(seq)
+                        if laggards and self._detach_laggards(seq):
+                            continue
                         ring.cond.wait()
                     if self._stop.is_set():
                         return total
@@ -542,15 +547,30 @@ class _Broadcast:
             ring.cond.notify_all()
         return total
 
-    def _detach_laggards(self, seq: int) -> None:
-        """Let the slowest destinations leave the ring when someone else waits for data."""
+    def _detach_laggards(self, seq: int) -> bool:
+        """Let the slowest destinations leave the ring when someone else waits for data.
+
+        Called by the reader, holding the ring's lock, when bucket ``seq`` has no free slot.
+        The laggards stop holding the ring at once, even while one of them is blocked inside a
+        write: it may still be writing from the oldest bucket, so that bucket's memory is left
+        to it and the ring gets a fresh bucket in its place (freed when its write returns).
+        It then goes on alone from where it is.  Returns True when someone was detached.
+        """
         ring = self._ring
         if not ring.starving:
-            return
+            return False
         oldest = seq - len(ring.slots)
-        for wid, pos in ring.positions.items():
-            if pos <= oldest:
-                self._workers[wid].detach = True
+        laggards = [wid for wid, pos in ring.positions.items() if pos <= oldest]
+        if not laggards:
+            return False
+        for wid in laggards:
+            worker = self._workers[wid]
+            worker.detach = True
+            worker.solo = True
+            del ring.positions[wid]
+        ring.slots[seq % len(ring.slots)] = memoryview(aligned_buffer(self._bucket_size))
+        ring.cond.notify_all()
+        return True
 
 
 # --------------------------------------------------------------------------------------------
@@ -595,6 +615,22 @@ class BusWriter(_Broadcast):
     def _has_solo(self) -> bool:
         return any(w.solo and not (w.finished or w.abandoned) for w in self._workers)
 
+    def source_read(self) -> WriteResult:
+        """What the source gave (size, digests, held first bucket), without any results.
+
+        Complete once the source has been read to its end, which every ``Completed`` message
+        follows: a callback can hand it to a drive's own verification while others are still
+        being written.
+        """
+        held = self._held_view
+        return WriteResult(
+            results=(),
+            size=self._source_total or 0,
+            bucket_size=self._bucket_size,
+            digests=tuple(self._digest_list or ()),
+            held=held[: self._held_length] if held is not None else None,
+        )
+
     def write(self) -> WriteResult:
         """Run to the end; see the class docstring for what is raised and when."""
         if self._hold_first:
@@ -612,6 +648,8 @@ class BusWriter(_Broadcast):
         for w in workers:
             self._ring.positions[w.id] = 0
         size = [0]
+
+        self._digest_list, self._held_view = digests, held
 
         def reader() -> None:
             size[0] = self._reader_loop(held, digests, pread is not None)
@@ -641,17 +679,25 @@ class BusWriter(_Broadcast):
             w.last_progress = time.monotonic()
             self._queue.put(BusWriterMessage.Written(w.id, w.done))
 
+        resume: int | None = None  # where to go on alone once detached from the ring
         while True:
             with ring.cond:
                 w.waiting = True
                 ring.starving.add(w.id)
-                while not self._stop.is_set() and pos >= ring.head and not ring.eof:
+                if self._pread is not None and pos >= ring.head and not ring.eof:
+                    ring.cond.notify_all()  # the reader may let a laggard go now
+                while (not self._stop.is_set() and not w.detach and pos >= ring.head
+                       and not ring.eof):
                     ring.cond.wait()
                 ring.starving.discard(w.id)
                 w.waiting = False
                 w.last_progress = time.monotonic()
-                if self._stop.is_set():
+                if self._stop.is_set() or w.abandoned:
                     return
+                if w.detach and self._pread is not None:
+                    # Bucket ``pos`` may already hold later data: never read it.
+                    resume = position if pos else self._held_length
+                    break
                 if pos >= ring.head:
                     break  # end of source
                 slot = pos % len(ring.slots)
@@ -660,26 +706,31 @@ class BusWriter(_Broadcast):
             if offset != position:
                 _seek(dest, offset)
             done = 0
-            while done < len(view):
+            length = len(view)
+            while done < length:
                 if w.detach and self._pread is not None:
-                    with ring.cond:
-                        ring.positions.pop(w.id, None)
-                        w.solo = True
-                        ring.cond.notify_all()
-                    self._write_solo(w, offset + done, progressed)
-                    return self._finish_write(w)
-                piece = view[done : done + CHUNK]
-                n = write_all(dest, piece, offset=offset + done, stop=self._stop,
-                              progress=progressed, retries=self._retries)
-                if self._stop.is_set():
+                    resume = offset + done
+                    break
+                n = write_all(dest, view[done : done + CHUNK], offset=offset + done,
+                              stop=self._stop, progress=progressed, retries=self._retries)
+                if self._stop.is_set() or w.abandoned:
                     return
                 done += n
-            position = offset + len(view)
+            del view  # a detached laggard's bucket is freed here, not kept while it goes solo
+            if resume is not None:
+                break
+            position = offset + length
             pos += 1
             with ring.cond:
                 if w.id in ring.positions:
                     ring.positions[w.id] = pos
                 ring.cond.notify_all()
+        if resume is not None:
+            with ring.cond:
+                ring.positions.pop(w.id, None)
+                w.solo = True
+                ring.cond.notify_all()
+            self._write_solo(w, resume, progressed)
         self._finish_write(w)
 
     def _write_solo(self, w: _Worker, offset: int, progressed: Callable[[int], None]) -> None:
@@ -688,17 +739,33 @@ class BusWriter(_Broadcast):
         fd, base = self._pread
         buf = memoryview(aligned_buffer(CHUNK))
         _seek(w.dest, offset)
-        while not self._stop.is_set():
+        while not self._stop.is_set() and not w.abandoned:
             total = self._source_total
             if total is not None and offset >= total:
                 return
             want = buf if total is None else buf[: min(len(buf), total - offset)]
             n = os.preadv(fd, [want], base + offset)
-            if n == 0:  # the ring's reader is ahead of us, so the file shrank under us
-                raise SourceChanged(total if total is not None else offset + 1, offset)
+            if n == 0:
+                # A laggard on its own can overtake the ring's reader: the source's end is
+                # only known once the reader reaches it.
+                end = self._source_end(w) if total is None else total
+                if end is None or end == offset:
+                    return
+                raise SourceChanged(end, offset)  # the file shrank under us
             write_all(w.dest, buf[:n], offset=offset, stop=self._stop, progress=progressed,
                       retries=self._retries)
             offset += n
+
+    def _source_end(self, w: _Worker) -> int | None:
+        """Wait for the reader to reach the source's end; None if the run stops first."""
+        ring = self._ring
+        with ring.cond:
+            w.waiting = True  # waiting for the reader is not a stall
+            while self._source_total is None and not self._stop.is_set() and not w.abandoned:
+                ring.cond.wait(POLL)
+            w.waiting = False
+            w.last_progress = time.monotonic()
+        return None if self._stop.is_set() or w.abandoned else self._source_total
 
     def _finish_write(self, w: _Worker) -> None:
         if self._stop.is_set():
@@ -811,7 +878,8 @@ class BusVerifier(_Broadcast):
                 a, b = mine[:got], want[:got]
                 if xxhash.xxh3_128_digest(a) != xxhash.xxh3_128_digest(b):
                     return self._invalid(w, offset + start + first_difference(a, b))
-                self._progress(w, got)
+                if got:  # a Read that adds nothing would repeat the last count
+                    self._progress(w, got)
                 if got < len(want):
                     return self._invalid(w, offset + start + got)
             pos += 1
@@ -838,10 +906,10 @@ class BusVerifier(_Broadcast):
                     return
                 got = self._read_into(w, mine[: min(len(mine), length - done)])
                 hasher.update(mine[:got])
-                self._progress(w, got)
                 done += got
                 if got == 0:
                     return self._invalid(w, start + done)  # the destination ended early
+                self._progress(w, got)
             if hasher.digest() != self._digests[index]:
                 return self._invalid(w, start, start + length)
         self._valid(w)

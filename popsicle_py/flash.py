@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -20,7 +21,9 @@ from typing import Any, Protocol
 
 from popsicle_py import blockdev
 from popsicle_py.blockdev import BlockDevice, OpenSpec
+from popsicle_py.buffers import aligned_buffer
 from popsicle_py.engine import (
+    CHUNK,
     DEFAULT_BUCKET_SIZE,
     DEFAULT_BUCKETS,
     AllDestinationsFailed,
@@ -119,26 +122,36 @@ class _Drive:
 
 
 class _Job:
-    """State and reporting shared by flashing and verifying: every drive ends exactly once."""
+    """State and reporting shared by flashing and verifying: every drive ends exactly once.
+
+    Drives may finish on threads of their own, so state changes and events are serialized by
+    one lock: the views see one event at a time, in order.
+    """
 
     def __init__(self, devices: Sequence[BlockDevice], emit: Emit, cancel: CancelCheck) -> None:
-        self.emit = emit
+        self._emit = emit
+        self._lock = threading.RLock()
         self.cancel = cancel
         self.drives = [_Drive(d) for d in devices]
         self.started = time.monotonic()
         self.cancelled = False
+
+    def emit(self, event: Event) -> None:
+        with self._lock:
+            self._emit(event)
 
     def _phase(self, drive: _Drive, phase: str, detail: str | None = None) -> None:
         self.emit(Phase(drive.path, phase, detail))
 
     def _end(self, drive: _Drive, status: str, error: str | None = None,
              mismatch: int | None = None) -> None:
-        if not drive.live:
-            return
-        drive.status, drive.error, drive.mismatch = status, error, mismatch
-        drive.ended = time.monotonic()
-        self._phase(drive, "done" if status == "ok" else "failed", error or status)
-        self.emit(Result(self._result(drive)))
+        with self._lock:
+            if not drive.live:
+                return
+            drive.status, drive.error, drive.mismatch = status, error, mismatch
+            drive.ended = time.monotonic()
+            self._phase(drive, "done" if status == "ok" else "failed", error or status)
+            self.emit(Result(self._result(drive)))
 
     def _result(self, drive: _Drive) -> DriveResult:
         elapsed = None if drive.ended is None else drive.ended - self.started
@@ -163,21 +176,27 @@ class _Job:
 
 
 class FlashJob(_Job):
-    """Write one image to many opened drives, then verify each from the device."""
+    """Write one image to many opened drives, then verify each from the device.
+
+    Each drive goes on as soon as its own write is done: verification of everything but the
+    first bucket, then the first bucket, then its verification.  A fast drive is therefore
+    finished (and can be pulled) while a slow one is still being written.
+    """
 
     def __init__(self, image: ImageLike, devices: Sequence[BlockDevice], options: FlashOptions,
                  emit: Emit, cancel: CancelCheck) -> None:
         super().__init__(devices, emit, cancel)
         self.image = image
         self.options = options
+        self._finishers: list[threading.Thread] = []
 
-    # The run.
     def run(self) -> Summary:
         try:
             self._run()
         except Cancelled:
             self._cancel_rest()
         finally:
+            self._join_finishers()
             for drive in self.drives:
                 with contextlib.suppress(OSError):
                     drive.device.close()
@@ -187,26 +206,25 @@ class FlashJob(_Job):
         return self._summary()
 
     def _run(self) -> None:
-        size = self.image.size
-        self.emit(Started(self.image.path, self.image.format, size,
+        self.emit(Started(self.image.path, self.image.format, self.image.size,
                           tuple(d.path for d in self.drives), verify=self.options.verify))
-        result = self._write()
-        if result is None:
-            return
-        if self.options.verify:
-            self._verify(result, first=1)
-        self._write_first_bucket(result)
-        if self.options.verify:
-            self._verify(result, first=0, last=1)
-        for drive in self._live():
-            self._end(drive, "ok")
+        self._write()
+        self._join_finishers()
+        if self.cancel():
+            raise Cancelled("cancelled")
 
-    def _write(self) -> WriteResult | None:
-        by_id = self.drives
+    def _join_finishers(self) -> None:
+        """Wait for every drive's own finish; short waits so signal handlers keep running."""
+        for thread in self._finishers:
+            while thread.is_alive():
+                thread.join(0.1)
+
+    def _write(self) -> None:
         total = self.image.size
+        writer: BusWriter | None = None
 
         def on_message(msg: Any) -> None:
-            drive = by_id[msg.id]
+            drive = self.drives[msg.id]
             match msg:
                 case BusWriterMessage.Written(bytes_written=n):
                     drive.written = n
@@ -214,7 +232,8 @@ class FlashJob(_Job):
                 case BusWriterMessage.Errored(why=why):
                     self._fail(drive, why)
                 case BusWriterMessage.Completed():
-                    pass
+                    assert writer is not None
+                    self._start_finisher(drive, writer.source_read())
 
         for drive in self.drives:
             self._phase(drive, "writing")
@@ -229,49 +248,55 @@ class FlashJob(_Job):
                 .first_bucket_last()
                 .expect_size(self.image.size)
             )
-            return writer.write()
+            writer.write()
         except (Cancelled, KeyboardInterrupt):
             raise Cancelled from None
         except AllDestinationsFailed:
-            return None
+            return
         except Exception as exc:  # the image could not be read: no drive holds it
             why = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
             for drive in self._live():
                 self._end(drive, "failed", f"{drive.path}: {why}")
-            return None
         finally:
             with contextlib.suppress(Exception):
                 source.close()
 
-    def _drop_caches(self, drives: Sequence[_Drive]) -> None:
-        for drive in drives:
-            try:
-                blockdev.drop_cache(drive.device)
-            except OSError as exc:
-                self._fail(drive, exc)
+    def _start_finisher(self, drive: _Drive, source: WriteResult) -> None:
+        thread = threading.Thread(target=self._finish, args=(drive, source), daemon=True,
+                                  name=f"popsicle-finish-{drive.path}")
+        self._finishers.append(thread)
+        thread.start()
 
-    def _verify(self, result: WriteResult, *, first: int, last: int | None = None) -> None:
-        drives = self._live()
-        self._drop_caches(drives)
-        drives = [d for d in drives if d.live]
-        if not drives or result.size == 0:
-            return
-        size = result.size
-        bucket = result.bucket_size
-        end = size if last is None else min(size, last * bucket)
+    def _finish(self, drive: _Drive, source: WriteResult) -> None:
+        """One drive after its write: verify the rest, write the first bucket, verify it."""
+        try:
+            if self.options.verify:
+                self._verify(drive, source, first=1)
+            if drive.live:
+                self._write_first_bucket(drive, source)
+            if drive.live and self.options.verify:
+                self._verify(drive, source, first=0, last=1)
+            self._end(drive, "ok")
+        except Cancelled:
+            self._end(drive, "cancelled", "cancelled")
+        except Exception as exc:
+            self._fail(drive, exc)
+
+    def _verify(self, drive: _Drive, source: WriteResult, *, first: int,
+                last: int | None = None) -> None:
+        size, bucket = source.size, source.bucket_size
         base = first * bucket
-        span = max(0, end - base)
-        if span == 0:
+        end = size if last is None else min(size, last * bucket)
+        if end <= base or not drive.live:
             return
-        for drive in drives:
-            self._phase(drive, "verifying")
+        blockdev.drop_cache(drive.device)
+        self._phase(drive, "verifying")
 
         def on_message(msg: Any) -> None:
-            drive = drives[msg.id]
             match msg:
                 case BusVerifierMessage.Read(bytes_read=n):
                     self.emit(Progress(drive.path, "verifying", base + n if first else n,
-                                       size if first else span))
+                                       size if first else end))
                 case BusVerifierMessage.Invalid(offset=offset, end=stop):
                     exact = self._exact_offset(drive, offset, stop)
                     where = (f"at byte {exact}" if exact is not None or stop is None
@@ -282,8 +307,8 @@ class FlashJob(_Job):
                 case BusVerifierMessage.Errored(why=why):
                     self._fail(drive, why)
 
-        verifier = BusVerifier(None, [d.device for d in drives], on_message, self.cancel)
-        verifier.with_digests(result.digests, bucket, size, first=first, last=last)
+        verifier = BusVerifier(None, [drive.device], on_message, self.cancel)
+        verifier.with_digests(source.digests, bucket, size, first=first, last=last)
         verifier.stall_timeout(self.options.stall_timeout).verify()
 
     def _exact_offset(self, drive: _Drive, offset: int, end: int | None) -> int | None:
@@ -298,7 +323,7 @@ class FlashJob(_Job):
         try:
             with open(self.image.path, "rb", buffering=0) as f:
                 want = memoryview(os.pread(f.fileno(), end - offset, offset))
-            buf = memoryview(bytearray(len(want)))
+            buf = memoryview(aligned_buffer(len(want)))[: len(want)]
             drive.device.seek(offset)
             got = drive.device.readinto(buf)
             diff = first_difference(want[:got], buf[:got])
@@ -308,23 +333,19 @@ class FlashJob(_Job):
         except OSError:
             return None
 
-    def _write_first_bucket(self, result: WriteResult) -> None:
-        held = result.held
+    def _write_first_bucket(self, drive: _Drive, source: WriteResult) -> None:
+        held = source.held
         if held is None or len(held) == 0:
             return
-        for drive in self._live():
+        self._phase(drive, "syncing")
+        drive.device.seek(0)
+        for start in range(0, len(held), CHUNK):
             if self.cancel():
                 raise Cancelled("cancelled")
-            self._phase(drive, "syncing")
-            try:
-                drive.device.seek(0)
-                write_all(drive.device, held)
-                sync(drive.device)
-            except OSError as exc:
-                self._fail(drive, exc)
-                continue
-            drive.written += len(held)
-            self.emit(Progress(drive.path, "writing", drive.written, self.image.size))
+            write_all(drive.device, held[start : start + CHUNK])
+        sync(drive.device)
+        drive.written += len(held)
+        self.emit(Progress(drive.path, "writing", drive.written, self.image.size))
 
 
 class VerifyJob(_Job):

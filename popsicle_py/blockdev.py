@@ -77,14 +77,14 @@ class BlockDevice:
     def _aligned_prefix(self, view: memoryview) -> memoryview:
         """Split off the whole blocks of an aligned request; its short tail comes next call."""
         b = self.block
-        if self.direct and len(view) > b and self.pos % b == 0 and address_of(view) % b == 0:
+        if self.direct and len(view) > b and self.pos % b == 0 and _memory_aligned(view, b):
             return view[: len(view) - len(view) % b]
         return view
 
     def _aligned(self, view: memoryview) -> bool:
         b = self.block
         return (not self.direct) or (
-            self.pos % b == 0 and len(view) % b == 0 and address_of(view) % b == 0
+            self.pos % b == 0 and len(view) % b == 0 and _memory_aligned(view, b)
         )
 
     def write(self, data: memoryview | bytes) -> int:
@@ -157,6 +157,15 @@ class BlockDevice:
         if written < len(buf):
             return max(0, written - skip)
         return length
+
+
+def _memory_aligned(view: memoryview, alignment: int) -> bool:
+    """True when O_DIRECT may use the view's memory as it is.
+
+    The address of a read-only buffer (``bytes``) cannot be taken, so it is never assumed to
+    be aligned: it goes through the bounce buffer instead of failing with EINVAL.
+    """
+    return not view.readonly and address_of(view) % alignment == 0
 
 
 def _ioctl_quietly(fd: int, request: int, what: str) -> None:

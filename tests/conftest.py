@@ -36,7 +36,7 @@ class Loop:
         return os.major(rdev), os.minor(rdev)
 
     def read(self, length: int | None = None, offset: int = 0) -> bytes:
-        """The device's bytes, read with O_DIRECT-free buffered I/O after a cache drop."""
+        """The device's bytes, read from its backing file (the loop driver writes through)."""
         with open(self.backing, "rb") as f:
             f.seek(offset)
             return f.read(self.size if length is None else length)
@@ -50,6 +50,15 @@ class Loop:
 def _losetup(*args: str) -> str:
     return subprocess.run(["losetup", *args], check=True, capture_output=True,
                           text=True).stdout.strip()
+
+
+def _backing_file(path: str) -> str | None:
+    """The file behind a loop device, or None when it is detached."""
+    try:
+        sysfs = Path("/sys/block") / os.path.basename(path) / "loop" / "backing_file"
+        return sysfs.read_text().strip()
+    except OSError:
+        return None
 
 
 def fill_pattern(path: Path, size: int, byte: int = 0xA5) -> None:
@@ -87,6 +96,10 @@ def loop_factory() -> Iterator[Callable[..., Loop]]:
 
     yield make
     for loop in made:
+        # Another fixture (dying_loop) may have detached it already, and the kernel may since
+        # have given the same /dev/loopN to someone else: only touch it while it is still ours.
+        if _backing_file(loop.path) != str(loop.backing):
+            continue
         with contextlib.suppress(subprocess.CalledProcessError):
             subprocess.run(["umount", "-q", loop.path], capture_output=True)
             _losetup("-d", loop.path)

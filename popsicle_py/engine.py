@@ -10,8 +10,10 @@ Laggards: when a destination falls a full ring behind while another one waits fo
 the source is a seekable file (it has a ``fileno()`` of a regular file or block device), that
 destination leaves the ring and goes on alone with positional reads (``os.preadv``) into one
 small buffer of its own; the page cache serves those reads for images that fit in memory, so
-the source is still read from disk once.  A stream (a decompressor, a pipe) cannot be re-read,
-so its destinations stay in lock-step with the slowest one: memory stays bounded either way.
+the source is still read from disk once.  It leaves at once, even while blocked inside a write:
+the bucket it is writing from stays its own until that write returns, and the ring takes a
+fresh bucket in its place.  A stream (a decompressor, a pipe) cannot be re-read, so its
+destinations stay in lock-step with the slowest one: memory stays bounded either way.
 """
 
 from __future__ import annotations
@@ -312,9 +314,11 @@ class _Broadcast:
         """Use the caller's buffer as a bucket: its length sets the bucket size.
 
         A page-aligned writable buffer (an ``mmap``) becomes the ring's first bucket and no
-        memory is allocated for it.  Any other buffer (a ``bytearray`` is not guaranteed to be
-        aligned) sets only the size, and an aligned bucket is allocated in its place, so that
-        O_DIRECT destinations always get aligned memory.
+        memory is allocated for it (after ``write()`` it holds a bucket of the source; the ring
+        stops using it only if a laggard leaves the ring while writing from it).  Any other
+        buffer (a ``bytearray`` is not guaranteed to be aligned) sets only the size, and an
+        aligned bucket is allocated in its place, so that O_DIRECT destinations always get
+        aligned memory.
         """
         size = len(memoryview(buffer).cast("B"))
         if size <= 0:

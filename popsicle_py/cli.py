@@ -73,6 +73,26 @@ class SizeType(click.ParamType):
 
 
 SIZE = SizeType()
+
+#: A bucket is written with O_DIRECT: whole pages, and not so large that the ring cannot be had.
+BUCKET_ALIGN = 4096
+MAX_BUCKET_SIZE = 1 << 30
+
+
+class BucketSizeType(SizeType):
+    """A bucket size: a multiple of 4 KiB, at most 1 GiB."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+                ) -> int:
+        size = super().convert(value, param, ctx)
+        if size % BUCKET_ALIGN:
+            self.fail(f"must be a multiple of 4 KiB (4096 bytes), not {size}", param, ctx)
+        if size > MAX_BUCKET_SIZE:
+            self.fail("must be at most 1 GiB", param, ctx)
+        return size
+
+
+BUCKET_SIZE = BucketSizeType()
 DEVICE = click.Path(dir_okay=False, path_type=str)
 
 
@@ -119,7 +139,33 @@ def _run_guarded(debug: bool, as_json: bool, body: Callable[[], int]) -> NoRetur
     sys.exit(status)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Group(click.Group):
+    """Click's group, with usage errors on one line (``popsicle-py: what; see --help``)."""
+
+    def main(self, args: Sequence[str] | None = None, prog_name: str | None = None,
+             complete_var: str | None = None, standalone_mode: bool = True,
+             **extra: Any) -> Any:
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, False, **extra)
+        try:
+            status = super().main(args, prog_name, complete_var, False, **extra)
+        except click.UsageError as exc:
+            if type(exc).__name__ == "NoArgsIsHelpError":  # click >= 8.2: bare command
+                exc.show()
+                sys.exit(exc.exit_code)
+            hint = f" (see '{exc.ctx.command_path} --help')" if exc.ctx is not None else ""
+            _error(" ".join(exc.format_message().split()) + hint)
+            sys.exit(exc.exit_code)
+        except click.ClickException as exc:
+            _error(" ".join(exc.format_message().split()))
+            sys.exit(exc.exit_code)
+        except click.Abort:
+            _error("aborted")
+            sys.exit(EXIT_FAILED)
+        sys.exit(status if isinstance(status, int) else EXIT_OK)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, "-V", "--version", prog_name=PROG)
 def main() -> None:
     """Write one disk image to many USB drives at once, then verify each from the device.
@@ -184,7 +230,8 @@ def _run_checksum(image: Any, checksum: Checksum, view: Any, cancel: Cancellatio
               help="Unmount mounted partitions of the targets first (otherwise refuse).")
 @click.option("--no-verify", is_flag=True, help="Skip reading the drives back.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable events on stdout.")
-@click.option("--bucket-size", type=SIZE, default=str(DEFAULT_BUCKET_SIZE), show_default="16M",
+@click.option("--bucket-size", type=BUCKET_SIZE, default=str(DEFAULT_BUCKET_SIZE),
+              show_default="16M",
               help="Size of each buffer in the ring (16M, 4MiB, 1048576).")
 @click.option("--buckets", type=click.IntRange(1, 64), default=DEFAULT_BUCKETS,
               show_default=True, help="How many buffers may be in flight.")

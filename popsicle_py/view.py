@@ -169,7 +169,9 @@ class RichView:
                 elif phase == "done":
                     state = "[green]done"
                 if phase in ("writing", "verifying", "checksum"):
-                    self.progress.reset(task, total=self.size, state=state)
+                    # reset() replaces every field (the row's name too): set state after.
+                    self.progress.reset(task, total=self.size)
+                    self.progress.update(task, state=state)
                 elif phase == "done" and self.size:
                     self.progress.update(task, total=self.size, completed=self.size, state=state)
                 else:

@@ -21,10 +21,12 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from popsicle_py import bmap as bmap_mod
 from popsicle_py import drives as drives_mod
 from popsicle_py import events
 from popsicle_py._version import __version__
-from popsicle_py.engine import DEFAULT_BUCKET_SIZE, DEFAULT_BUCKETS
+from popsicle_py.bmap import Bmap, BmapError
+from popsicle_py.engine import DEFAULT_BUCKETS
 from popsicle_py.flash import FlashJob, FlashOptions, OpenError, VerifyJob, open_targets
 from popsicle_py.images import (
     Checksum,
@@ -34,7 +36,7 @@ from popsicle_py.images import (
     parse_checksum_option,
     verify_checksum,
 )
-from popsicle_py.plan import DEFAULT_MAX_AUTO_SIZE, Plan, PlanError, make_plan, unmount_targets
+from popsicle_py.plan import Plan, PlanError, make_plan, unmount_targets
 from popsicle_py.signals import Cancellation
 from popsicle_py.units import format_size, parse_size
 from popsicle_py.view import JsonView, PlainView, RichView
@@ -126,9 +128,16 @@ def _run_guarded(debug: bool, as_json: bool, body: Callable[[], int]) -> NoRetur
                 print(json.dumps({"event": "error", "message": line}))
             print(json.dumps(events.Summary().to_json()), flush=True)
         status = EXIT_USAGE
-    except KeyboardInterrupt:
-        _error("interrupted before writing: nothing was written")
-        status = 130
+    except (KeyboardInterrupt, click.Abort) as exc:
+        # Ctrl-C (also at the prompt, which click turns into Abort) is a SIGINT: 130.
+        # End of input at the prompt is an unanswered question: refused, 2.
+        interrupted = isinstance(exc, KeyboardInterrupt) or isinstance(
+            exc.__context__, KeyboardInterrupt)
+        _error("interrupted before writing: nothing was written" if interrupted
+               else "no answer at the confirmation: nothing was written")
+        if as_json:
+            print(json.dumps(events.Summary().to_json()), flush=True)
+        status = 130 if interrupted else EXIT_USAGE
     except click.exceptions.Exit:
         raise
     except Exception as exc:
@@ -223,22 +232,30 @@ def _run_checksum(image: Any, checksum: Checksum, view: Any, cancel: Cancellatio
 
 @main.command()
 @click.argument("image", type=click.Path(path_type=str))
-@click.argument("devices", nargs=-1, type=DEVICE)
+@click.argument("devices", nargs=-1, type=DEVICE, metavar="[DEVICE]...")
 @click.option("-a", "--all-usb", is_flag=True, help="Add every eligible USB and SD drive.")
 @click.option("-y", "--yes", is_flag=True, help="Do not ask for confirmation.")
 @click.option("-u", "--unmount", is_flag=True,
               help="Unmount mounted partitions of the targets first (otherwise refuse).")
 @click.option("--no-verify", is_flag=True, help="Skip reading the drives back.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable events on stdout.")
-@click.option("--bucket-size", type=BUCKET_SIZE, default=str(DEFAULT_BUCKET_SIZE),
-              show_default="16M",
+@click.option("--bucket-size", type=BUCKET_SIZE, default="16M", show_default=True,
               help="Size of each buffer in the ring (16M, 4MiB, 1048576).")
-@click.option("--buckets", type=click.IntRange(1, 64), default=DEFAULT_BUCKETS,
+@click.option("--buckets", type=click.IntRange(1, 64), default=DEFAULT_BUCKETS, metavar="N",
               show_default=True, help="How many buffers may be in flight.")
-@click.option("--max-size", type=SIZE, default=str(DEFAULT_MAX_AUTO_SIZE), show_default="128GiB",
+@click.option("--max-size", type=SIZE, default="128GiB", show_default=True,
               help="--all-usb skips drives larger than this.")
 @click.option("--stall-timeout", type=click.FloatRange(min=0.1), default=60.0,
-              show_default=True, help="Fail a drive that makes no progress for SECONDS.")
+              metavar="SECONDS", show_default=True,
+              help="Fail a drive that makes no progress for SECONDS.")
+@click.option("--skip-identical", is_flag=True,
+              help="Read each bucket first and write only those that differ (re-flash, resume).")
+@click.option("--bmap", "bmap_path", type=click.Path(dir_okay=False, path_type=str),
+              metavar="FILE", help="Block map (bmaptool): write only its mapped ranges "
+              "(default: IMAGE.bmap when present).")
+@click.option("--no-bmap", is_flag=True, help="Ignore a block map next to the image.")
+@click.option("--repair-attempts", type=click.IntRange(0, 10), default=1, metavar="N",
+              show_default=True, help="Rewrite buckets that fail verification up to N times.")
 @click.option("--sha256", metavar="HEX", help="Expected SHA-256 of the image file.")
 @click.option("--checksum", metavar="ALGO:HEX",
               help="Expected checksum (sha1, sha256, sha512 or blake2b) of the image file.")
@@ -246,7 +263,8 @@ def _run_checksum(image: Any, checksum: Checksum, view: Any, cancel: Cancellatio
 @click.option("--debug", is_flag=True, help="Show debug messages and tracebacks.")
 def flash(image: str, devices: tuple[str, ...], all_usb: bool, yes: bool, unmount: bool,
           no_verify: bool, as_json: bool, bucket_size: int, buckets: int, max_size: int,
-          stall_timeout: float, sha256: str | None, checksum: str | None, no_checksum: bool,
+          stall_timeout: float, skip_identical: bool, bmap_path: str | None, no_bmap: bool,
+          repair_attempts: int, sha256: str | None, checksum: str | None, no_checksum: bool,
           debug: bool) -> None:
     """Write IMAGE to every DEVICE in parallel, then verify each.
 
@@ -259,9 +277,11 @@ def flash(image: str, devices: tuple[str, ...], all_usb: bool, yes: bool, unmoun
         try:
             img = open_image(image)
             expected = _checksum_for(img.path, sha256, checksum, no_checksum)
-            plan = make_plan(devices, all_usb=all_usb, image_path=img.path, image_size=img.size,
+            block_map = None if no_bmap else _block_map(img, bmap_path)
+            size = img.size if block_map is None else block_map.image_size
+            plan = make_plan(devices, all_usb=all_usb, image_path=img.path, image_size=size,
                              unmount=unmount, max_auto_size=max_size)
-        except (ImageError, PlanError) as exc:
+        except (ImageError, PlanError, BmapError) as exc:
             raise Refused([*getattr(exc, "notes", ()), *str(exc).splitlines()]) from None
         _confirm(plan, img, yes, "Flash")
         labels = {d.path: d.label for d in plan.targets}
@@ -284,13 +304,25 @@ def flash(image: str, devices: tuple[str, ...], all_usb: bool, yes: bool, unmoun
                     return _cancelled_before_writing(plan, view, cancel)
                 view.close()
                 raise Refused(str(exc).splitlines()) from None
+            if block_map is not None and not as_json:
+                view.handle(events.Note(
+                    f"block map {block_map.path}: writing {format_size(block_map.mapped)} of "
+                    f"{format_size(block_map.image_size)}"))
             options = FlashOptions(verify=not no_verify, bucket_size=bucket_size,
-                                   buckets=buckets, stall_timeout=stall_timeout)
+                                   buckets=buckets, stall_timeout=stall_timeout,
+                                   skip_identical=skip_identical,
+                                   repair_attempts=repair_attempts, bmap=block_map)
             summary = FlashJob(img, opened, options, view.handle, cancel).run()
             view.close()
         return _exit_status(summary, cancel)
 
     _run_guarded(debug, as_json, body)
+
+
+def _block_map(image: Any, given: str | None) -> Bmap | None:
+    """The block map named, or the one next to the image; checked against the image."""
+    path = given or bmap_mod.sidecar(image.path)
+    return None if path is None else bmap_mod.load(path, image.size)
 
 
 def _cancelled_before_writing(plan: Plan, view: Any, cancel: Cancellation) -> int:

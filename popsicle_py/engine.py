@@ -19,6 +19,7 @@ destinations stay in lock-step with the slowest one: memory stays bounded either
 from __future__ import annotations
 
 import errno
+import hashlib
 import io
 import os
 import queue
@@ -75,6 +76,16 @@ class SourceChanged(OSError):
         self.got = got
 
 
+class ExtentChecksumError(OSError):
+    """A range of the source does not match the checksum its block map gives."""
+
+    def __init__(self, offset: int, length: int, algo: str) -> None:
+        super().__init__(errno.EIO, f"the image does not match its block map: bytes {offset}-"
+                         f"{offset + length - 1} fail their {algo} checksum")
+        self.offset = offset
+        self.length = length
+
+
 @dataclass(frozen=True)
 class DestinationResult:
     """How one destination did: bytes written and the error that ended it, if any."""
@@ -82,6 +93,7 @@ class DestinationResult:
     id: int
     bytes_written: int
     error: OSError | None = None
+    bytes_skipped: int = 0
 
     @property
     def ok(self) -> bool:
@@ -101,6 +113,12 @@ class WriteResult(Sequence[DestinationResult]):
     bucket_size: int
     digests: tuple[bytes, ...] = ()
     held: memoryview | None = field(default=None, repr=False)
+    #: (offset, length) of each digest's bytes; the held bucket is the first.
+    extents: tuple[tuple[int, int], ...] = ()
+
+    @property
+    def held_offset(self) -> int:
+        return self.extents[0][0] if self.extents else 0
 
     def __getitem__(self, index: int) -> DestinationResult:  # type: ignore[override]
         return self.results[index]
@@ -272,6 +290,8 @@ class _Worker:
         self.error: OSError | None = None
         self.detach = False
         self.solo = False
+        self.skipped = 0  # bytes left alone because the destination held them already
+        self.compare: memoryview | None = None
         self.thread: threading.Thread | None = None
 
 
@@ -307,6 +327,8 @@ class _Broadcast:
         self._stall_timeout: float | None = None
         self._retries = DEFAULT_RETRIES
         self._expected_size: int | None = None
+        self._extents: tuple[tuple[int, int, str | None], ...] | None = None
+        self._extent_algo: str | None = None
         self._source_total: int | None = None
 
     # Builder methods (the seed's API, chainable).
@@ -502,6 +524,38 @@ class _Broadcast:
         else:
             self._queue.put(_ReaderDone(None))
 
+    def _reads(self) -> Iterator[tuple[int, int, int | None]]:
+        """(offset, most bytes, extent index) of each bucket to read, in source order.
+
+        Without extents the source is read to its end in whole buckets; with them, only the
+        listed ranges are read, each cut into buckets.
+        """
+        size = self._bucket_size
+        if self._extents is None:
+            offset = 0
+            while True:
+                yield offset, size, None
+                offset += size
+        for index, (start, length, _) in enumerate(self._extents):
+            for piece in range(start, start + length, size):
+                yield piece, min(size, start + length - piece), index
+
+    def _position_source(self, offset: int, scratch: memoryview) -> None:
+        """Move the source to ``offset``: seek where it can, otherwise read and drop."""
+        if offset == self._source_pos:
+            return
+        try:
+            self.source.seek(self._source_base + offset)
+            self._source_pos = offset
+            return
+        except (AttributeError, OSError, io.UnsupportedOperation, ValueError):
+            pass
+        while self._source_pos < offset:
+            got = read_full(self.source, scratch[: min(len(scratch), offset - self._source_pos)])
+            if not got:
+                raise SourceChanged(offset, self._source_pos)
+            self._source_pos += got
+
     def _reader_loop(self, hold_first: memoryview | None, digests: list[bytes] | None,
                      laggards: bool) -> int:
         """Fill the ring from the source; returns the total size read."""
@@ -509,10 +563,17 @@ class _Broadcast:
         seq = 0
         total = 0
         first = hold_first is not None
-        while True:
+        extents = self._extents
+        checker: Any = None
+        self._source_pos = 0
+        try:
+            self._source_base = self.source.tell() if extents is not None else 0
+        except (AttributeError, OSError, io.UnsupportedOperation, ValueError):
+            self._source_base = 0
+        for offset, limit, index in self._reads():
             if first:
                 assert hold_first is not None
-                view = hold_first
+                view = hold_first[:limit]
             else:
                 with ring.cond:
                     while not self._stop.is_set() and not ring.slot_free(seq):
@@ -521,35 +582,56 @@ class _Broadcast:
                         ring.cond.wait()
                     if self._stop.is_set():
                         return total
-                view = ring.slots[seq % len(ring.slots)]
+                view = ring.slots[seq % len(ring.slots)][:limit]
+            if extents is not None:
+                self._position_source(offset, view)
             length = read_full(self.source, view)
+            self._source_pos += length
+            if extents is not None:
+                if length < limit:
+                    raise SourceChanged(extents[-1][0] + extents[-1][1], offset + length)
+                assert index is not None
+                checker = self._check_extent(index, offset, view[:length], checker)
             if length and digests is not None:
                 digests.append(xxhash.xxh3_128_digest(view[:length]))
+                self._extent_list.append((offset, length))
+            total += length
             if first:
                 first = False
                 self._held_length = length
-                total += length
-                if length < len(view):
+                if length < limit and extents is None:
                     break
                 continue
             if length:
                 with ring.cond:
                     slot = seq % len(ring.slots)
                     ring.lengths[slot] = length
-                    ring.offsets[slot] = total
+                    ring.offsets[slot] = offset
                     ring.head = seq + 1
                     ring.cond.notify_all()
                 seq += 1
-                total += length
-            if length < len(view):
+            if length < limit:
                 break
-        if self._expected_size is not None and total != self._expected_size:
-            raise SourceChanged(self._expected_size, total)
+        if extents is None and self._expected_size not in (None, total):
+            raise SourceChanged(self._expected_size, total)  # type: ignore[arg-type]
         with ring.cond:
             self._source_total = total
             ring.eof = True
             ring.cond.notify_all()
         return total
+
+    def _check_extent(self, index: int, offset: int, data: memoryview, checker: Any) -> Any:
+        """Hash each extent as it is read and compare with its expected checksum."""
+        assert self._extents is not None
+        start, length, expected = self._extents[index]
+        if expected is None or self._extent_algo is None:
+            return None
+        if offset == start:
+            checker = hashlib.new(self._extent_algo)
+        checker.update(data)
+        if offset + len(data) == start + length and checker.hexdigest() != expected:
+            raise ExtentChecksumError(start, length, self._extent_algo)
+        return checker
 
     def _detach_laggards(self, seq: int) -> bool:
         """Let the slowest destinations leave the ring when someone else waits for data.
@@ -593,6 +675,8 @@ class BusWriter(_Broadcast):
         self._record = False
         self._hold_first = False
         self._laggards = True
+        self._skip_identical = False
+        self._extent_list: list[tuple[int, int]] = []
 
     def record_digests(self, enabled: bool = True) -> BusWriter:
         """Record an XXH3-128 digest per bucket, for :meth:`BusVerifier.with_digests`."""
@@ -606,6 +690,29 @@ class BusWriter(_Broadcast):
         holds a complete-looking boot sector.  Needs seekable destinations; costs one bucket.
         """
         self._hold_first = enabled
+        return self
+
+    def only_extents(self, extents: Sequence[tuple[int, int, str | None]],
+                     algo: str | None = None) -> BusWriter:
+        """Read and write only these (offset, length, checksum) ranges, in order.
+
+        For sparse images with a block map: the gaps are neither read nor written.  Each
+        range's data is checked against its hex ``checksum`` (in ``algo``, e.g. "sha256")
+        as it is read; a mismatch fails the run like a source error.  Destinations stay in
+        lock-step (no laggards), since a laggard's own reads would not follow the ranges.
+        """
+        self._extents = tuple(extents)
+        self._extent_algo = algo
+        return self
+
+    def skip_identical(self, enabled: bool = True) -> BusWriter:
+        """Read what each destination holds first and write only the chunks that differ.
+
+        Costs a read per chunk; wins when the drive mostly holds the image already (a
+        re-flash, or a resumed one).  Destinations must be readable and seekable.
+        ``Skipped`` messages count the bytes left alone.
+        """
+        self._skip_identical = enabled
         return self
 
     def laggards(self, enabled: bool = True) -> BusWriter:
@@ -633,6 +740,7 @@ class BusWriter(_Broadcast):
             bucket_size=self._bucket_size,
             digests=tuple(self._digest_list or ()),
             held=held[: self._held_length] if held is not None else None,
+            extents=tuple(self._extent_list),
         )
 
     def write(self) -> WriteResult:
@@ -646,7 +754,9 @@ class BusWriter(_Broadcast):
         held = memoryview(aligned_buffer(self._bucket_size)) if self._hold_first else None
         self._held_length = 0
         digests: list[bytes] | None = [] if self._record else None
-        pread = _pread_source(self.source) if self._laggards else None
+        self._extent_list = []
+        lock_step = not self._laggards or self._extents is not None
+        pread = None if lock_step else _pread_source(self.source)
         self._pread = pread
         workers = [_Worker(i, d) for i, d in enumerate(self.destinations)]
         for w in workers:
@@ -661,7 +771,7 @@ class BusWriter(_Broadcast):
         reader_error = self._run(workers, [self._write_worker] * len(workers), reader)
         if reader_error is not None:
             raise reader_error
-        results = tuple(DestinationResult(w.id, w.done, w.error) for w in workers)
+        results = tuple(DestinationResult(w.id, w.done, w.error, w.skipped) for w in workers)
         if all(r.error is not None for r in results):
             raise AllDestinationsFailed(results)
         return WriteResult(
@@ -670,6 +780,7 @@ class BusWriter(_Broadcast):
             bucket_size=self._bucket_size,
             digests=tuple(digests or ()),
             held=held[: self._held_length] if held is not None else None,
+            extents=tuple(self._extent_list),
         )
 
     def _write_worker(self, w: _Worker) -> None:
@@ -715,8 +826,7 @@ class BusWriter(_Broadcast):
                 if w.detach and self._pread is not None:
                     resume = offset + done
                     break
-                n = write_all(dest, view[done : done + CHUNK], offset=offset + done,
-                              stop=self._stop, progress=progressed, retries=self._retries)
+                n = self._put(w, view[done : done + CHUNK], offset + done, progressed)
                 if self._stop.is_set() or w.abandoned:
                     return
                 done += n
@@ -756,9 +866,30 @@ class BusWriter(_Broadcast):
                 if end is None or end == offset:
                     return
                 raise SourceChanged(end, offset)  # the file shrank under us
-            write_all(w.dest, buf[:n], offset=offset, stop=self._stop, progress=progressed,
-                      retries=self._retries)
+            self._put(w, buf[:n], offset, progressed)
             offset += n
+
+    def _put(self, w: _Worker, view: memoryview, offset: int,
+             progressed: Callable[[int], None]) -> int:
+        """Write one chunk at ``offset`` (the destination is there), unless it holds it already."""
+        if self._skip_identical and self._holds(w, view, offset):
+            w.skipped += len(view)
+            w.last_progress = time.monotonic()
+            self._queue.put(BusWriterMessage.Skipped(w.id, w.skipped))
+            return len(view)
+        return write_all(w.dest, view, offset=offset, stop=self._stop, progress=progressed,
+                         retries=self._retries)
+
+    def _holds(self, w: _Worker, view: memoryview, offset: int) -> bool:
+        if w.compare is None:
+            w.compare = memoryview(aligned_buffer(CHUNK))
+        mine = w.compare[: len(view)]
+        got = read_full(w.dest, mine)
+        same = got == len(view) and (
+            xxhash.xxh3_128_digest(mine) == xxhash.xxh3_128_digest(view))
+        if not same:
+            _seek(w.dest, offset)
+        return same
 
     def _source_end(self, w: _Worker) -> int | None:
         """Wait for the reader to reach the source's end; None if the run stops first."""
@@ -798,19 +929,37 @@ class BusVerifier(_Broadcast):
         super().__init__(source, destinations, callback, cancel)
         self._digests: tuple[bytes, ...] | None = None
         self._size = 0
-        self._start_bucket = 0
-        self._end_bucket: int | None = None
+        self._indices: Sequence[int] = ()
+        self._digest_extents: Sequence[tuple[int, int]] = ()
+        self._report_all = False
 
     def with_digests(self, digests: Sequence[bytes], bucket_size: int, size: int,
-                     *, first: int = 0, last: int | None = None) -> BusVerifier:
-        """Check buckets ``first``..``last`` (exclusive) against the writer's digests."""
+                     *, first: int = 0, last: int | None = None,
+                     extents: Sequence[tuple[int, int]] = (),
+                     only: Sequence[int] | None = None,
+                     report_all: bool = False) -> BusVerifier:
+        """Check buckets ``first``..``last`` (exclusive), or the ``only`` ones, by digest.
+
+        ``extents`` gives each digest's (offset, length) when buckets are not simply
+        consecutive (a block map's ranges); by default bucket ``i`` starts at
+        ``i * bucket_size``.  With ``report_all`` every bad bucket gets an ``Invalid``
+        message (so that a caller can repair them all) instead of only the first.
+        """
         self._digests = tuple(digests)
         self._bucket_size = bucket_size
         self._bucket = None
         self._size = size
-        self._start_bucket = first
-        self._end_bucket = last
+        end = len(self._digests) if last is None else min(last, len(self._digests))
+        self._indices = list(only) if only is not None else range(first, end)
+        self._digest_extents = extents
+        self._report_all = report_all
         return self
+
+    def _extent(self, index: int) -> tuple[int, int]:
+        if self._digest_extents:
+            return self._digest_extents[index]
+        start = index * self._bucket_size
+        return start, min(self._bucket_size, self._size - start)
 
     def _errored(self, index: int, why: OSError) -> Any:
         return BusVerifierMessage.Errored(index, why)
@@ -895,13 +1044,11 @@ class BusVerifier(_Broadcast):
 
     def _digest_worker(self, w: _Worker) -> None:
         assert self._digests is not None
-        size = self._bucket_size
-        last = len(self._digests) if self._end_bucket is None else self._end_bucket
-        mine = memoryview(aligned_buffer(min(CHUNK, size)))
+        mine = memoryview(aligned_buffer(min(CHUNK, self._bucket_size)))
         w.waiting = False
-        for index in range(self._start_bucket, last):
-            start = index * size
-            length = min(size, self._size - start)
+        bad = False
+        for index in self._indices:
+            start, length = self._extent(index)
             self._rewind(w.dest, start)
             hasher = xxhash.xxh3_128()
             done = 0
@@ -915,8 +1062,14 @@ class BusVerifier(_Broadcast):
                     return self._invalid(w, start + done)  # the destination ended early
                 self._progress(w, got)
             if hasher.digest() != self._digests[index]:
-                return self._invalid(w, start, start + length)
-        self._valid(w)
+                if not self._report_all:
+                    return self._invalid(w, start, start + length)
+                bad = True
+                self._queue.put(BusVerifierMessage.Invalid(w.id, start, start + length))
+        if bad:
+            self._leave_ring(w)
+        else:
+            self._valid(w)
 
     def _invalid(self, w: _Worker, offset: int, end: int | None = None) -> None:
         self._leave_ring(w)

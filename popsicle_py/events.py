@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 # Phases a drive goes through, in order; a drive ends in one of the STATUSES.
-PHASES = ("checksum", "waiting", "writing", "syncing", "verifying", "done", "failed")
+PHASES = ("checksum", "writing", "syncing", "verifying", "done", "failed")
 STATUSES = ("ok", "failed", "invalid", "cancelled")
 
 
@@ -77,6 +77,8 @@ class DriveResult:
     error: str | None = None
     mismatch_offset: int | None = None
     elapsed: float | None = None
+    bytes_skipped: int = 0
+    repaired: int = 0  # buckets rewritten after verification found them bad
 
     @property
     def ok(self) -> bool:
@@ -116,3 +118,46 @@ class Summary:
 
 
 Event = Started | Note | Phase | Progress | Result | Summary
+
+
+# ----------------------------------------------------------------------------------------------
+# Duplicator mode (``popsicle-py watch``)
+
+#: The detail of the second ``done`` phase a watched drive gets once it has been powered off.
+POWERED_OFF = "powered off"
+
+
+@dataclass(frozen=True)
+class Watching:
+    """The udev monitor is listening: drives plugged in from now on are seen."""
+
+    def to_json(self) -> dict[str, Any]:
+        return {"event": "watching"}
+
+
+@dataclass(frozen=True)
+class DriveAdded:
+    """A whole disk appeared; ``eligible`` says whether it will be written, ``reason`` why not."""
+
+    device: str
+    label: str
+    size: int
+    eligible: bool
+    reason: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"event": "drive_added", "device": self.device, "label": self.label,
+                "size": self.size, "eligible": self.eligible, "reason": self.reason}
+
+
+@dataclass(frozen=True)
+class DriveRemoved:
+    """A disk seen in this session went away (pulled, or powered off once done)."""
+
+    device: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"event": "drive_removed", "device": self.device}
+
+
+WatchEvent = Event | Watching | DriveAdded | DriveRemoved

@@ -21,6 +21,7 @@ from typing import Any, Protocol
 
 from popsicle_py import blockdev
 from popsicle_py.blockdev import BlockDevice, OpenSpec
+from popsicle_py.bmap import Bmap
 from popsicle_py.buffers import aligned_buffer
 from popsicle_py.engine import (
     CHUNK,
@@ -32,10 +33,20 @@ from popsicle_py.engine import (
     Cancelled,
     WriteResult,
     first_difference,
+    read_full,
     sync,
     write_all,
 )
-from popsicle_py.events import DriveResult, Event, Phase, Progress, Result, Started, Summary
+from popsicle_py.events import (
+    DriveResult,
+    Event,
+    Note,
+    Phase,
+    Progress,
+    Result,
+    Started,
+    Summary,
+)
 from popsicle_py.messages import BusVerifierMessage, BusWriterMessage
 
 Emit = Callable[[Event], None]
@@ -75,6 +86,9 @@ class FlashOptions:
     bucket_size: int = DEFAULT_BUCKET_SIZE
     buckets: int = DEFAULT_BUCKETS
     stall_timeout: float | None = 60.0
+    skip_identical: bool = False
+    repair_attempts: int = 1
+    bmap: Bmap | None = None
 
 
 def open_targets(drives: Sequence[DriveLike], *, for_writing: bool = True,
@@ -115,6 +129,8 @@ class _Drive:
         self.error: str | None = None
         self.mismatch: int | None = None
         self.ended: float | None = None
+        self.skipped = 0
+        self.repaired = 0
 
     @property
     def live(self) -> bool:
@@ -156,7 +172,7 @@ class _Job:
     def _result(self, drive: _Drive) -> DriveResult:
         elapsed = None if drive.ended is None else drive.ended - self.started
         return DriveResult(drive.path, drive.status or "cancelled", drive.written, drive.error,
-                           drive.mismatch, elapsed)
+                           drive.mismatch, elapsed, drive.skipped, drive.repaired)
 
     def _fail(self, drive: _Drive, exc: BaseException) -> None:
         self._end(drive, "failed", blockdev.describe_error(exc, drive.path))
@@ -219,8 +235,14 @@ class FlashJob(_Job):
             while thread.is_alive():
                 thread.join(0.1)
 
+    @property
+    def total(self) -> int | None:
+        """Bytes each drive gets: the mapped ones only, with a block map."""
+        bmap = self.options.bmap
+        return bmap.mapped if bmap is not None else self.image.size
+
     def _write(self) -> None:
-        total = self.image.size
+        total = self.total
         writer: BusWriter | None = None
 
         def on_message(msg: Any) -> None:
@@ -228,7 +250,10 @@ class FlashJob(_Job):
             match msg:
                 case BusWriterMessage.Written(bytes_written=n):
                     drive.written = n
-                    self.emit(Progress(drive.path, "writing", n, total))
+                    self.emit(Progress(drive.path, "writing", n + drive.skipped, total))
+                case BusWriterMessage.Skipped(bytes_skipped=n):
+                    drive.skipped = n
+                    self.emit(Progress(drive.path, "writing", drive.written + n, total))
                 case BusWriterMessage.Errored(why=why):
                     self._fail(drive, why)
                 case BusWriterMessage.Completed():
@@ -246,8 +271,14 @@ class FlashJob(_Job):
                 .stall_timeout(self.options.stall_timeout)
                 .record_digests()
                 .first_bucket_last()
-                .expect_size(self.image.size)
+                .skip_identical(self.options.skip_identical)
             )
+            bmap = self.options.bmap
+            if bmap is None:
+                writer.expect_size(self.image.size)
+            else:
+                writer.only_extents([(e.offset, e.length, e.checksum) for e in bmap.extents],
+                                    bmap.algo)
             writer.write()
         except (Cancelled, KeyboardInterrupt):
             raise Cancelled from None
@@ -269,47 +300,114 @@ class FlashJob(_Job):
 
     def _finish(self, drive: _Drive, source: WriteResult) -> None:
         """One drive after its write: verify the rest, write the first bucket, verify it."""
+        rest = range(1, len(source.digests))
         try:
-            if self.options.verify:
-                self._verify(drive, source, first=1)
+            if self.options.verify and not self._check(drive, source, rest):
+                return
             if drive.live:
                 self._write_first_bucket(drive, source)
-            if drive.live and self.options.verify:
-                self._verify(drive, source, first=0, last=1)
+            if drive.live and self.options.verify and source.digests \
+                    and not self._check(drive, source, [0]):
+                return
             self._end(drive, "ok")
         except Cancelled:
             self._end(drive, "cancelled", "cancelled")
         except Exception as exc:
             self._fail(drive, exc)
 
-    def _verify(self, drive: _Drive, source: WriteResult, *, first: int,
-                last: int | None = None) -> None:
-        size, bucket = source.size, source.bucket_size
-        base = first * bucket
-        end = size if last is None else min(size, last * bucket)
-        if end <= base or not drive.live:
-            return
+    def _check(self, drive: _Drive, source: WriteResult, indices: Sequence[int]) -> bool:
+        """Verify these buckets; rewrite bad ones up to ``repair_attempts`` times.
+
+        Ends the drive as invalid (with the first bad byte) when it still differs.
+        """
+        repairs = self.options.repair_attempts
+        bad = self._verify(drive, source, indices, report_all=repairs > 0)
+        repaired: set[int] = set(bad)
+        attempts = 0
+        while bad and drive.live and attempts < repairs:
+            attempts += 1
+            self._rewrite(drive, source, bad)
+            bad = self._verify(drive, source, bad, report_all=True)
+        if not drive.live:
+            return False
+        if bad:
+            start, length = source.extents[bad[0]]
+            exact = self._exact_offset(drive, start, start + length)
+            where = (f"at byte {exact}" if exact is not None
+                     else f"somewhere in bytes {start}-{start + length - 1}")
+            tried = f" (still after {attempts} repair attempts)" if attempts else ""
+            self._end(drive, "invalid", f"{drive.path}: verification failed: the drive "
+                      f"differs from the image {where}{tried}", start if exact is None else exact)
+            return False
+        if attempts:
+            drive.repaired += len(repaired)
+            self.emit(Note(f"{drive.path}: repaired {len(repaired)} bucket(s)"))
+        return True
+
+    def _verify(self, drive: _Drive, source: WriteResult, indices: Sequence[int], *,
+                report_all: bool) -> list[int]:
+        """Read these buckets back from the device; the indices of the bad ones."""
+        if not indices or not drive.live:
+            return []
         blockdev.drop_cache(drive.device)
         self._phase(drive, "verifying")
+        span = sum(source.extents[i][1] for i in indices)
+        by_offset = {source.extents[i][0]: i for i in indices}
+        bad: list[int] = []
 
         def on_message(msg: Any) -> None:
             match msg:
                 case BusVerifierMessage.Read(bytes_read=n):
-                    self.emit(Progress(drive.path, "verifying", base + n if first else n,
-                                       size if first else end))
-                case BusVerifierMessage.Invalid(offset=offset, end=stop):
-                    exact = self._exact_offset(drive, offset, stop)
-                    where = (f"at byte {exact}" if exact is not None or stop is None
-                             else f"somewhere in bytes {offset}-{stop - 1}")
+                    self.emit(Progress(drive.path, "verifying", n, span))
+                case BusVerifierMessage.Invalid(offset=offset, end=None):
                     self._end(drive, "invalid", f"{drive.path}: verification failed: the drive "
-                              f"differs from the image {where}",
-                              offset if exact is None else exact)
+                              f"ends at byte {offset}, before the image does", offset)
+                case BusVerifierMessage.Invalid(offset=offset):
+                    bad.append(by_offset[offset])
                 case BusVerifierMessage.Errored(why=why):
                     self._fail(drive, why)
 
         verifier = BusVerifier(None, [drive.device], on_message, self.cancel)
-        verifier.with_digests(source.digests, bucket, size, first=first, last=last)
+        verifier.with_digests(source.digests, source.bucket_size, source.size,
+                              extents=source.extents, only=indices, report_all=report_all)
         verifier.stall_timeout(self.options.stall_timeout).verify()
+        return sorted(bad)
+
+    def _rewrite(self, drive: _Drive, source: WriteResult, indices: Sequence[int]) -> None:
+        """Write these buckets again from the image (the held first bucket from memory)."""
+        self._phase(drive, "writing", "repairing")
+        for index in indices:
+            if self.cancel():
+                raise Cancelled("cancelled")
+            offset, length = source.extents[index]
+            if index == 0 and source.held is not None:
+                data = source.held
+            else:
+                data = memoryview(self._image_bytes(offset, length))
+            drive.device.seek(offset)
+            write_all(drive.device, data)
+            drive.written += length
+        sync(drive.device)
+
+    def _image_bytes(self, offset: int, length: int) -> bytes:
+        """Bytes of the image: by position for a raw image, else decompressed up to them."""
+        if self.image.seekable_raw:
+            with open(self.image.path, "rb", buffering=0) as f:
+                return os.pread(f.fileno(), length, offset)
+        stream = self.image.open()
+        try:
+            scratch = memoryview(bytearray(min(CHUNK, max(offset, 1))))
+            done = 0
+            while done < offset:
+                got = stream.readinto(scratch[: min(len(scratch), offset - done)])
+                if not got:
+                    break
+                done += got
+            out = bytearray(length)
+            got = read_full(stream, memoryview(out))
+            return bytes(out[:got])
+        finally:
+            stream.close()
 
     def _exact_offset(self, drive: _Drive, offset: int, end: int | None) -> int | None:
         """Narrow a bad bucket to its first bad byte when the image can be read by position.
@@ -338,14 +436,24 @@ class FlashJob(_Job):
         if held is None or len(held) == 0:
             return
         self._phase(drive, "syncing")
-        drive.device.seek(0)
+        offset = source.held_offset
         for start in range(0, len(held), CHUNK):
             if self.cancel():
                 raise Cancelled("cancelled")
-            write_all(drive.device, held[start : start + CHUNK])
+            piece = held[start : start + CHUNK]
+            if self.options.skip_identical and self._holds(drive, piece, offset + start):
+                drive.skipped += len(piece)
+                continue
+            drive.device.seek(offset + start)
+            write_all(drive.device, piece)
+            drive.written += len(piece)
         sync(drive.device)
-        drive.written += len(held)
-        self.emit(Progress(drive.path, "writing", drive.written, self.image.size))
+        self.emit(Progress(drive.path, "writing", drive.written + drive.skipped, self.total))
+
+    def _holds(self, drive: _Drive, piece: memoryview, offset: int) -> bool:
+        mine = memoryview(aligned_buffer(len(piece)))[: len(piece)]
+        drive.device.seek(offset)
+        return read_full(drive.device, mine) == len(piece) and bytes(mine) == bytes(piece)
 
 
 class VerifyJob(_Job):

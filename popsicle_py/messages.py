@@ -20,6 +20,13 @@ class BusWriterMessage:
         bytes_written: int
 
     @dataclass(frozen=True)
+    class Skipped:
+        """Cumulative bytes destination ``id`` already held (with ``skip_identical``)."""
+
+        id: int
+        bytes_skipped: int
+
+    @dataclass(frozen=True)
     class Completed:
         """Every byte reached destination ``id`` and it was flushed and fsynced."""
 

@@ -6,7 +6,9 @@ A view only renders; it decides nothing about drives.  Each has ``handle(event)`
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import sys
 import time
 from typing import IO
@@ -32,15 +34,35 @@ PLAIN_INTERVAL = 5.0
 JSON_INTERVAL = 0.5
 
 
+def _write(out: IO[str], text: str) -> IO[str] | None:
+    """Write and flush; when the reader has gone (a closed pipe), stop writing, not flashing.
+
+    The drives are worth more than the log: a run whose output pipe closes (``| head``)
+    finishes every drive, and its exit status still tells the truth.
+    """
+    try:
+        out.write(text)
+        out.flush()
+        return out
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(devnull, out.fileno())  # so that the exit's own flush is quiet too
+        os.close(devnull)
+        return None
+
+
 class JsonView:
     """One JSON object per line, flushed as it happens; the summary is always last."""
 
     def __init__(self, out: IO[str] | None = None, interval: float = JSON_INTERVAL) -> None:
-        self.out = out or sys.stdout
+        self.out: IO[str] | None = out or sys.stdout
         self.interval = interval
         self._last: dict[tuple[str | None, str], float] = {}
 
     def handle(self, event: events.Event) -> None:
+        if self.out is None:
+            return
         if isinstance(event, events.Progress):
             key = (event.device, event.phase)
             now = time.monotonic()
@@ -48,24 +70,24 @@ class JsonView:
             if not complete and now - self._last.get(key, 0.0) < self.interval:
                 return
             self._last[key] = now
-        self.out.write(json.dumps(event.to_json()) + "\n")
-        self.out.flush()
+        self.out = _write(self.out, json.dumps(event.to_json()) + "\n")
 
     def close(self) -> None:
-        self.out.flush()
+        if self.out is not None:
+            self.out = _write(self.out, "")
 
 
 class PlainView:
     """For logs and pipes: a line per state change, a progress line every few seconds."""
 
     def __init__(self, out: IO[str] | None = None, interval: float = PLAIN_INTERVAL) -> None:
-        self.out = out or sys.stdout
+        self.out: IO[str] | None = out or sys.stdout
         self.interval = interval
         self._last: dict[str | None, float] = {}
 
     def _line(self, text: str) -> None:
-        self.out.write(text + "\n")
-        self.out.flush()
+        if self.out is not None:
+            self.out = _write(self.out, text + "\n")
 
     def handle(self, event: events.Event) -> None:
         match event:
@@ -95,10 +117,21 @@ class PlainView:
         self.out.flush()
 
 
+def _extras(r: events.DriveResult) -> str:
+    """What a result says beyond its status: bytes skipped, buckets repaired."""
+    parts = []
+    if r.bytes_skipped:
+        parts.append(f"{format_size(r.bytes_skipped)} already there")
+    if r.repaired:
+        parts.append(f"repaired {r.repaired} bucket{'s' if r.repaired != 1 else ''}")
+    return "".join(f", {p}" for p in parts)
+
+
 def _result_line(r: events.DriveResult) -> str:
     if r.ok:
-        what = f"{format_size(r.bytes_written)} written" if r.bytes_written else "matches the image"
-        return f"{r.device}: ok ({what})"
+        flashed = r.bytes_written or r.bytes_skipped
+        what = f"{format_size(r.bytes_written)} written" if flashed else "matches the image"
+        return f"{r.device}: ok ({what}{_extras(r)})"
     return f"{r.device}: {r.status}: {_strip_device(r.error, r.device) or r.status}"
 
 
@@ -199,7 +232,7 @@ def summary_table(summary: events.Summary) -> Table:
     for r in summary.results:
         details = _strip_device(r.error, r.device) or ""
         if r.ok:
-            details = "written and verified" if r.error is None else details
+            details = ("written and verified" if r.bytes_written else "ok") + _extras(r)
         table.add_row(r.device, f"[{styles.get(r.status, '')}]{r.status}",
                       format_size(r.bytes_written),
                       "" if r.elapsed is None else f"{r.elapsed:.1f} s", details)

@@ -1,0 +1,161 @@
+"""bmaptool's block maps: which ranges of a sparse image hold data, and their checksums.
+
+Format versions 1.x (optional ``sha1`` per range, ``BmapFileSHA1``) and 2.x (``ChecksumType``,
+``chksum`` per range, ``BmapFileChecksum``) are read.  Everything is checked before a byte is
+written: a malformed map, a map whose own checksum is wrong, or one whose image size
+disagrees with the image is refused with one line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
+
+#: Range checksums bmaptool writes, by format major version.
+_ALGOS = ("sha1", "sha256")
+
+
+class BmapError(Exception):
+    """The block map cannot be used; ``str()`` is one line naming the file."""
+
+
+@dataclass(frozen=True)
+class Extent:
+    """``length`` bytes of data at ``offset`` in the image (and on the drive)."""
+
+    offset: int
+    length: int
+    checksum: str | None = None  # hex digest of these bytes, in the map's algorithm
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.length
+
+
+@dataclass(frozen=True)
+class Bmap:
+    path: str
+    version: str
+    image_size: int
+    block_size: int
+    algo: str | None
+    extents: tuple[Extent, ...]
+
+    @property
+    def mapped(self) -> int:
+        return sum(e.length for e in self.extents)
+
+
+def sidecar(image_path: str) -> str | None:
+    """``IMAGE.bmap`` next to the image, also for ``IMAGE.xz`` -> ``IMAGE.bmap``."""
+    candidates = [image_path + ".bmap"]
+    stem, ext = os.path.splitext(image_path)
+    if ext.lower() in (".gz", ".xz", ".bz2", ".zst", ".zip"):
+        candidates.append(stem + ".bmap")
+    return next((c for c in candidates if os.path.isfile(c)), None)
+
+
+def _text(root: ET.Element, tag: str, path: str, required: bool = True) -> str | None:
+    node = root.find(tag)
+    if node is None or node.text is None or not node.text.strip():
+        if required:
+            raise BmapError(f"{path} is not a valid bmap: <{tag}> is missing")
+        return None
+    return node.text.strip()
+
+
+def _int(root: ET.Element, tag: str, path: str) -> int:
+    text = _text(root, tag, path)
+    assert text is not None
+    if not text.isdigit():
+        raise BmapError(f"{path} is not a valid bmap: <{tag}> is not a number ({text!r})")
+    return int(text)
+
+
+def _check_file_checksum(raw: str, path: str, tag: str, algo: str) -> None:
+    """The map's own checksum is computed with its value replaced by as many zeros."""
+    match = re.search(rf"<{tag}>\s*([0-9a-fA-F]+)\s*</{tag}>", raw)
+    if not match:
+        return
+    expected = match.group(1).lower()
+    zeroed = raw[: match.start(1)] + "0" * len(match.group(1)) + raw[match.end(1) :]
+    actual = hashlib.new(algo, zeroed.encode()).hexdigest()
+    if actual != expected:
+        raise BmapError(f"{path} is corrupt: its own {algo} checksum does not match "
+                        f"(expected {expected[:16]}..., got {actual[:16]}...)")
+
+
+def parse(text: str, path: str = "bmap") -> Bmap:
+    """Parse and check a block map's text."""
+    try:
+        root = ET.fromstring(text)
+    except ET.ParseError as exc:
+        raise BmapError(f"{path} is not a valid bmap: {exc}") from None
+    if root.tag != "bmap":
+        raise BmapError(f"{path} is not a valid bmap: the root element is <{root.tag}>")
+    version = root.get("version", "")
+    major = version.split(".")[0]
+    if major not in ("1", "2"):
+        raise BmapError(f"{path}: bmap format version {version or '?'} is not supported "
+                        "(1.x and 2.x are)")
+    image_size = _int(root, "ImageSize", path)
+    block_size = _int(root, "BlockSize", path)
+    blocks = _int(root, "BlocksCount", path)
+    if block_size <= 0:
+        raise BmapError(f"{path} is not a valid bmap: <BlockSize> is 0")
+    if blocks != -(-image_size // block_size):
+        raise BmapError(f"{path} is not a valid bmap: {blocks} blocks of {block_size} bytes "
+                        f"cannot hold {image_size} bytes")
+    if major == "2":
+        algo = (_text(root, "ChecksumType", path) or "").lower()
+        if algo not in _ALGOS:
+            raise BmapError(f"{path}: checksum type {algo!r} is not supported")
+        _check_file_checksum(text, path, "BmapFileChecksum", algo)
+        attr = "chksum"
+    else:
+        algo = "sha1"  # 1.x ranges may carry a sha1; 1.0 maps have none at all
+        if root.find("BmapFileSHA1") is not None:
+            _check_file_checksum(text, path, "BmapFileSHA1", "sha1")
+        attr = "sha1"
+    block_map = root.find("BlockMap")
+    if block_map is None:
+        raise BmapError(f"{path} is not a valid bmap: <BlockMap> is missing")
+    extents: list[Extent] = []
+    last_end = -1
+    for node in block_map.findall("Range"):
+        spec = (node.text or "").strip()
+        match = re.fullmatch(r"(\d+)(?:\s*-\s*(\d+))?", spec)
+        if not match:
+            raise BmapError(f"{path} is not a valid bmap: bad range {spec!r}")
+        first = int(match.group(1))
+        last = int(match.group(2) or first)
+        if last < first or first <= last_end or last >= blocks:
+            raise BmapError(f"{path} is not a valid bmap: range {spec} is out of order or "
+                            "past the image's end")
+        last_end = last
+        offset = first * block_size
+        length = min((last + 1) * block_size, image_size) - offset
+        checksum = node.get(attr)
+        if checksum is not None and not re.fullmatch(r"[0-9a-fA-F]+", checksum):
+            raise BmapError(f"{path} is not a valid bmap: bad checksum for range {spec}")
+        extents.append(Extent(offset, length, checksum.lower() if checksum else None))
+    return Bmap(path, version, image_size, block_size, algo, tuple(extents))
+
+
+def load(path: str, image_size: int | None) -> Bmap:
+    """Read, parse and check a block map against the image it is for."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        raise BmapError(f"{path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise BmapError(f"{path} cannot be read: {exc}") from None
+    bmap = parse(text, path)
+    if image_size is not None and bmap.image_size != image_size:
+        raise BmapError(f"{path} is for an image of {bmap.image_size} bytes, but the image "
+                        f"holds {image_size} bytes")
+    return bmap

@@ -1,0 +1,245 @@
+"""Writing less: skipping identical buckets, resuming, block maps (bmap), repairing buckets.
+
+Bytes written are counted by the kernel (/sys/dev/block/M:m/stat, sectors written), not
+by the tool's own report; both must agree.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from conftest import Loop, needs_root, popsicle_cmd
+
+from popsicle_py import bmap as bmap_mod
+from popsicle_py import events
+from popsicle_py.blockdev import OpenSpec, open_for_writing
+from popsicle_py.flash import FlashJob, FlashOptions
+from popsicle_py.images import open_image
+
+pytestmark = needs_root
+
+MiB = 1 << 20
+PATTERN = 0x5A
+
+
+def flash(*args: str, preexec: Callable[[], None] | None = None) -> tuple[int, list[dict], str]:
+    proc = subprocess.run([*popsicle_cmd(), "flash", *args, "--yes", "--json",
+                           "--bucket-size", "1M"], capture_output=True, text=True,
+                          stdin=subprocess.DEVNULL, timeout=120, preexec_fn=preexec)
+    return proc.returncode, [json.loads(x) for x in proc.stdout.splitlines()], proc.stderr
+
+
+def sectors_written(loop: Loop) -> int:
+    return loop.write_stat_sectors()
+
+
+def result(evs: list[dict], device: str) -> dict:
+    return next(r for r in evs[-1]["results"] if r["device"] == device)
+
+
+def test_skip_identical_writes_only_the_changed_buckets(loop_factory: Callable[..., Loop],
+                                                        tmp_path: Path) -> None:
+    image = tmp_path / "os.img"
+    data = bytearray(os.urandom(12 * MiB + 777))
+    image.write_bytes(data)
+    drive = loop_factory(16 * MiB)
+    assert flash(str(image), drive.path)[0] == 0
+    # Last week's image differs from this week's in three buckets (one is the first).
+    for bucket in (0, 5, 12):
+        data[bucket * MiB + 100] ^= 0xFF
+    image.write_bytes(data)
+    before = sectors_written(drive)
+    rc, evs, err = flash(str(image), drive.path, "--skip-identical")
+    assert rc == 0, err
+    assert sectors_written(drive) - before == 3 * MiB // 512 - (MiB - 777) // 512
+    r = result(evs, drive.path)
+    assert r["bytes_written"] == 2 * MiB + 777 and r["bytes_skipped"] == 10 * MiB
+    assert drive.read(len(data)) == bytes(data)
+
+
+def test_interrupted_flash_resumes(loop_factory: Callable[..., Loop], throttle,
+                                   tmp_path: Path) -> None:
+    image = tmp_path / "os.img"
+    data = os.urandom(12 * MiB)
+    image.write_bytes(data)
+    drive = loop_factory(16 * MiB, fill=PATTERN)
+    add = throttle((drive, 4 * MiB))
+    proc = subprocess.Popen([*popsicle_cmd(), "flash", str(image), drive.path, "--yes",
+                             "--json", "--bucket-size", "1M"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL,
+                            preexec_fn=lambda: add(os.getpid()))
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        event = json.loads(line)
+        if event["event"] == "progress" and event["bytes"] >= 6 * MiB:
+            proc.send_signal(signal.SIGINT)
+            break
+    proc.communicate(timeout=30)
+    assert proc.returncode == 130
+    assert drive.read(MiB) == bytes([PATTERN]) * MiB  # the interrupted drive does not boot
+    before = sectors_written(drive)
+    rc, evs, err = flash(str(image), drive.path, "--skip-identical")
+    assert rc == 0, err
+    r = result(evs, drive.path)
+    written = (sectors_written(drive) - before) * 512
+    assert written == r["bytes_written"] < 7 * MiB  # the first bucket and what was missing
+    assert r["bytes_skipped"] >= 5 * MiB
+    assert drive.read(len(data)) == data
+
+
+@pytest.fixture
+def sparse_image(tmp_path: Path) -> tuple[Path, bytes]:
+    """A 16 MiB image with data in three places, and a bmap from the real bmaptool."""
+    if shutil.which("bmaptool") is None:
+        pytest.skip("bmaptool (Debian package bmap-tools) is not installed")
+    path = tmp_path / "sparse.img"
+    with open(path, "wb") as f:
+        f.truncate(16 * MiB)
+        for offset, size in ((0, 8192), (5 * MiB + 4096, 3 * MiB), (15 * MiB, 12288)):
+            f.seek(offset)
+            f.write(os.urandom(size))
+    subprocess.run(["bmaptool", "create", str(path), "-o", f"{path}.bmap"], check=True,
+                   capture_output=True)
+    return path, path.read_bytes()
+
+
+def test_bmap_writes_only_mapped_ranges(sparse_image: tuple[Path, bytes],
+                                        loop_factory: Callable[..., Loop]) -> None:
+    path, data = sparse_image
+    block_map = bmap_mod.load(f"{path}.bmap", len(data))
+    drive = loop_factory(16 * MiB, fill=PATTERN)
+    before = sectors_written(drive)
+    rc, evs, err = flash(str(path), drive.path)
+    assert rc == 0, err
+    assert (sectors_written(drive) - before) * 512 == block_map.mapped
+    assert result(evs, drive.path)["bytes_written"] == block_map.mapped
+    on_drive = drive.read()
+    holes = 0
+    for start in range(0, len(data), 4096):
+        block = slice(start, start + 4096)
+        mapped = any(e.offset <= start < e.end for e in block_map.extents)
+        if mapped:
+            assert on_drive[block] == data[block]
+        else:
+            holes += 1
+            assert on_drive[block] == bytes([PATTERN]) * 4096  # left alone
+    assert holes > 0
+    # --no-bmap writes everything, holes included.
+    rc, _, err = flash(str(path), drive.path, "--no-bmap")
+    assert rc == 0, err
+    assert drive.read(len(data)) == data
+
+
+def test_bad_bmaps_are_refused_before_writing(sparse_image: tuple[Path, bytes],
+                                              loop_factory: Callable[..., Loop],
+                                              tmp_path: Path) -> None:
+    path, data = sparse_image
+    drive = loop_factory(16 * MiB, fill=PATTERN)
+    text = Path(f"{path}.bmap").read_text()
+    cases = {
+        "corrupt.bmap": text.replace("<BlockMap>", "<BlockMap>\n<Range chksum='00'> 7 </Range>"),
+        "malformed.bmap": text.replace("</bmap>", ""),
+        "wrong-size.bmap": text.replace(f"<ImageSize> {len(data)} </ImageSize>",
+                                        f"<ImageSize> {len(data) - 4096} </ImageSize>"),
+    }
+    for name, body in cases.items():
+        (tmp_path / name).write_text(body)
+        rc, evs, err = flash(str(path), drive.path, "--bmap", str(tmp_path / name))
+        assert rc == 2, (name, err)
+        assert name in err and "Traceback" not in err
+        assert evs[-1]["results"] == []
+    assert drive.read() == bytes([PATTERN]) * drive.size
+
+
+def test_image_not_matching_its_bmap_fails_every_drive(sparse_image: tuple[Path, bytes],
+                                                       loop_factory: Callable[..., Loop]) -> None:
+    path, data = sparse_image
+    with open(path, "r+b") as f:  # bit rot inside the second mapped range
+        f.seek(6 * MiB)
+        f.write(bytes([data[6 * MiB] ^ 1]))
+    drives = [loop_factory(16 * MiB, fill=PATTERN) for _ in range(2)]
+    rc, evs, err = flash(str(path), *(d.path for d in drives))
+    assert rc == 1, err
+    for d in drives:
+        r = result(evs, d.path)
+        assert r["status"] == "failed" and "does not match its block map" in r["error"]
+        assert d.read(MiB) == bytes([PATTERN]) * MiB
+
+
+def test_bmap_version_1_with_sha1(tmp_path: Path) -> None:
+    data = os.urandom(8192)
+    text = f"""<?xml version="1.0" ?>
+<bmap version="1.3">
+    <ImageSize> 12288 </ImageSize>
+    <BlockSize> 4096 </BlockSize>
+    <BlocksCount> 3 </BlocksCount>
+    <MappedBlocksCount> 2 </MappedBlocksCount>
+    <BlockMap>
+        <Range sha1="{hashlib.sha1(data).hexdigest()}"> 1-2 </Range>
+    </BlockMap>
+</bmap>"""
+    parsed = bmap_mod.parse(text, "v1.bmap")
+    assert parsed.algo == "sha1"  # 1.x ranges carry sha1 (this file has no BmapFileSHA1)
+    assert parsed.extents == (bmap_mod.Extent(4096, 8192, hashlib.sha1(data).hexdigest()),)
+    with pytest.raises(bmap_mod.BmapError, match=r"version 3\.0 is not supported"):
+        bmap_mod.parse(text.replace('version="1.3"', 'version="3.0"'), "v3.bmap")
+
+
+class Corrupter:
+    """Flips one byte of a drive each time its verification starts (``times`` times)."""
+
+    def __init__(self, loop: Loop, offset: int, times: int) -> None:
+        self.loop, self.offset, self.left = loop, offset, times
+
+    def __call__(self, event: events.Event) -> None:
+        if isinstance(event, events.Phase) and event.device == self.loop.path \
+                and event.phase == "verifying" and self.left > 0:
+            self.left -= 1
+            with open(self.loop.path, "r+b", buffering=0) as f:
+                byte = os.pread(f.fileno(), 1, self.offset)
+                os.pwrite(f.fileno(), bytes([byte[0] ^ 0xFF]), self.offset)
+                os.fsync(f.fileno())
+
+
+def _flash_with(corrupter: Corrupter, image: Path, loops: list[Loop],
+                repair_attempts: int) -> events.Summary:
+    devices = [open_for_writing(OpenSpec(d.path, d.size)) for d in loops]
+    return FlashJob(open_image(str(image)), devices,
+                    FlashOptions(bucket_size=MiB, repair_attempts=repair_attempts),
+                    corrupter, lambda: False).run()
+
+
+def test_a_bucket_corrupted_before_verification_is_repaired(
+        loop_factory: Callable[..., Loop], tmp_path: Path) -> None:
+    image = tmp_path / "os.img"
+    data = os.urandom(6 * MiB)
+    image.write_bytes(data)
+    loops = [loop_factory(8 * MiB) for _ in range(2)]
+    summary = _flash_with(Corrupter(loops[0], 3 * MiB + 5, times=1), image, loops, 1)
+    first, second = summary.results
+    assert first.status == "ok" and first.repaired == 1
+    assert second.status == "ok" and second.repaired == 0
+    assert loops[0].read(len(data)) == data
+
+
+def test_a_drive_that_keeps_failing_is_invalid_with_the_offset(
+        loop_factory: Callable[..., Loop], tmp_path: Path) -> None:
+    image = tmp_path / "os.img"
+    data = os.urandom(6 * MiB)
+    image.write_bytes(data)
+    for attempts in (0, 2):
+        loop = loop_factory(8 * MiB)
+        summary = _flash_with(Corrupter(loop, 3 * MiB + 5, times=attempts + 1), image, [loop],
+                              attempts)
+        (r,) = summary.results
+        assert r.status == "invalid" and r.mismatch_offset == 3 * MiB + 5
+        assert "3145733" in (r.error or "")
+        assert loop.read(MiB) != data[:MiB]  # never finished: the first bucket is not written

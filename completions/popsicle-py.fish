@@ -55,6 +55,10 @@ function __popsicle_py_state --description 'popsicle-py: the command, then what 
                             set skip 1
                         case 'flash:--stall-timeout'
                             set skip 1
+                        case 'flash:--bmap'
+                            set skip 1
+                        case 'flash:--repair-attempts'
+                            set skip 1
                         case 'flash:--sha256'
                             set skip 1
                         case 'flash:--checksum'
@@ -131,6 +135,10 @@ complete -c popsicle-py -n '__popsicle_py_at flash' -l 'bucket-size' -x -d 'Size
 complete -c popsicle-py -n '__popsicle_py_at flash' -l 'buckets' -x -d 'How many buffers may be in flight.'
 complete -c popsicle-py -n '__popsicle_py_at flash' -l 'max-size' -x -d '--all-usb skips drives larger than this.'
 complete -c popsicle-py -n '__popsicle_py_at flash' -l 'stall-timeout' -x -d 'Fail a drive that makes no progress for SECONDS.'
+complete -c popsicle-py -n '__popsicle_py_at flash' -l 'skip-identical' -d 'Read each bucket first and write only those that differ (re-flash, resume).'
+complete -c popsicle-py -n '__popsicle_py_at flash' -l 'bmap' -r -F -d 'Block map (bmaptool): write only its mapped ranges (default: IMAGE.bmap when present).'
+complete -c popsicle-py -n '__popsicle_py_at flash' -l 'no-bmap' -d 'Ignore a block map next to the image.'
+complete -c popsicle-py -n '__popsicle_py_at flash' -l 'repair-attempts' -x -d 'Rewrite buckets that fail verification up to N times.'
 complete -c popsicle-py -n '__popsicle_py_at flash' -l 'sha256' -x -d 'Expected SHA-256 of the image file.'
 complete -c popsicle-py -n '__popsicle_py_at flash' -l 'checksum' -x -d 'Expected checksum (sha1, sha256, sha512 or blake2b) of the image file.'
 complete -c popsicle-py -n '__popsicle_py_at flash' -l 'no-checksum' -d 'Ignore a checksum file next to the image.'

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, BinaryIO, TypeAlias
 
 import zstandard
+from zlib_ng import zlib_ng
 
 __all__ = [
     "Checksum",
@@ -374,6 +375,7 @@ _DECODE_ERRORS = (
     OSError,
     lzma.LZMAError,
     zlib.error,
+    zlib_ng.error,
     zstandard.ZstdError,
     zipfile.BadZipFile,
     _Corrupt,
@@ -472,7 +474,9 @@ class _ChainedStream(_Stream):
 
     def _new_decoder(self) -> _Decoder:
         if self._image.format == "gzip":
-            return zlib.decompressobj(16 + zlib.MAX_WBITS)  # checks the CRC-32 and length
+            # zlib-ng inflates about 2.5x faster than the stdlib's zlib (bench/bench_images.py);
+            # like zlib it checks the CRC-32 and length of every member.
+            return zlib_ng.decompressobj(16 + zlib_ng.MAX_WBITS)  # type: ignore[return-value]
         if self._image.format == "xz":
             return lzma.LZMADecompressor(format=lzma.FORMAT_XZ)
         return bz2.BZ2Decompressor()

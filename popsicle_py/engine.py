@@ -23,6 +23,7 @@ import hashlib
 import io
 import os
 import queue
+import signal
 import stat
 import threading
 import time
@@ -132,6 +133,21 @@ class WriteResult(Sequence[DestinationResult]):
 
 # --------------------------------------------------------------------------------------------
 # Small I/O helpers shared by the writer, the verifier and callers (the CLI's last bucket).
+
+
+#: Process signals that a worker thread must never take.
+_MAIN_THREAD_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT})
+
+
+def keep_signals_for_main_thread() -> None:
+    """Block the stop signals in the calling (worker) thread.
+
+    The kernel hands a process signal to any thread that does not block it, and a thread
+    stuck in a throttled O_DIRECT write cannot run even the C-level handler until the write
+    returns, seconds later: Ctrl-C would wait for the slowest drive.  Blocked here, the
+    signal goes to the main thread, which runs Python's handlers anyway.
+    """
+    signal.pthread_sigmask(signal.SIG_BLOCK, _MAIN_THREAD_SIGNALS)
 
 
 def _as_oserror(exc: BaseException) -> OSError:
@@ -505,6 +521,7 @@ class _Broadcast:
         raise NotImplementedError
 
     def _guard(self, worker: _Worker, target: Callable[[_Worker], None]) -> None:
+        keep_signals_for_main_thread()
         try:
             target(worker)
         except Exception as exc:  # every failure of a destination becomes a message
@@ -517,6 +534,7 @@ class _Broadcast:
             self._queue.put(_Finished(worker.id))
 
     def _read_guard(self, reader: Callable[[], None]) -> None:
+        keep_signals_for_main_thread()
         try:
             reader()
         except BaseException as exc:  # handed to the calling thread, which raises it

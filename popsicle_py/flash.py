@@ -33,6 +33,7 @@ from popsicle_py.engine import (
     Cancelled,
     WriteResult,
     first_difference,
+    keep_signals_for_main_thread,
     read_full,
     sync,
     write_all,
@@ -300,6 +301,7 @@ class FlashJob(_Job):
 
     def _finish(self, drive: _Drive, source: WriteResult) -> None:
         """One drive after its write: verify the rest, write the first bucket, verify it."""
+        keep_signals_for_main_thread()
         rest = range(1, len(source.digests))
         try:
             if self.options.verify and not self._check(drive, source, rest):

@@ -7,6 +7,7 @@ exits at once: the user has said twice that they want out.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import threading
@@ -40,7 +41,15 @@ class Cancellation:
     def _handler(self, signum: int, frame: FrameType | None) -> None:
         if self._event.is_set() and signum == signal.SIGINT:
             os._exit(128 + signum)
+        first = not self._event.is_set()
+        # Set before saying so: a second Ctrl-C can run this handler again, nested, as soon
+        # as the user reads the message, and must then find the run already stopping.
         self.request(signum)
+        if first:
+            name = signal.Signals(signum).name
+            with contextlib.suppress(OSError):
+                os.write(2, f"popsicle-py: {name}: stopping every drive "
+                         "(Ctrl-C again to quit at once)\n".encode())
 
     @contextmanager
     def installed(self) -> Iterator[Cancellation]:

@@ -234,3 +234,28 @@ def test_image_truncated_while_being_read(loop_factory: Callable[..., Loop], thr
     for drive in drives:
         assert "truncated or changed" in result_of(events, drive.path)["error"]
         assert first_bucket_is_not_image(drive, image)
+
+
+def test_second_ctrl_c_exits_at_once(loop_factory: Callable[..., Loop], throttle,
+                                     tmp_path: Path) -> None:
+    data = os.urandom(8 << 20)
+    (tmp_path / "img").write_bytes(data)
+    drive = loop_factory(8 << 20, fill=PATTERN)
+    add = throttle((drive, 256 << 10))  # a 1 MiB write takes 4 s: the first stop is slow
+    proc = subprocess.Popen(flash_args(tmp_path / "img", drive.path), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL,
+                            preexec_fn=lambda: add(os.getpid()))
+    try:
+        _wait_for(proc, lambda e: e["event"] == "phase" and e["phase"] == "writing")
+        proc.send_signal(signal.SIGINT)
+        assert proc.stderr is not None
+        assert "Ctrl-C again to quit at once" in proc.stderr.readline()
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130
+    assert '"event": "summary"' not in out  # it did not wait to stop in order
+    assert first_bucket_is_not_image(drive, data)

@@ -63,6 +63,14 @@ function __popsicle_py_state --description 'popsicle-py: the command, then what 
                             set skip 1
                         case 'flash:--checksum'
                             set skip 1
+                        case 'watch:--count'
+                            set skip 1
+                        case 'watch:--max-size'
+                            set skip 1
+                        case 'watch:--sha256'
+                            set skip 1
+                        case 'watch:--checksum'
+                            set skip 1
                     end
                 end
                 continue
@@ -71,7 +79,7 @@ function __popsicle_py_state --description 'popsicle-py: the command, then what 
         switch $path
             case '-'
                 switch $tok
-                    case 'flash' 'list' 'verify'
+                    case 'flash' 'list' 'verify' 'watch'
                         set path $tok
                         set npos 0
                         set dashdash 0
@@ -106,6 +114,13 @@ function __popsicle_py_state --description 'popsicle-py: the command, then what 
                 case '*'
                     echo 'devices'
             end
+        case 'watch'
+            switch $npos
+                case 0
+                    echo 'image'
+                case '*'
+                    echo @none
+            end
     end
 end
 
@@ -124,6 +139,7 @@ complete -c popsicle-py -n '__popsicle_py_at -' -s 'h' -l 'help' -d 'Show this m
 complete -c popsicle-py -n '__popsicle_py_at - @command' -a 'flash' -d 'Write IMAGE to every DEVICE in parallel, then verify each.'
 complete -c popsicle-py -n '__popsicle_py_at - @command' -a 'list' -d 'List USB and SD drives (with --all, every disk) and whether each may be written.'
 complete -c popsicle-py -n '__popsicle_py_at - @command' -a 'verify' -d 'Compare each DEVICE with IMAGE; report the first bad offset.'
+complete -c popsicle-py -n '__popsicle_py_at - @command' -a 'watch' -d 'Duplicator mode: write IMAGE to every eligible drive as it is plugged in.'
 
 # popsicle-py flash
 complete -c popsicle-py -n '__popsicle_py_at flash' -s 'a' -l 'all-usb' -d 'Add every eligible USB and SD drive.'
@@ -159,3 +175,18 @@ complete -c popsicle-py -n '__popsicle_py_at verify' -l 'debug' -d 'Show debug m
 complete -c popsicle-py -n '__popsicle_py_at verify' -s 'h' -l 'help' -d 'Show this message and exit.'
 complete -c popsicle-py -n '__popsicle_py_at verify image' -F
 complete -c popsicle-py -n '__popsicle_py_at verify devices' -a '(__popsicle_py_devices)'
+
+# popsicle-py watch
+complete -c popsicle-py -n '__popsicle_py_at watch' -l 'count' -x -d 'Stop once N drives have finished (ok or failed); start no more than N.'
+complete -c popsicle-py -n '__popsicle_py_at watch' -s 'y' -l 'yes' -d 'Do not ask for confirmation.'
+complete -c popsicle-py -n '__popsicle_py_at watch' -l 'no-verify' -d 'Skip reading the drives back.'
+complete -c popsicle-py -n '__popsicle_py_at watch' -l 'no-power-off' -d 'Leave finished drives powered on (default: power them off).'
+complete -c popsicle-py -n '__popsicle_py_at watch' -l 'include-present' -d 'Also write the eligible drives plugged in before watching.'
+complete -c popsicle-py -n '__popsicle_py_at watch' -l 'json' -d 'Machine-readable events on stdout.'
+complete -c popsicle-py -n '__popsicle_py_at watch' -l 'max-size' -x -d 'Skip drives larger than this.'
+complete -c popsicle-py -n '__popsicle_py_at watch' -l 'sha256' -x -d 'Expected SHA-256 of the image file.'
+complete -c popsicle-py -n '__popsicle_py_at watch' -l 'checksum' -x -d 'Expected checksum (sha1, sha256, sha512 or blake2b) of the image file.'
+complete -c popsicle-py -n '__popsicle_py_at watch' -l 'no-checksum' -d 'Ignore a checksum file next to the image.'
+complete -c popsicle-py -n '__popsicle_py_at watch' -l 'debug' -d 'Show debug messages and tracebacks.'
+complete -c popsicle-py -n '__popsicle_py_at watch' -s 'h' -l 'help' -d 'Show this message and exit.'
+complete -c popsicle-py -n '__popsicle_py_at watch image' -F

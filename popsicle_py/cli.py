@@ -24,6 +24,7 @@ from rich.table import Table
 from popsicle_py import bmap as bmap_mod
 from popsicle_py import drives as drives_mod
 from popsicle_py import events
+from popsicle_py import watch as watch_mod
 from popsicle_py._version import __version__
 from popsicle_py.bmap import Bmap, BmapError
 from popsicle_py.engine import DEFAULT_BUCKETS
@@ -39,7 +40,7 @@ from popsicle_py.images import (
 from popsicle_py.plan import Plan, PlanError, make_plan, unmount_targets
 from popsicle_py.signals import Cancellation
 from popsicle_py.units import format_size, parse_size
-from popsicle_py.view import JsonView, PlainView, RichView
+from popsicle_py.view import JsonView, PlainView, RichView, WatchView
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -419,6 +420,97 @@ def list_drives(as_json: bool, show_all: bool, debug: bool) -> None:
                           ", ".join(d.mountpoints), eligible)
         Console(highlight=False).print(table)
         return EXIT_OK
+
+    _run_guarded(debug, as_json, body)
+
+
+# ----------------------------------------------------------------------------------------------
+# watch (duplicator mode)
+
+
+def _confirm_watch(image: Any, yes: bool, present: Sequence[drives_mod.Drive]) -> None:
+    """Ask once before overwriting every drive that will be plugged in; refuse without a tty."""
+    if yes:
+        return
+    if not sys.stdin.isatty():
+        raise Refused(["refusing to write without confirmation: standard input is not a "
+                       "terminal; pass --yes to confirm in scripts"])
+    console = _stderr()
+    console.print(f"Duplicator mode: {image.path} ({format_size(image.size)})")
+    if present:
+        table = Table(title="Plugged in now, and overwritten too (--include-present)",
+                      title_justify="left")
+        for column in ("Device", "Drive", "Size"):
+            table.add_column(column, overflow="fold")
+        for drive in present:
+            table.add_row(drive.path, drive.label or "?", format_size(drive.size))
+        console.print(table)
+    console.print("[bold]Every eligible USB/SD drive plugged in from now on will be "
+                  "overwritten.[/bold]")
+    if not click.confirm("Continue?", default=False, err=True):
+        raise Refused(["cancelled at the confirmation: nothing was written"])
+
+
+def _make_watch_view(as_json: bool, image: Any, count: int | None) -> Any:
+    if as_json:
+        return JsonView()
+    if sys.stdout.isatty():
+        return WatchView(Console(highlight=False), image.path, image.size, count)
+    return PlainView()
+
+
+@main.command()
+@click.argument("image", type=click.Path(path_type=str))
+@click.option("--count", type=click.IntRange(min=1), metavar="N",
+              help="Stop once N drives have finished (ok or failed); start no more than N.")
+@click.option("-y", "--yes", is_flag=True, help="Do not ask for confirmation.")
+@click.option("--no-verify", is_flag=True, help="Skip reading the drives back.")
+@click.option("--no-power-off", is_flag=True,
+              help="Leave finished drives powered on (default: power them off).")
+@click.option("--include-present", is_flag=True,
+              help="Also write the eligible drives plugged in before watching.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable events on stdout.")
+@click.option("--max-size", type=SIZE, default="128GiB", show_default=True,
+              help="Skip drives larger than this.")
+@click.option("--sha256", metavar="HEX", help="Expected SHA-256 of the image file.")
+@click.option("--checksum", metavar="ALGO:HEX",
+              help="Expected checksum (sha1, sha256, sha512 or blake2b) of the image file.")
+@click.option("--no-checksum", is_flag=True, help="Ignore a checksum file next to the image.")
+@click.option("--debug", is_flag=True, help="Show debug messages and tracebacks.")
+def watch(image: str, count: int | None, yes: bool, no_verify: bool, no_power_off: bool,
+          include_present: bool, as_json: bool, max_size: int, sha256: str | None,
+          checksum: str | None, no_checksum: bool, debug: bool) -> None:
+    """Duplicator mode: write IMAGE to every eligible drive as it is plugged in.
+
+    Each drive is written and verified on its own as soon as it appears, then powered off
+    so that it can be pulled. Ends after --count drives, or on Ctrl-C.
+    """
+
+    def body() -> int:
+        try:
+            img = open_image(image)
+            expected = _checksum_for(img.path, sha256, checksum, no_checksum)
+        except ImageError as exc:
+            raise Refused(str(exc).splitlines()) from None
+        present = []
+        if include_present:
+            present = [d for d in drives_mod.discover(image_path=img.path)
+                       if watch_mod.ineligibility(d, img.size, max_size) is None]
+        _confirm_watch(img, yes, present)
+        view = _make_watch_view(as_json, img, count)
+        options = watch_mod.WatchOptions(count=count, verify=not no_verify,
+                                         power_off=not no_power_off,
+                                         include_present=include_present, max_size=max_size,
+                                         checksum=expected)
+        cancel = Cancellation()
+        with cancel.installed():
+            try:
+                outcome = watch_mod.WatchSession(img, view.handle, cancel, options).run()
+            except ImageError as exc:
+                view.close()
+                raise Refused(str(exc).splitlines()) from None
+            view.close()
+        return outcome.exit_status
 
     _run_guarded(debug, as_json, body)
 

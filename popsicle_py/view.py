@@ -13,7 +13,8 @@ import sys
 import time
 from typing import IO
 
-from rich.console import Console
+from rich.console import Console, Group
+from rich.live import Live
 from rich.progress import (
     BarColumn,
     DownloadColumn,
@@ -24,6 +25,7 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 from rich.table import Table
+from rich.text import Text
 
 from popsicle_py import events
 from popsicle_py.units import format_size
@@ -89,12 +91,14 @@ class PlainView:
         if self.out is not None:
             self.out = _write(self.out, text + "\n")
 
-    def handle(self, event: events.Event) -> None:
+    def handle(self, event: events.WatchEvent) -> None:
         match event:
             case events.Started(image=image, size=size, devices=devices):
                 self._line(f"image {image} ({format_size(size)}) -> {', '.join(devices)}")
             case events.Note(text=text):
                 self._line(text)
+            case events.Phase(device=device, phase="done", detail=events.POWERED_OFF):
+                self._line(f"{device}: powered off; it can be pulled")
             case events.Phase(device=device, phase=phase):
                 if phase in ("done", "failed"):
                     return  # the result line says it
@@ -112,6 +116,14 @@ class PlainView:
                 self._line(_result_line(r))
             case events.Summary():
                 self._line(_summary_line(event))
+            case events.Watching():
+                self._line("watching: plug in the drives to write (Ctrl-C to stop)")
+            case events.DriveAdded(device=device, eligible=eligible, reason=reason):
+                what = _drive_words(event)
+                self._line(f"{device}: added ({what})" if eligible
+                           else f"{device}: ignored ({what}): {reason}")
+            case events.DriveRemoved(device=device):
+                self._line(f"{device}: removed")
 
     def close(self) -> None:
         self.out.flush()
@@ -144,6 +156,8 @@ def _strip_device(text: str | None, device: str) -> str | None:
 def _summary_line(summary: events.Summary) -> str:
     good = sum(r.ok for r in summary.results)
     total = len(summary.results)
+    if not total:
+        return "cancelled: no drive was written" if summary.cancelled else "no drive was written"
     if summary.ok:
         return f"done: {good} of {total} drives ok"
     if summary.cancelled:
@@ -237,3 +251,162 @@ def summary_table(summary: events.Summary) -> Table:
                       format_size(r.bytes_written),
                       "" if r.elapsed is None else f"{r.elapsed:.1f} s", details)
     return table
+
+
+# ----------------------------------------------------------------------------------------------
+# Duplicator mode (``popsicle-py watch``)
+
+
+def _drive_words(event: events.DriveAdded) -> str:
+    """``SanDisk Cruzer Blade, 8.4 MB``: what a drive that appeared is."""
+    size = format_size(event.size) if event.size else "no medium"
+    return ", ".join(part for part in (event.label, size) if part)
+
+
+#: Row states of the duplicator screen that mean "still being worked on".
+_BUSY = ("waiting", "writing", "syncing", "verifying")
+
+
+class WatchView:
+    """The duplicator screen: a header with counts, a row per drive seen, what to do next.
+
+    Rows stay for the whole session (a stick re-inserted gets a new row); a finished drive
+    says whether it can be pulled, a failed one says "failed: pull it".
+    """
+
+    def __init__(self, console: Console | None = None, image: str = "",
+                 size: int | None = None, count: int | None = None) -> None:
+        self.console = console or Console(stderr=False)
+        self.image, self.size, self.count = image, size, count
+        self.progress = Progress(
+            TextColumn("[bold]{task.fields[name]}", justify="left"),
+            BarColumn(bar_width=None),
+            TextColumn("{task.percentage:>3.0f}%"),
+            DownloadColumn(),
+            TransferSpeedColumn(),
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[state]}"),
+            console=self.console,
+            expand=True,
+        )
+        self.rows: dict[str | None, TaskID] = {}  # each device's latest row ("None": image)
+        self.states: dict[TaskID, str] = {}  # waiting, writing... done, failed, ignored
+        self.failed_present: dict[str, str] = {}  # failed drives not pulled yet
+        self.powered_off: set[TaskID] = set()
+        self.ok = self.failed = self.started_drives = 0
+        self.watching = False
+        self.live = Live(self, console=self.console, refresh_per_second=4)
+        self.started = False
+
+    # What Live renders, again at every refresh.
+    def __rich__(self) -> Group:
+        return Group(self._header(), self.progress, self._next_step())
+
+    def _header(self) -> Text:
+        busy = sum(state in _BUSY for state in self.states.values())
+        text = Text.assemble(("Duplicating ", "bold"), (self.image, "bold"),
+                             f" ({format_size(self.size)})  ",
+                             ("done ", "green"), str(self.ok), "  ",
+                             ("failed ", "red"), str(self.failed), "  ",
+                             "in progress ", str(busy))
+        if self.count is not None:
+            text.append(f"  ({self.ok + self.failed} of {self.count} finished)")
+        return text
+
+    def _next_step(self) -> Text:
+        if not self.watching:
+            return Text("preparing the image...", style="dim")
+        busy = sum(state in _BUSY for state in self.states.values())
+        parts: list[str] = []
+        if self.failed_present:
+            parts.append(f"pull the failed drive{'s' if len(self.failed_present) > 1 else ''} "
+                         f"({', '.join(self.failed_present)})")
+        if self.count is not None and self.started_drives >= self.count:
+            if busy:
+                parts.append(f"all {self.count} drives started: wait for them to finish")
+        else:
+            more = "" if self.count is None else \
+                f" ({self.count - self.started_drives} more to go)"
+            parts.append(f"plug in the next drive{more}")
+        line = "; ".join(parts)
+        return Text(f"-> {line[:1].upper()}{line[1:]}  (Ctrl-C stops)" if line else "",
+                    style="bold cyan")
+
+    def _row(self, device: str | None, name: str | None = None, state: str = "waiting"
+             ) -> TaskID:
+        if name is not None or device not in self.rows:
+            task = self.progress.add_task("", name=name or device or "image", state=state,
+                                          total=None)
+            self.rows[device] = task
+            self.states[task] = "waiting" if state == "waiting" else "ignored"
+        return self.rows[device]
+
+    def _set(self, task: TaskID, state: str, shown: str | None = None) -> None:
+        self.states[task] = state
+        self.progress.update(task, state=shown if shown is not None else state)
+
+    def handle(self, event: events.WatchEvent) -> None:
+        if not self.started and not isinstance(event, events.Summary):
+            self.live.start()
+            self.started = True
+        match event:
+            case events.Watching():
+                self.watching = True
+                if None in self.rows:
+                    self._set(self.rows[None], "ready", "[green]ready")
+            case events.DriveAdded(device=device, label=label, eligible=eligible, reason=reason):
+                name = f"{device} {label}" if label else device
+                if eligible:
+                    self.started_drives += 1
+                    self._row(device, name)
+                else:
+                    task = self._row(device, name, state="ignored")
+                    self.progress.update(task, total=0, state=f"[dim]ignored: {reason}")
+            case events.DriveRemoved(device=device):
+                task = self.rows.get(device)
+                self.failed_present.pop(device, None)
+                if task is not None and self.states.get(task) in ("done", "failed", "ignored"):
+                    self.rows.pop(device, None)  # the row stays; a new arrival gets a new one
+                    if self.states[task] == "done" and task not in self.powered_off:
+                        self._set(task, "done", "[green]done")  # pulled: nothing more to do
+            case events.Note(text=text):
+                self.live.console.print(text)
+            case events.Phase(device=device, phase="done", detail=events.POWERED_OFF):
+                task = self._row(device)
+                self.powered_off.add(task)  # it goes away by itself, but is still plugged in
+                self._set(task, "done", "[green]done, powered off: pull it")
+            case events.Phase(device=device, phase=phase, detail=detail):
+                task = self._row(device)
+                if phase == "failed":
+                    why = _strip_device(detail, device or "") or "failed"
+                    if device is not None:
+                        self.failed_present[device] = why
+                    self._set(task, "failed", f"[red]failed: pull it ({why})")
+                elif phase == "done":
+                    total = self.progress.tasks[task].total
+                    if total:
+                        self.progress.update(task, completed=total)
+                    self._set(task, "done", "[green]done: pull it")
+                else:
+                    if phase in ("writing", "verifying", "checksum", "decompressing"):
+                        self.progress.reset(task, total=None)
+                    self._set(task, phase)
+            case events.Progress(device=device, done=done, total=total):
+                self.progress.update(self._row(device), completed=done, total=total)
+            case events.Result(result=r):
+                if r.ok:
+                    self.ok += 1
+                elif r.status != "cancelled":
+                    self.failed += 1
+                task = self.rows.get(r.device)
+                if task is not None and r.status == "cancelled":
+                    self._set(task, "cancelled", "[yellow]cancelled")
+            case events.Summary():
+                self.close()
+                self.console.print(summary_table(event))
+
+    def close(self) -> None:
+        if self.started:
+            self.live.refresh()
+            self.live.stop()
+            self.started = False

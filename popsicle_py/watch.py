@@ -1,0 +1,518 @@
+"""Duplicator mode: flash every eligible drive as it is plugged in, power it off when done.
+
+A :class:`WatchSession` follows udev (pyudev's Monitor, whole disks only).  Each eligible drive
+that appears gets its own :class:`~popsicle_py.flash.FlashJob` on its own thread at once: a
+drive plugged in while others are being written does not wait for them.  Eligibility is the
+one ``flash --all-usb`` uses (USB and SD drives, not system drives, not read-only, with a
+medium, at most ``max_size``), plus what would make ``flash`` refuse the drive (smaller than
+the image, mounted, held by LVM/RAID/encryption): such drives are announced and left alone.
+
+The image is prepared once, before watching: its checksum is checked, and a compressed image
+is decompressed to a raw copy in a private temporary directory (deleted at the end), so that
+a drive that arrives late never decompresses the image again.  Every drive's job then opens
+the raw file itself; the page cache serves the later ones.
+
+A drive pulled while it is being written ("remove" uevent, or the medium gone from a reader;
+the writes fail with ENODEV/ENXIO) always ends ``failed`` with "the drive was removed", never
+ok.  A drive that is done and verified is powered off as udisks2 does it (flush, then write 1
+to its USB device's ``remove`` attribute), unless it is an SD card in a built-in reader or
+another drive shares its USB device (a multi-slot card reader).
+
+The session never touches click or Rich: it emits :mod:`popsicle_py.events` to a callback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import shutil
+import tempfile
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import pyudev
+
+from popsicle_py import drives
+from popsicle_py.drives import Drive, SystemFacts
+from popsicle_py.engine import keep_signals_for_main_thread
+from popsicle_py.events import (
+    POWERED_OFF,
+    DriveAdded,
+    DriveRemoved,
+    DriveResult,
+    Note,
+    Phase,
+    Progress,
+    Result,
+    Started,
+    Summary,
+    WatchEvent,
+    Watching,
+)
+from popsicle_py.flash import FlashJob, FlashOptions, OpenError, open_targets
+from popsicle_py.images import (
+    Checksum,
+    ChecksumCancelled,
+    Image,
+    ImageError,
+    open_image,
+    verify_checksum,
+)
+from popsicle_py.plan import DEFAULT_MAX_AUTO_SIZE, format_binary
+from popsicle_py.signals import Cancellation
+from popsicle_py.units import format_size
+
+log = logging.getLogger(__name__)
+
+Emit = Callable[[WatchEvent], None]
+
+#: Smaller than flash's 16 MiB x 4: with eight drives in flight, each has its own ring.
+WATCH_BUCKET_SIZE = 4 << 20
+WATCH_BUCKETS = 4
+#: How long the main loop waits for a uevent before looking at signals and finished drives.
+POLL_INTERVAL = 0.1
+#: Decompression writes the raw copy this much at a time.
+COPY_CHUNK = 4 << 20
+#: Room kept free next to the raw copy (filesystems misbehave when completely full).
+COPY_MARGIN = 64 << 20
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+
+
+def removed_message(path: str) -> str:
+    """What a drive pulled before it was finished says (the words of ENODEV/ENXIO failures)."""
+    return f"{path}: the drive was removed"
+
+
+def default_tmpdir() -> str:
+    """Where the raw copy of a compressed image goes: $TMPDIR, else /var/tmp (not a RAM disk)."""
+    return os.environ.get("TMPDIR") or ("/var/tmp" if os.path.isdir("/var/tmp")
+                                        else tempfile.gettempdir())
+
+
+@dataclass(frozen=True)
+class WatchOptions:
+    #: End after this many drives finished (ok or failed); no more are started once reached.
+    count: int | None = None
+    verify: bool = True
+    power_off: bool = True
+    #: Also write the eligible drives plugged in before the session started.
+    include_present: bool = False
+    max_size: int = DEFAULT_MAX_AUTO_SIZE
+    checksum: Checksum | None = None
+    bucket_size: int = WATCH_BUCKET_SIZE
+    buckets: int = WATCH_BUCKETS
+    stall_timeout: float | None = 60.0
+    #: Parent of the private directory holding a decompressed copy (default: default_tmpdir()).
+    tmpdir: str | None = None
+
+
+@dataclass(frozen=True)
+class WatchOutcome:
+    summary: Summary
+    #: 0 every started drive ok (or none started), 1 one failed, 128 + signal when a signal
+    #: cancelled work in progress (a drive in flight, the checksum or the decompression).
+    exit_status: int
+
+
+def ineligibility(drive: Drive, image_size: int | None, max_size: int) -> str | None:
+    """Why a drive that appeared will not be written, or None: ``--all-usb``'s rules and more.
+
+    Beyond eligibility and ``max_size`` (as ``flash --all-usb`` skips), a drive that ``flash``
+    would refuse (smaller than the image, mounted, held by LVM/RAID/encryption) is left alone.
+    """
+    if drive.bus not in drives.AUTO_BUSES:
+        return drive.reason or drives.REASON_NOT_USB
+    if not drive.eligible:
+        return drive.reason or "not eligible"
+    if drive.size > max_size:
+        return f"larger than {format_binary(max_size)} (--max-size)"
+    if image_size is not None and image_size > drive.size:
+        return (f"smaller than the image ({format_size(drive.size)} drive, "
+                f"{format_size(image_size)} image)")
+    if drive.mountpoints:
+        return f"mounted at {', '.join(drive.mountpoints)}"
+    if drive.holders:
+        return f"in use by {', '.join(drive.holders)} (LVM, encryption or RAID)"
+    return None
+
+
+def _sectors(device: pyudev.Device) -> int:
+    try:
+        value = device.attributes.get("size")
+    except (KeyError, OSError):
+        return 0
+    text = value.decode(errors="replace").strip() if isinstance(value, bytes) else str(value)
+    return int(text) * 512 if text.isdigit() else 0
+
+
+def _usb_parent(device: pyudev.Device) -> pyudev.Device | None:
+    try:
+        return device.find_parent("usb", "usb_device")
+    except (KeyError, OSError):
+        return None
+
+
+def power_off(device: pyudev.Device, drive: Drive,
+              context: pyudev.Context | None = None) -> str | None:
+    """Power a finished drive off the way udisks2 does; None when done, else why not.
+
+    Flush the drive, then write 1 to the ``remove`` attribute of its parent USB device: the
+    kernel detaches it and cuts its port's power, so its LED goes dark.  Not for an SD card in
+    a built-in reader (that would take the reader away), nor when another disk shares the USB
+    device (a multi-slot card reader).
+    """
+    if drive.bus == "sd":
+        return "an SD card in a built-in reader is not powered off"
+    usb = _usb_parent(device)
+    if usb is None:
+        return "it has no USB device to power off"
+    prefix = usb.sys_path.rstrip("/") + "/"
+    context = context or pyudev.Context()
+    others = sorted(d.device_node or f"/dev/{d.sys_name}"
+                    for d in context.list_devices(subsystem="block", DEVTYPE="disk")
+                    if d.sys_path.startswith(prefix) and d.sys_path != device.sys_path)
+    if others:
+        return f"{', '.join(others)} share(s) its USB device"
+    try:
+        st = os.stat(drive.path)
+        if st.st_rdev != drive.devnum:
+            return f"{drive.path} is another drive now"
+        fd = os.open(drive.path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        with open(os.path.join(usb.sys_path, "remove"), "w") as f:
+            f.write("1")
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return None
+
+
+class _Seen:
+    """One appearance of a drive in this session (the same stick re-inserted is a new one)."""
+
+    def __init__(self, device: pyudev.Device, drive: Drive) -> None:
+        self.device = device
+        self.drive = drive
+        self.path = drive.path
+        self.announced = False  # drive_added was emitted
+        self.present_at_start = False  # plugged in before watching, and left alone
+        self.removed = threading.Event()  # pulled (or medium gone) since it appeared
+        self.thread: threading.Thread | None = None
+        self.finished = threading.Event()  # its job (and power off) is over
+        self.result: DriveResult | None = None
+        self.ended_removed = False  # the job's end was judged "removed"
+
+    @property
+    def in_flight(self) -> bool:
+        return self.thread is not None and not self.finished.is_set()
+
+
+class WatchSession:
+    """Follow udev and flash each eligible drive as it appears, until a count or a signal."""
+
+    def __init__(self, image: Image, emit: Emit, cancel: Cancellation,
+                 options: WatchOptions | None = None,
+                 context: pyudev.Context | None = None) -> None:
+        self.image = image
+        self.options = options or WatchOptions()
+        self.cancel = cancel
+        self._emit_to = emit
+        self._lock = threading.Lock()
+        self.context = context or pyudev.Context()
+        self._source: Image = image  # what the jobs read: the image, or its raw copy
+        self._copy_dir: str | None = None
+        self._copy_devnums: frozenset[int] = frozenset()
+        self._current: dict[int, _Seen] = {}  # by device number, while present
+        self._media: dict[int, int] = {}  # last size seen per device number (0: no medium)
+        self._started: list[_Seen] = []
+
+    # ------------------------------------------------------------------------------------
+    # Events
+
+    def emit(self, event: WatchEvent) -> None:
+        with self._lock:
+            self._emit_to(event)
+
+    def _job_event(self, seen: _Seen, event: Any) -> None:
+        """An event from a drive's FlashJob, as the session reports it.
+
+        The job's own start and summary are the session's business.  A drive pulled before
+        its job ended (written and verified) is reported failed with "the drive was removed",
+        whatever the job saw: the cancellation the removal caused, or the ENODEV/ENXIO error
+        of a write that got there first.  The job's end comes as a phase then a result, under
+        its lock; the verdict is taken at the phase, so both always say the same.
+        """
+        if isinstance(event, (Started, Summary)):
+            return
+        ends = isinstance(event, Phase) and event.phase in ("done", "failed")
+        if ends and event.device == seen.path and seen.result is None:
+            seen.ended_removed = (seen.removed.is_set()
+                                  or event.detail == removed_message(seen.path))
+            if seen.ended_removed:
+                event = Phase(seen.path, "failed", removed_message(seen.path))
+        elif isinstance(event, Result) and event.result.device == seen.path:
+            r = event.result
+            if seen.ended_removed:  # decided with the phase: the two always agree
+                r = dataclasses.replace(r, status="failed", error=removed_message(seen.path),
+                                        mismatch_offset=None)
+                event = Result(r)
+            seen.result = r
+        self.emit(event)
+
+    # ------------------------------------------------------------------------------------
+    # The run
+
+    def run(self) -> WatchOutcome:
+        """Prepare the image, watch until ``count`` drives finished or a signal; summarize.
+
+        Raises ImageError (nothing written) when the image fails its checksum or cannot be
+        decompressed.
+        """
+        try:
+            if not self._prepare():
+                summary = Summary((), cancelled=True)
+                self.emit(summary)
+                return WatchOutcome(summary, self.cancel.exit_status)
+            self._watch()
+        finally:
+            self._join_all()
+            self._remove_copy()
+        results = tuple(s.result or DriveResult(s.path, "cancelled", 0, "cancelled")
+                        for s in self._started)
+        interrupted = any(r.status == "cancelled" for r in results)
+        summary = Summary(results, cancelled=interrupted)
+        self.emit(summary)
+        if interrupted:
+            status = self.cancel.exit_status
+        else:
+            status = EXIT_OK if all(r.ok for r in results) else EXIT_FAILED
+        return WatchOutcome(summary, status)
+
+    def _prepare(self) -> bool:
+        """Checksum, then decompress once; False when a signal stopped it."""
+        checksum = self.options.checksum
+        if checksum is not None:
+            self.emit(Phase(None, "checksum", checksum.source))
+            try:
+                verify_checksum(self.image.path, checksum,
+                                 lambda done, total: self.emit(
+                                     Progress(None, "checksum", done, total)),
+                                 self.cancel)
+            except ChecksumCancelled:
+                return False
+            self.emit(Note(f"checksum ok ({checksum.algo} from {checksum.source})"))
+        if self.image.compressed:
+            copy = self._decompress()
+            if copy is None:
+                return False
+            self._source = copy
+        return not self.cancel()
+
+    def _decompress(self) -> Image | None:
+        """The image as a raw file in a private temporary directory (None if cancelled)."""
+        parent = self.options.tmpdir or default_tmpdir()
+        size = self.image.size
+        try:
+            self._copy_dir = tempfile.mkdtemp(prefix="popsicle-py-watch-", dir=parent)
+            free = shutil.disk_usage(self._copy_dir).free
+        except OSError as exc:
+            raise ImageError(f"cannot make a temporary directory in {parent} for the "
+                             f"decompressed image: {exc.strerror or exc}; set TMPDIR") from None
+        if size is not None and size + COPY_MARGIN > free:
+            raise ImageError(f"not enough room in {parent} for the decompressed image "
+                             f"({format_size(size)} needed, {format_size(free)} free); set "
+                             "TMPDIR to a directory with more room")
+        path = os.path.join(self._copy_dir, "image.raw")
+        self.emit(Phase(None, "decompressing", self.image.path))
+        done = 0
+        buf = memoryview(bytearray(COPY_CHUNK))
+        try:
+            with self.image.open() as source, open(path, "wb") as out:
+                while True:
+                    if self.cancel():
+                        return None
+                    n = source.readinto(buf)
+                    if not n:
+                        break
+                    out.write(buf[:n])
+                    done += n
+                    self.emit(Progress(None, "decompressing", done, size))
+        except OSError as exc:
+            raise ImageError(f"cannot decompress {self.image.path} to {path}: "
+                             f"{exc.strerror or exc}") from None
+        self.emit(Note(f"decompressed {self.image.path} once ({format_size(done)}) to a "
+                       "temporary raw copy; every drive is written from it"))
+        copy = open_image(path)
+        with contextlib.suppress(OSError):
+            self._copy_devnums = drives.stack_of(os.stat(path).st_dev)
+        return copy
+
+    def _remove_copy(self) -> None:
+        if self._copy_dir is not None:
+            shutil.rmtree(self._copy_dir, ignore_errors=True)
+            self._copy_dir = None
+
+    def _watch(self) -> None:
+        monitor = pyudev.Monitor.from_netlink(self.context)
+        monitor.filter_by("block", "disk")
+        monitor.start()
+        self._present()
+        self.emit(Watching())
+        while not self.cancel() and not self._count_done():
+            device = monitor.poll(timeout=POLL_INTERVAL)
+            if device is not None:
+                self._uevent(device)
+
+    def _count_done(self) -> bool:
+        count = self.options.count
+        return (count is not None and len(self._started) >= count
+                and all(s.finished.is_set() for s in self._started))
+
+    def _join_all(self) -> None:
+        """Wait for every drive's thread; short joins keep the signal handlers running."""
+        for seen in self._started:
+            thread = seen.thread
+            while thread is not None and thread.is_alive():
+                thread.join(POLL_INTERVAL)
+
+    # ------------------------------------------------------------------------------------
+    # Drives appearing and going
+
+    def _facts(self) -> SystemFacts:
+        facts = drives.gather_facts(self.image.path)
+        if self._copy_devnums:
+            facts = dataclasses.replace(facts,
+                                        image_devnums=facts.image_devnums | self._copy_devnums)
+        return facts
+
+    def _present(self) -> None:
+        """Drives plugged in before watching: left alone (noted), unless include_present."""
+        facts = self._facts()
+        left: list[str] = []
+        for device in self.context.list_devices(subsystem="block", DEVTYPE="disk"):
+            drive = drives.build_drive(device, facts, explicit=False)
+            self._media[drive.devnum] = drive.size
+            if self.options.include_present:
+                self._arrived(device, drive)
+                continue
+            seen = _Seen(device, drive)
+            seen.present_at_start = True
+            self._current[drive.devnum] = seen
+            if drive.bus in drives.AUTO_BUSES:
+                left.append(drive.describe())
+        if left:
+            self.emit(Note(f"left alone (plugged in before watching): {', '.join(left)}; "
+                           "--include-present writes them too"))
+
+    def _uevent(self, device: pyudev.Device) -> None:
+        action = device.action
+        devnum = drives.devnum_of(device)
+        log.debug("uevent: %s %s", action, device.sys_path)
+        if action == "add":
+            self._arrived(device)
+        elif action == "remove":
+            self._gone(devnum)
+        elif action == "change":
+            # A card reader's medium comes and goes without the disk itself being added.
+            size = _sectors(device)
+            before = self._media.get(devnum)
+            seen = self._current.get(devnum)
+            if seen is not None and seen.in_flight and size == 0:
+                self._gone(devnum, medium=True)
+            elif size > 0 and before == 0 and (seen is None or not seen.in_flight):
+                if seen is not None:
+                    seen.present_at_start = False  # a reader that was there; the card is new
+                self._arrived(device)
+            self._media[devnum] = size
+
+    def _arrived(self, device: pyudev.Device, drive: Drive | None = None) -> None:
+        drive = drive or drives.build_drive(device, self._facts(), explicit=False)
+        self._media[drive.devnum] = drive.size
+        previous = self._current.get(drive.devnum)
+        if previous is not None and (previous.in_flight or previous.present_at_start):
+            # An "add" queued before the drive was listed as present, or a second one for a
+            # drive being written: the same appearance, not a new drive.
+            log.debug("%s: add event for a drive already known; ignored", drive.path)
+            return
+        seen = _Seen(device, drive)
+        self._current[drive.devnum] = seen
+        reason = ineligibility(drive, self._source.size, self.options.max_size)
+        count = self.options.count
+        if reason is None and count is not None and len(self._started) >= count:
+            reason = f"--count {count} reached"
+        seen.announced = True
+        self.emit(DriveAdded(drive.path, drive.label, drive.size, reason is None, reason))
+        if reason is not None:
+            return
+        seen.thread = threading.Thread(target=self._run_drive, args=(seen,), daemon=True,
+                                       name=f"popsicle-watch-{drive.name}")
+        self._started.append(seen)
+        seen.thread.start()
+
+    def _gone(self, devnum: int, *, medium: bool = False) -> None:
+        seen = self._current.get(devnum)
+        if seen is None:
+            return
+        if not medium:
+            del self._current[devnum]
+        seen.removed.set()  # a drive in flight ends "removed"; a finished one is unaffected
+        if seen.announced:
+            self.emit(DriveRemoved(seen.path))
+
+    # ------------------------------------------------------------------------------------
+    # One drive, on its own thread
+
+    def _run_drive(self, seen: _Seen) -> None:
+        keep_signals_for_main_thread()  # a flush to a slow stick must not hold up Ctrl-C
+        try:
+            self._flash(seen)
+            if (seen.result is not None and seen.result.ok and self.options.power_off
+                    and not seen.removed.is_set()):
+                self._power_off(seen)
+        except Exception as exc:  # a bug must end this drive, not the session
+            log.debug("%s: unexpected error", seen.path, exc_info=True)
+            if seen.result is None:
+                self._end_unstarted(seen, f"{seen.path}: {exc}")
+        finally:
+            if seen.result is None:
+                self._end_unstarted(seen, "cancelled", status="cancelled")
+            seen.finished.set()
+
+    def _flash(self, seen: _Seen) -> None:
+        def cancel() -> bool:
+            return self.cancel() or seen.removed.is_set()
+
+        try:
+            opened = open_targets([seen.drive], check=drives.still_same)
+        except OpenError as exc:
+            self._end_unstarted(seen, exc.lines[0] if exc.lines else
+                                f"{seen.path}: could not be opened")
+            return
+        options = FlashOptions(verify=self.options.verify, bucket_size=self.options.bucket_size,
+                               buckets=self.options.buckets,
+                               stall_timeout=self.options.stall_timeout)
+        FlashJob(self._source, opened, options, lambda e: self._job_event(seen, e),
+                 cancel).run()
+
+    def _end_unstarted(self, seen: _Seen, why: str, status: str = "failed") -> None:
+        """End a drive whose job never ran (it could not be opened, or something broke)."""
+        if self.cancel() and not seen.removed.is_set() and status == "failed":
+            status, why = "cancelled", "cancelled"
+        self._job_event(seen, Phase(seen.path, "failed", why))
+        self._job_event(seen, Result(DriveResult(seen.path, status, 0, why)))
+
+    def _power_off(self, seen: _Seen) -> None:
+        why = power_off(seen.device, seen.drive)
+        if why is None:
+            self.emit(Phase(seen.path, "done", POWERED_OFF))
+        elif seen.drive.bus != "sd":  # a card in a built-in reader is simply taken out
+            self.emit(Note(f"{seen.path}: done, but not powered off ({why}); "
+                           "it can be pulled"))

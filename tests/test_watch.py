@@ -1,0 +1,512 @@
+"""Duplicator mode (``popsicle-py watch``) under umockdev, with real udev events.
+
+Each test runs tests/watch_driver.py under ``umockdev-wrapper``: it starts the installed
+command with the testbed in its environment, waits for ``{"event": "watching"}`` on its JSON
+stdout, then plugs and unplugs drives (real "add"/"remove" uevents that the command's
+pyudev.Monitor receives), synchronizing on the command's own events, never on sleeps.
+The bytes written and the sysfs ``remove`` attributes are read back from the testbed.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import popsicle_cmd
+from rich.console import Console
+
+from popsicle_py import events
+from popsicle_py.view import PlainView, WatchView
+
+MiB = 1 << 20
+HERE = Path(__file__).resolve().parent
+FIXTURES = HERE / "fixtures"
+DRIVER = HERE / "watch_driver.py"
+SYSTEM_PYTHON = "/usr/bin/python3"
+
+
+def _have_umockdev_gi() -> bool:
+    if shutil.which("umockdev-wrapper") is None or not os.path.exists(SYSTEM_PYTHON):
+        return False
+    probe = subprocess.run([SYSTEM_PYTHON, "-c", "import gi; gi.require_version('UMockdev', "
+                            "'1.0'); from gi.repository import UMockdev"],
+                           capture_output=True, check=False)
+    return probe.returncode == 0
+
+
+needs_testbed = pytest.mark.skipif(not _have_umockdev_gi(),
+                                   reason="needs umockdev-wrapper and python3-gi's UMockdev")
+
+
+# ----------------------------------------------------------------------------------------------
+# Mock drives
+
+
+@dataclass(frozen=True)
+class Stick:
+    """A USB stick in port ``1-port`` of the testbed: /dev/sd<letter>."""
+
+    letter: str
+    port: int
+    size: int = 64 * MiB
+
+    @property
+    def dev(self) -> str:
+        return f"/dev/sd{self.letter}"
+
+    @property
+    def usb(self) -> str:
+        return f"/devices/pci0000:00/0000:00:14.0/usb1/1-{self.port}"
+
+    @property
+    def disk(self) -> str:
+        """The disk's sysfs path (what a "remove" uevent names)."""
+        host = 10 + self.port
+        return (f"/sys{self.usb}/1-{self.port}:1.0/host{host}/target{host}:0:0/{host}:0:0:0"
+                f"/block/sd{self.letter}")
+
+    @property
+    def unplug(self) -> list[str]:
+        """Every sysfs path of the stick, deepest first: what pulling it out removes."""
+        host = 10 + self.port
+        interface = f"/sys{self.usb}/1-{self.port}:1.0"
+        return [self.disk, f"{interface}/host{host}/target{host}:0:0/{host}:0:0:0",
+                f"{interface}/host{host}", f"/sys{self.usb}"]
+
+    @property
+    def remove_attr(self) -> str:
+        return f"/sys{self.usb}/remove"
+
+    @property
+    def description(self) -> str:
+        host = 10 + self.port
+        serial = f"4C53000123110511{self.port:04d}"
+        minor = (ord(self.letter) - ord("a")) * 16
+        return f"""P: {self.usb}
+N: bus/usb/001/{self.port:03d}
+E: DEVTYPE=usb_device
+E: SUBSYSTEM=usb
+E: DRIVER=usb
+A: remove=
+A: idVendor=0781
+A: idProduct=5567
+A: serial={serial}
+A: manufacturer=SanDisk
+A: product=Cruzer Blade
+
+P: {self.usb}/1-{self.port}:1.0/host{host}
+E: DEVTYPE=scsi_host
+E: SUBSYSTEM=scsi
+
+P: {self.usb}/1-{self.port}:1.0/host{host}/target{host}:0:0/{host}:0:0:0
+E: DEVTYPE=scsi_device
+E: SUBSYSTEM=scsi
+A: vendor=SanDisk
+A: model=Cruzer Blade
+
+P: {self.disk.removeprefix("/sys")}
+N: sd{self.letter}
+E: DEVNAME=/dev/sd{self.letter}
+E: DEVTYPE=disk
+E: SUBSYSTEM=block
+E: ID_BUS=usb
+E: ID_VENDOR=SanDisk
+E: ID_MODEL=Cruzer_Blade
+E: ID_SERIAL=SanDisk_Cruzer_Blade_{serial}-0:0
+E: ID_SERIAL_SHORT={serial}
+A: removable=1
+A: size={self.size // 512}
+A: ro=0
+A: dev=8:{minor}
+A: queue/logical_block_size=512
+"""
+
+
+B, C, D = Stick("b", 2), Stick("c", 3), Stick("d", 5)
+
+
+def fixture(name: str) -> str:
+    return (FIXTURES / name).read_text()
+
+
+# ----------------------------------------------------------------------------------------------
+# Running a scenario
+
+
+@dataclass
+class Run:
+    rc: int
+    events: list[dict[str, Any]]
+    stdout: list[str]
+    stderr: str
+    files: dict[str, bytes | None]
+
+    def of(self, kind: str, **fields: Any) -> list[dict[str, Any]]:
+        return [e for e in self.events if e["event"] == kind
+                and all(e.get(k) == v for k, v in fields.items())]
+
+    @property
+    def summary(self) -> dict[str, Any]:
+        (summary,) = self.of("summary")
+        assert self.events[-1] is summary, "the summary is not the last event"
+        return summary
+
+    def results(self) -> dict[str, dict[str, Any]]:
+        return {r["device"]: r for r in self.summary["results"]}
+
+
+def watch(tmp_path: Path, args: list[str], steps: list[dict[str, Any]], *,
+          present: tuple[str, ...] = (), read: tuple[str, ...] = (),
+          env: dict[str, str] | None = None, as_json: bool = True, timeout: float = 40) -> Run:
+    work = tmp_path / "driver"
+    scenario = {
+        "cmd": [*popsicle_cmd(), "watch", *args, *(["--json"] if as_json else [])],
+        "env": env or {},
+        "present": list(present),
+        "steps": steps,
+        "read": list(read),
+        "timeout": timeout,
+        "out": str(tmp_path / "report.json"),
+        "dir": str(work),
+    }
+    (tmp_path / "scenario.json").write_text(json.dumps(scenario))
+    done = subprocess.run(["umockdev-wrapper", SYSTEM_PYTHON, str(DRIVER),
+                           str(tmp_path / "scenario.json")], capture_output=True, text=True,
+                          timeout=timeout + 20, check=False, stdin=subprocess.DEVNULL)
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert not report["problems"], (report["problems"], report["stdout"], report["stderr"])
+    files = {path: None if name is None else (work / name).read_bytes()
+             for path, name in report["read"].items()}
+    assert "Traceback" not in report["stderr"], report["stderr"]
+    parsed = [json.loads(line) for line in report["stdout"]] if as_json else []
+    return Run(report["rc"], parsed, report["stdout"], report["stderr"], files)
+
+
+def image_file(tmp_path: Path, size: int, name: str = "image.img") -> tuple[Path, bytes]:
+    data = os.urandom(size)
+    path = tmp_path / name
+    path.write_bytes(data)
+    return path, data
+
+
+WATCHING = {"wait": {"event": "watching"}}
+
+
+def result_of(stick: Stick) -> dict[str, Any]:
+    return {"wait": {"event": "result", "device": stick.dev}}
+
+
+# ----------------------------------------------------------------------------------------------
+# Hotplug, end to end
+
+
+@needs_testbed
+@pytest.mark.umockdev
+def test_two_drives_plugged_in_one_after_the_other_are_flashed_verified_and_powered_off(
+        tmp_path: Path) -> None:
+    image, data = image_file(tmp_path, 3 * MiB + 4321)
+    run = watch(tmp_path, [str(image), "--yes", "--count", "2"],
+                [WATCHING, {"add": C.description}, result_of(C),
+                 {"add": D.description}, result_of(D)],
+                present=(B.description,),
+                read=(B.dev, C.dev, D.dev, B.remove_attr, C.remove_attr, D.remove_attr))
+
+    assert run.rc == 0, run.stderr
+    # The stick plugged in before watching is left alone, and said so.
+    assert run.files[B.dev] == b""
+    assert run.files[B.remove_attr] == b""
+    assert not run.of("drive_added", device=B.dev)
+    assert any(B.dev in e["text"] for e in run.of("note"))
+    # Both arrivals: announced, written, verified from the device, then powered off.
+    for stick in (C, D):
+        (added,) = run.of("drive_added", device=stick.dev)
+        assert added == {"event": "drive_added", "device": stick.dev,
+                         "label": "SanDisk Cruzer Blade", "size": stick.size,
+                         "eligible": True, "reason": None}
+        assert run.files[stick.dev][: len(data)] == data
+        assert run.files[stick.remove_attr] == b"1"
+        assert run.of("phase", device=stick.dev, phase="verifying")
+        assert run.of("phase", device=stick.dev, phase="done", detail="powered off")
+    # One after the other: D was plugged in only after C's result.
+    kinds = [(e["event"], e.get("device")) for e in run.events]
+    assert kinds.index(("result", C.dev)) < kinds.index(("drive_added", D.dev))
+    assert kinds.index(("watching", None)) < kinds.index(("drive_added", C.dev))
+    summary = run.summary
+    assert summary["ok"] is True
+    assert [(r["device"], r["status"], r["bytes_written"]) for r in summary["results"]] == [
+        (C.dev, "ok", len(data)), (D.dev, "ok", len(data))]
+
+
+@needs_testbed
+@pytest.mark.umockdev
+def test_ineligible_drives_are_announced_and_left_alone(tmp_path: Path) -> None:
+    image, data = image_file(tmp_path, 1 * MiB)
+    sata, emmc, reader = (fixture(n) for n in ("sata.umockdev", "emmc.umockdev",
+                                               "usb-reader-empty.umockdev"))
+    run = watch(tmp_path, [str(image), "--yes", "--count", "1"],
+                [WATCHING, {"add": sata}, {"wait": {"event": "drive_added", "device": "/dev/sda"}},
+                 {"add": emmc}, {"wait": {"event": "drive_added", "device": "/dev/mmcblk1"}},
+                 {"add": reader}, {"wait": {"event": "drive_added", "device": "/dev/sdf"}},
+                 {"add": C.description}, result_of(C)],
+                read=("/dev/sda", "/dev/mmcblk1", "/dev/sdf", C.dev))
+
+    assert run.rc == 0, run.stderr
+    ignored = {e["device"]: e for e in run.of("drive_added", eligible=False)}
+    assert set(ignored) >= {"/dev/sda", "/dev/mmcblk1", "/dev/sdf"}
+    assert "not a USB or SD drive" in ignored["/dev/sda"]["reason"]
+    assert "eMMC" in ignored["/dev/mmcblk1"]["reason"]
+    assert ignored["/dev/sdf"]["reason"] == "no medium"
+    for path in ("/dev/sda", "/dev/mmcblk1", "/dev/sdf"):
+        assert run.files[path] in (b"", None), f"{path} was written"
+        assert not run.of("phase", device=path)
+    assert list(run.results()) == [C.dev]
+    assert run.files[C.dev][: len(data)] == data
+
+
+@needs_testbed
+@pytest.mark.umockdev
+def test_drive_removed_mid_write_fails_as_removed_while_the_other_completes(
+        tmp_path: Path) -> None:
+    image, data = image_file(tmp_path, 64 * MiB + 512)
+    big_c, big_d = Stick("c", 3, 128 * MiB), Stick("d", 5, 128 * MiB)
+    run = watch(tmp_path, [str(image), "--yes", "--count", "2"],
+                [WATCHING, {"add": big_c.description}, {"add": big_d.description},
+                 {"wait": {"event": "progress", "device": big_d.dev, "phase": "writing"}},
+                 {"remove": big_d.unplug}],  # --count 2 ends the session
+                read=(big_c.dev, big_c.remove_attr, big_d.remove_attr))
+
+    assert run.rc == 1, run.stderr
+    results = run.results()
+    assert results[big_c.dev]["status"] == "ok"
+    assert run.files[big_c.dev][: len(data)] == data
+    assert run.files[big_c.remove_attr] == b"1"
+    removed = results[big_d.dev]
+    assert removed["status"] == "failed"
+    assert removed["error"] == f"{big_d.dev}: the drive was removed"
+    assert run.of("drive_removed", device=big_d.dev)
+    assert run.of("phase", device=big_d.dev, phase="failed",
+                  detail=f"{big_d.dev}: the drive was removed")
+    assert not run.of("phase", device=big_d.dev, phase="done")
+    assert run.files[big_d.remove_attr] in (b"", None), "a removed drive was powered off"
+    assert run.summary["ok"] is False
+
+
+@needs_testbed
+@pytest.mark.umockdev
+def test_no_power_off_keeps_the_drive_on_and_the_same_stick_reinserted_is_new(
+        tmp_path: Path) -> None:
+    image, data = image_file(tmp_path, 2 * MiB)
+    run = watch(tmp_path, [str(image), "--yes", "--count", "2", "--no-power-off"],
+                [WATCHING, {"add": C.description}, result_of(C),
+                 {"remove": C.unplug}, {"wait": {"event": "drive_removed", "device": C.dev}},
+                 {"add": C.description}, result_of(C)],
+                read=(C.dev, C.remove_attr))
+
+    assert run.rc == 0, run.stderr
+    assert run.files[C.remove_attr] == b""
+    assert not run.of("phase", phase="done", detail="powered off")
+    assert len(run.of("drive_added", device=C.dev)) == 2
+    assert [r["status"] for r in run.summary["results"]] == ["ok", "ok"]
+    assert run.files[C.dev][: len(data)] == data
+
+
+@needs_testbed
+@pytest.mark.umockdev
+def test_a_card_inserted_into_a_reader_is_a_new_drive(tmp_path: Path) -> None:
+    """The reader was there before watching (left alone, no medium); its card arrives with a
+    "change" uevent and is written."""
+    image, data = image_file(tmp_path, 1 * MiB)
+    reader = ("/sys/devices/pci0000:00/0000:00:14.0/usb1/1-4/1-4:1.0/host9/target9:0:0/"
+              "9:0:0:0/block/sdf")
+    run = watch(tmp_path, [str(image), "--yes", "--count", "1", "--no-power-off"],
+                [WATCHING, {"change": reader, "attributes": {"size": str(64 * MiB // 512)}},
+                 result_of(Stick("f", 4))],
+                present=(fixture("usb-reader-empty.umockdev"),), read=("/dev/sdf",))
+    assert run.rc == 0, run.stderr
+    (added,) = run.of("drive_added", device="/dev/sdf")
+    assert added["eligible"] is True and added["size"] == 64 * MiB
+    assert run.files["/dev/sdf"][: len(data)] == data
+
+
+@needs_testbed
+@pytest.mark.umockdev
+def test_include_present_writes_drives_plugged_in_before(tmp_path: Path) -> None:
+    image, data = image_file(tmp_path, 1 * MiB)
+    run = watch(tmp_path, [str(image), "--yes", "--count", "1", "--include-present"],
+                [WATCHING, result_of(B)], present=(B.description,), read=(B.dev,))
+    assert run.rc == 0, run.stderr
+    assert run.files[B.dev][: len(data)] == data
+    assert list(run.results()) == [B.dev]
+
+
+@needs_testbed
+@pytest.mark.umockdev
+def test_compressed_image_is_decompressed_once_to_a_private_copy(tmp_path: Path) -> None:
+    raw = os.urandom(2 * MiB + 100)
+    image = tmp_path / "image.img.gz"
+    image.write_bytes(gzip.compress(raw, compresslevel=1))
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    run = watch(tmp_path, [str(image), "--yes", "--count", "2"],
+                [WATCHING, {"add": C.description}, {"add": D.description}],
+                read=(C.dev, D.dev), env={"TMPDIR": str(scratch)})
+    assert run.rc == 0, run.stderr
+    assert len(run.of("phase", device=None, phase="decompressing")) == 1
+    for stick in (C, D):
+        assert run.files[stick.dev][: len(raw)] == raw
+    assert list(scratch.iterdir()) == [], "the temporary copy was left behind"
+
+
+@needs_testbed
+@pytest.mark.umockdev
+@pytest.mark.parametrize(("sig", "status"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_cancels_the_drive_in_flight(tmp_path: Path, sig: int, status: int) -> None:
+    image, _ = image_file(tmp_path, 64 * MiB)
+    big = Stick("c", 3, 128 * MiB)
+    run = watch(tmp_path, [str(image), "--yes"],
+                [WATCHING, {"add": big.description},
+                 {"wait": {"event": "progress", "device": big.dev, "phase": "writing"}},
+                 {"signal": int(sig)}],
+                read=(big.remove_attr,))
+    assert run.rc == status, run.stderr
+    (result,) = run.summary["results"]
+    assert result["status"] == "cancelled"
+    assert run.files[big.remove_attr] == b""
+
+
+@needs_testbed
+@pytest.mark.umockdev
+def test_a_signal_while_idle_ends_the_session_with_the_drives_status(tmp_path: Path) -> None:
+    image, _ = image_file(tmp_path, 1 * MiB)
+    run = watch(tmp_path, [str(image), "--yes"],
+                [WATCHING, {"add": C.description}, result_of(C),
+                 {"wait": {"event": "phase", "device": C.dev, "detail": "powered off"}},
+                 {"signal": int(signal.SIGTERM)}])
+    assert run.rc == 0, run.stderr
+    assert [r["status"] for r in run.summary["results"]] == ["ok"]
+
+
+@needs_testbed
+@pytest.mark.umockdev
+def test_plain_output_without_json(tmp_path: Path) -> None:
+    image, _ = image_file(tmp_path, 1 * MiB)
+    run = watch(tmp_path, [str(image), "--yes", "--count", "1"],
+                [{"wait_line": "watching"}, {"add": C.description},
+                 {"add": fixture("sata.umockdev")}],
+                as_json=False)
+    assert run.rc == 0, run.stderr
+    text = "\n".join(run.stdout)
+    assert f"{C.dev}: added (SanDisk Cruzer Blade, 67.1 MB)" in text
+    assert f"{C.dev}: ok" in text
+    assert f"{C.dev}: powered off" in text
+    assert "done: 1 of 1 drives ok" in text
+
+
+# ----------------------------------------------------------------------------------------------
+# Refusals
+
+
+@pytest.mark.umockdev
+@pytest.mark.skipif(shutil.which("umockdev-run") is None, reason="umockdev-run is not installed")
+def test_watch_without_yes_refuses_and_writes_nothing(tmp_path: Path) -> None:
+    image, _ = image_file(tmp_path, 1 * MiB)
+    cmd = " ".join(f"'{part}'" for part in popsicle_cmd())
+    result = subprocess.run(
+        ["umockdev-run", "-d", str(FIXTURES / "cli-usb-stick.umockdev"), "--", "sh", "-c",
+         f'{cmd} watch --include-present --json "$1"; status=$?; wc -c < /dev/sdb; '
+         'exit $status', "sh", str(image)],
+        capture_output=True, text=True, timeout=60, check=False, stdin=subprocess.DEVNULL)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "--yes" in result.stderr
+    lines = result.stdout.splitlines()
+    assert json.loads(lines[-2]) == {"event": "summary", "ok": False, "results": []}
+    assert lines[-1].strip() == "0", "the stick was written"
+
+
+def test_watch_refuses_a_missing_image_and_a_bad_checksum(tmp_path: Path) -> None:
+    missing = subprocess.run([*popsicle_cmd(), "watch", "--yes", str(tmp_path / "nope.img")],
+                             capture_output=True, text=True, timeout=30, check=False,
+                             stdin=subprocess.DEVNULL)
+    assert missing.returncode == 2 and "does not exist" in missing.stderr
+    image, _ = image_file(tmp_path, 1 * MiB)
+    bad = subprocess.run([*popsicle_cmd(), "watch", "--yes", "--sha256", "0" * 64, str(image)],
+                         capture_output=True, text=True, timeout=30, check=False,
+                         stdin=subprocess.DEVNULL)
+    assert bad.returncode == 2 and "checksum mismatch" in bad.stderr
+
+
+# ----------------------------------------------------------------------------------------------
+# Views
+
+
+def _feed(view: Any, stream: list[Any]) -> None:
+    for event in stream:
+        view.handle(event)
+
+
+SESSION = [
+    events.Watching(),
+    events.DriveAdded("/dev/sdc", "SanDisk Cruzer Blade", 64 * MiB, True),
+    events.DriveAdded("/dev/sda", "Samsung SSD", 500 * 10**9, False, "not a USB or SD drive"),
+    events.Phase("/dev/sdc", "writing"),
+    events.Progress("/dev/sdc", "writing", MiB, 2 * MiB),
+    events.DriveAdded("/dev/sdd", "SanDisk Cruzer Blade", 64 * MiB, True),
+    events.Phase("/dev/sdd", "writing"),
+    events.Phase("/dev/sdd", "failed", "/dev/sdd: the drive was removed"),
+    events.Result(events.DriveResult("/dev/sdd", "failed", MiB,
+                                      "/dev/sdd: the drive was removed")),
+    events.Phase("/dev/sdc", "done"),
+    events.Result(events.DriveResult("/dev/sdc", "ok", 2 * MiB)),
+    events.Phase("/dev/sdc", "done", events.POWERED_OFF),
+]
+
+
+def test_watch_view_rows_header_and_next_step() -> None:
+    out = io.StringIO()
+    console = Console(file=out, width=160, force_terminal=False, color_system=None)
+    view = WatchView(console, "/tmp/image.img", 2 * MiB, count=3)
+    _feed(view, SESSION)
+    screen = io.StringIO()
+    Console(file=screen, width=160, color_system=None).print(view)
+    text = screen.getvalue()
+    assert "/tmp/image.img" in text
+    assert "done 1" in text and "failed 1" in text and "in progress 0" in text
+    assert "done, powered off: pull it" in text
+    assert "failed: pull it (the drive was removed)" in text
+    assert "ignored: not a USB or SD drive" in text
+    assert "Pull the failed drive (/dev/sdd); plug in the next drive (1 more to go)" in text
+    view.handle(events.DriveRemoved("/dev/sdd"))
+    screen = io.StringIO()
+    Console(file=screen, width=160, color_system=None).print(view)
+    assert "Plug in the next drive" in screen.getvalue()
+    view.handle(events.Summary((events.DriveResult("/dev/sdc", "ok", 2 * MiB),)))
+    assert "done: 1 of 1 drives ok" in out.getvalue()
+
+
+def test_plain_view_says_what_happened_to_each_drive() -> None:
+    out = io.StringIO()
+    view = PlainView(out)
+    _feed(view, [*SESSION, events.DriveRemoved("/dev/sdc"), events.Summary()])
+    lines = out.getvalue().splitlines()
+    assert "watching: plug in the drives to write (Ctrl-C to stop)" in lines
+    assert "/dev/sdc: added (SanDisk Cruzer Blade, 67.1 MB)" in lines
+    assert "/dev/sda: ignored (Samsung SSD, 500.0 GB): not a USB or SD drive" in lines
+    assert "/dev/sdd: failed: the drive was removed" in lines
+    assert "/dev/sdc: powered off; it can be pulled" in lines
+    assert "/dev/sdc: removed" in lines
+    assert lines[-1] == "no drive was written"
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(pytest.main([__file__, "-q"]))

@@ -661,7 +661,9 @@ class _Broadcast:
         It then goes on alone from where it is.  Returns True when someone was detached.
         """
         ring = self._ring
-        if not ring.starving:
+        # Held back means caught up and waiting for this very bucket: a worker that is listed
+        # as waiting but has buckets to write has simply not been scheduled yet.
+        if not any(ring.positions.get(wid, -1) >= seq for wid in ring.starving):
             return False
         oldest = seq - len(ring.slots)
         laggards = [wid for wid, pos in ring.positions.items() if pos <= oldest]

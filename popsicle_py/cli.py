@@ -198,13 +198,18 @@ def _checksum_for(image_path: str, sha256: str | None, checksum: str | None,
     return None if no_checksum else find_sidecar(image_path)
 
 
+def _require_terminal() -> None:
+    """A script that forgot --yes must never write: no terminal, no question, no writing."""
+    if not sys.stdin.isatty():
+        raise Refused(["refusing to write without confirmation: standard input is not a "
+                       "terminal; pass --yes to confirm in scripts"])
+
+
 def _confirm(plan: Plan, image: Any, yes: bool, action: str) -> None:
     """Show what will be overwritten and ask once; without a terminal, refuse unless --yes."""
     if yes:
         return
-    if not sys.stdin.isatty():
-        raise Refused(["refusing to write without confirmation: standard input is not a "
-                       "terminal; pass --yes to confirm in scripts"])
+    _require_terminal()
     console = _stderr()
     table = Table(title=f"{action} {image.path} ({format_size(image.size)})",
                   title_justify="left")
@@ -432,9 +437,7 @@ def _confirm_watch(image: Any, yes: bool, present: Sequence[drives_mod.Drive]) -
     """Ask once before overwriting every drive that will be plugged in; refuse without a tty."""
     if yes:
         return
-    if not sys.stdin.isatty():
-        raise Refused(["refusing to write without confirmation: standard input is not a "
-                       "terminal; pass --yes to confirm in scripts"])
+    _require_terminal()
     console = _stderr()
     console.print(f"Duplicator mode: {image.path} ({format_size(image.size)})")
     if present:

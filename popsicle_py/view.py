@@ -165,6 +165,21 @@ def _summary_line(summary: events.Summary) -> str:
     return f"finished with problems: {good} of {total} drives ok"
 
 
+def drive_progress(console: Console) -> Progress:
+    """One row per drive: name, bar, percent, bytes, speed, ETA and state."""
+    return Progress(
+        TextColumn("[bold]{task.fields[name]}", justify="left"),
+        BarColumn(bar_width=None),
+        TextColumn("{task.percentage:>3.0f}%"),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[state]}"),
+        console=console,
+        expand=True,
+    )
+
+
 class RichView:
     """One live row per drive: name, bar, percent, bytes, speed, ETA and state."""
 
@@ -172,17 +187,7 @@ class RichView:
                  ) -> None:
         self.console = console or Console(stderr=False)
         self.labels = labels or {}
-        self.progress = Progress(
-            TextColumn("[bold]{task.fields[name]}", justify="left"),
-            BarColumn(bar_width=None),
-            TextColumn("{task.percentage:>3.0f}%"),
-            DownloadColumn(),
-            TransferSpeedColumn(),
-            TimeRemainingColumn(),
-            TextColumn("{task.fields[state]}"),
-            console=self.console,
-            expand=True,
-        )
+        self.progress = drive_progress(self.console)
         self.tasks: dict[str | None, TaskID] = {}
         self.started = False
         self.size: int | None = None
@@ -278,17 +283,7 @@ class WatchView:
                  size: int | None = None, count: int | None = None) -> None:
         self.console = console or Console(stderr=False)
         self.image, self.size, self.count = image, size, count
-        self.progress = Progress(
-            TextColumn("[bold]{task.fields[name]}", justify="left"),
-            BarColumn(bar_width=None),
-            TextColumn("{task.percentage:>3.0f}%"),
-            DownloadColumn(),
-            TransferSpeedColumn(),
-            TimeRemainingColumn(),
-            TextColumn("{task.fields[state]}"),
-            console=self.console,
-            expand=True,
-        )
+        self.progress = drive_progress(self.console)
         self.rows: dict[str | None, TaskID] = {}  # each device's latest row ("None": image)
         self.states: dict[TaskID, str] = {}  # waiting, writing... done, failed, ignored
         self.failed_present: dict[str, str] = {}  # failed drives not pulled yet

@@ -1,0 +1,435 @@
+"""Shared parts of the benchmarks: loop devices, blkio throttles, measured child processes.
+
+Everything a benchmark sets up (temporary directories, loop devices, cgroups, child processes)
+is registered with a :class:`Bench` and undone when it closes, also on Ctrl-C, SIGTERM or an
+error.  The benchmarked programs always run as child processes, so that a blkio cgroup can hold
+exactly them and ``os.wait4`` gives their own CPU time and peak RSS.
+
+The engine itself runs in a small runner (:func:`runner_main`): ``--run-engine IMG DEV...``
+writes the image with :class:`popsicle_py.BusWriter` to O_DIRECT block devices and prints one
+JSON line with absolute ``time.monotonic()`` timestamps (CLOCK_MONOTONIC is system-wide, so the
+parent can subtract its own spawn time) and the bytes it read from disk (``/proc/self/io``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import resource
+import shutil
+import signal
+import stat
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+MB = 10**6
+MiB = 1 << 20
+GiB = 1 << 30
+BLKGETSIZE64 = 0x80081272
+CGROUP_ROOT = Path("/sys/fs/cgroup/blkio")
+REPO = Path(__file__).resolve().parent.parent
+
+
+def log(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Measured child processes.
+
+
+@dataclass
+class Run:
+    """One finished child process: wall time from spawn to reaping, its rusage, its output."""
+
+    argv: list[str]
+    wall: float
+    user: float
+    sys: float
+    maxrss_kib: int
+    rc: int
+    stdout: str
+    stderr: str
+    started: float  # time.monotonic() just before the spawn
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def cpu(self) -> float:
+        return self.user + self.sys
+
+    @property
+    def rss_mib(self) -> float:
+        return self.maxrss_kib / 1024
+
+    def json_lines(self) -> list[dict[str, Any]]:
+        out = []
+        for line in self.stdout.splitlines():
+            line = line.strip()
+            if line.startswith("{"):
+                with contextlib.suppress(json.JSONDecodeError):
+                    out.append(json.loads(line))
+        return out
+
+
+class Bench:
+    """Owner of everything a benchmark creates; ``with Bench() as b:`` always cleans up."""
+
+    def __init__(self) -> None:
+        self.dirs: list[Path] = []
+        self.loops: list[str] = []
+        self.cgroups: list[Path] = []
+        self.children: set[int] = set()
+        self._old_handlers: dict[int, Any] = {}
+
+    # Lifetime.
+    def __enter__(self) -> Bench:
+        if os.geteuid() != 0:
+            raise SystemExit("run as root: the benchmark needs loop devices and blkio cgroups")
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            self._old_handlers[sig] = signal.signal(sig, _interrupt)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        # Ignore further Ctrl-C while undoing: a half-done cleanup leaks loop devices.
+        old_int = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            self.cleanup()
+        finally:
+            signal.signal(signal.SIGINT, old_int)
+            for sig, handler in self._old_handlers.items():
+                signal.signal(sig, handler)
+
+    def cleanup(self) -> None:
+        for pid in list(self.children):
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+            with contextlib.suppress(OSError):
+                os.waitpid(pid, 0)
+            self.children.discard(pid)
+        for cg in reversed(self.cgroups):
+            _remove_cgroup(cg)
+        self.cgroups.clear()
+        for dev in reversed(self.loops):
+            for _ in range(20):  # a just-closed O_EXCL handle may keep it busy for a moment
+                r = subprocess.run(["losetup", "-d", dev], capture_output=True, text=True)
+                if r.returncode == 0:
+                    break
+                time.sleep(0.1)
+            else:
+                log(f"warning: could not detach {dev}: {r.stderr.strip()}")
+        self.loops.clear()
+        for d in reversed(self.dirs):
+            shutil.rmtree(d, ignore_errors=True)
+        self.dirs.clear()
+
+    # Resources.
+    def tempdir(self, base: str) -> Path:
+        path = Path(tempfile.mkdtemp(prefix="popsicle-bench-", dir=base))
+        self.dirs.append(path)
+        return path
+
+    def loop(self, backing: Path, size: int, *, allocate: bool = True) -> str:
+        """A loop device over a new file of ``size`` bytes.
+
+        ``allocate`` reserves its blocks first (on tmpfs: its memory), so that the first run
+        writing to the device does not also pay for allocating the backing file.
+        """
+        with open(backing, "wb") as f:
+            f.truncate(size)
+            if allocate:
+                os.posix_fallocate(f.fileno(), 0, size)
+        out = subprocess.run(["losetup", "-f", "--show", str(backing)], check=True,
+                             capture_output=True, text=True).stdout.strip()
+        self.loops.append(out)
+        return out
+
+    def cgroup(self, tag: str) -> Path:
+        path = CGROUP_ROOT / f"popsicle-bench-{os.getpid()}-{tag}"
+        path.mkdir()
+        self.cgroups.append(path)
+        return path
+
+    # Running things.
+    def run(self, argv: Sequence[str], *, cgroup: Path | None = None,
+            timeout: float = 600.0) -> Run:
+        """Run ``argv`` (in ``cgroup`` from its first instruction), wait, return its measures."""
+        argv = [str(a) for a in argv]
+        cg_procs = str(cgroup / "cgroup.procs") if cgroup is not None else None
+
+        def enter_cgroup() -> None:  # runs in the child between fork and exec
+            if cg_procs is not None:
+                with open(cg_procs, "w") as f:
+                    f.write(str(os.getpid()))
+
+        with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+            started = time.monotonic()
+            proc = subprocess.Popen(argv, stdout=out, stderr=err, stdin=subprocess.DEVNULL,
+                                    preexec_fn=enter_cgroup, cwd=REPO)
+            self.children.add(proc.pid)
+            deadline = started + timeout
+            while True:
+                pid, status, ru = os.wait4(proc.pid, os.WNOHANG)
+                if pid:
+                    break
+                if time.monotonic() > deadline:
+                    os.kill(proc.pid, signal.SIGKILL)
+                    pid, status, ru = os.wait4(proc.pid, 0)
+                    break
+                time.sleep(0.002)
+            wall = time.monotonic() - started
+            self.children.discard(proc.pid)
+            proc.returncode = os.waitstatus_to_exitcode(status)
+            out.seek(0)
+            err.seek(0)
+            result = Run(argv, wall, ru.ru_utime, ru.ru_stime, ru.ru_maxrss,
+                         proc.returncode, out.read().decode(errors="replace"),
+                         err.read().decode(errors="replace"), started)
+        if result.rc != 0:
+            raise RuntimeError(f"{' '.join(argv)} failed ({result.rc}): {result.stderr[-2000:]}")
+        return result
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _remove_cgroup(cg: Path) -> None:
+    if not cg.exists():
+        return
+    with contextlib.suppress(OSError):
+        pids = (cg / "cgroup.procs").read_text().split()
+        for pid in pids:
+            with contextlib.suppress(OSError):
+                (CGROUP_ROOT / "cgroup.procs").write_text(pid)
+    for _ in range(50):
+        try:
+            cg.rmdir()
+            return
+        except OSError:
+            time.sleep(0.1)
+    log(f"warning: could not remove cgroup {cg}")
+
+
+def throttle(cg: Path, dev: str, bytes_per_second: int) -> None:
+    rdev = os.stat(dev).st_rdev
+    (cg / "blkio.throttle.write_bps_device").write_text(
+        f"{os.major(rdev)}:{os.minor(rdev)} {bytes_per_second}\n")
+
+
+def drop_caches() -> None:
+    os.sync()
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
+def warm(path: Path) -> None:
+    """Read a file once so that the page cache holds it."""
+    with open(path, "rb", buffering=0) as f:
+        while f.read(16 * MiB):
+            pass
+
+
+def random_file(path: Path, size: int) -> None:
+    with open(path, "wb") as f:
+        left = size
+        while left:
+            n = min(left, 16 * MiB)
+            f.write(os.urandom(n))
+            left -= n
+
+
+def median(values: Iterable[float]) -> float:
+    return statistics.median(list(values))
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A plain fixed-width table (also valid Markdown)."""
+    cells = [[str(h) for h in headers]] + [[_fmt(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = []
+    for n, row in enumerate(cells):
+        lines.append("| " + " | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) + " |")
+        if n == 0:
+            lines.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(lines)
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.2f}"
+    return "" if value is None else str(value)
+
+
+def code_version() -> dict[str, str]:
+    """Which popsicle_py the runs import: the commit, and a hash of each of its sources.
+
+    Others edit the working tree while benchmarks run; comparing this before and after a run
+    tells whether every measured process imported the same code.
+    """
+    import hashlib
+
+    files = {path.name: hashlib.sha1(path.read_bytes()).hexdigest()[:12]
+             for path in sorted((REPO / "popsicle_py").glob("*.py"))}
+    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+                          capture_output=True, text=True).stdout.strip() or "?"
+    dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "popsicle_py"],
+                           capture_output=True, text=True).stdout.strip()
+    return {"": f"{head}{' + uncommitted changes' if dirty else ''}", **files}
+
+
+#: What the engine runner imports; a change to anything else does not touch its figures.
+RUNNER_MODULES = ("__init__.py", "_version.py", "engine.py", "blockdev.py", "buffers.py",
+                  "messages.py")
+
+
+def version_report(before: dict[str, str], after: dict[str, str]) -> tuple[list[str], bool]:
+    """Lines saying which code was measured; False when the runner's own code changed."""
+    lines = [f"popsicle_py at commit {before['']}, engine.py sha1 {before.get('engine.py')}"]
+    changed = sorted(k for k in set(before) | set(after) if k and before.get(k) != after.get(k))
+    if changed:
+        lines.append(f"WARNING: changed in popsicle_py/ during the run: {', '.join(changed)}")
+    runner_ok = not any(k in RUNNER_MODULES for k in changed)
+    if changed and runner_ok:
+        lines.append("  (none of them is imported by the engine runner: its figures stand)")
+    return lines, runner_ok
+
+
+def caches_dropped() -> int:
+    """How often anyone has dropped the page cache (to spot others doing it mid-run)."""
+    for line in Path("/proc/vmstat").read_text().splitlines():
+        if line.startswith("drop_pagecache "):
+            return int(line.split()[1])
+    return -1
+
+
+def dd_argv(image: Path, dev: str) -> list[str]:
+    return ["dd", f"if={image}", f"of={dev}", "bs=16M", "oflag=direct", "status=none"]
+
+
+# --------------------------------------------------------------------------------------------
+# Runner modes: what runs inside the cgroup.
+
+
+def _device_size(path: str) -> int:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISBLK(os.fstat(fd).st_mode):
+            return 0  # a character device (/dev/null): no end
+        buf = fcntl.ioctl(fd, BLKGETSIZE64, b"\0" * 8)
+        return int.from_bytes(buf, sys.byteorder)
+    finally:
+        os.close(fd)
+
+
+def _read_bytes() -> int:
+    for line in Path("/proc/self/io").read_text().splitlines():
+        if line.startswith("read_bytes:"):
+            return int(line.split()[1])
+    return -1
+
+
+def run_engine(argv: list[str]) -> int:
+    """``--run-engine [--no-laggards] [--buckets N] [--bucket-size B] IMG DEV...``"""
+    entry = time.monotonic()
+    sys.path.insert(0, str(REPO))
+    from popsicle_py import BusWriter, BusWriterMessage
+    from popsicle_py.blockdev import OpenSpec, open_for_writing
+
+    laggards = True
+    buckets: int | None = None
+    bucket_size: int | None = None
+    args = list(argv)
+    while args and args[0].startswith("--"):
+        opt = args.pop(0)
+        if opt == "--no-laggards":
+            laggards = False
+        elif opt == "--buckets":
+            buckets = int(args.pop(0))
+        elif opt == "--bucket-size":
+            bucket_size = int(args.pop(0))
+        else:
+            raise SystemExit(f"unknown runner option {opt}")
+    image, devices = args[0], args[1:]
+    dests = [open_for_writing(OpenSpec(d, _device_size(d), 512)) for d in devices]
+    opened = time.monotonic()
+    completed: dict[int, float] = {}
+    errors: dict[int, str] = {}
+
+    def callback(msg: Any) -> None:
+        if isinstance(msg, BusWriterMessage.Completed):
+            completed[msg.id] = time.monotonic()
+        elif isinstance(msg, BusWriterMessage.Errored):
+            errors[msg.id] = str(msg.why)
+
+    with open(image, "rb", buffering=0) as source:
+        writer = BusWriter(source, dests, callback, lambda: False).laggards(laggards)
+        if buckets is not None:
+            writer = writer.buckets(buckets)
+        if bucket_size is not None:
+            writer = writer.bucket_size(bucket_size)
+        io_before = _read_bytes()
+        ru_before = resource.getrusage(resource.RUSAGE_SELF)
+        start = time.monotonic()
+        result = writer.write()
+        end = time.monotonic()
+        ru_after = resource.getrusage(resource.RUSAGE_SELF)
+        io_after = _read_bytes()
+    # Diagnostics only (a private attribute): which destinations left the ring as laggards.
+    solo = [bool(getattr(w, "solo", False)) for w in getattr(writer, "_workers", [])]
+    for d in dests:
+        d.close()
+    print(json.dumps({
+        "entry": entry, "opened": opened, "start": start, "end": end, "size": result.size,
+        "completed": [completed.get(i) for i in range(len(dests))],
+        "errors": errors, "direct": [d.direct for d in dests],
+        "read_bytes": io_after - io_before, "solo": solo,
+        "write_cpu": (ru_after.ru_utime - ru_before.ru_utime)
+        + (ru_after.ru_stime - ru_before.ru_stime),
+    }), flush=True)
+    return 1 if errors or len(completed) != len(dests) else 0
+
+
+def run_naive(argv: list[str]) -> int:
+    """``--run-naive IMG DEV...``: read 16 MiB, write it to each O_DIRECT fd in turn."""
+    sys.path.insert(0, str(REPO))
+    import mmap
+
+    image, devices = argv[0], argv[1:]
+    fds = [os.open(d, os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC) for d in devices]
+    buf = mmap.mmap(-1, 16 * MiB)
+    view = memoryview(buf)
+    offset = 0
+    with open(image, "rb", buffering=0) as source:
+        while True:
+            n = source.readinto(view)
+            if not n:
+                break
+            if n % 4096:
+                raise SystemExit("the naive loop needs an image of whole 4 KiB blocks")
+            for fd in fds:
+                done = 0
+                while done < n:
+                    done += os.pwrite(fd, view[done:n], offset + done)
+            offset += n
+    for fd in fds:
+        os.fsync(fd)
+        os.close(fd)
+    print(json.dumps({"size": offset}), flush=True)
+    return 0
+
+
+def runner_main(argv: list[str]) -> int | None:
+    """Dispatch a runner mode when ``argv`` asks for one; None otherwise."""
+    if argv[:1] == ["--run-engine"]:
+        return run_engine(argv[1:])
+    if argv[:1] == ["--run-naive"]:
+        return run_naive(argv[1:])
+    return None

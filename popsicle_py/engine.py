@@ -43,6 +43,8 @@ DEFAULT_BUCKETS = 4
 CHUNK = 4 << 20
 #: How often the calling thread wakes to poll ``cancel()`` when nothing else happens.
 POLL = 0.1
+#: How long a drive may hold back the others before it is sent on alone (see laggards).
+LAGGARD_PATIENCE = 0.25
 #: How long a cancelled run waits for workers to leave a system call before abandoning them.
 CANCEL_GRACE = 1.5
 #: Write errors worth another try: busy hubs and flaky sticks produce them and then recover.
@@ -344,6 +346,7 @@ class _Broadcast:
         self._retries = DEFAULT_RETRIES
         self._expected_size: int | None = None
         self._extents: tuple[tuple[int, int, str | None], ...] | None = None
+        self._lag_since: dict[int, float] = {}  # when each drive began to hold the ring back
         self._extent_algo: str | None = None
         self._source_total: int | None = None
 
@@ -594,10 +597,14 @@ class _Broadcast:
                 view = hold_first[:limit]
             else:
                 with ring.cond:
+                    waited = False
                     while not self._stop.is_set() and not ring.slot_free(seq):
+                        waited = True
                         if laggards and self._detach_laggards(seq):
                             continue
-                        ring.cond.wait()
+                        ring.cond.wait(POLL if laggards else None)
+                    if not waited:
+                        self._lag_since.clear()  # the ring is pacing nobody
                     if self._stop.is_set():
                         return total
                 view = ring.slots[seq % len(ring.slots)][:limit]
@@ -661,12 +668,22 @@ class _Broadcast:
         It then goes on alone from where it is.  Returns True when someone was detached.
         """
         ring = self._ring
+        now = time.monotonic()
+        oldest = seq - len(ring.slots)
+        behind = {wid for wid, pos in ring.positions.items() if pos <= oldest}
+        for wid in list(self._lag_since):
+            if wid not in behind:
+                del self._lag_since[wid]  # it caught up: jitter, not a slower drive
         # Held back means caught up and waiting for this very bucket: a worker that is listed
         # as waiting but has buckets to write has simply not been scheduled yet.
         if not any(ring.positions.get(wid, -1) >= seq for wid in ring.starving):
             return False
-        oldest = seq - len(ring.slots)
-        laggards = [wid for wid, pos in ring.positions.items() if pos <= oldest]
+        for wid in behind:
+            self._lag_since.setdefault(wid, now)
+        # A drive that holds the others back for a moment (scheduling, a stick's brief pause)
+        # stays in the ring; one that keeps doing so for LAGGARD_PATIENCE goes on alone.  So
+        # drives of one speed never pay for a second read of the source because of jitter.
+        laggards = [wid for wid in behind if now - self._lag_since[wid] >= LAGGARD_PATIENCE]
         if not laggards:
             return False
         for wid in laggards:

@@ -560,7 +560,7 @@ def test_a_throttled_loop_device_does_not_hold_back_fast_ones(
     size = 2 << 20
     payload = data(size)
     loops = [loop_factory(4 << 20) for _ in range(3)]
-    throttle((loops[2], 4 << 20))(os.getpid())  # 4 MB/s: the slow one needs about 0.5 s
+    throttle((loops[2], 1 << 20))(os.getpid())  # 1 MB/s: the slow one needs about 2 s
     devices = [open_for_writing(OpenSpec(lp.path, lp.size)) for lp in loops]
     source = source_file(tmp_path, payload)
     rec = Recorder()

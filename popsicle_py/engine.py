@@ -704,6 +704,13 @@ class BusWriter(_Broadcast):
 
     ``callback`` receives :class:`BusWriterMessage` values on the calling thread;
     ``cancel()`` is polled at least once per bucket and every 100 ms while waiting.
+
+    Every drive at its own speed: a destination that keeps a caught-up one waiting for
+    :data:`LAGGARD_PATIENCE` while a full ring behind leaves the ring and reads the rest of a
+    seekable file source with ``os.preadv`` into a 4 MiB buffer of its own (served by the
+    page cache for images that fit in memory).  A stream source (a decompressor, a pipe)
+    cannot be re-read, so its destinations stay in lock-step with the slowest one.  Memory
+    is bounded either way: (buckets + 1) x bucket size, plus 4 MiB per solo destination.
     """
 
     def __init__(self, source: Any, destinations: Sequence[Any], callback: Callback,

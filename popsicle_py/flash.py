@@ -12,6 +12,7 @@ verify that from the device, then write the first bucket, flush, and verify it t
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import threading
 import time
@@ -49,6 +50,8 @@ from popsicle_py.events import (
     Summary,
 )
 from popsicle_py.messages import BusVerifierMessage, BusWriterMessage
+
+log = logging.getLogger(__name__)
 
 Emit = Callable[[Event], None]
 CancelCheck = Callable[[], bool]
@@ -212,6 +215,10 @@ class FlashJob(_Job):
             self._run()
         except Cancelled:
             self._cancel_rest()
+        except Exception as exc:  # a bug of ours: every unfinished drive says so, none is ok
+            log.debug("flash stopped by an unexpected error", exc_info=True)
+            for drive in self._live():
+                self._end(drive, "failed", f"{drive.path}: internal error: {exc}")
         finally:
             self._join_finishers()
             for drive in self.drives:

@@ -164,7 +164,12 @@ class _Group(click.Group):
                 exc.show()
                 sys.exit(exc.exit_code)
             hint = f" (see '{exc.ctx.command_path} --help')" if exc.ctx is not None else ""
-            _error(" ".join(exc.format_message().split()) + hint)
+            message = " ".join(exc.format_message().split())
+            _error(message + hint)
+            if "--json" in (sys.argv[1:] if args is None else list(args)):
+                # A script asked for JSON: its last line is a summary, even for a typo.
+                print(json.dumps({"event": "error", "message": message}))
+                print(json.dumps(events.Summary().to_json()), flush=True)
             sys.exit(exc.exit_code)
         except click.ClickException as exc:
             _error(" ".join(exc.format_message().split()))

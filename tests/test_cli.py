@@ -686,3 +686,14 @@ def test_flash_all_usb_without_yes_refuses_under_umockdev(tmp_path: Path) -> Non
     assert result.returncode == 2, result.stdout + result.stderr
     assert "--yes" in result.stderr
     assert result.stdout.split()[-1] == "0", "the stick was written"
+
+
+@pytest.mark.parametrize("args", [["--bogus"], ["--buckets", "0"], []],
+                         ids=["unknown-option", "bad-value", "missing-image"])
+def test_json_usage_errors_still_end_with_a_summary(args: list[str]) -> None:
+    proc = popsicle("flash", "--json", *args)
+    assert proc.returncode == 2
+    lines = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert lines[0]["event"] == "error" and lines[0]["message"]
+    assert lines[-1] == {"event": "summary", "ok": False, "results": []}
+    assert "Traceback" not in proc.stderr

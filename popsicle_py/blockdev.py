@@ -51,6 +51,7 @@ class BlockDevice:
         self.read_only = spec.read_only
         self.pos = 0
         self._bounce: memoryview | None = None
+        self._parked = -1
 
     # The file-like surface the engine uses.
     def fileno(self) -> int:
@@ -112,9 +113,27 @@ class BlockDevice:
         return n
 
     def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        """Release the drive; the descriptor's number stays taken (on /dev/null).
+
+        A thread abandoned in a write (a stalled drive, a cancel) may still issue one more
+        write with the number it holds.  Closed for real, that number could by then belong to
+        another drive opened since; parked on /dev/null, such a write goes nowhere.
+        """
+        fd, self.fd = self.fd, -1
+        if fd < 0:
+            return
+        null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            os.dup2(null, fd)  # atomically drops the drive and keeps the number
+        finally:
+            os.close(null)
+        self._parked = fd
+
+    def release(self) -> None:
+        """Free the parked descriptor once no thread can be using it any more."""
+        fd, self._parked = self._parked, -1
+        if fd >= 0:
+            os.close(fd)
 
     def __enter__(self) -> BlockDevice:
         return self
@@ -231,6 +250,8 @@ def reread_partitions(path: str) -> None:
     try:
         if stat.S_ISBLK(os.fstat(fd).st_mode):
             _ioctl_quietly(fd, BLKRRPART, "BLKRRPART")
+    except OSError as exc:  # a drive pulled right after it was done: nothing to re-read
+        log.debug("BLKRRPART not done: %s", exc)
     finally:
         os.close(fd)
 

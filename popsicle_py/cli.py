@@ -145,6 +145,9 @@ def _run_guarded(debug: bool, as_json: bool, body: Callable[[], int]) -> NoRetur
         if debug:
             traceback.print_exc()
         _error(f"unexpected error: {exc} (run with --debug to see where)")
+        if as_json:  # a script's last line is a summary; this one says nothing went right
+            print(json.dumps({"event": "error", "message": f"unexpected error: {exc}"}))
+            print(json.dumps(events.Summary().to_json()), flush=True)
         status = EXIT_FAILED
     sys.exit(status)
 

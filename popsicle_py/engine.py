@@ -691,7 +691,13 @@ class _Broadcast:
             worker.detach = True
             worker.solo = True
             del ring.positions[wid]
-        ring.slots[seq % len(ring.slots)] = memoryview(aligned_buffer(self._bucket_size))
+        # The laggards keep the old bucket's memory (one may be writing from it).  The fresh
+        # one gets the same bytes, because a drive that stays in the ring may still need that
+        # bucket: it may have moved to it without having taken its view yet.
+        slot = seq % len(ring.slots)
+        fresh = memoryview(aligned_buffer(self._bucket_size))
+        fresh[: ring.lengths[slot]] = ring.slots[slot][: ring.lengths[slot]]
+        ring.slots[slot] = fresh
         ring.cond.notify_all()
         return True
 

@@ -25,9 +25,11 @@ from popsicle_py.blockdev import BlockDevice, OpenSpec
 from popsicle_py.bmap import Bmap
 from popsicle_py.buffers import aligned_buffer
 from popsicle_py.engine import (
+    CANCEL_GRACE,
     CHUNK,
     DEFAULT_BUCKET_SIZE,
     DEFAULT_BUCKETS,
+    POLL,
     AllDestinationsFailed,
     BusVerifier,
     BusWriter,
@@ -135,6 +137,10 @@ class _Drive:
         self.ended: float | None = None
         self.skipped = 0
         self.repaired = 0
+        self.last_progress = time.monotonic()
+        #: Set when the drive ends while its own thread may still run (stalled, cancelled):
+        #: that thread stops at its next chunk and never writes again.
+        self.stop = threading.Event()
 
     @property
     def live(self) -> bool:
@@ -155,9 +161,16 @@ class _Job:
         self.drives = [_Drive(d) for d in devices]
         self.started = time.monotonic()
         self.cancelled = False
+        self._closed = False
 
     def emit(self, event: Event) -> None:
         with self._lock:
+            if self._closed:
+                return  # the summary is the last event, whatever an abandoned thread says
+            device = getattr(event, "device", None)
+            for drive in self.drives:
+                if drive.path == device:
+                    drive.last_progress = time.monotonic()
             self._emit(event)
 
     def _phase(self, drive: _Drive, phase: str, detail: str | None = None) -> None:
@@ -170,6 +183,7 @@ class _Job:
                 return
             drive.status, drive.error, drive.mismatch = status, error, mismatch
             drive.ended = time.monotonic()
+            drive.stop.set()
             self._phase(drive, "done" if status == "ok" else "failed", error or status)
             self.emit(Result(self._result(drive)))
 
@@ -190,8 +204,10 @@ class _Job:
         return [d for d in self.drives if d.live]
 
     def _summary(self) -> Summary:
-        summary = Summary(tuple(self._result(d) for d in self.drives), self.cancelled)
-        self.emit(summary)
+        with self._lock:
+            summary = Summary(tuple(self._result(d) for d in self.drives), self.cancelled)
+            self.emit(summary)
+            self._closed = True
         return summary
 
 
@@ -208,7 +224,7 @@ class FlashJob(_Job):
         super().__init__(devices, emit, cancel)
         self.image = image
         self.options = options
-        self._finishers: list[threading.Thread] = []
+        self._finishers: list[tuple[threading.Thread, _Drive]] = []
 
     def run(self) -> Summary:
         try:
@@ -225,7 +241,8 @@ class FlashJob(_Job):
                 with contextlib.suppress(OSError):
                     drive.device.close()
             for drive in self.drives:
-                if drive.status == "ok":
+                if drive.status == "ok":  # its threads all ended: the descriptor is free
+                    drive.device.release()
                     blockdev.reread_partitions(drive.path)
         return self._summary()
 
@@ -238,10 +255,32 @@ class FlashJob(_Job):
             raise Cancelled("cancelled")
 
     def _join_finishers(self) -> None:
-        """Wait for every drive's own finish; short waits so signal handlers keep running."""
-        for thread in self._finishers:
-            while thread.is_alive():
-                thread.join(0.1)
+        """Wait for every drive's own finish, but not for one that hangs.
+
+        Short waits, so that signal handlers keep running.  A drive whose finish makes no
+        progress for the stall timeout fails as stalled; after a cancel, a drive still busy
+        after the grace ends cancelled.  Either way its thread is left behind, stopped at its
+        next chunk (``drive.stop``), and the run goes on to its summary.
+        """
+        stall = self.options.stall_timeout
+        cancelled_at: float | None = None
+        while True:
+            busy = [(t, d) for t, d in self._finishers if t.is_alive() and d.live]
+            if not busy:
+                return
+            now = time.monotonic()
+            if self.cancel():
+                cancelled_at = cancelled_at or now
+                if now - cancelled_at > CANCEL_GRACE:
+                    for _, drive in busy:
+                        self._end(drive, "cancelled", "cancelled")
+                    return
+            for _, drive in busy:
+                if cancelled_at is None and stall is not None \
+                        and now - drive.last_progress > stall:
+                    self._end(drive, "failed", f"{drive.path}: stalled: no progress for "
+                              f"{stall:g} s")
+            busy[0][0].join(POLL)
 
     @property
     def total(self) -> int | None:
@@ -270,8 +309,9 @@ class FlashJob(_Job):
 
         for drive in self.drives:
             self._phase(drive, "writing")
-        source = self.image.open()
+        source = None
         try:
+            source = self.image.open()
             writer = (
                 BusWriter(source, [d.device for d in self.drives], on_message, self.cancel)
                 .bucket_size(self.options.bucket_size)
@@ -297,13 +337,14 @@ class FlashJob(_Job):
             for drive in self._live():
                 self._end(drive, "failed", f"{drive.path}: {why}")
         finally:
-            with contextlib.suppress(Exception):
-                source.close()
+            if source is not None:
+                with contextlib.suppress(Exception):
+                    source.close()
 
     def _start_finisher(self, drive: _Drive, source: WriteResult) -> None:
         thread = threading.Thread(target=self._finish, args=(drive, source), daemon=True,
                                   name=f"popsicle-finish-{drive.path}")
-        self._finishers.append(thread)
+        self._finishers.append((thread, drive))
         thread.start()
 
     def _finish(self, drive: _Drive, source: WriteResult) -> None:
@@ -394,7 +435,7 @@ class FlashJob(_Job):
             else:
                 data = memoryview(self._image_bytes(offset, length))
             drive.device.seek(offset)
-            write_all(drive.device, data)
+            self._write_chunks(drive, data)
             drive.written += length
         sync(drive.device)
 
@@ -432,7 +473,7 @@ class FlashJob(_Job):
                 want = memoryview(os.pread(f.fileno(), end - offset, offset))
             buf = memoryview(aligned_buffer(len(want)))[: len(want)]
             drive.device.seek(offset)
-            got = drive.device.readinto(buf)
+            got = read_full(drive.device, buf)
             diff = first_difference(want[:got], buf[:got])
             if diff >= 0:
                 return offset + diff
@@ -454,10 +495,20 @@ class FlashJob(_Job):
                 drive.skipped += len(piece)
                 continue
             drive.device.seek(offset + start)
-            write_all(drive.device, piece)
+            self._write_chunks(drive, piece)
             drive.written += len(piece)
         sync(drive.device)
         self.emit(Progress(drive.path, "writing", drive.written + drive.skipped, self.total))
+
+    def _write_chunks(self, drive: _Drive, data: memoryview) -> None:
+        """Write from a drive's own thread: stop at the next chunk once the drive has ended."""
+        for start in range(0, len(data), CHUNK):
+            if drive.stop.is_set() or self.cancel():
+                raise Cancelled("cancelled")
+            write_all(drive.device, data[start : start + CHUNK], stop=drive.stop)
+            drive.last_progress = time.monotonic()
+        if drive.stop.is_set():
+            raise Cancelled("cancelled")
 
     def _holds(self, drive: _Drive, piece: memoryview, offset: int) -> bool:
         mine = memoryview(aligned_buffer(len(piece)))[: len(piece)]
@@ -494,8 +545,9 @@ class VerifyJob(_Job):
 
         for drive in drives:
             self._phase(drive, "verifying")
-        source = self.image.open()
+        source = None
         try:
+            source = self.image.open()
             BusVerifier(source, [d.device for d in drives], on_message, self.cancel).verify()
         except Cancelled:
             self._cancel_rest()
@@ -503,8 +555,9 @@ class VerifyJob(_Job):
             for drive in self._live():
                 self._end(drive, "failed", f"{drive.path}: {exc}")
         finally:
-            with contextlib.suppress(Exception):
-                source.close()
+            if source is not None:
+                with contextlib.suppress(Exception):
+                    source.close()
             for drive in drives:
                 drive.device.close()
         return self._summary()

@@ -1,8 +1,8 @@
 """Turn SIGINT, SIGTERM and SIGHUP into a cancel request the engine polls.
 
 The first signal asks every worker to stop; the job then closes the drives and prints its
-summary, and the command exits 128 + the signal's number.  A second Ctrl-C while stopping
-exits at once: the user has said twice that they want out.
+summary, and the command exits 128 + the signal's number.  A second signal while stopping
+(Ctrl-C again, or a service manager's second SIGTERM) exits at once.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ class Cancellation:
         return 128 + (self.signum or signal.SIGINT)
 
     def _handler(self, signum: int, frame: FrameType | None) -> None:
-        if self._event.is_set() and signum == signal.SIGINT:
+        if self._event.is_set():  # asked twice: out now, as the user (or systemd) insists
             os._exit(128 + signum)
         first = not self._event.is_set()
         # Set before saying so: a second Ctrl-C can run this handler again, nested, as soon

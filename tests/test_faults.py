@@ -259,3 +259,51 @@ def test_second_ctrl_c_exits_at_once(loop_factory: Callable[..., Loop], throttle
     assert proc.returncode == 130
     assert '"event": "summary"' not in out  # it did not wait to stop in order
     assert first_bucket_is_not_image(drive, data)
+
+
+@pytest.mark.parametrize("how", ["stall", "cancel"])
+def test_a_drive_that_hangs_after_its_write_cannot_hang_the_run(
+        how: str, loop_factory: Callable[..., Loop], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first bucket is written by the drive's own thread: it too must give up in time."""
+    import threading
+
+    from popsicle_py import blockdev
+    from popsicle_py.flash import FlashJob, FlashOptions, open_targets
+    from popsicle_py.images import open_image
+
+    data = os.urandom(3 << 20)
+    (tmp_path / "img").write_bytes(data)
+    drive = loop_factory(4 << 20, fill=PATTERN)
+    hung, release, cancel = threading.Event(), threading.Event(), threading.Event()
+    write = blockdev.BlockDevice.write
+
+    def hanging_write(self: blockdev.BlockDevice, view: memoryview) -> int:
+        if self.pos == 0 and threading.current_thread().name.startswith("popsicle-finish"):
+            hung.set()
+            if how == "cancel":
+                cancel.set()
+            release.wait(30)  # a stick whose write does not come back
+        return write(self, view)
+
+    monkeypatch.setattr(blockdev.BlockDevice, "write", hanging_write)
+
+    class Target:
+        path, size, logical_block_size = drive.path, drive.size, 512
+
+    started = time.monotonic()
+    try:
+        summary = FlashJob(open_image(str(tmp_path / "img")), open_targets([Target()]),
+                           FlashOptions(bucket_size=BUCKET, stall_timeout=1.0),
+                           lambda event: None, cancel.is_set).run()
+        took = time.monotonic() - started
+    finally:
+        release.set()
+    assert hung.is_set()
+    (result,) = summary.results
+    if how == "stall":
+        assert result.status == "failed" and "stalled" in (result.error or "")
+    else:
+        assert result.status == "cancelled" and summary.cancelled
+    assert took < 10
+    assert first_bucket_is_not_image(drive, data)

@@ -218,3 +218,26 @@ def test_verification_reads_the_source_once(loop_factory: Callable[..., Loop],
     assert bad.status == "invalid"
     assert bad.mismatch_offset == 1 << 20  # the bad bucket's start: xz is not read twice
     assert "bytes 1048576-2097151" in (bad.error or "")
+
+
+def test_an_image_that_fails_to_open_still_ends_with_a_summary(
+        loop_factory: Callable[..., Loop], tmp_path: Path) -> None:
+    """A zip whose entry's own header disagrees with its directory fails only when opened."""
+    path = compress("zip", os.urandom(SIZE), tmp_path / "bad.zip")
+    raw = bytearray(path.read_bytes())
+    raw[30] ^= 0x20  # the first letter of the name in the local header: "disk" -> "Disk"
+    path.write_bytes(bytes(raw))
+    drive = loop_factory(4 << 20, fill=PATTERN)
+    for command in ("flash", "verify"):
+        args = [*popsicle_cmd(), command, str(path), drive.path, "--json"]
+        if command == "flash":
+            args.append("--yes")
+        proc = subprocess.run(args, capture_output=True, text=True, stdin=subprocess.DEVNULL,
+                              timeout=60)
+        lines = [json.loads(x) for x in proc.stdout.splitlines()]
+        assert proc.returncode == 1, (command, proc.stderr)
+        assert lines[-1]["event"] == "summary" and lines[-1]["ok"] is False
+        (result,) = lines[-1]["results"]
+        assert result["status"] == "failed" and "bad.zip" in result["error"]
+        assert "internal error" not in result["error"] and "Traceback" not in proc.stderr
+    assert drive.read() == bytes([PATTERN]) * drive.size

@@ -243,3 +243,14 @@ def test_a_drive_that_keeps_failing_is_invalid_with_the_offset(
         assert r.status == "invalid" and r.mismatch_offset == 3 * MiB + 5
         assert "3145733" in (r.error or "")
         assert loop.read(MiB) != data[:MiB]  # never finished: the first bucket is not written
+
+
+def test_the_exact_offset_is_found_in_an_unaligned_last_bucket(
+        loop_factory: Callable[..., Loop], tmp_path: Path) -> None:
+    image = tmp_path / "os.img"
+    data = os.urandom(7 * MiB + 100_000)  # the last bucket is 100000 bytes: not whole blocks
+    image.write_bytes(data)
+    loop = loop_factory(8 * MiB)
+    summary = _flash_with(Corrupter(loop, len(data) - 1, times=1), image, [loop], 0)
+    (r,) = summary.results
+    assert r.status == "invalid" and r.mismatch_offset == len(data) - 1

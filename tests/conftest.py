@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import subprocess
+import sys
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -20,6 +20,7 @@ import pytest
 IS_ROOT = os.geteuid() == 0
 needs_root = pytest.mark.skipif(not IS_ROOT, reason="needs root for loop devices")
 REPO = Path(__file__).resolve().parent.parent
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
 
 
 @dataclass
@@ -175,9 +176,13 @@ def throttle() -> Iterator[Callable[..., Callable[[int], None]]]:
 
 
 def popsicle_cmd() -> list[str]:
-    """The installed command (CI installs the package), else the module."""
-    exe = shutil.which("popsicle-py")
-    return [exe] if exe else ["python", "-m", "popsicle_py"]
+    """This checkout's command, run by the interpreter running the tests.
+
+    Never whatever ``popsicle-py`` or ``python`` is first on PATH: an older installed copy
+    would be tested instead of the code in front of us (PYTHONPATH is set to the checkout
+    below, for every subprocess of the tests).
+    """
+    return [sys.executable, "-m", "popsicle_py"]
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -1,22 +1,35 @@
-"""Block devices opened for real I/O: O_DIRECT with aligned buffers, O_SYNC, O_EXCL.
+"""Every byte moved to or from a drive: block devices opened for real I/O, and the calls on them.
 
 :class:`BlockDevice` is a small file-like object the engine writes to and reads from.  It keeps
 its own position and uses positional system calls (which release the GIL).  Requests that are
 not aligned to the logical block size (the last bytes of an image whose size is not a multiple
 of it) go through a one-block bounce buffer: the block is read, the image's bytes are laid over
 it and the block is written back, so nothing past the image's end changes.
+
+The loops over those calls live here too (:func:`write_all`, :func:`read_full`,
+:func:`write_at`, :func:`read_at`, :func:`holds`), sized by a :class:`Pacer` so that no single
+call outlasts about half a second of the drive's own measured speed: a crawling stick is seen
+to make progress, a stall is declared on time and a cancel is honoured at the next call.
 """
 
 from __future__ import annotations
 
 import errno
 import fcntl
+import io
 import logging
 import os
 import stat
+import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
+
+import xxhash
 
 from popsicle_py.buffers import address_of, aligned_buffer
+from popsicle_py.events import Cause
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +40,41 @@ BLKSSZGET = 0x1268
 
 WRITE_FLAGS = os.O_RDWR | os.O_SYNC | os.O_EXCL | os.O_CLOEXEC
 READ_FLAGS = os.O_RDONLY | os.O_CLOEXEC
+
+#: The largest single read or write (4 MiB at 4 MB/s is one second).
+MAX_CALL = 4 << 20
+#: The first call of a drive: small enough for a 20 KiB/s stick to answer in under a second.
+FIRST_CALL = 16 << 10
+#: Calls are whole multiples of this (O_DIRECT needs the logical block size; 4 KiB covers all).
+CALL_ALIGN = 4096
+#: Each call should take about this long at the drive's measured speed.
+CALL_SECONDS = 0.5
+#: Write errors worth another try: busy hubs and flaky sticks produce them and then recover.
+TRANSIENT = frozenset({errno.EIO, errno.EAGAIN, errno.ETIMEDOUT, errno.EBUSY})
+DEFAULT_RETRIES = 5
+RETRY_BACKOFF = 0.1
+
+
+class Pacer:
+    """Sizes one drive's system calls to about :data:`CALL_SECONDS` of its measured speed.
+
+    Starts at :data:`FIRST_CALL` and at most doubles per call, so a fast drive reaches
+    :data:`MAX_CALL` within a few MiB and a slow one never has a call in flight for long.
+    """
+
+    def __init__(self, first: int = FIRST_CALL, most: int = MAX_CALL) -> None:
+        self._size = first
+        self._most = most
+
+    def size(self) -> int:
+        return self._size
+
+    def record(self, nbytes: int, seconds: float) -> None:
+        if nbytes <= 0:
+            return
+        rate = nbytes / max(seconds, 1e-6)
+        want = min(int(rate * CALL_SECONDS), self._size * 2, self._most)
+        self._size = max(CALL_ALIGN, want - want % CALL_ALIGN)
 
 
 @dataclass(frozen=True)
@@ -40,7 +88,15 @@ class OpenSpec:
 
 
 class BlockDevice:
-    """A drive opened for whole-device I/O, positioned like a file."""
+    """A drive opened for whole-device I/O, positioned like a file.
+
+    Closing is safe while another thread is still inside a call on it (a stalled or cancelled
+    drive's writer): the drive is let go at once (the descriptor is moved onto /dev/null, which
+    drops the drive when that call returns), and the number itself is closed by whichever of the
+    two finishes last.  So every descriptor is freed at the end of its drive's job, and a late
+    write of an abandoned thread can never reach another drive opened since under the same
+    number.
+    """
 
     def __init__(self, fd: int, spec: OpenSpec, direct: bool) -> None:
         self.fd = fd
@@ -51,7 +107,9 @@ class BlockDevice:
         self.read_only = spec.read_only
         self.pos = 0
         self._bounce: memoryview | None = None
-        self._parked = -1
+        self._lock = threading.Lock()
+        self._busy = 0  # calls in flight
+        self._closing = False  # close() was called while a call was in flight
 
     # The file-like surface the engine uses.
     def fileno(self) -> int:
@@ -73,7 +131,24 @@ class BlockDevice:
         return self.pos
 
     def flush(self) -> None:
-        """Nothing is buffered in Python; fsync is the engine's job."""
+        """Nothing is buffered in Python; fsync is :func:`sync`'s job."""
+
+    @property
+    def closed(self) -> bool:
+        return self.fd < 0
+
+    def _enter(self) -> int:
+        with self._lock:
+            if self.fd < 0 or self._closing:
+                raise OSError(errno.EBADF, f"{self.path} was closed")
+            self._busy += 1
+            return self.fd
+
+    def _leave(self) -> None:
+        with self._lock:
+            self._busy -= 1
+            if self._closing and self._busy == 0:
+                self._close_now()
 
     def _aligned_prefix(self, view: memoryview) -> memoryview:
         """Split off the whole blocks of an aligned request; its short tail comes next call."""
@@ -97,7 +172,12 @@ class BlockDevice:
         if not view:
             return 0
         view = self._aligned_prefix(view)
-        n = os.pwrite(self.fd, view, self.pos) if self._aligned(view) else self._bounce_write(view)
+        fd = self._enter()
+        try:
+            n = os.pwrite(fd, view, self.pos) if self._aligned(view) else \
+                self._bounce_write(fd, view)
+        finally:
+            self._leave()
         self.pos += n
         return n
 
@@ -108,32 +188,58 @@ class BlockDevice:
         if not view:
             return 0
         view = self._aligned_prefix(view)
-        n = os.preadv(self.fd, [view], self.pos) if self._aligned(view) else self._bounce_read(view)
+        fd = self._enter()
+        try:
+            n = os.preadv(fd, [view], self.pos) if self._aligned(view) else \
+                self._bounce_read(fd, view)
+        finally:
+            self._leave()
         self.pos += n
         return n
 
-    def close(self) -> None:
-        """Release the drive; the descriptor's number stays taken (on /dev/null).
-
-        A thread abandoned in a write (a stalled drive, a cancel) may still issue one more
-        write with the number it holds.  Closed for real, that number could by then belong to
-        another drive opened since; parked on /dev/null, such a write goes nowhere.
-        """
-        fd, self.fd = self.fd, -1
-        if fd < 0:
-            return
-        null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+    def fsync(self) -> None:
+        fd = self._enter()
         try:
-            os.dup2(null, fd)  # atomically drops the drive and keeps the number
+            os.fsync(fd)
         finally:
-            os.close(null)
-        self._parked = fd
+            self._leave()
 
-    def release(self) -> None:
-        """Free the parked descriptor once no thread can be using it any more."""
-        fd, self._parked = self._parked, -1
+    def ioctl(self, request: int, what: str) -> None:
+        fd = self._enter()
+        try:
+            _ioctl_quietly(fd, request, what)
+        finally:
+            self._leave()
+
+    def fadvise_dontneed(self) -> None:
+        fd = self._enter()
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            self._leave()
+
+    def close(self) -> None:
+        """Let the drive go now; free the descriptor once no call of another thread uses it."""
+        with self._lock:
+            if self.fd < 0 or self._closing:
+                return
+            if self._busy == 0:
+                self._close_now()
+                return
+            self._closing = True
+            null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+            try:
+                os.dup2(null, self.fd)  # atomically drops the drive, keeps the number taken
+            finally:
+                os.close(null)
+
+    def _close_now(self) -> None:
+        fd, self.fd = self.fd, -1
         if fd >= 0:
             os.close(fd)
+
+    def release(self) -> None:
+        """Kept for callers of the first API: closing already frees the descriptor."""
 
     def __enter__(self) -> BlockDevice:
         return self
@@ -152,27 +258,27 @@ class BlockDevice:
             self._bounce = memoryview(aligned_buffer(size))
         return self._bounce[:size]
 
-    def _bounce_read(self, view: memoryview) -> int:
+    def _bounce_read(self, fd: int, view: memoryview) -> int:
         start, end = self._span(len(view))
         buf = self._bounce_buffer(end - start)
-        got = os.preadv(self.fd, [buf], start)
+        got = os.preadv(fd, [buf], start)
         skip = self.pos - start
         n = max(0, min(len(view), got - skip))
         view[:n] = buf[skip : skip + n]
         return n
 
-    def _bounce_write(self, view: memoryview) -> int:
+    def _bounce_write(self, fd: int, view: memoryview) -> int:
         # Only the unaligned tail of a chunk comes here, so one block-sized span is typical.
         length = min(len(view), 1 << 20)
         view = view[:length]
         start, end = self._span(length)
         buf = self._bounce_buffer(end - start)
-        got = os.preadv(self.fd, [buf], start)
+        got = os.preadv(fd, [buf], start)
         if got < len(buf):
             buf[got:] = bytes(len(buf) - got)
         skip = self.pos - start
         buf[skip : skip + length] = view
-        written = os.pwrite(self.fd, buf, start)
+        written = os.pwrite(fd, buf, start)
         if written < len(buf):
             return max(0, written - skip)
         return length
@@ -231,11 +337,24 @@ def open_for_reading(spec: OpenSpec) -> BlockDevice:
     return device
 
 
-def drop_cache(device: BlockDevice) -> None:
-    """Forget the drive's cached pages so that reading it back reaches the device."""
-    _ioctl_quietly(device.fd, BLKFLSBUF, "BLKFLSBUF")
+def drop_cache(device: Any) -> None:
+    """Forget the drive's cached pages so that reading it back reaches the device.
+
+    Any destination with a descriptor will do (a BlockDevice, a file); others are skipped.
+    """
+    if isinstance(device, BlockDevice):
+        device.ioctl(BLKFLSBUF, "BLKFLSBUF")
+        try:
+            device.fadvise_dontneed()
+        except OSError as exc:
+            log.debug("fadvise DONTNEED not done: %s", exc)
+        return
     try:
-        os.posix_fadvise(device.fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        fd = device.fileno()
+    except (AttributeError, OSError, io.UnsupportedOperation, ValueError):
+        return
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
     except OSError as exc:
         log.debug("fadvise DONTNEED not done: %s", exc)
 
@@ -266,29 +385,207 @@ def sysfs_read_only(path: str) -> bool:
         return False
 
 
-def describe_error(exc: BaseException, path: str) -> str:
-    """One line in the user's language: which drive, what happened, what to do."""
+
+# ----------------------------------------------------------------------------------------------
+# The loops over those calls: every destination (a BlockDevice or any file-like) goes through them.
+
+
+def as_oserror(exc: BaseException) -> OSError:
+    """Every destination failure is reported as an OSError, as the engine's API promises."""
+    if isinstance(exc, OSError):
+        return exc
+    wrapped = OSError(errno.EIO, f"{type(exc).__name__}: {exc}")
+    wrapped.__cause__ = exc
+    return wrapped
+
+
+def seek(dest: Any, offset: int) -> None:
+    if hasattr(dest, "seek"):
+        dest.seek(offset)
+
+
+def write_all(
+    dest: Any,
+    view: memoryview,
+    *,
+    offset: int | None = None,
+    stop: Callable[[], bool] | threading.Event | None = None,
+    progress: Callable[[int], None] | None = None,
+    retries: int = DEFAULT_RETRIES,
+    pacer: Pacer | None = None,
+) -> int:
+    """Write all of ``view`` in paced calls, completing short writes; a write of 0 is an error.
+
+    Transient errors are retried with a growing pause (seeking back first when ``offset``
+    says where the data belongs).  Returns the bytes written; stops early, without error,
+    when ``stop`` says so.  ``progress(n)`` follows every call that wrote ``n`` bytes.
+    """
+    stopped = _stop_check(stop)
+    pacer = pacer or Pacer(MAX_CALL)
+    done = 0
+    total = len(view)
+    attempt = 0
+    while done < total:
+        if stopped():
+            return done
+        chunk = view[done : done + pacer.size()]
+        began = time.monotonic()
+        try:
+            if offset is not None and attempt:
+                seek(dest, offset + done)
+            n = dest.write(chunk)
+        except (io.UnsupportedOperation, ValueError) as exc:
+            raise as_oserror(exc) from exc
+        except OSError as exc:
+            if exc.errno in TRANSIENT and attempt < retries:
+                attempt += 1
+                _pause(RETRY_BACKOFF * (2 ** (attempt - 1)), stop)
+                continue
+            raise
+        if n is None:  # file-likes that return nothing wrote everything
+            n = len(chunk)
+        if n <= 0:
+            raise OSError(errno.EIO, "the destination accepted 0 bytes (full or gone?)")
+        pacer.record(n, time.monotonic() - began)
+        attempt = 0
+        done += n
+        if progress is not None:
+            progress(n)
+    return done
+
+
+def _stop_check(stop: Callable[[], bool] | threading.Event | None) -> Callable[[], bool]:
+    if stop is None:
+        return lambda: False
+    if isinstance(stop, threading.Event):
+        return stop.is_set
+    return stop
+
+
+def _pause(seconds: float, stop: Callable[[], bool] | threading.Event | None) -> None:
+    if isinstance(stop, threading.Event):
+        stop.wait(seconds)
+    else:
+        time.sleep(seconds)
+
+
+def read_full(source: Any, view: memoryview, *, pacer: Pacer | None = None,
+              progress: Callable[[int], None] | None = None) -> int:
+    """Fill ``view`` from ``source`` until it is full or the source ends (paced when asked)."""
+    done = 0
+    readinto = getattr(source, "readinto", None)
+    while done < len(view):
+        want = view[done:] if pacer is None else view[done : done + pacer.size()]
+        began = time.monotonic()
+        if readinto is not None:
+            n = readinto(want)
+        else:
+            data = source.read(len(want))
+            n = len(data)
+            view[done : done + n] = data
+        if not n:
+            break
+        if pacer is not None:
+            pacer.record(n, time.monotonic() - began)
+        done += n
+        if progress is not None:
+            progress(n)
+    return done
+
+
+def write_at(dest: Any, offset: int, data: memoryview, **kwargs: Any) -> int:
+    """Write ``data`` at ``offset`` (see :func:`write_all` for the keywords)."""
+    seek(dest, offset)
+    return write_all(dest, data, offset=offset, **kwargs)
+
+
+def read_at(dest: Any, offset: int, view: memoryview, **kwargs: Any) -> int:
+    """Read into ``view`` from ``offset``; short only where the destination ends."""
+    seek(dest, offset)
+    return read_full(dest, view, **kwargs)
+
+
+def holds(dest: Any, offset: int, data: memoryview, scratch: memoryview) -> bool:
+    """Whether ``dest`` already holds ``data`` at ``offset`` (``scratch``: an aligned buffer)."""
+    mine = scratch[: len(data)]
+    got = read_at(dest, offset, mine)
+    return got == len(data) and xxhash.xxh3_128_digest(mine) == xxhash.xxh3_128_digest(data)
+
+
+def sync(dest: Any) -> None:
+    """Flush Python's buffer and the kernel's; EINVAL means the file cannot be synced."""
+    flush = getattr(dest, "flush", None)
+    if flush is not None:
+        flush()
+    try:
+        if isinstance(dest, BlockDevice):
+            dest.fsync()
+            return
+        fd = dest.fileno()
+    except (AttributeError, io.UnsupportedOperation, ValueError):
+        return
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.EROFS, errno.ENOTSUP):
+            raise
+        return
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.EROFS, errno.ENOTSUP):
+            raise
+
+
+def first_difference(a: memoryview, b: memoryview) -> int:
+    """Index of the first differing byte of two equal-length views (-1 when equal)."""
+    step = 64 << 10
+    for start in range(0, len(a), step):
+        x, y = bytes(a[start : start + step]), bytes(b[start : start + step])
+        if x != y:
+            for i, (p, q) in enumerate(zip(x, y, strict=True)):
+                if p != q:
+                    return start + i
+    return -1
+
+@dataclass(frozen=True)
+class Failure:
+    """Why a drive failed: a typed cause for programs, one line for people."""
+
+    cause: Cause
+    text: str
+
+
+def failure(exc: BaseException, path: str) -> Failure:
+    """One line in the user's language (which drive, what happened, what to do), and its cause."""
     code = getattr(exc, "errno", None)
     detail = getattr(exc, "strerror", None) or str(exc)
     if code == errno.EACCES:
-        return f"{path}: permission denied; run as root (or with sudo)"
+        return Failure(Cause.PERMISSION, f"{path}: permission denied; run as root (or with sudo)")
     if code == errno.EROFS or (code == errno.EPERM and sysfs_read_only(path)):
-        return f"{path}: the drive is write-protected (read-only)"
+        return Failure(Cause.READ_ONLY, f"{path}: the drive is write-protected (read-only)")
     if code == errno.EPERM:
-        return f"{path}: operation not permitted; run as root (or with sudo)"
+        return Failure(Cause.PERMISSION,
+                       f"{path}: operation not permitted; run as root (or with sudo)")
     if code == errno.EBUSY:
-        return (f"{path}: the drive is busy (mounted, or opened exclusively by another "
-                "program); unmount it or use --unmount")
+        return Failure(Cause.BUSY, f"{path}: the drive is busy (mounted, or opened exclusively "
+                       "by another program); unmount it or use --unmount")
     if code == errno.ENOMEDIUM:
-        return f"{path}: no card in the reader"
+        return Failure(Cause.NO_MEDIUM, f"{path}: no card in the reader")
     if code in (errno.ENODEV, errno.ENXIO):
-        return f"{path}: the drive was removed"
+        return Failure(Cause.REMOVED, f"{path}: the drive was removed")
     if code == errno.ENOSPC:
         if "larger" in detail:
-            return f"{path}: {detail}"
-        return f"{path}: no space left on the drive (it failed, or is smaller than it claims)"
+            return Failure(Cause.TOO_SMALL, f"{path}: {detail}")
+        return Failure(Cause.NO_SPACE, f"{path}: no space left on the drive (it failed, or is "
+                       "smaller than it claims)")
+    if code == errno.ETIMEDOUT and detail.startswith("stalled"):
+        return Failure(Cause.STALLED, f"{path}: {detail}")
     if code == errno.EIO:
-        return f"{path}: I/O error: {detail} (the drive may be failing)"
+        return Failure(Cause.IO_ERROR, f"{path}: I/O error: {detail} (the drive may be failing)")
     if code == errno.ENOENT:
-        return f"{path}: does not exist"
-    return f"{path}: {detail}"
+        return Failure(Cause.NOT_FOUND, f"{path}: does not exist")
+    return Failure(Cause.ERROR, f"{path}: {detail}")
+
+
+def describe_error(exc: BaseException, path: str) -> str:
+    """:func:`failure`'s line alone."""
+    return failure(exc, path).text

@@ -14,11 +14,13 @@ import re
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 
+from popsicle_py.errors import Refused
+
 #: Range checksums bmaptool writes, by format major version.
 _ALGOS = ("sha1", "sha256")
 
 
-class BmapError(Exception):
+class BmapError(Refused):
     """The block map cannot be used; ``str()`` is one line naming the file."""
 
 

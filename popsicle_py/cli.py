@@ -26,35 +26,21 @@ from popsicle_py import drives as drives_mod
 from popsicle_py import events
 from popsicle_py import watch as watch_mod
 from popsicle_py._version import __version__
-from popsicle_py.bmap import Bmap, BmapError
+from popsicle_py.bmap import Bmap
 from popsicle_py.engine import DEFAULT_BUCKETS
-from popsicle_py.flash import FlashJob, FlashOptions, OpenError, VerifyJob, open_targets
+from popsicle_py.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, PROG, PopsicleError, Refused
+from popsicle_py.flash import FlashJob, FlashOptions, VerifyJob, open_targets
 from popsicle_py.images import (
     Checksum,
-    ImageError,
     find_sidecar,
     open_image,
     parse_checksum_option,
     verify_checksum,
 )
-from popsicle_py.plan import Plan, PlanError, make_plan, unmount_targets
+from popsicle_py.plan import Plan, make_plan, unmount_targets
 from popsicle_py.signals import Cancellation
 from popsicle_py.units import format_size, parse_size
 from popsicle_py.view import JsonView, PlainView, RichView, WatchView
-
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_USAGE = 2
-
-PROG = "popsicle-py"
-
-
-class Refused(Exception):
-    """Bad usage or input found before anything was written: exit 2 with these lines."""
-
-    def __init__(self, lines: Sequence[str]) -> None:
-        self.lines = [line for line in lines if line]
-        super().__init__("\n".join(self.lines))
 
 
 class SizeType(click.ParamType):
@@ -115,20 +101,26 @@ def _make_view(as_json: bool, labels: dict[str, str]) -> Any:
     return PlainView()
 
 
+def _json_refusal(lines: Sequence[str]) -> None:
+    """A script asked for JSON: its last line is a summary, even when nothing ran."""
+    view = JsonView()
+    for line in lines:
+        view.handle(events.Error(line))
+    view.handle(events.Summary())
+    view.close()
+
+
 def _run_guarded(debug: bool, as_json: bool, body: Callable[[], int]) -> NoReturn:
-    """Run a command body; turn refusals into exit 2 and surprises into one line, not a trace."""
+    """Run a command body; errors of ours show themselves and carry their exit status."""
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING,
                         format=f"{PROG}: %(message)s")
     try:
         status = body()
-    except Refused as exc:
-        for line in exc.lines:
-            _error(line)
+    except PopsicleError as exc:
+        exc.show()
         if as_json:
-            for line in exc.lines:
-                print(json.dumps({"event": "error", "message": line}))
-            print(json.dumps(events.Summary().to_json()), flush=True)
-        status = EXIT_USAGE
+            _json_refusal(exc.messages())
+        status = exc.exit_code
     except (KeyboardInterrupt, click.Abort) as exc:
         # Ctrl-C (also at the prompt, which click turns into Abort) is a SIGINT: 130.
         # End of input at the prompt is an unanswered question: refused, 2.
@@ -137,7 +129,7 @@ def _run_guarded(debug: bool, as_json: bool, body: Callable[[], int]) -> NoRetur
         _error("interrupted before writing: nothing was written" if interrupted
                else "no answer at the confirmation: nothing was written")
         if as_json:
-            print(json.dumps(events.Summary().to_json()), flush=True)
+            _json_refusal([])
         status = 130 if interrupted else EXIT_USAGE
     except click.exceptions.Exit:
         raise
@@ -146,8 +138,7 @@ def _run_guarded(debug: bool, as_json: bool, body: Callable[[], int]) -> NoRetur
             traceback.print_exc()
         _error(f"unexpected error: {exc} (run with --debug to see where)")
         if as_json:  # a script's last line is a summary; this one says nothing went right
-            print(json.dumps({"event": "error", "message": f"unexpected error: {exc}"}))
-            print(json.dumps(events.Summary().to_json()), flush=True)
+            _json_refusal([f"unexpected error: {exc}"])
         status = EXIT_FAILED
     sys.exit(status)
 
@@ -170,9 +161,7 @@ class _Group(click.Group):
             message = " ".join(exc.format_message().split())
             _error(message + hint)
             if "--json" in (sys.argv[1:] if args is None else list(args)):
-                # A script asked for JSON: its last line is a summary, even for a typo.
-                print(json.dumps({"event": "error", "message": message}))
-                print(json.dumps(events.Summary().to_json()), flush=True)
+                _json_refusal([message])  # a script's last line is a summary, even for a typo
             sys.exit(exc.exit_code)
         except click.ClickException as exc:
             _error(" ".join(exc.format_message().split()))
@@ -235,10 +224,10 @@ def _confirm(plan: Plan, image: Any, yes: bool, action: str) -> None:
 
 
 def _run_checksum(image: Any, checksum: Checksum, view: Any, cancel: Cancellation) -> None:
-    view.handle(events.Phase(None, "checksum", checksum.source))
+    view.handle(events.Phase(None, events.Step.CHECKSUM, checksum.source))
 
     def progress(done: int, total: int) -> None:
-        view.handle(events.Progress(None, "checksum", done, total))
+        view.handle(events.Progress(None, events.Step.CHECKSUM, done, total))
 
     verify_checksum(image.path, checksum, progress, cancel)
     view.handle(events.Note(f"checksum ok ({checksum.algo} from {checksum.source})"))
@@ -274,12 +263,15 @@ def _run_checksum(image: Any, checksum: Checksum, view: Any, cancel: Cancellatio
 @click.option("--checksum", metavar="ALGO:HEX",
               help="Expected checksum (sha1, sha256, sha512 or blake2b) of the image file.")
 @click.option("--no-checksum", is_flag=True, help="Ignore a checksum file next to the image.")
+@click.option("--checksum-while-writing", is_flag=True,
+              help="Check the checksum only in the pass that writes the drives (no read of "
+              "the image before writing).")
 @click.option("--debug", is_flag=True, help="Show debug messages and tracebacks.")
 def flash(image: str, devices: tuple[str, ...], all_usb: bool, yes: bool, unmount: bool,
           no_verify: bool, as_json: bool, bucket_size: int, buckets: int, max_size: int,
           stall_timeout: float, skip_identical: bool, bmap_path: str | None, no_bmap: bool,
           repair_attempts: int, sha256: str | None, checksum: str | None, no_checksum: bool,
-          debug: bool) -> None:
+          checksum_while_writing: bool, debug: bool) -> None:
     """Write IMAGE to every DEVICE in parallel, then verify each.
 
     IMAGE may be raw or compressed (gzip, xz, bzip2, zstd, or a zip holding one image).
@@ -295,8 +287,8 @@ def flash(image: str, devices: tuple[str, ...], all_usb: bool, yes: bool, unmoun
             size = img.size if block_map is None else block_map.image_size
             plan = make_plan(devices, all_usb=all_usb, image_path=img.path, image_size=size,
                              unmount=unmount, max_auto_size=max_size)
-        except (ImageError, PlanError, BmapError) as exc:
-            raise Refused([*getattr(exc, "notes", ()), *str(exc).splitlines()]) from None
+        except Refused as exc:
+            raise Refused([*exc.notes, *exc.lines]) from None
         _confirm(plan, img, yes, "Flash")
         labels = {d.path: d.label for d in plan.targets}
         view = _make_view(as_json, labels)
@@ -306,18 +298,18 @@ def flash(image: str, devices: tuple[str, ...], all_usb: bool, yes: bool, unmoun
         cancel = Cancellation()
         with cancel.installed():
             try:
-                if expected is not None:
+                if expected is not None and not checksum_while_writing:
                     _run_checksum(img, expected, view, cancel)
                 if unmount and not cancel():
                     unmount_targets(plan)
                 if cancel():
                     return _cancelled_before_writing(plan, view, cancel)
                 opened = open_targets(plan.targets, check=drives_mod.still_same)
-            except (ImageError, PlanError, OpenError) as exc:
+            except Refused:
                 if cancel():
                     return _cancelled_before_writing(plan, view, cancel)
                 view.close()
-                raise Refused(str(exc).splitlines()) from None
+                raise
             if block_map is not None and not as_json:
                 view.handle(events.Note(
                     f"block map {block_map.path}: writing {format_size(block_map.mapped)} of "
@@ -325,7 +317,8 @@ def flash(image: str, devices: tuple[str, ...], all_usb: bool, yes: bool, unmoun
             options = FlashOptions(verify=not no_verify, bucket_size=bucket_size,
                                    buckets=buckets, stall_timeout=stall_timeout,
                                    skip_identical=skip_identical,
-                                   repair_attempts=repair_attempts, bmap=block_map)
+                                   repair_attempts=repair_attempts, bmap=block_map,
+                                   checksum=expected)
             summary = FlashJob(img, opened, options, view.handle, cancel).run()
             view.close()
         return _exit_status(summary, cancel)
@@ -341,7 +334,8 @@ def _block_map(image: Any, given: str | None) -> Bmap | None:
 
 def _cancelled_before_writing(plan: Plan, view: Any, cancel: Cancellation) -> int:
     """A signal before the first write: every drive is reported cancelled, none was touched."""
-    results = tuple(events.DriveResult(d.path, "cancelled", 0, "cancelled before writing")
+    results = tuple(events.DriveResult(d.path, events.Status.CANCELLED, 0,
+                                       "cancelled before writing", cause=events.Cause.CANCELLED)
                     for d in plan.targets)
     view.handle(events.Summary(results, cancelled=True))
     view.close()
@@ -362,23 +356,24 @@ def _exit_status(summary: events.Summary, cancel: Cancellation) -> int:
 @click.argument("image", type=click.Path(path_type=str))
 @click.argument("devices", nargs=-1, required=True, type=DEVICE)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable events on stdout.")
+@click.option("--stall-timeout", type=click.FloatRange(min=0.1), default=60.0,
+              metavar="SECONDS", show_default=True,
+              help="Fail a drive whose reads make no progress for SECONDS.")
 @click.option("--debug", is_flag=True, help="Show debug messages and tracebacks.")
-def verify(image: str, devices: tuple[str, ...], as_json: bool, debug: bool) -> None:
+def verify(image: str, devices: tuple[str, ...], as_json: bool, stall_timeout: float,
+           debug: bool) -> None:
     """Compare each DEVICE with IMAGE; report the first bad offset."""
 
     def body() -> int:
         lines: list[str] = []
         targets = []
         seen: dict[int, str] = {}
-        try:
-            img = open_image(image)
-        except ImageError as exc:
-            raise Refused([str(exc)]) from None
+        img = open_image(image)
         for path in devices:
             try:
                 drive = drives_mod.drive_for_path(path)
-            except drives_mod.TargetError as exc:
-                lines.append(str(exc))
+            except Refused as exc:
+                lines.extend(exc.lines)
                 continue
             if drive.devnum in seen:
                 lines.append(f"{path} and {seen[drive.devnum]} are the same drive; name it once")
@@ -390,14 +385,11 @@ def verify(image: str, devices: tuple[str, ...], as_json: bool, debug: bool) -> 
             targets.append(drive)
         if lines:
             raise Refused(lines)
-        try:
-            opened = open_targets(targets, for_writing=False)
-        except OpenError as exc:
-            raise Refused(exc.lines) from None
+        opened = open_targets(targets, for_writing=False)
         view = _make_view(as_json, {d.path: d.label for d in targets})
         cancel = Cancellation()
         with cancel.installed():
-            summary = VerifyJob(img, opened, view.handle, cancel).run()
+            summary = VerifyJob(img, opened, view.handle, cancel, stall_timeout).run()
             view.close()
         return _exit_status(summary, cancel)
 
@@ -498,11 +490,8 @@ def watch(image: str, count: int | None, yes: bool, no_verify: bool, no_power_of
     """
 
     def body() -> int:
-        try:
-            img = open_image(image)
-            expected = _checksum_for(img.path, sha256, checksum, no_checksum)
-        except ImageError as exc:
-            raise Refused(str(exc).splitlines()) from None
+        img = open_image(image)
+        expected = _checksum_for(img.path, sha256, checksum, no_checksum)
         present = []
         if include_present:
             present = [d for d in drives_mod.discover(image_path=img.path)
@@ -517,9 +506,9 @@ def watch(image: str, count: int | None, yes: bool, no_verify: bool, no_power_of
         with cancel.installed():
             try:
                 outcome = watch_mod.WatchSession(img, view.handle, cancel, options).run()
-            except ImageError as exc:
+            except Refused:
                 view.close()
-                raise Refused(str(exc).splitlines()) from None
+                raise
             view.close()
         return outcome.exit_status
 

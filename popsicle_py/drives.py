@@ -21,6 +21,8 @@ from dataclasses import asdict, dataclass
 import psutil
 import pyudev
 
+from popsicle_py.errors import Refused
+
 SYSFS = "/sys"
 
 #: Mountpoints that make the drive beneath them a system drive, in the order reasons name them.
@@ -45,11 +47,11 @@ REASON_SWAP = "active swap"
 REASON_NOT_USB = "not a USB or SD drive"
 
 
-class TargetError(Exception):
+class TargetError(Refused):
     """An explicitly named target that cannot be used; ``str()`` is one line for the user."""
 
     def __init__(self, path: str, message: str) -> None:
-        super().__init__(message)
+        super().__init__([message])
         self.path = path
         self.message = message
 

@@ -7,11 +7,66 @@ The flow is one way: the job emits these, a view (Rich, plain lines or JSON) ren
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from enum import Enum
 from typing import Any
 
-# Phases a drive goes through, in order; a drive ends in one of the STATUSES.
-PHASES = ("checksum", "writing", "syncing", "verifying", "done", "failed")
-STATUSES = ("ok", "failed", "invalid", "cancelled")
+
+class _Word(str, Enum):
+    """A typed value that is also the plain word the JSON and the views show."""
+
+    __str__ = str.__str__
+    __format__ = str.__format__  # type: ignore[assignment]
+
+
+class Step(_Word):
+    """The phases a drive (or, for the first four, the image) goes through."""
+
+    CHECKSUM = "checksum"  # the image's checksum, before writing
+    DOWNLOADING = "downloading"  # an image from a URL
+    DECOMPRESSING = "decompressing"  # watch: the image decompressed once
+    PROBING = "probing"  # the drive's real capacity, before writing
+    WRITING = "writing"
+    SYNCING = "syncing"  # the image's first 64 KiB, written last
+    VERIFYING = "verifying"
+    DONE = "done"
+    FAILED = "failed"
+
+
+class Status(_Word):
+    """How a drive ended."""
+
+    OK = "ok"
+    FAILED = "failed"
+    INVALID = "invalid"  # written, but it does not read back as the image
+    CANCELLED = "cancelled"
+
+
+class Cause(_Word):
+    """Why a drive did not end ok: for programs (the message says it for people)."""
+
+    REMOVED = "removed"
+    STALLED = "stalled"
+    COUNTERFEIT = "counterfeit"
+    MISMATCH = "mismatch"  # verification found other bytes
+    IO_ERROR = "io-error"
+    NO_SPACE = "no-space"
+    TOO_SMALL = "too-small"
+    READ_ONLY = "read-only"
+    BUSY = "busy"
+    PERMISSION = "permission"
+    NO_MEDIUM = "no-medium"
+    NOT_FOUND = "not-found"
+    CHANGED = "changed"  # not the drive that was confirmed
+    SOURCE = "source"  # the image could not be read, or changed while read
+    CANCELLED = "cancelled"
+    INTERNAL = "internal"
+    ERROR = "error"
+
+
+# Kept for readers of the first API: the words, in order.
+PHASES = tuple(s.value for s in Step)
+STATUSES = tuple(s.value for s in Status)
+CAUSES = tuple(c.value for c in Cause)
 
 
 @dataclass(frozen=True)
@@ -41,16 +96,31 @@ class Note:
 
 
 @dataclass(frozen=True)
+class Error:
+    """A problem that ended the run before any drive was written (one line each)."""
+
+    message: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"event": "error", "message": self.message}
+
+
+@dataclass(frozen=True)
 class Phase:
     """A drive (or, with ``device`` None, the image: checksum) entered a new phase."""
 
     device: str | None
-    phase: str
+    phase: Step
     detail: str | None = None
+    #: With the ``failed`` phase: why, as a typed value (the detail says it for people).
+    cause: Cause | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"event": "phase", "device": self.device, "phase": self.phase,
+        data = {"event": "phase", "device": self.device, "phase": self.phase,
                 "detail": self.detail}
+        if self.cause is not None:
+            data["cause"] = self.cause
+        return data
 
 
 @dataclass(frozen=True)
@@ -58,7 +128,7 @@ class Progress:
     """Bytes done of ``total`` (None when unknown) in a drive's current phase."""
 
     device: str | None
-    phase: str
+    phase: Step
     done: int
     total: int | None
 
@@ -72,13 +142,14 @@ class DriveResult:
     """How one drive ended.  ``status`` is one of :data:`STATUSES`."""
 
     device: str
-    status: str
+    status: Status
     bytes_written: int
     error: str | None = None
     mismatch_offset: int | None = None
     elapsed: float | None = None
     bytes_skipped: int = 0
     repaired: int = 0  # buckets rewritten after verification found them bad
+    cause: Cause | None = None  # why it is not ok (None when ok)
 
     @property
     def ok(self) -> bool:
@@ -117,7 +188,7 @@ class Summary:
                 "results": [r.to_json() for r in self.results]}
 
 
-Event = Started | Note | Phase | Progress | Result | Summary
+Event = Started | Note | Error | Phase | Progress | Result | Summary
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,20 +1,23 @@
-"""A flash from start to end: open the checked targets, write, verify, write the first bucket last.
+"""A flash from start to end: open the checked targets, run the engine, report each drive.
 
 This is the edge between the engine (which knows file objects and messages) and the views
-(which know events).  It owns every drive's state and turns each engine message into an event;
-it never decides whether a drive may be written (that is :mod:`popsicle_py.plan`'s job).
+(which know events).  It holds policy only: which engine options a flash uses, and how each
+engine message becomes an event.  It never decides whether a drive may be written (that is
+:mod:`popsicle_py.plan`'s job), and it moves no bytes itself (the engine and
+:mod:`popsicle_py.blockdev` do).  Every event is emitted on the calling thread: views are
+single-threaded.
 
-Order of work for each drive, so that a drive that fails or is interrupted never holds a
-complete-looking image: write everything but the first bucket (the engine keeps it in memory),
-verify that from the device, then write the first bucket, flush, and verify it too.
+Each drive is finished by the engine on its own timeline (see
+:mod:`popsicle_py.engine.writer`): everything but the image's first 64 KiB, then verification
+from the device (with a random stamp where the head goes), then, once the image's checksum
+computed in the same pass matched, the head, and its verification.  A drive that fails or is
+interrupted never holds the image's partition table or boot code.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import os
-import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -23,25 +26,17 @@ from typing import Any, Protocol
 from popsicle_py import blockdev
 from popsicle_py.blockdev import BlockDevice, OpenSpec
 from popsicle_py.bmap import Bmap
-from popsicle_py.buffers import aligned_buffer
 from popsicle_py.engine import (
-    CANCEL_GRACE,
-    CHUNK,
     DEFAULT_BUCKET_SIZE,
     DEFAULT_BUCKETS,
-    POLL,
     AllDestinationsFailed,
     BusVerifier,
     BusWriter,
     Cancelled,
-    WriteResult,
-    first_difference,
-    keep_signals_for_main_thread,
-    read_full,
-    sync,
-    write_all,
 )
+from popsicle_py.errors import Refused
 from popsicle_py.events import (
+    Cause,
     DriveResult,
     Event,
     Note,
@@ -49,8 +44,11 @@ from popsicle_py.events import (
     Progress,
     Result,
     Started,
+    Status,
+    Step,
     Summary,
 )
+from popsicle_py.images import Checksum, ChecksumTap
 from popsicle_py.messages import BusVerifierMessage, BusWriterMessage
 
 log = logging.getLogger(__name__)
@@ -62,28 +60,39 @@ CancelCheck = Callable[[], bool]
 class DriveLike(Protocol):
     """What the job needs of a drive (a :class:`popsicle_py.drives.Drive` has it all)."""
 
-    path: str
-    size: int
-    logical_block_size: int
+    @property
+    def path(self) -> str: ...
+
+    @property
+    def size(self) -> int: ...
+
+    @property
+    def logical_block_size(self) -> int: ...
 
 
 class ImageLike(Protocol):
-    path: str
-    format: str
-    size: int | None
+    @property
+    def path(self) -> str: ...
 
-    def open(self) -> Any: ...
+    @property
+    def format(self) -> str: ...
+
+    @property
+    def size(self) -> int | None: ...
 
     @property
     def seekable_raw(self) -> bool: ...
 
+    @property
+    def tappable(self) -> bool: ...
 
-class OpenError(Exception):
+    def open(self, tap: ChecksumTap | None = None) -> Any: ...
+
+    def read_at(self, offset: int, length: int) -> bytes: ...
+
+
+class OpenError(Refused):
     """Some targets could not be opened; nothing was written.  One line per target."""
-
-    def __init__(self, lines: Sequence[str]) -> None:
-        self.lines = list(lines)
-        super().__init__("\n".join(self.lines))
 
 
 @dataclass(frozen=True)
@@ -95,6 +104,10 @@ class FlashOptions:
     skip_identical: bool = False
     repair_attempts: int = 1
     bmap: Bmap | None = None
+    #: Checked again in the write pass; the head is written only once it matched.
+    checksum: Checksum | None = None
+    #: Run on each opened drive before anything is written to it (the capacity probe).
+    probe: Callable[[Any], None] | None = None
 
 
 def open_targets(drives: Sequence[DriveLike], *, for_writing: bool = True,
@@ -131,16 +144,14 @@ class _Drive:
         self.device = device
         self.path = device.path
         self.written = 0
-        self.status: str | None = None  # final status once known
+        self.skipped = 0
+        self.verified = 0
+        self.repaired = 0
+        self.status: Status | None = None  # final status once known
+        self.cause: Cause | None = None
         self.error: str | None = None
         self.mismatch: int | None = None
         self.ended: float | None = None
-        self.skipped = 0
-        self.repaired = 0
-        self.last_progress = time.monotonic()
-        #: Set when the drive ends while its own thread may still run (stalled, cancelled):
-        #: that thread stops at its next chunk and never writes again.
-        self.stop = threading.Event()
 
     @property
     def live(self) -> bool:
@@ -148,15 +159,10 @@ class _Drive:
 
 
 class _Job:
-    """State and reporting shared by flashing and verifying: every drive ends exactly once.
-
-    Drives may finish on threads of their own, so state changes and events are serialized by
-    one lock: the views see one event at a time, in order.
-    """
+    """State and reporting shared by flashing and verifying: every drive ends exactly once."""
 
     def __init__(self, devices: Sequence[BlockDevice], emit: Emit, cancel: CancelCheck) -> None:
         self._emit = emit
-        self._lock = threading.RLock()
         self.cancel = cancel
         self.drives = [_Drive(d) for d in devices]
         self.started = time.monotonic()
@@ -164,123 +170,61 @@ class _Job:
         self._closed = False
 
     def emit(self, event: Event) -> None:
-        with self._lock:
-            if self._closed:
-                return  # the summary is the last event, whatever an abandoned thread says
-            device = getattr(event, "device", None)
-            for drive in self.drives:
-                if drive.path == device:
-                    drive.last_progress = time.monotonic()
+        if not self._closed:  # the summary is the last event
             self._emit(event)
 
-    def _phase(self, drive: _Drive, phase: str, detail: str | None = None) -> None:
-        self.emit(Phase(drive.path, phase, detail))
-
-    def _end(self, drive: _Drive, status: str, error: str | None = None,
-             mismatch: int | None = None) -> None:
-        with self._lock:
-            if not drive.live:
-                return
-            drive.status, drive.error, drive.mismatch = status, error, mismatch
-            drive.ended = time.monotonic()
-            drive.stop.set()
-            self._phase(drive, "done" if status == "ok" else "failed", error or status)
-            self.emit(Result(self._result(drive)))
+    def _end(self, drive: _Drive, status: Status, error: str | None = None,
+             mismatch: int | None = None, cause: Cause | None = None) -> None:
+        if not drive.live:
+            return
+        drive.status, drive.error, drive.mismatch = status, error, mismatch
+        drive.cause = None if status is Status.OK else (cause or Cause.ERROR)
+        drive.ended = time.monotonic()
+        self.emit(Phase(drive.path, Step.DONE if status is Status.OK else Step.FAILED,
+                        error or status.value, drive.cause))
+        self.emit(Result(self._result(drive)))
 
     def _result(self, drive: _Drive) -> DriveResult:
         elapsed = None if drive.ended is None else drive.ended - self.started
-        return DriveResult(drive.path, drive.status or "cancelled", drive.written, drive.error,
-                           drive.mismatch, elapsed, drive.skipped, drive.repaired)
+        return DriveResult(drive.path, drive.status or Status.CANCELLED, drive.written,
+                           drive.error, drive.mismatch, elapsed, drive.skipped, drive.repaired,
+                           drive.cause if drive.status is not None else Cause.CANCELLED)
 
     def _fail(self, drive: _Drive, exc: BaseException) -> None:
-        self._end(drive, "failed", blockdev.describe_error(exc, drive.path))
+        why = blockdev.failure(exc, drive.path)
+        self._end(drive, Status.FAILED, why.text, cause=why.cause)
 
     def _cancel_rest(self) -> None:
         self.cancelled = True
         for drive in self.drives:
-            self._end(drive, "cancelled", "cancelled")
+            self._end(drive, Status.CANCELLED, "cancelled", cause=Cause.CANCELLED)
 
     def _live(self) -> list[_Drive]:
         return [d for d in self.drives if d.live]
 
+    def _close_all(self) -> None:
+        """Free every descriptor, whatever the drive's end (see BlockDevice.close)."""
+        for drive in self.drives:
+            with contextlib.suppress(OSError):
+                drive.device.close()
+
     def _summary(self) -> Summary:
-        with self._lock:
-            summary = Summary(tuple(self._result(d) for d in self.drives), self.cancelled)
-            self.emit(summary)
-            self._closed = True
+        summary = Summary(tuple(self._result(d) for d in self.drives), self.cancelled)
+        self.emit(summary)
+        self._closed = True
         return summary
 
 
 class FlashJob(_Job):
-    """Write one image to many opened drives, then verify each from the device.
-
-    Each drive goes on as soon as its own write is done: verification of everything but the
-    first bucket, then the first bucket, then its verification.  A fast drive is therefore
-    finished (and can be pulled) while a slow one is still being written.
-    """
+    """Write one image to many opened drives; each is verified from the device and finished
+    on its own timeline, so a fast drive is done (and can be pulled) while a slow one is
+    still being written."""
 
     def __init__(self, image: ImageLike, devices: Sequence[BlockDevice], options: FlashOptions,
                  emit: Emit, cancel: CancelCheck) -> None:
         super().__init__(devices, emit, cancel)
         self.image = image
         self.options = options
-        self._finishers: list[tuple[threading.Thread, _Drive]] = []
-
-    def run(self) -> Summary:
-        try:
-            self._run()
-        except Cancelled:
-            self._cancel_rest()
-        except Exception as exc:  # a bug of ours: every unfinished drive says so, none is ok
-            log.debug("flash stopped by an unexpected error", exc_info=True)
-            for drive in self._live():
-                self._end(drive, "failed", f"{drive.path}: internal error: {exc}")
-        finally:
-            self._join_finishers()
-            for drive in self.drives:
-                with contextlib.suppress(OSError):
-                    drive.device.close()
-            for drive in self.drives:
-                if drive.status == "ok":  # its threads all ended: the descriptor is free
-                    drive.device.release()
-                    blockdev.reread_partitions(drive.path)
-        return self._summary()
-
-    def _run(self) -> None:
-        self.emit(Started(self.image.path, self.image.format, self.image.size,
-                          tuple(d.path for d in self.drives), verify=self.options.verify))
-        self._write()
-        self._join_finishers()
-        if self.cancel():
-            raise Cancelled("cancelled")
-
-    def _join_finishers(self) -> None:
-        """Wait for every drive's own finish, but not for one that hangs.
-
-        Short waits, so that signal handlers keep running.  A drive whose finish makes no
-        progress for the stall timeout fails as stalled; after a cancel, a drive still busy
-        after the grace ends cancelled.  Either way its thread is left behind, stopped at its
-        next chunk (``drive.stop``), and the run goes on to its summary.
-        """
-        stall = self.options.stall_timeout
-        cancelled_at: float | None = None
-        while True:
-            busy = [(t, d) for t, d in self._finishers if t.is_alive() and d.live]
-            if not busy:
-                return
-            now = time.monotonic()
-            if self.cancel():
-                cancelled_at = cancelled_at or now
-                if now - cancelled_at > CANCEL_GRACE:
-                    for _, drive in busy:
-                        self._end(drive, "cancelled", "cancelled")
-                    return
-            for _, drive in busy:
-                if cancelled_at is None and stall is not None \
-                        and now - drive.last_progress > stall:
-                    self._end(drive, "failed", f"{drive.path}: stalled: no progress for "
-                              f"{stall:g} s")
-            busy[0][0].join(POLL)
 
     @property
     def total(self) -> int | None:
@@ -288,40 +232,80 @@ class FlashJob(_Job):
         bmap = self.options.bmap
         return bmap.mapped if bmap is not None else self.image.size
 
+    def run(self) -> Summary:
+        try:
+            self.emit(Started(self.image.path, self.image.format, self.image.size,
+                              tuple(d.path for d in self.drives), verify=self.options.verify))
+            self._write()
+        except Cancelled:
+            self._cancel_rest()
+        except Exception as exc:  # a bug of ours: every unfinished drive says so, none is ok
+            log.debug("flash stopped by an unexpected error", exc_info=True)
+            for drive in self._live():
+                self._end(drive, Status.FAILED, f"{drive.path}: internal error: {exc}",
+                          cause=Cause.INTERNAL)
+        finally:
+            self._close_all()
+            for drive in self.drives:
+                if drive.status is Status.OK:
+                    blockdev.reread_partitions(drive.path)
+        return self._summary()
+
+    def _tap(self) -> ChecksumTap | None:
+        """The in-pass checksum, where the whole file is read in order (not with a block map)."""
+        checksum = self.options.checksum
+        if checksum is None or self.options.bmap is not None \
+                or not getattr(self.image, "tappable", False):
+            return None
+        return ChecksumTap(checksum)
+
     def _write(self) -> None:
+        options = self.options
         total = self.total
-        writer: BusWriter | None = None
 
         def on_message(msg: Any) -> None:
             drive = self.drives[msg.id]
             match msg:
                 case BusWriterMessage.Written(bytes_written=n):
                     drive.written = n
-                    self.emit(Progress(drive.path, "writing", n + drive.skipped, total))
+                    self.emit(Progress(drive.path, Step.WRITING, n + drive.skipped, total))
                 case BusWriterMessage.Skipped(bytes_skipped=n):
                     drive.skipped = n
-                    self.emit(Progress(drive.path, "writing", drive.written + n, total))
+                    self.emit(Progress(drive.path, Step.WRITING, drive.written + n, total))
+                case BusWriterMessage.Stage(step=step):
+                    self.emit(Phase(drive.path, step))
+                case BusWriterMessage.Verified(bytes_read=n):
+                    drive.verified = n
+                    self.emit(Progress(drive.path, Step.VERIFYING, n, total))
+                case BusWriterMessage.Repaired(buckets=k):
+                    drive.repaired += k
+                    self.emit(Note(f"{drive.path}: repaired {k} bucket(s)"))
+                case BusWriterMessage.Invalid(offset=offset, end=end, ended=ended):
+                    self._invalid(drive, offset, end, ended)
                 case BusWriterMessage.Errored(why=why):
                     self._fail(drive, why)
                 case BusWriterMessage.Completed():
-                    assert writer is not None
-                    self._start_finisher(drive, writer.source_read())
+                    self._end(drive, Status.OK)
 
         for drive in self.drives:
-            self._phase(drive, "writing")
+            self.emit(Phase(drive.path, Step.WRITING))
         source = None
+        tap = self._tap()
         try:
-            source = self.image.open()
+            source = self.image.open() if tap is None else self.image.open(tap)
             writer = (
                 BusWriter(source, [d.device for d in self.drives], on_message, self.cancel)
-                .bucket_size(self.options.bucket_size)
-                .buckets(self.options.buckets)
-                .stall_timeout(self.options.stall_timeout)
-                .record_digests()
-                .first_bucket_last()
-                .skip_identical(self.options.skip_identical)
+                .bucket_size(options.bucket_size)
+                .buckets(options.buckets)
+                .stall_timeout(options.stall_timeout)
+                .skip_identical(options.skip_identical)
+                .prepare_each(options.probe)
+                .vouch(tap.vouch if tap is not None else None)
+                .finish_each(verify=options.verify, repairs=options.repair_attempts,
+                             source_at=None if self.image.seekable_raw
+                             else getattr(self.image, "read_at", None))
             )
-            bmap = self.options.bmap
+            bmap = options.bmap
             if bmap is None:
                 writer.expect_size(self.image.size)
             else:
@@ -329,200 +313,41 @@ class FlashJob(_Job):
                                     bmap.algo)
             writer.write()
         except (Cancelled, KeyboardInterrupt):
-            raise Cancelled from None
+            raise Cancelled("cancelled") from None
         except AllDestinationsFailed:
-            return
+            pass
         except Exception as exc:  # the image could not be read: no drive holds it
             why = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
             for drive in self._live():
-                self._end(drive, "failed", f"{drive.path}: {why}")
+                self._end(drive, Status.FAILED, f"{drive.path}: {why}", cause=Cause.SOURCE)
         finally:
             if source is not None:
                 with contextlib.suppress(Exception):
                     source.close()
+        for drive in self._live():  # given up by the engine without a message of its own
+            self._end(drive, Status.FAILED, f"{drive.path}: did not finish", cause=Cause.ERROR)
 
-    def _start_finisher(self, drive: _Drive, source: WriteResult) -> None:
-        thread = threading.Thread(target=self._finish, args=(drive, source), daemon=True,
-                                  name=f"popsicle-finish-{drive.path}")
-        self._finishers.append((thread, drive))
-        thread.start()
-
-    def _finish(self, drive: _Drive, source: WriteResult) -> None:
-        """One drive after its write: verify the rest, write the first bucket, verify it."""
-        keep_signals_for_main_thread()
-        rest = range(1, len(source.digests))
-        try:
-            if self.options.verify and not self._check(drive, source, rest):
-                return
-            if drive.live:
-                self._write_first_bucket(drive, source)
-            if drive.live and self.options.verify and source.digests \
-                    and not self._check(drive, source, [0]):
-                return
-            self._end(drive, "ok")
-        except Cancelled:
-            self._end(drive, "cancelled", "cancelled")
-        except Exception as exc:
-            self._fail(drive, exc)
-
-    def _check(self, drive: _Drive, source: WriteResult, indices: Sequence[int]) -> bool:
-        """Verify these buckets; rewrite bad ones up to ``repair_attempts`` times.
-
-        Ends the drive as invalid (with the first bad byte) when it still differs.
-        """
-        repairs = self.options.repair_attempts
-        bad = self._verify(drive, source, indices, report_all=repairs > 0)
-        repaired: set[int] = set(bad)
-        attempts = 0
-        while bad and drive.live and attempts < repairs:
-            attempts += 1
-            self._rewrite(drive, source, bad)
-            bad = self._verify(drive, source, bad, report_all=True)
-        if not drive.live:
-            return False
-        if bad:
-            start, length = source.extents[bad[0]]
-            exact = self._exact_offset(drive, start, start + length)
-            where = (f"at byte {exact}" if exact is not None
-                     else f"somewhere in bytes {start}-{start + length - 1}")
-            tried = f" (still after {attempts} repair attempts)" if attempts else ""
-            self._end(drive, "invalid", f"{drive.path}: verification failed: the drive "
-                      f"differs from the image {where}{tried}", start if exact is None else exact)
-            return False
-        if attempts:
-            drive.repaired += len(repaired)
-            self.emit(Note(f"{drive.path}: repaired {len(repaired)} bucket(s)"))
-        return True
-
-    def _verify(self, drive: _Drive, source: WriteResult, indices: Sequence[int], *,
-                report_all: bool) -> list[int]:
-        """Read these buckets back from the device; the indices of the bad ones."""
-        if not indices or not drive.live:
-            return []
-        blockdev.drop_cache(drive.device)
-        self._phase(drive, "verifying")
-        span = sum(source.extents[i][1] for i in indices)
-        by_offset = {source.extents[i][0]: i for i in indices}
-        bad: list[int] = []
-
-        def on_message(msg: Any) -> None:
-            match msg:
-                case BusVerifierMessage.Read(bytes_read=n):
-                    self.emit(Progress(drive.path, "verifying", n, span))
-                case BusVerifierMessage.Invalid(offset=offset, end=None):
-                    self._end(drive, "invalid", f"{drive.path}: verification failed: the drive "
-                              f"ends at byte {offset}, before the image does", offset)
-                case BusVerifierMessage.Invalid(offset=offset):
-                    bad.append(by_offset[offset])
-                case BusVerifierMessage.Errored(why=why):
-                    self._fail(drive, why)
-
-        verifier = BusVerifier(None, [drive.device], on_message, self.cancel)
-        verifier.with_digests(source.digests, source.bucket_size, source.size,
-                              extents=source.extents, only=indices, report_all=report_all)
-        verifier.stall_timeout(self.options.stall_timeout).verify()
-        return sorted(bad)
-
-    def _rewrite(self, drive: _Drive, source: WriteResult, indices: Sequence[int]) -> None:
-        """Write these buckets again from the image (the held first bucket from memory)."""
-        self._phase(drive, "writing", "repairing")
-        for index in indices:
-            if self.cancel():
-                raise Cancelled("cancelled")
-            offset, length = source.extents[index]
-            if index == 0 and source.held is not None:
-                data = source.held
-            else:
-                data = memoryview(self._image_bytes(offset, length))
-            drive.device.seek(offset)
-            self._write_chunks(drive, data)
-            drive.written += length
-        sync(drive.device)
-
-    def _image_bytes(self, offset: int, length: int) -> bytes:
-        """Bytes of the image: by position for a raw image, else decompressed up to them."""
-        if self.image.seekable_raw:
-            with open(self.image.path, "rb", buffering=0) as f:
-                return os.pread(f.fileno(), length, offset)
-        stream = self.image.open()
-        try:
-            scratch = memoryview(bytearray(min(CHUNK, max(offset, 1))))
-            done = 0
-            while done < offset:
-                got = stream.readinto(scratch[: min(len(scratch), offset - done)])
-                if not got:
-                    break
-                done += got
-            out = bytearray(length)
-            got = read_full(stream, memoryview(out))
-            return bytes(out[:got])
-        finally:
-            stream.close()
-
-    def _exact_offset(self, drive: _Drive, offset: int, end: int | None) -> int | None:
-        """Narrow a bad bucket to its first bad byte when the image can be read by position.
-
-        None when it cannot be narrowed (a compressed image is not read a second time).
-        """
-        if end is None:
-            return offset
-        if not self.image.seekable_raw:
-            return None
-        try:
-            with open(self.image.path, "rb", buffering=0) as f:
-                want = memoryview(os.pread(f.fileno(), end - offset, offset))
-            buf = memoryview(aligned_buffer(len(want)))[: len(want)]
-            drive.device.seek(offset)
-            got = read_full(drive.device, buf)
-            diff = first_difference(want[:got], buf[:got])
-            if diff >= 0:
-                return offset + diff
-            return offset + got if got < len(want) else None
-        except OSError:
-            return None
-
-    def _write_first_bucket(self, drive: _Drive, source: WriteResult) -> None:
-        held = source.held
-        if held is None or len(held) == 0:
-            return
-        self._phase(drive, "syncing")
-        offset = source.held_offset
-        for start in range(0, len(held), CHUNK):
-            if self.cancel():
-                raise Cancelled("cancelled")
-            piece = held[start : start + CHUNK]
-            if self.options.skip_identical and self._holds(drive, piece, offset + start):
-                drive.skipped += len(piece)
-                continue
-            drive.device.seek(offset + start)
-            self._write_chunks(drive, piece)
-            drive.written += len(piece)
-        sync(drive.device)
-        self.emit(Progress(drive.path, "writing", drive.written + drive.skipped, self.total))
-
-    def _write_chunks(self, drive: _Drive, data: memoryview) -> None:
-        """Write from a drive's own thread: stop at the next chunk once the drive has ended."""
-        for start in range(0, len(data), CHUNK):
-            if drive.stop.is_set() or self.cancel():
-                raise Cancelled("cancelled")
-            write_all(drive.device, data[start : start + CHUNK], stop=drive.stop)
-            drive.last_progress = time.monotonic()
-        if drive.stop.is_set():
-            raise Cancelled("cancelled")
-
-    def _holds(self, drive: _Drive, piece: memoryview, offset: int) -> bool:
-        mine = memoryview(aligned_buffer(len(piece)))[: len(piece)]
-        drive.device.seek(offset)
-        return read_full(drive.device, mine) == len(piece) and bytes(mine) == bytes(piece)
+    def _invalid(self, drive: _Drive, offset: int, end: int | None, ended: bool) -> None:
+        if ended:
+            text = f"the drive ends at byte {offset}, before the image does"
+        elif end is None:
+            text = f"the drive differs from the image at byte {offset}"
+        else:
+            text = f"the drive differs from the image somewhere in bytes {offset}-{end - 1}"
+        tried = (f" (still after {self.options.repair_attempts} repair attempts)"
+                 if self.options.repair_attempts else "")
+        self._end(drive, Status.INVALID, f"{drive.path}: verification failed: {text}{tried}",
+                  offset, cause=Cause.MISMATCH)
 
 
 class VerifyJob(_Job):
     """Compare drives with an image, reading the image once for all of them."""
 
     def __init__(self, image: ImageLike, devices: Sequence[BlockDevice], emit: Emit,
-                 cancel: CancelCheck) -> None:
+                 cancel: CancelCheck, stall_timeout: float | None = 60.0) -> None:
         super().__init__(devices, emit, cancel)
         self.image = image
+        self.stall_timeout = stall_timeout
 
     def run(self) -> Summary:
         size = self.image.size
@@ -534,30 +359,30 @@ class VerifyJob(_Job):
             drive = drives[msg.id]
             match msg:
                 case BusVerifierMessage.Read(bytes_read=n):
-                    self.emit(Progress(drive.path, "verifying", n, size))
+                    self.emit(Progress(drive.path, Step.VERIFYING, n, size))
                 case BusVerifierMessage.Valid():
-                    self._end(drive, "ok")
+                    self._end(drive, Status.OK)
                 case BusVerifierMessage.Invalid(offset=offset):
-                    self._end(drive, "invalid", f"{drive.path}: differs from the image at byte "
-                              f"{offset}", offset)
+                    self._end(drive, Status.INVALID, f"{drive.path}: differs from the image at "
+                              f"byte {offset}", offset, cause=Cause.MISMATCH)
                 case BusVerifierMessage.Errored(why=why):
                     self._fail(drive, why)
 
         for drive in drives:
-            self._phase(drive, "verifying")
+            self.emit(Phase(drive.path, Step.VERIFYING))
         source = None
         try:
             source = self.image.open()
-            BusVerifier(source, [d.device for d in drives], on_message, self.cancel).verify()
+            BusVerifier(source, [d.device for d in drives], on_message, self.cancel) \
+                .stall_timeout(self.stall_timeout).verify()
         except Cancelled:
             self._cancel_rest()
         except Exception as exc:
             for drive in self._live():
-                self._end(drive, "failed", f"{drive.path}: {exc}")
+                self._end(drive, Status.FAILED, f"{drive.path}: {exc}", cause=Cause.SOURCE)
         finally:
             if source is not None:
                 with contextlib.suppress(Exception):
                     source.close()
-            for drive in drives:
-                drive.device.close()
+            self._close_all()
         return self._summary()

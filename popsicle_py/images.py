@@ -20,10 +20,12 @@ import zipfile
 import zlib
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, BinaryIO, TypeAlias
+from typing import TYPE_CHECKING, Any, BinaryIO, TypeAlias
 
 import zstandard
 from zlib_ng import zlib_ng
+
+from popsicle_py.errors import Refused
 
 __all__ = [
     "Checksum",
@@ -63,7 +65,7 @@ _ZIP_METHODS = {
 _ZIP_METHOD_NAMES = {9: "Deflate64", 93: "zstd", 95: "xz", 98: "PPMd", 99: "AES encryption"}
 
 
-class ImageError(Exception):
+class ImageError(Refused):
     """A problem with the source image or its checksum, as one line the user can act on."""
 
 
@@ -110,28 +112,139 @@ class Image:
         """True when the stream is decoded: no fileno(), no positional reads."""
         return self.format != "raw"
 
-    def open(self) -> BinaryIO:
+    def open(self, tap: ChecksumTap | None = None) -> BinaryIO:
         """A fresh stream at offset 0: the file itself for raw, a decompressor otherwise.
 
         Compressed streams fill readinto()'s buffer completely except at the end, and raise
-        ImageError (never a short EOF) when the data is truncated or corrupt.
+        ImageError (never a short EOF) when the data is truncated or corrupt.  With ``tap``,
+        every byte of the file as stored (compressed or not) is hashed as it is read, so the
+        checksum vouches for the very bytes that were decoded and written.
         """
         if self.format == "raw":
-            return _open_file(self.path, self.path)  # type: ignore[return-value]
+            return _open_file(self.path, self.path, tap)  # type: ignore[return-value]
         if self.format == "zip":
             return _ZipStream(self)  # type: ignore[return-value]
         if self.format == "zstd":
-            return _ZstdStream(self)  # type: ignore[return-value]
-        return _ChainedStream(self)  # type: ignore[return-value]
+            return _ZstdStream(self, tap)  # type: ignore[return-value]
+        return _ChainedStream(self, tap)  # type: ignore[return-value]
+
+    @property
+    def tappable(self) -> bool:
+        """Whether :meth:`open` can hash the file in the same pass (a zip is read by seeking)."""
+        return self.format != "zip"
+
+    def read_at(self, offset: int, length: int) -> bytes:
+        """``length`` bytes of the image at ``offset``: by position when raw, else decoded again.
+
+        For repairs of a few bad buckets; a compressed image is decompressed up to them.
+        """
+        with self.open() as stream:
+            if self.seekable_raw:
+                return os.pread(stream.fileno(), length, offset)
+            scratch = memoryview(bytearray(min(4 << 20, max(offset, 1))))
+            done = 0
+            while done < offset:
+                got = stream.readinto(scratch[: min(len(scratch), offset - done)])
+                if not got:
+                    return b""
+                done += got
+            return stream.read(length)
 
 
 # --------------------------------------------------------------------------- opening
 
 
-def _open_file(path: str, shown: str) -> io.FileIO:
+class ChecksumTap:
+    """Hashes the image file as stored, as the write pass reads it; vouches at the end.
+
+    The file must be read from its start, in order, to its end: a seek elsewhere (or a read
+    that was never finished) means the hash covers other bytes, and nothing is vouched for.
+    """
+
+    def __init__(self, checksum: Checksum) -> None:
+        self.checksum = checksum
+        self._hasher = _hasher(checksum)
+        self._file: _HashingFile | None = None
+
+    def wrap(self, raw: io.FileIO) -> _HashingFile:
+        self._file = _HashingFile(raw, self._hasher)
+        return self._file
+
+    def vouch(self) -> None:
+        """Hash what the decoder left unread, then compare; raises ChecksumMismatch."""
+        from popsicle_py.errors import ChecksumMismatch
+
+        f = self._file
+        if f is None or f.broken:
+            raise ChecksumMismatch(self.checksum.algo)
+        f.drain()
+        if self._hasher.hexdigest() != self.checksum.hexdigest:
+            raise ChecksumMismatch(self.checksum.algo)
+
+
+class _HashingFile(io.RawIOBase):
+    """A raw file whose sequential reads are hashed; used by :class:`ChecksumTap`."""
+
+    def __init__(self, raw: io.FileIO, hasher: Any) -> None:
+        super().__init__()
+        self._raw = raw
+        self._hasher = hasher
+        self._pos = 0
+        self.broken = False
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def fileno(self) -> int:
+        return self._raw.fileno()
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        target = self._raw.seek(offset, whence)
+        if target != self._pos:
+            self.broken = True
+        self._pos = target
+        return target
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")
+        n = self._raw.readinto(view) or 0
+        self._hasher.update(view[:n])
+        self._pos += n
+        return n
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._raw.read(size)
+        self._hasher.update(data)
+        self._pos += len(data)
+        return data
+
+    def drain(self) -> None:
+        if self.closed or self._raw.closed:
+            with open(self._raw.name, "rb", buffering=0) as again:
+                again.seek(self._pos)
+                while chunk := again.read(_HASH_READ_SIZE):
+                    self._hasher.update(chunk)
+                    self._pos += len(chunk)
+            return
+        while chunk := self.read(_HASH_READ_SIZE):
+            pass
+
+    def close(self) -> None:
+        self._raw.close()
+        super().close()
+
+
+def _open_file(path: str, shown: str, tap: ChecksumTap | None = None) -> Any:
     """Open for reading, turning OS errors into one-line ImageErrors."""
     try:
-        return open(path, "rb", buffering=0)
+        raw = open(path, "rb", buffering=0)  # noqa: SIM115 (the caller closes it)
+        return raw if tap is None else tap.wrap(raw)
     except FileNotFoundError:
         raise ImageError(f"{shown} does not exist") from None
     except IsADirectoryError:
@@ -465,9 +578,9 @@ class _ChainedStream(_Stream):
     as a short, "successful" image. Here only zero padding may follow a stream.
     """
 
-    def __init__(self, image: Image) -> None:
+    def __init__(self, image: Image, tap: ChecksumTap | None = None) -> None:
         super().__init__(image)
-        self._file = _open_file(image.path, image.path)
+        self._file = _open_file(image.path, image.path, tap)
         self._pending = b""
         self._decoder: _Decoder | None = None
         self._streams = 0
@@ -591,9 +704,9 @@ class _Tap:
 class _ZstdStream(_Stream):
     """zstd through zstandard's stream_reader, with truncation detected by _ZstdLayout."""
 
-    def __init__(self, image: Image) -> None:
+    def __init__(self, image: Image, tap: ChecksumTap | None = None) -> None:
         super().__init__(image)
-        self._file = _open_file(image.path, image.path)
+        self._file = _open_file(image.path, image.path, tap)
         self._layout = _ZstdLayout()
         self._tap = _Tap(self._file, self._layout)
         self._reader = zstandard.ZstdDecompressor().stream_reader(

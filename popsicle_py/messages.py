@@ -1,4 +1,4 @@
-"""Messages the engine delivers to the caller's callback.
+"""Messages the engine delivers to the caller's callback, always on the calling thread.
 
 Small frozen dataclasses, so a callback can `match` on them and keep them without copying.
 A message's ``id`` is the destination's index in the list given to the engine.
@@ -8,13 +8,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from popsicle_py.events import Step
+
 
 class BusWriterMessage:
     """Namespace for the writer's messages (``BusWriterMessage.Written`` and so on)."""
 
     @dataclass(frozen=True)
     class Written:
-        """Cumulative bytes written to destination ``id`` so far."""
+        """Cumulative bytes of the image written to destination ``id`` so far."""
 
         id: int
         bytes_written: int
@@ -27,8 +29,44 @@ class BusWriterMessage:
         bytes_skipped: int
 
     @dataclass(frozen=True)
+    class Stage:
+        """Destination ``id`` began a step of its own (probing, verifying, its head)."""
+
+        id: int
+        step: Step
+
+    @dataclass(frozen=True)
+    class Verified:
+        """Cumulative bytes of destination ``id`` read back and checked (with ``verify_each``)."""
+
+        id: int
+        bytes_read: int
+
+    @dataclass(frozen=True)
+    class Repaired:
+        """Destination ``id`` had ``buckets`` bad buckets rewritten, and now reads back right."""
+
+        id: int
+        buckets: int
+
+    @dataclass(frozen=True)
+    class Invalid:
+        """Destination ``id`` does not read back as the image (with ``verify_each``).
+
+        ``offset`` is the first bad byte when it could be found, else the start of the bad
+        range ``[offset, end)``; ``end`` is None when ``offset`` is exact.  ``ended`` says the
+        destination ended at ``offset``, before the image did.
+        """
+
+        id: int
+        offset: int
+        end: int | None = None
+        ended: bool = False
+
+    @dataclass(frozen=True)
     class Completed:
-        """Every byte reached destination ``id`` and it was flushed and fsynced."""
+        """Every byte reached destination ``id`` and it was fsynced (and, with ``verify_each``,
+        it read back as the image, its head written last)."""
 
         id: int
 

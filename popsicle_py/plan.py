@@ -19,6 +19,7 @@ import pyudev
 
 from popsicle_py import drives
 from popsicle_py.drives import Drive, TargetError, format_size
+from popsicle_py.errors import Refused
 
 DEFAULT_MAX_AUTO_SIZE = 128 * 2**30
 
@@ -32,16 +33,8 @@ class Plan:
     warnings: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
 
-class PlanError(Exception):
-    """Targets refused before anything was written; ``lines`` holds one line per problem."""
-
-    def __init__(self, lines: Sequence[str], notes: Sequence[str] = ()) -> None:
-        self.lines = list(lines)
-        self.notes = tuple(notes)
-        super().__init__("\n".join(self.lines))
-
-    def __str__(self) -> str:
-        return "\n".join(self.lines)
+class PlanError(Refused):
+    """Targets refused before anything was written; one line per problem (exit 2)."""
 
 
 def format_binary(size: int) -> str:

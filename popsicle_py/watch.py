@@ -27,6 +27,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import queue
 import shutil
 import tempfile
 import threading
@@ -41,6 +42,7 @@ from popsicle_py.drives import Drive, SystemFacts
 from popsicle_py.engine import keep_signals_for_main_thread
 from popsicle_py.events import (
     POWERED_OFF,
+    Cause,
     DriveAdded,
     DriveRemoved,
     DriveResult,
@@ -49,6 +51,8 @@ from popsicle_py.events import (
     Progress,
     Result,
     Started,
+    Status,
+    Step,
     Summary,
     WatchEvent,
     Watching,
@@ -225,7 +229,8 @@ class WatchSession:
         self.options = options or WatchOptions()
         self.cancel = cancel
         self._emit_to = emit
-        self._lock = threading.Lock()
+        #: Events of the drives' own threads, delivered by the session's (the caller's) thread.
+        self._outbox: queue.SimpleQueue[WatchEvent] = queue.SimpleQueue()
         self.context = context or pyudev.Context()
         self._source: Image = image  # what the jobs read: the image, or its raw copy
         self._copy_dir: str | None = None
@@ -238,7 +243,20 @@ class WatchSession:
     # Events
 
     def emit(self, event: WatchEvent) -> None:
-        with self._lock:
+        """Queue an event; :meth:`_deliver` hands it to the view on the session's thread."""
+        self._outbox.put(event)
+
+    def _emit_now(self, event: WatchEvent) -> None:
+        """On the session's own thread: what was queued first, then this."""
+        self._deliver()
+        self._emit_to(event)
+
+    def _deliver(self) -> None:
+        while True:
+            try:
+                event = self._outbox.get_nowait()
+            except queue.Empty:
+                return
             self._emit_to(event)
 
     def _job_event(self, seen: _Seen, event: Any) -> None:
@@ -252,17 +270,17 @@ class WatchSession:
         """
         if isinstance(event, (Started, Summary)):
             return
-        ends = isinstance(event, Phase) and event.phase in ("done", "failed")
+        ends = isinstance(event, Phase) and event.phase in (Step.DONE, Step.FAILED)
         if ends and event.device == seen.path and seen.result is None:
-            seen.ended_removed = (seen.removed.is_set()
-                                  or event.detail == removed_message(seen.path))
+            seen.ended_removed = seen.removed.is_set() or event.cause is Cause.REMOVED
             if seen.ended_removed:
-                event = Phase(seen.path, "failed", removed_message(seen.path))
+                event = Phase(seen.path, Step.FAILED, removed_message(seen.path), Cause.REMOVED)
         elif isinstance(event, Result) and event.result.device == seen.path:
             r = event.result
             if seen.ended_removed:  # decided with the phase: the two always agree
-                r = dataclasses.replace(r, status="failed", error=removed_message(seen.path),
-                                        mismatch_offset=None)
+                r = dataclasses.replace(r, status=Status.FAILED,
+                                        error=removed_message(seen.path), mismatch_offset=None,
+                                        cause=Cause.REMOVED)
                 event = Result(r)
             seen.result = r
         self.emit(event)
@@ -279,17 +297,20 @@ class WatchSession:
         try:
             if not self._prepare():
                 summary = Summary((), cancelled=True)
-                self.emit(summary)
+                self._deliver()
+                self._emit_to(summary)
                 return WatchOutcome(summary, self.cancel.exit_status)
             self._watch()
         finally:
             self._join_all()
             self._remove_copy()
-        results = tuple(s.result or DriveResult(s.path, "cancelled", 0, "cancelled")
+            self._deliver()
+        results = tuple(s.result or DriveResult(s.path, Status.CANCELLED, 0, "cancelled",
+                                                cause=Cause.CANCELLED)
                         for s in self._started)
-        interrupted = any(r.status == "cancelled" for r in results)
+        interrupted = any(r.status == Status.CANCELLED for r in results)
         summary = Summary(results, cancelled=interrupted)
-        self.emit(summary)
+        self._emit_to(summary)
         if interrupted:
             status = self.cancel.exit_status
         else:
@@ -300,11 +321,11 @@ class WatchSession:
         """Checksum, then decompress once; False when a signal stopped it."""
         checksum = self.options.checksum
         if checksum is not None:
-            self.emit(Phase(None, "checksum", checksum.source))
+            self.emit(Phase(None, Step.CHECKSUM, checksum.source))
             try:
                 verify_checksum(self.image.path, checksum,
-                                 lambda done, total: self.emit(
-                                     Progress(None, "checksum", done, total)),
+                                 lambda done, total: self._emit_now(
+                                     Progress(None, Step.CHECKSUM, done, total)),
                                  self.cancel)
             except ChecksumCancelled:
                 return False
@@ -331,7 +352,7 @@ class WatchSession:
                              f"({format_size(size)} needed, {format_size(free)} free); set "
                              "TMPDIR to a directory with more room")
         path = os.path.join(self._copy_dir, "image.raw")
-        self.emit(Phase(None, "decompressing", self.image.path))
+        self.emit(Phase(None, Step.DECOMPRESSING, self.image.path))
         done = 0
         buf = memoryview(bytearray(COPY_CHUNK))
         try:
@@ -344,7 +365,7 @@ class WatchSession:
                         break
                     out.write(buf[:n])
                     done += n
-                    self.emit(Progress(None, "decompressing", done, size))
+                    self._emit_now(Progress(None, Step.DECOMPRESSING, done, size))
         except OSError as exc:
             raise ImageError(f"cannot decompress {self.image.path} to {path}: "
                              f"{exc.strerror or exc}") from None
@@ -367,6 +388,7 @@ class WatchSession:
         self._present()
         self.emit(Watching())
         while not self.cancel() and not self._count_done():
+            self._deliver()
             device = monitor.poll(timeout=POLL_INTERVAL)
             if device is not None:
                 self._uevent(device)
@@ -381,6 +403,7 @@ class WatchSession:
         for seen in self._started:
             thread = seen.thread
             while thread is not None and thread.is_alive():
+                self._deliver()
                 thread.join(POLL_INTERVAL)
 
     # ------------------------------------------------------------------------------------
@@ -483,7 +506,7 @@ class WatchSession:
                 self._end_unstarted(seen, f"{seen.path}: {exc}")
         finally:
             if seen.result is None:
-                self._end_unstarted(seen, "cancelled", status="cancelled")
+                self._end_unstarted(seen, "cancelled", status=Status.CANCELLED)
             seen.finished.set()
 
     def _flash(self, seen: _Seen) -> None:
@@ -502,17 +525,20 @@ class WatchSession:
         FlashJob(self._source, opened, options, lambda e: self._job_event(seen, e),
                  cancel).run()
 
-    def _end_unstarted(self, seen: _Seen, why: str, status: str = "failed") -> None:
+    def _end_unstarted(self, seen: _Seen, why: str, status: Status = Status.FAILED,
+                       cause: Cause = Cause.ERROR) -> None:
         """End a drive whose job never ran (it could not be opened, or something broke)."""
-        if self.cancel() and not seen.removed.is_set() and status == "failed":
-            status, why = "cancelled", "cancelled"
-        self._job_event(seen, Phase(seen.path, "failed", why))
-        self._job_event(seen, Result(DriveResult(seen.path, status, 0, why)))
+        if status is Status.CANCELLED:
+            cause = Cause.CANCELLED
+        elif self.cancel() and not seen.removed.is_set():
+            status, why, cause = Status.CANCELLED, "cancelled", Cause.CANCELLED
+        self._job_event(seen, Phase(seen.path, Step.FAILED, why, cause))
+        self._job_event(seen, Result(DriveResult(seen.path, status, 0, why, cause=cause)))
 
     def _power_off(self, seen: _Seen) -> None:
         why = power_off(seen.device, seen.drive)
         if why is None:
-            self.emit(Phase(seen.path, "done", POWERED_OFF))
+            self.emit(Phase(seen.path, Step.DONE, POWERED_OFF))
         elif seen.drive.bus != "sd":  # a card in a built-in reader is simply taken out
             self.emit(Note(f"{seen.path}: done, but not powered off ({why}); "
                            "it can be pulled"))

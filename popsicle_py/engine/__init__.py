@@ -1,0 +1,70 @@
+"""The broadcast engine: read a source once, write it to many destinations in parallel.
+
+One reader thread fills a bounded ring of page-aligned buckets; one thread per destination (a
+*lane*) writes the very same buckets (memoryviews, never copies).  The reader waits while the
+slowest lane still in the ring holds the oldest bucket, so memory stays at about
+``(buckets + 1) x bucket size`` whatever the source size.  One supervisor per run delivers every
+message to the caller's callback on the calling thread, polls ``cancel()`` and decides stalls.
+
+Where each concern lives:
+
+- :mod:`.config`: the frozen settings a run is made from, and the engine's constants;
+- :mod:`.ring`: the bounded ring of buckets;
+- :mod:`.reader`: fills the ring (head kept back, digests, block-map checks, laggards);
+- :mod:`.supervisor`: threads, message delivery, cancellation and stalls (:class:`Lane`);
+- :mod:`.writer`: :class:`BusWriter`, and each destination's finish (verify, head last);
+- :mod:`.verifier` and :mod:`.checks`: :class:`BusVerifier` and the digest check both use;
+- every byte moved to or from a destination goes through :mod:`popsicle_py.blockdev`.
+
+Laggards: when a destination falls a full ring behind while another one waits for data, and the
+source is a seekable file, that destination leaves the ring and goes on alone with positional
+reads (``os.preadv``) into one small buffer of its own; the page cache serves those reads for
+images that fit in memory, so the source is still read from disk once.  A stream (a
+decompressor, a pipe) cannot be re-read, so its destinations stay in lock-step.
+"""
+
+from popsicle_py.blockdev import first_difference, read_full, sync, write_all
+from popsicle_py.engine.config import (
+    CANCEL_GRACE,
+    CHUNK,
+    DEFAULT_BUCKET_SIZE,
+    DEFAULT_BUCKETS,
+    HEAD,
+    LAGGARD_PATIENCE,
+    POLL,
+)
+from popsicle_py.engine.results import DestinationResult, WriteResult
+from popsicle_py.engine.supervisor import keep_signals_for_main_thread
+from popsicle_py.engine.verifier import BusVerifier
+from popsicle_py.engine.writer import BusWriter
+from popsicle_py.errors import (
+    AllDestinationsFailed,
+    Cancelled,
+    ChecksumMismatch,
+    ExtentChecksumError,
+    SourceChanged,
+)
+
+__all__ = [
+    "CANCEL_GRACE",
+    "CHUNK",
+    "DEFAULT_BUCKETS",
+    "DEFAULT_BUCKET_SIZE",
+    "HEAD",
+    "LAGGARD_PATIENCE",
+    "POLL",
+    "AllDestinationsFailed",
+    "BusVerifier",
+    "BusWriter",
+    "Cancelled",
+    "ChecksumMismatch",
+    "DestinationResult",
+    "ExtentChecksumError",
+    "SourceChanged",
+    "WriteResult",
+    "first_difference",
+    "keep_signals_for_main_thread",
+    "read_full",
+    "sync",
+    "write_all",
+]

@@ -1,0 +1,60 @@
+"""A run's settings, frozen: the builders of BusWriter and BusVerifier only ever replace them."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from popsicle_py.blockdev import DEFAULT_RETRIES, MAX_CALL
+
+DEFAULT_BUCKET_SIZE = 16 << 20
+DEFAULT_BUCKETS = 4
+#: No single read or write is larger than this (see blockdev.Pacer for how calls are sized).
+CHUNK = MAX_CALL
+#: How often the calling thread wakes to poll ``cancel()`` when nothing else happens.
+POLL = 0.1
+#: How long a drive may hold back the others before it is sent on alone (see laggards).
+LAGGARD_PATIENCE = 0.25
+#: A drive that moves less than this within the stall timeout is stalled: at 20 KiB/s an image
+#: would take days, so crawling is not progress (while any single call still is bounded).
+STALL_BYTES = 1 << 20
+#: How long a cancelled run waits for workers to leave a system call before abandoning them.
+CANCEL_GRACE = 1.5
+#: The image's head: the bytes that make a drive look like the image to a computer (MBR, GPT
+#: header and entries, ISO 9660 volume descriptors).  Written last, only once all else is good.
+HEAD = 64 << 10
+
+#: (offset, length, expected hex checksum or None) of one block-map range.
+Extent = tuple[int, int, str | None]
+#: Reads ``length`` bytes of the source at ``offset`` again (for repairs), or None if it cannot.
+SourceAt = Callable[[int, int], bytes]
+#: Run once before a destination is written; raises OSError to fail that destination.
+Prepare = Callable[[Any], None]
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything a run needs to know besides its source, destinations and callbacks."""
+
+    bucket_size: int = DEFAULT_BUCKET_SIZE
+    buckets: int = DEFAULT_BUCKETS
+    #: The caller's page-aligned buffer, used as the ring's first bucket.
+    bucket: Any = None
+    stall_timeout: float | None = None
+    retries: int = DEFAULT_RETRIES
+    expected_size: int | None = None
+    extents: tuple[Extent, ...] | None = None
+    extent_algo: str | None = None
+    record: bool = False
+    hold_head: bool = False
+    laggards: bool = True
+    skip_identical: bool = False
+    #: Called by the reader once the source is read to its end (raises if it cannot vouch).
+    vouch: Callable[[], None] | None = None
+    #: The engine finishes each destination itself: [verify,] then the head, then Completed.
+    pipeline: bool = False
+    verify: bool = False
+    repairs: int = 1
+    source_at: SourceAt | None = None
+    prepare: Prepare | None = None

@@ -1,0 +1,217 @@
+"""The reader: fills the ring from the source, once, in order.
+
+It keeps the image's head (its first 64 KiB) out of the ring for the lanes to write last,
+records a digest per extent for verification without a second read, checks block-map ranges as
+they pass, and at the end of the source asks the caller to vouch for what was read (the image's
+checksum, computed in this same pass).  When the ring is full because one lane holds it back
+while another waits for data, it sends that laggard on alone (seekable sources only).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import stat
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import xxhash
+
+from popsicle_py.blockdev import read_full
+from popsicle_py.engine.config import HEAD, LAGGARD_PATIENCE, POLL, Config
+from popsicle_py.engine.ring import Ring
+from popsicle_py.engine.supervisor import Lane
+from popsicle_py.errors import ExtentChecksumError, SourceChanged
+
+_NOT_SEEKABLE = (AttributeError, OSError, io.UnsupportedOperation, ValueError)
+
+
+def pread_source(source: Any) -> tuple[int, int] | None:
+    """(fd, starting offset) when the source can be re-read by position, else None."""
+    try:
+        fd = source.fileno()
+        mode = os.fstat(fd).st_mode
+        if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
+            return None
+        return fd, source.tell()
+    except _NOT_SEEKABLE:
+        return None
+
+
+class Reader:
+    """Reads the source into the ring; all its state is set up here, before the run starts."""
+
+    def __init__(self, source: Any, ring: Ring, lanes: Sequence[Lane], config: Config,
+                 stopped: Any, held: memoryview | None) -> None:
+        self.source = source
+        self.ring = ring
+        self.lanes = lanes
+        self.config = config
+        self.stopped = stopped  # the run's stop event
+        self.held = held  # where the image's head goes (None: it goes through the ring)
+        self.held_length = 0
+        self.digests: list[bytes] = []
+        self.extents: list[tuple[int, int]] = []
+        self.total = 0
+        self.laggards = False  # set by the writer when laggards may leave the ring
+        self._lag_since: dict[int, float] = {}  # when each lane began to hold the ring back
+        self._pos = 0  # where the source is, relative to its start
+        self._base = 0
+        self._checker: Any = None
+
+    def _reads(self) -> Iterator[tuple[int, int, int | None]]:
+        """(offset, most bytes, extent index) of each bucket to read, in source order."""
+        size = self.ring.bucket_size
+        extents = self.config.extents
+        if extents is None:
+            offset = 0
+            while True:
+                yield offset, size, None
+                offset += size
+        for index, (start, length, _) in enumerate(extents):
+            for piece in range(start, start + length, size):
+                yield piece, min(size, start + length - piece), index
+
+    def run(self) -> None:
+        extents = self.config.extents
+        ring = self.ring
+        if extents is not None:
+            try:
+                self._base = self.source.tell()
+            except _NOT_SEEKABLE:
+                self._base = 0
+        seq = 0
+        first = True
+        for offset, limit, index in self._reads():
+            if not self._wait_for_slot(seq):
+                return
+            buffer = ring.buffer_for(seq)
+            view = buffer[:limit]
+            if extents is not None:
+                self._position(offset, view)
+            length = read_full(self.source, view)
+            self._pos += length
+            if extents is not None:
+                if length < limit:
+                    raise SourceChanged(extents[-1][0] + extents[-1][1], offset + length)
+                assert index is not None
+                self._check_extent(index, offset, view[:length])
+            start = self._take_head(view[:length], offset) if first else 0
+            first = False
+            self.total += length
+            if start < length:
+                self._record(offset + start, view[start:length])
+                with ring.cond:
+                    ring.publish(seq, start, length - start, offset + start)
+                seq += 1
+            if length < limit:
+                break
+        expected = self.config.expected_size
+        if extents is None and expected is not None and expected != self.total:
+            raise SourceChanged(expected, self.total)
+        with ring.cond:
+            ring.total = self.total
+            ring.eof = True
+            ring.cond.notify_all()
+        if self.config.vouch is not None:
+            self.config.vouch()
+        with ring.cond:
+            ring.vouched = True
+            ring.cond.notify_all()
+
+    def _take_head(self, data: memoryview, offset: int) -> int:
+        """Copy the part of the first bucket that lies in the image's head; return its length."""
+        if self.held is None or offset >= HEAD:
+            return 0
+        n = min(len(data), HEAD - offset)
+        self.held[:n] = data[:n]
+        self.held_length = n
+        if n:
+            self._record(offset, data[:n])
+        return n
+
+    def _record(self, offset: int, data: memoryview) -> None:
+        if self.config.record:
+            self.digests.append(xxhash.xxh3_128_digest(data))
+            self.extents.append((offset, len(data)))
+
+    def _wait_for_slot(self, seq: int) -> bool:
+        """Wait until bucket ``seq`` may be filled; False when the run stops first."""
+        ring = self.ring
+        with ring.cond:
+            waited = False
+            while not self.stopped.is_set() and not ring.slot_free(seq):
+                waited = True
+                if self.laggards and self._detach_laggards(seq):
+                    continue
+                ring.cond.wait(POLL if self.laggards else None)
+            if not waited:
+                self._lag_since.clear()  # the ring is pacing nobody
+            return not self.stopped.is_set()
+
+    def _position(self, offset: int, scratch: memoryview) -> None:
+        """Move the source to ``offset``: seek where it can, otherwise read and drop."""
+        if offset == self._pos:
+            return
+        try:
+            self.source.seek(self._base + offset)
+            self._pos = offset
+            return
+        except _NOT_SEEKABLE:
+            pass
+        while self._pos < offset:
+            got = read_full(self.source, scratch[: min(len(scratch), offset - self._pos)])
+            if not got:
+                raise SourceChanged(offset, self._pos)
+            self._pos += got
+
+    def _check_extent(self, index: int, offset: int, data: memoryview) -> None:
+        """Hash each block-map range as it is read and compare with its expected checksum."""
+        assert self.config.extents is not None
+        start, length, expected = self.config.extents[index]
+        algo = self.config.extent_algo
+        if expected is None or algo is None:
+            return
+        if offset == start:
+            self._checker = hashlib.new(algo)
+        self._checker.update(data)
+        if offset + len(data) == start + length and self._checker.hexdigest() != expected:
+            raise ExtentChecksumError(start, length, algo)
+
+    def _detach_laggards(self, seq: int) -> bool:
+        """Let the slowest lanes leave the ring when someone else waits for data.
+
+        Called holding the ring's lock, when bucket ``seq`` has no free slot.  The laggards
+        stop holding the ring at once, even while one of them is blocked inside a write: it may
+        still be writing from the oldest bucket, so that bucket's memory is left to it and the
+        ring gets a fresh buffer with the same bytes in its place.  A lane that holds the others
+        back only for a moment (scheduling, a stick's brief pause) stays; one that keeps doing
+        so for LAGGARD_PATIENCE goes on alone, so drives of one speed never pay for a second
+        read of the source because of jitter.
+        """
+        ring = self.ring
+        now = time.monotonic()
+        oldest = seq - len(ring)
+        behind = {lid for lid, pos in ring.positions.items() if pos <= oldest}
+        for lid in list(self._lag_since):
+            if lid not in behind:
+                del self._lag_since[lid]  # it caught up: jitter, not a slower drive
+        # Held back means caught up and waiting for this very bucket: a lane that is listed
+        # as waiting but has buckets to write has simply not been scheduled yet.
+        if not any(ring.positions.get(lid, -1) >= seq for lid in ring.starving):
+            return False
+        for lid in behind:
+            self._lag_since.setdefault(lid, now)
+        laggards = [lid for lid in behind if now - self._lag_since[lid] >= LAGGARD_PATIENCE]
+        if not laggards:
+            return False
+        for lid in laggards:
+            lane = self.lanes[lid]
+            lane.detach = True
+            lane.solo = True
+            del ring.positions[lid]
+        ring.replace_slot(seq)
+        ring.cond.notify_all()
+        return True

@@ -1,0 +1,54 @@
+"""What a run hands back: per-destination results and what verification without the source needs."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class DestinationResult:
+    """How one destination did: bytes written and the error that ended it, if any."""
+
+    id: int
+    bytes_written: int
+    error: OSError | None = None
+    bytes_skipped: int = 0
+    #: Buckets rewritten because verification found them bad (with ``verify_each``).
+    repaired: int = 0
+    #: First bad byte (or the start of the bad bucket) when verification failed.
+    mismatch: int | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+@dataclass(frozen=True)
+class WriteResult(Sequence[DestinationResult]):
+    """Per-destination results, plus what verification without the source needs.
+
+    ``digests`` holds an XXH3-128 digest per extent of the source (when recording was asked
+    for), ``extents`` each digest's (offset, length); ``held`` is the image's head (its first
+    64 KiB) kept back by :meth:`BusWriter.first_bucket_last`, and is the first extent.
+    """
+
+    results: tuple[DestinationResult, ...]
+    size: int
+    bucket_size: int
+    digests: tuple[bytes, ...] = ()
+    held: memoryview | None = field(default=None, repr=False)
+    extents: tuple[tuple[int, int], ...] = ()
+
+    @property
+    def held_offset(self) -> int:
+        return self.extents[0][0] if self.extents else 0
+
+    def __getitem__(self, index: int) -> DestinationResult:  # type: ignore[override]
+        return self.results[index]
+
+    def __len__(self) -> int:
+        return len(self.results)
+
+    def __iter__(self) -> Iterator[DestinationResult]:
+        return iter(self.results)

@@ -1,0 +1,75 @@
+"""The bounded ring of buckets: one producer (the reader), many consumers (the lanes).
+
+All waits happen on one condition.  A published bucket is a view of one slot's buffer; a slot is
+free again once every lane still in the ring has moved past the bucket it holds.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from popsicle_py.buffers import aligned_buffer
+
+
+class Ring:
+    """Buckets in flight, where each lane is, and who is waiting for data."""
+
+    def __init__(self, count: int, bucket_size: int, first: memoryview | None = None) -> None:
+        self.bucket_size = bucket_size
+        self.buffers = [first if (i == 0 and first is not None)
+                        else memoryview(aligned_buffer(bucket_size)) for i in range(count)]
+        self.starts = [0] * count  # where the published bytes begin in the slot's buffer
+        self.lengths = [0] * count
+        self.offsets = [0] * count  # where they belong in the source
+        self.cond = threading.Condition()
+        self.head = 0  # buckets published so far
+        self.eof = False
+        self.total: int | None = None  # the source's size, once the reader reached its end
+        self.vouched = False  # the reader's end-of-source check passed
+        self.positions: dict[int, int] = {}  # lane id -> next bucket it needs
+        self.starving: set[int] = set()  # lanes waiting for a bucket not yet published
+
+    def __len__(self) -> int:
+        return len(self.buffers)
+
+    def slot_free(self, seq: int) -> bool:
+        oldest = seq - len(self.buffers)
+        return all(pos > oldest for pos in self.positions.values())
+
+    def buffer_for(self, seq: int) -> memoryview:
+        return self.buffers[seq % len(self.buffers)]
+
+    def publish(self, seq: int, start: int, length: int, offset: int) -> None:
+        """Make bucket ``seq`` (``buffer[start:start+length]``) available; caller holds the lock."""
+        slot = seq % len(self.buffers)
+        self.starts[slot], self.lengths[slot], self.offsets[slot] = start, length, offset
+        self.head = seq + 1
+        self.cond.notify_all()
+
+    def bucket(self, seq: int) -> tuple[memoryview, int]:
+        """Bucket ``seq``'s bytes and where they belong; caller holds the lock."""
+        slot = seq % len(self.buffers)
+        start = self.starts[slot]
+        return self.buffers[slot][start : start + self.lengths[slot]], self.offsets[slot]
+
+    def replace_slot(self, seq: int) -> None:
+        """Give bucket ``seq``'s slot fresh memory holding the same bytes.
+
+        The old buffer stays with whoever still writes from it (a detached laggard).
+        """
+        slot = seq % len(self.buffers)
+        start, end = self.starts[slot], self.starts[slot] + self.lengths[slot]
+        fresh = memoryview(aligned_buffer(self.bucket_size))
+        fresh[start:end] = self.buffers[slot][start:end]
+        self.buffers[slot] = fresh
+
+    def leave(self, lane_id: int) -> None:
+        """A lane no longer holds the ring back; caller holds the lock."""
+        self.positions.pop(lane_id, None)
+        self.starving.discard(lane_id)
+        self.cond.notify_all()
+
+    def release(self) -> None:
+        """Drop the buckets' memory at the end of a run (a lane still writing keeps its own)."""
+        with self.cond:
+            self.buffers = []

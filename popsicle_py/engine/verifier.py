@@ -1,0 +1,209 @@
+"""BusVerifier: read every destination back and compare it with the source, or with digests.
+
+With :meth:`BusVerifier.with_digests` the source is not read again: each destination is hashed
+extent by extent and checked against the writer's digests, so a compressed or streamed source is
+read once in all.  Destinations should be opened so that reads reach the device (O_DIRECT, or
+after dropping their cached pages): the engine reads whatever they return.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import Any
+
+import xxhash
+
+from popsicle_py.blockdev import first_difference, read_full, seek
+from popsicle_py.buffers import aligned_buffer
+from popsicle_py.engine.checks import EndedEarly, check_extents
+from popsicle_py.engine.config import CHUNK, DEFAULT_BUCKET_SIZE, POLL, Config
+from popsicle_py.engine.reader import Reader
+from popsicle_py.engine.ring import Ring
+from popsicle_py.engine.supervisor import Callback, CancelCheck, Lane, Supervisor
+from popsicle_py.messages import BusVerifierMessage as Msg
+
+
+class BusVerifier:
+    """Compare destinations with ``source`` (read once for all), or with recorded digests."""
+
+    def __init__(self, source: Any, destinations: Sequence[Any], callback: Callback,
+                 cancel: CancelCheck) -> None:
+        if not destinations:
+            raise ValueError("no destinations: give at least one")
+        self.source = source
+        self.destinations = list(destinations)
+        self.callback = callback
+        self.cancel = cancel
+        self.config = Config()
+        self._digests: tuple[bytes, ...] | None = None
+        self._extents: tuple[tuple[int, int], ...] = ()
+        self._indices: Sequence[int] = ()
+        self._report_all = False
+
+    def _set(self, **changes: Any) -> BusVerifier:
+        self.config = replace(self.config, **changes)
+        return self
+
+    def buckets(self, count: int) -> BusVerifier:
+        if count < 1:
+            raise ValueError("buckets must be at least 1")
+        return self._set(buckets=count)
+
+    def bucket_size(self, size: int) -> BusVerifier:
+        if size < 1:
+            raise ValueError("bucket size must be at least 1 byte")
+        return self._set(bucket_size=size, bucket=None)
+
+    def with_bucket(self, buffer: Any) -> BusVerifier:
+        size = len(memoryview(buffer).cast("B"))
+        if size <= 0:
+            raise ValueError("the bucket buffer is empty")
+        return self._set(bucket_size=size, bucket=None)
+
+    def stall_timeout(self, seconds: float | None) -> BusVerifier:
+        """Fail a destination whose reads make no progress for this long (None: never)."""
+        return self._set(stall_timeout=seconds)
+
+    def with_digests(self, digests: Sequence[bytes], bucket_size: int, size: int,
+                     *, first: int = 0, last: int | None = None,
+                     extents: Sequence[tuple[int, int]] = (),
+                     only: Sequence[int] | None = None,
+                     report_all: bool = False) -> BusVerifier:
+        """Check buckets ``first``..``last`` (exclusive), or the ``only`` ones, by digest.
+
+        ``extents`` gives each digest's (offset, length) when buckets are not simply
+        consecutive; by default bucket ``i`` starts at ``i * bucket_size``.  With
+        ``report_all`` every bad bucket gets an ``Invalid`` message instead of only the first.
+        """
+        self._digests = tuple(digests)
+        self._extents = tuple(extents) or tuple(
+            (i * bucket_size, min(bucket_size, size - i * bucket_size))
+            for i in range(len(self._digests)))
+        end = len(self._digests) if last is None else min(last, len(self._digests))
+        self._indices = list(only) if only is not None else range(first, end)
+        self._report_all = report_all
+        return self._set(bucket_size=bucket_size, bucket=None)
+
+    def verify(self) -> list[bool]:
+        """Run to the end; returns, per destination, whether it matched.
+
+        Raises :class:`~popsicle_py.errors.Cancelled` when cancelled and the source's error
+        when reading it fails.
+        """
+        return _VerifyRun(self).run()
+
+
+class _VerifyRun:
+    """One run of a BusVerifier: all of its state, declared here."""
+
+    def __init__(self, verifier: BusVerifier) -> None:
+        self.verifier = verifier
+        self.config = verifier.config
+        self.supervisor = Supervisor(verifier.destinations, verifier.callback, verifier.cancel,
+                                     stall_timeout=self.config.stall_timeout,
+                                     errored=Msg.Errored, name="verifier")
+        self.lanes = self.supervisor.lanes
+        self.verdicts = [False] * len(self.lanes)
+        self.ring = Ring(self.config.buckets, self.config.bucket_size or DEFAULT_BUCKET_SIZE)
+        self.supervisor.wake = self._wake
+        self.supervisor.on_leave = self._leave
+
+    def _wake(self) -> None:
+        with self.ring.cond:
+            self.ring.cond.notify_all()
+
+    def _leave(self, lane: Lane) -> None:
+        with self.ring.cond:
+            self.ring.leave(lane.id)
+        if all(other.error is not None for other in self.lanes):
+            self.supervisor.halt()
+
+    def run(self) -> list[bool]:
+        v = self.verifier
+        if v._digests is not None:
+            error = self.supervisor.run(self._digest_lane)
+        else:
+            source = v.source
+            if hasattr(source, "seek") and getattr(source, "seekable", lambda: True)():
+                source.seek(0)
+            for lane in self.lanes:
+                self.ring.positions[lane.id] = 0
+            reader = Reader(source, self.ring, self.lanes, self.config, self.supervisor.stop,
+                            None)
+            error = self.supervisor.run(self._compare_lane, reader.run)
+        if error is not None:
+            raise error
+        return list(self.verdicts)
+
+    def _progress(self, lane: Lane, n: int) -> None:
+        lane.done += n
+        lane.post(Msg.Read(lane.id, lane.done))
+
+    def _end(self, lane: Lane, valid: bool, offset: int = 0, end: int | None = None) -> None:
+        self.verdicts[lane.id] = valid
+        with self.ring.cond:
+            self.ring.leave(lane.id)
+        lane.post(Msg.Valid(lane.id) if valid else Msg.Invalid(lane.id, offset, end))
+
+    def _compare_lane(self, lane: Lane) -> None:
+        ring = self.ring
+        seek(lane.dest, 0)
+        mine = memoryview(aligned_buffer(CHUNK))
+        seq = 0
+        while True:
+            with ring.cond:
+                lane.waiting = True
+                ring.starving.add(lane.id)
+                while not lane.stopped and seq >= ring.head and not ring.eof:
+                    ring.cond.wait(POLL)
+                ring.starving.discard(lane.id)
+                lane.waiting = False
+                lane.touch()
+                if lane.stopped:
+                    return
+                if seq >= ring.head:
+                    break
+                theirs, offset = ring.bucket(seq)
+            start = 0
+            while start < len(theirs):
+                if lane.stopped:
+                    return
+                want = theirs[start : start + lane.pacer.size()]
+                got = read_full(lane.dest, mine[: len(want)], pacer=lane.pacer)
+                a, b = mine[:got], want[:got]
+                if xxhash.xxh3_128_digest(a) != xxhash.xxh3_128_digest(b):
+                    return self._end(lane, False, offset + start + first_difference(a, b))
+                if got:  # a Read that adds nothing would repeat the last count
+                    lane.advance(got)
+                    self._progress(lane, got)
+                if got < len(want):
+                    return self._end(lane, False, offset + start + got)
+                start += got
+            del theirs
+            seq += 1
+            with ring.cond:
+                if lane.id in ring.positions:
+                    ring.positions[lane.id] = seq
+                ring.cond.notify_all()
+        self._end(lane, True)
+
+    def _digest_lane(self, lane: Lane) -> None:
+        v = self.verifier
+        assert v._digests is not None
+        lane.waiting = False
+        scratch = memoryview(aligned_buffer(min(CHUNK, self.config.bucket_size)))
+        try:
+            bad = check_extents(lane, v._extents, v._digests, v._indices, scratch,
+                                lambda n: self._progress(lane, n), all_bad=v._report_all)
+        except EndedEarly as exc:
+            return self._end(lane, False, exc.offset)
+        if lane.stopped:
+            return
+        if not bad:
+            return self._end(lane, True)
+        for index in bad[:-1]:
+            start, length = v._extents[index]
+            lane.post(Msg.Invalid(lane.id, start, start + length))
+        start, length = v._extents[bad[-1]]
+        self._end(lane, False, start, start + length)

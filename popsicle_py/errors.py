@@ -1,0 +1,108 @@
+"""The exceptions popsicle-py raises, in one tree, each carrying the exit status it means.
+
+    PopsicleError                  exit_code   show() prints
+    ├── Refused                    2           one line per problem; nothing was written
+    │   (ImageError, PlanError, TargetError, BmapError, OpenError are Refused)
+    ├── Cancelled                  130         a stop signal or cancel() ended the run
+    └── AllDestinationsFailed      1           every destination failed (``results`` says how)
+
+    OSError (a source that cannot be trusted; raised by the engine's reader)
+    ├── SourceChanged              the source held more or fewer bytes than it was said to
+    ├── ExtentChecksumError        a block-map range fails its checksum
+    └── ChecksumMismatch           the bytes read do not match the image's checksum
+
+Like click's exceptions, a user-facing error knows its exit status and how to show itself, so
+the CLI has one ``except PopsicleError`` instead of a ladder.  Source errors stay ``OSError``
+because the engine reports every I/O failure as one (the seed's API promises it).
+"""
+
+from __future__ import annotations
+
+import errno
+import sys
+from collections.abc import Sequence
+from typing import IO, TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from popsicle_py.engine.results import DestinationResult
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_SIGNAL_BASE = 128
+PROG = "popsicle-py"
+
+
+class PopsicleError(Exception):
+    """Base of every error popsicle-py means to show a user."""
+
+    exit_code = EXIT_FAILED
+
+    def messages(self) -> list[str]:
+        """What to show: one line per problem."""
+        return [line for line in str(self).splitlines() if line]
+
+    def show(self, file: IO[str] | None = None) -> None:
+        """Print ``popsicle-py: LINE`` for each line, to stderr by default."""
+        out = file if file is not None else sys.stderr
+        for line in self.messages():
+            print(f"{PROG}: {line}", file=out)
+
+
+class Refused(PopsicleError):
+    """Bad usage or input found before anything was written (exit 2), one line per problem."""
+
+    exit_code = EXIT_USAGE
+
+    def __init__(self, lines: Sequence[str] | str = (), notes: Sequence[str] = ()) -> None:
+        given = [lines] if isinstance(lines, str) else list(lines)
+        self.lines = [line for text in given for line in text.splitlines() if line]
+        self.notes = tuple(notes)
+        super().__init__("\n".join(self.lines))
+
+    def messages(self) -> list[str]:
+        return list(self.lines)
+
+
+class Cancelled(PopsicleError):
+    """The run was cancelled; no unfinished destination was reported as completed."""
+
+    exit_code = EXIT_SIGNAL_BASE + 2  # SIGINT, unless the caller knows the signal
+
+
+class AllDestinationsFailed(PopsicleError):
+    """Every destination failed; ``results`` says how each one did."""
+
+    def __init__(self, results: Sequence[DestinationResult]) -> None:
+        self.results = tuple(results)
+        reasons = "; ".join(f"{r.id}: {r.error}" for r in self.results)
+        super().__init__(f"every destination failed ({reasons})")
+
+
+class SourceChanged(OSError):
+    """The source held more or fewer bytes than it was said to."""
+
+    def __init__(self, expected: int, got: int) -> None:
+        super().__init__(errno.EIO, f"the image ended at byte {got} but should hold {expected} "
+                         "bytes (was it truncated or changed while being read?)")
+        self.expected = expected
+        self.got = got
+
+
+class ExtentChecksumError(OSError):
+    """A range of the source does not match the checksum its block map gives."""
+
+    def __init__(self, offset: int, length: int, algo: str) -> None:
+        super().__init__(errno.EIO, f"the image does not match its block map: bytes {offset}-"
+                         f"{offset + length - 1} fail their {algo} checksum")
+        self.offset = offset
+        self.length = length
+
+
+class ChecksumMismatch(OSError):
+    """The bytes the drives were fed do not match the image's checksum (read in the same pass)."""
+
+    def __init__(self, algo: str) -> None:
+        super().__init__(errno.EIO, "the image changed while it was read: it no longer matches "
+                         f"its checksum ({algo})")
+        self.algo = algo

@@ -63,6 +63,8 @@ function __popsicle_py_state --description 'popsicle-py: the command, then what 
                             set skip 1
                         case 'flash:--checksum'
                             set skip 1
+                        case 'verify:--stall-timeout'
+                            set skip 1
                         case 'watch:--count'
                             set skip 1
                         case 'watch:--max-size'
@@ -158,6 +160,7 @@ complete -c popsicle-py -n '__popsicle_py_at flash' -l 'repair-attempts' -x -d '
 complete -c popsicle-py -n '__popsicle_py_at flash' -l 'sha256' -x -d 'Expected SHA-256 of the image file.'
 complete -c popsicle-py -n '__popsicle_py_at flash' -l 'checksum' -x -d 'Expected checksum (sha1, sha256, sha512 or blake2b) of the image file.'
 complete -c popsicle-py -n '__popsicle_py_at flash' -l 'no-checksum' -d 'Ignore a checksum file next to the image.'
+complete -c popsicle-py -n '__popsicle_py_at flash' -l 'checksum-while-writing' -d 'Check the checksum only in the pass that writes the drives (no read of the image before writing).'
 complete -c popsicle-py -n '__popsicle_py_at flash' -l 'debug' -d 'Show debug messages and tracebacks.'
 complete -c popsicle-py -n '__popsicle_py_at flash' -s 'h' -l 'help' -d 'Show this message and exit.'
 complete -c popsicle-py -n '__popsicle_py_at flash image' -F
@@ -171,6 +174,7 @@ complete -c popsicle-py -n '__popsicle_py_at list' -s 'h' -l 'help' -d 'Show thi
 
 # popsicle-py verify
 complete -c popsicle-py -n '__popsicle_py_at verify' -l 'json' -d 'Machine-readable events on stdout.'
+complete -c popsicle-py -n '__popsicle_py_at verify' -l 'stall-timeout' -x -d 'Fail a drive whose reads make no progress for SECONDS.'
 complete -c popsicle-py -n '__popsicle_py_at verify' -l 'debug' -d 'Show debug messages and tracebacks.'
 complete -c popsicle-py -n '__popsicle_py_at verify' -s 'h' -l 'help' -d 'Show this message and exit.'
 complete -c popsicle-py -n '__popsicle_py_at verify image' -F

@@ -43,7 +43,7 @@ from popsicle_py.units import format_size, parse_size
 from popsicle_py.view import JsonView, PlainView, RichView, WatchView
 
 
-class SizeType(click.ParamType):
+class SizeType(click.ParamType):  # type: ignore[type-arg]  # generic only in newer click
     """A byte count written as 16M, 4MiB or 1048576."""
 
     name = "SIZE"

@@ -20,7 +20,7 @@ import zipfile
 import zlib
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, BinaryIO, TypeAlias
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import zstandard
 from zlib_ng import zlib_ng
@@ -112,7 +112,7 @@ class Image:
         """True when the stream is decoded: no fileno(), no positional reads."""
         return self.format != "raw"
 
-    def open(self, tap: ChecksumTap | None = None) -> BinaryIO:
+    def open(self, tap: ChecksumTap | None = None) -> io.RawIOBase:
         """A fresh stream at offset 0: the file itself for raw, a decompressor otherwise.
 
         Compressed streams fill readinto()'s buffer completely except at the end, and raise
@@ -121,12 +121,13 @@ class Image:
         checksum vouches for the very bytes that were decoded and written.
         """
         if self.format == "raw":
-            return _open_file(self.path, self.path, tap)  # type: ignore[return-value]
+            raw: io.RawIOBase = _open_file(self.path, self.path, tap)
+            return raw
         if self.format == "zip":
-            return _ZipStream(self)  # type: ignore[return-value]
+            return _ZipStream(self)
         if self.format == "zstd":
-            return _ZstdStream(self, tap)  # type: ignore[return-value]
-        return _ChainedStream(self, tap)  # type: ignore[return-value]
+            return _ZstdStream(self, tap)
+        return _ChainedStream(self, tap)
 
     @property
     def tappable(self) -> bool:
@@ -410,9 +411,9 @@ class _ZstdLayout:
             assert head is not None
             magic = int.from_bytes(head, "little")
             if magic & 0xFFFFFFF0 == 0x184D2A50:
-                length = yield 4, True
-                assert length is not None
-                yield int.from_bytes(length, "little"), False
+                skippable = yield 4, True
+                assert skippable is not None
+                yield int.from_bytes(skippable, "little"), False
                 continue
             if magic != _ZSTD_MAGIC:
                 self.problem = "unknown zstd frame magic"
@@ -483,7 +484,7 @@ class _Corrupt(Exception):
     """Internal: a stream-level problem found by our own checks rather than by a decoder."""
 
 
-_DECODE_ERRORS = (
+_DECODE_ERRORS: tuple[type[BaseException], ...] = (  # type: ignore[assignment]
     EOFError,
     OSError,
     lzma.LZMAError,
@@ -551,7 +552,7 @@ class _Stream(io.RawIOBase):
             reason = str(e) or type(e).__name__
         return ImageError(f"{self._image.path} is corrupt or truncated ({where}): {reason}")
 
-    def read(self, size: int = -1) -> bytes:  # type: ignore[override]
+    def read(self, size: int = -1) -> bytes:
         if size is None or size < 0:
             return self.readall()
         buf = bytearray(size)
@@ -710,7 +711,8 @@ class _ZstdStream(_Stream):
         self._layout = _ZstdLayout()
         self._tap = _Tap(self._file, self._layout)
         self._reader = zstandard.ZstdDecompressor().stream_reader(
-            self._tap, read_size=_READ_SIZE, read_across_frames=True, closefd=False
+            self._tap,  # type: ignore[arg-type]  # anything with read() will do
+            read_size=_READ_SIZE, read_across_frames=True, closefd=False,
         )
 
     def _fill(self, out: memoryview) -> int:
@@ -724,7 +726,7 @@ class _ZstdStream(_Stream):
 
     def close(self) -> None:
         if not self.closed and hasattr(self, "_reader"):
-            self._reader.close()
+            self._reader.close()  # type: ignore[no-untyped-call]
             self._file.close()
         super().close()
 
@@ -769,7 +771,7 @@ class Checksum:
     source: str
 
 
-def _hasher(checksum: Checksum) -> hashlib._Hash:
+def _hasher(checksum: Checksum) -> Any:  # hashlib's objects share no public type
     if checksum.algo == "blake2b":  # b2sum -l N gives shorter digests
         return hashlib.blake2b(digest_size=len(checksum.hexdigest) // 2)
     return hashlib.new(checksum.algo)

@@ -276,20 +276,45 @@ def test_short_writes_are_completed(tmp_path: Path) -> None:
 
 def test_destinations_are_fsynced_before_completed(tmp_path: Path,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    synced: list[int] = []
+    """Completed must come after the fsync has returned, for every destination.
+
+    Each fsync is held until the calling thread next polls ``cancel()``: had a Completed been
+    posted before its fsync, it would be delivered (and seen here) while the fsync still waits.
+    """
+    synced: set[int] = set()
+    entered = threading.Event()
+    gate = threading.Event()
     real_fsync = os.fsync
 
     def fsync(fd: int) -> None:
-        synced.append(fd)
-        real_fsync(fd)
+        entered.set()
+        gate.wait(HANG)
+        try:
+            real_fsync(fd)
+        finally:
+            synced.add(fd)  # returned, or refused (EINVAL on /dev/null, which is not an error)
 
     monkeypatch.setattr(os, "fsync", fsync)
+    deadline = Deadline()
+
+    def cancel() -> bool:
+        if entered.is_set():  # let the waiting fsync go on, now that Completed had its chance
+            entered.clear()
+            gate.set()
+            gate.clear()
+        return deadline()
+
     dests = files(tmp_path, 2)
+    early: list[int] = []
     with open(os.devnull, "wb") as null:  # fsync on /dev/null fails with EINVAL: not an error
+        fds = [d.fileno() for d in dests] + [null.fileno()]
         rec = Recorder()
-        BusWriter(Stream(data(B)), [*dests, null], rec, Deadline()).bucket_size(B).write()
+        rec.hooks.append(lambda m: isinstance(m, BusWriterMessage.Completed)
+                         and fds[m.id] not in synced and early.append(m.id))
+        BusWriter(Stream(data(B)), [*dests, null], rec, cancel).bucket_size(B).write()
         assert sorted(m.id for m in rec.of(BusWriterMessage.Completed)) == [0, 1, 2]
-        assert sorted(synced) == sorted([d.fileno() for d in dests] + [null.fileno()])
+        assert early == [], f"Completed before fsync for {early}"
+        assert synced == set(fds)
     for d in dests:
         d.close()
 

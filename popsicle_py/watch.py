@@ -40,6 +40,7 @@ import pyudev
 from popsicle_py import drives
 from popsicle_py.drives import Drive, SystemFacts
 from popsicle_py.engine import keep_signals_for_main_thread
+from popsicle_py.errors import EXIT_FAILED, EXIT_OK
 from popsicle_py.events import (
     POWERED_OFF,
     Cause,
@@ -84,8 +85,6 @@ COPY_CHUNK = 4 << 20
 #: Room kept free next to the raw copy (filesystems misbehave when completely full).
 COPY_MARGIN = 64 << 20
 
-EXIT_OK = 0
-EXIT_FAILED = 1
 
 
 def removed_message(path: str) -> str:

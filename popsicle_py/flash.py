@@ -108,6 +108,9 @@ class FlashOptions:
     checksum: Checksum | None = None
     #: Run on each opened drive before anything is written to it (the capacity probe).
     probe: Callable[[Any], None] | None = None
+    #: Where a compressed image is spilled so every drive goes at its own pace ("": $TMPDIR
+    #: or /var/tmp; None: keep the drives of a compressed image in lock-step).
+    spill_dir: str | None = ""
 
 
 def open_targets(drives: Sequence[DriveLike], *, for_writing: bool = True,
@@ -264,7 +267,7 @@ class FlashJob(_Job):
         total = self.total
 
         def on_message(msg: Any) -> None:
-            drive = self.drives[msg.id]
+            drive = self.drives[getattr(msg, "id", 0)]
             match msg:
                 case BusWriterMessage.Written(bytes_written=n):
                     drive.written = n
@@ -286,6 +289,9 @@ class FlashJob(_Job):
                     self._fail(drive, why)
                 case BusWriterMessage.Completed():
                     self._end(drive, Status.OK)
+                case BusWriterMessage.LockStep(reason=reason):
+                    self.emit(Note(f"every drive goes at the slowest one's pace from here on: "
+                                   f"no spill file for the decompressed image ({reason})"))
 
         for drive in self.drives:
             self.emit(Phase(drive.path, Step.WRITING))
@@ -300,6 +306,7 @@ class FlashJob(_Job):
                 .stall_timeout(options.stall_timeout)
                 .skip_identical(options.skip_identical)
                 .prepare_each(options.probe)
+                .spill_to(options.spill_dir)
                 .vouch(tap.vouch if tap is not None else None)
                 .finish_each(verify=options.verify, repairs=options.repair_attempts,
                              source_at=None if self.image.seekable_raw

@@ -77,6 +77,13 @@ class BusWriterMessage:
         id: int
         why: OSError
 
+    @dataclass(frozen=True)
+    class LockStep:
+        """A stream's destinations go at the slowest one's pace from here on, and why
+        (no room for the spill file that would let laggards go on alone)."""
+
+        reason: str
+
 
 class BusVerifierMessage:
     """Namespace for the verifier's messages."""

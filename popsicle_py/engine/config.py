@@ -58,3 +58,6 @@ class Config:
     repairs: int = 1
     source_at: SourceAt | None = None
     prepare: Prepare | None = None
+    #: Spill a stream (a decompressor) to a file under this directory so that laggards can go
+    #: on alone ("" for the default, $TMPDIR or /var/tmp; None: never spill).
+    spill_dir: str | None = None

@@ -22,8 +22,10 @@ import xxhash
 from popsicle_py.blockdev import read_full
 from popsicle_py.engine.config import HEAD, LAGGARD_PATIENCE, POLL, Config
 from popsicle_py.engine.ring import Ring
+from popsicle_py.engine.spill import Spill
 from popsicle_py.engine.supervisor import Lane
 from popsicle_py.errors import ExtentChecksumError, SourceChanged
+from popsicle_py.messages import BusWriterMessage
 
 _NOT_SEEKABLE = (AttributeError, OSError, io.UnsupportedOperation, ValueError)
 
@@ -56,6 +58,8 @@ class Reader:
         self.extents: list[tuple[int, int]] = []
         self.total = 0
         self.laggards = False  # set by the writer when laggards may leave the ring
+        self.spill: Spill | None = None  # set by the writer for a stream with a spill file
+        self.post: Any = None  # the supervisor's outbox, for notes of the reader's own
         self._lag_since: dict[int, float] = {}  # when each lane began to hold the ring back
         self._pos = 0  # where the source is, relative to its start
         self._base = 0
@@ -93,6 +97,8 @@ class Reader:
                 self._position(offset, view)
             length = read_full(self.source, view)
             self._pos += length
+            if self.spill is not None and length:
+                self._spill(seq, offset, view[:length])
             if extents is not None:
                 if length < limit:
                     raise SourceChanged(extents[-1][0] + extents[-1][1], offset + length)
@@ -120,6 +126,26 @@ class Reader:
         with ring.cond:
             ring.vouched = True
             ring.cond.notify_all()
+
+    def _spill(self, seq: int, offset: int, data: memoryview) -> None:
+        """Keep the bucket in the spill file, before any lane can want it from there.
+
+        When that fails, every lane on its own comes back to the ring at this bucket (it reads
+        the spill up to here first), and no other lane leaves the ring from now on.
+        """
+        spill = self.spill
+        assert spill is not None
+        if spill.stopped is not None or spill.append(offset, data):
+            return
+        with self.ring.cond:
+            self.laggards = False
+            for lane in self.lanes:
+                if lane.solo and lane.error is None and not lane.finished:
+                    lane.rejoin = seq
+                    self.ring.positions[lane.id] = seq
+            self.ring.cond.notify_all()
+        if self.post is not None:
+            self.post(BusWriterMessage.LockStep(spill.stopped or "the spill file failed"))
 
     def _take_head(self, data: memoryview, offset: int) -> int:
         """Copy the part of the first bucket that lies in the image's head; return its length."""

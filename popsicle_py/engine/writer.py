@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import errno
 import os
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any
@@ -45,6 +46,7 @@ from popsicle_py.engine.config import CHUNK, HEAD, POLL, Config, Extent, Prepare
 from popsicle_py.engine.reader import Reader, pread_source
 from popsicle_py.engine.results import DestinationResult, WriteResult
 from popsicle_py.engine.ring import Ring
+from popsicle_py.engine.spill import Spill
 from popsicle_py.engine.supervisor import Callback, CancelCheck, Lane, Supervisor
 from popsicle_py.errors import AllDestinationsFailed, SourceChanged
 from popsicle_py.events import Step
@@ -153,6 +155,15 @@ class BusWriter:
         """
         return self._set(vouch=check)
 
+    def spill_to(self, directory: str | None) -> BusWriter:
+        """Let the destinations of a stream (a decompressor) go at their own pace.
+
+        The stream is also written to a spill file under ``directory`` ("" for $TMPDIR or
+        /var/tmp), from which a laggard reads by position (see :mod:`.spill`).  None: never;
+        destinations of a stream then stay in lock-step with the slowest.
+        """
+        return self._set(spill_dir=directory)
+
     def prepare_each(self, prepare: Prepare | None) -> BusWriter:
         """Run ``prepare(destination)`` on its own thread before writing it (a capacity probe).
 
@@ -211,14 +222,47 @@ class _WriteRun:
         self.pread = None if lock_step else pread_source(source)
         self.reader = Reader(source, self.ring, self.lanes, config, self.supervisor.stop,
                              self.held)
+        self.spill: Spill | None = None
+        if self.pread is None and not lock_step and config.spill_dir is not None:
+            made = Spill.create(config.spill_dir or None, config.expected_size)
+            if isinstance(made, Spill):
+                self.spill = made
+                self.pread = (made.fd, 0)
+                self.reader.spill = made
+            else:
+                self.supervisor.outbox.put(Msg.LockStep(made))
+        self.reader.post = self.supervisor.outbox.put
         self.reader.laggards = self.pread is not None
         #: Where the head goes until the image's own may be written (random: no signature).
         self.stamp = memoryview(aligned_buffer(HEAD))
         self.stamp[:] = os.urandom(HEAD)
+        self._spill_orphaned = False
+        self._spill_lock = threading.Lock()
+        self._running = len(self.lanes)  # lane threads not yet returned
         self.supervisor.wake = self._wake
         self.supervisor.on_leave = self._leave_failed
         for lane in self.lanes:
             self.ring.positions[lane.id] = 0
+
+    def _close_spill(self) -> None:
+        """Close the spill once no lane can read it; an abandoned one closes it when it ends
+        (its descriptor's number must not be reused under a lane still reading)."""
+        spill = self.spill
+        assert spill is not None
+        with self._spill_lock:
+            if self._running == 0:
+                spill.close()
+            else:
+                self._spill_orphaned = True
+
+    def _task(self, lane: Lane) -> None:
+        try:
+            self._lane(lane)
+        finally:
+            with self._spill_lock:
+                self._running -= 1
+                if self._running == 0 and self._spill_orphaned and self.spill is not None:
+                    self.spill.close()
 
     def _wake(self) -> None:
         with self.ring.cond:
@@ -232,7 +276,11 @@ class _WriteRun:
             self.supervisor.halt()
 
     def run(self) -> WriteResult:
-        error = self.supervisor.run(self._lane, self.reader.run)
+        try:
+            error = self.supervisor.run(self._task, self.reader.run)
+        finally:
+            if self.spill is not None:
+                self._close_spill()
         if error is not None:
             raise error
         results = tuple(DestinationResult(lane.id, lane.done, lane.error, lane.skipped,
@@ -262,12 +310,14 @@ class _WriteRun:
             lane.touch()
             lane.post(Msg.Stage(lane.id, Step.WRITING))
         resume = self._from_ring(lane)
+        while resume is not None and not lane.stopped:
+            rejoin = self._solo(lane, resume)
+            if rejoin is None:
+                break
+            lane.detach = lane.solo = False  # the spill stopped: back to the ring
+            resume = self._from_ring(lane, rejoin)
         if lane.stopped:
             return
-        if resume is not None:
-            self._solo(lane, resume)
-            if lane.stopped:
-                return
         with self.ring.cond:
             self.ring.leave(lane.id)
         sync(lane.dest)
@@ -285,11 +335,10 @@ class _WriteRun:
             lane.post(Msg.Written(lane.id, lane.done))
         return progressed
 
-    def _from_ring(self, lane: Lane) -> int | None:
-        """Write the ring's buckets in order; where to go on alone if detached, else None."""
+    def _from_ring(self, lane: Lane, seq: int = 0) -> int | None:
+        """Write the ring's buckets in order from ``seq``; where to go on alone if detached."""
         ring = self.ring
-        can_detach = self.pread is not None
-        seq = 0
+        can_detach = self.pread is not None and (self.spill is None or lane.rejoin is None)
         next_offset: int | None = None
         progressed = self._written(lane)
 
@@ -350,8 +399,11 @@ class _WriteRun:
                              retries=self.config.retries, pacer=lane.pacer)
         return done
 
-    def _solo(self, lane: Lane, offset: int) -> None:
-        """Go on alone: positional reads of the source into one buffer of the lane's own."""
+    def _solo(self, lane: Lane, offset: int) -> int | None:
+        """Go on alone: positional reads of the source (or its spill) into a buffer of its own.
+
+        Returns the bucket to rejoin the ring at, when the spill stopped before the source did.
+        """
         assert self.pread is not None
         fd, base = self.pread
         buf = memoryview(aligned_buffer(CHUNK))
@@ -359,18 +411,32 @@ class _WriteRun:
         while not lane.stopped:
             total = self.ring.total
             if total is not None and offset >= total:
-                return
-            want = buf if total is None else buf[: min(len(buf), total - offset)]
+                return None
+            limit = len(buf) if total is None else min(len(buf), total - offset)
+            if self.spill is not None:
+                if not self._wait_for(lane, lambda at=offset: self._spilled_past(lane, at)):
+                    return None
+                if lane.rejoin is not None and offset >= self.spill.end:
+                    return lane.rejoin
+                limit = min(limit, self.spill.end - offset)
+            want = buf[:limit]
             n = os.preadv(fd, [want], base + offset)
             if n == 0:
                 # A laggard on its own can overtake the reader: the end is known only once the
                 # reader reaches it.
                 end = self._source_end(lane) if total is None else total
                 if end is None or end == offset:
-                    return
+                    return None
                 raise SourceChanged(end, offset)  # the file shrank under us
             self._put(lane, buf[:n], offset, progressed, lambda: lane.stopped)
             offset += n
+        return None
+
+    def _spilled_past(self, lane: Lane, offset: int) -> bool:
+        """The spill holds bytes at ``offset``, or it never will (stopped, or the source ended)."""
+        spill = self.spill
+        assert spill is not None
+        return spill.end > offset or lane.rejoin is not None or self.ring.eof
 
     def _source_end(self, lane: Lane) -> int | None:
         """Wait for the reader to reach the source's end; None if the run stops first."""
@@ -494,7 +560,7 @@ class _WriteRun:
         if index == 0 and self.reader.held_length:
             assert self.held is not None
             return (self.stamp if stamp_head else self.held)[:length]
-        if self.pread is not None:
+        if self.pread is not None and (self.spill is None or start + length <= self.spill.end):
             fd, base = self.pread
             buf = memoryview(aligned_buffer(length))[:length]
             got = os.preadv(fd, [buf], base + start)

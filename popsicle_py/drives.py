@@ -583,14 +583,20 @@ def _btrfs_group(devnums: Iterable[int]) -> frozenset[int]:
     return frozenset().union(*(g for g in btrfs_groups() if g & wanted))
 
 
-def _mount_of(path: str, table: list[MountEntry]) -> MountEntry | None:
-    """The mount a path lies in: the longest mountpoint above it (the last one stacked)."""
+def _mount_of(path: str, table: list[MountEntry], devnum: int | None = None
+              ) -> MountEntry | None:
+    """The mount a path lies in: the longest mountpoint above it (the last one stacked),
+    preferring mounts whose filesystem is the file's own ``devnum`` (st_dev)."""
     real = os.path.realpath(path)
     best: MountEntry | None = None
+
+    def rank(entry: MountEntry) -> tuple[bool, int]:
+        return entry.devnum == devnum, len(entry.mountpoint)
+
     for entry in table:
         mp = entry.mountpoint
         inside = real == mp or real.startswith(mp.rstrip("/") + "/")
-        if inside and (best is None or len(mp) >= len(best.mountpoint)):
+        if inside and (best is None or rank(entry) >= rank(best)):
             best = entry
     return best
 
@@ -609,7 +615,7 @@ def devnums_holding(path: str, _depth: int = 0) -> frozenset[int]:
     numbers = {st.st_dev}
     if os.path.exists(_sys_dev(st.st_dev)) or _depth > 8:
         return frozenset(numbers)
-    entry = _mount_of(path, mount_table())
+    entry = _mount_of(path, mount_table(), st.st_dev)
     if entry is None:
         return frozenset(numbers)
     return frozenset(numbers | _entry_devnums(entry, _depth))

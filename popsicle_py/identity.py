@@ -13,7 +13,6 @@ descriptor) can use it without importing each other.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 
@@ -75,7 +74,3 @@ def same_media(recorded: MediaIdentity, now: MediaIdentity) -> str | None:
 def not_confirmed(path: str, why: str) -> str:
     """The one line that refuses a drive whose medium changed since the user confirmed it."""
     return f"{path} is not the drive you confirmed ({why}); nothing was written to it"
-
-
-def devnum_text(devnum: int) -> str:
-    return f"{os.major(devnum)}:{os.minor(devnum)}"

@@ -417,11 +417,15 @@ def list_drives(as_json: bool, show_all: bool, debug: bool) -> None:
             click.echo("no USB or SD drives found" if not show_all else "no disks found")
             return EXIT_OK
         table = Table()
-        for column in ("Device", "Drive", "Size", "Bus", "Mounted at", "Eligible"):
+        ports = any(d.port_path for d in found)  # which stick is which, on a hub
+        columns = ("Device", *(("Port",) if ports else ()), "Drive", "Size", "Bus",
+                   "Mounted at", "Eligible")
+        for column in columns:
             table.add_column(column, overflow="fold")
         for d in found:
             eligible = "yes" if d.eligible else f"no: {d.reason}"
-            table.add_row(d.path, d.label or "?", format_size(d.size), d.bus,
+            port = ((d.port_path or "-"),) if ports else ()
+            table.add_row(d.path, *port, d.label or "?", format_size(d.size), d.bus,
                           ", ".join(d.mountpoints), eligible)
         Console(highlight=False).print(table)
         return EXIT_OK

@@ -8,6 +8,11 @@ too: under umockdev a /dev node is a plain file, and a discovered drive must not
 The decisions themselves (:func:`system_reason`, :func:`eligibility`, :func:`explain`) are plain
 functions over plain data, so they are testable without any drive; the I/O lives at the edges
 (:func:`gather_facts`, :func:`discover`, :func:`drive_for_path`, :func:`still_same`).
+
+What a disk's bytes are stored on counts as much as the disk: a loop device is judged by what
+backs it (a block device, recursively; a file, with every other loop device and mount using
+that file), and the devices of a mounted multi-device btrfs, or the layers of an overlay, count
+as that filesystem's.  :class:`Backing` is that walk's result; the rules compare sets.
 """
 
 from __future__ import annotations
@@ -16,12 +21,18 @@ import os
 import re
 import stat
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
-import psutil
 import pyudev
 
+from popsicle_py import blockdev
 from popsicle_py.errors import Refused
+
+# Re-exported: callers find every drive rule here.
+from popsicle_py.identity import LoopKey as LoopKey
+from popsicle_py.identity import MediaIdentity as MediaIdentity
+from popsicle_py.identity import not_confirmed
+from popsicle_py.identity import same_media as same_media
 
 SYSFS = "/sys"
 
@@ -83,6 +94,16 @@ class Drive:
     system: bool
     #: Devices stacked on the disk or its partitions (dm, md): they keep it open.
     holders: tuple[str, ...] = ()
+    #: The USB port it hangs off ("1-1.2": bus 1, port 1, hub port 2); None when not USB.
+    port_path: str | None = None
+    #: The kernel's media counter when the drive was selected (Linux >= 5.15); None if unknown.
+    diskseq: int | None = None
+    #: For a loop device: what it stood on when selected.
+    loop: LoopKey | None = None
+    #: Why what backs it is in use (a loop device over a mounted device...), one reason each.
+    busy: tuple[str, ...] = ()
+    #: Where its bytes are stored; not in :meth:`to_json` (sets of device numbers).
+    backing: Backing | None = field(default=None, compare=False, repr=False)
 
     @property
     def label(self) -> str:
@@ -91,6 +112,12 @@ class Drive:
         if vendor and model.lower().startswith(vendor.lower()):
             vendor = ""
         return " ".join(part for part in (vendor, model) if part)
+
+    @property
+    def identity(self) -> MediaIdentity:
+        """The medium selected, to compare with what is there when writing starts."""
+        return MediaIdentity(self.path, self.devnum, self.size, self.diskseq, self.serial,
+                             self.loop, self.bus == "loop")
 
     @property
     def major(self) -> int:
@@ -110,7 +137,8 @@ class Drive:
         """Plain JSON-ready data (tuples become lists) for ``list --json`` and tests."""
         data: dict[str, object] = {}
         for key, value in asdict(self).items():
-            data[key] = list(value) if isinstance(value, tuple) else value
+            if key != "backing":
+                data[key] = list(value) if isinstance(value, tuple) else value
         data["label"] = self.label
         data["major"] = self.major
         data["minor"] = self.minor
@@ -121,13 +149,49 @@ class Drive:
 # Pure rules
 
 
+Inode = tuple[int, int]
+
+
+@dataclass(frozen=True)
+class Backing:
+    """Where a disk's bytes are stored, from walking down sysfs (see :func:`backing_of`).
+
+    ``devnums``/``files`` are what writing the disk overwrites: the disk, a loop device's
+    backing block device (recursively), a partition's disk, dm slaves, and a loop device's
+    backing file.  ``under``/``under_files`` add what those rest on without being written (the
+    disk holding a backing file), which a user of the disk (a mount) depends on as well.
+    """
+
+    devnums: frozenset[int]
+    files: frozenset[Inode] = frozenset()
+    under: frozenset[int] = frozenset()
+    under_files: frozenset[Inode] = frozenset()
+    #: What backs a loop device, for messages: "/dev/loop1", "/dev/shm/disk.img".
+    name: str | None = None
+
+    @property
+    def all_devnums(self) -> frozenset[int]:
+        return self.devnums | self.under
+
+    @property
+    def all_files(self) -> frozenset[Inode]:
+        return self.files | self.under_files
+
+
+def overwrites(target: Backing, devnums: frozenset[int], files: frozenset[Inode]) -> bool:
+    """Whether writing ``target`` overwrites storage that something resting on ``devnums``
+    and ``files`` (a mount, a swap area, the image, another target) uses."""
+    return bool(target.devnums & devnums or target.files & files)
+
+
 @dataclass(frozen=True)
 class Mount:
-    """One mount, with every block device number it rests on (partition, disk, dm slaves...)."""
+    """One mount, with every block device (and backing file) it rests on."""
 
     device: str
     mountpoint: str
     devnums: frozenset[int]
+    files: frozenset[Inode] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -136,6 +200,7 @@ class Swap:
 
     path: str
     devnums: frozenset[int]
+    files: frozenset[Inode] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -144,28 +209,39 @@ class SystemFacts:
 
     mounts: tuple[Mount, ...] = ()
     swaps: tuple[Swap, ...] = ()
-    #: Block devices the image file lives on (its filesystem's disk, loop backing chain...).
+    #: Block devices the image file lives on (its filesystem's disks, loop backing chain,
+    #: btrfs devices, overlay layers...).
     image_devnums: frozenset[int] = frozenset()
     #: (st_dev, st_ino) of the image, to catch a loop device whose backing file is the image.
-    image_inode: tuple[int, int] | None = None
+    image_inode: Inode | None = None
+    #: Backing files the image's filesystem rests on (an image inside a loop-mounted file).
+    image_files: frozenset[Inode] = frozenset()
 
 
-def system_reason(devnum: int, facts: SystemFacts, backing_inode: tuple[int, int] | None = None
-                  ) -> str | None:
-    """Why the disk ``devnum`` is a system drive, or None.
+def _as_backing(target: int | Backing, backing_inode: Inode | None = None) -> Backing:
+    if isinstance(target, Backing):
+        return target
+    files = frozenset({backing_inode}) if backing_inode else frozenset()
+    return Backing(frozenset({target}), files)
 
-    ``devnum`` is the whole disk's number; mounts and swaps already carry every device number
-    they rest on (their partition's disk included), so this is set membership, never prefixes.
+
+def system_reason(target: int | Backing, facts: SystemFacts,
+                  backing_inode: Inode | None = None) -> str | None:
+    """Why the disk (a device number, or its :class:`Backing`) is a system drive, or None.
+
+    Mounts and swaps carry every device number they rest on (their partition's disk
+    included), so this is set membership, never prefixes.  With a Backing, what the disk is
+    stored on counts too: a loop device over the system disk is the system disk.
     """
-    mounted = {m.mountpoint for m in facts.mounts if devnum in m.devnums}
+    backing = _as_backing(target, backing_inode)
+    mounted = {m.mountpoint for m in facts.mounts if overwrites(backing, m.devnums, m.files)}
     for mountpoint in SYSTEM_MOUNTS:
         if mountpoint in mounted:
             return f"system drive ({mountpoint} is mounted from it)"
-    if any(devnum in s.devnums for s in facts.swaps):
+    if any(overwrites(backing, s.devnums, s.files) for s in facts.swaps):
         return REASON_SWAP
-    if devnum in facts.image_devnums or (
-        backing_inode is not None and backing_inode == facts.image_inode
-    ):
+    image_files = facts.image_files | ({facts.image_inode} if facts.image_inode else set())
+    if overwrites(backing, facts.image_devnums, image_files):
         return REASON_IMAGE
     return None
 
@@ -177,6 +253,50 @@ def mountpoints_of(devnum: int, mounts: Iterable[Mount]) -> tuple[str, ...]:
         if devnum in m.devnums:
             seen.setdefault(m.mountpoint, None)
     return tuple(seen)
+
+
+def busy_reasons(devnum: int, backing: Backing, mounts: Iterable[Mount],
+                 holders_beneath: Iterable[str] = ()) -> tuple[str, ...]:
+    """Why what backs the disk ``devnum`` is in use, though the disk itself is not mounted.
+
+    A loop device over a mounted device, or over a file that a mounted loop device also uses,
+    writes under that filesystem: refused whatever ``--unmount`` says, since unmounting what
+    lies beneath a target is not what the user asked for.
+    """
+    what = backing.name or "what backs it"
+    found: dict[str, None] = {}
+    for m in mounts:
+        if devnum not in m.devnums and overwrites(backing, m.devnums, m.files):
+            found.setdefault(f"backed by {what}, which is in use ({m.device} is mounted at "
+                             f"{m.mountpoint})", None)
+    for holder in holders_beneath:
+        found.setdefault(f"backed by {what}, which is in use by {holder}", None)
+    return tuple(found)
+
+
+def format_binary(size: int) -> str:
+    """Thresholds are set in binary units: 128 GiB, 1.5 GiB, 512 MiB."""
+    for unit, factor in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if size >= factor:
+            return f"{size // factor} {unit}" if size % factor == 0 else \
+                f"{size / factor:.1f} {unit}"
+    return f"{size} B"
+
+
+_LETTERED = re.compile(r"(sd|hd|vd|xvd)([a-z]+)(.*)")
+
+
+def natural_key(path: str) -> tuple[str, tuple[str | int, ...]]:
+    """Sort key in the kernel's own order: loop2 before loop10, sdz before sdaa."""
+    head, name = os.path.split(path)
+    match = _LETTERED.fullmatch(name)
+    if match:
+        number = 0
+        for letter in match.group(2):  # bijective base 26: a=1 ... z=26, aa=27
+            number = number * 26 + ord(letter) - ord("a") + 1
+        name = f"{match.group(1)}{number}_{match.group(3)}"
+    parts = re.split(r"(\d+)", name)
+    return head, tuple(int(p) if i % 2 else p for i, p in enumerate(parts))
 
 
 def kind_reason(bus: str, *, explicit: bool) -> str | None:
@@ -220,6 +340,61 @@ def explain(path: str, reason: str) -> str:
     if reason == REASON_SWAP:
         return f"{path} is a system drive (active swap)"
     return f"{path} cannot be written: {reason}"
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """One reason not to write a drive: a few words for a drive found by discovery
+    (``watch``, ``--all-usb`` notes) and one line naming it for an explicit target."""
+
+    kind: str  # "ineligible", "max-size", "too-small", "mounted", "held", "busy"
+    reason: str
+    line: str
+
+
+def refusals(drive: Drive, *, image_size: int | None, unmount: bool = False,
+             max_size: int | None = None, auto: bool = False) -> list[Refusal]:
+    """Every reason not to write ``drive`` now, most fundamental first; empty when it may be.
+
+    The one home of the rules ``flash`` (every line, to refuse the run) and ``watch`` (the
+    first reason, to leave a stick alone) apply.  An ineligible drive gets its reason only: a
+    system drive stays refused whatever the user asked (``unmount`` covers ordinary mounts of
+    the drive itself, never what lies beneath it).  ``auto`` is for a drive nobody named
+    (discovered): only USB and SD drives, at most ``max_size``.
+    """
+    path = drive.path
+    if (auto and drive.bus not in AUTO_BUSES) or not drive.eligible:
+        reason = drive.reason or (REASON_NOT_USB if drive.eligible else "not eligible")
+        return [Refusal("ineligible", reason, explain(path, reason))]
+    found: list[Refusal] = []
+    if auto and max_size is not None and drive.size > max_size:
+        reason = f"larger than {format_binary(max_size)} (--max-size)"
+        found.append(Refusal("max-size", reason, f"{path} is {reason}"))
+    if image_size is not None and image_size > drive.size:
+        image, size = _sizes(image_size, drive.size)
+        found.append(Refusal(
+            "too-small", f"smaller than the image ({size} drive, {image} image)",
+            f"image is larger than {path}: {image} image, {size} drive"))
+    if drive.mountpoints and not unmount:
+        at = ", ".join(drive.mountpoints)
+        found.append(Refusal("mounted", f"mounted at {at}",
+                             f"{path} is mounted at {at}; use --unmount to unmount it"))
+    if drive.holders:
+        by = ", ".join(drive.holders)
+        found.append(Refusal("held", f"in use by {by} (LVM, encryption or RAID)",
+                             f"{path} is in use by {by} (LVM, encryption or RAID);"
+                             " deactivate that first"))
+    for reason in drive.busy:
+        found.append(Refusal("busy", reason, f"{path} is {reason}"))
+    return found
+
+
+def _sizes(image_size: int, drive_size: int) -> tuple[str, str]:
+    """Both sizes for the user; exact bytes too when rounding would make them look equal."""
+    image, drive = format_size(image_size), format_size(drive_size)
+    if image == drive:
+        image, drive = f"{image} ({image_size} bytes)", f"{drive} ({drive_size} bytes)"
+    return image, drive
 
 
 def format_size(size: int) -> str:
@@ -268,17 +443,29 @@ def _parse_devnum(text: str | None) -> int | None:
 def stack_of(devnum: int) -> frozenset[int]:
     """``devnum`` and every block device beneath it, from sysfs.
 
-    A partition rests on its disk, a dm/md device on its ``slaves``, a loop device on the
-    device holding its backing file.  Walking down this way is how a mount of /dev/dm-0 (LVM,
-    LUKS) or of a loop device protects the physical disk.
+    A partition rests on its disk, a dm/md device on its ``slaves``, a loop device on its
+    backing device or on the devices holding its backing file (through btrfs and overlay).
+    Walking down this way is how a mount of /dev/dm-0 (LVM, LUKS) or of a loop device protects
+    the physical disk.
     """
-    seen: set[int] = set()
-    todo = [devnum]
+    return backing_of(devnum).all_devnums
+
+
+def backing_of(devnum: int) -> Backing:
+    """Walk down from the disk ``devnum``: what writing it overwrites, and what it rests on."""
+    data: set[int] = set()
+    files: set[Inode] = set()
+    under: set[int] = set()
+    under_files: set[Inode] = set()
+    name: str | None = None
+    seen: set[tuple[int, bool]] = set()
+    todo = [(devnum, True)]  # (device, whether its bytes are the disk's bytes)
     while todo:
-        current = todo.pop()
-        if current in seen:
+        current, written = todo.pop()
+        if (current, written) in seen:
             continue
-        seen.add(current)
+        seen.add((current, written))
+        (data if written else under).add(current)
         base = _sys_dev(current)
         if not os.path.exists(base):
             continue
@@ -286,17 +473,32 @@ def stack_of(devnum: int) -> frozenset[int]:
         if os.path.exists(os.path.join(real, "partition")):
             parent = _parse_devnum(_read(os.path.join(os.path.dirname(real), "dev")))
             if parent is not None:
-                todo.append(parent)
+                todo.append((parent, written))
         slaves = os.path.join(real, "slaves")
         if os.path.isdir(slaves):
-            for name in os.listdir(slaves):
-                slave = _parse_devnum(_read(os.path.join(slaves, name, "dev")))
+            for slave_name in sorted(os.listdir(slaves)):
+                slave = _parse_devnum(_read(os.path.join(slaves, slave_name, "dev")))
                 if slave is not None:
-                    todo.append(slave)
+                    todo.append((slave, written))
         backing = _read(os.path.join(real, "loop", "backing_file"))
-        if backing:
-            todo.extend(_devnums_of_file(backing))
-    return frozenset(seen)
+        if not backing:
+            continue
+        if current == devnum:
+            name = backing
+        try:
+            st = os.stat(backing)
+        except OSError:
+            continue  # deleted since it was attached: nothing left to find by its name
+        if stat.S_ISBLK(st.st_mode):
+            todo.append((st.st_rdev, written))
+            continue
+        inode = (st.st_dev, st.st_ino)
+        (files if written else under_files).add(inode)
+        for holder in devnums_holding(backing):
+            todo.append((holder, False))
+    data_set = frozenset(data)
+    return Backing(data_set, frozenset(files), frozenset(under) - data_set,
+                   frozenset(under_files) - frozenset(files), name)
 
 
 def _devnums_of_file(path: str) -> list[int]:
@@ -311,64 +513,222 @@ def _devnums_of_file(path: str) -> list[int]:
     return numbers
 
 
-def current_mounts() -> tuple[Mount, ...]:
-    """Every mount backed by a block device, in mount-table order."""
-    mounts: list[Mount] = []
-    for part in psutil.disk_partitions(all=True):
-        numbers: list[int] = []
-        try:
-            st = os.stat(part.device) if part.device.startswith("/") else None
-        except OSError:
-            st = None
-        if st is not None and stat.S_ISBLK(st.st_mode):
-            numbers.append(st.st_rdev)
-        elif part.mountpoint in SYSTEM_MOUNTS:
-            # "/dev/root" and friends: the mountpoint's own st_dev is the filesystem's device.
-            try:
-                dev = os.stat(part.mountpoint).st_dev
-            except OSError:
-                continue
-            if os.path.exists(_sys_dev(dev)):
-                numbers.append(dev)
-        if not numbers:
-            continue
-        devnums = frozenset().union(*(stack_of(n) for n in numbers))
-        mounts.append(Mount(part.device, part.mountpoint, devnums))
-    return tuple(mounts)
+@dataclass(frozen=True)
+class MountEntry:
+    """One line of /proc/self/mountinfo, as much of it as the rules need."""
+
+    devnum: int  # the filesystem's st_dev (anonymous for btrfs, overlay, tmpfs...)
+    mountpoint: str
+    fstype: str
+    source: str
+    options: str  # the superblock's options (overlay layers are here)
 
 
-def _unescape_proc(field: str) -> str:
+def _unescape_mount(field: str) -> str:
     return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
 
 
+def mount_table(text: str | None = None) -> list[MountEntry]:
+    """/proc/self/mountinfo parsed (``text`` for tests)."""
+    if text is None:
+        text = _read("/proc/self/mountinfo") or ""
+    entries: list[MountEntry] = []
+    for line in text.splitlines():
+        left, sep, right = line.partition(" - ")
+        fields, tail = left.split(), right.split()
+        if not sep or len(fields) < 5 or len(tail) < 2:
+            continue
+        devnum = _parse_devnum(fields[2])
+        if devnum is None:
+            continue
+        entries.append(MountEntry(devnum, _unescape_mount(fields[4]), tail[0],
+                                  _unescape_mount(tail[1]), tail[2] if len(tail) > 2 else ""))
+    return entries
+
+
+def overlay_layers(options: str) -> list[str]:
+    """Directories an overlay is made of (lowerdir, upperdir, workdir...) from its options."""
+    layers: list[str] = []
+    for option in re.split(r"(?<!\\),", options):
+        key, _, value = option.partition("=")
+        if key in ("lowerdir", "lowerdir+", "upperdir", "workdir", "datadir+") and value:
+            for layer in re.split(r"(?<!\\):", value):
+                layer = _unescape_mount(layer).replace("\\:", ":").replace("\\,", ",")
+                if layer:
+                    layers.append(layer)
+    return layers
+
+
+def btrfs_groups() -> list[frozenset[int]]:
+    """The devices of each btrfs filesystem the kernel has open (/sys/fs/btrfs/*/devices)."""
+    root = f"{SYSFS}/fs/btrfs"
+    groups: list[frozenset[int]] = []
+    try:
+        fsids = sorted(os.listdir(root))
+    except OSError:
+        return groups
+    for fsid in fsids:
+        directory = os.path.join(root, fsid, "devices")
+        if not os.path.isdir(directory):
+            continue
+        members = {_parse_devnum(_read(os.path.join(directory, n, "dev")))
+                   for n in os.listdir(directory)}
+        group = frozenset(n for n in members if n is not None)
+        if group:
+            groups.append(group)
+    return groups
+
+
+def _btrfs_group(devnums: Iterable[int]) -> frozenset[int]:
+    wanted = set(devnums)
+    return frozenset().union(*(g for g in btrfs_groups() if g & wanted))
+
+
+def _mount_of(path: str, table: list[MountEntry], devnum: int | None = None
+              ) -> MountEntry | None:
+    """The mount a path lies in: the longest mountpoint above it (the last one stacked),
+    preferring mounts whose filesystem is the file's own ``devnum`` (st_dev)."""
+    real = os.path.realpath(path)
+    best: MountEntry | None = None
+
+    def rank(entry: MountEntry) -> tuple[bool, int]:
+        return entry.devnum == devnum, len(entry.mountpoint)
+
+    for entry in table:
+        mp = entry.mountpoint
+        inside = real == mp or real.startswith(mp.rstrip("/") + "/")
+        if inside and (best is None or rank(entry) >= rank(best)):
+            best = entry
+    return best
+
+
+def devnums_holding(path: str, _depth: int = 0) -> frozenset[int]:
+    """Block devices that store the file ``path``: its filesystem's disk or disks.
+
+    Most filesystems report their disk as the file's st_dev.  btrfs reports an anonymous
+    number: every device of that filesystem holds the file.  An overlay's files live in its
+    layers: the devices holding each layer directory hold it.
+    """
+    try:
+        st = os.stat(path)
+    except OSError:
+        return frozenset()
+    numbers = {st.st_dev}
+    if os.path.exists(_sys_dev(st.st_dev)) or _depth > 8:
+        return frozenset(numbers)
+    entry = _mount_of(path, mount_table(), st.st_dev)
+    if entry is None:
+        return frozenset(numbers)
+    return frozenset(numbers | _entry_devnums(entry, _depth))
+
+
+def _entry_devnums(entry: MountEntry, depth: int = 0) -> set[int]:
+    """Block devices a mount's filesystem stores its data on (not yet walked down)."""
+    numbers: set[int] = set()
+    if os.path.exists(_sys_dev(entry.devnum)):
+        numbers.add(entry.devnum)
+    if entry.source.startswith("/"):
+        try:
+            st = os.stat(entry.source)
+        except OSError:
+            st = None
+        if st is not None and stat.S_ISBLK(st.st_mode):
+            numbers.add(st.st_rdev)
+    if entry.fstype == "btrfs":
+        numbers |= _btrfs_group(numbers)
+    elif entry.fstype == "overlay":
+        for layer in overlay_layers(entry.options):
+            numbers |= devnums_holding(layer, depth + 1)
+    return numbers
+
+
+def _file_source(entry: MountEntry) -> Inode | None:
+    """A filesystem mounted straight from a regular file (FUSE image drivers do this)."""
+    if not entry.source.startswith("/"):
+        return None
+    try:
+        st = os.stat(entry.source)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino) if stat.S_ISREG(st.st_mode) else None
+
+
+def current_mounts() -> tuple[Mount, ...]:
+    """Every mount that rests on a block device or a file, in mount-table order.
+
+    A btrfs filesystem rests on all its devices, an overlay on the devices of its layers;
+    "/dev/root" and other unnamed roots are found by the filesystem's own device number.
+    """
+    mounts: list[Mount] = []
+    for entry in mount_table():
+        numbers = _entry_devnums(entry)
+        source_file = _file_source(entry)
+        if not numbers and source_file is None:
+            continue
+        devnums: set[int] = set()
+        files: set[Inode] = {source_file} if source_file else set()
+        for number in numbers:
+            backing = backing_of(number)
+            devnums |= backing.all_devnums
+            files |= backing.all_files
+        mounts.append(Mount(entry.source, entry.mountpoint, frozenset(devnums),
+                            frozenset(files)))
+    return tuple(mounts)
+
+
+def path_storage(path: str) -> tuple[frozenset[int], frozenset[Inode]]:
+    """Every block device and backing file a path (a swap file, the image) rests on.
+
+    A regular file: its own inode, the disks holding it, and what those rest on.  A block
+    device: the device and what it rests on.
+    """
+    try:
+        st = os.stat(path)
+    except OSError:
+        return frozenset(), frozenset()
+    if stat.S_ISBLK(st.st_mode):
+        starts: frozenset[int] = frozenset({st.st_rdev})
+        files: set[Inode] = set()
+    else:
+        starts = devnums_holding(path)
+        files = {(st.st_dev, st.st_ino)} if stat.S_ISREG(st.st_mode) else set()
+    devnums: set[int] = set()
+    for number in starts:
+        backing = backing_of(number)
+        devnums |= backing.all_devnums
+        files |= backing.all_files
+    return frozenset(devnums), frozenset(files)
+
+
 def current_swaps() -> tuple[Swap, ...]:
-    """Active swap areas from /proc/swaps, with the devices they rest on."""
+    """Active swap areas from /proc/swaps, with the devices and files they rest on."""
     text = _read("/proc/swaps") or ""
     swaps: list[Swap] = []
     for line in text.splitlines()[1:]:
         fields = line.split()
         if not fields:
             continue
-        path = _unescape_proc(fields[0])
-        numbers = _devnums_of_file(path)
-        if numbers:
-            swaps.append(Swap(path, frozenset().union(*(stack_of(n) for n in numbers))))
+        path = _unescape_mount(fields[0])
+        devnums, files = path_storage(path)
+        if devnums or files:
+            swaps.append(Swap(path, devnums, files))
     return tuple(swaps)
 
 
 def gather_facts(image_path: str | None = None) -> SystemFacts:
     """Read mounts, swaps and where the image lives: the inputs of :func:`system_reason`."""
     image_devnums: frozenset[int] = frozenset()
-    image_inode: tuple[int, int] | None = None
+    image_files: frozenset[Inode] = frozenset()
+    image_inode: Inode | None = None
     if image_path:
-        numbers = _devnums_of_file(image_path)
-        image_devnums = frozenset().union(*(stack_of(n) for n in numbers))
+        image_devnums, image_files = path_storage(image_path)
         try:
             st = os.stat(image_path)
             image_inode = (st.st_dev, st.st_ino)
         except OSError:
             pass
-    return SystemFacts(current_mounts(), current_swaps(), image_devnums, image_inode)
+    return SystemFacts(current_mounts(), current_swaps(), image_devnums, image_inode,
+                       image_files)
 
 
 # --------------------------------------------------------------------------------------------
@@ -422,7 +782,7 @@ def bus_of(device: pyudev.Device) -> str:
     if props.get("ID_BUS") == "usb" or _parent(device, "usb", "usb_device") is not None:
         return "usb"
     if props.get("ID_BUS"):
-        return props["ID_BUS"]
+        return str(props["ID_BUS"])
     if "/ata" in device.sys_path:
         return "ata"
     if _parent(device, "scsi") is not None:
@@ -476,15 +836,45 @@ def _holders(device: pyudev.Device, parts: list[pyudev.Device]) -> tuple[str, ..
     return tuple(found)
 
 
-def _backing_inode(device: pyudev.Device) -> tuple[int, int] | None:
-    backing = _read(os.path.join(device.sys_path, "loop", "backing_file"))
-    if not backing:
-        return None
+def _holders_beneath(backing: Backing, devnum: int) -> tuple[str, ...]:
+    """Devices stacked on what backs a loop device (dm over its backing device...)."""
+    found: dict[str, None] = {}
+    for number in sorted(backing.devnums - {devnum}):
+        base = _sys_dev(number)
+        if not os.path.exists(base):
+            continue
+        real = os.path.realpath(base)
+        dirs = [real] + [os.path.join(real, n) for n in sorted(os.listdir(real))
+                         if os.path.exists(os.path.join(real, n, "partition"))]
+        for directory in dirs:
+            holders = os.path.join(directory, "holders")
+            if os.path.isdir(holders):
+                for name in sorted(os.listdir(holders)):
+                    found.setdefault(f"/dev/{name}", None)
+    return tuple(found)
+
+
+def loop_key(path: str, devnum: int) -> LoopKey | None:
+    """What a loop device stands on: LOOP_GET_STATUS64 on a read-only descriptor (exact even
+    when the backing file was renamed), else sysfs."""
     try:
-        st = os.stat(backing)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
     except OSError:
-        return None
-    return (st.st_dev, st.st_ino)
+        return blockdev.loop_key_of_sysfs(devnum)
+    try:
+        if stat.S_ISBLK(os.fstat(fd).st_mode) and os.fstat(fd).st_rdev == devnum:
+            key = blockdev.loop_key_of_fd(fd)
+            if key is not None:
+                return key
+    finally:
+        os.close(fd)
+    return blockdev.loop_key_of_sysfs(devnum)
+
+
+def port_path_of(device: pyudev.Device) -> str | None:
+    """The USB port path ("1-1.2") of the usb_device above a disk, None when not on USB."""
+    usb = _parent(device, "usb", "usb_device")
+    return usb.sys_name if usb is not None else None
 
 
 def devnum_of(device: pyudev.Device) -> int:
@@ -504,13 +894,16 @@ def build_drive(device: pyudev.Device, facts: SystemFacts, *, explicit: bool,
     bus = bus_of(device)
     read_only = _attr(device, "ro") == "1"
     parts = _partitions(device)
-    swap = any(devnum in s.devnums for s in facts.swaps)
-    system = system_reason(devnum, facts, _backing_inode(device) if bus == "loop" else None)
+    backing = backing_of(devnum)
+    swap = any(overwrites(backing, s.devnums, s.files) for s in facts.swaps)
+    system = system_reason(backing, facts)
+    node = path or _node(device)
+    diskseq = _attr(device, "diskseq")
     eligible, reason = eligibility(bus=bus, size=size, read_only=read_only, system=system,
                                    explicit=explicit)
     vendor, model, serial = _identity(device)
     return Drive(
-        path=path or _node(device),
+        path=node,
         name=device.sys_name,
         devnum=devnum,
         vendor=vendor,
@@ -529,6 +922,11 @@ def build_drive(device: pyudev.Device, facts: SystemFacts, *, explicit: bool,
         reason=reason,
         system=system is not None,
         holders=_holders(device, parts),
+        port_path=port_path_of(device),
+        diskseq=int(diskseq) if diskseq and diskseq.isdigit() else None,
+        loop=loop_key(node, devnum) if bus == "loop" else None,
+        busy=busy_reasons(devnum, backing, facts.mounts, _holders_beneath(backing, devnum)),
+        backing=backing,
     )
 
 
@@ -541,16 +939,20 @@ def discover(context: pyudev.Context | None = None, *, include_all: bool = False
     """USB drives and SD cards (eligible or not), or with ``include_all`` every whole disk.
 
     Ineligible drives are listed too (an empty reader says "no medium") so the user sees why
-    a drive they expected is not offered.  Sorted by path.
+    a drive they expected is not offered; loop devices attached to nothing are not (they are
+    free slots, not disks).  Sorted as the kernel numbers them (loop2 before loop10).
     """
     context = context or pyudev.Context()
     facts = facts or gather_facts(image_path)
     drives: list[Drive] = []
     for device in context.list_devices(subsystem="block", DEVTYPE="disk"):
+        if device.sys_name.startswith("loop") and _attr(device, "size") in ("0", None) \
+                and not _attr(device, "loop/backing_file"):
+            continue
         drive = build_drive(device, facts, explicit=False)
         if include_all or drive.bus in AUTO_BUSES:
             drives.append(drive)
-    return sorted(drives, key=lambda d: d.path)
+    return sorted(drives, key=lambda d: natural_key(d.path))
 
 
 def _kind_of_file(mode: int) -> str:
@@ -612,30 +1014,47 @@ def drive_for_path(path: str, *, image_path: str | None = None,
     return drive
 
 
-def still_same(drive: Drive, *, context: pyudev.Context | None = None) -> str | None:
-    """None if ``drive.path`` is still the drive that was selected, else why not.
+def media_identity(path: str, *, context: pyudev.Context | None = None) -> MediaIdentity:
+    """The medium behind ``path`` now, from sysfs (and udev for the serial); OSError if gone.
 
-    A stick swapped in the same port between selection and writing gets the same path; its
-    device number, size or serial differs.
+    What :attr:`Drive.identity` recorded when the plan was made is compared with this before
+    opening, and with :func:`popsicle_py.blockdev.identity_of_fd` after.
     """
-    changed = f"{drive.path} changed since it was selected ({{}}): was it swapped?"
+    st = os.stat(path)
+    devnum = st.st_rdev if stat.S_ISBLK(st.st_mode) else 0
+    sys_path = _sys_dev(devnum)
+    sectors = _read(os.path.join(sys_path, "size"))
+    seq = _read(os.path.join(sys_path, "diskseq"))
+    serial: str | None = None
+    is_loop = False
+    if devnum and os.path.exists(sys_path):
+        try:
+            device = pyudev.Devices.from_sys_path(context or pyudev.Context(), sys_path)
+        except pyudev.DeviceNotFoundError:
+            device = None
+        if device is not None:
+            serial = _identity(device)[2]
+            is_loop = bus_of(device) == "loop"
+    return MediaIdentity(
+        path, devnum, int(sectors) * 512 if sectors and sectors.isdigit() else 0,
+        int(seq) if seq and seq.isdigit() else None, serial,
+        loop_key(path, devnum) if is_loop else None, is_loop)
+
+
+def still_same(drive: Drive, *, context: pyudev.Context | None = None) -> str | None:
+    """None if ``drive.path`` still holds the medium that was selected, else why not.
+
+    A stick swapped in the same port between selection and writing gets the same path and
+    perhaps the same size and serial; a loop device re-attached to another file the same path,
+    number and size.  The media identity (diskseq, loop backing) tells them apart.
+    """
     try:
-        st = os.stat(drive.path)
+        now = media_identity(drive.path, context=context)
     except FileNotFoundError:
         return f"{drive.path} is gone since it was selected: was it unplugged?"
     except OSError as e:
         return f"{drive.path} cannot be examined: {e.strerror}"
-    if not stat.S_ISBLK(st.st_mode) or st.st_rdev != drive.devnum:
-        return changed.format("different device number")
-    sys_path = _sys_dev(drive.devnum)
-    sectors = _read(os.path.join(sys_path, "size"))
-    size = int(sectors) * 512 if sectors and sectors.isdigit() else 0
-    if size != drive.size:
-        return changed.format("different size")
-    try:
-        device = pyudev.Devices.from_sys_path(context or pyudev.Context(), sys_path)
-    except pyudev.DeviceNotFoundError:
+    if now.devnum == drive.devnum and not os.path.exists(_sys_dev(drive.devnum)):
         return f"{drive.path} is gone since it was selected: was it unplugged?"
-    if _identity(device)[2] != drive.serial:
-        return changed.format("different serial")
-    return None
+    why = same_media(drive.identity, now)
+    return not_confirmed(drive.path, why) if why else None

@@ -117,7 +117,8 @@ def open_targets(drives: Sequence[DriveLike], *, for_writing: bool = True,
                  check: Callable[[Any], str | None] | None = None) -> list[BlockDevice]:
     """Open every drive, or none: a drive that cannot be opened stops the run before writing.
 
-    ``check(drive)`` may refuse a drive that changed since it was selected.
+    ``check(drive)`` may refuse a drive that changed since it was selected; a drive with an
+    ``identity`` is checked once more on the opened descriptor, before anything is written.
     """
     opened: list[BlockDevice] = []
     problems: list[str] = []
@@ -130,7 +131,7 @@ def open_targets(drives: Sequence[DriveLike], *, for_writing: bool = True,
         spec = OpenSpec(drive.path, drive.size, getattr(drive, "logical_block_size", 512))
         try:
             opener = blockdev.open_for_writing if for_writing else blockdev.open_for_reading
-            opened.append(opener(spec))
+            opened.append(blockdev.confirmed(opener(spec), getattr(drive, "identity", None)))
         except OSError as exc:
             problems.append(blockdev.describe_error(exc, drive.path))
     if problems:

@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 import pyudev
 
 from popsicle_py import drives
-from popsicle_py.drives import Drive, TargetError, format_size
+from popsicle_py.drives import Drive, TargetError
+from popsicle_py.drives import format_binary as format_binary  # its home is drives now
 from popsicle_py.errors import Refused
 
 DEFAULT_MAX_AUTO_SIZE = 128 * 2**30
@@ -37,42 +38,21 @@ class PlanError(Refused):
     """Targets refused before anything was written; one line per problem (exit 2)."""
 
 
-def format_binary(size: int) -> str:
-    """Thresholds are set in binary units: 128 GiB, 1.5 GiB, 512 MiB."""
-    for unit, factor in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if size >= factor:
-            return f"{size // factor} {unit}" if size % factor == 0 else \
-                f"{size / factor:.1f} {unit}"
-    return f"{size} B"
-
-
-def _sizes(image_size: int, drive_size: int) -> tuple[str, str]:
-    """Both sizes for the user; exact bytes too when rounding would make them look equal."""
-    image, drive = format_size(image_size), format_size(drive_size)
-    if image == drive:
-        image, drive = f"{image} ({image_size} bytes)", f"{drive} ({drive_size} bytes)"
-    return image, drive
-
-
 def refusals(drive: Drive, image_size: int | None, unmount: bool) -> list[str]:
     """Why ``drive`` cannot be written now, one line each; empty when it can.
 
-    An ineligible drive gets its reason only (a system drive stays refused whatever the user
-    asked: ``unmount`` only covers ordinary mounted partitions).
+    The rules are :func:`popsicle_py.drives.refusals` (shared with ``watch``).
     """
-    if not drive.eligible:
-        return [drives.explain(drive.path, drive.reason or "not eligible")]
-    lines: list[str] = []
-    if image_size is not None and image_size > drive.size:
-        image, size = _sizes(image_size, drive.size)
-        lines.append(f"image is larger than {drive.path}: {image} image, {size} drive")
-    if drive.mountpoints and not unmount:
-        lines.append(f"{drive.path} is mounted at {', '.join(drive.mountpoints)};"
-                     " use --unmount to unmount it")
-    if drive.holders:
-        lines.append(f"{drive.path} is in use by {', '.join(drive.holders)}"
-                     " (LVM, encryption or RAID); deactivate that first")
-    return lines
+    return [r.line for r in drives.refusals(drive, image_size=image_size, unmount=unmount)]
+
+
+def shared_storage(a: Drive, b: Drive) -> bool:
+    """Whether writing one target overwrites what the other is stored on (two loop devices
+    over one file, a loop device over another target or over a file on it)."""
+    if a.backing is None or b.backing is None:
+        return False
+    return (drives.overwrites(a.backing, b.backing.all_devnums, b.backing.all_files)
+            or drives.overwrites(b.backing, a.backing.all_devnums, a.backing.all_files))
 
 
 def warnings_for(drive: Drive, *, unmount: bool, max_auto_size: int = DEFAULT_MAX_AUTO_SIZE
@@ -123,17 +103,24 @@ def make_plan(devices: Sequence[str], *, all_usb: bool, image_path: str | None,
         for drive in drives.discover(context, image_path=image_path, facts=facts):
             if drive.devnum in named:
                 continue
-            if not drive.eligible:
-                notes.append(f"skipped {drive.describe()}: {drive.reason}")
-            elif drive.size > max_auto_size:
+            skip = [r for r in drives.refusals(drive, image_size=None, auto=True,
+                                               max_size=max_auto_size, unmount=True)
+                    if r.kind in ("ineligible", "max-size")]
+            if skip and skip[0].kind == "max-size":
                 notes.append(f"skipped {drive.describe()}: larger than"
                              f" {format_binary(max_auto_size)}; name it explicitly to use it")
+            elif skip:
+                notes.append(f"skipped {drive.describe()}: {skip[0].reason}")
             else:
                 named[drive.devnum] = drive.path
                 targets.append(drive)
 
-    for drive in targets:
+    for index, drive in enumerate(targets):
         lines.extend(refusals(drive, image_size, unmount))
+        for other in targets[:index]:
+            if shared_storage(drive, other):
+                lines.append(f"{drive.path} and {other.path} are stored on the same"
+                             " device or file: writing one overwrites the other; name one")
     if not targets and not lines:
         if all_usb:
             lines.append("no target drives: no eligible USB or SD drive was found")

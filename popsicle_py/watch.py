@@ -67,7 +67,7 @@ from popsicle_py.images import (
     open_image,
     verify_checksum,
 )
-from popsicle_py.plan import DEFAULT_MAX_AUTO_SIZE, format_binary
+from popsicle_py.plan import DEFAULT_MAX_AUTO_SIZE
 from popsicle_py.signals import Cancellation
 from popsicle_py.units import format_size
 
@@ -129,20 +129,8 @@ def ineligibility(drive: Drive, image_size: int | None, max_size: int) -> str | 
     Beyond eligibility and ``max_size`` (as ``flash --all-usb`` skips), a drive that ``flash``
     would refuse (smaller than the image, mounted, held by LVM/RAID/encryption) is left alone.
     """
-    if drive.bus not in drives.AUTO_BUSES:
-        return drive.reason or drives.REASON_NOT_USB
-    if not drive.eligible:
-        return drive.reason or "not eligible"
-    if drive.size > max_size:
-        return f"larger than {format_binary(max_size)} (--max-size)"
-    if image_size is not None and image_size > drive.size:
-        return (f"smaller than the image ({format_size(drive.size)} drive, "
-                f"{format_size(image_size)} image)")
-    if drive.mountpoints:
-        return f"mounted at {', '.join(drive.mountpoints)}"
-    if drive.holders:
-        return f"in use by {', '.join(drive.holders)} (LVM, encryption or RAID)"
-    return None
+    found = drives.refusals(drive, image_size=image_size, max_size=max_size, auto=True)
+    return found[0].reason if found else None
 
 
 def _sectors(device: pyudev.Device) -> int:

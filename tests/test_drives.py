@@ -267,8 +267,8 @@ def test_explicit_targets_and_still_same_in_testbed(tmp_path: Path) -> None:
     assert result["/dev/sr0"]["reason"] == "optical drive"
     assert result["/dev/nope"] == "/dev/nope does not exist"
     assert result["same"] is None
-    assert result["serial"] == ("/dev/sdb changed since it was selected (different serial):"
-                                " was it swapped?")
+    assert result["serial"] == ("/dev/sdb is not the drive you confirmed (different serial);"
+                                " nothing was written to it")
     assert "(different size)" in result["size"]
     assert "(different device number)" in result["devnum"]
     assert "gone" in result["gone"]

@@ -14,8 +14,10 @@ import fcntl
 import logging
 import os
 import stat
+from collections.abc import Sequence
 from dataclasses import dataclass
 
+from popsicle_py import drives
 from popsicle_py.buffers import address_of, aligned_buffer
 
 log = logging.getLogger(__name__)
@@ -277,8 +279,7 @@ def describe_error(exc: BaseException, path: str) -> str:
     if code == errno.EPERM:
         return f"{path}: operation not permitted; run as root (or with sudo)"
     if code == errno.EBUSY:
-        return (f"{path}: the drive is busy (mounted, or opened exclusively by another "
-                "program); unmount it or use --unmount")
+        return busy_message(path, _mountpoints(path))
     if code == errno.ENOMEDIUM:
         return f"{path}: no card in the reader"
     if code in (errno.ENODEV, errno.ENXIO):
@@ -292,3 +293,21 @@ def describe_error(exc: BaseException, path: str) -> str:
     if code == errno.ENOENT:
         return f"{path}: does not exist"
     return f"{path}: {detail}"
+
+
+def busy_message(path: str, mountpoints: Sequence[str]) -> str:
+    """Why opening ``path`` exclusively failed, and what helps: --unmount only when mounted."""
+    if mountpoints:
+        return (f"{path}: the drive is busy: mounted at {', '.join(mountpoints)}; unmount it "
+                "or use --unmount")
+    return (f"{path}: the drive is busy: another program has it open (see which with "
+            f"`fuser -v {path}*`); close it and try again")
+
+
+def _mountpoints(path: str) -> tuple[str, ...]:
+    try:
+        devnum = os.stat(path).st_rdev
+    except OSError:
+        return ()
+    return drives.mountpoints_of(devnum, drives.current_mounts())
+

@@ -10,6 +10,7 @@ when a signal stopped the run.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import sys
@@ -23,7 +24,7 @@ from rich.table import Table
 
 from popsicle_py import bmap as bmap_mod
 from popsicle_py import drives as drives_mod
-from popsicle_py import events
+from popsicle_py import events, sanity
 from popsicle_py import watch as watch_mod
 from popsicle_py._version import __version__
 from popsicle_py.bmap import Bmap, BmapError
@@ -31,10 +32,12 @@ from popsicle_py.engine import DEFAULT_BUCKETS
 from popsicle_py.flash import FlashJob, FlashOptions, OpenError, VerifyJob, open_targets
 from popsicle_py.images import (
     Checksum,
+    Image,
     ImageError,
     find_sidecar,
     open_image,
     parse_checksum_option,
+    read_head,
     verify_checksum,
 )
 from popsicle_py.plan import Plan, PlanError, make_plan, unmount_targets
@@ -206,6 +209,27 @@ def _checksum_for(image_path: str, sha256: str | None, checksum: str | None,
     return None if no_checksum else find_sidecar(image_path)
 
 
+def _image_sanity(img: Image, shown: str, force: bool) -> str | None:
+    """Refuse a file that is not a disk image (a failed download) unless --force; else a note.
+
+    A head that cannot be decoded is left to the job, which fails every drive naming the image
+    and the offset (as for damage further in), exactly as without this check.
+    """
+    try:
+        head = read_head(img, sanity.HEAD_SIZE)
+    except ImageError:
+        return None
+    verdict = sanity.check(head, img.size, shown)
+    if verdict.refusal is None:
+        return verdict.note
+    if not force:
+        raise Refused([f"{verdict.refusal}; --force writes it anyway"])
+    return f"{verdict.refusal}; writing it anyway (--force)"
+
+
+FORCE_HELP = "Write an image that does not look like a disk image (text, HTML, tiny)."
+
+
 def _require_terminal() -> None:
     """A script that forgot --yes must never write: no terminal, no question, no writing."""
     if not sys.stdin.isatty():
@@ -274,12 +298,13 @@ def _run_checksum(image: Any, checksum: Checksum, view: Any, cancel: Cancellatio
 @click.option("--checksum", metavar="ALGO:HEX",
               help="Expected checksum (sha1, sha256, sha512 or blake2b) of the image file.")
 @click.option("--no-checksum", is_flag=True, help="Ignore a checksum file next to the image.")
+@click.option("--force", is_flag=True, help=FORCE_HELP)
 @click.option("--debug", is_flag=True, help="Show debug messages and tracebacks.")
 def flash(image: str, devices: tuple[str, ...], all_usb: bool, yes: bool, unmount: bool,
           no_verify: bool, as_json: bool, bucket_size: int, buckets: int, max_size: int,
           stall_timeout: float, skip_identical: bool, bmap_path: str | None, no_bmap: bool,
           repair_attempts: int, sha256: str | None, checksum: str | None, no_checksum: bool,
-          debug: bool) -> None:
+          force: bool, debug: bool) -> None:
     """Write IMAGE to every DEVICE in parallel, then verify each.
 
     IMAGE may be raw or compressed (gzip, xz, bzip2, zstd, or a zip holding one image).
@@ -290,6 +315,7 @@ def flash(image: str, devices: tuple[str, ...], all_usb: bool, yes: bool, unmoun
             raise Refused(["no target drives: name devices or use --all-usb"])
         try:
             img = open_image(image)
+            image_note = _image_sanity(img, image, force)
             expected = _checksum_for(img.path, sha256, checksum, no_checksum)
             block_map = None if no_bmap else _block_map(img, bmap_path)
             size = img.size if block_map is None else block_map.image_size
@@ -297,6 +323,8 @@ def flash(image: str, devices: tuple[str, ...], all_usb: bool, yes: bool, unmoun
                              unmount=unmount, max_auto_size=max_size)
         except (ImageError, PlanError, BmapError) as exc:
             raise Refused([*getattr(exc, "notes", ()), *str(exc).splitlines()]) from None
+        if image_note is not None:
+            plan = dataclasses.replace(plan, notes=(image_note, *plan.notes))
         _confirm(plan, img, yes, "Flash")
         labels = {d.path: d.label for d in plan.targets}
         view = _make_view(as_json, labels)
@@ -441,7 +469,8 @@ def list_drives(as_json: bool, show_all: bool, debug: bool) -> None:
 # watch (duplicator mode)
 
 
-def _confirm_watch(image: Any, yes: bool, present: Sequence[drives_mod.Drive]) -> None:
+def _confirm_watch(image: Any, yes: bool, present: Sequence[drives_mod.Drive],
+                   note: str | None = None) -> None:
     """Ask once before overwriting every drive that will be plugged in; refuse without a tty."""
     if yes:
         return
@@ -456,6 +485,8 @@ def _confirm_watch(image: Any, yes: bool, present: Sequence[drives_mod.Drive]) -
         for drive in present:
             table.add_row(drive.path, drive.label or "?", format_size(drive.size))
         console.print(table)
+    if note is not None:
+        console.print(note, markup=False)
     console.print("[bold]Every eligible USB/SD drive plugged in from now on will be "
                   "overwritten.[/bold]")
     if not click.confirm("Continue?", default=False, err=True):
@@ -487,10 +518,11 @@ def _make_watch_view(as_json: bool, image: Any, count: int | None) -> Any:
 @click.option("--checksum", metavar="ALGO:HEX",
               help="Expected checksum (sha1, sha256, sha512 or blake2b) of the image file.")
 @click.option("--no-checksum", is_flag=True, help="Ignore a checksum file next to the image.")
+@click.option("--force", is_flag=True, help=FORCE_HELP)
 @click.option("--debug", is_flag=True, help="Show debug messages and tracebacks.")
 def watch(image: str, count: int | None, yes: bool, no_verify: bool, no_power_off: bool,
           include_present: bool, as_json: bool, max_size: int, sha256: str | None,
-          checksum: str | None, no_checksum: bool, debug: bool) -> None:
+          checksum: str | None, no_checksum: bool, force: bool, debug: bool) -> None:
     """Duplicator mode: write IMAGE to every eligible drive as it is plugged in.
 
     Each drive is written and verified on its own as soon as it appears, then powered off
@@ -500,6 +532,7 @@ def watch(image: str, count: int | None, yes: bool, no_verify: bool, no_power_of
     def body() -> int:
         try:
             img = open_image(image)
+            image_note = _image_sanity(img, image, force)
             expected = _checksum_for(img.path, sha256, checksum, no_checksum)
         except ImageError as exc:
             raise Refused(str(exc).splitlines()) from None
@@ -507,8 +540,10 @@ def watch(image: str, count: int | None, yes: bool, no_verify: bool, no_power_of
         if include_present:
             present = [d for d in drives_mod.discover(image_path=img.path)
                        if watch_mod.ineligibility(d, img.size, max_size) is None]
-        _confirm_watch(img, yes, present)
+        _confirm_watch(img, yes, present, image_note)
         view = _make_watch_view(as_json, img, count)
+        if image_note is not None and not as_json:
+            view.handle(events.Note(image_note))
         options = watch_mod.WatchOptions(count=count, verify=not no_verify,
                                          power_off=not no_power_off,
                                          include_present=include_present, max_size=max_size,

@@ -11,8 +11,10 @@ when a signal stopped the run.
 from __future__ import annotations
 
 import dataclasses
+import grp
 import json
 import logging
+import os
 import sys
 import traceback
 from collections.abc import Callable, Sequence
@@ -99,7 +101,12 @@ class BucketSizeType(SizeType):
 
 
 BUCKET_SIZE = BucketSizeType()
-DEVICE = click.Path(dir_okay=False, path_type=str)
+# Not readable=True: an ordinary user's "not readable" is said once, as what is needed
+# (_require_access), after the usual checks of each path.
+DEVICE = click.Path(dir_okay=False, readable=False, path_type=str)
+
+NEEDS_ROOT_TO_WRITE = "writing drives needs root: run with sudo (or install udisks2)"
+NEEDS_ROOT_TO_READ = "reading drives needs root: run with sudo"
 
 
 def _stderr() -> Console:
@@ -230,6 +237,32 @@ def _image_sanity(img: Image, shown: str, force: bool) -> str | None:
 FORCE_HELP = "Write an image that does not look like a disk image (text, HTML, tiny)."
 
 
+def access_refusal(euid: int, denied: Sequence[str], *, writing: bool) -> str | None:
+    """The one line for a user who may not open the drives (``denied``), or None."""
+    if euid == 0 or not denied:
+        return None  # root's own EACCES (rare: a locked-down node) is reported per drive
+    return NEEDS_ROOT_TO_WRITE if writing else NEEDS_ROOT_TO_READ
+
+
+def _require_access(paths: Sequence[str], *, writing: bool) -> None:
+    """Refuse at once, in one line, when this user cannot open the drives at all."""
+    mode = os.R_OK | (os.W_OK if writing else 0)
+    line = access_refusal(os.geteuid(), [p for p in paths if not os.access(p, mode)],
+                          writing=writing)
+    if line is not None:
+        raise Refused([line])
+
+
+def _may_write_future_drives() -> bool:
+    """Root, or a member of the group that owns disk nodes ("disk" on Debian and Fedora)."""
+    if os.geteuid() == 0:
+        return True
+    try:
+        return grp.getgrnam("disk").gr_gid in os.getgroups()
+    except KeyError:
+        return False
+
+
 def _require_terminal() -> None:
     """A script that forgot --yes must never write: no terminal, no question, no writing."""
     if not sys.stdin.isatty():
@@ -325,6 +358,7 @@ def flash(image: str, devices: tuple[str, ...], all_usb: bool, yes: bool, unmoun
             raise Refused([*getattr(exc, "notes", ()), *str(exc).splitlines()]) from None
         if image_note is not None:
             plan = dataclasses.replace(plan, notes=(image_note, *plan.notes))
+        _require_access([d.path for d in plan.targets], writing=True)
         _confirm(plan, img, yes, "Flash")
         labels = {d.path: d.label for d in plan.targets}
         view = _make_view(as_json, labels)
@@ -418,6 +452,7 @@ def verify(image: str, devices: tuple[str, ...], as_json: bool, debug: bool) -> 
             targets.append(drive)
         if lines:
             raise Refused(lines)
+        _require_access([d.path for d in targets], writing=False)
         try:
             opened = open_targets(targets, for_writing=False)
         except OpenError as exc:
@@ -536,6 +571,8 @@ def watch(image: str, count: int | None, yes: bool, no_verify: bool, no_power_of
             expected = _checksum_for(img.path, sha256, checksum, no_checksum)
         except ImageError as exc:
             raise Refused(str(exc).splitlines()) from None
+        if not _may_write_future_drives():
+            raise Refused([NEEDS_ROOT_TO_WRITE])
         present = []
         if include_present:
             present = [d for d in drives_mod.discover(image_path=img.path)

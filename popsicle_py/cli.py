@@ -346,6 +346,8 @@ def flash(image: str, devices: tuple[str, ...], all_usb: bool, yes: bool, unmoun
     def body() -> int:
         if not devices and not all_usb:
             raise Refused(["no target drives: name devices or use --all-usb"])
+        if no_bmap and bmap_path is not None:
+            raise Refused([f"--bmap {bmap_path} and --no-bmap contradict each other; give one"])
         try:
             img = open_image(image)
             image_note = _image_sanity(img, image, force)

@@ -21,6 +21,8 @@ from dataclasses import asdict, dataclass
 import psutil
 import pyudev
 
+from popsicle_py.units import format_size
+
 SYSFS = "/sys"
 
 #: Mountpoints that make the drive beneath them a system drive, in the order reasons name them.
@@ -218,18 +220,6 @@ def explain(path: str, reason: str) -> str:
     if reason == REASON_SWAP:
         return f"{path} is a system drive (active swap)"
     return f"{path} cannot be written: {reason}"
-
-
-def format_size(size: int) -> str:
-    """Decimal units, as drives are sold: 2.0 GB, 512.0 MB, 300 B."""
-    if size < 1000:
-        return f"{size} B"
-    value = float(size)
-    for unit in ("kB", "MB", "GB", "TB", "PB"):
-        value /= 1000
-        if value < 1000 or unit == "PB":
-            break
-    return f"{value:.1f} {unit}"
 
 
 def decode_udev(value: str) -> str:

@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 import pyudev
 
 from popsicle_py import drives
-from popsicle_py.drives import Drive, TargetError, format_size
+from popsicle_py.drives import Drive, TargetError
+from popsicle_py.units import format_size
 
 DEFAULT_MAX_AUTO_SIZE = 128 * 2**30
 
@@ -44,19 +45,10 @@ class PlanError(Exception):
         return "\n".join(self.lines)
 
 
-def format_binary(size: int) -> str:
-    """Thresholds are set in binary units: 128 GiB, 1.5 GiB, 512 MiB."""
-    for unit, factor in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if size >= factor:
-            return f"{size // factor} {unit}" if size % factor == 0 else \
-                f"{size / factor:.1f} {unit}"
-    return f"{size} B"
-
-
 def _sizes(image_size: int, drive_size: int) -> tuple[str, str]:
     """Both sizes for the user; exact bytes too when rounding would make them look equal."""
     image, drive = format_size(image_size), format_size(drive_size)
-    if image == drive:
+    if image.replace(".0 ", " ") == drive.replace(".0 ", " "):  # 2.0 MiB and 2 MiB look alike
         image, drive = f"{image} ({image_size} bytes)", f"{drive} ({drive_size} bytes)"
     return image, drive
 
@@ -87,7 +79,7 @@ def warnings_for(drive: Drive, *, unmount: bool, max_auto_size: int = DEFAULT_MA
     """What the confirmation should point out about a target that is allowed."""
     found: list[str] = []
     if drive.size > max_auto_size:
-        found.append(f"larger than {format_binary(max_auto_size)}")
+        found.append(f"larger than {format_size(max_auto_size)}")
     if drive.bus not in ("usb", "sd", "loop"):
         found.append(f"not a USB or SD drive ({drive.bus})")
     if drive.mountpoints and unmount:
@@ -134,7 +126,7 @@ def make_plan(devices: Sequence[str], *, all_usb: bool, image_path: str | None,
                 notes.append(f"skipped {drive.describe()}: {drive.reason}")
             elif drive.size > max_auto_size:
                 notes.append(f"skipped {drive.describe()}: larger than"
-                             f" {format_binary(max_auto_size)}; name it explicitly to use it")
+                             f" {format_size(max_auto_size)}; name it explicitly to use it")
             else:
                 named[drive.devnum] = drive.path
                 targets.append(drive)

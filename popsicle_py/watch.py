@@ -62,7 +62,7 @@ from popsicle_py.images import (
     open_image,
     verify_checksum,
 )
-from popsicle_py.plan import DEFAULT_MAX_AUTO_SIZE, format_binary
+from popsicle_py.plan import DEFAULT_MAX_AUTO_SIZE
 from popsicle_py.signals import Cancellation
 from popsicle_py.units import format_size
 
@@ -131,7 +131,7 @@ def ineligibility(drive: Drive, image_size: int | None, max_size: int) -> str | 
     if not drive.eligible:
         return drive.reason or "not eligible"
     if drive.size > max_size:
-        return f"larger than {format_binary(max_size)} (--max-size)"
+        return f"larger than {format_size(max_size)} (--max-size)"
     if image_size is not None and image_size > drive.size:
         return (f"smaller than the image ({format_size(drive.size)} drive, "
                 f"{format_size(image_size)} image)")

@@ -507,7 +507,7 @@ def list_drives(as_json: bool, show_all: bool, debug: bool) -> None:
 
 
 def _confirm_watch(image: Any, yes: bool, present: Sequence[drives_mod.Drive],
-                   note: str | None = None) -> None:
+                   notes: Sequence[str] = ()) -> None:
     """Ask once before overwriting every drive that will be plugged in; refuse without a tty."""
     if yes:
         return
@@ -522,7 +522,7 @@ def _confirm_watch(image: Any, yes: bool, present: Sequence[drives_mod.Drive],
         for drive in present:
             table.add_row(drive.path, drive.label or "?", format_size(drive.size))
         console.print(table)
-    if note is not None:
+    for note in notes:
         console.print(note, markup=False)
     console.print("[bold]Every eligible USB/SD drive plugged in from now on will be "
                   "overwritten.[/bold]")
@@ -579,8 +579,12 @@ def watch(image: str, count: int | None, yes: bool, no_verify: bool, no_power_of
         if include_present:
             present = [d for d in drives_mod.discover(image_path=img.path)
                        if watch_mod.ineligibility(d, img.size, max_size) is None]
-        _confirm_watch(img, yes, present, image_note)
+        udev_note = drives_mod.udev_hint()
+        notes = [n for n in (udev_note, image_note) if n is not None]
+        _confirm_watch(img, yes, present, notes)
         view = _make_watch_view(as_json, img, count)
+        if udev_note is not None:
+            view.handle(events.Note(udev_note))
         if image_note is not None and not as_json:
             view.handle(events.Note(image_note))
         options = watch_mod.WatchOptions(count=count, verify=not no_verify,

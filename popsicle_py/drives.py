@@ -627,3 +627,23 @@ def still_same(drive: Drive, *, context: pyudev.Context | None = None) -> str | 
     if _identity(device)[2] != drive.serial:
         return changed.format("different serial")
     return None
+
+
+NO_UDEV_NOTE = ("no udev daemon is running (no /run/udev/control), so no plugged-in drive "
+                "will be seen; start systemd-udevd, or name the drives to `flash`")
+
+
+def udev_note(*, control_exists: bool, testbed: bool) -> str | None:
+    """What to tell a ``watch`` user when hotplug events cannot arrive, or None.
+
+    Drives arrive as events that the udev daemon re-broadcasts (a umockdev testbed sends its
+    own); without either, ``watch`` would wait forever without a word.
+    """
+    return None if control_exists or testbed else NO_UDEV_NOTE
+
+
+def udev_hint(run_dir: str = "/run/udev") -> str | None:
+    """:func:`udev_note` for this machine: udevd's control socket, or a umockdev testbed."""
+    return udev_note(control_exists=os.path.exists(os.path.join(run_dir, "control")),
+                     testbed=bool(os.environ.get("UMOCKDEV_DIR")))
+

@@ -161,6 +161,7 @@ complete -c popsicle-py -n '__popsicle_py_at flash' -l 'sha256' -x -d 'Expected 
 complete -c popsicle-py -n '__popsicle_py_at flash' -l 'checksum' -x -d 'Expected checksum (sha1, sha256, sha512 or blake2b) of the image file.'
 complete -c popsicle-py -n '__popsicle_py_at flash' -l 'no-checksum' -d 'Ignore a checksum file next to the image.'
 complete -c popsicle-py -n '__popsicle_py_at flash' -l 'checksum-while-writing' -d 'Check the checksum only in the pass that writes the drives (no read of the image before writing).'
+complete -c popsicle-py -n '__popsicle_py_at flash' -l 'force' -d 'Write an image that does not look like a disk image (text, HTML, tiny).'
 complete -c popsicle-py -n '__popsicle_py_at flash' -l 'debug' -d 'Show debug messages and tracebacks.'
 complete -c popsicle-py -n '__popsicle_py_at flash' -s 'h' -l 'help' -d 'Show this message and exit.'
 complete -c popsicle-py -n '__popsicle_py_at flash image' -F
@@ -191,6 +192,7 @@ complete -c popsicle-py -n '__popsicle_py_at watch' -l 'max-size' -x -d 'Skip dr
 complete -c popsicle-py -n '__popsicle_py_at watch' -l 'sha256' -x -d 'Expected SHA-256 of the image file.'
 complete -c popsicle-py -n '__popsicle_py_at watch' -l 'checksum' -x -d 'Expected checksum (sha1, sha256, sha512 or blake2b) of the image file.'
 complete -c popsicle-py -n '__popsicle_py_at watch' -l 'no-checksum' -d 'Ignore a checksum file next to the image.'
+complete -c popsicle-py -n '__popsicle_py_at watch' -l 'force' -d 'Write an image that does not look like a disk image (text, HTML, tiny).'
 complete -c popsicle-py -n '__popsicle_py_at watch' -l 'debug' -d 'Show debug messages and tracebacks.'
 complete -c popsicle-py -n '__popsicle_py_at watch' -s 'h' -l 'help' -d 'Show this message and exit.'
 complete -c popsicle-py -n '__popsicle_py_at watch image' -F

@@ -23,12 +23,13 @@ import stat
 import struct
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import xxhash
 
+from popsicle_py import drives
 from popsicle_py.buffers import address_of, aligned_buffer
 from popsicle_py.events import Cause
 from popsicle_py.identity import LoopKey, MediaIdentity, not_confirmed, same_media
@@ -690,8 +691,7 @@ def failure(exc: BaseException, path: str) -> Failure:
         return Failure(Cause.PERMISSION,
                        f"{path}: operation not permitted; run as root (or with sudo)")
     if code == errno.EBUSY:
-        return Failure(Cause.BUSY, f"{path}: the drive is busy (mounted, or opened exclusively "
-                       "by another program); unmount it or use --unmount")
+        return Failure(Cause.BUSY, busy_message(path, _mountpoints(path)))
     if code == errno.ENOMEDIUM:
         return Failure(Cause.NO_MEDIUM, f"{path}: no card in the reader")
     if code in (errno.ENODEV, errno.ENXIO):
@@ -713,3 +713,22 @@ def failure(exc: BaseException, path: str) -> Failure:
 def describe_error(exc: BaseException, path: str) -> str:
     """:func:`failure`'s line alone."""
     return failure(exc, path).text
+
+
+def busy_message(path: str, mountpoints: Sequence[str]) -> str:
+    """Why opening ``path`` exclusively failed, and what helps: --unmount only when mounted."""
+    if mountpoints:
+        return (f"{path}: the drive is busy: mounted at {', '.join(mountpoints)}; unmount it "
+                "or use --unmount")
+    return (f"{path}: the drive is busy: another program has it open (see which with "
+            f"`fuser -v {path}*`); close it and try again")
+
+
+def _mountpoints(path: str) -> tuple[str, ...]:
+    try:
+        devnum = os.stat(path).st_rdev
+    except OSError:
+        return ()
+
+    return drives.mountpoints_of(devnum, drives.current_mounts())
+

@@ -10,8 +10,11 @@ when a signal stopped the run.
 
 from __future__ import annotations
 
+import dataclasses
+import grp
 import json
 import logging
+import os
 import sys
 import traceback
 from collections.abc import Callable, Sequence
@@ -23,7 +26,7 @@ from rich.table import Table
 
 from popsicle_py import bmap as bmap_mod
 from popsicle_py import drives as drives_mod
-from popsicle_py import events
+from popsicle_py import events, sanity
 from popsicle_py import watch as watch_mod
 from popsicle_py._version import __version__
 from popsicle_py.bmap import Bmap
@@ -32,9 +35,12 @@ from popsicle_py.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, PROG, PopsicleE
 from popsicle_py.flash import FlashJob, FlashOptions, VerifyJob, open_targets
 from popsicle_py.images import (
     Checksum,
+    Image,
+    ImageError,
     find_sidecar,
     open_image,
     parse_checksum_option,
+    read_head,
     verify_checksum,
 )
 from popsicle_py.plan import Plan, make_plan, unmount_targets
@@ -82,7 +88,12 @@ class BucketSizeType(SizeType):
 
 
 BUCKET_SIZE = BucketSizeType()
-DEVICE = click.Path(dir_okay=False, path_type=str)
+# Not readable=True: an ordinary user's "not readable" is said once, as what is needed
+# (_require_access), after the usual checks of each path.
+DEVICE = click.Path(dir_okay=False, readable=False, path_type=str)
+
+NEEDS_ROOT_TO_WRITE = "writing drives needs root: run with sudo (or install udisks2)"
+NEEDS_ROOT_TO_READ = "reading drives needs root: run with sudo"
 
 
 def _stderr() -> Console:
@@ -195,6 +206,53 @@ def _checksum_for(image_path: str, sha256: str | None, checksum: str | None,
     return None if no_checksum else find_sidecar(image_path)
 
 
+def _image_sanity(img: Image, shown: str, force: bool) -> str | None:
+    """Refuse a file that is not a disk image (a failed download) unless --force; else a note.
+
+    A head that cannot be decoded is left to the job, which fails every drive naming the image
+    and the offset (as for damage further in), exactly as without this check.
+    """
+    try:
+        head = read_head(img, sanity.HEAD_SIZE)
+    except ImageError:
+        return None
+    verdict = sanity.check(head, img.size, shown)
+    if verdict.refusal is None:
+        return verdict.note
+    if not force:
+        raise Refused([f"{verdict.refusal}; --force writes it anyway"])
+    return f"{verdict.refusal}; writing it anyway (--force)"
+
+
+FORCE_HELP = "Write an image that does not look like a disk image (text, HTML, tiny)."
+
+
+def access_refusal(euid: int, denied: Sequence[str], *, writing: bool) -> str | None:
+    """The one line for a user who may not open the drives (``denied``), or None."""
+    if euid == 0 or not denied:
+        return None  # root's own EACCES (rare: a locked-down node) is reported per drive
+    return NEEDS_ROOT_TO_WRITE if writing else NEEDS_ROOT_TO_READ
+
+
+def _require_access(paths: Sequence[str], *, writing: bool) -> None:
+    """Refuse at once, in one line, when this user cannot open the drives at all."""
+    mode = os.R_OK | (os.W_OK if writing else 0)
+    line = access_refusal(os.geteuid(), [p for p in paths if not os.access(p, mode)],
+                          writing=writing)
+    if line is not None:
+        raise Refused([line])
+
+
+def _may_write_future_drives() -> bool:
+    """Root, or a member of the group that owns disk nodes ("disk" on Debian and Fedora)."""
+    if os.geteuid() == 0:
+        return True
+    try:
+        return grp.getgrnam("disk").gr_gid in os.getgroups()
+    except KeyError:
+        return False
+
+
 def _require_terminal() -> None:
     """A script that forgot --yes must never write: no terminal, no question, no writing."""
     if not sys.stdin.isatty():
@@ -266,12 +324,13 @@ def _run_checksum(image: Any, checksum: Checksum, view: Any, cancel: Cancellatio
 @click.option("--checksum-while-writing", is_flag=True,
               help="Check the checksum only in the pass that writes the drives (no read of "
               "the image before writing).")
+@click.option("--force", is_flag=True, help=FORCE_HELP)
 @click.option("--debug", is_flag=True, help="Show debug messages and tracebacks.")
 def flash(image: str, devices: tuple[str, ...], all_usb: bool, yes: bool, unmount: bool,
           no_verify: bool, as_json: bool, bucket_size: int, buckets: int, max_size: int,
           stall_timeout: float, skip_identical: bool, bmap_path: str | None, no_bmap: bool,
           repair_attempts: int, sha256: str | None, checksum: str | None, no_checksum: bool,
-          checksum_while_writing: bool, debug: bool) -> None:
+          checksum_while_writing: bool, force: bool, debug: bool) -> None:
     """Write IMAGE to every DEVICE in parallel, then verify each.
 
     IMAGE may be raw or compressed (gzip, xz, bzip2, zstd, or a zip holding one image).
@@ -280,8 +339,11 @@ def flash(image: str, devices: tuple[str, ...], all_usb: bool, yes: bool, unmoun
     def body() -> int:
         if not devices and not all_usb:
             raise Refused(["no target drives: name devices or use --all-usb"])
+        if no_bmap and bmap_path is not None:
+            raise Refused([f"--bmap {bmap_path} and --no-bmap contradict each other; give one"])
         try:
             img = open_image(image)
+            image_note = _image_sanity(img, image, force)
             expected = _checksum_for(img.path, sha256, checksum, no_checksum)
             block_map = None if no_bmap else _block_map(img, bmap_path)
             size = img.size if block_map is None else block_map.image_size
@@ -289,6 +351,9 @@ def flash(image: str, devices: tuple[str, ...], all_usb: bool, yes: bool, unmoun
                              unmount=unmount, max_auto_size=max_size)
         except Refused as exc:
             raise Refused([*exc.notes, *exc.lines]) from None
+        if image_note is not None:
+            plan = dataclasses.replace(plan, notes=(image_note, *plan.notes))
+        _require_access([d.path for d in plan.targets], writing=True)
         _confirm(plan, img, yes, "Flash")
         labels = {d.path: d.label for d in plan.targets}
         view = _make_view(as_json, labels)
@@ -385,6 +450,7 @@ def verify(image: str, devices: tuple[str, ...], as_json: bool, stall_timeout: f
             targets.append(drive)
         if lines:
             raise Refused(lines)
+        _require_access([d.path for d in targets], writing=False)
         opened = open_targets(targets, for_writing=False)
         view = _make_view(as_json, {d.path: d.label for d in targets})
         cancel = Cancellation()
@@ -437,7 +503,8 @@ def list_drives(as_json: bool, show_all: bool, debug: bool) -> None:
 # watch (duplicator mode)
 
 
-def _confirm_watch(image: Any, yes: bool, present: Sequence[drives_mod.Drive]) -> None:
+def _confirm_watch(image: Any, yes: bool, present: Sequence[drives_mod.Drive],
+                   notes: Sequence[str] = ()) -> None:
     """Ask once before overwriting every drive that will be plugged in; refuse without a tty."""
     if yes:
         return
@@ -452,6 +519,8 @@ def _confirm_watch(image: Any, yes: bool, present: Sequence[drives_mod.Drive]) -
         for drive in present:
             table.add_row(drive.path, drive.label or "?", format_size(drive.size))
         console.print(table)
+    for note in notes:
+        console.print(note, markup=False)
     console.print("[bold]Every eligible USB/SD drive plugged in from now on will be "
                   "overwritten.[/bold]")
     if not click.confirm("Continue?", default=False, err=True):
@@ -483,10 +552,11 @@ def _make_watch_view(as_json: bool, image: Any, count: int | None) -> Any:
 @click.option("--checksum", metavar="ALGO:HEX",
               help="Expected checksum (sha1, sha256, sha512 or blake2b) of the image file.")
 @click.option("--no-checksum", is_flag=True, help="Ignore a checksum file next to the image.")
+@click.option("--force", is_flag=True, help=FORCE_HELP)
 @click.option("--debug", is_flag=True, help="Show debug messages and tracebacks.")
 def watch(image: str, count: int | None, yes: bool, no_verify: bool, no_power_off: bool,
           include_present: bool, as_json: bool, max_size: int, sha256: str | None,
-          checksum: str | None, no_checksum: bool, debug: bool) -> None:
+          checksum: str | None, no_checksum: bool, force: bool, debug: bool) -> None:
     """Duplicator mode: write IMAGE to every eligible drive as it is plugged in.
 
     Each drive is written and verified on its own as soon as it appears, then powered off
@@ -495,13 +565,22 @@ def watch(image: str, count: int | None, yes: bool, no_verify: bool, no_power_of
 
     def body() -> int:
         img = open_image(image)
+        image_note = _image_sanity(img, image, force)
         expected = _checksum_for(img.path, sha256, checksum, no_checksum)
+        if not _may_write_future_drives():
+            raise Refused([NEEDS_ROOT_TO_WRITE])
         present = []
         if include_present:
             present = [d for d in drives_mod.discover(image_path=img.path)
                        if watch_mod.ineligibility(d, img.size, max_size) is None]
-        _confirm_watch(img, yes, present)
+        udev_note = drives_mod.udev_hint()
+        notes = [n for n in (udev_note, image_note) if n is not None]
+        _confirm_watch(img, yes, present, notes)
         view = _make_watch_view(as_json, img, count)
+        if udev_note is not None:
+            view.handle(events.Note(udev_note))
+        if image_note is not None and not as_json:
+            view.handle(events.Note(image_note))
         options = watch_mod.WatchOptions(count=count, verify=not no_verify,
                                          power_off=not no_power_off,
                                          include_present=include_present, max_size=max_size,

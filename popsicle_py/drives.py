@@ -33,6 +33,7 @@ from popsicle_py.identity import LoopKey as LoopKey
 from popsicle_py.identity import MediaIdentity as MediaIdentity
 from popsicle_py.identity import not_confirmed
 from popsicle_py.identity import same_media as same_media
+from popsicle_py.units import format_size
 
 SYSFS = "/sys"
 
@@ -274,15 +275,6 @@ def busy_reasons(devnum: int, backing: Backing, mounts: Iterable[Mount],
     return tuple(found)
 
 
-def format_binary(size: int) -> str:
-    """Thresholds are set in binary units: 128 GiB, 1.5 GiB, 512 MiB."""
-    for unit, factor in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if size >= factor:
-            return f"{size // factor} {unit}" if size % factor == 0 else \
-                f"{size / factor:.1f} {unit}"
-    return f"{size} B"
-
-
 _LETTERED = re.compile(r"(sd|hd|vd|xvd)([a-z]+)(.*)")
 
 
@@ -368,7 +360,7 @@ def refusals(drive: Drive, *, image_size: int | None, unmount: bool = False,
         return [Refusal("ineligible", reason, explain(path, reason))]
     found: list[Refusal] = []
     if auto and max_size is not None and drive.size > max_size:
-        reason = f"larger than {format_binary(max_size)} (--max-size)"
+        reason = f"larger than {format_size(max_size)} (--max-size)"
         found.append(Refusal("max-size", reason, f"{path} is {reason}"))
     if image_size is not None and image_size > drive.size:
         image, size = _sizes(image_size, drive.size)
@@ -392,21 +384,9 @@ def refusals(drive: Drive, *, image_size: int | None, unmount: bool = False,
 def _sizes(image_size: int, drive_size: int) -> tuple[str, str]:
     """Both sizes for the user; exact bytes too when rounding would make them look equal."""
     image, drive = format_size(image_size), format_size(drive_size)
-    if image == drive:
+    if image.replace(".0 ", " ") == drive.replace(".0 ", " "):  # 2.0 MiB and 2 MiB look alike
         image, drive = f"{image} ({image_size} bytes)", f"{drive} ({drive_size} bytes)"
     return image, drive
-
-
-def format_size(size: int) -> str:
-    """Decimal units, as drives are sold: 2.0 GB, 512.0 MB, 300 B."""
-    if size < 1000:
-        return f"{size} B"
-    value = float(size)
-    for unit in ("kB", "MB", "GB", "TB", "PB"):
-        value /= 1000
-        if value < 1000 or unit == "PB":
-            break
-    return f"{value:.1f} {unit}"
 
 
 def decode_udev(value: str) -> str:
@@ -1058,3 +1038,23 @@ def still_same(drive: Drive, *, context: pyudev.Context | None = None) -> str | 
         return f"{drive.path} is gone since it was selected: was it unplugged?"
     why = same_media(drive.identity, now)
     return not_confirmed(drive.path, why) if why else None
+
+
+NO_UDEV_NOTE = ("no udev daemon is running (no /run/udev/control), so no plugged-in drive "
+                "will be seen; start systemd-udevd, or name the drives to `flash`")
+
+
+def udev_note(*, control_exists: bool, testbed: bool) -> str | None:
+    """What to tell a ``watch`` user when hotplug events cannot arrive, or None.
+
+    Drives arrive as events that the udev daemon re-broadcasts (a umockdev testbed sends its
+    own); without either, ``watch`` would wait forever without a word.
+    """
+    return None if control_exists or testbed else NO_UDEV_NOTE
+
+
+def udev_hint(run_dir: str = "/run/udev") -> str | None:
+    """:func:`udev_note` for this machine: udevd's control socket, or a umockdev testbed."""
+    return udev_note(control_exists=os.path.exists(os.path.join(run_dir, "control")),
+                     testbed=bool(os.environ.get("UMOCKDEV_DIR")))
+

@@ -36,6 +36,7 @@ __all__ = [
     "find_sidecar",
     "open_image",
     "parse_checksum_option",
+    "read_head",
     "verify_checksum",
 ]
 
@@ -150,6 +151,27 @@ class Image:
                     return b""
                 done += got
             return stream.read(length)
+
+
+def read_head(image: Image, length: int) -> bytes:
+    """The first ``length`` bytes of the decoded image, fewer when the image is shorter.
+
+    For a compressed image this decodes only as far as needed (the sanity check looks at the
+    start of what would be written, not at the compressed file).
+    """
+    chunks: list[bytes] = []
+    got = 0
+    try:
+        with image.open() as stream:
+            while got < length:
+                data = stream.read(length - got)
+                if not data:
+                    break
+                chunks.append(data)
+                got += len(data)
+    except OSError as e:
+        raise ImageError(f"{image.path} cannot be read: {e.strerror or e}") from None
+    return b"".join(chunks)
 
 
 # --------------------------------------------------------------------------- opening

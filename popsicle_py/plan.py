@@ -19,8 +19,8 @@ import pyudev
 
 from popsicle_py import drives
 from popsicle_py.drives import Drive, TargetError
-from popsicle_py.drives import format_binary as format_binary  # its home is drives now
 from popsicle_py.errors import Refused
+from popsicle_py.units import format_size
 
 DEFAULT_MAX_AUTO_SIZE = 128 * 2**30
 
@@ -60,7 +60,7 @@ def warnings_for(drive: Drive, *, unmount: bool, max_auto_size: int = DEFAULT_MA
     """What the confirmation should point out about a target that is allowed."""
     found: list[str] = []
     if drive.size > max_auto_size:
-        found.append(f"larger than {format_binary(max_auto_size)}")
+        found.append(f"larger than {format_size(max_auto_size)}")
     if drive.bus not in ("usb", "sd", "loop"):
         found.append(f"not a USB or SD drive ({drive.bus})")
     if drive.mountpoints and unmount:
@@ -108,7 +108,7 @@ def make_plan(devices: Sequence[str], *, all_usb: bool, image_path: str | None,
                     if r.kind in ("ineligible", "max-size")]
             if skip and skip[0].kind == "max-size":
                 notes.append(f"skipped {drive.describe()}: larger than"
-                             f" {format_binary(max_auto_size)}; name it explicitly to use it")
+                             f" {format_size(max_auto_size)}; name it explicitly to use it")
             elif skip:
                 notes.append(f"skipped {drive.describe()}: {skip[0].reason}")
             else:

@@ -1,4 +1,8 @@
-"""Sizes as people write them (16M, 4MiB, 1048576) and as people read them (1.5 GB)."""
+"""Sizes as people write them (16M, 4MiB, 1048576) and as the program prints them (1.5 GiB).
+
+The one home of size formatting: every size printed is in binary IEC units (KiB, MiB, GiB...),
+the units that ``16M`` and ``128GiB`` mean on input, so a size printed can be typed back.
+"""
 
 from __future__ import annotations
 
@@ -10,12 +14,14 @@ _UNITS = {
     "m": 1 << 20, "mib": 1 << 20, "mb": 1000**2,
     "g": 1 << 30, "gib": 1 << 30, "gb": 1000**3,
     "t": 1 << 40, "tib": 1 << 40, "tb": 1000**4,
+    "p": 1 << 50, "pib": 1 << 50, "pb": 1000**5,
+    "e": 1 << 60, "eib": 1 << 60, "eb": 1000**6,
 }
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
 
 
 def parse_size(text: str) -> int:
-    """Bytes in ``text``: a plain number, or with K/M/G/T (binary) or KB/MB/GB (decimal)."""
+    """Bytes in ``text``: a number, or with K/M/G/T/P/E or KiB.. (binary), or KB.. (decimal)."""
     match = _SIZE.match(text)
     if not match or match.group(2).lower() not in _UNITS:
         raise ValueError(f"not a size: {text!r} (examples: 16M, 4MiB, 1048576)")
@@ -25,13 +31,21 @@ def parse_size(text: str) -> int:
     return int(value)
 
 
+_BINARY_UNITS = ("KiB", "MiB", "GiB", "TiB", "PiB", "EiB")
+
+
 def format_size(n: int | None) -> str:
-    """Decimal units, as drive makers print them on the label."""
+    """Binary IEC units: ``511 B``, ``16 MiB`` (exact multiples bare), ``1.5 GiB``, ``?``."""
     if n is None:
         return "?"
-    size = float(n)
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if size < 1000 or unit == "TB":
-            return f"{n} B" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1000
-    return f"{n} B"
+    if n < 1024:
+        return f"{n} B"
+    factor = 1
+    for unit in _BINARY_UNITS:
+        factor *= 1024
+        # Move up while this unit would print 1024 or more (1023.96 MiB is 1.0 GiB, not 1024.0).
+        if round(n / factor, 1) < 1024 or unit == _BINARY_UNITS[-1]:
+            if n % factor == 0:
+                return f"{n // factor} {unit}"
+            return f"{n / factor:.1f} {unit}"
+    raise AssertionError("unreachable")

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from popsicle_py import BusVerifier, BusVerifierMessage, BusWriter, BusWriterMessage
+from popsicle_py import BusVerifier, BusVerifierMessage, BusWriter, BusWriterMessage, blockdev
 from popsicle_py.blockdev import BlockDevice, OpenSpec, open_for_reading, open_for_writing
 from popsicle_py.buffers import aligned_buffer
 from popsicle_py.engine import read_full, write_all
@@ -178,3 +178,11 @@ def test_verify_reads_the_device_back(loop_factory: Callable[..., Any],
         BusVerifierMessage.Invalid(1, bad)]
     reads = [m.bytes_read for m in rec if isinstance(m, BusVerifierMessage.Read) and m.id == 0]
     assert reads[-1] == len(image)
+
+
+def test_busy_message_suggests_unmount_only_when_mounted() -> None:
+    mounted = blockdev.busy_message("/dev/sdb", ["/media/u/STICK"])
+    assert mounted == ("/dev/sdb: the drive is busy: mounted at /media/u/STICK; unmount it or "
+                       "use --unmount")
+    held = blockdev.busy_message("/dev/sdb", [])
+    assert "--unmount" not in held and "`fuser -v /dev/sdb*`" in held

@@ -602,7 +602,7 @@ def test_confirmation_on_a_terminal_shows_the_drives_and_asks_once(
                           dimensions=(40, 120), encoding="utf-8", timeout=60)
     child.expect(r"Continue\?")
     table = ANSI.sub("", child.before)
-    assert loop.path in table and "4.2 MB" in table, table
+    assert loop.path in table and "4 MiB" in table, table
     assert holds_pattern(loop), "written before the answer"
     child.sendline(answer)
     child.expect(pexpect.EOF)

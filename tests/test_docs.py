@@ -15,6 +15,7 @@ import re
 import shutil
 import subprocess
 import sys
+import sysconfig
 import tarfile
 import zipfile
 from collections.abc import Iterator, Sequence
@@ -462,6 +463,48 @@ def test_python_m_prints_the_version() -> None:
         assert result.stdout.split() == [PROG + ",", "version", _version()]
 
 
+def _readme_block(containing: str) -> list[str]:
+    """The lines of the README's first ``sh`` block that contains ``containing``."""
+    for block in re.findall(r"```sh\n(.*?)```", (REPO / "README.md").read_text(), re.S):
+        if containing in block:
+            return block.splitlines()
+    raise AssertionError(f"README has no sh block with {containing!r}")
+
+
+def _words(command: str) -> list[str]:
+    return [w for w in command.split() if w not in ("-q", "-qq", "--no-install-recommends")]
+
+
+def test_ci_runs_the_readme_test_command() -> None:
+    """CI installs the README's packages and runs its pytest line, in the same kind of venv."""
+    [line] = [ln for ln in _readme_block("pytest") if "pytest" in ln]
+    steps = [_words(step) for step in line.split(" && ")]
+    ci_text = (REPO / ".ci" / "run").read_text().replace("\\\n", " ")
+    ci = [_words(ln.split(">")[0]) for ln in ci_text.splitlines()
+          if ln.strip() and not ln.lstrip().startswith("#")]
+    [readme_apt] = [s for s in steps if s[:2] == ["apt-get", "install"]]
+    [ci_apt] = [s for s in ci if s[:2] == ["apt-get", "install"]]
+    assert set(readme_apt) == set(ci_apt)
+    for step in steps:
+        if step[:2] != ["apt-get", "install"]:
+            assert step in ci, f"README's {' '.join(step)!r} is not in .ci/run"
+    assert ci[-1] == steps[-1], "the last thing CI runs is README's test command"
+    assert steps[-1][:2] == [".venv/bin/python", "-m"]  # the venv's Python, not the system's
+
+
+def test_readme_links_every_installed_data_file() -> None:
+    """The README's link lines name exactly the man page and completions the wheel installs."""
+    text = (REPO / "pyproject.toml").read_text()
+    section = text.split("[tool.setuptools.data-files]", 1)[1].split("\n[", 1)[0]
+    installed = {f"{d}/{Path(f).name}" for d, files in re.findall(r'"([^"]+)" = \[([^]]*)\]',
+                                                                   section)
+                 for f in re.findall(r'"([^"]+)"', files)}
+    linked = {m.group(1) for ln in _readme_block("ln -sf $S/")
+              if (m := re.match(r"ln -sf \$S/(\S+) ", ln))}
+    assert linked == {p.removeprefix("share/") for p in installed}
+    assert len(linked) == 4
+
+
 def _copy_repo(dest: Path) -> Path:
     """The working tree without VCS, caches and build output, as a fresh checkout has it."""
     ignore = shutil.ignore_patterns(".git", ".venv", "build", "dist", "*.egg-info", "__pycache__",
@@ -535,12 +578,19 @@ def test_install_puts_man_page_and_script_in_place(source_copy: Path, tmp_path: 
                    "zsh/site-functions/_popsicle-py", "fish/vendor_completions.d/popsicle-py.fish"):
         assert f"{data}/{wanted}" in names
 
-    # A fresh venv that sees the dependencies already installed here; this pip installs into it
-    # (pip --python), which is much faster than bootstrapping a pip inside the venv.
+    # A fresh venv that sees the dependencies installed for the interpreter running the tests
+    # (a .pth naming its site directories: --system-site-packages would see the base Python's,
+    # not an outer venv's); this pip installs into it (pip --python), which is much faster than
+    # bootstrapping a pip inside the venv.
     venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", "--system-site-packages",
-                    str(venv)], check=True, timeout=120)
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True,
+                   timeout=120)
     python = venv / "bin" / "python"
+    inner_site = Path(subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True, text=True, check=True).stdout.strip())
+    outer_site = dict.fromkeys(sysconfig.get_paths()[key] for key in ("purelib", "platlib"))
+    (inner_site / "outer-site.pth").write_text("".join(f"{d}\n" for d in outer_site))
     result = subprocess.run(
         [sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps",
          "--no-index", "--ignore-installed", "-q", str(wheel)],

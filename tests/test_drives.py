@@ -113,7 +113,7 @@ def test_explain_and_sizes() -> None:
         == "/dev/sda is a system drive (/ is mounted from it)"
     assert explain("/dev/sdd", "no medium").startswith("/dev/sdd has no medium")
     assert explain("/dev/sdg", "read-only") == "/dev/sdg is read-only (write-protected)"
-    assert format_size(2 * 10**9) == "2.0 GB"
+    assert format_size(2 * 10**9) == "1.9 GiB"
     assert format_size(511) == "511 B"
     assert make_drive().label == "SanDisk Cruzer Blade"
     assert make_drive(vendor="", model="").label == ""

@@ -28,7 +28,6 @@ from popsicle_py.plan import (
     DEFAULT_MAX_AUTO_SIZE,
     Plan,
     PlanError,
-    format_binary,
     make_plan,
     refusals,
     unmount_targets,
@@ -61,13 +60,13 @@ def test_a_fitting_unmounted_drive_has_no_refusals() -> None:
 
 def test_image_larger_than_drive_gives_both_sizes() -> None:
     assert refusals(make_drive(), 2 * 10**9, unmount=False) == [
-        "image is larger than /dev/sdb: 2.0 GB image, 1.0 GB drive"]
+        "image is larger than /dev/sdb: 1.9 GiB image, 953.7 MiB drive"]
 
 
 def test_sizes_that_round_alike_are_given_in_bytes() -> None:
     (line,) = refusals(make_drive(), 10**9 + 1, unmount=False)
-    assert line == ("image is larger than /dev/sdb: 1.0 GB (1000000001 bytes) image,"
-                    " 1.0 GB (1000000000 bytes) drive")
+    assert line == ("image is larger than /dev/sdb: 953.7 MiB (1000000001 bytes) image,"
+                    " 953.7 MiB (1000000000 bytes) drive")
 
 
 def test_mounted_drive_is_refused_unless_unmount_is_asked() -> None:
@@ -103,8 +102,6 @@ def test_held_drive_is_refused() -> None:
 
 
 def test_warnings() -> None:
-    assert format_binary(DEFAULT_MAX_AUTO_SIZE) == "128 GiB"
-    assert format_binary(3 * 2**29) == "1.5 GiB"
     big = make_drive(size=DEFAULT_MAX_AUTO_SIZE + 1)
     assert warnings_for(big, unmount=False) == ("larger than 128 GiB",)
     assert warnings_for(make_drive(bus="ata"), unmount=False) == ("not a USB or SD drive (ata)",)
@@ -153,7 +150,7 @@ def test_every_refusal_is_collected(tmp_path: Path) -> None:
             f"{parted.path}p1 is a partition; did you mean {parted.path}?",
             f"{regular} is not a block device (a regular file)",
             "/dev/does-not-exist does not exist",
-            f"image is larger than {small.path}: 3.1 MB image, 2.1 MB drive",
+            f"image is larger than {small.path}: 3 MiB image, 2 MiB drive",
             f"{ro.path} is read-only (write-protected)",
         ]
         assert str(info.value) == "\n".join(info.value.lines)
@@ -165,7 +162,8 @@ def test_image_larger_than_drive_leaves_it_untouched() -> None:
     with loop_device(2 * MiB) as loop:
         with open(loop.path, "rb") as f:
             before = f.read()
-        with pytest.raises(PlanError, match=r"\(2097153 bytes\) image, 2\.1 MB \(2097152 bytes\)"):
+        with pytest.raises(PlanError,
+                           match=r"2\.0 MiB \(2097153 bytes\) image, 2 MiB \(2097152 bytes\)"):
             make_plan([loop.path], all_usb=False, image_path=None, image_size=2 * MiB + 1,
                       unmount=True)
         with open(loop.path, "rb") as f:
@@ -302,11 +300,11 @@ def test_all_usb_picks_eligible_small_drives(tmp_path: Path) -> None:
     assert result == {
         "targets": ["/dev/mmcblk0", "/dev/sdb", "/dev/sde"],
         "notes": [
-            "skipped /dev/sdc (WD Elements 25A2, 1.0 TB): larger than 128 GiB;"
+            "skipped /dev/sdc (WD Elements 25A2, 931.5 GiB): larger than 128 GiB;"
             " name it explicitly to use it",
             "skipped /dev/sdd (Generic STORAGE DEVICE): no medium",
             "skipped /dev/sdf (Generic- SD/MMC): no medium",
-            "skipped /dev/sdg (Mass Storage Device, 8.0 GB): read-only",
+            "skipped /dev/sdg (Mass Storage Device, 7.4 GiB): read-only",
         ],
         "warnings": {},
     }

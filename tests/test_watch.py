@@ -407,7 +407,7 @@ def test_plain_output_without_json(tmp_path: Path) -> None:
                 as_json=False)
     assert run.rc == 0, run.stderr
     text = "\n".join(run.stdout)
-    assert f"{C.dev}: added (SanDisk Cruzer Blade, 67.1 MB)" in text
+    assert f"{C.dev}: added (SanDisk Cruzer Blade, 64 MiB)" in text
     assert f"{C.dev}: ok" in text
     assert f"{C.dev}: powered off" in text
     assert "done: 1 of 1 drives ok" in text
@@ -500,8 +500,8 @@ def test_plain_view_says_what_happened_to_each_drive() -> None:
     _feed(view, [*SESSION, events.DriveRemoved("/dev/sdc"), events.Summary()])
     lines = out.getvalue().splitlines()
     assert "watching: plug in the drives to write (Ctrl-C to stop)" in lines
-    assert "/dev/sdc: added (SanDisk Cruzer Blade, 67.1 MB)" in lines
-    assert "/dev/sda: ignored (Samsung SSD, 500.0 GB): not a USB or SD drive" in lines
+    assert "/dev/sdc: added (SanDisk Cruzer Blade, 64 MiB)" in lines
+    assert "/dev/sda: ignored (Samsung SSD, 465.7 GiB): not a USB or SD drive" in lines
     assert "/dev/sdd: failed: the drive was removed" in lines
     assert "/dev/sdc: powered off; it can be pulled" in lines
     assert "/dev/sdc: removed" in lines

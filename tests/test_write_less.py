@@ -148,6 +148,18 @@ def test_bmap_writes_only_mapped_ranges(sparse_image: tuple[Path, bytes],
     assert drive.read(len(data)) == data
 
 
+def test_bmap_with_no_bmap_is_a_usage_error(sparse_image: tuple[Path, bytes],
+                                            loop_factory: Callable[..., Loop]) -> None:
+    path, _ = sparse_image
+    drive = loop_factory(16 * MiB, fill=PATTERN)
+    rc, evs, err = flash(str(path), drive.path, "--no-bmap", "--bmap", f"{path}.bmap")
+    assert rc == 2
+    assert err.splitlines() == [f"popsicle-py: --bmap {path}.bmap and --no-bmap contradict "
+                                "each other; give one"]
+    assert [e["event"] for e in evs] == ["error", "summary"]
+    assert drive.read() == bytes([PATTERN]) * drive.size
+
+
 def test_bad_bmaps_are_refused_before_writing(sparse_image: tuple[Path, bytes],
                                               loop_factory: Callable[..., Loop],
                                               tmp_path: Path) -> None:

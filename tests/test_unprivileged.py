@@ -1,0 +1,129 @@
+"""An ordinary user is told, in one line, what writing drives needs; nothing is written.
+
+The command runs as uid ``nobody`` against a real loop device (mode 0600, root's, as a disk node
+is without udev).  The interpreter running the tests may sit under a directory ``nobody`` cannot
+enter (pyenv under /root): a private mount namespace then shows that one directory again, and
+nothing outside the test changes.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from conftest import REPO, Loop
+
+from popsicle_py.cli import NEEDS_ROOT_TO_READ, NEEDS_ROOT_TO_WRITE, access_refusal
+
+MiB = 1 << 20
+PATTERN = 0xA5
+NOBODY = 65534
+
+#: Run as root in a private mount namespace: make the given paths reachable, become nobody,
+#: and exec the command.  argv: keep-dir, then "--" separated: paths, command.
+_RUNNER = r"""
+import os, subprocess, sys
+keep, rest = sys.argv[1], sys.argv[2:]
+cut = rest.index("--")
+paths, command = rest[:cut], rest[cut + 1:]
+hidden = {}  # a directory closed to others -> where its real contents stay reachable
+def mount(*args):
+    subprocess.run(["mount", *args], check=True)
+for path in paths:
+    parts = path.strip("/").split("/")
+    for depth in range(1, len(parts)):
+        above = "/" + "/".join(parts[:depth])
+        if above not in hidden and os.stat(above).st_mode & 0o001:
+            continue
+        if above not in hidden:
+            hidden[above] = os.path.join(keep, str(len(hidden)))
+            os.makedirs(hidden[above])
+            mount("--bind", above, hidden[above])
+            mount("-t", "tmpfs", "-o", "mode=755", "unprivileged-test", above)
+        target = os.path.join(above, parts[depth])
+        if not os.path.exists(target):
+            source = os.path.join(hidden[above], parts[depth])
+            if os.path.isdir(source):
+                os.makedirs(target)
+            else:
+                open(target, "w").close()
+            mount("--bind", source, target)
+        break
+os.setgroups([])
+os.setgid(65534)
+os.setuid(65534)
+os.execv(command[0], command)
+"""
+
+
+def _as_nobody(*args: object, keep: Path) -> subprocess.CompletedProcess[str]:
+    needed = [os.path.realpath(p) for p in (sys.executable, sys.prefix, sys.base_prefix)]
+    command = [sys.executable, "-m", "popsicle_py", *map(str, args)]
+    env = {"PATH": "/usr/bin:/bin", "HOME": "/nonexistent", "PYTHONDONTWRITEBYTECODE": "1",
+           "PYTHONPATH": str(REPO), "LC_ALL": "C.UTF-8"}
+    return subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", sys.executable, "-c", _RUNNER,
+         str(keep), *needed, "--", *command],
+        stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60, env=env,
+        check=False)
+
+
+@pytest.fixture
+def public_dir() -> Iterator[Path]:
+    """A directory nobody may read (pytest's tmp_path is root's, mode 0700)."""
+    path = Path(tempfile.mkdtemp(prefix="install-unprivileged-", dir="/var/tmp"))
+    path.chmod(0o755)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path)
+
+
+def test_access_refusal_is_one_line_for_ordinary_users_only() -> None:
+    assert access_refusal(1000, ["/dev/sdb", "/dev/sdc"], writing=True) == (
+        "writing drives needs root: run with sudo (or install udisks2)")
+    assert access_refusal(1000, ["/dev/sdb"], writing=False) == NEEDS_ROOT_TO_READ
+    assert access_refusal(1000, [], writing=True) is None  # e.g. in the "disk" group
+    assert access_refusal(0, ["/dev/sdb"], writing=True) is None
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("command", ["flash", "verify", "watch"])
+def test_ordinary_user_is_told_what_is_needed(loop_factory: Callable[..., Loop],
+                                              public_dir: Path, command: str) -> None:
+    loop = loop_factory(4 * MiB, fill=PATTERN)
+    assert stat.S_IMODE(os.stat(loop.path).st_mode) & 0o006 == 0  # not ours to open as nobody
+    image = public_dir / "image.img"
+    image.write_bytes(os.urandom(1 * MiB))
+    image.chmod(0o644)
+    keep = public_dir / "keep"
+    keep.mkdir()
+    args: list[object] = {"flash": ["flash", "--yes", image, loop.path],
+                          "verify": ["verify", image, loop.path],
+                          "watch": ["watch", "--yes", "--count", "1", image]}[command]
+
+    result = _as_nobody(*args, keep=keep)
+
+    expected = NEEDS_ROOT_TO_READ if command == "verify" else NEEDS_ROOT_TO_WRITE
+    assert result.stderr.splitlines() == [f"popsicle-py: {expected}"], result.stderr
+    assert result.returncode == 2
+    assert loop.read() == bytes([PATTERN]) * loop.size
+
+
+@pytest.mark.root
+def test_ordinary_user_still_hears_of_a_missing_drive_first(public_dir: Path) -> None:
+    image = public_dir / "image.img"
+    image.write_bytes(os.urandom(1 * MiB))
+    image.chmod(0o644)
+    keep = public_dir / "keep"
+    keep.mkdir()
+    result = _as_nobody("flash", "--yes", image, "/dev/no-such-drive", keep=keep)
+    assert result.stderr.splitlines() == ["popsicle-py: /dev/no-such-drive does not exist"]
+    assert result.returncode == 2

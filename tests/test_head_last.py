@@ -1,0 +1,180 @@
+"""Partition table last, for real, and a checksum that vouches for the bytes written (issue 15).
+
+At every moment before a drive is reported ok, its first 64 KiB (MBR, GPT, ISO 9660 volume
+descriptors, a FAT boot sector) are not the image's: ``blkid -p`` finds no signature of the
+image on a drive that was interrupted or failed, even inside the first bucket.  And the image's
+checksum is computed again in the very pass that feeds the drives, so an image that changes
+between the check and the write fails every drive instead of passing for the checksummed one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import Loop, needs_root, popsicle_cmd
+
+MiB = 1 << 20
+HEAD = 64 << 10
+PATTERN = 0x5A
+
+pytestmark = needs_root
+
+
+def vfat_image(path: Path, size: int) -> bytes:
+    """A FAT file system image (its boot sector is what blkid -p recognises), random inside."""
+    with open(path, "wb") as f:
+        f.write(os.urandom(size))
+    subprocess.run(["mkfs.vfat", "-n", "POPSICLE", str(path)], check=True, capture_output=True)
+    return path.read_bytes()
+
+
+def signature(loop: Loop) -> str:
+    """What blkid -p (probing the device itself, no cache) says is on the drive."""
+    proc = subprocess.run(["blkid", "-p", "-o", "export", loop.path], capture_output=True,
+                          text=True)
+    return proc.stdout.strip()
+
+
+def events_of(out: str) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in out.splitlines() if line.strip()]
+
+
+def result(evs: list[dict[str, Any]], device: str) -> dict[str, Any]:
+    summary = evs[-1]
+    assert summary["event"] == "summary"
+    return next(r for r in summary["results"] if r["device"] == device)
+
+
+def test_ctrl_c_inside_the_first_bucket_leaves_no_image_signature(
+        loop_factory: Callable[..., Loop], throttle: Callable[..., Any], tmp_path: Path) -> None:
+    image = tmp_path / "fat.img"
+    data = vfat_image(image, 24 * MiB)
+    drives = [loop_factory(32 * MiB, fill=PATTERN) for _ in range(2)]
+    add = throttle(*((d, 2 * MiB) for d in drives))
+    proc = subprocess.Popen(
+        [*popsicle_cmd(), "flash", str(image), *(d.path for d in drives), "--yes", "--json",
+         "--bucket-size", "16M"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdin=subprocess.DEVNULL, preexec_fn=lambda: add(os.getpid()))
+    assert proc.stdout is not None
+    seen = []
+    for line in proc.stdout:
+        event = json.loads(line)
+        seen.append(event)
+        # Inside the first bucket (16 MiB): 4 MiB of it on the drive, the head held back.
+        if event["event"] == "progress" and event["bytes"] >= 4 * MiB:
+            proc.send_signal(signal.SIGINT)
+            break
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130, err
+    evs = events_of(out)
+    for drive in drives:
+        assert result(evs, drive.path)["status"] == "cancelled"
+        assert drive.read(HEAD) != data[:HEAD]
+        assert "TYPE=" not in signature(drive), signature(drive)
+
+
+def test_a_drive_that_dies_inside_the_first_bucket_shows_no_image_signature(
+        loop_factory: Callable[..., Loop], dying_loop: Callable[..., Loop],
+        tmp_path: Path) -> None:
+    image = tmp_path / "fat.img"
+    data = vfat_image(image, 24 * MiB)
+    good = loop_factory(32 * MiB, fill=PATTERN)
+    dying = dying_loop(32 * MiB, good=4 * MiB)  # every write past 4 MiB fails
+    proc = subprocess.run(
+        [*popsicle_cmd(), "flash", str(image), good.path, dying.path, "--yes", "--json",
+         "--bucket-size", "16M"], capture_output=True, text=True, stdin=subprocess.DEVNULL,
+        timeout=120)
+    assert proc.returncode == 1, proc.stderr
+    evs = events_of(proc.stdout)
+    assert result(evs, good.path)["status"] == "ok"
+    assert result(evs, dying.path)["status"] == "failed"
+    assert good.read(len(data)) == data
+    assert "TYPE=vfat" in signature(good)
+    assert dying.read(HEAD) != data[:HEAD]
+    assert "TYPE=" not in signature(dying), signature(dying)
+
+
+def test_an_image_that_changes_after_its_checksum_fails_every_drive(
+        loop_factory: Callable[..., Loop], throttle: Callable[..., Any], tmp_path: Path) -> None:
+    """Right checksum before writing, one byte different while the drives are fed: every drive
+    fails, none holds the image's head (a flaky source, or a file changed under us)."""
+    image = tmp_path / "fat.img"
+    data = vfat_image(image, 24 * MiB)
+    digest = hashlib.sha256(data).hexdigest()
+    drives = [loop_factory(32 * MiB, fill=PATTERN) for _ in range(2)]
+    add = throttle(*((d, 4 * MiB) for d in drives))
+    proc = subprocess.Popen(
+        [*popsicle_cmd(), "flash", str(image), *(d.path for d in drives), "--yes", "--json",
+         "--sha256", digest, "--bucket-size", "1M", "--buckets", "2"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL,
+        preexec_fn=lambda: add(os.getpid()))
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        event = json.loads(line)
+        if event["event"] == "note" and event["text"].startswith("checksum ok"):
+            # The drives take seconds to reach 20 MiB; the reader is a ring (2 MiB) ahead.
+            with open(image, "r+b") as f:
+                f.seek(20 * MiB)
+                byte = f.read(1)
+                f.seek(20 * MiB)
+                f.write(bytes([byte[0] ^ 1]))
+            break
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1, err
+    evs = events_of(out)
+    for drive in drives:
+        r = result(evs, drive.path)
+        assert r["status"] == "failed" and r["cause"] == "source", r
+        assert "no longer matches its checksum" in r["error"]
+        assert drive.read(HEAD) != data[:HEAD]
+        assert "TYPE=" not in signature(drive)
+
+
+def test_checksum_while_writing_still_vouches_in_the_write_pass(
+        loop_factory: Callable[..., Loop], tmp_path: Path) -> None:
+    image = tmp_path / "fat.img"
+    data = vfat_image(image, 6 * MiB)
+    drive = loop_factory(8 * MiB, fill=PATTERN)
+    wrong = hashlib.sha256(data + b"x").hexdigest()
+    proc = subprocess.run(
+        [*popsicle_cmd(), "flash", str(image), drive.path, "--yes", "--json", "--sha256", wrong,
+         "--checksum-while-writing"], capture_output=True, text=True, stdin=subprocess.DEVNULL,
+        timeout=60)
+    assert proc.returncode == 1, proc.stderr
+    evs = events_of(proc.stdout)
+    assert not any(e["event"] == "phase" and e["phase"] == "checksum" for e in evs)
+    r = result(evs, drive.path)
+    assert r["status"] == "failed" and "no longer matches its checksum" in r["error"]
+    assert drive.read(HEAD) != data[:HEAD]
+    right = hashlib.sha256(data).hexdigest()
+    proc = subprocess.run(
+        [*popsicle_cmd(), "flash", str(image), drive.path, "--yes", "--json", "--sha256", right,
+         "--checksum-while-writing"], capture_output=True, text=True, stdin=subprocess.DEVNULL,
+        timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert drive.read(len(data)) == data
+
+
+@pytest.mark.parametrize("tool", ["xz", "zstd"])
+def test_the_checksum_of_a_compressed_image_covers_the_file_as_downloaded(
+        loop_factory: Callable[..., Loop], tmp_path: Path, tool: str) -> None:
+    raw = tmp_path / "fat.img"
+    data = vfat_image(raw, 4 * MiB)
+    subprocess.run([tool, "-q", "-k", str(raw)], check=True)
+    packed = tmp_path / ("fat.img.xz" if tool == "xz" else "fat.img.zst")
+    drive = loop_factory(8 * MiB, fill=PATTERN)
+    digest = hashlib.sha256(packed.read_bytes()).hexdigest()
+    proc = subprocess.run(
+        [*popsicle_cmd(), "flash", str(packed), drive.path, "--yes", "--json", "--sha256",
+         digest, "--checksum-while-writing"], capture_output=True, text=True,
+        stdin=subprocess.DEVNULL, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert drive.read(len(data)) == data

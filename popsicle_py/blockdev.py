@@ -146,6 +146,12 @@ class BlockDevice:
     def closed(self) -> bool:
         return self.fd < 0
 
+    @property
+    def in_call(self) -> bool:
+        """A read or write of another thread has not returned (a hung drive)."""
+        with self._lock:
+            return self._busy > 0
+
     def _enter(self) -> int:
         with self._lock:
             if self.fd < 0 or self._closing:

@@ -207,10 +207,18 @@ class _Job:
         return [d for d in self.drives if d.live]
 
     def _close_all(self) -> None:
-        """Free every descriptor, whatever the drive's end (see BlockDevice.close)."""
+        """Free every descriptor, whatever the drive's end (see BlockDevice.close).
+
+        A drive whose last call has not returned (hung in the kernel) gets a note: the summary
+        comes now, but the process can only end once the kernel gives that call up.
+        """
         for drive in self.drives:
             with contextlib.suppress(OSError):
                 drive.device.close()
+            if getattr(drive.device, "in_call", False):
+                self.emit(Note(f"{drive.path}: a read or write to this drive has not returned; "
+                               "popsicle-py exits once the kernel gives up on it (its own "
+                               "timeout, about 30 s per try for a USB stick)"))
 
     def _summary(self) -> Summary:
         summary = Summary(tuple(self._result(d) for d in self.drives), self.cancelled)

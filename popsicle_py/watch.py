@@ -448,10 +448,14 @@ class WatchSession:
         self._media[drive.devnum] = drive.size
         previous = self._current.get(drive.devnum)
         if previous is not None and (previous.in_flight or previous.present_at_start):
-            # An "add" queued before the drive was listed as present, or a second one for a
-            # drive being written: the same appearance, not a new drive.
-            log.debug("%s: add event for a drive already known; ignored", drive.path)
-            return
+            if drives.same_media(previous.drive.identity, drive.identity) is None:
+                # An "add" queued before the drive was listed as present, or a second one for
+                # a drive being written: the same appearance, not a new drive.
+                log.debug("%s: add event for a drive already known; ignored", drive.path)
+                return
+            # Another medium under the same device number (diskseq, size or serial moved):
+            # the one we knew is gone, whatever events were lost on the way.
+            self._gone(drive.devnum)
         seen = _Seen(device, drive)
         self._current[drive.devnum] = seen
         reason = ineligibility(drive, self._source.size, self.options.max_size)

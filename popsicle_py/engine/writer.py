@@ -22,6 +22,7 @@ the end are the image's, and never looks like the image to a computer before tha
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import threading
 from collections.abc import Callable, Sequence
@@ -414,7 +415,7 @@ class _WriteRun:
                 return None
             limit = len(buf) if total is None else min(len(buf), total - offset)
             if self.spill is not None:
-                if not self._wait_for(lane, lambda at=offset: self._spilled_past(lane, at)):
+                if not self._wait_for(lane, functools.partial(self._spilled_past, lane, offset)):
                     return None
                 if lane.rejoin is not None and offset >= self.spill.end:
                     return lane.rejoin

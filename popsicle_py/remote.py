@@ -424,10 +424,21 @@ class Download(io.RawIOBase):
         self._drop()
 
     def _next(self, limit: int) -> bytes:
-        """Up to ``limit`` bytes: the probe's head first, then the connection; b"" at the end."""
+        """Up to ``limit`` bytes: the probe's head first, then the connection; b"" at the end.
+
+        The first read joins the head to more of the body, so that a connection lost before
+        anything was handed out can start over even on a server without Range support.
+        """
         if self._pending:
-            data, self._pending = self._pending[:limit], self._pending[limit:]
+            if self._handed or len(self._pending) >= limit:
+                data, self._pending = self._pending[:limit], self._pending[limit:]
+                return data
+            more = self._from_connection(limit - len(self._pending))  # may start over
+            data, self._pending = self._pending + more, b""
             return data
+        return self._from_connection(limit)
+
+    def _from_connection(self, limit: int) -> bytes:
         while True:
             if self.cancel is not None and self.cancel():
                 raise RemoteError(f"{self.url}: download cancelled")

@@ -14,6 +14,7 @@ import hashlib
 import json
 import lzma
 import os
+import re
 import signal
 import subprocess
 import time
@@ -25,6 +26,7 @@ from typing import Any
 import pytest
 import zstandard
 from conftest import Loop, needs_root, popsicle_cmd
+from test_watch import WATCHING, C, D, needs_testbed, watch
 from webserver import Served, WebServer, self_signed, serving, wait_for
 
 from popsicle_py import remote
@@ -217,7 +219,7 @@ def test_a_wrong_published_checksum_makes_the_stream_fail_at_its_end(
         got = 0
         while got < SIZE:  # every byte arrives ...
             got += len(stream.read(SIZE - got))
-        with pytest.raises(ImageError, match="checksum mismatch for .*disk.img"):
+        with pytest.raises(ImageError, match=r"checksum mismatch for .*disk\.img"):
             stream.read(1)  # ... but the end is never reported
 
 
@@ -317,7 +319,6 @@ def test_bad_urls_are_refused_in_one_line_with_nothing_written(
     assert rc == 2
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("popsicle-py: "), err
-    import re
     assert re.search(message, lines[0]), lines[0]
     assert events[-1] == {"event": "summary", "ok": False, "results": []}
     assert untouched(drive)
@@ -409,7 +410,6 @@ def test_the_cache_serves_the_second_flash_and_is_listed_and_cleaned(
     assert not of(events, "phase", device=None, phase="downloading")
     assert any("using the cached download" in e["text"] for e in of(events, "note"))
     assert of(events, "phase", device=None, phase="checksum")  # the copy is checked again
-    rc, _, _ = run("cache", "list", "--json", env=env)
     listed = json.loads(subprocess.run([*popsicle_cmd(), "cache", "list", "--json"],
                                        capture_output=True, text=True, check=True,
                                        env={**os.environ, **env}).stdout)
@@ -497,7 +497,7 @@ def test_a_zip_url_is_downloaded_first_then_written(
     scratch = tmp_path / "scratch"
     scratch.mkdir()
     drive = loop_factory(4 * MiB, fill=PATTERN)
-    rc, events, err = flash(web.url("/disk.zip"), drive, env={"TMPDIR": str(scratch)})
+    rc, _, err = flash(web.url("/disk.zip"), drive, env={"TMPDIR": str(scratch)})
     assert rc == 0, err
     assert drive.read(SIZE) == data
     assert list(scratch.iterdir()) == [], "the private copy was left behind"
@@ -530,3 +530,24 @@ def test_ctrl_c_during_a_stalled_download_gives_the_shell_back(
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+@needs_testbed
+@pytest.mark.umockdev
+def test_watch_of_a_url_downloads_once_and_writes_every_drive_from_the_copy(
+        web: WebServer, data: bytes, tmp_path: Path) -> None:
+    body = gzip.compress(data, compresslevel=1)
+    web.add("/disk.img.gz", Served(body, drop_at=[len(body) // 2]))
+    web.add("/SHA256SUMS", sums(body, "disk.img.gz"))
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    result = watch(tmp_path, [web.url("/disk.img.gz"), "--yes", "--count", "2"],
+                   [WATCHING, {"add": C.description}, {"add": D.description}],
+                   read=(C.dev, D.dev), env={"TMPDIR": str(scratch), **FAST_ENV})
+    assert result.rc == 0, result.stderr
+    assert len(result.of("phase", device=None, phase="downloading")) == 1
+    bodies = [r for r in web.requests_for("/disk.img.gz") if r.range is None]
+    assert len(bodies) == 1, "the image was downloaded more than once"
+    for stick in (C, D):
+        assert result.files[stick.dev][:SIZE] == data
+    assert list(scratch.iterdir()) == [], "the downloaded copy was left behind"

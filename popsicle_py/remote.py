@@ -279,18 +279,25 @@ class Client:
         resp = self.get(url)
         try:
             if resp.status in (403, 404, 410):
-                resp.drain_conn()  # a small error page: read it so the connection is reusable
                 return None
             if resp.status != 200:
                 raise RemoteError(f"checksum file {status_message(url, resp.status, resp.reason)}")
-            data = resp.read(_SIDECAR_LIMIT)
+            data = resp.read(_SIDECAR_LIMIT + 1)
+            if len(data) > _SIDECAR_LIMIT:
+                raise RemoteError(f"checksum file {url} is larger than 16 MiB: not a checksum "
+                                  "file")
             if looks_like_html(data[:_HEAD], resp.headers.get("Content-Type")):
                 return None  # a "soft 404" page
             return data
         except (HTTPError, OSError) as exc:
             raise RemoteError(transport_message(url, exc)) from None
         finally:
-            resp.release_conn()
+            left = resp.length_remaining
+            if left is not None and left <= 64 << 10:  # read the little left: reuse it
+                resp.drain_conn()
+                resp.release_conn()
+            else:
+                resp.close()  # never hand back a connection in the middle of a body
 
 
 @dataclass

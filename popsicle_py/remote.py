@@ -733,15 +733,44 @@ class RemoteImage:
     def _keep(self, path: str) -> None:
         self.local = path
 
-    def open(self) -> BinaryIO:
-        """A fresh stream of the image: decoded, hashed, resumed after drops."""
+    #: The bytes as published can be hashed in the write pass (see open's ``tap``).
+    tappable = True
+
+    def open(self, tap: Any = None) -> BinaryIO:
+        """A fresh stream of the image: decoded, hashed, resumed after drops.
+
+        ``tap`` (an engine's checksum tap: ``tap.wrap(raw)`` returns a hashing stream) sees the
+        downloaded bytes before they are decoded, as for a file.  Without it the stream still
+        checks ``expected`` itself at the end of the body.
+        """
         if self.local is not None and os.path.exists(self.local):
-            return open_image(self.local).open()  # checked when it was downloaded
+            local: Any = open_image(self.local)  # checked when it was downloaded
+            return local.open() if tap is None else local.open(tap)  # type: ignore[no-any-return]
         download = self.open_raw()
+        raw: Any = download if tap is None else tap.wrap(download)
         if self.format == "raw":
-            return download  # type: ignore[return-value]
-        decoded = open_stream(download, self.format, self.url)  # type: ignore[arg-type]
+            return download if tap is None else _Decoded(download, raw)  # type: ignore[return-value]
+        decoded = open_stream(raw, self.format, self.url)
         return _Decoded(download, decoded)  # type: ignore[return-value]
+
+    def read_at(self, offset: int, length: int) -> bytes:
+        """``length`` bytes of the image at ``offset`` (repairs): from the copy, else again."""
+        stream: Any
+        with self.open() as stream:
+            scratch = memoryview(bytearray(min(4 << 20, max(offset, 1))))
+            done = 0
+            while done < offset:
+                got = stream.readinto(scratch[: min(len(scratch), offset - done)])
+                if not got:
+                    return b""
+                done += got
+            out = bytearray()
+            while len(out) < length:
+                chunk = stream.read(length - len(out))
+                if not chunk:
+                    break
+                out += chunk
+            return bytes(out)
 
     def close(self) -> None:
         if self._probe is not None:

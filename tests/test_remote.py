@@ -11,6 +11,7 @@ from __future__ import annotations
 import bz2
 import gzip
 import hashlib
+import io
 import json
 import lzma
 import os
@@ -221,6 +222,42 @@ def test_a_wrong_published_checksum_makes_the_stream_fail_at_its_end(
             got += len(stream.read(SIZE - got))
         with pytest.raises(ImageError, match=r"checksum mismatch for .*disk\.img"):
             stream.read(1)  # ... but the end is never reported
+
+
+class _Tap:
+    """The engine's checksum tap contract (main's images.ChecksumTap): wrap(raw) hashes reads."""
+
+    def __init__(self) -> None:
+        self.hasher = hashlib.sha256()
+
+    def wrap(self, raw: Any) -> Any:
+        tap = self
+
+        class Hashing(io.RawIOBase):
+            def readable(self) -> bool:
+                return True
+
+            def readinto(self, buffer: Any) -> int:
+                n = raw.readinto(buffer)
+                tap.hasher.update(memoryview(buffer)[:n])
+                return int(n)
+
+        return Hashing()
+
+
+def test_an_engine_tap_sees_the_bytes_as_published_and_repairs_read_again(
+        web: WebServer, data: bytes) -> None:
+    body = gzip.compress(data, compresslevel=1)
+    web.add("/disk.img.gz", Served(body, drop_at=[len(body) // 2]))
+    image = remote.open_url(web.url("/disk.img.gz"), settings=FAST).image
+    tap = _Tap()
+    with image.open(tap) as stream:  # type: ignore[call-arg]
+        assert stream.read() == data
+    assert tap.hasher.hexdigest() == hashlib.sha256(body).hexdigest()
+    assert image.read_at(MiB + 3, 100) == data[MiB + 3 : MiB + 103]  # type: ignore[union-attr]
+    web.add("/disk.img.gz", Served(body, etag='"v2"'))
+    with pytest.raises(ImageError, match="changed on the server since it was first read"):
+        image.read_at(0, 10)  # type: ignore[union-attr]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -159,7 +159,7 @@ complete -c popsicle-py -n '__popsicle_py_at -' -s 'h' -l 'help' -d 'Show this m
 complete -c popsicle-py -n '__popsicle_py_at - @command' -a 'cache' -d 'The downloads kept by --cache, in $XDG_CACHE_HOME/popsicle-py (~/.cache/popsicle-py).'
 complete -c popsicle-py -n '__popsicle_py_at - @command' -a 'flash' -d 'Write IMAGE to every DEVICE in parallel, then verify each.'
 complete -c popsicle-py -n '__popsicle_py_at - @command' -a 'list' -d 'List USB and SD drives (with --all, every disk) and whether each may be written.'
-complete -c popsicle-py -n '__popsicle_py_at - @command' -a 'verify' -d 'Compare each DEVICE with IMAGE; report the first bad offset.'
+complete -c popsicle-py -n '__popsicle_py_at - @command' -a 'verify' -d 'Compare each DEVICE with IMAGE (a file or an http(s):// URL); report the first bad offset.'
 complete -c popsicle-py -n '__popsicle_py_at - @command' -a 'watch' -d 'Duplicator mode: write IMAGE to every eligible drive as it is plugged in.'
 
 # popsicle-py cache

@@ -426,14 +426,18 @@ def _exit_status(summary: events.Summary, cancel: Cancellation) -> int:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable events on stdout.")
 @click.option("--debug", is_flag=True, help="Show debug messages and tracebacks.")
 def verify(image: str, devices: tuple[str, ...], as_json: bool, debug: bool) -> None:
-    """Compare each DEVICE with IMAGE; report the first bad offset."""
+    """Compare each DEVICE with IMAGE (a file or an http(s):// URL); report the first bad offset."""
 
     def body() -> int:
         lines: list[str] = []
         targets = []
         seen: dict[int, str] = {}
         try:
-            img = open_image(image)
+            if remote.is_url(image):  # streamed once, like a flash (no checksum: no writing)
+                cache = Cache() if cache_wanted(None) else None
+                img = remote.open_url(image, no_checksum=True, cache=cache).image
+            else:
+                img = open_image(image)
         except ImageError as exc:
             raise Refused([str(exc)]) from None
         for path in devices:
@@ -458,6 +462,7 @@ def verify(image: str, devices: tuple[str, ...], as_json: bool, debug: bool) -> 
             raise Refused(exc.lines) from None
         view = _make_view(as_json, {d.path: d.label for d in targets})
         cancel = Cancellation()
+        remote.attach(img, view.handle, cancel)
         with cancel.installed():
             summary = VerifyJob(img, opened, view.handle, cancel).run()
             view.close()

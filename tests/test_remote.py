@@ -304,6 +304,9 @@ def test_flash_of_a_url_survives_drops_and_checks_the_published_sums(
     assert (last["bytes"], last["total"]) == (SIZE, SIZE)
     assert len([e for e in of(events, "note") if "resuming" in e["text"]]) == 2
     assert any("sha256 from " + web.url("/SHA256SUMS") in e["text"] for e in of(events, "note"))
+    rc, events, err = run("verify", web.url("/disk.img"), *(d.path for d in drives), "--json")
+    assert rc == 0, err
+    assert [r["status"] for r in events[-1]["results"]] == ["ok", "ok"]
 
 
 @needs_root
@@ -588,3 +591,25 @@ def test_watch_of_a_url_downloads_once_and_writes_every_drive_from_the_copy(
     for stick in (C, D):
         assert result.files[stick.dev][:SIZE] == data
     assert list(scratch.iterdir()) == [], "the downloaded copy was left behind"
+
+
+@needs_root
+def test_keyring_also_guards_a_local_sums_file(
+        data: bytes, loop_factory: Callable[..., Loop], keys: dict[str, Path],
+        tmp_path: Path) -> None:
+    image = tmp_path / "disk.img"
+    image.write_bytes(data)
+    listing = f"{hashlib.sha256(data).hexdigest()}  disk.img\n".encode()
+    (tmp_path / "SHA256SUMS").write_bytes(listing)
+    (tmp_path / "SHA256SUMS.sign").write_bytes(sign(keys["other"], listing))
+    drive = loop_factory(4 * MiB, fill=PATTERN)
+    keyring = str(keys["good-keyring"])
+    rc, _, err = flash(str(image), drive, extra=("--keyring", keyring))
+    assert rc == 2 and "does not verify with" in err
+    assert untouched(drive)
+    (tmp_path / "SHA256SUMS.sign").write_bytes(sign(keys["good"], listing))
+    rc, _, err = flash(str(image), drive, extra=("--keyring", keyring))
+    assert rc == 0, err
+    assert drive.read(SIZE) == data
+    rc, _, err = flash(str(image), drive, extra=("--keyring", keyring, "--sha256", "0" * 64))
+    assert rc == 2 and "none is used here" in err

@@ -63,6 +63,8 @@ function __popsicle_py_state --description 'popsicle-py: the command, then what 
                             set skip 1
                         case 'flash:--checksum'
                             set skip 1
+                        case 'flash:--keyring'
+                            set skip 1
                         case 'verify:--stall-timeout'
                             set skip 1
                         case 'watch:--count'
@@ -73,6 +75,8 @@ function __popsicle_py_state --description 'popsicle-py: the command, then what 
                             set skip 1
                         case 'watch:--checksum'
                             set skip 1
+                        case 'watch:--keyring'
+                            set skip 1
                     end
                 end
                 continue
@@ -81,8 +85,18 @@ function __popsicle_py_state --description 'popsicle-py: the command, then what 
         switch $path
             case '-'
                 switch $tok
-                    case 'flash' 'list' 'verify' 'watch'
+                    case 'cache' 'flash' 'list' 'verify' 'watch'
                         set path $tok
+                        set npos 0
+                        set dashdash 0
+                        continue
+                end
+                printf '%s\n' $path @none
+                return
+            case 'cache'
+                switch $tok
+                    case 'clean' 'list'
+                        set path "$path/$tok"
                         set npos 0
                         set dashdash 0
                         continue
@@ -100,6 +114,12 @@ function __popsicle_py_state --description 'popsicle-py: the command, then what 
     switch $path
         case '-'
             echo @command
+        case 'cache'
+            echo @command
+        case 'cache/clean'
+            echo @none
+        case 'cache/list'
+            echo @none
         case 'flash'
             switch $npos
                 case 0
@@ -138,10 +158,25 @@ complete -c popsicle-py -f
 # popsicle-py
 complete -c popsicle-py -n '__popsicle_py_at -' -s 'V' -l 'version' -d 'Show the version and exit.'
 complete -c popsicle-py -n '__popsicle_py_at -' -s 'h' -l 'help' -d 'Show this message and exit.'
+complete -c popsicle-py -n '__popsicle_py_at - @command' -a 'cache' -d 'The downloads kept by --cache, in $XDG_CACHE_HOME/popsicle-py (~/.cache/popsicle-py).'
 complete -c popsicle-py -n '__popsicle_py_at - @command' -a 'flash' -d 'Write IMAGE to every DEVICE in parallel, then verify each.'
 complete -c popsicle-py -n '__popsicle_py_at - @command' -a 'list' -d 'List USB and SD drives (with --all, every disk) and whether each may be written.'
-complete -c popsicle-py -n '__popsicle_py_at - @command' -a 'verify' -d 'Compare each DEVICE with IMAGE; report the first bad offset.'
+complete -c popsicle-py -n '__popsicle_py_at - @command' -a 'verify' -d 'Compare each DEVICE with IMAGE (a file or an http(s):// URL); report the first bad offset.'
 complete -c popsicle-py -n '__popsicle_py_at - @command' -a 'watch' -d 'Duplicator mode: write IMAGE to every eligible drive as it is plugged in.'
+
+# popsicle-py cache
+complete -c popsicle-py -n '__popsicle_py_at cache' -s 'h' -l 'help' -d 'Show this message and exit.'
+complete -c popsicle-py -n '__popsicle_py_at cache @command' -a 'clean' -d 'Remove every cached download (and any partial one).'
+complete -c popsicle-py -n '__popsicle_py_at cache @command' -a 'list' -d 'List the cached downloads: URL, size, file.'
+
+# popsicle-py cache clean
+complete -c popsicle-py -n '__popsicle_py_at cache/clean' -l 'debug' -d 'Show debug messages and tracebacks.'
+complete -c popsicle-py -n '__popsicle_py_at cache/clean' -s 'h' -l 'help' -d 'Show this message and exit.'
+
+# popsicle-py cache list
+complete -c popsicle-py -n '__popsicle_py_at cache/list' -l 'json' -d 'One JSON array of entries on stdout.'
+complete -c popsicle-py -n '__popsicle_py_at cache/list' -l 'debug' -d 'Show debug messages and tracebacks.'
+complete -c popsicle-py -n '__popsicle_py_at cache/list' -s 'h' -l 'help' -d 'Show this message and exit.'
 
 # popsicle-py flash
 complete -c popsicle-py -n '__popsicle_py_at flash' -s 'a' -l 'all-usb' -d 'Add every eligible USB and SD drive.'
@@ -162,6 +197,8 @@ complete -c popsicle-py -n '__popsicle_py_at flash' -l 'checksum' -x -d 'Expecte
 complete -c popsicle-py -n '__popsicle_py_at flash' -l 'no-checksum' -d 'Ignore a checksum file next to the image.'
 complete -c popsicle-py -n '__popsicle_py_at flash' -l 'checksum-while-writing' -d 'Check the checksum only in the pass that writes the drives (no read of the image before writing).'
 complete -c popsicle-py -n '__popsicle_py_at flash' -l 'force' -d 'Write an image that does not look like a disk image (text, HTML, tiny).'
+complete -c popsicle-py -n '__popsicle_py_at flash' -l 'keyring' -r -F -d 'Trust the checksum file only if its signature (.gpg, .sign, .asc, .sig) verifies with gpgv against this keyring.'
+complete -c popsicle-py -n '__popsicle_py_at flash' -l 'cache' -l 'no-cache' -d 'Keep a downloaded IMAGE (a URL) in ~/.cache/popsicle-py for the next run (default: off, or $POPSICLE_PY_CACHE).'
 complete -c popsicle-py -n '__popsicle_py_at flash' -l 'debug' -d 'Show debug messages and tracebacks.'
 complete -c popsicle-py -n '__popsicle_py_at flash' -s 'h' -l 'help' -d 'Show this message and exit.'
 complete -c popsicle-py -n '__popsicle_py_at flash image' -F
@@ -193,6 +230,8 @@ complete -c popsicle-py -n '__popsicle_py_at watch' -l 'sha256' -x -d 'Expected 
 complete -c popsicle-py -n '__popsicle_py_at watch' -l 'checksum' -x -d 'Expected checksum (sha1, sha256, sha512 or blake2b) of the image file.'
 complete -c popsicle-py -n '__popsicle_py_at watch' -l 'no-checksum' -d 'Ignore a checksum file next to the image.'
 complete -c popsicle-py -n '__popsicle_py_at watch' -l 'force' -d 'Write an image that does not look like a disk image (text, HTML, tiny).'
+complete -c popsicle-py -n '__popsicle_py_at watch' -l 'keyring' -r -F -d 'Trust the checksum file only if its signature (.gpg, .sign, .asc, .sig) verifies with gpgv against this keyring.'
+complete -c popsicle-py -n '__popsicle_py_at watch' -l 'cache' -l 'no-cache' -d 'Keep a downloaded IMAGE (a URL) in ~/.cache/popsicle-py for the next run (default: off, or $POPSICLE_PY_CACHE).'
 complete -c popsicle-py -n '__popsicle_py_at watch' -l 'debug' -d 'Show debug messages and tracebacks.'
 complete -c popsicle-py -n '__popsicle_py_at watch' -s 'h' -l 'help' -d 'Show this message and exit.'
 complete -c popsicle-py -n '__popsicle_py_at watch image' -F

@@ -10,6 +10,7 @@ when a signal stopped the run.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import grp
 import json
@@ -26,10 +27,11 @@ from rich.table import Table
 
 from popsicle_py import bmap as bmap_mod
 from popsicle_py import drives as drives_mod
-from popsicle_py import events, sanity
+from popsicle_py import events, remote, sanity
 from popsicle_py import watch as watch_mod
 from popsicle_py._version import __version__
-from popsicle_py.bmap import Bmap
+from popsicle_py.bmap import Bmap, BmapError
+from popsicle_py.cache import Cache, cache_wanted
 from popsicle_py.engine import DEFAULT_BUCKETS
 from popsicle_py.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, PROG, PopsicleError, Refused
 from popsicle_py.flash import FlashJob, FlashOptions, VerifyJob, open_targets
@@ -253,6 +255,53 @@ def _may_write_future_drives() -> bool:
         return False
 
 
+def _open_source(image: str, sha256: str | None, checksum: str | None, no_checksum: bool,
+                 keyring: str | None, use_cache: bool | None) -> tuple[Any, Checksum | None,
+                                                                 list[str]]:
+    """The image (a file or a URL), the checksum to check before writing, and notes to show.
+
+    For a URL the published checksum is checked by the download stream itself, in the write
+    pass, so none is returned unless a cached copy is used.
+    """
+    if remote.is_url(image):
+        cache = Cache() if cache_wanted(use_cache) else None
+        opened = remote.open_url(image, sha256=sha256, checksum=checksum,
+                                 no_checksum=no_checksum, keyring=keyring, cache=cache)
+        return opened.image, opened.prepass, opened.notes
+    img = open_image(image)
+    expected = _checksum_for(img.path, sha256, checksum, no_checksum)
+    notes = []
+    if keyring is not None:
+        if expected is None or expected.source.startswith("--"):
+            raise ImageError("--keyring checks a published checksum file (SHA256SUMS, "
+                             "IMAGE.sha256 ...) and none is used here")
+        signature = remote.check_signature(expected.source, remote.read_local, keyring)
+        notes.append(f"signature ok: {signature} (keyring {keyring})")
+    return img, expected, notes
+
+
+def _download_first(img: Any, view: Any, cancel: Cancellation,
+                    stack: contextlib.ExitStack) -> Any:
+    """A URL read from start to end into a file before writing (watch, zip); None if cancelled."""
+    if not isinstance(img, remote.RemoteImage):
+        return img
+    local, cleanup = remote.materialize(img, view.handle, cancel, watch_mod.default_tmpdir())
+    stack.callback(cleanup)
+    return local
+
+
+def _url_options(command: Callable[..., None]) -> Callable[..., None]:
+    """--keyring and --cache, shared by flash and watch."""
+    command = click.option(
+        "--cache/--no-cache", "use_cache", default=None,
+        help="Keep a downloaded IMAGE (a URL) in ~/.cache/popsicle-py for the next run "
+             "(default: off, or $POPSICLE_PY_CACHE).")(command)
+    return click.option(
+        "--keyring", type=click.Path(dir_okay=False, path_type=str), metavar="FILE",
+        help="Trust the checksum file only if its signature (.gpg, .sign, .asc, .sig) "
+             "verifies with gpgv against this keyring.")(command)
+
+
 def _require_terminal() -> None:
     """A script that forgot --yes must never write: no terminal, no question, no writing."""
     if not sys.stdin.isatty():
@@ -325,15 +374,18 @@ def _run_checksum(image: Any, checksum: Checksum, view: Any, cancel: Cancellatio
               help="Check the checksum only in the pass that writes the drives (no read of "
               "the image before writing).")
 @click.option("--force", is_flag=True, help=FORCE_HELP)
+@_url_options
 @click.option("--debug", is_flag=True, help="Show debug messages and tracebacks.")
 def flash(image: str, devices: tuple[str, ...], all_usb: bool, yes: bool, unmount: bool,
           no_verify: bool, as_json: bool, bucket_size: int, buckets: int, max_size: int,
           stall_timeout: float, skip_identical: bool, bmap_path: str | None, no_bmap: bool,
           repair_attempts: int, sha256: str | None, checksum: str | None, no_checksum: bool,
-          checksum_while_writing: bool, force: bool, debug: bool) -> None:
+          checksum_while_writing: bool, force: bool, keyring: str | None,
+          use_cache: bool | None, debug: bool) -> None:
     """Write IMAGE to every DEVICE in parallel, then verify each.
 
-    IMAGE may be raw or compressed (gzip, xz, bzip2, zstd, or a zip holding one image).
+    IMAGE may be raw or compressed (gzip, xz, bzip2, zstd, or a zip holding one image), a
+    file or an http(s):// URL (downloaded once while the drives are written).
     """
 
     def body() -> int:
@@ -342,9 +394,10 @@ def flash(image: str, devices: tuple[str, ...], all_usb: bool, yes: bool, unmoun
         if no_bmap and bmap_path is not None:
             raise Refused([f"--bmap {bmap_path} and --no-bmap contradict each other; give one"])
         try:
-            img = open_image(image)
-            image_note = _image_sanity(img, image, force)
-            expected = _checksum_for(img.path, sha256, checksum, no_checksum)
+            img, expected, source_notes = _open_source(image, sha256, checksum, no_checksum,
+                                                       keyring, use_cache)
+            image_note = (_image_sanity(img, image, force) if isinstance(img, Image)
+                          else None)
             block_map = None if no_bmap else _block_map(img, bmap_path)
             size = img.size if block_map is None else block_map.image_size
             plan = make_plan(devices, all_usb=all_usb, image_path=img.path, image_size=size,
@@ -360,9 +413,16 @@ def flash(image: str, devices: tuple[str, ...], all_usb: bool, yes: bool, unmoun
         if not as_json:
             for note in plan.notes:
                 view.handle(events.Note(note))
+        for note in source_notes:
+            view.handle(events.Note(note))
         cancel = Cancellation()
-        with cancel.installed():
+        remote.attach(img, view.handle, cancel)  # until the job relays it from its own thread
+        with cancel.installed(), contextlib.ExitStack() as downloads:
             try:
+                if img.format == "zip":  # its directory is at its end: download it first
+                    img = _download_first(img, view, cancel, downloads)
+                    if img is None:
+                        return _cancelled_before_writing(plan, view, cancel)
                 if expected is not None and not checksum_while_writing:
                     _run_checksum(img, expected, view, cancel)
                 if unmount and not cancel():
@@ -384,7 +444,9 @@ def flash(image: str, devices: tuple[str, ...], all_usb: bool, yes: bool, unmoun
                                    skip_identical=skip_identical,
                                    repair_attempts=repair_attempts, bmap=block_map,
                                    checksum=expected)
-            summary = FlashJob(img, opened, options, view.handle, cancel).run()
+            job = FlashJob(img, opened, options, view.handle, cancel)
+            remote.attach(img, job.relay, cancel)  # download news comes from the reader thread
+            summary = job.run()
             view.close()
         return _exit_status(summary, cancel)
 
@@ -393,6 +455,10 @@ def flash(image: str, devices: tuple[str, ...], all_usb: bool, yes: bool, unmoun
 
 def _block_map(image: Any, given: str | None) -> Bmap | None:
     """The block map named, or the one next to the image; checked against the image."""
+    if remote.is_url(image.path):
+        if given:
+            raise BmapError("--bmap cannot be used with a URL yet; download the image first")
+        return None
     path = given or bmap_mod.sidecar(image.path)
     return None if path is None else bmap_mod.load(path, image.size)
 
@@ -427,13 +493,17 @@ def _exit_status(summary: events.Summary, cancel: Cancellation) -> int:
 @click.option("--debug", is_flag=True, help="Show debug messages and tracebacks.")
 def verify(image: str, devices: tuple[str, ...], as_json: bool, stall_timeout: float,
            debug: bool) -> None:
-    """Compare each DEVICE with IMAGE; report the first bad offset."""
+    """Compare each DEVICE with IMAGE (a file or an http(s):// URL); report the first bad offset."""
 
     def body() -> int:
         lines: list[str] = []
         targets = []
         seen: dict[int, str] = {}
-        img = open_image(image)
+        if remote.is_url(image):  # streamed once, like a flash (no checksum: no writing)
+            cache = Cache() if cache_wanted(None) else None
+            img = remote.open_url(image, no_checksum=True, cache=cache).image
+        else:
+            img = open_image(image)
         for path in devices:
             try:
                 drive = drives_mod.drive_for_path(path)
@@ -455,7 +525,9 @@ def verify(image: str, devices: tuple[str, ...], as_json: bool, stall_timeout: f
         view = _make_view(as_json, {d.path: d.label for d in targets})
         cancel = Cancellation()
         with cancel.installed():
-            summary = VerifyJob(img, opened, view.handle, cancel, stall_timeout).run()
+            job = VerifyJob(img, opened, view.handle, cancel, stall_timeout)
+            remote.attach(img, job.relay, cancel)  # download news comes from the reader thread
+            summary = job.run()
             view.close()
         return _exit_status(summary, cancel)
 
@@ -553,20 +625,23 @@ def _make_watch_view(as_json: bool, image: Any, count: int | None) -> Any:
               help="Expected checksum (sha1, sha256, sha512 or blake2b) of the image file.")
 @click.option("--no-checksum", is_flag=True, help="Ignore a checksum file next to the image.")
 @click.option("--force", is_flag=True, help=FORCE_HELP)
+@_url_options
 @click.option("--debug", is_flag=True, help="Show debug messages and tracebacks.")
 def watch(image: str, count: int | None, yes: bool, no_verify: bool, no_power_off: bool,
           include_present: bool, as_json: bool, max_size: int, sha256: str | None,
-          checksum: str | None, no_checksum: bool, force: bool, debug: bool) -> None:
+          checksum: str | None, no_checksum: bool, force: bool, keyring: str | None,
+          use_cache: bool | None, debug: bool) -> None:
     """Duplicator mode: write IMAGE to every eligible drive as it is plugged in.
 
     Each drive is written and verified on its own as soon as it appears, then powered off
-    so that it can be pulled. Ends after --count drives, or on Ctrl-C.
+    so that it can be pulled. Ends after --count drives, or on Ctrl-C. An http(s):// IMAGE
+    is downloaded once, before watching, and every drive is written from that copy.
     """
 
     def body() -> int:
-        img = open_image(image)
-        image_note = _image_sanity(img, image, force)
-        expected = _checksum_for(img.path, sha256, checksum, no_checksum)
+        img, expected, source_notes = _open_source(image, sha256, checksum, no_checksum,
+                                                   keyring, use_cache)
+        image_note = _image_sanity(img, image, force) if isinstance(img, Image) else None
         if not _may_write_future_drives():
             raise Refused([NEEDS_ROOT_TO_WRITE])
         present = []
@@ -585,9 +660,16 @@ def watch(image: str, count: int | None, yes: bool, no_verify: bool, no_power_of
                                          power_off=not no_power_off,
                                          include_present=include_present, max_size=max_size,
                                          checksum=expected)
+        for note in source_notes:
+            view.handle(events.Note(note))
         cancel = Cancellation()
-        with cancel.installed():
+        with cancel.installed(), contextlib.ExitStack() as downloads:
             try:
+                img = _download_first(img, view, cancel, downloads)
+                if img is None:
+                    view.handle(events.Summary((), cancelled=True))
+                    view.close()
+                    return cancel.exit_status
                 outcome = watch_mod.WatchSession(img, view.handle, cancel, options).run()
             except Refused:
                 view.close()
@@ -596,6 +678,57 @@ def watch(image: str, count: int | None, yes: bool, no_verify: bool, no_power_of
         return outcome.exit_status
 
     _run_guarded(debug, as_json, body)
+
+
+# ----------------------------------------------------------------------------------------------
+# cache (downloads kept by --cache)
+
+
+@main.group(name="cache")
+def cache_group() -> None:
+    """The downloads kept by --cache, in $XDG_CACHE_HOME/popsicle-py (~/.cache/popsicle-py)."""
+
+
+@cache_group.command(name="list")
+@click.option("--json", "as_json", is_flag=True, help="One JSON array of entries on stdout.")
+@click.option("--debug", is_flag=True, help="Show debug messages and tracebacks.")
+def cache_list(as_json: bool, debug: bool) -> None:
+    """List the cached downloads: URL, size, file."""
+
+    def body() -> int:
+        found = Cache().entries()
+        if as_json:
+            click.echo(json.dumps([{"url": e.url, "validator": e.validator, "size": e.size,
+                                    "path": str(e.path), "created": round(e.created, 3)}
+                                   for e in found]))
+            return EXIT_OK
+        if not found:
+            click.echo(f"no cached downloads in {Cache().root}")
+            return EXIT_OK
+        table = Table()
+        for column in ("URL", "Size", "File"):
+            table.add_column(column, overflow="fold")
+        for e in found:
+            table.add_row(e.url, format_size(e.size), str(e.path))
+        Console(highlight=False).print(table)
+        return EXIT_OK
+
+    _run_guarded(debug, as_json, body)
+
+
+@cache_group.command(name="clean")
+@click.option("--debug", is_flag=True, help="Show debug messages and tracebacks.")
+def cache_clean(debug: bool) -> None:
+    """Remove every cached download (and any partial one)."""
+
+    def body() -> int:
+        cache = Cache()
+        count, freed = cache.clean()
+        click.echo(f"removed {count} cached download(s), {format_size(freed)} freed "
+                   f"({cache.root})")
+        return EXIT_OK
+
+    _run_guarded(debug, False, body)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -237,6 +238,18 @@ class FlashJob(_Job):
         super().__init__(devices, emit, cancel)
         self.image = image
         self.options = options
+        self._writer: BusWriter | None = None
+        self._early: list[Event] = []
+        self._lock = threading.Lock()
+
+    def relay(self, event: Event) -> None:
+        """From any thread (a download's progress): emitted on the job's own thread, in order."""
+        with self._lock:
+            writer = self._writer
+            if writer is None:
+                self._early.append(event)
+                return
+        writer.post(event)
 
     @property
     def total(self) -> int | None:
@@ -298,6 +311,8 @@ class FlashJob(_Job):
                     self._fail(drive, why)
                 case BusWriterMessage.Completed():
                     self._end(drive, Status.OK)
+                case Phase() | Progress() | Note():  # relayed: the download's own news
+                    self.emit(msg)
                 case BusWriterMessage.LockStep(reason=reason):
                     self.emit(Note(f"every drive goes at the slowest one's pace from here on: "
                                    f"no spill file for the decompressed image ({reason})"))
@@ -307,10 +322,16 @@ class FlashJob(_Job):
         source = None
         tap = self._tap()
         try:
+            writer = BusWriter(self, [d.device for d in self.drives], on_message, self.cancel)
+            with self._lock:
+                for event in self._early:
+                    writer.post(event)
+                self._early.clear()
+                self._writer = writer
             source = self.image.open() if tap is None else self.image.open(tap)
-            writer = (
-                BusWriter(source, [d.device for d in self.drives], on_message, self.cancel)
-                .bucket_size(options.bucket_size)
+            writer.source = source
+            (
+                writer.bucket_size(options.bucket_size)
                 .buckets(options.buckets)
                 .stall_timeout(options.stall_timeout)
                 .skip_identical(options.skip_identical)
@@ -364,33 +385,42 @@ class VerifyJob(_Job):
         super().__init__(devices, emit, cancel)
         self.image = image
         self.stall_timeout = stall_timeout
+        self._verifier = BusVerifier(None, [d.device for d in self.drives], self._on_message,
+                                     cancel)
+
+    def relay(self, event: Event) -> None:
+        """From any thread (a download's progress): emitted on the job's own thread, in order."""
+        self._verifier.post(event)
+
+    def _on_message(self, msg: Any) -> None:
+        if isinstance(msg, (Phase, Progress, Note)):
+            self.emit(msg)
+            return
+        drive = self.drives[msg.id]
+        size = self.image.size
+        match msg:
+            case BusVerifierMessage.Read(bytes_read=n):
+                self.emit(Progress(drive.path, Step.VERIFYING, n, size))
+            case BusVerifierMessage.Valid():
+                self._end(drive, Status.OK)
+            case BusVerifierMessage.Invalid(offset=offset):
+                self._end(drive, Status.INVALID, f"{drive.path}: differs from the image at "
+                          f"byte {offset}", offset, cause=Cause.MISMATCH)
+            case BusVerifierMessage.Errored(why=why):
+                self._fail(drive, why)
 
     def run(self) -> Summary:
         size = self.image.size
         self.emit(Started(self.image.path, self.image.format, size,
                           tuple(d.path for d in self.drives)))
         drives = self.drives
-
-        def on_message(msg: Any) -> None:
-            drive = drives[msg.id]
-            match msg:
-                case BusVerifierMessage.Read(bytes_read=n):
-                    self.emit(Progress(drive.path, Step.VERIFYING, n, size))
-                case BusVerifierMessage.Valid():
-                    self._end(drive, Status.OK)
-                case BusVerifierMessage.Invalid(offset=offset):
-                    self._end(drive, Status.INVALID, f"{drive.path}: differs from the image at "
-                              f"byte {offset}", offset, cause=Cause.MISMATCH)
-                case BusVerifierMessage.Errored(why=why):
-                    self._fail(drive, why)
-
         for drive in drives:
             self.emit(Phase(drive.path, Step.VERIFYING))
         source = None
         try:
             source = self.image.open()
-            BusVerifier(source, [d.device for d in drives], on_message, self.cancel) \
-                .stall_timeout(self.stall_timeout).verify()
+            self._verifier.source = source
+            self._verifier.stall_timeout(self.stall_timeout).verify()
         except Cancelled:
             self._cancel_rest()
         except Exception as exc:

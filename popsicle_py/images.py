@@ -20,7 +20,7 @@ import zipfile
 import zlib
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeAlias
+from typing import TYPE_CHECKING, Any, BinaryIO, TypeAlias
 
 import zstandard
 from zlib_ng import zlib_ng
@@ -32,9 +32,12 @@ __all__ = [
     "ChecksumCancelled",
     "Image",
     "ImageError",
+    "choose_sidecar",
     "detect_format",
     "find_sidecar",
+    "new_hasher",
     "open_image",
+    "open_stream",
     "parse_checksum_option",
     "read_head",
     "verify_checksum",
@@ -174,6 +177,22 @@ def read_head(image: Image, length: int) -> bytes:
     return b"".join(chunks)
 
 
+def open_stream(raw: BinaryIO, fmt: str, name: str, size: int | None = None) -> BinaryIO:
+    """Decode an already open stream of ``fmt`` data (a download) exactly as open() decodes a file.
+
+    ``name`` is used in messages; ``size``, when known, is checked like a header's size.  A zip
+    needs its directory at the end of the file, so it cannot be read from a stream.
+    """
+    image = Image(name, fmt, size, 0)
+    if fmt == "raw":
+        return raw
+    if fmt == "zip":
+        raise ImageError(f"{name} is a zip file, which cannot be read as a stream")
+    if fmt == "zstd":
+        return _ZstdStream(image, raw=raw)  # type: ignore[return-value]
+    return _ChainedStream(image, raw=raw)  # type: ignore[return-value]
+
+
 # --------------------------------------------------------------------------- opening
 
 
@@ -186,7 +205,7 @@ class ChecksumTap:
 
     def __init__(self, checksum: Checksum) -> None:
         self.checksum = checksum
-        self._hasher = _hasher(checksum)
+        self._hasher = new_hasher(checksum)
         self._file: _HashingFile | None = None
 
     def wrap(self, raw: io.FileIO) -> _HashingFile:
@@ -601,9 +620,10 @@ class _ChainedStream(_Stream):
     as a short, "successful" image. Here only zero padding may follow a stream.
     """
 
-    def __init__(self, image: Image, tap: ChecksumTap | None = None) -> None:
+    def __init__(self, image: Image, tap: ChecksumTap | None = None,
+                 raw: Any = None) -> None:
         super().__init__(image)
-        self._file = _open_file(image.path, image.path, tap)
+        self._file = raw if raw is not None else _open_file(image.path, image.path, tap)
         self._pending = b""
         self._decoder: _Decoder | None = None
         self._streams = 0
@@ -679,7 +699,7 @@ class _ChainedStream(_Stream):
 class _Tap:
     """Passes the compressed bytes to zstandard while a _ZstdLayout watches the frame structure."""
 
-    def __init__(self, raw: io.FileIO, layout: _ZstdLayout) -> None:
+    def __init__(self, raw: BinaryIO | io.FileIO, layout: _ZstdLayout) -> None:
         self._raw = raw
         self._layout = layout
         self._steps: Generator[tuple[int, bool], bytes | None, None] | None = layout.steps()
@@ -727,9 +747,10 @@ class _Tap:
 class _ZstdStream(_Stream):
     """zstd through zstandard's stream_reader, with truncation detected by _ZstdLayout."""
 
-    def __init__(self, image: Image, tap: ChecksumTap | None = None) -> None:
+    def __init__(self, image: Image, tap: ChecksumTap | None = None,
+                 raw: Any = None) -> None:
         super().__init__(image)
-        self._file = _open_file(image.path, image.path, tap)
+        self._file = raw if raw is not None else _open_file(image.path, image.path, tap)
         self._layout = _ZstdLayout()
         self._tap = _Tap(self._file, self._layout)
         self._reader = zstandard.ZstdDecompressor().stream_reader(
@@ -793,7 +814,8 @@ class Checksum:
     source: str
 
 
-def _hasher(checksum: Checksum) -> Any:  # hashlib's objects share no public type
+def new_hasher(checksum: Checksum) -> Any:  # hashlib's objects share no public type
+    """A fresh hash object of the checksum's algorithm (and digest length, for blake2b)."""
     if checksum.algo == "blake2b":  # b2sum -l N gives shorter digests
         return hashlib.blake2b(digest_size=len(checksum.hexdigest) // 2)
     return hashlib.new(checksum.algo)
@@ -890,20 +912,29 @@ def _pick(entries: list[tuple[str, str, str | None]], sidecar: str, base: str) -
 
 
 def find_sidecar(path: str) -> Checksum | None:
-    """The checksum published next to the image, if there is one that applies to it.
+    """The checksum published next to the image file, if there is one that applies to it."""
+    path = os.path.abspath(path)
+    folder, base = os.path.split(path)
+    return choose_sidecar(base, lambda name: os.path.join(folder, name),
+                          lambda p: _read_sidecar(p) if os.path.isfile(p) else None)
+
+
+def choose_sidecar(base: str, beside: Callable[[str], str],
+                   read: Callable[[str], str | None]) -> Checksum | None:
+    """The published checksum for ``base`` among the files ``beside(name)``, read by ``read``.
 
     IMAGE.sha256 / IMAGE.sha256sum (then the .sha512 variants) belong to the image by name, so
     one that holds no usable checksum is an error rather than a silent skip; a SHA256SUMS (or
-    SHA512SUMS) that does not list the image simply does not apply.
+    SHA512SUMS) that does not list the image simply does not apply.  ``read`` returns None for
+    a file that is not there, so the same rules serve a folder and a web server.
     """
-    path = os.path.abspath(path)
-    folder, base = os.path.split(path)
     for algo in ("sha256", "sha512"):
         for suffix in (f".{algo}", f".{algo}sum"):
-            sidecar = path + suffix
-            if not os.path.isfile(sidecar):
+            sidecar = beside(base + suffix)
+            text = read(sidecar)
+            if text is None:
                 continue
-            entries = list(_sidecar_entries(_read_sidecar(sidecar), algo))
+            entries = list(_sidecar_entries(text, algo))
             picked = _pick(entries, sidecar, base)
             if picked:
                 return picked
@@ -916,9 +947,10 @@ def find_sidecar(path: str) -> Checksum | None:
                 algo_found, hexdigest = candidates.pop()
                 return Checksum(algo_found, hexdigest, sidecar)
             raise ImageError(f"checksum file {sidecar} holds no usable {algo} checksum for {base}")
-        sums = os.path.join(folder, f"{algo.upper()}SUMS")
-        if os.path.isfile(sums) and sums != path:
-            picked = _pick(list(_sidecar_entries(_read_sidecar(sums), algo)), sums, base)
+        sums = beside(f"{algo.upper()}SUMS")
+        text = read(sums) if sums != beside(base) else None
+        if text is not None:
+            picked = _pick(list(_sidecar_entries(text, algo)), sums, base)
             if picked:
                 return picked
     return None
@@ -931,7 +963,7 @@ def verify_checksum(
     cancel: Callable[[], bool] | None = None,
 ) -> None:
     """Hash the file as downloaded, in large sequential reads that also warm the page cache."""
-    hasher = _hasher(checksum)
+    hasher = new_hasher(checksum)
     buf = bytearray(_HASH_READ_SIZE)
     view = memoryview(buf)
     done = 0

@@ -8,6 +8,7 @@ after dropping their cached pages): the engine reads whatever they return.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
@@ -40,6 +41,18 @@ class BusVerifier:
         self._extents: tuple[tuple[int, int], ...] = ()
         self._indices: Sequence[int] = ()
         self._report_all = False
+        self._lock = threading.Lock()
+        self._early: list[Any] = []
+        self._outbox: Any = None
+
+    def post(self, message: Any) -> None:
+        """From any thread: deliver ``message`` to the callback on the calling thread."""
+        with self._lock:
+            if self._outbox is None:
+                self._early.append(message)
+                return
+            outbox = self._outbox
+        outbox.put(message)
 
     def _set(self, **changes: Any) -> BusVerifier:
         self.config = replace(self.config, **changes)
@@ -91,7 +104,13 @@ class BusVerifier:
         Raises :class:`~popsicle_py.errors.Cancelled` when cancelled and the source's error
         when reading it fails.
         """
-        return _VerifyRun(self).run()
+        run = _VerifyRun(self)
+        with self._lock:
+            for message in self._early:
+                run.supervisor.outbox.put(message)
+            self._early.clear()
+            self._outbox = run.supervisor.outbox
+        return run.run()
 
 
 class _VerifyRun:

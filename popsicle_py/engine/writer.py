@@ -78,6 +78,22 @@ class BusWriter:
         self.cancel = cancel
         self.config = Config()
         self._run: _WriteRun | None = None
+        self._lock = threading.Lock()
+        self._early: list[Any] = []
+
+    def post(self, message: Any) -> None:
+        """From any thread: deliver ``message`` to the callback, on the calling thread.
+
+        For news of the caller's own that arises on another thread (a download's progress, read
+        by the reader): the callback stays single-threaded.  Before ``write()`` starts, messages
+        wait for it.
+        """
+        with self._lock:
+            if self._run is None:
+                self._early.append(message)
+                return
+            outbox = self._run.supervisor.outbox
+        outbox.put(message)
 
     def _set(self, **changes: Any) -> BusWriter:
         self.config = replace(self.config, **changes)
@@ -200,9 +216,13 @@ class BusWriter:
                 if not (hasattr(dest, "seek") and (not hasattr(dest, "seekable")
                                                    or dest.seekable())):
                     raise ValueError("first_bucket_last needs seekable destinations")
-        self._run = _WriteRun(self.source, self.destinations, self.callback, self.cancel,
-                              self.config)
-        return self._run.run()
+        run = _WriteRun(self.source, self.destinations, self.callback, self.cancel, self.config)
+        with self._lock:
+            for message in self._early:
+                run.supervisor.outbox.put(message)
+            self._early.clear()
+            self._run = run
+        return run.run()
 
 
 class _WriteRun:

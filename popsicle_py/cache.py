@@ -1,0 +1,147 @@
+"""Downloaded images kept for the next flash: one file per URL and server version.
+
+An entry is keyed by the URL and the server's validator (ETag, else Last-Modified), so a file
+that changed on the server is never served from an old copy.  Entries appear only complete:
+the bytes go to ``KEY.part`` and are renamed to ``KEY.img`` once the whole body arrived (and
+matched its published checksum, when there is one); ``KEY.json`` says what the entry is.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["Cache", "CacheEntry", "CacheWriter", "cache_root", "cache_wanted"]
+
+#: Set to 1 (or yes/true/on) to use the cache without --cache.
+ENV_CACHE = "POPSICLE_PY_CACHE"
+
+
+def cache_root(env: Mapping[str, str] | None = None) -> Path:
+    """$XDG_CACHE_HOME/popsicle-py, else ~/.cache/popsicle-py (the XDG base directory rule)."""
+    env = os.environ if env is None else env
+    base = env.get("XDG_CACHE_HOME") or ""
+    if not os.path.isabs(base):  # the spec says relative values are to be ignored
+        base = os.path.join(env.get("HOME") or os.path.expanduser("~"), ".cache")
+    return Path(base) / "popsicle-py"
+
+
+def cache_wanted(flag: bool | None, env: Mapping[str, str] | None = None) -> bool:
+    """--cache / --no-cache when given, else the POPSICLE_PY_CACHE default (off)."""
+    if flag is not None:
+        return flag
+    env = os.environ if env is None else env
+    return env.get(ENV_CACHE, "").strip().lower() in ("1", "yes", "true", "on")
+
+
+def cache_key(url: str, validator: str) -> str:
+    """The file name of an entry: the same URL at another server version gets another key."""
+    return hashlib.sha256(f"{url}\0{validator}".encode()).hexdigest()[:32]
+
+
+@dataclass(frozen=True)
+class CacheEntry:
+    """One complete download."""
+
+    key: str
+    url: str
+    validator: str
+    size: int
+    path: Path
+    created: float
+
+
+class CacheWriter:
+    """Receives the bytes of one download; commit() makes the entry, abort() forgets them."""
+
+    def __init__(self, cache: Cache, url: str, validator: str) -> None:
+        self.cache = cache
+        self.url = url
+        self.validator = validator
+        self.key = cache_key(url, validator)
+        cache.root.mkdir(parents=True, exist_ok=True)
+        self.part = cache.root / f"{self.key}.part"
+        self._file = open(self.part, "wb")  # noqa: SIM115 - closed by commit() or abort()
+        self.size = 0
+
+    @property
+    def path(self) -> Path:
+        return self.cache.root / f"{self.key}.img"
+
+    def write(self, data: bytes | memoryview) -> None:
+        self._file.write(data)
+        self.size += len(data)
+
+    def commit(self) -> Path:
+        """Make the entry visible: data first, then the description that lookup() requires."""
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        os.replace(self.part, self.path)
+        meta = {"url": self.url, "validator": self.validator, "size": self.size,
+                "created": time.time()}
+        tmp = self.cache.root / f"{self.key}.json.part"
+        tmp.write_text(json.dumps(meta))
+        os.replace(tmp, self.cache.root / f"{self.key}.json")
+        return self.path
+
+    def abort(self) -> None:
+        with contextlib.suppress(OSError):
+            self._file.close()
+        with contextlib.suppress(OSError):
+            self.part.unlink()
+
+
+class Cache:
+    """The cache directory; every method tolerates entries damaged or removed behind its back."""
+
+    def __init__(self, root: Path | None = None) -> None:
+        self.root = root or cache_root()
+
+    def lookup(self, url: str, validator: str) -> CacheEntry | None:
+        """The complete entry for this URL at this server version, if there is one."""
+        entry = self._read(cache_key(url, validator))
+        if entry is None or entry.url != url or entry.validator != validator:
+            return None
+        return entry
+
+    def writer(self, url: str, validator: str) -> CacheWriter:
+        return CacheWriter(self, url, validator)
+
+    def entries(self) -> list[CacheEntry]:
+        if not self.root.is_dir():
+            return []
+        found = [self._read(p.stem) for p in sorted(self.root.glob("*.json"))]
+        return sorted((e for e in found if e is not None), key=lambda e: e.created)
+
+    def clean(self) -> tuple[int, int]:
+        """Remove every entry and leftover partial download; (entries removed, bytes freed)."""
+        count = freed = 0
+        if not self.root.is_dir():
+            return 0, 0
+        for path in self.root.iterdir():
+            if path.suffix not in (".img", ".json", ".part"):
+                continue  # not ours: leave it
+            with contextlib.suppress(OSError):
+                size = path.stat().st_size
+                path.unlink()
+                freed += size
+                count += path.suffix == ".img"
+        return count, freed
+
+    def _read(self, key: str) -> CacheEntry | None:
+        try:
+            meta = json.loads((self.root / f"{key}.json").read_text())
+            path = self.root / f"{key}.img"
+            size = path.stat().st_size
+            entry = CacheEntry(key, str(meta["url"]), str(meta["validator"]), int(meta["size"]),
+                               path, float(meta["created"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        return entry if entry.size == size else None

@@ -1,0 +1,623 @@
+"""Images from the web: resume, checksums as published, cache, and every way a download fails.
+
+A threaded web server on 127.0.0.1 (tests/webserver.py) drops, stalls, ignores Range, changes
+the file or lies about its length on demand.  The download stream is read directly for the
+protocol cases; flashes run the command against real loop devices and check their bytes, the
+exit status and the JSON events.
+"""
+
+from __future__ import annotations
+
+import bz2
+import gzip
+import hashlib
+import io
+import json
+import lzma
+import os
+import re
+import signal
+import subprocess
+import time
+import zipfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import zstandard
+from conftest import Loop, needs_root, popsicle_cmd
+from test_watch import WATCHING, C, D, needs_testbed, watch
+from webserver import Served, WebServer, self_signed, serving, wait_for
+
+from popsicle_py import remote
+from popsicle_py.cache import Cache, cache_root, cache_wanted
+from popsicle_py.images import ImageError
+from popsicle_py.remote import HttpSettings, Validator
+
+MiB = 1 << 20
+SIZE = 3 * MiB + 333  # not a multiple of the bucket size nor of 512
+PATTERN = 0x5A
+FAST = HttpSettings(connect_timeout=2, read_timeout=0.5, retries=2, backoff=0.01)
+FAST_ENV = {"POPSICLE_PY_HTTP_TIMEOUT": "1", "POPSICLE_PY_HTTP_RETRIES": "2",
+            "POPSICLE_PY_HTTP_BACKOFF": "0.01"}
+
+
+@pytest.fixture
+def web() -> Iterator[WebServer]:
+    with serving() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def data() -> bytes:
+    return os.urandom(SIZE)
+
+
+def read_url(url: str, **kw: Any) -> bytes:
+    opened = remote.open_url(url, settings=FAST, **kw)
+    with opened.image.open() as stream:
+        return stream.read()  # type: ignore[no-any-return]
+
+
+def sums(data: bytes, name: str) -> Served:
+    return Served(f"{hashlib.sha256(data).hexdigest()}  {name}\n".encode(), etag='"s"')
+
+
+# ----------------------------------------------------------------------------------------------
+# Pure decisions
+
+
+def test_headers_are_read_as_the_rfcs_say() -> None:
+    assert remote.parse_content_range("bytes 100-199/200") == (100, 199, 200)
+    assert remote.parse_content_range("bytes 100-199/*") == (100, 199, None)
+    assert remote.parse_content_range("items 1-2/3") is None
+    assert Validator('"a"', "date").if_range == '"a"'
+    assert Validator('W/"a"', "date").if_range == "date"  # weak ETags are not for If-Range
+    assert Validator('"a"', None).contradicts(Validator('"b"', None))
+    assert not Validator('"a"', "d1").contradicts(Validator('W/"a"', "d2"))
+    assert not Validator(None, None).contradicts(Validator('"b"', None))
+    assert remote.looks_like_html(b"  <!DOCTYPE html><html>", None)
+    assert remote.looks_like_html(b"Not found", "text/html; charset=utf-8")
+    assert not remote.looks_like_html(b"\0\0\0\xeb", "text/html")
+    assert remote.is_url("HTTPS://example.org/x.img") and not remote.is_url("/tmp/x.img")
+
+
+def test_cache_location_and_default_follow_xdg_and_the_environment() -> None:
+    assert cache_root({"XDG_CACHE_HOME": "/c", "HOME": "/h"}) == Path("/c/popsicle-py")
+    assert cache_root({"XDG_CACHE_HOME": "rel", "HOME": "/h"}) == Path("/h/.cache/popsicle-py")
+    assert cache_wanted(None, {"POPSICLE_PY_CACHE": "1"})
+    assert not cache_wanted(False, {"POPSICLE_PY_CACHE": "1"})
+    assert not cache_wanted(None, {})
+    assert HttpSettings.from_env({"POPSICLE_PY_HTTP_RETRIES": "7"}).retries == 7
+    with pytest.raises(ImageError):
+        HttpSettings.from_env({"POPSICLE_PY_HTTP_TIMEOUT": "soon"})
+
+
+# ----------------------------------------------------------------------------------------------
+# The download stream, against the server
+
+
+def test_a_dropped_connection_resumes_from_the_byte_reached_with_if_range(
+        web: WebServer, data: bytes) -> None:
+    web.add("/disk.img", Served(data, drop_at=[MiB, 2 * MiB + 7]))
+    assert read_url(web.url("/disk.img")) == data
+    body = [r for r in web.requests_for("/disk.img") if r.range != f"bytes={SIZE}-"]
+    assert [(r.range, r.if_range) for r in body] == [
+        (None, None), (f"bytes={MiB}-", '"v1"'), (f"bytes={2 * MiB + 7}-", '"v1"')]
+
+
+def test_a_stalled_connection_resumes_after_the_read_timeout(web: WebServer, data: bytes) -> None:
+    web.add("/disk.img", Served(data, stall_at=[MiB + 5]))
+    started = time.monotonic()
+    assert read_url(web.url("/disk.img")) == data
+    assert time.monotonic() - started < 10
+    resume = web.requests_for("/disk.img")[1]  # from the last whole read before the stall
+    assert resume.range == f"bytes={MiB}-" and resume.if_range == '"v1"'
+
+
+def test_a_server_ignoring_range_starts_over_while_nothing_was_used(
+        web: WebServer, data: bytes) -> None:
+    # The connection stalls right after the bytes read to recognise the image.
+    web.add("/disk.img", Served(data, stall_at=[4096], ignore_range=True))
+    assert read_url(web.url("/disk.img")) == data
+
+
+def test_a_server_ignoring_range_fails_clearly_once_bytes_were_used(
+        web: WebServer, data: bytes) -> None:
+    web.add("/disk.img", Served(data, drop_at=[MiB], ignore_range=True))
+    with pytest.raises(ImageError, match=r"lost at byte 1048576 and the server cannot resume "
+                                         r"\(it ignores Range requests\)"):
+        read_url(web.url("/disk.img"))
+
+
+@pytest.mark.parametrize("validator", ["etag", "last_modified"])
+def test_a_file_changed_on_the_server_is_never_stitched(web: WebServer, data: bytes,
+                                                        validator: str) -> None:
+    other = os.urandom(SIZE)
+    if validator == "etag":
+        new = Served(other, etag='"v2"')
+    else:
+        new = Served(other, etag=None, last_modified="Wed, 02 Dec 2026 10:00:00 GMT")
+    web.add("/disk.img", Served(data, drop_at=[MiB], later=new,
+                                etag='"v1"' if validator == "etag" else None))
+    with pytest.raises(ImageError, match="changed on the server during the download"):
+        read_url(web.url("/disk.img"))
+
+
+def test_a_content_length_longer_than_the_body_is_caught(web: WebServer, data: bytes) -> None:
+    web.add("/disk.img", Served(data, claim=SIZE + 1000))
+    with pytest.raises(ImageError, match=rf"announced {SIZE + 1000} bytes \(Content-Length\) "
+                                         rf"but the file ends at byte {SIZE}"):
+        read_url(web.url("/disk.img"))
+
+
+def test_a_content_length_shorter_than_the_file_is_caught(web: WebServer, data: bytes) -> None:
+    web.add("/disk.img", Served(data, claim=SIZE - 1000))
+    with pytest.raises(ImageError, match=rf"announced {SIZE - 1000} bytes \(Content-Length\) "
+                                         "but the file is longer"):
+        read_url(web.url("/disk.img"))
+
+
+def test_retries_end_with_a_clear_error(web: WebServer, data: bytes) -> None:
+    web.add("/disk.img", Served(data, drop_at=[MiB], later=Served(status=503)))
+    with pytest.raises(ImageError, match=rf"download failed at byte {MiB} of {SIZE} after 3 "
+                                         "attempts: HTTP 503"):
+        read_url(web.url("/disk.img"))
+
+
+COMPRESSORS: dict[str, Callable[[bytes], bytes]] = {
+    "gzip": lambda d: gzip.compress(d, compresslevel=1),
+    "xz": lambda d: lzma.compress(d, preset=0),
+    "bzip2": lambda d: bz2.compress(d, compresslevel=1),
+    "zstd": lambda d: zstandard.ZstdCompressor(level=1).compress(d),
+}
+
+
+@pytest.mark.parametrize("fmt", sorted(COMPRESSORS))
+def test_compressed_bodies_are_decoded_by_magic_bytes_and_resumed(
+        web: WebServer, data: bytes, fmt: str) -> None:
+    body = COMPRESSORS[fmt](data)
+    web.add("/disk.img", Served(body, drop_at=[len(body) // 2]))  # named .img: magic decides
+    opened = remote.open_url(web.url("/disk.img"), settings=FAST)
+    assert opened.image.format == fmt
+    with opened.image.open() as stream:
+        assert stream.read() == data
+
+
+def test_a_truncated_compressed_body_is_an_error_not_a_short_image(web: WebServer,
+                                                                     data: bytes) -> None:
+    body = gzip.compress(data)
+    web.add("/disk.img.gz", Served(body[: len(body) // 2]))
+    with pytest.raises(ImageError, match="truncated"):
+        read_url(web.url("/disk.img.gz"))
+
+
+def test_published_sums_are_found_beside_the_url_or_where_it_redirected(
+        web: WebServer, data: bytes) -> None:
+    web.add("/pub/disk-1.2.img", Served(data))
+    web.add("/pub/SHA256SUMS", sums(data, "disk-1.2.img"))
+    web.redirect("/latest.img", "/pub/disk-1.2.img")
+    opened = remote.open_url(web.url("/latest.img"), settings=FAST)
+    image = opened.image
+    assert isinstance(image, remote.RemoteImage)
+    assert image.expected is not None and image.expected.source == web.url("/pub/SHA256SUMS")
+    with image.open() as stream:
+        assert stream.read() == data
+        assert stream.hasher.hexdigest() == image.expected.hexdigest  # the engine's interface
+    web.add("/other.img", Served(data))
+    web.add("/other.img.sha512", Served(
+        f"{hashlib.sha512(data).hexdigest()}  other.img\n".encode()))
+    assert remote.open_url(web.url("/other.img"), settings=FAST).image.expected.algo == "sha512"  # type: ignore[union-attr]
+
+
+def test_a_wrong_published_checksum_makes_the_stream_fail_at_its_end(
+        web: WebServer, data: bytes) -> None:
+    web.add("/disk.img", Served(data))
+    web.add("/disk.img.sha256", sums(b"something else", "disk.img"))
+    opened = remote.open_url(web.url("/disk.img"), settings=FAST)
+    with opened.image.open() as stream:
+        got = 0
+        while got < SIZE:  # every byte arrives ...
+            got += len(stream.read(SIZE - got))
+        with pytest.raises(ImageError, match=r"checksum mismatch for .*disk\.img"):
+            stream.read(1)  # ... but the end is never reported
+
+
+class _Tap:
+    """The engine's checksum tap contract (main's images.ChecksumTap): wrap(raw) hashes reads."""
+
+    def __init__(self) -> None:
+        self.hasher = hashlib.sha256()
+
+    def wrap(self, raw: Any) -> Any:
+        tap = self
+
+        class Hashing(io.RawIOBase):
+            def readable(self) -> bool:
+                return True
+
+            def readinto(self, buffer: Any) -> int:
+                n = raw.readinto(buffer)
+                tap.hasher.update(memoryview(buffer)[:n])
+                return int(n)
+
+        return Hashing()
+
+
+def test_an_engine_tap_sees_the_bytes_as_published_and_repairs_read_again(
+        web: WebServer, data: bytes) -> None:
+    body = gzip.compress(data, compresslevel=1)
+    web.add("/disk.img.gz", Served(body, drop_at=[len(body) // 2]))
+    image = remote.open_url(web.url("/disk.img.gz"), settings=FAST).image
+    tap = _Tap()
+    with image.open(tap) as stream:  # type: ignore[call-arg]
+        assert stream.read() == data
+    assert tap.hasher.hexdigest() == hashlib.sha256(body).hexdigest()
+    assert image.read_at(MiB + 3, 100) == data[MiB + 3 : MiB + 103]  # type: ignore[union-attr]
+    web.add("/disk.img.gz", Served(body, etag='"v2"'))
+    with pytest.raises(ImageError, match="changed on the server since it was first read"):
+        image.read_at(0, 10)  # type: ignore[union-attr]
+
+
+# ----------------------------------------------------------------------------------------------
+# End to end: the command, real loop devices
+
+
+def run(*args: str, env: dict[str, str] | None = None, timeout: float = 120
+        ) -> tuple[int, list[dict[str, Any]], str]:
+    proc = subprocess.run([*popsicle_cmd(), *args], capture_output=True, text=True,
+                          stdin=subprocess.DEVNULL, timeout=timeout,
+                          env={**os.environ, **FAST_ENV, **(env or {})})
+    assert "Traceback" not in proc.stderr, proc.stderr
+    lines = [json.loads(x) for x in proc.stdout.splitlines() if x.startswith("{")]
+    return proc.returncode, lines, proc.stderr
+
+
+def flash(url: str, *drives: Loop, extra: tuple[str, ...] = (),
+          env: dict[str, str] | None = None) -> tuple[int, list[dict[str, Any]], str]:
+    return run("flash", url, *(d.path for d in drives), "--yes", "--json", "--bucket-size",
+               "1M", *extra, env=env)
+
+
+def of(events: list[dict[str, Any]], kind: str, **fields: Any) -> list[dict[str, Any]]:
+    return [e for e in events if e["event"] == kind
+            and all(e.get(k) == v for k, v in fields.items())]
+
+
+def untouched(drive: Loop) -> bool:
+    """Nothing written at all: what it held before."""
+    return drive.read(MiB) == bytes([PATTERN]) * MiB
+
+
+def not_bootable(drive: Loop) -> bool:
+    """The image's head (first 64 KiB, written last) is not on the drive: what it held before,
+    or the random stamp that holds the head's place while the rest is verified."""
+    head = drive.read(64 << 10)
+    return head == bytes([PATTERN]) * (64 << 10) or len(set(head)) > 200
+
+
+@needs_root
+def test_flash_of_a_url_survives_drops_and_checks_the_published_sums(
+        web: WebServer, data: bytes, loop_factory: Callable[..., Loop]) -> None:
+    web.add("/disk.img", Served(data, drop_at=[MiB + 100, 2 * MiB]))
+    web.add("/SHA256SUMS", sums(data, "disk.img"))
+    drives = [loop_factory(4 * MiB, fill=PATTERN) for _ in range(2)]
+    rc, events, err = flash(web.url("/disk.img"), *drives)
+    assert rc == 0, err
+    assert all(d.read(SIZE) == data for d in drives)
+    assert events[-1]["event"] == "summary" and events[-1]["ok"]
+    assert of(events, "phase", device=None, phase="downloading")
+    last = of(events, "progress", device=None, phase="downloading")[-1]
+    assert (last["bytes"], last["total"]) == (SIZE, SIZE)
+    assert len([e for e in of(events, "note") if "resuming" in e["text"]]) == 2
+    assert any("sha256 from " + web.url("/SHA256SUMS") in e["text"] for e in of(events, "note"))
+    rc, events, err = run("verify", web.url("/disk.img"), *(d.path for d in drives), "--json")
+    assert rc == 0, err
+    assert [r["status"] for r in events[-1]["results"]] == ["ok", "ok"]
+
+
+@needs_root
+def test_flash_of_a_compressed_url_behind_a_redirect(
+        web: WebServer, data: bytes, loop_factory: Callable[..., Loop]) -> None:
+    body = lzma.compress(data, preset=0)
+    web.add("/mirror/disk.img.xz", Served(body, drop_at=[len(body) // 3]))
+    web.redirect("/download", "/mirror/disk.img.xz")
+    web.add("/mirror/SHA256SUMS", sums(body, "disk.img.xz"))  # of the file as published
+    drive = loop_factory(4 * MiB, fill=PATTERN)
+    rc, events, err = flash(web.url("/download"), drive)
+    assert rc == 0, err
+    assert drive.read(SIZE) == data
+    assert events[0]["format"] == "xz" if events[0]["event"] == "start" else True
+    resumed = [r for r in web.requests_for("/mirror/disk.img.xz") if r.range]
+    assert resumed and resumed[0].range == f"bytes={len(body) // 3}-"
+
+
+@pytest.fixture
+def tls(tmp_path: Path) -> Iterator[tuple[WebServer, Path]]:
+    cert, key = self_signed(tmp_path)
+    with serving(tls=(cert, key)) as server:
+        yield server, cert
+
+
+BAD = {
+    "404": ("/missing.img", r"/missing.img: not found \(HTTP 404 Not Found\)"),
+    "410": ("/gone.img", r"/gone.img: gone from the server \(HTTP 410 Gone\)"),
+    "loop": ("/a", r"/a: too many redirects \(a redirect loop\?\)"),
+    "html": ("/page", r"/page is an HTML page, not a disk image"),
+    "html-200-as-octets": ("/page2", r"/page2 is an HTML page, not a disk image"),
+    "empty": ("/empty", r"/empty is empty"),
+}
+
+
+@needs_root
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_urls_are_refused_in_one_line_with_nothing_written(
+        web: WebServer, case: str, loop_factory: Callable[..., Loop]) -> None:
+    web.add("/gone.img", Served(status=410))
+    web.redirect("/a", "/b")
+    web.redirect("/b", "/a")
+    web.add("/page", Served(b"<html><body>Download will start soon</body></html>",
+                            content_type="text/html"))
+    web.add("/page2", Served(b"\n<!DOCTYPE html>\n<html>Error 500</html>"))
+    web.add("/empty", Served(b""))
+    drive = loop_factory(4 * MiB, fill=PATTERN)
+    path, message = BAD[case]
+    rc, events, err = flash(web.url(path), drive)
+    assert rc == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("popsicle-py: "), err
+    assert re.search(message, lines[0]), lines[0]
+    assert events[-1] == {"event": "summary", "ok": False, "results": []}
+    assert untouched(drive)
+
+
+@needs_root
+def test_a_self_signed_certificate_is_refused_and_trusted_when_told(
+        tls: tuple[WebServer, Path], data: bytes, loop_factory: Callable[..., Loop]) -> None:
+    server, cert = tls
+    server.add("/disk.img", Served(data))
+    drive = loop_factory(4 * MiB, fill=PATTERN)
+    rc, _, err = flash(server.url("/disk.img"), drive)
+    assert rc == 2
+    assert "TLS certificate of 127.0.0.1 is not trusted (self-signed certificate)" in err
+    assert len(err.strip().splitlines()) == 1
+    assert untouched(drive)
+    rc, _, err = flash(server.url("/disk.img"), drive, env={"SSL_CERT_FILE": str(cert)})
+    assert rc == 0, err
+    assert drive.read(SIZE) == data
+
+
+@needs_root
+@pytest.mark.parametrize("problem", ["checksum", "changed", "short", "long", "range"])
+def test_a_download_failing_mid_flash_fails_every_drive_before_its_first_bucket(
+        web: WebServer, data: bytes, loop_factory: Callable[..., Loop], problem: str) -> None:
+    served = Served(data)
+    if problem == "checksum":
+        web.add("/SHA256SUMS", sums(data[:-1] + b"!", "disk.img"))
+        why = "checksum mismatch for " + web.url("/disk.img")
+    elif problem == "changed":
+        served = Served(data, drop_at=[2 * MiB], later=Served(os.urandom(SIZE), etag='"v2"'))
+        why = "changed on the server during the download"
+    elif problem == "short":
+        served = Served(data, claim=SIZE + 4096)
+        why = f"announced {SIZE + 4096} bytes (Content-Length) but the file ends at byte {SIZE}"
+    elif problem == "long":
+        served = Served(data, claim=SIZE - 4096)
+        why = "but the file is longer; refusing a truncated image"
+    else:
+        served = Served(data, drop_at=[2 * MiB], ignore_range=True)
+        why = "the server cannot resume (it ignores Range requests)"
+    web.add("/disk.img", served)
+    drives = [loop_factory(4 * MiB, fill=PATTERN) for _ in range(2)]
+    rc, events, err = flash(web.url("/disk.img"), *drives)
+    assert rc == 1, err
+    results = events[-1]["results"]
+    assert [r["status"] for r in results] == ["failed", "failed"]
+    assert all(why in r["error"] for r in results), results
+    for d in drives:
+        assert not_bootable(d), "the image's head was written from a bad download"
+
+
+@needs_root
+def test_sha256_and_checksum_options_apply_to_urls(
+        web: WebServer, data: bytes, loop_factory: Callable[..., Loop]) -> None:
+    web.add("/disk.img", Served(data))
+    web.add("/SHA256SUMS", sums(b"not this one", "disk.img"))  # the option wins
+    drive = loop_factory(4 * MiB, fill=PATTERN)
+    good = hashlib.sha256(data).hexdigest()
+    rc, _, err = flash(web.url("/disk.img"), drive, extra=("--sha256", good))
+    assert rc == 0, err
+    assert drive.read(SIZE) == data
+    other = loop_factory(4 * MiB, fill=PATTERN)
+    rc, events, _ = flash(web.url("/disk.img"), other,
+                          extra=("--checksum", "sha512:" + hashlib.sha512(b"x").hexdigest()))
+    assert rc == 1
+    assert "checksum mismatch" in events[-1]["results"][0]["error"]
+    assert not_bootable(other)
+
+
+@needs_root
+def test_the_cache_serves_the_second_flash_and_is_listed_and_cleaned(
+        web: WebServer, data: bytes, loop_factory: Callable[..., Loop], tmp_path: Path) -> None:
+    body = gzip.compress(data, compresslevel=1)
+    web.add("/disk.img.gz", Served(body))
+    web.add("/SHA256SUMS", sums(body, "disk.img.gz"))
+    env = {"XDG_CACHE_HOME": str(tmp_path / "xdg")}
+    first, second = (loop_factory(4 * MiB, fill=PATTERN) for _ in range(2))
+    rc, _, err = flash(web.url("/disk.img.gz"), first, extra=("--cache",), env=env)
+    assert rc == 0, err
+    (entry,) = Cache(tmp_path / "xdg" / "popsicle-py").entries()
+    assert entry.url == web.url("/disk.img.gz") and entry.path.read_bytes() == body
+    before = len(web.requests_for("/disk.img.gz"))
+    rc, events, err = flash(web.url("/disk.img.gz"), second,
+                            env={**env, "POPSICLE_PY_CACHE": "1"})
+    assert rc == 0, err
+    assert second.read(SIZE) == data
+    assert len(web.requests_for("/disk.img.gz")) == before + 1  # the probe only
+    assert not of(events, "phase", device=None, phase="downloading")
+    assert any("using the cached download" in e["text"] for e in of(events, "note"))
+    assert of(events, "phase", device=None, phase="checksum")  # the copy is checked again
+    listed = json.loads(subprocess.run([*popsicle_cmd(), "cache", "list", "--json"],
+                                       capture_output=True, text=True, check=True,
+                                       env={**os.environ, **env}).stdout)
+    assert [e["url"] for e in listed] == [web.url("/disk.img.gz")]
+    out = subprocess.run([*popsicle_cmd(), "cache", "clean"], capture_output=True, text=True,
+                         check=True, env={**os.environ, **env}).stdout
+    assert out.startswith("removed 1 cached download(s)")
+    assert Cache(tmp_path / "xdg" / "popsicle-py").entries() == []
+
+
+@needs_root
+def test_a_changed_file_is_not_served_from_the_cache(
+        web: WebServer, data: bytes, loop_factory: Callable[..., Loop], tmp_path: Path) -> None:
+    env = {"XDG_CACHE_HOME": str(tmp_path / "xdg"), "POPSICLE_PY_CACHE": "1"}
+    web.add("/disk.img", Served(os.urandom(SIZE), etag='"old"'))
+    drive = loop_factory(4 * MiB, fill=PATTERN)
+    assert flash(web.url("/disk.img"), drive, env=env)[0] == 0
+    web.add("/disk.img", Served(data, etag='"new"'))
+    rc, events, err = flash(web.url("/disk.img"), drive, env=env)
+    assert rc == 0, err
+    assert drive.read(SIZE) == data
+    assert of(events, "phase", device=None, phase="downloading")
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Two signing keys; ``good`` is in the keyring the user names, ``other`` is not."""
+    base = tmp_path_factory.mktemp("gpg")
+    out: dict[str, Path] = {}
+    for name in ("good", "other"):
+        home = base / name
+        home.mkdir(mode=0o700)
+        env = {**os.environ, "GNUPGHOME": str(home)}
+        subprocess.run(["gpg", "--batch", "--passphrase", "", "--quick-gen-key",
+                        f"{name}@popsicle.test", "ed25519", "sign", "never"],
+                       check=True, capture_output=True, env=env)
+        keyring = base / f"{name}.gpg"
+        keyring.write_bytes(subprocess.run(["gpg", "--batch", "--export"], check=True,
+                                           capture_output=True, env=env).stdout)
+        out[name] = home
+        out[name + "-keyring"] = keyring
+    return out
+
+
+def sign(home: Path, text: bytes) -> bytes:
+    return subprocess.run(["gpg", "--batch", "--detach-sign", "-o", "-"], input=text,
+                          check=True, capture_output=True,
+                          env={**os.environ, "GNUPGHOME": str(home)}).stdout
+
+
+@needs_root
+def test_keyring_trusts_a_sums_file_only_with_a_good_signature(
+        web: WebServer, data: bytes, loop_factory: Callable[..., Loop],
+        keys: dict[str, Path]) -> None:
+    listing = f"{hashlib.sha256(data).hexdigest()}  disk.img\n".encode()
+    web.add("/disk.img", Served(data))
+    web.add("/SHA256SUMS", Served(listing))
+    keyring = str(keys["good-keyring"])
+    drive = loop_factory(4 * MiB, fill=PATTERN)
+    rc, _, err = flash(web.url("/disk.img"), drive, extra=("--keyring", keyring))
+    assert rc == 2 and "no signature next to " + web.url("/SHA256SUMS") in err
+    web.add("/SHA256SUMS.gpg", Served(sign(keys["other"], listing)))
+    rc, _, err = flash(web.url("/disk.img"), drive, extra=("--keyring", keyring))
+    assert rc == 2 and "does not verify with" in err and len(err.strip().splitlines()) == 1
+    assert untouched(drive)
+    web.add("/SHA256SUMS.gpg", Served(sign(keys["good"], listing)))
+    rc, events, err = flash(web.url("/disk.img"), drive, extra=("--keyring", keyring))
+    assert rc == 0, err
+    assert drive.read(SIZE) == data
+    assert any(e["text"].startswith("signature ok: " + web.url("/SHA256SUMS.gpg"))
+               for e in of(events, "note"))
+    web.add("/SHA256SUMS", Served(listing.replace(b"disk.img", b"disk.img\n" + b"0" * 64
+                                                  + b"  other.img")))
+    rc, _, err = flash(web.url("/disk.img"), drive, extra=("--keyring", keyring))
+    assert rc == 2 and "does not verify" in err  # tampered after signing
+
+
+@needs_root
+def test_a_zip_url_is_downloaded_first_then_written(
+        web: WebServer, data: bytes, loop_factory: Callable[..., Loop], tmp_path: Path) -> None:
+    archive = tmp_path / "disk.zip"
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("disk.img", data)
+    web.add("/disk.zip", Served(archive.read_bytes()))
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    drive = loop_factory(4 * MiB, fill=PATTERN)
+    rc, _, err = flash(web.url("/disk.zip"), drive, env={"TMPDIR": str(scratch)})
+    assert rc == 0, err
+    assert drive.read(SIZE) == data
+    assert list(scratch.iterdir()) == [], "the private copy was left behind"
+
+
+@needs_root
+def test_ctrl_c_during_a_stalled_download_gives_the_shell_back(
+        web: WebServer, data: bytes, loop_factory: Callable[..., Loop]) -> None:
+    web.add("/disk.img", Served(data, stall_at=[2 * MiB]))
+    drive = loop_factory(4 * MiB, fill=PATTERN)
+    proc = subprocess.Popen([*popsicle_cmd(), "flash", web.url("/disk.img"), drive.path,
+                             "--yes", "--json", "--bucket-size", "1M"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            stdin=subprocess.DEVNULL,
+                            env={**os.environ, "POPSICLE_PY_HTTP_TIMEOUT": "60"})
+    try:
+        wait_for(lambda: len(web.requests_for("/disk.img")) >= 1)
+        assert proc.stdout is not None
+        for line in proc.stdout:  # until the download is under way
+            if '"downloading"' in line:
+                break
+        proc.send_signal(signal.SIGINT)
+        started = time.monotonic()
+        _, err = proc.communicate(timeout=15)
+        assert time.monotonic() - started < 5
+        assert proc.returncode == 130, err
+        assert "Traceback" not in err
+        assert untouched(drive)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+@needs_testbed
+@pytest.mark.umockdev
+def test_watch_of_a_url_downloads_once_and_writes_every_drive_from_the_copy(
+        web: WebServer, data: bytes, tmp_path: Path) -> None:
+    body = gzip.compress(data, compresslevel=1)
+    web.add("/disk.img.gz", Served(body, drop_at=[len(body) // 2]))
+    web.add("/SHA256SUMS", sums(body, "disk.img.gz"))
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    result = watch(tmp_path, [web.url("/disk.img.gz"), "--yes", "--count", "2"],
+                   [WATCHING, {"add": C.description}, {"add": D.description}],
+                   read=(C.dev, D.dev), env={"TMPDIR": str(scratch), **FAST_ENV})
+    assert result.rc == 0, result.stderr
+    assert len(result.of("phase", device=None, phase="downloading")) == 1
+    bodies = [r for r in web.requests_for("/disk.img.gz") if r.range is None]
+    assert len(bodies) == 1, "the image was downloaded more than once"
+    for stick in (C, D):
+        assert result.files[stick.dev][:SIZE] == data
+    assert list(scratch.iterdir()) == [], "the downloaded copy was left behind"
+
+
+@needs_root
+def test_keyring_also_guards_a_local_sums_file(
+        data: bytes, loop_factory: Callable[..., Loop], keys: dict[str, Path],
+        tmp_path: Path) -> None:
+    image = tmp_path / "disk.img"
+    image.write_bytes(data)
+    listing = f"{hashlib.sha256(data).hexdigest()}  disk.img\n".encode()
+    (tmp_path / "SHA256SUMS").write_bytes(listing)
+    (tmp_path / "SHA256SUMS.sign").write_bytes(sign(keys["other"], listing))
+    drive = loop_factory(4 * MiB, fill=PATTERN)
+    keyring = str(keys["good-keyring"])
+    rc, _, err = flash(str(image), drive, extra=("--keyring", keyring))
+    assert rc == 2 and "does not verify with" in err
+    assert untouched(drive)
+    (tmp_path / "SHA256SUMS.sign").write_bytes(sign(keys["good"], listing))
+    rc, _, err = flash(str(image), drive, extra=("--keyring", keyring))
+    assert rc == 0, err
+    assert drive.read(SIZE) == data
+    rc, _, err = flash(str(image), drive, extra=("--keyring", keyring, "--sha256", "0" * 64))
+    assert rc == 2 and "none is used here" in err

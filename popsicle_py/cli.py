@@ -526,5 +526,101 @@ def watch(image: str, count: int | None, yes: bool, no_verify: bool, no_power_of
     _run_guarded(debug, as_json, body)
 
 
+# ----------------------------------------------------------------------------------------------
+# probe (capacity check, no flashing)
+
+
+def _confirm_probe(plan: Plan, yes: bool) -> None:
+    """Like flash's confirmation: the probe overwrites data at its stamp positions."""
+    if yes:
+        return
+    _require_terminal()
+    console = _stderr()
+    table = Table(title="Probe the capacity of (data at the probe's test positions is lost)",
+                  title_justify="left")
+    for column in ("Device", "Drive", "Size", "Mounted at", "Warnings"):
+        table.add_column(column, overflow="fold")
+    for drive in plan.targets:
+        table.add_row(drive.path, drive.label or "?", format_size(drive.size),
+                      ", ".join(drive.mountpoints), "; ".join(plan.warnings.get(drive.path, ())))
+    console.print(table)
+    for note in plan.notes:
+        console.print(note)
+    if not click.confirm(f"Data on these {len(plan.targets)} drive(s) will be damaged. "
+                         "Continue?", default=False, err=True):
+        raise Refused(["cancelled at the confirmation: nothing was written"])
+
+
+@main.command(name="probe")
+@click.argument("devices", nargs=-1, required=True, type=DEVICE, metavar="DEVICE...")
+@click.option("-y", "--yes", is_flag=True, help="Do not ask for confirmation.")
+@click.option("-u", "--unmount", is_flag=True,
+              help="Unmount mounted partitions of the drives first (otherwise refuse).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable events on stdout.")
+@click.option("--debug", is_flag=True, help="Show debug messages and tracebacks.")
+def probe_command(devices: tuple[str, ...], yes: bool, unmount: bool, as_json: bool,
+                  debug: bool) -> None:
+    """Check that each DEVICE stores as much as it claims (counterfeit drives), no flashing.
+
+    Writes small test stamps spread over each drive (never its first 64 KiB) and reads them
+    back: data at those positions is destroyed. Exit 0 when every drive is genuine, 1 when
+    some drive is counterfeit or failed, 2 when refused.
+    """
+    import threading
+
+    from popsicle_py import probe as probe_mod
+
+    def body() -> int:
+        try:
+            plan = make_plan(devices, all_usb=False, image_path=None, image_size=None,
+                             unmount=unmount)
+        except PlanError as exc:
+            raise Refused([*exc.notes, *exc.lines]) from None
+        _confirm_probe(plan, yes)
+        cancel = Cancellation()
+        with cancel.installed():
+            try:
+                if unmount:
+                    unmount_targets(plan)
+                opened = open_targets(plan.targets, check=drives_mod.still_same)
+            except (PlanError, OpenError) as exc:
+                raise Refused(str(exc).splitlines()) from None
+            found: dict[str, probe_mod.ProbeResult] = {}
+
+            def run(device: Any) -> None:
+                try:
+                    found[device.path] = probe_mod.probe(device.fd, device.size,
+                                                         block_size=device.block)
+                except Exception as exc:  # one line for this drive, not a traceback
+                    found[device.path] = probe_mod.ProbeResult(device.size, None, False, 0.0,
+                                                               str(exc))
+
+            threads = [threading.Thread(target=run, args=(d,), daemon=True) for d in opened]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            for device in opened:
+                device.close()
+                device.release()
+        results = []
+        for drive in plan.targets:
+            result = found[drive.path]
+            if as_json:
+                print(json.dumps({"event": "probe", "device": drive.path,
+                                  **result.to_json()}), flush=True)
+            else:
+                click.echo(f"{drive.path}: {result.message} ({result.elapsed:.2f} s)")
+            results.append(events.DriveResult(
+                drive.path, "ok" if result.ok else "failed", 0,
+                None if result.ok else result.message, elapsed=result.elapsed))
+        summary = events.Summary(tuple(results), cancelled=cancel())
+        if as_json:
+            print(json.dumps(summary.to_json()), flush=True)
+        return _exit_status(summary, cancel)
+
+    _run_guarded(debug, as_json, body)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

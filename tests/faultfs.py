@@ -32,6 +32,7 @@ import threading
 import time
 from typing import Any
 
+# mfusepy picks the library when imported; without this it would take libfuse2 if present.
 os.environ.setdefault("FUSE_LIBRARY_NAME", "fuse3")
 
 import mfusepy

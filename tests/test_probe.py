@@ -32,8 +32,8 @@ class Model:
     Used to check every wrap size of a claim, which real drives (0.3 s each) cannot.
     """
 
-    def __init__(self, block: int = 512, wrap: int | None = None, drop: int | None = None,
-                 ascending: bool = False) -> None:
+    def __init__(self, block: int = 512, wrap: int | None = None, drop: int | None = None
+                 ) -> None:
         self.block, self.wrap, self.drop = block, wrap, drop
         self.stored: dict[int, bytes] = {}
         self.writes = self.reads = 0

@@ -63,6 +63,8 @@ function __popsicle_py_state --description 'popsicle-py: the command, then what 
                             set skip 1
                         case 'flash:--checksum'
                             set skip 1
+                        case 'probe:--stall-timeout'
+                            set skip 1
                         case 'watch:--count'
                             set skip 1
                         case 'watch:--max-size'
@@ -179,6 +181,7 @@ complete -c popsicle-py -n '__popsicle_py_at list' -s 'h' -l 'help' -d 'Show thi
 complete -c popsicle-py -n '__popsicle_py_at probe' -s 'y' -l 'yes' -d 'Do not ask for confirmation.'
 complete -c popsicle-py -n '__popsicle_py_at probe' -s 'u' -l 'unmount' -d 'Unmount mounted partitions of the drives first (otherwise refuse).'
 complete -c popsicle-py -n '__popsicle_py_at probe' -l 'json' -d 'Machine-readable events on stdout.'
+complete -c popsicle-py -n '__popsicle_py_at probe' -l 'stall-timeout' -x -d 'Fail a drive whose probe has not finished after SECONDS (a hung drive).'
 complete -c popsicle-py -n '__popsicle_py_at probe' -l 'debug' -d 'Show debug messages and tracebacks.'
 complete -c popsicle-py -n '__popsicle_py_at probe' -s 'h' -l 'help' -d 'Show this message and exit.'
 complete -c popsicle-py -n '__popsicle_py_at probe devices' -a '(__popsicle_py_devices)'

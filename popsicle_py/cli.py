@@ -557,9 +557,12 @@ def _confirm_probe(plan: Plan, yes: bool) -> None:
 @click.option("-u", "--unmount", is_flag=True,
               help="Unmount mounted partitions of the drives first (otherwise refuse).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable events on stdout.")
+@click.option("--stall-timeout", type=click.FloatRange(min=0.1), default=60.0,
+              metavar="SECONDS", show_default=True,
+              help="Fail a drive whose probe has not finished after SECONDS (a hung drive).")
 @click.option("--debug", is_flag=True, help="Show debug messages and tracebacks.")
 def probe_command(devices: tuple[str, ...], yes: bool, unmount: bool, as_json: bool,
-                  debug: bool) -> None:
+                  stall_timeout: float, debug: bool) -> None:
     """Check that each DEVICE stores as much as it claims (counterfeit drives), no flashing.
 
     Writes small test stamps spread over each drive (never its first 64 KiB) and reads them
@@ -567,6 +570,7 @@ def probe_command(devices: tuple[str, ...], yes: bool, unmount: bool, as_json: b
     some drive is counterfeit or failed, 2 when refused.
     """
     import threading
+    import time
 
     from popsicle_py import probe as probe_mod
 
@@ -598,14 +602,35 @@ def probe_command(devices: tuple[str, ...], yes: bool, unmount: bool, as_json: b
             threads = [threading.Thread(target=run, args=(d,), daemon=True) for d in opened]
             for thread in threads:
                 thread.start()
+            # A drive whose write never returns holds its thread in the kernel: wait for it
+            # no longer than the stall timeout (or a signal), then report it.
+            deadline = time.monotonic() + stall_timeout
             for thread in threads:
-                thread.join()
-            for device in opened:
-                device.close()
-                device.release()
+                while thread.is_alive() and not cancel() and time.monotonic() < deadline:
+                    thread.join(0.05)
+            # Judged now: a probe that ends after its drive was closed read /dev/null.
+            finished = {d.path: found[d.path] for d, t in zip(opened, threads, strict=True)
+                        if not t.is_alive()}
+            for device, thread in zip(opened, threads, strict=True):
+                device.close()  # parks the descriptor on /dev/null: a late write goes nowhere
+                if not thread.is_alive():
+                    device.release()
         results = []
         for drive in plan.targets:
-            result = found[drive.path]
+            result = finished.get(drive.path)
+            if result is None:
+                status = "cancelled" if cancel() else "failed"
+                error = ("cancelled while probing" if cancel() else
+                         f"stalled: no answer from the drive for {stall_timeout:g} s")
+                if as_json:
+                    print(json.dumps({"event": "probe", "device": drive.path,
+                                      "claimed": drive.size, "real_estimate": None,
+                                      "ok": False, "error": error, "message": error}),
+                          flush=True)
+                else:
+                    click.echo(f"{drive.path}: {error}")
+                results.append(events.DriveResult(drive.path, status, 0, error))
+                continue
             if as_json:
                 print(json.dumps({"event": "probe", "device": drive.path,
                                   **result.to_json()}), flush=True)

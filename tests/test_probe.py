@@ -7,6 +7,7 @@ import json
 import os
 import random
 import subprocess
+import time
 from collections.abc import Callable
 
 import pytest
@@ -275,3 +276,32 @@ def test_cli_probe_refuses_a_mounted_drive_unless_unmount(loop_factory: Callable
         assert proc.returncode == 2
         assert "is mounted at" in proc.stderr
     os.sync()
+
+
+@needs_root
+def test_cli_probe_of_a_hung_drive_reports_on_time(faulty_drive: Callable[..., FaultyDrive],
+                                                   loop_factory: Callable[..., Loop]) -> None:
+    """The probe's first write (the last block) never answers: the genuine drive beside it is
+    reported, the hung one fails as stalled, and the summary comes after the stall timeout."""
+    hung = faulty_drive(256 * MiB, hang=(256 * MiB - 512, 120))
+    loop = loop_factory(64 * MiB)
+    started = time.monotonic()
+    proc = subprocess.Popen([*popsicle_cmd(), "probe", loop.path, hung.path, "--yes", "--json",
+                             "--stall-timeout", "2"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+    try:
+        assert proc.stdout is not None
+        lines = []
+        for line in proc.stdout:
+            lines.append(json.loads(line))
+            if lines[-1]["event"] == "summary":
+                break
+        summary_at = time.monotonic() - started
+    finally:
+        hung.clear()  # the held write returns, and the process can end
+        _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 1, stderr
+    assert summary_at < 2 + 5  # the stall timeout, plus start-up on a busy machine
+    statuses = {r["device"]: (r["status"], r["error"]) for r in lines[-1]["results"]}
+    assert statuses == {loop.path: ("ok", None),
+                        hung.path: ("failed", "stalled: no answer from the drive for 2 s")}

@@ -65,6 +65,8 @@ function __popsicle_py_state --description 'popsicle-py: the command, then what 
                             set skip 1
                         case 'flash:--keyring'
                             set skip 1
+                        case 'probe:--stall-timeout'
+                            set skip 1
                         case 'verify:--stall-timeout'
                             set skip 1
                         case 'watch:--count'
@@ -85,7 +87,7 @@ function __popsicle_py_state --description 'popsicle-py: the command, then what 
         switch $path
             case '-'
                 switch $tok
-                    case 'cache' 'flash' 'list' 'verify' 'watch'
+                    case 'cache' 'flash' 'list' 'probe' 'verify' 'watch'
                         set path $tok
                         set npos 0
                         set dashdash 0
@@ -129,6 +131,11 @@ function __popsicle_py_state --description 'popsicle-py: the command, then what 
             end
         case 'list'
             echo @none
+        case 'probe'
+            switch $npos
+                case '*'
+                    echo 'devices'
+            end
         case 'verify'
             switch $npos
                 case 0
@@ -161,6 +168,7 @@ complete -c popsicle-py -n '__popsicle_py_at -' -s 'h' -l 'help' -d 'Show this m
 complete -c popsicle-py -n '__popsicle_py_at - @command' -a 'cache' -d 'The downloads kept by --cache, in $XDG_CACHE_HOME/popsicle-py (~/.cache/popsicle-py).'
 complete -c popsicle-py -n '__popsicle_py_at - @command' -a 'flash' -d 'Write IMAGE to every DEVICE in parallel, then verify each.'
 complete -c popsicle-py -n '__popsicle_py_at - @command' -a 'list' -d 'List USB and SD drives (with --all, every disk) and whether each may be written.'
+complete -c popsicle-py -n '__popsicle_py_at - @command' -a 'probe' -d 'Check that each DEVICE stores as much as it claims (counterfeit drives), no flashing.'
 complete -c popsicle-py -n '__popsicle_py_at - @command' -a 'verify' -d 'Compare each DEVICE with IMAGE (a file or an http(s):// URL); report the first bad offset.'
 complete -c popsicle-py -n '__popsicle_py_at - @command' -a 'watch' -d 'Duplicator mode: write IMAGE to every eligible drive as it is plugged in.'
 
@@ -209,6 +217,15 @@ complete -c popsicle-py -n '__popsicle_py_at list' -l 'json' -d 'One JSON array 
 complete -c popsicle-py -n '__popsicle_py_at list' -l 'all' -d 'Every disk, and why it is not eligible.'
 complete -c popsicle-py -n '__popsicle_py_at list' -l 'debug' -d 'Show debug messages and tracebacks.'
 complete -c popsicle-py -n '__popsicle_py_at list' -s 'h' -l 'help' -d 'Show this message and exit.'
+
+# popsicle-py probe
+complete -c popsicle-py -n '__popsicle_py_at probe' -s 'y' -l 'yes' -d 'Do not ask for confirmation.'
+complete -c popsicle-py -n '__popsicle_py_at probe' -s 'u' -l 'unmount' -d 'Unmount mounted partitions of the drives first (otherwise refuse).'
+complete -c popsicle-py -n '__popsicle_py_at probe' -l 'json' -d 'Machine-readable events on stdout.'
+complete -c popsicle-py -n '__popsicle_py_at probe' -l 'stall-timeout' -x -d 'Fail a drive whose probe has not finished after SECONDS (a hung drive).'
+complete -c popsicle-py -n '__popsicle_py_at probe' -l 'debug' -d 'Show debug messages and tracebacks.'
+complete -c popsicle-py -n '__popsicle_py_at probe' -s 'h' -l 'help' -d 'Show this message and exit.'
+complete -c popsicle-py -n '__popsicle_py_at probe devices' -a '(__popsicle_py_devices)'
 
 # popsicle-py verify
 complete -c popsicle-py -n '__popsicle_py_at verify' -l 'json' -d 'Machine-readable events on stdout.'

@@ -731,5 +731,126 @@ def cache_clean(debug: bool) -> None:
     _run_guarded(debug, False, body)
 
 
+# ----------------------------------------------------------------------------------------------
+# probe (capacity check, no flashing)
+
+
+def _confirm_probe(plan: Plan, yes: bool) -> None:
+    """Like flash's confirmation: the probe overwrites data at its stamp positions."""
+    if yes:
+        return
+    _require_terminal()
+    console = _stderr()
+    table = Table(title="Probe the capacity of (data at the probe's test positions is lost)",
+                  title_justify="left")
+    for column in ("Device", "Drive", "Size", "Mounted at", "Warnings"):
+        table.add_column(column, overflow="fold")
+    for drive in plan.targets:
+        table.add_row(drive.path, drive.label or "?", format_size(drive.size),
+                      ", ".join(drive.mountpoints), "; ".join(plan.warnings.get(drive.path, ())))
+    console.print(table)
+    for note in plan.notes:
+        console.print(note)
+    if not click.confirm(f"Data on these {len(plan.targets)} drive(s) will be damaged. "
+                         "Continue?", default=False, err=True):
+        raise Refused(["cancelled at the confirmation: nothing was written"])
+
+
+@main.command(name="probe")
+@click.argument("devices", nargs=-1, required=True, type=DEVICE, metavar="DEVICE...")
+@click.option("-y", "--yes", is_flag=True, help="Do not ask for confirmation.")
+@click.option("-u", "--unmount", is_flag=True,
+              help="Unmount mounted partitions of the drives first (otherwise refuse).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable events on stdout.")
+@click.option("--stall-timeout", type=click.FloatRange(min=0.1), default=60.0,
+              metavar="SECONDS", show_default=True,
+              help="Fail a drive whose probe has not finished after SECONDS (a hung drive).")
+@click.option("--debug", is_flag=True, help="Show debug messages and tracebacks.")
+def probe_command(devices: tuple[str, ...], yes: bool, unmount: bool, as_json: bool,
+                  stall_timeout: float, debug: bool) -> None:
+    """Check that each DEVICE stores as much as it claims (counterfeit drives), no flashing.
+
+    Writes small test stamps spread over each drive (never its first 64 KiB) and reads them
+    back: data at those positions is destroyed. Exit 0 when every drive is genuine, 1 when
+    some drive is counterfeit or failed, 2 when refused.
+    """
+    import threading
+    import time
+
+    from popsicle_py import probe as probe_mod
+
+    def body() -> int:
+        try:
+            plan = make_plan(devices, all_usb=False, image_path=None, image_size=None,
+                             unmount=unmount)
+        except PlanError as exc:
+            raise Refused([*exc.notes, *exc.lines]) from None
+        _confirm_probe(plan, yes)
+        cancel = Cancellation()
+        with cancel.installed():
+            try:
+                if unmount:
+                    unmount_targets(plan)
+                opened = open_targets(plan.targets, check=drives_mod.still_same)
+            except (PlanError, OpenError) as exc:
+                raise Refused(str(exc).splitlines()) from None
+            found: dict[str, probe_mod.ProbeResult] = {}
+
+            def run(device: Any) -> None:
+                try:
+                    found[device.path] = probe_mod.probe(device.fd, device.size,
+                                                         block_size=device.block)
+                except Exception as exc:  # one line for this drive, not a traceback
+                    found[device.path] = probe_mod.ProbeResult(device.size, None, False, 0.0,
+                                                               str(exc))
+
+            threads = [threading.Thread(target=run, args=(d,), daemon=True) for d in opened]
+            for thread in threads:
+                thread.start()
+            # A drive whose write never returns holds its thread in the kernel: wait for it
+            # no longer than the stall timeout (or a signal), then report it.
+            deadline = time.monotonic() + stall_timeout
+            for thread in threads:
+                while thread.is_alive() and not cancel() and time.monotonic() < deadline:
+                    thread.join(0.05)
+            # Judged now: a probe that ends after its drive was closed read /dev/null.
+            finished = {d.path: found[d.path] for d, t in zip(opened, threads, strict=True)
+                        if not t.is_alive()}
+            for device, thread in zip(opened, threads, strict=True):
+                device.close()  # parks the descriptor on /dev/null: a late write goes nowhere
+                if not thread.is_alive():
+                    device.release()
+        results = []
+        for drive in plan.targets:
+            result = finished.get(drive.path)
+            if result is None:
+                status = "cancelled" if cancel() else "failed"
+                error = ("cancelled while probing" if cancel() else
+                         f"stalled: no answer from the drive for {stall_timeout:g} s")
+                if as_json:
+                    print(json.dumps({"event": "probe", "device": drive.path,
+                                      "claimed": drive.size, "real_estimate": None,
+                                      "ok": False, "error": error, "message": error}),
+                          flush=True)
+                else:
+                    click.echo(f"{drive.path}: {error}")
+                results.append(events.DriveResult(drive.path, status, 0, error))
+                continue
+            if as_json:
+                print(json.dumps({"event": "probe", "device": drive.path,
+                                  **result.to_json()}), flush=True)
+            else:
+                click.echo(f"{drive.path}: {result.message} ({result.elapsed:.2f} s)")
+            results.append(events.DriveResult(
+                drive.path, "ok" if result.ok else "failed", 0,
+                None if result.ok else result.message, elapsed=result.elapsed))
+        summary = events.Summary(tuple(results), cancelled=cancel())
+        if as_json:
+            print(json.dumps(summary.to_json()), flush=True)
+        return _exit_status(summary, cancel)
+
+    _run_guarded(debug, as_json, body)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -14,8 +14,10 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
+from faulty import FaultyDrive, FaultyFile, faulty_files
 
 IS_ROOT = os.geteuid() == 0
 needs_root = pytest.mark.skipif(not IS_ROOT, reason="needs root for loop devices")
@@ -193,3 +195,32 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  
     if os.environ.get("CI") and report.skipped and not hasattr(report, "wasxfail"):
         report.outcome = "failed"
         report.longrepr = f"skipped in CI, where every test must run: {report.longrepr}"
+
+
+@pytest.fixture
+def faulty_drive() -> Iterator[Callable[..., FaultyDrive]]:
+    """Misbehaving sticks: ``make(size, fill=None, **faults) -> FaultyDrive`` (tests/faulty.py)."""
+    if not IS_ROOT:
+        pytest.skip("needs root for FUSE and loop devices")
+    with faulty_files() as made:
+        def make(size: int, **faults: Any) -> FaultyDrive:
+            fill = faults.pop("fill", None)
+            drive = FaultyDrive(size, fill=fill, faults=faults)
+            made.append(drive)
+            return drive
+
+        yield make
+
+
+@pytest.fixture
+def faulty_file() -> Iterator[Callable[..., FaultyFile]]:
+    """A flaky image source: ``make(content, **faults) -> FaultyFile`` (e.g. flip_bit=(o, k))."""
+    if not IS_ROOT:
+        pytest.skip("needs root for FUSE")
+    with faulty_files() as made:
+        def make(content: bytes, **faults: Any) -> FaultyFile:
+            source = FaultyFile(len(content), content=content, faults=faults)
+            made.append(source)
+            return source
+
+        yield make

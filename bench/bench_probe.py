@@ -1,0 +1,88 @@
+"""How long the capacity probe takes on a 20 MB/s stick (issue 14: "well under a second").
+
+Not a test.  A loop device over a sparse file on /dev/shm, throttled by a blkio (cgroup v1)
+group to 20 MB/s for reads and writes (and, with ``--iops``, to a USB-stick-like number of
+requests per second), and the probe run in a child process inside that group, several
+rounds per claimed size; prints the median and the number of writes and reads.
+
+    python bench/bench_probe.py                 # 1, 16, 64 GiB claims, 5 rounds
+    python bench/bench_probe.py --iops 1000,3000 --rounds 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import uuid
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+CGROUP = Path("/sys/fs/cgroup/blkio")
+
+CHILD = """
+import json, os, sys
+sys.path.insert(0, {repo!r})
+with open({procs!r}, "w") as f:
+    f.write(str(os.getpid()))
+from popsicle_py.probe import probe
+r = probe({dev!r}, {claimed}, boundaries=range(0, 4 << 30, 16 << 20))
+print(json.dumps(r.to_json()))
+"""
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--sizes", default="1,16,64", help="claimed sizes in GiB")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rate", type=int, default=20_000_000, help="bytes/s, read and write")
+    parser.add_argument("--iops", default="", help="WRITE,READ requests per second (optional)")
+    args = parser.parse_args()
+    rows = []
+    for gib in (int(s) for s in args.sizes.split(",")):
+        claimed = gib << 30
+        fd, backing = tempfile.mkstemp(prefix="faultfs-bench-", dir="/dev/shm")
+        os.close(fd)
+        os.truncate(backing, claimed)
+        dev = subprocess.run(["losetup", "-f", "--show", backing], check=True,
+                             capture_output=True, text=True).stdout.strip()
+        group = CGROUP / f"faultfs-bench-{uuid.uuid4().hex[:8]}"
+        group.mkdir()
+        try:
+            rdev = os.stat(dev).st_rdev
+            key = f"{os.major(rdev)}:{os.minor(rdev)}"
+            for kind in ("read", "write"):
+                (group / f"blkio.throttle.{kind}_bps_device").write_text(f"{key} {args.rate}\n")
+            if args.iops:
+                w, r = args.iops.split(",")
+                (group / "blkio.throttle.write_iops_device").write_text(f"{key} {w}\n")
+                (group / "blkio.throttle.read_iops_device").write_text(f"{key} {r}\n")
+            results = []
+            for _ in range(args.rounds):
+                code = CHILD.format(repo=str(REPO), procs=str(group / "cgroup.procs"),
+                                    dev=dev, claimed=claimed)
+                out = subprocess.run([sys.executable, "-c", code], check=True,
+                                     capture_output=True, text=True).stdout
+                results.append(json.loads(out))
+            assert all(r["ok"] for r in results), results
+            rows.append((gib, statistics.median(r["elapsed"] for r in results),
+                         max(r["elapsed"] for r in results), results[0]["writes"],
+                         results[0]["reads"]))
+        finally:
+            group.rmdir()
+            subprocess.run(["losetup", "-d", dev], check=False)
+            os.unlink(backing)
+    limit = f"{args.rate / 1e6:.0f} MB/s" + (f", {args.iops} IOPS" if args.iops else "")
+    print(f"probe on a loop device throttled to {limit}, {args.rounds} rounds")
+    print("claim GiB | median s | max s | writes | reads")
+    for gib, med, worst, writes, reads in rows:
+        print(f"{gib:9} | {med:8.3f} | {worst:5.3f} | {writes:6} | {reads:5}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

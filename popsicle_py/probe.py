@@ -1,0 +1,425 @@
+"""Capacity probe: does a drive store what it claims, before an image is written to it?
+
+A counterfeit stick claims, say, 64 GB and holds 8: addresses past its real size R wrap
+around (offset ``x`` lands on ``x mod R``) or are silently dropped.  A flash that writes the
+image front to back and verifies afterwards can be fooled by the wrap (a late write overwrites
+an early one's physical block after it was checked), and an image smaller than R verifies
+fine while the drive still lies about everything past R.
+
+The probe, after f3probe's idea but simpler: write small *stamps* (a block naming this run's
+nonce and its own offset) at chosen positions, flush the drive's caches, and read them back.
+Every written position must read back its own stamp; a stamp of this run found at another
+offset proves that two addresses share one physical block, and their distance is a multiple
+of R.
+
+Which positions (:func:`plan_positions`, :func:`plan_reads`), pure functions:
+
+- A wrap at R shows only if some written position ``p`` and some read position ``x`` differ by
+  a multiple of R.  So stamps are written at "baby steps" ``64 KiB + i * unit`` (i < a) and
+  read back at "giant steps" ``64 KiB + j * a * unit`` across the whole claim, plus the last
+  ``a`` units: their differences are every multiple of ``unit`` up to the claimed size.  A
+  wrap at any multiple of ``unit`` (64 KiB for claims up to 4 GiB, 1 MiB up to 64 GiB, then
+  ``claim / 65536``) therefore shows, with about ``sqrt(claim / unit) / 2`` writes and four
+  times as many reads; any R that has a multiple of ``unit`` below the claim shows too.
+- The last block and every bucket boundary the image will use are stamped as well; the first
+  64 KiB (partition table, boot code) are read, never written: a stamp found there is the
+  last block wrapped onto them.
+- A drive that drops writes past R fails at the last block whatever R is.
+
+Write order matters on a wrap drive: a later write to an alias overwrites an earlier one's
+block.  Positions are written highest first, so the lowest alias of each physical block is
+written last and every position below R reads its own stamp; positions at or past R fail.
+Detection does not depend on the order (both aliases are read back, one of them is wrong),
+the estimate does.
+
+The estimate of the real size: for a wrap, the gcd G of every alias distance is a multiple of
+R; R itself is found by dividing G by its prime factors while "write at x, read at x + r"
+still shows the fresh stamp (true exactly when R divides r).  For dropped writes, bisection
+between the highest good and the lowest failing position.
+
+:func:`probe` is the I/O edge: O_DIRECT block-aligned writes, fsync, BLKFLSBUF and
+POSIX_FADV_DONTNEED, then O_DIRECT reads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import math
+import os
+import stat
+import struct
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from popsicle_py.buffers import aligned_buffer
+from popsicle_py.units import format_size
+
+#: Never written by the probe: MBR, GPT header and entries, ISO 9660 volume descriptors.
+PROTECTED = 64 << 10
+MIN_UNIT = 64 << 10
+#: At most this many units in a claim: bounds the number of writes and reads.
+MAX_UNITS = 1 << 16
+MAGIC = b"POPSICLE-PROBE\0\0"
+_HEADER = struct.Struct("<16s16sQI")  # magic, nonce, offset, sequence
+
+BLKFLSBUF = 0x1261
+BLKSSZGET = 0x1268
+
+
+# ----------------------------------------------------------------------------------------------
+# Planning (pure)
+
+
+def _pow2_ceil(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+@dataclass(frozen=True)
+class Grid:
+    """The baby-step / giant-step layout for one claimed size."""
+
+    unit: int
+    babies: int  # ``a``: stamps written at PROTECTED + i * unit, i < a
+    last: int  # the last whole block's offset
+
+
+def grid(claimed_size: int, block_size: int) -> Grid:
+    """The layout: ``unit`` (the size granularity every wrap is detected at) and ``a``."""
+    unit = max(MIN_UNIT, _pow2_ceil(-(-claimed_size // MAX_UNITS)), block_size)
+    units = max(1, claimed_size // unit)
+    babies = max(8, 1 << max(0, (units.bit_length() - 1) // 2 - 1))
+    last = (claimed_size // block_size - 1) * block_size
+    return Grid(unit, babies, last)
+
+
+def plan_positions(claimed_size: int, block_size: int, boundaries: Iterable[int] = ()
+                   ) -> list[int]:
+    """Where stamps are written: baby steps, bucket boundaries, the last block (ascending).
+
+    Every position is block-aligned and at or past :data:`PROTECTED`; a boundary inside
+    the protected start is represented by the first baby step.
+    """
+    g = grid(claimed_size, block_size)
+    if g.last < PROTECTED:
+        return []
+    found = {PROTECTED + i * g.unit for i in range(g.babies)}
+    for b in boundaries:
+        b -= b % block_size
+        if PROTECTED <= b <= g.last:
+            found.add(b)
+    found.add(g.last)
+    return sorted(p for p in found if p <= g.last)
+
+
+def plan_reads(claimed_size: int, block_size: int, positions: Iterable[int] = ()) -> list[int]:
+    """Where the probe only reads: giant steps and the last ``a`` units (ascending).
+
+    A stamp of this run found at one of them is an alias of the position that wrote it.
+    """
+    g = grid(claimed_size, block_size)
+    if g.last < PROTECTED:
+        return []
+    top = (g.last - PROTECTED) // g.unit
+    found = {PROTECTED + j * g.babies * g.unit for j in range(1, top // g.babies + 1)}
+    found.update(PROTECTED + m * g.unit for m in range(max(0, top - g.babies), top + 1))
+    written = set(positions)
+    return sorted(p for p in found if p <= g.last and p not in written)
+
+
+# ----------------------------------------------------------------------------------------------
+# Stamps and verdicts (pure)
+
+
+def stamp(nonce: bytes, offset: int, block_size: int, sequence: int = 0) -> bytes:
+    """One block naming this run and its own offset, every byte of it (a torn write shows)."""
+    header = _HEADER.pack(MAGIC, nonce, offset, sequence)
+    return (header * (block_size // len(header) + 1))[:block_size]
+
+
+def read_stamp(data: bytes, nonce: bytes) -> tuple[int, int] | None:
+    """(offset, sequence) of a whole, intact stamp of this run, or None."""
+    if len(data) < _HEADER.size:
+        return None
+    magic, found, offset, sequence = _HEADER.unpack_from(data)
+    if magic != MAGIC or found != nonce:
+        return None
+    if data != stamp(nonce, offset, len(data), sequence):
+        return None
+    return offset, sequence
+
+
+def prime_factors(n: int) -> list[int]:
+    """Prime factors of ``n`` with multiplicity, smallest first (trial division: n < 2**40)."""
+    out: list[int] = []
+    p = 2
+    while p * p <= n:
+        while n % p == 0:
+            out.append(p)
+            n //= p
+        p += 1 if p == 2 else 2
+    if n > 1:
+        out.append(n)
+    return out
+
+
+def smallest_period(multiple: int, block_size: int, wraps_at: Callable[[int], bool]) -> int:
+    """R from a multiple of it: divide out prime factors while ``wraps_at(r)`` holds.
+
+    ``wraps_at(r)`` must be true exactly when R divides r.  At most one test per prime factor
+    of ``multiple / block_size``.
+    """
+    r = multiple
+    for p in sorted(set(prime_factors(multiple // block_size))):
+        while (r // block_size) % p == 0 and wraps_at(r // p):
+            r //= p
+    return r
+
+
+@dataclass(frozen=True)
+class Reading:
+    """What one read position showed: its own stamp, another's (an alias), or neither."""
+
+    offset: int
+    found: int | None  # the offset named by a stamp of this run, or None
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The first pass judged: which written positions failed and which aliases were seen."""
+
+    failing: tuple[int, ...]
+    aliases: tuple[tuple[int, int], ...]  # (where read, whose stamp)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failing and not self.aliases
+
+    @property
+    def alias_gcd(self) -> int:
+        return math.gcd(*(abs(a - b) for a, b in self.aliases)) if self.aliases else 0
+
+
+def judge(written: Iterable[int], readings: Iterable[Reading]) -> Verdict:
+    """A written position is good only if it reads its own stamp; a foreign stamp anywhere
+    is an alias."""
+    wrote = set(written)
+    failing: list[int] = []
+    aliases: list[tuple[int, int]] = []
+    for r in readings:
+        if r.found is not None and r.found != r.offset:
+            aliases.append((r.offset, r.found))
+        if r.offset in wrote and r.found != r.offset:
+            failing.append(r.offset)
+    return Verdict(tuple(sorted(failing)), tuple(aliases))
+
+
+# ----------------------------------------------------------------------------------------------
+# Result
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    """How a drive's probe ended.  ``real_estimate`` is None when I/O failed."""
+
+    claimed: int
+    real_estimate: int | None
+    ok: bool
+    elapsed: float
+    error: str | None = None
+    writes: int = 0
+    reads: int = 0
+    aliases: tuple[tuple[int, int], ...] = field(default=(), repr=False)
+
+    @property
+    def message(self) -> str:
+        if self.error is not None:
+            return f"probe failed: {self.error}"
+        if self.ok:
+            return f"genuine: holds all of {format_size(self.claimed)}"
+        return (f"counterfeit: claims {format_size(self.claimed)}, holds about "
+                f"{format_size(self.real_estimate or 0)}")
+
+    def to_json(self) -> dict[str, Any]:
+        return {"claimed": self.claimed, "real_estimate": self.real_estimate, "ok": self.ok,
+                "elapsed": round(self.elapsed, 3), "error": self.error,
+                "message": self.message, "writes": self.writes, "reads": self.reads}
+
+
+# ----------------------------------------------------------------------------------------------
+# The I/O edge
+
+
+class BlockIO(Protocol):
+    """What the probe needs of a drive: whole-block I/O, and a way past every cache."""
+
+    block: int
+    writes: int
+    reads: int
+
+    def write(self, offset: int, data: bytes) -> None: ...
+    def read(self, offset: int, length: int) -> bytes: ...
+    def settle(self) -> None: ...
+
+
+class _Device:
+    """Block-sized O_DIRECT I/O on one descriptor, with cache flushing between passes."""
+
+    def __init__(self, fd: int, block_size: int) -> None:
+        self.fd = fd
+        self.block = block_size
+        self.buf = aligned_buffer(max(block_size, PROTECTED))
+        self.is_block_device = stat.S_ISBLK(os.fstat(fd).st_mode)
+        self.writes = 0
+        self.reads = 0
+
+    def write(self, offset: int, data: bytes) -> None:
+        view = memoryview(self.buf)[: len(data)]
+        view[:] = data
+        try:
+            if os.pwrite(self.fd, view, offset) != len(data):
+                raise OSError(errno.EIO, "short write")
+        finally:
+            view.release()
+        self.writes += 1
+
+    def read(self, offset: int, length: int) -> bytes:
+        view = memoryview(self.buf)[:length]
+        try:
+            n = os.preadv(self.fd, [view], offset)
+            data = bytes(view[:n])
+        finally:
+            view.release()
+        self.reads += 1
+        return data
+
+    def settle(self) -> None:
+        """Make the next reads come from the drive: fsync, BLKFLSBUF, drop the page cache."""
+        os.fsync(self.fd)
+        if self.is_block_device:
+            with contextlib.suppress(OSError):
+                fcntl.ioctl(self.fd, BLKFLSBUF, 0)
+        with contextlib.suppress(OSError):
+            os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_DONTNEED)
+
+    def close(self) -> None:
+        self.buf.close()
+
+
+def _logical_block_size(fd: int) -> int:
+    if not stat.S_ISBLK(os.fstat(fd).st_mode):
+        return 512
+    buf = fcntl.ioctl(fd, BLKSSZGET, b"\0" * 4)
+    return max(512, int(struct.unpack("i", buf)[0]))
+
+
+def open_for_probe(path: str) -> int:
+    """O_RDWR | O_DIRECT | O_EXCL: nobody else writes while stamps are checked."""
+    return os.open(path, os.O_RDWR | os.O_DIRECT | os.O_EXCL | os.O_CLOEXEC)
+
+
+def probe(target: int | str, claimed: int, positions: Sequence[int] | None = None, *,
+          block_size: int | None = None, reads: Sequence[int] | None = None,
+          boundaries: Iterable[int] = (), nonce: bytes | None = None,
+          clock: Callable[[], float] = time.monotonic) -> ProbeResult:
+    """Write stamps at ``positions``, read them and ``reads`` back, judge, estimate.
+
+    ``target`` is an open descriptor (O_DIRECT, as the flash opens drives; left open) or a
+    device path (opened with :func:`open_for_probe` and closed).  Positions and reads default
+    to :func:`plan_positions` / :func:`plan_reads` for ``claimed``.  Data at the stamp
+    positions is destroyed; the first 64 KiB are never written.
+    """
+    started = clock()
+    fd = open_for_probe(target) if isinstance(target, str) else target
+    try:
+        block = block_size or _logical_block_size(fd)
+        if positions is None:
+            positions = plan_positions(claimed, block, boundaries)
+        if reads is None:
+            reads = plan_reads(claimed, block, positions)
+        if any(p < PROTECTED or p % block for p in positions):
+            raise ValueError("probe positions must be block-aligned and past the first 64 KiB")
+        dev = _Device(fd, block)
+        try:
+            return run_probe(dev, claimed, positions, reads, nonce=nonce, clock=clock,
+                             started=started)
+        finally:
+            dev.close()
+    finally:
+        if isinstance(target, str):
+            os.close(fd)
+
+
+def run_probe(dev: BlockIO, claimed: int, positions: Sequence[int], reads: Sequence[int], *,
+              nonce: bytes | None = None, clock: Callable[[], float] = time.monotonic,
+              started: float | None = None) -> ProbeResult:
+    """The probe over any :class:`BlockIO` (:func:`probe` gives it a real drive)."""
+    block = dev.block
+    nonce = nonce or os.urandom(16)
+    started = clock() if started is None else started
+
+    def done(ok: bool, real: int | None, error: str | None = None,
+             verdict: Verdict | None = None) -> ProbeResult:
+        return ProbeResult(claimed, real, ok, clock() - started, error, dev.writes, dev.reads,
+                           verdict.aliases if verdict else ())
+
+    at = 0
+    try:
+        for at in sorted(positions, reverse=True):  # highest first: see the module docstring
+            dev.write(at, stamp(nonce, at, block))
+        at = 0
+        dev.settle()
+        readings: list[Reading] = []
+        window = dev.read(0, PROTECTED)
+        for off in range(0, len(window) - block + 1, block):
+            found = read_stamp(window[off:off + block], nonce)
+            readings.append(Reading(off, found[0] if found else None))
+        for at in sorted({*positions, *reads}):
+            found = read_stamp(dev.read(at, block), nonce)
+            readings.append(Reading(at, found[0] if found else None))
+        verdict = judge(positions, readings)
+        if verdict.ok:
+            return done(True, claimed)
+        sequence = 0
+
+        def fresh(offset: int) -> bytes:
+            nonlocal sequence
+            sequence += 1
+            data = stamp(nonce, offset, block, sequence)
+            dev.write(offset, data)
+            dev.settle()
+            return data
+
+        if verdict.aliases:
+            # A write at x shows at x + r exactly when R divides r; a stamp written at
+            # x carries x's offset, so compare the whole block with what was just written.
+            def check(r: int) -> bool:
+                nonlocal at
+                at = PROTECTED + r
+                if at > claimed - block:
+                    return False
+                data = fresh(PROTECTED)
+                return dev.read(at, block) == data
+
+            real = smallest_period(verdict.alias_gcd, block, check)
+            return done(False, real, verdict=verdict)
+        lowest_bad = verdict.failing[0]
+        good = [p for p in positions if p < lowest_bad]
+        lo, hi = (good[-1] if good else PROTECTED - block), lowest_bad
+        while hi - lo > block:
+            mid = (lo + hi) // 2
+            mid -= mid % block
+            if mid <= lo:
+                mid = lo + block
+            at = mid
+            data = fresh(mid)
+            if dev.read(mid, block) == data:
+                lo = mid
+            else:
+                hi = mid
+        return done(False, hi, verdict=verdict)
+    except OSError as exc:
+        return done(False, None, f"{exc.strerror or exc} at offset {at}")

@@ -1,0 +1,307 @@
+"""The capacity probe: planning, the verdict and estimate on every size of wrap, and on real
+faulty drives (a loop device over tests/faultfs.py), and the ``popsicle-py probe`` command."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import time
+from collections.abc import Callable
+
+import pytest
+from conftest import Loop, needs_root, popsicle_cmd
+from faulty import FaultyDrive, MiB
+
+from popsicle_py.probe import (
+    PROTECTED,
+    grid,
+    plan_positions,
+    plan_reads,
+    probe,
+    run_probe,
+)
+from popsicle_py.units import format_size
+
+GiB = 1 << 30
+
+
+class Model:
+    """A drive as the probe sees it, in memory: wraps at ``wrap``, drops writes past ``drop``.
+
+    Used to check every wrap size of a claim, which real drives (0.3 s each) cannot.
+    """
+
+    def __init__(self, block: int = 512, wrap: int | None = None, drop: int | None = None
+                 ) -> None:
+        self.block, self.wrap, self.drop = block, wrap, drop
+        self.stored: dict[int, bytes] = {}
+        self.writes = self.reads = 0
+
+    def _physical(self, offset: int) -> int:
+        return offset % self.wrap if self.wrap else offset
+
+    def write(self, offset: int, data: bytes) -> None:
+        self.writes += 1
+        for at in range(0, len(data), self.block):
+            if self.drop is None or offset + at < self.drop:
+                self.stored[self._physical(offset + at)] = data[at:at + self.block]
+
+    def read(self, offset: int, length: int) -> bytes:
+        self.reads += 1
+        return b"".join(self.stored.get(self._physical(offset + at), b"\xa5" * self.block)
+                        for at in range(0, length, self.block))
+
+    def settle(self) -> None:
+        pass
+
+
+def run_model(claimed: int, **kwargs: int) -> tuple[bool, int | None]:
+    model = Model(**kwargs)
+    positions = plan_positions(claimed, model.block, range(0, 48 * MiB, 16 * MiB))
+    result = run_probe(model, claimed, positions, plan_reads(claimed, model.block, positions))
+    return result.ok, result.real_estimate
+
+
+# -- planning ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("claimed", [1 * MiB, 16 * MiB, GiB, GiB + 3 * 512, 64 * GiB, 2**40])
+def test_positions_are_aligned_past_the_protected_start_and_include_boundaries(
+        claimed: int) -> None:
+    boundaries = list(range(0, min(claimed, 4 * GiB), 16 * MiB))
+    positions = plan_positions(claimed, 512, boundaries)
+    reads = plan_reads(claimed, 512, positions)
+    last = (claimed // 512 - 1) * 512
+    assert positions == sorted(set(positions))
+    assert all(PROTECTED <= p <= last and p % 512 == 0 for p in positions + reads)
+    assert last in positions
+    assert set(b for b in boundaries if b >= PROTECTED) <= set(positions)
+    assert not set(positions) & set(reads)
+    # Few small writes: baby steps (at most 256) plus the boundaries and the last block.
+    assert len(positions) <= 256 + len(boundaries) + 1
+    assert len(reads) <= 1100
+
+
+def test_probe_never_plans_a_write_into_the_first_64_kib() -> None:
+    assert plan_positions(PROTECTED + 512, 512, [0, 512, 4096]) == [PROTECTED]
+    assert plan_positions(PROTECTED, 512, [0]) == []
+
+
+# -- the verdict and the estimate, on every wrap of a claim --------------------------------------
+
+
+def test_every_wrap_of_a_256_mib_claim_is_found_with_its_exact_size() -> None:
+    claimed = 256 * MiB
+    unit = grid(claimed, 512).unit
+    missed = [real for real in range(MiB, claimed, unit)
+              if run_model(claimed, wrap=real) != (False, real)]
+    assert missed == []
+
+
+@pytest.mark.parametrize("claimed", [GiB, 64 * GiB])
+def test_wraps_of_large_claims_are_found_with_their_exact_size(claimed: int) -> None:
+    unit = grid(claimed, 512).unit
+    rng = random.Random(claimed)
+    sizes = {MiB - MiB % unit or unit, claimed // 2, claimed // 2 + unit, claimed - unit,
+             claimed - 64 * unit, *(rng.randrange(MiB, claimed, unit) for _ in range(150))}
+    sizes = {s for s in sizes if s >= MiB}
+    missed = [real for real in sorted(sizes) if run_model(claimed, wrap=real) != (False, real)]
+    assert missed == []
+
+
+def test_wraps_that_are_not_a_multiple_of_the_unit_are_found_below_a_sixteenth() -> None:
+    claimed = GiB
+    rng = random.Random(7)
+    sizes = [rng.randrange(MiB, claimed // 16, 4096) for _ in range(100)]
+    assert [s for s in sizes if run_model(claimed, wrap=s) != (False, s)] == []
+
+
+def test_dropped_writes_are_found_at_any_offset_with_the_exact_size() -> None:
+    claimed = GiB
+    rng = random.Random(3)
+    sizes = [PROTECTED + 512, MiB, claimed - 512, *(rng.randrange(MiB, claimed, 512)
+                                                    for _ in range(100))]
+    assert [s for s in sizes if run_model(claimed, drop=s) != (False, s)] == []
+
+
+@pytest.mark.parametrize("claimed", [PROTECTED + 512, 16 * MiB, GiB + 3 * 512, 64 * GiB])
+def test_a_genuine_drive_is_never_called_counterfeit(claimed: int) -> None:
+    assert run_model(claimed) == (True, claimed)
+    assert run_model(claimed, wrap=claimed) == (True, claimed)
+
+
+def test_stamps_go_highest_first_so_the_real_region_reads_good() -> None:
+    """A later write to an alias wins the physical block.  Written highest first, the lowest
+    alias (the one inside the real size) is written last: positions below R read their own
+    stamps, and the aliases past R read theirs; never the other way round."""
+    claimed, real = GiB, 32 * MiB
+    positions = plan_positions(claimed, 512, [PROTECTED + real, PROTECTED + 2 * real])
+    result = run_probe(Model(wrap=real), claimed, positions,
+                       plan_reads(claimed, 512, positions))
+    assert result.real_estimate == real
+    assert (PROTECTED + real, PROTECTED) in result.aliases
+    assert (PROTECTED + 2 * real, PROTECTED) in result.aliases
+    assert all(where >= real for where, _ in result.aliases)
+
+
+# -- real drives -------------------------------------------------------------------------------
+
+
+@needs_root
+def test_genuine_faulty_drive_passes_and_the_first_64_kib_are_never_written(
+        faulty_drive: Callable[..., FaultyDrive]) -> None:
+    drive = faulty_drive(GiB, fill=0x5A)
+    result = probe(drive.path, GiB, boundaries=range(0, 48 * MiB, 16 * MiB))
+    assert result.ok, result
+    assert result.real_estimate == GiB
+    assert result.message == f"genuine: holds all of {format_size(GiB)}"
+    assert drive.writes() and min(o for o, _ in drive.writes()) >= PROTECTED
+    assert drive.read(0, PROTECTED) == b"\x5a" * PROTECTED
+
+
+@needs_root
+def test_healthy_loop_device_is_no_false_alarm(loop_factory: Callable[..., Loop]) -> None:
+    loop = loop_factory(256 * MiB, fill=0x5A)
+    for _ in range(3):
+        result = probe(loop.path, 256 * MiB)
+        assert result.ok and result.real_estimate == 256 * MiB, result
+    assert loop.read(PROTECTED) == b"\x5a" * PROTECTED
+
+
+@needs_root
+@pytest.mark.parametrize("real", [16 * MiB, 24 * MiB, 32 * MiB, 64 * MiB,
+                                  40 * MiB + 3 * 65536, 700 * MiB],
+                         ids=["16M", "24M", "32M", "64M", "40M+192K", "700M"])
+def test_counterfeit_wrap_is_found_with_its_real_size(faulty_drive: Callable[..., FaultyDrive],
+                                                      real: int) -> None:
+    drive = faulty_drive(GiB, wrap=real)
+    result = probe(drive.path, GiB, boundaries=range(0, 48 * MiB, 16 * MiB))
+    assert not result.ok
+    assert result.real_estimate == real
+    assert result.message == (f"counterfeit: claims {format_size(GiB)}, holds about "
+                              f"{format_size(real)}")
+    assert min(o for o, _ in drive.writes()) >= PROTECTED
+
+
+@needs_root
+def test_drive_that_drops_writes_after_32_mib(faulty_drive: Callable[..., FaultyDrive]) -> None:
+    drive = faulty_drive(GiB, drop_writes_after=32 * MiB)
+    result = probe(drive.path, GiB)
+    assert not result.ok
+    assert result.real_estimate == 32 * MiB
+    assert result.message.startswith("counterfeit: claims")
+
+
+@needs_root
+def test_a_failing_write_is_an_error_not_a_verdict(faulty_drive: Callable[..., FaultyDrive]
+                                                   ) -> None:
+    last = GiB - 512
+    drive = faulty_drive(GiB, bad_write=(last, GiB))
+    result = probe(drive.path, GiB)
+    assert not result.ok and result.real_estimate is None
+    assert result.message == f"probe failed: Input/output error at offset {last}"
+
+
+# -- the command -------------------------------------------------------------------------------
+
+
+def probe_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*popsicle_cmd(), "probe", *args], capture_output=True, text=True,
+                          stdin=subprocess.DEVNULL, timeout=120)
+
+
+@needs_root
+def test_cli_probe_reports_each_drive_and_exits_1_for_a_counterfeit(
+        faulty_drive: Callable[..., FaultyDrive]) -> None:
+    genuine = faulty_drive(GiB)
+    fake = faulty_drive(GiB, wrap=32 * MiB)
+    proc = probe_cli(genuine.path, fake.path, "--yes", "--json")
+    assert proc.returncode == 1, proc.stderr
+    lines = [json.loads(line) for line in proc.stdout.splitlines()]
+    by_device = {e["device"]: e for e in lines if e["event"] == "probe"}
+    assert by_device[genuine.path]["ok"] is True
+    assert by_device[genuine.path]["real_estimate"] == GiB
+    assert by_device[fake.path]["ok"] is False
+    assert by_device[fake.path]["claimed"] == GiB
+    assert by_device[fake.path]["real_estimate"] == 32 * MiB
+    summary = lines[-1]
+    assert summary["event"] == "summary" and summary["ok"] is False
+    statuses = {r["device"]: (r["status"], r["error"]) for r in summary["results"]}
+    assert statuses == {genuine.path: ("ok", None),
+                        fake.path: ("failed", f"counterfeit: claims {format_size(GiB)}, holds "
+                                              f"about {format_size(32 * MiB)}")}
+    assert "Traceback" not in proc.stderr
+
+
+@needs_root
+def test_cli_probe_exits_0_when_all_are_genuine(faulty_drive: Callable[..., FaultyDrive],
+                                                loop_factory: Callable[..., Loop]) -> None:
+    drive = faulty_drive(256 * MiB)
+    loop = loop_factory(64 * MiB)
+    proc = probe_cli(drive.path, loop.path, "--yes")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == [
+        line for line in proc.stdout.splitlines() if "genuine: holds all of" in line]
+    assert len(proc.stdout.splitlines()) == 2
+
+
+@needs_root
+def test_cli_probe_without_yes_or_terminal_refuses_and_writes_nothing(
+        faulty_drive: Callable[..., FaultyDrive]) -> None:
+    drive = faulty_drive(256 * MiB)
+    proc = probe_cli(drive.path, "--json")
+    assert proc.returncode == 2
+    assert "pass --yes" in proc.stderr
+    assert json.loads(proc.stdout.splitlines()[-1]) == {"event": "summary", "ok": False,
+                                                        "results": []}
+    assert drive.writes() == []
+
+
+def test_cli_probe_refuses_a_missing_device() -> None:
+    proc = probe_cli("/dev/popsicle-no-such-drive", "--yes")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "popsicle-py: /dev/popsicle-no-such-drive does not exist"]
+
+
+@needs_root
+def test_cli_probe_refuses_a_mounted_drive_unless_unmount(loop_factory: Callable[..., Loop]
+                                                          ) -> None:
+    from loopdev import mounted_ext4
+    loop = loop_factory(64 * MiB)
+    with mounted_ext4(loop.path):
+        proc = probe_cli(loop.path, "--yes")
+        assert proc.returncode == 2
+        assert "is mounted at" in proc.stderr
+    os.sync()
+
+
+@needs_root
+def test_cli_probe_of_a_hung_drive_reports_on_time(faulty_drive: Callable[..., FaultyDrive],
+                                                   loop_factory: Callable[..., Loop]) -> None:
+    """The probe's first write (the last block) never answers: the genuine drive beside it is
+    reported, the hung one fails as stalled, and the summary comes after the stall timeout."""
+    hung = faulty_drive(256 * MiB, hang=(256 * MiB - 512, 120))
+    loop = loop_factory(64 * MiB)
+    started = time.monotonic()
+    proc = subprocess.Popen([*popsicle_cmd(), "probe", loop.path, hung.path, "--yes", "--json",
+                             "--stall-timeout", "2"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+    try:
+        assert proc.stdout is not None
+        lines = []
+        for line in proc.stdout:
+            lines.append(json.loads(line))
+            if lines[-1]["event"] == "summary":
+                break
+        summary_at = time.monotonic() - started
+    finally:
+        hung.clear()  # the held write returns, and the process can end
+        _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 1, stderr
+    assert summary_at < 2 + 5  # the stall timeout, plus start-up on a busy machine
+    statuses = {r["device"]: (r["status"], r["error"]) for r in lines[-1]["results"]}
+    assert statuses == {loop.path: ("ok", None),
+                        hung.path: ("failed", "stalled: no answer from the drive for 2 s")}

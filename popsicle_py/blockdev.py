@@ -31,6 +31,7 @@ import xxhash
 
 from popsicle_py import drives
 from popsicle_py.buffers import address_of, aligned_buffer
+from popsicle_py.errors import Counterfeit
 from popsicle_py.events import Cause
 from popsicle_py.identity import LoopKey, MediaIdentity, not_confirmed, same_media
 
@@ -687,6 +688,8 @@ def failure(exc: BaseException, path: str) -> Failure:
     """One line in the user's language (which drive, what happened, what to do), and its cause."""
     if isinstance(exc, MediaChanged):
         return Failure(Cause.CHANGED, exc.message)
+    if isinstance(exc, Counterfeit):
+        return Failure(Cause.COUNTERFEIT, f"{path}: {exc.message}")
     code = getattr(exc, "errno", None)
     detail = getattr(exc, "strerror", None) or str(exc)
     if code == errno.EACCES:

@@ -34,7 +34,7 @@ from popsicle_py.bmap import Bmap, BmapError
 from popsicle_py.cache import Cache, cache_wanted
 from popsicle_py.engine import DEFAULT_BUCKETS
 from popsicle_py.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, PROG, PopsicleError, Refused
-from popsicle_py.flash import FlashJob, FlashOptions, VerifyJob, open_targets
+from popsicle_py.flash import FlashJob, FlashOptions, ProbeJob, VerifyJob, open_targets
 from popsicle_py.images import (
     Checksum,
     Image,
@@ -227,6 +227,16 @@ def _image_sanity(img: Image, shown: str, force: bool) -> str | None:
 
 
 FORCE_HELP = "Write an image that does not look like a disk image (text, HTML, tiny)."
+NO_PROBE_HELP = ("Do not check, before writing, that each drive stores as much as it claims "
+                 "(the counterfeit-stick probe).")
+
+
+def _probe_for(image_size: int | None, bucket_size: int) -> Callable[[Any], None]:
+    """The capacity probe a flash runs on each drive: bucket boundaries and the image's end."""
+    from popsicle_py import probe as probe_mod
+
+    end = image_size or 0
+    return probe_mod.checker([*range(bucket_size, end, bucket_size), end])
 
 
 def access_refusal(euid: int, denied: Sequence[str], *, writing: bool) -> str | None:
@@ -374,13 +384,14 @@ def _run_checksum(image: Any, checksum: Checksum, view: Any, cancel: Cancellatio
               help="Check the checksum only in the pass that writes the drives (no read of "
               "the image before writing).")
 @click.option("--force", is_flag=True, help=FORCE_HELP)
+@click.option("--no-probe", is_flag=True, help=NO_PROBE_HELP)
 @_url_options
 @click.option("--debug", is_flag=True, help="Show debug messages and tracebacks.")
 def flash(image: str, devices: tuple[str, ...], all_usb: bool, yes: bool, unmount: bool,
           no_verify: bool, as_json: bool, bucket_size: int, buckets: int, max_size: int,
           stall_timeout: float, skip_identical: bool, bmap_path: str | None, no_bmap: bool,
           repair_attempts: int, sha256: str | None, checksum: str | None, no_checksum: bool,
-          checksum_while_writing: bool, force: bool, keyring: str | None,
+          checksum_while_writing: bool, force: bool, no_probe: bool, keyring: str | None,
           use_cache: bool | None, debug: bool) -> None:
     """Write IMAGE to every DEVICE in parallel, then verify each.
 
@@ -443,7 +454,8 @@ def flash(image: str, devices: tuple[str, ...], all_usb: bool, yes: bool, unmoun
                                    buckets=buckets, stall_timeout=stall_timeout,
                                    skip_identical=skip_identical,
                                    repair_attempts=repair_attempts, bmap=block_map,
-                                   checksum=expected)
+                                   checksum=expected,
+                                   probe=None if no_probe else _probe_for(size, bucket_size))
             job = FlashJob(img, opened, options, view.handle, cancel)
             remote.attach(img, job.relay, cancel)  # download news comes from the reader thread
             summary = job.run()
@@ -625,12 +637,13 @@ def _make_watch_view(as_json: bool, image: Any, count: int | None) -> Any:
               help="Expected checksum (sha1, sha256, sha512 or blake2b) of the image file.")
 @click.option("--no-checksum", is_flag=True, help="Ignore a checksum file next to the image.")
 @click.option("--force", is_flag=True, help=FORCE_HELP)
+@click.option("--no-probe", is_flag=True, help=NO_PROBE_HELP)
 @_url_options
 @click.option("--debug", is_flag=True, help="Show debug messages and tracebacks.")
 def watch(image: str, count: int | None, yes: bool, no_verify: bool, no_power_off: bool,
           include_present: bool, as_json: bool, max_size: int, sha256: str | None,
-          checksum: str | None, no_checksum: bool, force: bool, keyring: str | None,
-          use_cache: bool | None, debug: bool) -> None:
+          checksum: str | None, no_checksum: bool, force: bool, no_probe: bool,
+          keyring: str | None, use_cache: bool | None, debug: bool) -> None:
     """Duplicator mode: write IMAGE to every eligible drive as it is plugged in.
 
     Each drive is written and verified on its own as soon as it appears, then powered off
@@ -659,7 +672,7 @@ def watch(image: str, count: int | None, yes: bool, no_verify: bool, no_power_of
         options = watch_mod.WatchOptions(count=count, verify=not no_verify,
                                          power_off=not no_power_off,
                                          include_present=include_present, max_size=max_size,
-                                         checksum=expected)
+                                         checksum=expected, probe=not no_probe)
         for note in source_notes:
             view.handle(events.Note(note))
         cancel = Cancellation()
@@ -774,79 +787,23 @@ def probe_command(devices: tuple[str, ...], yes: bool, unmount: bool, as_json: b
     back: data at those positions is destroyed. Exit 0 when every drive is genuine, 1 when
     some drive is counterfeit or failed, 2 when refused.
     """
-    import threading
-    import time
-
-    from popsicle_py import probe as probe_mod
-
     def body() -> int:
-        try:
-            plan = make_plan(devices, all_usb=False, image_path=None, image_size=None,
-                             unmount=unmount)
-        except PlanError as exc:
-            raise Refused([*exc.notes, *exc.lines]) from None
+        plan = make_plan(devices, all_usb=False, image_path=None, image_size=None,
+                         unmount=unmount)
+        _require_access([d.path for d in plan.targets], writing=True)
         _confirm_probe(plan, yes)
+        view = _make_view(as_json, {d.path: d.label for d in plan.targets})
         cancel = Cancellation()
         with cancel.installed():
             try:
                 if unmount:
                     unmount_targets(plan)
                 opened = open_targets(plan.targets, check=drives_mod.still_same)
-            except (PlanError, OpenError) as exc:
-                raise Refused(str(exc).splitlines()) from None
-            found: dict[str, probe_mod.ProbeResult] = {}
-
-            def run(device: Any) -> None:
-                try:
-                    found[device.path] = probe_mod.probe(device.fd, device.size,
-                                                         block_size=device.block)
-                except Exception as exc:  # one line for this drive, not a traceback
-                    found[device.path] = probe_mod.ProbeResult(device.size, None, False, 0.0,
-                                                               str(exc))
-
-            threads = [threading.Thread(target=run, args=(d,), daemon=True) for d in opened]
-            for thread in threads:
-                thread.start()
-            # A drive whose write never returns holds its thread in the kernel: wait for it
-            # no longer than the stall timeout (or a signal), then report it.
-            deadline = time.monotonic() + stall_timeout
-            for thread in threads:
-                while thread.is_alive() and not cancel() and time.monotonic() < deadline:
-                    thread.join(0.05)
-            # Judged now: a probe that ends after its drive was closed read /dev/null.
-            finished = {d.path: found[d.path] for d, t in zip(opened, threads, strict=True)
-                        if not t.is_alive()}
-            for device, thread in zip(opened, threads, strict=True):
-                device.close()  # parks the descriptor on /dev/null: a late write goes nowhere
-                if not thread.is_alive():
-                    device.release()
-        results = []
-        for drive in plan.targets:
-            result = finished.get(drive.path)
-            if result is None:
-                status = "cancelled" if cancel() else "failed"
-                error = ("cancelled while probing" if cancel() else
-                         f"stalled: no answer from the drive for {stall_timeout:g} s")
-                if as_json:
-                    print(json.dumps({"event": "probe", "device": drive.path,
-                                      "claimed": drive.size, "real_estimate": None,
-                                      "ok": False, "error": error, "message": error}),
-                          flush=True)
-                else:
-                    click.echo(f"{drive.path}: {error}")
-                results.append(events.DriveResult(drive.path, status, 0, error))
-                continue
-            if as_json:
-                print(json.dumps({"event": "probe", "device": drive.path,
-                                  **result.to_json()}), flush=True)
-            else:
-                click.echo(f"{drive.path}: {result.message} ({result.elapsed:.2f} s)")
-            results.append(events.DriveResult(
-                drive.path, "ok" if result.ok else "failed", 0,
-                None if result.ok else result.message, elapsed=result.elapsed))
-        summary = events.Summary(tuple(results), cancelled=cancel())
-        if as_json:
-            print(json.dumps(summary.to_json()), flush=True)
+            except Refused:
+                view.close()
+                raise
+            summary = ProbeJob(opened, view.handle, cancel, stall_timeout).run()
+            view.close()
         return _exit_status(summary, cancel)
 
     _run_guarded(debug, as_json, body)

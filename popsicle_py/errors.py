@@ -6,6 +6,9 @@
     ├── Cancelled                  130         a stop signal or cancel() ended the run
     └── AllDestinationsFailed      1           every destination failed (``results`` says how)
 
+    OSError (a destination that cannot be trusted)
+    └── Counterfeit                the capacity probe found less than the drive claims
+
     OSError (a source that cannot be trusted; raised by the engine's reader)
     ├── SourceChanged              the source held more or fewer bytes than it was said to
     ├── ExtentChecksumError        a block-map range fails its checksum
@@ -106,3 +109,15 @@ class ChecksumMismatch(OSError):
         super().__init__(errno.EIO, "the image changed while it was read: it no longer matches "
                          f"its checksum ({algo})")
         self.algo = algo
+
+
+class Counterfeit(OSError):
+    """The capacity probe found that the drive holds less than it claims (a destination
+    failure, so an OSError like every other one)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(errno.EIO, message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message

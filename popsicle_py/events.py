@@ -163,6 +163,23 @@ class DriveResult:
 
 
 @dataclass(frozen=True)
+class Probed:
+    """A drive's capacity probe ended: what it claims, about what it holds."""
+
+    device: str
+    claimed: int
+    real_estimate: int | None
+    ok: bool
+    message: str
+    elapsed: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {"event": "probe", "device": self.device, "claimed": self.claimed,
+                "real_estimate": self.real_estimate, "ok": self.ok, "message": self.message,
+                "elapsed": round(self.elapsed, 3)}
+
+
+@dataclass(frozen=True)
 class Result:
     """A drive's result, as an event."""
 
@@ -188,7 +205,7 @@ class Summary:
                 "results": [r.to_json() for r in self.results]}
 
 
-Event = Started | Note | Error | Phase | Progress | Result | Summary
+Event = Started | Note | Error | Phase | Progress | Probed | Result | Summary
 
 
 # ----------------------------------------------------------------------------------------------

@@ -42,6 +42,7 @@ from popsicle_py.events import (
     Event,
     Note,
     Phase,
+    Probed,
     Progress,
     Result,
     Started,
@@ -432,3 +433,65 @@ class VerifyJob(_Job):
                     source.close()
             self._close_all()
         return self._summary()
+
+
+class ProbeJob(_Job):
+    """Probe each opened drive's real capacity (``popsicle-py probe``), all at once.
+
+    One supervisor, as for a flash: each drive's probe runs on its own thread, events come from
+    the calling thread, and a drive that stops answering is failed as stalled on time.
+    """
+
+    def __init__(self, devices: Sequence[BlockDevice], emit: Emit, cancel: CancelCheck,
+                 stall_timeout: float | None = 60.0) -> None:
+        super().__init__(devices, emit, cancel)
+        self.stall_timeout = stall_timeout
+
+    def run(self) -> Summary:
+        from popsicle_py import probe as probe_mod
+        from popsicle_py.engine.supervisor import Lane, Supervisor
+
+        supervisor = Supervisor([d.device for d in self.drives], self._on_message, self.cancel,
+                                stall_timeout=self.stall_timeout,
+                                errored=BusWriterMessage.Errored, name="probe")
+
+        def task(lane: Lane) -> None:
+            lane.waiting = False
+            lane.touch()
+            result = probe_mod.probe_device(lane.dest, stopped=lambda: lane.stopped)
+            lane.post(_Probed(lane.id, result))
+
+        for drive in self.drives:
+            self.emit(Phase(drive.path, Step.PROBING))
+        try:
+            supervisor.run(task)
+        except Cancelled:
+            self._cancel_rest()
+        finally:
+            self._close_all()
+        for drive in self._live():
+            self._end(drive, Status.FAILED, f"{drive.path}: did not finish", cause=Cause.ERROR)
+        return self._summary()
+
+    def _on_message(self, msg: Any) -> None:
+        drive = self.drives[msg.id]
+        if isinstance(msg, BusWriterMessage.Errored):
+            self._fail(drive, msg.why)
+            return
+        result = msg.result
+        self.emit(Probed(drive.path, result.claimed, result.real_estimate, result.ok,
+                         result.message, result.elapsed))
+        if result.ok:
+            self._end(drive, Status.OK)
+        elif result.error is not None:
+            self._end(drive, Status.FAILED, f"{drive.path}: {result.message}",
+                      cause=Cause.IO_ERROR)
+        else:
+            self._end(drive, Status.FAILED, f"{drive.path}: {result.message}",
+                      cause=Cause.COUNTERFEIT)
+
+
+@dataclass(frozen=True)
+class _Probed:
+    id: int
+    result: Any

@@ -55,7 +55,9 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from popsicle_py import blockdev
 from popsicle_py.buffers import aligned_buffer
+from popsicle_py.errors import Counterfeit
 from popsicle_py.units import format_size
 
 #: Never written by the probe: MBR, GPT header and entries, ISO 9660 volume descriptors.
@@ -307,6 +309,69 @@ class _Device:
 
     def close(self) -> None:
         self.buf.close()
+
+
+class DeviceIO:
+    """:class:`BlockIO` over an opened :class:`~popsicle_py.blockdev.BlockDevice`.
+
+    Every call goes through the device, so closing it while a call hangs is as safe as for
+    the flash's own writes; ``stopped()`` is checked before each call (a cancel, a stall).
+    """
+
+    def __init__(self, device: Any, stopped: Callable[[], bool] = lambda: False) -> None:
+        self.device = device
+        self.block = max(512, getattr(device, "block", 512))
+        self.buf = memoryview(aligned_buffer(max(self.block, PROTECTED)))
+        self.stopped = stopped
+        self.writes = 0
+        self.reads = 0
+
+    def _check(self) -> None:
+        if self.stopped():
+            raise OSError(errno.ECANCELED, "probe stopped")
+
+    def write(self, offset: int, data: bytes) -> None:
+        self._check()
+        view = self.buf[: len(data)]
+        view[:] = data
+        if blockdev.write_at(self.device, offset, view) != len(data):
+            raise OSError(errno.EIO, "short write")
+        self.writes += 1
+
+    def read(self, offset: int, length: int) -> bytes:
+        self._check()
+        view = self.buf[:length]
+        n = blockdev.read_at(self.device, offset, view)
+        self.reads += 1
+        return bytes(view[:n])
+
+    def settle(self) -> None:
+        blockdev.sync(self.device)
+        blockdev.drop_cache(self.device)
+
+
+def probe_device(device: Any, boundaries: Iterable[int] = (),
+                 stopped: Callable[[], bool] = lambda: False) -> ProbeResult:
+    """Probe an opened drive for its whole claimed size (``device.size``)."""
+    started = time.monotonic()
+    io = DeviceIO(device, stopped)
+    positions = plan_positions(device.size, io.block, boundaries)
+    reads = plan_reads(device.size, io.block, positions)
+    return run_probe(io, device.size, positions, reads, started=started)
+
+
+def checker(boundaries: Iterable[int]) -> Callable[[Any], None]:
+    """What a flash runs on each drive before writing it: raises Counterfeit if it lies."""
+    spots = tuple(boundaries)
+
+    def check(device: Any) -> None:
+        result = probe_device(device, spots)
+        if result.error is not None:
+            raise OSError(errno.EIO, result.message)
+        if not result.ok:
+            raise Counterfeit(result.message)
+
+    return check
 
 
 def _logical_block_size(fd: int) -> int:

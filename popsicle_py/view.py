@@ -97,6 +97,8 @@ class PlainView:
                 self._line(f"image {image} ({format_size(size)}) -> {', '.join(devices)}")
             case events.Note(text=text):
                 self._line(text)
+            case events.Probed(device=device, message=message, elapsed=elapsed):
+                self._line(f"{device}: {message} ({elapsed:.2f} s)")
             case events.Phase(device=device, phase="done", detail=events.POWERED_OFF):
                 self._line(f"{device}: powered off; it can be pulled")
             case events.Phase(device=device, phase=phase):
@@ -213,6 +215,8 @@ class RichView:
                     self._task(device)
             case events.Note(text=text):
                 self.progress.console.print(text)
+            case events.Probed(device=device, message=message):
+                self.progress.console.print(f"{device}: {message}")
             case events.Phase(device=device, phase=phase, detail=detail):
                 task = self._task(device)
                 state = phase

@@ -38,6 +38,7 @@ from typing import Any
 import pyudev
 
 from popsicle_py import drives
+from popsicle_py import probe as probe_mod
 from popsicle_py.drives import Drive, SystemFacts
 from popsicle_py.engine import keep_signals_for_main_thread
 from popsicle_py.errors import EXIT_FAILED, EXIT_OK
@@ -111,6 +112,8 @@ class WatchOptions:
     bucket_size: int = WATCH_BUCKET_SIZE
     buckets: int = WATCH_BUCKETS
     stall_timeout: float | None = 60.0
+    #: Check each drive's real capacity before writing it (counterfeit sticks).
+    probe: bool = True
     #: Parent of the private directory holding a decompressed copy (default: default_tmpdir()).
     tmpdir: str | None = None
 
@@ -510,9 +513,13 @@ class WatchSession:
             self._end_unstarted(seen, exc.lines[0] if exc.lines else
                                 f"{seen.path}: could not be opened")
             return
-        options = FlashOptions(verify=self.options.verify, bucket_size=self.options.bucket_size,
+        size = self._source.size or 0
+        bucket = self.options.bucket_size
+        probe = (probe_mod.checker([*range(bucket, size, bucket), size])
+                 if self.options.probe else None)
+        options = FlashOptions(verify=self.options.verify, bucket_size=bucket,
                                buckets=self.options.buckets,
-                               stall_timeout=self.options.stall_timeout)
+                               stall_timeout=self.options.stall_timeout, probe=probe)
         FlashJob(self._source, opened, options, lambda e: self._job_event(seen, e),
                  cancel).run()
 

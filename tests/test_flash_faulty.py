@@ -2,8 +2,7 @@
 
 Each test asserts the exit status, every drive's status, the image's bytes on the healthy
 drive, and that a failed drive's first 64 KiB are not the image's (the partition table and
-boot code go on last, and only onto a drive that holds the rest).  Tests of what the lead's
-engine work will bring are marked xfail(strict): they fail today, and must pass once it lands.
+boot code go on last, and only onto a drive that holds the rest).
 """
 
 from __future__ import annotations
@@ -33,11 +32,6 @@ HEAD = 64 << 10
 FILL = 0x5A
 IMAGE = 48 * MiB
 
-needs_probe = pytest.mark.xfail(strict=True, reason="needs the probe wired into flash")
-needs_bounded_io = pytest.mark.xfail(strict=True, reason="needs bounded system calls "
-                                     "(issue 14): the process waits for a 4 MiB write")
-needs_read_error_offset = pytest.mark.xfail(strict=True, reason="a read error during verify "
-                                            "does not name its offset yet")
 
 
 @pytest.fixture
@@ -78,7 +72,6 @@ def assert_healthy(loop: Loop, data: bytes) -> None:
 # -- counterfeit capacity ------------------------------------------------------------------------
 
 
-@needs_probe
 @pytest.mark.parametrize("real", [16 * MiB, 24 * MiB, 32 * MiB, 64 * MiB],
                          ids=["16M", "24M", "32M", "64M"])
 def test_counterfeit_drive_fails_with_the_probe_message_and_the_healthy_one_is_ok(
@@ -91,13 +84,13 @@ def test_counterfeit_drive_fails_with_the_probe_message_and_the_healthy_one_is_o
     assert rc == 1, stderr
     assert statuses(events) == {healthy.path: "ok", fake.path: "failed"}
     assert result_of(events, fake.path)["error"] == (
-        f"counterfeit: claims {format_size(GiB)}, holds about {format_size(real)}")
+        f"{fake.path}: counterfeit: claims {format_size(GiB)}, holds about {format_size(real)}")
+    assert result_of(events, fake.path)["cause"] == "counterfeit"
     assert_healthy(healthy, data)
     assert_failed_drive_has_no_image_head(fake, data)
     assert not fake.ever_written(0, HEAD)
 
 
-@needs_probe
 def test_no_probe_skips_the_probe(faulty_drive: Callable[..., FaultyDrive],
                                   loop_factory: Callable[..., Loop],
                                   image: tuple[Path, bytes]) -> None:
@@ -117,7 +110,6 @@ def test_no_probe_skips_the_probe(faulty_drive: Callable[..., FaultyDrive],
 # -- dying drives ---------------------------------------------------------------------------------
 
 
-@needs_probe
 def test_writes_dropped_past_an_offset_are_found_by_the_probe(
         faulty_drive: Callable[..., FaultyDrive], loop_factory: Callable[..., Loop],
         image: tuple[Path, bytes]) -> None:
@@ -128,12 +120,12 @@ def test_writes_dropped_past_an_offset_are_found_by_the_probe(
     assert rc == 1, stderr
     assert statuses(events) == {healthy.path: "ok", dying.path: "failed"}
     assert result_of(events, dying.path)["error"] == (
-        f"counterfeit: claims {format_size(64 * MiB)}, holds about {format_size(24 * MiB)}")
+        f"{dying.path}: counterfeit: claims {format_size(64 * MiB)}, holds about "
+        f"{format_size(24 * MiB)}")
     assert_healthy(healthy, data)
     assert_failed_drive_has_no_image_head(dying, data)
 
 
-@needs_probe
 def test_writes_dropped_past_an_offset_without_the_probe_do_not_verify(
         faulty_drive: Callable[..., FaultyDrive], loop_factory: Callable[..., Loop],
         image: tuple[Path, bytes]) -> None:
@@ -177,7 +169,6 @@ def test_block_that_fails_twice_then_works_ends_ok(faulty_drive: Callable[..., F
     assert flaky.read(0, len(data)) == data
 
 
-@needs_read_error_offset
 def test_read_errors_during_verify_name_the_offset(faulty_drive: Callable[..., FaultyDrive],
                                                    loop_factory: Callable[..., Loop],
                                                    image: tuple[Path, bytes]) -> None:
@@ -275,7 +266,6 @@ class Timed:
 STALL = 3.0
 
 
-@needs_bounded_io
 def test_crawling_drive_ends_within_stall_timeout_plus_2_s(
         faulty_drive: Callable[..., FaultyDrive], loop_factory: Callable[..., Loop],
         image: tuple[Path, bytes]) -> None:
@@ -326,13 +316,11 @@ def test_hung_write_gets_the_summary_on_time(faulty_drive: Callable[..., FaultyD
 # -- a flaky image source (issue 15) --------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="needs the checksum computed again in the write pass "
-                   "(issue 15)")
 def test_image_that_reads_one_bit_wrong_after_its_checksum_fails_every_drive(
         faulty_file: Callable[..., FaultyFile], loop_factory: Callable[..., Loop]) -> None:
     """The checksum pass reads the image right, the write pass one bit wrong: no drive may
-    end ok with bytes that do not match the checksum.  (Today: "checksum ok", exit 0, and
-    both drives differ from the image at ``flipped``.)"""
+    end ok with bytes that do not match the checksum.  (Before the checksum was computed again
+    in the write pass: "checksum ok", exit 0, and both drives differed at ``flipped``.)"""
     data = os.urandom(IMAGE)
     flipped = 30 * MiB + 4321
     source = faulty_file(data, flip_bit=(flipped, 2))  # right on the 1st read, wrong after

@@ -37,7 +37,11 @@ def check_extents(lane: Lane, extents: Sequence[tuple[int, int]], digests: Seque
             if lane.stopped:
                 return bad
             want = scratch[: min(len(scratch), length - done, lane.pacer.size())]
-            got = read_at(lane.dest, start + done, want, pacer=lane.pacer)
+            try:
+                got = read_at(lane.dest, start + done, want, pacer=lane.pacer)
+            except OSError as exc:  # say where: the user can map it to a file on the drive
+                where = f"reading back bytes {start + done}-{start + done + len(want) - 1}"
+                raise OSError(exc.errno, f"{exc.strerror or exc} ({where})") from exc
             if got == 0:
                 raise EndedEarly(start + done)
             hasher.update(want[:got])

@@ -53,7 +53,8 @@ class Refused(Exception):
     """Bad usage or input found before anything was written: exit 2 with these lines."""
 
     def __init__(self, lines: Sequence[str]) -> None:
-        self.lines = [line for line in lines if line]
+        # Once each: "writing drives needs root..." is the same line for every drive.
+        self.lines = list(dict.fromkeys(line for line in lines if line))
         super().__init__("\n".join(self.lines))
 
 
@@ -96,7 +97,8 @@ class BucketSizeType(SizeType):
 
 
 BUCKET_SIZE = BucketSizeType()
-DEVICE = click.Path(dir_okay=False, path_type=str)
+#: Not checked for readability: a drive a user cannot open may still be opened by udisks2.
+DEVICE = click.Path(dir_okay=False, readable=False, path_type=str)
 
 
 def _stderr() -> Console:

@@ -15,6 +15,7 @@ import logging
 import sys
 import traceback
 from collections.abc import Callable, Sequence
+from importlib import resources
 from typing import Any, NoReturn
 
 import click
@@ -526,6 +527,26 @@ def watch(image: str, count: int | None, yes: bool, no_verify: bool, no_power_of
         return outcome.exit_status
 
     _run_guarded(debug, as_json, body)
+
+
+# ----------------------------------------------------------------------------------------------
+# polkit-rule
+
+
+POLKIT_RULE = "50-popsicle-py.rules"
+
+
+@main.command(name="polkit-rule")
+def polkit_rule() -> None:
+    """Print the opt-in polkit rule: group "popsicle" may write USB drives without sudo.
+
+    Members of the group may then open removable USB drives through udisks2 without a
+    password; nothing else changes. Install it with:
+
+    popsicle-py polkit-rule | sudo tee /etc/polkit-1/rules.d/50-popsicle-py.rules
+    """
+    text = (resources.files("popsicle_py") / "data" / POLKIT_RULE).read_text()
+    click.echo(text, nl=False)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,0 +1,196 @@
+"""Without root: drives opened through a real udisks2 and polkit (see tests/udisks_harness.py).
+
+An unprivileged user (uid 64201, in group "popsicle") runs the real command.  /dev/sdb is a loop
+device presented as a removable SanDisk USB stick, /dev/sdc one presented as a fixed SATA
+disk; the rule shipped in popsicle_py/data decides.  Bytes are checked on the loop devices'
+backing files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import udisks_harness as harness
+from conftest import popsicle_cmd
+
+SIZE = 64 << 20
+IMAGE_SIZE = 3 * (1 << 20) + 4096 + 1000  # not a multiple of a bucket nor of a block
+PATTERN = 0x5A
+
+why_not = harness.missing()
+pytestmark = [pytest.mark.root,
+              pytest.mark.skipif(why_not is not None, reason=why_not or "")]
+
+NEEDS_ROOT_LINE = ("popsicle-py: writing drives needs root: run with sudo, or install udisks2 "
+                   "so popsicle-py can ask for permission")
+
+
+@dataclass
+class Loop:
+    path: str
+    backing: Path
+
+    def read(self, length: int) -> bytes:
+        with open(self.backing, "rb") as f:
+            return f.read(length)
+
+    def fill(self, byte: int = PATTERN) -> None:
+        with open(self.backing, "r+b") as f:
+            f.write(bytes([byte]) * SIZE)
+            f.flush()
+            os.fsync(f.fileno())
+
+
+@dataclass
+class Setup:
+    stack: harness.Udisks
+    stick: Loop  # /dev/sdb: removable, USB
+    fixed: Loop  # /dev/sdc: fixed, SATA
+    image: Path
+    data: bytes
+
+
+@contextlib.contextmanager
+def _loops(count: int) -> Iterator[list[Loop]]:
+    """Loop devices of our own on /dev/shm; detached (only these) and removed at the end."""
+    made: list[Loop] = []
+    try:
+        for _ in range(count):
+            backing = Path(f"/dev/shm/popsicle-udisks-{uuid.uuid4().hex[:8]}.img")
+            with open(backing, "wb") as f:
+                f.truncate(SIZE)
+            made.append(Loop("", backing))
+            made[-1].path = subprocess.run(["losetup", "-f", "--show", str(backing)], check=True,
+                                           capture_output=True, text=True).stdout.strip()
+        yield made
+    finally:
+        for loop in made:
+            if loop.path:
+                subprocess.run(["losetup", "-d", loop.path], capture_output=True)
+            with contextlib.suppress(OSError):
+                loop.backing.unlink()
+
+
+def _fake(name: str, loop: Loop, usb: bool) -> harness.FakeDrive:
+    rdev = os.stat(loop.path).st_rdev
+    return harness.FakeDrive(name, loop.path, os.major(rdev), os.minor(rdev), SIZE, usb)
+
+
+@contextlib.contextmanager
+def _setup(rule: Path | None = harness.RULE) -> Iterator[Setup]:
+    with _loops(2) as (stick, fixed):
+        drives = [_fake("sdb", stick, True), _fake("sdc", fixed, False)]
+        with harness.running(drives, rule=rule) as stack:
+            data = os.urandom(IMAGE_SIZE)
+            image = stack.work / "image.img"
+            image.write_bytes(data)
+            image.chmod(0o644)
+            yield Setup(stack, stick, fixed, image, data)
+
+
+@pytest.fixture(scope="module")
+def shared() -> Iterator[Setup]:
+    """One stack for the module (it takes seconds to start); drives refilled by each test."""
+    with _setup() as setup:
+        yield setup
+
+
+@pytest.fixture
+def env(shared: Setup) -> Setup:
+    shared.stick.fill()
+    shared.fixed.fill()
+    return shared
+
+
+def _popsicle(setup: Setup, *args: str, uid: int = harness.USER_UID, udisks: bool = True
+              ) -> subprocess.CompletedProcess[str]:
+    return setup.stack.run([*popsicle_cmd(), *args], uid=uid, udisks=udisks)
+
+
+def _untouched(loop: Loop) -> bool:
+    return loop.read(SIZE) == bytes([PATTERN]) * SIZE
+
+
+def test_user_cannot_open_the_drive_without_udisks(env: Setup) -> None:
+    """The premise: the kernel refuses this user, so a success below is udisks' doing."""
+    probe = ("import os, sys\n"
+             "try:\n    os.open('/dev/sdb', os.O_RDWR)\nexcept PermissionError:\n"
+             "    sys.exit(13)\n")
+    result = env.stack.run([sys.executable, "-c", probe])
+    assert result.returncode == 13, result.stderr
+
+
+def test_flash_and_verify_allowed_by_the_shipped_rule(env: Setup) -> None:
+    result = _popsicle(env, "flash", str(env.image), "/dev/sdb", "--yes")
+    assert result.returncode == 0, result.stdout + result.stderr + env.stack.logs()
+    assert "/dev/sdb: ok" in result.stdout
+    assert env.stick.read(IMAGE_SIZE) == env.data
+    assert env.stick.read(SIZE)[IMAGE_SIZE:] == bytes([PATTERN]) * (SIZE - IMAGE_SIZE)
+    check = _popsicle(env, "verify", str(env.image), "/dev/sdb")
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert "/dev/sdb: ok (matches the image)" in check.stdout
+
+
+def test_verify_finds_a_difference_through_udisks(env: Setup) -> None:
+    """Read back through udisks ("r") compares the real bytes: a changed byte is found."""
+    with open(env.stick.backing, "r+b") as f:
+        f.write(env.data)
+        f.seek(123457)
+        f.write(bytes([env.data[123457] ^ 0xFF]))
+    result = _popsicle(env, "verify", str(env.image), "/dev/sdb")
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "differs from the image at byte 123457" in result.stdout
+
+
+def test_a_drive_the_rule_does_not_cover_is_refused(env: Setup) -> None:
+    result = _popsicle(env, "flash", str(env.image), "/dev/sdc", "--yes")
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stderr.splitlines() == [
+        "popsicle-py: not authorized to open /dev/sdc (polkit refused: a password is needed "
+        "and no authentication agent could ask)"]
+    assert _untouched(env.fixed)
+
+
+def test_one_refused_drive_and_nothing_is_written_anywhere(env: Setup) -> None:
+    result = _popsicle(env, "flash", str(env.image), "/dev/sdb", "/dev/sdc", "--yes", "--json")
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "not authorized to open /dev/sdc" in result.stderr
+    assert '"event": "error"' in result.stdout
+    assert _untouched(env.stick) and _untouched(env.fixed)
+
+
+def test_a_user_outside_the_group_is_refused(env: Setup) -> None:
+    result = _popsicle(env, "flash", str(env.image), "/dev/sdb", "--yes",
+                       uid=harness.OTHER_UID)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "not authorized to open /dev/sdb" in result.stderr
+    assert _untouched(env.stick)
+
+
+def test_without_udisks_one_line_says_what_to_do(env: Setup) -> None:
+    result = _popsicle(env, "flash", str(env.image), "/dev/sdb", "/dev/sdc", "--yes",
+                       udisks=False)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stderr.splitlines() == [NEEDS_ROOT_LINE]
+    assert _untouched(env.stick) and _untouched(env.fixed)
+    check = _popsicle(env, "verify", str(env.image), "/dev/sdb", udisks=False)
+    assert check.returncode == 2
+    assert check.stderr.splitlines() == [NEEDS_ROOT_LINE]
+
+
+def test_without_the_rule_the_stick_is_refused_too() -> None:
+    """The shipped rule is what lets the stick be written: without it, polkit says no."""
+    with _setup(rule=None) as setup:
+        setup.stick.fill()
+        result = _popsicle(setup, "flash", str(setup.image), "/dev/sdb", "--yes")
+        assert result.returncode == 2, result.stdout + result.stderr
+        assert "not authorized to open /dev/sdb" in result.stderr
+        assert _untouched(setup.stick)

@@ -298,8 +298,11 @@ class Client:
         read, write = os.pipe()
         try:
             self._agent = subprocess.Popen(
-                [program, "--process", str(os.getpid()), "--fallback", "--notify-fd",
-                 str(write)], pass_fds=(write,), stdin=None, stdout=None, stderr=None)
+                # Not --fallback: polkit uses a fallback agent only for a subject in a login
+                # session it knows (get_authentication_agent_for_subject), and we only get
+                # here when no agent could ask, so there is no other agent to defer to.
+                [program, "--process", str(os.getpid()), "--notify-fd", str(write)],
+                pass_fds=(write,), stdin=None, stdout=None, stderr=None)
         except OSError as exc:
             log.debug("pkttyagent not started: %s", exc)
             os.close(read)

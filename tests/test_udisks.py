@@ -85,10 +85,10 @@ def _fake(name: str, loop: Loop, usb: bool) -> harness.FakeDrive:
 
 
 @contextlib.contextmanager
-def _setup(rule: Path | None = harness.RULE) -> Iterator[Setup]:
+def _setup(rule: Path | None = harness.RULE, extra_rule: str = "") -> Iterator[Setup]:
     with _loops(2) as (stick, fixed):
         drives = [_fake("sdb", stick, True), _fake("sdc", fixed, False)]
-        with harness.running(drives, rule=rule) as stack:
+        with harness.running(drives, rule=rule, extra_rule=extra_rule) as stack:
             data = os.urandom(IMAGE_SIZE)
             image = stack.work / "image.img"
             image.write_bytes(data)
@@ -194,3 +194,46 @@ def test_without_the_rule_the_stick_is_refused_too() -> None:
         assert result.returncode == 2, result.stdout + result.stderr
         assert "not authorized to open /dev/sdb" in result.stderr
         assert _untouched(setup.stick)
+
+
+#: A test's own rule: /dev/sdc may be opened by popsicle-test with their own password.
+AUTH_SELF_FOR_SDC = """
+polkit.addRule(function(action, subject) {
+    if (action.id === "org.freedesktop.udisks2.open-device-system" &&
+        action.lookup("device") === "/dev/sdc" && subject.user === "popsicle-test") {
+        return polkit.Result.AUTH_SELF;
+    }
+    return polkit.Result.NOT_HANDLED;
+});
+"""
+
+
+def test_in_a_terminal_polkit_asks_for_the_password_there() -> None:
+    """No desktop agent: pkttyagent prompts on the user's terminal (ssh), then it is written;
+    a wrong password is a refusal, nothing written."""
+    import pexpect
+
+    with _setup(extra_rule=AUTH_SELF_FOR_SDC) as setup:
+        setup.fixed.fill()
+        argv = setup.stack.command([*popsicle_cmd(), "flash", str(setup.image), "/dev/sdc",
+                                    "--yes"])
+        wrong = pexpect.spawn(argv[0], argv[1:], encoding="utf-8", timeout=60,
+                              cwd=str(setup.stack.work))
+        wrong.expect("Password:")
+        wrong.sendline("not the password")
+        wrong.expect(pexpect.EOF)
+        wrong.close()
+        assert wrong.exitstatus == 2, (wrong.before or "") + setup.stack.logs()
+        assert (wrong.before or "").splitlines()[-1] == (
+            "popsicle-py: not authorized to open /dev/sdc (polkit refused)")
+        assert _untouched(setup.fixed)
+
+        child = pexpect.spawn(argv[0], argv[1:], encoding="utf-8", timeout=60,
+                              cwd=str(setup.stack.work))
+        child.expect("AUTHENTICATING FOR org.freedesktop.udisks2.open-device-system")
+        child.expect("Password:")
+        child.sendline(harness.PASSWORD)
+        child.expect(pexpect.EOF)
+        child.close()
+        assert child.exitstatus == 0, (child.before or "") + setup.stack.logs()
+        assert setup.fixed.read(IMAGE_SIZE) == setup.data

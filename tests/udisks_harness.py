@@ -135,7 +135,11 @@ def _bus_config(socket: Path, policy_dir: Path) -> str:
         text = re.sub(rf"\s*<{element}>[^<]*</{element}>", "", text)
     for empty in ("fork", "standard_system_servicedirs", "syslog"):
         text = text.replace(f"<{empty}/>", "")
-    text = re.sub(r"<listen>[^<]*</listen>", f"<listen>unix:path={socket}</listen>", text)
+    # Ours, for the test's processes, and the standard path inside the namespace (its own
+    # /run) for polkit's setuid helper, which ignores DBUS_SYSTEM_BUS_ADDRESS.
+    text = re.sub(r"<listen>[^<]*</listen>",
+                  f"<listen>unix:path={socket}</listen>"
+                  "<listen>unix:path=/run/dbus/system_bus_socket</listen>", text)
     text = re.sub(r"<includedir>[^<]*</includedir>", "", text)
     text = re.sub(r"<include [^>]*>[^<]*</include>", "", text)
     # polkitd runs as root here (its unit's User=polkitd is systemd's doing).
@@ -170,6 +174,7 @@ mkdir -p /run/udev/data /run/dbus
 cp "$W"/udev/* /run/udev/data/
 mount --bind "$W/etc/passwd" /etc/passwd
 mount --bind "$W/etc/group" /etc/group
+mount --bind "$W/etc/shadow" /etc/shadow
 mount --bind "$W/polkit/actions" /usr/share/polkit-1/actions
 mount --bind "$W/polkit/rules.d" /usr/share/polkit-1/rules.d
 mkdir -p /etc/polkit-1/rules.d
@@ -248,6 +253,18 @@ def _passwd() -> str:
             + f"popsicle-other:x:{OTHER_UID}:{OTHER_UID}::/nonexistent:/bin/sh\n")
 
 
+#: The test user's password, for polkit's text agent (only the namespace's /etc/shadow has it).
+PASSWORD = "popsicle-test-password"
+_PASSWORD_HASH = ("$6$popsicletest$ZvqVg/vLJcXRx/USv5Lh8GCtdlqHcv0yRyW8MwHo2SlnLljluQ34WPpGNHnmG"
+                  "t/U3AWTDyH.WCuiUFV8JIscB1")
+
+
+def _shadow() -> str:
+    """Only the test's users (root locked): nothing of the host's shadow is copied."""
+    return (f"root:*:19000:0:99999:7:::\npopsicle-test:{_PASSWORD_HASH}:19000:0:99999:7:::\n"
+            "popsicle-other:*:19000:0:99999:7:::\n")
+
+
 def _group() -> str:
     return (Path("/etc/group").read_text()
             + f"popsicle-test:x:{USER_UID}:\npopsicle-other:x:{OTHER_UID}:\n"
@@ -255,9 +272,12 @@ def _group() -> str:
 
 
 @contextlib.contextmanager
-def running(drives: Sequence[FakeDrive], rule: Path | None = RULE,
+def running(drives: Sequence[FakeDrive], rule: Path | None = RULE, extra_rule: str = "",
             timeout: float = 30) -> Iterator[Udisks]:
-    """Start the stack for these drives; always stop it (every daemon, every mount)."""
+    """Start the stack for these drives; always stop it (every daemon, every mount).
+
+    ``extra_rule`` is the text of a test's own polkit rule file, read before ``rule``.
+    """
     work = Path(tempfile.mkdtemp(prefix="popsicle-udisks-", dir="/tmp"))
     work.chmod(0o755)
     process: subprocess.Popen[bytes] | None = None
@@ -278,10 +298,15 @@ def running(drives: Sequence[FakeDrive], rule: Path | None = RULE,
         (work / "devices.umockdev").write_text(description)
         (work / "etc" / "passwd").write_text(_passwd())
         (work / "etc" / "group").write_text(_group())
+        shadow = work / "etc" / "shadow"
+        shadow.touch(0o600)
+        shadow.write_text(_shadow())
         shutil.copy(UDISKS_ROOT / "usr/share/polkit-1/actions/org.freedesktop.UDisks2.policy",
                     work / "polkit" / "actions")
         if rule is not None:
             shutil.copy(rule, work / "polkit" / "rules.d")
+        if extra_rule:
+            (work / "polkit" / "rules.d" / "10-test.rules").write_text(extra_rule)
         for conf in (UDISKS_ROOT / "usr/share/dbus-1/system.d/org.freedesktop.UDisks2.conf",
                      Path("/usr/share/dbus-1/system.d/org.freedesktop.PolicyKit1.conf")):
             shutil.copy(conf, work / "bus" / "policy")

@@ -79,7 +79,7 @@ function __popsicle_py_state --description 'popsicle-py: the command, then what 
         switch $path
             case '-'
                 switch $tok
-                    case 'flash' 'list' 'verify' 'watch'
+                    case 'flash' 'list' 'polkit-rule' 'verify' 'watch'
                         set path $tok
                         set npos 0
                         set dashdash 0
@@ -106,6 +106,8 @@ function __popsicle_py_state --description 'popsicle-py: the command, then what 
                     echo 'devices'
             end
         case 'list'
+            echo @none
+        case 'polkit-rule'
             echo @none
         case 'verify'
             switch $npos
@@ -138,6 +140,7 @@ complete -c popsicle-py -n '__popsicle_py_at -' -s 'V' -l 'version' -d 'Show the
 complete -c popsicle-py -n '__popsicle_py_at -' -s 'h' -l 'help' -d 'Show this message and exit.'
 complete -c popsicle-py -n '__popsicle_py_at - @command' -a 'flash' -d 'Write IMAGE to every DEVICE in parallel, then verify each.'
 complete -c popsicle-py -n '__popsicle_py_at - @command' -a 'list' -d 'List USB and SD drives (with --all, every disk) and whether each may be written.'
+complete -c popsicle-py -n '__popsicle_py_at - @command' -a 'polkit-rule' -d 'Print the opt-in polkit rule: group "popsicle" may write USB drives without sudo.'
 complete -c popsicle-py -n '__popsicle_py_at - @command' -a 'verify' -d 'Compare each DEVICE with IMAGE; report the first bad offset.'
 complete -c popsicle-py -n '__popsicle_py_at - @command' -a 'watch' -d 'Duplicator mode: write IMAGE to every eligible drive as it is plugged in.'
 
@@ -168,6 +171,9 @@ complete -c popsicle-py -n '__popsicle_py_at list' -l 'json' -d 'One JSON array 
 complete -c popsicle-py -n '__popsicle_py_at list' -l 'all' -d 'Every disk, and why it is not eligible.'
 complete -c popsicle-py -n '__popsicle_py_at list' -l 'debug' -d 'Show debug messages and tracebacks.'
 complete -c popsicle-py -n '__popsicle_py_at list' -s 'h' -l 'help' -d 'Show this message and exit.'
+
+# popsicle-py polkit-rule
+complete -c popsicle-py -n '__popsicle_py_at polkit-rule' -s 'h' -l 'help' -d 'Show this message and exit.'
 
 # popsicle-py verify
 complete -c popsicle-py -n '__popsicle_py_at verify' -l 'json' -d 'Machine-readable events on stdout.'

@@ -125,8 +125,10 @@ def errno_of(message: str) -> int | None:
     return None
 
 
-def describe_refusal(name: str, message: str, what: str, path: str) -> UdisksError:
-    """One line for a udisks error reply: polkit's refusals first, then the kernel's errno.
+def describe_refusal(name: str, message: str, what: str, path: str) -> OSError:
+    """The error for a udisks error reply: polkit's refusals as one line (:class:`UdisksError`),
+    the kernel's refusals as a plain OSError with their errno, which
+    :func:`popsicle_py.blockdev.describe_error` words as for root (busy, read-only...).
 
     ``what`` is the verb ("open", "unmount", "power off").
     """
@@ -142,7 +144,7 @@ def describe_refusal(name: str, message: str, what: str, path: str) -> UdisksErr
                            name)
     code = errno_of(message)
     if code is not None:
-        return UdisksError(code, f"{path}: {os.strerror(code)}", name)
+        return OSError(code, os.strerror(code))
     if short == "DeviceBusy":
         return UdisksError(errno.EBUSY, f"{path}: busy: {message}", name)
     return UdisksError(errno.EIO, f"could not {what} {path} through udisks2: {message}", name)

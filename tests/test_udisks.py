@@ -9,7 +9,9 @@ backing files.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import re
 import subprocess
 import sys
 import uuid
@@ -21,13 +23,13 @@ import pytest
 import udisks_harness as harness
 from conftest import popsicle_cmd
 
+from popsicle_py import blockdev, udisks
+
 SIZE = 64 << 20
 IMAGE_SIZE = 3 * (1 << 20) + 4096 + 1000  # not a multiple of a bucket nor of a block
 PATTERN = 0x5A
 
 why_not = harness.missing()
-pytestmark = [pytest.mark.root,
-              pytest.mark.skipif(why_not is not None, reason=why_not or "")]
 
 NEEDS_ROOT_LINE = ("popsicle-py: writing drives needs root: run with sudo, or install udisks2 "
                    "so popsicle-py can ask for permission")
@@ -86,6 +88,8 @@ def _fake(name: str, loop: Loop, usb: bool) -> harness.FakeDrive:
 
 @contextlib.contextmanager
 def _setup(rule: Path | None = harness.RULE, extra_rule: str = "") -> Iterator[Setup]:
+    if why_not is not None:
+        pytest.skip(why_not)
     with _loops(2) as (stick, fixed):
         drives = [_fake("sdb", stick, True), _fake("sdc", fixed, False)]
         with harness.running(drives, rule=rule, extra_rule=extra_rule) as stack:
@@ -117,6 +121,73 @@ def _popsicle(setup: Setup, *args: str, uid: int = harness.USER_UID, udisks: boo
 
 def _untouched(loop: Loop) -> bool:
     return loop.read(SIZE) == bytes([PATTERN]) * SIZE
+
+
+# ----------------------------------------------------------------------------------------------
+# Plain decisions, no daemon
+
+
+def _block(device: str, devnum: int, drive: str = "/", system: bool = False
+           ) -> dict[str, dict[str, tuple[str, object]]]:
+    return {udisks.BLOCK: {"Device": ("ay", device.encode() + b"\0"),
+                           "DeviceNumber": ("t", devnum), "Drive": ("o", drive),
+                           "HintSystem": ("b", system)}}
+
+
+def test_the_block_object_is_chosen_by_device_number_not_by_name() -> None:
+    """udisks' /dev/sda may be our /dev/sdb's number (renamed, another namespace): the number
+    decides, and an unknown number matches nothing."""
+    objects = {
+        "/org/freedesktop/UDisks2/block_devices/sda": _block("/dev/sda", os.makedev(8, 16)),
+        "/org/freedesktop/UDisks2/block_devices/sdb": _block("/dev/sdb", os.makedev(8, 0),
+                                                             "/x/drives/D", True),
+        "/org/freedesktop/UDisks2/Manager": {"org.freedesktop.UDisks2.Manager": {}},
+    }
+    found = udisks.block_for_devnum(objects, os.makedev(8, 16))
+    assert found is not None
+    assert (found.object_path, found.device) == ("/org/freedesktop/UDisks2/block_devices/sda",
+                                                 "/dev/sda")
+    other = udisks.block_for_devnum(objects, os.makedev(8, 0))
+    assert other is not None and other.drive == "/x/drives/D" and other.hint_system
+    assert udisks.block_for_devnum(objects, os.makedev(8, 32)) is None
+
+
+@pytest.mark.parametrize(("name", "line"), [
+    ("NotAuthorized", "not authorized to open /dev/sdb (polkit refused)"),
+    ("NotAuthorizedDismissed", "not authorized to open /dev/sdb (authentication dismissed)"),
+    ("NotAuthorizedCanObtain", "not authorized to open /dev/sdb (polkit refused: a password "
+                               "is needed and no authentication agent could ask)"),
+])
+def test_polkit_refusals_are_one_line_naming_the_drive(name: str, line: str) -> None:
+    exc = udisks.describe_refusal(udisks.ERROR + name, "Not authorized to perform operation",
+                                  "open", "/dev/sdb")
+    assert blockdev.describe_error(exc, "/dev/sdb") == line
+
+
+def test_kernel_refusals_keep_their_errno_and_words() -> None:
+    """udisks' "Error opening device /dev/sdb: Device or resource busy" is EBUSY, worded as for
+    root; EINVAL (no O_DIRECT) stays EINVAL so that the buffered fallback is taken."""
+    busy = udisks.describe_refusal(udisks.ERROR + "Failed",
+                                   "Error opening device /dev/sdb: Device or resource busy",
+                                   "open", "/dev/sdb")
+    assert busy.errno == errno.EBUSY
+    assert blockdev.describe_error(busy, "/dev/sdb").startswith("/dev/sdb: the drive is busy")
+    invalid = udisks.describe_refusal(udisks.ERROR + "Failed",
+                                      "Error opening device /dev/sdb: Invalid argument",
+                                      "open", "/dev/sdb")
+    assert invalid.errno == errno.EINVAL
+
+
+def test_polkit_rule_command_prints_the_shipped_rule() -> None:
+    result = subprocess.run([*popsicle_cmd(), "polkit-rule"], capture_output=True, text=True,
+                            check=False)
+    assert result.returncode == 0
+    assert result.stdout == harness.RULE.read_text()
+    assert 'action.lookup("drive.removable.bus") === "usb"' in result.stdout
+
+
+# ----------------------------------------------------------------------------------------------
+# The real thing: an unprivileged user, udisksd, polkitd
 
 
 def test_user_cannot_open_the_drive_without_udisks(env: Setup) -> None:
@@ -224,7 +295,8 @@ def test_in_a_terminal_polkit_asks_for_the_password_there() -> None:
         wrong.expect(pexpect.EOF)
         wrong.close()
         assert wrong.exitstatus == 2, (wrong.before or "") + setup.stack.logs()
-        assert (wrong.before or "").splitlines()[-1] == (
+        said = re.sub(r"\x1b\[[0-9;]*m", "", wrong.before or "")  # pkttyagent's colours
+        assert said.splitlines()[-1] == (
             "popsicle-py: not authorized to open /dev/sdc (polkit refused)")
         assert _untouched(setup.fixed)
 

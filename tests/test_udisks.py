@@ -309,3 +309,35 @@ def test_in_a_terminal_polkit_asks_for_the_password_there() -> None:
         child.close()
         assert child.exitstatus == 0, (child.before or "") + setup.stack.logs()
         assert setup.fixed.read(IMAGE_SIZE) == setup.data
+
+
+POWER_OFF = "from popsicle_py import udisks; print(udisks.power_off('/dev/sdb'))"
+
+
+def test_power_off_is_polkits_decision_too(env: Setup) -> None:
+    """The shipped rule allows opening only: powering the stick off is refused (one line)."""
+    result = env.stack.run([sys.executable, "-c", POWER_OFF])
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == ("not authorized to power off /dev/sdb (polkit refused: a "
+                                     "password is needed and no authentication agent could ask)")
+
+
+ALLOW_POWER_OFF = """
+polkit.addRule(function(action, subject) {
+    if (action.id === "org.freedesktop.udisks2.power-off-drive" &&
+        subject.user === "popsicle-test") {
+        return polkit.Result.YES;
+    }
+    return polkit.Result.NOT_HANDLED;
+});
+"""
+
+
+def test_power_off_through_udisks_removes_the_usb_device() -> None:
+    """Allowed, Drive.PowerOff makes udisksd write 1 to the stick's USB device's ``remove``."""
+    with _setup(extra_rule=ALLOW_POWER_OFF) as setup:
+        result = setup.stack.run([sys.executable, "-c", POWER_OFF])
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.strip() == "None", result.stdout + setup.stack.logs()
+        remove = Path(setup.stack.testbed, "sys/devices/pci0000:00/0000:00:14.0/usb1/1-2/remove")
+        assert remove.read_text().strip() == "1"

@@ -86,7 +86,7 @@ def _description(drive: FakeDrive, index: int) -> str:
             f"P: {base}\nN: bus/usb/001/00{index + 2}\nE: DEVTYPE=usb_device\nE: SUBSYSTEM=usb\n"
             f"E: DRIVER=usb\nA: idVendor=0781\nA: idProduct=5567\n"
             f"A: serial=4C53000123110511730{index}\nA: manufacturer=SanDisk\n"
-            f"A: product=Cruzer Blade\n\n"
+            f"A: product=Cruzer Blade\nA: remove=\n\n"
             f"P: {base}/1-{index + 2}:1.0\nE: DEVTYPE=usb_interface\nE: SUBSYSTEM=usb\n"
             f"E: DRIVER=usb-storage\nA: bInterfaceClass=08\n\n"
             f"P: {host}\nE: DEVTYPE=scsi_host\nE: SUBSYSTEM=scsi\n\n"

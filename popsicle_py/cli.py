@@ -24,7 +24,7 @@ from rich.table import Table
 
 from popsicle_py import bmap as bmap_mod
 from popsicle_py import drives as drives_mod
-from popsicle_py import events
+from popsicle_py import events, udisks
 from popsicle_py import watch as watch_mod
 from popsicle_py._version import __version__
 from popsicle_py.bmap import Bmap, BmapError
@@ -307,6 +307,7 @@ def flash(image: str, devices: tuple[str, ...], all_usb: bool, yes: bool, unmoun
             for note in plan.notes:
                 view.handle(events.Note(note))
         cancel = Cancellation()
+        udisks.set_cancel(cancel)  # Ctrl-C at a polkit password prompt stops the wait
         with cancel.installed():
             try:
                 if expected is not None:

@@ -196,6 +196,7 @@ class Client:
         An interactive call may wait for a password as long as the user takes; it is polled
         every :data:`POLL` seconds so that ``cancel()`` ends the wait.
         """
+        cancel = cancel or _cancel
         address = DBusAddress(path, BUS_NAME, interface)
         message = new_method_call(address, method, signature or None, body)
         if interactive:
@@ -362,6 +363,13 @@ def _has_terminal() -> bool:
 
 _client: Client | None = None
 _unavailable: str | None = None
+_cancel: Callable[[], bool] | None = None
+
+
+def set_cancel(check: Callable[[], bool] | None) -> None:
+    """Calls waiting for polkit (a password prompt) end when ``check()`` turns true (Ctrl-C)."""
+    global _cancel
+    _cancel = check
 
 
 def client() -> Client:

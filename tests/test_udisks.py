@@ -281,7 +281,7 @@ polkit.addRule(function(action, subject) {
 
 def test_in_a_terminal_polkit_asks_for_the_password_there() -> None:
     """No desktop agent: pkttyagent prompts on the user's terminal (ssh), then it is written;
-    a wrong password is a refusal, nothing written."""
+    a wrong password is a refusal and Ctrl-C stops at once, nothing written either way."""
     import pexpect
 
     with _setup(extra_rule=AUTH_SELF_FOR_SDC) as setup:
@@ -298,6 +298,16 @@ def test_in_a_terminal_polkit_asks_for_the_password_there() -> None:
         said = re.sub(r"\x1b\[[0-9;]*m", "", wrong.before or "")  # pkttyagent's colours
         assert said.splitlines()[-1] == (
             "popsicle-py: not authorized to open /dev/sdc (polkit refused)")
+        assert _untouched(setup.fixed)
+
+        # Ctrl-C at the prompt: the shell is back at once (130), nothing written.
+        stopped = pexpect.spawn(argv[0], argv[1:], encoding="utf-8", timeout=60,
+                                cwd=str(setup.stack.work))
+        stopped.expect("Password:")
+        stopped.sendintr()
+        stopped.expect(pexpect.EOF, timeout=15)
+        stopped.close()
+        assert stopped.exitstatus == 130, (stopped.before or "") + setup.stack.logs()
         assert _untouched(setup.fixed)
 
         child = pexpect.spawn(argv[0], argv[1:], encoding="utf-8", timeout=60,

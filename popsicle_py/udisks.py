@@ -48,7 +48,7 @@ ERROR = "org.freedesktop.UDisks2.Error."
 #: A call that polkit may turn into a password prompt waits for the user, but in short steps,
 #: so that a cancel is seen; a call that cannot prompt gives up after this.
 POLL = 0.25
-CALL_TIMEOUT = 60.0
+CALL_TIMEOUT = 25.0  # D-Bus' own default
 AGENT_START_TIMEOUT = 10.0
 
 NEEDS_ROOT = ("writing drives needs root: run with sudo, or install udisks2 so popsicle-py "

@@ -18,6 +18,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import udisks_harness as harness
@@ -127,8 +128,11 @@ def _untouched(loop: Loop) -> bool:
 # Plain decisions, no daemon
 
 
+Objects = dict[str, dict[str, dict[str, tuple[str, Any]]]]
+
+
 def _block(device: str, devnum: int, drive: str = "/", system: bool = False
-           ) -> dict[str, dict[str, tuple[str, object]]]:
+           ) -> dict[str, dict[str, tuple[str, Any]]]:
     return {udisks.BLOCK: {"Device": ("ay", device.encode() + b"\0"),
                            "DeviceNumber": ("t", devnum), "Drive": ("o", drive),
                            "HintSystem": ("b", system)}}
@@ -137,7 +141,7 @@ def _block(device: str, devnum: int, drive: str = "/", system: bool = False
 def test_the_block_object_is_chosen_by_device_number_not_by_name() -> None:
     """udisks' /dev/sda may be our /dev/sdb's number (renamed, another namespace): the number
     decides, and an unknown number matches nothing."""
-    objects = {
+    objects: Objects = {
         "/org/freedesktop/UDisks2/block_devices/sda": _block("/dev/sda", os.makedev(8, 16)),
         "/org/freedesktop/UDisks2/block_devices/sdb": _block("/dev/sdb", os.makedev(8, 0),
                                                              "/x/drives/D", True),

@@ -14,6 +14,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -82,18 +83,24 @@ def _loops(count: int) -> Iterator[list[Loop]]:
                 loop.backing.unlink()
 
 
-def _fake(name: str, loop: Loop, usb: bool) -> harness.FakeDrive:
+def _fake(name: str, loop: Loop, usb: bool, fs: str = "") -> harness.FakeDrive:
     rdev = os.stat(loop.path).st_rdev
-    return harness.FakeDrive(name, loop.path, os.major(rdev), os.minor(rdev), SIZE, usb)
+    return harness.FakeDrive(name, loop.path, os.major(rdev), os.minor(rdev), SIZE, usb, fs)
 
 
 @contextlib.contextmanager
-def _setup(rule: Path | None = harness.RULE, extra_rule: str = "") -> Iterator[Setup]:
+def _setup(rule: Path | None = harness.RULE, extra_rule: str = "", stick_fs: str = ""
+           ) -> Iterator[Setup]:
+    """The stack with a USB stick (/dev/sdb) and a fixed disk (/dev/sdc); ``stick_fs`` makes
+    that filesystem on the whole stick first."""
     if why_not is not None:
         pytest.skip(why_not)
     with _loops(2) as (stick, fixed):
-        drives = [_fake("sdb", stick, True), _fake("sdc", fixed, False)]
-        with harness.running(drives, rule=rule, extra_rule=extra_rule) as stack:
+        if stick_fs:
+            subprocess.run([f"mkfs.{stick_fs}", "-q", "-F", stick.path], check=True)
+        drives = [_fake("sdb", stick, True, stick_fs), _fake("sdc", fixed, False)]
+        with harness.running(drives, rule=rule, extra_rule=extra_rule,
+                             dev_nodes=bool(stick_fs)) as stack:
             data = os.urandom(IMAGE_SIZE)
             image = stack.work / "image.img"
             image.write_bytes(data)
@@ -355,3 +362,43 @@ def test_power_off_through_udisks_removes_the_usb_device() -> None:
         assert result.stdout.strip() == "None", result.stdout + setup.stack.logs()
         remove = Path(setup.stack.testbed, "sys/devices/pci0000:00/0000:00:14.0/usb1/1-2/remove")
         assert remove.read_text().strip() == "1"
+
+
+ALLOW_UNMOUNT = """
+polkit.addRule(function(action, subject) {
+    if (action.id === "org.freedesktop.udisks2.filesystem-unmount-others" &&
+        subject.user === "popsicle-test") {
+        return polkit.Result.YES;
+    }
+    return polkit.Result.NOT_HANDLED;
+});
+"""
+
+
+def test_unmount_goes_through_udisks_and_polkit() -> None:
+    """--unmount without root: Filesystem.Unmount, refused for one user (one line, still
+    mounted, nothing written), allowed for the other, who then flashes the stick."""
+    with _setup(extra_rule=ALLOW_UNMOUNT, stick_fs="ext4") as setup:
+        mnt = "/run/popsicle-udisks-mnt"
+        setup.stack.as_root(["mkdir", "-p", mnt])
+        setup.stack.as_root(["mount", "/dev/sdb", mnt])  # as a desktop would: by its name
+        deadline = time.monotonic() + 20
+        while setup.stack.mount_points("sdb") != [mnt]:
+            assert time.monotonic() < deadline, "udisksd never saw the mount"
+            time.sleep(0.1)
+        before = setup.stick.read(SIZE)
+        args = ("flash", str(setup.image), "/dev/sdb", "--yes", "--unmount")
+
+        refused = _popsicle(setup, *args, uid=harness.OTHER_UID)
+        assert refused.returncode == 2, refused.stdout + refused.stderr
+        assert refused.stderr.splitlines() == [
+            f"popsicle-py: could not unmount {mnt} (/dev/sdb): not authorized to unmount "
+            "/dev/sdb (polkit refused: a password is needed and no authentication agent "
+            "could ask)"]
+        assert setup.stack.mount_points("sdb") == [mnt]
+        assert setup.stick.read(SIZE) == before
+
+        result = _popsicle(setup, *args)
+        assert result.returncode == 0, result.stdout + result.stderr + setup.stack.logs()
+        assert mnt not in setup.stack.as_root(["cat", "/proc/self/mounts"]).stdout
+        assert setup.stick.read(IMAGE_SIZE) == setup.data

@@ -70,6 +70,8 @@ class FakeDrive:
     minor: int
     size: int
     usb: bool
+    #: The filesystem made on the whole drive (what udev's blkid would have recorded), or "".
+    fs: str = ""
 
     @property
     def path(self) -> str:
@@ -125,6 +127,8 @@ def _udev_data(drive: FakeDrive, index: int) -> str:
                   "E:ID_MODEL=Samsung_SSD_860_EVO_500GB",
                   f"E:ID_SERIAL=Samsung_SSD_860_EVO_500GB_S3Z1NB0K12345{index}",
                   f"E:ID_SERIAL_SHORT=S3Z1NB0K12345{index}"]
+    if drive.fs:
+        lines += ["E:ID_FS_USAGE=filesystem", f"E:ID_FS_TYPE={drive.fs}"]
     return "\n".join(lines) + "\n"
 
 
@@ -180,12 +184,29 @@ mount --bind "$W/polkit/rules.d" /usr/share/polkit-1/rules.d
 mkdir -p /etc/polkit-1/rules.d
 mount --bind "$W/polkit/empty" /etc/polkit-1/rules.d
 @EXPOSE@
+@DEVNODES@
 dbus-daemon --nofork --config-file="$W/bus.conf" 2>"$W/dbus.log" &
 for _ in $(seq 200); do [ -S "$W/bus/socket" ] && break; sleep 0.05; done
 export DBUS_SYSTEM_BUS_ADDRESS="unix:path=$W/bus/socket"
 @POLKITD@ --no-debug >"$W/polkitd.log" 2>&1 &
 umockdev-run -d "$W/devices.umockdev" -- bash "$W/udisksd.sh" >"$W/udisksd.log" 2>&1 &
 wait
+"""
+
+#: /dev nodes named as udisks names them, for programs that do not go through umockdev (mount,
+#: and libmount's table lookups in udisksd): an overlay on /dev, inside the namespace only.
+_DEV_OVERLAY = r"""
+mkdir -p /run/dev-up /run/dev-work /run/dev-stage
+subs=""
+for sub in shm pts mqueue hugepages; do
+    if mountpoint -q "/dev/$sub"; then
+        mkdir -p "/run/dev-stage/$sub" && mount --rbind "/dev/$sub" "/run/dev-stage/$sub"
+        subs="$subs $sub"
+    fi
+done
+mount -t overlay popsicle-udisks-dev \
+    -o lowerdir=/dev,upperdir=/run/dev-up,workdir=/run/dev-work /dev
+for sub in $subs; do mount --move "/run/dev-stage/$sub" "/dev/$sub"; done
 """
 
 _UDISKSD = r"""
@@ -239,6 +260,26 @@ class Udisks:
         return subprocess.run(self.command(argv, uid=uid, udisks=udisks), capture_output=True,
                               text=True, timeout=timeout, stdin=subprocess.DEVNULL)
 
+    def as_root(self, argv: Sequence[str]) -> subprocess.CompletedProcess[str]:
+        """argv inside the namespace as root, with every capability (to mount, say)."""
+        return subprocess.run(["nsenter", f"--target={self.process.pid}", "--mount", "--",
+                               *argv], capture_output=True, text=True, timeout=60, check=True)
+
+    def mount_points(self, name: str) -> list[str]:
+        """Where udisksd says the block device ``name`` (sdb) is mounted."""
+        script = ("import sys; from jeepney import DBusAddress, new_method_call; "
+                  "from jeepney.io.blocking import open_dbus_connection; "
+                  "c = open_dbus_connection(bus=sys.argv[1]); "
+                  "a = DBusAddress(sys.argv[2], 'org.freedesktop.UDisks2', "
+                  "'org.freedesktop.DBus.Properties'); "
+                  "r = c.send_and_get_reply(new_method_call(a, 'Get', 'ss', "
+                  "('org.freedesktop.UDisks2.Filesystem', 'MountPoints'))); "
+                  "print('\\n'.join(bytes(m).rstrip(b'\\0').decode() for m in r.body[0][1]))")
+        got = subprocess.run(self.command([sys.executable, "-c", script, self.address,
+                                           f"/org/freedesktop/UDisks2/block_devices/{name}"],
+                                          uid=0), capture_output=True, text=True, timeout=30)
+        return got.stdout.split()
+
     def logs(self) -> str:
         parts = []
         for name in ("dbus.log", "polkitd.log", "udisksd.log"):
@@ -273,10 +314,11 @@ def _group() -> str:
 
 @contextlib.contextmanager
 def running(drives: Sequence[FakeDrive], rule: Path | None = RULE, extra_rule: str = "",
-            timeout: float = 30) -> Iterator[Udisks]:
+            timeout: float = 30, dev_nodes: bool = False) -> Iterator[Udisks]:
     """Start the stack for these drives; always stop it (every daemon, every mount).
 
     ``extra_rule`` is the text of a test's own polkit rule file, read before ``rule``.
+    ``dev_nodes`` also makes /dev/sdb... real nodes in the namespace's /dev (for mounting).
     """
     work = Path(tempfile.mkdtemp(prefix="popsicle-udisks-", dir="/tmp"))
     work.chmod(0o755)
@@ -311,13 +353,19 @@ def running(drives: Sequence[FakeDrive], rule: Path | None = RULE, extra_rule: s
                      Path("/usr/share/dbus-1/system.d/org.freedesktop.PolicyKit1.conf")):
             shutil.copy(conf, work / "bus" / "policy")
         (work / "bus.conf").write_text(_bus_config(work / "bus" / "socket", work / "bus/policy"))
-        libs = UDISKS_ROOT / "usr/lib/x86_64-linux-gnu"
+        libs = f"{UDISKS_ROOT}/usr/lib/x86_64-linux-gnu:{UDISKS_ROOT}/lib/x86_64-linux-gnu"
         (work / "udisksd.sh").write_text(
             _UDISKSD.replace("@W@", shlex.quote(str(work))).replace("@MKNODS@", "\n".join(mknods))
             .replace("@LIBS@", shlex.quote(str(libs)))
             .replace("@UDISKSD@", shlex.quote(str(UDISKS_ROOT / UDISKSD))))
+        devnodes = ""
+        if dev_nodes:
+            devnodes = _DEV_OVERLAY + "".join(
+                f"mknod /dev/{d.name} b {d.major} {d.minor}; chmod 660 /dev/{d.name}; "
+                f"chgrp disk /dev/{d.name}\n" for d in drives)
         (work / "namespace.sh").write_text(
-            _NAMESPACE.replace("@EXPOSE@", _expose_python()).replace("@POLKITD@", POLKITD))
+            _NAMESPACE.replace("@EXPOSE@", _expose_python()).replace("@POLKITD@", POLKITD)
+            .replace("@DEVNODES@", devnodes))
         process = subprocess.Popen(
             ["unshare", "--mount", "--propagation", "private", "bash",
              str(work / "namespace.sh"), str(work)],

@@ -51,6 +51,9 @@ POLL = 0.25
 CALL_TIMEOUT = 25.0  # D-Bus' own default
 AGENT_START_TIMEOUT = 10.0
 
+#: udisks' option (false is its default, said anyway): polkit may ask the user for a password.
+INTERACTIVE: dict[str, tuple[str, Any]] = {"auth.no_user_interaction": ("b", False)}
+
 NEEDS_ROOT = ("writing drives needs root: run with sudo, or install udisks2 so popsicle-py "
               "can ask for permission")
 
@@ -244,7 +247,7 @@ class Client:
                     cancel: Callable[[], bool] | None = None) -> int:
         """Block.OpenDevice: the descriptor udisks opened for us (ours to close)."""
         block = self.block(devnum, shown)
-        options = {"flags": ("i", flags)}
+        options = {"flags": ("i", flags), **INTERACTIVE}
 
         def attempt() -> tuple[Any, ...]:
             return self.call(block.object_path, BLOCK, "OpenDevice", "sa{sv}",
@@ -270,7 +273,7 @@ class Client:
         block = self.block(devnum, shown)
 
         def attempt() -> tuple[Any, ...]:
-            return self.call(block.object_path, FILESYSTEM, "Unmount", "a{sv}", ({},),
+            return self.call(block.object_path, FILESYSTEM, "Unmount", "a{sv}", (INTERACTIVE,),
                              interactive=True, cancel=cancel, what="unmount", shown=shown)
 
         self._with_agent(attempt)
@@ -283,7 +286,7 @@ class Client:
             raise UdisksError(errno.ENODEV, f"{shown}: udisks2 knows no drive to power off")
 
         def attempt() -> tuple[Any, ...]:
-            return self.call(block.drive, DRIVE, "PowerOff", "a{sv}", ({},),
+            return self.call(block.drive, DRIVE, "PowerOff", "a{sv}", (INTERACTIVE,),
                              interactive=True, cancel=cancel, what="power off", shown=shown)
 
         self._with_agent(attempt)

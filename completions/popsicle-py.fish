@@ -87,7 +87,7 @@ function __popsicle_py_state --description 'popsicle-py: the command, then what 
         switch $path
             case '-'
                 switch $tok
-                    case 'cache' 'flash' 'list' 'probe' 'verify' 'watch'
+                    case 'cache' 'flash' 'list' 'polkit-rule' 'probe' 'verify' 'watch'
                         set path $tok
                         set npos 0
                         set dashdash 0
@@ -131,6 +131,8 @@ function __popsicle_py_state --description 'popsicle-py: the command, then what 
             end
         case 'list'
             echo @none
+        case 'polkit-rule'
+            echo @none
         case 'probe'
             switch $npos
                 case '*'
@@ -168,6 +170,7 @@ complete -c popsicle-py -n '__popsicle_py_at -' -s 'h' -l 'help' -d 'Show this m
 complete -c popsicle-py -n '__popsicle_py_at - @command' -a 'cache' -d 'The downloads kept by --cache, in $XDG_CACHE_HOME/popsicle-py (~/.cache/popsicle-py).'
 complete -c popsicle-py -n '__popsicle_py_at - @command' -a 'flash' -d 'Write IMAGE to every DEVICE in parallel, then verify each.'
 complete -c popsicle-py -n '__popsicle_py_at - @command' -a 'list' -d 'List USB and SD drives (with --all, every disk) and whether each may be written.'
+complete -c popsicle-py -n '__popsicle_py_at - @command' -a 'polkit-rule' -d 'Print the opt-in polkit rule: group "popsicle" may write USB drives without sudo.'
 complete -c popsicle-py -n '__popsicle_py_at - @command' -a 'probe' -d 'Check that each DEVICE stores as much as it claims (counterfeit drives), no flashing.'
 complete -c popsicle-py -n '__popsicle_py_at - @command' -a 'verify' -d 'Compare each DEVICE with IMAGE (a file or an http(s):// URL); report the first bad offset.'
 complete -c popsicle-py -n '__popsicle_py_at - @command' -a 'watch' -d 'Duplicator mode: write IMAGE to every eligible drive as it is plugged in.'
@@ -218,6 +221,9 @@ complete -c popsicle-py -n '__popsicle_py_at list' -l 'json' -d 'One JSON array 
 complete -c popsicle-py -n '__popsicle_py_at list' -l 'all' -d 'Every disk, and why it is not eligible.'
 complete -c popsicle-py -n '__popsicle_py_at list' -l 'debug' -d 'Show debug messages and tracebacks.'
 complete -c popsicle-py -n '__popsicle_py_at list' -s 'h' -l 'help' -d 'Show this message and exit.'
+
+# popsicle-py polkit-rule
+complete -c popsicle-py -n '__popsicle_py_at polkit-rule' -s 'h' -l 'help' -d 'Show this message and exit.'
 
 # popsicle-py probe
 complete -c popsicle-py -n '__popsicle_py_at probe' -s 'y' -l 'yes' -d 'Do not ask for confirmation.'

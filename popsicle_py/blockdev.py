@@ -320,19 +320,45 @@ def _ioctl_quietly(fd: int, request: int, what: str) -> None:
             raise
 
 
+def open_fd(path: str, flags: int) -> int:
+    """open(2), or, for a user the kernel refuses, the same open done by udisks2 (polkit decides).
+
+    Root, and a user already allowed (group ``disk``), open the device themselves.  Anyone else
+    goes through udisks2's Block.OpenDevice with the same flags; without udisks2 the error is
+    one line saying what to do (:data:`popsicle_py.udisks.NEEDS_ROOT`).
+    """
+    try:
+        return os.open(path, flags)
+    except OSError as exc:
+        if exc.errno not in (errno.EACCES, errno.EPERM) or os.geteuid() == 0:
+            raise
+    from popsicle_py import udisks  # only users without access need D-Bus at all
+
+    try:
+        udisks.client()
+    except udisks.Unavailable:
+        line = udisks.NEEDS_ROOT if flags & os.O_ACCMODE else udisks.NEEDS_ROOT_TO_READ
+        raise udisks.UdisksError(errno.EACCES, line) from None
+    access = flags & os.O_ACCMODE
+    mode = {os.O_RDONLY: "r", os.O_WRONLY: "w", os.O_RDWR: "rw"}[access]
+    fd = udisks.open_device(path, mode, flags & ~(os.O_ACCMODE | os.O_CLOEXEC))
+    os.set_inheritable(fd, False)
+    return fd
+
+
 def open_for_writing(spec: OpenSpec) -> BlockDevice:
     """Open a drive O_RDWR|O_DIRECT|O_SYNC|O_EXCL; fall back to buffered I/O if O_DIRECT is refused.
 
     Raises OSError; :func:`describe_error` turns it into the user's language.
     """
     try:
-        fd = os.open(spec.path, WRITE_FLAGS | os.O_DIRECT)
+        fd = open_fd(spec.path, WRITE_FLAGS | os.O_DIRECT)
         direct = True
     except OSError as exc:
         if exc.errno != errno.EINVAL:
             raise
         log.debug("%s refuses O_DIRECT; using buffered I/O with fsync", spec.path)
-        fd = os.open(spec.path, WRITE_FLAGS)
+        fd = open_fd(spec.path, WRITE_FLAGS)
         direct = False
     return BlockDevice(fd, spec, direct)
 
@@ -340,12 +366,12 @@ def open_for_writing(spec: OpenSpec) -> BlockDevice:
 def open_for_reading(spec: OpenSpec) -> BlockDevice:
     """Open a drive to read it back from the device (O_DIRECT where possible)."""
     try:
-        fd = os.open(spec.path, READ_FLAGS | os.O_DIRECT)
+        fd = open_fd(spec.path, READ_FLAGS | os.O_DIRECT)
         direct = True
     except OSError as exc:
         if exc.errno != errno.EINVAL:
             raise
-        fd = os.open(spec.path, READ_FLAGS)
+        fd = open_fd(spec.path, READ_FLAGS)
         direct = False
     device = BlockDevice(fd, spec, direct)
     if not direct:
@@ -686,6 +712,9 @@ class Failure:
 
 def failure(exc: BaseException, path: str) -> Failure:
     """One line in the user's language (which drive, what happened, what to do), and its cause."""
+    line = getattr(exc, "line", None)
+    if isinstance(line, str):  # already said in the user's language (udisks, polkit)
+        return Failure(Cause.PERMISSION, line)
     if isinstance(exc, MediaChanged):
         return Failure(Cause.CHANGED, exc.message)
     if isinstance(exc, Counterfeit):

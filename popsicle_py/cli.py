@@ -19,6 +19,7 @@ import os
 import sys
 import traceback
 from collections.abc import Callable, Sequence
+from importlib import resources
 from typing import Any, NoReturn
 
 import click
@@ -27,7 +28,7 @@ from rich.table import Table
 
 from popsicle_py import bmap as bmap_mod
 from popsicle_py import drives as drives_mod
-from popsicle_py import events, remote, sanity
+from popsicle_py import events, remote, sanity, udisks
 from popsicle_py import watch as watch_mod
 from popsicle_py._version import __version__
 from popsicle_py.bmap import Bmap, BmapError
@@ -94,8 +95,8 @@ BUCKET_SIZE = BucketSizeType()
 # (_require_access), after the usual checks of each path.
 DEVICE = click.Path(dir_okay=False, readable=False, path_type=str)
 
-NEEDS_ROOT_TO_WRITE = "writing drives needs root: run with sudo (or install udisks2)"
-NEEDS_ROOT_TO_READ = "reading drives needs root: run with sudo"
+NEEDS_ROOT_TO_WRITE = udisks.NEEDS_ROOT
+NEEDS_ROOT_TO_READ = udisks.NEEDS_ROOT_TO_READ
 
 
 def _stderr() -> Console:
@@ -247,11 +248,12 @@ def access_refusal(euid: int, denied: Sequence[str], *, writing: bool) -> str | 
 
 
 def _require_access(paths: Sequence[str], *, writing: bool) -> None:
-    """Refuse at once, in one line, when this user cannot open the drives at all."""
+    """Refuse at once, in one line, when this user cannot open the drives at all: not root,
+    not allowed by the kernel, and no udisks2 to ask polkit."""
     mode = os.R_OK | (os.W_OK if writing else 0)
     line = access_refusal(os.geteuid(), [p for p in paths if not os.access(p, mode)],
                           writing=writing)
-    if line is not None:
+    if line is not None and not udisks.available():
         raise Refused([line])
 
 
@@ -428,6 +430,7 @@ def flash(image: str, devices: tuple[str, ...], all_usb: bool, yes: bool, unmoun
             view.handle(events.Note(note))
         cancel = Cancellation()
         remote.attach(img, view.handle, cancel)  # until the job relays it from its own thread
+        udisks.set_cancel(cancel)  # Ctrl-C at a polkit password prompt stops the wait
         with cancel.installed(), contextlib.ExitStack() as downloads:
             try:
                 if img.format == "zip":  # its directory is at its end: download it first
@@ -655,7 +658,7 @@ def watch(image: str, count: int | None, yes: bool, no_verify: bool, no_power_of
         img, expected, source_notes = _open_source(image, sha256, checksum, no_checksum,
                                                    keyring, use_cache)
         image_note = _image_sanity(img, image, force) if isinstance(img, Image) else None
-        if not _may_write_future_drives():
+        if not _may_write_future_drives() and not udisks.available():
             raise Refused([NEEDS_ROOT_TO_WRITE])
         present = []
         if include_present:
@@ -807,6 +810,26 @@ def probe_command(devices: tuple[str, ...], yes: bool, unmount: bool, as_json: b
         return _exit_status(summary, cancel)
 
     _run_guarded(debug, as_json, body)
+
+
+# ----------------------------------------------------------------------------------------------
+# polkit-rule
+
+
+POLKIT_RULE = "50-popsicle-py.rules"
+
+
+@main.command(name="polkit-rule")
+def polkit_rule() -> None:
+    """Print the opt-in polkit rule: group "popsicle" may write USB drives without sudo.
+
+    Members of the group may then open removable USB drives through udisks2 without a
+    password; nothing else changes. Install it with:
+
+    popsicle-py polkit-rule | sudo tee /etc/polkit-1/rules.d/50-popsicle-py.rules
+    """
+    text = (resources.files("popsicle_py") / "data" / POLKIT_RULE).read_text()
+    click.echo(text, nl=False)
 
 
 if __name__ == "__main__":  # pragma: no cover

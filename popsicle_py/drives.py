@@ -978,7 +978,9 @@ def drive_for_path(path: str, *, image_path: str | None = None,
         raise TargetError(path, f"{shown} is a block device the kernel does not list in sysfs")
     context = context or pyudev.Context()
     try:
-        device = pyudev.Devices.from_sys_path(context, sys_path)
+        # The resolved path, as libudev would resolve it; under umockdev only the resolved
+        # one is the testbed's when the host has a device of the same number.
+        device = pyudev.Devices.from_sys_path(context, os.path.realpath(sys_path))
     except pyudev.DeviceNotFoundError:
         raise TargetError(path, f"{shown} is a block device udev cannot find") from None
     is_partition = device.device_type == "partition" or _attr(device, "partition") is not None

@@ -133,8 +133,15 @@ def make_plan(devices: Sequence[str], *, all_usb: bool, image_path: str | None,
     return Plan(tuple(targets), tuple(notes), warnings)
 
 
-def _umount(mountpoint: str) -> str | None:
-    """Unmount one mountpoint; None on success (or if already gone), else umount's reason."""
+def _umount(mountpoint: str, device: str = "") -> str | None:
+    """Unmount one mountpoint; None on success (or if already gone), else umount's reason.
+
+    Without root, udisks2 unmounts it when it can (polkit decides), as a desktop would.
+    """
+    if os.geteuid() != 0 and device.startswith("/dev/"):
+        reason = _umount_udisks(device)
+        if reason != _NO_UDISKS:
+            return reason
     try:
         result = subprocess.run(["umount", mountpoint], capture_output=True, text=True,
                                 env={**os.environ, "LC_ALL": "C"}, check=False)
@@ -147,6 +154,24 @@ def _umount(mountpoint: str) -> str | None:
     if "not mounted" in message:
         return None
     return message
+
+
+_NO_UDISKS = "udisks2 is not available"
+
+
+def _umount_udisks(device: str) -> str | None:
+    """Filesystem.Unmount through udisks2; :data:`_NO_UDISKS` when it is not there."""
+    from popsicle_py import udisks  # D-Bus only for users without root
+
+    try:
+        udisks.client()
+    except udisks.Unavailable:
+        return _NO_UDISKS
+    try:
+        udisks.unmount(device)
+    except OSError as exc:
+        return str(exc)
+    return None
 
 
 def _umount_libc(mountpoint: str) -> str | None:
@@ -172,7 +197,7 @@ def unmount_targets(plan: Plan) -> None:
                    key=lambda im: (-im[1].mountpoint.rstrip("/").count("/"), -im[0]))
     failures: list[str] = []
     for _, mount in order:
-        reason = _umount(mount.mountpoint)
+        reason = _umount(mount.mountpoint, mount.device)
         if reason:
             failures.append(f"could not unmount {mount.mountpoint} ({mount.device}): {reason}")
     if failures:

@@ -177,6 +177,9 @@ def power_off(device: pyudev.Device, drive: Drive,
         st = os.stat(drive.path)
         if st.st_rdev != drive.devnum:
             return f"{drive.path} is another drive now"
+        if os.geteuid() != 0:  # without root, udisks2 powers it off if polkit allows
+            from popsicle_py import udisks
+            return udisks.power_off(drive.path)
         fd = os.open(drive.path, os.O_RDONLY | os.O_CLOEXEC)
         try:
             os.fsync(fd)

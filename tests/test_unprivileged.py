@@ -88,7 +88,8 @@ def public_dir() -> Iterator[Path]:
 
 def test_access_refusal_is_one_line_for_ordinary_users_only() -> None:
     assert access_refusal(1000, ["/dev/sdb", "/dev/sdc"], writing=True) == (
-        "writing drives needs root: run with sudo (or install udisks2)")
+        "writing drives needs root: run with sudo, or install udisks2 so popsicle-py can ask "
+        "for permission")
     assert access_refusal(1000, ["/dev/sdb"], writing=False) == NEEDS_ROOT_TO_READ
     assert access_refusal(1000, [], writing=True) is None  # e.g. in the "disk" group
     assert access_refusal(0, ["/dev/sdb"], writing=True) is None

@@ -1,0 +1,447 @@
+"""Drives opened, unmounted and powered off through udisks2, so that polkit decides, not sudo.
+
+Without root, a desktop user cannot open /dev/sdX; udisks2 (root, on the system bus) can, and
+asks polkit whether this caller may.  ``Block.OpenDevice`` hands back the open descriptor
+itself over D-Bus, so everything after the open is the same engine as for root.  Which drives
+may be written is still decided by :mod:`popsicle_py.plan` and :mod:`popsicle_py.drives`, from
+the kernel's facts; udisks is only the opener here, and the drive is found by device number,
+never by name.
+
+polkit may want a password.  A desktop session has an agent that asks; in a terminal (ssh, a
+text console) there is none, so, as ``udisksctl`` does, a refusal that can be overcome
+(``NotAuthorizedCanObtain``) starts ``pkttyagent`` for this process on the terminal and the
+call is made once more.  Every refusal becomes one line naming the drive.
+
+D-Bus is spoken with jeepney: pure Python (no compiler, no GLib), small, and it passes unix
+file descriptors, which is all OpenDevice needs.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import errno
+import logging
+import os
+import select
+import shutil
+import stat
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from jeepney import DBusAddress, HeaderFields, Message, MessageType, new_method_call
+from jeepney.io.blocking import DBusConnection, open_dbus_connection
+from jeepney.low_level import MessageFlag
+
+log = logging.getLogger(__name__)
+
+BUS_NAME = "org.freedesktop.UDisks2"
+ROOT_PATH = "/org/freedesktop/UDisks2"
+BLOCK = "org.freedesktop.UDisks2.Block"
+FILESYSTEM = "org.freedesktop.UDisks2.Filesystem"
+DRIVE = "org.freedesktop.UDisks2.Drive"
+ERROR = "org.freedesktop.UDisks2.Error."
+
+#: A call that polkit may turn into a password prompt waits for the user, but in short steps,
+#: so that a cancel is seen; a call that cannot prompt gives up after this.
+POLL = 0.25
+CALL_TIMEOUT = 25.0  # D-Bus' own default
+AGENT_START_TIMEOUT = 10.0
+
+#: udisks' option (false is its default, said anyway): polkit may ask the user for a password.
+INTERACTIVE: dict[str, tuple[str, Any]] = {"auth.no_user_interaction": ("b", False)}
+
+NEEDS_ROOT = ("writing drives needs root: run with sudo, or install udisks2 so popsicle-py "
+              "can ask for permission")
+NEEDS_ROOT_TO_READ = ("reading drives needs root: run with sudo, or install udisks2 so "
+                      "popsicle-py can ask for permission")
+
+
+class Unavailable(Exception):
+    """No system bus, or no udisks2 daemon on it."""
+
+
+class UdisksError(OSError):
+    """udisks refused or failed; ``line`` is what the user reads (one line, the drive named)."""
+
+    def __init__(self, code: int, line: str, name: str = "") -> None:
+        super().__init__(code, line)
+        self.line = line
+        self.name = name
+
+    def __str__(self) -> str:
+        return self.line
+
+
+@dataclass(frozen=True)
+class BlockObject:
+    """What udisks says of one block device; only ``devnum`` is used to choose it."""
+
+    object_path: str
+    device: str
+    devnum: int
+    drive: str
+    hint_system: bool
+    mount_points: tuple[str, ...]
+
+
+# --------------------------------------------------------------------------------------------
+# Pure decisions
+
+
+def block_for_devnum(objects: dict[str, dict[str, dict[str, tuple[str, Any]]]], devnum: int
+                     ) -> BlockObject | None:
+    """The block object of ``GetManagedObjects``' answer whose device number is ``devnum``."""
+    for path, interfaces in objects.items():
+        block = interfaces.get(BLOCK)
+        if block is None or _value(block, "DeviceNumber") != devnum:
+            continue
+        fs = interfaces.get(FILESYSTEM)
+        mounts = tuple(_bytes_path(m) for m in _value(fs, "MountPoints") or ()) if fs else ()
+        return BlockObject(path, _bytes_path(_value(block, "Device") or b""), devnum,
+                           str(_value(block, "Drive") or "/"),
+                           bool(_value(block, "HintSystem")), mounts)
+    return None
+
+
+def _value(props: dict[str, tuple[str, Any]] | None, name: str) -> Any:
+    if not props or name not in props:
+        return None
+    return props[name][1]
+
+
+def _bytes_path(value: Any) -> str:
+    """udisks sends paths as NUL-terminated byte arrays."""
+    data = bytes(value) if not isinstance(value, str) else value.encode()
+    return data.rstrip(b"\0").decode(errors="surrogateescape")
+
+
+_STRERROR = {os.strerror(code): code for code in sorted(errno.errorcode, reverse=True)}
+
+
+def errno_of(message: str) -> int | None:
+    """The errno behind udisks' "Error opening device /dev/sdb: Device or resource busy"."""
+    for text, code in _STRERROR.items():
+        if message.endswith(text):
+            return code
+    return None
+
+
+def describe_refusal(name: str, message: str, what: str, path: str) -> OSError:
+    """The error for a udisks error reply: polkit's refusals as one line (:class:`UdisksError`),
+    the kernel's refusals as a plain OSError with their errno, which
+    :func:`popsicle_py.blockdev.describe_error` words as for root (busy, read-only...).
+
+    ``what`` is the verb ("open", "unmount", "power off").
+    """
+    short = name.removeprefix(ERROR)
+    if short == "NotAuthorizedDismissed":
+        return UdisksError(errno.EACCES, f"not authorized to {what} {path} "
+                           "(authentication dismissed)", name)
+    if short == "NotAuthorizedCanObtain":
+        return UdisksError(errno.EACCES, f"not authorized to {what} {path} (polkit refused: "
+                           "a password is needed and no authentication agent could ask)", name)
+    if short.startswith("NotAuthorized") or name.endswith(".AccessDenied"):
+        return UdisksError(errno.EACCES, f"not authorized to {what} {path} (polkit refused)",
+                           name)
+    code = errno_of(message)
+    if code is not None:
+        return OSError(code, os.strerror(code))
+    if short == "DeviceBusy":
+        return UdisksError(errno.EBUSY, f"{path}: busy: {message}", name)
+    return UdisksError(errno.EIO, f"could not {what} {path} through udisks2: {message}", name)
+
+
+# --------------------------------------------------------------------------------------------
+# The bus (I/O)
+
+
+class Client:
+    """One connection to udisks2 on the system bus."""
+
+    def __init__(self, connection: DBusConnection) -> None:
+        self.connection = connection
+        self._agent: subprocess.Popen[bytes] | None = None
+
+    @classmethod
+    def connect(cls) -> Client:
+        """Connect, and check that udisks2 answers (it may be started on demand)."""
+        try:
+            connection = open_dbus_connection(bus="SYSTEM", enable_fds=True)
+        except (OSError, ValueError, KeyError) as exc:
+            raise Unavailable(f"no system bus: {exc}") from None
+        client = cls(connection)
+        try:
+            client.managed_objects()
+        except (UdisksError, TimeoutError) as exc:
+            connection.close()
+            raise Unavailable(f"udisks2 does not answer: {exc}") from None
+        return client
+
+    def close(self) -> None:
+        self.stop_agent()
+        self.connection.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # Calls.
+    def call(self, path: str, interface: str, method: str, signature: str = "",
+             body: tuple[Any, ...] = (), *, interactive: bool = False,
+             cancel: Callable[[], bool] | None = None, what: str = "use",
+             shown: str = "") -> tuple[Any, ...]:
+        """A method call on udisks; raises :class:`UdisksError` with one line.
+
+        An interactive call may wait for a password as long as the user takes; it is polled
+        every :data:`POLL` seconds so that ``cancel()`` ends the wait.
+        """
+        cancel = cancel or _cancel
+        address = DBusAddress(path, BUS_NAME, interface)
+        message = new_method_call(address, method, signature or None, body)
+        if interactive:
+            message.header.flags |= MessageFlag.allow_interactive_authorization
+        serial = next(self.connection.outgoing_serial)
+        self.connection.send(message, serial=serial)
+        deadline = None if interactive else time.monotonic() + CALL_TIMEOUT
+        while True:
+            if cancel is not None and cancel():
+                raise UdisksError(errno.EINTR, f"{shown or path}: cancelled")
+            if deadline is not None and time.monotonic() > deadline:
+                raise UdisksError(errno.ETIMEDOUT, f"{shown or path}: udisks2 did not answer "
+                                  f"within {CALL_TIMEOUT:g} s")
+            try:
+                reply = self.connection.receive(timeout=POLL)
+            except TimeoutError:
+                continue
+            if reply.header.fields.get(HeaderFields.reply_serial) != serial:
+                continue
+            return _unwrap(reply, what, shown or path)
+
+    def managed_objects(self) -> dict[str, dict[str, dict[str, tuple[str, Any]]]]:
+        body = self.call(ROOT_PATH, "org.freedesktop.DBus.ObjectManager", "GetManagedObjects",
+                         what="list drives with", shown="udisks2")
+        objects: dict[str, dict[str, dict[str, tuple[str, Any]]]] = body[0]
+        return objects
+
+    def block(self, devnum: int, shown: str) -> BlockObject:
+        found = block_for_devnum(self.managed_objects(), devnum)
+        if found is None:
+            raise UdisksError(errno.ENODEV, f"{shown}: udisks2 does not know this drive")
+        return found
+
+    def _with_agent(self, attempt: Callable[[], tuple[Any, ...]]) -> tuple[Any, ...]:
+        """Run a call; if polkit wants a password and nobody can ask, start a text agent
+        on the terminal (if there is one) and run it once more."""
+        try:
+            return attempt()
+        except UdisksError as exc:
+            if not exc.name.endswith("NotAuthorizedCanObtain") or not self.start_agent():
+                raise
+        return attempt()
+
+    def open_device(self, devnum: int, mode: str, flags: int, shown: str, *,
+                    cancel: Callable[[], bool] | None = None) -> int:
+        """Block.OpenDevice: the descriptor udisks opened for us (ours to close)."""
+        block = self.block(devnum, shown)
+        options = {"flags": ("i", flags), **INTERACTIVE}
+
+        def attempt() -> tuple[Any, ...]:
+            return self.call(block.object_path, BLOCK, "OpenDevice", "sa{sv}",
+                             (mode, options), interactive=True, cancel=cancel, what="open",
+                             shown=shown)
+
+        handle = self._with_agent(attempt)[0]
+        fd: int = handle.to_raw_fd()
+        try:
+            st = os.fstat(fd)
+        except OSError:
+            st = None
+        if st is None or not stat.S_ISBLK(st.st_mode) or st.st_rdev != devnum:
+            # udisks opened something else than the drive we chose by number: never write it.
+            os.close(fd)
+            raise UdisksError(errno.ENXIO, f"{shown}: udisks2 opened another device than "
+                              "the one selected; nothing was written to it")
+        return fd
+
+    def unmount(self, devnum: int, shown: str, *,
+                cancel: Callable[[], bool] | None = None) -> None:
+        """Filesystem.Unmount of one mounted block device (a partition, usually)."""
+        block = self.block(devnum, shown)
+
+        def attempt() -> tuple[Any, ...]:
+            return self.call(block.object_path, FILESYSTEM, "Unmount", "a{sv}", (INTERACTIVE,),
+                             interactive=True, cancel=cancel, what="unmount", shown=shown)
+
+        self._with_agent(attempt)
+
+    def power_off(self, devnum: int, shown: str, *,
+                  cancel: Callable[[], bool] | None = None) -> None:
+        """Drive.PowerOff of the drive holding the block device ``devnum``."""
+        block = self.block(devnum, shown)
+        if block.drive in ("", "/"):
+            raise UdisksError(errno.ENODEV, f"{shown}: udisks2 knows no drive to power off")
+
+        def attempt() -> tuple[Any, ...]:
+            return self.call(block.drive, DRIVE, "PowerOff", "a{sv}", (INTERACTIVE,),
+                             interactive=True, cancel=cancel, what="power off", shown=shown)
+
+        self._with_agent(attempt)
+
+    # The text agent.
+    def start_agent(self) -> bool:
+        """Start pkttyagent for this process on the controlling terminal; True once it is
+        registered.  False without a terminal or without pkttyagent (polkit's refusal stands).
+        """
+        if self._agent is not None:
+            return False  # it is running and polkit still refused: do not ask again
+        program = shutil.which("pkttyagent")
+        if program is None or not _has_terminal():
+            return False
+        read, write = os.pipe()
+        try:
+            self._agent = subprocess.Popen(
+                # Not --fallback: polkit uses a fallback agent only for a subject in a login
+                # session it knows (get_authentication_agent_for_subject), and we only get
+                # here when no agent could ask, so there is no other agent to defer to.
+                [program, "--process", str(os.getpid()), "--notify-fd", str(write)],
+                pass_fds=(write,), stdin=None, stdout=None, stderr=None)
+        except OSError as exc:
+            log.debug("pkttyagent not started: %s", exc)
+            os.close(read)
+            return False
+        finally:
+            os.close(write)
+        try:
+            # pkttyagent closes the descriptor once it is registered with polkit.
+            ready, _, _ = select.select([read], [], [], AGENT_START_TIMEOUT)
+            registered = bool(ready) and self._agent.poll() is None
+        finally:
+            os.close(read)
+        if not registered:
+            log.debug("pkttyagent did not register")
+            self.stop_agent()
+        return registered
+
+    def stop_agent(self) -> None:
+        agent, self._agent = self._agent, None
+        if agent is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            agent.terminate()
+        try:
+            agent.wait(2)
+        except subprocess.TimeoutExpired:
+            agent.kill()
+            agent.wait()
+
+
+def _unwrap(reply: Message, what: str, shown: str) -> tuple[Any, ...]:
+    if reply.header.message_type == MessageType.error:
+        name = str(reply.header.fields.get(HeaderFields.error_name, ""))
+        message = str(reply.body[0]) if reply.body else name
+        if name.endswith((".ServiceUnknown", ".NameHasNoOwner", ".NoReply")):
+            raise UdisksError(errno.ENOENT, f"udisks2 is not running ({message})", name)
+        raise describe_refusal(name, message, what, shown)
+    body: tuple[Any, ...] = reply.body
+    return body
+
+
+def _has_terminal() -> bool:
+    """True when this process has a controlling terminal a text agent can prompt on."""
+    try:
+        fd = os.open("/dev/tty", os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    os.close(fd)
+    return True
+
+
+# --------------------------------------------------------------------------------------------
+# The process's one client
+
+
+_client: Client | None = None
+_unavailable: str | None = None
+_cancel: Callable[[], bool] | None = None
+
+
+def set_cancel(check: Callable[[], bool] | None) -> None:
+    """Calls waiting for polkit (a password prompt) end when ``check()`` turns true (Ctrl-C)."""
+    global _cancel
+    _cancel = check
+
+
+def client() -> Client:
+    """The shared client; raises :class:`Unavailable` (remembered) when udisks is not there."""
+    global _client, _unavailable
+    if _client is not None:
+        return _client
+    if _unavailable is not None:
+        raise Unavailable(_unavailable)
+    try:
+        _client = Client.connect()
+    except Unavailable as exc:
+        _unavailable = str(exc)
+        log.debug("udisks2 not used: %s", exc)
+        raise
+    atexit.register(close)  # a text agent we start must not outlive us
+    return _client
+
+
+def available() -> bool:
+    """True when udisks2 answers on the system bus."""
+    try:
+        client()
+    except Unavailable:
+        return False
+    return True
+
+
+def close() -> None:
+    """Drop the connection and stop a text agent we started."""
+    global _client
+    current, _client = _client, None
+    if current is not None:
+        current.close()
+
+
+def _devnum(path: str) -> int:
+    return os.stat(path).st_rdev
+
+
+def open_device(path: str, mode: str, flags: int) -> int:
+    """The descriptor of the block device at ``path``, opened by udisks2 ("r", "w" or "rw").
+
+    ``flags`` are extra open(2) flags (O_EXCL, O_DIRECT, O_SYNC...), never the access mode.
+    Raises :class:`Unavailable` or :class:`UdisksError` (an OSError with one line).
+    """
+    return client().open_device(_devnum(path), mode, flags, path)
+
+
+def unmount(path: str) -> None:
+    """Unmount the filesystem on the block device at ``path`` (a partition, usually)."""
+    client().unmount(_devnum(path), path)
+
+
+def power_off(path: str) -> str | None:
+    """Power off the drive holding ``path``; None when done, else why not (one line)."""
+    try:
+        client().power_off(_devnum(path), path)
+    except (Unavailable, OSError) as exc:
+        return str(exc)
+    return None
+
+
+@contextlib.contextmanager
+def session() -> Iterator[None]:
+    """Close the shared client (and its text agent) at the end of a command."""
+    try:
+        yield
+    finally:
+        close()

@@ -1,0 +1,408 @@
+"""Without root: drives opened through a real udisks2 and polkit (see tests/udisks_harness.py).
+
+An unprivileged user (uid 64201, in group "popsicle") runs the real command.  /dev/sdb is a loop
+device presented as a removable SanDisk USB stick, /dev/sdc one presented as a fixed SATA
+disk; the rule shipped in popsicle_py/data decides.  Bytes are checked on the loop devices'
+backing files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import re
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import udisks_harness as harness
+from conftest import popsicle_cmd
+
+from popsicle_py import blockdev, udisks
+
+SIZE = 64 << 20
+IMAGE_SIZE = 3 * (1 << 20) + 4096 + 1000  # not a multiple of a bucket nor of a block
+PATTERN = 0x5A
+
+why_not = harness.missing()
+
+NEEDS_ROOT_LINE = ("popsicle-py: writing drives needs root: run with sudo, or install udisks2 "
+                   "so popsicle-py can ask for permission")
+
+
+@dataclass
+class Loop:
+    path: str
+    backing: Path
+
+    def read(self, length: int) -> bytes:
+        with open(self.backing, "rb") as f:
+            return f.read(length)
+
+    def fill(self, byte: int = PATTERN) -> None:
+        with open(self.backing, "r+b") as f:
+            f.write(bytes([byte]) * SIZE)
+            f.flush()
+            os.fsync(f.fileno())
+
+
+@dataclass
+class Setup:
+    stack: harness.Udisks
+    stick: Loop  # /dev/sdb: removable, USB
+    fixed: Loop  # /dev/sdc: fixed, SATA
+    image: Path
+    data: bytes
+
+
+@contextlib.contextmanager
+def _loops(count: int) -> Iterator[list[Loop]]:
+    """Loop devices of our own on /dev/shm; detached (only these) and removed at the end."""
+    made: list[Loop] = []
+    try:
+        for _ in range(count):
+            backing = Path(f"/dev/shm/popsicle-udisks-{uuid.uuid4().hex[:8]}.img")
+            with open(backing, "wb") as f:
+                f.truncate(SIZE)
+            made.append(Loop("", backing))
+            made[-1].path = subprocess.run(["losetup", "-f", "--show", str(backing)], check=True,
+                                           capture_output=True, text=True).stdout.strip()
+        yield made
+    finally:
+        for loop in made:
+            if loop.path:
+                subprocess.run(["losetup", "-d", loop.path], capture_output=True)
+            with contextlib.suppress(OSError):
+                loop.backing.unlink()
+
+
+def _fake(name: str, loop: Loop, usb: bool, fs: str = "") -> harness.FakeDrive:
+    rdev = os.stat(loop.path).st_rdev
+    return harness.FakeDrive(name, loop.path, os.major(rdev), os.minor(rdev), SIZE, usb, fs)
+
+
+@contextlib.contextmanager
+def _setup(rule: Path | None = harness.RULE, extra_rule: str = "", stick_fs: str = ""
+           ) -> Iterator[Setup]:
+    """The stack with a USB stick (/dev/sdb) and a fixed disk (/dev/sdc); ``stick_fs`` makes
+    that filesystem on the whole stick first."""
+    if why_not is not None:
+        pytest.skip(why_not)
+    with _loops(2) as (stick, fixed):
+        if stick_fs:
+            subprocess.run([f"mkfs.{stick_fs}", "-q", "-F", stick.path], check=True)
+        drives = [_fake("sdb", stick, True, stick_fs), _fake("sdc", fixed, False)]
+        with harness.running(drives, rule=rule, extra_rule=extra_rule,
+                             dev_nodes=bool(stick_fs)) as stack:
+            data = os.urandom(IMAGE_SIZE)
+            image = stack.work / "image.img"
+            image.write_bytes(data)
+            image.chmod(0o644)
+            yield Setup(stack, stick, fixed, image, data)
+
+
+@pytest.fixture(scope="module")
+def shared() -> Iterator[Setup]:
+    """One stack for the module (it takes seconds to start); drives refilled by each test."""
+    with _setup() as setup:
+        yield setup
+
+
+@pytest.fixture
+def env(shared: Setup) -> Setup:
+    shared.stick.fill()
+    shared.fixed.fill()
+    return shared
+
+
+def _popsicle(setup: Setup, *args: str, uid: int = harness.USER_UID, udisks: bool = True
+              ) -> subprocess.CompletedProcess[str]:
+    return setup.stack.run([*popsicle_cmd(), *args], uid=uid, udisks=udisks)
+
+
+def _untouched(loop: Loop) -> bool:
+    return loop.read(SIZE) == bytes([PATTERN]) * SIZE
+
+
+# ----------------------------------------------------------------------------------------------
+# Plain decisions, no daemon
+
+
+Objects = dict[str, dict[str, dict[str, tuple[str, Any]]]]
+
+
+def _block(device: str, devnum: int, drive: str = "/", system: bool = False
+           ) -> dict[str, dict[str, tuple[str, Any]]]:
+    return {udisks.BLOCK: {"Device": ("ay", device.encode() + b"\0"),
+                           "DeviceNumber": ("t", devnum), "Drive": ("o", drive),
+                           "HintSystem": ("b", system)}}
+
+
+def test_the_block_object_is_chosen_by_device_number_not_by_name() -> None:
+    """udisks' /dev/sda may be our /dev/sdb's number (renamed, another namespace): the number
+    decides, and an unknown number matches nothing."""
+    objects: Objects = {
+        "/org/freedesktop/UDisks2/block_devices/sda": _block("/dev/sda", os.makedev(8, 16)),
+        "/org/freedesktop/UDisks2/block_devices/sdb": _block("/dev/sdb", os.makedev(8, 0),
+                                                             "/x/drives/D", True),
+        "/org/freedesktop/UDisks2/Manager": {"org.freedesktop.UDisks2.Manager": {}},
+    }
+    found = udisks.block_for_devnum(objects, os.makedev(8, 16))
+    assert found is not None
+    assert (found.object_path, found.device) == ("/org/freedesktop/UDisks2/block_devices/sda",
+                                                 "/dev/sda")
+    other = udisks.block_for_devnum(objects, os.makedev(8, 0))
+    assert other is not None and other.drive == "/x/drives/D" and other.hint_system
+    assert udisks.block_for_devnum(objects, os.makedev(8, 32)) is None
+
+
+@pytest.mark.parametrize(("name", "line"), [
+    ("NotAuthorized", "not authorized to open /dev/sdb (polkit refused)"),
+    ("NotAuthorizedDismissed", "not authorized to open /dev/sdb (authentication dismissed)"),
+    ("NotAuthorizedCanObtain", "not authorized to open /dev/sdb (polkit refused: a password "
+                               "is needed and no authentication agent could ask)"),
+])
+def test_polkit_refusals_are_one_line_naming_the_drive(name: str, line: str) -> None:
+    exc = udisks.describe_refusal(udisks.ERROR + name, "Not authorized to perform operation",
+                                  "open", "/dev/sdb")
+    assert blockdev.describe_error(exc, "/dev/sdb") == line
+
+
+def test_kernel_refusals_keep_their_errno_and_words() -> None:
+    """udisks' "Error opening device /dev/sdb: Device or resource busy" is EBUSY, worded as for
+    root; EINVAL (no O_DIRECT) stays EINVAL so that the buffered fallback is taken."""
+    busy = udisks.describe_refusal(udisks.ERROR + "Failed",
+                                   "Error opening device /dev/sdb: Device or resource busy",
+                                   "open", "/dev/sdb")
+    assert busy.errno == errno.EBUSY
+    assert blockdev.describe_error(busy, "/dev/sdb").startswith("/dev/sdb: the drive is busy")
+    invalid = udisks.describe_refusal(udisks.ERROR + "Failed",
+                                      "Error opening device /dev/sdb: Invalid argument",
+                                      "open", "/dev/sdb")
+    assert invalid.errno == errno.EINVAL
+
+
+def test_polkit_rule_command_prints_the_shipped_rule() -> None:
+    result = subprocess.run([*popsicle_cmd(), "polkit-rule"], capture_output=True, text=True,
+                            check=False)
+    assert result.returncode == 0
+    assert result.stdout == harness.RULE.read_text()
+    assert 'action.lookup("drive.removable.bus") === "usb"' in result.stdout
+
+
+# ----------------------------------------------------------------------------------------------
+# The real thing: an unprivileged user, udisksd, polkitd
+
+
+def test_user_cannot_open_the_drive_without_udisks(env: Setup) -> None:
+    """The premise: the kernel refuses this user, so a success below is udisks' doing."""
+    probe = ("import os, sys\n"
+             "try:\n    os.open('/dev/sdb', os.O_RDWR)\nexcept PermissionError:\n"
+             "    sys.exit(13)\n")
+    result = env.stack.run([sys.executable, "-c", probe])
+    assert result.returncode == 13, result.stderr
+
+
+def test_flash_and_verify_allowed_by_the_shipped_rule(env: Setup) -> None:
+    # Without the capacity probe, whose stamps past the image's end would change those bytes.
+    result = _popsicle(env, "flash", str(env.image), "/dev/sdb", "--yes", "--no-probe")
+    assert result.returncode == 0, result.stdout + result.stderr + env.stack.logs()
+    assert "/dev/sdb: ok" in result.stdout
+    assert env.stick.read(IMAGE_SIZE) == env.data
+    assert env.stick.read(SIZE)[IMAGE_SIZE:] == bytes([PATTERN]) * (SIZE - IMAGE_SIZE)
+    probed = _popsicle(env, "flash", str(env.image), "/dev/sdb", "--yes")  # probed via udisks
+    assert probed.returncode == 0, probed.stdout + probed.stderr
+    assert env.stick.read(IMAGE_SIZE) == env.data
+    check = _popsicle(env, "verify", str(env.image), "/dev/sdb")
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert "/dev/sdb: ok (matches the image)" in check.stdout
+
+
+def test_verify_finds_a_difference_through_udisks(env: Setup) -> None:
+    """Read back through udisks ("r") compares the real bytes: a changed byte is found."""
+    with open(env.stick.backing, "r+b") as f:
+        f.write(env.data)
+        f.seek(123457)
+        f.write(bytes([env.data[123457] ^ 0xFF]))
+    result = _popsicle(env, "verify", str(env.image), "/dev/sdb")
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "differs from the image at byte 123457" in result.stdout
+
+
+def test_a_drive_the_rule_does_not_cover_is_refused(env: Setup) -> None:
+    result = _popsicle(env, "flash", str(env.image), "/dev/sdc", "--yes")
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stderr.splitlines() == [
+        "popsicle-py: not authorized to open /dev/sdc (polkit refused: a password is needed "
+        "and no authentication agent could ask)"]
+    assert _untouched(env.fixed)
+
+
+def test_one_refused_drive_and_nothing_is_written_anywhere(env: Setup) -> None:
+    result = _popsicle(env, "flash", str(env.image), "/dev/sdb", "/dev/sdc", "--yes", "--json")
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "not authorized to open /dev/sdc" in result.stderr
+    assert '"event": "error"' in result.stdout
+    assert _untouched(env.stick) and _untouched(env.fixed)
+
+
+def test_a_user_outside_the_group_is_refused(env: Setup) -> None:
+    result = _popsicle(env, "flash", str(env.image), "/dev/sdb", "--yes",
+                       uid=harness.OTHER_UID)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "not authorized to open /dev/sdb" in result.stderr
+    assert _untouched(env.stick)
+
+
+def test_without_udisks_one_line_says_what_to_do(env: Setup) -> None:
+    result = _popsicle(env, "flash", str(env.image), "/dev/sdb", "/dev/sdc", "--yes",
+                       udisks=False)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stderr.splitlines() == [NEEDS_ROOT_LINE]
+    assert _untouched(env.stick) and _untouched(env.fixed)
+    check = _popsicle(env, "verify", str(env.image), "/dev/sdb", udisks=False)
+    assert check.returncode == 2
+    assert check.stderr.splitlines() == [NEEDS_ROOT_LINE.replace("writing", "reading")]
+
+
+def test_without_the_rule_the_stick_is_refused_too() -> None:
+    """The shipped rule is what lets the stick be written: without it, polkit says no."""
+    with _setup(rule=None) as setup:
+        setup.stick.fill()
+        result = _popsicle(setup, "flash", str(setup.image), "/dev/sdb", "--yes")
+        assert result.returncode == 2, result.stdout + result.stderr
+        assert "not authorized to open /dev/sdb" in result.stderr
+        assert _untouched(setup.stick)
+
+
+#: A test's own rule: /dev/sdc may be opened by popsicle-test with their own password.
+AUTH_SELF_FOR_SDC = """
+polkit.addRule(function(action, subject) {
+    if (action.id === "org.freedesktop.udisks2.open-device-system" &&
+        action.lookup("device") === "/dev/sdc" && subject.user === "popsicle-test") {
+        return polkit.Result.AUTH_SELF;
+    }
+    return polkit.Result.NOT_HANDLED;
+});
+"""
+
+
+def test_in_a_terminal_polkit_asks_for_the_password_there() -> None:
+    """No desktop agent: pkttyagent prompts on the user's terminal (ssh), then it is written;
+    a wrong password is a refusal and Ctrl-C stops at once, nothing written either way."""
+    import pexpect
+
+    with _setup(extra_rule=AUTH_SELF_FOR_SDC) as setup:
+        setup.fixed.fill()
+        argv = setup.stack.command([*popsicle_cmd(), "flash", str(setup.image), "/dev/sdc",
+                                    "--yes"])
+        wrong = pexpect.spawn(argv[0], argv[1:], encoding="utf-8", timeout=60,
+                              cwd=str(setup.stack.work))
+        wrong.expect("Password:")
+        wrong.sendline("not the password")
+        wrong.expect(pexpect.EOF)
+        wrong.close()
+        assert wrong.exitstatus == 2, (wrong.before or "") + setup.stack.logs()
+        said = re.sub(r"\x1b\[[0-9;]*m", "", wrong.before or "")  # pkttyagent's colours
+        assert said.splitlines()[-1] == (
+            "popsicle-py: not authorized to open /dev/sdc (polkit refused)")
+        assert _untouched(setup.fixed)
+
+        # Ctrl-C at the prompt: the shell is back at once (130), nothing written.
+        stopped = pexpect.spawn(argv[0], argv[1:], encoding="utf-8", timeout=60,
+                                cwd=str(setup.stack.work))
+        stopped.expect("Password:")
+        stopped.sendintr()
+        stopped.expect(pexpect.EOF, timeout=15)
+        stopped.close()
+        assert stopped.exitstatus == 130, (stopped.before or "") + setup.stack.logs()
+        assert _untouched(setup.fixed)
+
+        child = pexpect.spawn(argv[0], argv[1:], encoding="utf-8", timeout=60,
+                              cwd=str(setup.stack.work))
+        child.expect("AUTHENTICATING FOR org.freedesktop.udisks2.open-device-system")
+        child.expect("Password:")
+        child.sendline(harness.PASSWORD)
+        child.expect(pexpect.EOF)
+        child.close()
+        assert child.exitstatus == 0, (child.before or "") + setup.stack.logs()
+        assert setup.fixed.read(IMAGE_SIZE) == setup.data
+
+
+POWER_OFF = "from popsicle_py import udisks; print(udisks.power_off('/dev/sdb'))"
+
+
+def test_power_off_is_polkits_decision_too(env: Setup) -> None:
+    """The shipped rule allows opening only: powering the stick off is refused (one line)."""
+    result = env.stack.run([sys.executable, "-c", POWER_OFF])
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == ("not authorized to power off /dev/sdb (polkit refused: a "
+                                     "password is needed and no authentication agent could ask)")
+
+
+ALLOW_POWER_OFF = """
+polkit.addRule(function(action, subject) {
+    if (action.id === "org.freedesktop.udisks2.power-off-drive" &&
+        subject.user === "popsicle-test") {
+        return polkit.Result.YES;
+    }
+    return polkit.Result.NOT_HANDLED;
+});
+"""
+
+
+def test_power_off_through_udisks_removes_the_usb_device() -> None:
+    """Allowed, Drive.PowerOff makes udisksd write 1 to the stick's USB device's ``remove``."""
+    with _setup(extra_rule=ALLOW_POWER_OFF) as setup:
+        result = setup.stack.run([sys.executable, "-c", POWER_OFF])
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.strip() == "None", result.stdout + setup.stack.logs()
+        remove = Path(setup.stack.testbed, "sys/devices/pci0000:00/0000:00:14.0/usb1/1-2/remove")
+        assert remove.read_text().strip() == "1"
+
+
+ALLOW_UNMOUNT = """
+polkit.addRule(function(action, subject) {
+    if (action.id === "org.freedesktop.udisks2.filesystem-unmount-others" &&
+        subject.user === "popsicle-test") {
+        return polkit.Result.YES;
+    }
+    return polkit.Result.NOT_HANDLED;
+});
+"""
+
+
+def test_unmount_goes_through_udisks_and_polkit() -> None:
+    """--unmount without root: Filesystem.Unmount, refused for one user (one line, still
+    mounted, nothing written), allowed for the other, who then flashes the stick."""
+    with _setup(extra_rule=ALLOW_UNMOUNT, stick_fs="ext4") as setup:
+        mnt = "/run/popsicle-udisks-mnt"
+        setup.stack.as_root(["mkdir", "-p", mnt])
+        setup.stack.as_root(["mount", "/dev/sdb", mnt])  # as a desktop would: by its name
+        deadline = time.monotonic() + 20
+        while setup.stack.mount_points("sdb") != [mnt]:
+            assert time.monotonic() < deadline, "udisksd never saw the mount"
+            time.sleep(0.1)
+        before = setup.stick.read(SIZE)
+        args = ("flash", str(setup.image), "/dev/sdb", "--yes", "--unmount")
+
+        refused = _popsicle(setup, *args, uid=harness.OTHER_UID)
+        assert refused.returncode == 2, refused.stdout + refused.stderr
+        assert refused.stderr.splitlines() == [
+            f"popsicle-py: could not unmount {mnt} (/dev/sdb): not authorized to unmount "
+            "/dev/sdb (polkit refused: a password is needed and no authentication agent "
+            "could ask)"]
+        assert setup.stack.mount_points("sdb") == [mnt]
+        assert setup.stick.read(SIZE) == before
+
+        result = _popsicle(setup, *args)
+        assert result.returncode == 0, result.stdout + result.stderr + setup.stack.logs()
+        assert mnt not in setup.stack.as_root(["cat", "/proc/self/mounts"]).stdout
+        assert setup.stick.read(IMAGE_SIZE) == setup.data

@@ -38,9 +38,11 @@ from popsicle_py.images import (
     verify_checksum,
 )
 from popsicle_py.plan import Plan, PlanError, make_plan, unmount_targets
+from popsicle_py.ports import drive_info, port_path_of
+from popsicle_py.report import Report, ReportError, fan_out
 from popsicle_py.signals import Cancellation
 from popsicle_py.units import format_size, parse_size
-from popsicle_py.view import JsonView, PlainView, RichView, WatchView
+from popsicle_py.view import JsonView, PlainView, RichView, WatchView, write_out
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -107,12 +109,30 @@ def _error(line: str) -> None:
     click.echo(f"{PROG}: {line}", err=True)
 
 
-def _make_view(as_json: bool, labels: dict[str, str]) -> Any:
+def _make_view(as_json: bool, labels: dict[str, str], *, writes: bool = True) -> Any:
     if as_json:
         return JsonView()
     if sys.stdout.isatty():
-        return RichView(Console(highlight=False), labels)
+        return RichView(Console(highlight=False), labels, writes=writes)
     return PlainView()
+
+
+def _json_refusal(lines: Sequence[str]) -> None:
+    """A script asked for JSON: its last line is a summary, even for a refusal."""
+    text = "".join(json.dumps({"event": "error", "message": line}) + "\n" for line in lines)
+    write_out(text + json.dumps(events.Summary().to_json()) + "\n")
+
+
+def _open_report(path: str | None, image: Any, checksum: Checksum | None) -> Report | None:
+    """The --report sink, opened before anything is written (a bad path is a refusal)."""
+    if path is None:
+        return None
+    sha256 = checksum.hexdigest.lower() if checksum is not None and checksum.algo == "sha256" \
+        else ""
+    try:
+        return Report(path, image=image.path, sha256=sha256, warn=_error)
+    except ReportError as exc:
+        raise Refused([str(exc)]) from None
 
 
 def _run_guarded(debug: bool, as_json: bool, body: Callable[[], int]) -> NoReturn:
@@ -125,9 +145,7 @@ def _run_guarded(debug: bool, as_json: bool, body: Callable[[], int]) -> NoRetur
         for line in exc.lines:
             _error(line)
         if as_json:
-            for line in exc.lines:
-                print(json.dumps({"event": "error", "message": line}))
-            print(json.dumps(events.Summary().to_json()), flush=True)
+            _json_refusal(exc.lines)
         status = EXIT_USAGE
     except (KeyboardInterrupt, click.Abort) as exc:
         # Ctrl-C (also at the prompt, which click turns into Abort) is a SIGINT: 130.
@@ -137,7 +155,7 @@ def _run_guarded(debug: bool, as_json: bool, body: Callable[[], int]) -> NoRetur
         _error("interrupted before writing: nothing was written" if interrupted
                else "no answer at the confirmation: nothing was written")
         if as_json:
-            print(json.dumps(events.Summary().to_json()), flush=True)
+            _json_refusal([])
         status = 130 if interrupted else EXIT_USAGE
     except click.exceptions.Exit:
         raise
@@ -146,8 +164,7 @@ def _run_guarded(debug: bool, as_json: bool, body: Callable[[], int]) -> NoRetur
             traceback.print_exc()
         _error(f"unexpected error: {exc} (run with --debug to see where)")
         if as_json:  # a script's last line is a summary; this one says nothing went right
-            print(json.dumps({"event": "error", "message": f"unexpected error: {exc}"}))
-            print(json.dumps(events.Summary().to_json()), flush=True)
+            _json_refusal([f"unexpected error: {exc}"])
         status = EXIT_FAILED
     sys.exit(status)
 
@@ -171,8 +188,7 @@ class _Group(click.Group):
             _error(message + hint)
             if "--json" in (sys.argv[1:] if args is None else list(args)):
                 # A script asked for JSON: its last line is a summary, even for a typo.
-                print(json.dumps({"event": "error", "message": message}))
-                print(json.dumps(events.Summary().to_json()), flush=True)
+                _json_refusal([message])
             sys.exit(exc.exit_code)
         except click.ClickException as exc:
             _error(" ".join(exc.format_message().split()))
@@ -221,11 +237,12 @@ def _confirm(plan: Plan, image: Any, yes: bool, action: str) -> None:
     console = _stderr()
     table = Table(title=f"{action} {image.path} ({format_size(image.size)})",
                   title_justify="left")
-    for column in ("Device", "Drive", "Size", "Mounted at", "Warnings"):
+    for column in ("Device", "Port", "Drive", "Size", "Mounted at", "Warnings"):
         table.add_column(column, overflow="fold")
     for drive in plan.targets:
-        table.add_row(drive.path, drive.label or "?", format_size(drive.size),
-                      ", ".join(drive.mountpoints), "; ".join(plan.warnings.get(drive.path, ())))
+        table.add_row(drive.path, port_path_of(drive) or "", drive.label or "?",
+                      format_size(drive.size), ", ".join(drive.mountpoints),
+                      "; ".join(plan.warnings.get(drive.path, ())))
     console.print(table)
     for note in plan.notes:
         console.print(note)
@@ -274,12 +291,14 @@ def _run_checksum(image: Any, checksum: Checksum, view: Any, cancel: Cancellatio
 @click.option("--checksum", metavar="ALGO:HEX",
               help="Expected checksum (sha1, sha256, sha512 or blake2b) of the image file.")
 @click.option("--no-checksum", is_flag=True, help="Ignore a checksum file next to the image.")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=str),
+              metavar="FILE", help="Append one record per drive to FILE (.csv or .jsonl).")
 @click.option("--debug", is_flag=True, help="Show debug messages and tracebacks.")
 def flash(image: str, devices: tuple[str, ...], all_usb: bool, yes: bool, unmount: bool,
           no_verify: bool, as_json: bool, bucket_size: int, buckets: int, max_size: int,
           stall_timeout: float, skip_identical: bool, bmap_path: str | None, no_bmap: bool,
           repair_attempts: int, sha256: str | None, checksum: str | None, no_checksum: bool,
-          debug: bool) -> None:
+          report_path: str | None, debug: bool) -> None:
     """Write IMAGE to every DEVICE in parallel, then verify each.
 
     IMAGE may be raw or compressed (gzip, xz, bzip2, zstd, or a zip holding one image).
@@ -297,9 +316,12 @@ def flash(image: str, devices: tuple[str, ...], all_usb: bool, yes: bool, unmoun
                              unmount=unmount, max_auto_size=max_size)
         except (ImageError, PlanError, BmapError) as exc:
             raise Refused([*getattr(exc, "notes", ()), *str(exc).splitlines()]) from None
+        report = _open_report(report_path, img, expected)
         _confirm(plan, img, yes, "Flash")
         labels = {d.path: d.label for d in plan.targets}
+        infos = [drive_info(d, i) for i, d in enumerate(plan.targets, 1)]
         view = _make_view(as_json, labels)
+        emit = view.handle if report is None else fan_out(view.handle, report.handle)
         if not as_json:
             for note in plan.notes:
                 view.handle(events.Note(note))
@@ -326,8 +348,10 @@ def flash(image: str, devices: tuple[str, ...], all_usb: bool, yes: bool, unmoun
                                    buckets=buckets, stall_timeout=stall_timeout,
                                    skip_identical=skip_identical,
                                    repair_attempts=repair_attempts, bmap=block_map)
-            summary = FlashJob(img, opened, options, view.handle, cancel).run()
+            summary = FlashJob(img, opened, options, emit, cancel, infos).run()
             view.close()
+            if report is not None:
+                report.close()
         return _exit_status(summary, cancel)
 
     _run_guarded(debug, as_json, body)
@@ -394,10 +418,11 @@ def verify(image: str, devices: tuple[str, ...], as_json: bool, debug: bool) -> 
             opened = open_targets(targets, for_writing=False)
         except OpenError as exc:
             raise Refused(exc.lines) from None
-        view = _make_view(as_json, {d.path: d.label for d in targets})
+        view = _make_view(as_json, {d.path: d.label for d in targets}, writes=False)
+        infos = [drive_info(d, i) for i, d in enumerate(targets, 1)]
         cancel = Cancellation()
         with cancel.installed():
-            summary = VerifyJob(img, opened, view.handle, cancel).run()
+            summary = VerifyJob(img, opened, view.handle, cancel, infos).run()
             view.close()
         return _exit_status(summary, cancel)
 
@@ -418,19 +443,21 @@ def list_drives(as_json: bool, show_all: bool, debug: bool) -> None:
 
     def body() -> int:
         found = drives_mod.discover(include_all=show_all)
+        ports = {d.path: port_path_of(d) for d in found}
         if as_json:
-            click.echo(json.dumps([d.to_json() for d in found], indent=None))
+            write_out(json.dumps([{**d.to_json(), "port_path": ports[d.path]}
+                                  for d in found], indent=None) + "\n")
             return EXIT_OK
         if not found:
-            click.echo("no USB or SD drives found" if not show_all else "no disks found")
+            write_out(("no USB or SD drives found" if not show_all else "no disks found") + "\n")
             return EXIT_OK
         table = Table()
-        for column in ("Device", "Drive", "Size", "Bus", "Mounted at", "Eligible"):
+        for column in ("Device", "Port", "Drive", "Size", "Bus", "Mounted at", "Eligible"):
             table.add_column(column, overflow="fold")
         for d in found:
             eligible = "yes" if d.eligible else f"no: {d.reason}"
-            table.add_row(d.path, d.label or "?", format_size(d.size), d.bus,
-                          ", ".join(d.mountpoints), eligible)
+            table.add_row(d.path, ports[d.path] or "", d.label or "?", format_size(d.size),
+                          d.bus, ", ".join(d.mountpoints), eligible)
         Console(highlight=False).print(table)
         return EXIT_OK
 
@@ -462,11 +489,11 @@ def _confirm_watch(image: Any, yes: bool, present: Sequence[drives_mod.Drive]) -
         raise Refused(["cancelled at the confirmation: nothing was written"])
 
 
-def _make_watch_view(as_json: bool, image: Any, count: int | None) -> Any:
+def _make_watch_view(as_json: bool, image: Any, count: int | None, verify: bool) -> Any:
     if as_json:
         return JsonView()
     if sys.stdout.isatty():
-        return WatchView(Console(highlight=False), image.path, image.size, count)
+        return WatchView(Console(highlight=False), image.path, image.size, count, verify=verify)
     return PlainView()
 
 
@@ -487,10 +514,13 @@ def _make_watch_view(as_json: bool, image: Any, count: int | None) -> Any:
 @click.option("--checksum", metavar="ALGO:HEX",
               help="Expected checksum (sha1, sha256, sha512 or blake2b) of the image file.")
 @click.option("--no-checksum", is_flag=True, help="Ignore a checksum file next to the image.")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=str),
+              metavar="FILE", help="Append one record per drive to FILE (.csv or .jsonl).")
 @click.option("--debug", is_flag=True, help="Show debug messages and tracebacks.")
 def watch(image: str, count: int | None, yes: bool, no_verify: bool, no_power_off: bool,
           include_present: bool, as_json: bool, max_size: int, sha256: str | None,
-          checksum: str | None, no_checksum: bool, debug: bool) -> None:
+          checksum: str | None, no_checksum: bool, report_path: str | None, debug: bool
+          ) -> None:
     """Duplicator mode: write IMAGE to every eligible drive as it is plugged in.
 
     Each drive is written and verified on its own as soon as it appears, then powered off
@@ -507,8 +537,10 @@ def watch(image: str, count: int | None, yes: bool, no_verify: bool, no_power_of
         if include_present:
             present = [d for d in drives_mod.discover(image_path=img.path)
                        if watch_mod.ineligibility(d, img.size, max_size) is None]
+        report = _open_report(report_path, img, expected)
         _confirm_watch(img, yes, present)
-        view = _make_watch_view(as_json, img, count)
+        view = _make_watch_view(as_json, img, count, not no_verify)
+        emit = view.handle if report is None else fan_out(view.handle, report.handle)
         options = watch_mod.WatchOptions(count=count, verify=not no_verify,
                                          power_off=not no_power_off,
                                          include_present=include_present, max_size=max_size,
@@ -516,10 +548,13 @@ def watch(image: str, count: int | None, yes: bool, no_verify: bool, no_power_of
         cancel = Cancellation()
         with cancel.installed():
             try:
-                outcome = watch_mod.WatchSession(img, view.handle, cancel, options).run()
+                outcome = watch_mod.WatchSession(img, emit, cancel, options).run()
             except ImageError as exc:
                 view.close()
                 raise Refused(str(exc).splitlines()) from None
+            finally:
+                if report is not None:
+                    report.close()
             view.close()
         return outcome.exit_status
 

@@ -42,6 +42,7 @@ from popsicle_py.engine import (
     write_all,
 )
 from popsicle_py.events import (
+    DriveInfo,
     DriveResult,
     Event,
     Note,
@@ -127,8 +128,9 @@ def open_targets(drives: Sequence[DriveLike], *, for_writing: bool = True,
 class _Drive:
     """The job's record of one drive."""
 
-    def __init__(self, device: BlockDevice) -> None:
+    def __init__(self, device: BlockDevice, info: DriveInfo | None = None) -> None:
         self.device = device
+        self.info = info
         self.path = device.path
         self.written = 0
         self.status: str | None = None  # final status once known
@@ -154,11 +156,17 @@ class _Job:
     one lock: the views see one event at a time, in order.
     """
 
-    def __init__(self, devices: Sequence[BlockDevice], emit: Emit, cancel: CancelCheck) -> None:
+    #: An ok drive was read back and matched (False for a flash with --no-verify).
+    verifies = True
+
+    def __init__(self, devices: Sequence[BlockDevice], emit: Emit, cancel: CancelCheck,
+                 infos: Sequence[DriveInfo] = ()) -> None:
         self._emit = emit
         self._lock = threading.RLock()
         self.cancel = cancel
-        self.drives = [_Drive(d) for d in devices]
+        self.infos = tuple(infos)
+        self.drives = [_Drive(d, self.infos[i] if i < len(self.infos) else None)
+                       for i, d in enumerate(devices)]
         self.started = time.monotonic()
         self.cancelled = False
         self._closed = False
@@ -190,7 +198,8 @@ class _Job:
     def _result(self, drive: _Drive) -> DriveResult:
         elapsed = None if drive.ended is None else drive.ended - self.started
         return DriveResult(drive.path, drive.status or "cancelled", drive.written, drive.error,
-                           drive.mismatch, elapsed, drive.skipped, drive.repaired)
+                           drive.mismatch, elapsed, drive.skipped, drive.repaired,
+                           verified=drive.status == "ok" and self.verifies, drive=drive.info)
 
     def _fail(self, drive: _Drive, exc: BaseException) -> None:
         self._end(drive, "failed", blockdev.describe_error(exc, drive.path))
@@ -220,10 +229,11 @@ class FlashJob(_Job):
     """
 
     def __init__(self, image: ImageLike, devices: Sequence[BlockDevice], options: FlashOptions,
-                 emit: Emit, cancel: CancelCheck) -> None:
-        super().__init__(devices, emit, cancel)
+                 emit: Emit, cancel: CancelCheck, infos: Sequence[DriveInfo] = ()) -> None:
+        super().__init__(devices, emit, cancel, infos)
         self.image = image
         self.options = options
+        self.verifies = options.verify
         self._finishers: list[tuple[threading.Thread, _Drive]] = []
 
     def run(self) -> Summary:
@@ -248,7 +258,8 @@ class FlashJob(_Job):
 
     def _run(self) -> None:
         self.emit(Started(self.image.path, self.image.format, self.image.size,
-                          tuple(d.path for d in self.drives), verify=self.options.verify))
+                          tuple(d.path for d in self.drives), verify=self.options.verify,
+                          drives=self.infos))
         self._write()
         self._join_finishers()
         if self.cancel():
@@ -497,6 +508,7 @@ class FlashJob(_Job):
             drive.device.seek(offset + start)
             self._write_chunks(drive, piece)
             drive.written += len(piece)
+            self.emit(Progress(drive.path, "writing", drive.written + drive.skipped, self.total))
         sync(drive.device)
         self.emit(Progress(drive.path, "writing", drive.written + drive.skipped, self.total))
 
@@ -520,14 +532,14 @@ class VerifyJob(_Job):
     """Compare drives with an image, reading the image once for all of them."""
 
     def __init__(self, image: ImageLike, devices: Sequence[BlockDevice], emit: Emit,
-                 cancel: CancelCheck) -> None:
-        super().__init__(devices, emit, cancel)
+                 cancel: CancelCheck, infos: Sequence[DriveInfo] = ()) -> None:
+        super().__init__(devices, emit, cancel, infos)
         self.image = image
 
     def run(self) -> Summary:
         size = self.image.size
         self.emit(Started(self.image.path, self.image.format, size,
-                          tuple(d.path for d in self.drives)))
+                          tuple(d.path for d in self.drives), drives=self.infos))
         drives = self.drives
 
         def on_message(msg: Any) -> None:

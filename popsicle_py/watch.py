@@ -42,6 +42,7 @@ from popsicle_py.engine import keep_signals_for_main_thread
 from popsicle_py.events import (
     POWERED_OFF,
     DriveAdded,
+    DriveInfo,
     DriveRemoved,
     DriveResult,
     Note,
@@ -63,6 +64,7 @@ from popsicle_py.images import (
     verify_checksum,
 )
 from popsicle_py.plan import DEFAULT_MAX_AUTO_SIZE, format_binary
+from popsicle_py.ports import drive_info
 from popsicle_py.signals import Cancellation
 from popsicle_py.units import format_size
 
@@ -209,6 +211,7 @@ class _Seen:
         self.finished = threading.Event()  # its job (and power off) is over
         self.result: DriveResult | None = None
         self.ended_removed = False  # the job's end was judged "removed"
+        self.info: DriveInfo | None = None  # who it is, with its number in this session
 
     @property
     def in_flight(self) -> bool:
@@ -262,8 +265,9 @@ class WatchSession:
             r = event.result
             if seen.ended_removed:  # decided with the phase: the two always agree
                 r = dataclasses.replace(r, status="failed", error=removed_message(seen.path),
-                                        mismatch_offset=None)
-                event = Result(r)
+                                        mismatch_offset=None, verified=False)
+            r = dataclasses.replace(r, drive=seen.info)
+            event = Result(r)
             seen.result = r
         self.emit(event)
 
@@ -285,7 +289,8 @@ class WatchSession:
         finally:
             self._join_all()
             self._remove_copy()
-        results = tuple(s.result or DriveResult(s.path, "cancelled", 0, "cancelled")
+        results = tuple(s.result or DriveResult(s.path, "cancelled", 0, "cancelled",
+                                                drive=s.info)
                         for s in self._started)
         interrupted = any(r.status == "cancelled" for r in results)
         summary = Summary(results, cancelled=interrupted)
@@ -449,7 +454,9 @@ class WatchSession:
         if reason is None and count is not None and len(self._started) >= count:
             reason = f"--count {count} reached"
         seen.announced = True
-        self.emit(DriveAdded(drive.path, drive.label, drive.size, reason is None, reason))
+        seen.info = drive_info(drive, len(self._started) + 1 if reason is None else None)
+        self.emit(DriveAdded(drive.path, drive.label, drive.size, reason is None, reason,
+                             seen.info))
         if reason is not None:
             return
         seen.thread = threading.Thread(target=self._run_drive, args=(seen,), daemon=True,
@@ -500,7 +507,7 @@ class WatchSession:
                                buckets=self.options.buckets,
                                stall_timeout=self.options.stall_timeout)
         FlashJob(self._source, opened, options, lambda e: self._job_event(seen, e),
-                 cancel).run()
+                 cancel, [seen.info] if seen.info is not None else ()).run()
 
     def _end_unstarted(self, seen: _Seen, why: str, status: str = "failed") -> None:
         """End a drive whose job never ran (it could not be opened, or something broke)."""

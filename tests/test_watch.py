@@ -467,7 +467,7 @@ SESSION = [
     events.Result(events.DriveResult("/dev/sdd", "failed", MiB,
                                       "/dev/sdd: the drive was removed")),
     events.Phase("/dev/sdc", "done"),
-    events.Result(events.DriveResult("/dev/sdc", "ok", 2 * MiB)),
+    events.Result(events.DriveResult("/dev/sdc", "ok", 2 * MiB, verified=True)),
     events.Phase("/dev/sdc", "done", events.POWERED_OFF),
 ]
 

@@ -326,6 +326,7 @@ def flash(image: str, devices: tuple[str, ...], all_usb: bool, yes: bool, unmoun
             for note in plan.notes:
                 view.handle(events.Note(note))
         cancel = Cancellation()
+        cancel.announce = getattr(view, "announce", None)
         with cancel.installed():
             try:
                 if expected is not None:
@@ -421,6 +422,7 @@ def verify(image: str, devices: tuple[str, ...], as_json: bool, debug: bool) -> 
         view = _make_view(as_json, {d.path: d.label for d in targets}, writes=False)
         infos = [drive_info(d, i) for i, d in enumerate(targets, 1)]
         cancel = Cancellation()
+        cancel.announce = getattr(view, "announce", None)
         with cancel.installed():
             summary = VerifyJob(img, opened, view.handle, cancel, infos).run()
             view.close()
@@ -546,6 +548,7 @@ def watch(image: str, count: int | None, yes: bool, no_verify: bool, no_power_of
                                          include_present=include_present, max_size=max_size,
                                          checksum=expected)
         cancel = Cancellation()
+        cancel.announce = getattr(view, "announce", None)
         with cancel.installed():
             try:
                 outcome = watch_mod.WatchSession(img, emit, cancel, options).run()

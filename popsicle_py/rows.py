@@ -243,7 +243,7 @@ def _amount(row: Row) -> str:
     if not row.bar:
         return ""
     if row.fraction is not None:
-        return f"{int(row.fraction * 100):d}%"
+        return f"{int(row.fraction * 100 + 1e-9):d}%"
     return format_size(row.done) if row.done else ""
 
 
@@ -303,11 +303,14 @@ def layout(rows: Sequence[Row], width: int) -> list[Line]:
     # The essentials first; shrink the name, then drop ETA and speed, only when nothing else fits.
     plan = dict(name=name_w, port=0, label=0, nbytes=0, speed=speed_w, eta=eta_w,
                 state=state_w)
+    names = [r.name for r in rows]
     for shrink in ("name", "eta", "speed"):
         if width - fixed(**plan) - 1 >= MIN_BAR:
             break
-        if shrink == "name":
-            plan["name"] = max(8, width - MIN_BAR - 1 - fixed(**{**plan, "name": 0}))
+        if shrink == "name":  # "loop12" rather than "/dev/lo…": names stay distinct
+            names = [_short(n) for n in names]
+            plan["name"] = min(max(len(n) for n in names),
+                               max(8, width - MIN_BAR - 1 - fixed(**{**plan, "name": 0})))
         else:
             plan[shrink] = 0
     # Then the extras, as long as the bar stays roomy.
@@ -320,8 +323,8 @@ def layout(rows: Sequence[Row], width: int) -> list[Line]:
     bar_w = max(0, width - fixed(**plan) - 1)
 
     lines: list[Line] = []
-    for r, long in zip(rows, longs, strict=True):
-        pieces: list[Piece] = [Piece(_cut(r.name, plan["name"]).ljust(plan["name"]), "bold"),
+    for r, long, name in zip(rows, longs, names, strict=True):
+        pieces: list[Piece] = [Piece(_cut(name, plan["name"]).ljust(plan["name"]), "bold"),
                                Piece(" ")]
         if plan["port"]:
             pieces += [Piece(_cut(r.port, plan["port"]).ljust(plan["port"]), "cyan"),
@@ -337,10 +340,14 @@ def layout(rows: Sequence[Row], width: int) -> list[Line]:
         pieces.append(Piece(_cut(state, plan["state"]).ljust(plan["state"]), r.style))
         lines.append(_trim(pieces, width))
         if r.detail and not inline:
-            for text in textwrap.wrap(r.detail, max(10, width - 4), max_lines=3,
-                                      placeholder=" …"):
-                lines.append((Piece("  ↳ ", "dim"), Piece(text, r.style)))
+            wrapped = textwrap.wrap(r.detail, max(10, width - 4), max_lines=3, placeholder=" …")
+            for i, text in enumerate(wrapped):
+                lines.append((Piece("    " if i else "  ↳ ", "dim"), Piece(text, r.style)))
     return lines
+
+
+def _short(name: str) -> str:
+    return name.removeprefix("/dev/")
 
 
 def _long(row: Row) -> str:

@@ -256,6 +256,7 @@ class _Rows:
 
     def __init__(self) -> None:
         self.rows: list[_DriveRow] = []
+        self.footer = ""  # "SIGINT: stopping every drive...", set from a signal handler
 
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
         now = time.monotonic()
@@ -264,6 +265,8 @@ class _Rows:
             for piece in line:
                 text.append(piece.text, piece.style or None)
             yield text
+        if self.footer:
+            yield Text(self.footer, style="yellow")
 
 
 def _drive_names(info: events.DriveInfo | None) -> tuple[str, str]:
@@ -340,6 +343,10 @@ class RichView:
                 self.close()
                 self.console.print(summary_table(event))
 
+    def announce(self, text: str) -> None:
+        """Say "stopping" inside the live display (called from a signal handler)."""
+        self.board.footer = text
+
     def _end(self, row: _DriveRow, r: events.DriveResult, now: float) -> None:
         row.tracker.on_end(r.status, now, r.bytes_written + r.bytes_skipped)
         if r.drive is not None and not row.port:
@@ -349,7 +356,8 @@ class RichView:
         elif r.ok:
             row.say("written", "not verified", "written (not verified)")
         else:
-            row.say(r.status, _strip_device(r.error, r.device) or "")
+            why = _strip_device(r.error, r.device) or ""
+            row.say(r.status, "" if why == r.status else why)
 
     def close(self) -> None:
         if self.started and not self.closed:
@@ -476,6 +484,10 @@ class WatchView:
         line = "; ".join(parts)
         return Text(f"-> {line[:1].upper()}{line[1:]}  (Ctrl-C stops)" if line else "",
                     style="bold cyan")
+
+    def announce(self, text: str) -> None:
+        """Say "stopping" inside the live display (called from a signal handler)."""
+        self.board.footer = text
 
     def _new_row(self, device: str | None, info: events.DriveInfo | None = None,
                  label: str = "") -> _DriveRow:

@@ -321,7 +321,7 @@ def flash(image: str, devices: tuple[str, ...], all_usb: bool, yes: bool, unmoun
         labels = {d.path: d.label for d in plan.targets}
         infos = [drive_info(d, i) for i, d in enumerate(plan.targets, 1)]
         view = _make_view(as_json, labels)
-        emit = view.handle if report is None else fan_out(view.handle, report.handle)
+        emit = view.handle if report is None else fan_out(report.handle, view.handle)
         if not as_json:
             for note in plan.notes:
                 view.handle(events.Note(note))
@@ -542,7 +542,7 @@ def watch(image: str, count: int | None, yes: bool, no_verify: bool, no_power_of
         report = _open_report(report_path, img, expected)
         _confirm_watch(img, yes, present)
         view = _make_watch_view(as_json, img, count, not no_verify)
-        emit = view.handle if report is None else fan_out(view.handle, report.handle)
+        emit = view.handle if report is None else fan_out(report.handle, view.handle)
         options = watch_mod.WatchOptions(count=count, verify=not no_verify,
                                          power_off=not no_power_off,
                                          include_present=include_present, max_size=max_size,

@@ -154,7 +154,8 @@ class Report:
 
 
 def fan_out(*sinks: Callable[[Any], None]) -> Callable[[Any], None]:
-    """One emit that feeds every sink, in order (the view, then the report)."""
+    """One emit that feeds every sink, in order: the report first, so that a result a person
+    or a script has seen is already on disk."""
 
     def emit(event: Any) -> None:
         for sink in sinks:

@@ -229,11 +229,15 @@ def test_two_drives_plugged_in_one_after_the_other_are_flashed_verified_and_powe
     assert not run.of("drive_added", device=B.dev)
     assert any(B.dev in e["text"] for e in run.of("note"))
     # Both arrivals: announced, written, verified from the device, then powered off.
-    for stick in (C, D):
+    for seq, stick in enumerate((C, D), 1):
         (added,) = run.of("drive_added", device=stick.dev)
+        identity = {"seq": seq, "port_path": f"1-{stick.port}", "vendor": "SanDisk",
+                    "model": "Cruzer Blade", "serial": f"4C53000123110511{stick.port:04d}",
+                    "size": stick.size}
         assert added == {"event": "drive_added", "device": stick.dev,
                          "label": "SanDisk Cruzer Blade", "size": stick.size,
-                         "eligible": True, "reason": None}
+                         "eligible": True, "reason": None, "drive": identity}
+        assert run.results()[stick.dev]["drive"] == identity
         assert run.files[stick.dev][: len(data)] == data
         assert run.files[stick.remove_attr] == b"1"
         assert run.of("phase", device=stick.dev, phase="verifying")
@@ -246,6 +250,48 @@ def test_two_drives_plugged_in_one_after_the_other_are_flashed_verified_and_powe
     assert summary["ok"] is True
     assert [(r["device"], r["status"], r["bytes_written"]) for r in summary["results"]] == [
         (C.dev, "ok", len(data)), (D.dev, "ok", len(data))]
+
+
+@needs_testbed
+@pytest.mark.umockdev
+def test_two_sticks_given_the_same_name_are_told_apart_in_results_and_report(
+        tmp_path: Path) -> None:
+    """The kernel hands a pulled stick's name to the next one: port, serial and seq differ."""
+    image, data = image_file(tmp_path, 2 * MiB + 99)
+    first, second = Stick("c", 3), Stick("c", 4)
+    report = tmp_path / "sticks.csv"
+    jsonl = tmp_path / "sticks.jsonl"
+    report.write_text("")  # an existing empty file gets the header too
+    steps = [WATCHING, {"add": first.description}, result_of(first),
+             {"remove": first.unplug}, {"wait": {"event": "drive_removed", "device": "/dev/sdc"}},
+             {"add": second.description}, result_of(second)]
+    run = watch(tmp_path, [str(image), "--yes", "--count", "2", "--no-power-off",
+                           "--report", str(report)], steps)
+    assert run.rc == 0, run.stderr
+    results = run.summary["results"]
+    assert [r["device"] for r in results] == ["/dev/sdc", "/dev/sdc"]
+    assert [(r["drive"]["seq"], r["drive"]["port_path"]) for r in results] == [
+        (1, "1-3"), (2, "1-4")]
+    assert all(r["verified"] is True for r in results)
+    import csv
+    rows = list(csv.DictReader(report.open()))
+    assert [(r["seq"], r["device"], r["port_path"], r["serial"], r["result"], r["verified"])
+            for r in rows] == [
+        ("1", "/dev/sdc", "1-3", "4C530001231105110003", "ok", "true"),
+        ("2", "/dev/sdc", "1-4", "4C530001231105110004", "ok", "true")]
+    for r in rows:
+        assert r["capacity"] == str(64 * MiB) and r["image"] == "image.img"
+        assert r["bytes_written"] == str(len(data)) and r["bytes_skipped"] == "0"
+        assert int(r["write_speed"]) > 0 and int(r["verify_speed"]) > 0
+        assert r["started"] <= r["ended"] and r["ended"].endswith("Z")
+    # JSON Lines, appended to: a second session adds its records after the first's.
+    for _ in range(2):
+        watch(tmp_path, [str(image), "--yes", "--count", "1", "--no-power-off",
+                         "--no-verify", "--report", str(jsonl)],
+              [WATCHING, {"add": first.description}, result_of(first)])
+    lines = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    assert [(r["seq"], r["port_path"], r["result"], r["verified"], r["verify_speed"])
+            for r in lines] == [(1, "1-3", "ok", False, None)] * 2
 
 
 @needs_testbed

@@ -96,11 +96,28 @@ class PlainView:
         self.out = Out(out)
         self.interval = interval
         self._last: dict[str | None, float] = {}
+        self._trackers: dict[str, rows.DriveProgress] = {}  # for the average speeds
 
     def _line(self, text: str) -> None:
         self.out.write(text + "\n")
 
+    def _track(self, event: events.WatchEvent) -> None:
+        now = time.monotonic()
+        match event:
+            case events.DriveAdded(device=device):
+                self._trackers.pop(device, None)
+            case events.Phase(device=str(device), phase=phase) if phase not in ("done",
+                                                                                 "failed"):
+                self._trackers.setdefault(device, rows.DriveProgress()).on_phase(phase, now)
+            case events.Progress(device=str(device), phase=phase, done=done, total=total):
+                self._trackers.setdefault(device, rows.DriveProgress()).on_progress(
+                    phase, done, total, now)
+            case events.Result(result=r) if r.device in self._trackers:
+                self._trackers[r.device].on_end(r.status, now,
+                                                r.bytes_written + r.bytes_skipped)
+
     def handle(self, event: events.WatchEvent) -> None:
+        self._track(event)
         match event:
             case events.Started(image=image, size=size, devices=devices):
                 self._line(f"image {image} ({format_size(size)}) -> {', '.join(devices)}")
@@ -122,7 +139,8 @@ class PlainView:
                 self._line(f"{device or 'image'}: {phase} {format_size(done)} of "
                            f"{format_size(total)}{percent}")
             case events.Result(result=r):
-                self._line(_result_line(r))
+                tracker = self._trackers.pop(r.device, None)
+                self._line(_result_line(r, _speeds(tracker) if r.ok else ""))
             case events.Summary():
                 self._line(_summary_line(event))
             case events.Watching():
@@ -158,7 +176,7 @@ def ok_words(r: events.DriveResult) -> str:
 def _identity(r: events.DriveResult) -> str:
     """`` [#2, port 1-1.2, serial 4C53...]``: which stick, when the job was told."""
     d = r.drive
-    if d is None:
+    if d is None or not (d.port_path or d.serial):  # a loop device: its name says it all
         return ""
     parts = [f"#{d.seq}" if d.seq is not None else "",
              f"port {d.port_path}" if d.port_path else "",

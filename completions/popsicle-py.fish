@@ -63,6 +63,8 @@ function __popsicle_py_state --description 'popsicle-py: the command, then what 
                             set skip 1
                         case 'flash:--checksum'
                             set skip 1
+                        case 'flash:--report'
+                            set skip 1
                         case 'watch:--count'
                             set skip 1
                         case 'watch:--max-size'
@@ -70,6 +72,8 @@ function __popsicle_py_state --description 'popsicle-py: the command, then what 
                         case 'watch:--sha256'
                             set skip 1
                         case 'watch:--checksum'
+                            set skip 1
+                        case 'watch:--report'
                             set skip 1
                     end
                 end
@@ -158,6 +162,7 @@ complete -c popsicle-py -n '__popsicle_py_at flash' -l 'repair-attempts' -x -d '
 complete -c popsicle-py -n '__popsicle_py_at flash' -l 'sha256' -x -d 'Expected SHA-256 of the image file.'
 complete -c popsicle-py -n '__popsicle_py_at flash' -l 'checksum' -x -d 'Expected checksum (sha1, sha256, sha512 or blake2b) of the image file.'
 complete -c popsicle-py -n '__popsicle_py_at flash' -l 'no-checksum' -d 'Ignore a checksum file next to the image.'
+complete -c popsicle-py -n '__popsicle_py_at flash' -l 'report' -r -F -d 'Append one record per drive to FILE (.csv or .jsonl).'
 complete -c popsicle-py -n '__popsicle_py_at flash' -l 'debug' -d 'Show debug messages and tracebacks.'
 complete -c popsicle-py -n '__popsicle_py_at flash' -s 'h' -l 'help' -d 'Show this message and exit.'
 complete -c popsicle-py -n '__popsicle_py_at flash image' -F
@@ -187,6 +192,7 @@ complete -c popsicle-py -n '__popsicle_py_at watch' -l 'max-size' -x -d 'Skip dr
 complete -c popsicle-py -n '__popsicle_py_at watch' -l 'sha256' -x -d 'Expected SHA-256 of the image file.'
 complete -c popsicle-py -n '__popsicle_py_at watch' -l 'checksum' -x -d 'Expected checksum (sha1, sha256, sha512 or blake2b) of the image file.'
 complete -c popsicle-py -n '__popsicle_py_at watch' -l 'no-checksum' -d 'Ignore a checksum file next to the image.'
+complete -c popsicle-py -n '__popsicle_py_at watch' -l 'report' -r -F -d 'Append one record per drive to FILE (.csv or .jsonl).'
 complete -c popsicle-py -n '__popsicle_py_at watch' -l 'debug' -d 'Show debug messages and tracebacks.'
 complete -c popsicle-py -n '__popsicle_py_at watch' -s 'h' -l 'help' -d 'Show this message and exit.'
 complete -c popsicle-py -n '__popsicle_py_at watch image' -F

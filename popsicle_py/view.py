@@ -226,7 +226,7 @@ def _speeds(tracker: rows.DriveProgress | None) -> str:
 # ----------------------------------------------------------------------------------------------
 # Live rows (flash, verify and watch on a terminal)
 
-_STYLES = {"done": "green", "written": "green", "failed": "red", "invalid": "red",
+_STYLES = {"done": "green", "written": "green", "checked": "green", "failed": "red", "invalid": "red",
            "cancelled": "yellow", "ignored": "dim", "ready": "green"}
 
 
@@ -348,6 +348,10 @@ class RichView:
             case events.Note(text=text):
                 self.live.console.print(text)
             case events.Phase(device=device, phase=phase, detail=detail):
+                image = self.by_device.get(None)
+                if device is not None and image is not None and image.tracker.ended is None:
+                    image.tracker.on_end("ok", now)  # the drives start once it checked out
+                    image.say("checked")
                 row = self._row(device)
                 if phase in ("done", "failed"):
                     return  # the result says how it ended

@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 from conftest import Loop, popsicle_cmd
 
@@ -191,8 +192,7 @@ class Tmux:
 
 
 def _children(pid: int) -> list[int]:
-    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
-    return [int(p) for p in out.split()]
+    return [child.pid for child in psutil.Process(pid).children()]
 
 
 @pytest.fixture

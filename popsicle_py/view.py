@@ -226,8 +226,8 @@ def _speeds(tracker: rows.DriveProgress | None) -> str:
 # ----------------------------------------------------------------------------------------------
 # Live rows (flash, verify and watch on a terminal)
 
-_STYLES = {"done": "green", "written": "green", "checked": "green", "failed": "red", "invalid": "red",
-           "cancelled": "yellow", "ignored": "dim", "ready": "green"}
+_STYLES = {"done": "green", "written": "green", "checked": "green", "ready": "green",
+           "failed": "red", "invalid": "red", "cancelled": "yellow", "ignored": "dim"}
 
 
 class _DriveRow:

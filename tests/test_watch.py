@@ -540,6 +540,25 @@ def test_watch_view_rows_header_and_next_step() -> None:
     assert "done: 1 of 1 drives ok" in out.getvalue()
 
 
+@pytest.mark.parametrize("width", [80, 120])
+def test_watch_view_fits_the_terminal(width: int) -> None:
+    """Every row keeps its name, bar and state; the detail goes under it when narrow."""
+    view = WatchView(Console(file=io.StringIO(), width=width, color_system=None),
+                     "/var/lib/images/raspios-bookworm-arm64-lite.img", 2 * MiB, count=3)
+    _feed(view, SESSION)
+    screen = io.StringIO()
+    Console(file=screen, width=width, color_system=None).print(view)
+    lines = screen.getvalue().splitlines()
+    assert all(len(line) <= width for line in lines), lines
+    rows = {d: next(line for line in lines if line.startswith(d))
+            for d in ("/dev/sdc", "/dev/sda", "/dev/sdd")}
+    assert "100%" in rows["/dev/sdc"] and "done" in rows["/dev/sdc"]
+    assert "failed" in rows["/dev/sdd"] and "%" in rows["/dev/sdd"]
+    assert "ignored" in rows["/dev/sda"] and "%" not in rows["/dev/sda"]
+    text = "\n".join(lines)
+    assert "pull it (the drive was removed)" in text and "not a USB or SD drive" in text
+
+
 def test_plain_view_says_what_happened_to_each_drive() -> None:
     out = io.StringIO()
     view = PlainView(out)

@@ -256,7 +256,7 @@ def test_rows_in_tmux_keep_name_bar_and_percent_with_a_failed_drive(
     def failed_while_slow_writes(lines: list[str]) -> bool:
         bad, busy = row_of(lines, dying.path), row_of(lines, slow.path)
         return bool(bad and "failed" in bad and busy and ROW.search(busy)
-                    and re.search(r"writing|verifying", busy))
+                    and re.search(r"\d MB/s \d+:\d\d (writing|verifying)", busy))
 
     during = wait_for(pane, failed_while_slow_writes)
     for device in (slow.path, dying.path, fast.path):
@@ -398,7 +398,8 @@ def test_no_verify_says_written_not_verified_in_every_view(loop_factory: Callabl
     plain = subprocess.run(base, capture_output=True, text=True, stdin=subprocess.DEVNULL,
                            timeout=60, check=False)
     assert plain.returncode == 0, plain.stderr
-    assert f"{loop.path}: ok (2.1 MB written (not verified))" in plain.stdout, plain.stdout
+    assert re.search(rf"^{re.escape(loop.path)}: ok \(2.1 MB written \(not verified\), "
+                     r"write [\d.]+ [kMG]B/s\)$", plain.stdout, re.M), plain.stdout
     assert "verified)" in plain.stdout and "and verified" not in plain.stdout
 
     js = subprocess.run([*base, "--json"], capture_output=True, text=True,

@@ -453,7 +453,7 @@ def test_plain_output_without_json(tmp_path: Path) -> None:
                 as_json=False)
     assert run.rc == 0, run.stderr
     text = "\n".join(run.stdout)
-    assert f"{C.dev}: added (SanDisk Cruzer Blade, 67.1 MB)" in text
+    assert f"{C.dev}: added (SanDisk Cruzer Blade, 67.1 MB, port 1-3)" in text
     assert f"{C.dev}: ok" in text
     assert f"{C.dev}: powered off" in text
     assert "done: 1 of 1 drives ok" in text

@@ -123,6 +123,13 @@ def _json_refusal(lines: Sequence[str]) -> None:
     write_out(text + json.dumps(events.Summary().to_json()) + "\n")
 
 
+def _with_report(report: Report, view: Any) -> Callable[[Any], None]:
+    """Feed the report, then the view; a report that cannot be written says so in the view
+    (a line on stderr would break a live display), once, and the drives go on."""
+    report.warn = lambda line: view.handle(events.Note(line))
+    return fan_out(report.handle, view.handle)
+
+
 def _open_report(path: str | None, image: Any, checksum: Checksum | None) -> Report | None:
     """The --report sink, opened before anything is written (a bad path is a refusal)."""
     if path is None:
@@ -321,7 +328,7 @@ def flash(image: str, devices: tuple[str, ...], all_usb: bool, yes: bool, unmoun
         labels = {d.path: d.label for d in plan.targets}
         infos = [drive_info(d, i) for i, d in enumerate(plan.targets, 1)]
         view = _make_view(as_json, labels)
-        emit = view.handle if report is None else fan_out(report.handle, view.handle)
+        emit = view.handle if report is None else _with_report(report, view)
         if not as_json:
             for note in plan.notes:
                 view.handle(events.Note(note))
@@ -542,7 +549,7 @@ def watch(image: str, count: int | None, yes: bool, no_verify: bool, no_power_of
         report = _open_report(report_path, img, expected)
         _confirm_watch(img, yes, present)
         view = _make_watch_view(as_json, img, count, not no_verify)
-        emit = view.handle if report is None else fan_out(report.handle, view.handle)
+        emit = view.handle if report is None else _with_report(report, view)
         options = watch_mod.WatchOptions(count=count, verify=not no_verify,
                                          power_off=not no_power_off,
                                          include_present=include_present, max_size=max_size,

@@ -99,8 +99,12 @@ class Report:
         except OSError as exc:
             raise ReportError(f"--report {path}: {exc.strerror or exc}") from None
         self.failed = False
+        self.failed_why = ""
         if self.fmt == "csv" and empty:
             self._append(",".join(FIELDS) + "\n")
+            if self.failed:  # nothing is written yet: refuse rather than run without it
+                os.close(self.fd)
+                raise ReportError(f"--report {path}: cannot write to it: {self.failed_why}")
         self.trackers: dict[str, rows.DriveProgress] = {}
         self.started: dict[str, float] = {}
         self.verify = True
@@ -144,6 +148,7 @@ class Report:
             os.fsync(self.fd)
         except OSError as exc:
             self.failed = True
+            self.failed_why = exc.strerror or str(exc)
             self.warn(f"--report {self.path}: cannot write the report: {exc.strerror or exc}; "
                       "the drives go on")
 

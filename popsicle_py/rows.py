@@ -275,6 +275,33 @@ def _bar(row: Row, width: int) -> Line:
 
 
 def layout(rows: Sequence[Row], width: int) -> list[Line]:
+    """Every row's lines, one after the other (see :func:`layout_rows`)."""
+    return [line for block in layout_rows(rows, width) for line in block]
+
+
+def fit_height(blocks: Sequence[Sequence[Line]], finished: Sequence[bool], height: int
+               ) -> tuple[list[Sequence[Line]], int]:
+    """The rows that fit in ``height`` lines, and how many finished rows were left out.
+
+    Finished rows go first, oldest first: the drives being written (and the newest arrivals
+    in a duplicator session) stay on screen; the table at the end lists every drive.
+    """
+    keep = list(range(len(blocks)))
+    used = sum(len(b) for b in blocks)
+    dropped = 0
+    for i in range(len(blocks)):
+        if used <= height:
+            break
+        if finished[i]:
+            keep.remove(i)
+            used -= len(blocks[i])
+            if dropped == 0:
+                used += 1  # the line saying how many are left out
+            dropped += 1
+    return [blocks[i] for i in keep], dropped
+
+
+def layout_rows(rows: Sequence[Row], width: int) -> list[list[Line]]:
     """Each row as one line of at most ``width`` cells, plus its detail's lines when needed.
 
     Always kept, in this order: name, state, bar, percent (or bytes), speed, ETA.  The port,
@@ -322,8 +349,10 @@ def layout(rows: Sequence[Row], width: int) -> list[Line]:
         plan["state"] = max(state_w, detail_w)
     bar_w = max(0, width - fixed(**plan) - 1)
 
-    lines: list[Line] = []
+    blocks: list[list[Line]] = []
     for r, long, name in zip(rows, longs, names, strict=True):
+        lines: list[Line] = []
+        blocks.append(lines)
         pieces: list[Piece] = [Piece(_cut(name, plan["name"]).ljust(plan["name"]), "bold"),
                                Piece(" ")]
         if plan["port"]:
@@ -343,7 +372,7 @@ def layout(rows: Sequence[Row], width: int) -> list[Line]:
             wrapped = textwrap.wrap(r.detail, max(10, width - 4), max_lines=3, placeholder=" …")
             for i, text in enumerate(wrapped):
                 lines.append((Piece("    " if i else "  ↳ ", "dim"), Piece(text, r.style)))
-    return lines
+    return blocks
 
 
 def _short(name: str) -> str:

@@ -11,6 +11,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Sequence
 from typing import IO
 
 from rich.console import Console, ConsoleOptions, Group, RenderResult
@@ -272,13 +273,21 @@ class _DriveRow:
 class _Rows:
     """The live rows as a Rich renderable, laid out anew for the console's width each time."""
 
-    def __init__(self) -> None:
+    def __init__(self, reserve: int = 1) -> None:
         self.rows: list[_DriveRow] = []
         self.footer = ""  # "SIGINT: stopping every drive...", set from a signal handler
+        self.reserve = reserve  # lines the rest of the screen needs (header, next step)
 
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
         now = time.monotonic()
-        for line in rows.layout([r.snapshot(now) for r in self.rows], options.max_width):
+        blocks: list[Sequence[rows.Line]] = list(
+            rows.layout_rows([r.snapshot(now) for r in self.rows], options.max_width))
+        height = max(3, (options.height or console.height) - self.reserve - bool(self.footer))
+        blocks, dropped = rows.fit_height(blocks, [r.final for r in self.rows], height)
+        if dropped:  # the oldest finished rows; the table at the end lists every drive
+            yield Text(f"(+{dropped} finished drive{'s' if dropped > 1 else ''}, listed at "
+                       "the end)", style="dim", no_wrap=True, overflow="ellipsis")
+        for line in (line for block in blocks for line in block):
             text = Text(no_wrap=True, overflow="crop")
             for piece in line:
                 text.append(piece.text, piece.style or None)
@@ -468,7 +477,7 @@ class WatchView:
         self.console = console or Console(stderr=False)
         self.image, self.size, self.count = image, size, count
         self.verify = verify
-        self.board = _Rows()
+        self.board = _Rows(reserve=4)
         self.current: dict[str | None, _DriveRow] = {}  # each device's latest row
         self.failed_present: dict[str, str] = {}  # failed drives not pulled yet
         self.ok = self.failed = self.started_drives = 0

@@ -133,3 +133,30 @@ def test_a_record_in_csv_and_json_lines() -> None:
     assert row["serial"] == "4C53, \"odd\"" and row["port_path"] == "1-1.2"
     assert row["write_speed"] == "" and row["verified"] == "false"
     assert json.loads(format_record(data, "jsonl"))["seq"] == 3
+
+
+@pytest.mark.root
+def test_a_report_that_fills_its_disk_is_said_once_and_fails_no_drive(
+        loop_factory: Callable[..., Loop], tmp_path: Path) -> None:
+    path, data = image(tmp_path, 2 * MiB)
+    loop = loop_factory(4 * MiB, fill=PATTERN)
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4k", "tmpfs", str(small)], check=True)
+    try:
+        (small / "filler").write_bytes(b"x" * 4096)
+        refused = run("flash", path, loop.path, "--yes", "--report", small / "full.csv")
+        assert refused.returncode == 2, refused.stderr
+        assert "cannot write to it: No space left on device" in refused.stderr
+        assert loop.read() == bytes([PATTERN]) * loop.size, "written despite the refusal"
+        done = run("flash", path, loop.path, "--yes", "--json", "--report",
+                   small / "full.jsonl")
+        assert done.returncode == 0, done.stderr
+        notes = [e["text"] for e in map(json.loads, done.stdout.splitlines())
+                 if e["event"] == "note"]
+        assert [n for n in notes if "cannot write the report" in n] == [
+            f"--report {small / 'full.jsonl'}: cannot write the report: No space left on "
+            "device; the drives go on"]
+        assert loop.read(len(data)) == data
+    finally:
+        subprocess.run(["umount", "-l", str(small)], check=False)

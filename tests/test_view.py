@@ -147,6 +147,16 @@ def test_rows_fit_any_width_and_keep_the_essentials(width: int) -> None:
         assert "1-1.2" in by_name["/dev/loop12"], "the port is shown at 80 columns"
 
 
+def test_a_full_screen_drops_the_oldest_finished_rows_first() -> None:
+    blocks = [[("a",)], [("b",), ("b detail",)], [("c",)], [("d",)], [("e",)]]
+    finished = [True, True, False, True, False]
+    kept, dropped = rows.fit_height(blocks, finished, 4)  # type: ignore[arg-type]
+    assert kept == [[("c",)], [("d",)], [("e",)]] and dropped == 2
+    assert rows.fit_height(blocks, finished, 10) == (blocks, 0)  # type: ignore[arg-type]
+    kept, dropped = rows.fit_height(blocks, [False] * 5, 2)  # type: ignore[arg-type]
+    assert dropped == 0 and len(kept) == 5, "a drive being written never leaves the screen"
+
+
 # ----------------------------------------------------------------------------------------------
 # tmux
 

@@ -341,11 +341,11 @@ def flash(image: str, devices: tuple[str, ...], all_usb: bool, yes: bool, unmoun
                 if unmount and not cancel():
                     unmount_targets(plan)
                 if cancel():
-                    return _cancelled_before_writing(plan, view, cancel)
+                    return _cancelled_before_writing(plan, view, emit, cancel, infos)
                 opened = open_targets(plan.targets, check=drives_mod.still_same)
             except (ImageError, PlanError, OpenError) as exc:
                 if cancel():
-                    return _cancelled_before_writing(plan, view, cancel)
+                    return _cancelled_before_writing(plan, view, emit, cancel, infos)
                 view.close()
                 raise Refused(str(exc).splitlines()) from None
             if block_map is not None and not as_json:
@@ -371,11 +371,13 @@ def _block_map(image: Any, given: str | None) -> Bmap | None:
     return None if path is None else bmap_mod.load(path, image.size)
 
 
-def _cancelled_before_writing(plan: Plan, view: Any, cancel: Cancellation) -> int:
+def _cancelled_before_writing(plan: Plan, view: Any, emit: Callable[[Any], None],
+                              cancel: Cancellation, infos: Sequence[events.DriveInfo]) -> int:
     """A signal before the first write: every drive is reported cancelled, none was touched."""
-    results = tuple(events.DriveResult(d.path, "cancelled", 0, "cancelled before writing")
-                    for d in plan.targets)
-    view.handle(events.Summary(results, cancelled=True))
+    results = tuple(events.DriveResult(d.path, "cancelled", 0, "cancelled before writing",
+                                       drive=info)
+                    for d, info in zip(plan.targets, infos, strict=True))
+    emit(events.Summary(results, cancelled=True))
     view.close()
     return cancel.exit_status
 

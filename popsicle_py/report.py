@@ -107,6 +107,7 @@ class Report:
                 raise ReportError(f"--report {path}: cannot write to it: {self.failed_why}")
         self.trackers: dict[str, rows.DriveProgress] = {}
         self.started: dict[str, float] = {}
+        self.recorded: set[tuple[str, int | None]] = set()
         self.verify = True
 
     def _tracker(self, device: str) -> rows.DriveProgress:
@@ -131,12 +132,20 @@ class Report:
             case events.Progress(device=str(device), phase=phase, done=done, total=total):
                 self._tracker(device).on_progress(phase, done, total, now)
             case events.Result(result=r):
-                tracker = self._tracker(r.device)
-                tracker.on_end(r.status, now, r.bytes_written + r.bytes_skipped)
-                data = record(r, tracker, image=self.image, sha256=self.sha256,
-                              started=self.started.pop(r.device, None), ended=self.clock())
-                self._append(format_record(data, self.fmt))
-                del self.trackers[r.device]
+                self._record(r, now)
+            case events.Summary(results=results):
+                for r in results:  # a drive ended without a result event (cancelled early)
+                    if _key(r) not in self.recorded:
+                        self._record(r, now)
+
+    def _record(self, r: events.DriveResult, now: float) -> None:
+        tracker = self._tracker(r.device)
+        tracker.on_end(r.status, now, r.bytes_written + r.bytes_skipped)
+        data = record(r, tracker, image=self.image, sha256=self.sha256,
+                      started=self.started.pop(r.device, None), ended=self.clock())
+        self._append(format_record(data, self.fmt))
+        self.recorded.add(_key(r))
+        del self.trackers[r.device]
 
     def _append(self, text: str) -> None:
         if self.failed:
@@ -156,6 +165,11 @@ class Report:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+def _key(r: events.DriveResult) -> tuple[str, int | None]:
+    """A drive of this run: its name and number (a name alone is reused in ``watch``)."""
+    return r.device, r.drive.seq if r.drive is not None else None
 
 
 def fan_out(*sinks: Callable[[Any], None]) -> Callable[[Any], None]:

@@ -160,3 +160,35 @@ def test_a_report_that_fills_its_disk_is_said_once_and_fails_no_drive(
         assert loop.read(len(data)) == data
     finally:
         subprocess.run(["umount", "-l", str(small)], check=False)
+
+
+@pytest.mark.root
+def test_drives_cancelled_before_writing_have_records_too(
+        loop_factory: Callable[..., Loop], throttle: Callable[..., Any],
+        tmp_path: Path) -> None:
+    data = os.urandom(8 * MiB)
+    source = loop_factory(8 * MiB)
+    source.backing.write_bytes(data)
+    drives = [loop_factory(8 * MiB, fill=PATTERN) for _ in range(2)]
+    add = throttle((source, 1 << 20))
+    report = tmp_path / "run.jsonl"
+    proc = subprocess.Popen([*popsicle_cmd(), "flash", source.path, *(d.path for d in drives),
+                             "--yes", "--json", "--sha256", hashlib.sha256(data).hexdigest(),
+                             "--report", str(report)],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: add(os.getpid()))
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if json.loads(line).get("phase") == "checksum":
+                break
+        proc.terminate()
+        proc.wait(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 143
+    records = [json.loads(line) for line in report.read_text().splitlines()]
+    assert [(r["seq"], r["device"], r["result"], r["bytes_written"]) for r in records] == [
+        (i, d.path, "cancelled", 0) for i, d in enumerate(drives, 1)]

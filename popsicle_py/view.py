@@ -264,8 +264,8 @@ class _DriveRow:
             fraction = 0.0  # a failed drive of unknown size: no pulse, nothing to expect
         return rows.Row(name=self.name, state=self.state, port=self.port, label=self.label,
                         fraction=fraction if self.bar else 0.0, done=t.pass_done,
-                        total=t.pass_size,
-                        speed=speed, eta=eta, detail=self.detail, long=self.long,
+                        total=t.pass_size, speed=speed, eta=eta, detail=self.detail,
+                        long=self.long,
                         style=_STYLES.get(self.state, ""), bar=self.bar,
                         pulse=int(now * 10))
 
@@ -380,8 +380,9 @@ class RichView:
 
     def _end(self, row: _DriveRow, r: events.DriveResult, now: float) -> None:
         row.tracker.on_end(r.status, now, r.bytes_written + r.bytes_skipped)
-        if r.drive is not None and not row.port:
-            row.port, row.label = _drive_names(r.drive)[0], row.label or _drive_names(r.drive)[1]
+        if r.drive is not None and not row.port:  # a job that named its drives only here
+            port, label = _drive_names(r.drive)
+            row.port, row.label = port, row.label or label
         if r.ok and (r.verified or not self.writes):
             row.say("done")
         elif r.ok:

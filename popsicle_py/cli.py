@@ -42,7 +42,7 @@ from popsicle_py.ports import drive_info, port_path_of
 from popsicle_py.report import Report, ReportError, fan_out
 from popsicle_py.signals import Cancellation
 from popsicle_py.units import format_size, parse_size
-from popsicle_py.view import JsonView, PlainView, RichView, WatchView, write_out
+from popsicle_py.view import JsonView, Out, PlainView, RichView, WatchView, write_out
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -469,7 +469,10 @@ def list_drives(as_json: bool, show_all: bool, debug: bool) -> None:
             eligible = "yes" if d.eligible else f"no: {d.reason}"
             table.add_row(d.path, ports[d.path] or "", d.label or "?", format_size(d.size),
                           d.bus, ", ".join(d.mountpoints), eligible)
-        Console(highlight=False).print(table)
+        try:
+            Console(highlight=False).print(table)
+        except BrokenPipeError:  # | head: the reader left, the listing is no less true
+            Out().reader_left()
         return EXIT_OK
 
     _run_guarded(debug, as_json, body)

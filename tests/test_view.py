@@ -451,3 +451,33 @@ def test_rich_rows_for_verify_alone_and_for_a_flash(tmp_path: Path) -> None:
     view.handle(events.Result(events.DriveResult("/dev/sdz", "ok", 0, verified=True)))
     view.handle(events.Summary((events.DriveResult("/dev/sdz", "ok", 0, verified=True),)))
     assert "matches the image" in out.getvalue()
+
+
+@needs_tmux
+@pytest.mark.umockdev
+@pytest.mark.skipif(shutil.which("umockdev-run") is None, reason="umockdev-run is not installed")
+@pytest.mark.parametrize("width", [80, 120])
+def test_duplicator_screen_in_tmux_shows_the_port_of_each_stick(
+        tmux_pane: Callable[[int], Tmux], tmp_path: Path, width: int) -> None:
+    """``watch`` on a real terminal, with a mocked USB stick in port 1-2 and a SATA disk."""
+    image, _ = make_image(tmp_path, 3 * MiB + 7)
+    stick = Path(__file__).resolve().parent / "fixtures" / "cli-usb-stick.umockdev"
+    pane = tmux_pane(width)
+    cmd = " ".join(map(shlex.quote, ["umockdev-run", "-d", str(stick), "--", *popsicle_cmd(),
+                                     "watch", str(image), "--yes", "--include-present",
+                                     "--count", "1", "--no-power-off"]))
+    pane.start(cmd, tmp_path)
+    pane.go()
+    end = wait_for(pane, lambda lines: exit_of(lines) is not None)
+    assert exit_of(end) == 0, end
+    assert not [line for line in end if len(line) > width], end
+    title = next(i for i, line in enumerate(end) if "drives ok" in line)
+    live = end[:title]
+    assert any(line.startswith("image.img (3.1 MB)  done 1  failed 0") or
+               line.startswith("Duplicating ") for line in live), live
+    row = row_of(live, "/dev/sdb")
+    assert row is not None and re.match(r"/dev/sdb +1-2 .*━+ 100% .*MB/s +avg done", row), live
+    assert "pull it" in "\n".join(live)
+    ignored = row_of(live, "/dev/sda")
+    assert ignored is not None and "ignored" in ignored and "%" not in ignored, live
+    assert any("│ /dev/sdb │ 1-2  │ ok" in line for line in end[title:]), end

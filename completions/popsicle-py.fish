@@ -65,6 +65,8 @@ function __popsicle_py_state --description 'popsicle-py: the command, then what 
                             set skip 1
                         case 'flash:--keyring'
                             set skip 1
+                        case 'flash:--report'
+                            set skip 1
                         case 'probe:--stall-timeout'
                             set skip 1
                         case 'verify:--stall-timeout'
@@ -76,6 +78,8 @@ function __popsicle_py_state --description 'popsicle-py: the command, then what 
                         case 'watch:--sha256'
                             set skip 1
                         case 'watch:--checksum'
+                            set skip 1
+                        case 'watch:--report'
                             set skip 1
                         case 'watch:--keyring'
                             set skip 1
@@ -211,6 +215,7 @@ complete -c popsicle-py -n '__popsicle_py_at flash' -l 'force' -d 'Write an imag
 complete -c popsicle-py -n '__popsicle_py_at flash' -l 'no-probe' -d 'Do not check, before writing, that each drive stores as much as it claims (the counterfeit-stick probe).'
 complete -c popsicle-py -n '__popsicle_py_at flash' -l 'keyring' -r -F -d 'Trust the checksum file only if its signature (.gpg, .sign, .asc, .sig) verifies with gpgv against this keyring.'
 complete -c popsicle-py -n '__popsicle_py_at flash' -l 'cache' -l 'no-cache' -d 'Keep a downloaded IMAGE (a URL) in ~/.cache/popsicle-py for the next run (default: off, or $POPSICLE_PY_CACHE).'
+complete -c popsicle-py -n '__popsicle_py_at flash' -l 'report' -r -F -d 'Append one record per drive to FILE (.csv or .jsonl).'
 complete -c popsicle-py -n '__popsicle_py_at flash' -l 'debug' -d 'Show debug messages and tracebacks.'
 complete -c popsicle-py -n '__popsicle_py_at flash' -s 'h' -l 'help' -d 'Show this message and exit.'
 complete -c popsicle-py -n '__popsicle_py_at flash image' -F
@@ -255,6 +260,7 @@ complete -c popsicle-py -n '__popsicle_py_at watch' -l 'checksum' -x -d 'Expecte
 complete -c popsicle-py -n '__popsicle_py_at watch' -l 'no-checksum' -d 'Ignore a checksum file next to the image.'
 complete -c popsicle-py -n '__popsicle_py_at watch' -l 'force' -d 'Write an image that does not look like a disk image (text, HTML, tiny).'
 complete -c popsicle-py -n '__popsicle_py_at watch' -l 'no-probe' -d 'Do not check, before writing, that each drive stores as much as it claims (the counterfeit-stick probe).'
+complete -c popsicle-py -n '__popsicle_py_at watch' -l 'report' -r -F -d 'Append one record per drive to FILE (.csv or .jsonl).'
 complete -c popsicle-py -n '__popsicle_py_at watch' -l 'keyring' -r -F -d 'Trust the checksum file only if its signature (.gpg, .sign, .asc, .sig) verifies with gpgv against this keyring.'
 complete -c popsicle-py -n '__popsicle_py_at watch' -l 'cache' -l 'no-cache' -d 'Keep a downloaded IMAGE (a URL) in ~/.cache/popsicle-py for the next run (default: off, or $POPSICLE_PY_CACHE).'
 complete -c popsicle-py -n '__popsicle_py_at watch' -l 'debug' -d 'Show debug messages and tracebacks.'

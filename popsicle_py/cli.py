@@ -47,9 +47,11 @@ from popsicle_py.images import (
     verify_checksum,
 )
 from popsicle_py.plan import Plan, make_plan, unmount_targets
+from popsicle_py.ports import drive_info, port_path_of
+from popsicle_py.report import Report, ReportError, fan_out
 from popsicle_py.signals import Cancellation
 from popsicle_py.units import format_size, parse_size
-from popsicle_py.view import JsonView, PlainView, RichView, WatchView
+from popsicle_py.view import JsonView, Out, PlainView, RichView, WatchView, write_out
 
 
 class SizeType(click.ParamType):  # type: ignore[type-arg]  # generic only in newer click
@@ -107,11 +109,11 @@ def _error(line: str) -> None:
     click.echo(f"{PROG}: {line}", err=True)
 
 
-def _make_view(as_json: bool, labels: dict[str, str]) -> Any:
+def _make_view(as_json: bool, labels: dict[str, str], *, writes: bool = True) -> Any:
     if as_json:
         return JsonView()
     if sys.stdout.isatty():
-        return RichView(Console(highlight=False), labels)
+        return RichView(Console(highlight=False), labels, writes=writes)
     return PlainView()
 
 
@@ -122,6 +124,25 @@ def _json_refusal(lines: Sequence[str]) -> None:
         view.handle(events.Error(line))
     view.handle(events.Summary())
     view.close()
+
+
+def _with_report(report: Report, view: Any) -> Callable[[Any], None]:
+    """Feed the report, then the view; a report that cannot be written says so in the view
+    (a line on stderr would break a live display), once, and the drives go on."""
+    report.warn = lambda line: view.handle(events.Note(line))
+    return fan_out(report.handle, view.handle)
+
+
+def _open_report(path: str | None, image: Any, checksum: Checksum | None) -> Report | None:
+    """The --report sink, opened before anything is written (a bad path is a refusal)."""
+    if path is None:
+        return None
+    sha256 = checksum.hexdigest.lower() if checksum is not None and checksum.algo == "sha256" \
+        else ""
+    try:
+        return Report(path, image=image.path, sha256=sha256, warn=_error)
+    except ReportError as exc:
+        raise Refused([str(exc)]) from None
 
 
 def _run_guarded(debug: bool, as_json: bool, body: Callable[[], int]) -> NoReturn:
@@ -329,11 +350,12 @@ def _confirm(plan: Plan, image: Any, yes: bool, action: str) -> None:
     console = _stderr()
     table = Table(title=f"{action} {image.path} ({format_size(image.size)})",
                   title_justify="left")
-    for column in ("Device", "Drive", "Size", "Mounted at", "Warnings"):
+    for column in ("Device", "Port", "Drive", "Size", "Mounted at", "Warnings"):
         table.add_column(column, overflow="fold")
     for drive in plan.targets:
-        table.add_row(drive.path, drive.label or "?", format_size(drive.size),
-                      ", ".join(drive.mountpoints), "; ".join(plan.warnings.get(drive.path, ())))
+        table.add_row(drive.path, port_path_of(drive) or "", drive.label or "?",
+                      format_size(drive.size), ", ".join(drive.mountpoints),
+                      "; ".join(plan.warnings.get(drive.path, ())))
     console.print(table)
     for note in plan.notes:
         console.print(note)
@@ -388,13 +410,16 @@ def _run_checksum(image: Any, checksum: Checksum, view: Any, cancel: Cancellatio
 @click.option("--force", is_flag=True, help=FORCE_HELP)
 @click.option("--no-probe", is_flag=True, help=NO_PROBE_HELP)
 @_url_options
+@click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=str),
+              metavar="FILE", help="Append one record per drive to FILE (.csv or .jsonl).")
 @click.option("--debug", is_flag=True, help="Show debug messages and tracebacks.")
 def flash(image: str, devices: tuple[str, ...], all_usb: bool, yes: bool, unmount: bool,
           no_verify: bool, as_json: bool, bucket_size: int, buckets: int, max_size: int,
           stall_timeout: float, skip_identical: bool, bmap_path: str | None, no_bmap: bool,
           repair_attempts: int, sha256: str | None, checksum: str | None, no_checksum: bool,
-          checksum_while_writing: bool, force: bool, no_probe: bool, keyring: str | None,
-          use_cache: bool | None, debug: bool) -> None:
+          checksum_while_writing: bool, force: bool, no_probe: bool,
+          report_path: str | None, keyring: str | None, use_cache: bool | None,
+          debug: bool) -> None:
     """Write IMAGE to every DEVICE in parallel, then verify each.
 
     IMAGE may be raw or compressed (gzip, xz, bzip2, zstd, or a zip holding one image), a
@@ -420,9 +445,12 @@ def flash(image: str, devices: tuple[str, ...], all_usb: bool, yes: bool, unmoun
         if image_note is not None:
             plan = dataclasses.replace(plan, notes=(image_note, *plan.notes))
         _require_access([d.path for d in plan.targets], writing=True)
+        report = _open_report(report_path, img, expected)
         _confirm(plan, img, yes, "Flash")
         labels = {d.path: d.label for d in plan.targets}
+        infos = [drive_info(d, i) for i, d in enumerate(plan.targets, 1)]
         view = _make_view(as_json, labels)
+        emit = view.handle if report is None else _with_report(report, view)
         if not as_json:
             for note in plan.notes:
                 view.handle(events.Note(note))
@@ -431,22 +459,23 @@ def flash(image: str, devices: tuple[str, ...], all_usb: bool, yes: bool, unmoun
         cancel = Cancellation()
         remote.attach(img, view.handle, cancel)  # until the job relays it from its own thread
         udisks.set_cancel(cancel)  # Ctrl-C at a polkit password prompt stops the wait
+        cancel.announce = getattr(view, "announce", None)
         with cancel.installed(), contextlib.ExitStack() as downloads:
             try:
                 if img.format == "zip":  # its directory is at its end: download it first
                     img = _download_first(img, view, cancel, downloads)
                     if img is None:
-                        return _cancelled_before_writing(plan, view, cancel)
+                        return _cancelled_before_writing(plan, view, emit, cancel, infos)
                 if expected is not None and not checksum_while_writing:
                     _run_checksum(img, expected, view, cancel)
                 if unmount and not cancel():
                     unmount_targets(plan)
                 if cancel():
-                    return _cancelled_before_writing(plan, view, cancel)
+                    return _cancelled_before_writing(plan, view, emit, cancel, infos)
                 opened = open_targets(plan.targets, check=drives_mod.still_same)
             except Refused:
                 if cancel():
-                    return _cancelled_before_writing(plan, view, cancel)
+                    return _cancelled_before_writing(plan, view, emit, cancel, infos)
                 view.close()
                 raise
             if block_map is not None and not as_json:
@@ -459,10 +488,12 @@ def flash(image: str, devices: tuple[str, ...], all_usb: bool, yes: bool, unmoun
                                    repair_attempts=repair_attempts, bmap=block_map,
                                    checksum=expected,
                                    probe=None if no_probe else _probe_for(size, bucket_size))
-            job = FlashJob(img, opened, options, view.handle, cancel)
+            job = FlashJob(img, opened, options, emit, cancel, infos)
             remote.attach(img, job.relay, cancel)  # download news comes from the reader thread
             summary = job.run()
             view.close()
+            if report is not None:
+                report.close()
         return _exit_status(summary, cancel)
 
     _run_guarded(debug, as_json, body)
@@ -478,12 +509,14 @@ def _block_map(image: Any, given: str | None) -> Bmap | None:
     return None if path is None else bmap_mod.load(path, image.size)
 
 
-def _cancelled_before_writing(plan: Plan, view: Any, cancel: Cancellation) -> int:
+def _cancelled_before_writing(plan: Plan, view: Any, emit: Callable[[Any], None],
+                              cancel: Cancellation, infos: Sequence[events.DriveInfo]) -> int:
     """A signal before the first write: every drive is reported cancelled, none was touched."""
     results = tuple(events.DriveResult(d.path, events.Status.CANCELLED, 0,
-                                       "cancelled before writing", cause=events.Cause.CANCELLED)
-                    for d in plan.targets)
-    view.handle(events.Summary(results, cancelled=True))
+                                       "cancelled before writing", cause=events.Cause.CANCELLED,
+                                       drive=info)
+                    for d, info in zip(plan.targets, infos, strict=True))
+    emit(events.Summary(results, cancelled=True))
     view.close()
     return cancel.exit_status
 
@@ -537,10 +570,12 @@ def verify(image: str, devices: tuple[str, ...], as_json: bool, stall_timeout: f
             raise Refused(lines)
         _require_access([d.path for d in targets], writing=False)
         opened = open_targets(targets, for_writing=False)
-        view = _make_view(as_json, {d.path: d.label for d in targets})
+        view = _make_view(as_json, {d.path: d.label for d in targets}, writes=False)
+        infos = [drive_info(d, i) for i, d in enumerate(targets, 1)]
         cancel = Cancellation()
+        cancel.announce = getattr(view, "announce", None)
         with cancel.installed():
-            job = VerifyJob(img, opened, view.handle, cancel, stall_timeout)
+            job = VerifyJob(img, opened, view.handle, cancel, stall_timeout, infos)
             remote.attach(img, job.relay, cancel)  # download news comes from the reader thread
             summary = job.run()
             view.close()
@@ -563,24 +598,25 @@ def list_drives(as_json: bool, show_all: bool, debug: bool) -> None:
 
     def body() -> int:
         found = drives_mod.discover(include_all=show_all)
+        ports = {d.path: port_path_of(d) for d in found}
         if as_json:
-            click.echo(json.dumps([d.to_json() for d in found], indent=None))
+            write_out(json.dumps([{**d.to_json(), "port_path": ports[d.path]}
+                                  for d in found], indent=None) + "\n")
             return EXIT_OK
         if not found:
-            click.echo("no USB or SD drives found" if not show_all else "no disks found")
+            write_out(("no USB or SD drives found" if not show_all else "no disks found") + "\n")
             return EXIT_OK
         table = Table()
-        ports = any(d.port_path for d in found)  # which stick is which, on a hub
-        columns = ("Device", *(("Port",) if ports else ()), "Drive", "Size", "Bus",
-                   "Mounted at", "Eligible")
-        for column in columns:
+        for column in ("Device", "Port", "Drive", "Size", "Bus", "Mounted at", "Eligible"):
             table.add_column(column, overflow="fold")
         for d in found:
             eligible = "yes" if d.eligible else f"no: {d.reason}"
-            port = ((d.port_path or "-"),) if ports else ()
-            table.add_row(d.path, *port, d.label or "?", format_size(d.size), d.bus,
-                          ", ".join(d.mountpoints), eligible)
-        Console(highlight=False).print(table)
+            table.add_row(d.path, ports[d.path] or "", d.label or "?", format_size(d.size),
+                          d.bus, ", ".join(d.mountpoints), eligible)
+        try:
+            Console(highlight=False).print(table)
+        except BrokenPipeError:  # | head: the reader left, the listing is no less true
+            Out().reader_left()
         return EXIT_OK
 
     _run_guarded(debug, as_json, body)
@@ -614,11 +650,11 @@ def _confirm_watch(image: Any, yes: bool, present: Sequence[drives_mod.Drive],
         raise Refused(["cancelled at the confirmation: nothing was written"])
 
 
-def _make_watch_view(as_json: bool, image: Any, count: int | None) -> Any:
+def _make_watch_view(as_json: bool, image: Any, count: int | None, verify: bool) -> Any:
     if as_json:
         return JsonView()
     if sys.stdout.isatty():
-        return WatchView(Console(highlight=False), image.path, image.size, count)
+        return WatchView(Console(highlight=False), image.path, image.size, count, verify=verify)
     return PlainView()
 
 
@@ -641,12 +677,15 @@ def _make_watch_view(as_json: bool, image: Any, count: int | None) -> Any:
 @click.option("--no-checksum", is_flag=True, help="Ignore a checksum file next to the image.")
 @click.option("--force", is_flag=True, help=FORCE_HELP)
 @click.option("--no-probe", is_flag=True, help=NO_PROBE_HELP)
+@click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=str),
+              metavar="FILE", help="Append one record per drive to FILE (.csv or .jsonl).")
 @_url_options
 @click.option("--debug", is_flag=True, help="Show debug messages and tracebacks.")
 def watch(image: str, count: int | None, yes: bool, no_verify: bool, no_power_off: bool,
           include_present: bool, as_json: bool, max_size: int, sha256: str | None,
           checksum: str | None, no_checksum: bool, force: bool, no_probe: bool,
-          keyring: str | None, use_cache: bool | None, debug: bool) -> None:
+          report_path: str | None, keyring: str | None, use_cache: bool | None,
+          debug: bool) -> None:
     """Duplicator mode: write IMAGE to every eligible drive as it is plugged in.
 
     Each drive is written and verified on its own as soon as it appears, then powered off
@@ -666,12 +705,14 @@ def watch(image: str, count: int | None, yes: bool, no_verify: bool, no_power_of
                        if watch_mod.ineligibility(d, img.size, max_size) is None]
         udev_note = drives_mod.udev_hint()
         notes = [n for n in (udev_note, image_note) if n is not None]
+        report = _open_report(report_path, img, expected)
         _confirm_watch(img, yes, present, notes)
-        view = _make_watch_view(as_json, img, count)
+        view = _make_watch_view(as_json, img, count, not no_verify)
         if udev_note is not None:
             view.handle(events.Note(udev_note))
         if image_note is not None and not as_json:
             view.handle(events.Note(image_note))
+        emit = view.handle if report is None else _with_report(report, view)
         options = watch_mod.WatchOptions(count=count, verify=not no_verify,
                                          power_off=not no_power_off,
                                          include_present=include_present, max_size=max_size,
@@ -679,6 +720,7 @@ def watch(image: str, count: int | None, yes: bool, no_verify: bool, no_power_of
         for note in source_notes:
             view.handle(events.Note(note))
         cancel = Cancellation()
+        cancel.announce = getattr(view, "announce", None)
         with cancel.installed(), contextlib.ExitStack() as downloads:
             try:
                 img = _download_first(img, view, cancel, downloads)
@@ -686,10 +728,13 @@ def watch(image: str, count: int | None, yes: bool, no_verify: bool, no_power_of
                     view.handle(events.Summary((), cancelled=True))
                     view.close()
                     return cancel.exit_status
-                outcome = watch_mod.WatchSession(img, view.handle, cancel, options).run()
+                outcome = watch_mod.WatchSession(img, emit, cancel, options).run()
             except Refused:
                 view.close()
                 raise
+            finally:
+                if report is not None:
+                    report.close()
             view.close()
         return outcome.exit_status
 

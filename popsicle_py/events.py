@@ -70,6 +70,26 @@ CAUSES = tuple(c.value for c in Cause)
 
 
 @dataclass(frozen=True)
+class DriveInfo:
+    """Which physical drive an event is about: the kernel reuses /dev names, sticks share serials.
+
+    ``seq`` numbers the drives of one run from 1 (in ``watch``, in the order they started);
+    ``port_path`` is the USB port the drive hangs off (``1-1.2``: bus 1, port 1, hub port 2),
+    None when it is not on USB.  Together they tell two results apart for good.
+    """
+
+    seq: int | None = None
+    port_path: str | None = None
+    vendor: str = ""
+    model: str = ""
+    serial: str = ""
+    size: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
 class Started:
     """The run begins: what is written where."""
 
@@ -79,10 +99,13 @@ class Started:
     devices: tuple[str, ...]
     labels: tuple[str, ...] = ()
     verify: bool = True
+    #: One per device, in the same order, when the job was told who they are.
+    drives: tuple[DriveInfo, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         return {"event": "start", "image": self.image, "format": self.format,
-                "size": self.size, "devices": list(self.devices), "verify": self.verify}
+                "size": self.size, "devices": list(self.devices), "verify": self.verify,
+                "drives": [d.to_json() for d in self.drives]}
 
 
 @dataclass(frozen=True)
@@ -150,6 +173,9 @@ class DriveResult:
     bytes_skipped: int = 0
     repaired: int = 0  # buckets rewritten after verification found them bad
     cause: Cause | None = None  # why it is not ok (None when ok)
+    #: Read back from the device and found equal to the image (False: --no-verify, or not ok).
+    verified: bool = False
+    drive: DriveInfo | None = None
 
     @property
     def ok(self) -> bool:
@@ -232,10 +258,12 @@ class DriveAdded:
     size: int
     eligible: bool
     reason: str | None = None
+    info: DriveInfo | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {"event": "drive_added", "device": self.device, "label": self.label,
-                "size": self.size, "eligible": self.eligible, "reason": self.reason}
+                "size": self.size, "eligible": self.eligible, "reason": self.reason,
+                "drive": None if self.info is None else self.info.to_json()}
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,7 @@ from popsicle_py.engine import (
 from popsicle_py.errors import Refused
 from popsicle_py.events import (
     Cause,
+    DriveInfo,
     DriveResult,
     Event,
     Note,
@@ -146,8 +147,9 @@ def open_targets(drives: Sequence[DriveLike], *, for_writing: bool = True,
 class _Drive:
     """The job's record of one drive."""
 
-    def __init__(self, device: BlockDevice) -> None:
+    def __init__(self, device: BlockDevice, info: DriveInfo | None = None) -> None:
         self.device = device
+        self.info = info
         self.path = device.path
         self.written = 0
         self.skipped = 0
@@ -167,10 +169,16 @@ class _Drive:
 class _Job:
     """State and reporting shared by flashing and verifying: every drive ends exactly once."""
 
-    def __init__(self, devices: Sequence[BlockDevice], emit: Emit, cancel: CancelCheck) -> None:
+    #: An ok drive was read back and matched (False for a flash with --no-verify).
+    verifies = True
+
+    def __init__(self, devices: Sequence[BlockDevice], emit: Emit, cancel: CancelCheck,
+                 infos: Sequence[DriveInfo] = ()) -> None:
         self._emit = emit
         self.cancel = cancel
-        self.drives = [_Drive(d) for d in devices]
+        self.infos = tuple(infos)
+        self.drives = [_Drive(d, self.infos[i] if i < len(self.infos) else None)
+                       for i, d in enumerate(devices)]
         self.started = time.monotonic()
         self.cancelled = False
         self._closed = False
@@ -194,7 +202,9 @@ class _Job:
         elapsed = None if drive.ended is None else drive.ended - self.started
         return DriveResult(drive.path, drive.status or Status.CANCELLED, drive.written,
                            drive.error, drive.mismatch, elapsed, drive.skipped, drive.repaired,
-                           drive.cause if drive.status is not None else Cause.CANCELLED)
+                           drive.cause if drive.status is not None else Cause.CANCELLED,
+                           verified=drive.status is Status.OK and self.verifies,
+                           drive=drive.info)
 
     def _fail(self, drive: _Drive, exc: BaseException) -> None:
         why = blockdev.failure(exc, drive.path)
@@ -235,10 +245,11 @@ class FlashJob(_Job):
     still being written."""
 
     def __init__(self, image: ImageLike, devices: Sequence[BlockDevice], options: FlashOptions,
-                 emit: Emit, cancel: CancelCheck) -> None:
-        super().__init__(devices, emit, cancel)
+                 emit: Emit, cancel: CancelCheck, infos: Sequence[DriveInfo] = ()) -> None:
+        super().__init__(devices, emit, cancel, infos)
         self.image = image
         self.options = options
+        self.verifies = options.verify
         self._writer: BusWriter | None = None
         self._early: list[Event] = []
         self._lock = threading.Lock()
@@ -261,7 +272,8 @@ class FlashJob(_Job):
     def run(self) -> Summary:
         try:
             self.emit(Started(self.image.path, self.image.format, self.image.size,
-                              tuple(d.path for d in self.drives), verify=self.options.verify))
+                              tuple(d.path for d in self.drives), verify=self.options.verify,
+                              drives=self.infos))
             self._write()
         except Cancelled:
             self._cancel_rest()
@@ -382,8 +394,9 @@ class VerifyJob(_Job):
     """Compare drives with an image, reading the image once for all of them."""
 
     def __init__(self, image: ImageLike, devices: Sequence[BlockDevice], emit: Emit,
-                 cancel: CancelCheck, stall_timeout: float | None = 60.0) -> None:
-        super().__init__(devices, emit, cancel)
+                 cancel: CancelCheck, stall_timeout: float | None = 60.0,
+                 infos: Sequence[DriveInfo] = ()) -> None:
+        super().__init__(devices, emit, cancel, infos)
         self.image = image
         self.stall_timeout = stall_timeout
         self._verifier = BusVerifier(None, [d.device for d in self.drives], self._on_message,
@@ -413,7 +426,7 @@ class VerifyJob(_Job):
     def run(self) -> Summary:
         size = self.image.size
         self.emit(Started(self.image.path, self.image.format, size,
-                          tuple(d.path for d in self.drives)))
+                          tuple(d.path for d in self.drives), drives=self.infos))
         drives = self.drives
         for drive in drives:
             self.emit(Phase(drive.path, Step.VERIFYING))
@@ -441,6 +454,8 @@ class ProbeJob(_Job):
     One supervisor, as for a flash: each drive's probe runs on its own thread, events come from
     the calling thread, and a drive that stops answering is failed as stalled on time.
     """
+
+    verifies = False
 
     def __init__(self, devices: Sequence[BlockDevice], emit: Emit, cancel: CancelCheck,
                  stall_timeout: float | None = 60.0) -> None:

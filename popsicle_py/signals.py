@@ -11,7 +11,7 @@ import contextlib
 import os
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from types import FrameType
 
@@ -24,6 +24,10 @@ class Cancellation:
     def __init__(self) -> None:
         self._event = threading.Event()
         self.signum: int | None = None
+        #: Says "stopping" in place of a line on stderr: a live terminal view sets it, as a
+        #: line written under a live display would make it draw its rows again below.  It
+        #: runs in the signal handler, so it must only store the text (no I/O, no locks).
+        self.announce: Callable[[str], None] | None = None
 
     def __call__(self) -> bool:
         return self._event.is_set()
@@ -47,9 +51,12 @@ class Cancellation:
         self.request(signum)
         if first:
             name = signal.Signals(signum).name
+            text = f"{name}: stopping every drive (Ctrl-C again to quit at once)"
+            if self.announce is not None:
+                self.announce(text)
+                return
             with contextlib.suppress(OSError):
-                os.write(2, f"popsicle-py: {name}: stopping every drive "
-                         "(Ctrl-C again to quit at once)\n".encode())
+                os.write(2, f"popsicle-py: {text}\n".encode())
 
     @contextmanager
     def installed(self) -> Iterator[Cancellation]:

@@ -11,23 +11,15 @@ import json
 import os
 import sys
 import time
+from collections.abc import Sequence
 from typing import IO
 
-from rich.console import Console, Group
+from rich.console import Console, ConsoleOptions, Group, RenderResult
 from rich.live import Live
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    TaskID,
-    TextColumn,
-    TimeRemainingColumn,
-    TransferSpeedColumn,
-)
 from rich.table import Table
 from rich.text import Text
 
-from popsicle_py import events
+from popsicle_py import events, rows
 from popsicle_py.units import format_size
 
 #: Plain output prints a drive's progress at most this often.
@@ -36,34 +28,54 @@ PLAIN_INTERVAL = 5.0
 JSON_INTERVAL = 0.5
 
 
-def _write(out: IO[str], text: str) -> IO[str] | None:
-    """Write and flush; when the reader has gone (a closed pipe), stop writing, not flashing.
+class Out:
+    """A view's output stream.  When the reader goes away (``| head -1``), it stops writing.
 
-    The drives are worth more than the log: a run whose output pipe closes (``| head``)
-    finishes every drive, and its exit status still tells the truth.
+    The drives are worth more than the log: a run whose output pipe closes finishes every
+    drive, and its exit status still tells the truth.  A broken pipe is "the reader left",
+    never an error of the flash: every later write, and the interpreter's own flush at exit,
+    go quietly to /dev/null.
     """
-    try:
-        out.write(text)
-        out.flush()
-        return out
-    except BrokenPipeError:
+
+    def __init__(self, stream: IO[str] | None = None) -> None:
+        self.stream = stream if stream is not None else sys.stdout
+        self.gone = False
+
+    def write(self, text: str) -> None:
+        if self.gone:
+            return
+        try:
+            self.stream.write(text)
+            self.stream.flush()
+        except BrokenPipeError:
+            self.reader_left()
+
+    def reader_left(self) -> None:
+        self.gone = True
         devnull = os.open(os.devnull, os.O_WRONLY)
         with contextlib.suppress(OSError, ValueError):
-            os.dup2(devnull, out.fileno())  # so that the exit's own flush is quiet too
+            os.dup2(devnull, self.stream.fileno())  # so that the exit's own flush is quiet
         os.close(devnull)
-        return None
+
+    def close(self) -> None:
+        self.write("")
+
+
+def write_out(text: str, stream: IO[str] | None = None) -> None:
+    """Write one line or more to stdout (or ``stream``); a reader that left is no error."""
+    Out(stream).write(text)
 
 
 class JsonView:
     """One JSON object per line, flushed as it happens; the summary is always last."""
 
     def __init__(self, out: IO[str] | None = None, interval: float = JSON_INTERVAL) -> None:
-        self.out: IO[str] | None = out or sys.stdout
+        self.out = Out(out)
         self.interval = interval
         self._last: dict[tuple[str | None, str], float] = {}
 
-    def handle(self, event: events.Event) -> None:
-        if self.out is None:
+    def handle(self, event: events.WatchEvent) -> None:
+        if self.out.gone:
             return
         if isinstance(event, events.Progress):
             key = (event.device, event.phase)
@@ -72,26 +84,41 @@ class JsonView:
             if not complete and now - self._last.get(key, 0.0) < self.interval:
                 return
             self._last[key] = now
-        self.out = _write(self.out, json.dumps(event.to_json()) + "\n")
+        self.out.write(json.dumps(event.to_json()) + "\n")
 
     def close(self) -> None:
-        if self.out is not None:
-            self.out = _write(self.out, "")
+        self.out.close()
 
 
 class PlainView:
     """For logs and pipes: a line per state change, a progress line every few seconds."""
 
     def __init__(self, out: IO[str] | None = None, interval: float = PLAIN_INTERVAL) -> None:
-        self.out: IO[str] | None = out or sys.stdout
+        self.out = Out(out)
         self.interval = interval
         self._last: dict[str | None, float] = {}
+        self._trackers: dict[str, rows.DriveProgress] = {}  # for the average speeds
 
     def _line(self, text: str) -> None:
-        if self.out is not None:
-            self.out = _write(self.out, text + "\n")
+        self.out.write(text + "\n")
+
+    def _track(self, event: events.WatchEvent) -> None:
+        now = time.monotonic()
+        match event:
+            case events.DriveAdded(device=device):
+                self._trackers.pop(device, None)
+            case events.Phase(device=str(device), phase=phase) if phase not in ("done",
+                                                                                 "failed"):
+                self._trackers.setdefault(device, rows.DriveProgress()).on_phase(phase, now)
+            case events.Progress(device=str(device), phase=phase, done=done, total=total):
+                self._trackers.setdefault(device, rows.DriveProgress()).on_progress(
+                    phase, done, total, now)
+            case events.Result(result=r) if r.device in self._trackers:
+                self._trackers[r.device].on_end(r.status, now,
+                                                r.bytes_written + r.bytes_skipped)
 
     def handle(self, event: events.WatchEvent) -> None:
+        self._track(event)
         match event:
             case events.Started(image=image, size=size, devices=devices):
                 self._line(f"image {image} ({format_size(size)}) -> {', '.join(devices)}")
@@ -115,7 +142,8 @@ class PlainView:
                 self._line(f"{device or 'image'}: {phase} {format_size(done)} of "
                            f"{format_size(total)}{percent}")
             case events.Result(result=r):
-                self._line(_result_line(r))
+                tracker = self._trackers.pop(r.device, None)
+                self._line(_result_line(r, _speeds(tracker) if r.ok else ""))
             case events.Summary():
                 self._line(_summary_line(event))
             case events.Watching():
@@ -128,7 +156,7 @@ class PlainView:
                 self._line(f"{device}: removed")
 
     def close(self) -> None:
-        self.out.flush()
+        self.out.close()
 
 
 def _extras(r: events.DriveResult) -> str:
@@ -141,12 +169,34 @@ def _extras(r: events.DriveResult) -> str:
     return "".join(f", {p}" for p in parts)
 
 
-def _result_line(r: events.DriveResult) -> str:
+def ok_words(r: events.DriveResult) -> str:
+    """What an ok result means, honestly: verified from the device, or only written."""
+    if not r.bytes_written and not r.bytes_skipped:
+        return "matches the image" if r.verified else "nothing to write"
+    return "written and verified" if r.verified else "written (not verified)"
+
+
+def _identity(r: events.DriveResult) -> str:
+    """`` [#2, port 1-1.2, serial 4C53...]``: which stick, when the job was told."""
+    d = r.drive
+    if d is None or not (d.port_path or d.serial):  # a loop device: its name says it all
+        return ""
+    parts = [f"#{d.seq}" if d.seq is not None else "",
+             f"port {d.port_path}" if d.port_path else "",
+             f"serial {d.serial}" if d.serial else ""]
+    shown = ", ".join(p for p in parts if p)
+    return f" [{shown}]" if shown else ""
+
+
+def _result_line(r: events.DriveResult, speeds: str = "") -> str:
     if r.ok:
         flashed = r.bytes_written or r.bytes_skipped
-        what = f"{format_size(r.bytes_written)} written" if flashed else "matches the image"
-        return f"{r.device}: ok ({what}{_extras(r)})"
-    return f"{r.device}: {r.status}: {_strip_device(r.error, r.device) or r.status}"
+        what = ok_words(r)
+        if flashed:
+            what = f"{format_size(r.bytes_written)} {what}"
+        return f"{r.device}: ok ({what}{_extras(r)}{speeds}){_identity(r)}"
+    return f"{r.device}: {r.status}: {_strip_device(r.error, r.device) or r.status}" \
+        f"{_identity(r)}"
 
 
 def _strip_device(text: str | None, device: str) -> str | None:
@@ -167,98 +217,219 @@ def _summary_line(summary: events.Summary) -> str:
     return f"finished with problems: {good} of {total} drives ok"
 
 
-def drive_progress(console: Console) -> Progress:
-    """One row per drive: name, bar, percent, bytes, speed, ETA and state."""
-    return Progress(
-        TextColumn("[bold]{task.fields[name]}", justify="left"),
-        BarColumn(bar_width=None),
-        TextColumn("{task.percentage:>3.0f}%"),
-        DownloadColumn(),
-        TransferSpeedColumn(),
-        TimeRemainingColumn(),
-        TextColumn("{task.fields[state]}"),
-        console=console,
-        expand=True,
-    )
+def _speeds(tracker: rows.DriveProgress | None) -> str:
+    if tracker is None:
+        return ""
+    parts = [f"write {rows.format_speed(tracker.write_speed)}" if tracker.write_speed else "",
+             f"verify {rows.format_speed(tracker.verify_speed)}" if tracker.verify_speed
+             else ""]
+    return "".join(f", {p}" for p in parts if p)
+
+
+# ----------------------------------------------------------------------------------------------
+# Live rows (flash, verify and watch on a terminal)
+
+_STYLES = {"done": "green", "written": "green", "checked": "green", "ready": "green",
+           "failed": "red", "invalid": "red", "cancelled": "yellow", "ignored": "dim"}
+
+
+class _DriveRow:
+    """One row on screen: a drive's identity, its progress, and what it says now."""
+
+    def __init__(self, name: str, tracker: rows.DriveProgress, port: str = "",
+                 label: str = "") -> None:
+        self.name, self.port, self.label = name, port, label
+        self.tracker = tracker
+        self.state = "waiting"
+        self.long = ""  # the state with its detail, when there is room for it on the row
+        self.detail = ""  # the detail on its own line under the row
+        self.bar = True
+
+    def say(self, state: str, detail: str = "", long: str = "") -> None:
+        """``long`` is the row's words when they fit (default ``state: detail``)."""
+        self.state, self.detail = state, detail
+        self.long = long or (f"{state}: {detail}" if detail else "")
+
+    @property
+    def final(self) -> bool:
+        return self.tracker.ended is not None or self.state == "ignored"
+
+    def snapshot(self, now: float) -> rows.Row:
+        t = self.tracker
+        speed = eta = ""
+        if t.ended == "ok":
+            speed, eta = rows.format_speed(t.average_speed), "avg" if t.average_speed else ""
+        elif t.ended is None and self.state != "ignored" and t.phase is not None:
+            speed, eta = rows.format_speed(t.speed(now)), rows.format_eta(t.eta(now))
+        fraction = t.fraction
+        if t.ended is not None and t.ended != "ok" and fraction is None:
+            fraction = 0.0  # a failed drive of unknown size: no pulse, nothing to expect
+        return rows.Row(name=self.name, state=self.state, port=self.port, label=self.label,
+                        fraction=fraction if self.bar else 0.0, done=t.pass_done,
+                        total=t.pass_size, speed=speed, eta=eta, detail=self.detail,
+                        long=self.long,
+                        style=_STYLES.get(self.state, ""), bar=self.bar,
+                        pulse=int(now * 10))
+
+
+class _Rows:
+    """The live rows as a Rich renderable, laid out anew for the console's width each time."""
+
+    def __init__(self, reserve: int = 1) -> None:
+        self.rows: list[_DriveRow] = []
+        self.footer = ""  # "SIGINT: stopping every drive...", set from a signal handler
+        self.reserve = reserve  # lines the rest of the screen needs (header, next step)
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        now = time.monotonic()
+        blocks: list[Sequence[rows.Line]] = list(
+            rows.layout_rows([r.snapshot(now) for r in self.rows], options.max_width))
+        height = max(3, (options.height or console.height) - self.reserve - bool(self.footer))
+        blocks, dropped = rows.fit_height(blocks, [r.final for r in self.rows], height)
+        if dropped:  # the oldest finished rows; the table at the end lists every drive
+            yield Text(f"(+{dropped} finished drive{'s' if dropped > 1 else ''}, listed at "
+                       "the end)", style="dim", no_wrap=True, overflow="ellipsis")
+        for line in (line for block in blocks for line in block):
+            text = Text(no_wrap=True, overflow="crop")
+            for piece in line:
+                text.append(piece.text, piece.style or None)
+            yield text
+        if self.footer:
+            yield Text(self.footer, style="yellow")
+
+
+def _drive_names(info: events.DriveInfo | None) -> tuple[str, str]:
+    """(port, label) of a drive for its row."""
+    if info is None:
+        return "", ""
+    vendor, model = info.vendor, info.model
+    if vendor and model.lower().startswith(vendor.lower()):
+        vendor = ""
+    return info.port_path or "", " ".join(p for p in (vendor, model) if p)
 
 
 class RichView:
-    """One live row per drive: name, bar, percent, bytes, speed, ETA and state."""
+    """One live row per drive: name, port, bar, percent, speed, ETA and state; 80 columns first.
 
-    def __init__(self, console: Console | None = None, labels: dict[str, str] | None = None
-                 ) -> None:
+    The bar is the drive's whole job (written plus verified bytes, see :mod:`popsicle_py.rows`),
+    so it only moves forward.  An error goes under its row, not over the others' numbers.
+    """
+
+    def __init__(self, console: Console | None = None, labels: dict[str, str] | None = None,
+                 *, writes: bool = True) -> None:
         self.console = console or Console(stderr=False)
         self.labels = labels or {}
-        self.progress = drive_progress(self.console)
-        self.tasks: dict[str | None, TaskID] = {}
-        self.started = False
+        self.writes = writes
+        self.verifies = True
         self.size: int | None = None
+        self.board = _Rows()
+        self.by_device: dict[str | None, _DriveRow] = {}
+        self.live = Live(self.board, console=self.console, refresh_per_second=4,
+                         redirect_stdout=False, redirect_stderr=False)
+        self.started = False
+        self.closed = False
 
-    def _task(self, device: str | None) -> TaskID:
-        if device not in self.tasks:
-            name = device or "image"
-            label = self.labels.get(device or "")
-            if label:
-                name = f"{name} {label}"
-            self.tasks[device] = self.progress.add_task("", name=name, state="waiting",
-                                                        total=None)
-        return self.tasks[device]
+    def _row(self, device: str | None, info: events.DriveInfo | None = None) -> _DriveRow:
+        row = self.by_device.get(device)
+        if row is None:
+            if device is None:  # the image (its checksum)
+                row = _DriveRow("image", rows.DriveProgress(writes=True, verifies=False))
+            else:
+                port, label = _drive_names(info)
+                row = _DriveRow(device, rows.DriveProgress(writes=self.writes,
+                                                           verifies=self.verifies,
+                                                           size=self.size),
+                                port, label or self.labels.get(device, ""))
+            self.by_device[device] = row
+            self.board.rows.append(row)
+        return row
 
     def handle(self, event: events.Event) -> None:
+        if self.closed:
+            return
         if not self.started and not isinstance(event, events.Summary):
-            self.progress.start()
+            self.live.start()
             self.started = True
+        now = time.monotonic()
         match event:
-            case events.Started(devices=devices, size=size):
-                self.size = size
-                for device in devices:
-                    self._task(device)
+            case events.Started(devices=devices, size=size, verify=verify, drives=infos):
+                self.size, self.verifies = size, verify or not self.writes
+                for i, device in enumerate(devices):
+                    self._row(device, infos[i] if i < len(infos) else None)
             case events.Note(text=text):
-                self.progress.console.print(text)
+                self.live.console.print(text)
             case events.Probed(device=device, message=message):
-                self.progress.console.print(f"{device}: {message}")
+                self.live.console.print(f"{device}: {message}")
             case events.Phase(device=device, phase=phase, detail=detail):
-                task = self._task(device)
-                state = phase
-                if phase == "failed":
-                    state = f"[red]failed: {_strip_device(detail, device or '')}"
-                elif phase == "done":
-                    state = "[green]done"
-                if phase in ("writing", "verifying", "checksum"):
-                    # reset() replaces every field (the row's name too): set state after.
-                    self.progress.reset(task, total=self.size)
-                    self.progress.update(task, state=state)
-                elif phase == "done" and self.size:
-                    self.progress.update(task, total=self.size, completed=self.size, state=state)
-                else:
-                    self.progress.update(task, state=state)
-            case events.Progress(device=device, done=done, total=total):
-                self.progress.update(self._task(device), completed=done, total=total)
+                image = self.by_device.get(None)
+                if device is not None and image is not None and image.tracker.ended is None:
+                    image.tracker.on_end("ok", now)  # the drives start once it checked out
+                    image.say("checked")
+                row = self._row(device)
+                if phase in ("done", "failed"):
+                    return  # the result says how it ended
+                row.tracker.on_phase(phase, now)
+                row.say("repairing" if detail == "repairing" else phase)
+            case events.Progress(device=device, phase=phase, done=done, total=total):
+                self._row(device).tracker.on_progress(phase, done, total, now)
+            case events.Result(result=r):
+                self._end(self._row(r.device, r.drive), r, now)
             case events.Summary():
                 self.close()
                 self.console.print(summary_table(event))
 
+    def announce(self, text: str) -> None:
+        """Say "stopping" inside the live display (called from a signal handler)."""
+        self.board.footer = text
+
+    def _end(self, row: _DriveRow, r: events.DriveResult, now: float) -> None:
+        row.tracker.on_end(r.status, now, r.bytes_written + r.bytes_skipped)
+        if r.drive is not None and not row.port:  # a job that named its drives only here
+            port, label = _drive_names(r.drive)
+            row.port, row.label = port, row.label or label
+        if r.ok and (r.verified or not self.writes):
+            row.say("done")
+        elif r.ok:
+            row.say("written", "not verified", "written (not verified)")
+        else:
+            why = _strip_device(r.error, r.device) or ""
+            row.say(r.status, "" if why == r.status else why)
+
     def close(self) -> None:
-        if self.started:
-            self.progress.stop()
-            self.started = False
+        if self.started and not self.closed:
+            self.live.refresh()
+            self.live.stop()
+        self.closed = self.closed or self.started
+        self.started = False
 
 
 def summary_table(summary: events.Summary) -> Table:
+    """The end of a run: one line per drive, with the words a person acts on."""
     table = Table(title=_summary_line(summary), title_justify="left")
-    table.add_column("Drive")
-    table.add_column("Result")
-    table.add_column("Written", justify="right")
-    table.add_column("Time", justify="right")
-    table.add_column("Details", overflow="fold")
+    ports = any(r.drive is not None and r.drive.port_path for r in summary.results)
+    seqs = len(summary.results) > 1 and all(r.drive is not None and r.drive.seq is not None
+                                            for r in summary.results)
+    if seqs:
+        table.add_column("#", justify="right")
+    table.add_column("Drive", no_wrap=True)
+    if ports:
+        table.add_column("Port", no_wrap=True)
+    table.add_column("Result", no_wrap=True)
+    table.add_column("Written", justify="right", no_wrap=True)
+    table.add_column("Time", justify="right", no_wrap=True)
+    table.add_column("Details", overflow="fold", ratio=1)
     styles = {"ok": "green", "failed": "red", "invalid": "red", "cancelled": "yellow"}
     for r in summary.results:
         details = _strip_device(r.error, r.device) or ""
         if r.ok:
-            details = ("written and verified" if r.bytes_written else "ok") + _extras(r)
-        table.add_row(r.device, f"[{styles.get(r.status, '')}]{r.status}",
-                      format_size(r.bytes_written),
-                      "" if r.elapsed is None else f"{r.elapsed:.1f} s", details)
+            details = ok_words(r) + _extras(r)
+        cells = [str(r.drive.seq)] if seqs and r.drive is not None else []
+        cells.append(r.device)
+        if ports:
+            cells.append((r.drive.port_path if r.drive is not None else None) or "")
+        cells += [f"[{styles.get(r.status, '')}]{r.status}", format_size(r.bytes_written),
+                  "" if r.elapsed is None else f"{r.elapsed:.1f} s", details]
+        table.add_row(*cells)
     return table
 
 
@@ -267,13 +438,35 @@ def summary_table(summary: events.Summary) -> Table:
 
 
 def _drive_words(event: events.DriveAdded) -> str:
-    """``SanDisk Cruzer Blade, 8.4 MB``: what a drive that appeared is."""
+    """``SanDisk Cruzer Blade, 8.4 MB, port 1-2``: what a drive that appeared is."""
     size = format_size(event.size) if event.size else "no medium"
-    return ", ".join(part for part in (event.label, size) if part)
+    port = f"port {event.info.port_path}" if event.info and event.info.port_path else ""
+    return ", ".join(part for part in (event.label, size, port) if part)
+
+
+class _Header:
+    """The duplicator's first line, in the longest form that fits the width."""
+
+    def __init__(self, view: WatchView) -> None:
+        self.view = view
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        v = self.view
+        counts: list[str | tuple[str, str]] = [
+            ("done ", "green"), str(v.ok), "  ", ("failed ", "red"), str(v.failed), "  ",
+            "in progress ", str(v._busy())]
+        finished = "" if v.count is None else f"  ({v.ok + v.failed} of {v.count} finished)"
+        size = f" ({format_size(v.size)})  "
+        for image, prefix in ((v.image, "Duplicating "), (os.path.basename(v.image), "")):
+            text = Text.assemble((prefix, "bold"), (image, "bold"), size, *counts, finished)
+            if text.cell_len <= options.max_width:
+                break
+        text.no_wrap, text.overflow = True, "ellipsis"
+        yield text
 
 
 #: Row states of the duplicator screen that mean "still being worked on".
-_BUSY = ("waiting", "writing", "syncing", "verifying")
+_BUSY = ("waiting", "writing", "syncing", "verifying", "repairing")
 
 
 class WatchView:
@@ -284,38 +477,35 @@ class WatchView:
     """
 
     def __init__(self, console: Console | None = None, image: str = "",
-                 size: int | None = None, count: int | None = None) -> None:
+                 size: int | None = None, count: int | None = None, *,
+                 verify: bool = True) -> None:
         self.console = console or Console(stderr=False)
         self.image, self.size, self.count = image, size, count
-        self.progress = drive_progress(self.console)
-        self.rows: dict[str | None, TaskID] = {}  # each device's latest row ("None": image)
-        self.states: dict[TaskID, str] = {}  # waiting, writing... done, failed, ignored
+        self.verify = verify
+        self.board = _Rows(reserve=4)
+        self.current: dict[str | None, _DriveRow] = {}  # each device's latest row
         self.failed_present: dict[str, str] = {}  # failed drives not pulled yet
-        self.powered_off: set[TaskID] = set()
         self.ok = self.failed = self.started_drives = 0
         self.watching = False
-        self.live = Live(self, console=self.console, refresh_per_second=4)
+        self.live = Live(self, console=self.console, refresh_per_second=4,
+                         redirect_stdout=False, redirect_stderr=False)
         self.started = False
+        self.closed = False
 
     # What Live renders, again at every refresh.
     def __rich__(self) -> Group:
-        return Group(self._header(), self.progress, self._next_step())
+        return Group(self._header(), self.board, self._next_step())
 
-    def _header(self) -> Text:
-        busy = sum(state in _BUSY for state in self.states.values())
-        text = Text.assemble(("Duplicating ", "bold"), (self.image, "bold"),
-                             f" ({format_size(self.size)})  ",
-                             ("done ", "green"), str(self.ok), "  ",
-                             ("failed ", "red"), str(self.failed), "  ",
-                             "in progress ", str(busy))
-        if self.count is not None:
-            text.append(f"  ({self.ok + self.failed} of {self.count} finished)")
-        return text
+    def _busy(self) -> int:
+        return sum(not r.final and r.name != "image" for r in self.board.rows)
+
+    def _header(self) -> _Header:
+        return _Header(self)
 
     def _next_step(self) -> Text:
         if not self.watching:
             return Text("preparing the image...", style="dim")
-        busy = sum(state in _BUSY for state in self.states.values())
+        busy = self._busy()
         parts: list[str] = []
         if self.failed_present:
             parts.append(f"pull the failed drive{'s' if len(self.failed_present) > 1 else ''} "
@@ -331,81 +521,91 @@ class WatchView:
         return Text(f"-> {line[:1].upper()}{line[1:]}  (Ctrl-C stops)" if line else "",
                     style="bold cyan")
 
-    def _row(self, device: str | None, name: str | None = None, state: str = "waiting"
-             ) -> TaskID:
-        if name is not None or device not in self.rows:
-            task = self.progress.add_task("", name=name or device or "image", state=state,
-                                          total=None)
-            self.rows[device] = task
-            self.states[task] = "waiting" if state == "waiting" else "ignored"
-        return self.rows[device]
+    def announce(self, text: str) -> None:
+        """Say "stopping" inside the live display (called from a signal handler)."""
+        self.board.footer = text
 
-    def _set(self, task: TaskID, state: str, shown: str | None = None) -> None:
-        self.states[task] = state
-        self.progress.update(task, state=shown if shown is not None else state)
+    def _new_row(self, device: str | None, info: events.DriveInfo | None = None,
+                 label: str = "") -> _DriveRow:
+        if device is None:
+            row = _DriveRow("image", rows.DriveProgress(writes=True, verifies=False))
+        else:
+            port, known = _drive_names(info)
+            row = _DriveRow(device, rows.DriveProgress(writes=True, verifies=self.verify,
+                                                       size=self.size),
+                            port, label or known)
+        self.current[device] = row
+        self.board.rows.append(row)
+        return row
+
+    def _row(self, device: str | None) -> _DriveRow:
+        return self.current.get(device) or self._new_row(device)
 
     def handle(self, event: events.WatchEvent) -> None:
+        if self.closed:
+            return
         if not self.started and not isinstance(event, events.Summary):
             self.live.start()
             self.started = True
+        now = time.monotonic()
         match event:
             case events.Watching():
                 self.watching = True
-                if None in self.rows:
-                    self._set(self.rows[None], "ready", "[green]ready")
-            case events.DriveAdded(device=device, label=label, eligible=eligible, reason=reason):
-                name = f"{device} {label}" if label else device
+                if None in self.current:
+                    self.current[None].tracker.on_end("ok", now)
+                    self.current[None].say("ready")
+            case events.DriveAdded(device=device, label=label, eligible=eligible, reason=reason,
+                                   info=info):
+                row = self._new_row(device, info, label)
                 if eligible:
                     self.started_drives += 1
-                    self._row(device, name)
                 else:
-                    task = self._row(device, name, state="ignored")
-                    self.progress.update(task, total=0, state=f"[dim]ignored: {reason}")
+                    row.bar = False
+                    row.say("ignored", reason or "")
             case events.DriveRemoved(device=device):
-                task = self.rows.get(device)
+                gone = self.current.get(device)
                 self.failed_present.pop(device, None)
-                if task is not None and self.states.get(task) in ("done", "failed", "ignored"):
-                    self.rows.pop(device, None)  # the row stays; a new arrival gets a new one
-                    if self.states[task] == "done" and task not in self.powered_off:
-                        self._set(task, "done", "[green]done")  # pulled: nothing more to do
+                if gone is not None and gone.final:
+                    self.current.pop(device, None)  # the row stays; a new arrival gets a new one
+                    if gone.state == "done" and "powered off" not in gone.detail:
+                        gone.say("done")  # pulled: nothing more to do
             case events.Note(text=text):
                 self.live.console.print(text)
             case events.Phase(device=device, phase="done", detail=events.POWERED_OFF):
-                task = self._row(device)
-                self.powered_off.add(task)  # it goes away by itself, but is still plugged in
-                self._set(task, "done", "[green]done, powered off: pull it")
+                row = self._row(device)
+                row.say(row.state, "powered off: pull it", f"{row.state}, powered off: pull it")
             case events.Phase(device=device, phase=phase, detail=detail):
-                task = self._row(device)
-                if phase == "failed":
-                    why = _strip_device(detail, device or "") or "failed"
-                    if device is not None:
-                        self.failed_present[device] = why
-                    self._set(task, "failed", f"[red]failed: pull it ({why})")
-                elif phase == "done":
-                    total = self.progress.tasks[task].total
-                    if total:
-                        self.progress.update(task, completed=total)
-                    self._set(task, "done", "[green]done: pull it")
-                else:
-                    if phase in ("writing", "verifying", "checksum", "decompressing"):
-                        self.progress.reset(task, total=None)
-                    self._set(task, phase)
-            case events.Progress(device=device, done=done, total=total):
-                self.progress.update(self._row(device), completed=done, total=total)
+                row = self._row(device)
+                if phase in ("done", "failed"):
+                    return  # the result says how it ended
+                row.tracker.on_phase(phase, now)
+                row.say("repairing" if detail == "repairing" else phase)
+            case events.Progress(device=device, phase=phase, done=done, total=total):
+                self._row(device).tracker.on_progress(phase, done, total, now)
             case events.Result(result=r):
+                row = self._row(r.device)
+                row.tracker.on_end(r.status, now, r.bytes_written + r.bytes_skipped)
                 if r.ok:
                     self.ok += 1
-                elif r.status != "cancelled":
+                    if r.verified:
+                        row.say("done", "pull it")
+                    else:
+                        row.say("written", "not verified; pull it",
+                                "written (not verified): pull it")
+                elif r.status == "cancelled":
+                    row.say("cancelled")
+                else:
                     self.failed += 1
-                task = self.rows.get(r.device)
-                if task is not None and r.status == "cancelled":
-                    self._set(task, "cancelled", "[yellow]cancelled")
+                    why = _strip_device(r.error, r.device) or r.status
+                    self.failed_present[r.device] = why
+                    row.say(r.status, f"pull it ({why})")
             case events.Summary():
                 self.close()
                 self.console.print(summary_table(event))
 
     def close(self) -> None:
-        if self.started:
+        if self.started and not self.closed:
             self.live.refresh()
             self.live.stop()
-            self.started = False
+        self.closed = self.closed or self.started
+        self.started = False

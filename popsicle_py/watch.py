@@ -46,6 +46,7 @@ from popsicle_py.events import (
     POWERED_OFF,
     Cause,
     DriveAdded,
+    DriveInfo,
     DriveRemoved,
     DriveResult,
     Note,
@@ -69,6 +70,7 @@ from popsicle_py.images import (
     verify_checksum,
 )
 from popsicle_py.plan import DEFAULT_MAX_AUTO_SIZE
+from popsicle_py.ports import drive_info
 from popsicle_py.signals import Cancellation
 from popsicle_py.units import format_size
 
@@ -206,6 +208,7 @@ class _Seen:
         self.finished = threading.Event()  # its job (and power off) is over
         self.result: DriveResult | None = None
         self.ended_removed = False  # the job's end was judged "removed"
+        self.info: DriveInfo | None = None  # who it is, with its number in this session
 
     @property
     def in_flight(self) -> bool:
@@ -273,8 +276,9 @@ class WatchSession:
             if seen.ended_removed:  # decided with the phase: the two always agree
                 r = dataclasses.replace(r, status=Status.FAILED,
                                         error=removed_message(seen.path), mismatch_offset=None,
-                                        cause=Cause.REMOVED)
-                event = Result(r)
+                                        cause=Cause.REMOVED, verified=False)
+            r = dataclasses.replace(r, drive=seen.info)
+            event = Result(r)
             seen.result = r
         self.emit(event)
 
@@ -299,7 +303,7 @@ class WatchSession:
             self._remove_copy()
             self._deliver()
         results = tuple(s.result or DriveResult(s.path, Status.CANCELLED, 0, "cancelled",
-                                                cause=Cause.CANCELLED)
+                                                cause=Cause.CANCELLED, drive=s.info)
                         for s in self._started)
         interrupted = any(r.status == Status.CANCELLED for r in results)
         summary = Summary(results, cancelled=interrupted)
@@ -469,7 +473,9 @@ class WatchSession:
         if reason is None and count is not None and len(self._started) >= count:
             reason = f"--count {count} reached"
         seen.announced = True
-        self.emit(DriveAdded(drive.path, drive.label, drive.size, reason is None, reason))
+        seen.info = drive_info(drive, len(self._started) + 1 if reason is None else None)
+        self.emit(DriveAdded(drive.path, drive.label, drive.size, reason is None, reason,
+                             seen.info))
         if reason is not None:
             return
         seen.thread = threading.Thread(target=self._run_drive, args=(seen,), daemon=True,
@@ -524,7 +530,7 @@ class WatchSession:
                                buckets=self.options.buckets,
                                stall_timeout=self.options.stall_timeout, probe=probe)
         FlashJob(self._source, opened, options, lambda e: self._job_event(seen, e),
-                 cancel).run()
+                 cancel, [seen.info] if seen.info is not None else ()).run()
 
     def _end_unstarted(self, seen: _Seen, why: str, status: Status = Status.FAILED,
                        cause: Cause = Cause.ERROR) -> None:

@@ -646,10 +646,24 @@ def test_list_json_shows_the_usb_stick_eligible() -> None:
     assert (stick["size"], stick["bus"], stick["removable"], stick["read_only"]) == (
         16384 * 512, "usb", True, False)
     assert stick["mountpoints"] == []
+    assert stick["port_path"] == "1-2"  # the USB port it hangs off
     # --all lists the SATA disk too, with why it may not be written automatically.
     paths = {d["path"]: d for d in every}
     assert set(paths) == {"/dev/sda", "/dev/sdb"}
     assert paths["/dev/sda"]["eligible"] is False and paths["/dev/sda"]["reason"]
+    assert paths["/dev/sda"]["port_path"] is None
+
+
+@needs_umockdev
+@pytest.mark.umockdev
+def test_list_table_shows_the_port_of_each_stick() -> None:
+    cmd = " ".join(f"'{part}'" for part in popsicle_cmd())
+    result = _testbed_run(f"COLUMNS=100 {cmd} list --all")
+    assert result.returncode == 0, result.stderr
+    header = next(line for line in result.stdout.splitlines() if "Device" in line)
+    assert "Port" in header
+    (row,) = [line for line in result.stdout.splitlines() if "/dev/sdb" in line]
+    assert re.search(r"/dev/sdb\s*│\s*1-2\s*│", row), row
 
 
 @needs_umockdev

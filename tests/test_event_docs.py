@@ -71,7 +71,7 @@ def _sample(cls: type) -> Any:
 def _event_classes() -> list[type]:
     return [obj for obj in vars(events).values()
             if isinstance(obj, type) and dataclasses.is_dataclass(obj)
-            and hasattr(obj, "to_json") and obj is not events.DriveResult]
+            and hasattr(obj, "to_json") and obj not in (events.DriveResult, events.DriveInfo)]
 
 
 def _keys() -> dict[str, set[str]]:

@@ -229,11 +229,15 @@ def test_two_drives_plugged_in_one_after_the_other_are_flashed_verified_and_powe
     assert not run.of("drive_added", device=B.dev)
     assert any(B.dev in e["text"] for e in run.of("note"))
     # Both arrivals: announced, written, verified from the device, then powered off.
-    for stick in (C, D):
+    for seq, stick in enumerate((C, D), 1):
         (added,) = run.of("drive_added", device=stick.dev)
+        identity = {"seq": seq, "port_path": f"1-{stick.port}", "vendor": "SanDisk",
+                    "model": "Cruzer Blade", "serial": f"4C53000123110511{stick.port:04d}",
+                    "size": stick.size}
         assert added == {"event": "drive_added", "device": stick.dev,
                          "label": "SanDisk Cruzer Blade", "size": stick.size,
-                         "eligible": True, "reason": None}
+                         "eligible": True, "reason": None, "drive": identity}
+        assert run.results()[stick.dev]["drive"] == identity
         assert run.files[stick.dev][: len(data)] == data
         assert run.files[stick.remove_attr] == b"1"
         assert run.of("phase", device=stick.dev, phase="verifying")
@@ -246,6 +250,48 @@ def test_two_drives_plugged_in_one_after_the_other_are_flashed_verified_and_powe
     assert summary["ok"] is True
     assert [(r["device"], r["status"], r["bytes_written"]) for r in summary["results"]] == [
         (C.dev, "ok", len(data)), (D.dev, "ok", len(data))]
+
+
+@needs_testbed
+@pytest.mark.umockdev
+def test_two_sticks_given_the_same_name_are_told_apart_in_results_and_report(
+        tmp_path: Path) -> None:
+    """The kernel hands a pulled stick's name to the next one: port, serial and seq differ."""
+    image, data = image_file(tmp_path, 2 * MiB + 99)
+    first, second = Stick("c", 3), Stick("c", 4)
+    report = tmp_path / "sticks.csv"
+    jsonl = tmp_path / "sticks.jsonl"
+    report.write_text("")  # an existing empty file gets the header too
+    steps = [WATCHING, {"add": first.description}, result_of(first),
+             {"remove": first.unplug}, {"wait": {"event": "drive_removed", "device": "/dev/sdc"}},
+             {"add": second.description}, result_of(second)]
+    run = watch(tmp_path, [str(image), "--yes", "--count", "2", "--no-power-off",
+                           "--report", str(report)], steps)
+    assert run.rc == 0, run.stderr
+    results = run.summary["results"]
+    assert [r["device"] for r in results] == ["/dev/sdc", "/dev/sdc"]
+    assert [(r["drive"]["seq"], r["drive"]["port_path"]) for r in results] == [
+        (1, "1-3"), (2, "1-4")]
+    assert all(r["verified"] is True for r in results)
+    import csv
+    rows = list(csv.DictReader(report.open()))
+    assert [(r["seq"], r["device"], r["port_path"], r["serial"], r["result"], r["verified"])
+            for r in rows] == [
+        ("1", "/dev/sdc", "1-3", "4C530001231105110003", "ok", "true"),
+        ("2", "/dev/sdc", "1-4", "4C530001231105110004", "ok", "true")]
+    for r in rows:
+        assert r["capacity"] == str(64 * MiB) and r["image"] == "image.img"
+        assert r["bytes_written"] == str(len(data)) and r["bytes_skipped"] == "0"
+        assert int(r["write_speed"]) > 0 and int(r["verify_speed"]) > 0
+        assert r["started"] <= r["ended"] and r["ended"].endswith("Z")
+    # JSON Lines, appended to: a second session adds its records after the first's.
+    for _ in range(2):
+        watch(tmp_path, [str(image), "--yes", "--count", "1", "--no-power-off",
+                         "--no-verify", "--report", str(jsonl)],
+              [WATCHING, {"add": first.description}, result_of(first)])
+    lines = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    assert [(r["seq"], r["port_path"], r["result"], r["verified"], r["verify_speed"])
+            for r in lines] == [(1, "1-3", "ok", False, None)] * 2
 
 
 @needs_testbed
@@ -407,7 +453,7 @@ def test_plain_output_without_json(tmp_path: Path) -> None:
                 as_json=False)
     assert run.rc == 0, run.stderr
     text = "\n".join(run.stdout)
-    assert f"{C.dev}: added (SanDisk Cruzer Blade, 64 MiB)" in text
+    assert f"{C.dev}: added (SanDisk Cruzer Blade, 64 MiB, port 1-3)" in text
     assert f"{C.dev}: ok" in text
     assert f"{C.dev}: powered off" in text
     assert "done: 1 of 1 drives ok" in text
@@ -467,7 +513,7 @@ SESSION = [
     events.Result(events.DriveResult("/dev/sdd", "failed", MiB,
                                       "/dev/sdd: the drive was removed")),
     events.Phase("/dev/sdc", "done"),
-    events.Result(events.DriveResult("/dev/sdc", "ok", 2 * MiB)),
+    events.Result(events.DriveResult("/dev/sdc", "ok", 2 * MiB, verified=True)),
     events.Phase("/dev/sdc", "done", events.POWERED_OFF),
 ]
 
@@ -492,6 +538,25 @@ def test_watch_view_rows_header_and_next_step() -> None:
     assert "Plug in the next drive" in screen.getvalue()
     view.handle(events.Summary((events.DriveResult("/dev/sdc", "ok", 2 * MiB),)))
     assert "done: 1 of 1 drives ok" in out.getvalue()
+
+
+@pytest.mark.parametrize("width", [80, 120])
+def test_watch_view_fits_the_terminal(width: int) -> None:
+    """Every row keeps its name, bar and state; the detail goes under it when narrow."""
+    view = WatchView(Console(file=io.StringIO(), width=width, color_system=None),
+                     "/var/lib/images/raspios-bookworm-arm64-lite.img", 2 * MiB, count=3)
+    _feed(view, SESSION)
+    screen = io.StringIO()
+    Console(file=screen, width=width, color_system=None).print(view)
+    lines = screen.getvalue().splitlines()
+    assert all(len(line) <= width for line in lines), lines
+    rows = {d: next(line for line in lines if line.startswith(d))
+            for d in ("/dev/sdc", "/dev/sda", "/dev/sdd")}
+    assert "100%" in rows["/dev/sdc"] and "done" in rows["/dev/sdc"]
+    assert "failed" in rows["/dev/sdd"] and "%" in rows["/dev/sdd"]
+    assert "ignored" in rows["/dev/sda"] and "%" not in rows["/dev/sda"]
+    text = "\n".join(lines)
+    assert "pull it (the drive was removed)" in text and "not a USB or SD drive" in text
 
 
 def test_plain_view_says_what_happened_to_each_drive() -> None:

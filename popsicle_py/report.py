@@ -1,0 +1,183 @@
+"""``--report FILE``: one record per drive, appended and fsynced as each drive ends.
+
+A duplicator station's log: which port, which stick, how fast, what was verified.  The report
+is a sink fed the same events as the views; it writes a record at each drive's result, so a
+crash (or a power cut) loses nothing already finished.  The format follows the extension:
+``.csv`` (a header line when the file is new or empty) or ``.jsonl``/``.json`` (JSON Lines,
+one object per line).  An existing file is appended to, never truncated.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import time
+from collections.abc import Callable
+from datetime import datetime, timezone
+from typing import Any
+
+from popsicle_py import events, rows
+
+#: The columns of a record, in order (CSV header, JSON keys).
+FIELDS = ("seq", "device", "port_path", "vendor", "model", "serial", "capacity", "image",
+          "image_sha256", "bytes_written", "bytes_skipped", "write_speed", "verify_speed",
+          "result", "verified", "first_bad_offset", "error", "started", "ended")
+
+FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl"}
+
+
+class ReportError(Exception):
+    """The report file cannot be used; one line for the user (exit 2, nothing written)."""
+
+
+def report_format(path: str) -> str:
+    """``csv`` or ``jsonl`` from the file's extension; ReportError for any other."""
+    fmt = FORMATS.get(os.path.splitext(path)[1].lower())
+    if fmt is None:
+        raise ReportError(f"--report {path}: the name must end in .csv, .jsonl or .json "
+                          "(the extension picks the format)")
+    return fmt
+
+
+def iso(wall: float) -> str:
+    """ISO 8601 in UTC, to the second: ``2026-12-01T13:05:09Z``."""
+    return datetime.fromtimestamp(wall, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def record(result: events.DriveResult, tracker: rows.DriveProgress | None, *, image: str,
+           sha256: str, started: float | None, ended: float) -> dict[str, Any]:
+    """One drive's record (plain data): its identity, what was written, speeds, the verdict."""
+    info = result.drive or events.DriveInfo()
+    return {
+        "seq": info.seq, "device": result.device, "port_path": info.port_path or "",
+        "vendor": info.vendor, "model": info.model, "serial": info.serial,
+        "capacity": info.size or None, "image": os.path.basename(image),
+        "image_sha256": sha256, "bytes_written": result.bytes_written,
+        "bytes_skipped": result.bytes_skipped,
+        "write_speed": _per_second(tracker.write_speed if tracker else None),
+        "verify_speed": _per_second(tracker.verify_speed if tracker else None),
+        "result": result.status, "verified": result.verified,
+        "first_bad_offset": result.mismatch_offset, "error": result.error or "",
+        "started": iso(started if started is not None else ended), "ended": iso(ended),
+    }
+
+
+def _per_second(speed: float | None) -> int | None:
+    """Whole bytes per second, or None when the phase did not run."""
+    return None if speed is None else round(speed)
+
+
+def format_record(data: dict[str, Any], fmt: str) -> str:
+    if fmt == "jsonl":
+        return json.dumps({k: data[k] for k in FIELDS}) + "\n"
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="\n").writerow(
+        ["" if data[k] is None else str(data[k]).lower() if isinstance(data[k], bool)
+         else data[k] for k in FIELDS])
+    return buf.getvalue()
+
+
+class Report:
+    """Consumes a run's events and appends a record per drive result, fsynced at once.
+
+    Opened before anything is written, so an unusable path refuses the run (exit 2).  A
+    write that fails later (disk full) is said once on ``warn`` and never fails a drive.
+    """
+
+    def __init__(self, path: str, *, image: str, sha256: str = "",
+                 warn: Callable[[str], None] | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.path, self.fmt = path, report_format(path)
+        self.image, self.sha256 = image, sha256
+        self.warn = warn or (lambda line: None)
+        self.clock = clock
+        try:
+            self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            empty = os.fstat(self.fd).st_size == 0
+        except OSError as exc:
+            raise ReportError(f"--report {path}: {exc.strerror or exc}") from None
+        self.failed = False
+        self.failed_why = ""
+        if self.fmt == "csv" and empty:
+            self._append(",".join(FIELDS) + "\n")
+            if self.failed:  # nothing is written yet: refuse rather than run without it
+                os.close(self.fd)
+                raise ReportError(f"--report {path}: cannot write to it: {self.failed_why}")
+        self.trackers: dict[str, rows.DriveProgress] = {}
+        self.started: dict[str, float] = {}
+        self.recorded: set[tuple[str, int | None]] = set()
+        self.verify = True
+
+    def _tracker(self, device: str) -> rows.DriveProgress:
+        if device not in self.trackers:
+            self.trackers[device] = rows.DriveProgress(verifies=self.verify)
+        return self.trackers[device]
+
+    def handle(self, event: events.WatchEvent) -> None:
+        now = time.monotonic()
+        match event:
+            case events.Started(verify=verify, devices=devices):
+                self.verify = verify
+                for device in devices:
+                    self._tracker(device)
+            case events.DriveAdded(device=device, eligible=True):
+                self.trackers[device] = rows.DriveProgress(verifies=self.verify)  # a new stick
+                self.started.pop(device, None)
+            case events.Phase(device=str(device), phase=phase):
+                if phase not in ("done", "failed"):
+                    self.started.setdefault(device, self.clock())
+                    self._tracker(device).on_phase(phase, now)
+            case events.Progress(device=str(device), phase=phase, done=done, total=total):
+                self._tracker(device).on_progress(phase, done, total, now)
+            case events.Result(result=r):
+                self._record(r, now)
+            case events.Summary(results=results):
+                for r in results:  # a drive ended without a result event (cancelled early)
+                    if _key(r) not in self.recorded:
+                        self._record(r, now)
+
+    def _record(self, r: events.DriveResult, now: float) -> None:
+        tracker = self._tracker(r.device)
+        tracker.on_end(r.status, now, r.bytes_written + r.bytes_skipped)
+        data = record(r, tracker, image=self.image, sha256=self.sha256,
+                      started=self.started.pop(r.device, None), ended=self.clock())
+        self._append(format_record(data, self.fmt))
+        self.recorded.add(_key(r))
+        del self.trackers[r.device]
+
+    def _append(self, text: str) -> None:
+        if self.failed:
+            return
+        try:
+            data = text.encode()
+            while data:
+                data = data[os.write(self.fd, data):]
+            os.fsync(self.fd)
+        except OSError as exc:
+            self.failed = True
+            self.failed_why = exc.strerror or str(exc)
+            self.warn(f"--report {self.path}: cannot write the report: {exc.strerror or exc}; "
+                      "the drives go on")
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def _key(r: events.DriveResult) -> tuple[str, int | None]:
+    """A drive of this run: its name and number (a name alone is reused in ``watch``)."""
+    return r.device, r.drive.seq if r.drive is not None else None
+
+
+def fan_out(*sinks: Callable[[Any], None]) -> Callable[[Any], None]:
+    """One emit that feeds every sink, in order: the report first, so that a result a person
+    or a script has seen is already on disk."""
+
+    def emit(event: Any) -> None:
+        for sink in sinks:
+            sink(event)
+
+    return emit

@@ -8,10 +8,13 @@ the real kernel and systemd-udevd present them.  The fast unit tests run on thes
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
 from pathlib import Path
 
+from loopdev import merge_descriptions as merge
+
 from .guest import Guest
+
+__all__ = ["merge", "record_all"]
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 
@@ -28,17 +31,6 @@ VOLATILE = re.compile(r"^(A: (stat|inflight|diskseq|uevent)=|E: (USEC_INITIALIZE
 
 def clean(text: str) -> str:
     return "\n".join(line for line in text.splitlines() if not VOLATILE.match(line)) + "\n"
-
-
-def merge(descriptions: Iterable[str]) -> str:
-    """One description from several: a parent they share (the PCI controller, a hub) once."""
-    blocks: dict[str, str] = {}
-    for text in descriptions:
-        for block in text.strip().split("\n\n"):
-            block = block.strip()
-            if block:
-                blocks.setdefault(block.splitlines()[0], block)
-    return "\n\n".join(blocks.values()) + "\n"
 
 
 def record_all(guest: Guest, where: dict[str, str]) -> dict[str, str]:

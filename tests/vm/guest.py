@@ -435,10 +435,14 @@ class Guest:
     # -- what the guest sees ------------------------------------------------------------
 
     def block_devices(self) -> dict[str, str]:
-        """Guest disk name -> serial as the guest's udev has it, for every sd/vd disk."""
-        out = self.sh("for d in /sys/block/sd* /sys/block/vd*; do [ -e $d ] || continue; "
-                      "n=${d##*/}; s=$(udevadm info -q property -n $n | "
-                      "sed -n 's/^ID_SERIAL_SHORT=//p'); echo \"$n $s\"; done")
+        """Guest disk name -> serial as the guest's udev has it, for every sd/vd disk.
+
+        Read from udev's database with one grep per disk: a udevadm per disk costs a second
+        each under emulation.
+        """
+        out = self.sh("cd /sys/block && for d in sd* vd*; do [ -e $d/dev ] || continue; "
+                      "read n < $d/dev; s=$(grep -s '^E:ID_SERIAL_SHORT=' /run/udev/data/b$n); "
+                      "echo \"$d ${s#E:ID_SERIAL_SHORT=}\"; done")
         found: dict[str, str] = {}
         for line in out.splitlines():
             name, _, serial = line.partition(" ")

@@ -14,7 +14,7 @@ from loopdev import merge_descriptions as merge
 
 from .guest import Guest
 
-__all__ = ["merge", "record_all"]
+__all__ = ["RECORDINGS", "merge", "record_all", "record_once"]
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 
@@ -31,6 +31,12 @@ VOLATILE = re.compile(r"^(A: (stat|inflight|diskseq|uevent)=|E: (USEC_INITIALIZE
 
 def clean(text: str) -> str:
     return "\n".join(line for line in text.splitlines() if not VOLATILE.match(line)) + "\n"
+
+
+def record_once(guest: Guest, where: dict[str, str]) -> str:
+    """Every recorded drive in one umockdev-record run: one description of the machine."""
+    nodes = [where[d] for disks in RECORDINGS.values() for d in disks]
+    return clean(guest.sh("umockdev-record " + " ".join(nodes), timeout=300))
 
 
 def record_all(guest: Guest, where: dict[str, str]) -> dict[str, str]:

@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 from vm.guest import Guest, MiB, booted, poll
-from vm.record import RECORDINGS, record_once
+from vm.record import RECORDINGS, merge, record_all
 
 pytestmark = [pytest.mark.vm, pytest.mark.xdist_group("vm")]
 
@@ -310,7 +310,7 @@ def test_recorded_trees_give_the_same_discovery_as_the_real_guest(
     """What tests/vm/run --record writes, replayed by umockdev, reads as the real guest did."""
     where = guest_drives(vm)
     description = tmp_path / "recorded.umockdev"
-    description.write_text(record_once(vm, where))
+    description.write_text(merge(record_all(vm, where).values()))
     real = listed_all
     mocked_run = subprocess.run(
         ["umockdev-run", "-d", str(description), "--", sys.executable, "-m", "popsicle_py",

@@ -81,9 +81,13 @@ def _available(package: str, version: str) -> bool:
 def plan() -> dict[str, str]:
     """Package names and versions to use; their hash is the cache key."""
     kernel = _kernel_package()
-    host_shared = _out("dpkg-query", "-W", "-f", "${Version}", "libsystemd-shared")
-    # systemd-udevd is linked against the private libsystemd-shared of exactly its version.
-    udev = host_shared if _available("udev", host_shared) else _candidate("udev")
+    try:
+        host_shared = _out("dpkg-query", "-W", "-f", "${Version}", "libsystemd-shared")
+    except subprocess.CalledProcessError:  # a host without systemd
+        host_shared = ""
+    # systemd-udevd is linked against the private libsystemd-shared of exactly its version:
+    # the host's when the registry still has that udev, else both are unpacked.
+    udev = host_shared if host_shared and _available("udev", host_shared) else _candidate("udev")
     return {"format": FORMAT, "kernel": kernel, "kernel_version": _candidate(kernel),
             "udev": udev, "host_libsystemd_shared": host_shared,
             "busybox": _candidate("busybox-static"),

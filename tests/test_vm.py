@@ -310,7 +310,7 @@ def test_recorded_trees_give_the_same_discovery_as_the_real_guest(
     """What tests/vm/run --record writes, replayed by umockdev, reads as the real guest did."""
     where = guest_drives(vm)
     description = tmp_path / "recorded.umockdev"
-    description.write_text(merge(record_all(vm, where).values()))
+    description.write_text(merge(list(record_all(vm, where).values())))
     real = listed_all
     mocked_run = subprocess.run(
         ["umockdev-run", "-d", str(description), "--", sys.executable, "-m", "popsicle_py",

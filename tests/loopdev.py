@@ -175,6 +175,20 @@ def python_env() -> dict[str, str]:
     return env
 
 
+def merge_descriptions(texts: Sequence[str]) -> str:
+    """Join umockdev descriptions; a device several of them hold (a controller, a hub) once.
+
+    Recordings of one machine (tests/fixtures/vm-*) share their parents, and umockdev refuses
+    a description that adds the same device twice.
+    """
+    blocks: dict[str, str] = {}
+    for text in texts:
+        for block in text.strip().split("\n\n"):
+            if block.strip():
+                blocks.setdefault(block.strip().splitlines()[0], block.strip())
+    return "\n\n".join(blocks.values()) + "\n"
+
+
 def in_testbed(fixtures: Sequence[str | Path], code: str, tmp_dir: Path) -> object:
     """Run ``code`` (which prints JSON) in a umockdev testbed holding ``fixtures``; parse it.
 
@@ -182,7 +196,7 @@ def in_testbed(fixtures: Sequence[str | Path], code: str, tmp_dir: Path) -> obje
     """
     description = tmp_dir / "testbed.umockdev"
     texts = [(FIXTURES / f if not os.path.isabs(f) else Path(f)).read_text() for f in fixtures]
-    description.write_text("\n".join(t.strip() + "\n" for t in texts))
+    description.write_text(merge_descriptions(texts))
     result = subprocess.run(
         ["umockdev-run", "-d", str(description), "--", sys.executable, "-c", code],
         capture_output=True, text=True, env=python_env(), timeout=60, check=False)

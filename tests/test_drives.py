@@ -236,6 +236,53 @@ def test_identity_from_udev_and_from_sysfs(tmp_path: Path) -> None:
     assert by_path["/dev/sde"]["size"] == 62521344 * 512
 
 
+# Recorded from the VM tier's guest (tests/vm/run --record): the real kernel's sysfs and the
+# real systemd-udevd's properties, one machine.  fixture -> {path: (listed, bus, eligible,
+# reason)}.
+RECORDED: dict[str, dict[str, tuple[bool, str, bool, str | None]]] = {
+    "vm-usb-stick": {"/dev/sda": (True, "usb", True, None)},
+    "vm-usb-stick-hub": {"/dev/sdc": (True, "usb", True, None)},
+    "vm-usb-reader-2lun": {"/dev/sde": (True, "usb", True, None),
+                           "/dev/sdb": (True, "usb", True, None)},
+    "vm-sata": {"/dev/sdf": (False, "ata", False, "not a USB or SD drive")},
+    "vm-virtio": {"/dev/vda": (False, "virtio", False, "not a USB or SD drive")},
+}
+
+
+# The recorded virtio disk is 254:0, which may well be the disk this machine's / is mounted
+# from: judge the recordings against a system with nothing mounted from them.
+DISCOVER_UNMOUNTED = DISCOVER.replace("discover(", "discover(facts=SystemFacts(), ").replace(
+    "import discover", "import SystemFacts, discover")
+
+
+@needs_umockdev
+@pytest.mark.umockdev
+@pytest.mark.parametrize("fixture", sorted(RECORDED))
+def test_each_recorded_tree_lands_where_the_rules_say(fixture: str, tmp_path: Path) -> None:
+    _check(in_testbed([f"{fixture}.umockdev"], DISCOVER_UNMOUNTED, tmp_path), RECORDED[fixture])
+
+
+@needs_umockdev
+@pytest.mark.umockdev
+def test_recorded_machine_identities(tmp_path: Path) -> None:
+    """All recordings together are the guest as it was: identities as its udev gave them."""
+    result = in_testbed([f"{f}.umockdev" for f in sorted(RECORDED)], DISCOVER_UNMOUNTED,
+                        tmp_path)
+    _check(result, {p: e for exp in RECORDED.values() for p, e in exp.items()})
+    assert isinstance(result, dict)
+    by_path = {d["path"]: d for d in result["all"]}
+    # The model comes from the SCSI layer ("QEMU HARDDISK"), not the USB product string
+    # ("QEMU USB HARDDRIVE"); the serial is the USB device's, shared by a reader's LUNs.
+    assert {(d["label"], d["serial"], d["removable"]) for p, d in by_path.items()
+            if p in ("/dev/sde", "/dev/sdb")} == {("QEMU HARDDISK", "READER-0001", True)}
+    assert (by_path["/dev/sda"]["serial"], by_path["/dev/sdc"]["serial"]) == (
+        "DUP-0001", "HUB-0001")  # the stick behind a hub: its own serial, not the hub's
+    assert by_path["/dev/sda"]["size"] == 48 << 20
+    sata, virtio = by_path["/dev/sdf"], by_path["/dev/vda"]
+    assert (sata["vendor"], sata["model"], sata["serial"]) == ("", "QEMU HARDDISK", "SATA-0001")
+    assert (virtio["serial"], virtio["removable"]) == ("VIRT-0001", False)
+
+
 EXPLICIT = """
 import dataclasses, json
 from popsicle_py.drives import TargetError, drive_for_path, still_same

@@ -318,6 +318,18 @@ def test_all_usb_with_nothing_eligible(tmp_path: Path) -> None:
                       "notes": ["skipped /dev/sdf (Generic- SD/MMC): no medium"]}
 
 
+@needs_umockdev
+@pytest.mark.umockdev
+def test_all_usb_on_the_recorded_guest_takes_sticks_and_reader_luns(tmp_path: Path) -> None:
+    """Real trees (tests/fixtures/vm-*): a stick, one behind a hub, a two-LUN reader, SATA,
+    virtio.  --all-usb takes the four USB disks and says nothing of the internal ones."""
+    fixtures = ["vm-usb-stick", "vm-usb-stick-hub", "vm-usb-reader-2lun", "vm-sata", "vm-virtio"]
+    code = ALL_USB.replace("image_size=10**9", "image_size=10**7")  # the disks are 40-64 MiB
+    result = in_testbed([f"{f}.umockdev" for f in fixtures], code, tmp_path)
+    assert result == {"targets": ["/dev/sda", "/dev/sdb", "/dev/sdc", "/dev/sde"], "notes": [],
+                      "warnings": {}}
+
+
 def test_plan_is_plain_data() -> None:
     plan = Plan(targets=(make_drive(),), notes=("n",), warnings={"/dev/sdb": ("w",)})
     assert plan.targets[0].path == "/dev/sdb"

@@ -158,7 +158,6 @@ def test_list_all_shows_the_internal_disks_as_not_eligible(
     assert {listed[where[s]]["eligible"] for s in STICKS} == {True}
 
 
-@pytest.mark.xfail(strict=True, reason="port path lands with identity branch")
 def test_list_json_gives_each_drive_its_usb_port(vm: Guest,
                                                 listed: dict[str, dict[str, Any]]) -> None:
     where = guest_drives(vm)

@@ -43,7 +43,7 @@ from urllib3.util import Retry, Timeout
 
 from popsicle_py._version import __version__
 from popsicle_py.cache import Cache, CacheWriter
-from popsicle_py.events import Event, Note, Phase, Progress
+from popsicle_py.events import Event, Note, Phase, Progress, Step
 from popsicle_py.images import (
     Checksum,
     Image,
@@ -69,7 +69,7 @@ __all__ = [
 ]
 
 #: The phase of the image-level Phase/Progress events while the body arrives.
-DOWNLOADING = "downloading"
+DOWNLOADING = Step.DOWNLOADING
 
 _HEAD = 4096  # bytes read before deciding what the body is
 _CHUNK = 1 << 20  # most bytes per read from the connection: progress and stalls stay fine-grained

@@ -145,7 +145,8 @@ class BlockDevice:
 
     @property
     def closed(self) -> bool:
-        return self.fd < 0
+        """Let go of (its number may still be held until a call of another thread returns)."""
+        return self.fd < 0 or self._closing
 
     @property
     def in_call(self) -> bool:

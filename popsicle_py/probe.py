@@ -44,6 +44,7 @@ POSIX_FADV_DONTNEED, then O_DIRECT reads.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import fcntl
 import math
@@ -325,6 +326,8 @@ class DeviceIO:
         self.stopped = stopped
         self.writes = 0
         self.reads = 0
+        #: What each written block held before its first stamp, in the order first written.
+        self.saved: dict[int, bytes] = {}
 
     def _check(self) -> None:
         if self.stopped():
@@ -332,18 +335,39 @@ class DeviceIO:
 
     def write(self, offset: int, data: bytes) -> None:
         self._check()
+        if offset not in self.saved:
+            self.saved[offset] = self._read(offset, len(data))
+        self._write(offset, data)
+        self.writes += 1
+
+    def _write(self, offset: int, data: bytes) -> None:
         view = self.buf[: len(data)]
         view[:] = data
         if blockdev.write_at(self.device, offset, view) != len(data):
             raise OSError(errno.EIO, "short write")
-        self.writes += 1
+
+    def _read(self, offset: int, length: int) -> bytes:
+        view = self.buf[:length]
+        n = blockdev.read_at(self.device, offset, view)
+        return bytes(view[:n])
+
+    def restore(self) -> None:
+        """Put back what the stamps overwrote, last written first, and flush it.
+
+        So a probe leaves the drive as it was (a genuine one exactly; on a counterfeit one,
+        whose blocks alias, as nearly as its aliasing allows), and a flash changes nothing past
+        the image.
+        """
+        for offset, data in reversed(self.saved.items()):
+            if len(data) == self.block:
+                self._write(offset, data)
+        self.saved.clear()
+        blockdev.sync(self.device)
 
     def read(self, offset: int, length: int) -> bytes:
         self._check()
-        view = self.buf[:length]
-        n = blockdev.read_at(self.device, offset, view)
         self.reads += 1
-        return bytes(view[:n])
+        return self._read(offset, length)
 
     def settle(self) -> None:
         blockdev.sync(self.device)
@@ -357,7 +381,10 @@ def probe_device(device: Any, boundaries: Iterable[int] = (),
     io = DeviceIO(device, stopped)
     positions = plan_positions(device.size, io.block, boundaries)
     reads = plan_reads(device.size, io.block, positions)
-    return run_probe(io, device.size, positions, reads, started=started)
+    result = run_probe(io, device.size, positions, reads, started=started)
+    if not stopped():
+        io.restore()
+    return dataclasses.replace(result, elapsed=time.monotonic() - started)
 
 
 def checker(boundaries: Iterable[int]) -> Callable[[Any], None]:

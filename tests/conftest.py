@@ -12,56 +12,17 @@ import subprocess
 import sys
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 from faulty import FaultyDrive, FaultyFile, faulty_files
+from loopdev import Loop, attach, detach
 
 IS_ROOT = os.geteuid() == 0
 needs_root = pytest.mark.skipif(not IS_ROOT, reason="needs root for loop devices")
 REPO = Path(__file__).resolve().parent.parent
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
-
-
-@dataclass
-class Loop:
-    """A loop device and the file behind it."""
-
-    path: str  # /dev/loopN
-    backing: Path
-    size: int
-
-    @property
-    def devnum(self) -> tuple[int, int]:
-        rdev = os.stat(self.path).st_rdev
-        return os.major(rdev), os.minor(rdev)
-
-    def read(self, length: int | None = None, offset: int = 0) -> bytes:
-        """The device's bytes, read from its backing file (the loop driver writes through)."""
-        with open(self.backing, "rb") as f:
-            f.seek(offset)
-            return f.read(self.size if length is None else length)
-
-    def write_stat_sectors(self) -> int:
-        major, minor = self.devnum
-        with open(f"/sys/dev/block/{major}:{minor}/stat") as f:
-            return int(f.read().split()[6])
-
-
-def _losetup(*args: str) -> str:
-    return subprocess.run(["losetup", *args], check=True, capture_output=True,
-                          text=True).stdout.strip()
-
-
-def _backing_file(path: str) -> str | None:
-    """The file behind a loop device, or None when it is detached."""
-    try:
-        sysfs = Path("/sys/block") / os.path.basename(path) / "loop" / "backing_file"
-        return sysfs.read_text().strip()
-    except OSError:
-        return None
 
 
 def fill_pattern(path: Path, size: int, byte: int = 0xA5) -> None:
@@ -87,25 +48,13 @@ def loop_factory() -> Iterator[Callable[..., Loop]]:
         files.append(backing)
         if fill is not None:
             fill_pattern(backing, size, fill)
-        args = ["-f", "--show"]
-        if read_only:
-            args.append("-r")
-        if partscan:
-            args.append("-P")
-        path = _losetup(*args, str(backing))
-        loop = Loop(path, backing, size)
+        loop = Loop(attach(backing, read_only=read_only, partscan=partscan), backing, size)
         made.append(loop)
         return loop
 
     yield make
     for loop in made:
-        # Another fixture (dying_loop) may have detached it already, and the kernel may since
-        # have given the same /dev/loopN to someone else: only touch it while it is still ours.
-        if _backing_file(loop.path) != str(loop.backing):
-            continue
-        with contextlib.suppress(subprocess.CalledProcessError):
-            subprocess.run(["umount", "-q", loop.path], capture_output=True)
-            _losetup("-d", loop.path)
+        detach(loop.path, loop.backing)  # only while it is still ours
     for f in files:
         with contextlib.suppress(OSError):
             f.unlink()
@@ -157,7 +106,7 @@ def throttle() -> Iterator[Callable[..., Callable[[int], None]]]:
         group.mkdir()
         groups.append(group)
         for loop, rate in limits:
-            major, minor = loop.devnum
+            major, minor = loop.major_minor
             for kind in ("write", "read"):
                 (group / f"blkio.throttle.{kind}_bps_device").write_text(
                     f"{major}:{minor} {rate}\n")

@@ -36,6 +36,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import loopdev
+
 FAULTFS = Path(__file__).resolve().parent / "faultfs.py"
 MiB = 1 << 20
 LOOP_REQUEST = 1280 << 10
@@ -191,8 +193,7 @@ class FaultyDrive(FaultyFile):
         super().__init__(size, **kwargs)
         self.loop: str | None = None
         try:
-            self.loop = subprocess.run(["losetup", "-f", "--show", self.file], check=True,
-                                       capture_output=True, text=True).stdout.strip()
+            self.loop = loopdev.attach(self.file)
         except BaseException:
             super().close()
             raise
@@ -213,25 +214,11 @@ class FaultyDrive(FaultyFile):
     def _detach(self) -> None:
         """Detach our loop device, and only while it still stands on our file."""
         assert self.loop is not None
-        backing = Path("/sys/block") / os.path.basename(self.loop) / "loop" / "backing_file"
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                if backing.read_text().strip() != self.file:
-                    return
-            except OSError:
-                return
-            if subprocess.run(["losetup", "-d", self.loop], capture_output=True).returncode == 0:
-                break
-            time.sleep(0.1)
+        loopdev.detach(self.loop, self.file)
         # losetup -d on a device still open only marks it for autoclear; wait for that, so
         # that the FUSE mount is no longer busy.
-        while time.monotonic() < deadline:
-            try:
-                if backing.read_text().strip() != self.file:
-                    return
-            except OSError:
-                return
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and loopdev.backing_of(self.loop) == self.file:
             time.sleep(0.05)
 
 

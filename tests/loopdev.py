@@ -32,18 +32,69 @@ HAVE_LOSETUP = shutil.which("losetup") is not None
 
 @dataclass(frozen=True)
 class Loop:
-    """An attached loop device and its backing file."""
+    """An attached loop device and its backing file: the one loop helper of the tests."""
 
-    path: str
-    backing: str
+    path: str  # /dev/loopN
+    backing: Path
+    size: int = 0
 
     @property
     def devnum(self) -> int:
         return os.stat(self.path).st_rdev
 
     @property
+    def major_minor(self) -> tuple[int, int]:
+        return os.major(self.devnum), os.minor(self.devnum)
+
+    @property
     def name(self) -> str:
         return os.path.basename(self.path)
+
+    def read(self, length: int | None = None, offset: int = 0) -> bytes:
+        """The device's bytes, read from its backing file (the loop driver writes through)."""
+        with open(self.backing, "rb") as f:
+            f.seek(offset)
+            return f.read((self.size or os.path.getsize(self.backing)) if length is None
+                          else length)
+
+    def write_stat_sectors(self) -> int:
+        major, minor = self.major_minor
+        with open(f"/sys/dev/block/{major}:{minor}/stat") as f:
+            return int(f.read().split()[6])
+
+
+def attach(backing: str | Path, *, read_only: bool = False, partscan: bool = False) -> str:
+    """``losetup -f --show``: the loop device now standing on ``backing`` (never assume N)."""
+    args = ["losetup", "-f", "--show", *(["-r"] if read_only else []),
+            *(["-P"] if partscan else []), str(backing)]
+    return run(*args).strip()
+
+
+def backing_of(path: str) -> str | None:
+    """The file behind a loop device, or None when it is detached."""
+    try:
+        return (Path("/sys/block") / os.path.basename(path) / "loop" / "backing_file"
+                ).read_text().strip()
+    except OSError:
+        return None
+
+
+def detach(path: str, backing: str | Path) -> None:
+    """Unmount and detach the loop device, but only while it still stands on ``backing``.
+
+    Another test may have detached it already, and the kernel may since have given the same
+    /dev/loopN to someone else: only ours is touched.
+    """
+    if backing_of(path) != str(backing):
+        return
+    devnums = {os.stat(p).st_rdev for p in (path, *_partitions_of(path)) if os.path.exists(p)}
+    for mountpoint in reversed(_mounts_of(devnums)):
+        subprocess.run(["umount", "-l", mountpoint], capture_output=True, check=False)
+    for _ in range(50):
+        if subprocess.run(["losetup", "-d", path], capture_output=True,
+                          check=False).returncode == 0 or backing_of(path) is None:
+            return
+        time.sleep(0.1)
 
 
 def run(*args: str) -> str:
@@ -80,24 +131,16 @@ def _mounts_of(devnums: set[int]) -> list[str]:
     return found
 
 
-def _detach(loop: Loop) -> None:
-    devnums = {os.stat(p).st_rdev for p in (loop.path, *partition_paths(loop))
-               if os.path.exists(p)}
-    for mountpoint in reversed(_mounts_of(devnums)):
-        subprocess.run(["umount", "-l", mountpoint], capture_output=True, check=False)
-    for _ in range(50):
-        if subprocess.run(["losetup", "-d", loop.path], capture_output=True,
-                          check=False).returncode == 0:
-            return
-        time.sleep(0.1)
+def _partitions_of(path: str) -> list[str]:
+    name = os.path.basename(path)
+    sysdir = f"/sys/block/{name}"
+    if not os.path.isdir(sysdir):
+        return []
+    return [f"/dev/{n}" for n in sorted(os.listdir(sysdir)) if n.startswith(f"{name}p")]
 
 
 def partition_paths(loop: Loop) -> list[str]:
-    sysdir = f"/sys/block/{loop.name}"
-    if not os.path.isdir(sysdir):
-        return []
-    names = sorted(n for n in os.listdir(sysdir) if n.startswith(f"{loop.name}p"))
-    return [f"/dev/{n}" for n in names]
+    return _partitions_of(loop.path)
 
 
 def _wait_for_partitions(loop: Loop, count: int) -> None:
@@ -134,18 +177,14 @@ def loop_device(size: int = 4 * MiB, *, read_only: bool = False,
         os.truncate(backing, size)
         if partitions:
             write_mbr(backing, partitions)
-        args = ["losetup", "-f", "--show"]
-        if read_only:
-            args.append("-r")
-        if partitions:
-            args.append("-P")
-        loop = Loop(run(*args, backing).strip(), backing)
+        loop = Loop(attach(backing, read_only=read_only, partscan=bool(partitions)),
+                    Path(backing), size)
         if partitions:
             _wait_for_partitions(loop, len(partitions))
         yield loop
     finally:
         if loop is not None:
-            _detach(loop)
+            detach(loop.path, loop.backing)
         os.unlink(backing)
 
 

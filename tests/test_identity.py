@@ -198,7 +198,7 @@ def test_flash_and_watch_share_one_set_of_rules() -> None:
     assert watch.ineligibility(small, 2 * 10**9, 2**40) == (
         "smaller than the image (953.7 MiB drive, 1.9 GiB image)")
     assert plan.refusals(small, 2 * 10**9, unmount=False) == [
-        "image is larger than /dev/loop3: 2.0 GB image, 1.0 GB drive"]
+        "image is larger than /dev/loop3: 1.9 GiB image, 953.7 MiB drive"]
     assert watch.ineligibility(_drive(bus="loop"), None, 2**40) == "not a USB or SD drive"
     assert watch.ineligibility(_drive(size=2**41), None, 2**40) == (
         "larger than 1 TiB (--max-size)")

@@ -371,7 +371,8 @@ class FlashJob(_Job):
             for drive in self._live():
                 self._end(drive, Status.FAILED, f"{drive.path}: {why}", cause=Cause.SOURCE)
         finally:
-            if source is not None:
+            still_reading = self._writer is not None and self._writer.reading()
+            if source is not None and not still_reading:
                 with contextlib.suppress(Exception):
                     source.close()
         for drive in self._live():  # given up by the engine without a message of its own

@@ -198,6 +198,14 @@ class BusWriter:
         return self._set(pipeline=True, verify=verify, repairs=max(0, repairs),
                          source_at=source_at, hold_head=True, record=True)
 
+    def reading(self) -> bool:
+        """The reader is still inside a read of the source (given up on after a cancel).
+
+        Such a source must not be closed by another thread: a stream blocked in a read (a
+        stalled download) could block the closer too.  It is left to the reader.
+        """
+        return self._run is not None and self._run.reading
+
     def source_read(self) -> WriteResult:
         """What the source gave so far (size, digests, held head), without any results."""
         if self._run is None:
@@ -257,6 +265,7 @@ class _WriteRun:
         #: Where the head goes until the image's own may be written (random: no signature).
         self.stamp = memoryview(aligned_buffer(HEAD))
         self.stamp[:] = os.urandom(HEAD)
+        self.reading = False
         self._spill_orphaned = False
         self._spill_lock = threading.Lock()
         self._running = len(self.lanes)  # lane threads not yet returned
@@ -264,6 +273,13 @@ class _WriteRun:
         self.supervisor.on_leave = self._leave_failed
         for lane in self.lanes:
             self.ring.positions[lane.id] = 0
+
+    def _read(self) -> None:
+        self.reading = True
+        try:
+            self.reader.run()
+        finally:
+            self.reading = False
 
     def _close_spill(self) -> None:
         """Close the spill once no lane can read it; an abandoned one closes it when it ends
@@ -298,7 +314,7 @@ class _WriteRun:
 
     def run(self) -> WriteResult:
         try:
-            error = self.supervisor.run(self._task, self.reader.run)
+            error = self.supervisor.run(self._task, self._read)
         finally:
             if self.spill is not None:
                 self._close_spill()

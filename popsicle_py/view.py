@@ -347,6 +347,9 @@ class RichView:
     def handle(self, event: events.Event) -> None:
         if self.closed:
             return
+        if not self.started and isinstance(event, events.Note):
+            self.console.print(event.text)  # before any row: no live display to start yet
+            return
         if not self.started and not isinstance(event, events.Summary):
             self.live.start()
             self.started = True

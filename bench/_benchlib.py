@@ -197,7 +197,7 @@ class Bench:
                     f.write(str(os.getpid()))
 
         code = code or NEW
-        err = tempfile.TemporaryFile()
+        err = tempfile.TemporaryFile()  # noqa: SIM115 (closed by finish())
         started = time.monotonic()
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=err,
                                 stdin=subprocess.DEVNULL, preexec_fn=enter_cgroup,
@@ -376,6 +376,17 @@ def random_file(path: Path, size: int) -> None:
             n = min(left, 16 * MiB)
             f.write(os.urandom(n))
             left -= n
+
+
+def schedule(counts: dict[str, int]) -> list[tuple[int, str]]:
+    """(round, method) in the order to run them: each round runs every method that still has
+    runs to do, starting one further along the list each round, so methods take turns."""
+    names = list(counts)
+    order = []
+    for r in range(max(counts.values(), default=0)):
+        k = r % len(names)
+        order += [(r, n) for n in names[k:] + names[:k] if counts[n] > r]
+    return order
 
 
 def median(values: Iterable[float]) -> float:

@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -193,7 +194,7 @@ def part_a(bench: Bench, codes: list[Code], image: Path, devices: list[str],
                                                           "--no-verify", cgroup=cg)
         methods[f"CLI with verify, {code.label}"] = cli(bench, code, image, devices, cgroup=cg)
         methods[f"engine runner, {code.label}"] = (
-            lambda code=code: bench.run(engine_argv(image, devices), cgroup=cg, code=code))
+            partial(bench.run, engine_argv(image, devices), cgroup=cg, code=code))
     methods[dd4] = lambda: bench.run(["sh", "-c", seq], cgroup=cg)
     runs = rounds_of(bench, rounds, methods, "(a)", once=frozenset({dd4}))
     ref = wall(runs[dd1])
@@ -228,7 +229,7 @@ def part_b(bench: Bench, codes: list[Code], image: Path, devices: list[str],
         methods[f"CLI --no-verify, {code.label}"] = cli(bench, code, image, devices,
                                                           "--no-verify")
         methods[f"engine runner, {code.label}"] = (
-            lambda code=code: bench.run(engine_argv(image, devices), code=code))
+            partial(bench.run, engine_argv(image, devices), code=code))
     methods[f"engine runner laggards off, {NEW.label}"] = (
         lambda: bench.run(engine_argv(image, devices, "--no-laggards")))
     methods[dd4] = lambda: bench.run(["sh", "-c", seq])
@@ -273,10 +274,9 @@ def part_c(bench: Bench, codes: list[Code], image: Path, sparse: Path, devices: 
             bench, code, sparse, big_devices, "--no-verify")
         for src, sname in ((image, small_name), (sparse, big_name)):
             cases[f"engine runner, {code.label}: {sname} -> 4 x /dev/null"] = (
-                lambda src=src, code=code: bench.run([*timed, *engine_argv(src, sinks)],
-                                                     code=code))
+                partial(bench.run, [*timed, *engine_argv(src, sinks)], code=code))
         cases[f"engine runner, {code.label}: {small_name} -> 4 loop devices"] = (
-            lambda code=code: bench.run([*timed, *engine_argv(image, devices)], code=code))
+            partial(bench.run, [*timed, *engine_argv(image, devices)], code=code))
     runs = rounds_of(bench, rounds, cases, "(c)")
     rows = []
     rss: dict[str, list[float]] = {}

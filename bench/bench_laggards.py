@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -130,8 +131,8 @@ def main() -> int:
         counts = {"solo dd": rounds}
         for code in codes:
             n = rounds if code is NEW else min(rounds, args.old_rounds)
-            configs[f"CLI, {code.label}"] = lambda code=code: cli(code)
-            configs[f"engine runner, {code.label}"] = lambda code=code: engine(code)
+            configs[f"CLI, {code.label}"] = partial(cli, code)
+            configs[f"engine runner, {code.label}"] = partial(engine, code)
             counts[f"CLI, {code.label}"] = counts[f"engine runner, {code.label}"] = n
         configs[LOCK_STEP] = lambda: engine(NEW, "--no-laggards")
         counts[LOCK_STEP] = 1

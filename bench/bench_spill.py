@@ -34,6 +34,7 @@ import shlex
 import subprocess
 import sys
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -169,7 +170,7 @@ def main() -> int:
         for code in codes:
             for suffix, image in images.items():
                 name = f"CLI {suffix}, {code.label}"
-                configs[name] = lambda code=code, image=image: cli(code, image)
+                configs[name] = partial(cli, code, image)
                 counts[name] = rounds if code is NEW else min(rounds, args.old_rounds)
         configs["CLI raw, new"] = lambda: cli(NEW, raw)
         counts["CLI raw, new"] = 1

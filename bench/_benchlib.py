@@ -9,6 +9,15 @@ The engine itself runs in a small runner (:func:`runner_main`): ``--run-engine I
 writes the image with :class:`popsicle_py.BusWriter` to O_DIRECT block devices and prints one
 JSON line with absolute ``time.monotonic()`` timestamps (CLOCK_MONOTONIC is system-wide, so the
 parent can subtract its own spawn time) and the bytes it read from disk (``/proc/self/io``).
+
+The CLI is measured as a user runs it: ``python -m popsicle_py flash IMG DEV... --yes --json``
+under ``/usr/bin/time -v``, a whole process from spawn to exit (:func:`cli_argv`).  Its stdout is
+read through a pipe and every line is stamped as it arrives, so a drive's ``result`` event gives
+both the CLI's own ``elapsed`` and the time from the spawn at which a user saw it.
+
+Which code is measured is a :class:`Code`: this checkout (``new``) or another one given with
+``--old DIR-or-REV`` (a directory, or a git revision extracted with ``git archive``), so that the
+code before and after a change run in the same run, taking turns.
 """
 
 from __future__ import annotations
@@ -17,6 +26,7 @@ import contextlib
 import fcntl
 import json
 import os
+import re
 import resource
 import shutil
 import signal
@@ -25,6 +35,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -61,6 +72,8 @@ class Run:
     stderr: str
     started: float  # time.monotonic() just before the spawn
     extra: dict[str, Any] = field(default_factory=dict)
+    #: (time.monotonic() when the line arrived, the line) for each line of stdout.
+    stamps: list[tuple[float, str]] = field(default_factory=list)
 
     @property
     def cpu(self) -> float:
@@ -71,13 +84,24 @@ class Run:
         return self.maxrss_kib / 1024
 
     def json_lines(self) -> list[dict[str, Any]]:
+        return [event for _, event in self.stamped_json()]
+
+    def stamped_json(self) -> list[tuple[float, dict[str, Any]]]:
+        """Each JSON line of stdout with the time from the spawn at which it arrived."""
         out = []
-        for line in self.stdout.splitlines():
+        for at, line in self.stamps:
             line = line.strip()
             if line.startswith("{"):
                 with contextlib.suppress(json.JSONDecodeError):
-                    out.append(json.loads(line))
+                    out.append((at - self.started, json.loads(line)))
         return out
+
+    def time_v_rss_mib(self) -> float:
+        """Peak RSS as ``/usr/bin/time -v`` printed it on stderr (the command ran under it)."""
+        found = re.findall(r"Maximum resident set size \(kbytes\): (\d+)", self.stderr)
+        if not found:
+            raise RuntimeError(f"no peak RSS in /usr/bin/time output: {self.stderr[-500:]}")
+        return int(found[-1]) / 1024
 
 
 class Bench:
@@ -137,16 +161,18 @@ class Bench:
         self.dirs.append(path)
         return path
 
-    def loop(self, backing: Path, size: int, *, allocate: bool = True) -> str:
-        """A loop device over a new file of ``size`` bytes.
+    def loop(self, backing: Path, size: int, *, allocate: bool = True,
+             reuse: bool = False) -> str:
+        """A loop device over a new file of ``size`` bytes (``reuse``: over an existing one).
 
         ``allocate`` reserves its blocks first (on tmpfs: its memory), so that the first run
         writing to the device does not also pay for allocating the backing file.
         """
-        with open(backing, "wb") as f:
-            f.truncate(size)
-            if allocate:
-                os.posix_fallocate(f.fileno(), 0, size)
+        if not (reuse and backing.exists()):
+            with open(backing, "wb") as f:
+                f.truncate(size)
+                if allocate:
+                    os.posix_fallocate(f.fileno(), 0, size)
         out = subprocess.run(["losetup", "-f", "--show", str(backing)], check=True,
                              capture_output=True, text=True).stdout.strip()
         self.loops.append(out)
@@ -159,9 +185,9 @@ class Bench:
         return path
 
     # Running things.
-    def run(self, argv: Sequence[str], *, cgroup: Path | None = None,
-            timeout: float = 600.0) -> Run:
-        """Run ``argv`` (in ``cgroup`` from its first instruction), wait, return its measures."""
+    def start(self, argv: Sequence[str], *, cgroup: Path | None = None,
+              code: Code | None = None, timeout: float = 600.0) -> Pending:
+        """Spawn ``argv`` (in ``cgroup`` from its first instruction, importing ``code``)."""
         argv = [str(a) for a in argv]
         cg_procs = str(cgroup / "cgroup.procs") if cgroup is not None else None
 
@@ -170,32 +196,138 @@ class Bench:
                 with open(cg_procs, "w") as f:
                     f.write(str(os.getpid()))
 
-        with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-            started = time.monotonic()
-            proc = subprocess.Popen(argv, stdout=out, stderr=err, stdin=subprocess.DEVNULL,
-                                    preexec_fn=enter_cgroup, cwd=REPO)
-            self.children.add(proc.pid)
-            deadline = started + timeout
-            while True:
-                pid, status, ru = os.wait4(proc.pid, os.WNOHANG)
-                if pid:
-                    break
-                if time.monotonic() > deadline:
-                    os.kill(proc.pid, signal.SIGKILL)
-                    pid, status, ru = os.wait4(proc.pid, 0)
-                    break
-                time.sleep(0.002)
-            wall = time.monotonic() - started
-            self.children.discard(proc.pid)
-            proc.returncode = os.waitstatus_to_exitcode(status)
-            out.seek(0)
-            err.seek(0)
-            result = Run(argv, wall, ru.ru_utime, ru.ru_stime, ru.ru_maxrss,
-                         proc.returncode, out.read().decode(errors="replace"),
-                         err.read().decode(errors="replace"), started)
+        code = code or NEW
+        err = tempfile.TemporaryFile()  # noqa: SIM115 (closed by finish())
+        started = time.monotonic()
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=err,
+                                stdin=subprocess.DEVNULL, preexec_fn=enter_cgroup,
+                                cwd=code.root, env=code.env())
+        self.children.add(proc.pid)
+        pending = Pending(argv, proc, err, started, started + timeout)
+        pending.reader.start()
+        return pending
+
+    def finish(self, pending: Pending) -> Run:
+        """Wait for a started process; its measures (raises if it failed)."""
+        proc = pending.proc
+        while True:
+            pid, status, ru = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            if time.monotonic() > pending.deadline:
+                os.kill(proc.pid, signal.SIGKILL)
+                pid, status, ru = os.wait4(proc.pid, 0)
+                break
+            time.sleep(0.002)
+        wall = time.monotonic() - pending.started
+        self.children.discard(proc.pid)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        pending.reader.join()
+        pending.err.seek(0)
+        stderr = pending.err.read().decode(errors="replace")
+        pending.err.close()
+        result = Run(pending.argv, wall, ru.ru_utime, ru.ru_stime, ru.ru_maxrss,
+                     proc.returncode, "".join(line for _, line in pending.stamps), stderr,
+                     pending.started, stamps=pending.stamps)
         if result.rc != 0:
-            raise RuntimeError(f"{' '.join(argv)} failed ({result.rc}): {result.stderr[-2000:]}")
+            raise RuntimeError(f"{' '.join(pending.argv)} failed ({result.rc}): "
+                               f"{result.stdout[-1000:]} {result.stderr[-2000:]}")
         return result
+
+    def run(self, argv: Sequence[str], *, cgroup: Path | None = None,
+            code: Code | None = None, timeout: float = 600.0) -> Run:
+        """Run ``argv`` (in ``cgroup`` from its first instruction), wait, return its measures."""
+        return self.finish(self.start(argv, cgroup=cgroup, code=code, timeout=timeout))
+
+
+class Pending:
+    """A spawned child whose stdout lines a thread stamps as they arrive."""
+
+    def __init__(self, argv: list[str], proc: subprocess.Popen[bytes], err: Any,
+                 started: float, deadline: float) -> None:
+        self.argv = argv
+        self.proc = proc
+        self.err = err
+        self.started = started
+        self.deadline = deadline
+        self.stamps: list[tuple[float, str]] = []
+        self.reader = threading.Thread(target=self._read, daemon=True)
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        with self.proc.stdout:
+            for raw in self.proc.stdout:
+                self.stamps.append((time.monotonic(), raw.decode(errors="replace")))
+
+
+@dataclass(frozen=True)
+class Code:
+    """Which popsicle_py a measured process imports: a checkout's root, and a short label."""
+
+    label: str
+    root: Path
+    version: str = ""
+
+    def env(self) -> dict[str, str]:
+        # The runner puts POPSICLE_BENCH_CODE first on sys.path; `python -m` puts the cwd
+        # (this root) first, so PYTHONPATH alone would not choose the code.
+        return {**os.environ, "PYTHONPATH": str(self.root), "POPSICLE_BENCH_CODE": str(self.root)}
+
+
+NEW = Code("new", REPO)
+
+
+def old_code(bench: Bench, spec: str) -> Code:
+    """The code to compare with: a checkout directory, or a git revision of this repository."""
+    path = Path(spec)
+    if (path / "popsicle_py").is_dir():
+        head = subprocess.run(["git", "-C", str(path), "rev-parse", "--short", "HEAD"],
+                              capture_output=True, text=True).stdout.strip()
+        return Code(f"old ({head or path})", path.resolve(), head or str(path))
+    rev = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", spec],
+                         capture_output=True, text=True)
+    if rev.returncode != 0:
+        raise SystemExit(f"--old {spec}: neither a checkout nor a git revision")
+    short = rev.stdout.strip()
+    root = bench.tempdir("/var/tmp")
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", short, "popsicle_py"],
+                             check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(root)], input=archive, check=True)
+    return Code(f"old ({short})", root, short)
+
+
+def codes_of(bench: Bench, old: str | None) -> list[Code]:
+    return [NEW] if old is None else [NEW, old_code(bench, old)]
+
+
+def cli_argv(image: Path, devices: Sequence[str], *flags: str) -> list[str]:
+    """The CLI as a user runs it, under /usr/bin/time -v for its peak RSS."""
+    return ["/usr/bin/time", "-v", sys.executable, "-m", "popsicle_py", "flash", str(image),
+            *devices, "--yes", "--json", *flags]
+
+
+def cli_results(run: Run, devices: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """Each device's ``result`` event, with ``seen``: seconds from the spawn to its arrival.
+
+    Raises unless every device's status is ok (a benchmark of a failed flash means nothing).
+    """
+    results = {}
+    for at, event in run.stamped_json():
+        if event.get("event") == "result":
+            results[event["device"]] = {**event, "seen": at}
+    bad = [d for d in devices if results.get(d, {}).get("status") != "ok"]
+    if bad:
+        raise RuntimeError(f"popsicle-py flash failed on {bad}: {run.stdout[-2000:]}")
+    return results
+
+
+def cli_notes(run: Run) -> list[str]:
+    """The CLI's ``note`` events (a fallback to lock-step says why there), deduplicated."""
+    seen: list[str] = []
+    for event in run.json_lines():
+        if event.get("event") == "note" and event.get("text") not in seen:
+            seen.append(str(event.get("text")))
+    return seen
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -246,6 +378,17 @@ def random_file(path: Path, size: int) -> None:
             left -= n
 
 
+def schedule(counts: dict[str, int]) -> list[tuple[int, str]]:
+    """(round, method) in the order to run them: each round runs every method that still has
+    runs to do, starting one further along the list each round, so methods take turns."""
+    names = list(counts)
+    order = []
+    for r in range(max(counts.values(), default=0)):
+        k = r % len(names)
+        order += [(r, n) for n in names[k:] + names[:k] if counts[n] > r]
+    return order
+
+
 def median(values: Iterable[float]) -> float:
     return statistics.median(list(values))
 
@@ -268,38 +411,48 @@ def _fmt(value: Any) -> str:
     return "" if value is None else str(value)
 
 
-def code_version() -> dict[str, str]:
-    """Which popsicle_py the runs import: the commit, and a hash of each of its sources.
+def code_version(code: Code | None = None) -> dict[str, str]:
+    """Which popsicle_py a run imports: the commit, and a hash of each of its sources.
 
-    Others edit the working tree while benchmarks run; comparing this before and after a run
-    tells whether every measured process imported the same code.
+    Comparing this before and after a run tells whether every measured process imported the
+    same code (someone may edit a checkout while a benchmark runs).
     """
     import hashlib
 
-    files = {path.name: hashlib.sha1(path.read_bytes()).hexdigest()[:12]
-             for path in sorted((REPO / "popsicle_py").glob("*.py"))}
-    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+    code = code or NEW
+    pkg = code.root / "popsicle_py"
+    files = {str(path.relative_to(pkg)): hashlib.sha1(path.read_bytes()).hexdigest()[:12]
+             for path in sorted(pkg.rglob("*.py"))}
+    if code.version:
+        return {"": code.version, **files}
+    head = subprocess.run(["git", "-C", str(code.root), "rev-parse", "--short", "HEAD"],
                           capture_output=True, text=True).stdout.strip() or "?"
-    dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "popsicle_py"],
+    dirty = subprocess.run(["git", "-C", str(code.root), "status", "--porcelain", "popsicle_py"],
                            capture_output=True, text=True).stdout.strip()
     return {"": f"{head}{' + uncommitted changes' if dirty else ''}", **files}
 
 
-#: What the engine runner imports; a change to anything else does not touch its figures.
-RUNNER_MODULES = ("__init__.py", "_version.py", "engine.py", "blockdev.py", "buffers.py",
-                  "messages.py")
+def versions(codes: Sequence[Code]) -> dict[str, dict[str, str]]:
+    return {code.label: code_version(code) for code in codes}
 
 
-def version_report(before: dict[str, str], after: dict[str, str]) -> tuple[list[str], bool]:
-    """Lines saying which code was measured; False when the runner's own code changed."""
-    lines = [f"popsicle_py at commit {before['']}, engine.py sha1 {before.get('engine.py')}"]
-    changed = sorted(k for k in set(before) | set(after) if k and before.get(k) != after.get(k))
-    if changed:
-        lines.append(f"WARNING: changed in popsicle_py/ during the run: {', '.join(changed)}")
-    runner_ok = not any(k in RUNNER_MODULES for k in changed)
-    if changed and runner_ok:
-        lines.append("  (none of them is imported by the engine runner: its figures stand)")
-    return lines, runner_ok
+def version_report(before: dict[str, dict[str, str]],
+                   after: dict[str, dict[str, str]]) -> tuple[list[str], bool]:
+    """Lines saying which code was measured; False when any of it changed during the run.
+
+    The CLI imports nearly every module, so any change in popsicle_py/ spoils its figures.
+    """
+    lines = []
+    same = True
+    for label, files in before.items():
+        lines.append(f"{label}: popsicle_py at commit {files['']}")
+        changed = sorted(k for k in set(files) | set(after[label])
+                         if k and files.get(k) != after[label].get(k))
+        if changed:
+            same = False
+            lines.append(f"WARNING: changed in {label}'s popsicle_py/ during the run: "
+                         f"{', '.join(changed)}")
+    return lines, same
 
 
 def caches_dropped() -> int:
@@ -339,7 +492,7 @@ def _read_bytes() -> int:
 def run_engine(argv: list[str]) -> int:
     """``--run-engine [--no-laggards] [--buckets N] [--bucket-size B] IMG DEV...``"""
     entry = time.monotonic()
-    sys.path.insert(0, str(REPO))
+    sys.path.insert(0, os.environ.get("POPSICLE_BENCH_CODE") or str(REPO))
     from popsicle_py import BusWriter, BusWriterMessage
     from popsicle_py.blockdev import OpenSpec, open_for_writing
 
@@ -382,8 +535,11 @@ def run_engine(argv: list[str]) -> int:
         end = time.monotonic()
         ru_after = resource.getrusage(resource.RUSAGE_SELF)
         io_after = _read_bytes()
-    # Diagnostics only (a private attribute): which destinations left the ring as laggards.
-    solo = [bool(getattr(w, "solo", False)) for w in getattr(writer, "_workers", [])]
+    # Diagnostics only (private attributes): which destinations left the ring as laggards.
+    # Before the engine/ package: writer._workers; since: the run's lanes.
+    lanes = getattr(writer, "_workers", None) or getattr(getattr(writer, "_run", None),
+                                                         "lanes", [])
+    solo = [bool(getattr(w, "solo", False)) for w in lanes]
     for d in dests:
         d.close()
     print(json.dumps({
@@ -399,7 +555,6 @@ def run_engine(argv: list[str]) -> int:
 
 def run_naive(argv: list[str]) -> int:
     """``--run-naive IMG DEV...``: read 16 MiB, write it to each O_DIRECT fd in turn."""
-    sys.path.insert(0, str(REPO))
     import mmap
 
     image, devices = argv[0], argv[1:]

@@ -1,49 +1,58 @@
-"""Benchmark of laggards (issue 9): does one slow drive hold back the fast ones?
+"""Benchmark of laggards (issues 9, 13, 16): does one slow drive hold back the fast ones?
 
-Run as root from anywhere:  python bench/bench_laggards.py [--quick] [--rounds N] [--cli]
+Run as root from anywhere:  python bench/bench_laggards.py [--quick] [--rounds N] [--old REV]
 
 Four loop devices over files on /dev/shm, throttled by one blkio cgroup that holds only the
 measured process: three at 48 MB/s and one at 8 MB/s.  A 192 MiB random image on the root disk
-(/var/tmp), so that reading it cold really reads the disk.  In every round, in rotating order:
+(/var/tmp), so that reading it cold really reads the disk.  Methods take turns, in rotating order:
 
-- solo: ``dd bs=16M oflag=direct`` to each drive alone, one after another (source warm in the
-  page cache, so dd's time is the drive's own time);
-- the engine runner (``bench/bench_engine.py --run-engine``) writing all four, with laggards
-  enabled (the default) and disabled (``.laggards(False)``), each after ``drop_caches``.
-  A drive's completion time runs from the start of ``write()`` to its ``Completed`` message
-  (as the CLI's "elapsed" does; the time from the runner's spawn, Python start-up included,
-  is shown too); the runner's ``/proc/self/io`` read_bytes around ``write()`` is the source
-  read from disk;
-- with ``--cli``, also ``popsicle-py flash --json --yes --no-verify`` (``"elapsed"`` of each
-  result event, which counts from the start of the job, so without Python start-up).
+- solo: ``dd bs=16M oflag=direct`` to each drive alone (source warm in the page cache, so dd's
+  time is the drive's own time).  The slow drive's dd runs beside the fast drives' ones, which
+  run one after another: each drive has its own throttle and dd needs next to no CPU;
+- the CLI as a user runs it: ``python -m popsicle_py flash IMG DEV... --yes --json
+  --no-verify`` after ``drop_caches``: each drive's ``"elapsed"`` (from the job's start), and
+  when its ``result`` line reached us (from the spawn, Python start-up included);
+- the engine runner (``bench/bench_engine.py --run-engine``), after ``drop_caches``: from the
+  start of ``write()`` to each ``Completed``, and from the spawn; its ``/proc/self/io``
+  read_bytes around ``write()`` is the source read from disk;
+- once: the runner with laggards off (``.laggards(False)``), the lock-step figure.
 
-Targets: each fast drive <= 1.15 x its solo time, the slow one <= 1.10 x, read_bytes <= 1.05 x
-the image size (with laggards enabled).  Figures are medians over the rounds.
+With ``--old DIR-or-REV`` the CLI and the runner of that code take turns with this one's (in
+``--old-rounds`` rounds, default 2, to keep the run short).
+
+Targets (this code, CLI and runner): each fast drive <= 1.15 x its solo time, the slow one <=
+1.10 x, read_bytes <= 1.05 x the image size.  Figures are medians over the rounds.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from _benchlib import (
     MB,
+    NEW,
     Bench,
     MiB,
-    Run,
     caches_dropped,
-    code_version,
+    cli_argv,
+    cli_results,
+    codes_of,
     dd_argv,
     drop_caches,
     log,
     median,
     random_file,
     runner_main,
+    schedule,
     table,
     throttle,
     version_report,
+    versions,
     warm,
 )
 
@@ -51,6 +60,7 @@ HERE = Path(__file__).resolve()
 ENGINE = HERE.parent / "bench_engine.py"
 RATES = [48 * MB, 48 * MB, 48 * MB, 8 * MB]
 TARGET_FAST, TARGET_SLOW, TARGET_READ = 1.15, 1.10, 1.05
+LOCK_STEP = "engine runner, laggards off, new"
 
 
 def main() -> int:
@@ -61,14 +71,17 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true",
                         help="a 96 MiB image and one round (for development)")
     parser.add_argument("--rounds", type=int, help="rounds (default 3, quick 1)")
-    parser.add_argument("--cli", action="store_true",
-                        help="also time popsicle-py flash --json (adds a run per round)")
+    parser.add_argument("--old", metavar="DIR-or-REV",
+                        help="also measure this checkout or git revision, taking turns")
+    parser.add_argument("--old-rounds", type=int, default=2,
+                        help="rounds for the --old code (default 2)")
     args = parser.parse_args()
     rounds = args.rounds or (1 if args.quick else 3)
     size = (96 if args.quick else 192) * MiB
 
-    version = code_version()
     with Bench() as bench:
+        codes = codes_of(bench, args.old)
+        version = versions(codes)
         disk = bench.tempdir("/var/tmp")
         shm = bench.tempdir("/dev/shm")
         image = disk / "image.img"
@@ -82,115 +95,123 @@ def main() -> int:
             throttle(cg, dev, rate)
         log("drives: " + ", ".join(f"{d} {r // MB} MB/s" for d, r in
                                    zip(devices, RATES, strict=True)))
+        slow = RATES.index(min(RATES))
 
-        def solo() -> list[float]:
+        def solo() -> dict[str, Any]:
             warm(image)
-            times = []
-            for dev in devices:
-                run = bench.run(dd_argv(image, dev), cgroup=cg)
-                times.append(run.wall)
-            return times
+            times = [0.0] * len(devices)
+            beside = bench.start(dd_argv(image, devices[slow]), cgroup=cg)
+            for i, dev in enumerate(devices):
+                if i != slow:
+                    times[i] = bench.run(dd_argv(image, dev), cgroup=cg).wall
+            times[slow] = bench.finish(beside).wall
+            return {"times": times}
 
-        def engine(*extra: str) -> tuple[list[float], int, Run]:
+        def engine(code: Any, *extra: str) -> dict[str, Any]:
             drop_caches()
             drops = caches_dropped()
             run = bench.run([sys.executable, str(ENGINE), "--run-engine", *extra, str(image),
-                             *devices], cgroup=cg)
+                             *devices], cgroup=cg, code=code)
             info = run.json_lines()[-1]
-            # Someone else dropping the page cache mid-run sends a laggard's reads to disk.
-            info["disturbed"] = caches_dropped() != drops
-            times = [t - info["start"] for t in info["completed"]]
-            info["from_spawn"] = [t - run.started for t in info["completed"]]
-            run.extra = info
-            return times, info["read_bytes"], run
+            return {"times": [t - info["start"] for t in info["completed"]],
+                    "spawn": [t - run.started for t in info["completed"]],
+                    "read": info["read_bytes"], "solo": sum(info["solo"]),
+                    # Someone else dropping the page cache sends a laggard's reads to disk.
+                    "disturbed": caches_dropped() != drops, "wall": run.wall}
 
-        def cli() -> tuple[list[float], int, Run]:
+        def cli(code: Any) -> dict[str, Any]:
             drop_caches()
-            run = bench.run([sys.executable, "-m", "popsicle_py", "flash", str(image), *devices,
-                             "--yes", "--json", "--no-verify"], cgroup=cg)
-            results = {e["device"]: e for e in run.json_lines() if e.get("event") == "result"}
-            bad = [d for d in devices if results.get(d, {}).get("status") != "ok"]
-            if bad:
-                raise RuntimeError(f"popsicle-py flash failed on {bad}: {run.stdout[-2000:]}")
-            return [results[d]["elapsed"] for d in devices], -1, run
+            run = bench.run(cli_argv(image, devices, "--no-verify"), cgroup=cg, code=code)
+            results = cli_results(run, devices)
+            return {"times": [results[d]["elapsed"] for d in devices],
+                    "spawn": [results[d]["seen"] for d in devices], "wall": run.wall,
+                    "rss": run.time_v_rss_mib()}
 
-        configs: dict[str, Any] = {
-            "solo": solo,
-            "laggards on": lambda: engine(),
-            "laggards off": lambda: engine("--no-laggards"),
-        }
-        if args.cli:
-            configs["CLI"] = cli
-        times: dict[str, list[list[float]]] = {name: [] for name in configs}
-        spawned: dict[str, list[list[float]]] = {name: [] for name in configs}
-        reads: dict[str, list[int]] = {name: [] for name in configs if name != "solo"}
-        solos: dict[str, list[int]] = {name: [] for name in configs if name != "solo"}
-        disturbed: dict[str, list[bool]] = {name: [] for name in configs if name != "solo"}
-        names = list(configs)
-        for r in range(rounds):
-            k = r % len(names)
-            for name in names[k:] + names[:k]:
-                if name == "solo":
-                    t = configs[name]()
-                else:
-                    t, read_bytes, run = configs[name]()
-                    reads[name].append(read_bytes)
-                    solos[name].append(sum(run.extra.get("solo", [])))
-                    disturbed[name].append(bool(run.extra.get("disturbed")))
-                    spawned[name].append(run.extra.get("from_spawn", t))
-                times[name].append(t)
-                log(f"  round {r + 1}/{rounds}: {name}: " + " ".join(f"{x:.2f}" for x in t)
-                    + (" (from spawn: " + " ".join(f"{x:.2f}" for x in spawned[name][-1])
-                       + ")" if name.startswith("laggards") else ""))
+        configs: dict[str, Callable[[], dict[str, Any]]] = {"solo dd": solo}
+        counts = {"solo dd": rounds}
+        for code in codes:
+            n = rounds if code is NEW else min(rounds, args.old_rounds)
+            configs[f"CLI, {code.label}"] = partial(cli, code)
+            configs[f"engine runner, {code.label}"] = partial(engine, code)
+            counts[f"CLI, {code.label}"] = counts[f"engine runner, {code.label}"] = n
+        configs[LOCK_STEP] = lambda: engine(NEW, "--no-laggards")
+        counts[LOCK_STEP] = 1
+        got: dict[str, list[dict[str, Any]]] = {name: [] for name in configs}
+        for r, name in schedule(counts):
+            info = configs[name]()
+            got[name].append(info)
+            log(f"  round {r + 1}/{rounds}: {name}: " + " ".join(f"{x:.2f}" for x in info["times"])
+                + (" (from spawn: " + " ".join(f"{x:.2f}" for x in info["spawn"]) + ")"
+                   if "spawn" in info else ""))
+        lines, same = version_report(version, versions(codes))
 
-    med = {name: [median(run[i] for run in ts) for i in range(len(devices))]
-           for name, ts in times.items()}
-    spawn_med = {name: [median(run[i] for run in ts) for i in range(len(devices))]
-                 for name, ts in spawned.items() if ts and name.startswith("laggards")}
-    headers = ["drive", "throttle", "solo dd s"]
-    engines = [n for n in names if n != "solo"]
-    for n in engines:
-        headers += [f"{n} s", "x solo"]
-    headers += ["laggards on, from spawn s", "x solo"]
-    rows = []
+    def med(name: str, key: str = "times") -> list[float]:
+        return [median(run[key][i] for run in got[name]) for i in range(len(devices))]
+
+    solo_t = med("solo dd")
     verdicts = []
-    for i, dev in enumerate(devices):
-        limit = TARGET_SLOW if RATES[i] == min(RATES) else TARGET_FAST
-        row: list[object] = [dev, f"{RATES[i] // MB} MB/s", med["solo"][i]]
-        for n in engines:
-            ratio = med[n][i] / med["solo"][i]
-            row += [med[n][i], f"{ratio:.3f}"]
-            if n == "laggards on":
-                verdicts.append((f"{dev} ({RATES[i] // MB} MB/s) <= {limit:.2f} x solo",
-                                 ratio, ratio <= limit))
-        spawn = spawn_med["laggards on"][i]
-        row += [spawn, f"{spawn / med['solo'][i]:.3f}"]
-        rows.append(row)
-    read_rows = []
-    for n in engines:
-        if n == "CLI":
-            continue
-        ratio = median(reads[n]) / size
-        read_rows.append([n, f"{median(reads[n]) / MiB:.1f}",
-                          " ".join(f"{x / MiB:.1f}" for x in reads[n]), f"{ratio:.3f}",
-                          " ".join(str(x) for x in solos[n]),
-                          " ".join("yes" if x else "no" for x in disturbed[n])])
-        if n == "laggards on":
-            verdicts.append((f"source read from disk <= {TARGET_READ:.2f} x image", ratio,
-                             ratio <= TARGET_READ))
 
-    lines, same = version_report(version, code_version())
+    def columns(names: list[str], key: str) -> tuple[list[str], list[list[object]]]:
+        headers = ["drive", "throttle", "solo dd s"]
+        for n in names:
+            headers += [f"{n} s", "x solo"]
+        rows = []
+        for i, dev in enumerate(devices):
+            row: list[object] = [dev, f"{RATES[i] // MB} MB/s", solo_t[i]]
+            for n in names:
+                value = med(n, key)[i]
+                row += [value, f"{value / solo_t[i]:.3f}"]
+            rows.append(row)
+        return headers, rows
+
+    def check(name: str) -> None:
+        for i, dev in enumerate(devices):
+            limit = TARGET_SLOW if i == slow else TARGET_FAST
+            ratio = med(name)[i] / solo_t[i]
+            verdicts.append((f"{name}: {dev} ({RATES[i] // MB} MB/s) <= {limit:.2f} x solo",
+                             ratio, ratio <= limit))
+
+    cli_names = [f"CLI, {c.label}" for c in codes]
+    engine_names = [f"engine runner, {c.label}" for c in codes]
+    check(f"CLI, {NEW.label}")
+    check(f"engine runner, {NEW.label}")
     print("\n".join(lines))
     if not same:
-        verdicts.append(("the engine's code unchanged throughout", 0.0, False))
+        verdicts.append(("the measured code unchanged throughout", 0.0, False))
     print()
+    runs_of = ", ".join(f"{n}: {len(got[n])}" for n in configs)
     print(f"laggards: {size // MiB} MiB random image on /var/tmp, 4 loop devices "
-          f"({', '.join(f'{r // MB}' for r in RATES)} MB/s), {rounds} rounds, medians; "
-          "engine times from the start of write() to each drive's Completed (last column: "
-          "from the runner's spawn, Python start-up included)"
-          + ("; CLI times are its \"elapsed\" (from the job's start)" if args.cli else ""))
-    print(table(headers, rows))
+          f"({', '.join(f'{r // MB}' for r in RATES)} MB/s), medians (runs: {runs_of})")
     print()
+    print("CLI (`python -m popsicle_py flash IMG DEV... --yes --json --no-verify`, page cache "
+          "dropped first): each drive's \"elapsed\" from its result event (from the job's start)")
+    print(table(*columns(cli_names, "times")))
+    print()
+    print("CLI, when each drive's result line arrived, from the spawn (Python start-up "
+          "included); whole process, spawn to exit: "
+          + ", ".join(f"{n} {median(x['wall'] for x in got[n]):.2f} s" for n in cli_names)
+          + "; peak RSS (/usr/bin/time -v): "
+          + ", ".join(f"{n} {median(x['rss'] for x in got[n]):.1f} MiB" for n in cli_names))
+    print(table(*columns(cli_names, "spawn")))
+    print()
+    print("engine runner: from the start of write() to each drive's Completed; the lock-step "
+          "column is the runner with laggards off")
+    print(table(*columns([*engine_names, LOCK_STEP], "times")))
+    print()
+    print("engine runner, from its spawn (Python start-up included)")
+    print(table(*columns(engine_names, "spawn")))
+    print()
+    read_rows = []
+    for n in [*engine_names, LOCK_STEP]:
+        reads = [x["read"] for x in got[n]]
+        ratio = median(reads) / size
+        read_rows.append([n, f"{median(reads) / MiB:.1f}",
+                          " ".join(f"{x / MiB:.1f}" for x in reads), f"{ratio:.3f}",
+                          " ".join(str(x["solo"]) for x in got[n]),
+                          " ".join("yes" if x["disturbed"] else "no" for x in got[n])])
+        if n == f"engine runner, {NEW.label}":
+            verdicts.append((f"{n}: source read from disk <= {TARGET_READ:.2f} x image",
+                             ratio, ratio <= TARGET_READ))
     print(f"source read from disk (runner's /proc/self/io read_bytes, cold cache), image "
           f"{size / MiB:.1f} MiB")
     print(table(["engine", "read MiB (median)", "each run", "x image",

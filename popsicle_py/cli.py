@@ -802,7 +802,7 @@ def _confirm_probe(plan: Plan, yes: bool) -> None:
         return
     _require_terminal()
     console = _stderr()
-    table = Table(title="Probe the capacity of (data at the probe's test positions is lost)",
+    table = Table(title="Probe the capacity of (test stamps are written, then put back)",
                   title_justify="left")
     for column in ("Device", "Drive", "Size", "Mounted at", "Warnings"):
         table.add_column(column, overflow="fold")
@@ -812,7 +812,7 @@ def _confirm_probe(plan: Plan, yes: bool) -> None:
     console.print(table)
     for note in plan.notes:
         console.print(note)
-    if not click.confirm(f"Data on these {len(plan.targets)} drive(s) will be damaged. "
+    if not click.confirm(f"Test stamps will be written to these {len(plan.targets)} drive(s). "
                          "Continue?", default=False, err=True):
         raise Refused(["cancelled at the confirmation: nothing was written"])
 
@@ -832,7 +832,7 @@ def probe_command(devices: tuple[str, ...], yes: bool, unmount: bool, as_json: b
     """Check that each DEVICE stores as much as it claims (counterfeit drives), no flashing.
 
     Writes small test stamps spread over each drive (never its first 64 KiB) and reads them
-    back: data at those positions is destroyed. Exit 0 when every drive is genuine, 1 when
+    back, then puts back what they overwrote. Exit 0 when every drive is genuine, 1 when
     some drive is counterfeit or failed, 2 when refused.
     """
     def body() -> int:

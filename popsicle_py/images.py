@@ -956,6 +956,30 @@ def choose_sidecar(base: str, beside: Callable[[str], str],
     return None
 
 
+def decompress_to(image: Image, path: str, cancel: Callable[[], bool],
+                  progress: Callable[[int], None]) -> int | None:
+    """Write the image's decoded bytes to a new file at ``path``; their count, None if cancelled.
+
+    ImageError when the image is corrupt or the file cannot be written.
+    """
+    done = 0
+    buf = memoryview(bytearray(4 << 20))
+    try:
+        with image.open() as source, open(path, "wb") as out:
+            while True:
+                if cancel():
+                    return None
+                n = source.readinto(buf) or 0
+                if not n:
+                    return done
+                out.write(buf[:n])
+                done += n
+                progress(done)
+    except OSError as exc:
+        raise ImageError(f"cannot decompress {image.path} to {path}: "
+                         f"{exc.strerror or exc}") from None
+
+
 def verify_checksum(
     path: str,
     checksum: Checksum,

@@ -66,6 +66,7 @@ from popsicle_py.images import (
     ChecksumCancelled,
     Image,
     ImageError,
+    decompress_to,
     open_image,
     verify_checksum,
 )
@@ -83,8 +84,6 @@ WATCH_BUCKET_SIZE = 4 << 20
 WATCH_BUCKETS = 4
 #: How long the main loop waits for a uevent before looking at signals and finished drives.
 POLL_INTERVAL = 0.1
-#: Decompression writes the raw copy this much at a time.
-COPY_CHUNK = 4 << 20
 #: Room kept free next to the raw copy (filesystems misbehave when completely full).
 COPY_MARGIN = 64 << 20
 
@@ -350,22 +349,10 @@ class WatchSession:
                              "TMPDIR to a directory with more room")
         path = os.path.join(self._copy_dir, "image.raw")
         self.emit(Phase(None, Step.DECOMPRESSING, self.image.path))
-        done = 0
-        buf = memoryview(bytearray(COPY_CHUNK))
-        try:
-            with self.image.open() as source, open(path, "wb") as out:
-                while True:
-                    if self.cancel():
-                        return None
-                    n = source.readinto(buf)
-                    if not n:
-                        break
-                    out.write(buf[:n])
-                    done += n
-                    self._emit_now(Progress(None, Step.DECOMPRESSING, done, size))
-        except OSError as exc:
-            raise ImageError(f"cannot decompress {self.image.path} to {path}: "
-                             f"{exc.strerror or exc}") from None
+        done = decompress_to(self.image, path, self.cancel, lambda n: self._emit_now(
+            Progress(None, Step.DECOMPRESSING, n, size)))
+        if done is None:
+            return None
         self.emit(Note(f"decompressed {self.image.path} once ({format_size(done)}) to a "
                        "temporary raw copy; every drive is written from it"))
         copy = open_image(path)

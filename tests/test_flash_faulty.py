@@ -107,6 +107,26 @@ def test_no_probe_skips_the_probe(faulty_drive: Callable[..., FaultyDrive],
     assert not fake.ever_written(IMAGE, GiB)
 
 
+@pytest.mark.parametrize("real", [16 * MiB, 24 * MiB, 32 * MiB, 40 * MiB])
+def test_without_the_probe_no_write_order_lets_a_wrap_pass(
+        faulty_drive: Callable[..., FaultyDrive], loop_factory: Callable[..., Loop],
+        image: tuple[Path, bytes], real: int) -> None:
+    """A fake that wraps inside the image (smaller and larger than half of it), the probe off:
+    repairs and the image's head are written after parts were checked, and each such write
+    lands, through the wrap, on bytes already checked.  It must end ``invalid``, never ok.
+    (Before: the first bucket, written after the rest was verified, overwrote checked bytes,
+    and 16, 24, 32 MiB wraps of a 48 MiB image ended ok.)"""
+    path, data = image
+    healthy = loop_factory(64 * MiB, fill=FILL)
+    fake = faulty_drive(GiB, fill=FILL, wrap=real)
+    rc, events, stderr = flash(path, healthy.path, fake.path, extra=("--no-probe",))
+    assert rc == 1, stderr
+    assert statuses(events) == {healthy.path: "ok", fake.path: "invalid"}
+    assert result_of(events, fake.path)["cause"] == "mismatch"
+    assert_healthy(healthy, data)
+    assert fake.read(0, HEAD) != data[:HEAD]
+
+
 # -- dying drives ---------------------------------------------------------------------------------
 
 

@@ -8,75 +8,39 @@ after dropping their cached pages): the engine reads whatever they return.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Sequence
-from dataclasses import replace
 from typing import Any
 
 import xxhash
 
 from popsicle_py.blockdev import first_difference, read_full, seek
 from popsicle_py.buffers import aligned_buffer
+from popsicle_py.engine.builder import Builder
 from popsicle_py.engine.checks import EndedEarly, check_extents
-from popsicle_py.engine.config import CHUNK, DEFAULT_BUCKET_SIZE, POLL, Config
+from popsicle_py.engine.config import CHUNK, DEFAULT_BUCKET_SIZE, POLL
 from popsicle_py.engine.reader import Reader
 from popsicle_py.engine.ring import Ring
 from popsicle_py.engine.supervisor import Callback, CancelCheck, Lane, Supervisor
 from popsicle_py.messages import BusVerifierMessage as Msg
 
 
-class BusVerifier:
+class BusVerifier(Builder):
     """Compare destinations with ``source`` (read once for all), or with recorded digests."""
 
     def __init__(self, source: Any, destinations: Sequence[Any], callback: Callback,
                  cancel: CancelCheck) -> None:
-        if not destinations:
-            raise ValueError("no destinations: give at least one")
-        self.source = source
-        self.destinations = list(destinations)
-        self.callback = callback
-        self.cancel = cancel
-        self.config = Config()
+        super().__init__(source, destinations, callback, cancel)
         self._digests: tuple[bytes, ...] | None = None
         self._extents: tuple[tuple[int, int], ...] = ()
         self._indices: Sequence[int] = ()
         self._report_all = False
-        self._lock = threading.Lock()
-        self._early: list[Any] = []
-        self._outbox: Any = None
-
-    def post(self, message: Any) -> None:
-        """From any thread: deliver ``message`` to the callback on the calling thread."""
-        with self._lock:
-            if self._outbox is None:
-                self._early.append(message)
-                return
-            outbox = self._outbox
-        outbox.put(message)
-
-    def _set(self, **changes: Any) -> BusVerifier:
-        self.config = replace(self.config, **changes)
-        return self
-
-    def buckets(self, count: int) -> BusVerifier:
-        if count < 1:
-            raise ValueError("buckets must be at least 1")
-        return self._set(buckets=count)
-
-    def bucket_size(self, size: int) -> BusVerifier:
-        if size < 1:
-            raise ValueError("bucket size must be at least 1 byte")
-        return self._set(bucket_size=size, bucket=None)
 
     def with_bucket(self, buffer: Any) -> BusVerifier:
+        """The buffer's length sets the bucket size (the verifier keeps its own memory)."""
         size = len(memoryview(buffer).cast("B"))
         if size <= 0:
             raise ValueError("the bucket buffer is empty")
         return self._set(bucket_size=size, bucket=None)
-
-    def stall_timeout(self, seconds: float | None) -> BusVerifier:
-        """Fail a destination whose reads make no progress for this long (None: never)."""
-        return self._set(stall_timeout=seconds)
 
     def with_digests(self, digests: Sequence[bytes], bucket_size: int, size: int,
                      *, first: int = 0, last: int | None = None,
@@ -105,11 +69,7 @@ class BusVerifier:
         when reading it fails.
         """
         run = _VerifyRun(self)
-        with self._lock:
-            for message in self._early:
-                run.supervisor.outbox.put(message)
-            self._early.clear()
-            self._outbox = run.supervisor.outbox
+        self._attach(run.supervisor.outbox)
         return run.run()
 
 

@@ -42,6 +42,7 @@ from popsicle_py.blockdev import (
     write_at,
 )
 from popsicle_py.buffers import aligned_buffer, is_aligned
+from popsicle_py.engine.builder import Builder
 from popsicle_py.engine.checks import EndedEarly, check_extents
 from popsicle_py.engine.config import CHUNK, HEAD, POLL, Config, Extent, Prepare, SourceAt
 from popsicle_py.engine.reader import Reader, pread_source
@@ -54,7 +55,7 @@ from popsicle_py.events import Step
 from popsicle_py.messages import BusWriterMessage as Msg
 
 
-class BusWriter:
+class BusWriter(Builder):
     """Read ``source`` once and write it to every destination in parallel.
 
     ``callback`` receives :class:`~popsicle_py.messages.BusWriterMessage` values on the calling
@@ -70,34 +71,8 @@ class BusWriter:
 
     def __init__(self, source: Any, destinations: Sequence[Any], callback: Callback,
                  cancel: CancelCheck) -> None:
-        if not destinations:
-            raise ValueError("no destinations: give at least one")
-        self.source = source
-        self.destinations = list(destinations)
-        self.callback = callback
-        self.cancel = cancel
-        self.config = Config()
+        super().__init__(source, destinations, callback, cancel)
         self._run: _WriteRun | None = None
-        self._lock = threading.Lock()
-        self._early: list[Any] = []
-
-    def post(self, message: Any) -> None:
-        """From any thread: deliver ``message`` to the callback, on the calling thread.
-
-        For news of the caller's own that arises on another thread (a download's progress, read
-        by the reader): the callback stays single-threaded.  Before ``write()`` starts, messages
-        wait for it.
-        """
-        with self._lock:
-            if self._run is None:
-                self._early.append(message)
-                return
-            outbox = self._run.supervisor.outbox
-        outbox.put(message)
-
-    def _set(self, **changes: Any) -> BusWriter:
-        self.config = replace(self.config, **changes)
-        return self
 
     # Builder methods (the seed's API, chainable).
     def with_bucket(self, buffer: Any) -> BusWriter:
@@ -111,22 +86,6 @@ class BusWriter:
         if size <= 0:
             raise ValueError("the bucket buffer is empty")
         return self._set(bucket_size=size, bucket=buffer if is_aligned(buffer) else None)
-
-    def buckets(self, count: int) -> BusWriter:
-        """How many buckets may be in flight (at least 1)."""
-        if count < 1:
-            raise ValueError("buckets must be at least 1")
-        return self._set(buckets=count)
-
-    def bucket_size(self, size: int) -> BusWriter:
-        """Bucket size in bytes, when no buffer of the caller's is given."""
-        if size < 1:
-            raise ValueError("bucket size must be at least 1 byte")
-        return self._set(bucket_size=size, bucket=None)
-
-    def stall_timeout(self, seconds: float | None) -> BusWriter:
-        """Fail a destination that makes no progress for this long (None: never)."""
-        return self._set(stall_timeout=seconds)
 
     def expect_size(self, size: int | None) -> BusWriter:
         """Fail the run if the source does not hold exactly ``size`` bytes."""
@@ -225,11 +184,8 @@ class BusWriter:
                                                    or dest.seekable())):
                     raise ValueError("first_bucket_last needs seekable destinations")
         run = _WriteRun(self.source, self.destinations, self.callback, self.cancel, self.config)
-        with self._lock:
-            for message in self._early:
-                run.supervisor.outbox.put(message)
-            self._early.clear()
-            self._run = run
+        self._run = run
+        self._attach(run.supervisor.outbox)
         return run.run()
 
 

@@ -29,7 +29,7 @@ from typing import Any
 
 import xxhash
 
-from popsicle_py import drives
+from popsicle_py import drives, sysfs
 from popsicle_py.buffers import address_of, aligned_buffer
 from popsicle_py.errors import Counterfeit
 from popsicle_py.events import Cause
@@ -422,10 +422,9 @@ def sysfs_read_only(path: str) -> bool:
     """The kernel's own read-only flag for a block device (1 in /sys/dev/block/M:m/ro)."""
     try:
         rdev = os.stat(path).st_rdev
-        with open(f"/sys/dev/block/{os.major(rdev)}:{os.minor(rdev)}/ro") as f:
-            return f.read().strip() == "1"
     except OSError:
         return False
+    return sysfs.attr(rdev, "ro") == "1"
 
 
 # --------------------------------------------------------------------------------------------
@@ -443,12 +442,7 @@ class MediaChanged(OSError):
         return self.message
 
 
-def _sysfs(devnum: int, name: str) -> str | None:
-    try:
-        with open(f"/sys/dev/block/{os.major(devnum)}:{os.minor(devnum)}/{name}") as f:
-            return f.read().strip()
-    except OSError:
-        return None
+_sysfs = sysfs.attr
 
 
 def _ioctl_u64(fd: int, request: int) -> int | None:

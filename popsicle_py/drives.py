@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 
 import pyudev
 
-from popsicle_py import blockdev
+from popsicle_py import blockdev, sysfs
 from popsicle_py.errors import Refused
 
 # Re-exported: callers find every drive rule here.
@@ -34,8 +34,6 @@ from popsicle_py.identity import MediaIdentity as MediaIdentity
 from popsicle_py.identity import not_confirmed
 from popsicle_py.identity import same_media as same_media
 from popsicle_py.units import format_size
-
-SYSFS = "/sys"
 
 #: Mountpoints that make the drive beneath them a system drive, in the order reasons name them.
 SYSTEM_MOUNTS: tuple[str, ...] = (
@@ -398,16 +396,8 @@ def decode_udev(value: str) -> str:
 # sysfs and system facts (I/O)
 
 
-def _sys_dev(devnum: int) -> str:
-    return f"{SYSFS}/dev/block/{os.major(devnum)}:{os.minor(devnum)}"
-
-
-def _read(path: str) -> str | None:
-    try:
-        with open(path) as f:
-            return f.read().strip()
-    except OSError:
-        return None
+_sys_dev = sysfs.block_dir
+_read = sysfs.read
 
 
 def _parse_devnum(text: str | None) -> int | None:
@@ -541,7 +531,7 @@ def overlay_layers(options: str) -> list[str]:
 
 def btrfs_groups() -> list[frozenset[int]]:
     """The devices of each btrfs filesystem the kernel has open (/sys/fs/btrfs/*/devices)."""
-    root = f"{SYSFS}/fs/btrfs"
+    root = f"{sysfs.ROOT}/fs/btrfs"
     groups: list[frozenset[int]] = []
     try:
         fsids = sorted(os.listdir(root))

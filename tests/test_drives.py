@@ -19,7 +19,7 @@ from loopdev import (
     mounted_ext4,
 )
 
-from popsicle_py import drives
+from popsicle_py import drives, sysfs
 from popsicle_py.drives import (
     Drive,
     Mount,
@@ -148,7 +148,7 @@ def test_stack_follows_partitions_and_dm_slaves(tmp_path: Path,
     dm0 = _fake_block(tmp_path, "virtual/block/dm-0", "253:0")
     (dm0 / "slaves").mkdir()
     (dm0 / "slaves" / "sdb1").symlink_to(sdb1)
-    monkeypatch.setattr(drives, "SYSFS", str(tmp_path))
+    monkeypatch.setattr(sysfs, "ROOT", str(tmp_path))
     assert drives.stack_of(os.makedev(253, 0)) == {
         os.makedev(253, 0), os.makedev(8, 17), os.makedev(8, 16)}
     assert drives.stack_of(os.makedev(8, 16)) == {os.makedev(8, 16)}

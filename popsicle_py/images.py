@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO, TypeAlias
 import zstandard
 from zlib_ng import zlib_ng
 
-from popsicle_py.errors import Refused
+from popsicle_py.errors import Cancelled, Refused
 
 __all__ = [
     "Checksum",
@@ -73,8 +73,12 @@ class ImageError(Refused):
     """A problem with the source image or its checksum, as one line the user can act on."""
 
 
-class ChecksumCancelled(ImageError):
-    """verify_checksum() stopped because cancel() said so; not a verdict on the image."""
+class ChecksumCancelled(Cancelled, ImageError):
+    """verify_checksum() stopped because cancel() said so; not a verdict on the image.
+
+    The one Cancelled of the tree, and an ImageError, so that callers that refuse on image
+    problems before writing also stop cleanly on it.
+    """
 
 
 def detect_format(head: bytes) -> str:

@@ -156,18 +156,24 @@ def _expose_python() -> str:
     """Shell lines that make this interpreter reachable by other uids inside the namespace.
 
     A pyenv under /root (mode 0700) is not: a tmpfs over the closed directory, holding a bind
-    mount of the one child on the way to the interpreter, opens the path and nothing else.
+    mount of the one child on the way to the interpreter, opens the path and nothing else.  A
+    venv's prefix and the interpreter it links to (its base prefix) both need it.
     """
-    prefix = Path(sys.prefix).resolve()
-    for directory in reversed(prefix.parents):
-        if directory == Path("/") or directory.stat().st_mode & 0o001:
-            continue
-        child = prefix.relative_to(directory).parts[0]
-        stage = f"$W/stage-{child}"
-        return (f"mkdir -p {stage} && mount --bind {shlex.quote(str(directory / child))} {stage}"
+    lines = []
+    done: set[Path] = set()
+    for prefix in {Path(p).resolve() for p in (sys.prefix, sys.base_prefix)}:
+        for directory in reversed(prefix.parents):
+            if directory == Path("/") or directory.stat().st_mode & 0o001 or directory in done:
+                continue
+            done.add(directory)
+            child = prefix.relative_to(directory).parts[0]
+            stage = f"$W/stage-{child}"
+            lines.append(
+                f"mkdir -p {stage} && mount --bind {shlex.quote(str(directory / child))} {stage}"
                 f" && mount -t tmpfs -o mode=755 popsicle-udisks-expose {directory}"
                 f" && mkdir -p {directory / child} && mount --move {stage} {directory / child}")
-    return ":"
+            break
+    return " && ".join(lines) or ":"
 
 
 _NAMESPACE = r"""

@@ -330,8 +330,9 @@ class FlashJob(_Job):
                     self.emit(Note(f"every drive goes at the slowest one's pace from here on: "
                                    f"no spill file for the decompressed image ({reason})"))
 
+        first = Step.PROBING if options.probe is not None else Step.WRITING
         for drive in self.drives:
-            self.emit(Phase(drive.path, Step.WRITING))
+            self.emit(Phase(drive.path, first))
         source = None
         tap = self._tap()
         try:

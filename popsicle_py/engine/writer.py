@@ -296,7 +296,6 @@ class _WriteRun:
     def _lane(self, lane: Lane) -> None:
         config = self.config
         if config.prepare is not None:
-            lane.post(Msg.Stage(lane.id, Step.PROBING))
             lane.waiting = False
             lane.touch()
             config.prepare(lane.dest)

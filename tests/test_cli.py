@@ -185,7 +185,8 @@ def test_flash_three_drives_plain_then_verify(loop_factory: Callable[..., Loop],
         states = state_lines(result.stdout, loop.path)
         # One line per state change: never the same state twice in a row for one drive.
         assert all(a != b for a, b in itertools.pairwise(states)), states
-        assert states[0] == f"{loop.path}: writing", states
+        # The capacity probe first, then writing.
+        assert states[:2] == [f"{loop.path}: probing", f"{loop.path}: writing"], states
         assert f"{loop.path}: verifying" in states, states
         assert states[-1].startswith(f"{loop.path}: ok"), states
         assert [s for s in states if ": ok" in s] == [states[-1]], states

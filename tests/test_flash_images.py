@@ -198,9 +198,19 @@ def test_verification_reads_the_source_once(loop_factory: Callable[..., Loop],
 
     def emit(event: events.Event) -> None:
         seen.append(event)
-        # Corrupt one byte of one drive between its write and its verification.
-        if isinstance(event, events.Phase) and event.device == flipped.path \
-                and event.phase == "verifying" and not corrupted:
+
+    # Corrupt one byte of one drive between its write and its verification: on the drive's
+    # own thread, at its first read after a flush (an event reaches us too late for that).
+    device = devices[1]
+    fsync, readinto = device.fsync, device.readinto
+    flushed: list[bool] = []
+
+    def after_flush() -> None:
+        fsync()
+        flushed.append(True)
+
+    def read(buffer: Any) -> int:
+        if flushed and not corrupted:
             corrupted.append(True)
             with open(flipped.path, "r+b", buffering=0) as f:
                 f.seek(2_000_000)
@@ -208,6 +218,10 @@ def test_verification_reads_the_source_once(loop_factory: Callable[..., Loop],
                 f.seek(2_000_000)
                 f.write(bytes([byte[0] ^ 0xFF]))
                 os.fsync(f.fileno())
+        return readinto(buffer)
+
+    device.fsync = after_flush  # type: ignore[method-assign]
+    device.readinto = read  # type: ignore[method-assign]
 
     summary = FlashJob(image, devices, FlashOptions(bucket_size=1 << 20, repair_attempts=0), emit,
                        lambda: False).run()

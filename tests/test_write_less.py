@@ -20,7 +20,7 @@ from conftest import Loop, needs_root, popsicle_cmd
 
 from popsicle_py import bmap as bmap_mod
 from popsicle_py import events
-from popsicle_py.blockdev import OpenSpec, open_for_writing
+from popsicle_py.blockdev import BlockDevice, OpenSpec, open_for_writing
 from popsicle_py.flash import FlashJob, FlashOptions
 from popsicle_py.images import open_image
 
@@ -218,27 +218,47 @@ def test_bmap_version_1_with_sha1(tmp_path: Path) -> None:
 
 
 class Corrupter:
-    """Flips one byte of a drive each time its verification starts (``times`` times)."""
+    """Flips one byte of a drive as its verification begins (``times`` times).
+
+    On the drive's own thread, at its first read after a flush: verification follows the
+    flush, and the flip must land before the bytes it changes are read back (an event seen by
+    the job's thread would come too late).
+    """
 
     def __init__(self, loop: Loop, offset: int, times: int) -> None:
         self.loop, self.offset, self.left = loop, offset, times
 
-    def __call__(self, event: events.Event) -> None:
-        if isinstance(event, events.Phase) and event.device == self.loop.path \
-                and event.phase == "verifying" and self.left > 0:
-            self.left -= 1
-            with open(self.loop.path, "r+b", buffering=0) as f:
-                byte = os.pread(f.fileno(), 1, self.offset)
-                os.pwrite(f.fileno(), bytes([byte[0] ^ 0xFF]), self.offset)
-                os.fsync(f.fileno())
+    def arm(self, device: BlockDevice) -> None:
+        flushed = [False]
+        fsync, readinto = device.fsync, device.readinto
+
+        def after_flush() -> None:
+            fsync()
+            flushed[0] = True
+
+        def read(buffer: memoryview | bytearray) -> int:
+            if flushed[0] and self.left > 0:
+                flushed[0] = False
+                self.left -= 1
+                with open(self.loop.path, "r+b", buffering=0) as f:
+                    byte = os.pread(f.fileno(), 1, self.offset)
+                    os.pwrite(f.fileno(), bytes([byte[0] ^ 0xFF]), self.offset)
+                    os.fsync(f.fileno())
+            return readinto(buffer)
+
+        device.fsync = after_flush  # type: ignore[method-assign]
+        device.readinto = read  # type: ignore[method-assign]
 
 
 def _flash_with(corrupter: Corrupter, image: Path, loops: list[Loop],
                 repair_attempts: int) -> events.Summary:
     devices = [open_for_writing(OpenSpec(d.path, d.size)) for d in loops]
+    for device in devices:
+        if device.path == corrupter.loop.path:
+            corrupter.arm(device)
     return FlashJob(open_image(str(image)), devices,
                     FlashOptions(bucket_size=MiB, repair_attempts=repair_attempts),
-                    corrupter, lambda: False).run()
+                    lambda event: None, lambda: False).run()
 
 
 def test_a_bucket_corrupted_before_verification_is_repaired(

@@ -20,6 +20,7 @@ Stopping the namespace's process group kills every daemon and takes the mounts w
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import re
 import shlex
@@ -46,8 +47,42 @@ GROUP_GID = 64200
 GROUP = "popsicle"
 
 
+#: Debian's udisks2 and what udisksd links to, unpacked and never installed: installing the
+#: package would pull in and start udev, and no udev daemon may run under the other tests.
+UDISKS_DEBS = ("udisks2", "libudisks2-0", "libblockdev2", "libblockdev-utils2", "libblockdev-fs2",
+               "libblockdev-loop2", "libblockdev-part2", "libblockdev-swap2",
+               "libblockdev-crypto2", "libblockdev-part-err2", "libgudev-1.0-0", "libatasmart4",
+               "libbytesize1", "libbytesize-common", "libparted2", "libparted-fs-resize0")
+
+
+def unpack_udisks() -> str | None:
+    """Unpack the packages into UDISKS_ROOT once (apt-get download, dpkg-deb -x); why not."""
+    if (UDISKS_ROOT / UDISKSD).exists():
+        return None
+    if shutil.which("apt-get") is None or shutil.which("dpkg-deb") is None:
+        return "apt-get and dpkg-deb are needed to unpack udisks2"
+    UDISKS_ROOT.parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{UDISKS_ROOT}.lock", "w") as lock:  # two test workers unpack it once
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (UDISKS_ROOT / UDISKSD).exists():
+            return None
+        return _unpack()
+
+
+def _unpack() -> str | None:
+    with tempfile.TemporaryDirectory() as debs:
+        got = subprocess.run(["apt-get", "download", "-qq", *UDISKS_DEBS], cwd=debs,
+                             capture_output=True, text=True)
+        if got.returncode != 0:
+            return f"apt-get download of udisks2 failed: {got.stderr.strip()[-200:]}"
+        UDISKS_ROOT.mkdir(parents=True, exist_ok=True)
+        for deb in sorted(Path(debs).glob("*.deb")):
+            subprocess.run(["dpkg-deb", "-x", str(deb), str(UDISKS_ROOT)], check=True)
+    return None
+
+
 def missing() -> str | None:
-    """Why the harness cannot run here, or None."""
+    """Why the harness cannot run here, or None (udisks2 is unpacked on first use)."""
     if os.geteuid() != 0:
         return "needs root (mount namespace, loop devices)"
     for tool in ("dbus-daemon", "umockdev-run", "unshare", "nsenter", "setpriv", "mknod"):
@@ -55,8 +90,11 @@ def missing() -> str | None:
             return f"{tool} is not installed"
     if not Path(POLKITD).exists():
         return "polkitd is not installed"
+    why = unpack_udisks()
+    if why is not None:
+        return why
     if not (UDISKS_ROOT / UDISKSD).exists():
-        return f"udisks2 is not unpacked in {UDISKS_ROOT} (see .ci/run)"
+        return f"udisks2 is not unpacked in {UDISKS_ROOT}"
     return None
 
 

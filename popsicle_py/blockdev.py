@@ -29,7 +29,7 @@ from typing import Any
 
 import xxhash
 
-from popsicle_py import drives, sysfs
+from popsicle_py import sysfs
 from popsicle_py.buffers import address_of, aligned_buffer
 from popsicle_py.errors import Counterfeit
 from popsicle_py.events import Cause
@@ -762,6 +762,7 @@ def _mountpoints(path: str) -> tuple[str, ...]:
         devnum = os.stat(path).st_rdev
     except OSError:
         return ()
+    from popsicle_py import drives  # drives reads identities from here: import it late
 
     return drives.mountpoints_of(devnum, drives.current_mounts())
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import grp
+import importlib
 import json
 import logging
 import os
@@ -28,7 +29,7 @@ from rich.table import Table
 
 from popsicle_py import bmap as bmap_mod
 from popsicle_py import drives as drives_mod
-from popsicle_py import events, remote, sanity, udisks
+from popsicle_py import events, sanity, udisks
 from popsicle_py import watch as watch_mod
 from popsicle_py._version import __version__
 from popsicle_py.bmap import Bmap, BmapError
@@ -248,6 +249,30 @@ def _image_sanity(img: Image, shown: str, force: bool) -> str | None:
     return f"{verdict.refusal}; writing it anyway (--force)"
 
 
+class _Later:
+    """A module imported on first use: the HTTP client (urllib3) is needed only for URLs."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+
+    def __getattr__(self, attr: str) -> Any:
+        return getattr(importlib.import_module(self._name), attr)
+
+
+remote = _Later("popsicle_py.remote")
+
+
+def _is_url(text: str) -> bool:
+    """http:// and https:// addresses (what flash, watch and verify download)."""
+    return text[:8].lower().startswith(("http://", "https://"))
+
+
+def _attach(image: Any, emit: Callable[[Any], None], cancel: Cancellation) -> None:
+    """Download news of a URL's image to ``emit`` (nothing to do for a local image)."""
+    if not isinstance(image, Image):
+        remote.attach(image, emit, cancel)
+
+
 FORCE_HELP = "Write an image that does not look like a disk image (text, HTML, tiny)."
 NO_PROBE_HELP = ("Do not check, before writing, that each drive stores as much as it claims "
                  "(the counterfeit-stick probe).")
@@ -296,7 +321,7 @@ def _open_source(image: str, sha256: str | None, checksum: str | None, no_checks
     For a URL the published checksum is checked by the download stream itself, in the write
     pass, so none is returned unless a cached copy is used.
     """
-    if remote.is_url(image):
+    if _is_url(image):
         cache = Cache() if cache_wanted(use_cache) else None
         opened = remote.open_url(image, sha256=sha256, checksum=checksum,
                                  no_checksum=no_checksum, keyring=keyring, cache=cache)
@@ -316,7 +341,7 @@ def _open_source(image: str, sha256: str | None, checksum: str | None, no_checks
 def _download_first(img: Any, view: Any, cancel: Cancellation,
                     stack: contextlib.ExitStack) -> Any:
     """A URL read from start to end into a file before writing (watch, zip); None if cancelled."""
-    if not isinstance(img, remote.RemoteImage):
+    if isinstance(img, Image):
         return img
     local, cleanup = remote.materialize(img, view.handle, cancel, watch_mod.default_tmpdir())
     stack.callback(cleanup)
@@ -457,7 +482,7 @@ def flash(image: str, devices: tuple[str, ...], all_usb: bool, yes: bool, unmoun
         for note in source_notes:
             view.handle(events.Note(note))
         cancel = Cancellation()
-        remote.attach(img, view.handle, cancel)  # until the job relays it from its own thread
+        _attach(img, view.handle, cancel)  # until the job relays it from its own thread
         udisks.set_cancel(cancel)  # Ctrl-C at a polkit password prompt stops the wait
         cancel.announce = getattr(view, "announce", None)
         with cancel.installed(), contextlib.ExitStack() as downloads:
@@ -489,7 +514,7 @@ def flash(image: str, devices: tuple[str, ...], all_usb: bool, yes: bool, unmoun
                                    checksum=expected,
                                    probe=None if no_probe else _probe_for(size, bucket_size))
             job = FlashJob(img, opened, options, emit, cancel, infos)
-            remote.attach(img, job.relay, cancel)  # download news comes from the reader thread
+            _attach(img, job.relay, cancel)  # download news comes from the reader thread
             summary = job.run()
             view.close()
             if report is not None:
@@ -501,7 +526,7 @@ def flash(image: str, devices: tuple[str, ...], all_usb: bool, yes: bool, unmoun
 
 def _block_map(image: Any, given: str | None) -> Bmap | None:
     """The block map named, or the one next to the image; checked against the image."""
-    if remote.is_url(image.path):
+    if _is_url(image.path):
         if given:
             raise BmapError("--bmap cannot be used with a URL yet; download the image first")
         return None
@@ -547,7 +572,7 @@ def verify(image: str, devices: tuple[str, ...], as_json: bool, stall_timeout: f
         lines: list[str] = []
         targets = []
         seen: dict[int, str] = {}
-        if remote.is_url(image):  # streamed once, like a flash (no checksum: no writing)
+        if _is_url(image):  # streamed once, like a flash (no checksum: no writing)
             cache = Cache() if cache_wanted(None) else None
             img = remote.open_url(image, no_checksum=True, cache=cache).image
         else:
@@ -576,7 +601,7 @@ def verify(image: str, devices: tuple[str, ...], as_json: bool, stall_timeout: f
         cancel.announce = getattr(view, "announce", None)
         with cancel.installed():
             job = VerifyJob(img, opened, view.handle, cancel, stall_timeout, infos)
-            remote.attach(img, job.relay, cancel)  # download news comes from the reader thread
+            _attach(img, job.relay, cancel)  # download news comes from the reader thread
             summary = job.run()
             view.close()
         return _exit_status(summary, cancel)

@@ -369,12 +369,17 @@ def _require_terminal() -> None:
 
 def _confirm(plan: Plan, image: Any, yes: bool, action: str) -> None:
     """Show what will be overwritten and ask once; without a terminal, refuse unless --yes."""
+    _ask(plan, yes, f"{action} {image.path} ({format_size(image.size)})",
+         f"Everything on these {len(plan.targets)} drive(s) will be lost. Continue?")
+
+
+def _ask(plan: Plan, yes: bool, title: str, question: str) -> None:
+    """The table of target drives, the plan's notes, then one question (or --yes)."""
     if yes:
         return
     _require_terminal()
     console = _stderr()
-    table = Table(title=f"{action} {image.path} ({format_size(image.size)})",
-                  title_justify="left")
+    table = Table(title=title, title_justify="left")
     for column in ("Device", "Port", "Drive", "Size", "Mounted at", "Warnings"):
         table.add_column(column, overflow="fold")
     for drive in plan.targets:
@@ -384,8 +389,7 @@ def _confirm(plan: Plan, image: Any, yes: bool, action: str) -> None:
     console.print(table)
     for note in plan.notes:
         console.print(note)
-    if not click.confirm(f"Everything on these {len(plan.targets)} drive(s) will be lost. "
-                         "Continue?", default=False, err=True):
+    if not click.confirm(question, default=False, err=True):
         raise Refused(["cancelled at the confirmation: nothing was written"])
 
 
@@ -822,24 +826,9 @@ def cache_clean(debug: bool) -> None:
 
 
 def _confirm_probe(plan: Plan, yes: bool) -> None:
-    """Like flash's confirmation: the probe overwrites data at its stamp positions."""
-    if yes:
-        return
-    _require_terminal()
-    console = _stderr()
-    table = Table(title="Probe the capacity of (test stamps are written, then put back)",
-                  title_justify="left")
-    for column in ("Device", "Drive", "Size", "Mounted at", "Warnings"):
-        table.add_column(column, overflow="fold")
-    for drive in plan.targets:
-        table.add_row(drive.path, drive.label or "?", format_size(drive.size),
-                      ", ".join(drive.mountpoints), "; ".join(plan.warnings.get(drive.path, ())))
-    console.print(table)
-    for note in plan.notes:
-        console.print(note)
-    if not click.confirm(f"Test stamps will be written to these {len(plan.targets)} drive(s). "
-                         "Continue?", default=False, err=True):
-        raise Refused(["cancelled at the confirmation: nothing was written"])
+    """Like flash's confirmation: the probe writes test stamps (and puts the data back)."""
+    _ask(plan, yes, "Probe the capacity of (test stamps are written, then put back)",
+         f"Test stamps will be written to these {len(plan.targets)} drive(s). Continue?")
 
 
 @main.command(name="probe")

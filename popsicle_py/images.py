@@ -150,14 +150,26 @@ class Image:
         with self.open() as stream:
             if self.seekable_raw:
                 return os.pread(stream.fileno(), length, offset)
-            scratch = memoryview(bytearray(min(4 << 20, max(offset, 1))))
-            done = 0
-            while done < offset:
-                got = stream.readinto(scratch[: min(len(scratch), offset - done)])
-                if not got:
-                    return b""
-                done += got
-            return stream.read(length)
+            return read_decoded(stream, offset, length)
+
+
+def read_decoded(stream: Any, offset: int, length: int) -> bytes:
+    """``length`` bytes at ``offset`` of a stream that cannot seek: what precedes is decoded
+    and dropped (b"" when the stream ends before ``offset``)."""
+    scratch = memoryview(bytearray(min(4 << 20, max(offset, 1))))
+    done = 0
+    while done < offset:
+        got = stream.readinto(scratch[: min(len(scratch), offset - done)])
+        if not got:
+            return b""
+        done += got
+    out = bytearray()
+    while len(out) < length:
+        chunk = stream.read(length - len(out))
+        if not chunk:
+            break
+        out += chunk
+    return bytes(out)
 
 
 def read_head(image: Image, length: int) -> bytes:

@@ -54,6 +54,7 @@ from popsicle_py.images import (
     open_image,
     open_stream,
     parse_checksum_option,
+    read_decoded,
 )
 
 __all__ = [
@@ -757,20 +758,7 @@ class RemoteImage:
         """``length`` bytes of the image at ``offset`` (repairs): from the copy, else again."""
         stream: Any
         with self.open() as stream:
-            scratch = memoryview(bytearray(min(4 << 20, max(offset, 1))))
-            done = 0
-            while done < offset:
-                got = stream.readinto(scratch[: min(len(scratch), offset - done)])
-                if not got:
-                    return b""
-                done += got
-            out = bytearray()
-            while len(out) < length:
-                chunk = stream.read(length - len(out))
-                if not chunk:
-                    break
-                out += chunk
-            return bytes(out)
+            return read_decoded(stream, offset, length)
 
     def close(self) -> None:
         if self._probe is not None:

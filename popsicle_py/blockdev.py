@@ -418,6 +418,32 @@ def reread_partitions(path: str) -> None:
         os.close(fd)
 
 
+REMOVAL_SETTLE = 1.0  # seconds an I/O error waits to see whether the drive is on its way out
+
+
+def drive_gone(path: str, *, settle: float = 0.0) -> bool:
+    """Whether the kernel has let go of the block device at ``path`` (waiting up to ``settle``).
+
+    True when the node, or its sysfs directory, is gone, or its size reads 0: what a USB stick
+    shows from the moment it is pulled until udev removes its node.
+    """
+    deadline = time.monotonic() + settle
+    while True:
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            return True
+        except OSError:
+            return False
+        if not stat.S_ISBLK(st.st_mode):
+            return False
+        if sysfs.attr(st.st_rdev, "size") in (None, "0"):
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.02)
+
+
 def sysfs_read_only(path: str) -> bool:
     """The kernel's own read-only flag for a block device (1 in /sys/dev/block/M:m/ro)."""
     try:
@@ -727,7 +753,11 @@ def failure(exc: BaseException, path: str) -> Failure:
         return Failure(Cause.BUSY, busy_message(path, _mountpoints(path)))
     if code == errno.ENOMEDIUM:
         return Failure(Cause.NO_MEDIUM, f"{path}: no card in the reader")
-    if code in (errno.ENODEV, errno.ENXIO):
+    if code in (errno.ENODEV, errno.ENXIO) or (
+            code in (errno.ENOSPC, errno.EIO)
+            and drive_gone(path, settle=REMOVAL_SETTLE if code == errno.EIO else 0.0)):
+        # A pulled stick's writes end in EIO (the kernel may take a moment to drop the disk) or,
+        # once its capacity reads 0, ENOSPC: neither is the drive's fault, it is simply gone.
         return Failure(Cause.REMOVED, f"{path}: the drive was removed")
     if code == errno.ENOSPC:
         if "larger" in detail:

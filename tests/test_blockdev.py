@@ -6,6 +6,7 @@ import errno
 import io
 import os
 import random
+import subprocess
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -15,6 +16,7 @@ from popsicle_py import BusVerifier, BusVerifierMessage, BusWriter, BusWriterMes
 from popsicle_py.blockdev import BlockDevice, OpenSpec, open_for_reading, open_for_writing
 from popsicle_py.buffers import aligned_buffer
 from popsicle_py.engine import read_full, write_all
+from popsicle_py.events import Cause
 
 pytestmark = pytest.mark.root
 
@@ -137,6 +139,26 @@ def test_writing_past_the_end_is_enospc(loop_factory: Callable[..., Any],
     assert info.value.errno == errno.ENOSPC
     assert "image is larger than the drive" in str(info.value)
     assert small.read() == image[: MIB]  # everything that fits was written
+
+
+def test_a_drive_whose_capacity_drops_to_zero_mid_write_was_removed(
+        loop_factory: Callable[..., Any], opened: Callable[[BlockDevice], BlockDevice]) -> None:
+    """A pulled USB stick's capacity reads 0 before its node goes, and writes fail with ENOSPC.
+
+    A loop device whose backing file shrinks to nothing (``losetup -c``) goes through the same
+    kernel path; the drive must be reported removed, not blamed for running out of space.
+    """
+    loop = loop_factory(4 * MIB)
+    device = opened(open_for_writing(OpenSpec(loop.path, loop.size)))
+    write_all(device, memoryview(data(MIB)))
+    os.truncate(loop.backing, 0)
+    subprocess.run(["losetup", "-c", loop.path], check=True)
+    with pytest.raises(OSError) as info:
+        write_all(device, memoryview(data(MIB, seed=1)))
+    assert info.value.errno in (errno.ENOSPC, errno.EIO)
+    why = blockdev.failure(info.value, loop.path)
+    assert why.cause is Cause.REMOVED
+    assert why.text == f"{loop.path}: the drive was removed"
 
 
 def test_a_drive_too_small_among_others(loop_factory: Callable[..., Any],

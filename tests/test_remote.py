@@ -483,8 +483,11 @@ def test_a_changed_file_is_not_served_from_the_cache(
 
 
 @pytest.fixture(scope="module")
-def keys(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Two signing keys; ``good`` is in the keyring the user names, ``other`` is not."""
+def keys(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Path]]:
+    """Two signing keys; ``good`` is in the keyring the user names, ``other`` is not.
+
+    gpg starts an agent per home that outlives the test run: each is stopped at the end.
+    """
     base = tmp_path_factory.mktemp("gpg")
     out: dict[str, Path] = {}
     for name in ("good", "other"):
@@ -499,7 +502,10 @@ def keys(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
                                            capture_output=True, env=env).stdout)
         out[name] = home
         out[name + "-keyring"] = keyring
-    return out
+    yield out
+    for name in ("good", "other"):
+        subprocess.run(["gpgconf", "--kill", "gpg-agent"], check=False, capture_output=True,
+                       env={**os.environ, "GNUPGHOME": str(out[name])})
 
 
 def sign(home: Path, text: bytes) -> bytes:

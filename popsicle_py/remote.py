@@ -484,8 +484,19 @@ class Download(io.RawIOBase):
             time.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
 
     def _reconnect(self) -> None:
-        """Ask for the rest; take the answer only if it is the same file from the same byte."""
-        headers = {"Range": f"bytes={self._net}-"}
+        """Ask for the rest; take the answer only if it is the same file from the same byte.
+
+        A server that gives neither ETag nor Last-Modified cannot show that the file changed:
+        its download starts over while nothing was used, and is resumed afterwards only when a
+        checksum will judge the result.
+        """
+        blind = self.validator.key is None and self.expected is None
+        if blind and self._handed:
+            raise RemoteError(f"{self.url}: the connection was lost at byte {self._net} and "
+                              "the server gives no ETag or Last-Modified, so a resumed "
+                              "download could mix two versions of the file; run again, or "
+                              "give its checksum (--sha256) to allow resuming")
+        headers = {} if blind else {"Range": f"bytes={self._net}-"}
         if self.validator.if_range:
             headers["If-Range"] = self.validator.if_range
         try:

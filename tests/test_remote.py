@@ -145,6 +145,35 @@ def test_a_file_changed_on_the_server_is_never_stitched(web: WebServer, data: by
         read_url(web.url("/disk.img"))
 
 
+def test_a_server_without_validators_is_not_resumed_blindly(web: WebServer, data: bytes
+                                                            ) -> None:
+    # Nothing tells the new version apart: a Range request would stitch the two together.
+    other = os.urandom(SIZE)
+    web.add("/disk.img", Served(data, drop_at=[MiB], etag=None, last_modified=None,
+                                later=Served(other, etag=None, last_modified=None)))
+    with pytest.raises(ImageError, match="gives no ETag or Last-Modified, so a resumed "
+                                         "download could mix two versions"):
+        read_url(web.url("/disk.img"))
+    assert all(r.range is None for r in web.requests_for("/disk.img"))
+
+
+def test_a_server_without_validators_is_resumed_when_a_checksum_judges_it(
+        web: WebServer, data: bytes) -> None:
+    web.add("/disk.img", Served(data, drop_at=[MiB], etag=None, last_modified=None))
+    sha = hashlib.sha256(data).hexdigest()
+    assert read_url(web.url("/disk.img"), sha256=sha) == data
+    web.add("/new.img", Served(data, drop_at=[MiB], etag=None, last_modified=None,
+                               later=Served(os.urandom(SIZE), etag=None, last_modified=None)))
+    with pytest.raises(ImageError, match="checksum mismatch"):
+        read_url(web.url("/new.img"), sha256=sha)
+
+
+def test_a_server_without_validators_starts_over_while_nothing_was_used(
+        web: WebServer, data: bytes) -> None:
+    web.add("/disk.img", Served(data, stall_at=[4096], etag=None, last_modified=None))
+    assert read_url(web.url("/disk.img")) == data
+
+
 def test_a_content_length_longer_than_the_body_is_caught(web: WebServer, data: bytes) -> None:
     web.add("/disk.img", Served(data, claim=SIZE + 1000))
     with pytest.raises(ImageError, match=rf"announced {SIZE + 1000} bytes \(Content-Length\) "

@@ -65,6 +65,7 @@ class CacheWriter:
         self.url = url
         self.validator = validator
         self.key = cache_key(url, validator)
+        self.where = str(cache.root)
         cache.root.mkdir(parents=True, exist_ok=True)
         self.part = cache.root / f"{self.key}.part"
         self._file = open(self.part, "wb")  # noqa: SIM115 - closed by commit() or abort()

@@ -362,11 +362,13 @@ class Download(io.RawIOBase):
     ``hasher`` sees every byte handed out; with ``expected`` set, the end of the body is
     reported only after the digest matched (a mismatch raises RemoteError instead).  ``sink``
     (a cache entry or a private file) receives the same bytes and is committed at that end.
+    A sink that cannot take them (its disk full) ends the download when it is ``required``
+    (the only copy, for watch and zip images), else it is dropped with a note.
     """
 
     def __init__(self, client: Client, probe_: Probe, *, expected: Checksum | None = None,
                  sink: CacheWriter | _FileSink | None = None, emit: Emit | None = None,
-                 cancel: Callable[[], bool] | None = None) -> None:
+                 cancel: Callable[[], bool] | None = None, required: bool = False) -> None:
         super().__init__()
         self.client = client
         self.url = probe_.url
@@ -376,6 +378,7 @@ class Download(io.RawIOBase):
         self.expected = expected
         self.hasher: Any = new_hasher(expected) if expected else None  # no cost unless needed
         self.sink = sink
+        self.required = required
         self.emit = emit
         self.cancel = cancel
         self.resumes = 0
@@ -411,6 +414,8 @@ class Download(io.RawIOBase):
             if not data:
                 self._finish()
                 return 0
+            if self.sink is not None:
+                self._keep(data)
         except ImageError as exc:
             self._fail(exc)
             raise
@@ -418,11 +423,23 @@ class Download(io.RawIOBase):
         out[:n] = data
         if self.hasher is not None:
             self.hasher.update(data)
-        if self.sink is not None:
-            self.sink.write(data)
         self._handed += n
         self._progress()
         return n
+
+    def _keep(self, data: bytes) -> None:
+        assert self.sink is not None
+        try:
+            self.sink.write(data)
+        except OSError as exc:
+            where, why = self.sink.where, exc.strerror or str(exc)
+            self.sink.abort()
+            self.sink = None
+            if self.required:
+                raise RemoteError(f"cannot keep the download of {self.url} in {where}: "
+                                  f"{why}") from None
+            if self.emit is not None:
+                self.emit(Note(f"not caching {self.url}: {where}: {why}; the flash goes on"))
 
     def _fail(self, exc: ImageError) -> None:
         self._error = exc
@@ -630,6 +647,7 @@ class _FileSink:
     """A private copy of the download (watch without --cache, zip images)."""
 
     def __init__(self, directory: str) -> None:
+        self.where = directory
         self.dir = tempfile.mkdtemp(prefix="popsicle-py-download-", dir=directory)
         self.path = os.path.join(self.dir, "image")
         self._file = open(self.path, "wb")  # noqa: SIM115 - closed by commit() or abort()
@@ -725,8 +743,13 @@ class RemoteImage:
         self.emit = emit
         self.cancel = cancel
 
-    def open_raw(self, sink: CacheWriter | _FileSink | None = None) -> Download:
-        """The body as published (compressed bytes for a compressed image)."""
+    def open_raw(self, sink: CacheWriter | _FileSink | None = None, *,
+                 required: bool = False) -> Download:
+        """The body as published (compressed bytes for a compressed image).
+
+        With a cache, the body is also kept there; ``required`` when that copy is the one the
+        caller will use (else a cache that cannot be written is skipped with a note).
+        """
         p = self._probe
         self._probe = None
         if p is None:  # a second pass: a fresh request, which must be the same version
@@ -736,9 +759,18 @@ class RemoteImage:
                 raise RemoteError(f"{self.url} changed on the server since it was first "
                                   "read; run again")
         if sink is None and self.cache is not None and self.validator.key is not None:
-            sink = self.cache.writer(self.url, self.validator.key)
+            try:
+                sink = self.cache.writer(self.url, self.validator.key)
+            except OSError as exc:
+                why = f"{self.cache.root}: {exc.strerror or exc}"
+                if required:
+                    p.close()
+                    raise RemoteError(f"cannot keep the download of {self.url} in {why}; "
+                                      "fix it, or run without --cache") from None
+                if self.emit is not None:
+                    self.emit(Note(f"not caching {self.url}: {why}; the flash goes on"))
         download = Download(self.client, p, expected=self.expected, sink=sink,
-                            emit=self.emit, cancel=self.cancel)
+                            emit=self.emit, cancel=self.cancel, required=required)
         download.on_commit = self._keep
         return download
 
@@ -884,6 +916,10 @@ def open_url(url: str, *, sha256: str | None = None, checksum: str | None = None
     if keyring is not None and (given is not None or no_checksum):
         raise ImageError("--keyring checks a published checksum file; it cannot be combined "
                          "with --sha256, --checksum or --no-checksum")
+    try:
+        urllib.parse.urlsplit(url).port  # noqa: B018 - raises for a malformed host or port
+    except ValueError as exc:
+        raise RemoteError(f"{url}: not a valid URL ({exc})") from None
     client = Client(settings)
     first = probe(client, url)
     try:
@@ -940,7 +976,7 @@ def materialize(image: RemoteImage, emit: Emit, cancel: Callable[[], bool],
         if private is not None:
             private.remove()
 
-    download = image.open_raw(sink)
+    download = image.open_raw(sink, required=True)
     outcome: list[BaseException | None] = []
 
     def pull() -> None:

@@ -376,6 +376,7 @@ BAD = {
     "html": ("/page", r"/page is an HTML page, not a disk image"),
     "html-200-as-octets": ("/page2", r"/page2 is an HTML page, not a disk image"),
     "empty": ("/empty", r"/empty is empty"),
+    "malformed": ("MALFORMED", r"http://\[::1: not a valid URL \(Invalid IPv6 URL\)"),
 }
 
 
@@ -392,7 +393,7 @@ def test_bad_urls_are_refused_in_one_line_with_nothing_written(
     web.add("/empty", Served(b""))
     drive = loop_factory(4 * MiB, fill=PATTERN)
     path, message = BAD[case]
-    rc, events, err = flash(web.url(path), drive)
+    rc, events, err = flash("http://[::1" if path == "MALFORMED" else web.url(path), drive)
     assert rc == 2
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("popsicle-py: "), err
@@ -509,6 +510,69 @@ def test_a_changed_file_is_not_served_from_the_cache(
     assert rc == 0, err
     assert drive.read(SIZE) == data
     assert of(events, "phase", device=None, phase="downloading")
+
+
+@needs_root
+def test_a_cache_that_cannot_be_made_is_skipped_with_a_note(
+        web: WebServer, data: bytes, loop_factory: Callable[..., Loop], tmp_path: Path) -> None:
+    # The cache is an extra for flash: a cache directory that cannot be made never fails a drive.
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    web.add("/disk.img.gz", Served(gzip.compress(data, compresslevel=1)))
+    drive = loop_factory(4 * MiB, fill=PATTERN)
+    rc, events, err = flash(web.url("/disk.img.gz"), drive, extra=("--cache",),
+                            env={"XDG_CACHE_HOME": str(blocker)})
+    assert rc == 0, err
+    assert drive.read(SIZE) == data
+    assert any(n["text"] == f"not caching {web.url('/disk.img.gz')}: {blocker}/popsicle-py: "
+               "Not a directory; the flash goes on" for n in of(events, "note")), events
+
+
+@needs_root
+def test_a_cache_whose_disk_fills_up_is_dropped_and_the_flash_goes_on(
+        web: WebServer, data: bytes, loop_factory: Callable[..., Loop], tmp_path: Path) -> None:
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(small)], check=True)
+    try:
+        web.add("/disk.img", Served(data))
+        drive = loop_factory(4 * MiB, fill=PATTERN)
+        rc, events, err = flash(web.url("/disk.img"), drive, extra=("--cache",),
+                                env={"XDG_CACHE_HOME": str(small)})
+        left = list((small / "popsicle-py").iterdir())
+    finally:
+        subprocess.run(["umount", "-l", str(small)], check=False)
+    assert rc == 0, err
+    assert drive.read(SIZE) == data
+    assert any(n["text"] == f"not caching {web.url('/disk.img')}: {small}/popsicle-py: No "
+               "space left on device; the flash goes on" for n in of(events, "note")), events
+    assert left == [], "the partial cache entry was left behind"
+
+
+@needs_root
+def test_a_download_copy_that_is_needed_and_cannot_be_kept_is_one_line(
+        web: WebServer, data: bytes, loop_factory: Callable[..., Loop], tmp_path: Path) -> None:
+    # A zip is read from a downloaded copy: with no room for it, nothing is written and the
+    # line says where the room was missing.
+    archive = tmp_path / "disk.zip"
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_STORED) as z:
+        z.writestr("disk.img", data)
+    web.add("/disk.zip", Served(archive.read_bytes()))
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(small)], check=True)
+    try:
+        drive = loop_factory(4 * MiB, fill=PATTERN)
+        rc, events, err = flash(web.url("/disk.zip"), drive, env={"TMPDIR": str(small)})
+        left = list(small.iterdir())
+    finally:
+        subprocess.run(["umount", "-l", str(small)], check=False)
+    assert rc == 2, err
+    assert err.strip() == (f"popsicle-py: cannot keep the download of {web.url('/disk.zip')} "
+                           f"in {small}: No space left on device"), err
+    assert events[-1] == {"event": "summary", "ok": False, "results": []}
+    assert untouched(drive)
+    assert left == []
 
 
 @pytest.fixture(scope="module")

@@ -113,7 +113,7 @@ def _error(line: str) -> None:
 def _make_view(as_json: bool, labels: dict[str, str], *, writes: bool = True) -> Any:
     if as_json:
         return JsonView()
-    if sys.stdout.isatty():
+    if sys.stdout is not None and sys.stdout.isatty():
         return RichView(Console(highlight=False), labels, writes=writes)
     return PlainView()
 
@@ -682,7 +682,7 @@ def _confirm_watch(image: Any, yes: bool, present: Sequence[drives_mod.Drive],
 def _make_watch_view(as_json: bool, image: Any, count: int | None, verify: bool) -> Any:
     if as_json:
         return JsonView()
-    if sys.stdout.isatty():
+    if sys.stdout is not None and sys.stdout.isatty():
         return WatchView(Console(highlight=False), image.path, image.size, count, verify=verify)
     return PlainView()
 

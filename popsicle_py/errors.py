@@ -21,6 +21,7 @@ because the engine reports every I/O failure as one (the seed's API promises it)
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import sys
 from collections.abc import Sequence
@@ -48,8 +49,11 @@ class PopsicleError(Exception):
     def show(self, file: IO[str] | None = None) -> None:
         """Print ``popsicle-py: LINE`` for each line, to stderr by default."""
         out = file if file is not None else sys.stderr
-        for line in self.messages():
-            print(f"{PROG}: {line}", file=out)
+        if out is None:  # stderr closed (``2>&-``): the exit status still says it
+            return
+        with contextlib.suppress(OSError, ValueError):
+            for line in self.messages():
+                print(f"{PROG}: {line}", file=out, flush=True)
 
 
 class Refused(PopsicleError):

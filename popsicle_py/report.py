@@ -101,7 +101,9 @@ class Report:
         self.failed = False
         self.failed_why = ""
         if self.fmt == "csv" and empty:
+            warn, self.warn = self.warn, lambda line: None  # a refusal, not "the drives go on"
             self._append(",".join(FIELDS) + "\n")
+            self.warn = warn
             if self.failed:  # nothing is written yet: refuse rather than run without it
                 os.close(self.fd)
                 raise ReportError(f"--report {path}: cannot write to it: {self.failed_why}")

@@ -39,19 +39,27 @@ class Out:
 
     def __init__(self, stream: IO[str] | None = None) -> None:
         self.stream = stream if stream is not None else sys.stdout
-        self.gone = False
+        self.gone = self.stream is None  # stdout closed at start (``>&-``): nowhere to write
 
     def write(self, text: str) -> None:
-        if self.gone:
+        if self.gone or self.stream is None:
             return
         try:
             self.stream.write(text)
             self.stream.flush()
         except BrokenPipeError:
             self.reader_left()
+        except (OSError, ValueError) as exc:  # a full disk under a log file, a closed stream
+            self.reader_left()
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            with contextlib.suppress(OSError, ValueError, AttributeError):
+                print(f"popsicle-py: cannot write the output ({why}); the exit status still says "
+                      "how the run ended", file=sys.stderr, flush=True)
 
     def reader_left(self) -> None:
         self.gone = True
+        if self.stream is None:
+            return
         devnull = os.open(os.devnull, os.O_WRONLY)
         with contextlib.suppress(OSError, ValueError):
             os.dup2(devnull, self.stream.fileno())  # so that the exit's own flush is quiet

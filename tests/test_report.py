@@ -148,6 +148,7 @@ def test_a_report_that_fills_its_disk_is_said_once_and_fails_no_drive(
         refused = run("flash", path, loop.path, "--yes", "--report", small / "full.csv")
         assert refused.returncode == 2, refused.stderr
         assert "cannot write to it: No space left on device" in refused.stderr
+        assert "the drives go on" not in refused.stderr, refused.stderr  # they do not: exit 2
         assert loop.read() == bytes([PATTERN]) * loop.size, "written despite the refusal"
         done = run("flash", path, loop.path, "--yes", "--json", "--report",
                    small / "full.jsonl")

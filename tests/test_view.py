@@ -383,6 +383,43 @@ def test_verify_piped_to_head_exits_with_the_truth(loop_factory: Callable[..., L
     assert status == 1 and "unexpected error" not in err, err
 
 
+@pytest.mark.root
+@pytest.mark.parametrize("mode", ["plain", "json"])
+@pytest.mark.parametrize("redirect", [">/dev/full", ">&-"])
+def test_flash_whose_output_cannot_be_written_still_exits_with_the_truth(
+        loop_factory: Callable[..., Loop], tmp_path: Path, mode: str, redirect: str) -> None:
+    """A log on a full disk (ENOSPC) or a closed stdout loses the output, not the drives."""
+    image, data = make_image(tmp_path, 3 * MiB + 5)
+    loop = loop_factory(4 * MiB, fill=PATTERN)
+    extra = ["--json"] if mode == "json" else []
+    command = shlex.join([*popsicle_cmd(), "flash", str(image), loop.path, "--yes", *extra])
+    done = subprocess.run(["bash", "-c", f"{command} {redirect}"], capture_output=True,
+                          text=True, timeout=120, stdin=subprocess.DEVNULL, check=False)
+    assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stderr and "unexpected error" not in done.stderr, done.stderr
+    assert "Exception ignored" not in done.stderr, done.stderr
+    assert loop.read(len(data)) == data
+
+    missing = shlex.join([*popsicle_cmd(), "flash", str(tmp_path / "none.img"), loop.path,
+                          "--yes", *extra])
+    done = subprocess.run(["bash", "-c", f"{missing} {redirect}"], capture_output=True,
+                          text=True, timeout=120, stdin=subprocess.DEVNULL, check=False)
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr and "does not exist" in done.stderr, done.stderr
+
+
+def test_views_survive_an_output_that_fails(capsys: pytest.CaptureFixture[str]) -> None:
+    """Each view on /dev/full: no exception, one line on stderr, later writes dropped."""
+    for make in (PlainView, JsonView):
+        with open("/dev/full", "w") as out:
+            view = make(out)
+            view.handle(events.Note("first"))
+            view.handle(events.Summary())
+            view.close()
+            assert view.out.gone
+        assert capsys.readouterr().err.count("cannot write the output") == 1
+
+
 def test_views_stop_writing_quietly_when_the_reader_left(tmp_path: Path) -> None:
     """Each view on a pipe whose reader is gone: no exception, later writes dropped."""
     for make in (PlainView, JsonView):

@@ -101,9 +101,7 @@ class Report:
         self.failed = False
         self.failed_why = ""
         if self.fmt == "csv" and empty:
-            warn, self.warn = self.warn, lambda line: None  # a refusal, not "the drives go on"
-            self._append(",".join(FIELDS) + "\n")
-            self.warn = warn
+            self._append(",".join(FIELDS) + "\n", quiet=True)  # a refusal follows, not a note
             if self.failed:  # nothing is written yet: refuse rather than run without it
                 os.close(self.fd)
                 raise ReportError(f"--report {path}: cannot write to it: {self.failed_why}")
@@ -149,7 +147,7 @@ class Report:
         self.recorded.add(_key(r))
         del self.trackers[r.device]
 
-    def _append(self, text: str) -> None:
+    def _append(self, text: str, *, quiet: bool = False) -> None:
         if self.failed:
             return
         try:
@@ -160,8 +158,9 @@ class Report:
         except OSError as exc:
             self.failed = True
             self.failed_why = exc.strerror or str(exc)
-            self.warn(f"--report {self.path}: cannot write the report: {exc.strerror or exc}; "
-                      "the drives go on")
+            if not quiet:
+                self.warn(f"--report {self.path}: cannot write the report: "
+                          f"{exc.strerror or exc}; the drives go on")
 
     def close(self) -> None:
         if self.fd >= 0:

@@ -57,6 +57,12 @@ class Loop:
             return f.read((self.size or os.path.getsize(self.backing)) if length is None
                           else length)
 
+    def head_is_stamped(self, image: bytes) -> bool:
+        """The first 64 KiB hold the engine's random stamp: neither the image's head nor what
+        the drive held before (what a drive stopped at any point after it started shows)."""
+        head = self.read(64 << 10)
+        return head != image[: 64 << 10] and len(set(head)) > 200
+
     def write_stat_sectors(self) -> int:
         major, minor = self.major_minor
         with open(f"/sys/dev/block/{major}:{minor}/stat") as f:

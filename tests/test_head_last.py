@@ -81,6 +81,35 @@ def test_ctrl_c_inside_the_first_bucket_leaves_no_image_signature(
         assert "TYPE=" not in signature(drive), signature(drive)
 
 
+def test_a_drive_holding_an_older_image_shows_neither_once_interrupted(
+        loop_factory: Callable[..., Loop], throttle: Callable[..., Any], tmp_path: Path) -> None:
+    """Re-flashing last week's stick and stopping: the old image's boot sector and partition
+    table must not stay in front of the new image's bytes (it would pass for a good disk)."""
+    old = vfat_image(tmp_path / "old.img", 8 * MiB)
+    image = tmp_path / "fat.img"
+    data = vfat_image(image, 24 * MiB)
+    drive = loop_factory(32 * MiB, fill=PATTERN)
+    with open(drive.path, "r+b") as f:
+        f.write(old)
+    assert "TYPE=vfat" in signature(drive)
+    add = throttle((drive, 2 * MiB))
+    proc = subprocess.Popen(
+        [*popsicle_cmd(), "flash", str(image), drive.path, "--yes", "--json", "--no-probe",
+         "--bucket-size", "16M"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdin=subprocess.DEVNULL, preexec_fn=lambda: add(os.getpid()))
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        event = json.loads(line)
+        if event["event"] == "progress" and event["bytes"] >= 2 * MiB:
+            proc.send_signal(signal.SIGINT)
+            break
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130, err
+    assert result(events_of(out), drive.path)["status"] == "cancelled"
+    assert drive.head_is_stamped(data) and drive.read(HEAD) != old[:HEAD]
+    assert "TYPE=" not in signature(drive), signature(drive)
+
+
 def test_a_drive_that_dies_inside_the_first_bucket_shows_no_image_signature(
         loop_factory: Callable[..., Loop], dying_loop: Callable[..., Loop],
         tmp_path: Path) -> None:

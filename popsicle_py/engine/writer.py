@@ -8,14 +8,17 @@ With :meth:`BusWriter.finish_each`, each destination is also finished by the eng
 timeline, in this order, so that a drive is never reported complete unless the bytes on it at
 the end are the image's, and never looks like the image to a computer before that:
 
-1. every bucket but the image's head (its first 64 KiB), then fsync;
-2. with verification: a random stamp where the head goes, fsync, then every extent read back
-   from the device and checked against the digests the reader recorded, the stamp included.
+1. a random stamp where the image's head (its first 64 KiB) goes, before anything else: a
+   drive stopped at any later point shows neither the image's head nor what it held before
+   (an old image's partition table over new data would pass for a good disk);
+2. every bucket but the head, then fsync;
+3. with verification: every extent read back from the device and checked against the
+   digests the reader recorded, the stamp included.
    Bad buckets are rewritten and then *every* extent is checked again (a write to a drive that
    aliases addresses, as counterfeit sticks do, can spoil what was checked before it).  The
    stamp reading back proves that the head's blocks are shared with no other checked block, so
    writing the head next cannot change anything already checked;
-3. once the reader has vouched for the whole source (its checksum, computed in the same pass):
+4. once the reader has vouched for the whole source (its checksum, computed in the same pass):
    the head, fsync, and the head read back.
 """
 
@@ -301,6 +304,8 @@ class _WriteRun:
             config.prepare(lane.dest)
             lane.touch()
             lane.post(Msg.Stage(lane.id, Step.WRITING))
+        if config.pipeline and self.held is not None and not self._stamp_head(lane):
+            return
         resume = self._from_ring(lane)
         while resume is not None and not lane.stopped:
             rejoin = self._solo(lane, resume)
@@ -319,6 +324,16 @@ class _WriteRun:
             self._finish(lane)
         elif not lane.stopped:
             lane.post(Msg.Completed(lane.id))
+
+    def _stamp_head(self, lane: Lane) -> bool:
+        """The stamp in the head's place, once the first bucket says how long the head is."""
+        if not self._wait_for(lane, lambda: self.ring.head > 0 or self.ring.eof):
+            return False
+        head = self.reader.held_length
+        if head:
+            write_at(lane.dest, 0, self.stamp[:head], stop=lambda: lane.stopped,
+                     retries=self.config.retries, pacer=lane.pacer)
+        return not lane.stopped
 
     def _written(self, lane: Lane) -> Callable[[int], None]:
         def progressed(n: int) -> None:
@@ -452,29 +467,16 @@ class _WriteRun:
         config = self.config
         head = self.reader.held_length
         held = self.held[:head] if self.held is not None else None
-        stamped = False
-        if config.verify:
-            if held is not None and head:
-                scratch = memoryview(aligned_buffer(HEAD))
-                if not (config.skip_identical and holds(lane.dest, 0, held, scratch)):
-                    write_at(lane.dest, 0, self.stamp[:head], stop=lambda: lane.stopped,
-                             retries=config.retries, pacer=lane.pacer)
-                    sync(lane.dest)
-                    stamped = True
-            if lane.stopped or not self._verify(lane, stamp_head=stamped):
-                return
+        stamped = held is not None and head > 0  # since the start (see _stamp_head)
+        if config.verify and (lane.stopped or not self._verify(lane, stamp_head=stamped)):
+            return
         if not self._wait_for(lane, lambda: self.ring.vouched):
             return
-        if held is not None and head and (stamped or not config.verify):
+        if held is not None and stamped:
             lane.post(Msg.Stage(lane.id, Step.SYNCING))
-            scratch = memoryview(aligned_buffer(HEAD))
-            if config.skip_identical and not stamped and holds(lane.dest, 0, held, scratch):
-                lane.skipped += head
-                lane.post(Msg.Skipped(lane.id, lane.skipped))
-            else:
-                write_at(lane.dest, 0, held, stop=lambda: lane.stopped, retries=config.retries,
-                         progress=self._written(lane), pacer=lane.pacer)
-                sync(lane.dest)
+            write_at(lane.dest, 0, held, stop=lambda: lane.stopped, retries=config.retries,
+                     progress=self._written(lane), pacer=lane.pacer)
+            sync(lane.dest)
             if lane.stopped:
                 return
             if config.verify and not self._verify(lane, only_head=True):

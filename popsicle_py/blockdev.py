@@ -31,7 +31,13 @@ import xxhash
 
 from popsicle_py import sysfs
 from popsicle_py.buffers import address_of, aligned_buffer
-from popsicle_py.errors import Counterfeit
+from popsicle_py.errors import (
+    ChecksumMismatch,
+    Counterfeit,
+    ExtentChecksumError,
+    SourceChanged,
+    SourceDiffers,
+)
 from popsicle_py.events import Cause
 from popsicle_py.identity import LoopKey, MediaIdentity, not_confirmed, same_media
 
@@ -740,6 +746,9 @@ def failure(exc: BaseException, path: str) -> Failure:
         return Failure(Cause.CHANGED, exc.message)
     if isinstance(exc, Counterfeit):
         return Failure(Cause.COUNTERFEIT, f"{path}: {exc.message}")
+    # The image's fault, not the drive's.
+    if isinstance(exc, (SourceChanged, SourceDiffers, ChecksumMismatch, ExtentChecksumError)):
+        return Failure(Cause.SOURCE, f"{path}: {exc.strerror}")
     code = getattr(exc, "errno", None)
     detail = getattr(exc, "strerror", None) or str(exc)
     if code == errno.EACCES:

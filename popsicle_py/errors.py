@@ -96,6 +96,17 @@ class SourceChanged(OSError):
         self.got = got
 
 
+class SourceDiffers(OSError):
+    """A drive that read part of the image again on its own got other bytes than the read that
+    fed the others (a file changed while it was flashed): that drive does not hold the image."""
+
+    def __init__(self, offset: int, length: int) -> None:
+        super().__init__(errno.EIO, f"the image changed while it was read: bytes {offset}-"
+                         f"{offset + length - 1}, read again for this drive, differ")
+        self.offset = offset
+        self.length = length
+
+
 class ExtentChecksumError(OSError):
     """A range of the source does not match the checksum its block map gives."""
 

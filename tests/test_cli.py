@@ -234,7 +234,7 @@ def test_drive_dying_mid_write_among_healthy_ones(loop_factory: Callable[..., Lo
         bad = results[dying.path]
         assert bad["status"] == "failed"
         assert dying.path in bad["error"] and "no space left" in bad["error"], bad
-        assert bad["bytes_written"] < len(data)
+        assert bad["bytes_written"] < len(data), json.dumps(bad)
         # The dying drive never looked finished on the way.
         for e in events:
             if e.get("device") == dying.path:

@@ -207,3 +207,46 @@ def test_the_checksum_of_a_compressed_image_covers_the_file_as_downloaded(
         stdin=subprocess.DEVNULL, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert drive.read(len(data)) == data
+
+
+@pytest.mark.parametrize("verify", [True, False])
+def test_a_drive_reading_alone_a_file_changed_since_the_reader_fails_as_the_sources_fault(
+        loop_factory: Callable[..., Loop], throttle: Callable[..., Any], tmp_path: Path,
+        verify: bool) -> None:
+    """The slow drive leaves the ring and reads the rest of the file again itself; the file
+    changes after the reader (and its checksum) saw it. The fast drive holds the checksummed
+    image; the slow one must not end ok, with or without verification, and not get the head."""
+    image = tmp_path / "fat.img"
+    data = vfat_image(image, 24 * MiB)
+    digest = hashlib.sha256(data).hexdigest()
+    fast, slow = loop_factory(32 * MiB, fill=PATTERN), loop_factory(32 * MiB, fill=PATTERN)
+    add = throttle((slow, 2 * MiB))
+    proc = subprocess.Popen(
+        [*popsicle_cmd(), "flash", str(image), fast.path, slow.path, "--yes", "--json",
+         "--no-probe", "--sha256", digest, "--bucket-size", "1M", "--buckets", "2",
+         *(() if verify else ("--no-verify",))],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL,
+        preexec_fn=lambda: add(os.getpid()))
+    assert proc.stdout is not None
+    slow_at = 0
+    for line in proc.stdout:
+        event = json.loads(line)
+        if event["event"] == "progress" and event["device"] == slow.path:
+            slow_at = event["bytes"]
+        if event["event"] == "result" and event["device"] == fast.path:
+            # The reader has read it all (the fast drive is done); the slow one is far behind.
+            assert event["status"] == "ok" and slow_at < 16 * MiB, (event, slow_at)
+            with open(image, "r+b") as f:
+                f.seek(20 * MiB)
+                f.write(bytes([data[20 * MiB] ^ 1]))
+            break
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1, err
+    evs = events_of(out)
+    assert fast.read(len(data)) == data
+    r = result(evs, slow.path)
+    assert r["status"] == "failed" and r["cause"] == "source", r
+    assert r["error"] == (f"{slow.path}: the image changed while it was read: bytes {20 * MiB}-"
+                          f"{21 * MiB - 1}, read again for this drive, differ"), r
+    assert slow.head_is_stamped(data)
+    assert "TYPE=" not in signature(slow)

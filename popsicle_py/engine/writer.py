@@ -53,7 +53,7 @@ from popsicle_py.engine.results import DestinationResult, WriteResult
 from popsicle_py.engine.ring import Ring
 from popsicle_py.engine.spill import Spill
 from popsicle_py.engine.supervisor import Callback, CancelCheck, Lane, Supervisor
-from popsicle_py.errors import AllDestinationsFailed, SourceChanged
+from popsicle_py.errors import AllDestinationsFailed, SourceChanged, SourceDiffers
 from popsicle_py.events import Step
 from popsicle_py.messages import BusWriterMessage as Msg
 
@@ -192,6 +192,56 @@ class BusWriter(Builder):
         return run.run()
 
 
+class _ReadAlone:
+    """What one lane read of the source on its own, bucket by bucket, with XXH3 digests.
+
+    The others were fed by the reader, whose digests the lane's must match before its head is
+    written: a file changed between the two reads must not reach one drive unseen (with or
+    without verification, which would only call it a mismatch).
+    """
+
+    def __init__(self, bucket_size: int) -> None:
+        self.bucket_size = bucket_size
+        self.start: int | None = None  # of the bucket being read
+        self.hasher = xxhash.xxh3_128()
+        self.read: list[tuple[int, int, bytes]] = []  # (offset, length, digest) of each
+
+    def end_of(self, offset: int) -> int:
+        """Where the reader's bucket holding ``offset`` ends (after the head, whole buckets)."""
+        return (offset // self.bucket_size + 1) * self.bucket_size
+
+    def begin(self, start: int, prefix: memoryview) -> None:
+        """A bucket begun from the ring (what it gave is the reader's own bytes)."""
+        self.start = start
+        self.hasher = xxhash.xxh3_128()
+        self.hasher.update(prefix)
+
+    def feed(self, offset: int, data: memoryview) -> None:
+        """Bytes read alone at ``offset``, never past the end of their bucket."""
+        if self.start is None:
+            self.start = offset
+            self.hasher = xxhash.xxh3_128()
+        self.hasher.update(data)
+        if offset + len(data) == self.end_of(self.start):
+            self.close(offset + len(data))
+
+    def close(self, end: int) -> None:
+        """The bucket being read ends at ``end`` (its own end, or the source's)."""
+        if self.start is not None and end > self.start:
+            self.read.append((self.start, end - self.start, self.hasher.digest()))
+        self.start = None
+
+    def differing(self, extents: Sequence[tuple[int, int]], digests: Sequence[bytes]
+                  ) -> tuple[int, int] | None:
+        """The first bucket read alone that the reader read otherwise (or never), if any."""
+        known = {offset: (length, digest)
+                 for (offset, length), digest in zip(extents, digests, strict=True)}
+        for offset, length, digest in self.read:
+            if known.get(offset) != (length, digest):
+                return offset, length
+        return None
+
+
 class _WriteRun:
     """One run of a BusWriter: all of its state, declared here."""
 
@@ -228,6 +278,8 @@ class _WriteRun:
         self._spill_orphaned = False
         self._spill_lock = threading.Lock()
         self._running = len(self.lanes)  # lane threads not yet returned
+        #: Each lane's reads on its own, checked before its head (only with recorded digests).
+        self.alone = {lane.id: _ReadAlone(config.bucket_size) for lane in self.lanes}
         self.supervisor.wake = self._wake
         self.supervisor.on_leave = self._leave_failed
         for lane in self.lanes:
@@ -318,7 +370,7 @@ class _WriteRun:
         with self.ring.cond:
             self.ring.leave(lane.id)
         sync(lane.dest)
-        if lane.stopped:
+        if lane.stopped or not self._check_alone(lane):
             return
         if config.pipeline:
             self._finish(lane)
@@ -334,6 +386,18 @@ class _WriteRun:
             write_at(lane.dest, 0, self.stamp[:head], stop=lambda: lane.stopped,
                      retries=self.config.retries, pacer=lane.pacer)
         return not lane.stopped
+
+    def _check_alone(self, lane: Lane) -> bool:
+        """What the lane read on its own matches what the reader read (once it read it all)."""
+        alone = self.alone[lane.id]
+        if not alone.read or not self.config.record:
+            return True
+        if not self._wait_for(lane, lambda: self.ring.eof):
+            return False
+        differs = alone.differing(self.reader.extents, self.reader.digests)
+        if differs is not None:
+            raise SourceDiffers(*differs)
+        return True
 
     def _written(self, lane: Lane) -> Callable[[int], None]:
         def progressed(n: int) -> None:
@@ -373,6 +437,8 @@ class _WriteRun:
                 view, offset = ring.bucket(seq)
             length = len(view)
             done = self._put(lane, view, offset, progressed, leaving)
+            if done < length and can_detach and lane.detach and not lane.stopped:
+                self.alone[lane.id].begin(offset, view[:done])  # the rest is read alone
             del view  # a detached laggard's bucket is freed here, not kept while it goes solo
             if lane.stopped:
                 return None
@@ -415,11 +481,14 @@ class _WriteRun:
         fd, base = self.pread
         buf = memoryview(aligned_buffer(CHUNK))
         progressed = self._written(lane)
+        alone = self.alone[lane.id]
         while not lane.stopped:
             total = self.ring.total
             if total is not None and offset >= total:
+                alone.close(offset)
                 return None
             limit = len(buf) if total is None else min(len(buf), total - offset)
+            limit = min(limit, alone.end_of(offset) - offset)
             if self.spill is not None:
                 if not self._wait_for(lane, functools.partial(self._spilled_past, lane, offset)):
                     return None
@@ -433,8 +502,10 @@ class _WriteRun:
                 # reader reaches it.
                 end = self._source_end(lane) if total is None else total
                 if end is None or end == offset:
+                    alone.close(offset)
                     return None
                 raise SourceChanged(end, offset)  # the file shrank under us
+            alone.feed(offset, buf[:n])
             self._put(lane, buf[:n], offset, progressed, lambda: lane.stopped)
             offset += n
         return None
@@ -574,11 +645,10 @@ class _WriteRun:
         start, length = self.reader.extents[index]
         aligned = memoryview(aligned_buffer(length))[:length]
         aligned[: len(data)] = data
+        # Not counted in ``done`` (bytes of the image written): those were counted once already,
+        # and a drive that fails while repaired must not look as if it got more than the image.
         write_at(lane.dest, start, aligned[: len(data)], stop=lambda: lane.stopped,
                  retries=self.config.retries, pacer=lane.pacer)
-        if not (index == 0 and stamp_head):
-            lane.done += len(data)
-            lane.post(Msg.Written(lane.id, lane.done))
 
     def _exact(self, lane: Lane, index: int, stamp_head: bool) -> int | None:
         """The first bad byte of a bad extent, when the source can be read by position."""

@@ -516,6 +516,7 @@ def flash(image: str, devices: tuple[str, ...], all_usb: bool, yes: bool, unmoun
                                    skip_identical=skip_identical,
                                    repair_attempts=repair_attempts, bmap=block_map,
                                    checksum=expected,
+                                   checksum_checked=not checksum_while_writing,
                                    probe=None if no_probe else _probe_for(size, bucket_size))
             job = FlashJob(img, opened, options, emit, cancel, infos)
             _attach(img, job.relay, cancel)  # download news comes from the reader thread

@@ -118,11 +118,18 @@ class ExtentChecksumError(OSError):
 
 
 class ChecksumMismatch(OSError):
-    """The bytes the drives were fed do not match the image's checksum (read in the same pass)."""
+    """The bytes the drives were fed do not match the image's checksum (read in the same pass).
 
-    def __init__(self, algo: str) -> None:
-        super().__init__(errno.EIO, "the image changed while it was read: it no longer matches "
-                         f"its checksum ({algo})")
+    After a checksum pass that matched, the image changed; without one (--checksum-while-
+    writing), the image or the checksum given is wrong: the message says which it knows.
+    """
+
+    def __init__(self, algo: str, *, checked_before: bool = True) -> None:
+        if checked_before:
+            why = f"the image changed while it was read: it no longer matches its checksum ({algo})"
+        else:
+            why = f"the image does not match its checksum ({algo}): a wrong image, or checksum"
+        super().__init__(errno.EIO, why)
         self.algo = algo
 
 

@@ -109,6 +109,8 @@ class FlashOptions:
     bmap: Bmap | None = None
     #: Checked again in the write pass; the head is written only once it matched.
     checksum: Checksum | None = None
+    #: Whether a checksum pass before writing matched (not with --checksum-while-writing).
+    checksum_checked: bool = True
     #: Run on each opened drive before anything is written to it (the capacity probe).
     probe: Callable[[Any], None] | None = None
     #: Where a compressed image is spilled so every drive goes at its own pace ("": $TMPDIR
@@ -295,7 +297,7 @@ class FlashJob(_Job):
         if checksum is None or self.options.bmap is not None \
                 or not getattr(self.image, "tappable", False):
             return None
-        return ChecksumTap(checksum)
+        return ChecksumTap(checksum, checked_before=self.options.checksum_checked)
 
     def _write(self) -> None:
         options = self.options

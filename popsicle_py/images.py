@@ -219,8 +219,9 @@ class ChecksumTap:
     that was never finished) means the hash covers other bytes, and nothing is vouched for.
     """
 
-    def __init__(self, checksum: Checksum) -> None:
+    def __init__(self, checksum: Checksum, *, checked_before: bool = True) -> None:
         self.checksum = checksum
+        self.checked_before = checked_before  # a checksum pass matched before this one
         self._hasher = new_hasher(checksum)
         self._file: _HashingFile | None = None
 
@@ -237,7 +238,7 @@ class ChecksumTap:
             raise ChecksumMismatch(self.checksum.algo)
         f.drain()
         if self._hasher.hexdigest() != self.checksum.hexdigest:
-            raise ChecksumMismatch(self.checksum.algo)
+            raise ChecksumMismatch(self.checksum.algo, checked_before=self.checked_before)
 
 
 class _HashingFile(io.RawIOBase):

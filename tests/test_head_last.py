@@ -181,7 +181,10 @@ def test_checksum_while_writing_still_vouches_in_the_write_pass(
     evs = events_of(proc.stdout)
     assert not any(e["event"] == "phase" and e["phase"] == "checksum" for e in evs)
     r = result(evs, drive.path)
-    assert r["status"] == "failed" and "no longer matches its checksum" in r["error"]
+    assert r["status"] == "failed" and r["cause"] == "source", r
+    # No checksum pass matched before: the image or the checksum is wrong, nothing "changed".
+    assert r["error"] == (f"{drive.path}: the image does not match its checksum (sha256): a "
+                          "wrong image, or checksum"), r
     assert drive.read(HEAD) != data[:HEAD]
     right = hashlib.sha256(data).hexdigest()
     proc = subprocess.run(

@@ -221,10 +221,13 @@ class Summary:
 
     results: tuple[DriveResult, ...] = field(default_factory=tuple)
     cancelled: bool = False
+    #: A watch session: ending with no drive at all is ok (exit 0), as a refused flash is not.
+    none_is_ok: bool = False
 
     @property
     def ok(self) -> bool:
-        return bool(self.results) and all(r.ok for r in self.results) and not self.cancelled
+        return ((bool(self.results) or self.none_is_ok) and all(r.ok for r in self.results)
+                and not self.cancelled)
 
     def to_json(self) -> dict[str, Any]:
         return {"event": "summary", "ok": self.ok,

@@ -305,7 +305,7 @@ class WatchSession:
                                                 cause=Cause.CANCELLED, drive=s.info)
                         for s in self._started)
         interrupted = any(r.status == Status.CANCELLED for r in results)
-        summary = Summary(results, cancelled=interrupted)
+        summary = Summary(results, cancelled=interrupted, none_is_ok=True)
         self._emit_to(summary)
         if interrupted:
             status = self.cancel.exit_status

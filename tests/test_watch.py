@@ -445,6 +445,16 @@ def test_a_signal_while_idle_ends_the_session_with_the_drives_status(tmp_path: P
 
 @needs_testbed
 @pytest.mark.umockdev
+def test_a_session_ended_with_no_drive_is_ok_and_says_so(tmp_path: Path) -> None:
+    # Exit 0 and "ok": true agree: a script reading either gets the same answer.
+    image, _ = image_file(tmp_path, 1 * MiB)
+    run = watch(tmp_path, [str(image), "--yes"], [WATCHING, {"signal": int(signal.SIGINT)}])
+    assert run.rc == 0, run.stderr
+    assert run.summary == {"event": "summary", "ok": True, "results": []}
+
+
+@needs_testbed
+@pytest.mark.umockdev
 def test_plain_output_without_json(tmp_path: Path) -> None:
     image, _ = image_file(tmp_path, 1 * MiB)
     run = watch(tmp_path, [str(image), "--yes", "--count", "1"],

@@ -300,3 +300,35 @@ def test_the_exact_offset_is_found_in_an_unaligned_last_bucket(
     summary = _flash_with(Corrupter(loop, len(data) - 1, times=1), image, [loop], 0)
     (r,) = summary.results
     assert r.status == "invalid" and r.mismatch_offset == len(data) - 1
+
+
+def test_block_map_ranges_inside_the_head_are_held_too(
+        loop_factory: Callable[..., Loop], dying_loop: Callable[..., Loop],
+        tmp_path: Path) -> None:
+    """An ISO whose block map starts with its MBR sector, then the ISO 9660 descriptors at
+    32 KiB: a drive that dies mid-write must show neither (blkid -p finds no signature)."""
+    if shutil.which("bmaptool") is None or shutil.which("xorriso") is None:
+        pytest.skip("bmaptool and xorriso (bmap-tools, xorriso) are not installed")
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "payload.bin").write_bytes(os.urandom(12 * MiB))
+    path = tmp_path / "disk.iso"
+    subprocess.run(["xorriso", "-as", "mkisofs", "-quiet", "-V", "POPSICLE", "-o", str(path),
+                    str(tree)], check=True, capture_output=True)
+    with open(path, "r+b") as f:  # an MBR sector, as hybrid ISOs have
+        f.write(os.urandom(446) + bytes(64) + b"\x55\xaa")
+    subprocess.run(["fallocate", "--dig-holes", str(path)], check=True)
+    subprocess.run(["bmaptool", "create", str(path), "-o", f"{path}.bmap"], check=True,
+                   capture_output=True)
+    data = path.read_bytes()
+    ranges = bmap_mod.load(f"{path}.bmap", len(data)).extents
+    assert ranges[0].offset == 0 and ranges[0].length < ranges[1].offset < 64 << 10
+    good, dying = loop_factory(32 * MiB, fill=PATTERN), dying_loop(32 * MiB, good=4 * MiB)
+    rc, evs, err = flash(str(path), good.path, dying.path, "--no-probe")
+    assert rc == 1, err
+    assert result(evs, good.path)["status"] == "ok"
+    assert "TYPE=\"iso9660\"" in subprocess.run(["blkid", "-p", good.path],
+                                                capture_output=True, text=True).stdout
+    assert result(evs, dying.path)["status"] == "failed"
+    probe = subprocess.run(["blkid", "-p", dying.path], capture_output=True, text=True).stdout
+    assert "TYPE=" not in probe and "PTTYPE=" not in probe, probe

@@ -53,7 +53,8 @@ class Reader:
         self.config = config
         self.stopped = stopped  # the run's stop event
         self.held = held  # where the image's head goes (None: it goes through the ring)
-        self.held_length = 0
+        self.held_length = 0  # the head is held[:held_length], holes of a block map zeroed
+        self._head_recorded = False
         self.digests: list[bytes] = []
         self.extents: list[tuple[int, int]] = []
         self.total = 0
@@ -87,7 +88,6 @@ class Reader:
             except _NOT_SEEKABLE:
                 self._base = 0
         seq = 0
-        first = True
         for offset, limit, index in self._reads():
             if not self._wait_for_slot(seq):
                 return
@@ -104,16 +104,17 @@ class Reader:
                     raise SourceChanged(extents[-1][0] + extents[-1][1], offset + length)
                 assert index is not None
                 self._check_extent(index, offset, view[:length])
-            start = self._take_head(view[:length], offset) if first else 0
-            first = False
+            start = self._take_head(view[:length], offset)
             self.total += length
             if start < length:
+                self._record_head()
                 self._record(offset + start, view[start:length])
                 with ring.cond:
                     ring.publish(seq, start, length - start, offset + start)
                 seq += 1
             if length < limit:
                 break
+        self._record_head()
         expected = self.config.expected_size
         if extents is None and expected is not None and expected != self.total:
             raise SourceChanged(expected, self.total)
@@ -148,15 +149,26 @@ class Reader:
             self.post(BusWriterMessage.LockStep(spill.stopped or "the spill file failed"))
 
     def _take_head(self, data: memoryview, offset: int) -> int:
-        """Copy the part of the first bucket that lies in the image's head; return its length."""
+        """Keep the part of a read that lies in the image's head; return its length.
+
+        Every read inside the first 64 KiB is held, not only the first: small buckets, and
+        block-map ranges (an MBR sector, then ISO 9660 descriptors at 32 KiB), would otherwise
+        put part of the head on the drives before the rest was checked.
+        """
         if self.held is None or offset >= HEAD:
             return 0
         n = min(len(data), HEAD - offset)
-        self.held[:n] = data[:n]
-        self.held_length = n
-        if n:
-            self._record(offset, data[:n])
+        self.held[offset : offset + n] = data[:n]
+        self.held_length = offset + n
         return n
+
+    def _record_head(self) -> None:
+        """The head's one extent (index 0), recorded before anything that follows it."""
+        if self._head_recorded:
+            return
+        self._head_recorded = True
+        if self.held is not None and self.held_length:
+            self._record(0, self.held[: self.held_length])
 
     def _record(self, offset: int, data: memoryview) -> None:
         if self.config.record:

@@ -103,7 +103,7 @@ class BusWriter(Builder):
         return self._set(record=enabled)
 
     def first_bucket_last(self, enabled: bool = True) -> BusWriter:
-        """Keep the image's head (its first 64 KiB, at most the first bucket) out of the writes.
+        """Keep the image's head (its first 64 KiB, over as many reads) out of the writes.
 
         It is returned in ``WriteResult.held`` for the caller to write last, or written last by
         the engine itself with :meth:`finish_each`.  Needs seekable destinations.

@@ -231,8 +231,9 @@ class _Job:
                 drive.device.close()
             if getattr(drive.device, "in_call", False):
                 self.emit(Note(f"{drive.path}: a read or write to this drive has not returned; "
-                               "popsicle-py exits once the kernel gives up on it (its own "
-                               "timeout, about 30 s per try for a USB stick)"))
+                               "popsicle-py exits once it does: when the drive completes it at "
+                               "its present speed, or the kernel gives up on it (about 30 s "
+                               "per try for a USB stick)"))
 
     def _summary(self) -> Summary:
         summary = Summary(tuple(self._result(d) for d in self.drives), self.cancelled)

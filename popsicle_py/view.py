@@ -203,8 +203,9 @@ def _result_line(r: events.DriveResult, speeds: str = "") -> str:
         if flashed:
             what = f"{format_size(r.bytes_written)} {what}"
         return f"{r.device}: ok ({what}{_extras(r)}{speeds}){_identity(r)}"
-    return f"{r.device}: {r.status}: {_strip_device(r.error, r.device) or r.status}" \
-        f"{_identity(r)}"
+    why = _strip_device(r.error, r.device)
+    said = f": {why}" if why and why != r.status else ""  # not "cancelled: cancelled"
+    return f"{r.device}: {r.status}{said}{_identity(r)}"
 
 
 def _strip_device(text: str | None, device: str) -> str | None:

@@ -9,6 +9,7 @@ wrapped row would show as a line wider than the pane).
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -27,6 +28,7 @@ import pytest
 from conftest import Loop, popsicle_cmd
 
 from popsicle_py import events, rows
+from popsicle_py.events import Cause, Status
 from popsicle_py.units import format_size
 from popsicle_py.view import JsonView, PlainView, RichView
 
@@ -418,6 +420,18 @@ def test_views_survive_an_output_that_fails(capsys: pytest.CaptureFixture[str]) 
             view.close()
             assert view.out.gone
         assert capsys.readouterr().err.count("cannot write the output") == 1
+
+
+def test_a_plain_result_line_says_its_reason_once() -> None:
+    out = io.StringIO()
+    view = PlainView(out)
+    view.handle(events.Result(events.DriveResult("/dev/sdb", Status.CANCELLED, 0, "cancelled",
+                                                 cause=Cause.CANCELLED)))
+    view.handle(events.Result(events.DriveResult("/dev/sdc", Status.FAILED, 0,
+                                                 "/dev/sdc: stalled: no progress",
+                                                 cause=Cause.STALLED)))
+    assert out.getvalue().splitlines() == ["/dev/sdb: cancelled", "/dev/sdc: failed: stalled: "
+                                           "no progress"]
 
 
 def test_views_stop_writing_quietly_when_the_reader_left(tmp_path: Path) -> None:

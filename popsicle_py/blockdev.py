@@ -424,30 +424,25 @@ def reread_partitions(path: str) -> None:
         os.close(fd)
 
 
-REMOVAL_SETTLE = 1.0  # seconds an I/O error waits to see whether the drive is on its way out
-
-
-def drive_gone(path: str, *, settle: float = 0.0) -> bool:
-    """Whether the kernel has let go of the block device at ``path`` (waiting up to ``settle``).
+def drive_gone(path: str) -> bool:
+    """Whether the kernel has let go of the block device at ``path``.
 
     True when the node, or its sysfs directory, is gone, or its size reads 0: what a USB stick
-    shows from the moment it is pulled until udev removes its node.
+    shows from the moment it is pulled until udev removes its node.  Without sysfs at all (a
+    container) nothing is known, and nothing is called removed.
     """
-    deadline = time.monotonic() + settle
-    while True:
-        try:
-            st = os.stat(path)
-        except FileNotFoundError:
-            return True
-        except OSError:
-            return False
-        if not stat.S_ISBLK(st.st_mode):
-            return False
-        if sysfs.attr(st.st_rdev, "size") in (None, "0"):
-            return True
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(0.02)
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+    if not stat.S_ISBLK(st.st_mode):
+        return False
+    size = sysfs.attr(st.st_rdev, "size")
+    if size is None:
+        return os.path.isdir(os.path.dirname(sysfs.block_dir(st.st_rdev)))
+    return size == "0"
 
 
 def sysfs_read_only(path: str) -> bool:
@@ -762,11 +757,10 @@ def failure(exc: BaseException, path: str) -> Failure:
         return Failure(Cause.BUSY, busy_message(path, _mountpoints(path)))
     if code == errno.ENOMEDIUM:
         return Failure(Cause.NO_MEDIUM, f"{path}: no card in the reader")
-    if code in (errno.ENODEV, errno.ENXIO) or (
-            code in (errno.ENOSPC, errno.EIO)
-            and drive_gone(path, settle=REMOVAL_SETTLE if code == errno.EIO else 0.0)):
-        # A pulled stick's writes end in EIO (the kernel may take a moment to drop the disk) or,
-        # once its capacity reads 0, ENOSPC: neither is the drive's fault, it is simply gone.
+    if code in (errno.ENODEV, errno.ENXIO) or (code in (errno.ENOSPC, errno.EIO)
+                                                and drive_gone(path)):
+        # A pulled stick's writes end in EIO (retried for seconds first, while the kernel drops
+        # the disk) or, once its capacity reads 0, ENOSPC: it is simply gone.
         return Failure(Cause.REMOVED, f"{path}: the drive was removed")
     if code == errno.ENOSPC:
         if "larger" in detail:

@@ -93,10 +93,12 @@ class CacheWriter:
         return self.path
 
     def abort(self) -> None:
+        """Forget the bytes (also after a failed commit: its data file goes too)."""
         with contextlib.suppress(OSError):
             self._file.close()
-        with contextlib.suppress(OSError):
-            self.part.unlink()
+        for leftover in (self.part, self.path, self.cache.root / f"{self.key}.json.part"):
+            with contextlib.suppress(OSError):
+                leftover.unlink()
 
 
 class Cache:

@@ -432,14 +432,19 @@ class Download(io.RawIOBase):
         try:
             self.sink.write(data)
         except OSError as exc:
-            where, why = self.sink.where, exc.strerror or str(exc)
+            where = self.sink.where
             self.sink.abort()
             self.sink = None
-            if self.required:
-                raise RemoteError(f"cannot keep the download of {self.url} in {where}: "
-                                  f"{why}") from None
-            if self.emit is not None:
-                self.emit(Note(f"not caching {self.url}: {where}: {why}; the flash goes on"))
+            self._sink_failed(where, exc)
+
+    def _sink_failed(self, where: str, exc: OSError) -> None:
+        """The copy could not be kept: the end of the download if it is needed, else a note."""
+        why = exc.strerror or str(exc)
+        if self.required:
+            raise RemoteError(f"cannot keep the download of {self.url} in {where}: {why}") \
+                from None
+        if self.emit is not None:
+            self.emit(Note(f"not caching {self.url}: {where}: {why}; the flash goes on"))
 
     def _fail(self, exc: ImageError) -> None:
         self._error = exc
@@ -580,8 +585,13 @@ class Download(io.RawIOBase):
         self._finished = True
         self._progress(force=True)
         if self.sink is not None:
-            self.committed = str(self.sink.commit())
-            self.sink = None
+            sink, self.sink = self.sink, None
+            try:
+                self.committed = str(sink.commit())
+            except OSError as exc:  # its disk filled up at the last flush, or its metadata
+                sink.abort()
+                self._sink_failed(sink.where, exc)
+                return
             if self.on_commit is not None:
                 self.on_commit(self.committed)
 

@@ -54,6 +54,7 @@ class Reader:
         self.stopped = stopped  # the run's stop event
         self.held = held  # where the image's head goes (None: it goes through the ring)
         self.held_length = 0  # the head is held[:held_length], holes of a block map zeroed
+        self.head_bytes = 0  # of the image in it (a block map's holes are not)
         self._head_recorded = False
         self.digests: list[bytes] = []
         self.extents: list[tuple[int, int]] = []
@@ -157,9 +158,11 @@ class Reader:
         """
         if self.held is None or offset >= HEAD:
             return 0
+        assert not self._head_recorded, "reads in order (only_extents checks the ranges)"
         n = min(len(data), HEAD - offset)
         self.held[offset : offset + n] = data[:n]
         self.held_length = offset + n
+        self.head_bytes += n
         return n
 
     def _record_head(self) -> None:

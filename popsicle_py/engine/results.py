@@ -40,10 +40,6 @@ class WriteResult(Sequence[DestinationResult]):
     held: memoryview | None = field(default=None, repr=False)
     extents: tuple[tuple[int, int], ...] = ()
 
-    @property
-    def held_offset(self) -> int:
-        return self.extents[0][0] if self.extents else 0
-
     def __getitem__(self, index: int) -> DestinationResult:  # type: ignore[override]
         return self.results[index]
 

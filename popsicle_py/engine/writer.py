@@ -99,7 +99,8 @@ class BusWriter(Builder):
         return self._set(retries=max(0, count))
 
     def record_digests(self, enabled: bool = True) -> BusWriter:
-        """Record an XXH3-128 digest per bucket, for :meth:`BusVerifier.with_digests`."""
+        """Record an XXH3-128 digest per extent (``WriteResult.extents``: a bucket, or the held
+        head), for :meth:`BusVerifier.with_digests` given those extents."""
         return self._set(record=enabled)
 
     def first_bucket_last(self, enabled: bool = True) -> BusWriter:
@@ -116,8 +117,16 @@ class BusWriter(Builder):
         For sparse images with a block map.  Each range is checked against its hex checksum
         (in ``algo``) as it is read; a mismatch fails the run like a source error.
         Destinations stay in lock-step (a laggard's own reads would not follow the ranges).
+        Raises ValueError for ranges out of order or overlapping (the head is held by offset).
         """
-        return self._set(extents=tuple(extents), extent_algo=algo)
+        ranges = tuple(extents)
+        ends = 0
+        for offset, length, _ in ranges:
+            if offset < ends or length <= 0:
+                raise ValueError(f"extents must be in order, not overlapping, and not empty: "
+                                 f"({offset}, {length}) after byte {ends}")
+            ends = offset + length
+        return self._set(extents=ranges, extent_algo=algo)
 
     def skip_identical(self, enabled: bool = True) -> BusWriter:
         """Read what each destination holds first and write only the chunks that differ."""
@@ -204,7 +213,7 @@ class _ReadAlone:
         self.bucket_size = bucket_size
         self.start: int | None = None  # of the bucket being read
         self.hasher = xxhash.xxh3_128()
-        self.read: list[tuple[int, int, bytes]] = []  # (offset, length, digest) of each
+        self.buckets: list[tuple[int, int, bytes]] = []  # (offset, length, digest) of each
 
     def end_of(self, offset: int) -> int:
         """Where the reader's bucket holding ``offset`` ends (after the head, whole buckets)."""
@@ -217,18 +226,23 @@ class _ReadAlone:
         self.hasher.update(prefix)
 
     def feed(self, offset: int, data: memoryview) -> None:
-        """Bytes read alone at ``offset``, never past the end of their bucket."""
-        if self.start is None:
-            self.start = offset
-            self.hasher = xxhash.xxh3_128()
-        self.hasher.update(data)
-        if offset + len(data) == self.end_of(self.start):
-            self.close(offset + len(data))
+        """Bytes read alone at ``offset`` (split here at the reader's bucket ends)."""
+        while len(data):
+            if self.start is None:
+                self.start = offset
+                self.hasher = xxhash.xxh3_128()
+            end = self.end_of(self.start)
+            piece = data[: end - offset]
+            self.hasher.update(piece)
+            offset += len(piece)
+            data = data[len(piece) :]
+            if offset == end:
+                self.close(offset)
 
     def close(self, end: int) -> None:
         """The bucket being read ends at ``end`` (its own end, or the source's)."""
         if self.start is not None and end > self.start:
-            self.read.append((self.start, end - self.start, self.hasher.digest()))
+            self.buckets.append((self.start, end - self.start, self.hasher.digest()))
         self.start = None
 
     def differing(self, extents: Sequence[tuple[int, int]], digests: Sequence[bytes]
@@ -236,7 +250,7 @@ class _ReadAlone:
         """The first bucket read alone that the reader read otherwise (or never), if any."""
         known = {offset: (length, digest)
                  for (offset, length), digest in zip(extents, digests, strict=True)}
-        for offset, length, digest in self.read:
+        for offset, length, digest in self.buckets:
             if known.get(offset) != (length, digest):
                 return offset, length
         return None
@@ -385,12 +399,13 @@ class _WriteRun:
         if head:
             write_at(lane.dest, 0, self.stamp[:head], stop=lambda: lane.stopped,
                      retries=self.config.retries, pacer=lane.pacer)
+            sync(lane.dest)  # on the device before anything after it (a buffered destination)
         return not lane.stopped
 
     def _check_alone(self, lane: Lane) -> bool:
         """What the lane read on its own matches what the reader read (once it read it all)."""
         alone = self.alone[lane.id]
-        if not alone.read or not self.config.record:
+        if not alone.buckets or not self.config.record:
             return True
         if not self._wait_for(lane, lambda: self.ring.eof):
             return False
@@ -437,12 +452,13 @@ class _WriteRun:
                 view, offset = ring.bucket(seq)
             length = len(view)
             done = self._put(lane, view, offset, progressed, leaving)
-            if done < length and can_detach and lane.detach and not lane.stopped:
+            partial = done < length and can_detach and lane.detach and not lane.stopped
+            if partial and self.config.record:
                 self.alone[lane.id].begin(offset, view[:done])  # the rest is read alone
             del view  # a detached laggard's bucket is freed here, not kept while it goes solo
             if lane.stopped:
                 return None
-            if done < length and can_detach and lane.detach:
+            if partial:
                 return offset + done
             next_offset = offset + done
             seq += 1
@@ -488,7 +504,6 @@ class _WriteRun:
                 alone.close(offset)
                 return None
             limit = len(buf) if total is None else min(len(buf), total - offset)
-            limit = min(limit, alone.end_of(offset) - offset)
             if self.spill is not None:
                 if not self._wait_for(lane, functools.partial(self._spilled_past, lane, offset)):
                     return None
@@ -505,7 +520,8 @@ class _WriteRun:
                     alone.close(offset)
                     return None
                 raise SourceChanged(end, offset)  # the file shrank under us
-            alone.feed(offset, buf[:n])
+            if self.config.record:  # digests to check it against
+                alone.feed(offset, buf[:n])
             self._put(lane, buf[:n], offset, progressed, lambda: lane.stopped)
             offset += n
         return None
@@ -543,11 +559,13 @@ class _WriteRun:
             return
         if not self._wait_for(lane, lambda: self.ring.vouched):
             return
-        if held is not None and stamped:
+        if held is not None and head:
             lane.post(Msg.Stage(lane.id, Step.SYNCING))
             write_at(lane.dest, 0, held, stop=lambda: lane.stopped, retries=config.retries,
-                     progress=self._written(lane), pacer=lane.pacer)
+                     pacer=lane.pacer)
             sync(lane.dest)
+            if not lane.stopped:  # the image's bytes of it (a block map's holes are not)
+                self._written(lane)(self.reader.head_bytes)
             if lane.stopped:
                 return
             if config.verify and not self._verify(lane, only_head=True):

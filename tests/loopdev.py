@@ -208,6 +208,18 @@ def mounted_ext4(device: str) -> Iterator[str]:
         os.rmdir(mountpoint)
 
 
+@contextlib.contextmanager
+def tiny_tmpfs(parent: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of ``size`` (mount's units: "1m") on a fresh directory under ``parent``: a
+    disk that fills up."""
+    mnt = Path(tempfile.mkdtemp(prefix="tiny-", dir=parent))
+    run("mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt))
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True, check=False)
+
+
 def is_mounted(mountpoint: str) -> bool:
     with open("/proc/self/mounts") as f:
         return any(line.split()[1] == mountpoint for line in f)

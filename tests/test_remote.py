@@ -27,6 +27,7 @@ from typing import Any
 import pytest
 import zstandard
 from conftest import Loop, needs_root, popsicle_cmd
+from loopdev import tiny_tmpfs
 from test_watch import WATCHING, C, D, needs_testbed, watch
 from webserver import Served, WebServer, self_signed, serving, wait_for
 
@@ -58,6 +59,14 @@ def read_url(url: str, **kw: Any) -> bytes:
     opened = remote.open_url(url, settings=FAST, **kw)
     with opened.image.open() as stream:
         return stream.read()  # type: ignore[no-any-return]
+
+
+def zipped(data: bytes, method: int) -> bytes:
+    """A zip file holding ``data`` as disk.img."""
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", method) as z:
+        z.writestr("disk.img", data)
+    return out.getvalue()
 
 
 def sums(data: bytes, name: str) -> Served:
@@ -531,17 +540,12 @@ def test_a_cache_that_cannot_be_made_is_skipped_with_a_note(
 @needs_root
 def test_a_cache_whose_disk_fills_up_is_dropped_and_the_flash_goes_on(
         web: WebServer, data: bytes, loop_factory: Callable[..., Loop], tmp_path: Path) -> None:
-    small = tmp_path / "small"
-    small.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(small)], check=True)
-    try:
+    with tiny_tmpfs(tmp_path, "1m") as small:
         web.add("/disk.img", Served(data))
         drive = loop_factory(4 * MiB, fill=PATTERN)
         rc, events, err = flash(web.url("/disk.img"), drive, extra=("--cache",),
                                 env={"XDG_CACHE_HOME": str(small)})
         left = list((small / "popsicle-py").iterdir())
-    finally:
-        subprocess.run(["umount", "-l", str(small)], check=False)
     assert rc == 0, err
     assert drive.read(SIZE) == data
     assert any(n["text"] == f"not caching {web.url('/disk.img')}: {small}/popsicle-py: No "
@@ -554,19 +558,11 @@ def test_a_download_copy_that_is_needed_and_cannot_be_kept_is_one_line(
         web: WebServer, data: bytes, loop_factory: Callable[..., Loop], tmp_path: Path) -> None:
     # A zip is read from a downloaded copy: with no room for it, nothing is written and the
     # line says where the room was missing.
-    archive = tmp_path / "disk.zip"
-    with zipfile.ZipFile(archive, "w", zipfile.ZIP_STORED) as z:
-        z.writestr("disk.img", data)
-    web.add("/disk.zip", Served(archive.read_bytes()))
-    small = tmp_path / "small"
-    small.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(small)], check=True)
-    try:
+    web.add("/disk.zip", Served(zipped(data, zipfile.ZIP_STORED)))
+    with tiny_tmpfs(tmp_path, "1m") as small:
         drive = loop_factory(4 * MiB, fill=PATTERN)
         rc, events, err = flash(web.url("/disk.zip"), drive, env={"TMPDIR": str(small)})
         left = list(small.iterdir())
-    finally:
-        subprocess.run(["umount", "-l", str(small)], check=False)
     assert rc == 2, err
     assert err.strip() == (f"popsicle-py: cannot keep the download of {web.url('/disk.zip')} "
                            f"in {small}: No space left on device"), err
@@ -637,10 +633,7 @@ def test_keyring_trusts_a_sums_file_only_with_a_good_signature(
 @needs_root
 def test_a_zip_url_is_downloaded_first_then_written(
         web: WebServer, data: bytes, loop_factory: Callable[..., Loop], tmp_path: Path) -> None:
-    archive = tmp_path / "disk.zip"
-    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as z:
-        z.writestr("disk.img", data)
-    web.add("/disk.zip", Served(archive.read_bytes()))
+    web.add("/disk.zip", Served(zipped(data, zipfile.ZIP_DEFLATED)))
     scratch = tmp_path / "scratch"
     scratch.mkdir()
     drive = loop_factory(4 * MiB, fill=PATTERN)

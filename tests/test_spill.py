@@ -7,18 +7,18 @@ blocked; without room for one, every drive still finishes, in lock-step, with a 
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import os
 import subprocess
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 from conftest import Loop, needs_root, popsicle_cmd
+from loopdev import tiny_tmpfs
 
 from popsicle_py import BusWriter, BusWriterMessage
 
@@ -102,17 +102,6 @@ def test_without_room_for_a_spill_every_drive_finishes_in_lock_step(
     assert all(r.ok for r in result)
     assert all(d.getvalue() == payload for d in dests)
     assert len(notes) == 1 and "does-not-exist" in notes[0]
-
-
-@contextlib.contextmanager
-def tiny_tmpfs(tmp_path: Path, size: str) -> Iterator[Path]:
-    mnt = tmp_path / "tiny"
-    mnt.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)], check=True)
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 @needs_root

@@ -22,6 +22,7 @@ code before and after a change run in the same run, taking turns.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import fcntl
 import json
@@ -37,7 +38,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -303,6 +304,26 @@ def old_code(bench: Bench, spec: str) -> Code:
                              check=True, capture_output=True).stdout
     subprocess.run(["tar", "-x", "-C", str(root)], input=archive, check=True)
     return Code(f"old ({short})", root, short)
+
+
+def add_run_options(parser: argparse.ArgumentParser, *, old_rounds: int) -> None:
+    """--quick, --rounds, --old and --old-rounds: what every comparing benchmark takes."""
+    parser.add_argument("--quick", action="store_true",
+                        help="a 96 MiB image and one round (for development)")
+    parser.add_argument("--rounds", type=int, help="rounds (default 3, quick 1)")
+    parser.add_argument("--old", metavar="DIR-or-REV",
+                        help="also measure this checkout or git revision, taking turns")
+    parser.add_argument("--old-rounds", type=int, default=old_rounds,
+                        help=f"rounds for the --old code (default {old_rounds})")
+
+
+def run_main(main: Callable[[], int]) -> None:
+    """Exit with ``main()``'s status; Ctrl-C exits 130 once Bench has cleaned up."""
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        print("interrupted; loop devices, cgroups and files were removed", file=sys.stderr)
+        sys.exit(130)
 
 
 def codes_of(bench: Bench, old: str | None) -> list[Code]:

@@ -59,6 +59,7 @@ from _benchlib import (
     log,
     median,
     random_file,
+    run_main,
     runner_main,
     table,
     throttle,
@@ -370,8 +371,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:
-        print("interrupted; loop devices, cgroups and files were removed", file=sys.stderr)
-        sys.exit(130)
+    run_main(main)

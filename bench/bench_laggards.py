@@ -38,6 +38,7 @@ from _benchlib import (
     NEW,
     Bench,
     MiB,
+    add_run_options,
     caches_dropped,
     cli_argv,
     cli_results,
@@ -47,6 +48,7 @@ from _benchlib import (
     log,
     median,
     random_file,
+    run_main,
     runner_main,
     schedule,
     table,
@@ -68,13 +70,7 @@ def main() -> int:
     if mode is not None:
         return mode
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true",
-                        help="a 96 MiB image and one round (for development)")
-    parser.add_argument("--rounds", type=int, help="rounds (default 3, quick 1)")
-    parser.add_argument("--old", metavar="DIR-or-REV",
-                        help="also measure this checkout or git revision, taking turns")
-    parser.add_argument("--old-rounds", type=int, default=2,
-                        help="rounds for the --old code (default 2)")
+    add_run_options(parser, old_rounds=2)
     args = parser.parse_args()
     rounds = args.rounds or (1 if args.quick else 3)
     size = (96 if args.quick else 192) * MiB
@@ -224,8 +220,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:
-        print("interrupted; loop devices, cgroups and files were removed", file=sys.stderr)
-        sys.exit(130)
+    run_main(main)

@@ -32,7 +32,6 @@ import argparse
 import os
 import shlex
 import subprocess
-import sys
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -44,6 +43,7 @@ from _benchlib import (
     Bench,
     Code,
     MiB,
+    add_run_options,
     cli_argv,
     cli_notes,
     cli_results,
@@ -51,6 +51,7 @@ from _benchlib import (
     dd_argv,
     log,
     median,
+    run_main,
     schedule,
     table,
     throttle,
@@ -109,13 +110,7 @@ def pipeline(decompress: list[str], image: Path, dev: str) -> list[str]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true",
-                        help="a 96 MiB image and one round (for development)")
-    parser.add_argument("--rounds", type=int, help="rounds (default 3, quick 1)")
-    parser.add_argument("--old", metavar="DIR-or-REV",
-                        help="also measure this checkout or git revision, taking turns")
-    parser.add_argument("--old-rounds", type=int, default=1,
-                        help="rounds for the --old code (default 1)")
+    add_run_options(parser, old_rounds=1)
     args = parser.parse_args()
     rounds = args.rounds or (1 if args.quick else 3)
     size = (96 if args.quick else 192) * MiB
@@ -250,8 +245,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:
-        print("interrupted; loop devices, cgroups and files were removed", file=sys.stderr)
-        sys.exit(130)
+    run_main(main)

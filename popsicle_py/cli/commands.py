@@ -13,7 +13,6 @@ when a signal stopped the run.
 from __future__ import annotations
 
 import json
-from importlib import resources
 from typing import TYPE_CHECKING, Any
 
 import click
@@ -315,5 +314,7 @@ def polkit_rule() -> None:
 
     popsicle-py polkit-rule | sudo tee /etc/polkit-1/rules.d/50-popsicle-py.rules
     """
+    from importlib import resources
+
     text = (resources.files("popsicle_py") / "data" / POLKIT_RULE).read_text()
     click.echo(text, nl=False)

@@ -3,9 +3,7 @@ scripts that asked for JSON a last ``summary`` line even when nothing ran."""
 
 from __future__ import annotations
 
-import logging
 import sys
-import traceback
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
@@ -33,6 +31,8 @@ def json_refusal(lines: Sequence[str]) -> None:
 
 def run_guarded(debug: bool, as_json: bool, body: Callable[[], int]) -> NoReturn:
     """Run a command body; errors of ours show themselves and carry their exit status."""
+    import logging  # here, not at the top: --help and --version do not log
+
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING,
                         format=f"{PROG}: %(message)s")
     try:
@@ -56,6 +56,8 @@ def run_guarded(debug: bool, as_json: bool, body: Callable[[], int]) -> NoReturn
         raise
     except Exception as exc:
         if debug:
+            import traceback
+
             traceback.print_exc()
         error(f"unexpected error: {exc} (run with --debug to see where)")
         if as_json:  # a script's last line is a summary; this one says nothing went right

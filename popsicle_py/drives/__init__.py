@@ -46,6 +46,7 @@ from popsicle_py.drives.rules import (
     overwrites,
     refusals,
     system_reason,
+    too_small,
 )
 from popsicle_py.drives.system import (
     MountEntry,
@@ -130,6 +131,7 @@ __all__ = [
     "stack_of",
     "still_same",
     "system_reason",
+    "too_small",
     "udev_hint",
     "udev_note",
 ]

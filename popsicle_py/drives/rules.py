@@ -184,11 +184,9 @@ def refusals(drive: Drive, *, image_size: int | None, unmount: bool = False,
     if auto and max_size is not None and drive.size > max_size:
         reason = f"larger than {format_size(max_size)} (--max-size)"
         found.append(Refusal("max-size", reason, f"{path} is {reason}"))
-    if image_size is not None and image_size > drive.size:
-        image, size = _sizes(image_size, drive.size)
-        found.append(Refusal(
-            "too-small", f"smaller than the image ({size} drive, {image} image)",
-            f"image is larger than {path}: {image} image, {size} drive"))
+    small = too_small(drive, image_size)
+    if small is not None:
+        found.append(small)
     if drive.mountpoints and not unmount:
         at = ", ".join(drive.mountpoints)
         found.append(Refusal("mounted", f"mounted at {at}",
@@ -201,6 +199,16 @@ def refusals(drive: Drive, *, image_size: int | None, unmount: bool = False,
     for reason in drive.busy:
         found.append(Refusal("busy", reason, f"{path} is {reason}"))
     return found
+
+
+def too_small(drive: Drive, image_size: int | None) -> Refusal | None:
+    """The image does not fit on ``drive``: a reason not to write it, nor to read it back to
+    compare (``verify``); None when it fits or its size is unknown."""
+    if image_size is None or image_size <= drive.size:
+        return None
+    image, size = _sizes(image_size, drive.size)
+    return Refusal("too-small", f"smaller than the image ({size} drive, {image} image)",
+                   f"image is larger than {drive.path}: {image} image, {size} drive")
 
 
 def _sizes(image_size: int, drive_size: int) -> tuple[str, str]:

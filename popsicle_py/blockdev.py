@@ -39,8 +39,8 @@ from popsicle_py.errors import (
 )
 from popsicle_py.events import Cause
 
-# Re-exported: flash checks the opened drive with blockdev.confirmed, and failure() names
-# MediaChanged; the media identity itself lives in popsicle_py.media.
+# Re-exported: flash checks the opened drive with blockdev.confirmed, and the failure wording
+# imports MediaChanged from here; media identity itself lives in popsicle_py.media.
 from popsicle_py.media import MediaChanged as MediaChanged
 from popsicle_py.media import confirmed as confirmed
 

@@ -508,7 +508,7 @@ def test_the_cache_serves_the_second_flash_and_is_listed_and_cleaned(
     assert [e["url"] for e in listed] == [web.url("/disk.img.gz")]
     out = subprocess.run([*popsicle_cmd(), "cache", "clean"], capture_output=True, text=True,
                          check=True, env={**os.environ, **env}).stdout
-    assert out.startswith("removed 1 cached download(s)")
+    assert out.startswith("removed 1 cached download, ")
     assert Cache(tmp_path / "xdg" / "popsicle-py").entries() == []
 
 

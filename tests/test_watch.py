@@ -429,6 +429,8 @@ def test_a_signal_cancels_the_drive_in_flight(tmp_path: Path, sig: int, status: 
     (result,) = run.summary["results"]
     assert result["status"] == "cancelled"
     assert run.files[big.remove_attr] == b""
+    again = "Ctrl-C again" if sig == signal.SIGINT else "another SIGTERM"
+    assert f"stopping every drive ({again} to quit at once)" in run.stderr
 
 
 @needs_testbed
@@ -441,6 +443,8 @@ def test_a_signal_while_idle_ends_the_session_with_the_drives_status(tmp_path: P
                  {"signal": int(signal.SIGTERM)}])
     assert run.rc == 0, run.stderr
     assert [r["status"] for r in run.summary["results"]] == ["ok"]
+    assert "SIGTERM: ending the session (no drive is being written)" in run.stderr
+    assert "stopping every drive" not in run.stderr
 
 
 @needs_testbed

@@ -63,6 +63,12 @@ class BucketSizeType(SizeType):
                 ) -> int:
         size = super().convert(value, param, ctx)
         if size % BUCKET_ALIGN:
+            text = str(value).strip()
+            unit = text[-2:].upper()
+            if unit in ("KB", "MB", "GB"):  # powers of 1000: say what was probably meant
+                self.fail(f"must be a multiple of 4 KiB (4096 bytes); {text} is {size} bytes "
+                          f"({unit} means powers of 1000): did you mean "
+                          f"{text[:-2].strip()}{unit[0]}iB?", param, ctx)
             self.fail(f"must be a multiple of 4 KiB (4096 bytes), not {size}", param, ctx)
         if size > MAX_BUCKET_SIZE:
             self.fail("must be at most 1 GiB", param, ctx)

@@ -183,6 +183,9 @@ def transport_message(url: str, exc: BaseException) -> str:
     if isinstance(exc, MaxRetryError) and "too many redirects" in text.lower():
         return f"{url}: too many redirects (a redirect loop?)"
     if isinstance(reason, SSLError) or "SSL" in text:
+        if "WRONG_VERSION_NUMBER" in text or "wrong version number" in text.lower():
+            return (f"{url}: {host} does not answer with TLS on that port (an http:// "
+                    "server? try http://); nothing was downloaded")
         m = _VERIFY_FAILED.search(text)
         if m:
             return (f"{url}: TLS certificate of {host} is not trusted ({m[1]}); "

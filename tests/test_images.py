@@ -31,6 +31,7 @@ from popsicle_py.images import (
     parse_checksum_option,
     verify_checksum,
 )
+from popsicle_py.images import files as image_files
 
 MiB = 1 << 20
 COMPRESSED = ["gzip", "xz", "bzip2", "zstd", "zip"]
@@ -408,7 +409,7 @@ def test_open_image_refusals(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     def denied(*args: object, **kwargs: object) -> None:
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(images, "open", denied, raising=False)  # root ignores mode bits
+    monkeypatch.setattr(image_files, "open", denied, raising=False)  # root ignores mode bits
     with pytest.raises(ImageError, match=r"locked\.img cannot be read: permission denied"):
         open_image(str(tmp_path / "locked.img"))
 

@@ -172,6 +172,9 @@ class _ChainedStream(_Stream):
     as a short, "successful" image. Here only zero padding may follow a stream.
     """
 
+    #: What every stream (member) starts with: after one, only zeros or another may follow.
+    magic: bytes
+
     def __init__(self, image: Decodable, tap: Tap | None = None,
                  raw: Any = None) -> None:
         super().__init__(image)
@@ -179,9 +182,6 @@ class _ChainedStream(_Stream):
         self._pending = b""
         self._decoder: _Decoder | None = None
         self._streams = 0
-
-    #: What every stream (member) of the format starts with: all that may follow a stream.
-    magic: bytes
 
     def _new_decoder(self) -> _Decoder:
         """A decoder for the next stream; each format's subclass says which."""

@@ -59,7 +59,7 @@ Measured: TypeAlias = "tuple[int | None, str | None]"
 class Format:
     """One kind of image file: how it is recognised, decoded and measured.
 
-    ``name`` is what Image.format, events and JSON carry.  ``detect`` judges the first
+    ``name`` is what Image.format, events and JSON carry.  ``matches`` judges the first
     :data:`HEAD_SIZE` bytes.  ``suffixes`` are the file-name endings that say "this format"
     (a mismatch is worth a warning, never a decision).  ``decoder`` is None when the bytes
     are the image.  ``needs_whole_file``: decoded by seeking (a zip's directory is at its end),
@@ -69,7 +69,7 @@ class Format:
     """
 
     name: str
-    detect: Callable[[bytes], bool]
+    matches: Callable[[bytes], bool]
     suffixes: tuple[str, ...] = ()
     decoder: DecoderFactory | None = None
     needs_whole_file: bool = False
@@ -145,7 +145,7 @@ _BY_SUFFIX = {suffix: f for f in REGISTRY for suffix in f.suffixes}
 
 def detect(head: bytes) -> Format:
     """The format the first bytes show; anything unrecognised is a raw image."""
-    return next(f for f in REGISTRY if f.detect(head))
+    return next(f for f in REGISTRY if f.matches(head))
 
 
 def detect_format(head: bytes) -> str:

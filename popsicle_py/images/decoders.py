@@ -14,12 +14,12 @@ import lzma
 import zipfile
 import zlib
 from collections.abc import Generator
-from typing import TYPE_CHECKING, Any, BinaryIO, Protocol, TypeAlias
+from typing import TYPE_CHECKING, Any, Protocol, TypeAlias
 
 import zstandard
 from zlib_ng import zlib_ng
 
-from popsicle_py.images.files import READ_SIZE, ImageError, Tap, open_file
+from popsicle_py.images.files import READ_SIZE, ImageError, Readable, Tap, open_file
 from popsicle_py.images.sizes import XZ_MAGIC, ZstdLayout
 
 __all__ = [
@@ -51,7 +51,7 @@ class DecoderFactory(Protocol):
     """A format's decoder: the image's file (``tap`` hashing it), or ``raw``, decoded."""
 
     def __call__(self, image: Decodable, tap: Tap | None = None,
-                 raw: Any = None) -> io.RawIOBase: ...
+                 raw: Readable | None = None) -> io.RawIOBase: ...
 
 
 def read_decoded(stream: Any, offset: int, length: int) -> bytes:
@@ -176,7 +176,7 @@ class _ChainedStream(_Stream):
     magic: bytes
 
     def __init__(self, image: Decodable, tap: Tap | None = None,
-                 raw: Any = None) -> None:
+                 raw: Readable | None = None) -> None:
         super().__init__(image)
         self._file = raw if raw is not None else open_file(image.path, image.path, tap)
         self._pending = b""
@@ -278,7 +278,7 @@ class Bzip2Stream(_ChainedStream):
 class _Tap:
     """Passes the compressed bytes to zstandard while a ZstdLayout watches the frame structure."""
 
-    def __init__(self, raw: BinaryIO | io.FileIO, layout: ZstdLayout) -> None:
+    def __init__(self, raw: Readable, layout: ZstdLayout) -> None:
         self._raw = raw
         self._layout = layout
         self._steps: Generator[tuple[int, bool], bytes | None, None] | None = layout.steps()
@@ -327,7 +327,7 @@ class ZstdStream(_Stream):
     """zstd through zstandard's stream_reader, with truncation detected by ZstdLayout."""
 
     def __init__(self, image: Decodable, tap: Tap | None = None,
-                 raw: Any = None) -> None:
+                 raw: Readable | None = None) -> None:
         super().__init__(image)
         self._file = raw if raw is not None else open_file(image.path, image.path, tap)
         self._layout = ZstdLayout()
@@ -356,7 +356,8 @@ class ZstdStream(_Stream):
 class ZipStream(_Stream):
     """The single member of a zip; zipfile checks its CRC-32 when the member ends."""
 
-    def __init__(self, image: Decodable, tap: Tap | None = None, raw: Any = None) -> None:
+    def __init__(self, image: Decodable, tap: Tap | None = None,
+                 raw: Readable | None = None) -> None:
         # ``tap`` and ``raw`` go unused: a zip is read by seeking (Format.needs_whole_file).
         super().__init__(image)
         assert image.member is not None

@@ -11,13 +11,21 @@ from typing import Any, Protocol
 
 from popsicle_py.errors import Refused
 
-__all__ = ["READ_SIZE", "ImageError", "Tap", "open_file"]
+__all__ = ["READ_SIZE", "ImageError", "Readable", "Tap", "open_file"]
 
 READ_SIZE = 1 << 20  # compressed bytes per read: large enough to amortise the Python overhead
 
 
 class ImageError(Refused):
     """A problem with the source image or its checksum, as one line the user can act on."""
+
+
+class Readable(Protocol):
+    """The file as stored, read front to back: a file, a download, a checksum tap's wrapper."""
+
+    def read(self, size: int = -1, /) -> bytes: ...
+
+    def close(self) -> None: ...
 
 
 class Tap(Protocol):

@@ -24,10 +24,15 @@ from popsicle_py.images.decoders import (
 from popsicle_py.images.sizes import XZ_MAGIC, ZSTD_MAGIC, xz_size, zip_member, zstd_walk
 
 __all__ = [
+    "BZIP2",
     "FORMATS",
+    "GZIP",
     "HEAD_SIZE",
     "RAW",
     "REGISTRY",
+    "XZ",
+    "ZIP",
+    "ZSTD",
     "Format",
     "Stored",
     "by_name",

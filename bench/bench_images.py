@@ -7,8 +7,8 @@ per format with the usual tools, then times, alternating, reading Image.open() i
 buffer and `TOOL -dc FILE > /dev/null`. MB/s are uncompressed bytes (10**6) per second, medians.
 
 With --gzip-libs it also compares the gzip decoders a pure-Python reader could use (the stdlib
-zlib that images.py uses, stdlib gzip.GzipFile, and python-isal / zlib-ng if importable; put
-them on PYTHONPATH without installing them, e.g. `pip install --target /tmp/libs isal zlib-ng`).
+zlib that images/decoders.py uses, stdlib gzip.GzipFile, and python-isal / zlib-ng if importable;
+put them on PYTHONPATH without installing them, e.g. `pip install --target /tmp/libs isal zlib-ng`).
 """
 
 from __future__ import annotations
@@ -113,7 +113,7 @@ def gzip_decoders() -> dict[str, Callable[[], Any] | None]:
 
 
 def time_decoder(path: Path, factory: Callable[[], Any]) -> float:
-    """The same loop images.py runs for gzip (1 MiB reads, output capped at 16 MiB)."""
+    """The same loop images/decoders.py runs for gzip (1 MiB reads, output capped at 16 MiB)."""
     start = time.perf_counter()
     with open(path, "rb", buffering=0) as f:
         dec, pending = factory(), b""

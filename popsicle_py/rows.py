@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import textwrap
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from popsicle_py.units import format_size
@@ -301,78 +301,151 @@ def fit_height(blocks: Sequence[Sequence[Line]], finished: Sequence[bool], heigh
     return [blocks[i] for i in keep], dropped
 
 
+@dataclass(frozen=True)
+class Column:
+    """One column of a row: its text, where it sits, how wide it may grow, its style."""
+
+    key: str
+    cell: Callable[[Row], str]
+    style: Callable[[Row], str] = lambda row: ""
+    right: bool = False  # numbers are right-aligned (and never cut: they are measured)
+    most: int | None = None  # longer texts are cut with "…"
+    least: int = 0
+    kept: bool = False  # on every line, whatever the width (the others come and go)
+
+
+@dataclass(frozen=True)
+class Fit:
+    """One step of fitting the columns to a width: ``shorten``, ``drop``, ``add`` or ``widen``
+    the column ``key`` according as the bar keeps at least ``bar`` cells."""
+
+    key: str
+    action: str
+    bar: int
+
+
+#: The columns in the order of the line; the bar sits between the label and the percent.
+COLUMNS: tuple[Column, ...] = (
+    Column("name", lambda r: r.name, lambda r: "bold", most=MAX_NAME, kept=True),
+    Column("port", lambda r: r.port, lambda r: "cyan", most=MAX_PORT),
+    Column("label", lambda r: r.label, lambda r: "dim", most=MAX_LABEL),
+    Column("bar", lambda r: "", kept=True),
+    Column("amount", lambda r: _amount(r), right=True, least=4, kept=True),
+    Column("nbytes", lambda r: _bytes(r), right=True),
+    Column("speed", lambda r: r.speed, right=True),
+    Column("eta", lambda r: r.eta, right=True),
+    Column("state", lambda r: r.state, lambda r: r.style, kept=True),
+)
+#: Shown from the start (the essentials); the other columns come only when ``FITS`` adds them.
+ESSENTIAL = ("name", "amount", "speed", "eta", "state")
+#: The priority table, applied in order.  First the essentials give way while the bar would be
+#: under MIN_BAR cells: the name loses its "/dev/" ("loop12" rather than "/dev/lo…": names stay
+#: distinct), then the ETA goes, then the speed.  Then the extras come, each only if the bar
+#: stays ROOMY_BAR wide: the port, the byte counts, the label.  Last, the detail (an error, what
+#: to do next) goes beside the state if the bar stays roomy, else on lines under the row.
+FITS: tuple[Fit, ...] = (
+    Fit("name", "shorten", MIN_BAR),
+    Fit("eta", "drop", MIN_BAR),
+    Fit("speed", "drop", MIN_BAR),
+    Fit("port", "add", ROOMY_BAR),
+    Fit("nbytes", "add", ROOMY_BAR),
+    Fit("label", "add", ROOMY_BAR),
+    Fit("state", "widen", ROOMY_BAR),
+)
+#: A shortened name keeps at least this many cells.
+MIN_NAME = 8
+
+
+class _Plan:
+    """The columns' texts and widths for a set of rows at one width (0: not shown)."""
+
+    def __init__(self, rows: Sequence[Row], width: int) -> None:
+        self.width = width
+        self.cells = {c.key: [c.cell(r) for r in rows] for c in COLUMNS}
+        self.natural = {c.key: _widest(self.cells[c.key], c) for c in COLUMNS}
+        self.widths = {c.key: self.natural[c.key] if c.key in ESSENTIAL else 0
+                       for c in COLUMNS}
+        longs = [_long(r) for r in rows]
+        self.details = [t if r.detail else "" for r, t in zip(rows, longs, strict=True)]
+        self.inline = False
+
+    def bar(self, **change: int) -> int:
+        """The bar's width with these columns' widths (and ``change`` applied)."""
+        widths = {**self.widths, **change}
+        used = sum(w + 1 for k, w in widths.items() if w and k not in ("bar", "state"))
+        return self.width - used - widths["state"] - 1
+
+    def apply(self, fit: Fit) -> None:
+        {"shorten": self._shorten, "drop": self._drop, "add": self._add,
+         "widen": self._widen}[fit.action](fit.key, fit.bar)
+
+    def _shorten(self, key: str, bar: int) -> None:
+        if self.bar() < bar:
+            self.cells[key] = [_short(t) for t in self.cells[key]]
+            room = self.bar(**{key: 0}) - bar  # what the bar leaves it
+            self.widths[key] = min(max(map(len, self.cells[key])), max(MIN_NAME, room))
+
+    def _drop(self, key: str, bar: int) -> None:
+        if self.bar() < bar:
+            self.widths[key] = 0
+
+    def _add(self, key: str, bar: int) -> None:
+        natural = self.natural[key]
+        if natural and self.bar(**{key: natural}) >= bar:
+            self.widths[key] = natural
+
+    def _widen(self, key: str, bar: int) -> None:
+        """The detail beside the state, when the bar stays wide enough."""
+        detail = max(map(len, self.details))
+        if detail and self.bar(**{key: detail}) >= bar:
+            self.inline = True
+            self.widths[key] = max(self.widths[key], detail)
+            self.cells[key] = [d or s for d, s in zip(self.details, self.cells[key], strict=True)]
+
+
+def _widest(texts: Sequence[str], column: Column) -> int:
+    widest = max(column.least, *map(len, texts))
+    return widest if column.most is None else min(column.most, widest)
+
+
 def layout_rows(rows: Sequence[Row], width: int) -> list[list[Line]]:
     """Each row as one line of at most ``width`` cells, plus its detail's lines when needed.
 
     Always kept, in this order: name, state, bar, percent (or bytes), speed, ETA.  The port,
-    byte counts and the drive's label come and go with the width; the detail (an error, what
-    to do next) sits beside the state when there is room and goes under the row when not.
-    The columns are aligned across rows; nothing is ever wider than ``width``.
+    byte counts and the drive's label come and go with the width (the table ``FITS`` says
+    how); the detail sits beside the state when there is room and goes under the row when
+    not.  The columns are aligned across rows; nothing is ever wider than ``width``.
     """
     if not rows:
         return []
-    width = max(width, 20)
-    name_w = min(MAX_NAME, max(len(r.name) for r in rows))
-    port_w = min(MAX_PORT, max(len(r.port) for r in rows))
-    amount_w = max(4, *(len(_amount(r)) for r in rows))
-    speed_w = max(len(r.speed) for r in rows)
-    eta_w = max(len(r.eta) for r in rows)
-    state_w = max(len(r.state) for r in rows)
-    bytes_w = max(len(_bytes(r)) for r in rows)
-    label_w = min(MAX_LABEL, max(len(r.label) for r in rows))
-    longs = [_long(r) for r in rows]
-    detail_w = max((len(t) for r, t in zip(rows, longs, strict=True) if r.detail), default=0)
+    plan = _Plan(rows, max(width, 20))
+    for fit in FITS:
+        plan.apply(fit)
+    bar_w = max(0, plan.bar())
+    return [[_line(plan, i, r, bar_w), *_under(plan, r)] for i, r in enumerate(rows)]
 
-    def fixed(name: int, port: int, label: int, nbytes: int, speed: int, eta: int,
-              state: int) -> int:
-        return sum(w + 1 for w in (name, port, label, amount_w, nbytes, speed, eta) if w) + state
 
-    # The essentials first; shrink the name, then drop ETA and speed, only when nothing else fits.
-    plan = dict(name=name_w, port=0, label=0, nbytes=0, speed=speed_w, eta=eta_w,
-                state=state_w)
-    names = [r.name for r in rows]
-    for shrink in ("name", "eta", "speed"):
-        if width - fixed(**plan) - 1 >= MIN_BAR:
-            break
-        if shrink == "name":  # "loop12" rather than "/dev/lo…": names stay distinct
-            names = [_short(n) for n in names]
-            plan["name"] = min(max(len(n) for n in names),
-                               max(8, width - MIN_BAR - 1 - fixed(**{**plan, "name": 0})))
-        else:
-            plan[shrink] = 0
-    # Then the extras, as long as the bar stays roomy.
-    for extra, w in (("port", port_w), ("nbytes", bytes_w), ("label", label_w)):
-        if w and width - fixed(**{**plan, extra: w}) - 1 >= ROOMY_BAR:
-            plan[extra] = w
-    inline = bool(detail_w) and width - fixed(**{**plan, "state": detail_w}) - 1 >= ROOMY_BAR
-    if inline:
-        plan["state"] = max(state_w, detail_w)
-    bar_w = max(0, width - fixed(**plan) - 1)
+def _line(plan: _Plan, i: int, row: Row, bar_w: int) -> Line:
+    """Row ``i``'s line: its columns that the plan shows, cut to the width."""
+    pieces: list[Piece] = []
+    for column in COLUMNS:
+        w, text = plan.widths[column.key], plan.cells[column.key][i]
+        if column.key == "bar":
+            pieces += [*_bar(row, bar_w), Piece(" ")]
+        elif column.right and (w or column.kept):
+            pieces += [Piece(text.rjust(w)), Piece(" ")]
+        elif w or column.kept:
+            pieces += [Piece(_cut(text, w).ljust(w), column.style(row)), Piece(" ")]
+    return _trim(pieces[:-1], plan.width)
 
-    blocks: list[list[Line]] = []
-    for r, long, name in zip(rows, longs, names, strict=True):
-        lines: list[Line] = []
-        blocks.append(lines)
-        pieces: list[Piece] = [Piece(_cut(name, plan["name"]).ljust(plan["name"]), "bold"),
-                               Piece(" ")]
-        if plan["port"]:
-            pieces += [Piece(_cut(r.port, plan["port"]).ljust(plan["port"]), "cyan"),
-                       Piece(" ")]
-        if plan["label"]:
-            pieces += [Piece(_cut(r.label, plan["label"]).ljust(plan["label"]), "dim"),
-                       Piece(" ")]
-        pieces += [*_bar(r, bar_w), Piece(" "), Piece(_amount(r).rjust(amount_w)), Piece(" ")]
-        for key, text in (("nbytes", _bytes(r)), ("speed", r.speed), ("eta", r.eta)):
-            if plan[key]:
-                pieces += [Piece(text.rjust(plan[key])), Piece(" ")]
-        state = long if inline and r.detail else r.state
-        pieces.append(Piece(_cut(state, plan["state"]).ljust(plan["state"]), r.style))
-        lines.append(_trim(pieces, width))
-        if r.detail and not inline:
-            wrapped = textwrap.wrap(r.detail, max(10, width - 4), max_lines=3, placeholder=" …")
-            for i, text in enumerate(wrapped):
-                lines.append((Piece("    " if i else "  ↳ ", "dim"), Piece(text, r.style)))
-    return blocks
+
+def _under(plan: _Plan, row: Row) -> list[Line]:
+    """The detail's lines under the row, when it is not beside the state."""
+    if not row.detail or plan.inline:
+        return []
+    wrapped = textwrap.wrap(row.detail, max(10, plan.width - 4), max_lines=3, placeholder=" …")
+    return [(Piece("    " if j else "  ↳ ", "dim"), Piece(text, row.style))
+            for j, text in enumerate(wrapped)]
 
 
 def _short(name: str) -> str:

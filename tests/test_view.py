@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import layout_cases
 import psutil
 import pytest
 from conftest import Loop, popsicle_cmd
@@ -148,6 +149,22 @@ def test_rows_fit_any_width_and_keep_the_essentials(width: int) -> None:
     assert "no space left on device" in text
     if width >= 80:
         assert "1-1.2" in by_name["/dev/loop12"], "the port is shown at 80 columns"
+
+
+def test_layout_at_every_width_is_the_one_recorded_before_the_priority_table() -> None:
+    """The table-driven layout lays out each row set as the old hand-written one did, at every
+    width from 10 to 200 (tests/fixtures/layout_rows.json: a digest per width, recorded from
+    the old ``rows.py`` with ``python tests/layout_cases.py OLD_ROWS_PY``)."""
+    expected = json.loads((Path(__file__).parent / "fixtures" / "layout_rows.json").read_text())
+    assert expected.pop("widths") == [layout_cases.WIDTHS.start, layout_cases.WIDTHS.stop - 1]
+    got = layout_cases.record(rows, rows.layout_rows)
+    assert got.keys() == expected.keys()
+    for name, case in layout_cases.cases(rows).items():
+        for width, old, new in zip(layout_cases.WIDTHS, expected[name].split(),
+                                   got[name].split(), strict=True):
+            lines = [rows.plain(line) for line in rows.layout(case, width)]
+            assert new == old, (name, width, lines)
+            assert all(len(line) <= max(width, 20) for line in lines), (name, width, lines)
 
 
 def test_a_full_screen_drops_the_oldest_finished_rows_first() -> None:

@@ -19,7 +19,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from popsicle_py import events, rows
+from popsicle_py import events, progress, rows
 from popsicle_py.units import format_size
 
 #: Plain output prints a drive's progress at most this often.
@@ -105,7 +105,7 @@ class PlainView:
         self.out = Out(out)
         self.interval = interval
         self._last: dict[str | None, float] = {}
-        self._trackers: dict[str, rows.DriveProgress] = {}  # for the average speeds
+        self._trackers: dict[str, progress.DriveProgress] = {}  # for the average speeds
 
     def _line(self, text: str) -> None:
         self.out.write(text + "\n")
@@ -117,9 +117,9 @@ class PlainView:
                 self._trackers.pop(device, None)
             case events.Phase(device=str(device), phase=phase) if phase not in ("done",
                                                                                  "failed"):
-                self._trackers.setdefault(device, rows.DriveProgress()).on_phase(phase, now)
+                self._trackers.setdefault(device, progress.DriveProgress()).on_phase(phase, now)
             case events.Progress(device=str(device), phase=phase, done=done, total=total):
-                self._trackers.setdefault(device, rows.DriveProgress()).on_progress(
+                self._trackers.setdefault(device, progress.DriveProgress()).on_progress(
                     phase, done, total, now)
             case events.Result(result=r) if r.device in self._trackers:
                 self._trackers[r.device].on_end(r.status, now,
@@ -226,7 +226,7 @@ def _summary_line(summary: events.Summary) -> str:
     return f"finished with problems: {good} of {total} drives ok"
 
 
-def _speeds(tracker: rows.DriveProgress | None) -> str:
+def _speeds(tracker: progress.DriveProgress | None) -> str:
     if tracker is None:
         return ""
     parts = [f"write {rows.format_speed(tracker.write_speed)}" if tracker.write_speed else "",
@@ -245,7 +245,7 @@ _STYLES = {"done": "green", "written": "green", "checked": "green", "ready": "gr
 class _DriveRow:
     """One row on screen: a drive's identity, its progress, and what it says now."""
 
-    def __init__(self, name: str, tracker: rows.DriveProgress, port: str = "",
+    def __init__(self, name: str, tracker: progress.DriveProgress, port: str = "",
                  label: str = "") -> None:
         self.name, self.port, self.label = name, port, label
         self.tracker = tracker
@@ -342,10 +342,10 @@ class RichView:
         row = self.by_device.get(device)
         if row is None:
             if device is None:  # the image (its checksum)
-                row = _DriveRow("image", rows.DriveProgress(writes=True, verifies=False))
+                row = _DriveRow("image", progress.DriveProgress(writes=True, verifies=False))
             else:
                 port, label = _drive_names(info)
-                row = _DriveRow(device, rows.DriveProgress(writes=self.writes,
+                row = _DriveRow(device, progress.DriveProgress(writes=self.writes,
                                                            verifies=self.verifies,
                                                            size=self.size),
                                 port, label or self.labels.get(device, ""))
@@ -540,10 +540,10 @@ class WatchView:
     def _new_row(self, device: str | None, info: events.DriveInfo | None = None,
                  label: str = "") -> _DriveRow:
         if device is None:
-            row = _DriveRow("image", rows.DriveProgress(writes=True, verifies=False))
+            row = _DriveRow("image", progress.DriveProgress(writes=True, verifies=False))
         else:
             port, known = _drive_names(info)
-            row = _DriveRow(device, rows.DriveProgress(writes=True, verifies=self.verify,
+            row = _DriveRow(device, progress.DriveProgress(writes=True, verifies=self.verify,
                                                        size=self.size),
                             port, label or known)
         self.current[device] = row

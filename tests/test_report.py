@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -194,3 +195,14 @@ def test_drives_cancelled_before_writing_have_records_too(
     records = [json.loads(line) for line in report.read_text().splitlines()]
     assert [(r["seq"], r["device"], r["result"], r["bytes_written"]) for r in records] == [
         (i, d.path, "cancelled", 0) for i, d in enumerate(drives, 1)]
+
+
+def test_the_report_imports_no_view() -> None:
+    """A job-side sink: importing it loads neither the rows nor the views (no job imports a
+    view), only the progress measure they share."""
+    code = ("import sys, popsicle_py.report; "
+            "print(' '.join(m for m in sys.modules if m.startswith('popsicle_py')))")
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            check=True).stdout.split()
+    assert "popsicle_py.report" in loaded and "popsicle_py.progress" in loaded
+    assert not {"popsicle_py.rows", "popsicle_py.view"} & set(loaded), loaded

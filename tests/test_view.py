@@ -28,7 +28,7 @@ import psutil
 import pytest
 from conftest import Loop, popsicle_cmd
 
-from popsicle_py import events, rows
+from popsicle_py import events, progress, rows
 from popsicle_py.events import Cause, Status
 from popsicle_py.units import format_size
 from popsicle_py.view import JsonView, PlainView, RichView
@@ -65,7 +65,7 @@ def flash_events(device: str, size: int, first: int) -> list[Any]:
     return out
 
 
-def feed(tracker: rows.DriveProgress, stream: list[Any], t0: float = 0.0) -> list[float]:
+def feed(tracker: progress.DriveProgress, stream: list[Any], t0: float = 0.0) -> list[float]:
     fractions = []
     for i, e in enumerate(stream):
         now = t0 + i * 0.1
@@ -79,7 +79,7 @@ def feed(tracker: rows.DriveProgress, stream: list[Any], t0: float = 0.0) -> lis
 
 
 def test_one_measure_never_runs_backwards_and_reaches_100_only_when_ok() -> None:
-    tracker = rows.DriveProgress(writes=True, verifies=True, size=10 * MiB)
+    tracker = progress.DriveProgress(writes=True, verifies=True, size=10 * MiB)
     fractions = feed(tracker, flash_events("/dev/sdb", 10 * MiB, 4 * MiB))
     assert fractions == sorted(fractions), "the bar ran backwards"
     assert fractions[-1] < 1.0, "100% before the drive ended"
@@ -91,11 +91,11 @@ def test_one_measure_never_runs_backwards_and_reaches_100_only_when_ok() -> None
 
 
 def test_no_verify_is_one_pass_and_verify_alone_is_one_pass() -> None:
-    tracker = rows.DriveProgress(writes=True, verifies=False)
+    tracker = progress.DriveProgress(writes=True, verifies=False)
     tracker.on_phase("writing", 0.0)
     tracker.on_progress("writing", 5 * MiB, 10 * MiB, 1.0)
     assert tracker.fraction == pytest.approx(0.5)
-    verify = rows.DriveProgress(writes=False, verifies=True)
+    verify = progress.DriveProgress(writes=False, verifies=True)
     verify.on_phase("verifying", 0.0)
     verify.on_progress("verifying", 3 * MiB, 12 * MiB, 1.0)
     assert verify.fraction == pytest.approx(0.25)
@@ -103,7 +103,7 @@ def test_no_verify_is_one_pass_and_verify_alone_is_one_pass() -> None:
 
 
 def test_unknown_size_shows_bytes_not_an_invented_percentage() -> None:
-    tracker = rows.DriveProgress()
+    tracker = progress.DriveProgress()
     tracker.on_phase("writing", 0.0)
     tracker.on_progress("writing", 21 * MiB, None, 1.0)
     assert tracker.fraction is None and tracker.total is None

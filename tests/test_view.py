@@ -1,10 +1,10 @@
 """What a person sees: the live rows in a real terminal (tmux), pipes, honest words.
 
-The terminal tests run the command in a tmux pane of a given width (80, 120, 200 columns) with
-a slow drive (blkio throttle), a dying one (ENOSPC after 4 MiB) and a fast one, and read the
-screen with ``capture-pane`` while the drives are being written: every row keeps its name,
-bar and percentage, and no line is longer than the terminal (``-J`` joins wrapped lines, so a
-wrapped row would show as a line wider than the pane).
+The terminal tests run the command in a tmux pane, widened from 80 to 120 to 200 columns during
+one flash, with a slow drive (blkio throttle), a dying one (ENOSPC after 4 MiB) and a fast one,
+and read the screen with ``capture-pane`` at each width while the drives are being written:
+every row keeps its name, bar and percentage, and no line is longer than the terminal (``-J``
+joins wrapped lines, so a wrapped row would show as a line wider than the pane).
 """
 
 from __future__ import annotations
@@ -207,10 +207,18 @@ class Tmux:
     def go(self) -> None:
         self.tmux("send-keys", "-t", "t", "Enter")
 
-    def capture(self) -> list[str]:
-        """The pane and its history, wrapped lines joined (-J), escape codes left out."""
-        text = self.tmux("capture-pane", "-p", "-J", "-t", "t", "-S", "-")
+    def capture(self, *, screen: bool = False) -> list[str]:
+        """The pane and its history (or, with ``screen``, what is on the screen now), wrapped
+        lines joined (-J), escape codes left out."""
+        history = () if screen else ("-S", "-")
+        text = self.tmux("capture-pane", "-p", "-J", "-t", "t", *history)
         return [line.rstrip() for line in text.splitlines()]
+
+    def resize(self, width: int) -> None:
+        """The window (and its one pane) becomes ``width`` columns wide: the program in it
+        gets SIGWINCH, as when a person resizes a terminal."""
+        self.tmux("resize-window", "-t", "t", "-x", str(width), "-y", str(self.height))
+        self.width = width
 
     def signal(self, signum: int) -> None:
         pane = int(self.tmux("display-message", "-p", "-t", "t", "#{pane_pid}").strip())
@@ -241,11 +249,12 @@ def tmux_pane() -> Iterator[Callable[[int], Tmux]]:
         pane.kill()
 
 
-def wait_for(pane: Tmux, check: Callable[[list[str]], bool], timeout: float = 60
-             ) -> list[str]:
+def wait_for(pane: Tmux, check: Callable[[list[str]], bool], timeout: float = 60, *,
+             screen: bool = False) -> list[str]:
+    """The pane's lines once ``check`` holds for them (polled until the deadline)."""
     deadline = time.monotonic() + timeout
     while True:
-        lines = pane.capture()
+        lines = pane.capture(screen=screen)
         if check(lines):
             return lines
         assert time.monotonic() < deadline, "\n".join(lines)
@@ -267,40 +276,57 @@ def exit_of(lines: list[str]) -> int | None:
 ROW = re.compile(r"[━─]{3,}\s+(\d{1,3})%")
 
 
+#: The pane's widths, in order: widening only (a narrowing pane rewraps the lines already
+#: drawn, so the live region's cursor moves would no longer match what is on the screen).
+WIDTHS = (80, 120, 200)
+
+
 @needs_tmux
 @pytest.mark.root
-@pytest.mark.parametrize("width", [80, 120, 200])
 def test_rows_in_tmux_keep_name_bar_and_percent_with_a_failed_drive(
         loop_factory: Callable[..., Loop], dying_loop: Callable[..., Loop],
-        throttle: Callable[..., Any], tmux_pane: Callable[[int], Tmux], tmp_path: Path,
-        width: int) -> None:
+        throttle: Callable[..., Any], tmux_pane: Callable[[int], Tmux], tmp_path: Path
+        ) -> None:
+    """One flash; the pane widens from 80 to 120 to 200 columns while a drive is written, and
+    the screen is read at each width (the rows follow it)."""
     image, data = make_image(tmp_path, 16 * MiB + 4099)
     slow = loop_factory(24 * MiB, fill=PATTERN)
     fast = loop_factory(24 * MiB, fill=PATTERN)
     dying = dying_loop(24 * MiB, good=4 * MiB)
     add = throttle((slow, 4_000_000))
-    pane = tmux_pane(width)
+    pane = tmux_pane(WIDTHS[0])
     cmd = " ".join(map(shlex.quote, [*popsicle_cmd(), "flash", str(image), slow.path,
                                      dying.path, fast.path, "--yes", "--bucket-size", "1M"]))
     add(pane.start(cmd, tmp_path))
     pane.go()
+    devices = (slow.path, dying.path, fast.path)
 
-    def failed_while_slow_writes(lines: list[str]) -> bool:
-        bad, busy = row_of(lines, dying.path), row_of(lines, slow.path)
-        return bool(bad and "failed" in bad and busy and ROW.search(busy)
-                    and re.search(r"\d [kMG]i?B/s \d+:\d\d (writing|verifying)", busy))
+    def laid_out_at(width: int, narrower: int) -> Callable[[list[str]], bool]:
+        """The dying drive failed, the slow one is being written, and the rows are laid out
+        at ``width`` (one of them is wider than the pane was before)."""
+        def check(lines: list[str]) -> bool:
+            bad, busy = row_of(lines, dying.path), row_of(lines, slow.path)
+            found = [row_of(lines, device) or "" for device in devices]
+            return bool(bad and "failed" in bad and busy and ROW.search(busy)
+                        and re.search(r"\d [kMG]i?B/s \d+:\d\d (writing|verifying)", busy)
+                        and max(map(len, found)) > narrower)
+        return check
 
-    during = wait_for(pane, failed_while_slow_writes)
-    for device in (slow.path, dying.path, fast.path):
-        row = row_of(during, device)
-        assert row is not None and ROW.search(row), (device, during)
-    busy = row_of(during, slow.path)
-    assert busy is not None and re.search(r"\d [kMG]i?B/s", busy) and re.search(r"\d:\d\d", busy)
-    assert not re.search(r"B/s", row_of(during, dying.path) or ""), "a failed row's speed"
-    assert any("no space left" in line for line in during), during
-    wide = [line for line in during if len(line) > width]
-    assert not wide, wide
+    for narrower, width in zip((0, *WIDTHS[:-1]), WIDTHS, strict=True):
+        pane.resize(width)
+        during = wait_for(pane, laid_out_at(width, narrower), screen=True)
+        for device in devices:
+            row = row_of(during, device)
+            assert row is not None and ROW.search(row), (width, device, during)
+        busy = row_of(during, slow.path)
+        assert busy is not None and re.search(r"\d [kMG]i?B/s", busy), (width, during)
+        assert re.search(r"\d:\d\d", busy), (width, during)
+        assert not re.search(r"B/s", row_of(during, dying.path) or ""), "a failed row's speed"
+        assert any("no space left" in line for line in during), (width, during)
+        wide = [line for line in during if len(line) > width]
+        assert not wide, (width, wide)
 
+    width = WIDTHS[-1]
     end = wait_for(pane, lambda lines: exit_of(lines) is not None)
     assert exit_of(end) == 1, end
     assert not [line for line in end if len(line) > width]

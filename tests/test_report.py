@@ -125,7 +125,7 @@ def test_an_unusable_report_refuses_before_writing(loop_factory: Callable[..., L
 def test_a_record_in_csv_and_json_lines() -> None:
     info = events.DriveInfo(seq=3, port_path="1-1.2", vendor="SanDisk", model="Cruzer Blade",
                             serial="4C53, \"odd\"", size=16 * 10**9)
-    result = events.DriveResult("/dev/sdb", "invalid", 4096, "/dev/sdb: differs", 1234,
+    result = events.DriveResult("/dev/sdb", events.Status.INVALID, 4096, "/dev/sdb: differs", 1234,
                                 verified=False, drive=info)
     data = record(result, None, image="/srv/img/raspios.img.xz", sha256="ab" * 32,
                   started=0.0, ended=61.0)

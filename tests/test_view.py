@@ -29,7 +29,7 @@ import pytest
 from conftest import Loop, popsicle_cmd
 
 from popsicle_py import events, progress, rows
-from popsicle_py.events import Cause, Status
+from popsicle_py.events import Cause, Status, Step
 from popsicle_py.units import format_size
 from popsicle_py.view import JsonView, PlainView, RichView
 
@@ -54,14 +54,14 @@ def flash_events(device: str, size: int, first: int) -> list[Any]:
     """What a FlashJob emits for one drive: write all but the first bucket, verify it, write
     the first bucket, verify that."""
     rest = size - first
-    out: list[Any] = [events.Phase(device, "writing")]
-    out += [events.Progress(device, "writing", n, size) for n in range(0, rest + 1, MiB)]
-    out.append(events.Phase(device, "verifying"))
-    out += [events.Progress(device, "verifying", n, rest) for n in range(0, rest + 1, MiB)]
-    out.append(events.Phase(device, "syncing"))
-    out += [events.Progress(device, "writing", rest + n, size) for n in (MiB, first)]
-    out.append(events.Phase(device, "verifying"))
-    out += [events.Progress(device, "verifying", n, first) for n in (0, first // 2, first)]
+    out: list[Any] = [events.Phase(device, Step.WRITING)]
+    out += [events.Progress(device, Step.WRITING, n, size) for n in range(0, rest + 1, MiB)]
+    out.append(events.Phase(device, Step.VERIFYING))
+    out += [events.Progress(device, Step.VERIFYING, n, rest) for n in range(0, rest + 1, MiB)]
+    out.append(events.Phase(device, Step.SYNCING))
+    out += [events.Progress(device, Step.WRITING, rest + n, size) for n in (MiB, first)]
+    out.append(events.Phase(device, Step.VERIFYING))
+    out += [events.Progress(device, Step.VERIFYING, n, first) for n in (0, first // 2, first)]
     return out
 
 
@@ -171,8 +171,8 @@ def test_a_full_screen_drops_the_oldest_finished_rows_first() -> None:
     blocks = [[("a",)], [("b",), ("b detail",)], [("c",)], [("d",)], [("e",)]]
     finished = [True, True, False, True, False]
     kept, dropped = rows.fit_height(blocks, finished, 4)  # type: ignore[arg-type]
-    assert kept == [[("c",)], [("d",)], [("e",)]] and dropped == 2
-    assert rows.fit_height(blocks, finished, 10) == (blocks, 0)  # type: ignore[arg-type]
+    assert kept == [[("c",)], [("d",)], [("e",)]] and dropped == 2  # type: ignore[comparison-overlap]
+    assert rows.fit_height(blocks, finished, 10) == (blocks, 0)  # type: ignore[arg-type, comparison-overlap]
     kept, dropped = rows.fit_height(blocks, [False] * 5, 2)  # type: ignore[arg-type]
     assert dropped == 0 and len(kept) == 5, "a drive being written never leaves the screen"
 
@@ -542,12 +542,12 @@ def test_rich_rows_for_verify_alone_and_for_a_flash(tmp_path: Path) -> None:
     view = RichView(Console(file=out, width=80, color_system=None, force_terminal=True),
                     writes=False)
     view.handle(events.Started("img", "raw", 8 * MiB, ("/dev/sdz",)))
-    view.handle(events.Phase("/dev/sdz", "verifying"))
-    view.handle(events.Progress("/dev/sdz", "verifying", 2 * MiB, 8 * MiB))
+    view.handle(events.Phase("/dev/sdz", Step.VERIFYING))
+    view.handle(events.Progress("/dev/sdz", Step.VERIFYING, 2 * MiB, 8 * MiB))
     row = view.by_device["/dev/sdz"].snapshot(time.monotonic())
     assert row.fraction == pytest.approx(0.25)
-    view.handle(events.Result(events.DriveResult("/dev/sdz", "ok", 0, verified=True)))
-    view.handle(events.Summary((events.DriveResult("/dev/sdz", "ok", 0, verified=True),)))
+    view.handle(events.Result(events.DriveResult("/dev/sdz", Status.OK, 0, verified=True)))
+    view.handle(events.Summary((events.DriveResult("/dev/sdz", Status.OK, 0, verified=True),)))
     assert "matches the image" in out.getvalue()
 
 

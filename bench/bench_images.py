@@ -85,7 +85,8 @@ def time_tool(fmt: str, path: Path) -> float:
 
 def median_pair(runs: int, a: Callable[[], float], b: Callable[[], float]) -> tuple[float, float]:
     """Alternate a and b so drift (page cache, CPU clocks, neighbours) hits both alike."""
-    ta, tb = [], []
+    ta: list[float] = []
+    tb: list[float] = []
     for i in range(runs):
         for fn, out in ((a, ta), (b, tb)) if i % 2 == 0 else ((b, tb), (a, ta)):
             out.append(fn())
@@ -173,7 +174,7 @@ def main() -> None:
         total = time_ours(path)[1]  # also warms the page cache
         assert total == size and info.format == fmt, (fmt, total, info)
         ours, theirs = median_pair(
-            args.runs, lambda p=path: time_ours(p)[0], lambda f=fmt, p=path: time_tool(f, p)
+            args.runs, lambda p=path: time_ours(p)[0], lambda f=fmt, p=path: time_tool(f, p)  # type: ignore[misc]
         )
         print(
             f"{fmt:<7} {path.stat().st_size / 1e6:>8.1f} {open_ms:>8.1f} {mb / ours:>10.0f} "

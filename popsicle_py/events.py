@@ -97,7 +97,6 @@ class Started:
     format: str
     size: int | None
     devices: tuple[str, ...]
-    labels: tuple[str, ...] = ()
     verify: bool = True
     #: One per device, in the same order, when the job was told who they are.
     drives: tuple[DriveInfo, ...] = ()

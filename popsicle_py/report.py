@@ -18,7 +18,7 @@ from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any
 
-from popsicle_py import events, rows
+from popsicle_py import events, progress
 
 #: The columns of a record, in order (CSV header, JSON keys).
 FIELDS = ("seq", "device", "port_path", "vendor", "model", "serial", "capacity", "image",
@@ -46,7 +46,7 @@ def iso(wall: float) -> str:
     return datetime.fromtimestamp(wall, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def record(result: events.DriveResult, tracker: rows.DriveProgress | None, *, image: str,
+def record(result: events.DriveResult, tracker: progress.DriveProgress | None, *, image: str,
            sha256: str, started: float | None, ended: float) -> dict[str, Any]:
     """One drive's record (plain data): its identity, what was written, speeds, the verdict."""
     info = result.drive or events.DriveInfo()
@@ -105,14 +105,14 @@ class Report:
             if self.failed:  # nothing is written yet: refuse rather than run without it
                 os.close(self.fd)
                 raise ReportError(f"--report {path}: cannot write to it: {self.failed_why}")
-        self.trackers: dict[str, rows.DriveProgress] = {}
+        self.trackers: dict[str, progress.DriveProgress] = {}
         self.started: dict[str, float] = {}
         self.recorded: set[tuple[str, int | None]] = set()
         self.verify = True
 
-    def _tracker(self, device: str) -> rows.DriveProgress:
+    def _tracker(self, device: str) -> progress.DriveProgress:
         if device not in self.trackers:
-            self.trackers[device] = rows.DriveProgress(verifies=self.verify)
+            self.trackers[device] = progress.DriveProgress(verifies=self.verify)
         return self.trackers[device]
 
     def handle(self, event: events.WatchEvent) -> None:
@@ -123,7 +123,7 @@ class Report:
                 for device in devices:
                     self._tracker(device)
             case events.DriveAdded(device=device, eligible=True):
-                self.trackers[device] = rows.DriveProgress(verifies=self.verify)  # a new stick
+                self.trackers[device] = progress.DriveProgress(verifies=self.verify)  # a new stick
                 self.started.pop(device, None)
             case events.Phase(device=str(device), phase=phase):
                 if phase not in ("done", "failed"):

@@ -103,7 +103,7 @@ class _Handler(BaseHTTPRequestHandler):
         if served is not None and served.later is not None and count >= 1:
             served = served.later
         if served is None or served.status is not None:
-            status = served.status if served is not None else 404
+            status = 404 if served is None or served.status is None else served.status
             body = f"<html><body>error {status}</body></html>".encode()
             self.send_response(status)
             self.send_header("Content-Type", "text/html")

@@ -16,7 +16,6 @@ import os
 import time
 from collections.abc import Callable
 from datetime import datetime, timezone
-from typing import Any
 
 from popsicle_py import events, progress
 
@@ -47,7 +46,7 @@ def iso(wall: float) -> str:
 
 
 def record(result: events.DriveResult, tracker: progress.DriveProgress | None, *, image: str,
-           sha256: str, started: float | None, ended: float) -> dict[str, Any]:
+           sha256: str, started: float | None, ended: float) -> events.JsonObject:
     """One drive's record (plain data): its identity, what was written, speeds, the verdict."""
     info = result.drive or events.DriveInfo()
     return {
@@ -69,7 +68,7 @@ def _per_second(speed: float | None) -> int | None:
     return None if speed is None else round(speed)
 
 
-def format_record(data: dict[str, Any], fmt: str) -> str:
+def format_record(data: events.JsonObject, fmt: str) -> str:
     if fmt == "jsonl":
         return json.dumps({k: data[k] for k in FIELDS}) + "\n"
     buf = io.StringIO()
@@ -173,11 +172,12 @@ def _key(r: events.DriveResult) -> tuple[str, int | None]:
     return r.device, r.drive.seq if r.drive is not None else None
 
 
-def fan_out(*sinks: Callable[[Any], None]) -> Callable[[Any], None]:
+def fan_out(*sinks: Callable[[events.WatchEvent], None]
+            ) -> Callable[[events.WatchEvent], None]:
     """One emit that feeds every sink, in order: the report first, so that a result a person
     or a script has seen is already on disk."""
 
-    def emit(event: Any) -> None:
+    def emit(event: events.WatchEvent) -> None:
         for sink in sinks:
             sink(event)
 

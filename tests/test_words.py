@@ -77,7 +77,8 @@ def test_a_missing_keyring_is_named_as_missing_not_the_signature(
     loop = loop_factory(4 * MiB, fill=PATTERN)
     done = _flash(str(image), loop.path, "--yes", "--keyring", str(tmp_path / "nope.gpg"))
     assert done.returncode == 2
-    assert done.stderr.splitlines() == [f"popsicle-py: --keyring {tmp_path}/nope.gpg: no such file"]
+    assert done.stderr.splitlines() == [
+        f"popsicle-py: --keyring {tmp_path}/nope.gpg: no such file"]
     assert _untouched(loop)
 
 
@@ -136,7 +137,7 @@ def test_ctrl_c_at_the_confirmation_answers_below_the_prompt(
 @pytest.mark.root
 def test_with_yes_the_output_still_names_the_image_and_the_drives(
         tmp_path: Path, loop_factory: Callable[..., Loop]) -> None:
-    image, data = _image(tmp_path)
+    image, _ = _image(tmp_path)
     a, b = loop_factory(4 * MiB, fill=PATTERN), loop_factory(4 * MiB, fill=PATTERN)
     done = _flash(str(image), a.path, b.path, "--yes", "--no-probe")
     assert done.returncode == 0, done.stderr

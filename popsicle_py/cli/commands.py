@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import click
 
@@ -61,7 +61,7 @@ if TYPE_CHECKING:
 __all__ = ["FORCE_HELP", "NO_PROBE_HELP", "main"]
 
 
-def _stall_option(help_text: str) -> Decorator[Any]:
+def _stall_option(help_text: str) -> Decorator:
     return click.option("--stall-timeout", type=click.FloatRange(min=0.1),
                         default=DEFAULT_STALL_TIMEOUT, metavar="SECONDS", show_default=True,
                         help=help_text)

@@ -189,10 +189,12 @@ def test_truncated_raises(
     path.write_bytes(whole[:cut])
     with pytest.raises(ImageError, match=r"cut\.img") as info:
         read_damaged(path)
-    assert "corrupt or truncated" in str(info.value)
+    # xz (its index and footer), zstd (its frame headers) and zip (its directory) are known cut
+    # off before decoding; gzip and bzip2 when decoding reaches their end.
+    assert ("corrupt or truncated" if fmt in ("gzip", "bzip2") else "cut") in str(info.value)
 
 
-@pytest.mark.parametrize("fmt", ["gzip", "xz", "bzip2", "zstd"])
+@pytest.mark.parametrize("fmt", ["gzip", "bzip2"])
 def test_truncation_reports_the_offset_reached(
     tmp_path: Path, damaged_sources: dict[str, bytes], fmt: str
 ) -> None:
@@ -252,7 +254,9 @@ def test_damaged_second_stream_is_not_trailing_garbage(tmp_path: Path) -> None:
         damaged[0] ^= 0xFF
         path = tmp_path / f"two{EXT[fmt]}"
         path.write_bytes(pack(first) + damaged)
-        with pytest.raises(ImageError, match="after the end of compressed stream 1"):
+        # xz: its index, read from the end before decoding, already shows the damage.
+        where = "xz index" if fmt == "xz" else "after the end of compressed stream 1"
+        with pytest.raises(ImageError, match=where):
             read_all(open_image(str(path)))
         path.write_bytes(pack(first) + b"garbage")
         with pytest.raises(ImageError, match="two"):
@@ -291,7 +295,7 @@ def test_zstd_frames_skippable_frames_and_unknown_size(tmp_path: Path) -> None:
     assert image.size is None
     assert read_all(image) == a
     path.write_bytes(stream.getvalue()[:-5])
-    with pytest.raises(ImageError, match="ends early"):
+    with pytest.raises(ImageError, match="cut-off zstd file .a frame at byte 9 announces"):
         read_all(open_image(str(path)))
 
 
@@ -377,8 +381,10 @@ def test_format_comes_from_magic_not_name(tmp_path: Path) -> None:
     ("head", "fmt"),
     [
         (b"\x1f\x8b\x08\x00", "gzip"),
-        (b"\xfd7zXZ\x00\x00", "xz"),
-        (b"BZh9", "bzip2"),
+        (b"\xfd7zXZ\x00\x00\x04\xe6\xd6\xb4\x46", "xz"),
+        (b"\xfd7zXZ\x00\x00", "raw"),  # too short to be a stream header: judged as damaged
+        (b"BZh91AY&SY", "bzip2"),
+        (b"BZh9", "raw"),
         (b"BZh0", "raw"),
         (b"\x28\xb5\x2f\xfd", "zstd"),
         (b"\x5e\x2a\x4d\x18", "zstd"),

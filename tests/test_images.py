@@ -295,7 +295,7 @@ def test_zstd_frames_skippable_frames_and_unknown_size(tmp_path: Path) -> None:
     assert image.size is None
     assert read_all(image) == a
     path.write_bytes(stream.getvalue()[:-5])
-    with pytest.raises(ImageError, match="cut-off zstd file .a frame at byte 9 announces"):
+    with pytest.raises(ImageError, match=r"cut-off zstd file \(a frame at byte 9 announces"):
         read_all(open_image(str(path)))
 
 

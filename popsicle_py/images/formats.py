@@ -9,8 +9,8 @@ decoding.  A new format is a new record in :data:`REGISTRY`; callers ask the rec
 
 from __future__ import annotations
 
-from collections.abc import Callable
 import lzma
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeAlias
 

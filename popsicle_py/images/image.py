@@ -67,7 +67,7 @@ class Replay(io.RawIOBase):
             out[:n] = self._head[:n]
             self._head = self._head[n:]
             return n
-        return self._rest.readinto(out) or 0  # type: ignore[attr-defined]
+        return self._rest.readinto(out) or 0  # type: ignore[union-attr]
 
     def close(self) -> None:
         if not self.closed:

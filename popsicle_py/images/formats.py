@@ -203,7 +203,7 @@ def judge(head: bytes, shown: str, tail: bytes = b"") -> Format:
                          f"{near.name} file nor a disk image; download it again (a damaged "
                          "compressed file is never written as it is, not even with --force)")
     if kind.problem is not None and (problem := kind.problem(head)) is not None:
-        raise ImageError(f"{shown} is a {kind.name} file that is not written: {problem}")
+        raise ImageError(f"{shown} is not written: {problem}")
     return kind
 
 

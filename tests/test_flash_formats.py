@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 import zstandard
 from conftest import Loop, needs_root, popsicle_cmd
+from test_remote import keys  # noqa: F401 (the fixture: two gpg keys, one in a keyring)
 from webserver import Served, serving
 
 pytestmark = needs_root
@@ -456,3 +457,61 @@ def test_the_raw_images_checksum_given_for_its_xz(tmp_path: Path,
     assert "this is the sha256 of the xz file as downloaded" in proc.stderr
     assert "the one given may be the decompressed image's" in proc.stderr
     assert drive.read() == bytes([PATTERN]) * DRIVE
+
+
+def test_a_clearsigned_checksum_with_keyring(tmp_path: Path, loop_factory: Callable[..., Loop],
+                                             keys: dict[str, Path]) -> None:  # noqa: F811
+    """Fedora's CHECKSUM carries its own signature; only its signed lines count."""
+    data = image_data(9)
+    image = tmp_path / NAME
+    image.write_bytes(data)
+    body = f"SHA256 ({NAME}) = {hashlib.sha256(data).hexdigest()}\n"
+    signed = subprocess.run(["gpg", "--batch", "--clearsign", "-o", "-"], input=body.encode(),
+                            check=True, capture_output=True,
+                            env={**os.environ, "GNUPGHOME": str(keys["good"])}).stdout
+    checksum = tmp_path / "Fedora-Workstation-41-1.4-x86_64-CHECKSUM"
+    # A line after the signature is not signed: it must neither count nor contradict.
+    checksum.write_bytes(signed + f"SHA256 ({NAME}) = {'0' * 64}\n".encode())
+    drive = loop_factory(DRIVE, fill=PATTERN)
+    proc = run(str(image), drive.path, "--keyring", str(keys["good-keyring"]))
+    assert proc.returncode == 0, proc.stderr
+    assert f"signature ok: {checksum}" in proc.stdout + proc.stderr
+    assert drive.read(SIZE) == data
+    checksum.write_bytes(signed.replace(hashlib.sha256(data).hexdigest().encode(), b"1" * 64))
+    other = loop_factory(DRIVE, fill=PATTERN)
+    proc = run(str(image), other.path, "--keyring", str(keys["good-keyring"]))
+    assert proc.returncode == 2 and "does not verify" in proc.stderr, proc.stderr
+    assert len(lines(proc.stderr)) == 1
+    assert other.read() == bytes([PATTERN]) * DRIVE
+
+
+def test_urls_are_judged_like_files(loop_factory: Callable[..., Loop], tmp_path: Path) -> None:
+    """A refused format or a damaged header behind a URL is refused before any drive is
+    written; layers inside a download are decoded as in a file."""
+    data = image_data(10)
+    with serving() as server:
+        server.add("/disk.img.lz", Served(_lzip(tmp_path, data).read_bytes()))
+        server.add("/disk.img.gz", Served(b"\x1f\x8b\x07" + gzip.compress(data)[3:]))
+        server.add("/disk.img.xz.gz", Served(gzip.compress(lzma.compress(data))))
+        for name, words in (("/disk.img.lz", "lzip -dc"), ("/disk.img.gz", "damaged gzip")):
+            drive = loop_factory(DRIVE, fill=PATTERN)
+            proc = run(server.url(name), drive.path)
+            assert proc.returncode == 2, proc.stderr
+            assert len(lines(proc.stderr)) == 1 and words in proc.stderr, proc.stderr
+            assert drive.read() == bytes([PATTERN]) * DRIVE
+        drive = loop_factory(DRIVE, fill=PATTERN)
+        proc = run(server.url("/disk.img.xz.gz"), drive.path)
+        assert proc.returncode == 0, proc.stderr
+        assert drive.read(SIZE) == data
+
+
+def test_a_raw_image_named_xz_is_written_with_a_note(tmp_path: Path,
+                                                     loop_factory: Callable[..., Loop]) -> None:
+    data = image_data(11)
+    path = tmp_path / "disk.img.xz"
+    path.write_bytes(data)
+    drive = loop_factory(DRIVE, fill=PATTERN)
+    proc = run(str(path), drive.path)
+    assert proc.returncode == 0, proc.stderr
+    assert "has a .xz name but holds a raw image" in proc.stdout + proc.stderr
+    assert drive.read(SIZE) == data

@@ -154,15 +154,17 @@ LZIP = Format("lzip", magic.is_lzip, (".lz",), refusal=(
 DMG = Format("dmg", _nothing, (".dmg",), at_end=magic.is_dmg, refusal=(
     "{name} is an Apple disk image (DMG), which is not a raw disk image: convert it with "
     "`dmg2img {name} image.img` and write image.img"))
-LZ4 = Format("lz4", magic.is_lz4, (".lz4",), refusal=(
-    "{name} is an lz4 file, which popsicle-py does not decompress: "
-    "run `lz4 -dc {name} | popsicle-py flash - DEVICE`"))
-LZOP = Format("lzop", magic.is_lzop, (".lzo",), refusal=(
-    "{name} is an lzop file, which popsicle-py does not decompress: "
-    "run `lzop -dc {name} | popsicle-py flash - DEVICE`"))
-COMPRESS = Format("compress", magic.is_compress, (".Z",), refusal=(
-    "{name} is a Unix compress (.Z) file, which popsicle-py does not decompress: "
-    "run `gzip -dc {name} | popsicle-py flash - DEVICE`"))
+
+
+def _piped(what: str, tool: str) -> str:
+    return (f"{{name}} is {what} file, which popsicle-py does not decompress: "
+            f"run `{tool} -dc {{name}} | popsicle-py flash - DEVICE`")
+
+
+LZ4 = Format("lz4", magic.is_lz4, (".lz4",), refusal=_piped("an lz4", "lz4"))
+LZOP = Format("lzop", magic.is_lzop, (".lzo",), refusal=_piped("an lzop", "lzop"))
+COMPRESS = Format("compress", magic.is_compress, (".Z",),
+                  refusal=_piped("a Unix compress (.Z)", "gzip"))
 SPARSE = Format("android-sparse", magic.is_sparse, (".simg",), refusal=(
     "{name} is an Android sparse image, which is not a raw disk image: convert it with "
     "`simg2img {name} image.img` and write image.img (or flash it with fastboot)"))

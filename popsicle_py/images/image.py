@@ -27,7 +27,16 @@ from popsicle_py.images.formats import (
     name_warning,
 )
 
-__all__ = ["Image", "Replay", "decompress_to", "open_image", "open_stream", "peel", "read_head"]
+__all__ = [
+    "Image",
+    "Replay",
+    "decompress_to",
+    "open_image",
+    "open_stream",
+    "peel",
+    "read_full",
+    "read_head",
+]
 
 #: The most layers decoded one inside the other (a zip holding an .img.xz is two).
 MAX_LAYERS = 4
@@ -75,7 +84,8 @@ class Replay(io.RawIOBase):
         super().close()
 
 
-def _read_full(stream: io.RawIOBase | BinaryIO, length: int) -> bytes:
+def read_full(stream: io.RawIOBase | BinaryIO, length: int) -> bytes:
+    """``length`` bytes from the stream, fewer only at its end (a pipe gives what it has)."""
     chunks: list[bytes] = []
     got = 0
     while got < length:
@@ -94,7 +104,7 @@ def peel(stream: io.RawIOBase, name: str, outer: Format) -> tuple[io.RawIOBase, 
     inner: list[Format] = []
     above = outer
     while True:
-        head = _read_full(stream, HEAD_SIZE)
+        head = read_full(stream, HEAD_SIZE)
         where = f"{name} (inside its {above.name} layer)"
         try:
             kind = judge(head, where)
@@ -188,19 +198,11 @@ def read_head(image: Image, length: int) -> bytes:
     For a compressed image this decodes only as far as needed (the sanity check looks at the
     start of what would be written, not at the compressed file).
     """
-    chunks: list[bytes] = []
-    got = 0
     try:
         with image.open() as stream:
-            while got < length:
-                data = stream.read(length - got)
-                if not data:
-                    break
-                chunks.append(data)
-                got += len(data)
+            return read_full(stream, length)
     except OSError as e:
         raise ImageError(f"{image.path} cannot be read: {e.strerror or e}") from None
-    return b"".join(chunks)
 
 
 def open_stream(raw: BinaryIO, fmt: str, name: str, size: int | None = None) -> BinaryIO:

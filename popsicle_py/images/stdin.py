@@ -14,7 +14,7 @@ from typing import Any
 from popsicle_py.images.checksums import Checksum, ChecksumTap, new_hasher
 from popsicle_py.images.files import ImageError
 from popsicle_py.images.formats import HEAD_SIZE, Format, by_name, judge
-from popsicle_py.images.image import Replay, open_stream
+from popsicle_py.images.image import Replay, open_stream, read_full
 
 __all__ = ["StdinImage", "open_stdin"]
 
@@ -100,18 +100,11 @@ def open_stdin(checksum: Checksum | None = None, fd: int = 0) -> StdinImage:
     if os.isatty(fd):
         raise ImageError("- reads the image from standard input, which is a terminal: pipe "
                          "the image in (e.g. `xzcat disk.img.xz | popsicle-py flash - DEVICE`)")
-    chunks: list[bytes] = []
-    got = 0
     try:
-        while got < HEAD_SIZE:
-            data = os.read(fd, HEAD_SIZE - got)
-            if not data:
-                break
-            chunks.append(data)
-            got += len(data)
+        with open(fd, "rb", buffering=0, closefd=False) as f:
+            head = read_full(f, HEAD_SIZE)
     except OSError as e:
         raise ImageError(f"{SHOWN} cannot be read: {e.strerror or e}") from None
-    head = b"".join(chunks)
     if not head:
         raise ImageError(f"{SHOWN} is empty: nothing to write")
     kind = judge(head, SHOWN)

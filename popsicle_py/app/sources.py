@@ -189,10 +189,14 @@ def attach(image: Source, emit: Callable[[events.Event], None], cancel: Cancella
 
 def download_first(image: Source, emit: Emit, cancel: Cancellation, tmpdir: str,
                    stack: contextlib.ExitStack) -> Image | None:
-    """A URL read from start to end into a file before writing (watch, zip); None if
-    cancelled.  The copy is removed when ``stack`` closes."""
+    """A URL (or standard input) read from start to end into a file before writing (watch,
+    zip); None if cancelled.  The copy is removed when ``stack`` closes."""
     if isinstance(image, Image):
         return image
+    if isinstance(image, StdinImage):  # read once, into a private file removed at the end
+        path = image.save(tmpdir)
+        stack.callback(os.unlink, path)
+        return open_image(path)
     local, cleanup = remote().materialize(image, emit, cancel, tmpdir)
     stack.callback(cleanup)
     return local  # type: ignore[no-any-return]

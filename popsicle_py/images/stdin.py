@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import io
 import os
+import tempfile
 from typing import Any
 
 from popsicle_py.images.checksums import Checksum, ChecksumTap, new_hasher
-from popsicle_py.images.files import ImageError
+from popsicle_py.images.files import READ_SIZE, ImageError
 from popsicle_py.images.formats import HEAD_SIZE, Format, by_name, judge
 from popsicle_py.images.image import Replay, open_stream, read_full
 
@@ -76,18 +77,39 @@ class StdinImage:
     def compressed(self) -> bool:
         return self.kind.decoded
 
-    def open(self, tap: ChecksumTap | None = None) -> io.RawIOBase:
-        """The decoded stream, once: a pipe cannot be read from its start again."""
+    def _raw(self) -> io.RawIOBase:
+        """The bytes as they come, once: a pipe cannot be read from its start again."""
         if self._opened:
             raise ImageError(f"{SHOWN} can be read only once")
         self._opened = True
         rest = open(self._fd, "rb", buffering=0, closefd=False)  # noqa: SIM115 (closed by caller)
-        raw: io.RawIOBase = Replay(self._head, rest)
+        return Replay(self._head, rest)
+
+    def open(self, tap: ChecksumTap | None = None) -> io.RawIOBase:
+        """The decoded stream, once (a checksum given is checked as the bytes pass)."""
+        raw = self._raw()
         if tap is not None:
             raw = tap.wrap(raw)  # type: ignore[arg-type]
         elif self.checksum is not None:
             raw = _Checked(raw, self.checksum)
         return open_stream(raw, self.format, SHOWN)  # type: ignore[arg-type,return-value]
+
+    def save(self, directory: str) -> str:
+        """Copy the bytes as they come to a new private file in ``directory`` (``watch``
+        writes every drive from a file); its path.  The caller removes it."""
+        fd, path = tempfile.mkstemp(prefix="popsicle-py-stdin-", dir=directory)
+        try:
+            with os.fdopen(fd, "wb") as out, self._raw() as raw:
+                stream = raw if self.checksum is None else _Checked(raw, self.checksum)
+                while chunk := stream.read(READ_SIZE):
+                    out.write(chunk)
+        except BaseException as e:
+            os.unlink(path)
+            if isinstance(e, OSError):
+                raise ImageError(f"cannot keep {SHOWN} in {directory}: "
+                                 f"{e.strerror or e}") from None
+            raise
+        return path
 
     def read_at(self, offset: int, length: int) -> bytes:
         raise ImageError(f"{SHOWN} cannot be read again (to repair byte {offset}): "
@@ -106,7 +128,7 @@ def open_stdin(checksum: Checksum | None = None, fd: int = 0) -> StdinImage:
     except OSError as e:
         raise ImageError(f"{SHOWN} cannot be read: {e.strerror or e}") from None
     if not head:
-        raise ImageError(f"{SHOWN} is empty: nothing to write")
+        raise ImageError(f"{SHOWN} is empty: no image came through the pipe")
     kind = judge(head, SHOWN)
     if kind.needs_whole_file:
         raise ImageError(f"{SHOWN} holds a {kind.name} file, which cannot be read as a "

@@ -3,12 +3,13 @@
 The package's modules, bottom up (each imports only those before it):
 
 - files.py: ImageError and opening a file with one-line refusals;
+- magic.py: what the first and last bytes say, strictly (as each format's own tool) or with a
+  damaged header;
 - sizes.py: an xz index, zstd frames and a zip directory read without decoding;
 - decoders.py: the decompressing streams, strict about every way a stream can end badly;
 - checksums.py: --sha256/--checksum, checksum files beside the image, hashing the download;
-- formats.py: the format registry, one :class:`Format` record per kind of file;
-- magic.py (at the bottom, beside files.py): what the first and last bytes say, strictly or
-  with a damaged header;
+- formats.py: the format registry, one :class:`Format` record per kind of file, decoded or
+  refused with advice;
 - image.py: :class:`Image` and :func:`open_image`, which ask the registry, layer by layer;
 - stdin.py: standard input as the image (``-``), read once.
 

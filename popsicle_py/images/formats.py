@@ -1,9 +1,12 @@
 """The format registry: one record per kind of image file, asked instead of switching on names.
 
-The format is found from the first bytes (file names lie: ``foo.img`` is often gzip). Each
-:class:`Format` says how it is recognised, which names hint at it, how it is decoded and what
-that demands (the whole file first, or a stream), and how its decoded size is learned before
-decoding.  A new format is a new record in :data:`REGISTRY`; callers ask the record
+The format is found from the first bytes (file names lie: ``foo.img`` is often gzip), and
+for a local file from the last ones too (a DMG's trailer, a zip behind a self-extractor's
+stub). Each :class:`Format` says how it is recognised (strictly, and with a damaged header),
+which names hint at it, how it is decoded and what that demands (the whole file first, or a
+stream), how its decoded size is learned before decoding, or why it is refused.
+:func:`judge` is the one decision: a format to decode with, or a one-line refusal.  A new
+format is a new record in :data:`REGISTRY`; callers ask the record
 (``image.kind.needs_whole_file``), never compare ``image.format`` with a name.
 """
 

@@ -47,6 +47,7 @@ from popsicle_py.cli.options import (
     write_options,
     yes_option,
 )
+from popsicle_py.cli.station import register as register_station
 from popsicle_py.defaults import DEFAULT_STALL_TIMEOUT
 from popsicle_py.errors import EXIT_OK, PROG
 from popsicle_py.units import format_size
@@ -317,3 +318,6 @@ def polkit_rule() -> None:
     """
     text = (resources.files("popsicle_py") / "data" / POLKIT_RULE).read_text()
     click.echo(text, nl=False)
+
+
+register_station(main)  # station, slots, records (popsicle_py/cli/station.py)

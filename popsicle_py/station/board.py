@@ -110,8 +110,10 @@ class Board:
             case events.Result(result=r) if r.device == tile.device:
                 self._ended(tile, r, now)
             case events.DriveRemoved(device=device) if device == tile.device:
-                label = tile.label
-                self.tiles[label] = Tile(label, identify=tile.identify)
+                if tile.busy:  # pulled too early: its result (failed, and why) follows
+                    tile.why = "the drive was pulled out"
+                else:
+                    self.tiles[tile.label] = Tile(tile.label, identify=tile.identify)
 
     def _ended(self, tile: Tile, r: events.DriveResult, now: float) -> None:
         if tile.tracker is not None:

@@ -62,6 +62,12 @@ def test_sigkill_mid_batch_loses_no_finished_record_and_the_drive_in_flight_is_i
     rig.add(first.description)
     ok = rig.wait(event="result", device=first.dev)
     assert ok["status"] == "ok" and ok["slot"] == "A1"
+    # identify: read for a few seconds, the slot highlighted; POSTs need the token.
+    assert rig.post("/api/slots/A1/identify", token=None)[0] == 401
+    assert rig.post("/api/slots/Z9/identify")[0] == 404
+    assert rig.post("/api/slots/A1/identify") == (202, {"slot": "A1", "reading": True,
+                                                        "seconds": 4.0})
+    assert [s["identify"] for s in rig.get("/api/slots")["slots"]] == [True, False]
     rig.add(second.description)
     rig.wait(event="progress", device=second.dev, phase="writing")
     assert rig.kill() == -9

@@ -119,7 +119,8 @@ class PreparedStation:
 
     def run(self, terminal: Terminal, cancel: Cancellation) -> events.Summary:
         """Serve the page and the API, write the drives; ``terminal`` shows each event with
-        its slot.  :attr:`exit_status`: 0 after a stop from the API, else as ``watch``."""
+        its slot.  :attr:`exit_status`: 0 after a stop (the API, or a signal while no drive is
+        being written), 128 + signal when a signal cut a drive short, else as ``watch``."""
         request, watch = self.request, self.watch
         journal = journal_mod.Journal(self.journal_path, station=self.name,
                                       session=uuid.uuid4().hex, batch=request.batch,
@@ -152,7 +153,9 @@ class PreparedStation:
                 server.stop()
         finally:
             journal.close()
-        stopped = self.drain.is_set() and not cancel()
+        # Stopped (the API, or a signal) with no drive cut short: a station's normal end, 0;
+        # the drives that failed are in the journal.  A drive cancelled: 128 + signal.
+        stopped = (self.drain.is_set() or cancel()) and not summary.cancelled
         self.exit_status = EXIT_OK if stopped else watch.exit_status
         return summary
 

@@ -10,7 +10,7 @@ show.  It answers on stdout, one JSON object a line:
     {"add": description}                       plug a device in (a real "add" uevent)
     {"remove": [sysfs path, ...]}              unplug (deepest first)
     {"signal": 15} / {"kill": true}            signal the command / SIGKILL it
-    {"wait_exit": seconds}                     -> {"exit": rc}
+    {"wait_exit": seconds}                     -> {"exit": rc, "cpu": seconds, ...}
     {"read": ["/dev/sdb", ...], "dir": D}      copy testbed files to D -> {"read": {...}}
 
 Every command is answered with {"ack": n} (n counts from 1) once done; the command's stdout
@@ -26,6 +26,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 
 import gi
 
@@ -56,6 +57,22 @@ def pump(stream) -> None:
     send({"eof": True})
 
 
+def reap(proc: subprocess.Popen, timeout: float) -> dict:
+    """Wait for the command's exit; its status, and its CPU seconds (from wait4)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            proc.returncode = os.waitstatus_to_exitcode(status)
+            return {"exit": proc.returncode, "cpu": usage.ru_utime + usage.ru_stime,
+                    "maxrss_kib": usage.ru_maxrss}
+        if time.monotonic() > deadline:
+            proc.kill()
+            proc.wait()
+            return {"exit": None}
+        time.sleep(0.02)
+
+
 def main() -> int:
     tb = UMockdev.Testbed.new()
     root = tb.get_root_dir()
@@ -81,11 +98,7 @@ def main() -> int:
         elif "kill" in step and proc is not None:
             proc.send_signal(signal.SIGKILL)
         elif "wait_exit" in step and proc is not None:
-            try:
-                reply["exit"] = proc.wait(step["wait_exit"])
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                reply["exit"] = None
+            reply.update(reap(proc, step["wait_exit"]))
         elif "read" in step:
             copied = {}
             for path in step["read"]:

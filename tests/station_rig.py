@@ -44,6 +44,7 @@ class Rig:
                                      cwd=work)
         self.cond = threading.Condition()
         self.lines: list[str] = []
+        self.times: list[float] = []  # when each line arrived (time.monotonic())
         self.acks: dict[int, dict[str, Any]] = {}
         self.sent = 0
         self.cursor = 0
@@ -58,6 +59,7 @@ class Rig:
             with self.cond:
                 if "line" in message:
                     self.lines.append(message["line"])
+                    self.times.append(time.monotonic())
                 elif "ack" in message:
                     self.acks[message["ack"]] = message
                 self.cond.notify_all()
@@ -135,7 +137,11 @@ class Rig:
         self.command({"signal": number})
 
     def wait_exit(self, timeout: float = 60) -> int | None:
-        return self.command({"wait_exit": timeout}, timeout + 10)["exit"]
+        return self.reap(timeout)["exit"]  # type: ignore[no-any-return]
+
+    def reap(self, timeout: float = 60) -> dict[str, Any]:
+        """The command's exit status and CPU seconds, once it exited."""
+        return self.command({"wait_exit": timeout}, timeout + 10)
 
     def read(self, path: str) -> bytes | None:
         reply = self.command({"read": [path], "dir": str(self.work)})

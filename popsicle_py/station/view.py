@@ -8,6 +8,7 @@ already on disk; the page's hub only queues (it never waits on the network).
 from __future__ import annotations
 
 import json
+import sqlite3
 import time
 from typing import IO, Protocol
 
@@ -86,10 +87,19 @@ class StationView:
     def __init__(self, tagger: Tagger, recorder: Recorder, hub: Hub,
                  terminal: Terminal) -> None:
         self.tagger, self.recorder, self.hub, self.terminal = tagger, recorder, hub, terminal
+        self.journal_failed = False
 
     def handle(self, event: events.WatchEvent) -> None:
         slot = self.tagger.slot(event)
-        self.recorder.handle(event, slot)
+        if not self.journal_failed:
+            try:
+                self.recorder.handle(event, slot)
+            except sqlite3.Error as exc:  # a full disk: said once, and the drives go on
+                self.journal_failed = True
+                note = events.Note(f"journal {self.recorder.journal.path}: cannot write: "
+                                   f"{exc}; the drives go on without it")
+                self.hub.post(note, None)
+                self.terminal.handle(note, None)
         self.hub.post(event, slot)
         self.terminal.handle(event, slot)
 

@@ -153,3 +153,39 @@ def test_records_of_a_missing_journal_is_one_line(tmp_path: Path) -> None:
                           capture_output=True, text=True, check=False)
     assert done.returncode == 2
     assert done.stderr == f"popsicle-py: --journal {tmp_path / 'no.db'}: no such file\n"
+
+
+def test_the_server_serves_only_its_assets_and_bounds_requests(tmp_path: Path) -> None:
+    """In-process: the page's three files, nothing else; a large body is refused."""
+    import http.client
+
+    from popsicle_py.station.api import Station
+    from popsicle_py.station.journal import Journal
+    from popsicle_py.station.server import Server, bind, url_of
+
+    journal = tmp_path / "j.sqlite"
+    Journal(str(journal), station="s", session="x").close()
+    sock = bind("127.0.0.1", 0)
+    server = Server(Station(Hub(_board()), "secret", str(journal), threading.Event()), sock)
+    server.start()
+    try:
+        host, port = sock.getsockname()[:2]
+
+        def ask(method: str, path: str, body: bytes = b"",
+                token: str | None = None) -> tuple[int, bytes]:
+            conn = http.client.HTTPConnection(host, port, timeout=10)
+            headers = {"Authorization": f"Bearer {token}"} if token else {}
+            conn.request(method, path, body=body, headers=headers)
+            response = conn.getresponse()
+            return response.status, response.read()
+
+        assert ask("GET", "/")[0] == 200
+        assert b"EventSource" in ask("GET", "/static/app.js")[1]
+        for path in ("/static/../api/slots", "/static/x.js", "/etc/passwd", "/static/"):
+            assert ask("GET", path)[0] == 404, path
+        assert ask("POST", "/api/stop", b"x" * 100_000, token="secret")[0] == 413
+        assert ask("POST", "/api/stop", token="secrets")[0] == 401
+        assert ask("GET", "/api/records")[1] == b"[]"
+        assert url_of(sock) == f"http://127.0.0.1:{port}/"
+    finally:
+        server.stop()

@@ -66,6 +66,13 @@ async def _guard(request: web.Request, handler: Handler) -> web.StreamResponse:
     """The token for every POST; a time limit for every request but the streams."""
     station: Station = request.app["station"]
     if request.method not in ("GET", "HEAD"):
+        try:
+            await asyncio.wait_for(request.read(), REQUEST_SECONDS)  # bounded: MAX_BODY
+        except web.HTTPRequestEntityTooLarge:
+            return web.json_response({"error": f"a body of at most {MAX_BODY} bytes"},
+                                     status=413)
+        except asyncio.TimeoutError:
+            return web.json_response({"error": "timed out"}, status=408)
         given = request.headers.get("Authorization", "")
         if not hmac.compare_digest(given.encode(), f"Bearer {station.token}".encode()):
             return web.json_response({"error": "a POST needs Authorization: Bearer TOKEN "

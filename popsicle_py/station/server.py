@@ -131,9 +131,9 @@ class Server:
         app = make_app(self.station)
         self._runner = web.AppRunner(app, handle_signals=False, access_log=None,
                                      keepalive_timeout=15, max_line_size=4096,
-                                     max_field_size=4096)
+                                     max_field_size=4096, shutdown_timeout=1.0)
         await self._runner.setup()
-        await web.SockSite(self._runner, self.sock, shutdown_timeout=1.0).start()
+        await web.SockSite(self._runner, self.sock).start()
 
     async def _cleanup(self) -> None:
         hub = self.station.hub

@@ -21,6 +21,7 @@ from popsicle_py.cli.options import (
     source_options,
     yes_option,
 )
+from popsicle_py.cli.output import write_text
 from popsicle_py.errors import EXIT_OK
 
 FILE = click.Path(dir_okay=False, path_type=str)
@@ -149,16 +150,16 @@ def records(journal: str | None, batch: str | None, as_json: bool, as_csv: bool,
 
         found = read_records(journal, batch)
         if as_json:
-            click.echo(json.dumps(found))
-        elif as_csv:
-            click.echo(to_csv(found), nl=False)
-        else:
-            for row in found:
-                drive = " ".join(p for p in (row["vendor"], row["model"], row["serial"]) if p)
-                click.echo(f"{row['id']:>5}  {row['ended'] or row['started']}  "
-                           f"slot {row['slot'] or '-'}  {row['result']:<11}  {drive}"
-                           + (f"  {row['error']}" if row["error"] else ""))
-        return EXIT_OK
+            return write_text(json.dumps(found) + "\n")
+        if as_csv:
+            return write_text(to_csv(found))
+        lines = []
+        for row in found:
+            drive = " ".join(p for p in (row["vendor"], row["model"], row["serial"]) if p)
+            lines.append(f"{row['id']:>5}  {row['ended'] or row['started']}  "
+                         f"slot {row['slot'] or '-'}  {row['result']:<11}  {drive}"
+                         + (f"  {row['error']}" if row["error"] else "") + "\n")
+        return write_text("".join(lines))
 
     run_guarded(debug, as_json, body)
 

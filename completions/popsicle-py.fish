@@ -97,6 +97,8 @@ function __popsicle_py_state --description 'popsicle-py: the command, then what 
                             set skip 1
                         case 'station:--name'
                             set skip 1
+                        case 'station:--hook'
+                            set skip 1
                         case 'station:--count'
                             set skip 1
                         case 'station:--max-size'
@@ -321,14 +323,15 @@ complete -c popsicle-py -n '__popsicle_py_at station' -l 'journal' -r -F -d 'The
 complete -c popsicle-py -n '__popsicle_py_at station' -l 'batch' -x -d 'The batch the records belong to.'
 complete -c popsicle-py -n '__popsicle_py_at station' -l 'operator' -x -d 'Who runs the station.'
 complete -c popsicle-py -n '__popsicle_py_at station' -l 'name' -x -d 'The station\'s name in records and on the page (default: the host name).'
+complete -c popsicle-py -n '__popsicle_py_at station' -l 'hook' -x -d 'Run CMD for each drive that ends (POPSICLE_SLOT, POPSICLE_RESULT ... in its environment): a sound, a light.'
 complete -c popsicle-py -n '__popsicle_py_at station' -l 'count' -x -d 'Stop once N drives have finished (ok or failed); start no more than N.'
-complete -c popsicle-py -n '__popsicle_py_at station' -s 'y' -l 'yes' -d 'Do not ask for confirmation.'
 complete -c popsicle-py -n '__popsicle_py_at station' -l 'no-verify' -d 'Skip reading the drives back.'
 complete -c popsicle-py -n '__popsicle_py_at station' -l 'no-power-off' -d 'Leave finished drives powered on (default: power them off).'
 complete -c popsicle-py -n '__popsicle_py_at station' -l 'include-present' -d 'Also write the eligible drives plugged in before starting.'
 complete -c popsicle-py -n '__popsicle_py_at station' -l 'max-size' -x -d 'Skip drives larger than this.'
 complete -c popsicle-py -n '__popsicle_py_at station' -l 'no-probe' -d 'Do not check, before writing, that each drive stores as much as it claims (the counterfeit-stick probe).'
 complete -c popsicle-py -n '__popsicle_py_at station' -l 'report' -r -F -d 'Append one record per drive to FILE (.csv or .jsonl).'
+complete -c popsicle-py -n '__popsicle_py_at station' -s 'y' -l 'yes' -d 'Do not ask for confirmation.'
 complete -c popsicle-py -n '__popsicle_py_at station' -l 'json' -d 'Machine-readable events on stdout.'
 complete -c popsicle-py -n '__popsicle_py_at station' -l 'debug' -d 'Show debug messages and tracebacks.'
 complete -c popsicle-py -n '__popsicle_py_at station' -s 'h' -l 'help' -d 'Show this message and exit.'

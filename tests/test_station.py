@@ -112,8 +112,11 @@ def test_a_stick_on_an_unmapped_port_is_announced_and_never_opened(
     path, data = image(tmp_path, 1 * MiB)
     mapped, stray = Stick("c", 3), Stick("d", 5)
     slots = slot_map(tmp_path / "slots.toml", {"1": 3})
+    heard = tmp_path / "hook.txt"
+    hook = f"sh -c 'echo \"$POPSICLE_SLOT $POPSICLE_RESULT $POPSICLE_SERIAL\" >> {heard}'"
     rig.start([str(path), "--yes", "--slots", str(slots), "--journal",
-               str(tmp_path / "j.sqlite"), "--listen", "127.0.0.1:0", "--count", "1"])
+               str(tmp_path / "j.sqlite"), "--listen", "127.0.0.1:0", "--count", "1",
+               "--hook", hook])
     rig.add(stray.description)
     added = rig.wait(event="drive_added", device=stray.dev)
     assert added["eligible"] is False and added["slot"] is None
@@ -127,6 +130,7 @@ def test_a_stick_on_an_unmapped_port_is_announced_and_never_opened(
     assert not [e for e in rig.events() if e.get("event") == "phase"
                 and e.get("device") == stray.dev]
     assert rig.read(mapped.dev)[: len(data)] == data  # type: ignore[index]
+    assert heard.read_text() == "1 ok 4C530001231105110003\n"  # the hook, once, for slot 1
 
 
 def test_learn_slots_takes_the_port_of_each_stick_in_turn(rig: Rig, tmp_path: Path) -> None:

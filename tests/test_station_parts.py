@@ -148,6 +148,12 @@ def test_a_port_in_use_or_a_bad_listen_is_refused(tmp_path: Path) -> None:
     assert "the port must be a number" in done.stderr
 
 
+def test_a_hook_that_cannot_be_split_is_refused(tmp_path: Path) -> None:
+    done = _station(tmp_path, "--hook", "say 'unclosed")
+    assert done.returncode == 2
+    assert done.stderr == "popsicle-py: --hook \"say 'unclosed\": No closing quotation\n"
+
+
 def test_records_of_a_missing_journal_is_one_line(tmp_path: Path) -> None:
     done = subprocess.run([*popsicle_cmd(), "records", "--journal", str(tmp_path / "no.db")],
                           capture_output=True, text=True, check=False)

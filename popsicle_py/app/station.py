@@ -28,10 +28,12 @@ from popsicle_py.drives import Drive
 from popsicle_py.errors import EXIT_OK, Refused
 from popsicle_py.ports import port_path_of
 from popsicle_py.signals import Cancellation
+from popsicle_py.station import hook as hook_mod
 from popsicle_py.station import journal as journal_mod
 from popsicle_py.station import slots as slots_mod
 from popsicle_py.station.api import Station
 from popsicle_py.station.board import Board
+from popsicle_py.station.hook import Hook
 from popsicle_py.station.hub import Hub
 from popsicle_py.station.recorder import Recorder, Tagger
 from popsicle_py.station.server import (
@@ -44,6 +46,7 @@ from popsicle_py.station.server import (
     url_of,
 )
 from popsicle_py.station.view import StationView, Terminal
+from popsicle_py.view import say_on_stderr
 
 __all__ = ["LearnRequest", "PreparedStation", "StationRequest", "learn_slots",
            "prepare_station", "read_records"]
@@ -65,7 +68,8 @@ class PreparedStation:
 
     def __init__(self, request: StationRequest, watch: PreparedWatch,
                  slot_map: slots_mod.SlotMap | None, sock: socket.socket, token: str,
-                 token_file: str, token_made: bool, journal_path: str, sha256: str) -> None:
+                 token_file: str, token_made: bool, journal_path: str, sha256: str,
+                 hook: list[str] | None = None) -> None:
         self.request = request
         self.watch = watch
         self.slot_map = slot_map
@@ -74,6 +78,7 @@ class PreparedStation:
         self.token, self.token_file, self.token_made = token, token_file, token_made
         self.journal_path = journal_path
         self.sha256 = sha256
+        self.hook = hook
         self.name = request.name or socket.gethostname()
         self.exit_status = 0
         self.drain = threading.Event()
@@ -142,13 +147,22 @@ class PreparedStation:
                 server.start()
             except ServerError as exc:
                 raise Refused([str(exc)]) from None
+            hook = None
+            if self.hook is not None:
+                def warn(line: str) -> None:  # from a hook's thread: the page, and stderr
+                    hub.post(events.Note(line), None)
+                    say_on_stderr(line)
+
+                hook = Hook(self.hook, warn)
             station_view = StationView(Tagger(self.slot_map), Recorder(
-                journal, image.path, self.sha256, request.watch.verify), hub, terminal)
+                journal, image.path, self.sha256, request.watch.verify), hub, terminal, hook)
             try:
                 for note in self.start_notes(recovered):
                     terminal.handle(events.Note(note), None)
                 hooks = watch_mod.WatchOptions(admit=self.admit(hub), drain=self.drain)
                 summary = watch.run(station_view, cancel, hooks=hooks)
+                if hook is not None:
+                    hook.join()
             finally:
                 server.stop()
         finally:
@@ -179,6 +193,10 @@ def prepare_station(request: StationRequest) -> PreparedStation:
             slot_map = slots_mod.load(request.slots)
         except slots_mod.SlotMapError as exc:
             raise Refused([str(exc)]) from None
+    try:
+        hook = hook_mod.parse(request.hook) if request.hook is not None else None
+    except hook_mod.HookError as exc:
+        raise Refused([str(exc)]) from None
     journal_path = request.journal or journal_mod.default_path()
     token_file = request.token_file or os.path.join(
         os.path.dirname(os.path.abspath(journal_path)), "station.token")
@@ -202,7 +220,7 @@ def prepare_station(request: StationRequest) -> PreparedStation:
     else:
         sha256 = ""
     return PreparedStation(request, watch, slot_map, sock, token, token_file, made,
-                           journal_path, sha256)
+                           journal_path, sha256, hook)
 
 
 def learn_slots(request: LearnRequest, say: Callable[[str], None],

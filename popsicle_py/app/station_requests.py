@@ -27,6 +27,8 @@ class StationRequest:
     operator: str = ""
     #: The station's name in records and on the page (None: the host name).
     name: str | None = None
+    #: A command run for each drive that ends (its slot and result in the environment).
+    hook: str | None = None
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict, dataclass
 
 import click
 
@@ -14,6 +15,7 @@ from popsicle_py.cli.ask import confirm
 from popsicle_py.cli.guard import run_guarded
 from popsicle_py.cli.options import (
     NO_PROBE_HELP,
+    OptionGroup,
     OutputOptions,
     max_size_option,
     output_options,
@@ -27,39 +29,88 @@ from popsicle_py.errors import EXIT_OK
 FILE = click.Path(dir_okay=False, path_type=str)
 
 
+@dataclass(frozen=True)
+class Session:
+    """watch's own options (everything but the image): which drives, and what is done."""
+
+    count: int | None
+    no_verify: bool
+    no_power_off: bool
+    include_present: bool
+    max_size: int
+    no_probe: bool
+    report: str | None
+
+    def request(self, source: SourceOptions) -> WatchRequest:
+        return WatchRequest(source, count=self.count, verify=not self.no_verify,
+                            probe=not self.no_probe, power_off=not self.no_power_off,
+                            include_present=self.include_present, max_size=self.max_size,
+                            report=self.report)
+
+
+#: The session's options, as ``watch`` has them.
+session_options = OptionGroup(
+    "session", Session,
+    click.option("--count", type=click.IntRange(min=1), metavar="N",
+                 help="Stop once N drives have finished (ok or failed); start no more than N."),
+    click.option("--no-verify", is_flag=True, help="Skip reading the drives back."),
+    click.option("--no-power-off", is_flag=True,
+                 help="Leave finished drives powered on (default: power them off)."),
+    click.option("--include-present", is_flag=True,
+                 help="Also write the eligible drives plugged in before starting."),
+    max_size_option("Skip drives larger than this."),
+    click.option("--no-probe", is_flag=True, help=NO_PROBE_HELP),
+    report_option(),
+)
+
+
+@dataclass(frozen=True)
+class Place:
+    """What only a station has: its slots, its address and token, its journal, its hook."""
+
+    slots: str | None
+    listen: str
+    token_file: str | None
+    journal: str | None
+    batch: str
+    operator: str
+    name: str | None
+    hook: str | None
+
+
+#: The station's own options.
+place_options = OptionGroup(
+    "place", Place,
+    click.option("--slots", "slots", type=FILE, metavar="FILE",
+                 help="The slot map (TOML, made by `popsicle-py slots`): write only the drives "
+                      "on its ports; a drive elsewhere is announced and never opened."),
+    click.option("--listen", default=DEFAULT_LISTEN, metavar="HOST:PORT", show_default=True,
+                 help="Where the page and the API are served (port 0: a free one)."),
+    click.option("--token-file", type=FILE, metavar="FILE",
+                 help="The token POST requests need (made, mode 0600, when missing; default: "
+                      "station.token beside the journal)."),
+    click.option("--journal", type=FILE, metavar="FILE",
+                 help="The SQLite journal (default: /var/lib/popsicle-py/journal.sqlite as "
+                      "root, else ~/.local/share/popsicle-py/journal.sqlite)."),
+    click.option("--batch", default="", metavar="NAME",
+                 help="The batch the records belong to."),
+    click.option("--operator", default="", metavar="NAME", help="Who runs the station."),
+    click.option("--name", default=None, metavar="NAME",
+                 help="The station's name in records and on the page (default: the host "
+                      "name)."),
+    click.option("--hook", metavar="CMD",
+                 help="Run CMD for each drive that ends (POPSICLE_SLOT, POPSICLE_RESULT ... in "
+                      "its environment): a sound, a light."),
+)
+
+
 @click.command()
 @source_options
-@click.option("--slots", "slots", type=FILE, metavar="FILE",
-              help="The slot map (TOML, made by `popsicle-py slots`): write only the drives "
-                   "on its ports; a drive elsewhere is announced and never opened.")
-@click.option("--listen", default=DEFAULT_LISTEN, metavar="HOST:PORT", show_default=True,
-              help="Where the page and the API are served (port 0: a free one).")
-@click.option("--token-file", type=FILE, metavar="FILE",
-              help="The token POST requests need (made, mode 0600, when missing; default: "
-                   "station.token beside the journal).")
-@click.option("--journal", type=FILE, metavar="FILE",
-              help="The SQLite journal (default: /var/lib/popsicle-py/journal.sqlite as "
-                   "root, else ~/.local/share/popsicle-py/journal.sqlite).")
-@click.option("--batch", default="", metavar="NAME", help="The batch the records belong to.")
-@click.option("--operator", default="", metavar="NAME", help="Who runs the station.")
-@click.option("--name", default=None, metavar="NAME",
-              help="The station's name in records and on the page (default: the host name).")
-@click.option("--count", type=click.IntRange(min=1), metavar="N",
-              help="Stop once N drives have finished (ok or failed); start no more than N.")
+@place_options
+@session_options
 @yes_option()
-@click.option("--no-verify", is_flag=True, help="Skip reading the drives back.")
-@click.option("--no-power-off", is_flag=True,
-              help="Leave finished drives powered on (default: power them off).")
-@click.option("--include-present", is_flag=True,
-              help="Also write the eligible drives plugged in before starting.")
-@max_size_option("Skip drives larger than this.")
-@click.option("--no-probe", is_flag=True, help=NO_PROBE_HELP)
-@report_option()
 @output_options()
-def station(source: SourceOptions, slots: str | None, listen: str, token_file: str | None,
-            journal: str | None, batch: str, operator: str, name: str | None,
-            count: int | None, yes: bool, no_verify: bool, no_power_off: bool,
-            include_present: bool, max_size: int, no_probe: bool, report: str | None,
+def station(source: SourceOptions, place: Place, session: Session, yes: bool,
             output: OutputOptions) -> None:
     """A duplicator station: watch's writing, with slots, a web page, an HTTP API and a
     journal of every drive.
@@ -74,12 +125,7 @@ def station(source: SourceOptions, slots: str | None, listen: str, token_file: s
         from popsicle_py.signals import Cancellation
         from popsicle_py.station.view import SlotJsonView, SlotPlainView, Terminal
 
-        request = StationRequest(
-            WatchRequest(source, count=count, verify=not no_verify, probe=not no_probe,
-                         power_off=not no_power_off, include_present=include_present,
-                         max_size=max_size, report=report),
-            slots=slots, listen=listen, token_file=token_file, journal=journal, batch=batch,
-            operator=operator, name=name)
+        request = StationRequest(session.request(source), **asdict(place))
         with prepare_station(request) as job:
             confirm(job.confirmation, yes)
             terminal: Terminal = SlotJsonView() if output.json else SlotPlainView()

@@ -13,6 +13,7 @@ import time
 from typing import IO, Protocol
 
 from popsicle_py import events
+from popsicle_py.station.hook import Hook
 from popsicle_py.station.hub import Hub, event_json
 from popsicle_py.station.recorder import Recorder, Tagger
 from popsicle_py.view import Out, PlainView, say_on_stderr
@@ -85,8 +86,9 @@ class StationView:
     """What the session emits to: tags each event with its slot and hands it on."""
 
     def __init__(self, tagger: Tagger, recorder: Recorder, hub: Hub,
-                 terminal: Terminal) -> None:
+                 terminal: Terminal, hook: Hook | None = None) -> None:
         self.tagger, self.recorder, self.hub, self.terminal = tagger, recorder, hub, terminal
+        self.hook = hook
         self.journal_failed = False
 
     def handle(self, event: events.WatchEvent) -> None:
@@ -102,6 +104,8 @@ class StationView:
                 self.terminal.handle(note, None)
         self.hub.post(event, slot)
         self.terminal.handle(event, slot)
+        if self.hook is not None:
+            self.hook.handle(event, slot)
 
     def close(self) -> None:
         self.terminal.close()

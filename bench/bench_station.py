@@ -33,8 +33,11 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO / "tests"), str(REPO)]
+# The children (the driver, the command) run this checkout.
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO),
+                                                        os.environ.get("PYTHONPATH")]))
 
-from conftest import popsicle_cmd  # noqa: E402  (sets PYTHONPATH for the children)
+from conftest import popsicle_cmd  # noqa: E402
 from station_rig import Rig, slot_map  # noqa: E402
 from test_watch import Stick  # noqa: E402
 

@@ -4,6 +4,7 @@ and the server's loop, the board, and the refusals (exit 2, one line, nothing wr
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import subprocess
 import threading
@@ -195,3 +196,32 @@ def test_the_server_serves_only_its_assets_and_bounds_requests(tmp_path: Path) -
         assert url_of(sock) == f"http://127.0.0.1:{port}/"
     finally:
         server.stop()
+
+
+def test_records_exports_the_journal_as_text_csv_and_json(tmp_path: Path) -> None:
+    from popsicle_py.station.journal import Journal
+
+    path = tmp_path / "j.sqlite"
+    journal = Journal(str(path), station="bench", session="s1", batch="b1", operator="ada",
+                      clock=lambda: 1_800_000_000.0)
+    row = journal.start("A1", {"seq": 1, "device": "/dev/sdb", "serial": "SN1",
+                               "vendor": "SanDisk", "model": "Cruzer"})
+    journal.finish(row, {"result": "ok", "verified": True, "bytes_written": MiB,
+                         "ended": "2027-01-15T08:00:00Z", "error": ""})
+    journal.start("A2", {"seq": 2, "device": "/dev/sdc", "serial": "SN2"})
+    journal.close()
+
+    def records(*args: str) -> str:
+        return subprocess.run([*popsicle_cmd(), "records", "--journal", str(path), *args],
+                              capture_output=True, text=True, check=True).stdout
+
+    assert records().splitlines() == [
+        "    1  2027-01-15T08:00:00Z  slot A1  ok           SanDisk Cruzer SN1",
+        "    2  2027-01-15T08:00:00Z  slot A2  in-flight    SN2"]
+    rows = json.loads(records("--json", "--batch", "b1"))
+    assert [(r["slot"], r["result"], r["verified"]) for r in rows] == [
+        ("A1", "ok", True), ("A2", "in-flight", None)]
+    lines = records("--csv").splitlines()
+    assert lines[0].split(",")[:6] == ["id", "session", "station", "batch", "operator", "slot"]
+    assert ",ok,true," in lines[1] and len(lines) == 3
+    assert records("--json", "--batch", "none") == "[]\n"

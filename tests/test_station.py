@@ -161,3 +161,31 @@ def _wait_line(rig: Rig, text: str) -> None:
             left = deadline - time.monotonic()
             assert left > 0, (text, rig.lines[rig.cursor:])
             rig.cond.wait(left)
+
+
+def test_stop_finishes_the_drive_being_written_and_takes_no_new_one(
+        rig: Rig, tmp_path: Path) -> None:
+    from faulty import FaultyFile, faulty_files
+
+    data = os.urandom(6 * MiB)
+    with faulty_files() as made:
+        # The image crawls (a FUSE file): the drive is still being written when stop comes.
+        source = FaultyFile(len(data), content=data, faults={"crawl": (0, 4 * MiB)})
+        made.append(source)
+        writing, late = Stick("c", 3), Stick("d", 5)
+        rig.start([source.file, "--yes", "--force", "--journal", str(tmp_path / "j.sqlite"),
+                   "--listen", "127.0.0.1:0", "--no-power-off"])
+        rig.add(writing.description)
+        rig.wait(event="progress", device=writing.dev, phase="writing")
+        assert rig.post("/api/stop") == (202, {"stopping": True})
+        assert rig.get("/api/slots")["stopping"] is True
+        rig.add(late.description)
+        added = rig.wait(event="drive_added", device=late.dev)
+        assert added["eligible"] is False
+        assert added["reason"] == "stopping: no new drive is written"
+        result = rig.wait(event="result", device=writing.dev)
+        assert result["status"] == "ok" and result["verified"] is True
+        assert rig.wait_exit() == 0
+    assert rig.read(writing.dev)[: len(data)] == data  # type: ignore[index]
+    assert rig.read(late.dev) == b""
+    assert [r["result"] for r in records(tmp_path / "j.sqlite")] == ["ok"]

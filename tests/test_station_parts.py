@@ -225,3 +225,25 @@ def test_records_exports_the_journal_as_text_csv_and_json(tmp_path: Path) -> Non
     assert lines[0].split(",")[:6] == ["id", "session", "station", "batch", "operator", "slot"]
     assert ",ok,true," in lines[1] and len(lines) == 3
     assert records("--json", "--batch", "none") == "[]\n"
+
+
+def test_the_terminal_says_each_drives_slot() -> None:
+    import io
+
+    from popsicle_py.station.view import SlotJsonView, SlotPlainView
+
+    out = io.StringIO()
+    plain = SlotPlainView(out)
+    info = events.DriveInfo(1, "1-3", "SanDisk", "Cruzer Blade", "SN", 64 * MiB)
+    plain.handle(events.DriveAdded("/dev/sdc", "SanDisk Cruzer Blade", 64 * MiB, True, None,
+                                   info), "A3")
+    plain.handle(events.Note("a note for everyone"), None)
+    plain.handle(events.DriveRemoved("/dev/sdc"), "A3")
+    lines = out.getvalue().splitlines()
+    assert lines[0].startswith("[slot A3] /dev/sdc: added")
+    assert lines[1] == "a note for everyone"
+    assert lines[2] == "[slot A3] /dev/sdc: removed"
+    out = io.StringIO()
+    SlotJsonView(out).handle(events.DriveRemoved("/dev/sdc"), "A3")
+    assert json.loads(out.getvalue()) == {"event": "drive_removed", "device": "/dev/sdc",
+                                          "slot": "A3"}

@@ -148,6 +148,12 @@ class Rig:
         name = reply["read"][path]
         return None if name is None else (self.work / name).read_bytes()
 
+    def __enter__(self) -> Rig:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def close(self) -> None:
         if self.proc.stdin is not None:
             self.proc.stdin.close()

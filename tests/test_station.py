@@ -24,11 +24,8 @@ pytestmark = [needs_testbed, pytest.mark.umockdev]
 
 @pytest.fixture
 def rig(tmp_path: Path) -> Iterator[Rig]:
-    rig = Rig(tmp_path / "rig")
-    try:
+    with Rig(tmp_path / "rig") as rig:
         yield rig
-    finally:
-        rig.close()
 
 
 def image(tmp_path: Path, size: int) -> tuple[Path, bytes]:

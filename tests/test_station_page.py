@@ -39,11 +39,8 @@ pytestmark = [needs_testbed, needs_browser, pytest.mark.umockdev]
 
 @pytest.fixture
 def rig(tmp_path: Path) -> Iterator[Rig]:
-    rig = Rig(tmp_path / "rig")
-    try:
+    with Rig(tmp_path / "rig") as rig:
         yield rig
-    finally:
-        rig.close()
 
 
 @pytest.fixture

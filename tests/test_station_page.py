@@ -29,7 +29,7 @@ try:
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 except ImportError:  # pragma: no cover - CI installs it ('.[test]'); a skip there fails
-    webdriver = None
+    webdriver = None  # type: ignore[assignment]
 
 needs_browser = pytest.mark.skipif(
     webdriver is None or not os.path.exists(CHROMIUM) or not shutil.which("chromedriver"),

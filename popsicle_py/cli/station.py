@@ -9,17 +9,16 @@ from dataclasses import asdict, dataclass
 import click
 
 from popsicle_py import events
-from popsicle_py.app.requests import SourceOptions, WatchRequest
+from popsicle_py.app.requests import SourceOptions
 from popsicle_py.app.station_requests import DEFAULT_LISTEN, LearnRequest, StationRequest
 from popsicle_py.cli.ask import confirm
 from popsicle_py.cli.guard import run_guarded
 from popsicle_py.cli.options import (
-    NO_PROBE_HELP,
     OptionGroup,
     OutputOptions,
-    max_size_option,
+    Session,
     output_options,
-    report_option,
+    session_options,
     source_options,
     yes_option,
 )
@@ -27,41 +26,6 @@ from popsicle_py.cli.output import write_text
 from popsicle_py.errors import EXIT_OK
 
 FILE = click.Path(dir_okay=False, path_type=str)
-
-
-@dataclass(frozen=True)
-class Session:
-    """watch's own options (everything but the image): which drives, and what is done."""
-
-    count: int | None
-    no_verify: bool
-    no_power_off: bool
-    include_present: bool
-    max_size: int
-    no_probe: bool
-    report: str | None
-
-    def request(self, source: SourceOptions) -> WatchRequest:
-        return WatchRequest(source, count=self.count, verify=not self.no_verify,
-                            probe=not self.no_probe, power_off=not self.no_power_off,
-                            include_present=self.include_present, max_size=self.max_size,
-                            report=self.report)
-
-
-#: The session's options, as ``watch`` has them.
-session_options = OptionGroup(
-    "session", Session,
-    click.option("--count", type=click.IntRange(min=1), metavar="N",
-                 help="Stop once N drives have finished (ok or failed); start no more than N."),
-    click.option("--no-verify", is_flag=True, help="Skip reading the drives back."),
-    click.option("--no-power-off", is_flag=True,
-                 help="Leave finished drives powered on (default: power them off)."),
-    click.option("--include-present", is_flag=True,
-                 help="Also write the eligible drives plugged in before starting."),
-    max_size_option("Skip drives larger than this."),
-    click.option("--no-probe", is_flag=True, help=NO_PROBE_HELP),
-    report_option(),
-)
 
 
 @dataclass(frozen=True)

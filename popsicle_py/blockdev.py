@@ -23,7 +23,7 @@ import stat
 import struct
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,14 +31,7 @@ import xxhash
 
 from popsicle_py import sysfs
 from popsicle_py.buffers import address_of, aligned_buffer
-from popsicle_py.errors import (
-    ChecksumMismatch,
-    Counterfeit,
-    ExtentChecksumError,
-    SourceChanged,
-    SourceDiffers,
-)
-from popsicle_py.events import Cause
+from popsicle_py.errors import TooSmall
 from popsicle_py.identity import LoopKey, MediaIdentity, not_confirmed, same_media
 
 log = logging.getLogger(__name__)
@@ -190,7 +183,7 @@ class BlockDevice:
         view = memoryview(data).cast("B")
         if self.size and self.pos + len(view) > self.size:
             if self.pos >= self.size:
-                raise OSError(errno.ENOSPC, "image is larger than the drive")
+                raise TooSmall()
             view = view[: self.size - self.pos]
         if not view:
             return 0
@@ -723,79 +716,3 @@ def first_difference(a: memoryview, b: memoryview) -> int:
                 if p != q:
                     return start + i
     return -1
-
-@dataclass(frozen=True)
-class Failure:
-    """Why a drive failed: a typed cause for programs, one line for people."""
-
-    cause: Cause
-    text: str
-
-
-def failure(exc: BaseException, path: str) -> Failure:
-    """One line in the user's language (which drive, what happened, what to do), and its cause."""
-    line = getattr(exc, "line", None)
-    if isinstance(line, str):  # already said in the user's language (udisks, polkit)
-        return Failure(Cause.PERMISSION, line)
-    if isinstance(exc, MediaChanged):
-        return Failure(Cause.CHANGED, exc.message)
-    if isinstance(exc, Counterfeit):
-        return Failure(Cause.COUNTERFEIT, f"{path}: {exc.message}")
-    # The image's fault, not the drive's.
-    if isinstance(exc, (SourceChanged, SourceDiffers, ChecksumMismatch, ExtentChecksumError)):
-        return Failure(Cause.SOURCE, f"{path}: {exc.strerror}")
-    code = getattr(exc, "errno", None)
-    detail = getattr(exc, "strerror", None) or str(exc)
-    if code == errno.EACCES:
-        return Failure(Cause.PERMISSION, f"{path}: permission denied; run as root (or with sudo)")
-    if code == errno.EROFS or (code == errno.EPERM and sysfs_read_only(path)):
-        return Failure(Cause.READ_ONLY, f"{path}: the drive is write-protected (read-only)")
-    if code == errno.EPERM:
-        return Failure(Cause.PERMISSION,
-                       f"{path}: operation not permitted; run as root (or with sudo)")
-    if code == errno.EBUSY:
-        return Failure(Cause.BUSY, busy_message(path, _mountpoints(path)))
-    if code == errno.ENOMEDIUM:
-        return Failure(Cause.NO_MEDIUM, f"{path}: no card in the reader")
-    if code in (errno.ENODEV, errno.ENXIO) or (code in (errno.ENOSPC, errno.EIO)
-                                                and drive_gone(path)):
-        # A pulled stick's writes end in EIO (retried for seconds first, while the kernel drops
-        # the disk) or, once its capacity reads 0, ENOSPC: it is simply gone.
-        return Failure(Cause.REMOVED, f"{path}: the drive was removed")
-    if code == errno.ENOSPC:
-        if "larger" in detail:
-            return Failure(Cause.TOO_SMALL, f"{path}: {detail}")
-        return Failure(Cause.NO_SPACE, f"{path}: no space left on the drive (it failed, or is "
-                       "smaller than it claims)")
-    if code == errno.ETIMEDOUT and detail.startswith("stalled"):
-        return Failure(Cause.STALLED, f"{path}: {detail}")
-    if code == errno.EIO:
-        return Failure(Cause.IO_ERROR, f"{path}: I/O error: {detail} (the drive may be failing)")
-    if code == errno.ENOENT:
-        return Failure(Cause.NOT_FOUND, f"{path}: does not exist")
-    return Failure(Cause.ERROR, f"{path}: {detail}")
-
-
-def describe_error(exc: BaseException, path: str) -> str:
-    """:func:`failure`'s line alone."""
-    return failure(exc, path).text
-
-
-def busy_message(path: str, mountpoints: Sequence[str]) -> str:
-    """Why opening ``path`` exclusively failed, and what helps: --unmount only when mounted."""
-    if mountpoints:
-        return (f"{path}: the drive is busy: mounted at {', '.join(mountpoints)}; unmount it "
-                "or use --unmount")
-    return (f"{path}: the drive is busy: another program has it open (see which with "
-            f"`fuser -v {path}*`); close it and try again")
-
-
-def _mountpoints(path: str) -> tuple[str, ...]:
-    try:
-        devnum = os.stat(path).st_rdev
-    except OSError:
-        return ()
-    from popsicle_py import drives  # drives reads identities from here: import it late
-
-    return drives.mountpoints_of(devnum, drives.current_mounts())
-

@@ -6,8 +6,10 @@
     ├── Cancelled                  130         a stop signal or cancel() ended the run
     └── AllDestinationsFailed      1           every destination failed (``results`` says how)
 
-    OSError (a destination that cannot be trusted)
-    └── Counterfeit                the capacity probe found less than the drive claims
+    OSError (a destination that failed, typed where it failed: failures.py words it)
+    ├── Counterfeit                the capacity probe found less than the drive claims
+    ├── TooSmall                   the image does not fit on the drive (ENOSPC)
+    └── Stalled                    the drive made no progress within the stall timeout (ETIMEDOUT)
 
     OSError (a source that cannot be trusted; raised by the engine's reader)
     ├── SourceChanged              the source held more or fewer bytes than it was said to
@@ -143,3 +145,17 @@ class Counterfeit(OSError):
 
     def __str__(self) -> str:
         return self.message
+
+
+class TooSmall(OSError):
+    """The image is larger than the drive: a write reached the drive's end (ENOSPC)."""
+
+    def __init__(self, message: str = "image is larger than the drive") -> None:
+        super().__init__(errno.ENOSPC, message)
+
+
+class Stalled(OSError):
+    """The drive made (almost) no progress for the stall timeout (ETIMEDOUT); given up on."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(errno.ETIMEDOUT, message)

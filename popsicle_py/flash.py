@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from popsicle_py import blockdev
+from popsicle_py import blockdev, failures
 from popsicle_py.blockdev import BlockDevice, OpenSpec
 from popsicle_py.bmap import Bmap
 from popsicle_py.engine import (
@@ -138,7 +138,7 @@ def open_targets(drives: Sequence[DriveLike], *, for_writing: bool = True,
             opener = blockdev.open_for_writing if for_writing else blockdev.open_for_reading
             opened.append(blockdev.confirmed(opener(spec), getattr(drive, "identity", None)))
         except OSError as exc:
-            problems.append(blockdev.describe_error(exc, drive.path))
+            problems.append(failures.describe_error(exc, drive.path))
     if problems:
         for device in opened:
             device.close()
@@ -209,7 +209,7 @@ class _Job:
                            drive=drive.info)
 
     def _fail(self, drive: _Drive, exc: BaseException) -> None:
-        why = blockdev.failure(exc, drive.path)
+        why = failures.failure(exc, drive.path)
         self._end(drive, Status.FAILED, why.text, cause=why.cause)
 
     def _cancel_rest(self) -> None:

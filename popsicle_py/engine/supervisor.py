@@ -15,7 +15,6 @@ pacer (about half a second of its measured speed), so giving up on one costs no 
 
 from __future__ import annotations
 
-import errno
 import queue
 import signal
 import threading
@@ -26,7 +25,7 @@ from typing import Any
 
 from popsicle_py.blockdev import Pacer, as_oserror
 from popsicle_py.engine.config import CANCEL_GRACE, POLL, STALL_BYTES
-from popsicle_py.errors import Cancelled
+from popsicle_py.errors import Cancelled, Stalled
 
 #: Process signals that a worker thread must never take.
 _MAIN_THREAD_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT})
@@ -209,7 +208,7 @@ class Supervisor:
                 why = (f"stalled: no progress for {limit:g} s" if not moved else
                        f"stalled: only {moved // 1024} KiB in {limit:g} s (a dying or fake "
                        "drive?)")
-                lane.error = OSError(errno.ETIMEDOUT, why)
+                lane.error = Stalled(why)
                 lane.abandoned = True
                 self.on_leave(lane)
                 self._callback(self._errored(lane.id, lane.error))

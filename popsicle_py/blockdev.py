@@ -25,7 +25,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeAlias
 
 import xxhash
 
@@ -35,6 +35,11 @@ from popsicle_py.errors import TooSmall
 from popsicle_py.identity import LoopKey, MediaIdentity, not_confirmed, same_media
 
 log = logging.getLogger(__name__)
+
+#: What the engine reads from and writes to: a :class:`BlockDevice` or any file-like object.
+#: The one seam left untyped on purpose: ``write``/``readinto``/``read`` are called, and
+#: ``seek``, ``fileno``, ``flush`` and ``fsync`` used where the object has them.
+FileLike: TypeAlias = Any
 
 BLKFLSBUF = 0x1261
 BLKRRPART = 0x125F
@@ -379,7 +384,7 @@ def open_for_reading(spec: OpenSpec) -> BlockDevice:
     return device
 
 
-def drop_cache(device: Any) -> None:
+def drop_cache(device: FileLike) -> None:
     """Forget the drive's cached pages so that reading it back reaches the device.
 
     Any destination with a descriptor will do (a BlockDevice, a file); others are skipped.
@@ -415,36 +420,6 @@ def reread_partitions(path: str) -> None:
         log.debug("BLKRRPART not done: %s", exc)
     finally:
         os.close(fd)
-
-
-def drive_gone(path: str) -> bool:
-    """Whether the kernel has let go of the block device at ``path``.
-
-    True when the node, or its sysfs directory, is gone, or its size reads 0: what a USB stick
-    shows from the moment it is pulled until udev removes its node.  Without sysfs at all (a
-    container) nothing is known, and nothing is called removed.
-    """
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        return True
-    except OSError:
-        return False
-    if not stat.S_ISBLK(st.st_mode):
-        return False
-    size = sysfs.attr(st.st_rdev, "size")
-    if size is None:
-        return os.path.isdir(os.path.dirname(sysfs.block_dir(st.st_rdev)))
-    return size == "0"
-
-
-def sysfs_read_only(path: str) -> bool:
-    """The kernel's own read-only flag for a block device (1 in /sys/dev/block/M:m/ro)."""
-    try:
-        rdev = os.stat(path).st_rdev
-    except OSError:
-        return False
-    return sysfs.attr(rdev, "ro") == "1"
 
 
 # --------------------------------------------------------------------------------------------
@@ -570,13 +545,13 @@ def as_oserror(exc: BaseException) -> OSError:
     return wrapped
 
 
-def seek(dest: Any, offset: int) -> None:
+def seek(dest: FileLike, offset: int) -> None:
     if hasattr(dest, "seek"):
         dest.seek(offset)
 
 
 def write_all(
-    dest: Any,
+    dest: FileLike,
     view: memoryview,
     *,
     offset: int | None = None,
@@ -640,7 +615,7 @@ def _pause(seconds: float, stop: Callable[[], bool] | threading.Event | None) ->
         time.sleep(seconds)
 
 
-def read_full(source: Any, view: memoryview, *, pacer: Pacer | None = None,
+def read_full(source: FileLike, view: memoryview, *, pacer: Pacer | None = None,
               progress: Callable[[int], None] | None = None) -> int:
     """Fill ``view`` from ``source`` until it is full or the source ends (paced when asked)."""
     done = 0
@@ -664,26 +639,31 @@ def read_full(source: Any, view: memoryview, *, pacer: Pacer | None = None,
     return done
 
 
-def write_at(dest: Any, offset: int, data: memoryview, **kwargs: Any) -> int:
+def write_at(dest: FileLike, offset: int, data: memoryview, *,
+             stop: Callable[[], bool] | threading.Event | None = None,
+             progress: Callable[[int], None] | None = None, retries: int = DEFAULT_RETRIES,
+             pacer: Pacer | None = None) -> int:
     """Write ``data`` at ``offset`` (see :func:`write_all` for the keywords)."""
     seek(dest, offset)
-    return write_all(dest, data, offset=offset, **kwargs)
+    return write_all(dest, data, offset=offset, stop=stop, progress=progress, retries=retries,
+                     pacer=pacer)
 
 
-def read_at(dest: Any, offset: int, view: memoryview, **kwargs: Any) -> int:
+def read_at(dest: FileLike, offset: int, view: memoryview, *,
+            pacer: Pacer | None = None) -> int:
     """Read into ``view`` from ``offset``; short only where the destination ends."""
     seek(dest, offset)
-    return read_full(dest, view, **kwargs)
+    return read_full(dest, view, pacer=pacer)
 
 
-def holds(dest: Any, offset: int, data: memoryview, scratch: memoryview) -> bool:
+def holds(dest: FileLike, offset: int, data: memoryview, scratch: memoryview) -> bool:
     """Whether ``dest`` already holds ``data`` at ``offset`` (``scratch``: an aligned buffer)."""
     mine = scratch[: len(data)]
     got = read_at(dest, offset, mine)
     return got == len(data) and xxhash.xxh3_128_digest(mine) == xxhash.xxh3_128_digest(data)
 
 
-def sync(dest: Any) -> None:
+def sync(dest: FileLike) -> None:
     """Flush Python's buffer and the kernel's; EINVAL means the file cannot be synced."""
     flush = getattr(dest, "flush", None)
     if flush is not None:

@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from popsicle_py import drives
-from popsicle_py.blockdev import MediaChanged, drive_gone, sysfs_read_only
+from popsicle_py import drives, sysfs
+from popsicle_py.blockdev import MediaChanged
 from popsicle_py.errors import (
     ChecksumMismatch,
     Counterfeit,
@@ -125,3 +126,33 @@ def _mountpoints(path: str) -> tuple[str, ...]:
     except OSError:
         return ()
     return drives.mountpoints_of(devnum, drives.current_mounts())
+
+
+def drive_gone(path: str) -> bool:
+    """Whether the kernel has let go of the block device at ``path``.
+
+    True when the node, or its sysfs directory, is gone, or its size reads 0: what a USB stick
+    shows from the moment it is pulled until udev removes its node.  Without sysfs at all (a
+    container) nothing is known, and nothing is called removed.
+    """
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+    if not stat.S_ISBLK(st.st_mode):
+        return False
+    size = sysfs.attr(st.st_rdev, "size")
+    if size is None:
+        return os.path.isdir(os.path.dirname(sysfs.block_dir(st.st_rdev)))
+    return size == "0"
+
+
+def sysfs_read_only(path: str) -> bool:
+    """The kernel's own read-only flag for a block device (1 in /sys/dev/block/M:m/ro)."""
+    try:
+        rdev = os.stat(path).st_rdev
+    except OSError:
+        return False
+    return sysfs.attr(rdev, "ro") == "1"

@@ -339,16 +339,16 @@ class FlashJob(_Job):
         source = None
         tap = self._tap()
         try:
-            writer = BusWriter(self, [d.device for d in self.drives], on_message, self.cancel)
+            writer = BusWriter(None, [d.device for d in self.drives], on_message, self.cancel)
             with self._lock:
                 for event in self._early:
                     writer.post(event)
                 self._early.clear()
                 self._writer = writer
             source = self.image.open() if tap is None else self.image.open(tap)
-            writer.source = source
             (
-                writer.bucket_size(options.bucket_size)
+                writer.from_source(source)
+                .bucket_size(options.bucket_size)
                 .buckets(options.buckets)
                 .stall_timeout(options.stall_timeout)
                 .skip_identical(options.skip_identical)
@@ -438,8 +438,7 @@ class VerifyJob(_Job):
         source = None
         try:
             source = self.image.open()
-            self._verifier.source = source
-            self._verifier.stall_timeout(self.stall_timeout).verify()
+            self._verifier.from_source(source).stall_timeout(self.stall_timeout).verify()
         except Cancelled:
             self._cancel_rest()
         except Exception as exc:

@@ -5,16 +5,15 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from typing import Any
 
-from popsicle_py.blockdev import Pacer
+from popsicle_py.blockdev import FileLike, Pacer
 from popsicle_py.engine.config import STALL_BYTES
 
 
 class Lane:
     """One destination's thread, as the supervisor sees it.  Its state is all declared here."""
 
-    def __init__(self, index: int, dest: Any, outbox: queue.SimpleQueue[object],
+    def __init__(self, index: int, dest: FileLike, outbox: queue.SimpleQueue[object],
                  stop: threading.Event) -> None:
         self.id = index
         self.dest = dest

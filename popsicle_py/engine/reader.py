@@ -16,11 +16,10 @@ import stat
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
 
 import xxhash
 
-from popsicle_py.blockdev import read_full
+from popsicle_py.blockdev import FileLike, read_full
 from popsicle_py.engine.config import HEAD, LAGGARD_PATIENCE, POLL, Config
 from popsicle_py.engine.lane import Lane
 from popsicle_py.engine.ring import Ring
@@ -31,7 +30,7 @@ from popsicle_py.messages import BusWriterMessage
 _NOT_SEEKABLE = (AttributeError, OSError, io.UnsupportedOperation, ValueError)
 
 
-def pread_source(source: Any) -> tuple[int, int] | None:
+def pread_source(source: FileLike) -> tuple[int, int] | None:
     """(fd, starting offset) when the source can be re-read by position, else None."""
     try:
         fd = source.fileno()
@@ -46,7 +45,7 @@ def pread_source(source: Any) -> tuple[int, int] | None:
 class Reader:
     """Reads the source into the ring; all its state is set up here, before the run starts."""
 
-    def __init__(self, source: Any, ring: Ring, lanes: Sequence[Lane], config: Config,
+    def __init__(self, source: FileLike, ring: Ring, lanes: Sequence[Lane], config: Config,
                  stopped: threading.Event, held: memoryview | None, *, laggards: bool = False,
                  spill: Spill | None = None, post: Callable[[object], None] | None = None
                  ) -> None:

@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from popsicle_py.blockdev import as_oserror
+from popsicle_py.blockdev import FileLike, as_oserror
 from popsicle_py.engine.config import CANCEL_GRACE, POLL
 from popsicle_py.engine.lane import Lane
 from popsicle_py.errors import Cancelled, Stalled
@@ -62,7 +62,7 @@ class _ReaderDone:
 class Supervisor:
     """Runs a reader and a task per lane; delivers their messages on the calling thread."""
 
-    def __init__(self, destinations: Sequence[Any], callback: Callback, cancel: CancelCheck, *,
+    def __init__(self, destinations: Sequence[FileLike], callback: Callback, cancel: CancelCheck, *,
                  stall_timeout: float | None, errored: Callable[[int, OSError], object],
                  name: str, wake: Callable[[], None] = lambda: None,
                  leave: Callable[[int], None] = lambda lane_id: None) -> None:

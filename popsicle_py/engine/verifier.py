@@ -9,11 +9,11 @@ after dropping their cached pages): the engine reads whatever they return.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING
 
 import xxhash
 
-from popsicle_py.blockdev import first_difference, read_full, seek
+from popsicle_py.blockdev import FileLike, first_difference, read_full, seek
 from popsicle_py.buffers import aligned_buffer
 from popsicle_py.engine.builder import Builder
 from popsicle_py.engine.config import CHUNK, DEFAULT_BUCKET_SIZE
@@ -24,19 +24,22 @@ from popsicle_py.engine.ring import Ring
 from popsicle_py.engine.supervisor import Callback, CancelCheck, Supervisor
 from popsicle_py.messages import BusVerifierMessage as Msg
 
+if TYPE_CHECKING:
+    from _typeshed import WriteableBuffer
+
 
 class BusVerifier(Builder):
     """Compare destinations with ``source`` (read once for all), or with recorded digests."""
 
-    def __init__(self, source: Any, destinations: Sequence[Any], callback: Callback,
-                 cancel: CancelCheck) -> None:
+    def __init__(self, source: FileLike | None, destinations: Sequence[FileLike],
+                 callback: Callback, cancel: CancelCheck) -> None:
         super().__init__(source, destinations, callback, cancel)
         self._digests: tuple[bytes, ...] | None = None
         self._extents: tuple[tuple[int, int], ...] = ()
         self._indices: Sequence[int] = ()
         self._report_all = False
 
-    def with_bucket(self, buffer: Any) -> BusVerifier:
+    def with_bucket(self, buffer: WriteableBuffer) -> BusVerifier:
         """The buffer's length sets the bucket size (the verifier keeps its own memory)."""
         size = len(memoryview(buffer).cast("B"))
         if size <= 0:
@@ -94,6 +97,9 @@ class _VerifyRun:
             error = self.supervisor.run(self._digest_lane)
         else:
             source = v.source
+            if source is None:
+                raise ValueError("no source: give one to BusVerifier() or from_source(), or "
+                                 "digests to with_digests()")
             if hasattr(source, "seek") and getattr(source, "seekable", lambda: True)():
                 source.seek(0)
             self.ring.join(lane.id for lane in self.lanes)

@@ -30,11 +30,11 @@ import os
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING
 
 import xxhash
 
-from popsicle_py.blockdev import holds, seek, sync, write_all, write_at
+from popsicle_py.blockdev import FileLike, holds, seek, sync, write_all, write_at
 from popsicle_py.buffers import aligned_buffer, is_aligned
 from popsicle_py.engine.builder import Builder
 from popsicle_py.engine.config import CHUNK, HEAD, Config, Extent, Prepare, SourceAt
@@ -48,6 +48,9 @@ from popsicle_py.engine.supervisor import Callback, CancelCheck, Supervisor
 from popsicle_py.errors import AllDestinationsFailed, SourceChanged, SourceDiffers
 from popsicle_py.events import Step
 from popsicle_py.messages import BusWriterMessage as Msg
+
+if TYPE_CHECKING:
+    from _typeshed import WriteableBuffer
 
 
 class BusWriter(Builder):
@@ -64,13 +67,13 @@ class BusWriter(Builder):
     is bounded either way: (buckets + 1) x bucket size, plus 4 MiB per solo destination.
     """
 
-    def __init__(self, source: Any, destinations: Sequence[Any], callback: Callback,
-                 cancel: CancelCheck) -> None:
+    def __init__(self, source: FileLike | None, destinations: Sequence[FileLike],
+                 callback: Callback, cancel: CancelCheck) -> None:
         super().__init__(source, destinations, callback, cancel)
         self._run: _WriteRun | None = None
 
     # Builder methods (the seed's API, chainable).
-    def with_bucket(self, buffer: Any) -> BusWriter:
+    def with_bucket(self, buffer: WriteableBuffer) -> BusWriter:
         """Use the caller's buffer as a bucket: its length sets the bucket size.
 
         A page-aligned writable buffer (an ``mmap``) becomes the ring's first bucket and no
@@ -182,6 +185,8 @@ class BusWriter(Builder):
         reading it failed (no destination then completed), and
         :class:`~popsicle_py.errors.AllDestinationsFailed` when none succeeded.
         """
+        if self.source is None:
+            raise ValueError("no source: give one to BusWriter() or from_source()")
         if self.config.hold_head:
             for dest in self.destinations:
                 if not (hasattr(dest, "seek") and (not hasattr(dest, "seekable")
@@ -251,7 +256,8 @@ class _ReadAlone:
 class _WriteRun:
     """One run of a BusWriter: all of its state, declared here."""
 
-    def __init__(self, source: Any, destinations: Sequence[Any], callback: Callback,
+    def __init__(self, source: FileLike, destinations: Sequence[FileLike],
+                 callback: Callback,
                  cancel: CancelCheck, config: Config) -> None:
         self.config = config
         first = memoryview(config.bucket).cast("B") if config.bucket is not None else None

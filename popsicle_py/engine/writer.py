@@ -257,8 +257,7 @@ class _WriteRun:
     """One run of a BusWriter: all of its state, declared here."""
 
     def __init__(self, source: FileLike, destinations: Sequence[FileLike],
-                 callback: Callback,
-                 cancel: CancelCheck, config: Config) -> None:
+                 callback: Callback, cancel: CancelCheck, config: Config) -> None:
         self.config = config
         first = memoryview(config.bucket).cast("B") if config.bucket is not None else None
         self.ring = Ring(config.buckets, config.bucket_size, first)

@@ -47,23 +47,23 @@ function __popsicle_py_state --description 'popsicle-py: the command, then what 
             if string match -q -- '-?*' $tok
                 if not string match -q -- '*=*' $tok
                     switch "$path:$tok"
-                        case 'flash:--bucket-size'
-                            set skip 1
-                        case 'flash:--buckets'
-                            set skip 1
-                        case 'flash:--max-size'
-                            set skip 1
-                        case 'flash:--stall-timeout'
-                            set skip 1
-                        case 'flash:--bmap'
-                            set skip 1
-                        case 'flash:--repair-attempts'
-                            set skip 1
                         case 'flash:--sha256'
                             set skip 1
                         case 'flash:--checksum'
                             set skip 1
                         case 'flash:--keyring'
+                            set skip 1
+                        case 'flash:--max-size'
+                            set skip 1
+                        case 'flash:--repair-attempts'
+                            set skip 1
+                        case 'flash:--bmap'
+                            set skip 1
+                        case 'flash:--bucket-size'
+                            set skip 1
+                        case 'flash:--buckets'
+                            set skip 1
+                        case 'flash:--stall-timeout'
                             set skip 1
                         case 'flash:--report'
                             set skip 1
@@ -71,17 +71,17 @@ function __popsicle_py_state --description 'popsicle-py: the command, then what 
                             set skip 1
                         case 'verify:--stall-timeout'
                             set skip 1
-                        case 'watch:--count'
-                            set skip 1
-                        case 'watch:--max-size'
-                            set skip 1
                         case 'watch:--sha256'
                             set skip 1
                         case 'watch:--checksum'
                             set skip 1
-                        case 'watch:--report'
-                            set skip 1
                         case 'watch:--keyring'
+                            set skip 1
+                        case 'watch:--count'
+                            set skip 1
+                        case 'watch:--max-size'
+                            set skip 1
+                        case 'watch:--report'
                             set skip 1
                     end
                 end
@@ -194,36 +194,36 @@ complete -c popsicle-py -n '__popsicle_py_at cache/list' -l 'debug' -d 'Show deb
 complete -c popsicle-py -n '__popsicle_py_at cache/list' -s 'h' -l 'help' -d 'Show this message and exit.'
 
 # popsicle-py flash
-complete -c popsicle-py -n '__popsicle_py_at flash' -s 'a' -l 'all-usb' -d 'Add every eligible USB and SD drive.'
-complete -c popsicle-py -n '__popsicle_py_at flash' -s 'y' -l 'yes' -d 'Do not ask for confirmation.'
-complete -c popsicle-py -n '__popsicle_py_at flash' -s 'u' -l 'unmount' -d 'Unmount mounted partitions of the targets first (otherwise refuse).'
-complete -c popsicle-py -n '__popsicle_py_at flash' -l 'no-verify' -d 'Skip reading the drives back.'
-complete -c popsicle-py -n '__popsicle_py_at flash' -l 'json' -d 'Machine-readable events on stdout.'
-complete -c popsicle-py -n '__popsicle_py_at flash' -l 'bucket-size' -x -d 'Size of each buffer in the ring (16M, 4MiB, 1048576).'
-complete -c popsicle-py -n '__popsicle_py_at flash' -l 'buckets' -x -d 'How many buffers may be in flight.'
-complete -c popsicle-py -n '__popsicle_py_at flash' -l 'max-size' -x -d '--all-usb skips drives larger than this.'
-complete -c popsicle-py -n '__popsicle_py_at flash' -l 'stall-timeout' -x -d 'Fail a drive that makes no progress for SECONDS.'
-complete -c popsicle-py -n '__popsicle_py_at flash' -l 'skip-identical' -d 'Read each bucket first and write only those that differ (re-flash, resume).'
-complete -c popsicle-py -n '__popsicle_py_at flash' -l 'bmap' -r -F -d 'Block map (bmaptool): write only its mapped ranges (default: IMAGE.bmap when present).'
-complete -c popsicle-py -n '__popsicle_py_at flash' -l 'no-bmap' -d 'Ignore a block map next to the image.'
-complete -c popsicle-py -n '__popsicle_py_at flash' -l 'repair-attempts' -x -d 'Rewrite buckets that fail verification up to N times.'
 complete -c popsicle-py -n '__popsicle_py_at flash' -l 'sha256' -x -d 'Expected SHA-256 of the image file.'
 complete -c popsicle-py -n '__popsicle_py_at flash' -l 'checksum' -x -d 'Expected checksum (sha1, sha256, sha512 or blake2b) of the image file.'
 complete -c popsicle-py -n '__popsicle_py_at flash' -l 'no-checksum' -d 'Ignore a checksum file next to the image.'
-complete -c popsicle-py -n '__popsicle_py_at flash' -l 'checksum-while-writing' -d 'Check the checksum only in the pass that writes the drives (no read of the image before writing).'
 complete -c popsicle-py -n '__popsicle_py_at flash' -l 'force' -d 'Write an image that does not look like a disk image (text, HTML, tiny).'
-complete -c popsicle-py -n '__popsicle_py_at flash' -l 'no-probe' -d 'Do not check, before writing, that each drive stores as much as it claims (the counterfeit-stick probe).'
 complete -c popsicle-py -n '__popsicle_py_at flash' -l 'keyring' -r -F -d 'Trust the checksum file only if its signature (.gpg, .sign, .asc, .sig) verifies with gpgv against this keyring.'
 complete -c popsicle-py -n '__popsicle_py_at flash' -l 'cache' -l 'no-cache' -d 'Keep a downloaded IMAGE (a URL) in ~/.cache/popsicle-py for the next run (default: off, or $POPSICLE_PY_CACHE).'
+complete -c popsicle-py -n '__popsicle_py_at flash' -s 'a' -l 'all-usb' -d 'Add every eligible USB and SD drive.'
+complete -c popsicle-py -n '__popsicle_py_at flash' -s 'u' -l 'unmount' -d 'Unmount mounted partitions of the targets first (otherwise refuse).'
+complete -c popsicle-py -n '__popsicle_py_at flash' -l 'max-size' -x -d '--all-usb skips drives larger than this.'
+complete -c popsicle-py -n '__popsicle_py_at flash' -s 'y' -l 'yes' -d 'Do not ask for confirmation.'
+complete -c popsicle-py -n '__popsicle_py_at flash' -l 'no-verify' -d 'Skip reading the drives back.'
+complete -c popsicle-py -n '__popsicle_py_at flash' -l 'no-probe' -d 'Do not check, before writing, that each drive stores as much as it claims (the counterfeit-stick probe).'
+complete -c popsicle-py -n '__popsicle_py_at flash' -l 'repair-attempts' -x -d 'Rewrite buckets that fail verification up to N times.'
+complete -c popsicle-py -n '__popsicle_py_at flash' -l 'skip-identical' -d 'Read each bucket first and write only those that differ (re-flash, resume).'
+complete -c popsicle-py -n '__popsicle_py_at flash' -l 'bmap' -r -F -d 'Block map (bmaptool): write only its mapped ranges (default: IMAGE.bmap when present).'
+complete -c popsicle-py -n '__popsicle_py_at flash' -l 'no-bmap' -d 'Ignore a block map next to the image.'
+complete -c popsicle-py -n '__popsicle_py_at flash' -l 'checksum-while-writing' -d 'Check the checksum only in the pass that writes the drives (no read of the image before writing).'
+complete -c popsicle-py -n '__popsicle_py_at flash' -l 'bucket-size' -x -d 'Size of each buffer in the ring (16M, 4MiB, 1048576).'
+complete -c popsicle-py -n '__popsicle_py_at flash' -l 'buckets' -x -d 'How many buffers may be in flight.'
+complete -c popsicle-py -n '__popsicle_py_at flash' -l 'stall-timeout' -x -d 'Fail a drive that makes no progress for SECONDS.'
 complete -c popsicle-py -n '__popsicle_py_at flash' -l 'report' -r -F -d 'Append one record per drive to FILE (.csv or .jsonl).'
+complete -c popsicle-py -n '__popsicle_py_at flash' -l 'json' -d 'Machine-readable events on stdout.'
 complete -c popsicle-py -n '__popsicle_py_at flash' -l 'debug' -d 'Show debug messages and tracebacks.'
 complete -c popsicle-py -n '__popsicle_py_at flash' -s 'h' -l 'help' -d 'Show this message and exit.'
 complete -c popsicle-py -n '__popsicle_py_at flash image' -F
 complete -c popsicle-py -n '__popsicle_py_at flash devices' -a '(__popsicle_py_devices)'
 
 # popsicle-py list
-complete -c popsicle-py -n '__popsicle_py_at list' -l 'json' -d 'One JSON array of drives on stdout.'
 complete -c popsicle-py -n '__popsicle_py_at list' -l 'all' -d 'Every disk, and why it is not eligible.'
+complete -c popsicle-py -n '__popsicle_py_at list' -l 'json' -d 'One JSON array of drives on stdout.'
 complete -c popsicle-py -n '__popsicle_py_at list' -l 'debug' -d 'Show debug messages and tracebacks.'
 complete -c popsicle-py -n '__popsicle_py_at list' -s 'h' -l 'help' -d 'Show this message and exit.'
 
@@ -233,36 +233,36 @@ complete -c popsicle-py -n '__popsicle_py_at polkit-rule' -s 'h' -l 'help' -d 'S
 # popsicle-py probe
 complete -c popsicle-py -n '__popsicle_py_at probe' -s 'y' -l 'yes' -d 'Do not ask for confirmation.'
 complete -c popsicle-py -n '__popsicle_py_at probe' -s 'u' -l 'unmount' -d 'Unmount mounted partitions of the drives first (otherwise refuse).'
-complete -c popsicle-py -n '__popsicle_py_at probe' -l 'json' -d 'Machine-readable events on stdout.'
 complete -c popsicle-py -n '__popsicle_py_at probe' -l 'stall-timeout' -x -d 'Fail a drive whose probe has not finished after SECONDS (a hung drive).'
+complete -c popsicle-py -n '__popsicle_py_at probe' -l 'json' -d 'Machine-readable events on stdout.'
 complete -c popsicle-py -n '__popsicle_py_at probe' -l 'debug' -d 'Show debug messages and tracebacks.'
 complete -c popsicle-py -n '__popsicle_py_at probe' -s 'h' -l 'help' -d 'Show this message and exit.'
 complete -c popsicle-py -n '__popsicle_py_at probe devices' -a '(__popsicle_py_devices)'
 
 # popsicle-py verify
-complete -c popsicle-py -n '__popsicle_py_at verify' -l 'json' -d 'Machine-readable events on stdout.'
 complete -c popsicle-py -n '__popsicle_py_at verify' -l 'stall-timeout' -x -d 'Fail a drive whose reads make no progress for SECONDS.'
+complete -c popsicle-py -n '__popsicle_py_at verify' -l 'json' -d 'Machine-readable events on stdout.'
 complete -c popsicle-py -n '__popsicle_py_at verify' -l 'debug' -d 'Show debug messages and tracebacks.'
 complete -c popsicle-py -n '__popsicle_py_at verify' -s 'h' -l 'help' -d 'Show this message and exit.'
 complete -c popsicle-py -n '__popsicle_py_at verify image' -F
 complete -c popsicle-py -n '__popsicle_py_at verify devices' -a '(__popsicle_py_devices)'
 
 # popsicle-py watch
+complete -c popsicle-py -n '__popsicle_py_at watch' -l 'sha256' -x -d 'Expected SHA-256 of the image file.'
+complete -c popsicle-py -n '__popsicle_py_at watch' -l 'checksum' -x -d 'Expected checksum (sha1, sha256, sha512 or blake2b) of the image file.'
+complete -c popsicle-py -n '__popsicle_py_at watch' -l 'no-checksum' -d 'Ignore a checksum file next to the image.'
+complete -c popsicle-py -n '__popsicle_py_at watch' -l 'force' -d 'Write an image that does not look like a disk image (text, HTML, tiny).'
+complete -c popsicle-py -n '__popsicle_py_at watch' -l 'keyring' -r -F -d 'Trust the checksum file only if its signature (.gpg, .sign, .asc, .sig) verifies with gpgv against this keyring.'
+complete -c popsicle-py -n '__popsicle_py_at watch' -l 'cache' -l 'no-cache' -d 'Keep a downloaded IMAGE (a URL) in ~/.cache/popsicle-py for the next run (default: off, or $POPSICLE_PY_CACHE).'
 complete -c popsicle-py -n '__popsicle_py_at watch' -l 'count' -x -d 'Stop once N drives have finished (ok or failed); start no more than N.'
 complete -c popsicle-py -n '__popsicle_py_at watch' -s 'y' -l 'yes' -d 'Do not ask for confirmation.'
 complete -c popsicle-py -n '__popsicle_py_at watch' -l 'no-verify' -d 'Skip reading the drives back.'
 complete -c popsicle-py -n '__popsicle_py_at watch' -l 'no-power-off' -d 'Leave finished drives powered on (default: power them off).'
 complete -c popsicle-py -n '__popsicle_py_at watch' -l 'include-present' -d 'Also write the eligible drives plugged in before watching.'
-complete -c popsicle-py -n '__popsicle_py_at watch' -l 'json' -d 'Machine-readable events on stdout.'
 complete -c popsicle-py -n '__popsicle_py_at watch' -l 'max-size' -x -d 'Skip drives larger than this.'
-complete -c popsicle-py -n '__popsicle_py_at watch' -l 'sha256' -x -d 'Expected SHA-256 of the image file.'
-complete -c popsicle-py -n '__popsicle_py_at watch' -l 'checksum' -x -d 'Expected checksum (sha1, sha256, sha512 or blake2b) of the image file.'
-complete -c popsicle-py -n '__popsicle_py_at watch' -l 'no-checksum' -d 'Ignore a checksum file next to the image.'
-complete -c popsicle-py -n '__popsicle_py_at watch' -l 'force' -d 'Write an image that does not look like a disk image (text, HTML, tiny).'
 complete -c popsicle-py -n '__popsicle_py_at watch' -l 'no-probe' -d 'Do not check, before writing, that each drive stores as much as it claims (the counterfeit-stick probe).'
 complete -c popsicle-py -n '__popsicle_py_at watch' -l 'report' -r -F -d 'Append one record per drive to FILE (.csv or .jsonl).'
-complete -c popsicle-py -n '__popsicle_py_at watch' -l 'keyring' -r -F -d 'Trust the checksum file only if its signature (.gpg, .sign, .asc, .sig) verifies with gpgv against this keyring.'
-complete -c popsicle-py -n '__popsicle_py_at watch' -l 'cache' -l 'no-cache' -d 'Keep a downloaded IMAGE (a URL) in ~/.cache/popsicle-py for the next run (default: off, or $POPSICLE_PY_CACHE).'
+complete -c popsicle-py -n '__popsicle_py_at watch' -l 'json' -d 'Machine-readable events on stdout.'
 complete -c popsicle-py -n '__popsicle_py_at watch' -l 'debug' -d 'Show debug messages and tracebacks.'
 complete -c popsicle-py -n '__popsicle_py_at watch' -s 'h' -l 'help' -d 'Show this message and exit.'
 complete -c popsicle-py -n '__popsicle_py_at watch image' -F

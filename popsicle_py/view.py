@@ -69,6 +69,12 @@ class Out:
         self.write("")
 
 
+def say_on_stderr(text: str) -> None:
+    """``popsicle-py: TEXT`` on stderr from a signal handler: one write call, no locks."""
+    with contextlib.suppress(OSError):
+        os.write(2, f"popsicle-py: {text}\n".encode())
+
+
 def write_out(text: str, stream: IO[str] | None = None) -> None:
     """Write one line or more to stdout (or ``stream``); a reader that left is no error."""
     Out(stream).write(text)
@@ -96,6 +102,10 @@ class JsonView:
 
     def close(self) -> None:
         self.out.close()
+
+    def announce(self, text: str) -> None:
+        """A signal's news goes to stderr: stdout is for events only."""
+        say_on_stderr(text)
 
 
 class PlainView:
@@ -165,6 +175,10 @@ class PlainView:
 
     def close(self) -> None:
         self.out.close()
+
+    def announce(self, text: str) -> None:
+        """A signal's news: on stderr, beside the log on stdout."""
+        say_on_stderr(text)
 
 
 def _extras(r: events.DriveResult) -> str:
@@ -353,7 +367,7 @@ class RichView:
             self.board.rows.append(row)
         return row
 
-    def handle(self, event: events.Event) -> None:
+    def handle(self, event: events.WatchEvent) -> None:
         if self.closed:
             return
         if not self.started and isinstance(event, events.Note):

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO, Loop
 
-from popsicle_py.cli import NEEDS_ROOT_TO_READ, NEEDS_ROOT_TO_WRITE, access_refusal
+from popsicle_py.app.access import NEEDS_ROOT_TO_READ, NEEDS_ROOT_TO_WRITE, access_refusal
 
 MiB = 1 << 20
 PATTERN = 0xA5

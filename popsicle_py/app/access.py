@@ -1,0 +1,50 @@
+"""May this user open the drives at all?  Asked once, before the confirmation.
+
+Root opens drives itself; anyone else through udisks2, which asks polkit per drive.  Without
+either, the run is refused in one line rather than failing drive by drive.
+"""
+
+from __future__ import annotations
+
+import grp
+import os
+from collections.abc import Sequence
+
+from popsicle_py import udisks
+from popsicle_py.errors import Refused
+
+NEEDS_ROOT_TO_WRITE = udisks.NEEDS_ROOT
+NEEDS_ROOT_TO_READ = udisks.NEEDS_ROOT_TO_READ
+
+
+def access_refusal(euid: int, denied: Sequence[str], *, writing: bool) -> str | None:
+    """The one line for a user who may not open the drives (``denied``), or None."""
+    if euid == 0 or not denied:
+        return None  # root's own EACCES (rare: a locked-down node) is reported per drive
+    return NEEDS_ROOT_TO_WRITE if writing else NEEDS_ROOT_TO_READ
+
+
+def require_access(paths: Sequence[str], *, writing: bool) -> None:
+    """Refuse at once, in one line, when this user cannot open the drives at all: not root,
+    not allowed by the kernel, and no udisks2 to ask polkit."""
+    mode = os.R_OK | (os.W_OK if writing else 0)
+    line = access_refusal(os.geteuid(), [p for p in paths if not os.access(p, mode)],
+                          writing=writing)
+    if line is not None and not udisks.available():
+        raise Refused([line])
+
+
+def may_write_future_drives() -> bool:
+    """Root, or a member of the group that owns disk nodes ("disk" on Debian and Fedora)."""
+    if os.geteuid() == 0:
+        return True
+    try:
+        return grp.getgrnam("disk").gr_gid in os.getgroups()
+    except KeyError:
+        return False
+
+
+def require_future_access() -> None:
+    """watch: drives plugged in later must be openable by this user, or through udisks2."""
+    if not may_write_future_drives() and not udisks.available():
+        raise Refused([NEEDS_ROOT_TO_WRITE])

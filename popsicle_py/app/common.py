@@ -1,0 +1,54 @@
+"""What every prepared job shares: the report sink, the run's end, the exit status."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from popsicle_py import events
+from popsicle_py.errors import EXIT_FAILED, EXIT_OK, Refused
+from popsicle_py.images import Checksum
+from popsicle_py.protocols import View
+from popsicle_py.report import Report, ReportError, fan_out
+from popsicle_py.signals import Cancellation
+
+Emit = Callable[[events.WatchEvent], None]
+
+
+def open_report(path: str | None, image: str, checksum: Checksum | None) -> Report | None:
+    """The --report sink, opened before anything is written (a bad path is a refusal)."""
+    if path is None:
+        return None
+    sha256 = checksum.hexdigest.lower() if checksum is not None and checksum.algo == "sha256" \
+        else ""
+    try:
+        return Report(path, image=image, sha256=sha256)
+    except ReportError as exc:
+        raise Refused([str(exc)]) from None
+
+
+def emitter(view: View, report: Report | None) -> Emit:
+    """Feed the report, then the view; a report that cannot be written says so in the view
+    (a line on stderr would break a live display), once, and the drives go on."""
+    if report is None:
+        return view.handle
+    report.warn = lambda line: view.handle(events.Note(line))
+    return fan_out(report.handle, view.handle)
+
+
+def cancelled_before_writing(devices: Sequence[str], infos: Sequence[events.DriveInfo],
+                             emit: Emit) -> events.Summary:
+    """A signal before the first write: every drive is reported cancelled, none was touched."""
+    results = tuple(events.DriveResult(path, events.Status.CANCELLED, 0,
+                                       "cancelled before writing", cause=events.Cause.CANCELLED,
+                                       drive=info)
+                    for path, info in zip(devices, infos, strict=True))
+    summary = events.Summary(results, cancelled=True)
+    emit(summary)
+    return summary
+
+
+def exit_status(summary: events.Summary, cancel: Cancellation) -> int:
+    """0 every drive ok, 1 one did not end ok, 128 + signal when a signal stopped the run."""
+    if summary.cancelled or cancel():
+        return cancel.exit_status
+    return EXIT_OK if summary.ok else EXIT_FAILED

@@ -1,0 +1,171 @@
+"""The flash use case: every check and refusal first, then the run, for any front end.
+
+``prepare_flash(request)`` opens the image, finds its checksum and block map, checks the
+targets (:mod:`popsicle_py.plan`), the user's access and the report file, and raises
+:class:`Refused` (exit 2) before anything is written; the :class:`PreparedFlash` it returns
+holds the checked plan and what to confirm.  ``run(view, cancel)`` then downloads (a zip URL),
+checks the checksum, unmounts, opens the drives (their identity checked once more) and writes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Callable
+
+from popsicle_py import events, probe, udisks
+from popsicle_py.app import sources
+from popsicle_py.app.access import require_access
+from popsicle_py.app.common import cancelled_before_writing, emitter, open_report
+from popsicle_py.app.confirm import Confirmation, target_rows
+from popsicle_py.app.requests import FlashRequest
+from popsicle_py.blockdev import BlockDevice
+from popsicle_py.bmap import Bmap
+from popsicle_py.drives import still_same
+from popsicle_py.errors import Refused
+from popsicle_py.flash import FlashJob, FlashOptions, open_targets
+from popsicle_py.plan import Plan, make_plan, unmount_targets
+from popsicle_py.ports import drive_info
+from popsicle_py.protocols import View
+from popsicle_py.report import Report
+from popsicle_py.signals import Cancellation
+from popsicle_py.units import format_size
+from popsicle_py.watch import default_tmpdir
+
+
+def capacity_probe(image_size: int | None, bucket_size: int) -> Callable[[BlockDevice], None]:
+    """The probe a flash runs on each drive: every bucket boundary and the image's end."""
+    end = image_size or 0
+    return probe.checker([*range(bucket_size, end, bucket_size), end])
+
+
+class PreparedFlash:
+    """A flash that passed every check: the plan, the opened source, the checksum, the notes.
+
+    Use it as a context manager (the report file is closed however it ends), show
+    :attr:`confirmation`, then :meth:`run`.
+    """
+
+    def __init__(self, request: FlashRequest, source: sources.OpenedSource, plan: Plan,
+                 block_map: Bmap | None, report: Report | None) -> None:
+        self.request = request
+        self.source = source
+        self.image = source.image
+        self.checksum = source.checksum
+        self.plan = plan
+        self.block_map = block_map
+        self.report = report
+        self.infos = tuple(drive_info(d, i) for i, d in enumerate(plan.targets, 1))
+        notes = list(plan.notes)
+        if block_map is not None:
+            notes.append(f"block map {block_map.path}: writing "
+                         f"{format_size(block_map.mapped)} of "
+                         f"{format_size(block_map.image_size)}")
+        #: What a person reads before the run (a terminal view shows them; JSON has none
+        #: before its ``start`` event).
+        self.notes = tuple(notes)
+
+    @property
+    def devices(self) -> tuple[str, ...]:
+        return tuple(d.path for d in self.plan.targets)
+
+    @property
+    def labels(self) -> dict[str, str]:
+        """Each target's model and size, for the rows of a terminal view."""
+        return {d.path: d.label for d in self.plan.targets}
+
+    @property
+    def confirmation(self) -> Confirmation:
+        count = len(self.plan.targets)
+        these = "this drive" if count == 1 else f"these {count} drives"
+        return Confirmation(
+            f"Flash {self.image.path} ({format_size(self.image.size)})",
+            target_rows(self.plan.targets, self.plan), self.plan.notes,
+            f"Everything on {these} will be lost. Continue?")
+
+    def __enter__(self) -> PreparedFlash:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self.report is not None:
+            self.report.close()
+
+    def run(self, view: View, cancel: Cancellation) -> events.Summary:
+        """Write every target and verify it; the summary says how each drive ended.
+
+        Refusals that come only now (a drive that changed since the plan, a drive that
+        cannot be opened, a mount that cannot be undone) are raised, nothing written.
+        """
+        write = self.request.write
+        engine = self.request.engine
+        emit = emitter(view, self.report)
+        for note in self.source.notes:
+            view.handle(events.Note(note))
+        image = self.image
+        sources.attach(image, view.handle, cancel)  # until the job relays it from its thread
+        udisks.set_cancel(cancel)  # Ctrl-C at a polkit password prompt stops the wait
+        with contextlib.ExitStack() as downloads:
+            try:
+                if image.format == "zip":  # its directory is at its end: download it first
+                    local = sources.download_first(image, view.handle, cancel,
+                                                   default_tmpdir(), downloads)
+                    if local is None:
+                        return self._cancelled(emit, view)
+                    image = local
+                if self.checksum is not None and not write.checksum_while_writing:
+                    sources.check_checksum(image, self.checksum, view.handle, cancel)
+                if self.request.targets.unmount and not cancel():
+                    unmount_targets(self.plan)
+                if cancel():
+                    return self._cancelled(emit, view)
+                opened = open_targets(self.plan.targets, check=still_same)
+            except Refused:
+                if cancel():
+                    return self._cancelled(emit, view)
+                view.close()
+                raise
+            size = image.size if self.block_map is None else self.block_map.image_size
+            options = FlashOptions(
+                verify=write.verify, bucket_size=engine.bucket_size, buckets=engine.buckets,
+                stall_timeout=engine.stall_timeout, skip_identical=write.skip_identical,
+                repair_attempts=write.repair_attempts, bmap=self.block_map,
+                checksum=self.checksum, checksum_checked=not write.checksum_while_writing,
+                probe=capacity_probe(size, engine.bucket_size) if write.probe else None)
+            job = FlashJob(image, opened, options, emit, cancel, self.infos)
+            sources.attach(image, job.relay, cancel)  # download news from the reader thread
+            summary = job.run()
+            view.close()
+        self.close()
+        return summary
+
+    def _cancelled(self, emit: sources.Emit, view: View) -> events.Summary:
+        summary = cancelled_before_writing(self.devices, self.infos, emit)
+        view.close()
+        return summary
+
+
+def prepare_flash(request: FlashRequest) -> PreparedFlash:
+    """Every check of a flash, before anything is written; raises :class:`Refused`."""
+    targets, write = request.targets, request.write
+    if not targets.devices and not targets.all_usb:
+        raise Refused(["no target drives: name devices or use --all-usb"])
+    if write.no_bmap and write.bmap is not None:
+        raise Refused([f"--bmap {write.bmap} and --no-bmap contradict each other; give one"])
+    try:
+        source = sources.open_source(request.source)
+        image_note = sources.sanity_note(source, request.source.image, request.source.force)
+        block_map = sources.block_map(source.image, write.bmap, write.no_bmap)
+        size = source.image.size if block_map is None else block_map.image_size
+        plan = make_plan(targets.devices, all_usb=targets.all_usb, image_path=source.image.path,
+                         image_size=size, unmount=targets.unmount,
+                         max_auto_size=targets.max_size)
+    except Refused as exc:
+        raise Refused([*exc.notes, *exc.lines]) from None
+    if image_note is not None:
+        plan = dataclasses.replace(plan, notes=(image_note, *plan.notes))
+    require_access([d.path for d in plan.targets], writing=True)
+    report = open_report(request.report, source.image.path, source.checksum)
+    return PreparedFlash(request, source, plan, block_map, report)

@@ -1,0 +1,49 @@
+"""The read-only use cases: which drives there are, and what the download cache holds."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from popsicle_py.cache import Cache, CacheEntry
+from popsicle_py.drives import discover
+from popsicle_py.ports import port_path_of
+
+
+@dataclass(frozen=True)
+class DriveListing:
+    """One disk as ``list`` shows it: the drive's own facts and the USB port it hangs off."""
+
+    path: str
+    port: str | None
+    label: str
+    size: int
+    bus: str
+    mountpoints: tuple[str, ...]
+    eligible: bool
+    reason: str | None
+    json: dict[str, Any]
+
+
+def list_drives(*, include_all: bool = False) -> list[DriveListing]:
+    """USB and SD drives (every disk with ``include_all``), each with whether it may be written
+    and why not."""
+    found = []
+    for d in discover(include_all=include_all):
+        port = port_path_of(d)
+        found.append(DriveListing(d.path, port, d.label, d.size, d.bus, tuple(d.mountpoints),
+                                  d.eligible, d.reason, {**d.to_json(), "port_path": port}))
+    return found
+
+
+def cache_entries() -> tuple[str, list[CacheEntry]]:
+    """The cache's directory and the downloads it keeps."""
+    cache = Cache()
+    return str(cache.root), cache.entries()
+
+
+def clean_cache() -> tuple[str, int, int]:
+    """Remove every cached download: the directory, how many, and the bytes freed."""
+    cache = Cache()
+    count, freed = cache.clean()
+    return str(cache.root), count, freed

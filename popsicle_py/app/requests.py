@@ -1,0 +1,117 @@
+"""What a front end asks for: one frozen request per use case, built of shared option groups.
+
+A request is plain data: the CLI builds one from its options, a station from a form, a library
+user by hand.  Nothing here touches a drive or a file; :func:`popsicle_py.app.prepare_flash`
+and its siblings check a request and refuse it before a byte is written.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from popsicle_py.defaults import (
+    DEFAULT_BUCKET_SIZE,
+    DEFAULT_BUCKETS,
+    DEFAULT_MAX_AUTO_SIZE,
+    DEFAULT_REPAIR_ATTEMPTS,
+    DEFAULT_STALL_TIMEOUT,
+)
+
+
+@dataclass(frozen=True)
+class SourceOptions:
+    """The image and how it is trusted: a file, a URL or ``-``, and its checksum."""
+
+    image: str
+    sha256: str | None = None
+    checksum: str | None = None  # ALGO:HEX
+    no_checksum: bool = False
+    #: Trust a published checksum file only if its signature verifies against this keyring.
+    keyring: str | None = None
+    #: Keep a downloaded image for the next run (None: the environment decides).
+    use_cache: bool | None = None
+    #: Write a file that does not look like a disk image.
+    force: bool = False
+
+
+@dataclass(frozen=True)
+class TargetOptions:
+    """Which drives: the ones named, and with ``all_usb`` every eligible USB/SD drive."""
+
+    devices: tuple[str, ...] = ()
+    all_usb: bool = False
+    #: Unmount the targets' mounted partitions first (otherwise a mounted target is refused).
+    unmount: bool = False
+    #: ``all_usb`` (and watch) skip drives larger than this.
+    max_size: int = DEFAULT_MAX_AUTO_SIZE
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """How the bytes move: the ring's size and when a silent drive counts as stalled."""
+
+    bucket_size: int = DEFAULT_BUCKET_SIZE
+    buckets: int = DEFAULT_BUCKETS
+    stall_timeout: float = DEFAULT_STALL_TIMEOUT
+
+
+@dataclass(frozen=True)
+class WriteOptions:
+    """What a flash does besides writing: verification, repairs, the probe, writing less."""
+
+    verify: bool = True
+    #: Probe each drive's real capacity before writing it (counterfeit sticks).
+    probe: bool = True
+    repair_attempts: int = DEFAULT_REPAIR_ATTEMPTS
+    skip_identical: bool = False
+    #: A block map file (None: the one beside the image, unless ``no_bmap``).
+    bmap: str | None = None
+    no_bmap: bool = False
+    #: Check the checksum in the write pass only, not in a pass before it.
+    checksum_while_writing: bool = False
+
+
+@dataclass(frozen=True)
+class FlashRequest:
+    """Write one image to many drives, verify each, and say how each ended."""
+
+    source: SourceOptions
+    targets: TargetOptions = field(default_factory=TargetOptions)
+    engine: EngineOptions = field(default_factory=EngineOptions)
+    write: WriteOptions = field(default_factory=WriteOptions)
+    #: Append one record per drive to this file (.csv or .jsonl).
+    report: str | None = None
+
+
+@dataclass(frozen=True)
+class VerifyRequest:
+    """Compare drives with an image (a file or a URL); nothing is written."""
+
+    image: str
+    devices: tuple[str, ...]
+    stall_timeout: float = DEFAULT_STALL_TIMEOUT
+
+
+@dataclass(frozen=True)
+class ProbeRequest:
+    """Check that drives hold what they claim (test stamps, put back afterwards)."""
+
+    devices: tuple[str, ...]
+    unmount: bool = False
+    stall_timeout: float = DEFAULT_STALL_TIMEOUT
+
+
+@dataclass(frozen=True)
+class WatchRequest:
+    """Duplicator mode: write every eligible drive plugged in, each on its own timeline."""
+
+    source: SourceOptions
+    #: End once this many drives finished (None: until a signal).
+    count: int | None = None
+    verify: bool = True
+    probe: bool = True
+    power_off: bool = True
+    #: Also write the eligible drives plugged in before watching.
+    include_present: bool = False
+    max_size: int = DEFAULT_MAX_AUTO_SIZE
+    report: str | None = None

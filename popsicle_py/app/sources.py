@@ -1,0 +1,162 @@
+"""The image side of a request: open a file or a URL, find its checksum, judge what it is.
+
+Everything here runs before any drive is opened; every problem is a :class:`Refused` (exit 2).
+The HTTP client is imported only when the image is a URL.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import ModuleType
+
+from popsicle_py import events, sanity
+from popsicle_py.app.requests import SourceOptions
+from popsicle_py.bmap import Bmap, BmapError
+from popsicle_py.bmap import load as load_bmap
+from popsicle_py.bmap import sidecar as bmap_sidecar
+from popsicle_py.cache import Cache, cache_wanted
+from popsicle_py.errors import Refused
+from popsicle_py.images import (
+    Checksum,
+    Image,
+    ImageError,
+    find_sidecar,
+    open_image,
+    parse_checksum_option,
+    read_head,
+    verify_checksum,
+)
+from popsicle_py.protocols import Source
+from popsicle_py.signals import Cancellation
+
+Emit = Callable[[events.WatchEvent], None]
+
+
+def remote() -> ModuleType:
+    """The download code, imported on first use: urllib3 is needed only for URLs."""
+    return importlib.import_module("popsicle_py.remote")
+
+
+def is_url(text: str) -> bool:
+    """http:// and https:// addresses (what flash, watch and verify download)."""
+    return text[:8].lower().startswith(("http://", "https://"))
+
+
+@dataclass(frozen=True)
+class OpenedSource:
+    """The image, the checksum to check before writing (None: none, or checked in the write
+    pass), and notes to show (a signature that verified, a cached copy used)."""
+
+    image: Source
+    checksum: Checksum | None
+    notes: tuple[str, ...] = ()
+
+    @property
+    def local(self) -> bool:
+        """A file on this machine (not a download)."""
+        return isinstance(self.image, Image)
+
+
+def open_source(options: SourceOptions) -> OpenedSource:
+    """Open ``options.image``: a URL is probed (its published checksum found), a file opened
+    and its checksum (given, or a sidecar) and signature found.
+
+    For a URL the published checksum is checked by the download stream itself, in the write
+    pass, so none is returned unless a cached copy is used.
+    """
+    if is_url(options.image):
+        cache = Cache() if cache_wanted(options.use_cache) else None
+        opened = remote().open_url(options.image, sha256=options.sha256,
+                                   checksum=options.checksum,
+                                   no_checksum=options.no_checksum, keyring=options.keyring,
+                                   cache=cache)
+        return OpenedSource(opened.image, opened.prepass, tuple(opened.notes))
+    img = open_image(options.image)
+    expected = parse_checksum_option(options.sha256, options.checksum)
+    if expected is None and not options.no_checksum:
+        expected = find_sidecar(img.path)
+    notes = []
+    if options.keyring is not None:
+        if expected is None or expected.source.startswith("--"):
+            raise ImageError("--keyring checks a published checksum file (SHA256SUMS, "
+                             "IMAGE.sha256 ...) and none is used here")
+        signature = remote().check_signature(expected.source, remote().read_local,
+                                             options.keyring)
+        notes.append(f"signature ok: {signature} (keyring {options.keyring})")
+    return OpenedSource(img, expected, tuple(notes))
+
+
+def open_for_reading(image: str) -> Source:
+    """The image ``verify`` compares with: streamed once like a flash, no checksum."""
+    if is_url(image):
+        cache = Cache() if cache_wanted(None) else None
+        image_: Source = remote().open_url(image, no_checksum=True, cache=cache).image
+        return image_
+    return open_image(image)
+
+
+def sanity_note(source: OpenedSource, shown: str, force: bool) -> str | None:
+    """Refuse a local file that is not a disk image (a failed download) unless ``force``;
+    else a note for an image that is unusual but may be right.
+
+    A head that cannot be decoded is left to the job, which fails every drive naming the image
+    and the offset (as for damage further in), exactly as without this check.
+    """
+    img = source.image
+    if not isinstance(img, Image):
+        return None
+    try:
+        head = read_head(img, sanity.HEAD_SIZE)
+    except ImageError:
+        return None
+    verdict = sanity.check(head, img.size, shown)
+    if verdict.refusal is None:
+        return verdict.note
+    if not force:
+        raise Refused([f"{verdict.refusal}; --force writes it anyway"])
+    return f"{verdict.refusal}; writing it anyway (--force)"
+
+
+def block_map(image: Source, given: str | None, ignore: bool) -> Bmap | None:
+    """The block map named, or the one next to the image; checked against the image."""
+    if ignore:
+        if given is not None:
+            raise Refused([f"--bmap {given} and --no-bmap contradict each other; give one"])
+        return None
+    if is_url(image.path):
+        if given:
+            raise BmapError("--bmap cannot be used with a URL yet; download the image first")
+        return None
+    path = given or bmap_sidecar(image.path)
+    return None if path is None else load_bmap(path, image.size)
+
+
+def attach(image: Source, emit: Callable[[events.Event], None], cancel: Cancellation) -> None:
+    """Download news of a URL's image to ``emit`` (nothing to do for a local image)."""
+    if not isinstance(image, Image):
+        remote().attach(image, emit, cancel)
+
+
+def download_first(image: Source, emit: Emit, cancel: Cancellation, tmpdir: str,
+                   stack: contextlib.ExitStack) -> Image | None:
+    """A URL read from start to end into a file before writing (watch, zip); None if
+    cancelled.  The copy is removed when ``stack`` closes."""
+    if isinstance(image, Image):
+        return image
+    local, cleanup = remote().materialize(image, emit, cancel, tmpdir)
+    stack.callback(cleanup)
+    return local  # type: ignore[no-any-return]
+
+
+def check_checksum(image: Source, checksum: Checksum, emit: Emit, cancel: Cancellation) -> None:
+    """Read the whole file once against its checksum, before anything is written."""
+    emit(events.Phase(None, events.Step.CHECKSUM, checksum.source))
+
+    def progress(done: int, total: int) -> None:
+        emit(events.Progress(None, events.Step.CHECKSUM, done, total))
+
+    verify_checksum(image.path, checksum, progress, cancel)
+    emit(events.Note(f"checksum ok ({checksum.algo} from {checksum.source})"))

@@ -1,0 +1,94 @@
+"""The verify and probe use cases: drives read (verify) or stamped and put back (probe)."""
+
+from __future__ import annotations
+
+from popsicle_py import drives, events
+from popsicle_py.app import sources
+from popsicle_py.app.access import require_access
+from popsicle_py.app.confirm import Confirmation, target_rows
+from popsicle_py.app.requests import ProbeRequest, VerifyRequest
+from popsicle_py.drives import Drive
+from popsicle_py.errors import Refused
+from popsicle_py.flash import ProbeJob, VerifyJob, open_targets
+from popsicle_py.plan import Plan, make_plan, make_read_plan, unmount_targets
+from popsicle_py.ports import drive_info
+from popsicle_py.protocols import Source, View
+from popsicle_py.signals import Cancellation
+
+
+class PreparedVerify:
+    """A comparison that passed every check: the image and the drives to read."""
+
+    def __init__(self, request: VerifyRequest, image: Source, targets: tuple[Drive, ...]):
+        self.request = request
+        self.image = image
+        self.targets = targets
+        self.infos = tuple(drive_info(d, i) for i, d in enumerate(targets, 1))
+
+    @property
+    def labels(self) -> dict[str, str]:
+        return {d.path: d.label for d in self.targets}
+
+    def run(self, view: View, cancel: Cancellation) -> events.Summary:
+        """Read every drive against the image (read once for all of them)."""
+        try:
+            opened = open_targets(self.targets, for_writing=False)
+        except Refused:
+            view.close()
+            raise
+        job = VerifyJob(self.image, opened, view.handle, cancel, self.request.stall_timeout,
+                        self.infos)
+        sources.attach(self.image, job.relay, cancel)  # download news from the reader thread
+        summary = job.run()
+        view.close()
+        return summary
+
+
+def prepare_verify(request: VerifyRequest) -> PreparedVerify:
+    """Open the image and resolve the drives; raises :class:`Refused` (nothing is read)."""
+    image = sources.open_for_reading(request.image)
+    targets = make_read_plan(request.devices, image.size).targets
+    require_access([d.path for d in targets], writing=False)
+    return PreparedVerify(request, image, targets)
+
+
+class PreparedProbe:
+    """A capacity probe that passed every check (the plan a flash without an image makes)."""
+
+    def __init__(self, request: ProbeRequest, plan: Plan) -> None:
+        self.request = request
+        self.plan = plan
+
+    @property
+    def labels(self) -> dict[str, str]:
+        return {d.path: d.label for d in self.plan.targets}
+
+    @property
+    def confirmation(self) -> Confirmation:
+        count = len(self.plan.targets)
+        these = "this drive" if count == 1 else f"these {count} drives"
+        return Confirmation(
+            "Probe the capacity of (test stamps are written, then put back)",
+            target_rows(self.plan.targets, self.plan), self.plan.notes,
+            f"Test stamps will be written to {these}. Continue?")
+
+    def run(self, view: View, cancel: Cancellation) -> events.Summary:
+        """Unmount if asked, open every drive (identity checked again), probe them all."""
+        try:
+            if self.request.unmount:
+                unmount_targets(self.plan)
+            opened = open_targets(self.plan.targets, check=drives.still_same)
+        except Refused:
+            view.close()
+            raise
+        summary = ProbeJob(opened, view.handle, cancel, self.request.stall_timeout).run()
+        view.close()
+        return summary
+
+
+def prepare_probe(request: ProbeRequest) -> PreparedProbe:
+    """Check the drives as a flash would (no image); raises :class:`Refused`."""
+    plan = make_plan(request.devices, all_usb=False, image_path=None, image_size=None,
+                     unmount=request.unmount)
+    require_access([d.path for d in plan.targets], writing=True)
+    return PreparedProbe(request, plan)

@@ -1,0 +1,112 @@
+"""The duplicator use case: one image, every eligible drive plugged in, each on its own."""
+
+from __future__ import annotations
+
+import contextlib
+
+from popsicle_py import drives, events
+from popsicle_py import watch as watch_mod
+from popsicle_py.app import sources
+from popsicle_py.app.access import require_future_access
+from popsicle_py.app.common import emitter, open_report
+from popsicle_py.app.confirm import Confirmation, target_rows
+from popsicle_py.app.requests import WatchRequest
+from popsicle_py.drives import Drive
+from popsicle_py.errors import Refused
+from popsicle_py.protocols import View
+from popsicle_py.report import Report
+from popsicle_py.signals import Cancellation
+from popsicle_py.units import format_size
+
+
+class PreparedWatch:
+    """A duplicator session that passed every check; :meth:`run` watches until the count or a
+    signal.  Use it as a context manager: the report file is closed however it ends."""
+
+    def __init__(self, request: WatchRequest, source: sources.OpenedSource,
+                 present: tuple[Drive, ...], udev_note: str | None, image_note: str | None,
+                 report: Report | None) -> None:
+        self.request = request
+        self.source = source
+        self.image = source.image
+        self.present = present
+        self.udev_note = udev_note
+        self.image_note = image_note
+        self.report = report
+        self.exit_status = 0
+
+    @property
+    def notes(self) -> tuple[str, ...]:
+        """What a person reads before the run (JSON has none before its first event)."""
+        return () if self.image_note is None else (self.image_note,)
+
+    @property
+    def confirmation(self) -> Confirmation:
+        notes = tuple(n for n in (self.udev_note, self.image_note) if n is not None)
+        return Confirmation(
+            f"Duplicator mode: {self.image.path} ({format_size(self.image.size)})",
+            target_rows(self.present), notes, "Continue?", watch=True,
+            warning="Every eligible USB/SD drive plugged in from now on will be overwritten.")
+
+    def __enter__(self) -> PreparedWatch:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self.report is not None:
+            self.report.close()
+
+    def run(self, view: View, cancel: Cancellation) -> events.Summary:
+        """Download (a URL), check, decompress once, then write each drive as it comes.
+
+        :attr:`exit_status` says how the session ended (a signal while no drive was being
+        written is the normal end of an open-ended session).
+        """
+        request = self.request
+        if self.udev_note is not None:
+            view.handle(events.Note(self.udev_note))
+        emit = emitter(view, self.report)
+        options = watch_mod.WatchOptions(count=request.count, verify=request.verify,
+                                         power_off=request.power_off,
+                                         include_present=request.include_present,
+                                         max_size=request.max_size,
+                                         checksum=self.source.checksum, probe=request.probe)
+        for note in self.source.notes:
+            view.handle(events.Note(note))
+        with contextlib.ExitStack() as downloads:
+            try:
+                image = sources.download_first(self.image, view.handle, cancel,
+                                               watch_mod.default_tmpdir(), downloads)
+                if image is None:
+                    summary = events.Summary((), cancelled=True)
+                    view.handle(summary)
+                    view.close()
+                    self.exit_status = cancel.exit_status
+                    return summary
+                outcome = watch_mod.WatchSession(image, emit, cancel, options).run()
+            except Refused:
+                view.close()
+                raise
+            finally:
+                self.close()
+            view.close()
+        self.exit_status = outcome.exit_status
+        return outcome.summary
+
+
+def prepare_watch(request: WatchRequest) -> PreparedWatch:
+    """Open and judge the image, check this user may write drives plugged in later, find the
+    drives present (``include_present``); raises :class:`Refused`."""
+    source = sources.open_source(request.source)
+    image_note = sources.sanity_note(source, request.source.image, request.source.force)
+    require_future_access()
+    present: tuple[Drive, ...] = ()
+    if request.include_present:
+        present = tuple(d for d in drives.discover(image_path=source.image.path)
+                        if watch_mod.ineligibility(d, source.image.size, request.max_size)
+                        is None)
+    udev_note = drives.udev_hint()
+    report = open_report(request.report, source.image.path, source.checksum)
+    return PreparedWatch(request, source, present, udev_note, image_note, report)

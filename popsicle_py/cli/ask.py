@@ -1,0 +1,85 @@
+"""What the CLI shows a person before and while it runs: the confirmation, and the view."""
+
+from __future__ import annotations
+
+import sys
+from typing import TYPE_CHECKING
+
+import click
+
+from popsicle_py.errors import Refused
+from popsicle_py.units import format_size
+
+if TYPE_CHECKING:
+    from popsicle_py.app.confirm import Confirmation
+    from popsicle_py.protocols import View
+
+
+def require_terminal() -> None:
+    """A script that forgot --yes must never write: no terminal, no question, no writing."""
+    if not sys.stdin.isatty():
+        raise Refused(["refusing to write without confirmation: standard input is not a "
+                       "terminal; pass --yes to confirm in scripts"])
+
+
+def confirm(confirmation: Confirmation, yes: bool) -> None:
+    """Show what will be overwritten and ask once; without a terminal, refuse unless --yes."""
+    if yes:
+        return
+    require_terminal()
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(stderr=True, highlight=False)
+    if confirmation.watch:
+        console.print(confirmation.title, markup=False)
+        if confirmation.rows:
+            table = Table(title="Plugged in now, and overwritten too (--include-present)",
+                          title_justify="left")
+            for column in ("Device", "Drive", "Size"):
+                table.add_column(column, overflow="fold")
+            for row in confirmation.rows:
+                table.add_row(row.device, row.drive, format_size(row.size))
+            console.print(table)
+        for note in confirmation.notes:
+            console.print(note, markup=False)
+        console.print(f"[bold]{confirmation.warning}[/bold]")
+    else:
+        table = Table(title=confirmation.title, title_justify="left")
+        for column in ("Device", "Port", "Drive", "Size", "Mounted at", "Warnings"):
+            table.add_column(column, overflow="fold")
+        for row in confirmation.rows:
+            table.add_row(row.device, row.port, row.drive, format_size(row.size),
+                          ", ".join(row.mountpoints), "; ".join(row.warnings))
+        console.print(table)
+        for note in confirmation.notes:
+            console.print(note)
+    if not click.confirm(confirmation.question, default=False, err=True):
+        raise Refused(["cancelled at the confirmation: nothing was written"])
+
+
+def make_view(as_json: bool, labels: dict[str, str], *, writes: bool = True) -> View:
+    """JSON for scripts, live rows on a terminal, plain lines for logs and pipes."""
+    from popsicle_py import view
+
+    if as_json:
+        return view.JsonView()
+    if sys.stdout is not None and sys.stdout.isatty():
+        from rich.console import Console
+
+        return view.RichView(Console(highlight=False), labels, writes=writes)
+    return view.PlainView()
+
+
+def make_watch_view(as_json: bool, image: str, size: int | None, count: int | None,
+                    verify: bool) -> View:
+    """watch's views: a header with the session's counts on a terminal."""
+    from popsicle_py import view
+
+    if as_json:
+        return view.JsonView()
+    if sys.stdout is not None and sys.stdout.isatty():
+        from rich.console import Console
+
+        return view.WatchView(Console(highlight=False), image, size, count, verify=verify)
+    return view.PlainView()

@@ -1,0 +1,301 @@
+"""The `popsicle-py` command: flash, verify, probe, watch, list, cache, polkit-rule.
+
+The CLI parses options into a request of the application layer (:mod:`popsicle_py.app`),
+shows the prepared job's confirmation and picks a view; the job does the rest.  Only the
+vocabulary (events, errors, units) and the application layer are imported here, and the
+heavy parts only once a command runs, so ``--help`` and ``--version`` answer at once.
+
+Exit status: 0 every drive written and verified; 1 at least one drive failed or did not verify;
+2 bad usage or input, nothing written; 128 + signal (130 SIGINT, 143 SIGTERM, 129 SIGHUP)
+when a signal stopped the run.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import TYPE_CHECKING, Any
+
+import click
+
+from popsicle_py import events
+from popsicle_py._version import __version__
+from popsicle_py.app.requests import (
+    EngineOptions,
+    FlashRequest,
+    ProbeRequest,
+    SourceOptions,
+    TargetOptions,
+    VerifyRequest,
+    WatchRequest,
+    WriteOptions,
+)
+from popsicle_py.cli.ask import confirm, make_view, make_watch_view
+from popsicle_py.cli.guard import Group, run_guarded
+from popsicle_py.cli.options import (
+    DEVICE,
+    FORCE_HELP,
+    NO_PROBE_HELP,
+    Decorator,
+    OutputOptions,
+    engine_options,
+    max_size_option,
+    output_options,
+    report_option,
+    source_options,
+    target_options,
+    write_options,
+    yes_option,
+)
+from popsicle_py.cli.output import print_table, table, write_text
+from popsicle_py.defaults import DEFAULT_STALL_TIMEOUT
+from popsicle_py.errors import PROG
+from popsicle_py.units import format_size
+
+if TYPE_CHECKING:
+    from popsicle_py.app.flash import PreparedFlash
+    from popsicle_py.app.verify import PreparedProbe, PreparedVerify
+    from popsicle_py.protocols import View
+
+__all__ = ["FORCE_HELP", "NO_PROBE_HELP", "main"]
+
+
+def _stall_option(help_text: str) -> Decorator[Any]:
+    return click.option("--stall-timeout", type=click.FloatRange(min=0.1),
+                        default=DEFAULT_STALL_TIMEOUT, metavar="SECONDS", show_default=True,
+                        help=help_text)
+
+
+def _run(job: PreparedFlash | PreparedVerify | PreparedProbe, view: View) -> int:
+    """Run a prepared job with the signals handled: the first stops the drives, a second
+    exits at once; the exit status says how it ended."""
+    from popsicle_py.app.common import exit_status
+    from popsicle_py.signals import Cancellation
+
+    cancel = Cancellation()
+    cancel.announce = view.announce
+    with cancel.installed():
+        summary = job.run(view, cancel)
+    return exit_status(summary, cancel)
+
+
+def _show_notes(view: View, notes: tuple[str, ...], output: OutputOptions) -> None:
+    """The notes of the confirmation, again in the run's output (JSON has none before its
+    first event)."""
+    if not output.json:
+        for note in notes:
+            view.handle(events.Note(note))
+
+
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "-V", "--version", prog_name=PROG)
+def main() -> None:
+    """Write one disk image to many USB drives at once, then verify each from the device.
+
+    The image is read once for all drives; each drive gets its own progress, and the exit
+    status says whether every drive was written and verified (0), some failed (1), the input
+    was refused and nothing was written (2), or a signal stopped the run (128 + signal).
+    """
+
+
+@main.command()
+@source_options
+@target_options
+@yes_option()
+@write_options
+@engine_options
+@report_option()
+@output_options()
+def flash(source: SourceOptions, targets: TargetOptions, yes: bool, write: WriteOptions,
+          engine: EngineOptions, report: str | None, output: OutputOptions) -> None:
+    """Write IMAGE to every DEVICE in parallel, then verify each.
+
+    IMAGE may be raw or compressed (gzip, xz, bzip2, zstd, or a zip holding one image), a
+    file or an http(s):// URL (downloaded once while the drives are written).
+    """
+
+    def body() -> int:
+        from popsicle_py.app.flash import prepare_flash
+
+        request = FlashRequest(source, targets, engine, write, report)
+        with prepare_flash(request) as job:
+            confirm(job.confirmation, yes)
+            view = make_view(output.json, job.labels)
+            _show_notes(view, job.notes, output)
+            return _run(job, view)
+
+    run_guarded(output.debug, output.json, body)
+
+
+@main.command()
+@click.argument("image", type=click.Path(path_type=str))
+@click.argument("devices", nargs=-1, required=True, type=DEVICE)
+@_stall_option("Fail a drive whose reads make no progress for SECONDS.")
+@output_options()
+def verify(image: str, devices: tuple[str, ...], stall_timeout: float,
+           output: OutputOptions) -> None:
+    """Compare each DEVICE with IMAGE (a file or an http(s):// URL); report the first bad offset."""
+
+    def body() -> int:
+        from popsicle_py.app.verify import prepare_verify
+
+        job = prepare_verify(VerifyRequest(image, devices, stall_timeout))
+        return _run(job, make_view(output.json, job.labels, writes=False))
+
+    run_guarded(output.debug, output.json, body)
+
+
+@main.command(name="probe")
+@click.argument("devices", nargs=-1, required=True, type=DEVICE, metavar="DEVICE...")
+@yes_option()
+@click.option("-u", "--unmount", is_flag=True,
+              help="Unmount mounted partitions of the drives first (otherwise refuse).")
+@_stall_option("Fail a drive whose probe has not finished after SECONDS (a hung drive).")
+@output_options()
+def probe_command(devices: tuple[str, ...], yes: bool, unmount: bool, stall_timeout: float,
+                  output: OutputOptions) -> None:
+    """Check that each DEVICE stores as much as it claims (counterfeit drives), no flashing.
+
+    Writes small test stamps spread over each drive (never its first 64 KiB) and reads them
+    back, then puts back what they overwrote. Exit 0 when every drive is genuine, 1 when
+    some drive is counterfeit or failed, 2 when refused.
+    """
+
+    def body() -> int:
+        from popsicle_py.app.verify import prepare_probe
+
+        job = prepare_probe(ProbeRequest(devices, unmount, stall_timeout))
+        confirm(job.confirmation, yes)
+        return _run(job, make_view(output.json, job.labels))
+
+    run_guarded(output.debug, output.json, body)
+
+
+@main.command()
+@source_options
+@click.option("--count", type=click.IntRange(min=1), metavar="N",
+              help="Stop once N drives have finished (ok or failed); start no more than N.")
+@yes_option()
+@click.option("--no-verify", is_flag=True, help="Skip reading the drives back.")
+@click.option("--no-power-off", is_flag=True,
+              help="Leave finished drives powered on (default: power them off).")
+@click.option("--include-present", is_flag=True,
+              help="Also write the eligible drives plugged in before watching.")
+@max_size_option("Skip drives larger than this.")
+@click.option("--no-probe", is_flag=True, help=NO_PROBE_HELP)
+@report_option()
+@output_options()
+def watch(source: SourceOptions, count: int | None, yes: bool, no_verify: bool,
+          no_power_off: bool, include_present: bool, max_size: int, no_probe: bool,
+          report: str | None, output: OutputOptions) -> None:
+    """Duplicator mode: write IMAGE to every eligible drive as it is plugged in.
+
+    Each drive is written and verified on its own as soon as it appears, then powered off
+    so that it can be pulled. Ends after --count drives, or on Ctrl-C. An http(s):// IMAGE
+    is downloaded once, before watching, and every drive is written from that copy.
+    """
+
+    def body() -> int:
+        from popsicle_py.app.watch import prepare_watch
+        from popsicle_py.signals import Cancellation
+
+        request = WatchRequest(source, count=count, verify=not no_verify, probe=not no_probe,
+                               power_off=not no_power_off, include_present=include_present,
+                               max_size=max_size, report=report)
+        with prepare_watch(request) as job:
+            confirm(job.confirmation, yes)
+            view = make_watch_view(output.json, job.image.path, job.image.size, count,
+                                   not no_verify)
+            _show_notes(view, job.notes, output)
+            cancel = Cancellation()
+            cancel.announce = view.announce
+            with cancel.installed():
+                job.run(view, cancel)
+            return job.exit_status
+
+    run_guarded(output.debug, output.json, body)
+
+
+@main.command(name="list")
+@click.option("--all", "show_all", is_flag=True,
+              help="Every disk, and why it is not eligible.")
+@output_options("One JSON array of drives on stdout.")
+def list_drives(show_all: bool, output: OutputOptions) -> None:
+    """List USB and SD drives (with --all, every disk) and whether each may be written."""
+
+    def body() -> int:
+        from popsicle_py.app.listing import list_drives as listing
+
+        found = listing(include_all=show_all)
+        if output.json:
+            return write_text(json.dumps([d.json for d in found], indent=None) + "\n")
+        if not found:
+            return write_text(("no USB or SD drives found" if not show_all
+                               else "no disks found") + "\n")
+        rows = [(d.path, d.port or "", d.label or "?", format_size(d.size), d.bus,
+                 ", ".join(d.mountpoints), "yes" if d.eligible else f"no: {d.reason}")
+                for d in found]
+        return print_table(table(("Device", "Port", "Drive", "Size", "Bus", "Mounted at",
+                                  "Eligible"), rows, optional=("Port", "Mounted at")))
+
+    run_guarded(output.debug, output.json, body)
+
+
+@main.group(name="cache")
+def cache_group() -> None:
+    """The downloads kept by --cache, in $XDG_CACHE_HOME/popsicle-py (~/.cache/popsicle-py)."""
+
+
+@cache_group.command(name="list")
+@output_options("One JSON array of entries on stdout.")
+def cache_list(output: OutputOptions) -> None:
+    """List the cached downloads: URL, size, file."""
+
+    def body() -> int:
+        from popsicle_py.app.listing import cache_entries
+
+        root, found = cache_entries()
+        if output.json:
+            return write_text(json.dumps([{"url": e.url, "validator": e.validator,
+                                           "size": e.size, "path": str(e.path),
+                                           "created": round(e.created, 3)}
+                                          for e in found]) + "\n")
+        if not found:
+            return write_text(f"no cached downloads in {root}\n")
+        return print_table(table(("URL", "Size", "File"),
+                                 [(e.url, format_size(e.size), str(e.path)) for e in found]))
+
+    run_guarded(output.debug, output.json, body)
+
+
+@cache_group.command(name="clean")
+@click.option("--debug", is_flag=True, help="Show debug messages and tracebacks.")
+def cache_clean(debug: bool) -> None:
+    """Remove every cached download (and any partial one)."""
+
+    def body() -> int:
+        from popsicle_py.app.listing import clean_cache
+
+        root, count, freed = clean_cache()
+        what = "1 cached download" if count == 1 else f"{count} cached downloads"
+        return write_text(f"removed {what}, {format_size(freed)} freed ({root})\n")
+
+    run_guarded(debug, False, body)
+
+
+POLKIT_RULE = "50-popsicle-py.rules"
+
+
+@main.command(name="polkit-rule")
+def polkit_rule() -> None:
+    """Print the opt-in polkit rule: group "popsicle" may write USB drives without sudo.
+
+    Members of the group may then open removable USB drives through udisks2 without a
+    password; nothing else changes. Install it with:
+
+    popsicle-py polkit-rule | sudo tee /etc/polkit-1/rules.d/50-popsicle-py.rules
+    """
+    from importlib import resources
+
+    text = (resources.files("popsicle_py") / "data" / POLKIT_RULE).read_text()
+    sys.exit(write_text(text))

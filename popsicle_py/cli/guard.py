@@ -1,0 +1,123 @@
+"""How a command ends: one line per problem on stderr, the exit status it means, and for
+scripts that asked for JSON a last ``summary`` line even when nothing ran."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn
+
+import click
+
+from popsicle_py import events
+from popsicle_py.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, PROG, PopsicleError
+
+
+def _keep_hyphenated_words() -> None:
+    """Help text never breaks ``popsicle-py`` or ``50-popsicle-py.rules`` at a hyphen: a
+    command copied from the help must work.  Click wraps with textwrap, which would."""
+    from click import _textwrap
+
+    class Wrapper(_textwrap.TextWrapper):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            kwargs.setdefault("break_on_hyphens", False)
+            super().__init__(*args, **kwargs)
+
+    _textwrap.TextWrapper = Wrapper  # type: ignore[misc]  # click.formatting looks it up per call
+
+
+_keep_hyphenated_words()
+
+
+def error(line: str) -> None:
+    """``popsicle-py: LINE`` on stderr."""
+    click.echo(f"{PROG}: {line}", err=True)
+
+
+def json_refusal(lines: Sequence[str]) -> None:
+    """A script asked for JSON: its last line is a summary, even when nothing ran."""
+    from popsicle_py.view import JsonView
+
+    view = JsonView()
+    for line in lines:
+        view.handle(events.Error(line))
+    view.handle(events.Summary())
+    view.close()
+
+
+def run_guarded(debug: bool, as_json: bool, body: Callable[[], int]) -> NoReturn:
+    """Run a command body; errors of ours show themselves and carry their exit status."""
+    import logging  # here, not at the top: --help and --version do not log
+
+    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING,
+                        format=f"{PROG}: %(message)s")
+    try:
+        status = body()
+    except PopsicleError as exc:
+        exc.show()
+        if as_json:
+            json_refusal(exc.messages())
+        status = exc.exit_code
+    except (KeyboardInterrupt, click.Abort) as exc:
+        # Ctrl-C (also at the prompt, which click turns into Abort) is a SIGINT: 130.
+        # End of input at the prompt is an unanswered question: refused, 2.
+        interrupted = isinstance(exc, KeyboardInterrupt) or isinstance(
+            exc.__context__, KeyboardInterrupt)
+        error("interrupted before writing: nothing was written" if interrupted
+              else "no answer at the confirmation: nothing was written")
+        if as_json:
+            json_refusal([])
+        status = 130 if interrupted else EXIT_USAGE
+    except click.exceptions.Exit:
+        raise
+    except Exception as exc:
+        if debug:
+            import traceback
+
+            traceback.print_exc()
+        error(f"unexpected error: {exc} (run with --debug to see where)")
+        if as_json:  # a script's last line is a summary; this one says nothing went right
+            json_refusal([f"unexpected error: {exc}"])
+        status = EXIT_FAILED
+    sys.exit(status)
+
+
+class Group(click.Group):
+    """Click's group, with usage errors on one line (``popsicle-py: what; see --help``), and
+    every command's whole first sentence in ``--help`` (click cuts it at the terminal's width).
+    """
+
+    group_class = type  # subgroups (``cache``) are Groups too
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        rows = [(name, command.get_short_help_str(limit=1000))
+                for name in self.list_commands(ctx)
+                if (command := self.get_command(ctx, name)) is not None and not command.hidden]
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
+
+    def main(self, args: Sequence[str] | None = None, prog_name: str | None = None,
+             complete_var: str | None = None, standalone_mode: bool = True,
+             **extra: Any) -> Any:
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, False, **extra)
+        try:
+            status = super().main(args, prog_name, complete_var, False, **extra)
+        except click.UsageError as exc:
+            if type(exc).__name__ == "NoArgsIsHelpError":  # click >= 8.2: bare command
+                exc.show()
+                sys.exit(exc.exit_code)
+            hint = f" (see '{exc.ctx.command_path} --help')" if exc.ctx is not None else ""
+            message = " ".join(exc.format_message().split())
+            error(message + hint)
+            if "--json" in (sys.argv[1:] if args is None else list(args)):
+                json_refusal([message])  # a script's last line is a summary, even for a typo
+            sys.exit(exc.exit_code)
+        except click.ClickException as exc:
+            error(" ".join(exc.format_message().split()))
+            sys.exit(exc.exit_code)
+        except click.Abort:
+            error("aborted")
+            sys.exit(EXIT_FAILED)
+        sys.exit(status if isinstance(status, int) else EXIT_OK)

@@ -1,0 +1,225 @@
+"""Click parameter types and the option groups flash, watch and (next) the station share.
+
+A group is a set of click options that arrive at the command as one option object of the
+application layer (``SourceOptions``, ``EngineOptions`` ...), so a command takes a handful of
+parameters and two commands cannot drift apart on what an option means.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import click
+
+from popsicle_py.app.requests import (
+    EngineOptions,
+    SourceOptions,
+    TargetOptions,
+    WriteOptions,
+)
+from popsicle_py.defaults import (
+    DEFAULT_BUCKETS,
+    DEFAULT_REPAIR_ATTEMPTS,
+    DEFAULT_STALL_TIMEOUT,
+)
+from popsicle_py.units import parse_size
+
+F = TypeVar("F", bound=Callable[..., Any])
+Decorator = Callable[[F], F]
+
+
+class SizeType(click.ParamType):  # type: ignore[type-arg]  # generic only in newer click
+    """A byte count written as 16M, 4MiB or 1048576."""
+
+    name = "SIZE"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+                ) -> int:
+        if isinstance(value, int):
+            return value
+        try:
+            size = parse_size(str(value))
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+        if size < 1:
+            self.fail("must be at least 1 byte", param, ctx)
+        return size
+
+
+SIZE = SizeType()
+
+#: A bucket is written with O_DIRECT: whole pages, and not so large that the ring cannot be had.
+BUCKET_ALIGN = 4096
+MAX_BUCKET_SIZE = 1 << 30
+
+
+class BucketSizeType(SizeType):
+    """A bucket size: a multiple of 4 KiB, at most 1 GiB."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+                ) -> int:
+        size = super().convert(value, param, ctx)
+        if size % BUCKET_ALIGN:
+            self.fail(f"must be a multiple of 4 KiB (4096 bytes), not {size}", param, ctx)
+        if size > MAX_BUCKET_SIZE:
+            self.fail("must be at most 1 GiB", param, ctx)
+        return size
+
+
+BUCKET_SIZE = BucketSizeType()
+# Not readable=True: an ordinary user's "not readable" is said once, as what is needed
+# (the access check), after the usual checks of each path.
+DEVICE = click.Path(dir_okay=False, readable=False, path_type=str)
+
+FORCE_HELP = "Write an image that does not look like a disk image (text, HTML, tiny)."
+NO_PROBE_HELP = ("Do not check, before writing, that each drive stores as much as it claims "
+                 "(the counterfeit-stick probe).")
+
+
+def report_option() -> Decorator[Any]:
+    return click.option(
+        "--report", "report", type=click.Path(dir_okay=False, path_type=str), metavar="FILE",
+        help="Append one record per drive to FILE (.csv or .jsonl).")
+
+
+def max_size_option(help_text: str) -> Decorator[Any]:
+    return click.option("--max-size", type=SIZE, default="128GiB", show_default=True,
+                        help=help_text)
+
+
+def yes_option() -> Decorator[Any]:
+    return click.option("-y", "--yes", is_flag=True, help="Do not ask for confirmation.")
+
+
+@dataclass(frozen=True)
+class OutputOptions:
+    """How a command speaks: JSON events for scripts, debug messages and tracebacks."""
+
+    json: bool = False
+    debug: bool = False
+
+
+class OptionGroup:
+    """Options that reach the command as one object, built by ``build`` from their values."""
+
+    def __init__(self, name: str, build: Callable[..., Any],
+                 *params: Decorator[Any]) -> None:
+        self.name = name
+        self.build = build
+        self.params = params
+
+        def probe() -> None: ...
+
+        for param in params:
+            probe = param(probe)
+        self.keys = tuple(p.name for p in probe.__click_params__)  # type: ignore[attr-defined]
+
+    def __call__(self, command: F) -> F:
+        @functools.wraps(command)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            values = {key: kwargs.pop(key) for key in self.keys}
+            kwargs[self.name] = self.build(**values)
+            return command(*args, **kwargs)
+
+        wrapper.__dict__.pop("__click_params__", None)  # not the command's own list
+        for param in reversed(self.params):
+            wrapper = param(wrapper)
+        extra = list(getattr(wrapper, "__click_params__", []))
+        wrapper.__click_params__ = [  # type: ignore[attr-defined]
+            *getattr(command, "__click_params__", []), *extra]
+        return wrapper  # type: ignore[return-value]
+
+
+def _source(image: str, sha256: str | None, checksum: str | None, no_checksum: bool,
+            force: bool, keyring: str | None, use_cache: bool | None) -> SourceOptions:
+    return SourceOptions(image, sha256=sha256, checksum=checksum, no_checksum=no_checksum,
+                         keyring=keyring, use_cache=use_cache, force=force)
+
+
+#: IMAGE and how it is trusted (flash, watch, the station).  Put it first: IMAGE is the first
+#: argument.
+source_options = OptionGroup(
+    "source", _source,
+    click.argument("image", type=click.Path(path_type=str)),
+    click.option("--sha256", metavar="HEX", help="Expected SHA-256 of the image file."),
+    click.option("--checksum", metavar="ALGO:HEX",
+                 help="Expected checksum (sha1, sha256, sha512 or blake2b) of the image file."),
+    click.option("--no-checksum", is_flag=True,
+                 help="Ignore a checksum file next to the image."),
+    click.option("--force", is_flag=True, help=FORCE_HELP),
+    click.option("--keyring", type=click.Path(dir_okay=False, path_type=str), metavar="FILE",
+                 help="Trust the checksum file only if its signature (.gpg, .sign, .asc, "
+                      ".sig) verifies with gpgv against this keyring."),
+    click.option("--cache/--no-cache", "use_cache", default=None,
+                 help="Keep a downloaded IMAGE (a URL) in ~/.cache/popsicle-py for the next "
+                      "run (default: off, or $POPSICLE_PY_CACHE)."),
+)
+
+
+def _targets(devices: tuple[str, ...], all_usb: bool, unmount: bool,
+             max_size: int) -> TargetOptions:
+    return TargetOptions(devices, all_usb=all_usb, unmount=unmount, max_size=max_size)
+
+
+#: The drives a flash writes.
+target_options = OptionGroup(
+    "targets", _targets,
+    click.argument("devices", nargs=-1, type=DEVICE, metavar="[DEVICE]..."),
+    click.option("-a", "--all-usb", is_flag=True, help="Add every eligible USB and SD drive."),
+    click.option("-u", "--unmount", is_flag=True,
+                 help="Unmount mounted partitions of the targets first (otherwise refuse)."),
+    max_size_option("--all-usb skips drives larger than this."),
+)
+
+#: How the bytes move.
+engine_options = OptionGroup(
+    "engine", EngineOptions,
+    click.option("--bucket-size", type=BUCKET_SIZE, default="16M", show_default=True,
+                 help="Size of each buffer in the ring (16M, 4MiB, 1048576)."),
+    click.option("--buckets", type=click.IntRange(1, 64), default=DEFAULT_BUCKETS,
+                 metavar="N", show_default=True, help="How many buffers may be in flight."),
+    click.option("--stall-timeout", type=click.FloatRange(min=0.1),
+                 default=DEFAULT_STALL_TIMEOUT, metavar="SECONDS", show_default=True,
+                 help="Fail a drive that makes no progress for SECONDS."),
+)
+
+
+def _write(no_verify: bool, no_probe: bool, repair_attempts: int, skip_identical: bool,
+           bmap: str | None, no_bmap: bool, checksum_while_writing: bool) -> WriteOptions:
+    return WriteOptions(verify=not no_verify, probe=not no_probe,
+                        repair_attempts=repair_attempts, skip_identical=skip_identical,
+                        bmap=bmap, no_bmap=no_bmap,
+                        checksum_while_writing=checksum_while_writing)
+
+
+#: What a flash does besides writing.
+write_options = OptionGroup(
+    "write", _write,
+    click.option("--no-verify", is_flag=True, help="Skip reading the drives back."),
+    click.option("--no-probe", is_flag=True, help=NO_PROBE_HELP),
+    click.option("--repair-attempts", type=click.IntRange(0, 10),
+                 default=DEFAULT_REPAIR_ATTEMPTS, metavar="N", show_default=True,
+                 help="Rewrite buckets that fail verification up to N times."),
+    click.option("--skip-identical", is_flag=True,
+                 help="Read each bucket first and write only those that differ (re-flash, "
+                      "resume)."),
+    click.option("--bmap", "bmap", type=click.Path(dir_okay=False, path_type=str),
+                 metavar="FILE", help="Block map (bmaptool): write only its mapped ranges "
+                 "(default: IMAGE.bmap when present)."),
+    click.option("--no-bmap", is_flag=True, help="Ignore a block map next to the image."),
+    click.option("--checksum-while-writing", is_flag=True,
+                 help="Check the checksum only in the pass that writes the drives (no read "
+                      "of the image before writing)."),
+)
+
+
+def output_options(json_help: str = "Machine-readable events on stdout.") -> OptionGroup:
+    """--json and --debug, as one :class:`OutputOptions`."""
+    return OptionGroup(
+        "output", OutputOptions,
+        click.option("--json", "json", is_flag=True, help=json_help),
+        click.option("--debug", is_flag=True, help="Show debug messages and tracebacks."),
+    )

@@ -1,0 +1,358 @@
+"""The body of one URL as a stream: resumed after drops and stalls, hashed, kept in a sink.
+
+:class:`Download` continues after a dropped or stalled connection with a Range request from the
+byte reached, guarded by If-Range so that a file changed on the server is never stitched
+together from two versions.  The bytes are hashed as they are handed out, and the stream itself
+refuses to end (raises) when the published checksum does not match: the engine holds the
+image's first bucket back until the stream ended, so a bad download never leaves a
+bootable-looking drive.  The same bytes go to a sink (a cache entry, or a private file) that is
+committed only at that end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import io
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from typing import Any
+
+from urllib3.exceptions import HTTPError
+
+from popsicle_py.cache import CacheWriter
+from popsicle_py.events import Event, Note, Phase, Progress, Step
+from popsicle_py.images import Checksum, ImageError, new_hasher
+from popsicle_py.remote.http import (
+    Client,
+    Probe,
+    RemoteError,
+    Validator,
+    content_length,
+    failure_reason,
+    parse_content_range,
+)
+
+__all__ = ["CHUNK", "DOWNLOADING", "Download", "Emit", "FileSink"]
+
+#: The phase of the image-level Phase/Progress events while the body arrives.
+DOWNLOADING = Step.DOWNLOADING
+
+CHUNK = 1 << 20  # most bytes per read from the connection: progress and stalls stay fine-grained
+_PROGRESS_INTERVAL = 0.2
+
+Emit = Callable[[Event], None]
+
+
+class Download(io.RawIOBase):
+    """The body of one URL, continued after drops and stalls; hashes and keeps what it yields.
+
+    ``hasher`` sees every byte handed out; with ``expected`` set, the end of the body is
+    reported only after the digest matched (a mismatch raises RemoteError instead).  ``sink``
+    (a cache entry or a private file) receives the same bytes and is committed at that end.
+    A sink that cannot take them (its disk full) ends the download when it is ``required``
+    (the only copy, for watch and zip images), else it is dropped with a note.
+    """
+
+    def __init__(self, client: Client, probe_: Probe, *, expected: Checksum | None = None,
+                 sink: CacheWriter | FileSink | None = None, emit: Emit | None = None,
+                 cancel: Callable[[], bool] | None = None, required: bool = False) -> None:
+        super().__init__()
+        self.client = client
+        self.url = probe_.url
+        self.final_url = probe_.final_url
+        self.validator = probe_.validator
+        self.total = probe_.total
+        self.expected = expected
+        self.hasher: Any = new_hasher(expected) if expected else None  # no cost unless needed
+        self.sink = sink
+        self.required = required
+        self.emit = emit
+        self.cancel = cancel
+        self.resumes = 0
+        self._resp = probe_.response
+        probe_.response = None  # ours now
+        self._pending = probe_.head
+        self._net = len(probe_.head)  # offset of the next byte from the connection
+        self._handed = 0
+        self._failures = 0
+        self._finished = False
+        self._error: ImageError | None = None
+        self._last_progress = 0.0
+        self.committed: str | None = None
+        self.on_commit: Callable[[str], None] | None = None
+
+    def readable(self) -> bool:
+        return True
+
+    @property
+    def position(self) -> int:
+        return self._handed
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
+        if self._error is not None:
+            raise self._error
+        out = memoryview(buffer).cast("B")
+        if not len(out) or self._finished:
+            return 0
+        try:
+            if self._handed == 0 and self.emit is not None:
+                self.emit(Phase(None, DOWNLOADING, self.url))
+            data = self._next(min(len(out), CHUNK))
+            if not data:
+                self._finish()
+                return 0
+            if self.sink is not None:
+                self._keep(data)
+        except ImageError as exc:
+            self._fail(exc)
+            raise
+        n = len(data)
+        out[:n] = data
+        if self.hasher is not None:
+            self.hasher.update(data)
+        self._handed += n
+        self._progress()
+        return n
+
+    def _keep(self, data: bytes) -> None:
+        assert self.sink is not None
+        try:
+            self.sink.write(data)
+        except OSError as exc:
+            where = self.sink.where
+            self.sink.abort()
+            self.sink = None
+            self._sink_failed(where, exc)
+
+    def _sink_failed(self, where: str, exc: OSError) -> None:
+        """The copy could not be kept: the end of the download if it is needed, else a note."""
+        why = exc.strerror or str(exc)
+        if self.required:
+            raise RemoteError(f"cannot keep the download of {self.url} in {where}: {why}") \
+                from None
+        if self.emit is not None:
+            self.emit(Note(f"not caching {self.url}: {where}: {why}; the flash goes on"))
+
+    def _fail(self, exc: ImageError) -> None:
+        self._error = exc
+        if self.sink is not None:
+            self.sink.abort()
+            self.sink = None
+        self._drop()
+
+    def _next(self, limit: int) -> bytes:
+        """Up to ``limit`` bytes: the probe's head first, then the connection; b"" at the end.
+
+        The first read joins the head to more of the body, so that a connection lost before
+        anything was handed out can start over even on a server without Range support.
+        """
+        if self._pending:
+            if self._handed or len(self._pending) >= limit:
+                data, self._pending = self._pending[:limit], self._pending[limit:]
+                return data
+            more = self._from_connection(limit - len(self._pending))  # may start over
+            data, self._pending = self._pending + more, b""
+            return data
+        return self._from_connection(limit)
+
+    def _from_connection(self, limit: int) -> bytes:
+        while True:
+            if self.cancel is not None and self.cancel():
+                raise RemoteError(f"{self.url}: download cancelled")
+            if self._resp is None:
+                self._reconnect()
+                continue
+            try:
+                data = self._resp.read(limit)
+            except (HTTPError, OSError, http.client.HTTPException) as exc:
+                self._retry(failure_reason(exc))
+                continue
+            if data:
+                self._net += len(data)
+                self._failures = 0
+                return data
+            if self.total is not None and self._net < self.total:
+                self._retry(f"the connection closed at byte {self._net}")
+                continue
+            return b""
+
+    def _retry(self, why: str) -> None:
+        """One more failed attempt: pause, or give up with what happened."""
+        self._drop()
+        self._failures += 1
+        if self._failures > self.client.settings.retries:
+            of = f" of {self.total}" if self.total is not None else ""
+            raise RemoteError(f"{self.url}: download failed at byte {self._net}{of} after "
+                              f"{self._failures} attempts: {why}")
+        if self.emit is not None:
+            self.emit(Note(f"download interrupted at byte {self._net} ({why}); resuming"))
+        deadline = time.monotonic() + self.client.settings.pause(self._failures)
+        while time.monotonic() < deadline:
+            if self.cancel is not None and self.cancel():
+                raise RemoteError(f"{self.url}: download cancelled")
+            time.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
+
+    def _reconnect(self) -> None:
+        """Ask for the rest; take the answer only if it is the same file from the same byte.
+
+        A server that gives neither ETag nor Last-Modified cannot show that the file changed:
+        its download starts over while nothing was used, and is resumed afterwards only when a
+        checksum will judge the result.
+        """
+        blind = self.validator.key is None and self.expected is None
+        if blind and self._handed:
+            raise RemoteError(f"{self.url}: the connection was lost at byte {self._net} and "
+                              "the server gives no ETag or Last-Modified, so a resumed "
+                              "download could mix two versions of the file; run again, or "
+                              "give its checksum (--sha256) to allow resuming")
+        headers = {} if blind else {"Range": f"bytes={self._net}-"}
+        if self.validator.if_range:
+            headers["If-Range"] = self.validator.if_range
+        try:
+            resp = self.client.get(self.final_url, headers)
+        except RemoteError as exc:
+            self._retry(str(exc).removeprefix(f"{self.final_url}: "))
+            return
+        self.resumes += 1
+        now = Validator.of(resp.headers)
+        if resp.status in (200, 206) and self.validator.contradicts(now):
+            resp.close()
+            raise RemoteError(f"{self.url} changed on the server during the download (the "
+                              "server's ETag/Last-Modified differ); not mixing two versions: "
+                              "run again")
+        if resp.status == 206:
+            span = parse_content_range(resp.headers.get("Content-Range"))
+            if span is None or span[0] != self._net or (
+                    self.total is not None and span[2] not in (None, self.total)):
+                resp.close()
+                raise RemoteError(f"{self.url}: the server resumed at the wrong place "
+                                  f"(asked for byte {self._net}, got "
+                                  f"{resp.headers.get('Content-Range')!r})")
+            self._resp = resp
+            return
+        if resp.status == 200:
+            if self._handed == 0:  # nothing used yet: starting over is harmless
+                self._pending = b""
+                self._net = 0
+                self._resp = resp
+                if content_length(resp.headers) not in (None, self.total):
+                    resp.close()
+                    raise RemoteError(f"{self.url} changed size on the server during the "
+                                      "download; run again")
+                return
+            resp.close()
+            raise RemoteError(f"{self.url}: the connection was lost at byte {self._net} and "
+                              "the server cannot resume (it ignores Range requests)")
+        if resp.status == 416 and self.total is not None:
+            resp.close()
+            raise RemoteError(f"{self.url}: the server announced {self.total} bytes "
+                              f"(Content-Length) but the file ends at byte {self._net}")
+        if resp.status == 412:
+            resp.close()
+            raise RemoteError(f"{self.url} changed on the server during the download; "
+                              "run again")
+        status, reason = resp.status, resp.reason
+        resp.close()
+        self._retry(f"HTTP {status}{' ' + reason if reason else ''}")
+
+    def _finish(self) -> None:
+        """The body ended: check its length, that nothing follows it, and the checksum."""
+        if self.total is not None and self._handed != self.total:
+            raise RemoteError(f"{self.url}: the server announced {self.total} bytes "
+                              f"(Content-Length) but sent {self._handed}")
+        self._drop()
+        if self.total is not None:
+            self._check_nothing_follows()
+        if self.expected is not None:
+            actual = self.hasher.hexdigest()
+            if actual != self.expected.hexdigest:
+                raise RemoteError(
+                    f"checksum mismatch for {self.url}: expected {self.expected.algo} "
+                    f"{self.expected.hexdigest} (from {self.expected.source}), got {actual}")
+        self._finished = True
+        self._progress(force=True)
+        if self.sink is not None:
+            sink, self.sink = self.sink, None
+            try:
+                self.committed = str(sink.commit())
+            except OSError as exc:  # its disk filled up at the last flush, or its metadata
+                sink.abort()
+                self._sink_failed(sink.where, exc)
+                return
+            if self.on_commit is not None:
+                self.on_commit(self.committed)
+
+    def _check_nothing_follows(self) -> None:
+        """A Content-Length shorter than the file is a truncated image: ask for what follows."""
+        headers = {"Range": f"bytes={self.total}-"}
+        if self.validator.if_range:
+            headers["If-Range"] = self.validator.if_range
+        try:
+            resp = self.client.get(self.final_url, headers)
+        except RemoteError:
+            return  # no answer is no evidence; the body itself was complete
+        try:
+            extra = resp.status == 206 or (
+                resp.status == 200 and content_length(resp.headers) not in (None, self.total))
+        finally:
+            resp.close()
+        if extra:
+            raise RemoteError(f"{self.url}: the server announced {self.total} bytes "
+                              "(Content-Length) but the file is longer; refusing a truncated "
+                              "image")
+
+    def _progress(self, force: bool = False) -> None:
+        if self.emit is None:
+            return
+        now = time.monotonic()
+        if force or now - self._last_progress >= _PROGRESS_INTERVAL:
+            self._last_progress = now
+            self.emit(Progress(None, DOWNLOADING, self._handed, self.total))
+
+    def _drop(self) -> None:
+        if self._resp is not None:
+            with contextlib.suppress(Exception):
+                self._resp.close()
+            self._resp = None
+
+    def verify(self) -> None:
+        """Read what is left and check the checksum (for an engine that stops early)."""
+        while self.readinto(bytearray(CHUNK)):
+            pass
+
+    def close(self) -> None:
+        if not self.closed:
+            self._drop()
+            if self.sink is not None:
+                self.sink.abort()
+                self.sink = None
+        super().close()
+
+
+class FileSink:
+    """A private copy of the download (watch without --cache, zip images)."""
+
+    def __init__(self, directory: str) -> None:
+        self.where = directory
+        self.dir = tempfile.mkdtemp(prefix="popsicle-py-download-", dir=directory)
+        self.path = os.path.join(self.dir, "image")
+        self._file = open(self.path, "wb")  # noqa: SIM115 - closed by commit() or abort()
+
+    def write(self, data: bytes | memoryview) -> None:
+        self._file.write(data)
+
+    def commit(self) -> str:
+        self._file.close()
+        return self.path
+
+    def abort(self) -> None:
+        with contextlib.suppress(OSError):
+            self._file.close()
+        self.remove()
+
+    def remove(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)

@@ -1,0 +1,325 @@
+"""The HTTP client of remote images: urllib3 (2.x), and the pure decisions over its answers.
+
+urllib3 gives pooled connections, redirects, timeouts and TLS verification against the system's
+certificates by default, pure Python.  This module is the only one that speaks to it directly
+(Download reads the responses it hands out): each transport failure becomes a RemoteError whose
+one line a person can act on, and the first answer for a URL is probed here, so that error pages
+and HTML are refused before anything is written.
+"""
+
+from __future__ import annotations
+
+import http.client
+import logging
+import os
+import re
+import urllib.parse
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import urllib3
+from urllib3.exceptions import (
+    HTTPError,
+    MaxRetryError,
+    NewConnectionError,
+    ProtocolError,
+    ReadTimeoutError,
+    SSLError,
+)
+from urllib3.util import Retry, Timeout
+
+from popsicle_py._version import __version__
+from popsicle_py.images import ImageError, detect_format
+from popsicle_py.signatures import SIDECAR_LIMIT
+
+__all__ = [
+    "Client",
+    "HttpSettings",
+    "Probe",
+    "RemoteError",
+    "Validator",
+    "content_length",
+    "failure_reason",
+    "final_url",
+    "is_url",
+    "looks_like_html",
+    "parse_content_range",
+    "probe",
+    "status_message",
+    "transport_message",
+]
+
+_HEAD = 4096  # bytes read before deciding what the body is
+
+
+class RemoteError(ImageError):
+    """A download that cannot go on, as one line (an ImageError: the CLI refuses with it)."""
+
+
+def is_url(text: str) -> bool:
+    """True for http:// and https:// addresses (what flash and watch download)."""
+    return text[:8].lower().startswith(("http://", "https://"))
+
+
+@dataclass(frozen=True)
+class HttpSettings:
+    """Timeouts and retries; the environment can shorten them (tests, slow links)."""
+
+    connect_timeout: float = 15.0
+    read_timeout: float = 30.0  # no byte for this long: the connection is stalled, resume
+    retries: int = 5  # consecutive failed attempts without progress before giving up
+    backoff: float = 0.5  # first pause between attempts, doubled each time (at most 8 s)
+    max_redirects: int = 10
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> HttpSettings:
+        """POPSICLE_PY_HTTP_TIMEOUT, _RETRIES and _BACKOFF override the defaults."""
+        env = os.environ if env is None else env
+        base = cls()
+        try:
+            return cls(
+                connect_timeout=float(env.get("POPSICLE_PY_HTTP_TIMEOUT", base.connect_timeout)),
+                read_timeout=float(env.get("POPSICLE_PY_HTTP_TIMEOUT", base.read_timeout)),
+                retries=int(env.get("POPSICLE_PY_HTTP_RETRIES", base.retries)),
+                backoff=float(env.get("POPSICLE_PY_HTTP_BACKOFF", base.backoff)),
+            )
+        except ValueError:
+            raise ImageError("POPSICLE_PY_HTTP_TIMEOUT, _RETRIES and _BACKOFF must be "
+                             "numbers") from None
+
+    def pause(self, attempt: int) -> float:
+        return float(min(8.0, self.backoff * 2 ** (attempt - 1)))
+
+
+# ----------------------------------------------------------------------------------------------
+# Pure decisions over headers
+
+
+@dataclass(frozen=True)
+class Validator:
+    """What identifies one version of the file on the server."""
+
+    etag: str | None
+    last_modified: str | None
+
+    @classmethod
+    def of(cls, headers: Mapping[str, str]) -> Validator:
+        return cls(headers.get("ETag"), headers.get("Last-Modified"))
+
+    @property
+    def if_range(self) -> str | None:
+        """If-Range takes a strong ETag or a date (RFC 9110 13.1.5), never a weak ETag."""
+        if self.etag and not self.etag.startswith("W/"):
+            return self.etag
+        return self.last_modified
+
+    @property
+    def key(self) -> str | None:
+        """The cache's notion of a version; None when the server gives no validator."""
+        if self.etag:
+            return f"etag:{self.etag}"
+        if self.last_modified:
+            return f"date:{self.last_modified}"
+        return None
+
+    def contradicts(self, other: Validator) -> bool:
+        """True when ``other`` (a later response's) says the file is another version."""
+        if self.etag and other.etag:
+            return self.etag.removeprefix("W/") != other.etag.removeprefix("W/")
+        if self.last_modified and other.last_modified:
+            return self.last_modified != other.last_modified
+        return False
+
+
+_CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)", re.I)
+
+
+def parse_content_range(value: str | None) -> tuple[int, int, int | None] | None:
+    """(first, last, total or None) of a 206's Content-Range; None when absent or malformed."""
+    m = _CONTENT_RANGE.fullmatch((value or "").strip())
+    if not m:
+        return None
+    return int(m[1]), int(m[2]), None if m[3] == "*" else int(m[3])
+
+
+def content_length(headers: Mapping[str, str]) -> int | None:
+    value = headers.get("Content-Length")
+    if value is None or not value.strip().isdigit():
+        return None
+    return int(value)
+
+
+_HTML_STARTS = (b"<!doctype html", b"<html", b"<head", b"<body", b"<!--", b"<?xml")
+
+
+def looks_like_html(head: bytes, content_type: str | None) -> bool:
+    """An error or download page where an image was expected: markup, or text/html text."""
+    text = head.lstrip(b"\xef\xbb\xbf \t\r\n").lower()
+    if text.startswith(_HTML_STARTS):
+        return True
+    kind = (content_type or "").split(";")[0].strip().lower()
+    return kind in ("text/html", "application/xhtml+xml") and b"\0" not in head
+
+
+def status_message(url: str, status: int, reason: str | None) -> str:
+    what = f"HTTP {status}{' ' + reason if reason else ''}"
+    if status == 404:
+        return f"{url}: not found ({what})"
+    if status == 410:
+        return f"{url}: gone from the server ({what})"
+    if status in (401, 403):
+        return f"{url}: access refused ({what})"
+    return f"{url}: the server answered {what}"
+
+
+_VERIFY_FAILED = re.compile(r"certificate verify failed: ([^(]*?)\s*(?:\(|$)")
+
+
+def transport_message(url: str, exc: BaseException) -> str:
+    """One line for a connection that could not be made or went wrong (no traceback text)."""
+    reason = exc.reason if isinstance(exc, MaxRetryError) else exc
+    host = urllib.parse.urlsplit(url).hostname or url
+    text = str(reason)
+    if isinstance(exc, MaxRetryError) and "too many redirects" in text.lower():
+        return f"{url}: too many redirects (a redirect loop?)"
+    if isinstance(reason, SSLError) or "SSL" in text:
+        m = _VERIFY_FAILED.search(text)
+        if m:
+            return (f"{url}: TLS certificate of {host} is not trusted ({m[1]}); "
+                    "nothing was downloaded")
+        return f"{url}: TLS error with {host}: {_short(text)}"
+    if isinstance(reason, NewConnectionError):
+        cause = text.rsplit(":", 1)[-1].strip() or "refused"
+        return f"{url}: cannot connect to {host}: {cause}"
+    if isinstance(reason, ReadTimeoutError) or "timed out" in text.lower():
+        return f"{url}: {host} did not answer in time"
+    return f"{url}: {_short(text)}"
+
+
+def _short(text: str) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+# ----------------------------------------------------------------------------------------------
+# The client
+
+
+class Client:
+    """One connection pool for a run: the probe, the body, its resumes and the sums files."""
+
+    def __init__(self, settings: HttpSettings | None = None) -> None:
+        self.settings = settings or HttpSettings.from_env()
+        s = self.settings
+        # urllib3 logs each retry as a warning: our own notes say it once, in the user's words.
+        if not logging.getLogger().isEnabledFor(logging.DEBUG):
+            logging.getLogger("urllib3").setLevel(logging.ERROR)
+        self.pool = urllib3.PoolManager(
+            maxsize=4,  # the body, a resume or the end check, and the sums files at once
+            timeout=Timeout(connect=s.connect_timeout, read=s.read_timeout),
+            headers={"User-Agent": f"popsicle-py/{__version__}",
+                     "Accept-Encoding": "identity"},  # Range offsets are offsets in the file
+        )
+
+    def get(self, url: str, headers: Mapping[str, str] | None = None,
+            redirects: bool = True) -> urllib3.BaseHTTPResponse:
+        """GET with redirects and retries of the connection; transport errors as RemoteError."""
+        s = self.settings
+        retry = Retry(total=None, connect=s.retries, read=s.retries, status=s.retries,
+                      redirect=s.max_redirects if redirects else 0, other=0,
+                      status_forcelist=(429, 500, 502, 503, 504), backoff_factor=s.backoff,
+                      backoff_max=8.0, raise_on_status=False, raise_on_redirect=True)
+        try:
+            return self.pool.request("GET", url, headers=dict(headers or {}), retries=retry,
+                                     preload_content=False, decode_content=False)
+        except (HTTPError, OSError) as exc:
+            raise RemoteError(transport_message(url, exc)) from None
+
+    def fetch_small(self, url: str) -> bytes | None:
+        """A sums or signature file; None when it is not there (404, 410, or an HTML page)."""
+        resp = self.get(url)
+        try:
+            if resp.status in (403, 404, 410):
+                return None
+            if resp.status != 200:
+                raise RemoteError(f"checksum file {status_message(url, resp.status, resp.reason)}")
+            data = resp.read(SIDECAR_LIMIT + 1)
+            if len(data) > SIDECAR_LIMIT:
+                raise RemoteError(f"checksum file {url} is larger than 16 MiB: not a checksum "
+                                  "file")
+            if looks_like_html(data[:_HEAD], resp.headers.get("Content-Type")):
+                return None  # a "soft 404" page
+            return data
+        except (HTTPError, OSError) as exc:
+            raise RemoteError(transport_message(url, exc)) from None
+        finally:
+            left = resp.length_remaining
+            if left is not None and left <= 64 << 10:  # read the little left: reuse it
+                resp.drain_conn()
+                resp.release_conn()
+            else:
+                resp.close()  # never hand back a connection in the middle of a body
+
+
+@dataclass
+class Probe:
+    """The first answer for a URL: what the body is, and the open response to stream it from."""
+
+    url: str
+    final_url: str
+    response: urllib3.BaseHTTPResponse | None
+    head: bytes
+    total: int | None
+    validator: Validator
+    content_type: str | None
+
+    def close(self) -> None:
+        if self.response is not None:
+            self.response.close()
+            self.response = None
+
+
+def final_url(url: str, resp: urllib3.BaseHTTPResponse) -> str:
+    """Where the redirects ended (resume requests go there, to the same mirror)."""
+    retries = getattr(resp, "retries", None)
+    for step in getattr(retries, "history", ()) or ():
+        if step.redirect_location:
+            url = urllib.parse.urljoin(url, step.redirect_location)
+    return url
+
+
+def probe(client: Client, url: str) -> Probe:
+    """GET the URL and read its first bytes; refuse errors and HTML pages before anything."""
+    resp = client.get(url)
+    if resp.status != 200:
+        resp.close()
+        raise RemoteError(status_message(url, resp.status, resp.reason))
+    final = final_url(url, resp)
+    try:
+        head = resp.read(_HEAD)
+    except (HTTPError, OSError) as exc:
+        resp.close()
+        raise RemoteError(transport_message(url, exc)) from None
+    result = Probe(url, final, resp, head, content_length(resp.headers),
+                   Validator.of(resp.headers), resp.headers.get("Content-Type"))
+    if not head:
+        result.close()
+        raise RemoteError(f"{url} is empty (the server sent no bytes)")
+    if detect_format(head) == "raw" and looks_like_html(head, result.content_type):
+        result.close()
+        raise RemoteError(f"{url} is an HTML page, not a disk image (an error or download "
+                          "page? use the direct link to the image)")
+    return result
+
+
+def failure_reason(exc: BaseException) -> str:
+    """Why a read of the body failed, in a note's words (a stall is called one)."""
+    if isinstance(exc, ReadTimeoutError) or "timed out" in str(exc).lower():
+        return "no data for too long (stalled)"
+    if isinstance(exc, ProtocolError):
+        inner = exc.args[1] if len(exc.args) > 1 else exc
+        if isinstance(inner, http.client.IncompleteRead):
+            return "the connection closed before the body ended"
+        return f"connection broken: {_short(str(inner))}"
+    return _short(str(exc)) or type(exc).__name__
+

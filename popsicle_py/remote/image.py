@@ -1,0 +1,354 @@
+"""The remote image: a URL probed once, its published checksum, and what the CLI calls.
+
+:func:`open_url` probes the URL, finds the checksum published beside it (SHA256SUMS, NAME.sha256
+..., signed when a keyring is given) and uses a cached copy of this version when there is one;
+:class:`RemoteImage` streams (and decodes, exactly like files, through
+:func:`images.open_stream`) a fresh :class:`Download` for each pass; :func:`materialize` keeps
+the whole body in a file first, for watch and zip images.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import posixpath
+import threading
+import urllib.parse
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, BinaryIO
+
+from popsicle_py.cache import Cache, CacheWriter
+from popsicle_py.events import Note
+from popsicle_py.images import (
+    Checksum,
+    Image,
+    ImageError,
+    choose_sidecar,
+    detect_format,
+    open_image,
+    open_stream,
+    parse_checksum_option,
+    read_decoded,
+)
+from popsicle_py.remote.download import CHUNK, Download, Emit, FileSink
+from popsicle_py.remote.http import Client, HttpSettings, Probe, RemoteError, probe
+from popsicle_py.signatures import check_signature
+
+__all__ = [
+    "RemoteImage",
+    "UrlImage",
+    "attach",
+    "materialize",
+    "open_url",
+    "published_checksum",
+]
+
+_NAME_HINTS = {".gz": "gzip", ".xz": "xz", ".bz2": "bzip2", ".zst": "zstd", ".zip": "zip"}
+
+
+class _Decoded(io.RawIOBase):
+    """The decoded image over a Download, keeping the download's hasher/expected in reach."""
+
+    def __init__(self, download: Download, decoded: BinaryIO) -> None:
+        super().__init__()
+        self.download = download
+        self._decoded = decoded
+
+    @property
+    def hasher(self) -> Any:
+        return self.download.hasher
+
+    @property
+    def expected(self) -> Checksum | None:
+        return self.download.expected
+
+    def verify(self) -> None:
+        self.download.verify()
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
+        return self._decoded.readinto(buffer)  # type: ignore[attr-defined, no-any-return]
+
+    def close(self) -> None:
+        if not self.closed:
+            self._decoded.close()
+            self.download.close()
+        super().close()
+
+
+class RemoteImage:
+    """An image at a URL, probed once; open() streams (and decodes) the download.
+
+    The first open() uses the probe's response; later ones read the copy the first download
+    left in the cache, or download again, refusing a file that changed on the server.
+    ``expected`` is the published checksum, checked by the stream in the same pass.
+    """
+
+    seekable_raw = False
+    member: str | None = None
+
+    def __init__(self, client: Client, probe_: Probe, expected: Checksum | None,
+                 cache: Cache | None) -> None:
+        self.client = client
+        self._probe: Probe | None = probe_
+        self.url = probe_.url
+        self.path = probe_.url
+        self.final_url = probe_.final_url
+        self.validator = probe_.validator
+        self.total = probe_.total
+        self.format = detect_format(probe_.head)
+        self.file_size = probe_.total or 0
+        self.size = probe_.total if self.format == "raw" else None
+        self.expected = expected
+        self.cache = cache
+        self.emit: Emit | None = None
+        self.cancel: Callable[[], bool] | None = None
+        self.local: str | None = None  # a complete copy, once one exists
+        self.warning: str | None = None
+        ext = posixpath.splitext(urllib.parse.urlsplit(self.final_url).path)[1].lower()
+        if _NAME_HINTS.get(ext, self.format) != self.format:
+            what = "a raw image" if self.format == "raw" else f"{self.format} data"
+            self.warning = f"{self.url} has a {ext} name but holds {what}; using it as {what}"
+
+    @property
+    def compressed(self) -> bool:
+        return self.format != "raw"
+
+    def attach(self, emit: Emit | None, cancel: Callable[[], bool] | None = None) -> None:
+        """Where download progress goes (the view), and what stops a pause between retries."""
+        self.emit = emit
+        self.cancel = cancel
+
+    def open_raw(self, sink: CacheWriter | FileSink | None = None, *,
+                 required: bool = False) -> Download:
+        """The body as published (compressed bytes for a compressed image).
+
+        With a cache, the body is also kept there; ``required`` when that copy is the one the
+        caller will use (else a cache that cannot be written is skipped with a note).
+        """
+        p = self._probe
+        self._probe = None
+        if p is None:  # a second pass: a fresh request, which must be the same version
+            p = probe(self.client, self.url)
+            if self.validator.contradicts(p.validator) or p.total != self.total:
+                p.close()
+                raise RemoteError(f"{self.url} changed on the server since it was first "
+                                  "read; run again")
+        if sink is None and self.cache is not None and self.validator.key is not None:
+            try:
+                sink = self.cache.writer(self.url, self.validator.key)
+            except OSError as exc:
+                why = f"{self.cache.root}: {exc.strerror or exc}"
+                if required:
+                    p.close()
+                    raise RemoteError(f"cannot keep the download of {self.url} in {why}; "
+                                      "fix it, or run without --cache") from None
+                if self.emit is not None:
+                    self.emit(Note(f"not caching {self.url}: {why}; the flash goes on"))
+        download = Download(self.client, p, expected=self.expected, sink=sink,
+                            emit=self.emit, cancel=self.cancel, required=required)
+        download.on_commit = self._keep
+        return download
+
+    def _keep(self, path: str) -> None:
+        self.local = path
+
+    #: The bytes as published can be hashed in the write pass (see open's ``tap``).
+    tappable = True
+
+    def open(self, tap: Any = None) -> BinaryIO:
+        """A fresh stream of the image: decoded, hashed, resumed after drops.
+
+        ``tap`` (an engine's checksum tap: ``tap.wrap(raw)`` returns a hashing stream) sees the
+        downloaded bytes before they are decoded, as for a file.  Without it the stream still
+        checks ``expected`` itself at the end of the body.
+        """
+        if self.local is not None and os.path.exists(self.local):
+            local: Any = open_image(self.local)  # checked when it was downloaded
+            return local.open() if tap is None else local.open(tap)  # type: ignore[no-any-return]
+        download = self.open_raw()
+        raw: Any = download if tap is None else tap.wrap(download)
+        if self.format == "raw":
+            return download if tap is None else _Decoded(download, raw)  # type: ignore[return-value]
+        decoded = open_stream(raw, self.format, self.url)
+        return _Decoded(download, decoded)  # type: ignore[return-value]
+
+    def read_at(self, offset: int, length: int) -> bytes:
+        """``length`` bytes of the image at ``offset`` (repairs): from the copy, else again."""
+        stream: Any
+        with self.open() as stream:
+            return read_decoded(stream, offset, length)
+
+    def close(self) -> None:
+        if self._probe is not None:
+            self._probe.close()
+            self._probe = None
+
+
+# ----------------------------------------------------------------------------------------------
+# Published checksums (their signatures: popsicle_py.signatures)
+
+
+def _name_of(url: str) -> str:
+    """The file name a URL ends with (what SHA256SUMS lists)."""
+    path = urllib.parse.urlsplit(url).path
+    return urllib.parse.unquote(posixpath.basename(path))
+
+
+def _beside(url: str, name: str) -> str:
+    return urllib.parse.urljoin(url, urllib.parse.quote(name))
+
+
+def published_checksum(client: Client, probe_: Probe, keyring: str | None
+                       ) -> tuple[Checksum | None, list[str]]:
+    """The checksum published beside the URL (or beside where it redirected), and notes."""
+    fetched: dict[str, bytes | None] = {}
+
+    def read_bytes(url: str) -> bytes | None:
+        if url not in fetched:
+            fetched[url] = client.fetch_small(url)
+        return fetched[url]
+
+    def read_text(url: str) -> str | None:
+        data = read_bytes(url)
+        return None if data is None else data.decode("utf-8", errors="replace")
+
+    found = None
+    for where in dict.fromkeys((probe_.url, probe_.final_url)):
+        name = _name_of(where)
+        if name:
+            found = choose_sidecar(name, lambda n, w=where: _beside(w, n),  # type: ignore[misc]
+                                   read_text)
+        if found:
+            break
+    notes = []
+    if keyring is not None:
+        if found is None:
+            raise ImageError(f"--keyring: no SHA256SUMS, SHA512SUMS or {_name_of(probe_.url)}"
+                             f".sha256 found beside {probe_.url}: nothing to verify")
+        sig = check_signature(found.source, read_bytes, keyring)
+        notes.append(f"signature ok: {sig} (keyring {keyring})")
+    return found, notes
+
+
+# ----------------------------------------------------------------------------------------------
+# What the CLI calls
+
+
+@dataclass
+class UrlImage:
+    """A URL opened for flashing: the image, a checksum still to check first, and notes."""
+
+    image: RemoteImage | Image
+    prepass: Checksum | None = None  # set for a cached copy: checked like a local file
+    notes: list[str] = field(default_factory=list)
+
+
+def open_url(url: str, *, sha256: str | None = None, checksum: str | None = None,
+             no_checksum: bool = False, keyring: str | None = None,
+             cache: Cache | None = None, settings: HttpSettings | None = None) -> UrlImage:
+    """Probe the URL, find its checksum, and use a cached copy of this version if there is one.
+
+    Raises ImageError (one line) for anything that stops the flash before writing.
+    """
+    given = parse_checksum_option(sha256, checksum)
+    if keyring is not None and (given is not None or no_checksum):
+        raise ImageError("--keyring checks a published checksum file; it cannot be combined "
+                         "with --sha256, --checksum or --no-checksum")
+    try:
+        urllib.parse.urlsplit(url).port  # noqa: B018 - raises for a malformed host or port
+    except ValueError as exc:
+        raise RemoteError(f"{url}: not a valid URL ({exc})") from None
+    client = Client(settings)
+    first = probe(client, url)
+    try:
+        notes: list[str] = []
+        expected = given
+        if expected is None and not no_checksum:
+            expected, notes = published_checksum(client, first, keyring)
+        key = first.validator.key
+        if cache is not None and key is None:
+            notes.append(f"not cached: {url} gives no ETag or Last-Modified to tell versions "
+                         "apart")
+        if cache is not None and key is not None:
+            entry = cache.lookup(url, key)
+            if entry is not None:
+                first.close()
+                notes.append(f"using the cached download of {url} ({entry.path})")
+                return UrlImage(open_image(str(entry.path)), expected, notes)
+        image = RemoteImage(client, first, expected, cache if key is not None else None)
+    except BaseException:
+        first.close()
+        raise
+    if expected is not None:
+        notes.append(f"checksum: {expected.algo} from {expected.source}, checked while "
+                     "downloading")
+    return UrlImage(image, None, notes)
+
+
+def attach(image: Any, emit: Emit | None, cancel: Callable[[], bool] | None = None) -> None:
+    """Send a RemoteImage's download events to the view (no-op for local images)."""
+    if isinstance(image, RemoteImage):
+        image.attach(emit, cancel)
+
+
+def materialize(image: RemoteImage, emit: Emit, cancel: Callable[[], bool],
+                tmpdir: str) -> tuple[Image | None, Callable[[], None]]:
+    """Download the whole image to a file (the cache, else a private one) and open that.
+
+    For watch (every drive served from one download) and for zip files (whose directory is at
+    the end).  Returns (None, cleanup) when cancelled.  The checksum is checked in the same
+    pass; ImageError when the download fails.  ``cleanup`` removes a private copy.
+    """
+    sink: CacheWriter | FileSink | None = None
+    private: FileSink | None = None
+    if image.cache is None:
+        try:
+            private = FileSink(tmpdir)
+        except OSError as exc:
+            raise ImageError(f"cannot make a temporary file in {tmpdir} for the download: "
+                             f"{exc.strerror or exc}; set TMPDIR") from None
+        sink = private
+    image.attach(emit, cancel)
+
+    def cleanup() -> None:
+        if private is not None:
+            private.remove()
+
+    download = image.open_raw(sink, required=True)
+    outcome: list[BaseException | None] = []
+
+    def pull() -> None:
+        try:
+            while download.readinto(buf):
+                pass
+            outcome.append(None)
+        except BaseException as exc:  # handed to the waiting thread
+            outcome.append(exc)
+
+    buf = bytearray(CHUNK)
+    thread = threading.Thread(target=pull, name="popsicle-download", daemon=True)
+    thread.start()
+    while thread.is_alive():  # the main thread stays free for signals
+        thread.join(0.1)
+        if cancel():
+            download.close()
+            cleanup()
+            return None, cleanup
+    download.close()
+    if outcome and outcome[0] is not None:
+        cleanup()
+        error = outcome[0]
+        if isinstance(error, ImageError):
+            raise error
+        raise ImageError(f"{image.url}: download failed: {error}") from None
+    path = download.committed
+    assert path is not None
+    image.local = path
+    if emit is not None:
+        emit(Note(f"downloaded {image.url} once to {path}; every drive is written from it"))
+    local = open_image(path)
+    return local, cleanup

@@ -27,10 +27,7 @@ import contextlib
 import errno
 import sys
 from collections.abc import Sequence
-from typing import IO, TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from popsicle_py.engine.results import DestinationResult
+from typing import IO, Protocol
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -79,10 +76,21 @@ class Cancelled(PopsicleError):
     exit_code = EXIT_SIGNAL_BASE + 2  # SIGINT, unless the caller knows the signal
 
 
-class AllDestinationsFailed(PopsicleError):
-    """Every destination failed; ``results`` says how each one did."""
+class Outcome(Protocol):
+    """How one destination did, as far as this error needs it (an engine DestinationResult:
+    typed by what it has, so errors, below the engine, imports nothing of it)."""
 
-    def __init__(self, results: Sequence[DestinationResult]) -> None:
+    @property
+    def id(self) -> int: ...
+
+    @property
+    def error(self) -> OSError | None: ...
+
+
+class AllDestinationsFailed(PopsicleError):
+    """Every destination failed; ``results`` (the engine's DestinationResults) says how."""
+
+    def __init__(self, results: Sequence[Outcome]) -> None:
         self.results = tuple(results)
         reasons = "; ".join(f"{r.id}: {r.error}" for r in self.results)
         super().__init__(f"every destination failed ({reasons})")

@@ -382,7 +382,7 @@ def open_for_reading(spec: OpenSpec) -> BlockDevice:
 def drop_cache(device: FileLike) -> None:
     """Forget the drive's cached pages so that reading it back reaches the device.
 
-    Any destination with a descriptor will do (a BlockDevice, a file); others are skipped.
+    Every destination with a descriptor will do (a BlockDevice, a file); others are skipped.
     """
     if isinstance(device, BlockDevice):
         device.ioctl(BLKFLSBUF, "BLKFLSBUF")

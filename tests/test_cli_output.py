@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import subprocess
 from collections.abc import Callable
+from typing import IO, Any
 
 import pytest
 from conftest import Loop, popsicle_cmd
@@ -16,7 +17,7 @@ from conftest import Loop, popsicle_cmd
 MiB = 1 << 20
 
 
-def _run(*args: str, width: int = 80, stdout: object = subprocess.PIPE
+def _run(*args: str, width: int = 80, stdout: int | IO[Any] = subprocess.PIPE
          ) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "COLUMNS": str(width)}
     return subprocess.run([*popsicle_cmd(), *args], stdout=stdout, stderr=subprocess.PIPE,

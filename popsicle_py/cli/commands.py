@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import click
 
@@ -30,7 +30,7 @@ from popsicle_py.app.requests import (
     WatchRequest,
     WriteOptions,
 )
-from popsicle_py.cli.ask import confirm, make_view, make_watch_view
+from popsicle_py.cli.ask import confirm, make_view, make_watch_view, said_without_asking
 from popsicle_py.cli.guard import Group, run_guarded
 from popsicle_py.cli.options import (
     DEVICE,
@@ -55,12 +55,13 @@ from popsicle_py.units import format_size
 if TYPE_CHECKING:
     from popsicle_py.app.flash import PreparedFlash
     from popsicle_py.app.verify import PreparedProbe, PreparedVerify
+    from popsicle_py.app.watch import PreparedWatch
     from popsicle_py.protocols import View
 
 __all__ = ["FORCE_HELP", "NO_PROBE_HELP", "main"]
 
 
-def _stall_option(help_text: str) -> Decorator[Any]:
+def _stall_option(help_text: str) -> Decorator:
     return click.option("--stall-timeout", type=click.FloatRange(min=0.1),
                         default=DEFAULT_STALL_TIMEOUT, metavar="SECONDS", show_default=True,
                         help=help_text)
@@ -79,12 +80,16 @@ def _run(job: PreparedFlash | PreparedVerify | PreparedProbe, view: View) -> int
     return exit_status(summary, cancel)
 
 
-def _show_notes(view: View, notes: tuple[str, ...], output: OutputOptions) -> None:
+def _show_notes(view: View, job: PreparedFlash | PreparedWatch, yes: bool,
+                output: OutputOptions) -> None:
     """The notes of the confirmation, again in the run's output (JSON has none before its
-    first event)."""
-    if not output.json:
-        for note in notes:
-            view.handle(events.Note(note))
+    first event); with --yes, first what is written where, as nothing asked it."""
+    if output.json:
+        return
+    if yes:
+        view.handle(events.Note(said_without_asking(job.confirmation)))
+    for note in job.notes:
+        view.handle(events.Note(note))
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -121,7 +126,7 @@ def flash(source: SourceOptions, targets: TargetOptions, yes: bool, write: Write
         with prepare_flash(request) as job:
             confirm(job.confirmation, yes)
             view = make_view(output.json, job.labels)
-            _show_notes(view, job.notes, output)
+            _show_notes(view, job, yes, output)
             return _run(job, view)
 
     run_guarded(output.debug, output.json, body)
@@ -206,7 +211,7 @@ def watch(source: SourceOptions, count: int | None, yes: bool, no_verify: bool,
             confirm(job.confirmation, yes)
             view = make_watch_view(output.json, job.image.path, job.image.size, count,
                                    not no_verify)
-            _show_notes(view, job.notes, output)
+            _show_notes(view, job, yes, output)
             cancel = Cancellation()
             cancel.announce = view.announce
             with cancel.installed():

@@ -27,7 +27,7 @@ import contextlib
 import errno
 import sys
 from collections.abc import Sequence
-from typing import IO, Protocol
+from typing import IO, Generic, Protocol, TypeVar
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -87,10 +87,13 @@ class Outcome(Protocol):
     def error(self) -> OSError | None: ...
 
 
-class AllDestinationsFailed(PopsicleError):
+R = TypeVar("R", bound=Outcome)
+
+
+class AllDestinationsFailed(PopsicleError, Generic[R]):
     """Every destination failed; ``results`` (the engine's DestinationResults) says how."""
 
-    def __init__(self, results: Sequence[Outcome]) -> None:
+    def __init__(self, results: Sequence[R]) -> None:
         self.results = tuple(results)
         reasons = "; ".join(f"{r.id}: {r.error}" for r in self.results)
         super().__init__(f"every destination failed ({reasons})")

@@ -22,7 +22,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from popsicle_py import blockdev, failures
 from popsicle_py.blockdev import BlockDevice, OpenSpec
@@ -52,8 +52,16 @@ from popsicle_py.events import (
     Summary,
 )
 from popsicle_py.images import Checksum, ChecksumTap
-from popsicle_py.messages import BusVerifierMessage, BusWriterMessage
+from popsicle_py.messages import (
+    BusVerifierMessage,
+    BusWriterMessage,
+    VerifierMessage,
+    WriterMessage,
+)
 from popsicle_py.protocols import Source
+
+if TYPE_CHECKING:
+    from popsicle_py.probe import ProbeResult
 
 log = logging.getLogger(__name__)
 
@@ -287,7 +295,7 @@ class FlashJob(_Job):
         options = self.options
         total = self.total
 
-        def on_message(msg: Any) -> None:
+        def on_message(msg: WriterMessage | Phase | Progress | Note) -> None:
             drive = self.drives[getattr(msg, "id", 0)]
             match msg:
                 case BusWriterMessage.Written(bytes_written=n):
@@ -394,7 +402,7 @@ class VerifyJob(_Job):
         """From any thread (a download's progress): emitted on the job's own thread, in order."""
         self._verifier.post(event)
 
-    def _on_message(self, msg: Any) -> None:
+    def _on_message(self, msg: VerifierMessage | Phase | Progress | Note) -> None:
         if isinstance(msg, (Phase, Progress, Note)):
             self.emit(msg)
             return
@@ -475,7 +483,7 @@ class ProbeJob(_Job):
             self._end(drive, Status.FAILED, f"{drive.path}: did not finish", cause=Cause.ERROR)
         return self._summary()
 
-    def _on_message(self, msg: Any) -> None:
+    def _on_message(self, msg: _Probed | BusWriterMessage.Errored) -> None:
         drive = self.drives[msg.id]
         if isinstance(msg, BusWriterMessage.Errored):
             self._fail(drive, msg.why)
@@ -496,4 +504,4 @@ class ProbeJob(_Job):
 @dataclass(frozen=True)
 class _Probed:
     id: int
-    result: Any
+    result: ProbeResult

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO, TypeAlias
 import zstandard
 from zlib_ng import zlib_ng
 
+from popsicle_py import files
 from popsicle_py.errors import Cancelled, Refused
 
 __all__ = [
@@ -982,7 +983,7 @@ def decompress_to(image: Image, path: str, cancel: Callable[[], bool],
     done = 0
     buf = memoryview(bytearray(4 << 20))
     try:
-        with image.open() as source, open(path, "wb") as out:
+        with image.open() as source, files.create_regular(path) as out:
             while True:
                 if cancel():
                     return None

@@ -14,6 +14,7 @@ import subprocess
 import tempfile
 from collections.abc import Callable
 
+from popsicle_py import files
 from popsicle_py.images import ImageError
 
 __all__ = ["SIDECAR_LIMIT", "SIGNATURE_SUFFIXES", "check_signature", "read_local"]
@@ -31,9 +32,9 @@ def _signature_check(name: str, data: bytes, signature: bytes, keyring: str) -> 
         raise ImageError(f"--keyring {keyring}: no such file")
     with tempfile.TemporaryDirectory(prefix="popsicle-py-gpgv-") as home:
         sums, sig = os.path.join(home, "sums"), os.path.join(home, "sums.sig")
-        with open(sums, "wb") as f:
+        with files.create_regular(sums, exclusive=True) as f:
             f.write(data)
-        with open(sig, "wb") as f:
+        with files.create_regular(sig, exclusive=True) as f:
             f.write(signature)
         try:
             proc = subprocess.run(["gpgv", "--keyring", os.path.abspath(keyring), sig, sums],

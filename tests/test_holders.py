@@ -53,11 +53,12 @@ def window(target: str, offset: int, size: int) -> Iterator[str]:
 @contextlib.contextmanager
 def mounted_elsewhere(device: str, mountpoint: Path) -> Iterator[subprocess.Popen[str]]:
     """``device`` mounted at ``mountpoint`` only inside a private mount namespace (what a
-    container or a service with PrivateMounts has), held by a ``sleep`` in it."""
+    container or a service with PrivateMounts has), held by a ``sleep`` in it.  Read-only,
+    so that the kernel itself writes nothing (an ext4 mount stamps its superblock)."""
     mountpoint.mkdir(exist_ok=True)
     proc = subprocess.Popen(
         ["unshare", "-m", "--propagation", "private", "sh", "-c",
-         f"mount {device} {mountpoint} && echo ready && exec sleep 60"],
+         f"mount -o ro {device} {mountpoint} && echo ready && exec sleep 60"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None

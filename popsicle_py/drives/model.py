@@ -141,6 +141,14 @@ class Backing:
 
 
 @dataclass(frozen=True)
+class Process:
+    """A running program, as messages name it: ``sleep (pid 1234)``."""
+
+    pid: int
+    program: str
+
+
+@dataclass(frozen=True)
 class Mount:
     """One mount, with every block device (and backing file) it rests on."""
 
@@ -148,6 +156,35 @@ class Mount:
     mountpoint: str
     devnums: frozenset[int]
     files: frozenset[Inode] = frozenset()
+    #: None for a mount of our own mount namespace; else a process of the namespace it is in
+    #: (a container, a service with PrivateMounts), which ``--unmount`` cannot reach.
+    namespace: Process | None = None
+    #: The block devices it is mounted from (before walking down what they rest on).
+    sources: frozenset[int] = frozenset()
+
+
+@dataclass(frozen=True)
+class Opener:
+    """A process holding a block device open (``fuser``): which node, what its I/O reaches."""
+
+    process: Process
+    device: str  # the node it opened, as its descriptor names it
+    devnum: int
+    #: The opened device and every device its writes land on (a partition's disk, a loop
+    #: device's backing device...).
+    devnums: frozenset[int]
+    writing: bool  # opened O_WRONLY or O_RDWR
+
+
+@dataclass(frozen=True)
+class LoopOver:
+    """A loop device whose backing file is a block device (a "window" at some offset)."""
+
+    device: str
+    devnum: int
+    offset: int
+    #: Every device its writes land on: the backing device and what that rests on.
+    devnums: frozenset[int]
 
 
 @dataclass(frozen=True)
@@ -172,6 +209,12 @@ class SystemFacts:
     image_inode: Inode | None = None
     #: Backing files the image's filesystem rests on (an image inside a loop-mounted file).
     image_files: frozenset[Inode] = frozenset()
+    #: Mounts in other mount namespaces (every process's mountinfo, one per namespace).
+    foreign_mounts: tuple[Mount, ...] = ()
+    #: Loop devices standing on block devices.
+    loops: tuple[LoopOver, ...] = ()
+    #: Block devices other processes hold open (our own descriptors never count).
+    openers: tuple[Opener, ...] = ()
 
 
 @dataclass(frozen=True)

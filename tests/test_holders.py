@@ -216,3 +216,40 @@ def test_a_report_that_is_a_device_node_is_refused(loop_factory: Callable[..., L
         done.stderr
     assert target.read() == bytes([PATTERN]) * target.size
     assert victim.read() == bytes([0x5A]) * victim.size
+
+
+@pytest.mark.root
+def test_a_copy_that_follows_our_unmount_is_unmounted_with_ours(
+        loop_factory: Callable[..., Loop], tmp_path: Path) -> None:
+    """A namespace cloned as a slave of ours (systemd services on a desktop, where every
+    mount is shared) loses the mount when we unmount it: --unmount is enough."""
+    path, data = image(tmp_path)
+    target = loop_factory(32 * MiB)
+    run_tool("mkfs.ext4", "-q", target.path)
+    base = tmp_path / "base"
+    base.mkdir()
+    run_tool("mount", "-t", "tmpfs", "tmpfs", str(base))
+    own = base / "own"
+    try:
+        run_tool("mount", "--make-shared", str(base))  # as systemd makes every mount
+        own.mkdir()
+        run_tool("mount", target.path, str(own))
+        proc = subprocess.Popen(["unshare", "-m", "--propagation", "slave", "sh", "-c",
+                                 "echo ready && exec sleep 60"], stdout=subprocess.PIPE,
+                                text=True)
+        try:
+            assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+            assert str(own) in Path(f"/proc/{proc.pid}/mountinfo").read_text()
+            done = popsicle("flash", path, target.path, "--yes")
+            assert done.returncode == 2, done.stderr
+            assert refusal(done) == f"{target.path} is mounted at {own}; use --unmount to " \
+                                    "unmount it", done.stderr
+            done = popsicle("flash", path, target.path, "--yes", "--unmount")
+            assert done.returncode == 0, done.stderr
+            assert target.read(len(data)) == data
+        finally:
+            proc.kill()
+            proc.wait(timeout=10)
+    finally:
+        subprocess.run(["umount", "-l", str(own)], capture_output=True, check=False)
+        subprocess.run(["umount", "-l", str(base)], capture_output=True, check=False)

@@ -127,6 +127,8 @@ class MountEntry:
     #: (``master:N``); an unmount in a group reaches every member and slave of it.
     shared: int | None = None
     master: int | None = None
+    mount_id: int = 0
+    parent_id: int = 0
 
 
 def _unescape_mount(field: str) -> str:
@@ -149,7 +151,8 @@ def mount_table(text: str | None = None) -> list[MountEntry]:
         tags = dict(tag.partition(":")[::2] for tag in fields[6:])
         entries.append(MountEntry(devnum, _unescape_mount(fields[4]), tail[0],
                                   _unescape_mount(tail[1]), tail[2] if len(tail) > 2 else "",
-                                  _group(tags.get("shared")), _group(tags.get("master"))))
+                                  _group(tags.get("shared")), _group(tags.get("master")),
+                                  _group(fields[0]) or 0, _group(fields[1]) or 0))
     return entries
 
 
@@ -428,15 +431,15 @@ def foreign_mounts(own: list[MountEntry] | None = None) -> tuple[Mount, ...]:
     """Mounts resting on block devices in every other mount namespace, one process each.
 
     A mount made inside ``unshare -m`` (a container, a service with PrivateMounts) is in no
-    table of ours.  A copy that receives our unmounts (a member or slave of a peer group of
-    ours: ``shared:N`` or ``master:N``) is left out: ``--unmount`` removes it with ours.
-    Namespaces of processes we may not inspect (another user's, without root) are not seen.
+    table of ours.  A copy that our unmount removes too is left out: ``--unmount`` covers it
+    (see :func:`_follows`).  Namespaces of processes we may not inspect (another user's,
+    without root) are not seen.
     """
     try:
         ours = os.readlink("/proc/self/ns/mnt")
     except OSError:
         return ()
-    groups = {e.shared for e in (mount_table() if own is None else own) if e.shared}
+    groups = _unmount_groups(mount_table() if own is None else own)
     seen = {ours}
     backing = _Backings()
     found: list[Mount] = []
@@ -452,8 +455,10 @@ def foreign_mounts(own: list[MountEntry] | None = None) -> tuple[Mount, ...]:
             continue
         seen.add(namespace)
         process = Process(pid, _program(pid))
-        for entry in mount_table(text):
-            if entry.shared in groups or entry.master in groups:
+        table = mount_table(text)
+        parents = {e.mount_id: e for e in table}
+        for entry in table:
+            if _follows(entry, parents.get(entry.parent_id), groups):
                 continue
             numbers = _namespace_devnums(entry, pid)
             if not numbers:
@@ -462,6 +467,30 @@ def foreign_mounts(own: list[MountEntry] | None = None) -> tuple[Mount, ...]:
             found.append(Mount(entry.source, entry.mountpoint, devnums, namespace=process,
                                sources=frozenset(numbers)))
     return tuple(found)
+
+
+def _unmount_groups(own: list[MountEntry]) -> dict[tuple[int, str], set[int]]:
+    """For each of our mounts (device, mountpoint), the peer group its parent shares: an
+    unmount propagates through the parent's group, never through the mount's own."""
+    parents = {e.mount_id: e for e in own}
+    groups: dict[tuple[int, str], set[int]] = {}
+    for entry in own:
+        parent = parents.get(entry.parent_id)
+        if parent is not None and parent.shared:
+            groups.setdefault((entry.devnum, entry.mountpoint), set()).add(parent.shared)
+    return groups
+
+
+def _follows(entry: MountEntry, parent: MountEntry | None,
+             groups: dict[tuple[int, str], set[int]]) -> bool:
+    """Whether our unmount of the same mount removes this copy in another namespace: its
+    parent is a peer (``shared:N``) or a slave (``master:N``) of our mount's parent, as on a
+    desktop whose services' namespaces are slaves of the host's.  Seen here: with a private
+    parent, nothing propagates, whatever the mount's own group."""
+    ours = groups.get((entry.devnum, entry.mountpoint))
+    if not ours or parent is None:
+        return False
+    return parent.shared in ours or parent.master in ours
 
 
 def _block_names() -> set[str]:

@@ -17,6 +17,17 @@ import pytest
 from conftest import Loop, popsicle_cmd
 from loopdev import run as run_tool
 
+from popsicle_py.drives import (
+    LoopOver,
+    Mount,
+    Opener,
+    Process,
+    SystemFacts,
+    holder_reasons,
+    mount_table,
+    writer_reasons,
+)
+
 MiB = 1 << 20
 PATTERN = 0xA5
 
@@ -253,3 +264,42 @@ def test_a_copy_that_follows_our_unmount_is_unmounted_with_ours(
     finally:
         subprocess.run(["umount", "-l", str(own)], capture_output=True, check=False)
         subprocess.run(["umount", "-l", str(base)], capture_output=True, check=False)
+
+
+# -- the rules over plain facts -----------------------------------------------------------------
+
+DISK, PART, WINDOW, OTHER = (os.makedev(8, 16), os.makedev(8, 17), os.makedev(7, 9),
+                             os.makedev(8, 32))
+
+
+def test_holder_reasons_name_each_holder_over_plain_facts() -> None:
+    sleep, dd = Process(1234, "sleep"), Process(42, "dd")
+    facts = SystemFacts(
+        foreign_mounts=(Mount("/dev/loop9", "/mnt", frozenset({WINDOW, DISK}),
+                              namespace=sleep, sources=frozenset({WINDOW})),
+                        Mount("/dev/sdb", "/srv", frozenset({DISK}), namespace=sleep,
+                              sources=frozenset({DISK})),
+                        Mount("/dev/sdc", "/data", frozenset({OTHER}), namespace=sleep)),
+        loops=(LoopOver("/dev/loop9", WINDOW, 1 << 20, frozenset({DISK})),),
+        openers=(Opener(dd, "/dev/sdb1", PART, frozenset({PART, DISK}), writing=False),
+                 Opener(sleep, "/dev/sdb", DISK, frozenset({DISK}), writing=True),
+                 Opener(dd, "/dev/sdc", OTHER, frozenset({OTHER}), writing=True)))
+    advice = "; --unmount unmounts only in this one: unmount it there"
+    assert holder_reasons(DISK, facts) == (
+        f"mounted at /mnt (/dev/loop9) in the mount namespace of pid 1234 (sleep){advice}",
+        f"mounted at /srv in the mount namespace of pid 1234 (sleep){advice}",
+        "in use by /dev/loop9, a loop device over it at offset 1048576",
+        "open in dd (pid 42) through /dev/sdb1",
+        "open in sleep (pid 1234)")
+    assert writer_reasons(DISK, facts) == ("open for writing in sleep (pid 1234)",)
+    # The window itself is not held by the loop device it is.
+    assert holder_reasons(WINDOW, facts) == (
+        f"mounted at /mnt in the mount namespace of pid 1234 (sleep){advice}",)
+
+
+def test_mount_propagation_is_read_from_mountinfo() -> None:
+    text = ("46 27 0:41 / /base rw shared:1 - tmpfs tmpfs rw\n"
+            "47 46 8:17 / /base/own rw shared:2 master:5 - ext4 /dev/sdb1 rw\n")
+    base, own = mount_table(text)
+    assert (base.mount_id, base.parent_id, base.shared, base.master) == (46, 27, 1, None)
+    assert (own.mount_id, own.parent_id, own.shared, own.master) == (47, 46, 2, 5)

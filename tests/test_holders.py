@@ -8,10 +8,13 @@ a private mount namespace (``unshare -m``), processes holding a target open (``s
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import signal
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import Loop, popsicle_cmd
@@ -303,3 +306,28 @@ def test_mount_propagation_is_read_from_mountinfo() -> None:
     base, own = mount_table(text)
     assert (base.mount_id, base.parent_id, base.shared, base.master) == (46, 27, 1, None)
     assert (own.mount_id, own.parent_id, own.shared, own.master) == (47, 46, 2, 5)
+
+
+@pytest.mark.root
+def test_verify_of_a_drive_another_popsicle_py_is_writing_says_busy(
+        faulty_drive: Callable[..., Any], tmp_path: Path) -> None:
+    """Not "differs at byte 0": what verify would compare is being written."""
+    path, _ = image(tmp_path, 8 * MiB)
+    drive = faulty_drive(16 * MiB, crawl=(0, 256 * 1024))  # a writer that stays busy
+    writer = subprocess.Popen([*popsicle_cmd(), "flash", str(path), drive.path, "--yes",
+                               "--json", "--no-probe"], stdout=subprocess.PIPE,
+                              stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, text=True)
+    try:
+        assert writer.stdout is not None
+        for line in writer.stdout:
+            event = json.loads(line)
+            if event.get("event") == "progress" and event.get("phase") == "writing":
+                break
+        done = popsicle("verify", path, drive.path)
+        assert done.returncode == 2, done.stdout + done.stderr
+        assert refusal(done) == (f"{drive.path} is busy: open for writing in "
+                                 f"{Path(f'/proc/{writer.pid}/comm').read_text().strip()} "
+                                 f"(pid {writer.pid})"), done.stderr
+    finally:
+        writer.send_signal(signal.SIGINT)
+        writer.wait(timeout=60)

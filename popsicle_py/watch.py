@@ -296,6 +296,8 @@ class WatchSession:
                 self._deliver()
                 self._emit_to(summary)
                 return WatchOutcome(summary, self.cancel.exit_status)
+            # A signal while no drive is being written ends the session, and says so.
+            self.cancel.idle = lambda: not any(s.in_flight for s in self._started)
             self._watch()
         finally:
             self._join_all()

@@ -13,7 +13,8 @@ when a signal stopped the run.
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Any
+import sys
+from typing import TYPE_CHECKING
 
 import click
 
@@ -29,7 +30,7 @@ from popsicle_py.app.requests import (
     WatchRequest,
     WriteOptions,
 )
-from popsicle_py.cli.ask import confirm, make_view, make_watch_view
+from popsicle_py.cli.ask import confirm, make_view, make_watch_view, said_without_asking
 from popsicle_py.cli.guard import Group, run_guarded
 from popsicle_py.cli.options import (
     DEVICE,
@@ -46,19 +47,21 @@ from popsicle_py.cli.options import (
     write_options,
     yes_option,
 )
+from popsicle_py.cli.output import print_table, table, write_text
 from popsicle_py.defaults import DEFAULT_STALL_TIMEOUT
-from popsicle_py.errors import EXIT_OK, PROG
+from popsicle_py.errors import PROG
 from popsicle_py.units import format_size
 
 if TYPE_CHECKING:
     from popsicle_py.app.flash import PreparedFlash
     from popsicle_py.app.verify import PreparedProbe, PreparedVerify
+    from popsicle_py.app.watch import PreparedWatch
     from popsicle_py.protocols import View
 
 __all__ = ["FORCE_HELP", "NO_PROBE_HELP", "main"]
 
 
-def _stall_option(help_text: str) -> Decorator[Any]:
+def _stall_option(help_text: str) -> Decorator:
     return click.option("--stall-timeout", type=click.FloatRange(min=0.1),
                         default=DEFAULT_STALL_TIMEOUT, metavar="SECONDS", show_default=True,
                         help=help_text)
@@ -77,12 +80,16 @@ def _run(job: PreparedFlash | PreparedVerify | PreparedProbe, view: View) -> int
     return exit_status(summary, cancel)
 
 
-def _show_notes(view: View, notes: tuple[str, ...], output: OutputOptions) -> None:
+def _show_notes(view: View, job: PreparedFlash | PreparedWatch, yes: bool,
+                output: OutputOptions) -> None:
     """The notes of the confirmation, again in the run's output (JSON has none before its
-    first event)."""
-    if not output.json:
-        for note in notes:
-            view.handle(events.Note(note))
+    first event); with --yes, first what is written where, as nothing asked it."""
+    if output.json:
+        return
+    if yes:
+        view.handle(events.Note(said_without_asking(job.confirmation)))
+    for note in job.notes:
+        view.handle(events.Note(note))
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -119,7 +126,7 @@ def flash(source: SourceOptions, targets: TargetOptions, yes: bool, write: Write
         with prepare_flash(request) as job:
             confirm(job.confirmation, yes)
             view = make_view(output.json, job.labels)
-            _show_notes(view, job.notes, output)
+            _show_notes(view, job, yes, output)
             return _run(job, view)
 
     run_guarded(output.debug, output.json, body)
@@ -204,7 +211,7 @@ def watch(source: SourceOptions, count: int | None, yes: bool, no_verify: bool,
             confirm(job.confirmation, yes)
             view = make_watch_view(output.json, job.image.path, job.image.size, count,
                                    not no_verify)
-            _show_notes(view, job.notes, output)
+            _show_notes(view, job, yes, output)
             cancel = Cancellation()
             cancel.announce = view.announce
             with cancel.installed():
@@ -223,30 +230,18 @@ def list_drives(show_all: bool, output: OutputOptions) -> None:
 
     def body() -> int:
         from popsicle_py.app.listing import list_drives as listing
-        from popsicle_py.view import Out, write_out
 
         found = listing(include_all=show_all)
         if output.json:
-            write_out(json.dumps([d.json for d in found], indent=None) + "\n")
-            return EXIT_OK
+            return write_text(json.dumps([d.json for d in found], indent=None) + "\n")
         if not found:
-            write_out(("no USB or SD drives found" if not show_all else "no disks found") + "\n")
-            return EXIT_OK
-        from rich.console import Console
-        from rich.table import Table
-
-        table = Table()
-        for column in ("Device", "Port", "Drive", "Size", "Bus", "Mounted at", "Eligible"):
-            table.add_column(column, overflow="fold")
-        for d in found:
-            eligible = "yes" if d.eligible else f"no: {d.reason}"
-            table.add_row(d.path, d.port or "", d.label or "?", format_size(d.size), d.bus,
-                          ", ".join(d.mountpoints), eligible)
-        try:
-            Console(highlight=False).print(table)
-        except BrokenPipeError:  # | head: the reader left, the listing is no less true
-            Out().reader_left()
-        return EXIT_OK
+            return write_text(("no USB or SD drives found" if not show_all
+                               else "no disks found") + "\n")
+        rows = [(d.path, d.port or "", d.label or "?", format_size(d.size), d.bus,
+                 ", ".join(d.mountpoints), "yes" if d.eligible else f"no: {d.reason}")
+                for d in found]
+        return print_table(table(("Device", "Port", "Drive", "Size", "Bus", "Mounted at",
+                                  "Eligible"), rows, optional=("Port", "Mounted at")))
 
     run_guarded(output.debug, output.json, body)
 
@@ -266,23 +261,14 @@ def cache_list(output: OutputOptions) -> None:
 
         root, found = cache_entries()
         if output.json:
-            click.echo(json.dumps([{"url": e.url, "validator": e.validator, "size": e.size,
-                                    "path": str(e.path), "created": round(e.created, 3)}
-                                   for e in found]))
-            return EXIT_OK
+            return write_text(json.dumps([{"url": e.url, "validator": e.validator,
+                                           "size": e.size, "path": str(e.path),
+                                           "created": round(e.created, 3)}
+                                          for e in found]) + "\n")
         if not found:
-            click.echo(f"no cached downloads in {root}")
-            return EXIT_OK
-        from rich.console import Console
-        from rich.table import Table
-
-        table = Table()
-        for column in ("URL", "Size", "File"):
-            table.add_column(column, overflow="fold")
-        for e in found:
-            table.add_row(e.url, format_size(e.size), str(e.path))
-        Console(highlight=False).print(table)
-        return EXIT_OK
+            return write_text(f"no cached downloads in {root}\n")
+        return print_table(table(("URL", "Size", "File"),
+                                 [(e.url, format_size(e.size), str(e.path)) for e in found]))
 
     run_guarded(output.debug, output.json, body)
 
@@ -296,8 +282,8 @@ def cache_clean(debug: bool) -> None:
         from popsicle_py.app.listing import clean_cache
 
         root, count, freed = clean_cache()
-        click.echo(f"removed {count} cached download(s), {format_size(freed)} freed ({root})")
-        return EXIT_OK
+        what = "1 cached download" if count == 1 else f"{count} cached downloads"
+        return write_text(f"removed {what}, {format_size(freed)} freed ({root})\n")
 
     run_guarded(debug, False, body)
 
@@ -317,4 +303,4 @@ def polkit_rule() -> None:
     from importlib import resources
 
     text = (resources.files("popsicle_py") / "data" / POLKIT_RULE).read_text()
-    click.echo(text, nl=False)
+    sys.exit(write_text(text))

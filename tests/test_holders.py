@@ -331,3 +331,22 @@ def test_verify_of_a_drive_another_popsicle_py_is_writing_says_busy(
     finally:
         writer.send_signal(signal.SIGINT)
         writer.wait(timeout=60)
+
+
+@pytest.mark.root
+def test_a_holder_that_comes_after_the_plan_is_refused_just_before_the_first_write(
+        loop_factory: Callable[..., Loop], tmp_path: Path) -> None:
+    from popsicle_py import app
+    from popsicle_py.errors import Refused
+    from popsicle_py.signals import Cancellation
+    from popsicle_py.view import PlainView
+
+    path, _ = image(tmp_path)
+    target = loop_factory(4 * MiB, fill=PATTERN)
+    request = app.FlashRequest(app.SourceOptions(str(path)),
+                               app.TargetOptions(devices=(target.path,)))
+    job = app.prepare_flash(request)  # nobody holds it yet: the plan passes
+    with job, holding(target.path) as reader, pytest.raises(Refused) as refused:
+        job.run(PlainView(), Cancellation())
+    assert refused.value.lines == [f"{target.path} is open in sleep (pid {reader.pid})"]
+    assert target.read() == bytes([PATTERN]) * target.size

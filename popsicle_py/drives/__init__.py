@@ -9,9 +9,11 @@ sysfs, which is what the kernel says rather than what a name suggests.
 - :mod:`.rules`: the decisions, plain functions over those values (:func:`system_reason`,
   :func:`eligibility`, :func:`refusals`, :func:`explain`...), testable without any drive;
 - :mod:`.system`: the facts of the running system, read from sysfs and /proc (mounts, swaps,
-  btrfs, overlays, what a disk is stored on: :func:`backing_of`, :func:`gather_facts`);
+  btrfs, overlays, what a disk is stored on: :func:`backing_of`, :func:`gather_facts`; who
+  holds a disk: :func:`foreign_mounts`, :func:`loops_over_devices`, :func:`openers`);
 - :mod:`.udev`: the I/O edges that build drives with pyudev (:func:`discover`,
-  :func:`drive_for_path`, :func:`still_same`, :func:`udev_hint`).
+  :func:`drive_for_path`, :func:`still_same` and :func:`held_now` (the check before the first
+  write), :func:`writers_now` (before ``verify`` reads), :func:`udev_hint`).
 
 Every name is re-exported here: callers import ``popsicle_py.drives`` and need not know which
 module holds what.

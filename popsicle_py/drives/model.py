@@ -66,7 +66,8 @@ class Drive:
     diskseq: int | None = None
     #: For a loop device: what it stood on when selected.
     loop: LoopKey | None = None
-    #: Why what backs it is in use (a loop device over a mounted device...), one reason each.
+    #: Why it, or what backs it, is in use, one reason each: a loop device over a mounted
+    #: device, a mount in another namespace, a loop device over it, a process with it open.
     busy: tuple[str, ...] = ()
     #: Where its bytes are stored; not in :meth:`to_json` (sets of device numbers).
     backing: Backing | None = field(default=None, compare=False, repr=False)

@@ -1,7 +1,8 @@
 """The drive layer's decisions: plain functions over plain data, testable without any drive.
 
 Which disks are system drives (:func:`system_reason`), which kinds may be targets
-(:func:`kind_reason`, :func:`eligibility`), why one is busy (:func:`busy_reasons`), every
+(:func:`kind_reason`, :func:`eligibility`), why one is busy (:func:`busy_reasons`), who else
+holds it (:func:`holder_reasons`; for a read, :func:`writer_reasons`), every
 reason not to write one now (:func:`refusals`), and the lines that tell the user
 (:func:`explain`).  What a disk's bytes are stored on counts as much as the disk: the rules
 compare :class:`~.model.Backing` sets, never prefixes of names.

@@ -1,9 +1,12 @@
-"""System facts, read from sysfs and /proc: mounts, swaps, and what a disk is stored on.
+"""System facts, read from sysfs and /proc: mounts, swaps, what a disk is stored on, holders.
 
 A loop device is judged by what backs it (a block device, recursively; a file, with every
 other loop device and mount using that file), and the devices of a mounted multi-device
 btrfs, or the layers of an overlay, count as that filesystem's.  :func:`backing_of` is that
-walk; :func:`gather_facts` reads everything :func:`~.rules.system_reason` needs, once.
+walk; :func:`gather_facts` reads everything :func:`~.rules.system_reason` and
+:func:`~.rules.holder_reasons` need, once: besides our own mounts, those of every other mount
+namespace (:func:`foreign_mounts`), loop devices over block devices (:func:`loops_over_devices`)
+and the block devices other processes hold open (:func:`openers`).
 """
 
 from __future__ import annotations

@@ -325,7 +325,8 @@ def still_same(drive: Drive, *, context: pyudev.Context | None = None) -> str | 
 
     A stick swapped in the same port between selection and writing gets the same path and
     perhaps the same size and serial; a loop device re-attached to another file the same path,
-    number and size.  The media identity (diskseq, loop backing) tells them apart.
+    number and size.  The media identity (diskseq, loop backing) tells them apart.  Then
+    whoever holds it now (:func:`held_now`) refuses it, as the plan would have.
     """
     try:
         now = media_identity(drive.path, context=context)

@@ -35,7 +35,11 @@ the estimate does.
 The estimate of the real size: for a wrap, the gcd G of every alias distance is a multiple of
 R; R itself is found by dividing G by its prime factors while "write at x, read at x + r"
 still shows the fresh stamp (true exactly when R divides r).  For dropped writes, bisection
-between the highest good and the lowest failing position.
+between the highest good and the lowest failing position.  Each of these test writes is
+followed by a decoy write elsewhere: a drive that answers every address past R with its most
+recent write (its write buffer) then shows the decoy, not the fresh stamp, past R.  Its
+aliases have no period (G is not a multiple of R, which "write at x, read at x + G" shows),
+so it is sized by the bisection.
 
 :func:`probe` is the I/O edge: O_DIRECT block-aligned writes, fsync, BLKFLSBUF and
 POSIX_FADV_DONTNEED, then O_DIRECT reads.

@@ -160,9 +160,9 @@ def make_read_plan(devices: Sequence[str], image_size: int | None, *,
         small = drives.too_small(drive, image_size)
         if small is not None:
             lines.append(small.line)
-        writers = drives.writer_reasons(drive.devnum, facts)
-        if writers:
-            lines.append(f"{drive.path} is busy: {'; '.join(writers)}")
+        busy = drives.busy_for_reading(drive.path, drive.devnum, facts)
+        if busy is not None:
+            lines.append(busy)
     if not targets and not lines:
         lines.append("no target drives: name devices")
     if lines:

@@ -42,6 +42,7 @@ from popsicle_py.drives.model import (
 from popsicle_py.drives.rules import (
     AUTO_BUSES,
     SYSTEM_MOUNTS,
+    busy_for_reading,
     busy_reasons,
     eligibility,
     explain,
@@ -119,6 +120,7 @@ __all__ = [
     "btrfs_groups",
     "build_drive",
     "bus_of",
+    "busy_for_reading",
     "busy_reasons",
     "current_mounts",
     "current_swaps",

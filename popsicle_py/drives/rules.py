@@ -151,6 +151,12 @@ def writer_reasons(devnum: int, facts: SystemFacts) -> tuple[str, ...]:
                                if o.writing and devnum in o.devnums))
 
 
+def busy_for_reading(path: str, devnum: int, facts: SystemFacts) -> str | None:
+    """The one line refusing to read the disk ``devnum`` (``verify``), or None."""
+    reasons = writer_reasons(devnum, facts)
+    return f"{path} is busy: {'; '.join(reasons)}" if reasons else None
+
+
 def _open_in(opener: Opener, devnum: int, *, writing: bool = False) -> str:
     how = "open for writing" if writing else "open"
     through = f" through {opener.device}" if opener.devnum != devnum else ""

@@ -19,6 +19,7 @@ from popsicle_py import sysfs
 from popsicle_py.drives.model import Drive, MediaIdentity, SystemFacts, TargetError
 from popsicle_py.drives.rules import (
     AUTO_BUSES,
+    busy_for_reading,
     busy_reasons,
     eligibility,
     explain,
@@ -27,7 +28,6 @@ from popsicle_py.drives.rules import (
     natural_key,
     overwrites,
     system_reason,
-    writer_reasons,
 )
 from popsicle_py.drives.system import (
     backing_of,
@@ -357,8 +357,7 @@ def writers_now(drive: Drive) -> str | None:
     """Who holds ``drive`` open for writing now, in one line (None: nobody): ``verify``
     reads a drive that another program (another popsicle-py) is writing as busy, not as a
     mismatch."""
-    reasons = writer_reasons(drive.devnum, SystemFacts(openers=openers()))
-    return f"{drive.path} is busy: {'; '.join(reasons)}" if reasons else None
+    return busy_for_reading(drive.path, drive.devnum, SystemFacts(openers=openers()))
 
 
 NO_UDEV_NOTE = ("no udev daemon is running (no /run/udev/control), so no plugged-in drive "

@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 from conftest import Loop, popsicle_cmd
+from loopdev import loop_device
 from loopdev import run as run_tool
 
 from popsicle_py.drives import (
@@ -177,6 +178,19 @@ def test_a_process_holding_a_partition_or_a_loop_over_the_target_holds_it(
         assert f"{target.path} is open in sleep (pid {reader.pid}) through {win}" \
             in done.stderr, done.stderr
     assert target.read() == bytes([PATTERN]) * target.size
+
+
+@pytest.mark.root
+def test_a_process_holding_a_partition_of_the_target_holds_it(tmp_path: Path) -> None:
+    path, _ = image(tmp_path)
+    with loop_device(8 * MiB, partitions=[(2048, 4096)]) as target:
+        before = target.read()
+        with holding(f"{target.path}p1") as reader:
+            done = popsicle("flash", path, target.path, "--yes")
+            assert done.returncode == 2, done.stderr
+            assert refusal(done) == (f"{target.path} is open in sleep (pid {reader.pid})"
+                                     f" through {target.path}p1"), done.stderr
+        assert target.read() == before
 
 
 @pytest.mark.root

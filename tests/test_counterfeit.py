@@ -16,30 +16,38 @@ from pathlib import Path
 import pytest
 from conftest import popsicle_cmd
 from faulty import FaultyDrive, MiB
-from test_probe import Model
 
 from popsicle_py.probe import plan_positions, plan_reads, probe, run_probe
 from popsicle_py.units import format_size
 
 
-class RecentModel(Model):
+class RecentModel:
     """In memory: R bytes stored; writes past R dropped, reads past R give the latest write."""
 
     def __init__(self, real: int, block: int = 512) -> None:
-        super().__init__(block, drop=real)
-        self.real = real
+        self.block, self.real = block, real
+        self.stored: dict[int, bytes] = {}
         self.latest = b""
+        self.writes = self.reads = 0
 
     def write(self, offset: int, data: bytes) -> None:
-        super().write(offset, data)
+        self.writes += 1
+        for at in range(0, len(data), self.block):
+            if offset + at < self.real:
+                self.stored[offset + at] = data[at:at + self.block]
         self.latest = data
 
     def read(self, offset: int, length: int) -> bytes:
-        data = super().read(offset, length)
-        if offset + length <= self.real or not self.latest:
-            return data
-        start = max(0, self.real - offset)
-        return data[:start] + (self.latest * length)[:length - start]
+        self.reads += 1
+        return b"".join(self._block(offset + at) for at in range(0, length, self.block))
+
+    def _block(self, offset: int) -> bytes:
+        if offset >= self.real and self.latest:
+            return self.latest[:self.block]
+        return self.stored.get(offset, b"\xa5" * self.block)
+
+    def settle(self) -> None:
+        pass
 
 
 def estimate(claimed: int, real: int) -> tuple[bool, int | None]:

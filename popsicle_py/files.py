@@ -67,3 +67,24 @@ def create_regular(path: str | os.PathLike[str], *, exclusive: bool = False,
     except BaseException:
         os.close(fd)
         raise
+
+
+def check_regular(path: str | os.PathLike[str], *, create: bool,
+                  sidecars: tuple[str, ...] = ()) -> None:
+    """For a file another library opens by name (SQLite): it, and every ``path + suffix``
+    that exists, must be a regular file and no symlink; with ``create``, it is created.
+
+    The library opens the name again afterwards: this refuses a wrong name (a link to a disk
+    typed or planted where the journal goes), not a race inside a directory we own.
+    """
+    os.close(open_regular(path, os.O_RDWR | (os.O_CREAT if create else 0), 0o644))
+    for suffix in sidecars:
+        side = f"{os.fspath(path)}{suffix}"
+        try:
+            st = os.lstat(side)
+        except FileNotFoundError:
+            continue
+        if stat.S_ISLNK(st.st_mode):
+            raise NotRegular(errno.ELOOP, f"{side} is a symbolic link")
+        if not stat.S_ISREG(st.st_mode):
+            raise NotRegular(errno.EINVAL, f"{side} is {_kind(st.st_mode)}, not a regular file")

@@ -364,3 +364,16 @@ def test_a_holder_that_comes_after_the_plan_is_refused_just_before_the_first_wri
         job.run(PlainView(), Cancellation())
     assert refused.value.lines == [f"{target.path} is open in sleep (pid {reader.pid})"]
     assert target.read() == bytes([PATTERN]) * target.size
+
+
+@pytest.mark.root
+def test_a_station_journal_through_a_symlink_to_a_disk_is_refused(
+        loop_factory: Callable[..., Loop], tmp_path: Path) -> None:
+    from popsicle_py.station import journal
+
+    victim = loop_factory(2 * MiB, fill=0x5A)
+    link = tmp_path / "journal.sqlite"
+    link.symlink_to(victim.path)
+    with pytest.raises(journal.JournalError, match="is a symbolic link"):
+        journal.connect(str(link), create=True)
+    assert victim.read() == bytes([0x5A]) * victim.size

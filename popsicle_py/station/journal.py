@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from popsicle_py import files
 from popsicle_py.report import FIELDS, iso
 
 #: The result of a row whose drive is being written.
@@ -60,6 +61,7 @@ def connect(path: str, *, create: bool) -> sqlite3.Connection:
     try:
         if create:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        files.check_regular(path, create=create, sidecars=("-wal", "-shm", "-journal"))
         db = sqlite3.connect(path, timeout=10, isolation_level=None, check_same_thread=False)
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=FULL")

@@ -22,6 +22,7 @@ from collections.abc import Callable
 
 from urllib3.exceptions import HTTPError
 
+from popsicle_py import files
 from popsicle_py.cache import CacheWriter
 from popsicle_py.events import Event, Note, Phase, Progress, Step
 from popsicle_py.images import Checksum, ImageError, new_hasher
@@ -342,7 +343,7 @@ class FileSink:
         self.where = directory
         self.dir = tempfile.mkdtemp(prefix="popsicle-py-download-", dir=directory)
         self.path = os.path.join(self.dir, "image")
-        self._file = open(self.path, "wb")  # noqa: SIM115 - closed by commit() or abort()
+        self._file = files.create_regular(self.path, exclusive=True)  # see commit(), abort()
 
     def write(self, data: bytes | memoryview) -> None:
         self._file.write(data)

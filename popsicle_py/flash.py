@@ -38,6 +38,7 @@ from popsicle_py.engine import (
 from popsicle_py.errors import Refused
 from popsicle_py.events import (
     Cause,
+    Download,
     DriveInfo,
     DriveResult,
     Event,
@@ -310,7 +311,7 @@ class FlashJob(_Job):
                     self._fail(drive, why)
                 case BusWriterMessage.Completed():
                     self._end(drive, Status.OK)
-                case Phase() | Progress() | Note():  # relayed: the download's own news
+                case Phase() | Progress() | Note() | Download():  # relayed: the download's news
                     self.emit(msg)
                 case BusWriterMessage.LockStep(reason=reason):
                     self.emit(Note(f"every drive goes at the slowest one's pace from here on: "
@@ -395,7 +396,7 @@ class VerifyJob(_Job):
         self._verifier.post(event)
 
     def _on_message(self, msg: Any) -> None:
-        if isinstance(msg, (Phase, Progress, Note)):
+        if isinstance(msg, (Phase, Progress, Note, Download)):
             self.emit(msg)
             return
         drive = self.drives[msg.id]

@@ -1,0 +1,321 @@
+"""What a person sees on a terminal, third round (issue 32), read with tmux's capture-pane.
+
+A URL whose server stalls, resumes and then fails (the image row says each as it happens, the
+drives say they wait); twelve drives, one dying and one counterfeit, in a 12-line pane (the
+fold never hides a failed drive); a typed ^C and a pane narrowed and widened again (no ghost
+rows, a cancelled row keeps its numbers); rows whose numbers agree; the last line names the
+drives that did not end ok.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import Loop, popsicle_cmd
+from test_view import Tmux, exit_of, needs_tmux, row_of, wait_for
+from webserver import Served, WebServer, serving
+
+from popsicle_py import events, live, progress, rows, verdicts
+from popsicle_py.events import Cause, DriveInfo, DriveResult, Status, Step
+
+MiB = 1 << 20
+PATTERN = 0xA5
+
+
+@pytest.fixture
+def pane() -> Iterator[Callable[[int, int], Tmux]]:
+    """``pane(width, height)``: a tmux pane of that size, killed at the end."""
+    made: list[Tmux] = []
+
+    def make(width: int, height: int) -> Tmux:
+        made.append(Tmux(width, height))
+        return made[-1]
+
+    yield make
+    for p in made:
+        p.kill()
+
+
+@pytest.fixture
+def server() -> Iterator[WebServer]:
+    with serving() as s:
+        yield s
+
+
+def command(*args: str, env: str = "") -> str:
+    return " ".join([env, *map(shlex.quote, [*popsicle_cmd(), *args])]).strip()
+
+
+def table_title(lines: list[str]) -> int:
+    return next(i for i, line in enumerate(lines) if "drives ok" in line)
+
+
+def narrow_enough(lines: list[str], width: int) -> None:
+    wide = [line for line in lines if len(line) > width]
+    assert not wide, (width, wide)
+
+
+# ----------------------------------------------------------------------------------------------
+# The download as a row of its own
+
+
+@needs_tmux
+@pytest.mark.root
+def test_a_download_that_stalls_resumes_and_fails_says_so_on_its_row(
+        loop_factory: Callable[..., Loop], server: WebServer, pane: Callable[[int, int], Tmux],
+        tmp_path: Path) -> None:
+    size = 16 * MiB
+    data = os.urandom(size)
+    server.add("/stick.img", Served(data, stall_at=[4 * MiB, 10 * MiB], refuse_from=10 * MiB))
+    drives = [loop_factory(24 * MiB, fill=PATTERN) for _ in range(2)]
+    p = pane(80, 24)
+    env = ("POPSICLE_PY_HTTP_TIMEOUT=6 POPSICLE_PY_HTTP_RETRIES=1 "
+           "POPSICLE_PY_HTTP_BACKOFF=2")
+    p.start(command("flash", server.url("/stick.img"), *(d.path for d in drives), "--yes",
+                    "--bucket-size", "1M", "--no-checksum", env=env), tmp_path)
+    p.go()
+
+    def image_row(lines: list[str]) -> str:
+        return row_of(lines, "image") or ""
+
+    # Silent server: the image row says stalled at the bytes received; the drives wait,
+    # with no speed or time left.
+    stalled = wait_for(p, lambda lines: "stalled" in image_row(lines), timeout=30, screen=True)
+    row = image_row(stalled)
+    assert re.search(r" 25% .*stalled", row), stalled
+    assert table_title_free(stalled)
+    for d in drives:
+        mine = row_of(stalled, d.path) or ""
+        assert mine.endswith("waiting") and "B/s" not in mine, stalled
+        assert not re.search(r"\d:\d\d", mine), f"a time left while waiting: {mine}"
+    drawn = [line for line in stalled if line.startswith(("image ", "/dev/"))]
+    assert drawn[0].startswith("image "), "the image row is on top"
+    narrow_enough(stalled, 80)
+
+    # The connection times out: resuming, at the byte reached.
+    resuming = wait_for(p, lambda lines: "resuming" in image_row(lines), timeout=30,
+                        screen=True)
+    assert "resuming at 4 MiB" in "\n".join(resuming), resuming
+    # It resumes, then fails for good: the row says why.
+    failed = wait_for(p, lambda lines: "failed" in image_row(lines), timeout=60)
+    text = "\n".join(failed)
+    assert "HTTP 503" in text, failed
+    assert "checked" not in text and "100%" not in image_row(failed), failed
+    end = wait_for(p, lambda lines: exit_of(lines) is not None, timeout=60)
+    if os.environ.get("SHOW_PANE"):
+        print("\n".join(end))
+    assert exit_of(end) == 1, end
+    title = table_title(end)
+    image_rows = [line for line in end[:title] if line.startswith("image ")]
+    assert image_rows and "failed" in image_rows[-1] and " 62% " in image_rows[-1], end
+    assert re.search(r"received 10(\.0)?/16 MiB", image_rows[-1]) or " 62% " in image_rows[-1]
+    last = [line for line in end[title:] if line.strip() and not line.startswith("EXIT=")][-1]
+    assert last.startswith("not ok: #1 ") and "the image failed" in last, end
+
+
+def table_title_free(lines: list[str]) -> bool:
+    """The run has not ended yet (no table on the screen)."""
+    return not any("drives ok" in line for line in lines)
+
+
+def test_the_image_row_says_checked_only_after_a_checksum_matched() -> None:
+    from io import StringIO
+
+    from rich.console import Console
+
+    from popsicle_py.view import RichView
+
+    for checked, word in ((True, "checked"), (False, "downloaded")):
+        view = RichView(Console(file=StringIO(), width=100, force_terminal=True))
+        view.handle(events.Started("http://h/x.img", "raw", 8 * MiB, ("/dev/sdz",)))
+        view.handle(events.Phase(None, Step.DOWNLOADING, "http://h/x.img"))
+        view.handle(events.Progress(None, Step.DOWNLOADING, 2 * MiB, 8 * MiB))
+        view.handle(events.Phase("/dev/sdz", Step.WRITING))
+        view.handle(events.Progress("/dev/sdz", Step.WRITING, 2 * MiB, 8 * MiB))
+        image = view.by_device[None]
+        assert image.state == "downloading" and image.tracker.ended is None, \
+            "the drives started: the download is not checked for that"
+        assert view.board.rows[0] is image
+        view.handle(events.Download(events.Fetch.COMPLETE, 8 * MiB, 8 * MiB, checked=checked))
+        assert image.state == word
+        view.close()
+
+
+# ----------------------------------------------------------------------------------------------
+# Twelve drives in twelve lines
+
+
+@needs_tmux
+@pytest.mark.root
+def test_twelve_drives_in_a_short_pane_never_hide_the_failed_ones(
+        loop_factory: Callable[..., Loop], dying_loop: Callable[..., Loop],
+        faulty_drive: Callable[..., Any], pane: Callable[[int, int], Tmux],
+        tmp_path: Path) -> None:
+    image = tmp_path / "image.img"
+    image.write_bytes(os.urandom(6 * MiB + 7))
+    dying = dying_loop(8 * MiB, good=2 * MiB)
+    fake = faulty_drive(8 * MiB, wrap=2 * MiB)
+    good = [loop_factory(8 * MiB, fill=PATTERN) for _ in range(10)]
+    targets = [dying.path, *(g.path for g in good[:5]), fake.path, *(g.path for g in good[5:])]
+    p = pane(80, 12)
+    p.start(command("flash", str(image), *targets, "--yes", "--bucket-size", "1M"), tmp_path)
+    p.go()
+    end = wait_for(p, lambda lines: exit_of(lines) is not None, timeout=120)
+    assert exit_of(end) == 1, end
+    narrow_enough(end, 80)
+    title = table_title(end)
+    frame = end[:title]
+    for bad in (dying.path, fake.path):
+        row = row_of(frame, bad)
+        assert row is not None and re.search(r"(failed|invalid)", row), (bad, frame)
+    folded = [line for line in frame if "not shown" in line]
+    assert folded and re.search(r"\(\d+ ok", folded[-1]), frame
+    # The table lists the two that did not end ok first, and the last line names them.
+    table = [line for line in end[title:] if "/dev/" in line]
+    assert {dying.path, fake.path} == {re.search(r"/dev/\S+", t)[0]  # type: ignore[index]
+                                       for t in table[:2]}, table
+    last = [line for line in end if line.strip() and not line.startswith("EXIT=")][-1]
+    assert last.startswith("not ok: ") and dying.path in last and fake.path in last, end
+    assert "no space left" in last or "I/O error" in last, last
+
+
+def test_the_fold_takes_ok_rows_first_and_never_a_failed_one() -> None:
+    one = [(rows.Piece("x"),)]
+    two = [(rows.Piece("x"),), (rows.Piece("why"),), (rows.Piece("more"),)]
+    blocks = [one, two, one, one, one, one]
+    kinds = [rows.KEEP, rows.KEEP, rows.OK, rows.BUSY, rows.OK, rows.BUSY]
+    kept, folded = rows.fold(blocks, kinds, 6)
+    assert folded == {rows.OK: 2} and len(kept) == 4
+    kept, folded = rows.fold(blocks, kinds, 4)
+    assert folded == {rows.OK: 2, rows.BUSY: 2}, folded
+    assert kept[0] == one and kept[1] == two[:2], "failed rows stay, their detail cut to a line"
+    kept, folded = rows.fold(blocks, kinds, 1)
+    assert kept[:2] == [one, two[:2]], "nothing hides a failed row"
+
+
+# ----------------------------------------------------------------------------------------------
+# A typed ^C and a resize
+
+
+@needs_tmux
+@pytest.mark.root
+def test_a_resize_and_a_typed_ctrl_c_leave_each_row_once_with_its_numbers(
+        loop_factory: Callable[..., Loop], throttle: Callable[..., Any],
+        pane: Callable[[int, int], Tmux], tmp_path: Path) -> None:
+    image = tmp_path / "image.img"
+    image.write_bytes(os.urandom(16 * MiB))
+    fast = loop_factory(24 * MiB, fill=PATTERN)
+    slow = loop_factory(24 * MiB, fill=PATTERN)
+    add = throttle((slow, 1_500_000))
+    p = pane(120, 40)
+    add(p.start(command("flash", str(image), fast.path, slow.path, "--yes", "--bucket-size",
+                        "1M"), tmp_path))
+    p.go()
+    wait_for(p, lambda lines: "done" in (row_of(lines, fast.path) or "")
+             and re.search(r"\d%", row_of(lines, slow.path) or "") is not None)
+    for width in (80, 120):
+        p.resize(width)
+        wait_for(p, lambda lines, w=width: max(map(len, lines)) > w - 45, screen=True)
+        time.sleep(0.6)  # a few refreshes at this width (4 a second)
+    p.tmux("send-keys", "-t", "t", "C-c")
+    end = wait_for(p, lambda lines: exit_of(lines) is not None, timeout=20)
+    assert exit_of(end) == 130, end
+    title = table_title(end)
+    live_rows = [line for line in end[:title] if line.startswith(("/dev/", "image"))]
+    for device in (fast.path, slow.path):
+        mine = [line for line in live_rows if line.startswith(device + " ")]
+        assert len(mine) == 1, f"ghost rows of {device}: {live_rows}"
+    assert "^C" not in "\n".join(end), "the typed ^C was echoed over the rows"
+    cancelled = row_of(end[:title], slow.path) or ""
+    match = re.search(r" (\d+)% ", cancelled)
+    assert match and 0 < int(match[1]) < 100 and "cancelled" in cancelled, cancelled
+
+
+# ----------------------------------------------------------------------------------------------
+# Numbers that agree
+
+
+def test_a_rows_bytes_say_their_pass_and_its_average_is_bytes_over_its_time() -> None:
+    tracker = progress.DriveProgress(writes=True, verifies=True, size=8 * MiB)
+    row = live.DriveRow("/dev/sdz", tracker)
+    tracker.on_phase("writing", 0.0)
+    tracker.on_progress("writing", 6 * MiB, 8 * MiB, 0.5)
+    shot = row.snapshot(0.6)
+    assert rows.byte_counts(shot) == "written 6/8 MiB" and shot.fraction == pytest.approx(6 / 16)
+    tracker.on_progress("writing", 8 * MiB, 8 * MiB, 0.6)
+    tracker.on_phase("verifying", 0.6)
+    tracker.on_progress("verifying", 2 * MiB, 8 * MiB, 0.7)
+    assert rows.byte_counts(row.snapshot(0.8)) == "verified 2/8 MiB"
+    # 5.9 MiB in a drive's 2 s (as its result says it): 2.9 MiB/s, not the phase's burst.
+    tracker.on_end("ok", 0.9, 8 * MiB, elapsed=2.0)
+    done = row.snapshot(5.0)
+    assert done.speed == "4 MiB/s" and done.eta == "avg", done
+    assert rows.byte_counts(done) == "verified 8/8 MiB", "a done row keeps its byte counts"
+
+
+def test_columns_keep_their_place_from_frame_to_frame() -> None:
+    board = live.Board()
+    a = live.DriveRow("/dev/sdy", progress.DriveProgress(size=64 * MiB))
+    b = live.DriveRow("/dev/sdz", progress.DriveProgress(size=64 * MiB))
+    board.add(a)
+    board.add(b)
+    starts: set[tuple[int, int]] = set()
+    now = 0.0
+    for step in range(40):  # speeds come and go, percentages grow, a row finishes
+        now = step * 0.3
+        for i, r in enumerate((a, b)):
+            if step == 0:
+                r.tracker.on_phase("writing", now)
+            r.tracker.on_progress("writing", min(64, step * (i + 1)) * MiB, 64 * MiB, now)
+        if step == 30:
+            a.tracker.on_end("ok", now, 64 * MiB, elapsed=9.0)
+            a.say("done")
+        for width in (80,):
+            lines = [t.plain for t in board.lines(width, 24, now)]
+            for line in lines:
+                bar = re.search(r"[━─]+", line)
+                assert bar is not None, lines
+                starts.add((bar.start(), bar.end()))
+    assert len(starts) == 1, f"the bar moved: {sorted(starts)}"
+
+
+# ----------------------------------------------------------------------------------------------
+# The last line, and probe's words
+
+
+def test_the_last_line_names_the_drives_that_did_not_end_ok() -> None:
+    results = tuple(
+        DriveResult(f"/dev/loop{i}", Status.OK, MiB, verified=True, drive=DriveInfo(seq=i))
+        for i in range(1, 33))
+    bad = (DriveResult("/dev/loop1", Status.FAILED, MiB, "no space", cause=Cause.NO_SPACE,
+                       drive=DriveInfo(seq=1)),
+           DriveResult("/dev/loop32", Status.INVALID, MiB, "counterfeit",
+                       cause=Cause.COUNTERFEIT, drive=DriveInfo(seq=32)))
+    summary = events.Summary((bad[0], *results[1:31], bad[1]))
+    line = verdicts.summary_line(summary)
+    assert line == ("finished with problems: 30 of 32 drives ok; not ok: #1 /dev/loop1 failed "
+                    "(no space left), #32 /dev/loop32 invalid (counterfeit)"), line
+    table = live.summary_table(summary)
+    first = [table.columns[1]._cells[i] for i in range(2)]
+    assert first == ["/dev/loop1", "/dev/loop32"], first
+
+
+@pytest.mark.root
+def test_probe_ends_each_drive_with_its_verdict_not_nothing_to_write(
+        loop_factory: Callable[..., Loop]) -> None:
+    import subprocess
+
+    loop = loop_factory(8 * MiB, fill=PATTERN)
+    done = subprocess.run([*popsicle_cmd(), "probe", loop.path, "--yes"], capture_output=True,
+                          text=True, timeout=60, stdin=subprocess.DEVNULL, check=False)
+    assert done.returncode == 0, done.stderr
+    assert "nothing to write" not in done.stdout, done.stdout
+    assert f"{loop.path}: ok (genuine: holds all of 8 MiB)" in done.stdout.splitlines(), \
+        done.stdout

@@ -25,7 +25,7 @@ from rich.segment import ControlType, Segment
 from rich.table import Table
 from rich.text import Text
 
-from popsicle_py import events, progress, rows, verdicts
+from popsicle_py import events, progress, rows, signals, verdicts
 from popsicle_py.units import format_size
 
 STYLES = {"done": "green", "written": "green", "checked": "green", "ready": "green",
@@ -232,8 +232,8 @@ def live_region(renderable: RenderableType, console: Console) -> Live:
 def quiet_keys() -> Callable[[], None]:
     """Stop the terminal echoing typed keys (``^C``, Enter) over the rows; returns the undo.
 
-    Ctrl-C still interrupts: only the echo goes.  The undo also runs at exit, whatever ends
-    the program.
+    Ctrl-C still interrupts: only the echo goes.  The undo also runs at exit, and before a
+    second Ctrl-C quits at once.
     """
     stream: Any = sys.stdin
     try:
@@ -253,8 +253,11 @@ def quiet_keys() -> Callable[[], None]:
         with contextlib.suppress(OSError, ValueError, termios.error):
             termios.tcsetattr(fd, termios.TCSANOW, saved)
         atexit.unregister(undo)
+        with contextlib.suppress(ValueError):
+            signals.AT_QUIT.remove(undo)
 
     atexit.register(undo)
+    signals.AT_QUIT.append(undo)
     return undo
 
 

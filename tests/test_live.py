@@ -206,6 +206,26 @@ def test_the_fold_takes_ok_rows_first_and_never_a_failed_one() -> None:
 # ----------------------------------------------------------------------------------------------
 # A typed ^C and a resize
 
+#: After the command: whether the terminal echoes typed keys again (the exit status kept).
+ECHO = ("; s=$?; if stty -a | grep -qw -- -echo; then echo ECHO=off; else echo ECHO=on; fi; "
+        "(exit $s)")
+
+
+@needs_tmux
+def test_ctrl_c_twice_quits_at_once_and_gives_the_echo_back(
+        pane: Callable[[int, int], Tmux], tmp_path: Path) -> None:
+    """The live view turns the echo off; a second Ctrl-C (which quits at once, skipping
+    atexit) still turns it back on."""
+    script = ("import os, signal; from popsicle_py import live, signals; "
+              "live.quiet_keys(); c = signals.Cancellation(); "
+              "c.installed().__enter__(); os.kill(os.getpid(), signal.SIGINT); "
+              "os.kill(os.getpid(), signal.SIGINT)")
+    p = pane(80, 24)
+    p.start(" ".join(map(shlex.quote, [popsicle_cmd()[0], "-c", script])) + ECHO, tmp_path)
+    p.go()
+    end = wait_for(p, lambda lines: exit_of(lines) is not None, timeout=20)
+    assert exit_of(end) == 130 and "ECHO=on" in end, end
+
 
 @needs_tmux
 @pytest.mark.root
@@ -219,7 +239,7 @@ def test_a_resize_and_a_typed_ctrl_c_leave_each_row_once_with_its_numbers(
     add = throttle((slow, 1_500_000))
     p = pane(120, 40)
     add(p.start(command("flash", str(image), fast.path, slow.path, "--yes", "--bucket-size",
-                        "1M"), tmp_path))
+                        "1M") + ECHO, tmp_path))
     p.go()
     wait_for(p, lambda lines: "done" in (row_of(lines, fast.path) or "")
              and re.search(r"\d%", row_of(lines, slow.path) or "") is not None)
@@ -236,6 +256,7 @@ def test_a_resize_and_a_typed_ctrl_c_leave_each_row_once_with_its_numbers(
         mine = [line for line in live_rows if line.startswith(device + " ")]
         assert len(mine) == 1, f"ghost rows of {device}: {live_rows}"
     assert "^C" not in "\n".join(end), "the typed ^C was echoed over the rows"
+    assert "ECHO=on" in end, "the terminal's echo was not given back"
     cancelled = row_of(end[:title], slow.path) or ""
     match = re.search(r" (\d+)% ", cancelled)
     assert match and 0 < int(match[1]) < 100 and "cancelled" in cancelled, cancelled

@@ -28,7 +28,7 @@ from rich.text import Text
 from popsicle_py import events, progress, rows, signals, verdicts
 from popsicle_py.units import format_size
 
-STYLES = {"done": "green", "written": "green", "checked": "green", "ready": "green",
+STYLES = {"done": "green", "ok": "green", "written": "green", "checked": "green", "ready": "green",
           "downloaded": "green", "failed": "red", "invalid": "red", "cancelled": "yellow",
           "stalled": "yellow", "resuming": "yellow", "ignored": "dim", "waiting": "dim"}
 #: A drive whose bytes have not moved for this long while the download is behind waits for it.

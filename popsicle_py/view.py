@@ -331,7 +331,7 @@ class RichView:
             row.port, row.label = port, row.label or label
         if r.ok and r.device in self.probed and not r.bytes_written and not r.verified:
             row.bar = False
-            row.say("ok", long=f"ok: {self.probed[r.device]}")
+            row.say("ok", self.probed[r.device])
         elif r.ok and (r.verified or not self.writes):
             row.say("done")
         elif r.ok:

@@ -408,3 +408,45 @@ def test_readmes_what_you_see_uses_the_programs_units_and_result_line() -> None:
     assert f"`{line}`" in said, (line, said)
     for row in re.findall(r"^/dev/\S+ .*$", section, re.M):
         assert re.search(r"\d+% +(written|verified) [\d.]+/[\d.]+ MiB ", row), row
+
+
+@needs_tmux
+@pytest.mark.root
+def test_ctrl_c_while_the_download_stalls_keeps_every_rows_numbers(
+        loop_factory: Callable[..., Loop], server: WebServer, pane: Callable[[int, int], Tmux],
+        tmp_path: Path) -> None:
+    server.add("/x.img", Served(os.urandom(12 * MiB), stall_at=[5 * MiB]))
+    drive = loop_factory(16 * MiB, fill=PATTERN)
+    p = pane(120, 40)
+    p.start(command("flash", server.url("/x.img"), drive.path, "--yes", "--bucket-size", "1M",
+                    "--no-checksum", env="POPSICLE_PY_HTTP_TIMEOUT=30"), tmp_path)
+    p.go()
+    wait_for(p, lambda lines: "waiting" in (row_of(lines, drive.path) or ""), screen=True)
+    p.tmux("send-keys", "-t", "t", "C-c")
+    end = wait_for(p, lambda lines: exit_of(lines) is not None, timeout=40)
+    if os.environ.get("SHOW_PANE"):
+        print("\n".join(end))
+    assert exit_of(end) == 130, end
+    frame = end[:table_title(end)]
+    image, row = row_of(frame, "image") or "", row_of(frame, drive.path) or ""
+    assert re.search(r" 41% +received 5/12 MiB .*cancelled", image), frame
+    assert re.search(r" 2\d% +written [45](\.\d)?/12 MiB .*cancelled", row), frame
+
+
+def test_probes_rows_and_table_say_the_verdict_not_nothing_to_write() -> None:
+    from io import StringIO
+
+    from rich.console import Console
+
+    from popsicle_py.view import RichView
+
+    out = StringIO()
+    view = RichView(Console(file=out, width=100, force_terminal=True, color_system=None))
+    view.handle(events.Phase("/dev/sdz", Step.PROBING))
+    view.handle(events.Probed("/dev/sdz", 8 * MiB, 8 * MiB, True, "genuine: holds all of 8 MiB"))
+    result = DriveResult("/dev/sdz", Status.OK, 0)
+    view.handle(events.Result(result))
+    row = view.by_device["/dev/sdz"].snapshot(time.monotonic())
+    assert "genuine" in rows.plain(rows.layout([row], 100)[0]), row
+    view.handle(events.Summary((result,)))
+    assert "nothing to write" not in out.getvalue() and "genuine: holds all" in out.getvalue()

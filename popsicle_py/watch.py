@@ -33,7 +33,6 @@ import tempfile
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import pyudev
 
@@ -49,6 +48,7 @@ from popsicle_py.events import (
     DriveInfo,
     DriveRemoved,
     DriveResult,
+    Event,
     Note,
     Phase,
     Progress,
@@ -117,6 +117,10 @@ class WatchOptions:
     probe: bool = True
     #: Parent of the private directory holding a decompressed copy (default: default_tmpdir()).
     tmpdir: str | None = None
+    #: Why a drive is left alone before any other rule (a station's unmapped port), or None.
+    admit: Callable[[Drive], str | None] | None = None
+    #: Once set: take no new drive, end when the drives in flight are done (a station's stop).
+    drain: threading.Event | None = None
 
 
 @dataclass(frozen=True)
@@ -254,7 +258,7 @@ class WatchSession:
                 return
             self._emit_to(event)
 
-    def _job_event(self, seen: _Seen, event: Any) -> None:
+    def _job_event(self, seen: _Seen, event: Event) -> None:
         """An event from a drive's FlashJob, as the session reports it.
 
         The job's own start and summary are the session's business.  A drive pulled before
@@ -265,8 +269,8 @@ class WatchSession:
         """
         if isinstance(event, (Started, Summary)):
             return
-        ends = isinstance(event, Phase) and event.phase in (Step.DONE, Step.FAILED)
-        if ends and event.device == seen.path and seen.result is None:
+        if (isinstance(event, Phase) and event.phase in (Step.DONE, Step.FAILED)
+                and event.device == seen.path and seen.result is None):
             seen.ended_removed = seen.removed.is_set() or event.cause is Cause.REMOVED
             if seen.ended_removed:
                 event = Phase(seen.path, Step.FAILED, removed_message(seen.path), Cause.REMOVED)
@@ -380,6 +384,8 @@ class WatchSession:
                 self._uevent(device)
 
     def _count_done(self) -> bool:
+        if self.options.drain is not None and self.options.drain.is_set():
+            return all(s.finished.is_set() for s in self._started)
         count = self.options.count
         return (count is not None and len(self._started) >= count
                 and all(s.finished.is_set() for s in self._started))
@@ -457,7 +463,11 @@ class WatchSession:
             self._gone(drive.devnum)
         seen = _Seen(device, drive)
         self._current[drive.devnum] = seen
-        reason = ineligibility(drive, self._source.size, self.options.max_size)
+        admit, drain = self.options.admit, self.options.drain
+        reason = ((admit(drive) if admit is not None else None)
+                  or ineligibility(drive, self._source.size, self.options.max_size))
+        if reason is None and drain is not None and drain.is_set():
+            reason = "stopping: no new drive is written"
         count = self.options.count
         if reason is None and count is not None and len(self._started) >= count:
             reason = f"--count {count} reached"

@@ -27,7 +27,6 @@ from popsicle_py.app.requests import (
     SourceOptions,
     TargetOptions,
     VerifyRequest,
-    WatchRequest,
     WriteOptions,
 )
 from popsicle_py.cli.ask import confirm, make_view, make_watch_view, said_without_asking
@@ -38,16 +37,18 @@ from popsicle_py.cli.options import (
     NO_PROBE_HELP,
     Decorator,
     OutputOptions,
+    Session,
     engine_options,
-    max_size_option,
     output_options,
     report_option,
+    session_options,
     source_options,
     target_options,
     write_options,
     yes_option,
 )
 from popsicle_py.cli.output import print_table, table, write_text
+from popsicle_py.cli.station import register as register_station
 from popsicle_py.defaults import DEFAULT_STALL_TIMEOUT
 from popsicle_py.errors import PROG
 from popsicle_py.units import format_size
@@ -178,21 +179,10 @@ def probe_command(devices: tuple[str, ...], yes: bool, unmount: bool, stall_time
 
 @main.command()
 @source_options
-@click.option("--count", type=click.IntRange(min=1), metavar="N",
-              help="Stop once N drives have finished (ok or failed); start no more than N.")
+@session_options
 @yes_option()
-@click.option("--no-verify", is_flag=True, help="Skip reading the drives back.")
-@click.option("--no-power-off", is_flag=True,
-              help="Leave finished drives powered on (default: power them off).")
-@click.option("--include-present", is_flag=True,
-              help="Also write the eligible drives plugged in before watching.")
-@max_size_option("Skip drives larger than this.")
-@click.option("--no-probe", is_flag=True, help=NO_PROBE_HELP)
-@report_option()
 @output_options()
-def watch(source: SourceOptions, count: int | None, yes: bool, no_verify: bool,
-          no_power_off: bool, include_present: bool, max_size: int, no_probe: bool,
-          report: str | None, output: OutputOptions) -> None:
+def watch(source: SourceOptions, session: Session, yes: bool, output: OutputOptions) -> None:
     """Duplicator mode: write IMAGE to every eligible drive as it is plugged in.
 
     Each drive is written and verified on its own as soon as it appears, then powered off
@@ -204,13 +194,11 @@ def watch(source: SourceOptions, count: int | None, yes: bool, no_verify: bool,
         from popsicle_py.app.watch import prepare_watch
         from popsicle_py.signals import Cancellation
 
-        request = WatchRequest(source, count=count, verify=not no_verify, probe=not no_probe,
-                               power_off=not no_power_off, include_present=include_present,
-                               max_size=max_size, report=report)
+        request = session.request(source)
         with prepare_watch(request) as job:
             confirm(job.confirmation, yes)
-            view = make_watch_view(output.json, job.image.path, job.image.size, count,
-                                   not no_verify)
+            view = make_watch_view(output.json, job.image.path, job.image.size,
+                                   request.count, request.verify)
             _show_notes(view, job, yes, output)
             cancel = Cancellation()
             cancel.announce = view.announce
@@ -304,3 +292,6 @@ def polkit_rule() -> None:
 
     text = (resources.files("popsicle_py") / "data" / POLKIT_RULE).read_text()
     sys.exit(write_text(text))
+
+
+register_station(main)  # station, slots, records (popsicle_py/cli/station.py)

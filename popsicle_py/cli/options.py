@@ -18,6 +18,7 @@ from popsicle_py.app.requests import (
     EngineOptions,
     SourceOptions,
     TargetOptions,
+    WatchRequest,
     WriteOptions,
 )
 from popsicle_py.defaults import (
@@ -232,3 +233,38 @@ def output_options(json_help: str = "Machine-readable events on stdout.") -> Opt
         click.option("--json", "json", is_flag=True, help=json_help),
         click.option("--debug", is_flag=True, help="Show debug messages and tracebacks."),
     )
+
+
+@dataclass(frozen=True)
+class Session:
+    """watch's own options (everything but the image): which drives, and what is done."""
+
+    count: int | None
+    no_verify: bool
+    no_power_off: bool
+    include_present: bool
+    max_size: int
+    no_probe: bool
+    report: str | None
+
+    def request(self, source: SourceOptions) -> WatchRequest:
+        return WatchRequest(source, count=self.count, verify=not self.no_verify,
+                            probe=not self.no_probe, power_off=not self.no_power_off,
+                            include_present=self.include_present, max_size=self.max_size,
+                            report=self.report)
+
+
+#: The session's options, as ``watch`` has them.
+session_options = OptionGroup(
+    "session", Session,
+    click.option("--count", type=click.IntRange(min=1), metavar="N",
+                 help="Stop once N drives have finished (ok or failed); start no more than N."),
+    click.option("--no-verify", is_flag=True, help="Skip reading the drives back."),
+    click.option("--no-power-off", is_flag=True,
+                 help="Leave finished drives powered on (default: power them off)."),
+    click.option("--include-present", is_flag=True,
+                 help="Also write the eligible drives plugged in before starting."),
+    max_size_option("Skip drives larger than this."),
+    click.option("--no-probe", is_flag=True, help=NO_PROBE_HELP),
+    report_option(),
+)

@@ -26,6 +26,7 @@ from rich.table import Table
 from rich.text import Text
 
 from popsicle_py import events, progress, rows, signals, verdicts
+from popsicle_py.defaults import DEFAULT_BUCKET_SIZE
 from popsicle_py.units import format_size
 
 STYLES = {"done": "green", "ok": "green", "written": "green", "checked": "green", "ready": "green",
@@ -131,16 +132,30 @@ class Board:
         return image
 
     def snapshots(self, now: float) -> list[rows.Row]:
-        """Every row now: drives without data say they wait, a silent download says stalled."""
+        """Every row now: drives without data say they wait, a silent download says stalled.
+
+        Nothing moving is not enough: a drive that hangs holds the ring full, and then the
+        download and the other drives stop too.  For an image downloaded as written (not
+        compressed) a drive waits for data only when it has written nearly all that came
+        (within two of the default buckets); the download is stalled only when every drive
+        at work waits so.
+        """
         download = self._download()
         busy = [r for r in self.rows if not r.image and not r.final and r.tracker.phase
                 in (*progress.WRITE_PHASES, "probing")]
-        waiting = {id(r) for r in busy if download is not None
-                   and r.tracker.idle(now) >= WAIT_SHOWN
-                   and download.tracker.idle(now) >= WAIT_SHOWN}
+
+        def starved(r: DriveRow) -> bool:
+            assert download is not None
+            got, size = download.tracker.written, download.tracker.pass_size
+            raw = size is not None and size == r.tracker.pass_size
+            return r.tracker.idle(now) >= WAIT_SHOWN and (
+                not raw or got - r.tracker.written <= 2 * DEFAULT_BUCKET_SIZE)
+
+        quiet = download is not None and download.tracker.idle(now) >= WAIT_SHOWN
+        waiting = {id(r) for r in busy if quiet and starved(r)}
         stalled = download is not None and download.state != "resuming" \
             and download.tracker.idle(now) >= STALL_SHOWN \
-            and all(r.tracker.idle(now) >= STALL_SHOWN - 1 for r in busy)
+            and all(id(r) in waiting and r.tracker.idle(now) >= STALL_SHOWN - 1 for r in busy)
         return [r.snapshot(now, waiting=id(r) in waiting, stalled=stalled and r is download)
                 for r in self.rows]
 

@@ -450,3 +450,27 @@ def test_probes_rows_and_table_say_the_verdict_not_nothing_to_write() -> None:
     assert "genuine" in rows.plain(rows.layout([row], 100)[0]), row
     view.handle(events.Summary((result,)))
     assert "nothing to write" not in out.getvalue() and "genuine: holds all" in out.getvalue()
+
+
+def test_a_hung_drive_that_fills_the_ring_is_not_a_stalled_download() -> None:
+    """Nothing moves in either case; only a silent server is "stalled"."""
+    def board(written: tuple[int, int]) -> list[rows.Row]:
+        b = live.Board()
+        image = live.DriveRow("image", progress.DriveProgress(writes=True, verifies=False))
+        image.tracker.on_phase("downloading", 0.0)
+        image.tracker.on_progress("downloading", 100 * MiB, 256 * MiB, 1.0)
+        image.say("downloading")
+        b.add(image)
+        for i, n in enumerate(written):
+            r = live.DriveRow(f"/dev/sd{'yz'[i]}", progress.DriveProgress(size=256 * MiB))
+            r.tracker.on_phase("writing", 0.0)
+            r.tracker.on_progress("writing", n, 256 * MiB, 1.0)
+            r.say("writing")
+            b.add(r)
+        return b.snapshots(10.0)
+
+    server_silent = board((99 * MiB, 100 * MiB))
+    assert [r.state for r in server_silent] == ["stalled", "waiting", "waiting"]
+    assert not any(r.speed or r.eta for r in server_silent)
+    drive_hung = board((100 * MiB, 30 * MiB))
+    assert [r.state for r in drive_hung] == ["downloading", "waiting", "writing"]

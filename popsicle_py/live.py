@@ -62,6 +62,25 @@ class DriveRow:
         self.state, self.detail = state, detail
         self.long = long or (f"{state}: {detail}" if detail else "")
 
+    def progressed(self, phase: str, done: int, total: int | None, now: float) -> None:
+        before = self.tracker.done
+        self.tracker.on_progress(phase, done, total, now)
+        if self.state == "resuming" and self.tracker.done > before:
+            self.say(phase)  # bytes again: the resumed download goes on
+
+    def hear(self, news: events.Download, now: float) -> None:
+        """The image's download: resuming (where, why), failed (why), complete (checked?)."""
+        why = (news.detail or "").removeprefix(f"{self.source}: ")
+        if news.state == events.Fetch.RESUMING:
+            where = f"resuming at {format_size(news.received)} ({why})"
+            self.say("resuming", where, where)
+        elif news.state == events.Fetch.FAILED:
+            self.tracker.on_end("failed", now, news.received)
+            self.say("failed", why)
+        else:
+            self.tracker.on_end("ok", now, news.received)
+            self.say("checked" if news.checked else "downloaded")
+
     @property
     def final(self) -> bool:
         return self.tracker.ended is not None or self.state == "ignored"

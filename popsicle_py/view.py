@@ -271,13 +271,9 @@ class RichView:
                 row.tracker.on_phase(phase, now)
                 row.say("repairing" if detail == "repairing" else phase)
             case events.Progress(device=device, phase=phase, done=done, total=total):
-                row = self._row(device)
-                before = row.tracker.done
-                row.tracker.on_progress(phase, done, total, now)
-                if row.state == "resuming" and row.tracker.done > before:
-                    row.say(phase)  # bytes again: the resumed download goes on
+                self._row(device).progressed(phase, done, total, now)
             case events.Download():
-                self._download(event, now)
+                self._row(None).hear(event, now)
             case events.Result(result=r):
                 self._end(self._row(r.device, r.drive), r, now)
             case events.Summary():
@@ -286,20 +282,6 @@ class RichView:
                 self.console.print(summary_table(event, self._verdicts(event)))
                 if not event.ok and event.results and not all(r.ok for r in event.results):
                     self.console.print(verdicts.not_ok(event), highlight=False, soft_wrap=True)
-
-    def _download(self, news: events.Download, now: float) -> None:
-        """The download's row: resuming (where, why), failed (why), complete (checked?)."""
-        row = self._row(None)
-        why = (news.detail or "").removeprefix(f"{row.source}: ")
-        if news.state == events.Fetch.RESUMING:
-            where = f"resuming at {format_size(news.received)} ({why})"
-            row.say("resuming", where, where)
-        elif news.state == events.Fetch.FAILED:
-            row.tracker.on_end("failed", now, news.received)
-            row.say("failed", why)
-        else:
-            row.tracker.on_end("ok", now, news.received)
-            row.say("checked" if news.checked else "downloaded")
 
     def _stop_image(self, now: float, summary: events.Summary) -> None:
         """A run that ended while the image was still read: its row keeps its numbers."""
@@ -495,9 +477,12 @@ class WatchView:
                 if phase in ("done", "failed"):
                     return  # the result says how it ended
                 row.tracker.on_phase(phase, now)
+                row.source = detail or row.source if device is None else row.source
                 row.say("repairing" if detail == "repairing" else phase)
             case events.Progress(device=device, phase=phase, done=done, total=total):
-                self._row(device).tracker.on_progress(phase, done, total, now)
+                self._row(device).progressed(phase, done, total, now)
+            case events.Download():
+                self._row(None).hear(event, now)
             case events.Result(result=r):
                 row = self._row(r.device)
                 row.tracker.on_end(r.status, now, r.bytes_written + r.bytes_skipped, r.elapsed)

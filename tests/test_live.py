@@ -474,3 +474,23 @@ def test_a_hung_drive_that_fills_the_ring_is_not_a_stalled_download() -> None:
     assert not any(r.speed or r.eta for r in server_silent)
     drive_hung = board((100 * MiB, 30 * MiB))
     assert [r.state for r in drive_hung] == ["downloading", "waiting", "writing"]
+
+
+def test_the_duplicator_screen_hears_the_download_too() -> None:
+    from io import StringIO
+
+    from rich.console import Console
+
+    from popsicle_py.view import WatchView
+
+    view = WatchView(Console(file=StringIO(), width=100, force_terminal=True), "http://h/x.img")
+    view.handle(events.Phase(None, Step.DOWNLOADING, "http://h/x.img"))
+    view.handle(events.Progress(None, Step.DOWNLOADING, MiB, 8 * MiB))
+    view.handle(events.Download(events.Fetch.RESUMING, MiB, 8 * MiB, "timed out"))
+    assert view.current[None].state == "resuming"
+    view.handle(events.Download(events.Fetch.FAILED, MiB, 8 * MiB,
+                                "http://h/x.img: download failed after 6 attempts: timed out"))
+    image = view.current[None]
+    assert image.state == "failed" and image.detail == "download failed after 6 attempts: " \
+        "timed out"
+    view.close()

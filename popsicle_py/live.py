@@ -37,8 +37,8 @@ WAIT_SHOWN = 1.5
 #: The download says "stalled" when no byte came for this long and no drive is moving either.
 STALL_SHOWN = 3.0
 #: The least widths of the live columns: a speed or an ETA that comes and goes, or a state
-#: that changes, never moves the bar ("1023.9 KiB/s", "verifying").
-FLOORS = {"speed": 12, "eta": 4, "state": 9}
+#: that changes, never moves the bar ("1023.9 KiB/s", "downloaded").
+FLOORS = {"speed": 12, "eta": 4, "state": 10}
 _WORK = ("probing", "writing", "syncing", "verifying", "downloading", "checksum",
          "decompressing")
 

@@ -494,3 +494,32 @@ def test_the_duplicator_screen_hears_the_download_too() -> None:
     assert image.state == "failed" and image.detail == "download failed after 6 attempts: " \
         "timed out"
     view.close()
+
+
+def test_readmes_rows_are_the_ones_the_program_draws_at_100_columns() -> None:
+    """README's example, drawn by the live view from the same drives' numbers."""
+    size = int(58.5 * MiB)
+    board = live.Board()
+    made = {}
+    for name, port in (("/dev/sdb", "1-1.2"), ("/dev/sdc", "1-1.3"), ("/dev/sdd", "2-2")):
+        made[name] = live.DriveRow(name, progress.DriveProgress(size=size), port)
+        made[name].tracker.on_phase("writing", 0.0)
+        board.add(made[name])
+    now = 34.1 / 23.4
+    made["/dev/sdb"].tracker.on_progress("writing", int(34.1 * MiB), size, now)
+    made["/dev/sdb"].say("writing")
+    failed = made["/dev/sdc"]
+    failed.tracker.on_progress("writing", int(4.2 * MiB), size, 0.5)
+    failed.tracker.on_end("failed", 1.0, int(4.2 * MiB))
+    failed.say("failed", "no space left on the drive (it failed, or is smaller than it claims)")
+    done = made["/dev/sdd"].tracker
+    done.on_progress("writing", size, size, 1.0)
+    done.on_phase("verifying", 1.0)
+    done.on_progress("verifying", size, size, 1.2)
+    done.on_end("ok", 1.3, size, elapsed=size / (19 * MiB))
+    made["/dev/sdd"].say("done")
+    drawn = [t.plain for t in board.lines(100, 24, now)]
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("### What you see"):readme.index("### A record per drive")]
+    block = section.split("```\n")[1].rstrip("\n").splitlines()
+    assert block == drawn, "\n".join(drawn)

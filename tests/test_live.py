@@ -523,3 +523,27 @@ def test_readmes_rows_are_the_ones_the_program_draws_at_100_columns() -> None:
     section = readme[readme.index("### What you see"):readme.index("### A record per drive")]
     block = section.split("```\n")[1].rstrip("\n").splitlines()
     assert block == drawn, "\n".join(drawn)
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("checksum", [True, False], ids=["sha256", "none"])
+def test_json_says_the_downloads_course_and_checked_only_with_a_checksum(
+        loop_factory: Callable[..., Loop], server: WebServer, tmp_path: Path,
+        checksum: bool) -> None:
+    import hashlib
+    import json
+    import subprocess
+
+    data = os.urandom(3 * MiB + 5)
+    server.add("/d.img", Served(data, drop_at=[MiB]))
+    drive = loop_factory(4 * MiB, fill=PATTERN)
+    extra = ["--sha256", hashlib.sha256(data).hexdigest()] if checksum else ["--no-checksum"]
+    env = {**os.environ, "POPSICLE_PY_HTTP_BACKOFF": "0.05"}
+    done = subprocess.run([*popsicle_cmd(), "flash", server.url("/d.img"), drive.path, "--yes",
+                           "--json", *extra], capture_output=True, text=True, timeout=60,
+                          stdin=subprocess.DEVNULL, env=env, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    news = [e for e in map(json.loads, done.stdout.splitlines()) if e["event"] == "download"]
+    assert [e["state"] for e in news] == ["resuming", "complete"], news
+    assert news[0]["bytes"] == MiB and news[0]["total"] == len(data)
+    assert news[1]["checked"] is checksum and news[1]["bytes"] == len(data)

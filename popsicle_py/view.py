@@ -389,6 +389,7 @@ class WatchView:
         self.live = live.live_region(self, self.console)
         self.started = False
         self.closed = False
+        self._undo_keys: Callable[[], None] = lambda: None
 
     # What Live renders, again at every refresh.
     def __rich__(self) -> Group:
@@ -445,6 +446,8 @@ class WatchView:
         if not self.started and not isinstance(event, events.Summary):
             self.live.start()
             self.started = True
+            if self.console.is_terminal:
+                self._undo_keys = live.quiet_keys()
         now = time.monotonic()
         match event:
             case events.Watching():
@@ -508,5 +511,6 @@ class WatchView:
         if self.started and not self.closed:
             self.live.refresh()
             self.live.stop()
+            self._undo_keys()
         self.closed = self.closed or self.started
         self.started = False

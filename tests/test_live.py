@@ -547,3 +547,22 @@ def test_json_says_the_downloads_course_and_checked_only_with_a_checksum(
     assert [e["state"] for e in news] == ["resuming", "complete"], news
     assert news[0]["bytes"] == MiB and news[0]["total"] == len(data)
     assert news[1]["checked"] is checksum and news[1]["bytes"] == len(data)
+
+
+def test_the_image_row_is_on_top_for_a_file_too_and_checked_once_its_checksum_passed() -> None:
+    from io import StringIO
+
+    from rich.console import Console
+
+    from popsicle_py.view import RichView
+
+    view = RichView(Console(file=StringIO(), width=100, force_terminal=True))
+    view.handle(events.Phase(None, Step.CHECKSUM, "image.img.sha256"))
+    view.handle(events.Progress(None, Step.CHECKSUM, 4 * MiB, 8 * MiB))
+    view.handle(events.Started("image.img", "raw", 8 * MiB, ("/dev/sdy", "/dev/sdz")))
+    image = view.by_device[None]
+    assert [r.name for r in view.board.rows] == ["image", "/dev/sdy", "/dev/sdz"]
+    assert image.state == "checksum" and image.tracker.ended is None
+    view.handle(events.Phase("/dev/sdy", Step.WRITING))  # the drives start once it passed
+    assert image.state == "checked"
+    view.close()

@@ -30,6 +30,7 @@ from popsicle_py.app.requests import (
     WatchRequest,
     WriteOptions,
 )
+from popsicle_py.cli import life
 from popsicle_py.cli.ask import confirm, make_view, make_watch_view
 from popsicle_py.cli.guard import Group, run_guarded
 from popsicle_py.cli.options import (
@@ -302,6 +303,8 @@ def cache_clean(debug: bool) -> None:
 
     run_guarded(debug, False, body)
 
+
+main.add_command(life.read_command)
 
 POLKIT_RULE = "50-popsicle-py.rules"
 

@@ -305,6 +305,7 @@ def cache_clean(debug: bool) -> None:
 
 
 main.add_command(life.read_command)
+main.add_command(life.erase_command)
 
 POLKIT_RULE = "50-popsicle-py.rules"
 

@@ -10,13 +10,14 @@ from typing import TYPE_CHECKING, Any, Protocol
 import click
 
 from popsicle_py import events
-from popsicle_py.cli.ask import make_view
+from popsicle_py.cli.ask import confirm, make_view
 from popsicle_py.cli.guard import run_guarded
 from popsicle_py.cli.options import (
     DEVICE,
     Decorator,
     OutputOptions,
     output_options,
+    yes_option,
 )
 from popsicle_py.defaults import DEFAULT_STALL_TIMEOUT
 
@@ -77,3 +78,41 @@ def read_command(device: str, output_file: str, bmap: bool, force: bool,
 
     run_guarded(output.debug, output.json, body)
 
+
+
+@click.command(name="erase")
+@click.argument("devices", nargs=-1, required=True, type=DEVICE, metavar="DEVICE...")
+@click.option("--fs", type=click.Choice(["fat32", "exfat", "none"]), default=None,
+              help="File system of the one partition (default: fat32 up to 32 GiB, exfat "
+                   "above); none only wipes.")
+@click.option("--label", metavar="NAME", help="Volume label (FAT: 11 characters, exFAT: 15).")
+@click.option("--zero", is_flag=True, help="Write zeros over the whole drive first, and "
+              "read them back.")
+@click.option("--discard", is_flag=True, help="Discard every block first (BLKDISCARD), and "
+              "read zeros back.")
+@yes_option()
+@click.option("-u", "--unmount", is_flag=True,
+              help="Unmount mounted partitions of the drives first (otherwise refuse).")
+@_stall_option()
+@output_options()
+def erase_command(devices: tuple[str, ...], fs: str | None, label: str | None, zero: bool,
+                  discard: bool, yes: bool, unmount: bool, stall_timeout: float,
+                  output: OutputOptions) -> None:
+    """Give each DEVICE back as an ordinary stick: old signatures wiped, a new MBR with one
+    partition over the drive, formatted FAT32 or exFAT (readable by Windows, macOS, Linux).
+    """
+
+    def body() -> int:
+        from popsicle_py.app.erase import EraseRequest, prepare_erase
+
+        job = prepare_erase(EraseRequest(devices, fs=fs, label=label, zero=zero,
+                                         discard=discard, unmount=unmount,
+                                         stall_timeout=stall_timeout))
+        confirm(job.confirmation, yes)
+        view = make_view(output.json, job.labels)
+        if not output.json:
+            for note in job.notes:
+                view.handle(events.Note(note))
+        return _run(job, view)
+
+    run_guarded(output.debug, output.json, body)

@@ -4,7 +4,8 @@ Not a test.  A 1 GiB loop device over a file on /dev/shm, filled like a used sti
 random, a third text-like, a third zeros), then, taking turns, several rounds of:
 
 - ``popsicle-py read DEV out.img.zst`` against ``dd if=DEV bs=4M iflag=direct | zstd -T0 -3``
-  (target: at most 1.05x);
+  (target: at most 1.05x), and against the same piped through ``tee | sha256sum`` (the
+  sidecar read writes too);
 - ``popsicle-py erase DEV --zero --fs none --yes`` against ``dd if=/dev/zero of=DEV bs=4M
   oflag=direct`` followed by ``cmp`` of the drive with /dev/zero (write, then read back).
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -42,12 +44,21 @@ def fill(path: Path, size: int) -> None:
             done += len(piece)
 
 
-def timed(argv: list[str] | str, *, shell: bool = False) -> float:
+CPU: dict[str, list[float]] = {}
+
+
+def timed(argv: list[str] | str, *, shell: bool = False, name: str = "") -> float:
+    """Wall seconds; the CPU seconds of every process it ran go to ``CPU[name]``."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     began = time.monotonic()
     subprocess.run(argv, shell=shell, check=True, stdout=subprocess.DEVNULL,
                    stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
                    env={**os.environ, "PYTHONPATH": str(REPO)})
-    return time.monotonic() - began
+    wall = time.monotonic() - began
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    CPU.setdefault(name, []).append(after.ru_utime + after.ru_stime - before.ru_utime
+                                    - before.ru_stime)
+    return wall
 
 
 def main() -> int:
@@ -64,23 +75,29 @@ def main() -> int:
     dev = subprocess.run(["losetup", "-f", "--show", str(backing)], check=True,
                          capture_output=True, text=True).stdout.strip()
     cli = [sys.executable, "-m", "popsicle_py"]
-    times: dict[str, list[float]] = {k: [] for k in ("read", "dd|zstd", "erase", "dd+cmp")}
+    times: dict[str, list[float]] = {k: [] for k in ("read", "dd|zstd", "dd|zstd|sha256",
+                                                     "erase", "dd+cmp")}
     try:
         for _ in range(args.rounds):
             out = work / "out.img.zst"
-            times["read"].append(timed([*cli, "read", dev, str(out), "--force"]))
+            times["read"].append(timed([*cli, "read", dev, str(out), "--force"], name="read"))
             out.unlink()
             times["dd|zstd"].append(timed(
                 f"dd if={dev} bs=4M iflag=direct status=none | zstd -q -T0 -3 -o {out}",
-                shell=True))
+                shell=True, name="dd|zstd"))
             out.unlink()
+            times["dd|zstd|sha256"].append(timed(  # the same work as read: the sidecar too
+                f"dd if={dev} bs=4M iflag=direct status=none | zstd -q -T0 -3 | tee {out} "
+                f"| sha256sum > {out}.sha256", shell=True, name="dd|zstd|sha256"))
+            out.unlink()
+            Path(f"{out}.sha256").unlink()
             fill(backing, size)  # so each erase has old bytes to overwrite
             times["erase"].append(timed([*cli, "erase", dev, "--zero", "--fs", "none",
-                                         "--yes"]))
+                                         "--yes"], name="erase"))
             fill(backing, size)
             times["dd+cmp"].append(timed(
                 f"dd if=/dev/zero of={dev} bs=4M oflag=direct status=none count={size >> 22}"
-                f" && cmp -n {size} {dev} /dev/zero", shell=True))
+                f" && cmp -n {size} {dev} /dev/zero", shell=True, name="dd+cmp"))
             fill(backing, size)
     finally:
         subprocess.run(["losetup", "-d", dev], check=False)
@@ -88,10 +105,15 @@ def main() -> int:
             p.unlink()
         work.rmdir()
     med = {k: statistics.median(v) for k, v in times.items()}
+    cpu = {k: statistics.median(v) for k, v in CPU.items()}
     print(f"drive {args.size} MiB, {args.rounds} rounds, medians (every round: {times})")
-    print(f"read .zst   {med['read']:.2f} s   dd | zstd -T0   {med['dd|zstd']:.2f} s   "
-          f"ratio {med['read'] / med['dd|zstd']:.2f}x")
-    print(f"erase --zero {med['erase']:.2f} s   dd + cmp   {med['dd+cmp']:.2f} s   "
+    print(f"load average at the end: {os.getloadavg()[0]:.1f}")
+    for other in ("dd|zstd", "dd|zstd|sha256"):
+        print(f"read .zst   {med['read']:.2f} s ({cpu['read']:.2f} s CPU)   {other}   "
+              f"{med[other]:.2f} s ({cpu[other]:.2f} s CPU)   "
+              f"ratio {med['read'] / med[other]:.2f}x")
+    print(f"erase --zero {med['erase']:.2f} s ({cpu['erase']:.2f} s CPU)   dd + cmp   "
+          f"{med['dd+cmp']:.2f} s ({cpu['dd+cmp']:.2f} s CPU)   "
           f"ratio {med['erase'] / med['dd+cmp']:.2f}x")
     return 0
 

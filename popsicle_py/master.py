@@ -249,6 +249,7 @@ class DriveChanged(OSError):
     def __init__(self, path: str, how: str) -> None:
         super().__init__(errno.EIO, f"the master drive {path} changed while it was read "
                          f"({how}): no copy of it can be trusted")
+        self.how = how
 
 
 class Stillness:

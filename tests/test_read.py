@@ -221,6 +221,32 @@ def test_ctrl_c_leaves_no_output(loop_factory: Callable[..., Loop], throttle: Ca
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_drive_written_while_it_is_read_leaves_no_output(
+        loop_factory: Callable[..., Loop], throttle: Callable[..., Any], tmp_path: Path) -> None:
+    drive = fat_drive(loop_factory, 32 * MiB)
+    add = throttle((drive, 4 * MiB))
+    out = tmp_path / "stick.img.zst"
+    proc = subprocess.Popen([*popsicle_cmd(), "read", drive.path, str(out), "--json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            stdin=subprocess.DEVNULL, preexec_fn=lambda: add(os.getpid()))
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if json.loads(line)["event"] == "progress":
+            fd = os.open(drive.path, os.O_WRONLY)
+            try:
+                os.pwrite(fd, b"changed!" * 512, 30 * MiB)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            break
+    out_text, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1, err
+    r = json.loads(out_text.splitlines()[-1])["results"][0]
+    assert r["status"] == "failed" and r["cause"] == "source", r
+    assert f"{drive.path} changed while it was read" in r["error"]
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_names_of_the_files_beside_output() -> None:
     assert reading.format_for("a.IMG.ZST") == "zstd"
     assert reading.format_for("a.img") == "raw"

@@ -103,7 +103,9 @@ class PreparedRead:
                                         f"{self.output}: {exc.strerror}", cause=cause,
                                         drive=self.info)
         except master.DriveChanged as exc:
-            result = events.DriveResult(path, events.Status.FAILED, 0, f"{path}: {exc.strerror}",
+            result = events.DriveResult(path, events.Status.FAILED, 0,
+                                        f"{path} changed while it was read ({exc.how}): "
+                                        f"{self.output} was not written",
                                         cause=events.Cause.SOURCE, drive=self.info)
         except OSError as exc:
             why = failure(exc, path)
@@ -250,6 +252,8 @@ def prepare_read(request: ReadRequest) -> PreparedRead:
     files = (output, reading.sidecar_path_for(output),
              *((reading.bmap_path_for(output),) if request.bmap else ()))
     lines = master.refusals(drive.path)
+    if not drive.size:
+        lines.append(f"{drive.path} holds nothing to read ({drive.reason or 'size 0'})")
     lines += output_refusals(output, files, request.force, drive, reading.format_for(output))
     if lines:
         raise Refused(lines)

@@ -7,8 +7,8 @@ per format with the usual tools, then times, alternating, reading Image.open() i
 buffer and `TOOL -dc FILE > /dev/null`. MB/s are uncompressed bytes (10**6) per second, medians.
 
 With --gzip-libs it also compares the gzip decoders a pure-Python reader could use (the stdlib
-zlib that images.py uses, stdlib gzip.GzipFile, and python-isal / zlib-ng if importable; put
-them on PYTHONPATH without installing them, e.g. `pip install --target /tmp/libs isal zlib-ng`).
+zlib that images/decoders.py uses, stdlib gzip.GzipFile, and python-isal / zlib-ng if importable;
+put them on PYTHONPATH without installing them, e.g. `pip install --target /tmp/libs isal zlib-ng`).
 """
 
 from __future__ import annotations
@@ -85,7 +85,8 @@ def time_tool(fmt: str, path: Path) -> float:
 
 def median_pair(runs: int, a: Callable[[], float], b: Callable[[], float]) -> tuple[float, float]:
     """Alternate a and b so drift (page cache, CPU clocks, neighbours) hits both alike."""
-    ta, tb = [], []
+    ta: list[float] = []
+    tb: list[float] = []
     for i in range(runs):
         for fn, out in ((a, ta), (b, tb)) if i % 2 == 0 else ((b, tb), (a, ta)):
             out.append(fn())
@@ -113,7 +114,7 @@ def gzip_decoders() -> dict[str, Callable[[], Any] | None]:
 
 
 def time_decoder(path: Path, factory: Callable[[], Any]) -> float:
-    """The same loop images.py runs for gzip (1 MiB reads, output capped at 16 MiB)."""
+    """The same loop images/decoders.py runs for gzip (1 MiB reads, output capped at 16 MiB)."""
     start = time.perf_counter()
     with open(path, "rb", buffering=0) as f:
         dec, pending = factory(), b""
@@ -173,7 +174,7 @@ def main() -> None:
         total = time_ours(path)[1]  # also warms the page cache
         assert total == size and info.format == fmt, (fmt, total, info)
         ours, theirs = median_pair(
-            args.runs, lambda p=path: time_ours(p)[0], lambda f=fmt, p=path: time_tool(f, p)
+            args.runs, lambda p=path: time_ours(p)[0], lambda f=fmt, p=path: time_tool(f, p)  # type: ignore[misc]
         )
         print(
             f"{fmt:<7} {path.stat().st_size / 1e6:>8.1f} {open_ms:>8.1f} {mb / ours:>10.0f} "

@@ -77,6 +77,42 @@ function __popsicle_py_state --description 'popsicle-py: the command, then what 
                             set skip 1
                         case 'read:--stall-timeout'
                             set skip 1
+                        case 'records:--journal'
+                            set skip 1
+                        case 'records:--batch'
+                            set skip 1
+                        case 'slots:--count'
+                            set skip 1
+                        case 'slots:--labels'
+                            set skip 1
+                        case 'station:--sha256'
+                            set skip 1
+                        case 'station:--checksum'
+                            set skip 1
+                        case 'station:--keyring'
+                            set skip 1
+                        case 'station:--slots'
+                            set skip 1
+                        case 'station:--listen'
+                            set skip 1
+                        case 'station:--token-file'
+                            set skip 1
+                        case 'station:--journal'
+                            set skip 1
+                        case 'station:--batch'
+                            set skip 1
+                        case 'station:--operator'
+                            set skip 1
+                        case 'station:--name'
+                            set skip 1
+                        case 'station:--hook'
+                            set skip 1
+                        case 'station:--count'
+                            set skip 1
+                        case 'station:--max-size'
+                            set skip 1
+                        case 'station:--report'
+                            set skip 1
                         case 'verify:--stall-timeout'
                             set skip 1
                         case 'watch:--sha256'
@@ -99,7 +135,7 @@ function __popsicle_py_state --description 'popsicle-py: the command, then what 
         switch $path
             case '-'
                 switch $tok
-                    case 'cache' 'erase' 'flash' 'list' 'polkit-rule' 'probe' 'read' 'verify' 'watch'
+                    case 'cache' 'erase' 'flash' 'list' 'polkit-rule' 'probe' 'read' 'records' 'slots' 'station' 'verify' 'watch'
                         set path $tok
                         set npos 0
                         set dashdash 0
@@ -164,6 +200,22 @@ function __popsicle_py_state --description 'popsicle-py: the command, then what 
                 case '*'
                     echo @none
             end
+        case 'records'
+            echo @none
+        case 'slots'
+            switch $npos
+                case 0
+                    echo 'file'
+                case '*'
+                    echo @none
+            end
+        case 'station'
+            switch $npos
+                case 0
+                    echo 'image'
+                case '*'
+                    echo @none
+            end
         case 'verify'
             switch $npos
                 case 0
@@ -200,6 +252,9 @@ complete -c popsicle-py -n '__popsicle_py_at - @command' -a 'list' -d 'List USB 
 complete -c popsicle-py -n '__popsicle_py_at - @command' -a 'polkit-rule' -d 'Print the opt-in polkit rule: group "popsicle" may write USB drives without sudo.'
 complete -c popsicle-py -n '__popsicle_py_at - @command' -a 'probe' -d 'Check that each DEVICE stores as much as it claims (counterfeit drives), no flashing.'
 complete -c popsicle-py -n '__popsicle_py_at - @command' -a 'read' -d 'Read DEVICE once into the image file OUTPUT, with its SHA-256 in OUTPUT.sha256.'
+complete -c popsicle-py -n '__popsicle_py_at - @command' -a 'records' -d 'Export the station\'s journal: one record per drive (slot, drive, result, speeds).'
+complete -c popsicle-py -n '__popsicle_py_at - @command' -a 'slots' -d 'Make a slot map in FILE: plug a stick into each slot in turn when asked.'
+complete -c popsicle-py -n '__popsicle_py_at - @command' -a 'station' -d 'A duplicator station: watch\'s writing, with slots, a web page, an HTTP API and a journal of every drive.'
 complete -c popsicle-py -n '__popsicle_py_at - @command' -a 'verify' -d 'Compare each DEVICE with IMAGE (a file or an http(s):// URL); report the first bad offset.'
 complete -c popsicle-py -n '__popsicle_py_at - @command' -a 'watch' -d 'Duplicator mode: write IMAGE to every eligible drive as it is plugged in.'
 
@@ -286,6 +341,49 @@ complete -c popsicle-py -n '__popsicle_py_at read' -s 'h' -l 'help' -d 'Show thi
 complete -c popsicle-py -n '__popsicle_py_at read device' -a '(__popsicle_py_devices)'
 complete -c popsicle-py -n '__popsicle_py_at read output_file' -F
 
+# popsicle-py records
+complete -c popsicle-py -n '__popsicle_py_at records' -l 'journal' -r -F -d 'The station\'s journal (default: the station\'s default).'
+complete -c popsicle-py -n '__popsicle_py_at records' -l 'batch' -x -d 'Only this batch\'s records.'
+complete -c popsicle-py -n '__popsicle_py_at records' -l 'json' -d 'One JSON array of records.'
+complete -c popsicle-py -n '__popsicle_py_at records' -l 'csv' -d 'CSV with a header line.'
+complete -c popsicle-py -n '__popsicle_py_at records' -l 'debug' -d 'Show debug messages and tracebacks.'
+complete -c popsicle-py -n '__popsicle_py_at records' -s 'h' -l 'help' -d 'Show this message and exit.'
+
+# popsicle-py slots
+complete -c popsicle-py -n '__popsicle_py_at slots' -l 'count' -x -d 'Learn N slots, labelled 1 to N.'
+complete -c popsicle-py -n '__popsicle_py_at slots' -l 'labels' -x -d 'Learn these slots, in this order.'
+complete -c popsicle-py -n '__popsicle_py_at slots' -l 'debug' -d 'Show debug messages and tracebacks.'
+complete -c popsicle-py -n '__popsicle_py_at slots' -s 'h' -l 'help' -d 'Show this message and exit.'
+complete -c popsicle-py -n '__popsicle_py_at slots file' -F
+
+# popsicle-py station
+complete -c popsicle-py -n '__popsicle_py_at station' -l 'sha256' -x -d 'Expected SHA-256 of the image file.'
+complete -c popsicle-py -n '__popsicle_py_at station' -l 'checksum' -x -d 'Expected checksum (sha1, sha256, sha512 or blake2b) of the image file.'
+complete -c popsicle-py -n '__popsicle_py_at station' -l 'no-checksum' -d 'Ignore a checksum file next to the image.'
+complete -c popsicle-py -n '__popsicle_py_at station' -l 'force' -d 'Write an image that does not look like a disk image (text, HTML, tiny).'
+complete -c popsicle-py -n '__popsicle_py_at station' -l 'keyring' -r -F -d 'Trust the checksum file only if its signature (.gpg, .sign, .asc, .sig) verifies with gpgv against this keyring.'
+complete -c popsicle-py -n '__popsicle_py_at station' -l 'cache' -l 'no-cache' -d 'Keep a downloaded IMAGE (a URL) in ~/.cache/popsicle-py for the next run (default: off, or $POPSICLE_PY_CACHE).'
+complete -c popsicle-py -n '__popsicle_py_at station' -l 'slots' -r -F -d 'The slot map (TOML, made by `popsicle-py slots`): write only the drives on its ports; a drive elsewhere is announced and never opened.'
+complete -c popsicle-py -n '__popsicle_py_at station' -l 'listen' -x -d 'Where the page and the API are served (port 0: a free one).'
+complete -c popsicle-py -n '__popsicle_py_at station' -l 'token-file' -r -F -d 'The token POST requests need (made, mode 0600, when missing; default: station.token beside the journal).'
+complete -c popsicle-py -n '__popsicle_py_at station' -l 'journal' -r -F -d 'The SQLite journal (default: /var/lib/popsicle-py/journal.sqlite as root, else ~/.local/share/popsicle-py/journal.sqlite).'
+complete -c popsicle-py -n '__popsicle_py_at station' -l 'batch' -x -d 'The batch the records belong to.'
+complete -c popsicle-py -n '__popsicle_py_at station' -l 'operator' -x -d 'Who runs the station.'
+complete -c popsicle-py -n '__popsicle_py_at station' -l 'name' -x -d 'The station\'s name in records and on the page (default: the host name).'
+complete -c popsicle-py -n '__popsicle_py_at station' -l 'hook' -x -d 'Run CMD for each drive that ends (POPSICLE_SLOT, POPSICLE_RESULT ... in its environment): a sound, a light.'
+complete -c popsicle-py -n '__popsicle_py_at station' -l 'count' -x -d 'Stop once N drives have finished (ok or failed); start no more than N.'
+complete -c popsicle-py -n '__popsicle_py_at station' -l 'no-verify' -d 'Skip reading the drives back.'
+complete -c popsicle-py -n '__popsicle_py_at station' -l 'no-power-off' -d 'Leave finished drives powered on (default: power them off).'
+complete -c popsicle-py -n '__popsicle_py_at station' -l 'include-present' -d 'Also write the eligible drives plugged in before starting.'
+complete -c popsicle-py -n '__popsicle_py_at station' -l 'max-size' -x -d 'Skip drives larger than this.'
+complete -c popsicle-py -n '__popsicle_py_at station' -l 'no-probe' -d 'Do not check, before writing, that each drive stores as much as it claims (the counterfeit-stick probe).'
+complete -c popsicle-py -n '__popsicle_py_at station' -l 'report' -r -F -d 'Append one record per drive to FILE (.csv or .jsonl).'
+complete -c popsicle-py -n '__popsicle_py_at station' -s 'y' -l 'yes' -d 'Do not ask for confirmation.'
+complete -c popsicle-py -n '__popsicle_py_at station' -l 'json' -d 'Machine-readable events on stdout.'
+complete -c popsicle-py -n '__popsicle_py_at station' -l 'debug' -d 'Show debug messages and tracebacks.'
+complete -c popsicle-py -n '__popsicle_py_at station' -s 'h' -l 'help' -d 'Show this message and exit.'
+complete -c popsicle-py -n '__popsicle_py_at station image' -F
+
 # popsicle-py verify
 complete -c popsicle-py -n '__popsicle_py_at verify' -l 'stall-timeout' -x -d 'Fail a drive whose reads make no progress for SECONDS.'
 complete -c popsicle-py -n '__popsicle_py_at verify' -l 'json' -d 'Machine-readable events on stdout.'
@@ -302,13 +400,13 @@ complete -c popsicle-py -n '__popsicle_py_at watch' -l 'force' -d 'Write an imag
 complete -c popsicle-py -n '__popsicle_py_at watch' -l 'keyring' -r -F -d 'Trust the checksum file only if its signature (.gpg, .sign, .asc, .sig) verifies with gpgv against this keyring.'
 complete -c popsicle-py -n '__popsicle_py_at watch' -l 'cache' -l 'no-cache' -d 'Keep a downloaded IMAGE (a URL) in ~/.cache/popsicle-py for the next run (default: off, or $POPSICLE_PY_CACHE).'
 complete -c popsicle-py -n '__popsicle_py_at watch' -l 'count' -x -d 'Stop once N drives have finished (ok or failed); start no more than N.'
-complete -c popsicle-py -n '__popsicle_py_at watch' -s 'y' -l 'yes' -d 'Do not ask for confirmation.'
 complete -c popsicle-py -n '__popsicle_py_at watch' -l 'no-verify' -d 'Skip reading the drives back.'
 complete -c popsicle-py -n '__popsicle_py_at watch' -l 'no-power-off' -d 'Leave finished drives powered on (default: power them off).'
-complete -c popsicle-py -n '__popsicle_py_at watch' -l 'include-present' -d 'Also write the eligible drives plugged in before watching.'
+complete -c popsicle-py -n '__popsicle_py_at watch' -l 'include-present' -d 'Also write the eligible drives plugged in before starting.'
 complete -c popsicle-py -n '__popsicle_py_at watch' -l 'max-size' -x -d 'Skip drives larger than this.'
 complete -c popsicle-py -n '__popsicle_py_at watch' -l 'no-probe' -d 'Do not check, before writing, that each drive stores as much as it claims (the counterfeit-stick probe).'
 complete -c popsicle-py -n '__popsicle_py_at watch' -l 'report' -r -F -d 'Append one record per drive to FILE (.csv or .jsonl).'
+complete -c popsicle-py -n '__popsicle_py_at watch' -s 'y' -l 'yes' -d 'Do not ask for confirmation.'
 complete -c popsicle-py -n '__popsicle_py_at watch' -l 'json' -d 'Machine-readable events on stdout.'
 complete -c popsicle-py -n '__popsicle_py_at watch' -l 'debug' -d 'Show debug messages and tracebacks.'
 complete -c popsicle-py -n '__popsicle_py_at watch' -s 'h' -l 'help' -d 'Show this message and exit.'

@@ -10,6 +10,9 @@ from dataclasses import asdict, dataclass, field
 from enum import Enum
 from typing import Any
 
+#: A JSON object as ``to_json`` gives it: the values are whatever JSON holds.
+JsonObject = dict[str, Any]
+
 
 class _Word(str, Enum):
     """A typed value that is also the plain word the JSON and the views show."""
@@ -87,7 +90,7 @@ class DriveInfo:
     serial: str = ""
     size: int = 0
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self) -> JsonObject:
         return asdict(self)
 
 
@@ -99,12 +102,11 @@ class Started:
     format: str
     size: int | None
     devices: tuple[str, ...]
-    labels: tuple[str, ...] = ()
     verify: bool = True
     #: One per device, in the same order, when the job was told who they are.
     drives: tuple[DriveInfo, ...] = ()
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self) -> JsonObject:
         return {"event": "start", "image": self.image, "format": self.format,
                 "size": self.size, "devices": list(self.devices), "verify": self.verify,
                 "drives": [d.to_json() for d in self.drives]}
@@ -116,7 +118,7 @@ class Note:
 
     text: str
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self) -> JsonObject:
         return {"event": "note", "text": self.text}
 
 
@@ -126,7 +128,7 @@ class Error:
 
     message: str
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self) -> JsonObject:
         return {"event": "error", "message": self.message}
 
 
@@ -140,7 +142,7 @@ class Phase:
     #: With the ``failed`` phase: why, as a typed value (the detail says it for people).
     cause: Cause | None = None
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self) -> JsonObject:
         data = {"event": "phase", "device": self.device, "phase": self.phase,
                 "detail": self.detail}
         if self.cause is not None:
@@ -157,7 +159,7 @@ class Progress:
     done: int
     total: int | None
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self) -> JsonObject:
         return {"event": "progress", "device": self.device, "phase": self.phase,
                 "bytes": self.done, "total": self.total}
 
@@ -183,7 +185,7 @@ class DriveResult:
     def ok(self) -> bool:
         return self.status == "ok"
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self) -> JsonObject:
         data = asdict(self)
         if self.elapsed is not None:
             data["elapsed"] = round(self.elapsed, 3)
@@ -201,7 +203,7 @@ class Probed:
     message: str
     elapsed: float = 0.0
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self) -> JsonObject:
         return {"event": "probe", "device": self.device, "claimed": self.claimed,
                 "real_estimate": self.real_estimate, "ok": self.ok, "message": self.message,
                 "elapsed": round(self.elapsed, 3)}
@@ -213,7 +215,7 @@ class Result:
 
     result: DriveResult
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self) -> JsonObject:
         return {"event": "result", **self.result.to_json()}
 
 
@@ -231,7 +233,7 @@ class Summary:
         return ((bool(self.results) or self.none_is_ok) and all(r.ok for r in self.results)
                 and not self.cancelled)
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self) -> JsonObject:
         return {"event": "summary", "ok": self.ok,
                 "results": [r.to_json() for r in self.results]}
 
@@ -250,7 +252,7 @@ POWERED_OFF = "powered off"
 class Watching:
     """The udev monitor is listening: drives plugged in from now on are seen."""
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self) -> JsonObject:
         return {"event": "watching"}
 
 
@@ -265,7 +267,7 @@ class DriveAdded:
     reason: str | None = None
     info: DriveInfo | None = None
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self) -> JsonObject:
         return {"event": "drive_added", "device": self.device, "label": self.label,
                 "size": self.size, "eligible": self.eligible, "reason": self.reason,
                 "drive": None if self.info is None else self.info.to_json()}
@@ -277,7 +279,7 @@ class DriveRemoved:
 
     device: str
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self) -> JsonObject:
         return {"event": "drive_removed", "device": self.device}
 
 

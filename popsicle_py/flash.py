@@ -22,7 +22,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from popsicle_py import blockdev
 from popsicle_py.blockdev import BlockDevice, OpenSpec
@@ -53,6 +53,7 @@ from popsicle_py.events import (
 )
 from popsicle_py.images import Checksum, ChecksumTap
 from popsicle_py.messages import BusVerifierMessage, BusWriterMessage
+from popsicle_py.protocols import Source
 
 log = logging.getLogger(__name__)
 
@@ -73,25 +74,7 @@ class DriveLike(Protocol):
     def logical_block_size(self) -> int: ...
 
 
-class ImageLike(Protocol):
-    @property
-    def path(self) -> str: ...
-
-    @property
-    def format(self) -> str: ...
-
-    @property
-    def size(self) -> int | None: ...
-
-    @property
-    def seekable_raw(self) -> bool: ...
-
-    @property
-    def tappable(self) -> bool: ...
-
-    def open(self, tap: ChecksumTap | None = None) -> Any: ...
-
-    def read_at(self, offset: int, length: int) -> bytes: ...
+D = TypeVar("D", bound=DriveLike)
 
 
 class OpenError(Refused):
@@ -112,7 +95,7 @@ class FlashOptions:
     #: Whether a checksum pass before writing matched (not with --checksum-while-writing).
     checksum_checked: bool = True
     #: Run on each opened drive before anything is written to it (the capacity probe).
-    probe: Callable[[Any], None] | None = None
+    probe: Callable[[BlockDevice], None] | None = None
     #: Where a compressed image is spilled so every drive goes at its own pace ("": $TMPDIR
     #: or /var/tmp; None: keep the drives of a compressed image in lock-step).
     spill_dir: str | None = ""
@@ -120,8 +103,8 @@ class FlashOptions:
     source_check: Callable[[], None] | None = None
 
 
-def open_targets(drives: Sequence[DriveLike], *, for_writing: bool = True,
-                 check: Callable[[Any], str | None] | None = None) -> list[BlockDevice]:
+def open_targets(drives: Sequence[D], *, for_writing: bool = True,
+                 check: Callable[[D], str | None] | None = None) -> list[BlockDevice]:
     """Open every drive, or none: a drive that cannot be opened stops the run before writing.
 
     ``check(drive)`` may refuse a drive that changed since it was selected; a drive with an
@@ -261,7 +244,7 @@ class FlashJob(_Job):
     on its own timeline, so a fast drive is done (and can be pulled) while a slow one is
     still being written."""
 
-    def __init__(self, image: ImageLike, devices: Sequence[BlockDevice], options: FlashOptions,
+    def __init__(self, image: Source, devices: Sequence[BlockDevice], options: FlashOptions,
                  emit: Emit, cancel: CancelCheck, infos: Sequence[DriveInfo] = ()) -> None:
         super().__init__(devices, emit, cancel, infos)
         self.image = image
@@ -412,7 +395,7 @@ class FlashJob(_Job):
 class VerifyJob(_Job):
     """Compare drives with an image, reading the image once for all of them."""
 
-    def __init__(self, image: ImageLike, devices: Sequence[BlockDevice], emit: Emit,
+    def __init__(self, image: Source, devices: Sequence[BlockDevice], emit: Emit,
                  cancel: CancelCheck, stall_timeout: float | None = 60.0,
                  infos: Sequence[DriveInfo] = ()) -> None:
         super().__init__(devices, emit, cancel, infos)

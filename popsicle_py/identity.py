@@ -8,7 +8,8 @@ pinned by its backing file (st_dev, st_ino) or block device, and offset.
 
 This module is pure (no I/O) so that both the drive layer (which records an identity when the
 plan is made, from sysfs) and the block-device layer (which reads one from the opened
-descriptor) can use it without importing each other.
+descriptor) can use it without importing each other; :mod:`popsicle_py.media` reads one
+from an open descriptor or sysfs.
 """
 
 from __future__ import annotations

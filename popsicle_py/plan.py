@@ -3,7 +3,8 @@
 A refused target stops the whole run, and the user gets every reason at once (one line per
 problem) rather than fixing them one run at a time.  The rules are plain functions over a
 :class:`~popsicle_py.drives.Drive` (:func:`refusals`, :func:`warnings_for`), testable without a
-drive; :func:`make_plan` and :func:`unmount_targets` are the thin I/O edges.
+drive; :func:`make_plan` (drives to write), :func:`make_read_plan` (drives to read back, for
+``verify``) and :func:`unmount_targets` are the thin I/O edges.
 """
 
 from __future__ import annotations
@@ -68,23 +69,13 @@ def warnings_for(drive: Drive, *, unmount: bool, max_auto_size: int = DEFAULT_MA
     return tuple(found)
 
 
-def make_plan(devices: Sequence[str], *, all_usb: bool, image_path: str | None,
-              image_size: int | None, unmount: bool,
-              max_auto_size: int = DEFAULT_MAX_AUTO_SIZE,
-              context: pyudev.Context | None = None) -> Plan:
-    """Resolve and check every target; raise PlanError listing every refusal.
-
-    Explicitly named devices come first, in the order given; ``all_usb`` adds the eligible USB
-    and SD drives discovery finds, skipping (with a note) the ineligible and those larger than
-    ``max_auto_size``, which a user can still name explicitly.
-    """
-    context = context or pyudev.Context()
-    facts = drives.gather_facts(image_path)
+def _resolve(devices: Sequence[str], image_path: str | None, context: pyudev.Context,
+             facts: drives.SystemFacts) -> tuple[list[Drive], dict[int, str], list[str]]:
+    """The named devices as drives, in the order given: (drives, the path each device number
+    was named by, one line per device that cannot be a target or is named twice)."""
     lines: list[str] = []
-    notes: list[str] = []
     targets: list[Drive] = []
     named: dict[int, str] = {}
-
     for path in devices:
         try:
             drive = drives.drive_for_path(path, image_path=image_path, context=context,
@@ -98,6 +89,23 @@ def make_plan(devices: Sequence[str], *, all_usb: bool, image_path: str | None,
             continue
         named[drive.devnum] = path
         targets.append(drive)
+    return targets, named, lines
+
+
+def make_plan(devices: Sequence[str], *, all_usb: bool, image_path: str | None,
+              image_size: int | None, unmount: bool,
+              max_auto_size: int = DEFAULT_MAX_AUTO_SIZE,
+              context: pyudev.Context | None = None) -> Plan:
+    """Resolve and check every target; raise PlanError listing every refusal.
+
+    Explicitly named devices come first, in the order given; ``all_usb`` adds the eligible USB
+    and SD drives discovery finds, skipping (with a note) the ineligible and those larger than
+    ``max_auto_size``, which a user can still name explicitly.
+    """
+    context = context or pyudev.Context()
+    facts = drives.gather_facts(image_path)
+    notes: list[str] = []
+    targets, named, lines = _resolve(devices, image_path, context, facts)
 
     if all_usb:
         for drive in drives.discover(context, image_path=image_path, facts=facts):
@@ -131,6 +139,30 @@ def make_plan(devices: Sequence[str], *, all_usb: bool, image_path: str | None,
     warnings = {d.path: w for d in targets
                 if (w := warnings_for(d, unmount=unmount, max_auto_size=max_auto_size))}
     return Plan(tuple(targets), tuple(notes), warnings)
+
+
+def make_read_plan(devices: Sequence[str], image_size: int | None, *,
+                   context: pyudev.Context | None = None) -> Plan:
+    """Resolve the drives to read back and compare with an image (``verify``); raise
+    PlanError listing every refusal.
+
+    The named devices are resolved as :func:`make_plan` resolves them, with its words: what can
+    never be a target (missing, not a block device, a partition, a system drive) and a drive
+    named twice are refused, and so is a drive smaller than the image (``image_size``; None:
+    not known, not checked).  Reading writes nothing, so the rest of the writing rules do not
+    apply: a mounted, read-only or non-USB drive, or one that holds the image, is read.
+    """
+    targets, _, lines = _resolve(devices, None, context or pyudev.Context(),
+                                 drives.gather_facts())
+    for drive in targets:
+        small = drives.too_small(drive, image_size)
+        if small is not None:
+            lines.append(small.line)
+    if not targets and not lines:
+        lines.append("no target drives: name devices")
+    if lines:
+        raise PlanError(lines)
+    return Plan(tuple(targets))
 
 
 def _umount(mountpoint: str, device: str = "") -> str | None:

@@ -59,6 +59,7 @@ from typing import Any, Protocol
 from popsicle_py import blockdev
 from popsicle_py.buffers import aligned_buffer
 from popsicle_py.errors import Counterfeit
+from popsicle_py.events import JsonObject
 from popsicle_py.units import format_size
 
 #: Never written by the probe: MBR, GPT header and entries, ISO 9660 volume descriptors.
@@ -246,7 +247,7 @@ class ProbeResult:
         return (f"counterfeit: claims {format_size(self.claimed)}, holds about "
                 f"{format_size(self.real_estimate or 0)}")
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self) -> JsonObject:
         return {"claimed": self.claimed, "real_estimate": self.real_estimate, "ok": self.ok,
                 "elapsed": round(self.elapsed, 3), "error": self.error,
                 "message": self.message, "writes": self.writes, "reads": self.reads}

@@ -13,6 +13,7 @@ from popsicle_py.events import WatchEvent
 
 if TYPE_CHECKING:
     from popsicle_py.images import ChecksumTap
+    from popsicle_py.images.formats import Format
 
 
 @runtime_checkable
@@ -39,6 +40,10 @@ class Source(Protocol):
     @property
     def format(self) -> str:
         """The format's name as events show it (``raw``, ``xz``, ...)."""
+
+    @property
+    def kind(self) -> Format:
+        """The format's record: what the jobs ask of it (decoded? read whole first?)."""
 
     @property
     def size(self) -> int | None:

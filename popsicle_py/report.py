@@ -16,9 +16,8 @@ import os
 import time
 from collections.abc import Callable
 from datetime import datetime, timezone
-from typing import Any
 
-from popsicle_py import events, rows
+from popsicle_py import events, progress
 
 #: The columns of a record, in order (CSV header, JSON keys).
 FIELDS = ("seq", "device", "port_path", "vendor", "model", "serial", "capacity", "image",
@@ -46,8 +45,8 @@ def iso(wall: float) -> str:
     return datetime.fromtimestamp(wall, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def record(result: events.DriveResult, tracker: rows.DriveProgress | None, *, image: str,
-           sha256: str, started: float | None, ended: float) -> dict[str, Any]:
+def record(result: events.DriveResult, tracker: progress.DriveProgress | None, *, image: str,
+           sha256: str, started: float | None, ended: float) -> events.JsonObject:
     """One drive's record (plain data): its identity, what was written, speeds, the verdict."""
     info = result.drive or events.DriveInfo()
     return {
@@ -69,7 +68,7 @@ def _per_second(speed: float | None) -> int | None:
     return None if speed is None else round(speed)
 
 
-def format_record(data: dict[str, Any], fmt: str) -> str:
+def format_record(data: events.JsonObject, fmt: str) -> str:
     if fmt == "jsonl":
         return json.dumps({k: data[k] for k in FIELDS}) + "\n"
     buf = io.StringIO()
@@ -105,14 +104,14 @@ class Report:
             if self.failed:  # nothing is written yet: refuse rather than run without it
                 os.close(self.fd)
                 raise ReportError(f"--report {path}: cannot write to it: {self.failed_why}")
-        self.trackers: dict[str, rows.DriveProgress] = {}
+        self.trackers: dict[str, progress.DriveProgress] = {}
         self.started: dict[str, float] = {}
         self.recorded: set[tuple[str, int | None]] = set()
         self.verify = True
 
-    def _tracker(self, device: str) -> rows.DriveProgress:
+    def _tracker(self, device: str) -> progress.DriveProgress:
         if device not in self.trackers:
-            self.trackers[device] = rows.DriveProgress(verifies=self.verify)
+            self.trackers[device] = progress.DriveProgress(verifies=self.verify)
         return self.trackers[device]
 
     def handle(self, event: events.WatchEvent) -> None:
@@ -123,7 +122,7 @@ class Report:
                 for device in devices:
                     self._tracker(device)
             case events.DriveAdded(device=device, eligible=True):
-                self.trackers[device] = rows.DriveProgress(verifies=self.verify)  # a new stick
+                self.trackers[device] = progress.DriveProgress(verifies=self.verify)  # a new stick
                 self.started.pop(device, None)
             case events.Phase(device=str(device), phase=phase):
                 if phase not in ("done", "failed"):
@@ -173,11 +172,12 @@ def _key(r: events.DriveResult) -> tuple[str, int | None]:
     return r.device, r.drive.seq if r.drive is not None else None
 
 
-def fan_out(*sinks: Callable[[Any], None]) -> Callable[[Any], None]:
+def fan_out(*sinks: Callable[[events.WatchEvent], None]
+            ) -> Callable[[events.WatchEvent], None]:
     """One emit that feeds every sink, in order: the report first, so that a result a person
     or a script has seen is already on disk."""
 
-    def emit(event: Any) -> None:
+    def emit(event: events.WatchEvent) -> None:
         for sink in sinks:
             sink(event)
 

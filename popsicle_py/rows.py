@@ -1,186 +1,22 @@
-"""One progress measure per drive, and drive rows laid out to fit the terminal's width.
+"""Drive rows laid out to fit the terminal's width.
 
-Pure code over plain data (the clock is a parameter), shared by the live views and the report.
-
-The measure: a flash does two passes over the same bytes, so its total work is the bytes to
-write plus the bytes to verify (twice the image, or the block map's mapped bytes; once with
-``--no-verify``), and the work done is the bytes written (or found identical) plus the bytes
-verified.  The job reports each phase on its own (``Progress(device, phase, done, total)``,
-reset at every phase, the first bucket written last); adding them here means the bar never
-runs backwards and the total never jumps between phases.  ``verify`` alone has one pass.
-When the image's size is unknown (gzip and bzip2 do not record it) there is no total until
-the end: the row shows bytes and speed and no invented percentage.
+Pure code over plain data, for the live views.  The progress measure behind a row (bytes,
+speeds) is in :mod:`popsicle_py.progress`, re-exported here for the code that imports it from
+this module.
 """
 
 from __future__ import annotations
 
 import textwrap
-from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from popsicle_py.progress import SPEED_WINDOW, VERIFY_PHASES, WRITE_PHASES, DriveProgress
 from popsicle_py.units import format_size
 
-#: The speed shown is measured over this many seconds (long enough to smooth a bucket's burst).
-SPEED_WINDOW = 5.0
-#: Phases whose bytes are writes (``syncing`` is the first bucket, written last).
-WRITE_PHASES = ("writing", "syncing")
-VERIFY_PHASES = ("verifying", "reading")  # reading: ``read``'s one pass
-
-
-class DriveProgress:
-    """Written plus verified bytes of one drive, and its speeds; fed the job's events."""
-
-    def __init__(self, *, writes: bool = True, verifies: bool = True,
-                 size: int | None = None) -> None:
-        self.writes, self.verifies = writes, verifies
-        self.pass_size = size  # bytes of one pass (image or mapped bytes); None: unknown yet
-        self.written = 0  # bytes written or found identical, the largest the job reported
-        self.verified = 0  # bytes verified, summed over verify passes
-        self._pass_done = 0  # of the current verify pass
-        self._shown = 0  # never decreases: what the bar shows
-        self.phase: str | None = None
-        self.ended: str | None = None  # final status once known
-        self._since: float | None = None  # start of the current phase
-        self.started: float | None = None
-        self.finished: float | None = None
-        self.write_time = 0.0
-        self.verify_time = 0.0
-        self._samples: deque[tuple[float, int]] = deque()
-
-    # Feeding
-
-    def on_phase(self, phase: str, now: float) -> None:
-        self._close_phase(now)
-        if self.started is None and phase in (*WRITE_PHASES, *VERIFY_PHASES):
-            self.started = now
-        self.phase = phase
-        self._since = now
-        if phase in VERIFY_PHASES:
-            self._pass_done = 0
-        self._sample(now)
-
-    def on_progress(self, phase: str, done: int, total: int | None, now: float) -> None:
-        if self.started is None:
-            self.started = now
-        if phase in VERIFY_PHASES:
-            if not self.writes and total is not None:
-                self.pass_size = total
-            if done < self._pass_done:  # a new pass without its phase event
-                self._pass_done = 0
-            self.verified += done - self._pass_done
-            self._pass_done = done
-        else:
-            if total is not None:
-                self.pass_size = total
-            self.written = max(self.written, done)
-        self._sample(now)
-
-    def on_end(self, status: str, now: float, written: int | None = None) -> None:
-        """The drive ended: ``written`` (bytes written plus skipped) fixes an unknown size."""
-        if self.ended is not None:
-            return
-        self._close_phase(now)
-        self.ended = status
-        self.finished = now
-        if written is not None:
-            self.written = max(self.written, written)
-        self._sample(now)
-        if status == "ok":
-            if self.pass_size is None:
-                self.pass_size = self.written
-            total = self.total
-            if total is not None:
-                self._shown = total
-
-    def _close_phase(self, now: float) -> None:
-        if self._since is not None and self.phase is not None:
-            spent = max(0.0, now - self._since)
-            if self.phase in WRITE_PHASES:
-                self.write_time += spent
-            elif self.phase in VERIFY_PHASES:
-                self.verify_time += spent
-        self._since = None
-
-    def _sample(self, now: float) -> None:
-        raw = self._raw_done()
-        total = self.total
-        if total is not None:
-            raw = min(raw, total if self.ended == "ok" else max(total - 1, 0))
-        self._shown = max(self._shown, raw)
-        self._samples.append((now, self._shown))
-        while len(self._samples) > 2 and now - self._samples[1][0] >= SPEED_WINDOW:
-            self._samples.popleft()
-
-    # Reading
-
-    def _raw_done(self) -> int:
-        size = self.pass_size
-        written = self.written if self.writes else 0
-        verified = self.verified if self.verifies else 0
-        if size is not None:
-            written, verified = min(written, size), min(verified, size)
-        return written + verified
-
-    @property
-    def total(self) -> int | None:
-        if self.pass_size is None:
-            return None
-        return self.pass_size * (int(self.writes) + int(self.verifies))
-
-    @property
-    def done(self) -> int:
-        return self._shown
-
-    @property
-    def pass_done(self) -> int:
-        """Bytes of the current pass (written, then verified): what the byte counts show."""
-        if self.ended == "ok" and self.pass_size is not None:
-            return self.pass_size
-        if self.verifies and (self.phase in VERIFY_PHASES or not self.writes):
-            return min(self.verified, self.pass_size or self.verified)
-        return self.written
-
-    @property
-    def fraction(self) -> float | None:
-        total = self.total
-        if total is None:
-            return None
-        return 1.0 if total == 0 else min(1.0, self.done / total)
-
-    def speed(self, now: float) -> float | None:
-        """Bytes per second over the last few seconds; None until there are two samples."""
-        if self.ended is not None:
-            return None
-        samples = self._samples
-        if not samples or self.started is None:
-            return None
-        t0, d0 = samples[0]
-        span = now - t0
-        if span < 0.5:
-            return None
-        return max(0.0, (self.done - d0) / span)
-
-    def eta(self, now: float) -> float | None:
-        total, speed = self.total, self.speed(now)
-        if total is None or not speed:
-            return None
-        return max(0.0, (total - self.done) / speed)
-
-    @property
-    def write_speed(self) -> float | None:
-        """Average over the writing phases: bytes written (or found identical) per second."""
-        return self.written / self.write_time if self.write_time > 0 and self.written else None
-
-    @property
-    def verify_speed(self) -> float | None:
-        return self.verified / self.verify_time if self.verify_time > 0 and self.verified \
-            else None
-
-    @property
-    def average_speed(self) -> float | None:
-        """What a finished row shows: its write speed, or its read speed for ``verify``."""
-        return self.write_speed if self.writes else self.verify_speed
+__all__ = ["COLUMNS", "FITS", "SPEED_WINDOW", "VERIFY_PHASES", "WRITE_PHASES", "Column",
+           "DriveProgress", "Fit", "Line", "Piece", "Row", "fit_height", "format_eta",
+           "format_speed", "layout", "layout_rows", "plain"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -301,78 +137,151 @@ def fit_height(blocks: Sequence[Sequence[Line]], finished: Sequence[bool], heigh
     return [blocks[i] for i in keep], dropped
 
 
+@dataclass(frozen=True)
+class Column:
+    """One column of a row: its text, where it sits, how wide it may grow, its style."""
+
+    key: str
+    cell: Callable[[Row], str]
+    style: Callable[[Row], str] = lambda row: ""
+    right: bool = False  # numbers are right-aligned (and never cut: they are measured)
+    most: int | None = None  # longer texts are cut with "…"
+    least: int = 0
+    kept: bool = False  # on every line, whatever the width (the others come and go)
+
+
+@dataclass(frozen=True)
+class Fit:
+    """One step of fitting the columns to a width: ``shorten``, ``drop``, ``add`` or ``widen``
+    the column ``key`` according as the bar keeps at least ``bar`` cells."""
+
+    key: str
+    action: str
+    bar: int
+
+
+#: The columns in the order of the line; the bar sits between the label and the percent.
+COLUMNS: tuple[Column, ...] = (
+    Column("name", lambda r: r.name, lambda r: "bold", most=MAX_NAME, kept=True),
+    Column("port", lambda r: r.port, lambda r: "cyan", most=MAX_PORT),
+    Column("label", lambda r: r.label, lambda r: "dim", most=MAX_LABEL),
+    Column("bar", lambda r: "", kept=True),
+    Column("amount", lambda r: _amount(r), right=True, least=4, kept=True),
+    Column("nbytes", lambda r: _bytes(r), right=True),
+    Column("speed", lambda r: r.speed, right=True),
+    Column("eta", lambda r: r.eta, right=True),
+    Column("state", lambda r: r.state, lambda r: r.style, kept=True),
+)
+#: Shown from the start (the essentials); the other columns come only when ``FITS`` adds them.
+ESSENTIAL = ("name", "amount", "speed", "eta", "state")
+#: The priority table, applied in order.  First the essentials give way while the bar would be
+#: under MIN_BAR cells: the name loses its "/dev/" ("loop12" rather than "/dev/lo…": names stay
+#: distinct), then the ETA goes, then the speed.  Then the extras come, each only if the bar
+#: stays ROOMY_BAR wide: the port, the byte counts, the label.  Last, the detail (an error, what
+#: to do next) goes beside the state if the bar stays roomy, else on lines under the row.
+FITS: tuple[Fit, ...] = (
+    Fit("name", "shorten", MIN_BAR),
+    Fit("eta", "drop", MIN_BAR),
+    Fit("speed", "drop", MIN_BAR),
+    Fit("port", "add", ROOMY_BAR),
+    Fit("nbytes", "add", ROOMY_BAR),
+    Fit("label", "add", ROOMY_BAR),
+    Fit("state", "widen", ROOMY_BAR),
+)
+#: A shortened name keeps at least this many cells.
+MIN_NAME = 8
+
+
+class _Plan:
+    """The columns' texts and widths for a set of rows at one width (0: not shown)."""
+
+    def __init__(self, rows: Sequence[Row], width: int) -> None:
+        self.width = width
+        self.cells = {c.key: [c.cell(r) for r in rows] for c in COLUMNS}
+        self.natural = {c.key: _widest(self.cells[c.key], c) for c in COLUMNS}
+        self.widths = {c.key: self.natural[c.key] if c.key in ESSENTIAL else 0
+                       for c in COLUMNS}
+        longs = [_long(r) for r in rows]
+        self.details = [t if r.detail else "" for r, t in zip(rows, longs, strict=True)]
+        self.inline = False
+
+    def bar(self, **change: int) -> int:
+        """The bar's width with these columns' widths (and ``change`` applied)."""
+        widths = {**self.widths, **change}
+        used = sum(w + 1 for k, w in widths.items() if w and k not in ("bar", "state"))
+        return self.width - used - widths["state"] - 1
+
+    def apply(self, fit: Fit) -> None:
+        {"shorten": self._shorten, "drop": self._drop, "add": self._add,
+         "widen": self._widen}[fit.action](fit.key, fit.bar)
+
+    def _shorten(self, key: str, bar: int) -> None:
+        if self.bar() < bar:
+            self.cells[key] = [_short(t) for t in self.cells[key]]
+            room = self.bar(**{key: 0}) - bar  # what the bar leaves it
+            self.widths[key] = min(max(map(len, self.cells[key])), max(MIN_NAME, room))
+
+    def _drop(self, key: str, bar: int) -> None:
+        if self.bar() < bar:
+            self.widths[key] = 0
+
+    def _add(self, key: str, bar: int) -> None:
+        natural = self.natural[key]
+        if natural and self.bar(**{key: natural}) >= bar:
+            self.widths[key] = natural
+
+    def _widen(self, key: str, bar: int) -> None:
+        """The detail beside the state, when the bar stays wide enough."""
+        detail = max(map(len, self.details))
+        if detail and self.bar(**{key: detail}) >= bar:
+            self.inline = True
+            self.widths[key] = max(self.widths[key], detail)
+            self.cells[key] = [d or s for d, s in zip(self.details, self.cells[key], strict=True)]
+
+
+def _widest(texts: Sequence[str], column: Column) -> int:
+    widest = max(column.least, *map(len, texts))
+    return widest if column.most is None else min(column.most, widest)
+
+
 def layout_rows(rows: Sequence[Row], width: int) -> list[list[Line]]:
     """Each row as one line of at most ``width`` cells, plus its detail's lines when needed.
 
     Always kept, in this order: name, state, bar, percent (or bytes), speed, ETA.  The port,
-    byte counts and the drive's label come and go with the width; the detail (an error, what
-    to do next) sits beside the state when there is room and goes under the row when not.
-    The columns are aligned across rows; nothing is ever wider than ``width``.
+    byte counts and the drive's label come and go with the width (the table ``FITS`` says
+    how); the detail sits beside the state when there is room and goes under the row when
+    not.  The columns are aligned across rows; nothing is ever wider than ``width``.
     """
     if not rows:
         return []
-    width = max(width, 20)
-    name_w = min(MAX_NAME, max(len(r.name) for r in rows))
-    port_w = min(MAX_PORT, max(len(r.port) for r in rows))
-    amount_w = max(4, *(len(_amount(r)) for r in rows))
-    speed_w = max(len(r.speed) for r in rows)
-    eta_w = max(len(r.eta) for r in rows)
-    state_w = max(len(r.state) for r in rows)
-    bytes_w = max(len(_bytes(r)) for r in rows)
-    label_w = min(MAX_LABEL, max(len(r.label) for r in rows))
-    longs = [_long(r) for r in rows]
-    detail_w = max((len(t) for r, t in zip(rows, longs, strict=True) if r.detail), default=0)
+    plan = _Plan(rows, max(width, 20))
+    for fit in FITS:
+        plan.apply(fit)
+    bar_w = max(0, plan.bar())
+    return [[_line(plan, i, r, bar_w), *_under(plan, r)] for i, r in enumerate(rows)]
 
-    def fixed(name: int, port: int, label: int, nbytes: int, speed: int, eta: int,
-              state: int) -> int:
-        return sum(w + 1 for w in (name, port, label, amount_w, nbytes, speed, eta) if w) + state
 
-    # The essentials first; shrink the name, then drop ETA and speed, only when nothing else fits.
-    plan = dict(name=name_w, port=0, label=0, nbytes=0, speed=speed_w, eta=eta_w,
-                state=state_w)
-    names = [r.name for r in rows]
-    for shrink in ("name", "eta", "speed"):
-        if width - fixed(**plan) - 1 >= MIN_BAR:
-            break
-        if shrink == "name":  # "loop12" rather than "/dev/lo…": names stay distinct
-            names = [_short(n) for n in names]
-            plan["name"] = min(max(len(n) for n in names),
-                               max(8, width - MIN_BAR - 1 - fixed(**{**plan, "name": 0})))
-        else:
-            plan[shrink] = 0
-    # Then the extras, as long as the bar stays roomy.
-    for extra, w in (("port", port_w), ("nbytes", bytes_w), ("label", label_w)):
-        if w and width - fixed(**{**plan, extra: w}) - 1 >= ROOMY_BAR:
-            plan[extra] = w
-    inline = bool(detail_w) and width - fixed(**{**plan, "state": detail_w}) - 1 >= ROOMY_BAR
-    if inline:
-        plan["state"] = max(state_w, detail_w)
-    bar_w = max(0, width - fixed(**plan) - 1)
+def _line(plan: _Plan, i: int, row: Row, bar_w: int) -> Line:
+    """Row ``i``'s line: its columns that the plan shows, cut to the width."""
+    pieces: list[Piece] = []
+    for column in COLUMNS:
+        w, text = plan.widths[column.key], plan.cells[column.key][i]
+        if column.key == "bar":
+            pieces += [*_bar(row, bar_w), Piece(" ")]
+        elif column.right and (w or column.kept):
+            pieces += [Piece(text.rjust(w)), Piece(" ")]
+        elif w or column.kept:
+            pieces += [Piece(_cut(text, w).ljust(w), column.style(row)), Piece(" ")]
+    return _trim(pieces[:-1], plan.width)
 
-    blocks: list[list[Line]] = []
-    for r, long, name in zip(rows, longs, names, strict=True):
-        lines: list[Line] = []
-        blocks.append(lines)
-        pieces: list[Piece] = [Piece(_cut(name, plan["name"]).ljust(plan["name"]), "bold"),
-                               Piece(" ")]
-        if plan["port"]:
-            pieces += [Piece(_cut(r.port, plan["port"]).ljust(plan["port"]), "cyan"),
-                       Piece(" ")]
-        if plan["label"]:
-            pieces += [Piece(_cut(r.label, plan["label"]).ljust(plan["label"]), "dim"),
-                       Piece(" ")]
-        pieces += [*_bar(r, bar_w), Piece(" "), Piece(_amount(r).rjust(amount_w)), Piece(" ")]
-        for key, text in (("nbytes", _bytes(r)), ("speed", r.speed), ("eta", r.eta)):
-            if plan[key]:
-                pieces += [Piece(text.rjust(plan[key])), Piece(" ")]
-        state = long if inline and r.detail else r.state
-        pieces.append(Piece(_cut(state, plan["state"]).ljust(plan["state"]), r.style))
-        lines.append(_trim(pieces, width))
-        if r.detail and not inline:
-            wrapped = textwrap.wrap(r.detail, max(10, width - 4), max_lines=3, placeholder=" …")
-            for i, text in enumerate(wrapped):
-                lines.append((Piece("    " if i else "  ↳ ", "dim"), Piece(text, r.style)))
-    return blocks
+
+def _under(plan: _Plan, row: Row) -> list[Line]:
+    """The detail's lines under the row, when it is not beside the state."""
+    if not row.detail or plan.inline:
+        return []
+    wrapped = textwrap.wrap(row.detail, max(10, plan.width - 4), max_lines=3, placeholder=" …")
+    return [(Piece("    " if j else "  ↳ ", "dim"), Piece(text, row.style))
+            for j, text in enumerate(wrapped)]
 
 
 def _short(name: str) -> str:

@@ -18,6 +18,16 @@ from types import FrameType
 HANDLED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
+def stopping_words(signum: int, *, idle: bool = False) -> str:
+    """What a first signal says: what stops, and how to quit at once (in that signal's terms)."""
+    name = signal.Signals(signum).name
+    if idle:
+        return f"{name}: ending the session (no drive is being written)"
+    again = {signal.SIGINT: "Ctrl-C again", signal.SIGTERM: "another SIGTERM"}.get(
+        signal.Signals(signum), "another signal")
+    return f"{name}: stopping every drive ({again} to quit at once)"
+
+
 class Cancellation:
     """Owns the cancel flag and remembers which signal set it."""
 
@@ -28,6 +38,9 @@ class Cancellation:
         #: line written under a live display would make it draw its rows again below.  It
         #: runs in the signal handler, so it must only store the text (no I/O, no locks).
         self.announce: Callable[[str], None] | None = None
+        #: True while no drive is being written (a watch session between sticks): the signal
+        #: then ends the session rather than stopping drives.  Read in the signal handler.
+        self.idle: Callable[[], bool] | None = None
 
     def __call__(self) -> bool:
         return self._event.is_set()
@@ -50,8 +63,7 @@ class Cancellation:
         # as the user reads the message, and must then find the run already stopping.
         self.request(signum)
         if first:
-            name = signal.Signals(signum).name
-            text = f"{name}: stopping every drive (Ctrl-C again to quit at once)"
+            text = stopping_words(signum, idle=self.idle is not None and self.idle())
             if self.announce is not None:
                 self.announce(text)
                 return

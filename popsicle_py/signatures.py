@@ -49,6 +49,8 @@ def _signature_check(name: str, data: bytes, signature: bytes, keyring: str) -> 
 
 def check_signature(source: str, read: Callable[[str], bytes | None], keyring: str) -> str:
     """Verify the detached signature next to ``source``; returns the signature's name."""
+    if not os.path.isfile(keyring):  # said first: a missing keyring is not a missing signature
+        raise ImageError(f"--keyring {keyring}: no such file")
     data = read(source)
     if data is None:
         raise ImageError(f"checksum file {source} cannot be read again to check its signature")

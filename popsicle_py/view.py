@@ -19,8 +19,9 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from popsicle_py import events, rows
+from popsicle_py import events, progress, rows, verdicts
 from popsicle_py.units import format_size
+from popsicle_py.verdicts import ok_words as ok_words  # its old home: callers import it here
 
 #: Plain output prints a drive's progress at most this often.
 PLAIN_INTERVAL = 5.0
@@ -115,7 +116,7 @@ class PlainView:
         self.out = Out(out)
         self.interval = interval
         self._last: dict[str | None, float] = {}
-        self._trackers: dict[str, rows.DriveProgress] = {}  # for the average speeds
+        self._trackers: dict[str, progress.DriveProgress] = {}  # for the average speeds
 
     def _line(self, text: str) -> None:
         self.out.write(text + "\n")
@@ -127,9 +128,9 @@ class PlainView:
                 self._trackers.pop(device, None)
             case events.Phase(device=str(device), phase=phase) if phase not in ("done",
                                                                                  "failed"):
-                self._trackers.setdefault(device, rows.DriveProgress()).on_phase(phase, now)
+                self._trackers.setdefault(device, progress.DriveProgress()).on_phase(phase, now)
             case events.Progress(device=str(device), phase=phase, done=done, total=total):
-                self._trackers.setdefault(device, rows.DriveProgress()).on_progress(
+                self._trackers.setdefault(device, progress.DriveProgress()).on_progress(
                     phase, done, total, now)
             case events.Result(result=r) if r.device in self._trackers:
                 self._trackers[r.device].on_end(r.status, now,
@@ -161,9 +162,9 @@ class PlainView:
                            f"{format_size(total)}{percent}")
             case events.Result(result=r):
                 tracker = self._trackers.pop(r.device, None)
-                self._line(_result_line(r, _speeds(tracker) if r.ok else ""))
+                self._line(verdicts.result_line(r, verdicts.speeds(tracker) if r.ok else ""))
             case events.Summary():
-                self._line(_summary_line(event))
+                self._line(verdicts.summary_line(event))
             case events.Watching():
                 self._line("watching: plug in the drives to write (Ctrl-C to stop)")
             case events.DriveAdded(device=device, eligible=eligible, reason=reason):
@@ -181,74 +182,6 @@ class PlainView:
         say_on_stderr(text)
 
 
-def _extras(r: events.DriveResult) -> str:
-    """What a result says beyond its status: bytes skipped, buckets repaired."""
-    parts = []
-    if r.bytes_skipped:
-        parts.append(f"{format_size(r.bytes_skipped)} already there")
-    if r.repaired:
-        parts.append(f"repaired {r.repaired} bucket{'s' if r.repaired != 1 else ''}")
-    return "".join(f", {p}" for p in parts)
-
-
-def ok_words(r: events.DriveResult) -> str:
-    """What an ok result means, honestly: verified from the device, or only written."""
-    if not r.bytes_written and not r.bytes_skipped:
-        return "matches the image" if r.verified else "nothing to write"
-    return "written and verified" if r.verified else "written (not verified)"
-
-
-def _identity(r: events.DriveResult) -> str:
-    """`` [#2, port 1-1.2, serial 4C53...]``: which stick, when the job was told."""
-    d = r.drive
-    if d is None or not (d.port_path or d.serial):  # a loop device: its name says it all
-        return ""
-    parts = [f"#{d.seq}" if d.seq is not None else "",
-             f"port {d.port_path}" if d.port_path else "",
-             f"serial {d.serial}" if d.serial else ""]
-    shown = ", ".join(p for p in parts if p)
-    return f" [{shown}]" if shown else ""
-
-
-def _result_line(r: events.DriveResult, speeds: str = "") -> str:
-    if r.ok:
-        flashed = r.bytes_written or r.bytes_skipped
-        what = ok_words(r)
-        if flashed:
-            what = f"{format_size(r.bytes_written)} {what}"
-        return f"{r.device}: ok ({what}{_extras(r)}{speeds}){_identity(r)}"
-    why = _strip_device(r.error, r.device)
-    said = f": {why}" if why and why != r.status else ""  # not "cancelled: cancelled"
-    return f"{r.device}: {r.status}{said}{_identity(r)}"
-
-
-def _strip_device(text: str | None, device: str) -> str | None:
-    if text and text.startswith(device + ": "):
-        return text[len(device) + 2 :]
-    return text
-
-
-def _summary_line(summary: events.Summary) -> str:
-    good = sum(r.ok for r in summary.results)
-    total = len(summary.results)
-    if not total:
-        return "cancelled: no drive was written" if summary.cancelled else "no drive was written"
-    if summary.ok:
-        return f"done: {good} of {total} drives ok"
-    if summary.cancelled:
-        return f"cancelled: {good} of {total} drives ok"
-    return f"finished with problems: {good} of {total} drives ok"
-
-
-def _speeds(tracker: rows.DriveProgress | None) -> str:
-    if tracker is None:
-        return ""
-    parts = [f"write {rows.format_speed(tracker.write_speed)}" if tracker.write_speed else "",
-             f"verify {rows.format_speed(tracker.verify_speed)}" if tracker.verify_speed
-             else ""]
-    return "".join(f", {p}" for p in parts if p)
-
-
 # ----------------------------------------------------------------------------------------------
 # Live rows (flash, verify and watch on a terminal)
 
@@ -259,7 +192,7 @@ _STYLES = {"done": "green", "written": "green", "checked": "green", "ready": "gr
 class _DriveRow:
     """One row on screen: a drive's identity, its progress, and what it says now."""
 
-    def __init__(self, name: str, tracker: rows.DriveProgress, port: str = "",
+    def __init__(self, name: str, tracker: progress.DriveProgress, port: str = "",
                  label: str = "") -> None:
         self.name, self.port, self.label = name, port, label
         self.tracker = tracker
@@ -356,10 +289,10 @@ class RichView:
         row = self.by_device.get(device)
         if row is None:
             if device is None:  # the image (its checksum)
-                row = _DriveRow("image", rows.DriveProgress(writes=True, verifies=False))
+                row = _DriveRow("image", progress.DriveProgress(writes=True, verifies=False))
             else:
                 port, label = _drive_names(info)
-                row = _DriveRow(device, rows.DriveProgress(writes=self.writes,
+                row = _DriveRow(device, progress.DriveProgress(writes=self.writes,
                                                            verifies=self.verifies,
                                                            size=self.size),
                                 port, label or self.labels.get(device, ""))
@@ -418,7 +351,7 @@ class RichView:
         elif r.ok:
             row.say("written", "not verified", "written (not verified)")
         else:
-            why = _strip_device(r.error, r.device) or ""
+            why = verdicts.strip_device(r.error, r.device) or ""
             row.say(r.status, "" if why == r.status else why)
 
     def close(self) -> None:
@@ -431,7 +364,7 @@ class RichView:
 
 def summary_table(summary: events.Summary) -> Table:
     """The end of a run: one line per drive, with the words a person acts on."""
-    table = Table(title=_summary_line(summary), title_justify="left")
+    table = Table(title=verdicts.summary_line(summary), title_justify="left")
     ports = any(r.drive is not None and r.drive.port_path for r in summary.results)
     seqs = len(summary.results) > 1 and all(r.drive is not None and r.drive.seq is not None
                                             for r in summary.results)
@@ -446,9 +379,9 @@ def summary_table(summary: events.Summary) -> Table:
     table.add_column("Details", overflow="fold", ratio=1)
     styles = {"ok": "green", "failed": "red", "invalid": "red", "cancelled": "yellow"}
     for r in summary.results:
-        details = _strip_device(r.error, r.device) or ""
+        details = verdicts.strip_device(r.error, r.device) or ""
         if r.ok:
-            details = ok_words(r) + _extras(r)
+            details = verdicts.ok_words(r) + verdicts.extras(r)
         cells = [str(r.drive.seq)] if seqs and r.drive is not None else []
         cells.append(r.device)
         if ports:
@@ -554,10 +487,10 @@ class WatchView:
     def _new_row(self, device: str | None, info: events.DriveInfo | None = None,
                  label: str = "") -> _DriveRow:
         if device is None:
-            row = _DriveRow("image", rows.DriveProgress(writes=True, verifies=False))
+            row = _DriveRow("image", progress.DriveProgress(writes=True, verifies=False))
         else:
             port, known = _drive_names(info)
-            row = _DriveRow(device, rows.DriveProgress(writes=True, verifies=self.verify,
+            row = _DriveRow(device, progress.DriveProgress(writes=True, verifies=self.verify,
                                                        size=self.size),
                             port, label or known)
         self.current[device] = row
@@ -622,7 +555,7 @@ class WatchView:
                     row.say("cancelled")
                 else:
                     self.failed += 1
-                    why = _strip_device(r.error, r.device) or r.status
+                    why = verdicts.strip_device(r.error, r.device) or r.status
                     self.failed_present[r.device] = why
                     row.say(r.status, f"pull it ({why})")
             case events.Summary():

@@ -117,6 +117,10 @@ class WatchOptions:
     probe: bool = True
     #: Parent of the private directory holding a decompressed copy (default: default_tmpdir()).
     tmpdir: str | None = None
+    #: Why a drive is left alone before any other rule (a station's unmapped port), or None.
+    admit: Callable[[Drive], str | None] | None = None
+    #: Once set: take no new drive, end when the drives in flight are done (a station's stop).
+    drain: threading.Event | None = None
 
 
 @dataclass(frozen=True)
@@ -296,6 +300,8 @@ class WatchSession:
                 self._deliver()
                 self._emit_to(summary)
                 return WatchOutcome(summary, self.cancel.exit_status)
+            # A signal while no drive is being written ends the session, and says so.
+            self.cancel.idle = lambda: not any(s.in_flight for s in self._started)
             self._watch()
         finally:
             self._join_all()
@@ -378,6 +384,8 @@ class WatchSession:
                 self._uevent(device)
 
     def _count_done(self) -> bool:
+        if self.options.drain is not None and self.options.drain.is_set():
+            return all(s.finished.is_set() for s in self._started)
         count = self.options.count
         return (count is not None and len(self._started) >= count
                 and all(s.finished.is_set() for s in self._started))
@@ -455,7 +463,11 @@ class WatchSession:
             self._gone(drive.devnum)
         seen = _Seen(device, drive)
         self._current[drive.devnum] = seen
-        reason = ineligibility(drive, self._source.size, self.options.max_size)
+        admit, drain = self.options.admit, self.options.drain
+        reason = ((admit(drive) if admit is not None else None)
+                  or ineligibility(drive, self._source.size, self.options.max_size))
+        if reason is None and drain is not None and drain.is_set():
+            reason = "stopping: no new drive is written"
         count = self.options.count
         if reason is None and count is not None and len(self._started) >= count:
             reason = f"--count {count} reached"

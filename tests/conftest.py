@@ -22,7 +22,30 @@ from loopdev import Loop, attach, detach
 IS_ROOT = os.geteuid() == 0
 needs_root = pytest.mark.skipif(not IS_ROOT, reason="needs root for loop devices")
 REPO = Path(__file__).resolve().parent.parent
-os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+_SAVED_PYTHONPATH: list[str | None] = []
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Put this checkout first on PYTHONPATH for every subprocess the tests start.
+
+    A hook rather than a fixture: it runs in the controller and in each xdist worker before
+    collection, so a module that copies ``os.environ`` at import time sees it too; and a hook
+    rather than import-time code, so importing this file changes nothing.
+    """
+    _SAVED_PYTHONPATH.append(os.environ.get("PYTHONPATH"))
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """The environment as it was before the session."""
+    if not _SAVED_PYTHONPATH:
+        return
+    saved = _SAVED_PYTHONPATH.pop()
+    if saved is None:
+        os.environ.pop("PYTHONPATH", None)
+    else:
+        os.environ["PYTHONPATH"] = saved
 
 
 def fill_pattern(path: Path, size: int, byte: int = 0xA5) -> None:
@@ -131,7 +154,7 @@ def popsicle_cmd() -> list[str]:
 
     Never whatever ``popsicle-py`` or ``python`` is first on PATH: an older installed copy
     would be tested instead of the code in front of us (PYTHONPATH is set to the checkout
-    below, for every subprocess of the tests).
+    by ``pytest_configure`` above, for every subprocess of the tests).
     """
     return [sys.executable, "-m", "popsicle_py"]
 

@@ -29,10 +29,10 @@ from popsicle_py.drives import (
     drive_for_path,
     eligibility,
     explain,
-    format_size,
     still_same,
     system_reason,
 )
+from popsicle_py.units import format_size
 
 needs_umockdev = pytest.mark.skipif(not HAVE_UMOCKDEV, reason="umockdev-run is not installed")
 needs_loop = pytest.mark.skipif(not (IS_ROOT and HAVE_LOSETUP),

@@ -68,7 +68,7 @@ class Recorder:
     def __init__(self) -> None:
         self.messages: list[Any] = []
         self.threads: set[int] = set()
-        self.hooks: list[Callable[[Any], None]] = []
+        self.hooks: list[Callable[[Any], object]] = []
 
     def __call__(self, message: Any) -> None:
         self.threads.add(threading.get_ident())
@@ -76,7 +76,7 @@ class Recorder:
         for hook in self.hooks:
             hook(message)
 
-    def of(self, kind: type, id: int | None = None) -> list[Any]:
+    def of(self, kind: type[Any], id: int | None = None) -> list[Any]:
         return [m for m in self.messages
                 if isinstance(m, kind) and (id is None or m.id == id)]
 
@@ -243,7 +243,7 @@ def test_every_destination_holds_exactly_the_source(tmp_path: Path, size: int, c
     finally:
         for d in dests:
             d.close()
-        if kind == "file":
+        if not isinstance(source, Stream):  # the file
             source.close()
 
 
@@ -1006,8 +1006,8 @@ def test_round_trip_property(bucket: int, buckets: int, count: int, fraction: fl
             source.seek(0)
             round_trip(source, payload, bucket, buckets, count, hold)
     else:
-        source = Stream(payload) if kind == "stream" else io.BytesIO(payload)
-        round_trip(source, payload, bucket, buckets, count, hold)
+        stream = Stream(payload) if kind == "stream" else io.BytesIO(payload)
+        round_trip(stream, payload, bucket, buckets, count, hold)
 
 
 @pytest.mark.parametrize("ranges", [[(32 << 10, 4096, ""), (0, 512, "")],

@@ -8,6 +8,7 @@ both documents name it, and a word the documents name that the code does not hav
 from __future__ import annotations
 
 import dataclasses
+import enum
 import re
 import typing
 from pathlib import Path
@@ -49,7 +50,7 @@ def _sample(cls: type) -> Any:
             origin = typing.get_origin(kind)
         if kind is events.DriveResult:
             values[f.name] = _sample(events.DriveResult)
-        elif isinstance(kind, type) and issubclass(kind, events.Enum):
+        elif isinstance(kind, type) and issubclass(kind, enum.Enum):
             values[f.name] = next(iter(kind))
         elif kind is str:
             values[f.name] = "x"

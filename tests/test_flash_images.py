@@ -225,7 +225,8 @@ def test_verification_reads_the_source_once(loop_factory: Callable[..., Loop],
     device.fsync = after_flush  # type: ignore[method-assign]
     device.readinto = read  # type: ignore[method-assign]
 
-    summary = FlashJob(image, devices, FlashOptions(bucket_size=1 << 20, repair_attempts=0), emit,
+    summary = FlashJob(image, devices,  # type: ignore[arg-type]  # a counting double
+                       FlashOptions(bucket_size=1 << 20, repair_attempts=0), emit,
                        lambda: False).run()
     assert image.read == SIZE  # written and verified with a single read of the image
     status = {r.device: r for r in summary.results}

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 from conftest import Loop, fill_pattern, popsicle_cmd
 
-from popsicle_py import blockdev, drives, plan, watch
+from popsicle_py import drives, media, plan, watch
 from popsicle_py.drives import Backing, Drive, Mount
 from popsicle_py.flash import OpenError, open_targets
 from popsicle_py.identity import LoopKey, MediaIdentity, same_media
@@ -237,10 +237,10 @@ def test_identity_from_sysfs_and_from_the_descriptor_agree(
     st = os.stat(loop.backing)
     assert (drive.loop.dev, drive.loop.ino, drive.loop.rdev, drive.loop.offset) == (
         st.st_dev, st.st_ino, 0, 0)
-    assert blockdev.loop_key_of_sysfs(os.stat(loop.path).st_rdev) == drive.loop
+    assert media.loop_key_of_sysfs(os.stat(loop.path).st_rdev) == drive.loop
     fd = os.open(loop.path, os.O_RDONLY)
     try:
-        now = blockdev.identity_of_fd(fd, loop.path)
+        now = media.identity_of_fd(fd, loop.path)
     finally:
         os.close(fd)
     assert same_media(drive.identity, now) is None

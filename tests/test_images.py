@@ -31,6 +31,7 @@ from popsicle_py.images import (
     parse_checksum_option,
     verify_checksum,
 )
+from popsicle_py.images import files as image_files
 
 MiB = 1 << 20
 COMPRESSED = ["gzip", "xz", "bzip2", "zstd", "zip"]
@@ -391,6 +392,48 @@ def test_detect_format(head: bytes, fmt: str) -> None:
     assert images.detect_format(head) == fmt
 
 
+@pytest.mark.parametrize("fmt", ["raw", *COMPRESSED])
+def test_the_registry_answers_for_each_format(tmp_path: Path, fmt: str) -> None:
+    """What callers ask of image.kind: decoded, streamed (tappable), size known before decoding."""
+    data = image_bytes(5000, seed=3)
+    path = tmp_path / "disk.img"
+    if fmt == "raw":
+        path.write_bytes(data)
+    else:
+        path = compress(fmt, data, tmp_path / f"disk.img{EXT[fmt]}")
+    image = open_image(str(path))
+    kind = image.kind
+    assert kind is images.by_name(fmt) and kind.name == image.format == fmt
+    assert kind.decoded == image.compressed == (fmt != "raw")
+    assert image.seekable_raw == (fmt == "raw")
+    assert kind.needs_whole_file == (fmt == "zip") and image.tappable == kind.streamed
+    assert kind.size_up_front == (fmt not in ("gzip", "bzip2"))
+    assert fmt == "raw" or images.by_suffix(EXT[fmt]) is kind
+
+
+@pytest.mark.parametrize("fmt", ["raw", *COMPRESSED])
+def test_open_stream_decodes_what_streams_and_refuses_a_zip(tmp_path: Path, fmt: str) -> None:
+    """A download is decoded exactly as a file is; a zip, read by seeking, cannot be."""
+    data = image_bytes(70_000, seed=4)
+    packed = data if fmt == "raw" else compress(fmt, data, tmp_path / f"d{EXT[fmt]}").read_bytes()
+    raw = io.BytesIO(packed)
+    if fmt == "zip":
+        with pytest.raises(ImageError, match=r"^url is a zip file, which cannot be read as a"):
+            images.open_stream(raw, fmt, "url")
+        return
+    with images.open_stream(raw, fmt, "url") as stream:
+        assert stream.read() == data
+
+
+def test_every_name_hint_belongs_to_one_format(tmp_path: Path) -> None:
+    hints = [suffix for kind in images.REGISTRY for suffix in kind.suffixes]
+    assert len(hints) == len(set(hints)) and images.by_suffix(".ZST") is images.by_name("zstd")
+    fake = tmp_path / "disk.img.zstd"
+    fake.write_bytes(gzip.compress(b"x" * 600))
+    image = open_image(str(fake))
+    assert image.warning == f"{fake} has a .zstd name but holds gzip data; using it as gzip data"
+
+
 def test_open_image_refusals(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(ImageError, match=r"^nope\.iso does not exist$"):
         open_image("nope.iso")
@@ -408,7 +451,7 @@ def test_open_image_refusals(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     def denied(*args: object, **kwargs: object) -> None:
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(images, "open", denied, raising=False)  # root ignores mode bits
+    monkeypatch.setattr(image_files, "open", denied, raising=False)  # root ignores mode bits
     with pytest.raises(ImageError, match=r"locked\.img cannot be read: permission denied"):
         open_image(str(tmp_path / "locked.img"))
 

@@ -29,6 +29,7 @@ from popsicle_py.plan import (
     Plan,
     PlanError,
     make_plan,
+    make_read_plan,
     refusals,
     unmount_targets,
     warnings_for,
@@ -232,9 +233,12 @@ def test_busy_unmount_is_a_clear_error() -> None:
 
 SYSTEM_DRIVE = """
 import json, sys
-from popsicle_py.plan import PlanError, make_plan
+from popsicle_py.plan import PlanError, make_plan, make_read_plan
 try:
-    make_plan([sys.argv[1]], all_usb=False, image_path=None, image_size=None, unmount=True)
+    if sys.argv[2] == "read":
+        make_read_plan([sys.argv[1]], None)
+    else:
+        make_plan([sys.argv[1]], all_usb=False, image_path=None, image_size=None, unmount=True)
     print(json.dumps(None))
 except PlanError as e:
     print(json.dumps(e.lines))
@@ -244,16 +248,18 @@ except PlanError as e:
 @needs_loop
 @pytest.mark.root
 @pytest.mark.skipif(shutil.which("unshare") is None, reason="unshare is not installed")
+@pytest.mark.parametrize("purpose", ["write", "read"])
 @pytest.mark.parametrize("where", ["/boot", "/var"])
-def test_system_drive_refused_in_private_mount_namespace(where: str) -> None:
-    """Mounted on /boot (in a namespace of its own): refused even with --unmount."""
+def test_system_drive_refused_in_private_mount_namespace(where: str, purpose: str) -> None:
+    """Mounted on /boot (in a namespace of its own): refused even with --unmount, and for
+    reading back too (``verify``), as ``drive_for_path`` refuses it."""
     with loop_device(8 * MiB) as loop:
         subprocess.run(["mkfs.ext4", "-q", "-F", loop.path], check=True)
         before = is_mounted(where)
-        script = f'mount "$1" {where} && exec "$2" -c "$3" "$1"'
+        script = f'mount "$1" {where} && exec "$2" -c "$3" "$1" "$4"'
         result = subprocess.run(
             ["unshare", "-m", "--propagation", "private", "sh", "-c", script, "sh",
-             loop.path, sys.executable, SYSTEM_DRIVE],
+             loop.path, sys.executable, SYSTEM_DRIVE, purpose],
             capture_output=True, text=True, env=python_env(), timeout=60, check=False)
         assert result.returncode == 0, result.stderr
         assert json.loads(result.stdout) == [
@@ -273,6 +279,65 @@ def test_drive_holding_the_image_is_refused(tmp_path: Path) -> None:
             make_plan([loop.path], all_usb=False, image_path=image, image_size=4096,
                       unmount=True)
         assert info.value.lines == [f"{loop.path} holds the image being written"]
+
+
+# ------------------------------------------------------------------------------------------
+# Drives to read back (verify)
+
+
+@needs_loop
+@pytest.mark.root
+def test_read_plan_refuses_in_the_words_of_the_write_plan(tmp_path: Path) -> None:
+    """Same drive twice, partition, file, missing, too small: make_plan's lines, in its order
+    (what cannot be a target first, then the sizes)."""
+    regular = tmp_path / "file.img"
+    regular.write_bytes(b"x")
+    with loop_device(2 * MiB) as small, \
+            loop_device(4 * MiB, partitions=[(2048, 2048)]) as parted, \
+            loop_device(2 * MiB) as exact:
+        link = tmp_path / "alias"
+        link.symlink_to(small.path)
+        devices = [small.path, str(link), f"{parted.path}p1", str(regular),
+                   "/dev/does-not-exist", exact.path]
+        with pytest.raises(PlanError) as read:
+            make_read_plan(devices, 2 * MiB + 1)
+        assert read.value.lines == [
+            f"{link} and {small.path} are the same drive ({small.path}); name it once",
+            f"{parted.path}p1 is a partition; did you mean {parted.path}?",
+            f"{regular} is not a block device (a regular file)",
+            "/dev/does-not-exist does not exist",
+            f"image is larger than {small.path}: 2.0 MiB (2097153 bytes) image,"
+            " 2 MiB (2097152 bytes) drive",
+            f"image is larger than {exact.path}: 2.0 MiB (2097153 bytes) image,"
+            " 2 MiB (2097152 bytes) drive",
+        ]
+        with pytest.raises(PlanError) as write:
+            make_plan(devices, all_usb=False, image_path=None, image_size=2 * MiB + 1,
+                      unmount=False)
+        assert write.value.lines == read.value.lines
+
+
+@needs_loop
+@pytest.mark.root
+def test_read_plan_reads_what_writing_would_refuse() -> None:
+    """Mounted, read-only, not USB, larger than the image: nothing is written, all are read,
+    in the order named; an image of unknown size is not compared."""
+    with loop_device(8 * MiB) as mounted, mounted_ext4(mounted.path) as mountpoint, \
+            loop_device(2 * MiB, read_only=True) as ro:
+        plan = make_read_plan([ro.path, mounted.path], 2 * MiB)
+        assert [d.path for d in plan.targets] == [ro.path, mounted.path]
+        assert plan.targets[1].mountpoints == (mountpoint,)
+        assert (plan.notes, plan.warnings) == ((), {})
+        assert [d.path for d in make_read_plan([mounted.path], None).targets] == [mounted.path]
+        with pytest.raises(PlanError):
+            make_plan([ro.path, mounted.path], all_usb=False, image_path=None,
+                      image_size=2 * MiB, unmount=False)
+
+
+def test_read_plan_without_devices() -> None:
+    with pytest.raises(PlanError) as info:
+        make_read_plan([], 10)
+    assert info.value.lines == ["no target drives: name devices"]
 
 
 # ------------------------------------------------------------------------------------------

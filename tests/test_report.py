@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -124,7 +125,7 @@ def test_an_unusable_report_refuses_before_writing(loop_factory: Callable[..., L
 def test_a_record_in_csv_and_json_lines() -> None:
     info = events.DriveInfo(seq=3, port_path="1-1.2", vendor="SanDisk", model="Cruzer Blade",
                             serial="4C53, \"odd\"", size=16 * 10**9)
-    result = events.DriveResult("/dev/sdb", "invalid", 4096, "/dev/sdb: differs", 1234,
+    result = events.DriveResult("/dev/sdb", events.Status.INVALID, 4096, "/dev/sdb: differs", 1234,
                                 verified=False, drive=info)
     data = record(result, None, image="/srv/img/raspios.img.xz", sha256="ab" * 32,
                   started=0.0, ended=61.0)
@@ -194,3 +195,14 @@ def test_drives_cancelled_before_writing_have_records_too(
     records = [json.loads(line) for line in report.read_text().splitlines()]
     assert [(r["seq"], r["device"], r["result"], r["bytes_written"]) for r in records] == [
         (i, d.path, "cancelled", 0) for i, d in enumerate(drives, 1)]
+
+
+def test_the_report_imports_no_view() -> None:
+    """A job-side sink: importing it loads neither the rows nor the views (no job imports a
+    view), only the progress measure they share."""
+    code = ("import sys, popsicle_py.report; "
+            "print(' '.join(m for m in sys.modules if m.startswith('popsicle_py')))")
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            check=True).stdout.split()
+    assert "popsicle_py.report" in loaded and "popsicle_py.progress" in loaded
+    assert not {"popsicle_py.rows", "popsicle_py.view"} & set(loaded), loaded

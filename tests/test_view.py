@@ -1,10 +1,10 @@
 """What a person sees: the live rows in a real terminal (tmux), pipes, honest words.
 
-The terminal tests run the command in a tmux pane of a given width (80, 120, 200 columns) with
-a slow drive (blkio throttle), a dying one (ENOSPC after 4 MiB) and a fast one, and read the
-screen with ``capture-pane`` while the drives are being written: every row keeps its name,
-bar and percentage, and no line is longer than the terminal (``-J`` joins wrapped lines, so a
-wrapped row would show as a line wider than the pane).
+The terminal tests run the command in a tmux pane, widened from 80 to 120 to 200 columns during
+one flash, with a slow drive (blkio throttle), a dying one (ENOSPC after 4 MiB) and a fast one,
+and read the screen with ``capture-pane`` at each width while the drives are being written:
+every row keeps its name, bar and percentage, and no line is longer than the terminal (``-J``
+joins wrapped lines, so a wrapped row would show as a line wider than the pane).
 """
 
 from __future__ import annotations
@@ -23,12 +23,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import layout_cases
 import psutil
 import pytest
 from conftest import Loop, popsicle_cmd
 
-from popsicle_py import events, rows
-from popsicle_py.events import Cause, Status
+from popsicle_py import events, progress, rows
+from popsicle_py.events import Cause, Status, Step
 from popsicle_py.units import format_size
 from popsicle_py.view import JsonView, PlainView, RichView
 
@@ -53,18 +54,18 @@ def flash_events(device: str, size: int, first: int) -> list[Any]:
     """What a FlashJob emits for one drive: write all but the first bucket, verify it, write
     the first bucket, verify that."""
     rest = size - first
-    out: list[Any] = [events.Phase(device, "writing")]
-    out += [events.Progress(device, "writing", n, size) for n in range(0, rest + 1, MiB)]
-    out.append(events.Phase(device, "verifying"))
-    out += [events.Progress(device, "verifying", n, rest) for n in range(0, rest + 1, MiB)]
-    out.append(events.Phase(device, "syncing"))
-    out += [events.Progress(device, "writing", rest + n, size) for n in (MiB, first)]
-    out.append(events.Phase(device, "verifying"))
-    out += [events.Progress(device, "verifying", n, first) for n in (0, first // 2, first)]
+    out: list[Any] = [events.Phase(device, Step.WRITING)]
+    out += [events.Progress(device, Step.WRITING, n, size) for n in range(0, rest + 1, MiB)]
+    out.append(events.Phase(device, Step.VERIFYING))
+    out += [events.Progress(device, Step.VERIFYING, n, rest) for n in range(0, rest + 1, MiB)]
+    out.append(events.Phase(device, Step.SYNCING))
+    out += [events.Progress(device, Step.WRITING, rest + n, size) for n in (MiB, first)]
+    out.append(events.Phase(device, Step.VERIFYING))
+    out += [events.Progress(device, Step.VERIFYING, n, first) for n in (0, first // 2, first)]
     return out
 
 
-def feed(tracker: rows.DriveProgress, stream: list[Any], t0: float = 0.0) -> list[float]:
+def feed(tracker: progress.DriveProgress, stream: list[Any], t0: float = 0.0) -> list[float]:
     fractions = []
     for i, e in enumerate(stream):
         now = t0 + i * 0.1
@@ -78,7 +79,7 @@ def feed(tracker: rows.DriveProgress, stream: list[Any], t0: float = 0.0) -> lis
 
 
 def test_one_measure_never_runs_backwards_and_reaches_100_only_when_ok() -> None:
-    tracker = rows.DriveProgress(writes=True, verifies=True, size=10 * MiB)
+    tracker = progress.DriveProgress(writes=True, verifies=True, size=10 * MiB)
     fractions = feed(tracker, flash_events("/dev/sdb", 10 * MiB, 4 * MiB))
     assert fractions == sorted(fractions), "the bar ran backwards"
     assert fractions[-1] < 1.0, "100% before the drive ended"
@@ -90,11 +91,11 @@ def test_one_measure_never_runs_backwards_and_reaches_100_only_when_ok() -> None
 
 
 def test_no_verify_is_one_pass_and_verify_alone_is_one_pass() -> None:
-    tracker = rows.DriveProgress(writes=True, verifies=False)
+    tracker = progress.DriveProgress(writes=True, verifies=False)
     tracker.on_phase("writing", 0.0)
     tracker.on_progress("writing", 5 * MiB, 10 * MiB, 1.0)
     assert tracker.fraction == pytest.approx(0.5)
-    verify = rows.DriveProgress(writes=False, verifies=True)
+    verify = progress.DriveProgress(writes=False, verifies=True)
     verify.on_phase("verifying", 0.0)
     verify.on_progress("verifying", 3 * MiB, 12 * MiB, 1.0)
     assert verify.fraction == pytest.approx(0.25)
@@ -102,7 +103,7 @@ def test_no_verify_is_one_pass_and_verify_alone_is_one_pass() -> None:
 
 
 def test_unknown_size_shows_bytes_not_an_invented_percentage() -> None:
-    tracker = rows.DriveProgress()
+    tracker = progress.DriveProgress()
     tracker.on_phase("writing", 0.0)
     tracker.on_progress("writing", 21 * MiB, None, 1.0)
     assert tracker.fraction is None and tracker.total is None
@@ -150,12 +151,28 @@ def test_rows_fit_any_width_and_keep_the_essentials(width: int) -> None:
         assert "1-1.2" in by_name["/dev/loop12"], "the port is shown at 80 columns"
 
 
+def test_layout_at_every_width_is_the_one_recorded_before_the_priority_table() -> None:
+    """The table-driven layout lays out each row set as the old hand-written one did, at every
+    width from 10 to 200 (tests/fixtures/layout_rows.json: a digest per width, recorded from
+    the old ``rows.py`` with ``python tests/layout_cases.py OLD_ROWS_PY``)."""
+    expected = json.loads((Path(__file__).parent / "fixtures" / "layout_rows.json").read_text())
+    assert expected.pop("widths") == [layout_cases.WIDTHS.start, layout_cases.WIDTHS.stop - 1]
+    got = layout_cases.record(rows, rows.layout_rows)
+    assert got.keys() == expected.keys()
+    for name, case in layout_cases.cases(rows).items():
+        for width, old, new in zip(layout_cases.WIDTHS, expected[name].split(),
+                                   got[name].split(), strict=True):
+            lines = [rows.plain(line) for line in rows.layout(case, width)]
+            assert new == old, (name, width, lines)
+            assert all(len(line) <= max(width, 20) for line in lines), (name, width, lines)
+
+
 def test_a_full_screen_drops_the_oldest_finished_rows_first() -> None:
     blocks = [[("a",)], [("b",), ("b detail",)], [("c",)], [("d",)], [("e",)]]
     finished = [True, True, False, True, False]
     kept, dropped = rows.fit_height(blocks, finished, 4)  # type: ignore[arg-type]
-    assert kept == [[("c",)], [("d",)], [("e",)]] and dropped == 2
-    assert rows.fit_height(blocks, finished, 10) == (blocks, 0)  # type: ignore[arg-type]
+    assert kept == [[("c",)], [("d",)], [("e",)]] and dropped == 2  # type: ignore[comparison-overlap]
+    assert rows.fit_height(blocks, finished, 10) == (blocks, 0)  # type: ignore[arg-type, comparison-overlap]
     kept, dropped = rows.fit_height(blocks, [False] * 5, 2)  # type: ignore[arg-type]
     assert dropped == 0 and len(kept) == 5, "a drive being written never leaves the screen"
 
@@ -190,10 +207,18 @@ class Tmux:
     def go(self) -> None:
         self.tmux("send-keys", "-t", "t", "Enter")
 
-    def capture(self) -> list[str]:
-        """The pane and its history, wrapped lines joined (-J), escape codes left out."""
-        text = self.tmux("capture-pane", "-p", "-J", "-t", "t", "-S", "-")
+    def capture(self, *, screen: bool = False) -> list[str]:
+        """The pane and its history (or, with ``screen``, what is on the screen now), wrapped
+        lines joined (-J), escape codes left out."""
+        history = () if screen else ("-S", "-")
+        text = self.tmux("capture-pane", "-p", "-J", "-t", "t", *history)
         return [line.rstrip() for line in text.splitlines()]
+
+    def resize(self, width: int) -> None:
+        """The window (and its one pane) becomes ``width`` columns wide: the program in it
+        gets SIGWINCH, as when a person resizes a terminal."""
+        self.tmux("resize-window", "-t", "t", "-x", str(width), "-y", str(self.height))
+        self.width = width
 
     def signal(self, signum: int) -> None:
         pane = int(self.tmux("display-message", "-p", "-t", "t", "#{pane_pid}").strip())
@@ -224,11 +249,12 @@ def tmux_pane() -> Iterator[Callable[[int], Tmux]]:
         pane.kill()
 
 
-def wait_for(pane: Tmux, check: Callable[[list[str]], bool], timeout: float = 60
-             ) -> list[str]:
+def wait_for(pane: Tmux, check: Callable[[list[str]], bool], timeout: float = 60, *,
+             screen: bool = False) -> list[str]:
+    """The pane's lines once ``check`` holds for them (polled until the deadline)."""
     deadline = time.monotonic() + timeout
     while True:
-        lines = pane.capture()
+        lines = pane.capture(screen=screen)
         if check(lines):
             return lines
         assert time.monotonic() < deadline, "\n".join(lines)
@@ -250,40 +276,57 @@ def exit_of(lines: list[str]) -> int | None:
 ROW = re.compile(r"[━─]{3,}\s+(\d{1,3})%")
 
 
+#: The pane's widths, in order: widening only (a narrowing pane rewraps the lines already
+#: drawn, so the live region's cursor moves would no longer match what is on the screen).
+WIDTHS = (80, 120, 200)
+
+
 @needs_tmux
 @pytest.mark.root
-@pytest.mark.parametrize("width", [80, 120, 200])
 def test_rows_in_tmux_keep_name_bar_and_percent_with_a_failed_drive(
         loop_factory: Callable[..., Loop], dying_loop: Callable[..., Loop],
-        throttle: Callable[..., Any], tmux_pane: Callable[[int], Tmux], tmp_path: Path,
-        width: int) -> None:
+        throttle: Callable[..., Any], tmux_pane: Callable[[int], Tmux], tmp_path: Path
+        ) -> None:
+    """One flash; the pane widens from 80 to 120 to 200 columns while a drive is written, and
+    the screen is read at each width (the rows follow it)."""
     image, data = make_image(tmp_path, 16 * MiB + 4099)
     slow = loop_factory(24 * MiB, fill=PATTERN)
     fast = loop_factory(24 * MiB, fill=PATTERN)
     dying = dying_loop(24 * MiB, good=4 * MiB)
     add = throttle((slow, 4_000_000))
-    pane = tmux_pane(width)
+    pane = tmux_pane(WIDTHS[0])
     cmd = " ".join(map(shlex.quote, [*popsicle_cmd(), "flash", str(image), slow.path,
                                      dying.path, fast.path, "--yes", "--bucket-size", "1M"]))
     add(pane.start(cmd, tmp_path))
     pane.go()
+    devices = (slow.path, dying.path, fast.path)
 
-    def failed_while_slow_writes(lines: list[str]) -> bool:
-        bad, busy = row_of(lines, dying.path), row_of(lines, slow.path)
-        return bool(bad and "failed" in bad and busy and ROW.search(busy)
-                    and re.search(r"\d [kMG]i?B/s \d+:\d\d (writing|verifying)", busy))
+    def laid_out_at(width: int, narrower: int) -> Callable[[list[str]], bool]:
+        """The dying drive failed, the slow one is being written, and the rows are laid out
+        at ``width`` (one of them is wider than the pane was before)."""
+        def check(lines: list[str]) -> bool:
+            bad, busy = row_of(lines, dying.path), row_of(lines, slow.path)
+            found = [row_of(lines, device) or "" for device in devices]
+            return bool(bad and "failed" in bad and busy and ROW.search(busy)
+                        and re.search(r"\d [kMG]i?B/s \d+:\d\d (writing|verifying)", busy)
+                        and max(map(len, found)) > narrower)
+        return check
 
-    during = wait_for(pane, failed_while_slow_writes)
-    for device in (slow.path, dying.path, fast.path):
-        row = row_of(during, device)
-        assert row is not None and ROW.search(row), (device, during)
-    busy = row_of(during, slow.path)
-    assert busy is not None and re.search(r"\d [kMG]i?B/s", busy) and re.search(r"\d:\d\d", busy)
-    assert not re.search(r"B/s", row_of(during, dying.path) or ""), "a failed row's speed"
-    assert any("no space left" in line for line in during), during
-    wide = [line for line in during if len(line) > width]
-    assert not wide, wide
+    for narrower, width in zip((0, *WIDTHS[:-1]), WIDTHS, strict=True):
+        pane.resize(width)
+        during = wait_for(pane, laid_out_at(width, narrower), screen=True)
+        for device in devices:
+            row = row_of(during, device)
+            assert row is not None and ROW.search(row), (width, device, during)
+        busy = row_of(during, slow.path)
+        assert busy is not None and re.search(r"\d [kMG]i?B/s", busy), (width, during)
+        assert re.search(r"\d:\d\d", busy), (width, during)
+        assert not re.search(r"B/s", row_of(during, dying.path) or ""), "a failed row's speed"
+        assert any("no space left" in line for line in during), (width, during)
+        wide = [line for line in during if len(line) > width]
+        assert not wide, (width, wide)
 
+    width = WIDTHS[-1]
     end = wait_for(pane, lambda lines: exit_of(lines) is not None)
     assert exit_of(end) == 1, end
     assert not [line for line in end if len(line) > width]
@@ -499,12 +542,12 @@ def test_rich_rows_for_verify_alone_and_for_a_flash(tmp_path: Path) -> None:
     view = RichView(Console(file=out, width=80, color_system=None, force_terminal=True),
                     writes=False)
     view.handle(events.Started("img", "raw", 8 * MiB, ("/dev/sdz",)))
-    view.handle(events.Phase("/dev/sdz", "verifying"))
-    view.handle(events.Progress("/dev/sdz", "verifying", 2 * MiB, 8 * MiB))
+    view.handle(events.Phase("/dev/sdz", Step.VERIFYING))
+    view.handle(events.Progress("/dev/sdz", Step.VERIFYING, 2 * MiB, 8 * MiB))
     row = view.by_device["/dev/sdz"].snapshot(time.monotonic())
     assert row.fraction == pytest.approx(0.25)
-    view.handle(events.Result(events.DriveResult("/dev/sdz", "ok", 0, verified=True)))
-    view.handle(events.Summary((events.DriveResult("/dev/sdz", "ok", 0, verified=True),)))
+    view.handle(events.Result(events.DriveResult("/dev/sdz", Status.OK, 0, verified=True)))
+    view.handle(events.Summary((events.DriveResult("/dev/sdz", Status.OK, 0, verified=True),)))
     assert "matches the image" in out.getvalue()
 
 

@@ -238,7 +238,7 @@ def test_two_drives_plugged_in_one_after_the_other_are_flashed_verified_and_powe
                          "label": "SanDisk Cruzer Blade", "size": stick.size,
                          "eligible": True, "reason": None, "drive": identity}
         assert run.results()[stick.dev]["drive"] == identity
-        assert run.files[stick.dev][: len(data)] == data
+        assert (run.files[stick.dev] or b"")[: len(data)] == data
         assert run.files[stick.remove_attr] == b"1"
         assert run.of("phase", device=stick.dev, phase="verifying")
         assert run.of("phase", device=stick.dev, phase="done", detail="powered off")
@@ -262,7 +262,7 @@ def test_two_sticks_given_the_same_name_are_told_apart_in_results_and_report(
     report = tmp_path / "sticks.csv"
     jsonl = tmp_path / "sticks.jsonl"
     report.write_text("")  # an existing empty file gets the header too
-    steps = [WATCHING, {"add": first.description}, result_of(first),
+    steps: list[dict[str, Any]] = [WATCHING, {"add": first.description}, result_of(first),
              {"remove": first.unplug}, {"wait": {"event": "drive_removed", "device": "/dev/sdc"}},
              {"add": second.description}, result_of(second)]
     run = watch(tmp_path, [str(image), "--yes", "--count", "2", "--no-power-off",
@@ -317,7 +317,7 @@ def test_ineligible_drives_are_announced_and_left_alone(tmp_path: Path) -> None:
         assert run.files[path] in (b"", None), f"{path} was written"
         assert not run.of("phase", device=path)
     assert list(run.results()) == [C.dev]
-    assert run.files[C.dev][: len(data)] == data
+    assert (run.files[C.dev] or b"")[: len(data)] == data
 
 
 @needs_testbed
@@ -335,7 +335,7 @@ def test_drive_removed_mid_write_fails_as_removed_while_the_other_completes(
     assert run.rc == 1, run.stderr
     results = run.results()
     assert results[big_c.dev]["status"] == "ok"
-    assert run.files[big_c.dev][: len(data)] == data
+    assert (run.files[big_c.dev] or b"")[: len(data)] == data
     assert run.files[big_c.remove_attr] == b"1"
     removed = results[big_d.dev]
     assert removed["status"] == "failed"
@@ -364,7 +364,7 @@ def test_no_power_off_keeps_the_drive_on_and_the_same_stick_reinserted_is_new(
     assert not run.of("phase", phase="done", detail="powered off")
     assert len(run.of("drive_added", device=C.dev)) == 2
     assert [r["status"] for r in run.summary["results"]] == ["ok", "ok"]
-    assert run.files[C.dev][: len(data)] == data
+    assert (run.files[C.dev] or b"")[: len(data)] == data
 
 
 @needs_testbed
@@ -382,7 +382,7 @@ def test_a_card_inserted_into_a_reader_is_a_new_drive(tmp_path: Path) -> None:
     assert run.rc == 0, run.stderr
     (added,) = run.of("drive_added", device="/dev/sdf")
     assert added["eligible"] is True and added["size"] == 64 * MiB
-    assert run.files["/dev/sdf"][: len(data)] == data
+    assert (run.files["/dev/sdf"] or b"")[: len(data)] == data
 
 
 @needs_testbed
@@ -392,7 +392,7 @@ def test_include_present_writes_drives_plugged_in_before(tmp_path: Path) -> None
     run = watch(tmp_path, [str(image), "--yes", "--count", "1", "--include-present"],
                 [WATCHING, result_of(B)], present=(B.description,), read=(B.dev,))
     assert run.rc == 0, run.stderr
-    assert run.files[B.dev][: len(data)] == data
+    assert (run.files[B.dev] or b"")[: len(data)] == data
     assert list(run.results()) == [B.dev]
 
 
@@ -410,7 +410,7 @@ def test_compressed_image_is_decompressed_once_to_a_private_copy(tmp_path: Path)
     assert run.rc == 0, run.stderr
     assert len(run.of("phase", device=None, phase="decompressing")) == 1
     for stick in (C, D):
-        assert run.files[stick.dev][: len(raw)] == raw
+        assert (run.files[stick.dev] or b"")[: len(raw)] == raw
     assert list(scratch.iterdir()) == [], "the temporary copy was left behind"
 
 
@@ -429,6 +429,8 @@ def test_a_signal_cancels_the_drive_in_flight(tmp_path: Path, sig: int, status: 
     (result,) = run.summary["results"]
     assert result["status"] == "cancelled"
     assert run.files[big.remove_attr] == b""
+    again = "Ctrl-C again" if sig == signal.SIGINT else "another SIGTERM"
+    assert f"stopping every drive ({again} to quit at once)" in run.stderr
 
 
 @needs_testbed
@@ -441,6 +443,8 @@ def test_a_signal_while_idle_ends_the_session_with_the_drives_status(tmp_path: P
                  {"signal": int(signal.SIGTERM)}])
     assert run.rc == 0, run.stderr
     assert [r["status"] for r in run.summary["results"]] == ["ok"]
+    assert "SIGTERM: ending the session (no drive is being written)" in run.stderr
+    assert "stopping every drive" not in run.stderr
 
 
 @needs_testbed
@@ -515,16 +519,16 @@ SESSION = [
     events.Watching(),
     events.DriveAdded("/dev/sdc", "SanDisk Cruzer Blade", 64 * MiB, True),
     events.DriveAdded("/dev/sda", "Samsung SSD", 500 * 10**9, False, "not a USB or SD drive"),
-    events.Phase("/dev/sdc", "writing"),
-    events.Progress("/dev/sdc", "writing", MiB, 2 * MiB),
+    events.Phase("/dev/sdc", events.Step.WRITING),
+    events.Progress("/dev/sdc", events.Step.WRITING, MiB, 2 * MiB),
     events.DriveAdded("/dev/sdd", "SanDisk Cruzer Blade", 64 * MiB, True),
-    events.Phase("/dev/sdd", "writing"),
-    events.Phase("/dev/sdd", "failed", "/dev/sdd: the drive was removed"),
-    events.Result(events.DriveResult("/dev/sdd", "failed", MiB,
+    events.Phase("/dev/sdd", events.Step.WRITING),
+    events.Phase("/dev/sdd", events.Step.FAILED, "/dev/sdd: the drive was removed"),
+    events.Result(events.DriveResult("/dev/sdd", events.Status.FAILED, MiB,
                                       "/dev/sdd: the drive was removed")),
-    events.Phase("/dev/sdc", "done"),
-    events.Result(events.DriveResult("/dev/sdc", "ok", 2 * MiB, verified=True)),
-    events.Phase("/dev/sdc", "done", events.POWERED_OFF),
+    events.Phase("/dev/sdc", events.Step.DONE),
+    events.Result(events.DriveResult("/dev/sdc", events.Status.OK, 2 * MiB, verified=True)),
+    events.Phase("/dev/sdc", events.Step.DONE, events.POWERED_OFF),
 ]
 
 
@@ -546,7 +550,7 @@ def test_watch_view_rows_header_and_next_step() -> None:
     screen = io.StringIO()
     Console(file=screen, width=160, color_system=None).print(view)
     assert "Plug in the next drive" in screen.getvalue()
-    view.handle(events.Summary((events.DriveResult("/dev/sdc", "ok", 2 * MiB),)))
+    view.handle(events.Summary((events.DriveResult("/dev/sdc", events.Status.OK, 2 * MiB),)))
     assert "done: 1 of 1 drives ok" in out.getvalue()
 
 

@@ -37,6 +37,7 @@ class Served:
     claim: int | None = None  # the Content-Length announced for the whole file
     later: Served | None = None  # served from the second request on (the file changed)
     status: int | None = None  # answer this status instead
+    empty_206: bool = False  # a Range past the end gets an empty 206, not 416 (some servers)
 
     @property
     def size(self) -> int:
@@ -102,7 +103,7 @@ class _Handler(BaseHTTPRequestHandler):
         if served is not None and served.later is not None and count >= 1:
             served = served.later
         if served is None or served.status is not None:
-            status = served.status if served is not None else 404
+            status = 404 if served is None or served.status is None else served.status
             body = f"<html><body>error {status}</body></html>".encode()
             self.send_response(status)
             self.send_header("Content-Type", "text/html")
@@ -123,6 +124,11 @@ class _Handler(BaseHTTPRequestHandler):
             fresh = if_range is None or if_range in (f.etag, f.last_modified)
             if m and fresh:
                 start = int(m[1])
+                if start >= size and f.empty_206:
+                    self.send_response(206)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 if start >= size:
                     self.send_response(416)
                     self.send_header("Content-Range", f"bytes */{size}")

@@ -110,7 +110,7 @@ class PreparedFlash:
         udisks.set_cancel(cancel)  # Ctrl-C at a polkit password prompt stops the wait
         with contextlib.ExitStack() as downloads:
             try:
-                if image.format == "zip":  # its directory is at its end: download it first
+                if image.kind.needs_whole_file:  # a zip: its directory is at its end
                     local = sources.download_first(image, view.handle, cancel,
                                                    default_tmpdir(), downloads)
                     if local is None:

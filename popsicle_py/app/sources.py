@@ -67,6 +67,10 @@ def open_source(options: SourceOptions) -> OpenedSource:
     For a URL the published checksum is checked by the download stream itself, in the write
     pass, so none is returned unless a cached copy is used.
     """
+    given = [name for name, value in (("--sha256", options.sha256),
+                                      ("--checksum", options.checksum)) if value]
+    if options.no_checksum and given:
+        raise Refused([f"--no-checksum and {given[0]} contradict each other; give one"])
     if is_url(options.image):
         cache = Cache() if cache_wanted(options.use_cache) else None
         opened = remote().open_url(options.image, sha256=options.sha256,

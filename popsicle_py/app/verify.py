@@ -10,34 +10,10 @@ from popsicle_py.app.requests import ProbeRequest, VerifyRequest
 from popsicle_py.drives import Drive
 from popsicle_py.errors import Refused
 from popsicle_py.flash import ProbeJob, VerifyJob, open_targets
-from popsicle_py.plan import Plan, make_plan, unmount_targets
+from popsicle_py.plan import Plan, make_plan, make_read_plan, unmount_targets
 from popsicle_py.ports import drive_info
 from popsicle_py.protocols import Source, View
 from popsicle_py.signals import Cancellation
-from popsicle_py.units import format_size
-
-
-def _read_targets(devices: tuple[str, ...], image_size: int | None) -> tuple[Drive, ...]:
-    lines: list[str] = []
-    targets = []
-    seen: dict[int, str] = {}
-    for path in devices:
-        try:
-            drive = drives.drive_for_path(path)
-        except Refused as exc:
-            lines.extend(exc.lines)
-            continue
-        if drive.devnum in seen:
-            lines.append(f"{path} and {seen[drive.devnum]} are the same drive; name it once")
-            continue
-        seen[drive.devnum] = path
-        if image_size is not None and image_size > drive.size:
-            lines.append(f"image is larger than {drive.path}: {format_size(image_size)} "
-                         f"image, {format_size(drive.size)} drive")
-        targets.append(drive)
-    if lines:
-        raise Refused(lines)
-    return tuple(targets)
 
 
 class PreparedVerify:
@@ -71,7 +47,7 @@ class PreparedVerify:
 def prepare_verify(request: VerifyRequest) -> PreparedVerify:
     """Open the image and resolve the drives; raises :class:`Refused` (nothing is read)."""
     image = sources.open_for_reading(request.image)
-    targets = _read_targets(request.devices, image.size)
+    targets = make_read_plan(request.devices, image.size).targets
     require_access([d.path for d in targets], writing=False)
     return PreparedVerify(request, image, targets)
 

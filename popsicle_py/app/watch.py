@@ -58,8 +58,11 @@ class PreparedWatch:
         if self.report is not None:
             self.report.close()
 
-    def run(self, view: View, cancel: Cancellation) -> events.Summary:
+    def run(self, view: View, cancel: Cancellation, *,
+            hooks: watch_mod.WatchOptions | None = None) -> events.Summary:
         """Download (a URL), check, decompress once, then write each drive as it comes.
+
+        ``hooks`` brings a station's ``admit`` and ``drain`` (the rest of it is ignored).
 
         :attr:`exit_status` says how the session ended (a signal while no drive was being
         written is the normal end of an open-ended session).
@@ -72,7 +75,9 @@ class PreparedWatch:
                                          power_off=request.power_off,
                                          include_present=request.include_present,
                                          max_size=request.max_size,
-                                         checksum=self.source.checksum, probe=request.probe)
+                                         checksum=self.source.checksum, probe=request.probe,
+                                         admit=hooks.admit if hooks else None,
+                                         drain=hooks.drain if hooks else None)
         for note in self.source.notes:
             view.handle(events.Note(note))
         with contextlib.ExitStack() as downloads:

@@ -54,8 +54,19 @@ def confirm(confirmation: Confirmation, yes: bool) -> None:
         console.print(table)
         for note in confirmation.notes:
             console.print(note)
-    if not click.confirm(confirmation.question, default=False, err=True):
+    try:
+        answer = click.confirm(confirmation.question, default=False, err=True)
+    except (KeyboardInterrupt, click.Abort):
+        click.echo(err=True)  # ^C or end of input: what follows goes below the prompt's line
+        raise
+    if not answer:
         raise Refused(["cancelled at the confirmation: nothing was written"])
+
+
+def said_without_asking(confirmation: Confirmation) -> str:
+    """With --yes nothing is asked, but the output still names what is written where."""
+    devices = ", ".join(row.device for row in confirmation.rows)
+    return f"{confirmation.title}: {devices}" if devices else confirmation.title
 
 
 def make_view(as_json: bool, labels: dict[str, str], *, writes: bool = True) -> View:

@@ -13,8 +13,8 @@ when a signal stopped the run.
 from __future__ import annotations
 
 import json
-from importlib import resources
-from typing import TYPE_CHECKING, Any
+import sys
+from typing import TYPE_CHECKING
 
 import click
 
@@ -27,11 +27,10 @@ from popsicle_py.app.requests import (
     SourceOptions,
     TargetOptions,
     VerifyRequest,
-    WatchRequest,
     WriteOptions,
 )
 from popsicle_py.cli import life
-from popsicle_py.cli.ask import confirm, make_view, make_watch_view
+from popsicle_py.cli.ask import confirm, make_view, make_watch_view, said_without_asking
 from popsicle_py.cli.guard import Group, run_guarded
 from popsicle_py.cli.options import (
     DEVICE,
@@ -39,28 +38,32 @@ from popsicle_py.cli.options import (
     NO_PROBE_HELP,
     Decorator,
     OutputOptions,
+    Session,
     engine_options,
-    max_size_option,
     output_options,
     report_option,
+    session_options,
     source_options,
     target_options,
     write_options,
     yes_option,
 )
+from popsicle_py.cli.output import print_table, table, write_text
+from popsicle_py.cli.station import register as register_station
 from popsicle_py.defaults import DEFAULT_STALL_TIMEOUT
-from popsicle_py.errors import EXIT_OK, PROG
+from popsicle_py.errors import PROG
 from popsicle_py.units import format_size
 
 if TYPE_CHECKING:
     from popsicle_py.app.flash import PreparedFlash
     from popsicle_py.app.verify import PreparedProbe, PreparedVerify
+    from popsicle_py.app.watch import PreparedWatch
     from popsicle_py.protocols import View
 
 __all__ = ["FORCE_HELP", "NO_PROBE_HELP", "main"]
 
 
-def _stall_option(help_text: str) -> Decorator[Any]:
+def _stall_option(help_text: str) -> Decorator:
     return click.option("--stall-timeout", type=click.FloatRange(min=0.1),
                         default=DEFAULT_STALL_TIMEOUT, metavar="SECONDS", show_default=True,
                         help=help_text)
@@ -79,12 +82,16 @@ def _run(job: PreparedFlash | PreparedVerify | PreparedProbe, view: View) -> int
     return exit_status(summary, cancel)
 
 
-def _show_notes(view: View, notes: tuple[str, ...], output: OutputOptions) -> None:
+def _show_notes(view: View, job: PreparedFlash | PreparedWatch, yes: bool,
+                output: OutputOptions) -> None:
     """The notes of the confirmation, again in the run's output (JSON has none before its
-    first event)."""
-    if not output.json:
-        for note in notes:
-            view.handle(events.Note(note))
+    first event); with --yes, first what is written where, as nothing asked it."""
+    if output.json:
+        return
+    if yes:
+        view.handle(events.Note(said_without_asking(job.confirmation)))
+    for note in job.notes:
+        view.handle(events.Note(note))
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -121,7 +128,7 @@ def flash(source: SourceOptions, targets: TargetOptions, yes: bool, write: Write
         with prepare_flash(request) as job:
             confirm(job.confirmation, yes)
             view = make_view(output.json, job.labels)
-            _show_notes(view, job.notes, output)
+            _show_notes(view, job, yes, output)
             return _run(job, view)
 
     run_guarded(output.debug, output.json, body)
@@ -173,21 +180,10 @@ def probe_command(devices: tuple[str, ...], yes: bool, unmount: bool, stall_time
 
 @main.command()
 @source_options
-@click.option("--count", type=click.IntRange(min=1), metavar="N",
-              help="Stop once N drives have finished (ok or failed); start no more than N.")
+@session_options
 @yes_option()
-@click.option("--no-verify", is_flag=True, help="Skip reading the drives back.")
-@click.option("--no-power-off", is_flag=True,
-              help="Leave finished drives powered on (default: power them off).")
-@click.option("--include-present", is_flag=True,
-              help="Also write the eligible drives plugged in before watching.")
-@max_size_option("Skip drives larger than this.")
-@click.option("--no-probe", is_flag=True, help=NO_PROBE_HELP)
-@report_option()
 @output_options()
-def watch(source: SourceOptions, count: int | None, yes: bool, no_verify: bool,
-          no_power_off: bool, include_present: bool, max_size: int, no_probe: bool,
-          report: str | None, output: OutputOptions) -> None:
+def watch(source: SourceOptions, session: Session, yes: bool, output: OutputOptions) -> None:
     """Duplicator mode: write IMAGE to every eligible drive as it is plugged in.
 
     Each drive is written and verified on its own as soon as it appears, then powered off
@@ -199,14 +195,12 @@ def watch(source: SourceOptions, count: int | None, yes: bool, no_verify: bool,
         from popsicle_py.app.watch import prepare_watch
         from popsicle_py.signals import Cancellation
 
-        request = WatchRequest(source, count=count, verify=not no_verify, probe=not no_probe,
-                               power_off=not no_power_off, include_present=include_present,
-                               max_size=max_size, report=report)
+        request = session.request(source)
         with prepare_watch(request) as job:
             confirm(job.confirmation, yes)
-            view = make_watch_view(output.json, job.image.path, job.image.size, count,
-                                   not no_verify)
-            _show_notes(view, job.notes, output)
+            view = make_watch_view(output.json, job.image.path, job.image.size,
+                                   request.count, request.verify)
+            _show_notes(view, job, yes, output)
             cancel = Cancellation()
             cancel.announce = view.announce
             with cancel.installed():
@@ -225,30 +219,18 @@ def list_drives(show_all: bool, output: OutputOptions) -> None:
 
     def body() -> int:
         from popsicle_py.app.listing import list_drives as listing
-        from popsicle_py.view import Out, write_out
 
         found = listing(include_all=show_all)
         if output.json:
-            write_out(json.dumps([d.json for d in found], indent=None) + "\n")
-            return EXIT_OK
+            return write_text(json.dumps([d.json for d in found], indent=None) + "\n")
         if not found:
-            write_out(("no USB or SD drives found" if not show_all else "no disks found") + "\n")
-            return EXIT_OK
-        from rich.console import Console
-        from rich.table import Table
-
-        table = Table()
-        for column in ("Device", "Port", "Drive", "Size", "Bus", "Mounted at", "Eligible"):
-            table.add_column(column, overflow="fold")
-        for d in found:
-            eligible = "yes" if d.eligible else f"no: {d.reason}"
-            table.add_row(d.path, d.port or "", d.label or "?", format_size(d.size), d.bus,
-                          ", ".join(d.mountpoints), eligible)
-        try:
-            Console(highlight=False).print(table)
-        except BrokenPipeError:  # | head: the reader left, the listing is no less true
-            Out().reader_left()
-        return EXIT_OK
+            return write_text(("no USB or SD drives found" if not show_all
+                               else "no disks found") + "\n")
+        rows = [(d.path, d.port or "", d.label or "?", format_size(d.size), d.bus,
+                 ", ".join(d.mountpoints), "yes" if d.eligible else f"no: {d.reason}")
+                for d in found]
+        return print_table(table(("Device", "Port", "Drive", "Size", "Bus", "Mounted at",
+                                  "Eligible"), rows, optional=("Port", "Mounted at")))
 
     run_guarded(output.debug, output.json, body)
 
@@ -268,23 +250,14 @@ def cache_list(output: OutputOptions) -> None:
 
         root, found = cache_entries()
         if output.json:
-            click.echo(json.dumps([{"url": e.url, "validator": e.validator, "size": e.size,
-                                    "path": str(e.path), "created": round(e.created, 3)}
-                                   for e in found]))
-            return EXIT_OK
+            return write_text(json.dumps([{"url": e.url, "validator": e.validator,
+                                           "size": e.size, "path": str(e.path),
+                                           "created": round(e.created, 3)}
+                                          for e in found]) + "\n")
         if not found:
-            click.echo(f"no cached downloads in {root}")
-            return EXIT_OK
-        from rich.console import Console
-        from rich.table import Table
-
-        table = Table()
-        for column in ("URL", "Size", "File"):
-            table.add_column(column, overflow="fold")
-        for e in found:
-            table.add_row(e.url, format_size(e.size), str(e.path))
-        Console(highlight=False).print(table)
-        return EXIT_OK
+            return write_text(f"no cached downloads in {root}\n")
+        return print_table(table(("URL", "Size", "File"),
+                                 [(e.url, format_size(e.size), str(e.path)) for e in found]))
 
     run_guarded(output.debug, output.json, body)
 
@@ -298,8 +271,8 @@ def cache_clean(debug: bool) -> None:
         from popsicle_py.app.listing import clean_cache
 
         root, count, freed = clean_cache()
-        click.echo(f"removed {count} cached download(s), {format_size(freed)} freed ({root})")
-        return EXIT_OK
+        what = "1 cached download" if count == 1 else f"{count} cached downloads"
+        return write_text(f"removed {what}, {format_size(freed)} freed ({root})\n")
 
     run_guarded(debug, False, body)
 
@@ -319,5 +292,10 @@ def polkit_rule() -> None:
 
     popsicle-py polkit-rule | sudo tee /etc/polkit-1/rules.d/50-popsicle-py.rules
     """
+    from importlib import resources
+
     text = (resources.files("popsicle_py") / "data" / POLKIT_RULE).read_text()
-    click.echo(text, nl=False)
+    sys.exit(write_text(text))
+
+
+register_station(main)  # station, slots, records (popsicle_py/cli/station.py)

@@ -3,9 +3,7 @@ scripts that asked for JSON a last ``summary`` line even when nothing ran."""
 
 from __future__ import annotations
 
-import logging
 import sys
-import traceback
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
@@ -13,6 +11,22 @@ import click
 
 from popsicle_py import events
 from popsicle_py.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, PROG, PopsicleError
+
+
+def _keep_hyphenated_words() -> None:
+    """Help text never breaks ``popsicle-py`` or ``50-popsicle-py.rules`` at a hyphen: a
+    command copied from the help must work.  Click wraps with textwrap, which would."""
+    from click import _textwrap
+
+    class Wrapper(_textwrap.TextWrapper):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            kwargs.setdefault("break_on_hyphens", False)
+            super().__init__(*args, **kwargs)
+
+    _textwrap.TextWrapper = Wrapper  # type: ignore[misc]  # click.formatting looks it up per call
+
+
+_keep_hyphenated_words()
 
 
 def error(line: str) -> None:
@@ -33,6 +47,8 @@ def json_refusal(lines: Sequence[str]) -> None:
 
 def run_guarded(debug: bool, as_json: bool, body: Callable[[], int]) -> NoReturn:
     """Run a command body; errors of ours show themselves and carry their exit status."""
+    import logging  # here, not at the top: --help and --version do not log
+
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING,
                         format=f"{PROG}: %(message)s")
     try:
@@ -56,6 +72,8 @@ def run_guarded(debug: bool, as_json: bool, body: Callable[[], int]) -> NoReturn
         raise
     except Exception as exc:
         if debug:
+            import traceback
+
             traceback.print_exc()
         error(f"unexpected error: {exc} (run with --debug to see where)")
         if as_json:  # a script's last line is a summary; this one says nothing went right
@@ -65,7 +83,19 @@ def run_guarded(debug: bool, as_json: bool, body: Callable[[], int]) -> NoReturn
 
 
 class Group(click.Group):
-    """Click's group, with usage errors on one line (``popsicle-py: what; see --help``)."""
+    """Click's group, with usage errors on one line (``popsicle-py: what; see --help``), and
+    every command's whole first sentence in ``--help`` (click cuts it at the terminal's width).
+    """
+
+    group_class = type  # subgroups (``cache``) are Groups too
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        rows = [(name, command.get_short_help_str(limit=1000))
+                for name in self.list_commands(ctx)
+                if (command := self.get_command(ctx, name)) is not None and not command.hidden]
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
 
     def main(self, args: Sequence[str] | None = None, prog_name: str | None = None,
              complete_var: str | None = None, standalone_mode: bool = True,

@@ -5,7 +5,7 @@ layer, confirms, picks a view and runs; the heavy parts are imported in the comm
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import click
 
@@ -42,7 +42,7 @@ def _run(job: _Job, view: View) -> int:
     return exit_status(summary, cancel)
 
 
-def _stall_option() -> Decorator[Any]:
+def _stall_option() -> Decorator:
     return click.option("--stall-timeout", type=click.FloatRange(min=0.1),
                         default=DEFAULT_STALL_TIMEOUT, metavar="SECONDS", show_default=True,
                         help="Fail a drive that makes no progress for SECONDS.")

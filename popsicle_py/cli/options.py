@@ -18,6 +18,7 @@ from popsicle_py.app.requests import (
     EngineOptions,
     SourceOptions,
     TargetOptions,
+    WatchRequest,
     WriteOptions,
 )
 from popsicle_py.defaults import (
@@ -27,8 +28,9 @@ from popsicle_py.defaults import (
 )
 from popsicle_py.units import parse_size
 
-F = TypeVar("F", bound=Callable[..., Any])
-Decorator = Callable[[F], F]
+F = TypeVar("F", bound=Callable[..., object])
+#: What click.option and click.argument return: a decorator of a command's callback.
+Decorator = Callable[[Callable[..., object]], Callable[..., object]]
 
 
 class SizeType(click.ParamType):  # type: ignore[type-arg]  # generic only in newer click
@@ -63,6 +65,12 @@ class BucketSizeType(SizeType):
                 ) -> int:
         size = super().convert(value, param, ctx)
         if size % BUCKET_ALIGN:
+            text = str(value).strip()
+            unit = text[-2:].upper()
+            if unit in ("KB", "MB", "GB"):  # powers of 1000: say what was probably meant
+                self.fail(f"must be a multiple of 4 KiB (4096 bytes); {text} is {size} bytes "
+                          f"({unit} means powers of 1000): did you mean "
+                          f"{text[:-2].strip()}{unit[0]}iB?", param, ctx)
             self.fail(f"must be a multiple of 4 KiB (4096 bytes), not {size}", param, ctx)
         if size > MAX_BUCKET_SIZE:
             self.fail("must be at most 1 GiB", param, ctx)
@@ -79,18 +87,18 @@ NO_PROBE_HELP = ("Do not check, before writing, that each drive stores as much a
                  "(the counterfeit-stick probe).")
 
 
-def report_option() -> Decorator[Any]:
+def report_option() -> Decorator:
     return click.option(
         "--report", "report", type=click.Path(dir_okay=False, path_type=str), metavar="FILE",
         help="Append one record per drive to FILE (.csv or .jsonl).")
 
 
-def max_size_option(help_text: str) -> Decorator[Any]:
+def max_size_option(help_text: str) -> Decorator:
     return click.option("--max-size", type=SIZE, default="128GiB", show_default=True,
                         help=help_text)
 
 
-def yes_option() -> Decorator[Any]:
+def yes_option() -> Decorator:
     return click.option("-y", "--yes", is_flag=True, help="Do not ask for confirmation.")
 
 
@@ -105,32 +113,34 @@ class OutputOptions:
 class OptionGroup:
     """Options that reach the command as one object, built by ``build`` from their values."""
 
-    def __init__(self, name: str, build: Callable[..., Any],
-                 *params: Decorator[Any]) -> None:
+    def __init__(self, name: str, build: Callable[..., object],
+                 *params: Decorator) -> None:
         self.name = name
         self.build = build
         self.params = params
 
         def probe() -> None: ...
 
+        decorated: Callable[..., object] = probe
         for param in params:
-            probe = param(probe)
-        self.keys = tuple(p.name for p in probe.__click_params__)  # type: ignore[attr-defined]
+            decorated = param(decorated)
+        self.keys = tuple(p.name for p in decorated.__click_params__)  # type: ignore[attr-defined]
 
     def __call__(self, command: F) -> F:
         @functools.wraps(command)
-        def wrapper(*args: Any, **kwargs: Any) -> Any:
+        def wrapper(*args: object, **kwargs: object) -> object:
             values = {key: kwargs.pop(key) for key in self.keys}
             kwargs[self.name] = self.build(**values)
             return command(*args, **kwargs)
 
         wrapper.__dict__.pop("__click_params__", None)  # not the command's own list
+        decorated: Callable[..., object] = wrapper
         for param in reversed(self.params):
-            wrapper = param(wrapper)
-        extra = list(getattr(wrapper, "__click_params__", []))
-        wrapper.__click_params__ = [  # type: ignore[attr-defined]
+            decorated = param(decorated)
+        extra = list(getattr(decorated, "__click_params__", []))
+        decorated.__click_params__ = [  # type: ignore[attr-defined]
             *getattr(command, "__click_params__", []), *extra]
-        return wrapper  # type: ignore[return-value]
+        return decorated  # type: ignore[return-value]
 
 
 def _source(image: str, sha256: str | None, checksum: str | None, no_checksum: bool,
@@ -223,3 +233,38 @@ def output_options(json_help: str = "Machine-readable events on stdout.") -> Opt
         click.option("--json", "json", is_flag=True, help=json_help),
         click.option("--debug", is_flag=True, help="Show debug messages and tracebacks."),
     )
+
+
+@dataclass(frozen=True)
+class Session:
+    """watch's own options (everything but the image): which drives, and what is done."""
+
+    count: int | None
+    no_verify: bool
+    no_power_off: bool
+    include_present: bool
+    max_size: int
+    no_probe: bool
+    report: str | None
+
+    def request(self, source: SourceOptions) -> WatchRequest:
+        return WatchRequest(source, count=self.count, verify=not self.no_verify,
+                            probe=not self.no_probe, power_off=not self.no_power_off,
+                            include_present=self.include_present, max_size=self.max_size,
+                            report=self.report)
+
+
+#: The session's options, as ``watch`` has them.
+session_options = OptionGroup(
+    "session", Session,
+    click.option("--count", type=click.IntRange(min=1), metavar="N",
+                 help="Stop once N drives have finished (ok or failed); start no more than N."),
+    click.option("--no-verify", is_flag=True, help="Skip reading the drives back."),
+    click.option("--no-power-off", is_flag=True,
+                 help="Leave finished drives powered on (default: power them off)."),
+    click.option("--include-present", is_flag=True,
+                 help="Also write the eligible drives plugged in before starting."),
+    max_size_option("Skip drives larger than this."),
+    click.option("--no-probe", is_flag=True, help=NO_PROBE_HELP),
+    report_option(),
+)

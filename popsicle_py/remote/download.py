@@ -296,7 +296,8 @@ class Download(io.RawIOBase):
         except RemoteError:
             return  # no answer is no evidence; the body itself was complete
         try:
-            extra = resp.status == 206 or (
+            # An empty 206 (some servers answer a Range past the end so) says nothing follows.
+            extra = (resp.status == 206 and content_length(resp.headers) != 0) or (
                 resp.status == 200 and content_length(resp.headers) not in (None, self.total))
         finally:
             resp.close()

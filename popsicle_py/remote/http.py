@@ -29,7 +29,7 @@ from urllib3.exceptions import (
 from urllib3.util import Retry, Timeout
 
 from popsicle_py._version import __version__
-from popsicle_py.images import ImageError, detect_format
+from popsicle_py.images import ImageError, detect
 from popsicle_py.signatures import SIDECAR_LIMIT
 
 __all__ = [
@@ -183,6 +183,9 @@ def transport_message(url: str, exc: BaseException) -> str:
     if isinstance(exc, MaxRetryError) and "too many redirects" in text.lower():
         return f"{url}: too many redirects (a redirect loop?)"
     if isinstance(reason, SSLError) or "SSL" in text:
+        if "WRONG_VERSION_NUMBER" in text or "wrong version number" in text.lower():
+            return (f"{url}: {host} does not answer with TLS on that port (an http:// "
+                    "server? try http://); nothing was downloaded")
         m = _VERIFY_FAILED.search(text)
         if m:
             return (f"{url}: TLS certificate of {host} is not trusted ({m[1]}); "
@@ -305,7 +308,7 @@ def probe(client: Client, url: str) -> Probe:
     if not head:
         result.close()
         raise RemoteError(f"{url} is empty (the server sent no bytes)")
-    if detect_format(head) == "raw" and looks_like_html(head, result.content_type):
+    if not detect(head).decoded and looks_like_html(head, result.content_type):
         result.close()
         raise RemoteError(f"{url} is an HTML page, not a disk image (an error or download "
                           "page? use the direct link to the image)")

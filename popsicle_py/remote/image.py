@@ -25,7 +25,8 @@ from popsicle_py.images import (
     Image,
     ImageError,
     choose_sidecar,
-    detect_format,
+    detect,
+    name_warning,
     open_image,
     open_stream,
     parse_checksum_option,
@@ -43,9 +44,6 @@ __all__ = [
     "open_url",
     "published_checksum",
 ]
-
-_NAME_HINTS = {".gz": "gzip", ".xz": "xz", ".bz2": "bzip2", ".zst": "zstd", ".zip": "zip"}
-
 
 class _Decoded(io.RawIOBase):
     """The decoded image over a Download, keeping the download's hasher/expected in reach."""
@@ -99,9 +97,10 @@ class RemoteImage:
         self.final_url = probe_.final_url
         self.validator = probe_.validator
         self.total = probe_.total
-        self.format = detect_format(probe_.head)
+        self.kind = detect(probe_.head)
+        self.format = self.kind.name
         self.file_size = probe_.total or 0
-        self.size = probe_.total if self.format == "raw" else None
+        self.size = None if self.kind.decoded else probe_.total
         self.expected = expected
         self.cache = cache
         self.emit: Emit | None = None
@@ -109,13 +108,11 @@ class RemoteImage:
         self.local: str | None = None  # a complete copy, once one exists
         self.warning: str | None = None
         ext = posixpath.splitext(urllib.parse.urlsplit(self.final_url).path)[1].lower()
-        if _NAME_HINTS.get(ext, self.format) != self.format:
-            what = "a raw image" if self.format == "raw" else f"{self.format} data"
-            self.warning = f"{self.url} has a {ext} name but holds {what}; using it as {what}"
+        self.warning = name_warning(self.url, ext, self.kind)
 
     @property
     def compressed(self) -> bool:
-        return self.format != "raw"
+        return self.kind.decoded
 
     def attach(self, emit: Emit | None, cancel: Callable[[], bool] | None = None) -> None:
         """Where download progress goes (the view), and what stops a pause between retries."""
@@ -171,7 +168,7 @@ class RemoteImage:
             return local.open() if tap is None else local.open(tap)  # type: ignore[no-any-return]
         download = self.open_raw()
         raw: Any = download if tap is None else tap.wrap(download)
-        if self.format == "raw":
+        if not self.kind.decoded:
             return download if tap is None else _Decoded(download, raw)  # type: ignore[return-value]
         decoded = open_stream(raw, self.format, self.url)
         return _Decoded(download, decoded)  # type: ignore[return-value]

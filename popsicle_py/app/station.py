@@ -1,0 +1,252 @@
+"""The station use case: ``watch``'s session with slots, a web page, an HTTP API, a journal.
+
+:func:`prepare_station` makes every check of ``watch`` (it prepares one), then loads the
+slot map, opens the journal, reads or makes the token and binds the listening socket: any
+problem is a :class:`Refused` (exit 2) before a drive is touched.  ``run(view, cancel)``
+recovers the journal (rows a crash left in flight become ``interrupted``), starts the web
+server, and runs the session with the slot map as its admission rule and the page's stop as
+its drain.  :func:`learn_slots` makes a slot map; :func:`read_records` exports the journal.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from popsicle_py import events
+from popsicle_py import watch as watch_mod
+from popsicle_py.app.confirm import Confirmation
+from popsicle_py.app.station_requests import LearnRequest, StationRequest
+from popsicle_py.app.watch import PreparedWatch, prepare_watch
+from popsicle_py.drives import Drive
+from popsicle_py.errors import EXIT_OK, Refused
+from popsicle_py.ports import port_path_of
+from popsicle_py.signals import Cancellation
+from popsicle_py.station import hook as hook_mod
+from popsicle_py.station import journal as journal_mod
+from popsicle_py.station import slots as slots_mod
+from popsicle_py.station.api import Station
+from popsicle_py.station.board import Board
+from popsicle_py.station.hook import Hook
+from popsicle_py.station.hub import Hub
+from popsicle_py.station.recorder import Recorder, Tagger
+from popsicle_py.station.server import (
+    Server,
+    ServerError,
+    bind,
+    is_loopback,
+    parse_listen,
+    read_token,
+    url_of,
+)
+from popsicle_py.station.view import StationView, Terminal
+from popsicle_py.view import say_on_stderr
+
+__all__ = ["LearnRequest", "PreparedStation", "StationRequest", "learn_slots",
+           "prepare_station", "read_records"]
+
+
+def image_sha256(path: str, cancel: Callable[[], bool] = lambda: False) -> str:
+    """The image file's SHA-256, for the records and the page."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(4 << 20):
+            digest.update(chunk)
+            if cancel():
+                return ""
+    return digest.hexdigest()
+
+
+class PreparedStation:
+    """A station that passed every check; :meth:`run` serves and writes until stopped."""
+
+    def __init__(self, request: StationRequest, watch: PreparedWatch,
+                 slot_map: slots_mod.SlotMap | None, sock: socket.socket, token: str,
+                 token_file: str, token_made: bool, journal_path: str, sha256: str,
+                 hook: list[str] | None = None) -> None:
+        self.request = request
+        self.watch = watch
+        self.slot_map = slot_map
+        self.sock = sock
+        self.url = url_of(sock)
+        self.token, self.token_file, self.token_made = token, token_file, token_made
+        self.journal_path = journal_path
+        self.sha256 = sha256
+        self.hook = hook
+        self.name = request.name or socket.gethostname()
+        self.exit_status = 0
+        self.drain = threading.Event()
+
+    @property
+    def notes(self) -> tuple[str, ...]:
+        return self.watch.notes
+
+    @property
+    def confirmation(self) -> Confirmation:
+        c = self.watch.confirmation
+        where = (f"only the {len(self.slot_map.slots)} ports of the slot map "
+                 f"({', '.join(self.slot_map.labels)})" if self.slot_map is not None
+                 else "every eligible USB/SD drive (no slot map)")
+        return Confirmation(f"Station {self.name}: {c.title.split(': ', 1)[-1]}", c.rows,
+                            c.notes, c.question, watch=True,
+                            warning=f"Drives plugged in from now on are overwritten: {where}.")
+
+    def __enter__(self) -> PreparedStation:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.watch.close()
+        self.sock.close()
+
+    def admit(self, hub: Hub) -> Callable[[Drive], str | None]:
+        """The session's admission rule: a drive on a port of the map, or none at all."""
+        slot_map = self.slot_map
+
+        def admit(drive: Drive) -> str | None:
+            if slot_map is not None:
+                port = port_path_of(drive)
+                if slot_map.label_of(port) is None:
+                    return (f"not in a slot: port {port} is not in the slot map" if port
+                            else "not in a slot: not on a USB port")
+            hub.devnums[drive.path] = drive.devnum
+            return None
+
+        return admit
+
+    def run(self, terminal: Terminal, cancel: Cancellation) -> events.Summary:
+        """Serve the page and the API, write the drives; ``terminal`` shows each event with
+        its slot.  :attr:`exit_status`: 0 after a stop (the API, or a signal while no drive is
+        being written), 128 + signal when a signal cut a drive short, else as ``watch``."""
+        request, watch = self.request, self.watch
+        journal = journal_mod.Journal(self.journal_path, station=self.name,
+                                      session=uuid.uuid4().hex, batch=request.batch,
+                                      operator=request.operator)
+        try:
+            recovered = journal.recover()
+            counters = journal_mod.counts(journal.db, request.batch)
+            image = watch.image
+            board = Board.with_slots(
+                self.slot_map.labels if self.slot_map is not None else (),
+                image={"name": os.path.basename(image.path), "path": image.path,
+                       "size": image.size, "sha256": self.sha256},
+                station={"name": self.name, "id": uuid.uuid4().hex, "started": time.time(),
+                         "batch": request.batch, "operator": request.operator},
+                target=request.watch.count, counters=counters, verify=request.watch.verify)
+            hub = Hub(board)
+            server = Server(Station(hub, self.token, self.journal_path, self.drain), self.sock)
+            try:
+                server.start()
+            except ServerError as exc:
+                raise Refused([str(exc)]) from None
+            hook = None
+            if self.hook is not None:
+                def warn(line: str) -> None:  # from a hook's thread: the page, and stderr
+                    hub.post(events.Note(line), None)
+                    say_on_stderr(line)
+
+                hook = Hook(self.hook, warn)
+            station_view = StationView(Tagger(self.slot_map), Recorder(
+                journal, image.path, self.sha256, request.watch.verify), hub, terminal, hook)
+            try:
+                for note in self.start_notes(recovered):
+                    terminal.handle(events.Note(note), None)
+                hooks = watch_mod.WatchOptions(admit=self.admit(hub), drain=self.drain)
+                summary = watch.run(station_view, cancel, hooks=hooks)
+                if hook is not None:
+                    hook.join()
+            finally:
+                server.stop()
+        finally:
+            journal.close()
+        # Stopped (the API, or a signal) with no drive cut short: a station's normal end, 0;
+        # the drives that failed are in the journal.  A drive cancelled: 128 + signal.
+        stopped = (self.drain.is_set() or cancel()) and not summary.cancelled
+        self.exit_status = EXIT_OK if stopped else watch.exit_status
+        return summary
+
+    def start_notes(self, recovered: int) -> list[str]:
+        notes = [f"station {self.name}: {self.url}",
+                 f"token for POST requests: {self.token} (in {self.token_file})"]
+        if not is_loopback(self.sock):
+            notes.append("listening beyond this machine: anyone on the network reads the "
+                         "page; POST requests still need the token")
+        if recovered:
+            notes.append(f"journal: {recovered} drive(s) left in flight by the last run are "
+                         "recorded interrupted")
+        return notes
+
+
+def prepare_station(request: StationRequest) -> PreparedStation:
+    """Every check of watch, then the slot map, the journal, the token, the socket."""
+    slot_map = None
+    if request.slots is not None:
+        try:
+            slot_map = slots_mod.load(request.slots)
+        except slots_mod.SlotMapError as exc:
+            raise Refused([str(exc)]) from None
+    try:
+        hook = hook_mod.parse(request.hook) if request.hook is not None else None
+    except hook_mod.HookError as exc:
+        raise Refused([str(exc)]) from None
+    journal_path = request.journal or journal_mod.default_path()
+    token_file = request.token_file or os.path.join(
+        os.path.dirname(os.path.abspath(journal_path)), "station.token")
+    try:
+        journal_mod.connect(journal_path, create=True).close()
+        host, port = parse_listen(request.listen)
+        token, made = read_token(token_file)
+    except (journal_mod.JournalError, ServerError) as exc:
+        raise Refused([str(exc)]) from None
+    watch = prepare_watch(request.watch)
+    try:
+        sock = bind(host, port)
+    except ServerError as exc:
+        watch.close()
+        raise Refused([str(exc)]) from None
+    checksum = watch.source.checksum
+    if checksum is not None and checksum.algo == "sha256":
+        sha256 = checksum.hexdigest.lower()
+    elif watch.source.local:
+        sha256 = image_sha256(watch.image.path)
+    else:
+        sha256 = ""
+    return PreparedStation(request, watch, slot_map, sock, token, token_file, made,
+                           journal_path, sha256, hook)
+
+
+def learn_slots(request: LearnRequest, say: Callable[[str], None],
+                cancel: Callable[[], bool]) -> slots_mod.SlotMap | None:
+    """Ask for a stick in each slot in turn and write the map; None when cancelled.
+
+    Nothing is opened: a stick's port is read from sysfs as it appears.
+    """
+    from popsicle_py.station.learn import learn
+
+    found = learn(request.labels, say, cancel)
+    if found is None:
+        return None
+    slot_map = slots_mod.SlotMap(tuple(found))
+    tmp = f"{request.path}.tmp"
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(slots_mod.dump(found))
+        os.replace(tmp, request.path)
+    except OSError as exc:
+        raise Refused([f"{request.path}: {exc.strerror or exc}"]) from None
+    return slot_map
+
+
+def read_records(path: str | None, batch: str | None) -> list[dict[str, Any]]:
+    try:
+        return journal_mod.read_records(path or journal_mod.default_path(), batch)
+    except journal_mod.JournalError as exc:
+        raise Refused([str(exc)]) from None

@@ -1,0 +1,351 @@
+"""Drives as udev sees them: discovery, explicit targets, and the check before writing.
+
+Sizes and numbers come from sysfs, which is what the kernel says rather than what a name
+suggests: under umockdev a /dev node is a plain file, and a discovered drive must not need an
+open.  These are the drive layer's I/O edges (:func:`discover`, :func:`drive_for_path`,
+:func:`still_same`); they build :class:`~.model.Drive` values and judge them with
+:mod:`.rules` against :mod:`.system`'s facts.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+
+import pyudev
+
+from popsicle_py import sysfs
+from popsicle_py.drives.model import Drive, MediaIdentity, SystemFacts, TargetError
+from popsicle_py.drives.rules import (
+    AUTO_BUSES,
+    busy_reasons,
+    eligibility,
+    explain,
+    mountpoints_of,
+    natural_key,
+    overwrites,
+    system_reason,
+)
+from popsicle_py.drives.system import (
+    backing_of,
+    gather_facts,
+    holders_beneath,
+    loop_key,
+    parse_devnum,
+)
+from popsicle_py.identity import not_confirmed, same_media
+
+_sys_dev = sysfs.block_dir
+_read = sysfs.read
+
+def decode_udev(value: str) -> str:
+    r"""Undo udev's ``\x20`` escapes in *_ENC properties."""
+    return re.sub(r"\\x([0-9a-fA-F]{2})", lambda m: chr(int(m.group(1), 16)), value)
+
+
+def _attr(device: pyudev.Device | None, name: str) -> str | None:
+    if device is None:
+        return None
+    try:
+        value = device.attributes.get(name)
+    except (KeyError, OSError):
+        return None
+    if value is None:
+        return None
+    return value.decode(errors="replace").strip() if isinstance(value, bytes) else str(value)
+
+
+def _prop(device: pyudev.Device, *names: str) -> str:
+    """First non-empty udev property among ``names`` (``*_ENC`` ones decoded)."""
+    for name in names:
+        value = device.properties.get(name)
+        if value:
+            value = decode_udev(value) if name.endswith("_ENC") else value.replace("_", " ")
+            if value.strip():
+                return value.strip()
+    return ""
+
+
+def _parent(device: pyudev.Device, subsystem: str, devtype: str | None = None
+            ) -> pyudev.Device | None:
+    try:
+        return device.find_parent(subsystem, devtype)
+    except (KeyError, OSError):
+        return None
+
+
+def bus_of(device: pyudev.Device) -> str:
+    """usb, sd, loop, cd, nvme, mmc (eMMC), ata, scsi, virtio, dm, md, ram, zram or unknown."""
+    name = device.sys_name
+    props = device.properties
+    if name.startswith("sr") or props.get("ID_CDROM") == "1" or props.get("ID_TYPE") == "cd":
+        return "cd"
+    for prefix, bus in (("loop", "loop"), ("zram", "zram"), ("ram", "ram"), ("dm-", "dm"),
+                        ("md", "md"), ("nvme", "nvme"), ("vd", "virtio"), ("xvd", "xen")):
+        if name.startswith(prefix):
+            return bus
+    if name.startswith("mmcblk"):
+        # SD cards and eMMC share the driver; the card's type tells them apart.
+        return "sd" if _attr(_parent(device, "mmc"), "type") == "SD" else "mmc"
+    if props.get("ID_BUS") == "usb" or _parent(device, "usb", "usb_device") is not None:
+        return "usb"
+    if props.get("ID_BUS"):
+        return str(props["ID_BUS"])
+    if "/ata" in device.sys_path:
+        return "ata"
+    if _parent(device, "scsi") is not None:
+        return "scsi"
+    return "unknown"
+
+
+def _identity(device: pyudev.Device) -> tuple[str, str, str]:
+    """(vendor, model, serial) from udev properties, falling back to sysfs without udev."""
+    usb = _parent(device, "usb", "usb_device")
+    scsi = _parent(device, "scsi", "scsi_device")
+    mmc = _parent(device, "mmc")
+    nvme = _parent(device, "nvme")
+    scsi_vendor = _attr(scsi, "vendor")
+    if scsi_vendor == "ATA":  # libata's placeholder, not a vendor
+        scsi_vendor = None
+    vendor = (_prop(device, "ID_VENDOR_ENC", "ID_VENDOR") or scsi_vendor
+              or _attr(usb, "manufacturer") or "")
+    model = (_prop(device, "ID_MODEL_ENC", "ID_MODEL", "ID_NAME") or _attr(scsi, "model")
+             or _attr(nvme, "model") or _attr(mmc, "name") or _attr(usb, "product") or "")
+    serial = (device.properties.get("ID_SERIAL_SHORT") or _attr(usb, "serial")
+              or _attr(nvme, "serial") or _attr(mmc, "serial")
+              or device.properties.get("ID_SERIAL") or "")
+    return vendor.strip(), model.strip(), serial.strip()
+
+
+def _partitions(device: pyudev.Device) -> list[pyudev.Device]:
+    parts = [child for child in device.children
+             if child.subsystem == "block" and child.device_type == "partition"]
+
+    def number(part: pyudev.Device) -> int:
+        try:
+            return int(_attr(part, "partition") or 0)
+        except ValueError:
+            return 0
+
+    return sorted(parts, key=number)
+
+
+def _node(device: pyudev.Device) -> str:
+    return device.device_node or f"/dev/{device.sys_name}"
+
+
+def _holders(device: pyudev.Device, parts: list[pyudev.Device]) -> tuple[str, ...]:
+    found: dict[str, None] = {}
+    for dev in (device, *parts):
+        directory = os.path.join(dev.sys_path, "holders")
+        if os.path.isdir(directory):
+            for name in sorted(os.listdir(directory)):
+                found.setdefault(f"/dev/{name}", None)
+    return tuple(found)
+
+
+def port_path_of(device: pyudev.Device) -> str | None:
+    """The USB port path ("1-1.2") of the usb_device above a disk, None when not on USB."""
+    usb = _parent(device, "usb", "usb_device")
+    return usb.sys_name if usb is not None else None
+
+
+def devnum_of(device: pyudev.Device) -> int:
+    """The device number from sysfs ``dev`` (works without udev and under umockdev)."""
+    number = parse_devnum(_attr(device, "dev"))
+    return number if number is not None else device.device_number
+
+
+def build_drive(device: pyudev.Device, facts: SystemFacts, *, explicit: bool,
+                path: str | None = None) -> Drive:
+    """A Drive for a whole-disk pyudev device, judged against ``facts``."""
+    devnum = devnum_of(device)
+    sectors = _attr(device, "size")
+    size = int(sectors) * 512 if sectors and sectors.isdigit() else 0
+    block = _attr(device, "queue/logical_block_size")
+    logical_block_size = int(block) if block and block.isdigit() and int(block) > 0 else 512
+    bus = bus_of(device)
+    read_only = _attr(device, "ro") == "1"
+    parts = _partitions(device)
+    backing = backing_of(devnum)
+    swap = any(overwrites(backing, s.devnums, s.files) for s in facts.swaps)
+    system = system_reason(backing, facts)
+    node = path or _node(device)
+    diskseq = _attr(device, "diskseq")
+    eligible, reason = eligibility(bus=bus, size=size, read_only=read_only, system=system,
+                                   explicit=explicit)
+    vendor, model, serial = _identity(device)
+    return Drive(
+        path=node,
+        name=device.sys_name,
+        devnum=devnum,
+        vendor=vendor,
+        model=model,
+        serial=serial,
+        size=size,
+        logical_block_size=logical_block_size,
+        bus=bus,
+        removable=_attr(device, "removable") == "1",
+        read_only=read_only,
+        has_media=size > 0,
+        partitions=tuple(_node(p) for p in parts),
+        mountpoints=mountpoints_of(devnum, facts.mounts),
+        swap=swap,
+        eligible=eligible,
+        reason=reason,
+        system=system is not None,
+        holders=_holders(device, parts),
+        port_path=port_path_of(device),
+        diskseq=int(diskseq) if diskseq and diskseq.isdigit() else None,
+        loop=loop_key(node, devnum) if bus == "loop" else None,
+        busy=busy_reasons(devnum, backing, facts.mounts, holders_beneath(backing, devnum)),
+        backing=backing,
+    )
+
+
+def discover(context: pyudev.Context | None = None, *, include_all: bool = False,
+             image_path: str | None = None, facts: SystemFacts | None = None) -> list[Drive]:
+    """USB drives and SD cards (eligible or not), or with ``include_all`` every whole disk.
+
+    Ineligible drives are listed too (an empty reader says "no medium") so the user sees why
+    a drive they expected is not offered; loop devices attached to nothing are not (they are
+    free slots, not disks).  Sorted as the kernel numbers them (loop2 before loop10).
+    """
+    context = context or pyudev.Context()
+    facts = facts or gather_facts(image_path)
+    drives: list[Drive] = []
+    for device in context.list_devices(subsystem="block", DEVTYPE="disk"):
+        if device.sys_name.startswith("loop") and _attr(device, "size") in ("0", None) \
+                and not _attr(device, "loop/backing_file"):
+            continue
+        drive = build_drive(device, facts, explicit=False)
+        if include_all or drive.bus in AUTO_BUSES:
+            drives.append(drive)
+    return sorted(drives, key=lambda d: natural_key(d.path))
+
+
+def _kind_of_file(mode: int) -> str:
+    if stat.S_ISREG(mode):
+        return "a regular file"
+    if stat.S_ISDIR(mode):
+        return "a directory"
+    if stat.S_ISCHR(mode):
+        return "a character device"
+    if stat.S_ISFIFO(mode):
+        return "a pipe"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return "not a device"
+
+
+def drive_for_path(path: str, *, image_path: str | None = None,
+                   context: pyudev.Context | None = None,
+                   facts: SystemFacts | None = None) -> Drive:
+    """The Drive for an explicitly named target, or TargetError with one line saying why not.
+
+    Raises for what can never be a target (missing, not a block device, a partition, a system
+    drive); returns an ineligible Drive for the rest (read-only, no medium...), so callers can
+    report every refusal together.  Loop devices and other non-USB disks are allowed here:
+    naming a drive is a deliberate act.
+    """
+    shown = path
+    if not os.path.lexists(path):
+        raise TargetError(path, f"{path} does not exist")
+    real = os.path.realpath(path)
+    if real != path:
+        shown = f"{path} ({real})"
+    try:
+        st = os.stat(real)
+    except FileNotFoundError:
+        raise TargetError(path, f"{shown} does not exist") from None
+    except OSError as e:
+        raise TargetError(path, f"{shown} cannot be examined: {e.strerror}") from None
+    if not stat.S_ISBLK(st.st_mode):
+        raise TargetError(path, f"{shown} is not a block device ({_kind_of_file(st.st_mode)})")
+    sys_path = _sys_dev(st.st_rdev)
+    if not os.path.exists(sys_path):
+        raise TargetError(path, f"{shown} is a block device the kernel does not list in sysfs")
+    context = context or pyudev.Context()
+    try:
+        # The resolved path, as libudev would resolve it; under umockdev only the resolved
+        # one is the testbed's when the host has a device of the same number.
+        device = pyudev.Devices.from_sys_path(context, os.path.realpath(sys_path))
+    except pyudev.DeviceNotFoundError:
+        raise TargetError(path, f"{shown} is a block device udev cannot find") from None
+    is_partition = device.device_type == "partition" or _attr(device, "partition") is not None
+    if is_partition:
+        disk = device.find_parent("block", "disk")
+        hint = f"; did you mean {_node(disk)}?" if disk is not None else ""
+        raise TargetError(path, f"{shown} is a partition{hint}")
+    if device.device_type not in (None, "disk"):
+        raise TargetError(path, f"{shown} is not a whole disk ({device.device_type})")
+    drive = build_drive(device, facts or gather_facts(image_path), explicit=True, path=real)
+    if drive.system and drive.reason:
+        raise TargetError(path, explain(shown, drive.reason))
+    return drive
+
+
+def media_identity(path: str, *, context: pyudev.Context | None = None) -> MediaIdentity:
+    """The medium behind ``path`` now, from sysfs (and udev for the serial); OSError if gone.
+
+    What :attr:`Drive.identity` recorded when the plan was made is compared with this before
+    opening, and with :func:`popsicle_py.media.identity_of_fd` after.
+    """
+    st = os.stat(path)
+    devnum = st.st_rdev if stat.S_ISBLK(st.st_mode) else 0
+    sys_path = _sys_dev(devnum)
+    sectors = _read(os.path.join(sys_path, "size"))
+    seq = _read(os.path.join(sys_path, "diskseq"))
+    serial: str | None = None
+    is_loop = False
+    if devnum and os.path.exists(sys_path):
+        try:
+            device = pyudev.Devices.from_sys_path(context or pyudev.Context(), sys_path)
+        except pyudev.DeviceNotFoundError:
+            device = None
+        if device is not None:
+            serial = _identity(device)[2]
+            is_loop = bus_of(device) == "loop"
+    return MediaIdentity(
+        path, devnum, int(sectors) * 512 if sectors and sectors.isdigit() else 0,
+        int(seq) if seq and seq.isdigit() else None, serial,
+        loop_key(path, devnum) if is_loop else None, is_loop)
+
+
+def still_same(drive: Drive, *, context: pyudev.Context | None = None) -> str | None:
+    """None if ``drive.path`` still holds the medium that was selected, else why not.
+
+    A stick swapped in the same port between selection and writing gets the same path and
+    perhaps the same size and serial; a loop device re-attached to another file the same path,
+    number and size.  The media identity (diskseq, loop backing) tells them apart.
+    """
+    try:
+        now = media_identity(drive.path, context=context)
+    except FileNotFoundError:
+        return f"{drive.path} is gone since it was selected: was it unplugged?"
+    except OSError as e:
+        return f"{drive.path} cannot be examined: {e.strerror}"
+    if now.devnum == drive.devnum and not os.path.exists(_sys_dev(drive.devnum)):
+        return f"{drive.path} is gone since it was selected: was it unplugged?"
+    why = same_media(drive.identity, now)
+    return not_confirmed(drive.path, why) if why else None
+
+
+NO_UDEV_NOTE = ("no udev daemon is running (no /run/udev/control), so no plugged-in drive "
+                "will be seen; start systemd-udevd, or name the drives to `flash`")
+
+
+def udev_note(*, control_exists: bool, testbed: bool) -> str | None:
+    """What to tell a ``watch`` user when hotplug events cannot arrive, or None.
+
+    Drives arrive as events that the udev daemon re-broadcasts (a umockdev testbed sends its
+    own); without either, ``watch`` would wait forever without a word.
+    """
+    return None if control_exists or testbed else NO_UDEV_NOTE
+
+
+def udev_hint(run_dir: str = "/run/udev") -> str | None:
+    """:func:`udev_note` for this machine: udevd's control socket, or a umockdev testbed."""
+    return udev_note(control_exists=os.path.exists(os.path.join(run_dir, "control")),
+                     testbed=bool(os.environ.get("UMOCKDEV_DIR")))

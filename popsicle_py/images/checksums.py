@@ -1,0 +1,319 @@
+"""Checksums of the file as downloaded: given on the command line, published beside it, checked.
+
+A checksum vouches for the bytes as stored (compressed or not), either in a pass of its own
+(:func:`verify_checksum`) or in the write pass itself (:class:`ChecksumTap`), so it covers the
+very bytes that were decoded and written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from popsicle_py.errors import Cancelled
+from popsicle_py.images.files import ImageError, open_file
+
+__all__ = [
+    "Checksum",
+    "ChecksumCancelled",
+    "ChecksumTap",
+    "choose_sidecar",
+    "find_sidecar",
+    "new_hasher",
+    "parse_checksum_option",
+    "verify_checksum",
+]
+
+_HASH_READ_SIZE = 8 << 20  # per read when hashing the download
+_HEX_LENGTHS = {"sha1": 40, "sha256": 64, "sha512": 128, "blake2b": 128}
+_HEX = re.compile(r"[0-9a-fA-F]+")
+
+
+class ChecksumCancelled(Cancelled, ImageError):
+    """verify_checksum() stopped because cancel() said so; not a verdict on the image.
+
+    The one Cancelled of the tree, and an ImageError, so that callers that refuse on image
+    problems before writing also stop cleanly on it.
+    """
+
+
+@dataclass(frozen=True)
+class Checksum:
+    """An expected digest of the file as downloaded, and where the expectation came from."""
+
+    algo: str
+    hexdigest: str
+    source: str
+
+
+def new_hasher(checksum: Checksum) -> Any:  # hashlib's objects share no public type
+    """A fresh hash object of the checksum's algorithm (and digest length, for blake2b)."""
+    if checksum.algo == "blake2b":  # b2sum -l N gives shorter digests
+        return hashlib.blake2b(digest_size=len(checksum.hexdigest) // 2)
+    return hashlib.new(checksum.algo)
+
+
+def _valid_hex(algo: str, hexdigest: str) -> bool:
+    if not _HEX.fullmatch(hexdigest):
+        return False
+    if algo == "blake2b":
+        return 2 <= len(hexdigest) <= 128 and len(hexdigest) % 2 == 0
+    return len(hexdigest) == _HEX_LENGTHS[algo]
+
+
+def parse_checksum_option(sha256: str | None, checksum: str | None) -> Checksum | None:
+    """Turn --sha256 HEX / --checksum ALGO:HEX into a Checksum, refusing anything malformed."""
+    if sha256 is not None and checksum is not None:
+        raise ImageError("use either --sha256 or --checksum, not both")
+    if sha256 is not None:
+        value = sha256.strip()
+        if not _valid_hex("sha256", value):
+            raise ImageError(f"--sha256: expected 64 hexadecimal digits, got {_clip(value)!r}")
+        return Checksum("sha256", value.lower(), "--sha256")
+    if checksum is None:
+        return None
+    algo, sep, value = checksum.strip().partition(":")
+    algo = algo.strip().lower().replace("-", "")
+    value = value.strip()
+    if not sep or not algo:
+        raise ImageError(
+            f"--checksum: expected ALGO:HEX (e.g. sha256:<hex>), got {_clip(checksum)!r}"
+        )
+    if algo not in _HEX_LENGTHS:
+        raise ImageError(
+            f"--checksum: unknown algorithm {algo} (use sha1, sha256, sha512 or blake2b)"
+        )
+    if not _valid_hex(algo, value):
+        want = "an even number of up to 128" if algo == "blake2b" else str(_HEX_LENGTHS[algo])
+        raise ImageError(
+            f"--checksum: a {algo} checksum is {want} hexadecimal digits, got {_clip(value)!r}"
+        )
+    return Checksum(algo, value.lower(), "--checksum")
+
+
+def _clip(text: str) -> str:
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+# "HEX  name" / "HEX *name" (GNU, '\' prefix = escaped name), a bare "HEX", and
+# "SHA256 (name) = HEX" (BSD, and GNU --tag).
+_GNU_LINE = re.compile(r"(\\?)([0-9a-fA-F]+)(?:[ \t]+\*?(.*))?")
+_BSD_LINE = re.compile(
+    r"(\\?)(SHA1|SHA256|SHA512|BLAKE2b(?:-\d+)?) ?\((.*)\) ?= ?([0-9a-fA-F]+)", re.I
+)
+
+
+def _unescape(name: str) -> str:
+    return re.sub(r"\\(.)", lambda m: {"n": "\n", "r": "\r"}.get(m[1], m[1]), name)
+
+
+def _sidecar_entries(text: str, algo: str) -> Iterator[tuple[str, str, str | None]]:
+    """(algo, hex, name or None) for each usable line; lines of other shapes are ignored."""
+    for line in text.splitlines():
+        line = line.strip()
+        if m := _BSD_LINE.fullmatch(line):
+            escaped, tag, name, hexdigest = m.groups()
+            line_algo = tag.lower().split("-")[0]
+            if _valid_hex(line_algo, hexdigest):
+                yield line_algo, hexdigest.lower(), _unescape(name) if escaped else name
+        elif m := _GNU_LINE.fullmatch(line):
+            escaped, hexdigest, name = m.groups()
+            if _valid_hex(algo, hexdigest):
+                if name is not None:
+                    name = _unescape(name) if escaped else name
+                yield algo, hexdigest.lower(), name
+
+
+def _read_sidecar(path: str) -> str:
+    try:
+        with open(path, "rb") as f:
+            return f.read(16 << 20).decode("utf-8", errors="replace")
+    except OSError as e:
+        raise ImageError(f"checksum file {path} cannot be read: {e.strerror or e}") from None
+
+
+def _pick(entries: list[tuple[str, str, str | None]], sidecar: str, base: str) -> Checksum | None:
+    named = [e for e in entries if e[2] in (base, "./" + base)]
+    found = {(a, h) for a, h, _ in named}
+    if len(found) > 1:
+        raise ImageError(f"checksum file {sidecar} lists {base} with different checksums")
+    if found:
+        algo, hexdigest = found.pop()
+        return Checksum(algo, hexdigest, sidecar)
+    return None
+
+
+def find_sidecar(path: str) -> Checksum | None:
+    """The checksum published next to the image file, if there is one that applies to it."""
+    path = os.path.abspath(path)
+    folder, base = os.path.split(path)
+    return choose_sidecar(base, lambda name: os.path.join(folder, name),
+                          lambda p: _read_sidecar(p) if os.path.isfile(p) else None)
+
+
+def choose_sidecar(base: str, beside: Callable[[str], str],
+                   read: Callable[[str], str | None]) -> Checksum | None:
+    """The published checksum for ``base`` among the files ``beside(name)``, read by ``read``.
+
+    IMAGE.sha256 / IMAGE.sha256sum (then the .sha512 variants) belong to the image by name, so
+    one that holds no usable checksum is an error rather than a silent skip; a SHA256SUMS (or
+    SHA512SUMS) that does not list the image simply does not apply.  ``read`` returns None for
+    a file that is not there, so the same rules serve a folder and a web server.
+    """
+    for algo in ("sha256", "sha512"):
+        for suffix in (f".{algo}", f".{algo}sum"):
+            sidecar = beside(base + suffix)
+            text = read(sidecar)
+            if text is None:
+                continue
+            entries = list(_sidecar_entries(text, algo))
+            picked = _pick(entries, sidecar, base)
+            if picked:
+                return picked
+            unnamed = {(a, h) for a, h, n in entries if n is None}
+            # A single entry under another name: renamed downloads keep their sidecar's text.
+            candidates = unnamed or (
+                {(a, h) for a, h, _ in entries} if len(entries) == 1 else set()
+            )
+            if len(candidates) == 1:
+                algo_found, hexdigest = candidates.pop()
+                return Checksum(algo_found, hexdigest, sidecar)
+            raise ImageError(f"checksum file {sidecar} holds no usable {algo} checksum for {base}")
+        sums = beside(f"{algo.upper()}SUMS")
+        text = read(sums) if sums != beside(base) else None
+        if text is not None:
+            picked = _pick(list(_sidecar_entries(text, algo)), sums, base)
+            if picked:
+                return picked
+    return None
+
+
+class ChecksumTap:
+    """Hashes the image file as stored, as the write pass reads it; vouches at the end.
+
+    The file must be read from its start, in order, to its end: a seek elsewhere (or a read
+    that was never finished) means the hash covers other bytes, and nothing is vouched for.
+    """
+
+    def __init__(self, checksum: Checksum, *, checked_before: bool = True) -> None:
+        self.checksum = checksum
+        self.checked_before = checked_before  # a checksum pass matched before this one
+        self._hasher = new_hasher(checksum)
+        self._file: _HashingFile | None = None
+
+    def wrap(self, raw: io.FileIO) -> _HashingFile:
+        self._file = _HashingFile(raw, self._hasher)
+        return self._file
+
+    def vouch(self) -> None:
+        """Hash what the decoder left unread, then compare; raises ChecksumMismatch."""
+        from popsicle_py.errors import ChecksumMismatch
+
+        f = self._file
+        if f is None or f.broken:
+            raise ChecksumMismatch(self.checksum.algo)
+        f.drain()
+        if self._hasher.hexdigest() != self.checksum.hexdigest:
+            raise ChecksumMismatch(self.checksum.algo, checked_before=self.checked_before)
+
+
+class _HashingFile(io.RawIOBase):
+    """A raw file whose sequential reads are hashed; used by :class:`ChecksumTap`."""
+
+    def __init__(self, raw: io.FileIO, hasher: Any) -> None:
+        super().__init__()
+        self._raw = raw
+        self._hasher = hasher
+        self._pos = 0
+        self.broken = False
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def fileno(self) -> int:
+        return self._raw.fileno()
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        target = self._raw.seek(offset, whence)
+        if target != self._pos:
+            self.broken = True
+        self._pos = target
+        return target
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")
+        n = self._raw.readinto(view) or 0
+        self._hasher.update(view[:n])
+        self._pos += n
+        return n
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._raw.read(size)
+        self._hasher.update(data)
+        self._pos += len(data)
+        return data
+
+    def drain(self) -> None:
+        if self.closed or self._raw.closed:
+            with open(self._raw.name, "rb", buffering=0) as again:
+                again.seek(self._pos)
+                while chunk := again.read(_HASH_READ_SIZE):
+                    self._hasher.update(chunk)
+                    self._pos += len(chunk)
+            return
+        while chunk := self.read(_HASH_READ_SIZE):
+            pass
+
+    def close(self) -> None:
+        self._raw.close()
+        super().close()
+
+
+def verify_checksum(
+    path: str,
+    checksum: Checksum,
+    progress: Callable[[int, int], None] | None = None,
+    cancel: Callable[[], bool] | None = None,
+) -> None:
+    """Hash the file as downloaded, in large sequential reads that also warm the page cache."""
+    hasher = new_hasher(checksum)
+    buf = bytearray(_HASH_READ_SIZE)
+    view = memoryview(buf)
+    done = 0
+    with open_file(path, path) as f:
+        fd = f.fileno()
+        try:
+            total = os.fstat(fd).st_size or os.lseek(fd, 0, os.SEEK_END)
+            os.lseek(fd, 0, os.SEEK_SET)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+            while True:
+                if cancel is not None and cancel():
+                    raise ChecksumCancelled(f"checksum of {path} cancelled")
+                n = f.readinto(view)
+                if not n:
+                    break
+                hasher.update(view[:n])
+                done += n
+                if progress is not None:
+                    progress(done, total)
+        except OSError as e:
+            raise ImageError(
+                f"{path} could not be read (at byte {done}): {e.strerror or e}"
+            ) from None
+    actual = hasher.hexdigest()
+    if actual != checksum.hexdigest:
+        raise ImageError(
+            f"checksum mismatch for {path}: expected {checksum.algo} {checksum.hexdigest} "
+            f"(from {checksum.source}), got {actual}"
+        )

@@ -1,0 +1,169 @@
+"""Source images as people download them: raw or compressed, opened once, read in every pass.
+
+:func:`open_image` checks the file, asks the format registry (formats.py) what it is and learns
+its size where the format allows; :class:`Image` opens a fresh decoded stream per pass.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import stat
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import BinaryIO
+
+from popsicle_py.images.checksums import ChecksumTap
+from popsicle_py.images.decoders import read_decoded
+from popsicle_py.images.files import ImageError, open_file
+from popsicle_py.images.formats import HEAD_SIZE, Format, Stored, by_name, detect, name_warning
+
+__all__ = ["Image", "decompress_to", "open_image", "open_stream", "read_head"]
+
+
+@dataclass(frozen=True)
+class Image:
+    """One source image; cheap to keep around, and open() can be called once per pass."""
+
+    path: str
+    format: str
+    size: int | None
+    file_size: int
+    member: str | None = None
+    warning: str | None = None  # e.g. named .xz but not xz inside; worth showing, not fatal
+
+    @property
+    def kind(self) -> Format:
+        """The registry's record of :attr:`format`: what to ask instead of comparing names."""
+        return by_name(self.format)
+
+    @property
+    def seekable_raw(self) -> bool:
+        """True when offsets in the stream are offsets in the file (exact os.pread allowed)."""
+        return not self.kind.decoded
+
+    @property
+    def compressed(self) -> bool:
+        """True when the stream is decoded: no fileno(), no positional reads."""
+        return self.kind.decoded
+
+    def open(self, tap: ChecksumTap | None = None) -> io.RawIOBase:
+        """A fresh stream at offset 0: the file itself for raw, a decompressor otherwise.
+
+        Compressed streams fill readinto()'s buffer completely except at the end, and raise
+        ImageError (never a short EOF) when the data is truncated or corrupt.  With ``tap``,
+        every byte of the file as stored (compressed or not) is hashed as it is read, so the
+        checksum vouches for the very bytes that were decoded and written.
+        """
+        decoder = self.kind.decoder
+        if decoder is None:
+            raw: io.RawIOBase = open_file(self.path, self.path, tap)
+            return raw
+        return decoder(self, tap)  # a zip's decoder leaves the tap unused: see tappable
+
+    @property
+    def tappable(self) -> bool:
+        """Whether :meth:`open` can hash the file in the same pass (a zip is read by seeking)."""
+        return self.kind.streamed
+
+    def read_at(self, offset: int, length: int) -> bytes:
+        """``length`` bytes of the image at ``offset``: by position when raw, else decoded again.
+
+        For repairs of a few bad buckets; a compressed image is decompressed up to them.
+        """
+        with self.open() as stream:
+            if self.seekable_raw:
+                return os.pread(stream.fileno(), length, offset)
+            return read_decoded(stream, offset, length)
+
+
+def read_head(image: Image, length: int) -> bytes:
+    """The first ``length`` bytes of the decoded image, fewer when the image is shorter.
+
+    For a compressed image this decodes only as far as needed (the sanity check looks at the
+    start of what would be written, not at the compressed file).
+    """
+    chunks: list[bytes] = []
+    got = 0
+    try:
+        with image.open() as stream:
+            while got < length:
+                data = stream.read(length - got)
+                if not data:
+                    break
+                chunks.append(data)
+                got += len(data)
+    except OSError as e:
+        raise ImageError(f"{image.path} cannot be read: {e.strerror or e}") from None
+    return b"".join(chunks)
+
+
+def open_stream(raw: BinaryIO, fmt: str, name: str, size: int | None = None) -> BinaryIO:
+    """Decode an already open stream of ``fmt`` data (a download) exactly as open() decodes a file.
+
+    ``name`` is used in messages; ``size``, when known, is checked like a header's size.  A zip
+    needs its directory at the end of the file, so it cannot be read from a stream.
+    """
+    image = Image(name, fmt, size, 0)
+    kind = image.kind
+    if kind.decoder is None:
+        return raw
+    if kind.needs_whole_file:
+        raise ImageError(f"{name} is a {kind.name} file, which cannot be read as a stream")
+    return kind.decoder(image, raw=raw)  # type: ignore[return-value]
+
+
+def open_image(path: str) -> Image:
+    """Check the file, detect its format by magic bytes and learn its size where possible."""
+    shown = path
+    path = os.path.abspath(path)
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise ImageError(f"{shown} does not exist") from None
+    except OSError as e:
+        raise ImageError(f"{shown} cannot be opened: {e.strerror or e}") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise ImageError(f"{shown} is a directory, not an image")
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+        # A pipe could be read only once, but every pass (checksum, write, verify) reopens it.
+        raise ImageError(f"{shown} is not a regular file or block device")
+    with open_file(path, shown) as f:
+        file_size = st.st_size if stat.S_ISREG(st.st_mode) else os.lseek(f.fileno(), 0, os.SEEK_END)
+        if file_size == 0:
+            raise ImageError(f"{shown} is empty")
+        try:
+            head = os.pread(f.fileno(), HEAD_SIZE, 0)
+            kind = detect(head)
+            size: int | None = None
+            member = None
+            if kind.measure is not None:
+                size, member = kind.measure(Stored(path, shown, f.fileno(), file_size))
+        except OSError as e:
+            raise ImageError(f"{shown} cannot be read: {e.strerror or e}") from None
+    warning = name_warning(shown, os.path.splitext(path)[1], kind)
+    return Image(path, kind.name, size, file_size, member, warning)
+
+
+def decompress_to(image: Image, path: str, cancel: Callable[[], bool],
+                  progress: Callable[[int], None]) -> int | None:
+    """Write the image's decoded bytes to a new file at ``path``; their count, None if cancelled.
+
+    ImageError when the image is corrupt or the file cannot be written.
+    """
+    done = 0
+    buf = memoryview(bytearray(4 << 20))
+    try:
+        with image.open() as source, open(path, "wb") as out:
+            while True:
+                if cancel():
+                    return None
+                n = source.readinto(buf) or 0
+                if not n:
+                    return done
+                out.write(buf[:n])
+                done += n
+                progress(done)
+    except OSError as exc:
+        raise ImageError(f"cannot decompress {image.path} to {path}: "
+                         f"{exc.strerror or exc}") from None

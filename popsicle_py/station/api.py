@@ -1,0 +1,221 @@
+"""The station's HTTP API and page, as an aiohttp application.
+
+    GET  /                              the page (its assets: /static/app.js, /static/style.css)
+    GET  /api/slots                     the page's state as JSON
+    GET  /api/stream                    that state as Server-Sent Events (what the page reads)
+    GET  /api/events                    the events as NDJSON, each with its "slot"
+    GET  /api/records[?batch=B][&format=csv]    the journal
+    POST /api/slots/{label}/identify    read that slot's drive a few seconds, highlight it
+    POST /api/stop                      finish the drives being written, take no new one
+    GET  /metrics                       Prometheus' text format
+
+Every POST needs ``Authorization: Bearer TOKEN``.  Only the page's own three assets are
+served; request bodies are bounded (:data:`MAX_BODY`) and so is the time of every request
+that is not a stream (:data:`REQUEST_SECONDS`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from importlib import resources
+
+from aiohttp import web
+
+from popsicle_py.station import journal as journal_mod
+from popsicle_py.station import metrics
+from popsicle_py.station.hub import EventClient, Hub
+from popsicle_py.station.identify import IDENTIFY_SECONDS, read_for
+
+MAX_BODY = 4096
+REQUEST_SECONDS = 10.0
+#: How often a page gets a new state at most (its events are merged in between).
+PAGE_INTERVAL = 0.1
+#: A comment line keeps an idle stream open through proxies, and finds dead clients.
+KEEPALIVE_SECONDS = 15.0
+ASSETS = {"/": ("index.html", "text/html"), "/static/app.js": ("app.js", "text/javascript"),
+          "/static/style.css": ("style.css", "text/css")}
+STREAMS = ("/api/stream", "/api/events")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@dataclass
+class Station:
+    """What the handlers need: the hub (board, clients), the token, the journal, the stop."""
+
+    hub: Hub
+    token: str
+    journal_path: str
+    drain: threading.Event
+    identify_seconds: float = IDENTIFY_SECONDS
+
+
+def _assets() -> dict[str, bytes]:
+    folder = resources.files("popsicle_py.station") / "static"
+    return {name: (folder / name).read_bytes() for name, _ in ASSETS.values()}
+
+
+@web.middleware
+async def _guard(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """The token for every POST; a time limit for every request but the streams."""
+    station: Station = request.app["station"]
+    if request.method not in ("GET", "HEAD"):
+        try:
+            await asyncio.wait_for(request.read(), REQUEST_SECONDS)  # bounded: MAX_BODY
+        except web.HTTPRequestEntityTooLarge:
+            return web.json_response({"error": f"a body of at most {MAX_BODY} bytes"},
+                                     status=413)
+        except asyncio.TimeoutError:
+            return web.json_response({"error": "timed out"}, status=408)
+        given = request.headers.get("Authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {station.token}".encode()):
+            return web.json_response({"error": "a POST needs Authorization: Bearer TOKEN "
+                                      "(the station printed it, and keeps it in its token "
+                                      "file)"}, status=401,
+                                     headers={"WWW-Authenticate": "Bearer"})
+    if request.path in STREAMS:
+        return await handler(request)
+    try:
+        return await asyncio.wait_for(handler(request), REQUEST_SECONDS)
+    except asyncio.TimeoutError:
+        return web.json_response({"error": "timed out"}, status=503)
+
+
+async def _asset(request: web.Request) -> web.Response:
+    name, kind = ASSETS[request.path]
+    return web.Response(body=request.app["assets"][name], content_type=kind,
+                        headers={"Cache-Control": "no-cache"})
+
+
+async def _slots(request: web.Request) -> web.Response:
+    return web.json_response(request.app["station"].hub.snapshot())
+
+
+async def _stream(request: web.Request) -> web.StreamResponse:
+    """Server-Sent Events: the whole state at each change (a page that missed some states
+    needs only the last); ``retry`` makes the browser reconnect after a restart."""
+    hub: Hub = request.app["station"].hub
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
+                                           "Cache-Control": "no-cache"})
+    await response.prepare(request)
+    await response.write(b"retry: 1000\n\n")
+    sent = -1
+    while not hub.closing:
+        changed = hub.changed
+        if hub.board.version != sent:
+            sent = hub.board.version
+            data = json.dumps(hub.snapshot(), separators=(",", ":"))
+            await response.write(f"event: state\ndata: {data}\n\n".encode())
+            await asyncio.sleep(PAGE_INTERVAL)
+            continue
+        if changed is None:
+            break
+        try:
+            await asyncio.wait_for(changed.wait(), KEEPALIVE_SECONDS)
+        except asyncio.TimeoutError:
+            await response.write(b": keepalive\n\n")
+    return response
+
+
+async def _events(request: web.Request) -> web.StreamResponse:
+    hub: Hub = request.app["station"].hub
+    response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson",
+                                           "Cache-Control": "no-cache"})
+    await response.prepare(request)
+    client = EventClient()
+    hub.clients.add(client)
+    try:
+        while not hub.closing and not client.overflowed:
+            while client.lines:
+                await response.write(client.lines.popleft()[1])
+            client.wake.clear()
+            try:
+                await asyncio.wait_for(client.wake.wait(), KEEPALIVE_SECONDS)
+            except asyncio.TimeoutError:
+                await response.write(b"\n")
+    finally:
+        hub.clients.discard(client)
+    return response
+
+
+async def _records(request: web.Request) -> web.Response:
+    station: Station = request.app["station"]
+    batch = request.query.get("batch")
+    found = await asyncio.to_thread(journal_mod.read_records, station.journal_path, batch)
+    if request.query.get("format") == "csv":
+        return web.Response(text=journal_mod.to_csv(found), content_type="text/csv")
+    return web.json_response(found)
+
+
+async def _identify(request: web.Request) -> web.Response:
+    station: Station = request.app["station"]
+    hub, label = station.hub, request.match_info["label"]
+    tile = hub.board.tiles.get(label)
+    if tile is None:
+        return web.json_response({"error": f"no slot {label!r}"}, status=404)
+    reading = (tile.device is not None and not tile.busy and not tile.powered_off
+               and tile.state != "empty")
+    tile.identify = True
+    hub.board.version += 1
+    hub.notify()
+    seconds = station.identify_seconds
+
+    async def identify() -> None:
+        try:
+            if reading and tile.device is not None:
+                await asyncio.to_thread(read_for, tile.device, hub.devnums.get(tile.device),
+                                        seconds)
+            else:
+                await asyncio.sleep(seconds)
+        except OSError:
+            pass  # a drive pulled meanwhile: the highlight alone says which slot
+        finally:
+            current = hub.board.tiles.get(label)
+            if current is not None:
+                current.identify = False
+            hub.board.version += 1
+            hub.notify()
+
+    request.app["tasks"].add(asyncio.ensure_future(identify()))
+    return web.json_response({"slot": label, "reading": reading, "seconds": seconds},
+                             status=202)
+
+
+async def _stop(request: web.Request) -> web.Response:
+    station: Station = request.app["station"]
+    station.drain.set()
+    station.hub.board.stopping = True
+    station.hub.board.version += 1
+    station.hub.notify()
+    return web.json_response({"stopping": True}, status=202)
+
+
+async def _metrics(request: web.Request) -> web.Response:
+    body = metrics.render(request.app["registry"])
+    return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4; "
+                                            "charset=utf-8"})
+
+
+def make_app(station: Station) -> web.Application:
+    app = web.Application(client_max_size=MAX_BODY, middlewares=[_guard])
+    app["station"] = station
+    app["assets"] = _assets()
+    app["registry"] = metrics.registry_for(station.hub.board)
+    app["tasks"] = set()
+    app["started"] = time.time()
+    for path in ASSETS:
+        app.router.add_get(path, _asset)
+    app.router.add_get("/api/slots", _slots)
+    app.router.add_get("/api/stream", _stream)
+    app.router.add_get("/api/events", _events)
+    app.router.add_get("/api/records", _records)
+    app.router.add_post("/api/slots/{label}/identify", _identify)
+    app.router.add_post("/api/stop", _stop)
+    app.router.add_get("/metrics", _metrics)
+    return app

@@ -1,0 +1,169 @@
+"""The station's journal: one SQLite row per drive, written when it starts and when it ends.
+
+"What exactly went onto stick 37 last Tuesday?"  The standard library's sqlite3 in WAL mode
+with ``synchronous=FULL``: a row is on disk when the call returns, so a crash or a power cut
+loses no finished record.  A row starts ``in-flight``; the next start of a station marks the
+rows a crash left in flight ``interrupted`` (counted failed).  The columns are the report's
+(:data:`popsicle_py.report.FIELDS`) plus who, where and which batch.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import sqlite3
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from popsicle_py.report import FIELDS, iso
+
+#: The result of a row whose drive is being written.
+IN_FLIGHT = "in-flight"
+#: A row left in flight by a station that died (SIGKILL, power cut): counted failed.
+INTERRUPTED = "interrupted"
+#: Who wrote it, where, in which batch; then the report's fields.
+COLUMNS = ("id", "session", "station", "batch", "operator", "slot", *FIELDS)
+_INTEGERS = {"id", "seq", "capacity", "bytes_written", "bytes_skipped", "write_speed",
+             "verify_speed", "first_bad_offset"}
+
+_SCHEMA = ("CREATE TABLE IF NOT EXISTS records ("
+           + ", ".join(f"{c} INTEGER" + (" PRIMARY KEY" if c == "id" else "")
+                       if c in _INTEGERS or c == "verified" else f"{c} TEXT"
+                       for c in COLUMNS)
+           + ")")
+
+
+class JournalError(Exception):
+    """The journal cannot be used; one line for the user (exit 2, nothing written)."""
+
+
+def default_path() -> str:
+    """/var/lib/popsicle-py for root, else $XDG_DATA_HOME/popsicle-py (~/.local/share)."""
+    return os.path.join(data_dir(), "journal.sqlite")
+
+
+def data_dir() -> str:
+    if os.geteuid() == 0:
+        return "/var/lib/popsicle-py"
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"),
+                                                           ".local", "share")
+    return os.path.join(base, "popsicle-py")
+
+
+def connect(path: str, *, create: bool) -> sqlite3.Connection:
+    """A connection in WAL mode, every commit synced (``synchronous=FULL``)."""
+    if not create and not os.path.exists(path):
+        raise JournalError(f"--journal {path}: no such file")
+    try:
+        if create:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        db = sqlite3.connect(path, timeout=10, isolation_level=None, check_same_thread=False)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")
+        if create:
+            db.execute(_SCHEMA)
+        db.execute("SELECT count(*) FROM records").fetchone()
+    except (OSError, sqlite3.Error) as exc:
+        raise JournalError(f"--journal {path}: {getattr(exc, 'strerror', None) or exc}"
+                           ) from None
+    return db
+
+
+def _row(cursor: sqlite3.Cursor, values: tuple[Any, ...]) -> dict[str, Any]:
+    data = {d[0]: v for d, v in zip(cursor.description, values, strict=True)}
+    if "verified" in data and data["verified"] is not None:
+        data["verified"] = bool(data["verified"])
+    return data
+
+
+class Journal:
+    """Rows written by the station's session thread; read by anyone (WAL: readers never wait)."""
+
+    def __init__(self, path: str, *, station: str, session: str, batch: str = "",
+                 operator: str = "", clock: Any = time.time) -> None:
+        self.path = path
+        self.db = connect(path, create=True)
+        self.station, self.session = station, session
+        self.batch, self.operator = batch, operator
+        self.clock = clock
+
+    def close(self) -> None:
+        self.db.close()
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.db
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+
+    def recover(self) -> int:
+        """Mark the rows a dead station left in flight interrupted; how many there were."""
+        with self._write() as db:
+            cur = db.execute("UPDATE records SET result = ?, ended = ?, error = ? "
+                             "WHERE result = ?",
+                             (INTERRUPTED, iso(self.clock()),
+                              "the station stopped while this drive was being written",
+                              IN_FLIGHT))
+        return cur.rowcount
+
+    def start(self, slot: str, fields: dict[str, Any]) -> int:
+        """A drive starts: its row, in flight; returns the row's id."""
+        data = {k: fields.get(k) for k in FIELDS}
+        data.update(session=self.session, station=self.station, batch=self.batch,
+                    operator=self.operator, slot=slot, result=IN_FLIGHT,
+                    started=iso(self.clock()))
+        names = list(data)
+        with self._write() as db:
+            cur = db.execute(f"INSERT INTO records ({', '.join(names)}) VALUES "
+                             f"({', '.join('?' * len(names))})", [data[n] for n in names])
+        return int(cur.lastrowid or 0)
+
+    def finish(self, row: int, fields: dict[str, Any]) -> None:
+        """A drive ended: everything the report holds, over its row."""
+        data = {k: fields[k] for k in FIELDS if k in fields and k != "started"}
+        with self._write() as db:
+            db.execute(f"UPDATE records SET {', '.join(f'{k} = ?' for k in data)} "
+                       "WHERE id = ?", [*data.values(), row])
+
+
+def counts(db: sqlite3.Connection, batch: str | None) -> dict[str, int]:
+    """ok, failed (interrupted included) and total finished, of a batch (None: all)."""
+    where, args = ("WHERE batch = ?", (batch,)) if batch is not None else ("", ())
+    rows = db.execute(f"SELECT result, count(*) FROM records {where} GROUP BY result",
+                      args).fetchall()
+    ok = sum(n for r, n in rows if r == "ok")
+    failed = sum(n for r, n in rows if r not in ("ok", IN_FLIGHT, "cancelled"))
+    return {"ok": ok, "failed": failed, "total": ok + failed}
+
+
+def records(db: sqlite3.Connection, batch: str | None = None) -> list[dict[str, Any]]:
+    """Every row (of a batch), oldest first, as plain data."""
+    where, args = ("WHERE batch = ?", (batch,)) if batch is not None else ("", ())
+    cur = db.execute(f"SELECT {', '.join(COLUMNS)} FROM records {where} ORDER BY id", args)
+    return [_row(cur, values) for values in cur.fetchall()]
+
+
+def to_csv(found: list[dict[str, Any]]) -> str:
+    """Records as CSV with a header line (booleans as true/false, None as empty)."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    for row in found:
+        writer.writerow({k: "" if v is None else str(v).lower() if isinstance(v, bool)
+                         else v for k, v in row.items()})
+    return buf.getvalue()
+
+
+def read_records(path: str, batch: str | None = None) -> list[dict[str, Any]]:
+    db = connect(path, create=False)
+    try:
+        return records(db, batch)
+    finally:
+        db.close()

@@ -1,0 +1,101 @@
+"""Events in, journal rows out: a row when a drive starts, completed when it ends.
+
+Fed on the session's thread (the drives' threads only queue their events), before the page
+and the terminal see an event, so that a result anyone has seen is already on disk.  Which
+slot an event is about is decided once, here, by :class:`Tagger`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from popsicle_py import events, rows
+from popsicle_py.report import record
+from popsicle_py.station.journal import Journal
+from popsicle_py.station.slots import SlotMap
+
+
+@dataclass
+class Tagger:
+    """The slot of each event's drive: the map's label for its port (no map: the port path,
+    else the device name).  A device name is reused by the kernel; its slot is re-decided at
+    each ``drive_added``."""
+
+    slots: SlotMap | None
+    by_device: dict[str, str] = field(default_factory=dict)
+
+    def label_for(self, port: str | None, device: str) -> str | None:
+        if self.slots is not None:
+            return self.slots.label_of(port)
+        return port or device.rsplit("/", 1)[-1]
+
+    def slot(self, event: events.WatchEvent) -> str | None:
+        match event:
+            case events.DriveAdded(device=device, info=info):
+                label = self.label_for(info.port_path if info else None, device)
+                if label is None:
+                    self.by_device.pop(device, None)
+                else:
+                    self.by_device[device] = label
+                return label
+            case events.Phase(device=str(device)) | events.Progress(device=str(device)) | \
+                    events.Probed(device=device) | events.DriveRemoved(device=device):
+                return self.by_device.get(device)
+            case events.Result(result=r):
+                return self.by_device.get(r.device)
+        return None
+
+
+class Recorder:
+    """Feeds the journal: ``handle(event, slot)``."""
+
+    def __init__(self, journal: Journal, image: str, sha256: str, verify: bool,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.journal = journal
+        self.image, self.sha256, self.verify = image, sha256, verify
+        self.clock = clock
+        self.rows: dict[str, int] = {}  # device -> its row, while in flight
+        self.seqs: dict[str, int | None] = {}
+        self.trackers: dict[str, rows.DriveProgress] = {}
+        self.started: dict[str, float] = {}
+        self.done: set[tuple[str, int | None]] = set()
+
+    def handle(self, event: events.WatchEvent, slot: str | None) -> None:
+        now = self.clock()
+        match event:
+            case events.DriveAdded(device=device, eligible=True, info=info):
+                info = info or events.DriveInfo()
+                self.trackers[device] = rows.DriveProgress(verifies=self.verify)
+                self.started[device] = self.journal.clock()
+                self.seqs[device] = info.seq
+                self.rows[device] = self.journal.start(slot or "", {
+                    "seq": info.seq, "device": device, "port_path": info.port_path or "",
+                    "vendor": info.vendor, "model": info.model, "serial": info.serial,
+                    "capacity": info.size or None, "image": self.image.rsplit("/", 1)[-1],
+                    "image_sha256": self.sha256})
+            case events.Phase(device=str(device), phase=phase) if device in self.trackers:
+                if phase not in (events.Step.DONE, events.Step.FAILED):
+                    self.trackers[device].on_phase(phase, now)
+            case events.Progress(device=str(device), phase=phase, done=done, total=total) \
+                    if device in self.trackers:
+                self.trackers[device].on_progress(phase, done, total, now)
+            case events.Result(result=r):
+                self._finish(r, now)
+            case events.Summary(results=results):
+                for r in results:  # ended without a result event (cancelled early)
+                    self._finish(r, now)
+
+    def _finish(self, r: events.DriveResult, now: float) -> None:
+        key = (r.device, r.drive.seq if r.drive is not None else None)
+        row = self.rows.get(r.device)
+        if key in self.done or row is None or self.seqs.get(r.device) != key[1]:
+            return
+        tracker = self.trackers.pop(r.device)
+        tracker.on_end(r.status, now, r.bytes_written + r.bytes_skipped)
+        data = record(r, tracker, image=self.image, sha256=self.sha256,
+                      started=self.started.pop(r.device, None), ended=self.journal.clock())
+        self.journal.finish(row, data)
+        self.done.add(key)
+        del self.rows[r.device]

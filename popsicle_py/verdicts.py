@@ -1,0 +1,79 @@
+"""What a drive's result and a run's summary say, in the words a person reads.
+
+Shared by the views (plain lines, the live rows' table, the duplicator screen); plain functions
+over the result events.  ``ok_words`` is honest about what was checked: verified from the
+device, or only written.
+"""
+
+from __future__ import annotations
+
+from popsicle_py import events, progress, rows
+from popsicle_py.units import format_size
+
+
+def extras(r: events.DriveResult) -> str:
+    """What a result says beyond its status: bytes skipped, buckets repaired."""
+    parts = []
+    if r.bytes_skipped:
+        parts.append(f"{format_size(r.bytes_skipped)} already there")
+    if r.repaired:
+        parts.append(f"repaired {r.repaired} bucket{'s' if r.repaired != 1 else ''}")
+    return "".join(f", {p}" for p in parts)
+
+
+def ok_words(r: events.DriveResult) -> str:
+    """What an ok result means, honestly: verified from the device, or only written."""
+    if not r.bytes_written and not r.bytes_skipped:
+        return "matches the image" if r.verified else "nothing to write"
+    return "written and verified" if r.verified else "written (not verified)"
+
+
+def identity(r: events.DriveResult) -> str:
+    """`` [#2, port 1-1.2, serial 4C53...]``: which stick, when the job was told."""
+    d = r.drive
+    if d is None or not (d.port_path or d.serial):  # a loop device: its name says it all
+        return ""
+    parts = [f"#{d.seq}" if d.seq is not None else "",
+             f"port {d.port_path}" if d.port_path else "",
+             f"serial {d.serial}" if d.serial else ""]
+    shown = ", ".join(p for p in parts if p)
+    return f" [{shown}]" if shown else ""
+
+
+def result_line(r: events.DriveResult, speeds: str = "") -> str:
+    if r.ok:
+        flashed = r.bytes_written or r.bytes_skipped
+        what = ok_words(r)
+        if flashed:
+            what = f"{format_size(r.bytes_written)} {what}"
+        return f"{r.device}: ok ({what}{extras(r)}{speeds}){identity(r)}"
+    why = strip_device(r.error, r.device)
+    said = f": {why}" if why and why != r.status else ""  # not "cancelled: cancelled"
+    return f"{r.device}: {r.status}{said}{identity(r)}"
+
+
+def strip_device(text: str | None, device: str) -> str | None:
+    if text and text.startswith(device + ": "):
+        return text[len(device) + 2 :]
+    return text
+
+
+def summary_line(summary: events.Summary) -> str:
+    good = sum(r.ok for r in summary.results)
+    total = len(summary.results)
+    if not total:
+        return "cancelled: no drive was written" if summary.cancelled else "no drive was written"
+    if summary.ok:
+        return f"done: {good} of {total} drives ok"
+    if summary.cancelled:
+        return f"cancelled: {good} of {total} drives ok"
+    return f"finished with problems: {good} of {total} drives ok"
+
+
+def speeds(tracker: progress.DriveProgress | None) -> str:
+    if tracker is None:
+        return ""
+    parts = [f"write {rows.format_speed(tracker.write_speed)}" if tracker.write_speed else "",
+             f"verify {rows.format_speed(tracker.verify_speed)}" if tracker.verify_speed
+             else ""]
+    return "".join(f", {p}" for p in parts if p)

@@ -1,0 +1,188 @@
+"""``popsicle-py station`` under umockdev: slots, the journal across a SIGKILL, the API.
+
+Each test plugs sticks into an umockdev testbed (real "add"/"remove" uevents, as the watch
+tests do) through tests/station_driver.py, waits on the station's own JSON events, and reads
+the bytes on the sticks, the journal (``popsicle-py records``) and the HTTP API.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import popsicle_cmd
+from station_rig import MiB, Rig, slot_map
+from test_watch import Stick, needs_testbed
+
+pytestmark = [needs_testbed, pytest.mark.umockdev]
+
+
+@pytest.fixture
+def rig(tmp_path: Path) -> Iterator[Rig]:
+    with Rig(tmp_path / "rig") as rig:
+        yield rig
+
+
+def image(tmp_path: Path, size: int) -> tuple[Path, bytes]:
+    data = os.urandom(size)
+    path = tmp_path / "image.img"
+    path.write_bytes(data)
+    return path, data
+
+
+def records(journal: Path, *args: str) -> list[dict[str, object]]:
+    done = subprocess.run([*popsicle_cmd(), "records", "--journal", str(journal), "--json",
+                           *args], capture_output=True, text=True, check=True)
+    return json.loads(done.stdout)  # type: ignore[no-any-return]
+
+
+def test_sigkill_mid_batch_loses_no_finished_record_and_the_drive_in_flight_is_interrupted(
+        rig: Rig, tmp_path: Path) -> None:
+    data = image(tmp_path, 48 * MiB + 512)[1]
+    path = tmp_path / "image.img"
+    first, second = Stick("c", 3, 64 * MiB), Stick("d", 5, 128 * MiB)
+    slots = slot_map(tmp_path / "slots.toml", {"A1": 3, "A2": 5})
+    journal = tmp_path / "journal.sqlite"
+    args = [str(path), "--yes", "--slots", str(slots), "--journal", str(journal),
+            "--listen", "127.0.0.1:0", "--batch", "b1", "--operator", "ada", "--name", "bench",
+            "--no-power-off"]
+    rig.start(args)
+    token_file = tmp_path / "station.token"
+    assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
+    assert token_file.read_text().strip() == rig.token
+
+    rig.add(first.description)
+    ok = rig.wait(event="result", device=first.dev)
+    assert ok["status"] == "ok" and ok["slot"] == "A1"
+    # identify: read for a few seconds, the slot highlighted; POSTs need the token.
+    assert rig.post("/api/slots/A1/identify", token=None)[0] == 401
+    assert rig.post("/api/slots/Z9/identify")[0] == 404
+    assert rig.post("/api/slots/A1/identify") == (202, {"slot": "A1", "reading": True,
+                                                        "seconds": 4.0})
+    assert [s["identify"] for s in rig.get("/api/slots")["slots"]] == [True, False]
+    rig.add(second.description)
+    rig.wait(event="progress", device=second.dev, phase="writing")
+    assert rig.kill() == -9
+
+    rows = records(journal)
+    assert [(r["slot"], r["device"], r["result"]) for r in rows] == [
+        ("A1", first.dev, "ok"), ("A2", second.dev, "in-flight")]
+    done = rows[0]
+    assert done["verified"] is True and done["bytes_written"] == len(data)
+    assert (done["batch"], done["operator"], done["station"]) == ("b1", "ada", "bench")
+    assert done["serial"] == "4C530001231105110003" and done["port_path"] == "1-3"
+    assert done["image_sha256"] and len(str(done["image_sha256"])) == 64
+    assert rig.read(first.dev)[: len(data)] == data  # type: ignore[index]
+
+    # The next start marks the row interrupted, counts it failed, keeps the finished one.
+    rig.start(args)
+    note = [e for e in rig.events() if e.get("event") == "note" and "interrupted" in e["text"]]
+    assert note and note[-1]["text"].startswith("journal: 1 drive(s) left in flight")
+    slots_state = rig.get("/api/slots")
+    assert slots_state["counters"] | {"in_flight": 0} == {
+        "ok": 1, "failed": 1, "total": 2, "in_flight": 0, "target": None}
+    assert [s["label"] for s in slots_state["slots"]] == ["A1", "A2"]
+    rows = records(journal, "--batch", "b1")
+    assert [r["result"] for r in rows] == ["ok", "interrupted"]
+    assert "stopped while this drive was being written" in str(rows[1]["error"])
+    assert records(journal, "--batch", "other") == []
+    api_rows = rig.get("/api/records?batch=b1")
+    assert [r["result"] for r in api_rows] == ["ok", "interrupted"]
+    csv_text = rig.get("/api/records?format=csv")
+    assert csv_text.splitlines()[0].startswith("id,session,station,batch,operator,slot,seq")
+    assert ",ok,true," in csv_text.splitlines()[1]
+
+    # POSTs need the token; with it, stop ends the station with 0.
+    assert rig.post("/api/stop", token=None)[0] == 401
+    assert rig.post("/api/stop", token="wrong")[0] == 401
+    assert rig.post("/api/stop") == (202, {"stopping": True})
+    assert rig.wait_exit() == 0
+
+
+def test_a_stick_on_an_unmapped_port_is_announced_and_never_opened(
+        rig: Rig, tmp_path: Path) -> None:
+    path, data = image(tmp_path, 1 * MiB)
+    mapped, stray = Stick("c", 3), Stick("d", 5)
+    slots = slot_map(tmp_path / "slots.toml", {"1": 3})
+    heard = tmp_path / "hook.txt"
+    hook = f"sh -c 'echo \"$POPSICLE_SLOT $POPSICLE_RESULT $POPSICLE_SERIAL\" >> {heard}'"
+    rig.start([str(path), "--yes", "--slots", str(slots), "--journal",
+               str(tmp_path / "j.sqlite"), "--listen", "127.0.0.1:0", "--count", "1",
+               "--hook", hook])
+    rig.add(stray.description)
+    added = rig.wait(event="drive_added", device=stray.dev)
+    assert added["eligible"] is False and added["slot"] is None
+    assert added["reason"] == "not in a slot: port 1-5 is not in the slot map"
+    others = rig.get("/api/slots")["others"]
+    assert [(o["device"], o["port"]) for o in others] == [(stray.dev, "1-5")]
+    rig.add(mapped.description)
+    rig.wait(event="result", device=mapped.dev, status="ok", slot="1")
+    assert rig.wait_exit() == 0
+    assert rig.read(stray.dev) == b"", "the stick on an unmapped port was written"
+    assert not [e for e in rig.events() if e.get("event") == "phase"
+                and e.get("device") == stray.dev]
+    assert rig.read(mapped.dev)[: len(data)] == data  # type: ignore[index]
+    assert heard.read_text() == "1 ok 4C530001231105110003\n"  # the hook, once, for slot 1
+
+
+def test_learn_slots_takes_the_port_of_each_stick_in_turn(rig: Rig, tmp_path: Path) -> None:
+    out = tmp_path / "learned.toml"
+    rig.cursor = len(rig.lines)
+    rig.command({"start": {"cmd": [*popsicle_cmd(), "slots", str(out), "--labels", "L,R"]}})
+    _wait_line(rig, "plug a stick into slot L")
+    rig.add(Stick("c", 3).description)
+    _wait_line(rig, "slot L: port 1-3")
+    rig.remove(Stick("c", 3).unplug)
+    rig.add(Stick("c", 3).description)  # the same port again
+    _wait_line(rig, "port 1-3 is slot L already")
+    rig.add(Stick("d", 7).description)
+    _wait_line(rig, "wrote 2 slot(s)")
+    assert rig.wait_exit() == 0
+    assert out.read_text().count("[[slot]]") == 2
+    assert 'label = "L"\nport = "1-3"' in out.read_text()
+    assert 'label = "R"\nport = "1-7"' in out.read_text()
+    assert rig.read("/dev/sdc") == b"" and rig.read("/dev/sdd") == b""
+
+
+def _wait_line(rig: Rig, text: str) -> None:
+    import time
+
+    deadline = time.monotonic() + 30
+    with rig.cond:
+        while not any(text in line for line in rig.lines[rig.cursor:]):
+            left = deadline - time.monotonic()
+            assert left > 0, (text, rig.lines[rig.cursor:])
+            rig.cond.wait(left)
+
+
+def test_stop_finishes_the_drive_being_written_and_takes_no_new_one(
+        rig: Rig, tmp_path: Path) -> None:
+    from faulty import FaultyFile, faulty_files
+
+    data = os.urandom(6 * MiB)
+    with faulty_files() as made:
+        # The image crawls (a FUSE file): the drive is still being written when stop comes.
+        source = FaultyFile(len(data), content=data, faults={"crawl": (0, 4 * MiB)})
+        made.append(source)
+        writing, late = Stick("c", 3), Stick("d", 5)
+        rig.start([source.file, "--yes", "--force", "--journal", str(tmp_path / "j.sqlite"),
+                   "--listen", "127.0.0.1:0", "--no-power-off"])
+        rig.add(writing.description)
+        rig.wait(event="progress", device=writing.dev, phase="writing")
+        assert rig.post("/api/stop") == (202, {"stopping": True})
+        assert rig.get("/api/slots")["stopping"] is True
+        rig.add(late.description)
+        added = rig.wait(event="drive_added", device=late.dev)
+        assert added["eligible"] is False
+        assert added["reason"] == "stopping: no new drive is written"
+        result = rig.wait(event="result", device=writing.dev)
+        assert result["status"] == "ok" and result["verified"] is True
+        assert rig.wait_exit() == 0
+    assert rig.read(writing.dev)[: len(data)] == data  # type: ignore[index]
+    assert rig.read(late.dev) == b""
+    assert [r["result"] for r in records(tmp_path / "j.sqlite")] == ["ok"]

@@ -1,0 +1,249 @@
+"""The station's parts without a testbed: the slot map, the hub between the session's thread
+and the server's loop, the board, and the refusals (exit 2, one line, nothing written)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from conftest import popsicle_cmd
+
+from popsicle_py import events
+from popsicle_py.station import slots
+from popsicle_py.station.board import Board
+from popsicle_py.station.hub import Hub
+
+MiB = 1 << 20
+
+
+def test_a_slot_map_reads_back_what_it_wrote_in_order() -> None:
+    written = [slots.Slot("10", "1-1.4"), slots.Slot("2", "1-1.2"), slots.Slot("A3", "3-2")]
+    read = slots.parse(slots.dump(written))
+    assert list(read.slots) == written
+    assert read.labels == ("10", "2", "A3")
+    assert read.label_of("1-1.2") == "2" and read.label_of("1-9") is None
+    assert read.label_of(None) is None
+
+
+@pytest.mark.parametrize(("text", "words"), [
+    ("", "no [[slot]] entries"),
+    ("[[slot]]\nlabel = 'a b'\nport = '1-2'\n", "the label must be"),
+    ("[[slot]]\nlabel = '1'\nport = 'sdb'\n", "the port must be a USB port path"),
+    ("[[slot]]\nlabel = '1'\nport = '1-2'\n[[slot]]\nlabel = '1'\nport = '1-3'\n",
+     "the label '1' is used twice"),
+    ("[[slot]]\nlabel = '1'\nport = '1-2'\n[[slot]]\nlabel = '2'\nport = '1-2'\n",
+     "slots 1 and 2 have the same port 1-2"),
+    ("[[slot]\n", "not valid TOML"),
+])
+def test_a_bad_slot_map_says_what_is_wrong(text: str, words: str) -> None:
+    with pytest.raises(slots.SlotMapError, match=words.replace("[", r"\[")):
+        slots.parse(text)
+
+
+def test_learn_labels() -> None:
+    assert slots.learn_labels(3, None) == ("1", "2", "3")
+    assert slots.learn_labels(None, "A1, A2,B1") == ("A1", "A2", "B1")
+    with pytest.raises(slots.SlotMapError):
+        slots.learn_labels(None, None)
+    with pytest.raises(slots.SlotMapError, match="twice"):
+        slots.learn_labels(None, "A,A")
+
+
+def _board() -> Board:
+    return Board.with_slots(("1", "2"), image={"name": "x", "size": 1, "sha256": ""},
+                            station={"name": "s", "id": "i", "started": 0.0})
+
+
+def test_the_hub_never_waits_and_merges_progress_but_drops_no_result() -> None:
+    """The session's thread posts while the loop is busy (not running at all here): the
+    queue holds one progress per drive plus every other event, and each post is quick."""
+    hub = Hub(_board())
+    loop = asyncio.new_event_loop()
+    try:
+        hub.attach(loop)
+        info = events.DriveInfo(1, "1-1")
+        hub.post(events.DriveAdded("/dev/sdb", "stick", MiB, True, None, info), "1")
+        hub.post(events.Phase("/dev/sdb", events.Step.WRITING), "1")
+        slowest = 0.0
+        for n in range(20000):
+            start = time.perf_counter()
+            hub.post(events.Progress("/dev/sdb", events.Step.WRITING, n, 20000), "1")
+            slowest = max(slowest, time.perf_counter() - start)
+        hub.post(events.Result(events.DriveResult("/dev/sdb", events.Status.OK, MiB,
+                                                  verified=True)), "1")
+        assert len(hub._pending) == 4  # added, phase, one progress, result
+        assert slowest < 0.05
+        loop.call_soon(loop.stop)
+        loop.run_forever()  # the flush scheduled by the first post
+    finally:
+        loop.close()
+    state = hub.board.snapshot(time.monotonic())
+    assert state["slots"][0]["state"] == "done" and state["counters"]["ok"] == 1
+    # The loop closed: a post still returns (the drives go on without the page).
+    hub.post(events.Note("late"), None)
+
+
+def test_posting_from_many_threads_keeps_each_drives_order() -> None:
+    hub = Hub(_board())
+    loop = asyncio.new_event_loop()
+    hub.attach(loop)
+    threading.Thread(target=loop.run_forever, daemon=True).start()
+    try:
+        def drive(n: int) -> None:
+            device = f"/dev/sd{chr(98 + n)}"
+            hub.post(events.DriveAdded(device, "s", MiB, True, None,
+                                       events.DriveInfo(n, f"1-{n}")), str(n % 2 + 1))
+            for step in (events.Step.WRITING, events.Step.VERIFYING):
+                hub.post(events.Phase(device, step), str(n % 2 + 1))
+                for k in range(500):
+                    hub.post(events.Progress(device, step, k, 500), str(n % 2 + 1))
+        threads = [threading.Thread(target=drive, args=(n,)) for n in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        done = threading.Event()
+        loop.call_soon_threadsafe(done.set)
+        assert done.wait(5)
+        states = {s["label"]: s["state"] for s in hub.board.snapshot(0)["slots"]}
+        assert states == {"1": "verifying", "2": "verifying"}
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+
+
+def _station(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    image = tmp_path / "image.img"
+    image.write_bytes(b"\0" * MiB)
+    return subprocess.run([*popsicle_cmd(), "station", str(image), "--yes", "--journal",
+                           str(tmp_path / "j.sqlite"), *args], capture_output=True, text=True,
+                          timeout=60, stdin=subprocess.DEVNULL, check=False)
+
+
+def test_a_bad_slot_map_is_refused_before_anything(tmp_path: Path) -> None:
+    bad = tmp_path / "slots.toml"
+    bad.write_text("[[slot]]\nlabel = '1'\nport = 'usb'\n")
+    done = _station(tmp_path, "--slots", str(bad))
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        f"popsicle-py: --slots {bad}: slot 1: the port must be a USB port path such as "
+        "1-1.2 (got 'usb')"]
+    assert done.stdout == ""
+
+
+def test_a_port_in_use_or_a_bad_listen_is_refused(tmp_path: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        done = _station(tmp_path, "--listen", f"127.0.0.1:{port}")
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().endswith(f"--listen 127.0.0.1:{port}: Address already in use")
+    done = _station(tmp_path, "--listen", "127.0.0.1:http")
+    assert done.returncode == 2
+    assert "the port must be a number" in done.stderr
+
+
+def test_a_hook_that_cannot_be_split_is_refused(tmp_path: Path) -> None:
+    done = _station(tmp_path, "--hook", "say 'unclosed")
+    assert done.returncode == 2
+    assert done.stderr == "popsicle-py: --hook \"say 'unclosed\": No closing quotation\n"
+
+
+def test_records_of_a_missing_journal_is_one_line(tmp_path: Path) -> None:
+    done = subprocess.run([*popsicle_cmd(), "records", "--journal", str(tmp_path / "no.db")],
+                          capture_output=True, text=True, check=False)
+    assert done.returncode == 2
+    assert done.stderr == f"popsicle-py: --journal {tmp_path / 'no.db'}: no such file\n"
+
+
+def test_the_server_serves_only_its_assets_and_bounds_requests(tmp_path: Path) -> None:
+    """In-process: the page's three files, nothing else; a large body is refused."""
+    import http.client
+
+    from popsicle_py.station.api import Station
+    from popsicle_py.station.journal import Journal
+    from popsicle_py.station.server import Server, bind, url_of
+
+    journal = tmp_path / "j.sqlite"
+    Journal(str(journal), station="s", session="x").close()
+    sock = bind("127.0.0.1", 0)
+    server = Server(Station(Hub(_board()), "secret", str(journal), threading.Event()), sock)
+    server.start()
+    try:
+        host, port = sock.getsockname()[:2]
+
+        def ask(method: str, path: str, body: bytes = b"",
+                token: str | None = None) -> tuple[int, bytes]:
+            conn = http.client.HTTPConnection(host, port, timeout=10)
+            headers = {"Authorization": f"Bearer {token}"} if token else {}
+            conn.request(method, path, body=body, headers=headers)
+            response = conn.getresponse()
+            return response.status, response.read()
+
+        assert ask("GET", "/")[0] == 200
+        assert b"EventSource" in ask("GET", "/static/app.js")[1]
+        for path in ("/static/../api/slots", "/static/x.js", "/etc/passwd", "/static/"):
+            assert ask("GET", path)[0] == 404, path
+        assert ask("POST", "/api/stop", b"x" * 100_000, token="secret")[0] == 413
+        assert ask("POST", "/api/stop", token="secrets")[0] == 401
+        assert ask("GET", "/api/records")[1] == b"[]"
+        assert url_of(sock) == f"http://127.0.0.1:{port}/"
+    finally:
+        server.stop()
+
+
+def test_records_exports_the_journal_as_text_csv_and_json(tmp_path: Path) -> None:
+    from popsicle_py.station.journal import Journal
+
+    path = tmp_path / "j.sqlite"
+    journal = Journal(str(path), station="bench", session="s1", batch="b1", operator="ada",
+                      clock=lambda: 1_800_000_000.0)
+    row = journal.start("A1", {"seq": 1, "device": "/dev/sdb", "serial": "SN1",
+                               "vendor": "SanDisk", "model": "Cruzer"})
+    journal.finish(row, {"result": "ok", "verified": True, "bytes_written": MiB,
+                         "ended": "2027-01-15T08:00:00Z", "error": ""})
+    journal.start("A2", {"seq": 2, "device": "/dev/sdc", "serial": "SN2"})
+    journal.close()
+
+    def records(*args: str) -> str:
+        return subprocess.run([*popsicle_cmd(), "records", "--journal", str(path), *args],
+                              capture_output=True, text=True, check=True).stdout
+
+    assert records().splitlines() == [
+        "    1  2027-01-15T08:00:00Z  slot A1  ok           SanDisk Cruzer SN1",
+        "    2  2027-01-15T08:00:00Z  slot A2  in-flight    SN2"]
+    rows = json.loads(records("--json", "--batch", "b1"))
+    assert [(r["slot"], r["result"], r["verified"]) for r in rows] == [
+        ("A1", "ok", True), ("A2", "in-flight", None)]
+    lines = records("--csv").splitlines()
+    assert lines[0].split(",")[:6] == ["id", "session", "station", "batch", "operator", "slot"]
+    assert ",ok,true," in lines[1] and len(lines) == 3
+    assert records("--json", "--batch", "none") == "[]\n"
+
+
+def test_the_terminal_says_each_drives_slot() -> None:
+    import io
+
+    from popsicle_py.station.view import SlotJsonView, SlotPlainView
+
+    out = io.StringIO()
+    plain = SlotPlainView(out)
+    info = events.DriveInfo(1, "1-3", "SanDisk", "Cruzer Blade", "SN", 64 * MiB)
+    plain.handle(events.DriveAdded("/dev/sdc", "SanDisk Cruzer Blade", 64 * MiB, True, None,
+                                   info), "A3")
+    plain.handle(events.Note("a note for everyone"), None)
+    plain.handle(events.DriveRemoved("/dev/sdc"), "A3")
+    lines = out.getvalue().splitlines()
+    assert lines[0].startswith("[slot A3] /dev/sdc: added")
+    assert lines[1] == "a note for everyone"
+    assert lines[2] == "[slot A3] /dev/sdc: removed"
+    out = io.StringIO()
+    SlotJsonView(out).handle(events.DriveRemoved("/dev/sdc"), "A3")
+    assert json.loads(out.getvalue()) == {"event": "drive_removed", "device": "/dev/sdc",
+                                          "slot": "A3"}

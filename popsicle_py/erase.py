@@ -35,6 +35,7 @@ from xxhash import xxh3_128_digest
 
 from popsicle_py.blockdev import BlockDevice, drop_cache, first_difference, read_at, write_at
 from popsicle_py.buffers import aligned_buffer
+from popsicle_py.fsmap import parse_partx
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -185,15 +186,6 @@ def old_partitions(device: BlockDevice) -> list[tuple[int, int]]:
     except OSError:
         return []  # no table it can read: nothing to wipe inside
     return parse_partx(text)
-
-
-def parse_partx(text: str) -> list[tuple[int, int]]:
-    found = []
-    for line in text.splitlines():
-        fields = line.split()
-        if len(fields) == 2 and fields[0].isdigit() and fields[1].isdigit():
-            found.append((int(fields[0]) * 512, int(fields[1]) * 512))
-    return found
 
 
 def partition_ranges(parts: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:

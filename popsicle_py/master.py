@@ -197,8 +197,8 @@ def refusals(path: str) -> list[str]:
 
 @dataclass(frozen=True)
 class Counters:
-    """What changes when a drive is written: the kernel's write counters (``stat``: writes,
-    sectors written, discards) and, for a loop device, its backing file's size and mtime."""
+    """What changes when a drive is written: the kernel's counters of sectors written and
+    discarded, and, for a loop device, its backing file's size and mtime."""
 
     writes: tuple[int, ...]
     backing: tuple[int, int] | None = None
@@ -214,10 +214,11 @@ def change(before: Counters, after: Counters) -> str | None:
 
 
 def counters(path: str) -> Counters:
-    """The drive's write counters now (``/sys/dev/block/M:m/stat`` fields 5-7 and 12-14)."""
+    """The drive's sectors written and discarded now (``/sys/dev/block/M:m/stat`` fields 7
+    and 14; not the request counts, which an empty cache flush, as from ``blkid``, raises)."""
     devnum = os.stat(path).st_rdev
     fields = (sysfs.attr(devnum, "stat") or "").split()
-    writes = tuple(int(fields[i]) for i in (4, 6, 11, 13) if i < len(fields))
+    writes = tuple(int(fields[i]) for i in (6, 13) if i < len(fields))
     backing = None
     name = sysfs.attr(devnum, "loop/backing_file")
     if name:

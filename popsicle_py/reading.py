@@ -145,11 +145,14 @@ def encoder(fmt: str, sink: Sink, size: int) -> Encoder:
 
 
 class Mapper:
-    """Follows the drive's bytes block by block: runs of blocks that are not all zero become
-    ranges of the map, each with the SHA-256 of its bytes (bmaptool's format 2.0)."""
+    """Follows the drive's bytes block by block: runs of blocks that are not all zero (and not
+    free in a file system, see :mod:`popsicle_py.fsmap`) become ranges of the map, each with
+    the SHA-256 of its bytes (bmaptool's format 2.0)."""
 
-    def __init__(self, block: int = BMAP_BLOCK) -> None:
+    def __init__(self, block: int = BMAP_BLOCK, free: bytearray | None = None) -> None:
         self.block = block
+        #: One byte per block, 1 where a file system says the block is free (left out).
+        self.free = free
         self.zero = bytes(block)
         self.ranges: list[tuple[int, int, str]] = []  # first block, last block, sha256
         self._first: int | None = None
@@ -165,16 +168,17 @@ class Mapper:
             self._close(offset // block - 1)
             return
         run = 0  # start (in data) of the bytes not yet hashed
+        free = self.free
         for start in range(0, len(data), block):
             piece = data[start:start + block]
-            if piece != self.zero[: len(piece)]:
+            index = (offset + start) // block
+            if piece != self.zero[: len(piece)] and not (free and free[index]):
                 if self._first is None:
-                    self._first, self._hasher, run = (offset + start) // block, \
-                        hashlib.sha256(), start
+                    self._first, self._hasher, run = index, hashlib.sha256(), start
                 continue
             if self._first is not None:
                 self._hasher.update(data[run:start])
-                self._close((offset + start) // block - 1)
+                self._close(index - 1)
         if self._first is not None:
             self._hasher.update(data[run:])
 

@@ -21,7 +21,7 @@ import pytest
 from conftest import Loop, needs_root, popsicle_cmd
 from loopdev import attach, detach, write_mbr
 
-from popsicle_py import erase
+from popsicle_py import erase, fsmap
 
 MiB = 1 << 20
 PATTERN = 0x5A
@@ -213,6 +213,6 @@ def test_the_rules_on_plain_data() -> None:
         (0, MiB), (5 * MiB, 4096), (9 * MiB, MiB)]
     assert erase.parse_wipefs('{"signatures": [{"offset": "0x438", "type": "ext4"}]}') == [
         (0x438, "ext4")]
-    assert erase.parse_partx("2048 202752\n") == [(MiB, 202752 * 512)]
+    assert fsmap.parse_partx("2048 202752\n") == [(MiB, 202752 * 512)]
     assert erase.label_problem("exfat", "x" * 16) is not None
     assert erase.label_problem("fat32", "A/B") == "--label 'A/B': a FAT label cannot hold /"

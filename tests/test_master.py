@@ -45,10 +45,10 @@ def test_mountinfo_tells_read_write_from_read_only() -> None:
 
 
 def test_a_write_between_two_readings_is_a_change() -> None:
-    before = Counters((10, 80, 0, 0), (4096, 1))
+    before = Counters((80, 0), (4096, 1))
     assert master.change(before, before) is None
-    assert master.change(before, Counters((11, 88, 0, 0), (4096, 1))) == "it was written to"
-    assert master.change(before, Counters((10, 80, 0, 0), (4096, 2))) == (
+    assert master.change(before, Counters((88, 0), (4096, 1))) == "it was written to"
+    assert master.change(before, Counters((80, 0), (4096, 2))) == (
         "its backing file was written to")
 
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 from conftest import Loop, needs_root, popsicle_cmd
+from loopdev import write_mbr
 
 from popsicle_py import reading
 
@@ -116,6 +117,43 @@ def test_bmap_is_bmaptools_and_flash_uses_it(loop_factory: Callable[..., Loop],
         first, _, last = span.partition("-")
         start, end = int(first) * 4096, (int(last or first) + 1) * 4096
         assert written[start:end] == data[start:end]
+
+
+def test_bmap_leaves_out_the_free_blocks_of_a_clean_ext4(loop_factory: Callable[..., Loop],
+                                                         tmp_path: Path) -> None:
+    """Deleted data in free blocks is not copied, and the copy is still a sound file system."""
+    files = tmp_path / "files"
+    files.mkdir()
+    payload = os.urandom(2 * MiB)
+    (files / "data.bin").write_bytes(payload)
+    fs = tmp_path / "fs.img"
+    fs.write_bytes(os.urandom(60 * MiB))  # old bytes everywhere, as on a used stick
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-E", "nodiscard", "-d", str(files), str(fs)],
+                   check=True)
+    drive = loop_factory(64 * MiB)
+    write_mbr(str(drive.backing), [(2048, 60 * MiB // 512)])
+    with open(drive.backing, "r+b") as f:
+        f.seek(MiB)
+        f.write(fs.read_bytes())
+    subprocess.run(["blockdev", "--flushbufs", drive.path], check=True)
+    out = tmp_path / "stick.img.zst"
+    result = popsicle("read", drive.path, out, "--bmap")
+    assert result.returncode == 0, result.stderr
+    assert f"block map: the free blocks of ext4 at byte {MiB} are left out" in result.stdout
+    text = (tmp_path / "stick.img.bmap").read_text()
+    mapped = int(text.split("<MappedBlocksCount>")[1].split("<")[0])
+    assert 2 * MiB // 4096 < mapped < 12 * MiB // 4096, mapped  # not the 60 MiB of old bytes
+    copy = tmp_path / "copy.img"
+    copy.write_bytes(bytes([0x5A]) * drive.size)  # what the free blocks hold there: other
+    run = subprocess.run(["bmaptool", "copy", str(out), str(copy)], capture_output=True,
+                         text=True)
+    assert run.returncode == 0, run.stderr
+    where = f"{copy}?offset={MiB}"
+    check = subprocess.run(["e2fsck", "-fn", where], capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+    subprocess.run(["debugfs", "-R", f"dump /data.bin {tmp_path / 'back.bin'}", where],
+                   check=True, capture_output=True)
+    assert (tmp_path / "back.bin").read_bytes() == payload
 
 
 def test_an_existing_output_is_refused_unless_force(loop_factory: Callable[..., Loop],
@@ -253,6 +291,21 @@ def test_names_of_the_files_beside_output() -> None:
     assert reading.bmap_path_for("/x/disk.img.zst") == "/x/disk.img.bmap"
     assert reading.bmap_path_for("/x/disk.img") == "/x/disk.img.bmap"
     assert reading.sidecar_path_for("/x/disk.img.xz") == "/x/disk.img.xz.sha256"
+
+
+def test_dumpe2fs_is_trusted_only_for_a_clean_file_system() -> None:
+    from popsicle_py import fsmap
+
+    text = ("Filesystem features:      has_journal extent\nFilesystem state:         clean\n"
+            "Block size:               1024\nFree blocks:              9\n"
+            "Group 0: (Blocks 1-8192)\n  Free blocks: 10-12, 20\n"
+            "Group 1: (Blocks 8193-16384)\n  Free blocks: \n")
+    assert fsmap.parse_dumpe2fs(text) == (1024, [(10, 12), (20, 20)])
+    assert fsmap.parse_dumpe2fs(text.replace("state:         clean",
+                                             "state:         not clean")) is None
+    assert fsmap.parse_dumpe2fs(text.replace("extent", "extent needs_recovery")) is None
+    mask = fsmap.free_mask([(4096 + 1, 3 * 4096), (8 * 4096, 4096)], 10 * 4096, 4096)
+    assert list(mask) == [0, 0, 1, 1, 0, 0, 0, 0, 1, 0]  # only whole blocks
 
 
 def test_the_map_leaves_zero_blocks_out_and_hashes_each_range() -> None:

@@ -18,7 +18,7 @@ import stat
 import time
 from dataclasses import dataclass
 
-from popsicle_py import drives, events, master, reading
+from popsicle_py import drives, events, fsmap, master, reading
 from popsicle_py.app.access import require_access
 from popsicle_py.blockdev import failure
 from popsicle_py.defaults import DEFAULT_STALL_TIMEOUT
@@ -132,7 +132,14 @@ class PreparedRead:
         fd = _create(temps[0])
         try:
             sink = _GuardedSink(fd)
-            mapper = reading.Mapper() if self.request.bmap else None
+            mapper = None
+            if self.request.bmap:
+                free, used = fsmap.free_ranges(path, size)
+                mapper = reading.Mapper(free=fsmap.free_mask(free, size, reading.BMAP_BLOCK)
+                                        if free else None)
+                if used:
+                    view.handle(events.Note(f"block map: the free blocks of {', '.join(used)} "
+                                            "are left out"))
 
             def progress(done: int) -> None:
                 view.handle(events.Progress(path, events.Step.READING, done, size))

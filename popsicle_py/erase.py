@@ -29,11 +29,10 @@ import subprocess
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from xxhash import xxh3_128_digest
 
-from popsicle_py.blockdev import BlockDevice, drop_cache, first_difference, read_at, write_at
+from popsicle_py.blockdev import BlockDevice, Pacer, drop_cache, first_difference, read_at, write_at
 from popsicle_py.buffers import aligned_buffer
 from popsicle_py.fsmap import parse_partx
 
@@ -269,7 +268,7 @@ class NotErased(OSError):
 
 
 def fill(device: BlockDevice, ranges: Sequence[tuple[int, int]], source: Callable[[int, int],
-         memoryview], *, pacer: Any, stopped: Stopped, progress: Progress) -> None:
+         memoryview], *, pacer: Pacer, stopped: Stopped, progress: Progress) -> None:
     """Write ``source(offset, length)`` over each range, in chunks of :data:`CHUNK`."""
     for start, length in ranges:
         done = 0
@@ -283,7 +282,7 @@ def fill(device: BlockDevice, ranges: Sequence[tuple[int, int]], source: Callabl
 
 
 def check(device: BlockDevice, ranges: Sequence[tuple[int, int]], expected: Callable[
-          [int, int], memoryview], what: str, *, pacer: Any, stopped: Stopped,
+          [int, int], memoryview], what: str, *, pacer: Pacer, stopped: Stopped,
           progress: Progress) -> None:
     """Read each range back from the drive (O_DIRECT) and compare; raise :class:`NotErased`."""
     scratch = aligned_buffer(CHUNK)

@@ -10,15 +10,14 @@ from __future__ import annotations
 import errno
 import os
 import secrets
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from popsicle_py import blockdev, erase
 from popsicle_py.blockdev import BlockDevice
 from popsicle_py.buffers import aligned_buffer
 from popsicle_py.engine import Cancelled
-from popsicle_py.engine.supervisor import Lane, Supervisor
+from popsicle_py.engine.supervisor import CancelCheck, Lane, Supervisor
 from popsicle_py.events import Cause, DriveInfo, Note, Phase, Progress, Status, Step, Summary
 from popsicle_py.flash import Emit, _Job
 from popsicle_py.messages import BusWriterMessage
@@ -65,11 +64,14 @@ class _Finished:
     offset: int | None = None
 
 
+_Message = _Step | _Moved | _Said | _Finished | BusWriterMessage.Errored
+
+
 class EraseJob(_Job):
     """Erase every opened drive in parallel; each is verified as it goes."""
 
     def __init__(self, devices: Sequence[BlockDevice], options: EraseOptions, emit: Emit,
-                 cancel: Any, infos: Sequence[DriveInfo] = ()) -> None:
+                 cancel: CancelCheck, infos: Sequence[DriveInfo] = ()) -> None:
         super().__init__(devices, emit, cancel, infos)
         self.options = options
         self.verifies = True
@@ -94,7 +96,7 @@ class EraseJob(_Job):
             self._end(drive, Status.FAILED, f"{drive.path}: did not finish", cause=Cause.ERROR)
         return self._summary()
 
-    def _on_message(self, msg: Any) -> None:
+    def _on_message(self, msg: _Message) -> None:
         drive = self.drives[msg.id]
         match msg:
             case _Step(step=step):
@@ -134,7 +136,7 @@ class EraseJob(_Job):
         def stopped() -> bool:
             return lane.stopped
 
-        def moved(step: Step, total: int) -> Any:
+        def moved(step: Step, total: int) -> Callable[[int], None]:
             count = [0]
 
             def progress(n: int) -> None:

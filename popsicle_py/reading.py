@@ -21,10 +21,12 @@ import time
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import IO, Any, Protocol, cast
+from typing import IO, Protocol, cast
 
-from popsicle_py.blockdev import Pacer, read_at
+from popsicle_py.blockdev import BlockDevice, Pacer, read_at
 from popsicle_py.buffers import aligned_buffer
+from popsicle_py.errors import Stalled
+from popsicle_py.images.checksums import Hasher
 
 #: Compression by OUTPUT's suffix; anything else is written raw.
 SUFFIXES = {".zst": "zstd", ".xz": "xz", ".gz": "gzip"}
@@ -63,7 +65,7 @@ class Sink:
         self.hasher = hashlib.sha256()
         self.written = 0
 
-    def write(self, data: Any) -> int:
+    def write(self, data: bytes | memoryview) -> int:
         view = memoryview(data).cast("B")
         self.hasher.update(view)
         done = 0
@@ -113,10 +115,18 @@ class _Zstd:
         self.writer.close()  # type: ignore[no-untyped-call]
 
 
+class Compressor(Protocol):
+    """What lzma's and zlib's compressor objects share."""
+
+    def compress(self, data: memoryview, /) -> bytes: ...
+
+    def flush(self) -> bytes: ...
+
+
 class _Streaming:
     """xz or gzip through the standard library's compressor objects."""
 
-    def __init__(self, sink: Sink, compressor: Any) -> None:
+    def __init__(self, sink: Sink, compressor: Compressor) -> None:
         self.sink = sink
         self.compressor = compressor
 
@@ -156,7 +166,7 @@ class Mapper:
         self.zero = bytes(block)
         self.ranges: list[tuple[int, int, str]] = []  # first block, last block, sha256
         self._first: int | None = None
-        self._hasher: Any = None
+        self._hasher: Hasher = hashlib.sha256()  # of the range open (when _first is set)
         self._zeros = b""
 
     def feed(self, offset: int, data: memoryview) -> None:
@@ -185,7 +195,7 @@ class Mapper:
     def _close(self, last: int) -> None:
         if self._first is not None:
             self.ranges.append((self._first, last, self._hasher.hexdigest()))
-            self._first, self._hasher = None, None
+            self._first = None
 
     def finish(self, size: int) -> list[tuple[int, int, str]]:
         self._close(-(-size // self.block) - 1)
@@ -214,11 +224,6 @@ def render_bmap(size: int, block: int, ranges: list[tuple[int, int, str]]) -> st
 # Reading the drive
 
 
-class Stalled(OSError):
-    def __init__(self, seconds: float) -> None:
-        super().__init__(errno.ETIMEDOUT, f"stalled: no data from the drive for {seconds:g} s")
-
-
 @dataclass(frozen=True)
 class Read:
     """What was read and written: the drive's bytes, OUTPUT's bytes and SHA-256."""
@@ -228,14 +233,15 @@ class Read:
     sha256: str
 
 
-def read_drive(device: Any, size: int, enc: Encoder, sink: Sink, *,
+def read_drive(device: BlockDevice, size: int, enc: Encoder, sink: Sink, *,
                mapper: Mapper | None = None, bucket: int = DEFAULT_BUCKET,
                progress: Callable[[int], None] = lambda n: None,
                stopped: Callable[[], bool] = lambda: False,
                stall_timeout: float | None = 60.0) -> Read | None:
     """Read ``size`` bytes of ``device`` once, in order, into ``enc``; None when stopped.
 
-    Raises the drive's OSError, :class:`Stalled`, or the output's OSError (ENOSPC...).
+    Raises the drive's OSError, :class:`~popsicle_py.errors.Stalled`, or the output's
+    OSError (ENOSPC...).
     """
     free: queue.Queue[int] = queue.Queue()
     full: queue.Queue[tuple[int, int, int] | BaseException | None] = queue.Queue()
@@ -275,7 +281,8 @@ def read_drive(device: Any, size: int, enc: Encoder, sink: Sink, *,
                 item = full.get(timeout=0.25)
             except queue.Empty:
                 if stall_timeout is not None and time.monotonic() - last >= stall_timeout:
-                    raise Stalled(stall_timeout) from None
+                    raise Stalled(f"stalled: no data from the drive for {stall_timeout:g} s"
+                                  ) from None
                 continue
             last = time.monotonic()
             if item is None:

@@ -20,10 +20,11 @@ from dataclasses import dataclass
 
 from popsicle_py import drives, events, fsmap, master, reading
 from popsicle_py.app.access import require_access
-from popsicle_py.blockdev import failure
+from popsicle_py.blockdev import BlockDevice
 from popsicle_py.defaults import DEFAULT_STALL_TIMEOUT
 from popsicle_py.drives import Drive
 from popsicle_py.errors import Refused
+from popsicle_py.failures import failure
 from popsicle_py.flash import open_targets
 from popsicle_py.ports import drive_info
 from popsicle_py.protocols import View
@@ -126,7 +127,7 @@ class PreparedRead:
         view.close()
         return summary
 
-    def _read(self, device: object, temps: list[str], view: View, cancel: Cancellation
+    def _read(self, device: BlockDevice, temps: list[str], view: View, cancel: Cancellation
               ) -> reading.Read | None:
         size, path = self.drive.size, self.drive.path
         fd = _create(temps[0])
@@ -163,7 +164,7 @@ class PreparedRead:
 class _GuardedSink(reading.Sink):
     """The sink, its errors turned into :class:`OutputError` (the file's, not the drive's)."""
 
-    def write(self, data: object) -> int:
+    def write(self, data: bytes | memoryview) -> int:
         try:
             return super().write(data)
         except OSError as exc:

@@ -26,7 +26,6 @@ from typing import IO, Protocol, cast
 from popsicle_py.blockdev import BlockDevice, Pacer, read_at
 from popsicle_py.buffers import aligned_buffer
 from popsicle_py.errors import Stalled
-from popsicle_py.images.checksums import Hasher
 
 #: Compression by OUTPUT's suffix; anything else is written raw.
 SUFFIXES = {".zst": "zstd", ".xz": "xz", ".gz": "gzip"}
@@ -79,6 +78,14 @@ class Sink:
 
     def flush(self) -> None:
         """zstandard's writer flushes its sink; every write above is already in the kernel."""
+
+
+class Hasher(Protocol):
+    """A hashlib object, as far as the map needs one (importing images' would cost start-up)."""
+
+    def update(self, data: bytes | memoryview, /) -> None: ...
+
+    def hexdigest(self) -> str: ...
 
 
 class Encoder(Protocol):

@@ -20,12 +20,11 @@ from dataclasses import dataclass
 
 from popsicle_py import drives, events, fsmap, master, reading
 from popsicle_py.app.access import require_access
-from popsicle_py.blockdev import BlockDevice
+from popsicle_py.blockdev import BlockDevice, OpenSpec, confirmed, open_for_reading
 from popsicle_py.defaults import DEFAULT_STALL_TIMEOUT
 from popsicle_py.drives import Drive
 from popsicle_py.errors import Refused
-from popsicle_py.failures import failure
-from popsicle_py.flash import open_targets
+from popsicle_py.failures import describe_error, failure
 from popsicle_py.ports import drive_info
 from popsicle_py.protocols import View
 from popsicle_py.signals import Cancellation
@@ -76,7 +75,7 @@ class PreparedRead:
         """Read the drive once into OUTPUT; the summary's one result says how it ended."""
         path = self.drive.path
         try:
-            (device,) = open_targets([self.drive], for_writing=False, check=drives.still_same)
+            device = _open(self.drive)
         except Refused:
             view.close()
             raise
@@ -176,6 +175,21 @@ def _guarded(call: object, *args: object) -> None:
         call(*args)  # type: ignore[operator]
     except OSError as exc:
         raise OutputError(exc.errno, exc.strerror) from None
+
+
+def _open(drive: Drive) -> BlockDevice:
+    """The drive, opened to be read from the device (O_DIRECT), still the one checked.
+
+    (Not through :func:`popsicle_py.flash.open_targets`: ``read`` needs none of the engine,
+    whose import costs a start-up it does not need.)"""
+    problem = drives.still_same(drive)
+    if problem:
+        raise Refused([problem])
+    spec = OpenSpec(drive.path, drive.size, drive.logical_block_size)
+    try:
+        return confirmed(open_for_reading(spec), drive.identity)
+    except OSError as exc:
+        raise Refused([describe_error(exc, drive.path)]) from None
 
 
 def _temp_name(final: str) -> str:

@@ -39,6 +39,7 @@ from popsicle_py.app.requests import (
 )
 
 if TYPE_CHECKING:
+    from popsicle_py.app.check import CheckRequest, PreparedCheck, prepare_check
     from popsicle_py.app.common import exit_status
     from popsicle_py.app.confirm import Confirmation, TargetRow
     from popsicle_py.app.flash import PreparedFlash, prepare_flash
@@ -53,6 +54,7 @@ if TYPE_CHECKING:
 
 _LAZY = {
     "exit_status": "common",
+    "CheckRequest": "check", "PreparedCheck": "check", "prepare_check": "check",
     "Confirmation": "confirm", "TargetRow": "confirm",
     "PreparedFlash": "flash", "prepare_flash": "flash",
     "DriveListing": "listing", "list_drives": "listing", "cache_entries": "listing",
@@ -63,11 +65,12 @@ _LAZY = {
 }
 
 __all__ = [
-    "Confirmation", "DriveListing", "EngineOptions", "FlashRequest", "PreparedFlash",
-    "PreparedProbe", "PreparedVerify", "PreparedWatch", "ProbeRequest", "SourceOptions",
-    "TargetOptions", "TargetRow", "VerifyRequest", "WatchRequest", "WriteOptions",
-    "cache_entries", "clean_cache", "exit_status", "list_drives", "prepare_flash",
-    "prepare_probe", "prepare_verify", "prepare_watch",
+    "CheckRequest", "Confirmation", "DriveListing", "EngineOptions", "FlashRequest",
+    "PreparedCheck", "PreparedFlash", "PreparedProbe", "PreparedVerify", "PreparedWatch",
+    "ProbeRequest", "SourceOptions", "TargetOptions", "TargetRow", "VerifyRequest",
+    "WatchRequest", "WriteOptions", "cache_entries", "clean_cache", "exit_status",
+    "list_drives", "prepare_check", "prepare_flash", "prepare_probe", "prepare_verify",
+    "prepare_watch",
 ]
 
 

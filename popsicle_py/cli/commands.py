@@ -30,6 +30,7 @@ from popsicle_py.app.requests import (
     WriteOptions,
 )
 from popsicle_py.cli.ask import confirm, make_view, make_watch_view, said_without_asking
+from popsicle_py.cli.check import check as check_command
 from popsicle_py.cli.guard import Group, run_guarded
 from popsicle_py.cli.options import (
     DEVICE,
@@ -295,3 +296,4 @@ def polkit_rule() -> None:
 
 
 register_station(main)  # station, slots, records (popsicle_py/cli/station.py)
+main.add_command(check_command)  # check (popsicle_py/cli/check.py)

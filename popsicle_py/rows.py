@@ -31,6 +31,7 @@ class Row:
     state: str  # one word: writing, verifying, done, failed...
     port: str = ""
     label: str = ""
+    link: str = ""  # the USB link's speed ("480 Mbit/s"), shown when the width allows
     fraction: float | None = None  # None: unknown total (a pulsing bar)
     done: int = 0  # bytes of the current pass (written, or verified), of the image's ``total``
     total: int | None = None
@@ -57,6 +58,7 @@ ROOMY_BAR = 20
 MAX_NAME = 16
 MAX_PORT = 9
 MAX_LABEL = 24
+MAX_LINK = 11
 
 
 def format_speed(speed: float | None) -> str:
@@ -165,6 +167,7 @@ COLUMNS: tuple[Column, ...] = (
     Column("name", lambda r: r.name, lambda r: "bold", most=MAX_NAME, kept=True),
     Column("port", lambda r: r.port, lambda r: "cyan", most=MAX_PORT),
     Column("label", lambda r: r.label, lambda r: "dim", most=MAX_LABEL),
+    Column("link", lambda r: r.link, lambda r: "dim", most=MAX_LINK),
     Column("bar", lambda r: "", kept=True),
     Column("amount", lambda r: _amount(r), right=True, least=4, kept=True),
     Column("nbytes", lambda r: _bytes(r), right=True),
@@ -186,6 +189,7 @@ FITS: tuple[Fit, ...] = (
     Fit("port", "add", ROOMY_BAR),
     Fit("nbytes", "add", ROOMY_BAR),
     Fit("label", "add", ROOMY_BAR),
+    Fit("link", "add", ROOMY_BAR),
     Fit("state", "widen", ROOMY_BAR),
 )
 #: A shortened name keeps at least this many cells.

@@ -20,7 +20,7 @@ from rich.table import Table
 from rich.text import Text
 
 from popsicle_py import events, progress, rows, verdicts
-from popsicle_py.units import format_size
+from popsicle_py.units import format_link_speed, format_size
 from popsicle_py.verdicts import ok_words as ok_words  # its old home: callers import it here
 
 #: Plain output prints a drive's progress at most this often.
@@ -186,7 +186,8 @@ class PlainView:
 # Live rows (flash, verify and watch on a terminal)
 
 _STYLES = {"done": "green", "written": "green", "checked": "green", "ready": "green",
-           "failed": "red", "invalid": "red", "cancelled": "yellow", "ignored": "dim"}
+           "failed": "red", "invalid": "red", "rejected": "red", "cancelled": "yellow",
+           "ignored": "dim"}
 
 
 class _DriveRow:
@@ -195,6 +196,7 @@ class _DriveRow:
     def __init__(self, name: str, tracker: progress.DriveProgress, port: str = "",
                  label: str = "") -> None:
         self.name, self.port, self.label = name, port, label
+        self.link = ""  # the USB link's speed, when the width allows
         self.tracker = tracker
         self.state = "waiting"
         self.long = ""  # the state with its detail, when there is room for it on the row
@@ -221,7 +223,7 @@ class _DriveRow:
         if t.ended is not None and t.ended != "ok" and fraction is None:
             fraction = 0.0  # a failed drive of unknown size: no pulse, nothing to expect
         return rows.Row(name=self.name, state=self.state, port=self.port, label=self.label,
-                        fraction=fraction if self.bar else 0.0, done=t.pass_done,
+                        link=self.link, fraction=fraction if self.bar else 0.0, done=t.pass_done,
                         total=t.pass_size, speed=speed, eta=eta, detail=self.detail,
                         long=self.long,
                         style=_STYLES.get(self.state, ""), bar=self.bar,
@@ -264,6 +266,10 @@ def _drive_names(info: events.DriveInfo | None) -> tuple[str, str]:
     return info.port_path or "", " ".join(p for p in (vendor, model) if p)
 
 
+def _link(info: events.DriveInfo | None) -> str:
+    return format_link_speed(info.link_speed) if info is not None and info.link_speed else ""
+
+
 class RichView:
     """One live row per drive: name, port, bar, percent, speed, ETA and state; 80 columns first.
 
@@ -296,6 +302,7 @@ class RichView:
                                                            verifies=self.verifies,
                                                            size=self.size),
                                 port, label or self.labels.get(device, ""))
+                row.link = _link(info)
             self.by_device[device] = row
             self.board.rows.append(row)
         return row
@@ -377,7 +384,8 @@ def summary_table(summary: events.Summary) -> Table:
     table.add_column("Written", justify="right", no_wrap=True)
     table.add_column("Time", justify="right", no_wrap=True)
     table.add_column("Details", overflow="fold", ratio=1)
-    styles = {"ok": "green", "failed": "red", "invalid": "red", "cancelled": "yellow"}
+    styles = {"ok": "green", "failed": "red", "invalid": "red", "rejected": "red",
+              "cancelled": "yellow"}
     for r in summary.results:
         details = verdicts.strip_device(r.error, r.device) or ""
         if r.ok:
@@ -493,6 +501,7 @@ class WatchView:
             row = _DriveRow(device, progress.DriveProgress(writes=True, verifies=self.verify,
                                                        size=self.size),
                             port, label or known)
+            row.link = _link(info)
         self.current[device] = row
         self.board.rows.append(row)
         return row

@@ -25,7 +25,7 @@ from popsicle_py.drives import still_same
 from popsicle_py.errors import Refused
 from popsicle_py.flash import FlashJob, FlashOptions, open_targets
 from popsicle_py.plan import Plan, make_plan, unmount_targets
-from popsicle_py.ports import drive_info
+from popsicle_py.ports import drive_info, link_notes, link_of
 from popsicle_py.protocols import View
 from popsicle_py.report import Report
 from popsicle_py.signals import Cancellation
@@ -166,6 +166,9 @@ def prepare_flash(request: FlashRequest) -> PreparedFlash:
         raise Refused([*exc.notes, *exc.lines]) from None
     if image_note is not None:
         plan = dataclasses.replace(plan, notes=(image_note, *plan.notes))
+    links = link_notes([(d.path, link_of(d)) for d in plan.targets])
+    if links:
+        plan = dataclasses.replace(plan, notes=(*plan.notes, *links))
     require_access([d.path for d in plan.targets], writing=True)
     report = open_report(request.report, source.image.path, source.checksum)
     return PreparedFlash(request, source, plan, block_map, report)

@@ -52,7 +52,7 @@ from popsicle_py.cli.output import print_table, table, write_text
 from popsicle_py.cli.station import register as register_station
 from popsicle_py.defaults import DEFAULT_STALL_TIMEOUT
 from popsicle_py.errors import PROG
-from popsicle_py.units import format_size
+from popsicle_py.units import format_link_speed, format_size
 
 if TYPE_CHECKING:
     from popsicle_py.app.flash import PreparedFlash
@@ -218,19 +218,22 @@ def list_drives(show_all: bool, output: OutputOptions) -> None:
     """List USB and SD drives (with --all, every disk) and whether each may be written."""
 
     def body() -> int:
-        from popsicle_py.app.listing import list_drives as listing
+        from popsicle_py.app.listing import list_drives_with_notes
 
-        found = listing(include_all=show_all)
+        found, notes = list_drives_with_notes(include_all=show_all)
         if output.json:
             return write_text(json.dumps([d.json for d in found], indent=None) + "\n")
         if not found:
             return write_text(("no USB or SD drives found" if not show_all
                                else "no disks found") + "\n")
         rows = [(d.path, d.port or "", d.label or "?", format_size(d.size), d.bus,
+                 format_link_speed(d.link_speed) if d.link_speed else "",
                  ", ".join(d.mountpoints), "yes" if d.eligible else f"no: {d.reason}")
                 for d in found]
-        return print_table(table(("Device", "Port", "Drive", "Size", "Bus", "Mounted at",
-                                  "Eligible"), rows, optional=("Port", "Mounted at")))
+        status = print_table(table(("Device", "Port", "Drive", "Size", "Bus", "Link",
+                                    "Mounted at", "Eligible"), rows,
+                                   optional=("Port", "Link", "Mounted at")))
+        return status or write_text("".join(f"note: {n}\n" for n in notes))
 
     run_guarded(output.debug, output.json, body)
 

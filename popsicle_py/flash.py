@@ -99,6 +99,10 @@ class FlashOptions:
     #: Where a compressed image is spilled so every drive goes at its own pace ("": $TMPDIR
     #: or /var/tmp; None: keep the drives of a compressed image in lock-step).
     spill_dir: str | None = ""
+    #: ``certify(result, evidence, started)`` for each drive verified ok: writes its
+    #: certificate (:class:`popsicle_py.certify.writer.CertificateWriter`), returns the path.
+    certify: Callable[[DriveResult, Sequence[tuple[tuple[int, int], bytes]], float], str] \
+        | None = None
 
 
 def open_targets(drives: Sequence[D], *, for_writing: bool = True,
@@ -140,6 +144,7 @@ class _Drive:
         self.skipped = 0
         self.verified = 0
         self.repaired = 0
+        self.device_sha256: str | None = None  # of the image's range, read back
         self.status: Status | None = None  # final status once known
         self.cause: Cause | None = None
         self.error: str | None = None
@@ -189,7 +194,8 @@ class _Job:
                            drive.error, drive.mismatch, elapsed, drive.skipped, drive.repaired,
                            drive.cause if drive.status is not None else Cause.CANCELLED,
                            verified=drive.status is Status.OK and self.verifies,
-                           drive=drive.info)
+                           drive=drive.info, device_sha256=drive.device_sha256
+                           if drive.status is Status.OK else None)
 
     def _fail(self, drive: _Drive, exc: BaseException) -> None:
         why = blockdev.failure(exc, drive.path)
@@ -237,6 +243,7 @@ class FlashJob(_Job):
         self.options = options
         self.verifies = options.verify
         self._writer: BusWriter | None = None
+        self._wall_start = time.time()
         self._early: list[Event] = []
         self._lock = threading.Lock()
 
@@ -310,6 +317,7 @@ class FlashJob(_Job):
                     self._fail(drive, why)
                 case BusWriterMessage.Completed():
                     self._end(drive, Status.OK)
+                    self._certify(drive)
                 case Phase() | Progress() | Note():  # relayed: the download's own news
                     self.emit(msg)
                 case BusWriterMessage.LockStep(reason=reason):
@@ -364,6 +372,21 @@ class FlashJob(_Job):
                     source.close()
         for drive in self._live():  # given up by the engine without a message of its own
             self._end(drive, Status.FAILED, f"{drive.path}: did not finish", cause=Cause.ERROR)
+
+    def _certify(self, drive: _Drive) -> None:
+        """The certificate of a drive that read back as the image, when asked for; a note says
+        where it is, or why there is none (the drive stays ok: its bytes are right)."""
+        certify, writer = self.options.certify, self._writer
+        if certify is None or writer is None or not self.verifies:
+            return
+        read = writer.source_read()
+        try:
+            path = certify(self._result(drive), list(zip(read.extents, read.digests,
+                                                         strict=True)), self._wall_start)
+        except (OSError, ValueError) as exc:
+            self.emit(Note(f"{drive.path}: no certificate: {exc}"))
+            return
+        self.emit(Note(f"{drive.path}: certificate {path}"))
 
     def _invalid(self, drive: _Drive, offset: int, end: int | None, ended: bool) -> None:
         if ended:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 
 from popsicle_py import events
+from popsicle_py.app.requests import GradeOptions
+from popsicle_py.certify.writer import CertificateWriter, Place
 from popsicle_py.errors import EXIT_FAILED, EXIT_OK, Refused
 from popsicle_py.images import Checksum
 from popsicle_py.protocols import View
@@ -24,6 +27,27 @@ def open_report(path: str | None, image: str, checksum: Checksum | None) -> Repo
         return Report(path, image=image, sha256=sha256)
     except ReportError as exc:
         raise Refused([str(exc)]) from None
+
+
+def open_certificates(grade: GradeOptions, image: str, size: int | None,
+                      checksum: Checksum | None, *, verify: bool,
+                      place: Place | None = None) -> CertificateWriter | None:
+    """The --certificate writer, made before anything is written: the directory opened, the
+    --sign-key tried; a certificate needs the drives read back."""
+    if grade.certificate is None:
+        if grade.sign_key is not None:
+            raise Refused(["--sign-key signs certificates: give --certificate DIR too"])
+        return None
+    if not verify:
+        raise Refused(["--certificate and --no-verify contradict each other: a certificate "
+                       "says what was read back from the drive"])
+    if size is None:
+        raise Refused(["--certificate needs the image's size, which is not known before "
+                       "writing (a stream)"])
+    sha256 = checksum.hexdigest.lower() if checksum is not None and checksum.algo == "sha256" \
+        else None
+    name = image if "://" in image else os.path.basename(image)
+    return CertificateWriter(grade.certificate, grade.sign_key, name, size, sha256, place)
 
 
 def emitter(view: View, report: Report | None) -> Emit:

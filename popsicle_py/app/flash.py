@@ -16,11 +16,17 @@ from collections.abc import Callable
 from popsicle_py import events, probe, udisks
 from popsicle_py.app import sources
 from popsicle_py.app.access import require_access
-from popsicle_py.app.common import cancelled_before_writing, emitter, open_report
+from popsicle_py.app.common import (
+    cancelled_before_writing,
+    emitter,
+    open_certificates,
+    open_report,
+)
 from popsicle_py.app.confirm import Confirmation, target_rows
 from popsicle_py.app.requests import FlashRequest
 from popsicle_py.blockdev import BlockDevice
 from popsicle_py.bmap import Bmap
+from popsicle_py.certify.writer import CertificateWriter
 from popsicle_py.drives import still_same
 from popsicle_py.errors import Refused
 from popsicle_py.flash import FlashJob, FlashOptions, open_targets
@@ -47,8 +53,10 @@ class PreparedFlash:
     """
 
     def __init__(self, request: FlashRequest, source: sources.OpenedSource, plan: Plan,
-                 block_map: Bmap | None, report: Report | None) -> None:
+                 block_map: Bmap | None, report: Report | None,
+                 certificates: CertificateWriter | None = None) -> None:
         self.request = request
+        self.certificates = certificates
         self.source = source
         self.image = source.image
         self.checksum = source.checksum
@@ -92,6 +100,8 @@ class PreparedFlash:
     def close(self) -> None:
         if self.report is not None:
             self.report.close()
+        if self.certificates is not None:
+            self.certificates.close()
 
     def run(self, view: View, cancel: Cancellation) -> events.Summary:
         """Write every target and verify it; the summary says how each drive ended.
@@ -133,7 +143,8 @@ class PreparedFlash:
                 stall_timeout=engine.stall_timeout, skip_identical=write.skip_identical,
                 repair_attempts=write.repair_attempts, bmap=self.block_map,
                 checksum=self.checksum, checksum_checked=not write.checksum_while_writing,
-                probe=capacity_probe(size, engine.bucket_size) if write.probe else None)
+                probe=capacity_probe(size, engine.bucket_size) if write.probe else None,
+                certify=None if self.certificates is None else self.certificates.certify)
             job = FlashJob(image, opened, options, emit, cancel, self.infos)
             sources.attach(image, job.relay, cancel)  # download news from the reader thread
             summary = job.run()
@@ -170,5 +181,15 @@ def prepare_flash(request: FlashRequest) -> PreparedFlash:
     if links:
         plan = dataclasses.replace(plan, notes=(*plan.notes, *links))
     require_access([d.path for d in plan.targets], writing=True)
-    report = open_report(request.report, source.image.path, source.checksum)
-    return PreparedFlash(request, source, plan, block_map, report)
+    if request.grade.certificate is not None and block_map is not None:
+        raise Refused([f"--certificate needs the whole image read back, and the block map "
+                       f"{block_map.path} leaves holes unread: give --no-bmap"])
+    certificates = open_certificates(request.grade, source.image.path, size, source.checksum,
+                                     verify=write.verify)
+    try:
+        report = open_report(request.report, source.image.path, source.checksum)
+    except Refused:
+        if certificates is not None:
+            certificates.close()
+        raise
+    return PreparedFlash(request, source, plan, block_map, report, certificates)

@@ -12,6 +12,7 @@ when a signal stopped the run.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from typing import TYPE_CHECKING
@@ -23,6 +24,7 @@ from popsicle_py._version import __version__
 from popsicle_py.app.requests import (
     EngineOptions,
     FlashRequest,
+    GradeOptions,
     ProbeRequest,
     SourceOptions,
     TargetOptions,
@@ -40,6 +42,7 @@ from popsicle_py.cli.options import (
     OutputOptions,
     Session,
     engine_options,
+    grade_options,
     output_options,
     report_option,
     session_options,
@@ -111,10 +114,12 @@ def main() -> None:
 @yes_option()
 @write_options
 @engine_options
+@grade_options
 @report_option()
 @output_options()
 def flash(source: SourceOptions, targets: TargetOptions, yes: bool, write: WriteOptions,
-          engine: EngineOptions, report: str | None, output: OutputOptions) -> None:
+          engine: EngineOptions, grade: GradeOptions, report: str | None,
+          output: OutputOptions) -> None:
     """Write IMAGE to every DEVICE in parallel, then verify each.
 
     IMAGE may be raw or compressed (gzip, xz, bzip2, zstd, or a zip holding one image), a
@@ -124,7 +129,7 @@ def flash(source: SourceOptions, targets: TargetOptions, yes: bool, write: Write
     def body() -> int:
         from popsicle_py.app.flash import prepare_flash
 
-        request = FlashRequest(source, targets, engine, write, report)
+        request = FlashRequest(source, targets, engine, write, report, grade)
         with prepare_flash(request) as job:
             confirm(job.confirmation, yes)
             view = make_view(output.json, job.labels)
@@ -181,9 +186,11 @@ def probe_command(devices: tuple[str, ...], yes: bool, unmount: bool, stall_time
 @main.command()
 @source_options
 @session_options
+@grade_options
 @yes_option()
 @output_options()
-def watch(source: SourceOptions, session: Session, yes: bool, output: OutputOptions) -> None:
+def watch(source: SourceOptions, session: Session, grade: GradeOptions, yes: bool,
+          output: OutputOptions) -> None:
     """Duplicator mode: write IMAGE to every eligible drive as it is plugged in.
 
     Each drive is written and verified on its own as soon as it appears, then powered off
@@ -195,7 +202,7 @@ def watch(source: SourceOptions, session: Session, yes: bool, output: OutputOpti
         from popsicle_py.app.watch import prepare_watch
         from popsicle_py.signals import Cancellation
 
-        request = session.request(source)
+        request = dataclasses.replace(session.request(source), grade=grade)
         with prepare_watch(request) as job:
             confirm(job.confirmation, yes)
             view = make_watch_view(output.json, job.image.path, job.image.size,

@@ -16,6 +16,7 @@ import click
 
 from popsicle_py.app.requests import (
     EngineOptions,
+    GradeOptions,
     SourceOptions,
     TargetOptions,
     WatchRequest,
@@ -267,4 +268,23 @@ session_options = OptionGroup(
     max_size_option("Skip drives larger than this."),
     click.option("--no-probe", is_flag=True, help=NO_PROBE_HELP),
     report_option(),
+)
+
+
+def _grade(certificate: str | None, sign_key: str | None) -> GradeOptions:
+    return GradeOptions(certificate=certificate, sign_key=sign_key)
+
+
+#: How drives are graded and certified (flash, watch, the station).
+grade_options = OptionGroup(
+    "grade", _grade,
+    click.option("--certificate", "certificate", metavar="DIR",
+                 type=click.Path(file_okay=False, path_type=str),
+                 help="Write a certificate (JSON) for each drive read back as the image into "
+                      "DIR: what was read, which drive, when; `popsicle-py check` re-reads "
+                      "the drive against it later, without the image."),
+    click.option("--sign-key", "sign_key", metavar="KEY",
+                 type=click.Path(dir_okay=False, path_type=str),
+                 help="Sign each certificate with this OpenSSH key (ssh-keygen -Y sign, "
+                      "namespace popsicle-py; the signature beside it, NAME.json.sig)."),
 )

@@ -81,6 +81,11 @@ class OpenError(Refused):
     """Some targets could not be opened; nothing was written.  One line per target."""
 
 
+#: Writes a verified drive's certificate from its result, the (extent, digest) pairs read back
+#: and the run's start (wall clock); returns where (see popsicle_py.certify.writer).
+Certify = Callable[[DriveResult, Sequence[tuple[tuple[int, int], bytes]], float], str]
+
+
 @dataclass(frozen=True)
 class FlashOptions:
     verify: bool = True
@@ -101,8 +106,7 @@ class FlashOptions:
     spill_dir: str | None = ""
     #: ``certify(result, evidence, started)`` for each drive verified ok: writes its
     #: certificate (:class:`popsicle_py.certify.writer.CertificateWriter`), returns the path.
-    certify: Callable[[DriveResult, Sequence[tuple[tuple[int, int], bytes]], float], str] \
-        | None = None
+    certify: Certify | None = None
 
 
 def open_targets(drives: Sequence[D], *, for_writing: bool = True,

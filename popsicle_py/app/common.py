@@ -29,8 +29,8 @@ def open_report(path: str | None, image: str, checksum: Checksum | None) -> Repo
         raise Refused([str(exc)]) from None
 
 
-def open_certificates(grade: GradeOptions, image: str, size: int | None,
-                      checksum: Checksum | None, *, verify: bool,
+def open_certificates(grade: GradeOptions, image: str, checksum: Checksum | None, *,
+                      verify: bool,
                       place: Place | None = None) -> CertificateWriter | None:
     """The --certificate writer, made before anything is written: the directory opened, the
     --sign-key tried; a certificate needs the drives read back."""
@@ -41,13 +41,10 @@ def open_certificates(grade: GradeOptions, image: str, size: int | None,
     if not verify:
         raise Refused(["--certificate and --no-verify contradict each other: a certificate "
                        "says what was read back from the drive"])
-    if size is None:
-        raise Refused(["--certificate needs the image's size, which is not known before "
-                       "writing (a stream)"])
     sha256 = checksum.hexdigest.lower() if checksum is not None and checksum.algo == "sha256" \
         else None
     name = image if "://" in image else os.path.basename(image)
-    return CertificateWriter(grade.certificate, grade.sign_key, name, size, sha256, place)
+    return CertificateWriter(grade.certificate, grade.sign_key, name, sha256, place)
 
 
 def emitter(view: View, report: Report | None) -> Emit:

@@ -184,7 +184,7 @@ def prepare_flash(request: FlashRequest) -> PreparedFlash:
     if request.grade.certificate is not None and block_map is not None:
         raise Refused([f"--certificate needs the whole image read back, and the block map "
                        f"{block_map.path} leaves holes unread: give --no-bmap"])
-    certificates = open_certificates(request.grade, source.image.path, size, source.checksum,
+    certificates = open_certificates(request.grade, source.image.path, source.checksum,
                                      verify=write.verify)
     try:
         report = open_report(request.report, source.image.path, source.checksum)

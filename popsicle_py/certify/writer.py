@@ -38,7 +38,7 @@ class Place:
 class CertificateWriter:
     """Writes ``NAME.json`` (and ``NAME.json.sig``) in the directory for each verified drive."""
 
-    def __init__(self, directory: str, sign_key: str | None, image: str, image_size: int,
+    def __init__(self, directory: str, sign_key: str | None, image: str,
                  image_sha256: str | None, place: Place | None = None,
                  clock: Callable[[], float] = time.time) -> None:
         if sign_key is not None:
@@ -47,7 +47,6 @@ class CertificateWriter:
         self.fd = files.open_directory(directory)
         self.sign_key = sign_key
         self.image = image
-        self.image_size = image_size
         self.image_sha256 = image_sha256
         self.place = place or Place()
         self.clock = clock
@@ -68,9 +67,11 @@ class CertificateWriter:
             raise ValueError(f"{result.device}: not read back as the image: nothing to certify")
         info = result.drive or DriveInfo()
         chunks = chunks_from_digests([e for e, _ in evidence], [d for _, d in evidence])
+        if not chunks:
+            raise ValueError(f"{result.device}: no digests were read back: nothing to certify")
         now = self.clock()
         cert = Certificate(
-            image=self.image, image_size=self.image_size, device_sha256=result.device_sha256,
+            image=self.image, image_size=chunks[-1].end, device_sha256=result.device_sha256,
             chunks=chunks, drive=info, device=result.device, started=iso(started),
             finished=iso(now), tool_version=__version__, image_sha256=self.image_sha256,
             slot=self.place.slot_of(info.port_path), station=self.place.station,

@@ -47,6 +47,16 @@ function __popsicle_py_state --description 'popsicle-py: the command, then what 
             if string match -q -- '-?*' $tok
                 if not string match -q -- '*=*' $tok
                     switch "$path:$tok"
+                        case 'check:--allowed-signers'
+                            set skip 1
+                        case 'check:--sha256'
+                            set skip 1
+                        case 'check:--sums'
+                            set skip 2
+                        case 'check:--size'
+                            set skip 1
+                        case 'check:--stall-timeout'
+                            set skip 1
                         case 'flash:--sha256'
                             set skip 1
                         case 'flash:--checksum'
@@ -64,6 +74,10 @@ function __popsicle_py_state --description 'popsicle-py: the command, then what 
                         case 'flash:--buckets'
                             set skip 1
                         case 'flash:--stall-timeout'
+                            set skip 1
+                        case 'flash:--certificate'
+                            set skip 1
+                        case 'flash:--sign-key'
                             set skip 1
                         case 'flash:--report'
                             set skip 1
@@ -105,6 +119,10 @@ function __popsicle_py_state --description 'popsicle-py: the command, then what 
                             set skip 1
                         case 'station:--report'
                             set skip 1
+                        case 'station:--certificate'
+                            set skip 1
+                        case 'station:--sign-key'
+                            set skip 1
                         case 'verify:--stall-timeout'
                             set skip 1
                         case 'watch:--sha256'
@@ -119,6 +137,10 @@ function __popsicle_py_state --description 'popsicle-py: the command, then what 
                             set skip 1
                         case 'watch:--report'
                             set skip 1
+                        case 'watch:--certificate'
+                            set skip 1
+                        case 'watch:--sign-key'
+                            set skip 1
                     end
                 end
                 continue
@@ -127,7 +149,7 @@ function __popsicle_py_state --description 'popsicle-py: the command, then what 
         switch $path
             case '-'
                 switch $tok
-                    case 'cache' 'flash' 'list' 'polkit-rule' 'probe' 'records' 'slots' 'station' 'verify' 'watch'
+                    case 'cache' 'check' 'flash' 'list' 'polkit-rule' 'probe' 'records' 'slots' 'station' 'verify' 'watch'
                         set path $tok
                         set npos 0
                         set dashdash 0
@@ -162,6 +184,11 @@ function __popsicle_py_state --description 'popsicle-py: the command, then what 
             echo @none
         case 'cache/list'
             echo @none
+        case 'check'
+            switch $npos
+                case '*'
+                    echo 'args'
+            end
         case 'flash'
             switch $npos
                 case 0
@@ -224,6 +251,7 @@ complete -c popsicle-py -f
 complete -c popsicle-py -n '__popsicle_py_at -' -s 'V' -l 'version' -d 'Show the version and exit.'
 complete -c popsicle-py -n '__popsicle_py_at -' -s 'h' -l 'help' -d 'Show this message and exit.'
 complete -c popsicle-py -n '__popsicle_py_at - @command' -a 'cache' -d 'The downloads kept by --cache, in $XDG_CACHE_HOME/popsicle-py (~/.cache/popsicle-py).'
+complete -c popsicle-py -n '__popsicle_py_at - @command' -a 'check' -d 'Re-read DEVICE and compare it with CERT (a certificate of --certificate), without the image; or each DEVICE with a published --sha256 or --sums and --size.'
 complete -c popsicle-py -n '__popsicle_py_at - @command' -a 'flash' -d 'Write IMAGE to every DEVICE in parallel, then verify each.'
 complete -c popsicle-py -n '__popsicle_py_at - @command' -a 'list' -d 'List USB and SD drives (with --all, every disk) and whether each may be written.'
 complete -c popsicle-py -n '__popsicle_py_at - @command' -a 'polkit-rule' -d 'Print the opt-in polkit rule: group "popsicle" may write USB drives without sudo.'
@@ -248,6 +276,16 @@ complete -c popsicle-py -n '__popsicle_py_at cache/list' -l 'json' -d 'One JSON 
 complete -c popsicle-py -n '__popsicle_py_at cache/list' -l 'debug' -d 'Show debug messages and tracebacks.'
 complete -c popsicle-py -n '__popsicle_py_at cache/list' -s 'h' -l 'help' -d 'Show this message and exit.'
 
+# popsicle-py check
+complete -c popsicle-py -n '__popsicle_py_at check' -l 'allowed-signers' -r -F -d 'ssh-keygen\'s allowed_signers: CERT must be signed (CERT.sig) by one of them.'
+complete -c popsicle-py -n '__popsicle_py_at check' -l 'sha256' -x -d 'Judge each DEVICE against this published SHA-256 of the image (no CERT).'
+complete -c popsicle-py -n '__popsicle_py_at check' -l 'sums' -x -d 'Take the SHA-256 of NAME from a SHA256SUMS file (no CERT).'
+complete -c popsicle-py -n '__popsicle_py_at check' -l 'size' -x -d 'The image\'s size in bytes, with --sha256 or --sums.'
+complete -c popsicle-py -n '__popsicle_py_at check' -l 'stall-timeout' -x -d 'Fail a drive whose reads make no progress for SECONDS.'
+complete -c popsicle-py -n '__popsicle_py_at check' -l 'json' -d 'Machine-readable events on stdout.'
+complete -c popsicle-py -n '__popsicle_py_at check' -l 'debug' -d 'Show debug messages and tracebacks.'
+complete -c popsicle-py -n '__popsicle_py_at check' -s 'h' -l 'help' -d 'Show this message and exit.'
+
 # popsicle-py flash
 complete -c popsicle-py -n '__popsicle_py_at flash' -l 'sha256' -x -d 'Expected SHA-256 of the image file.'
 complete -c popsicle-py -n '__popsicle_py_at flash' -l 'checksum' -x -d 'Expected checksum (sha1, sha256, sha512 or blake2b) of the image file.'
@@ -269,6 +307,8 @@ complete -c popsicle-py -n '__popsicle_py_at flash' -l 'checksum-while-writing' 
 complete -c popsicle-py -n '__popsicle_py_at flash' -l 'bucket-size' -x -d 'Size of each buffer in the ring (16M, 4MiB, 1048576).'
 complete -c popsicle-py -n '__popsicle_py_at flash' -l 'buckets' -x -d 'How many buffers may be in flight.'
 complete -c popsicle-py -n '__popsicle_py_at flash' -l 'stall-timeout' -x -d 'Fail a drive that makes no progress for SECONDS.'
+complete -c popsicle-py -n '__popsicle_py_at flash' -l 'certificate' -r -F -d 'Write a certificate (JSON) for each drive read back as the image into DIR: what was read, which drive, when; `popsicle-py check` re-reads the drive against it later, without the image.'
+complete -c popsicle-py -n '__popsicle_py_at flash' -l 'sign-key' -r -F -d 'Sign each certificate with this OpenSSH key (ssh-keygen -Y sign, namespace popsicle-py; the signature beside it, NAME.json.sig).'
 complete -c popsicle-py -n '__popsicle_py_at flash' -l 'report' -r -F -d 'Append one record per drive to FILE (.csv or .jsonl).'
 complete -c popsicle-py -n '__popsicle_py_at flash' -l 'json' -d 'Machine-readable events on stdout.'
 complete -c popsicle-py -n '__popsicle_py_at flash' -l 'debug' -d 'Show debug messages and tracebacks.'
@@ -331,6 +371,8 @@ complete -c popsicle-py -n '__popsicle_py_at station' -l 'include-present' -d 'A
 complete -c popsicle-py -n '__popsicle_py_at station' -l 'max-size' -x -d 'Skip drives larger than this.'
 complete -c popsicle-py -n '__popsicle_py_at station' -l 'no-probe' -d 'Do not check, before writing, that each drive stores as much as it claims (the counterfeit-stick probe).'
 complete -c popsicle-py -n '__popsicle_py_at station' -l 'report' -r -F -d 'Append one record per drive to FILE (.csv or .jsonl).'
+complete -c popsicle-py -n '__popsicle_py_at station' -l 'certificate' -r -F -d 'Write a certificate (JSON) for each drive read back as the image into DIR: what was read, which drive, when; `popsicle-py check` re-reads the drive against it later, without the image.'
+complete -c popsicle-py -n '__popsicle_py_at station' -l 'sign-key' -r -F -d 'Sign each certificate with this OpenSSH key (ssh-keygen -Y sign, namespace popsicle-py; the signature beside it, NAME.json.sig).'
 complete -c popsicle-py -n '__popsicle_py_at station' -s 'y' -l 'yes' -d 'Do not ask for confirmation.'
 complete -c popsicle-py -n '__popsicle_py_at station' -l 'json' -d 'Machine-readable events on stdout.'
 complete -c popsicle-py -n '__popsicle_py_at station' -l 'debug' -d 'Show debug messages and tracebacks.'
@@ -359,6 +401,8 @@ complete -c popsicle-py -n '__popsicle_py_at watch' -l 'include-present' -d 'Als
 complete -c popsicle-py -n '__popsicle_py_at watch' -l 'max-size' -x -d 'Skip drives larger than this.'
 complete -c popsicle-py -n '__popsicle_py_at watch' -l 'no-probe' -d 'Do not check, before writing, that each drive stores as much as it claims (the counterfeit-stick probe).'
 complete -c popsicle-py -n '__popsicle_py_at watch' -l 'report' -r -F -d 'Append one record per drive to FILE (.csv or .jsonl).'
+complete -c popsicle-py -n '__popsicle_py_at watch' -l 'certificate' -r -F -d 'Write a certificate (JSON) for each drive read back as the image into DIR: what was read, which drive, when; `popsicle-py check` re-reads the drive against it later, without the image.'
+complete -c popsicle-py -n '__popsicle_py_at watch' -l 'sign-key' -r -F -d 'Sign each certificate with this OpenSSH key (ssh-keygen -Y sign, namespace popsicle-py; the signature beside it, NAME.json.sig).'
 complete -c popsicle-py -n '__popsicle_py_at watch' -s 'y' -l 'yes' -d 'Do not ask for confirmation.'
 complete -c popsicle-py -n '__popsicle_py_at watch' -l 'json' -d 'Machine-readable events on stdout.'
 complete -c popsicle-py -n '__popsicle_py_at watch' -l 'debug' -d 'Show debug messages and tracebacks.'

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import xxhash
 
-from popsicle_py import blockdev
+from popsicle_py import failures
 from popsicle_py.blockdev import BlockDevice, read_at
 from popsicle_py.buffers import aligned_buffer
 from popsicle_py.certify.model import Chunk
@@ -165,7 +165,7 @@ class CheckJob:
                           f"{offset}, before the image ({expected.size} bytes) does", offset,
                           Cause.TOO_SMALL)
             case _Errored(id=i, why=why):
-                failed = blockdev.failure(why, self.devices[i].path)
+                failed = failures.failure(why, self.devices[i].path)
                 self._end(i, Status.FAILED, failed.text, cause=failed.cause)
 
     def run(self) -> Summary:

@@ -25,7 +25,7 @@ from popsicle_py.images import (
     Image,
     ImageError,
     choose_sidecar,
-    detect,
+    judge,
     name_warning,
     open_image,
     open_stream,
@@ -97,7 +97,7 @@ class RemoteImage:
         self.final_url = probe_.final_url
         self.validator = probe_.validator
         self.total = probe_.total
-        self.kind = detect(probe_.head)
+        self.kind = judge(probe_.head, probe_.url)  # refused or damaged: before any drive
         self.format = self.kind.name
         self.file_size = probe_.total or 0
         self.size = None if self.kind.decoded else probe_.total

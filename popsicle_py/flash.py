@@ -319,7 +319,8 @@ class FlashJob(_Job):
                     self._invalid(drive, offset, end, ended)
                 case BusWriterMessage.Errored(why=why):
                     self._fail(drive, why)
-                case BusWriterMessage.Completed():
+                case BusWriterMessage.Completed(sha256=digest):
+                    drive.device_sha256 = digest
                     self._end(drive, Status.OK)
                     self._certify(drive)
                 case Phase() | Progress() | Note():  # relayed: the download's own news

@@ -379,6 +379,9 @@ def summary_table(summary: events.Summary) -> Table:
     table.add_column("Written", justify="right", no_wrap=True)
     table.add_column("Time", justify="right", no_wrap=True)
     table.add_column("Details", overflow="fold", ratio=1)
+    digests = any(r.device_sha256 for r in summary.results)
+    if digests:  # what each drive read back: the proof a person copies (whole, folded)
+        table.add_column("SHA-256 (read back)", overflow="fold", min_width=16)
     styles = {"ok": "green", "failed": "red", "invalid": "red", "rejected": "red",
               "cancelled": "yellow"}
     for r in summary.results:
@@ -391,6 +394,8 @@ def summary_table(summary: events.Summary) -> Table:
             cells.append((r.drive.port_path if r.drive is not None else None) or "")
         cells += [f"[{styles.get(r.status, '')}]{r.status}", format_size(r.bytes_written),
                   "" if r.elapsed is None else f"{r.elapsed:.1f} s", details]
+        if digests:
+            cells.append(r.device_sha256 or "")
         table.add_row(*cells)
     return table
 

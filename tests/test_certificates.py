@@ -155,3 +155,50 @@ def test_a_planted_symlink_is_not_followed(tmp_path: Path) -> None:
     assert target.read_text() == "precious"
     assert (tmp_path / "certs" / "x-2.json").read_bytes() == b"{}"
     assert [p.name for p in (tmp_path / "certs").iterdir() if p.name.endswith(".tmp")] == []
+
+
+def test_the_final_table_shows_what_each_drive_read_back() -> None:
+    from rich.console import Console
+
+    from popsicle_py import events
+    from popsicle_py.view import summary_table
+
+    digest = hashlib.sha256(b"image").hexdigest()
+    summary = events.Summary((
+        events.DriveResult("/dev/sdb", events.Status.OK, 10, verified=True,
+                           device_sha256=digest),
+        events.DriveResult("/dev/sdc", events.Status.FAILED, 3, "/dev/sdc: I/O error",
+                           cause=events.Cause.IO_ERROR)))
+    console = Console(width=160, record=True, highlight=False)
+    console.print(summary_table(summary))
+    text = console.export_text()
+    assert "SHA-256 (read back)" in text and digest in text
+    plain = Console(width=160, record=True)
+    plain.print(summary_table(events.Summary(summary.results[1:])))
+    assert "SHA-256" not in plain.export_text()
+
+
+def test_the_journal_and_report_keep_device_sha256_and_link_speed(tmp_path: Path) -> None:
+    from popsicle_py import events
+    from popsicle_py.report import record
+    from popsicle_py.station import journal as journal_mod
+
+    result = events.DriveResult("/dev/sdb", events.Status.OK, 10, verified=True,
+                                device_sha256="ab" * 32,
+                                drive=events.DriveInfo(seq=1, link_speed=480))
+    fields = record(result, None, image="disk.img", sha256="", started=0.0, ended=1.0)
+    assert (fields["device_sha256"], fields["link_speed"]) == ("ab" * 32, 480)
+    path = str(tmp_path / "journal.sqlite")
+    # A journal made before these columns existed gets them.
+    import sqlite3
+
+    old = sqlite3.connect(path)
+    old.execute("CREATE TABLE records (id INTEGER PRIMARY KEY, result TEXT)")
+    old.close()
+    journal = journal_mod.Journal(path, station="s", session="x")
+    row = journal.start("1", fields)
+    journal.finish(row, {**fields, "result": "ok"})
+    journal.close()
+    (found,) = journal_mod.read_records(path)
+    assert (found["device_sha256"], found["link_speed"], found["result"]) == (
+        "ab" * 32, 480, "ok")

@@ -35,7 +35,7 @@ from popsicle_py.engine import (
     BusWriter,
     Cancelled,
 )
-from popsicle_py.errors import Refused
+from popsicle_py.errors import Refused, Rejected
 from popsicle_py.events import (
     Cause,
     DriveInfo,
@@ -51,6 +51,7 @@ from popsicle_py.events import (
     Step,
     Summary,
 )
+from popsicle_py.grading import SpeedJudge, SpeedRule
 from popsicle_py.images import Checksum, ChecksumTap
 from popsicle_py.messages import BusVerifierMessage, BusWriterMessage
 from popsicle_py.protocols import Source
@@ -104,6 +105,8 @@ class FlashOptions:
     #: Where a compressed image is spilled so every drive goes at its own pace ("": $TMPDIR
     #: or /var/tmp; None: keep the drives of a compressed image in lock-step).
     spill_dir: str | None = ""
+    #: Minimum steady speeds: a drive below is rejected (cause slow) and not written further.
+    speeds: SpeedRule | None = None
     #: ``certify(result, evidence, started)`` for each drive verified ok: writes its
     #: certificate (:class:`popsicle_py.certify.writer.CertificateWriter`), returns the path.
     certify: Certify | None = None
@@ -149,6 +152,7 @@ class _Drive:
         self.verified = 0
         self.repaired = 0
         self.device_sha256: str | None = None  # of the image's range, read back
+        self.judge: SpeedJudge | None = None  # its speeds, with --min-*-speed
         self.status: Status | None = None  # final status once known
         self.cause: Cause | None = None
         self.error: str | None = None
@@ -203,7 +207,8 @@ class _Job:
 
     def _fail(self, drive: _Drive, exc: BaseException) -> None:
         why = failures.failure(exc, drive.path)
-        self._end(drive, Status.FAILED, why.text, cause=why.cause)
+        status = Status.REJECTED if isinstance(exc, Rejected) else Status.FAILED
+        self._end(drive, status, why.text, cause=why.cause)
 
     def _cancel_rest(self) -> None:
         self.cancelled = True
@@ -246,6 +251,9 @@ class FlashJob(_Job):
         self.image = image
         self.options = options
         self.verifies = options.verify
+        if options.speeds is not None and options.speeds.active:
+            for drive in self.drives:
+                drive.judge = SpeedJudge(options.speeds)
         self._writer: BusWriter | None = None
         self._wall_start = time.time()
         self._early: list[Event] = []
@@ -304,6 +312,7 @@ class FlashJob(_Job):
                 case BusWriterMessage.Written(bytes_written=n):
                     drive.written = n
                     self.emit(Progress(drive.path, Step.WRITING, n + drive.skipped, total))
+                    self._judge(drive, "write", n)
                 case BusWriterMessage.Skipped(bytes_skipped=n):
                     drive.skipped = n
                     self.emit(Progress(drive.path, Step.WRITING, drive.written + n, total))
@@ -312,6 +321,7 @@ class FlashJob(_Job):
                 case BusWriterMessage.Verified(bytes_read=n):
                     drive.verified = n
                     self.emit(Progress(drive.path, Step.VERIFYING, n, total))
+                    self._judge(drive, "read", n)
                 case BusWriterMessage.Repaired(buckets=k):
                     drive.repaired += k
                     self.emit(Note(f"{drive.path}: repaired {k} bucket(s)"))
@@ -377,6 +387,15 @@ class FlashJob(_Job):
                     source.close()
         for drive in self._live():  # given up by the engine without a message of its own
             self._end(drive, Status.FAILED, f"{drive.path}: did not finish", cause=Cause.ERROR)
+
+    def _judge(self, drive: _Drive, phase: str, done: int) -> None:
+        """A drive below --min-write-speed or --min-read-speed at steady state is rejected at
+        once: the engine gives it up (no further write, never the image's head)."""
+        if drive.judge is None or not drive.live or self._writer is None:
+            return
+        why = drive.judge.feed(phase, done, time.monotonic())
+        if why is not None:
+            self._writer.give_up(self.drives.index(drive), Rejected(Cause.SLOW.value, why))
 
     def _certify(self, drive: _Drive) -> None:
         """The certificate of a drive that read back as the image, when asked for; a note says

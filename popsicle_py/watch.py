@@ -38,6 +38,7 @@ import pyudev
 
 from popsicle_py import drives
 from popsicle_py import probe as probe_mod
+from popsicle_py.blockdev import BlockDevice
 from popsicle_py.drives import Drive, SystemFacts
 from popsicle_py.engine import keep_signals_for_main_thread
 from popsicle_py.errors import EXIT_FAILED, EXIT_OK
@@ -61,6 +62,7 @@ from popsicle_py.events import (
     Watching,
 )
 from popsicle_py.flash import Certify, FlashJob, FlashOptions, OpenError, open_targets
+from popsicle_py.grading import SpeedRule, chain
 from popsicle_py.images import (
     Checksum,
     ChecksumCancelled,
@@ -123,6 +125,10 @@ class WatchOptions:
     drain: threading.Event | None = None
     #: Writes each verified drive's certificate (see :class:`FlashOptions`).
     certify: Certify | None = None
+    #: Minimum steady speeds (see :class:`FlashOptions`).
+    speeds: SpeedRule | None = None
+    #: Run on each drive before anything is written to it: raises Rejected (--capacity).
+    reject: Callable[[BlockDevice], None] | None = None
 
 
 @dataclass(frozen=True)
@@ -525,12 +531,13 @@ class WatchSession:
             return
         size = self._source.size or 0
         bucket = self.options.bucket_size
-        probe = (probe_mod.checker([*range(bucket, size, bucket), size])
-                 if self.options.probe else None)
+        probe = chain(self.options.reject,
+                      probe_mod.checker([*range(bucket, size, bucket), size])
+                      if self.options.probe else None)
         options = FlashOptions(verify=self.options.verify, bucket_size=bucket,
                                buckets=self.options.buckets,
                                stall_timeout=self.options.stall_timeout, probe=probe,
-                               certify=self.options.certify)
+                               certify=self.options.certify, speeds=self.options.speeds)
         FlashJob(self._source, opened, options, lambda e: self._job_event(seen, e),
                  cancel, [seen.info] if seen.info is not None else ()).run()
 

@@ -8,7 +8,9 @@ from collections.abc import Callable, Sequence
 from popsicle_py import events
 from popsicle_py.app.requests import GradeOptions
 from popsicle_py.certify.writer import CertificateWriter, Place
+from popsicle_py.drives import Drive
 from popsicle_py.errors import EXIT_FAILED, EXIT_OK, Refused
+from popsicle_py.grading import SpeedRule, capacity_verdict
 from popsicle_py.images import Checksum
 from popsicle_py.protocols import View
 from popsicle_py.report import Report, ReportError, fan_out
@@ -27,6 +29,30 @@ def open_report(path: str | None, image: str, checksum: Checksum | None) -> Repo
         return Report(path, image=image, sha256=sha256)
     except ReportError as exc:
         raise Refused([str(exc)]) from None
+
+
+def check_grade(grade: GradeOptions, *, verify: bool) -> None:
+    """Refuse grading options that contradict each other or the run (exit 2)."""
+    if grade.tolerance and grade.capacity is None:
+        raise Refused(["--tolerance goes with --capacity SIZE"])
+    if grade.min_read_speed is not None and not verify:
+        raise Refused(["--min-read-speed and --no-verify contradict each other: the read speed "
+                       "is measured while the drive is read back"])
+
+
+def speed_rule(grade: GradeOptions) -> SpeedRule | None:
+    rule = SpeedRule(grade.min_write_speed, grade.min_read_speed)
+    return rule if rule.active else None
+
+
+def capacity_notes(grade: GradeOptions, drives: Sequence[Drive]) -> list[str]:
+    """For the confirmation: the drives --capacity will reject before writing them."""
+    notes = []
+    for drive in drives:
+        why = capacity_verdict(drive.size, grade.capacity, grade.tolerance)
+        if why is not None:
+            notes.append(f"{drive.path} will be rejected (not written): it {why}")
+    return notes
 
 
 def open_certificates(grade: GradeOptions, image: str, checksum: Checksum | None, *,

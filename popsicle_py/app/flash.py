@@ -18,9 +18,12 @@ from popsicle_py.app import sources
 from popsicle_py.app.access import require_access
 from popsicle_py.app.common import (
     cancelled_before_writing,
+    capacity_notes,
+    check_grade,
     emitter,
     open_certificates,
     open_report,
+    speed_rule,
 )
 from popsicle_py.app.confirm import Confirmation, target_rows
 from popsicle_py.app.requests import FlashRequest
@@ -30,6 +33,7 @@ from popsicle_py.certify.writer import CertificateWriter
 from popsicle_py.drives import still_same
 from popsicle_py.errors import Refused
 from popsicle_py.flash import FlashJob, FlashOptions, open_targets
+from popsicle_py.grading import capacity_check, chain
 from popsicle_py.plan import Plan, make_plan, unmount_targets
 from popsicle_py.ports import drive_info, link_notes, link_of
 from popsicle_py.protocols import View
@@ -109,8 +113,7 @@ class PreparedFlash:
         Refusals that come only now (a drive that changed since the plan, a drive that
         cannot be opened, a mount that cannot be undone) are raised, nothing written.
         """
-        write = self.request.write
-        engine = self.request.engine
+        write, engine, grade = self.request.write, self.request.engine, self.request.grade
         emit = emitter(view, self.report)
         for note in self.source.notes:
             view.handle(events.Note(note))
@@ -143,7 +146,9 @@ class PreparedFlash:
                 stall_timeout=engine.stall_timeout, skip_identical=write.skip_identical,
                 repair_attempts=write.repair_attempts, bmap=self.block_map,
                 checksum=self.checksum, checksum_checked=not write.checksum_while_writing,
-                probe=capacity_probe(size, engine.bucket_size) if write.probe else None,
+                probe=chain(capacity_check(grade.capacity, grade.tolerance),
+                            capacity_probe(size, engine.bucket_size) if write.probe else None),
+                speeds=speed_rule(grade),
                 certify=None if self.certificates is None else self.certificates.certify)
             job = FlashJob(image, opened, options, emit, cancel, self.infos)
             sources.attach(image, job.relay, cancel)  # download news from the reader thread
@@ -177,7 +182,9 @@ def prepare_flash(request: FlashRequest) -> PreparedFlash:
         raise Refused([*exc.notes, *exc.lines]) from None
     if image_note is not None:
         plan = dataclasses.replace(plan, notes=(image_note, *plan.notes))
-    links = link_notes([(d.path, link_of(d)) for d in plan.targets])
+    check_grade(request.grade, verify=write.verify)
+    links = [*link_notes([(d.path, link_of(d)) for d in plan.targets]),
+             *capacity_notes(request.grade, plan.targets)]
     if links:
         plan = dataclasses.replace(plan, notes=(*plan.notes, *links))
     require_access([d.path for d in plan.targets], writing=True)

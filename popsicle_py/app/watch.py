@@ -8,12 +8,19 @@ from popsicle_py import drives, events
 from popsicle_py import watch as watch_mod
 from popsicle_py.app import sources
 from popsicle_py.app.access import require_future_access
-from popsicle_py.app.common import emitter, open_certificates, open_report
+from popsicle_py.app.common import (
+    check_grade,
+    emitter,
+    open_certificates,
+    open_report,
+    speed_rule,
+)
 from popsicle_py.app.confirm import Confirmation, target_rows
 from popsicle_py.app.requests import WatchRequest
 from popsicle_py.certify.writer import CertificateWriter
 from popsicle_py.drives import Drive
 from popsicle_py.errors import Refused
+from popsicle_py.grading import capacity_check
 from popsicle_py.protocols import View
 from popsicle_py.report import Report
 from popsicle_py.signals import Cancellation
@@ -83,7 +90,10 @@ class PreparedWatch:
                                          admit=hooks.admit if hooks else None,
                                          drain=hooks.drain if hooks else None,
                                          certify=None if self.certificates is None
-                                         else self.certificates.certify)
+                                         else self.certificates.certify,
+                                         speeds=speed_rule(request.grade),
+                                         reject=capacity_check(request.grade.capacity,
+                                                               request.grade.tolerance))
         for note in self.source.notes:
             view.handle(events.Note(note))
         with contextlib.ExitStack() as downloads:
@@ -119,6 +129,7 @@ def prepare_watch(request: WatchRequest) -> PreparedWatch:
                         if watch_mod.ineligibility(d, source.image.size, request.max_size)
                         is None)
     udev_note = drives.udev_hint()
+    check_grade(request.grade, verify=request.verify)
     certificates = open_certificates(request.grade, source.image.path, source.checksum,
                                      verify=request.verify)
     try:

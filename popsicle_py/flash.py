@@ -107,6 +107,8 @@ class FlashOptions:
     spill_dir: str | None = ""
     #: Minimum steady speeds: a drive below is rejected (cause slow) and not written further.
     speeds: SpeedRule | None = None
+    #: Test the rest of each drive after verification (before its head): --surface-test.
+    surface: bool = False
     #: ``certify(result, evidence, started)`` for each drive verified ok: writes its
     #: certificate (:class:`popsicle_py.certify.writer.CertificateWriter`), returns the path.
     certify: Certify | None = None
@@ -360,6 +362,7 @@ class FlashJob(_Job):
                 .skip_identical(options.skip_identical)
                 .prepare_each(options.probe)
                 .spill_to(options.spill_dir)
+                .surface_test(options.surface)
                 .vouch(tap.vouch if tap is not None else None)
                 .finish_each(verify=options.verify, repairs=options.repair_attempts,
                              source_at=None if self.image.seekable_raw

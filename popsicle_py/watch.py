@@ -127,6 +127,8 @@ class WatchOptions:
     certify: Certify | None = None
     #: Minimum steady speeds (see :class:`FlashOptions`).
     speeds: SpeedRule | None = None
+    #: Test the rest of each drive after verification (--surface-test).
+    surface: bool = False
     #: Run on each drive before anything is written to it: raises Rejected (--capacity).
     reject: Callable[[BlockDevice], None] | None = None
 
@@ -537,7 +539,8 @@ class WatchSession:
         options = FlashOptions(verify=self.options.verify, bucket_size=bucket,
                                buckets=self.options.buckets,
                                stall_timeout=self.options.stall_timeout, probe=probe,
-                               certify=self.options.certify, speeds=self.options.speeds)
+                               certify=self.options.certify, speeds=self.options.speeds,
+                               surface=self.options.surface)
         FlashJob(self._source, opened, options, lambda e: self._job_event(seen, e),
                  cancel, [seen.info] if seen.info is not None else ()).run()
 

@@ -131,3 +131,34 @@ def test_grading_refusals(loop_factory: Callable[..., Loop], tmp_path: Path) -> 
         rc, _, stderr = flash(image, loop.path, extra=extra)
         assert rc == 2 and words in stderr, (extra, stderr)
     assert loop.read(MiB) == bytes([0x5A]) * MiB
+
+
+def test_surface_test_passes_a_good_drive_and_clears_it(loop_factory: Callable[..., Loop],
+                                                        tmp_path: Path) -> None:
+    data = os.urandom(3 * MiB + 5)
+    image = tmp_path / "disk.img"
+    image.write_bytes(data)
+    loop = loop_factory(24 * MiB, fill=0x5A)
+    rc, events, stderr = flash(image, loop.path, extra=("--surface-test",))
+    assert rc == 0, stderr
+    assert results(events)[loop.path]["status"] == "ok"
+    notes = [e["text"] for e in events if e["event"] == "note"]
+    assert f"{loop.path}: surface test of bytes {4 * MiB}-{24 * MiB - 1}" in notes
+    assert loop.read(len(data)) == data
+    assert loop.read(20 * MiB, 4 * MiB) == bytes(20 * MiB)  # tested, then cleared
+
+
+def test_surface_test_rejects_a_bad_region_past_the_image(
+        faulty_drive: Callable[..., Any], tmp_path: Path) -> None:
+    data = os.urandom(4 * MiB)
+    image = tmp_path / "disk.img"
+    image.write_bytes(data)
+    bad = 21 * MiB + 4096
+    drive = faulty_drive(32 * MiB, fill=0x5A, flip_bit=(bad, 1))
+    rc, events, stderr = flash(image, drive.path, extra=("--surface-test",))
+    assert rc == 1, stderr
+    result = results(events)[drive.path]
+    assert (result["status"], result["cause"]) == ("rejected", "surface"), result
+    assert f"bad region at byte {bad}" in result["error"]
+    assert drive.read(0, HEAD) != data[:HEAD]  # rejected: never the image's head
+    assert drive.read(HEAD, len(data) - HEAD) == data[HEAD:]  # the image was verified first

@@ -35,6 +35,9 @@ def check_grade(grade: GradeOptions, *, verify: bool) -> None:
     """Refuse grading options that contradict each other or the run (exit 2)."""
     if grade.tolerance and grade.capacity is None:
         raise Refused(["--tolerance goes with --capacity SIZE"])
+    if grade.surface_test and not verify:
+        raise Refused(["--surface-test and --no-verify contradict each other: the surface "
+                       "test follows verification"])
     if grade.min_read_speed is not None and not verify:
         raise Refused(["--min-read-speed and --no-verify contradict each other: the read speed "
                        "is measured while the drive is read back"])

@@ -148,7 +148,7 @@ class PreparedFlash:
                 checksum=self.checksum, checksum_checked=not write.checksum_while_writing,
                 probe=chain(capacity_check(grade.capacity, grade.tolerance),
                             capacity_probe(size, engine.bucket_size) if write.probe else None),
-                speeds=speed_rule(grade),
+                speeds=speed_rule(grade), surface=grade.surface_test,
                 certify=None if self.certificates is None else self.certificates.certify)
             job = FlashJob(image, opened, options, emit, cancel, self.infos)
             sources.attach(image, job.relay, cancel)  # download news from the reader thread

@@ -92,6 +92,7 @@ class PreparedWatch:
                                          certify=None if self.certificates is None
                                          else self.certificates.certify,
                                          speeds=speed_rule(request.grade),
+                                         surface=request.grade.surface_test,
                                          reject=capacity_check(request.grade.capacity,
                                                                request.grade.tolerance))
         for note in self.source.notes:

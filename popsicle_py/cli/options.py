@@ -286,10 +286,11 @@ RATE = RateType()
 
 
 def _grade(min_write_speed: int | None, min_read_speed: int | None, capacity: int | None,
-           tolerance: float, certificate: str | None, sign_key: str | None) -> GradeOptions:
+           tolerance: float, surface_test: bool, certificate: str | None,
+           sign_key: str | None) -> GradeOptions:
     return GradeOptions(min_write_speed=min_write_speed, min_read_speed=min_read_speed,
-                        capacity=capacity, tolerance=tolerance, certificate=certificate,
-                        sign_key=sign_key)
+                        capacity=capacity, tolerance=tolerance, surface_test=surface_test,
+                        certificate=certificate, sign_key=sign_key)
 
 
 #: How drives are graded and certified (flash, watch, the station).
@@ -306,6 +307,9 @@ grade_options = OptionGroup(
     click.option("--tolerance", type=click.FloatRange(0, 100), default=0.0, metavar="PCT",
                  show_default=True, help="How far from --capacity a drive's size may be, in "
                                          "percent."),
+    click.option("--surface-test", is_flag=True,
+                 help="After verification, write the rest of each drive with a pattern, read "
+                      "it back and clear it (as f3 does): a bad region rejects the drive."),
     click.option("--certificate", "certificate", metavar="DIR",
                  type=click.Path(file_okay=False, path_type=str),
                  help="Write a certificate (JSON) for each drive read back as the image into "

@@ -36,13 +36,14 @@ from popsicle_py.blockdev import (
     write_at,
 )
 from popsicle_py.buffers import aligned_buffer
+from popsicle_py.engine import surface
 from popsicle_py.engine.checks import EndedEarly, Tap, check_extents
 from popsicle_py.engine.config import CHUNK, HEAD, Config
 from popsicle_py.engine.lane import Lane
 from popsicle_py.engine.reader import Reader
 from popsicle_py.engine.ring import Ring
 from popsicle_py.engine.spill import Spill
-from popsicle_py.events import Step
+from popsicle_py.events import Note, Step
 from popsicle_py.messages import BusWriterMessage as Msg
 
 #: Counts ``n`` more bytes of the image as written to a lane (and says so).
@@ -172,6 +173,8 @@ class Finisher:
         stamped = held is not None and head > 0  # since the start (see stamp)
         if config.verify and (lane.stopped or not self._verify(lane, stamp_head=stamped)):
             return
+        if config.surface and config.verify:
+            self._surface(lane)
         if not self.ring.wait_until(lane, lambda: self.ring.vouched):
             return
         if held is not None and head:
@@ -188,6 +191,19 @@ class Finisher:
         if not lane.stopped:
             lane.post(Msg.Completed(lane.id, self.device_sha256.get(lane.id)
                                     if config.verify else None))
+
+    def _surface(self, lane: Lane) -> None:
+        """The rest of the drive tested (raises Rejected: the drive never gets the head)."""
+        size = getattr(lane.dest, "size", None)
+        if not isinstance(size, int) or not size:
+            return
+        image_end = max([start + length for start, length in self.reader.extents]
+                        + [self.config.expected_size or 0])
+        first, last = surface.tested_range(image_end, size)
+        if first < last:
+            lane.post(Note(f"{getattr(lane.dest, 'path', 'the drive')}: surface test of bytes "
+                           f"{first}-{last - 1}"))
+        surface.run(lane, image_end, size, self.config.retries)
 
     def _range_tap(self, lane: Lane, stamp_head: bool) -> Callable[[], Tap] | None:
         """Hashes the image's range as a verify pass reads it back, when the extents cover it

@@ -172,6 +172,11 @@ class BusWriter(Builder):
         """
         return self._run is not None and self._run.reading
 
+    def surface_test(self, enabled: bool = True) -> BusWriter:
+        """With :meth:`finish_each` and verification: test the rest of each drive (see
+        :mod:`.surface`) before its head is written."""
+        return self._set(surface=enabled)
+
     def give_up(self, index: int, error: OSError) -> None:
         """Stop writing destination ``index`` (from the callback's thread): it fails with
         ``error`` and is not written further; never holds the head (that comes last)."""

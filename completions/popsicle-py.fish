@@ -75,6 +75,14 @@ function __popsicle_py_state --description 'popsicle-py: the command, then what 
                             set skip 1
                         case 'flash:--stall-timeout'
                             set skip 1
+                        case 'flash:--min-write-speed'
+                            set skip 1
+                        case 'flash:--min-read-speed'
+                            set skip 1
+                        case 'flash:--capacity'
+                            set skip 1
+                        case 'flash:--tolerance'
+                            set skip 1
                         case 'flash:--certificate'
                             set skip 1
                         case 'flash:--sign-key'
@@ -119,6 +127,14 @@ function __popsicle_py_state --description 'popsicle-py: the command, then what 
                             set skip 1
                         case 'station:--report'
                             set skip 1
+                        case 'station:--min-write-speed'
+                            set skip 1
+                        case 'station:--min-read-speed'
+                            set skip 1
+                        case 'station:--capacity'
+                            set skip 1
+                        case 'station:--tolerance'
+                            set skip 1
                         case 'station:--certificate'
                             set skip 1
                         case 'station:--sign-key'
@@ -136,6 +152,14 @@ function __popsicle_py_state --description 'popsicle-py: the command, then what 
                         case 'watch:--max-size'
                             set skip 1
                         case 'watch:--report'
+                            set skip 1
+                        case 'watch:--min-write-speed'
+                            set skip 1
+                        case 'watch:--min-read-speed'
+                            set skip 1
+                        case 'watch:--capacity'
+                            set skip 1
+                        case 'watch:--tolerance'
                             set skip 1
                         case 'watch:--certificate'
                             set skip 1
@@ -307,6 +331,11 @@ complete -c popsicle-py -n '__popsicle_py_at flash' -l 'checksum-while-writing' 
 complete -c popsicle-py -n '__popsicle_py_at flash' -l 'bucket-size' -x -d 'Size of each buffer in the ring (16M, 4MiB, 1048576).'
 complete -c popsicle-py -n '__popsicle_py_at flash' -l 'buckets' -x -d 'How many buffers may be in flight.'
 complete -c popsicle-py -n '__popsicle_py_at flash' -l 'stall-timeout' -x -d 'Fail a drive that makes no progress for SECONDS.'
+complete -c popsicle-py -n '__popsicle_py_at flash' -l 'min-write-speed' -x -d 'Reject a drive that writes slower than RATE (15MB/s) at steady state (not its first seconds): it is not written further.'
+complete -c popsicle-py -n '__popsicle_py_at flash' -l 'min-read-speed' -x -d 'Reject a drive that reads back slower than RATE at steady state.'
+complete -c popsicle-py -n '__popsicle_py_at flash' -l 'capacity' -x -d 'Reject, before writing, a drive whose size is not SIZE (32GB), within --tolerance.'
+complete -c popsicle-py -n '__popsicle_py_at flash' -l 'tolerance' -x -d 'How far from --capacity a drive\'s size may be, in percent.'
+complete -c popsicle-py -n '__popsicle_py_at flash' -l 'surface-test' -d 'After verification, write the rest of each drive with a pattern, read it back and clear it (as f3 does): a bad region rejects the drive.'
 complete -c popsicle-py -n '__popsicle_py_at flash' -l 'certificate' -r -F -d 'Write a certificate (JSON) for each drive read back as the image into DIR: what was read, which drive, when; `popsicle-py check` re-reads the drive against it later, without the image.'
 complete -c popsicle-py -n '__popsicle_py_at flash' -l 'sign-key' -r -F -d 'Sign each certificate with this OpenSSH key (ssh-keygen -Y sign, namespace popsicle-py; the signature beside it, NAME.json.sig).'
 complete -c popsicle-py -n '__popsicle_py_at flash' -l 'report' -r -F -d 'Append one record per drive to FILE (.csv or .jsonl).'
@@ -371,6 +400,11 @@ complete -c popsicle-py -n '__popsicle_py_at station' -l 'include-present' -d 'A
 complete -c popsicle-py -n '__popsicle_py_at station' -l 'max-size' -x -d 'Skip drives larger than this.'
 complete -c popsicle-py -n '__popsicle_py_at station' -l 'no-probe' -d 'Do not check, before writing, that each drive stores as much as it claims (the counterfeit-stick probe).'
 complete -c popsicle-py -n '__popsicle_py_at station' -l 'report' -r -F -d 'Append one record per drive to FILE (.csv or .jsonl).'
+complete -c popsicle-py -n '__popsicle_py_at station' -l 'min-write-speed' -x -d 'Reject a drive that writes slower than RATE (15MB/s) at steady state (not its first seconds): it is not written further.'
+complete -c popsicle-py -n '__popsicle_py_at station' -l 'min-read-speed' -x -d 'Reject a drive that reads back slower than RATE at steady state.'
+complete -c popsicle-py -n '__popsicle_py_at station' -l 'capacity' -x -d 'Reject, before writing, a drive whose size is not SIZE (32GB), within --tolerance.'
+complete -c popsicle-py -n '__popsicle_py_at station' -l 'tolerance' -x -d 'How far from --capacity a drive\'s size may be, in percent.'
+complete -c popsicle-py -n '__popsicle_py_at station' -l 'surface-test' -d 'After verification, write the rest of each drive with a pattern, read it back and clear it (as f3 does): a bad region rejects the drive.'
 complete -c popsicle-py -n '__popsicle_py_at station' -l 'certificate' -r -F -d 'Write a certificate (JSON) for each drive read back as the image into DIR: what was read, which drive, when; `popsicle-py check` re-reads the drive against it later, without the image.'
 complete -c popsicle-py -n '__popsicle_py_at station' -l 'sign-key' -r -F -d 'Sign each certificate with this OpenSSH key (ssh-keygen -Y sign, namespace popsicle-py; the signature beside it, NAME.json.sig).'
 complete -c popsicle-py -n '__popsicle_py_at station' -s 'y' -l 'yes' -d 'Do not ask for confirmation.'
@@ -401,6 +435,11 @@ complete -c popsicle-py -n '__popsicle_py_at watch' -l 'include-present' -d 'Als
 complete -c popsicle-py -n '__popsicle_py_at watch' -l 'max-size' -x -d 'Skip drives larger than this.'
 complete -c popsicle-py -n '__popsicle_py_at watch' -l 'no-probe' -d 'Do not check, before writing, that each drive stores as much as it claims (the counterfeit-stick probe).'
 complete -c popsicle-py -n '__popsicle_py_at watch' -l 'report' -r -F -d 'Append one record per drive to FILE (.csv or .jsonl).'
+complete -c popsicle-py -n '__popsicle_py_at watch' -l 'min-write-speed' -x -d 'Reject a drive that writes slower than RATE (15MB/s) at steady state (not its first seconds): it is not written further.'
+complete -c popsicle-py -n '__popsicle_py_at watch' -l 'min-read-speed' -x -d 'Reject a drive that reads back slower than RATE at steady state.'
+complete -c popsicle-py -n '__popsicle_py_at watch' -l 'capacity' -x -d 'Reject, before writing, a drive whose size is not SIZE (32GB), within --tolerance.'
+complete -c popsicle-py -n '__popsicle_py_at watch' -l 'tolerance' -x -d 'How far from --capacity a drive\'s size may be, in percent.'
+complete -c popsicle-py -n '__popsicle_py_at watch' -l 'surface-test' -d 'After verification, write the rest of each drive with a pattern, read it back and clear it (as f3 does): a bad region rejects the drive.'
 complete -c popsicle-py -n '__popsicle_py_at watch' -l 'certificate' -r -F -d 'Write a certificate (JSON) for each drive read back as the image into DIR: what was read, which drive, when; `popsicle-py check` re-reads the drive against it later, without the image.'
 complete -c popsicle-py -n '__popsicle_py_at watch' -l 'sign-key' -r -F -d 'Sign each certificate with this OpenSSH key (ssh-keygen -Y sign, namespace popsicle-py; the signature beside it, NAME.json.sig).'
 complete -c popsicle-py -n '__popsicle_py_at watch' -s 'y' -l 'yes' -d 'Do not ask for confirmation.'

@@ -73,7 +73,7 @@ from popsicle_py.images import (
     verify_checksum,
 )
 from popsicle_py.plan import DEFAULT_MAX_AUTO_SIZE
-from popsicle_py.ports import drive_info
+from popsicle_py.ports import drive_info, link_notes, link_of
 from popsicle_py.signals import Cancellation
 from popsicle_py.units import format_size
 
@@ -487,6 +487,8 @@ class WatchSession:
                              seen.info))
         if reason is not None:
             return
+        for note in link_notes([(drive.path, link_of(drive))]):  # a USB 2.0 port: say so
+            self.emit(Note(note))
         seen.thread = threading.Thread(target=self._run_drive, args=(seen,), daemon=True,
                                        name=f"popsicle-watch-{drive.name}")
         self._started.append(seen)

@@ -239,6 +239,8 @@ def test_two_drives_plugged_in_one_after_the_other_are_flashed_verified_and_powe
                          "label": "SanDisk Cruzer Blade", "size": stick.size,
                          "eligible": True, "reason": None, "drive": identity}
         assert run.results()[stick.dev]["drive"] == identity
+        assert any(e["text"].startswith(f"{stick.dev} is on a USB 2.0 link (480 Mbit/s")
+                   for e in run.of("note"))
         assert (run.files[stick.dev] or b"")[: len(data)] == data
         assert run.files[stick.remove_attr] == b"1"
         assert run.of("phase", device=stick.dev, phase="verifying")

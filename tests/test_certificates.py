@@ -17,6 +17,7 @@ import pytest
 
 from tests.conftest import popsicle_cmd
 from tests.loopdev import Loop
+from tests.test_watch import WATCHING, C, Stick, image_file, needs_testbed, result_of, watch
 
 MiB = 1 << 20
 
@@ -202,3 +203,29 @@ def test_the_journal_and_report_keep_device_sha256_and_link_speed(tmp_path: Path
     (found,) = journal_mod.read_records(path)
     assert (found["device_sha256"], found["link_speed"], found["result"]) == (
         "ab" * 32, 480, "ok")
+
+
+@needs_testbed
+@pytest.mark.umockdev
+def test_watch_certifies_and_grades_sticks_as_they_come(tmp_path: Path) -> None:
+    """umockdev sticks plugged in during ``watch``: the one of the right size is written and
+    certified (its port and link in the certificate); the other is rejected before writing."""
+    small = Stick("e", 6, size=32 * MiB)
+    image, data = image_file(tmp_path, 3 * MiB + 1)
+    certs = tmp_path / "certs"
+    run = watch(tmp_path, [str(image), "--yes", "--count", "2", "--no-power-off",
+                           "--capacity", "64MiB", "--certificate", str(certs)],
+                [WATCHING, {"add": C.description}, result_of(C),
+                 {"add": small.description}, result_of(small)],
+                read=(small.dev,))
+    assert run.rc == 1, run.stderr
+    results = run.results()
+    assert results[C.dev]["status"] == "ok"
+    assert results[C.dev]["device_sha256"] == hashlib.sha256(data).hexdigest()
+    assert (results[small.dev]["status"], results[small.dev]["cause"]) == (
+        "rejected", "capacity")
+    assert run.files[small.dev] == b""  # nothing written to it
+    (cert,) = [json.loads(p.read_text()) for p in certs.glob("*.json")]
+    assert cert["drive"]["device"] == C.dev and cert["drive"]["port_path"] == "1-3"
+    assert cert["drive"]["link_speed"] == 480 and cert["drive"]["seq"] == 1
+    assert cert["device"]["sha256"] == hashlib.sha256(data).hexdigest()

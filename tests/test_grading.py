@@ -162,3 +162,26 @@ def test_surface_test_rejects_a_bad_region_past_the_image(
     assert f"bad region at byte {bad}" in result["error"]
     assert drive.read(0, HEAD) != data[:HEAD]  # rejected: never the image's head
     assert drive.read(HEAD, len(data) - HEAD) == data[HEAD:]  # the image was verified first
+
+
+def test_a_drive_slow_to_read_back_is_rejected_without_the_head(
+        loop_factory: Callable[..., Loop], throttle: Callable[..., Callable[[int], None]],
+        tmp_path: Path) -> None:
+    data = os.urandom(24 * MiB)
+    image = tmp_path / "disk.img"
+    image.write_bytes(data)
+    fast = loop_factory(32 * MiB, fill=0x5A)
+    slow = loop_factory(32 * MiB, fill=0x5A)
+    add = throttle((fast, 40_000_000), (slow, 4_000_000))
+    rc, events, stderr = flash(image, fast.path, slow.path,
+                               extra=("--min-read-speed", "15MB/s"),
+                               preexec=lambda: add(os.getpid()))
+    assert rc == 1, stderr
+    found = results(events)
+    assert found[fast.path]["status"] == "ok"
+    bad = found[slow.path]
+    assert (bad["status"], bad["cause"]) == ("rejected", "slow"), bad
+    assert "too slow: reads back at" in bad["error"]
+    assert bad["bytes_written"] == len(data) - HEAD  # written whole, but for the head
+    assert slow.read(HEAD) != data[:HEAD] and slow.read(len(data) - HEAD, HEAD) == data[HEAD:]
+    assert fast.read(len(data)) == data

@@ -76,6 +76,21 @@ def open_certificates(grade: GradeOptions, image: str, checksum: Checksum | None
     return CertificateWriter(grade.certificate, grade.sign_key, name, sha256, place)
 
 
+def open_sinks(grade: GradeOptions, report: str | None, image: str,
+               checksum: Checksum | None, *, verify: bool
+               ) -> tuple[Report | None, CertificateWriter | None]:
+    """The certificate writer and the report file, both opened before anything is written
+    (either refused: neither is left open)."""
+    check_grade(grade, verify=verify)
+    certificates = open_certificates(grade, image, checksum, verify=verify)
+    try:
+        return open_report(report, image, checksum), certificates
+    except Refused:
+        if certificates is not None:
+            certificates.close()
+        raise
+
+
 def emitter(view: View, report: Report | None) -> Emit:
     """Feed the report, then the view; a report that cannot be written says so in the view
     (a line on stderr would break a live display), once, and the drives go on."""

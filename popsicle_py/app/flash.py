@@ -19,10 +19,8 @@ from popsicle_py.app.access import require_access
 from popsicle_py.app.common import (
     cancelled_before_writing,
     capacity_notes,
-    check_grade,
     emitter,
-    open_certificates,
-    open_report,
+    open_sinks,
     speed_rule,
 )
 from popsicle_py.app.confirm import Confirmation, target_rows
@@ -182,7 +180,6 @@ def prepare_flash(request: FlashRequest) -> PreparedFlash:
         raise Refused([*exc.notes, *exc.lines]) from None
     if image_note is not None:
         plan = dataclasses.replace(plan, notes=(image_note, *plan.notes))
-    check_grade(request.grade, verify=write.verify)
     links = [*link_notes([(d.path, link_of(d)) for d in plan.targets]),
              *capacity_notes(request.grade, plan.targets)]
     if links:
@@ -191,12 +188,6 @@ def prepare_flash(request: FlashRequest) -> PreparedFlash:
     if request.grade.certificate is not None and block_map is not None:
         raise Refused([f"--certificate needs the whole image read back, and the block map "
                        f"{block_map.path} leaves holes unread: give --no-bmap"])
-    certificates = open_certificates(request.grade, source.image.path, source.checksum,
-                                     verify=write.verify)
-    try:
-        report = open_report(request.report, source.image.path, source.checksum)
-    except Refused:
-        if certificates is not None:
-            certificates.close()
-        raise
+    report, certificates = open_sinks(request.grade, request.report, source.image.path,
+                                      source.checksum, verify=write.verify)
     return PreparedFlash(request, source, plan, block_map, report, certificates)

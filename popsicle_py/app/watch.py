@@ -8,13 +8,7 @@ from popsicle_py import drives, events
 from popsicle_py import watch as watch_mod
 from popsicle_py.app import sources
 from popsicle_py.app.access import require_future_access
-from popsicle_py.app.common import (
-    check_grade,
-    emitter,
-    open_certificates,
-    open_report,
-    speed_rule,
-)
+from popsicle_py.app.common import emitter, open_sinks, speed_rule
 from popsicle_py.app.confirm import Confirmation, target_rows
 from popsicle_py.app.requests import WatchRequest
 from popsicle_py.certify.writer import CertificateWriter
@@ -130,13 +124,6 @@ def prepare_watch(request: WatchRequest) -> PreparedWatch:
                         if watch_mod.ineligibility(d, source.image.size, request.max_size)
                         is None)
     udev_note = drives.udev_hint()
-    check_grade(request.grade, verify=request.verify)
-    certificates = open_certificates(request.grade, source.image.path, source.checksum,
-                                     verify=request.verify)
-    try:
-        report = open_report(request.report, source.image.path, source.checksum)
-    except Refused:
-        if certificates is not None:
-            certificates.close()
-        raise
+    report, certificates = open_sinks(request.grade, request.report, source.image.path,
+                                      source.checksum, verify=request.verify)
     return PreparedWatch(request, source, present, udev_note, image_note, report, certificates)

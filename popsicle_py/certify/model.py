@@ -26,6 +26,7 @@ NAMESPACE = "popsicle-py"
 #: A certificate larger than this is not one of ours (16 TB in 1 MiB chunks is ~1 GB of JSON).
 MAX_BYTES = 256 << 20
 
+_PLACE = "\0chunks\0"  # where the chunks go in the text (a string no JSON value here holds)
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _XXH128 = re.compile(r"[0-9a-f]{32}")
 
@@ -82,8 +83,12 @@ class Certificate:
         }
 
     def text(self) -> str:
-        """The file's bytes as text: stable key order, one line per chunk kept short."""
-        return json.dumps(self.to_json(), indent=1) + "\n"
+        """The file's bytes as text: one key a line, and one line per chunk."""
+        data = self.to_json()
+        chunks = data["device"]["chunks"]
+        data["device"]["chunks"] = _PLACE
+        rows = ",\n   ".join(json.dumps(c) for c in chunks)
+        return json.dumps(data, indent=1).replace(json.dumps(_PLACE), f"[\n   {rows}\n  ]") + "\n"
 
 
 def chunks_from_digests(extents: Sequence[tuple[int, int]], digests: Sequence[bytes]

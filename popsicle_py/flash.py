@@ -323,10 +323,11 @@ class FlashJob(_Job):
                 case BusWriterMessage.Written(bytes_written=n):
                     drive.written = n
                     self.emit(Progress(drive.path, Step.WRITING, n + drive.skipped, total))
-                    self._judge(drive, "write", n)
+                    self._judge(drive, "write", n + drive.skipped)
                 case BusWriterMessage.Skipped(bytes_skipped=n):
                     drive.skipped = n
                     self.emit(Progress(drive.path, Step.WRITING, drive.written + n, total))
+                    self._judge(drive, "write", drive.written + n)  # its pace through it
                 case BusWriterMessage.Stage(step=step):
                     self.emit(Phase(drive.path, step))
                 case BusWriterMessage.Verified(bytes_read=n):

@@ -64,14 +64,16 @@ class SpeedJudge:
     phase: str = ""
     started: float = 0.0
     samples: deque[tuple[float, int]] = field(default_factory=deque)
+    last: int = 0
 
     def feed(self, phase: str, done: int, now: float) -> str | None:
         """``done`` bytes of ``phase`` ("write" or "read") at ``now``: why the drive is too
         slow, once that is clear, else None."""
         minimum = self.rule.min_write if phase == "write" else self.rule.min_read
-        if phase != self.phase:
+        if phase != self.phase or done < self.last:  # a new pass (the head read back alone)
             self.phase, self.started = phase, now
             self.samples.clear()
+        self.last = done
         if minimum is None or now - self.started < self.rule.warmup:
             return None
         self.samples.append((now, done))

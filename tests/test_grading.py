@@ -47,6 +47,15 @@ def test_a_fast_drive_and_a_short_phase_are_never_rejected() -> None:
     assert judge.feed("read", 1, 10.0) is None and judge.feed("read", 2, 11.9) is None
 
 
+def test_a_new_pass_starts_its_own_warm_up() -> None:
+    """The head, read back alone after a long verification, counts from 0 again: not a drive
+    that went backwards (a negative speed would reject every drive whose check took > 5 s)."""
+    judge = SpeedJudge(SpeedRule(min_read=10 * MiB))
+    assert all(judge.feed("read", i * 5 * MiB, i / 10) is None for i in range(100))
+    assert judge.feed("read", 64 << 10, 10.0) is None
+    assert judge.feed("read", 64 << 10, 16.0) is None  # warm-up again: never judged
+
+
 def test_capacity_rule() -> None:
     gb = 1000**3
     assert capacity_verdict(31 * gb, 32 * gb, 5) is None
@@ -185,3 +194,20 @@ def test_a_drive_slow_to_read_back_is_rejected_without_the_head(
     assert bad["bytes_written"] == len(data) - HEAD  # written whole, but for the head
     assert slow.read(HEAD) != data[:HEAD] and slow.read(len(data) - HEAD, HEAD) == data[HEAD:]
     assert fast.read(len(data)) == data
+
+
+def test_a_drive_above_the_minimums_is_never_rejected_however_long_its_passes(
+        loop_factory: Callable[..., Loop], throttle: Callable[..., Callable[[int], None]],
+        tmp_path: Path) -> None:
+    """Writing and verifying both last long enough to be judged (> 5 s), and the head is read
+    back alone at the end: a steady 4 MB/s drive passes minimums of 2 MB/s."""
+    data = os.urandom(24 * MiB)
+    image = tmp_path / "disk.img"
+    image.write_bytes(data)
+    loop = loop_factory(32 * MiB, fill=0x5A)
+    add = throttle((loop, 4_000_000))
+    rc, events, stderr = flash(image, loop.path,
+                               extra=("--min-write-speed", "2MB/s", "--min-read-speed", "2MB/s"),
+                               preexec=lambda: add(os.getpid()))
+    assert rc == 0, (stderr, results(events))
+    assert loop.read(len(data)) == data

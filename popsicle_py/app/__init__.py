@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 from popsicle_py.app.requests import (
     EngineOptions,
     FlashRequest,
+    GradeOptions,
     ProbeRequest,
     SourceOptions,
     TargetOptions,
@@ -66,6 +67,7 @@ _LAZY = {
 
 __all__ = [
     "CheckRequest", "Confirmation", "DriveListing", "EngineOptions", "FlashRequest",
+    "GradeOptions",
     "PreparedCheck", "PreparedFlash", "PreparedProbe", "PreparedVerify", "PreparedWatch",
     "ProbeRequest", "SourceOptions", "TargetOptions", "TargetRow", "VerifyRequest",
     "WatchRequest", "WriteOptions", "cache_entries", "clean_cache", "exit_status",

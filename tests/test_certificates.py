@@ -229,3 +229,25 @@ def test_watch_certifies_and_grades_sticks_as_they_come(tmp_path: Path) -> None:
     assert cert["drive"]["device"] == C.dev and cert["drive"]["port_path"] == "1-3"
     assert cert["drive"]["link_speed"] == 480 and cert["drive"]["seq"] == 1
     assert cert["device"]["sha256"] == hashlib.sha256(data).hexdigest()
+
+
+@pytest.mark.parametrize("compressed", [False, True], ids=["raw", "xz"])
+def test_the_image_sha256_of_a_certificate_is_the_image_s(
+        loop_factory: Callable[..., Loop], tmp_path: Path, compressed: bool) -> None:
+    """A published SHA-256 is of the file: a certificate gives it as the image's only when the
+    file is the image (not of an .xz, whose bytes no drive holds)."""
+    data = os.urandom(2 * MiB + 1)
+    image = tmp_path / "disk.img"
+    image.write_bytes(lzma.compress(data, preset=0) if compressed else data)
+    if compressed:
+        image = image.rename(tmp_path / "disk.img.xz")
+    published = hashlib.sha256(image.read_bytes()).hexdigest()
+    loop = loop_factory(4 * MiB, fill=0x5A)
+    certs = tmp_path / "certs"
+    done = popsicle("flash", image, loop.path, "--yes", "--no-probe", "--sha256", published,
+                    "--certificate", certs)
+    assert done.returncode == 0, done.stdout + done.stderr
+    (cert,) = [json.loads(p.read_text()) for p in certs.glob("*.json")]
+    assert cert["image"]["sha256"] == (None if compressed else published)
+    assert cert["device"]["sha256"] == hashlib.sha256(data).hexdigest()
+    assert cert["image"]["size"] == len(data)

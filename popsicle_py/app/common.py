@@ -59,7 +59,7 @@ def capacity_notes(grade: GradeOptions, drives: Sequence[Drive]) -> list[str]:
 
 
 def open_certificates(grade: GradeOptions, image: str, checksum: Checksum | None, *,
-                      verify: bool,
+                      verify: bool, compressed: bool = False,
                       place: Place | None = None) -> CertificateWriter | None:
     """The --certificate writer, made before anything is written: the directory opened, the
     --sign-key tried; a certificate needs the drives read back."""
@@ -70,19 +70,21 @@ def open_certificates(grade: GradeOptions, image: str, checksum: Checksum | None
     if not verify:
         raise Refused(["--certificate and --no-verify contradict each other: a certificate "
                        "says what was read back from the drive"])
+    # A published digest is of the file: of the image only when the file is not compressed.
     sha256 = checksum.hexdigest.lower() if checksum is not None and checksum.algo == "sha256" \
-        else None
+        and not compressed else None
     name = image if "://" in image else os.path.basename(image)
     return CertificateWriter(grade.certificate, grade.sign_key, name, sha256, place)
 
 
 def open_sinks(grade: GradeOptions, report: str | None, image: str,
-               checksum: Checksum | None, *, verify: bool
+               checksum: Checksum | None, *, verify: bool, compressed: bool
                ) -> tuple[Report | None, CertificateWriter | None]:
     """The certificate writer and the report file, both opened before anything is written
     (either refused: neither is left open)."""
     check_grade(grade, verify=verify)
-    certificates = open_certificates(grade, image, checksum, verify=verify)
+    certificates = open_certificates(grade, image, checksum, verify=verify,
+                                     compressed=compressed)
     try:
         return open_report(report, image, checksum), certificates
     except Refused:

@@ -189,5 +189,6 @@ def prepare_flash(request: FlashRequest) -> PreparedFlash:
         raise Refused([f"--certificate needs the whole image read back, and the block map "
                        f"{block_map.path} leaves holes unread: give --no-bmap"])
     report, certificates = open_sinks(request.grade, request.report, source.image.path,
-                                      source.checksum, verify=write.verify)
+                                      source.checksum, verify=write.verify,
+                                      compressed=source.image.compressed)
     return PreparedFlash(request, source, plan, block_map, report, certificates)

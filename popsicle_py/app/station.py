@@ -88,7 +88,8 @@ class PreparedStation:
                                        request.operator or None,
                                        slot_map.label_of if slot_map is not None
                                        else lambda port: port)
-            certificates.image_sha256 = certificates.image_sha256 or sha256 or None
+            if not watch.image.compressed:  # the file's digest is the image's
+                certificates.image_sha256 = certificates.image_sha256 or sha256 or None
 
     @property
     def notes(self) -> tuple[str, ...]:

@@ -125,5 +125,6 @@ def prepare_watch(request: WatchRequest) -> PreparedWatch:
                         is None)
     udev_note = drives.udev_hint()
     report, certificates = open_sinks(request.grade, request.report, source.image.path,
-                                      source.checksum, verify=request.verify)
+                                      source.checksum, verify=request.verify,
+                                      compressed=source.image.compressed)
     return PreparedWatch(request, source, present, udev_note, image_note, report, certificates)

@@ -121,6 +121,8 @@ class FlashOptions:
     #: ``certify(result, evidence, started)`` for each drive verified ok: writes its
     #: certificate (:class:`popsicle_py.certify.writer.CertificateWriter`), returns the path.
     certify: Certify | None = None
+    #: Raises once the source is read if it cannot vouch for it (a master drive written to).
+    source_check: Callable[[], None] | None = None
 
 
 def open_targets(drives: Sequence[D], *, for_writing: bool = True,
@@ -149,6 +151,18 @@ def open_targets(drives: Sequence[D], *, for_writing: bool = True,
             device.close()
         raise OpenError(problems)
     return opened
+
+
+def _both(*checks: Callable[[], None] | None) -> Callable[[], None] | None:
+    """One vouching check made of those given (None: none to make)."""
+    given = [c for c in checks if c is not None]
+    if len(given) <= 1:
+        return given[0] if given else None
+
+    def check() -> None:
+        for c in given:
+            c()
+    return check
 
 
 class _Drive:
@@ -373,7 +387,7 @@ class FlashJob(_Job):
                 .prepare_each(options.probe)
                 .spill_to(options.spill_dir)
                 .surface_test(options.surface)
-                .vouch(tap.vouch if tap is not None else None)
+                .vouch(_both(tap.vouch if tap is not None else None, options.source_check))
                 .finish_each(verify=options.verify, repairs=options.repair_attempts,
                              source_at=None if self.image.seekable_raw
                              else getattr(self.image, "read_at", None))

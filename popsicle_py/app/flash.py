@@ -32,6 +32,7 @@ from popsicle_py.drives import still_same
 from popsicle_py.errors import Refused
 from popsicle_py.flash import FlashJob, FlashOptions, open_targets
 from popsicle_py.grading import capacity_check, chain
+from popsicle_py.master import Stillness
 from popsicle_py.plan import Plan, make_plan, unmount_targets
 from popsicle_py.ports import drive_info, link_notes, link_of
 from popsicle_py.protocols import View
@@ -148,6 +149,8 @@ class PreparedFlash:
                             capacity_probe(size, engine.bucket_size) if write.probe else None),
                 speeds=speed_rule(grade), surface=grade.surface_test,
                 certify=None if self.certificates is None else self.certificates.certify)
+            if sources.is_drive(image.path):  # a master drive: written to meanwhile, all fail
+                options = dataclasses.replace(options, source_check=Stillness(image.path).check)
             job = FlashJob(image, opened, options, emit, cancel, self.infos)
             sources.attach(image, job.relay, cancel)  # download news from the reader thread
             summary = job.run()
@@ -170,6 +173,7 @@ def prepare_flash(request: FlashRequest) -> PreparedFlash:
         raise Refused([f"--bmap {write.bmap} and --no-bmap contradict each other; give one"])
     try:
         source = sources.open_source(request.source)
+        sources.require_still(source.image.path)
         image_note = sources.sanity_note(source, request.source.image, request.source.force)
         block_map = sources.block_map(source.image, write.bmap, write.no_bmap)
         size = source.image.size if block_map is None else block_map.image_size

@@ -11,6 +11,7 @@ from __future__ import annotations
 import pyudev
 
 from popsicle_py.drives import Drive
+from popsicle_py.drives.udev import udev_context
 from popsicle_py.events import DriveInfo
 
 
@@ -20,7 +21,7 @@ def usb_port_path(name: str, context: pyudev.Context | None = None) -> str | Non
     Found by name, not number: /sys/dev/block links are missing under umockdev.
     """
     try:
-        device = pyudev.Devices.from_name(context or pyudev.Context(), "block", name)
+        device = pyudev.Devices.from_name(context or udev_context(), "block", name)
         usb = device.find_parent("usb", "usb_device")
     except (pyudev.DeviceNotFoundError, OSError, ValueError, KeyError):
         return None

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import re
 import stat
+import threading
 
 import pyudev
 
@@ -38,6 +39,17 @@ from popsicle_py.identity import not_confirmed, same_media
 
 _sys_dev = sysfs.block_dir
 _read = sysfs.read
+_local = threading.local()
+
+
+def udev_context() -> pyudev.Context:
+    """This thread's libudev context, made once: pyudev loads libudev for each new one by
+    running ``ldconfig -p`` (a process, several ms), which per drive and per check added up
+    to a third of a second before the first write with 32 drives."""
+    context: pyudev.Context | None = getattr(_local, "context", None)
+    if context is None:
+        context = _local.context = pyudev.Context()
+    return context
 
 def decode_udev(value: str) -> str:
     r"""Undo udev's ``\x20`` escapes in *_ENC properties."""
@@ -212,7 +224,7 @@ def discover(context: pyudev.Context | None = None, *, include_all: bool = False
     a drive they expected is not offered; loop devices attached to nothing are not (they are
     free slots, not disks).  Sorted as the kernel numbers them (loop2 before loop10).
     """
-    context = context or pyudev.Context()
+    context = context or udev_context()
     facts = facts or gather_facts(image_path)
     drives: list[Drive] = []
     for device in context.list_devices(subsystem="block", DEVTYPE="disk"):
@@ -266,7 +278,7 @@ def drive_for_path(path: str, *, image_path: str | None = None,
     sys_path = _sys_dev(st.st_rdev)
     if not os.path.exists(sys_path):
         raise TargetError(path, f"{shown} is a block device the kernel does not list in sysfs")
-    context = context or pyudev.Context()
+    context = context or udev_context()
     try:
         # The resolved path, as libudev would resolve it; under umockdev only the resolved
         # one is the testbed's when the host has a device of the same number.
@@ -301,7 +313,7 @@ def media_identity(path: str, *, context: pyudev.Context | None = None) -> Media
     is_loop = False
     if devnum and os.path.exists(sys_path):
         try:
-            device = pyudev.Devices.from_sys_path(context or pyudev.Context(), sys_path)
+            device = pyudev.Devices.from_sys_path(context or udev_context(), sys_path)
         except pyudev.DeviceNotFoundError:
             device = None
         if device is not None:

@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
-from popsicle_py import blockdev
+from popsicle_py import blockdev, failures
 from popsicle_py.blockdev import BlockDevice, OpenSpec
 from popsicle_py.bmap import Bmap
 from popsicle_py.engine import (
@@ -121,7 +121,7 @@ def open_targets(drives: Sequence[D], *, for_writing: bool = True,
             opener = blockdev.open_for_writing if for_writing else blockdev.open_for_reading
             opened.append(blockdev.confirmed(opener(spec), getattr(drive, "identity", None)))
         except OSError as exc:
-            problems.append(blockdev.describe_error(exc, drive.path))
+            problems.append(failures.describe_error(exc, drive.path))
     if problems:
         for device in opened:
             device.close()
@@ -192,7 +192,7 @@ class _Job:
                            drive=drive.info)
 
     def _fail(self, drive: _Drive, exc: BaseException) -> None:
-        why = blockdev.failure(exc, drive.path)
+        why = failures.failure(exc, drive.path)
         self._end(drive, Status.FAILED, why.text, cause=why.cause)
 
     def _cancel_rest(self) -> None:
@@ -322,16 +322,16 @@ class FlashJob(_Job):
         source = None
         tap = self._tap()
         try:
-            writer = BusWriter(self, [d.device for d in self.drives], on_message, self.cancel)
+            writer = BusWriter(None, [d.device for d in self.drives], on_message, self.cancel)
             with self._lock:
                 for event in self._early:
                     writer.post(event)
                 self._early.clear()
                 self._writer = writer
             source = self.image.open() if tap is None else self.image.open(tap)
-            writer.source = source
             (
-                writer.bucket_size(options.bucket_size)
+                writer.from_source(source)
+                .bucket_size(options.bucket_size)
                 .buckets(options.buckets)
                 .stall_timeout(options.stall_timeout)
                 .skip_identical(options.skip_identical)
@@ -421,8 +421,7 @@ class VerifyJob(_Job):
         source = None
         try:
             source = self.image.open()
-            self._verifier.source = source
-            self._verifier.stall_timeout(self.stall_timeout).verify()
+            self._verifier.from_source(source).stall_timeout(self.stall_timeout).verify()
         except Cancelled:
             self._cancel_rest()
         except Exception as exc:

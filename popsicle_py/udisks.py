@@ -140,7 +140,7 @@ def errno_of(message: str) -> int | None:
 def describe_refusal(name: str, message: str, what: str, path: str) -> OSError:
     """The error for a udisks error reply: polkit's refusals as one line (:class:`UdisksError`),
     the kernel's refusals as a plain OSError with their errno, which
-    :func:`popsicle_py.blockdev.describe_error` words as for root (busy, read-only...).
+    :func:`popsicle_py.failures.describe_error` words as for root (busy, read-only...).
 
     ``what`` is the verb ("open", "unmount", "power off").
     """

@@ -36,7 +36,7 @@ def error(line: str) -> None:
 
 def json_refusal(lines: Sequence[str]) -> None:
     """A script asked for JSON: its last line is a summary, even when nothing ran."""
-    from popsicle_py.view import JsonView
+    from popsicle_py.view_json import JsonView
 
     view = JsonView()
     for line in lines:

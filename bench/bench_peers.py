@@ -188,13 +188,14 @@ def part_a(bench: Bench, codes: list[Code], sizes: list[int], rounds: dict[int, 
                               "exit after last result s", "peak RSS MiB"], details))
 
 
-def part_b(bench: Bench, codes: list[Code], size: int, rounds: int, tmp: Path) -> str:
+def part_b(bench: Bench, codes: list[Code], size: int, rounds: int, tmp: Path,
+           scale: tuple[int, ...] = SCALE) -> str:
     image = tmp / "image-scale"
     random_file(image, size)
-    devices = [bench.loop(tmp / f"b{i}", size) for i in range(max(SCALE))]
+    devices = [bench.loop(tmp / f"b{i}", size) for i in range(max(scale))]
     limit = size / WRITE_B + size / READ_B
     rows = []
-    for n in SCALE:
+    for n in scale:
         cg = bench.cgroup(f"b{n}")
         for dev in devices[:n]:
             throttle_rw(cg, dev, WRITE_B, READ_B)
@@ -206,17 +207,21 @@ def part_b(bench: Bench, codes: list[Code], size: int, rounds: int, tmp: Path) -
                          med(rs, first_write) if mine else None,
                          med(rs, longest_verify) if mine else None,
                          med(rs, exit_after_last) if mine else None,
-                         med(rs, lambda r: r.time_v_rss_mib()) if mine else None])
+                         med(rs, lambda r: r.time_v_rss_mib()) if mine else None,
+                         median(r.cpu for r in rs)])
     return (f"(b) scale: {size // MiB} MiB image, {WRITE_B // MB} MB/s write, {READ_B // MB} "
             f"MB/s read each, {rounds} rounds, medians; limit {limit:.2f} s\n"
             + table(["drives", "method", "wall / limit", "first write s",
-                     "longest verify s", "exit after last result s", "peak RSS MiB"], rows))
+                     "longest verify s", "exit after last result s", "peak RSS MiB",
+                     "CPU s"], rows))
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_run_options(parser, old_rounds=3)
     parser.add_argument("--parts", default="ab", help="a (peers), b (scale) or ab")
+    parser.add_argument("--drives", default=",".join(map(str, SCALE)),
+                        help="part b's drive counts (default %(default)s)")
     args = parser.parse_args()
     rounds = args.rounds or (1 if args.quick else 3)
     sizes = [64 * MiB] if args.quick else [256 * MiB, 1 << 30]
@@ -229,7 +234,9 @@ def main() -> int:
         if "a" in args.parts:
             out.append(part_a(bench, codes, sizes, per_size, tmp))
         if "b" in args.parts:
-            out.append(part_b(bench, codes, 32 * MiB if args.quick else 128 * MiB, rounds, tmp))
+            scale = tuple(int(n) for n in args.drives.split(","))
+            out.append(part_b(bench, codes, 32 * MiB if args.quick else 128 * MiB, rounds, tmp,
+                              scale))
         lines, same = version_report(before, versions(codes))
         print("\n".join(lines) + "\n\n" + "\n\n".join(out))
     return 0 if same else 1

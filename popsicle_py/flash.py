@@ -22,7 +22,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from popsicle_py import blockdev, failures
 from popsicle_py.blockdev import BlockDevice, OpenSpec
@@ -38,6 +38,7 @@ from popsicle_py.engine import (
 from popsicle_py.errors import Refused
 from popsicle_py.events import (
     Cause,
+    Download,
     DriveInfo,
     DriveResult,
     Event,
@@ -52,8 +53,16 @@ from popsicle_py.events import (
     Summary,
 )
 from popsicle_py.images import Checksum, ChecksumTap
-from popsicle_py.messages import BusVerifierMessage, BusWriterMessage
+from popsicle_py.messages import (
+    BusVerifierMessage,
+    BusWriterMessage,
+    VerifierMessage,
+    WriterMessage,
+)
 from popsicle_py.protocols import Source
+
+if TYPE_CHECKING:
+    from popsicle_py.probe import ProbeResult
 
 log = logging.getLogger(__name__)
 
@@ -287,7 +296,7 @@ class FlashJob(_Job):
         options = self.options
         total = self.total
 
-        def on_message(msg: Any) -> None:
+        def on_message(msg: WriterMessage | Phase | Progress | Note | Download) -> None:
             drive = self.drives[getattr(msg, "id", 0)]
             match msg:
                 case BusWriterMessage.Written(bytes_written=n):
@@ -310,7 +319,7 @@ class FlashJob(_Job):
                     self._fail(drive, why)
                 case BusWriterMessage.Completed():
                     self._end(drive, Status.OK)
-                case Phase() | Progress() | Note():  # relayed: the download's own news
+                case Phase() | Progress() | Note() | Download():  # relayed: the download's news
                     self.emit(msg)
                 case BusWriterMessage.LockStep(reason=reason):
                     self.emit(Note(f"every drive goes at the slowest one's pace from here on: "
@@ -394,8 +403,8 @@ class VerifyJob(_Job):
         """From any thread (a download's progress): emitted on the job's own thread, in order."""
         self._verifier.post(event)
 
-    def _on_message(self, msg: Any) -> None:
-        if isinstance(msg, (Phase, Progress, Note)):
+    def _on_message(self, msg: VerifierMessage | Phase | Progress | Note | Download) -> None:
+        if isinstance(msg, (Phase, Progress, Note, Download)):
             self.emit(msg)
             return
         drive = self.drives[msg.id]
@@ -475,7 +484,7 @@ class ProbeJob(_Job):
             self._end(drive, Status.FAILED, f"{drive.path}: did not finish", cause=Cause.ERROR)
         return self._summary()
 
-    def _on_message(self, msg: Any) -> None:
+    def _on_message(self, msg: _Probed | BusWriterMessage.Errored) -> None:
         drive = self.drives[msg.id]
         if isinstance(msg, BusWriterMessage.Errored):
             self._fail(drive, msg.why)
@@ -496,4 +505,4 @@ class ProbeJob(_Job):
 @dataclass(frozen=True)
 class _Probed:
     id: int
-    result: Any
+    result: ProbeResult

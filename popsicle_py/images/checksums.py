@@ -13,7 +13,7 @@ import os
 import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from popsicle_py.errors import Cancelled
 from popsicle_py.images.files import ImageError, open_file
@@ -31,7 +31,7 @@ __all__ = [
     "verify_checksum",
 ]
 
-_HASH_READ_SIZE = 8 << 20  # per read when hashing the download
+_HASH_READ_SIZE = 1 << 20  # per read when hashing: a cancel is seen within one (a slow disk)
 _HEX_LENGTHS = {"sha1": 40, "sha256": 64, "sha512": 128, "blake2b": 128}
 _HEX = re.compile(r"[0-9a-fA-F]+")
 
@@ -53,7 +53,15 @@ class Checksum:
     source: str
 
 
-def new_hasher(checksum: Checksum) -> Any:  # hashlib's objects share no public type
+class Hasher(Protocol):
+    """What a hashlib object is to us (hashlib's objects share no public type)."""
+
+    def update(self, data: bytes | memoryview, /) -> None: ...
+
+    def hexdigest(self) -> str: ...
+
+
+def new_hasher(checksum: Checksum) -> Hasher:
     """A fresh hash object of the checksum's algorithm (and digest length, for blake2b)."""
     if checksum.algo == "blake2b":  # b2sum -l N gives shorter digests
         return hashlib.blake2b(digest_size=len(checksum.hexdigest) // 2)
@@ -287,7 +295,7 @@ class ChecksumTap:
 class _HashingFile(io.RawIOBase):
     """A raw file whose sequential reads are hashed; used by :class:`ChecksumTap`."""
 
-    def __init__(self, raw: io.FileIO, hasher: Any) -> None:
+    def __init__(self, raw: io.FileIO, hasher: Hasher) -> None:
         super().__init__()
         self._raw = raw
         self._hasher = hasher

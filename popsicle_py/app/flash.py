@@ -21,7 +21,7 @@ from popsicle_py.app.confirm import Confirmation, target_rows
 from popsicle_py.app.requests import FlashRequest
 from popsicle_py.blockdev import BlockDevice
 from popsicle_py.bmap import Bmap
-from popsicle_py.drives import still_same
+from popsicle_py.drives import still_same_each
 from popsicle_py.errors import Refused
 from popsicle_py.flash import FlashJob, FlashOptions, open_targets
 from popsicle_py.plan import Plan, make_plan, unmount_targets
@@ -121,7 +121,7 @@ class PreparedFlash:
                     unmount_targets(self.plan)
                 if cancel():
                     return self._cancelled(emit, view)
-                opened = open_targets(self.plan.targets, check=still_same)
+                opened = open_targets(self.plan.targets, check=still_same_each())
             except Refused:
                 if cancel():
                     return self._cancelled(emit, view)

@@ -28,7 +28,7 @@ from popsicle_py.app.requests import FlashRequest
 from popsicle_py.blockdev import BlockDevice
 from popsicle_py.bmap import Bmap
 from popsicle_py.certify.writer import CertificateWriter
-from popsicle_py.drives import still_same
+from popsicle_py.drives import still_same_each
 from popsicle_py.errors import Refused
 from popsicle_py.flash import FlashJob, FlashOptions, open_targets
 from popsicle_py.grading import capacity_check, chain
@@ -133,7 +133,7 @@ class PreparedFlash:
                     unmount_targets(self.plan)
                 if cancel():
                     return self._cancelled(emit, view)
-                opened = open_targets(self.plan.targets, check=still_same)
+                opened = open_targets(self.plan.targets, check=still_same_each())
             except Refused:
                 if cancel():
                     return self._cancelled(emit, view)

@@ -1,0 +1,197 @@
+"""Writing one drive's files into its boot partition, and proving what changed.
+
+mtools (``mcopy -i DEVICE@@OFFSET``) writes: it is the FAT implementation Debian, U-Boot's
+and Yocto's tooling and Raspberry Pi's own image builders use, it works on a device at an
+offset without a mount or a partition device node (the partition table is still the engine's
+stamp at this point: the head is written last), and needs no root.  Python's FAT libraries
+(pyfatfs) are young and little used.  Then, from the device itself:
+
+1. every 4 KiB block of the partition that changed lies in the FAT, FSInfo, the root directory
+   or the clusters of the files written (the rest is still the image's, which the engine
+   verified just before), and no cluster of another file changed owner;
+2. the files read back through :mod:`popsicle_py.settings.fat` (no mtools code) are the bytes
+   meant;
+3. ``fsck.vfat -n`` on a read-only loop device over the partition finds nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import tempfile
+from collections.abc import Mapping
+
+from popsicle_py.settings.fat import (
+    BootPartition,
+    FatError,
+    FatGeometry,
+    chain,
+    geometry,
+    read_fat,
+    root_clusters,
+    root_entries,
+    root_files,
+)
+
+__all__ = ["BLOCK", "BootFsError", "files_digest", "write_boot_files"]
+
+BLOCK = 4096
+CHUNK = 4 << 20
+TIMEOUT = 120.0
+
+
+class BootFsError(RuntimeError):
+    """The boot partition could not be written, or did not read back right: the drive failed."""
+
+
+def files_digest(files: Mapping[str, bytes]) -> str:
+    """One SHA-256 over the files' names and contents (sorted), for the records."""
+    h = hashlib.sha256()
+    for name in sorted(files):
+        h.update(name.encode() + b"\0" + len(files[name]).to_bytes(8, "big"))
+        h.update(files[name])
+    return h.hexdigest()
+
+
+class _Device:
+    """Positional reads of one partition, from the medium (clean pages dropped first)."""
+
+    def __init__(self, path: str, part: BootPartition) -> None:
+        self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        self.part = part
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+    def drop_cache(self) -> None:
+        os.fsync(self.fd)
+        os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_DONTNEED)
+
+    def read(self, offset: int, length: int) -> bytes:
+        data = os.pread(self.fd, length, self.part.offset + offset)
+        if len(data) != length:
+            raise BootFsError(f"short read at {self.part.offset + offset} of the boot partition")
+        return data
+
+    def block_digests(self, size: int) -> list[bytes]:
+        out: list[bytes] = []
+        for at in range(0, size, CHUNK):
+            data = self.read(at, min(CHUNK, size - at))
+            out.extend(hashlib.blake2b(data[i:i + BLOCK], digest_size=16).digest()
+                       for i in range(0, len(data), BLOCK))
+        return out
+
+
+def _run(argv: list[str], what: str) -> subprocess.CompletedProcess[str]:
+    try:
+        return subprocess.run(argv, capture_output=True, text=True, timeout=TIMEOUT,
+                              env={**os.environ, "MTOOLS_SKIP_CHECK": "1", "LC_ALL": "C"},
+                              check=False)
+    except FileNotFoundError:
+        raise BootFsError(f"{what}: {argv[0]} is not installed") from None
+    except subprocess.TimeoutExpired:
+        raise BootFsError(f"{what}: {argv[0]} did not finish in {TIMEOUT:.0f} s") from None
+
+
+def _mcopy(device: str, part: BootPartition, files: Mapping[str, bytes]) -> None:
+    with tempfile.TemporaryDirectory(prefix="popsicle-boot-") as tmp:
+        paths = []
+        for name, data in files.items():
+            path = os.path.join(tmp, name)
+            with open(path, "wb") as handle:
+                handle.write(data)
+            paths.append(path)
+        done = _run(["mcopy", "-o", "-i", f"{device}@@{part.offset}", *paths, "::/"],
+                    "writing the boot partition")
+    if done.returncode != 0:
+        raise BootFsError("mcopy failed: " + (done.stderr.strip().splitlines() or ["?"])[-1])
+
+
+def _fsck(device: str, part: BootPartition) -> None:
+    done = _run(["losetup", "--read-only", "--find", "--show", "--offset", str(part.offset),
+                 "--sizelimit", str(part.size), device], "checking the boot partition")
+    if done.returncode != 0:
+        raise BootFsError("losetup failed: " + done.stderr.strip())
+    loop = done.stdout.strip()
+    try:
+        check = _run(["fsck.vfat", "-n", loop], "checking the boot partition")
+    finally:
+        _run(["losetup", "--detach", loop], "detaching the loop device")
+    if check.returncode != 0:
+        lines = [line for line in check.stdout.splitlines()[1:] if line.strip()]
+        raise BootFsError("fsck.vfat -n found problems in the boot partition: "
+                          + "; ".join(lines[:3]))
+
+
+def _allowed_blocks(geo: FatGeometry, clusters: set[int]) -> set[int]:
+    """The 4 KiB blocks a write of these clusters may change, with the FATs and FSInfo."""
+    allowed: set[int] = set(range(geo.reserved // BLOCK,
+                                  (geo.root_offset + geo.root_size + BLOCK - 1) // BLOCK))
+    if geo.fsinfo is not None:
+        allowed.add(geo.fsinfo // BLOCK)
+    for cluster in clusters:
+        start = geo.cluster_offset(cluster)
+        allowed.update(range(start // BLOCK, (start + geo.cluster + BLOCK - 1) // BLOCK))
+    return allowed
+
+
+def write_boot_files(device: str, part: BootPartition, files: Mapping[str, bytes],
+                     *, fsck: bool = True) -> str:
+    """Write ``files`` into the root of the boot partition of ``device``, read them back and
+    check the rest; returns :func:`files_digest`.  Raises :class:`BootFsError`."""
+    dev = _Device(device, part)
+    try:
+        dev.drop_cache()
+        try:
+            geo = geometry(dev.read(0, 512))
+            if geo.total > part.size:
+                raise BootFsError("the boot file system is larger than its partition")
+            fat_before = read_fat(geo, dev.read(geo.reserved, geo.fat_size))
+            replaced = {c for e in root_entries(geo, fat_before, dev.read)
+                        if e.name.lower() in {n.lower() for n in files} and e.first
+                        for c in chain(geo, fat_before, e.first)}
+            dir_before = set(root_clusters(geo, fat_before))
+        except FatError as exc:
+            raise BootFsError(f"the boot partition: {exc}") from None
+        size = geo.total
+        before = dev.block_digests(size)
+        _mcopy(device, part, files)
+        dev.drop_cache()
+        after = dev.block_digests(size)
+        try:
+            fat_after = read_fat(geo, dev.read(geo.reserved, geo.fat_size))
+            back = root_files(geo, fat_after, dev.read, set(files))
+            written = {c for _, clusters in back.values() for c in clusters}
+            dirs = dir_before | set(root_clusters(geo, fat_after))
+        except FatError as exc:
+            raise BootFsError(f"the boot partition does not read back: {exc}") from None
+        _compare_files(files, back)
+        moved = {c for c, (a, b) in enumerate(zip(fat_before, fat_after, strict=True))
+                 if a != b} - replaced - written - dirs
+        if moved:
+            raise BootFsError(f"the boot partition's FAT changed for {len(moved)} cluster(s) "
+                              f"of no file written (first: {min(moved)})")
+        allowed = _allowed_blocks(geo, written | dirs)
+        stray = [i for i, (a, b) in enumerate(zip(before, after, strict=True))
+                 if a != b and i not in allowed]
+        if stray:
+            raise BootFsError(f"the boot partition changed outside the files written "
+                              f"({len(stray)} block(s), first at byte "
+                              f"{part.offset + stray[0] * BLOCK})")
+    finally:
+        dev.close()
+    if fsck:
+        _fsck(device, part)
+    return files_digest(files)
+
+
+def _compare_files(files: Mapping[str, bytes], back: Mapping[str, tuple[bytes, list[int]]]
+                   ) -> None:
+    found = {name.lower(): data for name, (data, _) in back.items()}
+    for name, data in files.items():
+        got = found.get(name.lower())
+        if got is None:
+            raise BootFsError(f"{name} is not in the boot partition after writing it")
+        if got != data:
+            raise BootFsError(f"{name} reads back different from what was written")

@@ -15,6 +15,7 @@ from loopdev import Loop
 
 from popsicle_py.settings import BootFsError, SettingsError, inspect_boot, write_boot_files
 from popsicle_py.settings import bootfs as bootfs_mod
+from popsicle_py.settings.fat import BootPartition
 from popsicle_py.settings.plan import BootImage
 
 pytestmark = needs_root
@@ -38,6 +39,15 @@ def on_loop(tmp_path: Path, loop_factory: Callable[..., Loop], table: str,
     return image, loop, inspect_boot(reader(image), None)
 
 
+def write(loop: Loop, part: BootPartition, files: dict[str, bytes]) -> str:
+    """As the engine calls it: on the drive's open descriptor (O_EXCL, O_DIRECT)."""
+    fd = os.open(loop.path, os.O_RDWR | os.O_EXCL | os.O_DIRECT)
+    try:
+        return write_boot_files(fd, part, files)
+    finally:
+        os.close(fd)
+
+
 def mtype(loop: Loop, offset: int, name: str) -> bytes:
     return subprocess.run(["mtype", "-i", f"{loop.path}@@{offset}", f"::/{name}"],
                           check=True, capture_output=True,
@@ -50,7 +60,7 @@ def test_files_read_back_and_nothing_else_moved(tmp_path: Path, loop_factory: Ca
     image, loop, boot = on_loop(tmp_path, loop_factory, table)
     assert boot.partition.table == table and boot.format == "firstrun"
     part = boot.partition
-    digest = write_boot_files(loop.path, part, FILES)
+    digest = write(loop, part, FILES)
     assert len(digest) == 64
     for name, data in FILES.items():
         assert mtype(loop, part.offset, name) == data
@@ -91,12 +101,12 @@ def test_a_write_outside_the_files_fails_the_drive(tmp_path: Path,
     real = bootfs_mod._mcopy
     firmware_at = Path(loop.backing).read_bytes().find(bytes(range(256)) * 16, part.offset)
 
-    def stray(device: str, where: object, files: object) -> None:
-        real(device, part, FILES)
-        with open(device, "r+b") as dev:
+    def stray(fd: int, where: object, files: object) -> None:
+        real(fd, part, FILES)
+        with open(loop.path, "r+b") as dev:
             dev.seek(firmware_at + 8192)
             dev.write(b"X")
 
     monkeypatch.setattr(bootfs_mod, "_mcopy", stray)
     with pytest.raises(BootFsError, match="changed outside the files written"):
-        write_boot_files(loop.path, part, FILES)
+        write(loop, part, FILES)

@@ -1,6 +1,6 @@
 """Writing one drive's files into its boot partition, and proving what changed.
 
-mtools (``mcopy -i DEVICE@@OFFSET``) writes: it is the FAT implementation Debian, U-Boot's
+mtools (``mcopy -i /dev/fd/N@@OFFSET``) writes: it is the FAT implementation Debian, U-Boot's
 and Yocto's tooling and Raspberry Pi's own image builders use, it works on a device at an
 offset without a mount or a partition device node (the partition table is still the engine's
 stamp at this point: the head is written last), and needs no root.  Python's FAT libraries
@@ -54,11 +54,17 @@ def files_digest(files: Mapping[str, bytes]) -> str:
     return h.hexdigest()
 
 
+def _path(fd: int) -> str:
+    """The drive behind the engine's descriptor, never by its /dev name: a name can be another
+    drive's by now, the open descriptor cannot (mtools and losetup get it as /dev/fd/N)."""
+    return f"/dev/fd/{fd}"
+
+
 class _Device:
     """Positional reads of one partition, from the medium (clean pages dropped first)."""
 
-    def __init__(self, path: str, part: BootPartition) -> None:
-        self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    def __init__(self, fd: int, part: BootPartition) -> None:
+        self.fd = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
         self.part = part
 
     def close(self) -> None:
@@ -83,9 +89,11 @@ class _Device:
         return out
 
 
-def _run(argv: list[str], what: str) -> subprocess.CompletedProcess[str]:
+def _run(argv: list[str], what: str, fd: int | None = None
+         ) -> subprocess.CompletedProcess[str]:
     try:
         return subprocess.run(argv, capture_output=True, text=True, timeout=TIMEOUT,
+                              pass_fds=() if fd is None else (fd,),
                               env={**os.environ, "MTOOLS_SKIP_CHECK": "1", "LC_ALL": "C"},
                               check=False)
     except FileNotFoundError:
@@ -94,7 +102,7 @@ def _run(argv: list[str], what: str) -> subprocess.CompletedProcess[str]:
         raise BootFsError(f"{what}: {argv[0]} did not finish in {TIMEOUT:.0f} s") from None
 
 
-def _mcopy(device: str, part: BootPartition, files: Mapping[str, bytes]) -> None:
+def _mcopy(fd: int, part: BootPartition, files: Mapping[str, bytes]) -> None:
     with tempfile.TemporaryDirectory(prefix="popsicle-boot-") as tmp:
         paths = []
         for name, data in files.items():
@@ -102,15 +110,15 @@ def _mcopy(device: str, part: BootPartition, files: Mapping[str, bytes]) -> None
             with open(path, "wb") as handle:
                 handle.write(data)
             paths.append(path)
-        done = _run(["mcopy", "-o", "-i", f"{device}@@{part.offset}", *paths, "::/"],
-                    "writing the boot partition")
+        done = _run(["mcopy", "-o", "-i", f"{_path(fd)}@@{part.offset}", *paths, "::/"],
+                    "writing the boot partition", fd)
     if done.returncode != 0:
         raise BootFsError("mcopy failed: " + (done.stderr.strip().splitlines() or ["?"])[-1])
 
 
-def _fsck(device: str, part: BootPartition) -> None:
+def _fsck(fd: int, part: BootPartition) -> None:
     done = _run(["losetup", "--read-only", "--find", "--show", "--offset", str(part.offset),
-                 "--sizelimit", str(part.size), device], "checking the boot partition")
+                 "--sizelimit", str(part.size), _path(fd)], "checking the boot partition", fd)
     if done.returncode != 0:
         raise BootFsError("losetup failed: " + done.stderr.strip())
     loop = done.stdout.strip()
@@ -136,11 +144,11 @@ def _allowed_blocks(geo: FatGeometry, clusters: set[int]) -> set[int]:
     return allowed
 
 
-def write_boot_files(device: str, part: BootPartition, files: Mapping[str, bytes],
+def write_boot_files(fd: int, part: BootPartition, files: Mapping[str, bytes],
                      *, fsck: bool = True) -> str:
-    """Write ``files`` into the root of the boot partition of ``device``, read them back and
-    check the rest; returns :func:`files_digest`.  Raises :class:`BootFsError`."""
-    dev = _Device(device, part)
+    """Write ``files`` into the root of the boot partition of the drive open on ``fd``, read
+    them back and check the rest; returns :func:`files_digest`.  Raises :class:`BootFsError`."""
+    dev = _Device(fd, part)
     try:
         dev.drop_cache()
         try:
@@ -156,7 +164,7 @@ def write_boot_files(device: str, part: BootPartition, files: Mapping[str, bytes
             raise BootFsError(f"the boot partition: {exc}") from None
         size = geo.total
         before = dev.block_digests(size)
-        _mcopy(device, part, files)
+        _mcopy(fd, part, files)
         dev.drop_cache()
         after = dev.block_digests(size)
         try:
@@ -182,7 +190,7 @@ def write_boot_files(device: str, part: BootPartition, files: Mapping[str, bytes
     finally:
         dev.close()
     if fsck:
-        _fsck(device, part)
+        _fsck(fd, part)
     return files_digest(files)
 
 

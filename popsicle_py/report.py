@@ -22,7 +22,7 @@ from popsicle_py import events, progress
 #: The columns of a record, in order (CSV header, JSON keys).
 FIELDS = ("seq", "device", "port_path", "vendor", "model", "serial", "capacity", "image",
           "image_sha256", "bytes_written", "bytes_skipped", "write_speed", "verify_speed",
-          "result", "verified", "first_bad_offset", "error", "started", "ended")
+          "result", "verified", "first_bad_offset", "error", "started", "ended", "customized")
 
 FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl"}
 
@@ -60,6 +60,7 @@ def record(result: events.DriveResult, tracker: progress.DriveProgress | None, *
         "result": result.status, "verified": result.verified,
         "first_bad_offset": result.mismatch_offset, "error": result.error or "",
         "started": iso(started if started is not None else ended), "ended": iso(ended),
+        "customized": result.customized,  # --customize: values (secrets redacted), digest
     }
 
 
@@ -74,6 +75,7 @@ def format_record(data: events.JsonObject, fmt: str) -> str:
     buf = io.StringIO()
     csv.writer(buf, lineterminator="\n").writerow(
         ["" if data[k] is None else str(data[k]).lower() if isinstance(data[k], bool)
+         else json.dumps(data[k], sort_keys=True) if isinstance(data[k], dict)
          else data[k] for k in FIELDS])
     return buf.getvalue()
 

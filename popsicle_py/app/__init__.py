@@ -28,6 +28,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from popsicle_py.app.requests import (
+    CustomizeOptions,
     EngineOptions,
     FlashRequest,
     ProbeRequest,
@@ -63,7 +64,8 @@ _LAZY = {
 }
 
 __all__ = [
-    "Confirmation", "DriveListing", "EngineOptions", "FlashRequest", "PreparedFlash",
+    "Confirmation", "CustomizeOptions", "DriveListing", "EngineOptions", "FlashRequest",
+    "PreparedFlash",
     "PreparedProbe", "PreparedVerify", "PreparedWatch", "ProbeRequest", "SourceOptions",
     "TargetOptions", "TargetRow", "VerifyRequest", "WatchRequest", "WriteOptions",
     "cache_entries", "clean_cache", "exit_status", "list_drives", "prepare_flash",

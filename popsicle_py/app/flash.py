@@ -14,7 +14,7 @@ import dataclasses
 from collections.abc import Callable
 
 from popsicle_py import events, probe, udisks
-from popsicle_py.app import sources
+from popsicle_py.app import customize, sources
 from popsicle_py.app.access import require_access
 from popsicle_py.app.common import cancelled_before_writing, emitter, open_report
 from popsicle_py.app.confirm import Confirmation, target_rows
@@ -47,7 +47,8 @@ class PreparedFlash:
     """
 
     def __init__(self, request: FlashRequest, source: sources.OpenedSource, plan: Plan,
-                 block_map: Bmap | None, report: Report | None) -> None:
+                 block_map: Bmap | None, report: Report | None,
+                 personaliser: customize.Personaliser | None = None) -> None:
         self.request = request
         self.source = source
         self.image = source.image
@@ -55,6 +56,7 @@ class PreparedFlash:
         self.plan = plan
         self.block_map = block_map
         self.report = report
+        self.personaliser = personaliser  # --customize: each drive's step before its head
         self.infos = tuple(drive_info(d, i) for i, d in enumerate(plan.targets, 1))
         notes = list(plan.notes)
         if block_map is not None:
@@ -102,6 +104,8 @@ class PreparedFlash:
         write = self.request.write
         engine = self.request.engine
         emit = emitter(view, self.report)
+        if self.personaliser is not None:
+            emit = self.personaliser.emitter(emit)
         for note in self.source.notes:
             view.handle(events.Note(note))
         image = self.image
@@ -166,6 +170,12 @@ def prepare_flash(request: FlashRequest) -> PreparedFlash:
         raise Refused([*exc.notes, *exc.lines]) from None
     if image_note is not None:
         plan = dataclasses.replace(plan, notes=(image_note, *plan.notes))
+    personaliser = customize.for_flash(
+        request.customize, source.image, [d.path for d in plan.targets],
+        [drive_info(d, i) for i, d in enumerate(plan.targets, 1)])
+    if personaliser is not None and request.customize is not None:
+        plan = dataclasses.replace(
+            plan, notes=(*plan.notes, customize.note(request.customize, personaliser)))
     require_access([d.path for d in plan.targets], writing=True)
     report = open_report(request.report, source.image.path, source.checksum)
-    return PreparedFlash(request, source, plan, block_map, report)
+    return PreparedFlash(request, source, plan, block_map, report, personaliser)

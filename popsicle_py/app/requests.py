@@ -72,6 +72,18 @@ class WriteOptions:
 
 
 @dataclass(frozen=True)
+class CustomizeOptions:
+    """Per-drive first-boot settings written into each drive's boot partition (issue 27)."""
+
+    #: The settings file (TOML); its values may be templates.
+    settings: str
+    #: A CSV file of per-drive values (a row per drive, by seq, slot, serial or order).
+    values: str | None = None
+    #: "cloud-init" or "firstrun" (None: what the image holds decides).
+    format: str | None = None
+
+
+@dataclass(frozen=True)
 class FlashRequest:
     """Write one image to many drives, verify each, and say how each ended."""
 
@@ -81,6 +93,7 @@ class FlashRequest:
     write: WriteOptions = field(default_factory=WriteOptions)
     #: Append one record per drive to this file (.csv or .jsonl).
     report: str | None = None
+    customize: CustomizeOptions | None = None
 
 
 @dataclass(frozen=True)
@@ -115,3 +128,4 @@ class WatchRequest:
     include_present: bool = False
     max_size: int = DEFAULT_MAX_AUTO_SIZE
     report: str | None = None
+    customize: CustomizeOptions | None = None

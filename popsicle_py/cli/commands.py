@@ -12,6 +12,7 @@ when a signal stopped the run.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from typing import TYPE_CHECKING
@@ -21,6 +22,7 @@ import click
 from popsicle_py import events
 from popsicle_py._version import __version__
 from popsicle_py.app.requests import (
+    CustomizeOptions,
     EngineOptions,
     FlashRequest,
     ProbeRequest,
@@ -38,6 +40,7 @@ from popsicle_py.cli.options import (
     Decorator,
     OutputOptions,
     Session,
+    customize_options,
     engine_options,
     output_options,
     report_option,
@@ -111,9 +114,11 @@ def main() -> None:
 @write_options
 @engine_options
 @report_option()
+@customize_options
 @output_options()
 def flash(source: SourceOptions, targets: TargetOptions, yes: bool, write: WriteOptions,
-          engine: EngineOptions, report: str | None, output: OutputOptions) -> None:
+          engine: EngineOptions, report: str | None, customize: CustomizeOptions | None,
+          output: OutputOptions) -> None:
     """Write IMAGE to every DEVICE in parallel, then verify each.
 
     IMAGE may be raw or compressed (gzip, xz, bzip2, zstd, or a zip holding one image), a
@@ -123,7 +128,7 @@ def flash(source: SourceOptions, targets: TargetOptions, yes: bool, write: Write
     def body() -> int:
         from popsicle_py.app.flash import prepare_flash
 
-        request = FlashRequest(source, targets, engine, write, report)
+        request = FlashRequest(source, targets, engine, write, report, customize)
         with prepare_flash(request) as job:
             confirm(job.confirmation, yes)
             view = make_view(output.json, job.labels)
@@ -181,8 +186,10 @@ def probe_command(devices: tuple[str, ...], yes: bool, unmount: bool, stall_time
 @source_options
 @session_options
 @yes_option()
+@customize_options
 @output_options()
-def watch(source: SourceOptions, session: Session, yes: bool, output: OutputOptions) -> None:
+def watch(source: SourceOptions, session: Session, yes: bool,
+          customize: CustomizeOptions | None, output: OutputOptions) -> None:
     """Duplicator mode: write IMAGE to every eligible drive as it is plugged in.
 
     Each drive is written and verified on its own as soon as it appears, then powered off
@@ -194,7 +201,7 @@ def watch(source: SourceOptions, session: Session, yes: bool, output: OutputOpti
         from popsicle_py.app.watch import prepare_watch
         from popsicle_py.signals import Cancellation
 
-        request = session.request(source)
+        request = dataclasses.replace(session.request(source), customize=customize)
         with prepare_watch(request) as job:
             confirm(job.confirmation, yes)
             view = make_watch_view(output.json, job.image.path, job.image.size,

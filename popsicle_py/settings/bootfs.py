@@ -6,9 +6,11 @@ offset without a mount or a partition device node (the partition table is still 
 stamp at this point: the head is written last), and needs no root.  Python's FAT libraries
 (pyfatfs) are young and little used.  Then, from the device itself:
 
-1. every 4 KiB block of the partition that changed lies in the FAT, FSInfo, the root directory
-   or the clusters of the files written (the rest is still the image's, which the engine
-   verified just before), and no cluster of another file changed owner;
+1. of the blocks that hold anything (the boot sector, the FATs, the root directory and every
+   cluster in use; free clusters hold nothing and are not read), the only ones that changed are
+   the FATs, FSInfo, the root directory and the clusters of the files written: the rest is
+   still the image's, which the engine verified just before; the boot sector is unchanged and
+   no cluster of another file changed in the FAT;
 2. the files read back through :mod:`popsicle_py.settings.fat` (no mtools code) are the bytes
    meant;
 3. ``fsck.vfat -n`` on a read-only loop device over the partition finds nothing.
@@ -80,13 +82,45 @@ class _Device:
             raise BootFsError(f"short read at {self.part.offset + offset} of the boot partition")
         return data
 
-    def block_digests(self, size: int) -> list[bytes]:
-        out: list[bytes] = []
-        for at in range(0, size, CHUNK):
-            data = self.read(at, min(CHUNK, size - at))
-            out.extend(hashlib.blake2b(data[i:i + BLOCK], digest_size=16).digest()
-                       for i in range(0, len(data), BLOCK))
+    def block_digests(self, runs: list[tuple[int, int]]) -> dict[int, bytes]:
+        """A digest of every 4 KiB block of the runs (first block, count) given."""
+        out: dict[int, bytes] = {}
+        per_chunk = CHUNK // BLOCK
+        for first, count in runs:
+            for block in range(first, first + count, per_chunk):
+                n = min(per_chunk, first + count - block)
+                data = self.read(block * BLOCK, n * BLOCK)
+                for i in range(n):
+                    out[block + i] = hashlib.blake2b(data[i * BLOCK:(i + 1) * BLOCK],
+                                                     digest_size=16).digest()
         return out
+
+
+def _runs(blocks: set[int]) -> list[tuple[int, int]]:
+    """Sorted blocks as (first, count) runs."""
+    runs: list[tuple[int, int]] = []
+    for block in sorted(blocks):
+        if runs and runs[-1][0] + runs[-1][1] == block:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((block, 1))
+    return runs
+
+
+def _blocks_of(geo: FatGeometry, clusters: set[int]) -> set[int]:
+    out: set[int] = set()
+    for cluster in clusters:
+        start = geo.cluster_offset(cluster)
+        out.update(range(start // BLOCK, (start + geo.cluster + BLOCK - 1) // BLOCK))
+    return out
+
+
+def _in_use(geo: FatGeometry, fat: list[int]) -> set[int]:
+    """The blocks whose bytes matter: everything before the data region, and every cluster
+    the FAT says is in use (free clusters hold nothing and are not read)."""
+    head = set(range(0, (geo.data_offset + BLOCK - 1) // BLOCK))
+    used = {c for c in range(2, len(fat)) if fat[c]}
+    return head | _blocks_of(geo, used)
 
 
 def _run(argv: list[str], what: str, fd: int | None = None
@@ -138,10 +172,7 @@ def _allowed_blocks(geo: FatGeometry, clusters: set[int]) -> set[int]:
                                   (geo.root_offset + geo.root_size + BLOCK - 1) // BLOCK))
     if geo.fsinfo is not None:
         allowed.add(geo.fsinfo // BLOCK)
-    for cluster in clusters:
-        start = geo.cluster_offset(cluster)
-        allowed.update(range(start // BLOCK, (start + geo.cluster + BLOCK - 1) // BLOCK))
-    return allowed
+    return allowed | _blocks_of(geo, clusters)
 
 
 def write_boot_files(fd: int, part: BootPartition, files: Mapping[str, bytes],
@@ -152,7 +183,8 @@ def write_boot_files(fd: int, part: BootPartition, files: Mapping[str, bytes],
     try:
         dev.drop_cache()
         try:
-            geo = geometry(dev.read(0, 512))
+            boot = dev.read(0, 512)
+            geo = geometry(boot)
             if geo.total > part.size:
                 raise BootFsError("the boot file system is larger than its partition")
             fat_before = read_fat(geo, dev.read(geo.reserved, geo.fat_size))
@@ -162,11 +194,11 @@ def write_boot_files(fd: int, part: BootPartition, files: Mapping[str, bytes],
             dir_before = set(root_clusters(geo, fat_before))
         except FatError as exc:
             raise BootFsError(f"the boot partition: {exc}") from None
-        size = geo.total
-        before = dev.block_digests(size)
+        checked = _in_use(geo, fat_before)
+        before = dev.block_digests(_runs(checked))
         _mcopy(fd, part, files)
         dev.drop_cache()
-        after = dev.block_digests(size)
+        after = dev.block_digests(_runs(checked))
         try:
             fat_after = read_fat(geo, dev.read(geo.reserved, geo.fat_size))
             back = root_files(geo, fat_after, dev.read, set(files))
@@ -174,6 +206,8 @@ def write_boot_files(fd: int, part: BootPartition, files: Mapping[str, bytes],
             dirs = dir_before | set(root_clusters(geo, fat_after))
         except FatError as exc:
             raise BootFsError(f"the boot partition does not read back: {exc}") from None
+        if dev.read(0, 512) != boot:
+            raise BootFsError("the boot partition's boot sector changed")
         _compare_files(files, back)
         moved = {c for c, (a, b) in enumerate(zip(fat_before, fat_after, strict=True))
                  if a != b} - replaced - written - dirs
@@ -181,8 +215,7 @@ def write_boot_files(fd: int, part: BootPartition, files: Mapping[str, bytes],
             raise BootFsError(f"the boot partition's FAT changed for {len(moved)} cluster(s) "
                               f"of no file written (first: {min(moved)})")
         allowed = _allowed_blocks(geo, written | dirs)
-        stray = [i for i, (a, b) in enumerate(zip(before, after, strict=True))
-                 if a != b and i not in allowed]
+        stray = sorted(i for i in checked if before[i] != after[i] and i not in allowed)
         if stray:
             raise BootFsError(f"the boot partition changed outside the files written "
                               f"({len(stray)} block(s), first at byte "

@@ -99,6 +99,9 @@ class FlashOptions:
     #: Where a compressed image is spilled so every drive goes at its own pace ("": $TMPDIR
     #: or /var/tmp; None: keep the drives of a compressed image in lock-step).
     spill_dir: str | None = ""
+    #: Run on each drive once written and verified, before its head (--customize): gets the
+    #: drive's descriptor, path and identity; an exception fails that drive.
+    before_head: Callable[[int, str, DriveInfo | None], None] | None = None
 
 
 def open_targets(drives: Sequence[D], *, for_writing: bool = True,
@@ -283,6 +286,17 @@ class FlashJob(_Job):
             return None
         return ChecksumTap(checksum, checked_before=self.options.checksum_checked)
 
+    def _before_head(self, options: FlashOptions) -> Callable[[BlockDevice], None] | None:
+        """The engine's per-drive step, given each drive's descriptor, path and identity."""
+        step = options.before_head
+        if step is None:
+            return None
+        infos = {id(d.device): d.info for d in self.drives}
+
+        def run(device: BlockDevice) -> None:
+            step(device.fileno(), device.path, infos.get(id(device)))
+        return run
+
     def _write(self) -> None:
         options = self.options
         total = self.total
@@ -336,6 +350,7 @@ class FlashJob(_Job):
                 .stall_timeout(options.stall_timeout)
                 .skip_identical(options.skip_identical)
                 .prepare_each(options.probe)
+                .before_head_each(self._before_head(options))
                 .spill_to(options.spill_dir)
                 .vouch(tap.vouch if tap is not None else None)
                 .finish_each(verify=options.verify, repairs=options.repair_attempts,

@@ -121,6 +121,8 @@ class WatchOptions:
     admit: Callable[[Drive], str | None] | None = None
     #: Once set: take no new drive, end when the drives in flight are done (a station's stop).
     drain: threading.Event | None = None
+    #: Each drive's step once written and verified, before its head (see FlashOptions).
+    before_head: Callable[[int, str, DriveInfo | None], None] | None = None
 
 
 @dataclass(frozen=True)
@@ -527,7 +529,8 @@ class WatchSession:
                  if self.options.probe else None)
         options = FlashOptions(verify=self.options.verify, bucket_size=bucket,
                                buckets=self.options.buckets,
-                               stall_timeout=self.options.stall_timeout, probe=probe)
+                               stall_timeout=self.options.stall_timeout, probe=probe,
+                               before_head=self.options.before_head)
         FlashJob(self._source, opened, options, lambda e: self._job_event(seen, e),
                  cancel, [seen.info] if seen.info is not None else ()).run()
 

@@ -137,7 +137,8 @@ class PreparedFlash:
                 stall_timeout=engine.stall_timeout, skip_identical=write.skip_identical,
                 repair_attempts=write.repair_attempts, bmap=self.block_map,
                 checksum=self.checksum, checksum_checked=not write.checksum_while_writing,
-                probe=capacity_probe(size, engine.bucket_size) if write.probe else None)
+                probe=capacity_probe(size, engine.bucket_size) if write.probe else None,
+                before_head=customize.step_of(self.personaliser))
             job = FlashJob(image, opened, options, emit, cancel, self.infos)
             sources.attach(image, job.relay, cancel)  # download news from the reader thread
             summary = job.run()

@@ -58,6 +58,9 @@ class Config:
     repairs: int = 1
     source_at: SourceAt | None = None
     prepare: Prepare | None = None
+    #: Run on each destination once it is written and verified, just before its head
+    #: (--customize: the boot partition's files); raises to fail that destination.
+    before_head: Prepare | None = None
     #: Spill a stream (a decompressor) to a file under this directory so that laggards can go
     #: on alone ("" for the default, $TMPDIR or /var/tmp; None: never spill).
     spill_dir: str | None = None

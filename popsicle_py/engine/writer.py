@@ -159,6 +159,13 @@ class BusWriter(Builder):
         """
         return self._set(prepare=prepare)
 
+    def before_head_each(self, step: Prepare | None) -> BusWriter:
+        """Run ``step(destination)`` once it is written and verified, before its head.
+
+        With :meth:`finish_each` only.  An exception fails that destination, head unwritten.
+        """
+        return self._set(before_head=step)
+
     def finish_each(self, *, verify: bool = True, repairs: int = 1,
                     source_at: SourceAt | None = None) -> BusWriter:
         """Finish each destination in the engine: [verify,] the head last, then ``Completed``.
@@ -559,6 +566,10 @@ class _WriteRun:
             return
         if not self._wait_for(lane, lambda: self.ring.vouched):
             return
+        if config.before_head is not None and not lane.stopped:
+            lane.touch()
+            config.before_head(lane.dest)  # raises: the destination fails, head unwritten
+            lane.touch()
         if held is not None and head:
             lane.post(Msg.Stage(lane.id, Step.SYNCING))
             write_at(lane.dest, 0, held, stop=lambda: lane.stopped, retries=config.retries,

@@ -67,6 +67,12 @@ function __popsicle_py_state --description 'popsicle-py: the command, then what 
                             set skip 1
                         case 'flash:--report'
                             set skip 1
+                        case 'flash:--customize'
+                            set skip 1
+                        case 'flash:--values'
+                            set skip 1
+                        case 'flash:--customize-format'
+                            set skip 1
                         case 'probe:--stall-timeout'
                             set skip 1
                         case 'records:--journal'
@@ -118,6 +124,12 @@ function __popsicle_py_state --description 'popsicle-py: the command, then what 
                         case 'watch:--max-size'
                             set skip 1
                         case 'watch:--report'
+                            set skip 1
+                        case 'watch:--customize'
+                            set skip 1
+                        case 'watch:--values'
+                            set skip 1
+                        case 'watch:--customize-format'
                             set skip 1
                     end
                 end
@@ -270,6 +282,9 @@ complete -c popsicle-py -n '__popsicle_py_at flash' -l 'bucket-size' -x -d 'Size
 complete -c popsicle-py -n '__popsicle_py_at flash' -l 'buckets' -x -d 'How many buffers may be in flight.'
 complete -c popsicle-py -n '__popsicle_py_at flash' -l 'stall-timeout' -x -d 'Fail a drive that makes no progress for SECONDS.'
 complete -c popsicle-py -n '__popsicle_py_at flash' -l 'report' -r -F -d 'Append one record per drive to FILE (.csv or .jsonl).'
+complete -c popsicle-py -n '__popsicle_py_at flash' -l 'customize' -r -F -d 'Write each drive\'s first-boot settings (hostname, user, SSH keys, Wi-Fi, ...) from FILE.toml into its boot partition, before its head.'
+complete -c popsicle-py -n '__popsicle_py_at flash' -l 'values' -r -F -d 'Per-drive values for --customize\'s {templates}: a row per drive, matched by its seq, slot or serial column (else by order).'
+complete -c popsicle-py -n '__popsicle_py_at flash' -l 'customize-format' -x -a 'cloud-init firstrun' -d 'cloud-init NoCloud files, or Raspberry Pi OS\'s firstrun.sh (default: what the image\'s boot partition holds).'
 complete -c popsicle-py -n '__popsicle_py_at flash' -l 'json' -d 'Machine-readable events on stdout.'
 complete -c popsicle-py -n '__popsicle_py_at flash' -l 'debug' -d 'Show debug messages and tracebacks.'
 complete -c popsicle-py -n '__popsicle_py_at flash' -s 'h' -l 'help' -d 'Show this message and exit.'
@@ -360,6 +375,9 @@ complete -c popsicle-py -n '__popsicle_py_at watch' -l 'max-size' -x -d 'Skip dr
 complete -c popsicle-py -n '__popsicle_py_at watch' -l 'no-probe' -d 'Do not check, before writing, that each drive stores as much as it claims (the counterfeit-stick probe).'
 complete -c popsicle-py -n '__popsicle_py_at watch' -l 'report' -r -F -d 'Append one record per drive to FILE (.csv or .jsonl).'
 complete -c popsicle-py -n '__popsicle_py_at watch' -s 'y' -l 'yes' -d 'Do not ask for confirmation.'
+complete -c popsicle-py -n '__popsicle_py_at watch' -l 'customize' -r -F -d 'Write each drive\'s first-boot settings (hostname, user, SSH keys, Wi-Fi, ...) from FILE.toml into its boot partition, before its head.'
+complete -c popsicle-py -n '__popsicle_py_at watch' -l 'values' -r -F -d 'Per-drive values for --customize\'s {templates}: a row per drive, matched by its seq, slot or serial column (else by order).'
+complete -c popsicle-py -n '__popsicle_py_at watch' -l 'customize-format' -x -a 'cloud-init firstrun' -d 'cloud-init NoCloud files, or Raspberry Pi OS\'s firstrun.sh (default: what the image\'s boot partition holds).'
 complete -c popsicle-py -n '__popsicle_py_at watch' -l 'json' -d 'Machine-readable events on stdout.'
 complete -c popsicle-py -n '__popsicle_py_at watch' -l 'debug' -d 'Show debug messages and tracebacks.'
 complete -c popsicle-py -n '__popsicle_py_at watch' -s 'h' -l 'help' -d 'Show this message and exit.'

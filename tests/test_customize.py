@@ -109,7 +109,7 @@ def test_flash_two_drives_each_its_own_settings(tmp_path: Path, table: str,
     ids = {mtype(lp, part_offset, "meta-data") for lp in loops}
     assert len(ids) == 2  # a distinct instance-id per drive
     lines = [json.loads(line) for line in report.read_text().splitlines()]
-    assert [r["customized"]["values"]["hostname"] for r in lines] == ["pi-01", "pi-02"]
+    assert sorted(r["customized"]["values"]["hostname"] for r in lines) == ["pi-01", "pi-02"]
     assert "correct horse" not in report.read_text() + done.stdout + done.stderr
 
 

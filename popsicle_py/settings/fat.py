@@ -207,6 +207,22 @@ def root_entries(geo: FatGeometry, fat: list[int], read: Read) -> list[Entry]:
     return _entries(raw)
 
 
+def directory_clusters(geo: FatGeometry, fat: list[int], read: Read) -> set[int]:
+    """Every cluster of every directory (the root's too, on FAT32): what ``fsck.vfat -n``
+    reads besides the region before the data."""
+    out = set(root_clusters(geo, fat))
+    todo = [e for e in root_entries(geo, fat, read) if e.directory]
+    while todo:
+        entry = todo.pop()
+        if entry.name in (".", "..") or entry.first < 2 or entry.first in out:
+            continue
+        clusters = chain(geo, fat, entry.first)
+        out.update(clusters)
+        raw = b"".join(read(geo.cluster_offset(c), geo.cluster) for c in clusters)
+        todo.extend(e for e in _entries(raw) if e.directory)
+    return out
+
+
 def root_files(geo: FatGeometry, fat: list[int], read: Read,
                names: set[str] | None = None) -> dict[str, tuple[bytes, list[int]]]:
     """Files of the root directory (the ``names`` given, case-insensitively, or all): their

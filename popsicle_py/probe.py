@@ -54,9 +54,10 @@ import struct
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Protocol
 
 from popsicle_py import blockdev
+from popsicle_py.blockdev import BlockDevice
 from popsicle_py.buffers import aligned_buffer
 from popsicle_py.errors import Counterfeit
 from popsicle_py.events import JsonObject
@@ -320,7 +321,8 @@ class DeviceIO:
     the flash's own writes; ``stopped()`` is checked before each call (a cancel, a stall).
     """
 
-    def __init__(self, device: Any, stopped: Callable[[], bool] = lambda: False) -> None:
+    def __init__(self, device: BlockDevice,
+                 stopped: Callable[[], bool] = lambda: False) -> None:
         self.device = device
         self.block = max(512, getattr(device, "block", 512))
         self.buf = memoryview(aligned_buffer(max(self.block, PROTECTED)))
@@ -375,7 +377,7 @@ class DeviceIO:
         blockdev.drop_cache(self.device)
 
 
-def probe_device(device: Any, boundaries: Iterable[int] = (),
+def probe_device(device: BlockDevice, boundaries: Iterable[int] = (),
                  stopped: Callable[[], bool] = lambda: False) -> ProbeResult:
     """Probe an opened drive for its whole claimed size (``device.size``)."""
     started = time.monotonic()
@@ -388,11 +390,11 @@ def probe_device(device: Any, boundaries: Iterable[int] = (),
     return dataclasses.replace(result, elapsed=time.monotonic() - started)
 
 
-def checker(boundaries: Iterable[int]) -> Callable[[Any], None]:
+def checker(boundaries: Iterable[int]) -> Callable[[BlockDevice], None]:
     """What a flash runs on each drive before writing it: raises Counterfeit if it lies."""
     spots = tuple(boundaries)
 
-    def check(device: Any) -> None:
+    def check(device: BlockDevice) -> None:
         result = probe_device(device, spots)
         if result.error is not None:
             raise OSError(errno.EIO, result.message)

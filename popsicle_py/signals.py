@@ -18,6 +18,12 @@ from types import FrameType
 HANDLED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
+def say_on_stderr(text: str) -> None:
+    """``popsicle-py: TEXT`` on stderr from a signal handler: one write call, no locks."""
+    with contextlib.suppress(OSError):
+        os.write(2, f"popsicle-py: {text}\n".encode())
+
+
 def stopping_words(signum: int, *, idle: bool = False) -> str:
     """What a first signal says: what stops, and how to quit at once (in that signal's terms)."""
     name = signal.Signals(signum).name

@@ -20,6 +20,7 @@ from rich.table import Table
 from rich.text import Text
 
 from popsicle_py import events, progress, rows, verdicts
+from popsicle_py.signals import say_on_stderr
 from popsicle_py.units import format_size
 from popsicle_py.verdicts import ok_words as ok_words  # its old home: callers import it here
 
@@ -68,12 +69,6 @@ class Out:
 
     def close(self) -> None:
         self.write("")
-
-
-def say_on_stderr(text: str) -> None:
-    """``popsicle-py: TEXT`` on stderr from a signal handler: one write call, no locks."""
-    with contextlib.suppress(OSError):
-        os.write(2, f"popsicle-py: {text}\n".encode())
 
 
 def write_out(text: str, stream: IO[str] | None = None) -> None:

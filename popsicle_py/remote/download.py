@@ -19,13 +19,13 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
-from typing import Any
 
 from urllib3.exceptions import HTTPError
 
 from popsicle_py.cache import CacheWriter
 from popsicle_py.events import Event, Note, Phase, Progress, Step
 from popsicle_py.images import Checksum, ImageError, new_hasher
+from popsicle_py.images.checksums import Hasher
 from popsicle_py.remote.http import (
     Client,
     Probe,
@@ -67,7 +67,8 @@ class Download(io.RawIOBase):
         self.validator = probe_.validator
         self.total = probe_.total
         self.expected = expected
-        self.hasher: Any = new_hasher(expected) if expected else None  # no cost unless needed
+        # No cost unless a checksum is expected.
+        self.hasher: Hasher | None = new_hasher(expected) if expected else None
         self.sink = sink
         self.required = required
         self.emit = emit
@@ -267,7 +268,7 @@ class Download(io.RawIOBase):
         self._drop()
         if self.total is not None:
             self._check_nothing_follows()
-        if self.expected is not None:
+        if self.expected is not None and self.hasher is not None:
             actual = self.hasher.hexdigest()
             if actual != self.expected.hexdigest:
                 raise RemoteError(

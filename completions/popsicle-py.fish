@@ -111,6 +111,12 @@ function __popsicle_py_state --description 'popsicle-py: the command, then what 
                             set skip 1
                         case 'station:--report'
                             set skip 1
+                        case 'station:--customize'
+                            set skip 1
+                        case 'station:--values'
+                            set skip 1
+                        case 'station:--customize-format'
+                            set skip 1
                         case 'verify:--stall-timeout'
                             set skip 1
                         case 'watch:--sha256'
@@ -347,6 +353,9 @@ complete -c popsicle-py -n '__popsicle_py_at station' -l 'max-size' -x -d 'Skip 
 complete -c popsicle-py -n '__popsicle_py_at station' -l 'no-probe' -d 'Do not check, before writing, that each drive stores as much as it claims (the counterfeit-stick probe).'
 complete -c popsicle-py -n '__popsicle_py_at station' -l 'report' -r -F -d 'Append one record per drive to FILE (.csv or .jsonl).'
 complete -c popsicle-py -n '__popsicle_py_at station' -s 'y' -l 'yes' -d 'Do not ask for confirmation.'
+complete -c popsicle-py -n '__popsicle_py_at station' -l 'customize' -r -F -d 'Write each drive\'s first-boot settings (hostname, user, SSH keys, Wi-Fi, ...) from FILE.toml into its boot partition, before its head.'
+complete -c popsicle-py -n '__popsicle_py_at station' -l 'values' -r -F -d 'Per-drive values for --customize\'s {templates}: a row per drive, matched by its seq, slot or serial column (else by order).'
+complete -c popsicle-py -n '__popsicle_py_at station' -l 'customize-format' -x -a 'cloud-init firstrun' -d 'cloud-init NoCloud files, or Raspberry Pi OS\'s firstrun.sh (default: what the image\'s boot partition holds).'
 complete -c popsicle-py -n '__popsicle_py_at station' -l 'json' -d 'Machine-readable events on stdout.'
 complete -c popsicle-py -n '__popsicle_py_at station' -l 'debug' -d 'Show debug messages and tracebacks.'
 complete -c popsicle-py -n '__popsicle_py_at station' -s 'h' -l 'help' -d 'Show this message and exit.'

@@ -4,12 +4,12 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import click
 
 from popsicle_py import events
-from popsicle_py.app.requests import SourceOptions
+from popsicle_py.app.requests import CustomizeOptions, SourceOptions
 from popsicle_py.app.station_requests import DEFAULT_LISTEN, LearnRequest, StationRequest
 from popsicle_py.cli.ask import confirm
 from popsicle_py.cli.guard import run_guarded
@@ -17,6 +17,7 @@ from popsicle_py.cli.options import (
     OptionGroup,
     OutputOptions,
     Session,
+    customize_options,
     output_options,
     session_options,
     source_options,
@@ -73,9 +74,10 @@ place_options = OptionGroup(
 @place_options
 @session_options
 @yes_option()
+@customize_options
 @output_options()
 def station(source: SourceOptions, place: Place, session: Session, yes: bool,
-            output: OutputOptions) -> None:
+            customize: CustomizeOptions | None, output: OutputOptions) -> None:
     """A duplicator station: watch's writing, with slots, a web page, an HTTP API and a
     journal of every drive.
 
@@ -89,7 +91,8 @@ def station(source: SourceOptions, place: Place, session: Session, yes: bool,
         from popsicle_py.signals import Cancellation
         from popsicle_py.station.view import SlotJsonView, SlotPlainView, Terminal
 
-        request = StationRequest(session.request(source), **asdict(place))
+        watch = replace(session.request(source), customize=customize)
+        request = StationRequest(watch, **asdict(place))
         with prepare_station(request) as job:
             confirm(job.confirmation, yes)
             terminal: Terminal = SlotJsonView() if output.json else SlotPlainView()

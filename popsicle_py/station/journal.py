@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import os
 import sqlite3
 import time
@@ -65,6 +66,10 @@ def connect(path: str, *, create: bool) -> sqlite3.Connection:
         db.execute("PRAGMA synchronous=FULL")
         if create:
             db.execute(_SCHEMA)
+            have = {row[1] for row in db.execute("PRAGMA table_info(records)")}
+            for column in COLUMNS:  # a journal from before a field was added (customized)
+                if column not in have:
+                    db.execute(f"ALTER TABLE records ADD COLUMN {column} TEXT")
         db.execute("SELECT count(*) FROM records").fetchone()
     except (OSError, sqlite3.Error) as exc:
         raise JournalError(f"--journal {path}: {getattr(exc, 'strerror', None) or exc}"
@@ -127,7 +132,8 @@ class Journal:
 
     def finish(self, row: int, fields: JsonObject) -> None:
         """A drive ended: everything the report holds, over its row."""
-        data = {k: fields[k] for k in FIELDS if k in fields and k != "started"}
+        data = {k: json.dumps(fields[k], sort_keys=True) if isinstance(fields[k], dict)
+                else fields[k] for k in FIELDS if k in fields and k != "started"}
         with self._write() as db:
             db.execute(f"UPDATE records SET {', '.join(f'{k} = ?' for k in data)} "
                        "WHERE id = ?", [*data.values(), row])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 from pathlib import Path
@@ -141,3 +142,16 @@ def test_firstrun_script_is_clean_shell(tmp_path: Path) -> None:
 def test_hook_is_not_repeated() -> None:
     once = cmdline_with_hook(b"console=tty1 rootwait\n")
     assert cmdline_with_hook(once) == once
+
+
+@pytest.mark.parametrize("ssid", ["on", "No", "123", "a: b", "classroom"])
+def test_an_ssid_stays_a_string(ssid: str) -> None:
+    from popsicle_py.settings.cloudinit import network_config
+    from popsicle_py.settings.model import Settings
+
+    text = network_config(Settings(wifi=Wifi(ssid, "", "DE"))) or ""
+    loaded = subprocess.run(["/usr/bin/python3", "-c", "import json, sys, yaml; "
+                             "print(json.dumps(yaml.safe_load(sys.stdin)))"], input=text,
+                            capture_output=True, text=True, check=True).stdout
+    points = json.loads(loaded)["network"]["wifis"]["wlan0"]["access-points"]
+    assert list(points) == [ssid]

@@ -23,8 +23,15 @@ def _scalar(value: object) -> str:
     raise TypeError(f"no YAML for {type(value).__name__}")
 
 
+#: Plain words YAML 1.1 (PyYAML, which cloud-init and netplan use) reads as booleans or null.
+_SPECIAL = frozenset({"y", "n", "yes", "no", "on", "off", "true", "false", "null"})
+
+
 def _key(key: str) -> str:
-    return key if key.replace("-", "_").isidentifier() else _scalar(key)
+    """A key as written: plain when it can only be read back as this string, else quoted
+    (an SSID named "on" or "123" stays a string)."""
+    plain = key.replace("-", "_").isidentifier() and key.lower() not in _SPECIAL
+    return key if plain else _scalar(key)
 
 
 def _lines(value: object, indent: int) -> list[str]:

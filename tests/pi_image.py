@@ -7,6 +7,7 @@ made with ``mkfs.ext4 -d`` from a small tree; compressed with xz when asked.
 
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 
@@ -21,14 +22,20 @@ def _run(*argv: str) -> None:
 
 
 def build(directory: Path, *, table: str = "mbr", cloud_init: bool = False,
-          boot_mib: int = 40, root_mib: int = 8, xz: bool = False) -> Path:
-    """The image's path (``.img`` or ``.img.xz``); boot at 4 MiB, root after it."""
+          boot_mib: int = 40, root_mib: int = 8, xz: bool = False,
+          firmware_mib: int = 0) -> Path:
+    """The image's path (``.img`` or ``.img.xz``); boot at 4 MiB, root after it.
+
+    ``firmware_mib``: that much more random data in the boot partition (a kernel's worth, for
+    the benchmark), in files of 8 MiB."""
     boot = directory / "boot.vfat"
     with open(boot, "wb") as f:
         f.truncate(boot_mib * MIB)
     _run("mkfs.vfat", "-F", "32", "-n", "bootfs", str(boot))
     files = {"config.txt": CONFIG, "cmdline.txt": CMDLINE,
              "start4.elf": bytes(range(256)) * 4096}  # 1 MiB of firmware-like bytes
+    for n in range(firmware_mib // 8):
+        files[f"kernel{n}.img"] = os.urandom(8 * MIB)
     if cloud_init:
         files |= {"user-data": b"#cloud-config\n", "meta-data": b"instance-id: rpios\n",
                   "network-config": b"network:\n  version: 2\n"}

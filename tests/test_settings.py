@@ -155,3 +155,33 @@ def test_an_ssid_stays_a_string(ssid: str) -> None:
                             capture_output=True, text=True, check=True).stdout
     points = json.loads(loaded)["network"]["wifis"]["wlan0"]["access-points"]
     assert list(points) == [ssid]
+
+
+VARIANTS = {
+    "minimal": 'hostname = "pi-{seq}"\n',
+    "user-no-keys": 'user = "u"\npassword = "pw"\nssh = true\nssh_password_auth = true\n',
+    "ssh-off": ('user = "u"\npassword_hash = "' + sha512_crypt("pw", "saltsalt")
+                + '"\nssh = false\n'),
+    "open-hidden-wifi": '[wifi]\nssid = "on"\ncountry = "GB"\nhidden = true\n',
+    "hex-psk": '[wifi]\nssid = "lab"\npassphrase = "' + "ab" * 32 + '"\ncountry = "US"\n',
+    "locale-only": 'locale = "en_GB.UTF-8"\nkeyboard = "gb"\ntimezone = "Europe/London"\n',
+}
+
+
+@pytest.mark.skipif(shutil.which("shellcheck") is None or shutil.which("cloud-init") is None,
+                    reason="shellcheck or cloud-init is not installed")
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_every_variant_is_valid_for_cloud_init_and_shellcheck(tmp_path: Path,
+                                                              variant: str) -> None:
+    settings = load_settings(settings_file(tmp_path, VARIANTS[variant]))
+    one = resolve(settings, None, drives(1)[0])
+    user_data = tmp_path / "user-data"
+    user_data.write_bytes(cloud_init_files(one, "iid")["user-data"])
+    done = subprocess.run(["cloud-init", "schema", "--config-file", str(user_data)],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    script = tmp_path / "firstrun.sh"
+    script.write_bytes(firstrun_files(one, b"console=tty1\n")["firstrun.sh"])
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    done = subprocess.run(["shellcheck", str(script)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout

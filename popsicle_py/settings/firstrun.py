@@ -142,8 +142,11 @@ def firstrun_script(settings: Settings, hashed: str | None) -> str:
              "set +e", ""]
     if settings.hostname:
         lines += _hostname(settings.hostname)
-    lines += ["FIRSTUSER=$(getent passwd 1000 | cut -d: -f1)",
-              "FIRSTUSERHOME=$(getent passwd 1000 | cut -d: -f6)"]
+    keys = settings.ssh_enabled and bool(settings.ssh_authorized_keys)
+    if keys or (settings.user and hashed is not None):
+        lines.append("FIRSTUSER=$(getent passwd 1000 | cut -d: -f1)")
+    if keys:
+        lines.append("FIRSTUSERHOME=$(getent passwd 1000 | cut -d: -f6)")
     if settings.ssh_enabled:
         lines += _ssh(settings)
     if settings.user and hashed is not None:

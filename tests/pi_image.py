@@ -23,7 +23,7 @@ def _run(*argv: str) -> None:
 
 def build(directory: Path, *, table: str = "mbr", cloud_init: bool = False,
           boot_mib: int = 40, root_mib: int = 8, xz: bool = False,
-          firmware_mib: int = 0) -> Path:
+          firmware_mib: int = 0, fat: int = 32) -> Path:
     """The image's path (``.img`` or ``.img.xz``); boot at 4 MiB, root after it.
 
     ``firmware_mib``: that much more random data in the boot partition (a kernel's worth, for
@@ -31,7 +31,7 @@ def build(directory: Path, *, table: str = "mbr", cloud_init: bool = False,
     boot = directory / "boot.vfat"
     with open(boot, "wb") as f:
         f.truncate(boot_mib * MIB)
-    _run("mkfs.vfat", "-F", "32", "-n", "bootfs", str(boot))
+    _run("mkfs.vfat", "-F", str(fat), "-n", "bootfs", str(boot))
     files = {"config.txt": CONFIG, "cmdline.txt": CMDLINE,
              "start4.elf": bytes(range(256)) * 4096}  # 1 MiB of firmware-like bytes
     for n in range(firmware_mib // 8):
@@ -60,7 +60,9 @@ def build(directory: Path, *, table: str = "mbr", cloud_init: bool = False,
                   "type=EBD0A0A2-B9E5-4433-87C0-68B6B72699C7\n"
                   f"size={root_mib * MIB // 512}, type=0FC63DAF-8483-4772-8E79-3D69D8477DE4\n")
     else:
-        script = (f"label: dos\nstart={start // 512}, size={boot_mib * MIB // 512}, type=c\n"
+        kind = "c" if fat == 32 else "e"
+        script = (f"label: dos\nstart={start // 512}, size={boot_mib * MIB // 512}, "
+                  f"type={kind}\n"
                   f"size={root_mib * MIB // 512}, type=83\n")
     subprocess.run(["sfdisk", "-q", str(image)], input=script.encode(), check=True,
                    capture_output=True)

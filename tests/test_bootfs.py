@@ -31,8 +31,8 @@ def reader(path: Path) -> Callable[[int, int], bytes]:
 
 
 def on_loop(tmp_path: Path, loop_factory: Callable[..., Loop], table: str,
-            cloud_init: bool = False) -> tuple[Path, Loop, BootImage]:
-    image = pi_image.build(tmp_path, table=table, cloud_init=cloud_init)
+            cloud_init: bool = False, fat: int = 32) -> tuple[Path, Loop, BootImage]:
+    image = pi_image.build(tmp_path, table=table, cloud_init=cloud_init, fat=fat)
     loop = loop_factory(image.stat().st_size)
     with open(loop.path, "r+b") as dev:
         dev.write(image.read_bytes())
@@ -54,10 +54,10 @@ def mtype(loop: Loop, offset: int, name: str) -> bytes:
                           env={**os.environ, "MTOOLS_SKIP_CHECK": "1"}).stdout
 
 
-@pytest.mark.parametrize("table", ["mbr", "gpt"])
+@pytest.mark.parametrize("table,fat", [("mbr", 32), ("gpt", 32), ("mbr", 16)])
 def test_files_read_back_and_nothing_else_moved(tmp_path: Path, loop_factory: Callable[..., Loop],
-                                                table: str) -> None:
-    image, loop, boot = on_loop(tmp_path, loop_factory, table)
+                                                table: str, fat: int) -> None:
+    image, loop, boot = on_loop(tmp_path, loop_factory, table, fat=fat)
     assert boot.partition.table == table and boot.format == "firstrun"
     part = boot.partition
     digest = write(loop, part, FILES)

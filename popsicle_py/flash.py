@@ -89,6 +89,11 @@ class OpenError(Refused):
     """Some targets could not be opened; nothing was written.  One line per target."""
 
 
+#: A drive's step before its head (--customize): its descriptor, path and identity, and
+#: ``progressed(n)`` for the bytes it moves (the stall clock); raises to fail the drive.
+DriveStep = Callable[[int, str, DriveInfo | None, Callable[[int], None]], None]
+
+
 @dataclass(frozen=True)
 class FlashOptions:
     verify: bool = True
@@ -109,7 +114,7 @@ class FlashOptions:
     spill_dir: str | None = ""
     #: Run on each drive once written and verified, before its head (--customize): gets the
     #: drive's descriptor, path and identity; an exception fails that drive.
-    before_head: Callable[[int, str, DriveInfo | None], None] | None = None
+    before_head: DriveStep | None = None
 
 
 def open_targets(drives: Sequence[D], *, for_writing: bool = True,
@@ -294,15 +299,16 @@ class FlashJob(_Job):
             return None
         return ChecksumTap(checksum, checked_before=self.options.checksum_checked)
 
-    def _before_head(self, options: FlashOptions) -> Callable[[BlockDevice], None] | None:
+    def _before_head(self, options: FlashOptions
+                     ) -> Callable[[BlockDevice, Callable[[int], None]], None] | None:
         """The engine's per-drive step, given each drive's descriptor, path and identity."""
         step = options.before_head
         if step is None:
             return None
         infos = {id(d.device): d.info for d in self.drives}
 
-        def run(device: BlockDevice) -> None:
-            step(device.fileno(), device.path, infos.get(id(device)))
+        def run(device: BlockDevice, progressed: Callable[[int], None]) -> None:
+            step(device.fileno(), device.path, infos.get(id(device)), progressed)
         return run
 
     def _write(self) -> None:

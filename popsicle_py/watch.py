@@ -60,7 +60,7 @@ from popsicle_py.events import (
     WatchEvent,
     Watching,
 )
-from popsicle_py.flash import FlashJob, FlashOptions, OpenError, open_targets
+from popsicle_py.flash import DriveStep, FlashJob, FlashOptions, OpenError, open_targets
 from popsicle_py.images import (
     Checksum,
     ChecksumCancelled,
@@ -122,7 +122,7 @@ class WatchOptions:
     #: Once set: take no new drive, end when the drives in flight are done (a station's stop).
     drain: threading.Event | None = None
     #: Each drive's step once written and verified, before its head (see FlashOptions).
-    before_head: Callable[[int, str, DriveInfo | None], None] | None = None
+    before_head: DriveStep | None = None
 
 
 @dataclass(frozen=True)

@@ -129,14 +129,17 @@ class Personaliser:
             raise BootFsError(taken)
         return files
 
-    def step(self, fd: int, path: str, info: events.DriveInfo | None) -> None:
-        """Write one drive's boot files (the engine's descriptor ``fd``); raises
-        :class:`BootFsError` when they cannot be written or do not read back right."""
+    def step(self, fd: int, path: str, info: events.DriveInfo | None,
+             progressed: Callable[[int], None] = lambda n: None) -> None:
+        """Write one drive's boot files (the engine's descriptor ``fd``; ``progressed`` counts
+        the bytes read, for the stall clock); raises :class:`BootFsError` when they cannot be
+        written or do not read back right."""
         files = self.files_for(path, info)
         if files.settings.hostname:
             with self._lock:
                 self._hostnames.add(files.settings.hostname.lower())
-        digest = write_boot_files(fd, self.customization.boot.partition, files.files)
+        digest = write_boot_files(fd, self.customization.boot.partition, files.files,
+                                  progressed=progressed)
         with self._lock:
             self._records[path, info.seq if info else None] = files.record(
                 self.customization.format, digest)
@@ -187,8 +190,9 @@ def for_watch(options: CustomizeOptions | None, image: Source) -> Personaliser |
 
 
 Admit = Callable[[Drive], str | None]
-#: The engine's per-drive step before the head: (descriptor, /dev path, the drive's identity).
-Step = Callable[[int, str, events.DriveInfo | None], None]
+#: The engine's per-drive step before the head: (descriptor, /dev path, the drive's identity,
+#: bytes moved).
+Step = Callable[[int, str, events.DriveInfo | None, Callable[[int], None]], None]
 
 
 def first_reason(*admits: Admit | None) -> Admit:

@@ -24,7 +24,7 @@ import hashlib
 import os
 import subprocess
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from popsicle_py.settings.fat import (
     BootPartition,
@@ -70,9 +70,11 @@ def _path(fd: int) -> str:
 class _Device:
     """Positional reads of one partition, from the medium (clean pages dropped first)."""
 
-    def __init__(self, fd: int, part: BootPartition) -> None:
+    def __init__(self, fd: int, part: BootPartition,
+                 progressed: Callable[[int], None] = lambda n: None) -> None:
         self.fd = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
         self.part = part
+        self.progressed = progressed  # the engine's stall clock: a read that moves counts
 
     def close(self) -> None:
         os.close(self.fd)
@@ -85,6 +87,7 @@ class _Device:
         data = os.pread(self.fd, length, self.part.offset + offset)
         if len(data) != length:
             raise BootFsError(f"short read at {self.part.offset + offset} of the boot partition")
+        self.progressed(length)
         return data
 
     def block_digests(self, runs: list[tuple[int, int]]) -> dict[int, bytes]:
@@ -181,10 +184,11 @@ def _allowed_blocks(geo: FatGeometry, clusters: set[int]) -> set[int]:
 
 
 def write_boot_files(fd: int, part: BootPartition, files: Mapping[str, bytes],
-                     *, fsck: bool = True) -> str:
+                     *, fsck: bool = True,
+                     progressed: Callable[[int], None] = lambda n: None) -> str:
     """Write ``files`` into the root of the boot partition of the drive open on ``fd``, read
     them back and check the rest; returns :func:`files_digest`.  Raises :class:`BootFsError`."""
-    dev = _Device(fd, part)
+    dev = _Device(fd, part, progressed)
     try:
         dev.drop_cache()
         try:

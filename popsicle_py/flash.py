@@ -38,6 +38,7 @@ from popsicle_py.engine import (
 from popsicle_py.errors import Refused
 from popsicle_py.events import (
     Cause,
+    Download,
     DriveInfo,
     DriveResult,
     Event,
@@ -315,7 +316,7 @@ class FlashJob(_Job):
         options = self.options
         total = self.total
 
-        def on_message(msg: WriterMessage | Phase | Progress | Note) -> None:
+        def on_message(msg: WriterMessage | Phase | Progress | Note | Download) -> None:
             drive = self.drives[getattr(msg, "id", 0)]
             match msg:
                 case BusWriterMessage.Written(bytes_written=n):
@@ -338,7 +339,7 @@ class FlashJob(_Job):
                     self._fail(drive, why)
                 case BusWriterMessage.Completed():
                     self._end(drive, Status.OK)
-                case Phase() | Progress() | Note():  # relayed: the download's own news
+                case Phase() | Progress() | Note() | Download():  # relayed: the download's news
                     self.emit(msg)
                 case BusWriterMessage.LockStep(reason=reason):
                     self.emit(Note(f"every drive goes at the slowest one's pace from here on: "
@@ -423,8 +424,8 @@ class VerifyJob(_Job):
         """From any thread (a download's progress): emitted on the job's own thread, in order."""
         self._verifier.post(event)
 
-    def _on_message(self, msg: VerifierMessage | Phase | Progress | Note) -> None:
-        if isinstance(msg, (Phase, Progress, Note)):
+    def _on_message(self, msg: VerifierMessage | Phase | Progress | Note | Download) -> None:
+        if isinstance(msg, (Phase, Progress, Note, Download)):
             self.emit(msg)
             return
         drive = self.drives[msg.id]

@@ -16,6 +16,8 @@ from contextlib import contextmanager
 from types import FrameType
 
 HANDLED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+#: Run before a second signal quits at once (os._exit skips atexit): a terminal set back.
+AT_QUIT: list[Callable[[], None]] = []
 
 
 def say_on_stderr(text: str) -> None:
@@ -63,6 +65,9 @@ class Cancellation:
 
     def _handler(self, signum: int, frame: FrameType | None) -> None:
         if self._event.is_set():  # asked twice: out now, as the user (or systemd) insists
+            for undo in AT_QUIT:
+                with contextlib.suppress(Exception):
+                    undo()
             os._exit(128 + signum)
         first = not self._event.is_set()
         # Set before saying so: a second Ctrl-C can run this handler again, nested, as soon

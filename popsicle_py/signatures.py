@@ -14,6 +14,7 @@ import subprocess
 import tempfile
 from collections.abc import Callable
 
+from popsicle_py.files import create_regular
 from popsicle_py.images import ImageError
 
 __all__ = ["SIDECAR_LIMIT", "SIGNATURE_SUFFIXES", "check_signature", "read_local"]
@@ -31,10 +32,10 @@ def _signature_check(name: str, data: bytes, signature: bytes | None, keyring: s
         raise ImageError(f"--keyring {keyring}: no such file")
     with tempfile.TemporaryDirectory(prefix="popsicle-py-gpgv-") as home:
         sums, sig = os.path.join(home, "sums"), os.path.join(home, "sums.sig")
-        with open(sums, "wb") as f:
+        with create_regular(sums, exclusive=True) as f:
             f.write(data)
         if signature is not None:
-            with open(sig, "wb") as f:
+            with create_regular(sig, exclusive=True) as f:
                 f.write(signature)
         files = [sig, sums] if signature is not None else [sums]  # clearsigned: the file itself
         try:

@@ -246,7 +246,9 @@ def test_drive_dying_mid_write_among_healthy_ones(loop_factory: Callable[..., Lo
         assert f"{dying.path}: ok" not in result.stdout
         for loop in healthy:
             assert f"{loop.path}: ok" in result.stdout
-        assert result.stdout.splitlines()[-1] == "finished with problems: 2 of 3 drives ok"
+        assert result.stdout.splitlines()[-1] == ("finished with problems: 2 of 3 drives ok; "
+                                                  f"not ok: #2 {dying.path} failed (no space "
+                                                  "left)")
 
     verified = popsicle("verify", image, *(loop.path for loop in healthy), "--json")
     assert verified.returncode == 0, verified.stdout + verified.stderr

@@ -18,7 +18,7 @@ import time
 import uuid
 from collections.abc import Callable
 
-from popsicle_py import events
+from popsicle_py import events, files
 from popsicle_py import watch as watch_mod
 from popsicle_py.app.confirm import Confirmation
 from popsicle_py.app.station_requests import LearnRequest, StationRequest
@@ -236,8 +236,8 @@ def learn_slots(request: LearnRequest, say: Callable[[str], None],
     slot_map = slots_mod.SlotMap(tuple(found))
     tmp = f"{request.path}.tmp"
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(slots_mod.dump(found))
+        with files.create_regular(tmp) as f:
+            f.write(slots_mod.dump(found).encode())
         os.replace(tmp, request.path)
     except OSError as exc:
         raise Refused([f"{request.path}: {exc.strerror or exc}"]) from None

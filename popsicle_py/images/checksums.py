@@ -31,7 +31,7 @@ __all__ = [
     "verify_checksum",
 ]
 
-_HASH_READ_SIZE = 8 << 20  # per read when hashing the download
+_HASH_READ_SIZE = 1 << 20  # per read when hashing: a cancel is seen within one (a slow disk)
 _HEX_LENGTHS = {"sha1": 40, "sha256": 64, "sha512": 128, "blake2b": 128}
 _HEX = re.compile(r"[0-9a-fA-F]+")
 

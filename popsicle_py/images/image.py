@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import BinaryIO
 
+from popsicle_py.files import create_regular
 from popsicle_py.images.checksums import ChecksumTap
 from popsicle_py.images.decoders import read_decoded
 from popsicle_py.images.files import ImageError, open_file
@@ -291,7 +292,7 @@ def decompress_to(image: Image, path: str, cancel: Callable[[], bool],
     done = 0
     buf = memoryview(bytearray(4 << 20))
     try:
-        with image.open() as source, open(path, "wb") as out:
+        with image.open() as source, create_regular(path) as out:
             while True:
                 if cancel():
                     return None

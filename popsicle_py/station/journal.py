@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
+from popsicle_py import files
 from popsicle_py.events import JsonObject
 from popsicle_py.report import FIELDS, iso
 
@@ -61,6 +62,7 @@ def connect(path: str, *, create: bool) -> sqlite3.Connection:
     try:
         if create:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        files.check_regular(path, create=create, sidecars=("-wal", "-shm", "-journal"))
         db = sqlite3.connect(path, timeout=10, isolation_level=None, check_same_thread=False)
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=FULL")

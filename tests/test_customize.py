@@ -202,3 +202,19 @@ def test_a_drive_whose_boot_partition_is_not_right_fails_with_its_head_unwritten
     assert "changed outside the files written" in result["error"]
     head = Path(bad.backing).read_bytes()[:64 << 10]
     assert head != original[:64 << 10] and head != bytes([FILL]) * len(head)  # the stamp
+
+
+def test_without_mtools_the_run_is_refused_before_writing(tmp_path: Path,
+                                                          loop_factory: Callable[..., Loop]
+                                                          ) -> None:
+    image = pi_image.build(tmp_path, table="gpt")
+    toml, values = inputs(tmp_path)
+    loop = loop_factory(image.stat().st_size, fill=FILL)
+    env = {**os.environ, "PATH": "/usr/sbin:/sbin"}  # fsck.vfat, but no mcopy
+    done = subprocess.run([*popsicle_cmd(), "flash", str(image), loop.path, "--yes",
+                           "--customize", str(toml), "--values", str(values)],
+                          capture_output=True, text=True, timeout=120, check=False, env=env)
+    assert done.returncode == 2, done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "needs mcopy (apt-get install mtools)" in lines[0], lines
+    assert Path(loop.backing).read_bytes() == bytes([FILL]) * loop.size

@@ -31,6 +31,7 @@ from popsicle_py.settings import (
     load_customization,
     write_boot_files,
 )
+from popsicle_py.settings.bootfs import missing_tools
 
 __all__ = ["Personaliser", "context_of", "load"]
 
@@ -61,6 +62,9 @@ def load(options: CustomizeOptions, image: Source) -> Customization:
     if not isinstance(image, Image):
         raise Refused([f"--customize needs an image file on this machine, not {image.path} "
                        "(download it first)"])
+    missing = missing_tools()
+    if missing:
+        raise Refused([f"--customize needs {', '.join(missing)}"])
     try:
         return load_customization(options.settings, options.values, options.format,
                                   _ImageHead(image))

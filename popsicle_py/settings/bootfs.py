@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import subprocess
 import tempfile
 from collections.abc import Callable, Mapping
@@ -39,11 +40,27 @@ from popsicle_py.settings.fat import (
     root_files,
 )
 
-__all__ = ["BLOCK", "BootFsError", "files_digest", "write_boot_files"]
+__all__ = ["BLOCK", "TOOLS", "BootFsError", "files_digest", "missing_tools", "write_boot_files"]
 
 BLOCK = 4096
 CHUNK = 4 << 20
 TIMEOUT = 120.0
+
+
+#: The programs a drive's step runs, and the Debian package of each.
+TOOLS = {"mcopy": "mtools", "fsck.vfat": "dosfstools"}
+#: Where they are looked for: PATH, then the sbin directories an ordinary user's PATH lacks.
+_SEARCH = os.pathsep.join(filter(None, [os.environ.get("PATH"), "/usr/sbin", "/sbin"]))
+
+
+def _tool(name: str) -> str:
+    return shutil.which(name, path=_SEARCH) or name
+
+
+def missing_tools() -> list[str]:
+    """``PROGRAM (apt-get install PACKAGE)`` for each program that is not installed."""
+    return [f"{name} (apt-get install {package})" for name, package in TOOLS.items()
+            if shutil.which(name, path=_SEARCH) is None]
 
 
 class BootFsError(OSError):
@@ -152,7 +169,7 @@ def _mcopy(fd: int, part: BootPartition, files: Mapping[str, bytes]) -> None:
             with open(path, "wb") as handle:
                 handle.write(data)
             paths.append(path)
-        done = _run(["mcopy", "-o", "-i", f"{_path(fd)}@@{part.offset}", *paths, "::/"],
+        done = _run([_tool("mcopy"), "-o", "-i", f"{_path(fd)}@@{part.offset}", *paths, "::/"],
                     "writing the boot partition", fd)
     if done.returncode != 0:
         raise BootFsError("mcopy failed: " + (done.stderr.strip().splitlines() or ["?"])[-1])
@@ -167,7 +184,7 @@ def _fsck(dev: _Device, geo: FatGeometry, fat: list[int]) -> None:
             at = geo.cluster_offset(cluster)
             os.pwrite(copy.fileno(), dev.read(at, geo.cluster), at)
         copy.flush()
-        check = _run(["fsck.vfat", "-n", copy.name], "checking the boot partition")
+        check = _run([_tool("fsck.vfat"), "-n", copy.name], "checking the boot partition")
     if check.returncode != 0:
         lines = [line for line in check.stdout.splitlines()[1:] if line.strip()]
         raise BootFsError("fsck.vfat -n found problems in the boot partition: "

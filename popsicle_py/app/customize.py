@@ -125,13 +125,9 @@ class Personaliser:
         if info is None or info.seq is None:
             raise BootFsError(f"{path}: no first-boot settings were prepared for this drive")
         try:
-            files = self.customization.for_drive(context_of(info))
+            return self.customization.for_drive(context_of(info))
         except SettingsError as exc:
             raise BootFsError(str(exc)) from None
-        taken = self._taken(files.settings.hostname)
-        if taken is not None:
-            raise BootFsError(taken)
-        return files
 
     def step(self, fd: int, path: str, info: events.DriveInfo | None,
              progressed: Callable[[int], None] = lambda n: None) -> None:
@@ -139,9 +135,13 @@ class Personaliser:
         the bytes read, for the stall clock); raises :class:`BootFsError` when they cannot be
         written or do not read back right."""
         files = self.files_for(path, info)
-        if files.settings.hostname:
-            with self._lock:
-                self._hostnames.add(files.settings.hostname.lower())
+        hostname = (files.settings.hostname or "").lower()
+        with self._lock:  # checked and taken at once: two drives in flight never share one
+            if hostname in self._hostnames:
+                raise BootFsError(f"hostname {files.settings.hostname!r} was given to a "
+                                  "drive already")
+            if hostname:
+                self._hostnames.add(hostname)
         digest = write_boot_files(fd, self.customization.boot.partition, files.files,
                                   progressed=progressed)
         with self._lock:

@@ -122,6 +122,7 @@ def test_firstrun_format_hooks_cmdline(tmp_path: Path,
     done = popsicle("flash", image, loop.path, "--yes", "--customize", toml, "--values",
                     values, "--report", report)
     assert done.returncode == 0, done.stderr + done.stdout
+    assert f"{loop.path}: first-boot settings written (firstrun, hostname pi-01)" in done.stdout
     script = mtype(loop, 4 << 20, "firstrun.sh")
     assert script.startswith(b"#!/bin/bash") and b"pi-01" in script
     assert b"systemd.run=/boot/firmware/firstrun.sh" in mtype(loop, 4 << 20, "cmdline.txt")

@@ -163,11 +163,21 @@ class Personaliser:
                     self._admitted += 1
             if isinstance(event, events.Result):
                 event = dataclasses.replace(event, result=self.record(event.result))
+                if event.result.customized is not None:  # said before the result line
+                    emit(events.Note(said(event.result.device, event.result.customized)))
             elif isinstance(event, events.Summary):
                 event = dataclasses.replace(
                     event, results=tuple(self.record(r) for r in event.results))
             emit(event)
         return relay
+
+
+def said(device: str, record: events.JsonObject) -> str:
+    """A drive's customisation in one line for people (the record has it all)."""
+    values = record.get("values")
+    host = values.get("hostname") if isinstance(values, dict) else None
+    named = f", hostname {host}" if host else ""
+    return f"{device}: first-boot settings written ({record.get('format')}{named})"
 
 
 def note(options: CustomizeOptions, personaliser: Personaliser) -> str:

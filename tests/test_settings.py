@@ -185,3 +185,12 @@ def test_every_variant_is_valid_for_cloud_init_and_shellcheck(tmp_path: Path,
     subprocess.run(["bash", "-n", str(script)], check=True)
     done = subprocess.run(["shellcheck", str(script)], capture_output=True, text=True)
     assert done.returncode == 0, done.stdout
+
+
+def test_a_station_slot_label_picks_its_row(tmp_path: Path) -> None:
+    settings = load_settings(settings_file(tmp_path, 'hostname = "{name}-{slot}"\n'))
+    values = parse_values("slot,name\nA1,left\nA2,right\n07,seven\n", "v.csv")
+    assert resolve(settings, values, DriveContext(1, "A2")).hostname == "right-A2"
+    assert resolve(settings, values, DriveContext(2, 7)).hostname == "seven-7"
+    with pytest.raises(SettingsError, match="has no row for drive 3"):
+        resolve(settings, values, DriveContext(3, "B1"))

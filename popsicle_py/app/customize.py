@@ -72,7 +72,7 @@ def load(options: CustomizeOptions, image: Source) -> Customization:
         raise Refused([str(exc)]) from None
 
 
-def context_of(info: events.DriveInfo, slot: int | None = None) -> DriveContext:
+def context_of(info: events.DriveInfo, slot: str | None = None) -> DriveContext:
     """What the templates know of a drive: seq, slot (seq unless a station says), serial, port."""
     seq = info.seq or 0
     return DriveContext(seq, slot if slot is not None else seq, info.serial,
@@ -89,6 +89,12 @@ class Personaliser:
         self._lock = threading.Lock()
         self._admitted = 0  # watch: drives taken so far (the next one's seq is one more)
         self._hostnames: set[str] = set()
+        #: A station's slot label of a USB port path (None: ``{slot}`` is the drive's seq).
+        self.slot_of: Callable[[str | None], str | None] | None = None
+
+    def _context(self, info: events.DriveInfo) -> DriveContext:
+        slot = self.slot_of(info.port_path) if self.slot_of is not None else None
+        return context_of(info, slot)
 
     def plan_batch(self, paths: Sequence[str], infos: Sequence[events.DriveInfo]) -> None:
         """A flash's drives, all resolved now; raises :class:`Refused`."""
@@ -105,7 +111,7 @@ class Personaliser:
         with self._lock:
             seq = self._admitted + 1
         try:
-            files = self.customization.for_drive(context_of(drive_info(drive, seq)))
+            files = self.customization.for_drive(self._context(drive_info(drive, seq)))
         except SettingsError as exc:
             return f"not written: {exc}"
         return self._taken(files.settings.hostname)
@@ -125,7 +131,7 @@ class Personaliser:
         if info is None or info.seq is None:
             raise BootFsError(f"{path}: no first-boot settings were prepared for this drive")
         try:
-            return self.customization.for_drive(context_of(info))
+            return self.customization.for_drive(self._context(info))
         except SettingsError as exc:
             raise BootFsError(str(exc)) from None
 

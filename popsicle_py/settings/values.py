@@ -32,7 +32,8 @@ class DriveContext:
     """What the run knows of one drive: its number in the run, its slot, serial and port."""
 
     seq: int
-    slot: int
+    #: A station's slot label (``A1``), else the same number as ``seq``.
+    slot: int | str
     serial: str = ""
     port: str = ""
 
@@ -53,12 +54,14 @@ class Values:
     def row_for(self, drive: DriveContext) -> dict[str, str] | None:
         if self.key is None:
             return self.rows[drive.seq - 1] if drive.seq <= len(self.rows) else None
-        want = {"seq": str(drive.seq), "slot": str(drive.slot), "serial": drive.serial}[self.key]
-        for row in self.rows:
-            cell = row[self.key].strip()
-            if cell == want or (self.key != "serial" and cell.isdigit() and int(cell) == int(want)):
-                return row
-        return None
+        want = _norm(self.key, str(getattr(drive, self.key)))
+        return next((row for row in self.rows if _norm(self.key, row[self.key]) == want), None)
+
+
+def _norm(key: str, cell: str) -> str:
+    """A key cell as compared: numbers without leading zeros (``07`` is seq 7)."""
+    cell = cell.strip()
+    return str(int(cell)) if key != "serial" and cell.isdigit() else cell
 
 
 def parse_values(text: str, path: str) -> Values:
@@ -79,10 +82,10 @@ def parse_values(text: str, path: str) -> Values:
         seen: set[str] = set()
         for number, row in enumerate(rows, 2):
             cell = row[key]
-            if not cell or (key != "serial" and not cell.isdigit()):
+            if not cell or (key == "seq" and not cell.isdigit()):
                 raise SettingsError(f"{path}: line {number}: {key} {cell!r} is not a number"
-                                    if key != "serial" else f"{path}: line {number}: no serial")
-            norm = cell if key == "serial" else str(int(cell))
+                                    if cell else f"{path}: line {number}: no {key}")
+            norm = _norm(key, cell)
             if norm in seen:
                 raise SettingsError(f"{path}: line {number}: {key} {cell} appears twice")
             seen.add(norm)

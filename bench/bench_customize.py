@@ -12,7 +12,6 @@ of ``--runs``.  The issue's budget: at most 1.1x the plain run.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 from pathlib import Path
@@ -23,17 +22,9 @@ sys.path.insert(0, str(HERE.parent / "tests"))
 
 import pi_image  # noqa: E402
 from _benchlib import MB, Bench, MiB, median, table  # noqa: E402
+from bench_skip import READ_RATE, WRITE_RATE, limit  # noqa: E402  (20 MB/s, 80 MB/s)
 
-WRITE_RATE = 20 * MB
-READ_RATE = 80 * MB
 KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIK7y7UxIbBf10hjkkKaoDhFxSFdfZG1ZjTmXCUdxf9Rz a@x"
-
-
-def limit(cg: Path, dev: str) -> None:
-    rdev = os.stat(dev).st_rdev
-    for kind, rate in (("write", WRITE_RATE), ("read", READ_RATE)):
-        (cg / f"blkio.throttle.{kind}_bps_device").write_text(
-            f"{os.major(rdev)}:{os.minor(rdev)} {rate}\n")
 
 
 def main() -> int:

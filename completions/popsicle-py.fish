@@ -47,6 +47,12 @@ function __popsicle_py_state --description 'popsicle-py: the command, then what 
             if string match -q -- '-?*' $tok
                 if not string match -q -- '*=*' $tok
                     switch "$path:$tok"
+                        case 'erase:--fs'
+                            set skip 1
+                        case 'erase:--label'
+                            set skip 1
+                        case 'erase:--stall-timeout'
+                            set skip 1
                         case 'flash:--sha256'
                             set skip 1
                         case 'flash:--checksum'
@@ -74,6 +80,8 @@ function __popsicle_py_state --description 'popsicle-py: the command, then what 
                         case 'flash:--customize-format'
                             set skip 1
                         case 'probe:--stall-timeout'
+                            set skip 1
+                        case 'read:--stall-timeout'
                             set skip 1
                         case 'records:--journal'
                             set skip 1
@@ -145,7 +153,7 @@ function __popsicle_py_state --description 'popsicle-py: the command, then what 
         switch $path
             case '-'
                 switch $tok
-                    case 'cache' 'flash' 'list' 'polkit-rule' 'probe' 'records' 'slots' 'station' 'verify' 'watch'
+                    case 'cache' 'erase' 'flash' 'list' 'polkit-rule' 'probe' 'read' 'records' 'slots' 'station' 'verify' 'watch'
                         set path $tok
                         set npos 0
                         set dashdash 0
@@ -180,6 +188,11 @@ function __popsicle_py_state --description 'popsicle-py: the command, then what 
             echo @none
         case 'cache/list'
             echo @none
+        case 'erase'
+            switch $npos
+                case '*'
+                    echo 'devices'
+            end
         case 'flash'
             switch $npos
                 case 0
@@ -195,6 +208,15 @@ function __popsicle_py_state --description 'popsicle-py: the command, then what 
             switch $npos
                 case '*'
                     echo 'devices'
+            end
+        case 'read'
+            switch $npos
+                case 0
+                    echo 'device'
+                case 1
+                    echo 'output_file'
+                case '*'
+                    echo @none
             end
         case 'records'
             echo @none
@@ -242,10 +264,12 @@ complete -c popsicle-py -f
 complete -c popsicle-py -n '__popsicle_py_at -' -s 'V' -l 'version' -d 'Show the version and exit.'
 complete -c popsicle-py -n '__popsicle_py_at -' -s 'h' -l 'help' -d 'Show this message and exit.'
 complete -c popsicle-py -n '__popsicle_py_at - @command' -a 'cache' -d 'The downloads kept by --cache, in $XDG_CACHE_HOME/popsicle-py (~/.cache/popsicle-py).'
+complete -c popsicle-py -n '__popsicle_py_at - @command' -a 'erase' -d 'Give each DEVICE back as an ordinary stick: old signatures wiped, a new MBR with one partition over the drive, formatted FAT32 or exFAT (readable by Windows, macOS, Linux).'
 complete -c popsicle-py -n '__popsicle_py_at - @command' -a 'flash' -d 'Write IMAGE to every DEVICE in parallel, then verify each.'
 complete -c popsicle-py -n '__popsicle_py_at - @command' -a 'list' -d 'List USB and SD drives (with --all, every disk) and whether each may be written.'
 complete -c popsicle-py -n '__popsicle_py_at - @command' -a 'polkit-rule' -d 'Print the opt-in polkit rule: group "popsicle" may write USB drives without sudo.'
 complete -c popsicle-py -n '__popsicle_py_at - @command' -a 'probe' -d 'Check that each DEVICE stores as much as it claims (counterfeit drives), no flashing.'
+complete -c popsicle-py -n '__popsicle_py_at - @command' -a 'read' -d 'Read DEVICE once into the image file OUTPUT, with its SHA-256 in OUTPUT.sha256.'
 complete -c popsicle-py -n '__popsicle_py_at - @command' -a 'records' -d 'Export the station\'s journal: one record per drive (slot, drive, result, speeds).'
 complete -c popsicle-py -n '__popsicle_py_at - @command' -a 'slots' -d 'Make a slot map in FILE: plug a stick into each slot in turn when asked.'
 complete -c popsicle-py -n '__popsicle_py_at - @command' -a 'station' -d 'A duplicator station: watch\'s writing, with slots, a web page, an HTTP API and a journal of every drive.'
@@ -265,6 +289,19 @@ complete -c popsicle-py -n '__popsicle_py_at cache/clean' -s 'h' -l 'help' -d 'S
 complete -c popsicle-py -n '__popsicle_py_at cache/list' -l 'json' -d 'One JSON array of entries on stdout.'
 complete -c popsicle-py -n '__popsicle_py_at cache/list' -l 'debug' -d 'Show debug messages and tracebacks.'
 complete -c popsicle-py -n '__popsicle_py_at cache/list' -s 'h' -l 'help' -d 'Show this message and exit.'
+
+# popsicle-py erase
+complete -c popsicle-py -n '__popsicle_py_at erase' -l 'fs' -x -a 'fat32 exfat none' -d 'File system of the one partition (default: fat32 up to 32 GiB, exfat above); none only wipes.'
+complete -c popsicle-py -n '__popsicle_py_at erase' -l 'label' -x -d 'Volume label (FAT: 11 characters, exFAT: 15).'
+complete -c popsicle-py -n '__popsicle_py_at erase' -l 'zero' -d 'Write zeros over the whole drive first, and read them back.'
+complete -c popsicle-py -n '__popsicle_py_at erase' -l 'discard' -d 'Discard every block first (BLKDISCARD), and read zeros back.'
+complete -c popsicle-py -n '__popsicle_py_at erase' -s 'y' -l 'yes' -d 'Do not ask for confirmation.'
+complete -c popsicle-py -n '__popsicle_py_at erase' -s 'u' -l 'unmount' -d 'Unmount mounted partitions of the drives first (otherwise refuse).'
+complete -c popsicle-py -n '__popsicle_py_at erase' -l 'stall-timeout' -x -d 'Fail a drive that makes no progress for SECONDS.'
+complete -c popsicle-py -n '__popsicle_py_at erase' -l 'json' -d 'Machine-readable events on stdout.'
+complete -c popsicle-py -n '__popsicle_py_at erase' -l 'debug' -d 'Show debug messages and tracebacks.'
+complete -c popsicle-py -n '__popsicle_py_at erase' -s 'h' -l 'help' -d 'Show this message and exit.'
+complete -c popsicle-py -n '__popsicle_py_at erase devices' -a '(__popsicle_py_devices)'
 
 # popsicle-py flash
 complete -c popsicle-py -n '__popsicle_py_at flash' -l 'sha256' -x -d 'Expected SHA-256 of the image file.'
@@ -314,6 +351,16 @@ complete -c popsicle-py -n '__popsicle_py_at probe' -l 'json' -d 'Machine-readab
 complete -c popsicle-py -n '__popsicle_py_at probe' -l 'debug' -d 'Show debug messages and tracebacks.'
 complete -c popsicle-py -n '__popsicle_py_at probe' -s 'h' -l 'help' -d 'Show this message and exit.'
 complete -c popsicle-py -n '__popsicle_py_at probe devices' -a '(__popsicle_py_devices)'
+
+# popsicle-py read
+complete -c popsicle-py -n '__popsicle_py_at read' -l 'bmap' -d 'Also write a block map (bmaptool\'s format) of the blocks holding data, named as bmaptool and flash look for it (disk.img.zst -> disk.img.bmap).'
+complete -c popsicle-py -n '__popsicle_py_at read' -l 'force' -d 'Replace an existing OUTPUT (and its sidecars).'
+complete -c popsicle-py -n '__popsicle_py_at read' -l 'stall-timeout' -x -d 'Fail a drive that makes no progress for SECONDS.'
+complete -c popsicle-py -n '__popsicle_py_at read' -l 'json' -d 'Machine-readable events on stdout.'
+complete -c popsicle-py -n '__popsicle_py_at read' -l 'debug' -d 'Show debug messages and tracebacks.'
+complete -c popsicle-py -n '__popsicle_py_at read' -s 'h' -l 'help' -d 'Show this message and exit.'
+complete -c popsicle-py -n '__popsicle_py_at read device' -a '(__popsicle_py_devices)'
+complete -c popsicle-py -n '__popsicle_py_at read output_file' -F
 
 # popsicle-py records
 complete -c popsicle-py -n '__popsicle_py_at records' -l 'journal' -r -F -d 'The station\'s journal (default: the station\'s default).'

@@ -28,6 +28,8 @@ class Step(_Word):
     DOWNLOADING = "downloading"  # an image from a URL
     DECOMPRESSING = "decompressing"  # watch: the image decompressed once
     PROBING = "probing"  # the drive's real capacity, before writing
+    READING = "reading"  # read: the drive read into an image file
+    ERASING = "erasing"  # erase: signatures wiped, partitioned, formatted
     WRITING = "writing"
     SYNCING = "syncing"  # the image's first 64 KiB, written last
     VERIFYING = "verifying"

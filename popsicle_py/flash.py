@@ -116,6 +116,8 @@ class FlashOptions:
     #: Run on each drive once written and verified, before its head (--customize): gets the
     #: drive's descriptor, path and identity; an exception fails that drive.
     before_head: DriveStep | None = None
+    #: Raises once the source is read if it cannot vouch for it (a master drive written to).
+    source_check: Callable[[], None] | None = None
 
 
 def open_targets(drives: Sequence[D], *, for_writing: bool = True,
@@ -144,6 +146,18 @@ def open_targets(drives: Sequence[D], *, for_writing: bool = True,
             device.close()
         raise OpenError(problems)
     return opened
+
+
+def _both(*checks: Callable[[], None] | None) -> Callable[[], None] | None:
+    """One vouching check made of those given (None: none to make)."""
+    given = [c for c in checks if c is not None]
+    if len(given) <= 1:
+        return given[0] if given else None
+
+    def check() -> None:
+        for c in given:
+            c()
+    return check
 
 
 class _Drive:
@@ -367,7 +381,7 @@ class FlashJob(_Job):
                 .prepare_each(options.probe)
                 .before_head_each(self._before_head(options))
                 .spill_to(options.spill_dir)
-                .vouch(tap.vouch if tap is not None else None)
+                .vouch(_both(tap.vouch if tap is not None else None, options.source_check))
                 .finish_each(verify=options.verify, repairs=options.repair_attempts,
                              source_at=None if self.image.seekable_raw
                              else getattr(self.image, "read_at", None))

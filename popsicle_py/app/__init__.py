@@ -42,8 +42,10 @@ from popsicle_py.app.requests import (
 if TYPE_CHECKING:
     from popsicle_py.app.common import exit_status
     from popsicle_py.app.confirm import Confirmation, TargetRow
+    from popsicle_py.app.erase import EraseRequest, PreparedErase, prepare_erase
     from popsicle_py.app.flash import PreparedFlash, prepare_flash
     from popsicle_py.app.listing import DriveListing, cache_entries, clean_cache, list_drives
+    from popsicle_py.app.read import PreparedRead, ReadRequest, prepare_read
     from popsicle_py.app.verify import (
         PreparedProbe,
         PreparedVerify,
@@ -61,15 +63,18 @@ _LAZY = {
     "PreparedVerify": "verify", "prepare_verify": "verify",
     "PreparedProbe": "verify", "prepare_probe": "verify",
     "PreparedWatch": "watch", "prepare_watch": "watch",
+    "ReadRequest": "read", "PreparedRead": "read", "prepare_read": "read",
+    "EraseRequest": "erase", "PreparedErase": "erase", "prepare_erase": "erase",
 }
 
 __all__ = [
-    "Confirmation", "CustomizeOptions", "DriveListing", "EngineOptions", "FlashRequest",
-    "PreparedFlash",
-    "PreparedProbe", "PreparedVerify", "PreparedWatch", "ProbeRequest", "SourceOptions",
-    "TargetOptions", "TargetRow", "VerifyRequest", "WatchRequest", "WriteOptions",
-    "cache_entries", "clean_cache", "exit_status", "list_drives", "prepare_flash",
-    "prepare_probe", "prepare_verify", "prepare_watch",
+    "Confirmation", "CustomizeOptions", "DriveListing", "EngineOptions", "EraseRequest",
+    "FlashRequest",
+    "PreparedErase", "PreparedFlash", "PreparedProbe", "PreparedRead", "PreparedVerify",
+    "PreparedWatch", "ProbeRequest", "ReadRequest", "SourceOptions", "TargetOptions",
+    "TargetRow", "VerifyRequest", "WatchRequest", "WriteOptions", "cache_entries",
+    "clean_cache", "exit_status", "list_drives", "prepare_erase", "prepare_flash",
+    "prepare_probe", "prepare_read", "prepare_verify", "prepare_watch",
 ]
 
 

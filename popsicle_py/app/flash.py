@@ -24,6 +24,7 @@ from popsicle_py.bmap import Bmap
 from popsicle_py.drives import still_same
 from popsicle_py.errors import Refused
 from popsicle_py.flash import FlashJob, FlashOptions, open_targets
+from popsicle_py.master import Stillness
 from popsicle_py.plan import Plan, make_plan, unmount_targets
 from popsicle_py.ports import drive_info
 from popsicle_py.protocols import View
@@ -139,6 +140,8 @@ class PreparedFlash:
                 checksum=self.checksum, checksum_checked=not write.checksum_while_writing,
                 probe=capacity_probe(size, engine.bucket_size) if write.probe else None,
                 before_head=customize.step_of(self.personaliser))
+            if sources.is_drive(image.path):  # a master drive: written to meanwhile, all fail
+                options = dataclasses.replace(options, source_check=Stillness(image.path).check)
             job = FlashJob(image, opened, options, emit, cancel, self.infos)
             sources.attach(image, job.relay, cancel)  # download news from the reader thread
             summary = job.run()
@@ -161,6 +164,7 @@ def prepare_flash(request: FlashRequest) -> PreparedFlash:
         raise Refused([f"--bmap {write.bmap} and --no-bmap contradict each other; give one"])
     try:
         source = sources.open_source(request.source)
+        sources.require_still(source.image.path)
         image_note = sources.sanity_note(source, request.source.image, request.source.force)
         block_map = sources.block_map(source.image, write.bmap, write.no_bmap)
         size = source.image.size if block_map is None else block_map.image_size

@@ -120,6 +120,7 @@ def prepare_watch(request: WatchRequest) -> PreparedWatch:
     """Open and judge the image, check this user may write drives plugged in later, find the
     drives present (``include_present``); raises :class:`Refused`."""
     source = sources.open_source(request.source)
+    sources.require_still(source.image.path)
     image_note = sources.sanity_note(source, request.source.image, request.source.force)
     require_future_access()
     present: tuple[Drive, ...] = ()

@@ -31,6 +31,7 @@ from popsicle_py.app.requests import (
     VerifyRequest,
     WriteOptions,
 )
+from popsicle_py.cli import life
 from popsicle_py.cli.ask import confirm, make_view, make_watch_view, said_without_asking
 from popsicle_py.cli.guard import Group, run_guarded
 from popsicle_py.cli.options import (
@@ -282,6 +283,9 @@ def cache_clean(debug: bool) -> None:
 
     run_guarded(debug, False, body)
 
+
+main.add_command(life.read_command)
+main.add_command(life.erase_command)
 
 POLKIT_RULE = "50-popsicle-py.rules"
 

@@ -47,6 +47,16 @@ function __popsicle_py_state --description 'popsicle-py: the command, then what 
             if string match -q -- '-?*' $tok
                 if not string match -q -- '*=*' $tok
                     switch "$path:$tok"
+                        case 'check:--allowed-signers'
+                            set skip 1
+                        case 'check:--sha256'
+                            set skip 1
+                        case 'check:--sums'
+                            set skip 2
+                        case 'check:--size'
+                            set skip 1
+                        case 'check:--stall-timeout'
+                            set skip 1
                         case 'erase:--fs'
                             set skip 1
                         case 'erase:--label'
@@ -70,6 +80,18 @@ function __popsicle_py_state --description 'popsicle-py: the command, then what 
                         case 'flash:--buckets'
                             set skip 1
                         case 'flash:--stall-timeout'
+                            set skip 1
+                        case 'flash:--min-write-speed'
+                            set skip 1
+                        case 'flash:--min-read-speed'
+                            set skip 1
+                        case 'flash:--capacity'
+                            set skip 1
+                        case 'flash:--tolerance'
+                            set skip 1
+                        case 'flash:--certificate'
+                            set skip 1
+                        case 'flash:--sign-key'
                             set skip 1
                         case 'flash:--report'
                             set skip 1
@@ -119,6 +141,18 @@ function __popsicle_py_state --description 'popsicle-py: the command, then what 
                             set skip 1
                         case 'station:--report'
                             set skip 1
+                        case 'station:--min-write-speed'
+                            set skip 1
+                        case 'station:--min-read-speed'
+                            set skip 1
+                        case 'station:--capacity'
+                            set skip 1
+                        case 'station:--tolerance'
+                            set skip 1
+                        case 'station:--certificate'
+                            set skip 1
+                        case 'station:--sign-key'
+                            set skip 1
                         case 'station:--customize'
                             set skip 1
                         case 'station:--values'
@@ -139,6 +173,18 @@ function __popsicle_py_state --description 'popsicle-py: the command, then what 
                             set skip 1
                         case 'watch:--report'
                             set skip 1
+                        case 'watch:--min-write-speed'
+                            set skip 1
+                        case 'watch:--min-read-speed'
+                            set skip 1
+                        case 'watch:--capacity'
+                            set skip 1
+                        case 'watch:--tolerance'
+                            set skip 1
+                        case 'watch:--certificate'
+                            set skip 1
+                        case 'watch:--sign-key'
+                            set skip 1
                         case 'watch:--customize'
                             set skip 1
                         case 'watch:--values'
@@ -153,7 +199,7 @@ function __popsicle_py_state --description 'popsicle-py: the command, then what 
         switch $path
             case '-'
                 switch $tok
-                    case 'cache' 'erase' 'flash' 'list' 'polkit-rule' 'probe' 'read' 'records' 'slots' 'station' 'verify' 'watch'
+                    case 'cache' 'check' 'erase' 'flash' 'list' 'polkit-rule' 'probe' 'read' 'records' 'slots' 'station' 'verify' 'watch'
                         set path $tok
                         set npos 0
                         set dashdash 0
@@ -188,6 +234,11 @@ function __popsicle_py_state --description 'popsicle-py: the command, then what 
             echo @none
         case 'cache/list'
             echo @none
+        case 'check'
+            switch $npos
+                case '*'
+                    echo 'args'
+            end
         case 'erase'
             switch $npos
                 case '*'
@@ -264,6 +315,7 @@ complete -c popsicle-py -f
 complete -c popsicle-py -n '__popsicle_py_at -' -s 'V' -l 'version' -d 'Show the version and exit.'
 complete -c popsicle-py -n '__popsicle_py_at -' -s 'h' -l 'help' -d 'Show this message and exit.'
 complete -c popsicle-py -n '__popsicle_py_at - @command' -a 'cache' -d 'The downloads kept by --cache, in $XDG_CACHE_HOME/popsicle-py (~/.cache/popsicle-py).'
+complete -c popsicle-py -n '__popsicle_py_at - @command' -a 'check' -d 'Re-read DEVICE and compare it with CERT (a certificate of --certificate), without the image; or each DEVICE with a published --sha256 or --sums and --size.'
 complete -c popsicle-py -n '__popsicle_py_at - @command' -a 'erase' -d 'Give each DEVICE back as an ordinary stick: old signatures wiped, a new MBR with one partition over the drive, formatted FAT32 or exFAT (readable by Windows, macOS, Linux).'
 complete -c popsicle-py -n '__popsicle_py_at - @command' -a 'flash' -d 'Write IMAGE to every DEVICE in parallel, then verify each.'
 complete -c popsicle-py -n '__popsicle_py_at - @command' -a 'list' -d 'List USB and SD drives (with --all, every disk) and whether each may be written.'
@@ -289,6 +341,16 @@ complete -c popsicle-py -n '__popsicle_py_at cache/clean' -s 'h' -l 'help' -d 'S
 complete -c popsicle-py -n '__popsicle_py_at cache/list' -l 'json' -d 'One JSON array of entries on stdout.'
 complete -c popsicle-py -n '__popsicle_py_at cache/list' -l 'debug' -d 'Show debug messages and tracebacks.'
 complete -c popsicle-py -n '__popsicle_py_at cache/list' -s 'h' -l 'help' -d 'Show this message and exit.'
+
+# popsicle-py check
+complete -c popsicle-py -n '__popsicle_py_at check' -l 'allowed-signers' -r -F -d 'ssh-keygen\'s allowed_signers: CERT must be signed (CERT.sig) by one of them.'
+complete -c popsicle-py -n '__popsicle_py_at check' -l 'sha256' -x -d 'Judge each DEVICE against this published SHA-256 of the image (no CERT).'
+complete -c popsicle-py -n '__popsicle_py_at check' -l 'sums' -x -d 'Take the SHA-256 of NAME from a SHA256SUMS file (no CERT).'
+complete -c popsicle-py -n '__popsicle_py_at check' -l 'size' -x -d 'The image\'s size in bytes, with --sha256 or --sums.'
+complete -c popsicle-py -n '__popsicle_py_at check' -l 'stall-timeout' -x -d 'Fail a drive whose reads make no progress for SECONDS.'
+complete -c popsicle-py -n '__popsicle_py_at check' -l 'json' -d 'Machine-readable events on stdout.'
+complete -c popsicle-py -n '__popsicle_py_at check' -l 'debug' -d 'Show debug messages and tracebacks.'
+complete -c popsicle-py -n '__popsicle_py_at check' -s 'h' -l 'help' -d 'Show this message and exit.'
 
 # popsicle-py erase
 complete -c popsicle-py -n '__popsicle_py_at erase' -l 'fs' -x -a 'fat32 exfat none' -d 'File system of the one partition (default: fat32 up to 32 GiB, exfat above); none only wipes.'
@@ -324,6 +386,13 @@ complete -c popsicle-py -n '__popsicle_py_at flash' -l 'checksum-while-writing' 
 complete -c popsicle-py -n '__popsicle_py_at flash' -l 'bucket-size' -x -d 'Size of each buffer in the ring (16M, 4MiB, 1048576).'
 complete -c popsicle-py -n '__popsicle_py_at flash' -l 'buckets' -x -d 'How many buffers may be in flight.'
 complete -c popsicle-py -n '__popsicle_py_at flash' -l 'stall-timeout' -x -d 'Fail a drive that makes no progress for SECONDS.'
+complete -c popsicle-py -n '__popsicle_py_at flash' -l 'min-write-speed' -x -d 'Reject a drive that writes slower than RATE (15MB/s) at steady state (not its first seconds): it is not written further.'
+complete -c popsicle-py -n '__popsicle_py_at flash' -l 'min-read-speed' -x -d 'Reject a drive that reads back slower than RATE at steady state.'
+complete -c popsicle-py -n '__popsicle_py_at flash' -l 'capacity' -x -d 'Reject, before writing, a drive whose size is not SIZE (32GB), within --tolerance.'
+complete -c popsicle-py -n '__popsicle_py_at flash' -l 'tolerance' -x -d 'How far from --capacity a drive\'s size may be, in percent.'
+complete -c popsicle-py -n '__popsicle_py_at flash' -l 'surface-test' -d 'After verification, write the rest of each drive with a pattern, read it back and clear it (as f3 does): a bad region rejects the drive.'
+complete -c popsicle-py -n '__popsicle_py_at flash' -l 'certificate' -r -F -d 'Write a certificate (JSON) for each drive read back as the image into DIR: what was read, which drive, when; `popsicle-py check` re-reads the drive against it later, without the image.'
+complete -c popsicle-py -n '__popsicle_py_at flash' -l 'sign-key' -r -F -d 'Sign each certificate with this OpenSSH key (ssh-keygen -Y sign, namespace popsicle-py; the signature beside it, NAME.json.sig).'
 complete -c popsicle-py -n '__popsicle_py_at flash' -l 'report' -r -F -d 'Append one record per drive to FILE (.csv or .jsonl).'
 complete -c popsicle-py -n '__popsicle_py_at flash' -l 'customize' -r -F -d 'Write each drive\'s first-boot settings (hostname, user, SSH keys, Wi-Fi, ...) from FILE.toml into its boot partition, before its head.'
 complete -c popsicle-py -n '__popsicle_py_at flash' -l 'values' -r -F -d 'Per-drive values for --customize\'s {templates}: a row per drive, matched by its seq, slot or serial column (else by order).'
@@ -399,6 +468,13 @@ complete -c popsicle-py -n '__popsicle_py_at station' -l 'include-present' -d 'A
 complete -c popsicle-py -n '__popsicle_py_at station' -l 'max-size' -x -d 'Skip drives larger than this.'
 complete -c popsicle-py -n '__popsicle_py_at station' -l 'no-probe' -d 'Do not check, before writing, that each drive stores as much as it claims (the counterfeit-stick probe).'
 complete -c popsicle-py -n '__popsicle_py_at station' -l 'report' -r -F -d 'Append one record per drive to FILE (.csv or .jsonl).'
+complete -c popsicle-py -n '__popsicle_py_at station' -l 'min-write-speed' -x -d 'Reject a drive that writes slower than RATE (15MB/s) at steady state (not its first seconds): it is not written further.'
+complete -c popsicle-py -n '__popsicle_py_at station' -l 'min-read-speed' -x -d 'Reject a drive that reads back slower than RATE at steady state.'
+complete -c popsicle-py -n '__popsicle_py_at station' -l 'capacity' -x -d 'Reject, before writing, a drive whose size is not SIZE (32GB), within --tolerance.'
+complete -c popsicle-py -n '__popsicle_py_at station' -l 'tolerance' -x -d 'How far from --capacity a drive\'s size may be, in percent.'
+complete -c popsicle-py -n '__popsicle_py_at station' -l 'surface-test' -d 'After verification, write the rest of each drive with a pattern, read it back and clear it (as f3 does): a bad region rejects the drive.'
+complete -c popsicle-py -n '__popsicle_py_at station' -l 'certificate' -r -F -d 'Write a certificate (JSON) for each drive read back as the image into DIR: what was read, which drive, when; `popsicle-py check` re-reads the drive against it later, without the image.'
+complete -c popsicle-py -n '__popsicle_py_at station' -l 'sign-key' -r -F -d 'Sign each certificate with this OpenSSH key (ssh-keygen -Y sign, namespace popsicle-py; the signature beside it, NAME.json.sig).'
 complete -c popsicle-py -n '__popsicle_py_at station' -s 'y' -l 'yes' -d 'Do not ask for confirmation.'
 complete -c popsicle-py -n '__popsicle_py_at station' -l 'customize' -r -F -d 'Write each drive\'s first-boot settings (hostname, user, SSH keys, Wi-Fi, ...) from FILE.toml into its boot partition, before its head.'
 complete -c popsicle-py -n '__popsicle_py_at station' -l 'values' -r -F -d 'Per-drive values for --customize\'s {templates}: a row per drive, matched by its seq, slot or serial column (else by order).'
@@ -430,6 +506,13 @@ complete -c popsicle-py -n '__popsicle_py_at watch' -l 'include-present' -d 'Als
 complete -c popsicle-py -n '__popsicle_py_at watch' -l 'max-size' -x -d 'Skip drives larger than this.'
 complete -c popsicle-py -n '__popsicle_py_at watch' -l 'no-probe' -d 'Do not check, before writing, that each drive stores as much as it claims (the counterfeit-stick probe).'
 complete -c popsicle-py -n '__popsicle_py_at watch' -l 'report' -r -F -d 'Append one record per drive to FILE (.csv or .jsonl).'
+complete -c popsicle-py -n '__popsicle_py_at watch' -l 'min-write-speed' -x -d 'Reject a drive that writes slower than RATE (15MB/s) at steady state (not its first seconds): it is not written further.'
+complete -c popsicle-py -n '__popsicle_py_at watch' -l 'min-read-speed' -x -d 'Reject a drive that reads back slower than RATE at steady state.'
+complete -c popsicle-py -n '__popsicle_py_at watch' -l 'capacity' -x -d 'Reject, before writing, a drive whose size is not SIZE (32GB), within --tolerance.'
+complete -c popsicle-py -n '__popsicle_py_at watch' -l 'tolerance' -x -d 'How far from --capacity a drive\'s size may be, in percent.'
+complete -c popsicle-py -n '__popsicle_py_at watch' -l 'surface-test' -d 'After verification, write the rest of each drive with a pattern, read it back and clear it (as f3 does): a bad region rejects the drive.'
+complete -c popsicle-py -n '__popsicle_py_at watch' -l 'certificate' -r -F -d 'Write a certificate (JSON) for each drive read back as the image into DIR: what was read, which drive, when; `popsicle-py check` re-reads the drive against it later, without the image.'
+complete -c popsicle-py -n '__popsicle_py_at watch' -l 'sign-key' -r -F -d 'Sign each certificate with this OpenSSH key (ssh-keygen -Y sign, namespace popsicle-py; the signature beside it, NAME.json.sig).'
 complete -c popsicle-py -n '__popsicle_py_at watch' -s 'y' -l 'yes' -d 'Do not ask for confirmation.'
 complete -c popsicle-py -n '__popsicle_py_at watch' -l 'customize' -r -F -d 'Write each drive\'s first-boot settings (hostname, user, SSH keys, Wi-Fi, ...) from FILE.toml into its boot partition, before its head.'
 complete -c popsicle-py -n '__popsicle_py_at watch' -l 'values' -r -F -d 'Per-drive values for --customize\'s {templates}: a row per drive, matched by its seq, slot or serial column (else by order).'

@@ -44,6 +44,7 @@ class Status(_Word):
     FAILED = "failed"
     INVALID = "invalid"  # written, but it does not read back as the image
     CANCELLED = "cancelled"
+    REJECTED = "rejected"  # graded out: too slow, outside the capacity asked for, bad surface
 
 
 class Cause(_Word):
@@ -64,6 +65,9 @@ class Cause(_Word):
     CHANGED = "changed"  # not the drive that was confirmed
     SOURCE = "source"  # the image could not be read, or changed while read
     CANCELLED = "cancelled"
+    SLOW = "slow"  # rejected: below --min-write-speed or --min-read-speed
+    CAPACITY = "capacity"  # rejected: outside --capacity and --tolerance
+    SURFACE = "surface"  # rejected: --surface-test found a bad region
     INTERNAL = "internal"
     ERROR = "error"
 
@@ -89,6 +93,8 @@ class DriveInfo:
     model: str = ""
     serial: str = ""
     size: int = 0
+    #: The USB link's speed in Mbit/s (12, 480, 5000, 10000 ...), None when not on USB.
+    link_speed: int | None = None
 
     def to_json(self) -> JsonObject:
         return asdict(self)
@@ -183,6 +189,8 @@ class DriveResult:
     #: The first-boot settings written (--customize): format, values with secrets redacted,
     #: file names and their SHA-256; None without --customize or when the drive is not ok.
     customized: JsonObject | None = None
+    #: SHA-256 (hex) of the image's range as read back from the drive in the verify pass.
+    device_sha256: str | None = None
 
     @property
     def ok(self) -> bool:

@@ -219,3 +219,18 @@ def test_without_mtools_the_run_is_refused_before_writing(tmp_path: Path,
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "needs mcopy (apt-get install mtools)" in lines[0], lines
     assert Path(loop.backing).read_bytes() == bytes([FILL]) * loop.size
+
+
+def test_a_certificate_and_customize_together_are_refused(tmp_path: Path,
+                                                          loop_factory: Callable[..., Loop]
+                                                          ) -> None:
+    """A certificate vouches for the image byte for byte: not for a customised drive."""
+    image = pi_image.build(tmp_path, table="mbr")
+    toml, values = inputs(tmp_path)
+    loop = loop_factory(image.stat().st_size, fill=FILL)
+    done = popsicle("flash", image, loop.path, "--yes", "--customize", toml, "--values",
+                    values, "--certificate", tmp_path / "certs")
+    assert done.returncode == 2, done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "--certificate" in lines[0], lines
+    assert Path(loop.backing).read_bytes() == bytes([FILL]) * loop.size

@@ -31,6 +31,7 @@ from popsicle_py.app.requests import (
     CustomizeOptions,
     EngineOptions,
     FlashRequest,
+    GradeOptions,
     ProbeRequest,
     SourceOptions,
     TargetOptions,
@@ -40,6 +41,7 @@ from popsicle_py.app.requests import (
 )
 
 if TYPE_CHECKING:
+    from popsicle_py.app.check import CheckRequest, PreparedCheck, prepare_check
     from popsicle_py.app.common import exit_status
     from popsicle_py.app.confirm import Confirmation, TargetRow
     from popsicle_py.app.erase import EraseRequest, PreparedErase, prepare_erase
@@ -56,6 +58,7 @@ if TYPE_CHECKING:
 
 _LAZY = {
     "exit_status": "common",
+    "CheckRequest": "check", "PreparedCheck": "check", "prepare_check": "check",
     "Confirmation": "confirm", "TargetRow": "confirm",
     "PreparedFlash": "flash", "prepare_flash": "flash",
     "DriveListing": "listing", "list_drives": "listing", "cache_entries": "listing",
@@ -68,13 +71,14 @@ _LAZY = {
 }
 
 __all__ = [
-    "Confirmation", "CustomizeOptions", "DriveListing", "EngineOptions", "EraseRequest",
-    "FlashRequest",
-    "PreparedErase", "PreparedFlash", "PreparedProbe", "PreparedRead", "PreparedVerify",
-    "PreparedWatch", "ProbeRequest", "ReadRequest", "SourceOptions", "TargetOptions",
-    "TargetRow", "VerifyRequest", "WatchRequest", "WriteOptions", "cache_entries",
-    "clean_cache", "exit_status", "list_drives", "prepare_erase", "prepare_flash",
-    "prepare_probe", "prepare_read", "prepare_verify", "prepare_watch",
+    "CheckRequest", "Confirmation", "CustomizeOptions", "DriveListing", "EngineOptions",
+    "EraseRequest",
+    "FlashRequest", "GradeOptions", "PreparedCheck", "PreparedErase", "PreparedFlash",
+    "PreparedProbe", "PreparedRead", "PreparedVerify", "PreparedWatch", "ProbeRequest",
+    "ReadRequest", "SourceOptions", "TargetOptions", "TargetRow", "VerifyRequest",
+    "WatchRequest", "WriteOptions", "cache_entries", "clean_cache", "exit_status",
+    "list_drives", "prepare_check", "prepare_erase", "prepare_flash", "prepare_probe",
+    "prepare_read", "prepare_verify", "prepare_watch",
 ]
 
 

@@ -25,6 +25,7 @@ from popsicle_py.app.requests import (
     CustomizeOptions,
     EngineOptions,
     FlashRequest,
+    GradeOptions,
     ProbeRequest,
     SourceOptions,
     TargetOptions,
@@ -33,6 +34,7 @@ from popsicle_py.app.requests import (
 )
 from popsicle_py.cli import life
 from popsicle_py.cli.ask import confirm, make_view, make_watch_view, said_without_asking
+from popsicle_py.cli.check import check as check_command
 from popsicle_py.cli.guard import Group, run_guarded
 from popsicle_py.cli.options import (
     DEVICE,
@@ -43,6 +45,7 @@ from popsicle_py.cli.options import (
     Session,
     customize_options,
     engine_options,
+    grade_options,
     output_options,
     report_option,
     session_options,
@@ -55,7 +58,7 @@ from popsicle_py.cli.output import print_table, table, write_text
 from popsicle_py.cli.station import register as register_station
 from popsicle_py.defaults import DEFAULT_STALL_TIMEOUT
 from popsicle_py.errors import PROG
-from popsicle_py.units import format_size
+from popsicle_py.units import format_link_speed, format_size
 
 if TYPE_CHECKING:
     from popsicle_py.app.flash import PreparedFlash
@@ -114,11 +117,13 @@ def main() -> None:
 @yes_option()
 @write_options
 @engine_options
+@grade_options
 @report_option()
 @customize_options
 @output_options()
 def flash(source: SourceOptions, targets: TargetOptions, yes: bool, write: WriteOptions,
-          engine: EngineOptions, report: str | None, customize: CustomizeOptions | None,
+          engine: EngineOptions, grade: GradeOptions, report: str | None,
+          customize: CustomizeOptions | None,
           output: OutputOptions) -> None:
     """Write IMAGE to every DEVICE in parallel, then verify each.
 
@@ -129,7 +134,7 @@ def flash(source: SourceOptions, targets: TargetOptions, yes: bool, write: Write
     def body() -> int:
         from popsicle_py.app.flash import prepare_flash
 
-        request = FlashRequest(source, targets, engine, write, report, customize)
+        request = FlashRequest(source, targets, engine, write, report, grade, customize)
         with prepare_flash(request) as job:
             confirm(job.confirmation, yes)
             view = make_view(output.json, job.labels)
@@ -186,10 +191,11 @@ def probe_command(devices: tuple[str, ...], yes: bool, unmount: bool, stall_time
 @main.command()
 @source_options
 @session_options
+@grade_options
 @yes_option()
 @customize_options
 @output_options()
-def watch(source: SourceOptions, session: Session, yes: bool,
+def watch(source: SourceOptions, session: Session, grade: GradeOptions, yes: bool,
           customize: CustomizeOptions | None, output: OutputOptions) -> None:
     """Duplicator mode: write IMAGE to every eligible drive as it is plugged in.
 
@@ -202,7 +208,8 @@ def watch(source: SourceOptions, session: Session, yes: bool,
         from popsicle_py.app.watch import prepare_watch
         from popsicle_py.signals import Cancellation
 
-        request = dataclasses.replace(session.request(source), customize=customize)
+        request = dataclasses.replace(session.request(source), grade=grade,
+                                      customize=customize)
         with prepare_watch(request) as job:
             confirm(job.confirmation, yes)
             view = make_watch_view(output.json, job.image.path, job.image.size,
@@ -225,19 +232,22 @@ def list_drives(show_all: bool, output: OutputOptions) -> None:
     """List USB and SD drives (with --all, every disk) and whether each may be written."""
 
     def body() -> int:
-        from popsicle_py.app.listing import list_drives as listing
+        from popsicle_py.app.listing import list_drives_with_notes
 
-        found = listing(include_all=show_all)
+        found, notes = list_drives_with_notes(include_all=show_all)
         if output.json:
             return write_text(json.dumps([d.json for d in found], indent=None) + "\n")
         if not found:
             return write_text(("no USB or SD drives found" if not show_all
                                else "no disks found") + "\n")
         rows = [(d.path, d.port or "", d.label or "?", format_size(d.size), d.bus,
+                 format_link_speed(d.link_speed) if d.link_speed else "",
                  ", ".join(d.mountpoints), "yes" if d.eligible else f"no: {d.reason}")
                 for d in found]
-        return print_table(table(("Device", "Port", "Drive", "Size", "Bus", "Mounted at",
-                                  "Eligible"), rows, optional=("Port", "Mounted at")))
+        status = print_table(table(("Device", "Port", "Drive", "Size", "Bus", "Link",
+                                    "Mounted at", "Eligible"), rows,
+                                   optional=("Port", "Link", "Mounted at")))
+        return status or write_text("".join(f"note: {n}\n" for n in notes))
 
     run_guarded(output.debug, output.json, body)
 
@@ -306,3 +316,4 @@ def polkit_rule() -> None:
 
 
 register_station(main)  # station, slots, records (popsicle_py/cli/station.py)
+main.add_command(check_command)  # check (popsicle_py/cli/check.py)

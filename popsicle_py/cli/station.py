@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, replace
 import click
 
 from popsicle_py import events
-from popsicle_py.app.requests import CustomizeOptions, SourceOptions
+from popsicle_py.app.requests import CustomizeOptions, GradeOptions, SourceOptions
 from popsicle_py.app.station_requests import DEFAULT_LISTEN, LearnRequest, StationRequest
 from popsicle_py.cli.ask import confirm
 from popsicle_py.cli.guard import run_guarded
@@ -18,6 +18,7 @@ from popsicle_py.cli.options import (
     OutputOptions,
     Session,
     customize_options,
+    grade_options,
     output_options,
     session_options,
     source_options,
@@ -73,11 +74,13 @@ place_options = OptionGroup(
 @source_options
 @place_options
 @session_options
+@grade_options
 @yes_option()
 @customize_options
 @output_options()
-def station(source: SourceOptions, place: Place, session: Session, yes: bool,
-            customize: CustomizeOptions | None, output: OutputOptions) -> None:
+def station(source: SourceOptions, place: Place, session: Session, grade: GradeOptions,
+            yes: bool, customize: CustomizeOptions | None, output: OutputOptions
+            ) -> None:
     """A duplicator station: watch's writing, with slots, a web page, an HTTP API and a
     journal of every drive.
 
@@ -91,7 +94,7 @@ def station(source: SourceOptions, place: Place, session: Session, yes: bool,
         from popsicle_py.signals import Cancellation
         from popsicle_py.station.view import SlotJsonView, SlotPlainView, Terminal
 
-        watch = replace(session.request(source), customize=customize)
+        watch = replace(session.request(source), grade=grade, customize=customize)
         request = StationRequest(watch, **asdict(place))
         with prepare_station(request) as job:
             confirm(job.confirmation, yes)

@@ -18,6 +18,8 @@ import pi_image
 import pytest
 from conftest import Loop, popsicle_cmd
 
+from popsicle_py.settings.fat import geometry
+
 pytestmark = pytest.mark.root
 KEYS = ["ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIK7y7UxIbBf10hjkkKaoDhFxSFdfZG1ZjTmXCUdxf9Rz a@x",
         "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBmPaiN7m1JqV5Lz2EJ6jG4hRkU8nXhIjIOQvcrsIYjP b@x"]
@@ -172,20 +174,36 @@ def test_image_without_boot_partition_is_refused(tmp_path: Path,
     assert Path(loop.backing).read_bytes() == bytes([FILL]) * loop.size
 
 
+def _scribble_at(image: Path, where: str) -> int:
+    """Where a bad writer also writes: into another file's cluster, or the second FAT."""
+    data = image.read_bytes()
+    if where == "file":
+        return data.find(bytes(range(256)) * 16, 4 << 20) + 8192
+    geo = geometry(data[4 << 20:(4 << 20) + 512])
+    return (4 << 20) + geo.reserved + geo.fat_size + 1000 * 4  # a free cluster's entry
+
+
+@pytest.mark.parametrize("where,bytes_,caught_by", [
+    ("file", "X", "changed outside the files written"),
+    ("fat2", "\\377\\377\\377\\017", "fsck.vfat -n found problems in the boot partition: "
+     "FATs differ"),
+])
 def test_a_drive_whose_boot_partition_is_not_right_fails_with_its_head_unwritten(
-        tmp_path: Path, loop_factory: Callable[..., Loop]) -> None:
-    """An mcopy that also scribbles on another file (a stand-in for a bad writer or a drive
-    that aliases): the drive fails, and its head is never written (no bootable half-drive)."""
+        tmp_path: Path, loop_factory: Callable[..., Loop], where: str, bytes_: str,
+        caught_by: str) -> None:
+    """An mcopy that also scribbles elsewhere (a stand-in for a bad writer or a drive that
+    aliases): on another file, caught by the block comparison; on the second FAT only, which
+    the comparison allows, caught by fsck.vfat.  The drive fails and its head is never written
+    (no bootable half-drive)."""
     image = pi_image.build(tmp_path, table="gpt")
     original = image.read_bytes()
-    firmware = original.find(bytes(range(256)) * 16, 4 << 20)
     fake = tmp_path / "bin"
     fake.mkdir()
     (fake / "mcopy").write_text(
         "#!/bin/sh\n/usr/bin/mcopy \"$@\" || exit\n"
         "while [ \"$1\" != -i ]; do shift; done\n"
-        f"printf X | dd of=\"${{2%@@*}}\" bs=1 seek={firmware + 8192} conv=notrunc "
-        "status=none\n")
+        f"printf '{bytes_}' | dd of=\"${{2%@@*}}\" bs=1 seek={_scribble_at(image, where)} "
+        "conv=notrunc status=none\n")
     (fake / "mcopy").chmod(0o755)
     toml, values = inputs(tmp_path)
     good, bad = (loop_factory(len(original), fill=FILL) for _ in range(2))
@@ -200,7 +218,7 @@ def test_a_drive_whose_boot_partition_is_not_right_fails_with_its_head_unwritten
     assert done.returncode == 1, done.stderr + done.stdout
     (result,) = summary_of(done.stdout)["results"]
     assert result["status"] == "failed" and result["customized"] is None
-    assert "changed outside the files written" in result["error"]
+    assert caught_by in result["error"], result["error"]
     head = Path(bad.backing).read_bytes()[:64 << 10]
     assert head != original[:64 << 10] and head != bytes([FILL]) * len(head)  # the stamp
 

@@ -115,6 +115,8 @@ def test_no_secret_in_clear_text(tmp_path: Path) -> None:
     psk = wpa_psk(Wifi("classroom", "very secret words", "DE")).encode()
     assert psk in cloud["network-config"] and psk in firstrun["firstrun.sh"]
     assert record["password"] == "<redacted>"
+    settings = load_settings(settings_file(tmp_path))
+    assert "correct horse" not in repr(settings) and "very secret" not in repr(settings)
 
 
 @pytest.mark.skipif(shutil.which("cloud-init") is None, reason="cloud-init is not installed")

@@ -35,7 +35,7 @@ class SettingsError(ValueError):
 @dataclass(frozen=True)
 class Wifi:
     ssid: str
-    passphrase: str = ""
+    passphrase: str = field(default="", repr=False)  # never in a log or a traceback
     country: str = ""
     hidden: bool = False
 
@@ -46,9 +46,9 @@ class Settings:
 
     hostname: str | None = None
     user: str | None = None
-    password: str | None = None
+    password: str | None = field(default=None, repr=False)  # never in a log or a traceback
     #: Already hashed (``$6$...``), for files that should not hold a clear password.
-    password_hash: str | None = None
+    password_hash: str | None = field(default=None, repr=False)
     ssh: bool | None = None  # None: on when keys are given
     ssh_password_auth: bool = False
     ssh_authorized_keys: tuple[str, ...] = ()

@@ -17,7 +17,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from popsicle_py.settings.model import Settings, SettingsError, Wifi, check
+from popsicle_py.settings.model import REDACTED, SECRET_KEYS, Settings, SettingsError, Wifi, check
 
 __all__ = ["BUILTINS", "DriveContext", "Values", "check_templates", "duplicates",
            "fields_of", "parse_values", "resolve", "resolve_all"]
@@ -139,7 +139,8 @@ def _fill(template: str, setting: str, mapping: Mapping[str, object], drive: str
     try:
         return _FORMATTER.vformat(template, (), mapping)
     except (ValueError, KeyError, IndexError) as exc:
-        raise SettingsError(f"{drive}: {setting} {template!r}: {exc}") from None
+        shown = REDACTED if setting.split(".")[-1] in SECRET_KEYS else repr(template)
+        raise SettingsError(f"{drive}: {setting} {shown}: {exc}") from None
 
 
 def resolve(settings: Settings, values: Values | None, drive: DriveContext) -> Settings:

@@ -154,6 +154,8 @@ class _Drive:
         self.error: str | None = None
         self.mismatch: int | None = None
         self.ended: float | None = None
+        #: Said after a failure once the head had begun to be written (see HeadUndone).
+        self.head_note: str | None = None
 
     @property
     def live(self) -> bool:
@@ -185,6 +187,8 @@ class _Job:
              mismatch: int | None = None, cause: Cause | None = None) -> None:
         if not drive.live:
             return
+        if status is not Status.OK and drive.head_note is not None:
+            error = f"{error or status.value}; {drive.head_note}"
         drive.status, drive.error, drive.mismatch = status, error, mismatch
         drive.cause = None if status is Status.OK else (cause or Cause.ERROR)
         drive.ended = time.monotonic()
@@ -317,6 +321,8 @@ class FlashJob(_Job):
                     self._invalid(drive, offset, end, ended)
                 case BusWriterMessage.Errored(why=why):
                     self._fail(drive, why)
+                case BusWriterMessage.HeadUndone(length=length, done=done):
+                    drive.head_note = failures.head_undone(length, done)
                 case BusWriterMessage.Completed():
                     self._end(drive, Status.OK)
                 case Phase() | Progress() | Note() | Download():  # relayed: the download's news

@@ -15,6 +15,12 @@ routine for the writer's own verification and for :class:`~.verifier.BusVerifier
    head's blocks are shared with no other checked block, so writing the head next cannot change
    anything already checked); then, once the reader has vouched for the whole source, the head,
    fsync, and the head read back; then ``Completed``.
+
+From the head's first write until it reads back, a lane that fails (an error, a head that does
+not read back) or is stopped (a cancel, a stall) gets the stamp written back over the head
+(:meth:`Finisher._undo`, best effort, said in a ``HeadUndone`` message before its failure): a
+failed drive never ends holding the image's head, unless the process is killed (SIGKILL) or a
+write stays stuck in the kernel past the process's end.
 """
 
 from __future__ import annotations
@@ -27,7 +33,9 @@ from dataclasses import dataclass
 import xxhash
 
 from popsicle_py.blockdev import (
+    CALL_ALIGN,
     DEFAULT_RETRIES,
+    Pacer,
     drop_cache,
     first_difference,
     read_at,
@@ -144,6 +152,8 @@ class Finisher:
         #: Where the head goes until the image's own may be written (random: no signature).
         self.stamp_bytes = memoryview(aligned_buffer(HEAD))
         self.stamp_bytes[:] = os.urandom(HEAD)
+        #: Lanes whose head is being written, not yet checked: a failure now undoes it.
+        self._at_risk: set[int] = set()
 
     def stamp(self, lane: Lane) -> bool:
         """The stamp in the head's place, once the first bucket says how long the head is."""
@@ -169,17 +179,60 @@ class Finisher:
             return
         if held is not None and head:
             lane.post(Msg.Stage(lane.id, Step.SYNCING))
-            write_at(lane.dest, 0, held, stop=lambda: lane.stopped, retries=config.retries,
-                     pacer=lane.pacer)
-            sync(lane.dest)
-            if not lane.stopped:  # the image's bytes of it (a block map's holes are not)
-                self.written(lane)(self.reader.head_bytes)
-            if lane.stopped:
+            self._at_risk.add(lane.id)
+            try:
+                good = self._head(lane, held) and not lane.stopped
+            except Exception:
+                self._undo(lane)
+                raise
+            if not good:
+                self._undo(lane)
                 return
-            if config.verify and not self._verify(lane, only_head=True):
-                return
+            self._at_risk.discard(lane.id)
         if not lane.stopped:
             lane.post(Msg.Completed(lane.id))
+
+    def _head(self, lane: Lane, held: memoryview) -> bool:
+        """Write the head, fsync, [check it]; False when stopped or it does not read back.
+
+        Written from its end back to byte 0 in calls of a fresh pacer (the first is 16 KiB,
+        each about half a second of the drive's speed at most), so that a stop is seen within
+        one call whatever the calls before were, and the partition table lands last.
+        """
+        config = self.config
+        pacer = Pacer()
+        end = len(held)
+        while end > 0:
+            if lane.stopped:
+                return False
+            start = max(0, end - pacer.size())
+            start -= start % CALL_ALIGN
+            write_at(lane.dest, start, held[start:end], stop=lambda: lane.stopped,
+                     retries=config.retries, pacer=pacer)
+            end = start
+        sync(lane.dest)
+        if lane.stopped:
+            return False
+        self.written(lane)(self.reader.head_bytes)  # of the image (a block map's holes: not)
+        return not (config.verify and not self._verify(lane, only_head=True))
+
+    def _undo(self, lane: Lane) -> None:
+        """The stamp back over the head of a lane that failed or stopped once its head was
+        being written (best effort, never stopped: it is what makes the drive safe)."""
+        if lane.id not in self._at_risk:
+            return
+        self._at_risk.discard(lane.id)
+        head = self.reader.held_length
+        lane.undoing = True
+        try:
+            write_at(lane.dest, 0, self.stamp_bytes[:head], retries=1, pacer=Pacer())
+            sync(lane.dest)
+            done = True
+        except Exception:  # a pulled or dying drive: said in the result
+            done = False
+        finally:
+            lane.undoing = False
+        lane.post(Msg.HeadUndone(lane.id, head, done))
 
     def _verify(self, lane: Lane, *, stamp_head: bool = False, only_head: bool = False) -> bool:
         """Check the destination against the digests; repair, then check all again.
@@ -222,6 +275,7 @@ class Finisher:
         return True
 
     def _invalid(self, lane: Lane, offset: int, end: int | None, *, ended: bool = False) -> None:
+        self._undo(lane)  # a head that does not read back is not left on the drive
         lane.mismatch = offset
         lane.error = OSError(errno.EIO, "verification failed")
         self.ring.leave(lane.id)

@@ -29,7 +29,7 @@ class Step(_Word):
     DECOMPRESSING = "decompressing"  # watch: the image decompressed once
     PROBING = "probing"  # the drive's real capacity, before writing
     WRITING = "writing"
-    SYNCING = "syncing"  # the image's first 64 KiB, written last
+    SYNCING = "syncing"  # the image's head (its first MiB), written last
     VERIFYING = "verifying"
     DONE = "done"
     FAILED = "failed"

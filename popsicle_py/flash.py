@@ -8,10 +8,10 @@ engine message becomes an event.  It never decides whether a drive may be writte
 single-threaded.
 
 Each drive is finished by the engine on its own timeline (see
-:mod:`popsicle_py.engine.writer`): everything but the image's first 64 KiB, then verification
-from the device (with a random stamp where the head goes), then, once the image's checksum
-computed in the same pass matched, the head, and its verification.  A drive that fails or is
-interrupted never holds the image's partition table or boot code.
+:mod:`popsicle_py.engine.writer`): everything but the image's head (its first MiB), then
+verification from the device (with a random stamp where the head goes), then, once the
+image's checksum computed in the same pass matched, the head, and its verification.  A drive
+that fails or is interrupted never holds the image's partition table or boot code.
 """
 
 from __future__ import annotations

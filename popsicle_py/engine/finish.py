@@ -162,8 +162,9 @@ class Finisher:
             return False
         head = self.reader.held_length
         if head:
+            # Moved bytes for the stall clock (1 MiB at a crawl is seen as a crawl).
             write_at(lane.dest, 0, self.stamp_bytes[:head], stop=lambda: lane.stopped,
-                     retries=self.config.retries, pacer=lane.pacer)
+                     progress=lane.advance, retries=self.config.retries, pacer=lane.pacer)
             sync(lane.dest)  # on the device before anything after it (a buffered destination)
         return not lane.stopped
 
@@ -208,7 +209,7 @@ class Finisher:
             start = max(0, end - pacer.size())
             start -= start % CALL_ALIGN
             write_at(lane.dest, start, held[start:end], stop=lambda: lane.stopped,
-                     retries=config.retries, pacer=pacer)
+                     progress=lane.advance, retries=config.retries, pacer=pacer)
             end = start
         sync(lane.dest)
         if lane.stopped:

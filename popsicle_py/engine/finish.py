@@ -190,7 +190,8 @@ class Finisher:
                 self._undo(lane)
                 return
             self._at_risk.discard(lane.id)
-        if not lane.stopped:
+            lane.post(Msg.Completed(lane.id))  # read back, not stopped: done, even if stopped now
+        elif not lane.stopped:
             lane.post(Msg.Completed(lane.id))
 
     def _head(self, lane: Lane, held: memoryview) -> bool:

@@ -9,6 +9,7 @@ Each check reads what is really on the drive: ``blkid -p``, ``mount``, and its f
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import io
 import json
@@ -320,3 +321,40 @@ def test_a_cancel_stops_a_slow_head_write_within_one_call(payload: bytes) -> Non
     assert no_image_head(dest, payload)
     undone = [m for m in messages if type(m).__name__ == "HeadUndone"]
     assert [(m.length, m.done) for m in undone] == [(HEAD, True)]
+
+
+class FsyncFailsAfterHead(io.BytesIO):
+    """Its first flush (the fsync) once the head's place is written after the rest fails."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body_written = False
+        self.head_begun = False
+        self.failed = False
+
+    def write(self, data: Any) -> int:
+        if self.tell() >= HEAD:
+            self.body_written = True
+        elif self.body_written:
+            self.head_begun = True
+        return super().write(data)
+
+    def flush(self) -> None:
+        if self.head_begun and not self.failed:
+            self.failed = True
+            raise OSError(errno.EIO, "Input/output error")
+        super().flush()
+
+
+def test_an_fsync_eio_after_the_head_write_gets_the_stamp_back(payload: bytes) -> None:
+    dest, healthy = FsyncFailsAfterHead(), io.BytesIO()
+    messages: list[Any] = []
+    result = BusWriter(io.BytesIO(payload), [dest, healthy], messages.append,
+                       lambda: False).bucket_size(256 << 10).finish_each(verify=True).write()
+    assert dest.failed and result[0].error is not None and result[0].error.errno == errno.EIO
+    assert result[1].ok and healthy.getvalue() == payload
+    assert no_image_head(dest, payload)
+    assert dest.getvalue()[HEAD:] == payload[HEAD:]
+    undone = [(m.id, m.length, m.done) for m in messages if type(m).__name__ == "HeadUndone"]
+    assert undone == [(0, HEAD, True)]
+

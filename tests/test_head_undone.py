@@ -198,6 +198,39 @@ def test_a_head_that_does_not_read_back_is_overwritten_again(
     assert result["error"].endswith("; the image's first 1 MiB were overwritten again"), result
 
 
+@needs_root
+def test_a_head_write_that_hangs_then_lands_gets_the_stamp_back(
+        btrfs_image: tuple[Path, bytes], faulty_drive: Callable[..., FaultyDrive],
+        loop_factory: Callable[..., Loop], throttle: Callable[..., Callable[[int], None]],
+        tmp_path: Path) -> None:
+    """Once the drive verifies, its next write into the head hangs for 8 s: it is given up as
+    stalled after 2 s, and the write lands while a slower drive still runs (16 s).  The stamp
+    follows it: the failed drive does not end holding the image's head."""
+    path, data = btrfs_image
+    drive = faulty_drive(32 * MiB, fill=FILL, crawl=(0, 30 * MiB))
+    slow = loop_factory(32 * MiB, fill=FILL)
+    add = throttle((slow, 3 * MiB))
+    proc = subprocess.Popen([*popsicle_cmd(), "flash", str(path), drive.path, slow.path, "--yes",
+                             "--json", "--no-probe", "--stall-timeout", "2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            stdin=subprocess.DEVNULL, preexec_fn=lambda: add(os.getpid()))
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        event = json.loads(line)
+        if (event["event"], event.get("device"), event.get("phase")) == (
+                "phase", drive.path, "verifying"):
+            drive.set(hang=(100, 8))  # in the head's last call (and in a 64 KiB head)
+            break
+    out, err = proc.communicate(timeout=120)
+    events = [json.loads(x) for x in out.splitlines()]
+    assert proc.returncode == 1, err
+    assert result_of(events, slow.path)["status"] == "ok", result_of(events, slow.path)
+    assert result_of(events, drive.path)["cause"] == "stalled"
+    assert [o for o, _, what in drive.write_outcomes() if what == "hang"] == [0]
+    drive.clear()
+    assert_not_the_image(drive.path, drive.read(0, HEAD), data, tmp_path)
+
+
 # -- a terminal hang-up ---------------------------------------------------------------------------
 
 

@@ -8,10 +8,10 @@ engine message becomes an event.  It never decides whether a drive may be writte
 single-threaded.
 
 Each drive is finished by the engine on its own timeline (see
-:mod:`popsicle_py.engine.writer`): everything but the image's first 64 KiB, then verification
-from the device (with a random stamp where the head goes), then, once the image's checksum
-computed in the same pass matched, the head, and its verification.  A drive that fails or is
-interrupted never holds the image's partition table or boot code.
+:mod:`popsicle_py.engine.writer`): everything but the image's head (its first MiB), then
+verification from the device (with a random stamp where the head goes), then, once the
+image's checksum computed in the same pass matched, the head, and its verification.  A drive
+that fails or is interrupted never holds the image's partition table or boot code.
 """
 
 from __future__ import annotations
@@ -191,6 +191,8 @@ class _Drive:
         self.error: str | None = None
         self.mismatch: int | None = None
         self.ended: float | None = None
+        #: Said after a failure once the head had begun to be written (see HeadUndone).
+        self.head_note: str | None = None
 
     @property
     def live(self) -> bool:
@@ -222,6 +224,8 @@ class _Job:
              mismatch: int | None = None, cause: Cause | None = None) -> None:
         if not drive.live:
             return
+        if status is not Status.OK and drive.head_note is not None:
+            error = f"{error or status.value}; {drive.head_note}"
         drive.status, drive.error, drive.mismatch = status, error, mismatch
         drive.cause = None if status is Status.OK else (cause or Cause.ERROR)
         drive.ended = time.monotonic()
@@ -375,6 +379,8 @@ class FlashJob(_Job):
                     self._invalid(drive, offset, end, ended)
                 case BusWriterMessage.Errored(why=why):
                     self._fail(drive, why)
+                case BusWriterMessage.HeadUndone(length=length, done=done):
+                    drive.head_note = failures.head_undone(length, done)
                 case BusWriterMessage.Completed(sha256=digest):
                     drive.device_sha256 = digest
                     self._end(drive, Status.OK)

@@ -313,7 +313,7 @@ def payload() -> Iterator[bytes]:
         time.sleep(0.05)
 
 
-def no_image_head(dest: SlowHead, payload: bytes) -> bool:
+def no_image_head(dest: io.BytesIO, payload: bytes) -> bool:
     got = dest.getvalue()[:HEAD]
     return all(got[i : i + BLOCK] != payload[i : i + BLOCK] for i in range(0, HEAD, BLOCK))
 

@@ -24,7 +24,7 @@ _GPT_SIGNATURE = b"EFI PART"
 _PROTECTIVE = 0xEE
 
 
-def head_length(first: bytes | memoryview) -> int:
+def head_length(first: bytes | bytearray | memoryview) -> int:
     """The head's length for an image that begins with ``first`` (as much of it as was read).
 
     Partitions that start at 0 (an isohybrid's, which holds the table itself) do not count;

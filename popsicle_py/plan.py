@@ -223,8 +223,9 @@ def _umount_libc(mountpoint: str) -> str | None:
     return "target is busy" if code == errno.EBUSY else os.strerror(code)
 
 
-def unmount_targets(plan: Plan) -> None:
-    """Unmount everything mounted from the targets, deepest and latest first.
+def unmount_targets(plan: Plan) -> list[str]:
+    """Unmount everything mounted from the targets, deepest and latest first; what was
+    unmounted, one line each (``unmounted /media/stick (/dev/sdb1)``), for the user to read.
 
     The mount table is read again here (a desktop may have automounted a partition since the
     plan was made).  Every mountpoint is tried; all failures are reported together.
@@ -234,9 +235,13 @@ def unmount_targets(plan: Plan) -> None:
     order = sorted(enumerate(mounts),
                    key=lambda im: (-im[1].mountpoint.rstrip("/").count("/"), -im[0]))
     failures: list[str] = []
+    done: list[str] = []
     for _, mount in order:
         reason = _umount(mount.mountpoint, mount.device)
         if reason:
             failures.append(f"could not unmount {mount.mountpoint} ({mount.device}): {reason}")
+        else:
+            done.append(f"unmounted {mount.mountpoint} ({mount.device})")
     if failures:
         raise PlanError(failures)
+    return done

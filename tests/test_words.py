@@ -143,3 +143,34 @@ def test_with_yes_the_output_still_names_the_image_and_the_drives(
     assert done.returncode == 0, done.stderr
     first = done.stdout.splitlines()[0]
     assert f"Flash {image} (1 MiB): {a.path}, {b.path}" in first, done.stdout
+
+
+@pytest.mark.root
+def test_a_name_without_dev_gets_a_did_you_mean(
+        tmp_path: Path, loop_factory: Callable[..., Loop]) -> None:
+    image, _ = _image(tmp_path)
+    loop = loop_factory(4 * MiB, fill=PATTERN)
+    name = loop.path.removeprefix("/dev/")
+    done = subprocess.run([*popsicle_cmd(), "flash", str(image), name, "--yes"],
+                          capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=120,
+                          cwd=tmp_path)
+    assert done.returncode == 2
+    assert done.stderr.splitlines() == [
+        f"popsicle-py: {name} does not exist; did you mean {loop.path}?"]
+    assert _untouched(loop)
+
+
+@pytest.mark.root
+def test_unmount_says_what_it_unmounted(
+        tmp_path: Path, loop_factory: Callable[..., Loop]) -> None:
+    from loopdev import mounted_ext4
+
+    image, data = _image(tmp_path)
+    loop = loop_factory(8 * MiB, fill=PATTERN)
+    with mounted_ext4(loop.path) as mountpoint:
+        done = _flash(str(image), loop.path, "--yes", "--unmount", "--no-probe")
+        assert done.returncode == 0, done.stderr
+        assert f"unmounted {mountpoint} ({loop.path})" in done.stdout, done.stdout
+        assert not os.path.ismount(mountpoint)
+    with open(loop.path, "rb") as f:
+        assert f.read(len(data)) == data

@@ -92,7 +92,8 @@ class PreparedErase:
         request = self.request
         try:
             if request.unmount:
-                unmount_targets(self.plan)
+                for line in unmount_targets(self.plan):
+                    view.handle(events.Note(line))
             opened = open_targets(self.plan.targets, check=drives.still_same_each())
         except Refused:
             view.close()

@@ -134,7 +134,8 @@ class PreparedFlash:
                 if self.checksum is not None and not write.checksum_while_writing:
                     sources.check_checksum(image, self.checksum, view.handle, cancel)
                 if self.request.targets.unmount and not cancel():
-                    unmount_targets(self.plan)
+                    for line in unmount_targets(self.plan):
+                        view.handle(events.Note(line))
                 if cancel():
                     return self._cancelled(emit, view)
                 opened = open_targets(self.plan.targets, check=still_same_each())

@@ -76,7 +76,8 @@ class PreparedProbe:
         """Unmount if asked, open every drive (identity checked again), probe them all."""
         try:
             if self.request.unmount:
-                unmount_targets(self.plan)
+                for line in unmount_targets(self.plan):
+                    view.handle(events.Note(line))
             opened = open_targets(self.plan.targets, check=drives.still_same_each())
         except Refused:
             view.close()

@@ -272,7 +272,10 @@ def drive_for_path(path: str, *, image_path: str | None = None,
     """
     shown = path
     if not os.path.lexists(path):
-        raise TargetError(path, f"{path} does not exist")
+        hint = ""
+        if "/" not in path and os.path.exists(f"/dev/{path}"):  # typed "sdb" or "loop8"
+            hint = f"; did you mean /dev/{path}?"
+        raise TargetError(path, f"{path} does not exist{hint}")
     real = os.path.realpath(path)
     if real != path:
         shown = f"{path} ({real})"

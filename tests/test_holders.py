@@ -314,6 +314,20 @@ def test_holder_reasons_name_each_holder_over_plain_facts() -> None:
         f"mounted at /mnt in the mount namespace of pid 1234 (sleep){advice}",)
 
 
+def test_udev_reading_a_fresh_stick_is_no_holder() -> None:
+    """udev's worker opens every disk that appears, read-only, to read its signatures: a
+    station or watch that refused such a stick would lose sticks at random (seen in the VM)."""
+    worker, sleep = Process(221, "(udev-worker)"), Process(1234, "sleep")
+    probing = Opener(worker, "/dev/sdb", DISK, frozenset({DISK}), writing=False)
+    assert holder_reasons(DISK, SystemFacts(openers=(probing,))) == ()
+    writing = Opener(worker, "/dev/sdb", DISK, frozenset({DISK}), writing=True)
+    assert holder_reasons(DISK, SystemFacts(openers=(writing,))) == (
+        "open in (udev-worker) (pid 221)",)
+    reader = Opener(sleep, "/dev/sdb", DISK, frozenset({DISK}), writing=False)
+    assert holder_reasons(DISK, SystemFacts(openers=(probing, reader))) == (
+        "open in sleep (pid 1234)",)
+
+
 def test_mount_propagation_is_read_from_mountinfo() -> None:
     text = ("46 27 0:41 / /base rw shared:1 - tmpfs tmpfs rw\n"
             "47 46 8:17 / /base/own rw shared:2 master:5 - ext4 /dev/sdb1 rw\n")

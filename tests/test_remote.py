@@ -33,6 +33,7 @@ from webserver import Served, WebServer, self_signed, serving, wait_for
 
 from popsicle_py import remote
 from popsicle_py.cache import Cache, cache_root, cache_wanted
+from popsicle_py.engine.head import HEAD as ENGINE_HEAD
 from popsicle_py.images import ImageError
 from popsicle_py.remote import HttpSettings, Validator
 
@@ -328,7 +329,7 @@ def untouched(drive: Loop) -> bool:
     return drive.read(MiB) == bytes([PATTERN]) * MiB
 
 
-HEAD = 64 << 10  # the image's first bytes, written last: what makes a drive bootable
+HEAD = ENGINE_HEAD  # the image's first bytes, written last: what makes a drive bootable
 
 
 def not_bootable(drive: Loop, image: bytes) -> bool:

@@ -139,9 +139,21 @@ def holder_reasons(devnum: int, facts: SystemFacts) -> tuple[str, ...]:
             found.setdefault(f"in use by {loop.device}, a loop device over it at offset "
                              f"{loop.offset}", None)
     for opener in facts.openers:
-        if devnum in opener.devnums:
+        if devnum in opener.devnums and not udev_probing(opener):
             found.setdefault(_open_in(opener, devnum), None)
     return tuple(found)
+
+
+#: udev's own workers: on every "add" or "change" of a disk (a stick just plugged in, a drive
+#: just closed after writing) one opens it read-only for a moment to read its signatures.
+UDEV_PROGRAMS = frozenset({"(udev-worker)", "systemd-udevd", "udevd"})
+
+
+def udev_probing(opener: Opener) -> bool:
+    """udev reading a disk's signatures: transient, read-only, and done again after we write
+    (it watches for the close), so it holds nothing; refusing it would refuse freshly plugged
+    sticks at random.  udev opening a disk for writing still counts."""
+    return not opener.writing and opener.process.program in UDEV_PROGRAMS
 
 
 def writer_reasons(devnum: int, facts: SystemFacts) -> tuple[str, ...]:

@@ -65,16 +65,19 @@ def _filesystem(read_at: ReadAt, part: Partition) -> tuple[list[Range], str]:
 
 def image_usage(read_at: ReadAt, size: int) -> Usage:
     """The ranges of an image of ``size`` bytes that hold anything its file systems use."""
-    try:
-        table = read_table(read_at, size)
-    except Inconsistent as exc:
-        return _whole(size, (f"the partition table is not consistent ({exc}): "
-                             "written whole",))
-    parts = list(table.partitions)
-    if table.kind == "none":
-        if not (ext.is_ext(read_at, 0) or fat.is_fat(read_at, 0)):
-            return _whole(size)
-        parts = [Partition(0, size, "the image")]
+    bare = [Partition(0, size, "the image")]
+    if fat.is_fat(read_at, 0):  # a volume without a table (its boot sector ends in 55 AA)
+        parts = bare
+    else:
+        try:
+            parts = list(read_table(read_at, size).partitions)
+        except Inconsistent as exc:
+            return _whole(size, (f"the partition table is not consistent ({exc}): "
+                                 "written whole",))
+        if not parts:
+            if not ext.is_ext(read_at, 0):
+                return _whole(size)
+            parts = bare
     ranges: list[Range] = []
     found: list[str] = []
     notes: list[str] = []

@@ -220,7 +220,7 @@ def used_ranges(read_at: ReadAt, offset: int, length: int) -> tuple[list[Range],
                                    "disagrees with its metadata")
             blocks.extend(found)
             continue
-        if not start <= group.block_bitmap < sup.blocks:
+        if not sup.first_data_block <= group.block_bitmap < sup.blocks:
             raise Inconsistent(f"group {index}'s block bitmap lies outside the file system")
         bitmap = read_exact(read_at, offset + group.block_bitmap * bs, bs,
                             f"group {index}'s block bitmap")
@@ -239,7 +239,10 @@ def used_ranges(read_at: ReadAt, offset: int, length: int) -> tuple[list[Range],
         free_total += count - used
         blocks.extend((start + first, n) for first, n in runs)
     # The superblock's free total is kept lazily by ext4: not a check.
-    kind = "ext4" if sup.desc_size >= 64 or sup.gdt_csum or sup.metadata_csum else "ext2/3"
+    incompat = struct.unpack_from("<I", sb, 0x60)[0]
+    journal = struct.unpack_from("<I", sb, 0x5C)[0] & 0x4
+    kind = ("ext4" if incompat & ~0x2 or sup.gdt_csum or sup.metadata_csum
+            else "ext3" if journal else "ext2")
     tail = [(offset + sup.blocks * bs, length - sup.blocks * bs)]  # beyond the file system
     return ([(offset + b * bs, n * bs) for b, n in blocks] + tail,
             f"{kind}, {bs // 1024} KiB blocks, {free_total * bs} bytes free")

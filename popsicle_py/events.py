@@ -178,6 +178,8 @@ class DriveResult:
     #: Read back from the device and found equal to the image (False: --no-verify, or not ok).
     verified: bool = False
     drive: DriveInfo | None = None
+    #: Bytes of the image in its file systems' free space: neither written nor verified.
+    bytes_unused: int = 0
 
     @property
     def ok(self) -> bool:

@@ -19,6 +19,7 @@ from popsicle_py.app.access import require_access
 from popsicle_py.app.common import cancelled_before_writing, emitter, open_report
 from popsicle_py.app.confirm import Confirmation, target_rows
 from popsicle_py.app.requests import FlashRequest
+from popsicle_py.app.trim import NONE, Trim, plan_trim
 from popsicle_py.blockdev import BlockDevice
 from popsicle_py.bmap import Bmap
 from popsicle_py.drives import still_same
@@ -47,13 +48,14 @@ class PreparedFlash:
     """
 
     def __init__(self, request: FlashRequest, source: sources.OpenedSource, plan: Plan,
-                 block_map: Bmap | None, report: Report | None) -> None:
+                 block_map: Bmap | None, report: Report | None, trim: Trim = NONE) -> None:
         self.request = request
         self.source = source
         self.image = source.image
         self.checksum = source.checksum
         self.plan = plan
         self.block_map = block_map
+        self.trim = trim
         self.report = report
         self.infos = tuple(drive_info(d, i) for i, d in enumerate(plan.targets, 1))
         notes = list(plan.notes)
@@ -61,6 +63,7 @@ class PreparedFlash:
             notes.append(f"block map {block_map.path}: writing "
                          f"{format_size(block_map.mapped)} of "
                          f"{format_size(block_map.image_size)}")
+        notes.extend(trim.notes)
         #: What a person reads before the run (a terminal view shows them; JSON has none
         #: before its ``start`` event).
         self.notes = tuple(notes)
@@ -132,6 +135,7 @@ class PreparedFlash:
                 verify=write.verify, bucket_size=engine.bucket_size, buckets=engine.buckets,
                 stall_timeout=engine.stall_timeout, skip_identical=write.skip_identical,
                 repair_attempts=write.repair_attempts, bmap=self.block_map,
+                used=self.trim.ranges,
                 checksum=self.checksum, checksum_checked=not write.checksum_while_writing,
                 probe=capacity_probe(size, engine.bucket_size) if write.probe else None)
             job = FlashJob(image, opened, options, emit, cancel, self.infos)
@@ -158,6 +162,9 @@ def prepare_flash(request: FlashRequest) -> PreparedFlash:
         source = sources.open_source(request.source)
         image_note = sources.sanity_note(source, request.source.image, request.source.force)
         block_map = sources.block_map(source.image, write.bmap, write.no_bmap)
+        trim = plan_trim(source.image, wanted=write.trim and block_map is None,
+                         checksum_in_pass=write.checksum_while_writing
+                         and source.checksum is not None)
         size = source.image.size if block_map is None else block_map.image_size
         plan = make_plan(targets.devices, all_usb=targets.all_usb, image_path=source.image.path,
                          image_size=size, unmount=targets.unmount,
@@ -168,4 +175,4 @@ def prepare_flash(request: FlashRequest) -> PreparedFlash:
         plan = dataclasses.replace(plan, notes=(image_note, *plan.notes))
     require_access([d.path for d in plan.targets], writing=True)
     report = open_report(request.report, source.image.path, source.checksum)
-    return PreparedFlash(request, source, plan, block_map, report)
+    return PreparedFlash(request, source, plan, block_map, report, trim)

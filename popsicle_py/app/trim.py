@@ -1,0 +1,72 @@
+"""Which ranges of an image a flash writes when its file systems leave part of it free.
+
+Decided before anything is opened for writing, from the image read by position (a raw image
+on this machine).  Not for a block map (it wins), a URL or a compressed image (they would be
+read twice: written whole), nor when the checksum is computed in the write pass (that pass
+must read every byte of the file).  See :mod:`popsicle_py.usage` for what is read and trusted.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from popsicle_py.images import Image, ImageError
+from popsicle_py.protocols import Source
+from popsicle_py.units import format_size
+from popsicle_py.usage import Usage, image_usage, worth_it
+
+
+@dataclass(frozen=True)
+class Trim:
+    """The ranges to write (None: every byte), and the lines to show before the run."""
+
+    usage: Usage | None
+    notes: tuple[str, ...] = ()
+
+    @property
+    def ranges(self) -> tuple[tuple[int, int], ...] | None:
+        return self.usage.ranges if self.usage is not None else None
+
+    @property
+    def unused(self) -> int:
+        """Bytes of the image not written: free space of its file systems."""
+        return self.usage.skipped if self.usage is not None else 0
+
+
+NONE = Trim(None)
+
+
+def read_usage(image: Image) -> Usage:
+    """The usage of a raw image file, read by position (a few MiB of metadata)."""
+    size = image.size or 0
+    try:
+        fd = os.open(image.path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise ImageError(f"{image.path} cannot be read: {exc.strerror or exc}") from None
+    try:
+        def read_at(offset: int, length: int) -> bytes:
+            return os.pread(fd, max(0, min(length, size - offset)), offset)
+        return image_usage(read_at, size)
+    except OSError as exc:
+        raise ImageError(f"{image.path} cannot be read: {exc.strerror or exc}") from None
+    finally:
+        os.close(fd)
+
+
+def plan_trim(image: Source, *, wanted: bool, checksum_in_pass: bool) -> Trim:
+    """The ranges to write for ``image`` (``wanted``: not --no-trim, no block map)."""
+    if not wanted or not isinstance(image, Image) or not image.seekable_raw or not image.size:
+        return NONE
+    usage = read_usage(image)
+    notes = [*usage.found, *usage.notes]
+    if not worth_it(usage):
+        return Trim(None, tuple(usage.notes))
+    if checksum_in_pass:
+        return Trim(None, (f"free space of the image's file systems written too "
+                           f"({format_size(usage.skipped)}): --checksum-while-writing reads "
+                           "every byte",))
+    notes.append(f"writing {format_size(usage.used)} of {format_size(usage.size)}: "
+                 f"{format_size(usage.skipped)} of free space in its file systems skipped "
+                 "(--no-trim writes every byte)")
+    return Trim(usage, tuple(notes))

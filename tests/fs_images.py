@@ -167,3 +167,21 @@ def fsck_vfat(image: Path, offset: int, length: int) -> subprocess.CompletedProc
         return run("fsck.vfat", "-n", str(part), check=False)
     finally:
         part.unlink()
+
+
+def rpi_image(tmp_path: Path, keep: Path, gone: Path, label: str = "dos",
+              root: int = 104 * MiB) -> tuple[Path, int, int]:
+    """A Raspberry-Pi-like image: FAT32 boot (48 MiB) at 4 MiB, ext4 root after it (``root``
+    bytes, ``gone``'s files deleted in it), 4 MiB left over; (image, boot's and root's offset)."""
+    image = tmp_path / "rpi.img"
+    fat_at, fat_len = 4 * MiB, 48 * MiB
+    ext_at = fat_at + fat_len
+    size = ext_at + root + 4 * MiB
+    garbage(image, size)
+    types = ("c", "83") if label == "dos" else ("EBD0A0A2-B9E5-4433-87C0-68B6B72699C7",
+                                                "0FC63DAF-8483-4772-8E79-3D69E4779E5A")
+    partition(image, f"{fat_at // 512},{fat_len // 512},{types[0]}\n"
+                     f"{ext_at // 512},{root // 512},{types[1]}\n", label)
+    make_fat(image, fat_at, fat_len, keep, ["-F", "32"])
+    make_ext(image, ext_at, root, keep, options=["-b", "4096"], deleted=gone)
+    return image, fat_at, ext_at

@@ -27,6 +27,7 @@ from tests.fs_images import (
     make_ext,
     make_fat,
     partition,
+    rpi_image,
     run,
     tree,
     trimmed_copy,
@@ -119,27 +120,11 @@ def test_ext_used_blocks_are_exactly_the_allocated_ones(tmp_path: Path, content:
     assert ext_files(copy, 0, size, list(sums)) == sums
 
 
-def _rpi(tmp_path: Path, keep: Path, gone: Path, label: str = "dos") -> tuple[Path, int, int]:
-    """A Raspberry-Pi-like image: FAT32 boot at 4 MiB, ext4 root after it, 4 MiB left over."""
-    image = tmp_path / "rpi.img"
-    size = 160 * MiB
-    garbage(image, size)
-    fat_at, fat_len = 4 * MiB, 48 * MiB
-    ext_at, ext_len = fat_at + fat_len, 104 * MiB
-    types = ("c", "83") if label == "dos" else ("EBD0A0A2-B9E5-4433-87C0-68B6B72699C7",
-                                                "0FC63DAF-8483-4772-8E79-3D69E4779E5A")
-    partition(image, f"{fat_at // 512},{fat_len // 512},{types[0]}\n"
-                     f"{ext_at // 512},{ext_len // 512},{types[1]}\n", label)
-    make_fat(image, fat_at, fat_len, keep, ["-F", "32"])
-    make_ext(image, ext_at, ext_len, keep, options=["-b", "4096"], deleted=gone)
-    return image, fat_at, ext_at
-
-
 @pytest.mark.parametrize("label", ["dos", "gpt"])
 def test_partitioned_image_fat_and_ext(tmp_path: Path, content: tuple[Path, Path, dict[
         str, str]], label: str) -> None:
     keep, gone, sums = content
-    image, fat_at, ext_at = _rpi(tmp_path, keep, gone, label)
+    image, fat_at, ext_at = rpi_image(tmp_path, keep, gone, label)
     usage = usage_of(image)
     assert usage.notes == ()
     assert [line.split(":")[0] for line in usage.found] == ["partition 1", "partition 2"]
@@ -218,7 +203,7 @@ def _group0_bitmap(image: Path, offset: int, length: int) -> int:
 def test_corrupt_bitmap_writes_the_partition_whole(tmp_path: Path, content: tuple[
         Path, Path, dict[str, str]], options: list[str]) -> None:
     keep, gone, _ = content
-    image, _, ext_at = _rpi(tmp_path, keep, gone)
+    image, _, ext_at = rpi_image(tmp_path, keep, gone)
     ext_len = 104 * MiB
     if options != ["-b", "4096"]:
         make_ext(image, ext_at, ext_len, keep, options=options, deleted=gone)

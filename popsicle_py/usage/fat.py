@@ -22,6 +22,7 @@ class _Bpb:
     root_entries: int
     total: int
     fat_sectors: int
+    fat32: bool
 
 
 def _bpb(boot: bytes) -> _Bpb | None:
@@ -40,7 +41,8 @@ def _bpb(boot: bytes) -> _Bpb | None:
     fat_sectors = fat16 or fat32
     if not total or not fat_sectors:
         return None
-    return _Bpb(sector, per_cluster, reserved, fats, root_entries, total, fat_sectors)
+    return _Bpb(sector, per_cluster, reserved, fats, root_entries, total, fat_sectors,
+                fat16 == 0)
 
 
 def is_fat(read_at: ReadAt, offset: int) -> bool:
@@ -63,7 +65,8 @@ def used_ranges(read_at: ReadAt, offset: int, length: int) -> tuple[list[Range],
     if data >= bpb.total:
         raise Inconsistent("its data area is empty")
     clusters = (bpb.total - data) // bpb.per_cluster
-    bits = 12 if clusters < 4085 else 16 if clusters < 65525 else 32
+    # As Linux and fsck.fat decide: FAT32 when the 16-bit FAT size is 0, else by clusters.
+    bits = 32 if bpb.fat32 else 12 if clusters < 4085 else 16
     if (bits == 32) != (bpb.root_entries == 0):
         raise Inconsistent("its root directory does not fit its FAT type")
     fat_bytes = bpb.fat_sectors * ss

@@ -22,22 +22,14 @@ import os
 import stat
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeAlias
 
 import xxhash
 
-from popsicle_py import sysfs
 from popsicle_py.buffers import address_of, aligned_buffer
-from popsicle_py.errors import (
-    ChecksumMismatch,
-    Counterfeit,
-    ExtentChecksumError,
-    SourceChanged,
-    SourceDiffers,
-)
-from popsicle_py.events import Cause
+from popsicle_py.errors import TooSmall
 
 # Re-exported: flash checks the opened drive with blockdev.confirmed, and the failure wording
 # imports MediaChanged from here; media identity itself lives in popsicle_py.media.
@@ -45,6 +37,11 @@ from popsicle_py.media import MediaChanged as MediaChanged
 from popsicle_py.media import confirmed as confirmed
 
 log = logging.getLogger(__name__)
+
+#: What the engine reads from and writes to: a :class:`BlockDevice` or any file-like object.
+#: The one seam left untyped on purpose: ``write``/``readinto``/``read`` are called, and
+#: ``seek``, ``fileno``, ``flush`` and ``fsync`` used where the object has them.
+FileLike: TypeAlias = Any
 
 BLKFLSBUF = 0x1261
 BLKRRPART = 0x125F
@@ -186,7 +183,7 @@ class BlockDevice:
         view = memoryview(data).cast("B")
         if self.size and self.pos + len(view) > self.size:
             if self.pos >= self.size:
-                raise OSError(errno.ENOSPC, "image is larger than the drive")
+                raise TooSmall()
             view = view[: self.size - self.pos]
         if not view:
             return 0
@@ -382,10 +379,10 @@ def open_for_reading(spec: OpenSpec) -> BlockDevice:
     return device
 
 
-def drop_cache(device: Any) -> None:
+def drop_cache(device: FileLike) -> None:
     """Forget the drive's cached pages so that reading it back reaches the device.
 
-    Any destination with a descriptor will do (a BlockDevice, a file); others are skipped.
+    Every destination with a descriptor will do (a BlockDevice, a file); others are skipped.
     """
     if isinstance(device, BlockDevice):
         device.ioctl(BLKFLSBUF, "BLKFLSBUF")
@@ -420,36 +417,6 @@ def reread_partitions(path: str) -> None:
         os.close(fd)
 
 
-def drive_gone(path: str) -> bool:
-    """Whether the kernel has let go of the block device at ``path``.
-
-    True when the node, or its sysfs directory, is gone, or its size reads 0: what a USB stick
-    shows from the moment it is pulled until udev removes its node.  Without sysfs at all (a
-    container) nothing is known, and nothing is called removed.
-    """
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        return True
-    except OSError:
-        return False
-    if not stat.S_ISBLK(st.st_mode):
-        return False
-    size = sysfs.attr(st.st_rdev, "size")
-    if size is None:
-        return os.path.isdir(os.path.dirname(sysfs.block_dir(st.st_rdev)))
-    return size == "0"
-
-
-def sysfs_read_only(path: str) -> bool:
-    """The kernel's own read-only flag for a block device (1 in /sys/dev/block/M:m/ro)."""
-    try:
-        rdev = os.stat(path).st_rdev
-    except OSError:
-        return False
-    return sysfs.attr(rdev, "ro") == "1"
-
-
 # ----------------------------------------------------------------------------------------------
 # The loops over those calls: every destination (a BlockDevice or any file-like) goes through them.
 
@@ -463,13 +430,13 @@ def as_oserror(exc: BaseException) -> OSError:
     return wrapped
 
 
-def seek(dest: Any, offset: int) -> None:
+def seek(dest: FileLike, offset: int) -> None:
     if hasattr(dest, "seek"):
         dest.seek(offset)
 
 
 def write_all(
-    dest: Any,
+    dest: FileLike,
     view: memoryview,
     *,
     offset: int | None = None,
@@ -533,7 +500,7 @@ def _pause(seconds: float, stop: Callable[[], bool] | threading.Event | None) ->
         time.sleep(seconds)
 
 
-def read_full(source: Any, view: memoryview, *, pacer: Pacer | None = None,
+def read_full(source: FileLike, view: memoryview, *, pacer: Pacer | None = None,
               progress: Callable[[int], None] | None = None) -> int:
     """Fill ``view`` from ``source`` until it is full or the source ends (paced when asked)."""
     done = 0
@@ -557,26 +524,31 @@ def read_full(source: Any, view: memoryview, *, pacer: Pacer | None = None,
     return done
 
 
-def write_at(dest: Any, offset: int, data: memoryview, **kwargs: Any) -> int:
+def write_at(dest: FileLike, offset: int, data: memoryview, *,
+             stop: Callable[[], bool] | threading.Event | None = None,
+             progress: Callable[[int], None] | None = None, retries: int = DEFAULT_RETRIES,
+             pacer: Pacer | None = None) -> int:
     """Write ``data`` at ``offset`` (see :func:`write_all` for the keywords)."""
     seek(dest, offset)
-    return write_all(dest, data, offset=offset, **kwargs)
+    return write_all(dest, data, offset=offset, stop=stop, progress=progress, retries=retries,
+                     pacer=pacer)
 
 
-def read_at(dest: Any, offset: int, view: memoryview, **kwargs: Any) -> int:
+def read_at(dest: FileLike, offset: int, view: memoryview, *,
+            pacer: Pacer | None = None) -> int:
     """Read into ``view`` from ``offset``; short only where the destination ends."""
     seek(dest, offset)
-    return read_full(dest, view, **kwargs)
+    return read_full(dest, view, pacer=pacer)
 
 
-def holds(dest: Any, offset: int, data: memoryview, scratch: memoryview) -> bool:
+def holds(dest: FileLike, offset: int, data: memoryview, scratch: memoryview) -> bool:
     """Whether ``dest`` already holds ``data`` at ``offset`` (``scratch``: an aligned buffer)."""
     mine = scratch[: len(data)]
     got = read_at(dest, offset, mine)
     return got == len(data) and xxhash.xxh3_128_digest(mine) == xxhash.xxh3_128_digest(data)
 
 
-def sync(dest: Any) -> None:
+def sync(dest: FileLike) -> None:
     """Flush Python's buffer and the kernel's; EINVAL means the file cannot be synced."""
     flush = getattr(dest, "flush", None)
     if flush is not None:
@@ -609,79 +581,3 @@ def first_difference(a: memoryview, b: memoryview) -> int:
                 if p != q:
                     return start + i
     return -1
-
-@dataclass(frozen=True)
-class Failure:
-    """Why a drive failed: a typed cause for programs, one line for people."""
-
-    cause: Cause
-    text: str
-
-
-def failure(exc: BaseException, path: str) -> Failure:
-    """One line in the user's language (which drive, what happened, what to do), and its cause."""
-    line = getattr(exc, "line", None)
-    if isinstance(line, str):  # already said in the user's language (udisks, polkit)
-        return Failure(Cause.PERMISSION, line)
-    if isinstance(exc, MediaChanged):
-        return Failure(Cause.CHANGED, exc.message)
-    if isinstance(exc, Counterfeit):
-        return Failure(Cause.COUNTERFEIT, f"{path}: {exc.message}")
-    # The image's fault, not the drive's.
-    if isinstance(exc, (SourceChanged, SourceDiffers, ChecksumMismatch, ExtentChecksumError)):
-        return Failure(Cause.SOURCE, f"{path}: {exc.strerror}")
-    code = getattr(exc, "errno", None)
-    detail = getattr(exc, "strerror", None) or str(exc)
-    if code == errno.EACCES:
-        return Failure(Cause.PERMISSION, f"{path}: permission denied; run as root (or with sudo)")
-    if code == errno.EROFS or (code == errno.EPERM and sysfs_read_only(path)):
-        return Failure(Cause.READ_ONLY, f"{path}: the drive is write-protected (read-only)")
-    if code == errno.EPERM:
-        return Failure(Cause.PERMISSION,
-                       f"{path}: operation not permitted; run as root (or with sudo)")
-    if code == errno.EBUSY:
-        return Failure(Cause.BUSY, busy_message(path, _mountpoints(path)))
-    if code == errno.ENOMEDIUM:
-        return Failure(Cause.NO_MEDIUM, f"{path}: no card in the reader")
-    if code in (errno.ENODEV, errno.ENXIO) or (code in (errno.ENOSPC, errno.EIO)
-                                                and drive_gone(path)):
-        # A pulled stick's writes end in EIO (retried for seconds first, while the kernel drops
-        # the disk) or, once its capacity reads 0, ENOSPC: it is simply gone.
-        return Failure(Cause.REMOVED, f"{path}: the drive was removed")
-    if code == errno.ENOSPC:
-        if "larger" in detail:
-            return Failure(Cause.TOO_SMALL, f"{path}: {detail}")
-        return Failure(Cause.NO_SPACE, f"{path}: no space left on the drive (it failed, or is "
-                       "smaller than it claims)")
-    if code == errno.ETIMEDOUT and detail.startswith("stalled"):
-        return Failure(Cause.STALLED, f"{path}: {detail}")
-    if code == errno.EIO:
-        return Failure(Cause.IO_ERROR, f"{path}: I/O error: {detail} (the drive may be failing)")
-    if code == errno.ENOENT:
-        return Failure(Cause.NOT_FOUND, f"{path}: does not exist")
-    return Failure(Cause.ERROR, f"{path}: {detail}")
-
-
-def describe_error(exc: BaseException, path: str) -> str:
-    """:func:`failure`'s line alone."""
-    return failure(exc, path).text
-
-
-def busy_message(path: str, mountpoints: Sequence[str]) -> str:
-    """Why opening ``path`` exclusively failed, and what helps: --unmount only when mounted."""
-    if mountpoints:
-        return (f"{path}: the drive is busy: mounted at {', '.join(mountpoints)}; unmount it "
-                "or use --unmount")
-    return (f"{path}: the drive is busy: another program has it open (see which with "
-            f"`fuser -v {path}*`); close it and try again")
-
-
-def _mountpoints(path: str) -> tuple[str, ...]:
-    try:
-        devnum = os.stat(path).st_rdev
-    except OSError:
-        return ()
-    from popsicle_py import drives  # drives reads identities from here: import it late
-
-    return drives.mountpoints_of(devnum, drives.current_mounts())
-

@@ -17,6 +17,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from popsicle_py import files
+
 __all__ = ["Cache", "CacheEntry", "CacheWriter", "cache_root", "cache_wanted"]
 
 #: Set to 1 (or yes/true/on) to use the cache without --cache.
@@ -68,7 +70,7 @@ class CacheWriter:
         self.where = str(cache.root)
         cache.root.mkdir(parents=True, exist_ok=True)
         self.part = cache.root / f"{self.key}.part"
-        self._file = open(self.part, "wb")  # noqa: SIM115 - closed by commit() or abort()
+        self._file = files.create_regular(self.part)  # closed by commit() or abort()
         self.size = 0
 
     @property
@@ -88,7 +90,8 @@ class CacheWriter:
         meta = {"url": self.url, "validator": self.validator, "size": self.size,
                 "created": time.time()}
         tmp = self.cache.root / f"{self.key}.json.part"
-        tmp.write_text(json.dumps(meta))
+        with files.create_regular(tmp) as f:
+            f.write(json.dumps(meta).encode())
         os.replace(tmp, self.cache.root / f"{self.key}.json")
         return self.path
 

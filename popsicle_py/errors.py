@@ -6,8 +6,10 @@
     ├── Cancelled                  130         a stop signal or cancel() ended the run
     └── AllDestinationsFailed      1           every destination failed (``results`` says how)
 
-    OSError (a destination that cannot be trusted)
-    └── Counterfeit                the capacity probe found less than the drive claims
+    OSError (a destination that failed, typed where it failed: failures.py words it)
+    ├── Counterfeit                the capacity probe found less than the drive claims
+    ├── TooSmall                   the image does not fit on the drive (ENOSPC)
+    └── Stalled                    the drive made no progress within the stall timeout (ETIMEDOUT)
 
     OSError (a source that cannot be trusted; raised by the engine's reader)
     ├── SourceChanged              the source held more or fewer bytes than it was said to
@@ -25,10 +27,7 @@ import contextlib
 import errno
 import sys
 from collections.abc import Sequence
-from typing import IO, TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from popsicle_py.engine.results import DestinationResult
+from typing import IO, Generic, Protocol, TypeVar
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -77,10 +76,24 @@ class Cancelled(PopsicleError):
     exit_code = EXIT_SIGNAL_BASE + 2  # SIGINT, unless the caller knows the signal
 
 
-class AllDestinationsFailed(PopsicleError):
-    """Every destination failed; ``results`` says how each one did."""
+class Outcome(Protocol):
+    """How one destination did, as far as this error needs it (an engine DestinationResult:
+    typed by what it has, so errors, below the engine, imports nothing of it)."""
 
-    def __init__(self, results: Sequence[DestinationResult]) -> None:
+    @property
+    def id(self) -> int: ...
+
+    @property
+    def error(self) -> OSError | None: ...
+
+
+R = TypeVar("R", bound=Outcome)
+
+
+class AllDestinationsFailed(PopsicleError, Generic[R]):
+    """Every destination failed; ``results`` (the engine's DestinationResults) says how."""
+
+    def __init__(self, results: Sequence[R]) -> None:
         self.results = tuple(results)
         reasons = "; ".join(f"{r.id}: {r.error}" for r in self.results)
         super().__init__(f"every destination failed ({reasons})")
@@ -143,3 +156,17 @@ class Counterfeit(OSError):
 
     def __str__(self) -> str:
         return self.message
+
+
+class TooSmall(OSError):
+    """The image is larger than the drive: a write reached the drive's end (ENOSPC)."""
+
+    def __init__(self, message: str = "image is larger than the drive") -> None:
+        super().__init__(errno.ENOSPC, message)
+
+
+class Stalled(OSError):
+    """The drive made (almost) no progress for the stall timeout (ETIMEDOUT); given up on."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(errno.ETIMEDOUT, message)

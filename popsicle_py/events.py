@@ -238,7 +238,33 @@ class Summary:
                 "results": [r.to_json() for r in self.results]}
 
 
-Event = Started | Note | Error | Phase | Progress | Probed | Result | Summary
+class Fetch(_Word):
+    """What a download (an image at a URL) is doing, beyond its bytes (``Progress``)."""
+
+    RESUMING = "resuming"  # the connection dropped or stalled: asking again from ``received``
+    FAILED = "failed"  # given up: ``detail`` says why (the drives fail with cause ``source``)
+    COMPLETE = "complete"  # every byte arrived (and, when ``checked``, the checksum matched)
+
+
+@dataclass(frozen=True)
+class Download:
+    """The image's download changed course: resuming after a drop, failed, or complete.
+
+    ``checked`` is true only once a published or given checksum matched the whole body.
+    """
+
+    state: Fetch
+    received: int
+    total: int | None
+    detail: str | None = None
+    checked: bool = False
+
+    def to_json(self) -> JsonObject:
+        return {"event": "download", "state": self.state, "bytes": self.received,
+                "total": self.total, "detail": self.detail, "checked": self.checked}
+
+
+Event = Started | Note | Error | Phase | Progress | Download | Probed | Result | Summary
 
 
 # ----------------------------------------------------------------------------------------------

@@ -22,9 +22,9 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
-from popsicle_py import blockdev
+from popsicle_py import blockdev, failures
 from popsicle_py.blockdev import BlockDevice, OpenSpec
 from popsicle_py.bmap import Bmap
 from popsicle_py.engine import (
@@ -38,6 +38,7 @@ from popsicle_py.engine import (
 from popsicle_py.errors import Refused
 from popsicle_py.events import (
     Cause,
+    Download,
     DriveInfo,
     DriveResult,
     Event,
@@ -52,8 +53,16 @@ from popsicle_py.events import (
     Summary,
 )
 from popsicle_py.images import Checksum, ChecksumTap
-from popsicle_py.messages import BusVerifierMessage, BusWriterMessage
+from popsicle_py.messages import (
+    BusVerifierMessage,
+    BusWriterMessage,
+    VerifierMessage,
+    WriterMessage,
+)
 from popsicle_py.protocols import Source
+
+if TYPE_CHECKING:
+    from popsicle_py.probe import ProbeResult
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +133,7 @@ def open_targets(drives: Sequence[D], *, for_writing: bool = True,
             opener = blockdev.open_for_writing if for_writing else blockdev.open_for_reading
             opened.append(blockdev.confirmed(opener(spec), getattr(drive, "identity", None)))
         except OSError as exc:
-            problems.append(blockdev.describe_error(exc, drive.path))
+            problems.append(failures.describe_error(exc, drive.path))
     if problems:
         for device in opened:
             device.close()
@@ -196,7 +205,7 @@ class _Job:
                            drive=drive.info, bytes_unused=drive.unused)
 
     def _fail(self, drive: _Drive, exc: BaseException) -> None:
-        why = blockdev.failure(exc, drive.path)
+        why = failures.failure(exc, drive.path)
         self._end(drive, Status.FAILED, why.text, cause=why.cause)
 
     def _cancel_rest(self) -> None:
@@ -298,7 +307,7 @@ class FlashJob(_Job):
         options = self.options
         total = self.total
 
-        def on_message(msg: Any) -> None:
+        def on_message(msg: WriterMessage | Phase | Progress | Note | Download) -> None:
             drive = self.drives[getattr(msg, "id", 0)]
             match msg:
                 case BusWriterMessage.Written(bytes_written=n):
@@ -321,7 +330,7 @@ class FlashJob(_Job):
                     self._fail(drive, why)
                 case BusWriterMessage.Completed():
                     self._end(drive, Status.OK)
-                case Phase() | Progress() | Note():  # relayed: the download's own news
+                case Phase() | Progress() | Note() | Download():  # relayed: the download's news
                     self.emit(msg)
                 case BusWriterMessage.LockStep(reason=reason):
                     self.emit(Note(f"every drive goes at the slowest one's pace from here on: "
@@ -333,16 +342,16 @@ class FlashJob(_Job):
         source = None
         tap = self._tap()
         try:
-            writer = BusWriter(self, [d.device for d in self.drives], on_message, self.cancel)
+            writer = BusWriter(None, [d.device for d in self.drives], on_message, self.cancel)
             with self._lock:
                 for event in self._early:
                     writer.post(event)
                 self._early.clear()
                 self._writer = writer
             source = self.image.open() if tap is None else self.image.open(tap)
-            writer.source = source
             (
-                writer.bucket_size(options.bucket_size)
+                writer.from_source(source)
+                .bucket_size(options.bucket_size)
                 .buckets(options.buckets)
                 .stall_timeout(options.stall_timeout)
                 .skip_identical(options.skip_identical)
@@ -407,8 +416,8 @@ class VerifyJob(_Job):
         """From any thread (a download's progress): emitted on the job's own thread, in order."""
         self._verifier.post(event)
 
-    def _on_message(self, msg: Any) -> None:
-        if isinstance(msg, (Phase, Progress, Note)):
+    def _on_message(self, msg: VerifierMessage | Phase | Progress | Note | Download) -> None:
+        if isinstance(msg, (Phase, Progress, Note, Download)):
             self.emit(msg)
             return
         drive = self.drives[msg.id]
@@ -434,8 +443,7 @@ class VerifyJob(_Job):
         source = None
         try:
             source = self.image.open()
-            self._verifier.source = source
-            self._verifier.stall_timeout(self.stall_timeout).verify()
+            self._verifier.from_source(source).stall_timeout(self.stall_timeout).verify()
         except Cancelled:
             self._cancel_rest()
         except Exception as exc:
@@ -489,7 +497,7 @@ class ProbeJob(_Job):
             self._end(drive, Status.FAILED, f"{drive.path}: did not finish", cause=Cause.ERROR)
         return self._summary()
 
-    def _on_message(self, msg: Any) -> None:
+    def _on_message(self, msg: _Probed | BusWriterMessage.Errored) -> None:
         drive = self.drives[msg.id]
         if isinstance(msg, BusWriterMessage.Errored):
             self._fail(drive, msg.why)
@@ -510,4 +518,4 @@ class ProbeJob(_Job):
 @dataclass(frozen=True)
 class _Probed:
     id: int
-    result: Any
+    result: ProbeResult

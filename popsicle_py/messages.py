@@ -120,3 +120,13 @@ class BusVerifierMessage:
 
         id: int
         why: OSError
+
+
+#: Every message a writer's callback may get (besides what the caller posts itself).
+WriterMessage = (BusWriterMessage.Written | BusWriterMessage.Skipped | BusWriterMessage.Stage
+                 | BusWriterMessage.Verified | BusWriterMessage.Repaired
+                 | BusWriterMessage.Invalid | BusWriterMessage.Completed
+                 | BusWriterMessage.Errored | BusWriterMessage.LockStep)
+#: Every message a verifier's callback may get.
+VerifierMessage = (BusVerifierMessage.Read | BusVerifierMessage.Valid
+                   | BusVerifierMessage.Invalid | BusVerifierMessage.Errored)

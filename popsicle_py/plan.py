@@ -149,15 +149,20 @@ def make_read_plan(devices: Sequence[str], image_size: int | None, *,
     The named devices are resolved as :func:`make_plan` resolves them, with its words: what can
     never be a target (missing, not a block device, a partition, a system drive) and a drive
     named twice are refused, and so is a drive smaller than the image (``image_size``; None:
-    not known, not checked).  Reading writes nothing, so the rest of the writing rules do not
-    apply: a mounted, read-only or non-USB drive, or one that holds the image, is read.
+    not known, not checked) and one another program holds open for writing (busy: what would
+    be compared is changing).  Reading writes nothing, so the rest of the writing rules do not
+    apply: a mounted, read-only or non-USB drive, or one that holds the image or that other
+    programs read, is read.
     """
-    targets, _, lines = _resolve(devices, None, context or pyudev.Context(),
-                                 drives.gather_facts())
+    facts = drives.gather_facts()
+    targets, _, lines = _resolve(devices, None, context or pyudev.Context(), facts)
     for drive in targets:
         small = drives.too_small(drive, image_size)
         if small is not None:
             lines.append(small.line)
+        busy = drives.busy_for_reading(drive.path, drive.devnum, facts)
+        if busy is not None:
+            lines.append(busy)
     if not targets and not lines:
         lines.append("no target drives: name devices")
     if lines:

@@ -35,7 +35,11 @@ the estimate does.
 The estimate of the real size: for a wrap, the gcd G of every alias distance is a multiple of
 R; R itself is found by dividing G by its prime factors while "write at x, read at x + r"
 still shows the fresh stamp (true exactly when R divides r).  For dropped writes, bisection
-between the highest good and the lowest failing position.
+between the highest good and the lowest failing position.  Each of these test writes is
+followed by a decoy write elsewhere: a drive that answers every address past R with its most
+recent write (its write buffer) then shows the decoy, not the fresh stamp, past R.  Its
+aliases have no period (G is not a multiple of R, which "write at x, read at x + G" shows),
+so it is sized by the bisection.
 
 :func:`probe` is the I/O edge: O_DIRECT block-aligned writes, fsync, BLKFLSBUF and
 POSIX_FADV_DONTNEED, then O_DIRECT reads.
@@ -54,9 +58,10 @@ import struct
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Protocol
 
 from popsicle_py import blockdev
+from popsicle_py.blockdev import BlockDevice
 from popsicle_py.buffers import aligned_buffer
 from popsicle_py.errors import Counterfeit
 from popsicle_py.events import JsonObject
@@ -320,7 +325,8 @@ class DeviceIO:
     the flash's own writes; ``stopped()`` is checked before each call (a cancel, a stall).
     """
 
-    def __init__(self, device: Any, stopped: Callable[[], bool] = lambda: False) -> None:
+    def __init__(self, device: BlockDevice,
+                 stopped: Callable[[], bool] = lambda: False) -> None:
         self.device = device
         self.block = max(512, getattr(device, "block", 512))
         self.buf = memoryview(aligned_buffer(max(self.block, PROTECTED)))
@@ -375,7 +381,7 @@ class DeviceIO:
         blockdev.drop_cache(self.device)
 
 
-def probe_device(device: Any, boundaries: Iterable[int] = (),
+def probe_device(device: BlockDevice, boundaries: Iterable[int] = (),
                  stopped: Callable[[], bool] = lambda: False) -> ProbeResult:
     """Probe an opened drive for its whole claimed size (``device.size``)."""
     started = time.monotonic()
@@ -388,18 +394,32 @@ def probe_device(device: Any, boundaries: Iterable[int] = (),
     return dataclasses.replace(result, elapsed=time.monotonic() - started)
 
 
-def checker(boundaries: Iterable[int]) -> Callable[[Any], None]:
-    """What a flash runs on each drive before writing it: raises Counterfeit if it lies."""
+def checker(boundaries: Iterable[int]) -> Callable[[BlockDevice], None]:
+    """What a flash runs on each drive before writing it: raises Counterfeit if it lies.
+
+    The last boundary is the image's end: when the image fits in what the drive really
+    holds, the refusal says so and names ``--no-probe`` (verification still checks it).
+    """
     spots = tuple(boundaries)
 
-    def check(device: Any) -> None:
+    def check(device: BlockDevice) -> None:
         result = probe_device(device, spots)
         if result.error is not None:
             raise OSError(errno.EIO, result.message)
         if not result.ok:
-            raise Counterfeit(result.message)
+            raise Counterfeit(refusal(result, max(spots, default=0)))
 
     return check
+
+
+def refusal(result: ProbeResult, image_size: int) -> str:
+    """Why a flash does not write a counterfeit drive, and, when the image fits in what it
+    holds, that ``--no-probe`` writes it anyway."""
+    real = result.real_estimate
+    if result.ok or not real or not 0 < image_size <= real:
+        return result.message
+    return (f"{result.message}; the image ({format_size(image_size)}) fits in what it holds:"
+            " use --no-probe to write it anyway")
 
 
 def _logical_block_size(fd: int) -> int:
@@ -478,11 +498,14 @@ def run_probe(dev: BlockIO, claimed: int, positions: Sequence[int], reads: Seque
             return done(True, claimed)
         sequence = 0
 
-        def fresh(offset: int) -> bytes:
+        def fresh(offset: int, decoy: int) -> bytes:
+            """A new stamp at ``offset``, then one at ``decoy``: a drive that answers
+            addresses it does not have with its most recent write shows the decoy there."""
             nonlocal sequence
-            sequence += 1
-            data = stamp(nonce, offset, block, sequence)
+            sequence += 2
+            data = stamp(nonce, offset, block, sequence - 1)
             dev.write(offset, data)
+            dev.write(decoy, stamp(nonce, decoy, block, sequence))
             dev.settle()
             return data
 
@@ -494,13 +517,20 @@ def run_probe(dev: BlockIO, claimed: int, positions: Sequence[int], reads: Seque
                 at = PROTECTED + r
                 if at > claimed - block:
                     return False
-                data = fresh(PROTECTED)
+                data = fresh(PROTECTED, PROTECTED + block)
                 return dev.read(at, block) == data
 
-            real = smallest_period(verdict.alias_gcd, block, check)
-            return done(False, real, verdict=verdict)
-        lowest_bad = verdict.failing[0]
-        good = [p for p in positions if p < lowest_bad]
+            # The aliases' gcd is a multiple of R only for a true wrap; a drive that answers
+            # every address past R with its latest write shows aliases of no period.  (A gcd
+            # too large to test this way comes from a stamp wrapped into the first 64 KiB,
+            # which only a wrap does.)
+            gcd = verdict.alias_gcd
+            if PROTECTED + gcd > claimed - block or check(gcd):
+                real = smallest_period(verdict.alias_gcd, block, check)
+                return done(False, real, verdict=verdict)
+        bad = verdict.failing or tuple(sorted(a for a, _ in verdict.aliases))
+        lowest_bad = bad[0]
+        good = [p for p in positions if p < lowest_bad and p not in verdict.failing]
         lo, hi = (good[-1] if good else PROTECTED - block), lowest_bad
         while hi - lo > block:
             mid = (lo + hi) // 2
@@ -508,7 +538,7 @@ def run_probe(dev: BlockIO, claimed: int, positions: Sequence[int], reads: Seque
             if mid <= lo:
                 mid = lo + block
             at = mid
-            data = fresh(mid)
+            data = fresh(mid, PROTECTED if mid != PROTECTED else PROTECTED + block)
             if dev.read(mid, block) == data:
                 lo = mid
             else:

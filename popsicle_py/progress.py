@@ -42,13 +42,15 @@ class DriveProgress:
         self.finished: float | None = None
         self.write_time = 0.0
         self.verify_time = 0.0
+        self.elapsed: float | None = None  # from the first phase to the end (the job's own clock)
+        self.moved: float | None = None  # when the work done last grew
         self._samples: deque[tuple[float, int]] = deque()
 
     # Feeding
 
     def on_phase(self, phase: str, now: float) -> None:
         self._close_phase(now)
-        if self.started is None and phase in (*WRITE_PHASES, *VERIFY_PHASES):
+        if self.started is None:
             self.started = now
         self.phase = phase
         self._since = now
@@ -72,13 +74,18 @@ class DriveProgress:
             self.written = max(self.written, done)
         self._sample(now)
 
-    def on_end(self, status: str, now: float, written: int | None = None) -> None:
-        """The drive ended: ``written`` (bytes written plus skipped) fixes an unknown size."""
+    def on_end(self, status: str, now: float, written: int | None = None,
+               elapsed: float | None = None) -> None:
+        """The drive ended: ``written`` (bytes written plus skipped) fixes an unknown size;
+        ``elapsed`` is the job's own measure of the drive's time (its result says it)."""
         if self.ended is not None:
             return
         self._close_phase(now)
         self.ended = status
         self.finished = now
+        if elapsed is None and self.started is not None:
+            elapsed = now - self.started
+        self.elapsed = elapsed
         if written is not None:
             self.written = max(self.written, written)
         self._sample(now)
@@ -103,6 +110,8 @@ class DriveProgress:
         total = self.total
         if total is not None:
             raw = min(raw, total if self.ended == "ok" else max(total - 1, 0))
+        if raw > self._shown or self.moved is None:
+            self.moved = now
         self._shown = max(self._shown, raw)
         self._samples.append((now, self._shown))
         while len(self._samples) > 2 and now - self._samples[1][0] >= SPEED_WINDOW:
@@ -144,14 +153,23 @@ class DriveProgress:
             return None
         return 1.0 if total == 0 else min(1.0, self.done / total)
 
+    def idle(self, now: float) -> float:
+        """Seconds since the work done last grew (0 before it started)."""
+        return 0.0 if self.moved is None else max(0.0, now - self.moved)
+
     def speed(self, now: float) -> float | None:
-        """Bytes per second over the last few seconds; None until there are two samples."""
+        """Bytes per second over the last few seconds up to ``now``: it falls to 0 while
+        nothing moves (never a stale speed); None until there is a span to measure."""
         if self.ended is not None:
             return None
         samples = self._samples
         if not samples or self.started is None:
             return None
         t0, d0 = samples[0]
+        for t, d in samples:  # the last sample at or before the window's start
+            if now - t < SPEED_WINDOW:
+                break
+            t0, d0 = t, d
         span = now - t0
         if span < 0.5:
             return None
@@ -175,5 +193,9 @@ class DriveProgress:
 
     @property
     def average_speed(self) -> float | None:
-        """What a finished row shows: its write speed, or its read speed for ``verify``."""
-        return self.write_speed if self.writes else self.verify_speed
+        """What a finished row shows: the image's bytes (written or found identical, or read
+        for ``verify``) over the drive's whole elapsed time, as its result says it."""
+        done = self.written if self.writes else self.verified
+        if not self.elapsed or self.elapsed <= 0 or not done:
+            return None
+        return done / self.elapsed

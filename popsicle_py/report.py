@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from datetime import datetime, timezone
 
-from popsicle_py import events, progress
+from popsicle_py import events, files, progress
 
 #: The columns of a record, in order (CSV header, JSON keys).
 FIELDS = ("seq", "device", "port_path", "vendor", "model", "serial", "capacity", "image",
@@ -93,7 +93,7 @@ class Report:
         self.warn = warn or (lambda line: None)
         self.clock = clock
         try:
-            self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            self.fd = files.open_regular(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
             empty = os.fstat(self.fd).st_size == 0
         except OSError as exc:
             raise ReportError(f"--report {path}: {exc.strerror or exc}") from None

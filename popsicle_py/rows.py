@@ -15,7 +15,8 @@ from popsicle_py.progress import SPEED_WINDOW, VERIFY_PHASES, WRITE_PHASES, Driv
 from popsicle_py.units import format_size
 
 __all__ = ["COLUMNS", "FITS", "SPEED_WINDOW", "VERIFY_PHASES", "WRITE_PHASES", "Column",
-           "DriveProgress", "Fit", "Line", "Piece", "Row", "fit_height", "format_eta",
+           "DriveProgress", "Fit", "Line", "Piece", "Row", "byte_counts", "fit_height", "fold",
+           "format_eta",
            "format_speed", "layout", "layout_rows", "plain"]
 
 
@@ -41,6 +42,8 @@ class Row:
     style: str = ""  # the state's (and the bar's) style: green, red, yellow, dim
     bar: bool = True
     pulse: int = 0  # the pulsing bar's position
+    moving: bool = True  # False: an unknown total that will not grow (ended): no pulse
+    pass_word: str = ""  # what the byte counts are ("written", "verified", "received")
 
 
 @dataclass(frozen=True)
@@ -83,10 +86,17 @@ def _amount(row: Row) -> str:
     return format_size(row.done) if row.done else ""
 
 
-def _bytes(row: Row) -> str:
+def byte_counts(row: Row) -> str:
+    """``written 34.1/58.5 MiB``: the pass's bytes, named when the row says which pass."""
     if row.total is None or not row.bar:
         return ""
-    return f"{format_size(row.done)}/{format_size(row.total)}"
+    done, total = format_size(row.done), format_size(row.total)
+    if not row.pass_word:
+        return f"{done}/{total}"
+    number, _, unit = done.partition(" ")
+    if unit and total.endswith(" " + unit):  # one unit for both: "34.1/58.5 MiB"
+        done = number
+    return f"{row.pass_word} {done}/{total}"
 
 
 def _cut(text: str, width: int) -> str:
@@ -99,6 +109,8 @@ def _bar(row: Row, width: int) -> Line:
     style = row.style or "bar.complete"
     if not row.bar or width <= 0:
         return (Piece(" " * max(width, 0)),)
+    if row.fraction is None and not row.moving:  # unknown total, ended: an empty bar
+        return (Piece("─" * width, "bar.back"),)
     if row.fraction is None:  # unknown total: a short segment moving along the bar
         seg = max(1, width // 5)
         start = row.pulse % max(1, width)
@@ -119,22 +131,47 @@ def fit_height(blocks: Sequence[Sequence[Line]], finished: Sequence[bool], heigh
                ) -> tuple[list[Sequence[Line]], int]:
     """The rows that fit in ``height`` lines, and how many finished rows were left out.
 
-    Finished rows go first, oldest first: the drives being written (and the newest arrivals
-    in a duplicator session) stay on screen; the table at the end lists every drive.
+    Finished rows go first, oldest first; rows still being worked on are never left out (see
+    :func:`fold` for the live view's rules, which also keep failed rows).
     """
-    keep = list(range(len(blocks)))
-    used = sum(len(b) for b in blocks)
-    dropped = 0
-    for i in range(len(blocks)):
-        if used <= height:
+    kept, folded = fold(blocks, ["ok" if f else "keep" for f in finished], height)
+    return kept, folded.get("ok", 0)
+
+
+#: What a row is to the fold: shown whatever happens, folded first, or folded last.
+KEEP, OK, BUSY = "keep", "ok", "busy"
+
+
+def fold(blocks: Sequence[Sequence[Line]], kinds: Sequence[str], height: int
+         ) -> tuple[list[Sequence[Line]], dict[str, int]]:
+    """The rows that fit in ``height`` lines (one of them the line that counts the others).
+
+    A row that ended ok (``OK``) folds first, oldest first: it has nothing more to say, and
+    the table at the end lists it.  A failed or cancelled row and the image (``KEEP``) never
+    fold; when they and the rows still at work do not fit, their detail lines are cut to one,
+    then rows at work (``BUSY``) fold from the bottom.  Returns the kept blocks, in order, and
+    how many of each kind were folded.
+    """
+    shown: list[list[Line] | None] = [list(b) for b in blocks]
+    folded: dict[str, int] = {}
+
+    def over() -> bool:
+        used = sum(len(b) for b in shown if b is not None)
+        return used + bool(folded) > height
+
+    order = [i for i, k in enumerate(kinds) if k == OK] + [None]
+    order += [i for i in reversed(range(len(kinds))) if kinds[i] == BUSY]
+    for i in order:
+        if not over():
             break
-        if finished[i]:
-            keep.remove(i)
-            used -= len(blocks[i])
-            if dropped == 0:
-                used += 1  # the line saying how many are left out
-            dropped += 1
-    return [blocks[i] for i in keep], dropped
+        if i is None:  # before a row at work goes: details shortened to one line
+            for block in shown:
+                if block is not None:
+                    del block[2:]
+            continue
+        shown[i] = None
+        folded[kinds[i]] = folded.get(kinds[i], 0) + 1
+    return [b for b in shown if b is not None], folded
 
 
 @dataclass(frozen=True)
@@ -167,7 +204,7 @@ COLUMNS: tuple[Column, ...] = (
     Column("label", lambda r: r.label, lambda r: "dim", most=MAX_LABEL),
     Column("bar", lambda r: "", kept=True),
     Column("amount", lambda r: _amount(r), right=True, least=4, kept=True),
-    Column("nbytes", lambda r: _bytes(r), right=True),
+    Column("nbytes", lambda r: byte_counts(r), right=True),
     Column("speed", lambda r: r.speed, right=True),
     Column("eta", lambda r: r.eta, right=True),
     Column("state", lambda r: r.state, lambda r: r.style, kept=True),
@@ -195,10 +232,11 @@ MIN_NAME = 8
 class _Plan:
     """The columns' texts and widths for a set of rows at one width (0: not shown)."""
 
-    def __init__(self, rows: Sequence[Row], width: int) -> None:
+    def __init__(self, rows: Sequence[Row], width: int, floors: dict[str, int]) -> None:
         self.width = width
         self.cells = {c.key: [c.cell(r) for r in rows] for c in COLUMNS}
-        self.natural = {c.key: _widest(self.cells[c.key], c) for c in COLUMNS}
+        self.natural = {c.key: max(_widest(self.cells[c.key], c), floors.get(c.key, 0))
+                        for c in COLUMNS}
         self.widths = {c.key: self.natural[c.key] if c.key in ESSENTIAL else 0
                        for c in COLUMNS}
         longs = [_long(r) for r in rows]
@@ -244,17 +282,20 @@ def _widest(texts: Sequence[str], column: Column) -> int:
     return widest if column.most is None else min(column.most, widest)
 
 
-def layout_rows(rows: Sequence[Row], width: int) -> list[list[Line]]:
+def layout_rows(rows: Sequence[Row], width: int, floors: dict[str, int] | None = None
+                ) -> list[list[Line]]:
     """Each row as one line of at most ``width`` cells, plus its detail's lines when needed.
 
     Always kept, in this order: name, state, bar, percent (or bytes), speed, ETA.  The port,
     byte counts and the drive's label come and go with the width (the table ``FITS`` says
     how); the detail sits beside the state when there is room and goes under the row when
     not.  The columns are aligned across rows; nothing is ever wider than ``width``.
+    ``floors`` are the least widths of columns (a live view keeps its columns from frame to
+    frame: a speed that comes and goes does not move the bar).
     """
     if not rows:
         return []
-    plan = _Plan(rows, max(width, 20))
+    plan = _Plan(rows, max(width, 20), floors or {})
     for fit in FITS:
         plan.apply(fit)
     bar_w = max(0, plan.bar())

@@ -19,6 +19,18 @@ SECTOR = 512
 #: How much of the (decoded) image to look at: btrfs keeps its magic at 64 KiB + 64.
 HEAD_SIZE = 72 * 1024
 
+#: How much of an ISO without a boot record to search for a Windows installer's files: its
+#: directories (ISO 9660 and UDF) sit in the first few MiB.
+ISO_SCAN = 8 << 20
+
+#: The names a Windows installer's image is found by: ISO 9660 (upper case, ";1"), UDF
+#: (OSTA compressed unicode, 8 or 16 bits per character).
+_WINDOWS_NAMES = tuple(
+    form for name in ("install.wim", "install.esd")
+    for form in (name.upper().encode() + b";1", b"\x08" + name.encode(),
+                 b"\x10" + name.encode("utf-16-be"))
+)
+
 #: Bytes that text files hold besides printable characters: tab, newlines, form feed, escape.
 _TEXT_CONTROLS = frozenset(b"\t\n\r\f\v\x1b")
 
@@ -68,6 +80,22 @@ _NOT_RAW: tuple[tuple[int, bytes, str, str], ...] = (
 
 def _at(head: bytes, offset: int, magic: bytes) -> bool:
     return head[offset:offset + len(magic)] == magic
+
+
+def _optical_only(head: bytes) -> bool:
+    """An ISO 9660 or UDF image without a hybrid boot record (no MBR, no GPT): made for a
+    CD or DVD, where firmware boots it through El Torito; written raw, a USB stick may not."""
+    return signature(head) in ("ISO 9660", "UDF")
+
+
+def needs_more(head: bytes) -> bool:
+    """Whether the verdict needs :data:`ISO_SCAN` bytes rather than :data:`HEAD_SIZE`."""
+    return _optical_only(head)
+
+
+def _windows_installer(head: bytes) -> bool:
+    lowered = head.lower()
+    return any(name.lower() in lowered for name in _WINDOWS_NAMES)
 
 
 def signature(head: bytes) -> str | None:
@@ -149,5 +177,12 @@ def check(head: bytes, size: int | None, name: str) -> Verdict:
     if signature(head) is None:
         return Verdict(note=f"{name} has no partition table, ISO 9660 or file system signature "
                             "at its start: make sure it is a disk image")
+    if _optical_only(head):
+        if _windows_installer(head):
+            return Verdict(refusal=f"{name} is a Windows installer ISO, which does not boot "
+                                   "when written as it is: make the stick with Rufus, "
+                                   "WoeUSB or Microsoft's Media Creation Tool")
+        return Verdict(note=f"{name} is an ISO without a hybrid boot record (no MBR or GPT): "
+                            "it may not boot from USB")
     return Verdict()
 

@@ -16,6 +16,14 @@ from contextlib import contextmanager
 from types import FrameType
 
 HANDLED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+#: Run before a second signal quits at once (os._exit skips atexit): a terminal set back.
+AT_QUIT: list[Callable[[], None]] = []
+
+
+def say_on_stderr(text: str) -> None:
+    """``popsicle-py: TEXT`` on stderr from a signal handler: one write call, no locks."""
+    with contextlib.suppress(OSError):
+        os.write(2, f"popsicle-py: {text}\n".encode())
 
 
 def stopping_words(signum: int, *, idle: bool = False) -> str:
@@ -57,6 +65,9 @@ class Cancellation:
 
     def _handler(self, signum: int, frame: FrameType | None) -> None:
         if self._event.is_set():  # asked twice: out now, as the user (or systemd) insists
+            for undo in AT_QUIT:
+                with contextlib.suppress(Exception):
+                    undo()
             os._exit(128 + signum)
         first = not self._event.is_set()
         # Set before saying so: a second Ctrl-C can run this handler again, nested, as soon

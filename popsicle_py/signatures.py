@@ -14,6 +14,7 @@ import subprocess
 import tempfile
 from collections.abc import Callable
 
+from popsicle_py.files import create_regular
 from popsicle_py.images import ImageError
 
 __all__ = ["SIDECAR_LIMIT", "SIGNATURE_SUFFIXES", "check_signature", "read_local"]
@@ -23,7 +24,7 @@ SIDECAR_LIMIT = 16 << 20
 SIGNATURE_SUFFIXES = (".gpg", ".sign", ".asc", ".sig")
 
 
-def _signature_check(name: str, data: bytes, signature: bytes, keyring: str) -> None:
+def _signature_check(name: str, data: bytes, signature: bytes | None, keyring: str) -> None:
     """gpgv against the user's keyring only (an empty GNUPGHOME: no other trusted keys)."""
     if shutil.which("gpgv") is None:
         raise ImageError("--keyring needs gpgv, which is not installed (apt install gpgv)")
@@ -31,12 +32,14 @@ def _signature_check(name: str, data: bytes, signature: bytes, keyring: str) -> 
         raise ImageError(f"--keyring {keyring}: no such file")
     with tempfile.TemporaryDirectory(prefix="popsicle-py-gpgv-") as home:
         sums, sig = os.path.join(home, "sums"), os.path.join(home, "sums.sig")
-        with open(sums, "wb") as f:
+        with create_regular(sums, exclusive=True) as f:
             f.write(data)
-        with open(sig, "wb") as f:
-            f.write(signature)
+        if signature is not None:
+            with create_regular(sig, exclusive=True) as f:
+                f.write(signature)
+        files = [sig, sums] if signature is not None else [sums]  # clearsigned: the file itself
         try:
-            proc = subprocess.run(["gpgv", "--keyring", os.path.abspath(keyring), sig, sums],
+            proc = subprocess.run(["gpgv", "--keyring", os.path.abspath(keyring), *files],
                                   capture_output=True, text=True, timeout=60,
                                   env={**os.environ, "GNUPGHOME": home}, check=False)
         except (OSError, subprocess.TimeoutExpired) as exc:
@@ -48,12 +51,16 @@ def _signature_check(name: str, data: bytes, signature: bytes, keyring: str) -> 
 
 
 def check_signature(source: str, read: Callable[[str], bytes | None], keyring: str) -> str:
-    """Verify the detached signature next to ``source``; returns the signature's name."""
+    """Verify the detached signature next to ``source``, or its own when it is clearsigned;
+    returns the signature's name."""
     if not os.path.isfile(keyring):  # said first: a missing keyring is not a missing signature
         raise ImageError(f"--keyring {keyring}: no such file")
     data = read(source)
     if data is None:
         raise ImageError(f"checksum file {source} cannot be read again to check its signature")
+    if data.startswith(b"-----BEGIN PGP SIGNED MESSAGE-----"):  # Fedora's CHECKSUM
+        _signature_check(source, data, None, keyring)
+        return source
     for suffix in SIGNATURE_SUFFIXES:
         signature = read(source + suffix)
         if signature is not None:

@@ -52,7 +52,14 @@ CALL_TIMEOUT = 25.0  # D-Bus' own default
 AGENT_START_TIMEOUT = 10.0
 
 #: udisks' option (false is its default, said anyway): polkit may ask the user for a password.
-INTERACTIVE: dict[str, tuple[str, Any]] = {"auth.no_user_interaction": ("b", False)}
+#: D-Bus values as jeepney gives them: (signature, value), the value of any D-Bus type; a
+#: message body; an interface's properties; GetManagedObjects' answer.
+Variant = tuple[str, Any]
+Body = tuple[Any, ...]
+Props = dict[str, Variant]
+Objects = dict[str, dict[str, Props]]
+
+INTERACTIVE: Props = {"auth.no_user_interaction": ("b", False)}
 
 NEEDS_ROOT = ("writing drives needs root: run with sudo, or install udisks2 so popsicle-py "
               "can ask for permission")
@@ -92,7 +99,7 @@ class BlockObject:
 # Pure decisions
 
 
-def block_for_devnum(objects: dict[str, dict[str, dict[str, tuple[str, Any]]]], devnum: int
+def block_for_devnum(objects: Objects, devnum: int
                      ) -> BlockObject | None:
     """The block object of ``GetManagedObjects``' answer whose device number is ``devnum``."""
     for path, interfaces in objects.items():
@@ -107,7 +114,7 @@ def block_for_devnum(objects: dict[str, dict[str, dict[str, tuple[str, Any]]]], 
     return None
 
 
-def _value(props: dict[str, tuple[str, Any]] | None, name: str) -> Any:
+def _value(props: Props | None, name: str) -> Any:
     if not props or name not in props:
         return None
     return props[name][1]
@@ -133,7 +140,7 @@ def errno_of(message: str) -> int | None:
 def describe_refusal(name: str, message: str, what: str, path: str) -> OSError:
     """The error for a udisks error reply: polkit's refusals as one line (:class:`UdisksError`),
     the kernel's refusals as a plain OSError with their errno, which
-    :func:`popsicle_py.blockdev.describe_error` words as for root (busy, read-only...).
+    :func:`popsicle_py.failures.describe_error` words as for root (busy, read-only...).
 
     ``what`` is the verb ("open", "unmount", "power off").
     """
@@ -193,9 +200,9 @@ class Client:
 
     # Calls.
     def call(self, path: str, interface: str, method: str, signature: str = "",
-             body: tuple[Any, ...] = (), *, interactive: bool = False,
+             body: Body = (), *, interactive: bool = False,
              cancel: Callable[[], bool] | None = None, what: str = "use",
-             shown: str = "") -> tuple[Any, ...]:
+             shown: str = "") -> Body:
         """A method call on udisks; raises :class:`UdisksError` with one line.
 
         An interactive call may wait for a password as long as the user takes; it is polled
@@ -223,10 +230,10 @@ class Client:
                 continue
             return _unwrap(reply, what, shown or path)
 
-    def managed_objects(self) -> dict[str, dict[str, dict[str, tuple[str, Any]]]]:
+    def managed_objects(self) -> Objects:
         body = self.call(ROOT_PATH, "org.freedesktop.DBus.ObjectManager", "GetManagedObjects",
                          what="list drives with", shown="udisks2")
-        objects: dict[str, dict[str, dict[str, tuple[str, Any]]]] = body[0]
+        objects: Objects = body[0]
         return objects
 
     def block(self, devnum: int, shown: str) -> BlockObject:
@@ -235,7 +242,7 @@ class Client:
             raise UdisksError(errno.ENODEV, f"{shown}: udisks2 does not know this drive")
         return found
 
-    def _with_agent(self, attempt: Callable[[], tuple[Any, ...]]) -> tuple[Any, ...]:
+    def _with_agent(self, attempt: Callable[[], Body]) -> Body:
         """Run a call; if polkit wants a password and nobody can ask, start a text agent
         on the terminal (if there is one) and run it once more."""
         try:
@@ -251,7 +258,7 @@ class Client:
         block = self.block(devnum, shown)
         options = {"flags": ("i", flags), **INTERACTIVE}
 
-        def attempt() -> tuple[Any, ...]:
+        def attempt() -> Body:
             return self.call(block.object_path, BLOCK, "OpenDevice", "sa{sv}",
                              (mode, options), interactive=True, cancel=cancel, what="open",
                              shown=shown)
@@ -274,7 +281,7 @@ class Client:
         """Filesystem.Unmount of one mounted block device (a partition, usually)."""
         block = self.block(devnum, shown)
 
-        def attempt() -> tuple[Any, ...]:
+        def attempt() -> Body:
             return self.call(block.object_path, FILESYSTEM, "Unmount", "a{sv}", (INTERACTIVE,),
                              interactive=True, cancel=cancel, what="unmount", shown=shown)
 
@@ -287,7 +294,7 @@ class Client:
         if block.drive in ("", "/"):
             raise UdisksError(errno.ENODEV, f"{shown}: udisks2 knows no drive to power off")
 
-        def attempt() -> tuple[Any, ...]:
+        def attempt() -> Body:
             return self.call(block.drive, DRIVE, "PowerOff", "a{sv}", (INTERACTIVE,),
                              interactive=True, cancel=cancel, what="power off", shown=shown)
 
@@ -341,14 +348,14 @@ class Client:
             agent.wait()
 
 
-def _unwrap(reply: Message, what: str, shown: str) -> tuple[Any, ...]:
+def _unwrap(reply: Message, what: str, shown: str) -> Body:
     if reply.header.message_type == MessageType.error:
         name = str(reply.header.fields.get(HeaderFields.error_name, ""))
         message = str(reply.body[0]) if reply.body else name
         if name.endswith((".ServiceUnknown", ".NameHasNoOwner", ".NoReply")):
             raise UdisksError(errno.ENOENT, f"udisks2 is not running ({message})", name)
         raise describe_refusal(name, message, what, shown)
-    body: tuple[Any, ...] = reply.body
+    body: Body = reply.body
     return body
 
 

@@ -60,16 +60,40 @@ def strip_device(text: str | None, device: str) -> str | None:
     return text
 
 
-def summary_line(summary: events.Summary) -> str:
+def summary_line(summary: events.Summary, *, names: bool = True) -> str:
+    """The run in one line; with ``names``, the drives that did not end ok and why."""
     good = sum(r.ok for r in summary.results)
     total = len(summary.results)
     if not total:
         return "cancelled: no drive was written" if summary.cancelled else "no drive was written"
     if summary.ok:
         return f"done: {good} of {total} drives ok"
-    if summary.cancelled:
-        return f"cancelled: {good} of {total} drives ok"
-    return f"finished with problems: {good} of {total} drives ok"
+    said = f"cancelled: {good} of {total} drives ok" if summary.cancelled \
+        else f"finished with problems: {good} of {total} drives ok"
+    return f"{said}; {not_ok(summary)}" if names and good < total else said
+
+
+#: How many drives the last line names; the table (or the result lines) has the others.
+NAMED = 8
+_CAUSE_WORDS = {events.Cause.IO_ERROR: "I/O error", events.Cause.NO_SPACE: "no space left",
+                events.Cause.READ_ONLY: "read-only", events.Cause.SOURCE: "the image failed"}
+
+
+def cause_words(r: events.DriveResult) -> str:
+    """A few words for why a drive is not ok: ``failed (no space left)``."""
+    if r.status == events.Status.CANCELLED or r.cause is None:
+        return str(r.status)
+    why = _CAUSE_WORDS.get(r.cause, r.cause.value.replace("-", " "))
+    return f"{r.status} ({why})"
+
+
+def not_ok(summary: events.Summary) -> str:
+    """``not ok: #3 /dev/sdd failed (no space left), /dev/sde invalid (counterfeit)``."""
+    bad = [r for r in summary.results if not r.ok]
+    named = [f"{'' if r.drive is None or r.drive.seq is None else f'#{r.drive.seq} '}"
+             f"{r.device} {cause_words(r)}" for r in bad[:NAMED]]
+    more = f" and {len(bad) - NAMED} more" if len(bad) > NAMED else ""
+    return f"not ok: {', '.join(named)}{more}"
 
 
 def speeds(tracker: progress.DriveProgress | None) -> str:

@@ -11,15 +11,14 @@ import json
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable
 from typing import IO
 
 from rich.console import Console, ConsoleOptions, Group, RenderResult
-from rich.live import Live
-from rich.table import Table
 from rich.text import Text
 
-from popsicle_py import events, progress, rows, verdicts
+from popsicle_py import events, live, progress, verdicts
+from popsicle_py.signals import say_on_stderr
 from popsicle_py.units import format_size
 from popsicle_py.verdicts import ok_words as ok_words  # its old home: callers import it here
 
@@ -70,12 +69,6 @@ class Out:
         self.write("")
 
 
-def say_on_stderr(text: str) -> None:
-    """``popsicle-py: TEXT`` on stderr from a signal handler: one write call, no locks."""
-    with contextlib.suppress(OSError):
-        os.write(2, f"popsicle-py: {text}\n".encode())
-
-
 def write_out(text: str, stream: IO[str] | None = None) -> None:
     """Write one line or more to stdout (or ``stream``); a reader that left is no error."""
     Out(stream).write(text)
@@ -117,6 +110,7 @@ class PlainView:
         self.interval = interval
         self._last: dict[str | None, float] = {}
         self._trackers: dict[str, progress.DriveProgress] = {}  # for the average speeds
+        self._probed: dict[str, str] = {}  # a probe's verdict, said once
 
     def _line(self, text: str) -> None:
         self.out.write(text + "\n")
@@ -144,6 +138,7 @@ class PlainView:
             case events.Note(text=text):
                 self._line(text)
             case events.Probed(device=device, message=message, elapsed=elapsed):
+                self._probed[device] = message
                 self._line(f"{device}: {message} ({elapsed:.2f} s)")
             case events.Phase(device=device, phase="done", detail=events.POWERED_OFF):
                 self._line(f"{device}: powered off; it can be pulled")
@@ -162,6 +157,10 @@ class PlainView:
                            f"{format_size(total)}{percent}")
             case events.Result(result=r):
                 tracker = self._trackers.pop(r.device, None)
+                probed = self._probed.pop(r.device, None)
+                if r.ok and probed and not (r.bytes_written or r.bytes_skipped or r.verified):
+                    self._line(f"{r.device}: ok ({probed}){verdicts.identity(r)}")
+                    return
                 self._line(verdicts.result_line(r, verdicts.speeds(tracker) if r.ok else ""))
             case events.Summary():
                 self._line(verdicts.summary_line(event))
@@ -183,85 +182,12 @@ class PlainView:
 
 
 # ----------------------------------------------------------------------------------------------
-# Live rows (flash, verify and watch on a terminal)
+# Live rows (flash, verify and watch on a terminal): see popsicle_py.live
 
-_STYLES = {"done": "green", "written": "green", "checked": "green", "ready": "green",
-           "failed": "red", "invalid": "red", "cancelled": "yellow", "ignored": "dim"}
-
-
-class _DriveRow:
-    """One row on screen: a drive's identity, its progress, and what it says now."""
-
-    def __init__(self, name: str, tracker: progress.DriveProgress, port: str = "",
-                 label: str = "") -> None:
-        self.name, self.port, self.label = name, port, label
-        self.tracker = tracker
-        self.state = "waiting"
-        self.long = ""  # the state with its detail, when there is room for it on the row
-        self.detail = ""  # the detail on its own line under the row
-        self.bar = True
-
-    def say(self, state: str, detail: str = "", long: str = "") -> None:
-        """``long`` is the row's words when they fit (default ``state: detail``)."""
-        self.state, self.detail = state, detail
-        self.long = long or (f"{state}: {detail}" if detail else "")
-
-    @property
-    def final(self) -> bool:
-        return self.tracker.ended is not None or self.state == "ignored"
-
-    def snapshot(self, now: float) -> rows.Row:
-        t = self.tracker
-        speed = eta = ""
-        if t.ended == "ok":
-            speed, eta = rows.format_speed(t.average_speed), "avg" if t.average_speed else ""
-        elif t.ended is None and self.state != "ignored" and t.phase is not None:
-            speed, eta = rows.format_speed(t.speed(now)), rows.format_eta(t.eta(now))
-        fraction = t.fraction
-        if t.ended is not None and t.ended != "ok" and fraction is None:
-            fraction = 0.0  # a failed drive of unknown size: no pulse, nothing to expect
-        return rows.Row(name=self.name, state=self.state, port=self.port, label=self.label,
-                        fraction=fraction if self.bar else 0.0, done=t.pass_done,
-                        total=t.pass_size, speed=speed, eta=eta, detail=self.detail,
-                        long=self.long,
-                        style=_STYLES.get(self.state, ""), bar=self.bar,
-                        pulse=int(now * 10))
-
-
-class _Rows:
-    """The live rows as a Rich renderable, laid out anew for the console's width each time."""
-
-    def __init__(self, reserve: int = 1) -> None:
-        self.rows: list[_DriveRow] = []
-        self.footer = ""  # "SIGINT: stopping every drive...", set from a signal handler
-        self.reserve = reserve  # lines the rest of the screen needs (header, next step)
-
-    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
-        now = time.monotonic()
-        blocks: list[Sequence[rows.Line]] = list(
-            rows.layout_rows([r.snapshot(now) for r in self.rows], options.max_width))
-        height = max(3, (options.height or console.height) - self.reserve - bool(self.footer))
-        blocks, dropped = rows.fit_height(blocks, [r.final for r in self.rows], height)
-        if dropped:  # the oldest finished rows; the table at the end lists every drive
-            yield Text(f"(+{dropped} finished drive{'s' if dropped > 1 else ''}, listed at "
-                       "the end)", style="dim", no_wrap=True, overflow="ellipsis")
-        for line in (line for block in blocks for line in block):
-            text = Text(no_wrap=True, overflow="crop")
-            for piece in line:
-                text.append(piece.text, piece.style or None)
-            yield text
-        if self.footer:
-            yield Text(self.footer, style="yellow")
-
-
-def _drive_names(info: events.DriveInfo | None) -> tuple[str, str]:
-    """(port, label) of a drive for its row."""
-    if info is None:
-        return "", ""
-    vendor, model = info.vendor, info.model
-    if vendor and model.lower().startswith(vendor.lower()):
-        vendor = ""
-    return info.port_path or "", " ".join(p for p in (vendor, model) if p)
+_DriveRow = live.DriveRow  # their old names, for code that reaches for them here
+_Rows = live.Board
+_drive_names = live.drive_names
+summary_table = live.summary_table
 
 
 class RichView:
@@ -269,6 +195,8 @@ class RichView:
 
     The bar is the drive's whole job (written plus verified bytes, see :mod:`popsicle_py.rows`),
     so it only moves forward.  An error goes under its row, not over the others' numbers.
+    The image has its row on top when there is news of it: its checksum, or its download
+    (bytes received, stalled, resuming, failed, and "checked" only once a checksum matched).
     """
 
     def __init__(self, console: Console | None = None, labels: dict[str, str] | None = None,
@@ -278,27 +206,34 @@ class RichView:
         self.writes = writes
         self.verifies = True
         self.size: int | None = None
-        self.board = _Rows()
-        self.by_device: dict[str | None, _DriveRow] = {}
-        self.live = Live(self.board, console=self.console, refresh_per_second=4,
-                         redirect_stdout=False, redirect_stderr=False)
+        self.board = live.Board()
+        self.by_device: dict[str | None, live.DriveRow] = {}
+        self.probed: dict[str, str] = {}  # a probe's verdict, for the table's details
+        self.live = live.live_region(self.board, self.console)
         self.started = False
         self.closed = False
+        self._undo_keys: Callable[[], None] = lambda: None
 
-    def _row(self, device: str | None, info: events.DriveInfo | None = None) -> _DriveRow:
+    def _row(self, device: str | None, info: events.DriveInfo | None = None) -> live.DriveRow:
         row = self.by_device.get(device)
         if row is None:
-            if device is None:  # the image (its checksum)
-                row = _DriveRow("image", progress.DriveProgress(writes=True, verifies=False))
+            if device is None:  # the image (its checksum, its download)
+                row = live.DriveRow("image", progress.DriveProgress(writes=True, verifies=False))
             else:
-                port, label = _drive_names(info)
-                row = _DriveRow(device, progress.DriveProgress(writes=self.writes,
-                                                           verifies=self.verifies,
-                                                           size=self.size),
-                                port, label or self.labels.get(device, ""))
+                port, label = live.drive_names(info)
+                row = live.DriveRow(device, progress.DriveProgress(writes=self.writes,
+                                                                   verifies=self.verifies,
+                                                                   size=self.size),
+                                    port, label or self.labels.get(device, ""))
             self.by_device[device] = row
-            self.board.rows.append(row)
+            self.board.add(row)
         return row
+
+    def _start(self) -> None:
+        self.live.start()
+        self.started = True
+        if self.console.is_terminal:
+            self._undo_keys = live.quiet_keys()
 
     def handle(self, event: events.WatchEvent) -> None:
         if self.closed:
@@ -307,8 +242,7 @@ class RichView:
             self.console.print(event.text)  # before any row: no live display to start yet
             return
         if not self.started and not isinstance(event, events.Summary):
-            self.live.start()
-            self.started = True
+            self._start()
         now = time.monotonic()
         match event:
             case events.Started(devices=devices, size=size, verify=verify, drives=infos):
@@ -318,10 +252,17 @@ class RichView:
             case events.Note(text=text):
                 self.live.console.print(text)
             case events.Probed(device=device, message=message):
+                self.probed[device] = message
                 self.live.console.print(f"{device}: {message}")
-            case events.Phase(device=device, phase=phase, detail=detail):
+            case events.Phase(device=None, phase=phase, detail=detail):
+                row = self._row(None)
+                row.tracker.on_phase(phase, now)
+                row.source = detail or ""
+                row.say(phase)
+            case events.Phase(device=str(device), phase=phase, detail=detail):
                 image = self.by_device.get(None)
-                if device is not None and image is not None and image.tracker.ended is None:
+                if image is not None and image.tracker.ended is None \
+                        and image.tracker.phase == "checksum":
                     image.tracker.on_end("ok", now)  # the drives start once it checked out
                     image.say("checked")
                 row = self._row(device)
@@ -330,66 +271,65 @@ class RichView:
                 row.tracker.on_phase(phase, now)
                 row.say("repairing" if detail == "repairing" else phase)
             case events.Progress(device=device, phase=phase, done=done, total=total):
-                self._row(device).tracker.on_progress(phase, done, total, now)
+                self._row(device).progressed(phase, done, total, now)
+            case events.Download():
+                self._row(None).hear(event, now)
             case events.Result(result=r):
                 self._end(self._row(r.device, r.drive), r, now)
             case events.Summary():
+                self._stop_image(now, event)
                 self.close()
-                self.console.print(summary_table(event))
+                self.console.print(summary_table(event, self._verdicts(event)))
+                if not event.ok and event.results and not all(r.ok for r in event.results):
+                    self.console.print(verdicts.not_ok(event), highlight=False, soft_wrap=True)
+
+    def _stop_image(self, now: float, summary: events.Summary) -> None:
+        """A run that ended while the image was still read: its row keeps its numbers."""
+        image = self.by_device.get(None)
+        if image is not None and image.tracker.ended is None:
+            word = "cancelled" if summary.cancelled else "stopped"
+            image.tracker.on_end(word, now)
+            image.say(word)
+
+    def _verdicts(self, summary: events.Summary) -> dict[str, str]:
+        """A probe's verdict in the table, not "nothing to write"."""
+        return {r.device: self.probed[r.device] for r in summary.results
+                if r.ok and r.device in self.probed and not r.bytes_written
+                and not r.bytes_skipped and not r.verified}
 
     def announce(self, text: str) -> None:
         """Say "stopping" inside the live display (called from a signal handler)."""
         self.board.footer = text
 
-    def _end(self, row: _DriveRow, r: events.DriveResult, now: float) -> None:
-        row.tracker.on_end(r.status, now, r.bytes_written + r.bytes_skipped)
+    def _end(self, row: live.DriveRow, r: events.DriveResult, now: float) -> None:
+        row.tracker.on_end(r.status, now, r.bytes_written + r.bytes_skipped, r.elapsed)
         if r.drive is not None and not row.port:  # a job that named its drives only here
-            port, label = _drive_names(r.drive)
+            port, label = live.drive_names(r.drive)
             row.port, row.label = port, row.label or label
-        if r.ok and (r.verified or not self.writes):
+        if r.ok and r.device in self.probed and not r.bytes_written and not r.verified:
+            row.bar = False
+            row.say("ok", self.probed[r.device])
+        elif r.ok and (r.verified or not self.writes):
             row.say("done")
         elif r.ok:
             row.say("written", "not verified", "written (not verified)")
+        elif r.cause == events.Cause.SOURCE and self._image_failed():
+            row.say(r.status, "the image failed (its row says why)")
         else:
             why = verdicts.strip_device(r.error, r.device) or ""
             row.say(r.status, "" if why == r.status else why)
+
+    def _image_failed(self) -> bool:
+        image = self.by_device.get(None)
+        return image is not None and image.tracker.ended == "failed"
 
     def close(self) -> None:
         if self.started and not self.closed:
             self.live.refresh()
             self.live.stop()
+            self._undo_keys()
         self.closed = self.closed or self.started
         self.started = False
-
-
-def summary_table(summary: events.Summary) -> Table:
-    """The end of a run: one line per drive, with the words a person acts on."""
-    table = Table(title=verdicts.summary_line(summary), title_justify="left")
-    ports = any(r.drive is not None and r.drive.port_path for r in summary.results)
-    seqs = len(summary.results) > 1 and all(r.drive is not None and r.drive.seq is not None
-                                            for r in summary.results)
-    if seqs:
-        table.add_column("#", justify="right")
-    table.add_column("Drive", no_wrap=True)
-    if ports:
-        table.add_column("Port", no_wrap=True)
-    table.add_column("Result", no_wrap=True)
-    table.add_column("Written", justify="right", no_wrap=True)
-    table.add_column("Time", justify="right", no_wrap=True)
-    table.add_column("Details", overflow="fold", ratio=1)
-    styles = {"ok": "green", "failed": "red", "invalid": "red", "cancelled": "yellow"}
-    for r in summary.results:
-        details = verdicts.strip_device(r.error, r.device) or ""
-        if r.ok:
-            details = verdicts.ok_words(r) + verdicts.extras(r)
-        cells = [str(r.drive.seq)] if seqs and r.drive is not None else []
-        cells.append(r.device)
-        if ports:
-            cells.append((r.drive.port_path if r.drive is not None else None) or "")
-        cells += [f"[{styles.get(r.status, '')}]{r.status}", format_size(r.bytes_written),
-                  "" if r.elapsed is None else f"{r.elapsed:.1f} s", details]
-        table.add_row(*cells)
-    return table
 
 
 # ----------------------------------------------------------------------------------------------
@@ -441,15 +381,15 @@ class WatchView:
         self.console = console or Console(stderr=False)
         self.image, self.size, self.count = image, size, count
         self.verify = verify
-        self.board = _Rows(reserve=4)
+        self.board = live.Board(reserve=4)
         self.current: dict[str | None, _DriveRow] = {}  # each device's latest row
         self.failed_present: dict[str, str] = {}  # failed drives not pulled yet
         self.ok = self.failed = self.started_drives = 0
         self.watching = False
-        self.live = Live(self, console=self.console, refresh_per_second=4,
-                         redirect_stdout=False, redirect_stderr=False)
+        self.live = live.live_region(self, self.console)
         self.started = False
         self.closed = False
+        self._undo_keys: Callable[[], None] = lambda: None
 
     # What Live renders, again at every refresh.
     def __rich__(self) -> Group:
@@ -494,7 +434,7 @@ class WatchView:
                                                        size=self.size),
                             port, label or known)
         self.current[device] = row
-        self.board.rows.append(row)
+        self.board.add(row)
         return row
 
     def _row(self, device: str | None) -> _DriveRow:
@@ -506,6 +446,8 @@ class WatchView:
         if not self.started and not isinstance(event, events.Summary):
             self.live.start()
             self.started = True
+            if self.console.is_terminal:
+                self._undo_keys = live.quiet_keys()
         now = time.monotonic()
         match event:
             case events.Watching():
@@ -538,12 +480,15 @@ class WatchView:
                 if phase in ("done", "failed"):
                     return  # the result says how it ended
                 row.tracker.on_phase(phase, now)
+                row.source = detail or row.source if device is None else row.source
                 row.say("repairing" if detail == "repairing" else phase)
             case events.Progress(device=device, phase=phase, done=done, total=total):
-                self._row(device).tracker.on_progress(phase, done, total, now)
+                self._row(device).progressed(phase, done, total, now)
+            case events.Download():
+                self._row(None).hear(event, now)
             case events.Result(result=r):
                 row = self._row(r.device)
-                row.tracker.on_end(r.status, now, r.bytes_written + r.bytes_skipped)
+                row.tracker.on_end(r.status, now, r.bytes_written + r.bytes_skipped, r.elapsed)
                 if r.ok:
                     self.ok += 1
                     if r.verified:
@@ -566,5 +511,6 @@ class WatchView:
         if self.started and not self.closed:
             self.live.refresh()
             self.live.stop()
+            self._undo_keys()
         self.closed = self.closed or self.started
         self.started = False

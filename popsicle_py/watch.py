@@ -33,7 +33,6 @@ import tempfile
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import pyudev
 
@@ -49,6 +48,7 @@ from popsicle_py.events import (
     DriveInfo,
     DriveRemoved,
     DriveResult,
+    Event,
     Note,
     Phase,
     Progress,
@@ -258,7 +258,7 @@ class WatchSession:
                 return
             self._emit_to(event)
 
-    def _job_event(self, seen: _Seen, event: Any) -> None:
+    def _job_event(self, seen: _Seen, event: Event) -> None:
         """An event from a drive's FlashJob, as the session reports it.
 
         The job's own start and summary are the session's business.  A drive pulled before
@@ -269,8 +269,8 @@ class WatchSession:
         """
         if isinstance(event, (Started, Summary)):
             return
-        ends = isinstance(event, Phase) and event.phase in (Step.DONE, Step.FAILED)
-        if ends and event.device == seen.path and seen.result is None:
+        if (isinstance(event, Phase) and event.phase in (Step.DONE, Step.FAILED)
+                and event.device == seen.path and seen.result is None):
             seen.ended_removed = seen.removed.is_set() or event.cause is Cause.REMOVED
             if seen.ended_removed:
                 event = Phase(seen.path, Step.FAILED, removed_message(seen.path), Cause.REMOVED)

@@ -38,7 +38,7 @@ os.environ.setdefault("FUSE_LIBRARY_NAME", "fuse3")
 import mfusepy
 
 FAULT_NAMES = ("drop_writes_after", "wrap", "bad_write", "bad_write_times", "bad_read",
-               "flip_bit", "crawl", "hang")
+               "flip_bit", "crawl", "hang", "recent_after")
 NAME = "disk"
 
 
@@ -66,6 +66,7 @@ class FaultFS(mfusepy.Operations):  # type: ignore[misc]
         self.read_counts: dict[tuple[Any, ...], int] = {}
         self.fired: set[tuple[Any, ...]] = set()
         self.next_free = 0.0  # crawl: when the paced "drive" is free again
+        self.recent = b""  # recent_after: the most recent write's bytes
         self.reload()
         self.started = time.time_ns()
         threading.Thread(target=self._watch, daemon=True).start()
@@ -185,6 +186,13 @@ class FaultFS(mfusepy.Operations):  # type: ignore[misc]
         data = bytearray(size)
         for at, physical, n in self._pieces(faults, offset, size):
             data[at:at + n] = os.pread(self.store, n, physical).ljust(n, b"\0")
+        recent = faults.get("recent_after")
+        if recent is not None and offset + size > recent:
+            with self.lock:
+                last = self.recent
+            start = max(0, recent - offset)
+            if last:  # the most recent write, repeated over what is past the real size
+                data[start:] = (last * ((size - start) // len(last) + 1))[:size - start]
         flip = faults.get("flip_bit")
         if flip and offset <= flip[0] < offset + size:
             key = tuple(flip)
@@ -225,9 +233,11 @@ class FaultFS(mfusepy.Operations):  # type: ignore[misc]
                 raise OSError(errno.EIO, "bad block (transient)")
         self._pace(faults, offset, length)
         keep = length
-        drop = faults.get("drop_writes_after")
-        if drop is not None:
-            keep = max(0, min(length, drop - offset))
+        for past in (faults.get("drop_writes_after"), faults.get("recent_after")):
+            if past is not None:
+                keep = max(0, min(keep, past - offset))
+        with self.lock:
+            self.recent = bytes(data)
         for at, physical, n in self._pieces(faults, offset, keep):
             os.pwrite(self.store, data[at:at + n], physical)
         self._log(offset, length, "stored" if keep == length else

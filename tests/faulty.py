@@ -5,6 +5,9 @@ device on top (a stick that misbehaves).  Faults, all optional, offsets in bytes
 
 - ``drop_writes_after=OFF``: writes at or past OFF succeed but are not stored (dying stick);
 - ``wrap=M``: only M bytes stored, offsets taken modulo M (counterfeit capacity);
+- ``recent_after=R``: only R bytes stored; writes past R are dropped and reads past R return
+  the most recent write, wherever it went (a counterfeit whose controller answers unmapped
+  addresses from its write buffer);
 - ``bad_write=(start, end)``: writes touching [start, end) fail with EIO, forever;
 - ``bad_write_times=(start, end, k)``: they fail k times, then work (transient);
 - ``bad_read=(start, end)``: reads touching [start, end) fail with EIO;

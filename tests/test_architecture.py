@@ -1,8 +1,5 @@
-"""The package's shape: no import cycle, no module over 600 lines.
-
-Both are checked for the modules listed in OWNED; every other offender is printed (run with
-``-s`` to see it) but does not fail yet: the lead tightens the lists once the branches that
-move those modules apart are merged.
+"""The package's shape: no import cycle anywhere (lazy imports included), no module over 600
+lines, the layers in their order (the CLI above the application layer above the rest).
 """
 
 from __future__ import annotations
@@ -20,29 +17,10 @@ PACKAGE = ROOT / "popsicle_py"
 SCRIPT = ROOT / "bench" / "import_graph.py"
 MAX_LINES = 600
 
-#: Modules that must be on no import cycle and under MAX_LINES (blockdev: only its media
-#: identity section left it here; see KNOWN_EDGES and test_no_module_over_600_lines).
-OWNED = frozenset({
-    "popsicle_py.drives",
-    "popsicle_py.drives.model",
-    "popsicle_py.drives.rules",
-    "popsicle_py.drives.system",
-    "popsicle_py.drives.udev",
-    "popsicle_py.identity",
-    "popsicle_py.media",
-    "popsicle_py.plan",
-})
-
-#: Imports that still close a cycle, each with the change that removes it.  Leave them out of
-#: the graph for the OWNED check; the whole graph is printed with them.
-KNOWN_EDGES = frozenset({
-    # blockdev._mountpoints asks drives for mount points to word an EBUSY error: it leaves
-    # blockdev with the failure/describe_error section (issue 23, another branch).
-    ("popsicle_py.blockdev", "popsicle_py.drives"),
-    # errors imports engine.results for a type only (under TYPE_CHECKING), which runs
-    # engine/__init__ (it imports errors) were it ever executed.
-    ("popsicle_py.errors", "popsicle_py.engine"),
-})
+#: The drive layer and media identity: below the block devices, never importing them.
+BELOW_BLOCKDEV = ("popsicle_py.drives", "popsicle_py.drives.model", "popsicle_py.drives.rules",
+                  "popsicle_py.drives.system", "popsicle_py.drives.udev",
+                  "popsicle_py.identity", "popsicle_py.media")
 
 
 def _checker() -> ModuleType:
@@ -90,30 +68,53 @@ def test_importing_a_submodule_runs_its_package(tmp_path: Path) -> None:
     assert checker.cycles(checker.graph(package, parents=False)) == []
 
 
-def test_no_import_cycle_through_owned_modules() -> None:
-    checker = _checker()
+def test_no_import_cycle_anywhere() -> None:
     run = subprocess.run([sys.executable, str(SCRIPT)], capture_output=True, text=True,
                          check=False, cwd=ROOT)
-    print(run.stdout)  # the whole picture, known edges included
-    edges = {name: {t for t in targets if (name, t) not in KNOWN_EDGES}
-             for name, targets in checker.graph(PACKAGE).items()}
-    assert set(edges) >= OWNED, OWNED - set(edges)
-    on_cycles = {name for component in checker.cycles(edges) for name in component}
-    assert not OWNED & on_cycles, [c for c in checker.cycles(edges) if OWNED & set(c)]
+    assert run.returncode == 0, run.stdout
+    assert run.stdout.startswith("no import cycle among "), run.stdout
 
 
 def test_drive_layer_and_media_identity_sit_below_the_block_devices() -> None:
-    """blockdev may read media identity (and, until its failure wording moves, drives); they
-    never import it back, lazily or not."""
+    """blockdev may read media identity; the drive layer never imports it, lazily or not, and
+    blockdev never imports the drive layer (the words of its errors are composed above it)."""
     edges = _checker().graph(PACKAGE)
-    below = sorted(n for n in OWNED if n != "popsicle_py.plan")
-    assert [n for n in below if "popsicle_py.blockdev" in edges[n]] == []
+    assert [n for n in BELOW_BLOCKDEV if "popsicle_py.blockdev" in edges[n]] == []
     assert "popsicle_py.media" in edges["popsicle_py.blockdev"]
+    assert not {e for e in edges["popsicle_py.blockdev"] if e.startswith("popsicle_py.drives")}
 
 
-@pytest.mark.parametrize("module", sorted(OWNED))
-def test_owned_module_imports_alone(module: str) -> None:
-    """A module that is on no cycle imports first, in a fresh interpreter."""
+def test_the_cli_imports_only_the_app_layer_and_the_vocabulary() -> None:
+    """No image, drive, engine or block-device module under the CLI (issue 23): it parses,
+    confirms and picks a view; everything else goes through popsicle_py.app."""
+    edges = _checker().graph(PACKAGE, parents=False)
+    forbidden = ("popsicle_py.images", "popsicle_py.drives", "popsicle_py.engine",
+                 "popsicle_py.blockdev", "popsicle_py.remote", "popsicle_py.flash",
+                 "popsicle_py.watch", "popsicle_py.plan", "popsicle_py.probe",
+                 "popsicle_py.udisks", "popsicle_py.bmap", "popsicle_py.cache")
+    cli = {name: targets for name, targets in edges.items()
+           if name == "popsicle_py.cli" or name.startswith("popsicle_py.cli.")}
+    wrong = {name: sorted(t for t in targets if t.startswith(forbidden))
+             for name, targets in cli.items()}
+    assert {name: t for name, t in wrong.items() if t} == {}
+
+
+def test_no_job_imports_a_view() -> None:
+    """The app layer, the jobs and the report feed views; they never import one."""
+    edges = _checker().graph(PACKAGE, parents=False)
+    views = ("popsicle_py.view", "popsicle_py.rows", "popsicle_py.cli")
+    jobs = [n for n in edges if n.startswith(("popsicle_py.app", "popsicle_py.flash",
+                                              "popsicle_py.watch", "popsicle_py.report",
+                                              "popsicle_py.engine"))]
+    assert {n: sorted(t for t in edges[n] if t.startswith(views))
+            for n in jobs if any(t.startswith(views) for t in edges[n])} == {}
+
+
+@pytest.mark.parametrize("module", [*BELOW_BLOCKDEV, "popsicle_py.app", "popsicle_py.cli",
+                                    "popsicle_py.engine", "popsicle_py.images",
+                                    "popsicle_py.remote", "popsicle_py.failures"])
+def test_each_layer_imports_alone(module: str) -> None:
+    """A layer on no cycle imports first, in a fresh interpreter."""
     run = subprocess.run([sys.executable, "-c", f"import {module}"], cwd=ROOT,
                          capture_output=True, text=True, check=False)
     assert run.returncode == 0, run.stderr
@@ -122,7 +123,4 @@ def test_owned_module_imports_alone(module: str) -> None:
 def test_no_module_over_600_lines() -> None:
     lengths = {name: len(path.read_text().splitlines())
                for name, path in _checker().modules(PACKAGE).items()}
-    over = {name: n for name, n in sorted(lengths.items()) if n > MAX_LINES}
-    for name, n in over.items():
-        print(f"{name}: {n} lines (at most {MAX_LINES})")
-    assert not {name: n for name, n in over.items() if name in OWNED}
+    assert {name: n for name, n in sorted(lengths.items()) if n > MAX_LINES} == {}

@@ -12,10 +12,11 @@ from typing import Any
 
 import pytest
 
-from popsicle_py import BusVerifier, BusVerifierMessage, BusWriter, BusWriterMessage, blockdev
+from popsicle_py import BusVerifier, BusVerifierMessage, BusWriter, BusWriterMessage, failures
 from popsicle_py.blockdev import BlockDevice, OpenSpec, open_for_reading, open_for_writing
 from popsicle_py.buffers import aligned_buffer
 from popsicle_py.engine import read_full, write_all
+from popsicle_py.errors import Stalled, TooSmall
 from popsicle_py.events import Cause
 
 pytestmark = pytest.mark.root
@@ -156,7 +157,7 @@ def test_a_drive_whose_capacity_drops_to_zero_mid_write_was_removed(
     with pytest.raises(OSError) as info:
         write_all(device, memoryview(data(MIB, seed=1)))
     assert info.value.errno in (errno.ENOSPC, errno.EIO)
-    why = blockdev.failure(info.value, loop.path)
+    why = failures.failure(info.value, loop.path)
     assert why.cause is Cause.REMOVED
     assert why.text == f"{loop.path}: the drive was removed"
 
@@ -173,6 +174,9 @@ def test_a_drive_too_small_among_others(loop_factory: Callable[..., Any],
     assert [m.id for m in errored] == [0]
     assert errored[0].why.errno == errno.ENOSPC
     assert "image is larger than the drive" in str(errored[0].why)
+    why = failures.failure(errored[0].why, small.path)
+    assert why.cause is Cause.TOO_SMALL
+    assert why.text == f"{small.path}: image is larger than the drive"
     assert result[0].bytes_written == MIB and result[1].ok
     assert BusWriterMessage.Completed(1) in rec and BusWriterMessage.Completed(0) not in rec
     assert big.read(len(image)) == image
@@ -203,8 +207,20 @@ def test_verify_reads_the_device_back(loop_factory: Callable[..., Any],
 
 
 def test_busy_message_suggests_unmount_only_when_mounted() -> None:
-    mounted = blockdev.busy_message("/dev/sdb", ["/media/u/STICK"])
+    mounted = failures.busy_message("/dev/sdb", ["/media/u/STICK"])
     assert mounted == ("/dev/sdb: the drive is busy: mounted at /media/u/STICK; unmount it or "
                        "use --unmount")
-    held = blockdev.busy_message("/dev/sdb", [])
+    held = failures.busy_message("/dev/sdb", [])
     assert "--unmount" not in held and "`fuser -v /dev/sdb*`" in held
+
+
+def test_a_cause_comes_from_the_failure_s_type_not_its_words() -> None:
+    stalled = failures.failure(Stalled("stalled: no progress for 2 s"), "/dev/sdb")
+    assert stalled.cause is Cause.STALLED
+    assert stalled.text == "/dev/sdb: stalled: no progress for 2 s"
+    # The same words from elsewhere (a timeout of another kind) are no stall of the drive's.
+    timeout = failures.failure(OSError(errno.ETIMEDOUT, "stalled: no progress"), "/dev/sdb")
+    assert timeout.cause is Cause.ERROR
+    larger = failures.failure(OSError(errno.ENOSPC, "image is larger than the drive"), "/dev/null")
+    assert larger.cause is Cause.NO_SPACE
+    assert failures.failure(TooSmall(), "/dev/null").cause is Cause.TOO_SMALL

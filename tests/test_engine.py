@@ -589,7 +589,9 @@ def test_a_throttled_loop_device_does_not_hold_back_fast_ones(
     size = 2 << 20
     payload = data(size)
     loops = [loop_factory(4 << 20) for _ in range(3)]
-    throttle((loops[2], 1 << 20))(os.getpid())  # 1 MB/s: the slow one needs about 2 s
+    # 512 KiB/s: the slow one needs about 4 s, so the fast ones have 2 s (their 2 MiB, the
+    # laggard patience, a loaded machine) to finish before it is half-way.
+    throttle((loops[2], 1 << 19))(os.getpid())
     devices = [open_for_writing(OpenSpec(lp.path, lp.size)) for lp in loops]
     source = source_file(tmp_path, payload)
     rec = Recorder()

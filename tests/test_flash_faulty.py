@@ -83,8 +83,11 @@ def test_counterfeit_drive_fails_with_the_probe_message_and_the_healthy_one_is_o
     rc, events, stderr = flash(path, healthy.path, fake.path)
     assert rc == 1, stderr
     assert statuses(events) == {healthy.path: "ok", fake.path: "failed"}
+    fits = (f"; the image ({format_size(len(data))}) fits in what it holds: use --no-probe to"
+            " write it anyway") if len(data) <= real else ""
     assert result_of(events, fake.path)["error"] == (
-        f"{fake.path}: counterfeit: claims {format_size(GiB)}, holds about {format_size(real)}")
+        f"{fake.path}: counterfeit: claims {format_size(GiB)}, holds about {format_size(real)}"
+        + fits)
     assert result_of(events, fake.path)["cause"] == "counterfeit"
     assert_healthy(healthy, data)
     assert_failed_drive_has_no_image_head(fake, data)

@@ -132,7 +132,7 @@ def test_a_partitioned_image_passes_silently(tmp_path: Path, label: str) -> None
     assert verdict.refusal is None and verdict.note is None
 
 
-def test_an_iso_passes_silently(tmp_path: Path) -> None:
+def test_an_iso_without_a_boot_record_gets_a_note(tmp_path: Path) -> None:
     tool = shutil.which("xorriso") or shutil.which("genisoimage")
     if tool is None:
         pytest.skip("neither xorriso nor genisoimage is installed")
@@ -147,7 +147,8 @@ def test_an_iso_passes_silently(tmp_path: Path) -> None:
     head, _ = _head(image)
     assert head[32769:32774] == b"CD001"
     verdict = _verdict(image)
-    assert verdict.refusal is None and verdict.note is None
+    assert verdict.refusal is None
+    assert verdict.note is not None and "may not boot from USB" in verdict.note
 
 
 # ----------------------------------------------------------------------------------------------

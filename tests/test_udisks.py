@@ -25,7 +25,7 @@ import pytest
 import udisks_harness as harness
 from conftest import popsicle_cmd
 
-from popsicle_py import blockdev, udisks
+from popsicle_py import failures, udisks
 
 SIZE = 64 << 20
 IMAGE_SIZE = 3 * (1 << 20) + 4096 + 1000  # not a multiple of a bucket nor of a block
@@ -172,7 +172,7 @@ def test_the_block_object_is_chosen_by_device_number_not_by_name() -> None:
 def test_polkit_refusals_are_one_line_naming_the_drive(name: str, line: str) -> None:
     exc = udisks.describe_refusal(udisks.ERROR + name, "Not authorized to perform operation",
                                   "open", "/dev/sdb")
-    assert blockdev.describe_error(exc, "/dev/sdb") == line
+    assert failures.describe_error(exc, "/dev/sdb") == line
 
 
 def test_kernel_refusals_keep_their_errno_and_words() -> None:
@@ -182,7 +182,7 @@ def test_kernel_refusals_keep_their_errno_and_words() -> None:
                                    "Error opening device /dev/sdb: Device or resource busy",
                                    "open", "/dev/sdb")
     assert busy.errno == errno.EBUSY
-    assert blockdev.describe_error(busy, "/dev/sdb").startswith("/dev/sdb: the drive is busy")
+    assert failures.describe_error(busy, "/dev/sdb").startswith("/dev/sdb: the drive is busy")
     invalid = udisks.describe_refusal(udisks.ERROR + "Failed",
                                       "Error opening device /dev/sdb: Invalid argument",
                                       "open", "/dev/sdb")

@@ -336,7 +336,7 @@ def test_rows_in_tmux_keep_name_bar_and_percent_with_a_failed_drive(
     done = row_of(end, fast.path)
     assert done is not None
     ok_row = [ln for ln in end if ln.startswith(slow.path) and "100%" in ln]
-    assert ok_row and re.search(r"\d [kMG]i?B/s avg", ok_row[-1]), "a finished row's average speed"
+    assert ok_row and re.search(r"\d [kMG]i?B/s +avg", ok_row[-1]), "a finished row's average speed"
     assert slow.read(len(data)) == data and fast.read(len(data)) == data
 
 

@@ -38,6 +38,7 @@ class Served:
     later: Served | None = None  # served from the second request on (the file changed)
     status: int | None = None  # answer this status instead
     empty_206: bool = False  # a Range past the end gets an empty 206, not 416 (some servers)
+    refuse_from: int | None = None  # a Range from here on gets 503 (a server that broke)
 
     @property
     def size(self) -> int:
@@ -124,6 +125,9 @@ class _Handler(BaseHTTPRequestHandler):
             fresh = if_range is None or if_range in (f.etag, f.last_modified)
             if m and fresh:
                 start = int(m[1])
+                if f.refuse_from is not None and start >= f.refuse_from:
+                    self.send_error(503)
+                    return
                 if start >= size and f.empty_206:
                     self.send_response(206)
                     self.send_header("Content-Length", "0")

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 from popsicle_py.cache import Cache, CacheEntry
 from popsicle_py.drives import discover
+from popsicle_py.events import JsonObject
 from popsicle_py.ports import port_path_of
 
 
@@ -22,7 +22,7 @@ class DriveListing:
     mountpoints: tuple[str, ...]
     eligible: bool
     reason: str | None
-    json: dict[str, Any]
+    json: JsonObject
 
 
 def list_drives(*, include_all: bool = False) -> list[DriveListing]:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import ModuleType
@@ -23,8 +25,10 @@ from popsicle_py.images import (
     Checksum,
     Image,
     ImageError,
+    StdinImage,
     find_sidecar,
     open_image,
+    open_stdin,
     parse_checksum_option,
     read_head,
     verify_checksum,
@@ -43,6 +47,23 @@ def remote() -> ModuleType:
 def is_url(text: str) -> bool:
     """http:// and https:// addresses (what flash, watch and verify download)."""
     return text[:8].lower().startswith(("http://", "https://"))
+
+
+_SCHEME = re.compile(r"([a-zA-Z][a-zA-Z0-9+.-]*)://")
+
+
+def refuse_other_schemes(text: str) -> None:
+    """A URL of a scheme that is not downloaded (ftp://, file://, ...) is named as such,
+    rather than looked for as a file that does not exist."""
+    m = _SCHEME.match(text)
+    if m and not is_url(text) and not os.path.exists(text):
+        raise ImageError(f"{text}: {m[1]}:// URLs are not supported, only http:// and "
+                         "https:// URLs (download the image and give the file)")
+
+
+def is_stdin(text: str) -> bool:
+    """``-``: the image comes from standard input."""
+    return text == "-"
 
 
 @dataclass(frozen=True)
@@ -71,6 +92,14 @@ def open_source(options: SourceOptions) -> OpenedSource:
                                       ("--checksum", options.checksum)) if value]
     if options.no_checksum and given:
         raise Refused([f"--no-checksum and {given[0]} contradict each other; give one"])
+    refuse_other_schemes(options.image)
+    if is_stdin(options.image):
+        if options.keyring is not None:
+            raise ImageError("--keyring checks a published checksum file, and standard input "
+                             "has none beside it")
+        # Checked by the stream itself as it passes: it cannot be read a second time.
+        return OpenedSource(open_stdin(parse_checksum_option(options.sha256,
+                                                             options.checksum)), None)
     if is_url(options.image):
         cache = Cache() if cache_wanted(options.use_cache) else None
         opened = remote().open_url(options.image, sha256=options.sha256,
@@ -95,6 +124,9 @@ def open_source(options: SourceOptions) -> OpenedSource:
 
 def open_for_reading(image: str) -> Source:
     """The image ``verify`` compares with: streamed once like a flash, no checksum."""
+    refuse_other_schemes(image)
+    if is_stdin(image):
+        return open_stdin()
     if is_url(image):
         cache = Cache() if cache_wanted(None) else None
         image_: Source = remote().open_url(image, no_checksum=True, cache=cache).image
@@ -114,14 +146,24 @@ def sanity_note(source: OpenedSource, shown: str, force: bool) -> str | None:
         return None
     try:
         head = read_head(img, sanity.HEAD_SIZE)
+        if sanity.needs_more(head):  # an ISO without a boot record: what does it hold?
+            head = read_head(img, sanity.ISO_SCAN)
     except ImageError:
         return None
+    if img.warning is not None and not img.kind.decoded and sanity.signature(head) is None:
+        # Named .xz (or .gz ...) and neither that nor a disk image: a damaged download.
+        raise ImageError(f"{img.warning.split(';')[0]}, and no disk image signature either: "
+                         "it looks damaged; download it again (not written, even with --force)")
+    notes = [img.warning] if img.warning else []
+    if img.layers:
+        notes.append(f"{shown}: decoding {len(img.layers) + 1} layers: "
+                     f"{', then '.join((img.format, *img.layers))}")
     verdict = sanity.check(head, img.size, shown)
     if verdict.refusal is None:
-        return verdict.note
+        return "; ".join([*notes, verdict.note] if verdict.note else notes) or None
     if not force:
         raise Refused([f"{verdict.refusal}; --force writes it anyway"])
-    return f"{verdict.refusal}; writing it anyway (--force)"
+    return "; ".join([*notes, f"{verdict.refusal}; writing it anyway (--force)"])
 
 
 def block_map(image: Source, given: str | None, ignore: bool) -> Bmap | None:
@@ -130,9 +172,10 @@ def block_map(image: Source, given: str | None, ignore: bool) -> Bmap | None:
         if given is not None:
             raise Refused([f"--bmap {given} and --no-bmap contradict each other; give one"])
         return None
-    if is_url(image.path):
+    if is_url(image.path) or isinstance(image, StdinImage):
         if given:
-            raise BmapError("--bmap cannot be used with a URL yet; download the image first")
+            raise BmapError("--bmap cannot be used with a URL or standard input yet; save "
+                            "the image to a file first")
         return None
     path = given or bmap_sidecar(image.path)
     return None if path is None else load_bmap(path, image.size)
@@ -146,10 +189,14 @@ def attach(image: Source, emit: Callable[[events.Event], None], cancel: Cancella
 
 def download_first(image: Source, emit: Emit, cancel: Cancellation, tmpdir: str,
                    stack: contextlib.ExitStack) -> Image | None:
-    """A URL read from start to end into a file before writing (watch, zip); None if
-    cancelled.  The copy is removed when ``stack`` closes."""
+    """A URL (or standard input) read from start to end into a file before writing (watch,
+    zip); None if cancelled.  The copy is removed when ``stack`` closes."""
     if isinstance(image, Image):
         return image
+    if isinstance(image, StdinImage):  # read once, into a private file removed at the end
+        path = image.save(tmpdir)
+        stack.callback(os.unlink, path)
+        return open_image(path)
     local, cleanup = remote().materialize(image, emit, cancel, tmpdir)
     stack.callback(cleanup)
     return local  # type: ignore[no-any-return]
@@ -162,5 +209,6 @@ def check_checksum(image: Source, checksum: Checksum, emit: Emit, cancel: Cancel
     def progress(done: int, total: int) -> None:
         emit(events.Progress(None, events.Step.CHECKSUM, done, total))
 
-    verify_checksum(image.path, checksum, progress, cancel)
+    verify_checksum(image.path, checksum, progress, cancel,
+                    image.format if image.compressed else None)
     emit(events.Note(f"checksum ok ({checksum.algo} from {checksum.source})"))

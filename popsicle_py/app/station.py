@@ -17,17 +17,17 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from typing import Any
 
-from popsicle_py import events
+from popsicle_py import events, files
 from popsicle_py import watch as watch_mod
 from popsicle_py.app.confirm import Confirmation
 from popsicle_py.app.station_requests import LearnRequest, StationRequest
 from popsicle_py.app.watch import PreparedWatch, prepare_watch
 from popsicle_py.drives import Drive
 from popsicle_py.errors import EXIT_OK, Refused
+from popsicle_py.events import JsonObject
 from popsicle_py.ports import port_path_of
-from popsicle_py.signals import Cancellation
+from popsicle_py.signals import Cancellation, say_on_stderr
 from popsicle_py.station import hook as hook_mod
 from popsicle_py.station import journal as journal_mod
 from popsicle_py.station import slots as slots_mod
@@ -46,7 +46,6 @@ from popsicle_py.station.server import (
     url_of,
 )
 from popsicle_py.station.view import StationView, Terminal
-from popsicle_py.view import say_on_stderr
 
 __all__ = ["LearnRequest", "PreparedStation", "StationRequest", "learn_slots",
            "prepare_station", "read_records"]
@@ -237,15 +236,15 @@ def learn_slots(request: LearnRequest, say: Callable[[str], None],
     slot_map = slots_mod.SlotMap(tuple(found))
     tmp = f"{request.path}.tmp"
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(slots_mod.dump(found))
+        with files.create_regular(tmp) as f:
+            f.write(slots_mod.dump(found).encode())
         os.replace(tmp, request.path)
     except OSError as exc:
         raise Refused([f"{request.path}: {exc.strerror or exc}"]) from None
     return slot_map
 
 
-def read_records(path: str | None, batch: str | None) -> list[dict[str, Any]]:
+def read_records(path: str | None, batch: str | None) -> list[JsonObject]:
     try:
         return journal_mod.read_records(path or journal_mod.default_path(), batch)
     except journal_mod.JournalError as exc:

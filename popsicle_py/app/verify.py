@@ -32,7 +32,7 @@ class PreparedVerify:
     def run(self, view: View, cancel: Cancellation) -> events.Summary:
         """Read every drive against the image (read once for all of them)."""
         try:
-            opened = open_targets(self.targets, for_writing=False)
+            opened = open_targets(self.targets, for_writing=False, check=drives.writers_now)
         except Refused:
             view.close()
             raise

@@ -9,9 +9,11 @@ sysfs, which is what the kernel says rather than what a name suggests.
 - :mod:`.rules`: the decisions, plain functions over those values (:func:`system_reason`,
   :func:`eligibility`, :func:`refusals`, :func:`explain`...), testable without any drive;
 - :mod:`.system`: the facts of the running system, read from sysfs and /proc (mounts, swaps,
-  btrfs, overlays, what a disk is stored on: :func:`backing_of`, :func:`gather_facts`);
+  btrfs, overlays, what a disk is stored on: :func:`backing_of`, :func:`gather_facts`; who
+  holds a disk: :func:`foreign_mounts`, :func:`loops_over_devices`, :func:`openers`);
 - :mod:`.udev`: the I/O edges that build drives with pyudev (:func:`discover`,
-  :func:`drive_for_path`, :func:`still_same`, :func:`udev_hint`).
+  :func:`drive_for_path`, :func:`still_same` and :func:`held_now` (the check before the first
+  write), :func:`writers_now` (before ``verify`` reads), :func:`udev_hint`).
 
 Every name is re-exported here: callers import ``popsicle_py.drives`` and need not know which
 module holds what.
@@ -27,8 +29,11 @@ from popsicle_py.drives.model import (
     Drive,
     Inode,
     LoopKey,
+    LoopOver,
     MediaIdentity,
     Mount,
+    Opener,
+    Process,
     Refusal,
     Swap,
     SystemFacts,
@@ -37,9 +42,12 @@ from popsicle_py.drives.model import (
 from popsicle_py.drives.rules import (
     AUTO_BUSES,
     SYSTEM_MOUNTS,
+    busy_for_reading,
     busy_reasons,
     eligibility,
     explain,
+    holder_reasons,
+    in_namespace,
     kind_reason,
     mountpoints_of,
     natural_key,
@@ -47,6 +55,7 @@ from popsicle_py.drives.rules import (
     refusals,
     system_reason,
     too_small,
+    writer_reasons,
 )
 from popsicle_py.drives.system import (
     MountEntry,
@@ -55,9 +64,12 @@ from popsicle_py.drives.system import (
     current_mounts,
     current_swaps,
     devnums_holding,
+    foreign_mounts,
     gather_facts,
     loop_key,
+    loops_over_devices,
     mount_table,
+    openers,
     overlay_layers,
     path_storage,
     stack_of,
@@ -70,11 +82,13 @@ from popsicle_py.drives.udev import (
     devnum_of,
     discover,
     drive_for_path,
+    held_now,
     media_identity,
     port_path_of,
     still_same,
     udev_hint,
     udev_note,
+    writers_now,
 )
 from popsicle_py.identity import not_confirmed, same_media
 from popsicle_py.units import format_size
@@ -92,9 +106,12 @@ __all__ = [
     "Drive",
     "Inode",
     "LoopKey",
+    "LoopOver",
     "MediaIdentity",
     "Mount",
     "MountEntry",
+    "Opener",
+    "Process",
     "Refusal",
     "Swap",
     "SystemFacts",
@@ -103,6 +120,7 @@ __all__ = [
     "btrfs_groups",
     "build_drive",
     "bus_of",
+    "busy_for_reading",
     "busy_reasons",
     "current_mounts",
     "current_swaps",
@@ -113,15 +131,21 @@ __all__ = [
     "drive_for_path",
     "eligibility",
     "explain",
+    "foreign_mounts",
     "format_size",
     "gather_facts",
+    "held_now",
+    "holder_reasons",
+    "in_namespace",
     "kind_reason",
     "loop_key",
+    "loops_over_devices",
     "media_identity",
     "mount_table",
     "mountpoints_of",
     "natural_key",
     "not_confirmed",
+    "openers",
     "overlay_layers",
     "overwrites",
     "path_storage",
@@ -134,4 +158,6 @@ __all__ = [
     "too_small",
     "udev_hint",
     "udev_note",
+    "writer_reasons",
+    "writers_now",
 ]

@@ -66,7 +66,8 @@ class Drive:
     diskseq: int | None = None
     #: For a loop device: what it stood on when selected.
     loop: LoopKey | None = None
-    #: Why what backs it is in use (a loop device over a mounted device...), one reason each.
+    #: Why it, or what backs it, is in use, one reason each: a loop device over a mounted
+    #: device, a mount in another namespace, a loop device over it, a process with it open.
     busy: tuple[str, ...] = ()
     #: Where its bytes are stored; not in :meth:`to_json` (sets of device numbers).
     backing: Backing | None = field(default=None, compare=False, repr=False)
@@ -141,6 +142,14 @@ class Backing:
 
 
 @dataclass(frozen=True)
+class Process:
+    """A running program, as messages name it: ``sleep (pid 1234)``."""
+
+    pid: int
+    program: str
+
+
+@dataclass(frozen=True)
 class Mount:
     """One mount, with every block device (and backing file) it rests on."""
 
@@ -148,6 +157,35 @@ class Mount:
     mountpoint: str
     devnums: frozenset[int]
     files: frozenset[Inode] = frozenset()
+    #: None for a mount of our own mount namespace; else a process of the namespace it is in
+    #: (a container, a service with PrivateMounts), which ``--unmount`` cannot reach.
+    namespace: Process | None = None
+    #: The block devices it is mounted from (before walking down what they rest on).
+    sources: frozenset[int] = frozenset()
+
+
+@dataclass(frozen=True)
+class Opener:
+    """A process holding a block device open (``fuser``): which node, what its I/O reaches."""
+
+    process: Process
+    device: str  # the node it opened, as its descriptor names it
+    devnum: int
+    #: The opened device and every device its writes land on (a partition's disk, a loop
+    #: device's backing device...).
+    devnums: frozenset[int]
+    writing: bool  # opened O_WRONLY or O_RDWR
+
+
+@dataclass(frozen=True)
+class LoopOver:
+    """A loop device whose backing file is a block device (a "window" at some offset)."""
+
+    device: str
+    devnum: int
+    offset: int
+    #: Every device its writes land on: the backing device and what that rests on.
+    devnums: frozenset[int]
 
 
 @dataclass(frozen=True)
@@ -172,6 +210,12 @@ class SystemFacts:
     image_inode: Inode | None = None
     #: Backing files the image's filesystem rests on (an image inside a loop-mounted file).
     image_files: frozenset[Inode] = frozenset()
+    #: Mounts in other mount namespaces (every process's mountinfo, one per namespace).
+    foreign_mounts: tuple[Mount, ...] = ()
+    #: Loop devices standing on block devices.
+    loops: tuple[LoopOver, ...] = ()
+    #: Block devices other processes hold open (our own descriptors never count).
+    openers: tuple[Opener, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,8 @@
 """The drive layer's decisions: plain functions over plain data, testable without any drive.
 
 Which disks are system drives (:func:`system_reason`), which kinds may be targets
-(:func:`kind_reason`, :func:`eligibility`), why one is busy (:func:`busy_reasons`), every
+(:func:`kind_reason`, :func:`eligibility`), why one is busy (:func:`busy_reasons`), who else
+holds it (:func:`holder_reasons`; for a read, :func:`writer_reasons`), every
 reason not to write one now (:func:`refusals`), and the lines that tell the user
 (:func:`explain`).  What a disk's bytes are stored on counts as much as the disk: the rules
 compare :class:`~.model.Backing` sets, never prefixes of names.
@@ -23,6 +24,7 @@ from popsicle_py.drives.model import (
     Drive,
     Inode,
     Mount,
+    Opener,
     Refusal,
     SystemFacts,
 )
@@ -105,6 +107,60 @@ def busy_reasons(devnum: int, backing: Backing, mounts: Iterable[Mount],
     for holder in holders_beneath:
         found.setdefault(f"backed by {what}, which is in use by {holder}", None)
     return tuple(found)
+
+
+def in_namespace(mount: Mount, devnum: int) -> str:
+    """``mounted at /mnt (/dev/loop9) in the mount namespace of pid 1234 (sleep)``: the
+    device is named when it is not the disk ``devnum`` itself (a loop window over it)."""
+    where = f"mounted at {mount.mountpoint}"
+    if mount.sources and devnum not in mount.sources:
+        where += f" ({mount.device})"
+    if mount.namespace is not None:
+        where += f" in the mount namespace of pid {mount.namespace.pid} " \
+                 f"({mount.namespace.program})"
+    return where
+
+
+def holder_reasons(devnum: int, facts: SystemFacts) -> tuple[str, ...]:
+    """Who holds the disk ``devnum``, besides our own mounts and dm/md holders: a mount in
+    another mount namespace (which ``--unmount`` cannot reach), a loop device over it at any
+    offset, a process with it (a partition of it, a loop device over it) open.
+
+    Each is refused: writing under a mounted filesystem destroys it, and a program reading
+    the disk (a backup, ``dd``) would copy a half-written one.
+    """
+    found: dict[str, None] = {}
+    for mount in facts.foreign_mounts:
+        if devnum in mount.devnums and mount.namespace is not None:
+            found.setdefault(f"{in_namespace(mount, devnum)}; --unmount unmounts only in this"
+                             " one: unmount it there", None)
+    for loop in facts.loops:
+        if devnum in loop.devnums and loop.devnum != devnum:
+            found.setdefault(f"in use by {loop.device}, a loop device over it at offset "
+                             f"{loop.offset}", None)
+    for opener in facts.openers:
+        if devnum in opener.devnums:
+            found.setdefault(_open_in(opener, devnum), None)
+    return tuple(found)
+
+
+def writer_reasons(devnum: int, facts: SystemFacts) -> tuple[str, ...]:
+    """Processes that hold the disk ``devnum`` open for writing: what a ``verify`` read
+    would compare is changing under it (another popsicle-py writing it)."""
+    return tuple(dict.fromkeys(_open_in(o, devnum, writing=True) for o in facts.openers
+                               if o.writing and devnum in o.devnums))
+
+
+def busy_for_reading(path: str, devnum: int, facts: SystemFacts) -> str | None:
+    """The one line refusing to read the disk ``devnum`` (``verify``), or None."""
+    reasons = writer_reasons(devnum, facts)
+    return f"{path} is busy: {'; '.join(reasons)}" if reasons else None
+
+
+def _open_in(opener: Opener, devnum: int, *, writing: bool = False) -> str:
+    how = "open for writing" if writing else "open"
+    through = f" through {opener.device}" if opener.devnum != devnum else ""
+    return f"{how} in {opener.process.program} (pid {opener.process.pid}){through}"
 
 
 _LETTERED = re.compile(r"(sd|hd|vd|xvd)([a-z]+)(.*)")

@@ -1,9 +1,12 @@
-"""System facts, read from sysfs and /proc: mounts, swaps, and what a disk is stored on.
+"""System facts, read from sysfs and /proc: mounts, swaps, what a disk is stored on, holders.
 
 A loop device is judged by what backs it (a block device, recursively; a file, with every
 other loop device and mount using that file), and the devices of a mounted multi-device
 btrfs, or the layers of an overlay, count as that filesystem's.  :func:`backing_of` is that
-walk; :func:`gather_facts` reads everything :func:`~.rules.system_reason` needs, once.
+walk; :func:`gather_facts` reads everything :func:`~.rules.system_reason` and
+:func:`~.rules.holder_reasons` need, once: besides our own mounts, those of every other mount
+namespace (:func:`foreign_mounts`), loop devices over block devices (:func:`loops_over_devices`)
+and the block devices other processes hold open (:func:`openers`).
 """
 
 from __future__ import annotations
@@ -15,7 +18,17 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from popsicle_py import media, sysfs
-from popsicle_py.drives.model import Backing, Inode, LoopKey, Mount, Swap, SystemFacts
+from popsicle_py.drives.model import (
+    Backing,
+    Inode,
+    LoopKey,
+    LoopOver,
+    Mount,
+    Opener,
+    Process,
+    Swap,
+    SystemFacts,
+)
 
 _sys_dev = sysfs.block_dir
 _read = sysfs.read
@@ -113,6 +126,12 @@ class MountEntry:
     fstype: str
     source: str
     options: str  # the superblock's options (overlay layers are here)
+    #: Propagation: the peer group it shares (``shared:N``) and the one it receives from
+    #: (``master:N``); an unmount in a group reaches every member and slave of it.
+    shared: int | None = None
+    master: int | None = None
+    mount_id: int = 0
+    parent_id: int = 0
 
 
 def _unescape_mount(field: str) -> str:
@@ -132,9 +151,16 @@ def mount_table(text: str | None = None) -> list[MountEntry]:
         devnum = parse_devnum(fields[2])
         if devnum is None:
             continue
+        tags = dict(tag.partition(":")[::2] for tag in fields[6:])
         entries.append(MountEntry(devnum, _unescape_mount(fields[4]), tail[0],
-                                  _unescape_mount(tail[1]), tail[2] if len(tail) > 2 else ""))
+                                  _unescape_mount(tail[1]), tail[2] if len(tail) > 2 else "",
+                                  _group(tags.get("shared")), _group(tags.get("master")),
+                                  _group(fields[0]) or 0, _group(fields[1]) or 0))
     return entries
+
+
+def _group(text: str | None) -> int | None:
+    return int(text) if text and text.isdigit() else None
 
 
 def overlay_layers(options: str) -> list[str]:
@@ -244,14 +270,15 @@ def _file_source(entry: MountEntry) -> Inode | None:
     return (st.st_dev, st.st_ino) if stat.S_ISREG(st.st_mode) else None
 
 
-def current_mounts() -> tuple[Mount, ...]:
+def current_mounts(table: list[MountEntry] | None = None) -> tuple[Mount, ...]:
     """Every mount that rests on a block device or a file, in mount-table order.
 
     A btrfs filesystem rests on all its devices, an overlay on the devices of its layers;
     "/dev/root" and other unnamed roots are found by the filesystem's own device number.
+    ``table``: our own namespace's :func:`mount_table`, when already read.
     """
     mounts: list[Mount] = []
-    for entry in mount_table():
+    for entry in mount_table() if table is None else table:
         numbers = _entry_devnums(entry)
         source_file = _file_source(entry)
         if not numbers and source_file is None:
@@ -318,8 +345,9 @@ def gather_facts(image_path: str | None = None) -> SystemFacts:
             image_inode = (st.st_dev, st.st_ino)
         except OSError:
             pass
-    return SystemFacts(current_mounts(), current_swaps(), image_devnums, image_inode,
-                       image_files)
+    own = mount_table()
+    return SystemFacts(current_mounts(own), current_swaps(), image_devnums, image_inode,
+                       image_files, foreign_mounts(own), loops_over_devices(), openers())
 
 
 def holders_beneath(backing: Backing, devnum: int) -> tuple[str, ...]:
@@ -355,3 +383,201 @@ def loop_key(path: str, devnum: int) -> LoopKey | None:
     finally:
         os.close(fd)
     return media.loop_key_of_sysfs(devnum)
+
+
+# -- Holders: what other namespaces mount, loop devices over disks, who has a disk open -----
+
+
+def _pids() -> list[int]:
+    try:
+        names = os.listdir("/proc")
+    except OSError:
+        return []
+    return sorted(int(n) for n in names if n.isdigit())
+
+
+def _program(pid: int) -> str:
+    return _read(f"/proc/{pid}/comm") or "?"
+
+
+class _Backings:
+    """:func:`backing_of` once per device for one gathering (many mounts share a device)."""
+
+    def __init__(self) -> None:
+        self.known: dict[int, Backing] = {}
+
+    def __call__(self, devnum: int) -> Backing:
+        if devnum not in self.known:
+            self.known[devnum] = backing_of(devnum)
+        return self.known[devnum]
+
+
+def _namespace_devnums(entry: MountEntry, pid: int) -> set[int]:
+    """Block devices a mount of another namespace stores its data on; its source is a path
+    in that namespace, so it is looked up through the process's root."""
+    numbers: set[int] = set()
+    if os.path.exists(_sys_dev(entry.devnum)):
+        numbers.add(entry.devnum)
+    if entry.source.startswith("/dev/"):
+        try:
+            st = os.stat(f"/proc/{pid}/root{entry.source}")
+        except OSError:
+            st = None
+        if st is not None and stat.S_ISBLK(st.st_mode):
+            numbers.add(st.st_rdev)
+    if entry.fstype == "btrfs" and numbers:
+        numbers |= _btrfs_group(numbers)
+    return numbers
+
+
+def foreign_mounts(own: list[MountEntry] | None = None) -> tuple[Mount, ...]:
+    """Mounts resting on block devices in every other mount namespace, one process each.
+
+    A mount made inside ``unshare -m`` (a container, a service with PrivateMounts) is in no
+    table of ours.  A copy that our unmount removes too is left out: ``--unmount`` covers it
+    (see :func:`_follows`).  Namespaces of processes we may not inspect (another user's,
+    without root) are not seen.
+    """
+    try:
+        ours = os.readlink("/proc/self/ns/mnt")
+    except OSError:
+        return ()
+    groups = _unmount_groups(mount_table() if own is None else own)
+    seen = {ours}
+    backing = _Backings()
+    found: list[Mount] = []
+    for pid in _pids():
+        try:
+            namespace = os.readlink(f"/proc/{pid}/ns/mnt")
+        except OSError:
+            continue
+        if namespace in seen:
+            continue
+        text = _read(f"/proc/{pid}/mountinfo")
+        if not text:
+            continue
+        seen.add(namespace)
+        process = Process(pid, _program(pid))
+        table = mount_table(text)
+        parents = {e.mount_id: e for e in table}
+        for entry in table:
+            if _follows(entry, parents.get(entry.parent_id), groups):
+                continue
+            numbers = _namespace_devnums(entry, pid)
+            if not numbers:
+                continue
+            devnums = frozenset().union(*(backing(n).all_devnums for n in numbers))
+            found.append(Mount(entry.source, entry.mountpoint, devnums, namespace=process,
+                               sources=frozenset(numbers)))
+    return tuple(found)
+
+
+def _unmount_groups(own: list[MountEntry]) -> dict[tuple[int, str], set[int]]:
+    """For each of our mounts (device, mountpoint), the peer group its parent shares: an
+    unmount propagates through the parent's group, never through the mount's own."""
+    parents = {e.mount_id: e for e in own}
+    groups: dict[tuple[int, str], set[int]] = {}
+    for entry in own:
+        parent = parents.get(entry.parent_id)
+        if parent is not None and parent.shared:
+            groups.setdefault((entry.devnum, entry.mountpoint), set()).add(parent.shared)
+    return groups
+
+
+def _follows(entry: MountEntry, parent: MountEntry | None,
+             groups: dict[tuple[int, str], set[int]]) -> bool:
+    """Whether our unmount of the same mount removes this copy in another namespace: its
+    parent is a peer (``shared:N``) or a slave (``master:N``) of our mount's parent, as on a
+    desktop whose services' namespaces are slaves of the host's.  Seen here: with a private
+    parent, nothing propagates, whatever the mount's own group."""
+    ours = groups.get((entry.devnum, entry.mountpoint))
+    if not ours or parent is None:
+        return False
+    return parent.shared in ours or parent.master in ours
+
+
+def _block_names() -> set[str]:
+    try:
+        return set(os.listdir(f"{sysfs.ROOT}/class/block"))
+    except OSError:
+        return set()
+
+
+def _may_be_device(path: str, names: set[str]) -> bool:
+    """Whether a path may name a block device: under /dev, or named like one (a chroot's
+    /dev).  Other files are never stat()ed: one on a hung network or FUSE mount would hang."""
+    path = path.removesuffix(" (deleted)")
+    return path.startswith("/dev/") or os.path.basename(path) in names
+
+
+def loops_over_devices() -> tuple[LoopOver, ...]:
+    """Loop devices whose backing file is a block device, at whatever offset."""
+    names = _block_names()
+    backing = _Backings()
+    found: list[LoopOver] = []
+    for name in sorted(n for n in names if n.startswith("loop")):
+        base = f"{sysfs.ROOT}/class/block/{name}"
+        source = _read(f"{base}/loop/backing_file")
+        if not source or not _may_be_device(source, names):
+            continue
+        try:
+            st = os.stat(source)
+        except OSError:
+            continue
+        devnum = parse_devnum(_read(f"{base}/dev"))
+        if not stat.S_ISBLK(st.st_mode) or devnum is None:
+            continue
+        offset = _read(f"{base}/loop/offset") or "0"
+        found.append(LoopOver(f"/dev/{name}", devnum, int(offset) if offset.isdigit() else 0,
+                              backing(st.st_rdev).devnums))
+    return tuple(found)
+
+
+def _writing(pid: int, fd: str) -> bool:
+    """Whether a descriptor was opened O_WRONLY or O_RDWR (/proc/PID/fdinfo ``flags``)."""
+    for line in (_read(f"/proc/{pid}/fdinfo/{fd}") or "").splitlines():
+        key, _, value = line.partition(":")
+        if key == "flags":
+            try:
+                return (int(value.strip(), 8) & os.O_ACCMODE) in (os.O_WRONLY, os.O_RDWR)
+            except ValueError:
+                return True
+    return True  # unknown: assume the worst
+
+
+def openers() -> tuple[Opener, ...]:
+    """Block devices other processes hold open, as ``fuser`` finds them (/proc/PID/fd).
+
+    With or without O_EXCL: a ``dd`` reading a stick, ``sleep 60 < /dev/sdb``.  Our own
+    process's descriptors do not count.
+    """
+    names = _block_names()
+    ours = os.getpid()
+    backing = _Backings()
+    found: list[Opener] = []
+    for pid in _pids():
+        if pid == ours:
+            continue
+        directory = f"/proc/{pid}/fd"
+        try:
+            fds = os.listdir(directory)
+        except OSError:
+            continue
+        program: str | None = None
+        for fd in fds:
+            try:
+                link = os.readlink(f"{directory}/{fd}")
+            except OSError:
+                continue
+            if not link.startswith("/") or not _may_be_device(link, names):
+                continue
+            try:
+                st = os.stat(f"{directory}/{fd}")
+            except OSError:
+                continue
+            if not stat.S_ISBLK(st.st_mode):
+                continue
+            program = program or _program(pid)
+            found.append(Opener(Process(pid, program), link.removesuffix(" (deleted)"),
+                                st.st_rdev, backing(st.st_rdev).devnums, _writing(pid, fd)))
+    return tuple(found)

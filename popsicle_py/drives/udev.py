@@ -19,9 +19,11 @@ from popsicle_py import sysfs
 from popsicle_py.drives.model import Drive, MediaIdentity, SystemFacts, TargetError
 from popsicle_py.drives.rules import (
     AUTO_BUSES,
+    busy_for_reading,
     busy_reasons,
     eligibility,
     explain,
+    holder_reasons,
     mountpoints_of,
     natural_key,
     overwrites,
@@ -29,9 +31,13 @@ from popsicle_py.drives.rules import (
 )
 from popsicle_py.drives.system import (
     backing_of,
+    current_mounts,
+    foreign_mounts,
     gather_facts,
     holders_beneath,
     loop_key,
+    loops_over_devices,
+    openers,
     parse_devnum,
 )
 from popsicle_py.identity import not_confirmed, same_media
@@ -199,7 +205,8 @@ def build_drive(device: pyudev.Device, facts: SystemFacts, *, explicit: bool,
         port_path=port_path_of(device),
         diskseq=int(diskseq) if diskseq and diskseq.isdigit() else None,
         loop=loop_key(node, devnum) if bus == "loop" else None,
-        busy=busy_reasons(devnum, backing, facts.mounts, holders_beneath(backing, devnum)),
+        busy=(busy_reasons(devnum, backing, facts.mounts, holders_beneath(backing, devnum))
+              + holder_reasons(devnum, facts)),
         backing=backing,
     )
 
@@ -318,7 +325,8 @@ def still_same(drive: Drive, *, context: pyudev.Context | None = None) -> str | 
 
     A stick swapped in the same port between selection and writing gets the same path and
     perhaps the same size and serial; a loop device re-attached to another file the same path,
-    number and size.  The media identity (diskseq, loop backing) tells them apart.
+    number and size.  The media identity (diskseq, loop backing) tells them apart.  Then
+    whoever holds it now (:func:`held_now`) refuses it, as the plan would have.
     """
     try:
         now = media_identity(drive.path, context=context)
@@ -329,7 +337,27 @@ def still_same(drive: Drive, *, context: pyudev.Context | None = None) -> str | 
     if now.devnum == drive.devnum and not os.path.exists(_sys_dev(drive.devnum)):
         return f"{drive.path} is gone since it was selected: was it unplugged?"
     why = same_media(drive.identity, now)
-    return not_confirmed(drive.path, why) if why else None
+    if why:
+        return not_confirmed(drive.path, why)
+    return held_now(drive)
+
+
+def held_now(drive: Drive) -> str | None:
+    """Who holds ``drive`` now, in one line (None: nobody): the holder rules of the plan,
+    read again just before the first write (``--unmount`` has run; a program may have
+    opened it, a namespace mounted it, since the plan was made)."""
+    own = tuple(f"mounted at {m}" for m in mountpoints_of(drive.devnum, current_mounts()))
+    facts = SystemFacts(foreign_mounts=foreign_mounts(), loops=loops_over_devices(),
+                        openers=openers())
+    reasons = own + holder_reasons(drive.devnum, facts)
+    return f"{drive.path} is {'; '.join(reasons)}" if reasons else None
+
+
+def writers_now(drive: Drive) -> str | None:
+    """Who holds ``drive`` open for writing now, in one line (None: nobody): ``verify``
+    reads a drive that another program (another popsicle-py) is writing as busy, not as a
+    mismatch."""
+    return busy_for_reading(drive.path, drive.devnum, SystemFacts(openers=openers()))
 
 
 NO_UDEV_NOTE = ("no udev daemon is running (no /run/udev/control), so no plugged-in drive "

@@ -9,11 +9,14 @@ message to the caller's callback on the calling thread, polls ``cancel()`` and d
 Where each concern lives:
 
 - :mod:`.config`: the frozen settings a run is made from, and the engine's constants;
-- :mod:`.ring`: the bounded ring of buckets;
+- :mod:`.ring`: the bounded ring of buckets, and how a lane waits on it, moves on and leaves;
 - :mod:`.reader`: fills the ring (head kept back, digests, block-map checks, laggards);
-- :mod:`.supervisor`: threads, message delivery, cancellation and stalls (:class:`Lane`);
-- :mod:`.writer`: :class:`BusWriter`, and each destination's finish (verify, head last);
-- :mod:`.verifier` and :mod:`.checks`: :class:`BusVerifier` and the digest check both use;
+- :mod:`.supervisor`: threads, message delivery, cancellation and stalls;
+- :mod:`.lane`: one destination's thread as everyone sees it (:class:`Lane`);
+- :mod:`.writer`: :class:`BusWriter`;
+- :mod:`.finish`: each destination's finish (stamp, verification and repairs, head last), and
+  the check against digests that :mod:`.verifier`'s :class:`BusVerifier` shares
+  (:mod:`.checks` reads extents back);
 - every byte moved to or from a destination goes through :mod:`popsicle_py.blockdev`.
 
 Laggards: when a destination falls a full ring behind while another one waits for data, and the

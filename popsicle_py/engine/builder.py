@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any, TypeVar
 
+from popsicle_py.blockdev import FileLike
 from popsicle_py.engine.config import Config
 from popsicle_py.engine.supervisor import Callback, CancelCheck
 
@@ -18,8 +19,8 @@ B = TypeVar("B", bound="Builder")
 class Builder:
     """A run's arguments and settings; each builder method returns the builder itself."""
 
-    def __init__(self, source: Any, destinations: Sequence[Any], callback: Callback,
-                 cancel: CancelCheck) -> None:
+    def __init__(self, source: FileLike | None, destinations: Sequence[FileLike],
+                 callback: Callback, cancel: CancelCheck) -> None:
         if not destinations:
             raise ValueError("no destinations: give at least one")
         self.source = source
@@ -28,8 +29,8 @@ class Builder:
         self.cancel = cancel
         self.config = Config()
         self._lock = threading.Lock()
-        self._early: list[Any] = []
-        self._outbox: queue.SimpleQueue[Any] | None = None
+        self._early: list[object] = []
+        self._outbox: queue.SimpleQueue[object] | None = None
 
     def _set(self: B, **changes: Any) -> B:
         self.config = replace(self.config, **changes)
@@ -47,11 +48,17 @@ class Builder:
             raise ValueError("bucket size must be at least 1 byte")
         return self._set(bucket_size=size, bucket=None)
 
+    def from_source(self: B, source: FileLike) -> B:
+        """The source to read, for a caller that builds the engine before it opens the source
+        (what it posts meanwhile, a download's progress, waits for the run)."""
+        self.source = source
+        return self
+
     def stall_timeout(self: B, seconds: float | None) -> B:
         """Fail a destination that makes no progress for this long (None: never)."""
         return self._set(stall_timeout=seconds)
 
-    def post(self, message: Any) -> None:
+    def post(self, message: object) -> None:
         """From any thread: deliver ``message`` to the callback, on the calling thread.
 
         For news of the caller's own that arises on another thread (a download's progress, read
@@ -65,7 +72,7 @@ class Builder:
                 return
         outbox.put(message)
 
-    def _attach(self, outbox: queue.SimpleQueue[Any]) -> None:
+    def _attach(self, outbox: queue.SimpleQueue[object]) -> None:
         """A run begins: what was posted before it goes first."""
         with self._lock:
             for message in self._early:

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
-from popsicle_py.blockdev import DEFAULT_RETRIES, MAX_CALL
+from popsicle_py.blockdev import DEFAULT_RETRIES, MAX_CALL, FileLike
+
+if TYPE_CHECKING:
+    from _typeshed import WriteableBuffer
 
 DEFAULT_BUCKET_SIZE = 16 << 20
 DEFAULT_BUCKETS = 4
@@ -30,7 +33,7 @@ Extent = tuple[int, int, str | None]
 #: Reads ``length`` bytes of the source at ``offset`` again (for repairs), or None if it cannot.
 SourceAt = Callable[[int, int], bytes]
 #: Run once before a destination is written; raises OSError to fail that destination.
-Prepare = Callable[[Any], None]
+Prepare = Callable[[FileLike], None]
 
 
 @dataclass(frozen=True)
@@ -40,7 +43,7 @@ class Config:
     bucket_size: int = DEFAULT_BUCKET_SIZE
     buckets: int = DEFAULT_BUCKETS
     #: The caller's page-aligned buffer, used as the ring's first bucket.
-    bucket: Any = None
+    bucket: WriteableBuffer | None = None
     stall_timeout: float | None = None
     retries: int = DEFAULT_RETRIES
     expected_size: int | None = None

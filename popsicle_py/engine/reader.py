@@ -13,24 +13,24 @@ import hashlib
 import io
 import os
 import stat
+import threading
 import time
-from collections.abc import Iterator, Sequence
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
 
 import xxhash
 
-from popsicle_py.blockdev import read_full
+from popsicle_py.blockdev import FileLike, read_full
 from popsicle_py.engine.config import HEAD, LAGGARD_PATIENCE, POLL, Config
+from popsicle_py.engine.lane import Lane
 from popsicle_py.engine.ring import Ring
 from popsicle_py.engine.spill import Spill
-from popsicle_py.engine.supervisor import Lane
 from popsicle_py.errors import ExtentChecksumError, SourceChanged
 from popsicle_py.messages import BusWriterMessage
 
 _NOT_SEEKABLE = (AttributeError, OSError, io.UnsupportedOperation, ValueError)
 
 
-def pread_source(source: Any) -> tuple[int, int] | None:
+def pread_source(source: FileLike) -> tuple[int, int] | None:
     """(fd, starting offset) when the source can be re-read by position, else None."""
     try:
         fd = source.fileno()
@@ -45,8 +45,10 @@ def pread_source(source: Any) -> tuple[int, int] | None:
 class Reader:
     """Reads the source into the ring; all its state is set up here, before the run starts."""
 
-    def __init__(self, source: Any, ring: Ring, lanes: Sequence[Lane], config: Config,
-                 stopped: Any, held: memoryview | None) -> None:
+    def __init__(self, source: FileLike, ring: Ring, lanes: Sequence[Lane], config: Config,
+                 stopped: threading.Event, held: memoryview | None, *, laggards: bool = False,
+                 spill: Spill | None = None, post: Callable[[object], None] | None = None
+                 ) -> None:
         self.source = source
         self.ring = ring
         self.lanes = lanes
@@ -59,13 +61,13 @@ class Reader:
         self.digests: list[bytes] = []
         self.extents: list[tuple[int, int]] = []
         self.total = 0
-        self.laggards = False  # set by the writer when laggards may leave the ring
-        self.spill: Spill | None = None  # set by the writer for a stream with a spill file
-        self.post: Any = None  # the supervisor's outbox, for notes of the reader's own
+        self.laggards = laggards  # laggards may leave the ring (until a spill fails)
+        self.spill = spill  # where a stream is kept for laggards, if it is
+        self.post = post  # the supervisor's outbox, for notes of the reader's own
         self._lag_since: dict[int, float] = {}  # when each lane began to hold the ring back
         self._pos = 0  # where the source is, relative to its start
         self._base = 0
-        self._checker: Any = None
+        self._checker: hashlib._Hash | None = None
 
     def _reads(self) -> Iterator[tuple[int, int, int | None]]:
         """(offset, most bytes, extent index) of each bucket to read, in source order."""
@@ -217,6 +219,7 @@ class Reader:
             return
         if offset == start:
             self._checker = hashlib.new(algo)
+        assert self._checker is not None, "a range's pieces are read in order"
         self._checker.update(data)
         if offset + len(data) == start + length and self._checker.hexdigest() != expected:
             raise ExtentChecksumError(start, length, algo)

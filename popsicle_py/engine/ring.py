@@ -1,14 +1,19 @@
 """The bounded ring of buckets: one producer (the reader), many consumers (the lanes).
 
 All waits happen on one condition.  A published bucket is a view of one slot's buffer; a slot is
-free again once every lane still in the ring has moved past the bucket it holds.
+free again once every lane still in the ring has moved past the bucket it holds.  How a lane
+waits for a bucket, moves past it, waits for the reader and leaves the ring lives here, for the
+writer's lanes and the verifier's alike.
 """
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable, Iterable
 
 from popsicle_py.buffers import aligned_buffer
+from popsicle_py.engine.config import POLL
+from popsicle_py.engine.lane import Lane
 
 
 class Ring:
@@ -63,11 +68,62 @@ class Ring:
         fresh[start:end] = self.buffers[slot][start:end]
         self.buffers[slot] = fresh
 
+    def join(self, lane_ids: Iterable[int]) -> None:
+        """These lanes start at the first bucket: the reader waits for them."""
+        with self.cond:
+            for lane_id in lane_ids:
+                self.positions[lane_id] = 0
+
+    def wake(self) -> None:
+        """Wake every thread waiting on the ring (the run is stopping)."""
+        with self.cond:
+            self.cond.notify_all()
+
     def leave(self, lane_id: int) -> None:
-        """A lane no longer holds the ring back; caller holds the lock."""
-        self.positions.pop(lane_id, None)
-        self.starving.discard(lane_id)
-        self.cond.notify_all()
+        """A lane no longer holds the ring back (done, failed, or given up)."""
+        with self.cond:
+            self.positions.pop(lane_id, None)
+            self.starving.discard(lane_id)
+            self.cond.notify_all()
+
+    def next_bucket(self, lane: Lane, seq: int, leaving: Callable[[], bool], *,
+                    nudge: bool = False) -> tuple[memoryview, int] | None:
+        """Wait for bucket ``seq`` (waiting for data is never a stall): its bytes and offset.
+
+        None when ``leaving()`` (checked under the lock, so a lane sent on alone never reads a
+        slot the reader has refilled) or when the source ended before it.  ``nudge`` wakes the
+        reader as the lane begins to wait: it may let a laggard go now.
+        """
+        with self.cond:
+            lane.waiting = True
+            self.starving.add(lane.id)
+            if nudge and seq >= self.head and not self.eof:
+                self.cond.notify_all()
+            while not leaving() and seq >= self.head and not self.eof:
+                self.cond.wait(POLL)
+            self.starving.discard(lane.id)
+            lane.waiting = False
+            lane.touch()
+            if leaving() or seq >= self.head:
+                return None
+            return self.bucket(seq)
+
+    def moved_past(self, lane_id: int, seq: int) -> None:
+        """The lane is done with bucket ``seq``: its slot may be free for the reader."""
+        with self.cond:
+            if lane_id in self.positions:
+                self.positions[lane_id] = seq + 1
+            self.cond.notify_all()
+
+    def wait_until(self, lane: Lane, ready: Callable[[], bool]) -> bool:
+        """Wait (not a stall: the reader is behind) until ``ready()``; False if stopped."""
+        with self.cond:
+            lane.waiting = True
+            while not ready() and not lane.stopped:
+                self.cond.wait(POLL)
+            lane.waiting = False
+            lane.touch()
+        return not lane.stopped
 
     def release(self) -> None:
         """Drop the buckets' memory at the end of a run (a lane still writing keeps its own)."""

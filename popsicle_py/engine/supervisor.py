@@ -15,7 +15,6 @@ pacer (about half a second of its measured speed), so giving up on one costs no 
 
 from __future__ import annotations
 
-import errno
 import queue
 import signal
 import threading
@@ -24,15 +23,19 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from popsicle_py.blockdev import Pacer, as_oserror
-from popsicle_py.engine.config import CANCEL_GRACE, POLL, STALL_BYTES
-from popsicle_py.errors import Cancelled
+from popsicle_py.blockdev import FileLike, as_oserror
+from popsicle_py.engine.config import CANCEL_GRACE, POLL
+from popsicle_py.engine.lane import Lane
+from popsicle_py.errors import Cancelled, Stalled
 
 #: Process signals that a worker thread must never take.
 _MAIN_THREAD_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT})
 
+#: Receives every message (the engine's, or the caller's own ``post``), on the calling thread.
 Callback = Callable[[Any], None]
 CancelCheck = Callable[[], bool]
+
+__all__ = ["Callback", "CancelCheck", "Lane", "Supervisor", "keep_signals_for_main_thread"]
 
 
 def keep_signals_for_main_thread() -> None:
@@ -44,51 +47,6 @@ def keep_signals_for_main_thread() -> None:
     main thread, which runs Python's handlers anyway.
     """
     signal.pthread_sigmask(signal.SIG_BLOCK, _MAIN_THREAD_SIGNALS)
-
-
-class Lane:
-    """One destination's thread, as the supervisor sees it.  Its state is all declared here."""
-
-    def __init__(self, index: int, dest: Any, outbox: queue.SimpleQueue[Any],
-                 stop: threading.Event) -> None:
-        self.id = index
-        self.dest = dest
-        self.done = 0  # bytes written (or read back, for a verifier)
-        self.skipped = 0  # bytes left alone because the destination held them already
-        self.repaired = 0
-        self.mismatch: int | None = None
-        self.error: OSError | None = None
-        self.finished = False  # its thread returned
-        self.abandoned = False  # the supervisor gave up on it
-        self.waiting = True  # waiting for data or for the reader, which is never a stall
-        self.detach = False  # asked to leave the ring and go on alone
-        self.solo = False  # reading the source by position on its own
-        self.rejoin: int | None = None  # the bucket where a solo lane must come back to the ring
-        self.last_progress = time.monotonic()
-        self.recent = 0  # bytes moved since last_progress, short of STALL_BYTES
-        self.pacer = Pacer()
-        self.thread: threading.Thread | None = None
-        self._outbox = outbox
-        self._stop = stop
-
-    @property
-    def stopped(self) -> bool:
-        """The run is ending or this lane was given up: do not start another system call."""
-        return self._stop.is_set() or self.abandoned
-
-    def post(self, message: Any) -> None:
-        self._outbox.put(message)
-
-    def touch(self) -> None:
-        """A new step begins (or a wait ended): the stall clock starts again."""
-        self.last_progress = time.monotonic()
-        self.recent = 0
-
-    def advance(self, nbytes: int) -> None:
-        """``nbytes`` more were moved; every STALL_BYTES of them count as progress."""
-        self.recent += nbytes
-        if self.recent >= STALL_BYTES:
-            self.touch()
 
 
 @dataclass(frozen=True)
@@ -104,12 +62,13 @@ class _ReaderDone:
 class Supervisor:
     """Runs a reader and a task per lane; delivers their messages on the calling thread."""
 
-    def __init__(self, destinations: Sequence[Any], callback: Callback, cancel: CancelCheck, *,
-                 stall_timeout: float | None, errored: Callable[[int, OSError], Any],
-                 name: str) -> None:
+    def __init__(self, destinations: Sequence[FileLike], callback: Callback, cancel: CancelCheck, *,
+                 stall_timeout: float | None, errored: Callable[[int, OSError], object],
+                 name: str, wake: Callable[[], None] = lambda: None,
+                 leave: Callable[[int], None] = lambda lane_id: None) -> None:
         if not destinations:
             raise ValueError("no destinations: give at least one")
-        self.outbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self.outbox: queue.SimpleQueue[object] = queue.SimpleQueue()
         self.stop = threading.Event()
         self.lanes = [Lane(i, d, self.outbox, self.stop) for i, d in enumerate(destinations)]
         self._callback = callback
@@ -117,14 +76,20 @@ class Supervisor:
         self._stall_timeout = stall_timeout
         self._errored = errored
         self._name = name
-        #: Wakes every thread waiting on the run's conditions (set by the run's owner).
-        self.wake: Callable[[], None] = lambda: None
-        #: Called (on the calling thread) when a lane is given up or fails, before its message.
-        self.on_leave: Callable[[Lane], None] = lambda lane: None
+        #: Wakes every thread waiting on the run's conditions (the ring's).
+        self._wake = wake
+        #: A lane given up or failed stops holding the others (leaves the ring).
+        self._leave = leave
 
     def halt(self) -> None:
         self.stop.set()
-        self.wake()
+        self._wake()
+
+    def _left(self, lane: Lane) -> None:
+        """A lane failed or was given up (before its message): with none left, the run stops."""
+        self._leave(lane.id)
+        if all(other.error is not None for other in self.lanes):
+            self.halt()
 
     def run(self, task: Callable[[Lane], None],
             reader: Callable[[], None] | None = None) -> BaseException | None:
@@ -181,7 +146,7 @@ class Supervisor:
             raise Cancelled("cancelled")
         return reader_error
 
-    def _deliver(self, message: Any) -> None:
+    def _deliver(self, message: object) -> None:
         lane_id = getattr(message, "id", None)
         if lane_id is not None and self.lanes[lane_id].abandoned:
             return
@@ -209,9 +174,9 @@ class Supervisor:
                 why = (f"stalled: no progress for {limit:g} s" if not moved else
                        f"stalled: only {moved // 1024} KiB in {limit:g} s (a dying or fake "
                        "drive?)")
-                lane.error = OSError(errno.ETIMEDOUT, why)
+                lane.error = Stalled(why)
                 lane.abandoned = True
-                self.on_leave(lane)
+                self._left(lane)
                 self._callback(self._errored(lane.id, lane.error))
 
     def _guard(self, lane: Lane, task: Callable[[Lane], None]) -> None:
@@ -221,7 +186,7 @@ class Supervisor:
         except Exception as exc:  # every failure of a destination becomes a message
             if not lane.abandoned:
                 lane.error = as_oserror(exc)
-                self.on_leave(lane)
+                self._left(lane)
                 lane.post(self._errored(lane.id, lane.error))
         finally:
             self.outbox.put(_Finished(lane.id))

@@ -9,33 +9,37 @@ after dropping their cached pages): the engine reads whatever they return.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING
 
 import xxhash
 
-from popsicle_py.blockdev import first_difference, read_full, seek
+from popsicle_py.blockdev import FileLike, first_difference, read_full, seek
 from popsicle_py.buffers import aligned_buffer
 from popsicle_py.engine.builder import Builder
-from popsicle_py.engine.checks import EndedEarly, check_extents
-from popsicle_py.engine.config import CHUNK, DEFAULT_BUCKET_SIZE, POLL
+from popsicle_py.engine.config import CHUNK, DEFAULT_BUCKET_SIZE
+from popsicle_py.engine.finish import Check
+from popsicle_py.engine.lane import Lane
 from popsicle_py.engine.reader import Reader
 from popsicle_py.engine.ring import Ring
-from popsicle_py.engine.supervisor import Callback, CancelCheck, Lane, Supervisor
+from popsicle_py.engine.supervisor import Callback, CancelCheck, Supervisor
 from popsicle_py.messages import BusVerifierMessage as Msg
+
+if TYPE_CHECKING:
+    from _typeshed import WriteableBuffer
 
 
 class BusVerifier(Builder):
     """Compare destinations with ``source`` (read once for all), or with recorded digests."""
 
-    def __init__(self, source: Any, destinations: Sequence[Any], callback: Callback,
-                 cancel: CancelCheck) -> None:
+    def __init__(self, source: FileLike | None, destinations: Sequence[FileLike],
+                 callback: Callback, cancel: CancelCheck) -> None:
         super().__init__(source, destinations, callback, cancel)
         self._digests: tuple[bytes, ...] | None = None
         self._extents: tuple[tuple[int, int], ...] = ()
         self._indices: Sequence[int] = ()
         self._report_all = False
 
-    def with_bucket(self, buffer: Any) -> BusVerifier:
+    def with_bucket(self, buffer: WriteableBuffer) -> BusVerifier:
         """The buffer's length sets the bucket size (the verifier keeps its own memory)."""
         size = len(memoryview(buffer).cast("B"))
         if size <= 0:
@@ -79,24 +83,13 @@ class _VerifyRun:
     def __init__(self, verifier: BusVerifier) -> None:
         self.verifier = verifier
         self.config = verifier.config
+        self.ring = Ring(self.config.buckets, self.config.bucket_size or DEFAULT_BUCKET_SIZE)
         self.supervisor = Supervisor(verifier.destinations, verifier.callback, verifier.cancel,
                                      stall_timeout=self.config.stall_timeout,
-                                     errored=Msg.Errored, name="verifier")
+                                     errored=Msg.Errored, name="verifier",
+                                     wake=self.ring.wake, leave=self.ring.leave)
         self.lanes = self.supervisor.lanes
         self.verdicts = [False] * len(self.lanes)
-        self.ring = Ring(self.config.buckets, self.config.bucket_size or DEFAULT_BUCKET_SIZE)
-        self.supervisor.wake = self._wake
-        self.supervisor.on_leave = self._leave
-
-    def _wake(self) -> None:
-        with self.ring.cond:
-            self.ring.cond.notify_all()
-
-    def _leave(self, lane: Lane) -> None:
-        with self.ring.cond:
-            self.ring.leave(lane.id)
-        if all(other.error is not None for other in self.lanes):
-            self.supervisor.halt()
 
     def run(self) -> list[bool]:
         v = self.verifier
@@ -104,10 +97,12 @@ class _VerifyRun:
             error = self.supervisor.run(self._digest_lane)
         else:
             source = v.source
+            if source is None:
+                raise ValueError("no source: give one to BusVerifier() or from_source(), or "
+                                 "digests to with_digests()")
             if hasattr(source, "seek") and getattr(source, "seekable", lambda: True)():
                 source.seek(0)
-            for lane in self.lanes:
-                self.ring.positions[lane.id] = 0
+            self.ring.join(lane.id for lane in self.lanes)
             reader = Reader(source, self.ring, self.lanes, self.config, self.supervisor.stop,
                             None)
             error = self.supervisor.run(self._compare_lane, reader.run)
@@ -121,8 +116,7 @@ class _VerifyRun:
 
     def _end(self, lane: Lane, valid: bool, offset: int = 0, end: int | None = None) -> None:
         self.verdicts[lane.id] = valid
-        with self.ring.cond:
-            self.ring.leave(lane.id)
+        self.ring.leave(lane.id)
         lane.post(Msg.Valid(lane.id) if valid else Msg.Invalid(lane.id, offset, end))
 
     def _compare_lane(self, lane: Lane) -> None:
@@ -131,19 +125,13 @@ class _VerifyRun:
         mine = memoryview(aligned_buffer(CHUNK))
         seq = 0
         while True:
-            with ring.cond:
-                lane.waiting = True
-                ring.starving.add(lane.id)
-                while not lane.stopped and seq >= ring.head and not ring.eof:
-                    ring.cond.wait(POLL)
-                ring.starving.discard(lane.id)
-                lane.waiting = False
-                lane.touch()
-                if lane.stopped:
-                    return
-                if seq >= ring.head:
-                    break
-                theirs, offset = ring.bucket(seq)
+            bucket = ring.next_bucket(lane, seq, lambda: lane.stopped)
+            if lane.stopped:
+                return
+            if bucket is None:
+                break
+            theirs, offset = bucket
+            del bucket
             start = 0
             while start < len(theirs):
                 if lane.stopped:
@@ -160,25 +148,22 @@ class _VerifyRun:
                     return self._end(lane, False, offset + start + got)
                 start += got
             del theirs
+            ring.moved_past(lane.id, seq)
             seq += 1
-            with ring.cond:
-                if lane.id in ring.positions:
-                    ring.positions[lane.id] = seq
-                ring.cond.notify_all()
         self._end(lane, True)
 
     def _digest_lane(self, lane: Lane) -> None:
         v = self.verifier
         assert v._digests is not None
         lane.waiting = False
-        scratch = memoryview(aligned_buffer(min(CHUNK, self.config.bucket_size)))
-        try:
-            bad = check_extents(lane, v._extents, v._digests, v._indices, scratch,
-                                lambda n: self._progress(lane, n), all_bad=v._report_all)
-        except EndedEarly as exc:
-            return self._end(lane, False, exc.offset)
+        check = Check(v._extents, v._digests, self.config.bucket_size)
+        verdict = check.run(lane, v._indices, lambda n: self._progress(lane, n),
+                            all_bad=v._report_all)
+        if verdict.ended is not None:
+            return self._end(lane, False, verdict.ended)
         if lane.stopped:
             return
+        bad = verdict.bad
         if not bad:
             return self._end(lane, True)
         for index in bad[:-1]:

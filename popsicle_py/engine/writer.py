@@ -4,9 +4,10 @@ The builder methods only replace a frozen :class:`~popsicle_py.engine.config.Con
 makes a :class:`_WriteRun`, which owns everything of one run from its constructor: the ring,
 the reader, the supervisor and its lanes.
 
-With :meth:`BusWriter.finish_each`, each destination is also finished by the engine, on its own
-timeline, in this order, so that a drive is never reported complete unless the bytes on it at
-the end are the image's, and never looks like the image to a computer before that:
+With :meth:`BusWriter.finish_each`, each destination is also finished by the engine (by
+:class:`~popsicle_py.engine.finish.Finisher`), on its own timeline, in this order, so that a
+drive is never reported complete unless the bytes on it at the end are the image's, and never
+looks like the image to a computer before that:
 
 1. a random stamp where the image's head (its first 64 KiB) goes, before anything else: a
    drive stopped at any later point shows neither the image's head nor what it held before
@@ -24,38 +25,32 @@ the end are the image's, and never looks like the image to a computer before tha
 
 from __future__ import annotations
 
-import errno
 import functools
 import os
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING
 
 import xxhash
 
-from popsicle_py.blockdev import (
-    drop_cache,
-    first_difference,
-    holds,
-    read_at,
-    seek,
-    sync,
-    write_all,
-    write_at,
-)
+from popsicle_py.blockdev import FileLike, holds, seek, sync, write_all, write_at
 from popsicle_py.buffers import aligned_buffer, is_aligned
 from popsicle_py.engine.builder import Builder
-from popsicle_py.engine.checks import EndedEarly, check_extents
-from popsicle_py.engine.config import CHUNK, HEAD, POLL, Config, Extent, Prepare, SourceAt
+from popsicle_py.engine.config import CHUNK, HEAD, Config, Extent, Prepare, SourceAt
+from popsicle_py.engine.finish import Finisher
+from popsicle_py.engine.lane import Lane
 from popsicle_py.engine.reader import Reader, pread_source
 from popsicle_py.engine.results import DestinationResult, WriteResult
 from popsicle_py.engine.ring import Ring
 from popsicle_py.engine.spill import Spill
-from popsicle_py.engine.supervisor import Callback, CancelCheck, Lane, Supervisor
+from popsicle_py.engine.supervisor import Callback, CancelCheck, Supervisor
 from popsicle_py.errors import AllDestinationsFailed, SourceChanged, SourceDiffers
 from popsicle_py.events import Step
 from popsicle_py.messages import BusWriterMessage as Msg
+
+if TYPE_CHECKING:
+    from _typeshed import WriteableBuffer
 
 
 class BusWriter(Builder):
@@ -72,13 +67,13 @@ class BusWriter(Builder):
     is bounded either way: (buckets + 1) x bucket size, plus 4 MiB per solo destination.
     """
 
-    def __init__(self, source: Any, destinations: Sequence[Any], callback: Callback,
-                 cancel: CancelCheck) -> None:
+    def __init__(self, source: FileLike | None, destinations: Sequence[FileLike],
+                 callback: Callback, cancel: CancelCheck) -> None:
         super().__init__(source, destinations, callback, cancel)
         self._run: _WriteRun | None = None
 
     # Builder methods (the seed's API, chainable).
-    def with_bucket(self, buffer: Any) -> BusWriter:
+    def with_bucket(self, buffer: WriteableBuffer) -> BusWriter:
         """Use the caller's buffer as a bucket: its length sets the bucket size.
 
         A page-aligned writable buffer (an ``mmap``) becomes the ring's first bucket and no
@@ -190,6 +185,8 @@ class BusWriter(Builder):
         reading it failed (no destination then completed), and
         :class:`~popsicle_py.errors.AllDestinationsFailed` when none succeeded.
         """
+        if self.source is None:
+            raise ValueError("no source: give one to BusWriter() or from_source()")
         if self.config.hold_head:
             for dest in self.destinations:
                 if not (hasattr(dest, "seek") and (not hasattr(dest, "seekable")
@@ -259,45 +256,39 @@ class _ReadAlone:
 class _WriteRun:
     """One run of a BusWriter: all of its state, declared here."""
 
-    def __init__(self, source: Any, destinations: Sequence[Any], callback: Callback,
-                 cancel: CancelCheck, config: Config) -> None:
+    def __init__(self, source: FileLike, destinations: Sequence[FileLike],
+                 callback: Callback, cancel: CancelCheck, config: Config) -> None:
         self.config = config
-        self.source = source
-        self.supervisor = Supervisor(destinations, callback, cancel,
-                                     stall_timeout=config.stall_timeout,
-                                     errored=Msg.Errored, name="writer")
-        self.lanes = self.supervisor.lanes
         first = memoryview(config.bucket).cast("B") if config.bucket is not None else None
         self.ring = Ring(config.buckets, config.bucket_size, first)
+        self.supervisor = Supervisor(destinations, callback, cancel,
+                                     stall_timeout=config.stall_timeout,
+                                     errored=Msg.Errored, name="writer",
+                                     wake=self.ring.wake, leave=self.ring.leave)
+        self.lanes = self.supervisor.lanes
         self.held = memoryview(aligned_buffer(HEAD)) if config.hold_head else None
         lock_step = not config.laggards or config.extents is not None
         self.pread = None if lock_step else pread_source(source)
-        self.reader = Reader(source, self.ring, self.lanes, config, self.supervisor.stop,
-                             self.held)
         self.spill: Spill | None = None
         if self.pread is None and not lock_step and config.spill_dir is not None:
             made = Spill.create(config.spill_dir or None, config.expected_size)
             if isinstance(made, Spill):
                 self.spill = made
                 self.pread = (made.fd, 0)
-                self.reader.spill = made
             else:
                 self.supervisor.outbox.put(Msg.LockStep(made))
-        self.reader.post = self.supervisor.outbox.put
-        self.reader.laggards = self.pread is not None
-        #: Where the head goes until the image's own may be written (random: no signature).
-        self.stamp = memoryview(aligned_buffer(HEAD))
-        self.stamp[:] = os.urandom(HEAD)
+        self.reader = Reader(source, self.ring, self.lanes, config, self.supervisor.stop,
+                             self.held, laggards=self.pread is not None, spill=self.spill,
+                             post=self.supervisor.outbox.put)
+        self.finisher = Finisher(config, self.ring, self.reader, self.held, self.pread,
+                                 self.spill, self._written)
         self.reading = False
         self._spill_orphaned = False
         self._spill_lock = threading.Lock()
         self._running = len(self.lanes)  # lane threads not yet returned
         #: Each lane's reads on its own, checked before its head (only with recorded digests).
         self.alone = {lane.id: _ReadAlone(config.bucket_size) for lane in self.lanes}
-        self.supervisor.wake = self._wake
-        self.supervisor.on_leave = self._leave_failed
-        for lane in self.lanes:
-            self.ring.positions[lane.id] = 0
+        self.ring.join(lane.id for lane in self.lanes)
 
     def _read(self) -> None:
         self.reading = True
@@ -325,17 +316,6 @@ class _WriteRun:
                 self._running -= 1
                 if self._running == 0 and self._spill_orphaned and self.spill is not None:
                     self.spill.close()
-
-    def _wake(self) -> None:
-        with self.ring.cond:
-            self.ring.cond.notify_all()
-
-    def _leave_failed(self, lane: Lane) -> None:
-        """A failed or given-up lane stops holding the ring; with none left, reading stops."""
-        with self.ring.cond:
-            self.ring.leave(lane.id)
-        if all(other.error is not None for other in self.lanes):
-            self.supervisor.halt()
 
     def run(self) -> WriteResult:
         try:
@@ -370,7 +350,7 @@ class _WriteRun:
             config.prepare(lane.dest)
             lane.touch()
             lane.post(Msg.Stage(lane.id, Step.WRITING))
-        if config.pipeline and self.held is not None and not self._stamp_head(lane):
+        if config.pipeline and self.held is not None and not self.finisher.stamp(lane):
             return
         resume = self._from_ring(lane)
         while resume is not None and not lane.stopped:
@@ -381,33 +361,21 @@ class _WriteRun:
             resume = self._from_ring(lane, rejoin)
         if lane.stopped:
             return
-        with self.ring.cond:
-            self.ring.leave(lane.id)
+        self.ring.leave(lane.id)
         sync(lane.dest)
         if lane.stopped or not self._check_alone(lane):
             return
         if config.pipeline:
-            self._finish(lane)
+            self.finisher.finish(lane)
         elif not lane.stopped:
             lane.post(Msg.Completed(lane.id))
-
-    def _stamp_head(self, lane: Lane) -> bool:
-        """The stamp in the head's place, once the first bucket says how long the head is."""
-        if not self._wait_for(lane, lambda: self.ring.head > 0 or self.ring.eof):
-            return False
-        head = self.reader.held_length
-        if head:
-            write_at(lane.dest, 0, self.stamp[:head], stop=lambda: lane.stopped,
-                     retries=self.config.retries, pacer=lane.pacer)
-            sync(lane.dest)  # on the device before anything after it (a buffered destination)
-        return not lane.stopped
 
     def _check_alone(self, lane: Lane) -> bool:
         """What the lane read on its own matches what the reader read (once it read it all)."""
         alone = self.alone[lane.id]
         if not alone.buckets or not self.config.record:
             return True
-        if not self._wait_for(lane, lambda: self.ring.eof):
+        if not self.ring.wait_until(lane, lambda: self.ring.eof):
             return False
         differs = alone.differing(self.reader.extents, self.reader.digests)
         if differs is not None:
@@ -432,24 +400,16 @@ class _WriteRun:
             return lane.stopped or (can_detach and lane.detach)
 
         while True:
-            with ring.cond:
-                lane.waiting = True
-                ring.starving.add(lane.id)
-                if can_detach and seq >= ring.head and not ring.eof:
-                    ring.cond.notify_all()  # the reader may let a laggard go now
-                while not leaving() and seq >= ring.head and not ring.eof:
-                    ring.cond.wait(POLL)
-                ring.starving.discard(lane.id)
-                lane.waiting = False
-                lane.touch()
-                if lane.stopped:
-                    return None
+            bucket = ring.next_bucket(lane, seq, leaving, nudge=can_detach)
+            if lane.stopped:
+                return None
+            if bucket is None:
                 if can_detach and lane.detach:
                     # Bucket ``seq`` may already hold later data: never read it.
                     return self.reader.held_length if next_offset is None else next_offset
-                if seq >= ring.head:
-                    return None  # end of source
-                view, offset = ring.bucket(seq)
+                return None  # end of source
+            view, offset = bucket
+            del bucket
             length = len(view)
             done = self._put(lane, view, offset, progressed, leaving)
             partial = done < length and can_detach and lane.detach and not lane.stopped
@@ -461,11 +421,8 @@ class _WriteRun:
             if partial:
                 return offset + done
             next_offset = offset + done
+            ring.moved_past(lane.id, seq)
             seq += 1
-            with ring.cond:
-                if lane.id in ring.positions:
-                    ring.positions[lane.id] = seq
-                ring.cond.notify_all()
 
     def _put(self, lane: Lane, view: memoryview, offset: int, progressed: Callable[[int], None],
              leaving: Callable[[], bool]) -> int:
@@ -505,7 +462,8 @@ class _WriteRun:
                 return None
             limit = len(buf) if total is None else min(len(buf), total - offset)
             if self.spill is not None:
-                if not self._wait_for(lane, functools.partial(self._spilled_past, lane, offset)):
+                if not self.ring.wait_until(lane, functools.partial(self._spilled_past, lane,
+                                                                    offset)):
                     return None
                 if lane.rejoin is not None and offset >= self.spill.end:
                     return lane.rejoin
@@ -534,154 +492,4 @@ class _WriteRun:
 
     def _source_end(self, lane: Lane) -> int | None:
         """Wait for the reader to reach the source's end; None if the run stops first."""
-        return self.ring.total if self._wait_for(lane, lambda: self.ring.eof) else None
-
-    def _wait_for(self, lane: Lane, ready: Callable[[], bool]) -> bool:
-        """Wait (not a stall: the reader is behind) until ``ready()``; False if stopped."""
-        ring = self.ring
-        with ring.cond:
-            lane.waiting = True
-            while not ready() and not lane.stopped:
-                ring.cond.wait(POLL)
-            lane.waiting = False
-            lane.touch()
-        return not lane.stopped
-
-    # ------------------------------------------------------------------------------------------
-    # Finishing: verification, then the head, last.
-
-    def _finish(self, lane: Lane) -> None:
-        config = self.config
-        head = self.reader.held_length
-        held = self.held[:head] if self.held is not None else None
-        stamped = held is not None and head > 0  # since the start (see _stamp_head)
-        if config.verify and (lane.stopped or not self._verify(lane, stamp_head=stamped)):
-            return
-        if not self._wait_for(lane, lambda: self.ring.vouched):
-            return
-        if held is not None and head:
-            lane.post(Msg.Stage(lane.id, Step.SYNCING))
-            write_at(lane.dest, 0, held, stop=lambda: lane.stopped, retries=config.retries,
-                     pacer=lane.pacer)
-            sync(lane.dest)
-            if not lane.stopped:  # the image's bytes of it (a block map's holes are not)
-                self._written(lane)(self.reader.head_bytes)
-            if lane.stopped:
-                return
-            if config.verify and not self._verify(lane, only_head=True):
-                return
-        if not lane.stopped:
-            lane.post(Msg.Completed(lane.id))
-
-    def _verify(self, lane: Lane, *, stamp_head: bool = False, only_head: bool = False) -> bool:
-        """Check the destination against the digests; repair, then check all again.
-
-        With ``stamp_head`` the head's place must hold the stamp; with ``only_head`` only the
-        head is checked.  False (and an ``Invalid`` or error posted) when it does not read back.
-        """
-        source = self.source_read()
-        extents, digests = list(source.extents), list(source.digests)
-        has_head = self.reader.held_length > 0
-        if stamp_head and has_head:
-            digests[0] = xxhash.xxh3_128_digest(self.stamp[: extents[0][1]])
-        indices = [0] if only_head else list(range(len(extents)))
-        drop_cache(lane.dest)
-        lane.post(Msg.Stage(lane.id, Step.VERIFYING))
-        scratch = memoryview(aligned_buffer(min(CHUNK, self.config.bucket_size)))
-        read = [0]
-
-        def progressed(n: int) -> None:
-            read[0] += n
-            lane.post(Msg.Verified(lane.id, read[0]))
-
-        def check(which: Sequence[int]) -> list[int] | None:
-            try:
-                return check_extents(lane, extents, digests, which, scratch, progressed)
-            except EndedEarly as exc:
-                self._invalid(lane, exc.offset, None, ended=True)
-                return None
-
-        bad = check(indices)
-        attempts = 0
-        repaired: set[int] = set()
-        while bad and not lane.stopped and attempts < self.config.repairs:
-            if not all(self._can_repair(i, stamp_head) for i in bad):
-                break
-            attempts += 1
-            repaired.update(bad)
-            lane.post(Msg.Stage(lane.id, Step.WRITING))
-            for index in bad:
-                self._rewrite(lane, index, stamp_head)
-            sync(lane.dest)
-            drop_cache(lane.dest)
-            lane.post(Msg.Stage(lane.id, Step.VERIFYING))
-            bad = check(indices)  # all again: a rewrite may have changed what was checked
-        if bad is None or lane.stopped:
-            return False
-        if bad:
-            start, length = extents[bad[0]]
-            exact = self._exact(lane, bad[0], stamp_head)
-            self._invalid(lane, start if exact is None else exact,
-                          None if exact is not None else start + length)
-            return False
-        if repaired:
-            lane.repaired += len(repaired)
-            lane.post(Msg.Repaired(lane.id, len(repaired)))
-        return True
-
-    def _invalid(self, lane: Lane, offset: int, end: int | None, *, ended: bool = False) -> None:
-        lane.mismatch = offset
-        lane.error = OSError(errno.EIO, "verification failed")
-        with self.ring.cond:
-            self.ring.leave(lane.id)
-        lane.post(Msg.Invalid(lane.id, offset, end, ended))
-
-    def _source_bytes(self, index: int, stamp_head: bool) -> memoryview | None:
-        """What extent ``index`` should hold, when it can be had without a second decompression
-        (the head or stamp from memory, a raw source by position), else from ``source_at``."""
-        start, length = self.reader.extents[index]
-        if index == 0 and self.reader.held_length:
-            assert self.held is not None
-            return (self.stamp if stamp_head else self.held)[:length]
-        if self.pread is not None and (self.spill is None or start + length <= self.spill.end):
-            fd, base = self.pread
-            buf = memoryview(aligned_buffer(length))[:length]
-            got = os.preadv(fd, [buf], base + start)
-            return buf[:got]
-        if self.config.source_at is not None:
-            return memoryview(self.config.source_at(start, length))
-        return None
-
-    def _can_repair(self, index: int, stamp_head: bool) -> bool:
-        return (index == 0 and self.reader.held_length > 0) or self.pread is not None \
-            or self.config.source_at is not None
-
-    def _rewrite(self, lane: Lane, index: int, stamp_head: bool) -> None:
-        data = self._source_bytes(index, stamp_head)
-        if data is None:
-            return
-        start, length = self.reader.extents[index]
-        aligned = memoryview(aligned_buffer(length))[:length]
-        aligned[: len(data)] = data
-        # Not counted in ``done`` (bytes of the image written): those were counted once already,
-        # and a drive that fails while repaired must not look as if it got more than the image.
-        write_at(lane.dest, start, aligned[: len(data)], stop=lambda: lane.stopped,
-                 retries=self.config.retries, pacer=lane.pacer)
-
-    def _exact(self, lane: Lane, index: int, stamp_head: bool) -> int | None:
-        """The first bad byte of a bad extent, when the source can be read by position."""
-        if not ((index == 0 and self.reader.held_length) or self.pread is not None):
-            return None
-        want = self._source_bytes(index, stamp_head)
-        if want is None:
-            return None
-        start, _ = self.reader.extents[index]
-        mine = memoryview(aligned_buffer(len(want)))[: len(want)]
-        try:
-            got = read_at(lane.dest, start, mine)
-        except OSError:
-            return None
-        diff = first_difference(want[:got], mine[:got])
-        if diff >= 0:
-            return start + diff
-        return start + got if got < len(want) else None
+        return self.ring.total if self.ring.wait_until(lane, lambda: self.ring.eof) else None

@@ -11,9 +11,9 @@ import hashlib
 import io
 import os
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from popsicle_py.errors import Cancelled
 from popsicle_py.images.files import ImageError, open_file
@@ -23,13 +23,15 @@ __all__ = [
     "ChecksumCancelled",
     "ChecksumTap",
     "choose_sidecar",
+    "fedora_names",
     "find_sidecar",
     "new_hasher",
     "parse_checksum_option",
+    "signed_part",
     "verify_checksum",
 ]
 
-_HASH_READ_SIZE = 8 << 20  # per read when hashing the download
+_HASH_READ_SIZE = 1 << 20  # per read when hashing: a cancel is seen within one (a slow disk)
 _HEX_LENGTHS = {"sha1": 40, "sha256": 64, "sha512": 128, "blake2b": 128}
 _HEX = re.compile(r"[0-9a-fA-F]+")
 
@@ -51,7 +53,15 @@ class Checksum:
     source: str
 
 
-def new_hasher(checksum: Checksum) -> Any:  # hashlib's objects share no public type
+class Hasher(Protocol):
+    """What a hashlib object is to us (hashlib's objects share no public type)."""
+
+    def update(self, data: bytes | memoryview, /) -> None: ...
+
+    def hexdigest(self) -> str: ...
+
+
+def new_hasher(checksum: Checksum) -> Hasher:
     """A fresh hash object of the checksum's algorithm (and digest length, for blake2b)."""
     if checksum.algo == "blake2b":  # b2sum -l N gives shorter digests
         return hashlib.blake2b(digest_size=len(checksum.hexdigest) // 2)
@@ -112,9 +122,34 @@ def _unescape(name: str) -> str:
     return re.sub(r"\\(.)", lambda m: {"n": "\n", "r": "\r"}.get(m[1], m[1]), name)
 
 
+_CLEARSIGNED = "-----BEGIN PGP SIGNED MESSAGE-----"
+
+
+def signed_part(text: str) -> str:
+    """The text a clearsigned file (Fedora's CHECKSUM) signs; other text as it is.
+
+    Only the signed lines count: anything after the signature is not vouched for by it.
+    """
+    lines = text.splitlines()
+    if not lines or lines[0].strip() != _CLEARSIGNED:
+        return text
+    body: list[str] = []
+    started = False
+    for line in lines[1:]:
+        if not started:
+            started = True  # armor headers ("Hash: SHA256") and the blank line that ends them
+            if not line.strip() or re.match(r"[A-Za-z-]+: ", line):
+                started = not line.strip()
+                continue
+        if line.startswith("-----BEGIN PGP SIGNATURE-----"):
+            break
+        body.append(line[2:] if line.startswith("- ") else line)  # dash-escaped lines
+    return "\n".join(body)
+
+
 def _sidecar_entries(text: str, algo: str) -> Iterator[tuple[str, str, str | None]]:
     """(algo, hex, name or None) for each usable line; lines of other shapes are ignored."""
-    for line in text.splitlines():
+    for line in signed_part(text).splitlines():
         line = line.strip()
         if m := _BSD_LINE.fullmatch(line):
             escaped, tag, name, hexdigest = m.groups()
@@ -148,22 +183,49 @@ def _pick(entries: list[tuple[str, str, str | None]], sidecar: str, base: str) -
     return None
 
 
+#: Lists of checksums distributions publish under fixed names (Arch: sha256sums.txt and
+#: b2sums.txt, BLAKE2b-512), with the algorithm their bare lines use.
+_LISTS = (("sha256sums.txt", "sha256"), ("sha512sums.txt", "sha512"),
+          ("b2sums.txt", "blake2b"), ("CHECKSUM", "sha256"))
+_FEDORA = re.compile(r"Fedora-([A-Za-z0-9_]+)-.*?(\d+)-(\d+\.\d+)")
+_FEDORA_ARCHES = ("x86_64", "aarch64", "ppc64le", "s390x")
+
+
+def fedora_names(base: str) -> list[str]:
+    """The names Fedora gives the CHECKSUM file beside ``base``: Fedora-Workstation-Live-x86_64-
+    41-1.4.iso is listed in Fedora-Workstation-41-1.4-x86_64-CHECKSUM (for a web server, which
+    cannot be listed)."""
+    m = _FEDORA.match(base)
+    arch = next((a for a in _FEDORA_ARCHES if a in base), None)
+    if m is None or arch is None:
+        return []
+    edition, version, release = m.groups()
+    return [f"Fedora-{edition}-{version}-{release}-{arch}-CHECKSUM"]
+
+
 def find_sidecar(path: str) -> Checksum | None:
     """The checksum published next to the image file, if there is one that applies to it."""
     path = os.path.abspath(path)
     folder, base = os.path.split(path)
+    try:
+        listed = sorted(n for n in os.listdir(folder) if n.endswith("CHECKSUM"))
+    except OSError:
+        listed = []
     return choose_sidecar(base, lambda name: os.path.join(folder, name),
-                          lambda p: _read_sidecar(p) if os.path.isfile(p) else None)
+                          lambda p: _read_sidecar(p) if os.path.isfile(p) else None, listed)
 
 
 def choose_sidecar(base: str, beside: Callable[[str], str],
-                   read: Callable[[str], str | None]) -> Checksum | None:
+                   read: Callable[[str], str | None],
+                   listed: Iterable[str] = ()) -> Checksum | None:
     """The published checksum for ``base`` among the files ``beside(name)``, read by ``read``.
 
     IMAGE.sha256 / IMAGE.sha256sum (then the .sha512 variants) belong to the image by name, so
     one that holds no usable checksum is an error rather than a silent skip; a SHA256SUMS (or
     SHA512SUMS) that does not list the image simply does not apply.  ``read`` returns None for
-    a file that is not there, so the same rules serve a folder and a web server.
+    a file that is not there, so the same rules serve a folder and a web server.  Then the
+    lists distributions publish (sha256sums.txt, b2sums.txt, Fedora's *-CHECKSUM, named by
+    ``listed`` or guessed from ``base``), which apply only when they list the image.
     """
     for algo in ("sha256", "sha512"):
         for suffix in (f".{algo}", f".{algo}sum"):
@@ -188,6 +250,14 @@ def choose_sidecar(base: str, beside: Callable[[str], str],
         text = read(sums) if sums != beside(base) else None
         if text is not None:
             picked = _pick(list(_sidecar_entries(text, algo)), sums, base)
+            if picked:
+                return picked
+    lists = [*_LISTS, *((n, "sha256") for n in dict.fromkeys([*listed, *fedora_names(base)]))]
+    for name, algo in lists:
+        where = beside(name)
+        text = read(where) if name != base else None
+        if text is not None:
+            picked = _pick(list(_sidecar_entries(text, algo)), where, base)
             if picked:
                 return picked
     return None
@@ -225,7 +295,7 @@ class ChecksumTap:
 class _HashingFile(io.RawIOBase):
     """A raw file whose sequential reads are hashed; used by :class:`ChecksumTap`."""
 
-    def __init__(self, raw: io.FileIO, hasher: Any) -> None:
+    def __init__(self, raw: io.FileIO, hasher: Hasher) -> None:
         super().__init__()
         self._raw = raw
         self._hasher = hasher
@@ -285,8 +355,14 @@ def verify_checksum(
     checksum: Checksum,
     progress: Callable[[int, int], None] | None = None,
     cancel: Callable[[], bool] | None = None,
+    compressed: str | None = None,
 ) -> None:
-    """Hash the file as downloaded, in large sequential reads that also warm the page cache."""
+    """Hash the file as downloaded, in large sequential reads that also warm the page cache.
+
+    ``compressed``: the format's name when the file is decoded into the image, so that a
+    mismatch says which bytes were hashed (a common mistake: the image's checksum given for
+    its .xz, or the reverse).
+    """
     hasher = new_hasher(checksum)
     buf = bytearray(_HASH_READ_SIZE)
     view = memoryview(buf)
@@ -313,7 +389,10 @@ def verify_checksum(
             ) from None
     actual = hasher.hexdigest()
     if actual != checksum.hexdigest:
+        hint = "" if compressed is None else (
+            f"; this is the {checksum.algo} of the {compressed} file as downloaded, the one "
+            "given may be the decompressed image's")
         raise ImageError(
             f"checksum mismatch for {path}: expected {checksum.algo} {checksum.hexdigest} "
-            f"(from {checksum.source}), got {actual}"
+            f"(from {checksum.source}), got {actual}{hint}"
         )

@@ -22,11 +22,18 @@ from zlib_ng import zlib_ng
 from popsicle_py.images.files import READ_SIZE, ImageError, Readable, Tap, open_file
 from popsicle_py.images.sizes import XZ_MAGIC, ZstdLayout
 
+#: Decoded bytes per decoder call, compressed bytes per xz/bzip2 feed: small enough that an
+#: error names the byte where decoding failed to within this much, large enough to cost
+#: nothing measurable (a Python call per 256 KiB).
+_STEP = 256 << 10
+_FEED = 64 << 10
+
 __all__ = [
     "Bzip2Stream",
     "Decodable",
     "DecoderFactory",
     "GzipStream",
+    "LzmaAloneStream",
     "XzStream",
     "ZipStream",
     "ZstdStream",
@@ -135,8 +142,15 @@ class _Stream(io.RawIOBase):
             raise self._error from e
         return filled
 
+    def _consumed(self) -> int | None:
+        """Bytes of the compressed file the decoder has taken so far (None: not known)."""
+        return None
+
     def _wrap(self, e: BaseException) -> ImageError:
         where = f"at byte {self._pos} of the uncompressed image"
+        consumed = self._consumed()
+        if consumed is not None:
+            where += f", byte {consumed} of the compressed file"
         if isinstance(e, OSError) and e.errno is not None:  # the disk, not the data
             return ImageError(f"{self._image.path} could not be read ({where}): {e.strerror or e}")
         if isinstance(e, EOFError):
@@ -174,6 +188,8 @@ class _ChainedStream(_Stream):
 
     #: What every stream (member) starts with: after one, only zeros or another may follow.
     magic: bytes
+    #: Zero bytes after a stream come in multiples of this (xz: 4); 0: nothing may follow it.
+    padding = 1
 
     def __init__(self, image: Decodable, tap: Tap | None = None,
                  raw: Readable | None = None) -> None:
@@ -182,31 +198,50 @@ class _ChainedStream(_Stream):
         self._pending = b""
         self._decoder: _Decoder | None = None
         self._streams = 0
+        self._fed = 0  # bytes read from the file
+
+    def _read(self, size: int) -> bytes:
+        data = self._file.read(size)
+        self._fed += len(data)
+        return data
+
+    def _consumed(self) -> int | None:
+        return self._fed - len(self._pending)
 
     def _new_decoder(self) -> _Decoder:
         """A decoder for the next stream; each format's subclass says which."""
         raise NotImplementedError
 
     def _fill(self, out: memoryview) -> int:
-        data = self._produce(len(out))
+        data = self._produce(min(len(out), _STEP))
         out[: len(data)] = data
         return len(data)
 
     def _start_stream(self) -> bool:
-        """Skip zero padding; False at a clean end, else make sure another stream follows."""
-        magic = self.magic
-        while True:
-            self._pending = self._pending.lstrip(b"\0")
-            if len(self._pending) >= len(magic):
-                break
-            more = self._file.read(READ_SIZE)
-            if not more:
-                if not self._pending:
-                    return False
-                break
-            self._pending += more
-        if self._streams and not self._pending.startswith(magic):
-            raise _Corrupt(f"unexpected data after the end of compressed stream {self._streams}")
+        """Make sure what follows a stream is padding, then another stream or the end; False
+        at a clean end.  The first stream starts at the first byte (no padding before it)."""
+        if self._streams:
+            zeros = 0
+            while True:
+                stripped = self._pending.lstrip(b"\0")
+                zeros += len(self._pending) - len(stripped)
+                self._pending = stripped
+                if self._pending and len(self._pending) >= len(self.magic):
+                    break
+                more = self._read(READ_SIZE)
+                if not more:
+                    break
+                self._pending += more
+            after = f"after the end of compressed stream {self._streams}"
+            if not self.padding and (zeros or self._pending):
+                raise _Corrupt(f"unexpected data {after} (nothing may follow it)")
+            if self.padding and zeros % self.padding:
+                raise _Corrupt(f"{zeros} zero bytes {after}: stream padding comes in "
+                               f"multiples of {self.padding} bytes")
+            if not self._pending:
+                return False
+            if not self._pending.startswith(self.magic):
+                raise _Corrupt(f"unexpected data {after}")
         self._decoder = self._new_decoder()
         self._streams += 1
         return True
@@ -220,16 +255,17 @@ class _ChainedStream(_Stream):
             if isinstance(dec, (lzma.LZMADecompressor, bz2.BZ2Decompressor)):
                 data = b""
                 if dec.needs_input:
-                    data = self._pending or self._file.read(READ_SIZE)
+                    data = self._pending or self._read(_FEED)
                     self._pending = b""
                     if not data:
                         raise EOFError
                 out = dec.decompress(data, limit)
+                self._check_stream(dec)
                 if dec.eof:
                     self._pending = dec.unused_data
             else:
                 if not self._pending:
-                    self._pending = self._file.read(READ_SIZE)
+                    self._pending = self._read(READ_SIZE)
                     if not self._pending:
                         raise EOFError
                 out = dec.decompress(self._pending, limit)
@@ -239,6 +275,9 @@ class _ChainedStream(_Stream):
                 self._decoder = None
             if out:
                 return out
+
+    def _check_stream(self, dec: _Decoder) -> None:
+        """Raise _Corrupt for a stream header this decoder reads but must not trust."""
 
     def close(self) -> None:
         if not self.closed and hasattr(self, "_file"):
@@ -262,8 +301,26 @@ class XzStream(_ChainedStream):
 
     magic = XZ_MAGIC
 
+    padding = 4  # xz -t: stream padding is a multiple of four zero bytes
+
     def _new_decoder(self) -> _Decoder:
         return lzma.LZMADecompressor(format=lzma.FORMAT_XZ)
+
+    def _check_stream(self, dec: _Decoder) -> None:
+        check = getattr(dec, "check", lzma.CHECK_UNKNOWN)
+        if check != lzma.CHECK_UNKNOWN and not lzma.is_check_supported(check):
+            raise _Corrupt(f"stream {self._streams} uses integrity check ID {check}, which "
+                           "cannot be verified (xz -t warns the same)")
+
+
+class LzmaAloneStream(_ChainedStream):
+    """LZMA-alone (.lzma, ``xz --format=lzma``): one stream, nothing after it (as ``xz -t``)."""
+
+    magic = b""
+    padding = 0
+
+    def _new_decoder(self) -> _Decoder:
+        return lzma.LZMADecompressor(format=lzma.FORMAT_ALONE)
 
 
 class Bzip2Stream(_ChainedStream):
@@ -284,6 +341,7 @@ class _Tap:
         self._steps: Generator[tuple[int, bool], bytes | None, None] | None = layout.steps()
         self._need, self._want = next(self._steps)
         self._buf = bytearray()
+        self.read_bytes = 0
 
     def _send(self, value: bytes | None) -> None:
         assert self._steps is not None
@@ -293,6 +351,7 @@ class _Tap:
 
     def read(self, size: int = -1) -> bytes:
         data = self._raw.read(size if size and size > 0 else READ_SIZE)
+        self.read_bytes += len(data)
         if data and self._steps is not None:
             self._track(data)
         return data
@@ -339,6 +398,9 @@ class ZstdStream(_Stream):
 
     def _fill(self, out: memoryview) -> int:
         return self._reader.readinto(out)
+
+    def _consumed(self) -> int | None:
+        return self._tap.read_bytes
 
     def _check_end(self) -> None:
         if self._layout.problem:

@@ -1,35 +1,47 @@
 """The format registry: one record per kind of image file, asked instead of switching on names.
 
-The format is found from the first bytes (file names lie: ``foo.img`` is often gzip). Each
-:class:`Format` says how it is recognised, which names hint at it, how it is decoded and what
-that demands (the whole file first, or a stream), and how its decoded size is learned before
-decoding.  A new format is a new record in :data:`REGISTRY`; callers ask the record
+The format is found from the first bytes (file names lie: ``foo.img`` is often gzip), and
+for a local file from the last ones too (a DMG's trailer, a zip behind a self-extractor's
+stub). Each :class:`Format` says how it is recognised (strictly, and with a damaged header),
+which names hint at it, how it is decoded and what that demands (the whole file first, or a
+stream), how its decoded size is learned before decoding, or why it is refused.
+:func:`judge` is the one decision: a format to decode with, or a one-line refusal.  A new
+format is a new record in :data:`REGISTRY`; callers ask the record
 (``image.kind.needs_whole_file``), never compare ``image.format`` with a name.
 """
 
 from __future__ import annotations
 
+import lzma
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeAlias
 
+from popsicle_py.images import magic
 from popsicle_py.images.decoders import (
     Bzip2Stream,
     DecoderFactory,
     GzipStream,
+    LzmaAloneStream,
     XzStream,
     ZipStream,
     ZstdStream,
 )
-from popsicle_py.images.sizes import XZ_MAGIC, ZSTD_MAGIC, xz_size, zip_member, zstd_walk
+from popsicle_py.images.files import ImageError
+from popsicle_py.images.magic import HEAD_SIZE, TAIL_SIZE
+from popsicle_py.images.sizes import lzma_size, xz_measure, zip_member, zstd_measure
 
 __all__ = [
     "BZIP2",
+    "DMG",
     "FORMATS",
     "GZIP",
     "HEAD_SIZE",
+    "LZIP",
+    "LZMA",
     "RAW",
     "REGISTRY",
+    "TAIL_SIZE",
     "XZ",
     "ZIP",
     "ZSTD",
@@ -37,13 +49,12 @@ __all__ = [
     "Stored",
     "by_name",
     "by_suffix",
+    "damaged",
     "detect",
     "detect_format",
+    "judge",
     "name_warning",
 ]
-
-#: Bytes at the start of a file that detection looks at.
-HEAD_SIZE = 16
 
 
 @dataclass(frozen=True)
@@ -54,6 +65,7 @@ class Stored:
     shown: str  # as the user wrote it, for messages
     fd: int
     size: int  # bytes in the file
+    head: bytes = b""  # the first HEAD_SIZE bytes
 
 
 #: (decoded size or None when unknown, the archive member holding the image or None)
@@ -62,15 +74,20 @@ Measured: TypeAlias = "tuple[int | None, str | None]"
 
 @dataclass(frozen=True)
 class Format:
-    """One kind of image file: how it is recognised, decoded and measured.
+    """One kind of image file: how it is recognised, decoded and measured, or why refused.
 
     ``name`` is what Image.format, events and JSON carry.  ``matches`` judges the first
-    :data:`HEAD_SIZE` bytes.  ``suffixes`` are the file-name endings that say "this format"
-    (a mismatch is worth a warning, never a decision).  ``decoder`` is None when the bytes
-    are the image.  ``needs_whole_file``: decoded by seeking (a zip's directory is at its end),
-    so it cannot be decoded from a download or pipe, nor hashed in the same pass.  ``measure``
-    reads the decoded size (and an archive's member) from the file before decoding; None when
-    only decoding tells the size.  It raises ImageError for an archive that cannot be used.
+    :data:`HEAD_SIZE` bytes strictly (what the format's own tool accepts); ``at_end`` judges
+    the last :data:`TAIL_SIZE` bytes of a local file (a DMG's trailer, a zip behind a stub);
+    ``near`` recognises this format's header with a byte damaged, which is refused, never
+    written raw.  ``suffixes`` are the file-name endings that say "this format" (a mismatch is
+    worth a warning, never a decision).  ``decoder`` is None when the bytes are the image.
+    ``needs_whole_file``: decoded by seeking (a zip's directory is at its end), so it cannot be
+    decoded from a download or pipe, nor hashed in the same pass.  ``measure`` reads the
+    decoded size (and an archive's member) from a local file before decoding, and raises
+    ImageError for one that is cut off or cannot be used.  ``refusal``: recognised but not
+    decoded; the sentence (``{name}``: the file as the user wrote it) says what to do.
+    ``problem`` finds, in the head, a header this program must not decode (None: fine).
     """
 
     name: str
@@ -79,6 +96,10 @@ class Format:
     decoder: DecoderFactory | None = None
     needs_whole_file: bool = False
     measure: Callable[[Stored], Measured] | None = None
+    at_end: Callable[[bytes], bool] | None = None
+    near: Callable[[bytes], bool] | None = None
+    refusal: str | None = None
+    problem: Callable[[bytes], str | None] | None = None
 
     @property
     def decoded(self) -> bool:
@@ -96,29 +117,8 @@ class Format:
         return self.measure is not None
 
 
-def _is_gzip(head: bytes) -> bool:
-    return head.startswith(b"\x1f\x8b\x08")
-
-
-def _is_xz(head: bytes) -> bool:
-    return head.startswith(XZ_MAGIC)
-
-
-def _is_bzip2(head: bytes) -> bool:
-    return len(head) >= 4 and head[:3] == b"BZh" and head[3:4] in b"123456789"
-
-
-def _is_zstd(head: bytes) -> bool:
-    if len(head) >= 4:
-        magic = int.from_bytes(head[:4], "little")
-        # pzstd and the seekable format start with a skippable frame (0x184D2A50..5F).
-        if magic == ZSTD_MAGIC or magic & 0xFFFFFFF0 == 0x184D2A50:
-            return True
+def _nothing(head: bytes) -> bool:
     return False
-
-
-def _is_zip(head: bytes) -> bool:
-    return head.startswith((b"PK\x03\x04", b"PK\x05\x06"))  # a local header, or an empty archive
 
 
 def _anything(head: bytes) -> bool:
@@ -130,27 +130,86 @@ def _zip_measure(f: Stored) -> Measured:
     return size, member
 
 
+def _xz_problem(head: bytes) -> str | None:
+    check = head[7] & 0x0F
+    if lzma.is_check_supported(check):
+        return None
+    return (f"its integrity check (ID {check}) is one xz cannot verify either (`xz -t` warns); "
+            "if you trust it, `xz -dc` it into a file or pipe it to `popsicle-py flash -`")
+
+
 RAW = Format("raw", _anything, measure=lambda f: (f.size, None))
-GZIP = Format("gzip", _is_gzip, (".gz",), GzipStream)
-XZ = Format("xz", _is_xz, (".xz",), XzStream, measure=lambda f: (xz_size(f.fd, f.size), None))
-BZIP2 = Format("bzip2", _is_bzip2, (".bz2",), Bzip2Stream)
-ZSTD = Format("zstd", _is_zstd, (".zst", ".zstd"), ZstdStream,
-              measure=lambda f: (zstd_walk(f.fd, f.size), None))
-ZIP = Format("zip", _is_zip, (".zip",), ZipStream, needs_whole_file=True, measure=_zip_measure)
+GZIP = Format("gzip", magic.is_gzip, (".gz",), GzipStream, near=magic.near_gzip)
+XZ = Format("xz", magic.is_xz, (".xz",), XzStream, near=magic.near_xz,
+            measure=lambda f: (xz_measure(f.fd, f.size, f.shown), None), problem=_xz_problem)
+LZMA = Format("lzma", magic.is_lzma_alone, (".lzma",), LzmaAloneStream,
+              measure=lambda f: (lzma_size(f.head), None))
+BZIP2 = Format("bzip2", magic.is_bzip2, (".bz2",), Bzip2Stream, near=magic.near_bzip2)
+ZSTD = Format("zstd", magic.is_zstd, (".zst", ".zstd"), ZstdStream, near=magic.near_zstd,
+              measure=lambda f: (zstd_measure(f.fd, f.size, f.shown), None))
+ZIP = Format("zip", magic.is_zip, (".zip",), ZipStream, needs_whole_file=True,
+             measure=_zip_measure, at_end=magic.is_zip_at_end)
+# lzip: the one PyPI binding (lzip 1.2.0, 2022) is not kept up enough to trust with every
+# byte of an image, so lzip files are refused with the command that decodes them.
+LZIP = Format("lzip", magic.is_lzip, (".lz",), refusal=(
+    "{name} is an lzip file, which popsicle-py does not decompress: run `lzip -dk {name}` "
+    "and write the result, or `lzip -dc {name} | popsicle-py flash - DEVICE`"))
+DMG = Format("dmg", _nothing, (".dmg",), at_end=magic.is_dmg, refusal=(
+    "{name} is an Apple disk image (DMG), which is not a raw disk image: convert it with "
+    "`dmg2img {name} image.img` and write image.img"))
 
-#: Every known format, in the order detection tries them: raw, which takes anything, last.
-REGISTRY: tuple[Format, ...] = (GZIP, XZ, BZIP2, ZSTD, ZIP, RAW)
 
-#: The names, raw first.
-FORMATS = (RAW.name, *(f.name for f in REGISTRY if f is not RAW))
+def _piped(what: str, tool: str) -> str:
+    return (f"{{name}} is {what} file, which popsicle-py does not decompress: "
+            f"run `{tool} -dc {{name}} | popsicle-py flash - DEVICE`")
+
+
+LZ4 = Format("lz4", magic.is_lz4, (".lz4",), refusal=_piped("an lz4", "lz4"))
+LZOP = Format("lzop", magic.is_lzop, (".lzo",), refusal=_piped("an lzop", "lzop"))
+COMPRESS = Format("compress", magic.is_compress, (".Z",),
+                  refusal=_piped("a Unix compress (.Z)", "gzip"))
+SPARSE = Format("android-sparse", magic.is_sparse, (".simg",), refusal=(
+    "{name} is an Android sparse image, which is not a raw disk image: convert it with "
+    "`simg2img {name} image.img` and write image.img (or flash it with fastboot)"))
+
+#: Every known format, in the order detection tries them: a DMG first (its trailer is the only
+#: sure sign: its first bytes may be any compressed chunk), raw, which takes anything, last.
+REGISTRY: tuple[Format, ...] = (DMG, GZIP, XZ, BZIP2, ZSTD, ZIP, LZIP, LZ4, LZOP, COMPRESS,
+                                SPARSE, LZMA, RAW)
+
+#: The names of the formats that are decoded, raw first.
+FORMATS = (RAW.name, *(f.name for f in REGISTRY if f is not RAW and f.decoded))
 
 _BY_NAME = {f.name: f for f in REGISTRY}
 _BY_SUFFIX = {suffix: f for f in REGISTRY for suffix in f.suffixes}
 
 
-def detect(head: bytes) -> Format:
-    """The format the first bytes show; anything unrecognised is a raw image."""
-    return next(f for f in REGISTRY if f.matches(head))
+def detect(head: bytes, tail: bytes = b"") -> Format:
+    """The format the first bytes (and, for a local file, the last ones) show; anything
+    unrecognised is a raw image."""
+    return next(f for f in REGISTRY
+                if f.matches(head) or (tail and f.at_end is not None and f.at_end(tail)))
+
+
+def damaged(head: bytes) -> Format | None:
+    """The format whose header ``head`` nearly is (a byte or two damaged), if any."""
+    return next((f for f in REGISTRY if f.near is not None and f.near(head)), None)
+
+
+def judge(head: bytes, shown: str, tail: bytes = b"") -> Format:
+    """The format to decode with; ImageError for one recognised and not decoded, a damaged
+    header of a decoded one (never written raw, even with --force), or a header not to trust.
+    """
+    kind = detect(head, tail)
+    if kind.refusal is not None:
+        raise ImageError(kind.refusal.format(name=shown))
+    if kind is RAW and (near := damaged(head)) is not None:
+        raise ImageError(f"{shown} has a damaged {near.name} header: it is neither a valid "
+                         f"{near.name} file nor a disk image; download it again (a damaged "
+                         "compressed file is never written as it is, not even with --force)")
+    if kind.problem is not None and (problem := kind.problem(head)) is not None:
+        raise ImageError(f"{shown} is not written: {problem}")
+    return kind
 
 
 def detect_format(head: bytes) -> str:

@@ -6,6 +6,7 @@ its size where the format allows; :class:`Image` opens a fresh decoded stream pe
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 import stat
@@ -13,12 +14,114 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import BinaryIO
 
+from popsicle_py.files import create_regular
 from popsicle_py.images.checksums import ChecksumTap
 from popsicle_py.images.decoders import read_decoded
 from popsicle_py.images.files import ImageError, open_file
-from popsicle_py.images.formats import HEAD_SIZE, Format, Stored, by_name, detect, name_warning
+from popsicle_py.images.formats import (
+    HEAD_SIZE,
+    TAIL_SIZE,
+    Format,
+    Stored,
+    by_name,
+    judge,
+    name_warning,
+)
 
-__all__ = ["Image", "decompress_to", "open_image", "open_stream", "read_head"]
+__all__ = [
+    "Image",
+    "Replay",
+    "decompress_to",
+    "open_image",
+    "open_stream",
+    "peel",
+    "read_full",
+    "read_head",
+]
+
+#: The most layers decoded one inside the other (a zip holding an .img.xz is two).
+MAX_LAYERS = 4
+
+
+@dataclass(frozen=True)
+class _Layer:
+    """What one layer's decoder needs: its name in messages, its decoded size, its member."""
+
+    path: str
+    size: int | None
+    member: str | None = None
+
+
+class LayerRefused(ImageError):
+    """An inner layer that is refused (not a decoding error of the layer around it)."""
+
+
+class Replay(io.RawIOBase):
+    """Bytes already read from a stream (to judge its format), then the rest of the stream."""
+
+    def __init__(self, head: bytes, rest: io.RawIOBase | BinaryIO) -> None:
+        super().__init__()
+        self._head = memoryview(head)
+        self._rest = rest
+
+    def readable(self) -> bool:
+        return True
+
+    def fileno(self) -> int:
+        return self._rest.fileno()
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
+        out = memoryview(buffer).cast("B")
+        if self._head:
+            n = min(len(out), len(self._head))
+            out[:n] = self._head[:n]
+            self._head = self._head[n:]
+            return n
+        return self._rest.readinto(out) or 0  # type: ignore[union-attr]
+
+    def close(self) -> None:
+        if not self.closed:
+            self._rest.close()
+        super().close()
+
+
+def read_full(stream: io.RawIOBase | BinaryIO, length: int) -> bytes:
+    """``length`` bytes from the stream, fewer only at its end (a pipe gives what it has)."""
+    chunks: list[bytes] = []
+    got = 0
+    while got < length:
+        data = stream.read(length - got)
+        if not data:
+            break
+        chunks.append(data)
+        got += len(data)
+    return b"".join(chunks)
+
+
+def peel(stream: io.RawIOBase, name: str, outer: Format) -> tuple[io.RawIOBase, list[Format]]:
+    """Decode the layers inside a decoded stream, each judged by its own first bytes (an
+    .img.xz inside a zip, an .xz inside a .gz); the innermost stream and the inner formats.
+    ImageError for an inner layer that is refused, damaged, or a zip (which needs seeking)."""
+    inner: list[Format] = []
+    above = outer
+    while True:
+        head = read_full(stream, HEAD_SIZE)
+        where = f"{name} (inside its {above.name} layer)"
+        try:
+            kind = judge(head, where)
+        except ImageError as e:
+            raise LayerRefused(str(e)) from None
+        stream = Replay(head, stream)
+        if not kind.decoded:
+            return stream, inner
+        if kind.needs_whole_file or len(inner) + 1 >= MAX_LAYERS:
+            stream.close()
+            raise LayerRefused(f"{where} is a {kind.name} file, which cannot be decoded inside "
+                             f"another layer: decompress the {above.name} layer first")
+        assert kind.decoder is not None
+        stream = kind.decoder(_Layer(where, None), raw=stream)
+        inner.append(kind)
+        above = kind
 
 
 @dataclass(frozen=True)
@@ -31,6 +134,8 @@ class Image:
     file_size: int
     member: str | None = None
     warning: str | None = None  # e.g. named .xz but not xz inside; worth showing, not fatal
+    layers: tuple[str, ...] = ()  # formats inside the outer one, decoded one after the other
+    outer_size: int | None = None  # the outer layer's decoded size, when there are layers
 
     @property
     def kind(self) -> Format:
@@ -59,7 +164,18 @@ class Image:
         if decoder is None:
             raw: io.RawIOBase = open_file(self.path, self.path, tap)
             return raw
-        return decoder(self, tap)  # a zip's decoder leaves the tap unused: see tappable
+        if not self.layers:
+            return decoder(self, tap)  # a zip's decoder leaves the tap unused: see tappable
+        stream = decoder(_Layer(self.path, self.outer_size, self.member), tap)
+        above = self.format
+        for i, name in enumerate(self.layers):
+            inner = by_name(name).decoder
+            assert inner is not None
+            last = i == len(self.layers) - 1
+            stream = inner(_Layer(f"{self.path} (inside its {above} layer)",
+                                  self.size if last else None), raw=stream)
+            above = name
+        return stream
 
     @property
     def tappable(self) -> bool:
@@ -83,34 +199,29 @@ def read_head(image: Image, length: int) -> bytes:
     For a compressed image this decodes only as far as needed (the sanity check looks at the
     start of what would be written, not at the compressed file).
     """
-    chunks: list[bytes] = []
-    got = 0
     try:
         with image.open() as stream:
-            while got < length:
-                data = stream.read(length - got)
-                if not data:
-                    break
-                chunks.append(data)
-                got += len(data)
+            return read_full(stream, length)
     except OSError as e:
         raise ImageError(f"{image.path} cannot be read: {e.strerror or e}") from None
-    return b"".join(chunks)
 
 
 def open_stream(raw: BinaryIO, fmt: str, name: str, size: int | None = None) -> BinaryIO:
-    """Decode an already open stream of ``fmt`` data (a download) exactly as open() decodes a file.
+    """Decode an already open stream of ``fmt`` data (a download, standard input) exactly as
+    open() decodes a file, with the layers inside it (each judged by its first bytes).
 
-    ``name`` is used in messages; ``size``, when known, is checked like a header's size.  A zip
-    needs its directory at the end of the file, so it cannot be read from a stream.
+    ``name`` is used in messages; ``size``, when known, is checked like a header's size (of the
+    outer layer's decoded bytes).  A zip needs its directory at the end of the file, so it
+    cannot be read from a stream.
     """
-    image = Image(name, fmt, size, 0)
-    kind = image.kind
+    kind = by_name(fmt)
     if kind.decoder is None:
         return raw
     if kind.needs_whole_file:
-        raise ImageError(f"{name} is a {kind.name} file, which cannot be read as a stream")
-    return kind.decoder(image, raw=raw)  # type: ignore[return-value]
+        raise ImageError(f"{name} is a {kind.name} file, which cannot be read as a stream: "
+                         "save it to a file first")
+    stream, _ = peel(kind.decoder(_Layer(name, size), raw=raw), name, kind)
+    return stream  # type: ignore[return-value]
 
 
 def open_image(path: str) -> Image:
@@ -134,15 +245,42 @@ def open_image(path: str) -> Image:
             raise ImageError(f"{shown} is empty")
         try:
             head = os.pread(f.fileno(), HEAD_SIZE, 0)
-            kind = detect(head)
+            tail = os.pread(f.fileno(), TAIL_SIZE, max(0, file_size - TAIL_SIZE))
+            kind = judge(head, shown, tail)
             size: int | None = None
             member = None
             if kind.measure is not None:
-                size, member = kind.measure(Stored(path, shown, f.fileno(), file_size))
+                size, member = kind.measure(Stored(path, shown, f.fileno(), file_size, head))
         except OSError as e:
             raise ImageError(f"{shown} cannot be read: {e.strerror or e}") from None
     warning = name_warning(shown, os.path.splitext(path)[1], kind)
-    return Image(path, kind.name, size, file_size, member, warning)
+    image = Image(path, kind.name, size, file_size, member, warning)
+    return _with_layers(image, kind)
+
+
+def _with_layers(image: Image, kind: Format) -> Image:
+    """The image with the layers its decoded bytes hold (found by decoding their first bytes).
+
+    A start that cannot be decoded is left to the writing pass, which names the byte.
+    """
+    if not kind.decoded:
+        return image
+    try:
+        stream = image.open()
+    except ImageError:
+        return image
+    try:
+        _, inner = peel(stream, image.path, kind)
+    except LayerRefused:
+        raise
+    except ImageError:
+        return image
+    finally:
+        stream.close()
+    if not inner:
+        return image
+    return dataclasses.replace(image, layers=tuple(f.name for f in inner),
+                               outer_size=image.size, size=None)
 
 
 def decompress_to(image: Image, path: str, cancel: Callable[[], bool],
@@ -154,7 +292,7 @@ def decompress_to(image: Image, path: str, cancel: Callable[[], bool],
     done = 0
     buf = memoryview(bytearray(4 << 20))
     try:
-        with image.open() as source, open(path, "wb") as out:
+        with image.open() as source, create_regular(path) as out:
             while True:
                 if cancel():
                     return None

@@ -14,11 +14,19 @@ import zlib
 from collections.abc import Generator
 
 from popsicle_py.images.files import ImageError
+from popsicle_py.images.magic import XZ_MAGIC, ZSTD_MAGIC
 
-__all__ = ["XZ_MAGIC", "ZSTD_MAGIC", "ZstdLayout", "xz_size", "zip_member", "zstd_walk"]
-
-XZ_MAGIC = b"\xfd7zXZ\x00"
-ZSTD_MAGIC = 0xFD2FB528
+__all__ = [
+    "XZ_MAGIC",
+    "ZSTD_MAGIC",
+    "ZstdLayout",
+    "lzma_size",
+    "xz_measure",
+    "xz_size",
+    "zip_member",
+    "zstd_measure",
+    "zstd_walk",
+]
 
 _ZIP_METHODS = {
     zipfile.ZIP_STORED: "stored",
@@ -188,6 +196,21 @@ def zstd_walk(fd: int, file_size: int) -> int | None:
 
     Reads a few bytes per 128 KiB block with pread, so it costs little even on large files.
     """
+    size, problem = _zstd_layout(fd, file_size)
+    return None if problem else size
+
+
+def zstd_measure(fd: int, file_size: int, shown: str) -> int | None:
+    """:func:`zstd_walk`, refusing a file whose frames announce more than it holds (cut off)."""
+    size, problem = _zstd_layout(fd, file_size)
+    if problem:
+        raise ImageError(f"{shown} is a damaged or cut-off zstd file ({problem}): "
+                         "download it again")
+    return size
+
+
+def _zstd_layout(fd: int, file_size: int) -> tuple[int | None, str | None]:
+    """(the decoded size or None when a frame does not state it, what is wrong or None)."""
     layout = ZstdLayout()
     steps = layout.steps()
     pos = 0
@@ -198,11 +221,34 @@ def zstd_walk(fd: int, file_size: int) -> int | None:
             if want:
                 data = os.pread(fd, n, pos)
                 if len(data) < n:
-                    return None
+                    return None, _cut(pos, n, file_size)
             pos += n
             if pos > file_size:
-                return None
+                return None, _cut(pos - n, n, file_size)
             n, want = steps.send(data)
     except StopIteration:
-        return None
-    return layout.size if pos == file_size and layout.at_boundary else None
+        return None, f"{layout.problem} at byte {pos}"
+    if pos != file_size or not layout.at_boundary:
+        return None, f"it ends inside a frame at byte {file_size}"
+    return layout.size, None
+
+
+def _cut(at: int, wanted: int, file_size: int) -> str:
+    return (f"a frame at byte {at} announces {wanted} more bytes, the file ends at byte "
+            f"{file_size}")
+
+
+def xz_measure(fd: int, file_size: int, shown: str) -> int:
+    """:func:`xz_size`, refusing a file without a whole index and footer at its end: a
+    complete .xz always ends with them (and stream padding), so it was cut off or damaged."""
+    size = xz_size(fd, file_size)
+    if size is None:
+        raise ImageError(f"{shown} does not end with a complete xz index and footer: it is cut "
+                         "off (an interrupted download?) or damaged; download it again")
+    return size
+
+
+def lzma_size(head: bytes) -> int | None:
+    """An LZMA-alone header's decoded size, None when it says "unknown" (streamed)."""
+    size = int.from_bytes(head[5:13], "little")
+    return None if size == 0xFFFF_FFFF_FFFF_FFFF else size

@@ -19,13 +19,15 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
-from typing import Any
 
 from urllib3.exceptions import HTTPError
 
+from popsicle_py import files
 from popsicle_py.cache import CacheWriter
-from popsicle_py.events import Event, Note, Phase, Progress, Step
+from popsicle_py.events import Download as DownloadNews
+from popsicle_py.events import Event, Fetch, Note, Phase, Progress, Step
 from popsicle_py.images import Checksum, ImageError, new_hasher
+from popsicle_py.images.checksums import Hasher
 from popsicle_py.remote.http import (
     Client,
     Probe,
@@ -67,7 +69,8 @@ class Download(io.RawIOBase):
         self.validator = probe_.validator
         self.total = probe_.total
         self.expected = expected
-        self.hasher: Any = new_hasher(expected) if expected else None  # no cost unless needed
+        # No cost unless a checksum is expected.
+        self.hasher: Hasher | None = new_hasher(expected) if expected else None
         self.sink = sink
         self.required = required
         self.emit = emit
@@ -82,6 +85,7 @@ class Download(io.RawIOBase):
         self._finished = False
         self._error: ImageError | None = None
         self._last_progress = 0.0
+        self._reported = 0  # the bytes the last Progress event said
         self.committed: str | None = None
         self.on_commit: Callable[[str], None] | None = None
 
@@ -139,6 +143,8 @@ class Download(io.RawIOBase):
 
     def _fail(self, exc: ImageError) -> None:
         self._error = exc
+        if self.emit is not None and not (self.cancel is not None and self.cancel()):
+            self.emit(DownloadNews(Fetch.FAILED, self._handed, self.total, str(exc)))
         if self.sink is not None:
             self.sink.abort()
             self.sink = None
@@ -166,6 +172,8 @@ class Download(io.RawIOBase):
             if self._resp is None:
                 self._reconnect()
                 continue
+            if self._handed != self._reported:  # the view learns what came before a wait
+                self._progress(force=True)
             try:
                 data = self._resp.read(limit)
             except (HTTPError, OSError, http.client.HTTPException) as exc:
@@ -190,6 +198,7 @@ class Download(io.RawIOBase):
                               f"{self._failures} attempts: {why}")
         if self.emit is not None:
             self.emit(Note(f"download interrupted at byte {self._net} ({why}); resuming"))
+            self.emit(DownloadNews(Fetch.RESUMING, self._net, self.total, why))
         deadline = time.monotonic() + self.client.settings.pause(self._failures)
         while time.monotonic() < deadline:
             if self.cancel is not None and self.cancel():
@@ -267,7 +276,7 @@ class Download(io.RawIOBase):
         self._drop()
         if self.total is not None:
             self._check_nothing_follows()
-        if self.expected is not None:
+        if self.expected is not None and self.hasher is not None:
             actual = self.hasher.hexdigest()
             if actual != self.expected.hexdigest:
                 raise RemoteError(
@@ -275,6 +284,9 @@ class Download(io.RawIOBase):
                     f"{self.expected.hexdigest} (from {self.expected.source}), got {actual}")
         self._finished = True
         self._progress(force=True)
+        if self.emit is not None:
+            self.emit(DownloadNews(Fetch.COMPLETE, self._handed, self.total,
+                                   checked=self.expected is not None))
         if self.sink is not None:
             sink, self.sink = self.sink, None
             try:
@@ -312,6 +324,7 @@ class Download(io.RawIOBase):
         now = time.monotonic()
         if force or now - self._last_progress >= _PROGRESS_INTERVAL:
             self._last_progress = now
+            self._reported = self._handed
             self.emit(Progress(None, DOWNLOADING, self._handed, self.total))
 
     def _drop(self) -> None:
@@ -341,7 +354,7 @@ class FileSink:
         self.where = directory
         self.dir = tempfile.mkdtemp(prefix="popsicle-py-download-", dir=directory)
         self.path = os.path.join(self.dir, "image")
-        self._file = open(self.path, "wb")  # noqa: SIM115 - closed by commit() or abort()
+        self._file = files.create_regular(self.path, exclusive=True)  # see commit(), abort()
 
     def write(self, data: bytes | memoryview) -> None:
         self._file.write(data)

@@ -25,13 +25,14 @@ from popsicle_py.images import (
     Image,
     ImageError,
     choose_sidecar,
-    detect,
+    judge,
     name_warning,
     open_image,
     open_stream,
     parse_checksum_option,
     read_decoded,
 )
+from popsicle_py.images.checksums import Hasher
 from popsicle_py.remote.download import CHUNK, Download, Emit, FileSink
 from popsicle_py.remote.http import Client, HttpSettings, Probe, RemoteError, probe
 from popsicle_py.signatures import check_signature
@@ -54,7 +55,7 @@ class _Decoded(io.RawIOBase):
         self._decoded = decoded
 
     @property
-    def hasher(self) -> Any:
+    def hasher(self) -> Hasher | None:
         return self.download.hasher
 
     @property
@@ -97,7 +98,7 @@ class RemoteImage:
         self.final_url = probe_.final_url
         self.validator = probe_.validator
         self.total = probe_.total
-        self.kind = detect(probe_.head)
+        self.kind = judge(probe_.head, probe_.url)  # refused or damaged: before any drive
         self.format = self.kind.name
         self.file_size = probe_.total or 0
         self.size = None if self.kind.decoded else probe_.total
@@ -286,7 +287,7 @@ def open_url(url: str, *, sha256: str | None = None, checksum: str | None = None
     return UrlImage(image, None, notes)
 
 
-def attach(image: Any, emit: Emit | None, cancel: Callable[[], bool] | None = None) -> None:
+def attach(image: object, emit: Emit | None, cancel: Callable[[], bool] | None = None) -> None:
     """Send a RemoteImage's download events to the view (no-op for local images)."""
     if isinstance(image, RemoteImage):
         image.attach(emit, cancel)

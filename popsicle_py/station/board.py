@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from popsicle_py import events, rows
+from popsicle_py.events import JsonObject
 
 #: The states a slot can be in, in the order a drive goes through them.
 STATES = ("empty", "probing", "writing", "verifying", "done", "failed", "stopped", "ignored")
@@ -23,7 +24,7 @@ class Tile:
     label: str
     state: str = "empty"
     device: str | None = None
-    drive: dict[str, Any] | None = None
+    drive: JsonObject | None = None
     why: str | None = None  # failed, stopped or ignored: the reason a person reads
     cause: str | None = None
     powered_off: bool = False
@@ -32,7 +33,7 @@ class Tile:
     write_speed: float | None = None
     verify_speed: float | None = None
 
-    def to_json(self, now: float) -> dict[str, Any]:
+    def to_json(self, now: float) -> JsonObject:
         t = self.tracker
         fraction = t.fraction if t is not None else None
         if self.state == "done":
@@ -57,13 +58,13 @@ def _round(value: float | None) -> float | None:
 class Board:
     """Every slot's tile (the map's, in its order; without a map, as drives come)."""
 
-    image: dict[str, Any]
-    station: dict[str, Any]
+    image: JsonObject
+    station: JsonObject
     target: int | None = None
     counters: dict[str, int] = field(default_factory=lambda: {"ok": 0, "failed": 0,
                                                               "total": 0})
     tiles: dict[str, Tile] = field(default_factory=dict)
-    others: list[dict[str, Any]] = field(default_factory=list)  # unmapped or unslotted drives
+    others: list[JsonObject] = field(default_factory=list)  # unmapped or unslotted drives
     stopping: bool = False
     ended: bool = False
     version: int = 0
@@ -146,7 +147,7 @@ class Board:
             case events.Summary():
                 self.ended = True
 
-    def snapshot(self, now: float) -> dict[str, Any]:
+    def snapshot(self, now: float) -> JsonObject:
         in_flight = sum(1 for t in self.tiles.values() if t.busy)
         return {"version": self.version, "station": self.station, "image": self.image,
                 "counters": {**self.counters, "in_flight": in_flight, "target": self.target},

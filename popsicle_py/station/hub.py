@@ -16,9 +16,9 @@ import json
 import threading
 import time
 from collections import deque
-from typing import Any
 
 from popsicle_py import events
+from popsicle_py.events import JsonObject
 from popsicle_py.station.board import Board
 
 #: A client of /api/events that falls this far behind loses its progress events first, and
@@ -46,7 +46,7 @@ class EventClient:
         self.wake.set()
 
 
-def event_json(event: events.WatchEvent, slot: str | None) -> dict[str, Any]:
+def event_json(event: events.WatchEvent, slot: str | None) -> JsonObject:
     data = event.to_json()
     data["slot"] = slot
     return data
@@ -115,5 +115,5 @@ class Hub:
             self.changed.set()
             self.changed = asyncio.Event()
 
-    def snapshot(self) -> dict[str, Any]:
+    def snapshot(self) -> JsonObject:
         return self.board.snapshot(time.monotonic())

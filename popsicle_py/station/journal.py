@@ -14,10 +14,11 @@ import io
 import os
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
 
+from popsicle_py import files
+from popsicle_py.events import JsonObject
 from popsicle_py.report import FIELDS, iso
 
 #: The result of a row whose drive is being written.
@@ -60,6 +61,7 @@ def connect(path: str, *, create: bool) -> sqlite3.Connection:
     try:
         if create:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        files.check_regular(path, create=create, sidecars=("-wal", "-shm", "-journal"))
         db = sqlite3.connect(path, timeout=10, isolation_level=None, check_same_thread=False)
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=FULL")
@@ -72,7 +74,7 @@ def connect(path: str, *, create: bool) -> sqlite3.Connection:
     return db
 
 
-def _row(cursor: sqlite3.Cursor, values: tuple[Any, ...]) -> dict[str, Any]:
+def _row(cursor: sqlite3.Cursor, values: tuple[object, ...]) -> JsonObject:
     data = {d[0]: v for d, v in zip(cursor.description, values, strict=True)}
     if "verified" in data and data["verified"] is not None:
         data["verified"] = bool(data["verified"])
@@ -83,7 +85,7 @@ class Journal:
     """Rows written by the station's session thread; read by anyone (WAL: readers never wait)."""
 
     def __init__(self, path: str, *, station: str, session: str, batch: str = "",
-                 operator: str = "", clock: Any = time.time) -> None:
+                 operator: str = "", clock: Callable[[], float] = time.time) -> None:
         self.path = path
         self.db = connect(path, create=True)
         self.station, self.session = station, session
@@ -113,7 +115,7 @@ class Journal:
                               IN_FLIGHT))
         return cur.rowcount
 
-    def start(self, slot: str, fields: dict[str, Any]) -> int:
+    def start(self, slot: str, fields: JsonObject) -> int:
         """A drive starts: its row, in flight; returns the row's id."""
         data = {k: fields.get(k) for k in FIELDS}
         data.update(session=self.session, station=self.station, batch=self.batch,
@@ -125,7 +127,7 @@ class Journal:
                              f"({', '.join('?' * len(names))})", [data[n] for n in names])
         return int(cur.lastrowid or 0)
 
-    def finish(self, row: int, fields: dict[str, Any]) -> None:
+    def finish(self, row: int, fields: JsonObject) -> None:
         """A drive ended: everything the report holds, over its row."""
         data = {k: fields[k] for k in FIELDS if k in fields and k != "started"}
         with self._write() as db:
@@ -143,14 +145,14 @@ def counts(db: sqlite3.Connection, batch: str | None) -> dict[str, int]:
     return {"ok": ok, "failed": failed, "total": ok + failed}
 
 
-def records(db: sqlite3.Connection, batch: str | None = None) -> list[dict[str, Any]]:
+def records(db: sqlite3.Connection, batch: str | None = None) -> list[JsonObject]:
     """Every row (of a batch), oldest first, as plain data."""
     where, args = ("WHERE batch = ?", (batch,)) if batch is not None else ("", ())
     cur = db.execute(f"SELECT {', '.join(COLUMNS)} FROM records {where} ORDER BY id", args)
     return [_row(cur, values) for values in cur.fetchall()]
 
 
-def to_csv(found: list[dict[str, Any]]) -> str:
+def to_csv(found: list[JsonObject]) -> str:
     """Records as CSV with a header line (booleans as true/false, None as empty)."""
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
@@ -161,7 +163,7 @@ def to_csv(found: list[dict[str, Any]]) -> str:
     return buf.getvalue()
 
 
-def read_records(path: str, batch: str | None = None) -> list[dict[str, Any]]:
+def read_records(path: str, batch: str | None = None) -> list[JsonObject]:
     db = connect(path, create=False)
     try:
         return records(db, batch)

@@ -13,10 +13,11 @@ import time
 from typing import IO, Protocol
 
 from popsicle_py import events
+from popsicle_py.signals import say_on_stderr
 from popsicle_py.station.hook import Hook
 from popsicle_py.station.hub import Hub, event_json
 from popsicle_py.station.recorder import Recorder, Tagger
-from popsicle_py.view import Out, PlainView, say_on_stderr
+from popsicle_py.view import Out, PlainView
 
 #: The terminal's JSON lines get a drive's progress this often at most (the page: at once).
 JSON_INTERVAL = 1.0

@@ -1,0 +1,266 @@
+"""Each destination's finishing steps: the stamp, verification from the device, repairs, the head.
+
+:class:`Check` reads a destination back against the digests the reader recorded, rewrites bad
+extents when it may and checks *every* extent again after (a write to a drive that aliases
+addresses, as counterfeit sticks do, can spoil what was checked before it).  It is the one
+routine for the writer's own verification and for :class:`~.verifier.BusVerifier` given digests.
+
+:class:`Finisher` is what a write run does with it, in this order (see :mod:`.writer`):
+
+1. :meth:`Finisher.stamp`: random bytes where the image's head goes, before anything else, so
+   that a drive stopped at any later point shows neither the image's head nor what it held
+   before (an old image's partition table over new data would pass for a good disk);
+2. :meth:`Finisher.finish`, once every other bucket is written and synced: with verification,
+   every extent read back and checked, the stamp included (the stamp reading back proves the
+   head's blocks are shared with no other checked block, so writing the head next cannot change
+   anything already checked); then, once the reader has vouched for the whole source, the head,
+   fsync, and the head read back; then ``Completed``.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import xxhash
+
+from popsicle_py.blockdev import (
+    DEFAULT_RETRIES,
+    drop_cache,
+    first_difference,
+    read_at,
+    sync,
+    write_at,
+)
+from popsicle_py.buffers import aligned_buffer
+from popsicle_py.engine.checks import EndedEarly, check_extents
+from popsicle_py.engine.config import CHUNK, HEAD, Config
+from popsicle_py.engine.lane import Lane
+from popsicle_py.engine.reader import Reader
+from popsicle_py.engine.ring import Ring
+from popsicle_py.engine.spill import Spill
+from popsicle_py.events import Step
+from popsicle_py.messages import BusWriterMessage as Msg
+
+#: Counts ``n`` more bytes of the image as written to a lane (and says so).
+Written = Callable[[Lane], Callable[[int], None]]
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """How a destination read back: the extents still bad, or where it ended too early."""
+
+    bad: tuple[int, ...] = ()
+    #: The destination ended at this offset, before an extent did.
+    ended: int | None = None
+    #: Extents rewritten by repairs (they read back right unless still in ``bad``).
+    repaired: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not self.bad and self.ended is None
+
+
+class Check:
+    """Read destinations back against per-extent digests; repair bad extents, check all again.
+
+    ``source_bytes(index)`` gives what extent ``index`` should hold (None: it cannot be had);
+    ``can_repair(index)`` says whether to try; ``stage(lane, step)`` is told when repairs
+    begin writing and checking again.  With ``repairs`` 0 (the verifier) nothing is written.
+    """
+
+    def __init__(self, extents: Sequence[tuple[int, int]], digests: Sequence[bytes],
+                 bucket_size: int, *, repairs: int = 0,
+                 source_bytes: Callable[[int], memoryview | None] | None = None,
+                 can_repair: Callable[[int], bool] = lambda index: False,
+                 retries: int = DEFAULT_RETRIES,
+                 stage: Callable[[Lane, Step], None] = lambda lane, step: None) -> None:
+        self.extents = extents
+        self.digests = digests
+        self.bucket_size = bucket_size
+        self.repairs = repairs
+        self.source_bytes = source_bytes
+        self.can_repair = can_repair
+        self.retries = retries
+        self.stage = stage
+
+    def run(self, lane: Lane, indices: Sequence[int], progressed: Callable[[int], None], *,
+            all_bad: bool = True) -> Verdict:
+        """Check ``indices`` (stopping at the first bad one unless ``all_bad``).
+
+        Returns early, with what it found, once the lane is stopped: the caller looks.
+        """
+        scratch = memoryview(aligned_buffer(min(CHUNK, self.bucket_size)))
+        repaired: set[int] = set()
+        try:
+            bad = check_extents(lane, self.extents, self.digests, indices, scratch, progressed,
+                                all_bad=all_bad)
+            attempts = 0
+            while bad and not lane.stopped and attempts < self.repairs:
+                if not all(self.can_repair(i) for i in bad):
+                    break
+                attempts += 1
+                repaired.update(bad)
+                self.stage(lane, Step.WRITING)
+                for index in bad:
+                    self._rewrite(lane, index)
+                sync(lane.dest)
+                drop_cache(lane.dest)
+                self.stage(lane, Step.VERIFYING)
+                # All again: a rewrite may have changed what was checked.
+                bad = check_extents(lane, self.extents, self.digests, indices, scratch,
+                                    progressed, all_bad=all_bad)
+        except EndedEarly as exc:
+            return Verdict(ended=exc.offset, repaired=len(repaired))
+        return Verdict(tuple(bad), None, len(repaired))
+
+    def _rewrite(self, lane: Lane, index: int) -> None:
+        data = self.source_bytes(index) if self.source_bytes is not None else None
+        if data is None:
+            return
+        start, length = self.extents[index]
+        aligned = memoryview(aligned_buffer(length))[:length]
+        aligned[: len(data)] = data
+        # Not counted in ``done`` (bytes of the image written): those were counted once already,
+        # and a drive that fails while repaired must not look as if it got more than the image.
+        write_at(lane.dest, start, aligned[: len(data)], stop=lambda: lane.stopped,
+                 retries=self.retries, pacer=lane.pacer)
+
+
+class Finisher:
+    """The finishing steps of every destination of one write run (see the module docstring)."""
+
+    def __init__(self, config: Config, ring: Ring, reader: Reader, held: memoryview | None,
+                 pread: tuple[int, int] | None, spill: Spill | None, written: Written) -> None:
+        self.config = config
+        self.ring = ring
+        self.reader = reader
+        self.held = held
+        self.pread = pread  # the source (or its spill) by position, for repairs
+        self.spill = spill
+        self.written = written
+        #: Where the head goes until the image's own may be written (random: no signature).
+        self.stamp_bytes = memoryview(aligned_buffer(HEAD))
+        self.stamp_bytes[:] = os.urandom(HEAD)
+
+    def stamp(self, lane: Lane) -> bool:
+        """The stamp in the head's place, once the first bucket says how long the head is."""
+        ring = self.ring
+        if not ring.wait_until(lane, lambda: ring.head > 0 or ring.eof):
+            return False
+        head = self.reader.held_length
+        if head:
+            write_at(lane.dest, 0, self.stamp_bytes[:head], stop=lambda: lane.stopped,
+                     retries=self.config.retries, pacer=lane.pacer)
+            sync(lane.dest)  # on the device before anything after it (a buffered destination)
+        return not lane.stopped
+
+    def finish(self, lane: Lane) -> None:
+        """[Verify,] wait for the reader to vouch, write the head [and check it], Completed."""
+        config = self.config
+        head = self.reader.held_length
+        held = self.held[:head] if self.held is not None else None
+        stamped = held is not None and head > 0  # since the start (see stamp)
+        if config.verify and (lane.stopped or not self._verify(lane, stamp_head=stamped)):
+            return
+        if not self.ring.wait_until(lane, lambda: self.ring.vouched):
+            return
+        if held is not None and head:
+            lane.post(Msg.Stage(lane.id, Step.SYNCING))
+            write_at(lane.dest, 0, held, stop=lambda: lane.stopped, retries=config.retries,
+                     pacer=lane.pacer)
+            sync(lane.dest)
+            if not lane.stopped:  # the image's bytes of it (a block map's holes are not)
+                self.written(lane)(self.reader.head_bytes)
+            if lane.stopped:
+                return
+            if config.verify and not self._verify(lane, only_head=True):
+                return
+        if not lane.stopped:
+            lane.post(Msg.Completed(lane.id))
+
+    def _verify(self, lane: Lane, *, stamp_head: bool = False, only_head: bool = False) -> bool:
+        """Check the destination against the digests; repair, then check all again.
+
+        With ``stamp_head`` the head's place must hold the stamp; with ``only_head`` only the
+        head is checked.  False (and an ``Invalid`` or error posted) when it does not read back.
+        """
+        reader = self.reader
+        extents, digests = list(reader.extents), list(reader.digests)
+        if stamp_head and reader.held_length > 0:
+            digests[0] = xxhash.xxh3_128_digest(self.stamp_bytes[: extents[0][1]])
+        indices = [0] if only_head else list(range(len(extents)))
+        drop_cache(lane.dest)
+        lane.post(Msg.Stage(lane.id, Step.VERIFYING))
+        read = [0]
+
+        def progressed(n: int) -> None:
+            read[0] += n
+            lane.post(Msg.Verified(lane.id, read[0]))
+
+        check = Check(extents, digests, self.config.bucket_size, repairs=self.config.repairs,
+                      source_bytes=lambda index: self._source_bytes(index, stamp_head),
+                      can_repair=self._can_repair, retries=self.config.retries,
+                      stage=lambda lane, step: lane.post(Msg.Stage(lane.id, step)))
+        verdict = check.run(lane, indices, progressed)
+        if verdict.ended is not None:
+            self._invalid(lane, verdict.ended, None, ended=True)
+            return False
+        if lane.stopped:
+            return False
+        if verdict.bad:
+            start, length = extents[verdict.bad[0]]
+            exact = self._exact(lane, verdict.bad[0], stamp_head)
+            self._invalid(lane, start if exact is None else exact,
+                          None if exact is not None else start + length)
+            return False
+        if verdict.repaired:
+            lane.repaired += verdict.repaired
+            lane.post(Msg.Repaired(lane.id, verdict.repaired))
+        return True
+
+    def _invalid(self, lane: Lane, offset: int, end: int | None, *, ended: bool = False) -> None:
+        lane.mismatch = offset
+        lane.error = OSError(errno.EIO, "verification failed")
+        self.ring.leave(lane.id)
+        lane.post(Msg.Invalid(lane.id, offset, end, ended))
+
+    def _source_bytes(self, index: int, stamp_head: bool) -> memoryview | None:
+        """What extent ``index`` should hold, when it can be had without a second decompression
+        (the head or stamp from memory, a raw source by position), else from ``source_at``."""
+        start, length = self.reader.extents[index]
+        if index == 0 and self.reader.held_length:
+            assert self.held is not None
+            return (self.stamp_bytes if stamp_head else self.held)[:length]
+        if self.pread is not None and (self.spill is None or start + length <= self.spill.end):
+            fd, base = self.pread
+            buf = memoryview(aligned_buffer(length))[:length]
+            got = os.preadv(fd, [buf], base + start)
+            return buf[:got]
+        if self.config.source_at is not None:
+            return memoryview(self.config.source_at(start, length))
+        return None
+
+    def _can_repair(self, index: int) -> bool:
+        return (index == 0 and self.reader.held_length > 0) or self.pread is not None \
+            or self.config.source_at is not None
+
+    def _exact(self, lane: Lane, index: int, stamp_head: bool) -> int | None:
+        """The first bad byte of a bad extent, when the source can be read by position."""
+        if not ((index == 0 and self.reader.held_length) or self.pread is not None):
+            return None
+        want = self._source_bytes(index, stamp_head)
+        if want is None:
+            return None
+        start, _ = self.reader.extents[index]
+        mine = memoryview(aligned_buffer(len(want)))[: len(want)]
+        try:
+            got = read_at(lane.dest, start, mine)
+        except OSError:
+            return None
+        diff = first_difference(want[:got], mine[:got])
+        if diff >= 0:
+            return start + diff
+        return start + got if got < len(want) else None

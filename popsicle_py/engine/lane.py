@@ -1,0 +1,55 @@
+"""One destination's thread as the supervisor, the ring and the finishing steps see it."""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+
+from popsicle_py.blockdev import FileLike, Pacer
+from popsicle_py.engine.config import STALL_BYTES
+
+
+class Lane:
+    """One destination's thread, as the supervisor sees it.  Its state is all declared here."""
+
+    def __init__(self, index: int, dest: FileLike, outbox: queue.SimpleQueue[object],
+                 stop: threading.Event) -> None:
+        self.id = index
+        self.dest = dest
+        self.done = 0  # bytes written (or read back, for a verifier)
+        self.skipped = 0  # bytes left alone because the destination held them already
+        self.repaired = 0
+        self.mismatch: int | None = None
+        self.error: OSError | None = None
+        self.finished = False  # its thread returned
+        self.abandoned = False  # the supervisor gave up on it
+        self.waiting = True  # waiting for data or for the reader, which is never a stall
+        self.detach = False  # asked to leave the ring and go on alone
+        self.solo = False  # reading the source by position on its own
+        self.rejoin: int | None = None  # the bucket where a solo lane must come back to the ring
+        self.last_progress = time.monotonic()
+        self.recent = 0  # bytes moved since last_progress, short of STALL_BYTES
+        self.pacer = Pacer()
+        self.thread: threading.Thread | None = None
+        self._outbox = outbox
+        self._stop = stop
+
+    @property
+    def stopped(self) -> bool:
+        """The run is ending or this lane was given up: do not start another system call."""
+        return self._stop.is_set() or self.abandoned
+
+    def post(self, message: object) -> None:
+        self._outbox.put(message)
+
+    def touch(self) -> None:
+        """A new step begins (or a wait ended): the stall clock starts again."""
+        self.last_progress = time.monotonic()
+        self.recent = 0
+
+    def advance(self, nbytes: int) -> None:
+        """``nbytes`` more were moved; every STALL_BYTES of them count as progress."""
+        self.recent += nbytes
+        if self.recent >= STALL_BYTES:
+            self.touch()

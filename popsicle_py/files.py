@@ -1,0 +1,90 @@
+"""Opening the files the tool writes: regular files only, never through a symbolic link.
+
+A report named ``x.csv`` that is a symlink to /dev/sdb (or a device node, a FIFO...) would
+append text to a disk nobody named or confirmed; a planted link in a cache directory would
+overwrite whatever it points at.  Every file popsicle-py writes is opened here: O_NOFOLLOW
+(a symlink as the last component fails with ELOOP), O_NONBLOCK and O_NOCTTY (a FIFO or a
+terminal neither blocks nor becomes ours), then ``fstat`` on the opened descriptor must say
+regular file, which no rename between a check and the open can change.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from typing import BinaryIO
+
+_KINDS = ((stat.S_ISBLK, "a block device"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISFIFO, "a pipe"), (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a directory"))
+
+
+class NotRegular(OSError):
+    """The path is a symlink or not a regular file; ``str()`` says which, in a few words."""
+
+    def __str__(self) -> str:
+        return self.strerror or "not a regular file"
+
+
+def _kind(mode: int) -> str:
+    return next((name for test, name in _KINDS if test(mode)), "not a regular file")
+
+
+def open_regular(path: str | os.PathLike[str], flags: int, mode: int = 0o644) -> int:
+    """``os.open`` for writing a regular file (new, or existing and regular); a descriptor.
+
+    ``flags`` are the usual ones (O_WRONLY | O_APPEND | O_CREAT...).  Raises
+    :class:`NotRegular` for a symlink or anything but a regular file, OSError otherwise.
+    """
+    extra = os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags | extra, mode)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP and os.path.islink(path):
+            raise NotRegular(errno.ELOOP, "is a symbolic link; name the file itself") from None
+        if exc.errno == errno.ENXIO:  # a FIFO nobody reads (O_NONBLOCK)
+            raise NotRegular(errno.ENXIO, "is a pipe, not a regular file") from None
+        raise
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise NotRegular(errno.EINVAL, f"is {_kind(st.st_mode)}, not a regular file")
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def create_regular(path: str | os.PathLike[str], *, exclusive: bool = False,
+                   mode: int = 0o644) -> BinaryIO:
+    """A binary file object for a new (or emptied, unless ``exclusive``) regular file."""
+    fd = open_regular(path, os.O_WRONLY | os.O_CREAT | (os.O_EXCL if exclusive else 0), mode)
+    try:
+        if not exclusive:
+            os.ftruncate(fd, 0)  # only now that it is known to be a regular file
+        return os.fdopen(fd, "wb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def check_regular(path: str | os.PathLike[str], *, create: bool,
+                  sidecars: tuple[str, ...] = ()) -> None:
+    """For a file another library opens by name (SQLite): it, and every ``path + suffix``
+    that exists, must be a regular file and no symlink; with ``create``, it is created.
+
+    The library opens the name again afterwards: this refuses a wrong name (a link to a disk
+    typed or planted where the journal goes), not a race inside a directory we own.
+    """
+    os.close(open_regular(path, os.O_RDWR | (os.O_CREAT if create else 0), 0o644))
+    for suffix in sidecars:
+        side = f"{os.fspath(path)}{suffix}"
+        try:
+            st = os.lstat(side)
+        except FileNotFoundError:
+            continue
+        if stat.S_ISLNK(st.st_mode):
+            raise NotRegular(errno.ELOOP, f"{side} is a symbolic link")
+        if not stat.S_ISREG(st.st_mode):
+            raise NotRegular(errno.EINVAL, f"{side} is {_kind(st.st_mode)}, not a regular file")

@@ -1,0 +1,379 @@
+"""Every holder of a target seen before anything is written (issue 25, items 1 and 2).
+
+Real parts only: loop devices, a loop "window" over a target (``losetup --offset``) mounted in
+a private mount namespace (``unshare -m``), processes holding a target open (``sleep 60 <
+/dev/loopN``), and ``--report`` pointed through symlinks at a block device and at a file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import Loop, popsicle_cmd
+from loopdev import loop_device
+from loopdev import run as run_tool
+
+from popsicle_py.drives import (
+    LoopOver,
+    Mount,
+    Opener,
+    Process,
+    SystemFacts,
+    holder_reasons,
+    mount_table,
+    writer_reasons,
+)
+
+MiB = 1 << 20
+PATTERN = 0xA5
+
+
+def popsicle(*args: object) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*popsicle_cmd(), *map(str, args)], capture_output=True, text=True,
+                          stdin=subprocess.DEVNULL, timeout=120, check=False)
+
+
+def refusal(done: subprocess.CompletedProcess[str]) -> str:
+    """The one line of a refusal, without the program's name."""
+    return done.stderr.strip().removeprefix("popsicle-py: ")
+
+
+def image(tmp_path: Path, size: int = MiB) -> tuple[Path, bytes]:
+    data = os.urandom(size)
+    path = tmp_path / "disk.img"
+    path.write_bytes(data)
+    return path, data
+
+
+@contextlib.contextmanager
+def window(target: str, offset: int, size: int) -> Iterator[str]:
+    """A loop device over part of ``target`` (``losetup -o OFFSET --sizelimit N``)."""
+    path = run_tool("losetup", "-f", "--show", "-o", str(offset), "--sizelimit", str(size),
+                    target).strip()
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", path], capture_output=True, check=False)
+        subprocess.run(["losetup", "-d", path], capture_output=True, check=False)
+
+
+@contextlib.contextmanager
+def mounted_elsewhere(device: str, mountpoint: Path) -> Iterator[subprocess.Popen[str]]:
+    """``device`` mounted at ``mountpoint`` only inside a private mount namespace (what a
+    container or a service with PrivateMounts has), held by a ``sleep`` in it.  Read-only,
+    so that the kernel itself writes nothing (an ext4 mount stamps its superblock)."""
+    mountpoint.mkdir(exist_ok=True)
+    proc = subprocess.Popen(
+        ["unshare", "-m", "--propagation", "private", "sh", "-c",
+         f"mount -o ro {device} {mountpoint} && echo ready && exec sleep 60"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line.strip() == "ready", proc.stderr.read() if proc.stderr else line
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
+@contextlib.contextmanager
+def holding(path: str, flags: int = os.O_RDONLY) -> Iterator[subprocess.Popen[bytes]]:
+    """A ``sleep 60`` holding ``path`` open on its stdin (no O_EXCL), as ``< /dev/loopN`` does
+    (or ``<> /dev/loopN`` with O_RDWR); open before this returns, killed afterwards."""
+    fd = os.open(path, flags | os.O_CLOEXEC)
+    try:
+        proc = subprocess.Popen(["sleep", "60"], stdin=fd)
+    finally:
+        os.close(fd)  # the child has it from here on; our own descriptors never count
+    try:
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
+@pytest.mark.root
+def test_a_loop_window_mounted_in_another_namespace_is_seen(
+        loop_factory: Callable[..., Loop], tmp_path: Path) -> None:
+    path, _ = image(tmp_path)
+    target = loop_factory(64 * MiB, fill=PATTERN)
+    with window(target.path, MiB, 32 * MiB) as win:
+        run_tool("mkfs.ext4", "-q", win)
+        before = target.read()
+        with mounted_elsewhere(win, tmp_path / "mnt") as holder:
+            assert str(tmp_path / "mnt") not in Path("/proc/self/mountinfo").read_text()
+            for extra in ([], ["--unmount"]):
+                done = popsicle("flash", path, target.path, "--yes", *extra)
+                assert done.returncode == 2, done.stderr
+                assert (f"{target.path} is mounted at {tmp_path / 'mnt'} ({win}) in the mount "
+                        f"namespace of pid {holder.pid} (sleep)") in done.stderr, done.stderr
+                assert f"{target.path} is in use by {win}, a loop device over it at offset" \
+                       f" {MiB}" in done.stderr, done.stderr
+                assert target.read() == before
+
+
+@pytest.mark.root
+def test_the_target_mounted_in_another_namespace_is_refused_even_with_unmount(
+        loop_factory: Callable[..., Loop], tmp_path: Path) -> None:
+    path, _ = image(tmp_path)
+    target = loop_factory(32 * MiB)
+    run_tool("mkfs.ext4", "-q", target.path)
+    before = target.read()
+    with mounted_elsewhere(target.path, tmp_path / "mnt") as holder:
+        done = popsicle("flash", path, target.path, "--yes", "--unmount")
+        assert done.returncode == 2, done.stderr
+        assert refusal(done) == (
+            f"{target.path} is mounted at {tmp_path / 'mnt'} in the mount namespace of pid "
+            f"{holder.pid} (sleep); --unmount unmounts only in this one: unmount it there"
+        ), done.stderr
+        assert target.read() == before
+
+
+@pytest.mark.root
+def test_a_loop_device_over_the_target_at_an_offset_is_refused(
+        loop_factory: Callable[..., Loop], tmp_path: Path) -> None:
+    path, _ = image(tmp_path)
+    target = loop_factory(8 * MiB, fill=PATTERN)
+    with window(target.path, 2 * MiB, 2 * MiB) as win:
+        done = popsicle("flash", path, target.path, "--yes")
+        assert done.returncode == 2, done.stderr
+        assert refusal(done) == (f"{target.path} is in use by {win}, a loop device over"
+                                       f" it at offset {2 * MiB}"), done.stderr
+    assert target.read() == bytes([PATTERN]) * target.size
+
+
+@pytest.mark.root
+def test_a_reader_holding_the_target_open_is_named(loop_factory: Callable[..., Loop],
+                                                   tmp_path: Path) -> None:
+    path, _ = image(tmp_path)
+    target = loop_factory(4 * MiB, fill=PATTERN)
+    with holding(target.path) as reader:
+        done = popsicle("flash", path, target.path, "--yes")
+        assert done.returncode == 2, done.stderr
+        assert refusal(done) == f"{target.path} is open in sleep (pid {reader.pid})", \
+            done.stderr
+        probed = popsicle("probe", target.path, "--yes")
+        assert probed.returncode == 2, probed.stderr
+        assert f"is open in sleep (pid {reader.pid})" in probed.stderr
+    assert target.read() == bytes([PATTERN]) * target.size
+
+
+@pytest.mark.root
+def test_a_process_holding_a_partition_or_a_loop_over_the_target_holds_it(
+        loop_factory: Callable[..., Loop], tmp_path: Path) -> None:
+    path, _ = image(tmp_path)
+    target = loop_factory(8 * MiB, fill=PATTERN)
+    with window(target.path, 0, 4 * MiB) as win, holding(win) as reader:
+        done = popsicle("flash", path, target.path, "--yes")
+        assert done.returncode == 2, done.stderr
+        assert f"{target.path} is open in sleep (pid {reader.pid}) through {win}" \
+            in done.stderr, done.stderr
+    assert target.read() == bytes([PATTERN]) * target.size
+
+
+@pytest.mark.root
+def test_a_process_holding_a_partition_of_the_target_holds_it(tmp_path: Path) -> None:
+    path, _ = image(tmp_path)
+    with loop_device(8 * MiB, partitions=[(2048, 4096)]) as target:
+        before = target.read()
+        with holding(f"{target.path}p1") as reader:
+            done = popsicle("flash", path, target.path, "--yes")
+            assert done.returncode == 2, done.stderr
+            assert refusal(done) == (f"{target.path} is open in sleep (pid {reader.pid})"
+                                     f" through {target.path}p1"), done.stderr
+        assert target.read() == before
+
+
+@pytest.mark.root
+def test_verify_says_busy_for_a_drive_another_program_writes_and_reads_past_readers(
+        loop_factory: Callable[..., Loop], tmp_path: Path) -> None:
+    path, data = image(tmp_path)
+    target = loop_factory(4 * MiB)
+    with open(target.backing, "r+b") as f:
+        f.write(data)
+    with holding(target.path, os.O_RDWR) as writer:
+        done = popsicle("verify", path, target.path)
+        assert done.returncode == 2, done.stderr
+        assert refusal(done) == (f"{target.path} is busy: open for writing in sleep "
+                                       f"(pid {writer.pid})"), done.stderr
+    with holding(target.path) as _reader:
+        done = popsicle("verify", path, target.path)
+        assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("kind", ["block device", "file"])
+def test_a_report_through_a_symlink_is_refused_and_nothing_is_written(
+        loop_factory: Callable[..., Loop], tmp_path: Path, kind: str) -> None:
+    path, _ = image(tmp_path)
+    target = loop_factory(2 * MiB, fill=PATTERN)
+    victim = loop_factory(2 * MiB, fill=0x5A)
+    other = tmp_path / "other.csv"
+    other.write_text("keep me\n")
+    link = tmp_path / "run.csv"
+    link.symlink_to(victim.path if kind == "block device" else other)
+    done = popsicle("flash", path, target.path, "--yes", "--report", link)
+    assert done.returncode == 2, done.stderr
+    assert refusal(done) == (f"--report {link}: is a symbolic link; name the file "
+                                   "itself"), done.stderr
+    assert target.read() == bytes([PATTERN]) * target.size
+    assert victim.read() == bytes([0x5A]) * victim.size
+    assert other.read_text() == "keep me\n"
+
+
+@pytest.mark.root
+def test_a_report_that_is_a_device_node_is_refused(loop_factory: Callable[..., Loop],
+                                                   tmp_path: Path) -> None:
+    path, _ = image(tmp_path)
+    target = loop_factory(2 * MiB, fill=PATTERN)
+    victim = loop_factory(2 * MiB, fill=0x5A)
+    node = tmp_path / "run.csv"
+    os.mknod(node, 0o600 | 0o060000, victim.devnum)  # S_IFBLK
+    done = popsicle("flash", path, target.path, "--yes", "--report", node)
+    assert done.returncode == 2, done.stderr
+    assert refusal(done) == (f"--report {node}: is a block device, not a regular file"), \
+        done.stderr
+    assert target.read() == bytes([PATTERN]) * target.size
+    assert victim.read() == bytes([0x5A]) * victim.size
+
+
+@pytest.mark.root
+def test_a_copy_that_follows_our_unmount_is_unmounted_with_ours(
+        loop_factory: Callable[..., Loop], tmp_path: Path) -> None:
+    """A namespace cloned as a slave of ours (systemd services on a desktop, where every
+    mount is shared) loses the mount when we unmount it: --unmount is enough."""
+    path, data = image(tmp_path)
+    target = loop_factory(32 * MiB)
+    run_tool("mkfs.ext4", "-q", target.path)
+    base = tmp_path / "base"
+    base.mkdir()
+    run_tool("mount", "-t", "tmpfs", "tmpfs", str(base))
+    own = base / "own"
+    try:
+        run_tool("mount", "--make-shared", str(base))  # as systemd makes every mount
+        own.mkdir()
+        run_tool("mount", target.path, str(own))
+        proc = subprocess.Popen(["unshare", "-m", "--propagation", "slave", "sh", "-c",
+                                 "echo ready && exec sleep 60"], stdout=subprocess.PIPE,
+                                text=True)
+        try:
+            assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+            assert str(own) in Path(f"/proc/{proc.pid}/mountinfo").read_text()
+            done = popsicle("flash", path, target.path, "--yes")
+            assert done.returncode == 2, done.stderr
+            assert refusal(done) == f"{target.path} is mounted at {own}; use --unmount to " \
+                                    "unmount it", done.stderr
+            done = popsicle("flash", path, target.path, "--yes", "--unmount")
+            assert done.returncode == 0, done.stderr
+            assert target.read(len(data)) == data
+        finally:
+            proc.kill()
+            proc.wait(timeout=10)
+    finally:
+        subprocess.run(["umount", "-l", str(own)], capture_output=True, check=False)
+        subprocess.run(["umount", "-l", str(base)], capture_output=True, check=False)
+
+
+# -- the rules over plain facts -----------------------------------------------------------------
+
+DISK, PART, WINDOW, OTHER = (os.makedev(8, 16), os.makedev(8, 17), os.makedev(7, 9),
+                             os.makedev(8, 32))
+
+
+def test_holder_reasons_name_each_holder_over_plain_facts() -> None:
+    sleep, dd = Process(1234, "sleep"), Process(42, "dd")
+    facts = SystemFacts(
+        foreign_mounts=(Mount("/dev/loop9", "/mnt", frozenset({WINDOW, DISK}),
+                              namespace=sleep, sources=frozenset({WINDOW})),
+                        Mount("/dev/sdb", "/srv", frozenset({DISK}), namespace=sleep,
+                              sources=frozenset({DISK})),
+                        Mount("/dev/sdc", "/data", frozenset({OTHER}), namespace=sleep)),
+        loops=(LoopOver("/dev/loop9", WINDOW, 1 << 20, frozenset({DISK})),),
+        openers=(Opener(dd, "/dev/sdb1", PART, frozenset({PART, DISK}), writing=False),
+                 Opener(sleep, "/dev/sdb", DISK, frozenset({DISK}), writing=True),
+                 Opener(dd, "/dev/sdc", OTHER, frozenset({OTHER}), writing=True)))
+    advice = "; --unmount unmounts only in this one: unmount it there"
+    assert holder_reasons(DISK, facts) == (
+        f"mounted at /mnt (/dev/loop9) in the mount namespace of pid 1234 (sleep){advice}",
+        f"mounted at /srv in the mount namespace of pid 1234 (sleep){advice}",
+        "in use by /dev/loop9, a loop device over it at offset 1048576",
+        "open in dd (pid 42) through /dev/sdb1",
+        "open in sleep (pid 1234)")
+    assert writer_reasons(DISK, facts) == ("open for writing in sleep (pid 1234)",)
+    # The window itself is not held by the loop device it is.
+    assert holder_reasons(WINDOW, facts) == (
+        f"mounted at /mnt in the mount namespace of pid 1234 (sleep){advice}",)
+
+
+def test_mount_propagation_is_read_from_mountinfo() -> None:
+    text = ("46 27 0:41 / /base rw shared:1 - tmpfs tmpfs rw\n"
+            "47 46 8:17 / /base/own rw shared:2 master:5 - ext4 /dev/sdb1 rw\n")
+    base, own = mount_table(text)
+    assert (base.mount_id, base.parent_id, base.shared, base.master) == (46, 27, 1, None)
+    assert (own.mount_id, own.parent_id, own.shared, own.master) == (47, 46, 2, 5)
+
+
+@pytest.mark.root
+def test_verify_of_a_drive_another_popsicle_py_is_writing_says_busy(
+        faulty_drive: Callable[..., Any], tmp_path: Path) -> None:
+    """Not "differs at byte 0": what verify would compare is being written."""
+    path, _ = image(tmp_path, 8 * MiB)
+    drive = faulty_drive(16 * MiB, crawl=(0, 256 * 1024))  # a writer that stays busy
+    writer = subprocess.Popen([*popsicle_cmd(), "flash", str(path), drive.path, "--yes",
+                               "--json", "--no-probe"], stdout=subprocess.PIPE,
+                              stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, text=True)
+    try:
+        assert writer.stdout is not None
+        for line in writer.stdout:
+            event = json.loads(line)
+            if event.get("event") == "progress" and event.get("phase") == "writing":
+                break
+        done = popsicle("verify", path, drive.path)
+        assert done.returncode == 2, done.stdout + done.stderr
+        assert refusal(done) == (f"{drive.path} is busy: open for writing in "
+                                 f"{Path(f'/proc/{writer.pid}/comm').read_text().strip()} "
+                                 f"(pid {writer.pid})"), done.stderr
+    finally:
+        writer.send_signal(signal.SIGINT)
+        writer.wait(timeout=60)
+
+
+@pytest.mark.root
+def test_a_holder_that_comes_after_the_plan_is_refused_just_before_the_first_write(
+        loop_factory: Callable[..., Loop], tmp_path: Path) -> None:
+    from popsicle_py import app
+    from popsicle_py.errors import Refused
+    from popsicle_py.signals import Cancellation
+    from popsicle_py.view import PlainView
+
+    path, _ = image(tmp_path)
+    target = loop_factory(4 * MiB, fill=PATTERN)
+    request = app.FlashRequest(app.SourceOptions(str(path)),
+                               app.TargetOptions(devices=(target.path,)))
+    job = app.prepare_flash(request)  # nobody holds it yet: the plan passes
+    with job, holding(target.path) as reader, pytest.raises(Refused) as refused:
+        job.run(PlainView(), Cancellation())
+    assert refused.value.lines == [f"{target.path} is open in sleep (pid {reader.pid})"]
+    assert target.read() == bytes([PATTERN]) * target.size
+
+
+@pytest.mark.root
+def test_a_station_journal_through_a_symlink_to_a_disk_is_refused(
+        loop_factory: Callable[..., Loop], tmp_path: Path) -> None:
+    from popsicle_py.station import journal
+
+    victim = loop_factory(2 * MiB, fill=0x5A)
+    link = tmp_path / "journal.sqlite"
+    link.symlink_to(victim.path)
+    with pytest.raises(journal.JournalError, match="is a symbolic link"):
+        journal.connect(str(link), create=True)
+    assert victim.read() == bytes([0x5A]) * victim.size

@@ -11,10 +11,10 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from popsicle_py.images import Image, ImageError
+from popsicle_py.images import Image, ImageError, read_head
 from popsicle_py.protocols import Source
 from popsicle_py.units import format_size
-from popsicle_py.usage import Usage, image_usage, worth_it
+from popsicle_py.usage import Usage, has_table_or_fs, image_usage, worth_it
 
 
 @dataclass(frozen=True)
@@ -35,6 +35,9 @@ class Trim:
 
 
 NONE = Trim(None)
+#: What a compressed image with file systems is told (it would have to be decoded twice).
+COMPRESSED = ("compressed image: written whole, free space included (only a raw image's free "
+              "space is skipped: decompress it first to skip it)")
 
 
 def read_usage(image: Image) -> Usage:
@@ -56,7 +59,15 @@ def read_usage(image: Image) -> Usage:
 
 def plan_trim(image: Source, *, wanted: bool, checksum_in_pass: bool) -> Trim:
     """The ranges to write for ``image`` (``wanted``: not --no-trim, no block map)."""
-    if not wanted or not isinstance(image, Image) or not image.seekable_raw or not image.size:
+    if not wanted or not isinstance(image, Image):
+        return NONE
+    if image.compressed:
+        try:
+            head = read_head(image, 64 << 10)
+        except ImageError:
+            return NONE  # left to the flash, which names the image and the offset
+        return Trim(None, (COMPRESSED,)) if has_table_or_fs(head, image.size) else NONE
+    if not image.size:
         return NONE
     usage = read_usage(image)
     notes = [*usage.found, *usage.notes]

@@ -23,7 +23,7 @@ from popsicle_py.usage.ranges import (
     normalize,
 )
 
-__all__ = ["ALIGN", "Usage", "image_usage", "worth_it"]
+__all__ = ["ALIGN", "Usage", "has_table_or_fs", "image_usage", "worth_it"]
 
 
 @dataclass(frozen=True)
@@ -102,3 +102,16 @@ def worth_it(usage: Usage) -> bool:
     """Skipping pays: at least 1/20 of the image (a flash with ranges keeps its drives in
     lock-step, so a few skipped megabytes are not worth the slowest drive's pace)."""
     return usage.skipped * 20 >= usage.size and usage.skipped > 0
+
+
+def has_table_or_fs(head: bytes, size: int | None) -> bool:
+    """The image's first bytes hold a partition table, or an ext or FAT file system."""
+    def read_at(offset: int, length: int) -> bytes:
+        return head[offset : offset + length]
+
+    if fat.is_fat(read_at, 0) or ext.is_ext(read_at, 0):
+        return True
+    try:
+        return bool(read_table(read_at, size or 1 << 62).partitions)
+    except Inconsistent:
+        return False

@@ -274,3 +274,22 @@ def test_normalize_aligns_merges_and_clips() -> None:
     assert normalize([(0, 4096), (2 * MiB, 4096)], 1 << 30) == ((0, 4096), (2 * MiB, 4096))
     assert normalize([(10000, 100)], 10050) == ((8192, 1858),)
     assert list(bit_runs(bytes([0b10110001, 0xFF]), 12)) == [(0, 1), (4, 2), (7, 5)]
+
+
+@pytest.mark.skipif(shutil.which("xorriso") is None, reason="needs xorriso")
+def test_a_hybrid_iso_with_a_fat_partition_is_written_whole(
+        tmp_path: Path, content: tuple[Path, Path, dict[str, str]]) -> None:
+    """An ISO 9660 file may cover a partition appended to it (an EFI image): its free space
+    is then bytes the ISO's file system reads, and a checksum of that file would differ."""
+    keep, _, _ = content
+    efi = tmp_path / "efi.img"
+    garbage(efi, 8 * MiB)
+    make_fat(efi, 0, 8 * MiB, keep, ["-F", "12", "-s", "4"])
+    assert usage_of(efi).skipped > 0  # alone, its free space would be skipped
+    iso = tmp_path / "hybrid.iso"
+    run("xorriso", "-as", "mkisofs", "-o", str(iso), "-append_partition", "2", "0xef",
+        str(efi), str(keep))
+    usage = usage_of(iso)
+    assert usage.ranges == ((0, iso.stat().st_size),)
+    assert usage.notes == ("an ISO 9660 image: its files may lie anywhere, also in the free "
+                           "space of a partition inside it: written whole",)

@@ -23,6 +23,9 @@ from popsicle_py.usage.ranges import (
     normalize,
 )
 
+#: Where an ISO 9660 volume descriptor's "CD001" lies (a hybrid image: an ISO with a table).
+_ISO9660 = 32769
+
 __all__ = ["ALIGN", "Usage", "has_table_or_fs", "image_usage", "worth_it"]
 
 
@@ -65,6 +68,9 @@ def _filesystem(read_at: ReadAt, part: Partition) -> tuple[list[Range], str]:
 
 def image_usage(read_at: ReadAt, size: int) -> Usage:
     """The ranges of an image of ``size`` bytes that hold anything its file systems use."""
+    if read_at(_ISO9660, 5) == b"CD001":
+        return _whole(size, ("an ISO 9660 image: its files may lie anywhere, also in the "
+                             "free space of a partition inside it: written whole",))
     bare = [Partition(0, size, "the image")]
     if fat.is_fat(read_at, 0):  # a volume without a table (its boot sector ends in 55 AA)
         parts = bare

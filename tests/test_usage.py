@@ -7,6 +7,7 @@ e2fsck -fn / fsck.vfat -n and give the same files through debugfs / mtools.
 
 from __future__ import annotations
 
+import random
 import re
 import shutil
 import struct
@@ -293,3 +294,34 @@ def test_a_hybrid_iso_with_a_fat_partition_is_written_whole(
     assert usage.ranges == ((0, iso.stat().st_size),)
     assert usage.notes == ("an ISO 9660 image: its files may lie anywhere, also in the free "
                            "space of a partition inside it: written whole",)
+
+
+def test_damaged_metadata_never_raises(tmp_path: Path, content: tuple[
+        Path, Path, dict[str, str]]) -> None:
+    """Random bytes changed in the tables and the file systems' metadata: a usage (written
+    whole where it makes no sense), never an exception, and ranges inside the image."""
+    keep, gone, _ = content
+    image, fat_at, ext_at = rpi_image(tmp_path, keep, gone, "gpt")
+    data = bytearray(image.read_bytes())
+    rng = random.Random(5)
+    areas = [(0, 20 << 10), (fat_at, 512), (fat_at, 2 * MiB), (ext_at + 1024, 1024),
+             (ext_at, 2 * MiB)]
+
+    def read_at(offset: int, length: int) -> bytes:
+        return bytes(data[offset : offset + length])
+
+    for _ in range(400):
+        changed = []
+        for _ in range(rng.randrange(1, 6)):
+            start, length = rng.choice(areas)
+            where = start + rng.randrange(length)
+            changed.append((where, data[where]))
+            data[where] = rng.randrange(256)
+        usage = image_usage(read_at, len(data))
+        end = 0
+        for offset, length in usage.ranges:
+            assert offset >= end and length > 0
+            end = offset + length
+        assert end <= len(data)
+        for where, byte in reversed(changed):
+            data[where] = byte

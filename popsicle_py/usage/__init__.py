@@ -9,6 +9,7 @@ anything else, and any file system whose metadata is not understood or contradic
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
 
 from popsicle_py.usage import ext, fat
@@ -77,7 +78,7 @@ def image_usage(read_at: ReadAt, size: int) -> Usage:
     else:
         try:
             parts = list(read_table(read_at, size).partitions)
-        except Inconsistent as exc:
+        except (Inconsistent, struct.error, ValueError, IndexError, OverflowError) as exc:
             return _whole(size, (f"the partition table is not consistent ({exc}): "
                                  "written whole",))
         if not parts:
@@ -93,6 +94,10 @@ def image_usage(read_at: ReadAt, size: int) -> Usage:
         position = part.end
         try:
             used, what = _filesystem(read_at, part)
+        except (struct.error, ValueError, IndexError, OverflowError) as exc:  # nonsense fields
+            ranges.append((part.offset, part.length))
+            notes.append(f"{part.name}: its metadata makes no sense ({exc}): written whole")
+            continue
         except (Unsupported, Inconsistent) as exc:
             ranges.append((part.offset, part.length))
             if isinstance(exc, Inconsistent) or str(exc) != "no ext2/3/4 or FAT file system":

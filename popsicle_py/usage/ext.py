@@ -92,7 +92,8 @@ def _superblock(sb: bytes) -> _Super:
         desc_size = struct.unpack_from("<H", sb, 0xFE)[0]
         if desc_size < 64 or desc_size & (desc_size - 1):
             raise Inconsistent("its group descriptor size is not possible")
-    if per_group == 0 or per_group > 8 * block_size or first_data != (block_size == 1024):
+    if not 256 <= per_group <= 8 * block_size or per_group % 8 \
+            or first_data != (block_size == 1024):
         raise Inconsistent("its blocks per group or first data block are not possible")
     if blocks <= first_data:
         raise Inconsistent("it has no blocks")

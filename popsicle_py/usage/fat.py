@@ -69,8 +69,8 @@ def used_ranges(read_at: ReadAt, offset: int, length: int) -> tuple[list[Range],
     bits = 32 if bpb.fat32 else 12 if clusters < 4085 else 16
     if (bits == 32) != (bpb.root_entries == 0):
         raise Inconsistent("its root directory does not fit its FAT type")
-    fat_bytes = bpb.fat_sectors * ss
-    if (clusters + 2) * bits > fat_bytes * 8:
+    fat_bytes = -(-(clusters + 2) * bits // 8)  # the entries in use: a FAT may be longer
+    if fat_bytes > bpb.fat_sectors * ss:
         raise Inconsistent("its FAT is too small for its clusters")
     fat = read_exact(read_at, offset + bpb.reserved * ss, fat_bytes, "the FAT")
     for copy in range(1, bpb.fats):

@@ -158,7 +158,7 @@ def test_logical_partitions_and_an_unknown_one(tmp_path: Path, content: tuple[
     make_fat(image, start * 512, length * 512, keep, ["-F", "16"])
     usage = usage_of(image)
     assert [line.split(":")[0] for line in usage.found] == ["partition 5", "partition 6"]
-    assert usage.notes == ()  # a partition of another kind is written whole, silently
+    assert usage.notes == ("partition 1: no ext2/3/4 or FAT file system: written whole",)
     assert (1 * MiB, 8 * MiB) in [(o, n) for o, n in usage.ranges] or \
         any(o <= MiB and o + n >= 9 * MiB for o, n in usage.ranges)
     copy = tmp_path / "drive.img"

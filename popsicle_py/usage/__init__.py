@@ -100,8 +100,7 @@ def image_usage(read_at: ReadAt, size: int) -> Usage:
             continue
         except (Unsupported, Inconsistent) as exc:
             ranges.append((part.offset, part.length))
-            if isinstance(exc, Inconsistent) or str(exc) != "no ext2/3/4 or FAT file system":
-                notes.append(f"{part.name}: {exc}: written whole")
+            notes.append(f"{part.name}: {exc}: written whole")
             continue
         ranges.extend(used)
         found.append(f"{part.name}: {what}")

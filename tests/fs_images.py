@@ -15,6 +15,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from popsicle_py.usage import Usage, image_usage
+
 MiB = 1 << 20
 
 
@@ -151,22 +153,32 @@ def fat_files(image: Path, offset: int, names: Sequence[str]) -> dict[str, str]:
     return sums
 
 
-def e2fsck(image: Path, offset: int, length: int) -> subprocess.CompletedProcess[str]:
+def fsck(tool: Sequence[str], image: Path, offset: int,
+         length: int) -> subprocess.CompletedProcess[str]:
+    """``tool`` run on a copy of the file system at ``offset`` (its exit status says)."""
     part = image.with_suffix(".fsck")
     extract(image, offset, length, part)
     try:
-        return run("e2fsck", "-fn", str(part), check=False)
+        return run(*tool, str(part), check=False)
     finally:
         part.unlink()
+
+
+def e2fsck(image: Path, offset: int, length: int) -> subprocess.CompletedProcess[str]:
+    return fsck(("e2fsck", "-fn"), image, offset, length)
 
 
 def fsck_vfat(image: Path, offset: int, length: int) -> subprocess.CompletedProcess[str]:
-    part = image.with_suffix(".fsck")
-    extract(image, offset, length, part)
-    try:
-        return run("fsck.vfat", "-n", str(part), check=False)
-    finally:
-        part.unlink()
+    return fsck(("fsck.vfat", "-n"), image, offset, length)
+
+
+def usage_of(image: Path) -> Usage:
+    """What popsicle_py.usage finds in an image file."""
+    with open(image, "rb") as f:
+        def read_at(offset: int, length: int) -> bytes:
+            f.seek(offset)
+            return f.read(length)
+        return image_usage(read_at, image.stat().st_size)
 
 
 def rpi_image(tmp_path: Path, keep: Path, gone: Path, label: str = "dos",

@@ -20,7 +20,6 @@ from typing import Any
 import pytest
 from conftest import Loop, needs_root, popsicle_cmd
 
-from popsicle_py.usage import Usage, image_usage
 from tests.fs_images import (
     MiB,
     e2fsck,
@@ -30,6 +29,7 @@ from tests.fs_images import (
     make_ext,
     rpi_image,
     tree,
+    usage_of,
 )
 
 pytestmark = [needs_root, pytest.mark.skipif(
@@ -38,14 +38,6 @@ pytestmark = [needs_root, pytest.mark.skipif(
 
 PATTERN = 0x5A
 ROOT = 104 * MiB
-
-
-def usage_of(image: Path) -> Usage:
-    with open(image, "rb") as f:
-        def read_at(offset: int, length: int) -> bytes:
-            f.seek(offset)
-            return f.read(length)
-        return image_usage(read_at, image.stat().st_size)
 
 
 def flash(*args: str) -> tuple[int, list[dict[str, Any]], str]:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from popsicle_py.usage import Usage, ext, image_usage
+from popsicle_py.usage import ext, image_usage
 from popsicle_py.usage.ranges import bit_runs, normalize
 from tests.fs_images import (
     MiB,
@@ -32,18 +32,11 @@ from tests.fs_images import (
     run,
     tree,
     trimmed_copy,
+    usage_of,
 )
 
 pytestmark = pytest.mark.skipif(shutil.which("mke2fs") is None or shutil.which("mcopy") is None,
                                 reason="needs e2fsprogs, dosfstools and mtools")
-
-
-def usage_of(image: Path) -> Usage:
-    with open(image, "rb") as f:
-        def read_at(offset: int, length: int) -> bytes:
-            f.seek(offset)
-            return f.read(length)
-        return image_usage(read_at, image.stat().st_size)
 
 
 @pytest.fixture

@@ -47,6 +47,22 @@ function __popsicle_py_state --description 'popsicle-py: the command, then what 
             if string match -q -- '-?*' $tok
                 if not string match -q -- '*=*' $tok
                     switch "$path:$tok"
+                        case 'check:--allowed-signers'
+                            set skip 1
+                        case 'check:--sha256'
+                            set skip 1
+                        case 'check:--sums'
+                            set skip 2
+                        case 'check:--size'
+                            set skip 1
+                        case 'check:--stall-timeout'
+                            set skip 1
+                        case 'erase:--fs'
+                            set skip 1
+                        case 'erase:--label'
+                            set skip 1
+                        case 'erase:--stall-timeout'
+                            set skip 1
                         case 'flash:--sha256'
                             set skip 1
                         case 'flash:--checksum'
@@ -65,9 +81,23 @@ function __popsicle_py_state --description 'popsicle-py: the command, then what 
                             set skip 1
                         case 'flash:--stall-timeout'
                             set skip 1
+                        case 'flash:--min-write-speed'
+                            set skip 1
+                        case 'flash:--min-read-speed'
+                            set skip 1
+                        case 'flash:--capacity'
+                            set skip 1
+                        case 'flash:--tolerance'
+                            set skip 1
+                        case 'flash:--certificate'
+                            set skip 1
+                        case 'flash:--sign-key'
+                            set skip 1
                         case 'flash:--report'
                             set skip 1
                         case 'probe:--stall-timeout'
+                            set skip 1
+                        case 'read:--stall-timeout'
                             set skip 1
                         case 'records:--journal'
                             set skip 1
@@ -105,6 +135,18 @@ function __popsicle_py_state --description 'popsicle-py: the command, then what 
                             set skip 1
                         case 'station:--report'
                             set skip 1
+                        case 'station:--min-write-speed'
+                            set skip 1
+                        case 'station:--min-read-speed'
+                            set skip 1
+                        case 'station:--capacity'
+                            set skip 1
+                        case 'station:--tolerance'
+                            set skip 1
+                        case 'station:--certificate'
+                            set skip 1
+                        case 'station:--sign-key'
+                            set skip 1
                         case 'verify:--stall-timeout'
                             set skip 1
                         case 'watch:--sha256'
@@ -119,6 +161,18 @@ function __popsicle_py_state --description 'popsicle-py: the command, then what 
                             set skip 1
                         case 'watch:--report'
                             set skip 1
+                        case 'watch:--min-write-speed'
+                            set skip 1
+                        case 'watch:--min-read-speed'
+                            set skip 1
+                        case 'watch:--capacity'
+                            set skip 1
+                        case 'watch:--tolerance'
+                            set skip 1
+                        case 'watch:--certificate'
+                            set skip 1
+                        case 'watch:--sign-key'
+                            set skip 1
                     end
                 end
                 continue
@@ -127,7 +181,7 @@ function __popsicle_py_state --description 'popsicle-py: the command, then what 
         switch $path
             case '-'
                 switch $tok
-                    case 'cache' 'flash' 'list' 'polkit-rule' 'probe' 'records' 'slots' 'station' 'verify' 'watch'
+                    case 'cache' 'check' 'erase' 'flash' 'list' 'polkit-rule' 'probe' 'read' 'records' 'slots' 'station' 'verify' 'watch'
                         set path $tok
                         set npos 0
                         set dashdash 0
@@ -162,6 +216,16 @@ function __popsicle_py_state --description 'popsicle-py: the command, then what 
             echo @none
         case 'cache/list'
             echo @none
+        case 'check'
+            switch $npos
+                case '*'
+                    echo 'args'
+            end
+        case 'erase'
+            switch $npos
+                case '*'
+                    echo 'devices'
+            end
         case 'flash'
             switch $npos
                 case 0
@@ -177,6 +241,15 @@ function __popsicle_py_state --description 'popsicle-py: the command, then what 
             switch $npos
                 case '*'
                     echo 'devices'
+            end
+        case 'read'
+            switch $npos
+                case 0
+                    echo 'device'
+                case 1
+                    echo 'output_file'
+                case '*'
+                    echo @none
             end
         case 'records'
             echo @none
@@ -224,10 +297,13 @@ complete -c popsicle-py -f
 complete -c popsicle-py -n '__popsicle_py_at -' -s 'V' -l 'version' -d 'Show the version and exit.'
 complete -c popsicle-py -n '__popsicle_py_at -' -s 'h' -l 'help' -d 'Show this message and exit.'
 complete -c popsicle-py -n '__popsicle_py_at - @command' -a 'cache' -d 'The downloads kept by --cache, in $XDG_CACHE_HOME/popsicle-py (~/.cache/popsicle-py).'
+complete -c popsicle-py -n '__popsicle_py_at - @command' -a 'check' -d 'Re-read DEVICE and compare it with CERT (a certificate of --certificate), without the image; or each DEVICE with a published --sha256 or --sums and --size.'
+complete -c popsicle-py -n '__popsicle_py_at - @command' -a 'erase' -d 'Give each DEVICE back as an ordinary stick: old signatures wiped, a new MBR with one partition over the drive, formatted FAT32 or exFAT (readable by Windows, macOS, Linux).'
 complete -c popsicle-py -n '__popsicle_py_at - @command' -a 'flash' -d 'Write IMAGE to every DEVICE in parallel, then verify each.'
 complete -c popsicle-py -n '__popsicle_py_at - @command' -a 'list' -d 'List USB and SD drives (with --all, every disk) and whether each may be written.'
 complete -c popsicle-py -n '__popsicle_py_at - @command' -a 'polkit-rule' -d 'Print the opt-in polkit rule: group "popsicle" may write USB drives without sudo.'
 complete -c popsicle-py -n '__popsicle_py_at - @command' -a 'probe' -d 'Check that each DEVICE stores as much as it claims (counterfeit drives), no flashing.'
+complete -c popsicle-py -n '__popsicle_py_at - @command' -a 'read' -d 'Read DEVICE once into the image file OUTPUT, with its SHA-256 in OUTPUT.sha256.'
 complete -c popsicle-py -n '__popsicle_py_at - @command' -a 'records' -d 'Export the station\'s journal: one record per drive (slot, drive, result, speeds).'
 complete -c popsicle-py -n '__popsicle_py_at - @command' -a 'slots' -d 'Make a slot map in FILE: plug a stick into each slot in turn when asked.'
 complete -c popsicle-py -n '__popsicle_py_at - @command' -a 'station' -d 'A duplicator station: watch\'s writing, with slots, a web page, an HTTP API and a journal of every drive.'
@@ -247,6 +323,29 @@ complete -c popsicle-py -n '__popsicle_py_at cache/clean' -s 'h' -l 'help' -d 'S
 complete -c popsicle-py -n '__popsicle_py_at cache/list' -l 'json' -d 'One JSON array of entries on stdout.'
 complete -c popsicle-py -n '__popsicle_py_at cache/list' -l 'debug' -d 'Show debug messages and tracebacks.'
 complete -c popsicle-py -n '__popsicle_py_at cache/list' -s 'h' -l 'help' -d 'Show this message and exit.'
+
+# popsicle-py check
+complete -c popsicle-py -n '__popsicle_py_at check' -l 'allowed-signers' -r -F -d 'ssh-keygen\'s allowed_signers: CERT must be signed (CERT.sig) by one of them.'
+complete -c popsicle-py -n '__popsicle_py_at check' -l 'sha256' -x -d 'Judge each DEVICE against this published SHA-256 of the image (no CERT).'
+complete -c popsicle-py -n '__popsicle_py_at check' -l 'sums' -x -d 'Take the SHA-256 of NAME from a SHA256SUMS file (no CERT).'
+complete -c popsicle-py -n '__popsicle_py_at check' -l 'size' -x -d 'The image\'s size in bytes, with --sha256 or --sums.'
+complete -c popsicle-py -n '__popsicle_py_at check' -l 'stall-timeout' -x -d 'Fail a drive whose reads make no progress for SECONDS.'
+complete -c popsicle-py -n '__popsicle_py_at check' -l 'json' -d 'Machine-readable events on stdout.'
+complete -c popsicle-py -n '__popsicle_py_at check' -l 'debug' -d 'Show debug messages and tracebacks.'
+complete -c popsicle-py -n '__popsicle_py_at check' -s 'h' -l 'help' -d 'Show this message and exit.'
+
+# popsicle-py erase
+complete -c popsicle-py -n '__popsicle_py_at erase' -l 'fs' -x -a 'fat32 exfat none' -d 'File system of the one partition (default: fat32 up to 32 GiB, exfat above); none only wipes.'
+complete -c popsicle-py -n '__popsicle_py_at erase' -l 'label' -x -d 'Volume label (FAT: 11 characters, exFAT: 15).'
+complete -c popsicle-py -n '__popsicle_py_at erase' -l 'zero' -d 'Write zeros over the whole drive first, and read them back.'
+complete -c popsicle-py -n '__popsicle_py_at erase' -l 'discard' -d 'Discard every block first (BLKDISCARD), and read zeros back.'
+complete -c popsicle-py -n '__popsicle_py_at erase' -s 'y' -l 'yes' -d 'Do not ask for confirmation.'
+complete -c popsicle-py -n '__popsicle_py_at erase' -s 'u' -l 'unmount' -d 'Unmount mounted partitions of the drives first (otherwise refuse).'
+complete -c popsicle-py -n '__popsicle_py_at erase' -l 'stall-timeout' -x -d 'Fail a drive that makes no progress for SECONDS.'
+complete -c popsicle-py -n '__popsicle_py_at erase' -l 'json' -d 'Machine-readable events on stdout.'
+complete -c popsicle-py -n '__popsicle_py_at erase' -l 'debug' -d 'Show debug messages and tracebacks.'
+complete -c popsicle-py -n '__popsicle_py_at erase' -s 'h' -l 'help' -d 'Show this message and exit.'
+complete -c popsicle-py -n '__popsicle_py_at erase devices' -a '(__popsicle_py_devices)'
 
 # popsicle-py flash
 complete -c popsicle-py -n '__popsicle_py_at flash' -l 'sha256' -x -d 'Expected SHA-256 of the image file.'
@@ -270,6 +369,13 @@ complete -c popsicle-py -n '__popsicle_py_at flash' -l 'checksum-while-writing' 
 complete -c popsicle-py -n '__popsicle_py_at flash' -l 'bucket-size' -x -d 'Size of each buffer in the ring (16M, 4MiB, 1048576).'
 complete -c popsicle-py -n '__popsicle_py_at flash' -l 'buckets' -x -d 'How many buffers may be in flight.'
 complete -c popsicle-py -n '__popsicle_py_at flash' -l 'stall-timeout' -x -d 'Fail a drive that makes no progress for SECONDS.'
+complete -c popsicle-py -n '__popsicle_py_at flash' -l 'min-write-speed' -x -d 'Reject a drive that writes slower than RATE (15MB/s) at steady state (not its first seconds): it is not written further.'
+complete -c popsicle-py -n '__popsicle_py_at flash' -l 'min-read-speed' -x -d 'Reject a drive that reads back slower than RATE at steady state.'
+complete -c popsicle-py -n '__popsicle_py_at flash' -l 'capacity' -x -d 'Reject, before writing, a drive whose size is not SIZE (32GB), within --tolerance.'
+complete -c popsicle-py -n '__popsicle_py_at flash' -l 'tolerance' -x -d 'How far from --capacity a drive\'s size may be, in percent.'
+complete -c popsicle-py -n '__popsicle_py_at flash' -l 'surface-test' -d 'After verification, write the rest of each drive with a pattern, read it back and clear it (as f3 does): a bad region rejects the drive.'
+complete -c popsicle-py -n '__popsicle_py_at flash' -l 'certificate' -r -F -d 'Write a certificate (JSON) for each drive read back as the image into DIR: what was read, which drive, when; `popsicle-py check` re-reads the drive against it later, without the image.'
+complete -c popsicle-py -n '__popsicle_py_at flash' -l 'sign-key' -r -F -d 'Sign each certificate with this OpenSSH key (ssh-keygen -Y sign, namespace popsicle-py; the signature beside it, NAME.json.sig).'
 complete -c popsicle-py -n '__popsicle_py_at flash' -l 'report' -r -F -d 'Append one record per drive to FILE (.csv or .jsonl).'
 complete -c popsicle-py -n '__popsicle_py_at flash' -l 'json' -d 'Machine-readable events on stdout.'
 complete -c popsicle-py -n '__popsicle_py_at flash' -l 'debug' -d 'Show debug messages and tracebacks.'
@@ -294,6 +400,16 @@ complete -c popsicle-py -n '__popsicle_py_at probe' -l 'json' -d 'Machine-readab
 complete -c popsicle-py -n '__popsicle_py_at probe' -l 'debug' -d 'Show debug messages and tracebacks.'
 complete -c popsicle-py -n '__popsicle_py_at probe' -s 'h' -l 'help' -d 'Show this message and exit.'
 complete -c popsicle-py -n '__popsicle_py_at probe devices' -a '(__popsicle_py_devices)'
+
+# popsicle-py read
+complete -c popsicle-py -n '__popsicle_py_at read' -l 'bmap' -d 'Also write a block map (bmaptool\'s format) of the blocks holding data, named as bmaptool and flash look for it (disk.img.zst -> disk.img.bmap).'
+complete -c popsicle-py -n '__popsicle_py_at read' -l 'force' -d 'Replace an existing OUTPUT (and its sidecars).'
+complete -c popsicle-py -n '__popsicle_py_at read' -l 'stall-timeout' -x -d 'Fail a drive that makes no progress for SECONDS.'
+complete -c popsicle-py -n '__popsicle_py_at read' -l 'json' -d 'Machine-readable events on stdout.'
+complete -c popsicle-py -n '__popsicle_py_at read' -l 'debug' -d 'Show debug messages and tracebacks.'
+complete -c popsicle-py -n '__popsicle_py_at read' -s 'h' -l 'help' -d 'Show this message and exit.'
+complete -c popsicle-py -n '__popsicle_py_at read device' -a '(__popsicle_py_devices)'
+complete -c popsicle-py -n '__popsicle_py_at read output_file' -F
 
 # popsicle-py records
 complete -c popsicle-py -n '__popsicle_py_at records' -l 'journal' -r -F -d 'The station\'s journal (default: the station\'s default).'
@@ -332,6 +448,13 @@ complete -c popsicle-py -n '__popsicle_py_at station' -l 'include-present' -d 'A
 complete -c popsicle-py -n '__popsicle_py_at station' -l 'max-size' -x -d 'Skip drives larger than this.'
 complete -c popsicle-py -n '__popsicle_py_at station' -l 'no-probe' -d 'Do not check, before writing, that each drive stores as much as it claims (the counterfeit-stick probe).'
 complete -c popsicle-py -n '__popsicle_py_at station' -l 'report' -r -F -d 'Append one record per drive to FILE (.csv or .jsonl).'
+complete -c popsicle-py -n '__popsicle_py_at station' -l 'min-write-speed' -x -d 'Reject a drive that writes slower than RATE (15MB/s) at steady state (not its first seconds): it is not written further.'
+complete -c popsicle-py -n '__popsicle_py_at station' -l 'min-read-speed' -x -d 'Reject a drive that reads back slower than RATE at steady state.'
+complete -c popsicle-py -n '__popsicle_py_at station' -l 'capacity' -x -d 'Reject, before writing, a drive whose size is not SIZE (32GB), within --tolerance.'
+complete -c popsicle-py -n '__popsicle_py_at station' -l 'tolerance' -x -d 'How far from --capacity a drive\'s size may be, in percent.'
+complete -c popsicle-py -n '__popsicle_py_at station' -l 'surface-test' -d 'After verification, write the rest of each drive with a pattern, read it back and clear it (as f3 does): a bad region rejects the drive.'
+complete -c popsicle-py -n '__popsicle_py_at station' -l 'certificate' -r -F -d 'Write a certificate (JSON) for each drive read back as the image into DIR: what was read, which drive, when; `popsicle-py check` re-reads the drive against it later, without the image.'
+complete -c popsicle-py -n '__popsicle_py_at station' -l 'sign-key' -r -F -d 'Sign each certificate with this OpenSSH key (ssh-keygen -Y sign, namespace popsicle-py; the signature beside it, NAME.json.sig).'
 complete -c popsicle-py -n '__popsicle_py_at station' -s 'y' -l 'yes' -d 'Do not ask for confirmation.'
 complete -c popsicle-py -n '__popsicle_py_at station' -l 'json' -d 'Machine-readable events on stdout.'
 complete -c popsicle-py -n '__popsicle_py_at station' -l 'debug' -d 'Show debug messages and tracebacks.'
@@ -360,6 +483,13 @@ complete -c popsicle-py -n '__popsicle_py_at watch' -l 'include-present' -d 'Als
 complete -c popsicle-py -n '__popsicle_py_at watch' -l 'max-size' -x -d 'Skip drives larger than this.'
 complete -c popsicle-py -n '__popsicle_py_at watch' -l 'no-probe' -d 'Do not check, before writing, that each drive stores as much as it claims (the counterfeit-stick probe).'
 complete -c popsicle-py -n '__popsicle_py_at watch' -l 'report' -r -F -d 'Append one record per drive to FILE (.csv or .jsonl).'
+complete -c popsicle-py -n '__popsicle_py_at watch' -l 'min-write-speed' -x -d 'Reject a drive that writes slower than RATE (15MB/s) at steady state (not its first seconds): it is not written further.'
+complete -c popsicle-py -n '__popsicle_py_at watch' -l 'min-read-speed' -x -d 'Reject a drive that reads back slower than RATE at steady state.'
+complete -c popsicle-py -n '__popsicle_py_at watch' -l 'capacity' -x -d 'Reject, before writing, a drive whose size is not SIZE (32GB), within --tolerance.'
+complete -c popsicle-py -n '__popsicle_py_at watch' -l 'tolerance' -x -d 'How far from --capacity a drive\'s size may be, in percent.'
+complete -c popsicle-py -n '__popsicle_py_at watch' -l 'surface-test' -d 'After verification, write the rest of each drive with a pattern, read it back and clear it (as f3 does): a bad region rejects the drive.'
+complete -c popsicle-py -n '__popsicle_py_at watch' -l 'certificate' -r -F -d 'Write a certificate (JSON) for each drive read back as the image into DIR: what was read, which drive, when; `popsicle-py check` re-reads the drive against it later, without the image.'
+complete -c popsicle-py -n '__popsicle_py_at watch' -l 'sign-key' -r -F -d 'Sign each certificate with this OpenSSH key (ssh-keygen -Y sign, namespace popsicle-py; the signature beside it, NAME.json.sig).'
 complete -c popsicle-py -n '__popsicle_py_at watch' -s 'y' -l 'yes' -d 'Do not ask for confirmation.'
 complete -c popsicle-py -n '__popsicle_py_at watch' -l 'json' -d 'Machine-readable events on stdout.'
 complete -c popsicle-py -n '__popsicle_py_at watch' -l 'debug' -d 'Show debug messages and tracebacks.'

@@ -9,7 +9,8 @@
     OSError (a destination that failed, typed where it failed: failures.py words it)
     ├── Counterfeit                the capacity probe found less than the drive claims
     ├── TooSmall                   the image does not fit on the drive (ENOSPC)
-    └── Stalled                    the drive made no progress within the stall timeout (ETIMEDOUT)
+    ├── Stalled                    the drive made no progress within the stall timeout (ETIMEDOUT)
+    └── Rejected                   graded out: too slow, the wrong size, a bad surface
 
     OSError (a source that cannot be trusted; raised by the engine's reader)
     ├── SourceChanged              the source held more or fewer bytes than it was said to
@@ -170,3 +171,12 @@ class Stalled(OSError):
 
     def __init__(self, message: str) -> None:
         super().__init__(errno.ETIMEDOUT, message)
+
+
+class Rejected(OSError):
+    """The drive works but is graded out (status ``rejected``): ``cause`` is the word of
+    :class:`popsicle_py.events.Cause` (slow, capacity, surface); not written further."""
+
+    def __init__(self, cause: str, message: str) -> None:
+        super().__init__(errno.ECANCELED, message)
+        self.cause = cause

@@ -28,6 +28,8 @@ class Step(_Word):
     DOWNLOADING = "downloading"  # an image from a URL
     DECOMPRESSING = "decompressing"  # watch: the image decompressed once
     PROBING = "probing"  # the drive's real capacity, before writing
+    READING = "reading"  # read: the drive read into an image file
+    ERASING = "erasing"  # erase: signatures wiped, partitioned, formatted
     WRITING = "writing"
     SYNCING = "syncing"  # the image's first 64 KiB, written last
     VERIFYING = "verifying"
@@ -42,6 +44,7 @@ class Status(_Word):
     FAILED = "failed"
     INVALID = "invalid"  # written, but it does not read back as the image
     CANCELLED = "cancelled"
+    REJECTED = "rejected"  # graded out: too slow, outside the capacity asked for, bad surface
 
 
 class Cause(_Word):
@@ -62,6 +65,9 @@ class Cause(_Word):
     CHANGED = "changed"  # not the drive that was confirmed
     SOURCE = "source"  # the image could not be read, or changed while read
     CANCELLED = "cancelled"
+    SLOW = "slow"  # rejected: below --min-write-speed or --min-read-speed
+    CAPACITY = "capacity"  # rejected: outside --capacity and --tolerance
+    SURFACE = "surface"  # rejected: --surface-test found a bad region
     INTERNAL = "internal"
     ERROR = "error"
 
@@ -87,6 +93,8 @@ class DriveInfo:
     model: str = ""
     serial: str = ""
     size: int = 0
+    #: The USB link's speed in Mbit/s (12, 480, 5000, 10000 ...), None when not on USB.
+    link_speed: int | None = None
 
     def to_json(self) -> JsonObject:
         return asdict(self)
@@ -178,6 +186,8 @@ class DriveResult:
     #: Read back from the device and found equal to the image (False: --no-verify, or not ok).
     verified: bool = False
     drive: DriveInfo | None = None
+    #: SHA-256 (hex) of the image's range as read back from the drive in the verify pass.
+    device_sha256: str | None = None
     #: Bytes of the image in its file systems' free space: neither written nor verified.
     bytes_unused: int = 0
 

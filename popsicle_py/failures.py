@@ -23,6 +23,7 @@ from popsicle_py.errors import (
     ChecksumMismatch,
     Counterfeit,
     ExtentChecksumError,
+    Rejected,
     SourceChanged,
     SourceDiffers,
     Stalled,
@@ -72,6 +73,8 @@ def failure(exc: BaseException, path: str) -> Failure:
     line = getattr(exc, "line", None)
     if isinstance(line, str):  # already said in the user's language (udisks, polkit)
         return Failure(Cause.PERMISSION, line)
+    if isinstance(exc, Rejected):  # graded out: the cause is the grade's
+        return Failure(Cause(exc.cause), _on_drive(exc, path))
     for kind, cause, words in BY_TYPE:
         if isinstance(exc, kind):
             return Failure(cause, words(exc, path))

@@ -35,7 +35,7 @@ from popsicle_py.engine import (
     BusWriter,
     Cancelled,
 )
-from popsicle_py.errors import Refused
+from popsicle_py.errors import Refused, Rejected
 from popsicle_py.events import (
     Cause,
     Download,
@@ -52,6 +52,7 @@ from popsicle_py.events import (
     Step,
     Summary,
 )
+from popsicle_py.grading import SpeedJudge, SpeedRule
 from popsicle_py.images import Checksum, ChecksumTap
 from popsicle_py.messages import (
     BusVerifierMessage,
@@ -90,6 +91,11 @@ class OpenError(Refused):
     """Some targets could not be opened; nothing was written.  One line per target."""
 
 
+#: Writes a verified drive's certificate from its result, the (extent, digest) pairs read back
+#: and the run's start (wall clock); returns where (see popsicle_py.certify.writer).
+Certify = Callable[[DriveResult, Sequence[tuple[tuple[int, int], bytes]], float], str]
+
+
 @dataclass(frozen=True)
 class FlashOptions:
     verify: bool = True
@@ -111,6 +117,15 @@ class FlashOptions:
     #: Where a compressed image is spilled so every drive goes at its own pace ("": $TMPDIR
     #: or /var/tmp; None: keep the drives of a compressed image in lock-step).
     spill_dir: str | None = ""
+    #: Minimum steady speeds: a drive below is rejected (cause slow) and not written further.
+    speeds: SpeedRule | None = None
+    #: Test the rest of each drive after verification (before its head): --surface-test.
+    surface: bool = False
+    #: ``certify(result, evidence, started)`` for each drive verified ok: writes its
+    #: certificate (:class:`popsicle_py.certify.writer.CertificateWriter`), returns the path.
+    certify: Certify | None = None
+    #: Raises once the source is read if it cannot vouch for it (a master drive written to).
+    source_check: Callable[[], None] | None = None
 
 
 def open_targets(drives: Sequence[D], *, for_writing: bool = True,
@@ -141,6 +156,18 @@ def open_targets(drives: Sequence[D], *, for_writing: bool = True,
     return opened
 
 
+def _both(*checks: Callable[[], None] | None) -> Callable[[], None] | None:
+    """One vouching check made of those given (None: none to make)."""
+    given = [c for c in checks if c is not None]
+    if len(given) <= 1:
+        return given[0] if given else None
+
+    def check() -> None:
+        for c in given:
+            c()
+    return check
+
+
 class _Drive:
     """The job's record of one drive."""
 
@@ -152,6 +179,8 @@ class _Drive:
         self.skipped = 0
         self.verified = 0
         self.repaired = 0
+        self.device_sha256: str | None = None  # of the image's range, read back
+        self.judge: SpeedJudge | None = None  # its speeds, with --min-*-speed
         self.status: Status | None = None  # final status once known
         self.cause: Cause | None = None
         self.error: str | None = None
@@ -202,11 +231,14 @@ class _Job:
                            drive.error, drive.mismatch, elapsed, drive.skipped, drive.repaired,
                            drive.cause if drive.status is not None else Cause.CANCELLED,
                            verified=drive.status is Status.OK and self.verifies,
-                           drive=drive.info, bytes_unused=drive.unused)
+                           drive=drive.info, bytes_unused=drive.unused,
+                           device_sha256=drive.device_sha256
+                           if drive.status is Status.OK else None)
 
     def _fail(self, drive: _Drive, exc: BaseException) -> None:
         why = failures.failure(exc, drive.path)
-        self._end(drive, Status.FAILED, why.text, cause=why.cause)
+        status = Status.REJECTED if isinstance(exc, Rejected) else Status.FAILED
+        self._end(drive, status, why.text, cause=why.cause)
 
     def _cancel_rest(self) -> None:
         self.cancelled = True
@@ -249,7 +281,11 @@ class FlashJob(_Job):
         self.image = image
         self.options = options
         self.verifies = options.verify
+        if options.speeds is not None and options.speeds.active:
+            for drive in self.drives:
+                drive.judge = SpeedJudge(options.speeds)
         self._writer: BusWriter | None = None
+        self._wall_start = time.time()
         self._early: list[Event] = []
         self._lock = threading.Lock()
         if options.used is not None and options.bmap is None:
@@ -313,14 +349,17 @@ class FlashJob(_Job):
                 case BusWriterMessage.Written(bytes_written=n):
                     drive.written = n
                     self.emit(Progress(drive.path, Step.WRITING, n + drive.skipped, total))
+                    self._judge(drive, "write", n + drive.skipped)
                 case BusWriterMessage.Skipped(bytes_skipped=n):
                     drive.skipped = n
                     self.emit(Progress(drive.path, Step.WRITING, drive.written + n, total))
+                    self._judge(drive, "write", drive.written + n)  # its pace through it
                 case BusWriterMessage.Stage(step=step):
                     self.emit(Phase(drive.path, step))
                 case BusWriterMessage.Verified(bytes_read=n):
                     drive.verified = n
                     self.emit(Progress(drive.path, Step.VERIFYING, n, total))
+                    self._judge(drive, "read", n)
                 case BusWriterMessage.Repaired(buckets=k):
                     drive.repaired += k
                     self.emit(Note(f"{drive.path}: repaired {k} bucket(s)"))
@@ -328,8 +367,10 @@ class FlashJob(_Job):
                     self._invalid(drive, offset, end, ended)
                 case BusWriterMessage.Errored(why=why):
                     self._fail(drive, why)
-                case BusWriterMessage.Completed():
+                case BusWriterMessage.Completed(sha256=digest):
+                    drive.device_sha256 = digest
                     self._end(drive, Status.OK)
+                    self._certify(drive)
                 case Phase() | Progress() | Note() | Download():  # relayed: the download's news
                     self.emit(msg)
                 case BusWriterMessage.LockStep(reason=reason):
@@ -357,7 +398,8 @@ class FlashJob(_Job):
                 .skip_identical(options.skip_identical)
                 .prepare_each(options.probe)
                 .spill_to(options.spill_dir)
-                .vouch(tap.vouch if tap is not None else None)
+                .surface_test(options.surface)
+                .vouch(_both(tap.vouch if tap is not None else None, options.source_check))
                 .finish_each(verify=options.verify, repairs=options.repair_attempts,
                              source_at=None if self.image.seekable_raw
                              else getattr(self.image, "read_at", None))
@@ -386,6 +428,30 @@ class FlashJob(_Job):
                     source.close()
         for drive in self._live():  # given up by the engine without a message of its own
             self._end(drive, Status.FAILED, f"{drive.path}: did not finish", cause=Cause.ERROR)
+
+    def _judge(self, drive: _Drive, phase: str, done: int) -> None:
+        """A drive below --min-write-speed or --min-read-speed at steady state is rejected at
+        once: the engine gives it up (no further write, never the image's head)."""
+        if drive.judge is None or not drive.live or self._writer is None:
+            return
+        why = drive.judge.feed(phase, done, time.monotonic())
+        if why is not None:
+            self._writer.give_up(self.drives.index(drive), Rejected(Cause.SLOW.value, why))
+
+    def _certify(self, drive: _Drive) -> None:
+        """The certificate of a drive that read back as the image, when asked for; a note says
+        where it is, or why there is none (the drive stays ok: its bytes are right)."""
+        certify, writer = self.options.certify, self._writer
+        if certify is None or writer is None or not self.verifies:
+            return
+        read = writer.source_read()
+        try:
+            path = certify(self._result(drive), list(zip(read.extents, read.digests,
+                                                         strict=True)), self._wall_start)
+        except (OSError, ValueError) as exc:
+            self.emit(Note(f"{drive.path}: no certificate: {exc}"))
+            return
+        self.emit(Note(f"{drive.path}: certificate {path}"))
 
     def _invalid(self, drive: _Drive, offset: int, end: int | None, ended: bool) -> None:
         if ended:

@@ -27,10 +27,11 @@ from rich.text import Text
 
 from popsicle_py import events, progress, rows, signals, verdicts
 from popsicle_py.defaults import DEFAULT_BUCKET_SIZE
-from popsicle_py.units import format_size
+from popsicle_py.units import format_link_speed, format_size
 
 STYLES = {"done": "green", "ok": "green", "written": "green", "checked": "green", "ready": "green",
-          "downloaded": "green", "failed": "red", "invalid": "red", "cancelled": "yellow",
+          "downloaded": "green", "failed": "red", "invalid": "red", "rejected": "red",
+          "cancelled": "yellow",
           "stalled": "yellow", "resuming": "yellow", "ignored": "dim", "waiting": "dim"}
 #: A drive whose bytes have not moved for this long while the download is behind waits for it.
 WAIT_SHOWN = 1.5
@@ -49,6 +50,7 @@ class DriveRow:
     def __init__(self, name: str, tracker: progress.DriveProgress, port: str = "",
                  label: str = "") -> None:
         self.name, self.port, self.label = name, port, label
+        self.link = ""  # the USB link's speed ("480 Mbit/s"), shown when the width allows
         self.tracker = tracker
         self.state = "waiting"
         self.long = ""  # the state with its detail, when there is room for it on the row
@@ -122,7 +124,7 @@ class DriveRow:
         ended = t.ended is not None
         fraction = t.fraction
         return rows.Row(name=self.name, state=state, port=self.port, label=self.label,
-                        fraction=fraction if self.bar else 0.0, done=t.pass_done,
+                        link=self.link, fraction=fraction if self.bar else 0.0, done=t.pass_done,
                         total=t.pass_size, speed=speed, eta=eta, detail=detail, long=long,
                         style=STYLES.get(state, ""), bar=self.bar, pulse=int(now * 10),
                         moving=not ended, pass_word=self.pass_word())
@@ -309,6 +311,11 @@ def drive_names(info: events.DriveInfo | None) -> tuple[str, str]:
     return info.port_path or "", " ".join(p for p in (vendor, model) if p)
 
 
+def link_of(info: events.DriveInfo | None) -> str:
+    """A drive's USB link speed for its row ("480 Mbit/s"), or ""."""
+    return format_link_speed(info.link_speed) if info is not None and info.link_speed else ""
+
+
 def summary_table(summary: events.Summary, details: dict[str, str] | None = None) -> Table:
     """The end of a run: one line per drive, those that did not end ok first, with the words
     a person acts on.  ``details`` replaces an ok drive's words (a probe's verdict)."""
@@ -327,8 +334,11 @@ def summary_table(summary: events.Summary, details: dict[str, str] | None = None
     table.add_column("Written", justify="right", no_wrap=True)
     table.add_column("Time", justify="right", no_wrap=True)
     table.add_column("Details", overflow="fold", ratio=1)
+    digests = any(r.device_sha256 for r in results)
+    if digests:  # what each drive read back: the proof a person copies (whole, folded)
+        table.add_column("SHA-256 (read back)", overflow="fold", min_width=16)
     styles = {"ok": "green", "failed": "bold red", "invalid": "bold red",
-              "cancelled": "yellow"}
+              "rejected": "bold red", "cancelled": "yellow"}
     for r in results:
         words = verdicts.strip_device(r.error, r.device) or ""
         if r.ok:
@@ -339,5 +349,7 @@ def summary_table(summary: events.Summary, details: dict[str, str] | None = None
             cells.append((r.drive.port_path if r.drive is not None else None) or "")
         cells += [f"[{styles.get(r.status, '')}]{r.status}", format_size(r.bytes_written),
                   "" if r.elapsed is None else f"{r.elapsed:.1f} s", words]
+        if digests:
+            cells.append(r.device_sha256 or "")
         table.add_row(*cells)
     return table

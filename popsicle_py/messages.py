@@ -69,6 +69,9 @@ class BusWriterMessage:
         it read back as the image, its head written last)."""
 
         id: int
+        #: SHA-256 (hex) of the image's range as read back in the verify pass; None when not
+        #: read back whole (no verification, a block map's holes).
+        sha256: str | None = None
 
     @dataclass(frozen=True)
     class Errored:

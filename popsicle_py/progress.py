@@ -21,7 +21,7 @@ from collections import deque
 SPEED_WINDOW = 5.0
 #: Phases whose bytes are writes (``syncing`` is the first bucket, written last).
 WRITE_PHASES = ("writing", "syncing")
-VERIFY_PHASES = ("verifying",)
+VERIFY_PHASES = ("verifying", "reading")  # reading: ``read``'s one pass
 
 
 class DriveProgress:

@@ -22,7 +22,8 @@ from popsicle_py import events, files, progress
 #: The columns of a record, in order (CSV header, JSON keys).
 FIELDS = ("seq", "device", "port_path", "vendor", "model", "serial", "capacity", "image",
           "image_sha256", "bytes_written", "bytes_skipped", "write_speed", "verify_speed",
-          "result", "verified", "first_bad_offset", "error", "started", "ended")
+          "result", "verified", "first_bad_offset", "error", "started", "ended", "link_speed",
+          "device_sha256")
 
 FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl"}
 
@@ -60,6 +61,7 @@ def record(result: events.DriveResult, tracker: progress.DriveProgress | None, *
         "result": result.status, "verified": result.verified,
         "first_bad_offset": result.mismatch_offset, "error": result.error or "",
         "started": iso(started if started is not None else ended), "ended": iso(ended),
+        "link_speed": info.link_speed, "device_sha256": result.device_sha256 or "",
     }
 
 

@@ -32,6 +32,7 @@ class Row:
     state: str  # one word: writing, verifying, done, failed...
     port: str = ""
     label: str = ""
+    link: str = ""  # the USB link's speed ("480 Mbit/s"), shown when the width allows
     fraction: float | None = None  # None: unknown total (a pulsing bar)
     done: int = 0  # bytes of the current pass (written, or verified), of the image's ``total``
     total: int | None = None
@@ -60,6 +61,7 @@ ROOMY_BAR = 20
 MAX_NAME = 16
 MAX_PORT = 9
 MAX_LABEL = 24
+MAX_LINK = 11
 
 
 def format_speed(speed: float | None) -> str:
@@ -202,6 +204,7 @@ COLUMNS: tuple[Column, ...] = (
     Column("name", lambda r: r.name, lambda r: "bold", most=MAX_NAME, kept=True),
     Column("port", lambda r: r.port, lambda r: "cyan", most=MAX_PORT),
     Column("label", lambda r: r.label, lambda r: "dim", most=MAX_LABEL),
+    Column("link", lambda r: r.link, lambda r: "dim", most=MAX_LINK),
     Column("bar", lambda r: "", kept=True),
     Column("amount", lambda r: _amount(r), right=True, least=4, kept=True),
     Column("nbytes", lambda r: byte_counts(r), right=True),
@@ -223,6 +226,7 @@ FITS: tuple[Fit, ...] = (
     Fit("port", "add", ROOMY_BAR),
     Fit("nbytes", "add", ROOMY_BAR),
     Fit("label", "add", ROOMY_BAR),
+    Fit("link", "add", ROOMY_BAR),
     Fit("state", "widen", ROOMY_BAR),
 )
 #: A shortened name keeps at least this many cells.

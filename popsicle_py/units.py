@@ -49,3 +49,12 @@ def format_size(n: int | None) -> str:
                 return f"{n // factor} {unit}"
             return f"{n / factor:.1f} {unit}"
     raise AssertionError("unreachable")
+
+
+def format_link_speed(mbps: int | None) -> str:
+    """A USB link's speed as sysfs and people say it: ``480 Mbit/s``, ``5 Gbit/s``, ``?``."""
+    if mbps is None:
+        return "?"
+    if mbps >= 1000 and mbps % 1000 == 0:
+        return f"{mbps // 1000} Gbit/s"
+    return f"{mbps} Mbit/s"

@@ -225,6 +225,7 @@ class RichView:
                                                                    verifies=self.verifies,
                                                                    size=self.size),
                                     port, label or self.labels.get(device, ""))
+                row.link = live.link_of(info)
             self.by_device[device] = row
             self.board.add(row)
         return row
@@ -433,6 +434,7 @@ class WatchView:
             row = _DriveRow(device, progress.DriveProgress(writes=True, verifies=self.verify,
                                                        size=self.size),
                             port, label or known)
+            row.link = live.link_of(info)
         self.current[device] = row
         self.board.add(row)
         return row

@@ -38,6 +38,7 @@ import pyudev
 
 from popsicle_py import drives
 from popsicle_py import probe as probe_mod
+from popsicle_py.blockdev import BlockDevice
 from popsicle_py.drives import Drive, SystemFacts
 from popsicle_py.engine import keep_signals_for_main_thread
 from popsicle_py.errors import EXIT_FAILED, EXIT_OK
@@ -60,7 +61,8 @@ from popsicle_py.events import (
     WatchEvent,
     Watching,
 )
-from popsicle_py.flash import FlashJob, FlashOptions, OpenError, open_targets
+from popsicle_py.flash import Certify, FlashJob, FlashOptions, OpenError, open_targets
+from popsicle_py.grading import SpeedRule, chain
 from popsicle_py.images import (
     Checksum,
     ChecksumCancelled,
@@ -71,7 +73,7 @@ from popsicle_py.images import (
     verify_checksum,
 )
 from popsicle_py.plan import DEFAULT_MAX_AUTO_SIZE
-from popsicle_py.ports import drive_info
+from popsicle_py.ports import drive_info, link_notes, link_of
 from popsicle_py.signals import Cancellation
 from popsicle_py.units import format_size
 
@@ -121,6 +123,14 @@ class WatchOptions:
     admit: Callable[[Drive], str | None] | None = None
     #: Once set: take no new drive, end when the drives in flight are done (a station's stop).
     drain: threading.Event | None = None
+    #: Writes each verified drive's certificate (see :class:`FlashOptions`).
+    certify: Certify | None = None
+    #: Minimum steady speeds (see :class:`FlashOptions`).
+    speeds: SpeedRule | None = None
+    #: Test the rest of each drive after verification (--surface-test).
+    surface: bool = False
+    #: Run on each drive before anything is written to it: raises Rejected (--capacity).
+    reject: Callable[[BlockDevice], None] | None = None
 
 
 @dataclass(frozen=True)
@@ -477,6 +487,8 @@ class WatchSession:
                              seen.info))
         if reason is not None:
             return
+        for note in link_notes([(drive.path, link_of(drive))]):  # a USB 2.0 port: say so
+            self.emit(Note(note))
         seen.thread = threading.Thread(target=self._run_drive, args=(seen,), daemon=True,
                                        name=f"popsicle-watch-{drive.name}")
         self._started.append(seen)
@@ -523,11 +535,14 @@ class WatchSession:
             return
         size = self._source.size or 0
         bucket = self.options.bucket_size
-        probe = (probe_mod.checker([*range(bucket, size, bucket), size])
-                 if self.options.probe else None)
+        probe = chain(self.options.reject,
+                      probe_mod.checker([*range(bucket, size, bucket), size])
+                      if self.options.probe else None)
         options = FlashOptions(verify=self.options.verify, bucket_size=bucket,
                                buckets=self.options.buckets,
-                               stall_timeout=self.options.stall_timeout, probe=probe)
+                               stall_timeout=self.options.stall_timeout, probe=probe,
+                               certify=self.options.certify, speeds=self.options.speeds,
+                               surface=self.options.surface)
         FlashJob(self._source, opened, options, lambda e: self._job_event(seen, e),
                  cancel, [seen.info] if seen.info is not None else ()).run()
 

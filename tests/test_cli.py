@@ -651,6 +651,7 @@ def test_list_json_shows_the_usb_stick_eligible() -> None:
         16384 * 512, "usb", True, False)
     assert stick["mountpoints"] == []
     assert stick["port_path"] == "1-2"  # the USB port it hangs off
+    assert stick["link_speed"] == 480  # Mbit/s, its USB device's sysfs speed
     # --all lists the SATA disk too, with why it may not be written automatically.
     paths = {d["path"]: d for d in every}
     assert set(paths) == {"/dev/sda", "/dev/sdb"}
@@ -666,8 +667,10 @@ def test_list_table_shows_the_port_of_each_stick() -> None:
     assert result.returncode == 0, result.stderr
     header = next(line for line in result.stdout.splitlines() if "Device" in line)
     assert "Port" in header
-    (row,) = [line for line in result.stdout.splitlines() if "/dev/sdb" in line]
+    (row,) = [line for line in result.stdout.splitlines() if line.startswith("/dev/sdb")]
     assert re.search(r"/dev/sdb\s+1-2\s+", row), row
+    assert "Link" in header and "480 Mbit/s" in row  # the USB link's speed (sysfs speed)
+    assert "note: /dev/sdb is on a USB 2.0 link (480 Mbit/s" in result.stdout
 
 
 @needs_umockdev

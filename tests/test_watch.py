@@ -97,6 +97,7 @@ N: bus/usb/001/{self.port:03d}
 E: DEVTYPE=usb_device
 E: SUBSYSTEM=usb
 E: DRIVER=usb
+A: speed=480
 A: remove=
 A: idVendor=0781
 A: idProduct=5567
@@ -233,11 +234,13 @@ def test_two_drives_plugged_in_one_after_the_other_are_flashed_verified_and_powe
         (added,) = run.of("drive_added", device=stick.dev)
         identity = {"seq": seq, "port_path": f"1-{stick.port}", "vendor": "SanDisk",
                     "model": "Cruzer Blade", "serial": f"4C53000123110511{stick.port:04d}",
-                    "size": stick.size}
+                    "size": stick.size, "link_speed": 480}
         assert added == {"event": "drive_added", "device": stick.dev,
                          "label": "SanDisk Cruzer Blade", "size": stick.size,
                          "eligible": True, "reason": None, "drive": identity}
         assert run.results()[stick.dev]["drive"] == identity
+        assert any(e["text"].startswith(f"{stick.dev} is on a USB 2.0 link (480 Mbit/s")
+                   for e in run.of("note"))
         assert (run.files[stick.dev] or b"")[: len(data)] == data
         assert run.files[stick.remove_attr] == b"1"
         assert run.of("phase", device=stick.dev, phase="verifying")

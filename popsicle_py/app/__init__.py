@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 from popsicle_py.app.requests import (
     EngineOptions,
     FlashRequest,
+    GradeOptions,
     ProbeRequest,
     SourceOptions,
     TargetOptions,
@@ -39,10 +40,13 @@ from popsicle_py.app.requests import (
 )
 
 if TYPE_CHECKING:
+    from popsicle_py.app.check import CheckRequest, PreparedCheck, prepare_check
     from popsicle_py.app.common import exit_status
     from popsicle_py.app.confirm import Confirmation, TargetRow
+    from popsicle_py.app.erase import EraseRequest, PreparedErase, prepare_erase
     from popsicle_py.app.flash import PreparedFlash, prepare_flash
     from popsicle_py.app.listing import DriveListing, cache_entries, clean_cache, list_drives
+    from popsicle_py.app.read import PreparedRead, ReadRequest, prepare_read
     from popsicle_py.app.verify import (
         PreparedProbe,
         PreparedVerify,
@@ -53,6 +57,7 @@ if TYPE_CHECKING:
 
 _LAZY = {
     "exit_status": "common",
+    "CheckRequest": "check", "PreparedCheck": "check", "prepare_check": "check",
     "Confirmation": "confirm", "TargetRow": "confirm",
     "PreparedFlash": "flash", "prepare_flash": "flash",
     "DriveListing": "listing", "list_drives": "listing", "cache_entries": "listing",
@@ -60,14 +65,18 @@ _LAZY = {
     "PreparedVerify": "verify", "prepare_verify": "verify",
     "PreparedProbe": "verify", "prepare_probe": "verify",
     "PreparedWatch": "watch", "prepare_watch": "watch",
+    "ReadRequest": "read", "PreparedRead": "read", "prepare_read": "read",
+    "EraseRequest": "erase", "PreparedErase": "erase", "prepare_erase": "erase",
 }
 
 __all__ = [
-    "Confirmation", "DriveListing", "EngineOptions", "FlashRequest", "PreparedFlash",
-    "PreparedProbe", "PreparedVerify", "PreparedWatch", "ProbeRequest", "SourceOptions",
-    "TargetOptions", "TargetRow", "VerifyRequest", "WatchRequest", "WriteOptions",
-    "cache_entries", "clean_cache", "exit_status", "list_drives", "prepare_flash",
-    "prepare_probe", "prepare_verify", "prepare_watch",
+    "CheckRequest", "Confirmation", "DriveListing", "EngineOptions", "EraseRequest",
+    "FlashRequest", "GradeOptions", "PreparedCheck", "PreparedErase", "PreparedFlash",
+    "PreparedProbe", "PreparedRead", "PreparedVerify", "PreparedWatch", "ProbeRequest",
+    "ReadRequest", "SourceOptions", "TargetOptions", "TargetRow", "VerifyRequest",
+    "WatchRequest", "WriteOptions", "cache_entries", "clean_cache", "exit_status",
+    "list_drives", "prepare_check", "prepare_erase", "prepare_flash", "prepare_probe",
+    "prepare_read", "prepare_verify", "prepare_watch",
 ]
 
 

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 
 from popsicle_py import events
+from popsicle_py.app.requests import GradeOptions
+from popsicle_py.certify.writer import CertificateWriter, Place
+from popsicle_py.drives import Drive
 from popsicle_py.errors import EXIT_FAILED, EXIT_OK, Refused
+from popsicle_py.grading import SpeedRule, capacity_verdict
 from popsicle_py.images import Checksum
 from popsicle_py.protocols import View
 from popsicle_py.report import Report, ReportError, fan_out
@@ -24,6 +29,68 @@ def open_report(path: str | None, image: str, checksum: Checksum | None) -> Repo
         return Report(path, image=image, sha256=sha256)
     except ReportError as exc:
         raise Refused([str(exc)]) from None
+
+
+def check_grade(grade: GradeOptions, *, verify: bool) -> None:
+    """Refuse grading options that contradict each other or the run (exit 2)."""
+    if grade.tolerance and grade.capacity is None:
+        raise Refused(["--tolerance goes with --capacity SIZE"])
+    if grade.surface_test and not verify:
+        raise Refused(["--surface-test and --no-verify contradict each other: the surface "
+                       "test follows verification"])
+    if grade.min_read_speed is not None and not verify:
+        raise Refused(["--min-read-speed and --no-verify contradict each other: the read speed "
+                       "is measured while the drive is read back"])
+
+
+def speed_rule(grade: GradeOptions) -> SpeedRule | None:
+    rule = SpeedRule(grade.min_write_speed, grade.min_read_speed)
+    return rule if rule.active else None
+
+
+def capacity_notes(grade: GradeOptions, drives: Sequence[Drive]) -> list[str]:
+    """For the confirmation: the drives --capacity will reject before writing them."""
+    notes = []
+    for drive in drives:
+        why = capacity_verdict(drive.size, grade.capacity, grade.tolerance)
+        if why is not None:
+            notes.append(f"{drive.path} will be rejected (not written): it {why}")
+    return notes
+
+
+def open_certificates(grade: GradeOptions, image: str, checksum: Checksum | None, *,
+                      verify: bool, compressed: bool = False,
+                      place: Place | None = None) -> CertificateWriter | None:
+    """The --certificate writer, made before anything is written: the directory opened, the
+    --sign-key tried; a certificate needs the drives read back."""
+    if grade.certificate is None:
+        if grade.sign_key is not None:
+            raise Refused(["--sign-key signs certificates: give --certificate DIR too"])
+        return None
+    if not verify:
+        raise Refused(["--certificate and --no-verify contradict each other: a certificate "
+                       "says what was read back from the drive"])
+    # A published digest is of the file: of the image only when the file is not compressed.
+    sha256 = checksum.hexdigest.lower() if checksum is not None and checksum.algo == "sha256" \
+        and not compressed else None
+    name = image if "://" in image else os.path.basename(image)
+    return CertificateWriter(grade.certificate, grade.sign_key, name, sha256, place)
+
+
+def open_sinks(grade: GradeOptions, report: str | None, image: str,
+               checksum: Checksum | None, *, verify: bool, compressed: bool
+               ) -> tuple[Report | None, CertificateWriter | None]:
+    """The certificate writer and the report file, both opened before anything is written
+    (either refused: neither is left open)."""
+    check_grade(grade, verify=verify)
+    certificates = open_certificates(grade, image, checksum, verify=verify,
+                                     compressed=compressed)
+    try:
+        return open_report(report, image, checksum), certificates
+    except Refused:
+        if certificates is not None:
+            certificates.close()
+        raise
 
 
 def emitter(view: View, report: Report | None) -> Emit:

@@ -16,17 +16,26 @@ from collections.abc import Callable
 from popsicle_py import events, probe, udisks
 from popsicle_py.app import sources
 from popsicle_py.app.access import require_access
-from popsicle_py.app.common import cancelled_before_writing, emitter, open_report
+from popsicle_py.app.common import (
+    cancelled_before_writing,
+    capacity_notes,
+    emitter,
+    open_sinks,
+    speed_rule,
+)
 from popsicle_py.app.confirm import Confirmation, target_rows
 from popsicle_py.app.requests import FlashRequest
 from popsicle_py.app.trim import NONE, Trim, plan_trim
 from popsicle_py.blockdev import BlockDevice
 from popsicle_py.bmap import Bmap
+from popsicle_py.certify.writer import CertificateWriter
 from popsicle_py.drives import still_same
 from popsicle_py.errors import Refused
 from popsicle_py.flash import FlashJob, FlashOptions, open_targets
+from popsicle_py.grading import capacity_check, chain
+from popsicle_py.master import Stillness
 from popsicle_py.plan import Plan, make_plan, unmount_targets
-from popsicle_py.ports import drive_info
+from popsicle_py.ports import drive_info, link_notes, link_of
 from popsicle_py.protocols import View
 from popsicle_py.report import Report
 from popsicle_py.signals import Cancellation
@@ -48,8 +57,10 @@ class PreparedFlash:
     """
 
     def __init__(self, request: FlashRequest, source: sources.OpenedSource, plan: Plan,
-                 block_map: Bmap | None, report: Report | None, trim: Trim = NONE) -> None:
+                 block_map: Bmap | None, report: Report | None,
+                 certificates: CertificateWriter | None = None, trim: Trim = NONE) -> None:
         self.request = request
+        self.certificates = certificates
         self.source = source
         self.image = source.image
         self.checksum = source.checksum
@@ -95,6 +106,8 @@ class PreparedFlash:
     def close(self) -> None:
         if self.report is not None:
             self.report.close()
+        if self.certificates is not None:
+            self.certificates.close()
 
     def run(self, view: View, cancel: Cancellation) -> events.Summary:
         """Write every target and verify it; the summary says how each drive ended.
@@ -102,8 +115,7 @@ class PreparedFlash:
         Refusals that come only now (a drive that changed since the plan, a drive that
         cannot be opened, a mount that cannot be undone) are raised, nothing written.
         """
-        write = self.request.write
-        engine = self.request.engine
+        write, engine, grade = self.request.write, self.request.engine, self.request.grade
         emit = emitter(view, self.report)
         for note in self.source.notes:
             view.handle(events.Note(note))
@@ -137,7 +149,12 @@ class PreparedFlash:
                 repair_attempts=write.repair_attempts, bmap=self.block_map,
                 used=self.trim.ranges,
                 checksum=self.checksum, checksum_checked=not write.checksum_while_writing,
-                probe=capacity_probe(size, engine.bucket_size) if write.probe else None)
+                probe=chain(capacity_check(grade.capacity, grade.tolerance),
+                            capacity_probe(size, engine.bucket_size) if write.probe else None),
+                speeds=speed_rule(grade), surface=grade.surface_test,
+                certify=None if self.certificates is None else self.certificates.certify)
+            if sources.is_drive(image.path):  # a master drive: written to meanwhile, all fail
+                options = dataclasses.replace(options, source_check=Stillness(image.path).check)
             job = FlashJob(image, opened, options, emit, cancel, self.infos)
             sources.attach(image, job.relay, cancel)  # download news from the reader thread
             summary = job.run()
@@ -151,6 +168,15 @@ class PreparedFlash:
         return summary
 
 
+def _whole_because(request: FlashRequest, source: sources.OpenedSource) -> str | None:
+    """Why a flash must read every byte of the image, so trim cannot skip its free space."""
+    if request.grade.certificate is not None:
+        return "--certificate reads the whole image back"
+    if request.write.checksum_while_writing and source.checksum is not None:
+        return "--checksum-while-writing reads every byte"
+    return None
+
+
 def prepare_flash(request: FlashRequest) -> PreparedFlash:
     """Every check of a flash, before anything is written; raises :class:`Refused`."""
     targets, write = request.targets, request.write
@@ -160,11 +186,11 @@ def prepare_flash(request: FlashRequest) -> PreparedFlash:
         raise Refused([f"--bmap {write.bmap} and --no-bmap contradict each other; give one"])
     try:
         source = sources.open_source(request.source)
+        sources.require_still(source.image.path)
         image_note = sources.sanity_note(source, request.source.image, request.source.force)
         block_map = sources.block_map(source.image, write.bmap, write.no_bmap)
         trim = plan_trim(source.image, wanted=write.trim and block_map is None,
-                         checksum_in_pass=write.checksum_while_writing
-                         and source.checksum is not None)
+                         whole_because=_whole_because(request, source))
         size = source.image.size if block_map is None else block_map.image_size
         plan = make_plan(targets.devices, all_usb=targets.all_usb, image_path=source.image.path,
                          image_size=size, unmount=targets.unmount,
@@ -173,6 +199,15 @@ def prepare_flash(request: FlashRequest) -> PreparedFlash:
         raise Refused([*exc.notes, *exc.lines]) from None
     if image_note is not None:
         plan = dataclasses.replace(plan, notes=(image_note, *plan.notes))
+    links = [*link_notes([(d.path, link_of(d)) for d in plan.targets]),
+             *capacity_notes(request.grade, plan.targets)]
+    if links:
+        plan = dataclasses.replace(plan, notes=(*plan.notes, *links))
     require_access([d.path for d in plan.targets], writing=True)
-    report = open_report(request.report, source.image.path, source.checksum)
-    return PreparedFlash(request, source, plan, block_map, report, trim)
+    if request.grade.certificate is not None and block_map is not None:
+        raise Refused([f"--certificate needs the whole image read back, and the block map "
+                       f"{block_map.path} leaves holes unread: give --no-bmap"])
+    report, certificates = open_sinks(request.grade, request.report, source.image.path,
+                                      source.checksum, verify=write.verify,
+                                      compressed=source.image.compressed)
+    return PreparedFlash(request, source, plan, block_map, report, certificates, trim)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from popsicle_py.cache import Cache, CacheEntry
 from popsicle_py.drives import discover
 from popsicle_py.events import JsonObject
-from popsicle_py.ports import port_path_of
+from popsicle_py.ports import link_notes, link_of, port_path_of
 
 
 @dataclass(frozen=True)
@@ -23,17 +23,30 @@ class DriveListing:
     eligible: bool
     reason: str | None
     json: JsonObject
+    #: The USB link's speed in Mbit/s; None when not on USB.
+    link_speed: int | None = None
 
 
 def list_drives(*, include_all: bool = False) -> list[DriveListing]:
     """USB and SD drives (every disk with ``include_all``), each with whether it may be written
     and why not."""
+    return list_drives_with_notes(include_all=include_all)[0]
+
+
+def list_drives_with_notes(*, include_all: bool = False) -> tuple[list[DriveListing], list[str]]:
+    """:func:`list_drives`, and what to know about their USB links (USB 2.0, a shared hub)."""
     found = []
+    links = []
     for d in discover(include_all=include_all):
         port = port_path_of(d)
+        link = link_of(d)
+        speed = None if link is None else link.speed
+        links.append((d.path, link))
         found.append(DriveListing(d.path, port, d.label, d.size, d.bus, tuple(d.mountpoints),
-                                  d.eligible, d.reason, {**d.to_json(), "port_path": port}))
-    return found
+                                  d.eligible, d.reason,
+                                  {**d.to_json(), "port_path": port, "link_speed": speed},
+                                  speed))
+    return found, link_notes(links)
 
 
 def cache_entries() -> tuple[str, list[CacheEntry]]:

@@ -74,6 +74,24 @@ class WriteOptions:
 
 
 @dataclass(frozen=True)
+class GradeOptions:
+    """How each drive is graded and certified (flash, watch, the station).
+
+    Speeds in bytes per second, measured at steady state; ``capacity`` with ``tolerance``
+    (percent) rejects drives of another size before writing; ``certificate`` is a directory
+    for one certificate per verified drive, signed with the OpenSSH key ``sign_key``.
+    """
+
+    min_write_speed: int | None = None
+    min_read_speed: int | None = None
+    capacity: int | None = None
+    tolerance: float = 0.0
+    surface_test: bool = False
+    certificate: str | None = None
+    sign_key: str | None = None
+
+
+@dataclass(frozen=True)
 class FlashRequest:
     """Write one image to many drives, verify each, and say how each ended."""
 
@@ -83,6 +101,7 @@ class FlashRequest:
     write: WriteOptions = field(default_factory=WriteOptions)
     #: Append one record per drive to this file (.csv or .jsonl).
     report: str | None = None
+    grade: GradeOptions = field(default_factory=GradeOptions)
 
 
 @dataclass(frozen=True)
@@ -117,3 +136,4 @@ class WatchRequest:
     include_present: bool = False
     max_size: int = DEFAULT_MAX_AUTO_SIZE
     report: str | None = None
+    grade: GradeOptions = field(default_factory=GradeOptions)

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from types import ModuleType
 
-from popsicle_py import events, sanity
+from popsicle_py import events, master, sanity
 from popsicle_py.app.requests import SourceOptions
 from popsicle_py.bmap import Bmap, BmapError
 from popsicle_py.bmap import load as load_bmap
@@ -120,6 +120,18 @@ def open_source(options: SourceOptions) -> OpenedSource:
                                              options.keyring)
         notes.append(f"signature ok: {signature} (keyring {options.keyring})")
     return OpenedSource(img, expected, tuple(notes))
+
+
+def is_drive(path: str) -> bool:
+    """A block device named as the image: a master drive, read once as a whole."""
+    return master.is_block_device(path)
+
+
+def require_still(path: str) -> None:
+    """A master drive must hold still while it is read: refuse it mounted read-write, stacked
+    under another device or open for writing (see :mod:`popsicle_py.master`)."""
+    if is_drive(path) and (lines := master.refusals(path)):
+        raise Refused(lines)
 
 
 def open_for_reading(image: str) -> Source:

@@ -23,6 +23,7 @@ from popsicle_py import watch as watch_mod
 from popsicle_py.app.confirm import Confirmation
 from popsicle_py.app.station_requests import LearnRequest, StationRequest
 from popsicle_py.app.watch import PreparedWatch, prepare_watch
+from popsicle_py.certify.writer import Place
 from popsicle_py.drives import Drive
 from popsicle_py.errors import EXIT_OK, Refused
 from popsicle_py.events import JsonObject
@@ -81,6 +82,14 @@ class PreparedStation:
         self.name = request.name or socket.gethostname()
         self.exit_status = 0
         self.drain = threading.Event()
+        certificates = watch.certificates
+        if certificates is not None:  # who, where, which slot (the port's, without a map)
+            certificates.place = Place(self.name, request.batch or None,
+                                       request.operator or None,
+                                       slot_map.label_of if slot_map is not None
+                                       else lambda port: port)
+            if not watch.image.compressed:  # the file's digest is the image's
+                certificates.image_sha256 = certificates.image_sha256 or sha256 or None
 
     @property
     def notes(self) -> tuple[str, ...]:

@@ -2,8 +2,9 @@
 
 Decided before anything is opened for writing, from the image read by position (a raw image
 on this machine).  Not for a block map (it wins), a URL or a compressed image (they would be
-read twice: written whole), nor when the checksum is computed in the write pass (that pass
-must read every byte of the file).  See :mod:`popsicle_py.usage` for what is read and trusted.
+read twice: written whole), nor when every byte must be read anyway (the checksum computed in
+the write pass, a certificate of the whole image read back).  See :mod:`popsicle_py.usage`
+for what is read and trusted.
 """
 
 from __future__ import annotations
@@ -57,8 +58,9 @@ def read_usage(image: Image) -> Usage:
         os.close(fd)
 
 
-def plan_trim(image: Source, *, wanted: bool, checksum_in_pass: bool) -> Trim:
-    """The ranges to write for ``image`` (``wanted``: not --no-trim, no block map)."""
+def plan_trim(image: Source, *, wanted: bool, whole_because: str | None = None) -> Trim:
+    """The ranges to write for ``image`` (``wanted``: not --no-trim, no block map);
+    ``whole_because``: why every byte must be read after all (said in a note when it costs)."""
     if not wanted or not isinstance(image, Image):
         return NONE
     if image.compressed:
@@ -73,10 +75,9 @@ def plan_trim(image: Source, *, wanted: bool, checksum_in_pass: bool) -> Trim:
     notes = [*usage.found, *usage.notes]
     if not worth_it(usage):
         return Trim(None, tuple(usage.notes))
-    if checksum_in_pass:
+    if whole_because is not None:
         return Trim(None, (f"free space of the image's file systems written too "
-                           f"({format_size(usage.skipped)}): --checksum-while-writing reads "
-                           "every byte",))
+                           f"({format_size(usage.skipped)}): {whole_because}",))
     notes.append(f"writing {format_size(usage.used)} of {format_size(usage.size)}: "
                  f"{format_size(usage.skipped)} of free space in its file systems skipped "
                  "(--no-trim writes every byte)")

@@ -8,11 +8,13 @@ from popsicle_py import drives, events
 from popsicle_py import watch as watch_mod
 from popsicle_py.app import sources
 from popsicle_py.app.access import require_future_access
-from popsicle_py.app.common import emitter, open_report
+from popsicle_py.app.common import emitter, open_sinks, speed_rule
 from popsicle_py.app.confirm import Confirmation, target_rows
 from popsicle_py.app.requests import WatchRequest
+from popsicle_py.certify.writer import CertificateWriter
 from popsicle_py.drives import Drive
 from popsicle_py.errors import Refused
+from popsicle_py.grading import capacity_check
 from popsicle_py.protocols import View
 from popsicle_py.report import Report
 from popsicle_py.signals import Cancellation
@@ -25,8 +27,9 @@ class PreparedWatch:
 
     def __init__(self, request: WatchRequest, source: sources.OpenedSource,
                  present: tuple[Drive, ...], udev_note: str | None, image_note: str | None,
-                 report: Report | None) -> None:
+                 report: Report | None, certificates: CertificateWriter | None = None) -> None:
         self.request = request
+        self.certificates = certificates
         self.source = source
         self.image = source.image
         self.present = present
@@ -57,6 +60,8 @@ class PreparedWatch:
     def close(self) -> None:
         if self.report is not None:
             self.report.close()
+        if self.certificates is not None:
+            self.certificates.close()
 
     def run(self, view: View, cancel: Cancellation, *,
             hooks: watch_mod.WatchOptions | None = None) -> events.Summary:
@@ -77,7 +82,13 @@ class PreparedWatch:
                                          max_size=request.max_size,
                                          checksum=self.source.checksum, probe=request.probe,
                                          admit=hooks.admit if hooks else None,
-                                         drain=hooks.drain if hooks else None)
+                                         drain=hooks.drain if hooks else None,
+                                         certify=None if self.certificates is None
+                                         else self.certificates.certify,
+                                         speeds=speed_rule(request.grade),
+                                         surface=request.grade.surface_test,
+                                         reject=capacity_check(request.grade.capacity,
+                                                               request.grade.tolerance))
         for note in self.source.notes:
             view.handle(events.Note(note))
         with contextlib.ExitStack() as downloads:
@@ -105,6 +116,7 @@ def prepare_watch(request: WatchRequest) -> PreparedWatch:
     """Open and judge the image, check this user may write drives plugged in later, find the
     drives present (``include_present``); raises :class:`Refused`."""
     source = sources.open_source(request.source)
+    sources.require_still(source.image.path)
     image_note = sources.sanity_note(source, request.source.image, request.source.force)
     require_future_access()
     present: tuple[Drive, ...] = ()
@@ -113,5 +125,7 @@ def prepare_watch(request: WatchRequest) -> PreparedWatch:
                         if watch_mod.ineligibility(d, source.image.size, request.max_size)
                         is None)
     udev_note = drives.udev_hint()
-    report = open_report(request.report, source.image.path, source.checksum)
-    return PreparedWatch(request, source, present, udev_note, image_note, report)
+    report, certificates = open_sinks(request.grade, request.report, source.image.path,
+                                      source.checksum, verify=request.verify,
+                                      compressed=source.image.compressed)
+    return PreparedWatch(request, source, present, udev_note, image_note, report, certificates)

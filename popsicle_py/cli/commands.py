@@ -12,6 +12,7 @@ when a signal stopped the run.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from typing import TYPE_CHECKING
@@ -23,13 +24,16 @@ from popsicle_py._version import __version__
 from popsicle_py.app.requests import (
     EngineOptions,
     FlashRequest,
+    GradeOptions,
     ProbeRequest,
     SourceOptions,
     TargetOptions,
     VerifyRequest,
     WriteOptions,
 )
+from popsicle_py.cli import life
 from popsicle_py.cli.ask import confirm, make_view, make_watch_view, said_without_asking
+from popsicle_py.cli.check import check as check_command
 from popsicle_py.cli.guard import Group, run_guarded
 from popsicle_py.cli.options import (
     DEVICE,
@@ -39,6 +43,7 @@ from popsicle_py.cli.options import (
     OutputOptions,
     Session,
     engine_options,
+    grade_options,
     output_options,
     report_option,
     session_options,
@@ -51,7 +56,7 @@ from popsicle_py.cli.output import print_table, table, write_text
 from popsicle_py.cli.station import register as register_station
 from popsicle_py.defaults import DEFAULT_STALL_TIMEOUT
 from popsicle_py.errors import PROG
-from popsicle_py.units import format_size
+from popsicle_py.units import format_link_speed, format_size
 
 if TYPE_CHECKING:
     from popsicle_py.app.flash import PreparedFlash
@@ -110,10 +115,12 @@ def main() -> None:
 @yes_option()
 @write_options
 @engine_options
+@grade_options
 @report_option()
 @output_options()
 def flash(source: SourceOptions, targets: TargetOptions, yes: bool, write: WriteOptions,
-          engine: EngineOptions, report: str | None, output: OutputOptions) -> None:
+          engine: EngineOptions, grade: GradeOptions, report: str | None,
+          output: OutputOptions) -> None:
     """Write IMAGE to every DEVICE in parallel, then verify each.
 
     IMAGE may be raw or compressed (gzip, xz, bzip2, zstd, or a zip holding one image), a
@@ -123,7 +130,7 @@ def flash(source: SourceOptions, targets: TargetOptions, yes: bool, write: Write
     def body() -> int:
         from popsicle_py.app.flash import prepare_flash
 
-        request = FlashRequest(source, targets, engine, write, report)
+        request = FlashRequest(source, targets, engine, write, report, grade)
         with prepare_flash(request) as job:
             confirm(job.confirmation, yes)
             view = make_view(output.json, job.labels)
@@ -180,9 +187,11 @@ def probe_command(devices: tuple[str, ...], yes: bool, unmount: bool, stall_time
 @main.command()
 @source_options
 @session_options
+@grade_options
 @yes_option()
 @output_options()
-def watch(source: SourceOptions, session: Session, yes: bool, output: OutputOptions) -> None:
+def watch(source: SourceOptions, session: Session, grade: GradeOptions, yes: bool,
+          output: OutputOptions) -> None:
     """Duplicator mode: write IMAGE to every eligible drive as it is plugged in.
 
     Each drive is written and verified on its own as soon as it appears, then powered off
@@ -194,7 +203,7 @@ def watch(source: SourceOptions, session: Session, yes: bool, output: OutputOpti
         from popsicle_py.app.watch import prepare_watch
         from popsicle_py.signals import Cancellation
 
-        request = session.request(source)
+        request = dataclasses.replace(session.request(source), grade=grade)
         with prepare_watch(request) as job:
             confirm(job.confirmation, yes)
             view = make_watch_view(output.json, job.image.path, job.image.size,
@@ -217,19 +226,22 @@ def list_drives(show_all: bool, output: OutputOptions) -> None:
     """List USB and SD drives (with --all, every disk) and whether each may be written."""
 
     def body() -> int:
-        from popsicle_py.app.listing import list_drives as listing
+        from popsicle_py.app.listing import list_drives_with_notes
 
-        found = listing(include_all=show_all)
+        found, notes = list_drives_with_notes(include_all=show_all)
         if output.json:
             return write_text(json.dumps([d.json for d in found], indent=None) + "\n")
         if not found:
             return write_text(("no USB or SD drives found" if not show_all
                                else "no disks found") + "\n")
         rows = [(d.path, d.port or "", d.label or "?", format_size(d.size), d.bus,
+                 format_link_speed(d.link_speed) if d.link_speed else "",
                  ", ".join(d.mountpoints), "yes" if d.eligible else f"no: {d.reason}")
                 for d in found]
-        return print_table(table(("Device", "Port", "Drive", "Size", "Bus", "Mounted at",
-                                  "Eligible"), rows, optional=("Port", "Mounted at")))
+        status = print_table(table(("Device", "Port", "Drive", "Size", "Bus", "Link",
+                                    "Mounted at", "Eligible"), rows,
+                                   optional=("Port", "Link", "Mounted at")))
+        return status or write_text("".join(f"note: {n}\n" for n in notes))
 
     run_guarded(output.debug, output.json, body)
 
@@ -276,6 +288,9 @@ def cache_clean(debug: bool) -> None:
     run_guarded(debug, False, body)
 
 
+main.add_command(life.read_command)
+main.add_command(life.erase_command)
+
 POLKIT_RULE = "50-popsicle-py.rules"
 
 
@@ -295,3 +310,4 @@ def polkit_rule() -> None:
 
 
 register_station(main)  # station, slots, records (popsicle_py/cli/station.py)
+main.add_command(check_command)  # check (popsicle_py/cli/check.py)

@@ -16,6 +16,7 @@ import click
 
 from popsicle_py.app.requests import (
     EngineOptions,
+    GradeOptions,
     SourceOptions,
     TargetOptions,
     WatchRequest,
@@ -271,4 +272,55 @@ session_options = OptionGroup(
     max_size_option("Skip drives larger than this."),
     click.option("--no-probe", is_flag=True, help=NO_PROBE_HELP),
     report_option(),
+)
+
+
+class RateType(SizeType):
+    """Bytes per second written as 15MB/s, 12MiB/s or 15M."""
+
+    name = "RATE"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+                ) -> int:
+        text = str(value).strip()
+        return super().convert(text[:-2] if text.lower().endswith("/s") else text, param, ctx)
+
+
+RATE = RateType()
+
+
+def _grade(min_write_speed: int | None, min_read_speed: int | None, capacity: int | None,
+           tolerance: float, surface_test: bool, certificate: str | None,
+           sign_key: str | None) -> GradeOptions:
+    return GradeOptions(min_write_speed=min_write_speed, min_read_speed=min_read_speed,
+                        capacity=capacity, tolerance=tolerance, surface_test=surface_test,
+                        certificate=certificate, sign_key=sign_key)
+
+
+#: How drives are graded and certified (flash, watch, the station).
+grade_options = OptionGroup(
+    "grade", _grade,
+    click.option("--min-write-speed", type=RATE,
+                 help="Reject a drive that writes slower than RATE (15MB/s) at steady state "
+                      "(not its first seconds): it is not written further."),
+    click.option("--min-read-speed", type=RATE,
+                 help="Reject a drive that reads back slower than RATE at steady state."),
+    click.option("--capacity", type=SIZE,
+                 help="Reject, before writing, a drive whose size is not SIZE (32GB), within "
+                      "--tolerance."),
+    click.option("--tolerance", type=click.FloatRange(0, 100), default=0.0, metavar="PCT",
+                 show_default=True, help="How far from --capacity a drive's size may be, in "
+                                         "percent."),
+    click.option("--surface-test", is_flag=True,
+                 help="After verification, write the rest of each drive with a pattern, read "
+                      "it back and clear it (as f3 does): a bad region rejects the drive."),
+    click.option("--certificate", "certificate", metavar="DIR",
+                 type=click.Path(file_okay=False, path_type=str),
+                 help="Write a certificate (JSON) for each drive read back as the image into "
+                      "DIR: what was read, which drive, when; `popsicle-py check` re-reads "
+                      "the drive against it later, without the image."),
+    click.option("--sign-key", "sign_key", metavar="KEY",
+                 type=click.Path(dir_okay=False, path_type=str),
+                 help="Sign each certificate with this OpenSSH key (ssh-keygen -Y sign, "
+                      "namespace popsicle-py; the signature beside it, NAME.json.sig)."),
 )

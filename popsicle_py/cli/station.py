@@ -4,12 +4,12 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import click
 
 from popsicle_py import events
-from popsicle_py.app.requests import SourceOptions
+from popsicle_py.app.requests import GradeOptions, SourceOptions
 from popsicle_py.app.station_requests import DEFAULT_LISTEN, LearnRequest, StationRequest
 from popsicle_py.cli.ask import confirm
 from popsicle_py.cli.guard import run_guarded
@@ -17,6 +17,7 @@ from popsicle_py.cli.options import (
     OptionGroup,
     OutputOptions,
     Session,
+    grade_options,
     output_options,
     session_options,
     source_options,
@@ -72,10 +73,11 @@ place_options = OptionGroup(
 @source_options
 @place_options
 @session_options
+@grade_options
 @yes_option()
 @output_options()
-def station(source: SourceOptions, place: Place, session: Session, yes: bool,
-            output: OutputOptions) -> None:
+def station(source: SourceOptions, place: Place, session: Session, grade: GradeOptions,
+            yes: bool, output: OutputOptions) -> None:
     """A duplicator station: watch's writing, with slots, a web page, an HTTP API and a
     journal of every drive.
 
@@ -89,7 +91,7 @@ def station(source: SourceOptions, place: Place, session: Session, yes: bool,
         from popsicle_py.signals import Cancellation
         from popsicle_py.station.view import SlotJsonView, SlotPlainView, Terminal
 
-        request = StationRequest(session.request(source), **asdict(place))
+        request = StationRequest(replace(session.request(source), grade=grade), **asdict(place))
         with prepare_station(request) as job:
             confirm(job.confirmation, yes)
             terminal: Terminal = SlotJsonView() if output.json else SlotPlainView()

@@ -19,14 +19,20 @@ class EndedEarly(Exception):
         self.offset = offset
 
 
+#: Sees every piece read back: the extent's index and the bytes (valid during the call only).
+Tap = Callable[[int, memoryview], None]
+
+
 def check_extents(lane: Lane, extents: Sequence[tuple[int, int]], digests: Sequence[bytes],
                   indices: Sequence[int], scratch: memoryview,
-                  progressed: Callable[[int], None], *, all_bad: bool = True) -> list[int]:
+                  progressed: Callable[[int], None], *, all_bad: bool = True,
+                  tap: Tap | None = None) -> list[int]:
     """The indices of the extents whose bytes on the destination fail their digest.
 
-    Reads in calls sized by the lane's pacer; ``progressed(n)`` follows each.  Stops at the
-    first bad one unless ``all_bad``.  Returns early (with what it found) once the lane is
-    stopped; raises :class:`EndedEarly` when the destination is shorter than an extent.
+    Reads in calls sized by the lane's pacer; ``progressed(n)`` follows each, and ``tap``
+    sees the bytes (the device's SHA-256, with no second read).  Stops at the first bad one
+    unless ``all_bad``.  Returns early (with what it found) once the lane is stopped; raises
+    :class:`EndedEarly` when the destination is shorter than an extent.
     """
     bad: list[int] = []
     for index in indices:
@@ -45,6 +51,8 @@ def check_extents(lane: Lane, extents: Sequence[tuple[int, int]], digests: Seque
             if got == 0:
                 raise EndedEarly(start + done)
             hasher.update(want[:got])
+            if tap is not None:
+                tap(index, want[:got])
             done += got
             lane.advance(got)
             progressed(got)

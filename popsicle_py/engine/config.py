@@ -64,3 +64,5 @@ class Config:
     #: Spill a stream (a decompressor) to a file under this directory so that laggards can go
     #: on alone ("" for the default, $TMPDIR or /var/tmp; None: never spill).
     spill_dir: str | None = None
+    #: After verification, before the head: the rest of the drive written, read back, cleared.
+    surface: bool = False

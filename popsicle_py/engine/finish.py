@@ -20,6 +20,7 @@ routine for the writer's own verification and for :class:`~.verifier.BusVerifier
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -35,13 +36,14 @@ from popsicle_py.blockdev import (
     write_at,
 )
 from popsicle_py.buffers import aligned_buffer
-from popsicle_py.engine.checks import EndedEarly, check_extents
+from popsicle_py.engine import surface
+from popsicle_py.engine.checks import EndedEarly, Tap, check_extents
 from popsicle_py.engine.config import CHUNK, HEAD, Config
 from popsicle_py.engine.lane import Lane
 from popsicle_py.engine.reader import Reader
 from popsicle_py.engine.ring import Ring
 from popsicle_py.engine.spill import Spill
-from popsicle_py.events import Step
+from popsicle_py.events import Note, Step
 from popsicle_py.messages import BusWriterMessage as Msg
 
 #: Counts ``n`` more bytes of the image as written to a lane (and says so).
@@ -76,8 +78,11 @@ class Check:
                  source_bytes: Callable[[int], memoryview | None] | None = None,
                  can_repair: Callable[[int], bool] = lambda index: False,
                  retries: int = DEFAULT_RETRIES,
-                 stage: Callable[[Lane, Step], None] = lambda lane, step: None) -> None:
+                 stage: Callable[[Lane, Step], None] = lambda lane, step: None,
+                 tap: Callable[[], Tap] | None = None) -> None:
         self.extents = extents
+        #: A fresh tap for each pass over the extents (the last whole pass is what counts).
+        self.tap = tap
         self.digests = digests
         self.bucket_size = bucket_size
         self.repairs = repairs
@@ -96,7 +101,7 @@ class Check:
         repaired: set[int] = set()
         try:
             bad = check_extents(lane, self.extents, self.digests, indices, scratch, progressed,
-                                all_bad=all_bad)
+                                all_bad=all_bad, tap=self.tap() if self.tap else None)
             attempts = 0
             while bad and not lane.stopped and attempts < self.repairs:
                 if not all(self.can_repair(i) for i in bad):
@@ -111,7 +116,8 @@ class Check:
                 self.stage(lane, Step.VERIFYING)
                 # All again: a rewrite may have changed what was checked.
                 bad = check_extents(lane, self.extents, self.digests, indices, scratch,
-                                    progressed, all_bad=all_bad)
+                                    progressed, all_bad=all_bad,
+                                    tap=self.tap() if self.tap else None)
         except EndedEarly as exc:
             return Verdict(ended=exc.offset, repaired=len(repaired))
         return Verdict(tuple(bad), None, len(repaired))
@@ -144,6 +150,8 @@ class Finisher:
         #: Where the head goes until the image's own may be written (random: no signature).
         self.stamp_bytes = memoryview(aligned_buffer(HEAD))
         self.stamp_bytes[:] = os.urandom(HEAD)
+        #: Per lane: the SHA-256 of the image's range as its last whole verify pass read it.
+        self.device_sha256: dict[int, str] = {}
 
     def stamp(self, lane: Lane) -> bool:
         """The stamp in the head's place, once the first bucket says how long the head is."""
@@ -165,6 +173,8 @@ class Finisher:
         stamped = held is not None and head > 0  # since the start (see stamp)
         if config.verify and (lane.stopped or not self._verify(lane, stamp_head=stamped)):
             return
+        if config.surface and config.verify:
+            self._surface(lane)
         if not self.ring.wait_until(lane, lambda: self.ring.vouched):
             return
         if held is not None and head:
@@ -179,7 +189,55 @@ class Finisher:
             if config.verify and not self._verify(lane, only_head=True):
                 return
         if not lane.stopped:
-            lane.post(Msg.Completed(lane.id))
+            lane.post(Msg.Completed(lane.id, self.device_sha256.get(lane.id)
+                                    if config.verify else None))
+
+    def _surface(self, lane: Lane) -> None:
+        """The rest of the drive tested (raises Rejected: the drive never gets the head)."""
+        size = getattr(lane.dest, "size", None)
+        if not isinstance(size, int) or not size:
+            return
+        image_end = max([start + length for start, length in self.reader.extents]
+                        + [self.config.expected_size or 0])
+        first, last = surface.tested_range(image_end, size)
+        if first < last:
+            lane.post(Note(f"{getattr(lane.dest, 'path', 'the drive')}: surface test of bytes "
+                           f"{first}-{last - 1}"))
+        surface.run(lane, image_end, size, self.config.retries)
+
+    def _range_tap(self, lane: Lane, stamp_head: bool) -> Callable[[], Tap] | None:
+        """Hashes the image's range as a verify pass reads it back, when the extents cover it
+        from byte 0 without a hole (not a block map's).  The stamp stands where the head goes
+        until the head is written and checked: its read-back is skipped, the image's head (the
+        bytes that will be checked there next) goes first."""
+        extents = self.reader.extents
+        at = 0
+        for start, length in extents:
+            if start != at:
+                return None
+            at += length
+        if not extents:
+            return None
+        head = self.held[: extents[0][1]] if stamp_head and self.held is not None else None
+
+        def fresh() -> Tap:
+            hasher = hashlib.sha256()
+            seen = [0]
+            if head is not None:
+                hasher.update(head)
+                seen[0] = len(head)
+
+            def tap(index: int, data: memoryview) -> None:
+                if index or head is None:
+                    hasher.update(data)
+                    seen[0] += len(data)
+                    if seen[0] == at:  # the whole range, read in order
+                        self.device_sha256[lane.id] = hasher.hexdigest()
+
+            self.device_sha256.pop(lane.id, None)
+            return tap
+
+        return fresh
 
     def _verify(self, lane: Lane, *, stamp_head: bool = False, only_head: bool = False) -> bool:
         """Check the destination against the digests; repair, then check all again.
@@ -203,7 +261,8 @@ class Finisher:
         check = Check(extents, digests, self.config.bucket_size, repairs=self.config.repairs,
                       source_bytes=lambda index: self._source_bytes(index, stamp_head),
                       can_repair=self._can_repair, retries=self.config.retries,
-                      stage=lambda lane, step: lane.post(Msg.Stage(lane.id, step)))
+                      stage=lambda lane, step: lane.post(Msg.Stage(lane.id, step)),
+                      tap=None if only_head else self._range_tap(lane, stamp_head))
         verdict = check.run(lane, indices, progressed)
         if verdict.ended is not None:
             self._invalid(lane, verdict.ended, None, ended=True)

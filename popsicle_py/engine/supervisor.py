@@ -162,6 +162,17 @@ class Supervisor:
             if not isinstance(message, (_Finished, _ReaderDone)):
                 self._deliver(message)
 
+    def give_up(self, lane_id: int, error: OSError) -> None:
+        """Fail a lane from the calling thread (a drive graded out): it is abandoned as a
+        stalled one is, starts no other call, and its ``errored`` message follows at once."""
+        lane = self.lanes[lane_id]
+        if lane.finished or lane.abandoned or lane.error is not None:
+            return
+        lane.error = error
+        lane.abandoned = True
+        self._left(lane)
+        self._callback(self._errored(lane.id, error))
+
     def _check_stalls(self, now: float) -> None:
         limit = self._stall_timeout
         if limit is None:

@@ -172,6 +172,17 @@ class BusWriter(Builder):
         """
         return self._run is not None and self._run.reading
 
+    def surface_test(self, enabled: bool = True) -> BusWriter:
+        """With :meth:`finish_each` and verification: test the rest of each drive (see
+        :mod:`.surface`) before its head is written."""
+        return self._set(surface=enabled)
+
+    def give_up(self, index: int, error: OSError) -> None:
+        """Stop writing destination ``index`` (from the callback's thread): it fails with
+        ``error`` and is not written further; never holds the head (that comes last)."""
+        if self._run is not None:
+            self._run.supervisor.give_up(index, error)
+
     def source_read(self) -> WriteResult:
         """What the source gave so far (size, digests, held head), without any results."""
         if self._run is None:

@@ -28,13 +28,26 @@ INTERRUPTED = "interrupted"
 #: Who wrote it, where, in which batch; then the report's fields.
 COLUMNS = ("id", "session", "station", "batch", "operator", "slot", *FIELDS)
 _INTEGERS = {"id", "seq", "capacity", "bytes_written", "bytes_skipped", "write_speed",
-             "verify_speed", "first_bad_offset"}
+             "verify_speed", "first_bad_offset", "link_speed"}
+
+
+
+def _type(column: str) -> str:
+    return "INTEGER" if column in _INTEGERS or column == "verified" else "TEXT"
+
 
 _SCHEMA = ("CREATE TABLE IF NOT EXISTS records ("
-           + ", ".join(f"{c} INTEGER" + (" PRIMARY KEY" if c == "id" else "")
-                       if c in _INTEGERS or c == "verified" else f"{c} TEXT"
+           + ", ".join(f"{c} {_type(c)}" + (" PRIMARY KEY" if c == "id" else "")
                        for c in COLUMNS)
            + ")")
+
+
+def _add_new_columns(db: sqlite3.Connection) -> None:
+    """A journal made by an older popsicle-py gets the columns added since (empty there)."""
+    have = {row[1] for row in db.execute("PRAGMA table_info(records)").fetchall()}
+    for column in COLUMNS:
+        if have and column not in have:
+            db.execute(f"ALTER TABLE records ADD COLUMN {column} {_type(column)}")
 
 
 class JournalError(Exception):
@@ -67,6 +80,7 @@ def connect(path: str, *, create: bool) -> sqlite3.Connection:
         db.execute("PRAGMA synchronous=FULL")
         if create:
             db.execute(_SCHEMA)
+        _add_new_columns(db)
         db.execute("SELECT count(*) FROM records").fetchone()
     except (OSError, sqlite3.Error) as exc:
         raise JournalError(f"--journal {path}: {getattr(exc, 'strerror', None) or exc}"

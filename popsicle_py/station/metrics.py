@@ -25,7 +25,7 @@ class BoardCollector(Collector):
         drives = CounterMetricFamily("popsicle_station_drives",
                                      "Drives finished in this session, by result",
                                      labels=["result"])
-        for result in ("ok", "failed", "invalid", "cancelled"):
+        for result in ("ok", "failed", "invalid", "rejected", "cancelled"):
             drives.add_metric([result], board.results.get(result, 0))
         yield drives
         yield CounterMetricFamily("popsicle_station_bytes_written",

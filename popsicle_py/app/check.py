@@ -1,0 +1,181 @@
+"""The check use case: does a drive still hold what its certificate (or a published digest)
+says, without the image?
+
+``prepare_check`` reads and checks the certificate and its signature (``CERT.sig``) first:
+a certificate that is not one, or whose signature does not verify, is refused (exit 2) before
+any drive is read.  ``run`` then re-reads each drive, read-only, and each ends ok (it
+matches, exit 0) or invalid (it differs: the first differing chunk is named; exit 1).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+
+from popsicle_py import events
+from popsicle_py.app.access import require_access
+from popsicle_py.certify import model, sshsig
+from popsicle_py.certify.readback import CheckJob, Expected
+from popsicle_py.defaults import DEFAULT_STALL_TIMEOUT
+from popsicle_py.drives import Drive
+from popsicle_py.errors import Refused
+from popsicle_py.flash import open_targets
+from popsicle_py.images.checksums import choose_sidecar
+from popsicle_py.plan import make_read_plan
+from popsicle_py.ports import drive_info
+from popsicle_py.protocols import View
+from popsicle_py.signals import Cancellation
+
+_SHA256 = re.compile(r"[0-9a-fA-F]{64}")
+#: Names whose published digest is of a compressed file, which no drive holds.
+_COMPRESSED = (".gz", ".xz", ".bz2", ".zst", ".zip", ".lz", ".lzma", ".7z")
+_SUMS = "SHA256SUMS"
+
+
+@dataclass(frozen=True)
+class CheckRequest:
+    """Judge drives against a certificate (one drive) or a published SHA-256 and size."""
+
+    devices: tuple[str, ...]
+    certificate: str | None = None
+    #: ssh-keygen's allowed_signers file: the certificate must be signed by one of them.
+    allowed_signers: str | None = None
+    sha256: str | None = None
+    size: int | None = None
+    #: (SHA256SUMS file, the image's name in it), instead of ``sha256``.
+    sums: tuple[str, str] | None = None
+    stall_timeout: float = DEFAULT_STALL_TIMEOUT
+
+
+class PreparedCheck:
+    """A check whose certificate (and signature) passed: what each drive must hold."""
+
+    def __init__(self, request: CheckRequest, expected: Expected, targets: tuple[Drive, ...],
+                 notes: tuple[str, ...]) -> None:
+        self.request = request
+        self.expected = expected
+        self.targets = targets
+        self.notes = notes
+        self.infos = tuple(drive_info(d, i) for i, d in enumerate(targets, 1))
+
+    @property
+    def labels(self) -> dict[str, str]:
+        return {d.path: d.label for d in self.targets}
+
+    def run(self, view: View, cancel: Cancellation) -> events.Summary:
+        """Read every drive (nothing is written); the summary says which match."""
+        try:
+            opened = open_targets(self.targets, for_writing=False)
+        except Refused:
+            view.close()
+            raise
+        for note in self.notes:
+            view.handle(events.Note(note))
+        summary = CheckJob(self.expected, opened, view.handle, cancel,
+                           self.request.stall_timeout, self.infos).run()
+        view.close()
+        return summary
+
+
+def _read_small(path: str, what: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            data = f.read(model.MAX_BYTES + 1)
+    except OSError as exc:
+        raise Refused([f"{what} {path}: {exc.strerror or exc}"]) from None
+    if len(data) > model.MAX_BYTES:
+        raise model.CertificateError(f"{path}: too large to be a certificate")
+    return data
+
+
+def identity_notes(cert: model.Certificate, drive: Drive) -> list[str]:
+    """Where the drive read is not the one the certificate names (its bytes may still match)."""
+    notes = []
+    if cert.drive.serial and drive.serial.strip() and cert.drive.serial != drive.serial.strip():
+        notes.append(f"{drive.path}: serial {drive.serial.strip()}, not the certificate's "
+                     f"{cert.drive.serial}: another drive, judged by its bytes")
+    if cert.drive.size and drive.size and cert.drive.size != drive.size:
+        notes.append(f"{drive.path}: {drive.size} bytes, not the certificate's "
+                     f"{cert.drive.size}: another drive, judged by its bytes")
+    return notes
+
+
+def _from_certificate(request: CheckRequest) -> tuple[Expected, list[str], model.Certificate]:
+    path = request.certificate
+    assert path is not None
+    data = _read_small(path, "certificate")
+    cert = model.parse(data.decode("utf-8", errors="replace"), path)
+    sig_path = path + sshsig.SIG_SUFFIX
+    notes = []
+    if os.path.exists(sig_path):
+        signature = _read_small(sig_path, "signature")
+        if request.allowed_signers is not None:
+            who = sshsig.verify(path, data, signature, request.allowed_signers)
+            notes.append(f"{path}: signed by {who}")
+        else:
+            sshsig.check_intact(path, data, signature)
+            notes.append(f"{path}: the signature matches, but who signed it is not checked "
+                         "(give --allowed-signers FILE)")
+    elif request.allowed_signers is not None:
+        raise model.CertificateError(f"{path}: not signed (no {sig_path}), and "
+                                     "--allowed-signers asks for a signature")
+    else:
+        notes.append(f"{path}: not signed: it proves only what its own file says")
+    expected = Expected(path, "certificate", cert.image_size, cert.device_sha256, cert.chunks)
+    return expected, notes, cert
+
+
+def _published(request: CheckRequest) -> Expected:
+    if request.size is None:
+        raise Refused(["--size N is needed with a published digest: the image's size in "
+                       "bytes (the drive is read that far)"])
+    if request.sums is not None:
+        sums, name = request.sums
+        if name.lower().endswith(_COMPRESSED):
+            raise Refused([f"{name} is compressed: a drive holds the decompressed image; give "
+                           "the digest of the uncompressed image"])
+        text = _read_small(sums, "--sums").decode("utf-8", errors="replace")
+        found = choose_sidecar(name, lambda n: n,
+                               lambda n: text if n == _SUMS else None)
+        if found is None or found.algo != "sha256":
+            raise Refused([f"--sums {sums}: no SHA-256 for {name}"])
+        digest = found.hexdigest
+        shown = f"{name} (sha256 from {sums})"
+    else:
+        assert request.sha256 is not None
+        digest = request.sha256
+        if not _SHA256.fullmatch(digest):
+            raise Refused([f"--sha256 {digest}: not 64 hex digits"])
+        shown = f"sha256 {digest.lower()}"
+    return Expected(shown, "sha256", request.size, digest.lower())
+
+
+def prepare_check(request: CheckRequest) -> PreparedCheck:
+    """Check the certificate (or the digest) and the drives; raises :class:`Refused` (exit 2),
+    or :class:`~popsicle_py.certify.CertificateError` when it is not to be trusted."""
+    given = [request.certificate is not None, request.sha256 is not None,
+             request.sums is not None]
+    if sum(given) != 1:
+        raise Refused(["give one of: a CERTIFICATE, --sha256 HEX, --sums SHA256SUMS NAME"])
+    if request.size is not None and request.size < 1:
+        raise Refused([f"--size {request.size}: must be at least 1 byte"])
+    notes: list[str] = []
+    if request.certificate is not None:
+        if len(request.devices) != 1:
+            raise Refused(["a certificate is one drive's: give one DEVICE"])
+        if request.size is not None:
+            raise Refused(["--size goes with --sha256 or --sums: a certificate has its size"])
+        expected, notes, cert = _from_certificate(request)
+    else:
+        if request.allowed_signers is not None:
+            raise Refused(["--allowed-signers goes with a certificate"])
+        if not request.devices:
+            raise Refused(["no drives: name the DEVICE(s) to check"])
+        expected, cert = _published(request), None
+    # A drive smaller than the image is not refused: it does not hold it (exit 1, "ends at").
+    targets = make_read_plan(request.devices, None).targets
+    require_access([d.path for d in targets], writing=False)
+    if cert is not None:
+        notes += identity_notes(cert, targets[0])
+    return PreparedCheck(request, expected, targets, tuple(notes))

@@ -1,0 +1,283 @@
+"""The read use case: a drive read once into an image file, with its checksum and block map.
+
+``prepare_read(request)`` checks the drive (it must hold still: not mounted read-write, not
+open for writing, see :mod:`popsicle_py.master`) and OUTPUT (not there unless ``force``, not on
+the drive being read, room for it when its size is known) and raises :class:`Refused` (exit 2)
+before anything is read.  ``run(view, cancel)`` reads into a temporary file beside OUTPUT
+(created with O_EXCL|O_NOFOLLOW) and renames it only once everything is written and synced:
+OUTPUT never exists half-written under its final name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import secrets
+import stat
+import time
+from dataclasses import dataclass
+
+from popsicle_py import drives, events, fsmap, master, reading
+from popsicle_py.app.access import require_access
+from popsicle_py.blockdev import BlockDevice, OpenSpec, confirmed, open_for_reading
+from popsicle_py.defaults import DEFAULT_STALL_TIMEOUT
+from popsicle_py.drives import Drive
+from popsicle_py.errors import Refused
+from popsicle_py.failures import describe_error, failure
+from popsicle_py.ports import drive_info
+from popsicle_py.protocols import View
+from popsicle_py.signals import Cancellation
+from popsicle_py.units import format_size
+
+
+@dataclass(frozen=True)
+class ReadRequest:
+    """Read ``device`` into ``output`` (compressed by its suffix: .zst, .xz, .gz, or raw)."""
+
+    device: str
+    output: str
+    #: Replace an existing OUTPUT (and its .sha256 and .bmap).
+    force: bool = False
+    #: Also write bmaptool's block map of the blocks that hold data.
+    bmap: bool = False
+    stall_timeout: float = DEFAULT_STALL_TIMEOUT
+    bucket_size: int = reading.DEFAULT_BUCKET
+
+
+class OutputError(OSError):
+    """OUTPUT (or its sidecars) could not be written: the file system's fault, not the drive's."""
+
+
+class PreparedRead:
+    """A read that passed every check: the drive, OUTPUT's format and the files to write."""
+
+    def __init__(self, request: ReadRequest, drive: Drive, output: str, files: tuple[str, ...]
+                 ) -> None:
+        self.request = request
+        self.drive = drive
+        self.output = output
+        self.format = reading.format_for(output)
+        self.files = files  # OUTPUT, its .sha256, [its .bmap]
+        self.info = drive_info(drive, 1)
+
+    @property
+    def labels(self) -> dict[str, str]:
+        return {self.drive.path: self.drive.label}
+
+    @property
+    def notes(self) -> tuple[str, ...]:
+        what = "raw" if self.format == "raw" else f"{self.format}-compressed"
+        return (f"reading {self.drive.path} ({format_size(self.drive.size)}) into "
+                f"{self.output} ({what})",)
+
+    def run(self, view: View, cancel: Cancellation) -> events.Summary:
+        """Read the drive once into OUTPUT; the summary's one result says how it ended."""
+        path = self.drive.path
+        try:
+            device = _open(self.drive)
+        except Refused:
+            view.close()
+            raise
+        started = time.monotonic()
+        temps = [_temp_name(f) for f in self.files]
+        result: events.DriveResult | None = None
+        try:
+            still = master.Stillness(path)
+            view.handle(events.Phase(path, events.Step.READING))
+            done = self._read(device, temps, view, cancel)
+            if done is None:
+                result = events.DriveResult(path, events.Status.CANCELLED, 0, "cancelled",
+                                            cause=events.Cause.CANCELLED, drive=self.info)
+            else:
+                still.check()
+                _publish(temps, self.files)
+                elapsed = time.monotonic() - started
+                result = events.DriveResult(path, events.Status.OK, self.drive.size,
+                                            elapsed=elapsed, drive=self.info)
+                view.handle(events.Note(f"{self.output}: {format_size(done.written)}, sha256 "
+                                        f"{done.sha256}"))
+        except OutputError as exc:
+            cause = events.Cause.NO_SPACE if exc.errno == errno.ENOSPC else events.Cause.ERROR
+            result = events.DriveResult(path, events.Status.FAILED, 0,
+                                        f"{self.output}: {exc.strerror}", cause=cause,
+                                        drive=self.info)
+        except master.DriveChanged as exc:
+            result = events.DriveResult(path, events.Status.FAILED, 0,
+                                        f"{path} changed while it was read ({exc.how}): "
+                                        f"{self.output} was not written",
+                                        cause=events.Cause.SOURCE, drive=self.info)
+        except OSError as exc:
+            why = failure(exc, path)
+            result = events.DriveResult(path, events.Status.FAILED, 0, why.text,
+                                        cause=why.cause, drive=self.info)
+        finally:
+            device.close()
+            if result is None or result.status is not events.Status.OK:
+                for temp in temps:
+                    with contextlib.suppress(OSError):
+                        os.unlink(temp)
+        ok = result.status is events.Status.OK
+        view.handle(events.Phase(path, events.Step.DONE if ok else events.Step.FAILED,
+                                 result.error or result.status.value, result.cause))
+        view.handle(events.Result(result))
+        summary = events.Summary((result,), cancelled=result.status is events.Status.CANCELLED)
+        view.handle(summary)
+        view.close()
+        return summary
+
+    def _read(self, device: BlockDevice, temps: list[str], view: View, cancel: Cancellation
+              ) -> reading.Read | None:
+        size, path = self.drive.size, self.drive.path
+        fd = _create(temps[0])
+        try:
+            sink = _GuardedSink(fd)
+            mapper = None
+            if self.request.bmap:
+                free, used = fsmap.free_ranges(path, size)
+                mapper = reading.Mapper(free=fsmap.free_mask(free, size, reading.BMAP_BLOCK)
+                                        if free else None)
+                if used:
+                    view.handle(events.Note(f"block map: the free blocks of {', '.join(used)} "
+                                            "are left out"))
+
+            def progress(done: int) -> None:
+                view.handle(events.Progress(path, events.Step.READING, done, size))
+
+            done = reading.read_drive(
+                device, size, reading.encoder(self.format, sink, size), sink, mapper=mapper,
+                bucket=self.request.bucket_size, progress=progress, stopped=cancel,
+                stall_timeout=self.request.stall_timeout)
+            if done is None:
+                return None
+            _guarded(os.fsync, fd)
+        finally:
+            os.close(fd)
+        name = os.path.basename(self.output)
+        _write_small(temps[1], f"{done.sha256}  {name}\n")
+        if mapper is not None:
+            _write_small(temps[2], reading.render_bmap(size, mapper.block, mapper.finish(size)))
+        return done
+
+
+class _GuardedSink(reading.Sink):
+    """The sink, its errors turned into :class:`OutputError` (the file's, not the drive's)."""
+
+    def write(self, data: bytes | memoryview) -> int:
+        try:
+            return super().write(data)
+        except OSError as exc:
+            raise OutputError(exc.errno, exc.strerror) from None
+
+
+def _guarded(call: object, *args: object) -> None:
+    try:
+        call(*args)  # type: ignore[operator]
+    except OSError as exc:
+        raise OutputError(exc.errno, exc.strerror) from None
+
+
+def _open(drive: Drive) -> BlockDevice:
+    """The drive, opened to be read from the device (O_DIRECT), still the one checked.
+
+    (Not through :func:`popsicle_py.flash.open_targets`: ``read`` needs none of the engine,
+    whose import costs a start-up it does not need.)"""
+    problem = drives.still_same(drive)
+    if problem:
+        raise Refused([problem])
+    spec = OpenSpec(drive.path, drive.size, drive.logical_block_size)
+    try:
+        return confirmed(open_for_reading(spec), drive.identity)
+    except OSError as exc:
+        raise Refused([describe_error(exc, drive.path)]) from None
+
+
+def _temp_name(final: str) -> str:
+    folder, name = os.path.split(final)
+    return os.path.join(folder, f".{name}.{secrets.token_hex(4)}.part")
+
+
+def _create(path: str) -> int:
+    """A new file that is ours alone: never an existing one, never through a symlink."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        return os.open(path, flags, 0o644)
+    except OSError as exc:
+        raise OutputError(exc.errno, f"cannot create {path}: {exc.strerror}") from None
+
+
+def _write_small(path: str, text: str) -> None:
+    fd = _create(path)
+    try:
+        data = text.encode()
+        _guarded(os.write, fd, data)
+        _guarded(os.fsync, fd)
+    finally:
+        os.close(fd)
+
+
+def _publish(temps: list[str], finals: tuple[str, ...]) -> None:
+    """OUTPUT first, then its sidecars; the directory synced so the names last a power cut."""
+    for temp, final in zip(temps, finals, strict=True):
+        _guarded(os.rename, temp, final)
+    folder = os.path.dirname(finals[0])
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        _guarded(os.fsync, fd)
+    finally:
+        os.close(fd)
+
+
+# --------------------------------------------------------------------------------------------
+# The checks
+
+
+def output_refusals(output: str, files: tuple[str, ...], force: bool, drive: Drive,
+                    fmt: str) -> list[str]:
+    """Why OUTPUT cannot be written, one line each (empty: it can)."""
+    folder = os.path.dirname(output)
+    if not os.path.isdir(folder):
+        return [f"{folder} is not a directory: OUTPUT's directory must exist"]
+    lines: list[str] = []
+    for name in files:
+        try:
+            st = os.lstat(name)
+        except FileNotFoundError:
+            continue
+        if stat.S_ISDIR(st.st_mode):
+            lines.append(f"{name} is a directory")
+        elif not force:
+            lines.append(f"{name} exists; --force replaces it")
+    devnums, _ = drives.path_storage(folder)
+    if devnums & master.family(drive.devnum):
+        lines.append(f"{output} is on {drive.path}, the drive being read; write it elsewhere")
+    if fmt == "raw":
+        room = _free(folder)
+        if room is not None and room < drive.size:
+            lines.append(f"not enough room for {output}: {format_size(drive.size)} needed, "
+                         f"{format_size(room)} free in {folder}")
+    return lines
+
+
+def _free(folder: str) -> int | None:
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
+
+
+def prepare_read(request: ReadRequest) -> PreparedRead:
+    """Every check of a read, before anything is read; raises :class:`Refused`."""
+    drive = drives.drive_for_path(request.device)
+    output = os.path.abspath(request.output)
+    files = (output, reading.sidecar_path_for(output),
+             *((reading.bmap_path_for(output),) if request.bmap else ()))
+    lines = master.refusals(drive.path)
+    if not drive.size:
+        lines.append(f"{drive.path} holds nothing to read ({drive.reason or 'size 0'})")
+    lines += output_refusals(output, files, request.force, drive, reading.format_for(output))
+    if lines:
+        raise Refused(lines)
+    require_access([drive.path], writing=False)
+    return PreparedRead(request, drive, output, files)

@@ -1,0 +1,74 @@
+"""Writing certificates where a symlink planted in the directory cannot redirect them.
+
+Each file is written to a fresh temporary name opened with ``O_CREAT|O_EXCL|O_NOFOLLOW``
+relative to the directory's descriptor, synced, then linked to its final name (a link never
+follows nor replaces what is there: a name taken gets ``-2``, ``-3`` ...) and the temporary
+name removed; the directory is synced last.  A crash leaves at most a ``.tmp`` file behind,
+never a half-written certificate under a certificate's name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import re
+import secrets
+
+from popsicle_py.errors import Refused
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def safe_part(text: str, limit: int = 48) -> str:
+    """``text`` as a piece of a file name: letters, digits, ``.``, ``_`` and ``-`` only."""
+    return _UNSAFE.sub("_", text).strip("._")[:limit]
+
+
+def certificate_name(stamp: str, seq: int | None, serial: str, port: str | None) -> str:
+    """``20261206T130501Z-3-4C5300012311.json``: when, the run's number, which stick."""
+    parts = [stamp, str(seq) if seq is not None else "", safe_part(serial) or safe_part(port or "")]
+    return "-".join(p for p in parts if p) + ".json"
+
+
+def open_directory(path: str) -> int:
+    """The certificate directory, made if missing; Refused (exit 2) when it cannot be used."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise Refused([f"--certificate {path}: {exc.strerror or exc}"]) from None
+    if not os.access(f"/proc/self/fd/{fd}", os.W_OK):
+        os.close(fd)
+        raise Refused([f"--certificate {path}: the directory is not writable"])
+    return fd
+
+
+def write_new(directory: int, name: str, data: bytes) -> str:
+    """Write ``data`` under ``name`` (or ``name`` with ``-2`` ...) in the directory; the name
+    used.  Raises OSError."""
+    tmp = f".{name}.{secrets.token_hex(6)}.tmp"
+    fd = os.open(tmp, _FLAGS, 0o644, dir_fd=directory)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    try:
+        stem, dot, ext = name.rpartition(".")
+        for attempt in range(1, 1000):
+            final = name if attempt == 1 else f"{stem}-{attempt}{dot}{ext}"
+            try:
+                os.link(tmp, final, src_dir_fd=directory, dst_dir_fd=directory,
+                        follow_symlinks=False)
+            except FileExistsError:
+                continue
+            os.fsync(directory)
+            return final
+        raise OSError(errno.EEXIST, f"{name}: every variant of the name is taken")
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp, dir_fd=directory)

@@ -1,0 +1,102 @@
+"""Signing and checking certificates with OpenSSH keys: ``ssh-keygen -Y`` (OpenSSH >= 8.1).
+
+The data goes through stdin and the signature comes back on stdout, so ssh-keygen never
+opens a file in the certificate directory (where it could follow a planted symlink); the
+signature is written beside the certificate like the certificate itself.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+
+from popsicle_py.certify.model import NAMESPACE, CertificateError
+from popsicle_py.errors import Refused
+
+#: The suffix of a certificate's signature file.
+SIG_SUFFIX = ".sig"
+_TIMEOUT = 60
+
+
+class SignError(OSError):
+    """ssh-keygen could not sign (a key that needs a passphrase, a missing agent ...)."""
+
+
+def _keygen() -> str:
+    path = shutil.which("ssh-keygen")
+    if path is None:
+        raise Refused(["ssh-keygen is not installed (package openssh-client): it signs and "
+                       "checks certificates"])
+    return path
+
+
+def _last_line(text: bytes) -> str:
+    lines = [line for line in text.decode(errors="replace").splitlines() if line.strip()]
+    return lines[-1].strip() if lines else "no message"
+
+
+def sign(key: str, data: bytes) -> bytes:
+    """The SSH signature of ``data`` with the private key (or the agent's, given the public
+    key file) ``key``; raises SignError."""
+    try:
+        done = subprocess.run([_keygen(), "-q", "-Y", "sign", "-f", key, "-n", NAMESPACE],
+                              input=data, capture_output=True, timeout=_TIMEOUT, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise SignError(f"ssh-keygen -Y sign: {exc}") from None
+    if done.returncode != 0 or b"BEGIN SSH SIGNATURE" not in done.stdout:
+        raise SignError(f"ssh-keygen -Y sign -f {key}: {_last_line(done.stderr)}")
+    return done.stdout
+
+
+def check_key(key: str) -> None:
+    """Refuse (exit 2) before anything is written when ``key`` cannot sign."""
+    try:
+        sign(key, b"popsicle-py: can this key sign?\n")
+    except SignError as exc:
+        raise Refused([f"--sign-key {key}: {exc}"]) from None
+
+
+def _run_with_signature(args: list[str], data: bytes, signature: bytes) -> tuple[int, str, str]:
+    with tempfile.TemporaryDirectory(prefix="popsicle-py-sig-") as tmp:
+        sig = os.path.join(tmp, "cert.sig")
+        with open(sig, "wb") as f:
+            f.write(signature)
+        args = [a if a != "{sig}" else sig for a in args]
+        try:
+            done = subprocess.run([_keygen(), *args], input=data, capture_output=True,
+                                  timeout=_TIMEOUT, check=False)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise CertificateError(f"ssh-keygen -Y: {exc}") from None
+    return (done.returncode, done.stdout.decode(errors="replace"),
+            _last_line(done.stderr or done.stdout))
+
+
+def verify(where: str, data: bytes, signature: bytes, allowed_signers: str) -> str:
+    """The principal of ``allowed_signers`` whose key made ``signature`` over ``data``;
+    raises CertificateError (exit 2) when no allowed signer made it, or it does not match."""
+    code, out, why = _run_with_signature(
+        ["-Y", "find-principals", "-f", allowed_signers, "-s", "{sig}"], b"", signature)
+    principals = [line.strip() for line in out.splitlines() if line.strip()]
+    if code != 0 or not principals:
+        raise CertificateError(f"{where}: signed by a key that {allowed_signers} does not "
+                               f"allow ({why})")
+    for principal in principals:
+        code, _, why = _run_with_signature(
+            ["-Y", "verify", "-f", allowed_signers, "-I", principal, "-n", NAMESPACE,
+             "-s", "{sig}"], data, signature)
+        if code == 0:
+            return principal
+    raise CertificateError(f"{where}: the signature does not match the certificate: it was "
+                           f"changed after signing ({why})")
+
+
+def check_intact(where: str, data: bytes, signature: bytes) -> None:
+    """The signature is a good one over ``data`` by *some* key (no signer list to trust);
+    raises CertificateError (exit 2) when it is not."""
+    code, _, why = _run_with_signature(
+        ["-Y", "check-novalidate", "-n", NAMESPACE, "-s", "{sig}"], data, signature)
+    if code != 0:
+        raise CertificateError(f"{where}: the signature does not match the certificate: it "
+                               f"was changed after signing ({why})")

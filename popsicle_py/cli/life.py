@@ -1,0 +1,118 @@
+"""The rest of a stick's life: ``read`` (a drive into an image file) and ``erase`` (back to an
+ordinary stick).  Like every command, each parses options into a request of the application
+layer, confirms, picks a view and runs; the heavy parts are imported in the command's body.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Protocol
+
+import click
+
+from popsicle_py import events
+from popsicle_py.cli.ask import confirm, make_view
+from popsicle_py.cli.guard import run_guarded
+from popsicle_py.cli.options import (
+    DEVICE,
+    Decorator,
+    OutputOptions,
+    output_options,
+    yes_option,
+)
+from popsicle_py.defaults import DEFAULT_STALL_TIMEOUT
+
+if TYPE_CHECKING:
+    from popsicle_py.protocols import View
+    from popsicle_py.signals import Cancellation
+
+
+class _Job(Protocol):
+    def run(self, view: View, cancel: Cancellation) -> events.Summary: ...
+
+
+def _run(job: _Job, view: View) -> int:
+    """Run with the signals handled (the first stops the job); the exit status it means."""
+    from popsicle_py.app.common import exit_status
+    from popsicle_py.signals import Cancellation
+
+    cancel = Cancellation()
+    cancel.announce = view.announce
+    with cancel.installed():
+        summary = job.run(view, cancel)
+    return exit_status(summary, cancel)
+
+
+def _stall_option() -> Decorator:
+    return click.option("--stall-timeout", type=click.FloatRange(min=0.1),
+                        default=DEFAULT_STALL_TIMEOUT, metavar="SECONDS", show_default=True,
+                        help="Fail a drive that makes no progress for SECONDS.")
+
+
+@click.command(name="read")
+@click.argument("device", type=DEVICE)
+@click.argument("output_file", metavar="OUTPUT", type=click.Path(path_type=str))
+@click.option("--bmap", is_flag=True,
+              help="Also write a block map (bmaptool's format) of the blocks holding data, "
+                   "named as bmaptool and flash look for it (disk.img.zst -> disk.img.bmap).")
+@click.option("--force", is_flag=True, help="Replace an existing OUTPUT (and its sidecars).")
+@_stall_option()
+@output_options()
+def read_command(device: str, output_file: str, bmap: bool, force: bool,
+                 stall_timeout: float, output: OutputOptions) -> None:
+    """Read DEVICE once into the image file OUTPUT, with its SHA-256 in OUTPUT.sha256.
+
+    OUTPUT is compressed by its suffix: .zst (zstd, every core), .xz, .gz, or raw. It
+    appears under its name only once complete; an existing OUTPUT is refused without --force.
+    """
+
+    def body() -> int:
+        from popsicle_py.app.read import ReadRequest, prepare_read
+
+        job = prepare_read(ReadRequest(device, output_file, force=force, bmap=bmap,
+                                       stall_timeout=stall_timeout))
+        view = make_view(output.json, job.labels, writes=False)
+        if not output.json:
+            for note in job.notes:
+                view.handle(events.Note(note))
+        return _run(job, view)
+
+    run_guarded(output.debug, output.json, body)
+
+
+
+@click.command(name="erase")
+@click.argument("devices", nargs=-1, required=True, type=DEVICE, metavar="DEVICE...")
+@click.option("--fs", type=click.Choice(["fat32", "exfat", "none"]), default=None,
+              help="File system of the one partition (default: fat32 up to 32 GiB, exfat "
+                   "above); none only wipes.")
+@click.option("--label", metavar="NAME", help="Volume label (FAT: 11 characters, exFAT: 15).")
+@click.option("--zero", is_flag=True, help="Write zeros over the whole drive first, and "
+              "read them back.")
+@click.option("--discard", is_flag=True, help="Discard every block first (BLKDISCARD), and "
+              "read zeros back.")
+@yes_option()
+@click.option("-u", "--unmount", is_flag=True,
+              help="Unmount mounted partitions of the drives first (otherwise refuse).")
+@_stall_option()
+@output_options()
+def erase_command(devices: tuple[str, ...], fs: str | None, label: str | None, zero: bool,
+                  discard: bool, yes: bool, unmount: bool, stall_timeout: float,
+                  output: OutputOptions) -> None:
+    """Give each DEVICE back as an ordinary stick: old signatures wiped, a new MBR with one
+    partition over the drive, formatted FAT32 or exFAT (readable by Windows, macOS, Linux).
+    """
+
+    def body() -> int:
+        from popsicle_py.app.erase import EraseRequest, prepare_erase
+
+        job = prepare_erase(EraseRequest(devices, fs=fs, label=label, zero=zero,
+                                         discard=discard, unmount=unmount,
+                                         stall_timeout=stall_timeout))
+        confirm(job.confirmation, yes)
+        view = make_view(output.json, job.labels)
+        if not output.json:
+            for note in job.notes:
+                view.handle(events.Note(note))
+        return _run(job, view)
+
+    run_guarded(output.debug, output.json, body)

@@ -1,0 +1,328 @@
+"""Giving a stick back: old signatures wiped, one MBR partition over the drive, formatted.
+
+Every byte reaches the drive through :mod:`popsicle_py.blockdev` (O_DIRECT, paced, stall- and
+cancel-aware), on each drive's own thread under the engine's supervisor, as a flash does.
+
+The file system is made by the real tools (``mkfs.vfat`` from dosfstools, ``mkfs.exfat`` from
+exfatprogs) in a sparse file the size of the partition; its written extents are then copied to
+the partition's place on the drive and read back.  So no partition device is needed (kernels
+without partition tables for a device, as this one for loop devices, and no ``loopNp1``), the
+tools never open the drive, and the partition table is written last: a drive interrupted
+before the end has none, rather than one that points at a half-made file system.
+
+Per drive, in order: [``--zero``: zeros everywhere, read back | ``--discard``: BLKDISCARD,
+read back as zeros]; the signatures ``wipefs`` finds (and the first and last MiB, where
+partition tables, boot sectors and RAID superblocks live) zeroed, and ``wipefs`` asked again;
+the file system's extents written and verified; the MBR written and verified.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import shutil
+import struct
+import subprocess
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from xxhash import xxh3_128_digest
+
+from popsicle_py.blockdev import BlockDevice, Pacer, drop_cache, first_difference, read_at, write_at
+from popsicle_py.buffers import aligned_buffer
+from popsicle_py.fsmap import parse_partx
+
+MiB = 1 << 20
+GiB = 1 << 30
+#: The partition starts at 1 MiB (what every partitioning tool does: erase blocks align).
+PART_START = MiB
+#: Up to this size a drive gets FAT32 by default, above it exFAT (as Windows formats them).
+FAT32_DEFAULT_LIMIT = 32 * GiB
+#: An MBR counts sectors in 32 bits: 2 TiB of 512-byte sectors at most.
+MBR_MAX_SECTORS = 2**32 - 1
+WIPE_EDGE = MiB
+CHUNK = 4 << 20
+FILESYSTEMS = ("fat32", "exfat", "none")
+TOOLS = {"fat32": ("mkfs.vfat", "dosfstools"), "exfat": ("mkfs.exfat", "exfatprogs")}
+BLKDISCARD = 0x1277
+#: Characters a FAT volume label may not hold.
+_FAT_BAD = set('"*+,./:;<=>?[\\]|')
+
+
+# --------------------------------------------------------------------------------------------
+# Decisions (pure)
+
+
+def default_fs(size: int) -> str:
+    """FAT32 up to 32 GiB, exFAT above (what Windows, macOS and Linux all read)."""
+    return "fat32" if size <= FAT32_DEFAULT_LIMIT else "exfat"
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The one partition: where it starts, how long it is, its MBR type, its FAT size."""
+
+    start: int
+    length: int
+    type_byte: int
+    fat_bits: int = 0  # 12, 16 or 32 for FAT; 0 for exFAT
+
+
+def layout(size: int, fs: str) -> Layout:
+    """One partition from 1 MiB to the drive's end (or the MBR's 2 TiB), whole 4 KiB blocks.
+
+    "fat32" is FAT32 from 64 MiB up; below, FAT16 (or FAT12 under 16 MiB), which mkfs.vfat
+    could not make FAT32 (too few clusters), under the MBR type that says which.
+    """
+    length = min(size - PART_START, MBR_MAX_SECTORS * 512)
+    length -= length % 4096
+    if length < MiB:
+        raise ValueError(f"the drive is too small to partition ({size} bytes)")
+    if fs == "exfat":
+        return Layout(PART_START, length, 0x07)
+    if length >= 64 * MiB:
+        return Layout(PART_START, length, 0x0C, 32)
+    if length >= 16 * MiB:
+        return Layout(PART_START, length, 0x0E, 16)
+    return Layout(PART_START, length, 0x01, 12)
+
+
+def mbr(part: Layout, signature: bytes) -> bytes:
+    """A DOS partition table with the one partition (LBA addressing, CHS fields "past 8 GiB")."""
+    sector = bytearray(512)
+    sector[440:444] = signature[:4]
+    entry = struct.pack("<B3sB3sII", 0x00, b"\xfe\xff\xff", part.type_byte, b"\xfe\xff\xff",
+                        part.start // 512, part.length // 512)
+    sector[446:462] = entry
+    sector[510:512] = b"\x55\xaa"
+    return bytes(sector)
+
+
+def label_problem(fs: str, label: str | None) -> str | None:
+    """Why ``label`` cannot name a ``fs`` volume, or None."""
+    if label is None or fs == "none":
+        return None
+    if fs == "fat32":
+        if len(label.encode("ascii", "replace")) > 11 or not label.isascii():
+            return f"--label {label!r}: a FAT label is at most 11 ASCII characters"
+        if bad := sorted(set(label) & _FAT_BAD):
+            return f"--label {label!r}: a FAT label cannot hold {' '.join(bad)}"
+        return None
+    if len(label) > 15:
+        return f"--label {label!r}: an exFAT label is at most 15 characters"
+    return None
+
+
+def merge(ranges: Sequence[tuple[int, int]], size: int) -> list[tuple[int, int]]:
+    """Ranges (offset, length) clipped to the drive, sorted, overlaps joined."""
+    spans = sorted((max(0, o), min(size, o + n)) for o, n in ranges if n > 0 and o < size)
+    merged: list[list[int]] = []
+    for start, end in spans:
+        if merged and start <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], end)
+        else:
+            merged.append([start, end])
+    return [(s, e - s) for s, e in merged if e > s]
+
+
+def wipe_ranges(size: int, offsets: Sequence[int]) -> list[tuple[int, int]]:
+    """What to zero: the first and last MiB, and the 4 KiB block of each signature found."""
+    tail = max(0, size - WIPE_EDGE)
+    tail -= tail % 4096
+    blocks = [(o - o % 4096, 4096) for o in offsets]
+    return merge([(0, WIPE_EDGE), (tail, size - tail), *blocks], size)
+
+
+def parse_wipefs(text: str) -> list[tuple[int, str]]:
+    """(offset, type) of each signature in ``wipefs --no-act --json``'s output."""
+    if not text.strip():
+        return []
+    found = json.loads(text).get("signatures", [])
+    return [(int(s["offset"], 0), str(s.get("type") or "?")) for s in found]
+
+
+# --------------------------------------------------------------------------------------------
+# Tools (I/O)
+
+
+def missing_tool(fs: str) -> str | None:
+    """One line naming the package to install when ``fs``'s mkfs is not there."""
+    if fs not in TOOLS:
+        return None
+    tool, package = TOOLS[fs]
+    if shutil.which(tool) is None:
+        return f"--fs {fs} needs {tool} (install {package})"
+    return None
+
+
+def _run(args: Sequence[str]) -> str:
+    try:
+        result = subprocess.run(list(args), capture_output=True, text=True,
+                                env={**os.environ, "LC_ALL": "C"}, check=False)
+    except FileNotFoundError:
+        raise OSError(errno.ENOENT, f"{args[0]} is not installed") from None
+    if result.returncode != 0:
+        why = (result.stderr.strip().splitlines() or [f"exit status {result.returncode}"])[-1]
+        raise OSError(errno.EIO, f"{args[0]} failed: {why}")
+    return result.stdout
+
+
+def signatures(device: BlockDevice) -> list[tuple[int, str]]:
+    """What ``wipefs`` finds on the drive now (its cached pages dropped first)."""
+    drop_cache(device)
+    return parse_wipefs(_run(["wipefs", "--no-act", "--json", device.path]))
+
+
+def old_partitions(device: BlockDevice) -> list[tuple[int, int]]:
+    """(start, length) in bytes of the partitions the drive's table lists now (partx reads
+    the table itself: no partition devices needed)."""
+    try:
+        text = _run(["partx", "--raw", "--noheadings", "-o", "START,SECTORS", device.path])
+    except OSError:
+        return []  # no table it can read: nothing to wipe inside
+    return parse_partx(text)
+
+
+def partition_ranges(parts: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Inside each old partition, its first and last MiB: where its file system, LUKS, LVM
+    or RAID superblock lives (what ``wipefs -a`` on the partition would find)."""
+    ranges: list[tuple[int, int]] = []
+    for start, length in parts:
+        edge = min(WIPE_EDGE, length)
+        tail = start + length - edge
+        ranges += [(start, edge), (tail - tail % 4096, start + length - tail + tail % 4096)]
+    return ranges
+
+
+def found_inside(device: BlockDevice, parts: Sequence[tuple[int, int]]) -> list[str]:
+    """What ``blkid -p`` still recognises at the old partitions' places, one word each."""
+    drop_cache(device)
+    found = []
+    for start, length in parts:
+        result = subprocess.run(["blkid", "-p", "-O", str(start), "-S", str(length), "-o",
+                                 "export", device.path], capture_output=True, text=True,
+                                check=False)
+        kind = [line.split("=", 1)[1] for line in result.stdout.splitlines()
+                if line.startswith(("TYPE=", "PTTYPE="))]
+        found += [f"{k} at byte {start}" for k in kind]
+    return found
+
+
+def make_filesystem(fs: str, part: Layout, label: str | None, folder: str | None
+                    ) -> tuple[int, list[tuple[int, int]]]:
+    """Make the file system in a sparse file the partition's size: its open descriptor (the
+    file itself already unlinked) and the extents mkfs wrote."""
+    fd, path = tempfile.mkstemp(prefix="popsicle-fs-", suffix=".img", dir=folder)
+    try:
+        os.ftruncate(fd, part.length)
+        if fs == "exfat":
+            _run(["mkfs.exfat", *(["-L", label] if label else []), path])
+        else:
+            _run(["mkfs.vfat", "-F", str(part.fat_bits), "-h", str(part.start // 512),
+                  *(["-n", label.upper()] if label else []), path])
+    except BaseException:
+        os.close(fd)
+        raise
+    finally:
+        os.unlink(path)
+    return fd, data_extents(fd, part.length)
+
+
+def data_extents(fd: int, size: int) -> list[tuple[int, int]]:
+    """The (offset, length) ranges of a sparse file that hold data, 4 KiB aligned."""
+    found: list[tuple[int, int]] = []
+    offset = 0
+    while offset < size:
+        try:
+            start = os.lseek(fd, offset, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:
+                break
+            raise
+        end = min(size, os.lseek(fd, start, os.SEEK_HOLE))
+        found.append((start, end - start))
+        offset = end
+    return merge([(o - o % 4096, (o + n + 4095) // 4096 * 4096 - (o - o % 4096))
+                  for o, n in found], size)
+
+
+# --------------------------------------------------------------------------------------------
+# Moving bytes (I/O, through blockdev)
+
+
+Progress = Callable[[int], None]
+Stopped = Callable[[], bool]
+
+
+class NotErased(OSError):
+    """The drive does not read back as it was written (zeros, or the new file system)."""
+
+    def __init__(self, path: str, what: str, offset: int) -> None:
+        super().__init__(errno.EIO, f"{path}: verification failed: {what} differs at byte "
+                         f"{offset}")
+        self.offset = offset
+
+
+def fill(device: BlockDevice, ranges: Sequence[tuple[int, int]], source: Callable[[int, int],
+         memoryview], *, pacer: Pacer, stopped: Stopped, progress: Progress) -> None:
+    """Write ``source(offset, length)`` over each range, in chunks of :data:`CHUNK`."""
+    for start, length in ranges:
+        done = 0
+        while done < length and not stopped():
+            n = min(CHUNK, length - done)
+            written = write_at(device, start + done, source(start + done, n), stop=stopped,
+                               pacer=pacer, progress=progress)
+            if written < n:
+                return
+            done += n
+
+
+def check(device: BlockDevice, ranges: Sequence[tuple[int, int]], expected: Callable[
+          [int, int], memoryview], what: str, *, pacer: Pacer, stopped: Stopped,
+          progress: Progress) -> None:
+    """Read each range back from the drive (O_DIRECT) and compare; raise :class:`NotErased`."""
+    scratch = aligned_buffer(CHUNK)
+    try:
+        for start, length in ranges:
+            done = 0
+            while done < length and not stopped():
+                n = min(CHUNK, length - done)
+                with memoryview(scratch) as whole, whole[:n] as got:
+                    read = read_at(device, start + done, got, pacer=pacer)
+                    want = expected(start + done, n)
+                    if read < n or xxh3_128_digest(got) != xxh3_128_digest(want):
+                        at = first_difference(got[:read], want[:read])
+                        at = read if at < 0 else at
+                        raise NotErased(device.path, what, start + done + at)
+                progress(n)
+                done += n
+    finally:
+        with contextlib.suppress(BufferError):
+            scratch.close()
+
+
+def zeros_source() -> Callable[[int, int], memoryview]:
+    zero = memoryview(aligned_buffer(CHUNK))
+    return lambda offset, n: zero[:n]
+
+
+def file_source(fd: int, base: int) -> Callable[[int, int], memoryview]:
+    """Bytes of the made file system (``fd``) for drive offsets (the partition at ``base``)."""
+    buffer = memoryview(aligned_buffer(CHUNK))
+
+    def source(offset: int, n: int) -> memoryview:
+        got = os.preadv(fd, [buffer[:n]], offset - base)
+        if got < n:
+            buffer[got:n] = bytes(n - got)
+        return buffer[:n]
+    return source
+
+
+def discard(device: BlockDevice, size: int) -> None:
+    """BLKDISCARD over the whole drive (the drive decides what discarded blocks read as)."""
+    fcntl.ioctl(device.fileno(), BLKDISCARD, struct.pack("QQ", 0, size))
+    drop_cache(device)

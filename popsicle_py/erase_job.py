@@ -1,0 +1,211 @@
+"""Erasing many drives at once: one thread per drive under the engine's supervisor, events on
+the calling thread, every drive ending exactly once (as :class:`popsicle_py.flash.FlashJob`).
+
+The steps and the bytes are :mod:`popsicle_py.erase`'s; this module holds their order per
+drive and turns each drive's news into events.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import secrets
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from popsicle_py import blockdev, erase
+from popsicle_py.blockdev import BlockDevice
+from popsicle_py.buffers import aligned_buffer
+from popsicle_py.engine import Cancelled
+from popsicle_py.engine.supervisor import CancelCheck, Lane, Supervisor
+from popsicle_py.events import Cause, DriveInfo, Note, Phase, Progress, Status, Step, Summary
+from popsicle_py.flash import Emit, _Job
+from popsicle_py.messages import BusWriterMessage
+
+
+@dataclass(frozen=True)
+class EraseOptions:
+    """What to do to each drive (see :mod:`popsicle_py.erase`)."""
+
+    fs: str | None = None  # None: FAT32 up to 32 GiB, exFAT above
+    label: str | None = None
+    zero: bool = False
+    discard: bool = False
+    stall_timeout: float | None = 60.0
+    #: Where the file system is made before it is copied (None: $TMPDIR).
+    workdir: str | None = None
+
+
+@dataclass(frozen=True)
+class _Step:
+    id: int
+    step: Step
+
+
+@dataclass(frozen=True)
+class _Moved:
+    id: int
+    step: Step
+    done: int
+    total: int
+
+
+@dataclass(frozen=True)
+class _Said:
+    id: int
+    text: str
+
+
+@dataclass(frozen=True)
+class _Finished:
+    id: int
+    written: int
+    invalid: str | None = None
+    offset: int | None = None
+
+
+_Message = _Step | _Moved | _Said | _Finished | BusWriterMessage.Errored
+
+
+class EraseJob(_Job):
+    """Erase every opened drive in parallel; each is verified as it goes."""
+
+    def __init__(self, devices: Sequence[BlockDevice], options: EraseOptions, emit: Emit,
+                 cancel: CancelCheck, infos: Sequence[DriveInfo] = ()) -> None:
+        super().__init__(devices, emit, cancel, infos)
+        self.options = options
+        self.verifies = True
+
+    def run(self) -> Summary:
+        supervisor = Supervisor([d.device for d in self.drives], self._on_message, self.cancel,
+                                stall_timeout=self.options.stall_timeout,
+                                errored=BusWriterMessage.Errored, name="erase")
+        first = Step.WRITING if self.options.zero else Step.ERASING
+        for drive in self.drives:
+            self.emit(Phase(drive.path, first))
+        try:
+            supervisor.run(self._erase)
+        except Cancelled:
+            self._cancel_rest()
+        finally:
+            self._close_all()
+            for drive in self.drives:
+                if drive.status is Status.OK:
+                    blockdev.reread_partitions(drive.path)
+        for drive in self._live():
+            self._end(drive, Status.FAILED, f"{drive.path}: did not finish", cause=Cause.ERROR)
+        return self._summary()
+
+    def _on_message(self, msg: _Message) -> None:
+        drive = self.drives[msg.id]
+        match msg:
+            case _Step(step=step):
+                self.emit(Phase(drive.path, step))
+            case _Moved(step=step, done=done, total=total):
+                if step is Step.WRITING:
+                    drive.written = done
+                self.emit(Progress(drive.path, step, done, total))
+            case _Said(text=text):
+                self.emit(Note(f"{drive.path}: {text}"))
+            case _Finished(written=written, invalid=None):
+                drive.written = written
+                self._end(drive, Status.OK)
+            case _Finished(invalid=str(text), offset=offset):
+                self._end(drive, Status.INVALID, text, offset, cause=Cause.MISMATCH)
+            case BusWriterMessage.Errored(why=why):
+                self._fail(drive, why)
+
+    # One drive, on its own thread
+
+    def _erase(self, lane: Lane) -> None:
+        lane.waiting = False
+        lane.touch()
+        try:
+            written = self._steps(lane)
+        except erase.NotErased as exc:
+            lane.post(_Finished(lane.id, 0, exc.strerror, exc.offset))
+            return
+        if not lane.stopped:
+            lane.post(_Finished(lane.id, written))
+
+    def _steps(self, lane: Lane) -> int:
+        options, device = self.options, lane.dest
+        size = device.size
+        written = 0
+
+        def stopped() -> bool:
+            return lane.stopped
+
+        def moved(step: Step, total: int) -> Callable[[int], None]:
+            count = [0]
+
+            def progress(n: int) -> None:
+                count[0] += n
+                lane.advance(n)
+                lane.post(_Moved(lane.id, step, count[0], total))
+            return progress
+
+        def step(s: Step) -> None:
+            lane.touch()
+            lane.post(_Step(lane.id, s))
+
+        zeros = erase.zeros_source()
+        whole = [(0, size)]
+        if options.zero:
+            erase.fill(device, whole, zeros, pacer=lane.pacer, stopped=stopped,
+                       progress=moved(Step.WRITING, size))
+            written = size
+        elif options.discard:
+            step(Step.ERASING)
+            erase.discard(device, size)
+        if options.zero or options.discard:
+            step(Step.VERIFYING)
+            erase.check(device, whole, zeros, "zeros", pacer=lane.pacer, stopped=stopped,
+                        progress=moved(Step.VERIFYING, size))
+            step(Step.ERASING)
+        if lane.stopped:
+            return written
+        found = erase.signatures(device)
+        parts = erase.old_partitions(device)
+        if found and not options.zero:
+            lane.post(_Said(lane.id, "wiping " + ", ".join(sorted({t for _, t in found}))))
+        ranges = erase.merge([*erase.wipe_ranges(size, [o for o, _ in found]),
+                              *erase.partition_ranges(parts)], size)
+        if not (options.zero or options.discard):  # already zeros everywhere otherwise
+            erase.fill(device, ranges, zeros, pacer=lane.pacer, stopped=stopped,
+                       progress=lambda n: lane.advance(n))
+            written += sum(n for _, n in ranges)
+        if lane.stopped:
+            return written
+        left = [f"{t} at byte {o}" for o, t in erase.signatures(device)]
+        left += erase.found_inside(device, parts)
+        if left:
+            raise OSError(errno.EIO, f"{device.path}: signatures left after wiping: "
+                          + ", ".join(left))
+        fs = options.fs or erase.default_fs(size)
+        if fs == "none":
+            return written
+        part = erase.layout(size, fs)
+        fd, extents = erase.make_filesystem(fs, part, options.label, options.workdir)
+        try:
+            where = [(part.start + o, n) for o, n in extents]
+            source = erase.file_source(fd, part.start)
+            erase.fill(device, where, source, pacer=lane.pacer, stopped=stopped,
+                       progress=lambda n: lane.advance(n))
+            erase.check(device, where, source, "the new file system", pacer=lane.pacer,
+                        stopped=stopped, progress=lambda n: lane.advance(n))
+            written += sum(n for _, n in where)
+        finally:
+            os.close(fd)
+        if lane.stopped:
+            return written
+        table = memoryview(aligned_buffer(4096))  # the table last: an interrupted drive
+        table[:512] = erase.mbr(part, secrets.token_bytes(4))  # has none
+        head = [(0, 4096)]
+        fixed = table
+        erase.fill(device, head, lambda o, n: fixed[o:o + n], pacer=lane.pacer,
+                   stopped=stopped, progress=lambda n: lane.advance(n))
+        blockdev.sync(device)
+        erase.check(device, head, lambda o, n: fixed[o:o + n], "the partition table",
+                    pacer=lane.pacer, stopped=stopped, progress=lambda n: None)
+        return written + 4096

@@ -1,0 +1,126 @@
+"""Grading drives: the rules that reject a drive, as plain functions over plain numbers.
+
+A duplicator rejects sticks that are slow or of the wrong size rather than hand them out as
+good.  These decide; the job (:mod:`popsicle_py.flash`) feeds them what it sees and stops a
+rejected drive (a :class:`~popsicle_py.errors.Rejected` failure: status ``rejected``).
+
+Speed is judged at steady state only: the first seconds of each phase are ignored (a stick's
+write cache takes bursts far above what it sustains), then the speed over a sliding window
+must stay above the minimum.  A phase shorter than that is never judged.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol, TypeVar
+
+from popsicle_py.errors import Rejected
+from popsicle_py.units import format_size
+
+T = TypeVar("T")
+
+#: Seconds of each phase that are not judged (start-up, a write cache's burst).
+WARMUP = 2.0
+#: Seconds of steady state over which a speed is measured before it is judged.
+WINDOW = 3.0
+
+
+def format_rate(rate: float) -> str:
+    return f"{format_size(int(rate))}/s"
+
+
+def capacity_verdict(size: int, capacity: int | None, tolerance: float) -> str | None:
+    """Why a drive of ``size`` bytes is outside ``capacity`` +- ``tolerance`` percent, or None."""
+    if capacity is None:
+        return None
+    low, high = capacity * (1 - tolerance / 100), capacity * (1 + tolerance / 100)
+    if low <= size <= high:
+        return None
+    return (f"holds {format_size(size)}, outside the {format_size(capacity)} "
+            f"(+-{tolerance:g}%) asked for")
+
+
+@dataclass(frozen=True)
+class SpeedRule:
+    """Minimum steady speeds in bytes per second (None: not judged)."""
+
+    min_write: int | None = None
+    min_read: int | None = None
+    warmup: float = WARMUP
+    window: float = WINDOW
+
+    @property
+    def active(self) -> bool:
+        return self.min_write is not None or self.min_read is not None
+
+
+@dataclass
+class SpeedJudge:
+    """One drive's speeds, phase by phase; :meth:`feed` says when it is too slow."""
+
+    rule: SpeedRule
+    phase: str = ""
+    started: float = 0.0
+    samples: deque[tuple[float, int]] = field(default_factory=deque)
+    last: int = 0
+
+    def feed(self, phase: str, done: int, now: float) -> str | None:
+        """``done`` bytes of ``phase`` ("write" or "read") at ``now``: why the drive is too
+        slow, once that is clear, else None."""
+        minimum = self.rule.min_write if phase == "write" else self.rule.min_read
+        if phase != self.phase or done < self.last:  # a new pass (the head read back alone)
+            self.phase, self.started = phase, now
+            self.samples.clear()
+        self.last = done
+        if minimum is None or now - self.started < self.rule.warmup:
+            return None
+        self.samples.append((now, done))
+        while len(self.samples) > 1 and now - self.samples[1][0] >= self.rule.window:
+            self.samples.popleft()
+        first_time, first_done = self.samples[0]
+        span = now - first_time
+        if span < self.rule.window:
+            return None
+        rate = (done - first_done) / span
+        if rate >= minimum:
+            return None
+        verb = "writes" if phase == "write" else "reads back"
+        return (f"too slow: {verb} at {format_rate(rate)} at steady state, below the minimum "
+                f"of {format_rate(minimum)}")
+
+
+class Sized(Protocol):
+    @property
+    def size(self) -> int: ...
+
+
+def capacity_check(capacity: int | None, tolerance: float
+                   ) -> Callable[[Sized], None] | None:
+    """What a job runs on each drive before writing it: a drive outside the capacity is
+    rejected (cause ``capacity``) with nothing written."""
+    if capacity is None:
+        return None
+
+    def check(device: Sized) -> None:
+        why = capacity_verdict(device.size, capacity, tolerance)
+        if why is not None:
+            raise Rejected("capacity", f"rejected: {why}")
+
+    return check
+
+
+def chain(*steps: Callable[[T], None] | None) -> Callable[[T], None] | None:
+    """The steps given (None: none), one after the other."""
+    given = [s for s in steps if s is not None]
+    if not given:
+        return None
+    if len(given) == 1:
+        return given[0]
+
+    def run(value: T) -> None:
+        for step in given:
+            step(value)
+
+    return run

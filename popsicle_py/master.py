@@ -1,0 +1,269 @@
+"""A drive read as a whole (a master to clone, a drive to image): its bytes must hold still.
+
+A drive is read once; if something writes to it meanwhile, what was read is a mix of before and
+after, and every copy of it is wrong.  So a drive to be read is refused while it is mounted
+read-write, stacked under device-mapper or open for writing by a process (:func:`refusals`),
+and its kernel write counters (and, for a loop device, its backing file) are compared before
+and after the read (:class:`Stillness`): a drive written in between fails the run.
+
+The decisions (:func:`rw_mountpoints`, :func:`writer_lines`, :func:`change`) are plain
+functions over plain data; the rest reads /proc and sysfs.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from popsicle_py import sysfs
+
+
+def is_block_device(path: str) -> bool:
+    """Whether ``path`` names a block device (a master drive rather than an image file)."""
+    try:
+        return stat.S_ISBLK(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
+# --------------------------------------------------------------------------------------------
+# Mounts and writers (pure)
+
+
+@dataclass(frozen=True)
+class MountLine:
+    """One line of /proc/self/mountinfo: the device mounted, where, and whether writable."""
+
+    devnum: int
+    mountpoint: str
+    read_write: bool
+
+
+def _unescape(text: str) -> str:
+    return (text.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n")
+            .replace("\\134", "\\"))
+
+
+def parse_mountinfo(text: str) -> list[MountLine]:
+    """The mounts of a mountinfo text; writable when both the mount and its super block are."""
+    found: list[MountLine] = []
+    for line in text.splitlines():
+        left, sep, right = line.partition(" - ")
+        fields, tail = left.split(), right.split()
+        if not sep or len(fields) < 6 or len(tail) < 3:
+            continue
+        major, _, minor = fields[2].partition(":")
+        if not (major.isdigit() and minor.isdigit()):
+            continue
+        writable = "rw" in fields[5].split(",") and "rw" in tail[2].split(",")
+        found.append(MountLine(os.makedev(int(major), int(minor)), _unescape(fields[4]),
+                               writable))
+    return found
+
+
+def rw_mountpoints(devnums: Iterable[int], mounts: Iterable[MountLine]) -> tuple[str, ...]:
+    """Where any of ``devnums`` (a drive and its partitions) is mounted read-write."""
+    wanted = set(devnums)
+    seen: dict[str, None] = {}
+    for m in mounts:
+        if m.devnum in wanted and m.read_write:
+            seen.setdefault(m.mountpoint, None)
+    return tuple(seen)
+
+
+@dataclass(frozen=True)
+class Writer:
+    """A process holding one of the drive's nodes open for writing."""
+
+    pid: int
+    name: str
+
+
+def writer_lines(path: str, writers: Sequence[Writer]) -> list[str]:
+    """One refusal line for the processes that could write ``path`` while it is read."""
+    if not writers:
+        return []
+    who = ", ".join(f"{w.name} (pid {w.pid})" for w in writers)
+    return [f"{path} is open for writing by {who}: its bytes could change while it is read;"
+            " close it first"]
+
+
+# --------------------------------------------------------------------------------------------
+# Reading the system (I/O)
+
+
+def family(devnum: int) -> frozenset[int]:
+    """The disk ``devnum`` and its partitions (each has a ``dev`` in the disk's directory)."""
+    found = {devnum}
+    base = sysfs.block_dir(devnum)
+    try:
+        names = os.listdir(base)
+    except OSError:
+        return frozenset(found)
+    for name in names:
+        number = sysfs.read(os.path.join(base, name, "dev"))
+        if number and os.path.exists(os.path.join(base, name, "partition")):
+            major, _, minor = number.partition(":")
+            found.add(os.makedev(int(major), int(minor)))
+    return frozenset(found)
+
+
+def holders(devnums: Iterable[int]) -> tuple[str, ...]:
+    """Device-mapper, RAID or loop devices stacked on the drive or its partitions."""
+    seen: dict[str, None] = {}
+    for number in devnums:
+        try:
+            names = sorted(os.listdir(os.path.join(sysfs.block_dir(number), "holders")))
+        except OSError:
+            continue
+        for name in names:
+            seen.setdefault(name, None)
+    return tuple(seen)
+
+
+def writers(devnums: Iterable[int]) -> list[Writer]:
+    """Processes (other than this one) with one of ``devnums`` open for writing."""
+    wanted = set(devnums)
+    found: list[Writer] = []
+    me = os.getpid()
+    try:
+        pids = [int(p) for p in os.listdir("/proc") if p.isdigit()]
+    except OSError:
+        return found
+    for pid in pids:
+        if pid == me:
+            continue
+        fd_dir = f"/proc/{pid}/fd"
+        try:
+            fds = os.listdir(fd_dir)
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                st = os.stat(os.path.join(fd_dir, fd))
+            except OSError:
+                continue
+            if not (stat.S_ISBLK(st.st_mode) and st.st_rdev in wanted):
+                continue
+            flags = _fd_flags(pid, fd)
+            if flags is not None and flags & os.O_ACCMODE in (os.O_WRONLY, os.O_RDWR):
+                name = sysfs.read(f"/proc/{pid}/comm") or "?"
+                found.append(Writer(pid, name))
+                break
+    return found
+
+
+def _fd_flags(pid: int, fd: str) -> int | None:
+    text = sysfs.read(f"/proc/{pid}/fdinfo/{fd}") or ""
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key == "flags":
+            return int(value.strip(), 8)
+    return None
+
+
+def refusals(path: str) -> list[str]:
+    """Why the drive at ``path`` cannot be read as a whole now, one line each (empty: it can).
+
+    Mounted read-only is fine; mounted read-write, stacked under another device (which may
+    write to it) or open for writing by a process is not: its bytes could change mid-read.
+    """
+    try:
+        devnum = os.stat(path).st_rdev
+    except OSError as exc:
+        return [f"{path} cannot be read: {exc.strerror or exc}"]
+    numbers = family(devnum)
+    lines: list[str] = []
+    with open("/proc/self/mountinfo") as f:
+        mounted = rw_mountpoints(numbers, parse_mountinfo(f.read()))
+    if mounted:
+        lines.append(f"{path} is mounted read-write at {', '.join(mounted)}: its bytes could "
+                     "change while it is read; unmount it or remount it read-only")
+    stacked = holders(numbers)
+    if stacked:
+        lines.append(f"{path} is in use by {', '.join(stacked)} (LVM, encryption, RAID or a "
+                     "loop device): its bytes could change while it is read; deactivate that "
+                     "first")
+    lines.extend(writer_lines(path, writers(numbers)))
+    return lines
+
+
+# --------------------------------------------------------------------------------------------
+# Did it hold still?
+
+
+@dataclass(frozen=True)
+class Counters:
+    """What changes when a drive is written: the kernel's counters of sectors written and
+    discarded, and, for a loop device, its backing file's size and mtime."""
+
+    writes: tuple[int, ...]
+    backing: tuple[int, int] | None = None
+
+
+def change(before: Counters, after: Counters) -> str | None:
+    """What shows that the drive was written between two readings, or None."""
+    if before.writes != after.writes:
+        return "it was written to"
+    if before.backing != after.backing:
+        return "its backing file was written to"
+    return None
+
+
+def counters(path: str) -> Counters:
+    """The drive's sectors written and discarded now (``/sys/dev/block/M:m/stat`` fields 7
+    and 14; not the request counts, which an empty cache flush, as from ``blkid``, raises)."""
+    devnum = os.stat(path).st_rdev
+    fields = (sysfs.attr(devnum, "stat") or "").split()
+    writes = tuple(int(fields[i]) for i in (6, 13) if i < len(fields))
+    backing = None
+    name = sysfs.attr(devnum, "loop/backing_file")
+    if name:
+        try:
+            st = os.stat(name)
+            backing = (st.st_size, st.st_mtime_ns)
+        except OSError:
+            backing = (-1, -1)
+    return Counters(writes, backing)
+
+
+def _write_back(path: str) -> None:
+    """Write back the drive's dirty cached pages now, so that they do not count as a change."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+class DriveChanged(OSError):
+    """The drive read as a whole was written while it was read: no copy of it is true."""
+
+    def __init__(self, path: str, how: str) -> None:
+        super().__init__(errno.EIO, f"the master drive {path} changed while it was read "
+                         f"({how}): no copy of it can be trusted")
+        self.how = how
+
+
+class Stillness:
+    """Takes the drive's counters when made; :meth:`check` raises :class:`DriveChanged` if
+    they moved since (the engine calls it once the source is read, before any drive gets its
+    head)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        _write_back(path)  # a read-only mount's last dirty pages, before counting
+        self.before = counters(path)
+
+    def check(self) -> None:
+        how = change(self.before, counters(self.path))
+        if how is not None:
+            raise DriveChanged(self.path, how)

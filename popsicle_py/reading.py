@@ -1,0 +1,315 @@
+"""A drive read once into an image file: O_DIRECT reads, compressed by the file's suffix,
+hashed (SHA-256 of the file, for its sidecar) and mapped (bmaptool's block map) on the way.
+
+One thread reads the drive (through :mod:`popsicle_py.blockdev`, paced, into a few aligned
+buffers) while the caller's thread compresses and writes, so the drive never waits for the
+compressor unless it is slower.  A drive that stops answering is given up after the stall
+timeout (the reading thread is left to the kernel: nothing waits for it).  Everything is
+written to a file the caller opened (a temporary name): naming it is the caller's job.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import lzma
+import os
+import queue
+import threading
+import time
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import IO, Protocol, cast
+
+from popsicle_py.blockdev import BlockDevice, Pacer, read_at
+from popsicle_py.buffers import aligned_buffer
+from popsicle_py.errors import Stalled
+
+#: Compression by OUTPUT's suffix; anything else is written raw.
+SUFFIXES = {".zst": "zstd", ".xz": "xz", ".gz": "gzip"}
+BMAP_BLOCK = 4096
+DEFAULT_BUCKET = 8 << 20
+BUFFERS = 3
+ZSTD_LEVEL = 3
+
+
+def format_for(path: str) -> str:
+    """``zstd``, ``xz``, ``gzip`` or ``raw``, from OUTPUT's suffix."""
+    return SUFFIXES.get(os.path.splitext(path)[1].lower(), "raw")
+
+
+def bmap_path_for(output: str) -> str:
+    """Where bmaptool (and our flash) look for the map of OUTPUT: its name without the
+    compression suffix, plus ``.bmap`` (disk.img.zst -> disk.img.bmap)."""
+    stem, ext = os.path.splitext(output)
+    return (stem if ext.lower() in SUFFIXES else output) + ".bmap"
+
+
+def sidecar_path_for(output: str) -> str:
+    """OUTPUT.sha256, which flash finds next to the image."""
+    return output + ".sha256"
+
+
+# --------------------------------------------------------------------------------------------
+# The file side: hashing sink and compressors
+
+
+class Sink:
+    """Writes whole buffers to a descriptor and hashes them (the SHA-256 of OUTPUT)."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.hasher = hashlib.sha256()
+        self.written = 0
+
+    def write(self, data: bytes | memoryview) -> int:
+        view = memoryview(data).cast("B")
+        self.hasher.update(view)
+        done = 0
+        while done < len(view):
+            n = os.write(self.fd, view[done:])
+            if n <= 0:
+                raise OSError(errno.ENOSPC, "no space left on the output's file system")
+            done += n
+        self.written += done
+        return done
+
+    def flush(self) -> None:
+        """zstandard's writer flushes its sink; every write above is already in the kernel."""
+
+
+class Hasher(Protocol):
+    """A hashlib object, as far as the map needs one (importing images' would cost start-up)."""
+
+    def update(self, data: bytes | memoryview, /) -> None: ...
+
+    def hexdigest(self) -> str: ...
+
+
+class Encoder(Protocol):
+    def write(self, data: memoryview) -> None: ...
+
+    def finish(self) -> None: ...
+
+
+class _Raw:
+    def __init__(self, sink: Sink) -> None:
+        self.sink = sink
+
+    def write(self, data: memoryview) -> None:
+        self.sink.write(data)
+
+    def finish(self) -> None:
+        pass
+
+
+class _Zstd:
+    """Multithreaded zstd (one worker per CPU), the drive's size in the frame header."""
+
+    def __init__(self, sink: Sink, size: int) -> None:
+        import zstandard
+
+        cctx = zstandard.ZstdCompressor(level=ZSTD_LEVEL, threads=-1, write_content_size=True)
+        self.writer = cctx.stream_writer(cast(IO[bytes], sink), size=size, closefd=False,
+                                         write_return_read=True)
+
+    def write(self, data: memoryview) -> None:
+        self.writer.write(data)
+
+    def finish(self) -> None:
+        self.writer.close()  # type: ignore[no-untyped-call]
+
+
+class Compressor(Protocol):
+    """What lzma's and zlib's compressor objects share."""
+
+    def compress(self, data: memoryview, /) -> bytes: ...
+
+    def flush(self) -> bytes: ...
+
+
+class _Streaming:
+    """xz or gzip through the standard library's compressor objects."""
+
+    def __init__(self, sink: Sink, compressor: Compressor) -> None:
+        self.sink = sink
+        self.compressor = compressor
+
+    def write(self, data: memoryview) -> None:
+        out = self.compressor.compress(data)
+        if out:
+            self.sink.write(out)
+
+    def finish(self) -> None:
+        self.sink.write(self.compressor.flush())
+
+
+def encoder(fmt: str, sink: Sink, size: int) -> Encoder:
+    if fmt == "zstd":
+        return _Zstd(sink, size)
+    if fmt == "xz":
+        return _Streaming(sink, lzma.LZMACompressor(lzma.FORMAT_XZ, check=lzma.CHECK_CRC64,
+                                                    preset=6))
+    if fmt == "gzip":
+        return _Streaming(sink, zlib.compressobj(6, zlib.DEFLATED, 31))
+    return _Raw(sink)
+
+
+# --------------------------------------------------------------------------------------------
+# The block map
+
+
+class Mapper:
+    """Follows the drive's bytes block by block: runs of blocks that are not all zero (and not
+    free in a file system, see :mod:`popsicle_py.fsmap`) become ranges of the map, each with
+    the SHA-256 of its bytes (bmaptool's format 2.0)."""
+
+    def __init__(self, block: int = BMAP_BLOCK, free: bytearray | None = None) -> None:
+        self.block = block
+        #: One byte per block, 1 where a file system says the block is free (left out).
+        self.free = free
+        self.zero = bytes(block)
+        self.ranges: list[tuple[int, int, str]] = []  # first block, last block, sha256
+        self._first: int | None = None
+        self._hasher: Hasher = hashlib.sha256()  # of the range open (when _first is set)
+        self._zeros = b""
+
+    def feed(self, offset: int, data: memoryview) -> None:
+        """``data`` at ``offset`` (a multiple of the block), in order."""
+        block = self.block
+        if len(self._zeros) < len(data):
+            self._zeros = bytes(len(data))
+        if data == self._zeros[: len(data)]:
+            self._close(offset // block - 1)
+            return
+        run = 0  # start (in data) of the bytes not yet hashed
+        free = self.free
+        for start in range(0, len(data), block):
+            piece = data[start:start + block]
+            index = (offset + start) // block
+            if piece != self.zero[: len(piece)] and not (free and free[index]):
+                if self._first is None:
+                    self._first, self._hasher, run = index, hashlib.sha256(), start
+                continue
+            if self._first is not None:
+                self._hasher.update(data[run:start])
+                self._close(index - 1)
+        if self._first is not None:
+            self._hasher.update(data[run:])
+
+    def _close(self, last: int) -> None:
+        if self._first is not None:
+            self.ranges.append((self._first, last, self._hasher.hexdigest()))
+            self._first = None
+
+    def finish(self, size: int) -> list[tuple[int, int, str]]:
+        self._close(-(-size // self.block) - 1)
+        return self.ranges
+
+
+def render_bmap(size: int, block: int, ranges: list[tuple[int, int, str]]) -> str:
+    """The map as bmaptool 3.x writes it (version 2.0, SHA-256), its own checksum filled in."""
+    count = -(-size // block)
+    mapped = sum(last - first + 1 for first, last, _ in ranges)
+    lines = ['<?xml version="1.0" ?>', '<bmap version="2.0">',
+             f"    <ImageSize> {size} </ImageSize>", f"    <BlockSize> {block} </BlockSize>",
+             f"    <BlocksCount> {count} </BlocksCount>",
+             f"    <MappedBlocksCount> {mapped} </MappedBlocksCount>",
+             "    <ChecksumType> sha256 </ChecksumType>",
+             f"    <BmapFileChecksum> {'0' * 64} </BmapFileChecksum>", "    <BlockMap>"]
+    for first, last, digest in ranges:
+        span = f"{first}-{last}" if last != first else f"{first}"
+        lines.append(f'        <Range chksum="{digest}"> {span} </Range>')
+    lines += ["    </BlockMap>", "</bmap>", ""]
+    text = "\n".join(lines)
+    return text.replace("0" * 64, hashlib.sha256(text.encode()).hexdigest(), 1)
+
+
+# --------------------------------------------------------------------------------------------
+# Reading the drive
+
+
+@dataclass(frozen=True)
+class Read:
+    """What was read and written: the drive's bytes, OUTPUT's bytes and SHA-256."""
+
+    size: int
+    written: int
+    sha256: str
+
+
+def read_drive(device: BlockDevice, size: int, enc: Encoder, sink: Sink, *,
+               mapper: Mapper | None = None, bucket: int = DEFAULT_BUCKET,
+               progress: Callable[[int], None] = lambda n: None,
+               stopped: Callable[[], bool] = lambda: False,
+               stall_timeout: float | None = 60.0) -> Read | None:
+    """Read ``size`` bytes of ``device`` once, in order, into ``enc``; None when stopped.
+
+    Raises the drive's OSError, :class:`~popsicle_py.errors.Stalled`, or the output's
+    OSError (ENOSPC...).
+    """
+    free: queue.Queue[int] = queue.Queue()
+    full: queue.Queue[tuple[int, int, int] | BaseException | None] = queue.Queue()
+    buffers = [aligned_buffer(bucket) for _ in range(BUFFERS)]
+    for i in range(BUFFERS):
+        free.put(i)
+    quit_ = threading.Event()
+
+    def reader() -> None:
+        pacer = Pacer()
+        offset = 0
+        try:
+            while offset < size and not quit_.is_set():
+                i = free.get()
+                if i < 0:
+                    return
+                want = min(bucket, size - offset)
+                n = read_at(device, offset, memoryview(buffers[i])[:want], pacer=pacer)
+                if n < want:
+                    raise OSError(errno.EIO, f"the drive ended at byte {offset + n}, before "
+                                  f"its size ({size} bytes)")
+                full.put((i, offset, n))
+                offset += n
+            full.put(None)
+        except BaseException as exc:  # handed to the caller's thread
+            full.put(exc)
+
+    thread = threading.Thread(target=reader, name="popsicle-read", daemon=True)
+    thread.start()
+    done = 0
+    last = time.monotonic()
+    try:
+        while True:
+            if stopped():
+                return None
+            try:
+                item = full.get(timeout=0.25)
+            except queue.Empty:
+                if stall_timeout is not None and time.monotonic() - last >= stall_timeout:
+                    raise Stalled(f"stalled: no data from the drive for {stall_timeout:g} s"
+                                  ) from None
+                continue
+            last = time.monotonic()
+            if item is None:
+                break
+            if isinstance(item, BaseException):
+                raise item
+            i, offset, n = item
+            with memoryview(buffers[i]) as whole, whole[:n] as view:
+                if mapper is not None:
+                    mapper.feed(offset, view)
+                enc.write(view)
+            free.put(i)
+            done += n
+            progress(done)
+        enc.finish()
+    finally:
+        quit_.set()
+        free.put(-1)
+        if not thread.is_alive():  # else the reader still fills one: the GC frees them
+            for b in buffers:
+                with contextlib.suppress(BufferError):
+                    b.close()
+    return Read(done, sink.written, sink.hasher.hexdigest())

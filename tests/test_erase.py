@@ -1,0 +1,218 @@
+"""``popsicle-py erase`` (issue 28): drives back to ordinary sticks, checked with real tools.
+
+The kernel here has no partition devices for loop devices, so the new partition is looked at
+through a read-only loop device at its offset (``blkid -p``, ``fsck``), as a stick's
+partition would be.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import Loop, needs_root, popsicle_cmd
+from loopdev import attach, detach, write_mbr
+
+from popsicle_py import erase, fsmap
+
+MiB = 1 << 20
+PATTERN = 0x5A
+
+pytestmark = needs_root
+
+
+def popsicle(*args: str | Path, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*popsicle_cmd(), *map(str, args)], capture_output=True, text=True,
+                          stdin=subprocess.DEVNULL, timeout=timeout, check=False)
+
+
+@contextlib.contextmanager
+def partition_of(drive: Loop, start: int = MiB) -> Iterator[str]:
+    """A read-only loop device over the drive's partition (no loopNp1 on this kernel)."""
+    path = subprocess.run(["losetup", "-f", "--show", "-r", "-o", str(start), drive.path],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    try:
+        yield path
+    finally:
+        subprocess.run(["losetup", "-d", path], check=False)
+
+
+def blkid(path: str, *extra: str) -> dict[str, str]:
+    out = subprocess.run(["blkid", "-p", "-o", "export", *extra, path], capture_output=True,
+                         text=True).stdout
+    return dict(line.replace("\\ ", " ").split("=", 1) for line in out.splitlines()
+                if "=" in line)
+
+
+def table(drive: Loop) -> list[tuple[int, int, str]]:
+    out = subprocess.run(["sfdisk", "--json", drive.path], capture_output=True, text=True)
+    if out.returncode != 0:
+        return []
+    parts = json.loads(out.stdout)["partitiontable"]["partitions"]
+    return [(p["start"], p["size"], p["type"]) for p in parts]
+
+
+def used_drive(loop_factory: Callable[..., Loop], size: int = 96 * MiB) -> Loop:
+    """A stick as people bring it: old bytes everywhere, an MBR with an ext4 partition at
+    8 MiB (where the new partition's 1 MiB start would not reach it)."""
+    drive = loop_factory(size, fill=PATTERN)
+    write_mbr(str(drive.backing), [(16384, (size - 16 * MiB) // 512)])
+    part = attach(drive.backing)
+    try:
+        subprocess.run(["losetup", "-d", part], check=True)
+        part = subprocess.run(["losetup", "-f", "--show", "-o", str(8 * MiB), "--sizelimit",
+                               str(size - 16 * MiB), str(drive.backing)], capture_output=True,
+                              text=True, check=True).stdout.strip()
+        subprocess.run(["mkfs.ext4", "-q", "-F", part], check=True)
+    finally:
+        detach(part, drive.backing)
+    subprocess.run(["blockdev", "--flushbufs", drive.path], check=True)
+    assert blkid(drive.path)["PTTYPE"] == "dos"
+    assert blkid(drive.path, "-O", str(8 * MiB))["TYPE"] == "ext4"
+    return drive
+
+
+def test_erase_leaves_one_fat32_partition_that_blkid_and_fsck_accept(
+        loop_factory: Callable[..., Loop]) -> None:
+    drive = used_drive(loop_factory)
+    result = popsicle("erase", drive.path, "--yes", "--label", "Stick", "--json")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout.splitlines()[-1])
+    assert summary["ok"] and summary["results"][0]["verified"]
+    assert table(drive) == [(2048, drive.size // 512 - 2048, "c")]
+    assert blkid(drive.path, "-O", str(8 * MiB)) == {}  # the old ext4 is gone
+    with partition_of(drive) as part:
+        found = blkid(part)
+        assert (found["TYPE"], found["VERSION"], found["LABEL"]) == ("vfat", "FAT32", "STICK")
+        fsck = subprocess.run(["fsck.vfat", "-n", part], capture_output=True, text=True)
+        assert fsck.returncode == 0, fsck.stdout + fsck.stderr
+    mdir = subprocess.run(["mdir", "-i", f"{drive.path}@@1M"], capture_output=True, text=True)
+    assert "Volume in drive : is STICK" in mdir.stdout, mdir
+
+
+@pytest.mark.skipif(shutil.which("mkfs.exfat") is None, reason="needs exfatprogs")
+def test_erase_exfat_with_zeros_everywhere(loop_factory: Callable[..., Loop]) -> None:
+    drive = used_drive(loop_factory)
+    result = popsicle("erase", drive.path, "--yes", "--fs", "exfat", "--label", "Big Stick",
+                      "--zero")
+    assert result.returncode == 0, result.stderr
+    assert table(drive) == [(2048, drive.size // 512 - 2048, "7")]
+    with partition_of(drive) as part:
+        found = blkid(part)
+        assert (found["TYPE"], found["LABEL"]) == ("exfat", "Big Stick")
+        fsck = subprocess.run(["fsck.exfat", "-n", part], capture_output=True, text=True)
+        assert fsck.returncode == 0, fsck.stdout + fsck.stderr
+    assert PATTERN not in drive.read()[4 * MiB:]  # zeros past the file system's head
+
+
+def test_discard_reads_back_zeros_and_fs_none_only_wipes(
+        loop_factory: Callable[..., Loop]) -> None:
+    drive = used_drive(loop_factory)
+    result = popsicle("erase", drive.path, "--yes", "--discard", "--fs", "none")
+    assert result.returncode == 0, result.stderr
+    assert drive.read() == bytes(drive.size)
+    drive = used_drive(loop_factory)
+    result = popsicle("erase", drive.path, "--yes", "--fs", "none")
+    assert result.returncode == 0, result.stderr
+    assert table(drive) == [] and blkid(drive.path) == {}
+    assert blkid(drive.path, "-O", str(8 * MiB)) == {}
+    wipefs = subprocess.run(["wipefs", "--no-act", drive.path], capture_output=True, text=True)
+    assert wipefs.stdout == ""
+
+
+def test_many_drives_at_once_each_with_its_result(loop_factory: Callable[..., Loop]) -> None:
+    drives = [used_drive(loop_factory, 80 * MiB), loop_factory(40 * MiB, fill=PATTERN)]
+    result = popsicle("erase", *(d.path for d in drives), "--yes", "--json")
+    assert result.returncode == 0, result.stderr
+    events = [json.loads(line) for line in result.stdout.splitlines()]
+    results = {r["device"]: r for r in events[-1]["results"]}
+    assert set(results) == {d.path for d in drives}
+    assert all(r["status"] == "ok" for r in results.values())
+    with partition_of(drives[1]) as part:
+        assert blkid(part)["VERSION"] == "FAT16"  # too small for FAT32's clusters
+    assert table(drives[1]) == [(2048, drives[1].size // 512 - 2048, "e")]
+
+
+@pytest.mark.parametrize(("args", "line"), [
+    (["--zero", "--discard"], "--zero and --discard contradict each other; give one"),
+    (["--label", "MUCH TOO LONG"], "--label 'MUCH TOO LONG': a FAT label is at most 11 ASCII "
+                                   "characters"),
+    (["--fs", "none", "--label", "X"], "--label names a file system, and --fs none makes none"),
+])
+def test_bad_options_are_refused_and_nothing_is_written(
+        loop_factory: Callable[..., Loop], args: list[str], line: str) -> None:
+    drive = loop_factory(40 * MiB, fill=PATTERN)
+    result = popsicle("erase", drive.path, "--yes", *args)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr == f"popsicle-py: {line}\n"
+    assert drive.read() == bytes([PATTERN]) * drive.size
+
+
+def test_without_yes_and_without_a_terminal_nothing_is_written(
+        loop_factory: Callable[..., Loop]) -> None:
+    drive = loop_factory(40 * MiB, fill=PATTERN)
+    result = popsicle("erase", drive.path)
+    assert result.returncode == 2, result.stderr
+    assert "pass --yes to confirm in scripts" in result.stderr
+    assert drive.read() == bytes([PATTERN]) * drive.size
+
+
+def test_a_mounted_drive_is_refused(loop_factory: Callable[..., Loop], tmp_path: Path) -> None:
+    drive = loop_factory(40 * MiB)
+    subprocess.run(["mkfs.ext4", "-q", "-F", drive.path], check=True)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    subprocess.run(["mount", drive.path, str(mnt)], check=True)
+    try:
+        result = popsicle("erase", drive.path, "--yes")
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+    assert result.returncode == 2, result.stderr
+    assert f"{drive.path} is mounted at {mnt}; use --unmount to unmount it" in result.stderr
+    assert blkid(drive.path)["TYPE"] == "ext4"
+
+
+def test_ctrl_c_while_zeroing_leaves_no_partition_table(
+        loop_factory: Callable[..., Loop], throttle: Callable[..., Any]) -> None:
+    drive = used_drive(loop_factory)
+    add = throttle((drive, 4 * MiB))
+    proc = subprocess.Popen([*popsicle_cmd(), "erase", drive.path, "--yes", "--zero",
+                             "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, stdin=subprocess.DEVNULL,
+                            preexec_fn=lambda: add(os.getpid()))
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if json.loads(line)["event"] == "progress":
+            proc.send_signal(signal.SIGINT)
+            break
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert json.loads(out.splitlines()[-1])["results"][0]["status"] == "cancelled"
+    assert "PTTYPE" not in blkid(drive.path)
+
+
+def test_the_rules_on_plain_data() -> None:
+    assert erase.default_fs(32 << 30) == "fat32" and erase.default_fs((32 << 30) + 1) == "exfat"
+    part = erase.layout(100 * MiB, "fat32")
+    assert (part.start, part.length, part.type_byte, part.fat_bits) == (
+        MiB, 99 * MiB, 0x0C, 32)
+    big = erase.layout(4 << 40, "exfat")
+    assert big.length == (erase.MBR_MAX_SECTORS * 512) // 4096 * 4096
+    sector = erase.mbr(part, b"\x01\x02\x03\x04")
+    assert sector[510:] == b"\x55\xaa" and sector[446 + 4] == 0x0C
+    assert int.from_bytes(sector[454:458], "little") == 2048
+    assert erase.wipe_ranges(10 * MiB, [0x438, 5 * MiB + 17]) == [
+        (0, MiB), (5 * MiB, 4096), (9 * MiB, MiB)]
+    assert erase.parse_wipefs('{"signatures": [{"offset": "0x438", "type": "ext4"}]}') == [
+        (0x438, "ext4")]
+    assert fsmap.parse_partx("2048 202752\n") == [(MiB, 202752 * 512)]
+    assert erase.label_problem("exfat", "x" * 16) is not None
+    assert erase.label_problem("fat32", "A/B") == "--label 'A/B': a FAT label cannot hold /"

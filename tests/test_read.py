@@ -1,0 +1,330 @@
+"""``popsicle-py read DEVICE OUTPUT`` (issue 28): a drive read once into an image file.
+
+Real loop devices with real file systems; the results are checked with the tools a user has
+(zstd, xz, gzip, sha256sum, bmaptool) and with our own flash.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import Loop, needs_root, popsicle_cmd
+from loopdev import write_mbr
+
+from popsicle_py import reading
+
+MiB = 1 << 20
+
+pytestmark = needs_root
+
+
+def popsicle(*args: str | Path, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*popsicle_cmd(), *map(str, args)], capture_output=True, text=True,
+                          stdin=subprocess.DEVNULL, timeout=timeout, check=False)
+
+
+def events_of(out: str) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in out.splitlines() if line.strip()]
+
+
+def fat_drive(loop_factory: Callable[..., Loop], size: int = 16 * MiB) -> Loop:
+    """A drive with a FAT file system holding a random file (mtools), zeros elsewhere."""
+    drive = loop_factory(size)
+    subprocess.run(["mkfs.vfat", "-n", "STICK", drive.path], check=True, capture_output=True)
+    payload = Path(f"/dev/shm/popsicle-payload-{os.getpid()}")
+    payload.write_bytes(os.urandom(3 * MiB))
+    try:
+        subprocess.run(["mcopy", "-i", drive.path, str(payload), "::/data.bin"], check=True,
+                       capture_output=True)
+    finally:
+        payload.unlink()
+    return drive
+
+
+def leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.endswith(".part"))
+
+
+def read_sectors(loop: Loop) -> int:
+    major, minor = loop.major_minor
+    return int(Path(f"/sys/dev/block/{major}:{minor}/stat").read_text().split()[2])
+
+
+DECODERS = {".zst": ["zstd", "-dc"], ".xz": ["xz", "-dc"], ".gz": ["gzip", "-dc"],
+            ".img": ["cat"]}
+
+
+@pytest.mark.parametrize("suffix", [".zst", ".xz", ".gz", ".img"])
+def test_read_writes_the_drive_compressed_by_suffix_with_its_sha256(
+        loop_factory: Callable[..., Loop], tmp_path: Path, suffix: str) -> None:
+    drive = fat_drive(loop_factory)
+    out = tmp_path / f"stick{suffix}"
+    before = read_sectors(drive)
+    result = popsicle("read", drive.path, out, "--json")
+    assert result.returncode == 0, result.stderr
+    assert (read_sectors(drive) - before) * 512 == drive.size  # once, O_DIRECT, no more
+    decoded = subprocess.run([*DECODERS[suffix], str(out)], capture_output=True,
+                             check=True).stdout
+    assert decoded == drive.read()
+    check = subprocess.run(["sha256sum", "-c", out.name + ".sha256"], cwd=tmp_path,
+                           capture_output=True, text=True)
+    assert check.returncode == 0 and check.stdout == f"{out.name}: OK\n", check
+    evs = events_of(result.stdout)
+    assert {"event": "phase", "device": drive.path, "phase": "reading"}.items() <= \
+        evs[0].items()
+    progress = [e for e in evs if e["event"] == "progress"]
+    assert progress[-1]["bytes"] == progress[-1]["total"] == drive.size
+    summary = evs[-1]
+    assert summary["event"] == "summary" and summary["results"][0]["status"] == "ok"
+    assert leftovers(tmp_path) == []
+
+
+def test_bmap_is_bmaptools_and_flash_uses_it(loop_factory: Callable[..., Loop],
+                                            tmp_path: Path) -> None:
+    drive = fat_drive(loop_factory)
+    out = tmp_path / "stick.img.zst"
+    result = popsicle("read", drive.path, out, "--bmap")
+    assert result.returncode == 0, result.stderr
+    bmap = tmp_path / "stick.img.bmap"  # where bmaptool looks: the name without .zst
+    text = bmap.read_text()
+    assert "<MappedBlocksCount>" in text
+    mapped = int(text.split("<MappedBlocksCount>")[1].split("<")[0])
+    assert 3 * MiB // 4096 <= mapped < drive.size // 4096 // 2  # the file, not the zeros
+    copy = tmp_path / "copy.img"
+    with open(copy, "wb") as f:
+        f.truncate(drive.size)
+    run = subprocess.run(["bmaptool", "copy", str(out), str(copy)], capture_output=True,
+                         text=True)
+    assert run.returncode == 0, run.stderr
+    assert f"discovered bmap file '{bmap}'" in run.stderr
+    assert copy.read_bytes() == drive.read()  # unmapped blocks were zeros
+    target = loop_factory(drive.size, fill=0x5A)
+    result = popsicle("flash", out, target.path, "--yes")
+    assert result.returncode == 0, result.stderr
+    assert f"block map {bmap}" in result.stdout + result.stderr
+    data, written = drive.read(), target.read()
+    for line in text.split("<BlockMap>")[1].splitlines():
+        if "<Range" not in line:
+            continue
+        span = line.split(">")[1].split("<")[0].strip()
+        first, _, last = span.partition("-")
+        start, end = int(first) * 4096, (int(last or first) + 1) * 4096
+        assert written[start:end] == data[start:end]
+
+
+def test_bmap_leaves_out_the_free_blocks_of_a_clean_ext4(loop_factory: Callable[..., Loop],
+                                                         tmp_path: Path) -> None:
+    """Deleted data in free blocks is not copied, and the copy is still a sound file system."""
+    files = tmp_path / "files"
+    files.mkdir()
+    payload = os.urandom(2 * MiB)
+    (files / "data.bin").write_bytes(payload)
+    fs = tmp_path / "fs.img"
+    fs.write_bytes(os.urandom(60 * MiB))  # old bytes everywhere, as on a used stick
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-E", "nodiscard", "-d", str(files), str(fs)],
+                   check=True)
+    drive = loop_factory(64 * MiB)
+    write_mbr(str(drive.backing), [(2048, 60 * MiB // 512)])
+    with open(drive.backing, "r+b") as f:
+        f.seek(MiB)
+        f.write(fs.read_bytes())
+    subprocess.run(["blockdev", "--flushbufs", drive.path], check=True)
+    out = tmp_path / "stick.img.zst"
+    result = popsicle("read", drive.path, out, "--bmap")
+    assert result.returncode == 0, result.stderr
+    assert f"block map: the free blocks of ext4 at byte {MiB} are left out" in result.stdout
+    text = (tmp_path / "stick.img.bmap").read_text()
+    mapped = int(text.split("<MappedBlocksCount>")[1].split("<")[0])
+    assert 2 * MiB // 4096 < mapped < 12 * MiB // 4096, mapped  # not the 60 MiB of old bytes
+    copy = tmp_path / "copy.img"
+    copy.write_bytes(bytes([0x5A]) * drive.size)  # what the free blocks hold there: other
+    run = subprocess.run(["bmaptool", "copy", str(out), str(copy)], capture_output=True,
+                         text=True)
+    assert run.returncode == 0, run.stderr
+    where = f"{copy}?offset={MiB}"
+    check = subprocess.run(["e2fsck", "-fn", where], capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+    subprocess.run(["debugfs", "-R", f"dump /data.bin {tmp_path / 'back.bin'}", where],
+                   check=True, capture_output=True)
+    assert (tmp_path / "back.bin").read_bytes() == payload
+
+
+def test_an_existing_output_is_refused_unless_force(loop_factory: Callable[..., Loop],
+                                                   tmp_path: Path) -> None:
+    drive = fat_drive(loop_factory)
+    out = tmp_path / "stick.img"
+    out.write_bytes(b"precious")
+    result = popsicle("read", drive.path, out)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr == f"popsicle-py: {out} exists; --force replaces it\n"
+    assert out.read_bytes() == b"precious"
+    result = popsicle("read", drive.path, out, "--force")
+    assert result.returncode == 0, result.stderr
+    assert out.read_bytes() == drive.read()
+
+
+def test_a_symlink_as_output_is_replaced_never_followed(loop_factory: Callable[..., Loop],
+                                                       tmp_path: Path) -> None:
+    drive = fat_drive(loop_factory)
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious")
+    out = tmp_path / "stick.img"
+    out.symlink_to(victim)
+    assert popsicle("read", drive.path, out).returncode == 2
+    result = popsicle("read", drive.path, out, "--force")
+    assert result.returncode == 0, result.stderr
+    assert not out.is_symlink() and out.read_bytes() == drive.read()
+    assert victim.read_bytes() == b"precious"
+
+
+@pytest.fixture
+def mount_dir(tmp_path: Path) -> Iterator[Path]:
+    path = tmp_path / "mnt"
+    path.mkdir()
+    yield path
+    subprocess.run(["umount", "-l", str(path)], capture_output=True, check=False)
+
+
+def test_output_on_the_drive_being_read_is_refused(loop_factory: Callable[..., Loop],
+                                                  mount_dir: Path) -> None:
+    drive = loop_factory(32 * MiB)
+    subprocess.run(["mkfs.ext4", "-q", "-F", drive.path], check=True)
+    subprocess.run(["mount", drive.path, str(mount_dir)], check=True)
+    result = popsicle("read", drive.path, mount_dir / "self.img.zst")
+    assert result.returncode == 2, result.stderr
+    assert (f"{mount_dir}/self.img.zst is on {drive.path}, the drive being read; write it "
+            "elsewhere") in result.stderr
+    assert f"{drive.path} is mounted read-write at {mount_dir}" in result.stderr
+    assert sorted(p.name for p in mount_dir.iterdir()) == ["lost+found"]
+
+
+def test_a_drive_open_for_writing_is_refused(loop_factory: Callable[..., Loop],
+                                            tmp_path: Path) -> None:
+    drive = fat_drive(loop_factory)
+    holder = subprocess.Popen(["sh", "-c", f"exec 3<>{drive.path}; echo ready; exec sleep 60"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "ready\n"
+        result = popsicle("read", drive.path, tmp_path / "x.img")
+    finally:
+        holder.kill()
+        holder.wait()
+    assert result.returncode == 2, result.stderr
+    assert f"{drive.path} is open for writing by sleep (pid {holder.pid})" in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_no_room_is_refused_early_when_known_and_fails_cleanly_when_not(
+        loop_factory: Callable[..., Loop], mount_dir: Path) -> None:
+    drive = loop_factory(16 * MiB)
+    with open(drive.backing, "r+b") as f:
+        f.write(os.urandom(16 * MiB))  # incompressible
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4M", "tmpfs", str(mount_dir)],
+                   check=True)
+    result = popsicle("read", drive.path, mount_dir / "big.img")
+    assert result.returncode == 2, result.stderr
+    assert f"not enough room for {mount_dir}/big.img: 16 MiB needed" in result.stderr
+    result = popsicle("read", drive.path, mount_dir / "big.img.gz", "--json")
+    assert result.returncode == 1, result.stderr
+    r = events_of(result.stdout)[-1]["results"][0]
+    assert r["status"] == "failed" and r["cause"] == "no-space", r
+    assert r["error"].startswith(f"{mount_dir}/big.img.gz: ")
+    assert list(mount_dir.iterdir()) == []
+
+
+def test_ctrl_c_leaves_no_output(loop_factory: Callable[..., Loop], throttle: Callable[..., Any],
+                                 tmp_path: Path) -> None:
+    drive = fat_drive(loop_factory, 32 * MiB)
+    add = throttle((drive, 4 * MiB))
+    out = tmp_path / "stick.img.zst"
+    proc = subprocess.Popen([*popsicle_cmd(), "read", drive.path, str(out), "--json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            stdin=subprocess.DEVNULL, preexec_fn=lambda: add(os.getpid()))
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if json.loads(line)["event"] == "progress":
+            proc.send_signal(signal.SIGINT)
+            break
+    out_text, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    r = json.loads(out_text.splitlines()[-1])["results"][0]
+    assert r["status"] == "cancelled", r
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_drive_written_while_it_is_read_leaves_no_output(
+        loop_factory: Callable[..., Loop], throttle: Callable[..., Any], tmp_path: Path) -> None:
+    drive = fat_drive(loop_factory, 32 * MiB)
+    add = throttle((drive, 4 * MiB))
+    out = tmp_path / "stick.img.zst"
+    proc = subprocess.Popen([*popsicle_cmd(), "read", drive.path, str(out), "--json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            stdin=subprocess.DEVNULL, preexec_fn=lambda: add(os.getpid()))
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if json.loads(line)["event"] == "progress":
+            fd = os.open(drive.path, os.O_WRONLY)
+            try:
+                os.pwrite(fd, b"changed!" * 512, 30 * MiB)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            break
+    out_text, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1, err
+    r = json.loads(out_text.splitlines()[-1])["results"][0]
+    assert r["status"] == "failed" and r["cause"] == "source", r
+    assert f"{drive.path} changed while it was read" in r["error"]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_names_of_the_files_beside_output() -> None:
+    assert reading.format_for("a.IMG.ZST") == "zstd"
+    assert reading.format_for("a.img") == "raw"
+    assert reading.bmap_path_for("/x/disk.img.zst") == "/x/disk.img.bmap"
+    assert reading.bmap_path_for("/x/disk.img") == "/x/disk.img.bmap"
+    assert reading.sidecar_path_for("/x/disk.img.xz") == "/x/disk.img.xz.sha256"
+
+
+def test_dumpe2fs_is_trusted_only_for_a_clean_file_system() -> None:
+    from popsicle_py import fsmap
+
+    text = ("Filesystem features:      has_journal extent\nFilesystem state:         clean\n"
+            "Block size:               1024\nFree blocks:              9\n"
+            "Group 0: (Blocks 1-8192)\n  Free blocks: 10-12, 20\n"
+            "Group 1: (Blocks 8193-16384)\n  Free blocks: \n")
+    assert fsmap.parse_dumpe2fs(text) == (1024, [(10, 12), (20, 20)])
+    assert fsmap.parse_dumpe2fs(text.replace("state:         clean",
+                                             "state:         not clean")) is None
+    assert fsmap.parse_dumpe2fs(text.replace("extent", "extent needs_recovery")) is None
+    mask = fsmap.free_mask([(4096 + 1, 3 * 4096), (8 * 4096, 4096)], 10 * 4096, 4096)
+    assert list(mask) == [0, 0, 1, 1, 0, 0, 0, 0, 1, 0]  # only whole blocks
+
+
+def test_the_map_leaves_zero_blocks_out_and_hashes_each_range() -> None:
+    import hashlib
+
+    data = bytearray(16 * 4096)
+    data[4096:4100] = b"abcd"  # block 1
+    data[3 * 4096] = 1  # blocks 3-4
+    data[4 * 4096 + 5] = 2
+    data[15 * 4096 + 1] = 3  # the last block
+    mapper = reading.Mapper()
+    mapper.feed(0, memoryview(bytes(data[: 8 * 4096])))
+    mapper.feed(8 * 4096, memoryview(bytes(data[8 * 4096:])))
+    ranges = mapper.finish(len(data))
+    assert [(a, b) for a, b, _ in ranges] == [(1, 1), (3, 4), (15, 15)]
+    assert ranges[1][2] == hashlib.sha256(data[3 * 4096: 5 * 4096]).hexdigest()
+    text = reading.render_bmap(len(data), 4096, ranges)
+    from popsicle_py.bmap import parse
+
+    parsed = parse(text)  # its own checksum checks
+    assert [(e.offset, e.length) for e in parsed.extents] == [
+        (4096, 4096), (3 * 4096, 2 * 4096), (15 * 4096, 4096)]

@@ -1,15 +1,16 @@
 """Which ranges of an image a flash writes when its file systems leave part of it free.
 
-Decided before anything is opened for writing, from the image read by position (a raw image
-on this machine).  Not for a block map (it wins), a URL or a compressed image (they would be
-read twice: written whole), nor when every byte must be read anyway (the checksum computed in
-the write pass, a certificate of the whole image read back).  See :mod:`popsicle_py.usage`
-for what is read and trusted.
+Decided before anything is opened for writing, from the image read by position: a raw image
+file on this machine (not a master drive, which may change meanwhile).  Not for a block map
+(it wins), a URL or a compressed image (they would be read twice: written whole), nor when
+every byte must be read anyway (the checksum computed in the write pass, a certificate of the
+whole image read back).  See :mod:`popsicle_py.usage` for what is read and trusted.
 """
 
 from __future__ import annotations
 
 import os
+import stat
 from dataclasses import dataclass
 
 from popsicle_py.images import Image, ImageError, read_head
@@ -41,6 +42,15 @@ COMPRESSED = ("compressed image: written whole, free space included (only a raw 
               "space is skipped: decompress it first to skip it)")
 
 
+def _is_drive(path: str) -> bool:
+    """A master drive: its file systems could change between this read and the copy's (a
+    mount), and free space read then would be skipped now; written whole."""
+    try:
+        return stat.S_ISBLK(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
 def read_usage(image: Image) -> Usage:
     """The usage of a raw image file, read by position (a few MiB of metadata)."""
     size = image.size or 0
@@ -69,7 +79,7 @@ def plan_trim(image: Source, *, wanted: bool, whole_because: str | None = None) 
         except ImageError:
             return NONE  # left to the flash, which names the image and the offset
         return Trim(None, (COMPRESSED,)) if has_table_or_fs(head, image.size) else NONE
-    if not image.size:
+    if not image.size or _is_drive(image.path):
         return NONE
     usage = read_usage(image)
     notes = [*usage.found, *usage.notes]

@@ -11,6 +11,7 @@ checksum is wrong) raises, and the partition is written whole.
 
 from __future__ import annotations
 
+import bisect
 import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -175,18 +176,26 @@ def _group_blocks(sup: _Super, group: int) -> int:
     return sup.blocks - sup.first_data_block - group * sup.blocks_per_group
 
 
-def _uninit_used(sup: _Super, group: int, groups: list[_Group], gdt_blocks: int,
-                 itable_blocks: int) -> Iterable[Range]:
-    """A BLOCK_UNINIT group's used blocks, as the kernel computes them (in blocks)."""
+def _metadata(groups: list[_Group], itable_blocks: int) -> list[Range]:
+    """(block, count) of every group's bitmaps and inode table, sorted by block."""
+    return sorted(r for g in groups for r in ((g.block_bitmap, 1), (g.inode_bitmap, 1),
+                                              (g.inode_table, itable_blocks)))
+
+
+def _uninit_used(sup: _Super, group: int, meta: list[Range], gdt_blocks: int,
+                 longest: int) -> Iterable[Range]:
+    """A BLOCK_UNINIT group's used blocks, as the kernel computes them (in blocks): its copy
+    of the superblock and descriptors, and any group's bitmaps and inode table inside it."""
     start = sup.first_data_block + group * sup.blocks_per_group
     end = start + _group_blocks(sup, group)
     if _has_backup(sup, group):
         yield start, 1 + gdt_blocks + sup.reserved_gdt
-    for g in groups:
-        for block, count in ((g.block_bitmap, 1), (g.inode_bitmap, 1),
-                             (g.inode_table, itable_blocks)):
-            if block < end and block + count > start:
-                yield max(block, start), min(block + count, end) - max(block, start)
+    index = bisect.bisect_left(meta, (start - longest, 0))
+    while index < len(meta) and meta[index][0] < end:
+        block, count = meta[index]
+        if block + count > start:
+            yield max(block, start), min(block + count, end) - max(block, start)
+        index += 1
 
 
 def used_ranges(read_at: ReadAt, offset: int, length: int) -> tuple[list[Range], str]:
@@ -207,13 +216,14 @@ def used_ranges(read_at: ReadAt, offset: int, length: int) -> tuple[list[Range],
                        sup.groups * sup.desc_size, "the ext group descriptors")
     groups = [_descriptor(sup, table[i * sup.desc_size : (i + 1) * sup.desc_size], i)
               for i in range(sup.groups)]
+    meta = _metadata(groups, itable_blocks)
     blocks: list[Range] = [(0, sup.first_data_block + 1)]  # boot block, superblock
     free_total = 0
     for index, group in enumerate(groups):
         count = _group_blocks(sup, index)
         start = sup.first_data_block + index * sup.blocks_per_group
         if group.flags & _BG_BLOCK_UNINIT:
-            found = list(_uninit_used(sup, index, groups, gdt_blocks, itable_blocks))
+            found = list(_uninit_used(sup, index, meta, gdt_blocks, max(1, itable_blocks)))
             free = count - sum(n for _, n in _merged(found))
             free_total += free
             if free != group.free_blocks:

@@ -188,3 +188,17 @@ def test_a_compressed_image_is_written_whole(loop_factory: Callable[..., Loop],
     assert "compressed image: written whole, free space included" in proc.stdout + proc.stderr
     assert drive.read(32 * MiB) == raw.read_bytes()
     assert ext_files(drive.backing, 0, 32 * MiB, list(sums)) == sums
+
+
+def test_a_certificate_reads_every_byte_back_so_nothing_is_skipped(
+        loop_factory: Callable[..., Loop], rpi: tuple[Path, int, int, dict[str, str]],
+        tmp_path: Path) -> None:
+    image, _, _, _ = rpi
+    size = image.stat().st_size
+    drive = loop_factory(size, fill=PATTERN)
+    rc, evs, err = flash(str(image), drive.path, "--certificate", str(tmp_path / "certs"))
+    assert rc == 0, err
+    r = result(evs, drive.path)
+    assert (r["bytes_written"], r["bytes_unused"]) == (size, 0)
+    assert drive.read(size) == image.read_bytes()
+    assert r["device_sha256"] is not None

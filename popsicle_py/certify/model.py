@@ -106,7 +106,7 @@ def first_bad(chunks: Sequence[Chunk], digests: Sequence[str]) -> Chunk | None:
     return None
 
 
-def _need(data: Any, key: str, kind: type | tuple[type, ...], where: str) -> Any:
+def _need(data: JsonObject, key: str, kind: type | tuple[type, ...], where: str) -> Any:
     if not isinstance(data, dict) or key not in data:
         raise CertificateError(f"{where}: not a certificate: no {key!r}")
     value = data[key]
@@ -115,14 +115,14 @@ def _need(data: Any, key: str, kind: type | tuple[type, ...], where: str) -> Any
     return value
 
 
-def _optional_str(data: dict[str, Any], key: str, where: str) -> str | None:
+def _optional_str(data: JsonObject, key: str, where: str) -> str | None:
     value = data.get(key)
     if value is not None and not isinstance(value, str):
         raise CertificateError(f"{where}: not a certificate: {key!r} has the wrong type")
     return value
 
 
-def _chunks(raw: list[Any], size: int, where: str) -> tuple[Chunk, ...]:
+def _chunks(raw: list[object], size: int, where: str) -> tuple[Chunk, ...]:
     """Chunks that cover the image from byte 0 to its end, in order, without a gap."""
     chunks = []
     at = 0
@@ -143,7 +143,7 @@ def _chunks(raw: list[Any], size: int, where: str) -> tuple[Chunk, ...]:
     return tuple(chunks)
 
 
-def _drive(data: dict[str, Any], where: str) -> tuple[DriveInfo, str, str | None]:
+def _drive(data: JsonObject, where: str) -> tuple[DriveInfo, str, str | None]:
     def text(key: str) -> str:
         value = data.get(key, "")
         return value if isinstance(value, str) else ""
@@ -186,7 +186,7 @@ def parse(text: str, where: str) -> Certificate:
     chunks = _chunks(_need(device, "chunks", list, where), size, where)
     info, path, slot = _drive(_need(data, "drive", dict, where), where)
     found = data.get("station")
-    station: dict[str, Any] = found if isinstance(found, dict) else {}
+    station: JsonObject = found if isinstance(found, dict) else {}
     times = _need(data, "times", dict, where)
     tool = _need(data, "tool", dict, where)
     known = {"format", "version", "image", "device", "drive", "station", "times", "tool"}

@@ -95,6 +95,12 @@ function __popsicle_py_state --description 'popsicle-py: the command, then what 
                             set skip 1
                         case 'flash:--report'
                             set skip 1
+                        case 'flash:--customize'
+                            set skip 1
+                        case 'flash:--values'
+                            set skip 1
+                        case 'flash:--customize-format'
+                            set skip 1
                         case 'probe:--stall-timeout'
                             set skip 1
                         case 'read:--stall-timeout'
@@ -147,6 +153,12 @@ function __popsicle_py_state --description 'popsicle-py: the command, then what 
                             set skip 1
                         case 'station:--sign-key'
                             set skip 1
+                        case 'station:--customize'
+                            set skip 1
+                        case 'station:--values'
+                            set skip 1
+                        case 'station:--customize-format'
+                            set skip 1
                         case 'verify:--stall-timeout'
                             set skip 1
                         case 'watch:--sha256'
@@ -172,6 +184,12 @@ function __popsicle_py_state --description 'popsicle-py: the command, then what 
                         case 'watch:--certificate'
                             set skip 1
                         case 'watch:--sign-key'
+                            set skip 1
+                        case 'watch:--customize'
+                            set skip 1
+                        case 'watch:--values'
+                            set skip 1
+                        case 'watch:--customize-format'
                             set skip 1
                     end
                 end
@@ -377,6 +395,9 @@ complete -c popsicle-py -n '__popsicle_py_at flash' -l 'surface-test' -d 'After 
 complete -c popsicle-py -n '__popsicle_py_at flash' -l 'certificate' -r -F -d 'Write a certificate (JSON) for each drive read back as the image into DIR: what was read, which drive, when; `popsicle-py check` re-reads the drive against it later, without the image.'
 complete -c popsicle-py -n '__popsicle_py_at flash' -l 'sign-key' -r -F -d 'Sign each certificate with this OpenSSH key (ssh-keygen -Y sign, namespace popsicle-py; the signature beside it, NAME.json.sig).'
 complete -c popsicle-py -n '__popsicle_py_at flash' -l 'report' -r -F -d 'Append one record per drive to FILE (.csv or .jsonl).'
+complete -c popsicle-py -n '__popsicle_py_at flash' -l 'customize' -r -F -d 'Write each drive\'s first-boot settings (hostname, user, SSH keys, Wi-Fi, ...) from FILE.toml into its boot partition, before its head.'
+complete -c popsicle-py -n '__popsicle_py_at flash' -l 'values' -r -F -d 'Per-drive values for --customize\'s {templates}: a row per drive, matched by its seq, slot or serial column (else by order).'
+complete -c popsicle-py -n '__popsicle_py_at flash' -l 'customize-format' -x -a 'cloud-init firstrun' -d 'cloud-init NoCloud files, or Raspberry Pi OS\'s firstrun.sh (default: what the image\'s boot partition holds).'
 complete -c popsicle-py -n '__popsicle_py_at flash' -l 'json' -d 'Machine-readable events on stdout.'
 complete -c popsicle-py -n '__popsicle_py_at flash' -l 'debug' -d 'Show debug messages and tracebacks.'
 complete -c popsicle-py -n '__popsicle_py_at flash' -s 'h' -l 'help' -d 'Show this message and exit.'
@@ -456,6 +477,9 @@ complete -c popsicle-py -n '__popsicle_py_at station' -l 'surface-test' -d 'Afte
 complete -c popsicle-py -n '__popsicle_py_at station' -l 'certificate' -r -F -d 'Write a certificate (JSON) for each drive read back as the image into DIR: what was read, which drive, when; `popsicle-py check` re-reads the drive against it later, without the image.'
 complete -c popsicle-py -n '__popsicle_py_at station' -l 'sign-key' -r -F -d 'Sign each certificate with this OpenSSH key (ssh-keygen -Y sign, namespace popsicle-py; the signature beside it, NAME.json.sig).'
 complete -c popsicle-py -n '__popsicle_py_at station' -s 'y' -l 'yes' -d 'Do not ask for confirmation.'
+complete -c popsicle-py -n '__popsicle_py_at station' -l 'customize' -r -F -d 'Write each drive\'s first-boot settings (hostname, user, SSH keys, Wi-Fi, ...) from FILE.toml into its boot partition, before its head.'
+complete -c popsicle-py -n '__popsicle_py_at station' -l 'values' -r -F -d 'Per-drive values for --customize\'s {templates}: a row per drive, matched by its seq, slot or serial column (else by order).'
+complete -c popsicle-py -n '__popsicle_py_at station' -l 'customize-format' -x -a 'cloud-init firstrun' -d 'cloud-init NoCloud files, or Raspberry Pi OS\'s firstrun.sh (default: what the image\'s boot partition holds).'
 complete -c popsicle-py -n '__popsicle_py_at station' -l 'json' -d 'Machine-readable events on stdout.'
 complete -c popsicle-py -n '__popsicle_py_at station' -l 'debug' -d 'Show debug messages and tracebacks.'
 complete -c popsicle-py -n '__popsicle_py_at station' -s 'h' -l 'help' -d 'Show this message and exit.'
@@ -491,6 +515,9 @@ complete -c popsicle-py -n '__popsicle_py_at watch' -l 'surface-test' -d 'After 
 complete -c popsicle-py -n '__popsicle_py_at watch' -l 'certificate' -r -F -d 'Write a certificate (JSON) for each drive read back as the image into DIR: what was read, which drive, when; `popsicle-py check` re-reads the drive against it later, without the image.'
 complete -c popsicle-py -n '__popsicle_py_at watch' -l 'sign-key' -r -F -d 'Sign each certificate with this OpenSSH key (ssh-keygen -Y sign, namespace popsicle-py; the signature beside it, NAME.json.sig).'
 complete -c popsicle-py -n '__popsicle_py_at watch' -s 'y' -l 'yes' -d 'Do not ask for confirmation.'
+complete -c popsicle-py -n '__popsicle_py_at watch' -l 'customize' -r -F -d 'Write each drive\'s first-boot settings (hostname, user, SSH keys, Wi-Fi, ...) from FILE.toml into its boot partition, before its head.'
+complete -c popsicle-py -n '__popsicle_py_at watch' -l 'values' -r -F -d 'Per-drive values for --customize\'s {templates}: a row per drive, matched by its seq, slot or serial column (else by order).'
+complete -c popsicle-py -n '__popsicle_py_at watch' -l 'customize-format' -x -a 'cloud-init firstrun' -d 'cloud-init NoCloud files, or Raspberry Pi OS\'s firstrun.sh (default: what the image\'s boot partition holds).'
 complete -c popsicle-py -n '__popsicle_py_at watch' -l 'json' -d 'Machine-readable events on stdout.'
 complete -c popsicle-py -n '__popsicle_py_at watch' -l 'debug' -d 'Show debug messages and tracebacks.'
 complete -c popsicle-py -n '__popsicle_py_at watch' -s 'h' -l 'help' -d 'Show this message and exit.'

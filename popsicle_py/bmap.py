@@ -11,10 +11,13 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import xml.etree.ElementTree as ET
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from popsicle_py.errors import Refused
+
+if TYPE_CHECKING:  # parsed only when there is a block map: not before every first write
+    import xml.etree.ElementTree as ET
 
 #: Range checksums bmaptool writes, by format major version.
 _ALGOS = ("sha1", "sha256")
@@ -92,6 +95,8 @@ def _check_file_checksum(raw: str, path: str, tag: str, algo: str) -> None:
 
 def parse(text: str, path: str = "bmap") -> Bmap:
     """Parse and check a block map's text."""
+    import xml.etree.ElementTree as ET
+
     try:
         root = ET.fromstring(text)
     except ET.ParseError as exc:

@@ -186,6 +186,9 @@ class DriveResult:
     #: Read back from the device and found equal to the image (False: --no-verify, or not ok).
     verified: bool = False
     drive: DriveInfo | None = None
+    #: The first-boot settings written (--customize): format, values with secrets redacted,
+    #: file names and their SHA-256; None without --customize or when the drive is not ok.
+    customized: JsonObject | None = None
     #: SHA-256 (hex) of the image's range as read back from the drive in the verify pass.
     device_sha256: str | None = None
     #: Bytes of the image in its file systems' free space: neither written nor verified.

@@ -91,6 +91,11 @@ class OpenError(Refused):
     """Some targets could not be opened; nothing was written.  One line per target."""
 
 
+#: A drive's step before its head (--customize): its descriptor, path and identity, and
+#: ``progressed(n)`` for the bytes it moves (the stall clock); raises to fail the drive.
+DriveStep = Callable[[int, str, DriveInfo | None, Callable[[int], None]], None]
+
+
 #: Writes a verified drive's certificate from its result, the (extent, digest) pairs read back
 #: and the run's start (wall clock); returns where (see popsicle_py.certify.writer).
 Certify = Callable[[DriveResult, Sequence[tuple[tuple[int, int], bytes]], float], str]
@@ -117,6 +122,9 @@ class FlashOptions:
     #: Where a compressed image is spilled so every drive goes at its own pace ("": $TMPDIR
     #: or /var/tmp; None: keep the drives of a compressed image in lock-step).
     spill_dir: str | None = ""
+    #: Run on each drive once written and verified, before its head (--customize): gets the
+    #: drive's descriptor, path and identity; an exception fails that drive.
+    before_head: DriveStep | None = None
     #: Minimum steady speeds: a drive below is rejected (cause slow) and not written further.
     speeds: SpeedRule | None = None
     #: Test the rest of each drive after verification (before its head): --surface-test.
@@ -339,6 +347,18 @@ class FlashJob(_Job):
             return None
         return ChecksumTap(checksum, checked_before=self.options.checksum_checked)
 
+    def _before_head(self, options: FlashOptions
+                     ) -> Callable[[BlockDevice, Callable[[int], None]], None] | None:
+        """The engine's per-drive step, given each drive's descriptor, path and identity."""
+        step = options.before_head
+        if step is None:
+            return None
+        infos = {id(d.device): d.info for d in self.drives}
+
+        def run(device: BlockDevice, progressed: Callable[[int], None]) -> None:
+            step(device.fileno(), device.path, infos.get(id(device)), progressed)
+        return run
+
     def _write(self) -> None:
         options = self.options
         total = self.total
@@ -397,6 +417,7 @@ class FlashJob(_Job):
                 .stall_timeout(options.stall_timeout)
                 .skip_identical(options.skip_identical)
                 .prepare_each(options.probe)
+                .before_head_each(self._before_head(options))
                 .spill_to(options.spill_dir)
                 .surface_test(options.surface)
                 .vouch(_both(tap.vouch if tap is not None else None, options.source_check))

@@ -20,6 +20,7 @@ import pyudev
 
 from popsicle_py import drives
 from popsicle_py.drives import Drive, TargetError
+from popsicle_py.drives.udev import udev_context
 from popsicle_py.errors import Refused
 from popsicle_py.units import format_size
 
@@ -102,7 +103,7 @@ def make_plan(devices: Sequence[str], *, all_usb: bool, image_path: str | None,
     and SD drives discovery finds, skipping (with a note) the ineligible and those larger than
     ``max_auto_size``, which a user can still name explicitly.
     """
-    context = context or pyudev.Context()
+    context = context or udev_context()
     facts = drives.gather_facts(image_path)
     notes: list[str] = []
     targets, named, lines = _resolve(devices, image_path, context, facts)
@@ -155,7 +156,7 @@ def make_read_plan(devices: Sequence[str], image_size: int | None, *,
     programs read, is read.
     """
     facts = drives.gather_facts()
-    targets, _, lines = _resolve(devices, None, context or pyudev.Context(), facts)
+    targets, _, lines = _resolve(devices, None, context or udev_context(), facts)
     for drive in targets:
         small = drives.too_small(drive, image_size)
         if small is not None:

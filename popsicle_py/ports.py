@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import pyudev
 
 from popsicle_py.drives import Drive
+from popsicle_py.drives.udev import udev_context
 from popsicle_py.events import DriveInfo
 from popsicle_py.units import format_link_speed
 
@@ -55,7 +56,7 @@ def _speed_of(device: pyudev.Device | None) -> int | None:
 def usb_link(name: str, context: pyudev.Context | None = None) -> UsbLink | None:
     """The USB link of the block device named ``name`` (``sdb``), None when not on USB."""
     try:
-        device = pyudev.Devices.from_name(context or pyudev.Context(), "block", name)
+        device = pyudev.Devices.from_name(context or udev_context(), "block", name)
         usb = device.find_parent("usb", "usb_device")
         if usb is None or str(usb.sys_name).startswith("usb"):
             return None
@@ -100,7 +101,7 @@ def usb_port_path(name: str, context: pyudev.Context | None = None) -> str | Non
     Found by name, not number: /sys/dev/block links are missing under umockdev.
     """
     try:
-        device = pyudev.Devices.from_name(context or pyudev.Context(), "block", name)
+        device = pyudev.Devices.from_name(context or udev_context(), "block", name)
         usb = device.find_parent("usb", "usb_device")
     except (pyudev.DeviceNotFoundError, OSError, ValueError, KeyError):
         return None

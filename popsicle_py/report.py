@@ -23,7 +23,7 @@ from popsicle_py import events, files, progress
 FIELDS = ("seq", "device", "port_path", "vendor", "model", "serial", "capacity", "image",
           "image_sha256", "bytes_written", "bytes_skipped", "write_speed", "verify_speed",
           "result", "verified", "first_bad_offset", "error", "started", "ended", "link_speed",
-          "device_sha256")
+          "device_sha256", "customized")
 
 FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl"}
 
@@ -62,6 +62,7 @@ def record(result: events.DriveResult, tracker: progress.DriveProgress | None, *
         "first_bad_offset": result.mismatch_offset, "error": result.error or "",
         "started": iso(started if started is not None else ended), "ended": iso(ended),
         "link_speed": info.link_speed, "device_sha256": result.device_sha256 or "",
+        "customized": result.customized,  # --customize: values (secrets redacted), digest
     }
 
 
@@ -76,6 +77,7 @@ def format_record(data: events.JsonObject, fmt: str) -> str:
     buf = io.StringIO()
     csv.writer(buf, lineterminator="\n").writerow(
         ["" if data[k] is None else str(data[k]).lower() if isinstance(data[k], bool)
+         else json.dumps(data[k], sort_keys=True) if isinstance(data[k], dict)
          else data[k] for k in FIELDS])
     return buf.getvalue()
 

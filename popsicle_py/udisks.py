@@ -30,11 +30,11 @@ import subprocess
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from jeepney import DBusAddress, HeaderFields, Message, MessageType, new_method_call
-from jeepney.io.blocking import DBusConnection, open_dbus_connection
-from jeepney.low_level import MessageFlag
+if TYPE_CHECKING:  # jeepney is imported on the first call: root never needs D-Bus
+    from jeepney import Message
+    from jeepney.io.blocking import DBusConnection
 
 log = logging.getLogger(__name__)
 
@@ -176,6 +176,8 @@ class Client:
     @classmethod
     def connect(cls) -> Client:
         """Connect, and check that udisks2 answers (it may be started on demand)."""
+        from jeepney.io.blocking import open_dbus_connection
+
         try:
             connection = open_dbus_connection(bus="SYSTEM", enable_fds=True)
         except (OSError, ValueError, KeyError) as exc:
@@ -208,6 +210,9 @@ class Client:
         An interactive call may wait for a password as long as the user takes; it is polled
         every :data:`POLL` seconds so that ``cancel()`` ends the wait.
         """
+        from jeepney import DBusAddress, HeaderFields, new_method_call
+        from jeepney.low_level import MessageFlag
+
         cancel = cancel or _cancel
         address = DBusAddress(path, BUS_NAME, interface)
         message = new_method_call(address, method, signature or None, body)
@@ -349,6 +354,8 @@ class Client:
 
 
 def _unwrap(reply: Message, what: str, shown: str) -> Body:
+    from jeepney import HeaderFields, MessageType
+
     if reply.header.message_type == MessageType.error:
         name = str(reply.header.fields.get(HeaderFields.error_name, ""))
         message = str(reply.body[0]) if reply.body else name

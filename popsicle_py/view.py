@@ -6,10 +6,7 @@ A view only renders; it decides nothing about drives.  Each has ``handle(event)`
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
-import sys
 import time
 from collections.abc import Callable
 from typing import IO
@@ -21,85 +18,13 @@ from popsicle_py import events, live, progress, verdicts
 from popsicle_py.signals import say_on_stderr
 from popsicle_py.units import format_size
 from popsicle_py.verdicts import ok_words as ok_words  # its old home: callers import it here
+from popsicle_py.view_json import JSON_INTERVAL as JSON_INTERVAL  # re-exported: its old home
+from popsicle_py.view_json import JsonView as JsonView
+from popsicle_py.view_json import Out as Out
+from popsicle_py.view_json import write_out as write_out
 
 #: Plain output prints a drive's progress at most this often.
 PLAIN_INTERVAL = 5.0
-#: JSON output sends a drive's progress at most this often (results are never held back).
-JSON_INTERVAL = 0.5
-
-
-class Out:
-    """A view's output stream.  When the reader goes away (``| head -1``), it stops writing.
-
-    The drives are worth more than the log: a run whose output pipe closes finishes every
-    drive, and its exit status still tells the truth.  A broken pipe is "the reader left",
-    never an error of the flash: every later write, and the interpreter's own flush at exit,
-    go quietly to /dev/null.
-    """
-
-    def __init__(self, stream: IO[str] | None = None) -> None:
-        self.stream = stream if stream is not None else sys.stdout
-        self.gone = self.stream is None  # stdout closed at start (``>&-``): nowhere to write
-
-    def write(self, text: str) -> None:
-        if self.gone or self.stream is None:
-            return
-        try:
-            self.stream.write(text)
-            self.stream.flush()
-        except BrokenPipeError:
-            self.reader_left()
-        except (OSError, ValueError) as exc:  # a full disk under a log file, a closed stream
-            self.reader_left()
-            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-            with contextlib.suppress(OSError, ValueError, AttributeError):
-                print(f"popsicle-py: cannot write the output ({why}); the exit status still says "
-                      "how the run ended", file=sys.stderr, flush=True)
-
-    def reader_left(self) -> None:
-        self.gone = True
-        if self.stream is None:
-            return
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        with contextlib.suppress(OSError, ValueError):
-            os.dup2(devnull, self.stream.fileno())  # so that the exit's own flush is quiet
-        os.close(devnull)
-
-    def close(self) -> None:
-        self.write("")
-
-
-def write_out(text: str, stream: IO[str] | None = None) -> None:
-    """Write one line or more to stdout (or ``stream``); a reader that left is no error."""
-    Out(stream).write(text)
-
-
-class JsonView:
-    """One JSON object per line, flushed as it happens; the summary is always last."""
-
-    def __init__(self, out: IO[str] | None = None, interval: float = JSON_INTERVAL) -> None:
-        self.out = Out(out)
-        self.interval = interval
-        self._last: dict[tuple[str | None, str], float] = {}
-
-    def handle(self, event: events.WatchEvent) -> None:
-        if self.out.gone:
-            return
-        if isinstance(event, events.Progress):
-            key = (event.device, event.phase)
-            now = time.monotonic()
-            complete = event.total is not None and event.done >= event.total
-            if not complete and now - self._last.get(key, 0.0) < self.interval:
-                return
-            self._last[key] = now
-        self.out.write(json.dumps(event.to_json()) + "\n")
-
-    def close(self) -> None:
-        self.out.close()
-
-    def announce(self, text: str) -> None:
-        """A signal's news goes to stderr: stdout is for events only."""
-        say_on_stderr(text)
 
 
 class PlainView:

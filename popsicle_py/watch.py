@@ -61,7 +61,7 @@ from popsicle_py.events import (
     WatchEvent,
     Watching,
 )
-from popsicle_py.flash import Certify, FlashJob, FlashOptions, OpenError, open_targets
+from popsicle_py.flash import Certify, DriveStep, FlashJob, FlashOptions, OpenError, open_targets
 from popsicle_py.grading import SpeedRule, chain
 from popsicle_py.images import (
     Checksum,
@@ -123,6 +123,8 @@ class WatchOptions:
     admit: Callable[[Drive], str | None] | None = None
     #: Once set: take no new drive, end when the drives in flight are done (a station's stop).
     drain: threading.Event | None = None
+    #: Each drive's step once written and verified, before its head (see FlashOptions).
+    before_head: DriveStep | None = None
     #: Writes each verified drive's certificate (see :class:`FlashOptions`).
     certify: Certify | None = None
     #: Minimum steady speeds (see :class:`FlashOptions`).
@@ -542,7 +544,8 @@ class WatchSession:
                                buckets=self.options.buckets,
                                stall_timeout=self.options.stall_timeout, probe=probe,
                                certify=self.options.certify, speeds=self.options.speeds,
-                               surface=self.options.surface)
+                               surface=self.options.surface,
+                               before_head=self.options.before_head)
         FlashJob(self._source, opened, options, lambda e: self._job_event(seen, e),
                  cancel, [seen.info] if seen.info is not None else ()).run()
 

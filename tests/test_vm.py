@@ -367,7 +367,7 @@ def test_the_station_follows_sticks_on_the_kernels_usb_stack(vm: Guest,
             assert not any(e["event"] == "summary" for e in lines), run.stderr()
             return None
 
-        base = poll(url, 300, "the station's URL")
+        base = poll(url, 300, "the station's URL").rstrip("/")
         poll(lambda: any(e["event"] == "watching" for e in run.json_lines()), 300,
              "the station to watch")
         token = vm.sh(f"cat {state}/station.token").strip()

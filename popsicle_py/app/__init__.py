@@ -28,6 +28,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from popsicle_py.app.requests import (
+    CustomizeOptions,
     EngineOptions,
     FlashRequest,
     GradeOptions,
@@ -70,7 +71,8 @@ _LAZY = {
 }
 
 __all__ = [
-    "CheckRequest", "Confirmation", "DriveListing", "EngineOptions", "EraseRequest",
+    "CheckRequest", "Confirmation", "CustomizeOptions", "DriveListing", "EngineOptions",
+    "EraseRequest",
     "FlashRequest", "GradeOptions", "PreparedCheck", "PreparedErase", "PreparedFlash",
     "PreparedProbe", "PreparedRead", "PreparedVerify", "PreparedWatch", "ProbeRequest",
     "ReadRequest", "SourceOptions", "TargetOptions", "TargetRow", "VerifyRequest",

@@ -93,7 +93,7 @@ class PreparedErase:
         try:
             if request.unmount:
                 unmount_targets(self.plan)
-            opened = open_targets(self.plan.targets, check=drives.still_same)
+            opened = open_targets(self.plan.targets, check=drives.still_same_each())
         except Refused:
             view.close()
             raise

@@ -14,7 +14,7 @@ import dataclasses
 from collections.abc import Callable
 
 from popsicle_py import events, probe, udisks
-from popsicle_py.app import sources
+from popsicle_py.app import customize, sources
 from popsicle_py.app.access import require_access
 from popsicle_py.app.common import (
     cancelled_before_writing,
@@ -29,7 +29,7 @@ from popsicle_py.app.trim import NONE, Trim, plan_trim
 from popsicle_py.blockdev import BlockDevice
 from popsicle_py.bmap import Bmap
 from popsicle_py.certify.writer import CertificateWriter
-from popsicle_py.drives import still_same
+from popsicle_py.drives import still_same_each
 from popsicle_py.errors import Refused
 from popsicle_py.flash import FlashJob, FlashOptions, open_targets
 from popsicle_py.grading import capacity_check, chain
@@ -58,7 +58,9 @@ class PreparedFlash:
 
     def __init__(self, request: FlashRequest, source: sources.OpenedSource, plan: Plan,
                  block_map: Bmap | None, report: Report | None,
-                 certificates: CertificateWriter | None = None, trim: Trim = NONE) -> None:
+                 certificates: CertificateWriter | None = None,
+                 personaliser: customize.Personaliser | None = None,
+                 trim: Trim = NONE) -> None:
         self.request = request
         self.certificates = certificates
         self.source = source
@@ -68,6 +70,7 @@ class PreparedFlash:
         self.block_map = block_map
         self.trim = trim
         self.report = report
+        self.personaliser = personaliser  # --customize: each drive's step before its head
         self.infos = tuple(drive_info(d, i) for i, d in enumerate(plan.targets, 1))
         notes = list(plan.notes)
         if block_map is not None:
@@ -117,6 +120,8 @@ class PreparedFlash:
         """
         write, engine, grade = self.request.write, self.request.engine, self.request.grade
         emit = emitter(view, self.report)
+        if self.personaliser is not None:
+            emit = self.personaliser.emitter(emit)
         for note in self.source.notes:
             view.handle(events.Note(note))
         image = self.image
@@ -136,7 +141,7 @@ class PreparedFlash:
                     unmount_targets(self.plan)
                 if cancel():
                     return self._cancelled(emit, view)
-                opened = open_targets(self.plan.targets, check=still_same)
+                opened = open_targets(self.plan.targets, check=still_same_each())
             except Refused:
                 if cancel():
                     return self._cancelled(emit, view)
@@ -152,7 +157,8 @@ class PreparedFlash:
                 probe=chain(capacity_check(grade.capacity, grade.tolerance),
                             capacity_probe(size, engine.bucket_size) if write.probe else None),
                 speeds=speed_rule(grade), surface=grade.surface_test,
-                certify=None if self.certificates is None else self.certificates.certify)
+                certify=None if self.certificates is None else self.certificates.certify,
+                before_head=customize.step_of(self.personaliser))
             if sources.is_drive(image.path):  # a master drive: written to meanwhile, all fail
                 options = dataclasses.replace(options, source_check=Stillness(image.path).check)
             job = FlashJob(image, opened, options, emit, cancel, self.infos)
@@ -199,6 +205,15 @@ def prepare_flash(request: FlashRequest) -> PreparedFlash:
         raise Refused([*exc.notes, *exc.lines]) from None
     if image_note is not None:
         plan = dataclasses.replace(plan, notes=(image_note, *plan.notes))
+    personaliser = customize.for_flash(
+        request.customize, source.image, [d.path for d in plan.targets],
+        [drive_info(d, i) for i, d in enumerate(plan.targets, 1)])
+    if personaliser is not None and request.customize is not None:
+        if request.grade.certificate is not None:
+            raise Refused(["--certificate vouches that a drive holds the image byte for byte, "
+                           "and --customize changes its boot partition: give one"])
+        plan = dataclasses.replace(
+            plan, notes=(*plan.notes, customize.note(request.customize, personaliser)))
     links = [*link_notes([(d.path, link_of(d)) for d in plan.targets]),
              *capacity_notes(request.grade, plan.targets)]
     if links:
@@ -210,4 +225,5 @@ def prepare_flash(request: FlashRequest) -> PreparedFlash:
     report, certificates = open_sinks(request.grade, request.report, source.image.path,
                                       source.checksum, verify=write.verify,
                                       compressed=source.image.compressed)
-    return PreparedFlash(request, source, plan, block_map, report, certificates, trim)
+    return PreparedFlash(request, source, plan, block_map, report, certificates,
+                        personaliser, trim)

@@ -74,6 +74,18 @@ class WriteOptions:
 
 
 @dataclass(frozen=True)
+class CustomizeOptions:
+    """Per-drive first-boot settings written into each drive's boot partition (issue 27)."""
+
+    #: The settings file (TOML); its values may be templates.
+    settings: str
+    #: A CSV file of per-drive values (a row per drive, by seq, slot, serial or order).
+    values: str | None = None
+    #: "cloud-init" or "firstrun" (None: what the image holds decides).
+    format: str | None = None
+
+
+@dataclass(frozen=True)
 class GradeOptions:
     """How each drive is graded and certified (flash, watch, the station).
 
@@ -102,6 +114,7 @@ class FlashRequest:
     #: Append one record per drive to this file (.csv or .jsonl).
     report: str | None = None
     grade: GradeOptions = field(default_factory=GradeOptions)
+    customize: CustomizeOptions | None = None
 
 
 @dataclass(frozen=True)
@@ -137,3 +150,4 @@ class WatchRequest:
     max_size: int = DEFAULT_MAX_AUTO_SIZE
     report: str | None = None
     grade: GradeOptions = field(default_factory=GradeOptions)
+    customize: CustomizeOptions | None = None

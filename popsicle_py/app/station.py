@@ -167,6 +167,8 @@ class PreparedStation:
             try:
                 for note in self.start_notes(recovered):
                     terminal.handle(events.Note(note), None)
+                if watch.personaliser is not None and self.slot_map is not None:
+                    watch.personaliser.slot_of = self.slot_map.label_of  # {slot}: the label
                 hooks = watch_mod.WatchOptions(admit=self.admit(hub), drain=self.drain)
                 summary = watch.run(station_view, cancel, hooks=hooks)
                 if hook is not None:

@@ -32,7 +32,7 @@ class PreparedVerify:
     def run(self, view: View, cancel: Cancellation) -> events.Summary:
         """Read every drive against the image (read once for all of them)."""
         try:
-            opened = open_targets(self.targets, for_writing=False, check=drives.writers_now)
+            opened = open_targets(self.targets, for_writing=False, check=drives.writers_each())
         except Refused:
             view.close()
             raise
@@ -77,7 +77,7 @@ class PreparedProbe:
         try:
             if self.request.unmount:
                 unmount_targets(self.plan)
-            opened = open_targets(self.plan.targets, check=drives.still_same)
+            opened = open_targets(self.plan.targets, check=drives.still_same_each())
         except Refused:
             view.close()
             raise

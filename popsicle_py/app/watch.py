@@ -6,7 +6,7 @@ import contextlib
 
 from popsicle_py import drives, events
 from popsicle_py import watch as watch_mod
-from popsicle_py.app import sources
+from popsicle_py.app import customize, sources
 from popsicle_py.app.access import require_future_access
 from popsicle_py.app.common import emitter, open_sinks, speed_rule
 from popsicle_py.app.confirm import Confirmation, target_rows
@@ -27,7 +27,8 @@ class PreparedWatch:
 
     def __init__(self, request: WatchRequest, source: sources.OpenedSource,
                  present: tuple[Drive, ...], udev_note: str | None, image_note: str | None,
-                 report: Report | None, certificates: CertificateWriter | None = None) -> None:
+                 report: Report | None, certificates: CertificateWriter | None = None,
+                 personaliser: customize.Personaliser | None = None) -> None:
         self.request = request
         self.certificates = certificates
         self.source = source
@@ -36,6 +37,7 @@ class PreparedWatch:
         self.udev_note = udev_note
         self.image_note = image_note
         self.report = report
+        self.personaliser = personaliser  # --customize: each drive's step before its head
         self.exit_status = 0
 
     @property
@@ -45,11 +47,19 @@ class PreparedWatch:
 
     @property
     def confirmation(self) -> Confirmation:
-        notes = tuple(n for n in (self.udev_note, self.image_note) if n is not None)
+        notes = tuple(n for n in (self.udev_note, self.image_note, self.customize_note)
+                      if n is not None)
         return Confirmation(
             f"Duplicator mode: {self.image.path} ({format_size(self.image.size)})",
             target_rows(self.present), notes, "Continue?", watch=True,
             warning="Every eligible USB/SD drive plugged in from now on will be overwritten.")
+
+    @property
+    def customize_note(self) -> str | None:
+        options = self.request.customize
+        if self.personaliser is None or options is None:
+            return None
+        return customize.note(options, self.personaliser)
 
     def __enter__(self) -> PreparedWatch:
         return self
@@ -76,12 +86,17 @@ class PreparedWatch:
         if self.udev_note is not None:
             view.handle(events.Note(self.udev_note))
         emit = emitter(view, self.report)
+        admit = hooks.admit if hooks else None
+        if self.personaliser is not None:
+            emit = self.personaliser.emitter(emit)
+            admit = customize.first_reason(admit, self.personaliser.admit)
         options = watch_mod.WatchOptions(count=request.count, verify=request.verify,
                                          power_off=request.power_off,
                                          include_present=request.include_present,
                                          max_size=request.max_size,
                                          checksum=self.source.checksum, probe=request.probe,
-                                         admit=hooks.admit if hooks else None,
+                                         admit=admit, before_head=customize.step_of(
+                                             self.personaliser),
                                          drain=hooks.drain if hooks else None,
                                          certify=None if self.certificates is None
                                          else self.certificates.certify,
@@ -125,7 +140,12 @@ def prepare_watch(request: WatchRequest) -> PreparedWatch:
                         if watch_mod.ineligibility(d, source.image.size, request.max_size)
                         is None)
     udev_note = drives.udev_hint()
+    personaliser = customize.for_watch(request.customize, source.image)
+    if personaliser is not None and request.grade.certificate is not None:
+        raise Refused(["--certificate vouches that a drive holds the image byte for byte, "
+                       "and --customize changes its boot partition: give one"])
     report, certificates = open_sinks(request.grade, request.report, source.image.path,
                                       source.checksum, verify=request.verify,
                                       compressed=source.image.compressed)
-    return PreparedWatch(request, source, present, udev_note, image_note, report, certificates)
+    return PreparedWatch(request, source, present, udev_note, image_note, report,
+                         certificates, personaliser)

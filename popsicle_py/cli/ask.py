@@ -71,10 +71,12 @@ def said_without_asking(confirmation: Confirmation) -> str:
 
 def make_view(as_json: bool, labels: dict[str, str], *, writes: bool = True) -> View:
     """JSON for scripts, live rows on a terminal, plain lines for logs and pipes."""
+    if as_json:  # without Rich: a script's run starts sooner
+        from popsicle_py.view_json import JsonView
+
+        return JsonView()
     from popsicle_py import view
 
-    if as_json:
-        return view.JsonView()
     if sys.stdout is not None and sys.stdout.isatty():
         from rich.console import Console
 
@@ -85,10 +87,12 @@ def make_view(as_json: bool, labels: dict[str, str], *, writes: bool = True) -> 
 def make_watch_view(as_json: bool, image: str, size: int | None, count: int | None,
                     verify: bool) -> View:
     """watch's views: a header with the session's counts on a terminal."""
+    if as_json:  # without Rich: a script's run starts sooner
+        from popsicle_py.view_json import JsonView
+
+        return JsonView()
     from popsicle_py import view
 
-    if as_json:
-        return view.JsonView()
     if sys.stdout is not None and sys.stdout.isatty():
         from rich.console import Console
 

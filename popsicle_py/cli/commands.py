@@ -22,6 +22,7 @@ import click
 from popsicle_py import events
 from popsicle_py._version import __version__
 from popsicle_py.app.requests import (
+    CustomizeOptions,
     EngineOptions,
     FlashRequest,
     GradeOptions,
@@ -42,6 +43,7 @@ from popsicle_py.cli.options import (
     Decorator,
     OutputOptions,
     Session,
+    customize_options,
     engine_options,
     grade_options,
     output_options,
@@ -117,9 +119,11 @@ def main() -> None:
 @engine_options
 @grade_options
 @report_option()
+@customize_options
 @output_options()
 def flash(source: SourceOptions, targets: TargetOptions, yes: bool, write: WriteOptions,
           engine: EngineOptions, grade: GradeOptions, report: str | None,
+          customize: CustomizeOptions | None,
           output: OutputOptions) -> None:
     """Write IMAGE to every DEVICE in parallel, then verify each.
 
@@ -130,7 +134,7 @@ def flash(source: SourceOptions, targets: TargetOptions, yes: bool, write: Write
     def body() -> int:
         from popsicle_py.app.flash import prepare_flash
 
-        request = FlashRequest(source, targets, engine, write, report, grade)
+        request = FlashRequest(source, targets, engine, write, report, grade, customize)
         with prepare_flash(request) as job:
             confirm(job.confirmation, yes)
             view = make_view(output.json, job.labels)
@@ -189,9 +193,10 @@ def probe_command(devices: tuple[str, ...], yes: bool, unmount: bool, stall_time
 @session_options
 @grade_options
 @yes_option()
+@customize_options
 @output_options()
 def watch(source: SourceOptions, session: Session, grade: GradeOptions, yes: bool,
-          output: OutputOptions) -> None:
+          customize: CustomizeOptions | None, output: OutputOptions) -> None:
     """Duplicator mode: write IMAGE to every eligible drive as it is plugged in.
 
     Each drive is written and verified on its own as soon as it appears, then powered off
@@ -203,7 +208,8 @@ def watch(source: SourceOptions, session: Session, grade: GradeOptions, yes: boo
         from popsicle_py.app.watch import prepare_watch
         from popsicle_py.signals import Cancellation
 
-        request = dataclasses.replace(session.request(source), grade=grade)
+        request = dataclasses.replace(session.request(source), grade=grade,
+                                      customize=customize)
         with prepare_watch(request) as job:
             confirm(job.confirmation, yes)
             view = make_watch_view(output.json, job.image.path, job.image.size,

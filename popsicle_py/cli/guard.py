@@ -29,6 +29,36 @@ def _keep_hyphenated_words() -> None:
 _keep_hyphenated_words()
 
 
+def exit_at_once(code: object) -> NoReturn:
+    """Exit with ``code`` (a ``SystemExit``'s) without tearing every module down first.
+
+    The teardown does nothing a user needs (the drives are closed, the report file too) and
+    costs about 20 ms of CPU after the last drive is done, 0.05 to 0.25 s of wall time with 32
+    drives on a loaded machine.  Exit handlers still run and the output is flushed, as at any
+    exit; while another thread is still alive (a drive's call that has not returned), or under
+    a profiler or tracer that reports after the program ends, the exit is the interpreter's own.
+    """
+    import atexit
+    import os
+    import threading
+
+    if threading.active_count() > 1 or sys.getprofile() or sys.gettrace():
+        sys.exit(code)  # type: ignore[arg-type]  # any SystemExit code, passed on as it came
+    if code is None or isinstance(code, int):
+        status = code or 0
+    else:
+        print(code, file=sys.stderr)
+        status = 1
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            if stream is not None:
+                stream.flush()
+        except (OSError, ValueError):  # a reader that left: the exit status still tells
+            status = status or 120  # what the interpreter says when its own flush fails
+    os._exit(status)
+
+
 def error(line: str) -> None:
     """``popsicle-py: LINE`` on stderr."""
     click.echo(f"{PROG}: {line}", err=True)
@@ -36,7 +66,7 @@ def error(line: str) -> None:
 
 def json_refusal(lines: Sequence[str]) -> None:
     """A script asked for JSON: its last line is a summary, even when nothing ran."""
-    from popsicle_py.view import JsonView
+    from popsicle_py.view_json import JsonView
 
     view = JsonView()
     for line in lines:

@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 import click
 
 from popsicle_py.app.requests import (
+    CustomizeOptions,
     EngineOptions,
     GradeOptions,
     SourceOptions,
@@ -228,6 +229,32 @@ write_options = OptionGroup(
     click.option("--checksum-while-writing", is_flag=True,
                  help="Check the checksum only in the pass that writes the drives (no read "
                       "of the image before writing)."),
+)
+
+
+def _customize(customize: str | None, values: str | None,
+               customize_format: str | None) -> CustomizeOptions | None:
+    if customize is None:
+        if values is not None or customize_format is not None:
+            raise click.UsageError("--values and --customize-format need --customize FILE.toml")
+        return None
+    return CustomizeOptions(customize, values=values, format=customize_format)
+
+
+#: Per-drive first-boot settings (flash, watch): a CustomizeOptions, or None.
+customize_options = OptionGroup(
+    "customize", _customize,
+    click.option("--customize", type=click.Path(dir_okay=False, path_type=str),
+                 metavar="FILE.toml",
+                 help="Write each drive's first-boot settings (hostname, user, SSH keys, "
+                      "Wi-Fi, ...) from FILE.toml into its boot partition, before its head."),
+    click.option("--values", type=click.Path(dir_okay=False, path_type=str),
+                 metavar="FILE.csv",
+                 help="Per-drive values for --customize's {templates}: a row per drive, "
+                      "matched by its seq, slot or serial column (else by order)."),
+    click.option("--customize-format", type=click.Choice(["cloud-init", "firstrun"]),
+                 help="cloud-init NoCloud files, or Raspberry Pi OS's firstrun.sh "
+                      "(default: what the image's boot partition holds)."),
 )
 
 

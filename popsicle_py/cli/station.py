@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, replace
 import click
 
 from popsicle_py import events
-from popsicle_py.app.requests import GradeOptions, SourceOptions
+from popsicle_py.app.requests import CustomizeOptions, GradeOptions, SourceOptions
 from popsicle_py.app.station_requests import DEFAULT_LISTEN, LearnRequest, StationRequest
 from popsicle_py.cli.ask import confirm
 from popsicle_py.cli.guard import run_guarded
@@ -17,6 +17,7 @@ from popsicle_py.cli.options import (
     OptionGroup,
     OutputOptions,
     Session,
+    customize_options,
     grade_options,
     output_options,
     session_options,
@@ -75,9 +76,11 @@ place_options = OptionGroup(
 @session_options
 @grade_options
 @yes_option()
+@customize_options
 @output_options()
 def station(source: SourceOptions, place: Place, session: Session, grade: GradeOptions,
-            yes: bool, output: OutputOptions) -> None:
+            yes: bool, customize: CustomizeOptions | None, output: OutputOptions
+            ) -> None:
     """A duplicator station: watch's writing, with slots, a web page, an HTTP API and a
     journal of every drive.
 
@@ -91,7 +94,8 @@ def station(source: SourceOptions, place: Place, session: Session, grade: GradeO
         from popsicle_py.signals import Cancellation
         from popsicle_py.station.view import SlotJsonView, SlotPlainView, Terminal
 
-        request = StationRequest(replace(session.request(source), grade=grade), **asdict(place))
+        watch = replace(session.request(source), grade=grade, customize=customize)
+        request = StationRequest(watch, **asdict(place))
         with prepare_station(request) as job:
             confirm(job.confirmation, yes)
             terminal: Terminal = SlotJsonView() if output.json else SlotPlainView()

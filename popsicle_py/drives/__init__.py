@@ -86,8 +86,10 @@ from popsicle_py.drives.udev import (
     media_identity,
     port_path_of,
     still_same,
+    still_same_each,
     udev_hint,
     udev_note,
+    writers_each,
     writers_now,
 )
 from popsicle_py.identity import not_confirmed, same_media
@@ -154,10 +156,12 @@ __all__ = [
     "same_media",
     "stack_of",
     "still_same",
+    "still_same_each",
     "system_reason",
     "too_small",
     "udev_hint",
     "udev_note",
     "writer_reasons",
+    "writers_each",
     "writers_now",
 ]

@@ -34,6 +34,10 @@ Extent = tuple[int, int, str | None]
 SourceAt = Callable[[int, int], bytes]
 #: Run once before a destination is written; raises OSError to fail that destination.
 Prepare = Callable[[FileLike], None]
+#: Run on a destination before its head: ``step(destination, progressed)``, where
+#: ``progressed(n)`` counts n bytes moved (a step that moves nothing for the stall timeout is a
+#: stall, as writing is); raises to fail that destination.
+BeforeHead = Callable[[FileLike, Callable[[int], None]], None]
 
 
 @dataclass(frozen=True)
@@ -61,6 +65,9 @@ class Config:
     repairs: int = 1
     source_at: SourceAt | None = None
     prepare: Prepare | None = None
+    #: Run on each destination once it is written and verified, just before its head
+    #: (--customize: the boot partition's files); raises to fail that destination.
+    before_head: BeforeHead | None = None
     #: Spill a stream (a decompressor) to a file under this directory so that laggards can go
     #: on alone ("" for the default, $TMPDIR or /var/tmp; None: never spill).
     spill_dir: str | None = None

@@ -13,7 +13,9 @@ routine for the writer's own verification and for :class:`~.verifier.BusVerifier
 2. :meth:`Finisher.finish`, once every other bucket is written and synced: with verification,
    every extent read back and checked, the stamp included (the stamp reading back proves the
    head's blocks are shared with no other checked block, so writing the head next cannot change
-   anything already checked); then, once the reader has vouched for the whole source, the head,
+   anything already checked); then, once the reader has vouched for the whole source, the
+   caller's per-destination step if any (``Config.before_head``: --customize writes the boot
+   partition's files; an exception fails the destination, its head unwritten), the head,
    fsync, and the head read back; then ``Completed``.
 """
 
@@ -177,6 +179,10 @@ class Finisher:
             self._surface(lane)
         if not self.ring.wait_until(lane, lambda: self.ring.vouched):
             return
+        if config.before_head is not None and not lane.stopped:
+            lane.touch()
+            config.before_head(lane.dest, lane.advance)  # raises: fails it, head unwritten
+            lane.touch()
         if held is not None and head:
             lane.post(Msg.Stage(lane.id, Step.SYNCING))
             write_at(lane.dest, 0, held, stop=lambda: lane.stopped, retries=config.retries,

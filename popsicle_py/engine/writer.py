@@ -37,7 +37,15 @@ import xxhash
 from popsicle_py.blockdev import FileLike, holds, seek, sync, write_all, write_at
 from popsicle_py.buffers import aligned_buffer, is_aligned
 from popsicle_py.engine.builder import Builder
-from popsicle_py.engine.config import CHUNK, HEAD, Config, Extent, Prepare, SourceAt
+from popsicle_py.engine.config import (
+    CHUNK,
+    HEAD,
+    BeforeHead,
+    Config,
+    Extent,
+    Prepare,
+    SourceAt,
+)
 from popsicle_py.engine.finish import Finisher
 from popsicle_py.engine.lane import Lane
 from popsicle_py.engine.reader import Reader, pread_source
@@ -153,6 +161,13 @@ class BusWriter(Builder):
         An OSError fails that destination before anything of the source is written to it.
         """
         return self._set(prepare=prepare)
+
+    def before_head_each(self, step: BeforeHead | None) -> BusWriter:
+        """Run ``step(destination, progressed)`` once it is written and verified, before its
+        head.  With :meth:`finish_each` only.  ``progressed(n)`` keeps the stall clock off a
+        step that moves bytes; an exception fails that destination, head unwritten.
+        """
+        return self._set(before_head=step)
 
     def finish_each(self, *, verify: bool = True, repairs: int = 1,
                     source_at: SourceAt | None = None) -> BusWriter:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import os
 import sqlite3
 import time
@@ -143,7 +144,8 @@ class Journal:
 
     def finish(self, row: int, fields: JsonObject) -> None:
         """A drive ended: everything the report holds, over its row."""
-        data = {k: fields[k] for k in FIELDS if k in fields and k != "started"}
+        data = {k: json.dumps(fields[k], sort_keys=True) if isinstance(fields[k], dict)
+                else fields[k] for k in FIELDS if k in fields and k != "started"}
         with self._write() as db:
             db.execute(f"UPDATE records SET {', '.join(f'{k} = ?' for k in data)} "
                        "WHERE id = ?", [*data.values(), row])

@@ -1,0 +1,226 @@
+"""--customize and --values for flash and watch: every check before writing, then each drive's
+step before its head, and the record of what it got.
+
+:func:`load` reads the settings and values and finds the image's FAT boot partition (refused,
+exit 2, when there is none); :class:`Personaliser` holds each drive's files (a flash resolves
+them all before writing: a missing row or a host name given twice is a refusal; watch resolves
+each drive as it comes and takes no drive once the rows ran out), runs the step the engine calls
+before the head (:func:`popsicle_py.settings.write_boot_files`) and puts the values used
+(secrets redacted) and the files' digest in each drive's result.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from collections.abc import Callable, Sequence
+
+from popsicle_py import events
+from popsicle_py.app.requests import CustomizeOptions
+from popsicle_py.drives import Drive
+from popsicle_py.errors import Refused
+from popsicle_py.images import Image, ImageError, read_head
+from popsicle_py.ports import drive_info
+from popsicle_py.protocols import Source
+from popsicle_py.settings import (
+    BootFsError,
+    Customization,
+    DriveContext,
+    DriveFiles,
+    SettingsError,
+    load_customization,
+    write_boot_files,
+)
+from popsicle_py.settings.bootfs import missing_tools
+
+__all__ = ["Personaliser", "context_of", "load"]
+
+Emit = Callable[[events.WatchEvent], None]
+#: Read at least this much of a compressed image at once (its boot partition's start).
+FIRST_READ = 16 << 20
+
+
+class _ImageHead:
+    """Positional reads of the image's start, decompressing it once however often it is read."""
+
+    def __init__(self, image: Image) -> None:
+        self.image = image
+        self.data = b""
+
+    def __call__(self, offset: int, length: int) -> bytes:
+        end = offset + length
+        if end > len(self.data):
+            want = max(end, 2 * len(self.data), FIRST_READ)
+            if self.image.size is not None:
+                want = min(want, self.image.size)
+            self.data = read_head(self.image, want)
+        return self.data[offset:end]
+
+
+def load(options: CustomizeOptions, image: Source) -> Customization:
+    """The customisation, checked against the image; raises :class:`Refused`."""
+    if not isinstance(image, Image):
+        raise Refused([f"--customize needs an image file on this machine, not {image.path} "
+                       "(download it first)"])
+    missing = missing_tools()
+    if missing:
+        raise Refused([f"--customize needs {', '.join(missing)}"])
+    try:
+        return load_customization(options.settings, options.values, options.format,
+                                  _ImageHead(image))
+    except (SettingsError, ImageError) as exc:
+        raise Refused([str(exc)]) from None
+
+
+def context_of(info: events.DriveInfo, slot: str | None = None) -> DriveContext:
+    """What the templates know of a drive: seq, slot (seq unless a station says), serial, port."""
+    seq = info.seq or 0
+    return DriveContext(seq, slot if slot is not None else seq, info.serial,
+                        info.port_path or "")
+
+
+class Personaliser:
+    """Each drive's files, its step before the head, and its record."""
+
+    def __init__(self, customization: Customization) -> None:
+        self.customization = customization
+        self._files: dict[str, DriveFiles] = {}
+        self._records: dict[tuple[str, int | None], events.JsonObject] = {}
+        self._lock = threading.Lock()
+        self._admitted = 0  # watch: drives taken so far (the next one's seq is one more)
+        self._hostnames: set[str] = set()
+        #: A station's slot label of a USB port path (None: ``{slot}`` is the drive's seq).
+        self.slot_of: Callable[[str | None], str | None] | None = None
+
+    def _context(self, info: events.DriveInfo) -> DriveContext:
+        slot = self.slot_of(info.port_path) if self.slot_of is not None else None
+        return context_of(info, slot)
+
+    def plan_batch(self, paths: Sequence[str], infos: Sequence[events.DriveInfo]) -> None:
+        """A flash's drives, all resolved now; raises :class:`Refused`."""
+        try:
+            files = self.customization.for_batch([context_of(i) for i in infos])
+        except SettingsError as exc:
+            raise Refused([str(exc)]) from None
+        self._files = dict(zip(paths, files, strict=True))
+
+    def admit(self, drive: Drive) -> str | None:
+        """watch: why a new drive is not taken (its row is missing: the rows ran out; a bad
+        value; a host name given already), or None.  The drive's files are made again when it
+        is written, with the seq it got."""
+        with self._lock:
+            seq = self._admitted + 1
+        try:
+            files = self.customization.for_drive(self._context(drive_info(drive, seq)))
+        except SettingsError as exc:
+            return f"not written: {exc}"
+        return self._taken(files.settings.hostname)
+
+    def _taken(self, hostname: str | None) -> str | None:
+        with self._lock:
+            if hostname and hostname.lower() in self._hostnames:
+                return f"not written: hostname {hostname!r} was given to a drive already"
+        return None
+
+    def files_for(self, path: str, info: events.DriveInfo | None) -> DriveFiles:
+        """A flash's planned files, or (watch) the drive's, made now; raises BootFsError."""
+        with self._lock:
+            planned = self._files.get(path)
+        if planned is not None:
+            return planned
+        if info is None or info.seq is None:
+            raise BootFsError(f"{path}: no first-boot settings were prepared for this drive")
+        try:
+            return self.customization.for_drive(self._context(info))
+        except SettingsError as exc:
+            raise BootFsError(str(exc)) from None
+
+    def step(self, fd: int, path: str, info: events.DriveInfo | None,
+             progressed: Callable[[int], None] = lambda n: None) -> None:
+        """Write one drive's boot files (the engine's descriptor ``fd``; ``progressed`` counts
+        the bytes read, for the stall clock); raises :class:`BootFsError` when they cannot be
+        written or do not read back right."""
+        files = self.files_for(path, info)
+        hostname = (files.settings.hostname or "").lower()
+        with self._lock:  # checked and taken at once: two drives in flight never share one
+            if hostname in self._hostnames:
+                raise BootFsError(f"hostname {files.settings.hostname!r} was given to a "
+                                  "drive already")
+            if hostname:
+                self._hostnames.add(hostname)
+        digest = write_boot_files(fd, self.customization.boot.partition, files.files,
+                                  progressed=progressed)
+        with self._lock:
+            self._records[path, info.seq if info else None] = files.record(
+                self.customization.format, digest)
+
+    def record(self, result: events.DriveResult) -> events.DriveResult:
+        """The result with the values written (only a drive whose step completed has them)."""
+        with self._lock:
+            key = (result.device, result.drive.seq if result.drive else None)
+            data = self._records.get(key) if result.ok else None
+        return result if data is None else dataclasses.replace(result, customized=data)
+
+    def emitter(self, emit: Emit) -> Emit:
+        """``emit`` with each drive's record in its result and in the summary."""
+        def relay(event: events.WatchEvent) -> None:
+            if isinstance(event, events.DriveAdded) and event.eligible:
+                with self._lock:
+                    self._admitted += 1
+            if isinstance(event, events.Result):
+                event = dataclasses.replace(event, result=self.record(event.result))
+                if event.result.customized is not None:  # said before the result line
+                    emit(events.Note(said(event.result.device, event.result.customized)))
+            elif isinstance(event, events.Summary):
+                event = dataclasses.replace(
+                    event, results=tuple(self.record(r) for r in event.results))
+            emit(event)
+        return relay
+
+
+def said(device: str, record: events.JsonObject) -> str:
+    """A drive's customisation in one line for people (the record has it all)."""
+    values = record.get("values")
+    host = values.get("hostname") if isinstance(values, dict) else None
+    named = f", hostname {host}" if host else ""
+    return f"{device}: first-boot settings written ({record.get('format')}{named})"
+
+
+def note(options: CustomizeOptions, personaliser: Personaliser) -> str:
+    """What the confirmation says of the customisation."""
+    rows = personaliser.customization.rows
+    where = f" and {options.values} ({rows} rows)" if options.values else ""
+    return (f"first-boot settings ({personaliser.customization.format}) from "
+            f"{options.settings}{where} written into each drive's boot partition")
+
+
+def for_flash(options: CustomizeOptions | None, image: Source, paths: Sequence[str],
+              infos: Sequence[events.DriveInfo]) -> Personaliser | None:
+    """A flash's customisation, every drive resolved; raises :class:`Refused`."""
+    if options is None:
+        return None
+    personaliser = Personaliser(load(options, image))
+    personaliser.plan_batch(paths, infos)
+    return personaliser
+
+
+def for_watch(options: CustomizeOptions | None, image: Source) -> Personaliser | None:
+    """A watch session's customisation (drives resolved as they come); raises Refused."""
+    return None if options is None else Personaliser(load(options, image))
+
+
+Admit = Callable[[Drive], str | None]
+#: The engine's per-drive step before the head: (descriptor, /dev path, the drive's identity,
+#: bytes moved).
+Step = Callable[[int, str, events.DriveInfo | None, Callable[[int], None]], None]
+
+
+def first_reason(*admits: Admit | None) -> Admit:
+    """One admit hook of several: the first reason given."""
+    def admit(drive: Drive) -> str | None:
+        return next((r for a in admits if a is not None and (r := a(drive)) is not None), None)
+    return admit
+
+
+def step_of(personaliser: Personaliser | None) -> Step | None:
+    return None if personaliser is None else personaliser.step

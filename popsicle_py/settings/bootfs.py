@@ -1,0 +1,264 @@
+"""Writing one drive's files into its boot partition, and proving what changed.
+
+mtools (``mcopy -i /dev/fd/N@@OFFSET``) writes: it is the FAT implementation Debian, U-Boot's
+and Yocto's tooling and Raspberry Pi's own image builders use, it works on a device at an
+offset without a mount or a partition device node (the partition table is still the engine's
+stamp at this point: the head is written last), and needs no root.  Python's FAT libraries
+(pyfatfs) are young and little used.  Then, from the device itself:
+
+1. of the blocks that hold anything (the boot sector, the FATs, the root directory and every
+   cluster in use; free clusters hold nothing and are not read), the only ones that changed are
+   the FATs, FSInfo, the root directory and the clusters of the files written: the rest is
+   still the image's, which the engine verified just before; the boot sector is unchanged and
+   no cluster of another file changed in the FAT;
+2. the files read back through :mod:`popsicle_py.settings.fat` (no mtools code) are the bytes
+   meant;
+3. ``fsck.vfat -n`` finds nothing in what it reads of the partition, copied from the drive into
+   a sparse file (the region before the data and every directory's clusters: without ``-t``
+   it reads no file's contents), so it needs no loop device, no root and no /dev name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Callable, Mapping
+
+from popsicle_py.settings.fat import (
+    BootPartition,
+    FatError,
+    FatGeometry,
+    chain,
+    directory_clusters,
+    geometry,
+    read_fat,
+    root_clusters,
+    root_entries,
+    root_files,
+)
+
+__all__ = ["BLOCK", "TOOLS", "BootFsError", "files_digest", "missing_tools", "write_boot_files"]
+
+BLOCK = 4096
+CHUNK = 4 << 20
+TIMEOUT = 120.0
+
+
+#: The programs a drive's step runs, and the Debian package of each.
+TOOLS = {"mcopy": "mtools", "fsck.vfat": "dosfstools"}
+#: Where they are looked for: PATH, then the sbin directories an ordinary user's PATH lacks.
+_SEARCH = os.pathsep.join(filter(None, [os.environ.get("PATH"), "/usr/sbin", "/sbin"]))
+
+
+def _tool(name: str) -> str:
+    return shutil.which(name, path=_SEARCH) or name
+
+
+def missing_tools() -> list[str]:
+    """``PROGRAM (apt-get install PACKAGE)`` for each program that is not installed."""
+    return [f"{name} (apt-get install {package})" for name, package in TOOLS.items()
+            if shutil.which(name, path=_SEARCH) is None]
+
+
+class BootFsError(OSError):
+    """The boot partition could not be written, or did not read back right: the drive failed.
+
+    An OSError without an errno, so the engine fails the drive with this very line."""
+
+
+def files_digest(files: Mapping[str, bytes]) -> str:
+    """One SHA-256 over the files' names and contents (sorted), for the records."""
+    h = hashlib.sha256()
+    for name in sorted(files):
+        h.update(name.encode() + b"\0" + len(files[name]).to_bytes(8, "big"))
+        h.update(files[name])
+    return h.hexdigest()
+
+
+def _path(fd: int) -> str:
+    """The drive behind the engine's descriptor, never by its /dev name: a name can be another
+    drive's by now, the open descriptor cannot (mtools and losetup get it as /dev/fd/N)."""
+    return f"/dev/fd/{fd}"
+
+
+class _Device:
+    """Positional reads of one partition, from the medium (clean pages dropped first)."""
+
+    def __init__(self, fd: int, part: BootPartition,
+                 progressed: Callable[[int], None] = lambda n: None) -> None:
+        self.fd = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
+        self.part = part
+        self.progressed = progressed  # the engine's stall clock: a read that moves counts
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+    def drop_cache(self) -> None:
+        os.fsync(self.fd)
+        os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_DONTNEED)
+
+    def read(self, offset: int, length: int) -> bytes:
+        data = os.pread(self.fd, length, self.part.offset + offset)
+        if len(data) != length:
+            raise BootFsError(f"short read at {self.part.offset + offset} of the boot partition")
+        self.progressed(length)
+        return data
+
+    def block_digests(self, runs: list[tuple[int, int]]) -> dict[int, bytes]:
+        """A digest of every 4 KiB block of the runs (first block, count) given."""
+        out: dict[int, bytes] = {}
+        per_chunk = CHUNK // BLOCK
+        for first, count in runs:
+            for block in range(first, first + count, per_chunk):
+                n = min(per_chunk, first + count - block)
+                data = self.read(block * BLOCK, n * BLOCK)
+                for i in range(n):
+                    out[block + i] = hashlib.blake2b(data[i * BLOCK:(i + 1) * BLOCK],
+                                                     digest_size=16).digest()
+        return out
+
+
+def _runs(blocks: set[int]) -> list[tuple[int, int]]:
+    """Sorted blocks as (first, count) runs."""
+    runs: list[tuple[int, int]] = []
+    for block in sorted(blocks):
+        if runs and runs[-1][0] + runs[-1][1] == block:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((block, 1))
+    return runs
+
+
+def _blocks_of(geo: FatGeometry, clusters: set[int]) -> set[int]:
+    out: set[int] = set()
+    for cluster in clusters:
+        start = geo.cluster_offset(cluster)
+        out.update(range(start // BLOCK, (start + geo.cluster + BLOCK - 1) // BLOCK))
+    return out
+
+
+def _in_use(geo: FatGeometry, fat: list[int]) -> set[int]:
+    """The blocks whose bytes matter: everything before the data region, and every cluster
+    the FAT says is in use (free clusters hold nothing and are not read)."""
+    head = set(range(0, (geo.data_offset + BLOCK - 1) // BLOCK))
+    used = {c for c in range(2, len(fat)) if fat[c]}
+    return head | _blocks_of(geo, used)
+
+
+def _run(argv: list[str], what: str, fd: int | None = None
+         ) -> subprocess.CompletedProcess[str]:
+    try:
+        return subprocess.run(argv, capture_output=True, text=True, timeout=TIMEOUT,
+                              pass_fds=() if fd is None else (fd,),
+                              env={**os.environ, "MTOOLS_SKIP_CHECK": "1", "LC_ALL": "C"},
+                              check=False)
+    except FileNotFoundError:
+        raise BootFsError(f"{what}: {argv[0]} is not installed") from None
+    except subprocess.TimeoutExpired:
+        raise BootFsError(f"{what}: {argv[0]} did not finish in {TIMEOUT:.0f} s") from None
+
+
+def _mcopy(fd: int, part: BootPartition, files: Mapping[str, bytes]) -> None:
+    with tempfile.TemporaryDirectory(prefix="popsicle-boot-") as tmp:
+        paths = []
+        for name, data in files.items():
+            path = os.path.join(tmp, name)
+            with open(path, "wb") as handle:
+                handle.write(data)
+            paths.append(path)
+        done = _run([_tool("mcopy"), "-o", "-i", f"{_path(fd)}@@{part.offset}", *paths, "::/"],
+                    "writing the boot partition", fd)
+    if done.returncode != 0:
+        raise BootFsError("mcopy failed: " + (done.stderr.strip().splitlines() or ["?"])[-1])
+
+
+def _fsck(dev: _Device, geo: FatGeometry, fat: list[int]) -> None:
+    with tempfile.NamedTemporaryFile(prefix="popsicle-bootfs-") as copy:
+        copy.truncate(geo.total)
+        for at in range(0, geo.data_offset, CHUNK):
+            os.pwrite(copy.fileno(), dev.read(at, min(CHUNK, geo.data_offset - at)), at)
+        for cluster in sorted(directory_clusters(geo, fat, dev.read)):
+            at = geo.cluster_offset(cluster)
+            os.pwrite(copy.fileno(), dev.read(at, geo.cluster), at)
+        copy.flush()
+        check = _run([_tool("fsck.vfat"), "-n", copy.name], "checking the boot partition")
+    if check.returncode != 0:
+        lines = [line for line in check.stdout.splitlines()[1:] if line.strip()]
+        raise BootFsError("fsck.vfat -n found problems in the boot partition: "
+                          + "; ".join(lines[:3]))
+
+
+def _allowed_blocks(geo: FatGeometry, clusters: set[int]) -> set[int]:
+    """The 4 KiB blocks a write of these clusters may change, with the FATs and FSInfo."""
+    allowed: set[int] = set(range(geo.reserved // BLOCK,
+                                  (geo.root_offset + geo.root_size + BLOCK - 1) // BLOCK))
+    if geo.fsinfo is not None:
+        allowed.add(geo.fsinfo // BLOCK)
+    return allowed | _blocks_of(geo, clusters)
+
+
+def write_boot_files(fd: int, part: BootPartition, files: Mapping[str, bytes],
+                     *, fsck: bool = True,
+                     progressed: Callable[[int], None] = lambda n: None) -> str:
+    """Write ``files`` into the root of the boot partition of the drive open on ``fd``, read
+    them back and check the rest; returns :func:`files_digest`.  Raises :class:`BootFsError`."""
+    dev = _Device(fd, part, progressed)
+    try:
+        dev.drop_cache()
+        try:
+            boot = dev.read(0, 512)
+            geo = geometry(boot)
+            if geo.total > part.size:
+                raise BootFsError("the boot file system is larger than its partition")
+            fat_before = read_fat(geo, dev.read(geo.reserved, geo.fat_size))
+            replaced = {c for e in root_entries(geo, fat_before, dev.read)
+                        if e.name.lower() in {n.lower() for n in files} and e.first
+                        for c in chain(geo, fat_before, e.first)}
+            dir_before = set(root_clusters(geo, fat_before))
+        except FatError as exc:
+            raise BootFsError(f"the boot partition: {exc}") from None
+        checked = _in_use(geo, fat_before)
+        before = dev.block_digests(_runs(checked))
+        _mcopy(fd, part, files)
+        dev.drop_cache()
+        after = dev.block_digests(_runs(checked))
+        try:
+            fat_after = read_fat(geo, dev.read(geo.reserved, geo.fat_size))
+            back = root_files(geo, fat_after, dev.read, set(files))
+            written = {c for _, clusters in back.values() for c in clusters}
+            dirs = dir_before | set(root_clusters(geo, fat_after))
+        except FatError as exc:
+            raise BootFsError(f"the boot partition does not read back: {exc}") from None
+        if dev.read(0, 512) != boot:
+            raise BootFsError("the boot partition's boot sector changed")
+        _compare_files(files, back)
+        moved = {c for c, (a, b) in enumerate(zip(fat_before, fat_after, strict=True))
+                 if a != b} - replaced - written - dirs
+        if moved:
+            raise BootFsError(f"the boot partition's FAT changed for {len(moved)} cluster(s) "
+                              f"of no file written (first: {min(moved)})")
+        allowed = _allowed_blocks(geo, written | dirs)
+        stray = sorted(i for i in checked if before[i] != after[i] and i not in allowed)
+        if stray:
+            raise BootFsError(f"the boot partition changed outside the files written "
+                              f"({len(stray)} block(s), first at byte "
+                              f"{part.offset + stray[0] * BLOCK})")
+        if fsck:
+            _fsck(dev, geo, fat_after)
+    finally:
+        dev.close()
+    return files_digest(files)
+
+
+def _compare_files(files: Mapping[str, bytes], back: Mapping[str, tuple[bytes, list[int]]]
+                   ) -> None:
+    found = {name.lower(): data for name, (data, _) in back.items()}
+    for name, data in files.items():
+        got = found.get(name.lower())
+        if got is None:
+            raise BootFsError(f"{name} is not in the boot partition after writing it")
+        if got != data:
+            raise BootFsError(f"{name} reads back different from what was written")

@@ -1,0 +1,240 @@
+"""Where the boot partition is, and an independent reader of its FAT file system.
+
+Pure functions over bytes and a ``read(offset, length)`` callable: the partition tables (MBR,
+GPT) of an image's first sectors, the FAT boot sector's geometry, the allocation table, and the
+files of the root directory (long names included).  mtools writes the files; this reader, which
+shares no code with it, reads them back.
+"""
+
+from __future__ import annotations
+
+import struct
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+
+__all__ = [
+    "BootPartition",
+    "FatError",
+    "FatGeometry",
+    "find_boot_partition",
+    "geometry",
+    "read_fat",
+    "root_files",
+]
+
+SECTOR = 512
+#: MBR partition types of FAT file systems (FAT12, FAT16, FAT32, LBA, hidden, EFI).
+FAT_TYPES = frozenset({0x01, 0x04, 0x06, 0x0B, 0x0C, 0x0E, 0x11, 0x14, 0x16, 0x1B, 0x1C,
+                       0x1E, 0xEF})
+GPT_FAT_GUIDS = frozenset({
+    uuid.UUID("EBD0A0A2-B9E5-4433-87C0-68B6B72699C7"),  # Microsoft basic data
+    uuid.UUID("C12A7328-F81F-11D2-BA4B-00A0C93EC93B"),  # EFI system partition
+})
+Read = Callable[[int, int], bytes]
+
+
+class FatError(ValueError):
+    """No FAT boot partition, or one this reader cannot make sense of."""
+
+
+@dataclass(frozen=True)
+class BootPartition:
+    offset: int
+    size: int
+    number: int
+    table: str  # "mbr" or "gpt"
+
+
+@dataclass(frozen=True)
+class FatGeometry:
+    """A FAT file system's layout, in bytes from its start."""
+
+    bits: int  # 12, 16 or 32
+    sector: int
+    cluster: int
+    reserved: int  # bytes before the first FAT
+    fat_size: int  # bytes of one FAT
+    fats: int
+    root_offset: int  # FAT12/16: the fixed root directory; FAT32: the data region
+    root_size: int  # FAT12/16 only
+    data_offset: int
+    clusters: int
+    root_cluster: int  # FAT32 only
+    fsinfo: int | None  # byte offset of FAT32's FSInfo sector
+    total: int  # bytes the file system claims
+
+    def cluster_offset(self, number: int) -> int:
+        return self.data_offset + (number - 2) * self.cluster
+
+
+def _is_fat(boot: bytes) -> bool:
+    return (len(boot) >= SECTOR and boot[510:512] == b"\x55\xaa"
+            and (boot[54:59] == b"FAT12" or boot[54:59] == b"FAT16" or boot[82:87] == b"FAT32"
+                 or boot[54:57] == b"FAT"))
+
+
+def find_boot_partition(read: Read) -> BootPartition:
+    """The first FAT partition of an MBR or GPT disk (GPT when its protective MBR says so)."""
+    mbr = read(0, SECTOR)
+    if len(mbr) < SECTOR or mbr[510:512] != b"\x55\xaa":
+        raise FatError("the image has no partition table (MBR or GPT)")
+    entries = [struct.unpack_from("<B3xB3xII", mbr, 446 + 16 * i) for i in range(4)]
+    if any(kind == 0xEE for _, kind, _, _ in entries):
+        return _gpt(read)
+    for number, (_, kind, start, count) in enumerate(entries, 1):
+        if kind in FAT_TYPES and count and _is_fat(read(start * SECTOR, SECTOR)):
+            return BootPartition(start * SECTOR, count * SECTOR, number, "mbr")
+    raise FatError("the image has no FAT boot partition")
+
+
+def _gpt(read: Read) -> BootPartition:
+    header = read(SECTOR, 92)
+    if header[:8] != b"EFI PART":
+        raise FatError("the image's GPT header is missing")
+    entries_lba, count, size = struct.unpack_from("<QII", header, 72)
+    table = read(entries_lba * SECTOR, min(count, 128) * size)
+    for number in range(min(count, 128)):
+        entry = table[number * size:(number + 1) * size]
+        if len(entry) < 48:
+            break
+        kind = uuid.UUID(bytes_le=entry[:16])
+        first, last = struct.unpack_from("<QQ", entry, 32)
+        if kind in GPT_FAT_GUIDS and last >= first and _is_fat(read(first * SECTOR, SECTOR)):
+            return BootPartition(first * SECTOR, (last - first + 1) * SECTOR, number + 1, "gpt")
+    raise FatError("the image has no FAT boot partition")
+
+
+def geometry(boot: bytes) -> FatGeometry:
+    """The layout from a FAT boot sector (BIOS parameter block)."""
+    (sector, per_cluster, reserved, fats, root_entries, total16, _, fat16, _, _, _,
+     total32) = struct.unpack_from("<HBHBHHBHHHII", boot, 11)
+    if sector not in (512, 1024, 2048, 4096) or per_cluster == 0 or fats == 0:
+        raise FatError("the boot partition's FAT boot sector is not valid")
+    fat32 = fat16 == 0
+    fat_sectors = struct.unpack_from("<I", boot, 36)[0] if fat32 else fat16
+    total = (total16 or total32) * sector
+    root_size = ((root_entries * 32 + sector - 1) // sector) * sector
+    first_fat = reserved * sector
+    root_offset = first_fat + fats * fat_sectors * sector
+    data = root_offset + root_size
+    clusters = (total - data) // (per_cluster * sector)
+    bits = 32 if fat32 else (12 if clusters < 4085 else 16)
+    fsinfo_sector = struct.unpack_from("<H", boot, 48)[0] if fat32 else 0
+    return FatGeometry(bits, sector, per_cluster * sector, first_fat, fat_sectors * sector,
+                       fats, root_offset, root_size, data, clusters,
+                       struct.unpack_from("<I", boot, 44)[0] if fat32 else 0,
+                       fsinfo_sector * sector if fat32 and fsinfo_sector else None, total)
+
+
+def read_fat(geo: FatGeometry, data: bytes) -> list[int]:
+    """The first FAT as a list of entries (cluster -> next, 0 free)."""
+    count = geo.clusters + 2
+    if geo.bits == 32:
+        return [v & 0x0FFFFFFF for v in struct.unpack_from(f"<{count}I", data)]
+    if geo.bits == 16:
+        return list(struct.unpack_from(f"<{count}H", data))
+    out = []
+    for n in range(count):
+        pair = int.from_bytes(data[n * 3 // 2:n * 3 // 2 + 2], "little")
+        out.append(pair >> 4 if n & 1 else pair & 0xFFF)
+    return out
+
+
+def chain(geo: FatGeometry, fat: list[int], first: int) -> list[int]:
+    """The clusters of a file or directory, in order."""
+    end = {12: 0xFF8, 16: 0xFFF8, 32: 0x0FFFFFF8}[geo.bits]
+    out: list[int] = []
+    cluster = first
+    while 2 <= cluster < end and len(out) <= geo.clusters:
+        if cluster >= len(fat):
+            raise FatError(f"cluster {cluster} is past the end of the file system")
+        out.append(cluster)
+        cluster = fat[cluster]
+    if len(out) > geo.clusters:
+        raise FatError("a cluster chain loops")
+    return out
+
+
+@dataclass(frozen=True)
+class Entry:
+    name: str
+    first: int
+    size: int
+    directory: bool
+
+
+def _entries(raw: bytes) -> list[Entry]:
+    out: list[Entry] = []
+    long: dict[int, str] = {}
+    for at in range(0, len(raw) - 31, 32):
+        record = raw[at:at + 32]
+        if record[0] == 0:
+            break
+        if record[0] == 0xE5:
+            long = {}
+            continue
+        if record[11] == 0x0F:  # a piece of a long name
+            order = record[0] & 0x1F
+            text = (record[1:11] + record[14:26] + record[28:32]).decode("utf-16-le", "replace")
+            long[order] = text.split("\x00")[0]
+            continue
+        if record[11] & 0x08:  # the volume label
+            long = {}
+            continue
+        short = record[:8].decode("latin-1").rstrip()
+        ext = record[8:11].decode("latin-1").rstrip()
+        name = "".join(long[k] for k in sorted(long)) if long else \
+            (short + ("." + ext if ext else ""))
+        first = struct.unpack_from("<H", record, 26)[0] | \
+            (struct.unpack_from("<H", record, 20)[0] << 16)
+        out.append(Entry(name, first, struct.unpack_from("<I", record, 28)[0],
+                         bool(record[11] & 0x10)))
+        long = {}
+    return out
+
+
+def root_clusters(geo: FatGeometry, fat: list[int]) -> list[int]:
+    return chain(geo, fat, geo.root_cluster) if geo.bits == 32 else []
+
+
+def root_entries(geo: FatGeometry, fat: list[int], read: Read) -> list[Entry]:
+    if geo.bits == 32:
+        raw = b"".join(read(geo.cluster_offset(c), geo.cluster)
+                       for c in root_clusters(geo, fat))
+    else:
+        raw = read(geo.root_offset, geo.root_size)
+    return _entries(raw)
+
+
+def directory_clusters(geo: FatGeometry, fat: list[int], read: Read) -> set[int]:
+    """Every cluster of every directory (the root's too, on FAT32): what ``fsck.vfat -n``
+    reads besides the region before the data."""
+    out = set(root_clusters(geo, fat))
+    todo = [e for e in root_entries(geo, fat, read) if e.directory]
+    while todo:
+        entry = todo.pop()
+        if entry.name in (".", "..") or entry.first < 2 or entry.first in out:
+            continue
+        clusters = chain(geo, fat, entry.first)
+        out.update(clusters)
+        raw = b"".join(read(geo.cluster_offset(c), geo.cluster) for c in clusters)
+        todo.extend(e for e in _entries(raw) if e.directory)
+    return out
+
+
+def root_files(geo: FatGeometry, fat: list[int], read: Read,
+               names: set[str] | None = None) -> dict[str, tuple[bytes, list[int]]]:
+    """Files of the root directory (the ``names`` given, case-insensitively, or all): their
+    content and their clusters."""
+    wanted = {n.lower() for n in names} if names is not None else None
+    out: dict[str, tuple[bytes, list[int]]] = {}
+    for entry in root_entries(geo, fat, read):
+        if entry.directory or (wanted is not None and entry.name.lower() not in wanted):
+            continue
+        clusters = chain(geo, fat, entry.first) if entry.size else []
+        if len(clusters) * geo.cluster < entry.size:
+            raise FatError(f"{entry.name}: its clusters hold less than its size")
+        data = b"".join(read(geo.cluster_offset(c), geo.cluster) for c in clusters)
+        out[entry.name] = (data[:entry.size], clusters)
+    return out

@@ -1,0 +1,251 @@
+"""The settings file (TOML): what each drive's first boot is told, checked before writing.
+
+Loading checks the file's shape (known settings, right types, template syntax); values are
+templates (see :mod:`popsicle_py.settings.values`), so each drive's values are checked again
+once filled in (:func:`check`).  Every problem is a :class:`SettingsError`: one line, naming the
+file and the setting.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+import struct
+import zoneinfo
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import tomllib
+
+from popsicle_py.settings.countries import COUNTRIES
+
+__all__ = ["REDACTED", "SECRET_KEYS", "Settings", "SettingsError", "Wifi", "check",
+           "load_settings", "parse_settings", "redacted"]
+
+REDACTED = "<redacted>"
+#: Settings never written in clear text anywhere but the drive's own Wi-Fi file (passphrase).
+SECRET_KEYS = frozenset({"password", "password_hash", "passphrase"})
+
+
+class SettingsError(ValueError):
+    """A settings or values file that cannot be used: one line for the user."""
+
+
+@dataclass(frozen=True)
+class Wifi:
+    ssid: str
+    passphrase: str = field(default="", repr=False)  # never in a log or a traceback
+    country: str = ""
+    hidden: bool = False
+
+
+@dataclass(frozen=True)
+class Settings:
+    """One drive's first-boot settings (templates until :func:`values.resolve` fills them)."""
+
+    hostname: str | None = None
+    user: str | None = None
+    password: str | None = field(default=None, repr=False)  # never in a log or a traceback
+    #: Already hashed (``$6$...``), for files that should not hold a clear password.
+    password_hash: str | None = field(default=None, repr=False)
+    ssh: bool | None = None  # None: on when keys are given
+    ssh_password_auth: bool = False
+    ssh_authorized_keys: tuple[str, ...] = ()
+    wifi: Wifi | None = None
+    timezone: str | None = None
+    keyboard: str | None = None
+    locale: str | None = None
+    #: Name in the boot partition -> content (read when the file is loaded).
+    files: tuple[tuple[str, bytes], ...] = field(default=(), repr=False)
+
+    @property
+    def ssh_enabled(self) -> bool:
+        return self.ssh if self.ssh is not None else bool(self.ssh_authorized_keys)
+
+
+_TOP = {f.name for f in fields(Settings)}
+_WIFI = {f.name for f in fields(Wifi)}
+_STRINGS = ("hostname", "user", "password", "password_hash", "timezone", "keyboard", "locale")
+_HOSTNAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+_USER = re.compile(r"[a-z_][a-z0-9_-]{0,31}")
+_KEY_TYPES = ("ssh-ed25519", "ssh-rsa", "ecdsa-sha2-nistp256", "ecdsa-sha2-nistp384",
+              "ecdsa-sha2-nistp521", "sk-ssh-ed25519@openssh.com",
+              "sk-ecdsa-sha2-nistp256@openssh.com")
+_TIMEZONE = re.compile(r"[A-Za-z][A-Za-z0-9_+-]*(/[A-Za-z0-9_+-]+)*")
+_KEYBOARD = re.compile(r"[a-z]{2,8}")
+_LOCALE = re.compile(r"[a-z]{2,3}(_[A-Z]{2})?(\.[A-Za-z0-9-]+)?(@[a-z]+)?")
+_BOOT_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
+_SHA512_HASH = re.compile(r"\$6\$(rounds=\d+\$)?[./0-9A-Za-z]{1,16}\$[./0-9A-Za-z]{86}")
+#: Names the formats write themselves: an extra file may not replace them.
+RESERVED_NAMES = frozenset({"user-data", "meta-data", "network-config", "firstrun.sh",
+                            "cmdline.txt"})
+
+
+def _str(where: str, key: str, value: object) -> str:
+    if not isinstance(value, str):
+        raise SettingsError(f"{where}: {key} must be a string")
+    return value
+
+
+def _bool(where: str, key: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise SettingsError(f"{where}: {key} must be true or false")
+    return value
+
+
+def parse_settings(data: dict[str, object], where: str, base: Path) -> Settings:
+    """The settings in a parsed TOML table; extra files are read relative to ``base``."""
+    unknown = sorted(set(data) - _TOP)
+    if unknown:
+        raise SettingsError(f"{where}: unknown setting {unknown[0]!r} "
+                            f"(known: {', '.join(sorted(_TOP))})")
+    values: dict[str, object] = {k: _str(where, k, data[k]) for k in _STRINGS if k in data}
+    for key in ("ssh", "ssh_password_auth"):
+        if key in data:
+            values[key] = _bool(where, key, data[key])
+    keys = data.get("ssh_authorized_keys", [])
+    if isinstance(keys, str):
+        keys = [keys]
+    if not isinstance(keys, list):
+        raise SettingsError(f"{where}: ssh_authorized_keys must be a list of strings")
+    values["ssh_authorized_keys"] = tuple(_str(where, "ssh_authorized_keys", k) for k in keys)
+    if "wifi" in data:
+        values["wifi"] = _wifi(data["wifi"], where)
+    if "files" in data:
+        values["files"] = _files(data["files"], where, base)
+    if "password" in values and "password_hash" in values:
+        raise SettingsError(f"{where}: give password or password_hash, not both")
+    return Settings(**values)  # type: ignore[arg-type]
+
+
+def _wifi(table: object, where: str) -> Wifi:
+    if not isinstance(table, dict):
+        raise SettingsError(f"{where}: [wifi] must be a table")
+    unknown = sorted(set(table) - _WIFI)
+    if unknown:
+        raise SettingsError(f"{where}: unknown setting 'wifi.{unknown[0]}' "
+                            f"(known: {', '.join(sorted(_WIFI))})")
+    if "ssid" not in table:
+        raise SettingsError(f"{where}: [wifi] needs an ssid")
+    return Wifi(ssid=_str(where, "wifi.ssid", table["ssid"]),
+                passphrase=_str(where, "wifi.passphrase", table.get("passphrase", "")),
+                country=_str(where, "wifi.country", table.get("country", "")),
+                hidden=_bool(where, "wifi.hidden", table.get("hidden", False)))
+
+
+def _files(table: object, where: str, base: Path) -> tuple[tuple[str, bytes], ...]:
+    if not isinstance(table, dict):
+        raise SettingsError(f"{where}: [files] must be a table of NAME = \"LOCAL PATH\"")
+    out = []
+    for name, path in sorted(table.items()):
+        if not _BOOT_NAME.fullmatch(name) or name.lower() in RESERVED_NAMES:
+            raise SettingsError(f"{where}: files.{name}: not a file name the boot partition "
+                                f"can take here (letters, digits, . _ -; not {name})")
+        local = base / _str(where, f"files.{name}", path)
+        try:
+            out.append((name, local.read_bytes()))
+        except OSError as exc:
+            raise SettingsError(f"{where}: files.{name}: {local}: "
+                                f"{exc.strerror or exc}") from None
+    return tuple(out)
+
+
+def load_settings(path: str) -> Settings:
+    """Read and check a settings file; raises :class:`SettingsError`."""
+    try:
+        with open(path, "rb") as handle:
+            data = tomllib.load(handle)
+    except OSError as exc:
+        raise SettingsError(f"{path}: {exc.strerror or exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise SettingsError(f"{path}: not valid TOML: {exc}") from None
+    return parse_settings(data, path, Path(path).parent)
+
+
+def check_key(key: str) -> None:
+    """An OpenSSH public key line: a known type, base64 whose blob names the same type."""
+    parts = key.split()
+    if len(parts) < 2 or parts[0] not in _KEY_TYPES:
+        raise SettingsError(f"malformed SSH key {key[:40]!r}: expected "
+                            "'TYPE BASE64 [comment]' with TYPE one of ssh-ed25519, ssh-rsa, "
+                            "ecdsa-sha2-*")
+    try:
+        blob = base64.b64decode(parts[1], validate=True)
+        (length,) = struct.unpack(">I", blob[:4])
+        named = blob[4:4 + length].decode("ascii")
+    except (binascii.Error, struct.error, UnicodeDecodeError):
+        raise SettingsError(f"malformed SSH key {key[:40]!r}: its key is not valid "
+                            "base64 of an OpenSSH key") from None
+    if named != parts[0]:
+        raise SettingsError(f"malformed SSH key {key[:40]!r}: says {parts[0]} but holds "
+                            f"{named or 'something else'}")
+
+
+def _known_timezone(name: str) -> bool:
+    zones = zoneinfo.available_timezones()
+    return not zones or name in zones  # no tz database here: the form is all we can check
+
+
+def check(settings: Settings, drive: str) -> None:
+    """One drive's filled-in settings, value by value; raises :class:`SettingsError`."""
+    s = settings
+    if s.hostname is not None and not _HOSTNAME.fullmatch(s.hostname):
+        raise SettingsError(f"{drive}: hostname {s.hostname!r} is not a valid host name "
+                            "(letters, digits and -, at most 63)")
+    if s.user is not None and (not _USER.fullmatch(s.user) or s.user == "root"):
+        raise SettingsError(f"{drive}: user {s.user!r} is not a valid user name "
+                            "(lower case letters, digits, _ and -; not root)")
+    if (s.password is not None or s.password_hash is not None) and s.user is None:
+        raise SettingsError(f"{drive}: a password needs a user")
+    if s.password_hash is not None and not _SHA512_HASH.fullmatch(s.password_hash):
+        raise SettingsError(f"{drive}: password_hash is not a SHA-512 crypt hash ($6$...)")
+    for key in s.ssh_authorized_keys:
+        try:
+            check_key(key)
+        except SettingsError as exc:
+            raise SettingsError(f"{drive}: {exc}") from None
+    if s.ssh_authorized_keys and s.user is None:
+        raise SettingsError(f"{drive}: ssh_authorized_keys need a user")
+    if s.wifi is not None:
+        _check_wifi(s.wifi, drive)
+    if s.timezone is not None and not (_TIMEZONE.fullmatch(s.timezone)
+                                       and _known_timezone(s.timezone)):
+        raise SettingsError(f"{drive}: unknown timezone {s.timezone!r} (e.g. Europe/Berlin)")
+    if s.keyboard is not None and not _KEYBOARD.fullmatch(s.keyboard):
+        raise SettingsError(f"{drive}: keyboard {s.keyboard!r} is not a layout (e.g. us, de)")
+    if s.locale is not None and not _LOCALE.fullmatch(s.locale):
+        raise SettingsError(f"{drive}: locale {s.locale!r} is not a locale "
+                            "(e.g. en_GB.UTF-8)")
+
+
+def _check_wifi(wifi: Wifi, drive: str) -> None:
+    if not 1 <= len(wifi.ssid.encode()) <= 32:
+        raise SettingsError(f"{drive}: wifi.ssid must be 1 to 32 bytes")
+    if wifi.passphrase and not (8 <= len(wifi.passphrase) <= 63
+                                or re.fullmatch(r"[0-9A-Fa-f]{64}", wifi.passphrase)):
+        raise SettingsError(f"{drive}: wifi.passphrase must be 8 to 63 characters "
+                            "(or 64 hex digits)")
+    if wifi.country not in COUNTRIES:
+        raise SettingsError(f"{drive}: wifi.country {wifi.country!r} is not an ISO 3166 "
+                            "alpha-2 code (e.g. DE, GB, US)")
+
+
+def redacted(settings: Settings) -> dict[str, object]:
+    """The values for a record: secrets replaced, extra files by name and size."""
+    out: dict[str, object] = {}
+    for f in fields(Settings):
+        value = getattr(settings, f.name)
+        if value is None or value == () or (f.name == "ssh_password_auth" and not value):
+            continue
+        if f.name in SECRET_KEYS:
+            value = REDACTED
+        elif isinstance(value, Wifi):
+            value = {"ssid": value.ssid, "country": value.country, "hidden": value.hidden,
+                     **({"passphrase": REDACTED} if value.passphrase else {})}
+        elif f.name == "files":
+            value = {name: len(data) for name, data in value}
+        elif isinstance(value, tuple):
+            value = list(value)
+        out[f.name] = value
+    return out

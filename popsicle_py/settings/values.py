@@ -1,0 +1,205 @@
+"""Per-drive values: ``{seq}``, ``{slot}``, ``{serial}``, ``{port}`` and the columns of that
+drive's row of a CSV file, filled into the settings' templates.
+
+Templates use Python's format syntax restricted to plain names (``{seq:02}``, ``{hostname}``;
+``{{`` is a brace).  Rows are matched by the CSV's ``seq``, ``slot`` or ``serial`` column (the
+first of these it has), else by order (row N for the Nth drive).  Everything here is pure: the
+app layer reads the files and turns :class:`SettingsError` into a refusal.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import string
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from popsicle_py.settings.model import REDACTED, SECRET_KEYS, Settings, SettingsError, Wifi, check
+
+__all__ = ["BUILTINS", "DriveContext", "Values", "check_templates", "duplicates",
+           "fields_of", "parse_values", "resolve", "resolve_all"]
+
+BUILTINS = ("seq", "slot", "serial", "port")
+KEY_COLUMNS = ("seq", "slot", "serial")
+_FORMATTER = string.Formatter()
+
+
+@dataclass(frozen=True)
+class DriveContext:
+    """What the run knows of one drive: its number in the run, its slot, serial and port."""
+
+    seq: int
+    #: A station's slot label (``A1``), else the same number as ``seq``.
+    slot: int | str
+    serial: str = ""
+    port: str = ""
+
+    @property
+    def name(self) -> str:
+        return f"drive {self.seq}" + (f" (serial {self.serial})" if self.serial else "")
+
+
+@dataclass(frozen=True)
+class Values:
+    """A CSV file's rows, and the column they are matched by (None: by order)."""
+
+    path: str
+    columns: tuple[str, ...]
+    rows: tuple[dict[str, str], ...]
+    key: str | None
+
+    def row_for(self, drive: DriveContext) -> dict[str, str] | None:
+        if self.key is None:
+            return self.rows[drive.seq - 1] if drive.seq <= len(self.rows) else None
+        want = _norm(self.key, str(getattr(drive, self.key)))
+        return next((row for row in self.rows if _norm(self.key, row[self.key]) == want), None)
+
+
+def _norm(key: str, cell: str) -> str:
+    """A key cell as compared: numbers without leading zeros (``07`` is seq 7)."""
+    cell = cell.strip()
+    return str(int(cell)) if key != "serial" and cell.isdigit() else cell
+
+
+def parse_values(text: str, path: str) -> Values:
+    """The rows of a CSV file with a header line; raises :class:`SettingsError`."""
+    reader = csv.DictReader(io.StringIO(text))
+    columns = tuple(c.strip() for c in (reader.fieldnames or ()))
+    if not columns or any(not c for c in columns):
+        raise SettingsError(f"{path}: the first line must name every column")
+    if len(set(columns)) != len(columns):
+        raise SettingsError(f"{path}: a column is named twice")
+    rows = []
+    for number, raw in enumerate(reader, 2):
+        if None in raw or any(v is None for v in raw.values()):
+            raise SettingsError(f"{path}: line {number} has not {len(columns)} fields")
+        rows.append({k.strip(): v.strip() for k, v in raw.items() if k is not None})
+    key = next((c for c in KEY_COLUMNS if c in columns), None)
+    if key is not None:
+        seen: set[str] = set()
+        for number, row in enumerate(rows, 2):
+            cell = row[key]
+            if not cell or (key == "seq" and not cell.isdigit()):
+                raise SettingsError(f"{path}: line {number}: {key} {cell!r} is not a number"
+                                    if cell else f"{path}: line {number}: no {key}")
+            norm = _norm(key, cell)
+            if norm in seen:
+                raise SettingsError(f"{path}: line {number}: {key} {cell} appears twice")
+            seen.add(norm)
+    return Values(path, columns, tuple(rows), key)
+
+
+def _templates(settings: Settings) -> Iterable[tuple[str, str]]:
+    """(setting name, template) of every string value."""
+    for f in dataclasses.fields(Settings):
+        value = getattr(settings, f.name)
+        if isinstance(value, str):
+            yield f.name, value
+        elif f.name == "ssh_authorized_keys":
+            for item in value:
+                yield f.name, item
+        elif isinstance(value, Wifi):
+            for sub in ("ssid", "passphrase", "country"):
+                yield f"wifi.{sub}", getattr(value, sub)
+
+
+def fields_of(template: str, setting: str) -> set[str]:
+    """The names a template uses; only plain names are allowed."""
+    try:
+        parsed = list(_FORMATTER.parse(template))
+    except ValueError as exc:
+        raise SettingsError(f"{setting}: bad template {template!r}: {exc}") from None
+    names = set()
+    for _, name, spec, conversion in parsed:
+        if name is None:
+            continue
+        if not name.isidentifier() or conversion or "{" in (spec or ""):
+            raise SettingsError(f"{setting}: bad template {{{name}}}: use a plain column "
+                                "name, as {hostname} or {seq:02}")
+        names.add(name)
+    return names
+
+
+def check_templates(settings: Settings, values: Values | None, where: str) -> None:
+    """Every name a template uses is a builtin or a column of the CSV."""
+    columns = set(values.columns) if values is not None else set()
+    for setting, template in _templates(settings):
+        for name in sorted(fields_of(template, setting)):
+            if name not in BUILTINS and name not in columns:
+                source = f"no column of {values.path}" if values is not None else \
+                    "no built-in value and no --values file is given"
+                raise SettingsError(f"{where}: {setting} uses {{{name}}}, which names "
+                                    f"{source} (built-in: {', '.join(BUILTINS)})")
+
+
+def _fill(template: str, setting: str, mapping: Mapping[str, object], drive: str) -> str:
+    try:
+        return _FORMATTER.vformat(template, (), mapping)
+    except (ValueError, KeyError, IndexError) as exc:
+        shown = REDACTED if setting.split(".")[-1] in SECRET_KEYS else repr(template)
+        raise SettingsError(f"{drive}: {setting} {shown}: {exc}") from None
+
+
+def resolve(settings: Settings, values: Values | None, drive: DriveContext) -> Settings:
+    """One drive's settings, templates filled and every value checked.
+
+    Raises :class:`SettingsError` when the CSV has no row for the drive or a value is bad.
+    """
+    mapping: dict[str, object] = {"seq": drive.seq, "slot": drive.slot,
+                                  "serial": drive.serial, "port": drive.port}
+    if values is not None:
+        row = values.row_for(drive)
+        if row is None:
+            how = f"{values.key} {getattr(drive, values.key)}" if values.key else \
+                f"row {drive.seq}"
+            raise SettingsError(f"{values.path} has no row for {drive.name} ({how}): "
+                                f"{len(values.rows)} rows")
+        mapping.update({k: v for k, v in row.items() if k not in BUILTINS})
+
+    def fill(setting: str, value: str | None) -> str | None:
+        return None if value is None else _fill(value, setting, mapping, drive.name)
+
+    wifi = settings.wifi
+    if wifi is not None:
+        wifi = dataclasses.replace(
+            wifi, ssid=fill("wifi.ssid", wifi.ssid) or "",
+            passphrase=fill("wifi.passphrase", wifi.passphrase) or "",
+            country=(fill("wifi.country", wifi.country) or "").upper())
+    strings: dict[str, Any] = {
+        name: fill(name, getattr(settings, name)) for name in
+        ("hostname", "user", "password", "password_hash", "timezone", "keyboard", "locale")}
+    filled = dataclasses.replace(
+        settings, **strings,
+        ssh_authorized_keys=tuple(k for k in (
+            fill("ssh_authorized_keys", key) or "" for key in settings.ssh_authorized_keys)
+            if k.strip()),
+        wifi=wifi)
+    check(filled, drive.name)
+    return filled
+
+
+def duplicates(resolved: Sequence[Settings]) -> str | None:
+    """The first host name given to two drives of a batch, or None."""
+    seen: set[str] = set()
+    for settings in resolved:
+        name = (settings.hostname or "").lower()
+        if name and name in seen:
+            return settings.hostname
+        seen.add(name)
+    return None
+
+
+def resolve_all(settings: Settings, values: Values | None,
+                drives: Sequence[DriveContext]) -> tuple[Settings, ...]:
+    """Every drive of a batch, and no host name twice; raises :class:`SettingsError`."""
+    if values is not None and values.key is None and len(values.rows) < len(drives):
+        raise SettingsError(f"{values.path} has {len(values.rows)} rows for "
+                            f"{len(drives)} drives")
+    resolved = tuple(resolve(settings, values, d) for d in drives)
+    dup = duplicates(resolved)
+    if dup is not None:
+        raise SettingsError(f"hostname {dup!r} would be given to two drives")
+    return resolved

@@ -1,0 +1,112 @@
+"""Writing a drive's boot partition: on loop devices holding a Raspberry-Pi-like image, the files
+read back with mtools, ``fsck.vfat -n`` is clean and nothing outside the boot partition moved."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import pi_image
+import pytest
+from conftest import needs_root
+from loopdev import Loop
+
+from popsicle_py.settings import BootFsError, SettingsError, inspect_boot, write_boot_files
+from popsicle_py.settings import bootfs as bootfs_mod
+from popsicle_py.settings.fat import BootPartition
+from popsicle_py.settings.plan import BootImage
+
+pytestmark = needs_root
+FILES = {"user-data": b"#cloud-config\nhostname: \"pi-07\"\n", "meta-data": b"instance-id: a\n",
+         "network-config": b"network:\n  version: 2\n", "cmdline.txt": b"console=tty1 x\n"}
+
+
+def reader(path: Path) -> Callable[[int, int], bytes]:
+    def read(offset: int, length: int) -> bytes:
+        with open(path, "rb") as f:
+            return os.pread(f.fileno(), length, offset)
+    return read
+
+
+def on_loop(tmp_path: Path, loop_factory: Callable[..., Loop], table: str,
+            cloud_init: bool = False, fat: int = 32) -> tuple[Path, Loop, BootImage]:
+    image = pi_image.build(tmp_path, table=table, cloud_init=cloud_init, fat=fat)
+    loop = loop_factory(image.stat().st_size)
+    with open(loop.path, "r+b") as dev:
+        dev.write(image.read_bytes())
+    return image, loop, inspect_boot(reader(image), None)
+
+
+def write(loop: Loop, part: BootPartition, files: dict[str, bytes]) -> str:
+    """As the engine calls it: on the drive's open descriptor (O_EXCL, O_DIRECT)."""
+    fd = os.open(loop.path, os.O_RDWR | os.O_EXCL | os.O_DIRECT)
+    try:
+        return write_boot_files(fd, part, files)
+    finally:
+        os.close(fd)
+
+
+def mtype(loop: Loop, offset: int, name: str) -> bytes:
+    return subprocess.run(["mtype", "-i", f"{loop.path}@@{offset}", f"::/{name}"],
+                          check=True, capture_output=True,
+                          env={**os.environ, "MTOOLS_SKIP_CHECK": "1"}).stdout
+
+
+@pytest.mark.parametrize("table,fat", [("mbr", 32), ("gpt", 32), ("mbr", 16)])
+def test_files_read_back_and_nothing_else_moved(tmp_path: Path, loop_factory: Callable[..., Loop],
+                                                table: str, fat: int) -> None:
+    image, loop, boot = on_loop(tmp_path, loop_factory, table, fat=fat)
+    assert boot.partition.table == table and boot.format == "firstrun"
+    part = boot.partition
+    digest = write(loop, part, FILES)
+    assert len(digest) == 64
+    for name, data in FILES.items():
+        assert mtype(loop, part.offset, name) == data
+    assert mtype(loop, part.offset, "config.txt") == pi_image.CONFIG
+    assert mtype(loop, part.offset, "start4.elf") == bytes(range(256)) * 4096
+    window = subprocess.run(["losetup", "-r", "-f", "--show", "-o", str(part.offset),
+                             "--sizelimit", str(part.size), loop.path],
+                            check=True, capture_output=True, text=True).stdout.strip()
+    try:
+        fsck = subprocess.run(["fsck.vfat", "-n", window], capture_output=True, text=True)
+    finally:
+        subprocess.run(["losetup", "-d", window], check=True)
+    assert fsck.returncode == 0, fsck.stdout
+    original, written = image.read_bytes(), Path(loop.backing).read_bytes()
+    end = part.offset + part.size
+    assert written[:part.offset] == original[:part.offset]
+    assert written[end:len(original)] == original[end:]
+
+
+def test_cloud_init_image_is_detected(tmp_path: Path, loop_factory: Callable[..., Loop]) -> None:
+    _, _, boot = on_loop(tmp_path, loop_factory, "gpt", cloud_init=True)
+    assert boot.format == "cloud-init"
+
+
+def test_image_without_fat_is_refused(tmp_path: Path) -> None:
+    image = tmp_path / "plain.img"
+    image.write_bytes(b"\0" * (1 << 20))
+    with pytest.raises(SettingsError, match="no partition table"):
+        inspect_boot(reader(image), None)
+
+
+def test_a_write_outside_the_files_fails_the_drive(tmp_path: Path,
+                                                   loop_factory: Callable[..., Loop],
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A writer that also touched another file's cluster is caught by the block comparison."""
+    _, loop, boot = on_loop(tmp_path, loop_factory, "mbr")
+    part = boot.partition
+    real = bootfs_mod._mcopy
+    firmware_at = Path(loop.backing).read_bytes().find(bytes(range(256)) * 16, part.offset)
+
+    def stray(fd: int, where: object, files: object) -> None:
+        real(fd, part, FILES)
+        with open(loop.path, "r+b") as dev:
+            dev.seek(firmware_at + 8192)
+            dev.write(b"X")
+
+    monkeypatch.setattr(bootfs_mod, "_mcopy", stray)
+    with pytest.raises(BootFsError, match="changed outside the files written"):
+        write(loop, part, FILES)

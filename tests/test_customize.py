@@ -1,0 +1,254 @@
+"""flash --customize: a Raspberry-Pi-like xz image (MBR and GPT) to loop devices, each drive its
+own hostname and key; the files read back with mtools, ``fsck.vfat -n`` clean, every byte
+outside the boot partition the image's, the records hold the values with secrets redacted;
+bad input is one line, exit 2, nothing written."""
+
+from __future__ import annotations
+
+import csv
+import json
+import lzma
+import os
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pi_image
+import pytest
+from conftest import Loop, popsicle_cmd
+
+from popsicle_py.settings.fat import geometry
+
+pytestmark = pytest.mark.root
+KEYS = ["ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIK7y7UxIbBf10hjkkKaoDhFxSFdfZG1ZjTmXCUdxf9Rz a@x",
+        "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBmPaiN7m1JqV5Lz2EJ6jG4hRkU8nXhIjIOQvcrsIYjP b@x"]
+SETTINGS = """\
+hostname = "{hostname}"
+user = "station"
+password = "correct horse battery"
+ssh_authorized_keys = ["{ssh_key}"]
+timezone = "Europe/Berlin"
+[wifi]
+ssid = "classroom"
+passphrase = "very secret words"
+country = "DE"
+"""
+FILL = 0x5A
+
+
+def popsicle(*args: object) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*popsicle_cmd(), *map(str, args)], stdin=subprocess.DEVNULL,
+                          capture_output=True, text=True, timeout=120, check=False)
+
+
+def inputs(tmp_path: Path, settings: str = SETTINGS,
+           rows: str = f"seq,hostname,ssh_key\n1,pi-01,{KEYS[0]}\n2,pi-02,{KEYS[1]}\n"
+           ) -> tuple[Path, Path]:
+    toml, values = tmp_path / "settings.toml", tmp_path / "class.csv"
+    toml.write_text(settings)
+    values.write_text(rows)
+    return toml, values
+
+
+def mtype(loop: Loop, offset: int, name: str) -> bytes:
+    return subprocess.run(["mtype", "-i", f"{loop.path}@@{offset}", f"::/{name}"], check=True,
+                          capture_output=True, env={**os.environ, "MTOOLS_SKIP_CHECK": "1"}
+                          ).stdout
+
+
+def fsck_clean(loop: Loop, offset: int, size: int) -> subprocess.CompletedProcess[str]:
+    window = subprocess.run(["losetup", "-r", "-f", "--show", "-o", str(offset),
+                             "--sizelimit", str(size), loop.path],
+                            check=True, capture_output=True, text=True).stdout.strip()
+    try:
+        return subprocess.run(["fsck.vfat", "-n", window], capture_output=True, text=True)
+    finally:
+        subprocess.run(["losetup", "-d", window], check=True)
+
+
+def summary_of(stdout: str) -> dict[str, Any]:
+    events = [json.loads(line) for line in stdout.splitlines()]
+    assert events[-1]["event"] == "summary"
+    return events[-1]
+
+
+@pytest.mark.parametrize("table", ["mbr", "gpt"])
+def test_flash_two_drives_each_its_own_settings(tmp_path: Path, table: str,
+                                                loop_factory: Callable[..., Loop]) -> None:
+    image = pi_image.build(tmp_path, table=table, xz=True)
+    original = lzma.decompress(image.read_bytes())
+    toml, values = inputs(tmp_path)
+    loops = [loop_factory(len(original) + (4 << 20), fill=FILL) for _ in range(2)]
+    report = tmp_path / "report.jsonl"
+    done = popsicle("flash", image, *(lp.path for lp in loops), "--yes", "--json",
+                    "--customize", toml, "--values", values, "--customize-format", "cloud-init",
+                    "--report", report)
+    assert done.returncode == 0, done.stderr + done.stdout
+    summary = summary_of(done.stdout)
+    part_offset, part_size = 4 << 20, 40 << 20
+    for seq, (loop, result) in enumerate(zip(loops, summary["results"], strict=True), 1):
+        assert result["status"] == "ok" and result["device"] == loop.path
+        user_data = mtype(loop, part_offset, "user-data").decode()
+        assert f'hostname: "pi-0{seq}"' in user_data and KEYS[seq - 1] in user_data
+        assert "correct horse" not in user_data and "$6$" in user_data
+        assert b"very secret" not in mtype(loop, part_offset, "network-config")
+        assert mtype(loop, part_offset, "config.txt") == pi_image.CONFIG
+        assert mtype(loop, part_offset, "cmdline.txt") == pi_image.CMDLINE
+        fsck = fsck_clean(loop, part_offset, part_size)
+        assert fsck.returncode == 0, fsck.stdout
+        written = Path(loop.backing).read_bytes()
+        end = part_offset + part_size
+        assert written[:part_offset] == original[:part_offset]  # the head too, written last
+        assert written[end:len(original)] == original[end:]
+        assert written[len(original):] == bytes([FILL]) * (len(written) - len(original))
+        record = result["customized"]
+        assert record["format"] == "cloud-init"
+        assert record["values"]["hostname"] == f"pi-0{seq}"
+        assert record["values"]["password"] == "<redacted>"
+        assert record["values"]["wifi"]["passphrase"] == "<redacted>"
+        assert len(record["files_sha256"]) == 64
+    ids = {mtype(lp, part_offset, "meta-data") for lp in loops}
+    assert len(ids) == 2  # a distinct instance-id per drive
+    lines = [json.loads(line) for line in report.read_text().splitlines()]
+    assert sorted(r["customized"]["values"]["hostname"] for r in lines) == ["pi-01", "pi-02"]
+    assert "correct horse" not in report.read_text() + done.stdout + done.stderr
+
+
+def test_firstrun_format_hooks_cmdline(tmp_path: Path,
+                                       loop_factory: Callable[..., Loop]) -> None:
+    image = pi_image.build(tmp_path, table="mbr")
+    toml, values = inputs(tmp_path)
+    loop = loop_factory(image.stat().st_size)
+    report = tmp_path / "report.csv"
+    done = popsicle("flash", image, loop.path, "--yes", "--customize", toml, "--values",
+                    values, "--report", report)
+    assert done.returncode == 0, done.stderr + done.stdout
+    assert f"{loop.path}: first-boot settings written (firstrun, hostname pi-01)" in done.stdout
+    script = mtype(loop, 4 << 20, "firstrun.sh")
+    assert script.startswith(b"#!/bin/bash") and b"pi-01" in script
+    assert b"systemd.run=/boot/firmware/firstrun.sh" in mtype(loop, 4 << 20, "cmdline.txt")
+    (row,) = csv.DictReader(report.read_text().splitlines())
+    assert json.loads(row["customized"])["format"] == "firstrun"
+
+
+BAD = {
+    "missing-column": ('hostname = "{name}"\n', None, "names no column"),
+    "fewer-rows": (None, f"seq,hostname,ssh_key\n1,pi-01,{KEYS[0]}\n", "has no row for drive 2"),
+    "duplicate-hostname": (None, f"seq,hostname,ssh_key\n1,pi,{KEYS[0]}\n2,PI,{KEYS[1]}\n",
+                           "would be given to two drives"),
+    "unknown-setting": ('hostnmae = "x"\n', None, "unknown setting 'hostnmae'"),
+    "malformed-key": (None, "seq,hostname,ssh_key\n1,a,ssh-ed25519 AAAA\n2,b,x\n",
+                      "malformed SSH key"),
+    "bad-country": (SETTINGS.replace('"DE"', '"EU"'), None, "not an ISO 3166"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_input_one_line_exit_2_nothing_written(tmp_path: Path, case: str,
+                                                   loop_factory: Callable[..., Loop]) -> None:
+    settings, rows, message = BAD[case]
+    image = pi_image.build(tmp_path, table="gpt")
+    toml, values = inputs(tmp_path, *(a for a in (settings or SETTINGS,) if a),
+                          **({"rows": rows} if rows else {}))
+    loops = [loop_factory(image.stat().st_size, fill=FILL) for _ in range(2)]
+    done = popsicle("flash", image, *(lp.path for lp in loops), "--yes", "--customize", toml,
+                    "--values", values)
+    assert done.returncode == 2, done.stderr + done.stdout
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and message in lines[0], done.stderr
+    for loop in loops:
+        assert Path(loop.backing).read_bytes() == bytes([FILL]) * loop.size
+
+
+def test_image_without_boot_partition_is_refused(tmp_path: Path,
+                                                 loop_factory: Callable[..., Loop]) -> None:
+    image = tmp_path / "plain.img"
+    image.write_bytes(os.urandom(2 << 20))
+    toml, values = inputs(tmp_path)
+    loop = loop_factory(4 << 20, fill=FILL)
+    done = popsicle("flash", image, loop.path, "--yes", "--force", "--customize", toml,
+                    "--values", values)
+    assert done.returncode == 2, done.stderr
+    assert "cannot customise this image" in done.stderr
+    assert Path(loop.backing).read_bytes() == bytes([FILL]) * loop.size
+
+
+def _scribble_at(image: Path, where: str) -> int:
+    """Where a bad writer also writes: into another file's cluster, or the second FAT."""
+    data = image.read_bytes()
+    if where == "file":
+        return data.find(bytes(range(256)) * 16, 4 << 20) + 8192
+    geo = geometry(data[4 << 20:(4 << 20) + 512])
+    return (4 << 20) + geo.reserved + geo.fat_size + 1000 * 4  # a free cluster's entry
+
+
+@pytest.mark.parametrize("where,bytes_,caught_by", [
+    ("file", "X", "changed outside the files written"),
+    ("fat2", "\\377\\377\\377\\017", "fsck.vfat -n found problems in the boot partition: "
+     "FATs differ"),
+])
+def test_a_drive_whose_boot_partition_is_not_right_fails_with_its_head_unwritten(
+        tmp_path: Path, loop_factory: Callable[..., Loop], where: str, bytes_: str,
+        caught_by: str) -> None:
+    """An mcopy that also scribbles elsewhere (a stand-in for a bad writer or a drive that
+    aliases): on another file, caught by the block comparison; on the second FAT only, which
+    the comparison allows, caught by fsck.vfat.  The drive fails and its head is never written
+    (no bootable half-drive)."""
+    image = pi_image.build(tmp_path, table="gpt")
+    original = image.read_bytes()
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "mcopy").write_text(
+        "#!/bin/sh\n/usr/bin/mcopy \"$@\" || exit\n"
+        "while [ \"$1\" != -i ]; do shift; done\n"
+        f"printf '{bytes_}' | dd of=\"${{2%@@*}}\" bs=1 seek={_scribble_at(image, where)} "
+        "conv=notrunc status=none\n")
+    (fake / "mcopy").chmod(0o755)
+    toml, values = inputs(tmp_path)
+    good, bad = (loop_factory(len(original), fill=FILL) for _ in range(2))
+    env = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}"}
+    done = subprocess.run([*popsicle_cmd(), "flash", str(image), good.path, "--yes",
+                           "--json", "--customize", str(toml), "--values", str(values)],
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    done = subprocess.run([*popsicle_cmd(), "flash", str(image), bad.path, "--yes", "--json",
+                           "--customize", str(toml), "--values", str(values)],
+                          capture_output=True, text=True, timeout=120, check=False, env=env)
+    assert done.returncode == 1, done.stderr + done.stdout
+    (result,) = summary_of(done.stdout)["results"]
+    assert result["status"] == "failed" and result["customized"] is None
+    assert caught_by in result["error"], result["error"]
+    head = Path(bad.backing).read_bytes()[:64 << 10]
+    assert head != original[:64 << 10] and head != bytes([FILL]) * len(head)  # the stamp
+
+
+def test_without_mtools_the_run_is_refused_before_writing(tmp_path: Path,
+                                                          loop_factory: Callable[..., Loop]
+                                                          ) -> None:
+    image = pi_image.build(tmp_path, table="gpt")
+    toml, values = inputs(tmp_path)
+    loop = loop_factory(image.stat().st_size, fill=FILL)
+    env = {**os.environ, "PATH": "/usr/sbin:/sbin"}  # fsck.vfat, but no mcopy
+    done = subprocess.run([*popsicle_cmd(), "flash", str(image), loop.path, "--yes",
+                           "--customize", str(toml), "--values", str(values)],
+                          capture_output=True, text=True, timeout=120, check=False, env=env)
+    assert done.returncode == 2, done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "needs mcopy (apt-get install mtools)" in lines[0], lines
+    assert Path(loop.backing).read_bytes() == bytes([FILL]) * loop.size
+
+
+def test_a_certificate_and_customize_together_are_refused(tmp_path: Path,
+                                                          loop_factory: Callable[..., Loop]
+                                                          ) -> None:
+    """A certificate vouches for the image byte for byte: not for a customised drive."""
+    image = pi_image.build(tmp_path, table="mbr")
+    toml, values = inputs(tmp_path)
+    loop = loop_factory(image.stat().st_size, fill=FILL)
+    done = popsicle("flash", image, loop.path, "--yes", "--customize", toml, "--values",
+                    values, "--certificate", tmp_path / "certs")
+    assert done.returncode == 2, done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "--certificate" in lines[0], lines
+    assert Path(loop.backing).read_bytes() == bytes([FILL]) * loop.size

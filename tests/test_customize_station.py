@@ -1,0 +1,54 @@
+"""station --customize under umockdev: the stick in slot A2 gets A2's row, its journal record
+holds the values (secrets redacted)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pi_image
+import pytest
+from conftest import popsicle_cmd
+from station_rig import Rig, slot_map
+from test_watch import Stick, needs_testbed
+
+pytestmark = [needs_testbed, pytest.mark.umockdev]
+KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIK7y7UxIbBf10hjkkKaoDhFxSFdfZG1ZjTmXCUdxf9Rz a@x"
+
+
+@pytest.fixture
+def rig(tmp_path: Path) -> Iterator[Rig]:
+    with Rig(tmp_path / "rig") as rig:
+        yield rig
+
+
+def test_the_stick_in_a_slot_gets_that_slots_row(rig: Rig, tmp_path: Path) -> None:
+    image = pi_image.build(tmp_path, table="gpt")
+    toml, values = tmp_path / "lab.toml", tmp_path / "lab.csv"
+    toml.write_text('hostname = "{name}"\nuser = "student"\npassword = "secret words"\n'
+                    'ssh_authorized_keys = ["{ssh_key}"]\n')
+    values.write_text(f"slot,name,ssh_key\nA1,bench-left,{KEY}\nA2,bench-right,{KEY}\n")
+    slots = slot_map(tmp_path / "slots.toml", {"A1": 3, "A2": 5})
+    journal = tmp_path / "j.sqlite"
+    stick = Stick("d", 5)
+    rig.start([str(image), "--yes", "--slots", str(slots), "--journal", str(journal),
+               "--listen", "127.0.0.1:0", "--count", "1", "--customize", str(toml),
+               "--values", str(values), "--customize-format", "cloud-init"])
+    rig.add(stick.description)
+    result = rig.wait(event="result", device=stick.dev, slot="A2")
+    assert result["status"] == "ok", result
+    assert result["customized"]["values"]["hostname"] == "bench-right"
+    assert rig.wait_exit() == 0
+    written = tmp_path / "d.img"
+    written.write_bytes(rig.read(stick.dev) or b"")
+    user_data = subprocess.run(["mtype", "-i", f"{written}@@{4 << 20}", "::/user-data"],
+                               capture_output=True, check=True).stdout
+    assert b'hostname: "bench-right"' in user_data and b"secret words" not in user_data
+    done = subprocess.run([*popsicle_cmd(), "records", "--journal", str(journal), "--json"],
+                          capture_output=True, text=True, check=True)
+    (row,) = json.loads(done.stdout)
+    customized = json.loads(row["customized"])
+    assert customized["values"]["hostname"] == "bench-right"
+    assert customized["values"]["password"] == "<redacted>"

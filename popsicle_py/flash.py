@@ -109,10 +109,8 @@ class FlashOptions:
     stall_timeout: float | None = 60.0
     skip_identical: bool = False
     repair_attempts: int = 1
-    bmap: Bmap | None = None
-    #: (offset, length) of what the image's file systems use: only these are written and
-    #: verified (see popsicle_py.usage); None: every byte (or the block map's ranges).
-    used: tuple[tuple[int, int], ...] | None = None
+    bmap: Bmap | None = None  # a bmaptool map, or the ranges trim keeps (app/trim.py)
+    unused: int = 0  # bytes trim skips: the free space of the image's file systems
     #: Checked again in the write pass; the head is written only once it matched.
     checksum: Checksum | None = None
     #: Whether a checksum pass before writing matched (not with --checksum-while-writing).
@@ -194,7 +192,6 @@ class _Drive:
         self.error: str | None = None
         self.mismatch: int | None = None
         self.ended: float | None = None
-        self.unused = 0  # bytes of the image's free space, not written
 
     @property
     def live(self) -> bool:
@@ -206,6 +203,7 @@ class _Job:
 
     #: An ok drive was read back and matched (False for a flash with --no-verify).
     verifies = True
+    unused = 0  # bytes of the image not written: free space (FlashOptions.unused)
 
     def __init__(self, devices: Sequence[BlockDevice], emit: Emit, cancel: CancelCheck,
                  infos: Sequence[DriveInfo] = ()) -> None:
@@ -239,7 +237,7 @@ class _Job:
                            drive.error, drive.mismatch, elapsed, drive.skipped, drive.repaired,
                            drive.cause if drive.status is not None else Cause.CANCELLED,
                            verified=drive.status is Status.OK and self.verifies,
-                           drive=drive.info, bytes_unused=drive.unused,
+                           drive=drive.info, bytes_unused=self.unused,
                            device_sha256=drive.device_sha256
                            if drive.status is Status.OK else None)
 
@@ -289,6 +287,7 @@ class FlashJob(_Job):
         self.image = image
         self.options = options
         self.verifies = options.verify
+        self.unused = options.unused
         if options.speeds is not None and options.speeds.active:
             for drive in self.drives:
                 drive.judge = SpeedJudge(options.speeds)
@@ -296,9 +295,6 @@ class FlashJob(_Job):
         self._wall_start = time.time()
         self._early: list[Event] = []
         self._lock = threading.Lock()
-        if options.used is not None and options.bmap is None:
-            for drive in self.drives:
-                drive.unused = (self.image.size or 0) - sum(n for _, n in options.used)
 
     def relay(self, event: Event) -> None:
         """From any thread (a download's progress): emitted on the job's own thread, in order."""
@@ -311,12 +307,9 @@ class FlashJob(_Job):
 
     @property
     def total(self) -> int | None:
-        """Bytes each drive gets: the mapped (or used) ones only, with a block map (or trim)."""
+        """Bytes each drive gets: the mapped ones only, with a block map."""
         bmap = self.options.bmap
-        if bmap is not None:
-            return bmap.mapped
-        used = self.options.used
-        return sum(n for _, n in used) if used is not None else self.image.size
+        return bmap.mapped if bmap is not None else self.image.size
 
     def run(self) -> Summary:
         try:
@@ -339,10 +332,9 @@ class FlashJob(_Job):
         return self._summary()
 
     def _tap(self) -> ChecksumTap | None:
-        """The in-pass checksum, where the whole file is read in order (not with a block map,
-        nor when only the used ranges are read)."""
+        """The in-pass checksum, where the whole file is read in order (not with a block map)."""
         checksum = self.options.checksum
-        if checksum is None or self.options.bmap is not None or self.options.used is not None \
+        if checksum is None or self.options.bmap is not None \
                 or not getattr(self.image, "tappable", False):
             return None
         return ChecksumTap(checksum, checked_before=self.options.checksum_checked)
@@ -426,13 +418,11 @@ class FlashJob(_Job):
                              else getattr(self.image, "read_at", None))
             )
             bmap = options.bmap
-            if bmap is not None:
+            if bmap is None:
+                writer.expect_size(self.image.size)
+            else:
                 writer.only_extents([(e.offset, e.length, e.checksum) for e in bmap.extents],
                                     bmap.algo)
-            elif options.used is not None:
-                writer.only_extents([(offset, length, None) for offset, length in options.used])
-            else:
-                writer.expect_size(self.image.size)
             writer.write()
         except (Cancelled, KeyboardInterrupt):
             raise Cancelled("cancelled") from None

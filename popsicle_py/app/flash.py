@@ -151,8 +151,8 @@ class PreparedFlash:
             options = FlashOptions(
                 verify=write.verify, bucket_size=engine.bucket_size, buckets=engine.buckets,
                 stall_timeout=engine.stall_timeout, skip_identical=write.skip_identical,
-                repair_attempts=write.repair_attempts, bmap=self.block_map,
-                used=self.trim.ranges,
+                repair_attempts=write.repair_attempts,
+                bmap=self.block_map or self.trim.block_map, unused=self.trim.unused,
                 checksum=self.checksum, checksum_checked=not write.checksum_while_writing,
                 probe=chain(capacity_check(grade.capacity, grade.tolerance),
                             capacity_probe(size, engine.bucket_size) if write.probe else None),

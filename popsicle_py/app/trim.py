@@ -13,10 +13,11 @@ import os
 import stat
 from dataclasses import dataclass
 
+from popsicle_py.bmap import Bmap, Extent
 from popsicle_py.images import Image, ImageError, read_head
 from popsicle_py.protocols import Source
 from popsicle_py.units import format_size
-from popsicle_py.usage import Usage, has_table_or_fs, image_usage, worth_it
+from popsicle_py.usage import ALIGN, Usage, has_table_or_fs, image_usage, worth_it
 
 
 @dataclass(frozen=True)
@@ -27,8 +28,13 @@ class Trim:
     notes: tuple[str, ...] = ()
 
     @property
-    def ranges(self) -> tuple[tuple[int, int], ...] | None:
-        return self.usage.ranges if self.usage is not None else None
+    def block_map(self) -> Bmap | None:
+        """The ranges to write as a block map (no checksums): the engine's only_extents path."""
+        usage = self.usage
+        if usage is None:
+            return None
+        return Bmap("(its file systems' allocation)", "trim", usage.size, ALIGN, None,
+                    tuple(Extent(offset, length) for offset, length in usage.ranges))
 
     @property
     def unused(self) -> int:

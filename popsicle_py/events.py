@@ -31,7 +31,7 @@ class Step(_Word):
     READING = "reading"  # read: the drive read into an image file
     ERASING = "erasing"  # erase: signatures wiped, partitioned, formatted
     WRITING = "writing"
-    SYNCING = "syncing"  # the image's first 64 KiB, written last
+    SYNCING = "syncing"  # the image's head (its first MiB), written last
     VERIFYING = "verifying"
     DONE = "done"
     FAILED = "failed"

@@ -30,6 +30,7 @@ from popsicle_py.errors import (
     TooSmall,
 )
 from popsicle_py.events import Cause
+from popsicle_py.units import format_size
 
 
 @dataclass(frozen=True)
@@ -159,3 +160,12 @@ def sysfs_read_only(path: str) -> bool:
     except OSError:
         return False
     return sysfs.attr(rdev, "ro") == "1"
+
+
+def head_undone(length: int, done: bool) -> str:
+    """What a failed or cancelled drive's result adds once its head had begun to be written."""
+    size = format_size(length)
+    if done:
+        return f"the image's first {size} were overwritten again"
+    return (f"the image's first {size} could not be overwritten again: the drive may look like "
+            "the image; do not use it")

@@ -8,10 +8,10 @@ engine message becomes an event.  It never decides whether a drive may be writte
 single-threaded.
 
 Each drive is finished by the engine on its own timeline (see
-:mod:`popsicle_py.engine.writer`): everything but the image's first 64 KiB, then verification
-from the device (with a random stamp where the head goes), then, once the image's checksum
-computed in the same pass matched, the head, and its verification.  A drive that fails or is
-interrupted never holds the image's partition table or boot code.
+:mod:`popsicle_py.engine.writer`): everything but the image's head (its first MiB), then
+verification from the device (with a random stamp where the head goes), then, once the
+image's checksum computed in the same pass matched, the head, and its verification.  A drive
+that fails or is interrupted never holds the image's partition table or boot code.
 """
 
 from __future__ import annotations
@@ -109,8 +109,7 @@ class FlashOptions:
     stall_timeout: float | None = 60.0
     skip_identical: bool = False
     repair_attempts: int = 1
-    bmap: Bmap | None = None  # a bmaptool map, or the ranges trim keeps (app/trim.py)
-    unused: int = 0  # bytes trim skips: the free space of the image's file systems
+    bmap: Bmap | None = None
     #: Checked again in the write pass; the head is written only once it matched.
     checksum: Checksum | None = None
     #: Whether a checksum pass before writing matched (not with --checksum-while-writing).
@@ -192,6 +191,8 @@ class _Drive:
         self.error: str | None = None
         self.mismatch: int | None = None
         self.ended: float | None = None
+        #: Said after a failure once the head had begun to be written (see HeadUndone).
+        self.head_note: str | None = None
 
     @property
     def live(self) -> bool:
@@ -203,7 +204,6 @@ class _Job:
 
     #: An ok drive was read back and matched (False for a flash with --no-verify).
     verifies = True
-    unused = 0  # bytes of the image not written: free space (FlashOptions.unused)
 
     def __init__(self, devices: Sequence[BlockDevice], emit: Emit, cancel: CancelCheck,
                  infos: Sequence[DriveInfo] = ()) -> None:
@@ -224,6 +224,8 @@ class _Job:
              mismatch: int | None = None, cause: Cause | None = None) -> None:
         if not drive.live:
             return
+        if status is not Status.OK and drive.head_note is not None:
+            error = f"{error or status.value}; {drive.head_note}"
         drive.status, drive.error, drive.mismatch = status, error, mismatch
         drive.cause = None if status is Status.OK else (cause or Cause.ERROR)
         drive.ended = time.monotonic()
@@ -237,8 +239,7 @@ class _Job:
                            drive.error, drive.mismatch, elapsed, drive.skipped, drive.repaired,
                            drive.cause if drive.status is not None else Cause.CANCELLED,
                            verified=drive.status is Status.OK and self.verifies,
-                           drive=drive.info, bytes_unused=self.unused,
-                           device_sha256=drive.device_sha256
+                           drive=drive.info, device_sha256=drive.device_sha256
                            if drive.status is Status.OK else None)
 
     def _fail(self, drive: _Drive, exc: BaseException) -> None:
@@ -287,7 +288,6 @@ class FlashJob(_Job):
         self.image = image
         self.options = options
         self.verifies = options.verify
-        self.unused = options.unused
         if options.speeds is not None and options.speeds.active:
             for drive in self.drives:
                 drive.judge = SpeedJudge(options.speeds)
@@ -379,6 +379,8 @@ class FlashJob(_Job):
                     self._invalid(drive, offset, end, ended)
                 case BusWriterMessage.Errored(why=why):
                     self._fail(drive, why)
+                case BusWriterMessage.HeadUndone(length=length, done=done):
+                    drive.head_note = failures.head_undone(length, done)
                 case BusWriterMessage.Completed(sha256=digest):
                     drive.device_sha256 = digest
                     self._end(drive, Status.OK)

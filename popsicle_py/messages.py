@@ -81,6 +81,17 @@ class BusWriterMessage:
         why: OSError
 
     @dataclass(frozen=True)
+    class HeadUndone:
+        """Destination ``id`` failed or was stopped once its head was being written: the
+        stamp was written back over its first ``length`` bytes (``done``), or could not be
+        (it may then hold the image's head).  Comes before the drive's ``Invalid`` or
+        ``Errored``."""
+
+        id: int
+        length: int
+        done: bool
+
+    @dataclass(frozen=True)
     class LockStep:
         """A stream's destinations go at the slowest one's pace from here on, and why
         (no room for the spill file that would let laggards go on alone)."""
@@ -129,7 +140,8 @@ class BusVerifierMessage:
 WriterMessage = (BusWriterMessage.Written | BusWriterMessage.Skipped | BusWriterMessage.Stage
                  | BusWriterMessage.Verified | BusWriterMessage.Repaired
                  | BusWriterMessage.Invalid | BusWriterMessage.Completed
-                 | BusWriterMessage.Errored | BusWriterMessage.LockStep)
+                 | BusWriterMessage.Errored | BusWriterMessage.LockStep
+                 | BusWriterMessage.HeadUndone)
 #: Every message a verifier's callback may get.
 VerifierMessage = (BusVerifierMessage.Read | BusVerifierMessage.Valid
                    | BusVerifierMessage.Invalid | BusVerifierMessage.Errored)

@@ -38,7 +38,7 @@ os.environ.setdefault("FUSE_LIBRARY_NAME", "fuse3")
 import mfusepy
 
 FAULT_NAMES = ("drop_writes_after", "wrap", "bad_write", "bad_write_times", "bad_read",
-               "flip_bit", "crawl", "hang", "recent_after")
+               "flip_bit", "crawl", "hang", "recent_after", "bad_read_from")
 NAME = "disk"
 
 
@@ -182,6 +182,13 @@ class FaultFS(mfusepy.Operations):  # type: ignore[misc]
         bad = faults.get("bad_read")
         if bad and _overlaps(offset, size, bad[0], bad[1]):
             raise OSError(errno.EIO, "bad read")
+        late = faults.get("bad_read_from")
+        if late and _overlaps(offset, size, late[0], late[1]):
+            key = ("bad_read_from", *late)
+            with self.lock:
+                self.read_counts[key] = count = self.read_counts.get(key, 0) + 1
+            if count >= late[2]:
+                raise OSError(errno.EIO, "bad read (from the k-th on)")
         self._pace(faults, offset, size)
         data = bytearray(size)
         for at, physical, n in self._pieces(faults, offset, size):

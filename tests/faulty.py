@@ -11,6 +11,8 @@ device on top (a stick that misbehaves).  Faults, all optional, offsets in bytes
 - ``bad_write=(start, end)``: writes touching [start, end) fail with EIO, forever;
 - ``bad_write_times=(start, end, k)``: they fail k times, then work (transient);
 - ``bad_read=(start, end)``: reads touching [start, end) fail with EIO;
+- ``bad_read_from=(start, end, k)``: they fail from the k-th such read on (a drive that goes
+  bad between two read-backs);
 - ``flip_bit=(offset, k)``: from the k-th read of that byte on (1: every read), its low bit
   reads flipped;
 - ``crawl=(from_offset, bytes_per_s)``: I/O touching [from_offset, end) paced to that rate;

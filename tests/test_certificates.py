@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from popsicle_py.engine import HEAD
 from tests.conftest import popsicle_cmd
 from tests.loopdev import Loop
 from tests.test_watch import WATCHING, C, Stick, image_file, needs_testbed, result_of, watch
@@ -95,7 +96,7 @@ def test_flash_certifies_each_drive_and_check_judges_it(
     assert cert["device"]["sha256"] == hashlib.sha256(data).hexdigest()
     assert cert["image"] == {"name": "disk.img", "size": len(data), "sha256": None}
     assert cert["drive"]["seq"] == 1 and cert["tool"]["name"] == "popsicle-py"
-    assert cert["device"]["chunks"][0][:2] == [0, 65536]
+    assert cert["device"]["chunks"][0][:2] == [0, HEAD]  # the head: its first MiB
 
     ok = popsicle("check", by_device[loops[0].path], loops[0].path,
                   "--allowed-signers", key[1])

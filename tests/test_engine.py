@@ -34,7 +34,7 @@ from popsicle_py import (
 )
 from popsicle_py.blockdev import OpenSpec, open_for_writing
 from popsicle_py.buffers import is_aligned
-from popsicle_py.engine import CANCEL_GRACE
+from popsicle_py.engine import CANCEL_GRACE, HEAD
 
 B = 64 << 10  # the bucket size most tests use: small, so that runs are fast
 HANG = 20.0  # no run in this file may take this long; a run that does is cancelled and fails
@@ -884,17 +884,17 @@ def test_a_source_failing_during_verify(tmp_path: Path) -> None:
 
 
 def test_first_bucket_last_holds_back_the_first_bucket(tmp_path: Path) -> None:
-    payload = data(5 * B + 3)
+    payload = data(HEAD + 5 * B + 3)  # the head (1 MiB: no partition table), over 16 buckets
     dests = files(tmp_path, 2)
     rec = Recorder()
     result = BusWriter(Stream(payload), dests, rec, Deadline()).bucket_size(
         B).first_bucket_last().write()
-    assert result.held is not None and bytes(result.held) == payload[:B]
+    assert result.held is not None and bytes(result.held) == payload[:HEAD]
     for i, d in enumerate(dests):
         got = contents(d)
-        assert got[:B] == bytes(B)  # not written
-        assert got[B:] == payload[B:]
-        check_written(rec, i, len(payload) - B)
+        assert got[:HEAD] == bytes(HEAD)  # not written
+        assert got[HEAD:] == payload[HEAD:]
+        check_written(rec, i, len(payload) - HEAD)
         d.seek(0)
         d.write(result.held)
         assert contents(d) == payload
@@ -1030,7 +1030,7 @@ def round_trip(source: Any, payload: bytes, bucket: int, buckets: int, count: in
     result = BusWriter(source, dests, rec, Deadline()).bucket_size(bucket).buckets(
         buckets).record_digests().first_bucket_last(hold).write()
     assert result.size == size
-    held = min(64 << 10, size) if hold else 0  # the first 64 KiB, over as many buckets
+    held = min(HEAD, size) if hold else 0  # the first MiB (no partition table), over buckets
     assert (result.held is not None) == hold
     for i, d in enumerate(dests):
         if hold:

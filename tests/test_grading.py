@@ -11,12 +11,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from popsicle_py.engine import HEAD  # the image's head (its first MiB: random images)
 from popsicle_py.grading import SpeedJudge, SpeedRule, capacity_verdict
 from tests.conftest import popsicle_cmd
 from tests.loopdev import Loop
 
 MiB = 1 << 20
-HEAD = 64 << 10
 
 
 def test_speed_is_judged_at_steady_state_only() -> None:

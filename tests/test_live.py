@@ -430,7 +430,8 @@ def test_ctrl_c_while_the_download_stalls_keeps_every_rows_numbers(
     frame = end[:table_title(end)]
     image, row = row_of(frame, "image") or "", row_of(frame, drive.path) or ""
     assert re.search(r" 41% +received 5/12 MiB .*cancelled", image), frame
-    assert re.search(r" 2\d% +written [45](\.\d)?/12 MiB .*cancelled", row), frame
+    # The image's head (its first MiB) is held back: 4 to 5 MiB of the 5 received written.
+    assert re.search(r" (1[6-9]|2\d)% +written [45](\.\d)?/12 MiB .*cancelled", row), frame
 
 
 def test_probes_rows_and_table_say_the_verdict_not_nothing_to_write() -> None:

@@ -375,11 +375,17 @@ def test_the_station_follows_sticks_on_the_kernels_usb_stack(vm: Guest,
         a = vm.add_stick("slota", "6", "SLOT-A-01", 32 * MiB)
         b = vm.add_stick("slotb", "7", "SLOT-B-01", 32 * MiB)
 
+        seen: list[Any] = []
+
         def done() -> list[dict[str, Any]] | None:
             tiles = _api(vm, base + "/api/slots")["slots"]
+            seen[:] = [(t["state"], t["why"]) for t in tiles]
             return tiles if [t["state"] for t in tiles] == ["done", "done"] else None
 
-        tiles = poll(done, 300, "both slots done")
+        try:
+            tiles = poll(done, 600, "both slots done")
+        except Exception:
+            raise AssertionError((seen, run.json_lines()[-8:], run.stderr()[-2000:])) from None
         assert a.read(len(data)) == data and b.read(len(data)) == data
         dev_a, dev_b = tiles[0]["device"], tiles[1]["device"]
         assert dev_a and dev_b and dev_a != dev_b

@@ -120,6 +120,7 @@ class PreparedFlash:
         """
         write, engine, grade = self.request.write, self.request.engine, self.request.grade
         emit = emitter(view, self.report)
+        emit = self.trim.emitter(emit)  # each result says how much free space it skipped
         if self.personaliser is not None:
             emit = self.personaliser.emitter(emit)
         for note in self.source.notes:
@@ -152,7 +153,7 @@ class PreparedFlash:
                 verify=write.verify, bucket_size=engine.bucket_size, buckets=engine.buckets,
                 stall_timeout=engine.stall_timeout, skip_identical=write.skip_identical,
                 repair_attempts=write.repair_attempts,
-                bmap=self.block_map or self.trim.block_map, unused=self.trim.unused,
+                bmap=self.block_map or self.trim.block_map,
                 checksum=self.checksum, checksum_checked=not write.checksum_while_writing,
                 probe=chain(capacity_check(grade.capacity, grade.tolerance),
                             capacity_probe(size, engine.bucket_size) if write.probe else None),

@@ -9,15 +9,20 @@ whole image read back).  See :mod:`popsicle_py.usage` for what is read and trust
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass
 
+from popsicle_py import events
 from popsicle_py.bmap import Bmap, Extent
 from popsicle_py.images import Image, ImageError, read_head
 from popsicle_py.protocols import Source
 from popsicle_py.units import format_size
 from popsicle_py.usage import ALIGN, Usage, has_table_or_fs, image_usage, worth_it
+
+Emit = Callable[[events.WatchEvent], None]
 
 
 @dataclass(frozen=True)
@@ -40,6 +45,22 @@ class Trim:
     def unused(self) -> int:
         """Bytes of the image not written: free space of its file systems."""
         return self.usage.skipped if self.usage is not None else 0
+
+    def emitter(self, emit: Emit) -> Emit:
+        """``emit`` with the bytes not written in each drive's result and in the summary."""
+        unused = self.unused
+        if not unused:
+            return emit
+
+        def relay(event: events.WatchEvent) -> None:
+            if isinstance(event, events.Result):
+                event = dataclasses.replace(event, result=dataclasses.replace(
+                    event.result, bytes_unused=unused))
+            elif isinstance(event, events.Summary):
+                event = dataclasses.replace(event, results=tuple(
+                    dataclasses.replace(r, bytes_unused=unused) for r in event.results))
+            emit(event)
+        return relay
 
 
 NONE = Trim(None)

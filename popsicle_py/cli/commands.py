@@ -79,12 +79,13 @@ def _run(job: PreparedFlash | PreparedVerify | PreparedProbe, view: View) -> int
     """Run a prepared job with the signals handled: the first stops the drives, a second
     exits at once; the exit status says how it ended."""
     from popsicle_py.app.common import exit_status
+    from popsicle_py.cli.hangup import HangUpView
     from popsicle_py.signals import Cancellation
 
     cancel = Cancellation()
     cancel.announce = view.announce
     with cancel.installed():
-        summary = job.run(view, cancel)
+        summary = job.run(HangUpView(view, cancel), cancel)
     return exit_status(summary, cancel)
 
 
@@ -206,6 +207,7 @@ def watch(source: SourceOptions, session: Session, grade: GradeOptions, yes: boo
 
     def body() -> int:
         from popsicle_py.app.watch import prepare_watch
+        from popsicle_py.cli.hangup import HangUpView
         from popsicle_py.signals import Cancellation
 
         request = dataclasses.replace(session.request(source), grade=grade,
@@ -218,7 +220,7 @@ def watch(source: SourceOptions, session: Session, grade: GradeOptions, yes: boo
             cancel = Cancellation()
             cancel.announce = view.announce
             with cancel.installed():
-                job.run(view, cancel)
+                job.run(HangUpView(view, cancel), cancel)
             return job.exit_status
 
     run_guarded(output.debug, output.json, body)

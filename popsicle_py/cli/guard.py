@@ -21,6 +21,7 @@ def _keep_hyphenated_words() -> None:
     class Wrapper(_textwrap.TextWrapper):
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             kwargs.setdefault("break_on_hyphens", False)
+            kwargs.setdefault("break_long_words", False)  # a long path overflows, unbroken
             super().__init__(*args, **kwargs)
 
     _textwrap.TextWrapper = Wrapper  # type: ignore[misc]  # click.formatting looks it up per call

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from popsicle_py.blockdev import DEFAULT_RETRIES, MAX_CALL, FileLike
+from popsicle_py.engine.head import HEAD as _HEAD
 
 if TYPE_CHECKING:
     from _typeshed import WriteableBuffer
@@ -24,9 +25,12 @@ LAGGARD_PATIENCE = 0.25
 STALL_BYTES = 1 << 20
 #: How long a cancelled run waits for workers to leave a system call before abandoning them.
 CANCEL_GRACE = 1.5
+#: How much longer it waits for a lane that writes the stamp back over a head it had begun.
+UNDO_GRACE = 10.0
 #: The image's head: the bytes that make a drive look like the image to a computer (MBR, GPT
-#: header and entries, ISO 9660 volume descriptors).  Written last, only once all else is good.
-HEAD = 64 << 10
+#: header and entries, ISO 9660 descriptors, UDF anchors, btrfs's superblock: see :mod:`.head`,
+#: which sizes it per image, never more than this).  Written last, only once all else is good.
+HEAD = _HEAD
 
 #: (offset, length, expected hex checksum or None) of one block-map range.
 Extent = tuple[int, int, str | None]

@@ -17,6 +17,12 @@ routine for the writer's own verification and for :class:`~.verifier.BusVerifier
    caller's per-destination step if any (``Config.before_head``: --customize writes the boot
    partition's files; an exception fails the destination, its head unwritten), the head,
    fsync, and the head read back; then ``Completed``.
+
+From the head's first write until it reads back, a lane that fails (an error, a head that does
+not read back) or is stopped (a cancel, a stall) gets the stamp written back over the head
+(:meth:`Finisher._undo`, best effort, said in a ``HeadUndone`` message before its failure): a
+failed drive never ends holding the image's head, unless the process is killed (SIGKILL) or a
+write stays stuck in the kernel past the process's end.
 """
 
 from __future__ import annotations
@@ -30,7 +36,9 @@ from dataclasses import dataclass
 import xxhash
 
 from popsicle_py.blockdev import (
+    CALL_ALIGN,
     DEFAULT_RETRIES,
+    Pacer,
     drop_cache,
     first_difference,
     read_at,
@@ -152,6 +160,8 @@ class Finisher:
         #: Where the head goes until the image's own may be written (random: no signature).
         self.stamp_bytes = memoryview(aligned_buffer(HEAD))
         self.stamp_bytes[:] = os.urandom(HEAD)
+        #: Lanes whose head is being written, not yet checked: a failure now undoes it.
+        self._at_risk: set[int] = set()
         #: Per lane: the SHA-256 of the image's range as its last whole verify pass read it.
         self.device_sha256: dict[int, str] = {}
 
@@ -162,8 +172,9 @@ class Finisher:
             return False
         head = self.reader.held_length
         if head:
+            # Moved bytes for the stall clock (1 MiB at a crawl is seen as a crawl).
             write_at(lane.dest, 0, self.stamp_bytes[:head], stop=lambda: lane.stopped,
-                     retries=self.config.retries, pacer=lane.pacer)
+                     progress=lane.advance, retries=self.config.retries, pacer=lane.pacer)
             sync(lane.dest)  # on the device before anything after it (a buffered destination)
         return not lane.stopped
 
@@ -185,18 +196,21 @@ class Finisher:
             lane.touch()
         if held is not None and head:
             lane.post(Msg.Stage(lane.id, Step.SYNCING))
-            write_at(lane.dest, 0, held, stop=lambda: lane.stopped, retries=config.retries,
-                     pacer=lane.pacer)
-            sync(lane.dest)
-            if not lane.stopped:  # the image's bytes of it (a block map's holes are not)
-                self.written(lane)(self.reader.head_bytes)
-            if lane.stopped:
+            self._at_risk.add(lane.id)
+            try:
+                good = self._head(lane, held) and not lane.stopped
+            except Exception:
+                self._undo(lane)
+                raise
+            if not good:
+                self._undo(lane)
                 return
-            if config.verify and not self._verify(lane, only_head=True):
-                return
-        if not lane.stopped:
-            lane.post(Msg.Completed(lane.id, self.device_sha256.get(lane.id)
-                                    if config.verify else None))
+            self._at_risk.discard(lane.id)
+        elif lane.stopped:
+            return
+        # A head that read back while not stopped: done, even if the run stops right now.
+        lane.post(Msg.Completed(lane.id, self.device_sha256.get(lane.id)
+                                if config.verify else None))
 
     def _surface(self, lane: Lane) -> None:
         """The rest of the drive tested (raises Rejected: the drive never gets the head)."""
@@ -245,6 +259,48 @@ class Finisher:
 
         return fresh
 
+    def _head(self, lane: Lane, held: memoryview) -> bool:
+        """Write the head, fsync, [check it]; False when stopped or it does not read back.
+
+        Written from its end back to byte 0 in calls of a fresh pacer (the first is 16 KiB,
+        each about half a second of the drive's speed at most), so that a stop is seen within
+        one call whatever the calls before were, and the partition table lands last.
+        """
+        config = self.config
+        pacer = Pacer()
+        end = len(held)
+        while end > 0:
+            if lane.stopped:
+                return False
+            start = max(0, end - pacer.size())
+            start -= start % CALL_ALIGN
+            write_at(lane.dest, start, held[start:end], stop=lambda: lane.stopped,
+                     progress=lane.advance, retries=config.retries, pacer=pacer)
+            end = start
+        sync(lane.dest)
+        if lane.stopped:
+            return False
+        self.written(lane)(self.reader.head_bytes)  # of the image (a block map's holes: not)
+        return not (config.verify and not self._verify(lane, only_head=True))
+
+    def _undo(self, lane: Lane) -> None:
+        """The stamp back over the head of a lane that failed or stopped once its head was
+        being written (best effort, never stopped: it is what makes the drive safe)."""
+        if lane.id not in self._at_risk:
+            return
+        self._at_risk.discard(lane.id)
+        head = self.reader.held_length
+        lane.undoing = True
+        try:
+            write_at(lane.dest, 0, self.stamp_bytes[:head], retries=1, pacer=Pacer())
+            sync(lane.dest)
+            done = True
+        except Exception:  # a pulled or dying drive: said in the result
+            done = False
+        finally:
+            lane.undoing = False
+        lane.post(Msg.HeadUndone(lane.id, head, done))
+
     def _verify(self, lane: Lane, *, stamp_head: bool = False, only_head: bool = False) -> bool:
         """Check the destination against the digests; repair, then check all again.
 
@@ -287,6 +343,7 @@ class Finisher:
         return True
 
     def _invalid(self, lane: Lane, offset: int, end: int | None, *, ended: bool = False) -> None:
+        self._undo(lane)  # a head that does not read back is not left on the drive
         lane.mismatch = offset
         lane.error = OSError(errno.EIO, "verification failed")
         self.ring.leave(lane.id)

@@ -28,6 +28,7 @@ class Lane:
         self.detach = False  # asked to leave the ring and go on alone
         self.solo = False  # reading the source by position on its own
         self.rejoin: int | None = None  # the bucket where a solo lane must come back to the ring
+        self.undoing = False  # writing the stamp back over a head: a cancel waits for it
         self.last_progress = time.monotonic()
         self.recent = 0  # bytes moved since last_progress, short of STALL_BYTES
         self.pacer = Pacer()

@@ -1,10 +1,11 @@
 """The reader: fills the ring from the source, once, in order.
 
-It keeps the image's head (its first 64 KiB) out of the ring for the lanes to write last,
-records a digest per extent for verification without a second read, checks block-map ranges as
-they pass, and at the end of the source asks the caller to vouch for what was read (the image's
-checksum, computed in this same pass).  When the ring is full because one lane holds it back
-while another waits for data, it sends that laggard on alone (seekable sources only).
+It keeps the image's head (up to its first 1 MiB: :mod:`.head`) out of the ring for the lanes to
+write last, records a digest per extent for verification without a second read, checks
+block-map ranges as they pass, and at the end of the source asks the caller to vouch for what
+was read (the image's checksum, computed in this same pass).  When the ring is full because one
+lane holds it back while another waits for data, it sends that laggard on alone (seekable
+sources only).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import xxhash
 
 from popsicle_py.blockdev import FileLike, read_full
 from popsicle_py.engine.config import HEAD, LAGGARD_PATIENCE, POLL, Config
+from popsicle_py.engine.head import head_length
 from popsicle_py.engine.lane import Lane
 from popsicle_py.engine.ring import Ring
 from popsicle_py.engine.spill import Spill
@@ -57,6 +59,8 @@ class Reader:
         self.held = held  # where the image's head goes (None: it goes through the ring)
         self.held_length = 0  # the head is held[:held_length], holes of a block map zeroed
         self.head_bytes = 0  # of the image in it (a block map's holes are not)
+        #: The head's length, decided by the first read (see :func:`.head.head_length`).
+        self.head_limit: int | None = None
         self._head_recorded = False
         self.digests: list[bytes] = []
         self.extents: list[tuple[int, int]] = []
@@ -154,14 +158,20 @@ class Reader:
     def _take_head(self, data: memoryview, offset: int) -> int:
         """Keep the part of a read that lies in the image's head; return its length.
 
-        Every read inside the first 64 KiB is held, not only the first: small buckets, and
-        block-map ranges (an MBR sector, then ISO 9660 descriptors at 32 KiB), would otherwise
-        put part of the head on the drives before the rest was checked.
+        Every read inside the head is held, not only the first: small buckets, and block-map
+        ranges (an MBR sector, then ISO 9660 descriptors at 32 KiB), would otherwise put part
+        of the head on the drives before the rest was checked.  The first read sizes the head
+        (up to the first partition, when the image has a partition table: see :mod:`.head`).
         """
-        if self.held is None or offset >= HEAD:
+        if self.held is None:
+            return 0
+        if self.head_limit is None:
+            self.head_limit = head_length(data) if offset == 0 else HEAD
+        limit = self.head_limit
+        if offset >= limit:
             return 0
         assert not self._head_recorded, "reads in order (only_extents checks the ranges)"
-        n = min(len(data), HEAD - offset)
+        n = min(len(data), limit - offset)
         self.held[offset : offset + n] = data[:n]
         self.held_length = offset + n
         self.head_bytes += n

@@ -30,7 +30,8 @@ class WriteResult(Sequence[DestinationResult]):
 
     ``digests`` holds an XXH3-128 digest per extent of the source (when recording was asked
     for), ``extents`` each digest's (offset, length); ``held`` is the image's head (its first
-    64 KiB) kept back by :meth:`BusWriter.first_bucket_last`, and is the first extent.
+    MiB, or up to its first partition: :mod:`.head`) kept back by
+    :meth:`BusWriter.first_bucket_last`, and is the first extent.
     """
 
     results: tuple[DestinationResult, ...]

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from popsicle_py.blockdev import FileLike, as_oserror
-from popsicle_py.engine.config import CANCEL_GRACE, POLL
+from popsicle_py.engine.config import CANCEL_GRACE, POLL, UNDO_GRACE
 from popsicle_py.engine.lane import Lane
 from popsicle_py.errors import Cancelled, Stalled
 
@@ -131,7 +131,7 @@ class Supervisor:
                     deadline = time.monotonic() + CANCEL_GRACE
                     self.halt()
                 now = time.monotonic()
-                if cancelled and now > deadline:
+                if cancelled and now > deadline and not self._undoing(now - deadline):
                     for lane in self.lanes:
                         lane.abandoned = lane.abandoned or not lane.finished
                     break
@@ -145,6 +145,11 @@ class Supervisor:
         if cancelled:
             raise Cancelled("cancelled")
         return reader_error
+
+    def _undoing(self, late: float) -> bool:
+        """A lane still writes the stamp back over its head: worth UNDO_GRACE more."""
+        return late < UNDO_GRACE and any(lane.undoing and not lane.finished
+                                         for lane in self.lanes)
 
     def _deliver(self, message: object) -> None:
         lane_id = getattr(message, "id", None)

@@ -9,9 +9,9 @@ With :meth:`BusWriter.finish_each`, each destination is also finished by the eng
 drive is never reported complete unless the bytes on it at the end are the image's, and never
 looks like the image to a computer before that:
 
-1. a random stamp where the image's head (its first 64 KiB) goes, before anything else: a
-   drive stopped at any later point shows neither the image's head nor what it held before
-   (an old image's partition table over new data would pass for a good disk);
+1. a random stamp where the image's head (its first MiB: :mod:`.head`) goes, before anything
+   else: a drive stopped at any later point shows neither the image's head nor what it held
+   before (an old image's partition table over new data would pass for a good disk);
 2. every bucket but the head, then fsync;
 3. with verification: every extent read back from the device and checked against the
    digests the reader recorded, the stamp included.
@@ -20,7 +20,8 @@ looks like the image to a computer before that:
    stamp reading back proves that the head's blocks are shared with no other checked block, so
    writing the head next cannot change anything already checked;
 4. once the reader has vouched for the whole source (its checksum, computed in the same pass):
-   the head, fsync, and the head read back.
+   the head, fsync, and the head read back.  A drive that fails or is stopped from the
+   head's first write on gets the stamp back over it (see :class:`~.finish.Finisher`).
 """
 
 from __future__ import annotations
@@ -107,7 +108,7 @@ class BusWriter(Builder):
         return self._set(record=enabled)
 
     def first_bucket_last(self, enabled: bool = True) -> BusWriter:
-        """Keep the image's head (its first 64 KiB, over as many reads) out of the writes.
+        """Keep the image's head (up to its first MiB, over as many reads) out of the writes.
 
         It is returned in ``WriteResult.held`` for the caller to write last, or written last by
         the engine itself with :meth:`finish_each`.  Needs seekable destinations.

@@ -34,7 +34,8 @@ __all__ = ["FORMATS", "HEAD_LIMIT", "BootImage", "Customization", "DriveFiles",
 
 FORMATS = ("cloud-init", "firstrun")
 CLOUD_INIT_NAMES = frozenset({"user-data", "meta-data", "network-config"})
-#: The engine writes the image's first 64 KiB last: the boot partition must begin after it.
+#: The engine writes the image's head last (up to its first partition, at least 64 KiB: see
+#: popsicle_py.engine.head): the boot partition must begin after 64 KiB.
 HEAD_LIMIT = 64 * 1024
 
 

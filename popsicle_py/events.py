@@ -191,6 +191,8 @@ class DriveResult:
     customized: JsonObject | None = None
     #: SHA-256 (hex) of the image's range as read back from the drive in the verify pass.
     device_sha256: str | None = None
+    #: Bytes of the image in its file systems' free space: neither written nor verified.
+    bytes_unused: int = 0
 
     @property
     def ok(self) -> bool:

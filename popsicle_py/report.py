@@ -55,7 +55,7 @@ def record(result: events.DriveResult, tracker: progress.DriveProgress | None, *
         "vendor": info.vendor, "model": info.model, "serial": info.serial,
         "capacity": info.size or None, "image": os.path.basename(image),
         "image_sha256": sha256, "bytes_written": result.bytes_written,
-        "bytes_skipped": result.bytes_skipped,
+        "bytes_skipped": result.bytes_skipped + result.bytes_unused,  # free space: not written
         "write_speed": _per_second(tracker.write_speed if tracker else None),
         "verify_speed": _per_second(tracker.verify_speed if tracker else None),
         "result": result.status, "verified": result.verified,

@@ -16,6 +16,8 @@ def extras(r: events.DriveResult) -> str:
     parts = []
     if r.bytes_skipped:
         parts.append(f"{format_size(r.bytes_skipped)} already there")
+    if r.bytes_unused:
+        parts.append(f"{format_size(r.bytes_unused)} of free space not written")
     if r.repaired:
         parts.append(f"repaired {r.repaired} bucket{'s' if r.repaired != 1 else ''}")
     return "".join(f", {p}" for p in parts)

@@ -25,6 +25,7 @@ from popsicle_py.app.common import (
 )
 from popsicle_py.app.confirm import Confirmation, target_rows
 from popsicle_py.app.requests import FlashRequest
+from popsicle_py.app.trim import NONE, Trim, plan_trim
 from popsicle_py.blockdev import BlockDevice
 from popsicle_py.bmap import Bmap
 from popsicle_py.certify.writer import CertificateWriter
@@ -58,7 +59,8 @@ class PreparedFlash:
     def __init__(self, request: FlashRequest, source: sources.OpenedSource, plan: Plan,
                  block_map: Bmap | None, report: Report | None,
                  certificates: CertificateWriter | None = None,
-                 personaliser: customize.Personaliser | None = None) -> None:
+                 personaliser: customize.Personaliser | None = None,
+                 trim: Trim = NONE) -> None:
         self.request = request
         self.certificates = certificates
         self.source = source
@@ -66,6 +68,7 @@ class PreparedFlash:
         self.checksum = source.checksum
         self.plan = plan
         self.block_map = block_map
+        self.trim = trim
         self.report = report
         self.personaliser = personaliser  # --customize: each drive's step before its head
         self.infos = tuple(drive_info(d, i) for i, d in enumerate(plan.targets, 1))
@@ -74,6 +77,7 @@ class PreparedFlash:
             notes.append(f"block map {block_map.path}: writing "
                          f"{format_size(block_map.mapped)} of "
                          f"{format_size(block_map.image_size)}")
+        notes.extend(trim.notes)
         #: What a person reads before the run (a terminal view shows them; JSON has none
         #: before its ``start`` event).
         self.notes = tuple(notes)
@@ -116,6 +120,7 @@ class PreparedFlash:
         """
         write, engine, grade = self.request.write, self.request.engine, self.request.grade
         emit = emitter(view, self.report)
+        emit = self.trim.emitter(emit)  # each result says how much free space it skipped
         if self.personaliser is not None:
             emit = self.personaliser.emitter(emit)
         for note in self.source.notes:
@@ -148,7 +153,8 @@ class PreparedFlash:
             options = FlashOptions(
                 verify=write.verify, bucket_size=engine.bucket_size, buckets=engine.buckets,
                 stall_timeout=engine.stall_timeout, skip_identical=write.skip_identical,
-                repair_attempts=write.repair_attempts, bmap=self.block_map,
+                repair_attempts=write.repair_attempts,
+                bmap=self.block_map or self.trim.block_map,
                 checksum=self.checksum, checksum_checked=not write.checksum_while_writing,
                 probe=chain(capacity_check(grade.capacity, grade.tolerance),
                             capacity_probe(size, engine.bucket_size) if write.probe else None),
@@ -170,6 +176,15 @@ class PreparedFlash:
         return summary
 
 
+def _whole_because(request: FlashRequest, source: sources.OpenedSource) -> str | None:
+    """Why a flash must read every byte of the image, so trim cannot skip its free space."""
+    if request.grade.certificate is not None:
+        return "--certificate reads the whole image back"
+    if request.write.checksum_while_writing and source.checksum is not None:
+        return "--checksum-while-writing reads every byte"
+    return None
+
+
 def prepare_flash(request: FlashRequest) -> PreparedFlash:
     """Every check of a flash, before anything is written; raises :class:`Refused`."""
     targets, write = request.targets, request.write
@@ -182,6 +197,8 @@ def prepare_flash(request: FlashRequest) -> PreparedFlash:
         sources.require_still(source.image.path)
         image_note = sources.sanity_note(source, request.source.image, request.source.force)
         block_map = sources.block_map(source.image, write.bmap, write.no_bmap)
+        trim = plan_trim(source.image, wanted=write.trim and block_map is None,
+                         whole_because=_whole_because(request, source))
         size = source.image.size if block_map is None else block_map.image_size
         plan = make_plan(targets.devices, all_usb=targets.all_usb, image_path=source.image.path,
                          image_size=size, unmount=targets.unmount,
@@ -211,4 +228,4 @@ def prepare_flash(request: FlashRequest) -> PreparedFlash:
                                       source.checksum, verify=write.verify,
                                       compressed=source.image.compressed)
     return PreparedFlash(request, source, plan, block_map, report, certificates,
-                        personaliser)
+                        personaliser, trim)

@@ -67,6 +67,8 @@ class WriteOptions:
     #: A block map file (None: the one beside the image, unless ``no_bmap``).
     bmap: str | None = None
     no_bmap: bool = False
+    #: Write only what the image's file systems use (ext2/3/4, FAT; not with a block map).
+    trim: bool = True
     #: Check the checksum in the write pass only, not in a pass before it.
     checksum_while_writing: bool = False
 

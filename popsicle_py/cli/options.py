@@ -200,10 +200,11 @@ engine_options = OptionGroup(
 
 
 def _write(no_verify: bool, no_probe: bool, repair_attempts: int, skip_identical: bool,
-           bmap: str | None, no_bmap: bool, checksum_while_writing: bool) -> WriteOptions:
+           bmap: str | None, no_bmap: bool, no_trim: bool,
+           checksum_while_writing: bool) -> WriteOptions:
     return WriteOptions(verify=not no_verify, probe=not no_probe,
                         repair_attempts=repair_attempts, skip_identical=skip_identical,
-                        bmap=bmap, no_bmap=no_bmap,
+                        bmap=bmap, no_bmap=no_bmap, trim=not no_trim,
                         checksum_while_writing=checksum_while_writing)
 
 
@@ -222,6 +223,9 @@ write_options = OptionGroup(
                  metavar="FILE", help="Block map (bmaptool): write only its mapped ranges "
                  "(default: IMAGE.bmap when present)."),
     click.option("--no-bmap", is_flag=True, help="Ignore a block map next to the image."),
+    click.option("--no-trim", is_flag=True,
+                 help="Write every byte, also the free space of the image's ext2/3/4 and FAT "
+                      "file systems."),
     click.option("--checksum-while-writing", is_flag=True,
                  help="Check the checksum only in the pass that writes the drives (no read "
                       "of the image before writing)."),

@@ -165,6 +165,15 @@ def test_list_json_gives_each_drive_its_usb_port(vm: Guest,
         assert listed[where[disk_id]]["port_path"] == PORTS[disk_id][0]
 
 
+def test_list_json_gives_each_stick_its_usb_link_speed(vm: Guest,
+                                                      listed: dict[str, dict[str, Any]]) -> None:
+    """The kernel's own link speeds (issue 29): full speed behind QEMU's hub, SuperSpeed on
+    the controller's own ports."""
+    where = guest_drives(vm)
+    assert {disk_id: listed[where[disk_id]]["link_speed"] for disk_id in STICKS} == {
+        "hubstick": 12, "stick": 5000, "twin": 5000, "lun0": 5000, "lun1": 5000}
+
+
 def test_list_plain_names_the_sticks_and_not_the_internal_disks(vm: Guest) -> None:
     where = guest_drives(vm)
     result = vm.popsicle("list")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 from popsicle_py import events
 from popsicle_py.app.requests import GradeOptions
@@ -119,3 +120,27 @@ def exit_status(summary: events.Summary, cancel: Cancellation) -> int:
     if summary.cancelled or cancel():
         return cancel.exit_status
     return EXIT_OK if summary.ok else EXIT_FAILED
+
+
+S = TypeVar("S", bound="HeldFiles")
+
+
+class HeldFiles:
+    """What a prepared job opens before its confirmation and closes however it ends: the
+    ``--report`` file and the ``--certificate`` directory (``with prepare_x(...) as job``)."""
+
+    report: Report | None = None
+    certificates: CertificateWriter | None = None
+
+    def __enter__(self: S) -> S:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self.report is not None:
+            self.report.close()
+        if self.certificates is not None:
+            self.certificates.close()
+

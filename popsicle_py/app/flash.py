@@ -17,6 +17,7 @@ from popsicle_py import events, probe, udisks
 from popsicle_py.app import customize, sources
 from popsicle_py.app.access import require_access
 from popsicle_py.app.common import (
+    HeldFiles,
     cancelled_before_writing,
     capacity_notes,
     emitter,
@@ -49,7 +50,7 @@ def capacity_probe(image_size: int | None, bucket_size: int) -> Callable[[BlockD
     return probe.checker([*range(bucket_size, end, bucket_size), end])
 
 
-class PreparedFlash:
+class PreparedFlash(HeldFiles):
     """A flash that passed every check: the plan, the opened source, the checksum, the notes.
 
     Use it as a context manager (the report file is closed however it ends), show
@@ -99,18 +100,6 @@ class PreparedFlash:
             f"Flash {self.image.path} ({format_size(self.image.size)})",
             target_rows(self.plan.targets, self.plan), self.plan.notes,
             f"Everything on {these} will be lost. Continue?")
-
-    def __enter__(self) -> PreparedFlash:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        if self.report is not None:
-            self.report.close()
-        if self.certificates is not None:
-            self.certificates.close()
 
     def run(self, view: View, cancel: Cancellation) -> events.Summary:
         """Write every target and verify it; the summary says how each drive ended.

@@ -8,7 +8,7 @@ from popsicle_py import drives, events
 from popsicle_py import watch as watch_mod
 from popsicle_py.app import customize, sources
 from popsicle_py.app.access import require_future_access
-from popsicle_py.app.common import emitter, open_sinks, speed_rule
+from popsicle_py.app.common import HeldFiles, emitter, open_sinks, speed_rule
 from popsicle_py.app.confirm import Confirmation, target_rows
 from popsicle_py.app.requests import WatchRequest
 from popsicle_py.certify.writer import CertificateWriter
@@ -21,7 +21,7 @@ from popsicle_py.signals import Cancellation
 from popsicle_py.units import format_size
 
 
-class PreparedWatch:
+class PreparedWatch(HeldFiles):
     """A duplicator session that passed every check; :meth:`run` watches until the count or a
     signal.  Use it as a context manager: the report file is closed however it ends."""
 
@@ -60,18 +60,6 @@ class PreparedWatch:
         if self.personaliser is None or options is None:
             return None
         return customize.note(options, self.personaliser)
-
-    def __enter__(self) -> PreparedWatch:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        if self.report is not None:
-            self.report.close()
-        if self.certificates is not None:
-            self.certificates.close()
 
     def run(self, view: View, cancel: Cancellation, *,
             hooks: watch_mod.WatchOptions | None = None) -> events.Summary:

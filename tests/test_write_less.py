@@ -165,6 +165,25 @@ def test_bmap_with_no_bmap_is_a_usage_error(sparse_image: tuple[Path, bytes],
     assert drive.read() == bytes([PATTERN]) * drive.size
 
 
+def test_a_checksum_only_the_write_pass_could_check_is_refused_with_a_block_map(
+        sparse_image: tuple[Path, bytes], loop_factory: Callable[..., Loop]) -> None:
+    """A block map's pass reads only its ranges, so --checksum-while-writing would check
+    nothing: a wrong image would end ok.  Refused before anything is written."""
+    path, _ = sparse_image
+    drive = loop_factory(16 * MiB, fill=PATTERN)
+    rc, _, err = flash(str(path), drive.path, "--sha256", "0" * 64,
+                       "--checksum-while-writing")
+    assert rc == 2
+    assert err.splitlines() == [
+        f"popsicle-py: --checksum-while-writing cannot check the checksum: the block map "
+        f"{path}.bmap reads only its ranges; drop it or give --no-bmap"]
+    assert drive.read() == bytes([PATTERN]) * drive.size
+    rc, evs, err = flash(str(path), drive.path, "--sha256", "0" * 64,
+                         "--checksum-while-writing", "--no-bmap")
+    assert rc == 1, err  # the whole image is read in the write pass, and its checksum is wrong
+    assert result(evs, drive.path)["cause"] == "source"
+
+
 def test_bad_bmaps_are_refused_before_writing(sparse_image: tuple[Path, bytes],
                                               loop_factory: Callable[..., Loop],
                                               tmp_path: Path) -> None:

@@ -210,6 +210,10 @@ def prepare_flash(request: FlashRequest) -> PreparedFlash:
     if links:
         plan = dataclasses.replace(plan, notes=(*plan.notes, *links))
     require_access([d.path for d in plan.targets], writing=True)
+    if write.checksum_while_writing and source.checksum is not None and block_map is not None:
+        # The write pass reads only the mapped ranges: the checksum would never be checked.
+        raise Refused([f"--checksum-while-writing cannot check the checksum: the block map "
+                       f"{block_map.path} reads only its ranges; drop it or give --no-bmap"])
     if request.grade.certificate is not None and block_map is not None:
         raise Refused([f"--certificate needs the whole image read back, and the block map "
                        f"{block_map.path} leaves holes unread: give --no-bmap"])

@@ -15,15 +15,14 @@ from dataclasses import dataclass
 
 from popsicle_py import events
 from popsicle_py.app.access import require_access
+from popsicle_py.app.verify import ReadsDrives
 from popsicle_py.certify import model, sshsig
 from popsicle_py.certify.readback import CheckJob, Expected
 from popsicle_py.defaults import DEFAULT_STALL_TIMEOUT
 from popsicle_py.drives import Drive
 from popsicle_py.errors import Refused
-from popsicle_py.flash import open_targets
 from popsicle_py.images.checksums import choose_sidecar
 from popsicle_py.plan import make_read_plan
-from popsicle_py.ports import drive_info
 from popsicle_py.protocols import View
 from popsicle_py.signals import Cancellation
 
@@ -48,28 +47,19 @@ class CheckRequest:
     stall_timeout: float = DEFAULT_STALL_TIMEOUT
 
 
-class PreparedCheck:
+class PreparedCheck(ReadsDrives):
     """A check whose certificate (and signature) passed: what each drive must hold."""
 
     def __init__(self, request: CheckRequest, expected: Expected, targets: tuple[Drive, ...],
                  notes: tuple[str, ...]) -> None:
+        super().__init__(targets)
         self.request = request
         self.expected = expected
-        self.targets = targets
         self.notes = notes
-        self.infos = tuple(drive_info(d, i) for i, d in enumerate(targets, 1))
-
-    @property
-    def labels(self) -> dict[str, str]:
-        return {d.path: d.label for d in self.targets}
 
     def run(self, view: View, cancel: Cancellation) -> events.Summary:
         """Read every drive (nothing is written); the summary says which match."""
-        try:
-            opened = open_targets(self.targets, for_writing=False)
-        except Refused:
-            view.close()
-            raise
+        opened = self.open_drives(view)
         for note in self.notes:
             view.handle(events.Note(note))
         summary = CheckJob(self.expected, opened, view.handle, cancel,

@@ -7,6 +7,7 @@ from popsicle_py.app import sources
 from popsicle_py.app.access import require_access
 from popsicle_py.app.confirm import Confirmation, target_rows
 from popsicle_py.app.requests import ProbeRequest, VerifyRequest
+from popsicle_py.blockdev import BlockDevice
 from popsicle_py.drives import Drive
 from popsicle_py.errors import Refused
 from popsicle_py.flash import ProbeJob, VerifyJob, open_targets
@@ -16,12 +17,11 @@ from popsicle_py.protocols import Source, View
 from popsicle_py.signals import Cancellation
 
 
-class PreparedVerify:
-    """A comparison that passed every check: the image and the drives to read."""
+class ReadsDrives:
+    """What a job that only reads drives (verify, check) shares: the drives, who they are, and
+    opening them, a drive another program now writes refused once more just before."""
 
-    def __init__(self, request: VerifyRequest, image: Source, targets: tuple[Drive, ...]):
-        self.request = request
-        self.image = image
+    def __init__(self, targets: tuple[Drive, ...]) -> None:
         self.targets = targets
         self.infos = tuple(drive_info(d, i) for i, d in enumerate(targets, 1))
 
@@ -29,13 +29,26 @@ class PreparedVerify:
     def labels(self) -> dict[str, str]:
         return {d.path: d.label for d in self.targets}
 
-    def run(self, view: View, cancel: Cancellation) -> events.Summary:
-        """Read every drive against the image (read once for all of them)."""
+    def open_drives(self, view: View) -> list[BlockDevice]:
+        """Every drive opened read-only, or Refused (the view closed first)."""
         try:
-            opened = open_targets(self.targets, for_writing=False, check=drives.writers_each())
+            return open_targets(self.targets, for_writing=False, check=drives.writers_each())
         except Refused:
             view.close()
             raise
+
+
+class PreparedVerify(ReadsDrives):
+    """A comparison that passed every check: the image and the drives to read."""
+
+    def __init__(self, request: VerifyRequest, image: Source, targets: tuple[Drive, ...]):
+        super().__init__(targets)
+        self.request = request
+        self.image = image
+
+    def run(self, view: View, cancel: Cancellation) -> events.Summary:
+        """Read every drive against the image (read once for all of them)."""
+        opened = self.open_drives(view)
         job = VerifyJob(self.image, opened, view.handle, cancel, self.request.stall_timeout,
                         self.infos)
         sources.attach(self.image, job.relay, cancel)  # download news from the reader thread

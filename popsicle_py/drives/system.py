@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import re
 import stat
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -545,12 +546,27 @@ def _writing(pid: int, fd: str) -> bool:
     return True  # unknown: assume the worst
 
 
+#: Seconds between the two looks at the open descriptors (see :func:`openers`).
+SETTLE = 0.1
+
+
 def openers() -> tuple[Opener, ...]:
     """Block devices other processes hold open, as ``fuser`` finds them (/proc/PID/fd).
 
     With or without O_EXCL: a ``dd`` reading a stick, ``sleep 60 < /dev/sdb``.  Our own
-    process's descriptors do not count.
+    process's descriptors do not count.  Looked at twice, SETTLE apart, when anything is open:
+    a process that had a device open for a moment only (``losetup`` trying devices, a udev
+    worker reading signatures) holds nothing, and refusing it would fail runs at random.
     """
+    first = _scan_openers()
+    if not first:
+        return first
+    time.sleep(SETTLE)
+    seen = {(o.process.pid, o.devnum) for o in first}
+    return tuple(o for o in _scan_openers() if (o.process.pid, o.devnum) in seen)
+
+
+def _scan_openers() -> tuple[Opener, ...]:
     names = _block_names()
     ours = os.getpid()
     backing = _Backings()

@@ -132,7 +132,8 @@ class PreparedFlash(HeldFiles):
                         view.handle(events.Note(line))
                 if cancel():
                     return self._cancelled(emit, view)
-                opened = open_targets(self.plan.targets, check=still_same_each())
+                opened = open_targets(self.plan.targets,
+                                      check=still_same_each(self.plan.targets))
             except Refused:
                 if cancel():
                     return self._cancelled(emit, view)

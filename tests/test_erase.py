@@ -211,8 +211,6 @@ def test_the_rules_on_plain_data() -> None:
     assert int.from_bytes(sector[454:458], "little") == 2048
     assert erase.wipe_ranges(10 * MiB, [0x438, 5 * MiB + 17]) == [
         (0, MiB), (5 * MiB, 4096), (9 * MiB, MiB)]
-    assert erase.parse_wipefs('{"signatures": [{"offset": "0x438", "type": "ext4"}]}') == [
-        (0x438, "ext4")]
     assert fsmap.parse_partx("2048 202752\n") == [(MiB, 202752 * 512)]
     assert erase.label_problem("exfat", "x" * 16) is not None
     assert erase.label_problem("fat32", "A/B") == "--label 'A/B': a FAT label cannot hold /"

@@ -59,6 +59,7 @@ def _lib() -> ctypes.CDLL:
             ("blkid_probe_enable_partitions", ctypes.c_int, [_P, ctypes.c_int]),
             ("blkid_probe_set_partitions_flags", ctypes.c_int, [_P, ctypes.c_int]),
             ("blkid_do_probe", ctypes.c_int, [_P]),
+            ("blkid_do_wipe", ctypes.c_int, [_P, ctypes.c_int]),
             ("blkid_probe_lookup_value", ctypes.c_int, [_P, ctypes.c_char_p,
                                                         ctypes.POINTER(ctypes.c_char_p),
                                                         ctypes.POINTER(ctypes.c_size_t)]),
@@ -125,6 +126,10 @@ def signatures(fd: int, what: str, offset: int = 0, size: int = 0) -> list[tuple
             at = _value(probe, b"SBMAGIC_OFFSET") or _value(probe, b"PTMAGIC_OFFSET")
             if at is not None:
                 found.append((offset + int(at), kind))
+            # As wipefs --no-act: the magic hidden in libblkid's memory only (dry run, nothing
+            # written), so the next probe finds the same file system's other copies.
+            if lib.blkid_do_wipe(probe, 1) != 0:
+                break
         if result < 0:
             raise OSError(errno.EIO, f"{what}: libblkid could not read its signatures")
     return found

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import subprocess
 import sys
 import uuid
@@ -111,9 +112,9 @@ def env(shared: Setup) -> Setup:
     return shared
 
 
-def erase(setup: Setup, *args: str, uid: int = harness.USER_UID
+def erase(setup: Setup, *args: str, uid: int = harness.USER_UID, udisks: bool = True
           ) -> subprocess.CompletedProcess[str]:
-    return setup.stack.run([*popsicle_cmd(), "erase", *args], uid=uid)
+    return setup.stack.run([*popsicle_cmd(), "erase", *args], uid=uid, udisks=udisks)
 
 
 def blkid(path: str, *extra: str) -> dict[str, str]:
@@ -227,6 +228,16 @@ def test_a_user_outside_the_group_is_refused(env: Setup) -> None:
     assert env.stick.read() == before
 
 
+def test_without_udisks_one_line_says_what_to_do(env: Setup) -> None:
+    before = env.stick.read()
+    result = erase(env, "/dev/sdb", "--yes", udisks=False)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stderr.splitlines() == [
+        "popsicle-py: writing drives needs root: run with sudo, or install udisks2 so "
+        "popsicle-py can ask for permission"]
+    assert env.stick.read() == before
+
+
 #: The user's own program holding the stick open (read-only, not exclusively) through udisks2.
 HOLD = ("import sys; from popsicle_py import udisks; fd = udisks.open_device('/dev/sdb', 'r', 0); "
         "print('ready', flush=True); sys.stdin.read()")
@@ -258,3 +269,62 @@ def test_a_mounted_or_held_drive_is_refused_without_root(env: Setup) -> None:
     assert held.returncode == 2, held.stdout + held.stderr
     assert "/dev/sdb" in held.stderr and f"pid {holder.pid}" in held.stderr, held.stderr
     assert env.stick.read() == before
+
+
+#: A test's own rule: /dev/sdc may be opened by popsicle-test with their own password.
+AUTH_SELF_FOR_SDC = """
+polkit.addRule(function(action, subject) {
+    if (action.id === "org.freedesktop.udisks2.open-device-system" &&
+        action.lookup("device") === "/dev/sdc" && subject.user === "popsicle-test") {
+        return polkit.Result.AUTH_SELF;
+    }
+    return polkit.Result.NOT_HANDLED;
+});
+"""
+
+
+def test_in_a_terminal_polkit_asks_for_the_password_there() -> None:
+    """As for flash: a wrong password is the one-line refusal, Ctrl-C at the prompt stops at
+    once (130), nothing written either way; the right password erases the drive."""
+    import pexpect
+
+    if why_not is not None:
+        pytest.skip(why_not)
+    with _loops(2) as (stick, fixed):
+        drives = [_fake("sdb", stick, True), _fake("sdc", fixed, False)]
+        with harness.running(drives, extra_rule=AUTH_SELF_FOR_SDC) as stack:
+            setup = Setup(stack, stick, fixed)
+            fixed.dirty()
+            before = fixed.read()
+            argv = stack.command([*popsicle_cmd(), "erase", "/dev/sdc", "--yes", "--label",
+                                  "Mine"])
+
+            def spawn() -> pexpect.spawn:
+                child = pexpect.spawn(argv[0], argv[1:], encoding="utf-8", timeout=60,
+                                      cwd=str(stack.work))
+                child.expect("Password:")
+                return child
+
+            wrong = spawn()
+            wrong.sendline("not the password")
+            wrong.expect(pexpect.EOF)
+            wrong.close()
+            assert wrong.exitstatus == 2, (wrong.before or "") + stack.logs()
+            said = re.sub(r"\x1b\[[0-9;]*m", "", wrong.before or "")  # pkttyagent's colours
+            assert said.splitlines()[-1] == (
+                "popsicle-py: not authorized to open /dev/sdc (polkit refused)")
+            assert fixed.read() == before
+
+            stopped = spawn()
+            stopped.sendintr()
+            stopped.expect(pexpect.EOF, timeout=15)
+            stopped.close()
+            assert stopped.exitstatus == 130, (stopped.before or "") + stack.logs()
+            assert fixed.read() == before
+
+            child = spawn()
+            child.sendline(harness.PASSWORD)
+            child.expect(pexpect.EOF)
+            child.close()
+            assert child.exitstatus == 0, (child.before or "") + stack.logs()
+            assert _one_partition(setup.fixed, "c", "vfat", "MINE") == "FAT32"

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from popsicle_py import drives, erase, events, udisks
 from popsicle_py.app.access import require_access
+from popsicle_py.app.common import cancelled_before_writing
 from popsicle_py.app.confirm import Confirmation, target_rows
 from popsicle_py.defaults import DEFAULT_STALL_TIMEOUT
 from popsicle_py.erase_job import EraseJob, EraseOptions
@@ -99,13 +100,24 @@ class PreparedErase:
             if request.unmount:
                 for line in unmount_targets(self.plan):
                     view.handle(events.Note(line))
+            if cancel():
+                return self._cancelled(view)
             opened = open_targets(self.plan.targets, check=drives.still_same_each())
         except Refused:
+            if cancel():  # Ctrl-C at a polkit prompt: the agent's end is no refusal
+                return self._cancelled(view)
             view.close()
             raise
         options = EraseOptions(fs=request.fs, label=request.label, zero=request.zero,
                                discard=request.discard, stall_timeout=request.stall_timeout)
         summary = EraseJob(opened, options, view.handle, cancel, self.infos).run()
+        view.close()
+        return summary
+
+
+    def _cancelled(self, view: View) -> events.Summary:
+        summary = cancelled_before_writing([d.path for d in self.plan.targets], self.infos,
+                                           view.handle)
         view.close()
         return summary
 

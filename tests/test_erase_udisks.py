@@ -25,6 +25,7 @@ import pytest
 import udisks_harness as harness
 from conftest import popsicle_cmd
 from loopdev import write_mbr
+from test_erase import blkid, partition_of, table
 
 MiB = 1 << 20
 SIZE = 80 * MiB  # a FAT32 partition needs 64 MiB; small enough to stay fast
@@ -115,32 +116,6 @@ def env(shared: Setup) -> Setup:
 def erase(setup: Setup, *args: str, uid: int = harness.USER_UID, udisks: bool = True
           ) -> subprocess.CompletedProcess[str]:
     return setup.stack.run([*popsicle_cmd(), "erase", *args], uid=uid, udisks=udisks)
-
-
-def blkid(path: str, *extra: str) -> dict[str, str]:
-    out = subprocess.run(["blkid", "-p", "-o", "export", *extra, path], capture_output=True,
-                         text=True).stdout
-    return dict(line.replace("\\ ", " ").split("=", 1) for line in out.splitlines()
-                if "=" in line)
-
-
-def table(drive: Loop) -> list[tuple[int, int, str]]:
-    out = subprocess.run(["sfdisk", "--json", drive.path], capture_output=True, text=True)
-    if out.returncode != 0:
-        return []
-    parts = json.loads(out.stdout)["partitiontable"]["partitions"]
-    return [(p["start"], p["size"], p["type"]) for p in parts]
-
-
-@contextlib.contextmanager
-def partition_of(drive: Loop) -> Iterator[str]:
-    """A read-only loop device over the new partition (this kernel makes no loopNp1)."""
-    path = subprocess.run(["losetup", "-f", "--show", "-r", "-o", str(MiB), drive.path],
-                          capture_output=True, text=True, check=True).stdout.strip()
-    try:
-        yield path
-    finally:
-        subprocess.run(["losetup", "-d", path], check=False)
 
 
 def _one_partition(drive: Loop, type_byte: str, fs: str, label: str) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 from collections.abc import Callable, Iterator
@@ -199,6 +200,15 @@ def test_bmap_leaves_out_the_free_clusters_of_a_fat_file_system(
     subprocess.run(["mcopy", "-i", str(volume), "::/kept.bin", str(back)], check=True,
                    capture_output=True)
     assert back.read_bytes() == kept.read_bytes()
+
+
+def test_the_plain_result_says_read_not_written(loop_factory: Callable[..., Loop],
+                                                tmp_path: Path) -> None:
+    drive = fat_drive(loop_factory)
+    result = popsicle("read", drive.path, tmp_path / "stick.img")
+    assert result.returncode == 0, result.stderr
+    line = next(x for x in result.stdout.splitlines() if x.startswith(f"{drive.path}: ok"))
+    assert re.fullmatch(rf"{drive.path}: ok \(16 MiB read, [0-9.]+ [KMG]iB/s\)", line), line
 
 
 def test_an_existing_output_is_refused_unless_force(loop_factory: Callable[..., Loop],

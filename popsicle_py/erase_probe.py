@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
 import errno
 import fcntl
 import os
@@ -44,9 +43,8 @@ _P = ctypes.c_void_p
 
 @cache
 def _lib() -> ctypes.CDLL:
-    name = ctypes.util.find_library("blkid") or "libblkid.so.1"
-    try:
-        lib = ctypes.CDLL(name, use_errno=True)
+    try:  # its soname, stable since util-linux 2.15 (find_library would run ldconfig)
+        lib = ctypes.CDLL("libblkid.so.1", use_errno=True)
     except OSError:
         raise OSError(errno.ENOENT, "libblkid is not installed (util-linux)") from None
     for function, restype, argtypes in (

@@ -18,16 +18,6 @@ from popsicle_py.usage import image_usage
 from popsicle_py.usage.ranges import Range
 
 
-def parse_partx(text: str) -> list[tuple[int, int]]:
-    """(start, length) in bytes of each partition partx lists (512-byte sectors)."""
-    found = []
-    for line in text.splitlines():
-        fields = line.split()
-        if len(fields) == 2 and fields[0].isdigit() and fields[1].isdigit():
-            found.append((int(fields[0]) * 512, int(fields[1]) * 512))
-    return found
-
-
 def free_mask(free: Sequence[tuple[int, int]], size: int, block: int) -> bytearray:
     """One byte per map block of the drive: 1 where the whole block lies in a free range."""
     mask = bytearray(-(-size // block))

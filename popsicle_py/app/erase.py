@@ -114,7 +114,6 @@ class PreparedErase:
         view.close()
         return summary
 
-
     def _cancelled(self, view: View) -> events.Summary:
         summary = cancelled_before_writing([d.path for d in self.plan.targets], self.infos,
                                            view.handle)

@@ -12,11 +12,9 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import re
 import subprocess
 import sys
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,28 +69,12 @@ class Setup:
 
 @contextlib.contextmanager
 def _loops(count: int) -> Iterator[list[Loop]]:
-    """Loop devices of our own on /dev/shm; detached (only these) and removed at the end."""
-    made: list[Loop] = []
-    try:
-        for _ in range(count):
-            backing = Path(f"/dev/shm/popsicle-erase-udisks-{uuid.uuid4().hex[:8]}.img")
-            with open(backing, "wb") as f:
-                f.truncate(SIZE)
-            made.append(Loop("", backing))
-            made[-1].path = subprocess.run(["losetup", "-f", "--show", str(backing)], check=True,
-                                           capture_output=True, text=True).stdout.strip()
-        yield made
-    finally:
-        for loop in made:
-            if loop.path:
-                subprocess.run(["losetup", "-d", loop.path], capture_output=True)
-            with contextlib.suppress(OSError):
-                loop.backing.unlink()
+    with harness.loop_devices(count, SIZE, "popsicle-erase-udisks") as made:
+        yield [Loop(path, backing) for path, backing in made]
 
 
 def _fake(name: str, loop: Loop, usb: bool) -> harness.FakeDrive:
-    rdev = os.stat(loop.path).st_rdev
-    return harness.FakeDrive(name, loop.path, os.major(rdev), os.minor(rdev), SIZE, usb)
+    return harness.fake_drive(name, loop.path, SIZE, usb)
 
 
 @pytest.fixture(scope="module")

@@ -228,18 +228,6 @@ def test_a_mounted_or_held_drive_is_refused_without_root(env: Setup) -> None:
     assert env.stick.read() == before
 
 
-#: A test's own rule: /dev/sdc may be opened by popsicle-test with their own password.
-AUTH_SELF_FOR_SDC = """
-polkit.addRule(function(action, subject) {
-    if (action.id === "org.freedesktop.udisks2.open-device-system" &&
-        action.lookup("device") === "/dev/sdc" && subject.user === "popsicle-test") {
-        return polkit.Result.AUTH_SELF;
-    }
-    return polkit.Result.NOT_HANDLED;
-});
-"""
-
-
 def test_in_a_terminal_polkit_asks_for_the_password_there() -> None:
     """As for flash: a wrong password is the one-line refusal, Ctrl-C at the prompt stops at
     once (130), nothing written either way; the right password erases the drive."""
@@ -249,7 +237,7 @@ def test_in_a_terminal_polkit_asks_for_the_password_there() -> None:
         pytest.skip(why_not)
     with _loops(2) as (stick, fixed):
         drives = [_fake("sdb", stick, True), _fake("sdc", fixed, False)]
-        with harness.running(drives, extra_rule=AUTH_SELF_FOR_SDC) as stack:
+        with harness.running(drives, extra_rule=harness.AUTH_SELF_FOR_SDC) as stack:
             setup = Setup(stack, stick, fixed)
             fixed.dirty()
             before = fixed.read()

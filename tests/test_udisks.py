@@ -265,24 +265,12 @@ def test_without_the_rule_the_stick_is_refused_too() -> None:
         assert _untouched(setup.stick)
 
 
-#: A test's own rule: /dev/sdc may be opened by popsicle-test with their own password.
-AUTH_SELF_FOR_SDC = """
-polkit.addRule(function(action, subject) {
-    if (action.id === "org.freedesktop.udisks2.open-device-system" &&
-        action.lookup("device") === "/dev/sdc" && subject.user === "popsicle-test") {
-        return polkit.Result.AUTH_SELF;
-    }
-    return polkit.Result.NOT_HANDLED;
-});
-"""
-
-
 def test_in_a_terminal_polkit_asks_for_the_password_there() -> None:
     """No desktop agent: pkttyagent prompts on the user's terminal (ssh), then it is written;
     a wrong password is a refusal and Ctrl-C stops at once, nothing written either way."""
     import pexpect
 
-    with _setup(extra_rule=AUTH_SELF_FOR_SDC) as setup:
+    with _setup(extra_rule=harness.AUTH_SELF_FOR_SDC) as setup:
         setup.fixed.fill()
         argv = setup.stack.command([*popsicle_cmd(), "flash", str(setup.image), "/dev/sdc",
                                     "--yes"])

@@ -499,3 +499,15 @@ def fake_drive(name: str, loop: str, size: int, usb: bool, fs: str = "") -> Fake
     """How the testbed presents loop device ``loop`` as /dev/``name``."""
     rdev = os.stat(loop).st_rdev
     return FakeDrive(name, loop, os.major(rdev), os.minor(rdev), size, usb, fs)
+
+
+#: A test's own rule: /dev/sdc may be opened by popsicle-test with their own password.
+AUTH_SELF_FOR_SDC = """
+polkit.addRule(function(action, subject) {
+    if (action.id === "org.freedesktop.udisks2.open-device-system" &&
+        action.lookup("device") === "/dev/sdc" && subject.user === "popsicle-test") {
+        return polkit.Result.AUTH_SELF;
+    }
+    return polkit.Result.NOT_HANDLED;
+});
+"""

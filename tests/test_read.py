@@ -49,6 +49,17 @@ def fat_drive(loop_factory: Callable[..., Loop], size: int = 16 * MiB) -> Loop:
     return drive
 
 
+def partitioned(loop_factory: Callable[..., Loop], fs: Path, size: int) -> Loop:
+    """A drive of ``size`` bytes with one MBR partition at 1 MiB holding the file system ``fs``."""
+    drive = loop_factory(size)
+    write_mbr(str(drive.backing), [(2048, fs.stat().st_size // 512)])
+    with open(drive.backing, "r+b") as f:
+        f.seek(MiB)
+        f.write(fs.read_bytes())
+    subprocess.run(["blockdev", "--flushbufs", drive.path], check=True)
+    return drive
+
+
 def leftovers(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.name.endswith(".part"))
 
@@ -131,12 +142,7 @@ def test_bmap_leaves_out_the_free_blocks_of_a_clean_ext4(loop_factory: Callable[
     fs.write_bytes(os.urandom(60 * MiB))  # old bytes everywhere, as on a used stick
     subprocess.run(["mkfs.ext4", "-q", "-F", "-E", "nodiscard", "-d", str(files), str(fs)],
                    check=True)
-    drive = loop_factory(64 * MiB)
-    write_mbr(str(drive.backing), [(2048, 60 * MiB // 512)])
-    with open(drive.backing, "r+b") as f:
-        f.seek(MiB)
-        f.write(fs.read_bytes())
-    subprocess.run(["blockdev", "--flushbufs", drive.path], check=True)
+    drive = partitioned(loop_factory, fs, 64 * MiB)
     out = tmp_path / "stick.img.zst"
     result = popsicle("read", drive.path, out, "--bmap")
     assert result.returncode == 0, result.stderr
@@ -172,12 +178,7 @@ def test_bmap_leaves_out_the_free_clusters_of_a_fat_file_system(
         subprocess.run(["mcopy", "-i", str(fs), str(name), f"::/{name.name}"], check=True,
                        capture_output=True)
     subprocess.run(["mdel", "-i", str(fs), "::/gone.bin"], check=True, capture_output=True)
-    drive = loop_factory(48 * MiB)
-    write_mbr(str(drive.backing), [(2048, 40 * MiB // 512)])
-    with open(drive.backing, "r+b") as f:
-        f.seek(MiB)
-        f.write(fs.read_bytes())
-    subprocess.run(["blockdev", "--flushbufs", drive.path], check=True)
+    drive = partitioned(loop_factory, fs, 48 * MiB)
     out = tmp_path / "stick.img.zst"
     result = popsicle("read", drive.path, out, "--bmap")
     assert result.returncode == 0, result.stderr

@@ -19,7 +19,8 @@ MAX_LINES = 600
 
 #: The drive layer and media identity: below the block devices, never importing them.
 BELOW_BLOCKDEV = ("popsicle_py.drives", "popsicle_py.drives.model", "popsicle_py.drives.rules",
-                  "popsicle_py.drives.system", "popsicle_py.drives.udev",
+                  "popsicle_py.drives.system", "popsicle_py.drives.holders",
+                  "popsicle_py.drives.udev",
                   "popsicle_py.identity", "popsicle_py.media")
 
 

@@ -398,12 +398,12 @@ def test_a_holder_of_another_device_costs_no_second_look(
         loop_factory: Callable[..., Loop], monkeypatch: pytest.MonkeyPatch) -> None:
     """The second look at the open descriptors (SETTLE later) is for the targets' holders:
     a process holding some other device (another program's loop device) delays nothing."""
-    from popsicle_py.drives import openers, system
+    from popsicle_py.drives import holders, openers
 
     target, other = loop_factory(MiB), loop_factory(MiB)
     looks: list[int] = []
-    scan = system._scan_openers
-    monkeypatch.setattr(system, "_scan_openers", lambda: looks.append(1) or scan())
+    scan = holders._scan_openers
+    monkeypatch.setattr(holders, "_scan_openers", lambda: looks.append(1) or scan())
     with holding(other.path) as stranger:
         found = openers(frozenset({target.devnum}))
         assert len(looks) == 1
@@ -413,3 +413,17 @@ def test_a_holder_of_another_device_costs_no_second_look(
             found = openers(frozenset({target.devnum}))
             assert len(looks) == 2
             assert reader.pid in {o.process.pid for o in found if target.devnum in o.devnums}
+
+
+def test_a_descriptor_closed_while_it_is_looked_at_is_no_writer() -> None:
+    """A udev worker probes a stick with descriptors it closes at once: one gone between the
+    look at /proc/PID/fd and the read of its flags was taken for a writer (flags unknown),
+    and a stick just plugged in was refused "open in (udev-worker)" in the VM."""
+    from popsicle_py.drives import holders
+
+    with open("/dev/null", "rb") as null, subprocess.Popen(["sleep", "60"], stdin=null) as sleeper:
+        try:
+            assert holders._writing(sleeper.pid, "999") is None  # no such descriptor (now)
+            assert holders._writing(sleeper.pid, "0") is False  # its stdin, read-only
+        finally:
+            sleeper.kill()

@@ -19,6 +19,12 @@ Every name is re-exported here: callers import ``popsicle_py.drives`` and need n
 module holds what.
 """
 
+from popsicle_py.drives.holders import (
+    foreign_mounts,
+    gather_facts,
+    loops_over_devices,
+    openers,
+)
 from popsicle_py.drives.model import (
     REASON_IMAGE,
     REASON_NO_MEDIUM,
@@ -64,12 +70,8 @@ from popsicle_py.drives.system import (
     current_mounts,
     current_swaps,
     devnums_holding,
-    foreign_mounts,
-    gather_facts,
     loop_key,
-    loops_over_devices,
     mount_table,
-    openers,
     overlay_layers,
     path_storage,
     stack_of,

@@ -1,12 +1,10 @@
-"""System facts, read from sysfs and /proc: mounts, swaps, what a disk is stored on, holders.
+"""System facts, read from sysfs and /proc: mounts, swaps, what a disk is stored on.
 
 A loop device is judged by what backs it (a block device, recursively; a file, with every
 other loop device and mount using that file), and the devices of a mounted multi-device
 btrfs, or the layers of an overlay, count as that filesystem's.  :func:`backing_of` is that
-walk; :func:`gather_facts` reads everything :func:`~.rules.system_reason` and
-:func:`~.rules.holder_reasons` need, once: besides our own mounts, those of every other mount
-namespace (:func:`foreign_mounts`), loop devices over block devices (:func:`loops_over_devices`)
-and the block devices other processes hold open (:func:`openers`).
+walk.  What other namespaces mount and who holds a disk open is :mod:`.holders`, whose
+:func:`~.holders.gather_facts` reads everything the rules need, once.
 """
 
 from __future__ import annotations
@@ -14,7 +12,6 @@ from __future__ import annotations
 import os
 import re
 import stat
-import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -23,12 +20,8 @@ from popsicle_py.drives.model import (
     Backing,
     Inode,
     LoopKey,
-    LoopOver,
     Mount,
-    Opener,
-    Process,
     Swap,
-    SystemFacts,
 )
 
 _sys_dev = sysfs.block_dir
@@ -197,7 +190,7 @@ def btrfs_groups() -> list[frozenset[int]]:
     return groups
 
 
-def _btrfs_group(devnums: Iterable[int]) -> frozenset[int]:
+def btrfs_group(devnums: Iterable[int]) -> frozenset[int]:
     wanted = set(devnums)
     return frozenset().union(*(g for g in btrfs_groups() if g & wanted))
 
@@ -253,7 +246,7 @@ def _entry_devnums(entry: MountEntry, depth: int = 0) -> set[int]:
         if st is not None and stat.S_ISBLK(st.st_mode):
             numbers.add(st.st_rdev)
     if entry.fstype == "btrfs":
-        numbers |= _btrfs_group(numbers)
+        numbers |= btrfs_group(numbers)
     elif entry.fstype == "overlay":
         for layer in overlay_layers(entry.options):
             numbers |= devnums_holding(layer, depth + 1)
@@ -334,24 +327,6 @@ def current_swaps() -> tuple[Swap, ...]:
     return tuple(swaps)
 
 
-def gather_facts(image_path: str | None = None,
-                 of: frozenset[int] | None = None) -> SystemFacts:
-    """Mounts, swaps, where the image lives, holders (of ``of``: :func:`openers`)."""
-    image_devnums: frozenset[int] = frozenset()
-    image_files: frozenset[Inode] = frozenset()
-    image_inode: Inode | None = None
-    if image_path:
-        image_devnums, image_files = path_storage(image_path)
-        try:
-            st = os.stat(image_path)
-            image_inode = (st.st_dev, st.st_ino)
-        except OSError:
-            pass
-    own = mount_table()
-    return SystemFacts(current_mounts(own), current_swaps(), image_devnums, image_inode,
-                       image_files, foreign_mounts(own), loops_over_devices(), openers(of))
-
-
 def holders_beneath(backing: Backing, devnum: int) -> tuple[str, ...]:
     """Devices stacked on what backs a loop device (dm over its backing device...)."""
     found: dict[str, None] = {}
@@ -385,216 +360,3 @@ def loop_key(path: str, devnum: int) -> LoopKey | None:
     finally:
         os.close(fd)
     return media.loop_key_of_sysfs(devnum)
-
-
-# -- Holders: what other namespaces mount, loop devices over disks, who has a disk open -----
-
-
-def _pids() -> list[int]:
-    try:
-        names = os.listdir("/proc")
-    except OSError:
-        return []
-    return sorted(int(n) for n in names if n.isdigit())
-
-
-def _program(pid: int) -> str:
-    return _read(f"/proc/{pid}/comm") or "?"
-
-
-class _Backings:
-    """:func:`backing_of` once per device for one gathering (many mounts share a device)."""
-
-    def __init__(self) -> None:
-        self.known: dict[int, Backing] = {}
-
-    def __call__(self, devnum: int) -> Backing:
-        if devnum not in self.known:
-            self.known[devnum] = backing_of(devnum)
-        return self.known[devnum]
-
-
-def _namespace_devnums(entry: MountEntry, pid: int) -> set[int]:
-    """Block devices a mount of another namespace stores its data on; its source is a path
-    in that namespace, so it is looked up through the process's root."""
-    numbers: set[int] = set()
-    if os.path.exists(_sys_dev(entry.devnum)):
-        numbers.add(entry.devnum)
-    if entry.source.startswith("/dev/"):
-        try:
-            st = os.stat(f"/proc/{pid}/root{entry.source}")
-        except OSError:
-            st = None
-        if st is not None and stat.S_ISBLK(st.st_mode):
-            numbers.add(st.st_rdev)
-    if entry.fstype == "btrfs" and numbers:
-        numbers |= _btrfs_group(numbers)
-    return numbers
-
-
-def foreign_mounts(own: list[MountEntry] | None = None) -> tuple[Mount, ...]:
-    """Mounts resting on block devices in every other mount namespace, one process each.
-
-    A mount made inside ``unshare -m`` (a container, a service with PrivateMounts) is in no
-    table of ours.  A copy that our unmount removes too is left out: ``--unmount`` covers it
-    (see :func:`_follows`).  Namespaces of processes we may not inspect (another user's,
-    without root) are not seen.
-    """
-    try:
-        ours = os.readlink("/proc/self/ns/mnt")
-    except OSError:
-        return ()
-    groups = _unmount_groups(mount_table() if own is None else own)
-    seen = {ours}
-    backing = _Backings()
-    found: list[Mount] = []
-    for pid in _pids():
-        try:
-            namespace = os.readlink(f"/proc/{pid}/ns/mnt")
-        except OSError:
-            continue
-        if namespace in seen:
-            continue
-        text = _read(f"/proc/{pid}/mountinfo")
-        if not text:
-            continue
-        seen.add(namespace)
-        process = Process(pid, _program(pid))
-        table = mount_table(text)
-        parents = {e.mount_id: e for e in table}
-        for entry in table:
-            if _follows(entry, parents.get(entry.parent_id), groups):
-                continue
-            numbers = _namespace_devnums(entry, pid)
-            if not numbers:
-                continue
-            devnums = frozenset().union(*(backing(n).all_devnums for n in numbers))
-            found.append(Mount(entry.source, entry.mountpoint, devnums, namespace=process,
-                               sources=frozenset(numbers)))
-    return tuple(found)
-
-
-def _unmount_groups(own: list[MountEntry]) -> dict[tuple[int, str], set[int]]:
-    """For each of our mounts (device, mountpoint), the peer group its parent shares: an
-    unmount propagates through the parent's group, never through the mount's own."""
-    parents = {e.mount_id: e for e in own}
-    groups: dict[tuple[int, str], set[int]] = {}
-    for entry in own:
-        parent = parents.get(entry.parent_id)
-        if parent is not None and parent.shared:
-            groups.setdefault((entry.devnum, entry.mountpoint), set()).add(parent.shared)
-    return groups
-
-
-def _follows(entry: MountEntry, parent: MountEntry | None,
-             groups: dict[tuple[int, str], set[int]]) -> bool:
-    """Whether our unmount of the same mount removes this copy in another namespace: its
-    parent is a peer (``shared:N``) or a slave (``master:N``) of our mount's parent, as on a
-    desktop whose services' namespaces are slaves of the host's.  Seen here: with a private
-    parent, nothing propagates, whatever the mount's own group."""
-    ours = groups.get((entry.devnum, entry.mountpoint))
-    if not ours or parent is None:
-        return False
-    return parent.shared in ours or parent.master in ours
-
-
-def _block_names() -> set[str]:
-    try:
-        return set(os.listdir(f"{sysfs.ROOT}/class/block"))
-    except OSError:
-        return set()
-
-
-def _may_be_device(path: str, names: set[str]) -> bool:
-    """Whether a path may name a block device: under /dev, or named like one (a chroot's
-    /dev).  Other files are never stat()ed: one on a hung network or FUSE mount would hang."""
-    path = path.removesuffix(" (deleted)")
-    return path.startswith("/dev/") or os.path.basename(path) in names
-
-
-def loops_over_devices() -> tuple[LoopOver, ...]:
-    """Loop devices whose backing file is a block device, at whatever offset."""
-    names = _block_names()
-    backing = _Backings()
-    found: list[LoopOver] = []
-    for name in sorted(n for n in names if n.startswith("loop")):
-        base = f"{sysfs.ROOT}/class/block/{name}"
-        source = _read(f"{base}/loop/backing_file")
-        if not source or not _may_be_device(source, names):
-            continue
-        try:
-            st = os.stat(source)
-        except OSError:
-            continue
-        devnum = parse_devnum(_read(f"{base}/dev"))
-        if not stat.S_ISBLK(st.st_mode) or devnum is None:
-            continue
-        offset = _read(f"{base}/loop/offset") or "0"
-        found.append(LoopOver(f"/dev/{name}", devnum, int(offset) if offset.isdigit() else 0,
-                              backing(st.st_rdev).devnums))
-    return tuple(found)
-
-
-def _writing(pid: int, fd: str) -> bool:
-    """Whether a descriptor was opened O_WRONLY or O_RDWR (/proc/PID/fdinfo ``flags``)."""
-    for line in (_read(f"/proc/{pid}/fdinfo/{fd}") or "").splitlines():
-        key, _, value = line.partition(":")
-        if key == "flags":
-            try:
-                return (int(value.strip(), 8) & os.O_ACCMODE) in (os.O_WRONLY, os.O_RDWR)
-            except ValueError:
-                return True
-    return True  # unknown: assume the worst
-
-
-#: Seconds between the two looks at the open descriptors (see :func:`openers`).
-SETTLE = 0.1
-
-
-def openers(of: frozenset[int] | None = None) -> tuple[Opener, ...]:
-    """Block devices other processes hold open, as ``fuser`` finds them (/proc/PID/fd).
-
-    With or without O_EXCL (``dd`` reading it, ``sleep 60 < /dev/sdb``); ours do not count.
-    Looked at twice, SETTLE apart, when one of ``of`` (None: any device) is open: a process
-    that had it open for a moment only (``losetup``, a udev worker) holds nothing, and refusing
-    it would fail runs at random; other devices' openers refuse nothing of ``of`` (no wait).
-    """
-    first = _scan_openers()
-    if not any(of is None or o.devnums & of for o in first):
-        return first
-    time.sleep(SETTLE)
-    seen = {(o.process.pid, o.devnum) for o in first}
-    return tuple(o for o in _scan_openers() if (o.process.pid, o.devnum) in seen)
-
-
-def _scan_openers() -> tuple[Opener, ...]:
-    names = _block_names()
-    ours = os.getpid()
-    backing = _Backings()
-    found: list[Opener] = []
-    for pid in _pids():
-        if pid == ours:
-            continue
-        directory = f"/proc/{pid}/fd"
-        try:
-            fds = os.listdir(directory)
-        except OSError:
-            continue
-        program: str | None = None
-        for fd in fds:
-            try:
-                link = os.readlink(f"{directory}/{fd}")
-            except OSError:
-                continue
-            if not link.startswith("/") or not _may_be_device(link, names):
-                continue
-            try:
-                st = os.stat(f"{directory}/{fd}")
-            except OSError:
-                continue
-            if not stat.S_ISBLK(st.st_mode):
-                continue
-            program = program or _program(pid)
-            found.append(Opener(Process(pid, program), link.removesuffix(" (deleted)"),
-                                st.st_rdev, backing(st.st_rdev).devnums, _writing(pid, fd)))
-    return tuple(found)

@@ -20,6 +20,12 @@ from dataclasses import dataclass
 import pyudev
 
 from popsicle_py import sysfs
+from popsicle_py.drives.holders import (
+    foreign_mounts,
+    gather_facts,
+    loops_over_devices,
+    openers,
+)
 from popsicle_py.drives.model import Drive, MediaIdentity, Mount, SystemFacts, TargetError
 from popsicle_py.drives.rules import (
     AUTO_BUSES,
@@ -36,12 +42,8 @@ from popsicle_py.drives.rules import (
 from popsicle_py.drives.system import (
     backing_of,
     current_mounts,
-    foreign_mounts,
-    gather_facts,
     holders_beneath,
     loop_key,
-    loops_over_devices,
-    openers,
     parse_devnum,
 )
 from popsicle_py.identity import not_confirmed, same_media

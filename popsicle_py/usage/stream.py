@@ -159,6 +159,8 @@ class StreamSelector:
         decision.  Runs begin and end on 4 KiB boundaries (but at the image's end)."""
         if limit >= ALIGN:
             limit -= limit % ALIGN
+        if offset < self.size:
+            limit = min(limit, self.size - offset)
         if offset < HEAD:
             return True, min(limit, HEAD - offset)
         index = bisect.bisect_right(self._starts, offset) - 1
@@ -170,21 +172,32 @@ class StreamSelector:
             end = min([region.end, *ends])
             return True, min(limit, self._up(end) - offset)
         for start, length in region.used:
-            if start + length <= offset:
-                continue
-            if start <= offset:
+            if start <= offset < start + length:
                 return True, min(limit, self._up(start + length) - offset)
-            end = start - start % ALIGN
-            break
-        else:
-            end = region.end - region.end % ALIGN
+        end = self._free_until(index, offset, offset + limit)
+        end -= end % ALIGN
         if end <= offset:  # a free piece shorter than a block: written
             return True, min(limit, ALIGN)
-        length = min(limit, end - offset)
+        length = end - offset
         self._skip = (offset, offset + length)
         if region.part is not None:
             region.part.skipped += length
         return False, length
+
+    def _free_until(self, index: int, offset: int, most: int) -> int:
+        """Where the free bytes from ``offset`` (in region ``index``) end, across regions
+        (a free run split by a group's boundary is one), at most ``most``."""
+        regions = self._regions
+        while index < len(regions) and offset < most:
+            region = regions[index]
+            if region.used is None:
+                return offset
+            for start, length in region.used:
+                if start + length > offset:
+                    return min(most, max(start, offset))
+            offset = region.end
+            index += 1
+        return min(most, offset)
 
     def saw(self, offset: int, data: memoryview | bytes) -> None:
         """The next bytes of the stream, at ``offset`` (always where the last ones ended)."""

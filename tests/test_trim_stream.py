@@ -372,3 +372,27 @@ def test_a_compressed_image_without_file_systems_keeps_its_spill(
     assert drive.read(8 * MiB) == raw.read_bytes()
     assert result(evs, drive.path)["bytes_unused"] == 0
     assert not any("free space" in n for n in notes(evs))
+
+
+def test_a_compressed_iso_hybrid_is_not_trimmed_and_keeps_its_spill(tmp_path: Path) -> None:
+    """Its files may lie in a partition's free space: written whole, no selector (whose
+    drives would go in lock-step for nothing)."""
+    from popsicle_py.app.trim import STREAMED, plan_trim
+    from popsicle_py.images import open_image
+    from popsicle_py.usage import ISO_NOTE
+
+    raw = tmp_path / "hybrid.img"
+    garbage(raw, 8 * MiB)
+    partition(raw, f"{2 * MiB // 512},{4 * MiB // 512},83\n")
+    with open(raw, "r+b") as f:
+        f.seek(32769)
+        f.write(b"CD001")
+    trim = plan_trim(open_image(str(compress(raw, "xz"))), wanted=True)
+    assert (trim.select, trim.notes) == (None, (ISO_NOTE,))
+    raw.write_bytes(raw.read_bytes()[:32769] + b"XXXXX" + raw.read_bytes()[32774:])
+    trim = plan_trim(open_image(str(compress(raw, "xz"))), wanted=True)
+    assert trim.select is not None and trim.notes == (STREAMED,)
+    whole = plan_trim(open_image(str(compress(raw, "xz"))), wanted=True,
+                      whole_because="--certificate reads the whole image back")
+    assert whole.select is None and "--certificate" in whole.notes[0]
+    assert plan_trim(open_image(str(compress(raw, "xz"))), wanted=False).select is None

@@ -23,7 +23,15 @@ from popsicle_py.bmap import Bmap, Extent
 from popsicle_py.images import Image, ImageError, read_head
 from popsicle_py.protocols import Source
 from popsicle_py.units import format_size
-from popsicle_py.usage import ALIGN, Usage, has_table_or_fs, image_usage, worth_it
+from popsicle_py.usage import (
+    ALIGN,
+    ISO_NOTE,
+    Usage,
+    has_table_or_fs,
+    image_usage,
+    is_iso9660,
+    worth_it,
+)
 from popsicle_py.usage.stream import StreamSelector
 
 Emit = Callable[[events.WatchEvent], None]
@@ -142,6 +150,8 @@ def plan_trim(image: Source, *, wanted: bool, whole_because: str | None = None) 
             return NONE  # left to the flash, which names the image and the offset
         if not has_table_or_fs(head, image.size):
             return NONE
+        if is_iso9660(lambda offset, length: head[offset : offset + length]):
+            return Trim(None, (ISO_NOTE,))  # the drives keep their own pace (spill)
         if whole_because is not None:
             return Trim(None, (f"free space of the image's file systems written too: "
                                f"{whole_because}",))

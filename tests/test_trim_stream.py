@@ -10,18 +10,16 @@ were skipped.
 
 from __future__ import annotations
 
-import json
 import lzma
 import os
 import re
 import shutil
-import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Loop, popsicle_cmd
+from conftest import Loop
 
 from popsicle_py.usage.ranges import Range
 from popsicle_py.usage.stream import HEAD, StreamSelector
@@ -41,6 +39,7 @@ from tests.fs_images import (
     trimmed_copy,
     usage_of,
 )
+from tests.test_trim import flash, result
 
 pytestmark = pytest.mark.skipif(shutil.which("mke2fs") is None or shutil.which("mcopy") is None,
                                 reason="needs e2fsprogs, dosfstools and mtools")
@@ -267,17 +266,6 @@ def compress(image: Path, kind: str) -> Path:
     out = image.with_name(image.name + ".zst")
     run("zstd", "-q", "-1", "-f", str(image), "-o", str(out))
     return out
-
-
-def flash(*args: str) -> tuple[int, list[dict[str, Any]], str]:
-    proc = subprocess.run([*popsicle_cmd(), "flash", *args, "--yes", "--json", "--no-probe",
-                           "--bucket-size", "4M"], capture_output=True, text=True,
-                          stdin=subprocess.DEVNULL, timeout=300)
-    return proc.returncode, [json.loads(x) for x in proc.stdout.splitlines()], proc.stderr
-
-
-def result(evs: list[dict[str, Any]], device: str) -> dict[str, Any]:
-    return next(r for r in evs[-1]["results"] if r["device"] == device)
 
 
 def notes(evs: list[dict[str, Any]]) -> list[str]:

@@ -384,3 +384,29 @@ def test_a_compressed_iso_hybrid_is_not_trimmed_and_keeps_its_spill(tmp_path: Pa
                       whole_because="--certificate reads the whole image back")
     assert whole.select is None and "--certificate" in whole.notes[0]
     assert plan_trim(open_image(str(compress(raw, "xz"))), wanted=False).select is None
+
+
+def test_a_corrupt_bitmap_after_groups_were_skipped_leaves_the_rest_written(
+        tmp_path: Path, content: tuple[Path, Path, dict[str, str]]) -> None:
+    """Flex groups of 4 (1 KiB blocks: 32 MiB each): group 4's bitmap lies in the second
+    one, after the first's data went by, skipped where free; from group 4's bitmap on,
+    everything of the partition is written."""
+    keep, gone, _ = content
+    image = tmp_path / "ext.img"
+    garbage(image, 64 * MiB)
+    make_ext(image, 0, 64 * MiB, keep, options=["-b", "1024", "-G", "4"], deleted=gone)
+    out = run("dumpe2fs", str(image)).stdout
+    bitmap = int(re.findall(r"Block bitmap at (\d+)", out)[4])
+    assert bitmap >= 4 * 8192
+    whole, _ = stream(image.read_bytes())
+    with open(image, "r+b") as f:
+        f.seek(bitmap * 1024 + 900)  # free blocks marked in use
+        f.write(b"\xff")
+    kept, select = stream(image.read_bytes())
+    assert len(select.notes) == 1, select.notes
+    assert select.notes[0].startswith("the image: group 4's block bitmap")
+    assert select.notes[0].endswith(": written whole from here on")
+    assert covers(kept, bitmap * 1024, 64 * MiB - bitmap * 1024)  # the rest: written
+    assert [r for r in kept if sum(r) <= bitmap * 1024] == [
+        r for r in whole if sum(r) <= bitmap * 1024]  # before it: as if it were right
+    assert select.skipped > 4 * MiB

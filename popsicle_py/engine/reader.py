@@ -156,18 +156,16 @@ class Reader:
         seq = offset = 0
         while True:
             keep, want = select.decide(offset, size)
-            if not keep:
+            if not keep:  # a piece at a time: what it sees may change what follows
                 if scratch is None:
                     scratch = memoryview(aligned_buffer(min(size, CHUNK)))
-                while want and not self.stopped.is_set():
-                    view = scratch[: min(want, len(scratch))]
-                    length = read_full(self.source, view)
-                    select.saw(offset, view[:length])
-                    offset += length
-                    self.total += length
-                    want -= length
-                    if length < len(view):
-                        return True
+                view = scratch[: min(want, len(scratch))]
+                length = read_full(self.source, view)
+                select.saw(offset, view[:length])
+                offset += length
+                self.total += length
+                if length < len(view):
+                    return True
                 if self.stopped.is_set():
                     return False
                 continue

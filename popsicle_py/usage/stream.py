@@ -15,9 +15,10 @@ system is read, and each ext group until its block bitmap went by (ext keeps its
 of the data in usual layouts; a bitmap placed after data it governs leaves that data
 written).  Bytes outside partitions, file systems not understood and metadata that contradicts
 itself are written whole, with the notes :func:`popsicle_py.usage.image_usage` gives.  A
-decision once made is never taken back: a group whose bitmap turns out wrong after earlier
-groups were trimmed leaves only the rest of its partition written whole (each group's bitmap
-is checked on its own, its checksum and free count, before any byte of it is skipped).
+skip once carried out cannot be taken back: a group whose bitmap turns out wrong after earlier
+groups were trimmed leaves the rest of its partition written whole, from there on (each
+group's bitmap is checked on its own, its checksum and free count, before any byte of it is
+skipped).
 """
 
 from __future__ import annotations
@@ -147,7 +148,7 @@ class StreamSelector:
         self._held = 0  # bytes wanted or captured, against the cap
         self._chunk: tuple[int, memoryview] | None = None
         self._ready: list[tuple[Handler, bytes | str]] = []
-        self._skip = (0, 0)  # the last skip decided
+        self._skip: tuple[int, int, _Part | None] = (0, 0, None)  # the last skip decided
         self._job(partitions_or_whole(self.size), self._table, "the partition table")
         self._drain()
 
@@ -179,9 +180,7 @@ class StreamSelector:
         if end <= offset:  # a free piece shorter than a block: written
             return True, min(limit, ALIGN)
         length = end - offset
-        self._skip = (offset, offset + length)
-        if region.part is not None:
-            region.part.skipped += length
+        self._skip = (offset, offset + length, region.part)
         return False, length
 
     def _free_until(self, index: int, offset: int, most: int) -> int:
@@ -204,9 +203,12 @@ class StreamSelector:
         if offset != self.pos:
             raise ValueError(f"the stream is shown in order: {offset} after {self.pos}")
         end = offset + len(data)
-        a, b = max(offset, self._skip[0]), min(end, self._skip[1])
+        first, last, part = self._skip
+        a, b = max(offset, first), min(end, last)
         if a < b:
             self.skipped += b - a
+            if part is not None:
+                part.skipped += b - a
         view = memoryview(data)
         for want in self._wants:
             if want.start >= end:
@@ -373,13 +375,14 @@ class StreamSelector:
         self._job(lambda read_at: _probe(read_at, part), done, "its metadata")
 
     def _fail(self, state: _Part, why: str) -> None:
-        """Every undecided byte of the partition written (those skipped stay skipped)."""
+        """Every byte of the partition not yet passed written, decided or not (those skipped
+        stay skipped: a decision once carried out cannot be taken back)."""
         state.failed = True
         part = state.part
         rest = " from here on" if state.skipped else ""
         self.notes.append(f"{part.name}: {why}: written whole{rest}")
         for region in self._regions:
-            if region.part is state and region.used is None:
+            if region.part is state and region.end > self.pos:
                 region.used = ((region.start, region.end - region.start),)
 
     def _decide(self, start: int, end: int, used: tuple[Range, ...], state: _Part) -> None:

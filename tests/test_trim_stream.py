@@ -410,3 +410,50 @@ def test_a_corrupt_bitmap_after_groups_were_skipped_leaves_the_rest_written(
     assert [r for r in kept if sum(r) <= bitmap * 1024] == [
         r for r in whole if sum(r) <= bitmap * 1024]  # before it: as if it were right
     assert select.skipped > 4 * MiB
+
+
+# ------------------------------------------------------------------------------------------
+# The engine's side: BusWriter.select
+
+
+class Stripes:
+    """Keeps the head and every other 256 KiB after it; counts what it was shown."""
+
+    def __init__(self) -> None:
+        self.seen = 0
+
+    def decide(self, offset: int, limit: int) -> tuple[bool, int]:
+        if offset < HEAD:
+            return True, min(limit, HEAD - offset)
+        stripe = 256 << 10
+        return (offset // stripe) % 2 == 0, min(limit, stripe - offset % stripe)
+
+    def saw(self, offset: int, data: memoryview) -> None:
+        assert offset == self.seen
+        self.seen += len(data)
+
+
+def test_the_engine_reads_every_byte_and_writes_only_kept_runs() -> None:
+    from test_engine import Deadline, Recorder, Sink, Stream
+
+    from popsicle_py import BusWriter
+
+    payload = os.urandom(5 * MiB + 12345)
+    sinks = [Sink(), Sink()]
+    stripes = Stripes()
+    result = (BusWriter(Stream(payload), sinks, Recorder(), Deadline()).bucket_size(MiB)
+              .select(stripes).record_digests().expect_size(len(payload)).write())
+    assert stripes.seen == result.size == len(payload)  # every byte read and shown
+    kept = [(o, n) for o, n in result.extents]
+    assert sum(n for _, n in kept) == HEAD + sum(
+        min(256 << 10, len(payload) - o) for o in range(HEAD, len(payload), 512 << 10))
+    for sink in sinks:
+        got = sink.getvalue()
+        for offset, length in kept:
+            assert offset < HEAD or offset % (512 << 10) < 256 << 10
+            assert got[offset : offset + length] == payload[offset : offset + length]
+        for offset in range(HEAD + (256 << 10), len(got), 512 << 10):
+            assert set(got[offset : offset + (256 << 10)]) <= {0}  # never written
+    with pytest.raises(ValueError, match="cannot be combined"):
+        BusWriter(Stream(payload), [Sink()], Recorder(), Deadline()).select(
+            stripes).only_extents([(0, 4096, None)]).write()

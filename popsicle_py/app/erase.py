@@ -102,7 +102,8 @@ class PreparedErase:
                     view.handle(events.Note(line))
             if cancel():
                 return self._cancelled(view)
-            opened = open_targets(self.plan.targets, check=drives.still_same_each())
+            opened = open_targets(self.plan.targets,
+                                  check=drives.still_same_each(self.plan.targets))
         except Refused:
             if cancel():  # Ctrl-C at a polkit prompt: the agent's end is no refusal
                 return self._cancelled(view)

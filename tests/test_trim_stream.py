@@ -10,6 +10,7 @@ were skipped.
 
 from __future__ import annotations
 
+import hashlib
 import lzma
 import os
 import re
@@ -457,3 +458,20 @@ def test_the_engine_reads_every_byte_and_writes_only_kept_runs() -> None:
     with pytest.raises(ValueError, match="cannot be combined"):
         BusWriter(Stream(payload), [Sink()], Recorder(), Deadline()).select(
             stripes).only_extents([(0, 4096, None)]).write()
+
+
+def test_a_compressed_image_with_nothing_to_skip_reports_its_sha256(
+        loop_factory: Callable[..., Loop], tmp_path: Path) -> None:
+    """Every run kept (a partition of no known file system): the extents cover the image
+    without a hole, so the drive's result carries the image's SHA-256, of every byte."""
+    raw = tmp_path / "other.img"
+    garbage(raw, 24 * MiB)
+    partition(raw, f"{2 * MiB // 512},{20 * MiB // 512},83\n")
+    drive = loop_factory(24 * MiB, fill=PATTERN)
+    rc, evs, err = flash(str(compress(raw, "xz")), drive.path)
+    assert rc == 0, err
+    r = result(evs, drive.path)
+    assert (r["bytes_written"], r["bytes_unused"]) == (24 * MiB, 0)
+    assert r["device_sha256"] == hashlib.sha256(raw.read_bytes()).hexdigest()
+    assert drive.read(24 * MiB) == raw.read_bytes()
+    assert "partition 1: no ext2/3/4 or FAT file system: written whole" in notes(evs)

@@ -195,6 +195,8 @@ class Reader:
                 self._record(offset + start, data[start:])
                 with ring.cond:
                     ring.publish(seq, start, fill - start, offset + start)
+                if self.sha256 is not None:  # of the recorded extents (whole when none skipped)
+                    self.sha256.update(data[start:])
                 seq += 1
             offset += fill
             if ended:

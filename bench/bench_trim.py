@@ -1,6 +1,7 @@
 """Writing only what a Raspberry-Pi-like image's file systems use, against every byte (issue 31).
 
-Run as root: ``python bench/bench_trim.py [--root-mib 640] [--runs 3] [--etcher DIR]``.
+Run as root: ``python bench/bench_trim.py [--root-mib 640] [--runs 3] [--compress zst]
+[--etcher DIR]``.
 
 The image: an MBR, a FAT32 boot partition (256 MiB, 40 MiB of files) and an ext4 root
 (``--root-mib``, 40% of it files, 60% free), made by mkfs.vfat and mke2fs over random bytes: the
@@ -9,6 +10,10 @@ on /dev/shm) play SD cards writing at 20 MB/s and reading at 80 MB/s (one blkio 
 flashing process).  ``popsicle-py flash`` of the image to both drives, verification on, is
 timed with and without ``--no-trim``, taking turns, medians of ``--runs``; the target is the
 used bytes written and read back at those rates: used/20 MB/s + used/80 MB/s.
+
+``--compress xz|zst`` (default zst; ``none`` to leave it out): the same image compressed is
+flashed too, with and without ``--no-trim``: its free space is decided as it is decoded (every
+byte decoded once, only the used ones written and read back); the same target applies.
 
 ``--etcher DIR``: a directory where ``npm install etcher-sdk`` was run; etcher-sdk's
 ``decompressThenFlash`` with ``trim: true`` (its autoBlockmapping) is timed too, same drives,
@@ -92,6 +97,15 @@ def build(shm: Path, root_size: int) -> Path:
     return image
 
 
+def compress(image: Path, kind: str) -> Path:
+    """The image compressed (xz -T0 -1, or zstd -T0 -3), beside it."""
+    out = image.with_name(f"{image.name}.{kind}")
+    tool = ["xz", "-T0", "-1", "-k", "-c"] if kind == "xz" else ["zstd", "-T0", "-3", "-q", "-c"]
+    with open(out, "wb") as f:
+        subprocess.run([*tool, str(image)], check=True, stdout=f)
+    return out
+
+
 def used_bytes(image: Path) -> tuple[int, int]:
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     from popsicle_py.app.trim import read_usage
@@ -105,6 +119,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root-mib", type=int, default=640)
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--compress", choices=("xz", "zst", "none"), default="zst")
     parser.add_argument("--etcher", type=Path, default=None,
                         help="a directory holding node_modules/etcher-sdk")
     args = parser.parse_args()
@@ -117,8 +132,13 @@ def main() -> int:
         cg = bench.cgroup("trim")
         for dev in devices:
             limit(cg, dev)
-        flash = [*popsicle, "flash", str(image), *devices, "--yes", "--json", "--no-checksum"]
-        methods = {"every byte (--no-trim)": ["--no-trim"], "trim (default)": []}
+        flash = [*popsicle, "flash", "IMAGE", *devices, "--yes", "--json", "--no-checksum"]
+        methods = {"every byte (--no-trim)": [str(image), "--no-trim"],
+                   "trim (default)": [str(image)]}
+        if args.compress != "none":
+            packed = str(compress(image, args.compress))
+            methods[f".{args.compress}, every byte (--no-trim)"] = [packed, "--no-trim"]
+            methods[f".{args.compress}, trim (default)"] = [packed]
         script = None
         if args.etcher is not None:
             script = args.etcher / "flash.js"
@@ -135,15 +155,20 @@ def main() -> int:
                 assert out["failures"] == 0, out
                 written[name] = int(out["bytes"])
             else:
-                run = bench.run([*flash, *methods[name]], cgroup=cg, timeout=3600)
+                image_arg, *options = methods[name]
+                argv = [image_arg if a == "IMAGE" else a for a in flash]
+                run = bench.run([*argv, *options], cgroup=cg, timeout=3600)
                 summary = [e for e in run.json_lines() if e.get("event") == "summary"][-1]
                 assert summary["ok"], summary
                 written[name] = summary["results"][0]["bytes_written"]
             walls[name].append(run.wall)
         target = used / WRITE_RATE + used / READ_RATE
-        full = median(walls["every byte (--no-trim)"])
-        rows = [[name, median(w), f"{written[name] / MiB:.0f}", median(w) / full,
-                 median(w) / target] for name, w in walls.items()]
+        rows = []
+        for name, w in walls.items():  # each against every byte of its own format
+            kind = name.split(",")[0] + ", " if name.startswith(".") else ""
+            full = median(walls[f"{kind}every byte (--no-trim)"])
+            rows.append([name, median(w), f"{written[name] / MiB:.0f}", median(w) / full,
+                         median(w) / target])
     print(f"image: {size / MiB:.0f} MiB (FAT32 boot 256 MiB with 40 MiB of files, ext4 root "
           f"{args.root_mib} MiB 40% used, free space random), {used / MiB:.0f} MiB used; "
           f"2 drives writing at {WRITE_RATE // MB} MB/s and reading at {READ_RATE // MB} MB/s, "

@@ -63,10 +63,10 @@ from popsicle_py.messages import (
 from popsicle_py.protocols import Source
 
 if TYPE_CHECKING:
+    from popsicle_py.engine.config import Selector
     from popsicle_py.probe import ProbeResult
 
 log = logging.getLogger(__name__)
-
 Emit = Callable[[Event], None]
 CancelCheck = Callable[[], bool]
 
@@ -82,7 +82,6 @@ class DriveLike(Protocol):
 
     @property
     def logical_block_size(self) -> int: ...
-
 
 D = TypeVar("D", bound=DriveLike)
 
@@ -119,6 +118,7 @@ class FlashOptions:
     #: Where a compressed image is spilled so every drive goes at its own pace ("": $TMPDIR
     #: or /var/tmp; None: keep the drives of a compressed image in lock-step).
     spill_dir: str | None = ""
+    select: Selector | None = None  # a compressed image's trim (popsicle_py.app.trim)
     #: Run on each drive once written and verified, before its head (--customize): gets the
     #: drive's descriptor, path and identity; an exception fails that drive.
     before_head: DriveStep | None = None
@@ -412,7 +412,7 @@ class FlashJob(_Job):
                 .skip_identical(options.skip_identical)
                 .prepare_each(options.probe)
                 .before_head_each(self._before_head(options))
-                .spill_to(options.spill_dir)
+                .spill_to(options.spill_dir).select(options.select)
                 .surface_test(options.surface)
                 .vouch(_both(tap.vouch if tap is not None else None, options.source_check))
                 .finish_each(verify=options.verify, repairs=options.repair_attempts,

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import csv
 import json
-import lzma
-import os
 import re
 import shutil
 import subprocess
@@ -27,7 +25,6 @@ from tests.fs_images import (
     ext_files,
     fat_files,
     fsck_vfat,
-    make_ext,
     rpi_image,
     tree,
     usage_of,
@@ -170,26 +167,6 @@ def test_a_corrupt_bitmap_writes_that_partition_whole(
     got = drive.read(size)
     assert got[ext_at : ext_at + ROOT] == data[ext_at : ext_at + ROOT]  # the root, whole
     assert set(got[fat_at + 40 * MiB : fat_at + 48 * MiB]) == {PATTERN}  # boot: trimmed
-
-
-def test_a_compressed_image_is_written_whole(loop_factory: Callable[..., Loop],
-                                             tmp_path: Path) -> None:
-    keep = tmp_path / "keep"
-    sums = tree(keep)
-    raw = tmp_path / "ext.img"
-    with open(raw, "wb") as f:
-        f.write(os.urandom(32 * MiB))
-    make_ext(raw, 0, 32 * MiB, keep, options=["-b", "4096"])
-    packed = tmp_path / "ext.img.xz"
-    packed.write_bytes(lzma.compress(raw.read_bytes(), preset=0))
-    drive = loop_factory(32 * MiB, fill=PATTERN)
-    proc = subprocess.run([*popsicle_cmd(), "flash", str(packed), drive.path, "--yes",
-                           "--no-probe"], capture_output=True, text=True,
-                          stdin=subprocess.DEVNULL, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    assert "compressed image: written whole, free space included" in proc.stdout + proc.stderr
-    assert drive.read(32 * MiB) == raw.read_bytes()
-    assert ext_files(drive.backing, 0, 32 * MiB, list(sums)) == sums
 
 
 def test_a_certificate_reads_every_byte_back_so_nothing_is_skipped(

@@ -151,7 +151,7 @@ class PreparedFlash(HeldFiles):
                 verify=write.verify, bucket_size=engine.bucket_size, buckets=engine.buckets,
                 stall_timeout=engine.stall_timeout, skip_identical=write.skip_identical,
                 repair_attempts=write.repair_attempts,
-                bmap=self.block_map or self.trim.block_map,
+                bmap=self.block_map or self.trim.block_map, select=self.trim.select,
                 checksum=self.checksum, checksum_checked=not write.checksum_while_writing,
                 probe=chain(capacity_check(grade.capacity, grade.tolerance),
                             capacity_probe(size, engine.bucket_size) if write.probe else None),

@@ -1,10 +1,13 @@
 """Which ranges of an image a flash writes when its file systems leave part of it free.
 
-Decided before anything is opened for writing, from the image read by position: a raw image
-file on this machine (not a master drive, which may change meanwhile).  Not for a block map
-(it wins), a URL or a compressed image (they would be read twice: written whole), nor when
-every byte must be read anyway (the checksum computed in the write pass, a certificate of the
-whole image read back).  See :mod:`popsicle_py.usage` for what is read and trusted.
+A raw image file on this machine (not a master drive, which may change meanwhile) is read by
+position before anything is opened for writing: the ranges to write are known in advance.  A
+compressed image is decoded once, in the flash itself: which of its bytes are written is decided
+as it goes by (:mod:`popsicle_py.usage.stream`), and known only at the end.  Not for a block
+map (it wins), a URL (its decoded head is not at hand before the run: written whole), nor when
+every byte must be read back (a certificate of the whole image) or, for a raw image, read at all
+(the checksum computed in the write pass).  See :mod:`popsicle_py.usage` for what is read and
+trusted.
 """
 
 from __future__ import annotations
@@ -20,7 +23,16 @@ from popsicle_py.bmap import Bmap, Extent
 from popsicle_py.images import Image, ImageError, read_head
 from popsicle_py.protocols import Source
 from popsicle_py.units import format_size
-from popsicle_py.usage import ALIGN, Usage, has_table_or_fs, image_usage, worth_it
+from popsicle_py.usage import (
+    ALIGN,
+    ISO_NOTE,
+    Usage,
+    has_table_or_fs,
+    image_usage,
+    is_iso9660,
+    worth_it,
+)
+from popsicle_py.usage.stream import StreamSelector
 
 Emit = Callable[[events.WatchEvent], None]
 
@@ -31,6 +43,10 @@ class Trim:
 
     usage: Usage | None
     notes: tuple[str, ...] = ()
+    #: A compressed image's trim, decided as it is decoded (one flash: it keeps its state).
+    select: StreamSelector | None = None
+    #: The image's decoded size, when known (a stream's progress totals shrink to what is kept).
+    size: int | None = None
 
     @property
     def block_map(self) -> Bmap | None:
@@ -43,16 +59,43 @@ class Trim:
 
     @property
     def unused(self) -> int:
-        """Bytes of the image not written: free space of its file systems."""
+        """Bytes of the image not written: free space of its file systems (a stream's: so
+        far, all of it once the stream was read to its end)."""
+        if self.select is not None:
+            return self.select.skipped
         return self.usage.skipped if self.usage is not None else 0
 
+    def after(self) -> tuple[str, ...]:
+        """What a stream's trim found, said once the flash ended (nothing for a raw image's,
+        whose notes came before)."""
+        select = self.select
+        if select is None:
+            return ()
+        lines = [*select.found, *select.notes]
+        if select.skipped:
+            lines.append(f"free space not written: {format_size(select.skipped)} of "
+                         f"{format_size(select.pos)} decoded")
+        return tuple(lines)
+
     def emitter(self, emit: Emit) -> Emit:
-        """``emit`` with the bytes not written in each drive's result and in the summary."""
-        unused = self.unused
-        if not unused:
+        """``emit`` with the bytes not written in each drive's result and in the summary; for a
+        stream, progress totals less what was skipped so far, and its findings before the
+        summary."""
+        if self.select is None and not self.unused:
             return emit
+        select, size = self.select, self.size
 
         def relay(event: events.WatchEvent) -> None:
+            unused = self.unused
+            if isinstance(event, events.Progress) and select is not None \
+                    and event.total is not None and event.total == size:
+                event = dataclasses.replace(event, total=event.total - unused)
+            elif isinstance(event, events.Summary):
+                for line in self.after():
+                    emit(events.Note(line))
+            if not unused:
+                emit(event)
+                return
             if isinstance(event, events.Result):
                 event = dataclasses.replace(event, result=dataclasses.replace(
                     event.result, bytes_unused=unused))
@@ -64,9 +107,9 @@ class Trim:
 
 
 NONE = Trim(None)
-#: What a compressed image with file systems is told (it would have to be decoded twice).
-COMPRESSED = ("compressed image: written whole, free space included (only a raw image's free "
-              "space is skipped: decompress it first to skip it)")
+#: What a compressed image with file systems is told before the run.
+STREAMED = ("compressed image: free space of its file systems decided as it is decoded, and "
+            "not written (--no-trim writes every byte)")
 
 
 def _is_drive(path: str) -> bool:
@@ -105,7 +148,14 @@ def plan_trim(image: Source, *, wanted: bool, whole_because: str | None = None) 
             head = read_head(image, 64 << 10)
         except ImageError:
             return NONE  # left to the flash, which names the image and the offset
-        return Trim(None, (COMPRESSED,)) if has_table_or_fs(head, image.size) else NONE
+        if not has_table_or_fs(head, image.size):
+            return NONE
+        if is_iso9660(lambda offset, length: head[offset : offset + length]):
+            return Trim(None, (ISO_NOTE,))  # the drives keep their own pace (spill)
+        if whole_because is not None:
+            return Trim(None, (f"free space of the image's file systems written too: "
+                               f"{whole_because}",))
+        return Trim(None, (STREAMED,), StreamSelector(image.size), image.size)
     if not image.size or _is_drive(image.path):
         return NONE
     usage = read_usage(image)

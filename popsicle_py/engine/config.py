@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from popsicle_py.blockdev import DEFAULT_RETRIES, MAX_CALL, FileLike
 from popsicle_py.engine.head import HEAD as _HEAD
@@ -44,6 +44,21 @@ Prepare = Callable[[FileLike], None]
 BeforeHead = Callable[[FileLike, Callable[[int], None]], None]
 
 
+class Selector(Protocol):
+    """Which bytes of a stream to write, decided as it is read (a compressed image's trim:
+    :class:`popsicle_py.usage.stream.StreamSelector`).  The reader still reads every byte.
+    The image's head (:data:`HEAD`) is always kept: it is held whole and written last."""
+
+    def decide(self, offset: int, limit: int) -> tuple[bool, int]:
+        """(write them, length): the run of bytes from ``offset`` (at most ``limit``, more than
+        0) with one decision, before they are read."""
+        ...
+
+    def saw(self, offset: int, data: memoryview) -> None:
+        """The bytes just read at ``offset``, every one, in order."""
+        ...
+
+
 @dataclass(frozen=True)
 class Config:
     """Everything a run needs to know besides its source, destinations and callbacks."""
@@ -77,3 +92,5 @@ class Config:
     spill_dir: str | None = None
     #: After verification, before the head: the rest of the drive written, read back, cleared.
     surface: bool = False
+    #: Writes only the runs it keeps of a stream read whole (drives in lock-step, no spill).
+    select: Selector | None = None

@@ -21,7 +21,8 @@ from collections.abc import Callable, Iterator, Sequence
 import xxhash
 
 from popsicle_py.blockdev import FileLike, read_full
-from popsicle_py.engine.config import HEAD, LAGGARD_PATIENCE, POLL, Config
+from popsicle_py.buffers import aligned_buffer
+from popsicle_py.engine.config import CHUNK, HEAD, LAGGARD_PATIENCE, POLL, Config
 from popsicle_py.engine.head import head_length
 from popsicle_py.engine.lane import Lane
 from popsicle_py.engine.ring import Ring
@@ -89,6 +90,10 @@ class Reader:
                 yield piece, min(size, start + length - piece), index
 
     def run(self) -> None:
+        if self.config.select is not None:
+            if self._run_selected():
+                self._end()
+            return
         extents = self.config.extents
         ring = self.ring
         if extents is not None:
@@ -125,9 +130,14 @@ class Reader:
                 seq += 1
             if length < limit:
                 break
+        self._end()
+
+    def _end(self) -> None:
+        """The source read to its end: its size checked, then vouched for."""
+        ring = self.ring
         self._record_head()
         expected = self.config.expected_size
-        if extents is None and expected is not None and expected != self.total:
+        if self.config.extents is None and expected is not None and expected != self.total:
             raise SourceChanged(expected, self.total)
         with ring.cond:
             ring.total = self.total
@@ -138,6 +148,59 @@ class Reader:
         with ring.cond:
             ring.vouched = True
             ring.cond.notify_all()
+
+    def _run_selected(self) -> bool:
+        """Read every byte; publish only the runs the selector keeps (one bucket holds one
+        run, or part of one).  Dropped runs are read into a buffer of the reader's own, with
+        no wait for the lanes.  False when the run stopped first."""
+        select = self.config.select
+        assert select is not None and self.spill is None, "a selector keeps lanes in lock-step"
+        ring, size = self.ring, self.ring.bucket_size
+        scratch: memoryview | None = None
+        seq = offset = 0
+        while True:
+            keep, want = select.decide(offset, size)
+            if not keep:  # a piece at a time: what it sees may change what follows
+                if scratch is None:
+                    scratch = memoryview(aligned_buffer(min(size, CHUNK)))
+                view = scratch[: min(want, len(scratch))]
+                length = read_full(self.source, view)
+                select.saw(offset, view[:length])
+                offset += length
+                self.total += length
+                if length < len(view):
+                    return True
+                if self.stopped.is_set():
+                    return False
+                continue
+            if not self._wait_for_slot(seq):
+                return False
+            buffer = ring.buffer_for(seq)
+            fill = 0
+            ended = False
+            while keep:
+                view = buffer[fill : fill + want]
+                length = read_full(self.source, view)
+                select.saw(offset + fill, view[:length])
+                fill += length
+                ended = length < want
+                if ended or fill == size:
+                    break
+                keep, want = select.decide(offset + fill, size - fill)
+            data = buffer[:fill]
+            start = self._take_head(data, offset)
+            self.total += fill
+            if start < fill:
+                self._record_head()
+                self._record(offset + start, data[start:])
+                with ring.cond:
+                    ring.publish(seq, start, fill - start, offset + start)
+                if self.sha256 is not None:  # of the recorded extents (whole when none skipped)
+                    self.sha256.update(data[start:])
+                seq += 1
+            offset += fill
+            if ended:
+                return True
 
     def _spill(self, seq: int, offset: int, data: memoryview) -> None:
         """Keep the bucket in the spill file, before any lane can want it from there.

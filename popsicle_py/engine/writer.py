@@ -45,6 +45,7 @@ from popsicle_py.engine.config import (
     Config,
     Extent,
     Prepare,
+    Selector,
     SourceAt,
 )
 from popsicle_py.engine.finish import Finisher
@@ -156,6 +157,12 @@ class BusWriter(Builder):
         """
         return self._set(spill_dir=directory)
 
+    def select(self, selector: Selector | None) -> BusWriter:
+        """Read every byte of the source but write (and verify) only the runs ``selector``
+        keeps, deciding as it goes (a compressed image's free space).  Destinations stay in
+        lock-step, as with :meth:`only_extents`; not with it."""
+        return self._set(select=selector)
+
     def prepare_each(self, prepare: Prepare | None) -> BusWriter:
         """Run ``prepare(destination)`` on its own thread before writing it (a capacity probe).
 
@@ -214,6 +221,8 @@ class BusWriter(Builder):
         """
         if self.source is None:
             raise ValueError("no source: give one to BusWriter() or from_source()")
+        if self.config.select is not None and self.config.extents is not None:
+            raise ValueError("select() and only_extents() cannot be combined")
         if self.config.hold_head:
             for dest in self.destinations:
                 if not (hasattr(dest, "seek") and (not hasattr(dest, "seekable")
@@ -294,7 +303,8 @@ class _WriteRun:
                                      wake=self.ring.wake, leave=self.ring.leave)
         self.lanes = self.supervisor.lanes
         self.held = memoryview(aligned_buffer(HEAD)) if config.hold_head else None
-        lock_step = not config.laggards or config.extents is not None
+        lock_step = (not config.laggards or config.extents is not None
+                     or config.select is not None)
         self.pread = None if lock_step else pread_source(source)
         self.spill: Spill | None = None
         if self.pread is None and not lock_step and config.spill_dir is not None:

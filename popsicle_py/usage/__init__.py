@@ -27,7 +27,8 @@ from popsicle_py.usage.ranges import (
 #: Where an ISO 9660 volume descriptor's "CD001" lies (a hybrid image: an ISO with a table).
 _ISO9660 = 32769
 
-__all__ = ["ALIGN", "Usage", "has_table_or_fs", "image_usage", "worth_it"]
+__all__ = ["ALIGN", "ISO_NOTE", "Usage", "has_table_or_fs", "image_usage", "is_iso9660",
+           "partitions", "worth_it"]
 
 
 @dataclass(frozen=True)
@@ -67,24 +68,39 @@ def _filesystem(read_at: ReadAt, part: Partition) -> tuple[list[Range], str]:
     return ranges, what
 
 
-def image_usage(read_at: ReadAt, size: int) -> Usage:
-    """The ranges of an image of ``size`` bytes that hold anything its file systems use."""
-    if read_at(_ISO9660, 5) == b"CD001":
-        return _whole(size, ("an ISO 9660 image: its files may lie anywhere, also in the "
-                             "free space of a partition inside it: written whole",))
+ISO_NOTE = ("an ISO 9660 image: its files may lie anywhere, also in the free space of a "
+            "partition inside it: written whole")
+
+
+def is_iso9660(read_at: ReadAt) -> bool:
+    """An ISO 9660 volume descriptor at 32 KiB (a hybrid image's, when it has a table)."""
+    return read_at(_ISO9660, 5) == b"CD001"
+
+
+def partitions(read_at: ReadAt, size: int) -> list[Partition] | Usage:
+    """The parts whose file systems are read (the image itself when it has no table), or the
+    whole image's usage when there is nothing to read (an ISO 9660 image, no table, a table
+    that is not consistent)."""
+    if is_iso9660(read_at):
+        return _whole(size, (ISO_NOTE,))
     bare = [Partition(0, size, "the image")]
     if fat.is_fat(read_at, 0):  # a volume without a table (its boot sector ends in 55 AA)
-        parts = bare
-    else:
-        try:
-            parts = list(read_table(read_at, size).partitions)
-        except (Inconsistent, struct.error, ValueError, IndexError, OverflowError) as exc:
-            return _whole(size, (f"the partition table is not consistent ({exc}): "
-                                 "written whole",))
-        if not parts:
-            if not ext.is_ext(read_at, 0):
-                return _whole(size)
-            parts = bare
+        return bare
+    try:
+        parts = list(read_table(read_at, size).partitions)
+    except (Inconsistent, struct.error, ValueError, IndexError, OverflowError) as exc:
+        return _whole(size, (f"the partition table is not consistent ({exc}): "
+                             "written whole",))
+    if not parts:
+        return bare if ext.is_ext(read_at, 0) else _whole(size)
+    return parts
+
+
+def image_usage(read_at: ReadAt, size: int) -> Usage:
+    """The ranges of an image of ``size`` bytes that hold anything its file systems use."""
+    parts = partitions(read_at, size)
+    if isinstance(parts, Usage):
+        return parts
     ranges: list[Range] = []
     found: list[str] = []
     notes: list[str] = []

@@ -198,9 +198,80 @@ def _uninit_used(sup: _Super, group: int, meta: list[Range], gdt_blocks: int,
         index += 1
 
 
-def used_ranges(read_at: ReadAt, offset: int, length: int) -> tuple[list[Range], str]:
-    """Byte ranges (in the image) of the ext file system at ``offset`` that hold anything it
-    uses, and a description ("ext4, 4 KiB blocks"); raises Unsupported or Inconsistent."""
+@dataclass(frozen=True)
+class Layout:
+    """An ext file system's superblock and group descriptors, read and checked: enough to know
+    where each group lies and where its block bitmap is (read one group at a time when the
+    image is a stream, see :mod:`.stream`)."""
+
+    offset: int  # of the partition in the image
+    length: int  # of the partition
+    sup: _Super
+    groups: tuple[_Group, ...]
+    meta: list[Range]
+    itable_blocks: int
+    gdt_blocks: int
+    kind: str
+
+    @property
+    def fixed(self) -> list[Range]:
+        """Byte ranges used whatever the bitmaps say: the boot block and the superblock, and
+        the partition's bytes past the file system's end."""
+        bs = self.sup.block_size
+        end = self.sup.blocks * bs
+        return [(self.offset, (self.sup.first_data_block + 1) * bs),
+                (self.offset + end, self.length - end)]
+
+    def span(self, index: int) -> Range:
+        """(offset, length) in the image of group ``index``'s blocks."""
+        bs = self.sup.block_size
+        start = self.sup.first_data_block + index * self.sup.blocks_per_group
+        return self.offset + start * bs, _group_blocks(self.sup, index) * bs
+
+    def bitmap(self, index: int) -> Range | None:
+        """(offset, length) in the image of group ``index``'s block bitmap; None when it is
+        not on disk (BLOCK_UNINIT); Inconsistent when it lies outside the file system."""
+        group, sup = self.groups[index], self.sup
+        if group.flags & _BG_BLOCK_UNINIT:
+            return None
+        if not sup.first_data_block <= group.block_bitmap < sup.blocks:
+            raise Inconsistent(f"group {index}'s block bitmap lies outside the file system")
+        return self.offset + group.block_bitmap * sup.block_size, sup.block_size
+
+    def used(self, index: int, bitmap: bytes | None) -> tuple[list[Range], int]:
+        """Byte ranges (in the image) group ``index`` uses, from its ``bitmap`` (None when
+        :meth:`bitmap` is None), and its free blocks; raises Inconsistent."""
+        sup, group = self.sup, self.groups[index]
+        count = _group_blocks(sup, index)
+        start = sup.first_data_block + index * sup.blocks_per_group
+        if bitmap is None:
+            found = list(_uninit_used(sup, index, self.meta, self.gdt_blocks,
+                                      max(1, self.itable_blocks)))
+            free = count - sum(n for _, n in _merged(found))
+            if free != group.free_blocks:
+                raise Inconsistent(f"group {index} is uninitialised but its free count "
+                                   "disagrees with its metadata")
+        else:
+            if sup.metadata_csum:
+                size = sup.blocks_per_group // 8
+                want = crc32c(sup.seed, bitmap[:size])
+                if sup.desc_size < 64:
+                    want &= 0xFFFF
+                if want != group.bitmap_csum:
+                    raise Inconsistent(f"group {index}'s block bitmap checksum is wrong")
+            runs = list(bit_runs(bitmap, count))
+            free = count - sum(n for _, n in runs)
+            if free != group.free_blocks:
+                raise Inconsistent(f"group {index}'s block bitmap counts {free} free "
+                                   f"blocks, its descriptor {group.free_blocks}")
+            found = [(start + first, n) for first, n in runs]
+        bs = sup.block_size
+        return [(self.offset + b * bs, n * bs) for b, n in found], free
+
+
+def layout(read_at: ReadAt, offset: int, length: int) -> Layout:
+    """The superblock and group descriptors of the ext file system at ``offset``, checked;
+    raises Unsupported or Inconsistent."""
     sb = read_exact(read_at, offset + _SB, 1024, "the ext superblock")
     sup = _superblock(sb)
     bs = sup.block_size
@@ -214,49 +285,36 @@ def used_ranges(read_at: ReadAt, offset: int, length: int) -> tuple[list[Range],
     gdt_blocks = -(-sup.groups * sup.desc_size // bs)
     table = read_exact(read_at, offset + (sup.first_data_block + 1) * bs,
                        sup.groups * sup.desc_size, "the ext group descriptors")
-    groups = [_descriptor(sup, table[i * sup.desc_size : (i + 1) * sup.desc_size], i)
-              for i in range(sup.groups)]
-    meta = _metadata(groups, itable_blocks)
-    blocks: list[Range] = [(0, sup.first_data_block + 1)]  # boot block, superblock
-    free_total = 0
-    for index, group in enumerate(groups):
-        count = _group_blocks(sup, index)
-        start = sup.first_data_block + index * sup.blocks_per_group
-        if group.flags & _BG_BLOCK_UNINIT:
-            found = list(_uninit_used(sup, index, meta, gdt_blocks, max(1, itable_blocks)))
-            free = count - sum(n for _, n in _merged(found))
-            free_total += free
-            if free != group.free_blocks:
-                raise Inconsistent(f"group {index} is uninitialised but its free count "
-                                   "disagrees with its metadata")
-            blocks.extend(found)
-            continue
-        if not sup.first_data_block <= group.block_bitmap < sup.blocks:
-            raise Inconsistent(f"group {index}'s block bitmap lies outside the file system")
-        bitmap = read_exact(read_at, offset + group.block_bitmap * bs, bs,
-                            f"group {index}'s block bitmap")
-        if sup.metadata_csum:
-            size = sup.blocks_per_group // 8
-            want = crc32c(sup.seed, bitmap[:size])
-            if sup.desc_size < 64:
-                want &= 0xFFFF
-            if want != group.bitmap_csum:
-                raise Inconsistent(f"group {index}'s block bitmap checksum is wrong")
-        runs = list(bit_runs(bitmap, count))
-        used = sum(n for _, n in runs)
-        if count - used != group.free_blocks:
-            raise Inconsistent(f"group {index}'s block bitmap counts {count - used} free "
-                               f"blocks, its descriptor {group.free_blocks}")
-        free_total += count - used
-        blocks.extend((start + first, n) for first, n in runs)
-    # The superblock's free total is kept lazily by ext4: not a check.
+    groups = tuple(_descriptor(sup, table[i * sup.desc_size : (i + 1) * sup.desc_size], i)
+                   for i in range(sup.groups))
     incompat = struct.unpack_from("<I", sb, 0x60)[0]
     journal = struct.unpack_from("<I", sb, 0x5C)[0] & 0x4
     kind = ("ext4" if incompat & ~0x2 or sup.gdt_csum or sup.metadata_csum
             else "ext3" if journal else "ext2")
-    tail = [(offset + sup.blocks * bs, length - sup.blocks * bs)]  # beyond the file system
-    return ([(offset + b * bs, n * bs) for b, n in blocks] + tail,
-            f"{kind}, {bs // 1024} KiB blocks, {free_total * bs} bytes free")
+    return Layout(offset, length, sup, groups, _metadata(list(groups), itable_blocks),
+                  itable_blocks, gdt_blocks, kind)
+
+
+def describe(lay: Layout, free_blocks: int) -> str:
+    """"ext4, 4 KiB blocks, ... bytes free"."""
+    bs = lay.sup.block_size
+    return f"{lay.kind}, {bs // 1024} KiB blocks, {free_blocks * bs} bytes free"
+
+
+def used_ranges(read_at: ReadAt, offset: int, length: int) -> tuple[list[Range], str]:
+    """Byte ranges (in the image) of the ext file system at ``offset`` that hold anything it
+    uses, and a description ("ext4, 4 KiB blocks"); raises Unsupported or Inconsistent."""
+    lay = layout(read_at, offset, length)
+    ranges = lay.fixed
+    free_total = 0  # the superblock's own total is kept lazily by ext4: not a check
+    for index in range(len(lay.groups)):
+        where = lay.bitmap(index)
+        bitmap = None if where is None else read_exact(
+            read_at, where[0], where[1], f"group {index}'s block bitmap")
+        used, free = lay.used(index, bitmap)
+        ranges.extend(used)
+        free_total += free
+    return ranges, describe(lay, free_total)
 
 
 def _merged(ranges: list[Range]) -> list[Range]:

@@ -9,7 +9,8 @@ in an order that turns by one each round (:func:`_benchlib.schedule`):
   sidecar read writes too); with ``--formats`` also ``.xz`` (``xz -T0 -6``), ``.gz``
   (``gzip -6``) and raw (``dd of=OUT``, and ``| tee OUT | sha256sum``) against their pipes;
 - ``popsicle-py erase DEV --zero --fs none --yes`` against ``dd if=/dev/zero of=DEV bs=4M
-  oflag=direct`` followed by ``cmp`` of the drive with /dev/zero (write, then read back).
+  oflag=direct`` followed by ``cmp`` of the drive with /dev/zero (write, then read back), and
+  the same with the read-back by ``dd iflag=direct bs=4M | cmp - /dev/zero``.
 
 Every process runs whole, as a user runs it.  The machine is shared, so each round's ratio
 (read / pipe, measured in the same round) is what counts: the table gives the median of those
@@ -142,16 +143,16 @@ def main() -> int:
                      " ".join(f"{w:.2f}" for w in walls[name])])
     print(table(["method", "wall s (median)", "CPU s (median)", "ratio (median of rounds)",
                  "every round, wall s"], rows))
-    met = all(r <= 1.05 for r in ratios(walls, "read zst new", "dd|zstd"))
+    zst = ratios(walls, "read zst new", "dd|zstd")  # the issue's target: at most 1.05x
+    met = not zst or median(zst) <= 1.05
     return 0 if same and met else 1
 
 
 def ratio_of(name: str, walls: dict[str, list[float]]) -> str:
-    """``name`` against its pipe: the median of the same-round ratios."""
-    base = BASELINE.get(name.split(" ")[0] + " " + name.split(" ")[1]) if " " in name else None
-    if base is None or base not in walls:
-        return ""
-    return f"{median(ratios(walls, name, base)):.2f}x vs {base}"
+    """``name`` against its pipes: the median of the same-round ratios."""
+    key = " ".join(name.split(" ")[:2])
+    return ", ".join(f"{median(ratios(walls, name, base)):.2f}x vs {base}"
+                     for base in BASELINES.get(key, ()) if base in walls)
 
 
 def ratios(walls: dict[str, list[float]], name: str, base: str) -> list[float]:
@@ -160,8 +161,9 @@ def ratios(walls: dict[str, list[float]], name: str, base: str) -> list[float]:
     return [a / b for a, b in zip(walls[name], walls[base], strict=False)]
 
 
-BASELINE = {"read zst": "dd|zstd", "read xz": "dd|xz", "read gz": "dd|gzip",
-            "read raw": "dd", "erase --zero": "dd+cmp"}
+BASELINES = {"read zst": ("dd|zstd",), "read xz": ("dd|xz",), "read gz": ("dd|gzip",),
+             "read raw": ("dd",), "erase --zero": ("dd+cmp", "dd+cmp, read-back by dd "
+                                                   "iflag=direct")}
 
 
 def build(bench: Bench, codes: list[Code], dev: str, work: Path, formats: list[str],
@@ -190,9 +192,15 @@ def build(bench: Bench, codes: list[Code], dev: str, work: Path, formats: list[s
         for code in codes:
             methods[f"erase --zero {code.label}"] = timed(
                 [*python, "erase", dev, "--zero", "--fs", "none", "--yes"], code)
-        methods["dd+cmp"] = timed(["bash", "-c", f"dd if=/dev/zero of={shlex.quote(dev)} bs=4M "
-                                   f"oflag=direct status=none count={size >> 22} && "
-                                   f"cmp -n {size} {shlex.quote(dev)} /dev/zero"])
+        zero = (f"dd if=/dev/zero of={shlex.quote(dev)} bs=4M oflag=direct status=none "
+                f"count={size >> 22} && ")
+        methods["dd+cmp"] = timed(["bash", "-c", zero + f"cmp -n {size} {shlex.quote(dev)} "
+                                   "/dev/zero"])
+        # cmp reads the drive through its page cache, 4 KiB at a time: the same check with
+        # the read-back as large O_DIRECT reads, the fastest a shell user could make it
+        methods["dd+cmp, read-back by dd iflag=direct"] = timed(
+            ["bash", "-c", "set -o pipefail; " + zero + f"dd if={shlex.quote(dev)} bs=4M "
+             f"iflag=direct status=none | cmp -n {size} - /dev/zero"])
     return methods
 
 

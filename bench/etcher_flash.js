@@ -10,28 +10,26 @@
 // only what the file systems use is written).  Prints one JSON line on stdout:
 // {"ok", "seconds", "bytesWritten", "failures": {device: message}, "steps": [the progress
 // events' types seen: flashing, verifying...], "sdk": version}.
-// etcher-sdk is looked for in $ETCHER_SDK_DIR, then bench/etcher/node_modules (see
-// bench/README.md for the install); exit 3 when it is missing, 1 when a device failed.
+// etcher-sdk is looked for in $ETCHER_SDK_DIR/node_modules, else bench/etcher/node_modules
+// (see bench/README.md for the install); exit 3 when it is missing, 2 on bad arguments, 1 when
+// a device failed.
 'use strict';
 
 const fs = require('fs');
 const path = require('path');
 
 function loadSdk() {
-	const dirs = [process.env.ETCHER_SDK_DIR, path.join(__dirname, 'etcher')].filter(Boolean);
-	for (const dir of dirs) {
-		let where;
-		try {
-			where = require.resolve('etcher-sdk', { paths: [dir] });
-		} catch (e) {
-			continue;
-		}
-		const pkg = require(path.join(path.dirname(where), '..', 'package.json'));
-		return { sdk: require(where), version: pkg.version };
+	const dir = process.env.ETCHER_SDK_DIR || path.join(__dirname, 'etcher');
+	let where;
+	try {
+		where = require.resolve('etcher-sdk', { paths: [dir] });
+	} catch (e) {
+		process.stderr.write(`etcher-sdk is not installed in ${dir}: cd bench/etcher && ` +
+			'npm install (see bench/README.md)\n');
+		process.exit(3);
 	}
-	process.stderr.write('etcher-sdk is not installed: cd bench/etcher && npm install ' +
-		'(see bench/README.md)\n');
-	process.exit(3);
+	const pkg = require(path.join(path.dirname(where), '..', 'package.json'));
+	return { sdk: require(where), version: pkg.version };
 }
 
 function sysfs(device, file) {
@@ -70,6 +68,11 @@ async function main(argv) {
 	if (!image || devices.length === 0 || unknown.length) {
 		process.stderr.write('usage: etcher_flash.js [--no-verify] [--trim] ' +
 			'[--decompress-first] IMAGE DEVICE...\n');
+		return 2;
+	}
+	const notBlock = devices.filter((d) => !fs.existsSync(d) || !fs.statSync(d).isBlockDevice());
+	if (notBlock.length) {
+		process.stderr.write(`not block devices: ${notBlock.join(' ')}\n`);
 		return 2;
 	}
 	const { sdk, version } = loadSdk();

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import secrets
 import stat
 import time
 from dataclasses import dataclass
@@ -193,9 +194,7 @@ def _open(drive: Drive) -> BlockDevice:
 
 def _temp_name(final: str) -> str:
     folder, name = os.path.split(final)
-    # os.urandom, not secrets: the name need only not collide, and secrets' imports (hmac,
-    # base64, random) cost start-up that ``read`` is measured on
-    return os.path.join(folder, f".{name}.{os.urandom(4).hex()}.part")
+    return os.path.join(folder, f".{name}.{secrets.token_hex(4)}.part")
 
 
 def _create(path: str) -> int:

@@ -12,8 +12,13 @@ before the end has none, rather than one that points at a half-made file system.
 
 Per drive, in order: [``--zero``: zeros everywhere, read back | ``--discard``: BLKDISCARD,
 read back as zeros]; the signatures ``wipefs`` finds (and the first and last MiB, where
-partition tables, boot sectors and RAID superblocks live) zeroed, and ``wipefs`` asked again;
+partition tables, boot sectors and RAID superblocks live) zeroed, and libblkid asked again;
 the file system's extents written and verified; the MBR written and verified.
+
+Nothing here opens the device node by name: signatures and old partitions are asked of
+libblkid through the drive's own descriptor (:mod:`popsicle_py.erase_probe`).  So a user
+without root erases exactly as root does, through the descriptor udisks2 opened for them
+(``Block.OpenDevice``, polkit deciding, as for a flash), and needs no other permission.
 """
 
 from __future__ import annotations
@@ -21,20 +26,19 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import json
 import os
 import shutil
 import struct
 import subprocess
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from xxhash import xxh3_128_digest
 
+from popsicle_py import erase_probe
 from popsicle_py.blockdev import BlockDevice, Pacer, drop_cache, first_difference, read_at, write_at
 from popsicle_py.buffers import aligned_buffer
-from popsicle_py.fsmap import parse_partx
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -137,14 +141,6 @@ def wipe_ranges(size: int, offsets: Sequence[int]) -> list[tuple[int, int]]:
     return merge([(0, WIPE_EDGE), (tail, size - tail), *blocks], size)
 
 
-def parse_wipefs(text: str) -> list[tuple[int, str]]:
-    """(offset, type) of each signature in ``wipefs --no-act --json``'s output."""
-    if not text.strip():
-        return []
-    found = json.loads(text).get("signatures", [])
-    return [(int(s["offset"], 0), str(s.get("type") or "?")) for s in found]
-
-
 # --------------------------------------------------------------------------------------------
 # Tools (I/O)
 
@@ -171,20 +167,29 @@ def _run(args: Sequence[str]) -> str:
     return result.stdout
 
 
+@contextlib.contextmanager
+def _descriptor(device: BlockDevice) -> Iterator[int]:
+    """A duplicate of the drive's descriptor: still the drive if another thread closes the
+    device meanwhile (a stalled drive let go), never a number reused for another file."""
+    fd = os.dup(device.fileno())
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
 def signatures(device: BlockDevice) -> list[tuple[int, str]]:
-    """What ``wipefs`` finds on the drive now (its cached pages dropped first)."""
+    """What ``wipefs`` finds on the drive now (its cached pages dropped first), read through
+    the drive's open descriptor (root's or udisks2's: the node itself is not opened)."""
     drop_cache(device)
-    return parse_wipefs(_run(["wipefs", "--no-act", "--json", device.path]))
+    with _descriptor(device) as fd:
+        return erase_probe.signatures(fd, device.path)
 
 
 def old_partitions(device: BlockDevice) -> list[tuple[int, int]]:
-    """(start, length) in bytes of the partitions the drive's table lists now (partx reads
-    the table itself: no partition devices needed)."""
-    try:
-        text = _run(["partx", "--raw", "--noheadings", "-o", "START,SECTORS", device.path])
-    except OSError:
-        return []  # no table it can read: nothing to wipe inside
-    return parse_partx(text)
+    """(start, length) in bytes of the partitions the drive's table lists now."""
+    with _descriptor(device) as fd:
+        return erase_probe.partitions(fd, device.path)
 
 
 def partition_ranges(parts: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -199,16 +204,14 @@ def partition_ranges(parts: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
 
 
 def found_inside(device: BlockDevice, parts: Sequence[tuple[int, int]]) -> list[str]:
-    """What ``blkid -p`` still recognises at the old partitions' places, one word each."""
+    """What libblkid still recognises at the old partitions' places (as ``blkid -p -O -S``
+    would), one word each."""
     drop_cache(device)
     found = []
-    for start, length in parts:
-        result = subprocess.run(["blkid", "-p", "-O", str(start), "-S", str(length), "-o",
-                                 "export", device.path], capture_output=True, text=True,
-                                check=False)
-        kind = [line.split("=", 1)[1] for line in result.stdout.splitlines()
-                if line.startswith(("TYPE=", "PTTYPE="))]
-        found += [f"{k} at byte {start}" for k in kind]
+    with _descriptor(device) as fd:
+        for start, length in parts:
+            found += [f"{kind} at byte {start}" for _, kind in
+                      erase_probe.signatures(fd, device.path, start, length)]
     return found
 
 

@@ -104,7 +104,8 @@ def make_plan(devices: Sequence[str], *, all_usb: bool, image_path: str | None,
     ``max_auto_size``, which a user can still name explicitly.
     """
     context = context or udev_context()
-    facts = drives.gather_facts(image_path)
+    # Holders settled for the named drives only (any drive may be a target with all_usb).
+    facts = drives.gather_facts(image_path, None if all_usb else drives.named_devnums(devices))
     notes: list[str] = []
     targets, named, lines = _resolve(devices, image_path, context, facts)
 
@@ -155,7 +156,7 @@ def make_read_plan(devices: Sequence[str], image_size: int | None, *,
     apply: a mounted, read-only or non-USB drive, or one that holds the image or that other
     programs read, is read.
     """
-    facts = drives.gather_facts()
+    facts = drives.gather_facts(of=drives.named_devnums(devices))
     targets, _, lines = _resolve(devices, None, context or udev_context(), facts)
     for drive in targets:
         small = drives.too_small(drive, image_size)

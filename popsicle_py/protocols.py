@@ -1,7 +1,8 @@
-"""The two small protocols the layers meet at: a view that shows events, a source of bytes.
+"""The small protocols the layers meet at: a view that shows events, a source of bytes,
+what of an image the drives get.
 
 Like rich's ``__rich_console__``, each is what a caller needs and nothing more, so a GUI, a
-web page or a test can bring its own.  Neither module here imports an implementation.
+web page or a test can bring its own.  Nothing here imports an implementation.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 from popsicle_py.events import WatchEvent
 
 if TYPE_CHECKING:
+    from popsicle_py.bmap import Bmap
     from popsicle_py.images import ChecksumTap
     from popsicle_py.images.formats import Format
 
@@ -66,3 +68,19 @@ class Source(Protocol):
 
     def read_at(self, offset: int, length: int) -> bytes:
         """Decoded bytes at ``offset`` (repairs and mismatch offsets)."""
+
+
+class TrimPlan(Protocol):
+    """Which ranges of a raw image the drives get (``app.trim.Trim`` is one)."""
+
+    @property
+    def block_map(self) -> Bmap | None:
+        """The ranges to write, as a block map without checksums (None: every byte)."""
+
+    @property
+    def unused(self) -> int:
+        """Bytes of the image not written: its file systems' free space."""
+
+    @property
+    def notes(self) -> tuple[str, ...]:
+        """What is said before the drives are written."""

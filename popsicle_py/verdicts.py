@@ -54,6 +54,12 @@ def result_line(r: events.DriveResult, speeds: str = "") -> str:
     return f"{r.device}: {r.status}{said}{identity(r)}"
 
 
+def read_line(r: events.DriveResult, tracker: progress.DriveProgress) -> str:
+    """``read``'s ok result: the drive was read into a file, not written."""
+    speed = f", {rows.format_speed(tracker.verify_speed)}" if tracker.verify_speed else ""
+    return f"{r.device}: ok ({format_size(r.bytes_written)} read{speed}){identity(r)}"
+
+
 def strip_device(text: str | None, device: str) -> str | None:
     if text and text.startswith(device + ": "):
         return text[len(device) + 2 :]

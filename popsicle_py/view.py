@@ -86,6 +86,9 @@ class PlainView:
                 if r.ok and probed and not (r.bytes_written or r.bytes_skipped or r.verified):
                     self._line(f"{r.device}: ok ({probed}){verdicts.identity(r)}")
                     return
+                if r.ok and tracker is not None and tracker.phase == events.Step.READING:
+                    self._line(verdicts.read_line(r, tracker))  # read: nothing was written
+                    return
                 self._line(verdicts.result_line(r, verdicts.speeds(tracker) if r.ok else ""))
             case events.Summary():
                 self._line(verdicts.summary_line(event))

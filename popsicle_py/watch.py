@@ -74,12 +74,15 @@ from popsicle_py.images import (
 )
 from popsicle_py.plan import DEFAULT_MAX_AUTO_SIZE
 from popsicle_py.ports import drive_info, link_notes, link_of
+from popsicle_py.protocols import TrimPlan
 from popsicle_py.signals import Cancellation
 from popsicle_py.units import format_size
 
 log = logging.getLogger(__name__)
 
 Emit = Callable[[WatchEvent], None]
+#: Plans what of a raw image the drives get (see :class:`TrimPlan`).
+TrimRule = Callable[[Image], TrimPlan]
 
 #: Smaller than flash's 16 MiB x 4: with eight drives in flight, each has its own ring.
 WATCH_BUCKET_SIZE = 4 << 20
@@ -133,6 +136,9 @@ class WatchOptions:
     surface: bool = False
     #: Run on each drive before anything is written to it: raises Rejected (--capacity).
     reject: Callable[[BlockDevice], None] | None = None
+    #: Plans, once, what of the raw image (or raw copy) the drives get: its file systems'
+    #: free space is skipped (None: every byte).
+    trim: TrimRule | None = None
 
 
 @dataclass(frozen=True)
@@ -244,6 +250,7 @@ class WatchSession:
         self._outbox: queue.SimpleQueue[WatchEvent] = queue.SimpleQueue()
         self.context = context or pyudev.Context()
         self._source: Image = image  # what the jobs read: the image, or its raw copy
+        self._trim: TrimPlan | None = None  # planned once the raw image is at hand
         self._copy_dir: str | None = None
         self._copy_devnums: frozenset[int] = frozenset()
         self._current: dict[int, _Seen] = {}  # by device number, while present
@@ -292,7 +299,7 @@ class WatchSession:
                 r = dataclasses.replace(r, status=Status.FAILED,
                                         error=removed_message(seen.path), mismatch_offset=None,
                                         cause=Cause.REMOVED, verified=False)
-            r = dataclasses.replace(r, drive=seen.info)
+            r = dataclasses.replace(r, drive=seen.info, bytes_unused=self._unused)
             event = Result(r)
             seen.result = r
         self.emit(event)
@@ -349,7 +356,16 @@ class WatchSession:
             if copy is None:
                 return False
             self._source = copy
+        if self.options.trim is not None and not self.cancel():
+            self._trim = self.options.trim(self._source)
+            for note in self._trim.notes:
+                self.emit(Note(note))
         return not self.cancel()
+
+    @property
+    def _unused(self) -> int:
+        """Bytes of the image no drive gets: its file systems' free space."""
+        return 0 if self._trim is None else self._trim.unused
 
     def _decompress(self) -> Image | None:
         """The image as a raw file in a private temporary directory (None if cancelled)."""
@@ -545,7 +561,8 @@ class WatchSession:
                                stall_timeout=self.options.stall_timeout, probe=probe,
                                certify=self.options.certify, speeds=self.options.speeds,
                                surface=self.options.surface,
-                               before_head=self.options.before_head)
+                               before_head=self.options.before_head,
+                               bmap=None if self._trim is None else self._trim.block_map)
         FlashJob(self._source, opened, options, lambda e: self._job_event(seen, e),
                  cancel, [seen.info] if seen.info is not None else ()).run()
 

@@ -8,6 +8,7 @@ partition would be.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -21,7 +22,7 @@ import pytest
 from conftest import Loop, needs_root, popsicle_cmd
 from loopdev import attach, detach, write_mbr
 
-from popsicle_py import erase, fsmap
+from popsicle_py import erase, erase_probe
 
 MiB = 1 << 20
 PATTERN = 0x5A
@@ -211,8 +212,39 @@ def test_the_rules_on_plain_data() -> None:
     assert int.from_bytes(sector[454:458], "little") == 2048
     assert erase.wipe_ranges(10 * MiB, [0x438, 5 * MiB + 17]) == [
         (0, MiB), (5 * MiB, 4096), (9 * MiB, MiB)]
-    assert erase.parse_wipefs('{"signatures": [{"offset": "0x438", "type": "ext4"}]}') == [
-        (0x438, "ext4")]
-    assert fsmap.parse_partx("2048 202752\n") == [(MiB, 202752 * 512)]
     assert erase.label_problem("exfat", "x" * 16) is not None
     assert erase.label_problem("fat32", "A/B") == "--label 'A/B': a FAT label cannot hold /"
+
+
+def test_the_probe_finds_what_wipefs_and_partx_find(loop_factory: Callable[..., Loop]) -> None:
+    """libblkid through the descriptor (O_DIRECT, as erase holds it) lists the signatures
+    ``wipefs --no-act`` lists, every copy of each, and the partitions ``partx`` lists."""
+    drive = loop_factory(80 * MiB)
+    subprocess.run(["mkfs.vfat", drive.path], check=True, capture_output=True)
+    used = used_drive(loop_factory)
+
+    def wipefs(path: str) -> list[tuple[int, str]]:
+        out = subprocess.run(["wipefs", "--no-act", "--json", path], capture_output=True,
+                             text=True, check=True).stdout
+        found = json.loads(out)["signatures"] if out.strip() else []
+        return [(int(s["offset"], 0), s["type"]) for s in found]
+
+    for loop in (drive, used):
+        fd = os.open(loop.path, os.O_RDWR | os.O_DIRECT | os.O_EXCL)
+        try:
+            assert erase_probe.signatures(fd, loop.path) == wipefs(loop.path)
+            partx = subprocess.run(["partx", "--raw", "--noheadings", "-o", "START,SECTORS",
+                                    loop.path], capture_output=True, text=True).stdout
+            assert erase_probe.partitions(fd, loop.path) == [
+                (int(start) * 512, int(sectors) * 512)
+                for start, sectors in (line.split() for line in partx.splitlines())]
+            assert os.O_DIRECT & fcntl.fcntl(fd, fcntl.F_GETFL)  # given back as it was
+        finally:
+            os.close(fd)
+    assert len(wipefs(drive.path)) == 3  # FAT's three magics
+    fd = os.open(used.path, os.O_RDONLY)
+    try:
+        assert erase_probe.signatures(fd, used.path, 8 * MiB, 16 * MiB) == [
+            (8 * MiB + 0x438, "ext4")]
+    finally:
+        os.close(fd)

@@ -391,3 +391,25 @@ def test_a_station_journal_through_a_symlink_to_a_disk_is_refused(
     with pytest.raises(journal.JournalError, match="is a symbolic link"):
         journal.connect(str(link), create=True)
     assert victim.read() == bytes([0x5A]) * victim.size
+
+
+@pytest.mark.root
+def test_a_holder_of_another_device_costs_no_second_look(
+        loop_factory: Callable[..., Loop], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The second look at the open descriptors (SETTLE later) is for the targets' holders:
+    a process holding some other device (another program's loop device) delays nothing."""
+    from popsicle_py.drives import openers, system
+
+    target, other = loop_factory(MiB), loop_factory(MiB)
+    looks: list[int] = []
+    scan = system._scan_openers
+    monkeypatch.setattr(system, "_scan_openers", lambda: looks.append(1) or scan())
+    with holding(other.path) as stranger:
+        found = openers(frozenset({target.devnum}))
+        assert len(looks) == 1
+        assert stranger.pid in {o.process.pid for o in found}  # seen, never a reason for it
+        with holding(target.path) as reader:
+            looks.clear()
+            found = openers(frozenset({target.devnum}))
+            assert len(looks) == 2
+            assert reader.pid in {o.process.pid for o in found if target.devnum in o.devnums}

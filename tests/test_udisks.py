@@ -15,7 +15,6 @@ import re
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,28 +63,12 @@ class Setup:
 
 @contextlib.contextmanager
 def _loops(count: int) -> Iterator[list[Loop]]:
-    """Loop devices of our own on /dev/shm; detached (only these) and removed at the end."""
-    made: list[Loop] = []
-    try:
-        for _ in range(count):
-            backing = Path(f"/dev/shm/popsicle-udisks-{uuid.uuid4().hex[:8]}.img")
-            with open(backing, "wb") as f:
-                f.truncate(SIZE)
-            made.append(Loop("", backing))
-            made[-1].path = subprocess.run(["losetup", "-f", "--show", str(backing)], check=True,
-                                           capture_output=True, text=True).stdout.strip()
-        yield made
-    finally:
-        for loop in made:
-            if loop.path:
-                subprocess.run(["losetup", "-d", loop.path], capture_output=True)
-            with contextlib.suppress(OSError):
-                loop.backing.unlink()
+    with harness.loop_devices(count, SIZE, "popsicle-udisks") as made:
+        yield [Loop(path, backing) for path, backing in made]
 
 
 def _fake(name: str, loop: Loop, usb: bool, fs: str = "") -> harness.FakeDrive:
-    rdev = os.stat(loop.path).st_rdev
-    return harness.FakeDrive(name, loop.path, os.major(rdev), os.minor(rdev), SIZE, usb, fs)
+    return harness.fake_drive(name, loop.path, SIZE, usb, fs)
 
 
 @contextlib.contextmanager
@@ -282,24 +265,12 @@ def test_without_the_rule_the_stick_is_refused_too() -> None:
         assert _untouched(setup.stick)
 
 
-#: A test's own rule: /dev/sdc may be opened by popsicle-test with their own password.
-AUTH_SELF_FOR_SDC = """
-polkit.addRule(function(action, subject) {
-    if (action.id === "org.freedesktop.udisks2.open-device-system" &&
-        action.lookup("device") === "/dev/sdc" && subject.user === "popsicle-test") {
-        return polkit.Result.AUTH_SELF;
-    }
-    return polkit.Result.NOT_HANDLED;
-});
-"""
-
-
 def test_in_a_terminal_polkit_asks_for_the_password_there() -> None:
     """No desktop agent: pkttyagent prompts on the user's terminal (ssh), then it is written;
     a wrong password is a refusal and Ctrl-C stops at once, nothing written either way."""
     import pexpect
 
-    with _setup(extra_rule=AUTH_SELF_FOR_SDC) as setup:
+    with _setup(extra_rule=harness.AUTH_SELF_FOR_SDC) as setup:
         setup.fixed.fill()
         argv = setup.stack.command([*popsicle_cmd(), "flash", str(setup.image), "/dev/sdc",
                                     "--yes"])

@@ -30,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -469,3 +470,44 @@ def _wait_for_blocks(stack: Udisks, drives: Sequence[FakeDrive], deadline: float
             raise RuntimeError(f"udisksd did not export {sorted(want)}: {got.stdout!r} "
                                f"{got.stderr[-2000:]}\n{stack.logs()}")
         time.sleep(0.2)
+
+
+@contextlib.contextmanager
+def loop_devices(count: int, size: int, prefix: str) -> Iterator[list[tuple[str, Path]]]:
+    """(loop device, backing file) pairs of our own on /dev/shm; detached (only these) and
+    removed at the end."""
+    made: list[tuple[str, Path]] = []
+    try:
+        for _ in range(count):
+            backing = Path(f"/dev/shm/{prefix}-{uuid.uuid4().hex[:8]}.img")
+            with open(backing, "wb") as f:
+                f.truncate(size)
+            made.append(("", backing))
+            path = subprocess.run(["losetup", "-f", "--show", str(backing)], check=True,
+                                  capture_output=True, text=True).stdout.strip()
+            made[-1] = (path, backing)
+        yield made
+    finally:
+        for path, backing in made:
+            if path:
+                subprocess.run(["losetup", "-d", path], capture_output=True)
+            with contextlib.suppress(OSError):
+                backing.unlink()
+
+
+def fake_drive(name: str, loop: str, size: int, usb: bool, fs: str = "") -> FakeDrive:
+    """How the testbed presents loop device ``loop`` as /dev/``name``."""
+    rdev = os.stat(loop).st_rdev
+    return FakeDrive(name, loop, os.major(rdev), os.minor(rdev), size, usb, fs)
+
+
+#: A test's own rule: /dev/sdc may be opened by popsicle-test with their own password.
+AUTH_SELF_FOR_SDC = """
+polkit.addRule(function(action, subject) {
+    if (action.id === "org.freedesktop.udisks2.open-device-system" &&
+        action.lookup("device") === "/dev/sdc" && subject.user === "popsicle-test") {
+        return polkit.Result.AUTH_SELF;
+    }
+    return polkit.Result.NOT_HANDLED;
+});
+"""

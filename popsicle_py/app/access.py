@@ -10,18 +10,28 @@ import grp
 import os
 from collections.abc import Sequence
 
-from popsicle_py import udisks
 from popsicle_py.errors import Refused
 
-NEEDS_ROOT_TO_WRITE = udisks.NEEDS_ROOT
-NEEDS_ROOT_TO_READ = udisks.NEEDS_ROOT_TO_READ
+# udisks (D-Bus, subprocess: 4 ms) is imported only when a user without access is seen.
+
+
+def __getattr__(name: str) -> str:
+    """``NEEDS_ROOT_TO_WRITE`` and ``NEEDS_ROOT_TO_READ``: udisks' lines (asked for no other
+    name: the import system looks for ``__path__`` here)."""
+    if name not in ("NEEDS_ROOT_TO_WRITE", "NEEDS_ROOT_TO_READ"):
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from popsicle_py import udisks
+
+    return udisks.NEEDS_ROOT if name == "NEEDS_ROOT_TO_WRITE" else udisks.NEEDS_ROOT_TO_READ
 
 
 def access_refusal(euid: int, denied: Sequence[str], *, writing: bool) -> str | None:
     """The one line for a user who may not open the drives (``denied``), or None."""
     if euid == 0 or not denied:
         return None  # root's own EACCES (rare: a locked-down node) is reported per drive
-    return NEEDS_ROOT_TO_WRITE if writing else NEEDS_ROOT_TO_READ
+    from popsicle_py import udisks
+
+    return udisks.NEEDS_ROOT if writing else udisks.NEEDS_ROOT_TO_READ
 
 
 def require_access(paths: Sequence[str], *, writing: bool) -> None:
@@ -30,8 +40,11 @@ def require_access(paths: Sequence[str], *, writing: bool) -> None:
     mode = os.R_OK | (os.W_OK if writing else 0)
     line = access_refusal(os.geteuid(), [p for p in paths if not os.access(p, mode)],
                           writing=writing)
-    if line is not None and not udisks.available():
-        raise Refused([line])
+    if line is not None:
+        from popsicle_py import udisks
+
+        if not udisks.available():
+            raise Refused([line])
 
 
 def may_write_future_drives() -> bool:
@@ -46,5 +59,8 @@ def may_write_future_drives() -> bool:
 
 def require_future_access() -> None:
     """watch: drives plugged in later must be openable by this user, or through udisks2."""
-    if not may_write_future_drives() and not udisks.available():
-        raise Refused([NEEDS_ROOT_TO_WRITE])
+    if not may_write_future_drives():
+        from popsicle_py import udisks
+
+        if not udisks.available():
+            raise Refused([udisks.NEEDS_ROOT])

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from popsicle_py import events
 from popsicle_py.app.requests import GradeOptions
-from popsicle_py.certify.writer import CertificateWriter, Place
 from popsicle_py.drives import Drive
 from popsicle_py.errors import EXIT_FAILED, EXIT_OK, Refused
 from popsicle_py.grading import SpeedRule, capacity_verdict
@@ -16,6 +15,9 @@ from popsicle_py.images import Checksum
 from popsicle_py.protocols import View
 from popsicle_py.report import Report, ReportError, fan_out
 from popsicle_py.signals import Cancellation
+
+if TYPE_CHECKING:  # imported for --certificate only (4 ms of every start)
+    from popsicle_py.certify.writer import CertificateWriter, Place
 
 Emit = Callable[[events.WatchEvent], None]
 
@@ -75,6 +77,8 @@ def open_certificates(grade: GradeOptions, image: str, checksum: Checksum | None
     sha256 = checksum.hexdigest.lower() if checksum is not None and checksum.algo == "sha256" \
         and not compressed else None
     name = image if "://" in image else os.path.basename(image)
+    from popsicle_py.certify.writer import CertificateWriter
+
     return CertificateWriter(grade.certificate, grade.sign_key, name, sha256, place)
 
 

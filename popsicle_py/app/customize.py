@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from popsicle_py import events
 from popsicle_py.app.requests import CustomizeOptions
@@ -22,16 +23,9 @@ from popsicle_py.errors import Refused
 from popsicle_py.images import Image, ImageError, read_head
 from popsicle_py.ports import drive_info
 from popsicle_py.protocols import Source
-from popsicle_py.settings import (
-    BootFsError,
-    Customization,
-    DriveContext,
-    DriveFiles,
-    SettingsError,
-    load_customization,
-    write_boot_files,
-)
-from popsicle_py.settings.bootfs import missing_tools
+
+if TYPE_CHECKING:  # imported when a customisation is asked for: 10 ms of every flash's start
+    from popsicle_py.settings import Customization, DriveContext, DriveFiles
 
 __all__ = ["Personaliser", "context_of", "load"]
 
@@ -59,6 +53,9 @@ class _ImageHead:
 
 def load(options: CustomizeOptions, image: Source) -> Customization:
     """The customisation, checked against the image; raises :class:`Refused`."""
+    from popsicle_py.settings import SettingsError, load_customization
+    from popsicle_py.settings.bootfs import missing_tools
+
     if not isinstance(image, Image):
         raise Refused([f"--customize needs an image file on this machine, not {image.path} "
                        "(download it first)"])
@@ -74,6 +71,8 @@ def load(options: CustomizeOptions, image: Source) -> Customization:
 
 def context_of(info: events.DriveInfo, slot: str | None = None) -> DriveContext:
     """What the templates know of a drive: seq, slot (seq unless a station says), serial, port."""
+    from popsicle_py.settings import DriveContext
+
     seq = info.seq or 0
     return DriveContext(seq, slot if slot is not None else seq, info.serial,
                         info.port_path or "")
@@ -98,6 +97,8 @@ class Personaliser:
 
     def plan_batch(self, paths: Sequence[str], infos: Sequence[events.DriveInfo]) -> None:
         """A flash's drives, all resolved now; raises :class:`Refused`."""
+        from popsicle_py.settings import SettingsError
+
         try:
             files = self.customization.for_batch([context_of(i) for i in infos])
         except SettingsError as exc:
@@ -108,6 +109,8 @@ class Personaliser:
         """watch: why a new drive is not taken (its row is missing: the rows ran out; a bad
         value; a host name given already), or None.  The drive's files are made again when it
         is written, with the seq it got."""
+        from popsicle_py.settings import SettingsError
+
         with self._lock:
             seq = self._admitted + 1
         try:
@@ -124,6 +127,8 @@ class Personaliser:
 
     def files_for(self, path: str, info: events.DriveInfo | None) -> DriveFiles:
         """A flash's planned files, or (watch) the drive's, made now; raises BootFsError."""
+        from popsicle_py.settings import BootFsError, SettingsError
+
         with self._lock:
             planned = self._files.get(path)
         if planned is not None:
@@ -140,6 +145,8 @@ class Personaliser:
         """Write one drive's boot files (the engine's descriptor ``fd``; ``progressed`` counts
         the bytes read, for the stall clock); raises :class:`BootFsError` when they cannot be
         written or do not read back right."""
+        from popsicle_py.settings import BootFsError, write_boot_files
+
         files = self.files_for(path, info)
         hostname = (files.settings.hostname or "").lower()
         with self._lock:  # checked and taken at once: two drives in flight never share one

@@ -5,14 +5,19 @@
 ``unmount``), the options (file system, label, its tool installed) and the user's access, and
 raises :class:`Refused` (exit 2) before anything is written.  ``run(view, cancel)`` erases
 every drive in parallel (:mod:`popsicle_py.erase_job`).
+
+Without root the drives are opened as for a flash, through udisks2's ``Block.OpenDevice``
+(polkit's ``open-device`` actions decide), and everything after goes through that descriptor
+(:mod:`popsicle_py.erase`): no other udisks2 method, so no other polkit permission, is needed.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from popsicle_py import drives, erase, events
+from popsicle_py import drives, erase, events, udisks
 from popsicle_py.app.access import require_access
+from popsicle_py.app.common import cancelled_before_writing
 from popsicle_py.app.confirm import Confirmation, target_rows
 from popsicle_py.defaults import DEFAULT_STALL_TIMEOUT
 from popsicle_py.erase_job import EraseJob, EraseOptions
@@ -90,17 +95,29 @@ class PreparedErase:
     def run(self, view: View, cancel: Cancellation) -> events.Summary:
         """Unmount if asked, open every drive (identity checked again), erase them all."""
         request = self.request
+        udisks.set_cancel(cancel)  # Ctrl-C at a polkit password prompt stops the wait
         try:
             if request.unmount:
                 for line in unmount_targets(self.plan):
                     view.handle(events.Note(line))
-            opened = open_targets(self.plan.targets, check=drives.still_same_each())
+            if cancel():
+                return self._cancelled(view)
+            opened = open_targets(self.plan.targets,
+                                  check=drives.still_same_each(self.plan.targets))
         except Refused:
+            if cancel():  # Ctrl-C at a polkit prompt: the agent's end is no refusal
+                return self._cancelled(view)
             view.close()
             raise
         options = EraseOptions(fs=request.fs, label=request.label, zero=request.zero,
                                discard=request.discard, stall_timeout=request.stall_timeout)
         summary = EraseJob(opened, options, view.handle, cancel, self.infos).run()
+        view.close()
+        return summary
+
+    def _cancelled(self, view: View) -> events.Summary:
+        summary = cancelled_before_writing([d.path for d in self.plan.targets], self.infos,
+                                           view.handle)
         view.close()
         return summary
 

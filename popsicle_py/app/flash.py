@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-from popsicle_py import events, probe, udisks
+from popsicle_py import events, probe
 from popsicle_py.app import customize, sources
 from popsicle_py.app.access import require_access
 from popsicle_py.app.common import (
@@ -29,19 +31,19 @@ from popsicle_py.app.requests import FlashRequest
 from popsicle_py.app.trim import NONE, Trim, plan_trim
 from popsicle_py.blockdev import BlockDevice
 from popsicle_py.bmap import Bmap
-from popsicle_py.certify.writer import CertificateWriter
 from popsicle_py.drives import still_same_each
 from popsicle_py.errors import Refused
 from popsicle_py.flash import FlashJob, FlashOptions, open_targets
 from popsicle_py.grading import capacity_check, chain
-from popsicle_py.master import Stillness
 from popsicle_py.plan import Plan, make_plan, unmount_targets
 from popsicle_py.ports import drive_info, link_notes, link_of
 from popsicle_py.protocols import View
 from popsicle_py.report import Report
 from popsicle_py.signals import Cancellation
 from popsicle_py.units import format_size
-from popsicle_py.watch import default_tmpdir
+
+if TYPE_CHECKING:
+    from popsicle_py.certify.writer import CertificateWriter
 
 
 def capacity_probe(image_size: int | None, bucket_size: int) -> Callable[[BlockDevice], None]:
@@ -116,10 +118,15 @@ class PreparedFlash(HeldFiles):
             view.handle(events.Note(note))
         image = self.image
         sources.attach(image, view.handle, cancel)  # until the job relays it from its thread
-        udisks.set_cancel(cancel)  # Ctrl-C at a polkit password prompt stops the wait
+        if os.geteuid() != 0:  # root opens drives itself, never through udisks2 (D-Bus)
+            from popsicle_py import udisks
+
+            udisks.set_cancel(cancel)  # Ctrl-C at a polkit password prompt stops the wait
         with contextlib.ExitStack() as downloads:
             try:
                 if image.kind.needs_whole_file:  # a zip: its directory is at its end
+                    from popsicle_py.watch import default_tmpdir
+
                     local = sources.download_first(image, view.handle, cancel,
                                                    default_tmpdir(), downloads)
                     if local is None:
@@ -132,7 +139,8 @@ class PreparedFlash(HeldFiles):
                         view.handle(events.Note(line))
                 if cancel():
                     return self._cancelled(emit, view)
-                opened = open_targets(self.plan.targets, check=still_same_each())
+                opened = open_targets(self.plan.targets,
+                                      check=still_same_each(self.plan.targets))
             except Refused:
                 if cancel():
                     return self._cancelled(emit, view)
@@ -151,6 +159,8 @@ class PreparedFlash(HeldFiles):
                 certify=None if self.certificates is None else self.certificates.certify,
                 before_head=customize.step_of(self.personaliser))
             if sources.is_drive(image.path):  # a master drive: written to meanwhile, all fail
+                from popsicle_py.master import Stillness
+
                 options = dataclasses.replace(options, source_check=Stillness(image.path).check)
             job = FlashJob(image, opened, options, emit, cancel, self.infos)
             sources.attach(image, job.relay, cancel)  # download news from the reader thread

@@ -134,12 +134,12 @@ class PreparedRead:
             sink = _GuardedSink(fd)
             mapper = None
             if self.request.bmap:
-                free, used = fsmap.free_ranges(path, size)
+                free, used = fsmap.free_ranges(device, size)
                 mapper = reading.Mapper(free=fsmap.free_mask(free, size, reading.BMAP_BLOCK)
                                         if free else None)
                 if used:
-                    view.handle(events.Note(f"block map: the free blocks of {', '.join(used)} "
-                                            "are left out"))
+                    view.handle(events.Note("block map: free blocks left out, as the file "
+                                            f"systems say ({'; '.join(used)})"))
 
             def progress(done: int) -> None:
                 view.handle(events.Progress(path, events.Step.READING, done, size))

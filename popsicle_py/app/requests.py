@@ -151,3 +151,6 @@ class WatchRequest:
     report: str | None = None
     grade: GradeOptions = field(default_factory=GradeOptions)
     customize: CustomizeOptions | None = None
+    #: Skip the free space of the image's file systems, as flash does (the raw copy of a
+    #: compressed image too): see :mod:`popsicle_py.app.trim`.
+    trim: bool = True

@@ -32,7 +32,8 @@ class ReadsDrives:
     def open_drives(self, view: View) -> list[BlockDevice]:
         """Every drive opened read-only, or Refused (the view closed first)."""
         try:
-            return open_targets(self.targets, for_writing=False, check=drives.writers_each())
+            return open_targets(self.targets, for_writing=False,
+                                check=drives.writers_each(self.targets))
         except Refused:
             view.close()
             raise
@@ -91,7 +92,8 @@ class PreparedProbe:
             if self.request.unmount:
                 for line in unmount_targets(self.plan):
                     view.handle(events.Note(line))
-            opened = open_targets(self.plan.targets, check=drives.still_same_each())
+            opened = open_targets(self.plan.targets,
+                                  check=drives.still_same_each(self.plan.targets))
         except Refused:
             view.close()
             raise

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 
 from popsicle_py import drives, events
 from popsicle_py import watch as watch_mod
@@ -11,6 +12,7 @@ from popsicle_py.app.access import require_future_access
 from popsicle_py.app.common import HeldFiles, emitter, open_sinks, speed_rule
 from popsicle_py.app.confirm import Confirmation, target_rows
 from popsicle_py.app.requests import WatchRequest
+from popsicle_py.app.trim import plan_trim
 from popsicle_py.certify.writer import CertificateWriter
 from popsicle_py.drives import Drive
 from popsicle_py.errors import Refused
@@ -61,6 +63,15 @@ class PreparedWatch(HeldFiles):
             return None
         return customize.note(options, self.personaliser)
 
+    def _trim_rule(self) -> watch_mod.TrimRule | None:
+        """How the session plans, once the raw image (or raw copy) is at hand, what the drives
+        get: flash's rules (a certificate reads every byte back, so nothing is skipped)."""
+        if not self.request.trim:
+            return None
+        whole_because = (None if self.certificates is None
+                         else "--certificate reads the whole image back")
+        return functools.partial(plan_trim, wanted=True, whole_because=whole_because)
+
     def run(self, view: View, cancel: Cancellation, *,
             hooks: watch_mod.WatchOptions | None = None) -> events.Summary:
         """Download (a URL), check, decompress once, then write each drive as it comes.
@@ -91,7 +102,8 @@ class PreparedWatch(HeldFiles):
                                          speeds=speed_rule(request.grade),
                                          surface=request.grade.surface_test,
                                          reject=capacity_check(request.grade.capacity,
-                                                               request.grade.tolerance))
+                                                               request.grade.tolerance),
+                                         trim=self._trim_rule())
         for note in self.source.notes:
             view.handle(events.Note(note))
         with contextlib.ExitStack() as downloads:

@@ -87,6 +87,8 @@ DEVICE = click.Path(dir_okay=False, readable=False, path_type=str)
 FORCE_HELP = "Write an image that does not look like a disk image (text, HTML, tiny)."
 NO_PROBE_HELP = ("Do not check, before writing, that each drive stores as much as it claims "
                  "(the counterfeit-stick probe).")
+NO_TRIM_HELP = ("Write every byte, also the free space of the image's ext2/3/4 and FAT file "
+                "systems.")
 
 
 def report_option() -> Decorator:
@@ -223,9 +225,7 @@ write_options = OptionGroup(
                  metavar="FILE", help="Block map (bmaptool): write only its mapped ranges "
                  "(default: IMAGE.bmap when present)."),
     click.option("--no-bmap", is_flag=True, help="Ignore a block map next to the image."),
-    click.option("--no-trim", is_flag=True,
-                 help="Write every byte, also the free space of the image's ext2/3/4 and FAT "
-                      "file systems."),
+    click.option("--no-trim", is_flag=True, help=NO_TRIM_HELP),
     click.option("--checksum-while-writing", is_flag=True,
                  help="Check the checksum only in the pass that writes the drives (no read "
                       "of the image before writing)."),
@@ -277,13 +277,14 @@ class Session:
     include_present: bool
     max_size: int
     no_probe: bool
+    no_trim: bool
     report: str | None
 
     def request(self, source: SourceOptions) -> WatchRequest:
         return WatchRequest(source, count=self.count, verify=not self.no_verify,
                             probe=not self.no_probe, power_off=not self.no_power_off,
                             include_present=self.include_present, max_size=self.max_size,
-                            report=self.report)
+                            report=self.report, trim=not self.no_trim)
 
 
 #: The session's options, as ``watch`` has them.
@@ -298,6 +299,7 @@ session_options = OptionGroup(
                  help="Also write the eligible drives plugged in before starting."),
     max_size_option("Skip drives larger than this."),
     click.option("--no-probe", is_flag=True, help=NO_PROBE_HELP),
+    click.option("--no-trim", is_flag=True, help=NO_TRIM_HELP),
     report_option(),
 )
 

@@ -334,8 +334,9 @@ def current_swaps() -> tuple[Swap, ...]:
     return tuple(swaps)
 
 
-def gather_facts(image_path: str | None = None) -> SystemFacts:
-    """Read mounts, swaps and where the image lives: the inputs of :func:`system_reason`."""
+def gather_facts(image_path: str | None = None,
+                 of: frozenset[int] | None = None) -> SystemFacts:
+    """Mounts, swaps, where the image lives, holders (of ``of``: :func:`openers`)."""
     image_devnums: frozenset[int] = frozenset()
     image_files: frozenset[Inode] = frozenset()
     image_inode: Inode | None = None
@@ -348,7 +349,7 @@ def gather_facts(image_path: str | None = None) -> SystemFacts:
             pass
     own = mount_table()
     return SystemFacts(current_mounts(own), current_swaps(), image_devnums, image_inode,
-                       image_files, foreign_mounts(own), loops_over_devices(), openers())
+                       image_files, foreign_mounts(own), loops_over_devices(), openers(of))
 
 
 def holders_beneath(backing: Backing, devnum: int) -> tuple[str, ...]:
@@ -550,16 +551,16 @@ def _writing(pid: int, fd: str) -> bool:
 SETTLE = 0.1
 
 
-def openers() -> tuple[Opener, ...]:
+def openers(of: frozenset[int] | None = None) -> tuple[Opener, ...]:
     """Block devices other processes hold open, as ``fuser`` finds them (/proc/PID/fd).
 
-    With or without O_EXCL: a ``dd`` reading a stick, ``sleep 60 < /dev/sdb``.  Our own
-    process's descriptors do not count.  Looked at twice, SETTLE apart, when anything is open:
-    a process that had a device open for a moment only (``losetup`` trying devices, a udev
-    worker reading signatures) holds nothing, and refusing it would fail runs at random.
+    With or without O_EXCL (``dd`` reading it, ``sleep 60 < /dev/sdb``); ours do not count.
+    Looked at twice, SETTLE apart, when one of ``of`` (None: any device) is open: a process
+    that had it open for a moment only (``losetup``, a udev worker) holds nothing, and refusing
+    it would fail runs at random; other devices' openers refuse nothing of ``of`` (no wait).
     """
     first = _scan_openers()
-    if not first:
+    if not any(of is None or o.devnums & of for o in first):
         return first
     time.sleep(SETTLE)
     seen = {(o.process.pid, o.devnum) for o in first}

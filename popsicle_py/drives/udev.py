@@ -9,11 +9,12 @@ open.  These are the drive layer's I/O edges (:func:`discover`, :func:`drive_for
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import stat
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import pyudev
@@ -368,11 +369,11 @@ class Holders:
     facts: SystemFacts
 
 
-def holders_now() -> Holders:
+def holders_now(of: frozenset[int] | None = None) -> Holders:
     """Read every holder once (the mount table, each namespace's mounts, loop devices over
-    disks, every process's open descriptors: a scan of /proc)."""
+    disks, every process's open descriptors: a scan of /proc, settled for ``of``)."""
     return Holders(current_mounts(), SystemFacts(
-        foreign_mounts=foreign_mounts(), loops=loops_over_devices(), openers=openers()))
+        foreign_mounts=foreign_mounts(), loops=loops_over_devices(), openers=openers(of)))
 
 
 def held_now(drive: Drive, now: Holders | None = None) -> str | None:
@@ -385,12 +386,26 @@ def held_now(drive: Drive, now: Holders | None = None) -> str | None:
     return f"{drive.path} is {'; '.join(reasons)}" if reasons else None
 
 
-def still_same_each() -> Callable[[Drive], str | None]:
-    """:func:`still_same` for the drives of one run, about to be opened: the holders are read
-    once for all of them (a scan of /proc per drive cost 10 ms and more each, 0.3 s of the
-    start of 32 drives)."""
-    now = holders_now()
-    return lambda drive: still_same(drive, holders=now)
+def still_same_each(drives: Iterable[Drive] | None = None) -> Callable[[Drive], str | None]:
+    """:func:`still_same` for the drives of one run (``drives``, when known), about to be
+    opened: the holders are read once for all of them (a scan of /proc per drive cost 10 ms
+    and more each, 0.3 s of the start of 32 drives), settled for these drives only."""
+    of = None if drives is None else frozenset(d.devnum for d in drives)
+    now = holders_now(of)
+    return lambda drive: still_same(drive, holders=now if of is None or drive.devnum in of
+                                    else holders_now())
+
+
+def named_devnums(paths: Iterable[str]) -> frozenset[int]:
+    """The device numbers of the block devices named (what cannot be examined is left out:
+    it is refused as a target anyway)."""
+    found = set()
+    for path in paths:
+        with contextlib.suppress(OSError):
+            st = os.stat(path)
+            if stat.S_ISBLK(st.st_mode):
+                found.add(st.st_rdev)
+    return frozenset(found)
 
 
 def writers_now(drive: Drive, facts: SystemFacts | None = None) -> str | None:
@@ -401,10 +416,13 @@ def writers_now(drive: Drive, facts: SystemFacts | None = None) -> str | None:
     return busy_for_reading(drive.path, drive.devnum, facts)
 
 
-def writers_each() -> Callable[[Drive], str | None]:
-    """:func:`writers_now` for the drives of one run: the open descriptors read once."""
-    facts = SystemFacts(openers=openers())
-    return lambda drive: writers_now(drive, facts)
+def writers_each(drives: Iterable[Drive] | None = None) -> Callable[[Drive], str | None]:
+    """:func:`writers_now` for the drives of one run: the open descriptors read once (settled
+    for ``drives`` only, when known)."""
+    of = None if drives is None else frozenset(d.devnum for d in drives)
+    facts = SystemFacts(openers=openers(of))
+    return lambda drive: writers_now(drive, facts if of is None or drive.devnum in of
+                                     else None)
 
 
 NO_UDEV_NOTE = ("no udev daemon is running (no /run/udev/control), so no plugged-in drive "

@@ -28,7 +28,6 @@ write stays stuck in the kernel past the process's end.
 from __future__ import annotations
 
 import errno
-import hashlib
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -162,7 +161,7 @@ class Finisher:
         self.stamp_bytes[:] = os.urandom(HEAD)
         #: Lanes whose head is being written, not yet checked: a failure now undoes it.
         self._at_risk: set[int] = set()
-        #: Per lane: the SHA-256 of the image's range as its last whole verify pass read it.
+        #: Per lane: the image range's SHA-256, once a whole verify pass read every extent right.
         self.device_sha256: dict[int, str] = {}
 
     def stamp(self, lane: Lane) -> bool:
@@ -225,39 +224,21 @@ class Finisher:
                            f"{first}-{last - 1}"))
         surface.run(lane, image_end, size, self.config.retries)
 
-    def _range_tap(self, lane: Lane, stamp_head: bool) -> Callable[[], Tap] | None:
-        """Hashes the image's range as a verify pass reads it back, when the extents cover it
-        from byte 0 without a hole (not a block map's).  The stamp stands where the head goes
-        until the head is written and checked: its read-back is skipped, the image's head (the
-        bytes that will be checked there next) goes first."""
-        extents = self.reader.extents
+    def _image_sha256(self) -> str | None:
+        """The SHA-256 of the image's range, when the extents cover it from byte 0 without a
+        hole (not a block map's), as the reader computed it once, reading it.  A drive whose
+        every extent read back with the image's XXH3-128 holds exactly those bytes: one
+        SHA-256 per drive cost a core and a half of CPU at 32 drives and made their
+        verification CPU-bound (issue 30)."""
+        reader = self.reader
+        if reader.sha256 is None or not self.ring.eof or not reader.extents:
+            return None
         at = 0
-        for start, length in extents:
+        for start, length in reader.extents:
             if start != at:
                 return None
             at += length
-        if not extents:
-            return None
-        head = self.held[: extents[0][1]] if stamp_head and self.held is not None else None
-
-        def fresh() -> Tap:
-            hasher = hashlib.sha256()
-            seen = [0]
-            if head is not None:
-                hasher.update(head)
-                seen[0] = len(head)
-
-            def tap(index: int, data: memoryview) -> None:
-                if index or head is None:
-                    hasher.update(data)
-                    seen[0] += len(data)
-                    if seen[0] == at:  # the whole range, read in order
-                        self.device_sha256[lane.id] = hasher.hexdigest()
-
-            self.device_sha256.pop(lane.id, None)
-            return tap
-
-        return fresh
+        return reader.sha256.hexdigest()
 
     def _head(self, lane: Lane, held: memoryview) -> bool:
         """Write the head, fsync, [check it]; False when stopped or it does not read back.
@@ -323,8 +304,7 @@ class Finisher:
         check = Check(extents, digests, self.config.bucket_size, repairs=self.config.repairs,
                       source_bytes=lambda index: self._source_bytes(index, stamp_head),
                       can_repair=self._can_repair, retries=self.config.retries,
-                      stage=lambda lane, step: lane.post(Msg.Stage(lane.id, step)),
-                      tap=None if only_head else self._range_tap(lane, stamp_head))
+                      stage=lambda lane, step: lane.post(Msg.Stage(lane.id, step)))
         verdict = check.run(lane, indices, progressed)
         if verdict.ended is not None:
             self._invalid(lane, verdict.ended, None, ended=True)
@@ -337,6 +317,10 @@ class Finisher:
             self._invalid(lane, start if exact is None else exact,
                           None if exact is not None else start + length)
             return False
+        if not only_head:  # every extent read back right, in this last whole pass
+            digest = self._image_sha256()
+            if digest is not None:
+                self.device_sha256[lane.id] = digest
         if verdict.repaired:
             lane.repaired += verdict.repaired
             lane.post(Msg.Repaired(lane.id, verdict.repaired))

@@ -72,6 +72,8 @@ class Reader:
         self._pos = 0  # where the source is, relative to its start
         self._base = 0
         self._checker: hashlib._Hash | None = None
+        #: SHA-256 of the recorded extents in order: once for every drive (issue 30).
+        self.sha256 = hashlib.sha256() if config.record else None
 
     def _reads(self) -> Iterator[tuple[int, int, int | None]]:
         """(offset, most bytes, extent index) of each bucket to read, in source order."""
@@ -118,6 +120,8 @@ class Reader:
                 self._record(offset + start, view[start:length])
                 with ring.cond:
                     ring.publish(seq, start, length - start, offset + start)
+                if self.sha256 is not None:  # after the publish: the lanes need not wait
+                    self.sha256.update(view[start:length])
                 seq += 1
             if length < limit:
                 break
@@ -184,6 +188,8 @@ class Reader:
         self._head_recorded = True
         if self.held is not None and self.held_length:
             self._record(0, self.held[: self.held_length])
+            if self.sha256 is not None:
+                self.sha256.update(self.held[: self.held_length])
 
     def _record(self, offset: int, data: memoryview) -> None:
         if self.config.record:

@@ -109,11 +109,19 @@ class Ring:
             return self.bucket(seq)
 
     def moved_past(self, lane_id: int, seq: int) -> None:
-        """The lane is done with bucket ``seq``: its slot may be free for the reader."""
+        """The lane is done with bucket ``seq``: its slot may be free for the reader.
+
+        The waiters are woken only when this frees the slot the reader needs next (bucket
+        ``head``'s): a lane that was not the last one holding it changes nothing for anyone,
+        and waking every waiting lane at every move of each of 32 lanes is a herd of wake-ups.
+        """
         with self.cond:
-            if lane_id in self.positions:
-                self.positions[lane_id] = seq + 1
-            self.cond.notify_all()
+            old = self.positions.get(lane_id)
+            if old is None:
+                return
+            self.positions[lane_id] = seq + 1
+            if old <= self.head - len(self.buffers) and self.slot_free(self.head):
+                self.cond.notify_all()
 
     def wait_until(self, lane: Lane, ready: Callable[[], bool]) -> bool:
         """Wait (not a stall: the reader is behind) until ``ready()``; False if stopped."""

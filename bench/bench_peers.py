@@ -15,7 +15,8 @@ median wall time divided by it.
   They write through the page cache, and cgroup v1 blkio does not throttle the kernel's
   writeback of it: their writes are not held to 30 MB/s, which flatters them;
 - ``bmaptool copy --nobmap`` to each drive in turn (256 MiB only; it reads nothing back);
-- etcher-sdk is not run: it needs ``npm install etcher-sdk`` (no registry access here).
+- balenaEtcher's engine, etcher-sdk, verify on (``etcher_flash.js``: all drives at once, as
+  Etcher does), when it is installed in bench/etcher (bench/README.md); else skipped, saying so.
 
 (b) the scale table: 1, 16 and 32 drives, a 128 MiB image, 30 MB/s write and 60 MB/s read,
 popsicle-py (verify on) beside parallel dd then cmp: the ratio to the limit, the first write
@@ -102,6 +103,7 @@ def methods_for(bench: Bench, codes: list[Code], image: Path, devices: list[str]
     dd = parallel([" ".join(dd_argv(image, d)) for d in devices])
     out["parallel dd oflag=direct, then parallel cmp"] = (
         lambda: shell(bench, dd + cmp_all(image, devices), cg))
+    out.update(etcher_methods(bench, image, devices, cg))
     if slow:
         outs = " ".join(f"of={d}" for d in devices)
         if shutil.which("dcfldd"):
@@ -117,6 +119,23 @@ def methods_for(bench: Bench, codes: list[Code], image: Path, devices: list[str]
             out["bmaptool copy, each drive in turn (no read-back)"] = (
                 lambda: shell(bench, seq + "\n", cg))
     return out
+
+
+ETCHER = Path(__file__).resolve().parent / "etcher_flash.js"
+
+
+def etcher_methods(bench: Bench, image: Path, devices: list[str], cg: Path
+                   ) -> dict[str, Callable[[], Run]]:
+    """etcher-sdk (issue 30) as a peer, when node and its bench/etcher install are there."""
+    import os
+
+    sdk = Path(os.environ.get("ETCHER_SDK_DIR", ETCHER.parent / "etcher"))
+    if shutil.which("node") is None or not (sdk / "node_modules" / "etcher-sdk").is_dir():
+        log(f"etcher-sdk skipped: no node or no {sdk}/node_modules/etcher-sdk "
+            "(cd bench/etcher && npm install; see bench/README.md)")
+        return {}
+    argv = ["node", str(ETCHER), str(image), *devices]
+    return {"etcher-sdk, verify on": lambda: bench.run(argv, cgroup=cg)}
 
 
 def rounds_of(bench: Bench, counts: dict[str, int], methods: dict[str, Callable[[], Run]],

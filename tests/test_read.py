@@ -6,11 +6,13 @@ Real loop devices with real file systems; the results are checked with the tools
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
 import signal
 import subprocess
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,7 @@ from conftest import Loop, needs_root, popsicle_cmd
 from loopdev import write_mbr
 
 from popsicle_py import reading
+from popsicle_py.blockdev import OpenSpec, open_for_reading
 
 MiB = 1 << 20
 
@@ -376,3 +379,54 @@ def test_the_map_leaves_zero_blocks_out_and_hashes_each_range() -> None:
     parsed = parse(text)  # its own checksum checks
     assert [(e.offset, e.length) for e in parsed.extents] == [
         (4096, 4096), (3 * 4096, 2 * 4096), (15 * 4096, 4096)]
+
+
+def output_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "popsicle-output" and t.is_alive()]
+
+
+@pytest.mark.parametrize("fmt", ["raw", "gzip", "xz", "zstd"])
+def test_a_full_output_raises_no_space_and_nothing_writes_after(
+        loop_factory: Callable[..., Loop], mount_dir: Path, fmt: str) -> None:
+    """The output's error reaches the caller however the output is written (on the feeding
+    thread or the spool's), and once read_drive returns nothing writes to the descriptor:
+    the caller closes it (a late write could reach a file opened since under its number)."""
+    drive = loop_factory(16 * MiB)
+    with open(drive.backing, "r+b") as f:
+        f.write(os.urandom(16 * MiB))  # incompressible
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4M", "tmpfs", str(mount_dir)],
+                   check=True)
+    fd = os.open(mount_dir / "out", os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+    device = open_for_reading(OpenSpec(drive.path, drive.size))
+    try:
+        sink = reading.Sink(fd)
+        with pytest.raises(OSError) as err:
+            reading.read_drive(device, drive.size, reading.encoder(fmt, sink, drive.size),
+                               sink, bucket=1 * MiB)
+        assert err.value.errno == errno.ENOSPC
+        assert output_threads() == []
+    finally:
+        device.close()
+        os.close(fd)
+
+
+@pytest.mark.parametrize("fmt", ["raw", "gzip", "zstd"])
+def test_stopping_returns_none_and_nothing_writes_after(
+        loop_factory: Callable[..., Loop], tmp_path: Path, fmt: str) -> None:
+    drive = loop_factory(16 * MiB)
+    with open(drive.backing, "r+b") as f:
+        f.write(os.urandom(16 * MiB))
+    out = tmp_path / "out"
+    fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+    device = open_for_reading(OpenSpec(drive.path, drive.size))
+    seen: list[int] = []
+    try:
+        sink = reading.Sink(fd)
+        done = reading.read_drive(device, drive.size, reading.encoder(fmt, sink, drive.size),
+                                  sink, bucket=1 * MiB, progress=seen.append,
+                                  stopped=lambda: len(seen) >= 2)
+        assert done is None and output_threads() == []
+        assert os.fstat(fd).st_size < drive.size
+    finally:
+        device.close()
+        os.close(fd)

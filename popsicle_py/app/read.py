@@ -163,9 +163,9 @@ class PreparedRead:
 class _GuardedSink(reading.Sink):
     """The sink, its errors turned into :class:`OutputError` (the file's, not the drive's)."""
 
-    def write(self, data: bytes | memoryview) -> int:
+    def put(self, data: bytes | memoryview) -> int:
         try:
-            return super().write(data)
+            return super().put(data)
         except OSError as exc:
             raise OutputError(exc.errno, exc.strerror) from None
 

@@ -49,27 +49,28 @@ def _stall_option() -> Decorator:
 
 
 @click.command(name="read")
-@click.argument("device", type=DEVICE)
-@click.argument("output_file", metavar="OUTPUT", type=click.Path(path_type=str))
+@click.argument("pairs", nargs=-1, required=True, metavar="DEVICE OUTPUT [DEVICE OUTPUT]...",
+                type=click.Path(path_type=str))
 @click.option("--bmap", is_flag=True,
               help="Also write a block map (bmaptool's format) of the blocks holding data, "
                    "named as bmaptool and flash look for it (disk.img.zst -> disk.img.bmap).")
 @click.option("--force", is_flag=True, help="Replace an existing OUTPUT (and its sidecars).")
 @_stall_option()
 @output_options()
-def read_command(device: str, output_file: str, bmap: bool, force: bool,
+def read_command(pairs: tuple[str, ...], bmap: bool, force: bool,
                  stall_timeout: float, output: OutputOptions) -> None:
     """Read DEVICE once into the image file OUTPUT, with its SHA-256 in OUTPUT.sha256.
 
     OUTPUT is compressed by its suffix: .zst (zstd, every core), .xz, .gz, or raw. It
     appears under its name only once complete; an existing OUTPUT is refused without --force.
+    Several DEVICE OUTPUT pairs are read at once, one thread per drive.
     """
 
     def body() -> int:
-        from popsicle_py.app.read import ReadRequest, prepare_read
+        from popsicle_py.app.read_many import ReadManyRequest, pairs_of, prepare_reads
 
-        job = prepare_read(ReadRequest(device, output_file, force=force, bmap=bmap,
-                                       stall_timeout=stall_timeout))
+        job = prepare_reads(ReadManyRequest(pairs_of(pairs), force=force, bmap=bmap,
+                                            stall_timeout=stall_timeout))
         view = make_view(output.json, job.labels, writes=False)
         if not output.json:
             for note in job.notes:

@@ -1,0 +1,189 @@
+"""Several drives read into several files in one run: ``read DEVICE OUTPUT [DEVICE OUTPUT]...``.
+
+Each pair is prepared as :func:`popsicle_py.app.read.prepare_read` prepares one, and the pairs
+are checked against each other (a drive named twice, two pairs writing the same file, an
+OUTPUT on any drive being read) before anything is read.  ``run`` reads every drive at once,
+one thread each under the engine's :class:`~popsicle_py.engine.supervisor.Supervisor`, whose
+outbox hands every event to the view on the calling thread; one drive's failure does not stop
+the others, a cancel stops them all, and none leaves its OUTPUT under its final name.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from popsicle_py import drives, events, master, reading
+from popsicle_py.app.read import PreparedRead, ReadRequest, prepare_read
+from popsicle_py.defaults import DEFAULT_STALL_TIMEOUT
+from popsicle_py.errors import Refused
+from popsicle_py.protocols import View
+from popsicle_py.signals import Cancellation
+
+
+@dataclass(frozen=True)
+class ReadManyRequest:
+    """Read each pair's DEVICE into its OUTPUT; the options apply to every pair."""
+
+    pairs: tuple[tuple[str, str], ...]
+    force: bool = False
+    bmap: bool = False
+    stall_timeout: float = DEFAULT_STALL_TIMEOUT
+    bucket_size: int = reading.DEFAULT_BUCKET
+
+
+def pairs_of(args: Sequence[str]) -> tuple[tuple[str, str], ...]:
+    """``DEVICE OUTPUT [DEVICE OUTPUT]...`` as pairs; raises :class:`Refused` when odd."""
+    if not args or len(args) % 2:
+        raise Refused(f"read takes DEVICE OUTPUT pairs: {len(args)} argument"
+                      f"{'' if len(args) == 1 else 's'} given, the last OUTPUT missing")
+    return tuple((args[i], args[i + 1]) for i in range(0, len(args), 2))
+
+
+def _same_file_key(path: str) -> tuple[str, str]:
+    """One file however it is spelled: its directory's real path and its name."""
+    folder, name = os.path.split(os.path.abspath(path))
+    return os.path.realpath(folder), name
+
+
+def cross_refusals(jobs: Sequence[PreparedRead]) -> list[str]:
+    """Why the pairs cannot run together (empty: they can), one line each."""
+    lines: list[str] = []
+    seen_drives: dict[int, PreparedRead] = {}
+    for job in jobs:
+        first = seen_drives.setdefault(job.drive.devnum, job)
+        if first is not job:
+            lines.append(f"{job.drive.path} is named twice ({first.request.device}, "
+                         f"{job.request.device}): read each drive once")
+    owner: dict[tuple[str, str], str] = {}
+    for job in jobs:
+        for name in job.files:
+            key = _same_file_key(name)
+            holder = owner.setdefault(key, job.output)
+            if holder != job.output:
+                what = "" if name == job.output else f" ({os.path.basename(name)})"
+                lines.append(f"{job.output}{what} would overwrite a file of {holder}: give each "
+                             "pair its own OUTPUT")
+    for job in jobs:
+        devnums, _ = drives.path_storage(os.path.dirname(job.output))
+        for other in jobs:
+            if other is not job and devnums & master.family(other.drive.devnum):
+                lines.append(f"{job.output} is on {other.drive.path}, a drive being read; "
+                             "write it elsewhere")
+    return list(dict.fromkeys(lines))
+
+
+def prepare_reads(request: ReadManyRequest) -> ReadMany:
+    """Every check of every pair, before anything is read; raises :class:`Refused`."""
+    jobs: list[PreparedRead] = []
+    lines: list[str] = []
+    for device, output in request.pairs:
+        try:
+            jobs.append(prepare_read(ReadRequest(
+                device, output, force=request.force, bmap=request.bmap,
+                stall_timeout=request.stall_timeout, bucket_size=request.bucket_size)))
+        except Refused as exc:
+            lines += exc.lines
+    if not lines:
+        lines = cross_refusals(jobs)
+    if lines:
+        raise Refused(list(dict.fromkeys(lines)))
+    return ReadMany(tuple(jobs))
+
+
+@dataclass(frozen=True)
+class _Event:
+    id: int
+    event: events.WatchEvent
+
+
+@dataclass(frozen=True)
+class _Errored:
+    id: int
+    error: OSError
+
+
+class _LaneView:
+    """A read's view inside its thread: every event posted to the supervisor's outbox; the
+    summary and the closing are the whole run's, not one read's."""
+
+    def __init__(self, post: object, lane_id: int) -> None:
+        self._post = post
+        self._id = lane_id
+
+    def handle(self, event: events.WatchEvent) -> None:
+        if not isinstance(event, events.Summary):
+            self._post(_Event(self._id, event))  # type: ignore[operator]
+
+    def close(self) -> None:
+        pass
+
+    def announce(self, text: str) -> None:
+        pass
+
+
+class ReadMany:
+    """Reads that passed every check, alone and together."""
+
+    def __init__(self, jobs: tuple[PreparedRead, ...]) -> None:
+        self.jobs = jobs
+
+    @property
+    def labels(self) -> dict[str, str]:
+        return {path: label for job in self.jobs for path, label in job.labels.items()}
+
+    @property
+    def notes(self) -> tuple[str, ...]:
+        return tuple(note for job in self.jobs for note in job.notes)
+
+    def run(self, view: View, cancel: Cancellation) -> events.Summary:
+        """Read every drive at once; the summary holds one result per drive, in pair order."""
+        if len(self.jobs) == 1:
+            return self.jobs[0].run(view, cancel)
+        from popsicle_py.engine import Cancelled
+        from popsicle_py.engine.supervisor import Lane, Supervisor
+
+        results: dict[int, events.DriveResult] = {}
+
+        def deliver(message: object) -> None:
+            if isinstance(message, _Event):
+                if isinstance(message.event, events.Result):
+                    results[message.id] = message.event.result
+                view.handle(message.event)
+            elif isinstance(message, _Errored):
+                job = self.jobs[message.id]
+                result = events.DriveResult(job.drive.path, events.Status.FAILED, 0,
+                                            str(message.error.strerror or message.error),
+                                            cause=events.Cause.ERROR, drive=job.info)
+                results[message.id] = result
+                view.handle(events.Phase(job.drive.path, events.Step.FAILED, result.error,
+                                         result.cause))
+                view.handle(events.Result(result))
+
+        def task(lane: Lane) -> None:
+            lane_view = _LaneView(lane.post, lane.id)
+            self.jobs[lane.id].run(lane_view, lambda: lane.stopped)  # type: ignore[arg-type]
+
+        supervisor = Supervisor([job.drive.path for job in self.jobs], deliver, cancel,
+                                stall_timeout=None, errored=_Errored, name="read")
+        cancelled = False
+        try:
+            supervisor.run(task)
+        except Cancelled:
+            cancelled = True
+        for i, job in enumerate(self.jobs):
+            if i not in results:
+                result = events.DriveResult(job.drive.path, events.Status.CANCELLED, 0,
+                                            "cancelled", cause=events.Cause.CANCELLED,
+                                            drive=job.info)
+                results[i] = result
+                view.handle(events.Phase(job.drive.path, events.Step.FAILED, "cancelled",
+                                         result.cause))
+                view.handle(events.Result(result))
+        ordered = tuple(results[i] for i in range(len(self.jobs)))
+        cancelled = cancelled or any(r.status is events.Status.CANCELLED for r in ordered)
+        summary = events.Summary(ordered, cancelled=cancelled)
+        view.handle(summary)
+        view.close()
+        return summary

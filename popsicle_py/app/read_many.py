@@ -57,11 +57,13 @@ def cross_refusals(jobs: Sequence[PreparedRead]) -> list[str]:
             lines.append(f"{job.drive.path} is named twice ({first.request.device}, "
                          f"{job.request.device}): read each drive once")
     owner: dict[tuple[str, str], str] = {}
+    clashes: set[tuple[str, str]] = set()  # one line for two pairs, however many files clash
     for job in jobs:
         for name in job.files:
             key = _same_file_key(name)
             holder = owner.setdefault(key, job.output)
-            if holder != job.output:
+            if holder != job.output and (job.output, holder) not in clashes:
+                clashes.add((job.output, holder))
                 what = "" if name == job.output else f" ({os.path.basename(name)})"
                 lines.append(f"{job.output}{what} would overwrite a file of {holder}: give each "
                              "pair its own OUTPUT")

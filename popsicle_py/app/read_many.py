@@ -18,6 +18,7 @@ from popsicle_py import drives, events, master, reading
 from popsicle_py.app.read import PreparedRead, ReadRequest, prepare_read
 from popsicle_py.defaults import DEFAULT_STALL_TIMEOUT
 from popsicle_py.errors import Refused
+from popsicle_py.ports import drive_info
 from popsicle_py.protocols import View
 from popsicle_py.signals import Cancellation
 
@@ -91,6 +92,8 @@ def prepare_reads(request: ReadManyRequest) -> ReadMany:
         lines = cross_refusals(jobs)
     if lines:
         raise Refused(list(dict.fromkeys(lines)))
+    for number, job in enumerate(jobs, 1):  # numbered as flash numbers its drives
+        job.info = drive_info(job.drive, number)
     return ReadMany(tuple(jobs))
 
 

@@ -262,12 +262,8 @@ function __popsicle_py_state --description 'popsicle-py: the command, then what 
             end
         case 'read'
             switch $npos
-                case 0
-                    echo 'device'
-                case 1
-                    echo 'output_file'
                 case '*'
-                    echo @none
+                    echo 'pairs'
             end
         case 'records'
             echo @none
@@ -429,8 +425,7 @@ complete -c popsicle-py -n '__popsicle_py_at read' -l 'stall-timeout' -x -d 'Fai
 complete -c popsicle-py -n '__popsicle_py_at read' -l 'json' -d 'Machine-readable events on stdout.'
 complete -c popsicle-py -n '__popsicle_py_at read' -l 'debug' -d 'Show debug messages and tracebacks.'
 complete -c popsicle-py -n '__popsicle_py_at read' -s 'h' -l 'help' -d 'Show this message and exit.'
-complete -c popsicle-py -n '__popsicle_py_at read device' -a '(__popsicle_py_devices)'
-complete -c popsicle-py -n '__popsicle_py_at read output_file' -F
+complete -c popsicle-py -n '__popsicle_py_at read pairs' -F
 
 # popsicle-py records
 complete -c popsicle-py -n '__popsicle_py_at records' -l 'journal' -r -F -d 'The station\'s journal (default: the station\'s default).'

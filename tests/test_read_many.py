@@ -139,3 +139,41 @@ def test_ctrl_c_leaves_neither_output(loop_factory: Callable[..., Loop],
     results = json.loads(out_text.splitlines()[-1])["results"]
     assert [r["status"] for r in results] == ["cancelled", "cancelled"], results
     assert list(tmp_path.iterdir()) == []
+
+
+def test_room_is_needed_for_every_raw_output_together(loop_factory: Callable[..., Loop],
+                                                      tmp_path: Path) -> None:
+    a, b = loop_factory(4 * MiB), loop_factory(4 * MiB)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6M", "tmpfs", str(mnt)], check=True)
+    try:
+        result = popsicle("read", a.path, mnt / "a.img", b.path, mnt / "b.img")
+        assert result.returncode == 2, result.stderr
+        assert result.stderr == (f"popsicle-py: not enough room for {mnt}/a.img, {mnt}/b.img: "
+                                 f"8 MiB needed, 6 MiB free in {mnt}\n")
+        assert list(mnt.iterdir()) == []
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=True)
+
+
+def test_one_drive_failing_does_not_stop_the_other(loop_factory: Callable[..., Loop],
+                                                   tmp_path: Path) -> None:
+    a, b = loop_factory(16 * MiB), fat_drive(loop_factory)
+    with open(a.backing, "r+b") as f:
+        f.write(os.urandom(16 * MiB))  # incompressible: its .gz cannot fit
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4M", "tmpfs", str(mnt)], check=True)
+    try:
+        result = popsicle("read", a.path, mnt / "a.img.gz", b.path, tmp_path / "b.img",
+                          "--json")
+        assert result.returncode == 1, result.stderr
+        results = events_of(result.stdout)[-1]["results"]
+        assert [(r["device"], r["status"]) for r in results] == \
+            [(a.path, "failed"), (b.path, "ok")]
+        assert results[0]["cause"] == "no-space"
+        assert list(mnt.iterdir()) == []
+        assert (tmp_path / "b.img").read_bytes() == b.read()
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=True)

@@ -10,6 +10,7 @@ the others, a cancel stops them all, and none leaves its OUTPUT under its final 
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from popsicle_py.errors import Refused
 from popsicle_py.ports import drive_info
 from popsicle_py.protocols import View
 from popsicle_py.signals import Cancellation
+from popsicle_py.units import format_size
 
 
 @dataclass(frozen=True)
@@ -74,7 +76,27 @@ def cross_refusals(jobs: Sequence[PreparedRead]) -> list[str]:
             if other is not job and devnums & master.family(other.drive.devnum):
                 lines.append(f"{job.output} is on {other.drive.path}, a drive being read; "
                              "write it elsewhere")
-    return list(dict.fromkeys(lines))
+    return list(dict.fromkeys(lines + _room_refusals(jobs)))
+
+
+def _room_refusals(jobs: Sequence[PreparedRead]) -> list[str]:
+    """Raw OUTPUTs sharing a file system need room for all of them (each alone was checked)."""
+    needed: dict[int, list[PreparedRead]] = {}
+    for job in jobs:
+        if job.format == "raw":
+            needed.setdefault(os.stat(os.path.dirname(job.output)).st_dev, []).append(job)
+    lines: list[str] = []
+    for group in needed.values():
+        if len(group) < 2:
+            continue
+        folder = os.path.dirname(group[0].output)
+        st = os.statvfs(folder)
+        room, total = st.f_bavail * st.f_frsize, sum(job.drive.size for job in group)
+        if room < total:
+            names = ", ".join(job.output for job in group)
+            lines.append(f"not enough room for {names}: {format_size(total)} needed, "
+                         f"{format_size(room)} free in {folder}")
+    return lines
 
 
 def prepare_reads(request: ReadManyRequest) -> ReadMany:
@@ -168,7 +190,10 @@ class ReadMany:
 
         def task(lane: Lane) -> None:
             lane_view = _LaneView(lane.post, lane.id)
-            self.jobs[lane.id].run(lane_view, lambda: lane.stopped)  # type: ignore[arg-type]
+            try:
+                self.jobs[lane.id].run(lane_view, lambda: lane.stopped)  # type: ignore[arg-type]
+            except Refused as exc:  # the drive changed since it was checked: this one fails
+                raise OSError(errno.EIO, "; ".join(exc.lines)) from None
 
         supervisor = Supervisor([job.drive.path for job in self.jobs], deliver, cancel,
                                 stall_timeout=None, errored=_Errored, name="read")

@@ -316,9 +316,11 @@ def link_of(info: events.DriveInfo | None) -> str:
     return format_link_speed(info.link_speed) if info is not None and info.link_speed else ""
 
 
-def summary_table(summary: events.Summary, details: dict[str, str] | None = None) -> Table:
+def summary_table(summary: events.Summary, details: dict[str, str] | None = None, *,
+                  moved: str = "Written") -> Table:
     """The end of a run: one line per drive, those that did not end ok first, with the words
-    a person acts on.  ``details`` replaces an ok drive's words (a probe's verdict)."""
+    a person acts on.  ``details`` replaces an ok drive's words (a probe's verdict, "read");
+    ``moved`` heads the bytes' column ("Read" for drives read into files)."""
     details = details or {}
     table = Table(title=verdicts.summary_line(summary, names=False), title_justify="left")
     results = sorted(summary.results, key=lambda r: r.ok)  # stable: in order within each
@@ -331,7 +333,7 @@ def summary_table(summary: events.Summary, details: dict[str, str] | None = None
     if ports:
         table.add_column("Port", no_wrap=True)
     table.add_column("Result", no_wrap=True)
-    table.add_column("Written", justify="right", no_wrap=True)
+    table.add_column(moved, justify="right", no_wrap=True)
     table.add_column("Time", justify="right", no_wrap=True)
     table.add_column("Details", overflow="fold", ratio=1)
     digests = any(r.device_sha256 for r in results)

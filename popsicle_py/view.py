@@ -208,7 +208,10 @@ class RichView:
             case events.Summary():
                 self._stop_image(now, event)
                 self.close()
-                self.console.print(summary_table(event, self._verdicts(event)))
+                reads = self._reads(event)
+                self.console.print(summary_table(
+                    event, {**self._verdicts(event), **reads},
+                    moved="Read" if reads and len(reads) == len(event.results) else "Written"))
                 if not event.ok and event.results and not all(r.ok for r in event.results):
                     self.console.print(verdicts.not_ok(event), highlight=False, soft_wrap=True)
 
@@ -219,6 +222,12 @@ class RichView:
             word = "cancelled" if summary.cancelled else "stopped"
             image.tracker.on_end(word, now)
             image.say(word)
+
+    def _reads(self, summary: events.Summary) -> dict[str, str]:
+        """``read``'s drives: read into a file, not written (nor verified)."""
+        return {r.device: "read" for r in summary.results
+                if r.ok and (row := self.by_device.get(r.device)) is not None
+                and row.tracker.phase == events.Step.READING}
 
     def _verdicts(self, summary: events.Summary) -> dict[str, str]:
         """A probe's verdict in the table, not "nothing to write"."""

@@ -430,3 +430,17 @@ def test_stopping_returns_none_and_nothing_writes_after(
     finally:
         device.close()
         os.close(fd)
+
+
+def test_the_terminal_table_says_read_not_written(loop_factory: Callable[..., Loop],
+                                                 tmp_path: Path) -> None:
+    from test_cli import run_in_pty, screen_lines
+
+    drive = fat_drive(loop_factory)
+    status, output = run_in_pty(["read", drive.path, str(tmp_path / "stick.img")])
+    assert status == 0, output
+    lines = screen_lines(output)
+    header = next(x for x in lines if "Drive" in x and "Result" in x)
+    assert "Read" in header and "Written" not in header, header
+    row = next(x for x in lines if x.startswith("│") and drive.path in x)
+    assert re.search(r"\bok\b.*16 MiB.*\bread\b", row) and "written" not in row, row

@@ -97,11 +97,12 @@ new MutationObserver(note).observe(document.getElementById('slots'), {childList:
 
 def test_tiles_follow_plug_write_verify_done_pull_and_a_failure_says_why(
         rig: Rig, browser: Any, tmp_path: Path) -> None:
-    # The image crawls (a FUSE file, tests/faulty.py): each pass over it takes a second or
-    # more, so the page has time to show writing and verifying, and a pull lands mid-write.
+    # The image crawls (a FUSE file, tests/faulty.py): each pass over it takes four seconds,
+    # so the page has time to show writing and verifying, and a pull lands mid-write even on a
+    # loaded machine (at one second a pass, a pull seen late found the drive done).
     data = os.urandom(8 * MiB)
     with faulty_files() as made:
-        source = FaultyFile(len(data), content=data, faults={"crawl": (0, 6 * MiB)})
+        source = FaultyFile(len(data), content=data, faults={"crawl": (0, 2 * MiB)})
         made.append(source)
         slots = slot_map(tmp_path / "slots.toml", {"A": 2, "B": 3, "C": 5})
         args = [source.file, "--yes", "--force", "--slots", str(slots), "--journal",

@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 from conftest import popsicle_cmd
+from faulty import FaultyFile, faulty_files
 from rich.console import Console
 
 from popsicle_py import events
@@ -327,13 +328,18 @@ def test_ineligible_drives_are_announced_and_left_alone(tmp_path: Path) -> None:
 @pytest.mark.umockdev
 def test_drive_removed_mid_write_fails_as_removed_while_the_other_completes(
         tmp_path: Path) -> None:
-    image, data = image_file(tmp_path, 64 * MiB + 512)
+    # The image crawls (a FUSE file, tests/faulty.py: 2 MiB/s), so the pull lands mid-write
+    # however late it is seen (a fast 64 MiB write could end before it on a loaded machine).
+    data = os.urandom(8 * MiB + 512)
     big_c, big_d = Stick("c", 3, 128 * MiB), Stick("d", 5, 128 * MiB)
-    run = watch(tmp_path, [str(image), "--yes", "--count", "2"],
-                [WATCHING, {"add": big_c.description}, {"add": big_d.description},
-                 {"wait": {"event": "progress", "device": big_d.dev, "phase": "writing"}},
-                 {"remove": big_d.unplug}],  # --count 2 ends the session
-                read=(big_c.dev, big_c.remove_attr, big_d.remove_attr))
+    with faulty_files() as made:
+        image = FaultyFile(len(data), content=data, faults={"crawl": (0, 2 * MiB)})
+        made.append(image)
+        run = watch(tmp_path, [str(image.file), "--yes", "--force", "--count", "2"],
+                    [WATCHING, {"add": big_c.description}, {"add": big_d.description},
+                     {"wait": {"event": "progress", "device": big_d.dev, "phase": "writing"}},
+                     {"remove": big_d.unplug}],  # --count 2 ends the session
+                    read=(big_c.dev, big_c.remove_attr, big_d.remove_attr), timeout=60)
 
     assert run.rc == 1, run.stderr
     results = run.results()

@@ -19,6 +19,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from popsicle_py import sysfs
+from popsicle_py.drives.holders import openers
 
 
 def is_block_device(path: str) -> bool:
@@ -125,44 +126,16 @@ def holders(devnums: Iterable[int]) -> tuple[str, ...]:
 
 
 def writers(devnums: Iterable[int]) -> list[Writer]:
-    """Processes (other than this one) with one of ``devnums`` open for writing."""
-    wanted = set(devnums)
-    found: list[Writer] = []
-    me = os.getpid()
-    try:
-        pids = [int(p) for p in os.listdir("/proc") if p.isdigit()]
-    except OSError:
-        return found
-    for pid in pids:
-        if pid == me:
-            continue
-        fd_dir = f"/proc/{pid}/fd"
-        try:
-            fds = os.listdir(fd_dir)
-        except OSError:
-            continue
-        for fd in fds:
-            try:
-                st = os.stat(os.path.join(fd_dir, fd))
-            except OSError:
-                continue
-            if not (stat.S_ISBLK(st.st_mode) and st.st_rdev in wanted):
-                continue
-            flags = _fd_flags(pid, fd)
-            if flags is not None and flags & os.O_ACCMODE in (os.O_WRONLY, os.O_RDWR):
-                name = sysfs.read(f"/proc/{pid}/comm") or "?"
-                found.append(Writer(pid, name))
-                break
-    return found
-
-
-def _fd_flags(pid: int, fd: str) -> int | None:
-    text = sysfs.read(f"/proc/{pid}/fdinfo/{fd}") or ""
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        if key == "flags":
-            return int(value.strip(), 8)
-    return None
+    """Processes (other than this one) with one of ``devnums`` open for writing: the drive
+    layer's scan of open descriptors (:func:`popsicle_py.drives.openers`, which never stat()s
+    a file that is not a device and lets a moment's opener go)."""
+    wanted = frozenset(devnums)
+    found: dict[int, Writer] = {}
+    for opener in openers(wanted):
+        if opener.writing and opener.devnum in wanted:
+            found.setdefault(opener.process.pid, Writer(opener.process.pid,
+                                                        opener.process.program))
+    return list(found.values())
 
 
 def refusals(path: str) -> list[str]:

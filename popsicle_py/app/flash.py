@@ -28,7 +28,7 @@ from popsicle_py.app.common import (
 )
 from popsicle_py.app.confirm import Confirmation, target_rows
 from popsicle_py.app.requests import FlashRequest
-from popsicle_py.app.trim import NONE, Trim, plan_trim
+from popsicle_py.app.trim import CERTIFICATE_READS_ALL, NONE, Trim, plan_trim
 from popsicle_py.blockdev import BlockDevice
 from popsicle_py.bmap import Bmap
 from popsicle_py.drives import still_same_each
@@ -178,7 +178,7 @@ class PreparedFlash(HeldFiles):
 def _whole_because(request: FlashRequest, source: sources.OpenedSource) -> str | None:
     """Why a flash must read every byte of the image, so trim cannot skip its free space."""
     if request.grade.certificate is not None:
-        return "--certificate reads the whole image back"
+        return CERTIFICATE_READS_ALL
     if request.write.checksum_while_writing and source.checksum is not None:
         return "--checksum-while-writing reads every byte"
     return None

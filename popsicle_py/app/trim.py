@@ -107,6 +107,8 @@ class Trim:
 
 
 NONE = Trim(None)
+#: Why a run with certificates writes every byte (flash, watch and the station alike).
+CERTIFICATE_READS_ALL = "--certificate reads the whole image back"
 #: What a compressed image with file systems is told before the run.
 STREAMED = ("compressed image: free space of its file systems decided as it is decoded, and "
             "not written (--no-trim writes every byte)")

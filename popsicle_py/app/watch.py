@@ -12,7 +12,7 @@ from popsicle_py.app.access import require_future_access
 from popsicle_py.app.common import HeldFiles, emitter, open_sinks, speed_rule
 from popsicle_py.app.confirm import Confirmation, target_rows
 from popsicle_py.app.requests import WatchRequest
-from popsicle_py.app.trim import plan_trim
+from popsicle_py.app.trim import CERTIFICATE_READS_ALL, plan_trim
 from popsicle_py.certify.writer import CertificateWriter
 from popsicle_py.drives import Drive
 from popsicle_py.errors import Refused
@@ -68,8 +68,7 @@ class PreparedWatch(HeldFiles):
         get: flash's rules (a certificate reads every byte back, so nothing is skipped)."""
         if not self.request.trim:
             return None
-        whole_because = (None if self.certificates is None
-                         else "--certificate reads the whole image back")
+        whole_because = None if self.certificates is None else CERTIFICATE_READS_ALL
         return functools.partial(plan_trim, wanted=True, whole_because=whole_because)
 
     def run(self, view: View, cancel: Cancellation, *,

@@ -23,7 +23,6 @@ import stat
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any, TypeAlias
 
 import xxhash
@@ -35,6 +34,7 @@ from popsicle_py.errors import TooSmall
 # imports MediaChanged from here; media identity itself lives in popsicle_py.media.
 from popsicle_py.media import MediaChanged as MediaChanged
 from popsicle_py.media import confirmed as confirmed
+from popsicle_py.records import record
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ class Pacer:
         self._size = max(CALL_ALIGN, want - want % CALL_ALIGN)
 
 
-@dataclass(frozen=True)
+@record
 class OpenSpec:
     """What opening needs to know of a drive (a :class:`~popsicle_py.drives.Drive` has it)."""
 

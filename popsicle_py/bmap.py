@@ -11,10 +11,10 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from popsicle_py.errors import Refused
+from popsicle_py.records import record
 
 if TYPE_CHECKING:  # parsed only when there is a block map: not before every first write
     import xml.etree.ElementTree as ET
@@ -27,7 +27,7 @@ class BmapError(Refused):
     """The block map cannot be used; ``str()`` is one line naming the file."""
 
 
-@dataclass(frozen=True)
+@record
 class Extent:
     """``length`` bytes of data at ``offset`` in the image (and on the drive)."""
 
@@ -40,7 +40,7 @@ class Extent:
         return self.offset + self.length
 
 
-@dataclass(frozen=True)
+@record
 class Bmap:
     path: str
     version: str

@@ -14,10 +14,10 @@ import json
 import os
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 
 from popsicle_py import files
+from popsicle_py.records import record
 
 __all__ = ["Cache", "CacheEntry", "CacheWriter", "cache_root", "cache_wanted"]
 
@@ -47,7 +47,7 @@ def cache_key(url: str, validator: str) -> str:
     return hashlib.sha256(f"{url}\0{validator}".encode()).hexdigest()[:32]
 
 
-@dataclass(frozen=True)
+@record
 class CacheEntry:
     """One complete download."""
 

@@ -32,13 +32,13 @@ import struct
 import subprocess
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 
 from xxhash import xxh3_128_digest
 
 from popsicle_py import erase_probe
 from popsicle_py.blockdev import BlockDevice, Pacer, drop_cache, first_difference, read_at, write_at
 from popsicle_py.buffers import aligned_buffer
+from popsicle_py.records import record
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -66,7 +66,7 @@ def default_fs(size: int) -> str:
     return "fat32" if size <= FAT32_DEFAULT_LIMIT else "exfat"
 
 
-@dataclass(frozen=True)
+@record
 class Layout:
     """The one partition: where it starts, how long it is, its MBR type, its FAT size."""
 

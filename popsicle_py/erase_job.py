@@ -11,7 +11,6 @@ import errno
 import os
 import secrets
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 from popsicle_py import blockdev, erase
 from popsicle_py.blockdev import BlockDevice
@@ -21,9 +20,10 @@ from popsicle_py.engine.supervisor import CancelCheck, Lane, Supervisor
 from popsicle_py.events import Cause, DriveInfo, Note, Phase, Progress, Status, Step, Summary
 from popsicle_py.flash import Emit, _Job
 from popsicle_py.messages import BusWriterMessage
+from popsicle_py.records import record
 
 
-@dataclass(frozen=True)
+@record
 class EraseOptions:
     """What to do to each drive (see :mod:`popsicle_py.erase`)."""
 
@@ -36,13 +36,13 @@ class EraseOptions:
     workdir: str | None = None
 
 
-@dataclass(frozen=True)
+@record
 class _Step:
     id: int
     step: Step
 
 
-@dataclass(frozen=True)
+@record
 class _Moved:
     id: int
     step: Step
@@ -50,13 +50,13 @@ class _Moved:
     total: int
 
 
-@dataclass(frozen=True)
+@record
 class _Said:
     id: int
     text: str
 
 
-@dataclass(frozen=True)
+@record
 class _Finished:
     id: int
     written: int

@@ -6,9 +6,11 @@ The flow is one way: the job emits these, a view (Rich, plain lines or JSON) ren
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, field
 from enum import Enum
 from typing import Any
+
+from popsicle_py.records import record
 
 #: A JSON object as ``to_json`` gives it: the values are whatever JSON holds.
 JsonObject = dict[str, Any]
@@ -78,7 +80,7 @@ STATUSES = tuple(s.value for s in Status)
 CAUSES = tuple(c.value for c in Cause)
 
 
-@dataclass(frozen=True)
+@record
 class DriveInfo:
     """Which physical drive an event is about: the kernel reuses /dev names, sticks share serials.
 
@@ -100,7 +102,7 @@ class DriveInfo:
         return asdict(self)
 
 
-@dataclass(frozen=True)
+@record
 class Started:
     """The run begins: what is written where."""
 
@@ -118,7 +120,7 @@ class Started:
                 "drives": [d.to_json() for d in self.drives]}
 
 
-@dataclass(frozen=True)
+@record
 class Note:
     """Something the user should read that is not about one drive's progress."""
 
@@ -128,7 +130,7 @@ class Note:
         return {"event": "note", "text": self.text}
 
 
-@dataclass(frozen=True)
+@record
 class Error:
     """A problem that ended the run before any drive was written (one line each)."""
 
@@ -138,7 +140,7 @@ class Error:
         return {"event": "error", "message": self.message}
 
 
-@dataclass(frozen=True)
+@record
 class Phase:
     """A drive (or, with ``device`` None, the image: checksum) entered a new phase."""
 
@@ -156,7 +158,7 @@ class Phase:
         return data
 
 
-@dataclass(frozen=True)
+@record
 class Progress:
     """Bytes done of ``total`` (None when unknown) in a drive's current phase."""
 
@@ -170,7 +172,7 @@ class Progress:
                 "bytes": self.done, "total": self.total}
 
 
-@dataclass(frozen=True)
+@record
 class DriveResult:
     """How one drive ended.  ``status`` is one of :data:`STATUSES`."""
 
@@ -205,7 +207,7 @@ class DriveResult:
         return data
 
 
-@dataclass(frozen=True)
+@record
 class Probed:
     """A drive's capacity probe ended: what it claims, about what it holds."""
 
@@ -222,7 +224,7 @@ class Probed:
                 "elapsed": round(self.elapsed, 3)}
 
 
-@dataclass(frozen=True)
+@record
 class Result:
     """A drive's result, as an event."""
 
@@ -232,7 +234,7 @@ class Result:
         return {"event": "result", **self.result.to_json()}
 
 
-@dataclass(frozen=True)
+@record
 class Summary:
     """The last event of every run."""
 
@@ -259,7 +261,7 @@ class Fetch(_Word):
     COMPLETE = "complete"  # every byte arrived (and, when ``checked``, the checksum matched)
 
 
-@dataclass(frozen=True)
+@record
 class Download:
     """The image's download changed course: resuming after a drop, failed, or complete.
 
@@ -287,7 +289,7 @@ Event = Started | Note | Error | Phase | Progress | Download | Probed | Result |
 POWERED_OFF = "powered off"
 
 
-@dataclass(frozen=True)
+@record
 class Watching:
     """The udev monitor is listening: drives plugged in from now on are seen."""
 
@@ -295,7 +297,7 @@ class Watching:
         return {"event": "watching"}
 
 
-@dataclass(frozen=True)
+@record
 class DriveAdded:
     """A whole disk appeared; ``eligible`` says whether it will be written, ``reason`` why not."""
 
@@ -312,7 +314,7 @@ class DriveAdded:
                 "drive": None if self.info is None else self.info.to_json()}
 
 
-@dataclass(frozen=True)
+@record
 class DriveRemoved:
     """A disk seen in this session went away (pulled, or powered off once done)."""
 

@@ -15,7 +15,6 @@ import errno
 import os
 import stat
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 from popsicle_py import drives, sysfs
 from popsicle_py.blockdev import MediaChanged
@@ -30,10 +29,11 @@ from popsicle_py.errors import (
     TooSmall,
 )
 from popsicle_py.events import Cause
+from popsicle_py.records import record
 from popsicle_py.units import format_size
 
 
-@dataclass(frozen=True)
+@record
 class Failure:
     """Why a drive failed: a typed cause for programs, one line for people."""
 

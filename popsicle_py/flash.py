@@ -21,7 +21,6 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from popsicle_py import blockdev, failures
@@ -61,6 +60,7 @@ from popsicle_py.messages import (
     WriterMessage,
 )
 from popsicle_py.protocols import Source
+from popsicle_py.records import record
 
 if TYPE_CHECKING:
     from popsicle_py.engine.config import Selector
@@ -100,7 +100,7 @@ DriveStep = Callable[[int, str, DriveInfo | None, Callable[[int], None]], None]
 Certify = Callable[[DriveResult, Sequence[tuple[tuple[int, int], bytes]], float], str]
 
 
-@dataclass(frozen=True)
+@record
 class FlashOptions:
     verify: bool = True
     bucket_size: int = DEFAULT_BUCKET_SIZE
@@ -594,7 +594,7 @@ class ProbeJob(_Job):
                       cause=Cause.COUNTERFEIT)
 
 
-@dataclass(frozen=True)
+@record
 class _Probed:
     id: int
     result: ProbeResult

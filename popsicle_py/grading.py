@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
 from popsicle_py.errors import Rejected
+from popsicle_py.records import record
 from popsicle_py.units import format_size
 
 T = TypeVar("T")
@@ -42,7 +43,7 @@ def capacity_verdict(size: int, capacity: int | None, tolerance: float) -> str |
             f"(+-{tolerance:g}%) asked for")
 
 
-@dataclass(frozen=True)
+@record
 class SpeedRule:
     """Minimum steady speeds in bytes per second (None: not judged)."""
 

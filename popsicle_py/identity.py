@@ -14,10 +14,10 @@ from an open descriptor or sysfs.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from popsicle_py.records import record
 
 
-@dataclass(frozen=True)
+@record
 class LoopKey:
     """What a loop device stands on: its backing file (or block device) and offset."""
 
@@ -29,7 +29,7 @@ class LoopKey:
     offset: int
 
 
-@dataclass(frozen=True)
+@record
 class MediaIdentity:
     """A medium as the kernel names it; ``None`` fields are unknown and not compared."""
 

@@ -16,10 +16,10 @@ import errno
 import os
 import stat
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 
 from popsicle_py import sysfs
 from popsicle_py.drives.holders import openers
+from popsicle_py.records import record
 
 
 def is_block_device(path: str) -> bool:
@@ -34,7 +34,7 @@ def is_block_device(path: str) -> bool:
 # Mounts and writers (pure)
 
 
-@dataclass(frozen=True)
+@record
 class MountLine:
     """One line of /proc/self/mountinfo: the device mounted, where, and whether writable."""
 
@@ -75,7 +75,7 @@ def rw_mountpoints(devnums: Iterable[int], mounts: Iterable[MountLine]) -> tuple
     return tuple(seen)
 
 
-@dataclass(frozen=True)
+@record
 class Writer:
     """A process holding one of the drive's nodes open for writing."""
 
@@ -168,7 +168,7 @@ def refusals(path: str) -> list[str]:
 # Did it hold still?
 
 
-@dataclass(frozen=True)
+@record
 class Counters:
     """What changes when a drive is written: the kernel's counters of sectors written and
     discarded, and, for a loop device, its backing file's size and mtime."""

@@ -6,50 +6,49 @@ A message's ``id`` is the destination's index in the list given to the engine.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from popsicle_py.events import Step
+from popsicle_py.records import record
 
 
 class BusWriterMessage:
     """Namespace for the writer's messages (``BusWriterMessage.Written`` and so on)."""
 
-    @dataclass(frozen=True)
+    @record
     class Written:
         """Cumulative bytes of the image written to destination ``id`` so far."""
 
         id: int
         bytes_written: int
 
-    @dataclass(frozen=True)
+    @record
     class Skipped:
         """Cumulative bytes destination ``id`` already held (with ``skip_identical``)."""
 
         id: int
         bytes_skipped: int
 
-    @dataclass(frozen=True)
+    @record
     class Stage:
         """Destination ``id`` began a step of its own (probing, verifying, its head)."""
 
         id: int
         step: Step
 
-    @dataclass(frozen=True)
+    @record
     class Verified:
         """Cumulative bytes of destination ``id`` read back and checked (with ``verify_each``)."""
 
         id: int
         bytes_read: int
 
-    @dataclass(frozen=True)
+    @record
     class Repaired:
         """Destination ``id`` had ``buckets`` bad buckets rewritten, and now reads back right."""
 
         id: int
         buckets: int
 
-    @dataclass(frozen=True)
+    @record
     class Invalid:
         """Destination ``id`` does not read back as the image (with ``verify_each``).
 
@@ -63,7 +62,7 @@ class BusWriterMessage:
         end: int | None = None
         ended: bool = False
 
-    @dataclass(frozen=True)
+    @record
     class Completed:
         """Every byte reached destination ``id`` and it was fsynced (and, with ``verify_each``,
         it read back as the image, its head written last)."""
@@ -73,14 +72,14 @@ class BusWriterMessage:
         #: read back whole (no verification, a block map's holes).
         sha256: str | None = None
 
-    @dataclass(frozen=True)
+    @record
     class Errored:
         """Destination ``id`` failed and left the ring; the others go on."""
 
         id: int
         why: OSError
 
-    @dataclass(frozen=True)
+    @record
     class HeadUndone:
         """Destination ``id`` failed or was stopped once its head was being written: the
         stamp was written back over its first ``length`` bytes (``done``), or could not be
@@ -91,7 +90,7 @@ class BusWriterMessage:
         length: int
         done: bool
 
-    @dataclass(frozen=True)
+    @record
     class LockStep:
         """A stream's destinations go at the slowest one's pace from here on, and why
         (no room for the spill file that would let laggards go on alone)."""
@@ -102,20 +101,20 @@ class BusWriterMessage:
 class BusVerifierMessage:
     """Namespace for the verifier's messages."""
 
-    @dataclass(frozen=True)
+    @record
     class Read:
         """Cumulative bytes of destination ``id`` read back and compared so far."""
 
         id: int
         bytes_read: int
 
-    @dataclass(frozen=True)
+    @record
     class Valid:
         """Destination ``id`` holds exactly the source."""
 
         id: int
 
-    @dataclass(frozen=True)
+    @record
     class Invalid:
         """Destination ``id`` differs from the source.
 
@@ -128,7 +127,7 @@ class BusVerifierMessage:
         offset: int
         end: int | None = None
 
-    @dataclass(frozen=True)
+    @record
     class Errored:
         """Reading destination ``id`` back failed."""
 

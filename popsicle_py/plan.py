@@ -14,7 +14,7 @@ import errno
 import os
 import subprocess
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import field
 
 import pyudev
 
@@ -22,12 +22,13 @@ from popsicle_py import drives
 from popsicle_py.drives import Drive, TargetError
 from popsicle_py.drives.udev import udev_context
 from popsicle_py.errors import Refused
+from popsicle_py.records import record
 from popsicle_py.units import format_size
 
 DEFAULT_MAX_AUTO_SIZE = 128 * 2**30
 
 
-@dataclass(frozen=True)
+@record
 class Plan:
     """The checked targets, what was skipped (notes) and what to confirm (warnings per path)."""
 

@@ -9,20 +9,20 @@ port 2), which is also what is printed on a duplicator tower's labelled ports.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import pyudev
 
 from popsicle_py.drives import Drive
 from popsicle_py.drives.udev import udev_context
 from popsicle_py.events import DriveInfo
+from popsicle_py.records import record
 from popsicle_py.units import format_link_speed
 
 #: A link at or below this (Mbit/s) is USB 2.0 or older: about 40 MB/s at best.
 USB2 = 480
 
 
-@dataclass(frozen=True)
+@record
 class UsbLink:
     """A drive's USB link: its port, the link's speed, and the hub it shares (if not a root
     port), with the hub's own upstream speed; speeds in Mbit/s, None when sysfs says none."""

@@ -57,7 +57,7 @@ import stat
 import struct
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import Protocol
 
 from popsicle_py import blockdev
@@ -65,6 +65,7 @@ from popsicle_py.blockdev import BlockDevice
 from popsicle_py.buffers import aligned_buffer
 from popsicle_py.errors import Counterfeit
 from popsicle_py.events import JsonObject
+from popsicle_py.records import record
 from popsicle_py.units import format_size
 
 #: Never written by the probe: MBR, GPT header and entries, ISO 9660 volume descriptors.
@@ -87,7 +88,7 @@ def _pow2_ceil(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-@dataclass(frozen=True)
+@record
 class Grid:
     """The baby-step / giant-step layout for one claimed size."""
 
@@ -188,7 +189,7 @@ def smallest_period(multiple: int, block_size: int, wraps_at: Callable[[int], bo
     return r
 
 
-@dataclass(frozen=True)
+@record
 class Reading:
     """What one read position showed: its own stamp, another's (an alias), or neither."""
 
@@ -196,7 +197,7 @@ class Reading:
     found: int | None  # the offset named by a stamp of this run, or None
 
 
-@dataclass(frozen=True)
+@record
 class Verdict:
     """The first pass judged: which written positions failed and which aliases were seen."""
 
@@ -230,7 +231,7 @@ def judge(written: Iterable[int], readings: Iterable[Reading]) -> Verdict:
 # Result
 
 
-@dataclass(frozen=True)
+@record
 class ProbeResult:
     """How a drive's probe ended.  ``real_estimate`` is None when I/O failed."""
 

@@ -19,12 +19,12 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import IO, Protocol, cast
 
 from popsicle_py.blockdev import BlockDevice, Pacer, read_at
 from popsicle_py.buffers import aligned_buffer
 from popsicle_py.errors import Stalled
+from popsicle_py.records import record
 
 #: Compression by OUTPUT's suffix; anything else is written raw.
 SUFFIXES = {".zst": "zstd", ".xz": "xz", ".gz": "gzip"}
@@ -344,7 +344,7 @@ def render_bmap(size: int, block: int, ranges: list[tuple[int, int, str]]) -> st
 # Reading the drive
 
 
-@dataclass(frozen=True)
+@record
 class Read:
     """What was read and written: the drive's bytes, OUTPUT's bytes and SHA-256."""
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import textwrap
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 from popsicle_py.progress import SPEED_WINDOW, VERIFY_PHASES, WRITE_PHASES, DriveProgress
+from popsicle_py.records import record
 from popsicle_py.units import format_size
 
 __all__ = ["COLUMNS", "FITS", "SPEED_WINDOW", "VERIFY_PHASES", "WRITE_PHASES", "Column",
@@ -24,7 +24,7 @@ __all__ = ["COLUMNS", "FITS", "SPEED_WINDOW", "VERIFY_PHASES", "WRITE_PHASES", "
 # Layout
 
 
-@dataclass(frozen=True)
+@record
 class Row:
     """What one row says, before it is fitted to a width."""
 
@@ -47,7 +47,7 @@ class Row:
     pass_word: str = ""  # what the byte counts are ("written", "verified", "received")
 
 
-@dataclass(frozen=True)
+@record
 class Piece:
     text: str
     style: str = ""
@@ -176,7 +176,7 @@ def fold(blocks: Sequence[Sequence[Line]], kinds: Sequence[str], height: int
     return [b for b in shown if b is not None], folded
 
 
-@dataclass(frozen=True)
+@record
 class Column:
     """One column of a row: its text, where it sits, how wide it may grow, its style."""
 
@@ -189,7 +189,7 @@ class Column:
     kept: bool = False  # on every line, whatever the width (the others come and go)
 
 
-@dataclass(frozen=True)
+@record
 class Fit:
     """One step of fitting the columns to a width: ``shorten``, ``drop``, ``add`` or ``widen``
     the column ``key`` according as the bar keeps at least ``bar`` cells."""

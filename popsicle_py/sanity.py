@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+
+from popsicle_py.records import record
 
 SECTOR = 512
 
@@ -35,7 +36,7 @@ _WINDOWS_NAMES = tuple(
 _TEXT_CONTROLS = frozenset(b"\t\n\r\f\v\x1b")
 
 
-@dataclass(frozen=True)
+@record
 class Verdict:
     """What to do with an image: ``refusal`` (a sentence) or a ``note`` for the user, or neither."""
 

@@ -29,8 +29,9 @@ import stat
 import subprocess
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
+
+from popsicle_py.records import record
 
 if TYPE_CHECKING:  # jeepney is imported on the first call: root never needs D-Bus
     from jeepney import Message
@@ -83,7 +84,7 @@ class UdisksError(OSError):
         return self.line
 
 
-@dataclass(frozen=True)
+@record
 class BlockObject:
     """What udisks says of one block device; only ``devnum`` is used to choose it."""
 

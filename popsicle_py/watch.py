@@ -32,7 +32,6 @@ import shutil
 import tempfile
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import pyudev
 
@@ -75,6 +74,7 @@ from popsicle_py.images import (
 from popsicle_py.plan import DEFAULT_MAX_AUTO_SIZE
 from popsicle_py.ports import drive_info, link_notes, link_of
 from popsicle_py.protocols import TrimPlan
+from popsicle_py.records import record
 from popsicle_py.signals import Cancellation
 from popsicle_py.units import format_size
 
@@ -105,7 +105,7 @@ def default_tmpdir() -> str:
                                         else tempfile.gettempdir())
 
 
-@dataclass(frozen=True)
+@record
 class WatchOptions:
     #: End after this many drives finished (ok or failed); no more are started once reached.
     count: int | None = None
@@ -141,7 +141,7 @@ class WatchOptions:
     trim: TrimRule | None = None
 
 
-@dataclass(frozen=True)
+@record
 class WatchOutcome:
     summary: Summary
     #: 0 every started drive ok (or none started), 1 one failed, 128 + signal when a signal

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
 
 from popsicle_py import events
 from popsicle_py.app.access import require_access
@@ -24,6 +23,7 @@ from popsicle_py.errors import Refused
 from popsicle_py.images.checksums import choose_sidecar
 from popsicle_py.plan import make_read_plan
 from popsicle_py.protocols import View
+from popsicle_py.records import record
 from popsicle_py.signals import Cancellation
 
 _SHA256 = re.compile(r"[0-9a-fA-F]{64}")
@@ -32,7 +32,7 @@ _COMPRESSED = (".gz", ".xz", ".bz2", ".zst", ".zip", ".lz", ".lzma", ".7z")
 _SUMS = "SHA256SUMS"
 
 
-@dataclass(frozen=True)
+@record
 class CheckRequest:
     """Judge drives against a certificate (one drive) or a published SHA-256 and size."""
 

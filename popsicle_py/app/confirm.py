@@ -7,14 +7,14 @@ carries its :class:`Confirmation`, so every front end asks about exactly the che
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 from popsicle_py.drives import Drive
 from popsicle_py.plan import Plan
 from popsicle_py.ports import port_path_of
+from popsicle_py.records import record
 
 
-@dataclass(frozen=True)
+@record
 class TargetRow:
     """One drive that will be overwritten, as the confirmation lists it."""
 
@@ -26,7 +26,7 @@ class TargetRow:
     warnings: tuple[str, ...] = ()
 
 
-@dataclass(frozen=True)
+@record
 class Confirmation:
     """A heading, the drives, notes to read, then one question (default: no)."""
 

@@ -13,8 +13,6 @@ Without root the drives are opened as for a flash, through udisks2's ``Block.Ope
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from popsicle_py import drives, erase, events, udisks
 from popsicle_py.app.access import require_access
 from popsicle_py.app.common import cancelled_before_writing
@@ -26,10 +24,11 @@ from popsicle_py.flash import open_targets
 from popsicle_py.plan import Plan, make_plan, unmount_targets
 from popsicle_py.ports import drive_info
 from popsicle_py.protocols import View
+from popsicle_py.records import record
 from popsicle_py.signals import Cancellation
 
 
-@dataclass(frozen=True)
+@record
 class EraseRequest:
     """Erase ``devices``: ``fs`` None is FAT32 up to 32 GiB and exFAT above; "none" only
     wipes.  ``zero`` writes zeros everywhere first, ``discard`` discards every block."""

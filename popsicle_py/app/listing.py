@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from popsicle_py.cache import Cache, CacheEntry
 from popsicle_py.drives import discover
 from popsicle_py.events import JsonObject
 from popsicle_py.ports import link_notes, link_of, port_path_of
+from popsicle_py.records import record
 
 
-@dataclass(frozen=True)
+@record
 class DriveListing:
     """One disk as ``list`` shows it: the drive's own facts and the USB port it hangs off."""
 

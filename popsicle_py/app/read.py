@@ -16,7 +16,6 @@ import os
 import secrets
 import stat
 import time
-from dataclasses import dataclass
 
 from popsicle_py import drives, events, fsmap, master, reading
 from popsicle_py.app.access import require_access
@@ -27,11 +26,12 @@ from popsicle_py.errors import Refused
 from popsicle_py.failures import describe_error, failure
 from popsicle_py.ports import drive_info
 from popsicle_py.protocols import View
+from popsicle_py.records import record
 from popsicle_py.signals import Cancellation
 from popsicle_py.units import format_size
 
 
-@dataclass(frozen=True)
+@record
 class ReadRequest:
     """Read ``device`` into ``output`` (compressed by its suffix: .zst, .xz, .gz, or raw)."""
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import errno
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 from popsicle_py import drives, events, master, reading
 from popsicle_py.app.read import PreparedRead, ReadRequest, prepare_read
@@ -21,11 +20,12 @@ from popsicle_py.defaults import DEFAULT_STALL_TIMEOUT
 from popsicle_py.errors import Refused
 from popsicle_py.ports import drive_info
 from popsicle_py.protocols import View
+from popsicle_py.records import record
 from popsicle_py.signals import Cancellation
 from popsicle_py.units import format_size
 
 
-@dataclass(frozen=True)
+@record
 class ReadManyRequest:
     """Read each pair's DEVICE into its OUTPUT; the options apply to every pair."""
 
@@ -119,13 +119,13 @@ def prepare_reads(request: ReadManyRequest) -> ReadMany:
     return ReadMany(tuple(jobs))
 
 
-@dataclass(frozen=True)
+@record
 class _Event:
     id: int
     event: events.WatchEvent
 
 
-@dataclass(frozen=True)
+@record
 class _Errored:
     id: int
     error: OSError

@@ -7,7 +7,7 @@ and its siblings check a request and refuse it before a byte is written.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import field
 
 from popsicle_py.defaults import (
     DEFAULT_BUCKET_SIZE,
@@ -16,9 +16,10 @@ from popsicle_py.defaults import (
     DEFAULT_REPAIR_ATTEMPTS,
     DEFAULT_STALL_TIMEOUT,
 )
+from popsicle_py.records import record
 
 
-@dataclass(frozen=True)
+@record
 class SourceOptions:
     """The image and how it is trusted: a file, a URL or ``-``, and its checksum."""
 
@@ -34,7 +35,7 @@ class SourceOptions:
     force: bool = False
 
 
-@dataclass(frozen=True)
+@record
 class TargetOptions:
     """Which drives: the ones named, and with ``all_usb`` every eligible USB/SD drive."""
 
@@ -46,7 +47,7 @@ class TargetOptions:
     max_size: int = DEFAULT_MAX_AUTO_SIZE
 
 
-@dataclass(frozen=True)
+@record
 class EngineOptions:
     """How the bytes move: the ring's size and when a silent drive counts as stalled."""
 
@@ -55,7 +56,7 @@ class EngineOptions:
     stall_timeout: float = DEFAULT_STALL_TIMEOUT
 
 
-@dataclass(frozen=True)
+@record
 class WriteOptions:
     """What a flash does besides writing: verification, repairs, the probe, writing less."""
 
@@ -73,7 +74,7 @@ class WriteOptions:
     checksum_while_writing: bool = False
 
 
-@dataclass(frozen=True)
+@record
 class CustomizeOptions:
     """Per-drive first-boot settings written into each drive's boot partition (issue 27)."""
 
@@ -85,7 +86,7 @@ class CustomizeOptions:
     format: str | None = None
 
 
-@dataclass(frozen=True)
+@record
 class GradeOptions:
     """How each drive is graded and certified (flash, watch, the station).
 
@@ -103,7 +104,7 @@ class GradeOptions:
     sign_key: str | None = None
 
 
-@dataclass(frozen=True)
+@record
 class FlashRequest:
     """Write one image to many drives, verify each, and say how each ended."""
 
@@ -117,7 +118,7 @@ class FlashRequest:
     customize: CustomizeOptions | None = None
 
 
-@dataclass(frozen=True)
+@record
 class VerifyRequest:
     """Compare drives with an image (a file or a URL); nothing is written."""
 
@@ -126,7 +127,7 @@ class VerifyRequest:
     stall_timeout: float = DEFAULT_STALL_TIMEOUT
 
 
-@dataclass(frozen=True)
+@record
 class ProbeRequest:
     """Check that drives hold what they claim (test stamps, put back afterwards)."""
 
@@ -135,7 +136,7 @@ class ProbeRequest:
     stall_timeout: float = DEFAULT_STALL_TIMEOUT
 
 
-@dataclass(frozen=True)
+@record
 class WatchRequest:
     """Duplicator mode: write every eligible drive plugged in, each on its own timeline."""
 

@@ -11,7 +11,6 @@ import importlib
 import os
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
 from types import ModuleType
 
 from popsicle_py import events, master, sanity
@@ -34,6 +33,7 @@ from popsicle_py.images import (
     verify_checksum,
 )
 from popsicle_py.protocols import Source
+from popsicle_py.records import record
 from popsicle_py.signals import Cancellation
 
 Emit = Callable[[events.WatchEvent], None]
@@ -66,7 +66,7 @@ def is_stdin(text: str) -> bool:
     return text == "-"
 
 
-@dataclass(frozen=True)
+@record
 class OpenedSource:
     """The image, the checksum to check before writing (None: none, or checked in the write
     pass), and notes to show (a signature that verified, a cached copy used)."""

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from popsicle_py.app.requests import WatchRequest
+from popsicle_py.records import record
 
 DEFAULT_LISTEN = "127.0.0.1:8737"
 
 
-@dataclass(frozen=True)
+@record
 class StationRequest:
     """A duplicator station: ``watch``'s session, plus slots, a page, an API and a journal."""
 
@@ -31,7 +30,7 @@ class StationRequest:
     hook: str | None = None
 
 
-@dataclass(frozen=True)
+@record
 class LearnRequest:
     """Make a slot map: a stick plugged into each slot in turn, the labels in this order."""
 

@@ -16,12 +16,12 @@ import dataclasses
 import os
 import stat
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from popsicle_py import events
 from popsicle_py.bmap import Bmap, Extent
 from popsicle_py.images import Image, ImageError, read_head
 from popsicle_py.protocols import Source
+from popsicle_py.records import record
 from popsicle_py.units import format_size
 from popsicle_py.usage import (
     ALIGN,
@@ -37,7 +37,7 @@ from popsicle_py.usage.stream import StreamSelector
 Emit = Callable[[events.WatchEvent], None]
 
 
-@dataclass(frozen=True)
+@record
 class Trim:
     """The ranges to write (None: every byte), and the lines to show before the run."""
 

@@ -11,11 +11,12 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import Any
 
 from popsicle_py.errors import Refused
 from popsicle_py.events import DriveInfo, JsonObject
+from popsicle_py.records import record
 
 FORMAT = "popsicle-py certificate"
 VERSION = 1
@@ -35,7 +36,7 @@ class CertificateError(Refused):
     """A certificate that cannot be trusted or read (exit 2); one line saying why."""
 
 
-@dataclass(frozen=True)
+@record
 class Chunk:
     """One range of the image on the drive and its digest (hex)."""
 
@@ -48,7 +49,7 @@ class Chunk:
         return self.offset + self.length
 
 
-@dataclass(frozen=True)
+@record
 class Certificate:
     """One drive's certificate: which image, what was read back, which drive, who, when."""
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import xxhash
 
@@ -35,11 +34,12 @@ from popsicle_py.events import (
     Step,
     Summary,
 )
+from popsicle_py.records import record
 
 Emit = Callable[[Event], None]
 
 
-@dataclass(frozen=True)
+@record
 class Expected:
     """What each drive must hold: ``size`` bytes with this SHA-256 (and these chunks)."""
 
@@ -50,32 +50,32 @@ class Expected:
     chunks: tuple[Chunk, ...] = ()
 
 
-@dataclass(frozen=True)
+@record
 class _Read:
     id: int
     done: int
 
 
-@dataclass(frozen=True)
+@record
 class _Done:
     id: int
     sha256: str
 
 
-@dataclass(frozen=True)
+@record
 class _Differs:
     id: int
     chunk: Chunk
     index: int
 
 
-@dataclass(frozen=True)
+@record
 class _Ended:
     id: int
     offset: int
 
 
-@dataclass(frozen=True)
+@record
 class _Errored:
     id: int
     why: OSError

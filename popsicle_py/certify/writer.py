@@ -12,19 +12,19 @@ import contextlib
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 from popsicle_py._version import __version__
 from popsicle_py.certify import files, sshsig
 from popsicle_py.certify.model import Certificate, chunks_from_digests
 from popsicle_py.events import DriveInfo, DriveResult
+from popsicle_py.records import record
 from popsicle_py.report import iso
 
 #: What the job hands over: each extent's (offset, length) and the XXH3-128 digest it read.
 Evidence = Sequence[tuple[tuple[int, int], bytes]]
 
 
-@dataclass(frozen=True)
+@record
 class Place:
     """Who and where, when known (a station): None leaves them out."""
 

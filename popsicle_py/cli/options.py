@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import click
@@ -28,6 +27,7 @@ from popsicle_py.defaults import (
     DEFAULT_REPAIR_ATTEMPTS,
     DEFAULT_STALL_TIMEOUT,
 )
+from popsicle_py.records import record
 from popsicle_py.units import parse_size
 
 F = TypeVar("F", bound=Callable[..., object])
@@ -106,7 +106,7 @@ def yes_option() -> Decorator:
     return click.option("-y", "--yes", is_flag=True, help="Do not ask for confirmation.")
 
 
-@dataclass(frozen=True)
+@record
 class OutputOptions:
     """How a command speaks: JSON events for scripts, debug messages and tracebacks."""
 
@@ -267,7 +267,7 @@ def output_options(json_help: str = "Machine-readable events on stdout.") -> Opt
     )
 
 
-@dataclass(frozen=True)
+@record
 class Session:
     """watch's own options (everything but the image): which drives, and what is done."""
 

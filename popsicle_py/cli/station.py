@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 
 import click
 
@@ -26,11 +26,12 @@ from popsicle_py.cli.options import (
 )
 from popsicle_py.cli.output import write_text
 from popsicle_py.errors import EXIT_OK
+from popsicle_py.records import record
 
 FILE = click.Path(dir_okay=False, path_type=str)
 
 
-@dataclass(frozen=True)
+@record
 class Place:
     """What only a station has: its slots, its address and token, its journal, its hook."""
 

@@ -8,13 +8,14 @@ comparing path strings: /dev/sda must not match /dev/sdaa1).
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, field
 
 from popsicle_py.errors import Refused
 
 # Re-exported: callers find every drive value here.
 from popsicle_py.identity import LoopKey as LoopKey
 from popsicle_py.identity import MediaIdentity as MediaIdentity
+from popsicle_py.records import record
 from popsicle_py.units import format_size
 
 REASON_NO_MEDIUM = "no medium"
@@ -36,7 +37,7 @@ class TargetError(Refused):
         return self.message
 
 
-@dataclass(frozen=True)
+@record
 class Drive:
     """A whole disk as it was when selected: what to show, and whether it may be written."""
 
@@ -115,7 +116,7 @@ class Drive:
 Inode = tuple[int, int]
 
 
-@dataclass(frozen=True)
+@record
 class Backing:
     """Where a disk's bytes are stored, from walking down sysfs (see :func:`backing_of`).
 
@@ -141,7 +142,7 @@ class Backing:
         return self.files | self.under_files
 
 
-@dataclass(frozen=True)
+@record
 class Process:
     """A running program, as messages name it: ``sleep (pid 1234)``."""
 
@@ -149,7 +150,7 @@ class Process:
     program: str
 
 
-@dataclass(frozen=True)
+@record
 class Mount:
     """One mount, with every block device (and backing file) it rests on."""
 
@@ -164,7 +165,7 @@ class Mount:
     sources: frozenset[int] = frozenset()
 
 
-@dataclass(frozen=True)
+@record
 class Opener:
     """A process holding a block device open (``fuser``): which node, what its I/O reaches."""
 
@@ -177,7 +178,7 @@ class Opener:
     writing: bool  # opened O_WRONLY or O_RDWR
 
 
-@dataclass(frozen=True)
+@record
 class LoopOver:
     """A loop device whose backing file is a block device (a "window" at some offset)."""
 
@@ -188,7 +189,7 @@ class LoopOver:
     devnums: frozenset[int]
 
 
-@dataclass(frozen=True)
+@record
 class Swap:
     """One active swap area (partition or file) and the block devices it rests on."""
 
@@ -197,7 +198,7 @@ class Swap:
     files: frozenset[Inode] = frozenset()
 
 
-@dataclass(frozen=True)
+@record
 class SystemFacts:
     """What the running system is using, gathered once per decision."""
 
@@ -218,7 +219,7 @@ class SystemFacts:
     openers: tuple[Opener, ...] = ()
 
 
-@dataclass(frozen=True)
+@record
 class Refusal:
     """One reason not to write a drive: a few words for a drive found by discovery
     (``watch``, ``--all-usb`` notes) and one line naming it for an explicit target."""

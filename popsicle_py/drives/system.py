@@ -13,7 +13,6 @@ import os
 import re
 import stat
 from collections.abc import Iterable
-from dataclasses import dataclass
 
 from popsicle_py import media, sysfs
 from popsicle_py.drives.model import (
@@ -23,6 +22,7 @@ from popsicle_py.drives.model import (
     Mount,
     Swap,
 )
+from popsicle_py.records import record
 
 _sys_dev = sysfs.block_dir
 _read = sysfs.read
@@ -111,7 +111,7 @@ def _devnums_of_file(path: str) -> list[int]:
     return numbers
 
 
-@dataclass(frozen=True)
+@record
 class MountEntry:
     """One line of /proc/self/mountinfo, as much of it as the rules need."""
 

@@ -15,7 +15,6 @@ import re
 import stat
 import threading
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 
 import pyudev
 
@@ -47,6 +46,7 @@ from popsicle_py.drives.system import (
     parse_devnum,
 )
 from popsicle_py.identity import not_confirmed, same_media
+from popsicle_py.records import record
 
 _sys_dev = sysfs.block_dir
 _read = sysfs.read
@@ -363,7 +363,7 @@ def still_same(drive: Drive, *, context: pyudev.Context | None = None,
     return held_now(drive, holders)
 
 
-@dataclass(frozen=True)
+@record
 class Holders:
     """Who holds any drive now: our mount table, and the system's other holders."""
 

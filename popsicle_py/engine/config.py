@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 from popsicle_py.blockdev import DEFAULT_RETRIES, MAX_CALL, FileLike
 from popsicle_py.engine.head import HEAD as _HEAD
+from popsicle_py.records import record
 
 if TYPE_CHECKING:
     from _typeshed import WriteableBuffer
@@ -59,7 +59,7 @@ class Selector(Protocol):
         ...
 
 
-@dataclass(frozen=True)
+@record
 class Config:
     """Everything a run needs to know besides its source, destinations and callbacks."""
 

@@ -30,7 +30,6 @@ from __future__ import annotations
 import errno
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import xxhash
 
@@ -54,12 +53,13 @@ from popsicle_py.engine.ring import Ring
 from popsicle_py.engine.spill import Spill
 from popsicle_py.events import Note, Step
 from popsicle_py.messages import BusWriterMessage as Msg
+from popsicle_py.records import record
 
 #: Counts ``n`` more bytes of the image as written to a lane (and says so).
 Written = Callable[[Lane], Callable[[int], None]]
 
 
-@dataclass(frozen=True)
+@record
 class Verdict:
     """How a destination read back: the extents still bad, or where it ended too early."""
 

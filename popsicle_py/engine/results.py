@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import field
+
+from popsicle_py.records import record
 
 
-@dataclass(frozen=True)
+@record
 class DestinationResult:
     """How one destination did: bytes written and the error that ended it, if any."""
 
@@ -24,7 +26,7 @@ class DestinationResult:
         return self.error is None
 
 
-@dataclass(frozen=True)
+@record
 class WriteResult(Sequence[DestinationResult]):
     """Per-destination results, plus what verification without the source needs.
 

@@ -20,13 +20,13 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from popsicle_py.blockdev import FileLike, as_oserror
 from popsicle_py.engine.config import CANCEL_GRACE, POLL, UNDO_GRACE
 from popsicle_py.engine.lane import Lane
 from popsicle_py.errors import Cancelled, Stalled
+from popsicle_py.records import record
 
 #: Process signals that a worker thread must never take.
 _MAIN_THREAD_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT})
@@ -49,12 +49,12 @@ def keep_signals_for_main_thread() -> None:
     signal.pthread_sigmask(signal.SIG_BLOCK, _MAIN_THREAD_SIGNALS)
 
 
-@dataclass(frozen=True)
+@record
 class _Finished:
     id: int
 
 
-@dataclass(frozen=True)
+@record
 class _ReaderDone:
     error: BaseException | None
 

@@ -12,11 +12,11 @@ import io
 import os
 import re
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 from popsicle_py.errors import Cancelled
 from popsicle_py.images.files import ImageError, open_file
+from popsicle_py.records import record
 
 __all__ = [
     "Checksum",
@@ -44,7 +44,7 @@ class ChecksumCancelled(Cancelled, ImageError):
     """
 
 
-@dataclass(frozen=True)
+@record
 class Checksum:
     """An expected digest of the file as downloaded, and where the expectation came from."""
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import lzma
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import TypeAlias
 
 from popsicle_py.images import magic
@@ -30,6 +29,7 @@ from popsicle_py.images.decoders import (
 from popsicle_py.images.files import ImageError
 from popsicle_py.images.magic import HEAD_SIZE, TAIL_SIZE
 from popsicle_py.images.sizes import lzma_size, xz_measure, zip_member, zstd_measure
+from popsicle_py.records import record
 
 __all__ = [
     "BZIP2",
@@ -57,7 +57,7 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True)
+@record
 class Stored:
     """An image file as open_image() has it open, handed to a format's ``measure``."""
 
@@ -72,7 +72,7 @@ class Stored:
 Measured: TypeAlias = "tuple[int | None, str | None]"
 
 
-@dataclass(frozen=True)
+@record
 class Format:
     """One kind of image file: how it is recognised, decoded and measured, or why refused.
 

@@ -11,7 +11,6 @@ import io
 import os
 import stat
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import BinaryIO
 
 from popsicle_py.files import create_regular
@@ -27,6 +26,7 @@ from popsicle_py.images.formats import (
     judge,
     name_warning,
 )
+from popsicle_py.records import record
 
 __all__ = [
     "Image",
@@ -43,7 +43,7 @@ __all__ = [
 MAX_LAYERS = 4
 
 
-@dataclass(frozen=True)
+@record
 class _Layer:
     """What one layer's decoder needs: its name in messages, its decoded size, its member."""
 
@@ -124,7 +124,7 @@ def peel(stream: io.RawIOBase, name: str, outer: Format) -> tuple[io.RawIOBase, 
         above = kind
 
 
-@dataclass(frozen=True)
+@record
 class Image:
     """One source image; cheap to keep around, and open() can be called once per pass."""
 

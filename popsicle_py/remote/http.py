@@ -30,6 +30,7 @@ from urllib3.util import Retry, Timeout
 
 from popsicle_py._version import __version__
 from popsicle_py.images import ImageError, detect
+from popsicle_py.records import record
 from popsicle_py.signatures import SIDECAR_LIMIT
 
 __all__ = [
@@ -61,7 +62,7 @@ def is_url(text: str) -> bool:
     return text[:8].lower().startswith(("http://", "https://"))
 
 
-@dataclass(frozen=True)
+@record
 class HttpSettings:
     """Timeouts and retries; the environment can shorten them (tests, slow links)."""
 
@@ -95,7 +96,7 @@ class HttpSettings:
 # Pure decisions over headers
 
 
-@dataclass(frozen=True)
+@record
 class Validator:
     """What identifies one version of the file on the server."""
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 import struct
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+
+from popsicle_py.records import record
 
 __all__ = [
     "BootPartition",
@@ -38,7 +39,7 @@ class FatError(ValueError):
     """No FAT boot partition, or one this reader cannot make sense of."""
 
 
-@dataclass(frozen=True)
+@record
 class BootPartition:
     offset: int
     size: int
@@ -46,7 +47,7 @@ class BootPartition:
     table: str  # "mbr" or "gpt"
 
 
-@dataclass(frozen=True)
+@record
 class FatGeometry:
     """A FAT file system's layout, in bytes from its start."""
 
@@ -156,7 +157,7 @@ def chain(geo: FatGeometry, fat: list[int], first: int) -> list[int]:
     return out
 
 
-@dataclass(frozen=True)
+@record
 class Entry:
     name: str
     first: int

@@ -13,11 +13,12 @@ import binascii
 import re
 import struct
 import zoneinfo
-from dataclasses import dataclass, field, fields
+from dataclasses import field, fields
 from pathlib import Path
 
 import tomllib
 
+from popsicle_py.records import record
 from popsicle_py.settings.countries import COUNTRIES
 
 __all__ = ["REDACTED", "SECRET_KEYS", "Settings", "SettingsError", "Wifi", "check",
@@ -32,7 +33,7 @@ class SettingsError(ValueError):
     """A settings or values file that cannot be used: one line for the user."""
 
 
-@dataclass(frozen=True)
+@record
 class Wifi:
     ssid: str
     passphrase: str = field(default="", repr=False)  # never in a log or a traceback
@@ -40,7 +41,7 @@ class Wifi:
     hidden: bool = False
 
 
-@dataclass(frozen=True)
+@record
 class Settings:
     """One drive's first-boot settings (templates until :func:`values.resolve` fills them)."""
 

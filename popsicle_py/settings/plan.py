@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
 
+from popsicle_py.records import record
 from popsicle_py.settings.cloudinit import cloud_init_files
 from popsicle_py.settings.fat import (
     BootPartition,
@@ -39,7 +39,7 @@ CLOUD_INIT_NAMES = frozenset({"user-data", "meta-data", "network-config"})
 HEAD_LIMIT = 64 * 1024
 
 
-@dataclass(frozen=True)
+@record
 class BootImage:
     """The image's boot partition and the format its first boot reads."""
 
@@ -77,7 +77,7 @@ def inspect_boot(read: Read, chosen: str | None) -> BootImage:
     return BootImage(part, fmt, cmdline)
 
 
-@dataclass(frozen=True)
+@record
 class DriveFiles:
     """What one drive gets: its settings (templates filled), the files, and its record."""
 
@@ -90,7 +90,7 @@ class DriveFiles:
                 "files_sha256": digest}
 
 
-@dataclass(frozen=True)
+@record
 class Customization:
     settings: Settings
     values: Values | None

@@ -14,9 +14,9 @@ import dataclasses
 import io
 import string
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
+from popsicle_py.records import record
 from popsicle_py.settings.model import REDACTED, SECRET_KEYS, Settings, SettingsError, Wifi, check
 
 __all__ = ["BUILTINS", "DriveContext", "Values", "check_templates", "duplicates",
@@ -27,7 +27,7 @@ KEY_COLUMNS = ("seq", "slot", "serial")
 _FORMATTER = string.Formatter()
 
 
-@dataclass(frozen=True)
+@record
 class DriveContext:
     """What the run knows of one drive: its number in the run, its slot, serial and port."""
 
@@ -42,7 +42,7 @@ class DriveContext:
         return f"drive {self.seq}" + (f" (serial {self.serial})" if self.serial else "")
 
 
-@dataclass(frozen=True)
+@record
 class Values:
     """A CSV file's rows, and the column they are matched by (None: by order)."""
 

@@ -17,7 +17,8 @@ from __future__ import annotations
 import re
 import sys
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+
+from popsicle_py.records import record
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -34,13 +35,13 @@ class SlotMapError(Exception):
     """The slot map cannot be used; one line for the user (exit 2, nothing written)."""
 
 
-@dataclass(frozen=True)
+@record
 class Slot:
     label: str
     port: str
 
 
-@dataclass(frozen=True)
+@record
 class SlotMap:
     """The slots in the map's order; ``label_of`` finds a drive's slot by its port path."""
 

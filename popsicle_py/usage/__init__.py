@@ -10,8 +10,8 @@ anything else, and any file system whose metadata is not understood or contradic
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
 
+from popsicle_py.records import record
 from popsicle_py.usage import ext, fat
 from popsicle_py.usage.partitions import Partition, read_table
 from popsicle_py.usage.ranges import (
@@ -31,7 +31,7 @@ __all__ = ["ALIGN", "ISO_NOTE", "Usage", "has_table_or_fs", "image_usage", "is_i
            "partitions", "worth_it"]
 
 
-@dataclass(frozen=True)
+@record
 class Usage:
     """The ranges to write (sorted, 4 KiB aligned), and what was found on the way."""
 

@@ -14,8 +14,8 @@ from __future__ import annotations
 import bisect
 import struct
 from collections.abc import Iterable
-from dataclasses import dataclass
 
+from popsicle_py.records import record
 from popsicle_py.usage.checksums import crc16, crc32c
 from popsicle_py.usage.ranges import Inconsistent, Range, ReadAt, Unsupported, bit_runs, read_exact
 
@@ -47,7 +47,7 @@ def is_ext(read_at: ReadAt, offset: int) -> bool:
     return len(data) == 2 and struct.unpack("<H", data)[0] == MAGIC
 
 
-@dataclass(frozen=True)
+@record
 class _Super:
     block_size: int
     blocks: int
@@ -115,7 +115,7 @@ def _superblock(sb: bytes) -> _Super:
                   bool(ro & _RO_GDT_CSUM), metadata_csum, seed, uuid)
 
 
-@dataclass(frozen=True)
+@record
 class _Group:
     block_bitmap: int
     inode_bitmap: int
@@ -198,7 +198,7 @@ def _uninit_used(sup: _Super, group: int, meta: list[Range], gdt_blocks: int,
         index += 1
 
 
-@dataclass(frozen=True)
+@record
 class Layout:
     """An ext file system's superblock and group descriptors, read and checked: enough to know
     where each group lies and where its block bitmap is (read one group at a time when the

@@ -8,12 +8,12 @@ volume, end of chain or bad; otherwise the partition is written whole.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
 
+from popsicle_py.records import record
 from popsicle_py.usage.ranges import Inconsistent, Range, ReadAt, read_exact
 
 
-@dataclass(frozen=True)
+@record
 class _Bpb:
     sector: int
     per_cluster: int

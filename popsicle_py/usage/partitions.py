@@ -10,8 +10,8 @@ from __future__ import annotations
 import itertools
 import struct
 import zlib
-from dataclasses import dataclass
 
+from popsicle_py.records import record
 from popsicle_py.usage.ranges import Inconsistent, ReadAt, read_exact
 
 _EXTENDED = (0x05, 0x0F, 0x85)
@@ -20,7 +20,7 @@ _PROTECTIVE = 0xEE
 _MAX_LOGICAL = 128
 
 
-@dataclass(frozen=True)
+@record
 class Partition:
     """``length`` bytes at ``offset`` of the image; ``name`` for notes ("partition 2")."""
 
@@ -33,7 +33,7 @@ class Partition:
         return self.offset + self.length
 
 
-@dataclass(frozen=True)
+@record
 class Table:
     """The partitions found (none: no table), and which table it was."""
 

@@ -42,7 +42,8 @@ aliases have no period (G is not a multiple of R, which "write at x, read at x +
 so it is sized by the bisection.
 
 :func:`probe` is the I/O edge: O_DIRECT block-aligned writes, fsync, BLKFLSBUF and
-POSIX_FADV_DONTNEED, then O_DIRECT reads.
+POSIX_FADV_DONTNEED, then O_DIRECT reads.  A drive's probe puts back what its stamps
+overwrote, except, when it passes, inside the ranges the flash writes next (:func:`checker`).
 """
 
 from __future__ import annotations
@@ -75,6 +76,8 @@ MIN_UNIT = 64 << 10
 MAX_UNITS = 1 << 16
 MAGIC = b"POPSICLE-PROBE\0\0"
 _HEADER = struct.Struct("<16s16sQI")  # magic, nonce, offset, sequence
+#: Byte ranges of a drive as (offset, length) pairs.
+Ranges = Sequence[tuple[int, int]]
 
 BLKFLSBUF = 0x1261
 BLKSSZGET = 0x1268
@@ -243,6 +246,8 @@ class ProbeResult:
     writes: int = 0
     reads: int = 0
     aliases: tuple[tuple[int, int], ...] = field(default=(), repr=False)
+    #: Blocks written back after the probe (:meth:`DeviceIO.restore`), not in ``writes``.
+    restored: int = 0
 
     @property
     def message(self) -> str:
@@ -359,18 +364,24 @@ class DeviceIO:
         n = blockdev.read_at(self.device, offset, view)
         return bytes(view[:n])
 
-    def restore(self) -> None:
-        """Put back what the stamps overwrote, last written first, and flush it.
+    def restore(self, overwritten: Ranges = ()) -> int:
+        """Put back what the stamps overwrote, last written first, and flush it; how many
+        blocks were written back.
 
         So a probe leaves the drive as it was (a genuine one exactly; on a counterfeit one,
         whose blocks alias, as nearly as its aliasing allows), and a flash changes nothing past
-        the image.
+        the image.  Blocks wholly inside ``overwritten`` (what the flash writes next) are left
+        stamped: putting them back would be a write for nothing.
         """
+        restored = 0
         for offset, data in reversed(self.saved.items()):
-            if len(data) == self.block:
+            if len(data) == self.block and not covered(offset, self.block, overwritten):
                 self._write(offset, data)
+                restored += 1
         self.saved.clear()
-        blockdev.sync(self.device)
+        if restored:
+            blockdev.sync(self.device)
+        return restored
 
     def read(self, offset: int, length: int) -> bytes:
         self._check()
@@ -382,29 +393,44 @@ class DeviceIO:
         blockdev.drop_cache(self.device)
 
 
+def covered(offset: int, length: int, ranges: Ranges) -> bool:
+    """Whether ``[offset, offset + length)`` lies wholly inside one of ``ranges``."""
+    return any(start <= offset and offset + length <= start + size for start, size in ranges)
+
+
 def probe_device(device: BlockDevice, boundaries: Iterable[int] = (),
-                 stopped: Callable[[], bool] = lambda: False) -> ProbeResult:
-    """Probe an opened drive for its whole claimed size (``device.size``)."""
+                 stopped: Callable[[], bool] = lambda: False,
+                 overwritten: Ranges = ()) -> ProbeResult:
+    """Probe an opened drive for its whole claimed size (``device.size``).
+
+    What the stamps overwrote is put back unless the probe was stopped; when the drive
+    passes, not inside ``overwritten`` (the ranges a flash writes next).  A drive that fails
+    or errs is put back whole: nothing will be written to it.
+    """
     started = time.monotonic()
     io = DeviceIO(device, stopped)
     positions = plan_positions(device.size, io.block, boundaries)
     reads = plan_reads(device.size, io.block, positions)
     result = run_probe(io, device.size, positions, reads, started=started)
+    restored = 0
     if not stopped():
-        io.restore()
-    return dataclasses.replace(result, elapsed=time.monotonic() - started)
+        restored = io.restore(overwritten if result.ok else ())
+    return dataclasses.replace(result, elapsed=time.monotonic() - started, restored=restored)
 
 
-def checker(boundaries: Iterable[int]) -> Callable[[BlockDevice], None]:
+def checker(boundaries: Iterable[int], overwritten: Ranges = ()) -> Callable[[BlockDevice], None]:
     """What a flash runs on each drive before writing it: raises Counterfeit if it lies.
 
     The last boundary is the image's end: when the image fits in what the drive really
     holds, the refusal says so and names ``--no-probe`` (verification still checks it).
+    ``overwritten``: the byte ranges the flash certainly writes after a passing probe (none
+    known: every stamp is put back).
     """
     spots = tuple(boundaries)
+    written = tuple(overwritten)
 
     def check(device: BlockDevice) -> None:
-        result = probe_device(device, spots)
+        result = probe_device(device, spots, overwritten=written)
         if result.error is not None:
             raise OSError(errno.EIO, result.message)
         if not result.ok:

@@ -6,20 +6,26 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import subprocess
 import time
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import Loop, needs_root, popsicle_cmd
 from faulty import FaultyDrive, MiB
 
+from popsicle_py import bmap
+from popsicle_py.blockdev import OpenSpec, open_for_writing
 from popsicle_py.probe import (
     PROTECTED,
     grid,
     plan_positions,
     plan_reads,
     probe,
+    probe_device,
     run_probe,
 )
 from popsicle_py.units import format_size
@@ -306,3 +312,154 @@ def test_cli_probe_of_a_hung_drive_reports_on_time(faulty_drive: Callable[..., F
     statuses = {r["device"]: (r["status"], r["error"]) for r in lines[-1]["results"]}
     assert statuses == {loop.path: ("ok", None),
                         hung.path: ("failed", f"{hung.path}: stalled: no progress for 2 s")}
+
+
+# -- a flash's probe: stamps the flash overwrites are not put back (issue 30) ------------------
+
+
+PATTERN = 0x5A
+
+
+def stamped(loop: Loop, positions: list[int]) -> list[int]:
+    """The positions whose block no longer holds the drive's old pattern."""
+    return [p for p in positions if loop.read(512, p) != bytes([PATTERN]) * 512]
+
+
+@needs_root
+def test_a_passing_probe_puts_back_only_what_the_flash_will_not_overwrite(
+        loop_factory: Callable[..., Loop]) -> None:
+    size, image = 16 * MiB, 8 * MiB + 777
+    loop = loop_factory(size, fill=PATTERN)
+    bounds = [4 * MiB, image]
+    positions = plan_positions(size, 512, bounds)
+    past = [p for p in positions if p + 512 > image]
+    assert past and len(past) < len(positions)
+    device = open_for_writing(OpenSpec(loop.path, size))
+    try:
+        result = probe_device(device, bounds, overwritten=((0, image),))
+        assert result.ok, result
+        assert result.restored == len(past)
+        assert stamped(loop, positions) == [p for p in positions if p not in past]
+        rest = bytearray(loop.read())
+        for p in positions:
+            rest[p:p + 512] = bytes([PATTERN]) * 512
+        assert set(rest) == {PATTERN}  # nothing else was touched
+        # The probe command's way (nothing to be written next): everything is put back.
+        result = probe_device(device, bounds)
+        assert result.ok and result.restored == len(positions)
+    finally:
+        device.close()
+    assert stamped(loop, positions) == [p for p in positions if p not in past]
+
+
+@needs_root
+def test_a_counterfeit_is_put_back_whole_whatever_the_flash_would_have_written(
+        faulty_drive: Callable[..., FaultyDrive]) -> None:
+    drive = faulty_drive(64 * MiB, wrap=32 * MiB, fill=PATTERN)
+    bounds = [16 * MiB, 32 * MiB, 48 * MiB, 60 * MiB]
+    positions = plan_positions(64 * MiB, 512, bounds)
+    device = open_for_writing(OpenSpec(drive.path, 64 * MiB))
+    try:
+        result = probe_device(device, bounds, overwritten=((0, 60 * MiB),))
+    finally:
+        device.close()
+    assert not result.ok and result.real_estimate == 32 * MiB
+    assert result.restored >= len(positions)
+    assert drive.read(0, 32 * MiB) == bytes([PATTERN]) * (32 * MiB)
+
+
+def flash_bounds(size: int) -> list[int]:
+    """The boundaries a flash of ``size`` bytes in 4 MiB buckets probes: each bucket's, the end."""
+    return [*range(4 * MiB, size, 4 * MiB), size]
+
+
+def flash_counted(image: Path, loop: Loop, *args: str) -> tuple[dict[str, Any], int]:
+    """Flash ``image`` (4 MiB buckets): the drive's result and the bytes the kernel saw
+    written to it."""
+    before = loop.write_stat_sectors()
+    proc = subprocess.run([*popsicle_cmd(), "flash", str(image), loop.path, "--yes", "--json",
+                           "--bucket-size", "4M", *args], capture_output=True, text=True,
+                          stdin=subprocess.DEVNULL, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    summary = json.loads(proc.stdout.splitlines()[-1])
+    return summary["results"][0], (loop.write_stat_sectors() - before) * 512
+
+
+def probe_cost(image: Path, size: int, drive_size: int, *args: str,
+               loops: Callable[..., Loop]) -> tuple[int, Loop, dict[str, Any]]:
+    """Bytes written to a prefilled drive by a flash, beyond what a flash without the probe
+    writes to another."""
+    with_probe, without = loops(drive_size, fill=PATTERN), loops(drive_size, fill=PATTERN)
+    result, written = flash_counted(image, with_probe, *args)
+    bare, baseline = flash_counted(image, without, "--no-probe", *args)
+    assert result["bytes_written"] == bare["bytes_written"], (result, bare)
+    assert with_probe.read() == without.read()
+    return written - baseline, with_probe, result
+
+
+@needs_root
+def test_a_flash_writes_its_stamps_once_and_puts_back_only_those_past_the_image(
+        loop_factory: Callable[..., Loop], tmp_path: Path) -> None:
+    data = os.urandom(8 * MiB + 777)
+    image = tmp_path / "os.img"
+    image.write_bytes(data)
+    cost, drive, _ = probe_cost(image, len(data), 16 * MiB, loops=loop_factory)
+    positions = plan_positions(16 * MiB, 512, flash_bounds(len(data)))
+    past = [p for p in positions if p + 512 > len(data)]
+    assert past == [len(data) // 512 * 512, 16 * MiB - 512]  # the image's last block, partly
+    assert cost == 512 * (len(positions) + len(past))  # was 2 * 512 * len(positions)
+    on_drive = drive.read()
+    assert on_drive[: len(data)] == data
+    assert set(on_drive[len(data):]) == {PATTERN}
+
+
+@needs_root
+def test_skip_identical_gets_every_stamp_put_back(loop_factory: Callable[..., Loop],
+                                                  tmp_path: Path) -> None:
+    """A stamp left in an identical bucket would have it rewritten."""
+    data = bytearray(os.urandom(8 * MiB))
+    image = tmp_path / "os.img"
+    image.write_bytes(data)
+    drives = [loop_factory(16 * MiB, fill=PATTERN) for _ in range(2)]
+    for drive in drives:
+        with open(drive.backing, "r+b") as f:
+            f.write(data)  # last week's image: one bucket differs
+    data[5 * MiB] ^= 0xFF
+    image.write_bytes(data)
+    result, written = flash_counted(image, drives[0], "--skip-identical")
+    bare, baseline = flash_counted(image, drives[1], "--skip-identical", "--no-probe")
+    positions = plan_positions(16 * MiB, 512, flash_bounds(len(data)))
+    assert written - baseline == 2 * 512 * len(positions)
+    assert (result["bytes_written"], result["bytes_skipped"]) == (
+        bare["bytes_written"], bare["bytes_skipped"])
+    assert result["bytes_skipped"] >= 3 * MiB
+    on_drive = drives[0].read()
+    assert on_drive[: len(data)] == data
+    assert set(on_drive[len(data):]) == {PATTERN}
+
+
+@needs_root
+@pytest.mark.skipif(shutil.which("bmaptool") is None, reason="needs bmap-tools")
+def test_a_block_maps_holes_get_their_stamps_put_back(loop_factory: Callable[..., Loop],
+                                                       tmp_path: Path) -> None:
+    path = tmp_path / "sparse.img"
+    with open(path, "wb") as f:
+        f.truncate(16 * MiB)
+        for offset, size in ((0, 8192), (5 * MiB + 4096, 3 * MiB), (15 * MiB, 12288)):
+            f.seek(offset)
+            f.write(os.urandom(size))
+    subprocess.run(["bmaptool", "create", str(path), "-o", f"{path}.bmap"], check=True,
+                   capture_output=True)
+    data = path.read_bytes()
+    extents = bmap.load(f"{path}.bmap", len(data)).extents
+    cost, drive, _ = probe_cost(path, len(data), 24 * MiB, loops=loop_factory)
+    positions = plan_positions(24 * MiB, 512, flash_bounds(len(data)))
+    mapped = [p for p in positions if any(e.offset <= p and p + 512 <= e.end for e in extents)]
+    assert mapped == [8 * MiB]
+    assert cost == 512 * (2 * len(positions) - len(mapped))
+    on_drive = drive.read()
+    for start in range(0, 24 * MiB, 4096):
+        if any(e.offset <= start < e.end for e in extents):
+            assert on_drive[start:start + 4096] == data[start:start + 4096]
+        else:
+            assert set(on_drive[start:start + 4096]) == {PATTERN}, start

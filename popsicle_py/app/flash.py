@@ -46,10 +46,24 @@ if TYPE_CHECKING:
     from popsicle_py.certify.writer import CertificateWriter
 
 
-def capacity_probe(image_size: int | None, bucket_size: int) -> Callable[[BlockDevice], None]:
-    """The probe a flash runs on each drive: every bucket boundary and the image's end."""
+def capacity_probe(image_size: int | None, bucket_size: int, written: probe.Ranges = ()
+                   ) -> Callable[[BlockDevice], None]:
+    """The probe a flash runs on each drive: every bucket boundary and the image's end.
+    Its stamps inside ``written`` are left for the flash to overwrite."""
     end = image_size or 0
-    return probe.checker([*range(bucket_size, end, bucket_size), end])
+    return probe.checker([*range(bucket_size, end, bucket_size), end], written)
+
+
+def certainly_written(size: int | None, block_map: Bmap | None, *, skip_identical: bool,
+                      streamed: bool) -> tuple[tuple[int, int], ...]:
+    """The ranges a flash writes whatever the drive holds (none known: a compressed image's
+    trim, decided as it streams; --skip-identical, where a stamp would make an identical
+    bucket be rewritten)."""
+    if skip_identical or streamed or not size:
+        return ()
+    if block_map is not None:
+        return tuple((e.offset, e.length) for e in block_map.extents)
+    return ((0, size),)
 
 
 class PreparedFlash(HeldFiles):
@@ -147,14 +161,18 @@ class PreparedFlash(HeldFiles):
                 view.close()
                 raise
             size = image.size if self.block_map is None else self.block_map.image_size
+            block_map = self.block_map or self.trim.block_map
+            written = certainly_written(size, block_map, skip_identical=write.skip_identical,
+                                        streamed=self.trim.select is not None)
             options = FlashOptions(
                 verify=write.verify, bucket_size=engine.bucket_size, buckets=engine.buckets,
                 stall_timeout=engine.stall_timeout, skip_identical=write.skip_identical,
                 repair_attempts=write.repair_attempts,
-                bmap=self.block_map or self.trim.block_map, select=self.trim.select,
+                bmap=block_map, select=self.trim.select,
                 checksum=self.checksum, checksum_checked=not write.checksum_while_writing,
                 probe=chain(capacity_check(grade.capacity, grade.tolerance),
-                            capacity_probe(size, engine.bucket_size) if write.probe else None),
+                            capacity_probe(size, engine.bucket_size, written)
+                            if write.probe else None),
                 speeds=speed_rule(grade), surface=grade.surface_test,
                 certify=None if self.certificates is None else self.certificates.certify,
                 before_head=customize.step_of(self.personaliser))

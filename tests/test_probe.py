@@ -29,6 +29,7 @@ from popsicle_py.probe import (
     run_probe,
 )
 from popsicle_py.units import format_size
+from tests.fs_images import rpi_image, tree, usage_of
 
 GiB = 1 << 30
 
@@ -463,3 +464,31 @@ def test_a_block_maps_holes_get_their_stamps_put_back(loop_factory: Callable[...
             assert on_drive[start:start + 4096] == data[start:start + 4096]
         else:
             assert set(on_drive[start:start + 4096]) == {PATTERN}, start
+
+
+@needs_root
+@pytest.mark.skipif(shutil.which("mke2fs") is None or shutil.which("mcopy") is None,
+                    reason="needs e2fsprogs, dosfstools and mtools")
+def test_a_trimmed_flash_gets_the_stamps_in_free_space_put_back(
+        loop_factory: Callable[..., Loop], tmp_path: Path) -> None:
+    keep, gone = tmp_path / "keep", tmp_path / "gone"
+    tree(keep, files=4)
+    tree(gone, files=4, size=2 * MiB, seed=3)
+    image, _, _ = rpi_image(tmp_path, keep, gone, root=32 * MiB)
+    usage = usage_of(image)
+    data = image.read_bytes()
+    cost, drive, result = probe_cost(image, len(data), len(data) + 8 * MiB, loops=loop_factory)
+    assert result["bytes_unused"] == usage.skipped > 0
+    positions = plan_positions(len(data) + 8 * MiB, 512, flash_bounds(len(data)))
+    written = [p for p in positions
+               if any(o <= p and p + 512 <= o + n for o, n in usage.ranges)]
+    assert 0 < len(written) < len(positions) - 1
+    assert any(p < len(data) and p not in written for p in positions)  # in free space
+    assert cost == 512 * (2 * len(positions) - len(written))
+    on_drive = drive.read()
+    position = 0
+    for offset, length in usage.ranges:
+        assert on_drive[offset:offset + length] == data[offset:offset + length]
+        assert set(on_drive[position:offset]) <= {PATTERN}  # skipped: the drive's old bytes
+        position = offset + length
+    assert set(on_drive[position:]) == {PATTERN}

@@ -7,6 +7,11 @@ rounds per claimed size; prints the median and the number of writes and reads.
 
     python bench/bench_probe.py                 # 1, 16, 64 GiB claims, 5 rounds
     python bench/bench_probe.py --iops 1000,3000 --rounds 3
+    python bench/bench_probe.py --image 4 --iops 1000,3000   # a flash's probe, two ways
+
+With ``--image GiB`` the probe is the one a flash of an image that big runs (on the opened
+drive, 16 MiB buckets, what its stamps overwrote put back), taking turns: putting everything
+back ("all", as before issue 30) and leaving the stamps the flash overwrites ("flash").
 """
 
 from __future__ import annotations
@@ -34,6 +39,23 @@ r = probe({dev!r}, {claimed}, boundaries=range(0, 4 << 30, 16 << 20))
 print(json.dumps(r.to_json()))
 """
 
+FLASH_CHILD = """
+import json, os, sys
+sys.path.insert(0, {repo!r})
+with open({procs!r}, "w") as f:
+    f.write(str(os.getpid()))
+from popsicle_py import blockdev
+from popsicle_py.probe import probe_device
+image, bucket = {image}, 16 << 20
+device = blockdev.open_for_writing(blockdev.OpenSpec({dev!r}, {claimed}))
+try:
+    r = probe_device(device, [*range(bucket, image, bucket), image],
+                     overwritten=((0, image),) if {leave} else ())
+finally:
+    device.close()
+print(json.dumps({{**r.to_json(), "restored": r.restored}}))
+"""
+
 
 def main() -> int:
     parser = argparse.ArgumentParser()
@@ -41,7 +63,10 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--rate", type=int, default=20_000_000, help="bytes/s, read and write")
     parser.add_argument("--iops", default="", help="WRITE,READ requests per second (optional)")
+    parser.add_argument("--image", type=float, default=0,
+                        help="GiB: a flash's probe for an image that big, both ways")
     args = parser.parse_args()
+    modes = ["all", "flash"] if args.image else [""]
     rows = []
     for gib in (int(s) for s in args.sizes.split(",")):
         claimed = gib << 30
@@ -61,26 +86,33 @@ def main() -> int:
                 w, r = args.iops.split(",")
                 (group / "blkio.throttle.write_iops_device").write_text(f"{key} {w}\n")
                 (group / "blkio.throttle.read_iops_device").write_text(f"{key} {r}\n")
-            results = []
+            results: dict[str, list[dict[str, object]]] = {m: [] for m in modes}
             for _ in range(args.rounds):
-                code = CHILD.format(repo=str(REPO), procs=str(group / "cgroup.procs"),
-                                    dev=dev, claimed=claimed)
-                out = subprocess.run([sys.executable, "-c", code], check=True,
-                                     capture_output=True, text=True).stdout
-                results.append(json.loads(out))
-            assert all(r["ok"] for r in results), results
-            rows.append((gib, statistics.median(r["elapsed"] for r in results),
-                         max(r["elapsed"] for r in results), results[0]["writes"],
-                         results[0]["reads"]))
+                for mode in modes:  # taking turns: the same load for both
+                    code = CHILD.format(repo=str(REPO), procs=str(group / "cgroup.procs"),
+                                        dev=dev, claimed=claimed) if not mode else \
+                        FLASH_CHILD.format(repo=str(REPO), procs=str(group / "cgroup.procs"),
+                                           dev=dev, claimed=claimed, leave=mode == "flash",
+                                           image=min(claimed, int(args.image * (1 << 30))))
+                    out = subprocess.run([sys.executable, "-c", code], check=True,
+                                         capture_output=True, text=True).stdout
+                    results[mode].append(json.loads(out))
+            for mode, done in results.items():
+                assert all(r["ok"] for r in done), done
+                rows.append((gib, mode, statistics.median(float(str(r["elapsed"])) for r in done),
+                             max(float(str(r["elapsed"])) for r in done), done[0]["writes"],
+                             done[0]["reads"], done[0].get("restored", "-")))
         finally:
             group.rmdir()
             subprocess.run(["losetup", "-d", dev], check=False)
             os.unlink(backing)
     limit = f"{args.rate / 1e6:.0f} MB/s" + (f", {args.iops} IOPS" if args.iops else "")
-    print(f"probe on a loop device throttled to {limit}, {args.rounds} rounds")
-    print("claim GiB | median s | max s | writes | reads")
-    for gib, med, worst, writes, reads in rows:
-        print(f"{gib:9} | {med:8.3f} | {worst:5.3f} | {writes:6} | {reads:5}")
+    print(f"probe on a loop device throttled to {limit}, {args.rounds} rounds"
+          + (f", a flash's of a {args.image:g} GiB image" if args.image else ""))
+    print("claim GiB | put back | median s | max s | writes | reads | restored")
+    for gib, mode, med, worst, writes, reads, restored in rows:
+        print(f"{gib:9} | {mode or '-':8} | {med:8.3f} | {worst:5.3f} | {writes:6} | {reads:5}"
+              f" | {restored}")
     return 0
 
 

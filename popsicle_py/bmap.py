@@ -8,7 +8,6 @@ disagrees with the image is refused with one line.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 from typing import TYPE_CHECKING
@@ -87,6 +86,8 @@ def _check_file_checksum(raw: str, path: str, tag: str, algo: str) -> None:
         return
     expected = match.group(1).lower()
     zeroed = raw[: match.start(1)] + "0" * len(match.group(1)) + raw[match.end(1) :]
+    import hashlib
+
     actual = hashlib.new(algo, zeroed.encode()).hexdigest()
     if actual != expected:
         raise BmapError(f"{path} is corrupt: its own {algo} checksum does not match "

@@ -9,7 +9,6 @@ matched its published checksum, when there is one); ``KEY.json`` says what the e
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import time
@@ -44,6 +43,8 @@ def cache_wanted(flag: bool | None, env: Mapping[str, str] | None = None) -> boo
 
 def cache_key(url: str, validator: str) -> str:
     """The file name of an entry: the same URL at another server version gets another key."""
+    import hashlib
+
     return hashlib.sha256(f"{url}\0{validator}".encode()).hexdigest()[:32]
 
 

@@ -15,5 +15,7 @@ WATCH_BUCKETS = 4
 DEFAULT_MAX_AUTO_SIZE = 128 * 2**30
 #: A drive that makes no progress for this long fails as stalled.
 DEFAULT_STALL_TIMEOUT = 60.0
+#: Where a station serves its page and API.
+DEFAULT_LISTEN = "127.0.0.1:8737"
 #: Buckets that fail verification are rewritten this many times.
 DEFAULT_REPAIR_ATTEMPTS = 1

@@ -14,21 +14,11 @@ from __future__ import annotations
 
 import errno
 import os
-import stat
 from collections.abc import Iterable, Sequence
 
 from popsicle_py import sysfs
 from popsicle_py.drives.holders import openers
 from popsicle_py.records import record
-
-
-def is_block_device(path: str) -> bool:
-    """Whether ``path`` names a block device (a master drive rather than an image file)."""
-    try:
-        return stat.S_ISBLK(os.stat(path).st_mode)
-    except OSError:
-        return False
-
 
 # --------------------------------------------------------------------------------------------
 # Mounts and writers (pure)

@@ -104,3 +104,40 @@ def test_the_code_s_records_print_and_compare_as_before() -> None:
     phase = Phase("/dev/sdb", Step.WRITING)
     assert repr(phase).startswith("Phase(device='/dev/sdb', phase=<Step.WRITING")
     assert phase == Phase("/dev/sdb", Step.WRITING) and phase != Phase("/dev/sdc", Step.WRITING)
+
+
+def test_frozen_once_built_as_a_frozen_dataclass() -> None:
+    p = Point(1)
+    for name in ("x", "note", "other"):  # a field, a field left out of ==, not a field
+        with pytest.raises(dataclasses.FrozenInstanceError, match=f"assign to field '{name}'"):
+            setattr(p, name, 2)
+        with pytest.raises(dataclasses.FrozenInstanceError, match=f"delete field '{name}'"):
+            delattr(p, name)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        Child(1).z = 1  # type: ignore[misc]
+    assert (p.x, p.note) == (1, ())
+
+    class Plain(Point):  # a subclass that is no dataclass may have attributes of its own
+        pass
+
+    plain = Plain(2)
+    plain.extra = 3  # type: ignore[attr-defined]
+    assert plain.extra == 3  # type: ignore[attr-defined]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        plain.x = 3  # type: ignore[misc]
+
+
+def test_copies_and_pickles_and_refuses_its_own_setattr() -> None:
+    import copy
+    import pickle
+
+    p = Child(1, "b", "c", (2,), 3)
+    for twin in (copy.copy(p), copy.deepcopy(p), pickle.loads(pickle.dumps(p))):
+        assert twin == p and repr(twin) == repr(p) and twin is not p
+    with pytest.raises(TypeError, match="cannot define __setattr__"):
+        @record
+        class Mutable:
+            v: int
+
+            def __setattr__(self, name: str, value: object) -> None:
+                object.__setattr__(self, name, value)

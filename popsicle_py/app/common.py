@@ -10,14 +10,14 @@ from popsicle_py import events
 from popsicle_py.app.requests import GradeOptions
 from popsicle_py.drives import Drive
 from popsicle_py.errors import EXIT_FAILED, EXIT_OK, Refused
-from popsicle_py.grading import SpeedRule, capacity_verdict
 from popsicle_py.images import Checksum
 from popsicle_py.protocols import View
-from popsicle_py.report import Report, ReportError, fan_out
 from popsicle_py.signals import Cancellation
 
 if TYPE_CHECKING:  # imported for --certificate only (4 ms of every start)
     from popsicle_py.certify.writer import CertificateWriter, Place
+    from popsicle_py.grading import SpeedRule
+    from popsicle_py.report import Report
 
 Emit = Callable[[events.WatchEvent], None]
 
@@ -26,6 +26,8 @@ def open_report(path: str | None, image: str, checksum: Checksum | None) -> Repo
     """The --report sink, opened before anything is written (a bad path is a refusal)."""
     if path is None:
         return None
+    from popsicle_py.report import Report, ReportError  # with --report only
+
     sha256 = checksum.hexdigest.lower() if checksum is not None and checksum.algo == "sha256" \
         else ""
     try:
@@ -47,12 +49,20 @@ def check_grade(grade: GradeOptions, *, verify: bool) -> None:
 
 
 def speed_rule(grade: GradeOptions) -> SpeedRule | None:
-    rule = SpeedRule(grade.min_write_speed, grade.min_read_speed)
-    return rule if rule.active else None
+    """The speed limits a drive must meet, if any (grading is imported only then)."""
+    if grade.min_write_speed is None and grade.min_read_speed is None:
+        return None
+    from popsicle_py.grading import SpeedRule
+
+    return SpeedRule(grade.min_write_speed, grade.min_read_speed)
 
 
 def capacity_notes(grade: GradeOptions, drives: Sequence[Drive]) -> list[str]:
     """For the confirmation: the drives --capacity will reject before writing them."""
+    if grade.capacity is None:
+        return []
+    from popsicle_py.grading import capacity_verdict
+
     notes = []
     for drive in drives:
         why = capacity_verdict(drive.size, grade.capacity, grade.tolerance)
@@ -103,6 +113,8 @@ def emitter(view: View, report: Report | None) -> Emit:
     (a line on stderr would break a live display), once, and the drives go on."""
     if report is None:
         return view.handle
+    from popsicle_py.report import fan_out
+
     report.warn = lambda line: view.handle(events.Note(line))
     return fan_out(report.handle, view.handle)
 

@@ -38,12 +38,12 @@ from popsicle_py.grading import capacity_check, chain
 from popsicle_py.plan import Plan, make_plan, unmount_targets
 from popsicle_py.ports import drive_info, link_notes, link_of
 from popsicle_py.protocols import View
-from popsicle_py.report import Report
 from popsicle_py.signals import Cancellation
 from popsicle_py.units import format_size
 
 if TYPE_CHECKING:
     from popsicle_py.certify.writer import CertificateWriter
+    from popsicle_py.report import Report
 
 
 def capacity_probe(image_size: int | None, bucket_size: int, written: probe.Ranges = ()

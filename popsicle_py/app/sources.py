@@ -10,15 +10,16 @@ import contextlib
 import importlib
 import os
 import re
+import stat
 from collections.abc import Callable
 from types import ModuleType
+from typing import TYPE_CHECKING
 
-from popsicle_py import events, master, sanity
+from popsicle_py import events, sanity
 from popsicle_py.app.requests import SourceOptions
 from popsicle_py.bmap import Bmap, BmapError
 from popsicle_py.bmap import load as load_bmap
 from popsicle_py.bmap import sidecar as bmap_sidecar
-from popsicle_py.cache import Cache, cache_wanted
 from popsicle_py.errors import Refused
 from popsicle_py.images import (
     Checksum,
@@ -36,12 +37,22 @@ from popsicle_py.protocols import Source
 from popsicle_py.records import record
 from popsicle_py.signals import Cancellation
 
+if TYPE_CHECKING:
+    from popsicle_py.cache import Cache
+
 Emit = Callable[[events.WatchEvent], None]
 
 
 def remote() -> ModuleType:
     """The download code, imported on first use: urllib3 is needed only for URLs."""
     return importlib.import_module("popsicle_py.remote")
+
+
+def download_cache(wanted: bool | None) -> Cache | None:
+    """The cache of downloaded images, when used (imported for URLs only)."""
+    from popsicle_py.cache import Cache, cache_wanted
+
+    return Cache() if cache_wanted(wanted) else None
 
 
 def is_url(text: str) -> bool:
@@ -101,11 +112,10 @@ def open_source(options: SourceOptions) -> OpenedSource:
         return OpenedSource(open_stdin(parse_checksum_option(options.sha256,
                                                              options.checksum)), None)
     if is_url(options.image):
-        cache = Cache() if cache_wanted(options.use_cache) else None
         opened = remote().open_url(options.image, sha256=options.sha256,
                                    checksum=options.checksum,
                                    no_checksum=options.no_checksum, keyring=options.keyring,
-                                   cache=cache)
+                                   cache=download_cache(options.use_cache))
         return OpenedSource(opened.image, opened.prepass, tuple(opened.notes))
     img = open_image(options.image)
     expected = parse_checksum_option(options.sha256, options.checksum)
@@ -124,13 +134,20 @@ def open_source(options: SourceOptions) -> OpenedSource:
 
 def is_drive(path: str) -> bool:
     """A block device named as the image: a master drive, read once as a whole."""
-    return master.is_block_device(path)
+    try:
+        return stat.S_ISBLK(os.stat(path).st_mode)
+    except OSError:
+        return False
 
 
 def require_still(path: str) -> None:
     """A master drive must hold still while it is read: refuse it mounted read-write, stacked
     under another device or open for writing (see :mod:`popsicle_py.master`)."""
-    if is_drive(path) and (lines := master.refusals(path)):
+    if not is_drive(path):
+        return
+    from popsicle_py import master  # imported for a master drive only
+
+    if lines := master.refusals(path):
         raise Refused(lines)
 
 
@@ -140,8 +157,8 @@ def open_for_reading(image: str) -> Source:
     if is_stdin(image):
         return open_stdin()
     if is_url(image):
-        cache = Cache() if cache_wanted(None) else None
-        image_: Source = remote().open_url(image, no_checksum=True, cache=cache).image
+        image_: Source = remote().open_url(image, no_checksum=True,
+                                           cache=download_cache(None)).image
         return image_
     return open_image(image)
 

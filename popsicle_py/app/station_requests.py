@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 from popsicle_py.app.requests import WatchRequest
+from popsicle_py.defaults import DEFAULT_LISTEN
 from popsicle_py.records import record
-
-DEFAULT_LISTEN = "127.0.0.1:8737"
 
 
 @record

@@ -16,6 +16,7 @@ import dataclasses
 import os
 import stat
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from popsicle_py import events
 from popsicle_py.bmap import Bmap, Extent
@@ -32,7 +33,9 @@ from popsicle_py.usage import (
     is_iso9660,
     worth_it,
 )
-from popsicle_py.usage.stream import StreamSelector
+
+if TYPE_CHECKING:
+    from popsicle_py.usage.stream import StreamSelector
 
 Emit = Callable[[events.WatchEvent], None]
 
@@ -157,6 +160,8 @@ def plan_trim(image: Source, *, wanted: bool, whole_because: str | None = None) 
         if whole_because is not None:
             return Trim(None, (f"free space of the image's file systems written too: "
                                f"{whole_because}",))
+        from popsicle_py.usage.stream import StreamSelector  # for compressed images only
+
         return Trim(None, (STREAMED,), StreamSelector(image.size), image.size)
     if not image.size or _is_drive(image.path):
         return NONE

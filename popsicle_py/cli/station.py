@@ -10,7 +10,6 @@ import click
 
 from popsicle_py import events
 from popsicle_py.app.requests import CustomizeOptions, GradeOptions, SourceOptions
-from popsicle_py.app.station_requests import DEFAULT_LISTEN, LearnRequest, StationRequest
 from popsicle_py.cli.ask import confirm
 from popsicle_py.cli.guard import run_guarded
 from popsicle_py.cli.options import (
@@ -25,6 +24,7 @@ from popsicle_py.cli.options import (
     yes_option,
 )
 from popsicle_py.cli.output import write_text
+from popsicle_py.defaults import DEFAULT_LISTEN
 from popsicle_py.errors import EXIT_OK
 from popsicle_py.records import record
 
@@ -92,6 +92,7 @@ def station(source: SourceOptions, place: Place, session: Session, grade: GradeO
 
     def body() -> int:
         from popsicle_py.app.station import prepare_station
+        from popsicle_py.app.station_requests import StationRequest
         from popsicle_py.signals import Cancellation
         from popsicle_py.station.view import SlotJsonView, SlotPlainView, Terminal
 
@@ -126,6 +127,7 @@ def slots_command(file: str, count: int | None, labels: str | None, debug: bool)
 
     def body() -> int:
         from popsicle_py.app.station import learn_slots
+        from popsicle_py.app.station_requests import LearnRequest
         from popsicle_py.errors import Refused
         from popsicle_py.signals import Cancellation
         from popsicle_py.station.slots import SlotMapError, learn_labels

@@ -9,6 +9,7 @@ walk.  What other namespaces mount and who holds a disk open is :mod:`.holders`,
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import stat
@@ -133,9 +134,18 @@ def _unescape_mount(field: str) -> str:
 
 
 def mount_table(text: str | None = None) -> list[MountEntry]:
-    """/proc/self/mountinfo parsed (``text`` for tests)."""
+    """/proc/self/mountinfo parsed (``text`` for tests).
+
+    Read anew at every call (a mount may come or go at any moment), parsed only when it
+    changed: a plan of 32 loop devices asks for it once per backing file (issue 30).
+    """
     if text is None:
         text = _read("/proc/self/mountinfo") or ""
+    return list(_parse_mountinfo(text))
+
+
+@functools.lru_cache(maxsize=8)
+def _parse_mountinfo(text: str) -> tuple[MountEntry, ...]:
     entries: list[MountEntry] = []
     for line in text.splitlines():
         left, sep, right = line.partition(" - ")
@@ -150,7 +160,7 @@ def mount_table(text: str | None = None) -> list[MountEntry]:
                                   _unescape_mount(tail[1]), tail[2] if len(tail) > 2 else "",
                                   _group(tags.get("shared")), _group(tags.get("master")),
                                   _group(fields[0]) or 0, _group(fields[1]) or 0))
-    return entries
+    return tuple(entries)
 
 
 def _group(text: str | None) -> int | None:

@@ -10,13 +10,13 @@ sources only).
 
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 import stat
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import xxhash
 
@@ -29,6 +29,9 @@ from popsicle_py.engine.ring import Ring
 from popsicle_py.engine.spill import Spill
 from popsicle_py.errors import ExtentChecksumError, SourceChanged
 from popsicle_py.messages import BusWriterMessage
+
+if TYPE_CHECKING:
+    import hashlib
 
 _NOT_SEEKABLE = (AttributeError, OSError, io.UnsupportedOperation, ValueError)
 
@@ -73,8 +76,10 @@ class Reader:
         self._pos = 0  # where the source is, relative to its start
         self._base = 0
         self._checker: hashlib._Hash | None = None
-        #: SHA-256 of the recorded extents in order: once for every drive (issue 30).
-        self.sha256 = hashlib.sha256() if config.record else None
+        #: SHA-256 of the recorded extents in order: once for every drive (issue 30).  Made
+        #: as the reading starts, on this thread: loading OpenSSL then overlaps the drives'
+        #: probes instead of delaying the start (issue 30).
+        self.sha256: hashlib._Hash | None = None
 
     def _reads(self) -> Iterator[tuple[int, int, int | None]]:
         """(offset, most bytes, extent index) of each bucket to read, in source order."""
@@ -90,6 +95,10 @@ class Reader:
                 yield piece, min(size, start + length - piece), index
 
     def run(self) -> None:
+        if self.config.record:
+            import hashlib
+
+            self.sha256 = hashlib.sha256()
         if self.config.select is not None:
             if self._run_selected():
                 self._end()
@@ -297,6 +306,8 @@ class Reader:
         if expected is None or algo is None:
             return
         if offset == start:
+            import hashlib
+
             self._checker = hashlib.new(algo)
         assert self._checker is not None, "a range's pieces are read in order"
         self._checker.update(data)

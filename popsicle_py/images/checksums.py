@@ -7,7 +7,6 @@ very bytes that were decoded and written.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 import re
@@ -63,6 +62,8 @@ class Hasher(Protocol):
 
 def new_hasher(checksum: Checksum) -> Hasher:
     """A fresh hash object of the checksum's algorithm (and digest length, for blake2b)."""
+    import hashlib  # OpenSSL is loaded only when something is hashed (issue 30)
+
     if checksum.algo == "blake2b":  # b2sum -l N gives shorter digests
         return hashlib.blake2b(digest_size=len(checksum.hexdigest) // 2)
     return hashlib.new(checksum.algo)

@@ -8,19 +8,18 @@ classes know nothing of format names: formats.py says which one decodes what.
 
 from __future__ import annotations
 
-import bz2
+import functools
 import io
-import lzma
-import zipfile
 import zlib
 from collections.abc import Generator
-from typing import TYPE_CHECKING, Any, Protocol, TypeAlias
-
-import zstandard
-from zlib_ng import zlib_ng
+from typing import TYPE_CHECKING, Any, Protocol, TypeAlias, cast
 
 from popsicle_py.images.files import READ_SIZE, ImageError, Readable, Tap, open_file
 from popsicle_py.images.sizes import XZ_MAGIC, ZstdLayout
+
+if TYPE_CHECKING:
+    import bz2
+    import lzma
 
 #: Decoded bytes per decoder call, compressed bytes per xz/bzip2 feed: small enough that an
 #: error names the byte where decoding failed to within this much, large enough to cost
@@ -84,16 +83,19 @@ class _Corrupt(Exception):
     """Internal: a stream-level problem found by our own checks rather than by a decoder."""
 
 
-_DECODE_ERRORS: tuple[type[BaseException], ...] = (  # type: ignore[assignment]
-    EOFError,
-    OSError,
-    lzma.LZMAError,
-    zlib.error,
-    zlib_ng.error,
-    zstandard.ZstdError,
-    zipfile.BadZipFile,
-    _Corrupt,
-)
+@functools.cache
+def _decode_errors() -> tuple[type[BaseException], ...]:
+    """What the decoders raise for damaged data.  Their libraries are imported when a stream
+    of theirs is first made (none of them for a raw image, issue 30), and so here only once
+    an error is being caught."""
+    import lzma
+    import zipfile
+
+    import zstandard
+    from zlib_ng import zlib_ng
+
+    return (EOFError, OSError, lzma.LZMAError, zlib.error, zlib_ng.error,  # type: ignore[return-value]
+            zstandard.ZstdError, zipfile.BadZipFile, _Corrupt)
 
 
 class _Stream(io.RawIOBase):
@@ -137,7 +139,7 @@ class _Stream(io.RawIOBase):
                 self._pos += n
                 if size is not None and self._pos > size:
                     raise _Corrupt(f"it holds more than the {size} bytes its header states")
-        except _DECODE_ERRORS as e:
+        except _decode_errors() as e:
             self._error = self._wrap(e)
             raise self._error from e
         return filled
@@ -190,6 +192,9 @@ class _ChainedStream(_Stream):
     magic: bytes
     #: Zero bytes after a stream come in multiples of this (xz: 4); 0: nothing may follow it.
     padding = 1
+    #: The decoder is fed with a limit and says when it needs input (liblzma, libbz2); else
+    #: it is zlib's, which keeps what it has not decoded in ``unconsumed_tail``.
+    feeds = False
 
     def __init__(self, image: Decodable, tap: Tap | None = None,
                  raw: Readable | None = None) -> None:
@@ -252,7 +257,8 @@ class _ChainedStream(_Stream):
                 return b""  # clean end after a complete stream
             dec = self._decoder
             assert dec is not None
-            if isinstance(dec, (lzma.LZMADecompressor, bz2.BZ2Decompressor)):
+            if self.feeds:
+                dec = cast("lzma.LZMADecompressor | bz2.BZ2Decompressor", dec)
                 data = b""
                 if dec.needs_input:
                     data = self._pending or self._read(_FEED)
@@ -264,6 +270,7 @@ class _ChainedStream(_Stream):
                 if dec.eof:
                     self._pending = dec.unused_data
             else:
+                dec = cast("zlib._Decompress", dec)
                 if not self._pending:
                     self._pending = self._read(READ_SIZE)
                     if not self._pending:
@@ -293,6 +300,8 @@ class GzipStream(_ChainedStream):
     def _new_decoder(self) -> _Decoder:
         # zlib-ng inflates about 2.5x faster than the stdlib's zlib (bench/bench_images.py);
         # like zlib it checks the CRC-32 and length of every member.
+        from zlib_ng import zlib_ng
+
         return zlib_ng.decompressobj(16 + zlib_ng.MAX_WBITS)  # type: ignore[return-value]
 
 
@@ -302,11 +311,16 @@ class XzStream(_ChainedStream):
     magic = XZ_MAGIC
 
     padding = 4  # xz -t: stream padding is a multiple of four zero bytes
+    feeds = True
 
     def _new_decoder(self) -> _Decoder:
+        import lzma
+
         return lzma.LZMADecompressor(format=lzma.FORMAT_XZ)
 
     def _check_stream(self, dec: _Decoder) -> None:
+        import lzma
+
         check = getattr(dec, "check", lzma.CHECK_UNKNOWN)
         if check != lzma.CHECK_UNKNOWN and not lzma.is_check_supported(check):
             raise _Corrupt(f"stream {self._streams} uses integrity check ID {check}, which "
@@ -318,8 +332,11 @@ class LzmaAloneStream(_ChainedStream):
 
     magic = b""
     padding = 0
+    feeds = True
 
     def _new_decoder(self) -> _Decoder:
+        import lzma
+
         return lzma.LZMADecompressor(format=lzma.FORMAT_ALONE)
 
 
@@ -327,8 +344,11 @@ class Bzip2Stream(_ChainedStream):
     """bzip2, one stream after another (pbzip2 writes many)."""
 
     magic = b"BZh"
+    feeds = True
 
     def _new_decoder(self) -> _Decoder:
+        import bz2
+
         return bz2.BZ2Decompressor()
 
 
@@ -391,6 +411,8 @@ class ZstdStream(_Stream):
         self._file = raw if raw is not None else open_file(image.path, image.path, tap)
         self._layout = ZstdLayout()
         self._tap = _Tap(self._file, self._layout)
+        import zstandard
+
         self._reader = zstandard.ZstdDecompressor().stream_reader(
             self._tap,  # type: ignore[arg-type]  # anything with read() will do
             read_size=READ_SIZE, read_across_frames=True, closefd=False,
@@ -423,6 +445,8 @@ class ZipStream(_Stream):
         # ``tap`` and ``raw`` go unused: a zip is read by seeking (Format.needs_whole_file).
         super().__init__(image)
         assert image.member is not None
+        import zipfile
+
         try:
             with zipfile.ZipFile(image.path) as zf:  # the member keeps the file open
                 self._member = zf.open(image.member)

@@ -12,7 +12,6 @@ format is a new record in :data:`REGISTRY`; callers ask the record
 
 from __future__ import annotations
 
-import lzma
 from collections.abc import Callable
 from typing import TypeAlias
 
@@ -131,6 +130,8 @@ def _zip_measure(f: Stored) -> Measured:
 
 
 def _xz_problem(head: bytes) -> str | None:
+    import lzma
+
     check = head[7] & 0x0F
     if lzma.is_check_supported(check):
         return None

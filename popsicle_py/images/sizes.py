@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import struct
-import zipfile
 import zlib
 from collections.abc import Generator
 
@@ -28,17 +27,15 @@ __all__ = [
     "zstd_walk",
 ]
 
-_ZIP_METHODS = {
-    zipfile.ZIP_STORED: "stored",
-    zipfile.ZIP_DEFLATED: "deflate",
-    zipfile.ZIP_BZIP2: "bzip2",
-    zipfile.ZIP_LZMA: "lzma",
-}
+#: zipfile's ZIP_STORED, ZIP_DEFLATED, ZIP_BZIP2 and ZIP_LZMA (zipfile is imported for zips only).
+_ZIP_METHODS = {0: "stored", 8: "deflate", 12: "bzip2", 14: "lzma"}
 _ZIP_METHOD_NAMES = {9: "Deflate64", 93: "zstd", 95: "xz", 98: "PPMd", 99: "AES encryption"}
 
 
 def zip_member(path: str, shown: str) -> tuple[str, int]:
     """The single image inside a zip; several files would make the choice a guess."""
+    import zipfile
+
     try:
         with zipfile.ZipFile(path) as zf:
             infos = zf.infolist()

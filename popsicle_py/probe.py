@@ -59,7 +59,7 @@ import struct
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from popsicle_py import blockdev
 from popsicle_py.blockdev import BlockDevice
@@ -68,6 +68,9 @@ from popsicle_py.errors import Counterfeit
 from popsicle_py.events import JsonObject
 from popsicle_py.records import record
 from popsicle_py.units import format_size
+
+if TYPE_CHECKING:
+    from popsicle_py.bmap import Bmap
 
 #: Never written by the probe: MBR, GPT header and entries, ISO 9660 volume descriptors.
 PROTECTED = 64 << 10
@@ -416,6 +419,19 @@ def probe_device(device: BlockDevice, boundaries: Iterable[int] = (),
     if not stopped():
         restored = io.restore(overwritten if result.ok else ())
     return dataclasses.replace(result, elapsed=time.monotonic() - started, restored=restored)
+
+
+def certainly_written(size: int | None, block_map: Bmap | None, *,
+                      skip_identical: bool = False, streamed: bool = False
+                      ) -> tuple[tuple[int, int], ...]:
+    """The ranges a flash writes whatever the drive holds (none known: a compressed image's
+    trim, decided as it streams; --skip-identical, where a stamp would make an identical
+    bucket be rewritten)."""
+    if skip_identical or streamed or not size:
+        return ()
+    if block_map is not None:
+        return tuple((e.offset, e.length) for e in block_map.extents)
+    return ((0, size),)
 
 
 def checker(boundaries: Iterable[int], overwritten: Ranges = ()) -> Callable[[BlockDevice], None]:

@@ -553,8 +553,10 @@ class WatchSession:
             return
         size = self._source.size or 0
         bucket = self.options.bucket_size
+        block_map = None if self._trim is None else self._trim.block_map
+        written = probe_mod.certainly_written(size, block_map)  # a raw copy: known ahead
         probe = chain(self.options.reject,
-                      probe_mod.checker([*range(bucket, size, bucket), size])
+                      probe_mod.checker([*range(bucket, size, bucket), size], written)
                       if self.options.probe else None)
         options = FlashOptions(verify=self.options.verify, bucket_size=bucket,
                                buckets=self.options.buckets,
@@ -562,7 +564,7 @@ class WatchSession:
                                certify=self.options.certify, speeds=self.options.speeds,
                                surface=self.options.surface,
                                before_head=self.options.before_head,
-                               bmap=None if self._trim is None else self._trim.block_map)
+                               bmap=block_map)
         FlashJob(self._source, opened, options, lambda e: self._job_event(seen, e),
                  cancel, [seen.info] if seen.info is not None else ()).run()
 

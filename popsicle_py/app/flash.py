@@ -54,18 +54,6 @@ def capacity_probe(image_size: int | None, bucket_size: int, written: probe.Rang
     return probe.checker([*range(bucket_size, end, bucket_size), end], written)
 
 
-def certainly_written(size: int | None, block_map: Bmap | None, *, skip_identical: bool,
-                      streamed: bool) -> tuple[tuple[int, int], ...]:
-    """The ranges a flash writes whatever the drive holds (none known: a compressed image's
-    trim, decided as it streams; --skip-identical, where a stamp would make an identical
-    bucket be rewritten)."""
-    if skip_identical or streamed or not size:
-        return ()
-    if block_map is not None:
-        return tuple((e.offset, e.length) for e in block_map.extents)
-    return ((0, size),)
-
-
 class PreparedFlash(HeldFiles):
     """A flash that passed every check: the plan, the opened source, the checksum, the notes.
 
@@ -162,8 +150,9 @@ class PreparedFlash(HeldFiles):
                 raise
             size = image.size if self.block_map is None else self.block_map.image_size
             block_map = self.block_map or self.trim.block_map
-            written = certainly_written(size, block_map, skip_identical=write.skip_identical,
-                                        streamed=self.trim.select is not None)
+            written = probe.certainly_written(size, block_map,
+                                              skip_identical=write.skip_identical,
+                                              streamed=self.trim.select is not None)
             options = FlashOptions(
                 verify=write.verify, bucket_size=engine.bucket_size, buckets=engine.buckets,
                 stall_timeout=engine.stall_timeout, skip_identical=write.skip_identical,

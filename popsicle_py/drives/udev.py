@@ -142,8 +142,22 @@ def _identity(device: pyudev.Device) -> tuple[str, str, str]:
 
 
 def _partitions(device: pyudev.Device) -> list[pyudev.Device]:
-    parts = [child for child in device.children
-             if child.subsystem == "block" and child.device_type == "partition"]
+    """The disk's partitions: the directories of its own in sysfs that have a ``partition``
+    file, as the kernel lays them out (pyudev's ``children`` enumerates every block device
+    for each disk: quadratic with 32 sticks of 2 partitions, issue 30)."""
+    parts = []
+    try:
+        names = sorted(os.listdir(device.sys_path))
+    except OSError:
+        names = []
+    for name in names:
+        path = os.path.join(device.sys_path, name)
+        if not os.path.exists(os.path.join(path, "partition")):
+            continue
+        try:
+            parts.append(pyudev.Devices.from_sys_path(device.context, path))
+        except pyudev.DeviceNotFoundError:
+            continue  # removed since the listing
 
     def number(part: pyudev.Device) -> int:
         try:

@@ -359,12 +359,19 @@ class DeviceIO:
     def _write(self, offset: int, data: bytes) -> None:
         view = self.buf[: len(data)]
         view[:] = data
-        if blockdev.write_at(self.device, offset, view) != len(data):
+        if isinstance(self.device, BlockDevice):  # aligned blocks from an aligned buffer
+            n = self.device.at(offset, view, write=True)
+        else:
+            n = blockdev.write_at(self.device, offset, view)
+        if n != len(data):
             raise OSError(errno.EIO, "short write")
 
     def _read(self, offset: int, length: int) -> bytes:
         view = self.buf[:length]
-        n = blockdev.read_at(self.device, offset, view)
+        if isinstance(self.device, BlockDevice):
+            n = self.device.at(offset, view)
+        else:
+            n = blockdev.read_at(self.device, offset, view)
         return bytes(view[:n])
 
     def restore(self, overwritten: Ranges = ()) -> int:

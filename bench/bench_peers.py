@@ -222,7 +222,7 @@ def part_b(bench: Bench, codes: list[Code], size: int, rounds: int, tmp: Path,
         runs = rounds_of(bench, dict.fromkeys(methods, rounds), methods, f"(b) {n} drives")
         for name, rs in runs.items():
             mine = "popsicle" in name
-            rows.append([n, name, median(r.wall for r in rs) / limit,
+            rows.append([n, name, f"{median(r.wall for r in rs) / limit:.3f}x",
                          med(rs, first_write) if mine else None,
                          med(rs, longest_verify) if mine else None,
                          med(rs, exit_after_last) if mine else None,

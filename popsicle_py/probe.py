@@ -428,17 +428,19 @@ def probe_device(device: BlockDevice, boundaries: Iterable[int] = (),
     return dataclasses.replace(result, elapsed=time.monotonic() - started, restored=restored)
 
 
-def certainly_written(size: int | None, block_map: Bmap | None, *,
+def certainly_written(size: int | None, block_map: Bmap | None, *, head: int,
                       skip_identical: bool = False, streamed: bool = False
                       ) -> tuple[tuple[int, int], ...]:
     """The ranges a flash writes whatever the drive holds (none known: a compressed image's
     trim, decided as it streams; --skip-identical, where a stamp would make an identical
-    bucket be rewritten)."""
+    bucket be rewritten).  Never the image's first ``head`` bytes: written last, only once
+    the rest read back right, a drive that fails keeps them as they were."""
     if skip_identical or streamed or not size:
         return ()
-    if block_map is not None:
-        return tuple((e.offset, e.length) for e in block_map.extents)
-    return ((0, size),)
+    extents = ((0, size),) if block_map is None else \
+        tuple((e.offset, e.length) for e in block_map.extents)
+    return tuple((max(start, head), start + length - max(start, head))
+                 for start, length in extents if start + length > head)
 
 
 def checker(boundaries: Iterable[int], overwritten: Ranges = ()) -> Callable[[BlockDevice], None]:

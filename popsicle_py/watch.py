@@ -39,7 +39,7 @@ from popsicle_py import drives
 from popsicle_py import probe as probe_mod
 from popsicle_py.blockdev import BlockDevice
 from popsicle_py.drives import Drive, SystemFacts
-from popsicle_py.engine import keep_signals_for_main_thread
+from popsicle_py.engine import HEAD, keep_signals_for_main_thread
 from popsicle_py.errors import EXIT_FAILED, EXIT_OK
 from popsicle_py.events import (
     POWERED_OFF,
@@ -554,7 +554,7 @@ class WatchSession:
         size = self._source.size or 0
         bucket = self.options.bucket_size
         block_map = None if self._trim is None else self._trim.block_map
-        written = probe_mod.certainly_written(size, block_map)  # a raw copy: known ahead
+        written = probe_mod.certainly_written(size, block_map, head=HEAD)  # known ahead
         probe = chain(self.options.reject,
                       probe_mod.checker([*range(bucket, size, bucket), size], written)
                       if self.options.probe else None)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import subprocess
 import sys
 import uuid
@@ -17,7 +18,7 @@ from typing import Any
 
 import pytest
 from faulty import FaultyDrive, FaultyFile, faulty_files
-from loopdev import Loop, attach, detach
+from loopdev import Loop, MiB, attach, detach
 
 IS_ROOT = os.geteuid() == 0
 needs_root = pytest.mark.skipif(not IS_ROOT, reason="needs root for loop devices")
@@ -196,3 +197,19 @@ def faulty_file() -> Iterator[Callable[..., FaultyFile]]:
             return source
 
         yield make
+
+
+@pytest.fixture
+def sparse_image(tmp_path: Path) -> tuple[Path, bytes]:
+    """A 16 MiB image with data in three places, and a bmap from the real bmaptool."""
+    if shutil.which("bmaptool") is None:
+        pytest.skip("bmaptool (Debian package bmap-tools) is not installed")
+    path = tmp_path / "sparse.img"
+    with open(path, "wb") as f:
+        f.truncate(16 * MiB)
+        for offset, size in ((0, 8192), (5 * MiB + 4096, 3 * MiB), (15 * MiB, 12288)):
+            f.seek(offset)
+            f.write(os.urandom(size))
+    subprocess.run(["bmaptool", "create", str(path), "-o", f"{path}.bmap"], check=True,
+                   capture_output=True)
+    return path, path.read_bytes()

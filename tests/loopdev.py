@@ -194,6 +194,14 @@ def loop_device(size: int = 4 * MiB, *, read_only: bool = False,
         os.unlink(backing)
 
 
+#: What a test's ``unshare -m`` shell runs first.  Its new namespace got a copy of every mount
+#: of the moment, another xdist worker's :func:`mounted_ext4` among them; that copy would hold
+#: the other test's drive "mounted in another namespace" for as long as the shell lives.
+DROP_OTHER_TESTS_MOUNTS = (
+    "for m in $(awk '$5 ~ \"/popsicle-mnt-\" {print $5}' /proc/self/mountinfo); do "
+    'umount -l "$m" 2>/dev/null || true; done; ')
+
+
 @contextlib.contextmanager
 def mounted_ext4(device: str) -> Iterator[str]:
     """mkfs.ext4 on ``device`` and mount it on a fresh directory; unmount afterwards."""

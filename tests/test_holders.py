@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 from conftest import Loop, popsicle_cmd
-from loopdev import loop_device
+from loopdev import DROP_OTHER_TESTS_MOUNTS, loop_device
 from loopdev import run as run_tool
 
 from popsicle_py.drives import (
@@ -72,8 +72,8 @@ def mounted_elsewhere(device: str, mountpoint: Path) -> Iterator[subprocess.Pope
     so that the kernel itself writes nothing (an ext4 mount stamps its superblock)."""
     mountpoint.mkdir(exist_ok=True)
     proc = subprocess.Popen(
-        ["unshare", "-m", "--propagation", "private", "sh", "-c",
-         f"mount -o ro {device} {mountpoint} && echo ready && exec sleep 60"],
+        ["unshare", "-m", "--propagation", "private", "sh", "-c", DROP_OTHER_TESTS_MOUNTS
+         + f"mount -o ro {device} {mountpoint} && echo ready && exec sleep 60"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None
@@ -263,7 +263,8 @@ def test_a_copy_that_follows_our_unmount_is_unmounted_with_ours(
         own.mkdir()
         run_tool("mount", target.path, str(own))
         proc = subprocess.Popen(["unshare", "-m", "--propagation", "slave", "sh", "-c",
-                                 "echo ready && exec sleep 60"], stdout=subprocess.PIPE,
+                                 DROP_OTHER_TESTS_MOUNTS + "echo ready && exec sleep 60"],
+                                stdout=subprocess.PIPE,
                                 text=True)
         try:
             assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 from conftest import Loop, fill_pattern, popsicle_cmd
+from loopdev import DROP_OTHER_TESTS_MOUNTS
 
 from popsicle_py import drives, media, plan, watch
 from popsicle_py.drives import Backing, Drive, Mount
@@ -362,7 +363,8 @@ def test_a_loop_over_a_system_drive_is_a_system_drive(loop_factory: Callable[...
     sh("mkfs.ext4", "-q", "-F", lower.path)
     image, data = make_image(tmp_path)
     with loop_over(lower.path) as upper:
-        script = 'mount "$1" /boot && exec "$2" -m popsicle_py flash -y --unmount "$3" "$4"'
+        script = DROP_OTHER_TESTS_MOUNTS + \
+            'mount "$1" /boot && exec "$2" -m popsicle_py flash -y --unmount "$3" "$4"'
         result = subprocess.run(
             ["unshare", "-m", "--propagation", "private", "sh", "-c", script, "sh",
              lower.path, sys.executable, str(image), upper],

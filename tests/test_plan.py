@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from loopdev import (
+    DROP_OTHER_TESTS_MOUNTS,
     HAVE_LOSETUP,
     HAVE_UMOCKDEV,
     IS_ROOT,
@@ -256,7 +257,7 @@ def test_system_drive_refused_in_private_mount_namespace(where: str, purpose: st
     with loop_device(8 * MiB) as loop:
         subprocess.run(["mkfs.ext4", "-q", "-F", loop.path], check=True)
         before = is_mounted(where)
-        script = f'mount "$1" {where} && exec "$2" -c "$3" "$1" "$4"'
+        script = DROP_OTHER_TESTS_MOUNTS + f'mount "$1" {where} && exec "$2" -c "$3" "$1" "$4"'
         result = subprocess.run(
             ["unshare", "-m", "--propagation", "private", "sh", "-c", script, "sh",
              loop.path, sys.executable, SYSTEM_DRIVE, purpose],

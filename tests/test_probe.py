@@ -19,8 +19,10 @@ from faulty import FaultyDrive, MiB
 
 from popsicle_py import bmap
 from popsicle_py.blockdev import OpenSpec, open_for_writing
+from popsicle_py.engine import HEAD
 from popsicle_py.probe import (
     PROTECTED,
+    certainly_written,
     grid,
     plan_positions,
     plan_reads,
@@ -399,7 +401,7 @@ def probe_cost(image: Path, size: int, drive_size: int, *args: str,
 
 
 @needs_root
-def test_a_flash_writes_its_stamps_once_and_puts_back_only_those_past_the_image(
+def test_a_flash_writes_its_stamps_once_and_puts_back_only_those_past_the_image_or_in_its_head(
         loop_factory: Callable[..., Loop], tmp_path: Path) -> None:
     data = os.urandom(8 * MiB + 777)
     image = tmp_path / "os.img"
@@ -408,7 +410,9 @@ def test_a_flash_writes_its_stamps_once_and_puts_back_only_those_past_the_image(
     positions = plan_positions(16 * MiB, 512, flash_bounds(len(data)))
     past = [p for p in positions if p + 512 > len(data)]
     assert past == [len(data) // 512 * 512, 16 * MiB - 512]  # the image's last block, partly
-    assert cost == 512 * (len(positions) + len(past))  # was 2 * 512 * len(positions)
+    head = [p for p in positions if p < HEAD]  # written last, only if all else read back
+    assert head and len(head) + len(past) < len(positions)
+    assert cost == 512 * (len(positions) + len(past) + len(head))  # was 2 * 512 * len(positions)
     on_drive = drive.read()
     assert on_drive[: len(data)] == data
     assert set(on_drive[len(data):]) == {PATTERN}
@@ -441,21 +445,14 @@ def test_skip_identical_gets_every_stamp_put_back(loop_factory: Callable[..., Lo
 
 @needs_root
 @pytest.mark.skipif(shutil.which("bmaptool") is None, reason="needs bmap-tools")
-def test_a_block_maps_holes_get_their_stamps_put_back(loop_factory: Callable[..., Loop],
-                                                       tmp_path: Path) -> None:
-    path = tmp_path / "sparse.img"
-    with open(path, "wb") as f:
-        f.truncate(16 * MiB)
-        for offset, size in ((0, 8192), (5 * MiB + 4096, 3 * MiB), (15 * MiB, 12288)):
-            f.seek(offset)
-            f.write(os.urandom(size))
-    subprocess.run(["bmaptool", "create", str(path), "-o", f"{path}.bmap"], check=True,
-                   capture_output=True)
-    data = path.read_bytes()
+def test_a_block_maps_holes_get_their_stamps_put_back(
+        loop_factory: Callable[..., Loop], sparse_image: tuple[Path, bytes]) -> None:
+    path, data = sparse_image
     extents = bmap.load(f"{path}.bmap", len(data)).extents
     cost, drive, _ = probe_cost(path, len(data), 24 * MiB, loops=loop_factory)
     positions = plan_positions(24 * MiB, 512, flash_bounds(len(data)))
-    mapped = [p for p in positions if any(e.offset <= p and p + 512 <= e.end for e in extents)]
+    mapped = [p for p in positions if p >= HEAD
+              and any(e.offset <= p and p + 512 <= e.end for e in extents)]
     assert mapped == [8 * MiB]
     assert cost == 512 * (2 * len(positions) - len(mapped))
     on_drive = drive.read()
@@ -481,7 +478,7 @@ def test_a_trimmed_flash_gets_the_stamps_in_free_space_put_back(
     assert result["bytes_unused"] == usage.skipped > 0
     positions = plan_positions(len(data) + 8 * MiB, 512, flash_bounds(len(data)))
     written = [p for p in positions
-               if any(o <= p and p + 512 <= o + n for o, n in usage.ranges)]
+               if p >= HEAD and any(o <= p and p + 512 <= o + n for o, n in usage.ranges)]
     assert 0 < len(written) < len(positions) - 1
     assert any(p < len(data) and p not in written for p in positions)  # in free space
     assert cost == 512 * (2 * len(positions) - len(written))
@@ -492,3 +489,14 @@ def test_a_trimmed_flash_gets_the_stamps_in_free_space_put_back(
         assert set(on_drive[position:offset]) <= {PATTERN}  # skipped: the drive's old bytes
         position = offset + length
     assert set(on_drive[position:]) == {PATTERN}
+
+
+def test_what_a_flash_certainly_writes_leaves_out_its_head() -> None:
+    """The head is written last, only when the rest read back right: not certain."""
+    assert certainly_written(8 * MiB, None, head=MiB) == ((MiB, 7 * MiB),)
+    assert certainly_written(MiB // 2, None, head=MiB) == ()
+    block_map = bmap.Bmap("x.bmap", "2.0", 8 * MiB, 4096, "sha256", (
+        bmap.Extent(0, 64 << 10), bmap.Extent(512 << 10, MiB), bmap.Extent(4 * MiB, MiB)))
+    assert certainly_written(8 * MiB, block_map, head=MiB) == ((MiB, 512 << 10), (4 * MiB, MiB))
+    for unknown in ({"skip_identical": True}, {"streamed": True}):
+        assert certainly_written(8 * MiB, None, head=MiB, **unknown) == ()  # type: ignore[arg-type]

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO, Loop
+from loopdev import DROP_OTHER_TESTS_MOUNTS
 
 from popsicle_py.app.access import NEEDS_ROOT_TO_READ, NEEDS_ROOT_TO_WRITE, access_refusal
 
@@ -32,7 +33,8 @@ _RUNNER = r"""
 import os, subprocess, sys
 keep, rest = sys.argv[1], sys.argv[2:]
 cut = rest.index("--")
-paths, command = rest[:cut], rest[cut + 1:]
+paths, command = rest[:cut - 1], rest[cut + 1:]
+subprocess.run(["sh", "-c", rest[cut - 1]], check=True)  # loopdev.DROP_OTHER_TESTS_MOUNTS
 hidden = {}  # a directory closed to others -> where its real contents stay reachable
 def mount(*args):
     subprocess.run(["mount", *args], check=True)
@@ -70,7 +72,7 @@ def _as_nobody(*args: object, keep: Path) -> subprocess.CompletedProcess[str]:
            "PYTHONPATH": str(REPO), "LC_ALL": "C.UTF-8"}
     return subprocess.run(
         ["unshare", "--mount", "--propagation", "private", sys.executable, "-c", _RUNNER,
-         str(keep), *needed, "--", *command],
+         str(keep), *needed, DROP_OTHER_TESTS_MOUNTS, "--", *command],
         stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60, env=env,
         check=False)
 

@@ -107,22 +107,6 @@ def test_interrupted_flash_resumes(loop_factory: Callable[..., Loop], throttle,
     assert drive.read(len(data)) == data
 
 
-@pytest.fixture
-def sparse_image(tmp_path: Path) -> tuple[Path, bytes]:
-    """A 16 MiB image with data in three places, and a bmap from the real bmaptool."""
-    if shutil.which("bmaptool") is None:
-        pytest.skip("bmaptool (Debian package bmap-tools) is not installed")
-    path = tmp_path / "sparse.img"
-    with open(path, "wb") as f:
-        f.truncate(16 * MiB)
-        for offset, size in ((0, 8192), (5 * MiB + 4096, 3 * MiB), (15 * MiB, 12288)):
-            f.seek(offset)
-            f.write(os.urandom(size))
-    subprocess.run(["bmaptool", "create", str(path), "-o", f"{path}.bmap"], check=True,
-                   capture_output=True)
-    return path, path.read_bytes()
-
-
 def test_bmap_writes_only_mapped_ranges(sparse_image: tuple[Path, bytes],
                                         loop_factory: Callable[..., Loop]) -> None:
     path, data = sparse_image

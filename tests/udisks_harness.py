@@ -35,6 +35,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from loopdev import DROP_OTHER_TESTS_MOUNTS
+
 #: Where .ci/run unpacks udisks2 and its libraries (``dpkg-deb -x``), never installed.
 UDISKS_ROOT = Path(os.environ.get("POPSICLE_UDISKS_ROOT", "/var/tmp/popsicle-udisks2"))
 UDISKSD = "usr/libexec/udisks2/udisksd"
@@ -218,6 +220,7 @@ def _expose_python() -> str:
 _NAMESPACE = r"""
 set -eu
 W=$1
+@DROP@
 mount -t tmpfs -o mode=755 popsicle-udisks-run /run
 mkdir -p /run/udev/data /run/dbus
 cp "$W"/udev/* /run/udev/data/
@@ -410,6 +413,7 @@ def running(drives: Sequence[FakeDrive], rule: Path | None = RULE, extra_rule: s
                 f"chgrp disk /dev/{d.name}\n" for d in drives)
         (work / "namespace.sh").write_text(
             _NAMESPACE.replace("@EXPOSE@", _expose_python()).replace("@POLKITD@", POLKITD)
+            .replace("@DROP@", DROP_OTHER_TESTS_MOUNTS)
             .replace("@DEVNODES@", devnodes))
         process = subprocess.Popen(
             ["unshare", "--mount", "--propagation", "private", "bash",

@@ -32,6 +32,7 @@ from popsicle_py.app.trim import CERTIFICATE_READS_ALL, NONE, Trim, plan_trim
 from popsicle_py.blockdev import BlockDevice
 from popsicle_py.bmap import Bmap
 from popsicle_py.drives import still_same_each
+from popsicle_py.engine import HEAD
 from popsicle_py.errors import Refused
 from popsicle_py.flash import FlashJob, FlashOptions, open_targets
 from popsicle_py.grading import capacity_check, chain
@@ -150,7 +151,7 @@ class PreparedFlash(HeldFiles):
                 raise
             size = image.size if self.block_map is None else self.block_map.image_size
             block_map = self.block_map or self.trim.block_map
-            written = probe.certainly_written(size, block_map,
+            written = probe.certainly_written(size, block_map, head=HEAD,
                                               skip_identical=write.skip_identical,
                                               streamed=self.trim.select is not None)
             options = FlashOptions(

@@ -44,9 +44,9 @@ def _getter(names: tuple[str, ...]) -> Callable[[object], tuple[Any, ...]]:
 
 
 def _repr(self: Any) -> str:
-    shown = ", ".join(f"{name}={value!r}" for name, value
-                      in zip(self.__record_shown__, self.__record_shown_values__(self),
-                                              strict=True))
+    values = self.__record_shown_values__(self)
+    shown = ", ".join(f"{name}={value!r}"
+                      for name, value in zip(self.__record_shown__, values, strict=True))
     return f"{type(self).__qualname__}({shown})"
 
 

@@ -71,8 +71,9 @@ def test_repr_eq_and_hash_are_those_of_a_frozen_dataclass(point: Point) -> None:
     assert hash(point) == hash(data)
     assert point == dataclasses.replace(point, note=(9,))  # compare=False: not compared
     assert point != dataclasses.replace(point, secret="other")  # repr=False: still compared
-    assert point != data  # another class is never equal, as a dataclass's ==
-    assert point.__eq__(data) is NotImplemented
+    other: object = data
+    assert point != other  # another class is never equal, as a dataclass's ==
+    assert point.__eq__(other) is NotImplemented
 
 
 def test_frozen_replace_fields_asdict_and_match() -> None:

@@ -10,12 +10,20 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+import shutil
 import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
+
 from popsicle_py.usage import Usage, image_usage
+
+#: The tests that make file systems and read them back with an independent reader.
+needs_fs_tools = pytest.mark.skipif(
+    shutil.which("mke2fs") is None or shutil.which("mcopy") is None,
+    reason="needs e2fsprogs, dosfstools and mtools")
 
 MiB = 1 << 20
 

@@ -31,7 +31,7 @@ from popsicle_py.probe import (
     run_probe,
 )
 from popsicle_py.units import format_size
-from tests.fs_images import rpi_image, tree, usage_of
+from tests.fs_images import needs_fs_tools, rpi_image, tree, usage_of
 
 GiB = 1 << 30
 
@@ -464,8 +464,7 @@ def test_a_block_maps_holes_get_their_stamps_put_back(
 
 
 @needs_root
-@pytest.mark.skipif(shutil.which("mke2fs") is None or shutil.which("mcopy") is None,
-                    reason="needs e2fsprogs, dosfstools and mtools")
+@needs_fs_tools
 def test_a_trimmed_flash_gets_the_stamps_in_free_space_put_back(
         loop_factory: Callable[..., Loop], tmp_path: Path) -> None:
     keep, gone = tmp_path / "keep", tmp_path / "gone"

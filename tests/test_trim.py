@@ -25,14 +25,13 @@ from tests.fs_images import (
     ext_files,
     fat_files,
     fsck_vfat,
+    needs_fs_tools,
     rpi_image,
     tree,
     usage_of,
 )
 
-pytestmark = [needs_root, pytest.mark.skipif(
-    shutil.which("mke2fs") is None or shutil.which("mcopy") is None,
-    reason="needs e2fsprogs, dosfstools and mtools")]
+pytestmark = [needs_root, needs_fs_tools]
 
 PATTERN = 0x5A
 ROOT = 104 * MiB

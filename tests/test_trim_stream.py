@@ -33,6 +33,7 @@ from tests.fs_images import (
     garbage,
     make_ext,
     make_fat,
+    needs_fs_tools,
     partition,
     rpi_image,
     run,
@@ -42,8 +43,7 @@ from tests.fs_images import (
 )
 from tests.test_trim import flash, result
 
-pytestmark = pytest.mark.skipif(shutil.which("mke2fs") is None or shutil.which("mcopy") is None,
-                                reason="needs e2fsprogs, dosfstools and mtools")
+pytestmark = needs_fs_tools
 
 PATTERN = 0x5A
 ROOT = 104 * MiB

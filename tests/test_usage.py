@@ -27,6 +27,7 @@ from tests.fs_images import (
     garbage,
     make_ext,
     make_fat,
+    needs_fs_tools,
     partition,
     rpi_image,
     run,
@@ -35,8 +36,7 @@ from tests.fs_images import (
     usage_of,
 )
 
-pytestmark = pytest.mark.skipif(shutil.which("mke2fs") is None or shutil.which("mcopy") is None,
-                                reason="needs e2fsprogs, dosfstools and mtools")
+pytestmark = needs_fs_tools
 
 
 @pytest.fixture

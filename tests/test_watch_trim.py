@@ -13,11 +13,19 @@ from pathlib import Path
 import pytest
 from test_watch import WATCHING, Stick, needs_testbed, result_of, watch
 
-from tests.fs_images import MiB, e2fsck, ext_files, fat_files, fsck_vfat, rpi_image, tree, usage_of
+from tests.fs_images import (
+    MiB,
+    e2fsck,
+    ext_files,
+    fat_files,
+    fsck_vfat,
+    needs_fs_tools,
+    rpi_image,
+    tree,
+    usage_of,
+)
 
-pytestmark = [needs_testbed, pytest.mark.umockdev, pytest.mark.skipif(
-    shutil.which("mke2fs") is None or shutil.which("mcopy") is None,
-    reason="needs e2fsprogs, dosfstools and mtools")]
+pytestmark = [needs_testbed, pytest.mark.umockdev, needs_fs_tools]
 
 ROOT = 40 * MiB
 STICK = Stick("c", 3, 256 * MiB)

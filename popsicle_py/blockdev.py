@@ -7,9 +7,10 @@ of it) go through a one-block bounce buffer: the block is read, the image's byte
 it and the block is written back, so nothing past the image's end changes.
 
 The loops over those calls live here too (:func:`write_all`, :func:`read_full`,
-:func:`write_at`, :func:`read_at`, :func:`holds`), sized by a :class:`Pacer` so that no single
-call outlasts about half a second of the drive's own measured speed: a crawling stick is seen
-to make progress, a stall is declared on time and a cancel is honoured at the next call.
+:func:`write_at`, :func:`read_at`, :func:`holds`), sized by a :class:`~.pacing.Pacer` so
+that no single call outlasts about half a second of the drive's own measured speed: a
+crawling stick is seen to make progress, a stall is declared on time and a cancel is
+honoured at the next call.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from popsicle_py.errors import TooSmall
 # imports MediaChanged from here; media identity itself lives in popsicle_py.media.
 from popsicle_py.media import MediaChanged as MediaChanged
 from popsicle_py.media import confirmed as confirmed
+from popsicle_py.pacing import DEFAULT_RETRIES, MAX_CALL, RETRY_BACKOFF, TRANSIENT, Pacer
 from popsicle_py.records import record
 
 log = logging.getLogger(__name__)
@@ -49,42 +51,6 @@ BLKSSZGET = 0x1268
 
 WRITE_FLAGS = os.O_RDWR | os.O_SYNC | os.O_EXCL | os.O_CLOEXEC
 READ_FLAGS = os.O_RDONLY | os.O_CLOEXEC
-
-#: The largest single read or write (4 MiB at 4 MB/s is one second).
-MAX_CALL = 4 << 20
-#: The first call of a drive: small enough for a 20 KiB/s stick to answer in under a second.
-FIRST_CALL = 16 << 10
-#: Calls are whole multiples of this (O_DIRECT needs the logical block size; 4 KiB covers all).
-CALL_ALIGN = 4096
-#: Each call should take about this long at the drive's measured speed.
-CALL_SECONDS = 0.5
-#: Write errors worth another try: busy hubs and flaky sticks produce them and then recover.
-TRANSIENT = frozenset({errno.EIO, errno.EAGAIN, errno.ETIMEDOUT, errno.EBUSY})
-DEFAULT_RETRIES = 5
-RETRY_BACKOFF = 0.1
-
-
-class Pacer:
-    """Sizes one drive's system calls to about :data:`CALL_SECONDS` of its measured speed.
-
-    Starts at :data:`FIRST_CALL` and at most doubles per call, so a fast drive reaches
-    :data:`MAX_CALL` within a few MiB and a slow one never has a call in flight for long.
-    """
-
-    def __init__(self, first: int = FIRST_CALL, most: int = MAX_CALL) -> None:
-        self._size = first
-        self._most = most
-
-    def size(self) -> int:
-        return self._size
-
-    def record(self, nbytes: int, seconds: float) -> None:
-        if nbytes <= 0:
-            return
-        rate = nbytes / max(seconds, 1e-6)
-        want = min(int(rate * CALL_SECONDS), self._size * 2, self._most)
-        self._size = max(CALL_ALIGN, want - want % CALL_ALIGN)
-
 
 @record
 class OpenSpec:

@@ -36,8 +36,9 @@ from collections.abc import Callable, Iterator, Sequence
 from xxhash import xxh3_128_digest
 
 from popsicle_py import erase_probe
-from popsicle_py.blockdev import BlockDevice, Pacer, drop_cache, first_difference, read_at, write_at
+from popsicle_py.blockdev import BlockDevice, drop_cache, first_difference, read_at, write_at
 from popsicle_py.buffers import aligned_buffer
+from popsicle_py.pacing import Pacer
 from popsicle_py.records import record
 
 MiB = 1 << 20

@@ -21,9 +21,10 @@ import time
 from collections.abc import Callable
 from typing import IO, Protocol, cast
 
-from popsicle_py.blockdev import BlockDevice, Pacer, read_at
+from popsicle_py.blockdev import BlockDevice, read_at
 from popsicle_py.buffers import aligned_buffer
 from popsicle_py.errors import Stalled
+from popsicle_py.pacing import Pacer
 from popsicle_py.records import record
 
 #: Compression by OUTPUT's suffix; anything else is written raw.

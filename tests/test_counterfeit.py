@@ -17,7 +17,8 @@ import pytest
 from conftest import popsicle_cmd
 from faulty import FaultyDrive, MiB
 
-from popsicle_py.probe import plan_positions, plan_reads, probe, run_probe
+from popsicle_py.probe import probe, run_probe
+from popsicle_py.probe_plan import plan_positions, plan_reads
 from popsicle_py.units import format_size
 
 

@@ -20,16 +20,8 @@ from faulty import FaultyDrive, MiB
 from popsicle_py import bmap
 from popsicle_py.blockdev import OpenSpec, open_for_writing
 from popsicle_py.engine import HEAD
-from popsicle_py.probe import (
-    PROTECTED,
-    certainly_written,
-    grid,
-    plan_positions,
-    plan_reads,
-    probe,
-    probe_device,
-    run_probe,
-)
+from popsicle_py.probe import certainly_written, probe, probe_device, run_probe
+from popsicle_py.probe_plan import PROTECTED, grid, plan_positions, plan_reads
 from popsicle_py.units import format_size
 from tests.fs_images import needs_fs_tools, rpi_image, tree, usage_of
 

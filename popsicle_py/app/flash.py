@@ -38,6 +38,7 @@ from popsicle_py.flash import FlashJob, FlashOptions, open_targets
 from popsicle_py.grading import capacity_check, chain
 from popsicle_py.plan import Plan, make_plan, unmount_targets
 from popsicle_py.ports import drive_info, link_notes, link_of
+from popsicle_py.probe_plan import Ranges
 from popsicle_py.protocols import View
 from popsicle_py.signals import Cancellation
 from popsicle_py.units import format_size
@@ -47,7 +48,7 @@ if TYPE_CHECKING:
     from popsicle_py.report import Report
 
 
-def capacity_probe(image_size: int | None, bucket_size: int, written: probe.Ranges = ()
+def capacity_probe(image_size: int | None, bucket_size: int, written: Ranges = ()
                    ) -> Callable[[BlockDevice], None]:
     """The probe a flash runs on each drive: every bucket boundary and the image's end.
     Its stamps inside ``written`` are left for the flash to overwrite."""

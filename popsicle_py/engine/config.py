@@ -5,8 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
-from popsicle_py.blockdev import DEFAULT_RETRIES, MAX_CALL, FileLike
+from popsicle_py.blockdev import FileLike
 from popsicle_py.engine.head import HEAD as _HEAD
+from popsicle_py.pacing import DEFAULT_RETRIES, MAX_CALL
 from popsicle_py.records import record
 
 if TYPE_CHECKING:
@@ -14,7 +15,7 @@ if TYPE_CHECKING:
 
 DEFAULT_BUCKET_SIZE = 16 << 20
 DEFAULT_BUCKETS = 4
-#: No single read or write is larger than this (see blockdev.Pacer for how calls are sized).
+#: No single read or write is larger than this (see pacing.Pacer for how calls are sized).
 CHUNK = MAX_CALL
 #: How often the calling thread wakes to poll ``cancel()`` when nothing else happens.
 POLL = 0.1

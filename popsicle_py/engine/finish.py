@@ -34,9 +34,6 @@ from collections.abc import Callable, Sequence
 import xxhash
 
 from popsicle_py.blockdev import (
-    CALL_ALIGN,
-    DEFAULT_RETRIES,
-    Pacer,
     drop_cache,
     first_difference,
     read_at,
@@ -53,6 +50,7 @@ from popsicle_py.engine.ring import Ring
 from popsicle_py.engine.spill import Spill
 from popsicle_py.events import Note, Step
 from popsicle_py.messages import BusWriterMessage as Msg
+from popsicle_py.pacing import CALL_ALIGN, DEFAULT_RETRIES, Pacer
 from popsicle_py.records import record
 
 #: Counts ``n`` more bytes of the image as written to a lane (and says so).

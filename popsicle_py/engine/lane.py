@@ -6,8 +6,9 @@ import queue
 import threading
 import time
 
-from popsicle_py.blockdev import FileLike, Pacer
+from popsicle_py.blockdev import FileLike
 from popsicle_py.engine.config import STALL_BYTES
+from popsicle_py.pacing import Pacer
 
 
 class Lane:

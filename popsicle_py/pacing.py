@@ -1,0 +1,46 @@
+"""How big each system call on a drive is, and how often a failed one is tried again.
+
+Every loop over a drive's calls (:mod:`popsicle_py.blockdev`) is sized by a :class:`Pacer`, so
+that no single call outlasts about half a second of the drive's own measured speed: a crawling
+stick is seen to make progress, a stall is declared on time and a cancel is honoured at the
+next call.
+"""
+
+from __future__ import annotations
+
+import errno
+
+#: The largest single read or write (4 MiB at 4 MB/s is one second).
+MAX_CALL = 4 << 20
+#: The first call of a drive: small enough for a 20 KiB/s stick to answer in under a second.
+FIRST_CALL = 16 << 10
+#: Calls are whole multiples of this (O_DIRECT needs the logical block size; 4 KiB covers all).
+CALL_ALIGN = 4096
+#: Each call should take about this long at the drive's measured speed.
+CALL_SECONDS = 0.5
+#: Write errors worth another try: busy hubs and flaky sticks produce them and then recover.
+TRANSIENT = frozenset({errno.EIO, errno.EAGAIN, errno.ETIMEDOUT, errno.EBUSY})
+DEFAULT_RETRIES = 5
+RETRY_BACKOFF = 0.1
+
+
+class Pacer:
+    """Sizes one drive's system calls to about :data:`CALL_SECONDS` of its measured speed.
+
+    Starts at :data:`FIRST_CALL` and at most doubles per call, so a fast drive reaches
+    :data:`MAX_CALL` within a few MiB and a slow one never has a call in flight for long.
+    """
+
+    def __init__(self, first: int = FIRST_CALL, most: int = MAX_CALL) -> None:
+        self._size = first
+        self._most = most
+
+    def size(self) -> int:
+        return self._size
+
+    def record(self, nbytes: int, seconds: float) -> None:
+        if nbytes <= 0:
+            return
+        rate = nbytes / max(seconds, 1e-6)
+        want = min(int(rate * CALL_SECONDS), self._size * 2, self._most)
+        self._size = max(CALL_ALIGN, want - want % CALL_ALIGN)

@@ -63,7 +63,7 @@ from popsicle_py.protocols import Source
 from popsicle_py.records import record
 
 if TYPE_CHECKING:
-    from popsicle_py.engine.config import Selector
+    from popsicle_py.engine.config import Prepare, Selector
     from popsicle_py.probe import ProbeResult
 
 log = logging.getLogger(__name__)
@@ -114,7 +114,7 @@ class FlashOptions:
     #: Whether a checksum pass before writing matched (not with --checksum-while-writing).
     checksum_checked: bool = True
     #: Run on each opened drive before anything is written to it (the capacity probe).
-    probe: Callable[[BlockDevice], None] | None = None
+    probe: Prepare | None = None
     #: Where a compressed image is spilled so every drive goes at its own pace ("": $TMPDIR
     #: or /var/tmp; None: keep the drives of a compressed image in lock-step).
     spill_dir: str | None = ""

@@ -14,11 +14,14 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol, TypeVar
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from popsicle_py.errors import Rejected
 from popsicle_py.records import record
 from popsicle_py.units import format_size
+
+if TYPE_CHECKING:
+    from popsicle_py.engine.config import PutBack
 
 T = TypeVar("T")
 
@@ -112,16 +115,34 @@ def capacity_check(capacity: int | None, tolerance: float
     return check
 
 
-def chain(*steps: Callable[[T], None] | None) -> Callable[[T], None] | None:
-    """The steps given (None: none), one after the other."""
+def chain(*steps: Callable[[T], PutBack | None] | None
+          ) -> Callable[[T], PutBack | None] | None:
+    """The steps given (None: none), one after the other; the put-backs they return, as one
+    (each step's put-back is called if a later step raises: nothing is left half done)."""
     given = [s for s in steps if s is not None]
     if not given:
         return None
     if len(given) == 1:
         return given[0]
 
-    def run(value: T) -> None:
-        for step in given:
-            step(value)
+    def run(value: T) -> PutBack | None:
+        backs: list[PutBack] = []
+        try:
+            for step in given:
+                back = step(value)
+                if back is not None:
+                    backs.append(back)
+        except BaseException:
+            for back in reversed(backs):
+                back(0)
+            raise
+        if not backs:
+            return None
+
+        def put_back(stamped: int) -> None:
+            for back in reversed(backs):
+                back(stamped)
+
+        return put_back
 
     return run

@@ -30,8 +30,11 @@ aliases have no period (G is not a multiple of R, which "write at x, read at x +
 so it is sized by the bisection.
 
 :func:`probe` is the I/O edge: O_DIRECT block-aligned writes, fsync, BLKFLSBUF and
-POSIX_FADV_DONTNEED, then O_DIRECT reads.  A drive's probe puts back what its stamps
-overwrote, except, when it passes, inside the ranges the flash writes next (:func:`checker`).
+POSIX_FADV_DONTNEED, then O_DIRECT reads.  On a flash's opened drive (:func:`probe_device`)
+the stamps go through a second descriptor without O_SYNC, so that each pass costs one cache
+flush, not one per stamp.  A drive's probe puts back what its stamps overwrote, except, when
+it passes, inside the ranges the flash writes next, and, in its head, where the flash's own
+stamp overwrites them first (:func:`checker`).
 """
 
 from __future__ import annotations
@@ -203,7 +206,7 @@ class DeviceIO:
         view = self.buf[: len(data)]
         view[:] = data
         if isinstance(self.device, BlockDevice):  # aligned blocks from an aligned buffer
-            n = self.device.at(offset, view, write=True)
+            n = self.device.at(offset, view, write=True, synced=False)  # flushed per pass
         else:
             n = blockdev.write_at(self.device, offset, view)
         if n != len(data):
@@ -217,21 +220,27 @@ class DeviceIO:
             n = blockdev.read_at(self.device, offset, view)
         return bytes(view[:n])
 
-    def restore(self, overwritten: Ranges = ()) -> int:
-        """Put back what the stamps overwrote, last written first, and flush it; how many
-        blocks were written back.
+    def restore(self, overwritten: Ranges = (), later: Ranges = ()) -> int:
+        """Put back what the stamps overwrote, last written first, and flush it once; how
+        many blocks were written back.
 
         So a probe leaves the drive as it was (a genuine one exactly; on a counterfeit one,
         whose blocks alias, as nearly as its aliasing allows), and a flash changes nothing past
         the image.  Blocks wholly inside ``overwritten`` (what the flash writes next) are left
-        stamped: putting them back would be a write for nothing.
+        stamped: putting them back would be a write for nothing.  Those inside ``later`` are
+        kept for a second call, which puts them back.
         """
         restored = 0
+        kept: dict[int, bytes] = {}
         for offset, data in reversed(self.saved.items()):
-            if len(data) == self.block and not covered(offset, self.block, overwritten):
-                self._write(offset, data)
-                restored += 1
-        self.saved.clear()
+            if len(data) != self.block or covered(offset, self.block, overwritten):
+                continue
+            if covered(offset, self.block, later):
+                kept[offset] = data
+                continue
+            self._write(offset, data)
+            restored += 1
+        self.saved = dict(reversed(kept.items()))
         if restored:
             blockdev.sync(self.device)
         return restored
@@ -260,6 +269,13 @@ def probe_device(device: BlockDevice, boundaries: Iterable[int] = (),
     passes, not inside ``overwritten`` (the ranges a flash writes next).  A drive that fails
     or errs is put back whole: nothing will be written to it.
     """
+    return _probe(device, boundaries, stopped, overwritten)[0]
+
+
+def _probe(device: BlockDevice, boundaries: Iterable[int], stopped: Callable[[], bool],
+           overwritten: Ranges, head: int = 0) -> tuple[ProbeResult, DeviceIO]:
+    """:func:`probe_device`; a drive that passes keeps its stamps in the first ``head`` bytes
+    too, saved in the returned :class:`DeviceIO` to be put back later."""
     started = time.monotonic()
     io = DeviceIO(device, stopped)
     positions = plan_positions(device.size, io.block, boundaries)
@@ -267,8 +283,9 @@ def probe_device(device: BlockDevice, boundaries: Iterable[int] = (),
     result = run_probe(io, device.size, positions, reads, started=started)
     restored = 0
     if not stopped():
-        restored = io.restore(overwritten if result.ok else ())
-    return dataclasses.replace(result, elapsed=time.monotonic() - started, restored=restored)
+        restored = io.restore(overwritten, ((0, head),)) if result.ok else io.restore()
+    done = dataclasses.replace(result, elapsed=time.monotonic() - started, restored=restored)
+    return done, io
 
 
 def certainly_written(size: int | None, block_map: Bmap | None, *, head: int,
@@ -286,23 +303,34 @@ def certainly_written(size: int | None, block_map: Bmap | None, *, head: int,
                  for start, length in extents if start + length > head)
 
 
-def checker(boundaries: Iterable[int], overwritten: Ranges = ()) -> Callable[[BlockDevice], None]:
+def checker(boundaries: Iterable[int], overwritten: Ranges = (), *, head: int = 0
+            ) -> Callable[[BlockDevice], Callable[[int], None] | None]:
     """What a flash runs on each drive before writing it: raises Counterfeit if it lies.
 
     The last boundary is the image's end: when the image fits in what the drive really
     holds, the refusal says so and names ``--no-probe`` (verification still checks it).
     ``overwritten``: the byte ranges the flash certainly writes after a passing probe (none
-    known: every stamp is put back).
+    known: every stamp is put back).  The stamps in the first ``head`` bytes of a drive that
+    passes are put back by what ``check`` returns, called with how many of the drive's first
+    bytes the flash has overwritten by then (its head's stamp, written first; 0 if it stopped
+    before): when the flash goes on, they need no writes at all.
     """
     spots = tuple(boundaries)
     written = tuple(overwritten)
 
-    def check(device: BlockDevice) -> None:
-        result = probe_device(device, spots, overwritten=written)
+    def check(device: BlockDevice) -> Callable[[int], None] | None:
+        result, io = _probe(device, spots, lambda: False, written, head)
         if result.error is not None:
             raise OSError(errno.EIO, result.message)
         if not result.ok:
             raise Counterfeit(refusal(result, max(spots, default=0)))
+        if not io.saved:
+            return None
+
+        def put_back(stamped: int) -> None:
+            io.restore(((0, stamped),) if stamped else ())
+
+        return put_back
 
     return check
 

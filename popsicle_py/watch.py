@@ -556,7 +556,8 @@ class WatchSession:
         block_map = None if self._trim is None else self._trim.block_map
         written = probe_mod.certainly_written(size, block_map, head=HEAD)  # known ahead
         probe = chain(self.options.reject,
-                      probe_mod.checker([*range(bucket, size, bucket), size], written)
+                      probe_mod.checker([*range(bucket, size, bucket), size], written,
+                                        head=HEAD)
                       if self.options.probe else None)
         options = FlashOptions(verify=self.options.verify, bucket_size=bucket,
                                buckets=self.options.buckets,

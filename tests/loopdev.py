@@ -64,9 +64,16 @@ class Loop:
         return head != image[: 64 << 10] and len(set(head)) > 200
 
     def write_stat_sectors(self) -> int:
+        return self._stat(6)
+
+    def flushes(self) -> int:
+        """Cache flushes the kernel has completed on the device (each O_SYNC write: two)."""
+        return self._stat(15)
+
+    def _stat(self, field: int) -> int:
         major, minor = self.major_minor
         with open(f"/sys/dev/block/{major}:{minor}/stat") as f:
-            return int(f.read().split()[6])
+            return int(f.read().split()[field])
 
 
 def attach(backing: str | Path, *, read_only: bool = False, partscan: bool = False) -> str:

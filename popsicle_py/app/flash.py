@@ -33,6 +33,7 @@ from popsicle_py.blockdev import BlockDevice
 from popsicle_py.bmap import Bmap
 from popsicle_py.drives import still_same_each
 from popsicle_py.engine import HEAD
+from popsicle_py.engine.config import PutBack
 from popsicle_py.errors import Refused
 from popsicle_py.flash import FlashJob, FlashOptions, open_targets
 from popsicle_py.grading import capacity_check, chain
@@ -49,11 +50,12 @@ if TYPE_CHECKING:
 
 
 def capacity_probe(image_size: int | None, bucket_size: int, written: Ranges = ()
-                   ) -> Callable[[BlockDevice], None]:
+                   ) -> Callable[[BlockDevice], PutBack | None]:
     """The probe a flash runs on each drive: every bucket boundary and the image's end.
-    Its stamps inside ``written`` are left for the flash to overwrite."""
+    Its stamps inside ``written`` are left for the flash to overwrite, those in the head for
+    the head's stamp (put back if the drive stops before it)."""
     end = image_size or 0
-    return probe.checker([*range(bucket_size, end, bucket_size), end], written)
+    return probe.checker([*range(bucket_size, end, bucket_size), end], written, head=HEAD)
 
 
 class PreparedFlash(HeldFiles):

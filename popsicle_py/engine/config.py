@@ -37,8 +37,12 @@ HEAD = _HEAD
 Extent = tuple[int, int, str | None]
 #: Reads ``length`` bytes of the source at ``offset`` again (for repairs), or None if it cannot.
 SourceAt = Callable[[int, int], bytes]
-#: Run once before a destination is written; raises OSError to fail that destination.
-Prepare = Callable[[FileLike], None]
+#: Puts back what a :data:`Prepare` changed on a destination, except in its first ``n`` bytes
+#: (what the head's stamp has overwritten since; 0: nothing).
+PutBack = Callable[[int], None]
+#: Run once before a destination is written; raises OSError to fail that destination.  What it
+#: returns, if anything, is called once: after the head's stamp, or as the lane ends before it.
+Prepare = Callable[[FileLike], PutBack | None]
 #: Run on a destination before its head: ``step(destination, progressed)``, where
 #: ``progressed(n)`` counts n bytes moved (a step that moves nothing for the stall timeout is a
 #: stall, as writing is); raises to fail that destination.

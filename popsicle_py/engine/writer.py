@@ -11,7 +11,10 @@ looks like the image to a computer before that:
 
 1. a random stamp where the image's head (its first MiB: :mod:`.head`) goes, before anything
    else: a drive stopped at any later point shows neither the image's head nor what it held
-   before (an old image's partition table over new data would pass for a good disk);
+   before (an old image's partition table over new data would pass for a good disk).
+   A preparation's put-back (:meth:`BusWriter.prepare_each`: the probe's saved blocks) runs
+   once it is written, told how much of the drive's start it covered, or, if the lane ends
+   before, with nothing covered;
 2. every bucket but the head, then fsync;
 3. with verification: every extent read back from the device and checked against the
    digests the reader recorded, the stamp included.
@@ -26,6 +29,7 @@ looks like the image to a computer before that:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import threading
@@ -45,6 +49,7 @@ from popsicle_py.engine.config import (
     Config,
     Extent,
     Prepare,
+    PutBack,
     Selector,
     SourceAt,
 )
@@ -167,6 +172,9 @@ class BusWriter(Builder):
         """Run ``prepare(destination)`` on its own thread before writing it (a capacity probe).
 
         An OSError fails that destination before anything of the source is written to it.
+        What it returns, if anything (a :data:`~.config.PutBack`), is called once the head's
+        stamp is written, or as the lane ends before it (a probe puts back its stamps in the
+        head only where the stamp did not overwrite them: saved writes when the flash goes on).
         """
         return self._set(prepare=prepare)
 
@@ -232,6 +240,16 @@ class BusWriter(Builder):
         self._run = run
         self._attach(run.supervisor.outbox)
         return run.run()
+
+
+def _put_back(put_back: PutBack, stamped: int, *, quietly: bool) -> None:
+    """Call a preparation's put-back; ``quietly`` for a lane already failing or stopped,
+    whose own error (or none, for a cancel) is what its result says."""
+    if not quietly:
+        put_back(stamped)
+        return
+    with contextlib.suppress(Exception):  # a pulled or closed drive: nothing more to do
+        put_back(stamped)
 
 
 class _ReadAlone:
@@ -381,14 +399,25 @@ class _WriteRun:
 
     def _lane(self, lane: Lane) -> None:
         config = self.config
+        put_back: PutBack | None = None
         if config.prepare is not None:
             lane.waiting = False
             lane.touch()
-            config.prepare(lane.dest)
+            put_back = config.prepare(lane.dest)
             lane.touch()
             lane.post(Msg.Stage(lane.id, Step.WRITING))
-        if config.pipeline and self.held is not None and not self.finisher.stamp(lane):
-            return
+        if config.pipeline and self.held is not None:
+            stamped = False
+            try:
+                stamped = self.finisher.stamp(lane)
+            finally:
+                if put_back is not None:  # the probe's stamps beyond the head's stamp
+                    _put_back(put_back, self.reader.held_length if stamped else 0,
+                              quietly=not stamped)
+            if not stamped:
+                return
+        elif put_back is not None:
+            _put_back(put_back, 0, quietly=False)
         resume = self._from_ring(lane)
         while resume is not None and not lane.stopped:
             rejoin = self._solo(lane, resume)

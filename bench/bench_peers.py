@@ -5,7 +5,9 @@ Not a test.  Every method is a whole process (a shell for the peers that need se
 to exit, in a blkio cgroup that throttles each loop device's writes and reads; the methods take
 turns round by round.  The physical limit is what the drives themselves need to be written and
 read back once: ``image size / write rate + image size / read rate``; each figure is the
-median wall time divided by it.
+median wall time divided by it.  Every run starts with the drives' page cache empty
+(``blockdev --flushbufs``): the peers' ``cmp`` reads them through it, and no run should pay
+for dropping another's pages.
 
 (a) 4 drives at 30 MB/s write and 90 MB/s read, a random image of 256 MiB and 1 GiB:
 
@@ -33,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
@@ -139,9 +142,11 @@ def etcher_methods(bench: Bench, image: Path, devices: list[str], cg: Path
 
 
 def rounds_of(bench: Bench, counts: dict[str, int], methods: dict[str, Callable[[], Run]],
-              tag: str) -> dict[str, list[Run]]:
+              tag: str, devices: list[str]) -> dict[str, list[Run]]:
     runs: dict[str, list[Run]] = {name: [] for name in methods}
     for r, name in schedule(counts):
+        # cmp reads the drives through the page cache: the next run would pay for its pages.
+        subprocess.run(["blockdev", "--flushbufs", *devices], check=True)
         run = methods[name]()
         runs[name].append(run)
         log(f"{tag} round {r + 1}: {name}: {run.wall:.2f} s")
@@ -191,7 +196,7 @@ def part_a(bench: Bench, codes: list[Code], sizes: list[int], rounds: dict[int, 
         limit = size / WRITE_A + size / READ_A
         methods = methods_for(bench, codes, image, devices, cg, slow=size <= 256 * MiB)
         runs = rounds_of(bench, dict.fromkeys(methods, rounds[size]), methods,
-                         f"(a) {size // MiB} MiB")
+                         f"(a) {size // MiB} MiB", devices)
         for name, rs in runs.items():
             columns.setdefault(name, {})[size] = f"{median(r.wall for r in rs) / limit:.3f}x"
             details.append([name, f"{size // MiB} MiB", len(rs), median(r.wall for r in rs),
@@ -219,7 +224,8 @@ def part_b(bench: Bench, codes: list[Code], size: int, rounds: int, tmp: Path,
         for dev in devices[:n]:
             throttle_rw(cg, dev, WRITE_B, READ_B)
         methods = methods_for(bench, codes, image, devices[:n], cg, slow=False)
-        runs = rounds_of(bench, dict.fromkeys(methods, rounds), methods, f"(b) {n} drives")
+        runs = rounds_of(bench, dict.fromkeys(methods, rounds), methods, f"(b) {n} drives",
+                         devices[:n])
         for name, rs in runs.items():
             mine = "popsicle" in name
             rows.append([n, name, f"{median(r.wall for r in rs) / limit:.3f}x",

@@ -122,28 +122,37 @@ class BlockDevice:
             return self._busy > 0
 
     def _enter(self, plain: bool = False) -> int:
+        if plain and self._plain is None:
+            self._open_plain()
         with self._lock:
             if self.fd < 0 or self._closing:
                 raise OSError(errno.EBADF, f"{self.path} was closed")
             self._busy += 1
-            if plain and self._plain is None:
-                self._plain = self._reopen_plain()
             return self._plain if plain and self._plain is not None and self._plain >= 0 \
                 else self.fd
 
-    def _reopen_plain(self) -> int:
+    def _open_plain(self) -> None:
         """The drive once more, through this descriptor (so the same device, whatever its
         name now), without O_SYNC; -1 where that is refused (a descriptor from udisks2: the
-        user may not open the node) or pointless (read-only, not O_SYNC)."""
-        flags = fcntl.fcntl(self.fd, fcntl.F_GETFL)
-        if self.read_only or not flags & os.O_SYNC & ~os.O_DSYNC:
-            return -1
+        user may not open the node) or pointless (read-only, not O_SYNC).
+
+        Opened outside the lock (opening a stick can wait on it, and :meth:`close` must not),
+        kept only if the drive was not let go meanwhile: then the number may name another
+        file, and what was opened is closed unused.
+        """
+        fd = -1
         try:
-            return os.open(f"/proc/self/fd/{self.fd}",
-                           os.O_RDWR | os.O_CLOEXEC | (flags & os.O_DIRECT))
+            flags = fcntl.fcntl(self.fd, fcntl.F_GETFL)
+            if not self.read_only and flags & os.O_SYNC & ~os.O_DSYNC:
+                fd = os.open(f"/proc/self/fd/{self.fd}",
+                             os.O_RDWR | os.O_CLOEXEC | (flags & os.O_DIRECT))
         except OSError as exc:
             log.debug("%s: no second descriptor without O_SYNC: %s", self.path, exc)
-            return -1
+        with self._lock:
+            if self._plain is None and self.fd >= 0 and not self._closing:
+                self._plain, fd = fd, -1
+        if fd >= 0:
+            os.close(fd)
 
     def _leave(self) -> None:
         with self._lock:

@@ -70,6 +70,40 @@ def test_a_drive_is_opened_exclusively(loop_factory: Callable[..., Any],
     assert info.value.errno == errno.EBUSY
 
 
+def descriptors_of(path: str) -> list[int]:
+    """This process's descriptors open on the device at ``path``."""
+    rdev = os.stat(path).st_rdev
+    found = []
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            if os.stat(f"/proc/self/fd/{name}").st_rdev == rdev:
+                found.append(int(name))
+        except OSError:
+            pass
+    return found
+
+
+def test_unsynced_writes_go_through_a_second_descriptor_freed_with_the_drive(
+        loop_factory: Callable[..., Any]) -> None:
+    """The probe's stamps: without O_SYNC, on the same exclusive open, closed with it."""
+    loop = loop_factory(MIB)
+    device = open_for_writing(OpenSpec(loop.path, loop.size))
+    try:
+        block = memoryview(aligned_buffer(4096))
+        block[:] = b"s" * 4096
+        assert device.at(8192, block, write=True, synced=False) == 4096
+        second = [fd for fd in descriptors_of(loop.path) if fd != device.fileno()]
+        assert len(second) == 1
+        assert fd_flags(second[0]) & os.O_DIRECT and not fd_flags(second[0]) & os.O_SYNC
+        with pytest.raises(OSError) as info:  # still nobody else's to open
+            open_for_writing(OpenSpec(loop.path, loop.size)).close()
+        assert info.value.errno == errno.EBUSY
+    finally:
+        device.close()
+    assert descriptors_of(loop.path) == []
+    assert loop.read(4096, 8192) == b"s" * 4096
+
+
 @pytest.mark.parametrize("k", [0, 1, 700])
 def test_an_odd_sized_image_is_written_exactly(loop_factory: Callable[..., Any],
                                                opened: Callable[[BlockDevice], BlockDevice],

@@ -95,17 +95,21 @@ def cmp_all(image: Path, devices: list[str]) -> str:
             + parallel([f"cmp -n {size} {image} {d}" for d in devices]))
 
 
+def cli_method(bench: Bench, code: Code, image: Path, devices: list[str], cg: Path,
+               *flags: str) -> Callable[[], Run]:
+    """The CLI's flash as one method (every drive must end ok)."""
+    def go() -> Run:
+        run = bench.run(cli_argv(image, devices, *flags), cgroup=cg, code=code)
+        cli_results(run, devices)
+        return run
+    return go
+
+
 def methods_for(bench: Bench, codes: list[Code], image: Path, devices: list[str], cg: Path,
                 *, slow: bool) -> dict[str, Callable[[], Run]]:
-    def cli(code: Code) -> Callable[[], Run]:
-        def go() -> Run:
-            run = bench.run(cli_argv(image, devices), cgroup=cg, code=code)
-            cli_results(run, devices)
-            return run
-        return go
-
-    out: dict[str, Callable[[], Run]] = {f"popsicle-py, verify on ({c.label})": cli(c)
-                                         for c in codes}
+    out: dict[str, Callable[[], Run]] = {
+        f"popsicle-py, verify on ({c.label})": cli_method(bench, c, image, devices, cg)
+        for c in codes}
     dd = parallel([" ".join(dd_argv(image, d)) for d in devices])
     out["parallel dd oflag=direct, then parallel cmp"] = (
         lambda: shell(bench, dd + cmp_all(image, devices), cg))
@@ -170,16 +174,6 @@ def last_first_write(run: Run) -> float | None:
         if event.get("event") == "phase" and event.get("phase") == "writing":
             began.setdefault(str(event.get("device")), at)
     return max(began.values()) if began else None
-
-
-def no_probe(bench: Bench, code: Code, image: Path, devices: list[str], cg: Path
-             ) -> Callable[[], Run]:
-    """popsicle-py without its capacity probe: what every other fixed cost adds up to."""
-    def go() -> Run:
-        run = bench.run(cli_argv(image, devices, "--no-probe"), cgroup=cg, code=code)
-        cli_results(run, devices)
-        return run
-    return go
 
 
 def longest_verify(run: Run) -> float | None:
@@ -249,8 +243,9 @@ def part_b(bench: Bench, codes: list[Code], size: int, rounds: int, tmp: Path,
         for dev in devices[:n]:
             throttle_rw(cg, dev, WRITE_B, READ_B)
         methods = methods_for(bench, codes, image, devices[:n], cg, slow=False)
-        methods[f"popsicle-py --no-probe ({codes[0].label})"] = no_probe(
-            bench, codes[0], image, devices[:n], cg)
+        # Every fixed cost but the capacity probe's: the floor the probe adds to.
+        methods[f"popsicle-py --no-probe ({codes[0].label})"] = cli_method(
+            bench, codes[0], image, devices[:n], cg, "--no-probe")
         runs = rounds_of(bench, dict.fromkeys(methods, rounds), methods, f"(b) {n} drives",
                          devices[:n])
         for name, rs in runs.items():

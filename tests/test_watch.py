@@ -90,6 +90,8 @@ class Stick:
 
     @property
     def description(self) -> str:
+        """The stick as the kernel shows it.  Its disk's MAJOR and MINOR go with every uevent,
+        as the kernel's do: a "remove" is matched by them once the disk's sysfs is gone."""
         host = 10 + self.port
         serial = f"4C53000123110511{self.port:04d}"
         minor = (ord(self.letter) - ord("a")) * 16
@@ -119,6 +121,8 @@ A: model=Cruzer Blade
 P: {self.disk.removeprefix("/sys")}
 N: sd{self.letter}
 E: DEVNAME=/dev/sd{self.letter}
+E: MAJOR=8
+E: MINOR={minor}
 E: DEVTYPE=disk
 E: SUBSYSTEM=block
 E: ID_BUS=usb

@@ -118,7 +118,10 @@ def capacity_check(capacity: int | None, tolerance: float
 def chain(*steps: Callable[[T], PutBack | None] | None
           ) -> Callable[[T], PutBack | None] | None:
     """The steps given (None: none), one after the other; the put-backs they return, as one
-    (each step's put-back is called if a later step raises: nothing is left half done)."""
+    (each step's put-back is called if a later step raises: nothing is left half done).
+
+    Every put-back is called even if one of them raises; the error that stopped the steps is
+    the one raised, never one from putting back after it (a pulled drive fails both)."""
     given = [s for s in steps if s is not None]
     if not given:
         return None
@@ -133,16 +136,27 @@ def chain(*steps: Callable[[T], PutBack | None] | None
                 if back is not None:
                     backs.append(back)
         except BaseException:
-            for back in reversed(backs):
-                back(0)
+            _all_of(backs, 0)
             raise
         if not backs:
             return None
 
         def put_back(stamped: int) -> None:
-            for back in reversed(backs):
-                back(stamped)
+            error = _all_of(backs, stamped)
+            if error is not None:
+                raise error
 
         return put_back
 
     return run
+
+
+def _all_of(backs: list[PutBack], stamped: int) -> Exception | None:
+    """Call every put-back, last first; the first error any of them raised."""
+    first: Exception | None = None
+    for back in reversed(backs):
+        try:
+            back(stamped)
+        except Exception as exc:  # the others still put back theirs
+            first = first or exc
+    return first

@@ -11,8 +11,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from popsicle_py.engine import HEAD  # the image's head (its first MiB: random images)
-from popsicle_py.grading import SpeedJudge, SpeedRule, capacity_verdict
+from popsicle_py.grading import SpeedJudge, SpeedRule, capacity_verdict, chain
 from tests.conftest import popsicle_cmd
 from tests.loopdev import Loop
 
@@ -54,6 +56,40 @@ def test_a_new_pass_starts_its_own_warm_up() -> None:
     assert all(judge.feed("read", i * 5 * MiB, i / 10) is None for i in range(100))
     assert judge.feed("read", 64 << 10, 10.0) is None
     assert judge.feed("read", 64 << 10, 16.0) is None  # warm-up again: never judged
+
+
+def test_a_chains_error_is_the_steps_and_every_put_back_is_called() -> None:
+    """A pulled drive fails the step and the put-backs after it: the step's error is the one a
+    user sees, and no put-back is skipped because another one raised."""
+    calls: list[tuple[str, int]] = []
+
+    def step(name: str, fails: bool = False, back_fails: bool = False
+             ) -> Callable[[object], Callable[[int], None]]:
+        def run(_: object) -> Callable[[int], None]:
+            if fails:
+                raise OSError(f"{name} failed")
+
+            def put_back(stamped: int) -> None:
+                calls.append((name, stamped))
+                if back_fails:
+                    raise OSError(f"{name}'s put-back failed")
+            return put_back
+        return run
+
+    failing = chain(step("a", back_fails=True), step("b"), step("c", fails=True))
+    assert failing is not None
+    with pytest.raises(OSError, match=r"^c failed$"):
+        failing(None)
+    assert calls == [("b", 0), ("a", 0)]
+
+    calls.clear()
+    passing = chain(step("a"), step("b", back_fails=True), step("c"))
+    assert passing is not None
+    back = passing(None)
+    assert back is not None
+    with pytest.raises(OSError, match=r"^b's put-back failed$"):
+        back(4096)
+    assert calls == [("c", 4096), ("b", 4096), ("a", 4096)]
 
 
 def test_capacity_rule() -> None:

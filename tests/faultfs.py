@@ -260,10 +260,14 @@ def main() -> None:
     parser.add_argument("--control", required=True)
     parser.add_argument("--log", required=True)
     parser.add_argument("--fsname", default="faultfs")
+    parser.add_argument("--attr-timeout", type=float, default=1.0,
+                        help="seconds the kernel caches the file's attributes (0: asks us "
+                             "at every stat, so a stopped daemon hangs them)")
     args = parser.parse_args()
     fs = FaultFS(args.size, args.store, args.control, args.log)
     with contextlib.suppress(KeyboardInterrupt):
-        mfusepy.FUSE(fs, args.mount, raw_fi=True, foreground=True, fsname=args.fsname)
+        mfusepy.FUSE(fs, args.mount, raw_fi=True, foreground=True, fsname=args.fsname,
+                     attr_timeout=args.attr_timeout)
 
 
 if __name__ == "__main__":

@@ -63,7 +63,7 @@ class FaultyFile:
     """A FUSE file of ``size`` bytes answered by tests/faultfs.py."""
 
     def __init__(self, size: int, *, fill: int | None = None, content: bytes | None = None,
-                 faults: dict[str, Any] | None = None) -> None:
+                 faults: dict[str, Any] | None = None, attr_timeout: float = 1.0) -> None:
         self.size = size
         self.dir = Path(tempfile.mkdtemp(prefix="faultfs-", dir="/dev/shm"))
         self.mount = self.dir / "mnt"
@@ -87,7 +87,8 @@ class FaultyFile:
         self.proc = subprocess.Popen(
             [sys.executable, str(FAULTFS), str(self.mount), "--size", str(size),
              "--store", str(self.store), "--control", str(self.control), "--log",
-             str(self.log), "--fsname", f"faultfs-{self.dir.name}"],
+             str(self.log), "--fsname", f"faultfs-{self.dir.name}",
+             "--attr-timeout", str(attr_timeout)],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
             stderr=open(self.dir / "daemon.err", "wb"))  # noqa: SIM115 (the child keeps it)
         try:
@@ -95,6 +96,12 @@ class FaultyFile:
         except BaseException:
             self.close()
             raise
+
+    @property
+    def pid(self) -> int:
+        """The daemon's process (SIGSTOP it and every request to the file waits)."""
+        assert self.proc is not None
+        return self.proc.pid
 
     @property
     def file(self) -> str:

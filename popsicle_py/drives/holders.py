@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import os
 import stat
+import threading
 import time
 
 from popsicle_py import sysfs
 from popsicle_py.drives.model import (
     Backing,
     Inode,
+    LoopKey,
     LoopOver,
     Mount,
     Opener,
@@ -26,6 +28,8 @@ from popsicle_py.drives.system import (
     btrfs_group,
     current_mounts,
     current_swaps,
+    loop_status,
+    loop_storage,
     mount_table,
     parse_devnum,
     path_storage,
@@ -135,8 +139,9 @@ def foreign_mounts(own: list[MountEntry] | None = None) -> tuple[Mount, ...]:
             if not numbers:
                 continue
             devnums = frozenset().union(*(backing(n).all_devnums for n in numbers))
-            found.append(Mount(entry.source, entry.mountpoint, devnums, namespace=process,
-                               sources=frozenset(numbers)))
+            files = frozenset().union(*(backing(n).all_files for n in numbers))
+            found.append(Mount(entry.source, entry.mountpoint, devnums, files,
+                               namespace=process, sources=frozenset(numbers)))
     return tuple(found)
 
 
@@ -179,26 +184,66 @@ def _may_be_device(path: str, names: set[str]) -> bool:
 
 
 def loops_over_devices() -> tuple[LoopOver, ...]:
-    """Loop devices whose backing file is a block device, at whatever offset."""
+    """Loop devices whose backing file is a block device, at whatever offset.
+
+    The kernel says what each one stands on (:func:`~.system.loop_status`): a device node
+    made in a container, under a name no kernel device has, is the device it stands for.
+    """
     names = _block_names()
     backing = _Backings()
-    found: list[LoopOver] = []
+    loops: dict[int, tuple[str, str]] = {}
     for name in sorted(n for n in names if n.startswith("loop")):
         base = f"{sysfs.ROOT}/class/block/{name}"
         source = _read(f"{base}/loop/backing_file")
-        if not source or not _may_be_device(source, names):
-            continue
-        try:
-            st = os.stat(source)
-        except OSError:
-            continue
         devnum = parse_devnum(_read(f"{base}/dev"))
-        if not stat.S_ISBLK(st.st_mode) or devnum is None:
+        if source and devnum is not None:
+            loops[devnum] = (name, source)
+    keys = loop_statuses(list(loops))
+    found: list[LoopOver] = []
+    for devnum, (name, source) in loops.items():
+        if devnum not in keys:
+            continue  # its backing file hangs: a file on a hung mount, no device
+        key = keys[devnum]
+        if key is not None:
+            rdev = key.rdev  # 0: a file
+        elif _may_be_device(source, names):  # not ours to ask (no root): its name
+            stored = loop_storage(devnum, source, None, asked=True)
+            rdev = stored.rdev if stored is not None else 0
+        else:
             continue
-        offset = _read(f"{base}/loop/offset") or "0"
+        if not rdev:
+            continue
+        offset = _read(f"{sysfs.ROOT}/class/block/{name}/loop/offset") or "0"
         found.append(LoopOver(f"/dev/{name}", devnum, int(offset) if offset.isdigit() else 0,
-                              backing(st.st_rdev).devnums))
+                              backing(rdev).devnums))
     return tuple(found)
+
+
+#: Seconds the kernel is given to say what every loop device stands on.  It stats each
+#: backing file to answer: one on a hung network or FUSE mount never answers.
+ASK_LOOPS = 2.0
+
+
+def loop_statuses(devnums: list[int], timeout: float = ASK_LOOPS) -> dict[int, LoopKey | None]:
+    """:func:`~.system.loop_status` of each loop device, asked on a thread of its own: those
+    that answered within ``timeout``.  A loop device that does not answer (its backing file
+    is on a hung mount) is left out, never waited for: listing drives must not hang."""
+    answers: dict[int, LoopKey | None] = {}
+    lock = threading.Lock()
+    done = threading.Event()
+
+    def ask() -> None:
+        for devnum in devnums:
+            key = loop_status(devnum)
+            with lock:
+                answers[devnum] = key
+        done.set()
+
+    if devnums:
+        threading.Thread(target=ask, name="popsicle-loop-status", daemon=True).start()
+        done.wait(timeout)
+    with lock:
+        return dict(answers)
 
 
 def _writing(pid: int, fd: str) -> bool | None:
@@ -267,6 +312,7 @@ def _scan_openers() -> tuple[Opener, ...]:
             writing = _writing(pid, fd)
             if writing is not None:
                 program = program or _program(pid)
+                stored = backing(st.st_rdev)
                 found.append(Opener(Process(pid, program), link.removesuffix(" (deleted)"),
-                                    st.st_rdev, backing(st.st_rdev).devnums, writing))
+                                    st.st_rdev, stored.devnums, writing, stored.files))
     return tuple(found)

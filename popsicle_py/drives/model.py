@@ -132,6 +132,9 @@ class Backing:
     under_files: frozenset[Inode] = frozenset()
     #: What backs a loop device, for messages: "/dev/loop1", "/dev/shm/disk.img".
     name: str | None = None
+    #: The name of a backing file whose storage nobody could tell (not found by that name,
+    #: and the kernel could not be asked): what writing the disk overwrites is unknown.
+    unknown: str | None = None
 
     @property
     def all_devnums(self) -> frozenset[int]:
@@ -176,6 +179,8 @@ class Opener:
     #: device's backing device...).
     devnums: frozenset[int]
     writing: bool  # opened O_WRONLY or O_RDWR
+    #: The files its writes land on (a loop device's backing file).
+    files: frozenset[Inode] = frozenset()
 
 
 @record

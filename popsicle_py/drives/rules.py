@@ -106,6 +106,10 @@ def busy_reasons(devnum: int, backing: Backing, mounts: Iterable[Mount],
                              f"{m.mountpoint})", None)
     for holder in holders_beneath:
         found.setdefault(f"backed by {what}, which is in use by {holder}", None)
+    if backing.unknown:
+        found.setdefault(f"backed by {backing.unknown}, which cannot be found by that name "
+                         "(deleted, renamed, or attached in another mount namespace), so what "
+                         "writing it overwrites is unknown", None)
     return tuple(found)
 
 
@@ -121,25 +125,30 @@ def in_namespace(mount: Mount, devnum: int) -> str:
     return where
 
 
-def holder_reasons(devnum: int, facts: SystemFacts) -> tuple[str, ...]:
+def holder_reasons(devnum: int, facts: SystemFacts, backing: Backing | None = None
+                   ) -> tuple[str, ...]:
     """Who holds the disk ``devnum``, besides our own mounts and dm/md holders: a mount in
     another mount namespace (which ``--unmount`` cannot reach), a loop device over it at any
-    offset, a process with it (a partition of it, a loop device over it) open.
+    offset, a process with it (a partition of it, a loop device over it) open.  With its
+    ``backing``, whoever holds what it is stored on too (a loop device over the same file).
 
     Each is refused: writing under a mounted filesystem destroys it, and a program reading
     the disk (a backup, ``dd``) would copy a half-written one.
     """
+    def holds(devnums: frozenset[int], files: frozenset[Inode] = frozenset()) -> bool:
+        return devnum in devnums or (backing is not None and overwrites(backing, devnums, files))
+
     found: dict[str, None] = {}
     for mount in facts.foreign_mounts:
-        if devnum in mount.devnums and mount.namespace is not None:
+        if mount.namespace is not None and holds(mount.devnums, mount.files):
             found.setdefault(f"{in_namespace(mount, devnum)}; --unmount unmounts only in this"
                              " one: unmount it there", None)
     for loop in facts.loops:
-        if devnum in loop.devnums and loop.devnum != devnum:
+        if loop.devnum != devnum and holds(loop.devnums):
             found.setdefault(f"in use by {loop.device}, a loop device over it at offset "
                              f"{loop.offset}", None)
     for opener in facts.openers:
-        if devnum in opener.devnums and not udev_probing(opener):
+        if holds(opener.devnums, opener.files) and not udev_probing(opener):
             found.setdefault(_open_in(opener, devnum), None)
     return tuple(found)
 

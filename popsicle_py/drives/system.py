@@ -57,6 +57,7 @@ def backing_of(devnum: int) -> Backing:
     under: set[int] = set()
     under_files: set[Inode] = set()
     name: str | None = None
+    unknown: str | None = None
     seen: set[tuple[int, bool]] = set()
     todo = [(devnum, True)]  # (device, whether its bytes are the disk's bytes)
     while todo:
@@ -84,20 +85,95 @@ def backing_of(devnum: int) -> Backing:
             continue
         if current == devnum:
             name = backing
-        try:
-            st = os.stat(backing)
-        except OSError:
-            continue  # deleted since it was attached: nothing left to find by its name
-        if stat.S_ISBLK(st.st_mode):
-            todo.append((st.st_rdev, written))
+        stored = loop_storage(current, backing)
+        if stored is None:
+            if written:
+                unknown = backing
             continue
-        inode = (st.st_dev, st.st_ino)
-        (files if written else under_files).add(inode)
-        for holder in devnums_holding(backing):
+        if stored.rdev:
+            todo.append((stored.rdev, written))
+            continue
+        (files if written else under_files).add(stored.inode)
+        for holder in stored.holders:
             todo.append((holder, False))
     data_set = frozenset(data)
     return Backing(data_set, frozenset(files), frozenset(under) - data_set,
-                   frozenset(under_files) - frozenset(files), name)
+                   frozenset(under_files) - frozenset(files), name, unknown)
+
+
+@record
+class LoopStorage:
+    """What a loop device stands on: a block device (``rdev``), or a file (``inode``) and
+    the block devices holding that file."""
+
+    rdev: int
+    inode: Inode
+    holders: frozenset[int]
+
+
+def loop_status(devnum: int) -> LoopKey | None:
+    """The kernel's word on what the loop device ``devnum`` stands on (LOOP_GET_STATUS64 on
+    its /dev node, opened read-only); None when it cannot be asked (no node, not root) or
+    is unbound.  Unlike sysfs's ``backing_file``, a name, it holds when the file was
+    deleted, renamed, or attached in another mount namespace (a container's path)."""
+    name = os.path.basename(os.path.realpath(_sys_dev(devnum)))
+    try:
+        fd = os.open(f"/dev/{name}", os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError:
+        return None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISBLK(st.st_mode) or st.st_rdev != devnum:
+            return None  # a chroot's /dev, or a node reused meanwhile
+        return media.loop_key_of_fd(fd)
+    finally:
+        os.close(fd)
+
+
+def loop_storage(devnum: int, backing: str, key: LoopKey | None = None,
+                 *, asked: bool = False) -> LoopStorage | None:
+    """What the loop device ``devnum`` (sysfs names its backing ``backing``) stands on.
+
+    The kernel's answer (:func:`loop_status`, or ``key`` when ``asked`` already) decides, and
+    then no path is looked up unless the file's filesystem is found by no other means (a
+    btrfs subvolume): the name is followed only when it is that very file.  Without an answer
+    (not root), the name is all there is.  None: nothing can be known.
+    """
+    if not asked:
+        key = loop_status(devnum)
+    if key is None:
+        try:
+            st = os.stat(backing)
+        except OSError:
+            return None
+        if stat.S_ISBLK(st.st_mode):
+            return LoopStorage(st.st_rdev, (st.st_dev, st.st_ino), frozenset())
+        return LoopStorage(0, (st.st_dev, st.st_ino), devnums_holding(backing))
+    inode = (key.dev, key.ino)
+    if key.rdev:
+        return LoopStorage(key.rdev, inode, frozenset())
+    holders = filesystem_devnums(key.dev)
+    if holders is None:
+        path = backing.removesuffix(" (deleted)")
+        try:
+            found = os.stat(path)
+            same = (found.st_dev, found.st_ino) == inode
+        except OSError:
+            same = False
+        holders = devnums_holding(path) if same else frozenset()
+    return LoopStorage(0, inode, holders)
+
+
+def filesystem_devnums(dev: int) -> frozenset[int] | None:
+    """The block devices of the filesystem whose files have st_dev ``dev``, found without a
+    file's name: the disk itself, else what our mounts of that filesystem rest on (none for
+    tmpfs or FUSE); None when no mount of ours has that number."""
+    if os.path.exists(_sys_dev(dev)):
+        return frozenset({dev})
+    entries = [entry for entry in mount_table() if entry.devnum == dev]
+    if not entries:
+        return None
+    return frozenset().union(*(_entry_devnums(entry) for entry in entries))
 
 
 def _devnums_of_file(path: str) -> list[int]:

@@ -41,6 +41,7 @@ from popsicle_py.drives.rules import (
 from popsicle_py.drives.system import (
     backing_of,
     current_mounts,
+    current_swaps,
     holders_beneath,
     loop_key,
     parse_devnum,
@@ -237,7 +238,7 @@ def build_drive(device: pyudev.Device, facts: SystemFacts, *, explicit: bool,
         diskseq=int(diskseq) if diskseq and diskseq.isdigit() else None,
         loop=loop_key(node, devnum) if bus == "loop" else None,
         busy=(busy_reasons(devnum, backing, facts.mounts, holders_beneath(backing, devnum))
-              + holder_reasons(devnum, facts)),
+              + holder_reasons(devnum, facts, backing)),
         backing=backing,
     )
 
@@ -379,26 +380,34 @@ def still_same(drive: Drive, *, context: pyudev.Context | None = None,
 
 @record
 class Holders:
-    """Who holds any drive now: our mount table, and the system's other holders."""
+    """Who holds any drive now: our mount table and swaps, and the system's other holders."""
 
     mounts: tuple[Mount, ...]
     facts: SystemFacts
 
 
 def holders_now(of: frozenset[int] | None = None) -> Holders:
-    """Read every holder once (the mount table, each namespace's mounts, loop devices over
-    disks, every process's open descriptors: a scan of /proc, settled for ``of``)."""
+    """Read every holder once (the mount table, swaps, each namespace's mounts, loop devices
+    over disks, every process's open descriptors: a scan of /proc, settled for ``of``)."""
     return Holders(current_mounts(), SystemFacts(
-        foreign_mounts=foreign_mounts(), loops=loops_over_devices(), openers=openers(of)))
+        swaps=current_swaps(), foreign_mounts=foreign_mounts(), loops=loops_over_devices(),
+        openers=openers(of)))
 
 
 def held_now(drive: Drive, now: Holders | None = None) -> str | None:
-    """Who holds ``drive`` now, in one line (None: nobody): the holder rules of the plan,
+    """Who holds ``drive`` now, in one line (None: nobody): the plan's rules on holders,
     read again just before the first write (``--unmount`` has run; a program may have
-    opened it, a namespace mounted it, since the plan was made)."""
+    opened it, a namespace mounted it, a loop device over what backs it been mounted or
+    made swap, since the plan was made)."""
     now = now or holders_now()
+    backing = backing_of(drive.devnum)
     own = tuple(f"mounted at {m}" for m in mountpoints_of(drive.devnum, now.mounts))
-    reasons = own + holder_reasons(drive.devnum, now.facts)
+    swap = tuple(f"in use as swap ({s.path})" for s in now.facts.swaps
+                 if overwrites(backing, s.devnums, s.files))
+    reasons = tuple(dict.fromkeys(
+        own + swap + busy_reasons(drive.devnum, backing, now.mounts,
+                                  holders_beneath(backing, drive.devnum))
+        + holder_reasons(drive.devnum, now.facts, backing)))
     return f"{drive.path} is {'; '.join(reasons)}" if reasons else None
 
 

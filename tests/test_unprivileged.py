@@ -130,3 +130,37 @@ def test_ordinary_user_still_hears_of_a_missing_drive_first(public_dir: Path) ->
     result = _as_nobody("flash", "--yes", image, "/dev/no-such-drive", keep=keep)
     assert result.stderr.splitlines() == ["popsicle-py: /dev/no-such-drive does not exist"]
     assert result.returncode == 2
+
+
+@pytest.mark.root
+def test_a_loop_device_whose_file_nobody_can_find_is_busy_for_an_ordinary_user(
+        public_dir: Path) -> None:
+    """Without root the kernel cannot be asked what a loop device stands on, and the name
+    sysfs shows for a deleted file finds nothing: what writing it overwrites is unknown, so it
+    is refused (udisks would let this user write it).  Root asks the kernel and knows."""
+    import json
+
+    from loopdev import attach
+
+    backing = Path(tempfile.mkdtemp(prefix="popsicle-test-", dir="/dev/shm")) / "gone.img"
+    with open(backing, "wb") as f:
+        f.truncate(4 * MiB)
+    path = attach(backing)
+    try:
+        backing.unlink()
+        keep = public_dir / "keep"
+        keep.mkdir()
+        listed = _as_nobody("list", "--all", "--json", keep=keep)
+        assert listed.returncode == 0, listed.stderr
+        ours = next(d for d in json.loads(listed.stdout) if d["path"] == path)
+        assert ours["busy"] == [
+            f"backed by {backing} (deleted), which cannot be found by that name (deleted, "
+            "renamed, or attached in another mount namespace), so what writing it overwrites "
+            "is unknown"]
+        as_root = subprocess.run([sys.executable, "-m", "popsicle_py", "list", "--all",
+                                  "--json"], capture_output=True, text=True, check=True,
+                                 timeout=60)
+        assert next(d for d in json.loads(as_root.stdout) if d["path"] == path)["busy"] == []
+    finally:
+        subprocess.run(["losetup", "-d", path], capture_output=True, check=False)
+        backing.parent.rmdir()

@@ -103,9 +103,12 @@ class AllDestinationsFailed(PopsicleError, Generic[R]):
 class SourceChanged(OSError):
     """The source held more or fewer bytes than it was said to."""
 
-    def __init__(self, expected: int, got: int) -> None:
-        super().__init__(errno.EIO, f"the image ended at byte {got} but should hold {expected} "
-                         "bytes (was it truncated or changed while being read?)")
+    def __init__(self, expected: int, got: int, said_by: str | None = None) -> None:
+        super().__init__(errno.EIO, (
+            f"the image holds {got} bytes but {said_by} {expected}: is it the image the map "
+            "was made for?" if said_by else
+            f"the image ended at byte {got} but should hold {expected} bytes (was it "
+            "truncated or changed while being read?)"))
         self.expected = expected
         self.got = got
 

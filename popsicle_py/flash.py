@@ -129,7 +129,8 @@ class FlashOptions:
     #: ``certify(result, evidence, started)`` for each drive verified ok: writes its
     #: certificate (:class:`popsicle_py.certify.writer.CertificateWriter`), returns the path.
     certify: Certify | None = None
-    #: Raises once the source is read if it cannot vouch for it (a master drive written to).
+    #: Raises once the source is read if it cannot vouch for it (a master drive written to,
+    #: an image file changed).
     source_check: Callable[[], None] | None = None
 
 
@@ -143,11 +144,9 @@ def open_targets(drives: Sequence[D], *, for_writing: bool = True,
     opened: list[BlockDevice] = []
     problems: list[str] = []
     for drive in drives:
-        if check is not None:
-            problem = check(drive)
-            if problem:
-                problems.append(problem)
-                continue
+        if check is not None and (problem := check(drive)):
+            problems.append(problem)
+            continue
         spec = OpenSpec(drive.path, drive.size, getattr(drive, "logical_block_size", 512))
         try:
             opener = blockdev.open_for_writing if for_writing else blockdev.open_for_reading
@@ -425,6 +424,7 @@ class FlashJob(_Job):
             else:
                 writer.only_extents([(e.offset, e.length, e.checksum) for e in bmap.extents],
                                     bmap.algo)
+                writer.expect_size(bmap.image_size)  # a stream is read to its end and counted
             writer.write()
         except (Cancelled, KeyboardInterrupt):
             raise Cancelled("cancelled") from None

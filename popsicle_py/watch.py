@@ -71,6 +71,7 @@ from popsicle_py.images import (
     open_image,
     verify_checksum,
 )
+from popsicle_py.images.stillness import holding_still
 from popsicle_py.plan import DEFAULT_MAX_AUTO_SIZE
 from popsicle_py.ports import drive_info, link_notes, link_of
 from popsicle_py.protocols import TrimPlan
@@ -256,6 +257,9 @@ class WatchSession:
         self._current: dict[int, _Seen] = {}  # by device number, while present
         self._media: dict[int, int] = {}  # last size seen per device number (0: no medium)
         self._started: list[_Seen] = []
+        #: Raises once the image file changed since the watch began: the sticks written
+        #: after it would not be copies of one image (the checksum was checked at the start).
+        self._still = holding_still(image.path)
 
     # ------------------------------------------------------------------------------------
     # Events
@@ -565,7 +569,7 @@ class WatchSession:
                                certify=self.options.certify, speeds=self.options.speeds,
                                surface=self.options.surface,
                                before_head=self.options.before_head,
-                               bmap=block_map)
+                               bmap=block_map, source_check=self._still)
         FlashJob(self._source, opened, options, lambda e: self._job_event(seen, e),
                  cancel, [seen.info] if seen.info is not None else ()).run()
 

@@ -238,6 +238,38 @@ def test_image_truncated_while_being_read(loop_factory: Callable[..., Loop], thr
         assert first_bucket_is_not_image(drive, image)
 
 
+def test_image_written_in_place_while_being_read(loop_factory: Callable[..., Loop], throttle,
+                                                 tmp_path: Path) -> None:
+    """Bytes of the image changed in place mid-run (same size): every drive matches what was
+    read, part old and part new, so the read-back alone would pass; none holds the image."""
+    path = tmp_path / "img"
+    image = make_image(path, 24 << 20)
+    drives = [loop_factory(32 << 20, fill=PATTERN) for _ in range(2)]
+    add = throttle(*[(d, 4 << 20) for d in drives])
+    proc = subprocess.Popen(flash_args(path, *(d.path for d in drives), extra=("--buckets", "2")),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            stdin=subprocess.DEVNULL, preexec_fn=lambda: add(os.getpid()))
+    try:
+        _wait_for(proc, POINTS["mid-write"])
+        with open(path, "r+b") as f:  # one byte already written, one not yet read
+            for offset in (BUCKET + 7, 20 * BUCKET + 7):
+                f.seek(offset)
+                f.write(bytes([image[offset] ^ 0xFF]))
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 1, err
+    events = [json.loads(line) for line in out.splitlines()]
+    assert set(statuses(events).values()) == {"failed"}
+    for drive in drives:
+        assert result_of(events, drive.path)["error"] == (
+            f"{drive.path}: the image {path} changed while it was read (it was written to): "
+            "no drive holds it")
+        assert first_bucket_is_not_image(drive, image)
+
+
 def test_second_ctrl_c_exits_at_once(loop_factory: Callable[..., Loop], throttle,
                                      tmp_path: Path) -> None:
     data = os.urandom(8 << 20)

@@ -653,3 +653,15 @@ def test_lzma_alone_is_decoded_with_or_without_its_size(tmp_path: Path) -> None:
     path.write_bytes(packed + b"\0\0\0\0")  # xz -t: "Compressed data is corrupt"
     with pytest.raises(ImageError, match="nothing may follow it"):
         read_all(open_image(str(path)))
+
+
+def test_how_an_image_file_changed_is_said_in_a_few_words() -> None:
+    from popsicle_py.images.stillness import FileState, change
+
+    before = FileState(dev=1, ino=2, size=4096, mtime_ns=10, ctime_ns=10)
+    assert change(before, before) is None
+    assert change(before, None) == "it is gone"
+    assert change(before, FileState(1, 3, 4096, 10, 10)) == "another file took its name"
+    assert change(before, FileState(1, 2, 2048, 11, 11)) == \
+        "its size went from 4 KiB to 2 KiB"
+    assert change(before, FileState(1, 2, 4096, 10, 11)) == "it was written to"

@@ -204,6 +204,68 @@ def test_image_not_matching_its_bmap_fails_every_drive(sparse_image: tuple[Path,
         assert d.head_is_stamped(data)
 
 
+COMPRESSORS = {"gz": ["gzip", "-c"], "xz": ["xz", "-0", "-c"], "zst": ["zstd", "-q", "-c"]}
+
+
+def compressed(path: Path, data: bytes, suffix: str) -> Path:
+    out = path.with_name(f"{path.name}.{suffix}")
+    out.write_bytes(subprocess.run(COMPRESSORS[suffix], input=data, capture_output=True,
+                                   check=True).stdout)
+    return out
+
+
+def bmap_without_checksums(path: Path) -> Path:
+    """bmaptool's own map with no range checksums: only the stream's checks can see a flip."""
+    out = path.with_name(f"{path.name}.plain.bmap")
+    subprocess.run(["bmaptool", "create", "--no-checksum", str(path), "-o", str(out)],
+                   check=True, capture_output=True)
+    return out
+
+
+@pytest.mark.parametrize("suffix", list(COMPRESSORS))
+def test_a_corrupt_compressed_image_with_a_bmap_fails_every_drive(
+        sparse_image: tuple[Path, bytes], loop_factory: Callable[..., Loop], suffix: str
+        ) -> None:
+    """A block map leaves the stream's tail unread, where gzip's CRC, xz's and zstd's
+    checksums sit: the stream is read to its end all the same, so a flipped byte that only
+    they see fails the drives (ok before, with the flipped byte on them)."""
+    path, data = sparse_image
+    squeezed = compressed(path, data, suffix)
+    raw = bytearray(squeezed.read_bytes())
+    raw[MiB] ^= 0x40  # inside the 3 MiB of random data: stored, so no decoder error there
+    squeezed.write_bytes(bytes(raw))
+    assert subprocess.run([COMPRESSORS[suffix][0], "-t", str(squeezed)],
+                          capture_output=True, check=False).returncode != 0
+    drives = [loop_factory(16 * MiB, fill=PATTERN) for _ in range(2)]
+    rc, evs, err = flash(str(squeezed), *(d.path for d in drives),
+                         "--bmap", str(bmap_without_checksums(path)))
+    assert rc == 1, err
+    for d in drives:
+        r = result(evs, d.path)
+        assert r["status"] == "failed" and f"{squeezed} is corrupt" in r["error"], r
+        assert d.head_is_stamped(data)
+
+
+@pytest.mark.parametrize("extra", [4096, -(MiB - 16384)], ids=["longer", "shorter"])
+def test_a_stream_of_another_length_than_its_bmap_says_fails_every_drive(
+        sparse_image: tuple[Path, bytes], loop_factory: Callable[..., Loop], extra: int
+        ) -> None:
+    """gzip does not say its length up front: only the end of the stream shows it differs
+    from the block map's image size (every mapped range is there either way)."""
+    path, data = sparse_image
+    other = data + bytes(extra) if extra > 0 else data[:extra]
+    squeezed = compressed(path, other, "gz")
+    drives = [loop_factory(16 * MiB, fill=PATTERN) for _ in range(2)]
+    rc, evs, err = flash(str(squeezed), *(d.path for d in drives), "--bmap", f"{path}.bmap")
+    assert rc == 1, err
+    for d in drives:
+        r = result(evs, d.path)
+        assert r["status"] == "failed", r
+        assert (f"the image holds {len(other)} bytes but its block map says {len(data)}"
+                in r["error"]), r
+        assert d.head_is_stamped(data)
+
+
 def test_bmap_version_1_with_sha1(tmp_path: Path) -> None:
     data = os.urandom(8192)
     text = f"""<?xml version="1.0" ?>

@@ -168,11 +168,9 @@ class PreparedFlash(HeldFiles):
                             if write.probe else None),
                 speeds=speed_rule(grade), surface=grade.surface_test,
                 certify=None if self.certificates is None else self.certificates.certify,
-                before_head=customize.step_of(self.personaliser))
-            if sources.is_drive(image.path):  # a master drive: written to meanwhile, all fail
-                from popsicle_py.master import Stillness
-
-                options = dataclasses.replace(options, source_check=Stillness(image.path).check)
+                before_head=customize.step_of(self.personaliser),
+                # A master drive written to, or an image file changed, meanwhile: all fail.
+                source_check=sources.source_check(self.source))
             job = FlashJob(image, opened, options, emit, cancel, self.infos)
             sources.attach(image, job.relay, cancel)  # download news from the reader thread
             summary = job.run()

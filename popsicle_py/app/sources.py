@@ -33,6 +33,7 @@ from popsicle_py.images import (
     read_head,
     verify_checksum,
 )
+from popsicle_py.images.stillness import holding_still
 from popsicle_py.protocols import Source
 from popsicle_py.records import record
 from popsicle_py.signals import Cancellation
@@ -85,6 +86,8 @@ class OpenedSource:
     image: Source
     checksum: Checksum | None
     notes: tuple[str, ...] = ()
+    #: Raises if the image file changed since it was opened (see :mod:`.images.stillness`).
+    still: Callable[[], None] | None = None
 
     @property
     def local(self) -> bool:
@@ -129,7 +132,7 @@ def open_source(options: SourceOptions) -> OpenedSource:
         signature = remote().check_signature(expected.source, remote().read_local,
                                              options.keyring)
         notes.append(f"signature ok: {signature} (keyring {options.keyring})")
-    return OpenedSource(img, expected, tuple(notes))
+    return OpenedSource(img, expected, tuple(notes), holding_still(img.path))
 
 
 def is_drive(path: str) -> bool:
@@ -138,6 +141,17 @@ def is_drive(path: str) -> bool:
         return stat.S_ISBLK(os.stat(path).st_mode)
     except OSError:
         return False
+
+
+def source_check(source: OpenedSource) -> Callable[[], None] | None:
+    """What the engine calls once the image is read, before any drive gets its head: a
+    master drive was not written, an image file not changed, meanwhile (None: a download or
+    a pipe, read once and checked by its own checksum, if any)."""
+    if is_drive(source.image.path):
+        from popsicle_py.master import Stillness  # imported for a master drive only
+
+        return Stillness(source.image.path).check
+    return source.still
 
 
 def require_still(path: str) -> None:

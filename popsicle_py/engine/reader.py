@@ -139,7 +139,30 @@ class Reader:
                 seq += 1
             if length < limit:
                 break
+        if extents is not None and not self._drain():
+            return
         self._end()
+
+    def _drain(self) -> bool:
+        """Past a block map's last range, a decoded stream is read to its end: only there are
+        its own checks made (gzip's CRC and length, xz's and zstd's checksums, trailing
+        garbage) and its length compared with the map's.  A file that seeks is not read: its
+        size was compared with the map's before the run.  False when the run stopped first."""
+        try:
+            self.source.seek(0, io.SEEK_END)
+            return True
+        except _NOT_SEEKABLE:
+            pass
+        scratch = memoryview(aligned_buffer(CHUNK))
+        while not self.stopped.is_set():
+            got = read_full(self.source, scratch)
+            self._pos += got
+            if got < len(scratch):
+                expected = self.config.expected_size
+                if expected is not None and expected != self._pos:
+                    raise SourceChanged(expected, self._pos, "its block map says")
+                return True
+        return False
 
     def _end(self) -> None:
         """The source read to its end: its size checked, then vouched for."""

@@ -229,6 +229,16 @@ def test_an_existing_output_is_refused_unless_force(loop_factory: Callable[..., 
     assert out.read_bytes() == drive.read()
 
 
+def test_an_output_name_too_long_is_one_line(loop_factory: Callable[..., Loop],
+                                            tmp_path: Path) -> None:
+    drive = fat_drive(loop_factory)
+    out = tmp_path / ("a" * 300 + ".img")
+    result = popsicle("read", drive.path, out)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr == f"popsicle-py: {out} cannot be written: File name too long\n"
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_symlink_as_output_is_replaced_never_followed(loop_factory: Callable[..., Loop],
                                                        tmp_path: Path) -> None:
     drive = fat_drive(loop_factory)

@@ -80,6 +80,16 @@ def test_the_same_output_twice_is_refused_however_spelled(loop_factory: Callable
              f"{two} would overwrite a file of {one}: give each pair its own OUTPUT")
 
 
+def test_the_same_output_named_twice_is_refused(loop_factory: Callable[..., Loop],
+                                               tmp_path: Path) -> None:
+    """Both pairs read into one file: one drive's image would be lost while both said ok."""
+    a, b = loop_factory(4 * MiB), loop_factory(4 * MiB)
+    out = tmp_path / "x.img"
+    _refused([a.path, out, b.path, out], tmp_path,
+             f"{out} is the OUTPUT of two pairs ({a.path}, {b.path}): give each pair its own "
+             "OUTPUT")
+
+
 def test_an_output_on_another_pairs_sidecar_is_refused(loop_factory: Callable[..., Loop],
                                                        tmp_path: Path) -> None:
     a, b, c = loop_factory(4 * MiB), loop_factory(4 * MiB), loop_factory(4 * MiB)

@@ -244,6 +244,9 @@ def output_refusals(output: str, files: tuple[str, ...], force: bool, drive: Dri
             st = os.lstat(name)
         except FileNotFoundError:
             continue
+        except OSError as exc:  # a name too long (its sidecars' are longer), no search...
+            lines.append(f"{name} cannot be written: {exc.strerror or exc}")
+            break
         if stat.S_ISDIR(st.st_mode):
             lines.append(f"{name} is a directory")
         elif not force:

@@ -59,17 +59,21 @@ def cross_refusals(jobs: Sequence[PreparedRead]) -> list[str]:
         if first is not job:
             lines.append(f"{job.drive.path} is named twice ({first.request.device}, "
                          f"{job.request.device}): read each drive once")
-    owner: dict[tuple[str, str], str] = {}
-    clashes: set[tuple[str, str]] = set()  # one line for two pairs, however many files clash
+    owner: dict[tuple[str, str], PreparedRead] = {}
+    clashes: set[tuple[int, int]] = set()  # one line for two pairs, however many files clash
     for job in jobs:
         for name in job.files:
-            key = _same_file_key(name)
-            holder = owner.setdefault(key, job.output)
-            if holder != job.output and (job.output, holder) not in clashes:
-                clashes.add((job.output, holder))
+            holder = owner.setdefault(_same_file_key(name), job)
+            if holder is job or (id(job), id(holder)) in clashes:
+                continue
+            clashes.add((id(job), id(holder)))
+            if job.output == holder.output:
+                lines.append(f"{job.output} is the OUTPUT of two pairs ({holder.request.device}"
+                             f", {job.request.device}): give each pair its own OUTPUT")
+            else:
                 what = "" if name == job.output else f" ({os.path.basename(name)})"
-                lines.append(f"{job.output}{what} would overwrite a file of {holder}: give each "
-                             "pair its own OUTPUT")
+                lines.append(f"{job.output}{what} would overwrite a file of {holder.output}: "
+                             "give each pair its own OUTPUT")
     for job in jobs:
         devnums, _ = drives.path_storage(os.path.dirname(job.output))
         for other in jobs:

@@ -450,6 +450,13 @@ BAD_INPUTS: dict[str, tuple[Sequence[str], str]] = {
     "bucket-size-huge": (["flash", "IMAGE", "LOOP", "--yes", "--bucket-size", "1T"],
                          "--bucket-size"),
     "buckets-zero": (["flash", "IMAGE", "LOOP", "--yes", "--buckets", "0"], "--buckets"),
+    # nan and inf pass every comparison of a range: a drive would never be found stalled.
+    "stall-timeout-nan": (["flash", "IMAGE", "LOOP", "--yes", "--stall-timeout", "nan"],
+                          "not a finite number"),
+    "stall-timeout-inf": (["verify", "IMAGE", "LOOP", "--stall-timeout", "inf"],
+                          "not a finite number"),
+    "tolerance-nan": (["flash", "IMAGE", "LOOP", "--yes", "--capacity", "4M", "--tolerance",
+                       "nan"], "not a finite number"),
     "verify-missing-image": (["verify", "TMP/nope.img", "LOOP"], "does not exist"),
     "verify-no-devices": (["verify", "IMAGE"], "DEVICE"),
     "unknown-command": (["frobnicate", "IMAGE"], "frobnicate"),

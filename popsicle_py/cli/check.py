@@ -7,8 +7,7 @@ from __future__ import annotations
 import click
 
 from popsicle_py.cli.guard import run_guarded
-from popsicle_py.cli.options import SIZE, OutputOptions, output_options
-from popsicle_py.defaults import DEFAULT_STALL_TIMEOUT
+from popsicle_py.cli.options import SIZE, OutputOptions, output_options, stall_timeout_option
 from popsicle_py.errors import Refused
 
 FILE = click.Path(dir_okay=False, path_type=str)
@@ -24,9 +23,7 @@ FILE = click.Path(dir_okay=False, path_type=str)
 @click.option("--sums", nargs=2, type=(FILE, str), metavar="SHA256SUMS NAME",
               help="Take the SHA-256 of NAME from a SHA256SUMS file (no CERT).")
 @click.option("--size", type=SIZE, help="The image's size in bytes, with --sha256 or --sums.")
-@click.option("--stall-timeout", type=click.FloatRange(min=0.1),
-              default=DEFAULT_STALL_TIMEOUT, metavar="SECONDS", show_default=True,
-              help="Fail a drive whose reads make no progress for SECONDS.")
+@stall_timeout_option("Fail a drive whose reads make no progress for SECONDS.")
 @output_options()
 def check(args: tuple[str, ...], allowed_signers: str | None, sha256: str | None,
           sums: tuple[str, str] | None, size: int | None, stall_timeout: float,

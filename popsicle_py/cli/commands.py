@@ -40,7 +40,6 @@ from popsicle_py.cli.options import (
     DEVICE,
     FORCE_HELP,
     NO_PROBE_HELP,
-    Decorator,
     OutputOptions,
     Session,
     customize_options,
@@ -50,13 +49,13 @@ from popsicle_py.cli.options import (
     report_option,
     session_options,
     source_options,
+    stall_timeout_option,
     target_options,
     write_options,
     yes_option,
 )
 from popsicle_py.cli.output import print_table, table, write_text
 from popsicle_py.cli.station import register as register_station
-from popsicle_py.defaults import DEFAULT_STALL_TIMEOUT
 from popsicle_py.errors import PROG
 from popsicle_py.units import format_link_speed, format_size
 
@@ -67,12 +66,6 @@ if TYPE_CHECKING:
     from popsicle_py.protocols import View
 
 __all__ = ["FORCE_HELP", "NO_PROBE_HELP", "main"]
-
-
-def _stall_option(help_text: str) -> Decorator:
-    return click.option("--stall-timeout", type=click.FloatRange(min=0.1),
-                        default=DEFAULT_STALL_TIMEOUT, metavar="SECONDS", show_default=True,
-                        help=help_text)
 
 
 def _run(job: PreparedFlash | PreparedVerify | PreparedProbe, view: View) -> int:
@@ -148,7 +141,7 @@ def flash(source: SourceOptions, targets: TargetOptions, yes: bool, write: Write
 @main.command()
 @click.argument("image", type=click.Path(path_type=str))
 @click.argument("devices", nargs=-1, required=True, type=DEVICE)
-@_stall_option("Fail a drive whose reads make no progress for SECONDS.")
+@stall_timeout_option("Fail a drive whose reads make no progress for SECONDS.")
 @output_options()
 def verify(image: str, devices: tuple[str, ...], stall_timeout: float,
            output: OutputOptions) -> None:
@@ -168,7 +161,7 @@ def verify(image: str, devices: tuple[str, ...], stall_timeout: float,
 @yes_option()
 @click.option("-u", "--unmount", is_flag=True,
               help="Unmount mounted partitions of the drives first (otherwise refuse).")
-@_stall_option("Fail a drive whose probe has not finished after SECONDS (a hung drive).")
+@stall_timeout_option("Fail a drive whose probe has not finished after SECONDS (a hung drive).")
 @output_options()
 def probe_command(devices: tuple[str, ...], yes: bool, unmount: bool, stall_timeout: float,
                   output: OutputOptions) -> None:

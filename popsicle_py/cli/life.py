@@ -14,12 +14,11 @@ from popsicle_py.cli.ask import confirm, make_view
 from popsicle_py.cli.guard import run_guarded
 from popsicle_py.cli.options import (
     DEVICE,
-    Decorator,
     OutputOptions,
     output_options,
+    stall_timeout_option,
     yes_option,
 )
-from popsicle_py.defaults import DEFAULT_STALL_TIMEOUT
 
 if TYPE_CHECKING:
     from popsicle_py.protocols import View
@@ -42,12 +41,6 @@ def _run(job: _Job, view: View) -> int:
     return exit_status(summary, cancel)
 
 
-def _stall_option() -> Decorator:
-    return click.option("--stall-timeout", type=click.FloatRange(min=0.1),
-                        default=DEFAULT_STALL_TIMEOUT, metavar="SECONDS", show_default=True,
-                        help="Fail a drive that makes no progress for SECONDS.")
-
-
 @click.command(name="read")
 @click.argument("pairs", nargs=-1, required=True, metavar="DEVICE OUTPUT [DEVICE OUTPUT]...",
                 type=click.Path(path_type=str))
@@ -55,7 +48,7 @@ def _stall_option() -> Decorator:
               help="Also write a block map (bmaptool's format) of the blocks holding data, "
                    "named as bmaptool and flash look for it (disk.img.zst -> disk.img.bmap).")
 @click.option("--force", is_flag=True, help="Replace an existing OUTPUT (and its sidecars).")
-@_stall_option()
+@stall_timeout_option()
 @output_options()
 def read_command(pairs: tuple[str, ...], bmap: bool, force: bool,
                  stall_timeout: float, output: OutputOptions) -> None:
@@ -94,7 +87,7 @@ def read_command(pairs: tuple[str, ...], bmap: bool, force: bool,
 @yes_option()
 @click.option("-u", "--unmount", is_flag=True,
               help="Unmount mounted partitions of the drives first (otherwise refuse).")
-@_stall_option()
+@stall_timeout_option()
 @output_options()
 def erase_command(devices: tuple[str, ...], fs: str | None, label: str | None, zero: bool,
                   discard: bool, yes: bool, unmount: bool, stall_timeout: float,

@@ -8,6 +8,7 @@ parameters and two commands cannot drift apart on what an option means.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -54,6 +55,26 @@ class SizeType(click.ParamType):  # type: ignore[type-arg]  # generic only in ne
 
 
 SIZE = SizeType()
+
+
+class FiniteFloat(click.FloatRange):
+    """A number in a range, never ``nan`` or ``inf``: they pass every comparison a range
+    makes, and ``--stall-timeout nan`` would never find a hung drive stalled."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+                ) -> Any:
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return number
+
+
+def stall_timeout_option(help_text: str = "Fail a drive that makes no progress for SECONDS."
+                         ) -> Decorator:
+    """``--stall-timeout SECONDS``, one definition for every command that has it."""
+    return click.option("--stall-timeout", type=FiniteFloat(min=0.1),
+                        default=DEFAULT_STALL_TIMEOUT, metavar="SECONDS", show_default=True,
+                        help=help_text)
 
 #: A bucket is written with O_DIRECT: whole pages, and not so large that the ring cannot be had.
 BUCKET_ALIGN = 4096
@@ -195,9 +216,7 @@ engine_options = OptionGroup(
                  help="Size of each buffer in the ring (16M, 4MiB, 1048576)."),
     click.option("--buckets", type=click.IntRange(1, 64), default=DEFAULT_BUCKETS,
                  metavar="N", show_default=True, help="How many buffers may be in flight."),
-    click.option("--stall-timeout", type=click.FloatRange(min=0.1),
-                 default=DEFAULT_STALL_TIMEOUT, metavar="SECONDS", show_default=True,
-                 help="Fail a drive that makes no progress for SECONDS."),
+    stall_timeout_option(),
 )
 
 
@@ -337,7 +356,7 @@ grade_options = OptionGroup(
     click.option("--capacity", type=SIZE,
                  help="Reject, before writing, a drive whose size is not SIZE (32GB), within "
                       "--tolerance."),
-    click.option("--tolerance", type=click.FloatRange(0, 100), default=0.0, metavar="PCT",
+    click.option("--tolerance", type=FiniteFloat(0, 100), default=0.0, metavar="PCT",
                  show_default=True, help="How far from --capacity a drive's size may be, in "
                                          "percent."),
     click.option("--surface-test", is_flag=True,

@@ -228,15 +228,23 @@ def test_a_loop_device_over_the_same_file_put_to_use_after_the_confirmation_is_r
 
 
 @pytest.mark.root
-def test_a_loop_device_whose_file_does_not_answer_never_hangs_a_flash(
+def test_a_file_that_does_not_answer_never_hangs_a_flash(
         tmp_path: Path, loop_factory: Callable[..., Loop]) -> None:
-    """The kernel stats a loop device's backing file to say what it stands on: a file on a
-    hung FUSE (or network) mount never answers.  Another drive's flash still runs."""
+    """A file on a hung FUSE (or network) mount never answers a stat.  The kernel stats a
+    loop device's backing file to say what it stands on, and a process's open file is
+    stat()ed to see whether it is a disk: a loop device over such a file, and a program
+    holding it open, hold up nothing; another drive's flash still runs (the old code hung on
+    both: the file is under /dev/shm, which looked like a device's path)."""
     image = tmp_path / "disk.img"
     data = os.urandom(MiB)
     image.write_bytes(data)
     target = loop_factory(4 * MiB)
     hung = FaultyDrive(4 * MiB, attr_timeout=0)
+    fd = os.open(hung.file, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        reader = subprocess.Popen(["sleep", "60"], stdin=fd)
+    finally:
+        os.close(fd)
     try:
         os.kill(hung.pid, signal.SIGSTOP)  # every request to it waits from now on
         try:
@@ -244,6 +252,8 @@ def test_a_loop_device_whose_file_does_not_answer_never_hangs_a_flash(
         finally:
             os.kill(hung.pid, signal.SIGCONT)
     finally:
+        reader.kill()
+        reader.wait(timeout=10)
         hung.close()
     assert done.returncode == 0, done.stderr
     assert target.read(len(data)) == data

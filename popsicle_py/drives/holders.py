@@ -169,18 +169,25 @@ def _follows(entry: MountEntry, parent: MountEntry | None,
     return parent.shared in ours or parent.master in ours
 
 
-def _block_names() -> set[str]:
-    try:
-        return set(os.listdir(f"{sysfs.ROOT}/class/block"))
-    except OSError:
-        return set()
+class _DeviceNames:
+    """Which paths may name a block device: under /dev (but not in a file system mounted
+    inside it, as /dev/shm is), or named like one (a chroot's /dev).  Other files are never
+    stat()ed: one on a hung network or FUSE mount would hang (tests' FUSE drives live in
+    /dev/shm).  Decided from the names alone, with no call on the path."""
 
+    def __init__(self) -> None:
+        try:
+            self.names = set(os.listdir(f"{sysfs.ROOT}/class/block"))
+        except OSError:
+            self.names = set()
+        self.inside_dev = tuple(f"{e.mountpoint.rstrip('/')}/" for e in mount_table()
+                                if e.mountpoint.startswith("/dev/") and e.fstype != "devtmpfs")
 
-def _may_be_device(path: str, names: set[str]) -> bool:
-    """Whether a path may name a block device: under /dev, or named like one (a chroot's
-    /dev).  Other files are never stat()ed: one on a hung network or FUSE mount would hang."""
-    path = path.removesuffix(" (deleted)")
-    return path.startswith("/dev/") or os.path.basename(path) in names
+    def __call__(self, path: str) -> bool:
+        path = path.removesuffix(" (deleted)")
+        if os.path.basename(path) in self.names:
+            return True
+        return path.startswith("/dev/") and not path.startswith(self.inside_dev)
 
 
 def loops_over_devices() -> tuple[LoopOver, ...]:
@@ -189,10 +196,10 @@ def loops_over_devices() -> tuple[LoopOver, ...]:
     The kernel says what each one stands on (:func:`~.system.loop_status`): a device node
     made in a container, under a name no kernel device has, is the device it stands for.
     """
-    names = _block_names()
+    device_like = _DeviceNames()
     backing = _Backings()
     loops: dict[int, tuple[str, str]] = {}
-    for name in sorted(n for n in names if n.startswith("loop")):
+    for name in sorted(n for n in device_like.names if n.startswith("loop")):
         base = f"{sysfs.ROOT}/class/block/{name}"
         source = _read(f"{base}/loop/backing_file")
         devnum = parse_devnum(_read(f"{base}/dev"))
@@ -206,7 +213,7 @@ def loops_over_devices() -> tuple[LoopOver, ...]:
         key = keys[devnum]
         if key is not None:
             rdev = key.rdev  # 0: a file
-        elif _may_be_device(source, names):  # not ours to ask (no root): its name
+        elif device_like(source):  # not ours to ask (no root): its name
             stored = loop_storage(devnum, source, None, asked=True)
             rdev = stored.rdev if stored is not None else 0
         else:
@@ -283,7 +290,7 @@ def openers(of: frozenset[int] | None = None) -> tuple[Opener, ...]:
 
 
 def _scan_openers() -> tuple[Opener, ...]:
-    names = _block_names()
+    device_like = _DeviceNames()
     ours = os.getpid()
     backing = _Backings()
     found: list[Opener] = []
@@ -301,7 +308,7 @@ def _scan_openers() -> tuple[Opener, ...]:
                 link = os.readlink(f"{directory}/{fd}")
             except OSError:
                 continue
-            if not link.startswith("/") or not _may_be_device(link, names):
+            if not link.startswith("/") or not device_like(link):
                 continue
             try:
                 st = os.stat(f"{directory}/{fd}")

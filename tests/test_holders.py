@@ -404,7 +404,8 @@ def test_a_holder_of_another_device_costs_no_second_look(
     target, other = loop_factory(MiB), loop_factory(MiB)
     looks: list[int] = []
     scan = holders._scan_openers
-    monkeypatch.setattr(holders, "_scan_openers", lambda: looks.append(1) or scan())
+    monkeypatch.setattr(holders, "_scan_openers",
+                        lambda answers: looks.append(1) or scan(answers))
     with holding(other.path) as stranger:
         found = openers(frozenset({target.devnum}))
         assert len(looks) == 1

@@ -232,28 +232,37 @@ def test_a_file_that_does_not_answer_never_hangs_a_flash(
         tmp_path: Path, loop_factory: Callable[..., Loop]) -> None:
     """A file on a hung FUSE (or network) mount never answers a stat.  The kernel stats a
     loop device's backing file to say what it stands on, and a process's open file is
-    stat()ed to see whether it is a disk: a loop device over such a file, and a program
-    holding it open, hold up nothing; another drive's flash still runs (the old code hung on
-    both: the file is under /dev/shm, which looked like a device's path)."""
+    stat()ed to see whether it is a disk: a loop device over such a file, a program holding
+    that file open and one holding the loop device open hold up nothing; another drive's
+    flash still runs, and the loop device itself is refused (the old code hung on each: the
+    file is under /dev/shm, which looked like a device's path)."""
     image = tmp_path / "disk.img"
     data = os.urandom(MiB)
     image.write_bytes(data)
     target = loop_factory(4 * MiB)
     hung = FaultyDrive(4 * MiB, attr_timeout=0)
-    fd = os.open(hung.file, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        reader = subprocess.Popen(["sleep", "60"], stdin=fd)
-    finally:
-        os.close(fd)
+    loop, file = hung.path, hung.file
+    readers = []
+    for path in (file, loop):
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            readers.append(subprocess.Popen(["sleep", "60"], stdin=fd))
+        finally:
+            os.close(fd)
     try:
         os.kill(hung.pid, signal.SIGSTOP)  # every request to it waits from now on
         try:
             done = popsicle("flash", image, target.path, "--yes")
+            itself = popsicle("flash", image, loop, "--yes")
         finally:
             os.kill(hung.pid, signal.SIGCONT)
     finally:
-        reader.kill()
-        reader.wait(timeout=10)
+        for reader in readers:
+            reader.kill()
+            reader.wait(timeout=10)
         hung.close()
     assert done.returncode == 0, done.stderr
     assert target.read(len(data)) == data
+    assert itself.returncode == 2, itself.stderr
+    assert (f"popsicle-py: {loop} is backed by {file}, which does not answer (a file "
+            "on a hung network or FUSE mount?)\n") in itself.stderr, itself.stderr

@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import os
 import stat
-import threading
 import time
 
 from popsicle_py import sysfs
 from popsicle_py.drives.model import (
     Backing,
     Inode,
-    LoopKey,
+    LoopAnswers,
     LoopOver,
     Mount,
     Opener,
@@ -24,11 +23,11 @@ from popsicle_py.drives.model import (
 )
 from popsicle_py.drives.system import (
     MountEntry,
+    ask_loops,
     backing_of,
     btrfs_group,
     current_mounts,
     current_swaps,
-    loop_status,
     loop_storage,
     mount_table,
     parse_devnum,
@@ -41,20 +40,23 @@ _sys_dev = sysfs.block_dir
 
 def gather_facts(image_path: str | None = None,
                  of: frozenset[int] | None = None) -> SystemFacts:
-    """Mounts, swaps, where the image lives, holders (of ``of``: :func:`openers`)."""
+    """Mounts, swaps, where the image lives, holders (of ``of``: :func:`openers`); the
+    kernel asked once what every loop device stands on."""
+    answers = ask_loops()
     image_devnums: frozenset[int] = frozenset()
     image_files: frozenset[Inode] = frozenset()
     image_inode: Inode | None = None
     if image_path:
-        image_devnums, image_files = path_storage(image_path)
+        image_devnums, image_files = path_storage(image_path, answers)
         try:
             st = os.stat(image_path)
             image_inode = (st.st_dev, st.st_ino)
         except OSError:
             pass
     own = mount_table()
-    return SystemFacts(current_mounts(own), current_swaps(), image_devnums, image_inode,
-                       image_files, foreign_mounts(own), loops_over_devices(), openers(of))
+    return SystemFacts(current_mounts(own, answers), current_swaps(answers), image_devnums,
+                       image_inode, image_files, foreign_mounts(own, answers),
+                       loops_over_devices(answers), openers(of, answers), answers)
 
 
 # -- Holders: what other namespaces mount, loop devices over disks, who has a disk open -----
@@ -75,12 +77,13 @@ def _program(pid: int) -> str:
 class _Backings:
     """:func:`backing_of` once per device for one gathering (many mounts share a device)."""
 
-    def __init__(self) -> None:
+    def __init__(self, answers: LoopAnswers | None) -> None:
         self.known: dict[int, Backing] = {}
+        self.answers = answers
 
     def __call__(self, devnum: int) -> Backing:
         if devnum not in self.known:
-            self.known[devnum] = backing_of(devnum)
+            self.known[devnum] = backing_of(devnum, self.answers)
         return self.known[devnum]
 
 
@@ -102,7 +105,8 @@ def _namespace_devnums(entry: MountEntry, pid: int) -> set[int]:
     return numbers
 
 
-def foreign_mounts(own: list[MountEntry] | None = None) -> tuple[Mount, ...]:
+def foreign_mounts(own: list[MountEntry] | None = None, answers: LoopAnswers | None = None
+                   ) -> tuple[Mount, ...]:
     """Mounts resting on block devices in every other mount namespace, one process each.
 
     A mount made inside ``unshare -m`` (a container, a service with PrivateMounts) is in no
@@ -116,7 +120,7 @@ def foreign_mounts(own: list[MountEntry] | None = None) -> tuple[Mount, ...]:
         return ()
     groups = _unmount_groups(mount_table() if own is None else own)
     seen = {ours}
-    backing = _Backings()
+    backing = _Backings(answers)
     found: list[Mount] = []
     for pid in _pids():
         try:
@@ -190,14 +194,15 @@ class _DeviceNames:
         return path.startswith("/dev/") and not path.startswith(self.inside_dev)
 
 
-def loops_over_devices() -> tuple[LoopOver, ...]:
+def loops_over_devices(answers: LoopAnswers | None = None) -> tuple[LoopOver, ...]:
     """Loop devices whose backing file is a block device, at whatever offset.
 
     The kernel says what each one stands on (:func:`~.system.loop_status`): a device node
     made in a container, under a name no kernel device has, is the device it stands for.
     """
     device_like = _DeviceNames()
-    backing = _Backings()
+    answers = answers or ask_loops()
+    backing = _Backings(answers)
     loops: dict[int, tuple[str, str]] = {}
     for name in sorted(n for n in device_like.names if n.startswith("loop")):
         base = f"{sysfs.ROOT}/class/block/{name}"
@@ -205,16 +210,15 @@ def loops_over_devices() -> tuple[LoopOver, ...]:
         devnum = parse_devnum(_read(f"{base}/dev"))
         if source and devnum is not None:
             loops[devnum] = (name, source)
-    keys = loop_statuses(list(loops))
     found: list[LoopOver] = []
     for devnum, (name, source) in loops.items():
-        if devnum not in keys:
+        if devnum not in answers.keys:
             continue  # its backing file hangs: a file on a hung mount, no device
-        key = keys[devnum]
+        key = answers.keys[devnum]
         if key is not None:
             rdev = key.rdev  # 0: a file
         elif device_like(source):  # not ours to ask (no root): its name
-            stored = loop_storage(devnum, source, None, asked=True)
+            stored = loop_storage(source, None)
             rdev = stored.rdev if stored is not None else 0
         else:
             continue
@@ -224,33 +228,6 @@ def loops_over_devices() -> tuple[LoopOver, ...]:
         found.append(LoopOver(f"/dev/{name}", devnum, int(offset) if offset.isdigit() else 0,
                               backing(rdev).devnums))
     return tuple(found)
-
-
-#: Seconds the kernel is given to say what every loop device stands on.  It stats each
-#: backing file to answer: one on a hung network or FUSE mount never answers.
-ASK_LOOPS = 2.0
-
-
-def loop_statuses(devnums: list[int], timeout: float = ASK_LOOPS) -> dict[int, LoopKey | None]:
-    """:func:`~.system.loop_status` of each loop device, asked on a thread of its own: those
-    that answered within ``timeout``.  A loop device that does not answer (its backing file
-    is on a hung mount) is left out, never waited for: listing drives must not hang."""
-    answers: dict[int, LoopKey | None] = {}
-    lock = threading.Lock()
-    done = threading.Event()
-
-    def ask() -> None:
-        for devnum in devnums:
-            key = loop_status(devnum)
-            with lock:
-                answers[devnum] = key
-        done.set()
-
-    if devnums:
-        threading.Thread(target=ask, name="popsicle-loop-status", daemon=True).start()
-        done.wait(timeout)
-    with lock:
-        return dict(answers)
 
 
 def _writing(pid: int, fd: str) -> bool | None:
@@ -273,7 +250,8 @@ def _writing(pid: int, fd: str) -> bool | None:
 SETTLE = 0.1
 
 
-def openers(of: frozenset[int] | None = None) -> tuple[Opener, ...]:
+def openers(of: frozenset[int] | None = None, answers: LoopAnswers | None = None
+            ) -> tuple[Opener, ...]:
     """Block devices other processes hold open, as ``fuser`` finds them (/proc/PID/fd).
 
     With or without O_EXCL (``dd`` reading it, ``sleep 60 < /dev/sdb``); ours do not count.
@@ -281,18 +259,18 @@ def openers(of: frozenset[int] | None = None) -> tuple[Opener, ...]:
     that had it open for a moment only (``losetup``, a udev worker) holds nothing, and refusing
     it would fail runs at random; other devices' openers refuse nothing of ``of`` (no wait).
     """
-    first = _scan_openers()
+    first = _scan_openers(answers)
     if not any(of is None or o.devnums & of for o in first):
         return first
     time.sleep(SETTLE)
     seen = {(o.process.pid, o.devnum) for o in first}
-    return tuple(o for o in _scan_openers() if (o.process.pid, o.devnum) in seen)
+    return tuple(o for o in _scan_openers(answers) if (o.process.pid, o.devnum) in seen)
 
 
-def _scan_openers() -> tuple[Opener, ...]:
+def _scan_openers(answers: LoopAnswers | None) -> tuple[Opener, ...]:
     device_like = _DeviceNames()
     ours = os.getpid()
-    backing = _Backings()
+    backing = _Backings(answers)
     found: list[Opener] = []
     for pid in _pids():
         if pid == ours:

@@ -8,6 +8,7 @@ comparing path strings: /dev/sda must not match /dev/sdaa1).
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import asdict, field
 
 from popsicle_py.errors import Refused
@@ -132,8 +133,9 @@ class Backing:
     under_files: frozenset[Inode] = frozenset()
     #: What backs a loop device, for messages: "/dev/loop1", "/dev/shm/disk.img".
     name: str | None = None
-    #: The name of a backing file whose storage nobody could tell (not found by that name,
-    #: and the kernel could not be asked): what writing the disk overwrites is unknown.
+    #: Why what writing the disk overwrites is unknown ("backed by X, which does not
+    #: answer"): a backing file not found by its name when the kernel cannot be asked, or on
+    #: a hung mount.  A reason to refuse it.
     unknown: str | None = None
 
     @property
@@ -204,6 +206,16 @@ class Swap:
 
 
 @record
+class LoopAnswers:
+    """What the kernel said each loop device stands on (LOOP_GET_STATUS64), asked once for
+    a gathering, on one thread: ``keys`` of those that answered (None: not ours to ask),
+    ``silent`` those that did not in time (a backing file on a hung mount)."""
+
+    keys: Mapping[int, LoopKey | None] = field(default_factory=dict, compare=False)
+    silent: frozenset[int] = frozenset()
+
+
+@record
 class SystemFacts:
     """What the running system is using, gathered once per decision."""
 
@@ -222,6 +234,8 @@ class SystemFacts:
     loops: tuple[LoopOver, ...] = ()
     #: Block devices other processes hold open (our own descriptors never count).
     openers: tuple[Opener, ...] = ()
+    #: What every loop device stands on, as the kernel said when these facts were gathered.
+    answers: LoopAnswers = field(default_factory=LoopAnswers, compare=False, repr=False)
 
 
 @record

@@ -107,9 +107,7 @@ def busy_reasons(devnum: int, backing: Backing, mounts: Iterable[Mount],
     for holder in holders_beneath:
         found.setdefault(f"backed by {what}, which is in use by {holder}", None)
     if backing.unknown:
-        found.setdefault(f"backed by {backing.unknown}, which cannot be found by that name "
-                         "(deleted, renamed, or attached in another mount namespace), so what "
-                         "writing it overwrites is unknown", None)
+        found.setdefault(backing.unknown, None)
     return tuple(found)
 
 

@@ -13,12 +13,14 @@ import functools
 import os
 import re
 import stat
+import threading
 from collections.abc import Iterable
 
 from popsicle_py import media, sysfs
 from popsicle_py.drives.model import (
     Backing,
     Inode,
+    LoopAnswers,
     LoopKey,
     Mount,
     Swap,
@@ -50,8 +52,11 @@ def stack_of(devnum: int) -> frozenset[int]:
     return backing_of(devnum).all_devnums
 
 
-def backing_of(devnum: int) -> Backing:
-    """Walk down from the disk ``devnum``: what writing it overwrites, and what it rests on."""
+def backing_of(devnum: int, answers: LoopAnswers | None = None) -> Backing:
+    """Walk down from the disk ``devnum``: what writing it overwrites, and what it rests on.
+
+    ``answers``: what the kernel already said of the loop devices (:func:`ask_loops`); a
+    loop device not among them is asked now."""
     data: set[int] = set()
     files: set[Inode] = set()
     under: set[int] = set()
@@ -85,10 +90,18 @@ def backing_of(devnum: int) -> Backing:
             continue
         if current == devnum:
             name = backing
-        stored = loop_storage(current, backing)
+        answered, key = _ask(current, answers)
+        if not answered:
+            if written:
+                unknown = (f"backed by {backing}, which does not answer (a file on a hung "
+                           "network or FUSE mount?)")
+            continue
+        stored = loop_storage(backing, key)
         if stored is None:
             if written:
-                unknown = backing
+                unknown = (f"backed by {backing}, which cannot be found by that name (deleted, "
+                           "renamed, or attached in another mount namespace), so what writing "
+                           "it overwrites is unknown")
             continue
         if stored.rdev:
             todo.append((stored.rdev, written))
@@ -130,17 +143,67 @@ def loop_status(devnum: int) -> LoopKey | None:
         os.close(fd)
 
 
-def loop_storage(devnum: int, backing: str, key: LoopKey | None = None,
-                 *, asked: bool = False) -> LoopStorage | None:
-    """What the loop device ``devnum`` (sysfs names its backing ``backing``) stands on.
+#: Seconds the kernel is given to say what every loop device stands on.  It stats each
+#: backing file to answer: one on a hung network or FUSE mount never answers.
+ASK_LOOPS = 2.0
 
-    The kernel's answer (:func:`loop_status`, or ``key`` when ``asked`` already) decides, and
-    then no path is looked up unless the file's filesystem is found by no other means (a
-    btrfs subvolume): the name is followed only when it is that very file.  Without an answer
-    (not root), the name is all there is.  None: nothing can be known.
+
+def loop_statuses(devnums: list[int], timeout: float = ASK_LOOPS) -> dict[int, LoopKey | None]:
+    """:func:`loop_status` of each loop device, asked on a thread of its own: those
+    that answered within ``timeout``.  A loop device that does not answer (its backing file
+    is on a hung mount) is left out, never waited for: listing drives must not hang."""
+    answers: dict[int, LoopKey | None] = {}
+    lock = threading.Lock()
+    done = threading.Event()
+
+    def ask() -> None:
+        for devnum in devnums:
+            key = loop_status(devnum)
+            with lock:
+                answers[devnum] = key
+        done.set()
+
+    if devnums:
+        threading.Thread(target=ask, name="popsicle-loop-status", daemon=True).start()
+        done.wait(timeout)
+    with lock:
+        return dict(answers)
+
+
+def ask_loops() -> LoopAnswers:
+    """What every bound loop device stands on, asked of the kernel once, on one thread."""
+    try:
+        names = os.listdir(f"{sysfs.ROOT}/class/block")
+    except OSError:
+        names = []
+    base = f"{sysfs.ROOT}/class/block"
+    devnums = [number for name in sorted(names) if name.startswith("loop")
+               and os.path.exists(f"{base}/{name}/loop/backing_file")
+               if (number := parse_devnum(_read(f"{base}/{name}/dev"))) is not None]
+    keys = loop_statuses(devnums)
+    return LoopAnswers(keys, frozenset(devnums) - keys.keys())
+
+
+def _ask(devnum: int, answers: LoopAnswers | None) -> tuple[bool, LoopKey | None]:
+    """(whether it answered, what it said) for one loop device."""
+    if answers is not None:
+        if devnum in answers.keys:
+            return True, answers.keys[devnum]
+        if devnum in answers.silent:
+            return False, None
+    found = loop_statuses([devnum])
+    return devnum in found, found.get(devnum)
+
+
+def loop_storage(backing: str, key: LoopKey | None) -> LoopStorage | None:
+    """What a loop device stands on: sysfs names its backing ``backing``, the kernel said
+    ``key`` (:func:`loop_statuses`; None: it cannot be asked).
+
+    The kernel's answer decides, and then no path is looked up unless the file's filesystem
+    is found by no other means (a btrfs subvolume): the name is followed only when it is that
+    very file.  Without an answer (not root), the name is all there is.  None: nothing can be
+    known.
     """
-    if not asked:
-        key = loop_status(devnum)
     if key is None:
         try:
             st = os.stat(backing)
@@ -350,7 +413,8 @@ def _file_source(entry: MountEntry) -> Inode | None:
     return (st.st_dev, st.st_ino) if stat.S_ISREG(st.st_mode) else None
 
 
-def current_mounts(table: list[MountEntry] | None = None) -> tuple[Mount, ...]:
+def current_mounts(table: list[MountEntry] | None = None,
+                   answers: LoopAnswers | None = None) -> tuple[Mount, ...]:
     """Every mount that rests on a block device or a file, in mount-table order.
 
     A btrfs filesystem rests on all its devices, an overlay on the devices of its layers;
@@ -366,7 +430,7 @@ def current_mounts(table: list[MountEntry] | None = None) -> tuple[Mount, ...]:
         devnums: set[int] = set()
         files: set[Inode] = {source_file} if source_file else set()
         for number in numbers:
-            backing = backing_of(number)
+            backing = backing_of(number, answers)
             devnums |= backing.all_devnums
             files |= backing.all_files
         mounts.append(Mount(entry.source, entry.mountpoint, frozenset(devnums),
@@ -374,7 +438,8 @@ def current_mounts(table: list[MountEntry] | None = None) -> tuple[Mount, ...]:
     return tuple(mounts)
 
 
-def path_storage(path: str) -> tuple[frozenset[int], frozenset[Inode]]:
+def path_storage(path: str, answers: LoopAnswers | None = None
+                 ) -> tuple[frozenset[int], frozenset[Inode]]:
     """Every block device and backing file a path (a swap file, the image) rests on.
 
     A regular file: its own inode, the disks holding it, and what those rest on.  A block
@@ -392,13 +457,13 @@ def path_storage(path: str) -> tuple[frozenset[int], frozenset[Inode]]:
         files = {(st.st_dev, st.st_ino)} if stat.S_ISREG(st.st_mode) else set()
     devnums: set[int] = set()
     for number in starts:
-        backing = backing_of(number)
+        backing = backing_of(number, answers)
         devnums |= backing.all_devnums
         files |= backing.all_files
     return frozenset(devnums), frozenset(files)
 
 
-def current_swaps() -> tuple[Swap, ...]:
+def current_swaps(answers: LoopAnswers | None = None) -> tuple[Swap, ...]:
     """Active swap areas from /proc/swaps, with the devices and files they rest on."""
     text = _read("/proc/swaps") or ""
     swaps: list[Swap] = []
@@ -407,7 +472,7 @@ def current_swaps() -> tuple[Swap, ...]:
         if not fields:
             continue
         path = _unescape_mount(fields[0])
-        devnums, files = path_storage(path)
+        devnums, files = path_storage(path, answers)
         if devnums or files:
             swaps.append(Swap(path, devnums, files))
     return tuple(swaps)

@@ -39,6 +39,7 @@ from popsicle_py.drives.rules import (
     system_reason,
 )
 from popsicle_py.drives.system import (
+    ask_loops,
     backing_of,
     current_mounts,
     current_swaps,
@@ -206,7 +207,7 @@ def build_drive(device: pyudev.Device, facts: SystemFacts, *, explicit: bool,
     bus = bus_of(device)
     read_only = _attr(device, "ro") == "1"
     parts = _partitions(device)
-    backing = backing_of(devnum)
+    backing = backing_of(devnum, facts.answers)
     swap = any(overwrites(backing, s.devnums, s.files) for s in facts.swaps)
     system = system_reason(backing, facts)
     node = path or _node(device)
@@ -236,7 +237,7 @@ def build_drive(device: pyudev.Device, facts: SystemFacts, *, explicit: bool,
         holders=_holders(device, parts),
         port_path=port_path_of(device),
         diskseq=int(diskseq) if diskseq and diskseq.isdigit() else None,
-        loop=loop_key(node, devnum) if bus == "loop" else None,
+        loop=loop_key(node, devnum) if bus == "loop" and not backing.unknown else None,
         busy=(busy_reasons(devnum, backing, facts.mounts, holders_beneath(backing, devnum))
               + holder_reasons(devnum, facts, backing)),
         backing=backing,
@@ -389,9 +390,10 @@ class Holders:
 def holders_now(of: frozenset[int] | None = None) -> Holders:
     """Read every holder once (the mount table, swaps, each namespace's mounts, loop devices
     over disks, every process's open descriptors: a scan of /proc, settled for ``of``)."""
-    return Holders(current_mounts(), SystemFacts(
-        swaps=current_swaps(), foreign_mounts=foreign_mounts(), loops=loops_over_devices(),
-        openers=openers(of)))
+    answers = ask_loops()
+    return Holders(current_mounts(answers=answers), SystemFacts(
+        swaps=current_swaps(answers), foreign_mounts=foreign_mounts(answers=answers),
+        loops=loops_over_devices(answers), openers=openers(of, answers), answers=answers))
 
 
 def held_now(drive: Drive, now: Holders | None = None) -> str | None:
@@ -400,7 +402,7 @@ def held_now(drive: Drive, now: Holders | None = None) -> str | None:
     opened it, a namespace mounted it, a loop device over what backs it been mounted or
     made swap, since the plan was made)."""
     now = now or holders_now()
-    backing = backing_of(drive.devnum)
+    backing = backing_of(drive.devnum, now.facts.answers)
     own = tuple(f"mounted at {m}" for m in mountpoints_of(drive.devnum, now.mounts))
     swap = tuple(f"in use as swap ({s.path})" for s in now.facts.swaps
                  if overwrites(backing, s.devnums, s.files))

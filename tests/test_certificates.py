@@ -3,6 +3,7 @@ written by a real flash to loop devices, signed by the real ssh-keygen, checked 
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import lzma
@@ -157,6 +158,23 @@ def test_a_planted_symlink_is_not_followed(tmp_path: Path) -> None:
     assert target.read_text() == "precious"
     assert (tmp_path / "certs" / "x-2.json").read_bytes() == b"{}"
     assert [p.name for p in (tmp_path / "certs").iterdir() if p.name.endswith(".tmp")] == []
+
+
+@pytest.mark.root
+def test_a_certificate_that_does_not_fit_leaves_no_temporary_file(tmp_path: Path) -> None:
+    """A full directory fails the write itself: the error is raised, nothing is left."""
+    from popsicle_py.certify import files
+    from tests.loopdev import tiny_tmpfs
+
+    with tiny_tmpfs(tmp_path, "64k") as full:
+        fd = files.open_directory(str(full))
+        try:
+            with pytest.raises(OSError) as failed:
+                files.write_new(fd, "x.json", os.urandom(1 << 20))
+        finally:
+            os.close(fd)
+        assert failed.value.errno == errno.ENOSPC
+        assert list(full.iterdir()) == []
 
 
 def test_the_final_table_shows_what_each_drive_read_back() -> None:

@@ -50,14 +50,14 @@ def write_new(directory: int, name: str, data: bytes) -> str:
     used.  Raises OSError."""
     tmp = f".{name}.{secrets.token_hex(6)}.tmp"
     fd = os.open(tmp, _FLAGS, 0o644, dir_fd=directory)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    try:
+    try:  # the temporary file goes whatever fails, the write (a full disk) included
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         stem, dot, ext = name.rpartition(".")
         for attempt in range(1, 1000):
             final = name if attempt == 1 else f"{stem}-{attempt}{dot}{ext}"

@@ -493,6 +493,22 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(
             assert Path(parted.backing).read_bytes() == before
 
 
+@pytest.mark.parametrize("compress", [["gzip"], ["xz"], ["zstd", "-q"], ["bzip2"]],
+                         ids=["gz", "xz", "zst", "bz2"])
+def test_an_image_empty_once_decompressed_is_refused_even_with_force(
+        loop_factory: Callable[..., Loop], tmp_path: Path, compress: list[str]) -> None:
+    """As an empty raw file is: before, it ended ok with nothing written, the drive still
+    holding whatever it held."""
+    image = tmp_path / "empty.img.c"
+    image.write_bytes(subprocess.run([*compress, "-c"], input=b"", capture_output=True,
+                                     check=True).stdout)
+    loop = loop_factory(4 * MiB, fill=PATTERN)
+    result = popsicle("flash", str(image), loop.path, "--yes", "--force")
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert _one_line_error(result).endswith(" layer) is empty")
+    assert holds_pattern(loop)
+
+
 # ----------------------------------------------------------------------------------------------
 # The Rich view in a pseudo-terminal
 

@@ -107,6 +107,8 @@ def peel(stream: io.RawIOBase, name: str, outer: Format) -> tuple[io.RawIOBase, 
     while True:
         head = read_full(stream, HEAD_SIZE)
         where = f"{name} (inside its {above.name} layer)"
+        if not head:  # as a raw file of 0 bytes is: refused, whatever --force says
+            raise LayerRefused(f"{where} is empty")
         try:
             kind = judge(head, where)
         except ImageError as e:

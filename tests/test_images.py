@@ -300,11 +300,12 @@ def test_zstd_frames_skippable_frames_and_unknown_size(tmp_path: Path) -> None:
 
 
 def test_zstd_of_nothing_is_a_complete_stream(tmp_path: Path) -> None:
+    """Complete, not truncated: refused for what it holds (nothing), as an empty file is."""
     path = tmp_path / "nothing.img.zst"
     path.write_bytes(zstandard.ZstdCompressor().compress(b""))
-    image = open_image(str(path))
-    assert image.size == 0
-    assert read_all(image) == b""
+    with pytest.raises(ImageError, match=r"^\S+nothing\.img\.zst \(inside its zstd layer\) is "
+                                         r"empty$"):
+        open_image(str(path))
 
 
 # ----------------------------------------------------------------------------- zip

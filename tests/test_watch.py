@@ -262,6 +262,27 @@ def test_two_drives_plugged_in_one_after_the_other_are_flashed_verified_and_powe
 
 @needs_testbed
 @pytest.mark.umockdev
+def test_a_stick_written_after_the_image_file_changed_fails(tmp_path: Path) -> None:
+    """The image was checked when the watch began: a stick written after the file changed
+    would not be a copy of that image (nor of the others), and fails, its head not written."""
+    image, data = image_file(tmp_path, 3 * MiB)
+    run = watch(tmp_path, [str(image), "--yes", "--count", "2"],
+                [WATCHING, {"add": C.description}, result_of(C),
+                 {"flip": str(image), "offset": 2 * MiB}, {"add": D.description},
+                 result_of(D)],
+                read=(C.dev, D.dev))
+    assert run.rc == 1, run.stderr
+    results = run.results()
+    assert results[C.dev]["status"] == "ok"
+    assert (run.files[C.dev] or b"")[: len(data)] == data
+    assert results[D.dev]["status"] == "failed"
+    assert results[D.dev]["error"] == (f"{D.dev}: the image {image} changed while it was read "
+                                       "(it was written to): no drive holds it")
+    assert (run.files[D.dev] or b"")[: 64 << 10] != data[: 64 << 10]  # no head of it
+
+
+@needs_testbed
+@pytest.mark.umockdev
 def test_two_sticks_given_the_same_name_are_told_apart_in_results_and_report(
         tmp_path: Path) -> None:
     """The kernel hands a pulled stick's name to the next one: port, serial and seq differ."""

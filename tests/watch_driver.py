@@ -8,7 +8,7 @@ device").  The scenario is JSON written by tests/test_watch.py:
      "steps": [{"wait": {"event": "watching"}}, {"add": description},
                {"remove": ["/sys/devices/.../block/sdc", ...]}, {"signal": 2},
                {"change": "/sys/devices/.../block/sdf", "attributes": {"size": "131072"}},
-               {"wait_line": "text"}],
+               {"wait_line": "text"}, {"flip": "/tmp/.../image.img", "offset": 100}],
      "read": ["/dev/sdb", "/sys/devices/.../remove"], "out": "report.json", "dir": "DIR"}
 
 ``present`` devices are in the testbed before the command starts.  Steps run in order; a
@@ -137,6 +137,12 @@ def run(scenario: dict, stderr) -> dict:
             tb.uevent(step["change"], "change")
         elif "signal" in step:
             proc.send_signal(step["signal"])
+        elif "flip" in step:  # a byte of a file (the image) changed in place
+            with open(step["flip"], "r+b") as f:
+                f.seek(step["offset"])
+                byte = f.read(1)
+                f.seek(step["offset"])
+                f.write(bytes([byte[0] ^ 0xFF]))
         else:
             problems.append(f"unknown step {step!r}")
             break

@@ -71,7 +71,7 @@ from popsicle_py.images import (
     open_image,
     verify_checksum,
 )
-from popsicle_py.images.stillness import holding_still
+from popsicle_py.images.stillness import ImageChanged, holding_still
 from popsicle_py.plan import DEFAULT_MAX_AUTO_SIZE
 from popsicle_py.ports import drive_info, link_notes, link_of
 from popsicle_py.protocols import TrimPlan
@@ -391,6 +391,13 @@ class WatchSession:
             Progress(None, Step.DECOMPRESSING, n, size)))
         if done is None:
             return None
+        if self._still is not None:  # checked as it was at the start, decompressed as is now
+            try:
+                self._still()
+            except ImageChanged as exc:
+                raise ImageError(f"{self.image.path} changed while it was decompressed "
+                                 f"({exc.how}): start again") from None
+        self._still = holding_still(path)  # every drive is written from the copy from now on
         self.emit(Note(f"decompressed {self.image.path} once ({format_size(done)}) to a "
                        "temporary raw copy; every drive is written from it"))
         copy = open_image(path)

@@ -665,4 +665,6 @@ def test_how_an_image_file_changed_is_said_in_a_few_words() -> None:
     assert change(before, FileState(1, 3, 4096, 10, 10)) == "another file took its name"
     assert change(before, FileState(1, 2, 2048, 11, 11)) == \
         "its size went from 4 KiB to 2 KiB"
-    assert change(before, FileState(1, 2, 4096, 10, 11)) == "it was written to"
+    assert change(before, FileState(1, 2, 4096, 11, 11)) == "it was written to"
+    assert change(before, FileState(1, 2, 4096, 10, 11)) == \
+        "its inode changed: written to with its time set back, or its mode or links"

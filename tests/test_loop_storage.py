@@ -79,6 +79,18 @@ class Attached:
         assert shown is not None and shown != str(backing) and not os.path.exists(shown)
         return self.add(path, backing)
 
+    def after(self, name: str, backing: Path) -> str:
+        """Attached as a loop device whose name sorts after ``name`` ("loop3" -> "loop30"):
+        asked after it, when every loop device is asked in turn."""
+        for suffix in range(100):
+            path = f"/dev/{name}{suffix}"
+            if sysfs_backing(path) is not None:
+                continue
+            if subprocess.run(["losetup", path, str(backing)], capture_output=True,
+                              check=False).returncode == 0:
+                return self.add(path, backing)
+        raise AssertionError(f"no free loop device named after {name}")
+
     def detach(self) -> None:
         for path in self.loops:
             subprocess.run(["umount", "-l", path], capture_output=True, check=False)
@@ -266,3 +278,30 @@ def test_a_file_that_does_not_answer_never_hangs_a_flash(
     assert itself.returncode == 2, itself.stderr
     assert (f"popsicle-py: {loop} is backed by {file}, which does not answer (a file "
             "on a hung network or FUSE mount?)\n") in itself.stderr, itself.stderr
+
+
+@pytest.mark.root
+def test_a_loop_device_that_does_not_answer_hides_none_asked_after_it(
+        tmp_path: Path, attached: Attached) -> None:
+    """Loop devices are asked in turn: one whose file hangs is given up on, and those after
+    it are still asked.  Before, they all went unanswered, and a mounted loop device over the
+    target's file, asked after a hung one, protected nothing: the target was written."""
+    fs = ext4_file(tmp_path)
+    image = tmp_path / "disk.img"
+    image.write_bytes(os.urandom(MiB))
+    target = attached.here(fs)
+    hung = FaultyDrive(4 * MiB, attr_timeout=0)
+    try:
+        sibling = attached.after(os.path.basename(hung.path), fs)
+        with mounted(sibling, "-o", "ro") as mountpoint:
+            before = fs.read_bytes()
+            os.kill(hung.pid, signal.SIGSTOP)
+            try:
+                done = popsicle("flash", image, target, "--yes")
+            finally:
+                os.kill(hung.pid, signal.SIGCONT)
+            assert refused(done) == (f"{target} is backed by {fs}, which is in use ({sibling} "
+                                     f"is mounted at {mountpoint})")
+            assert fs.read_bytes() == before
+    finally:
+        hung.close()

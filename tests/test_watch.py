@@ -450,6 +450,25 @@ def test_compressed_image_is_decompressed_once_to_a_private_copy(tmp_path: Path)
 
 @needs_testbed
 @pytest.mark.umockdev
+def test_a_compressed_image_changed_after_its_copy_was_made_changes_no_stick(
+        tmp_path: Path) -> None:
+    """Every stick is written from the copy decompressed at the start: the original changing
+    afterwards changes no stick, and fails none."""
+    raw = os.urandom(2 * MiB + 100)
+    image = tmp_path / "image.img.gz"
+    image.write_bytes(gzip.compress(raw, compresslevel=1))
+    run = watch(tmp_path, [str(image), "--yes", "--count", "2"],
+                [WATCHING, {"add": C.description}, result_of(C),
+                 {"flip": str(image), "offset": 1000}, {"add": D.description}, result_of(D)],
+                read=(C.dev, D.dev))
+    assert run.rc == 0, run.stderr
+    assert {r["status"] for r in run.summary["results"]} == {"ok"}
+    for stick in (C, D):
+        assert (run.files[stick.dev] or b"")[: len(raw)] == raw
+
+
+@needs_testbed
+@pytest.mark.umockdev
 @pytest.mark.parametrize(("sig", "status"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_a_signal_cancels_the_drive_in_flight(tmp_path: Path, sig: int, status: int) -> None:
     image, _ = image_file(tmp_path, 64 * MiB)

@@ -22,14 +22,15 @@ from popsicle_py.drives.model import (
     SystemFacts,
 )
 from popsicle_py.drives.system import (
+    DeviceNames,
     MountEntry,
     ask_loops,
     backing_of,
     btrfs_group,
     current_mounts,
     current_swaps,
-    loop_storage,
     mount_table,
+    named_device,
     parse_devnum,
     path_storage,
 )
@@ -173,34 +174,13 @@ def _follows(entry: MountEntry, parent: MountEntry | None,
     return parent.shared in ours or parent.master in ours
 
 
-class _DeviceNames:
-    """Which paths may name a block device: under /dev (but not in a file system mounted
-    inside it, as /dev/shm is), or named like one (a chroot's /dev).  Other files are never
-    stat()ed: one on a hung network or FUSE mount would hang (tests' FUSE drives live in
-    /dev/shm).  Decided from the names alone, with no call on the path."""
-
-    def __init__(self) -> None:
-        try:
-            self.names = set(os.listdir(f"{sysfs.ROOT}/class/block"))
-        except OSError:
-            self.names = set()
-        self.inside_dev = tuple(f"{e.mountpoint.rstrip('/')}/" for e in mount_table()
-                                if e.mountpoint.startswith("/dev/") and e.fstype != "devtmpfs")
-
-    def __call__(self, path: str) -> bool:
-        path = path.removesuffix(" (deleted)")
-        if os.path.basename(path) in self.names:
-            return True
-        return path.startswith("/dev/") and not path.startswith(self.inside_dev)
-
-
 def loops_over_devices(answers: LoopAnswers | None = None) -> tuple[LoopOver, ...]:
     """Loop devices whose backing file is a block device, at whatever offset.
 
     The kernel says what each one stands on (:func:`~.system.loop_status`): a device node
     made in a container, under a name no kernel device has, is the device it stands for.
     """
-    device_like = _DeviceNames()
+    device_like = DeviceNames()
     answers = answers or ask_loops()
     backing = _Backings(answers)
     loops: dict[int, tuple[str, str]] = {}
@@ -212,16 +192,11 @@ def loops_over_devices(answers: LoopAnswers | None = None) -> tuple[LoopOver, ..
             loops[devnum] = (name, source)
     found: list[LoopOver] = []
     for devnum, (name, source) in loops.items():
-        if devnum not in answers.keys:
-            continue  # its backing file hangs: a file on a hung mount, no device
-        key = answers.keys[devnum]
-        if key is not None:
-            rdev = key.rdev  # 0: a file
-        elif device_like(source):  # not ours to ask (no root): its name
-            stored = loop_storage(source, None)
-            rdev = stored.rdev if stored is not None else 0
-        else:
-            continue
+        if devnum in answers.keys:
+            key = answers.keys[devnum]
+        else:  # no answer: its backing file hangs, unless it names a device
+            key = named_device(source, devnum, device_like)
+        rdev = key.rdev if key is not None else 0  # 0: a file, or nothing to be known
         if not rdev:
             continue
         offset = _read(f"{sysfs.ROOT}/class/block/{name}/loop/offset") or "0"
@@ -268,7 +243,7 @@ def openers(of: frozenset[int] | None = None, answers: LoopAnswers | None = None
 
 
 def _scan_openers(answers: LoopAnswers | None) -> tuple[Opener, ...]:
-    device_like = _DeviceNames()
+    device_like = DeviceNames()
     ours = os.getpid()
     backing = _Backings(answers)
     found: list[Opener] = []

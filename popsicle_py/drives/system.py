@@ -92,6 +92,8 @@ def backing_of(devnum: int, answers: LoopAnswers | None = None) -> Backing:
             name = backing
         answered, key = _ask(current, answers)
         if not answered:
+            key = named_device(backing, current)
+        if not answered and key is None:
             if written:
                 unknown = (f"backed by {backing}, which does not answer (a file on a hung "
                            "network or FUSE mount?)")
@@ -126,46 +128,64 @@ class LoopStorage:
 
 def loop_status(devnum: int) -> LoopKey | None:
     """The kernel's word on what the loop device ``devnum`` stands on (LOOP_GET_STATUS64 on
-    its /dev node, opened read-only); None when it cannot be asked (no node, not root) or
-    is unbound.  Unlike sysfs's ``backing_file``, a name, it holds when the file was
-    deleted, renamed, or attached in another mount namespace (a container's path)."""
+    its /dev node, opened read-only); without it (no node, not root), the name sysfs shows,
+    stat()ed; None when neither tells (unbound, or a name that finds nothing).  Unlike the
+    name, the kernel's word holds when the file was deleted, renamed, or attached in another
+    mount namespace (a container's path).  Either may hang on a file of a hung mount: ask it
+    through :func:`loop_statuses`."""
     name = os.path.basename(os.path.realpath(_sys_dev(devnum)))
     try:
         fd = os.open(f"/dev/{name}", os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
     except OSError:
-        return None
+        return media.loop_key_of_sysfs(devnum)
     try:
         st = os.fstat(fd)
-        if not stat.S_ISBLK(st.st_mode) or st.st_rdev != devnum:
-            return None  # a chroot's /dev, or a node reused meanwhile
-        return media.loop_key_of_fd(fd)
+        if stat.S_ISBLK(st.st_mode) and st.st_rdev == devnum:
+            key = media.loop_key_of_fd(fd)
+            if key is not None:
+                return key
     finally:
         os.close(fd)
+    return media.loop_key_of_sysfs(devnum)  # a chroot's /dev, or a node reused meanwhile
 
 
-#: Seconds the kernel is given to say what every loop device stands on.  It stats each
-#: backing file to answer: one on a hung network or FUSE mount never answers.
+#: Seconds the kernel is given to say what a loop device stands on.  It stats the backing
+#: file to answer: one on a hung network or FUSE mount never answers.
 ASK_LOOPS = 2.0
 
 
 def loop_statuses(devnums: list[int], timeout: float = ASK_LOOPS) -> dict[int, LoopKey | None]:
-    """:func:`loop_status` of each loop device, asked on a thread of its own: those
-    that answered within ``timeout``.  A loop device that does not answer (its backing file
-    is on a hung mount) is left out, never waited for: listing drives must not hang."""
+    """:func:`loop_status` of each loop device, asked in turn on a thread of its own: those
+    that answered.  One that does not answer within ``timeout`` (its backing file is on a
+    hung mount) is left out and never waited for again; the rest are asked on a new thread,
+    so that one stuck device hides no other.  Listing drives must not hang."""
     answers: dict[int, LoopKey | None] = {}
     lock = threading.Lock()
-    done = threading.Event()
+    left = list(devnums)
+    while left:
+        done = threading.Event()
+        asking: list[int] = []
 
-    def ask() -> None:
-        for devnum in devnums:
-            key = loop_status(devnum)
-            with lock:
-                answers[devnum] = key
-        done.set()
+        def ask(batch: tuple[int, ...], asking: list[int], done: threading.Event) -> None:
+            for devnum in batch:
+                with lock:
+                    if devnum in answers:
+                        continue
+                    asking.append(devnum)
+                key = loop_status(devnum)
+                with lock:
+                    answers[devnum] = key
+            done.set()
 
-    if devnums:
-        threading.Thread(target=ask, name="popsicle-loop-status", daemon=True).start()
-        done.wait(timeout)
+        threading.Thread(target=ask, args=(tuple(left), asking, done),
+                         name="popsicle-loop-status", daemon=True).start()
+        if done.wait(timeout):
+            break
+        with lock:
+            if not asking:
+                break  # not even started: the rest are as silent
+            stuck = asking[-1]
+            left = [d for d in left if d not in answers and d != stuck]
     with lock:
         return dict(answers)
 
@@ -195,23 +215,55 @@ def _ask(devnum: int, answers: LoopAnswers | None) -> tuple[bool, LoopKey | None
     return devnum in found, found.get(devnum)
 
 
-def loop_storage(backing: str, key: LoopKey | None) -> LoopStorage | None:
-    """What a loop device stands on: sysfs names its backing ``backing``, the kernel said
-    ``key`` (:func:`loop_statuses`; None: it cannot be asked).
+class DeviceNames:
+    """Which paths may name a block device: under /dev (but not in a file system mounted
+    inside it, as /dev/shm is), or named like one (a chroot's /dev).  Other files are never
+    stat()ed: one on a hung network or FUSE mount would hang (tests' FUSE drives live in
+    /dev/shm).  Decided from the names alone, with no call on the path."""
 
-    The kernel's answer decides, and then no path is looked up unless the file's filesystem
-    is found by no other means (a btrfs subvolume): the name is followed only when it is that
-    very file.  Without an answer (not root), the name is all there is.  None: nothing can be
-    known.
+    def __init__(self) -> None:
+        try:
+            self.names = set(os.listdir(f"{sysfs.ROOT}/class/block"))
+        except OSError:
+            self.names = set()
+        self.inside_dev = tuple(f"{e.mountpoint.rstrip('/')}/" for e in mount_table()
+                                if e.mountpoint.startswith("/dev/") and e.fstype != "devtmpfs")
+
+    def __call__(self, path: str) -> bool:
+        path = path.removesuffix(" (deleted)")
+        return os.path.basename(path) in self.names or self.in_dev(path)
+
+    def in_dev(self, path: str) -> bool:
+        """Under /dev itself (devtmpfs): a stat there cannot hang."""
+        return path.startswith("/dev/") and not path.startswith(self.inside_dev)
+
+
+def named_device(backing: str, devnum: int, device_like: DeviceNames | None = None
+                 ) -> LoopKey | None:
+    """What a loop device that did not answer stands on, when sysfs names a node in /dev
+    (devtmpfs answers whatever else hangs): a loop device over a disk is never lost that
+    way.  A name elsewhere is not looked up: it is most likely the file that hangs."""
+    if not (device_like or DeviceNames()).in_dev(backing):
+        return None
+    try:
+        st = os.stat(backing)
+    except OSError:
+        return None
+    if not stat.S_ISBLK(st.st_mode):
+        return None
+    offset = _read(os.path.join(_sys_dev(devnum), "loop", "offset")) or "0"
+    return LoopKey(st.st_dev, st.st_ino, st.st_rdev, int(offset) if offset.isdigit() else 0)
+
+
+def loop_storage(backing: str, key: LoopKey | None) -> LoopStorage | None:
+    """What a loop device stands on: sysfs names its backing ``backing``, and ``key`` is
+    what :func:`loop_statuses` found (None: nothing can be known).
+
+    No path is looked up unless the file's file system is found by no other means (a btrfs
+    subvolume): the name is then followed only when it is that very file.
     """
     if key is None:
-        try:
-            st = os.stat(backing)
-        except OSError:
-            return None
-        if stat.S_ISBLK(st.st_mode):
-            return LoopStorage(st.st_rdev, (st.st_dev, st.st_ino), frozenset())
-        return LoopStorage(0, (st.st_dev, st.st_ino), devnums_holding(backing))
+        return None
     inode = (key.dev, key.ino)
     if key.rdev:
         return LoopStorage(key.rdev, inode, frozenset())

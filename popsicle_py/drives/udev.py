@@ -25,7 +25,15 @@ from popsicle_py.drives.holders import (
     loops_over_devices,
     openers,
 )
-from popsicle_py.drives.model import Drive, MediaIdentity, Mount, SystemFacts, TargetError
+from popsicle_py.drives.model import (
+    Backing,
+    Drive,
+    LoopKey,
+    MediaIdentity,
+    Mount,
+    SystemFacts,
+    TargetError,
+)
 from popsicle_py.drives.rules import (
     AUTO_BUSES,
     busy_for_reading,
@@ -196,6 +204,15 @@ def devnum_of(device: pyudev.Device) -> int:
     return number if number is not None else device.device_number
 
 
+def _loop_identity(node: str, devnum: int, facts: SystemFacts, backing: Backing
+                   ) -> LoopKey | None:
+    """What the loop device stands on, for its identity: the kernel's answer when the facts
+    were gathered (not asked again per drive), else asked now unless it did not answer."""
+    if devnum in facts.answers.keys:
+        return facts.answers.keys[devnum]
+    return None if backing.unknown else loop_key(node, devnum)
+
+
 def build_drive(device: pyudev.Device, facts: SystemFacts, *, explicit: bool,
                 path: str | None = None) -> Drive:
     """A Drive for a whole-disk pyudev device, judged against ``facts``."""
@@ -237,7 +254,7 @@ def build_drive(device: pyudev.Device, facts: SystemFacts, *, explicit: bool,
         holders=_holders(device, parts),
         port_path=port_path_of(device),
         diskseq=int(diskseq) if diskseq and diskseq.isdigit() else None,
-        loop=loop_key(node, devnum) if bus == "loop" and not backing.unknown else None,
+        loop=_loop_identity(node, devnum, facts, backing) if bus == "loop" else None,
         busy=(busy_reasons(devnum, backing, facts.mounts, holders_beneath(backing, devnum))
               + holder_reasons(devnum, facts, backing)),
         backing=backing,

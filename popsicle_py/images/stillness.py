@@ -58,8 +58,10 @@ def change(before: FileState, now: FileState | None) -> str | None:
         return "another file took its name"
     if now.size != before.size:
         return f"its size went from {format_size(before.size)} to {format_size(now.size)}"
-    if (now.mtime_ns, now.ctime_ns) != (before.mtime_ns, before.ctime_ns):
+    if now.mtime_ns != before.mtime_ns:
         return "it was written to"
+    if now.ctime_ns != before.ctime_ns:  # chmod, a link, or a write whose time was set back
+        return "its inode changed: written to with its time set back, or its mode or links"
     return None
 
 

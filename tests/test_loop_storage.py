@@ -80,11 +80,12 @@ class Attached:
         return self.add(path, backing)
 
     def after(self, name: str, backing: Path) -> str:
-        """Attached as a loop device whose name sorts after ``name`` ("loop3" -> "loop30"):
-        asked after it, when every loop device is asked in turn."""
-        for suffix in range(100):
-            path = f"/dev/{name}{suffix}"
-            if sysfs_backing(path) is not None:
+        """Attached as a loop device whose name sorts after ``name`` ("loop3" -> "loop4",
+        "loop30"): asked after it, were the loop devices asked in turn."""
+        for number in range(1024):
+            path = f"/dev/loop{number}"
+            if f"loop{number}" <= name or sysfs_backing(path) is not None \
+                    or not os.path.exists(path):
                 continue
             if subprocess.run(["losetup", path, str(backing)], capture_output=True,
                               check=False).returncode == 0:

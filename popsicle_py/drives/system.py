@@ -91,7 +91,7 @@ def backing_of(devnum: int, answers: LoopAnswers | None = None) -> Backing:
         if current == devnum:
             name = backing
         answered, key = _ask(current, answers)
-        if not answered:
+        if not answered and current != devnum:  # the drive itself: refused, never guessed
             key = named_device(backing, current)
         if not answered and key is None:
             if written:
@@ -155,37 +155,28 @@ ASK_LOOPS = 2.0
 
 
 def loop_statuses(devnums: list[int], timeout: float = ASK_LOOPS) -> dict[int, LoopKey | None]:
-    """:func:`loop_status` of each loop device, asked in turn on a thread of its own: those
-    that answered.  One that does not answer within ``timeout`` (its backing file is on a
-    hung mount) is left out and never waited for again; the rest are asked on a new thread,
-    so that one stuck device hides no other.  Listing drives must not hang."""
+    """:func:`loop_status` of each loop device, each asked on a thread of its own, all
+    within one ``timeout``: those that answered.  One that does not (its backing file is on
+    a hung mount) is left out, hides no other, and is never waited for: listing drives must
+    not hang, and many hung devices cost no more than one."""
     answers: dict[int, LoopKey | None] = {}
     lock = threading.Lock()
-    left = list(devnums)
-    while left:
-        done = threading.Event()
-        asking: list[int] = []
+    all_done = threading.Event()
+    waiting = set(devnums)
 
-        def ask(batch: tuple[int, ...], asking: list[int], done: threading.Event) -> None:
-            for devnum in batch:
-                with lock:
-                    if devnum in answers:
-                        continue
-                    asking.append(devnum)
-                key = loop_status(devnum)
-                with lock:
-                    answers[devnum] = key
-            done.set()
-
-        threading.Thread(target=ask, args=(tuple(left), asking, done),
-                         name="popsicle-loop-status", daemon=True).start()
-        if done.wait(timeout):
-            break
+    def ask(devnum: int) -> None:
+        key = loop_status(devnum)
         with lock:
-            if not asking:
-                break  # not even started: the rest are as silent
-            stuck = asking[-1]
-            left = [d for d in left if d not in answers and d != stuck]
+            answers[devnum] = key
+            waiting.discard(devnum)
+            if not waiting:
+                all_done.set()
+
+    for devnum in set(devnums):
+        threading.Thread(target=ask, args=(devnum,), name="popsicle-loop-status",
+                         daemon=True).start()
+    if devnums:
+        all_done.wait(timeout)
     with lock:
         return dict(answers)
 
@@ -245,14 +236,8 @@ def named_device(backing: str, devnum: int, device_like: DeviceNames | None = No
     way.  A name elsewhere is not looked up: it is most likely the file that hangs."""
     if not (device_like or DeviceNames()).in_dev(backing):
         return None
-    try:
-        st = os.stat(backing)
-    except OSError:
-        return None
-    if not stat.S_ISBLK(st.st_mode):
-        return None
-    offset = _read(os.path.join(_sys_dev(devnum), "loop", "offset")) or "0"
-    return LoopKey(st.st_dev, st.st_ino, st.st_rdev, int(offset) if offset.isdigit() else 0)
+    key = media.loop_key_of_sysfs(devnum)
+    return key if key is not None and key.rdev else None
 
 
 def loop_storage(backing: str, key: LoopKey | None) -> LoopStorage | None:

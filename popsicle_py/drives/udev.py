@@ -207,10 +207,13 @@ def devnum_of(device: pyudev.Device) -> int:
 def _loop_identity(node: str, devnum: int, facts: SystemFacts, backing: Backing
                    ) -> LoopKey | None:
     """What the loop device stands on, for its identity: the kernel's answer when the facts
-    were gathered (not asked again per drive), else asked now unless it did not answer."""
+    were gathered (not asked again per drive); asked now only for a loop device bound since,
+    never for one that did not answer (refused anyway: its backing does not answer)."""
     if devnum in facts.answers.keys:
         return facts.answers.keys[devnum]
-    return None if backing.unknown else loop_key(node, devnum)
+    if devnum in facts.answers.silent or backing.unknown:
+        return None
+    return loop_key(node, devnum)
 
 
 def build_drive(device: pyudev.Device, facts: SystemFacts, *, explicit: bool,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import os
 import re
+import signal
 import stat
 import threading
 from collections.abc import Iterable
@@ -149,6 +150,8 @@ def loop_status(devnum: int) -> LoopKey | None:
     return media.loop_key_of_sysfs(devnum)  # a chroot's /dev, or a node reused meanwhile
 
 
+_STOP_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
+
 #: Seconds the kernel is given to say what a loop device stands on.  It stats the backing
 #: file to answer: one on a hung network or FUSE mount never answers.
 ASK_LOOPS = 2.0
@@ -172,9 +175,16 @@ def loop_statuses(devnums: list[int], timeout: float = ASK_LOOPS) -> dict[int, L
             if not waiting:
                 all_done.set()
 
-    for devnum in set(devnums):
-        threading.Thread(target=ask, args=(devnum,), name="popsicle-loop-status",
-                         daemon=True).start()
+    # Made with the stop signals blocked, which they keep: one left blocked in the kernel
+    # (a hung mount) must never be the thread a Ctrl-C is delivered to, where it would wait
+    # unseen while the main thread sits in the confirmation's read.
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    try:
+        for devnum in set(devnums):
+            threading.Thread(target=ask, args=(devnum,), name="popsicle-loop-status",
+                             daemon=True).start()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
     if devnums:
         all_done.wait(timeout)
     with lock:

@@ -120,9 +120,12 @@ def test_ctrl_c_at_the_confirmation_answers_below_the_prompt(
     image, _ = _image(tmp_path)
     loop = loop_factory(4 * MiB, fill=PATTERN)
     cmd = popsicle_cmd()
+    # As from a user's terminal: a shell that started the tests in the background (`&`) has
+    # them, and so this child, ignore SIGINT, and Python then never raises KeyboardInterrupt.
     child = pexpect.spawn(cmd[0], [*cmd[1:], "flash", str(image), loop.path],
                           env={**os.environ, "COLUMNS": "100"}, dimensions=(30, 100),
-                          encoding="utf-8", timeout=60)
+                          encoding="utf-8", timeout=60,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     child.expect(r"Continue\? \[y/N\]: ")
     child.sendintr()
     child.expect(pexpect.EOF)

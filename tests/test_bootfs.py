@@ -101,7 +101,7 @@ def test_a_write_outside_the_files_fails_the_drive(tmp_path: Path,
     real = bootfs_mod._mcopy
     firmware_at = Path(loop.backing).read_bytes().find(bytes(range(256)) * 16, part.offset)
 
-    def stray(fd: int, where: object, files: object) -> None:
+    def stray(fd: int, where: object, files: object, *stopped: object) -> None:
         real(fd, part, FILES)
         with open(loop.path, "r+b") as dev:
             dev.seek(firmware_at + 8192)

@@ -43,7 +43,9 @@ def write(loop: Loop, part: BootPartition, files: dict[str, bytes]) -> str:
     """As the engine calls it: on the drive's open descriptor (O_EXCL, O_DIRECT)."""
     fd = os.open(loop.path, os.O_RDWR | os.O_EXCL | os.O_DIRECT)
     try:
-        return write_boot_files(fd, part, files)
+        digest = write_boot_files(fd, part, files)
+        assert digest is not None  # None: stopped, which nothing here asks
+        return digest
     finally:
         os.close(fd)
 

@@ -4,6 +4,7 @@ holds the values (secrets redacted)."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -52,3 +53,41 @@ def test_the_stick_in_a_slot_gets_that_slots_row(rig: Rig, tmp_path: Path) -> No
     customized = json.loads(row["customized"])
     assert customized["values"]["hostname"] == "bench-right"
     assert customized["values"]["password"] == "<redacted>"
+
+
+def test_a_failed_stick_gives_its_slots_row_back(rig: Rig, tmp_path: Path) -> None:
+    """Rows keyed by slot: the first stick in A1 fails in its boot-files step (an mcopy that
+    fails once); the stick that replaces it in A1 gets A1's row and ends ok.  A drive that
+    ended ok keeps it: a third stick in A1 is refused, never written."""
+    image = pi_image.build(tmp_path, table="mbr")
+    toml, values = tmp_path / "lab.toml", tmp_path / "lab.csv"
+    toml.write_text('hostname = "{name}"\n')
+    values.write_text("slot,name\nA1,bench-left\nA2,bench-right\n")
+    slots = slot_map(tmp_path / "slots.toml", {"A1": 3, "A2": 5})
+    fake, once = tmp_path / "bin", tmp_path / "failed-once"
+    fake.mkdir()
+    (fake / "mcopy").write_text(f"#!/bin/sh\n[ -e {once} ] && exec /usr/bin/mcopy \"$@\"\n"
+                                f"touch {once}; echo 'stand-in: no' >&2; exit 1\n")
+    (fake / "mcopy").chmod(0o755)
+    rig.start([str(image), "--yes", "--slots", str(slots), "--journal",
+               str(tmp_path / "j.sqlite"), "--listen", "127.0.0.1:0", "--no-power-off",
+               "--customize", str(toml), "--values", str(values), "--customize-format",
+               "cloud-init"], env={"PATH": f"{fake}:{os.environ['PATH']}"})
+    first, second, third = Stick("c", 3), Stick("d", 3), Stick("e", 3)
+    rig.add(first.description)
+    failed = rig.wait(event="result", device=first.dev)
+    assert failed["status"] == "failed" and "stand-in: no" in failed["error"], failed
+    rig.remove(first.unplug)
+    rig.add(second.description)
+    added = rig.wait(event="drive_added", device=second.dev)
+    assert added["eligible"], added
+    result = rig.wait(event="result", device=second.dev)
+    assert result["status"] == "ok", result
+    assert result["customized"]["values"]["hostname"] == "bench-left"
+    rig.remove(second.unplug)
+    rig.add(third.description)
+    refused = rig.wait(event="drive_added", device=third.dev)
+    assert not refused["eligible"] and "bench-left" in refused["reason"], refused
+    assert rig.read(third.dev) == b""
+    rig.post("/api/stop")
+    assert rig.wait_exit() == 0

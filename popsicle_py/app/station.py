@@ -115,11 +115,11 @@ class PreparedStation:
         self.watch.close()
         self.sock.close()
 
-    def admit(self, hub: Hub) -> Callable[[Drive], str | None]:
+    def admit(self, hub: Hub) -> Callable[[Drive, int], str | None]:
         """The session's admission rule: a drive on a port of the map, or none at all."""
         slot_map = self.slot_map
 
-        def admit(drive: Drive) -> str | None:
+        def admit(drive: Drive, seq: int) -> str | None:
             if slot_map is not None:
                 port = port_path_of(drive)
                 if slot_map.label_of(port) is None:

@@ -91,3 +91,34 @@ def test_a_failed_stick_gives_its_slots_row_back(rig: Rig, tmp_path: Path) -> No
     assert rig.read(third.dev) == b""
     rig.post("/api/stop")
     assert rig.wait_exit() == 0
+
+
+def test_present_sticks_beyond_the_rows_are_left_alone(rig: Rig, tmp_path: Path) -> None:
+    """--include-present with one row and two sticks present: both are seen before any event
+    is delivered, yet each is checked against its own row: the first is written, the second
+    (drive 2, no row) is refused and never written."""
+    image = pi_image.build(tmp_path, table="mbr")
+    toml, values = tmp_path / "lab.toml", tmp_path / "lab.csv"
+    toml.write_text('hostname = "{name}"\n')
+    values.write_text("seq,name\n1,pi-one\n")
+    slots = slot_map(tmp_path / "slots.toml", {"A1": 3, "A2": 5})
+    sticks = Stick("c", 3), Stick("d", 5)
+    for stick in sticks:
+        rig.add(stick.description)
+    rig.start([str(image), "--yes", "--slots", str(slots), "--journal",
+               str(tmp_path / "j.sqlite"), "--listen", "127.0.0.1:0", "--no-power-off",
+               "--include-present", "--customize", str(toml), "--values", str(values),
+               "--customize-format", "cloud-init"])
+    added = {e["device"]: e for e in rig.events() if e.get("event") == "drive_added"}
+    (taken,) = [s for s in sticks if added[s.dev]["eligible"]]
+    (left,) = [s for s in sticks if not added[s.dev]["eligible"]]
+    assert added[taken.dev]["drive"]["seq"] == 1
+    assert "has no row for drive 2" in added[left.dev]["reason"], added[left.dev]
+    result = rig.wait(event="result", device=taken.dev)
+    assert result["status"] == "ok", result
+    assert result["customized"]["values"]["hostname"] == "pi-one"
+    rig.post("/api/stop")
+    assert rig.wait_exit() == 0
+    assert not [e for e in rig.events() if e.get("event") == "result"
+                and e["device"] == left.dev]
+    assert rig.read(left.dev) == b""

@@ -43,31 +43,3 @@ def test_watch_stops_taking_drives_when_the_rows_run_out(tmp_path: Path) -> None
                                capture_output=True, check=True).stdout
     assert b'hostname: "pi-01"' in user_data and KEY.encode() in user_data
     assert run.rc == 0, run.stderr
-
-
-@needs_testbed
-@pytest.mark.umockdev
-def test_present_drives_beyond_the_rows_are_left_alone(tmp_path: Path) -> None:
-    """--include-present with one row and two sticks present: both are taken before any
-    event is delivered, yet only the first gets a seq and is written; the other is refused
-    for its own row, drive 2's, and never written."""
-    image = pi_image.build(tmp_path, table="mbr", boot_mib=40, root_mib=8)
-    toml, values = tmp_path / "class.toml", tmp_path / "class.csv"
-    toml.write_text('hostname = "{hostname}"\n')
-    values.write_text("seq,hostname\n1,pi-01\n")
-    run = watch(tmp_path, [str(image), "--yes", "--include-present", "--no-power-off",
-                           "--customize", str(toml), "--values", str(values),
-                           "--customize-format", "cloud-init"],
-                [WATCHING, {"wait": {"event": "result"}}, {"signal": int(signal.SIGTERM)}],
-                present=(C.description, D.description), read=(C.dev, D.dev), timeout=60)
-    added = {e["device"]: e for e in run.of("drive_added")}
-    (taken,) = [dev for dev, e in added.items() if e["eligible"]]
-    (left,) = [dev for dev, e in added.items() if not e["eligible"]]
-    assert added[taken]["drive"]["seq"] == 1
-    assert "has no row for drive 2" in added[left]["reason"], added[left]
-    assert run.files[left] == b""  # never written
-    results = run.results()
-    assert list(results) == [taken]
-    assert results[taken]["status"] == "ok", results[taken]
-    assert results[taken]["customized"]["values"]["hostname"] == "pi-01"
-    assert run.rc == 0, run.stderr

@@ -176,7 +176,7 @@ def _in_use(geo: FatGeometry, fat: list[int]) -> set[int]:
 
 
 _children: set[subprocess.Popen[str]] = set()
-_children_lock = threading.Lock()
+_children_lock = threading.RLock()  # also taken in a signal handler (AT_QUIT)
 
 
 @contextlib.contextmanager

@@ -238,7 +238,7 @@ def _run(argv: list[str], what: str, stopped: Stopped, fd: int | None = None
     try:
         with _no_signal_blocked():
             child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, text=True,
+                                     stderr=subprocess.PIPE, text=True, errors="replace",
                                      pass_fds=() if fd is None else (fd,), process_group=0,
                                      env={**os.environ, "MTOOLS_SKIP_CHECK": "1", "LC_ALL": "C"})
     except FileNotFoundError:

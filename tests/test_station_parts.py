@@ -155,6 +155,14 @@ def test_a_hook_that_cannot_be_split_is_refused(tmp_path: Path) -> None:
     assert done.stderr == "popsicle-py: --hook \"say 'unclosed\": No closing quotation\n"
 
 
+def test_a_token_file_that_is_not_text_is_one_line(tmp_path: Path) -> None:
+    bad = tmp_path / "token"
+    bad.write_bytes(b"\xff\xfe\n")
+    done = _station(tmp_path, "--token-file", str(bad), "--listen", "127.0.0.1:0")
+    assert (done.returncode, done.stdout) == (2, "")
+    assert done.stderr == f"popsicle-py: --token-file {bad}: not UTF-8 text\n"
+
+
 def test_records_of_a_missing_journal_is_one_line(tmp_path: Path) -> None:
     done = subprocess.run([*popsicle_cmd(), "records", "--journal", str(tmp_path / "no.db")],
                           capture_output=True, text=True, check=False)
@@ -192,8 +200,45 @@ def test_the_server_serves_only_its_assets_and_bounds_requests(tmp_path: Path) -
             assert ask("GET", path)[0] == 404, path
         assert ask("POST", "/api/stop", b"x" * 100_000, token="secret")[0] == 413
         assert ask("POST", "/api/stop", token="secrets")[0] == 401
+        # A header that is not ASCII is a wrong token too, never a server error.
+        raw = socket.create_connection((host, port), timeout=10)
+        raw.sendall(b"POST /api/stop HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n"
+                    b"Authorization: Bearer \xff\xfe\r\nConnection: close\r\n\r\n")
+        answer = b""
+        while chunk := raw.recv(4096):
+            answer += chunk
+        raw.close()
+        assert answer.startswith(b"HTTP/1.1 401 "), answer[:200]
+        assert not server.station.drain.is_set()
         assert ask("GET", "/api/records")[1] == b"[]"
         assert url_of(sock) == f"http://127.0.0.1:{port}/"
+    finally:
+        server.stop()
+
+
+def test_head_on_a_stream_is_its_headers_alone(tmp_path: Path) -> None:
+    """A HEAD gets no endless body: the same connection serves the next request."""
+    import http.client
+
+    from popsicle_py.station.api import Station
+    from popsicle_py.station.journal import Journal
+    from popsicle_py.station.server import Server, bind
+
+    journal = tmp_path / "j.sqlite"
+    Journal(str(journal), station="s", session="x").close()
+    sock = bind("127.0.0.1", 0)
+    server = Server(Station(Hub(_board()), "secret", str(journal), threading.Event()), sock)
+    server.start()
+    try:
+        conn = http.client.HTTPConnection(*sock.getsockname()[:2], timeout=10)
+        for path, kind in (("/api/stream", "text/event-stream"),
+                           ("/api/events", "application/x-ndjson")):
+            conn.request("HEAD", path)
+            head = conn.getresponse()
+            assert (head.status, head.getheader("Content-Type")) == (200, kind)
+            assert head.read() == b""
+            conn.request("GET", "/api/records")
+            assert conn.getresponse().read() == b"[]", path
     finally:
         server.stop()
 

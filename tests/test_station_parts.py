@@ -243,6 +243,52 @@ def test_head_on_a_stream_is_its_headers_alone(tmp_path: Path) -> None:
         server.stop()
 
 
+IDENTIFY_A_DEAD_DRIVE = """
+import os, sys, threading, time, urllib.request
+from popsicle_py.station.api import Station
+from popsicle_py.station.board import Board
+from popsicle_py.station.hub import Hub
+from popsicle_py.station.journal import Journal
+from popsicle_py.station.server import Server, bind
+
+work, dead = sys.argv[1], sys.argv[2]
+Journal(work + "/j.sqlite", station="s", session="x").close()
+board = Board.with_slots(("A1",), image={}, station={})
+board.tiles["A1"].device, board.tiles["A1"].state = dead, "done"
+hub = Hub(board)
+sock = bind("127.0.0.1", 0)
+server = Server(Station(hub, "t", work + "/j.sqlite", threading.Event(), 0.5), sock)
+server.start()
+url = "http://127.0.0.1:%d/api/slots/A1/identify" % sock.getsockname()[1]
+asked = urllib.request.Request(url, method="POST", headers={"Authorization": "Bearer t"})
+print(urllib.request.urlopen(asked, timeout=10).status, flush=True)
+while hub.snapshot()["slots"][0]["identify"]:
+    time.sleep(0.05)
+print("highlight off", flush=True)
+server.stop()
+print("stopped", flush=True)
+"""
+
+
+def test_identify_on_a_drive_that_never_answers_keeps_nothing_waiting(tmp_path: Path) -> None:
+    """A drive whose open never returns (a FIFO: a dead stick): the highlight ends after the
+    identify time and the process ends once the server stops (nothing joins the reader)."""
+    import os
+    import sys
+
+    dead = tmp_path / "sdz"
+    os.mkfifo(dead)
+    proc = subprocess.Popen([sys.executable, "-c", IDENTIFY_A_DEAD_DRIVE, str(tmp_path),
+                             str(dead)], stdout=subprocess.PIPE, text=True)
+    try:
+        out, _ = proc.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, _ = proc.communicate()
+    assert out.splitlines() == ["202", "highlight off", "stopped"]
+    assert proc.returncode == 0
+
+
 def test_records_exports_the_journal_as_text_csv_and_json(tmp_path: Path) -> None:
     from popsicle_py.station.journal import Journal
 

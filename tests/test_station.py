@@ -186,3 +186,43 @@ def test_stop_finishes_the_drive_being_written_and_takes_no_new_one(
     assert rig.read(writing.dev)[: len(data)] == data  # type: ignore[index]
     assert rig.read(late.dev) == b""
     assert [r["result"] for r in records(tmp_path / "j.sqlite")] == ["ok"]
+
+
+def test_a_second_station_on_the_same_journal_is_refused_and_the_first_keeps_its_drive(
+        rig: Rig, tmp_path: Path) -> None:
+    from faulty import FaultyFile, faulty_files
+
+    data = os.urandom(8 * MiB)
+    journal = tmp_path / "j.sqlite"
+    with faulty_files() as made:
+        # The image crawls (a FUSE file): the first station's drive is in flight throughout.
+        source = FaultyFile(len(data), content=data, faults={"crawl": (0, MiB)})
+        made.append(source)
+        stick = Stick("c", 3)
+        rig.start([source.file, "--yes", "--force", "--journal", str(journal),
+                   "--listen", "127.0.0.1:0", "--no-power-off", "--name", "tower1"])
+        rig.add(stick.description)
+        rig.wait(event="progress", device=stick.dev, phase="writing")
+        other = tmp_path / "other.img"
+        other.write_bytes(b"\0" * MiB)
+        nowhere = slot_map(tmp_path / "nowhere.toml", {"Z": 99})  # old code: it would run
+        second = subprocess.run([*popsicle_cmd(), "station", str(other), "--yes", "--journal",
+                                 str(journal), "--slots", str(nowhere), "--listen",
+                                 "127.0.0.1:0", "--name", "tower2"],
+                                capture_output=True, text=True, timeout=30,
+                                stdin=subprocess.DEVNULL, check=False)
+        assert (second.returncode, second.stdout) == (2, "")
+        assert second.stderr == (f"popsicle-py: --journal {journal}: another station is using "
+                                 "this journal; give each station its own --journal\n")
+        assert [(r["station"], r["result"]) for r in records(journal)] == [
+            ("tower1", "in-flight")]
+        result = rig.wait(event="result", device=stick.dev)
+        assert result["status"] == "ok"
+        assert rig.post("/api/stop") == (202, {"stopping": True})
+        assert rig.wait_exit() == 0
+    assert [(r["station"], r["result"]) for r in records(journal)] == [("tower1", "ok")]
+    # Once the first station ended, the journal is free for the next one.
+    again = subprocess.run([*popsicle_cmd(), "station", str(other), "--yes", "--journal",
+                            str(journal), "--listen", "127.0.0.1:http"], capture_output=True,
+                           text=True, timeout=60, stdin=subprocess.DEVNULL, check=False)
+    assert again.returncode == 2 and "the port must be a number" in again.stderr

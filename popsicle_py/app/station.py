@@ -69,7 +69,7 @@ class PreparedStation:
     def __init__(self, request: StationRequest, watch: PreparedWatch,
                  slot_map: slots_mod.SlotMap | None, sock: socket.socket, token: str,
                  token_file: str, token_made: bool, journal_path: str, sha256: str,
-                 hook: list[str] | None = None) -> None:
+                 hook: list[str] | None = None, lock: int | None = None) -> None:
         self.request = request
         self.watch = watch
         self.slot_map = slot_map
@@ -77,6 +77,7 @@ class PreparedStation:
         self.url = url_of(sock)
         self.token, self.token_file, self.token_made = token, token_file, token_made
         self.journal_path = journal_path
+        self.lock = lock  # the journal's, held until close(): one station per journal
         self.sha256 = sha256
         self.hook = hook
         self.name = request.name or socket.gethostname()
@@ -114,6 +115,9 @@ class PreparedStation:
     def close(self) -> None:
         self.watch.close()
         self.sock.close()
+        if self.lock is not None:
+            os.close(self.lock)
+            self.lock = None
 
     def admit(self, hub: Hub) -> Callable[[Drive], str | None]:
         """The session's admission rule: a drive on a port of the map, or none at all."""
@@ -212,9 +216,23 @@ def prepare_station(request: StationRequest) -> PreparedStation:
         os.path.dirname(os.path.abspath(journal_path)), "station.token")
     try:
         journal_mod.connect(journal_path, create=True).close()
+        lock = journal_mod.hold(journal_path)  # this station's until it is closed
+    except journal_mod.JournalError as exc:
+        raise Refused([str(exc)]) from None
+    try:
+        return _prepare(request, slot_map, hook, journal_path, token_file, lock)
+    except BaseException:
+        os.close(lock)
+        raise
+
+
+def _prepare(request: StationRequest, slot_map: slots_mod.SlotMap | None,
+             hook: list[str] | None, journal_path: str, token_file: str,
+             lock: int) -> PreparedStation:
+    try:
         host, port = parse_listen(request.listen)
         token, made = read_token(token_file)
-    except (journal_mod.JournalError, ServerError) as exc:
+    except ServerError as exc:
         raise Refused([str(exc)]) from None
     watch = prepare_watch(request.watch)
     try:
@@ -230,7 +248,7 @@ def prepare_station(request: StationRequest) -> PreparedStation:
     else:
         sha256 = ""
     return PreparedStation(request, watch, slot_map, sock, token, token_file, made,
-                           journal_path, sha256, hook)
+                           journal_path, sha256, hook, lock)
 
 
 def learn_slots(request: LearnRequest, say: Callable[[str], None],

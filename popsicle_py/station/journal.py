@@ -10,6 +10,7 @@ rows a crash left in flight ``interrupted`` (counted failed).  The columns are t
 from __future__ import annotations
 
 import csv
+import fcntl
 import io
 import json
 import os
@@ -87,6 +88,30 @@ def connect(path: str, *, create: bool) -> sqlite3.Connection:
         raise JournalError(f"--journal {path}: {getattr(exc, 'strerror', None) or exc}"
                            ) from None
     return db
+
+
+def hold(path: str) -> int:
+    """Lock the journal for a station's whole life; the descriptor (closing it unlocks).
+
+    A second station on the same journal would take the first one's drives in flight for
+    a crash's and mark them interrupted: it is refused instead.  A station killed outright
+    leaves no lock behind (the kernel drops it with the process).  flock, not SQLite's
+    POSIX locks, which it never meets on a local file system; the descriptor stays open
+    until the station ends (closing another descriptor of the file would drop SQLite's).
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise JournalError(f"--journal {path}: {exc.strerror or exc}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        os.close(fd)
+        if isinstance(exc, BlockingIOError):
+            raise JournalError(f"--journal {path}: another station is using this journal; "
+                               "give each station its own --journal") from None
+        raise JournalError(f"--journal {path}: {exc.strerror or exc}") from None
+    return fd
 
 
 def _row(cursor: sqlite3.Cursor, values: tuple[object, ...]) -> JsonObject:

@@ -338,3 +338,56 @@ def test_the_terminal_says_each_drives_slot() -> None:
     SlotJsonView(out).handle(events.DriveRemoved("/dev/sdc"), "A3")
     assert json.loads(out.getvalue()) == {"event": "drive_removed", "device": "/dev/sdc",
                                           "slot": "A3"}
+
+
+def _added(device: str, port: str, seq: int | None, eligible: bool = True,
+           reason: str | None = None) -> events.DriveAdded:
+    info = events.DriveInfo(seq, port, "Generic", "Card Reader", "SN", 64 * MiB)
+    return events.DriveAdded(device, "Generic Card Reader", 64 * MiB, eligible, reason, info)
+
+
+def _result(device: str, seq: int, ok: bool) -> events.Result:
+    info = events.DriveInfo(seq, "1-4", "Generic", "Card Reader", "SN", 64 * MiB)
+    if ok:
+        return events.Result(events.DriveResult(device, events.Status.OK, MiB, drive=info))
+    return events.Result(events.DriveResult(device, events.Status.FAILED, 0,
+                                            f"{device}: the drive was removed",
+                                            cause=events.Cause.REMOVED, drive=info))
+
+
+def test_a_failure_counts_on_the_page_when_its_tile_shows_another_drive() -> None:
+    """A drive pulled mid-write, another put in the slot before the first one's end came."""
+    board = _board()
+    board.apply(_added("/dev/sde", "1-4", 1), "1", 0)
+    board.apply(events.DriveRemoved("/dev/sde"), "1", 0)
+    board.apply(_added("/dev/sdg", "1-4", 2), "1", 0)
+    board.apply(_result("/dev/sde", 1, ok=False), "1", 0)
+    snapshot = board.snapshot(0)
+    assert snapshot["counters"] | {"in_flight": 0} == {"ok": 0, "failed": 1, "total": 1,
+                                                      "in_flight": 0, "target": None}
+    first = snapshot["slots"][0]
+    assert (first["label"], first["device"], first["state"]) == ("1", "/dev/sdg", "probing")
+
+
+def test_a_slot_holds_one_drive_until_it_ends_or_leaves() -> None:
+    from popsicle_py.station.recorder import Tagger
+
+    mapped = Tagger(slots.SlotMap((slots.Slot("A1", "1-4"),)))
+    assert mapped.take("1-4", "/dev/sde") is None
+    assert mapped.slot(_added("/dev/sde", "1-4", 1)) == "A1"
+    assert mapped.take("1-4", "/dev/sdf") == "slot A1 holds /dev/sde already: one drive per slot"
+    assert mapped.take("1-4", "/dev/sde") is None  # the same drive again (a card reader's)
+    mapped.slot(_result("/dev/sde", 1, ok=True))
+    assert mapped.take("1-4", "/dev/sdf") is None  # the first one ended: the slot is free
+    mapped.slot(_added("/dev/sdf", "1-4", None, eligible=False, reason="too small"))
+    assert mapped.take("1-4", "/dev/sdg") is None  # refused after all: it holds nothing
+    assert mapped.slot(_added("/dev/sdg", "1-4", 2)) == "A1"
+    mapped.slot(events.DriveRemoved("/dev/sdg"))
+    assert mapped.take("1-4", "/dev/sdh") is None  # pulled out: the slot is free
+    # Without a map, a second card on the port gets a tile of its own.
+    unmapped = Tagger(None)
+    assert unmapped.take("1-4", "/dev/sde") is None
+    assert unmapped.slot(_added("/dev/sde", "1-4", 1)) == "1-4"
+    assert unmapped.take("1-4", "/dev/sdf") is None
+    assert unmapped.slot(_added("/dev/sdf", "1-4", 2)) == "1-4/sdf"
+    assert unmapped.slot(_result("/dev/sdf", 2, ok=True)) == "1-4/sdf"

@@ -119,16 +119,20 @@ class PreparedStation:
             os.close(self.lock)
             self.lock = None
 
-    def admit(self, hub: Hub) -> Callable[[Drive], str | None]:
-        """The session's admission rule: a drive on a port of the map, or none at all."""
+    def admit(self, hub: Hub, tagger: Tagger) -> Callable[[Drive], str | None]:
+        """The session's admission rule: a drive on a port of the map (or none at all), in a
+        slot no other drive holds."""
         slot_map = self.slot_map
 
         def admit(drive: Drive) -> str | None:
-            if slot_map is not None:
-                port = port_path_of(drive)
-                if slot_map.label_of(port) is None:
-                    return (f"not in a slot: port {port} is not in the slot map" if port
-                            else "not in a slot: not on a USB port")
+            port = port_path_of(drive)
+            if slot_map is not None and slot_map.label_of(port) is None:
+                return (f"not in a slot: port {port} is not in the slot map" if port
+                        else "not in a slot: not on a USB port")
+            if drive.size > 0:  # a card reader's empty slot holds no slot of ours
+                why = tagger.take(port, drive.path)
+                if why is not None:
+                    return why
             hub.devnums[drive.path] = drive.devnum
             return None
 
@@ -166,14 +170,15 @@ class PreparedStation:
                     say_on_stderr(line)
 
                 hook = Hook(self.hook, warn)
-            station_view = StationView(Tagger(self.slot_map), Recorder(
+            tagger = Tagger(self.slot_map)
+            station_view = StationView(tagger, Recorder(
                 journal, image.path, self.sha256, request.watch.verify), hub, terminal, hook)
             try:
                 for note in self.start_notes(recovered):
                     terminal.handle(events.Note(note), None)
                 if watch.personaliser is not None and self.slot_map is not None:
                     watch.personaliser.slot_of = self.slot_map.label_of  # {slot}: the label
-                hooks = watch_mod.WatchOptions(admit=self.admit(hub), drain=self.drain)
+                hooks = watch_mod.WatchOptions(admit=self.admit(hub, tagger), drain=self.drain)
                 summary = watch.run(station_view, cancel, hooks=hooks)
                 if hook is not None:
                     hook.join()

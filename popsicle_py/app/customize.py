@@ -87,6 +87,7 @@ class Personaliser:
         self._records: dict[tuple[str, int | None], events.JsonObject] = {}
         self._lock = threading.Lock()
         self._admitted = 0  # watch: drives taken so far (the next one's seq is one more)
+        self.seq_base = 0  # a station's batch going on: the seqs its journal gave already
         self._hostnames: set[str] = set()
         #: A station's slot label of a USB port path (None: ``{slot}`` is the drive's seq).
         self.slot_of: Callable[[str | None], str | None] | None = None
@@ -112,7 +113,7 @@ class Personaliser:
         from popsicle_py.settings import SettingsError
 
         with self._lock:
-            seq = self._admitted + 1
+            seq = self.seq_base + self._admitted + 1
         try:
             files = self.customization.for_drive(self._context(drive_info(drive, seq)))
         except SettingsError as exc:

@@ -149,6 +149,7 @@ class PreparedStation:
         try:
             recovered = journal.recover()
             counters = journal_mod.counts(journal.db, request.batch)
+            before = journal_mod.last_seq(journal.db, request.batch)  # the batch goes on
             image = watch.image
             board = Board.with_slots(
                 self.slot_map.labels if self.slot_map is not None else (),
@@ -174,11 +175,14 @@ class PreparedStation:
             station_view = StationView(tagger, Recorder(
                 journal, image.path, self.sha256, request.watch.verify), hub, terminal, hook)
             try:
-                for note in self.start_notes(recovered):
+                for note in self.start_notes(recovered, before):
                     terminal.handle(events.Note(note), None)
-                if watch.personaliser is not None and self.slot_map is not None:
-                    watch.personaliser.slot_of = self.slot_map.label_of  # {slot}: the label
-                hooks = watch_mod.WatchOptions(admit=self.admit(hub, tagger), drain=self.drain)
+                if watch.personaliser is not None:
+                    watch.personaliser.seq_base = before
+                    if self.slot_map is not None:  # {slot}: the label
+                        watch.personaliser.slot_of = self.slot_map.label_of
+                hooks = watch_mod.WatchOptions(admit=self.admit(hub, tagger), drain=self.drain,
+                                               first_seq=before + 1)
                 summary = watch.run(station_view, cancel, hooks=hooks)
                 if hook is not None:
                     hook.join()
@@ -192,7 +196,7 @@ class PreparedStation:
         self.exit_status = EXIT_OK if stopped else watch.exit_status
         return summary
 
-    def start_notes(self, recovered: int) -> list[str]:
+    def start_notes(self, recovered: int, before: int = 0) -> list[str]:
         notes = [f"station {self.name}: {self.url}",
                  f"token for POST requests: {self.token} (in {self.token_file})"]
         if not is_loopback(self.sock):
@@ -201,6 +205,9 @@ class PreparedStation:
         if recovered:
             notes.append(f"journal: {recovered} drive(s) left in flight by the last run are "
                          "recorded interrupted")
+        if before:
+            batch = f"batch {self.request.batch}" if self.request.batch else "the unnamed batch"
+            notes.append(f"journal: {batch} goes on: the next drive is seq {before + 1}")
         return notes
 
 

@@ -186,6 +186,13 @@ def counts(db: sqlite3.Connection, batch: str | None) -> dict[str, int]:
     return {"ok": ok, "failed": failed, "total": ok + failed}
 
 
+def last_seq(db: sqlite3.Connection, batch: str) -> int:
+    """The highest seq a drive of the batch got (0: none yet): a station started again
+    goes on numbering from there, so rows keyed by seq are never given twice."""
+    row = db.execute("SELECT max(seq) FROM records WHERE batch = ?", (batch,)).fetchone()
+    return int(row[0] or 0)
+
+
 def records(db: sqlite3.Connection, batch: str | None = None) -> list[JsonObject]:
     """Every row (of a batch), oldest first, as plain data."""
     where, args = ("WHERE batch = ?", (batch,)) if batch is not None else ("", ())

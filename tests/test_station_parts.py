@@ -230,7 +230,8 @@ def test_head_on_a_stream_is_its_headers_alone(tmp_path: Path) -> None:
     server = Server(Station(Hub(_board()), "secret", str(journal), threading.Event()), sock)
     server.start()
     try:
-        conn = http.client.HTTPConnection(*sock.getsockname()[:2], timeout=10)
+        host, port = sock.getsockname()[:2]
+        conn = http.client.HTTPConnection(host, port, timeout=10)
         for path, kind in (("/api/stream", "text/event-stream"),
                            ("/api/events", "application/x-ndjson")):
             conn.request("HEAD", path)

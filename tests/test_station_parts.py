@@ -4,12 +4,15 @@ and the server's loop, the board, and the refusals (exit 2, one line, nothing wr
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import popsicle_cmd
@@ -170,13 +173,12 @@ def test_records_of_a_missing_journal_is_one_line(tmp_path: Path) -> None:
     assert done.stderr == f"popsicle-py: --journal {tmp_path / 'no.db'}: no such file\n"
 
 
-def test_the_server_serves_only_its_assets_and_bounds_requests(tmp_path: Path) -> None:
-    """In-process: the page's three files, nothing else; a large body is refused."""
-    import http.client
-
+@contextlib.contextmanager
+def _served(tmp_path: Path) -> Iterator[tuple[Any, str, int]]:
+    """A station's web server in this process (token "secret"): (server, host, port)."""
     from popsicle_py.station.api import Station
     from popsicle_py.station.journal import Journal
-    from popsicle_py.station.server import Server, bind, url_of
+    from popsicle_py.station.server import Server, bind
 
     journal = tmp_path / "j.sqlite"
     Journal(str(journal), station="s", session="x").close()
@@ -185,7 +187,18 @@ def test_the_server_serves_only_its_assets_and_bounds_requests(tmp_path: Path) -
     server.start()
     try:
         host, port = sock.getsockname()[:2]
+        yield server, host, port
+    finally:
+        server.stop()
 
+
+def test_the_server_serves_only_its_assets_and_bounds_requests(tmp_path: Path) -> None:
+    """In-process: the page's three files, nothing else; a large body is refused."""
+    import http.client
+
+    from popsicle_py.station.server import url_of
+
+    with _served(tmp_path) as (server, host, port):
         def ask(method: str, path: str, body: bytes = b"",
                 token: str | None = None) -> tuple[int, bytes]:
             conn = http.client.HTTPConnection(host, port, timeout=10)
@@ -211,26 +224,14 @@ def test_the_server_serves_only_its_assets_and_bounds_requests(tmp_path: Path) -
         assert answer.startswith(b"HTTP/1.1 401 "), answer[:200]
         assert not server.station.drain.is_set()
         assert ask("GET", "/api/records")[1] == b"[]"
-        assert url_of(sock) == f"http://127.0.0.1:{port}/"
-    finally:
-        server.stop()
+        assert url_of(server.sock) == f"http://127.0.0.1:{port}/"
 
 
 def test_head_on_a_stream_is_its_headers_alone(tmp_path: Path) -> None:
     """A HEAD gets no endless body: the same connection serves the next request."""
     import http.client
 
-    from popsicle_py.station.api import Station
-    from popsicle_py.station.journal import Journal
-    from popsicle_py.station.server import Server, bind
-
-    journal = tmp_path / "j.sqlite"
-    Journal(str(journal), station="s", session="x").close()
-    sock = bind("127.0.0.1", 0)
-    server = Server(Station(Hub(_board()), "secret", str(journal), threading.Event()), sock)
-    server.start()
-    try:
-        host, port = sock.getsockname()[:2]
+    with _served(tmp_path) as (_, host, port):
         conn = http.client.HTTPConnection(host, port, timeout=10)
         for path, kind in (("/api/stream", "text/event-stream"),
                            ("/api/events", "application/x-ndjson")):
@@ -240,8 +241,6 @@ def test_head_on_a_stream_is_its_headers_alone(tmp_path: Path) -> None:
             assert head.read() == b""
             conn.request("GET", "/api/records")
             assert conn.getresponse().read() == b"[]", path
-    finally:
-        server.stop()
 
 
 IDENTIFY_A_DEAD_DRIVE = """

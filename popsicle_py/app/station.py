@@ -1,8 +1,9 @@
 """The station use case: ``watch``'s session with slots, a web page, an HTTP API, a journal.
 
 :func:`prepare_station` makes every check of ``watch`` (it prepares one), then loads the
-slot map, opens the journal, reads or makes the token and binds the listening socket: any
-problem is a :class:`Refused` (exit 2) before a drive is touched.  ``run(view, cancel)``
+slot map, opens and locks the journal (one station per journal), reads or makes the token
+and binds the listening socket: any problem is a :class:`Refused` (exit 2) before a drive
+is touched.  ``run(view, cancel)``
 recovers the journal (rows a crash left in flight become ``interrupted``), starts the web
 server, and runs the session with the slot map as its admission rule and the page's stop as
 its drain.  :func:`learn_slots` makes a slot map; :func:`read_records` exports the journal.

@@ -516,11 +516,13 @@ def _pause(seconds: float, stop: Callable[[], bool] | threading.Event | None) ->
 
 
 def read_full(source: FileLike, view: memoryview, *, pacer: Pacer | None = None,
-              progress: Callable[[int], None] | None = None) -> int:
-    """Fill ``view`` from ``source`` until it is full or the source ends (paced when asked)."""
+              progress: Callable[[int], None] | None = None,
+              stop: Callable[[], bool] | None = None) -> int:
+    """Fill ``view`` from ``source`` until it is full or the source ends (paced when asked);
+    with ``stop``, no further call is made once it says so (the count is then short)."""
     done = 0
     readinto = getattr(source, "readinto", None)
-    while done < len(view):
+    while done < len(view) and not (stop is not None and stop()):
         want = view[done:] if pacer is None else view[done : done + pacer.size()]
         began = time.monotonic()
         if readinto is not None:

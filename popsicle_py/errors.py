@@ -14,6 +14,7 @@
 
     OSError (a source that cannot be trusted; raised by the engine's reader)
     ├── SourceChanged              the source held more or fewer bytes than it was said to
+    ├── SourceStalled              reading the source made no progress within the stall timeout
     ├── ExtentChecksumError        a block-map range fails its checksum
     └── ChecksumMismatch           the bytes read do not match the image's checksum
 
@@ -111,6 +112,17 @@ class SourceChanged(OSError):
             "truncated or changed while being read?)"))
         self.expected = expected
         self.got = got
+
+
+class SourceStalled(OSError):
+    """Reading the image made (almost) no progress for the stall timeout: its disk or network
+    share hangs (ETIMEDOUT).  No drive can hold the image; every one fails."""
+
+    def __init__(self, limit: float, moved: int) -> None:
+        super().__init__(errno.ETIMEDOUT, (
+            f"reading the image stalled: no data for {limit:g} s (is the disk or network "
+            "share it is on hung?)" if not moved else
+            f"reading the image stalled: only {moved // 1024} KiB in {limit:g} s"))
 
 
 class SourceDiffers(OSError):

@@ -25,6 +25,7 @@ from popsicle_py.errors import (
     Rejected,
     SourceChanged,
     SourceDiffers,
+    SourceStalled,
     Stalled,
     TooSmall,
 )
@@ -57,6 +58,7 @@ BY_TYPE: tuple[tuple[type[BaseException], Cause, Callable[[BaseException, str], 
     # The image's fault, not the drive's.
     (SourceChanged, Cause.SOURCE, _on_drive),
     (SourceDiffers, Cause.SOURCE, _on_drive),
+    (SourceStalled, Cause.SOURCE, _on_drive),
     (ChecksumMismatch, Cause.SOURCE, _on_drive),
     (ExtentChecksumError, Cause.SOURCE, _on_drive),
     (Stalled, Cause.STALLED, _on_drive),

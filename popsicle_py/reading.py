@@ -29,6 +29,10 @@ from popsicle_py.records import record
 
 #: Compression by OUTPUT's suffix; anything else is written raw.
 SUFFIXES = {".zst": "zstd", ".xz": "xz", ".gz": "gzip"}
+#: Suffixes that name a compression or archive read does not write: refused, never written
+#: raw under a name that says otherwise (bunzip2 would fail on it, a person would trust it).
+NOT_WRITTEN = frozenset({".bz2", ".lz4", ".lzma", ".lz", ".zip", ".7z", ".rar", ".tar",
+                         ".tgz", ".zstd"})
 BMAP_BLOCK = 4096
 DEFAULT_BUCKET = 8 << 20
 BUFFERS = 3

@@ -352,7 +352,7 @@ class WatchSession:
                 verify_checksum(self.image.path, checksum,
                                  lambda done, total: self._emit_now(
                                      Progress(None, Step.CHECKSUM, done, total)),
-                                 self.cancel)
+                                 self.cancel, stall_timeout=self.options.stall_timeout)
             except ChecksumCancelled:
                 return False
             self.emit(Note(f"checksum ok ({checksum.algo} from {checksum.source})"))

@@ -112,7 +112,7 @@ class FaultFS(mfusepy.Operations):  # type: ignore[misc]
 
     def _pace(self, faults: dict[str, Any], offset: int, length: int) -> None:
         crawl = faults.get("crawl")
-        if not crawl or offset + length <= crawl[0]:
+        if not crawl or offset + length <= crawl[0] or (len(crawl) > 2 and offset >= crawl[2]):
             return
         with self.lock:
             start = max(time.monotonic(), self.next_free)

@@ -42,11 +42,11 @@ def popsicle(*args: object) -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True, timeout=120, check=False)
 
 
-def inputs(tmp_path: Path, settings: str = SETTINGS,
+def inputs(tmp_path: Path, settings: str | bytes = SETTINGS,
            rows: str = f"seq,hostname,ssh_key\n1,pi-01,{KEYS[0]}\n2,pi-02,{KEYS[1]}\n"
            ) -> tuple[Path, Path]:
     toml, values = tmp_path / "settings.toml", tmp_path / "class.csv"
-    toml.write_text(settings)
+    toml.write_bytes(settings if isinstance(settings, bytes) else settings.encode())
     values.write_text(rows)
     return toml, values
 
@@ -141,6 +141,42 @@ BAD = {
     "malformed-key": (None, "seq,hostname,ssh_key\n1,a,ssh-ed25519 AAAA\n2,b,x\n",
                       "malformed SSH key"),
     "bad-country": (SETTINGS.replace('"DE"', '"EU"'), None, "not an ISO 3166"),
+    # Control characters and line breaks: cloud-init would ignore the whole user-data, or a
+    # key's second line would be an unchecked authorized key.
+    "delete-in-key": (None, f"seq,hostname,ssh_key\n1,a,{KEYS[0]}\x7f\n2,b,{KEYS[1]}\n",
+                      "ssh_authorized_keys holds a control character or line break (U+007F)"),
+    "newline-in-key": (SETTINGS.replace('"{ssh_key}"', '"{ssh_key}\\nssh-rsa AAAA junk"'),
+                       None, "ssh_authorized_keys holds a control character or line break"),
+    "next-line-in-ssid": (SETTINGS.replace('"classroom"', '"class\\u0085room"'), None,
+                          "wifi.ssid holds a control character or line break (U+0085)"),
+    "line-separator-in-key": (None, f"seq,hostname,ssh_key\n1,a,{KEYS[0]}\u2028x\n"
+                              f"2,b,{KEYS[1]}\n", "line break (U+2028)"),
+    "newline-in-password": (SETTINGS.replace("correct horse", "correct\\nhorse"), None,
+                            "password holds a control character or line break (U+000A)"),
+    # crypt() refuses 512 bytes or more: the user could never log in.
+    "long-password": (SETTINGS.replace("correct horse battery", "é" * 256), None,
+                      "password is 512 bytes"),
+    # firstrun renames the image's first user and sets its password: no password, no user.
+    "firstrun-user-without-password": (SETTINGS.replace('password = "correct horse battery"\n',
+                                                        ""), None,
+                                       "firstrun format needs a password or password_hash"),
+    # ssh on, no key and no password authentication: no one could log in over SSH.
+    "ssh-without-a-way-in": ('user = "station"\npassword = "pw"\nssh = true\n', None,
+                             "ssh = true without ssh_authorized_keys needs "
+                             "ssh_password_auth = true"),
+    "not-utf-8": (b'hostname = "caf\xe9"\n', None, "settings.toml: not UTF-8 text"),
+    # Names FAT cannot hold as given: the drive would be written, then fail.
+    "file-dot-dot": (SETTINGS + '[files]\n".." = "welcome.txt"\n', None,
+                     "[files] '..': not a file name"),
+    "file-ends-in-dot": (SETTINGS + '[files]\n"a." = "welcome.txt"\n', None,
+                         "[files] 'a.': not a file name"),
+    "file-device-name": (SETTINGS + '[files]\n"CON" = "welcome.txt"\n', None,
+                         "[files] 'CON': CON is a DOS device name"),
+    "file-device-name-ext": (SETTINGS + '[files]\n"lpt9.txt" = "welcome.txt"\n', None,
+                             "[files] 'lpt9.txt': LPT9 is a DOS device"),
+    "file-names-equal-ignoring-case": (SETTINGS + '[files]\n"A.txt" = "welcome.txt"\n'
+                                       '"a.txt" = "welcome.txt"\n', None,
+                                       "[files] 'a.txt': the same name as A.txt"),
 }
 
 
@@ -148,9 +184,9 @@ BAD = {
 def test_bad_input_one_line_exit_2_nothing_written(tmp_path: Path, case: str,
                                                    loop_factory: Callable[..., Loop]) -> None:
     settings, rows, message = BAD[case]
-    image = pi_image.build(tmp_path, table="gpt")
-    toml, values = inputs(tmp_path, *(a for a in (settings or SETTINGS,) if a),
-                          **({"rows": rows} if rows else {}))
+    image = pi_image.build(tmp_path, table="gpt")  # firstrun unless told: cmdline.txt only
+    (tmp_path / "welcome.txt").write_text("welcome\n")
+    toml, values = inputs(tmp_path, settings or SETTINGS, **({"rows": rows} if rows else {}))
     loops = [loop_factory(image.stat().st_size, fill=FILL) for _ in range(2)]
     done = popsicle("flash", image, *(lp.path for lp in loops), "--yes", "--customize", toml,
                     "--values", values)
@@ -159,6 +195,34 @@ def test_bad_input_one_line_exit_2_nothing_written(tmp_path: Path, case: str,
     assert len(lines) == 1 and message in lines[0], done.stderr
     for loop in loops:
         assert Path(loop.backing).read_bytes() == bytes([FILL]) * loop.size
+
+
+YAML_LOAD = "import json, sys, yaml; print(json.dumps(yaml.safe_load(sys.stdin.buffer)))"
+
+
+def test_cloud_init_files_are_ascii_and_read_back_as_given(tmp_path: Path,
+                                                           loop_factory: Callable[..., Loop]
+                                                           ) -> None:
+    """Non-ASCII text (an SSID, a key's comment) is written as YAML escapes: the files are
+    ASCII, and a YAML reader (PyYAML, as cloud-init and netplan use) gives back each value."""
+    image = pi_image.build(tmp_path, table="mbr")
+    key = KEYS[0].replace(" a@x", " José@café")
+    settings = SETTINGS.replace('"classroom"', '"Café ☕ 1"')
+    toml, values = inputs(tmp_path, settings, f"seq,hostname,ssh_key\n1,pi-01,{key}\n")
+    loop = loop_factory(image.stat().st_size)
+    done = popsicle("flash", image, loop.path, "--yes", "--customize", toml, "--values", values,
+                    "--customize-format", "cloud-init")
+    assert done.returncode == 0, done.stderr + done.stdout
+    read: dict[str, Any] = {}
+    for name in ("user-data", "network-config"):
+        data = mtype(loop, 4 << 20, name)
+        assert data.isascii(), data
+        read[name] = json.loads(subprocess.run(["/usr/bin/python3", "-c", YAML_LOAD],
+                                               input=data, capture_output=True, check=True
+                                               ).stdout)
+    assert read["user-data"]["users"][0]["ssh_authorized_keys"] == [key]
+    assert list(read["network-config"]["network"]["wifis"]["wlan0"]["access-points"]) == \
+        ["Café ☕ 1"]
 
 
 def test_image_without_boot_partition_is_refused(tmp_path: Path,

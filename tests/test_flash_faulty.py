@@ -12,6 +12,7 @@ import json
 import os
 import queue
 import re
+import signal
 import subprocess
 import threading
 import time
@@ -248,10 +249,15 @@ class Timed:
             self.lines.put((time.monotonic() - self.started, line))
         self.lines.put((time.monotonic() - self.started, None))
 
-    def until(self, kind: str, seconds: float) -> float | None:
-        """When the first event of ``kind`` came; None if not within ``seconds`` of launch."""
+    def until(self, kind: str | Callable[[dict[str, Any]], bool], seconds: float
+              ) -> float | None:
+        """When the first event of ``kind`` (or that ``kind`` accepts) came; None if not
+        within ``seconds`` of launch."""
+        def wanted(event: dict[str, Any]) -> bool:
+            return kind(event) if callable(kind) else event["event"] == kind
+
         for at, event in self.events:
-            if event["event"] == kind:
+            if wanted(event):
                 return at
         deadline = self.started + seconds
         while True:
@@ -263,7 +269,7 @@ class Timed:
                 self.lines.put((at, None))
                 return None
             self.events.append((at, json.loads(line)))
-            if self.events[-1][1]["event"] == kind:
+            if wanted(self.events[-1][1]):
                 return at
 
     def exit_within(self, seconds: float) -> float | None:
@@ -274,8 +280,9 @@ class Timed:
             return None
         return time.monotonic() - self.started
 
-    def finish(self, drive: FaultyDrive) -> tuple[int, list[dict[str, Any]]]:
-        """Let the drive go (faults off) so that the process ends; every event it printed."""
+    def finish(self, drive: FaultyFile) -> tuple[int, list[dict[str, Any]]]:
+        """Let the drive (or image) go, faults off, so that the process ends; every event it
+        printed."""
         drive.clear()
         try:
             _, self.stderr = self.proc.communicate(timeout=120)
@@ -357,3 +364,80 @@ def test_image_that_reads_one_bit_wrong_after_its_checksum_fails_every_drive(
     assert set(statuses(events).values()) == {"failed"}
     for d in drives:
         assert d.read(HEAD) != data[:HEAD]
+
+
+def test_image_that_stops_answering_fails_every_drive_on_time(
+        faulty_file: Callable[..., FaultyFile], loop_factory: Callable[..., Loop]) -> None:
+    """The disk or network share the image is on hangs mid-read.  A drive waiting for data is
+    never stalled, so the reader is watched itself: every drive fails, the summary comes on
+    time, and no drive gets the image's head.  (Before: no summary, ever.)"""
+    data = os.urandom(IMAGE)
+    # One byte a second from 24 MiB to 32 MiB: what is read before the run (the image's end)
+    # answers.
+    source = faulty_file(data, crawl=(24 * MiB, 1, 32 * MiB))
+    drives = [loop_factory(64 * MiB, fill=FILL) for _ in range(2)]
+    run = Timed([*popsicle_cmd(), "flash", source.path, *(d.path for d in drives), "--yes",
+                 "--json", "--stall-timeout", str(STALL)])
+    try:
+        began = run.until("start", 30)
+        assert began is not None
+        summary_at = run.until("summary", began + STALL + 2)
+    finally:
+        rc, events = run.finish(source)
+    assert rc == 1, run.stderr
+    assert set(statuses(events).values()) == {"failed"}
+    for d in drives:
+        said = result_of(events, d.path)["error"]
+        assert said == (f"{d.path}: reading the image stalled: no data for {STALL:g} s (is the "
+                        "disk or network share it is on hung?)"), said
+        assert d.read(HEAD) != data[:HEAD]
+    assert summary_at is not None, f"no summary {STALL + 2} s after writing began"
+
+
+def test_slow_image_is_not_a_stall(faulty_file: Callable[..., FaultyFile],
+                                   loop_factory: Callable[..., Loop]) -> None:
+    """An image read at 2 MB/s (a slow share) moves a MiB well within the stall timeout: the
+    reader's calls are sized to its speed, so none of them looks like a hang."""
+    data = os.urandom(24 * MiB)
+    source = faulty_file(data, crawl=(12 * MiB, 2_000_000))
+    drive = loop_factory(32 * MiB, fill=FILL)
+    rc, events, stderr = flash(Path(source.path), drive.path,
+                               extra=("--stall-timeout", str(STALL)))
+    assert rc == 0, stderr
+    assert statuses(events) == {drive.path: "ok"}
+    assert_healthy(drive, data)
+
+
+@pytest.mark.parametrize("how", ["stall", "ctrl-c"])
+def test_image_that_stops_answering_in_its_checksum_pass_gives_the_shell_back(
+        how: str, faulty_file: Callable[..., FaultyFile], loop_factory: Callable[..., Loop]
+        ) -> None:
+    """The checksum pass before writing reads on a thread of its own: an image that stops
+    answering there is refused on time, and Ctrl-C is heard.  (Before: its read held the
+    calling thread, so neither came until the share answered again.)"""
+    data = os.urandom(IMAGE)
+    source = faulty_file(data, crawl=(8 * MiB, 1, 16 * MiB))
+    drive = loop_factory(64 * MiB, fill=FILL)
+    run = Timed([*popsicle_cmd(), "flash", source.path, drive.path, "--yes", "--json",
+                 "--stall-timeout", str(STALL), "--sha256", hashlib.sha256(data).hexdigest()])
+    try:
+        hung = run.until(lambda e: e["event"] == "progress" and e["phase"] == "checksum"
+                         and e["bytes"] >= 8 * MiB, 30)
+        assert hung is not None
+        if how == "ctrl-c":
+            run.proc.send_signal(signal.SIGINT)
+            summary_at = run.until("summary", time.monotonic() - run.started + 2)
+        else:
+            summary_at = run.until("summary", hung + STALL + 2)
+    finally:
+        rc, events = run.finish(source)
+    assert summary_at is not None, "no summary on time"
+    assert events[-1]["event"] == "summary" and events[-1]["ok"] is False
+    if how == "ctrl-c":
+        assert rc == 130, run.stderr
+    else:
+        assert rc == 2, run.stderr
+        assert run.stderr.splitlines()[-1] == (
+            f"popsicle-py: {source.path} stopped answering while its checksum was computed: "
+            f"no data for {STALL:g} s (is the disk or network share it is on hung?)")
+    assert drive.read(64 * MiB) == bytes([FILL]) * (64 * MiB)

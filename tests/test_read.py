@@ -229,6 +229,20 @@ def test_an_existing_output_is_refused_unless_force(loop_factory: Callable[..., 
     assert out.read_bytes() == drive.read()
 
 
+@pytest.mark.parametrize("suffix", [".bz2", ".zip", ".7z", ".lz4"])
+def test_an_output_named_for_a_compression_not_written_is_refused(
+        suffix: str, loop_factory: Callable[..., Loop], tmp_path: Path) -> None:
+    """Never a raw image under a name that says otherwise (before: "ok" and a raw file that
+    bunzip2 refuses)."""
+    drive = fat_drive(loop_factory)
+    out = tmp_path / f"stick.img{suffix}"
+    result = popsicle("read", drive.path, out)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr == (f"popsicle-py: {out} ends in {suffix}, which read does not write: "
+                             "end it in .zst, .xz or .gz to compress, or .img for a raw copy\n")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_an_output_name_too_long_is_one_line(loop_factory: Callable[..., Loop],
                                             tmp_path: Path) -> None:
     drive = fat_drive(loop_factory)

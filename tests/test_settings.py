@@ -79,6 +79,36 @@ def test_templates_fill_seq_and_columns(tmp_path: Path) -> None:
     ('hostname = "{hostname}"\n', "seq,hostname\n1,a\n2,b_c\n", "not a valid host name"),
     ('timezone = "Mars/Olympus"\n', None, "unknown timezone"),
     ('password = "x"\n', None, "a password needs a user"),
+    # One line of text each: no control character, no line break.
+    (f'user = "u"\nssh_authorized_keys = ["{KEY}\\nssh-rsa AAAA junk"]\n', None,
+     "ssh_authorized_keys holds a control character or line break (U+000A)"),
+    (f'user = "u"\nssh_authorized_keys = ["{KEY}\\u0090"]\n', None, "(U+0090)"),
+    (f'user = "u"\nssh_authorized_keys = ["{KEY}\\u2029x"]\n', None, "(U+2029)"),
+    ('user = "u"\nssh_authorized_keys = ["{k}"]\n', f"seq,k\n1,{KEY}\x7f\n2,{KEY}\n",
+     "SER1): ssh_authorized_keys holds a control character or line break (U+007F)"),
+    ('[wifi]\nssid = "a\\u0085b"\ncountry = "DE"\n', None,
+     "wifi.ssid holds a control character or line break (U+0085)"),
+    ('[wifi]\nssid = "ab"\npassphrase = "tab\\there12"\ncountry = "DE"\n', None,
+     "wifi.passphrase holds a control character or line break (U+0009)"),
+    ('user = "u"\npassword = "a\\rb"\n', None, "password holds a control character"),
+    ('hostname = "a\\u001bb"\n', None, "hostname holds a control character"),
+    # crypt() refuses 512 bytes or more.
+    ('user = "u"\npassword = "' + "€" * 171 + '"\n', None, "password is 513 bytes; at most 511"),
+    # SSH on with no way in, in either format.
+    ('user = "u"\npassword = "pw"\nssh = true\n', None,
+     "ssh = true without ssh_authorized_keys needs ssh_password_auth = true"),
+    ('user = "u"\nssh = true\nssh_authorized_keys = ["{k}"]\n', f"seq,k\n1,{KEY}\n2,\n",
+     "SER2): ssh = true without ssh_authorized_keys"),
+    # Names FAT cannot hold as given.
+    ('[files]\n"." = "w.txt"\n', None, "[files] '.': not a file name"),
+    ('[files]\n"..." = "w.txt"\n', None, "[files] '...': not a file name"),
+    ('[files]\n"notes." = "w.txt"\n', None, "[files] 'notes.': not a file name"),
+    ('[files]\n"aux" = "w.txt"\n', None, "[files] 'aux': AUX is a DOS device name"),
+    ('[files]\n"Com1.tar.gz" = "w.txt"\n', None, "COM1 is a DOS device name"),
+    ('[files]\n"nul.txt" = "w.txt"\n', None, "NUL is a DOS device name"),
+    ('[files]\n"README" = "w.txt"\n"readme" = "w.txt"\n', None,
+     "[files] 'readme': the same name as README (FAT ignores case)"),
+    ('[files]\n"User-Data" = "w.txt"\n', None, "popsicle-py writes user-data"),
 ])
 def test_bad_input_is_one_line(tmp_path: Path, text: str, csv: str | None,
                                message: str) -> None:
@@ -89,6 +119,58 @@ def test_bad_input_is_one_line(tmp_path: Path, text: str, csv: str | None,
         resolve_all(settings, values, drives(2))
     assert message in str(info.value)
     assert "\n" not in str(info.value)
+
+
+def test_what_fat_and_crypt_take_is_taken(tmp_path: Path) -> None:
+    (tmp_path / "w.txt").write_text("welcome\n")
+    text = ('user = "u"\npassword = "' + "€" * 170 + '"\n[files]\n".hidden" = "w.txt"\n'
+            '"a.b.c" = "w.txt"\n"CONFIG.TXT" = "w.txt"\n"com10" = "w.txt"\n"lpt" = "w.txt"\n')
+    settings = load_settings(settings_file(tmp_path, text))
+    one = resolve(settings, None, drives(1)[0])
+    assert len((one.password or "").encode()) == 510
+    assert [name for name, _ in one.files] == [".hidden", "CONFIG.TXT", "a.b.c", "com10", "lpt"]
+
+
+def test_a_settings_file_not_utf8_is_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "settings.toml"
+    path.write_bytes(b'hostname = "pi"\nuser = "j\xf6rg"\n')
+    with pytest.raises(SettingsError) as info:
+        load_settings(str(path))
+    assert str(info.value) == f"{path}: not UTF-8 text (line 2)"
+
+
+def test_firstrun_refuses_a_user_without_a_password(tmp_path: Path) -> None:
+    """firstrun renames the image's first user and sets its password: without one the user
+    was dropped.  cloud-init makes it locked."""
+    from popsicle_py.settings.model import check_format
+
+    settings = load_settings(settings_file(tmp_path, f'user = "u"\nssh_authorized_keys = '
+                                                     f'["{KEY}"]\n'))
+    check_format(settings, "cloud-init", "s.toml")
+    with pytest.raises(SettingsError) as info:
+        check_format(settings, "firstrun", "s.toml")
+    assert str(info.value).startswith("s.toml: the firstrun format needs a password or "
+                                      "password_hash for user 'u' (")
+    one = resolve(settings, None, drives(1)[0])
+    assert b"lock_passwd: true" in cloud_init_files(one, "iid")["user-data"]
+
+
+@pytest.mark.parametrize("keys,pwauth", [(True, False), (True, True), (False, True)])
+def test_both_formats_set_password_authentication_alike(tmp_path: Path, keys: bool,
+                                                        pwauth: bool) -> None:
+    """cloud-init's ssh_pwauth, the helper's -k (key only; without it the image's sshd
+    default, yes) and the fallback's sshd_config line all say ssh_password_auth."""
+    text = ('user = "u"\npassword = "pw"\nssh = true\n'
+            f'ssh_password_auth = {str(pwauth).lower()}\n'
+            + (f'ssh_authorized_keys = ["{KEY}"]\n' if keys else ""))
+    one = resolve(load_settings(settings_file(tmp_path, text)), None, drives(1)[0])
+    user_data = cloud_init_files(one, "iid")["user-data"].decode()
+    assert f"ssh_pwauth: {str(pwauth).lower()}" in user_data.splitlines()
+    script = firstrun_files(one, b"console=tty1\n")["firstrun.sh"].decode().splitlines()
+    (helper,) = [line.split() for line in script if "enable_ssh" in line]
+    assert ("-k" in helper) is not pwauth and ("-p" not in helper)
+    assert f"   echo 'PasswordAuthentication {'yes' if pwauth else 'no'}' >>/etc/ssh/sshd_" \
+        "config" in script
 
 
 def test_check_key_accepts_real_keys(tmp_path: Path) -> None:
@@ -167,6 +249,8 @@ VARIANTS = {
     "open-hidden-wifi": '[wifi]\nssid = "on"\ncountry = "GB"\nhidden = true\n',
     "hex-psk": '[wifi]\nssid = "lab"\npassphrase = "' + "ab" * 32 + '"\ncountry = "US"\n',
     "locale-only": 'locale = "en_GB.UTF-8"\nkeyboard = "gb"\ntimezone = "Europe/London"\n',
+    "not-ascii": (f'user = "u"\npassword = "pw"\nssh_authorized_keys = ["{KEY}-José ☕"]\n'
+                  '[wifi]\nssid = "Café"\ncountry = "FR"\n'),
 }
 
 

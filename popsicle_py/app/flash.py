@@ -139,7 +139,8 @@ class PreparedFlash(HeldFiles):
                         return self._cancelled(emit, view)
                     image = local
                 if self.checksum is not None and not write.checksum_while_writing:
-                    sources.check_checksum(image, self.checksum, view.handle, cancel)
+                    sources.check_checksum(image, self.checksum, view.handle, cancel,
+                                           engine.stall_timeout)
                 if self.request.targets.unmount and not cancel():
                     for line in unmount_targets(self.plan):
                         view.handle(events.Note(line))

@@ -239,6 +239,10 @@ def output_refusals(output: str, files: tuple[str, ...], force: bool, drive: Dri
     if not os.path.isdir(folder):
         return [f"{folder} is not a directory: OUTPUT's directory must exist"]
     lines: list[str] = []
+    suffix = os.path.splitext(output)[1].lower()
+    if suffix in reading.NOT_WRITTEN:
+        lines.append(f"{output} ends in {suffix}, which read does not write: end it in .zst, "
+                     ".xz or .gz to compress, or .img for a raw copy")
     for name in files:
         try:
             st = os.lstat(name)

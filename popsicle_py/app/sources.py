@@ -245,13 +245,15 @@ def download_first(image: Source, emit: Emit, cancel: Cancellation, tmpdir: str,
     return local  # type: ignore[no-any-return]
 
 
-def check_checksum(image: Source, checksum: Checksum, emit: Emit, cancel: Cancellation) -> None:
-    """Read the whole file once against its checksum, before anything is written."""
+def check_checksum(image: Source, checksum: Checksum, emit: Emit, cancel: Cancellation,
+                   stall_timeout: float | None) -> None:
+    """Read the whole file once against its checksum, before anything is written (an image
+    that stops answering for ``stall_timeout`` is refused)."""
     emit(events.Phase(None, events.Step.CHECKSUM, checksum.source))
 
     def progress(done: int, total: int) -> None:
         emit(events.Progress(None, events.Step.CHECKSUM, done, total))
 
     verify_checksum(image.path, checksum, progress, cancel,
-                    image.format if image.compressed else None)
+                    image.format if image.compressed else None, stall_timeout)
     emit(events.Note(f"checksum ok ({checksum.algo} from {checksum.source})"))

@@ -11,11 +11,37 @@ from popsicle_py.engine.config import STALL_BYTES
 from popsicle_py.pacing import Pacer
 
 
-class Lane:
+class Clock:
+    """How recently a worker moved data: the supervisor's stall rule reads it, the worker
+    alone sets it."""
+
+    def __init__(self) -> None:
+        self.waiting = True  # waiting for another thread, which is never a stall
+        self.last_progress = time.monotonic()
+        self.recent = 0  # bytes moved since last_progress, short of STALL_BYTES
+
+    def touch(self) -> None:
+        """A new step begins (or a wait ended): the stall clock starts again."""
+        self.last_progress = time.monotonic()
+        self.recent = 0
+
+    def advance(self, nbytes: int) -> None:
+        """``nbytes`` more were moved; every STALL_BYTES of them count as progress."""
+        self.recent += nbytes
+        if self.recent >= STALL_BYTES:
+            self.touch()
+
+    def stalled(self, now: float, limit: float) -> bool:
+        """Busy (not waiting) with less than STALL_BYTES moved for more than ``limit`` s."""
+        return not self.waiting and now - self.last_progress > limit
+
+
+class Lane(Clock):
     """One destination's thread, as the supervisor sees it.  Its state is all declared here."""
 
     def __init__(self, index: int, dest: FileLike, outbox: queue.SimpleQueue[object],
                  stop: threading.Event) -> None:
+        super().__init__()
         self.id = index
         self.dest = dest
         self.done = 0  # bytes written (or read back, for a verifier)
@@ -25,13 +51,10 @@ class Lane:
         self.error: OSError | None = None
         self.finished = False  # its thread returned
         self.abandoned = False  # the supervisor gave up on it
-        self.waiting = True  # waiting for data or for the reader, which is never a stall
         self.detach = False  # asked to leave the ring and go on alone
         self.solo = False  # reading the source by position on its own
         self.rejoin: int | None = None  # the bucket where a solo lane must come back to the ring
         self.undoing = False  # writing the stamp back over a head: a cancel waits for it
-        self.last_progress = time.monotonic()
-        self.recent = 0  # bytes moved since last_progress, short of STALL_BYTES
         self.pacer = Pacer()
         self.thread: threading.Thread | None = None
         self._outbox = outbox
@@ -44,14 +67,3 @@ class Lane:
 
     def post(self, message: object) -> None:
         self._outbox.put(message)
-
-    def touch(self) -> None:
-        """A new step begins (or a wait ended): the stall clock starts again."""
-        self.last_progress = time.monotonic()
-        self.recent = 0
-
-    def advance(self, nbytes: int) -> None:
-        """``nbytes`` more were moved; every STALL_BYTES of them count as progress."""
-        self.recent += nbytes
-        if self.recent >= STALL_BYTES:
-            self.touch()

@@ -10,6 +10,7 @@ sources only).
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import stat
@@ -24,16 +25,21 @@ from popsicle_py.blockdev import FileLike, read_full
 from popsicle_py.buffers import aligned_buffer
 from popsicle_py.engine.config import CHUNK, HEAD, LAGGARD_PATIENCE, POLL, Config
 from popsicle_py.engine.head import head_length
-from popsicle_py.engine.lane import Lane
+from popsicle_py.engine.lane import Clock, Lane
 from popsicle_py.engine.ring import Ring
 from popsicle_py.engine.spill import Spill
 from popsicle_py.errors import ExtentChecksumError, SourceChanged
 from popsicle_py.messages import BusWriterMessage
+from popsicle_py.pacing import Pacer
 
 if TYPE_CHECKING:
     import hashlib
 
 _NOT_SEEKABLE = (AttributeError, OSError, io.UnsupportedOperation, ValueError)
+
+
+class _Stopped(Exception):
+    """The run stopped while the reader was reading: it leaves without another call."""
 
 
 def pread_source(source: FileLike) -> tuple[int, int] | None:
@@ -80,6 +86,25 @@ class Reader:
         #: as the reading starts, on this thread: loading OpenSSL then overlaps the drives'
         #: probes instead of delaying the start (issue 30).
         self.sha256: hashlib._Hash | None = None
+        #: Set while a call on the source is in flight: a source that hangs is seen there.
+        self.clock = Clock()
+        #: Calls sized to half a second of the source's speed: a slow share is not a hang,
+        #: and a stop is seen between calls.
+        self.pacer = Pacer()
+
+    def _fill(self, view: memoryview) -> int:
+        """``read_full`` of the source, paced, on the stall clock."""
+        clock = self.clock
+        clock.touch()
+        clock.waiting = False
+        try:
+            got = read_full(self.source, view, pacer=self.pacer, progress=clock.advance,
+                            stop=self.stopped.is_set)
+        finally:
+            clock.waiting = True
+        if self.stopped.is_set():  # what was read may be short of the source: never its end
+            raise _Stopped
+        return got
 
     def _reads(self) -> Iterator[tuple[int, int, int | None]]:
         """(offset, most bytes, extent index) of each bucket to read, in source order."""
@@ -95,6 +120,11 @@ class Reader:
                 yield piece, min(size, start + length - piece), index
 
     def run(self) -> None:
+        """Read the source into the ring, to its end or until the run stops."""
+        with contextlib.suppress(_Stopped):
+            self._run()
+
+    def _run(self) -> None:
         if self.config.record:
             import hashlib
 
@@ -118,7 +148,7 @@ class Reader:
             view = buffer[:limit]
             if extents is not None:
                 self._position(offset, view)
-            length = read_full(self.source, view)
+            length = self._fill(view)
             self._pos += length
             if self.spill is not None and length:
                 self._spill(seq, offset, view[:length])
@@ -155,7 +185,7 @@ class Reader:
             pass
         scratch = memoryview(aligned_buffer(CHUNK))
         while not self.stopped.is_set():
-            got = read_full(self.source, scratch)
+            got = self._fill(scratch)
             self._pos += got
             if got < len(scratch):
                 expected = self.config.expected_size
@@ -175,8 +205,13 @@ class Reader:
             ring.total = self.total
             ring.eof = True
             ring.cond.notify_all()
-        if self.config.vouch is not None:
-            self.config.vouch()
+        if self.config.vouch is not None:  # it may look at the file again: on the clock too
+            self.clock.touch()
+            self.clock.waiting = False
+            try:
+                self.config.vouch()
+            finally:
+                self.clock.waiting = True
         with ring.cond:
             ring.vouched = True
             ring.cond.notify_all()
@@ -196,7 +231,7 @@ class Reader:
                 if scratch is None:
                     scratch = memoryview(aligned_buffer(min(size, CHUNK)))
                 view = scratch[: min(want, len(scratch))]
-                length = read_full(self.source, view)
+                length = self._fill(view)
                 select.saw(offset, view[:length])
                 offset += length
                 self.total += length
@@ -212,7 +247,7 @@ class Reader:
             ended = False
             while keep:
                 view = buffer[fill : fill + want]
-                length = read_full(self.source, view)
+                length = self._fill(view)
                 select.saw(offset + fill, view[:length])
                 fill += length
                 ended = length < want
@@ -316,7 +351,7 @@ class Reader:
         except _NOT_SEEKABLE:
             pass
         while self._pos < offset:
-            got = read_full(self.source, scratch[: min(len(scratch), offset - self._pos)])
+            got = self._fill(scratch[: min(len(scratch), offset - self._pos)])
             if not got:
                 raise SourceChanged(offset, self._pos)
             self._pos += got

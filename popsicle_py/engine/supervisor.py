@@ -24,8 +24,8 @@ from typing import Any
 
 from popsicle_py.blockdev import FileLike, as_oserror
 from popsicle_py.engine.config import CANCEL_GRACE, POLL, UNDO_GRACE
-from popsicle_py.engine.lane import Lane
-from popsicle_py.errors import Cancelled, Stalled
+from popsicle_py.engine.lane import Clock, Lane
+from popsicle_py.errors import Cancelled, SourceStalled, Stalled
 from popsicle_py.records import record
 
 #: Process signals that a worker thread must never take.
@@ -91,11 +91,14 @@ class Supervisor:
         if all(other.error is not None for other in self.lanes):
             self.halt()
 
-    def run(self, task: Callable[[Lane], None],
-            reader: Callable[[], None] | None = None) -> BaseException | None:
+    def run(self, task: Callable[[Lane], None], reader: Callable[[], None] | None = None,
+            source: Clock | None = None) -> BaseException | None:
         """Run until every lane is done; return the reader's error (the caller raises it).
 
-        Raises :class:`Cancelled` once everything that can stop has stopped.
+        ``source`` is the reader's clock: a lane waiting for data is never stalled, so a
+        source that hangs is seen there, and the run ends with :class:`SourceStalled` (the
+        reader is left in its call, as a stalled lane is).  Raises :class:`Cancelled` once
+        everything that can stop has stopped.
         """
         for lane in self.lanes:
             lane.thread = threading.Thread(target=self._guard, args=(lane, task), daemon=True,
@@ -121,7 +124,7 @@ class Supervisor:
                     self.lanes[message.id].finished = True
                 elif isinstance(message, _ReaderDone):
                     reader_done = True
-                    if message.error is not None and not cancelled:
+                    if message.error is not None and not cancelled and reader_error is None:
                         reader_error = message.error
                         self.halt()
                 elif message is not None:
@@ -137,6 +140,11 @@ class Supervisor:
                     break
                 if not cancelled:
                     self._check_stalls(now)
+                    if not reader_done and source is not None:
+                        reader_error = self._source_stalled(source, now)
+                        if reader_error is not None:
+                            reader_done = True
+                            self.halt()
             self._drain()
         finally:
             # Whatever ends the run (the end, a cancel, an exception from the callback or from
@@ -183,9 +191,9 @@ class Supervisor:
         if limit is None:
             return
         for lane in self.lanes:
-            if lane.finished or lane.abandoned or lane.waiting:
+            if lane.finished or lane.abandoned:
                 continue
-            if now - lane.last_progress > limit:
+            if lane.stalled(now, limit):
                 moved = lane.recent
                 why = (f"stalled: no progress for {limit:g} s" if not moved else
                        f"stalled: only {moved // 1024} KiB in {limit:g} s (a dying or fake "
@@ -194,6 +202,12 @@ class Supervisor:
                 lane.abandoned = True
                 self._left(lane)
                 self._callback(self._errored(lane.id, lane.error))
+
+    def _source_stalled(self, source: Clock, now: float) -> SourceStalled | None:
+        limit = self._stall_timeout
+        if limit is None or not source.stalled(now, limit):
+            return None
+        return SourceStalled(limit, source.recent)
 
     def _guard(self, lane: Lane, task: Callable[[Lane], None]) -> None:
         keep_signals_for_main_thread()

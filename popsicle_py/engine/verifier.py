@@ -105,7 +105,7 @@ class _VerifyRun:
             self.ring.join(lane.id for lane in self.lanes)
             reader = Reader(source, self.ring, self.lanes, self.config, self.supervisor.stop,
                             None)
-            error = self.supervisor.run(self._compare_lane, reader.run)
+            error = self.supervisor.run(self._compare_lane, reader.run, reader.clock)
         if error is not None:
             raise error
         return list(self.verdicts)

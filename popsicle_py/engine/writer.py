@@ -374,7 +374,7 @@ class _WriteRun:
 
     def run(self) -> WriteResult:
         try:
-            error = self.supervisor.run(self._task, self._read)
+            error = self.supervisor.run(self._task, self._read, self.reader.clock)
         finally:
             if self.spill is not None:
                 self._close_spill()

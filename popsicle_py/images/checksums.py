@@ -11,11 +11,14 @@ import io
 import os
 import re
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from popsicle_py.errors import Cancelled
 from popsicle_py.images.files import ImageError, open_file
 from popsicle_py.records import record
+
+if TYPE_CHECKING:
+    from popsicle_py.engine.lane import Clock
 
 __all__ = [
     "Checksum",
@@ -357,37 +360,62 @@ def verify_checksum(
     progress: Callable[[int, int], None] | None = None,
     cancel: Callable[[], bool] | None = None,
     compressed: str | None = None,
+    stall_timeout: float | None = None,
 ) -> None:
     """Hash the file as downloaded, in large sequential reads that also warm the page cache.
 
     ``compressed``: the format's name when the file is decoded into the image, so that a
     mismatch says which bytes were hashed (a common mistake: the image's checksum given for
-    its .xz, or the reverse).
+    its .xz, or the reverse).  The reads run on a thread of their own, so that a file whose
+    disk or network share hangs neither holds Ctrl-C nor waits forever: with
+    ``stall_timeout``, less than 1 MiB in that long refuses the image.  ``progress`` is
+    called on the calling thread.
     """
+    from popsicle_py.engine.watched import WorkStalled, watched
+
     hasher = new_hasher(checksum)
-    buf = bytearray(_HASH_READ_SIZE)
-    view = memoryview(buf)
-    done = 0
-    with open_file(path, path) as f:
-        fd = f.fileno()
-        try:
-            total = os.fstat(fd).st_size or os.lseek(fd, 0, os.SEEK_END)
-            os.lseek(fd, 0, os.SEEK_SET)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
-            while True:
-                if cancel is not None and cancel():
-                    raise ChecksumCancelled(f"checksum of {path} cancelled")
-                n = f.readinto(view)
-                if not n:
-                    break
-                hasher.update(view[:n])
-                done += n
-                if progress is not None:
-                    progress(done, total)
-        except OSError as e:
-            raise ImageError(
-                f"{path} could not be read (at byte {done}): {e.strerror or e}"
-            ) from None
+    read = [0, 0]  # bytes hashed, of the file's size
+
+    def work(clock: Clock, stopped: Callable[[], bool]) -> bool:
+        buf = bytearray(_HASH_READ_SIZE)
+        view = memoryview(buf)
+        with open_file(path, path) as f:
+            fd = f.fileno()
+            try:
+                read[1] = os.fstat(fd).st_size or os.lseek(fd, 0, os.SEEK_END)
+                os.lseek(fd, 0, os.SEEK_SET)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+                while not stopped():
+                    n = f.readinto(view)
+                    if not n:
+                        return True
+                    hasher.update(view[:n])
+                    read[0] += n
+                    clock.advance(n)
+            except OSError as e:
+                raise ImageError(
+                    f"{path} could not be read (at byte {read[0]}): {e.strerror or e}"
+                ) from None
+        return False
+
+    shown = [-1]
+
+    def tick() -> None:
+        if progress is not None and read[0] != shown[0]:
+            shown[0] = read[0]
+            progress(read[0], read[1])
+
+    try:
+        ended = watched(work, cancel=cancel, stall_timeout=stall_timeout, tick=tick,
+                        name="checksum")
+    except WorkStalled as e:
+        raise ImageError(
+            f"{path} stopped answering while its checksum was computed: "
+            + (f"no data for {e.limit:g} s (is the disk or network share it is on hung?)"
+               if not e.moved else f"only {e.moved // 1024} KiB in {e.limit:g} s")
+        ) from None
+    if not ended:
+        raise ChecksumCancelled(f"checksum of {path} cancelled")
     actual = hasher.hexdigest()
     if actual != checksum.hexdigest:
         hint = "" if compressed is None else (

@@ -41,10 +41,15 @@ def _hostname(name: str) -> list[str]:
 
 
 def _ssh(settings: Settings) -> list[str]:
+    """SSH on, with password authentication as ``ssh_password_auth`` says (as cloud-init's
+    ``ssh_pwauth``): the helper's ``-k`` turns it off, and without ``-k`` it stays the image's
+    (on: Raspberry Pi OS leaves sshd's default); its ``-p`` is not used, as helpers before
+    2023-05 turn password authentication off for it too."""
     keys = " ".join(_q(k) for k in settings.ssh_authorized_keys)
-    pwauth = "yes" if settings.ssh_password_auth or not keys else "no"
+    pwauth = "yes" if settings.ssh_password_auth else "no"
     lines = [f"if [ -f {IMAGER} ]; then"]
-    lines.append(f"   {IMAGER} enable_ssh" + (f" -k {keys}" if keys else ""))
+    lines.append(f"   {IMAGER} enable_ssh" + ("" if settings.ssh_password_auth else " -k")
+                 + (f" {keys}" if keys else ""))
     lines.append("else")
     if keys:
         lines += ['   install -o "$FIRSTUSER" -m 700 -d "$FIRSTUSERHOME/.ssh"',

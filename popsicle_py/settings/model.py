@@ -22,7 +22,7 @@ from popsicle_py.records import record
 from popsicle_py.settings.countries import COUNTRIES
 
 __all__ = ["REDACTED", "SECRET_KEYS", "Settings", "SettingsError", "Wifi", "check",
-           "load_settings", "parse_settings", "redacted"]
+           "check_format", "load_settings", "parse_settings", "redacted"]
 
 REDACTED = "<redacted>"
 #: Settings never written in clear text anywhere but the drive's own Wi-Fi file (passphrase).
@@ -76,7 +76,15 @@ _KEY_TYPES = ("ssh-ed25519", "ssh-rsa", "ecdsa-sha2-nistp256", "ecdsa-sha2-nistp
 _TIMEZONE = re.compile(r"[A-Za-z][A-Za-z0-9_+-]*(/[A-Za-z0-9_+-]+)*")
 _KEYBOARD = re.compile(r"[a-z]{2,8}")
 _LOCALE = re.compile(r"[a-z]{2,3}(_[A-Z]{2})?(\.[A-Za-z0-9-]+)?(@[a-z]+)?")
-_BOOT_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
+_BOOT_NAME = re.compile(r"[A-Za-z0-9._-]{0,63}[A-Za-z0-9_-]")  # FAT drops a final "."
+#: Names DOS (and so FAT drivers and mtools) take for devices, whatever the extension.
+_DEVICES = frozenset({"con", "prn", "aux", "nul", *(f"com{n}" for n in range(1, 10)),
+                      *(f"lpt{n}" for n in range(1, 10))})
+#: C0 and C1 controls, DEL, and Unicode's line and paragraph separators: no value is more
+#: than one line (a key's second line would be an unchecked key; YAML readers refuse some).
+_NOT_ONE_LINE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+#: crypt(3) (libxcrypt) refuses longer passwords: a longer one could never log in.
+PASSWORD_BYTES = 511
 _SHA512_HASH = re.compile(r"\$6\$(rounds=\d+\$)?[./0-9A-Za-z]{1,16}\$[./0-9A-Za-z]{86}")
 #: Names the formats write themselves: an extra file may not replace them.
 RESERVED_NAMES = frozenset({"user-data", "meta-data", "network-config", "firstrun.sh",
@@ -139,17 +147,35 @@ def _files(table: object, where: str, base: Path) -> tuple[tuple[str, bytes], ..
     if not isinstance(table, dict):
         raise SettingsError(f"{where}: [files] must be a table of NAME = \"LOCAL PATH\"")
     out = []
+    seen: dict[str, str] = {}
+    for name in sorted(table):  # every name first: a missing file hides no bad name
+        _boot_name(name, seen, where)
     for name, path in sorted(table.items()):
-        if not _BOOT_NAME.fullmatch(name) or name.lower() in RESERVED_NAMES:
-            raise SettingsError(f"{where}: files.{name}: not a file name the boot partition "
-                                f"can take here (letters, digits, . _ -; not {name})")
-        local = base / _str(where, f"files.{name}", path)
+        local = base / _str(where, f"[files] {name!r}", path)
         try:
             out.append((name, local.read_bytes()))
         except OSError as exc:
-            raise SettingsError(f"{where}: files.{name}: {local}: "
+            raise SettingsError(f"{where}: [files] {name!r}: {local}: "
                                 f"{exc.strerror or exc}") from None
     return tuple(out)
+
+
+def _boot_name(name: str, seen: dict[str, str], where: str) -> None:
+    """A name FAT holds as given, not one the formats write, not one given already: FAT
+    ignores case (``A.txt`` is ``a.txt``) and drops a final dot, DOS names devices."""
+    where = f"{where}: [files] {name!r}"
+    if not _BOOT_NAME.fullmatch(name):
+        raise SettingsError(f"{where}: not a file name the boot partition can take (letters, "
+                            "digits, . _ -, at most 64, not ending in .)")
+    if name.lower() in RESERVED_NAMES:
+        raise SettingsError(f"{where}: popsicle-py writes {name.lower()} from the settings")
+    if name.split(".")[0].lower() in _DEVICES:
+        raise SettingsError(f"{where}: {name.split('.')[0].upper()} is a DOS device name, "
+                            "which FAT cannot hold as a file")
+    if name.lower() in seen:
+        raise SettingsError(f"{where}: the same name as {seen[name.lower()]} "
+                            "(FAT ignores case)")
+    seen[name.lower()] = name
 
 
 def load_settings(path: str) -> Settings:
@@ -161,6 +187,9 @@ def load_settings(path: str) -> Settings:
         raise SettingsError(f"{path}: {exc.strerror or exc}") from None
     except tomllib.TOMLDecodeError as exc:
         raise SettingsError(f"{path}: not valid TOML: {exc}") from None
+    except UnicodeDecodeError as exc:
+        line = exc.object[:exc.start].count(b"\n") + 1
+        raise SettingsError(f"{path}: not UTF-8 text (line {line})") from None
     return parse_settings(data, path, Path(path).parent)
 
 
@@ -188,9 +217,27 @@ def _known_timezone(name: str) -> bool:
     return not zones or name in zones  # no tz database here: the form is all we can check
 
 
+def _one_line(settings: Settings, drive: str) -> None:
+    """Every text value is one line of printable text (no control character)."""
+    wifi = settings.wifi
+    texts = [*((k, getattr(settings, k)) for k in _STRINGS),
+             *(("ssh_authorized_keys", k) for k in settings.ssh_authorized_keys),
+             *((f"wifi.{k}", getattr(wifi, k)) for k in ("ssid", "passphrase", "country")
+               if wifi is not None)]
+    for name, text in texts:
+        bad = _NOT_ONE_LINE.search(text) if text is not None else None
+        if bad is not None:
+            raise SettingsError(f"{drive}: {name} holds a control character or line break "
+                                f"(U+{ord(bad.group()):04X}); each value is one line of text"
+                                + (" (give each key as its own string)"
+                                   if name == "ssh_authorized_keys"
+                                   and bad.group() in "\n\r\x85\u2028\u2029" else ""))
+
+
 def check(settings: Settings, drive: str) -> None:
     """One drive's filled-in settings, value by value; raises :class:`SettingsError`."""
     s = settings
+    _one_line(s, drive)
     if s.hostname is not None and not _HOSTNAME.fullmatch(s.hostname):
         raise SettingsError(f"{drive}: hostname {s.hostname!r} is not a valid host name "
                             "(letters, digits and -, at most 63)")
@@ -199,6 +246,10 @@ def check(settings: Settings, drive: str) -> None:
                             "(lower case letters, digits, _ and -; not root)")
     if (s.password is not None or s.password_hash is not None) and s.user is None:
         raise SettingsError(f"{drive}: a password needs a user")
+    if s.password is not None and len(s.password.encode()) > PASSWORD_BYTES:
+        raise SettingsError(f"{drive}: password is {len(s.password.encode())} bytes; at most "
+                            f"{PASSWORD_BYTES} (crypt() refuses longer ones: no one could log "
+                            "in)")
     if s.password_hash is not None and not _SHA512_HASH.fullmatch(s.password_hash):
         raise SettingsError(f"{drive}: password_hash is not a SHA-512 crypt hash ($6$...)")
     for key in s.ssh_authorized_keys:
@@ -208,6 +259,9 @@ def check(settings: Settings, drive: str) -> None:
             raise SettingsError(f"{drive}: {exc}") from None
     if s.ssh_authorized_keys and s.user is None:
         raise SettingsError(f"{drive}: ssh_authorized_keys need a user")
+    if s.ssh and not s.ssh_authorized_keys and not s.ssh_password_auth:
+        raise SettingsError(f"{drive}: ssh = true without ssh_authorized_keys needs "
+                            "ssh_password_auth = true (else no one can log in over SSH)")
     if s.wifi is not None:
         _check_wifi(s.wifi, drive)
     if s.timezone is not None and not (_TIMEZONE.fullmatch(s.timezone)
@@ -218,6 +272,19 @@ def check(settings: Settings, drive: str) -> None:
     if s.locale is not None and not _LOCALE.fullmatch(s.locale):
         raise SettingsError(f"{drive}: locale {s.locale!r} is not a locale "
                             "(e.g. en_GB.UTF-8)")
+
+
+def check_format(settings: Settings, fmt: str, where: str) -> None:
+    """What one format cannot do; raises :class:`SettingsError`.
+
+    The first-run script makes the user by renaming the image's first user (``userconf``,
+    as Raspberry Pi Imager does), which needs its password: without one the user would be
+    dropped.  cloud-init makes a user without a password locked (key login only)."""
+    if fmt == "firstrun" and settings.user is not None and settings.password is None \
+            and settings.password_hash is None:
+        raise SettingsError(f"{where}: the firstrun format needs a password or password_hash "
+                            f"for user {settings.user!r} (it renames the image's first user "
+                            "and sets its password; cloud-init can make a locked user)")
 
 
 def _check_wifi(wifi: Wifi, drive: str) -> None:

@@ -19,7 +19,13 @@ from popsicle_py.settings.fat import (
     root_files,
 )
 from popsicle_py.settings.firstrun import firstrun_files
-from popsicle_py.settings.model import Settings, SettingsError, load_settings, redacted
+from popsicle_py.settings.model import (
+    Settings,
+    SettingsError,
+    check_format,
+    load_settings,
+    redacted,
+)
 from popsicle_py.settings.values import (
     DriveContext,
     Values,
@@ -139,4 +145,6 @@ def load_customization(settings_path: str, values_path: str | None, chosen: str 
     check_templates(settings, values, settings_path)
     if chosen is not None and chosen not in FORMATS:
         raise SettingsError(f"unknown format {chosen!r} (known: {', '.join(FORMATS)})")
-    return Customization(settings, values, inspect_boot(read, chosen))
+    boot = inspect_boot(read, chosen)
+    check_format(settings, boot.format, settings_path)
+    return Customization(settings, values, boot)

@@ -1,7 +1,8 @@
 """Just enough YAML for cloud-init's files: mappings, lists, strings, numbers and booleans.
 
-Strings are written as JSON strings (valid YAML double-quoted scalars), so no value can turn
-into a different type or break the document, whatever it holds.
+Strings are written as JSON strings (valid YAML double-quoted scalars) with every character
+outside printable ASCII escaped, so no value can turn into a different type or break the
+document, whatever it holds: the files are ASCII, and a YAML reader gives back each value.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ def _scalar(value: object) -> str:
     if isinstance(value, int):
         return str(value)
     if isinstance(value, str):
-        return json.dumps(value, ensure_ascii=False)
+        return json.dumps(value, ensure_ascii=True)
     raise TypeError(f"no YAML for {type(value).__name__}")
 
 
@@ -30,7 +31,8 @@ _SPECIAL = frozenset({"y", "n", "yes", "no", "on", "off", "true", "false", "null
 def _key(key: str) -> str:
     """A key as written: plain when it can only be read back as this string, else quoted
     (an SSID named "on" or "123" stays a string)."""
-    plain = key.replace("-", "_").isidentifier() and key.lower() not in _SPECIAL
+    plain = key.isascii() and key.replace("-", "_").isidentifier() \
+        and key.lower() not in _SPECIAL
     return key if plain else _scalar(key)
 
 

@@ -1,0 +1,81 @@
+"""One blocking read loop on a thread of its own, watched from the calling thread.
+
+A read of a file whose disk or network share hangs does not return, and a thread inside it
+cannot run Python's signal handlers: on the calling thread, Ctrl-C would wait for the kernel.
+Here the loop runs on a worker thread (stop signals blocked, as a lane's) and the calling
+thread waits in short steps, calling ``tick`` at each: a cancel, or less than STALL_BYTES
+moved in the stall timeout, ends the wait at once.  The worker is told to stop and left in
+its call, as a stalled lane is.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from typing import Generic, TypeVar
+
+from popsicle_py.engine.config import POLL
+from popsicle_py.engine.lane import Clock
+from popsicle_py.engine.supervisor import keep_signals_for_main_thread
+
+T = TypeVar("T")
+
+
+class WorkStalled(Exception):
+    """The work moved less than STALL_BYTES in ``limit`` seconds (``moved`` bytes)."""
+
+    def __init__(self, limit: float, moved: int) -> None:
+        super().__init__(f"no progress for {limit:g} s")
+        self.limit = limit
+        self.moved = moved
+
+
+class _Outcome(Generic[T]):
+    """What the worker left: its result or its exception (set before ``done``)."""
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.result: T | None = None
+        self.error: BaseException | None = None
+
+
+def watched(work: Callable[[Clock, Callable[[], bool]], T], *,
+            cancel: Callable[[], bool] | None, stall_timeout: float | None,
+            tick: Callable[[], None] = lambda: None, name: str = "work") -> T | None:
+    """``work(clock, stopped)``'s result, or None once ``cancel()`` said so.
+
+    ``work`` counts what it moves with ``clock.advance`` and checks ``stopped()`` between its
+    calls.  Raises what ``work`` raised, or :class:`WorkStalled`.
+    """
+    if cancel is not None and cancel():
+        return None
+    clock = Clock()
+    clock.waiting = False
+    stop = threading.Event()
+    outcome: _Outcome[T] = _Outcome()
+
+    def run() -> None:
+        keep_signals_for_main_thread()
+        try:
+            outcome.result = work(clock, stop.is_set)
+        except BaseException as exc:  # handed to the calling thread, which raises it
+            outcome.error = exc
+        finally:
+            outcome.done.set()
+
+    threading.Thread(target=run, daemon=True, name=f"popsicle-{name}").start()
+    try:
+        while not outcome.done.wait(POLL):
+            tick()
+            if cancel is not None and cancel():
+                return None
+            if stall_timeout is not None and clock.stalled(time.monotonic(), stall_timeout):
+                raise WorkStalled(stall_timeout, clock.recent)
+    finally:
+        stop.set()
+    tick()
+    if outcome.error is not None:
+        raise outcome.error
+    return outcome.result
+

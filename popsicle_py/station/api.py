@@ -28,6 +28,7 @@ from importlib import resources
 
 from aiohttp import web
 
+from popsicle_py.engine.supervisor import keep_signals_for_main_thread
 from popsicle_py.station import journal as journal_mod
 from popsicle_py.station import metrics
 from popsicle_py.station.hub import EventClient, Hub
@@ -220,6 +221,7 @@ def _start_reading(readers: dict[str, threading.Thread], device: str, devnum: in
         return  # still reading (or stuck on) this drive: one more would only pile up
 
     def read() -> None:
+        keep_signals_for_main_thread()  # stuck in a read, it must not take Ctrl-C or SIGTERM
         with contextlib.suppress(OSError):  # a drive pulled meanwhile: the highlight says
             read_for(device, devnum, seconds)
 

@@ -127,6 +127,7 @@ class WatchOptions:
     admit: Callable[[Drive, int], str | None] | None = None
     #: Once set: take no new drive, end when the drives in flight are done (a station's stop).
     drain: threading.Event | None = None
+    first_seq: int = 1  # the first drive's seq (a station's batch goes on where it was left)
     #: Each drive's step once written and verified, before its head (see FlashOptions).
     before_head: DriveStep | None = None
     #: Writes each verified drive's certificate (see :class:`FlashOptions`).
@@ -502,8 +503,8 @@ class WatchSession:
             self._gone(drive.devnum)
         seen = _Seen(device, drive)
         self._current[drive.devnum] = seen
-        admit, drain = self.options.admit, self.options.drain
-        reason = ((admit(drive, len(self._started) + 1) if admit is not None else None)
+        admit, drain, first = self.options.admit, self.options.drain, self.options.first_seq
+        reason = ((admit(drive, len(self._started) + first) if admit is not None else None)
                   or ineligibility(drive, self._source.size, self.options.max_size))
         if reason is None and drain is not None and drain.is_set():
             reason = "stopping: no new drive is written"
@@ -511,7 +512,7 @@ class WatchSession:
         if reason is None and count is not None and len(self._started) >= count:
             reason = f"--count {count} reached"
         seen.announced = True
-        seen.info = drive_info(drive, len(self._started) + 1 if reason is None else None)
+        seen.info = drive_info(drive, len(self._started) + first if reason is None else None)
         self.emit(DriveAdded(drive.path, drive.label, drive.size, reason is None, reason,
                              seen.info))
         if reason is not None:

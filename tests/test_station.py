@@ -186,3 +186,132 @@ def test_stop_finishes_the_drive_being_written_and_takes_no_new_one(
     assert rig.read(writing.dev)[: len(data)] == data  # type: ignore[index]
     assert rig.read(late.dev) == b""
     assert [r["result"] for r in records(tmp_path / "j.sqlite")] == ["ok"]
+
+
+def test_a_second_station_on_the_same_journal_is_refused_and_the_first_keeps_its_drive(
+        rig: Rig, tmp_path: Path) -> None:
+    from faulty import FaultyFile, faulty_files
+
+    data = os.urandom(8 * MiB)
+    journal = tmp_path / "j.sqlite"
+    with faulty_files() as made:
+        # The image crawls (a FUSE file): the first station's drive is in flight throughout.
+        source = FaultyFile(len(data), content=data, faults={"crawl": (0, MiB)})
+        made.append(source)
+        stick = Stick("c", 3)
+        rig.start([source.file, "--yes", "--force", "--journal", str(journal),
+                   "--listen", "127.0.0.1:0", "--no-power-off", "--name", "tower1"])
+        rig.add(stick.description)
+        rig.wait(event="progress", device=stick.dev, phase="writing")
+        other = tmp_path / "other.img"
+        other.write_bytes(b"\0" * MiB)
+        nowhere = slot_map(tmp_path / "nowhere.toml", {"Z": 99})  # old code: it would run
+        second = subprocess.run([*popsicle_cmd(), "station", str(other), "--yes", "--journal",
+                                 str(journal), "--slots", str(nowhere), "--listen",
+                                 "127.0.0.1:0", "--name", "tower2"],
+                                capture_output=True, text=True, timeout=30,
+                                stdin=subprocess.DEVNULL, check=False)
+        assert (second.returncode, second.stdout) == (2, "")
+        assert second.stderr == (f"popsicle-py: --journal {journal}: another station is using "
+                                 "this journal; give each station its own --journal\n")
+        assert [(r["station"], r["result"]) for r in records(journal)] == [
+            ("tower1", "in-flight")]
+        result = rig.wait(event="result", device=stick.dev)
+        assert result["status"] == "ok"
+        assert rig.post("/api/stop") == (202, {"stopping": True})
+        assert rig.wait_exit() == 0
+    assert [(r["station"], r["result"]) for r in records(journal)] == [("tower1", "ok")]
+    # Once the first station ended, the journal is free for the next one.
+    again = subprocess.run([*popsicle_cmd(), "station", str(other), "--yes", "--journal",
+                            str(journal), "--listen", "127.0.0.1:http"], capture_output=True,
+                           text=True, timeout=60, stdin=subprocess.DEVNULL, check=False)
+    assert again.returncode == 2 and "the port must be a number" in again.stderr
+
+
+def card_reader(port: int, cards: dict[int, str], size: int = 64 * MiB) -> str:
+    """A two-slot card reader on USB port 1-PORT: one SCSI LUN, and one disk, per card."""
+    usb = f"/devices/pci0000:00/0000:00:14.0/usb1/1-{port}"
+    text = f"""P: {usb}
+N: bus/usb/001/{port:03d}
+E: DEVTYPE=usb_device
+E: SUBSYSTEM=usb
+E: DRIVER=usb
+A: speed=480
+A: remove=
+A: idVendor=0bda
+A: idProduct=0158
+A: serial=000000001
+A: manufacturer=Generic
+A: product=Card Reader
+
+P: {usb}/1-{port}:1.0/host9
+E: DEVTYPE=scsi_host
+E: SUBSYSTEM=scsi
+"""
+    for lun, letter in cards.items():
+        minor = (ord(letter) - ord("a")) * 16
+        lun_path = f"{usb}/1-{port}:1.0/host9/target9:0:0/9:0:0:{lun}"
+        text += f"""
+P: {lun_path}
+E: DEVTYPE=scsi_device
+E: SUBSYSTEM=scsi
+A: vendor=Generic
+A: model=SD/MMC {lun}
+
+P: {lun_path}/block/sd{letter}
+N: sd{letter}
+E: DEVNAME=/dev/sd{letter}
+E: MAJOR=8
+E: MINOR={minor}
+E: DEVTYPE=disk
+E: SUBSYSTEM=block
+E: ID_BUS=usb
+E: ID_VENDOR=Generic
+E: ID_MODEL=Card_Reader_{lun}
+E: ID_SERIAL=Generic_Card_Reader_000000001-0:{lun}
+E: ID_SERIAL_SHORT=000000001
+A: removable=1
+A: size={size // 512}
+A: ro=0
+A: dev=8:{minor}
+A: queue/logical_block_size=512
+"""
+    return text
+
+
+def test_two_cards_in_one_slot_the_second_is_refused_and_the_first_ones_failure_counts(
+        rig: Rig, tmp_path: Path) -> None:
+    from faulty import FaultyFile, faulty_files
+
+    data = os.urandom(8 * MiB)
+    journal = tmp_path / "j.sqlite"
+    slots = slot_map(tmp_path / "slots.toml", {"A1": 4})
+    usb = "/devices/pci0000:00/0000:00:14.0/usb1/1-4"
+    with faulty_files() as made:
+        # The image crawls (a FUSE file): the first card is still being written when pulled.
+        source = FaultyFile(len(data), content=data, faults={"crawl": (0, MiB)})
+        made.append(source)
+        rig.start([source.file, "--yes", "--force", "--slots", str(slots), "--journal",
+                   str(journal), "--listen", "127.0.0.1:0", "--no-power-off"])
+        rig.add(card_reader(4, {0: "e", 1: "f"}))
+        second = rig.wait(event="drive_added", device="/dev/sdf")
+        assert (second["eligible"], second["slot"]) == (False, "A1")
+        assert second["reason"] == "slot A1 holds /dev/sde already: one drive per slot"
+        rig.wait(event="progress", device="/dev/sde", phase="writing")
+        page = rig.get("/api/slots")
+        assert [(s["label"], s["device"], s["state"]) for s in page["slots"]] == [
+            ("A1", "/dev/sde", "writing")]
+        assert [(o["device"], o["why"]) for o in page["others"]] == [
+            ("/dev/sdf", "slot A1 holds /dev/sde already: one drive per slot")]
+        rig.remove([f"/sys{usb}/1-4:1.0/host9/target9:0:0/9:0:0:0/block/sde"])
+        failed = rig.wait(event="result", device="/dev/sde")
+        assert failed["status"] == "failed" and "removed" in failed["error"]
+        page = rig.get("/api/slots")
+        assert page["counters"]["failed"] == 1 and page["counters"]["ok"] == 0
+        assert [(s["label"], s["device"], s["state"]) for s in page["slots"]] == [
+            ("A1", "/dev/sde", "failed")]
+        assert rig.post("/api/stop") == (202, {"stopping": True})
+        assert rig.wait_exit() == 0
+    assert rig.read("/dev/sdf") == b"", "the second card in slot A1 was written"
+    assert [(r["slot"], r["device"], r["result"]) for r in records(journal)] == [
+        ("A1", "/dev/sde", "failed")]

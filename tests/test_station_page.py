@@ -1,7 +1,7 @@
 """The station's page in a real browser (Debian's chromium, through chromium-driver and
 Selenium) while umockdev plugs and pulls sticks: the tiles follow plug, write, verify,
 done and pull; a failed slot shows why; the page reconnects after the station restarts;
-sixteen slots update at once.
+sixteen slots update at once; a card reader's second card in a slot is listed apart.
 """
 
 from __future__ import annotations
@@ -185,3 +185,33 @@ def test_sixteen_slots_update_at_once(rig: Rig, browser: Any, tmp_path: Path) ->
         (str(n + 1), "ok") for n in range(16))
     for stick in sticks:
         assert rig.read(stick.dev)[: len(data)] == data  # type: ignore[index]
+
+
+def test_a_second_card_in_a_slot_is_listed_apart_and_the_first_ones_failure_counts(
+        rig: Rig, browser: Any, tmp_path: Path) -> None:
+    from test_station import card_reader
+
+    data = os.urandom(8 * MiB)
+    usb = "/devices/pci0000:00/0000:00:14.0/usb1/1-4"
+    with faulty_files() as made:
+        source = FaultyFile(len(data), content=data, faults={"crawl": (0, MiB)})
+        made.append(source)
+        slots = slot_map(tmp_path / "slots.toml", {"A1": 4, "A2": 5})
+        rig.start([source.file, "--yes", "--force", "--slots", str(slots), "--journal",
+                   str(tmp_path / "j.sqlite"), "--listen", "127.0.0.1:0", "--no-power-off"])
+        browser.get(rig.url)
+        until(browser, "two empty slots", lambda b: state_of(b, "A2") == "empty")
+        rig.add(card_reader(4, {0: "e", 1: "f"}))
+        rig.wait(event="progress", device="/dev/sde", phase="writing")
+        until(browser, "slot A1 writing", lambda b: state_of(b, "A1") == "writing")
+        assert "Card Reader 0" in tile(browser, "A1").text  # the first card, LUN 0
+        until(browser, "the second card listed apart", lambda b: b.find_element(
+            By.ID, "others-list").text == "/dev/sdf (port 1-4): slot A1 holds /dev/sde "
+            "already: one drive per slot")
+        rig.remove([f"/sys{usb}/1-4:1.0/host9/target9:0:0/9:0:0:0/block/sde"])
+        until(browser, "slot A1 failed", lambda b: state_of(b, "A1") == "failed")
+        assert "the drive was removed" in tile(browser, "A1").text
+        assert browser.find_element(By.ID, "n-failed").text == "1"
+        assert rig.post("/api/stop")[0] == 202
+        assert rig.wait_exit() == 0
+    assert rig.read("/dev/sdf") == b""

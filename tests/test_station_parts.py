@@ -4,12 +4,15 @@ and the server's loop, the board, and the refusals (exit 2, one line, nothing wr
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import popsicle_cmd
@@ -155,6 +158,14 @@ def test_a_hook_that_cannot_be_split_is_refused(tmp_path: Path) -> None:
     assert done.stderr == "popsicle-py: --hook \"say 'unclosed\": No closing quotation\n"
 
 
+def test_a_token_file_that_is_not_text_is_one_line(tmp_path: Path) -> None:
+    bad = tmp_path / "token"
+    bad.write_bytes(b"\xff\xfe\n")
+    done = _station(tmp_path, "--token-file", str(bad), "--listen", "127.0.0.1:0")
+    assert (done.returncode, done.stdout) == (2, "")
+    assert done.stderr == f"popsicle-py: --token-file {bad}: not UTF-8 text\n"
+
+
 def test_records_of_a_missing_journal_is_one_line(tmp_path: Path) -> None:
     done = subprocess.run([*popsicle_cmd(), "records", "--journal", str(tmp_path / "no.db")],
                           capture_output=True, text=True, check=False)
@@ -162,13 +173,12 @@ def test_records_of_a_missing_journal_is_one_line(tmp_path: Path) -> None:
     assert done.stderr == f"popsicle-py: --journal {tmp_path / 'no.db'}: no such file\n"
 
 
-def test_the_server_serves_only_its_assets_and_bounds_requests(tmp_path: Path) -> None:
-    """In-process: the page's three files, nothing else; a large body is refused."""
-    import http.client
-
+@contextlib.contextmanager
+def _served(tmp_path: Path) -> Iterator[tuple[Any, str, int]]:
+    """A station's web server in this process (token "secret"): (server, host, port)."""
     from popsicle_py.station.api import Station
     from popsicle_py.station.journal import Journal
-    from popsicle_py.station.server import Server, bind, url_of
+    from popsicle_py.station.server import Server, bind
 
     journal = tmp_path / "j.sqlite"
     Journal(str(journal), station="s", session="x").close()
@@ -177,7 +187,18 @@ def test_the_server_serves_only_its_assets_and_bounds_requests(tmp_path: Path) -
     server.start()
     try:
         host, port = sock.getsockname()[:2]
+        yield server, host, port
+    finally:
+        server.stop()
 
+
+def test_the_server_serves_only_its_assets_and_bounds_requests(tmp_path: Path) -> None:
+    """In-process: the page's three files, nothing else; a large body is refused."""
+    import http.client
+
+    from popsicle_py.station.server import url_of
+
+    with _served(tmp_path) as (server, host, port):
         def ask(method: str, path: str, body: bytes = b"",
                 token: str | None = None) -> tuple[int, bytes]:
             conn = http.client.HTTPConnection(host, port, timeout=10)
@@ -192,10 +213,80 @@ def test_the_server_serves_only_its_assets_and_bounds_requests(tmp_path: Path) -
             assert ask("GET", path)[0] == 404, path
         assert ask("POST", "/api/stop", b"x" * 100_000, token="secret")[0] == 413
         assert ask("POST", "/api/stop", token="secrets")[0] == 401
+        # A header that is not ASCII is a wrong token too, never a server error.
+        raw = socket.create_connection((host, port), timeout=10)
+        raw.sendall(b"POST /api/stop HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n"
+                    b"Authorization: Bearer \xff\xfe\r\nConnection: close\r\n\r\n")
+        answer = b""
+        while chunk := raw.recv(4096):
+            answer += chunk
+        raw.close()
+        assert answer.startswith(b"HTTP/1.1 401 "), answer[:200]
+        assert not server.station.drain.is_set()
         assert ask("GET", "/api/records")[1] == b"[]"
-        assert url_of(sock) == f"http://127.0.0.1:{port}/"
-    finally:
-        server.stop()
+        assert url_of(server.sock) == f"http://127.0.0.1:{port}/"
+
+
+def test_head_on_a_stream_is_its_headers_alone(tmp_path: Path) -> None:
+    """A HEAD gets no endless body: the same connection serves the next request."""
+    import http.client
+
+    with _served(tmp_path) as (_, host, port):
+        conn = http.client.HTTPConnection(host, port, timeout=10)
+        for path, kind in (("/api/stream", "text/event-stream"),
+                           ("/api/events", "application/x-ndjson")):
+            conn.request("HEAD", path)
+            head = conn.getresponse()
+            assert (head.status, head.getheader("Content-Type")) == (200, kind)
+            assert head.read() == b""
+            conn.request("GET", "/api/records")
+            assert conn.getresponse().read() == b"[]", path
+
+
+IDENTIFY_A_DEAD_DRIVE = """
+import os, sys, threading, time, urllib.request
+from popsicle_py.station.api import Station
+from popsicle_py.station.board import Board
+from popsicle_py.station.hub import Hub
+from popsicle_py.station.journal import Journal
+from popsicle_py.station.server import Server, bind
+
+work, dead = sys.argv[1], sys.argv[2]
+Journal(work + "/j.sqlite", station="s", session="x").close()
+board = Board.with_slots(("A1",), image={}, station={})
+board.tiles["A1"].device, board.tiles["A1"].state = dead, "done"
+hub = Hub(board)
+sock = bind("127.0.0.1", 0)
+server = Server(Station(hub, "t", work + "/j.sqlite", threading.Event(), 0.5), sock)
+server.start()
+url = "http://127.0.0.1:%d/api/slots/A1/identify" % sock.getsockname()[1]
+asked = urllib.request.Request(url, method="POST", headers={"Authorization": "Bearer t"})
+print(urllib.request.urlopen(asked, timeout=10).status, flush=True)
+while hub.snapshot()["slots"][0]["identify"]:
+    time.sleep(0.05)
+print("highlight off", flush=True)
+server.stop()
+print("stopped", flush=True)
+"""
+
+
+def test_identify_on_a_drive_that_never_answers_keeps_nothing_waiting(tmp_path: Path) -> None:
+    """A drive whose open never returns (a FIFO: a dead stick): the highlight ends after the
+    identify time and the process ends once the server stops (nothing joins the reader)."""
+    import os
+    import sys
+
+    dead = tmp_path / "sdz"
+    os.mkfifo(dead)
+    proc = subprocess.Popen([sys.executable, "-c", IDENTIFY_A_DEAD_DRIVE, str(tmp_path),
+                             str(dead)], stdout=subprocess.PIPE, text=True)
+    try:
+        out, _ = proc.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, _ = proc.communicate()
+    assert out.splitlines() == ["202", "highlight off", "stopped"]
+    assert proc.returncode == 0
 
 
 def test_records_exports_the_journal_as_text_csv_and_json(tmp_path: Path) -> None:
@@ -247,3 +338,56 @@ def test_the_terminal_says_each_drives_slot() -> None:
     SlotJsonView(out).handle(events.DriveRemoved("/dev/sdc"), "A3")
     assert json.loads(out.getvalue()) == {"event": "drive_removed", "device": "/dev/sdc",
                                           "slot": "A3"}
+
+
+def _added(device: str, port: str, seq: int | None, eligible: bool = True,
+           reason: str | None = None) -> events.DriveAdded:
+    info = events.DriveInfo(seq, port, "Generic", "Card Reader", "SN", 64 * MiB)
+    return events.DriveAdded(device, "Generic Card Reader", 64 * MiB, eligible, reason, info)
+
+
+def _result(device: str, seq: int, ok: bool) -> events.Result:
+    info = events.DriveInfo(seq, "1-4", "Generic", "Card Reader", "SN", 64 * MiB)
+    if ok:
+        return events.Result(events.DriveResult(device, events.Status.OK, MiB, drive=info))
+    return events.Result(events.DriveResult(device, events.Status.FAILED, 0,
+                                            f"{device}: the drive was removed",
+                                            cause=events.Cause.REMOVED, drive=info))
+
+
+def test_a_failure_counts_on_the_page_when_its_tile_shows_another_drive() -> None:
+    """A drive pulled mid-write, another put in the slot before the first one's end came."""
+    board = _board()
+    board.apply(_added("/dev/sde", "1-4", 1), "1", 0)
+    board.apply(events.DriveRemoved("/dev/sde"), "1", 0)
+    board.apply(_added("/dev/sdg", "1-4", 2), "1", 0)
+    board.apply(_result("/dev/sde", 1, ok=False), "1", 0)
+    snapshot = board.snapshot(0)
+    assert snapshot["counters"] | {"in_flight": 0} == {"ok": 0, "failed": 1, "total": 1,
+                                                      "in_flight": 0, "target": None}
+    first = snapshot["slots"][0]
+    assert (first["label"], first["device"], first["state"]) == ("1", "/dev/sdg", "probing")
+
+
+def test_a_slot_holds_one_drive_until_it_ends_or_leaves() -> None:
+    from popsicle_py.station.recorder import Tagger
+
+    mapped = Tagger(slots.SlotMap((slots.Slot("A1", "1-4"),)))
+    assert mapped.take("1-4", "/dev/sde") is None
+    assert mapped.slot(_added("/dev/sde", "1-4", 1)) == "A1"
+    assert mapped.take("1-4", "/dev/sdf") == "slot A1 holds /dev/sde already: one drive per slot"
+    assert mapped.take("1-4", "/dev/sde") is None  # the same drive again (a card reader's)
+    mapped.slot(_result("/dev/sde", 1, ok=True))
+    assert mapped.take("1-4", "/dev/sdf") is None  # the first one ended: the slot is free
+    mapped.slot(_added("/dev/sdf", "1-4", None, eligible=False, reason="too small"))
+    assert mapped.take("1-4", "/dev/sdg") is None  # refused after all: it holds nothing
+    assert mapped.slot(_added("/dev/sdg", "1-4", 2)) == "A1"
+    mapped.slot(events.DriveRemoved("/dev/sdg"))
+    assert mapped.take("1-4", "/dev/sdh") is None  # pulled out: the slot is free
+    # Without a map, a second card on the port gets a tile of its own.
+    unmapped = Tagger(None)
+    assert unmapped.take("1-4", "/dev/sde") is None
+    assert unmapped.slot(_added("/dev/sde", "1-4", 1)) == "1-4"
+    assert unmapped.take("1-4", "/dev/sdf") is None
+    assert unmapped.slot(_added("/dev/sdf", "1-4", 2)) == "1-4/sdf"
+    assert unmapped.slot(_result("/dev/sdf", 2, ok=True)) == "1-4/sdf"

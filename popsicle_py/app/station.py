@@ -1,8 +1,9 @@
 """The station use case: ``watch``'s session with slots, a web page, an HTTP API, a journal.
 
 :func:`prepare_station` makes every check of ``watch`` (it prepares one), then loads the
-slot map, opens the journal, reads or makes the token and binds the listening socket: any
-problem is a :class:`Refused` (exit 2) before a drive is touched.  ``run(view, cancel)``
+slot map, opens and locks the journal (one station per journal), reads or makes the token
+and binds the listening socket: any problem is a :class:`Refused` (exit 2) before a drive
+is touched.  ``run(view, cancel)``
 recovers the journal (rows a crash left in flight become ``interrupted``), starts the web
 server, and runs the session with the slot map as its admission rule and the page's stop as
 its drain.  :func:`learn_slots` makes a slot map; :func:`read_records` exports the journal.
@@ -69,7 +70,7 @@ class PreparedStation:
     def __init__(self, request: StationRequest, watch: PreparedWatch,
                  slot_map: slots_mod.SlotMap | None, sock: socket.socket, token: str,
                  token_file: str, token_made: bool, journal_path: str, sha256: str,
-                 hook: list[str] | None = None) -> None:
+                 hook: list[str] | None = None, lock: int | None = None) -> None:
         self.request = request
         self.watch = watch
         self.slot_map = slot_map
@@ -77,6 +78,7 @@ class PreparedStation:
         self.url = url_of(sock)
         self.token, self.token_file, self.token_made = token, token_file, token_made
         self.journal_path = journal_path
+        self.lock = lock  # the journal's, held until close(): one station per journal
         self.sha256 = sha256
         self.hook = hook
         self.name = request.name or socket.gethostname()
@@ -114,17 +116,24 @@ class PreparedStation:
     def close(self) -> None:
         self.watch.close()
         self.sock.close()
+        if self.lock is not None:
+            os.close(self.lock)
+            self.lock = None
 
-    def admit(self, hub: Hub) -> Callable[[Drive, int], str | None]:
-        """The session's admission rule: a drive on a port of the map, or none at all."""
+    def admit(self, hub: Hub, tagger: Tagger) -> Callable[[Drive, int], str | None]:
+        """The session's admission rule: a drive on a port of the map (or none at all), in a
+        slot no other drive holds."""
         slot_map = self.slot_map
 
         def admit(drive: Drive, seq: int) -> str | None:
-            if slot_map is not None:
-                port = port_path_of(drive)
-                if slot_map.label_of(port) is None:
-                    return (f"not in a slot: port {port} is not in the slot map" if port
-                            else "not in a slot: not on a USB port")
+            port = port_path_of(drive)
+            if slot_map is not None and slot_map.label_of(port) is None:
+                return (f"not in a slot: port {port} is not in the slot map" if port
+                        else "not in a slot: not on a USB port")
+            if drive.size > 0:  # a card reader's empty slot holds no slot of ours
+                why = tagger.take(port, drive.path)
+                if why is not None:
+                    return why
             hub.devnums[drive.path] = drive.devnum
             return None
 
@@ -141,6 +150,7 @@ class PreparedStation:
         try:
             recovered = journal.recover()
             counters = journal_mod.counts(journal.db, request.batch)
+            before = journal_mod.last_seq(journal.db, request.batch)  # the batch goes on
             image = watch.image
             board = Board.with_slots(
                 self.slot_map.labels if self.slot_map is not None else (),
@@ -162,14 +172,16 @@ class PreparedStation:
                     say_on_stderr(line)
 
                 hook = Hook(self.hook, warn)
-            station_view = StationView(Tagger(self.slot_map), Recorder(
+            tagger = Tagger(self.slot_map)
+            station_view = StationView(tagger, Recorder(
                 journal, image.path, self.sha256, request.watch.verify), hub, terminal, hook)
             try:
-                for note in self.start_notes(recovered):
+                for note in self.start_notes(recovered, before):
                     terminal.handle(events.Note(note), None)
                 if watch.personaliser is not None and self.slot_map is not None:
                     watch.personaliser.slot_of = self.slot_map.label_of  # {slot}: the label
-                hooks = watch_mod.WatchOptions(admit=self.admit(hub), drain=self.drain)
+                hooks = watch_mod.WatchOptions(admit=self.admit(hub, tagger), drain=self.drain,
+                                               first_seq=before + 1)
                 summary = watch.run(station_view, cancel, hooks=hooks)
                 if hook is not None:
                     hook.join()
@@ -183,7 +195,7 @@ class PreparedStation:
         self.exit_status = EXIT_OK if stopped else watch.exit_status
         return summary
 
-    def start_notes(self, recovered: int) -> list[str]:
+    def start_notes(self, recovered: int, before: int = 0) -> list[str]:
         notes = [f"station {self.name}: {self.url}",
                  f"token for POST requests: {self.token} (in {self.token_file})"]
         if not is_loopback(self.sock):
@@ -192,6 +204,9 @@ class PreparedStation:
         if recovered:
             notes.append(f"journal: {recovered} drive(s) left in flight by the last run are "
                          "recorded interrupted")
+        if before:
+            batch = f"batch {self.request.batch}" if self.request.batch else "the unnamed batch"
+            notes.append(f"journal: {batch} goes on: the next drive is seq {before + 1}")
         return notes
 
 
@@ -212,9 +227,23 @@ def prepare_station(request: StationRequest) -> PreparedStation:
         os.path.dirname(os.path.abspath(journal_path)), "station.token")
     try:
         journal_mod.connect(journal_path, create=True).close()
+        lock = journal_mod.hold(journal_path)  # this station's until it is closed
+    except journal_mod.JournalError as exc:
+        raise Refused([str(exc)]) from None
+    try:
+        return _prepare(request, slot_map, hook, journal_path, token_file, lock)
+    except BaseException:
+        os.close(lock)
+        raise
+
+
+def _prepare(request: StationRequest, slot_map: slots_mod.SlotMap | None,
+             hook: list[str] | None, journal_path: str, token_file: str,
+             lock: int) -> PreparedStation:
+    try:
         host, port = parse_listen(request.listen)
         token, made = read_token(token_file)
-    except (journal_mod.JournalError, ServerError) as exc:
+    except ServerError as exc:
         raise Refused([str(exc)]) from None
     watch = prepare_watch(request.watch)
     try:
@@ -230,7 +259,7 @@ def prepare_station(request: StationRequest) -> PreparedStation:
     else:
         sha256 = ""
     return PreparedStation(request, watch, slot_map, sock, token, token_file, made,
-                           journal_path, sha256, hook)
+                           journal_path, sha256, hook, lock)
 
 
 def learn_slots(request: LearnRequest, say: Callable[[str], None],

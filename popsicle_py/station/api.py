@@ -17,6 +17,7 @@ that is not a stream (:data:`REQUEST_SECONDS`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
 import threading
@@ -27,6 +28,7 @@ from importlib import resources
 
 from aiohttp import web
 
+from popsicle_py.engine.supervisor import keep_signals_for_main_thread
 from popsicle_py.station import journal as journal_mod
 from popsicle_py.station import metrics
 from popsicle_py.station.hub import EventClient, Hub
@@ -41,6 +43,10 @@ KEEPALIVE_SECONDS = 15.0
 ASSETS = {"/": ("index.html", "text/html"), "/static/app.js": ("app.js", "text/javascript"),
           "/static/style.css": ("style.css", "text/css")}
 STREAMS = ("/api/stream", "/api/events")
+_STREAM_HEADERS = {"/api/stream": {"Content-Type": "text/event-stream",
+                                   "Cache-Control": "no-cache"},
+                   "/api/events": {"Content-Type": "application/x-ndjson",
+                                   "Cache-Control": "no-cache"}}
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -73,18 +79,28 @@ async def _guard(request: web.Request, handler: Handler) -> web.StreamResponse:
                                      status=413)
         except asyncio.TimeoutError:
             return web.json_response({"error": "timed out"}, status=408)
-        given = request.headers.get("Authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {station.token}".encode()):
+        if not _authorized(request.headers.get("Authorization", ""), station.token):
             return web.json_response({"error": "a POST needs Authorization: Bearer TOKEN "
                                       "(the station printed it, and keeps it in its token "
                                       "file)"}, status=401,
                                      headers={"WWW-Authenticate": "Bearer"})
     if request.path in STREAMS:
+        if request.method == "HEAD":  # the headers alone: a stream's body never ends
+            return web.Response(headers=_STREAM_HEADERS[request.path])
         return await handler(request)
     try:
         return await asyncio.wait_for(handler(request), REQUEST_SECONDS)
     except asyncio.TimeoutError:
         return web.json_response({"error": "timed out"}, status=503)
+
+
+def _authorized(given: str, token: str) -> bool:
+    """``Bearer TOKEN``, compared in constant time; a header that is not text never matches."""
+    try:
+        raw = given.encode("utf-8", "surrogateescape")  # bytes that are not UTF-8 come so
+    except UnicodeError:
+        return False
+    return hmac.compare_digest(raw, f"Bearer {token}".encode())
 
 
 async def _asset(request: web.Request) -> web.Response:
@@ -101,9 +117,14 @@ async def _stream(request: web.Request) -> web.StreamResponse:
     """Server-Sent Events: the whole state at each change (a page that missed some states
     needs only the last); ``retry`` makes the browser reconnect after a restart."""
     hub: Hub = request.app["station"].hub
-    response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
-                                           "Cache-Control": "no-cache"})
+    response = web.StreamResponse(headers=_STREAM_HEADERS[request.path])
     await response.prepare(request)
+    with contextlib.suppress(ConnectionResetError):  # the page went away: its stream ends
+        await _send_states(hub, response)
+    return response
+
+
+async def _send_states(hub: Hub, response: web.StreamResponse) -> None:
     await response.write(b"retry: 1000\n\n")
     sent = -1
     while not hub.closing:
@@ -120,13 +141,11 @@ async def _stream(request: web.Request) -> web.StreamResponse:
             await asyncio.wait_for(changed.wait(), KEEPALIVE_SECONDS)
         except asyncio.TimeoutError:
             await response.write(b": keepalive\n\n")
-    return response
 
 
 async def _events(request: web.Request) -> web.StreamResponse:
     hub: Hub = request.app["station"].hub
-    response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson",
-                                           "Cache-Control": "no-cache"})
+    response = web.StreamResponse(headers=_STREAM_HEADERS[request.path])
     await response.prepare(request)
     client = EventClient()
     hub.clients.add(client)
@@ -139,6 +158,8 @@ async def _events(request: web.Request) -> web.StreamResponse:
                 await asyncio.wait_for(client.wake.wait(), KEEPALIVE_SECONDS)
             except asyncio.TimeoutError:
                 await response.write(b"\n")
+    except ConnectionResetError:  # the client went away
+        pass
     finally:
         hub.clients.discard(client)
     return response
@@ -166,15 +187,13 @@ async def _identify(request: web.Request) -> web.Response:
     hub.notify()
     seconds = station.identify_seconds
 
+    if reading and tile.device is not None:
+        _start_reading(request.app["readers"], tile.device, hub.devnums.get(tile.device),
+                       seconds)
+
     async def identify() -> None:
-        try:
-            if reading and tile.device is not None:
-                await asyncio.to_thread(read_for, tile.device, hub.devnums.get(tile.device),
-                                        seconds)
-            else:
-                await asyncio.sleep(seconds)
-        except OSError:
-            pass  # a drive pulled meanwhile: the highlight alone says which slot
+        try:  # the highlight ends after the identify time, whatever the read does
+            await asyncio.sleep(seconds)
         finally:
             current = hub.board.tiles.get(label)
             if current is not None:
@@ -182,9 +201,38 @@ async def _identify(request: web.Request) -> web.Response:
             hub.board.version += 1
             hub.notify()
 
-    request.app["tasks"].add(asyncio.ensure_future(identify()))
+    tasks: set[asyncio.Future[None]] = request.app["tasks"]
+    task = asyncio.ensure_future(identify())
+    tasks.add(task)
+    task.add_done_callback(tasks.discard)
     return web.json_response({"slot": label, "reading": reading, "seconds": seconds},
                              status=202)
+
+
+def _start_reading(readers: dict[str, threading.Thread], device: str, devnum: int | None,
+                   seconds: float) -> None:
+    """Read ``device`` for ``seconds`` on a thread of its own, one per drive at a time.
+
+    A daemon thread, waited for by nobody: a drive whose reads never return (a dying stick)
+    keeps neither the page nor the station's end waiting.
+    """
+    reader = readers.get(device)
+    if reader is not None and reader.is_alive():
+        return  # still reading (or stuck on) this drive: one more would only pile up
+
+    def read() -> None:
+        keep_signals_for_main_thread()  # stuck in a read, it must not take Ctrl-C or SIGTERM
+        with contextlib.suppress(OSError):  # a drive pulled meanwhile: the highlight says
+            read_for(device, devnum, seconds)
+
+    readers[device] = threading.Thread(target=read, name="popsicle-station-identify",
+                                       daemon=True)
+    readers[device].start()
+
+
+async def _cancel_tasks(app: web.Application) -> None:
+    for task in list(app["tasks"]):
+        task.cancel()
 
 
 async def _stop(request: web.Request) -> web.Response:
@@ -208,6 +256,8 @@ def make_app(station: Station) -> web.Application:
     app["assets"] = _assets()
     app["registry"] = metrics.registry_for(station.hub.board)
     app["tasks"] = set()
+    app["readers"] = {}
+    app.on_cleanup.append(_cancel_tasks)
     app["started"] = time.time()
     for path in ASSETS:
         app.router.add_get(path, _asset)

@@ -91,6 +91,8 @@ class Board:
             return
         tile = self.tile(slot)
         match event:
+            case events.DriveAdded(eligible=False) if tile.busy:
+                self._unslotted(event)  # refused beside the slot's drive: the tile keeps it
             case events.DriveAdded(device=device, eligible=eligible, reason=reason, info=info):
                 tile.device = device
                 tile.drive = info.to_json() if info is not None else None
@@ -110,29 +112,35 @@ class Board:
                 tile.tracker.on_progress(phase, done, total, now)
             case events.Result(result=r) if r.device == tile.device:
                 self._ended(tile, r, now)
+            case events.Result(result=r):  # a drive the tile no longer shows: still counted
+                self._count(r)
             case events.DriveRemoved(device=device) if device == tile.device:
                 if tile.busy:  # pulled too early: its result (failed, and why) follows
                     tile.why = "the drive was pulled out"
                 else:
                     self.tiles[tile.label] = Tile(tile.label, identify=tile.identify)
+            case events.DriveRemoved():
+                self._unslotted(event)
+
+    def _count(self, r: events.DriveResult) -> None:
+        self.bytes_written += r.bytes_written
+        self.results[r.status] = self.results.get(r.status, 0) + 1
+        if r.status != events.Status.CANCELLED:  # a drive stopped is neither
+            self.counters["ok" if r.ok else "failed"] += 1
+            self.counters["total"] += 1
 
     def _ended(self, tile: Tile, r: events.DriveResult, now: float) -> None:
+        self._count(r)
         if tile.tracker is not None:
             tile.tracker.on_end(r.status, now, r.bytes_written + r.bytes_skipped)
             tile.write_speed = tile.tracker.write_speed
             tile.verify_speed = tile.tracker.verify_speed
-        self.bytes_written += r.bytes_written
-        self.results[r.status] = self.results.get(r.status, 0) + 1
         if r.ok:
             tile.state, tile.why = "done", None
-            self.counters["ok"] += 1
-            self.counters["total"] += 1
         elif r.status == events.Status.CANCELLED:
             tile.state, tile.why, tile.cause = "stopped", r.error, str(r.cause or "cancelled")
         else:
             tile.state, tile.why, tile.cause = "failed", r.error, str(r.cause or "error")
-            self.counters["failed"] += 1
-            self.counters["total"] += 1
 
     def _unslotted(self, event: events.WatchEvent) -> None:
         """A drive on no slot (an unmapped port): announced, never opened."""

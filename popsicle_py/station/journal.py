@@ -10,6 +10,7 @@ rows a crash left in flight ``interrupted`` (counted failed).  The columns are t
 from __future__ import annotations
 
 import csv
+import fcntl
 import io
 import json
 import os
@@ -89,6 +90,30 @@ def connect(path: str, *, create: bool) -> sqlite3.Connection:
     return db
 
 
+def hold(path: str) -> int:
+    """Lock the journal for a station's whole life; the descriptor (closing it unlocks).
+
+    A second station on the same journal would take the first one's drives in flight for
+    a crash's and mark them interrupted: it is refused instead.  A station killed outright
+    leaves no lock behind (the kernel drops it with the process).  flock, not SQLite's
+    POSIX locks, which it never meets on a local file system; the descriptor stays open
+    until the station ends (closing another descriptor of the file would drop SQLite's).
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise JournalError(f"--journal {path}: {exc.strerror or exc}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        os.close(fd)
+        if isinstance(exc, BlockingIOError):
+            raise JournalError(f"--journal {path}: another station is using this journal; "
+                               "give each station its own --journal") from None
+        raise JournalError(f"--journal {path}: {exc.strerror or exc}") from None
+    return fd
+
+
 def _row(cursor: sqlite3.Cursor, values: tuple[object, ...]) -> JsonObject:
     data = {d[0]: v for d, v in zip(cursor.description, values, strict=True)}
     if "verified" in data and data["verified"] is not None:
@@ -159,6 +184,13 @@ def counts(db: sqlite3.Connection, batch: str | None) -> dict[str, int]:
     ok = sum(n for r, n in rows if r == "ok")
     failed = sum(n for r, n in rows if r not in ("ok", IN_FLIGHT, "cancelled"))
     return {"ok": ok, "failed": failed, "total": ok + failed}
+
+
+def last_seq(db: sqlite3.Connection, batch: str) -> int:
+    """The highest seq a drive of the batch got (0: none yet): a station started again
+    goes on numbering from there, so rows keyed by seq are never given twice."""
+    row = db.execute("SELECT max(seq) FROM records WHERE batch = ?", (batch,)).fetchone()
+    return int(row[0] or 0)
 
 
 def records(db: sqlite3.Connection, batch: str | None = None) -> list[JsonObject]:

@@ -21,30 +21,74 @@ from popsicle_py.station.slots import SlotMap
 class Tagger:
     """The slot of each event's drive: the map's label for its port (no map: the port path,
     else the device name).  A device name is reused by the kernel; its slot is re-decided at
-    each ``drive_added``."""
+    each ``drive_added``.
+
+    A slot holds one drive at a time, from its admission (:meth:`take`) until it ends, is
+    refused after all, or leaves: a second drive on the same port (a card reader's second
+    card) is refused in a mapped slot, and gets a tile of its own (``PORT/NAME``) without a
+    map.  :meth:`take` and :meth:`slot` both run on the session's thread.
+    """
 
     slots: SlotMap | None
     by_device: dict[str, str] = field(default_factory=dict)
+    #: slot -> (device, seq) of the drive it holds (seq once the drive was announced).
+    held: dict[str, tuple[str, int | None]] = field(default_factory=dict)
+    #: device -> the tile of its own a drive on a busy port gets (no map), until announced.
+    assigned: dict[str, str] = field(default_factory=dict)
 
     def label_for(self, port: str | None, device: str) -> str | None:
         if self.slots is not None:
             return self.slots.label_of(port)
         return port or device.rsplit("/", 1)[-1]
 
+    def take(self, port: str | None, device: str) -> str | None:
+        """Admission: the drive ``device`` on ``port`` takes its slot; why not (another drive
+        holds that slot), or None."""
+        label = self.label_for(port, device)
+        if label is None:
+            return None
+        holder = self.held.get(label)
+        if holder is not None and holder[0] != device:
+            if self.slots is not None:
+                return f"slot {label} holds {holder[0]} already: one drive per slot"
+            label = f"{label}/{device.rsplit('/', 1)[-1]}"  # no map: a tile of its own
+            self.assigned[device] = label
+        self.held[label] = (device, None)
+        return None
+
+    def _free(self, label: str | None, device: str, seq: int | None = None) -> None:
+        holder = self.held.get(label) if label is not None else None
+        if label is None or holder is None or holder[0] != device:
+            return
+        if seq is not None and holder[1] is not None and seq != holder[1]:
+            return  # the end of an earlier drive of that name, gone meanwhile
+        del self.held[label]
+
     def slot(self, event: events.WatchEvent) -> str | None:
         match event:
-            case events.DriveAdded(device=device, info=info):
-                label = self.label_for(info.port_path if info else None, device)
+            case events.DriveAdded(device=device, info=info, eligible=eligible):
+                label = self.assigned.pop(device, None) or self.label_for(
+                    info.port_path if info else None, device)
                 if label is None:
                     self.by_device.pop(device, None)
                 else:
                     self.by_device[device] = label
+                    if not eligible:  # refused after all (unfit, the rows ran out...)
+                        self._free(label, device)
+                    elif self.held.get(label, (None,))[0] == device:
+                        self.held[label] = (device, info.seq if info else None)
+                return label
+            case events.DriveRemoved(device=device):
+                label = self.by_device.get(device)
+                self._free(label, device)
                 return label
             case events.Phase(device=str(device)) | events.Progress(device=str(device)) | \
-                    events.Probed(device=device) | events.DriveRemoved(device=device):
+                    events.Probed(device=device):
                 return self.by_device.get(device)
             case events.Result(result=r):
-                return self.by_device.get(r.device)
+                label = self.by_device.get(r.device)
+                self._free(label, r.device, r.drive.seq if r.drive is not None else None)
+                return label
         return None
 
 

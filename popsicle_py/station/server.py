@@ -83,6 +83,8 @@ def read_token(path: str) -> tuple[str, bool]:
         pass
     except OSError as exc:
         raise ServerError(f"--token-file {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise ServerError(f"--token-file {path}: not UTF-8 text") from None
     token = secrets.token_urlsafe(24)
     try:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

@@ -54,6 +54,11 @@ CHUNK = 4 << 20
 FILESYSTEMS = ("fat32", "exfat", "none")
 TOOLS = {"fat32": ("mkfs.vfat", "dosfstools"), "exfat": ("mkfs.exfat", "exfatprogs")}
 BLKDISCARD = 0x1277
+#: An exFAT volume label's length, in UTF-16 code units (what mkfs.exfat counts).
+EXFAT_LABEL_UNITS = 11
+#: The tools' environment: their messages in English, and labels read as UTF-8 (under plain
+#: "C" mkfs.exfat refuses every label beyond ASCII).
+_TOOL_ENV = {"LC_ALL": "C.UTF-8"}
 #: Characters a FAT volume label may not hold.
 _FAT_BAD = set('"*+,./:;<=>?[\\]|')
 
@@ -108,17 +113,27 @@ def mbr(part: Layout, signature: bytes) -> bytes:
 
 
 def label_problem(fs: str, label: str | None) -> str | None:
-    """Why ``label`` cannot name a ``fs`` volume, or None."""
+    """Why ``label`` cannot name a ``fs`` volume, or None (the rules ``mkfs.vfat`` and
+    ``mkfs.exfat`` apply, checked before anything is written)."""
     if label is None or fs == "none":
         return None
     if fs == "fat32":
-        if len(label.encode("ascii", "replace")) > 11 or not label.isascii():
+        if len(label) > 11 or not label.isascii():
             return f"--label {label!r}: a FAT label is at most 11 ASCII characters"
+        if any(ord(c) < 0x20 or ord(c) == 0x7F for c in label):
+            return f"--label {label!r}: a FAT label cannot hold control characters"
+        if label.startswith(" "):
+            return f"--label {label!r}: a FAT label cannot start with a space"
         if bad := sorted(set(label) & _FAT_BAD):
             return f"--label {label!r}: a FAT label cannot hold {' '.join(bad)}"
         return None
-    if len(label) > 15:
-        return f"--label {label!r}: an exFAT label is at most 15 characters"
+    try:
+        units = len(label.encode("utf-16-le")) // 2
+    except UnicodeEncodeError:  # a lone surrogate (undecodable bytes in argv)
+        return f"--label {label!r}: not a valid Unicode string"
+    if units > EXFAT_LABEL_UNITS:
+        return (f"--label {label!r}: an exFAT label is at most {EXFAT_LABEL_UNITS} characters "
+                "(UTF-16 units)")
     return None
 
 
@@ -156,16 +171,47 @@ def missing_tool(fs: str) -> str | None:
     return None
 
 
+class ToolFailed(OSError):
+    """A tool erase runs (mkfs) failed: its own fault or its input's, never the drive's (no
+    errno, so :mod:`popsicle_py.failures` does not word it as the drive's I/O error)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
 def _run(args: Sequence[str]) -> str:
     try:
         result = subprocess.run(list(args), capture_output=True, text=True,
-                                env={**os.environ, "LC_ALL": "C"}, check=False)
+                                env={**os.environ, **_TOOL_ENV}, check=False)
     except FileNotFoundError:
         raise OSError(errno.ENOENT, f"{args[0]} is not installed") from None
     if result.returncode != 0:
         why = (result.stderr.strip().splitlines() or [f"exit status {result.returncode}"])[-1]
-        raise OSError(errno.EIO, f"{args[0]} failed: {why}")
+        raise ToolFailed(f"{args[0]} failed: {why.removeprefix(args[0] + ': ')}")
     return result.stdout
+
+
+def refused_label(fs: str, label: str, folder: str | None = None) -> str | None:
+    """Why ``fs``'s mkfs refuses ``label``, found by making a small file system with it (the
+    rules of :func:`label_problem` are the known ones; this finds the rest, such as a system
+    without the C.UTF-8 locale), or None.  One line: a refusal, nothing written to a drive."""
+    part = layout(64 * MiB + PART_START, fs)
+    try:
+        fd, _ = make_filesystem(fs, part, label, folder)
+    except ToolFailed as exc:
+        try:
+            os.close(make_filesystem(fs, part, None, folder)[0])
+        except OSError:
+            return f"{exc.message} (making a test file system)"
+        return f"--label {label!r}: {exc.message}"
+    except OSError as exc:
+        return f"cannot try --fs {fs} in {folder or tempfile.gettempdir()}: {exc}"
+    os.close(fd)
+    return None
 
 
 @contextlib.contextmanager
@@ -188,9 +234,17 @@ def signatures(device: BlockDevice) -> list[tuple[int, str]]:
 
 
 def old_partitions(device: BlockDevice) -> list[tuple[int, int]]:
-    """(start, length) in bytes of the partitions the drive's table lists now."""
+    """(start, length) in bytes of the partitions the drive's table lists now, within the
+    drive (see :func:`clip`)."""
     with _descriptor(device) as fd:
-        return erase_probe.partitions(fd, device.path)
+        return clip(erase_probe.partitions(fd, device.path), device.size)
+
+
+def clip(parts: Sequence[tuple[int, int]], size: int) -> list[tuple[int, int]]:
+    """Partitions cut at the drive's end, those starting past it dropped: a table written for
+    a bigger drive (``dd`` of a bigger image onto a smaller stick) lists them so."""
+    return [(start, min(length, size - start)) for start, length in parts
+            if 0 <= start < size and length > 0]
 
 
 def partition_ranges(parts: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:

@@ -225,6 +225,11 @@ def test_the_rules_on_plain_data() -> None:
         (0, MiB), (5 * MiB, 4096), (9 * MiB, MiB)]
     assert erase.label_problem("exfat", "x" * 16) is not None
     assert erase.label_problem("fat32", "A/B") == "--label 'A/B': a FAT label cannot hold /"
+    assert erase.label_problem("exfat", "\u00e9" * 11) is None
+    assert erase.label_problem("exfat", "\u00e9" * 12) is not None
+    assert erase.label_problem("fat32", "A\x7f") is not None
+    assert erase.clip([(MiB, 200 * MiB), (100 * MiB, MiB), (2 * MiB, MiB)], 64 * MiB) == [
+        (MiB, 63 * MiB), (2 * MiB, MiB)]
 
 
 def test_the_probe_finds_what_wipefs_and_partx_find(loop_factory: Callable[..., Loop]) -> None:

@@ -201,17 +201,15 @@ def refused_label(fs: str, label: str, folder: str | None = None) -> str | None:
     without the C.UTF-8 locale), or None.  One line: a refusal, nothing written to a drive."""
     part = layout(64 * MiB + PART_START, fs)
     try:
-        fd, _ = make_filesystem(fs, part, label, folder)
+        os.close(make_filesystem(fs, part, label, folder)[0])
+        return None
     except ToolFailed as exc:
-        try:
-            os.close(make_filesystem(fs, part, None, folder)[0])
-        except OSError:
-            return f"{exc.message} (making a test file system)"
-        return f"--label {label!r}: {exc.message}"
-    except OSError as exc:
-        return f"cannot try --fs {fs} in {folder or tempfile.gettempdir()}: {exc}"
-    os.close(fd)
-    return None
+        why = exc.message
+    try:
+        os.close(make_filesystem(fs, part, None, folder)[0])
+    except ToolFailed as exc:  # whatever the label: the tool, or where it works
+        return f"--fs {fs}: {exc.message}"
+    return f"--label {label!r}: {why}"
 
 
 @contextlib.contextmanager
@@ -273,8 +271,12 @@ def found_inside(device: BlockDevice, parts: Sequence[tuple[int, int]]) -> list[
 def make_filesystem(fs: str, part: Layout, label: str | None, folder: str | None
                     ) -> tuple[int, list[tuple[int, int]]]:
     """Make the file system in a sparse file the partition's size: its open descriptor (the
-    file itself already unlinked) and the extents mkfs wrote."""
-    fd, path = tempfile.mkstemp(prefix="popsicle-fs-", suffix=".img", dir=folder)
+    file itself already unlinked) and the extents mkfs wrote.  Any failure is a
+    :class:`ToolFailed` (the folder's or the tool's, never the drive's)."""
+    try:
+        fd, path = tempfile.mkstemp(prefix="popsicle-fs-", suffix=".img", dir=folder)
+    except OSError as exc:
+        raise _not_made(exc, folder) from exc
     try:
         os.ftruncate(fd, part.length)
         if fs == "exfat":
@@ -282,12 +284,19 @@ def make_filesystem(fs: str, part: Layout, label: str | None, folder: str | None
         else:
             _run(["mkfs.vfat", "-F", str(part.fat_bits), "-h", str(part.start // 512),
                   *(["-n", label.upper()] if label else []), path])
-    except BaseException:
+        return fd, data_extents(fd, part.length)
+    except BaseException as exc:
         os.close(fd)
+        if isinstance(exc, OSError) and not isinstance(exc, ToolFailed):
+            raise _not_made(exc, folder) from exc
         raise
     finally:
         os.unlink(path)
-    return fd, data_extents(fd, part.length)
+
+
+def _not_made(exc: OSError, folder: str | None) -> ToolFailed:
+    where = folder or tempfile.gettempdir()
+    return ToolFailed(f"cannot make the file system in {where}: {exc.strerror or exc}")
 
 
 def data_extents(fd: int, size: int) -> list[tuple[int, int]]:

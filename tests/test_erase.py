@@ -308,6 +308,7 @@ def test_an_exfat_label_beyond_ascii(loop_factory: Callable[..., Loop]) -> None:
         assert fsck.returncode == 0, fsck.stdout + fsck.stderr
 
 
+@pytest.mark.skipif(shutil.which("mkfs.exfat") is None, reason="needs exfatprogs")
 def test_a_bad_label_is_refused_before_an_old_file_system_is_touched(
         loop_factory: Callable[..., Loop]) -> None:
     drive = loop_factory(40 * MiB)
@@ -322,6 +323,7 @@ def test_a_bad_label_is_refused_before_an_old_file_system_is_touched(
     assert blkid(drive.path)["LABEL"] == "PRECIOUS"
 
 
+@pytest.mark.skipif(shutil.which("mkfs.exfat") is None, reason="needs exfatprogs")
 def test_a_mkfs_failure_is_not_the_drives_io_error(tmp_path: Path) -> None:
     part = erase.layout(40 * MiB, "exfat")
     with pytest.raises(OSError) as caught:
@@ -330,6 +332,16 @@ def test_a_mkfs_failure_is_not_the_drives_io_error(tmp_path: Path) -> None:
     assert failure.cause is Cause.ERROR
     assert "I/O error" not in failure.text and "failing" not in failure.text
     assert failure.text.startswith("/dev/sdx: mkfs.exfat failed: ")
+    assert list(tmp_path.iterdir()) == []
+    # prepare's dry run: what the tool says of a label, or of where it works
+    assert erase.refused_label("exfat", "\u00e9t\u00e9", str(tmp_path)) is None
+    assert (erase.refused_label("exfat", "x" * 12, str(tmp_path)) or "").startswith(
+        "--label 'xxxxxxxxxxxx': mkfs.exfat failed: ")
+    assert erase.refused_label("fat32", " A", str(tmp_path)) == (
+        "--label ' A': mkfs.vfat failed: Label can't start with a space character")
+    assert erase.refused_label("fat32", "A", str(tmp_path / "gone")) == (
+        f"--fs fat32: cannot make the file system in {tmp_path / 'gone'}: No such file or "
+        "directory")
     assert list(tmp_path.iterdir()) == []
 
 

@@ -10,10 +10,12 @@ without partition tables for a device, as this one for loop devices, and no ``lo
 tools never open the drive, and the partition table is written last: a drive interrupted
 before the end has none, rather than one that points at a half-made file system.
 
-Per drive, in order: [``--zero``: zeros everywhere, read back | ``--discard``: BLKDISCARD,
-read back as zeros]; the signatures ``wipefs`` finds (and the first and last MiB, where
-partition tables, boot sectors and RAID superblocks live) zeroed, and libblkid asked again;
-the file system's extents written and verified; the MBR written and verified.
+Per drive, in order: the file system made in its file (a mkfs that fails has written
+nothing); the capacity probe of :mod:`popsicle_py.probe` (a counterfeit stick fails, its
+stamps put back); [``--zero``: zeros everywhere, read back | ``--discard``: BLKDISCARD, read
+back as zeros]; the signatures ``wipefs`` finds (and the first and last MiB, where partition
+tables, boot sectors and RAID superblocks live) zeroed and read back, and libblkid asked
+again; the file system's extents written and verified; the MBR written and verified.
 
 Nothing here opens the device node by name: signatures and old partitions are asked of
 libblkid through the drive's own descriptor (:mod:`popsicle_py.erase_probe`).  So a user

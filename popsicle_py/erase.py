@@ -10,10 +10,12 @@ without partition tables for a device, as this one for loop devices, and no ``lo
 tools never open the drive, and the partition table is written last: a drive interrupted
 before the end has none, rather than one that points at a half-made file system.
 
-Per drive, in order: [``--zero``: zeros everywhere, read back | ``--discard``: BLKDISCARD,
-read back as zeros]; the signatures ``wipefs`` finds (and the first and last MiB, where
-partition tables, boot sectors and RAID superblocks live) zeroed, and libblkid asked again;
-the file system's extents written and verified; the MBR written and verified.
+Per drive, in order: the file system made in its file (a mkfs that fails has written
+nothing); the capacity probe of :mod:`popsicle_py.probe` (a counterfeit stick fails, its
+stamps put back); [``--zero``: zeros everywhere, read back | ``--discard``: BLKDISCARD, read
+back as zeros]; the signatures ``wipefs`` finds (and the first and last MiB, where partition
+tables, boot sectors and RAID superblocks live) zeroed and read back, and libblkid asked
+again; the file system's extents written and verified; the MBR written and verified.
 
 Nothing here opens the device node by name: signatures and old partitions are asked of
 libblkid through the drive's own descriptor (:mod:`popsicle_py.erase_probe`).  So a user
@@ -54,6 +56,11 @@ CHUNK = 4 << 20
 FILESYSTEMS = ("fat32", "exfat", "none")
 TOOLS = {"fat32": ("mkfs.vfat", "dosfstools"), "exfat": ("mkfs.exfat", "exfatprogs")}
 BLKDISCARD = 0x1277
+#: An exFAT volume label's length, in UTF-16 code units (what mkfs.exfat counts).
+EXFAT_LABEL_UNITS = 11
+#: The tools' environment: their messages in English, and labels read as UTF-8 (under plain
+#: "C" mkfs.exfat refuses every label beyond ASCII).
+_TOOL_ENV = {"LC_ALL": "C.UTF-8"}
 #: Characters a FAT volume label may not hold.
 _FAT_BAD = set('"*+,./:;<=>?[\\]|')
 
@@ -108,17 +115,27 @@ def mbr(part: Layout, signature: bytes) -> bytes:
 
 
 def label_problem(fs: str, label: str | None) -> str | None:
-    """Why ``label`` cannot name a ``fs`` volume, or None."""
+    """Why ``label`` cannot name a ``fs`` volume, or None (the rules ``mkfs.vfat`` and
+    ``mkfs.exfat`` apply, checked before anything is written)."""
     if label is None or fs == "none":
         return None
     if fs == "fat32":
-        if len(label.encode("ascii", "replace")) > 11 or not label.isascii():
+        if len(label) > 11 or not label.isascii():
             return f"--label {label!r}: a FAT label is at most 11 ASCII characters"
+        if any(ord(c) < 0x20 or ord(c) == 0x7F for c in label):
+            return f"--label {label!r}: a FAT label cannot hold control characters"
+        if label.startswith(" "):
+            return f"--label {label!r}: a FAT label cannot start with a space"
         if bad := sorted(set(label) & _FAT_BAD):
             return f"--label {label!r}: a FAT label cannot hold {' '.join(bad)}"
         return None
-    if len(label) > 15:
-        return f"--label {label!r}: an exFAT label is at most 15 characters"
+    try:
+        units = len(label.encode("utf-16-le")) // 2
+    except UnicodeEncodeError:  # a lone surrogate (undecodable bytes in argv)
+        return f"--label {label!r}: not a valid Unicode string"
+    if units > EXFAT_LABEL_UNITS:
+        return (f"--label {label!r}: an exFAT label is at most {EXFAT_LABEL_UNITS} characters "
+                "(UTF-16 units)")
     return None
 
 
@@ -156,16 +173,45 @@ def missing_tool(fs: str) -> str | None:
     return None
 
 
+class ToolFailed(OSError):
+    """A tool erase runs (mkfs) failed: its own fault or its input's, never the drive's (no
+    errno, so :mod:`popsicle_py.failures` does not word it as the drive's I/O error)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
 def _run(args: Sequence[str]) -> str:
     try:
         result = subprocess.run(list(args), capture_output=True, text=True,
-                                env={**os.environ, "LC_ALL": "C"}, check=False)
+                                env={**os.environ, **_TOOL_ENV}, check=False)
     except FileNotFoundError:
         raise OSError(errno.ENOENT, f"{args[0]} is not installed") from None
     if result.returncode != 0:
         why = (result.stderr.strip().splitlines() or [f"exit status {result.returncode}"])[-1]
-        raise OSError(errno.EIO, f"{args[0]} failed: {why}")
+        raise ToolFailed(f"{args[0]} failed: {why.removeprefix(args[0] + ': ')}")
     return result.stdout
+
+
+def refused_label(fs: str, label: str, folder: str | None = None) -> str | None:
+    """Why ``fs``'s mkfs refuses ``label``, found by making a small file system with it (the
+    rules of :func:`label_problem` are the known ones; this finds the rest, such as a system
+    without the C.UTF-8 locale), or None.  One line: a refusal, nothing written to a drive."""
+    part = layout(64 * MiB + PART_START, fs)
+    try:
+        os.close(make_filesystem(fs, part, label, folder)[0])
+        return None
+    except ToolFailed as exc:
+        why = exc.message
+    try:
+        os.close(make_filesystem(fs, part, None, folder)[0])
+    except ToolFailed as exc:  # whatever the label: the tool, or where it works
+        return f"--fs {fs}: {exc.message}"
+    return f"--label {label!r}: {why}"
 
 
 @contextlib.contextmanager
@@ -188,9 +234,17 @@ def signatures(device: BlockDevice) -> list[tuple[int, str]]:
 
 
 def old_partitions(device: BlockDevice) -> list[tuple[int, int]]:
-    """(start, length) in bytes of the partitions the drive's table lists now."""
+    """(start, length) in bytes of the partitions the drive's table lists now, within the
+    drive (see :func:`clip`)."""
     with _descriptor(device) as fd:
-        return erase_probe.partitions(fd, device.path)
+        return clip(erase_probe.partitions(fd, device.path), device.size)
+
+
+def clip(parts: Sequence[tuple[int, int]], size: int) -> list[tuple[int, int]]:
+    """Partitions cut at the drive's end, those starting past it dropped: a table written for
+    a bigger drive (``dd`` of a bigger image onto a smaller stick) lists them so."""
+    return [(start, min(length, size - start)) for start, length in parts
+            if 0 <= start < size and length > 0]
 
 
 def partition_ranges(parts: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -219,8 +273,12 @@ def found_inside(device: BlockDevice, parts: Sequence[tuple[int, int]]) -> list[
 def make_filesystem(fs: str, part: Layout, label: str | None, folder: str | None
                     ) -> tuple[int, list[tuple[int, int]]]:
     """Make the file system in a sparse file the partition's size: its open descriptor (the
-    file itself already unlinked) and the extents mkfs wrote."""
-    fd, path = tempfile.mkstemp(prefix="popsicle-fs-", suffix=".img", dir=folder)
+    file itself already unlinked) and the extents mkfs wrote.  Any failure is a
+    :class:`ToolFailed` (the folder's or the tool's, never the drive's)."""
+    try:
+        fd, path = tempfile.mkstemp(prefix="popsicle-fs-", suffix=".img", dir=folder)
+    except OSError as exc:
+        raise _not_made(exc, folder) from exc
     try:
         os.ftruncate(fd, part.length)
         if fs == "exfat":
@@ -228,12 +286,19 @@ def make_filesystem(fs: str, part: Layout, label: str | None, folder: str | None
         else:
             _run(["mkfs.vfat", "-F", str(part.fat_bits), "-h", str(part.start // 512),
                   *(["-n", label.upper()] if label else []), path])
-    except BaseException:
+        return fd, data_extents(fd, part.length)
+    except BaseException as exc:
         os.close(fd)
+        if isinstance(exc, OSError) and not isinstance(exc, ToolFailed):
+            raise _not_made(exc, folder) from exc
         raise
     finally:
         os.unlink(path)
-    return fd, data_extents(fd, part.length)
+
+
+def _not_made(exc: OSError, folder: str | None) -> ToolFailed:
+    where = folder or tempfile.gettempdir()
+    return ToolFailed(f"cannot make the file system in {where}: {exc.strerror or exc}")
 
 
 def data_extents(fd: int, size: int) -> list[tuple[int, int]]:

@@ -12,11 +12,12 @@ import os
 import secrets
 from collections.abc import Callable, Sequence
 
-from popsicle_py import blockdev, erase
+from popsicle_py import blockdev, erase, probe
 from popsicle_py.blockdev import BlockDevice
 from popsicle_py.buffers import aligned_buffer
 from popsicle_py.engine import Cancelled
 from popsicle_py.engine.supervisor import CancelCheck, Lane, Supervisor
+from popsicle_py.errors import Counterfeit
 from popsicle_py.events import Cause, DriveInfo, Note, Phase, Progress, Status, Step, Summary
 from popsicle_py.flash import Emit, _Job
 from popsicle_py.messages import BusWriterMessage
@@ -80,9 +81,8 @@ class EraseJob(_Job):
         supervisor = Supervisor([d.device for d in self.drives], self._on_message, self.cancel,
                                 stall_timeout=self.options.stall_timeout,
                                 errored=BusWriterMessage.Errored, name="erase")
-        first = Step.WRITING if self.options.zero else Step.ERASING
         for drive in self.drives:
-            self.emit(Phase(drive.path, first))
+            self.emit(Phase(drive.path, Step.PROBING))
         try:
             supervisor.run(self._erase)
         except Cancelled:
@@ -131,7 +131,6 @@ class EraseJob(_Job):
     def _steps(self, lane: Lane) -> int:
         options, device = self.options, lane.dest
         size = device.size
-        written = 0
 
         def stopped() -> bool:
             return lane.stopped
@@ -149,45 +148,16 @@ class EraseJob(_Job):
             lane.touch()
             lane.post(_Step(lane.id, s))
 
-        zeros = erase.zeros_source()
-        whole = [(0, size)]
-        if options.zero:
-            erase.fill(device, whole, zeros, pacer=lane.pacer, stopped=stopped,
-                       progress=moved(Step.WRITING, size))
-            written = size
-        elif options.discard:
-            step(Step.ERASING)
-            erase.discard(device, size)
-        if options.zero or options.discard:
-            step(Step.VERIFYING)
-            erase.check(device, whole, zeros, "zeros", pacer=lane.pacer, stopped=stopped,
-                        progress=moved(Step.VERIFYING, size))
-            step(Step.ERASING)
-        if lane.stopped:
-            return written
-        found = erase.signatures(device)
-        parts = erase.old_partitions(device)
-        if found and not options.zero:
-            lane.post(_Said(lane.id, "wiping " + ", ".join(sorted({t for _, t in found}))))
-        ranges = erase.merge([*erase.wipe_ranges(size, [o for o, _ in found]),
-                              *erase.partition_ranges(parts)], size)
-        if not (options.zero or options.discard):  # already zeros everywhere otherwise
-            erase.fill(device, ranges, zeros, pacer=lane.pacer, stopped=stopped,
-                       progress=lambda n: lane.advance(n))
-            written += sum(n for _, n in ranges)
-        if lane.stopped:
-            return written
-        left = [f"{t} at byte {o}" for o, t in erase.signatures(device)]
-        left += erase.found_inside(device, parts)
-        if left:
-            raise OSError(errno.EIO, f"{device.path}: signatures left after wiping: "
-                          + ", ".join(left))
         fs = options.fs or erase.default_fs(size)
         if fs == "none":
-            return written
+            return self._wipe(lane, stopped, moved, step)
         part = erase.layout(size, fs)
+        # The file system first, in a file: a mkfs that fails has written nothing to the drive.
         fd, extents = erase.make_filesystem(fs, part, options.label, options.workdir)
         try:
+            written = self._wipe(lane, stopped, moved, step)
+            if lane.stopped:
+                return written
             where = [(part.start + o, n) for o, n in extents]
             source = erase.file_source(fd, part.start)
             erase.fill(device, where, source, pacer=lane.pacer, stopped=stopped,
@@ -209,3 +179,59 @@ class EraseJob(_Job):
         erase.check(device, head, lambda o, n: fixed[o:o + n], "the partition table",
                     pacer=lane.pacer, stopped=stopped, progress=lambda n: None)
         return written + 4096
+
+    def _wipe(self, lane: Lane, stopped: Callable[[], bool],
+              moved: Callable[[Step, int], Callable[[int], None]],
+              step: Callable[[Step], None]) -> int:
+        """The capacity probe, [zeros | discard,] the signatures wiped and read back as zeros,
+        none left: how many bytes were written."""
+        options, device = self.options, lane.dest
+        size = device.size
+        written = 0
+        zeros = erase.zeros_source()
+        whole = [(0, size)]
+        # A counterfeit stick fails here, before anything but the probe's stamps (put back)
+        # is written: it must never be formatted to a size it does not hold.
+        result = probe.probe_device(device, stopped=stopped,
+                                    overwritten=whole if options.zero else ())
+        if lane.stopped:
+            return written
+        if result.error is not None:
+            raise OSError(errno.EIO, result.message)
+        if not result.ok:
+            raise Counterfeit(result.message)
+        step(Step.WRITING if options.zero else Step.ERASING)
+        if options.zero:
+            erase.fill(device, whole, zeros, pacer=lane.pacer, stopped=stopped,
+                       progress=moved(Step.WRITING, size))
+            written = size
+        elif options.discard:
+            erase.discard(device, size)
+        if options.zero or options.discard:
+            step(Step.VERIFYING)
+            erase.check(device, whole, zeros, "zeros", pacer=lane.pacer, stopped=stopped,
+                        progress=moved(Step.VERIFYING, size))
+            step(Step.ERASING)
+        if lane.stopped:
+            return written
+        found = erase.signatures(device)
+        parts = erase.old_partitions(device)
+        if found and not options.zero:
+            lane.post(_Said(lane.id, "wiping " + ", ".join(sorted({t for _, t in found}))))
+        ranges = erase.merge([*erase.wipe_ranges(size, [o for o, _ in found]),
+                              *erase.partition_ranges(parts)], size)
+        if not (options.zero or options.discard):  # already zeros everywhere otherwise
+            erase.fill(device, ranges, zeros, pacer=lane.pacer, stopped=stopped,
+                       progress=lambda n: lane.advance(n))
+            written += sum(n for _, n in ranges)
+            # Read back from the drive: one that drops writes must not pass as wiped.
+            erase.check(device, ranges, zeros, "zeros", pacer=lane.pacer, stopped=stopped,
+                        progress=lambda n: lane.advance(n))
+        if lane.stopped:
+            return written
+        left = [f"{t} at byte {o}" for o, t in erase.signatures(device)]
+        left += erase.found_inside(device, parts)
+        if left:
+            raise OSError(errno.EIO, f"{device.path}: signatures left after wiping: "
+                          + ", ".join(left))
+        return written

@@ -20,9 +20,12 @@ from typing import Any
 
 import pytest
 from conftest import Loop, needs_root, popsicle_cmd
+from faulty import FaultyDrive
 from loopdev import attach, detach, write_mbr
 
-from popsicle_py import erase, erase_probe
+from popsicle_py import erase, erase_probe, failures
+from popsicle_py.events import Cause
+from popsicle_py.units import format_size
 
 MiB = 1 << 20
 PATTERN = 0x5A
@@ -147,6 +150,14 @@ def test_many_drives_at_once_each_with_its_result(loop_factory: Callable[..., Lo
     (["--label", "MUCH TOO LONG"], "--label 'MUCH TOO LONG': a FAT label is at most 11 ASCII "
                                    "characters"),
     (["--fs", "none", "--label", "X"], "--label names a file system, and --fs none makes none"),
+    (["--fs", "exfat", "--label", "MYSTICKLABEL"],
+     "--label 'MYSTICKLABEL': an exFAT label is at most 11 characters (UTF-16 units)"),
+    (["--fs", "exfat", "--label", "\U0001f600" * 6],
+     "--label '" + "\U0001f600" * 6 + "': an exFAT label is at most 11 characters (UTF-16 "
+     "units)"),
+    (["--label", " A"], "--label ' A': a FAT label cannot start with a space"),
+    (["--fs", "fat32", "--label", "A\tB"],
+     "--label 'A\\tB': a FAT label cannot hold control characters"),
 ])
 def test_bad_options_are_refused_and_nothing_is_written(
         loop_factory: Callable[..., Loop], args: list[str], line: str) -> None:
@@ -214,6 +225,11 @@ def test_the_rules_on_plain_data() -> None:
         (0, MiB), (5 * MiB, 4096), (9 * MiB, MiB)]
     assert erase.label_problem("exfat", "x" * 16) is not None
     assert erase.label_problem("fat32", "A/B") == "--label 'A/B': a FAT label cannot hold /"
+    assert erase.label_problem("exfat", "\u00e9" * 11) is None
+    assert erase.label_problem("exfat", "\u00e9" * 12) is not None
+    assert erase.label_problem("fat32", "A\x7f") is not None
+    assert erase.clip([(MiB, 200 * MiB), (100 * MiB, MiB), (2 * MiB, MiB)], 64 * MiB) == [
+        (MiB, 63 * MiB), (2 * MiB, MiB)]
 
 
 def test_the_probe_finds_what_wipefs_and_partx_find(loop_factory: Callable[..., Loop]) -> None:
@@ -248,3 +264,109 @@ def test_the_probe_finds_what_wipefs_and_partx_find(loop_factory: Callable[..., 
             (8 * MiB + 0x438, "ext4")]
     finally:
         os.close(fd)
+
+
+def result_line(result: subprocess.CompletedProcess[str]) -> dict[str, Any]:
+    summary = json.loads(result.stdout.splitlines()[-1])
+    assert len(summary["results"]) == 1
+    return dict(summary["results"][0])
+
+
+def test_a_drive_that_drops_every_write_never_ends_ok(
+        faulty_drive: Callable[..., FaultyDrive]) -> None:
+    drive = faulty_drive(64 * MiB, fill=PATTERN, drop_writes_after=0)
+    result = popsicle("erase", drive.path, "--yes", "--fs", "none", "--json")
+    assert result.returncode == 1, result.stderr
+    assert result_line(result)["status"] != "ok"
+    assert drive.read(0, 2 * MiB) == bytes([PATTERN]) * 2 * MiB
+
+
+def test_the_wiped_ranges_are_read_back_from_the_drive(
+        faulty_drive: Callable[..., FaultyDrive]) -> None:
+    """A byte of the wiped first MiB that does not read back as zero fails the drive (the
+    capacity probe neither writes nor looks at it)."""
+    at = 40 * 1024 + 5
+    drive = faulty_drive(64 * MiB, fill=PATTERN, flip_bit=(at, 1))
+    result = popsicle("erase", drive.path, "--yes", "--fs", "none", "--json")
+    assert result.returncode == 1, result.stderr
+    line = result_line(result)
+    assert (line["status"], line["cause"]) == ("invalid", "mismatch")
+    assert line["error"] == f"{drive.path}: verification failed: zeros differs at byte {at}"
+
+
+@pytest.mark.skipif(shutil.which("mkfs.exfat") is None, reason="needs exfatprogs")
+def test_an_exfat_label_beyond_ascii(loop_factory: Callable[..., Loop]) -> None:
+    label = "Clé \U0001f600 Été"  # 11 UTF-16 units: the emoji is two
+    drive = loop_factory(40 * MiB, fill=PATTERN)
+    result = popsicle("erase", drive.path, "--yes", "--fs", "exfat", "--label", label)
+    assert result.returncode == 0, result.stderr
+    with partition_of(drive) as part:
+        out = subprocess.run(["blkid", "-p", "-s", "LABEL", "-o", "value", part],
+                             capture_output=True, text=True, check=True).stdout
+        assert out == label + "\n"
+        fsck = subprocess.run(["fsck.exfat", "-n", part], capture_output=True, text=True)
+        assert fsck.returncode == 0, fsck.stdout + fsck.stderr
+
+
+@pytest.mark.skipif(shutil.which("mkfs.exfat") is None, reason="needs exfatprogs")
+def test_a_bad_label_is_refused_before_an_old_file_system_is_touched(
+        loop_factory: Callable[..., Loop]) -> None:
+    drive = loop_factory(40 * MiB)
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-L", "PRECIOUS", drive.path], check=True)
+    before = drive.read()
+    for fs, label in (("exfat", "MYSTICKLABEL"), ("fat32", " A"), ("fat32", "A\x01")):
+        result = popsicle("erase", drive.path, "--fs", fs, "--label", label, "--yes")
+        assert result.returncode == 2, result.stderr
+        assert len(result.stderr.splitlines()) == 1, result.stderr
+        assert "I/O error" not in result.stderr
+    assert drive.read() == before
+    assert blkid(drive.path)["LABEL"] == "PRECIOUS"
+
+
+@pytest.mark.skipif(shutil.which("mkfs.exfat") is None, reason="needs exfatprogs")
+def test_a_mkfs_failure_is_not_the_drives_io_error(tmp_path: Path) -> None:
+    part = erase.layout(40 * MiB, "exfat")
+    with pytest.raises(OSError) as caught:
+        erase.make_filesystem("exfat", part, "x" * 12, str(tmp_path))
+    failure = failures.failure(caught.value, "/dev/sdx")
+    assert failure.cause is Cause.ERROR
+    assert "I/O error" not in failure.text and "failing" not in failure.text
+    assert failure.text.startswith("/dev/sdx: mkfs.exfat failed: ")
+    assert list(tmp_path.iterdir()) == []
+    # prepare's dry run: what the tool says of a label, or of where it works
+    assert erase.refused_label("exfat", "\u00e9t\u00e9", str(tmp_path)) is None
+    assert (erase.refused_label("exfat", "x" * 12, str(tmp_path)) or "").startswith(
+        "--label 'xxxxxxxxxxxx': mkfs.exfat failed: ")
+    assert erase.refused_label("fat32", " A", str(tmp_path)) == (
+        "--label ' A': mkfs.vfat failed: Label can't start with a space character")
+    assert erase.refused_label("fat32", "A", str(tmp_path / "gone")) == (
+        f"--fs fat32: cannot make the file system in {tmp_path / 'gone'}: No such file or "
+        "directory")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_table_that_runs_past_the_drives_end_is_erased_the_first_time(
+        loop_factory: Callable[..., Loop]) -> None:
+    """As after dd of a bigger image onto a smaller stick: the first partition runs past the
+    end, the second starts past it."""
+    drive = loop_factory(64 * MiB, fill=PATTERN)
+    write_mbr(str(drive.backing), [(2048, 409600), (300000, 2048)])
+    subprocess.run(["blockdev", "--flushbufs", drive.path], check=True)
+    result = popsicle("erase", drive.path, "--yes", "--json")
+    assert result.returncode == 0, result.stderr
+    assert result_line(result)["status"] == "ok"
+    assert table(drive) == [(2048, drive.size // 512 - 2048, "e")]
+    with partition_of(drive) as part:
+        fsck = subprocess.run(["fsck.vfat", "-n", part], capture_output=True, text=True)
+        assert fsck.returncode == 0, fsck.stdout + fsck.stderr
+
+
+def test_a_counterfeit_stick_is_not_erased(faulty_drive: Callable[..., FaultyDrive]) -> None:
+    drive = faulty_drive(64 * MiB, fill=PATTERN, wrap=16 * MiB)
+    result = popsicle("erase", drive.path, "--yes", "--json")
+    assert result.returncode == 1, result.stderr
+    line = result_line(result)
+    assert (line["status"], line["cause"]) == ("failed", "counterfeit")
+    assert line["error"] == (f"{drive.path}: counterfeit: claims {format_size(64 * MiB)}, "
+                             f"holds about {format_size(16 * MiB)}")
+    assert not drive.ever_written(0, 64 << 10)  # only the probe's stamps, never the wipe

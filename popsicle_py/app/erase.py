@@ -2,8 +2,9 @@
 
 ``prepare_erase(request)`` checks the drives as a flash checks its targets
 (:func:`popsicle_py.plan.make_plan`: never a system drive, a mounted one only with
-``unmount``), the options (file system, label, its tool installed) and the user's access, and
-raises :class:`Refused` (exit 2) before anything is written.  ``run(view, cancel)`` erases
+``unmount``), the options (file system, label, its tool installed; a label is tried on a
+small file system in a file first) and the user's access, and raises :class:`Refused`
+(exit 2) before anything is written.  ``run(view, cancel)`` erases
 every drive in parallel (:mod:`popsicle_py.erase_job`).
 
 Without root the drives are opened as for a flash, through udisks2's ``Block.OpenDevice``
@@ -55,9 +56,8 @@ def request_refusals(request: EraseRequest) -> list[str]:
         lines.append(f"--fs {request.fs}: choose one of {', '.join(erase.FILESYSTEMS)}")
     if request.label is not None and request.fs == "none":
         lines.append("--label names a file system, and --fs none makes none")
-    for fs in (("fat32", "exfat") if request.fs is None else (request.fs,)):
-        if (line := erase.label_problem(fs, request.label)) is not None:
-            lines.append(line)
+    if request.fs is not None and (line := erase.label_problem(request.fs, request.label)):
+        lines.append(line)
     return lines
 
 
@@ -130,8 +130,14 @@ def prepare_erase(request: EraseRequest) -> PreparedErase:
                      unmount=request.unmount)
     needed = {fs_for(request, d.size) for d in plan.targets}
     lines = [line for fs in sorted(needed) if (line := erase.missing_tool(fs)) is not None]
+    if request.fs is None:  # the label's rules are those of each drive's file system
+        lines += [line for fs in sorted(needed)
+                  if (line := erase.label_problem(fs, request.label)) is not None]
     lines += [f"{d.path} is too small to partition" for d in plan.targets
               if d.size < erase.PART_START + (1 << 20) and fs_for(request, d.size) != "none"]
+    if request.label and not lines:  # what the tool itself says of the label, tried on a file
+        lines += [line for fs in sorted(needed - {"none"})
+                  if (line := erase.refused_label(fs, request.label)) is not None]
     if lines:
         raise Refused(lines)
     require_access([d.path for d in plan.targets], writing=True)

@@ -79,7 +79,8 @@ def read_command(pairs: tuple[str, ...], bmap: bool, force: bool,
 @click.option("--fs", type=click.Choice(["fat32", "exfat", "none"]), default=None,
               help="File system of the one partition (default: fat32 up to 32 GiB, exfat "
                    "above); none only wipes.")
-@click.option("--label", metavar="NAME", help="Volume label (FAT: 11 characters, exFAT: 15).")
+@click.option("--label", metavar="NAME",
+              help="Volume label (FAT: 11 ASCII characters; exFAT: 11, any script).")
 @click.option("--zero", is_flag=True, help="Write zeros over the whole drive first, and "
               "read them back.")
 @click.option("--discard", is_flag=True, help="Discard every block first (BLKDISCARD), and "

@@ -160,6 +160,45 @@ def test_a_planted_symlink_is_not_followed(tmp_path: Path) -> None:
     assert [p.name for p in (tmp_path / "certs").iterdir() if p.name.endswith(".tmp")] == []
 
 
+def test_a_signature_goes_beside_its_own_certificate_only(tmp_path: Path) -> None:
+    """An old x.json.sig whose x.json is gone: a new x.json beside it would pass for signed
+    by it (before: x.json, with its signature as x.json-2.sig)."""
+    from popsicle_py.certify import files
+
+    certs = tmp_path / "certs"
+    certs.mkdir()
+    (certs / "x.json.sig").write_bytes(b"old")
+    fd = files.open_directory(str(certs))
+    try:
+        name = files.write_new(fd, "x.json", b"{}", (".sig", b"new"))
+    finally:
+        os.close(fd)
+    assert name == "x-2.json"
+    assert sorted(p.name for p in certs.iterdir()) == ["x-2.json", "x-2.json.sig", "x.json.sig"]
+    assert (certs / "x-2.json.sig").read_bytes() == b"new"
+    assert (certs / "x.json.sig").read_bytes() == b"old"
+
+
+def test_a_certificate_that_cannot_be_signed_is_not_left_behind(
+        tmp_path: Path, key: tuple[Path, Path]) -> None:
+    """The key gone by the time a drive is done: no certificate at all, never an unsigned one
+    that `check` would take without --allowed-signers."""
+    from popsicle_py import events
+    from popsicle_py.certify.sshsig import SignError
+    from popsicle_py.certify.writer import CertificateWriter
+
+    writer = CertificateWriter(str(tmp_path / "certs"), str(key[0]), "disk.img", None)
+    key[0].unlink()
+    done = events.DriveResult("/dev/sdb", events.Status.OK, 1 * MiB, verified=True,
+                              device_sha256="ab" * 32)
+    try:
+        with pytest.raises(SignError):
+            writer.certify(done, [((0, 1 * MiB), bytes(16))], 0.0)
+    finally:
+        writer.close()
+    assert list((tmp_path / "certs").iterdir()) == []
+
+
 @pytest.mark.root
 def test_a_certificate_that_does_not_fit_leaves_no_temporary_file(tmp_path: Path) -> None:
     """A full directory fails the write itself: the error is raised, nothing is left."""

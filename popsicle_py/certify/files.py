@@ -2,8 +2,8 @@
 
 Each file is written to a fresh temporary name opened with ``O_CREAT|O_EXCL|O_NOFOLLOW``
 relative to the directory's descriptor, synced, then linked to its final name (a link never
-follows nor replaces what is there: a name taken gets ``-2``, ``-3`` ...) and the temporary
-name removed; the directory is synced last.  A crash leaves at most a ``.tmp`` file behind,
+follows nor replaces what is there: a name taken, or whose signature's name is, gets ``-2``,
+``-3`` ...) and the temporary name removed; the directory is synced last.  A crash leaves at most a ``.tmp`` file behind,
 never a half-written certificate under a certificate's name.
 """
 
@@ -45,30 +45,54 @@ def open_directory(path: str) -> int:
     return fd
 
 
-def write_new(directory: int, name: str, data: bytes) -> str:
-    """Write ``data`` under ``name`` (or ``name`` with ``-2`` ...) in the directory; the name
-    used.  Raises OSError."""
+def _temporary(directory: int, name: str, data: bytes) -> str:
+    """``data`` synced under a fresh hidden name in the directory: that name."""
     tmp = f".{name}.{secrets.token_hex(6)}.tmp"
     fd = os.open(tmp, _FLAGS, 0o644, dir_fd=directory)
-    try:  # the temporary file goes whatever fails, the write (a full disk) included
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp, dir_fd=directory)
+        raise
+    finally:
+        os.close(fd)
+    return tmp
+
+
+def write_new(directory: int, name: str, data: bytes,
+              sidecar: tuple[str, bytes] | None = None) -> str:
+    """Write ``data`` under ``name`` (or ``name`` with ``-2`` ...) in the directory; the name
+    used.  ``sidecar`` (suffix, bytes), a signature, goes under that very name plus its
+    suffix: a name whose sidecar's name is taken is not used (the old sidecar would pass for
+    this file's).  Raises OSError; a temporary file never stays."""
+    made: list[str] = []
+    try:  # the temporary files go whatever fails, a write to a full disk included
+        made.append(_temporary(directory, name, data))
+        if sidecar is not None:
+            made.append(_temporary(directory, name + sidecar[0], sidecar[1]))
         stem, dot, ext = name.rpartition(".")
         for attempt in range(1, 1000):
             final = name if attempt == 1 else f"{stem}-{attempt}{dot}{ext}"
             try:
-                os.link(tmp, final, src_dir_fd=directory, dst_dir_fd=directory,
+                os.link(made[0], final, src_dir_fd=directory, dst_dir_fd=directory,
                         follow_symlinks=False)
             except FileExistsError:
                 continue
+            if sidecar is not None:
+                try:
+                    os.link(made[1], final + sidecar[0], src_dir_fd=directory,
+                            dst_dir_fd=directory, follow_symlinks=False)
+                except FileExistsError:
+                    os.unlink(final, dir_fd=directory)
+                    continue
             os.fsync(directory)
             return final
         raise OSError(errno.EEXIST, f"{name}: every variant of the name is taken")
     finally:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp, dir_fd=directory)
+        for tmp in made:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp, dir_fd=directory)

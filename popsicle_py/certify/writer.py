@@ -78,8 +78,9 @@ class CertificateWriter:
             batch=self.place.batch, operator=self.place.operator)
         data = cert.text().encode()
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now))
+        # Signed first: a certificate that could not be signed is never left behind.
+        signature = (None if self.sign_key is None else
+                     (sshsig.SIG_SUFFIX, sshsig.sign(self.sign_key, data)))
         name = files.write_new(self.fd, files.certificate_name(stamp, info.seq, info.serial,
-                                                               info.port_path), data)
-        if self.sign_key is not None:
-            files.write_new(self.fd, name + sshsig.SIG_SUFFIX, sshsig.sign(self.sign_key, data))
+                                                               info.port_path), data, signature)
         return os.path.join(self.path, name)

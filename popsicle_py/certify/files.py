@@ -3,8 +3,8 @@
 Each file is written to a fresh temporary name opened with ``O_CREAT|O_EXCL|O_NOFOLLOW``
 relative to the directory's descriptor, synced, then linked to its final name (a link never
 follows nor replaces what is there: a name taken, or whose signature's name is, gets ``-2``,
-``-3`` ...) and the temporary name removed; the directory is synced last.  A crash leaves at most a ``.tmp`` file behind,
-never a half-written certificate under a certificate's name.
+``-3`` ...) and the temporary name removed; the directory is synced last.  A crash leaves
+at most a ``.tmp`` file behind, never a half-written certificate under a certificate's name.
 """
 
 from __future__ import annotations

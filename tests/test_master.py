@@ -186,6 +186,37 @@ def test_a_master_written_while_it_is_read_fails_every_drive(
         assert t.read(HEAD) != data[:HEAD]
 
 
+@needs_root
+def test_a_master_written_through_the_page_cache_while_it_is_read_fails_every_drive(
+        loop_factory: Callable[..., Loop], throttle: Callable[..., Any]) -> None:
+    """A buffered write (dd without oflag=direct) into what was already read sits in the page
+    cache, uncounted by the kernel until written back: the check writes it back first."""
+    m, _ = make_master(loop_factory, 24 * MiB)
+    targets = [loop_factory(24 * MiB, fill=PATTERN) for _ in range(2)]
+    add = throttle(*((t, 4 * MiB) for t in targets))
+    proc = subprocess.Popen(
+        [*popsicle_cmd(), "flash", m.path, *(t.path for t in targets), "--yes", "--json",
+         "--bucket-size", "1M", "--buckets", "2", "--no-probe"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL,
+        preexec_fn=lambda: add(os.getpid()))
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if json.loads(line)["event"] == "progress":  # the master's first MiB is read
+            fd = os.open(m.path, os.O_WRONLY)
+            try:
+                os.pwrite(fd, b"changed!" * 512, 8192)  # no fsync: dirty in the page cache
+            finally:
+                os.close(fd)
+            break
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1, err
+    summary = json.loads(out.splitlines()[-1])
+    for t in targets:
+        r = next(r for r in summary["results"] if r["device"] == t.path)
+        assert r["status"] == "failed" and r["cause"] == "source", r
+        assert f"the master drive {m.path} changed while it was read" in r["error"], r
+
+
 WATCH_RULE = """
 import json, sys, pyudev
 from popsicle_py import drives, watch

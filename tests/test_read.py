@@ -642,3 +642,28 @@ def test_an_output_name_too_long_for_its_temporary_files_is_refused(
     result = popsicle("read", drive.path, short)
     assert result.returncode == 0, result.stderr
     assert short.read_bytes() == drive.read()
+
+
+def test_a_drive_changed_while_it_is_read_is_not_called_a_failed_image(
+        loop_factory: Callable[..., Loop], throttle: Callable[..., Any], tmp_path: Path) -> None:
+    """read has no image to blame: the summary says what happened to the drive."""
+    drive = fat_drive(loop_factory, 32 * MiB)
+    add = throttle((drive, 4 * MiB))
+    proc = subprocess.Popen([*popsicle_cmd(), "read", drive.path, str(tmp_path / "s.img")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            stdin=subprocess.DEVNULL, preexec_fn=lambda: add(os.getpid()),
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if line == f"{drive.path}: reading\n":
+            fd = os.open(drive.path, os.O_WRONLY)
+            try:
+                os.pwrite(fd, b"changed!" * 512, 30 * MiB)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            break
+    out_text, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1, err
+    assert out_text.splitlines()[-1] == (f"finished with problems: 0 of 1 drives ok; not ok: "
+                                         f"#1 {drive.path} failed (changed while it was read)")

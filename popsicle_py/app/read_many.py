@@ -1,9 +1,9 @@
 """Several drives read into several files in one run: ``read DEVICE OUTPUT [DEVICE OUTPUT]...``.
 
 Each pair is prepared as :func:`popsicle_py.app.read.prepare_read` prepares one, and the pairs
-are checked against each other (a drive named twice, two pairs writing the same file or one
-removing a block map another writes, an OUTPUT on any drive being read) before anything is
-read.  ``run`` reads every drive at once,
+are checked against each other (a drive named twice, two pairs writing the same file, or one
+writing where flash looks for another's block map, an OUTPUT on any drive being read) before
+anything is read.  ``run`` reads every drive at once,
 one thread each under the engine's :class:`~popsicle_py.engine.supervisor.Supervisor`, whose
 outbox hands every event to the view on the calling thread; one drive's failure does not stop
 the others, a cancel stops them all, and none leaves its OUTPUT under its final name.
@@ -75,12 +75,13 @@ def cross_refusals(jobs: Sequence[PreparedRead]) -> list[str]:
                 what = "" if name == job.output else f" ({os.path.basename(name)})"
                 lines.append(f"{job.output}{what} would overwrite a file of {holder.output}: "
                              "give each pair its own OUTPUT")
-    for job in jobs:  # an old block map one pair removes (--force) and another writes
+    for job in jobs:  # a file one pair writes where flash looks for another's block map
         for name in job.stale:
             holder = owner.get(_same_file_key(name), job)
             if holder is not job:
-                lines.append(f"{os.path.basename(name)} beside {job.output} is the block map "
-                             f"{holder.output} writes: give each pair its own OUTPUT")
+                what = "" if name == holder.output else f" ({os.path.basename(name)})"
+                lines.append(f"{holder.output}{what} would be where flash looks for the block "
+                             f"map of {job.output}: give each pair its own OUTPUT")
     for job in jobs:
         devnums, _ = drives.path_storage(os.path.dirname(job.output))
         for other in jobs:

@@ -220,9 +220,10 @@ def _write_small(path: str, text: str) -> None:
 
 
 def _publish(temps: list[str], finals: tuple[str, ...], stale: tuple[str, ...]) -> None:
-    """Old block maps gone first (never a new OUTPUT beside an old map, even for a moment),
-    then OUTPUT, then its sidecars; the directory synced so the names last a power cut."""
-    for name in stale:
+    """Old block maps gone first (never a new OUTPUT beside an old map, even for a moment:
+    the one replaced by this read's map too), then OUTPUT, then its sidecars; the directory
+    synced so the names last a power cut."""
+    for name in (*stale, *finals[2:]):
         try:
             os.unlink(name)
         except FileNotFoundError:

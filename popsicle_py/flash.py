@@ -91,8 +91,8 @@ class OpenError(Refused):
 
 
 #: A drive's step before its head (--customize): its descriptor, path and identity, and
-#: ``progressed(n)`` for the bytes it moves (the stall clock); raises to fail the drive.
-DriveStep = Callable[[int, str, DriveInfo | None, Callable[[int], None]], None]
+#: ``progressed(n)`` for the bytes it moves (the stall clock), ``stopped()`` (see BeforeHead).
+DriveStep = Callable[[int, str, DriveInfo | None, Callable[[int], None], CancelCheck], None]
 
 
 #: Writes a verified drive's certificate from its result, the (extent, digest) pairs read back
@@ -339,15 +339,15 @@ class FlashJob(_Job):
         return ChecksumTap(checksum, checked_before=self.options.checksum_checked)
 
     def _before_head(self, options: FlashOptions
-                     ) -> Callable[[BlockDevice, Callable[[int], None]], None] | None:
+                     ) -> Callable[[BlockDevice, Callable[[int], None], CancelCheck], None] | None:
         """The engine's per-drive step, given each drive's descriptor, path and identity."""
         step = options.before_head
         if step is None:
             return None
         infos = {id(d.device): d.info for d in self.drives}
 
-        def run(device: BlockDevice, progressed: Callable[[int], None]) -> None:
-            step(device.fileno(), device.path, infos.get(id(device)), progressed)
+        def run(device: BlockDevice, moved: Callable[[int], None], stopped: CancelCheck) -> None:
+            step(device.fileno(), device.path, infos.get(id(device)), moved, stopped)
         return run
 
     def _write(self) -> None:

@@ -123,8 +123,8 @@ class WatchOptions:
     probe: bool = True
     #: Parent of the private directory holding a decompressed copy (default: default_tmpdir()).
     tmpdir: str | None = None
-    #: Why a drive is left alone before any other rule (a station's unmapped port), or None.
-    admit: Callable[[Drive], str | None] | None = None
+    #: Why a drive, given the seq it gets if taken, is left alone before any rule, or None.
+    admit: Callable[[Drive, int], str | None] | None = None
     #: Once set: take no new drive, end when the drives in flight are done (a station's stop).
     drain: threading.Event | None = None
     first_seq: int = 1  # the first drive's seq (a station's batch goes on where it was left)
@@ -504,7 +504,7 @@ class WatchSession:
         seen = _Seen(device, drive)
         self._current[drive.devnum] = seen
         admit, drain, first = self.options.admit, self.options.drain, self.options.first_seq
-        reason = ((admit(drive) if admit is not None else None)
+        reason = ((admit(drive, len(self._started) + first) if admit is not None else None)
                   or ineligibility(drive, self._source.size, self.options.max_size))
         if reason is None and drain is not None and drain.is_set():
             reason = "stopping: no new drive is written"

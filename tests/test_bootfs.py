@@ -43,7 +43,9 @@ def write(loop: Loop, part: BootPartition, files: dict[str, bytes]) -> str:
     """As the engine calls it: on the drive's open descriptor (O_EXCL, O_DIRECT)."""
     fd = os.open(loop.path, os.O_RDWR | os.O_EXCL | os.O_DIRECT)
     try:
-        return write_boot_files(fd, part, files)
+        digest = write_boot_files(fd, part, files)
+        assert digest is not None  # None: stopped, which nothing here asks
+        return digest
     finally:
         os.close(fd)
 
@@ -101,7 +103,7 @@ def test_a_write_outside_the_files_fails_the_drive(tmp_path: Path,
     real = bootfs_mod._mcopy
     firmware_at = Path(loop.backing).read_bytes().find(bytes(range(256)) * 16, part.offset)
 
-    def stray(fd: int, where: object, files: object) -> None:
+    def stray(fd: int, where: object, files: object, *stopped: object) -> None:
         real(fd, part, FILES)
         with open(loop.path, "r+b") as dev:
             dev.seek(firmware_at + 8192)
@@ -110,3 +112,24 @@ def test_a_write_outside_the_files_fails_the_drive(tmp_path: Path,
     monkeypatch.setattr(bootfs_mod, "_mcopy", stray)
     with pytest.raises(BootFsError, match="changed outside the files written"):
         write(loop, part, FILES)
+
+
+def test_a_stopped_lane_runs_nothing_and_changes_nothing(tmp_path: Path,
+                                                         loop_factory: Callable[..., Loop]
+                                                         ) -> None:
+    """Stopped once the partition was read: no mcopy runs, the drive is the image still, and
+    the step says so with None (no digest: nothing was written)."""
+    image, loop, boot = on_loop(tmp_path, loop_factory, "mbr")
+    reads = 0
+
+    def stopped() -> bool:
+        nonlocal reads
+        reads += 1
+        return reads > 3
+    fd = os.open(loop.path, os.O_RDWR | os.O_EXCL | os.O_DIRECT)
+    try:
+        assert write_boot_files(fd, boot.partition, FILES, stopped=stopped) is None
+    finally:
+        os.close(fd)
+    assert reads > 3
+    assert Path(loop.backing).read_bytes()[:image.stat().st_size] == image.read_bytes()

@@ -4,9 +4,13 @@ step before its head, and the record of what it got.
 :func:`load` reads the settings and values and finds the image's FAT boot partition (refused,
 exit 2, when there is none); :class:`Personaliser` holds each drive's files (a flash resolves
 them all before writing: a missing row or a host name given twice is a refusal; watch resolves
-each drive as it comes and takes no drive once the rows ran out), runs the step the engine calls
-before the head (:func:`popsicle_py.settings.write_boot_files`) and puts the values used
-(secrets redacted) and the files' digest in each drive's result.
+each drive as it comes, with the seq it will get, and takes no drive once the rows ran out),
+runs the step the engine calls before the head (:func:`popsicle_py.settings.write_boot_files`)
+and puts the values used (secrets redacted) and the files' digest in each drive's result.
+
+A host name is a drive's from its step until its result: a drive that did not end ok gives it
+back, so that the next drive (a new stick in the same slot, when rows are keyed by slot) can
+have it.
 """
 
 from __future__ import annotations
@@ -86,9 +90,8 @@ class Personaliser:
         self._files: dict[str, DriveFiles] = {}
         self._records: dict[tuple[str, int | None], events.JsonObject] = {}
         self._lock = threading.Lock()
-        self._admitted = 0  # watch: drives taken so far (the next one's seq is one more)
-        self.seq_base = 0  # a station's batch going on: the seqs its journal gave already
-        self._hostnames: set[str] = set()
+        #: Each host name taken (lower case) and the drive (path, seq) that holds it.
+        self._hostnames: dict[str, tuple[str, int | None]] = {}
         #: A station's slot label of a USB port path (None: ``{slot}`` is the drive's seq).
         self.slot_of: Callable[[str | None], str | None] | None = None
 
@@ -106,14 +109,12 @@ class Personaliser:
             raise Refused([str(exc)]) from None
         self._files = dict(zip(paths, files, strict=True))
 
-    def admit(self, drive: Drive) -> str | None:
-        """watch: why a new drive is not taken (its row is missing: the rows ran out; a bad
-        value; a host name given already), or None.  The drive's files are made again when it
-        is written, with the seq it got."""
+    def admit(self, drive: Drive, seq: int) -> str | None:
+        """watch: why a new drive, to be the session's ``seq``-th, is not taken (its row is
+        missing: the rows ran out; a bad value; a host name given already), or None.  The
+        drive's files are made again when it is written, with the seq it got."""
         from popsicle_py.settings import SettingsError
 
-        with self._lock:
-            seq = self.seq_base + self._admitted + 1
         try:
             files = self.customization.for_drive(self._context(drive_info(drive, seq)))
         except SettingsError as exc:
@@ -142,39 +143,52 @@ class Personaliser:
             raise BootFsError(str(exc)) from None
 
     def step(self, fd: int, path: str, info: events.DriveInfo | None,
-             progressed: Callable[[int], None] = lambda n: None) -> None:
+             progressed: Callable[[int], None] = lambda n: None,
+             stopped: Callable[[], bool] = lambda: False) -> None:
         """Write one drive's boot files (the engine's descriptor ``fd``; ``progressed`` counts
-        the bytes read, for the stall clock); raises :class:`BootFsError` when they cannot be
-        written or do not read back right."""
+        the bytes read, for the stall clock; ``stopped()``: the lane is stopped, end at once,
+        the head is not written); raises :class:`BootFsError` when they cannot be written or
+        do not read back right."""
         from popsicle_py.settings import BootFsError, write_boot_files
 
         files = self.files_for(path, info)
         hostname = (files.settings.hostname or "").lower()
+        drive = (path, info.seq if info else None)
         with self._lock:  # checked and taken at once: two drives in flight never share one
             if hostname in self._hostnames:
                 raise BootFsError(f"hostname {files.settings.hostname!r} was given to a "
                                   "drive already")
             if hostname:
-                self._hostnames.add(hostname)
-        digest = write_boot_files(fd, self.customization.boot.partition, files.files,
-                                  progressed=progressed)
+                self._hostnames[hostname] = drive
+        digest = None
+        try:
+            digest = write_boot_files(fd, self.customization.boot.partition, files.files,
+                                      progressed=progressed, stopped=stopped)
+        finally:
+            if digest is None:  # failed, or stopped: this drive will not end ok
+                self._give_back(drive)
+        if digest is not None:
+            with self._lock:
+                self._records[drive] = files.record(self.customization.format, digest)
+
+    def _give_back(self, drive: tuple[str, int | None]) -> None:
+        """The host name ``drive`` took, free again for another drive."""
         with self._lock:
-            self._records[path, info.seq if info else None] = files.record(
-                self.customization.format, digest)
+            for hostname in [h for h, holder in self._hostnames.items() if holder == drive]:
+                del self._hostnames[hostname]
 
     def record(self, result: events.DriveResult) -> events.DriveResult:
         """The result with the values written (only a drive whose step completed has them)."""
+        key = (result.device, result.drive.seq if result.drive else None)
+        if not result.ok:  # whatever failed it, before or after its step
+            self._give_back(key)
         with self._lock:
-            key = (result.device, result.drive.seq if result.drive else None)
             data = self._records.get(key) if result.ok else None
         return result if data is None else dataclasses.replace(result, customized=data)
 
     def emitter(self, emit: Emit) -> Emit:
         """``emit`` with each drive's record in its result and in the summary."""
         def relay(event: events.WatchEvent) -> None:
-            if isinstance(event, events.DriveAdded) and event.eligible:
-                with self._lock:
-                    self._admitted += 1
             if isinstance(event, events.Result):
                 event = dataclasses.replace(event, result=self.record(event.result))
                 if event.result.customized is not None:  # said before the result line
@@ -217,16 +231,19 @@ def for_watch(options: CustomizeOptions | None, image: Source) -> Personaliser |
     return None if options is None else Personaliser(load(options, image))
 
 
-Admit = Callable[[Drive], str | None]
+#: Why a drive, to be the session's seq-th if taken, is not taken, or None (watch's hook).
+Admit = Callable[[Drive, int], str | None]
 #: The engine's per-drive step before the head: (descriptor, /dev path, the drive's identity,
-#: bytes moved).
-Step = Callable[[int, str, events.DriveInfo | None, Callable[[int], None]], None]
+#: bytes moved, the lane stopped).
+Step = Callable[[int, str, events.DriveInfo | None, Callable[[int], None], Callable[[], bool]],
+                None]
 
 
 def first_reason(*admits: Admit | None) -> Admit:
     """One admit hook of several: the first reason given."""
-    def admit(drive: Drive) -> str | None:
-        return next((r for a in admits if a is not None and (r := a(drive)) is not None), None)
+    def admit(drive: Drive, seq: int) -> str | None:
+        return next((r for a in admits if a is not None and (r := a(drive, seq)) is not None),
+                    None)
     return admit
 
 

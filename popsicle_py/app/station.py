@@ -120,12 +120,12 @@ class PreparedStation:
             os.close(self.lock)
             self.lock = None
 
-    def admit(self, hub: Hub, tagger: Tagger) -> Callable[[Drive], str | None]:
+    def admit(self, hub: Hub, tagger: Tagger) -> Callable[[Drive, int], str | None]:
         """The session's admission rule: a drive on a port of the map (or none at all), in a
         slot no other drive holds."""
         slot_map = self.slot_map
 
-        def admit(drive: Drive) -> str | None:
+        def admit(drive: Drive, seq: int) -> str | None:
             port = port_path_of(drive)
             if slot_map is not None and slot_map.label_of(port) is None:
                 return (f"not in a slot: port {port} is not in the slot map" if port
@@ -178,10 +178,8 @@ class PreparedStation:
             try:
                 for note in self.start_notes(recovered, before):
                     terminal.handle(events.Note(note), None)
-                if watch.personaliser is not None:
-                    watch.personaliser.seq_base = before
-                    if self.slot_map is not None:  # {slot}: the label
-                        watch.personaliser.slot_of = self.slot_map.label_of
+                if watch.personaliser is not None and self.slot_map is not None:
+                    watch.personaliser.slot_of = self.slot_map.label_of  # {slot}: the label
                 hooks = watch_mod.WatchOptions(admit=self.admit(hub, tagger), drain=self.drain,
                                                first_seq=before + 1)
                 summary = watch.run(station_view, cancel, hooks=hooks)

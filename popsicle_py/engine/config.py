@@ -43,10 +43,11 @@ PutBack = Callable[[int], None]
 #: Run once before a destination is written; raises OSError to fail that destination.  What it
 #: returns, if anything, is called once: after the head's stamp, or as the lane ends before it.
 Prepare = Callable[[FileLike], PutBack | None]
-#: Run on a destination before its head: ``step(destination, progressed)``, where
+#: Run on a destination before its head: ``step(destination, progressed, stopped)``, where
 #: ``progressed(n)`` counts n bytes moved (a step that moves nothing for the stall timeout is a
-#: stall, as writing is); raises to fail that destination.
-BeforeHead = Callable[[FileLike, Callable[[int], None]], None]
+#: stall, as writing is) and ``stopped()`` says the lane is stopped (end at once, leaving nothing
+#: running: the head is not written); raises to fail that destination.
+BeforeHead = Callable[[FileLike, Callable[[int], None], Callable[[], bool]], None]
 
 
 class Selector(Protocol):

@@ -189,7 +189,7 @@ class Finisher:
             return
         if config.before_head is not None and not lane.stopped:
             lane.touch()
-            config.before_head(lane.dest, lane.advance)  # raises: fails it, head unwritten
+            config.before_head(lane.dest, lane.advance, lambda: lane.stopped)  # raises: fails it
             lane.touch()
         if held is not None and head:
             lane.post(Msg.Stage(lane.id, Step.SYNCING))

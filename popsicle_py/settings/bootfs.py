@@ -16,17 +16,29 @@ stamp at this point: the head is written last), and needs no root.  Python's FAT
 3. ``fsck.vfat -n`` finds nothing in what it reads of the partition, copied from the drive into
    a sparse file (the region before the data and every directory's clusters: without ``-t``
    it reads no file's contents), so it needs no loop device, no root and no /dev name.
+
+Each program runs as a child that outlives nothing: it starts with no signal blocked (a lane's
+thread blocks the stop signals, and a child inherits the mask of the thread that starts it), in
+a process group of its own (a Ctrl-C is popsicle's to act on), and is waited for in short
+steps: once the lane is stopped (a cancel, a stall, a drive given up) it is killed and reaped
+before the step returns, and any still running as popsicle exits are killed then.
 """
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import hashlib
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
-from collections.abc import Callable, Mapping
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
 
+from popsicle_py import signals
 from popsicle_py.settings.fat import (
     BootPartition,
     FatError,
@@ -45,6 +57,13 @@ __all__ = ["BLOCK", "TOOLS", "BootFsError", "files_digest", "missing_tools", "wr
 BLOCK = 4096
 CHUNK = 4 << 20
 TIMEOUT = 120.0
+#: How often a running child's wait looks at the lane's stop.
+POLL = 0.05
+#: How long popsicle's exit waits for the children it killed to be gone.
+EXIT_WAIT = 5.0
+
+#: Says the lane was stopped: do not start another step (see :attr:`Lane.stopped`).
+Stopped = Callable[[], bool]
 
 
 #: The programs a drive's step runs, and the Debian package of each.
@@ -84,14 +103,20 @@ def _path(fd: int) -> str:
     return f"/dev/fd/{fd}"
 
 
+class _Stop(Exception):
+    """The lane was stopped: the step ends at once, with nothing more read or run."""
+
+
 class _Device:
     """Positional reads of one partition, from the medium (clean pages dropped first)."""
 
     def __init__(self, fd: int, part: BootPartition,
-                 progressed: Callable[[int], None] = lambda n: None) -> None:
+                 progressed: Callable[[int], None] = lambda n: None,
+                 stopped: Stopped = lambda: False) -> None:
         self.fd = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
         self.part = part
         self.progressed = progressed  # the engine's stall clock: a read that moves counts
+        self.stopped = stopped
 
     def close(self) -> None:
         os.close(self.fd)
@@ -101,6 +126,8 @@ class _Device:
         os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_DONTNEED)
 
     def read(self, offset: int, length: int) -> bytes:
+        if self.stopped():
+            raise _Stop
         data = os.pread(self.fd, length, self.part.offset + offset)
         if len(data) != length:
             raise BootFsError(f"short read at {self.part.offset + offset} of the boot partition")
@@ -148,20 +175,95 @@ def _in_use(geo: FatGeometry, fat: list[int]) -> set[int]:
     return head | _blocks_of(geo, used)
 
 
-def _run(argv: list[str], what: str, fd: int | None = None
-         ) -> subprocess.CompletedProcess[str]:
+_children: set[subprocess.Popen[str]] = set()
+_children_lock = threading.RLock()  # also taken in a signal handler (AT_QUIT)
+
+
+@contextlib.contextmanager
+def _no_signal_blocked() -> Iterator[None]:
+    """The calling thread's signal mask empty while a child starts, which inherits it: a
+    lane's thread blocks the stop signals (see keep_signals_for_main_thread), and a child
+    that blocks them could not be stopped at all.  The kernel gives a process's signal to its
+    main thread first, and this thread's C handler only sets Python's flag anyway."""
+    before = signal.pthread_sigmask(signal.SIG_SETMASK, ())
     try:
-        return subprocess.run(argv, capture_output=True, text=True, timeout=TIMEOUT,
-                              pass_fds=() if fd is None else (fd,),
-                              env={**os.environ, "MTOOLS_SKIP_CHECK": "1", "LC_ALL": "C"},
-                              check=False)
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
+
+
+def _end(child: subprocess.Popen[str]) -> None:
+    """Kill ``child`` if it still runs, and reap it (it holds the drive open until then)."""
+    with contextlib.suppress(ProcessLookupError):
+        if child.poll() is None:
+            child.kill()
+    child.wait()
+    for stream in (child.stdout, child.stderr):
+        if stream is not None:
+            stream.close()
+    with _children_lock:
+        _children.discard(child)
+
+
+def _kill_children() -> None:
+    """Every child still running killed (popsicle quits at once: no wait)."""
+    with _children_lock:
+        running = list(_children)
+    for child in running:
+        with contextlib.suppress(OSError):
+            child.kill()
+
+
+def _end_children() -> None:
+    """At exit: every child still running (its lane abandoned) killed and, briefly, reaped."""
+    _kill_children()
+    with _children_lock:
+        running = list(_children)
+    deadline = time.monotonic() + EXIT_WAIT
+    for child in running:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            child.wait(max(0.0, deadline - time.monotonic()))
+
+
+atexit.register(_end_children)
+signals.AT_QUIT.append(_kill_children)
+
+
+def _run(argv: list[str], what: str, stopped: Stopped, fd: int | None = None
+         ) -> subprocess.CompletedProcess[str]:
+    """Run a program to its end; killed and reaped as soon as ``stopped()`` (raises _Stop),
+    or after TIMEOUT (raises BootFsError): never left running behind the step."""
+    if stopped():
+        raise _Stop
+    try:
+        with _no_signal_blocked():
+            child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True, errors="replace",
+                                     pass_fds=() if fd is None else (fd,), process_group=0,
+                                     env={**os.environ, "MTOOLS_SKIP_CHECK": "1", "LC_ALL": "C"})
     except FileNotFoundError:
         raise BootFsError(f"{what}: {argv[0]} is not installed") from None
-    except subprocess.TimeoutExpired:
-        raise BootFsError(f"{what}: {argv[0]} did not finish in {TIMEOUT:.0f} s") from None
+    with _children_lock:
+        _children.add(child)
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while True:
+            try:
+                out, err = child.communicate(timeout=POLL)
+            except subprocess.TimeoutExpired:
+                if stopped():
+                    raise _Stop from None
+                if time.monotonic() > deadline:
+                    raise BootFsError(f"{what}: {argv[0]} did not finish in {TIMEOUT:.0f} s"
+                                      ) from None
+                continue
+            return subprocess.CompletedProcess(argv, child.returncode, out, err)
+    finally:
+        _end(child)
 
 
-def _mcopy(fd: int, part: BootPartition, files: Mapping[str, bytes]) -> None:
+def _mcopy(fd: int, part: BootPartition, files: Mapping[str, bytes],
+           stopped: Stopped = lambda: False) -> None:
     with tempfile.TemporaryDirectory(prefix="popsicle-boot-") as tmp:
         paths = []
         for name, data in files.items():
@@ -170,7 +272,7 @@ def _mcopy(fd: int, part: BootPartition, files: Mapping[str, bytes]) -> None:
                 handle.write(data)
             paths.append(path)
         done = _run([_tool("mcopy"), "-o", "-i", f"{_path(fd)}@@{part.offset}", *paths, "::/"],
-                    "writing the boot partition", fd)
+                    "writing the boot partition", stopped, fd)
     if done.returncode != 0:
         raise BootFsError("mcopy failed: " + (done.stderr.strip().splitlines() or ["?"])[-1])
 
@@ -184,7 +286,8 @@ def _fsck(dev: _Device, geo: FatGeometry, fat: list[int]) -> None:
             at = geo.cluster_offset(cluster)
             os.pwrite(copy.fileno(), dev.read(at, geo.cluster), at)
         copy.flush()
-        check = _run([_tool("fsck.vfat"), "-n", copy.name], "checking the boot partition")
+        check = _run([_tool("fsck.vfat"), "-n", copy.name], "checking the boot partition",
+                     dev.stopped)
     if check.returncode != 0:
         lines = [line for line in check.stdout.splitlines()[1:] if line.strip()]
         raise BootFsError("fsck.vfat -n found problems in the boot partition: "
@@ -202,10 +305,22 @@ def _allowed_blocks(geo: FatGeometry, clusters: set[int]) -> set[int]:
 
 def write_boot_files(fd: int, part: BootPartition, files: Mapping[str, bytes],
                      *, fsck: bool = True,
-                     progressed: Callable[[int], None] = lambda n: None) -> str:
+                     progressed: Callable[[int], None] = lambda n: None,
+                     stopped: Stopped = lambda: False) -> str | None:
     """Write ``files`` into the root of the boot partition of the drive open on ``fd``, read
-    them back and check the rest; returns :func:`files_digest`.  Raises :class:`BootFsError`."""
-    dev = _Device(fd, part, progressed)
+    them back and check the rest; returns :func:`files_digest`.  Raises :class:`BootFsError`.
+
+    Returns None, at once, once ``stopped()`` says the lane is stopped: nothing more is read,
+    and the program running is killed and reaped first (the drive is not done)."""
+    try:
+        return _write(fd, part, files, fsck, progressed, stopped)
+    except _Stop:
+        return None
+
+
+def _write(fd: int, part: BootPartition, files: Mapping[str, bytes], fsck: bool,
+           progressed: Callable[[int], None], stopped: Stopped) -> str:
+    dev = _Device(fd, part, progressed, stopped)
     try:
         dev.drop_cache()
         try:
@@ -222,7 +337,7 @@ def write_boot_files(fd: int, part: BootPartition, files: Mapping[str, bytes],
             raise BootFsError(f"the boot partition: {exc}") from None
         checked = _in_use(geo, fat_before)
         before = dev.block_digests(_runs(checked))
-        _mcopy(fd, part, files)
+        _mcopy(fd, part, files, stopped)
         dev.drop_cache()
         after = dev.block_digests(_runs(checked))
         try:

@@ -344,26 +344,42 @@ def test_ctrl_c_leaves_no_output(loop_factory: Callable[..., Loop], throttle: Ca
     assert list(tmp_path.iterdir()) == []
 
 
-def test_a_drive_written_while_it_is_read_leaves_no_output(
-        loop_factory: Callable[..., Loop], throttle: Callable[..., Any], tmp_path: Path) -> None:
-    drive = fat_drive(loop_factory, 32 * MiB)
-    add = throttle((drive, 4 * MiB))
-    out = tmp_path / "stick.img.zst"
-    proc = subprocess.Popen([*popsicle_cmd(), "read", drive.path, str(out), "--json"],
+def written_while_read(drive: Loop, add: Callable[[int], None], args: list[str | Path],
+                       when: Callable[[str], bool], offset: int, *, synced: bool = True
+                       ) -> tuple[int, str, str]:
+    """Run ``read`` (``add`` throttles it) and write 4 KiB at ``offset`` of the drive once
+    ``when(line)`` says so: through the page cache, fsync'ed or not (``synced``).  Returns
+    the exit status, stdout and stderr."""
+    proc = subprocess.Popen([*popsicle_cmd(), "read", drive.path, *map(str, args)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            stdin=subprocess.DEVNULL, preexec_fn=lambda: add(os.getpid()))
+                            stdin=subprocess.DEVNULL, preexec_fn=lambda: add(os.getpid()),
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
     assert proc.stdout is not None
     for line in proc.stdout:
-        if json.loads(line)["event"] == "progress":
+        if when(line):
             fd = os.open(drive.path, os.O_WRONLY)
             try:
-                os.pwrite(fd, b"changed!" * 512, 30 * MiB)
-                os.fsync(fd)
+                os.pwrite(fd, b"changed!" * 512, offset)
+                if synced:
+                    os.fsync(fd)
             finally:
                 os.close(fd)
             break
     out_text, err = proc.communicate(timeout=60)
-    assert proc.returncode == 1, err
+    return proc.returncode, out_text, err
+
+
+def progressed(line: str) -> bool:
+    return bool(json.loads(line)["event"] == "progress")
+
+
+def test_a_drive_written_while_it_is_read_leaves_no_output(
+        loop_factory: Callable[..., Loop], throttle: Callable[..., Any], tmp_path: Path) -> None:
+    drive = fat_drive(loop_factory, 32 * MiB)
+    status, out_text, err = written_while_read(
+        drive, throttle((drive, 4 * MiB)), [tmp_path / "stick.img.zst", "--json"], progressed,
+        30 * MiB)
+    assert status == 1, err
     r = json.loads(out_text.splitlines()[-1])["results"][0]
     assert r["status"] == "failed" and r["cause"] == "source", r
     assert f"{drive.path} changed while it was read" in r["error"]
@@ -527,22 +543,10 @@ def test_a_drive_written_through_the_page_cache_while_it_is_read_leaves_no_outpu
     """A buffered write (dd without oflag=direct) into what was already read is in the page
     cache only, uncounted by the kernel until written back: the check writes it back first."""
     drive = fat_drive(loop_factory, 32 * MiB)
-    add = throttle((drive, 4 * MiB))
-    out = tmp_path / "stick.img.zst"
-    proc = subprocess.Popen([*popsicle_cmd(), "read", drive.path, str(out), "--json"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            stdin=subprocess.DEVNULL, preexec_fn=lambda: add(os.getpid()))
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        if json.loads(line)["event"] == "progress":  # the first 8 MiB are read
-            fd = os.open(drive.path, os.O_WRONLY)
-            try:
-                os.pwrite(fd, b"changed!" * 512, 8192)  # no fsync: dirty in the page cache
-            finally:
-                os.close(fd)
-            break
-    out_text, err = proc.communicate(timeout=60)
-    assert proc.returncode == 1, err
+    status, out_text, err = written_while_read(  # the first 8 MiB are read: write in them
+        drive, throttle((drive, 4 * MiB)), [tmp_path / "stick.img.zst", "--json"], progressed,
+        8192, synced=False)
+    assert status == 1, err
     r = json.loads(out_text.splitlines()[-1])["results"][0]
     assert r["status"] == "failed" and r["cause"] == "source", r
     assert f"{drive.path} changed while it was read" in r["error"]
@@ -648,22 +652,9 @@ def test_a_drive_changed_while_it_is_read_is_not_called_a_failed_image(
         loop_factory: Callable[..., Loop], throttle: Callable[..., Any], tmp_path: Path) -> None:
     """read has no image to blame: the summary says what happened to the drive."""
     drive = fat_drive(loop_factory, 32 * MiB)
-    add = throttle((drive, 4 * MiB))
-    proc = subprocess.Popen([*popsicle_cmd(), "read", drive.path, str(tmp_path / "s.img")],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            stdin=subprocess.DEVNULL, preexec_fn=lambda: add(os.getpid()),
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        if line == f"{drive.path}: reading\n":
-            fd = os.open(drive.path, os.O_WRONLY)
-            try:
-                os.pwrite(fd, b"changed!" * 512, 30 * MiB)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            break
-    out_text, err = proc.communicate(timeout=60)
-    assert proc.returncode == 1, err
+    status, out_text, err = written_while_read(
+        drive, throttle((drive, 4 * MiB)), [tmp_path / "s.img"],
+        lambda line: line == f"{drive.path}: reading\n", 30 * MiB)
+    assert status == 1, err
     assert out_text.splitlines()[-1] == (f"finished with problems: 0 of 1 drives ok; not ok: "
                                          f"#1 {drive.path} failed (changed while it was read)")

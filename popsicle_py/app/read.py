@@ -61,7 +61,7 @@ class PreparedRead:
         self.output = output
         self.format = reading.format_for(output)
         self.files = files  # OUTPUT, its .sha256, [its .bmap]
-        self.stale = stale  # block maps flash would find beside OUTPUT that this read replaces
+        self.stale = stale  # old block maps flash would take for OUTPUT: --force removes them
         self.info = drive_info(drive, 1)
 
     @property
@@ -318,7 +318,7 @@ def creatable(job: PreparedRead) -> list[str]:
     """Why OUTPUT's files cannot be created in its directory (read-only, no permission, a
     name too long once made temporary), found by creating and removing the longest temporary
     name: one line (empty: they can).  Run last, once nothing else refused: it writes."""
-    longest = max((_temp_name(name) for name in job.files), key=lambda n: len(n))
+    longest = max((_temp_name(name) for name in job.files), key=len)
     try:
         fd = os.open(longest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
                      | os.O_CLOEXEC, 0o600)

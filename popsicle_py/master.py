@@ -194,7 +194,9 @@ def counters(path: str) -> Counters:
 
 
 def _write_back(path: str) -> None:
-    """Write back the drive's dirty cached pages now, so that they do not count as a change."""
+    """Write back the drive's dirty cached pages now, so that the counters count them: before
+    the read (a read-only mount's last pages: no change), and after it (a write made
+    meanwhile through the page cache: a change)."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
@@ -227,6 +229,9 @@ class Stillness:
         self.before = counters(path)
 
     def check(self) -> None:
+        # A buffered write (dd without oflag=direct) sits in the page cache, uncounted, until
+        # written back: write it back first, or a drive written mid-read would pass as still.
+        _write_back(self.path)
         how = change(self.before, counters(self.path))
         if how is not None:
             raise DriveChanged(self.path, how)

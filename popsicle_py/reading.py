@@ -3,8 +3,9 @@ hashed (SHA-256 of the file, for its sidecar) and mapped (bmaptool's block map) 
 
 One thread reads the drive (through :mod:`popsicle_py.blockdev`, paced, into a few aligned
 buffers) while the caller's thread compresses and writes, so the drive never waits for the
-compressor unless it is slower.  A drive that stops answering is given up after the stall
-timeout (the reading thread is left to the kernel: nothing waits for it).  Everything is
+compressor unless it is slower.  A drive that moves less than STALL_BYTES in the stall
+timeout is given up (the reading thread is left to the kernel: nothing waits for it); a slow
+drive that keeps moving is read to its end.  Everything is
 written to a file the caller opened (a temporary name): naming it is the caller's job.
 """
 
@@ -21,7 +22,7 @@ import time
 from collections.abc import Callable
 from typing import IO, Protocol, cast
 
-from popsicle_py.blockdev import BlockDevice, read_at
+from popsicle_py.blockdev import BlockDevice, read_full, seek
 from popsicle_py.buffers import aligned_buffer
 from popsicle_py.errors import Stalled
 from popsicle_py.pacing import Pacer
@@ -35,6 +36,9 @@ NOT_WRITTEN = frozenset({".bz2", ".lz4", ".lzma", ".lz", ".zip", ".7z", ".rar", 
                          ".tgz", ".zstd"})
 BMAP_BLOCK = 4096
 DEFAULT_BUCKET = 8 << 20
+#: A drive that moves less than this in the stall timeout is stalled (the engine's rule, its
+#: STALL_BYTES, not imported: the engine costs a start-up that ``read`` does not need).
+STALL_BYTES = 1 << 20
 BUFFERS = 3
 ZSTD_LEVEL = 3
 #: zstd's output is hashed and written in chunks of up to this size.
@@ -53,6 +57,12 @@ def bmap_path_for(output: str) -> str:
     compression suffix, plus ``.bmap`` (disk.img.zst -> disk.img.bmap)."""
     stem, ext = os.path.splitext(output)
     return (stem if ext.lower() in SUFFIXES else output) + ".bmap"
+
+
+def map_paths_for(output: str) -> tuple[str, ...]:
+    """Every name where flash looks for OUTPUT's block map (:func:`popsicle_py.bmap.sidecar`:
+    OUTPUT.bmap first, then the name without the compression suffix, plus .bmap)."""
+    return tuple(dict.fromkeys((output + ".bmap", bmap_path_for(output))))
 
 
 def sidecar_path_for(output: str) -> str:
@@ -358,6 +368,28 @@ class Read:
     sha256: str
 
 
+class _Clock:
+    """How recently the reading thread moved STALL_BYTES: it alone sets it, each system call's
+    bytes as they come (not per bucket: a bucket of a slow drive outlasts the timeout)."""
+
+    def __init__(self) -> None:
+        self.waiting = False  # for a free buffer (the compressor is slower): never a stall
+        self.last = time.monotonic()
+        self.recent = 0
+
+    def touch(self) -> None:
+        self.last = time.monotonic()
+        self.recent = 0
+
+    def advance(self, nbytes: int) -> None:
+        self.recent += nbytes
+        if self.recent >= STALL_BYTES:
+            self.touch()
+
+    def stalled(self, limit: float) -> bool:
+        return not self.waiting and time.monotonic() - self.last >= limit
+
+
 def read_drive(device: BlockDevice, size: int, enc: Encoder, sink: Sink, *,
                mapper: Mapper | None = None, bucket: int = DEFAULT_BUCKET,
                progress: Callable[[int], None] = lambda n: None,
@@ -365,8 +397,8 @@ def read_drive(device: BlockDevice, size: int, enc: Encoder, sink: Sink, *,
                stall_timeout: float | None = 60.0) -> Read | None:
     """Read ``size`` bytes of ``device`` once, in order, into ``enc``; None when stopped.
 
-    Raises the drive's OSError, :class:`~popsicle_py.errors.Stalled`, or the output's
-    OSError (ENOSPC...).
+    Raises the drive's OSError, :class:`~popsicle_py.errors.Stalled` (less than STALL_BYTES
+    read in ``stall_timeout``), or the output's OSError (ENOSPC...).
     """
     free: queue.Queue[int] = queue.Queue()
     full: queue.Queue[tuple[int, int, int] | BaseException | None] = queue.Queue()
@@ -374,17 +406,23 @@ def read_drive(device: BlockDevice, size: int, enc: Encoder, sink: Sink, *,
     for i in range(BUFFERS):
         free.put(i)
     quit_ = threading.Event()
+    clock = _Clock()
 
     def reader() -> None:
         pacer = Pacer()
         offset = 0
         try:
             while offset < size and not quit_.is_set():
+                clock.waiting = True
                 i = free.get()
+                clock.waiting = False
+                clock.touch()
                 if i < 0:
                     return
                 want = min(bucket, size - offset)
-                n = read_at(device, offset, memoryview(buffers[i])[:want], pacer=pacer)
+                seek(device, offset)
+                n = read_full(device, memoryview(buffers[i])[:want], pacer=pacer,
+                              progress=clock.advance)
                 if n < want:
                     raise OSError(errno.EIO, f"the drive ended at byte {offset + n}, before "
                                   f"its size ({size} bytes)")
@@ -397,7 +435,6 @@ def read_drive(device: BlockDevice, size: int, enc: Encoder, sink: Sink, *,
     thread = threading.Thread(target=reader, name="popsicle-read", daemon=True)
     thread.start()
     done = 0
-    last = time.monotonic()
     finished = False
     try:
         while True:
@@ -406,11 +443,12 @@ def read_drive(device: BlockDevice, size: int, enc: Encoder, sink: Sink, *,
             try:
                 item = full.get(timeout=0.25)
             except queue.Empty:
-                if stall_timeout is not None and time.monotonic() - last >= stall_timeout:
+                if stall_timeout is not None and clock.stalled(stall_timeout):
+                    moved = clock.recent
                     raise Stalled(f"stalled: no data from the drive for {stall_timeout:g} s"
-                                  ) from None
+                                  if not moved else f"stalled: only {moved // 1024} KiB from "
+                                  f"the drive in {stall_timeout:g} s") from None
                 continue
-            last = time.monotonic()
             if item is None:
                 break
             if isinstance(item, BaseException):

@@ -89,6 +89,8 @@ def cause_words(r: events.DriveResult) -> str:
     """A few words for why a drive is not ok: ``failed (no space left)``."""
     if r.status == events.Status.CANCELLED or r.cause is None:
         return str(r.status)
+    if r.cause is events.Cause.SOURCE and (r.error or "").startswith(f"{r.device} changed "):
+        return f"{r.status} (changed while it was read)"  # read's drive: no image to blame
     why = _CAUSE_WORDS.get(r.cause, r.cause.value.replace("-", " "))
     return f"{r.status} ({why})"
 

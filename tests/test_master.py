@@ -154,12 +154,10 @@ def test_a_master_open_for_writing_is_refused(loop_factory: Callable[..., Loop])
     assert a.read() == bytes([PATTERN]) * (8 * MiB)
 
 
-@needs_root
-def test_a_master_written_while_it_is_read_fails_every_drive(
-        loop_factory: Callable[..., Loop], throttle: Callable[..., Any]) -> None:
-    m, data = make_master(loop_factory, 24 * MiB)
-    targets = [loop_factory(24 * MiB, fill=PATTERN) for _ in range(2)]
-    add = throttle(*((t, 4 * MiB) for t in targets))
+def flash_written_meanwhile(m: Loop, targets: list[Loop], add: Callable[[int], None],
+                           offset: int, *, synced: bool) -> tuple[int, str, str]:
+    """Clone ``m`` to ``targets`` (``add`` throttles the run) and write 4 KiB at ``offset`` of
+    the master at the first progress, through the page cache, fsync'ed or not."""
     proc = subprocess.Popen(
         [*popsicle_cmd(), "flash", m.path, *(t.path for t in targets), "--yes", "--json",
          "--bucket-size", "1M", "--buckets", "2", "--no-probe"],
@@ -167,23 +165,51 @@ def test_a_master_written_while_it_is_read_fails_every_drive(
         preexec_fn=lambda: add(os.getpid()))
     assert proc.stdout is not None
     for line in proc.stdout:
-        event = json.loads(line)
-        if event["event"] == "progress":  # the drives take seconds; the master is being read
+        if json.loads(line)["event"] == "progress":  # the master is being read
             fd = os.open(m.path, os.O_WRONLY)
             try:
-                os.pwrite(fd, b"changed!" * 512, 20 * MiB)
-                os.fsync(fd)
+                os.pwrite(fd, b"changed!" * 512, offset)
+                if synced:
+                    os.fsync(fd)
             finally:
                 os.close(fd)
             break
     out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 1, err
+    return proc.returncode, out, err
+
+
+def assert_every_drive_failed(m: Loop, targets: list[Loop], out: str) -> None:
     summary = json.loads(out.splitlines()[-1])
     for t in targets:
         r = next(r for r in summary["results"] if r["device"] == t.path)
         assert r["status"] == "failed" and r["cause"] == "source", r
         assert f"the master drive {m.path} changed while it was read" in r["error"], r
+
+
+@needs_root
+def test_a_master_written_while_it_is_read_fails_every_drive(
+        loop_factory: Callable[..., Loop], throttle: Callable[..., Any]) -> None:
+    m, data = make_master(loop_factory, 24 * MiB)
+    targets = [loop_factory(24 * MiB, fill=PATTERN) for _ in range(2)]
+    status, out, err = flash_written_meanwhile(
+        m, targets, throttle(*((t, 4 * MiB) for t in targets)), 20 * MiB, synced=True)
+    assert status == 1, err
+    assert_every_drive_failed(m, targets, out)
+    for t in targets:
         assert t.read(HEAD) != data[:HEAD]
+
+
+@needs_root
+def test_a_master_written_through_the_page_cache_while_it_is_read_fails_every_drive(
+        loop_factory: Callable[..., Loop], throttle: Callable[..., Any]) -> None:
+    """A buffered write (dd without oflag=direct) into what was already read sits in the page
+    cache, uncounted by the kernel until written back: the check writes it back first."""
+    m, _ = make_master(loop_factory, 24 * MiB)
+    targets = [loop_factory(24 * MiB, fill=PATTERN) for _ in range(2)]
+    status, out, err = flash_written_meanwhile(  # the master's first MiB is read: write in it
+        m, targets, throttle(*((t, 4 * MiB) for t in targets)), 8192, synced=False)
+    assert status == 1, err
+    assert_every_drive_failed(m, targets, out)
 
 
 WATCH_RULE = """

@@ -11,8 +11,10 @@ import json
 import os
 import re
 import signal
+import stat
 import subprocess
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -342,26 +344,42 @@ def test_ctrl_c_leaves_no_output(loop_factory: Callable[..., Loop], throttle: Ca
     assert list(tmp_path.iterdir()) == []
 
 
-def test_a_drive_written_while_it_is_read_leaves_no_output(
-        loop_factory: Callable[..., Loop], throttle: Callable[..., Any], tmp_path: Path) -> None:
-    drive = fat_drive(loop_factory, 32 * MiB)
-    add = throttle((drive, 4 * MiB))
-    out = tmp_path / "stick.img.zst"
-    proc = subprocess.Popen([*popsicle_cmd(), "read", drive.path, str(out), "--json"],
+def written_while_read(drive: Loop, add: Callable[[int], None], args: list[str | Path],
+                       when: Callable[[str], bool], offset: int, *, synced: bool = True
+                       ) -> tuple[int, str, str]:
+    """Run ``read`` (``add`` throttles it) and write 4 KiB at ``offset`` of the drive once
+    ``when(line)`` says so: through the page cache, fsync'ed or not (``synced``).  Returns
+    the exit status, stdout and stderr."""
+    proc = subprocess.Popen([*popsicle_cmd(), "read", drive.path, *map(str, args)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            stdin=subprocess.DEVNULL, preexec_fn=lambda: add(os.getpid()))
+                            stdin=subprocess.DEVNULL, preexec_fn=lambda: add(os.getpid()),
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
     assert proc.stdout is not None
     for line in proc.stdout:
-        if json.loads(line)["event"] == "progress":
+        if when(line):
             fd = os.open(drive.path, os.O_WRONLY)
             try:
-                os.pwrite(fd, b"changed!" * 512, 30 * MiB)
-                os.fsync(fd)
+                os.pwrite(fd, b"changed!" * 512, offset)
+                if synced:
+                    os.fsync(fd)
             finally:
                 os.close(fd)
             break
     out_text, err = proc.communicate(timeout=60)
-    assert proc.returncode == 1, err
+    return proc.returncode, out_text, err
+
+
+def progressed(line: str) -> bool:
+    return bool(json.loads(line)["event"] == "progress")
+
+
+def test_a_drive_written_while_it_is_read_leaves_no_output(
+        loop_factory: Callable[..., Loop], throttle: Callable[..., Any], tmp_path: Path) -> None:
+    drive = fat_drive(loop_factory, 32 * MiB)
+    status, out_text, err = written_while_read(
+        drive, throttle((drive, 4 * MiB)), [tmp_path / "stick.img.zst", "--json"], progressed,
+        30 * MiB)
+    assert status == 1, err
     r = json.loads(out_text.splitlines()[-1])["results"][0]
     assert r["status"] == "failed" and r["cause"] == "source", r
     assert f"{drive.path} changed while it was read" in r["error"]
@@ -468,3 +486,175 @@ def test_the_terminal_table_says_read_not_written(loop_factory: Callable[..., Lo
     assert "Read" in header and "Written" not in header, header
     row = next(x for x in lines if x.startswith("│") and drive.path in x)
     assert re.search(r"\bok\b.*16 MiB.*\bread\b", row) and "written" not in row, row
+
+
+# --------------------------------------------------------------------------------------------
+# Session 10's review: an old map, a buffered write, a slow drive, nodes, an unwritable folder
+
+
+def test_an_old_block_map_beside_output_is_refused_and_force_removes_it(
+        loop_factory: Callable[..., Loop], tmp_path: Path) -> None:
+    """flash trusts the map it finds beside an image: an old one beside a new image would
+    leave the new image's other blocks unwritten, and flash would say ok."""
+    drive = loop_factory(32 * MiB)
+    with open(drive.backing, "r+b") as f:
+        f.write(os.urandom(8 * MiB))  # zeros after
+    assert popsicle("read", drive.path, tmp_path / "y.img.gz", "--bmap").returncode == 0
+    old_map = tmp_path / "y.img.bmap"
+    assert old_map.exists()
+    with open(drive.backing, "r+b") as f:
+        f.seek(16 * MiB)
+        f.write(os.urandom(4 * MiB))  # data where the old map says zeros
+    subprocess.run(["blockdev", "--flushbufs", drive.path], check=True)
+    out = tmp_path / "y.img.zst"
+    result = popsicle("read", drive.path, out)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr == (f"popsicle-py: {old_map} exists: flash would take that old block "
+                             "map for y.img.zst; --force removes it\n")
+    assert not out.exists() and leftovers(tmp_path) == []
+    result = popsicle("read", drive.path, out, "--force")
+    assert result.returncode == 0, result.stderr
+    assert not old_map.exists()
+    target = loop_factory(drive.size, fill=0x5A)
+    result = popsicle("flash", out, target.path, "--yes")
+    assert result.returncode == 0, result.stderr
+    assert "block map" not in result.stdout + result.stderr
+    assert target.read() == drive.read()
+
+
+def test_a_map_under_the_compressed_name_is_refused_beside_a_new_map(
+        loop_factory: Callable[..., Loop], tmp_path: Path) -> None:
+    """flash looks for OUTPUT.bmap before the map read writes (the name without .zst)."""
+    drive = fat_drive(loop_factory)
+    shadow = tmp_path / "s.img.zst.bmap"
+    shadow.write_text("an old map")
+    out = tmp_path / "s.img.zst"
+    result = popsicle("read", drive.path, out, "--bmap")
+    assert result.returncode == 2, result.stderr
+    assert result.stderr == (f"popsicle-py: {shadow} exists: flash would take that old block "
+                             "map for s.img.zst; --force removes it\n")
+    result = popsicle("read", drive.path, out, "--bmap", "--force")
+    assert result.returncode == 0, result.stderr
+    assert not shadow.exists() and (tmp_path / "s.img.bmap").exists()
+
+
+def test_a_drive_written_through_the_page_cache_while_it_is_read_leaves_no_output(
+        loop_factory: Callable[..., Loop], throttle: Callable[..., Any], tmp_path: Path) -> None:
+    """A buffered write (dd without oflag=direct) into what was already read is in the page
+    cache only, uncounted by the kernel until written back: the check writes it back first."""
+    drive = fat_drive(loop_factory, 32 * MiB)
+    status, out_text, err = written_while_read(  # the first 8 MiB are read: write in them
+        drive, throttle((drive, 4 * MiB)), [tmp_path / "stick.img.zst", "--json"], progressed,
+        8192, synced=False)
+    assert status == 1, err
+    r = json.loads(out_text.splitlines()[-1])["results"][0]
+    assert r["status"] == "failed" and r["cause"] == "source", r
+    assert f"{drive.path} changed while it was read" in r["error"]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_slow_drive_that_keeps_reading_is_not_stalled(
+        faulty_drive: Callable[..., Any], tmp_path: Path) -> None:
+    """The stall rule is less than 1 MiB in --stall-timeout, counted as the bytes come, not per
+    8 MiB bucket: 5 MiB at 1 MiB/s with a 3 s timeout is read to its end."""
+    drive = faulty_drive(5 * MiB, fill=0x5A, crawl=(0, MiB))
+    out = tmp_path / "slow.img"
+    result = popsicle("read", drive.path, out, "--stall-timeout", "3")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert out.read_bytes() == drive.read(0, 5 * MiB)
+
+
+def test_a_drive_that_stops_answering_is_failed_on_time(
+        faulty_drive: Callable[..., Any], tmp_path: Path) -> None:
+    drive = faulty_drive(4 * MiB, fill=0x5A, crawl=(2 * MiB, 4096, 3 * MiB))
+    out = tmp_path / "stuck.img"
+    proc = subprocess.Popen([*popsicle_cmd(), "read", drive.path, str(out), "--json",
+                             "--stall-timeout", "2"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+    assert proc.stdout is not None
+    try:
+        started = None
+        for line in proc.stdout:
+            event = json.loads(line)
+            if event["event"] == "phase" and started is None:
+                started = time.monotonic()
+            if event["event"] == "summary":
+                break
+        assert started is not None
+        took = time.monotonic() - started
+    finally:
+        drive.clear()  # the request left in the kernel returns; the process can end
+        proc.communicate(timeout=60)
+    assert proc.returncode == 1
+    r = event["results"][0]
+    assert r["status"] == "failed" and r["error"].startswith(f"{drive.path}: stalled: "), r
+    assert 2 <= took < 12, took  # 1 KiB/s would need minutes for the next MiB
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("what", ["device node", "symlink to a device", "fifo as sidecar"])
+def test_an_output_that_is_not_a_file_is_refused_even_with_force(
+        what: str, loop_factory: Callable[..., Loop], tmp_path: Path) -> None:
+    """``read /dev/sdb /dev/sdc --force`` must never replace the node /dev/sdc with a file."""
+    drive = fat_drive(loop_factory)
+    other = loop_factory(8 * MiB)
+    out = tmp_path / "node"
+    named = out
+    if what == "device node":
+        os.mknod(out, 0o600 | stat.S_IFBLK, os.makedev(*other.major_minor))
+        line = f"{out} is a block device: read replaces only files"
+    elif what == "symlink to a device":
+        out.symlink_to(other.path)
+        line = f"{out} is a symlink to a block device: read replaces only files"
+    else:
+        named = tmp_path / "node.sha256"
+        os.mkfifo(named)
+        line = f"{named} is a FIFO: read replaces only files"
+    kind = os.lstat(named).st_mode
+    result = popsicle("read", drive.path, out, "--force")
+    assert result.returncode == 2, result.stderr
+    assert result.stderr == f"popsicle-py: {line}\n"
+    assert os.lstat(named).st_mode == kind
+    assert leftovers(tmp_path) == []
+
+
+def test_an_output_directory_that_is_read_only_is_refused(
+        loop_factory: Callable[..., Loop], mount_dir: Path) -> None:
+    drive = fat_drive(loop_factory)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64M", "tmpfs", str(mount_dir)],
+                   check=True)
+    before = read_sectors(drive)
+    out = mount_dir / "stick.img.zst"
+    result = popsicle("read", drive.path, out)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr == f"popsicle-py: {out} cannot be written: Read-only file system\n"
+    assert read_sectors(drive) - before < drive.size // 512  # not read
+
+
+def test_an_output_name_too_long_for_its_temporary_files_is_refused(
+        loop_factory: Callable[..., Loop], tmp_path: Path) -> None:
+    """OUTPUT fits (244 characters) but .OUTPUT.sha256.xxxxxxxx.part does not."""
+    drive = fat_drive(loop_factory)
+    out = tmp_path / ("a" * 240 + ".img")
+    result = popsicle("read", drive.path, out)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr == (f"popsicle-py: {out} cannot be written: its name is too long for "
+                             "the temporary files read writes beside it; shorten it to 233 "
+                             "characters or less\n")
+    assert list(tmp_path.iterdir()) == []
+    short = tmp_path / ("a" * 229 + ".img")  # 233: it fits
+    result = popsicle("read", drive.path, short)
+    assert result.returncode == 0, result.stderr
+    assert short.read_bytes() == drive.read()
+
+
+def test_a_drive_changed_while_it_is_read_is_not_called_a_failed_image(
+        loop_factory: Callable[..., Loop], throttle: Callable[..., Any], tmp_path: Path) -> None:
+    """read has no image to blame: the summary says what happened to the drive."""
+    drive = fat_drive(loop_factory, 32 * MiB)
+    status, out_text, err = written_while_read(
+        drive, throttle((drive, 4 * MiB)), [tmp_path / "s.img"],
+        lambda line: line == f"{drive.path}: reading\n", 30 * MiB)
+    assert status == 1, err
+    assert out_text.splitlines()[-1] == (f"finished with problems: 0 of 1 drives ok; not ok: "
+                                         f"#1 {drive.path} failed (changed while it was read)")

@@ -187,3 +187,26 @@ def test_one_drive_failing_does_not_stop_the_other(loop_factory: Callable[..., L
         assert (tmp_path / "b.img").read_bytes() == b.read()
     finally:
         subprocess.run(["umount", "-l", str(mnt)], check=True)
+
+
+def test_a_file_where_flash_looks_for_another_pairs_map_is_refused(
+        loop_factory: Callable[..., Loop], tmp_path: Path) -> None:
+    """x.img.zst.gz's map, x.img.zst.bmap, is the first name flash tries for x.img.zst's."""
+    a, b = loop_factory(4 * MiB), loop_factory(4 * MiB)
+    zst, gz = tmp_path / "x.img.zst", tmp_path / "x.img.zst.gz"
+    _refused([a.path, zst, b.path, gz, "--bmap"], tmp_path,
+             f"{gz} (x.img.zst.bmap) would be where flash looks for the block map of {zst}: "
+             "give each pair its own OUTPUT")
+
+
+def test_an_unwritable_output_directory_refuses_every_pair_before_any_is_read(
+        loop_factory: Callable[..., Loop], tmp_path: Path) -> None:
+    a, b = fat_drive(loop_factory), fat_drive(loop_factory)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64M", "tmpfs", str(mnt)], check=True)
+    try:
+        _refused([a.path, tmp_path / "a.img", b.path, mnt / "b.img"], tmp_path,
+                 f"{mnt}/b.img cannot be written: Read-only file system")
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=True)

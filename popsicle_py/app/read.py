@@ -1,11 +1,13 @@
 """The read use case: a drive read once into an image file, with its checksum and block map.
 
 ``prepare_read(request)`` checks the drive (it must hold still: not mounted read-write, not
-open for writing, see :mod:`popsicle_py.master`) and OUTPUT (not there unless ``force``, not on
-the drive being read, room for it when its size is known) and raises :class:`Refused` (exit 2)
-before anything is read.  ``run(view, cancel)`` reads into a temporary file beside OUTPUT
-(created with O_EXCL|O_NOFOLLOW) and renames it only once everything is written and synced:
-OUTPUT never exists half-written under its final name.
+open for writing, see :mod:`popsicle_py.master`) and OUTPUT (not there unless ``force``, never
+anything but a file, not on the drive being read, room for it when its size is known, its
+directory writable) and raises :class:`Refused` (exit 2) before anything is read.  A block map
+beside OUTPUT that this read does not write (flash would trust it for the new image) is
+refused too; ``force`` removes it before the new image is published.  ``run(view, cancel)``
+reads into a temporary file beside OUTPUT (created with O_EXCL|O_NOFOLLOW) and renames it only
+once everything is written and synced: OUTPUT never exists half-written under its final name.
 """
 
 from __future__ import annotations
@@ -52,13 +54,14 @@ class OutputError(OSError):
 class PreparedRead:
     """A read that passed every check: the drive, OUTPUT's format and the files to write."""
 
-    def __init__(self, request: ReadRequest, drive: Drive, output: str, files: tuple[str, ...]
-                 ) -> None:
+    def __init__(self, request: ReadRequest, drive: Drive, output: str, files: tuple[str, ...],
+                 stale: tuple[str, ...] = ()) -> None:
         self.request = request
         self.drive = drive
         self.output = output
         self.format = reading.format_for(output)
         self.files = files  # OUTPUT, its .sha256, [its .bmap]
+        self.stale = stale  # old block maps flash would take for OUTPUT: --force removes them
         self.info = drive_info(drive, 1)
 
     @property
@@ -91,7 +94,7 @@ class PreparedRead:
                                             cause=events.Cause.CANCELLED, drive=self.info)
             else:
                 still.check()
-                _publish(temps, self.files)
+                _publish(temps, self.files, self.stale)
                 elapsed = time.monotonic() - started
                 result = events.DriveResult(path, events.Status.OK, self.drive.size,
                                             elapsed=elapsed, drive=self.info)
@@ -216,8 +219,17 @@ def _write_small(path: str, text: str) -> None:
         os.close(fd)
 
 
-def _publish(temps: list[str], finals: tuple[str, ...]) -> None:
-    """OUTPUT first, then its sidecars; the directory synced so the names last a power cut."""
+def _publish(temps: list[str], finals: tuple[str, ...], stale: tuple[str, ...]) -> None:
+    """Old block maps gone first (never a new OUTPUT beside an old map, even for a moment:
+    the one replaced by this read's map too), then OUTPUT, then its sidecars; the directory
+    synced so the names last a power cut."""
+    for name in (*stale, *finals[2:]):
+        try:
+            os.unlink(name)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise OutputError(exc.errno, f"cannot remove {name}: {exc.strerror}") from None
     for temp, final in zip(temps, finals, strict=True):
         _guarded(os.rename, temp, final)
     folder = os.path.dirname(finals[0])
@@ -232,8 +244,30 @@ def _publish(temps: list[str], finals: tuple[str, ...]) -> None:
 # The checks
 
 
+def _not_a_file(name: str, st: os.stat_result) -> str | None:
+    """Why ``name`` (lstat'ed) is not a file read may replace: anything but a regular file or
+    a symlink to one (a device node, a link to /dev/sdc...), whatever --force says."""
+    kind = _KINDS.get(stat.S_IFMT(st.st_mode))
+    if stat.S_ISLNK(st.st_mode):
+        try:
+            target = os.stat(name)
+        except OSError:
+            return None  # a link to nothing: replacing it loses nothing
+        what = _KINDS.get(stat.S_IFMT(target.st_mode))
+        return None if what is None else f"{name} is a symlink to a {what}: read replaces " \
+            "only files"
+    if kind == "directory":
+        return f"{name} is a directory"
+    return None if kind is None else f"{name} is a {kind}: read replaces only files"
+
+
+#: What a name may be that read refuses to replace (a regular file or a link is not here).
+_KINDS = {stat.S_IFDIR: "directory", stat.S_IFBLK: "block device",
+          stat.S_IFCHR: "character device", stat.S_IFIFO: "FIFO", stat.S_IFSOCK: "socket"}
+
+
 def output_refusals(output: str, files: tuple[str, ...], force: bool, drive: Drive,
-                    fmt: str) -> list[str]:
+                    fmt: str, stale: tuple[str, ...] = ()) -> list[str]:
     """Why OUTPUT cannot be written, one line each (empty: it can)."""
     folder = os.path.dirname(output)
     if not os.path.isdir(folder):
@@ -243,7 +277,7 @@ def output_refusals(output: str, files: tuple[str, ...], force: bool, drive: Dri
     if suffix in reading.NOT_WRITTEN:
         lines.append(f"{output} ends in {suffix}, which read does not write: end it in .zst, "
                      ".xz or .gz to compress, or .img for a raw copy")
-    for name in files:
+    for name in (*files, *stale):
         try:
             st = os.lstat(name)
         except FileNotFoundError:
@@ -251,9 +285,15 @@ def output_refusals(output: str, files: tuple[str, ...], force: bool, drive: Dri
         except OSError as exc:  # a name too long (its sidecars' are longer), no search...
             lines.append(f"{name} cannot be written: {exc.strerror or exc}")
             break
-        if stat.S_ISDIR(st.st_mode):
-            lines.append(f"{name} is a directory")
-        elif not force:
+        problem = _not_a_file(name, st)
+        if problem:
+            lines.append(problem)
+        elif force:
+            continue
+        elif name in stale:
+            lines.append(f"{name} exists: flash would take that old block map for "
+                         f"{os.path.basename(output)}; --force removes it")
+        else:
             lines.append(f"{name} exists; --force replaces it")
     devnums, _ = drives.path_storage(folder)
     if devnums & master.family(drive.devnum):
@@ -274,17 +314,49 @@ def _free(folder: str) -> int | None:
     return st.f_bavail * st.f_frsize
 
 
-def prepare_read(request: ReadRequest) -> PreparedRead:
-    """Every check of a read, before anything is read; raises :class:`Refused`."""
+def creatable(job: PreparedRead) -> list[str]:
+    """Why OUTPUT's files cannot be created in its directory (read-only, no permission, a
+    name too long once made temporary), found by creating and removing the longest temporary
+    name: one line (empty: they can).  Run last, once nothing else refused: it writes."""
+    longest = max((_temp_name(name) for name in job.files), key=len)
+    try:
+        fd = os.open(longest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                     | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        if exc.errno == errno.ENAMETOOLONG:
+            folder = os.path.dirname(job.output)
+            extra = len(os.path.basename(longest)) - len(os.path.basename(job.output))
+            most = os.pathconf(folder, "PC_NAME_MAX") - extra
+            return [f"{job.output} cannot be written: its name is too long for the temporary "
+                    f"files read writes beside it; shorten it to {most} characters or less"]
+        return [f"{job.output} cannot be written: {exc.strerror or exc}"]
+    os.close(fd)
+    os.unlink(longest)
+    return []
+
+
+def checked_read(request: ReadRequest) -> PreparedRead:
+    """Every check of a read but :func:`creatable`; raises :class:`Refused`."""
     drive = drives.drive_for_path(request.device)
     output = os.path.abspath(request.output)
-    files = (output, reading.sidecar_path_for(output),
-             *((reading.bmap_path_for(output),) if request.bmap else ()))
+    written = reading.bmap_path_for(output) if request.bmap else None
+    files = (output, reading.sidecar_path_for(output), *((written,) if written else ()))
+    stale = tuple(name for name in reading.map_paths_for(output) if name != written)
     lines = master.refusals(drive.path)
     if not drive.size:
         lines.append(f"{drive.path} holds nothing to read ({drive.reason or 'size 0'})")
-    lines += output_refusals(output, files, request.force, drive, reading.format_for(output))
+    lines += output_refusals(output, files, request.force, drive, reading.format_for(output),
+                             stale)
     if lines:
         raise Refused(lines)
     require_access([drive.path], writing=False)
-    return PreparedRead(request, drive, output, files)
+    return PreparedRead(request, drive, output, files, stale)
+
+
+def prepare_read(request: ReadRequest) -> PreparedRead:
+    """Every check of a read, before anything is read; raises :class:`Refused`."""
+    job = checked_read(request)
+    lines = creatable(job)
+    if lines:
+        raise Refused(lines)
+    return job

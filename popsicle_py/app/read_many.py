@@ -1,8 +1,9 @@
 """Several drives read into several files in one run: ``read DEVICE OUTPUT [DEVICE OUTPUT]...``.
 
 Each pair is prepared as :func:`popsicle_py.app.read.prepare_read` prepares one, and the pairs
-are checked against each other (a drive named twice, two pairs writing the same file, an
-OUTPUT on any drive being read) before anything is read.  ``run`` reads every drive at once,
+are checked against each other (a drive named twice, two pairs writing the same file, or one
+writing where flash looks for another's block map, an OUTPUT on any drive being read) before
+anything is read.  ``run`` reads every drive at once,
 one thread each under the engine's :class:`~popsicle_py.engine.supervisor.Supervisor`, whose
 outbox hands every event to the view on the calling thread; one drive's failure does not stop
 the others, a cancel stops them all, and none leaves its OUTPUT under its final name.
@@ -15,7 +16,7 @@ import os
 from collections.abc import Sequence
 
 from popsicle_py import drives, events, master, reading
-from popsicle_py.app.read import PreparedRead, ReadRequest, prepare_read
+from popsicle_py.app.read import PreparedRead, ReadRequest, checked_read, creatable
 from popsicle_py.defaults import DEFAULT_STALL_TIMEOUT
 from popsicle_py.errors import Refused
 from popsicle_py.ports import drive_info
@@ -74,6 +75,13 @@ def cross_refusals(jobs: Sequence[PreparedRead]) -> list[str]:
                 what = "" if name == job.output else f" ({os.path.basename(name)})"
                 lines.append(f"{job.output}{what} would overwrite a file of {holder.output}: "
                              "give each pair its own OUTPUT")
+    for job in jobs:  # a file one pair writes where flash looks for another's block map
+        for name in job.stale:
+            holder = owner.get(_same_file_key(name), job)
+            if holder is not job:
+                what = "" if name == holder.output else f" ({os.path.basename(name)})"
+                lines.append(f"{holder.output}{what} would be where flash looks for the block "
+                             f"map of {job.output}: give each pair its own OUTPUT")
     for job in jobs:
         devnums, _ = drives.path_storage(os.path.dirname(job.output))
         for other in jobs:
@@ -109,13 +117,15 @@ def prepare_reads(request: ReadManyRequest) -> ReadMany:
     lines: list[str] = []
     for device, output in request.pairs:
         try:
-            jobs.append(prepare_read(ReadRequest(
+            jobs.append(checked_read(ReadRequest(
                 device, output, force=request.force, bmap=request.bmap,
                 stall_timeout=request.stall_timeout, bucket_size=request.bucket_size)))
         except Refused as exc:
             lines += exc.lines
     if not lines:
         lines = cross_refusals(jobs)
+    if not lines:  # last: it creates (and removes) a file beside each OUTPUT
+        lines = [line for job in jobs for line in creatable(job)]
     if lines:
         raise Refused(list(dict.fromkeys(lines)))
     for number, job in enumerate(jobs, 1):  # numbered as flash numbers its drives

@@ -8,6 +8,7 @@ document, whatever it holds: the files are ASCII, and a YAML reader gives back e
 from __future__ import annotations
 
 import json
+import re
 
 __all__ = ["dump"]
 
@@ -20,8 +21,20 @@ def _scalar(value: object) -> str:
     if isinstance(value, int):
         return str(value)
     if isinstance(value, str):
-        return json.dumps(value, ensure_ascii=True)
+        return _ASTRAL.sub(_wide, json.dumps(value, ensure_ascii=True))
     raise TypeError(f"no YAML for {type(value).__name__}")
+
+
+#: JSON's escape of a character past U+FFFF: a surrogate pair, which YAML does not take
+#: (libyaml, as netplan reads, refuses it; PyYAML's own reader gives lone surrogates).
+#: An escape only where its backslash is not itself escaped (text holding "\\ud83c").
+_ASTRAL = re.compile(r"(?<!\\)((?:\\\\)*)\\u(d[89ab][0-9a-f]{2})\\u(d[c-f][0-9a-f]{2})")
+
+
+def _wide(pair: re.Match[str]) -> str:
+    """The pair as YAML's own escape of the whole character: ``\\UXXXXXXXX``."""
+    high, low = int(pair[2], 16), int(pair[3], 16)
+    return f"{pair[1]}\\U{0x10000 + ((high - 0xD800) << 10) + (low - 0xDC00):08X}"
 
 
 #: Plain words YAML 1.1 (PyYAML, which cloud-init and netplan use) reads as booleans or null.

@@ -650,6 +650,20 @@ def test_a_zip_url_is_downloaded_first_then_written(
 
 
 @needs_root
+def test_a_download_resumed_is_no_stall_of_the_image(
+        web: WebServer, data: bytes, loop_factory: Callable[..., Loop]) -> None:
+    """The download judges its own connection (read timeout, resumes): the image's stall
+    rule leaves it alone, however short --stall-timeout is."""
+    web.add("/disk.img", Served(data, stall_at=[2 * MiB]))
+    drive = loop_factory(4 * MiB, fill=PATTERN)
+    rc, events, err = flash(web.url("/disk.img"), drive, extra=("--stall-timeout", "1"),
+                            env={"POPSICLE_PY_HTTP_TIMEOUT": "2"})
+    assert rc == 0, err
+    assert drive.read(SIZE) == data
+    assert of(events, "download", state="resuming")
+
+
+@needs_root
 def test_ctrl_c_during_a_stalled_download_gives_the_shell_back(
         web: WebServer, data: bytes, loop_factory: Callable[..., Loop]) -> None:
     # The signal lands once the drive holds all that arrived before the stall (the order is

@@ -91,12 +91,15 @@ class Reader:
         #: Calls sized to half a second of the source's speed: a slow share is not a hang,
         #: and a stop is seen between calls.
         self.pacer = Pacer()
+        #: A source with its own stall rule (a download: read timeouts, resumes) is left to
+        #: it: the reader's clock never runs while it is read.
+        self.judged = bool(getattr(source, "judges_its_stalls", False))
 
     def _fill(self, view: memoryview) -> int:
         """``read_full`` of the source, paced, on the stall clock."""
         clock = self.clock
         clock.touch()
-        clock.waiting = False
+        clock.waiting = self.judged  # a download waits out its own stalls, then resumes
         try:
             got = read_full(self.source, view, pacer=self.pacer, progress=clock.advance,
                             stop=self.stopped.is_set)

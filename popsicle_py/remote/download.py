@@ -52,6 +52,9 @@ Emit = Callable[[Event], None]
 class Download(io.RawIOBase):
     """The body of one URL, continued after drops and stalls; hashes and keeps what it yields.
 
+    It judges its own connection (a read timeout, then resumes, then an error), so a reader
+    of it applies no stall rule of its own (``judges_its_stalls``).
+
     ``hasher`` sees every byte handed out; with ``expected`` set, the end of the body is
     reported only after the digest matched (a mismatch raises RemoteError instead).  ``sink``
     (a cache entry or a private file) receives the same bytes and is committed at that end.
@@ -88,6 +91,9 @@ class Download(io.RawIOBase):
         self._reported = 0  # the bytes the last Progress event said
         self.committed: str | None = None
         self.on_commit: Callable[[str], None] | None = None
+
+    #: The engine's reader leaves the stall rule to this stream's own timeouts and resumes.
+    judges_its_stalls = True
 
     def readable(self) -> bool:
         return True

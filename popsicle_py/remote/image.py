@@ -49,6 +49,9 @@ __all__ = [
 class _Decoded(io.RawIOBase):
     """The decoded image over a Download, keeping the download's hasher/expected in reach."""
 
+    #: The download under it judges its own stalls (see :class:`.download.Download`).
+    judges_its_stalls = True
+
     def __init__(self, download: Download, decoded: BinaryIO) -> None:
         super().__init__()
         self.download = download

@@ -516,8 +516,7 @@ class VerifyJob(_Job):
         size = self.image.size
         self.emit(Started(self.image.path, self.image.format, size,
                           tuple(d.path for d in self.drives), drives=self.infos))
-        drives = self.drives
-        for drive in drives:
+        for drive in self.drives:
             self.emit(Phase(drive.path, Step.VERIFYING))
         source = None
         try:
@@ -526,10 +525,11 @@ class VerifyJob(_Job):
         except Cancelled:
             self._cancel_rest()
         except Exception as exc:
+            why = getattr(exc, "strerror", None) or exc
             for drive in self._live():
-                self._end(drive, Status.FAILED, f"{drive.path}: {exc}", cause=Cause.SOURCE)
+                self._end(drive, Status.FAILED, f"{drive.path}: {why}", cause=Cause.SOURCE)
         finally:
-            if source is not None:
+            if source is not None and not self._verifier.reading():  # else it is left to it
                 with contextlib.suppress(Exception):
                     source.close()
             self._close_all()

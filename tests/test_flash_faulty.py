@@ -394,6 +394,35 @@ def test_image_that_stops_answering_fails_every_drive_on_time(
     assert summary_at is not None, f"no summary {STALL + 2} s after writing began"
 
 
+def test_verify_of_an_image_that_stops_answering_ends_on_time(
+        faulty_file: Callable[..., FaultyFile], loop_factory: Callable[..., Loop]) -> None:
+    """The same for `verify`, its share hung for good (the daemon stopped): the summary on
+    time, the image not closed under its stuck reader (before: the close waited for the
+    share, and the summary, the exit and Ctrl-C with it)."""
+    data = os.urandom(IMAGE)
+    source = faulty_file(data, crawl=(24 * MiB, 1, 32 * MiB))
+    drive = loop_factory(64 * MiB, fill=FILL)
+    with open(drive.backing, "r+b") as f:
+        f.write(data)  # it holds the image: only the image's stall can fail it
+    run = Timed([*popsicle_cmd(), "verify", source.path, drive.path, "--json",
+                 "--stall-timeout", str(STALL)])
+    try:
+        # The image is open and being read: the reader cannot pass 24 MiB.  Then the whole
+        # share hangs.
+        hung = run.until("progress", 30)
+        assert hung is not None
+        os.kill(source.pid, signal.SIGSTOP)
+        summary_at = run.until("summary", hung + STALL + 2)
+    finally:
+        os.kill(source.pid, signal.SIGCONT)
+        rc, events = run.finish(source)
+    assert summary_at is not None, f"no summary {STALL + 2} s after the share hung"
+    assert rc == 1, run.stderr
+    assert result_of(events, drive.path)["error"] == (
+        f"{drive.path}: reading the image stalled: no data for {STALL:g} s (is the disk or "
+        "network share it is on hung?)")
+
+
 def test_slow_image_is_not_a_stall(faulty_file: Callable[..., FaultyFile],
                                    loop_factory: Callable[..., Loop]) -> None:
     """An image read at 2 MB/s (a slow share) moves a MiB well within the stall timeout: the

@@ -38,6 +38,12 @@ class BusVerifier(Builder):
         self._extents: tuple[tuple[int, int], ...] = ()
         self._indices: Sequence[int] = ()
         self._report_all = False
+        self._run: _VerifyRun | None = None
+
+    def reading(self) -> bool:
+        """The reader is still inside a read of the source (given up on after a stall or a
+        cancel): as for :meth:`.BusWriter.reading`, the source is then left to it."""
+        return self._run is not None and self._run.reading
 
     def with_bucket(self, buffer: WriteableBuffer) -> BusVerifier:
         """The buffer's length sets the bucket size (the verifier keeps its own memory)."""
@@ -73,6 +79,7 @@ class BusVerifier(Builder):
         when reading it fails.
         """
         run = _VerifyRun(self)
+        self._run = run
         self._attach(run.supervisor.outbox)
         return run.run()
 
@@ -90,6 +97,7 @@ class _VerifyRun:
                                      wake=self.ring.wake, leave=self.ring.leave)
         self.lanes = self.supervisor.lanes
         self.verdicts = [False] * len(self.lanes)
+        self.reading = False
 
     def run(self) -> list[bool]:
         v = self.verifier
@@ -105,7 +113,15 @@ class _VerifyRun:
             self.ring.join(lane.id for lane in self.lanes)
             reader = Reader(source, self.ring, self.lanes, self.config, self.supervisor.stop,
                             None)
-            error = self.supervisor.run(self._compare_lane, reader.run, reader.clock)
+
+            def read() -> None:
+                self.reading = True
+                try:
+                    reader.run()
+                finally:
+                    self.reading = False
+
+            error = self.supervisor.run(self._compare_lane, read, reader.clock)
         if error is not None:
             raise error
         return list(self.verdicts)

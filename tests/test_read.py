@@ -538,6 +538,27 @@ def test_a_map_under_the_compressed_name_is_refused_beside_a_new_map(
     assert not shadow.exists() and (tmp_path / "s.img.bmap").exists()
 
 
+@pytest.mark.parametrize("args", [(), ("--force",), ("--bmap", "--force")],
+                         ids=["plain", "force", "bmap-force"])
+def test_another_images_block_map_is_never_taken_nor_removed(
+        loop_factory: Callable[..., Loop], tmp_path: Path, args: tuple[str, ...]) -> None:
+    """backup.img.bmap belongs to backup.img beside it, and flash would take it for
+    backup.img.zst too: refused whatever --force says (before: --force removed it, or
+    --bmap --force replaced it, and backup.img lost its own map)."""
+    drive = fat_drive(loop_factory)
+    raw = tmp_path / "backup.img"
+    assert popsicle("read", drive.path, raw, "--bmap").returncode == 0
+    its_map = tmp_path / "backup.img.bmap"
+    kept = its_map.read_bytes()
+    result = popsicle("read", drive.path, tmp_path / "backup.img.zst", *args)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr == (f"popsicle-py: {its_map} is the block map of {raw}, and flash "
+                             "would take it for backup.img.zst too: give OUTPUT another "
+                             "name\n")
+    assert its_map.read_bytes() == kept
+    assert not (tmp_path / "backup.img.zst").exists()
+
+
 def test_a_drive_written_through_the_page_cache_while_it_is_read_leaves_no_output(
         loop_factory: Callable[..., Loop], throttle: Callable[..., Any], tmp_path: Path) -> None:
     """A buffered write (dd without oflag=direct) into what was already read is in the page

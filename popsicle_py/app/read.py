@@ -286,8 +286,14 @@ def output_refusals(output: str, files: tuple[str, ...], force: bool, drive: Dri
             lines.append(f"{name} cannot be written: {exc.strerror or exc}")
             break
         problem = _not_a_file(name, st)
+        owner = name.removesuffix(".bmap")
         if problem:
             lines.append(problem)
+        elif name.endswith(".bmap") and owner != output and os.path.lexists(owner):
+            # Another image's map: replacing or removing it would leave that image with a
+            # map that is not its own, or with none (whatever --force says).
+            lines.append(f"{name} is the block map of {owner}, and flash would take it for "
+                         f"{os.path.basename(output)} too: give OUTPUT another name")
         elif force:
             continue
         elif name in stale:

@@ -124,4 +124,6 @@ def test_a_signal_during_the_boot_files_step_stops_its_program(
         assert not alive(run.pid), "mcopy outlived popsicle"
         (result,) = summary(out)["results"]
         assert result["status"] == "cancelled" and run.head_unwritten(), result
+        # Its head's write never began: nothing was "overwritten again".
+        assert result["error"] == "cancelled", result
         assert run.blocked == NOTHING_BLOCKED

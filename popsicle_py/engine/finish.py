@@ -191,6 +191,8 @@ class Finisher:
             lane.touch()
             config.before_head(lane.dest, lane.advance, lambda: lane.stopped)  # raises: fails it
             lane.touch()
+        if lane.stopped:  # before the head's first write: nothing to put back
+            return
         if held is not None and head:
             lane.post(Msg.Stage(lane.id, Step.SYNCING))
             self._at_risk.add(lane.id)
@@ -203,8 +205,6 @@ class Finisher:
                 self._undo(lane)
                 return
             self._at_risk.discard(lane.id)
-        elif lane.stopped:
-            return
         # A head that read back while not stopped: done, even if the run stops right now.
         lane.post(Msg.Completed(lane.id, self.device_sha256.get(lane.id)
                                 if config.verify else None))

@@ -9,6 +9,7 @@ next call.
 from __future__ import annotations
 
 import errno
+import time
 
 #: The largest single read or write (4 MiB at 4 MB/s is one second).
 MAX_CALL = 4 << 20
@@ -21,6 +22,10 @@ CALL_SECONDS = 0.5
 #: Write errors worth another try: busy hubs and flaky sticks produce them and then recover.
 TRANSIENT = frozenset({errno.EIO, errno.EAGAIN, errno.ETIMEDOUT, errno.EBUSY})
 DEFAULT_RETRIES = 5
+#: A drive (or source) that moves less than this within the stall timeout is stalled: at
+#: 20 KiB/s an image would take days, so crawling is not progress (while any single call
+#: still is bounded).
+STALL_BYTES = 1 << 20
 RETRY_BACKOFF = 0.1
 
 
@@ -44,3 +49,27 @@ class Pacer:
         rate = nbytes / max(seconds, 1e-6)
         want = min(int(rate * CALL_SECONDS), self._size * 2, self._most)
         self._size = max(CALL_ALIGN, want - want % CALL_ALIGN)
+
+
+class Clock:
+    """How recently a worker moved data: the stall rule reads it, the worker alone sets it."""
+
+    def __init__(self) -> None:
+        self.waiting = True  # waiting for another thread, which is never a stall
+        self.last_progress = time.monotonic()
+        self.recent = 0  # bytes moved since last_progress, short of STALL_BYTES
+
+    def touch(self) -> None:
+        """A new step begins (or a wait ended): the stall clock starts again."""
+        self.last_progress = time.monotonic()
+        self.recent = 0
+
+    def advance(self, nbytes: int) -> None:
+        """``nbytes`` more were moved; every STALL_BYTES of them count as progress."""
+        self.recent += nbytes
+        if self.recent >= STALL_BYTES:
+            self.touch()
+
+    def stalled(self, now: float, limit: float) -> bool:
+        """Busy (not waiting) with less than STALL_BYTES moved for more than ``limit`` s."""
+        return not self.waiting and now - self.last_progress > limit

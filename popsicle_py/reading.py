@@ -25,7 +25,7 @@ from typing import IO, Protocol, cast
 from popsicle_py.blockdev import BlockDevice, read_full, seek
 from popsicle_py.buffers import aligned_buffer
 from popsicle_py.errors import Stalled
-from popsicle_py.pacing import Pacer
+from popsicle_py.pacing import Clock, Pacer
 from popsicle_py.records import record
 
 #: Compression by OUTPUT's suffix; anything else is written raw.
@@ -36,9 +36,6 @@ NOT_WRITTEN = frozenset({".bz2", ".lz4", ".lzma", ".lz", ".zip", ".7z", ".rar", 
                          ".tgz", ".zstd"})
 BMAP_BLOCK = 4096
 DEFAULT_BUCKET = 8 << 20
-#: A drive that moves less than this in the stall timeout is stalled (the engine's rule, its
-#: STALL_BYTES, not imported: the engine costs a start-up that ``read`` does not need).
-STALL_BYTES = 1 << 20
 BUFFERS = 3
 ZSTD_LEVEL = 3
 #: zstd's output is hashed and written in chunks of up to this size.
@@ -368,28 +365,6 @@ class Read:
     sha256: str
 
 
-class _Clock:
-    """How recently the reading thread moved STALL_BYTES: it alone sets it, each system call's
-    bytes as they come (not per bucket: a bucket of a slow drive outlasts the timeout)."""
-
-    def __init__(self) -> None:
-        self.waiting = False  # for a free buffer (the compressor is slower): never a stall
-        self.last = time.monotonic()
-        self.recent = 0
-
-    def touch(self) -> None:
-        self.last = time.monotonic()
-        self.recent = 0
-
-    def advance(self, nbytes: int) -> None:
-        self.recent += nbytes
-        if self.recent >= STALL_BYTES:
-            self.touch()
-
-    def stalled(self, limit: float) -> bool:
-        return not self.waiting and time.monotonic() - self.last >= limit
-
-
 def read_drive(device: BlockDevice, size: int, enc: Encoder, sink: Sink, *,
                mapper: Mapper | None = None, bucket: int = DEFAULT_BUCKET,
                progress: Callable[[int], None] = lambda n: None,
@@ -406,7 +381,8 @@ def read_drive(device: BlockDevice, size: int, enc: Encoder, sink: Sink, *,
     for i in range(BUFFERS):
         free.put(i)
     quit_ = threading.Event()
-    clock = _Clock()
+    clock = Clock()
+    clock.waiting = False
 
     def reader() -> None:
         pacer = Pacer()
@@ -415,8 +391,8 @@ def read_drive(device: BlockDevice, size: int, enc: Encoder, sink: Sink, *,
             while offset < size and not quit_.is_set():
                 clock.waiting = True
                 i = free.get()
-                clock.waiting = False
                 clock.touch()
+                clock.waiting = False
                 if i < 0:
                     return
                 want = min(bucket, size - offset)
@@ -443,7 +419,7 @@ def read_drive(device: BlockDevice, size: int, enc: Encoder, sink: Sink, *,
             try:
                 item = full.get(timeout=0.25)
             except queue.Empty:
-                if stall_timeout is not None and clock.stalled(stall_timeout):
+                if stall_timeout is not None and clock.stalled(time.monotonic(), stall_timeout):
                     moved = clock.recent
                     raise Stalled(f"stalled: no data from the drive for {stall_timeout:g} s"
                                   if not moved else f"stalled: only {moved // 1024} KiB from "

@@ -21,9 +21,6 @@ CHUNK = MAX_CALL
 POLL = 0.1
 #: How long a drive may hold back the others before it is sent on alone (see laggards).
 LAGGARD_PATIENCE = 0.25
-#: A drive that moves less than this within the stall timeout is stalled: at 20 KiB/s an image
-#: would take days, so crawling is not progress (while any single call still is bounded).
-STALL_BYTES = 1 << 20
 #: How long a cancelled run waits for workers to leave a system call before abandoning them.
 CANCEL_GRACE = 1.5
 #: How much longer it waits for a lane that writes the stamp back over a head it had begun.

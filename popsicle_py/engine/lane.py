@@ -4,36 +4,11 @@ from __future__ import annotations
 
 import queue
 import threading
-import time
 
 from popsicle_py.blockdev import FileLike
-from popsicle_py.engine.config import STALL_BYTES
-from popsicle_py.pacing import Pacer
+from popsicle_py.pacing import Clock, Pacer
 
-
-class Clock:
-    """How recently a worker moved data: the supervisor's stall rule reads it, the worker
-    alone sets it."""
-
-    def __init__(self) -> None:
-        self.waiting = True  # waiting for another thread, which is never a stall
-        self.last_progress = time.monotonic()
-        self.recent = 0  # bytes moved since last_progress, short of STALL_BYTES
-
-    def touch(self) -> None:
-        """A new step begins (or a wait ended): the stall clock starts again."""
-        self.last_progress = time.monotonic()
-        self.recent = 0
-
-    def advance(self, nbytes: int) -> None:
-        """``nbytes`` more were moved; every STALL_BYTES of them count as progress."""
-        self.recent += nbytes
-        if self.recent >= STALL_BYTES:
-            self.touch()
-
-    def stalled(self, now: float, limit: float) -> bool:
-        """Busy (not waiting) with less than STALL_BYTES moved for more than ``limit`` s."""
-        return not self.waiting and now - self.last_progress > limit
+__all__ = ["Clock", "Lane"]
 
 
 class Lane(Clock):

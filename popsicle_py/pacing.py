@@ -8,8 +8,10 @@ next call.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import time
+from collections.abc import Iterator
 
 #: The largest single read or write (4 MiB at 4 MB/s is one second).
 MAX_CALL = 4 << 20
@@ -69,6 +71,17 @@ class Clock:
         self.recent += nbytes
         if self.recent >= STALL_BYTES:
             self.touch()
+
+    @contextlib.contextmanager
+    def busy(self, watched: bool = True) -> Iterator[None]:
+        """A call the stall rule watches (unless ``watched`` is false): the clock starts
+        again, and it is waiting once more when the call is over."""
+        self.touch()
+        self.waiting = not watched
+        try:
+            yield
+        finally:
+            self.waiting = True
 
     def stalled(self, now: float, limit: float) -> bool:
         """Busy (not waiting) with less than STALL_BYTES moved for more than ``limit`` s."""

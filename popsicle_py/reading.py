@@ -382,23 +382,20 @@ def read_drive(device: BlockDevice, size: int, enc: Encoder, sink: Sink, *,
         free.put(i)
     quit_ = threading.Event()
     clock = Clock()
-    clock.waiting = False
 
     def reader() -> None:
         pacer = Pacer()
         offset = 0
         try:
             while offset < size and not quit_.is_set():
-                clock.waiting = True
-                i = free.get()
-                clock.touch()
-                clock.waiting = False
+                i = free.get()  # waiting for the compressor is never a stall
                 if i < 0:
                     return
                 want = min(bucket, size - offset)
-                seek(device, offset)
-                n = read_full(device, memoryview(buffers[i])[:want], pacer=pacer,
-                              progress=clock.advance)
+                with clock.busy():
+                    seek(device, offset)
+                    n = read_full(device, memoryview(buffers[i])[:want], pacer=pacer,
+                                  progress=clock.advance)
                 if n < want:
                     raise OSError(errno.EIO, f"the drive ended at byte {offset + n}, before "
                                   f"its size ({size} bytes)")

@@ -280,6 +280,18 @@ class Timed:
             return None
         return time.monotonic() - self.started
 
+    def summary_on_time(self, faulty: FaultyFile) -> tuple[float | None, int,
+                                                            list[dict[str, Any]]]:
+        """When the summary came, if within STALL + 2 s of the start (else None); then, once
+        ``faulty`` is let go, the exit status and every event."""
+        try:
+            began = self.until("start", 30)
+            assert began is not None
+            summary_at = self.until("summary", began + STALL + 2)
+        finally:
+            rc, events = self.finish(faulty)
+        return summary_at, rc, events
+
     def finish(self, drive: FaultyFile) -> tuple[int, list[dict[str, Any]]]:
         """Let the drive (or image) go, faults off, so that the process ends; every event it
         printed."""
@@ -332,12 +344,7 @@ def test_hung_write_gets_the_summary_on_time(faulty_drive: Callable[..., FaultyD
     hung = faulty_drive(64 * MiB, fill=FILL, hang=(20 * MiB, 60))
     run = Timed([*popsicle_cmd(), "flash", str(path), healthy.path, hung.path, "--yes",
                  "--json", "--stall-timeout", str(STALL)])
-    try:
-        began = run.until("start", 30)
-        assert began is not None
-        summary_at = run.until("summary", began + STALL + 2)
-    finally:
-        rc, events = run.finish(hung)
+    summary_at, rc, events = run.summary_on_time(hung)
     assert rc == 1, run.stderr
     assert statuses(events) == {healthy.path: "ok", hung.path: "failed"}
     assert "stall" in (result_of(events, hung.path)["error"] or "")
@@ -378,12 +385,7 @@ def test_image_that_stops_answering_fails_every_drive_on_time(
     drives = [loop_factory(64 * MiB, fill=FILL) for _ in range(2)]
     run = Timed([*popsicle_cmd(), "flash", source.path, *(d.path for d in drives), "--yes",
                  "--json", "--stall-timeout", str(STALL)])
-    try:
-        began = run.until("start", 30)
-        assert began is not None
-        summary_at = run.until("summary", began + STALL + 2)
-    finally:
-        rc, events = run.finish(source)
+    summary_at, rc, events = run.summary_on_time(source)
     assert rc == 1, run.stderr
     assert set(statuses(events).values()) == {"failed"}
     for d in drives:

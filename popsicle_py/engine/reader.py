@@ -94,17 +94,15 @@ class Reader:
         #: A source with its own stall rule (a download: read timeouts, resumes) is left to
         #: it: the reader's clock never runs while it is read.
         self.judged = bool(getattr(source, "judges_its_stalls", False))
+        #: Inside :meth:`run`: the source must not be closed under it by another thread (a
+        #: stream blocked in a read, a stalled download, could block the closer too).
+        self.reading = False
 
     def _fill(self, view: memoryview) -> int:
         """``read_full`` of the source, paced, on the stall clock."""
-        clock = self.clock
-        clock.touch()
-        clock.waiting = self.judged  # a download waits out its own stalls, then resumes
-        try:
-            got = read_full(self.source, view, pacer=self.pacer, progress=clock.advance,
+        with self.clock.busy(watched=not self.judged):  # a download judges its own stalls
+            got = read_full(self.source, view, pacer=self.pacer, progress=self.clock.advance,
                             stop=self.stopped.is_set)
-        finally:
-            clock.waiting = True
         if self.stopped.is_set():  # what was read may be short of the source: never its end
             raise _Stopped
         return got
@@ -124,8 +122,12 @@ class Reader:
 
     def run(self) -> None:
         """Read the source into the ring, to its end or until the run stops."""
-        with contextlib.suppress(_Stopped):
-            self._run()
+        self.reading = True
+        try:
+            with contextlib.suppress(_Stopped):
+                self._run()
+        finally:
+            self.reading = False
 
     def _run(self) -> None:
         if self.config.record:
@@ -209,12 +211,8 @@ class Reader:
             ring.eof = True
             ring.cond.notify_all()
         if self.config.vouch is not None:  # it may look at the file again: on the clock too
-            self.clock.touch()
-            self.clock.waiting = False
-            try:
+            with self.clock.busy():
                 self.config.vouch()
-            finally:
-                self.clock.waiting = True
         with ring.cond:
             ring.vouched = True
             ring.cond.notify_all()

@@ -43,7 +43,8 @@ class BusVerifier(Builder):
     def reading(self) -> bool:
         """The reader is still inside a read of the source (given up on after a stall or a
         cancel): as for :meth:`.BusWriter.reading`, the source is then left to it."""
-        return self._run is not None and self._run.reading
+        return self._run is not None and self._run.reader is not None \
+            and self._run.reader.reading
 
     def with_bucket(self, buffer: WriteableBuffer) -> BusVerifier:
         """The buffer's length sets the bucket size (the verifier keeps its own memory)."""
@@ -97,7 +98,7 @@ class _VerifyRun:
                                      wake=self.ring.wake, leave=self.ring.leave)
         self.lanes = self.supervisor.lanes
         self.verdicts = [False] * len(self.lanes)
-        self.reading = False
+        self.reader: Reader | None = None  # when compared with a source
 
     def run(self) -> list[bool]:
         v = self.verifier
@@ -113,15 +114,8 @@ class _VerifyRun:
             self.ring.join(lane.id for lane in self.lanes)
             reader = Reader(source, self.ring, self.lanes, self.config, self.supervisor.stop,
                             None)
-
-            def read() -> None:
-                self.reading = True
-                try:
-                    reader.run()
-                finally:
-                    self.reading = False
-
-            error = self.supervisor.run(self._compare_lane, read, reader.clock)
+            self.reader = reader
+            error = self.supervisor.run(self._compare_lane, reader.run, reader.clock)
         if error is not None:
             raise error
         return list(self.verdicts)

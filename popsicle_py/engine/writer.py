@@ -201,7 +201,7 @@ class BusWriter(Builder):
         Such a source must not be closed by another thread: a stream blocked in a read (a
         stalled download) could block the closer too.  It is left to the reader.
         """
-        return self._run is not None and self._run.reading
+        return self._run is not None and self._run.reader.reading
 
     def surface_test(self, enabled: bool = True) -> BusWriter:
         """With :meth:`finish_each` and verification: test the rest of each drive (see
@@ -337,20 +337,12 @@ class _WriteRun:
                              post=self.supervisor.outbox.put)
         self.finisher = Finisher(config, self.ring, self.reader, self.held, self.pread,
                                  self.spill, self._written)
-        self.reading = False
         self._spill_orphaned = False
         self._spill_lock = threading.Lock()
         self._running = len(self.lanes)  # lane threads not yet returned
         #: Each lane's reads on its own, checked before its head (only with recorded digests).
         self.alone = {lane.id: _ReadAlone(config.bucket_size) for lane in self.lanes}
         self.ring.join(lane.id for lane in self.lanes)
-
-    def _read(self) -> None:
-        self.reading = True
-        try:
-            self.reader.run()
-        finally:
-            self.reading = False
 
     def _close_spill(self) -> None:
         """Close the spill once no lane can read it; an abandoned one closes it when it ends
@@ -374,7 +366,7 @@ class _WriteRun:
 
     def run(self) -> WriteResult:
         try:
-            error = self.supervisor.run(self._task, self._read, self.reader.clock)
+            error = self.supervisor.run(self._task, self.reader.run, self.reader.clock)
         finally:
             if self.spill is not None:
                 self._close_spill()

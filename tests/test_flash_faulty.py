@@ -472,3 +472,59 @@ def test_image_that_stops_answering_in_its_checksum_pass_gives_the_shell_back(
             f"popsicle-py: {source.path} stopped answering while its checksum was computed: "
             f"no data for {STALL:g} s (is the disk or network share it is on hung?)")
     assert drive.read(64 * MiB) == bytes([FILL]) * (64 * MiB)
+
+
+def waiting_on_fuse(pid: int) -> bool:
+    """Some thread of ``pid`` waits for a FUSE daemon's answer (a read of a hung share)."""
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            if (task / "wchan").read_text() == "request_wait_answer":
+                return True
+        except OSError:
+            continue
+    return False
+
+
+@pytest.mark.parametrize(("command", "how"), [("flash", "stall"), ("flash", "ctrl-c"),
+                                              ("verify", "stall"), ("watch", "ctrl-c")])
+def test_image_that_hangs_while_it_is_opened_gives_the_shell_back(
+        command: str, how: str, faulty_file: Callable[..., FaultyFile],
+        loop_factory: Callable[..., Loop]) -> None:
+    """The checks before a run (what the image is, its end, its partitions) read on a thread
+    of their own: an image that hangs from its first byte is refused on time, and Ctrl-C is
+    heard, with nothing written.  (Before: the read held the calling thread, and neither came
+    until the share answered again.)"""
+    data = os.urandom(IMAGE)
+    source = faulty_file(data, crawl=(0, 1))  # a byte a second from the start: hung
+    drive = loop_factory(64 * MiB, fill=FILL)
+    args = {"flash": ["flash", source.path, drive.path, "--yes"],
+            "verify": ["verify", source.path, drive.path],
+            "watch": ["watch", source.path]}[command]
+    if how == "stall":
+        args += ["--stall-timeout", str(STALL)]
+    run = Timed([*popsicle_cmd(), *args, "--json"])
+    try:
+        deadline = time.monotonic() + 30
+        while not waiting_on_fuse(run.proc.pid):
+            assert time.monotonic() < deadline and run.proc.poll() is None, "never read"
+            threading.Event().wait(0.05)
+        hung = time.monotonic() - run.started
+        if how == "ctrl-c":
+            run.proc.send_signal(signal.SIGINT)
+            summary_at = run.until("summary", hung + 2)
+        else:
+            summary_at = run.until("summary", hung + STALL + 2)
+    finally:
+        rc, events = run.finish(source)
+    assert summary_at is not None, "no summary on time"
+    assert events[-1] == {"event": "summary", "ok": False, "results": []}
+    said = run.stderr.splitlines()[-1]
+    if how == "ctrl-c":
+        assert rc == 130, run.stderr
+        assert said == "popsicle-py: interrupted before writing: nothing was written"
+    else:
+        assert rc == 2, run.stderr
+        assert said == (f"popsicle-py: {source.path} stopped answering while it was opened and "
+                        f"checked: no answer for {STALL:g} s (is the disk or network share it "
+                        "is on hung?)")
+    assert drive.read(64 * MiB) == bytes([FILL]) * (64 * MiB)

@@ -194,6 +194,19 @@ def _whole_because(request: FlashRequest, source: sources.OpenedSource) -> str |
     return None
 
 
+def _image_checks(request: FlashRequest
+                  ) -> tuple[sources.OpenedSource, str | None, Bmap | None, Trim]:
+    """Every check that reads the image: it is opened, judged, its map and free space found."""
+    write = request.write
+    source = sources.open_source(request.source)
+    sources.require_still(source.image.path)
+    image_note = sources.sanity_note(source, request.source.image, request.source.force)
+    block_map = sources.block_map(source.image, write.bmap, write.no_bmap)
+    trim = plan_trim(source.image, wanted=write.trim and block_map is None,
+                     whole_because=_whole_because(request, source))
+    return source, image_note, block_map, trim
+
+
 def prepare_flash(request: FlashRequest) -> PreparedFlash:
     """Every check of a flash, before anything is written; raises :class:`Refused`."""
     targets, write = request.targets, request.write
@@ -202,12 +215,8 @@ def prepare_flash(request: FlashRequest) -> PreparedFlash:
     if write.no_bmap and write.bmap is not None:
         raise Refused([f"--bmap {write.bmap} and --no-bmap contradict each other; give one"])
     try:
-        source = sources.open_source(request.source)
-        sources.require_still(source.image.path)
-        image_note = sources.sanity_note(source, request.source.image, request.source.force)
-        block_map = sources.block_map(source.image, write.bmap, write.no_bmap)
-        trim = plan_trim(source.image, wanted=write.trim and block_map is None,
-                         whole_because=_whole_because(request, source))
+        source, image_note, block_map, trim = sources.watched_checks(
+            lambda: _image_checks(request), request.source.image, request.engine.stall_timeout)
         size = source.image.size if block_map is None else block_map.image_size
         plan = make_plan(targets.devices, all_usb=targets.all_usb, image_path=source.image.path,
                          image_size=size, unmount=targets.unmount,

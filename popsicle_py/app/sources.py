@@ -13,7 +13,7 @@ import re
 import stat
 from collections.abc import Callable
 from types import ModuleType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from popsicle_py import events, sanity
 from popsicle_py.app.requests import SourceOptions
@@ -42,6 +42,7 @@ if TYPE_CHECKING:
     from popsicle_py.cache import Cache
 
 Emit = Callable[[events.WatchEvent], None]
+T = TypeVar("T")
 
 
 def remote() -> ModuleType:
@@ -133,6 +134,22 @@ def open_source(options: SourceOptions) -> OpenedSource:
                                              options.keyring)
         notes.append(f"signature ok: {signature} (keyring {options.keyring})")
     return OpenedSource(img, expected, tuple(notes), holding_still(img.path))
+
+
+def watched_checks(checks: Callable[[], T], image: str, stall_timeout: float | None) -> T:
+    """``checks()`` (opening and judging the image) on a thread of its own: a file on a hung
+    disk or network share holds that thread, not the command.  Ctrl-C is heard at once, and a
+    read that does not return for ``stall_timeout`` refuses the image (a download is left to
+    its own timeouts)."""
+    from popsicle_py.engine.watched import WorkStalled, watched_calls
+
+    try:
+        return watched_calls(checks, stall_timeout=None if is_url(image) else stall_timeout,
+                             name="image-checks")
+    except WorkStalled as exc:
+        raise ImageError(f"{image} stopped answering while it was opened and checked: no "
+                         f"answer for {exc.limit:g} s (is the disk or network share it is on "
+                         "hung?)") from None
 
 
 def is_drive(path: str) -> bool:

@@ -60,7 +60,8 @@ class PreparedVerify(ReadsDrives):
 
 def prepare_verify(request: VerifyRequest) -> PreparedVerify:
     """Open the image and resolve the drives; raises :class:`Refused` (nothing is read)."""
-    image = sources.open_for_reading(request.image)
+    image = sources.watched_checks(lambda: sources.open_for_reading(request.image),
+                                   request.image, request.stall_timeout)
     targets = make_read_plan(request.devices, image.size).targets
     require_access([d.path for d in targets], writing=False)
     return PreparedVerify(request, image, targets)

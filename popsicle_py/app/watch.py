@@ -14,6 +14,7 @@ from popsicle_py.app.confirm import Confirmation, target_rows
 from popsicle_py.app.requests import WatchRequest
 from popsicle_py.app.trim import CERTIFICATE_READS_ALL, plan_trim
 from popsicle_py.certify.writer import CertificateWriter
+from popsicle_py.defaults import DEFAULT_STALL_TIMEOUT
 from popsicle_py.drives import Drive
 from popsicle_py.errors import Refused
 from popsicle_py.grading import capacity_check
@@ -131,9 +132,13 @@ class PreparedWatch(HeldFiles):
 def prepare_watch(request: WatchRequest) -> PreparedWatch:
     """Open and judge the image, check this user may write drives plugged in later, find the
     drives present (``include_present``); raises :class:`Refused`."""
-    source = sources.open_source(request.source)
-    sources.require_still(source.image.path)
-    image_note = sources.sanity_note(source, request.source.image, request.source.force)
+    def image_checks() -> tuple[sources.OpenedSource, str | None]:
+        source = sources.open_source(request.source)
+        sources.require_still(source.image.path)
+        return source, sources.sanity_note(source, request.source.image, request.source.force)
+
+    source, image_note = sources.watched_checks(image_checks, request.source.image,
+                                                DEFAULT_STALL_TIMEOUT)
     require_future_access()
     present: tuple[Drive, ...] = ()
     if request.include_present:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from typing import Generic, TypeVar
+from typing import Generic, TypeVar, cast
 
 from popsicle_py.engine.config import POLL
 from popsicle_py.engine.lane import Clock
@@ -42,15 +42,17 @@ class _Outcome(Generic[T]):
 
 def watched(work: Callable[[Clock, Callable[[], bool]], T], *,
             cancel: Callable[[], bool] | None, stall_timeout: float | None,
-            tick: Callable[[], None] = lambda: None, name: str = "work") -> T | None:
+            tick: Callable[[], None] = lambda: None, name: str = "work",
+            clock: Clock | None = None) -> T | None:
     """``work(clock, stopped)``'s result, or None once ``cancel()`` said so.
 
     ``work`` counts what it moves with ``clock.advance`` and checks ``stopped()`` between its
-    calls.  Raises what ``work`` raised, or :class:`WorkStalled`.
+    calls (or ``tick`` moves ``clock``, if given, from the calling thread).  Raises what
+    ``work`` raised, or :class:`WorkStalled`.
     """
     if cancel is not None and cancel():
         return None
-    clock = Clock()
+    clock = clock or Clock()
     clock.waiting = False
     stop = threading.Event()
     outcome: _Outcome[T] = _Outcome()
@@ -79,3 +81,53 @@ def watched(work: Callable[[Clock, Callable[[], bool]], T], *,
         raise outcome.error
     return outcome.result
 
+
+
+class _ReadCalls:
+    """How many read calls one thread has completed, as the kernel counts them (``syscr`` of
+    /proc/self/task/TID/io): a call that hangs is never counted."""
+
+    def __init__(self) -> None:
+        self.path: str | None = None
+        self.seen: int | None = None
+
+    def attach(self) -> None:
+        """Count the calling thread's reads (called on the watched thread)."""
+        self.path = f"/proc/self/task/{threading.get_native_id()}/io"
+
+    def moved(self) -> bool:
+        """True when a read call completed since last asked, or when reads cannot be counted
+        here (no task I/O accounting): never call a stall that cannot be seen."""
+        if self.path is None:
+            return True
+        try:
+            with open(self.path, "rb") as f:
+                count = next(int(line.split()[1]) for line in f if line.startswith(b"syscr:"))
+        except (OSError, StopIteration, ValueError, IndexError):
+            return True
+        moved, self.seen = count != self.seen, count
+        return moved
+
+
+def watched_calls(work: Callable[[], T], *, stall_timeout: float | None,
+                  name: str = "work") -> T:
+    """``work()`` on a thread of its own: Ctrl-C (KeyboardInterrupt on the calling thread) is
+    heard while a read in it hangs, and no read call of it returning for ``stall_timeout``
+    raises :class:`WorkStalled`.
+
+    For work that reads a little, here and there (an image's head, its end, its partition
+    tables), where a byte count would say nothing: a hung call is what is watched.
+    """
+    calls = _ReadCalls()
+    clock = Clock()
+
+    def run(_clock: Clock, _stopped: Callable[[], bool]) -> T:
+        calls.attach()
+        return work()
+
+    def tick() -> None:
+        if calls.moved():
+            clock.touch()
+
+    return cast(T, watched(run, cancel=None, stall_timeout=stall_timeout, tick=tick,
+                           name=name, clock=clock))

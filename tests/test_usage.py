@@ -255,6 +255,64 @@ def test_unclean_ext_and_broken_tables_are_written_whole(tmp_path: Path, content
     assert "overlap" in usage2.notes[0]
 
 
+@pytest.mark.parametrize("field", ["state 3", "error_count 1"], ids=["state", "count"])
+def test_ext_that_records_errors_is_written_whole(tmp_path: Path, content: tuple[
+        Path, Path, dict[str, str]], field: str) -> None:
+    """The kernel marks a file system it found damaged ("clean with errors", an error count):
+    its bitmaps may leave out blocks that files still use, so they are not believed.
+    (Before: trusted, and a file whose blocks the bitmap had lost read back as the drive's
+    old bytes, while the drive said ok.)"""
+    keep, _, _ = content
+    image = tmp_path / "ext.img"
+    garbage(image, 32 * MiB)
+    make_ext(image, 0, 32 * MiB, keep, options=["-b", "4096"])
+    run("debugfs", "-w", "-R", f"ssv {field}", str(image))  # checksums kept right
+    assert e2fsck(image, 0, 32 * MiB).returncode != 4  # still a readable file system
+    usage = usage_of(image)
+    assert usage.ranges == ((0, 32 * MiB),)
+    assert usage.notes == ("the image: it records file system errors (e2fsck has not "
+                           "repaired it): written whole",)
+
+
+def _mbr_entry(image: Path, sector: int, index: int, ptype: int, first: int,
+               count: int) -> None:
+    """Entry ``index`` of the boot record at ``sector`` of ``image`` set by hand."""
+    with open(image, "r+b") as f:
+        f.seek(sector * 512 + 446 + 16 * index + 4)
+        f.write(bytes([ptype]) + bytes(3))
+        f.write(struct.pack("<II", first, count))
+
+
+@pytest.mark.parametrize("where", ["type 0 primary", "second logical of one EBR"])
+def test_every_entry_linux_reads_is_a_partition(tmp_path: Path, content: tuple[
+        Path, Path, dict[str, str]], where: str) -> None:
+    """A primary entry of type 0 with a size, and a second data entry in one extended boot
+    record, are partitions to Linux (partx lists them, the kernel mounts them).  Their file
+    systems come through trim whole.  (Before: neither was seen, and a FAT volume in one read
+    back as the drive's old bytes, "non DOS media".)"""
+    keep, _, sums = content
+    image = tmp_path / "table.img"
+    garbage(image, 80 * MiB)
+    fat_at = 40960
+    if where == "type 0 primary":
+        partition(image, "2048,32768,83\n")
+        _mbr_entry(image, 0, 1, 0x00, fat_at, 32768)
+    else:  # an extended partition from 1 MiB: its EBR at 2048, p5 at 4096
+        partition(image, "2048,,5\n4096,32768,83\n")
+        _mbr_entry(image, 2048, 1, 0x0C, fat_at - 2048, 32768)
+    listed = run("partx", "-g", "-o", "START", str(image)).stdout.split()
+    assert str(fat_at) in listed, listed  # Linux reads it
+    ext_at = 2048 * 512 if where == "type 0 primary" else 4096 * 512
+    make_ext(image, ext_at, 32768 * 512, keep, options=["-b", "1024"])
+    make_fat(image, fat_at * 512, 32768 * 512, keep, ["-F", "16"])
+    usage = usage_of(image)
+    assert len(usage.found) == 2 and "FAT16" in usage.found[1], usage.found
+    copy = tmp_path / "drive.img"
+    trimmed_copy(image, usage.ranges, copy)
+    assert fsck_vfat(copy, fat_at * 512, 32768 * 512).returncode == 0
+    assert fat_files(copy, fat_at * 512, list(sums)) == sums
+
+
 def test_an_image_without_file_systems_is_written_whole(tmp_path: Path) -> None:
     image = tmp_path / "random.img"
     garbage(image, 4 * MiB)

@@ -39,6 +39,7 @@ _RO_KNOWN = (_RO_SPARSE_SUPER | 0x2 | 0x4 | 0x8 | _RO_GDT_CSUM | 0x20 | 0x40 | 0
              | _RO_METADATA_CSUM | 0x1000 | 0x2000 | 0x8000 | 0x10000)
 _BG_BLOCK_UNINIT = 0x2
 _STATE_VALID = 0x1
+_STATE_ERRORS = 0x2
 
 
 def is_ext(read_at: ReadAt, offset: int) -> bool:
@@ -71,7 +72,10 @@ def _superblock(sb: bytes) -> _Super:
         struct.unpack_from("<I", sb, 0x20)[0], struct.unpack_from("<H", sb, 0x3A)[0])
     rev = struct.unpack_from("<I", sb, 0x4C)[0]
     compat, incompat, ro = struct.unpack_from("<III", sb, 0x5C) if rev else (0, 0, 0)
-    if incompat & _INCOMPAT_RECOVER or not state & _STATE_VALID:
+    if state & _STATE_ERRORS or struct.unpack_from("<I", sb, 0x194)[0]:
+        # The kernel found it damaged: its bitmaps may miss blocks that files still use.
+        raise Unsupported("it records file system errors (e2fsck has not repaired it)")
+    if incompat & _INCOMPAT_RECOVER or state != _STATE_VALID:
         raise Unsupported("it was not cleanly unmounted (its journal needs replaying)")
     if incompat & _INCOMPAT_JOURNAL_DEV:
         raise Unsupported("it is an external journal")

@@ -42,13 +42,14 @@ class Table:
 
 
 def _mbr_entries(sector: bytes) -> list[tuple[int, int, int]]:
-    """(type, first LBA, sectors) of each non-empty entry."""
+    """(type, first LBA, sectors) of each non-empty entry: one with sectors, whatever its
+    type (Linux and libblkid take a type 0 entry with a size for a partition too)."""
     out = []
     for i in range(4):
         entry = sector[446 + 16 * i : 462 + 16 * i]
         ptype = entry[4]
         first, count = struct.unpack_from("<II", entry, 8)
-        if ptype and count:
+        if count:
             out.append((ptype, first, count))
     return out
 
@@ -98,7 +99,7 @@ def _logical(read_at: ReadAt, start: int, sector: int) -> list[Partition]:
         entries = _mbr_entries(data)
         logical = [e for e in entries if e[0] not in _EXTENDED]
         nexts = [e for e in entries if e[0] in _EXTENDED]
-        for _, first, count in logical[:1]:
+        for _, first, count in logical:  # usually one; OS/2 used all four, as Linux reads
             parts.append(Partition((ebr + first) * sector, count * sector,
                                    f"partition {5 + len(parts)}"))
         if not nexts:

@@ -214,6 +214,11 @@ def prepare_flash(request: FlashRequest) -> PreparedFlash:
         raise Refused(["no target drives: name devices or use --all-usb"])
     if write.no_bmap and write.bmap is not None:
         raise Refused([f"--bmap {write.bmap} and --no-bmap contradict each other; give one"])
+    if write.skip_identical and request.grade.min_write_speed is not None:
+        # Bytes found already there move at reading speed: a slow writer would pass.
+        raise Refused(["--min-write-speed judges how fast a drive writes, and "
+                       "--skip-identical does not write what the drive already holds: "
+                       "give one"])
     try:
         source, image_note, block_map, trim = sources.watched_checks(
             lambda: _image_checks(request), request.source.image, request.engine.stall_timeout)

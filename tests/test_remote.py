@@ -122,8 +122,8 @@ def test_a_stalled_connection_resumes_after_the_read_timeout(web: WebServer, dat
     started = time.monotonic()
     assert read_url(web.url("/disk.img")) == data
     assert time.monotonic() - started < 10
-    resume = web.requests_for("/disk.img")[1]  # from the last whole read before the stall
-    assert resume.range == f"bytes={MiB}-" and resume.if_range == '"v1"'
+    resume = web.requests_for("/disk.img")[1]  # from the very byte reached
+    assert resume.range == f"bytes={MiB + 5}-" and resume.if_range == '"v1"'
 
 
 def test_a_server_ignoring_range_starts_over_while_nothing_was_used(
@@ -153,6 +153,35 @@ def test_a_file_changed_on_the_server_is_never_stitched(web: WebServer, data: by
                                 etag='"v1"' if validator == "etag" else None))
     with pytest.raises(ImageError, match="changed on the server during the download"):
         read_url(web.url("/disk.img"))
+
+
+def a_mirror_dropping_validators(data: bytes, other: bytes, validator: str) -> Served:
+    """The first answer carries ETag (or only Last-Modified) and is cut at 1 MiB; the resume
+    gets a 206 at the right place with neither validator and another version's bytes (a
+    mirror behind the same name that ignores If-Range)."""
+    return Served(data, drop_at=[MiB], etag='"v1"' if validator == "etag" else None,
+                  later=Served(other, etag=None, last_modified=None, ignore_if_range=True))
+
+
+@pytest.mark.parametrize("validator", ["etag", "last_modified"])
+def test_a_resume_answered_without_the_files_validator_is_not_stitched(
+        web: WebServer, data: bytes, validator: str) -> None:
+    web.add("/disk.img", a_mirror_dropping_validators(data, os.urandom(SIZE), validator))
+    which = "ETag" if validator == "etag" else "Last-Modified"
+    with pytest.raises(ImageError, match=rf"resume at byte {MiB} without the file's {which}, "
+                                         "so nothing shows the rest is of the same version; "
+                                         "not stitching two versions together"):
+        read_url(web.url("/disk.img"))
+
+
+def test_a_resume_without_validators_is_taken_when_a_checksum_judges_it(
+        web: WebServer, data: bytes) -> None:
+    sha = hashlib.sha256(data).hexdigest()
+    web.add("/same.img", a_mirror_dropping_validators(data, data, "etag"))
+    assert read_url(web.url("/same.img"), sha256=sha) == data  # the checksum says it is one
+    web.add("/other.img", a_mirror_dropping_validators(data, os.urandom(SIZE), "etag"))
+    with pytest.raises(ImageError, match="checksum mismatch"):
+        read_url(web.url("/other.img"), sha256=sha)
 
 
 def test_a_server_without_validators_is_not_resumed_blindly(web: WebServer, data: bytes
@@ -297,6 +326,11 @@ def test_an_engine_tap_sees_the_bytes_as_published_and_repairs_read_again(
     web.add("/disk.img.gz", Served(body, etag='"v2"'))
     with pytest.raises(ImageError, match="changed on the server since it was first read"):
         image.read_at(0, 10)  # type: ignore[union-attr]
+    web.add("/disk.img.gz", Served(gzip.compress(os.urandom(SIZE), compresslevel=1),
+                                   etag=None, last_modified=None))
+    with pytest.raises(ImageError, match="answered again without the file's ETag, so nothing "
+                                         "shows it is the version first read"):
+        image.read_at(0, 10)  # type: ignore[union-attr]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -314,9 +348,10 @@ def run(*args: str, env: dict[str, str] | None = None, timeout: float = 120
 
 
 def flash(url: str, *drives: Loop, extra: tuple[str, ...] = (),
-          env: dict[str, str] | None = None) -> tuple[int, list[dict[str, Any]], str]:
+          env: dict[str, str] | None = None, timeout: float = 120
+          ) -> tuple[int, list[dict[str, Any]], str]:
     return run("flash", url, *(d.path for d in drives), "--yes", "--json", "--bucket-size",
-               "1M", *extra, env=env)
+               "1M", *extra, env=env, timeout=timeout)
 
 
 def of(events: list[dict[str, Any]], kind: str, **fields: Any) -> list[dict[str, Any]]:
@@ -462,6 +497,45 @@ def test_a_download_failing_mid_flash_fails_every_drive_before_its_first_bucket(
     assert all(why in r["error"] for r in results), results
     for d in drives:
         assert not_bootable(d, data), "the image's head was written from a bad download"
+
+
+@needs_root
+def test_a_resume_from_a_mirror_dropping_validators_fails_the_drive_unstitched(
+        web: WebServer, data: bytes, loop_factory: Callable[..., Loop]) -> None:
+    """The review's case: v1 then v2 on the drive, reported ok."""
+    other = os.urandom(SIZE)
+    web.add("/disk.img", Served(data, drop_at=[2 * MiB],
+                                later=Served(other, etag=None, last_modified=None,
+                                             ignore_if_range=True)))
+    drive = loop_factory(4 * MiB, fill=PATTERN)
+    rc, events, err = flash(web.url("/disk.img"), drive, extra=("--no-checksum",))
+    assert rc == 1, err
+    (result,) = events[-1]["results"]
+    assert (result["status"], result["cause"]) == ("failed", "source"), result
+    assert (f"the server answered the resume at byte {2 * MiB} without the file's ETag"
+            in result["error"]), result
+    assert not_bootable(drive, data)
+    assert drive.read(MiB, 2 * MiB) != other[2 * MiB : 3 * MiB]
+
+
+@needs_root
+def test_a_trickling_download_is_a_stall_resumed_then_a_failure(
+        web: WebServer, data: bytes, loop_factory: Callable[..., Loop]) -> None:
+    """A byte every 0.2 s resets every read timeout: less than 1 MiB in --stall-timeout is a
+    stall of the connection, resumed with Range; after the attempts every drive fails."""
+    web.add("/disk.img", Served(data, trickle_at=MiB + 5))
+    drive = loop_factory(4 * MiB, fill=PATTERN)
+    rc, events, err = flash(web.url("/disk.img"), drive, extra=("--stall-timeout", "2"),
+                            env={"POPSICLE_PY_HTTP_TIMEOUT": "5"}, timeout=90)
+    assert rc == 1, err
+    (result,) = events[-1]["results"]
+    assert (result["status"], result["cause"]) == ("failed", "source"), result
+    assert re.search(r"download failed at byte \d+ of \d+ after 3 attempts: less than 1 MiB "
+                     r"came in 2 s \(stalled\)", result["error"]), result
+    resumes = [r.range for r in web.requests_for("/disk.img") if r.range]
+    assert len(resumes) == 2 and all(int(r[6:-1]) > MiB for r in resumes), resumes
+    assert len(of(events, "download", state="resuming")) == 2
+    assert not_bootable(drive, data)
 
 
 @needs_root
@@ -647,13 +721,43 @@ def test_a_zip_url_is_downloaded_first_then_written(
     assert rc == 0, err
     assert drive.read(SIZE) == data
     assert list(scratch.iterdir()) == [], "the private copy was left behind"
+    rc, events, err = run("verify", web.url("/disk.zip"), drive.path, "--json",
+                          env={"TMPDIR": str(scratch)})
+    assert rc == 0, err  # downloaded first, as flash does
+    assert [r["status"] for r in events[-1]["results"]] == ["ok"]
+    assert list(scratch.iterdir()) == []
+
+
+@needs_root
+def test_a_zip_urls_errors_name_the_url_not_its_private_copy(
+        web: WebServer, data: bytes, loop_factory: Callable[..., Loop], tmp_path: Path) -> None:
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    web.add("/empty.zip", Served(zipped(b"", zipfile.ZIP_STORED)))
+    drive = loop_factory(4 * MiB, fill=PATTERN)
+    rc, _, err = flash(web.url("/empty.zip"), drive, env={"TMPDIR": str(scratch)})
+    assert rc == 2, err
+    assert err.strip() == (f"popsicle-py: {web.url('/empty.zip')} (inside its zip layer) is "
+                           "empty"), err
+    assert untouched(drive)
+    body = bytearray(zipped(data, zipfile.ZIP_STORED))
+    body[MiB] ^= 0xFF  # in the member's data: its CRC fails at its end
+    web.add("/bad.zip", Served(bytes(body)))
+    rc, events, err = flash(web.url("/bad.zip"), drive, env={"TMPDIR": str(scratch)})
+    assert rc == 1, err
+    (result,) = events[-1]["results"]
+    assert result["error"].startswith(f"{drive.path}: {web.url('/bad.zip')} is corrupt or "
+                                      "truncated"), result
+    assert "popsicle-py-download" not in result["error"] + err, result
+    assert not_bootable(drive, data)
+    assert list(scratch.iterdir()) == []
 
 
 @needs_root
 def test_a_download_resumed_is_no_stall_of_the_image(
         web: WebServer, data: bytes, loop_factory: Callable[..., Loop]) -> None:
-    """The download judges its own connection (read timeout, resumes): the image's stall
-    rule leaves it alone, however short --stall-timeout is."""
+    """The download judges its own connection (read timeouts, less than 1 MiB in
+    --stall-timeout, resumes): the image's stall rule leaves it alone."""
     web.add("/disk.img", Served(data, stall_at=[2 * MiB]))
     drive = loop_factory(4 * MiB, fill=PATTERN)
     rc, events, err = flash(web.url("/disk.img"), drive, extra=("--stall-timeout", "1"),

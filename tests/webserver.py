@@ -3,7 +3,8 @@
 Threaded ``http.server`` speaking HTTP/1.1 (keep-alive, Range, If-Range), serving bytes from
 memory or from a file.  Each :class:`Served` file can drop the connection at given offsets,
 stall there, ignore Range, lie about its length, or turn into another version after its first
-request; every request is logged so a test can assert what the client asked for.
+request, answer a resume without its validators, or trickle a byte at a time; every request is
+logged so a test can assert what the client asked for.
 """
 
 from __future__ import annotations
@@ -39,6 +40,9 @@ class Served:
     status: int | None = None  # answer this status instead
     empty_206: bool = False  # a Range past the end gets an empty 206, not 416 (some servers)
     refuse_from: int | None = None  # a Range from here on gets 503 (a server that broke)
+    ignore_if_range: bool = False  # a Range is served whatever If-Range says (a bad mirror)
+    trickle_at: int | None = None  # from here on, one byte per trickle_every seconds
+    trickle_every: float = 0.2
 
     @property
     def size(self) -> int:
@@ -122,7 +126,8 @@ class _Handler(BaseHTTPRequestHandler):
         partial = False
         if rng and not f.ignore_range:
             m = _RANGE.fullmatch(rng.strip())
-            fresh = if_range is None or if_range in (f.etag, f.last_modified)
+            fresh = f.ignore_if_range or if_range is None or if_range in (f.etag,
+                                                                          f.last_modified)
             if m and fresh:
                 start = int(m[1])
                 if f.refuse_from is not None and start >= f.refuse_from:
@@ -158,8 +163,17 @@ class _Handler(BaseHTTPRequestHandler):
         pos = start
         try:
             while pos < size:
+                if f.trickle_at is not None and pos >= f.trickle_at:
+                    self.wfile.write(f.read(pos, 1))
+                    self.wfile.flush()
+                    pos += 1
+                    if self.server.release.wait(f.trickle_every):  # the server closes
+                        self._hang_up()
+                        return
+                    continue
                 stop = size
-                for cut in (*f.drop_at, *f.stall_at):
+                trickle = () if f.trickle_at is None else (f.trickle_at,)
+                for cut in (*f.drop_at, *f.stall_at, *trickle):
                     if pos < cut < stop:
                         stop = cut
                 while pos < stop:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+
 from popsicle_py import drives, events
 from popsicle_py.app import sources
 from popsicle_py.app.access import require_access
+from popsicle_py.app.common import cancelled_before_writing
 from popsicle_py.app.confirm import Confirmation, target_rows
 from popsicle_py.app.requests import ProbeRequest, VerifyRequest
 from popsicle_py.blockdev import BlockDevice
@@ -48,13 +51,31 @@ class PreparedVerify(ReadsDrives):
         self.image = image
 
     def run(self, view: View, cancel: Cancellation) -> events.Summary:
-        """Read every drive against the image (read once for all of them)."""
-        opened = self.open_drives(view)
-        job = VerifyJob(self.image, opened, view.handle, cancel, self.request.stall_timeout,
-                        self.infos)
-        sources.attach(self.image, job.relay, cancel)  # download news from the reader thread
-        summary = job.run()
-        view.close()
+        """Read every drive against the image (read once for all of them); a zip at a URL
+        is downloaded first, as flash does (its directory is at its end)."""
+        with contextlib.ExitStack() as downloads:
+            image: Source | None = self.image
+            if image is not None and image.kind.needs_whole_file:
+                from popsicle_py.watch import default_tmpdir
+
+                sources.attach(image, view.handle, cancel)
+                try:
+                    image = sources.download_first(image, view.handle, cancel,
+                                                   default_tmpdir(), downloads)
+                except Exception:
+                    view.close()
+                    raise
+            if image is None:  # cancelled while downloading: no drive was read
+                summary = cancelled_before_writing([d.path for d in self.targets],
+                                                   self.infos, view.handle)
+                view.close()
+                return summary
+            opened = self.open_drives(view)
+            job = VerifyJob(image, opened, view.handle, cancel, self.request.stall_timeout,
+                            self.infos)
+            sources.attach(image, job.relay, cancel)  # download news from the reader thread
+            summary = job.run()
+            view.close()
         return summary
 
 

@@ -94,6 +94,8 @@ class Reader:
         #: A source with its own stall rule (a download: read timeouts, resumes) is left to
         #: it: the reader's clock never runs while it is read.
         self.judged = bool(getattr(source, "judges_its_stalls", False))
+        if self.judged:  # with the run's stall timeout (a download: see remote.download)
+            source.judge_stalls(config.stall_timeout)
         #: Inside :meth:`run`: the source must not be closed under it by another thread (a
         #: stream blocked in a read, a stalled download, could block the closer too).
         self.reading = False

@@ -1,12 +1,14 @@
 """The body of one URL as a stream: resumed after drops and stalls, hashed, kept in a sink.
 
 :class:`Download` continues after a dropped or stalled connection with a Range request from the
-byte reached, guarded by If-Range so that a file changed on the server is never stitched
-together from two versions.  The bytes are hashed as they are handed out, and the stream itself
-refuses to end (raises) when the published checksum does not match: the engine holds the
-image's first bucket back until the stream ended, so a bad download never leaves a
-bootable-looking drive.  The same bytes go to a sink (a cache entry, or a private file) that is
-committed only at that end.
+byte reached, guarded by If-Range, and takes the answer only when it carries the first one's
+ETag (or Last-Modified), so that a file changed on the server is never stitched together from
+two versions.  A connection that moves less than STALL_BYTES in the stall timeout (a trickle,
+which no read timeout sees) is stalled: dropped and resumed, a failed attempt.  The bytes are
+hashed as they are handed out, and the stream itself refuses to end (raises) when the published
+checksum does not match: the engine holds the image's first bucket back until the stream ended,
+so a bad download never leaves a bootable-looking drive.  The same bytes go to a sink (a cache
+entry, or a private file) that is committed only at that end.
 """
 
 from __future__ import annotations
@@ -19,15 +21,18 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
+from typing import Any
 
 from urllib3.exceptions import HTTPError
 
 from popsicle_py import files
 from popsicle_py.cache import CacheWriter
+from popsicle_py.defaults import DEFAULT_STALL_TIMEOUT
 from popsicle_py.events import Download as DownloadNews
 from popsicle_py.events import Event, Fetch, Note, Phase, Progress, Step
 from popsicle_py.images import Checksum, ImageError, new_hasher
 from popsicle_py.images.checksums import Hasher
+from popsicle_py.pacing import STALL_BYTES
 from popsicle_py.remote.http import (
     Client,
     Probe,
@@ -35,6 +40,7 @@ from popsicle_py.remote.http import (
     Validator,
     content_length,
     failure_reason,
+    limit_wait,
     parse_content_range,
 )
 
@@ -52,8 +58,11 @@ Emit = Callable[[Event], None]
 class Download(io.RawIOBase):
     """The body of one URL, continued after drops and stalls; hashes and keeps what it yields.
 
-    It judges its own connection (a read timeout, then resumes, then an error), so a reader
-    of it applies no stall rule of its own (``judges_its_stalls``).
+    It judges its own connection (a read timeout; less than STALL_BYTES in ``stall_timeout``
+    seconds of reading; then resumes, then an error), so a reader of it applies no stall rule
+    of its own (``judges_its_stalls``) and hands it its stall timeout (``judge_stalls``).
+    Only the time spent waiting in its reads counts: a reader that stops reading (its drives
+    are behind) never makes the server look stalled.
 
     ``hasher`` sees every byte handed out; with ``expected`` set, the end of the body is
     reported only after the digest matched (a mismatch raises RemoteError instead).  ``sink``
@@ -64,7 +73,8 @@ class Download(io.RawIOBase):
 
     def __init__(self, client: Client, probe_: Probe, *, expected: Checksum | None = None,
                  sink: CacheWriter | FileSink | None = None, emit: Emit | None = None,
-                 cancel: Callable[[], bool] | None = None, required: bool = False) -> None:
+                 cancel: Callable[[], bool] | None = None, required: bool = False,
+                 stall_timeout: float | None = DEFAULT_STALL_TIMEOUT) -> None:
         super().__init__()
         self.client = client
         self.url = probe_.url
@@ -85,6 +95,10 @@ class Download(io.RawIOBase):
         self._net = len(probe_.head)  # offset of the next byte from the connection
         self._handed = 0
         self._failures = 0
+        self.stall_timeout = stall_timeout
+        self._recent = 0  # bytes from this connection since it last moved STALL_BYTES
+        self._waited = 0.0  # seconds spent waiting in its reads meanwhile
+        self._vouched = False  # a resume without validators was taken (a checksum judges)
         self._finished = False
         self._error: ImageError | None = None
         self._last_progress = 0.0
@@ -94,6 +108,10 @@ class Download(io.RawIOBase):
 
     #: The engine's reader leaves the stall rule to this stream's own timeouts and resumes.
     judges_its_stalls = True
+
+    def judge_stalls(self, limit: float | None) -> None:
+        """The run's stall timeout (the engine's reader hands it over)."""
+        self.stall_timeout = limit
 
     def readable(self) -> bool:
         return True
@@ -181,22 +199,46 @@ class Download(io.RawIOBase):
             if self._handed != self._reported:  # the view learns what came before a wait
                 self._progress(force=True)
             try:
-                data = self._resp.read(limit)
+                data = self._read(self._resp, limit)
             except (HTTPError, OSError, http.client.HTTPException) as exc:
-                self._retry(failure_reason(exc))
+                self._retry(self._crawled() or failure_reason(exc))
                 continue
             if data:
                 self._net += len(data)
-                self._failures = 0
+                self._recent += len(data)
+                if self._recent >= STALL_BYTES:  # progress: the window and the count restart
+                    self._recent, self._waited, self._failures = 0, 0.0, 0
                 return data
             if self.total is not None and self._net < self.total:
                 self._retry(f"the connection closed at byte {self._net}")
                 continue
             return b""
 
+    def _read(self, resp: Any, limit: int) -> bytes:
+        """What the connection has (at most ``limit``), waiting no longer than the stall
+        window's rest; a window spent with less than STALL_BYTES raises (a stall)."""
+        if self.stall_timeout is not None:
+            if self._crawled():
+                raise http.client.HTTPException("stalled")
+            limit_wait(resp, min(self.client.settings.read_timeout,
+                                 self.stall_timeout - self._waited))
+        started = time.monotonic()
+        try:
+            return resp.read1(limit)  # type: ignore[no-any-return]
+        finally:
+            self._waited += time.monotonic() - started
+
+    def _crawled(self) -> str | None:
+        """Why this connection is stalled by the stall rule, if it is."""
+        if self.stall_timeout is None or self._waited < self.stall_timeout:
+            return None
+        return (f"less than {STALL_BYTES >> 20} MiB came in {self.stall_timeout:g} s "
+                "(stalled)")
+
     def _retry(self, why: str) -> None:
         """One more failed attempt: pause, or give up with what happened."""
         self._drop()
+        self._recent, self._waited = 0, 0.0  # the next connection gets a window of its own
         self._failures += 1
         if self._failures > self.client.settings.retries:
             of = f" of {self.total}" if self.total is not None else ""
@@ -239,6 +281,8 @@ class Download(io.RawIOBase):
             raise RemoteError(f"{self.url} changed on the server during the download (the "
                               "server's ETag/Last-Modified differ); not mixing two versions: "
                               "run again")
+        if resp.status in (200, 206) and not self.validator.confirms(now):
+            self._unconfirmed(resp)
         if resp.status == 206:
             span = parse_content_range(resp.headers.get("Content-Range"))
             if span is None or span[0] != self._net or (
@@ -273,6 +317,22 @@ class Download(io.RawIOBase):
         status, reason = resp.status, resp.reason
         resp.close()
         self._retry(f"HTTP {status}{' ' + reason if reason else ''}")
+
+    def _unconfirmed(self, resp: Any) -> None:
+        """An answer without the first one's validator cannot show it is the same file: not
+        taken, unless the checksum will judge the whole download (then said once)."""
+        which = "ETag" if self.validator.etag else "Last-Modified"
+        why = (f"the server answered the resume at byte {self._net} without the file's "
+               f"{which}, so nothing shows the rest is of the same version")
+        if self.expected is None:
+            resp.close()
+            raise RemoteError(f"{self.url}: {why}; not stitching two versions together: run "
+                              "again, or give its checksum (--sha256) to allow it")
+        if not self._vouched and self.emit is not None:
+            self.emit(Note(f"{self.url}: {why}; resuming anyway: the checksum "
+                           f"({self.expected.algo} from {self.expected.source}) judges the "
+                           "whole download"))
+        self._vouched = True
 
     def _finish(self) -> None:
         """The body ended: check its length, that nothing follows it, and the checksum."""

@@ -9,6 +9,7 @@ and HTML are refused before anything is written.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import logging
 import os
@@ -43,6 +44,7 @@ __all__ = [
     "failure_reason",
     "final_url",
     "is_url",
+    "limit_wait",
     "looks_like_html",
     "parse_content_range",
     "probe",
@@ -130,6 +132,17 @@ class Validator:
         if self.last_modified and other.last_modified:
             return self.last_modified != other.last_modified
         return False
+
+    def confirms(self, other: Validator) -> bool:
+        """True when ``other`` (a later response's) shows it is this version: the same ETag,
+        or the same Last-Modified when that is all this one had.  An answer without them
+        cannot show it, whatever its bytes are (a mirror that ignores If-Range)."""
+        if self.etag:
+            return other.etag is not None and (
+                self.etag.removeprefix("W/") == other.etag.removeprefix("W/"))
+        if self.last_modified:
+            return other.last_modified == self.last_modified
+        return True  # nothing to show (see Download: resumed only when a checksum judges)
 
 
 _CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)", re.I)
@@ -314,6 +327,15 @@ def probe(client: Client, url: str) -> Probe:
         raise RemoteError(f"{url} is an HTML page, not a disk image (an error or download "
                           "page? use the direct link to the image)")
     return result
+
+
+def limit_wait(resp: urllib3.BaseHTTPResponse, seconds: float) -> None:
+    """The longest the next read of ``resp`` may wait for a byte: urllib3 sets its read
+    timeout once per request, and a download's stall window may end sooner than that."""
+    sock = getattr(getattr(resp, "connection", None), "sock", None)
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.settimeout(max(0.01, seconds))
 
 
 def failure_reason(exc: BaseException) -> str:

@@ -9,6 +9,7 @@ the whole body in a file first, for watch and zip images.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 import posixpath
@@ -19,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
 from popsicle_py.cache import Cache, CacheWriter
+from popsicle_py.defaults import DEFAULT_STALL_TIMEOUT
 from popsicle_py.events import Note
 from popsicle_py.images import (
     Checksum,
@@ -33,6 +35,7 @@ from popsicle_py.images import (
     read_decoded,
 )
 from popsicle_py.images.checksums import Hasher
+from popsicle_py.records import record
 from popsicle_py.remote.download import CHUNK, Download, Emit, FileSink
 from popsicle_py.remote.http import Client, HttpSettings, Probe, RemoteError, probe
 from popsicle_py.signatures import check_signature
@@ -51,6 +54,9 @@ class _Decoded(io.RawIOBase):
 
     #: The download under it judges its own stalls (see :class:`.download.Download`).
     judges_its_stalls = True
+
+    def judge_stalls(self, limit: float | None) -> None:
+        self.download.judge_stalls(limit)
 
     def __init__(self, download: Download, decoded: BinaryIO) -> None:
         super().__init__()
@@ -110,6 +116,9 @@ class RemoteImage:
         self.emit: Emit | None = None
         self.cancel: Callable[[], bool] | None = None
         self.local: str | None = None  # a complete copy, once one exists
+        #: Less than STALL_BYTES in this many seconds of reading stalls a connection; the
+        #: engine's reader hands each stream the run's --stall-timeout (judge_stalls).
+        self.stall_timeout: float | None = DEFAULT_STALL_TIMEOUT
         self.warning: str | None = None
         ext = posixpath.splitext(urllib.parse.urlsplit(self.final_url).path)[1].lower()
         self.warning = name_warning(self.url, ext, self.kind)
@@ -138,6 +147,12 @@ class RemoteImage:
                 p.close()
                 raise RemoteError(f"{self.url} changed on the server since it was first "
                                   "read; run again")
+            if not self.validator.confirms(p.validator):  # a checksum would not judge a
+                p.close()  # repair's few bytes: this answer is never used
+                which = "ETag" if self.validator.etag else "Last-Modified"
+                raise RemoteError(f"{self.url}: the server answered again without the file's "
+                                  f"{which}, so nothing shows it is the version first read; "
+                                  "not mixing two versions: run again")
         if sink is None and self.cache is not None and self.validator.key is not None:
             try:
                 sink = self.cache.writer(self.url, self.validator.key)
@@ -150,7 +165,8 @@ class RemoteImage:
                 if self.emit is not None:
                     self.emit(Note(f"not caching {self.url}: {why}; the flash goes on"))
         download = Download(self.client, p, expected=self.expected, sink=sink,
-                            emit=self.emit, cancel=self.cancel, required=required)
+                            emit=self.emit, cancel=self.cancel, required=required,
+                            stall_timeout=self.stall_timeout)
         download.on_commit = self._keep
         return download
 
@@ -351,5 +367,45 @@ def materialize(image: RemoteImage, emit: Emit, cancel: Callable[[], bool],
     image.local = path
     if emit is not None:
         emit(Note(f"downloaded {image.url} once to {path}; every drive is written from it"))
-    local = open_image(path)
-    return local, cleanup
+    try:
+        local = open_image(path)
+    except ImageError as exc:
+        cleanup()
+        raise ImageError(str(exc).replace(path, image.url)) from None
+    fields = {f.name: getattr(local, f.name) for f in dataclasses.fields(local)}
+    return DownloadedCopy(**fields, url=image.url), cleanup
+
+
+@record
+class DownloadedCopy(Image):
+    """The copy of a download, named in its errors by its URL, not by the private file."""
+
+    url: str = ""
+
+    def open(self, tap: Any = None) -> io.RawIOBase:
+        stream = super().open(tap)
+        if not self.kind.decoded:  # the file itself, read by position too
+            return stream
+        return _Named(stream, self.path, self.url)
+
+
+class _Named(io.RawIOBase):
+    """A decoded stream whose errors say ``url`` where they said ``path``."""
+
+    def __init__(self, stream: io.RawIOBase, path: str, url: str) -> None:
+        super().__init__()
+        self._stream, self._path, self._url = stream, path, url
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        try:
+            return self._stream.readinto(buffer)
+        except ImageError as exc:
+            raise ImageError(str(exc).replace(self._path, self._url)) from None
+
+    def close(self) -> None:
+        if not self.closed:
+            self._stream.close()
+        super().close()

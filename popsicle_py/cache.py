@@ -3,7 +3,8 @@
 An entry is keyed by the URL and the server's validator (ETag, else Last-Modified), so a file
 that changed on the server is never served from an old copy.  Entries appear only complete:
 the bytes go to ``KEY.part`` and are renamed to ``KEY.img`` once the whole body arrived (and
-matched its published checksum, when there is one); ``KEY.json`` says what the entry is.
+matched its published checksum, when there is one); ``KEY.json`` says what the entry is, with
+the SHA-256 of its bytes as they arrived, so that a copy damaged since is never written.
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ class CacheEntry:
     size: int
     path: Path
     created: float
+    sha256: str | None = None  # of the bytes as they arrived (None: an older entry)
 
 
 class CacheWriter:
@@ -82,14 +84,15 @@ class CacheWriter:
         self._file.write(data)
         self.size += len(data)
 
-    def commit(self) -> Path:
-        """Make the entry visible: data first, then the description that lookup() requires."""
+    def commit(self, sha256: str | None = None) -> Path:
+        """Make the entry visible: data first, then the description that lookup() requires
+        (with ``sha256``, the digest of the bytes written)."""
         self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()
         os.replace(self.part, self.path)
         meta = {"url": self.url, "validator": self.validator, "size": self.size,
-                "created": time.time()}
+                "created": time.time(), "sha256": sha256}
         tmp = self.cache.root / f"{self.key}.json.part"
         with files.create_regular(tmp) as f:
             f.write(json.dumps(meta).encode())
@@ -147,8 +150,10 @@ class Cache:
             meta = json.loads((self.root / f"{key}.json").read_text())
             path = self.root / f"{key}.img"
             size = path.stat().st_size
+            digest = meta.get("sha256")
             entry = CacheEntry(key, str(meta["url"]), str(meta["validator"]), int(meta["size"]),
-                               path, float(meta["created"]))
+                               path, float(meta["created"]),
+                               digest if isinstance(digest, str) else None)
         except (OSError, ValueError, KeyError, TypeError):
             return None
         return entry if entry.size == size else None

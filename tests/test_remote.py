@@ -35,6 +35,7 @@ from popsicle_py import remote
 from popsicle_py.cache import Cache, cache_root, cache_wanted
 from popsicle_py.engine.head import HEAD as ENGINE_HEAD
 from popsicle_py.images import ImageError
+from popsicle_py.images.stillness import ImageChanged
 from popsicle_py.remote import HttpSettings, Validator
 
 MiB = 1 << 20
@@ -530,8 +531,8 @@ def test_a_trickling_download_is_a_stall_resumed_then_a_failure(
     assert rc == 1, err
     (result,) = events[-1]["results"]
     assert (result["status"], result["cause"]) == ("failed", "source"), result
-    assert re.search(r"download failed at byte \d+ of \d+ after 3 attempts: less than 1 MiB "
-                     r"came in 2 s \(stalled\)", result["error"]), result
+    assert re.search(r"download failed at byte \d+ of \d+ after 3 attempts: stalled: less "
+                     r"than 1 MiB came in 2 s$", result["error"]), result
     resumes = [r.range for r in web.requests_for("/disk.img") if r.range]
     assert len(resumes) == 2 and all(int(r[6:-1]) > MiB for r in resumes), resumes
     assert len(of(events, "download", state="resuming")) == 2
@@ -599,6 +600,33 @@ def test_a_changed_file_is_not_served_from_the_cache(
     assert rc == 0, err
     assert drive.read(SIZE) == data
     assert of(events, "phase", device=None, phase="downloading")
+
+
+@needs_root
+def test_a_cached_copy_damaged_since_is_refused_and_must_hold_still(
+        web: WebServer, data: bytes, loop_factory: Callable[..., Loop], tmp_path: Path) -> None:
+    """No checksum is published: the entry's own record of its bytes checks the copy."""
+    env = {"XDG_CACHE_HOME": str(tmp_path / "xdg"), "POPSICLE_PY_CACHE": "1"}
+    web.add("/disk.img", Served(data))
+    first, second = (loop_factory(4 * MiB, fill=PATTERN) for _ in range(2))
+    assert flash(web.url("/disk.img"), first, env=env)[0] == 0
+    (entry,) = Cache(tmp_path / "xdg" / "popsicle-py").entries()
+    with open(entry.path, "r+b") as f:  # damaged in place, the same size
+        f.seek(MiB)
+        f.write(b"rot!")
+    rc, _, err = flash(web.url("/disk.img"), second, env=env)
+    assert rc == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "the cache's record of " + web.url("/disk.img") in lines[0], err
+    assert untouched(second)
+    image = remote.open_url(web.url("/disk.img"), settings=FAST,
+                            cache=Cache(tmp_path / "xdg" / "popsicle-py"))
+    assert image.still is not None
+    image.still()
+    with open(entry.path, "r+b") as f:
+        f.write(b"x")
+    with pytest.raises(ImageChanged, match=r"changed while it was read \(it was written to\)"):
+        image.still()
 
 
 @needs_root

@@ -120,7 +120,7 @@ def open_source(options: SourceOptions) -> OpenedSource:
                                    checksum=options.checksum,
                                    no_checksum=options.no_checksum, keyring=options.keyring,
                                    cache=download_cache(options.use_cache))
-        return OpenedSource(opened.image, opened.prepass, tuple(opened.notes))
+        return OpenedSource(opened.image, opened.prepass, tuple(opened.notes), opened.still)
     img = open_image(options.image)
     expected = parse_checksum_option(options.sha256, options.checksum)
     if expected is None and not options.no_checksum:

@@ -85,6 +85,12 @@ class Download(io.RawIOBase):
         # No cost unless a checksum is expected.
         self.hasher: Hasher | None = new_hasher(expected) if expected else None
         self.sink = sink
+        #: The SHA-256 a cache entry records of its bytes (the checksum's hasher when it is one).
+        self._kept: Hasher | None = None
+        if isinstance(sink, CacheWriter) and (expected is None or expected.algo != "sha256"):
+            import hashlib
+
+            self._kept = hashlib.sha256()
         self.required = required
         self.emit = emit
         self.cancel = cancel
@@ -150,6 +156,8 @@ class Download(io.RawIOBase):
         assert self.sink is not None
         try:
             self.sink.write(data)
+            if self._kept is not None:
+                self._kept.update(data)
         except OSError as exc:
             where = self.sink.where
             self.sink.abort()
@@ -232,8 +240,7 @@ class Download(io.RawIOBase):
         """Why this connection is stalled by the stall rule, if it is."""
         if self.stall_timeout is None or self._waited < self.stall_timeout:
             return None
-        return (f"less than {STALL_BYTES >> 20} MiB came in {self.stall_timeout:g} s "
-                "(stalled)")
+        return f"stalled: less than {STALL_BYTES >> 20} MiB came in {self.stall_timeout:g} s"
 
     def _retry(self, why: str) -> None:
         """One more failed attempt: pause, or give up with what happened."""
@@ -355,8 +362,9 @@ class Download(io.RawIOBase):
                                    checked=self.expected is not None))
         if self.sink is not None:
             sink, self.sink = self.sink, None
+            kept = self._kept if self._kept is not None else self.hasher
             try:
-                self.committed = str(sink.commit())
+                self.committed = str(sink.commit(None if kept is None else kept.hexdigest()))
             except OSError as exc:  # its disk filled up at the last flush, or its metadata
                 sink.abort()
                 self._sink_failed(sink.where, exc)
@@ -425,7 +433,7 @@ class FileSink:
     def write(self, data: bytes | memoryview) -> None:
         self._file.write(data)
 
-    def commit(self) -> str:
+    def commit(self, sha256: str | None = None) -> str:
         self._file.close()
         return self.path
 

@@ -35,6 +35,7 @@ from popsicle_py.images import (
     read_decoded,
 )
 from popsicle_py.images.checksums import Hasher
+from popsicle_py.images.stillness import holding_still
 from popsicle_py.records import record
 from popsicle_py.remote.download import CHUNK, Download, Emit, FileSink
 from popsicle_py.remote.http import Client, HttpSettings, Probe, RemoteError, probe
@@ -262,6 +263,8 @@ class UrlImage:
     image: RemoteImage | Image
     prepass: Checksum | None = None  # set for a cached copy: checked like a local file
     notes: list[str] = field(default_factory=list)
+    #: For a cached copy: raises if it changes from now on (see images.stillness).
+    still: Callable[[], None] | None = None
 
 
 def open_url(url: str, *, sha256: str | None = None, checksum: str | None = None,
@@ -292,10 +295,18 @@ def open_url(url: str, *, sha256: str | None = None, checksum: str | None = None
                          "apart")
         if cache is not None and key is not None:
             entry = cache.lookup(url, key)
+            if entry is not None and expected is None and entry.sha256 is None:
+                notes.append(f"not using the cached download of {url}: nothing could check "
+                             "it (no checksum recorded, none published); downloading again")
+                entry = None
             if entry is not None:
                 first.close()
                 notes.append(f"using the cached download of {url} ({entry.path})")
-                return UrlImage(open_image(str(entry.path)), expected, notes)
+                check = expected
+                if check is None and entry.sha256 is not None:  # damaged since: refused
+                    check = Checksum("sha256", entry.sha256, f"the cache's record of {url}")
+                path = str(entry.path)
+                return UrlImage(open_image(path), check, notes, holding_still(path))
         image = RemoteImage(client, first, expected, cache if key is not None else None)
     except BaseException:
         first.close()

@@ -454,6 +454,20 @@ def test_bad_urls_are_refused_in_one_line_with_nothing_written(
 
 
 @needs_root
+def test_a_server_trickling_its_first_bytes_is_refused_on_time(
+        web: WebServer, data: bytes, loop_factory: Callable[..., Loop]) -> None:
+    """The probe reads 4 KiB to judge the image: a byte every 0.2 s resets every read
+    timeout, so those bytes must come within the read timeout as a whole."""
+    web.add("/disk.img", Served(data, trickle_at=100))
+    drive = loop_factory(4 * MiB, fill=PATTERN)
+    rc, _, err = flash(web.url("/disk.img"), drive, timeout=60)
+    assert rc == 2, err
+    assert err.strip() == (f"popsicle-py: {web.url('/disk.img')}: the server sent less than "
+                           "4096 bytes in 1 s (stalled); nothing was written"), err
+    assert untouched(drive)
+
+
+@needs_root
 def test_a_self_signed_certificate_is_refused_and_trusted_when_told(
         tls: tuple[WebServer, Path], data: bytes, loop_factory: Callable[..., Loop]) -> None:
     server, cert = tls

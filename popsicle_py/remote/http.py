@@ -14,6 +14,7 @@ import http.client
 import logging
 import os
 import re
+import time
 import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -313,10 +314,14 @@ def probe(client: Client, url: str) -> Probe:
         raise RemoteError(status_message(url, resp.status, resp.reason))
     final = final_url(url, resp)
     try:
-        head = resp.read(_HEAD)
+        head = _first_bytes(resp, client.settings.read_timeout)
     except (HTTPError, OSError) as exc:
         resp.close()
         raise RemoteError(transport_message(url, exc)) from None
+    if head is None:
+        resp.close()
+        raise RemoteError(f"{url}: the server sent less than {_HEAD} bytes in "
+                          f"{client.settings.read_timeout:g} s (stalled); nothing was written")
     result = Probe(url, final, resp, head, content_length(resp.headers),
                    Validator.of(resp.headers), resp.headers.get("Content-Type"))
     if not head:
@@ -336,6 +341,28 @@ def limit_wait(resp: urllib3.BaseHTTPResponse, seconds: float) -> None:
     if sock is not None:
         with contextlib.suppress(OSError):
             sock.settimeout(max(0.01, seconds))
+
+
+def _first_bytes(resp: urllib3.BaseHTTPResponse, seconds: float) -> bytes | None:
+    """The body's first _HEAD bytes (fewer when it is shorter), or None when they do not come
+    in ``seconds``: a trickle resets every read timeout, and would hold the probe for hours."""
+    head = b""
+    deadline = time.monotonic() + seconds
+    while len(head) < _HEAD:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return None
+        limit_wait(resp, min(seconds, left))
+        try:
+            more = resp.read1(_HEAD - len(head))
+        except ReadTimeoutError:
+            if time.monotonic() >= deadline - 0.05:  # the deadline's bound on the wait
+                return None
+            raise
+        if not more:
+            break
+        head += more
+    return head
 
 
 def failure_reason(exc: BaseException) -> str:

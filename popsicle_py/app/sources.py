@@ -33,6 +33,8 @@ from popsicle_py.images import (
     read_head,
     verify_checksum,
 )
+from popsicle_py.images.sample import Sample
+from popsicle_py.images.stdin import SHOWN as STDIN_SHOWN
 from popsicle_py.images.stillness import holding_still
 from popsicle_py.protocols import Source
 from popsicle_py.records import record
@@ -195,30 +197,41 @@ def open_for_reading(image: str) -> Source:
 
 
 def sanity_note(source: OpenedSource, shown: str, force: bool) -> str | None:
-    """Refuse a local file that is not a disk image (a failed download) unless ``force``;
-    else a note for an image that is unusual but may be right.
+    """Refuse an image that is not a disk image (a failed download) unless ``force``; else a
+    note for an image that is unusual but may be right.
 
-    A head that cannot be decoded is left to the job, which fails every drive naming the image
-    and the offset (as for damage further in), exactly as without this check.
+    A file is judged by its decoded head; a download or standard input by the start read and
+    decoded before any drive is opened (its ``sample``), with the same rules and words.  A head
+    that cannot be decoded is left to the job, which fails every drive naming the image and
+    the offset (as for damage further in), exactly as without this check.
     """
     img = source.image
-    if not isinstance(img, Image):
-        return None
-    try:
-        head = read_head(img, sanity.HEAD_SIZE)
-        if sanity.needs_more(head):  # an ISO without a boot record: what does it hold?
-            head = read_head(img, sanity.ISO_SCAN)
-    except ImageError:
-        return None
-    if img.warning is not None and not img.kind.decoded and sanity.signature(head) is None:
+    layers: tuple[str, ...] = ()
+    if isinstance(img, Image):
+        try:
+            head = read_head(img, sanity.HEAD_SIZE)
+            if sanity.needs_more(head):  # an ISO without a boot record: what does it hold?
+                head = read_head(img, sanity.ISO_SCAN)
+        except ImageError:
+            return None
+        size, layers = img.size, img.layers
+    else:
+        sample = getattr(img, "sample", None)  # read up front (images/sample.py)
+        if not isinstance(sample, Sample) or sample.head is None:
+            return None
+        head = sample.head
+        size = len(head) if sample.complete else None
+        shown = STDIN_SHOWN if is_stdin(shown) else shown
+    warning: str | None = getattr(img, "warning", None)
+    if warning is not None and not img.kind.decoded and sanity.signature(head) is None:
         # Named .xz (or .gz ...) and neither that nor a disk image: a damaged download.
-        raise ImageError(f"{img.warning.split(';')[0]}, and no disk image signature either: "
+        raise ImageError(f"{warning.split(';')[0]}, and no disk image signature either: "
                          "it looks damaged; download it again (not written, even with --force)")
-    notes = [img.warning] if img.warning else []
-    if img.layers:
-        notes.append(f"{shown}: decoding {len(img.layers) + 1} layers: "
-                     f"{', then '.join((img.format, *img.layers))}")
-    verdict = sanity.check(head, img.size, shown)
+    notes = [warning] if warning else []
+    if layers:
+        notes.append(f"{shown}: decoding {len(layers) + 1} layers: "
+                     f"{', then '.join((img.format, *layers))}")
+    verdict = sanity.check(head, size, shown)
     if verdict.refusal is None:
         return "; ".join([*notes, verdict.note] if verdict.note else notes) or None
     if not force:

@@ -833,3 +833,21 @@ def test_the_start_read_to_judge_a_url_is_served_again(web: WebServer, data: byt
         assert stream.read() == data
     assert [r.range for r in web.requests_for("/cut.img")
             if r.range != end] == [None, "bytes=20000-"]
+
+
+@needs_root
+def test_a_url_zip_holding_text_is_refused_once_downloaded(
+        web: WebServer, loop_factory: Callable[..., Loop], tmp_path: Path) -> None:
+    """A zip is downloaded whole before it is read: judged then, still before any drive."""
+    web.add("/textm.zip", Served(zipped(b"Not Found\n" * 100, zipfile.ZIP_DEFLATED)))
+    drive = loop_factory(4 * MiB, fill=PATTERN)
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    rc, events, err = flash(web.url("/textm.zip"), drive, extra=("--no-checksum",),
+                            env={"TMPDIR": str(scratch)})
+    assert rc == 2, err
+    assert err.strip().splitlines() == [
+        f"popsicle-py: {web.url('/textm.zip')} is a text file, not a disk image: the download "
+        'may have failed (it begins "Not Found"); --force writes it anyway']
+    assert untouched(drive)
+    assert list(scratch.iterdir()) == [], "the downloaded copy was left behind"

@@ -7,10 +7,12 @@ The HTTP client is imported only when the image is a URL.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib
 import os
 import re
 import stat
+import weakref
 from collections.abc import Callable
 from types import ModuleType
 from typing import TYPE_CHECKING, TypeVar
@@ -33,6 +35,7 @@ from popsicle_py.images import (
     read_head,
     verify_checksum,
 )
+from popsicle_py.images.formats import Format
 from popsicle_py.images.sample import Sample
 from popsicle_py.images.stdin import SHOWN as STDIN_SHOWN
 from popsicle_py.images.stillness import holding_still
@@ -196,41 +199,57 @@ def open_for_reading(image: str) -> Source:
     return open_image(image)
 
 
+#: What judges the copy of a URL that must be downloaded whole before it is read (a zip),
+#: by the image it stands for: set by sanity_note, called by download_first.
+_JUDGE_COPY: weakref.WeakKeyDictionary[object, Callable[[Image], str | None]] = (
+    weakref.WeakKeyDictionary())
+
+
 def sanity_note(source: OpenedSource, shown: str, force: bool) -> str | None:
     """Refuse an image that is not a disk image (a failed download) unless ``force``; else a
     note for an image that is unusual but may be right.
 
     A file is judged by its decoded head; a download or standard input by the start read and
-    decoded before any drive is opened (its ``sample``), with the same rules and words.  A head
+    decoded before any drive is opened (its ``sample``), with the same rules and words; a zip
+    at a URL once it is downloaded (:func:`download_first`, still before any drive).  A head
     that cannot be decoded is left to the job, which fails every drive naming the image and
     the offset (as for damage further in), exactly as without this check.
     """
     img = source.image
-    layers: tuple[str, ...] = ()
     if isinstance(img, Image):
-        try:
-            head = read_head(img, sanity.HEAD_SIZE)
-            if sanity.needs_more(head):  # an ISO without a boot record: what does it hold?
-                head = read_head(img, sanity.ISO_SCAN)
-        except ImageError:
-            return None
-        size, layers = img.size, img.layers
-    else:
-        sample = getattr(img, "sample", None)  # read up front (images/sample.py)
-        if not isinstance(sample, Sample) or sample.head is None:
-            return None
-        head = sample.head
-        size = len(head) if sample.complete else None
-        shown = STDIN_SHOWN if is_stdin(shown) else shown
+        return _judge_file(img, shown, force)
     warning: str | None = getattr(img, "warning", None)
-    if warning is not None and not img.kind.decoded and sanity.signature(head) is None:
+    if img.kind.needs_whole_file:
+        _JUDGE_COPY[img] = lambda copy: _judge_file(
+            dataclasses.replace(copy, warning=warning), shown, force)
+        return None
+    sample = getattr(img, "sample", None)  # read up front (images/sample.py)
+    if not isinstance(sample, Sample) or sample.head is None:
+        return None
+    return _verdict(sample.head, len(sample.head) if sample.complete else None, img.kind,
+                    warning, (), STDIN_SHOWN if is_stdin(shown) else shown, force)
+
+
+def _judge_file(img: Image, shown: str, force: bool) -> str | None:
+    try:
+        head = read_head(img, sanity.HEAD_SIZE)
+        if sanity.needs_more(head):  # an ISO without a boot record: what does it hold?
+            head = read_head(img, sanity.ISO_SCAN)
+    except ImageError:
+        return None
+    return _verdict(head, img.size, img.kind, img.warning, img.layers, shown, force)
+
+
+def _verdict(head: bytes, size: int | None, kind: Format, warning: str | None,
+             layers: tuple[str, ...], shown: str, force: bool) -> str | None:
+    if warning is not None and not kind.decoded and sanity.signature(head) is None:
         # Named .xz (or .gz ...) and neither that nor a disk image: a damaged download.
         raise ImageError(f"{warning.split(';')[0]}, and no disk image signature either: "
                          "it looks damaged; download it again (not written, even with --force)")
     notes = [warning] if warning else []
     if layers:
         notes.append(f"{shown}: decoding {len(layers) + 1} layers: "
-                     f"{', then '.join((img.format, *layers))}")
+                     f"{', then '.join((kind.name, *layers))}")
     verdict = sanity.check(head, size, shown)
     if verdict.refusal is None:
         return "; ".join([*notes, verdict.note] if verdict.note else notes) or None
@@ -272,6 +291,9 @@ def download_first(image: Source, emit: Emit, cancel: Cancellation, tmpdir: str,
         return open_image(path)
     local, cleanup = remote().materialize(image, emit, cancel, tmpdir)
     stack.callback(cleanup)
+    judge = _JUDGE_COPY.pop(image, None)
+    if local is not None and judge is not None and (note := judge(local)) is not None:
+        emit(events.Note(note))
     return local  # type: ignore[no-any-return]
 
 

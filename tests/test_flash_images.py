@@ -392,3 +392,18 @@ def test_a_list_with_the_image_under_two_algorithms_takes_the_strongest(
     rc, _, err = flash(str(path), other.path)
     assert rc == 2 and "lists img.raw with different checksums" in err, err
     assert other.read() == bytes([PATTERN]) * other.size
+
+
+def test_advice_for_an_inner_layer_names_a_file_a_command_can_take(
+        loop_factory: Callable[..., Loop], tmp_path: Path) -> None:
+    path = tmp_path / "sp.simg.gz"
+    path.write_bytes(gzip.compress(_sparse()))
+    drive = loop_factory(2 << 20, fill=PATTERN)
+    rc, _, err = flash(str(path), drive.path)
+    assert rc == 2
+    assert err.splitlines() == [
+        f"popsicle-py: {path} (inside its gzip layer) is an Android sparse image, which is not "
+        "a raw disk image: convert it with `simg2img FILE image.img` and write image.img (or "
+        f"flash it with fastboot), where FILE is what {path}'s gzip layer holds, decompressed "
+        "into a file"]
+    assert drive.read() == bytes([PATTERN]) * drive.size

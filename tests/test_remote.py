@@ -820,6 +820,7 @@ def test_the_start_read_to_judge_a_url_is_served_again(web: WebServer, data: byt
     same answer; a drop while it is read leaves it unjudged, resumed from the byte reached."""
     web.add("/disk.img", Served(data))
     opened = remote.open_url(web.url("/disk.img"), settings=FAST, no_checksum=True)
+    assert isinstance(opened.image, remote.RemoteImage)
     assert opened.image.sample.head == data[:72 << 10]
     with opened.image.open() as stream:
         assert stream.read() == data
@@ -828,6 +829,7 @@ def test_the_start_read_to_judge_a_url_is_served_again(web: WebServer, data: byt
 
     web.add("/cut.img", Served(data, drop_at=[20000]))
     opened = remote.open_url(web.url("/cut.img"), settings=FAST, no_checksum=True)
+    assert isinstance(opened.image, remote.RemoteImage)
     assert opened.image.sample.head is None  # too little to judge: left to the download
     with opened.image.open() as stream:
         assert stream.read() == data
@@ -843,7 +845,7 @@ def test_a_url_zip_holding_text_is_refused_once_downloaded(
     drive = loop_factory(4 * MiB, fill=PATTERN)
     scratch = tmp_path / "scratch"
     scratch.mkdir()
-    rc, events, err = flash(web.url("/textm.zip"), drive, extra=("--no-checksum",),
+    rc, _, err = flash(web.url("/textm.zip"), drive, extra=("--no-checksum",),
                             env={"TMPDIR": str(scratch)})
     assert rc == 2, err
     assert err.strip().splitlines() == [

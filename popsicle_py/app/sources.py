@@ -36,7 +36,7 @@ from popsicle_py.images import (
     verify_checksum,
 )
 from popsicle_py.images.formats import Format
-from popsicle_py.images.sample import Sample
+from popsicle_py.images.sample import Sample, runnable
 from popsicle_py.images.stdin import SHOWN as STDIN_SHOWN
 from popsicle_py.images.stillness import holding_still
 from popsicle_py.protocols import Source
@@ -126,7 +126,10 @@ def open_source(options: SourceOptions) -> OpenedSource:
                                    no_checksum=options.no_checksum, keyring=options.keyring,
                                    cache=download_cache(options.use_cache))
         return OpenedSource(opened.image, opened.prepass, tuple(opened.notes))
-    img = open_image(options.image)
+    try:
+        img = open_image(options.image)
+    except ImageError as exc:  # `simg2img X.gz (inside its gzip layer) ...` names no file
+        raise ImageError(runnable(str(exc), os.path.abspath(options.image))) from None
     expected = parse_checksum_option(options.sha256, options.checksum)
     if expected is None and not options.no_checksum:
         expected = find_sidecar(img.path)

@@ -138,7 +138,14 @@ class PreparedFlash(HeldFiles):
                     if local is None:
                         return self._cancelled(emit, view)
                     image = local
-                if self.checksum is not None and not write.checksum_while_writing:
+                if self.checksum is not None and write.checksum_while_writing \
+                        and not image.tappable:
+                    view.handle(events.Note(
+                        f"{self.checksum.source}: a {image.format} is read through its "
+                        "directory, not front to back, so its checksum is checked before "
+                        "writing (--checksum-while-writing cannot)"))
+                if self.checksum is not None and (not write.checksum_while_writing
+                                                  or not image.tappable):
                     sources.check_checksum(image, self.checksum, view.handle, cancel,
                                            engine.stall_timeout)
                 if self.request.targets.unmount and not cancel():

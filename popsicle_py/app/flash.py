@@ -133,8 +133,9 @@ class PreparedFlash(HeldFiles):
                 if image.kind.needs_whole_file:  # a zip: its directory is at its end
                     from popsicle_py.watch import default_tmpdir
 
-                    local = sources.download_first(image, view.handle, cancel,
-                                                   default_tmpdir(), downloads)
+                    local = sources.download_first(
+                        image, view.handle, cancel, default_tmpdir(), downloads,
+                        judged=(self.request.source.image, self.request.source.force))
                     if local is None:
                         return self._cancelled(emit, view)
                     image = local

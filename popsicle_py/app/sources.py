@@ -12,7 +12,6 @@ import importlib
 import os
 import re
 import stat
-import weakref
 from collections.abc import Callable
 from types import ModuleType
 from typing import TYPE_CHECKING, TypeVar
@@ -202,19 +201,14 @@ def open_for_reading(image: str) -> Source:
     return open_image(image)
 
 
-#: What judges the copy of a URL that must be downloaded whole before it is read (a zip),
-#: by the image it stands for: set by sanity_note, called by download_first.
-_JUDGE_COPY: weakref.WeakKeyDictionary[object, Callable[[Image], str | None]] = (
-    weakref.WeakKeyDictionary())
-
-
 def sanity_note(source: OpenedSource, shown: str, force: bool) -> str | None:
     """Refuse an image that is not a disk image (a failed download) unless ``force``; else a
     note for an image that is unusual but may be right.
 
     A file is judged by its decoded head; a download or standard input by the start read and
     decoded before any drive is opened (its ``sample``), with the same rules and words; a zip
-    at a URL once it is downloaded (:func:`download_first`, still before any drive).  A head
+    at a URL once it is downloaded (:func:`download_first`'s ``judged``, still before any
+    drive).  A head
     that cannot be decoded is left to the job, which fails every drive naming the image and
     the offset (as for damage further in), exactly as without this check.
     """
@@ -222,9 +216,7 @@ def sanity_note(source: OpenedSource, shown: str, force: bool) -> str | None:
     if isinstance(img, Image):
         return _judge_file(img, shown, force)
     warning: str | None = getattr(img, "warning", None)
-    if img.kind.needs_whole_file:
-        _JUDGE_COPY[img] = lambda copy: _judge_file(
-            dataclasses.replace(copy, warning=warning), shown, force)
+    if img.kind.needs_whole_file:  # judged once downloaded: download_first(judged=...)
         return None
     sample = getattr(img, "sample", None)  # read up front (images/sample.py)
     if not isinstance(sample, Sample) or sample.head is None:
@@ -283,9 +275,13 @@ def attach(image: Source, emit: Callable[[events.Event], None], cancel: Cancella
 
 
 def download_first(image: Source, emit: Emit, cancel: Cancellation, tmpdir: str,
-                   stack: contextlib.ExitStack) -> Image | None:
+                   stack: contextlib.ExitStack, judged: tuple[str, bool] | None = None
+                   ) -> Image | None:
     """A URL (or standard input) read from start to end into a file before writing (watch,
-    zip); None if cancelled.  The copy is removed when ``stack`` closes."""
+    zip); None if cancelled.  The copy is removed when ``stack`` closes.
+
+    ``judged`` (the name shown, --force): a zip at a URL, which :func:`sanity_note` could not
+    judge from its start, is judged now, as a file is, before any drive is opened."""
     if isinstance(image, Image):
         return image
     if isinstance(image, StdinImage):  # read once, into a private file removed at the end
@@ -294,9 +290,10 @@ def download_first(image: Source, emit: Emit, cancel: Cancellation, tmpdir: str,
         return open_image(path)
     local, cleanup = remote().materialize(image, emit, cancel, tmpdir)
     stack.callback(cleanup)
-    judge = _JUDGE_COPY.pop(image, None)
-    if local is not None and judge is not None and (note := judge(local)) is not None:
-        emit(events.Note(note))
+    if local is not None and judged is not None and image.kind.needs_whole_file:
+        copy = dataclasses.replace(local, warning=getattr(image, "warning", None))
+        if (note := _judge_file(copy, *judged)) is not None:
+            emit(events.Note(note))
     return local  # type: ignore[no-any-return]
 
 

@@ -153,7 +153,7 @@ def test_skip_identical_with_a_minimum_write_speed_is_refused(
         sparse_image: tuple[Path, bytes], loop_factory: Callable[..., Loop]) -> None:
     """Bytes --skip-identical finds already there move at reading speed: a drive that writes
     too slowly would pass --min-write-speed.  Refused before anything is written."""
-    path, data = sparse_image
+    path, _ = sparse_image
     drive = loop_factory(16 * MiB, fill=PATTERN)
     rc, evs, err = flash(str(path), drive.path, "--skip-identical", "--min-write-speed",
                          "15MB/s")

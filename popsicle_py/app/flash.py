@@ -133,12 +133,20 @@ class PreparedFlash(HeldFiles):
                 if image.kind.needs_whole_file:  # a zip: its directory is at its end
                     from popsicle_py.watch import default_tmpdir
 
-                    local = sources.download_first(image, view.handle, cancel,
-                                                   default_tmpdir(), downloads)
+                    local = sources.download_first(
+                        image, view.handle, cancel, default_tmpdir(), downloads,
+                        judged=(self.request.source.image, self.request.source.force))
                     if local is None:
                         return self._cancelled(emit, view)
                     image = local
-                if self.checksum is not None and not write.checksum_while_writing:
+                if self.checksum is not None and write.checksum_while_writing \
+                        and not image.tappable:
+                    view.handle(events.Note(
+                        f"{self.checksum.source}: a {image.format} is read through its "
+                        "directory, not front to back, so its checksum is checked before "
+                        "writing (--checksum-while-writing cannot)"))
+                if self.checksum is not None and (not write.checksum_while_writing
+                                                  or not image.tappable):
                     sources.check_checksum(image, self.checksum, view.handle, cancel,
                                            engine.stall_timeout)
                 if self.request.targets.unmount and not cancel():

@@ -362,6 +362,7 @@ def _first_bytes(resp: urllib3.BaseHTTPResponse, seconds: float) -> bytes | None
         if not more:
             break
         head += more
+    limit_wait(resp, seconds)  # the read timeout again, for what reads on
     return head
 
 

@@ -554,6 +554,22 @@ def test_a_trickling_download_is_a_stall_resumed_then_a_failure(
 
 
 @needs_root
+def test_a_trickling_zip_download_is_refused_in_the_stall_timeout_given(
+        web: WebServer, data: bytes, loop_factory: Callable[..., Loop]) -> None:
+    """A zip is downloaded whole before any drive is opened: the same rule, with the run's
+    --stall-timeout, and nothing written."""
+    web.add("/disk.zip", Served(zipped(data, zipfile.ZIP_STORED), trickle_at=MiB))
+    drive = loop_factory(4 * MiB, fill=PATTERN)
+    rc, _, err = flash(web.url("/disk.zip"), drive, extra=("--stall-timeout", "2"),
+                       env={"POPSICLE_PY_HTTP_TIMEOUT": "5"}, timeout=60)
+    assert rc == 2, err
+    assert re.fullmatch(rf"popsicle-py: {re.escape(web.url('/disk.zip'))}: download failed at "
+                        rf"byte \d+ of \d+ after 3 attempts: stalled: less than 1 MiB came "
+                        r"in 2 s", err.strip()), err
+    assert untouched(drive)
+
+
+@needs_root
 def test_sha256_and_checksum_options_apply_to_urls(
         web: WebServer, data: bytes, loop_factory: Callable[..., Loop]) -> None:
     web.add("/disk.img", Served(data))

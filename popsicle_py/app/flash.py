@@ -135,7 +135,8 @@ class PreparedFlash(HeldFiles):
 
                     local = sources.download_first(
                         image, view.handle, cancel, default_tmpdir(), downloads,
-                        judged=(self.request.source.image, self.request.source.force))
+                        judged=(self.request.source.image, self.request.source.force),
+                        stall_timeout=engine.stall_timeout)
                     if local is None:
                         return self._cancelled(emit, view)
                     image = local

@@ -275,20 +275,21 @@ def attach(image: Source, emit: Callable[[events.Event], None], cancel: Cancella
 
 
 def download_first(image: Source, emit: Emit, cancel: Cancellation, tmpdir: str,
-                   stack: contextlib.ExitStack, judged: tuple[str, bool] | None = None
-                   ) -> Image | None:
+                   stack: contextlib.ExitStack, judged: tuple[str, bool] | None = None,
+                   stall_timeout: float | None = None) -> Image | None:
     """A URL (or standard input) read from start to end into a file before writing (watch,
     zip); None if cancelled.  The copy is removed when ``stack`` closes.
 
     ``judged`` (the name shown, --force): a zip at a URL, which :func:`sanity_note` could not
-    judge from its start, is judged now, as a file is, before any drive is opened."""
+    judge from its start, is judged now, as a file is, before any drive is opened.
+    ``stall_timeout``: the run's, for the download's stall rule (default 60 s)."""
     if isinstance(image, Image):
         return image
     if isinstance(image, StdinImage):  # read once, into a private file removed at the end
         path = image.save(tmpdir)
         stack.callback(os.unlink, path)
         return open_image(path)
-    local, cleanup = remote().materialize(image, emit, cancel, tmpdir)
+    local, cleanup = remote().materialize(image, emit, cancel, tmpdir, stall_timeout)
     stack.callback(cleanup)
     if local is not None and judged is not None and image.kind.needs_whole_file:
         copy = dataclasses.replace(local, warning=getattr(image, "warning", None))

@@ -60,8 +60,9 @@ class PreparedVerify(ReadsDrives):
 
                 sources.attach(image, view.handle, cancel)
                 try:
-                    image = sources.download_first(image, view.handle, cancel,
-                                                   default_tmpdir(), downloads)
+                    image = sources.download_first(
+                        image, view.handle, cancel, default_tmpdir(), downloads,
+                        stall_timeout=self.request.stall_timeout)
                 except Exception:
                     view.close()
                     raise

@@ -380,13 +380,17 @@ def attach(image: object, emit: Emit | None, cancel: Callable[[], bool] | None =
 
 
 def materialize(image: RemoteImage, emit: Emit, cancel: Callable[[], bool],
-                tmpdir: str) -> tuple[Image | None, Callable[[], None]]:
+                tmpdir: str, stall_timeout: float | None = None
+                ) -> tuple[Image | None, Callable[[], None]]:
     """Download the whole image to a file (the cache, else a private one) and open that.
 
     For watch (every drive served from one download) and for zip files (whose directory is at
     the end).  Returns (None, cleanup) when cancelled.  The checksum is checked in the same
     pass; ImageError when the download fails.  ``cleanup`` removes a private copy.
+    ``stall_timeout`` (the run's, when it has one) replaces the image's default stall rule.
     """
+    if stall_timeout is not None:
+        image.stall_timeout = stall_timeout
     sink: CacheWriter | FileSink | None = None
     private: FileSink | None = None
     if image.cache is None:

@@ -576,35 +576,82 @@ SESSION = [
     events.Progress("/dev/sdc", events.Step.WRITING, MiB, 2 * MiB),
     events.DriveAdded("/dev/sdd", "SanDisk Cruzer Blade", 64 * MiB, True),
     events.Phase("/dev/sdd", events.Step.WRITING),
-    events.Phase("/dev/sdd", events.Step.FAILED, "/dev/sdd: the drive was removed"),
+    # A stick pulled mid-write, in the session's order (seen in a real run): the removal
+    # first, then its job's end.
+    events.DriveRemoved("/dev/sdd"),
+    events.Phase("/dev/sdd", events.Step.FAILED, "/dev/sdd: the drive was removed",
+                 events.Cause.REMOVED),
     events.Result(events.DriveResult("/dev/sdd", events.Status.FAILED, MiB,
-                                      "/dev/sdd: the drive was removed")),
+                                      "/dev/sdd: the drive was removed",
+                                      cause=events.Cause.REMOVED)),
     events.Phase("/dev/sdc", events.Step.DONE),
     events.Result(events.DriveResult("/dev/sdc", events.Status.OK, 2 * MiB, verified=True)),
     events.Phase("/dev/sdc", events.Step.DONE, events.POWERED_OFF),
 ]
 
 
+def _screen(view: WatchView, width: int = 160) -> str:
+    screen = io.StringIO()
+    Console(file=screen, width=width, color_system=None).print(view)
+    return screen.getvalue()
+
+
+def _failed_in_place(device: str) -> list[events.WatchEvent]:
+    """A stick that fails while plugged in (an I/O error): it is there to be pulled."""
+    why = f"{device}: write error at 1 MiB: Input/output error"
+    return [events.DriveAdded(device, "SanDisk Cruzer Blade", 64 * MiB, True),
+            events.Phase(device, events.Step.WRITING),
+            events.Phase(device, events.Step.FAILED, why, events.Cause.IO_ERROR),
+            events.Result(events.DriveResult(device, events.Status.FAILED, MiB, why,
+                                              cause=events.Cause.IO_ERROR))]
+
+
 def test_watch_view_rows_header_and_next_step() -> None:
     out = io.StringIO()
     console = Console(file=out, width=160, force_terminal=False, color_system=None)
-    view = WatchView(console, "/tmp/image.img", 2 * MiB, count=3)
+    view = WatchView(console, "/tmp/image.img", 2 * MiB, count=4)
     _feed(view, SESSION)
-    screen = io.StringIO()
-    Console(file=screen, width=160, color_system=None).print(view)
-    text = screen.getvalue()
+    text = _screen(view)
     assert "/tmp/image.img" in text
     assert "done 1" in text and "failed 1" in text and "in progress 0" in text
     assert "done, powered off: pull it" in text
-    assert "failed: pull it (the drive was removed)" in text
+    assert "failed: the drive was removed" in text  # pulled already: nothing to pull
     assert "ignored: not a USB or SD drive" in text
-    assert "Pull the failed drive (/dev/sdd); plug in the next drive (1 more to go)" in text
-    view.handle(events.DriveRemoved("/dev/sdd"))
-    screen = io.StringIO()
-    Console(file=screen, width=160, color_system=None).print(view)
-    assert "Plug in the next drive" in screen.getvalue()
+    assert "Pull" not in text
+    assert "-> Plug in the next drive (2 more to go)" in text
+    _feed(view, _failed_in_place("/dev/sde"))
+    text = _screen(view)
+    assert "failed: pull it (write error at 1 MiB: Input/output error)" in text
+    assert "Pull the failed drive (/dev/sde); plug in the next drive (1 more to go)" in text
+    view.handle(events.DriveRemoved("/dev/sde"))
+    assert "-> Plug in the next drive (1 more to go)" in _screen(view)
     view.handle(events.Summary((events.DriveResult("/dev/sdc", events.Status.OK, 2 * MiB),)))
     assert "done: 1 of 1 drives ok" in out.getvalue()
+
+
+def test_watch_view_never_says_to_pull_a_drive_already_pulled_or_one_being_written() -> None:
+    """The session says a stick pulled mid-write is gone before its job ends (the order of a
+    real run): it is not to be pulled, and the stick the kernel names after it, being
+    written, even less.  A failed stick whose removal was not heard is off the list once
+    another drive is added under its name."""
+    view = WatchView(Console(file=io.StringIO(), width=160, color_system=None),
+                     "/tmp/image.img", 2 * MiB, count=6)
+    _feed(view, SESSION)
+    assert "Pull" not in _screen(view)
+    _feed(view, [events.DriveAdded("/dev/sdd", "SanDisk Cruzer Blade", 64 * MiB, True),
+                 events.Phase("/dev/sdd", events.Step.WRITING),
+                 events.Progress("/dev/sdd", events.Step.WRITING, MiB, 2 * MiB)])
+    text = _screen(view)
+    assert "Pull" not in text
+    assert "-> Plug in the next drive (3 more to go)" in text
+    # A failed stick still in its port, then another drive under its name.
+    _feed(view, _failed_in_place("/dev/sde"))
+    assert "Pull the failed drive (/dev/sde)" in _screen(view)
+    _feed(view, [events.DriveAdded("/dev/sde", "SanDisk Cruzer Blade", 64 * MiB, True),
+                 events.Phase("/dev/sde", events.Step.WRITING)])
+    text = _screen(view)
+    assert "Pull" not in text
+    assert "-> Plug in the next drive (1 more to go)" in text
 
 
 @pytest.mark.parametrize("width", [80, 120])
@@ -623,7 +670,7 @@ def test_watch_view_fits_the_terminal(width: int) -> None:
     assert "failed" in rows["/dev/sdd"] and "%" in rows["/dev/sdd"]
     assert "ignored" in rows["/dev/sda"] and "%" not in rows["/dev/sda"]
     text = "\n".join(lines)
-    assert "pull it (the drive was removed)" in text and "not a USB or SD drive" in text
+    assert "the drive was removed" in text and "not a USB or SD drive" in text
 
 
 def test_plain_view_says_what_happened_to_each_drive() -> None:

@@ -421,6 +421,41 @@ def test_a_card_inserted_into_a_reader_is_a_new_drive(tmp_path: Path) -> None:
 
 @needs_testbed
 @pytest.mark.umockdev
+def test_a_card_swapped_while_the_pulled_one_is_ending_is_written_after_it(
+        tmp_path: Path) -> None:
+    """Card A pulled mid-write, card B in at once (the two "change" uevents back to back):
+    A's job is still ending when B arrives, so B waits for it (the old job may still hold the
+    device), then is announced and written like any card."""
+    data = os.urandom(8 * MiB + 512)
+    reader = ("/sys/devices/pci0000:00/0000:00:14.0/usb1/1-4/1-4:1.0/host9/target9:0:0/"
+              "9:0:0:0/block/sdf")
+    card = {"size": str(64 * MiB // 512)}
+    with faulty_files() as made:
+        image = FaultyFile(len(data), content=data, faults={"crawl": (0, 2 * MiB)})
+        made.append(image)
+        run = watch(tmp_path, [str(image.file), "--yes", "--force", "--count", "2",
+                               "--no-power-off"],
+                    [WATCHING, {"change": reader, "attributes": card},
+                     {"wait": {"event": "progress", "device": "/dev/sdf", "phase": "writing"}},
+                     {"change": reader, "attributes": {"size": "0"}},
+                     {"change": reader, "attributes": card},
+                     {"wait": {"event": "result", "device": "/dev/sdf", "status": "failed"}},
+                     {"wait": {"event": "result", "device": "/dev/sdf", "status": "ok"}}],
+                    present=(fixture("usb-reader-empty.umockdev"),), read=("/dev/sdf",),
+                    timeout=60)
+    assert run.rc == 1, run.stderr
+    first, second = run.summary["results"]
+    assert (first["status"], first["cause"]) == ("failed", "removed")
+    assert second["status"] == "ok" and second["verified"] is True
+    assert (run.files["/dev/sdf"] or b"")[: len(data)] == data
+    kinds = [(e["event"], e.get("status")) for e in run.events
+             if e.get("device") == "/dev/sdf" and e["event"] in ("drive_added", "result")]
+    assert kinds == [("drive_added", None), ("result", "failed"), ("drive_added", None),
+                     ("result", "ok")]
+
+
+@needs_testbed
+@pytest.mark.umockdev
 def test_include_present_writes_drives_plugged_in_before(tmp_path: Path) -> None:
     image, data = image_file(tmp_path, 1 * MiB)
     run = watch(tmp_path, [str(image), "--yes", "--count", "1", "--include-present"],

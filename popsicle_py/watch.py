@@ -79,6 +79,7 @@ from popsicle_py.records import record
 from popsicle_py.signals import Cancellation
 from popsicle_py.units import format_size
 from popsicle_py.watch_power import power_off as power_off  # importable here too
+from popsicle_py.watch_power import power_off_within
 
 log = logging.getLogger(__name__)
 
@@ -566,7 +567,9 @@ class WatchSession:
         self._job_event(seen, Result(DriveResult(seen.path, status, 0, why, cause=cause)))
 
     def _power_off(self, seen: _Seen) -> None:
-        why = power_off(seen.device, seen.drive)
+        """Within the stall timeout, and not past a stop: a dead stick holds no session."""
+        why = power_off_within(seen.device, seen.drive, cancel=self.cancel,
+                               limit=self.options.stall_timeout)
         if why is None:
             self.emit(Phase(seen.path, Step.DONE, POWERED_OFF))
         elif seen.drive.bus != "sd":  # a card in a built-in reader is simply taken out

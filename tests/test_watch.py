@@ -17,6 +17,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from rich.console import Console
 
 from popsicle_py import events
 from popsicle_py.view import PlainView, WatchView
+from popsicle_py.watch_power import STOPPED, bounded
 
 MiB = 1 << 20
 HERE = Path(__file__).resolve().parent
@@ -519,6 +521,54 @@ def test_a_signal_cancels_the_drive_in_flight(tmp_path: Path, sig: int, status: 
     assert run.files[big.remove_attr] == b""
     again = "Ctrl-C again" if sig == signal.SIGINT else "another SIGTERM"
     assert f"stopping every drive ({again} to quit at once)" in run.stderr
+
+
+@needs_testbed
+@pytest.mark.umockdev
+def test_a_power_off_that_hangs_does_not_hold_the_session_past_ctrl_c(tmp_path: Path) -> None:
+    """A stick written and verified that stops answering when it is powered off (here its
+    USB device's ``remove`` never takes the write): one Ctrl-C ends the session, the drive
+    stays ok, and the operator is told it was not powered off."""
+    data = os.urandom(8 * MiB + 512)  # a crawl of buckets: the trap is set mid-write
+    with faulty_files() as made:
+        image = FaultyFile(len(data), content=data, faults={"crawl": (0, 2 * MiB)})
+        made.append(image)
+        run = watch(tmp_path, [str(image.file), "--yes", "--force"],
+                    [WATCHING, {"add": C.description},
+                     {"wait": {"event": "progress", "device": C.dev, "phase": "writing"}},
+                     {"fifo": C.remove_attr}, result_of(C), {"signal": int(signal.SIGINT)}],
+                    read=(C.dev,), timeout=30)
+    assert run.rc == 0, run.stderr
+    (result,) = run.summary["results"]
+    assert (result["status"], result["verified"]) == ("ok", True)
+    assert (run.files[C.dev] or b"")[: len(data)] == data
+    assert not run.of("phase", device=C.dev, phase="done", detail="powered off")
+    assert {"event": "note", "text": f"{C.dev}: done, but not powered off (stopped while it "
+            "was being powered off); it can be pulled"} in run.events
+    assert "quit at once" in run.stderr  # a drive was still in hand: the first Ctrl-C
+
+
+def test_a_call_that_hangs_is_given_up_after_its_limit_or_at_a_stop(tmp_path: Path) -> None:
+    """How a power-off is bounded: the call (an open that never returns) is left on its
+    thread, and the caller hears why at the limit, or at once when told to stop."""
+    fifo = tmp_path / "remove"
+    os.mkfifo(fifo)
+
+    def hangs() -> str | None:
+        with open(fifo, "w") as f:  # nobody reads: blocks
+            f.write("1")
+        return None
+
+    assert bounded(hangs, cancel=lambda: False, limit=0.3, name="t") == \
+        "it did not answer for 0.3 s"
+    stop = threading.Event()
+    threading.Timer(0.2, stop.set).start()
+    assert bounded(hangs, cancel=stop.is_set, limit=None, name="t") == STOPPED
+    assert bounded(lambda: "no USB device", cancel=lambda: False, limit=0.3,
+                   name="t") == "no USB device"
+    assert bounded(lambda: None, cancel=lambda: False, limit=0.3, name="t") is None
+    with open(fifo, "rb"):  # let the workers' opens return
+        pass
 
 
 @needs_testbed

@@ -446,7 +446,7 @@ class WatchView:
                 else:
                     self.failed += 1
                     why = verdicts.strip_device(r.error, r.device) or r.status
-                    if r.device in self.pulled or r.cause is events.Cause.REMOVED:
+                    if r.device in self.pulled or r.cause == events.Cause.REMOVED:
                         self.pulled.discard(r.device)
                         row.say(r.status, why)  # out already: never "pull" its name
                     else:

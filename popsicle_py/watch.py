@@ -14,8 +14,11 @@ the raw file itself; the page cache serves the later ones.
 
 A drive pulled while it is being written ("remove" uevent, or the medium gone from a reader;
 the writes fail with ENODEV/ENXIO) always ends ``failed`` with "the drive was removed", never
-ok.  A drive that is done and verified is powered off as udisks2 does it (flush, then write 1
-to its USB device's ``remove`` attribute; :mod:`popsicle_py.watch_power`), unless it is an SD
+ok.  A card put into a reader while the pulled card's job is still ending arrives once that
+job is over.
+
+A drive that is done and verified is powered off as udisks2 does it (flush, then write 1 to
+its USB device's ``remove`` attribute; :mod:`popsicle_py.watch_power`), unless it is an SD
 card in a built-in reader or another drive shares its USB device (a multi-slot card reader).
 
 The session never touches click or Rich: it emits :mod:`popsicle_py.events` to a callback.

@@ -423,12 +423,13 @@ def test_a_descriptor_closed_while_it_is_looked_at_is_no_writer() -> None:
     """A udev worker probes a stick with descriptors it closes at once: one gone between the
     look at /proc/PID/fd and the read of its flags was taken for a writer (flags unknown),
     and a stick just plugged in was refused "open in (udev-worker)" in the VM."""
-    from popsicle_py.drives import holders
+    from popsicle_py.drives import opened
 
     with open("/dev/null", "rb") as null, subprocess.Popen(["sleep", "60"], stdin=null) as sleeper:
         try:
-            assert holders._writing(sleeper.pid, "999") is None  # no such descriptor (now)
-            assert holders._writing(sleeper.pid, "0") is False  # its stdin, read-only
+            assert opened.fdinfo(sleeper.pid, "999") is None  # no such descriptor (now)
+            info = opened.fdinfo(sleeper.pid, "0")  # its stdin, read-only
+            assert info is not None and info[0] is False
         finally:
             sleeper.kill()
 

@@ -21,7 +21,7 @@ import os
 import signal
 import stat
 import threading
-from collections.abc import Hashable, Iterable
+from collections.abc import Callable, Hashable, Iterable
 
 from popsicle_py import sysfs
 from popsicle_py.drives.model import Inode
@@ -169,6 +169,18 @@ class _Look:
     writing: bool
 
 
+def start_quiet(target: Callable[..., None], *args: object, name: str) -> None:
+    """Start a daemon thread with the stop signals blocked, which it keeps, as
+    :func:`~.system.loop_statuses` does: one left blocked in the kernel (a hung share, a
+    dying drive) must never be the thread a Ctrl-C is delivered to, where it would wait
+    unseen while the main thread waits for it."""
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    try:
+        threading.Thread(target=target, args=args, name=name, daemon=True).start()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+
+
 #: File systems whose worker has not returned yet (a hung share): not asked again meanwhile.
 _hung: set[Hashable] = set()
 _hung_lock = threading.Lock()
@@ -204,15 +216,8 @@ def stat_elsewhere(groups: dict[Hashable, list[str]], timeout: float = ASK_FILES
                 if not waiting:
                     all_done.set()
 
-    # Made with the stop signals blocked, as :func:`~.system.loop_statuses` does: a thread
-    # left blocked in a hung file system must never be the one a Ctrl-C is delivered to.
-    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
-    try:
-        for key, paths in groups.items():
-            threading.Thread(target=work, args=(key, paths), name="popsicle-stat",
-                             daemon=True).start()
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+    for key, paths in groups.items():
+        start_quiet(work, key, paths, name="popsicle-stat")
     if groups:
         all_done.wait(timeout)
     with lock:

@@ -14,6 +14,7 @@ import signal
 import stat
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -568,3 +569,37 @@ def test_a_drive_the_kernel_holds_when_it_is_opened_gets_true_words(
         f"{target.path}: the drive is busy: in exclusive use by a program (see which with "
         f"`fuser -v {target.path}*`) or by the kernel (a file system on it unmounted with "
         "`umount -l` while in use, a loop device over a file on it); close it and try again"]
+
+
+@pytest.mark.root
+def test_a_file_held_on_a_hung_share_never_hangs_the_look(loop_factory: Callable[..., Loop],
+                                                          tmp_path: Path) -> None:
+    """A program writing a file on a FUSE share whose daemon is stopped: its file is stat()ed
+    on a worker that never returns, the look ends all the same, a second look does not wait
+    for it again, and a holder elsewhere is still found."""
+    from faulty import FaultyFile
+
+    from popsicle_py.drives import opened
+
+    target = loop_factory(MiB)
+    share = FaultyFile(MiB, attr_timeout=0)  # every stat asks the daemon
+    try:
+        inode = os.stat(share.file)
+        wanted = frozenset({(inode.st_dev, inode.st_ino)})  # as if a loop device stood on it
+        with holding(share.file, os.O_RDWR) as writer, holding(target.path) as reader:
+            assert writer.pid in {h.pid for h in opened.held(wanted)}  # while it answers
+            os.kill(share.pid, signal.SIGSTOP)
+            try:
+                for _ in range(2):
+                    looks: list[list[opened.Held]] = []
+                    look = threading.Thread(target=lambda found=looks: found.append(
+                        opened.held(wanted)), daemon=True)
+                    look.start()
+                    look.join(timeout=30)
+                    assert looks, "the look hung"
+                    pids = {h.pid for h in looks[0]}
+                    assert reader.pid in pids and writer.pid not in pids
+            finally:
+                os.kill(share.pid, signal.SIGCONT)
+    finally:
+        share.close()

@@ -159,14 +159,8 @@ def _pids() -> list[int]:
     return sorted(int(n) for n in names if n.isdigit())
 
 
-@record
-class _Look:
-    """One file to stat: through ``link`` (/proc), named ``name`` by process ``pid``."""
-
-    pid: int
-    link: str
-    name: str
-    writing: bool
+#: One file to stat: (pid, its /proc link, its name as the process names it, written).
+_Look = tuple[int, str, str, bool]
 
 
 def start_quiet(target: Callable[..., None], *args: object, name: str) -> None:
@@ -241,28 +235,30 @@ class _Scan:
         return writing and bool(self.inos) and (ino is None or ino in self.inos)
 
     def take(self, look: _Look, st: os.stat_result) -> None:
+        pid, _, name, writing = look
         inode = (st.st_dev, st.st_ino)
-        if stat.S_ISBLK(st.st_mode) or (stat.S_ISREG(st.st_mode) and look.writing
+        if stat.S_ISBLK(st.st_mode) or (stat.S_ISREG(st.st_mode) and writing
                                         and inode in self.backing_files):
-            self.found.append(Held(look.pid, look.name.removesuffix(" (deleted)"),
-                                   st.st_mode, st.st_rdev, inode, look.writing))
+            self.found.append(Held(pid, name.removesuffix(" (deleted)"), st.st_mode,
+                                   st.st_rdev, inode, writing))
 
     def here_or_elsewhere(self, look: _Look, where: FileSystem) -> None:
         if not where.local:
             self.elsewhere.setdefault(where.key, []).append(look)
             return
         try:
-            st = os.stat(look.link)
+            st = os.stat(look[1])
         except OSError:
             return
         self.take(look, st)
 
-    def descriptors(self, pid: int) -> None:
+    def descriptors(self, pid: int) -> bool:
+        """Look at a process's descriptors; whether it had any (a kernel thread has none)."""
         directory = f"/proc/{pid}/fd"
         try:
             fds = os.listdir(directory)
         except OSError:
-            return
+            return False
         for fd in fds:
             link = f"{directory}/{fd}"
             try:
@@ -277,7 +273,7 @@ class _Scan:
                 except OSError:
                     continue
                 if stat.S_ISBLK(st.st_mode) and (info := fdinfo(pid, fd)) is not None:
-                    self.take(_Look(pid, link, name, info[0]), st)
+                    self.take((pid, link, name, info[0]), st)
                 continue
             info = fdinfo(pid, fd)
             if info is None:
@@ -287,16 +283,13 @@ class _Scan:
                      else FileSystem(("pid", pid), False, False))
             if where.nodev and not self.wanted_file(writing, ino):
                 continue
-            self.here_or_elsewhere(_Look(pid, link, name, writing), where)
+            self.here_or_elsewhere((pid, link, name, writing), where)
+        return bool(fds)
 
     def mappings(self, pid: int) -> None:
         """File mappings that may be of a device (shared ones, names in /dev): a program that
         mapped a drive and closed its descriptor still reads and writes it."""
-        try:
-            with open(f"/proc/{pid}/maps", "rb") as f:
-                data = f.read()
-        except OSError:
-            return
+        data = _read_all(f"/proc/{pid}/maps")
         for line in _candidate_lines(data):
             parts = line.split(None, 5)
             if len(parts) < 6 or len(parts[1]) != 4 or not parts[5].startswith(b"/"):
@@ -315,7 +308,7 @@ class _Scan:
             if (where.nodev and not self.wanted_file(writing, ino)) or (
                     perms[3:4] != b"s" and not self.in_dev(name)):
                 continue
-            look = _Look(pid, link, name, writing)
+            look = (pid, link, name, writing)
             if not where.local:
                 self.here_or_elsewhere(look, where)
                 continue
@@ -327,12 +320,12 @@ class _Scan:
                 self.take(look, st)
 
     def finish(self) -> list[Held]:
-        answered = stat_elsewhere({key: [look.link for look in looks]
+        answered = stat_elsewhere({key: [look[1] for look in looks]
                                    for key, looks in self.elsewhere.items()})
         for looks in self.elsewhere.values():
             for look in looks:
-                if look.link in answered:
-                    self.take(look, answered[look.link])
+                if look[1] in answered:
+                    self.take(look, answered[look[1]])
         return self.found
 
 
@@ -348,6 +341,35 @@ def _stat_mapping(link: str, name: str, in_dev: bool) -> os.stat_result | None:
         return os.stat(name) if in_dev else None
     except OSError:
         return None
+
+
+def _has_memory(pid: int) -> bool:
+    """Whether a process without descriptors has memory of its own: a kernel thread (most
+    of those) has neither, nor any mapping to read."""
+    try:
+        os.readlink(f"/proc/{pid}/exe")
+    except FileNotFoundError:
+        return False
+    except OSError:
+        pass
+    return True
+
+
+def _read_all(path: str) -> bytes:
+    """A /proc file's bytes (b"" when gone): a kernel thread's maps are empty."""
+    try:
+        handle = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return b""
+    chunks: list[bytes] = []
+    try:
+        while chunk := os.read(handle, 1 << 16):
+            chunks.append(chunk)
+    except OSError:
+        return b""
+    finally:
+        os.close(handle)
+    return b"".join(chunks)
 
 
 def _candidate_lines(data: bytes) -> Iterable[bytes]:
@@ -372,7 +394,6 @@ def held(backing_files: frozenset[Inode] = frozenset()) -> list[Held]:
     scan = _Scan(backing_files)
     ours = os.getpid()
     for pid in _pids():
-        if pid != ours:
-            scan.descriptors(pid)
+        if pid != ours and (scan.descriptors(pid) or _has_memory(pid)):
             scan.mappings(pid)
     return scan.finish()

@@ -21,7 +21,7 @@ from popsicle_py.drives.model import (
     Process,
     SystemFacts,
 )
-from popsicle_py.drives.opened import held
+from popsicle_py.drives.opened import ExclusiveOpens, held
 from popsicle_py.drives.system import (
     DeviceNames,
     MountEntry,
@@ -43,7 +43,9 @@ _sys_dev = sysfs.block_dir
 def gather_facts(image_path: str | None = None,
                  of: frozenset[int] | None = None) -> SystemFacts:
     """Mounts, swaps, where the image lives, holders (of ``of``: :func:`openers`); the
-    kernel asked once what every loop device stands on."""
+    kernel asked once what every loop device stands on; whether the kernel refuses an
+    exclusive open of each of ``of`` (tried last, on a thread of their own: meanwhile, it
+    would wait for the interpreter's lock while the rest is read)."""
     answers = ask_loops()
     image_devnums: frozenset[int] = frozenset()
     image_files: frozenset[Inode] = frozenset()
@@ -58,7 +60,8 @@ def gather_facts(image_path: str | None = None,
     own = mount_table()
     return SystemFacts(current_mounts(own, answers), current_swaps(answers), image_devnums,
                        image_inode, image_files, foreign_mounts(own, answers),
-                       loops_over_devices(answers), openers(of, answers), answers)
+                       loops_over_devices(answers), openers(of, answers), answers,
+                       ExclusiveOpens(of or ()).refused())
 
 
 # -- Holders: what other namespaces mount, loop devices over disks, who has a disk open -----

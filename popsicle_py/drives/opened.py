@@ -16,11 +16,13 @@ looked at unless written and possibly a loop device's backing file.
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import signal
 import stat
 import threading
+import time
 from collections.abc import Callable, Hashable, Iterable
 
 from popsicle_py import sysfs
@@ -376,7 +378,7 @@ def _candidate_lines(data: bytes) -> Iterable[bytes]:
     """Lines of a maps file that may map a device: shared mappings, and names in /dev
     (found with find(): most processes have a few among hundreds of libraries' lines)."""
     starts: set[int] = set()
-    for needle in (b"-s ", b"xs ", b" /dev/"):
+    for needle in (b"s ", b" /dev/"):  # "r--s ", "rw-s ", "rwxs "; a few paths
         at = data.find(needle)
         while at >= 0:
             start = data.rfind(b"\n", 0, at) + 1
@@ -397,3 +399,54 @@ def held(backing_files: frozenset[Inode] = frozenset()) -> list[Held]:
         if pid != ours and (scan.descriptors(pid) or _has_memory(pid)):
             scan.mappings(pid)
     return scan.finish()
+
+
+#: Seconds the test of an exclusive open is given (a dying drive may not answer at once).
+TRY_OPEN = 2.0
+
+
+class ExclusiveOpens:
+    """A test of an exclusive open (read-only, O_EXCL, closed at once) of each drive, from
+    now on, on a thread of their own; :meth:`refused` says which the kernel refused (EBUSY).
+    A file system unmounted with ``umount -l`` while in use is in no mount table and no
+    process has its drive open, yet it holds it: writing would fail at the exclusive open,
+    after the confirmation.  One thread for all (a thread each cost 0.2 ms, the opens 25 us):
+    a drive that does not answer in :data:`TRY_OPEN` counts as not refused, and so do those
+    after it (the writers' own exclusive opens still find what holds them)."""
+
+    def __init__(self, devnums: Iterable[int], timeout: float = TRY_OPEN) -> None:
+        self.deadline = time.monotonic() + timeout
+        self.tried = tuple(dict.fromkeys(devnums))
+        self.answers: dict[int, bool] = {}
+        self.lock = threading.Lock()
+        self.all_done = threading.Event()
+        if self.tried:
+            start_quiet(self._try_all, name="popsicle-try-open")
+        else:
+            self.all_done.set()
+
+    def _try_all(self) -> None:
+        for devnum in self.tried:
+            refused = exclusive_open_refused(devnum)
+            with self.lock:
+                self.answers[devnum] = refused
+        self.all_done.set()
+
+    def refused(self) -> dict[int, bool]:
+        self.all_done.wait(max(0.0, self.deadline - time.monotonic()))
+        with self.lock:
+            return {devnum: self.answers.get(devnum, False) for devnum in self.tried}
+
+
+def exclusive_open_refused(devnum: int) -> bool:
+    """Whether the kernel refuses an exclusive open of the block device ``devnum`` (its
+    node in /dev) as busy."""
+    name = f"/dev/{os.path.basename(os.path.realpath(sysfs.block_dir(devnum)))}"
+    try:
+        st = os.stat(name)
+        if not stat.S_ISBLK(st.st_mode) or st.st_rdev != devnum:
+            return False
+        os.close(os.open(name, os.O_RDONLY | os.O_EXCL | os.O_NONBLOCK | os.O_CLOEXEC))
+    except OSError as e:
+        return e.errno == errno.EBUSY
+    return False

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import errno
 import os
 import re
 import stat
@@ -36,7 +35,7 @@ from popsicle_py.drives.model import (
     SystemFacts,
     TargetError,
 )
-from popsicle_py.drives.opened import start_quiet
+from popsicle_py.drives.opened import ExclusiveOpens
 from popsicle_py.drives.rules import (
     AUTO_BUSES,
     busy_for_reading,
@@ -360,19 +359,18 @@ def drive_for_path(path: str, *, image_path: str | None = None,
     return drive
 
 
-#: Seconds the test of an exclusive open is given (a dying drive may not answer at once).
-TRY_OPEN = 2.0
-
-
 def held_by_kernel(drive: Drive, facts: SystemFacts) -> str | None:
     """Why the kernel holds ``drive`` exclusively though nothing we see explains it, or None.
 
     A file system unmounted with ``umount -l`` while in use (a loop device over a file on
     it, a file still open) is in no mount table and no process has the drive open, yet the
-    exclusive open that writing starts with fails.  Found here, before the confirmation, by
-    trying one: read-only, O_EXCL, closed at once, on a thread of its own (never waited for
-    more than :data:`TRY_OPEN`: a drive that does not answer is the writers' to find)."""
-    if _exclusive_open_errno(drive.path) != errno.EBUSY:
+    exclusive open that writing starts with would fail, after the confirmation.  Found by a
+    test of one (:class:`~.opened.ExclusiveOpens`, done by :func:`gather_facts` for the
+    drives named; here for another)."""
+    refused = facts.exclusive.get(drive.devnum)
+    if refused is None:
+        refused = ExclusiveOpens([drive.devnum]).refused()[drive.devnum]
+    if not refused:
         return None
     on = {drive.devnum} | named_devnums(drive.partitions)
     loops = sorted((f"/dev/{os.path.basename(os.path.realpath(_sys_dev(devnum)))}"
@@ -386,26 +384,6 @@ def held_by_kernel(drive: Drive, facts: SystemFacts) -> str | None:
                 " unmounted with `umount -l` while in use?)")
     return ("in use by the kernel, though no mount table lists it and no program has it open"
             " (a file system on it unmounted with `umount -l` while in use?)")
-
-
-def _exclusive_open_errno(path: str) -> int | None:
-    """The errno of an exclusive read-only open of ``path`` (None: it opened, or did not
-    answer in time), asked on a thread that closes what it opened."""
-    answer: list[int | None] = []
-    done = threading.Event()
-
-    def attempt() -> None:
-        try:
-            os.close(os.open(path, os.O_RDONLY | os.O_EXCL | os.O_NONBLOCK | os.O_CLOEXEC))
-            answer.append(None)
-        except OSError as e:
-            answer.append(e.errno)
-        finally:
-            done.set()
-
-    start_quiet(attempt, name="popsicle-try-open")
-    done.wait(TRY_OPEN)
-    return answer[0] if answer else None
 
 
 def media_identity(path: str, *, context: pyudev.Context | None = None) -> MediaIdentity:

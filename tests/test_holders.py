@@ -455,6 +455,33 @@ def test_a_program_holding_the_target_through_a_node_outside_dev_is_seen(
     assert target.read() == bytes([PATTERN]) * target.size
 
 
+@pytest.mark.root
+def test_a_node_in_a_container_s_own_dev_is_seen(loop_factory: Callable[..., Loop],
+                                                 tmp_path: Path) -> None:
+    """A container's /dev is a tmpfs of its own mount namespace, in no table of ours: the
+    descriptor's file system is looked up in that namespace's mountinfo."""
+    path, _ = image(tmp_path)
+    target = loop_factory(4 * MiB, fill=PATTERN)
+    private = tmp_path / "dev"
+    private.mkdir()
+    major, minor = target.major_minor
+    holder = subprocess.Popen(
+        ["unshare", "-m", "--propagation", "private", "sh", "-c", DROP_OTHER_TESTS_MOUNTS
+         + f"mount -t tmpfs tmpfs {private} && mknod {private}/disk b {major} {minor} && "
+         f"echo ready && exec sleep 60 < {private}/disk"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "ready"
+        done = popsicle("flash", path, target.path, "--yes")
+        assert done.returncode == 2, done.stderr
+        assert refusal(done) == f"{target.path} is open in sleep (pid {holder.pid})", \
+            done.stderr
+    finally:
+        holder.kill()
+        holder.wait(timeout=10)
+    assert target.read() == bytes([PATTERN]) * target.size
+
+
 MAPPER = """
 import ctypes, os, sys
 libc = ctypes.CDLL(None, use_errno=True)

@@ -95,15 +95,22 @@ class Mounts:
         self.by_id: dict[int, FileSystem] = {}
         self.by_dev: dict[int, FileSystem] = {}
         self.namespaces: set[str] = set()
-        self._learn("self")
+        self.own = self._learn("self")
 
-    def _learn(self, pid: int | str) -> None:
+    def ours(self, pid: int) -> bool:
+        """Whether the process is in our mount namespace: its /dev is ours."""
+        try:
+            return os.readlink(f"/proc/{pid}/ns/mnt") == self.own
+        except OSError:
+            return False
+
+    def _learn(self, pid: int | str) -> str:
         try:
             namespace = os.readlink(f"/proc/{pid}/ns/mnt")
         except OSError:
             namespace = f"?{pid}"
         if namespace in self.namespaces:
-            return
+            return namespace
         self.namespaces.add(namespace)
         for mount_id, dev, fstype, nodev in _mountinfo(sysfs.read(f"/proc/{pid}/mountinfo")
                                                         or ""):
@@ -112,6 +119,7 @@ class Mounts:
             known = self.by_dev.get(dev)  # one super block, mounted many times
             self.by_dev[dev] = FileSystem((_UNKNOWN_DEV, dev), local and (
                 known is None or known.local), nodev and (known is None or known.nodev))
+        return namespace
 
     def of_mount(self, pid: int, mount_id: int) -> FileSystem:
         if mount_id not in self.by_id:
@@ -261,6 +269,7 @@ class _Scan:
             fds = os.listdir(directory)
         except OSError:
             return False
+        ours: bool | None = None
         for fd in fds:
             link = f"{directory}/{fd}"
             try:
@@ -269,7 +278,9 @@ class _Scan:
                 continue
             if not name.startswith("/"):
                 continue  # a pipe, a socket, an anonymous inode
-            if self.in_dev(name):  # devtmpfs: answers at once; most are not block devices
+            if ours is None and name.startswith("/dev/"):
+                ours = self.mounts.ours(pid)
+            if ours and self.in_dev(name):  # devtmpfs answers at once; most are no disks
                 try:
                     st = os.stat(link)
                 except OSError:

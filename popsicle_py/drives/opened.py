@@ -4,42 +4,36 @@ write that back a loop device.
 
 A name says nothing: a node made with mknod anywhere (a chroot's or a container's /dev, a
 tool's private node) opens the same drive.  So files are stat()ed, through /proc (the
-descriptor itself, /proc/PID/map_files/START-END), never by name, but never on the calling
-thread when the file lies on a file system that may not answer (FUSE, a network share, one
-no mount table lists any more: lazily unmounted): its file system is known exactly from
-/proc/PID/fdinfo's ``mnt_id`` (a mapping: its device number) and that process's mountinfo.
-Those are stat()ed on worker threads, one per file system, within :data:`ASK_FILES` for all;
-one that does not answer is given up on, and skipped while it stays hung (a later look costs
-nothing).  A file system mounted ``nodev`` cannot have an open device, so its files are not
-looked at unless written and possibly a loop device's backing file.
+descriptor itself, /proc/PID/map_files/START-END), never by name, and never on the calling
+thread: a file on a hung network or FUSE share, perhaps lazily unmounted (no mount table
+lists it, no name tells), would never answer.  They are stat()ed in turn on a worker thread
+this one watches (:class:`Watched`): a stat that does not answer in :data:`STEP` is given
+up on, its file system (/proc/PID/fdinfo's ``mnt_id``, a mapping's device) skipped from then
+on, here and in every later look while it stays hung, and a new worker goes on with the next
+file; all within :data:`ASK_FILES`.  A mapping on a file system mounted ``nodev`` cannot be of a
+device, and is not looked at unless written with the inode number of a loop device's
+backing file.
 """
 
 from __future__ import annotations
 
 import errno
-import functools
 import os
 import signal
 import stat
 import threading
 import time
-from collections.abc import Callable, Hashable, Iterable
+from collections.abc import Callable, Iterable
 
 from popsicle_py import sysfs
 from popsicle_py.drives.model import Inode
 from popsicle_py.drives.system import DeviceNames
 from popsicle_py.records import record
 
-#: File systems whose stat() is answered from memory or a local disk: never a hang.
-LOCAL_FILE_SYSTEMS = frozenset({
-    "ext2", "ext3", "ext4", "xfs", "btrfs", "bcachefs", "f2fs", "jfs", "reiserfs", "nilfs2",
-    "zfs", "vfat", "msdos", "exfat", "ntfs", "ntfs3", "hfs", "hfsplus", "udf", "iso9660",
-    "squashfs", "erofs", "tmpfs", "ramfs", "devtmpfs", "devpts", "proc", "sysfs", "mqueue",
-    "hugetlbfs", "cgroup", "cgroup2", "bpf", "tracefs", "debugfs", "securityfs", "configfs",
-    "pstore", "efivarfs", "binfmt_misc",
-})
+#: Seconds one stat() may take before its file system is taken for hung.
+STEP = 0.5
 
-#: Seconds the files on other file systems are given, all together, to answer a stat().
+#: Seconds all the stat()s of one look may take, hung ones included.
 ASK_FILES = 2.0
 
 _STOP_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
@@ -57,45 +51,42 @@ class Held:
     writing: bool  # opened for writing; a shared writable mapping
 
 
-@record
-class FileSystem:
-    """What a descriptor's or mapping's file system allows: a stat() on this thread
-    (``local``), an open device (not ``nodev``); ``key`` groups its files on one worker."""
-
-    key: Hashable
-    local: bool
-    nodev: bool
-
-
-_UNKNOWN_DEV = "dev"
-
-
-@functools.lru_cache(maxsize=16)
-def _mountinfo(text: str) -> tuple[tuple[int, int, str, bool], ...]:
-    """(mount id, device number, type, nodev) of each line of a mountinfo."""
-    found: list[tuple[int, int, str, bool]] = []
+def _mountinfo(text: str) -> Iterable[tuple[int, int, bool]]:
+    """(mount id, device number, nodev) of each line of a mountinfo."""
     for line in text.splitlines():
-        left, sep, right = line.partition(" - ")
-        fields, tail = left.split(), right.split()
-        if not sep or len(fields) < 6 or not tail or not fields[0].isdigit():
+        fields = line.split(" - ", 1)[0].split()
+        if len(fields) < 6 or not fields[0].isdigit():
             continue
         major, _, minor = fields[2].partition(":")
-        if not (major.isdigit() and minor.isdigit()):
-            continue
-        found.append((int(fields[0]), os.makedev(int(major), int(minor)), tail[0],
-                      "nodev" in fields[5].split(",")))
-    return tuple(found)
+        if major.isdigit() and minor.isdigit():
+            yield (int(fields[0]), os.makedev(int(major), int(minor)),
+                   "nodev" in fields[5].split(","))
 
 
 class Mounts:
     """Every mount namespace's mounts, each read once when one of its processes needs it:
-    which file system a mount id (fdinfo) or a device number (a mapping) is."""
+    the device number of a mount id (fdinfo), whether a device number is mounted only
+    ``nodev`` (a mapping's)."""
 
     def __init__(self) -> None:
-        self.by_id: dict[int, FileSystem] = {}
-        self.by_dev: dict[int, FileSystem] = {}
+        self.dev_of_id: dict[int, int] = {}
+        self.nodev: dict[int, bool] = {}
         self.namespaces: set[str] = set()
-        self.own = self._learn("self")
+        self.own = self.learn("self")
+
+    def learn(self, pid: int | str) -> str:
+        """Read the mount namespace of ``pid`` (once); its name."""
+        try:
+            namespace = os.readlink(f"/proc/{pid}/ns/mnt")
+        except OSError:
+            namespace = f"?{pid}"
+        if namespace not in self.namespaces:
+            self.namespaces.add(namespace)
+            for mount_id, dev, nodev in _mountinfo(sysfs.read(f"/proc/{pid}/mountinfo")
+                                                    or ""):
+                self.dev_of_id[mount_id] = dev
+                self.nodev[dev] = nodev and self.nodev.get(dev, True)  # one super block
+        return namespace
 
     def ours(self, pid: int) -> bool:
         """Whether the process is in our mount namespace: its /dev is ours."""
@@ -104,33 +95,10 @@ class Mounts:
         except OSError:
             return False
 
-    def _learn(self, pid: int | str) -> str:
-        try:
-            namespace = os.readlink(f"/proc/{pid}/ns/mnt")
-        except OSError:
-            namespace = f"?{pid}"
-        if namespace in self.namespaces:
-            return namespace
-        self.namespaces.add(namespace)
-        for mount_id, dev, fstype, nodev in _mountinfo(sysfs.read(f"/proc/{pid}/mountinfo")
-                                                        or ""):
-            local = fstype in LOCAL_FILE_SYSTEMS
-            self.by_id[mount_id] = FileSystem(("mount", mount_id), local, nodev)
-            known = self.by_dev.get(dev)  # one super block, mounted many times
-            self.by_dev[dev] = FileSystem((_UNKNOWN_DEV, dev), local and (
-                known is None or known.local), nodev and (known is None or known.nodev))
-        return namespace
-
-    def of_mount(self, pid: int, mount_id: int) -> FileSystem:
-        if mount_id not in self.by_id:
-            self._learn(pid)
-        # Not in any table: lazily unmounted, whatever it was.
-        return self.by_id.get(mount_id) or FileSystem(("mount", mount_id), False, False)
-
-    def of_device(self, pid: int, dev: int) -> FileSystem:
-        if dev not in self.by_dev:
-            self._learn(pid)
-        return self.by_dev.get(dev) or FileSystem((_UNKNOWN_DEV, dev), False, False)
+    def only_nodev(self, pid: int, dev: int) -> bool:
+        if dev not in self.nodev:
+            self.learn(pid)
+        return self.nodev.get(dev, False)  # in no table: lazily unmounted, whatever it was
 
 
 def fdinfo(pid: int, fd: str) -> tuple[bool, int | None, int | None] | None:
@@ -169,10 +137,6 @@ def _pids() -> list[int]:
     return sorted(int(n) for n in names if n.isdigit())
 
 
-#: One file to stat: (pid, its /proc link, its name as the process names it, written).
-_Look = tuple[int, str, str, bool]
-
-
 def start_quiet(target: Callable[..., None], *args: object, name: str) -> None:
     """Start a daemon thread with the stop signals blocked, which it keeps, as
     :func:`~.system.loop_statuses` does: one left blocked in the kernel (a hung share, a
@@ -185,51 +149,134 @@ def start_quiet(target: Callable[..., None], *args: object, name: str) -> None:
         signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
 
-#: File systems whose worker has not returned yet (a hung share): not asked again meanwhile.
-_hung: set[Hashable] = set()
+#: One file to stat: (pid, its link in /proc, its mapping's device number; -1: a descriptor).
+_Item = tuple[int, str, int]
+
+#: File systems (mount ids, device numbers) a stat() hung on and has not returned from yet:
+#: their files are not stat()ed meanwhile.
+_hung_mounts: set[int] = set()
+_hung_devs: set[int] = set()
 _hung_lock = threading.Lock()
 
 
-def stat_elsewhere(groups: dict[Hashable, list[str]], timeout: float = ASK_FILES
-                   ) -> dict[str, os.stat_result]:
-    """stat() each path on a thread of its file system's own, all within one ``timeout``:
-    those that answered.  A file system still hung from an earlier look is not asked; one
-    that hangs now hides no other, and is never waited for again until it answers."""
+def _fs_of(item: _Item, mounts: Mounts) -> tuple[int | None, int | None]:
+    """(mount id, device number) of an item's file system, as far as /proc tells."""
+    pid, link, dev = item
+    if dev >= 0:
+        return None, dev
+    info = fdinfo(pid, link.rpartition("/")[2])
+    mount_id = info[1] if info is not None else None
+    return mount_id, mounts.dev_of_id.get(mount_id) if mount_id is not None else None
+
+
+def _on_hung(item: _Item, mounts: Mounts) -> bool:
     with _hung_lock:
-        groups = {key: paths for key, paths in groups.items() if key not in _hung}
-        _hung.update(groups)
-    results: dict[str, os.stat_result] = {}
-    lock = threading.Lock()
-    all_done = threading.Event()
-    waiting = set(groups)
+        if not (_hung_mounts or _hung_devs):
+            return False
+    mount_id, dev = _fs_of(item, mounts)
+    with _hung_lock:
+        return mount_id in _hung_mounts or dev in _hung_devs
 
-    def work(key: Hashable, paths: list[str]) -> None:
-        try:
-            for path in paths:
-                try:
-                    st = os.stat(path)
-                except OSError:
-                    continue
-                with lock:
-                    results[path] = st
-        finally:
-            with _hung_lock:
-                _hung.discard(key)
-            with lock:
-                waiting.discard(key)
-                if not waiting:
-                    all_done.set()
 
-    for key, paths in groups.items():
-        start_quiet(work, key, paths, name="popsicle-stat")
-    if groups:
-        all_done.wait(timeout)
-    with lock:
-        return dict(results)
+def _release(fs: tuple[int | None, int | None]) -> None:
+    mount_id, dev = fs
+    with _hung_lock:
+        if mount_id is not None:
+            _hung_mounts.discard(mount_id)
+        if dev is not None:
+            _hung_devs.discard(dev)
+
+
+class Watched:
+    """stat() of each item's link, in turn, on a worker thread started now and watched from
+    this one when :meth:`results` is asked for (meanwhile, this thread may do other work).
+
+    A stat that does not answer in ``step`` is given up on, its file system marked hung
+    (skipped here and by later looks until that stat() returns), and a new worker goes on
+    with the next item; at ``deadline`` (monotonic) the rest are given up on.  The worker
+    takes no lock per file (thousands of them, 2 us each): single assignments, which the
+    interpreter makes whole; the lock orders giving up on a file against its return."""
+
+    def __init__(self, items: list[_Item], mounts: Mounts, deadline: float,
+                 step: float = STEP) -> None:
+        self.items, self.mounts, self.deadline, self.step = items, mounts, deadline, step
+        self.answers: dict[int, os.stat_result] = {}
+        self.lock = threading.Lock()
+        self.finished = threading.Event()
+        self.generation = 0
+        self.busy = -1  # the item being stat()ed, -1 between two
+        self.stuck: dict[int, tuple[int | None, int | None]] = {}
+        if items:
+            start_quiet(self._work, 0, 0, name="popsicle-stat")
+        else:
+            self.finished.set()
+
+    def _given_up(self, mine: int, start: int, last: int) -> bool:
+        """Whether this worker's generation was given up on; then its files in
+        ``start..last`` that were taken for hung are hung no longer."""
+        if self.generation == mine:
+            return False
+        with self.lock:
+            for index in [i for i in self.stuck if start <= i <= last]:
+                _release(self.stuck.pop(index))
+        return True
+
+    def _work(self, mine: int, start: int) -> None:
+        items, answers, look = self.items, self.answers, os.stat
+        index = start - 1
+        for index in range(start, len(items)):
+            if self.generation != mine:
+                self._given_up(mine, start, index - 1)
+                return
+            if (_hung_mounts or _hung_devs) and _on_hung(items[index], self.mounts):
+                continue
+            self.busy = index
+            try:
+                answers[index] = look(items[index][1])
+            except OSError:
+                self.busy = -1
+                continue
+            self.busy = -1
+        if not self._given_up(mine, start, index):
+            self.finished.set()
+
+    def results(self) -> dict[int, os.stat_result]:
+        """{index: stat result} of the items that answered."""
+        seen = -1
+        while not self.finished.wait(self.step):
+            now = self.busy
+            late = time.monotonic() >= self.deadline
+            if not late and (now < 0 or now != seen):
+                seen = now  # moving on: look again in a step
+                continue
+            if now < 0:
+                break  # out of time, between two files
+            fs = _fs_of(self.items[now], self.mounts)  # /proc: answers whatever the share
+            with self.lock:
+                self.stuck[now] = fs
+                with _hung_lock:
+                    if fs[0] is not None:
+                        _hung_mounts.add(fs[0])
+                    if fs[1] is not None:
+                        _hung_devs.add(fs[1])
+                self.generation += 1
+            if late:
+                break
+            seen = -1
+            start_quiet(self._work, self.generation, now + 1, name="popsicle-stat")
+        with self.lock:
+            self.generation += 1  # a worker still going stops at its next item
+            return dict(list(self.answers.items()))
+
+
+def stat_watched(items: list[_Item], mounts: Mounts, budget: float = ASK_FILES
+                 ) -> dict[int, os.stat_result]:
+    """:class:`Watched`, waited for at once: {index: stat result} of those that answered."""
+    return Watched(items, mounts, time.monotonic() + budget).results()
 
 
 class _Scan:
-    """One look at every process: what is stat()ed here, what on workers, what it found."""
+    """One look at every process: the files to stat, and what they turn out to be."""
 
     def __init__(self, backing_files: frozenset[Inode]) -> None:
         self.in_dev = DeviceNames().in_dev
@@ -237,73 +284,50 @@ class _Scan:
         self.backing_files = backing_files
         self.inos = frozenset(ino for _, ino in backing_files)
         self.found: list[Held] = []
-        self.elsewhere: dict[Hashable, list[_Look]] = {}
-        self.mapped: dict[tuple[int, int], os.stat_result] = {}
+        #: Every descriptor of every process (-1: not a mapping), and each file mapped.
+        self.items: list[_Item] = []
+        self.mapped_items: list[_Item] = []
+        #: (item, pid, name, written) of each mapping looked at.
+        self.maps: list[tuple[int, int, str, bool]] = []
+        self.mapped: dict[tuple[int, int], int] = {}  # a file mapped by many: one item
 
-    def wanted_file(self, writing: bool, ino: int | None) -> bool:
-        """Whether a written file may be a loop device's backing file (worth a stat)."""
-        return writing and bool(self.inos) and (ino is None or ino in self.inos)
-
-    def take(self, look: _Look, st: os.stat_result) -> None:
-        pid, _, name, writing = look
+    def take(self, pid: int, st: os.stat_result, *, link: str = "", name: str = "",
+             writing: bool | None = None) -> None:
+        """Keep a block device, or a backing file written; a descriptor's name and flags
+        are read now (/proc: never a hang), for the few that are."""
         inode = (st.st_dev, st.st_ino)
-        if stat.S_ISBLK(st.st_mode) or (stat.S_ISREG(st.st_mode) and writing
-                                        and inode in self.backing_files):
+        device = stat.S_ISBLK(st.st_mode)
+        if not (device or (stat.S_ISREG(st.st_mode) and writing is not False
+                           and inode in self.backing_files)):
+            return
+        if link:
+            info = fdinfo(pid, link.rpartition("/")[2])
+            try:
+                name = os.readlink(link)
+            except OSError:
+                return  # closed meanwhile: holds nothing
+            if info is None:
+                return
+            writing = info[0]
+        if device or writing:
             self.found.append(Held(pid, name.removesuffix(" (deleted)"), st.st_mode,
-                                   st.st_rdev, inode, writing))
-
-    def here_or_elsewhere(self, look: _Look, where: FileSystem) -> None:
-        if not where.local:
-            self.elsewhere.setdefault(where.key, []).append(look)
-            return
-        try:
-            st = os.stat(look[1])
-        except OSError:
-            return
-        self.take(look, st)
+                                   st.st_rdev, inode, bool(writing)))
 
     def descriptors(self, pid: int) -> bool:
-        """Look at a process's descriptors; whether it had any (a kernel thread has none)."""
+        """Every descriptor of a process, to stat; whether it has any (a kernel thread has
+        none).  Not even named first: a stat costs what a readlink does."""
         directory = f"/proc/{pid}/fd"
         try:
             fds = os.listdir(directory)
         except OSError:
             return False
-        ours: bool | None = None
-        for fd in fds:
-            link = f"{directory}/{fd}"
-            try:
-                name = os.readlink(link)
-            except OSError:
-                continue
-            if not name.startswith("/"):
-                continue  # a pipe, a socket, an anonymous inode
-            if ours is None and name.startswith("/dev/"):
-                ours = self.mounts.ours(pid)
-            if ours and self.in_dev(name):  # devtmpfs answers at once; most are no disks
-                try:
-                    st = os.stat(link)
-                except OSError:
-                    continue
-                if stat.S_ISBLK(st.st_mode) and (info := fdinfo(pid, fd)) is not None:
-                    self.take((pid, link, name, info[0]), st)
-                continue
-            info = fdinfo(pid, fd)
-            if info is None:
-                continue  # closed meanwhile: holds nothing
-            writing, mount_id, ino = info
-            where = (self.mounts.of_mount(pid, mount_id) if mount_id is not None
-                     else FileSystem(("pid", pid), False, False))
-            if where.nodev and not self.wanted_file(writing, ino):
-                continue
-            self.here_or_elsewhere((pid, link, name, writing), where)
+        self.items.extend((pid, f"{directory}/{fd}", -1) for fd in fds)
         return bool(fds)
 
     def mappings(self, pid: int) -> None:
         """File mappings that may be of a device (shared ones, names in /dev): a program that
         mapped a drive and closed its descriptor still reads and writes it."""
-        data = _read_all(f"/proc/{pid}/maps")
-        for line in _candidate_lines(data):
+        for line in _candidate_lines(_read_all(f"/proc/{pid}/maps")):
             parts = line.split(None, 5)
             if len(parts) < 6 or len(parts[1]) != 4 or not parts[5].startswith(b"/"):
                 continue
@@ -317,43 +341,29 @@ class _Scan:
                 continue
             name = os.fsdecode(path)
             writing = perms[1:2] == b"w" and perms[3:4] == b"s"
-            where = self.mounts.of_device(pid, dev)
-            if (where.nodev and not self.wanted_file(writing, ino)) or (
-                    perms[3:4] != b"s" and not self.in_dev(name)):
+            if perms[3:4] != b"s" and not self.in_dev(name):
                 continue
-            look = (pid, link, name, writing)
-            if not where.local:
-                self.here_or_elsewhere(look, where)
+            if self.mounts.only_nodev(pid, dev) and not (writing and ino in self.inos):
                 continue
-            st = self.mapped.get((dev, ino))  # each library once, not once per process
-            if st is None:
-                st = _stat_mapping(link, name, self.in_dev(name))
-            if st is not None:
-                self.mapped[(dev, ino)] = st
-                self.take(look, st)
+            if (dev, ino) not in self.mapped:  # each library once, not once per process
+                self.mapped[(dev, ino)] = len(self.mapped_items)
+                self.mapped_items.append((pid, link, dev))
+            self.maps.append((self.mapped[(dev, ino)], pid, name, writing))
 
-    def finish(self) -> list[Held]:
-        answered = stat_elsewhere({key: [look[1] for look in looks]
-                                   for key, looks in self.elsewhere.items()})
-        for looks in self.elsewhere.values():
-            for look in looks:
-                if look[1] in answered:
-                    self.take(look, answered[look[1]])
+    def run(self, pids: Iterable[int]) -> list[Held]:
+        """Every process's descriptors and mappings, what they are."""
+        deadline = time.monotonic() + ASK_FILES
+        for pid in pids:
+            if self.descriptors(pid) or _has_memory(pid):
+                self.mappings(pid)
+        for index, st in Watched(self.items, self.mounts, deadline).results().items():
+            pid, link, _ = self.items[index]
+            self.take(pid, st, link=link)
+        answered = Watched(self.mapped_items, self.mounts, deadline).results()
+        for index, pid, name, writing in self.maps:
+            if index in answered:
+                self.take(pid, answered[index], name=name, writing=writing)
         return self.found
-
-
-def _stat_mapping(link: str, name: str, in_dev: bool) -> os.stat_result | None:
-    """The mapped file, through map_files (root only); else by its name when in /dev."""
-    try:
-        return os.stat(link)
-    except PermissionError:
-        pass
-    except OSError:
-        return None
-    try:
-        return os.stat(name) if in_dev else None
-    except OSError:
-        return None
 
 
 def _has_memory(pid: int) -> bool:
@@ -376,7 +386,7 @@ def _read_all(path: str) -> bytes:
         return b""
     chunks: list[bytes] = []
     try:
-        while chunk := os.read(handle, 1 << 16):
+        while chunk := os.read(handle, 1 << 16):  # a page at a time: up to an empty read
             chunks.append(chunk)
     except OSError:
         return b""
@@ -404,12 +414,8 @@ def _candidate_lines(data: bytes) -> Iterable[bytes]:
 def held(backing_files: frozenset[Inode] = frozenset()) -> list[Held]:
     """Every block device other processes hold (a descriptor, a mapping), and every file in
     ``backing_files`` (loop devices' backing files) they write."""
-    scan = _Scan(backing_files)
     ours = os.getpid()
-    for pid in _pids():
-        if pid != ours and (scan.descriptors(pid) or _has_memory(pid)):
-            scan.mappings(pid)
-    return scan.finish()
+    return _Scan(backing_files).run(pid for pid in _pids() if pid != ours)
 
 
 #: Seconds the test of an exclusive open is given (a dying drive may not answer at once).

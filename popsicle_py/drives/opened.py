@@ -51,16 +51,28 @@ class Held:
     writing: bool  # opened for writing; a shared writable mapping
 
 
-def _mountinfo(text: str) -> Iterable[tuple[int, int, bool]]:
-    """(mount id, device number, nodev) of each line of a mountinfo."""
+#: File systems whose stat() is answered from memory or a local disk: a slow one is not hung.
+LOCAL_FILE_SYSTEMS = frozenset({
+    "ext2", "ext3", "ext4", "xfs", "btrfs", "bcachefs", "f2fs", "jfs", "reiserfs", "nilfs2",
+    "zfs", "vfat", "msdos", "exfat", "ntfs", "ntfs3", "hfs", "hfsplus", "udf", "iso9660",
+    "squashfs", "erofs", "tmpfs", "ramfs", "devtmpfs", "devpts", "proc", "sysfs", "mqueue",
+    "hugetlbfs", "cgroup", "cgroup2", "bpf", "tracefs", "debugfs", "securityfs", "configfs",
+    "pstore", "efivarfs", "binfmt_misc",
+})
+
+
+def _mountinfo(text: str) -> Iterable[tuple[int, int, bool, bool]]:
+    """(mount id, device number, nodev, local) of each line of a mountinfo."""
     for line in text.splitlines():
-        fields = line.split(" - ", 1)[0].split()
+        left, _, right = line.partition(" - ")
+        fields = left.split()
         if len(fields) < 6 or not fields[0].isdigit():
             continue
         major, _, minor = fields[2].partition(":")
         if major.isdigit() and minor.isdigit():
             yield (int(fields[0]), os.makedev(int(major), int(minor)),
-                   "nodev" in fields[5].split(","))
+                   "nodev" in fields[5].split(","),
+                   right.partition(" ")[0] in LOCAL_FILE_SYSTEMS)
 
 
 class Mounts:
@@ -71,6 +83,7 @@ class Mounts:
     def __init__(self) -> None:
         self.dev_of_id: dict[int, int] = {}
         self.nodev: dict[int, bool] = {}
+        self.local: dict[int, bool] = {}  # by device number
         self.namespaces: set[str] = set()
         self.own = self.learn("self")
 
@@ -82,10 +95,11 @@ class Mounts:
             namespace = f"?{pid}"
         if namespace not in self.namespaces:
             self.namespaces.add(namespace)
-            for mount_id, dev, nodev in _mountinfo(sysfs.read(f"/proc/{pid}/mountinfo")
-                                                    or ""):
+            for mount_id, dev, nodev, local in _mountinfo(
+                    sysfs.read(f"/proc/{pid}/mountinfo") or ""):
                 self.dev_of_id[mount_id] = dev
                 self.nodev[dev] = nodev and self.nodev.get(dev, True)  # one super block
+                self.local[dev] = local
         return namespace
 
     def ours(self, pid: int) -> bool:
@@ -169,6 +183,12 @@ def _fs_of(item: _Item, mounts: Mounts) -> tuple[int | None, int | None]:
     return mount_id, mounts.dev_of_id.get(mount_id) if mount_id is not None else None
 
 
+def _local(fs: tuple[int | None, int | None], mounts: Mounts) -> bool:
+    """Whether a file system is a local one (in a mount table, of a local type): a stat()
+    there may be slow (a loaded machine), never hung."""
+    return fs[1] is not None and mounts.local.get(fs[1], False)
+
+
 def _on_hung(item: _Item, mounts: Mounts) -> bool:
     with _hung_lock:
         if not (_hung_mounts or _hung_devs):
@@ -191,9 +211,11 @@ class Watched:
     """stat() of each item's link, in turn, on a worker thread started now and watched from
     this one when :meth:`results` is asked for (meanwhile, this thread may do other work).
 
-    A stat that does not answer in ``step`` is given up on, its file system marked hung
-    (skipped here and by later looks until that stat() returns), and a new worker goes on
-    with the next item; at ``deadline`` (monotonic) the rest are given up on.  The worker
+    A stat that does not answer in ``step``, on a file system that is not a local one (a
+    network or FUSE share, one in no mount table: lazily unmounted), is given up on, its file
+    system marked hung (skipped here and by later looks until that stat() returns), and a
+    new worker goes on with the next item; one that hangs after ``deadline`` (monotonic)
+    ends the look, the rest not looked at.  A local one is only slow: waited for.  The worker
     takes no lock per file (thousands of them, 2 us each): single assignments, which the
     interpreter makes whole; the lock orders giving up on a file against its return."""
 
@@ -245,13 +267,15 @@ class Watched:
         seen = -1
         while not self.finished.wait(self.step):
             now = self.busy
-            late = time.monotonic() >= self.deadline
-            if not late and (now < 0 or now != seen):
+            if now < 0 or now != seen:
                 seen = now  # moving on: look again in a step
                 continue
-            if now < 0:
-                break  # out of time, between two files
             fs = _fs_of(self.items[now], self.mounts)  # /proc: answers whatever the share
+            if fs[0] is not None and fs[1] is None:  # a mount of another namespace
+                self.mounts.learn(self.items[now][0])
+                fs = (fs[0], self.mounts.dev_of_id.get(fs[0]))
+            if _local(fs, self.mounts):
+                continue  # slow, not hung: it answers
             with self.lock:
                 self.stuck[now] = fs
                 with _hung_lock:
@@ -260,8 +284,8 @@ class Watched:
                     if fs[1] is not None:
                         _hung_devs.add(fs[1])
                 self.generation += 1
-            if late:
-                break
+            if time.monotonic() >= self.deadline:
+                break  # many hung shares: the rest are not looked at
             seen = -1
             start_quiet(self._work, self.generation, now + 1, name="popsicle-stat")
         with self.lock:

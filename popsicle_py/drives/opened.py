@@ -308,9 +308,8 @@ class _Scan:
         self.backing_files = backing_files
         self.inos = frozenset(ino for _, ino in backing_files)
         self.found: list[Held] = []
-        #: Every descriptor of every process (-1: not a mapping), and each file mapped.
+        #: Every descriptor of every process (its device -1), and each file mapped.
         self.items: list[_Item] = []
-        self.mapped_items: list[_Item] = []
         #: (item, pid, name, written) of each mapping looked at.
         self.maps: list[tuple[int, int, str, bool]] = []
         self.mapped: dict[tuple[int, int], int] = {}  # a file mapped by many: one item
@@ -370,8 +369,8 @@ class _Scan:
             if self.mounts.only_nodev(pid, dev) and not (writing and ino in self.inos):
                 continue
             if (dev, ino) not in self.mapped:  # each library once, not once per process
-                self.mapped[(dev, ino)] = len(self.mapped_items)
-                self.mapped_items.append((pid, link, dev))
+                self.mapped[(dev, ino)] = len(self.items)
+                self.items.append((pid, link, dev))
             self.maps.append((self.mapped[(dev, ino)], pid, name, writing))
 
     def run(self, pids: Iterable[int]) -> list[Held]:
@@ -380,10 +379,11 @@ class _Scan:
         for pid in pids:
             if self.descriptors(pid) or _has_memory(pid):
                 self.mappings(pid)
-        for index, st in Watched(self.items, self.mounts, deadline).results().items():
-            pid, link, _ = self.items[index]
-            self.take(pid, st, link=link)
-        answered = Watched(self.mapped_items, self.mounts, deadline).results()
+        answered = Watched(self.items, self.mounts, deadline).results()  # one worker for all
+        for index, st in answered.items():
+            pid, link, dev = self.items[index]
+            if dev < 0:
+                self.take(pid, st, link=link)
         for index, pid, name, writing in self.maps:
             if index in answered:
                 self.take(pid, answered[index], name=name, writing=writing)

@@ -7,11 +7,12 @@ tool's private node) opens the same drive.  So files are stat()ed, through /proc
 descriptor itself, /proc/PID/map_files/START-END), never by name, and never on the calling
 thread: a file on a hung network or FUSE share, perhaps lazily unmounted (no mount table
 lists it, no name tells), would never answer.  They are stat()ed in turn on a worker thread
-this one watches (:class:`Watched`): a stat that does not answer in :data:`STEP` is given
-up on, its file system (/proc/PID/fdinfo's ``mnt_id``, a mapping's device) skipped from then
-on, here and in every later look while it stays hung, and a new worker goes on with the next
-file; all within :data:`ASK_FILES`.  A mapping on a file system mounted ``nodev`` cannot be of a
-device, and is not looked at unless written with the inode number of a loop device's
+this one watches (:class:`Watched`): a stat that does not answer in :data:`STEP`, on a file
+system that is not a local one, is given up on, its file system (/proc/PID/fdinfo's
+``mnt_id``, a mapping's device) skipped from then on, here and in every later look while it
+stays hung, and a new worker goes on with the next file; one more hung share after
+:data:`ASK_FILES` ends the look.  A mapping on a file system mounted ``nodev`` cannot be of
+a device, and is not looked at unless written with the inode number of a loop device's
 backing file.
 """
 
@@ -33,7 +34,7 @@ from popsicle_py.records import record
 #: Seconds one stat() may take before its file system is taken for hung.
 STEP = 0.5
 
-#: Seconds all the stat()s of one look may take, hung ones included.
+#: Seconds after which one more hung share ends a look (the files after it not looked at).
 ASK_FILES = 2.0
 
 _STOP_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
@@ -78,14 +79,14 @@ def _mountinfo(text: str) -> Iterable[tuple[int, int, bool, bool]]:
 class Mounts:
     """Every mount namespace's mounts, each read once when one of its processes needs it:
     the device number of a mount id (fdinfo), whether a device number is mounted only
-    ``nodev`` (a mapping's)."""
+    ``nodev`` (a mapping's), and whether it is a local file system."""
 
     def __init__(self) -> None:
         self.dev_of_id: dict[int, int] = {}
         self.nodev: dict[int, bool] = {}
         self.local: dict[int, bool] = {}  # by device number
         self.namespaces: set[str] = set()
-        self.own = self.learn("self")
+        self.learn("self")
 
     def learn(self, pid: int | str) -> str:
         """Read the mount namespace of ``pid`` (once); its name."""
@@ -101,13 +102,6 @@ class Mounts:
                 self.nodev[dev] = nodev and self.nodev.get(dev, True)  # one super block
                 self.local[dev] = local
         return namespace
-
-    def ours(self, pid: int) -> bool:
-        """Whether the process is in our mount namespace: its /dev is ours."""
-        try:
-            return os.readlink(f"/proc/{pid}/ns/mnt") == self.own
-        except OSError:
-            return False
 
     def only_nodev(self, pid: int, dev: int) -> bool:
         if dev not in self.nodev:
@@ -291,12 +285,6 @@ class Watched:
         with self.lock:
             self.generation += 1  # a worker still going stops at its next item
             return dict(list(self.answers.items()))
-
-
-def stat_watched(items: list[_Item], mounts: Mounts, budget: float = ASK_FILES
-                 ) -> dict[int, os.stat_result]:
-    """:class:`Watched`, waited for at once: {index: stat result} of those that answered."""
-    return Watched(items, mounts, time.monotonic() + budget).results()
 
 
 class _Scan:

@@ -322,6 +322,8 @@ class WatchView:
         self.board = live.Board(reserve=4)
         self.current: dict[str | None, _DriveRow] = {}  # each device's latest row
         self.failed_present: dict[str, str] = {}  # failed drives not pulled yet
+        #: Devices whose drive was pulled before its job ended (the session says so first).
+        self.pulled: set[str] = set()
         self.ok = self.failed = self.started_drives = 0
         self.watching = False
         self.live = live.live_region(self, self.console)
@@ -397,6 +399,8 @@ class WatchView:
             case events.DriveAdded(device=device, label=label, eligible=eligible, reason=reason,
                                    info=info):
                 row = self._new_row(device, info, label)
+                self.failed_present.pop(device, None)  # whatever was there is not now
+                self.pulled.discard(device)
                 if eligible:
                     self.started_drives += 1
                 else:
@@ -409,6 +413,8 @@ class WatchView:
                     self.current.pop(device, None)  # the row stays; a new arrival gets a new one
                     if gone.state == "done" and "powered off" not in gone.detail:
                         gone.say("done")  # pulled: nothing more to do
+                elif gone is not None:
+                    self.pulled.add(device)  # its job's end comes next: nothing to pull then
             case events.Note(text=text):
                 self.live.console.print(text)
             case events.Phase(device=device, phase="done", detail=events.POWERED_OFF):
@@ -440,8 +446,12 @@ class WatchView:
                 else:
                     self.failed += 1
                     why = verdicts.strip_device(r.error, r.device) or r.status
-                    self.failed_present[r.device] = why
-                    row.say(r.status, f"pull it ({why})")
+                    if r.device in self.pulled or r.cause == events.Cause.REMOVED:
+                        self.pulled.discard(r.device)
+                        row.say(r.status, why)  # out already: never "pull" its name
+                    else:
+                        self.failed_present[r.device] = why
+                        row.say(r.status, f"pull it ({why})")
             case events.Summary():
                 self.close()
                 self.console.print(summary_table(event))

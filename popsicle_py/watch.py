@@ -14,9 +14,12 @@ the raw file itself; the page cache serves the later ones.
 
 A drive pulled while it is being written ("remove" uevent, or the medium gone from a reader;
 the writes fail with ENODEV/ENXIO) always ends ``failed`` with "the drive was removed", never
-ok.  A drive that is done and verified is powered off as udisks2 does it (flush, then write 1
-to its USB device's ``remove`` attribute), unless it is an SD card in a built-in reader or
-another drive shares its USB device (a multi-slot card reader).
+ok.  A card put into a reader while the pulled card's job is still ending arrives once that
+job is over.
+
+A drive that is done and verified is powered off as udisks2 does it (flush, then write 1 to
+its USB device's ``remove`` attribute; :mod:`popsicle_py.watch_power`), unless it is an SD
+card in a built-in reader or another drive shares its USB device (a multi-slot card reader).
 
 The session never touches click or Rich: it emits :mod:`popsicle_py.events` to a callback.
 """
@@ -78,6 +81,8 @@ from popsicle_py.protocols import TrimPlan
 from popsicle_py.records import record
 from popsicle_py.signals import Cancellation
 from popsicle_py.units import format_size
+from popsicle_py.watch_power import power_off as power_off  # importable here too
+from popsicle_py.watch_power import power_off_within
 
 log = logging.getLogger(__name__)
 
@@ -170,53 +175,6 @@ def _sectors(device: pyudev.Device) -> int:
     return int(text) * 512 if text.isdigit() else 0
 
 
-def _usb_parent(device: pyudev.Device) -> pyudev.Device | None:
-    try:
-        return device.find_parent("usb", "usb_device")
-    except (KeyError, OSError):
-        return None
-
-
-def power_off(device: pyudev.Device, drive: Drive,
-              context: pyudev.Context | None = None) -> str | None:
-    """Power a finished drive off the way udisks2 does; None when done, else why not.
-
-    Flush the drive, then write 1 to the ``remove`` attribute of its parent USB device: the
-    kernel detaches it and cuts its port's power, so its LED goes dark.  Not for an SD card in
-    a built-in reader (that would take the reader away), nor when another disk shares the USB
-    device (a multi-slot card reader).
-    """
-    if drive.bus == "sd":
-        return "an SD card in a built-in reader is not powered off"
-    usb = _usb_parent(device)
-    if usb is None:
-        return "it has no USB device to power off"
-    prefix = usb.sys_path.rstrip("/") + "/"
-    context = context or pyudev.Context()
-    others = sorted(d.device_node or f"/dev/{d.sys_name}"
-                    for d in context.list_devices(subsystem="block", DEVTYPE="disk")
-                    if d.sys_path.startswith(prefix) and d.sys_path != device.sys_path)
-    if others:
-        return f"{', '.join(others)} share(s) its USB device"
-    try:
-        st = os.stat(drive.path)
-        if st.st_rdev != drive.devnum:
-            return f"{drive.path} is another drive now"
-        if os.geteuid() != 0:  # without root, udisks2 powers it off if polkit allows
-            from popsicle_py import udisks
-            return udisks.power_off(drive.path)
-        fd = os.open(drive.path, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        with open(os.path.join(usb.sys_path, "remove"), "w") as f:
-            f.write("1")
-    except OSError as exc:
-        return exc.strerror or str(exc)
-    return None
-
-
 class _Seen:
     """One appearance of a drive in this session (the same stick re-inserted is a new one)."""
 
@@ -257,6 +215,9 @@ class WatchSession:
         self._copy_devnums: frozenset[int] = frozenset()
         self._current: dict[int, _Seen] = {}  # by device number, while present
         self._media: dict[int, int] = {}  # last size seen per device number (0: no medium)
+        #: A card put into a reader while the pulled card's job is still ending, by device
+        #: number: it arrives once that job is over (see _take_waiting).
+        self._waiting: dict[int, pyudev.Device] = {}
         self._started: list[_Seen] = []
         #: Raises once the image file changed since the watch began: the sticks written
         #: after it would not be copies of one image (the checksum was checked at the start).
@@ -422,6 +383,7 @@ class WatchSession:
             device = monitor.poll(timeout=POLL_INTERVAL)
             if device is not None:
                 self._uevent(device)
+            self._take_waiting()
 
     def _count_done(self) -> bool:
         if self.options.drain is not None and self.options.drain.is_set():
@@ -480,13 +442,28 @@ class WatchSession:
             size = _sectors(device)
             before = self._media.get(devnum)
             seen = self._current.get(devnum)
-            if seen is not None and seen.in_flight and size == 0:
-                self._gone(devnum, medium=True)
-            elif size > 0 and before == 0 and (seen is None or not seen.in_flight):
+            busy = seen is not None and seen.in_flight
+            if size == 0:
+                self._waiting.pop(devnum, None)  # a card waiting for its turn is out again
+                if seen is not None and busy and not seen.removed.is_set():
+                    self._gone(devnum, medium=True)
+            elif before == 0 and busy:
+                # The pulled card's job is still ending, and may hold the device open
+                # (O_EXCL): the new card arrives once it is over.
+                self._waiting[devnum] = device
+            elif before == 0:
                 if seen is not None:
                     seen.present_at_start = False  # a reader that was there; the card is new
                 self._arrived(device)
             self._media[devnum] = size
+
+    def _take_waiting(self) -> None:
+        """Cards that came in while the pulled card's job was ending, once it is over."""
+        for devnum, device in list(self._waiting.items()):
+            seen = self._current.get(devnum)
+            if seen is None or not seen.in_flight:
+                del self._waiting[devnum]
+                self._arrived(device)
 
     def _arrived(self, device: pyudev.Device, drive: Drive | None = None) -> None:
         drive = drive or drives.build_drive(device, self._facts(), explicit=False)
@@ -525,6 +502,7 @@ class WatchSession:
         seen.thread.start()
 
     def _gone(self, devnum: int, *, medium: bool = False) -> None:
+        self._waiting.pop(devnum, None)
         seen = self._current.get(devnum)
         if seen is None:
             return
@@ -592,7 +570,9 @@ class WatchSession:
         self._job_event(seen, Result(DriveResult(seen.path, status, 0, why, cause=cause)))
 
     def _power_off(self, seen: _Seen) -> None:
-        why = power_off(seen.device, seen.drive)
+        """Within the stall timeout, and not past a stop: a dead stick holds no session."""
+        why = power_off_within(seen.device, seen.drive, cancel=self.cancel,
+                               limit=self.options.stall_timeout)
         if why is None:
             self.emit(Phase(seen.path, Step.DONE, POWERED_OFF))
         elif seen.drive.bus != "sd":  # a card in a built-in reader is simply taken out

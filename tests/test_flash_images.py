@@ -259,3 +259,151 @@ def test_an_image_that_fails_to_open_still_ends_with_a_summary(
         assert result["status"] == "failed" and "bad.zip" in result["error"]
         assert "internal error" not in result["error"] and "Traceback" not in proc.stderr
     assert drive.read() == bytes([PATTERN]) * drive.size
+
+
+# ----------------------------------------------------------------------------------------------
+# Standard input is judged like a file, before any drive is opened
+
+
+NOT_FOUND_HTML = (b"<html>\r\n<head><title>404 Not Found</title></head>\r\n<body>\r\n"
+                  b"<center><h1>404 Not Found</h1></center>\r\n</body>\r\n</html>\r\n")
+
+
+def _sparse() -> bytes:
+    """An Android sparse image's header (what simg2img converts)."""
+    return bytes.fromhex("3aff26ed0100000001c000000c000000") + bytes(4096)
+
+
+def _lzip(tmp_path: Path) -> bytes:
+    raw = tmp_path / "lz.img"
+    raw.write_bytes(os.urandom(64 << 10))
+    subprocess.run(["lzip", "-kf", str(raw)], check=True)
+    return (tmp_path / "lz.img.lz").read_bytes()
+
+
+#: What comes through the pipe, and the one line that refuses it.
+STDIN_REFUSED: dict[str, tuple[Callable[[Path], bytes], str]] = {
+    "404 page": (lambda d: NOT_FOUND_HTML,
+                 'standard input is an HTML page ("404 Not Found"), not a disk image: the '
+                 "download may have failed; --force writes it anyway"),
+    "404 page, gzipped": (lambda d: gzip.compress(NOT_FOUND_HTML),
+                          'standard input is an HTML page ("404 Not Found"), not a disk image'),
+    "one line of text": (lambda d: b"Not Found\n",
+                         'standard input is a text file, not a disk image: the download may '
+                         'have failed (it begins "Not Found"); --force writes it anyway'),
+    "qcow2": (lambda d: b"QFI\xfb\x00\x00\x00\x03" + os.urandom(1 << 20),
+              "standard input is a QEMU qcow2 image, not a raw disk image: convert it with "
+              "`qemu-img convert -O raw`; --force writes it anyway"),
+    "7z": (lambda d: b"7z\xbc\xaf\x27\x1c" + os.urandom(1 << 20),
+           "standard input is a 7-Zip archive, not a raw disk image"),
+    "100 bytes": (lambda d: os.urandom(100),
+                  "standard input is only 100 bytes, smaller than one 512-byte sector: not a "
+                  "disk image; --force writes it anyway"),
+    "empty once decompressed": (lambda d: gzip.compress(b""),
+                                "standard input (inside its gzip layer) is empty"),
+    "sparse inside gzip": (lambda d: gzip.compress(_sparse()),
+                           "standard input (inside its gzip layer) is an Android sparse image, "
+                           "which is not a raw disk image: convert it with `simg2img FILE "
+                           "image.img` and write image.img (or flash it with fastboot), where "
+                           "FILE is what standard input's gzip layer holds, decompressed into "
+                           "a file"),
+    "lzip": (_lzip, "standard input is an lzip file, which popsicle-py does not decompress: "
+                    "run `lzip -dk FILE` and write the result, or `lzip -dc FILE | popsicle-py "
+                    "flash - DEVICE`, where FILE is what came through standard input, saved "
+                    "to a file"),
+}
+
+
+def flash_stdin(stream: bytes, *args: str) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run([*popsicle_cmd(), "flash", "-", *args, "--yes", "--bucket-size", "1M"],
+                          capture_output=True, input=stream, timeout=120)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, proc.stdout.decode(),
+                                       proc.stderr.decode())
+
+
+@pytest.mark.parametrize("case", list(STDIN_REFUSED))
+def test_standard_input_that_is_not_a_disk_image_is_refused(
+        case: str, loop_factory: Callable[..., Loop], tmp_path: Path) -> None:
+    """`curl URL | popsicle-py flash - DEV` with an error page is refused as the file would be:
+    exit 2, one line, the drive untouched."""
+    make, line = STDIN_REFUSED[case]
+    drive = loop_factory(2 << 20, fill=PATTERN)
+    proc = flash_stdin(make(tmp_path), drive.path)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stderr.splitlines() == [f"popsicle-py: {line}"] or (
+        len(proc.stderr.splitlines()) == 1 and proc.stderr.startswith(f"popsicle-py: {line}")
+    ), proc.stderr
+    assert drive.read() == bytes([PATTERN]) * drive.size
+
+
+def test_standard_input_refused_is_written_with_force(loop_factory: Callable[..., Loop]) -> None:
+    drive = loop_factory(2 << 20, fill=PATTERN)
+    proc = flash_stdin(NOT_FOUND_HTML, drive.path, "--force")
+    assert proc.returncode == 0, proc.stderr
+    assert "an HTML page" in proc.stdout and "writing it anyway (--force)" in proc.stdout
+    assert drive.read(len(NOT_FOUND_HTML)) == NOT_FOUND_HTML
+
+
+def test_standard_input_sampled_up_front_is_written_whole(
+        loop_factory: Callable[..., Loop]) -> None:
+    """The start read to judge the stream (decoded beyond the 72 KiB it needs) is written first,
+    and an image whose first 72 KiB hold no signature gets the file's note."""
+    data = os.urandom(3 << 20)
+    drive = loop_factory(4 << 20, fill=PATTERN)
+    proc = flash_stdin(lzma.compress(data, preset=0), drive.path)
+    assert proc.returncode == 0, proc.stderr
+    assert ("standard input has no partition table, ISO 9660 or file system signature"
+            in proc.stdout)
+    assert drive.read(len(data)) == data
+
+
+# ----------------------------------------------------------------------------------------------
+# A checksum list naming the image under several algorithms
+
+
+def test_a_list_with_the_image_under_two_algorithms_takes_the_strongest(
+        loop_factory: Callable[..., Loop], tmp_path: Path) -> None:
+    """`sha256sum --tag img; sha512sum --tag img > SHA256SUMS`: both right, sha512 checked."""
+    data = os.urandom(1 << 20)
+    path = tmp_path / "img.raw"
+    path.write_bytes(data)
+    tagged = [subprocess.run([tool, "--tag", "img.raw"], cwd=tmp_path, check=True,
+                             capture_output=True, text=True).stdout
+              for tool in ("sha256sum", "sha512sum")]
+    (tmp_path / "SHA256SUMS").write_text("".join(tagged))
+    drive = loop_factory(2 << 20, fill=PATTERN)
+    rc, evs, err = flash(str(path), drive.path)
+    assert rc == 0, err
+    assert any(e["event"] == "note" and e["text"].startswith("checksum ok (sha512 from")
+               for e in evs), evs
+    assert drive.read(len(data)) == data
+
+    # The strongest is the one checked: a wrong sha512 beside a right sha256 is a mismatch.
+    wrong = tagged[1].rsplit("= ", 1)[0] + "= " + "0" * 128 + "\n"
+    (tmp_path / "SHA256SUMS").write_text(tagged[0] + wrong)
+    other = loop_factory(2 << 20, fill=PATTERN)
+    rc, _, err = flash(str(path), other.path)
+    assert rc == 2 and "checksum mismatch" in err and "sha512" in err, err
+    assert other.read() == bytes([PATTERN]) * other.size
+
+    # Two different digests of one algorithm: which one is the image's?
+    (tmp_path / "SHA256SUMS").write_text(tagged[0] + tagged[0].replace(
+        hashlib.sha256(data).hexdigest(), "1" * 64))
+    rc, _, err = flash(str(path), other.path)
+    assert rc == 2 and "lists img.raw with different checksums" in err, err
+    assert other.read() == bytes([PATTERN]) * other.size
+
+
+def test_advice_for_an_inner_layer_names_a_file_a_command_can_take(
+        loop_factory: Callable[..., Loop], tmp_path: Path) -> None:
+    path = tmp_path / "sp.simg.gz"
+    path.write_bytes(gzip.compress(_sparse()))
+    drive = loop_factory(2 << 20, fill=PATTERN)
+    rc, _, err = flash(str(path), drive.path)
+    assert rc == 2
+    assert err.splitlines() == [
+        f"popsicle-py: {path} (inside its gzip layer) is an Android sparse image, which is not "
+        "a raw disk image: convert it with `simg2img FILE image.img` and write image.img (or "
+        f"flash it with fastboot), where FILE is what {path}'s gzip layer holds, decompressed "
+        "into a file"]
+    assert drive.read() == bytes([PATTERN]) * drive.size

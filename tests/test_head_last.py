@@ -197,6 +197,37 @@ def test_checksum_while_writing_still_vouches_in_the_write_pass(
     assert drive.read(len(data)) == data
 
 
+def test_checksum_while_writing_a_zip_checks_it_before_writing(
+        loop_factory: Callable[..., Loop], tmp_path: Path) -> None:
+    """A zip is read through its directory, so its file cannot be hashed as it is written:
+    its checksum is checked in a pass of its own, and a wrong one is refused.  (Before: never
+    checked, and the drive ended ok.)"""
+    raw = tmp_path / "fat.img"
+    data = vfat_image(raw, 4 * MiB)
+    packed = tmp_path / "fat.zip"
+    subprocess.run(["zip", "-q", "-j", str(packed), str(raw)], check=True)
+    drive = loop_factory(8 * MiB, fill=PATTERN)
+    wrong = hashlib.sha256(packed.read_bytes() + b"x").hexdigest()
+    proc = subprocess.run(
+        [*popsicle_cmd(), "flash", str(packed), drive.path, "--yes", "--json", "--sha256",
+         wrong, "--checksum-while-writing"], capture_output=True, text=True,
+        stdin=subprocess.DEVNULL, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.splitlines()[-1].startswith(
+        f"popsicle-py: checksum mismatch for {packed}: expected sha256 {wrong}"), proc.stderr
+    assert drive.read(8 * MiB) == bytes([PATTERN]) * (8 * MiB)
+    right = hashlib.sha256(packed.read_bytes()).hexdigest()
+    proc = subprocess.run(
+        [*popsicle_cmd(), "flash", str(packed), drive.path, "--yes", "--json", "--sha256",
+         right, "--checksum-while-writing"], capture_output=True, text=True,
+        stdin=subprocess.DEVNULL, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    evs = events_of(proc.stdout)
+    assert any(e["event"] == "note" and "checked before writing" in e["text"]
+               for e in evs), evs
+    assert drive.read(len(data)) == data
+
+
 @pytest.mark.parametrize("tool", ["xz", "zstd"])
 def test_the_checksum_of_a_compressed_image_covers_the_file_as_downloaded(
         loop_factory: Callable[..., Loop], tmp_path: Path, tool: str) -> None:

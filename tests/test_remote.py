@@ -731,3 +731,125 @@ def test_keyring_also_guards_a_local_sums_file(
     assert drive.read(SIZE) == data
     rc, _, err = flash(str(image), drive, extra=("--keyring", keyring, "--sha256", "0" * 64))
     assert rc == 2 and "none is used here" in err
+
+
+# ----------------------------------------------------------------------------------------------
+# A URL is judged like a file: "not a disk image" before any drive is opened (review s11, 2)
+
+_PAGE = (b"<html>\r\n<head><title>404 Not Found</title></head>\r\n<body>\r\n"
+         b"<center><h1>404 Not Found</h1></center>\r\n</body>\r\n</html>\r\n")
+_S3 = b'{"error":"NoSuchKey","message":"The specified key does not exist."}\n'
+
+#: path: (body, the one line that refuses it, whether --force writes it anyway)
+NOT_IMAGES: dict[str, tuple[Callable[[], bytes], str, bool]] = {
+    "/nf.txt": (lambda: b"Not Found\n",
+                r'/nf\.txt is a text file, not a disk image: the download may have failed '
+                r'\(it begins "Not Found"\); --force writes it anyway$', True),
+    "/err.json": (lambda: _S3, r"/err\.json is JSON data, not a disk image: .*; --force writes "
+                               r"it anyway$", True),
+    "/page.html.gz": (lambda: gzip.compress(_PAGE),
+                      r'/page\.html\.gz is an HTML page \("404 Not Found"\), not a disk image',
+                      True),
+    "/disk.qcow2": (lambda: b"QFI\xfb\x00\x00\x00\x03" + os.urandom(MiB),
+                    r"/disk\.qcow2 is a QEMU qcow2 image, not a raw disk image: convert it "
+                    r"with `qemu-img convert -O raw`; --force writes it anyway$", True),
+    "/rand.img.xz": (lambda: os.urandom(2 * MiB),
+                     r"/rand\.img\.xz has a \.xz name but holds a raw image, and no disk image "
+                     r"signature either: it looks damaged; download it again \(not written, "
+                     r"even with --force\)$", False),
+    "/small.img": (lambda: os.urandom(100),
+                   r"/small\.img is only 100 bytes, smaller than one 512-byte sector", True),
+    "/empty.img.gz": (lambda: gzip.compress(b""),
+                      r"/empty\.img\.gz \(inside its gzip layer\) is empty$", False),
+}
+
+
+@needs_root
+@pytest.mark.parametrize("path", sorted(NOT_IMAGES))
+def test_a_url_that_is_not_a_disk_image_is_refused_as_a_file_is(
+        web: WebServer, path: str, loop_factory: Callable[..., Loop]) -> None:
+    body, line, forced = NOT_IMAGES[path]
+    web.add(path, Served(body()))
+    drive = loop_factory(4 * MiB, fill=PATTERN)
+    rc, events, err = flash(web.url(path), drive, extra=("--no-checksum",))
+    assert rc == 2, err
+    [shown] = err.strip().splitlines()
+    assert shown.startswith(f"popsicle-py: {web.url(path)}") and re.search(line, shown), shown
+    assert events[-1] == {"event": "summary", "ok": False, "results": []}
+    assert untouched(drive)
+    rc, _, err = flash(web.url(path), drive, extra=("--no-checksum", "--force"))
+    assert (rc == 0) == forced, err
+    if not forced:
+        assert untouched(drive)
+
+
+@needs_root
+def test_a_url_named_xz_holding_a_raw_image_says_so(
+        web: WebServer, data: bytes, loop_factory: Callable[..., Loop]) -> None:
+    image = bytearray(data)
+    image[510:512] = b"\x55\xaa"
+    web.add("/disk.img.xz", Served(bytes(image)))
+    drive = loop_factory(4 * MiB, fill=PATTERN)
+    proc = subprocess.run([*popsicle_cmd(), "flash", web.url("/disk.img.xz"), drive.path,
+                           "--yes", "--no-checksum"], capture_output=True, text=True,
+                          stdin=subprocess.DEVNULL, timeout=120, env={**os.environ, **FAST_ENV})
+    assert proc.returncode == 0, proc.stderr
+    assert (f"{web.url('/disk.img.xz')} has a .xz name but holds a raw image; using it as a "
+            "raw image") in proc.stdout, proc.stdout
+    assert drive.read(SIZE) == bytes(image)
+
+
+@needs_root
+def test_refusal_advice_for_a_url_names_a_file_a_command_can_take(
+        web: WebServer, loop_factory: Callable[..., Loop]) -> None:
+    sparse = bytes.fromhex("3aff26ed0100000001c000000c000000") + bytes(4096)
+    web.add("/sp.simg.gz", Served(gzip.compress(sparse)))
+    drive = loop_factory(4 * MiB, fill=PATTERN)
+    rc, _, err = flash(web.url("/sp.simg.gz"), drive)
+    assert rc == 2, err
+    assert err.strip().splitlines() == [
+        f"popsicle-py: {web.url('/sp.simg.gz')} (inside its gzip layer) is an Android sparse "
+        "image, which is not a raw disk image: convert it with `simg2img FILE image.img` and "
+        "write image.img (or flash it with fastboot), where FILE is what "
+        f"{web.url('/sp.simg.gz')}'s gzip layer holds, decompressed into a file"]
+    assert untouched(drive)
+
+
+def test_the_start_read_to_judge_a_url_is_served_again(web: WebServer, data: bytes) -> None:
+    """The sample (more than the probe's first read) is the download's first bytes, from the
+    same answer; a drop while it is read leaves it unjudged, resumed from the byte reached."""
+    web.add("/disk.img", Served(data))
+    opened = remote.open_url(web.url("/disk.img"), settings=FAST, no_checksum=True)
+    assert isinstance(opened.image, remote.RemoteImage)
+    assert opened.image.sample.head == data[:72 << 10]
+    with opened.image.open() as stream:
+        assert stream.read() == data
+    end = f"bytes={SIZE}-"  # the check that nothing follows the body
+    assert [r.range for r in web.requests_for("/disk.img") if r.range != end] == [None]
+
+    web.add("/cut.img", Served(data, drop_at=[20000]))
+    opened = remote.open_url(web.url("/cut.img"), settings=FAST, no_checksum=True)
+    assert isinstance(opened.image, remote.RemoteImage)
+    assert opened.image.sample.head is None  # too little to judge: left to the download
+    with opened.image.open() as stream:
+        assert stream.read() == data
+    assert [r.range for r in web.requests_for("/cut.img")
+            if r.range != end] == [None, "bytes=20000-"]
+
+
+@needs_root
+def test_a_url_zip_holding_text_is_refused_once_downloaded(
+        web: WebServer, loop_factory: Callable[..., Loop], tmp_path: Path) -> None:
+    """A zip is downloaded whole before it is read: judged then, still before any drive."""
+    web.add("/textm.zip", Served(zipped(b"Not Found\n" * 100, zipfile.ZIP_DEFLATED)))
+    drive = loop_factory(4 * MiB, fill=PATTERN)
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    rc, _, err = flash(web.url("/textm.zip"), drive, extra=("--no-checksum",),
+                            env={"TMPDIR": str(scratch)})
+    assert rc == 2, err
+    assert err.strip().splitlines() == [
+        f"popsicle-py: {web.url('/textm.zip')} is a text file, not a disk image: the download "
+        'may have failed (it begins "Not Found"); --force writes it anyway']
+    assert untouched(drive)
+    assert list(scratch.iterdir()) == [], "the downloaded copy was left behind"

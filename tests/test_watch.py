@@ -17,6 +17,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from rich.console import Console
 
 from popsicle_py import events
 from popsicle_py.view import PlainView, WatchView
+from popsicle_py.watch_power import STOPPED, bounded
 
 MiB = 1 << 20
 HERE = Path(__file__).resolve().parent
@@ -421,6 +423,41 @@ def test_a_card_inserted_into_a_reader_is_a_new_drive(tmp_path: Path) -> None:
 
 @needs_testbed
 @pytest.mark.umockdev
+def test_a_card_swapped_while_the_pulled_one_is_ending_is_written_after_it(
+        tmp_path: Path) -> None:
+    """Card A pulled mid-write, card B in at once (the two "change" uevents back to back):
+    A's job is still ending when B arrives, so B waits for it (the old job may still hold the
+    device), then is announced and written like any card."""
+    data = os.urandom(8 * MiB + 512)
+    reader = ("/sys/devices/pci0000:00/0000:00:14.0/usb1/1-4/1-4:1.0/host9/target9:0:0/"
+              "9:0:0:0/block/sdf")
+    card = {"size": str(64 * MiB // 512)}
+    with faulty_files() as made:
+        image = FaultyFile(len(data), content=data, faults={"crawl": (0, 2 * MiB)})
+        made.append(image)
+        run = watch(tmp_path, [str(image.file), "--yes", "--force", "--count", "2",
+                               "--no-power-off"],
+                    [WATCHING, {"change": reader, "attributes": card},
+                     {"wait": {"event": "progress", "device": "/dev/sdf", "phase": "writing"}},
+                     {"change": reader, "attributes": {"size": "0"}},
+                     {"change": reader, "attributes": card},
+                     {"wait": {"event": "result", "device": "/dev/sdf", "status": "failed"}},
+                     {"wait": {"event": "result", "device": "/dev/sdf", "status": "ok"}}],
+                    present=(fixture("usb-reader-empty.umockdev"),), read=("/dev/sdf",),
+                    timeout=60)
+    assert run.rc == 1, run.stderr
+    first, second = run.summary["results"]
+    assert (first["status"], first["cause"]) == ("failed", "removed")
+    assert second["status"] == "ok" and second["verified"] is True
+    assert (run.files["/dev/sdf"] or b"")[: len(data)] == data
+    kinds = [(e["event"], e.get("status")) for e in run.events
+             if e.get("device") == "/dev/sdf" and e["event"] in ("drive_added", "result")]
+    assert kinds == [("drive_added", None), ("result", "failed"), ("drive_added", None),
+                     ("result", "ok")]
+
+
+@needs_testbed
+@pytest.mark.umockdev
 def test_include_present_writes_drives_plugged_in_before(tmp_path: Path) -> None:
     image, data = image_file(tmp_path, 1 * MiB)
     run = watch(tmp_path, [str(image), "--yes", "--count", "1", "--include-present"],
@@ -484,6 +521,54 @@ def test_a_signal_cancels_the_drive_in_flight(tmp_path: Path, sig: int, status: 
     assert run.files[big.remove_attr] == b""
     again = "Ctrl-C again" if sig == signal.SIGINT else "another SIGTERM"
     assert f"stopping every drive ({again} to quit at once)" in run.stderr
+
+
+@needs_testbed
+@pytest.mark.umockdev
+def test_a_power_off_that_hangs_does_not_hold_the_session_past_ctrl_c(tmp_path: Path) -> None:
+    """A stick written and verified that stops answering when it is powered off (here its
+    USB device's ``remove`` never takes the write): one Ctrl-C ends the session, the drive
+    stays ok, and the operator is told it was not powered off."""
+    data = os.urandom(8 * MiB + 512)  # a crawl of buckets: the trap is set mid-write
+    with faulty_files() as made:
+        image = FaultyFile(len(data), content=data, faults={"crawl": (0, 2 * MiB)})
+        made.append(image)
+        run = watch(tmp_path, [str(image.file), "--yes", "--force"],
+                    [WATCHING, {"add": C.description},
+                     {"wait": {"event": "progress", "device": C.dev, "phase": "writing"}},
+                     {"fifo": C.remove_attr}, result_of(C), {"signal": int(signal.SIGINT)}],
+                    read=(C.dev,), timeout=30)
+    assert run.rc == 0, run.stderr
+    (result,) = run.summary["results"]
+    assert (result["status"], result["verified"]) == ("ok", True)
+    assert (run.files[C.dev] or b"")[: len(data)] == data
+    assert not run.of("phase", device=C.dev, phase="done", detail="powered off")
+    assert {"event": "note", "text": f"{C.dev}: done, but not powered off (stopped while it "
+            "was being powered off); it can be pulled"} in run.events
+    assert "quit at once" in run.stderr  # a drive was still in hand: the first Ctrl-C
+
+
+def test_a_call_that_hangs_is_given_up_after_its_limit_or_at_a_stop(tmp_path: Path) -> None:
+    """How a power-off is bounded: the call (an open that never returns) is left on its
+    thread, and the caller hears why at the limit, or at once when told to stop."""
+    fifo = tmp_path / "remove"
+    os.mkfifo(fifo)
+
+    def hangs() -> str | None:
+        with open(fifo, "w") as f:  # nobody reads: blocks
+            f.write("1")
+        return None
+
+    assert bounded(hangs, cancel=lambda: False, limit=0.3, name="t") == \
+        "it did not answer for 0.3 s"
+    stop = threading.Event()
+    threading.Timer(0.2, stop.set).start()
+    assert bounded(hangs, cancel=stop.is_set, limit=None, name="t") == STOPPED
+    assert bounded(lambda: "no USB device", cancel=lambda: False, limit=0.3,
+                   name="t") == "no USB device"
+    assert bounded(lambda: None, cancel=lambda: False, limit=0.3, name="t") is None
+    with open(fifo, "rb"):  # let the workers' opens return
+        pass
 
 
 @needs_testbed
@@ -576,35 +661,82 @@ SESSION = [
     events.Progress("/dev/sdc", events.Step.WRITING, MiB, 2 * MiB),
     events.DriveAdded("/dev/sdd", "SanDisk Cruzer Blade", 64 * MiB, True),
     events.Phase("/dev/sdd", events.Step.WRITING),
-    events.Phase("/dev/sdd", events.Step.FAILED, "/dev/sdd: the drive was removed"),
+    # A stick pulled mid-write, in the session's order (seen in a real run): the removal
+    # first, then its job's end.
+    events.DriveRemoved("/dev/sdd"),
+    events.Phase("/dev/sdd", events.Step.FAILED, "/dev/sdd: the drive was removed",
+                 events.Cause.REMOVED),
     events.Result(events.DriveResult("/dev/sdd", events.Status.FAILED, MiB,
-                                      "/dev/sdd: the drive was removed")),
+                                      "/dev/sdd: the drive was removed",
+                                      cause=events.Cause.REMOVED)),
     events.Phase("/dev/sdc", events.Step.DONE),
     events.Result(events.DriveResult("/dev/sdc", events.Status.OK, 2 * MiB, verified=True)),
     events.Phase("/dev/sdc", events.Step.DONE, events.POWERED_OFF),
 ]
 
 
+def _screen(view: WatchView, width: int = 160) -> str:
+    screen = io.StringIO()
+    Console(file=screen, width=width, color_system=None).print(view)
+    return screen.getvalue()
+
+
+def _failed_in_place(device: str) -> list[events.WatchEvent]:
+    """A stick that fails while plugged in (an I/O error): it is there to be pulled."""
+    why = f"{device}: write error at 1 MiB: Input/output error"
+    return [events.DriveAdded(device, "SanDisk Cruzer Blade", 64 * MiB, True),
+            events.Phase(device, events.Step.WRITING),
+            events.Phase(device, events.Step.FAILED, why, events.Cause.IO_ERROR),
+            events.Result(events.DriveResult(device, events.Status.FAILED, MiB, why,
+                                              cause=events.Cause.IO_ERROR))]
+
+
 def test_watch_view_rows_header_and_next_step() -> None:
     out = io.StringIO()
     console = Console(file=out, width=160, force_terminal=False, color_system=None)
-    view = WatchView(console, "/tmp/image.img", 2 * MiB, count=3)
+    view = WatchView(console, "/tmp/image.img", 2 * MiB, count=4)
     _feed(view, SESSION)
-    screen = io.StringIO()
-    Console(file=screen, width=160, color_system=None).print(view)
-    text = screen.getvalue()
+    text = _screen(view)
     assert "/tmp/image.img" in text
     assert "done 1" in text and "failed 1" in text and "in progress 0" in text
     assert "done, powered off: pull it" in text
-    assert "failed: pull it (the drive was removed)" in text
+    assert "failed: the drive was removed" in text  # pulled already: nothing to pull
     assert "ignored: not a USB or SD drive" in text
-    assert "Pull the failed drive (/dev/sdd); plug in the next drive (1 more to go)" in text
-    view.handle(events.DriveRemoved("/dev/sdd"))
-    screen = io.StringIO()
-    Console(file=screen, width=160, color_system=None).print(view)
-    assert "Plug in the next drive" in screen.getvalue()
+    assert "Pull" not in text
+    assert "-> Plug in the next drive (2 more to go)" in text
+    _feed(view, _failed_in_place("/dev/sde"))
+    text = _screen(view)
+    assert "failed: pull it (write error at 1 MiB: Input/output error)" in text
+    assert "Pull the failed drive (/dev/sde); plug in the next drive (1 more to go)" in text
+    view.handle(events.DriveRemoved("/dev/sde"))
+    assert "-> Plug in the next drive (1 more to go)" in _screen(view)
     view.handle(events.Summary((events.DriveResult("/dev/sdc", events.Status.OK, 2 * MiB),)))
     assert "done: 1 of 1 drives ok" in out.getvalue()
+
+
+def test_watch_view_never_says_to_pull_a_drive_already_pulled_or_one_being_written() -> None:
+    """The session says a stick pulled mid-write is gone before its job ends (the order of a
+    real run): it is not to be pulled, and the stick the kernel names after it, being
+    written, even less.  A failed stick whose removal was not heard is off the list once
+    another drive is added under its name."""
+    view = WatchView(Console(file=io.StringIO(), width=160, color_system=None),
+                     "/tmp/image.img", 2 * MiB, count=6)
+    _feed(view, SESSION)
+    assert "Pull" not in _screen(view)
+    _feed(view, [events.DriveAdded("/dev/sdd", "SanDisk Cruzer Blade", 64 * MiB, True),
+                 events.Phase("/dev/sdd", events.Step.WRITING),
+                 events.Progress("/dev/sdd", events.Step.WRITING, MiB, 2 * MiB)])
+    text = _screen(view)
+    assert "Pull" not in text
+    assert "-> Plug in the next drive (3 more to go)" in text
+    # A failed stick still in its port, then another drive under its name.
+    _feed(view, _failed_in_place("/dev/sde"))
+    assert "Pull the failed drive (/dev/sde)" in _screen(view)
+    _feed(view, [events.DriveAdded("/dev/sde", "SanDisk Cruzer Blade", 64 * MiB, True),
+                 events.Phase("/dev/sde", events.Step.WRITING)])
+    text = _screen(view)
+    assert "Pull" not in text
+    assert "-> Plug in the next drive (1 more to go)" in text
 
 
 @pytest.mark.parametrize("width", [80, 120])
@@ -623,7 +755,7 @@ def test_watch_view_fits_the_terminal(width: int) -> None:
     assert "failed" in rows["/dev/sdd"] and "%" in rows["/dev/sdd"]
     assert "ignored" in rows["/dev/sda"] and "%" not in rows["/dev/sda"]
     text = "\n".join(lines)
-    assert "pull it (the drive was removed)" in text and "not a USB or SD drive" in text
+    assert "the drive was removed" in text and "not a USB or SD drive" in text
 
 
 def test_plain_view_says_what_happened_to_each_drive() -> None:

@@ -149,6 +149,22 @@ def test_bmap_with_no_bmap_is_a_usage_error(sparse_image: tuple[Path, bytes],
     assert drive.read() == bytes([PATTERN]) * drive.size
 
 
+def test_skip_identical_with_a_minimum_write_speed_is_refused(
+        sparse_image: tuple[Path, bytes], loop_factory: Callable[..., Loop]) -> None:
+    """Bytes --skip-identical finds already there move at reading speed: a drive that writes
+    too slowly would pass --min-write-speed.  Refused before anything is written."""
+    path, _ = sparse_image
+    drive = loop_factory(16 * MiB, fill=PATTERN)
+    rc, evs, err = flash(str(path), drive.path, "--skip-identical", "--min-write-speed",
+                         "15MB/s")
+    assert rc == 2
+    assert err.splitlines() == ["popsicle-py: --min-write-speed judges how fast a drive "
+                                "writes, and --skip-identical does not write what the drive "
+                                "already holds: give one"]
+    assert [e["event"] for e in evs] == ["error", "summary"]
+    assert drive.read() == bytes([PATTERN]) * drive.size
+
+
 def test_a_checksum_only_the_write_pass_could_check_is_refused_with_a_block_map(
         sparse_image: tuple[Path, bytes], loop_factory: Callable[..., Loop]) -> None:
     """A block map's pass reads only its ranges, so --checksum-while-writing would check

@@ -8,16 +8,18 @@ device").  The scenario is JSON written by tests/test_watch.py:
      "steps": [{"wait": {"event": "watching"}}, {"add": description},
                {"remove": ["/sys/devices/.../block/sdc", ...]}, {"signal": 2},
                {"change": "/sys/devices/.../block/sdf", "attributes": {"size": "131072"}},
-               {"wait_line": "text"}, {"flip": "/tmp/.../image.img", "offset": 100}],
+               {"wait_line": "text"}, {"flip": "/tmp/.../image.img", "offset": 100},
+               {"fifo": "/sys/devices/.../remove"}],
      "read": ["/dev/sdb", "/sys/devices/.../remove"], "out": "report.json", "dir": "DIR"}
 
 ``present`` devices are in the testbed before the command starts.  Steps run in order; a
 ``wait`` blocks until a JSON line on the command's stdout (after the one the previous wait
 matched) has every key/value given; ``remove`` sends a "remove" uevent for each sysfs path
-(deepest first), then removes it from the testbed.  No sleeps: the command's own events are
-the clock.  After the command exits, every ``read`` path of the testbed is copied to DIR
-(``/`` -> ``_``), and the report (exit status, stdout lines, stderr, problems) is written to
-``out``.
+(deepest first), then removes it from the testbed; ``fifo`` makes a testbed file a named
+pipe nobody reads (opening it to write hangs, as a dead stick's flush or sysfs can; never
+``read`` it).  No sleeps: the command's own events are the clock.  After the command exits,
+every ``read`` path of the testbed is copied to DIR (``/`` -> ``_``), and the report (exit
+status, stdout lines, stderr, problems) is written to ``out``.
 """
 
 from __future__ import annotations
@@ -135,6 +137,9 @@ def run(scenario: dict, stderr) -> dict:
             for name, value in step.get("attributes", {}).items():
                 tb.set_attribute(step["change"], name, value)
             tb.uevent(step["change"], "change")
+        elif "fifo" in step:
+            os.unlink(root + step["fifo"])
+            os.mkfifo(root + step["fifo"])
         elif "signal" in step:
             proc.send_signal(step["signal"])
         elif "flip" in step:  # a byte of a file (the image) changed in place

@@ -133,12 +133,20 @@ class PreparedFlash(HeldFiles):
                 if image.kind.needs_whole_file:  # a zip: its directory is at its end
                     from popsicle_py.watch import default_tmpdir
 
-                    local = sources.download_first(image, view.handle, cancel,
-                                                   default_tmpdir(), downloads)
+                    local = sources.download_first(
+                        image, view.handle, cancel, default_tmpdir(), downloads,
+                        judged=(self.request.source.image, self.request.source.force))
                     if local is None:
                         return self._cancelled(emit, view)
                     image = local
-                if self.checksum is not None and not write.checksum_while_writing:
+                if self.checksum is not None and write.checksum_while_writing \
+                        and not image.tappable:
+                    view.handle(events.Note(
+                        f"{self.checksum.source}: a {image.format} is read through its "
+                        "directory, not front to back, so its checksum is checked before "
+                        "writing (--checksum-while-writing cannot)"))
+                if self.checksum is not None and (not write.checksum_while_writing
+                                                  or not image.tappable):
                     sources.check_checksum(image, self.checksum, view.handle, cancel,
                                            engine.stall_timeout)
                 if self.request.targets.unmount and not cancel():
@@ -214,6 +222,11 @@ def prepare_flash(request: FlashRequest) -> PreparedFlash:
         raise Refused(["no target drives: name devices or use --all-usb"])
     if write.no_bmap and write.bmap is not None:
         raise Refused([f"--bmap {write.bmap} and --no-bmap contradict each other; give one"])
+    if write.skip_identical and request.grade.min_write_speed is not None:
+        # Bytes found already there move at reading speed: a slow writer would pass.
+        raise Refused(["--min-write-speed judges how fast a drive writes, and "
+                       "--skip-identical does not write what the drive already holds: "
+                       "give one"])
     try:
         source, image_note, block_map, trim = sources.watched_checks(
             lambda: _image_checks(request), request.source.image, request.engine.stall_timeout)

@@ -7,6 +7,7 @@ The HTTP client is imported only when the image is a URL.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib
 import os
 import re
@@ -33,6 +34,9 @@ from popsicle_py.images import (
     read_head,
     verify_checksum,
 )
+from popsicle_py.images.formats import Format
+from popsicle_py.images.sample import Sample, runnable
+from popsicle_py.images.stdin import SHOWN as STDIN_SHOWN
 from popsicle_py.images.stillness import holding_still
 from popsicle_py.protocols import Source
 from popsicle_py.records import record
@@ -121,7 +125,10 @@ def open_source(options: SourceOptions) -> OpenedSource:
                                    no_checksum=options.no_checksum, keyring=options.keyring,
                                    cache=download_cache(options.use_cache))
         return OpenedSource(opened.image, opened.prepass, tuple(opened.notes))
-    img = open_image(options.image)
+    try:
+        img = open_image(options.image)
+    except ImageError as exc:  # `simg2img X.gz (inside its gzip layer) ...` names no file
+        raise ImageError(runnable(str(exc), os.path.abspath(options.image))) from None
     expected = parse_checksum_option(options.sha256, options.checksum)
     if expected is None and not options.no_checksum:
         expected = find_sidecar(img.path)
@@ -195,30 +202,50 @@ def open_for_reading(image: str) -> Source:
 
 
 def sanity_note(source: OpenedSource, shown: str, force: bool) -> str | None:
-    """Refuse a local file that is not a disk image (a failed download) unless ``force``;
-    else a note for an image that is unusual but may be right.
+    """Refuse an image that is not a disk image (a failed download) unless ``force``; else a
+    note for an image that is unusual but may be right.
 
-    A head that cannot be decoded is left to the job, which fails every drive naming the image
-    and the offset (as for damage further in), exactly as without this check.
+    A file is judged by its decoded head; a download or standard input by the start read and
+    decoded before any drive is opened (its ``sample``), with the same rules and words; a zip
+    at a URL once it is downloaded (:func:`download_first`'s ``judged``, still before any
+    drive).  A head
+    that cannot be decoded is left to the job, which fails every drive naming the image and
+    the offset (as for damage further in), exactly as without this check.
     """
     img = source.image
-    if not isinstance(img, Image):
+    if isinstance(img, Image):
+        return _judge_file(img, shown, force)
+    warning: str | None = getattr(img, "warning", None)
+    if img.kind.needs_whole_file:  # judged once downloaded: download_first(judged=...)
         return None
+    sample = getattr(img, "sample", None)  # read up front (images/sample.py)
+    if not isinstance(sample, Sample) or sample.head is None:
+        return None
+    return _verdict(sample.head, len(sample.head) if sample.complete else None, img.kind,
+                    warning, (), STDIN_SHOWN if is_stdin(shown) else shown, force)
+
+
+def _judge_file(img: Image, shown: str, force: bool) -> str | None:
     try:
         head = read_head(img, sanity.HEAD_SIZE)
         if sanity.needs_more(head):  # an ISO without a boot record: what does it hold?
             head = read_head(img, sanity.ISO_SCAN)
     except ImageError:
         return None
-    if img.warning is not None and not img.kind.decoded and sanity.signature(head) is None:
+    return _verdict(head, img.size, img.kind, img.warning, img.layers, shown, force)
+
+
+def _verdict(head: bytes, size: int | None, kind: Format, warning: str | None,
+             layers: tuple[str, ...], shown: str, force: bool) -> str | None:
+    if warning is not None and not kind.decoded and sanity.signature(head) is None:
         # Named .xz (or .gz ...) and neither that nor a disk image: a damaged download.
-        raise ImageError(f"{img.warning.split(';')[0]}, and no disk image signature either: "
+        raise ImageError(f"{warning.split(';')[0]}, and no disk image signature either: "
                          "it looks damaged; download it again (not written, even with --force)")
-    notes = [img.warning] if img.warning else []
-    if img.layers:
-        notes.append(f"{shown}: decoding {len(img.layers) + 1} layers: "
-                     f"{', then '.join((img.format, *img.layers))}")
-    verdict = sanity.check(head, img.size, shown)
+    notes = [warning] if warning else []
+    if layers:
+        notes.append(f"{shown}: decoding {len(layers) + 1} layers: "
+                     f"{', then '.join((kind.name, *layers))}")
+    verdict = sanity.check(head, size, shown)
     if verdict.refusal is None:
         return "; ".join([*notes, verdict.note] if verdict.note else notes) or None
     if not force:
@@ -248,9 +275,13 @@ def attach(image: Source, emit: Callable[[events.Event], None], cancel: Cancella
 
 
 def download_first(image: Source, emit: Emit, cancel: Cancellation, tmpdir: str,
-                   stack: contextlib.ExitStack) -> Image | None:
+                   stack: contextlib.ExitStack, judged: tuple[str, bool] | None = None
+                   ) -> Image | None:
     """A URL (or standard input) read from start to end into a file before writing (watch,
-    zip); None if cancelled.  The copy is removed when ``stack`` closes."""
+    zip); None if cancelled.  The copy is removed when ``stack`` closes.
+
+    ``judged`` (the name shown, --force): a zip at a URL, which :func:`sanity_note` could not
+    judge from its start, is judged now, as a file is, before any drive is opened."""
     if isinstance(image, Image):
         return image
     if isinstance(image, StdinImage):  # read once, into a private file removed at the end
@@ -259,6 +290,10 @@ def download_first(image: Source, emit: Emit, cancel: Cancellation, tmpdir: str,
         return open_image(path)
     local, cleanup = remote().materialize(image, emit, cancel, tmpdir)
     stack.callback(cleanup)
+    if local is not None and judged is not None and image.kind.needs_whole_file:
+        copy = dataclasses.replace(local, warning=getattr(image, "warning", None))
+        if (note := _judge_file(copy, *judged)) is not None:
+            emit(events.Note(note))
     return local  # type: ignore[no-any-return]
 
 

@@ -110,8 +110,9 @@ class PreparedWatch(HeldFiles):
             view.handle(events.Note(note))
         with contextlib.ExitStack() as downloads:
             try:
-                image = sources.download_first(self.image, view.handle, cancel,
-                                               watch_mod.default_tmpdir(), downloads)
+                image = sources.download_first(
+                    self.image, view.handle, cancel, watch_mod.default_tmpdir(), downloads,
+                    judged=(self.request.source.image, self.request.source.force))
                 if image is None:
                     summary = events.Summary((), cancelled=True)
                     view.handle(summary)

@@ -176,15 +176,24 @@ def _read_sidecar(path: str) -> str:
         raise ImageError(f"checksum file {path} cannot be read: {e.strerror or e}") from None
 
 
+#: The algorithms from weakest to strongest (what a list naming the image twice is read by).
+_STRENGTH = ("sha1", "sha256", "blake2b", "sha512")
+
+
 def _pick(entries: list[tuple[str, str, str | None]], sidecar: str, base: str) -> Checksum | None:
-    named = [e for e in entries if e[2] in (base, "./" + base)]
-    found = {(a, h) for a, h, _ in named}
-    if len(found) > 1:
+    """The entry for ``base``: the strongest algorithm when it is listed under several (a list
+    made by ``sha256sum --tag; sha512sum --tag``); two different digests of one algorithm are
+    refused (which one is the image's?)."""
+    by_algo: dict[str, set[str]] = {}
+    for algo, hexdigest, name in entries:
+        if name in (base, "./" + base):
+            by_algo.setdefault(algo, set()).add(hexdigest)
+    if any(len(digests) > 1 for digests in by_algo.values()):
         raise ImageError(f"checksum file {sidecar} lists {base} with different checksums")
-    if found:
-        algo, hexdigest = found.pop()
-        return Checksum(algo, hexdigest, sidecar)
-    return None
+    if not by_algo:
+        return None
+    algo = max(by_algo, key=lambda a: _STRENGTH.index(a) if a in _STRENGTH else -1)
+    return Checksum(algo, by_algo[algo].pop(), sidecar)
 
 
 #: Lists of checksums distributions publish under fixed names (Arch: sha256sums.txt and

@@ -10,12 +10,14 @@ from __future__ import annotations
 import io
 import os
 import tempfile
+from collections.abc import Callable
 from typing import Any
 
 from popsicle_py.images.checksums import Checksum, ChecksumTap, new_hasher
 from popsicle_py.images.files import READ_SIZE, ImageError
 from popsicle_py.images.formats import HEAD_SIZE, Format, by_name, judge
 from popsicle_py.images.image import Replay, open_stream, read_full
+from popsicle_py.images.sample import Sample, runnable, take_sample
 
 __all__ = ["StdinImage", "open_stdin"]
 
@@ -62,9 +64,11 @@ class StdinImage:
     tappable = True
 
     def __init__(self, fd: int, head: bytes, kind: Format,
-                 checksum: Checksum | None = None) -> None:
+                 checksum: Checksum | None = None, sample: Sample | None = None) -> None:
         self._fd = fd
-        self._head = head
+        self._head = head  # the bytes read already: served again first
+        #: The decoded start, judged before any drive is opened (see app/sources.sanity_note).
+        self.sample = sample
         self.format = kind.name
         self.checksum = checksum
         self._opened = False
@@ -125,12 +129,31 @@ def open_stdin(checksum: Checksum | None = None, fd: int = 0) -> StdinImage:
     try:
         with open(fd, "rb", buffering=0, closefd=False) as f:
             head = read_full(f, HEAD_SIZE)
+            if not head:
+                raise ImageError(f"{SHOWN} is empty: no image came through the pipe")
+            try:
+                kind = judge(head, SHOWN)
+                if kind.needs_whole_file:
+                    raise ImageError(f"{SHOWN} holds a {kind.name} file, which cannot be read "
+                                     "as a stream: save it to a file and give its name")
+                # Judged like a file before any drive is opened; kept, and written first.
+                sample = take_sample(head, _reader(f), kind, SHOWN)
+            except ImageError as e:
+                raise ImageError(runnable(str(e), SHOWN, _SAVED)) from None
     except OSError as e:
         raise ImageError(f"{SHOWN} cannot be read: {e.strerror or e}") from None
-    if not head:
-        raise ImageError(f"{SHOWN} is empty: no image came through the pipe")
-    kind = judge(head, SHOWN)
-    if kind.needs_whole_file:
-        raise ImageError(f"{SHOWN} holds a {kind.name} file, which cannot be read as a "
-                         "stream: save it to a file and give its name")
-    return StdinImage(fd, head, kind, checksum)
+    return StdinImage(fd, sample.raw, kind, checksum, sample)
+
+
+#: What FILE is in advice given for standard input (`lzip -dk FILE`).
+_SAVED = "what came through standard input, saved to a file"
+
+
+def _reader(f: io.RawIOBase) -> Callable[[int], bytes | None]:
+    """The pipe's further bytes for the sample (a read error: the sample stops there)."""
+    def more(n: int) -> bytes | None:
+        try:
+            return f.read(n) or b""
+        except OSError:
+            return None
+    return more

@@ -9,14 +9,18 @@ the whole body in a file first, for watch and zip images.
 
 from __future__ import annotations
 
+import http.client
 import io
 import os
 import posixpath
 import threading
+import time
 import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
+
+from urllib3.exceptions import HTTPError
 
 from popsicle_py.cache import Cache, CacheWriter
 from popsicle_py.events import Note
@@ -33,6 +37,8 @@ from popsicle_py.images import (
     read_decoded,
 )
 from popsicle_py.images.checksums import Hasher
+from popsicle_py.images.formats import Format
+from popsicle_py.images.sample import Sample, runnable, take_sample
 from popsicle_py.remote.download import CHUNK, Download, Emit, FileSink
 from popsicle_py.remote.http import Client, HttpSettings, Probe, RemoteError, probe
 from popsicle_py.signatures import check_signature
@@ -81,6 +87,54 @@ class _Decoded(io.RawIOBase):
         super().close()
 
 
+def _judged(probe_: Probe) -> Format:
+    """The body's format; a refusal's advice names FILE, not the URL, in its commands."""
+    try:
+        return judge(probe_.head, probe_.url)
+    except ImageError as exc:
+        raise ImageError(runnable(str(exc), probe_.url,
+                                  f"the file downloaded from {probe_.url}")) from None
+
+
+def _sample(client: Client, probe_: Probe, kind: Format) -> Sample:
+    """The start of the body, decoded as far as the "not a disk image" check needs: read on
+    from the probe's answer, and left in its ``head`` for the download to serve first.
+
+    A connection lost or too slow here (more than the read timeout for the whole sample)
+    ends the sample: the download takes over from the byte reached, as after any drop.
+    """
+    resp = probe_.response
+    deadline = time.monotonic() + client.settings.read_timeout
+    got = len(probe_.head)
+    broken = False
+
+    def more(n: int) -> bytes | None:
+        nonlocal got, broken
+        if resp is None or broken or time.monotonic() > deadline:
+            return None
+        try:
+            data = resp.read1(n)
+        except (HTTPError, OSError, http.client.HTTPException):
+            broken = True
+            return None
+        if not data and probe_.total is not None and got < probe_.total:
+            broken = True  # closed early: a cut, not the end
+            return None
+        got += len(data)
+        return data
+
+    try:
+        sample = take_sample(probe_.head, more, kind, probe_.url)
+    except ImageError as exc:
+        raise ImageError(runnable(str(exc), probe_.url,
+                                  f"the file downloaded from {probe_.url}")) from None
+    probe_.head = sample.raw
+    if broken and resp is not None:
+        resp.close()
+        probe_.response = None  # the download asks again from the byte reached
+    return sample
+
+
 class RemoteImage:
     """An image at a URL, probed once; open() streams (and decodes) the download.
 
@@ -101,8 +155,10 @@ class RemoteImage:
         self.final_url = probe_.final_url
         self.validator = probe_.validator
         self.total = probe_.total
-        self.kind = judge(probe_.head, probe_.url)  # refused or damaged: before any drive
+        self.kind = _judged(probe_)  # refused or damaged: before any drive
         self.format = self.kind.name
+        #: The decoded start, judged before any drive is opened (app/sources.sanity_note).
+        self.sample = _sample(client, probe_, self.kind)
         self.file_size = probe_.total or 0
         self.size = None if self.kind.decoded else probe_.total
         self.expected = expected

@@ -21,7 +21,7 @@ from popsicle_py.drives.model import (
     Process,
     SystemFacts,
 )
-from popsicle_py.drives.opened import ExclusiveOpens, held
+from popsicle_py.drives.opened import ExclusiveOpens, held, pids
 from popsicle_py.drives.system import (
     DeviceNames,
     MountEntry,
@@ -65,14 +65,6 @@ def gather_facts(image_path: str | None = None,
 
 
 # -- Holders: what other namespaces mount, loop devices over disks, who has a disk open -----
-
-
-def _pids() -> list[int]:
-    try:
-        names = os.listdir("/proc")
-    except OSError:
-        return []
-    return sorted(int(n) for n in names if n.isdigit())
 
 
 def _program(pid: int) -> str:
@@ -127,7 +119,7 @@ def foreign_mounts(own: list[MountEntry] | None = None, answers: LoopAnswers | N
     seen = {ours}
     backing = _Backings(answers)
     found: list[Mount] = []
-    for pid in _pids():
+    for pid in pids():
         try:
             namespace = os.readlink(f"/proc/{pid}/ns/mnt")
         except OSError:

@@ -137,7 +137,8 @@ def fdinfo(pid: int, fd: str) -> tuple[bool, int | None, int | None] | None:
     return writing, mount_id, ino
 
 
-def _pids() -> list[int]:
+def pids() -> list[int]:
+    """Every process now, in order."""
     try:
         names = os.listdir("/proc")
     except OSError:
@@ -427,7 +428,7 @@ def held(backing_files: frozenset[Inode] = frozenset()) -> list[Held]:
     """Every block device other processes hold (a descriptor, a mapping), and every file in
     ``backing_files`` (loop devices' backing files) they write."""
     ours = os.getpid()
-    return _Scan(backing_files).run(pid for pid in _pids() if pid != ours)
+    return _Scan(backing_files).run(pid for pid in pids() if pid != ours)
 
 
 #: Seconds the test of an exclusive open is given (a dying drive may not answer at once).

@@ -122,8 +122,9 @@ def busy_message(path: str, mountpoints: Sequence[str]) -> str:
     if mountpoints:
         return (f"{path}: the drive is busy: mounted at {', '.join(mountpoints)}; unmount it "
                 "or use --unmount")
-    return (f"{path}: the drive is busy: another program has it open (see which with "
-            f"`fuser -v {path}*`); close it and try again")
+    return (f"{path}: the drive is busy: in exclusive use by a program (see which with "
+            f"`fuser -v {path}*`) or by the kernel (a file system on it unmounted with "
+            "`umount -l` while in use, a loop device over a file on it); close it and try again")
 
 
 def _mountpoints(path: str) -> tuple[str, ...]:

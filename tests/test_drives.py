@@ -459,3 +459,17 @@ def test_the_real_root_disk_is_a_system_drive() -> None:
         assert drive.reason == "system drive (/ is mounted from it)"
         with pytest.raises(TargetError, match=r"is a system drive \(/ is mounted from it\)$"):
             drive_for_path(drive.path)
+
+
+def test_an_empty_device_name_gets_one_clear_line(tmp_path: Path) -> None:
+    """``flash IMG ''`` (an unset shell variable): no "did you mean /dev/?"."""
+    from conftest import popsicle_cmd
+
+    image = tmp_path / "disk.img"
+    image.write_bytes(b"\1" * 4096)
+    done = subprocess.run([*popsicle_cmd(), "flash", str(image), "", "--yes"],
+                          capture_output=True, text=True, stdin=subprocess.DEVNULL,
+                          timeout=60, check=False)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr == ("popsicle-py: the drive's name is empty (an unset variable?); "
+                           "name a drive such as /dev/sdb\n"), done.stderr

@@ -11,7 +11,10 @@ import contextlib
 import json
 import os
 import signal
+import stat
 import subprocess
+import sys
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -421,11 +424,209 @@ def test_a_descriptor_closed_while_it_is_looked_at_is_no_writer() -> None:
     """A udev worker probes a stick with descriptors it closes at once: one gone between the
     look at /proc/PID/fd and the read of its flags was taken for a writer (flags unknown),
     and a stick just plugged in was refused "open in (udev-worker)" in the VM."""
-    from popsicle_py.drives import holders
+    from popsicle_py.drives import opened
 
     with open("/dev/null", "rb") as null, subprocess.Popen(["sleep", "60"], stdin=null) as sleeper:
         try:
-            assert holders._writing(sleeper.pid, "999") is None  # no such descriptor (now)
-            assert holders._writing(sleeper.pid, "0") is False  # its stdin, read-only
+            assert opened.fdinfo(sleeper.pid, "999") is None  # no such descriptor (now)
+            info = opened.fdinfo(sleeper.pid, "0")  # its stdin, read-only
+            assert info is not None and info[0] is False
         finally:
             sleeper.kill()
+
+
+# -- holders found however they hold the drive (review s11, items 3, 4, 6 and 7) ------------
+
+
+@pytest.mark.root
+def test_a_program_holding_the_target_through_a_node_outside_dev_is_seen(
+        loop_factory: Callable[..., Loop], tmp_path: Path) -> None:
+    """A node made with mknod anywhere (a chroot's or container's /dev, a tool's private
+    node) opens the same drive: its name says nothing, its file does."""
+    path, _ = image(tmp_path)
+    target = loop_factory(4 * MiB, fill=PATTERN)
+    node = tmp_path / "node3"
+    os.mknod(node, 0o600 | stat.S_IFBLK, target.devnum)
+    with holding(str(node)) as reader:
+        done = popsicle("flash", path, target.path, "--yes")
+        assert done.returncode == 2, done.stderr
+        assert refusal(done) == f"{target.path} is open in sleep (pid {reader.pid})", \
+            done.stderr
+    assert target.read() == bytes([PATTERN]) * target.size
+
+
+@pytest.mark.root
+def test_a_node_in_a_container_s_own_dev_is_seen(loop_factory: Callable[..., Loop],
+                                                 tmp_path: Path) -> None:
+    """A container's /dev is a tmpfs of its own mount namespace, in no table of ours: the
+    descriptor's file system is looked up in that namespace's mountinfo."""
+    path, _ = image(tmp_path)
+    target = loop_factory(4 * MiB, fill=PATTERN)
+    private = tmp_path / "dev"
+    private.mkdir()
+    major, minor = target.major_minor
+    holder = subprocess.Popen(
+        ["unshare", "-m", "--propagation", "private", "sh", "-c", DROP_OTHER_TESTS_MOUNTS
+         + f"mount -t tmpfs tmpfs {private} && mknod {private}/disk b {major} {minor} && "
+         f"echo ready && exec sleep 60 < {private}/disk"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "ready"
+        done = popsicle("flash", path, target.path, "--yes")
+        assert done.returncode == 2, done.stderr
+        assert refusal(done) == f"{target.path} is open in sleep (pid {holder.pid})", \
+            done.stderr
+    finally:
+        holder.kill()
+        holder.wait(timeout=10)
+    assert target.read() == bytes([PATTERN]) * target.size
+
+
+MAPPER = """
+import ctypes, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+libc.mmap.restype = ctypes.c_void_p
+libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                      ctypes.c_int, ctypes.c_long]
+fd = os.open(sys.argv[1], os.O_RDWR)
+address = libc.mmap(None, 4096, 3, 1, fd, 0)  # PROT_READ | PROT_WRITE, MAP_SHARED
+assert address not in (None, ctypes.c_void_p(-1).value)
+os.close(fd)
+print("ready", flush=True)
+sys.stdin.read()  # until the test is done
+"""
+
+
+@pytest.mark.root
+def test_a_program_with_the_target_mapped_and_its_descriptor_closed_is_seen(
+        loop_factory: Callable[..., Loop], tmp_path: Path) -> None:
+    """``mmap(MAP_SHARED)`` then ``close(fd)``: no descriptor left, and it can still write
+    into the drive whenever it likes (/proc/PID/maps shows it)."""
+    path, _ = image(tmp_path)
+    target = loop_factory(4 * MiB, fill=PATTERN)
+    mapper = subprocess.Popen([sys.executable, "-c", MAPPER, target.path],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert mapper.stdout is not None and mapper.stdout.readline().strip() == "ready"
+        assert not any(os.readlink(f"/proc/{mapper.pid}/fd/{fd}") == target.path
+                       for fd in os.listdir(f"/proc/{mapper.pid}/fd"))
+        program = Path(f"/proc/{mapper.pid}/comm").read_text().strip()
+        done = popsicle("flash", path, target.path, "--yes")
+        assert done.returncode == 2, done.stderr
+        assert refusal(done) == f"{target.path} is open in {program} (pid {mapper.pid})", \
+            done.stderr
+        assert target.read() == bytes([PATTERN]) * target.size
+    finally:
+        mapper.kill()
+        mapper.wait(timeout=10)
+
+
+@pytest.mark.root
+def test_a_program_writing_a_loop_target_s_backing_file_holds_it(
+        loop_factory: Callable[..., Loop], tmp_path: Path) -> None:
+    """A virtual machine using the file as its disk writes the drive's bytes as surely as a
+    program with the loop device open."""
+    path, _ = image(tmp_path)
+    target = loop_factory(4 * MiB, fill=PATTERN)
+    with holding(str(target.backing), os.O_RDWR) as vm:
+        done = popsicle("flash", path, target.path, "--yes")
+        assert done.returncode == 2, done.stderr
+        assert refusal(done) == (f"{target.path} is open in sleep (pid {vm.pid}) through "
+                                 f"{target.backing}"), done.stderr
+    assert target.read() == bytes([PATTERN]) * target.size
+
+
+@contextlib.contextmanager
+def lazily_unmounted(target: Loop, mountpoint: Path) -> Iterator[str]:
+    """A file system on ``target`` still used by a loop device over a file on it, then
+    unmounted with ``umount -l``: no mount table lists it, no program has the drive open,
+    and the kernel still holds it (O_EXCL).  Yields that loop device."""
+    run_tool("mkfs.ext4", "-q", target.path)
+    mountpoint.mkdir()
+    run_tool("mount", target.path, str(mountpoint))
+    inner = ""
+    try:
+        with open(mountpoint / "disk.bin", "wb") as f:
+            f.truncate(MiB)
+        run_tool("mount", "-o", "remount,ro", str(mountpoint))  # nothing written from here on
+        inner = run_tool("losetup", "-f", "--show", "-r", str(mountpoint / "disk.bin")).strip()
+        run_tool("umount", "-l", str(mountpoint))
+        yield inner
+    finally:
+        subprocess.run(["umount", "-l", str(mountpoint)], capture_output=True, check=False)
+        if inner:
+            subprocess.run(["losetup", "-d", inner], capture_output=True, check=False)
+
+
+@pytest.mark.root
+def test_a_drive_held_by_a_lazily_unmounted_file_system_is_refused_before_confirming(
+        loop_factory: Callable[..., Loop], tmp_path: Path) -> None:
+    path, _ = image(tmp_path)
+    target = loop_factory(32 * MiB)
+    with lazily_unmounted(target, tmp_path / "mnt") as inner:
+        before = target.read()
+        done = popsicle("flash", path, target.path, "--yes")
+        assert done.returncode == 2, done.stderr
+        assert refusal(done) == (
+            f"{target.path} is in use by {inner}, a loop device over a file on it (its file "
+            "system is mounted nowhere: unmounted with `umount -l` while in use?)"), done.stderr
+        assert target.read() == before
+
+
+@pytest.mark.root
+def test_a_drive_the_kernel_holds_when_it_is_opened_gets_true_words(
+        loop_factory: Callable[..., Loop], tmp_path: Path) -> None:
+    """Held between the checks and the exclusive open: the line names what may hold it, and
+    no program does."""
+    from popsicle_py import app
+    from popsicle_py.errors import Refused
+    from popsicle_py.signals import Cancellation
+    from popsicle_py.view import PlainView
+
+    path, _ = image(tmp_path)
+    target = loop_factory(32 * MiB)
+    request = app.FlashRequest(app.SourceOptions(str(path)),
+                               app.TargetOptions(devices=(target.path,)))
+    job = app.prepare_flash(request)  # nobody holds it yet: the plan passes
+    with job, lazily_unmounted(target, tmp_path / "mnt"), pytest.raises(Refused) as refused:
+        before = target.read()
+        job.run(PlainView(), Cancellation())
+    assert target.read() == before
+    assert refused.value.lines == [
+        f"{target.path}: the drive is busy: in exclusive use by a program (see which with "
+        f"`fuser -v {target.path}*`) or by the kernel (a file system on it unmounted with "
+        "`umount -l` while in use, a loop device over a file on it); close it and try again"]
+
+
+@pytest.mark.root
+def test_a_file_held_on_a_hung_share_never_hangs_the_look(loop_factory: Callable[..., Loop],
+                                                          tmp_path: Path) -> None:
+    """A program writing a file on a FUSE share whose daemon is stopped: its file is stat()ed
+    on a worker that never returns, the look ends all the same, a second look does not wait
+    for it again, and a holder elsewhere is still found."""
+    from faulty import FaultyFile
+
+    from popsicle_py.drives import opened
+
+    target = loop_factory(MiB)
+    share = FaultyFile(MiB, attr_timeout=0)  # every stat asks the daemon
+    try:
+        inode = os.stat(share.file)
+        wanted = frozenset({(inode.st_dev, inode.st_ino)})  # as if a loop device stood on it
+        with holding(share.file, os.O_RDWR) as writer, holding(target.path) as reader:
+            assert writer.pid in {h.pid for h in opened.held(wanted)}  # while it answers
+            os.kill(share.pid, signal.SIGSTOP)
+            try:
+                for _ in range(2):
+                    looks: list[list[opened.Held]] = []
+                    look = threading.Thread(target=lambda found=looks: found.append(
+                        opened.held(wanted)), daemon=True)
+                    look.start()
+                    look.join(timeout=30)
+                    assert looks, "the look hung"
+                    pids = {h.pid for h in looks[0]}
+                    assert reader.pid in pids and writer.pid not in pids
+            finally:
+                os.kill(share.pid, signal.SIGCONT)
+    finally:
+        share.close()

@@ -21,6 +21,7 @@ from popsicle_py.drives.model import (
     Process,
     SystemFacts,
 )
+from popsicle_py.drives.opened import ExclusiveOpens, held, pids
 from popsicle_py.drives.system import (
     DeviceNames,
     MountEntry,
@@ -42,7 +43,9 @@ _sys_dev = sysfs.block_dir
 def gather_facts(image_path: str | None = None,
                  of: frozenset[int] | None = None) -> SystemFacts:
     """Mounts, swaps, where the image lives, holders (of ``of``: :func:`openers`); the
-    kernel asked once what every loop device stands on."""
+    kernel asked once what every loop device stands on; whether the kernel refuses an
+    exclusive open of each of ``of`` (tried last, on a thread of their own: meanwhile, it
+    would wait for the interpreter's lock while the rest is read)."""
     answers = ask_loops()
     image_devnums: frozenset[int] = frozenset()
     image_files: frozenset[Inode] = frozenset()
@@ -57,18 +60,11 @@ def gather_facts(image_path: str | None = None,
     own = mount_table()
     return SystemFacts(current_mounts(own, answers), current_swaps(answers), image_devnums,
                        image_inode, image_files, foreign_mounts(own, answers),
-                       loops_over_devices(answers), openers(of, answers), answers)
+                       loops_over_devices(answers), openers(of, answers), answers,
+                       ExclusiveOpens(of or ()).refused())
 
 
 # -- Holders: what other namespaces mount, loop devices over disks, who has a disk open -----
-
-
-def _pids() -> list[int]:
-    try:
-        names = os.listdir("/proc")
-    except OSError:
-        return []
-    return sorted(int(n) for n in names if n.isdigit())
 
 
 def _program(pid: int) -> str:
@@ -123,7 +119,7 @@ def foreign_mounts(own: list[MountEntry] | None = None, answers: LoopAnswers | N
     seen = {ours}
     backing = _Backings(answers)
     found: list[Mount] = []
-    for pid in _pids():
+    for pid in pids():
         try:
             namespace = os.readlink(f"/proc/{pid}/ns/mnt")
         except OSError:
@@ -205,74 +201,53 @@ def loops_over_devices(answers: LoopAnswers | None = None) -> tuple[LoopOver, ..
     return tuple(found)
 
 
-def _writing(pid: int, fd: str) -> bool | None:
-    """Whether a descriptor was opened O_WRONLY or O_RDWR (/proc/PID/fdinfo ``flags``); None
-    when it was closed meanwhile (a udev worker's probe: not a writer, and not open now)."""
-    info = _read(f"/proc/{pid}/fdinfo/{fd}")
-    if info is None:
-        return None
-    for line in info.splitlines():
-        key, _, value = line.partition(":")
-        if key == "flags":
-            try:
-                return (int(value.strip(), 8) & os.O_ACCMODE) in (os.O_WRONLY, os.O_RDWR)
-            except ValueError:
-                return True
-    return True  # unknown: assume the worst
-
-
 #: Seconds between the two looks at the open descriptors (see :func:`openers`).
 SETTLE = 0.1
 
 
 def openers(of: frozenset[int] | None = None, answers: LoopAnswers | None = None
             ) -> tuple[Opener, ...]:
-    """Block devices other processes hold open, as ``fuser`` finds them (/proc/PID/fd).
+    """Block devices other processes hold, as ``fuser`` finds them: open (/proc/PID/fd,
+    through whatever node), or mapped (/proc/PID/maps, its descriptor perhaps closed); and,
+    with ``answers``, loop devices' backing files they hold open for writing (a virtual
+    machine using the file as its disk).
 
     With or without O_EXCL (``dd`` reading it, ``sleep 60 < /dev/sdb``); ours do not count.
-    Looked at twice, SETTLE apart, when one of ``of`` (None: any device) is open: a process
+    Looked at twice, SETTLE apart, when one of ``of`` (None: any device) is held: a process
     that had it open for a moment only (``losetup``, a udev worker) holds nothing, and refusing
     it would fail runs at random; other devices' openers refuse nothing of ``of`` (no wait).
     """
     first = _scan_openers(answers)
-    if not any(of is None or o.devnums & of for o in first):
+    of_files = _backing_files(answers, of)
+    if not any(of is None or o.devnums & of or o.files & of_files for o in first):
         return first
     time.sleep(SETTLE)
-    seen = {(o.process.pid, o.devnum) for o in first}
-    return tuple(o for o in _scan_openers(answers) if (o.process.pid, o.devnum) in seen)
+    seen = {(o.process.pid, o.devnum, o.files) for o in first}
+    return tuple(o for o in _scan_openers(answers)
+                 if (o.process.pid, o.devnum, o.files) in seen)
+
+
+def _backing_files(answers: LoopAnswers | None, of: frozenset[int] | None
+                   ) -> frozenset[Inode]:
+    """The files loop devices (of ``of``; None: all) stand on, as the kernel said."""
+    if answers is None:
+        return frozenset()
+    return frozenset((key.dev, key.ino) for devnum, key in answers.keys.items()
+                     if key is not None and not key.rdev and (of is None or devnum in of))
 
 
 def _scan_openers(answers: LoopAnswers | None) -> tuple[Opener, ...]:
-    device_like = DeviceNames()
-    ours = os.getpid()
     backing = _Backings(answers)
+    programs: dict[int, str] = {}
     found: list[Opener] = []
-    for pid in _pids():
-        if pid == ours:
-            continue
-        directory = f"/proc/{pid}/fd"
-        try:
-            fds = os.listdir(directory)
-        except OSError:
-            continue
-        program: str | None = None
-        for fd in fds:
-            try:
-                link = os.readlink(f"{directory}/{fd}")
-            except OSError:
-                continue
-            if not link.startswith("/") or not device_like(link):
-                continue
-            try:
-                st = os.stat(f"{directory}/{fd}")
-            except OSError:
-                continue
-            if not stat.S_ISBLK(st.st_mode):
-                continue
-            writing = _writing(pid, fd)
-            if writing is not None:
-                program = program or _program(pid)
-                stored = backing(st.st_rdev)
-                found.append(Opener(Process(pid, program), link.removesuffix(" (deleted)"),
-                                    st.st_rdev, stored.devnums, writing, stored.files))
+    for one in held(_backing_files(answers, None)):
+        process = Process(one.pid, programs.get(one.pid) or _program(one.pid))
+        programs[one.pid] = process.program
+        if stat.S_ISBLK(one.mode):
+            stored = backing(one.rdev)
+            found.append(Opener(process, one.name, one.rdev, stored.devnums, one.writing,
+                                stored.files))
+        else:  # a loop device's backing file, written: its drive's bytes
+            found.append(Opener(process, one.name, 0, frozenset(), True,
+                                frozenset({one.inode})))
     return tuple(found)

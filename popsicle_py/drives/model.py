@@ -236,6 +236,8 @@ class SystemFacts:
     openers: tuple[Opener, ...] = ()
     #: What every loop device stands on, as the kernel said when these facts were gathered.
     answers: LoopAnswers = field(default_factory=LoopAnswers, compare=False, repr=False)
+    #: Of the drives asked about, whether an exclusive open was refused (EBUSY) just now.
+    exclusive: Mapping[int, bool] = field(default_factory=dict, compare=False, repr=False)
 
 
 @record

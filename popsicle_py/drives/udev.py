@@ -10,6 +10,7 @@ open.  These are the drive layer's I/O edges (:func:`discover`, :func:`drive_for
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import re
 import stat
@@ -34,6 +35,7 @@ from popsicle_py.drives.model import (
     SystemFacts,
     TargetError,
 )
+from popsicle_py.drives.opened import ExclusiveOpens
 from popsicle_py.drives.rules import (
     AUTO_BUSES,
     busy_for_reading,
@@ -310,6 +312,9 @@ def drive_for_path(path: str, *, image_path: str | None = None,
     naming a drive is a deliberate act.
     """
     shown = path
+    if not path:  # an unset shell variable: "/dev/" exists, and is not what was meant
+        raise TargetError(path, "the drive's name is empty (an unset variable?); name a drive"
+                                " such as /dev/sdb")
     if not os.path.lexists(path):
         hint = ""
         if "/" not in path and os.path.exists(f"/dev/{path}"):  # typed "sdb" or "loop8"
@@ -343,10 +348,42 @@ def drive_for_path(path: str, *, image_path: str | None = None,
         raise TargetError(path, f"{shown} is a partition{hint}")
     if device.device_type not in (None, "disk"):
         raise TargetError(path, f"{shown} is not a whole disk ({device.device_type})")
-    drive = build_drive(device, facts or gather_facts(image_path), explicit=True, path=real)
+    facts = facts or gather_facts(image_path)
+    drive = build_drive(device, facts, explicit=True, path=real)
     if drive.system and drive.reason:
         raise TargetError(path, explain(shown, drive.reason))
+    if drive.eligible and not (drive.mountpoints or drive.holders or drive.busy):
+        kernel = held_by_kernel(drive, facts)
+        if kernel is not None:
+            drive = dataclasses.replace(drive, busy=(kernel,))
     return drive
+
+
+def held_by_kernel(drive: Drive, facts: SystemFacts) -> str | None:
+    """Why the kernel holds ``drive`` exclusively though nothing we see explains it, or None.
+
+    A file system unmounted with ``umount -l`` while in use (a loop device over a file on
+    it, a file still open) is in no mount table and no process has the drive open, yet the
+    exclusive open that writing starts with would fail, after the confirmation.  Found by a
+    test of one (:class:`~.opened.ExclusiveOpens`, done by :func:`gather_facts` for the
+    drives named; here for another)."""
+    refused = facts.exclusive.get(drive.devnum)
+    if refused is None:
+        refused = ExclusiveOpens([drive.devnum]).refused()[drive.devnum]
+    if not refused:
+        return None
+    on = {drive.devnum} | named_devnums(drive.partitions)
+    loops = sorted((f"/dev/{os.path.basename(os.path.realpath(_sys_dev(devnum)))}"
+                    for devnum, key in facts.answers.keys.items()
+                    if key is not None and not key.rdev and key.dev in on),
+                   key=natural_key)
+    if loops:
+        what = ("a loop device over a file on it" if len(loops) == 1
+                else "loop devices over files on it")
+        return (f"in use by {', '.join(loops)}, {what} (its file system is mounted nowhere:"
+                " unmounted with `umount -l` while in use?)")
+    return ("in use by the kernel, though no mount table lists it and no program has it open"
+            " (a file system on it unmounted with `umount -l` while in use?)")
 
 
 def media_identity(path: str, *, context: pyudev.Context | None = None) -> MediaIdentity:

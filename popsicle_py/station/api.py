@@ -21,12 +21,12 @@ import contextlib
 import hmac
 import json
 import threading
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from importlib import resources
 
 from aiohttp import web
+from prometheus_client import CollectorRegistry
 
 from popsicle_py.engine.supervisor import keep_signals_for_main_thread
 from popsicle_py.station import journal as journal_mod
@@ -62,6 +62,14 @@ class Station:
     identify_seconds: float = IDENTIFY_SECONDS
 
 
+#: What the application holds, typed (aiohttp's AppKey: string keys are deprecated there).
+STATION_KEY = web.AppKey("station", Station)
+ASSETS_KEY = web.AppKey("assets", dict[str, bytes])
+REGISTRY_KEY = web.AppKey("registry", CollectorRegistry)
+TASKS_KEY = web.AppKey("tasks", set[asyncio.Future[None]])
+READERS_KEY = web.AppKey("readers", dict[str, threading.Thread])
+
+
 def _assets() -> dict[str, bytes]:
     folder = resources.files("popsicle_py.station") / "static"
     return {name: (folder / name).read_bytes() for name, _ in ASSETS.values()}
@@ -70,7 +78,7 @@ def _assets() -> dict[str, bytes]:
 @web.middleware
 async def _guard(request: web.Request, handler: Handler) -> web.StreamResponse:
     """The token for every POST; a time limit for every request but the streams."""
-    station: Station = request.app["station"]
+    station: Station = request.app[STATION_KEY]
     if request.method not in ("GET", "HEAD"):
         try:
             await asyncio.wait_for(request.read(), REQUEST_SECONDS)  # bounded: MAX_BODY
@@ -105,18 +113,18 @@ def _authorized(given: str, token: str) -> bool:
 
 async def _asset(request: web.Request) -> web.Response:
     name, kind = ASSETS[request.path]
-    return web.Response(body=request.app["assets"][name], content_type=kind,
+    return web.Response(body=request.app[ASSETS_KEY][name], content_type=kind,
                         headers={"Cache-Control": "no-cache"})
 
 
 async def _slots(request: web.Request) -> web.Response:
-    return web.json_response(request.app["station"].hub.snapshot())
+    return web.json_response(request.app[STATION_KEY].hub.snapshot())
 
 
 async def _stream(request: web.Request) -> web.StreamResponse:
     """Server-Sent Events: the whole state at each change (a page that missed some states
     needs only the last); ``retry`` makes the browser reconnect after a restart."""
-    hub: Hub = request.app["station"].hub
+    hub: Hub = request.app[STATION_KEY].hub
     response = web.StreamResponse(headers=_STREAM_HEADERS[request.path])
     await response.prepare(request)
     with contextlib.suppress(ConnectionResetError):  # the page went away: its stream ends
@@ -144,7 +152,7 @@ async def _send_states(hub: Hub, response: web.StreamResponse) -> None:
 
 
 async def _events(request: web.Request) -> web.StreamResponse:
-    hub: Hub = request.app["station"].hub
+    hub: Hub = request.app[STATION_KEY].hub
     response = web.StreamResponse(headers=_STREAM_HEADERS[request.path])
     await response.prepare(request)
     client = EventClient()
@@ -166,7 +174,7 @@ async def _events(request: web.Request) -> web.StreamResponse:
 
 
 async def _records(request: web.Request) -> web.Response:
-    station: Station = request.app["station"]
+    station: Station = request.app[STATION_KEY]
     batch = request.query.get("batch")
     found = await asyncio.to_thread(journal_mod.read_records, station.journal_path, batch)
     if request.query.get("format") == "csv":
@@ -175,7 +183,7 @@ async def _records(request: web.Request) -> web.Response:
 
 
 async def _identify(request: web.Request) -> web.Response:
-    station: Station = request.app["station"]
+    station: Station = request.app[STATION_KEY]
     hub, label = station.hub, request.match_info["label"]
     tile = hub.board.tiles.get(label)
     if tile is None:
@@ -188,7 +196,7 @@ async def _identify(request: web.Request) -> web.Response:
     seconds = station.identify_seconds
 
     if reading and tile.device is not None:
-        _start_reading(request.app["readers"], tile.device, hub.devnums.get(tile.device),
+        _start_reading(request.app[READERS_KEY], tile.device, hub.devnums.get(tile.device),
                        seconds)
 
     async def identify() -> None:
@@ -201,7 +209,7 @@ async def _identify(request: web.Request) -> web.Response:
             hub.board.version += 1
             hub.notify()
 
-    tasks: set[asyncio.Future[None]] = request.app["tasks"]
+    tasks: set[asyncio.Future[None]] = request.app[TASKS_KEY]
     task = asyncio.ensure_future(identify())
     tasks.add(task)
     task.add_done_callback(tasks.discard)
@@ -231,12 +239,13 @@ def _start_reading(readers: dict[str, threading.Thread], device: str, devnum: in
 
 
 async def _cancel_tasks(app: web.Application) -> None:
-    for task in list(app["tasks"]):
+    tasks = app[TASKS_KEY]
+    for task in list(tasks):
         task.cancel()
 
 
 async def _stop(request: web.Request) -> web.Response:
-    station: Station = request.app["station"]
+    station: Station = request.app[STATION_KEY]
     station.drain.set()
     station.hub.board.stopping = True
     station.hub.board.version += 1
@@ -245,20 +254,19 @@ async def _stop(request: web.Request) -> web.Response:
 
 
 async def _metrics(request: web.Request) -> web.Response:
-    body = metrics.render(request.app["registry"])
+    body = metrics.render(request.app[REGISTRY_KEY])
     return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4; "
                                             "charset=utf-8"})
 
 
 def make_app(station: Station) -> web.Application:
     app = web.Application(client_max_size=MAX_BODY, middlewares=[_guard])
-    app["station"] = station
-    app["assets"] = _assets()
-    app["registry"] = metrics.registry_for(station.hub.board)
-    app["tasks"] = set()
-    app["readers"] = {}
+    app[STATION_KEY] = station
+    app[ASSETS_KEY] = _assets()
+    app[REGISTRY_KEY] = metrics.registry_for(station.hub.board)
+    app[TASKS_KEY] = set()
+    app[READERS_KEY] = {}
     app.on_cleanup.append(_cancel_tasks)
-    app["started"] = time.time()
     for path in ASSETS:
         app.router.add_get(path, _asset)
     app.router.add_get("/api/slots", _slots)

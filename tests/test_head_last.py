@@ -55,6 +55,15 @@ def result(evs: list[dict[str, Any]], device: str) -> dict[str, Any]:
     return next(r for r in summary["results"] if r["device"] == device)
 
 
+def flash_checking_while_writing(image: Path, drive: Loop, digest: str
+                                 ) -> subprocess.CompletedProcess[str]:
+    """``flash IMAGE DRIVE --sha256 DIGEST --checksum-while-writing`` (JSON events)."""
+    return subprocess.run(
+        [*popsicle_cmd(), "flash", str(image), drive.path, "--yes", "--json", "--sha256",
+         digest, "--checksum-while-writing"], capture_output=True, text=True,
+        stdin=subprocess.DEVNULL, timeout=60)
+
+
 def test_ctrl_c_inside_the_first_bucket_leaves_no_image_signature(
         loop_factory: Callable[..., Loop], throttle: Callable[..., Any], tmp_path: Path) -> None:
     image = tmp_path / "fat.img"
@@ -175,10 +184,7 @@ def test_checksum_while_writing_still_vouches_in_the_write_pass(
     data = vfat_image(image, 6 * MiB)
     drive = loop_factory(8 * MiB, fill=PATTERN)
     wrong = hashlib.sha256(data + b"x").hexdigest()
-    proc = subprocess.run(
-        [*popsicle_cmd(), "flash", str(image), drive.path, "--yes", "--json", "--sha256", wrong,
-         "--checksum-while-writing"], capture_output=True, text=True, stdin=subprocess.DEVNULL,
-        timeout=60)
+    proc = flash_checking_while_writing(image, drive, wrong)
     assert proc.returncode == 1, proc.stderr
     evs = events_of(proc.stdout)
     assert not any(e["event"] == "phase" and e["phase"] == "checksum" for e in evs)
@@ -189,10 +195,7 @@ def test_checksum_while_writing_still_vouches_in_the_write_pass(
                           "wrong image, or checksum"), r
     assert drive.read(HEAD) != data[:HEAD]
     right = hashlib.sha256(data).hexdigest()
-    proc = subprocess.run(
-        [*popsicle_cmd(), "flash", str(image), drive.path, "--yes", "--json", "--sha256", right,
-         "--checksum-while-writing"], capture_output=True, text=True, stdin=subprocess.DEVNULL,
-        timeout=60)
+    proc = flash_checking_while_writing(image, drive, right)
     assert proc.returncode == 0, proc.stderr
     assert drive.read(len(data)) == data
 
@@ -208,19 +211,13 @@ def test_checksum_while_writing_a_zip_checks_it_before_writing(
     subprocess.run(["zip", "-q", "-j", str(packed), str(raw)], check=True)
     drive = loop_factory(8 * MiB, fill=PATTERN)
     wrong = hashlib.sha256(packed.read_bytes() + b"x").hexdigest()
-    proc = subprocess.run(
-        [*popsicle_cmd(), "flash", str(packed), drive.path, "--yes", "--json", "--sha256",
-         wrong, "--checksum-while-writing"], capture_output=True, text=True,
-        stdin=subprocess.DEVNULL, timeout=60)
+    proc = flash_checking_while_writing(packed, drive, wrong)
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.splitlines()[-1].startswith(
         f"popsicle-py: checksum mismatch for {packed}: expected sha256 {wrong}"), proc.stderr
     assert drive.read(8 * MiB) == bytes([PATTERN]) * (8 * MiB)
     right = hashlib.sha256(packed.read_bytes()).hexdigest()
-    proc = subprocess.run(
-        [*popsicle_cmd(), "flash", str(packed), drive.path, "--yes", "--json", "--sha256",
-         right, "--checksum-while-writing"], capture_output=True, text=True,
-        stdin=subprocess.DEVNULL, timeout=60)
+    proc = flash_checking_while_writing(packed, drive, right)
     assert proc.returncode == 0, proc.stderr
     evs = events_of(proc.stdout)
     assert any(e["event"] == "note" and "checked before writing" in e["text"]
@@ -237,10 +234,7 @@ def test_the_checksum_of_a_compressed_image_covers_the_file_as_downloaded(
     packed = tmp_path / ("fat.img.xz" if tool == "xz" else "fat.img.zst")
     drive = loop_factory(8 * MiB, fill=PATTERN)
     digest = hashlib.sha256(packed.read_bytes()).hexdigest()
-    proc = subprocess.run(
-        [*popsicle_cmd(), "flash", str(packed), drive.path, "--yes", "--json", "--sha256",
-         digest, "--checksum-while-writing"], capture_output=True, text=True,
-        stdin=subprocess.DEVNULL, timeout=60)
+    proc = flash_checking_while_writing(packed, drive, digest)
     assert proc.returncode == 0, proc.stderr
     assert drive.read(len(data)) == data
 

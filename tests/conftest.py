@@ -187,12 +187,14 @@ def faulty_drive() -> Iterator[Callable[..., FaultyDrive]]:
 
 @pytest.fixture
 def faulty_file() -> Iterator[Callable[..., FaultyFile]]:
-    """A flaky image source: ``make(content, **faults) -> FaultyFile`` (e.g. flip_bit=(o, k))."""
+    """A flaky image source: ``make(content, **faults) -> FaultyFile`` (e.g. flip_bit=(o, k));
+    ``attr_timeout=0``: every stat() asks the daemon too."""
     if not IS_ROOT:
         pytest.skip("needs root for FUSE")
     with faulty_files() as made:
-        def make(content: bytes, **faults: Any) -> FaultyFile:
-            source = FaultyFile(len(content), content=content, faults=faults)
+        def make(content: bytes, attr_timeout: float = 1.0, **faults: Any) -> FaultyFile:
+            source = FaultyFile(len(content), content=content, faults=faults,
+                                attr_timeout=attr_timeout)
             made.append(source)
             return source
 

@@ -486,7 +486,9 @@ def waiting_on_fuse(pid: int) -> bool:
 
 
 @pytest.mark.parametrize(("command", "how"), [("flash", "stall"), ("flash", "ctrl-c"),
-                                              ("verify", "stall"), ("watch", "ctrl-c")])
+                                              ("verify", "stall"), ("watch", "ctrl-c"),
+                                              ("flash", "share hung"),
+                                              ("verify", "share hung")])
 def test_image_that_hangs_while_it_is_opened_gives_the_shell_back(
         command: str, how: str, faulty_file: Callable[..., FaultyFile],
         loop_factory: Callable[..., Loop]) -> None:
@@ -495,12 +497,16 @@ def test_image_that_hangs_while_it_is_opened_gives_the_shell_back(
     heard, with nothing written.  (Before: the read held the calling thread, and neither came
     until the share answered again.)"""
     data = os.urandom(IMAGE)
-    source = faulty_file(data, crawl=(0, 1))  # a byte a second from the start: hung
+    if how == "share hung":  # its daemon stopped: even stat() waits (the arguments' parse)
+        source = faulty_file(data, attr_timeout=0)
+        os.kill(source.pid, signal.SIGSTOP)
+    else:
+        source = faulty_file(data, crawl=(0, 1))  # a byte a second from the start: hung
     drive = loop_factory(64 * MiB, fill=FILL)
     args = {"flash": ["flash", source.path, drive.path, "--yes"],
             "verify": ["verify", source.path, drive.path],
             "watch": ["watch", source.path]}[command]
-    if how == "stall":
+    if how != "ctrl-c":
         args += ["--stall-timeout", str(STALL)]
     run = Timed([*popsicle_cmd(), *args, "--json"])
     try:
@@ -515,6 +521,8 @@ def test_image_that_hangs_while_it_is_opened_gives_the_shell_back(
         else:
             summary_at = run.until("summary", hung + STALL + 2)
     finally:
+        if how == "share hung":
+            os.kill(source.pid, signal.SIGCONT)
         rc, events = run.finish(source)
     assert summary_at is not None, "no summary on time"
     assert events[-1] == {"event": "summary", "ok": False, "results": []}

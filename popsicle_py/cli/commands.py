@@ -39,6 +39,7 @@ from popsicle_py.cli.guard import Group, run_guarded
 from popsicle_py.cli.options import (
     DEVICE,
     FORCE_HELP,
+    IMAGE,
     NO_PROBE_HELP,
     OutputOptions,
     Session,
@@ -139,7 +140,7 @@ def flash(source: SourceOptions, targets: TargetOptions, yes: bool, write: Write
 
 
 @main.command()
-@click.argument("image", type=click.Path(path_type=str))
+@click.argument("image", type=IMAGE)
 @click.argument("devices", nargs=-1, required=True, type=DEVICE)
 @stall_timeout_option("Fail a drive whose reads make no progress for SECONDS.")
 @output_options()

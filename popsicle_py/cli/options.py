@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -174,11 +175,26 @@ def _source(image: str, sha256: str | None, checksum: str | None, no_checksum: b
                          keyring=keyring, use_cache=use_cache, force=force)
 
 
+class ImagePath(click.Path):
+    """A path click does not stat() while it parses: an image on a hung disk or network
+    share would hold the main thread there, Ctrl-C included, before the checks that watch
+    their reads (app.sources.watched_checks) could begin.  Those checks say in one line what
+    is wrong with it."""
+
+    def convert(self, value: str | os.PathLike[str], param: click.Parameter | None,
+                ctx: click.Context | None) -> Any:
+        return self.coerce_path_result(value)
+
+
+#: The IMAGE argument (flash, watch, verify, the station).
+IMAGE = ImagePath(path_type=str)
+
+
 #: IMAGE and how it is trusted (flash, watch, the station).  Put it first: IMAGE is the first
 #: argument.
 source_options = OptionGroup(
     "source", _source,
-    click.argument("image", type=click.Path(path_type=str)),
+    click.argument("image", type=IMAGE),
     click.option("--sha256", metavar="HEX", help="Expected SHA-256 of the image file."),
     click.option("--checksum", metavar="ALGO:HEX",
                  help="Expected checksum (sha1, sha256, sha512 or blake2b) of the image file."),

@@ -7,12 +7,15 @@ image whose stream counts what is read from it.
 from __future__ import annotations
 
 import bz2
+import contextlib
 import gzip
 import hashlib
 import json
 import lzma
 import os
 import subprocess
+import threading
+import time
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -354,6 +357,46 @@ def test_standard_input_sampled_up_front_is_written_whole(
     assert proc.returncode == 0, proc.stderr
     assert ("standard input has no partition table, ISO 9660 or file system signature"
             in proc.stdout)
+    assert drive.read(len(data)) == data
+
+
+def _blocked_on_pipe(pid: int) -> bool:
+    """Some thread of ``pid`` waits in a read of an empty pipe."""
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            if (task / "wchan").read_text() in ("pipe_read", "anon_pipe_read", "pipe_wait"):
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def test_a_non_blocking_standard_input_that_pauses_is_read_to_its_end(
+        loop_factory: Callable[..., Loop]) -> None:
+    """A pipe left non-blocking by whoever made it says "nothing yet" (EAGAIN) while its
+    producer pauses; that is no end of the image.  (Before: taken for the end, and the first
+    100000 bytes were written, verified and reported ok.)"""
+    data = os.urandom(1 << 20)
+    drive = loop_factory(2 << 20, fill=PATTERN)
+    r, w = os.pipe()
+    os.set_blocking(r, False)
+    proc = subprocess.Popen([*popsicle_cmd(), "flash", "-", drive.path, "--yes", "--json"],
+                            stdin=r, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    os.close(r)
+    try:
+        os.write(w, data[:100000])
+        deadline = time.monotonic() + 30
+        while not _blocked_on_pipe(proc.pid) and proc.poll() is None:  # the pause is seen
+            assert time.monotonic() < deadline, "never waited for more"
+            threading.Event().wait(0.02)
+        with contextlib.suppress(BrokenPipeError):
+            view = memoryview(data)[100000:]
+            while view:
+                view = view[os.write(w, view):]
+    finally:
+        os.close(w)
+        _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
     assert drive.read(len(data)) == data
 
 

@@ -127,6 +127,9 @@ def open_stdin(checksum: Checksum | None = None, fd: int = 0) -> StdinImage:
         raise ImageError("- reads the image from standard input, which is a terminal: pipe "
                          "the image in (e.g. `xzcat disk.img.xz | popsicle-py flash - DEVICE`)")
     try:
+        # A pipe left non-blocking by whoever made it answers "nothing yet" (EAGAIN) when its
+        # producer pauses: read as the image's end, a part of it would end ok.
+        os.set_blocking(fd, True)
         with open(fd, "rb", buffering=0, closefd=False) as f:
             head = read_full(f, HEAD_SIZE)
             if not head:

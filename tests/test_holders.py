@@ -630,3 +630,36 @@ def test_a_file_held_on_a_hung_share_never_hangs_the_look(loop_factory: Callable
                 os.kill(share.pid, signal.SIGCONT)
     finally:
         share.close()
+
+
+@pytest.mark.root
+def test_a_holder_after_many_hung_shares_is_still_refused(loop_factory: Callable[..., Loop],
+                                                          tmp_path: Path) -> None:
+    """Programs holding files on five shares whose daemons are stopped (each stat given up
+    after its step, the look ended after its deadline), then a reader of the target: the
+    files not looked at are judged by their names, and the reader is still found.  (Before:
+    the look ended with the reader never looked at, and the drive was written, ok.)"""
+    from faulty import FaultyFile
+
+    path, _ = image(tmp_path)
+    target = loop_factory(4 * MiB, fill=PATTERN)
+    shares = [FaultyFile(MiB, attr_timeout=0) for _ in range(5)]
+    try:
+        with contextlib.ExitStack() as held:
+            for share in shares:  # lower pids than the reader: looked at first
+                held.enter_context(holding(share.file))
+            reader = held.enter_context(holding(target.path))
+            for share in shares:
+                os.kill(share.pid, signal.SIGSTOP)
+            try:
+                done = popsicle("flash", path, target.path, "--yes", "--no-probe")
+            finally:
+                for share in shares:
+                    os.kill(share.pid, signal.SIGCONT)
+            assert done.returncode == 2, done.stderr
+            assert refusal(done) == f"{target.path} is open in sleep (pid {reader.pid})", \
+                done.stderr
+    finally:
+        for share in shares:
+            share.close()
+    assert target.read() == bytes([PATTERN]) * target.size

@@ -11,7 +11,9 @@ this one watches (:class:`Watched`): a stat that does not answer in :data:`STEP`
 system that is not a local one, is given up on, its file system (/proc/PID/fdinfo's
 ``mnt_id``, a mapping's device) skipped from then on, here and in every later look while it
 stays hung, and a new worker goes on with the next file; one more hung share after
-:data:`ASK_FILES` ends the look.  A mapping on a file system mounted ``nodev`` cannot be of
+:data:`ASK_FILES` ends the look.  A file that was not stat()ed (its share hangs, or the look
+ended first) is judged by its name: one in /dev, or a block device's kernel name, holds that
+device, as a look by names alone would have found.  A mapping on a file system mounted ``nodev`` cannot be of
 a device, and is not looked at unless written with the inode number of a loop device's
 backing file.
 """
@@ -292,7 +294,8 @@ class _Scan:
     """One look at every process: the files to stat, and what they turn out to be."""
 
     def __init__(self, backing_files: frozenset[Inode]) -> None:
-        self.in_dev = DeviceNames().in_dev
+        self.names = DeviceNames()
+        self.in_dev = self.names.in_dev
         self.mounts = Mounts()
         self.backing_files = backing_files
         self.inos = frozenset(ino for _, ino in backing_files)
@@ -369,14 +372,43 @@ class _Scan:
             if self.descriptors(pid) or _has_memory(pid):
                 self.mappings(pid)
         answered = Watched(self.items, self.mounts, deadline).results()  # one worker for all
-        for index, st in answered.items():
-            pid, link, dev = self.items[index]
-            if dev < 0:
-                self.take(pid, st, link=link)
+        for index, (pid, link, dev) in enumerate(self.items):
+            if dev >= 0:
+                continue
+            if index in answered:
+                self.take(pid, answered[index], link=link)
+            else:  # on a hung share, or past the look's deadline
+                self.by_name(pid, link)
         for index, pid, name, writing in self.maps:
             if index in answered:
                 self.take(pid, answered[index], name=name, writing=writing)
+            elif (st := self.our_node(name)) is not None:
+                self.take(pid, st, name=name, writing=writing)
         return self.found
+
+    def our_node(self, name: str) -> os.stat_result | None:
+        """The node a device's name stands for in our /dev (devtmpfs: it answers whatever
+        else hangs), for a file that could not be stat()ed itself; None for other names."""
+        name = name.removesuffix(" (deleted)")
+        base = os.path.basename(name)
+        ours = name if self.in_dev(name) else f"/dev/{base}" if base in self.names.names \
+            else None
+        try:
+            return None if ours is None else os.stat(ours)
+        except OSError:
+            return None
+
+    def by_name(self, pid: int, link: str) -> None:
+        """A descriptor whose file did not answer (its share hangs) or was not reached
+        before the look's deadline (many hung shares) holds what its name says: a name in
+        /dev, or a block device's kernel name, is taken at its word.  Never less than a look
+        by names alone would find."""
+        try:
+            name = os.readlink(link)
+        except OSError:
+            return
+        if (st := self.our_node(name)) is not None:
+            self.take(pid, st, link=link)
 
 
 def _has_memory(pid: int) -> bool:

@@ -118,6 +118,17 @@ def test_a_dropped_connection_resumes_from_the_byte_reached_with_if_range(
         (None, None), (f"bytes={MiB}-", '"v1"'), (f"bytes={2 * MiB + 7}-", '"v1"')]
 
 
+def test_a_connection_dropped_in_the_first_bytes_resumes_from_there(
+        web: WebServer, data: bytes) -> None:
+    """Cut at byte 1000, inside the 4 KiB read to recognise the image: what came is kept and
+    the rest asked for by Range, as for a drop further in.  (Before: the probe's second read
+    raised, and the image was refused with urllib3's words.)"""
+    web.add("/disk.img", Served(data, drop_at=[1000]))
+    assert read_url(web.url("/disk.img")) == data
+    body = [r for r in web.requests_for("/disk.img") if r.range != f"bytes={SIZE}-"]
+    assert [(r.range, r.if_range) for r in body][-1] == ("bytes=1000-", '"v1"')
+
+
 def test_a_stalled_connection_resumes_after_the_read_timeout(web: WebServer, data: bytes) -> None:
     web.add("/disk.img", Served(data, stall_at=[MiB + 5]))
     started = time.monotonic()

@@ -13,9 +13,9 @@ system that is not a local one, is given up on, its file system (/proc/PID/fdinf
 stays hung, and a new worker goes on with the next file; one more hung share after
 :data:`ASK_FILES` ends the look.  A file that was not stat()ed (its share hangs, or the look
 ended first) is judged by its name: one in /dev, or a block device's kernel name, holds that
-device, as a look by names alone would have found.  A mapping on a file system mounted ``nodev`` cannot be of
-a device, and is not looked at unless written with the inode number of a loop device's
-backing file.
+device, as a look by names alone would have found.  A mapping on a file system mounted
+``nodev`` cannot be of a device, and is not looked at unless written with the inode number
+of a loop device's backing file.
 """
 
 from __future__ import annotations

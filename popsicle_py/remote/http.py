@@ -359,6 +359,10 @@ def _first_bytes(resp: urllib3.BaseHTTPResponse, seconds: float) -> bytes | None
             if time.monotonic() >= deadline - 0.05:  # the deadline's bound on the wait
                 return None
             raise
+        except (HTTPError, OSError):
+            if head:  # cut after some bytes: kept, the download resumes from there
+                break
+            raise
         if not more:
             break
         head += more

@@ -22,15 +22,14 @@ from __future__ import annotations
 
 import errno
 import os
-import signal
 import stat
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 from popsicle_py import sysfs
 from popsicle_py.drives.model import Inode
-from popsicle_py.drives.system import DeviceNames
+from popsicle_py.drives.system import DeviceNames, start_quiet
 from popsicle_py.records import record
 
 #: Seconds one stat() may take before its file system is taken for hung.
@@ -38,9 +37,6 @@ STEP = 0.5
 
 #: Seconds after which one more hung share ends a look (the files after it not looked at).
 ASK_FILES = 2.0
-
-_STOP_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
-
 
 @record
 class Held:
@@ -146,18 +142,6 @@ def pids() -> list[int]:
     except OSError:
         return []
     return sorted(int(n) for n in names if n.isdigit())
-
-
-def start_quiet(target: Callable[..., None], *args: object, name: str) -> None:
-    """Start a daemon thread with the stop signals blocked, which it keeps, as
-    :func:`~.system.loop_statuses` does: one left blocked in the kernel (a hung share, a
-    dying drive) must never be the thread a Ctrl-C is delivered to, where it would wait
-    unseen while the main thread waits for it."""
-    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
-    try:
-        threading.Thread(target=target, args=args, name=name, daemon=True).start()
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
 
 #: One file to stat: (pid, its link in /proc, its mapping's device number; -1: a descriptor).

@@ -15,7 +15,7 @@ import re
 import signal
 import stat
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from popsicle_py import media, sysfs
 from popsicle_py.drives.model import (
@@ -152,6 +152,17 @@ def loop_status(devnum: int) -> LoopKey | None:
 
 _STOP_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
 
+
+def start_quiet(target: Callable[..., None], *args: object, name: str) -> None:
+    """Start a daemon thread with the stop signals blocked, which it keeps: one left blocked
+    in the kernel (a hung share, a dying drive) must never be the thread a Ctrl-C is
+    delivered to, where it would wait unseen while the main thread waits for it."""
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    try:
+        threading.Thread(target=target, args=args, name=name, daemon=True).start()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+
 #: Seconds the kernel is given to say what a loop device stands on.  It stats the backing
 #: file to answer: one on a hung network or FUSE mount never answers.
 ASK_LOOPS = 2.0
@@ -175,16 +186,8 @@ def loop_statuses(devnums: list[int], timeout: float = ASK_LOOPS) -> dict[int, L
             if not waiting:
                 all_done.set()
 
-    # Made with the stop signals blocked, which they keep: one left blocked in the kernel
-    # (a hung mount) must never be the thread a Ctrl-C is delivered to, where it would wait
-    # unseen while the main thread sits in the confirmation's read.
-    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
-    try:
-        for devnum in set(devnums):
-            threading.Thread(target=ask, args=(devnum,), name="popsicle-loop-status",
-                             daemon=True).start()
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+    for devnum in set(devnums):
+        start_quiet(ask, devnum, name="popsicle-loop-status")
     if devnums:
         all_done.wait(timeout)
     with lock:

@@ -481,13 +481,14 @@ class WatchSession:
         seen = _Seen(device, drive)
         self._current[drive.devnum] = seen
         admit, drain, first = self.options.admit, self.options.drain, self.options.first_seq
-        reason = ((admit(drive, len(self._started) + first) if admit is not None else None)
-                  or ineligibility(drive, self._source.size, self.options.max_size))
+        reason = ineligibility(drive, self._source.size, self.options.max_size)
         if reason is None and drain is not None and drain.is_set():
             reason = "stopping: no new drive is written"
         count = self.options.count
         if reason is None and count is not None and len(self._started) >= count:
             reason = f"--count {count} reached"
+        if reason is None and admit is not None:  # last: what it takes is taken for good
+            reason = admit(drive, len(self._started) + first)
         seen.announced = True
         seen.info = drive_info(drive, len(self._started) + first if reason is None else None)
         self.emit(DriveAdded(drive.path, drive.label, drive.size, reason is None, reason,

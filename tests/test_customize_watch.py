@@ -43,3 +43,28 @@ def test_watch_stops_taking_drives_when_the_rows_run_out(tmp_path: Path) -> None
                                capture_output=True, check=True).stdout
     assert b'hostname: "pi-01"' in user_data and KEY.encode() in user_data
     assert run.rc == 0, run.stderr
+
+
+@needs_testbed
+@pytest.mark.umockdev
+def test_watch_refuses_a_second_stick_for_a_host_name_taken_in_flight(tmp_path: Path) -> None:
+    """Two sticks plugged in together whose settings give one host name: the second is refused
+    as it arrives, before a byte is written, not failed at its boot files after the image."""
+    image = pi_image.build(tmp_path, table="mbr", boot_mib=40, root_mib=8)
+    toml = tmp_path / "one.toml"
+    toml.write_text('hostname = "pi"\nuser = "student"\n')
+    run = watch(tmp_path, [str(image), "--yes", "--customize", str(toml),
+                           "--customize-format", "cloud-init"],
+                [WATCHING, {"add": C.description}, {"add": D.description},
+                 {"wait": {"event": "drive_added", "device": D.dev}}, result_of(C),
+                 {"signal": int(signal.SIGTERM)}],
+                read=(C.dev, D.dev), timeout=60)
+    (added,) = run.of("drive_added", device=D.dev)
+    assert added["eligible"] is False, added
+    assert "hostname 'pi' was given to a drive already" in added["reason"]
+    assert run.files[D.dev] == b""  # never written
+    result = run.results()[C.dev]
+    assert result["status"] == "ok", result
+    assert result["customized"]["values"]["hostname"] == "pi"
+    assert D.dev not in run.results()
+    assert run.rc == 0, run.stderr

@@ -111,20 +111,23 @@ class Personaliser:
 
     def admit(self, drive: Drive, seq: int) -> str | None:
         """watch: why a new drive, to be the session's ``seq``-th, is not taken (its row is
-        missing: the rows ran out; a bad value; a host name given already), or None.  The
-        drive's files are made again when it is written, with the seq it got."""
+        missing: the rows ran out; a bad value; a host name given already), or None.  A drive
+        taken takes its host name now, so that two drives plugged in together are never both
+        written for one name (the second would fail at its boot files, after the image); a
+        drive that does not end ok gives it back (:meth:`record`).  The drive's files are
+        made again when it is written, with the seq it got."""
         from popsicle_py.settings import SettingsError
 
         try:
             files = self.customization.for_drive(self._context(drive_info(drive, seq)))
         except SettingsError as exc:
             return f"not written: {exc}"
-        return self._taken(files.settings.hostname)
-
-    def _taken(self, hostname: str | None) -> str | None:
+        hostname = files.settings.hostname
         with self._lock:
             if hostname and hostname.lower() in self._hostnames:
                 return f"not written: hostname {hostname!r} was given to a drive already"
+            if hostname:
+                self._hostnames[hostname.lower()] = (drive.path, seq)
         return None
 
     def files_for(self, path: str, info: events.DriveInfo | None) -> DriveFiles:
@@ -155,7 +158,7 @@ class Personaliser:
         hostname = (files.settings.hostname or "").lower()
         drive = (path, info.seq if info else None)
         with self._lock:  # checked and taken at once: two drives in flight never share one
-            if hostname in self._hostnames:
+            if self._hostnames.get(hostname, drive) != drive:  # watch: taken at admission
                 raise BootFsError(f"hostname {files.settings.hostname!r} was given to a "
                                   "drive already")
             if hostname:

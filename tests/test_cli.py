@@ -433,6 +433,8 @@ def _one_line_error(result: subprocess.CompletedProcess[str]) -> str:
     return lines[0]
 
 
+NINES = "9" * 400
+
 BAD_INPUTS: dict[str, tuple[Sequence[str], str]] = {
     # id: (arguments with IMAGE, LOOP, TMP, FILE, PART placeholders, a word the error says)
     "missing-image": (["flash", "TMP/nope.img", "LOOP", "--yes"], "does not exist"),
@@ -450,6 +452,18 @@ BAD_INPUTS: dict[str, tuple[Sequence[str], str]] = {
     "bucket-size-huge": (["flash", "IMAGE", "LOOP", "--yes", "--bucket-size", "1T"],
                          "--bucket-size"),
     "buckets-zero": (["flash", "IMAGE", "LOOP", "--yes", "--buckets", "0"], "--buckets"),
+    # Sizes are parsed exactly: 400 digits were an OverflowError's traceback (float infinity),
+    # and 99999999999999999999999E was taken as a capacity.
+    "bucket-size-400-digits": (["flash", "IMAGE", "LOOP", "--yes", "--bucket-size", NINES],
+                               "too large"),
+    "capacity-400-digits": (["flash", "IMAGE", "LOOP", "--yes", "--capacity", NINES],
+                            "too large"),
+    "capacity-beyond-2-63": (["flash", "IMAGE", "LOOP", "--yes", "--capacity",
+                              "99999999999999999999999E"], "too large"),
+    "min-write-speed-400-digits": (["flash", "IMAGE", "LOOP", "--yes", "--min-write-speed",
+                                    f"{NINES}MB/s"], "too large"),
+    "check-size-400-digits": (["check", "--sha256", "0" * 64, "--size", NINES, "LOOP"],
+                              "too large"),
     # nan and inf pass every comparison of a range: a drive would never be found stalled.
     "stall-timeout-nan": (["flash", "IMAGE", "LOOP", "--yes", "--stall-timeout", "nan"],
                           "not a finite number"),

@@ -507,6 +507,29 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(
             assert Path(parted.backing).read_bytes() == before
 
 
+def _mem_available() -> int:
+    with open("/proc/meminfo", encoding="ascii") as meminfo:
+        return next(int(line.split()[1]) * 1024 for line in meminfo
+                    if line.startswith("MemAvailable:"))
+
+
+@pytest.mark.skipif(_mem_available() >= 128 << 30, reason="64 GiB is less than half of memory")
+def test_a_ring_larger_than_half_the_memory_is_refused(loop_factory: Callable[..., Loop],
+                                                       tmp_path: Path) -> None:
+    """--bucket-size 1G --buckets 64 was taken: a ring of 64 GiB, touched bucket by bucket
+    until the kernel killed the run for memory halfway through a write."""
+    image, _ = make_image(tmp_path, 1 * MiB)
+    loop = loop_factory(4 * MiB, fill=PATTERN)
+
+    result = popsicle("flash", image, loop.path, "--yes", "--bucket-size", "1G",
+                      "--buckets", "64")
+
+    assert result.returncode == 2, result.stdout + result.stderr
+    line = _one_line_error(result)
+    assert "a ring of 64 GiB (64 x 1 GiB) is more than half the memory available" in line
+    assert holds_pattern(loop)
+
+
 @pytest.mark.parametrize("compress", [["gzip"], ["xz"], ["zstd", "-q"], ["bzip2"]],
                          ids=["gz", "xz", "zst", "bz2"])
 def test_an_image_empty_once_decompressed_is_refused_even_with_force(

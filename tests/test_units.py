@@ -55,6 +55,6 @@ def test_a_size_above_2_63_is_refused_in_one_short_line(text: str) -> None:
 
 @pytest.mark.parametrize("text", ["0.5", "1." + "0" * 5000 + "1", "1.1B"])
 def test_a_fraction_of_a_byte_is_refused(text: str) -> None:
-    with pytest.raises(ValueError, match="^not a whole number of bytes") as caught:
+    with pytest.raises(ValueError, match=r"^not a whole number of bytes") as caught:
         parse_size(text)
     assert len(str(caught.value)) < 100

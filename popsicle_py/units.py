@@ -46,7 +46,7 @@ def parse_size(text: str) -> int:
     if len(fraction) > 64:  # 2**-60 has 60 decimals: more can never be whole bytes
         raise ValueError(f"not a whole number of bytes: {_shown(text)}")
     unit = _UNITS[match.group(3).lower()]
-    scale = 10 ** len(fraction)
+    scale: int = 10 ** len(fraction)
     numerator = (int(whole or "0") * scale + int(fraction or "0")) * unit
     if numerator % scale:
         raise ValueError(f"not a whole number of bytes: {_shown(text)}")

@@ -507,6 +507,23 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(
             assert Path(parted.backing).read_bytes() == before
 
 
+def test_a_rejected_drive_is_said_rejected_once(loop_factory: Callable[..., Loop],
+                                               tmp_path: Path) -> None:
+    """The line was "LOOP: rejected: rejected: holds 16 MiB, ..."."""
+    image, _ = make_image(tmp_path, 1 * MiB)
+    loop = loop_factory(16 * MiB, fill=PATTERN)
+
+    result = popsicle("flash", image, loop.path, "--yes", "--capacity", "32GB",
+                      "--tolerance", "3")
+
+    assert result.returncode == 1, result.stdout + result.stderr
+    said = result.stdout + result.stderr
+    assert (f"{loop.path}: rejected: holds 16 MiB, outside the 29.8 GiB (+-3%) asked for"
+            in said), said
+    assert "rejected: rejected" not in said and said.count("rejected:") == 1, said
+    assert holds_pattern(loop)
+
+
 def _mem_available() -> int:
     with open("/proc/meminfo", encoding="ascii") as meminfo:
         return next(int(line.split()[1]) * 1024 for line in meminfo

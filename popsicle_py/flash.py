@@ -504,7 +504,8 @@ class VerifyJob(_Job):
         match msg:
             case BusVerifierMessage.Read(bytes_read=n):
                 self.emit(Progress(drive.path, Step.VERIFYING, n, size))
-            case BusVerifierMessage.Valid():
+            case BusVerifierMessage.Valid(sha256=digest):
+                drive.device_sha256 = digest
                 self._end(drive, Status.OK)
             case BusVerifierMessage.Invalid(offset=offset):
                 self._end(drive, Status.INVALID, f"{drive.path}: differs from the image at "
@@ -586,12 +587,9 @@ class ProbeJob(_Job):
                          result.message, result.elapsed))
         if result.ok:
             self._end(drive, Status.OK)
-        elif result.error is not None:
-            self._end(drive, Status.FAILED, f"{drive.path}: {result.message}",
-                      cause=Cause.IO_ERROR)
         else:
-            self._end(drive, Status.FAILED, f"{drive.path}: {result.message}",
-                      cause=Cause.COUNTERFEIT)
+            cause = Cause.IO_ERROR if result.error is not None else Cause.COUNTERFEIT
+            self._end(drive, Status.FAILED, f"{drive.path}: {result.message}", cause=cause)
 
 
 @record

@@ -27,6 +27,7 @@ import select
 import shutil
 import stat
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
@@ -173,6 +174,15 @@ class Client:
     def __init__(self, connection: DBusConnection) -> None:
         self.connection = connection
         self._agent: subprocess.Popen[bytes] | None = None
+        self._agent_lock = threading.Lock()
+        # Lanes call from their own threads over this one connection: sends are serialised,
+        # and one caller at a time receives, filing every reply by serial for its caller.
+        # No lock is held across a call, so a password prompt never stops the others.
+        self._send_lock = threading.Lock()
+        self._filed = threading.Condition()
+        self._receiving = False
+        self._replies: dict[int, Message] = {}
+        self._abandoned: set[int] = set()
 
     @classmethod
     def connect(cls) -> Client:
@@ -211,7 +221,7 @@ class Client:
         An interactive call may wait for a password as long as the user takes; it is polled
         every :data:`POLL` seconds so that ``cancel()`` ends the wait.
         """
-        from jeepney import DBusAddress, HeaderFields, new_method_call
+        from jeepney import DBusAddress, new_method_call
         from jeepney.low_level import MessageFlag
 
         cancel = cancel or _cancel
@@ -219,22 +229,69 @@ class Client:
         message = new_method_call(address, method, signature or None, body)
         if interactive:
             message.header.flags |= MessageFlag.allow_interactive_authorization
-        serial = next(self.connection.outgoing_serial)
-        self.connection.send(message, serial=serial)
+        with self._send_lock:
+            serial = next(self.connection.outgoing_serial)
+            self.connection.send(message, serial=serial)
         deadline = None if interactive else time.monotonic() + CALL_TIMEOUT
+        try:
+            reply = self._reply(serial, deadline, cancel, shown or path)
+        except BaseException:
+            self._abandon(serial)
+            raise
+        return _unwrap(reply, what, shown or path)
+
+    def _reply(self, serial: int, deadline: float | None, cancel: Callable[[], bool] | None,
+               shown: str) -> Message:
+        """The reply to ``serial``: filed by whichever caller was receiving, or received here
+        when nobody is; cancel and deadline are looked at every :data:`POLL` seconds."""
         while True:
             if cancel is not None and cancel():
-                raise UdisksError(errno.EINTR, f"{shown or path}: cancelled")
+                raise UdisksError(errno.EINTR, f"{shown}: cancelled")
             if deadline is not None and time.monotonic() > deadline:
-                raise UdisksError(errno.ETIMEDOUT, f"{shown or path}: udisks2 did not answer "
+                raise UdisksError(errno.ETIMEDOUT, f"{shown}: udisks2 did not answer "
                                   f"within {CALL_TIMEOUT:g} s")
+            with self._filed:
+                reply = self._replies.pop(serial, None)
+                if reply is not None:
+                    return reply
+                if self._receiving:
+                    self._filed.wait(POLL)
+                    continue
+                self._receiving = True
+            message: Message | None = None
             try:
-                reply = self.connection.receive(timeout=POLL)
+                message = self.connection.receive(timeout=POLL)
             except TimeoutError:
-                continue
-            if reply.header.fields.get(HeaderFields.reply_serial) != serial:
-                continue
-            return _unwrap(reply, what, shown or path)
+                pass
+            finally:
+                with self._filed:
+                    self._receiving = False
+                    if message is not None:
+                        self._file(message)
+                    self._filed.notify_all()
+
+    def _file(self, message: Message) -> None:
+        """Keep a reply for its caller (the lock held); signals and abandoned replies go."""
+        from jeepney import HeaderFields
+
+        serial = message.header.fields.get(HeaderFields.reply_serial)
+        if not isinstance(serial, int):
+            return
+        if serial in self._abandoned:
+            self._abandoned.discard(serial)
+            _close_descriptors(message.body)
+        else:
+            self._replies[serial] = message
+
+    def _abandon(self, serial: int) -> None:
+        """A call given up (cancel, time limit): its reply, if it comes, is dropped (an open
+        descriptor in it closed)."""
+        with self._filed:
+            reply = self._replies.pop(serial, None)
+            if reply is None:
+                self._abandoned.add(serial)
+            else:
+                _close_descriptors(reply.body)
 
     def managed_objects(self) -> Objects:
         body = self.call(ROOT_PATH, "org.freedesktop.DBus.ObjectManager", "GetManagedObjects",
@@ -251,11 +308,16 @@ class Client:
     def _with_agent(self, attempt: Callable[[], Body]) -> Body:
         """Run a call; if polkit wants a password and nobody can ask, start a text agent
         on the terminal (if there is one) and run it once more."""
+        before = self._agent
         try:
             return attempt()
         except UdisksError as exc:
-            if not exc.name.endswith("NotAuthorizedCanObtain") or not self.start_agent():
+            if not exc.name.endswith("NotAuthorizedCanObtain"):
                 raise
+            with self._agent_lock:  # lanes refused together start one agent, and all retry
+                started_meanwhile = self._agent is not None and self._agent is not before
+                if not started_meanwhile and not self.start_agent():
+                    raise
         return attempt()
 
     def open_device(self, devnum: int, mode: str, flags: int, shown: str, *,
@@ -367,6 +429,16 @@ def _unwrap(reply: Message, what: str, shown: str) -> Body:
     return body
 
 
+def _close_descriptors(body: Body) -> None:
+    """Close the descriptors udisks sent in a reply nobody takes (OpenDevice's handle)."""
+    from jeepney import FileDescriptor
+
+    for value in body:
+        if isinstance(value, FileDescriptor):
+            with contextlib.suppress(OSError):
+                value.close()
+
+
 def _has_terminal() -> bool:
     """True when this process has a controlling terminal a text agent can prompt on."""
     try:
@@ -384,6 +456,7 @@ def _has_terminal() -> bool:
 _client: Client | None = None
 _unavailable: str | None = None
 _cancel: Callable[[], bool] | None = None
+_connecting = threading.Lock()
 
 
 def set_cancel(check: Callable[[], bool] | None) -> None:
@@ -395,18 +468,19 @@ def set_cancel(check: Callable[[], bool] | None) -> None:
 def client() -> Client:
     """The shared client; raises :class:`Unavailable` (remembered) when udisks is not there."""
     global _client, _unavailable
-    if _client is not None:
+    with _connecting:  # lanes asking at once share one connection
+        if _client is not None:
+            return _client
+        if _unavailable is not None:
+            raise Unavailable(_unavailable)
+        try:
+            _client = Client.connect()
+        except Unavailable as exc:
+            _unavailable = str(exc)
+            log.debug("udisks2 not used: %s", exc)
+            raise
+        atexit.register(close)  # a text agent we start must not outlive us
         return _client
-    if _unavailable is not None:
-        raise Unavailable(_unavailable)
-    try:
-        _client = Client.connect()
-    except Unavailable as exc:
-        _unavailable = str(exc)
-        log.debug("udisks2 not used: %s", exc)
-        raise
-    atexit.register(close)  # a text agent we start must not outlive us
-    return _client
 
 
 def available() -> bool:

@@ -377,3 +377,44 @@ def test_unmount_goes_through_udisks_and_polkit() -> None:
         assert result.returncode == 0, result.stdout + result.stderr + setup.stack.logs()
         assert mnt not in setup.stack.as_root(["cat", "/proc/self/mounts"]).stdout
         assert setup.stick.read(IMAGE_SIZE) == setup.data
+
+
+#: Threads opening drives through the one shared client at once, as lanes do (read, watch,
+#: station): every call must get its own reply, none lost to another thread.
+CONCURRENT_OPENS = """
+import os, sys, threading
+from popsicle_py import udisks
+said = []
+def lane(number):
+    for _ in range(4):
+        try:
+            fd = udisks.open_device("/dev/sdb", "r", 0)
+        except Exception as exc:
+            said.append(f"sdb: {type(exc).__name__}: {exc}")
+            continue
+        said.append("sdb" if os.fstat(fd).st_rdev == os.stat("/dev/sdb").st_rdev else "wrong")
+        os.close(fd)
+        try:
+            udisks.open_device("/dev/sdc", "r", 0)
+        except udisks.UdisksError as exc:
+            said.append("sdc refused" if "not authorized" in str(exc) else str(exc))
+        else:
+            said.append("sdc opened")
+threads = [threading.Thread(target=lane, args=(n,)) for n in range(6)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+print(sorted(set(said)), len(said))
+"""
+
+
+def test_threads_share_the_client_each_gets_its_own_reply(env: Setup) -> None:
+    """One connection, six threads: replies are filed by serial for the thread that asked
+    (before, a thread dropped another's reply, which then waited forever or read garbage)."""
+    try:
+        result = env.stack.run([sys.executable, "-c", CONCURRENT_OPENS], timeout=90)
+    except subprocess.TimeoutExpired:
+        pytest.fail("a thread never got its reply")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split("\n")[0] == "['sdb', 'sdc refused'] 48", result.stdout

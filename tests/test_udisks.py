@@ -418,3 +418,101 @@ def test_threads_share_the_client_each_gets_its_own_reply(env: Setup) -> None:
         pytest.fail("a thread never got its reply")
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.split("\n")[0] == "['sdb', 'sdc refused'] 48", result.stdout
+
+
+@pytest.fixture(scope="module")
+def prompting() -> Iterator[Setup]:
+    """A stack where opening /dev/sdc asks this user's password (pkttyagent on the tty)."""
+    with _setup(extra_rule=harness.AUTH_SELF_FOR_SDC) as setup:
+        yield setup
+
+
+def _at_the_prompt(setup: Setup, *args: str) -> Any:
+    """The command started on a terminal, waiting at polkit's password prompt."""
+    import pexpect
+
+    argv = setup.stack.command([*popsicle_cmd(), *args])
+    child = pexpect.spawn(argv[0], argv[1:], encoding="utf-8", timeout=60,
+                          cwd=str(setup.stack.work))
+    child.expect("Password:")
+    return child
+
+
+def _stopped_at_the_prompt(setup: Setup, how: str, *args: str) -> tuple[int, str]:
+    """Ctrl-C (``int``) or SIGTERM (``term``) at the prompt: the exit status, what was said."""
+    import signal
+
+    import pexpect
+
+    child = _at_the_prompt(setup, *args)
+    if how == "int":
+        child.sendintr()
+    else:  # nsenter, setpriv and env exec: the child is the python process itself
+        os.kill(child.pid, signal.SIGTERM)
+    try:
+        child.expect(pexpect.EOF, timeout=15)
+    except pexpect.TIMEOUT:
+        child.close(force=True)
+        pytest.fail(f"still running 15 s after SIG{how.upper()} at the prompt")
+    child.close()
+    said = re.sub(r"\x1b\[[0-9;]*m", "", child.before or "")
+    return child.exitstatus, said
+
+
+#: Every use case that opens drives, each asked for /dev/sdc (the password prompt).
+OPENERS = {
+    "verify": ("verify", "{image}", "/dev/sdc"),
+    "check": ("check", "--sha256", "0" * 64, "--size", "4096", "/dev/sdc"),
+    "probe": ("probe", "--yes", "/dev/sdc"),
+    "read": ("read", "/dev/sdc", "{home}/c.img"),
+    "read-many": ("read", "/dev/sdb", "{home}/b.img", "/dev/sdc", "{home}/c.img"),
+}
+
+
+@pytest.mark.parametrize("how", ["int", "term"])
+@pytest.mark.parametrize("command", list(OPENERS))
+def test_a_signal_at_the_polkit_prompt_cancels_every_use_case(prompting: Setup, command: str,
+                                                              how: str) -> None:
+    """As flash and erase: Ctrl-C is 130, SIGTERM 143, at once; nothing read or written.
+    (Before, verify, check, read and probe went on waiting, or called it a refusal.)"""
+    setup = prompting
+    setup.fixed.fill()
+    home = setup.stack.work / "home"
+    for made in home.glob("*.img*"):
+        made.unlink()
+    args = [a.format(image=setup.image, home=home) for a in OPENERS[command]]
+    status, said = _stopped_at_the_prompt(setup, how, *args)
+    assert status == (130 if how == "int" else 143), said + setup.stack.logs()
+    assert "not authorized" not in said, said
+    assert _untouched(setup.fixed)
+    assert not list(home.iterdir()), "an OUTPUT was made"
+
+
+def test_read_without_root(env: Setup) -> None:
+    """read through udisks: the image file holds the drive's bytes (click no longer refuses
+    a device node this user cannot read)."""
+    with open(env.stick.backing, "r+b") as f:
+        f.write(env.data)
+    home = env.stack.work / "home"
+    output = home / "stick.img"
+    try:
+        result = _popsicle(env, "read", "/dev/sdb", str(output))
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert output.read_bytes()[:IMAGE_SIZE] == env.data
+        assert output.stat().st_size == SIZE
+    finally:
+        for made in home.glob("stick.img*"):
+            made.unlink()
+
+
+def test_a_polkit_refusal_in_a_multi_pair_read_reads_nothing(env: Setup) -> None:
+    """/dev/sdc is refused: exit 2 with the one line, and /dev/sdb was not read either (every
+    drive is opened before any is read, as flash opens all before writing)."""
+    home = env.stack.work / "home"
+    result = _popsicle(env, "read", "/dev/sdb", str(home / "b.img"), "/dev/sdc",
+                       str(home / "c.img"))
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stderr.splitlines() == [
+        "popsicle-py: not authorized to open /dev/sdc (polkit refused: a password is needed "
+        "and no authentication agent could ask)"]
+    assert not list(home.iterdir())

@@ -67,10 +67,17 @@ NEEDS_ROOT = ("writing drives needs root: run with sudo, or install udisks2 so p
               "can ask for permission")
 NEEDS_ROOT_TO_READ = ("reading drives needs root: run with sudo, or install udisks2 so "
                       "popsicle-py can ask for permission")
+HUNG = (f"udisks2 did not answer within {CALL_TIMEOUT:g} s, so this user's drives cannot be "
+        "opened through it: run with sudo, or restart udisks2")
 
 
 class Unavailable(Exception):
-    """No system bus, or no udisks2 daemon on it."""
+    """No system bus, or no udisks2 daemon on it; ``hung``: udisks2 is there but did not
+    answer (installing it is not the advice then)."""
+
+    def __init__(self, why: str, *, hung: bool = False) -> None:
+        super().__init__(why)
+        self.hung = hung
 
 
 class UdisksError(OSError):
@@ -198,7 +205,8 @@ class Client:
             client.managed_objects()
         except (UdisksError, TimeoutError) as exc:
             connection.close()
-            raise Unavailable(f"udisks2 does not answer: {exc}") from None
+            hung = isinstance(exc, TimeoutError) or exc.errno == errno.ETIMEDOUT
+            raise Unavailable(f"udisks2 does not answer: {exc}", hung=hung) from None
         return client
 
     def close(self) -> None:
@@ -454,7 +462,7 @@ def _has_terminal() -> bool:
 
 
 _client: Client | None = None
-_unavailable: str | None = None
+_unavailable: Unavailable | None = None
 _cancel: Callable[[], bool] | None = None
 _connecting = threading.Lock()
 
@@ -472,11 +480,11 @@ def client() -> Client:
         if _client is not None:
             return _client
         if _unavailable is not None:
-            raise Unavailable(_unavailable)
+            raise Unavailable(str(_unavailable), hung=_unavailable.hung)
         try:
             _client = Client.connect()
         except Unavailable as exc:
-            _unavailable = str(exc)
+            _unavailable = exc
             log.debug("udisks2 not used: %s", exc)
             raise
         atexit.register(close)  # a text agent we start must not outlive us
@@ -490,6 +498,17 @@ def available() -> bool:
     except Unavailable:
         return False
     return True
+
+
+def unavailable_line(*, writing: bool) -> str | None:
+    """Why this user cannot have drives opened by udisks2, one line; None when it answers."""
+    try:
+        client()
+    except Unavailable as exc:
+        if exc.hung:
+            return HUNG
+        return NEEDS_ROOT if writing else NEEDS_ROOT_TO_READ
+    return None
 
 
 def close() -> None:

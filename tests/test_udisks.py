@@ -516,3 +516,24 @@ def test_a_polkit_refusal_in_a_multi_pair_read_reads_nothing(env: Setup) -> None
         "popsicle-py: not authorized to open /dev/sdc (polkit refused: a password is needed "
         "and no authentication agent could ask)"]
     assert not list(home.iterdir())
+
+
+def test_a_hung_udisksd_is_named_not_told_to_be_installed(env: Setup) -> None:
+    """udisksd stopped (SIGSTOP): after udisks2's time limit, one line says it did not answer
+    (before: "install udisks2", which is installed); exit 2, nothing written."""
+    import signal
+
+    found = subprocess.run(["pgrep", "-g", str(env.stack.process.pid), "-x", "udisksd"],
+                           capture_output=True, text=True, check=True).stdout.split()
+    assert len(found) == 1, found
+    pid = int(found[0])
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        result = _popsicle(env, "flash", str(env.image), "/dev/sdb", "--yes", "--no-probe")
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stderr.splitlines() == [
+        f"popsicle-py: udisks2 did not answer within {udisks.CALL_TIMEOUT:g} s, so this user's "
+        "drives cannot be opened through it: run with sudo, or restart udisks2"]
+    assert _untouched(env.stick)

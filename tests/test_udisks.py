@@ -537,3 +537,47 @@ def test_a_hung_udisksd_is_named_not_told_to_be_installed(env: Setup) -> None:
         f"popsicle-py: udisks2 did not answer within {udisks.CALL_TIMEOUT:g} s, so this user's "
         "drives cannot be opened through it: run with sudo, or restart udisks2"]
     assert _untouched(env.stick)
+
+
+#: One thread waits at polkit's password prompt for /dev/sdc; on SIGUSR1 the main thread
+#: opens /dev/sdb meanwhile, through the same client.
+WHILE_ONE_WAITS = """
+import os, signal, threading
+from popsicle_py import udisks
+go = threading.Event()
+signal.signal(signal.SIGUSR1, lambda *_: go.set())
+def at_the_prompt():
+    try:
+        os.close(udisks.open_device("/dev/sdc", "r", 0))
+        print("sdc opened", flush=True)
+    except Exception as exc:
+        print("sdc:", exc, flush=True)
+waiting = threading.Thread(target=at_the_prompt)
+waiting.start()
+go.wait()
+os.close(udisks.open_device("/dev/sdb", "r", 0))
+print("sdb opened while sdc waits", flush=True)
+waiting.join()
+"""
+
+
+def test_a_password_prompt_holds_no_other_call(prompting: Setup) -> None:
+    """While one call waits for a password, another thread's call is answered (no lock is
+    held across a call); then the password opens the first."""
+    import signal
+
+    import pexpect
+
+    argv = prompting.stack.command([sys.executable, "-c", WHILE_ONE_WAITS])
+    child = pexpect.spawn(argv[0], argv[1:], encoding="utf-8", timeout=30,
+                          cwd=str(prompting.stack.work))
+    try:
+        child.expect("Password:")
+        os.kill(child.pid, signal.SIGUSR1)
+        child.expect("sdb opened while sdc waits")
+        child.sendline(harness.PASSWORD)
+        child.expect("sdc opened")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close(force=True)
+    assert child.exitstatus == 0, child.before

@@ -547,8 +547,8 @@ class ProbeJob(_Job):
     verifies = False
 
     def __init__(self, devices: Sequence[BlockDevice], emit: Emit, cancel: CancelCheck,
-                 stall_timeout: float | None = 60.0) -> None:
-        super().__init__(devices, emit, cancel)
+                 stall_timeout: float | None = 60.0, infos: Sequence[DriveInfo] = ()) -> None:
+        super().__init__(devices, emit, cancel, infos)
         self.stall_timeout = stall_timeout
 
     def run(self) -> Summary:

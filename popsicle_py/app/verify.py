@@ -121,14 +121,15 @@ class PreparedProbe:
             return open_targets(self.plan.targets,
                                 check=drives.still_same_each(self.plan.targets))
 
+        infos = [drive_info(d, i) for i, d in enumerate(self.plan.targets, 1)]
         opened = open_or_cancelled(open_drives, cancel, view)
         if opened is None:
-            summary = cancelled_before_writing([d.path for d in self.plan.targets],
-                                               [drive_info(d, i) for i, d in
-                                                enumerate(self.plan.targets, 1)], view.handle)
+            summary = cancelled_before_writing([d.path for d in self.plan.targets], infos,
+                                               view.handle)
             view.close()
             return summary
-        summary = ProbeJob(opened, view.handle, cancel, self.request.stall_timeout).run()
+        summary = ProbeJob(opened, view.handle, cancel, self.request.stall_timeout,
+                           infos).run()
         view.close()
         return summary
 

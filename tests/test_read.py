@@ -347,6 +347,7 @@ def test_no_room_is_refused_early_when_known_and_fails_cleanly_when_not(
     assert result.returncode == 1, result.stderr
     r = events_of(result.stdout)[-1]["results"][0]
     assert r["status"] == "failed" and r["cause"] == "no-space", r
+    assert isinstance(r["elapsed"], float), r  # as README says of every result
     assert r["error"].startswith(f"{mount_dir}/big.img.gz: ")
     assert list(mount_dir.iterdir()) == []
 
@@ -367,7 +368,7 @@ def test_ctrl_c_leaves_no_output(loop_factory: Callable[..., Loop], throttle: Ca
     out_text, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
     r = json.loads(out_text.splitlines()[-1])["results"][0]
-    assert r["status"] == "cancelled", r
+    assert r["status"] == "cancelled" and isinstance(r["elapsed"], float), r
     assert list(tmp_path.iterdir()) == []
 
 

@@ -13,6 +13,7 @@ once everything is written and synced: OUTPUT never exists half-written under it
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import os
 import secrets
@@ -129,6 +130,8 @@ class PreparedRead:
                 for temp in temps:
                     with contextlib.suppress(OSError):
                         os.unlink(temp)
+        if result.elapsed is None:  # how long it ran before it failed or was stopped
+            result = dataclasses.replace(result, elapsed=time.monotonic() - started)
         ok = result.status is events.Status.OK
         view.handle(events.Phase(path, events.Step.DONE if ok else events.Step.FAILED,
                                  result.error or result.status.value, result.cause))

@@ -231,6 +231,9 @@ def test_cli_probe_reports_each_drive_and_exits_1_for_a_counterfeit(
     assert by_device[fake.path]["real_estimate"] == 32 * MiB
     summary = lines[-1]
     assert summary["event"] == "summary" and summary["ok"] is False
+    # Which drive each result is, as flash's, read's and erase's results say it.
+    assert [(r["drive"]["seq"], r["drive"]["size"]) for r in summary["results"]] == [
+        (1, GiB), (2, GiB)]
     statuses = {r["device"]: (r["status"], r["error"]) for r in summary["results"]}
     assert statuses == {genuine.path: ("ok", None),
                         fake.path: ("failed", f"{fake.path}: counterfeit: claims "

@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 from loopdev import Loop, python_env
 
+from popsicle_py.app.requests import available_memory
+
 REPO = Path(__file__).resolve().parent.parent
 MiB = 1 << 20
 
@@ -70,6 +72,26 @@ def test_the_app_example_refuses_before_writing(
     assert "Traceback" not in done.stderr
     assert "writing" not in done.stdout
     assert a.backing.read_bytes() == b"\x5a" * (8 * MiB)
+
+
+@pytest.mark.skipif((available_memory() or 0) >= 128 << 30,
+                    reason="64 GiB is less than half of memory here")
+def test_the_app_example_refuses_a_ring_larger_than_memory_allows(
+        tmp_path: Path, loop_factory: Callable[..., Loop]) -> None:
+    """A library's request is checked as the CLI's is (the check lives in prepare_flash):
+    --buckets 64 of 1 GiB on a machine with less than 128 GiB to spare."""
+    _image(tmp_path)
+    a, b = loop_factory(8 * MiB, fill=0x5A), loop_factory(8 * MiB, fill=0x5A)
+    code = _app_example().replace('"/dev/sdb"', repr(a.path)).replace('"/dev/sdc"', repr(b.path))
+    code = code.replace("app.TargetOptions(devices=", "engine=app.EngineOptions(1 << 30, 64), "
+                        "targets=app.TargetOptions(devices=")
+    assert "EngineOptions" in code
+    done = _run(code, tmp_path)
+    assert done.returncode == 1, done.stderr  # SystemExit with the refusal's lines
+    assert "a ring of 64 GiB (64 x 1 GiB) is more than half the memory available" in done.stderr
+    assert "Traceback" not in done.stderr and "writing" not in done.stdout
+    for loop in (a, b):
+        assert loop.backing.read_bytes() == b"\x5a" * (8 * MiB)
 
 
 def test_the_engine_example_writes_and_verifies_files(tmp_path: Path) -> None:

@@ -27,7 +27,7 @@ from popsicle_py.app.common import (
     speed_rule,
 )
 from popsicle_py.app.confirm import Confirmation, target_rows
-from popsicle_py.app.requests import FlashRequest
+from popsicle_py.app.requests import FlashRequest, available_memory, ring_refusal
 from popsicle_py.app.trim import CERTIFICATE_READS_ALL, NONE, Trim, plan_trim
 from popsicle_py.blockdev import BlockDevice
 from popsicle_py.bmap import Bmap
@@ -218,6 +218,9 @@ def prepare_flash(request: FlashRequest) -> PreparedFlash:
     targets, write = request.targets, request.write
     if not targets.devices and not targets.all_usb:
         raise Refused(["no target drives: name devices or use --all-usb"])
+    ring = ring_refusal(request.engine, available_memory())
+    if ring is not None:  # here, not in the CLI: a library's request is checked too
+        raise Refused([ring])
     if write.no_bmap and write.bmap is not None:
         raise Refused([f"--bmap {write.bmap} and --no-bmap contradict each other; give one"])
     if write.skip_identical and request.grade.min_write_speed is not None:

@@ -66,6 +66,18 @@ class EngineOptions:
 ALWAYS_ALLOWED_RING = DEFAULT_BUCKET_SIZE * DEFAULT_BUCKETS
 
 
+def available_memory() -> int | None:
+    """MemAvailable of /proc/meminfo in bytes (None: not said)."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def ring_refusal(engine: EngineOptions, available: int | None) -> str | None:
     """Why the ring cannot be had, or None.  ``available`` is the memory the system has for
     new allocations (MemAvailable; None: unknown).  A ring above half of it would push out

@@ -23,7 +23,6 @@ from popsicle_py.app.requests import (
     TargetOptions,
     WatchRequest,
     WriteOptions,
-    ring_refusal,
 )
 from popsicle_py.defaults import (
     DEFAULT_BUCKETS,
@@ -228,24 +227,9 @@ target_options = OptionGroup(
     max_size_option("--all-usb skips drives larger than this."),
 )
 
-def available_memory() -> int | None:
-    """MemAvailable of /proc/meminfo in bytes (None: not said)."""
-    try:
-        with open("/proc/meminfo", encoding="ascii") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
 
 def _engine(bucket_size: int, buckets: int, stall_timeout: float) -> EngineOptions:
-    engine = EngineOptions(bucket_size, buckets, stall_timeout)
-    refusal = ring_refusal(engine, available_memory())
-    if refusal:
-        raise click.UsageError(refusal)
-    return engine
+    return EngineOptions(bucket_size, buckets, stall_timeout)  # its ring: prepare_flash
 
 
 #: How the bytes move.

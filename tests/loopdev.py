@@ -210,6 +210,29 @@ DROP_OTHER_TESTS_MOUNTS = (
 
 
 @contextlib.contextmanager
+def mounted_elsewhere(device: str, mountpoint: Path, *, read_only: bool = True
+                      ) -> Iterator[subprocess.Popen[str]]:
+    """``device`` mounted at ``mountpoint`` only inside a private mount namespace (what a
+    container or a service with PrivateMounts has), held by a ``sleep`` in it (the
+    process returned).  Read-only by default, so that the kernel itself writes nothing (an
+    ext4 mount stamps its superblock)."""
+    mountpoint.mkdir(exist_ok=True)
+    options = "-o ro " if read_only else ""
+    proc = subprocess.Popen(
+        ["unshare", "-m", "--propagation", "private", "sh", "-c", DROP_OTHER_TESTS_MOUNTS
+         + f"mount {options}{device} {mountpoint} && echo ready && exec sleep 60"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line.strip() == "ready", proc.stderr.read() if proc.stderr else line
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
+@contextlib.contextmanager
 def mounted_ext4(device: str) -> Iterator[str]:
     """mkfs.ext4 on ``device`` and mount it on a fresh directory; unmount afterwards."""
     run("mkfs.ext4", "-q", "-F", device)

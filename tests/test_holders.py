@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 from conftest import Loop, popsicle_cmd
-from loopdev import DROP_OTHER_TESTS_MOUNTS, loop_device
+from loopdev import DROP_OTHER_TESTS_MOUNTS, loop_device, mounted_elsewhere
 from loopdev import run as run_tool
 
 from popsicle_py.drives import (
@@ -66,26 +66,6 @@ def window(target: str, offset: int, size: int) -> Iterator[str]:
     finally:
         subprocess.run(["umount", "-l", path], capture_output=True, check=False)
         subprocess.run(["losetup", "-d", path], capture_output=True, check=False)
-
-
-@contextlib.contextmanager
-def mounted_elsewhere(device: str, mountpoint: Path) -> Iterator[subprocess.Popen[str]]:
-    """``device`` mounted at ``mountpoint`` only inside a private mount namespace (what a
-    container or a service with PrivateMounts has), held by a ``sleep`` in it.  Read-only,
-    so that the kernel itself writes nothing (an ext4 mount stamps its superblock)."""
-    mountpoint.mkdir(exist_ok=True)
-    proc = subprocess.Popen(
-        ["unshare", "-m", "--propagation", "private", "sh", "-c", DROP_OTHER_TESTS_MOUNTS
-         + f"mount -o ro {device} {mountpoint} && echo ready && exec sleep 60"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        assert line.strip() == "ready", proc.stderr.read() if proc.stderr else line
-        yield proc
-    finally:
-        proc.kill()
-        proc.wait(timeout=10)
 
 
 @contextlib.contextmanager

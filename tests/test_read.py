@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 from conftest import Loop, needs_root, popsicle_cmd
-from loopdev import DROP_OTHER_TESTS_MOUNTS, write_mbr
+from loopdev import mounted_elsewhere, write_mbr
 
 from popsicle_py import reading
 from popsicle_py.blockdev import OpenSpec, open_for_reading
@@ -297,24 +297,13 @@ def test_a_drive_mounted_read_write_in_a_container_is_refused(
     drive = loop_factory(32 * MiB)
     subprocess.run(["mkfs.ext4", "-q", "-F", drive.path], check=True)
     mountpoint = tmp_path / "inside"
-    mountpoint.mkdir()
-    proc = subprocess.Popen(
-        ["unshare", "-m", "--propagation", "private", "sh", "-c", DROP_OTHER_TESTS_MOUNTS
-         + f"mount {drive.path} {mountpoint} && echo ready && exec sleep 60"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        assert line.strip() == "ready", proc.stderr.read() if proc.stderr else line
+    with mounted_elsewhere(drive.path, mountpoint, read_only=False) as proc:
         out = tmp_path / "x.img"
         result = popsicle("read", drive.path, out)
         assert result.returncode == 2, result.stderr
         assert (f"{drive.path} is mounted read-write at {mountpoint} in the mount namespace "
                 f"of pid {proc.pid}") in result.stderr, result.stderr
         assert not out.exists()
-    finally:
-        proc.kill()
-        proc.wait(timeout=10)
 
 
 def test_a_drive_open_for_writing_is_refused(loop_factory: Callable[..., Loop],

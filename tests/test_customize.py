@@ -9,7 +9,9 @@ import csv
 import json
 import lzma
 import os
+import resource
 import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -37,9 +39,28 @@ country = "DE"
 FILL = 0x5A
 
 
-def popsicle(*args: object) -> subprocess.CompletedProcess[str]:
+#: Address space for a run that must not read or build without limit: a run that does ends
+#: in a MemoryError (exit 1) here, not by taking the machine's memory.
+MEMORY_LIMIT = 1 << 30
+
+
+def _limit_memory() -> None:
+    resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT, MEMORY_LIMIT))
+
+
+def popsicle(*args: object, timeout: float = 120, limited: bool = False
+             ) -> subprocess.CompletedProcess[str]:
     return subprocess.run([*popsicle_cmd(), *map(str, args)], stdin=subprocess.DEVNULL,
-                          capture_output=True, text=True, timeout=120, check=False)
+                          capture_output=True, text=True, timeout=timeout, check=False,
+                          preexec_fn=_limit_memory if limited else None)
+
+
+def one_line(done: subprocess.CompletedProcess[str]) -> str:
+    """The one line a refusal says (exit 2)."""
+    assert done.returncode == 2, done.stderr + done.stdout
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, done.stderr
+    return lines[0]
 
 
 def inputs(tmp_path: Path, settings: str | bytes = SETTINGS,
@@ -319,3 +340,15 @@ def test_a_certificate_and_customize_together_are_refused(tmp_path: Path,
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "--certificate" in lines[0], lines
     assert Path(loop.backing).read_bytes() == bytes([FILL]) * loop.size
+
+
+def test_an_unexpected_error_that_says_nothing_is_named() -> None:
+    """A MemoryError's text is empty: the line names it rather than saying nothing."""
+    code = ("from popsicle_py.cli.guard import run_guarded\n"
+            "def body() -> int:\n    raise MemoryError\n"
+            "run_guarded(False, False, body)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60, check=False)
+    assert done.returncode == 1
+    assert done.stderr.splitlines() == [
+        "popsicle-py: unexpected error: MemoryError (run with --debug to see where)"]

@@ -342,6 +342,21 @@ def test_a_certificate_and_customize_together_are_refused(tmp_path: Path,
     assert Path(loop.backing).read_bytes() == bytes([FILL]) * loop.size
 
 
+@pytest.mark.parametrize("template", ["pi-{seq:09999999999}", "pi-{seq:>65}",
+                                      "pi-{seq:.99999999f}", "pi-{seq:" + "9" * 5000 + "}"])
+def test_a_template_field_too_wide_is_refused_before_it_is_built(
+        tmp_path: Path, loop_factory: Callable[..., Loop], template: str) -> None:
+    """{seq:09999999999} would build a 10 GB string (killed, or an empty MemoryError)."""
+    image = pi_image.build(tmp_path, table="mbr")
+    loop = loop_factory(image.stat().st_size, fill=FILL)
+    toml, values = inputs(tmp_path, SETTINGS.replace('"{hostname}"', f'"{template}"'))
+    done = popsicle("flash", image, loop.path, "--yes", "--customize", toml, "--values",
+                    values, timeout=60, limited=True)
+    line = one_line(done)
+    assert "hostname: bad template {seq:" in line and "a width or precision over 64" in line
+    assert Path(loop.backing).read_bytes() == bytes([FILL]) * loop.size
+
+
 def test_an_unexpected_error_that_says_nothing_is_named() -> None:
     """A MemoryError's text is empty: the line names it rather than saying nothing."""
     code = ("from popsicle_py.cli.guard import run_guarded\n"

@@ -342,6 +342,41 @@ def test_a_certificate_and_customize_together_are_refused(tmp_path: Path,
     assert Path(loop.backing).read_bytes() == bytes([FILL]) * loop.size
 
 
+@pytest.mark.parametrize("source,kind", [
+    ("/dev/zero", "a character device"),  # read until memory ran out
+    ("loop", "a block device"),  # the target drive itself, read whole into memory
+    ("fifo", "a FIFO"),  # waited on for a writer, for ever
+])
+def test_a_files_source_that_is_not_a_regular_file_is_refused(
+        tmp_path: Path, loop_factory: Callable[..., Loop], source: str, kind: str) -> None:
+    image = pi_image.build(tmp_path, table="mbr")
+    loop = loop_factory(image.stat().st_size, fill=FILL)
+    if source == "fifo":
+        os.mkfifo(tmp_path / "fifo")
+        source = str(tmp_path / "fifo")
+    elif source == "loop":
+        source = loop.path
+    toml, values = inputs(tmp_path, SETTINGS + f'[files]\n"a.txt" = "{source}"\n')
+    done = popsicle("flash", image, loop.path, "--yes", "--customize", toml, "--values",
+                    values, timeout=60, limited=True)
+    line = one_line(done)
+    assert f"[files] 'a.txt': {source}: not a regular file ({kind})" in line, line
+    assert Path(loop.backing).read_bytes() == bytes([FILL]) * loop.size
+
+
+def test_a_files_source_too_large_to_hold_is_refused(tmp_path: Path,
+                                                     loop_factory: Callable[..., Loop]) -> None:
+    image = pi_image.build(tmp_path, table="mbr")
+    loop = loop_factory(image.stat().st_size, fill=FILL)
+    with open(tmp_path / "huge.bin", "wb") as f:
+        f.truncate((256 << 20) + 1)  # sparse
+    toml, values = inputs(tmp_path, SETTINGS + '[files]\n"huge.bin" = "huge.bin"\n')
+    done = popsicle("flash", image, loop.path, "--yes", "--customize", toml, "--values",
+                    values, timeout=60, limited=True)
+    assert f"{(256 << 20) + 1} bytes; at most 256 MiB" in one_line(done)
+    assert Path(loop.backing).read_bytes() == bytes([FILL]) * loop.size
+
+
 @pytest.mark.parametrize("template", ["pi-{seq:09999999999}", "pi-{seq:>65}",
                                       "pi-{seq:.99999999f}", "pi-{seq:" + "9" * 5000 + "}"])
 def test_a_template_field_too_wide_is_refused_before_it_is_built(

@@ -342,6 +342,34 @@ def test_a_certificate_and_customize_together_are_refused(tmp_path: Path,
     assert Path(loop.backing).read_bytes() == bytes([FILL]) * loop.size
 
 
+def test_files_that_do_not_fit_are_refused_before_anything_is_written(
+        tmp_path: Path, loop_factory: Callable[..., Loop]) -> None:
+    """45 MiB of [files] for a boot partition of 40 MiB: one line, exit 2, the drives as they
+    were (not written, verified, then failed at mcopy's "Disk full")."""
+    image = pi_image.build(tmp_path, table="mbr", xz=True)
+    (tmp_path / "big.bin").write_bytes(os.urandom(45 << 20))
+    toml, values = inputs(tmp_path, SETTINGS + '[files]\n"big.bin" = "big.bin"\n')
+    loops = [loop_factory(64 << 20, fill=FILL) for _ in range(2)]
+    done = popsicle("flash", image, *(lp.path for lp in loops), "--yes", "--customize", toml,
+                    "--values", values)
+    line = one_line(done)
+    assert "the first-boot files need at least 45." in line and "MiB free" in line, line
+    assert "big.bin" in line, line
+    for loop in loops:
+        assert Path(loop.backing).read_bytes() == bytes([FILL]) * loop.size
+
+
+def test_watch_with_files_that_cannot_fit_is_refused_before_watching(tmp_path: Path) -> None:
+    """watch (and station, which prepares as watch does): every stick would be written and
+    failed; the session is refused up front instead."""
+    image = pi_image.build(tmp_path, table="gpt")
+    (tmp_path / "big.bin").write_bytes(os.urandom(45 << 20))
+    toml, values = inputs(tmp_path, SETTINGS + '[files]\n"big.bin" = "big.bin"\n')
+    done = popsicle("watch", image, "--yes", "--customize", toml, "--values", values,
+                    timeout=60)
+    assert "the first-boot files need at least 45." in one_line(done)
+
+
 @pytest.mark.parametrize("source,kind", [
     ("/dev/zero", "a character device"),  # read until memory ran out
     ("loop", "a block device"),  # the target drive itself, read whole into memory

@@ -10,6 +10,7 @@ import json
 import lzma
 import os
 import resource
+import signal
 import subprocess
 import sys
 from collections.abc import Callable
@@ -19,6 +20,7 @@ from typing import Any
 import pi_image
 import pytest
 from conftest import Loop, popsicle_cmd
+from test_watch import WATCHING, C, needs_testbed, watch
 
 from popsicle_py.settings.fat import geometry
 
@@ -368,6 +370,53 @@ def test_watch_with_files_that_cannot_fit_is_refused_before_watching(tmp_path: P
     done = popsicle("watch", image, "--yes", "--customize", toml, "--values", values,
                     timeout=60)
     assert "the first-boot files need at least 45." in one_line(done)
+
+
+def just_over(tmp_path: Path, image: Path) -> str:
+    """A [files] table whose one file fills the boot partition's free space (as mtools counts
+    it) less a cluster for each file the firstrun format writes: the run is not refused up
+    front, but no drive's real files (a first-run script of kilobytes) fit."""
+    cluster = geometry(image.read_bytes()[4 << 20:(4 << 20) + 512]).cluster
+    out = subprocess.run(["mdir", "-i", f"{image}@@{4 << 20}", "::/"], capture_output=True,
+                         text=True, check=True, env={**os.environ, "MTOOLS_SKIP_CHECK": "1"}
+                         ).stdout
+    (line,) = [line for line in out.splitlines() if line.endswith("bytes free")]
+    free = int(line.removesuffix("bytes free").replace(" ", ""))
+    (tmp_path / "big.bin").write_bytes(os.urandom(free - 2 * cluster))
+    return '[files]\n"big.bin" = "big.bin"\n'
+
+
+def test_a_drive_whose_own_files_do_not_fit_is_refused_before_writing(
+        tmp_path: Path, loop_factory: Callable[..., Loop]) -> None:
+    image = pi_image.build(tmp_path, table="mbr")
+    toml, values = inputs(tmp_path, SETTINGS + just_over(tmp_path, image))
+    loops = [loop_factory(image.stat().st_size, fill=FILL) for _ in range(2)]
+    done = popsicle("flash", image, *(lp.path for lp in loops), "--yes", "--customize", toml,
+                    "--values", values)
+    line = one_line(done)
+    assert "drive 1: the first-boot files need 3" in line and "MiB free" in line, line
+    for loop in loops:
+        assert Path(loop.backing).read_bytes() == bytes([FILL]) * loop.size
+
+
+@needs_testbed
+@pytest.mark.umockdev
+def test_watch_takes_no_stick_whose_files_do_not_fit(tmp_path: Path) -> None:
+    """The stick is announced with the reason and never written; the session goes on."""
+    image = pi_image.build(tmp_path, table="mbr")
+    toml, values = inputs(tmp_path, SETTINGS + just_over(tmp_path, image))
+    run = watch(tmp_path, [str(image), "--yes", "--customize", str(toml), "--values",
+                           str(values)],
+                [WATCHING, {"add": C.description},
+                 {"wait": {"event": "drive_added", "device": C.dev}},
+                 {"signal": int(signal.SIGTERM)}],
+                read=(C.dev,), timeout=60)
+    (added,) = run.of("drive_added", device=C.dev)
+    assert added["eligible"] is False, added
+    assert "not written: drive 1 (serial " in added["reason"], added
+    assert "): the first-boot files need 3" in added["reason"], added
+    assert run.files[C.dev] == b""  # never written
+    assert C.dev not in run.results()
 
 
 @pytest.mark.parametrize("source,kind", [

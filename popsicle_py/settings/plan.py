@@ -93,8 +93,9 @@ class BootSpace:
             return None
         name = max(sizes, key=lambda n: sizes[n])
         return (f"the first-boot files need {some}{_size(need * self.cluster)} of the image's "
-                f"boot partition, which has {_size(self.free * self.cluster)} free (the "
-                f"largest, {name}, is {_size(sizes[name])})")
+                f"boot partition, which has {_size(self.free * self.cluster)} free "
+                f"({_size((need - self.free) * self.cluster)} short; the largest file, {name}, "
+                f"is {_size(sizes[name])})")
 
 
 @record

@@ -174,3 +174,21 @@ def test_mcopys_messages_are_shown_each_on_its_own(tmp_path: Path,
     message = str(caught.value)
     assert message.startswith("mcopy failed: "), message
     assert message.endswith("; Disk full") and ")Disk" not in message, message
+
+
+def test_a_fat16_root_directory_that_would_overflow_is_refused(
+        tmp_path: Path, loop_factory: Callable[..., Loop]) -> None:
+    """FAT12/16's root directory has a fixed number of entries: files that take every free
+    one by the count (a long name takes more than one) are written; one more is refused."""
+    _, loop, boot = on_loop(tmp_path, loop_factory, "mbr", fat=16)
+    space = boot.space
+    assert not space.root_grows
+    free = space.root_slots - sum(
+        -(-len(n) // 13) + 1 for n in FILES)
+    files = {**FILES, **{f"welcome-{n:05}": b"hi\n" for n in range(free // 2)}}  # 2 slots each
+    sizes = {n: len(d) for n, d in files.items()}
+    assert space.refusal(sizes) is None
+    why = space.refusal({**sizes, "one-more.txt": 3})
+    assert why is not None and "entries in the root directory" in why, why
+    write(loop, boot.partition, files)
+    assert mtype(loop, boot.partition.offset, f"welcome-{free // 2 - 1:05}") == b"hi\n"

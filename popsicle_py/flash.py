@@ -504,7 +504,8 @@ class VerifyJob(_Job):
         match msg:
             case BusVerifierMessage.Read(bytes_read=n):
                 self.emit(Progress(drive.path, Step.VERIFYING, n, size))
-            case BusVerifierMessage.Valid():
+            case BusVerifierMessage.Valid(sha256=digest):
+                drive.device_sha256 = digest
                 self._end(drive, Status.OK)
             case BusVerifierMessage.Invalid(offset=offset):
                 self._end(drive, Status.INVALID, f"{drive.path}: differs from the image at "
@@ -546,8 +547,8 @@ class ProbeJob(_Job):
     verifies = False
 
     def __init__(self, devices: Sequence[BlockDevice], emit: Emit, cancel: CancelCheck,
-                 stall_timeout: float | None = 60.0) -> None:
-        super().__init__(devices, emit, cancel)
+                 stall_timeout: float | None = 60.0, infos: Sequence[DriveInfo] = ()) -> None:
+        super().__init__(devices, emit, cancel, infos)
         self.stall_timeout = stall_timeout
 
     def run(self) -> Summary:
@@ -586,12 +587,9 @@ class ProbeJob(_Job):
                          result.message, result.elapsed))
         if result.ok:
             self._end(drive, Status.OK)
-        elif result.error is not None:
-            self._end(drive, Status.FAILED, f"{drive.path}: {result.message}",
-                      cause=Cause.IO_ERROR)
         else:
-            self._end(drive, Status.FAILED, f"{drive.path}: {result.message}",
-                      cause=Cause.COUNTERFEIT)
+            cause = Cause.IO_ERROR if result.error is not None else Cause.COUNTERFEIT
+            self._end(drive, Status.FAILED, f"{drive.path}: {result.message}", cause=cause)
 
 
 @record

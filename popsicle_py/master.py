@@ -12,6 +12,7 @@ functions over plain data; the rest reads /proc and sysfs.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 from collections.abc import Iterable, Sequence
@@ -128,6 +129,39 @@ def writers(devnums: Iterable[int]) -> list[Writer]:
     return list(found.values())
 
 
+def mount_tables() -> list[tuple[int | None, str]]:
+    """Our mountinfo (pid None), then one of every other mount namespace's (a container's,
+    a service's with PrivateMounts) with a process in it: a drive mounted read-write there
+    is written as much as one mounted here."""
+    from popsicle_py.drives.opened import pids
+
+    with open("/proc/self/mountinfo") as f:
+        ours = f.read()
+    tables: list[tuple[int | None, str]] = [(None, ours)]
+    seen_ns: set[str] = set()
+    seen_text = {ours}
+    with contextlib.suppress(OSError):
+        seen_ns.add(os.readlink("/proc/self/ns/mnt"))
+    for pid in pids():
+        try:
+            namespace: str | None = os.readlink(f"/proc/{pid}/ns/mnt")
+        except OSError:
+            namespace = None  # another user's, without root: told apart by its table
+        if namespace in seen_ns:
+            continue
+        try:
+            with open(f"/proc/{pid}/mountinfo") as f:
+                text = f.read()
+        except OSError:
+            continue  # gone meanwhile
+        if namespace is not None:
+            seen_ns.add(namespace)
+        if text not in seen_text:
+            seen_text.add(text)
+            tables.append((pid, text))
+    return tables
+
+
 def refusals(path: str) -> list[str]:
     """Why the drive at ``path`` cannot be read as a whole now, one line each (empty: it can).
 
@@ -140,11 +174,15 @@ def refusals(path: str) -> list[str]:
         return [f"{path} cannot be read: {exc.strerror or exc}"]
     numbers = family(devnum)
     lines: list[str] = []
-    with open("/proc/self/mountinfo") as f:
-        mounted = rw_mountpoints(numbers, parse_mountinfo(f.read()))
-    if mounted:
-        lines.append(f"{path} is mounted read-write at {', '.join(mounted)}: its bytes could "
-                     "change while it is read; unmount it or remount it read-only")
+    said: set[str] = set()  # a service's copy of our own mount is not said again
+    for pid, text in mount_tables():
+        mounted = [m for m in rw_mountpoints(numbers, parse_mountinfo(text)) if m not in said]
+        said.update(mounted)
+        where = "" if pid is None else f" in the mount namespace of pid {pid} (a container?)"
+        if mounted:
+            lines.append(f"{path} is mounted read-write at {', '.join(mounted)}{where}: its "
+                         "bytes could change while it is read; unmount it or remount it "
+                         "read-only")
     stacked = holders(numbers)
     if stacked:
         lines.append(f"{path} is in use by {', '.join(stacked)} (LVM, encryption, RAID or a "

@@ -110,9 +110,11 @@ class BusVerifierMessage:
 
     @record
     class Valid:
-        """Destination ``id`` holds exactly the source."""
+        """Destination ``id`` holds exactly the source (whose SHA-256 the reader computed
+        as it read it, when it did)."""
 
         id: int
+        sha256: str | None = None
 
     @record
     class Invalid:

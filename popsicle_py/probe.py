@@ -190,6 +190,8 @@ class DeviceIO:
         self.reads = 0
         #: What each written block held before its first stamp, in the order first written.
         self.saved: dict[int, bytes] = {}
+        #: Blocks written back by :meth:`restore` so far (even by a call that raised).
+        self.restored = 0
 
     def _check(self) -> None:
         if self.stopped():
@@ -229,20 +231,44 @@ class DeviceIO:
         the image.  Blocks wholly inside ``overwritten`` (what the flash writes next) are left
         stamped: putting them back would be a write for nothing.  Those inside ``later`` are
         kept for a second call, which puts them back.
+
+        A block that cannot be written does not stop the others (the first one put back is
+        the last stamped: often the very block whose stamp failed): every block is tried, the
+        rest flushed, then :class:`NotPutBack` names the first that failed; the blocks inside
+        ``overwritten`` are then kept too (a drive that fails is not written next).
         """
         restored = 0
-        kept: dict[int, bytes] = {}
+        left: dict[int, bytes] = {}  # not put back by this call, last written first
+        spared: set[int] = set()
+        failed: list[tuple[int, OSError]] = []
         for offset, data in reversed(self.saved.items()):
-            if len(data) != self.block or covered(offset, self.block, overwritten):
+            if len(data) != self.block:
+                continue
+            if covered(offset, self.block, overwritten):
+                left[offset] = data
+                spared.add(offset)
                 continue
             if covered(offset, self.block, later):
-                kept[offset] = data
+                left[offset] = data
                 continue
-            self._write(offset, data)
+            try:
+                self._write(offset, data)
+            except OSError as exc:
+                failed.append((offset, exc))
+                continue
             restored += 1
-        self.saved = dict(reversed(kept.items()))
+        flush: OSError | None = None
         if restored:
-            blockdev.sync(self.device)
+            try:
+                blockdev.sync(self.device)
+            except OSError as exc:
+                flush = exc
+        self.restored += restored
+        if not failed and flush is None:
+            left = {offset: data for offset, data in left.items() if offset not in spared}
+        self.saved = dict(reversed(left.items()))
+        if failed or flush is not None:
+            raise NotPutBack(failed, flush)
         return restored
 
     def read(self, offset: int, length: int) -> bytes:
@@ -253,6 +279,30 @@ class DeviceIO:
     def settle(self) -> None:
         blockdev.sync(self.device)
         blockdev.drop_cache(self.device)
+
+
+class NotPutBack(OSError):
+    """Blocks the probe stamped that could not be written back (the first one named), and
+    the put-back's flush if it failed."""
+
+    def __init__(self, failed: Sequence[tuple[int, OSError]],
+                 flush: OSError | None = None) -> None:
+        self.failed = tuple(failed)
+        self.flush = flush
+        first = failed[0][1] if failed else flush
+        assert first is not None
+        why = first.strerror or str(first)
+        if failed:
+            count = len(failed)
+            text = (f"{count} block{'s' if count > 1 else ''} the probe wrote not put back: "
+                    f"{why} at offset {failed[0][0]}")
+        else:
+            text = f"the blocks the probe wrote put back but not flushed: {why}"
+        super().__init__(first.errno or errno.EIO, text)
+
+    def more(self, other: NotPutBack) -> NotPutBack:
+        """This failure, and ``other`` after it."""
+        return NotPutBack((*self.failed, *other.failed), self.flush or other.flush)
 
 
 def covered(offset: int, length: int, ranges: Ranges) -> bool:
@@ -281,11 +331,36 @@ def _probe(device: BlockDevice, boundaries: Iterable[int], stopped: Callable[[],
     positions = plan_positions(device.size, io.block, boundaries)
     reads = plan_reads(device.size, io.block, positions)
     result = run_probe(io, device.size, positions, reads, started=started)
-    restored = 0
     if not stopped():
-        restored = io.restore(overwritten, ((0, head),)) if result.ok else io.restore()
-    done = dataclasses.replace(result, elapsed=time.monotonic() - started, restored=restored)
+        try:
+            if result.ok:
+                io.restore(overwritten, ((0, head),))
+            else:
+                io.restore()
+        except NotPutBack as exc:
+            failure = exc
+            if result.ok:  # it fails now, so nothing is written: the rest goes back too
+                try:
+                    io.restore()
+                except NotPutBack as more:
+                    failure = exc.more(more)
+            result = not_put_back(result, failure)
+    done = dataclasses.replace(result, elapsed=time.monotonic() - started,
+                               restored=io.restored)
     return done, io
+
+
+def not_put_back(result: ProbeResult, exc: OSError) -> ProbeResult:
+    """``result`` failed (an I/O error) by a put-back that raised ``exc``; what the probe
+    found or its own error is said first."""
+    why = exc.strerror or str(exc)
+    if result.error is not None:
+        error = f"{result.error}; {why}"
+    elif not result.ok:
+        error = f"{result.message}; {why}"
+    else:
+        error = why
+    return dataclasses.replace(result, ok=False, error=error)
 
 
 def certainly_written(size: int | None, block_map: Bmap | None, *, head: int,

@@ -27,6 +27,7 @@ import select
 import shutil
 import stat
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
@@ -66,10 +67,17 @@ NEEDS_ROOT = ("writing drives needs root: run with sudo, or install udisks2 so p
               "can ask for permission")
 NEEDS_ROOT_TO_READ = ("reading drives needs root: run with sudo, or install udisks2 so "
                       "popsicle-py can ask for permission")
+HUNG = (f"udisks2 did not answer within {CALL_TIMEOUT:g} s, so this user's drives cannot be "
+        "opened through it: run with sudo, or restart udisks2")
 
 
 class Unavailable(Exception):
-    """No system bus, or no udisks2 daemon on it."""
+    """No system bus, or no udisks2 daemon on it; ``hung``: udisks2 is there but did not
+    answer (installing it is not the advice then)."""
+
+    def __init__(self, why: str, *, hung: bool = False) -> None:
+        super().__init__(why)
+        self.hung = hung
 
 
 class UdisksError(OSError):
@@ -173,6 +181,15 @@ class Client:
     def __init__(self, connection: DBusConnection) -> None:
         self.connection = connection
         self._agent: subprocess.Popen[bytes] | None = None
+        self._agent_lock = threading.Lock()
+        # Lanes call from their own threads over this one connection: sends are serialised,
+        # and one caller at a time receives, filing every reply by serial for its caller.
+        # No lock is held across a call, so a password prompt never stops the others.
+        self._send_lock = threading.Lock()
+        self._filed = threading.Condition()
+        self._receiving = False
+        self._replies: dict[int, Message] = {}
+        self._abandoned: set[int] = set()
 
     @classmethod
     def connect(cls) -> Client:
@@ -188,7 +205,8 @@ class Client:
             client.managed_objects()
         except (UdisksError, TimeoutError) as exc:
             connection.close()
-            raise Unavailable(f"udisks2 does not answer: {exc}") from None
+            hung = isinstance(exc, TimeoutError) or exc.errno == errno.ETIMEDOUT
+            raise Unavailable(f"udisks2 does not answer: {exc}", hung=hung) from None
         return client
 
     def close(self) -> None:
@@ -211,7 +229,7 @@ class Client:
         An interactive call may wait for a password as long as the user takes; it is polled
         every :data:`POLL` seconds so that ``cancel()`` ends the wait.
         """
-        from jeepney import DBusAddress, HeaderFields, new_method_call
+        from jeepney import DBusAddress, new_method_call
         from jeepney.low_level import MessageFlag
 
         cancel = cancel or _cancel
@@ -219,22 +237,69 @@ class Client:
         message = new_method_call(address, method, signature or None, body)
         if interactive:
             message.header.flags |= MessageFlag.allow_interactive_authorization
-        serial = next(self.connection.outgoing_serial)
-        self.connection.send(message, serial=serial)
+        with self._send_lock:
+            serial = next(self.connection.outgoing_serial)
+            self.connection.send(message, serial=serial)
         deadline = None if interactive else time.monotonic() + CALL_TIMEOUT
+        try:
+            reply = self._reply(serial, deadline, cancel, shown or path)
+        except BaseException:
+            self._abandon(serial)
+            raise
+        return _unwrap(reply, what, shown or path)
+
+    def _reply(self, serial: int, deadline: float | None, cancel: Callable[[], bool] | None,
+               shown: str) -> Message:
+        """The reply to ``serial``: filed by whichever caller was receiving, or received here
+        when nobody is; cancel and deadline are looked at every :data:`POLL` seconds."""
         while True:
             if cancel is not None and cancel():
-                raise UdisksError(errno.EINTR, f"{shown or path}: cancelled")
+                raise UdisksError(errno.EINTR, f"{shown}: cancelled")
             if deadline is not None and time.monotonic() > deadline:
-                raise UdisksError(errno.ETIMEDOUT, f"{shown or path}: udisks2 did not answer "
+                raise UdisksError(errno.ETIMEDOUT, f"{shown}: udisks2 did not answer "
                                   f"within {CALL_TIMEOUT:g} s")
+            with self._filed:
+                reply = self._replies.pop(serial, None)
+                if reply is not None:
+                    return reply
+                if self._receiving:
+                    self._filed.wait(POLL)
+                    continue
+                self._receiving = True
+            message: Message | None = None
             try:
-                reply = self.connection.receive(timeout=POLL)
+                message = self.connection.receive(timeout=POLL)
             except TimeoutError:
-                continue
-            if reply.header.fields.get(HeaderFields.reply_serial) != serial:
-                continue
-            return _unwrap(reply, what, shown or path)
+                pass
+            finally:
+                with self._filed:
+                    self._receiving = False
+                    if message is not None:
+                        self._file(message)
+                    self._filed.notify_all()
+
+    def _file(self, message: Message) -> None:
+        """Keep a reply for its caller (the lock held); signals and abandoned replies go."""
+        from jeepney import HeaderFields
+
+        serial = message.header.fields.get(HeaderFields.reply_serial)
+        if not isinstance(serial, int):
+            return
+        if serial in self._abandoned:
+            self._abandoned.discard(serial)
+            _close_descriptors(message.body)
+        else:
+            self._replies[serial] = message
+
+    def _abandon(self, serial: int) -> None:
+        """A call given up (cancel, time limit): its reply, if it comes, is dropped (an open
+        descriptor in it closed)."""
+        with self._filed:
+            reply = self._replies.pop(serial, None)
+            if reply is None:
+                self._abandoned.add(serial)
+            else:
+                _close_descriptors(reply.body)
 
     def managed_objects(self) -> Objects:
         body = self.call(ROOT_PATH, "org.freedesktop.DBus.ObjectManager", "GetManagedObjects",
@@ -251,11 +316,16 @@ class Client:
     def _with_agent(self, attempt: Callable[[], Body]) -> Body:
         """Run a call; if polkit wants a password and nobody can ask, start a text agent
         on the terminal (if there is one) and run it once more."""
+        before = self._agent
         try:
             return attempt()
         except UdisksError as exc:
-            if not exc.name.endswith("NotAuthorizedCanObtain") or not self.start_agent():
+            if not exc.name.endswith("NotAuthorizedCanObtain"):
                 raise
+            with self._agent_lock:  # lanes refused together start one agent, and all retry
+                started_meanwhile = self._agent is not None and self._agent is not before
+                if not started_meanwhile and not self.start_agent():
+                    raise
         return attempt()
 
     def open_device(self, devnum: int, mode: str, flags: int, shown: str, *,
@@ -367,6 +437,16 @@ def _unwrap(reply: Message, what: str, shown: str) -> Body:
     return body
 
 
+def _close_descriptors(body: Body) -> None:
+    """Close the descriptors udisks sent in a reply nobody takes (OpenDevice's handle)."""
+    from jeepney import FileDescriptor
+
+    for value in body:
+        if isinstance(value, FileDescriptor):
+            with contextlib.suppress(OSError):
+                value.close()
+
+
 def _has_terminal() -> bool:
     """True when this process has a controlling terminal a text agent can prompt on."""
     try:
@@ -382,8 +462,9 @@ def _has_terminal() -> bool:
 
 
 _client: Client | None = None
-_unavailable: str | None = None
+_unavailable: Unavailable | None = None
 _cancel: Callable[[], bool] | None = None
+_connecting = threading.Lock()
 
 
 def set_cancel(check: Callable[[], bool] | None) -> None:
@@ -395,18 +476,19 @@ def set_cancel(check: Callable[[], bool] | None) -> None:
 def client() -> Client:
     """The shared client; raises :class:`Unavailable` (remembered) when udisks is not there."""
     global _client, _unavailable
-    if _client is not None:
+    with _connecting:  # lanes asking at once share one connection
+        if _client is not None:
+            return _client
+        if _unavailable is not None:
+            raise Unavailable(str(_unavailable), hung=_unavailable.hung)
+        try:
+            _client = Client.connect()
+        except Unavailable as exc:
+            _unavailable = exc
+            log.debug("udisks2 not used: %s", exc)
+            raise
+        atexit.register(close)  # a text agent we start must not outlive us
         return _client
-    if _unavailable is not None:
-        raise Unavailable(_unavailable)
-    try:
-        _client = Client.connect()
-    except Unavailable as exc:
-        _unavailable = str(exc)
-        log.debug("udisks2 not used: %s", exc)
-        raise
-    atexit.register(close)  # a text agent we start must not outlive us
-    return _client
 
 
 def available() -> bool:
@@ -416,6 +498,17 @@ def available() -> bool:
     except Unavailable:
         return False
     return True
+
+
+def unavailable_line(*, writing: bool) -> str | None:
+    """Why this user cannot have drives opened by udisks2, one line; None when it answers."""
+    try:
+        client()
+    except Unavailable as exc:
+        if exc.hung:
+            return HUNG
+        return NEEDS_ROOT if writing else NEEDS_ROOT_TO_READ
+    return None
 
 
 def close() -> None:

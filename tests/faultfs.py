@@ -38,7 +38,7 @@ os.environ.setdefault("FUSE_LIBRARY_NAME", "fuse3")
 import mfusepy
 
 FAULT_NAMES = ("drop_writes_after", "wrap", "bad_write", "bad_write_times", "bad_read",
-               "flip_bit", "crawl", "hang", "recent_after", "bad_read_from")
+               "flip_bit", "crawl", "hang", "recent_after", "bad_read_from", "bad_write_from")
 NAME = "disk"
 
 
@@ -238,6 +238,14 @@ class FaultFS(mfusepy.Operations):  # type: ignore[misc]
             if failing:
                 self._log(offset, length, "eio")
                 raise OSError(errno.EIO, "bad block (transient)")
+        late = faults.get("bad_write_from")
+        if late and _overlaps(offset, length, late[0], late[1]):
+            key = ("bad_write_from", *late)
+            with self.lock:
+                self.failures[key] = count = self.failures.get(key, 0) + 1
+            if count >= late[2]:
+                self._log(offset, length, "eio")
+                raise OSError(errno.EIO, "bad block (from the k-th write on)")
         self._pace(faults, offset, length)
         keep = length
         for past in (faults.get("drop_writes_after"), faults.get("recent_after")):

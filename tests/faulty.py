@@ -10,6 +10,8 @@ device on top (a stick that misbehaves).  Faults, all optional, offsets in bytes
   addresses from its write buffer);
 - ``bad_write=(start, end)``: writes touching [start, end) fail with EIO, forever;
 - ``bad_write_times=(start, end, k)``: they fail k times, then work (transient);
+- ``bad_write_from=(start, end, k)``: they fail from the k-th such write on (a block that
+  takes one write, then goes bad);
 - ``bad_read=(start, end)``: reads touching [start, end) fail with EIO;
 - ``bad_read_from=(start, end, k)``: they fail from the k-th such read on (a drive that goes
   bad between two read-backs);

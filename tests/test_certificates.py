@@ -309,3 +309,31 @@ def test_the_image_sha256_of_a_certificate_is_the_image_s(
     assert cert["image"]["sha256"] == (None if compressed else published)
     assert cert["device"]["sha256"] == hashlib.sha256(data).hexdigest()
     assert cert["image"]["size"] == len(data)
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("real", [60 * MiB + 512, 60 * MiB], ids=["unaligned", "aligned"])
+def test_a_surface_test_that_lands_on_the_image_is_no_success(
+        faulty_drive: Callable[..., Any], tmp_path: Path, key: tuple[Path, Path],
+        real: int) -> None:
+    """A drive holding ``real`` bytes of its 64 MiB, the addresses past them wrapping onto the
+    first ones: --surface-test's writes past the 8 MiB image (and its zeros) land on the image
+    after it was verified.  The image is read back whole after the surface test: the drive is
+    rejected, never gets the head, and has no certificate (before: ok, certified with the
+    SHA-256 of the pass before the surface test, while the drive held other bytes)."""
+    data = os.urandom(8 * MiB)
+    image = tmp_path / "disk.img"
+    image.write_bytes(data)
+    drive = faulty_drive(64 * MiB, fill=0x5A, wrap=real)
+    certs = tmp_path / "certs"
+    done = popsicle("flash", image, drive.path, "--yes", "--no-probe", "--json",
+                    "--bucket-size", "1M", "--surface-test", "--certificate", certs,
+                    "--sign-key", key[0])
+    assert done.returncode == 1, done.stdout + done.stderr
+    result = results_of(done.stdout)[drive.path]
+    assert (result["status"], result["cause"]) == ("rejected", "surface"), result
+    assert "surface test: bad region at byte 0: the image read back changed" in \
+        result["error"], result
+    assert result["device_sha256"] is None
+    assert list(certs.glob("*.json")) == []
+    assert drive.read(0, HEAD) != data[:HEAD]  # never the image's head

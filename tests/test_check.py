@@ -71,6 +71,10 @@ def test_matching_drive_exits_0(stick: tuple[Loop, bytes], tmp_path: Path) -> No
     done = run(cert, loop.path)
     assert done.returncode == 0, done.stderr
     assert "not signed" in done.stdout + done.stderr
+    done = run(cert, loop.path, "--json")
+    result = next(json.loads(line) for line in done.stdout.splitlines()
+                  if json.loads(line)["event"] == "result")
+    assert result["status"] == "ok" and isinstance(result["elapsed"], float)  # as documented
 
 
 def test_flipped_byte_exits_1_naming_the_chunk(stick: tuple[Loop, bytes],

@@ -8,6 +8,7 @@ tests can run in parallel (``-n 2``) with other tests using loop devices.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import itertools
 import json
 import os
@@ -167,6 +168,11 @@ def test_flash_three_drives_json_then_verify(loop_factory: Callable[..., Loop], 
     assert {d: r["status"] for d, r in by_device(vsummary).items()} == {
         loop.path: "ok" for loop in loops}
     assert all(r["mismatch_offset"] is None for r in vsummary["results"])
+    # What was read back and matched, as a flash's results say it.
+    assert {r["device_sha256"] for r in vsummary["results"]} == {
+        hashlib.sha256(data).hexdigest()}
+    assert {r["device_sha256"] for r in summary["results"]} == {
+        hashlib.sha256(data).hexdigest()}
 
 
 def test_flash_three_drives_plain_then_verify(loop_factory: Callable[..., Loop],

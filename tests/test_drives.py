@@ -473,3 +473,31 @@ def test_an_empty_device_name_gets_one_clear_line(tmp_path: Path) -> None:
     assert done.returncode == 2, done.stderr
     assert done.stderr == ("popsicle-py: the drive's name is empty (an unset variable?); "
                            "name a drive such as /dev/sdb\n"), done.stderr
+
+
+@pytest.mark.parametrize("command", ["flash", "verify"])
+def test_an_empty_image_name_gets_one_clear_line(command: str) -> None:
+    """``flash '' DEV`` (an unset shell variable): not "is a directory" for the current one."""
+    from conftest import popsicle_cmd
+
+    done = subprocess.run([*popsicle_cmd(), command, "", "/dev/null"], capture_output=True,
+                          text=True, stdin=subprocess.DEVNULL, timeout=60, check=False)
+    assert done.returncode == 2, done.stderr
+    assert "the image's name is empty (an unset variable?)" in done.stderr, done.stderr
+    assert len(done.stderr.splitlines()) == 1, done.stderr
+
+
+def test_a_loop_device_with_no_file_is_named_so(tmp_path: Path) -> None:
+    """An unattached /dev/loopN is not a card reader waiting for a card."""
+    from conftest import popsicle_cmd
+
+    image = tmp_path / "disk.img"
+    image.write_bytes(os.urandom(1 << 20))
+    free = subprocess.run(["losetup", "-f"], capture_output=True, text=True,
+                          check=True).stdout.strip()
+    # No --yes: should another test attach that device meanwhile, no one confirms a write.
+    done = subprocess.run([*popsicle_cmd(), "flash", str(image), free],
+                          capture_output=True, text=True, stdin=subprocess.DEVNULL,
+                          timeout=60, check=False)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr == f"popsicle-py: {free} is a loop device with no file attached\n"

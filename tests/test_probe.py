@@ -231,6 +231,9 @@ def test_cli_probe_reports_each_drive_and_exits_1_for_a_counterfeit(
     assert by_device[fake.path]["real_estimate"] == 32 * MiB
     summary = lines[-1]
     assert summary["event"] == "summary" and summary["ok"] is False
+    # Which drive each result is, as flash's, read's and erase's results say it.
+    assert [(r["drive"]["seq"], r["drive"]["size"]) for r in summary["results"]] == [
+        (1, GiB), (2, GiB)]
     statuses = {r["device"]: (r["status"], r["error"]) for r in summary["results"]}
     assert statuses == {genuine.path: ("ok", None),
                         fake.path: ("failed", f"{fake.path}: counterfeit: claims "
@@ -553,3 +556,77 @@ def test_what_a_flash_certainly_writes_leaves_out_its_head() -> None:
     assert certainly_written(8 * MiB, block_map, head=MiB) == ((MiB, 512 << 10), (4 * MiB, MiB))
     for unknown in ({"skip_identical": True}, {"streamed": True}):
         assert certainly_written(8 * MiB, None, head=MiB, **unknown) == ()  # type: ignore[arg-type]
+
+
+@needs_root
+@pytest.mark.parametrize("command", ["probe", "flash"])
+def test_a_block_that_refuses_writes_leaves_no_other_stamp_and_is_named(
+        faulty_drive: Callable[..., FaultyDrive], tmp_path: Path, command: str) -> None:
+    """The lowest stamp, written last, fails; putting back (last written first) fails there
+    again, and every other block is still put back.  The user reads the probe's own error and
+    the block not put back (before: the put-back stopped at its first failure, leaving the
+    other stamps on the drive, and its error replaced the probe's)."""
+    bad = PROTECTED
+    drive = faulty_drive(64 * MiB, fill=PATTERN, bad_write=(bad, bad + 512))
+    if command == "probe":
+        proc = probe_cli(drive.path, "--yes", "--json")
+    else:
+        image = tmp_path / "disk.img"
+        image.write_bytes(os.urandom(8 * MiB))
+        proc = subprocess.run([*popsicle_cmd(), "flash", str(image), drive.path, "--yes",
+                               "--json"], capture_output=True, text=True,
+                              stdin=subprocess.DEVNULL, timeout=120)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    (result,) = json.loads(proc.stdout.splitlines()[-1])["results"]
+    assert drive.read(0, 64 * MiB) == bytes([PATTERN]) * (64 * MiB)
+    assert (result["status"], result["cause"]) == ("failed", "io-error"), result
+    said = (f"probe failed: Input/output error at offset {bad}; 1 block the probe wrote not "
+            f"put back: Input/output error at offset {bad}")
+    assert result["error"] == (f"{drive.path}: {said}" if command == "probe" else
+                               f"{drive.path}: I/O error: {said} (the drive may be failing)")
+
+
+@needs_root
+def test_a_block_gone_bad_after_its_stamp_fails_a_passing_probe_alone(
+        faulty_drive: Callable[..., FaultyDrive]) -> None:
+    """A genuine drive whose block at 64 KiB takes the probe's stamp, then refuses its
+    put-back, the first one tried (that block is stamped last): every other block is still
+    put back, and the drive fails naming that block (before: nothing after it was put back,
+    and the error named no block)."""
+    bad = PROTECTED
+    drive = faulty_drive(64 * MiB, fill=PATTERN, bad_write_from=(bad, bad + 512, 2))
+    proc = probe_cli(drive.path, "--yes", "--json")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    on_drive = drive.read(0, 64 * MiB)
+    assert on_drive[bad:bad + 512] != bytes([PATTERN]) * 512  # its stamp, not put back
+    assert set(on_drive[:bad] + on_drive[bad + 512:]) == {PATTERN}
+    (result,) = json.loads(proc.stdout.splitlines()[-1])["results"]
+    assert (result["status"], result["cause"]) == ("failed", "io-error"), result
+    assert result["error"] == (f"{drive.path}: probe failed: 1 block the probe wrote not put "
+                               f"back: Input/output error at offset {bad}"), result
+
+
+@needs_root
+def test_a_flash_whose_probe_passes_but_cannot_put_back_leaves_no_stamp(
+        faulty_drive: Callable[..., FaultyDrive], tmp_path: Path) -> None:
+    """A passing probe leaves its stamps inside the image's range (the flash overwrites them)
+    and its head (put back after the flash's own stamp).  A block that refuses its put-back
+    fails the drive, so nothing is written: those stamps go back too, and only the bad block
+    keeps one (before: the put-back's error, naming no block, and every stamp inside the
+    image left on the drive)."""
+    last = 64 * MiB - 512
+    drive = faulty_drive(64 * MiB, fill=PATTERN, bad_write_from=(last, last + 512, 2))
+    image = tmp_path / "disk.img"
+    image.write_bytes(os.urandom(8 * MiB))
+    proc = subprocess.run([*popsicle_cmd(), "flash", str(image), drive.path, "--yes", "--json"],
+                          capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=120)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    on_drive = drive.read(0, 64 * MiB)
+    assert set(on_drive[:last]) == {PATTERN}
+    assert on_drive[last:] != bytes([PATTERN]) * 512  # its stamp, not put back
+    (result,) = json.loads(proc.stdout.splitlines()[-1])["results"]
+    assert (result["status"], result["cause"], result["bytes_written"]) == (
+        "failed", "io-error", 0), result
+    assert result["error"] == (
+        f"{drive.path}: I/O error: probe failed: 1 block the probe wrote not put back: "
+        f"Input/output error at offset {last} (the drive may be failing)"), result

@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 from conftest import Loop, needs_root, popsicle_cmd
-from loopdev import write_mbr
+from loopdev import DROP_OTHER_TESTS_MOUNTS, write_mbr
 
 from popsicle_py import reading
 from popsicle_py.blockdev import OpenSpec, open_for_reading
@@ -290,6 +290,33 @@ def test_output_on_the_drive_being_read_is_refused(loop_factory: Callable[..., L
     assert sorted(p.name for p in mount_dir.iterdir()) == ["lost+found"]
 
 
+def test_a_drive_mounted_read_write_in_a_container_is_refused(
+        loop_factory: Callable[..., Loop], tmp_path: Path) -> None:
+    """Mounted read-write only inside ``unshare -m`` (a container): its bytes could change
+    mid-read just the same, so it is refused, naming where."""
+    drive = loop_factory(32 * MiB)
+    subprocess.run(["mkfs.ext4", "-q", "-F", drive.path], check=True)
+    mountpoint = tmp_path / "inside"
+    mountpoint.mkdir()
+    proc = subprocess.Popen(
+        ["unshare", "-m", "--propagation", "private", "sh", "-c", DROP_OTHER_TESTS_MOUNTS
+         + f"mount {drive.path} {mountpoint} && echo ready && exec sleep 60"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line.strip() == "ready", proc.stderr.read() if proc.stderr else line
+        out = tmp_path / "x.img"
+        result = popsicle("read", drive.path, out)
+        assert result.returncode == 2, result.stderr
+        assert (f"{drive.path} is mounted read-write at {mountpoint} in the mount namespace "
+                f"of pid {proc.pid}") in result.stderr, result.stderr
+        assert not out.exists()
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
 def test_a_drive_open_for_writing_is_refused(loop_factory: Callable[..., Loop],
                                             tmp_path: Path) -> None:
     drive = fat_drive(loop_factory)
@@ -320,6 +347,7 @@ def test_no_room_is_refused_early_when_known_and_fails_cleanly_when_not(
     assert result.returncode == 1, result.stderr
     r = events_of(result.stdout)[-1]["results"][0]
     assert r["status"] == "failed" and r["cause"] == "no-space", r
+    assert isinstance(r["elapsed"], float), r  # as README says of every result
     assert r["error"].startswith(f"{mount_dir}/big.img.gz: ")
     assert list(mount_dir.iterdir()) == []
 
@@ -340,7 +368,7 @@ def test_ctrl_c_leaves_no_output(loop_factory: Callable[..., Loop], throttle: Ca
     out_text, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
     r = json.loads(out_text.splitlines()[-1])["results"][0]
-    assert r["status"] == "cancelled", r
+    assert r["status"] == "cancelled" and isinstance(r["elapsed"], float), r
     assert list(tmp_path.iterdir()) == []
 
 

@@ -377,3 +377,207 @@ def test_unmount_goes_through_udisks_and_polkit() -> None:
         assert result.returncode == 0, result.stdout + result.stderr + setup.stack.logs()
         assert mnt not in setup.stack.as_root(["cat", "/proc/self/mounts"]).stdout
         assert setup.stick.read(IMAGE_SIZE) == setup.data
+
+
+#: Threads opening drives through the one shared client at once, as lanes do (read, watch,
+#: station): every call must get its own reply, none lost to another thread.
+CONCURRENT_OPENS = """
+import os, sys, threading
+from popsicle_py import udisks
+said = []
+def lane(number):
+    for _ in range(4):
+        try:
+            fd = udisks.open_device("/dev/sdb", "r", 0)
+        except Exception as exc:
+            said.append(f"sdb: {type(exc).__name__}: {exc}")
+            continue
+        said.append("sdb" if os.fstat(fd).st_rdev == os.stat("/dev/sdb").st_rdev else "wrong")
+        os.close(fd)
+        try:
+            udisks.open_device("/dev/sdc", "r", 0)
+        except udisks.UdisksError as exc:
+            said.append("sdc refused" if "not authorized" in str(exc) else str(exc))
+        else:
+            said.append("sdc opened")
+threads = [threading.Thread(target=lane, args=(n,)) for n in range(6)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+print(sorted(set(said)), len(said))
+"""
+
+
+def test_threads_share_the_client_each_gets_its_own_reply(env: Setup) -> None:
+    """One connection, six threads: replies are filed by serial for the thread that asked
+    (before, a thread dropped another's reply, which then waited forever or read garbage)."""
+    try:
+        result = env.stack.run([sys.executable, "-c", CONCURRENT_OPENS], timeout=90)
+    except subprocess.TimeoutExpired:
+        pytest.fail("a thread never got its reply")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split("\n")[0] == "['sdb', 'sdc refused'] 48", result.stdout
+
+
+@pytest.fixture(scope="module")
+def prompting() -> Iterator[Setup]:
+    """A stack where opening /dev/sdc asks this user's password (pkttyagent on the tty)."""
+    with _setup(extra_rule=harness.AUTH_SELF_FOR_SDC) as setup:
+        yield setup
+
+
+def _at_the_prompt(setup: Setup, *args: str) -> Any:
+    """The command started on a terminal, waiting at polkit's password prompt."""
+    import pexpect
+
+    argv = setup.stack.command([*popsicle_cmd(), *args])
+    child = pexpect.spawn(argv[0], argv[1:], encoding="utf-8", timeout=60,
+                          cwd=str(setup.stack.work))
+    child.expect("Password:")
+    return child
+
+
+def _stopped_at_the_prompt(setup: Setup, how: str, *args: str) -> tuple[int, str]:
+    """Ctrl-C (``int``) or SIGTERM (``term``) at the prompt: the exit status, what was said."""
+    import signal
+
+    import pexpect
+
+    child = _at_the_prompt(setup, *args)
+    if how == "int":
+        child.sendintr()
+    else:  # nsenter, setpriv and env exec: the child is the python process itself
+        os.kill(child.pid, signal.SIGTERM)
+    try:
+        child.expect(pexpect.EOF, timeout=15)
+    except pexpect.TIMEOUT:
+        child.close(force=True)
+        pytest.fail(f"still running 15 s after SIG{how.upper()} at the prompt")
+    child.close()
+    said = re.sub(r"\x1b\[[0-9;]*m", "", child.before or "")
+    return child.exitstatus, said
+
+
+#: Every use case that opens drives, each asked for /dev/sdc (the password prompt).
+OPENERS = {
+    "verify": ("verify", "{image}", "/dev/sdc"),
+    "check": ("check", "--sha256", "0" * 64, "--size", "4096", "/dev/sdc"),
+    "probe": ("probe", "--yes", "/dev/sdc"),
+    "read": ("read", "/dev/sdc", "{home}/c.img"),
+    "read-many": ("read", "/dev/sdb", "{home}/b.img", "/dev/sdc", "{home}/c.img"),
+}
+
+
+@pytest.mark.parametrize("how", ["int", "term"])
+@pytest.mark.parametrize("command", list(OPENERS))
+def test_a_signal_at_the_polkit_prompt_cancels_every_use_case(prompting: Setup, command: str,
+                                                              how: str) -> None:
+    """As flash and erase: Ctrl-C is 130, SIGTERM 143, at once; nothing read or written.
+    (Before, verify, check, read and probe went on waiting, or called it a refusal.)"""
+    setup = prompting
+    setup.fixed.fill()
+    home = setup.stack.work / "home"
+    for made in home.glob("*.img*"):
+        made.unlink()
+    args = [a.format(image=setup.image, home=home) for a in OPENERS[command]]
+    status, said = _stopped_at_the_prompt(setup, how, *args)
+    assert status == (130 if how == "int" else 143), said + setup.stack.logs()
+    assert "not authorized" not in said, said
+    assert _untouched(setup.fixed)
+    assert not list(home.iterdir()), "an OUTPUT was made"
+
+
+def test_read_without_root(env: Setup) -> None:
+    """read through udisks: the image file holds the drive's bytes (click no longer refuses
+    a device node this user cannot read)."""
+    with open(env.stick.backing, "r+b") as f:
+        f.write(env.data)
+    home = env.stack.work / "home"
+    output = home / "stick.img"
+    try:
+        result = _popsicle(env, "read", "/dev/sdb", str(output))
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert output.read_bytes()[:IMAGE_SIZE] == env.data
+        assert output.stat().st_size == SIZE
+    finally:
+        for made in home.glob("stick.img*"):
+            made.unlink()
+
+
+def test_a_polkit_refusal_in_a_multi_pair_read_reads_nothing(env: Setup) -> None:
+    """/dev/sdc is refused: exit 2 with the one line, and /dev/sdb was not read either (every
+    drive is opened before any is read, as flash opens all before writing)."""
+    home = env.stack.work / "home"
+    result = _popsicle(env, "read", "/dev/sdb", str(home / "b.img"), "/dev/sdc",
+                       str(home / "c.img"))
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stderr.splitlines() == [
+        "popsicle-py: not authorized to open /dev/sdc (polkit refused: a password is needed "
+        "and no authentication agent could ask)"]
+    assert not list(home.iterdir())
+
+
+def test_a_hung_udisksd_is_named_not_told_to_be_installed(env: Setup) -> None:
+    """udisksd stopped (SIGSTOP): after udisks2's time limit, one line says it did not answer
+    (before: "install udisks2", which is installed); exit 2, nothing written."""
+    import signal
+
+    found = subprocess.run(["pgrep", "-g", str(env.stack.process.pid), "-x", "udisksd"],
+                           capture_output=True, text=True, check=True).stdout.split()
+    assert len(found) == 1, found
+    pid = int(found[0])
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        result = _popsicle(env, "flash", str(env.image), "/dev/sdb", "--yes", "--no-probe")
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stderr.splitlines() == [
+        f"popsicle-py: udisks2 did not answer within {udisks.CALL_TIMEOUT:g} s, so this user's "
+        "drives cannot be opened through it: run with sudo, or restart udisks2"]
+    assert _untouched(env.stick)
+
+
+#: One thread waits at polkit's password prompt for /dev/sdc; on SIGUSR1 the main thread
+#: opens /dev/sdb meanwhile, through the same client.
+WHILE_ONE_WAITS = """
+import os, signal, threading
+from popsicle_py import udisks
+go = threading.Event()
+signal.signal(signal.SIGUSR1, lambda *_: go.set())
+def at_the_prompt():
+    try:
+        os.close(udisks.open_device("/dev/sdc", "r", 0))
+        print("sdc opened", flush=True)
+    except Exception as exc:
+        print("sdc:", exc, flush=True)
+waiting = threading.Thread(target=at_the_prompt)
+waiting.start()
+go.wait()
+os.close(udisks.open_device("/dev/sdb", "r", 0))
+print("sdb opened while sdc waits", flush=True)
+waiting.join()
+"""
+
+
+def test_a_password_prompt_holds_no_other_call(prompting: Setup) -> None:
+    """While one call waits for a password, another thread's call is answered (no lock is
+    held across a call); then the password opens the first."""
+    import signal
+
+    import pexpect
+
+    argv = prompting.stack.command([sys.executable, "-c", WHILE_ONE_WAITS])
+    child = pexpect.spawn(argv[0], argv[1:], encoding="utf-8", timeout=30,
+                          cwd=str(prompting.stack.work))
+    try:
+        child.expect("Password:")
+        os.kill(child.pid, signal.SIGUSR1)
+        child.expect("sdb opened while sdc waits")
+        child.sendline(harness.PASSWORD)
+        child.expect("sdc opened")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close(force=True)
+    assert child.exitstatus == 0, child.before

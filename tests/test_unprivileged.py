@@ -164,3 +164,45 @@ def test_a_loop_device_whose_file_nobody_can_find_is_busy_for_an_ordinary_user(
     finally:
         subprocess.run(["losetup", "-d", path], capture_output=True, check=False)
         backing.parent.rmdir()
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("through", ["itself", "a loop device over its file"])
+def test_a_drive_mounted_in_another_namespace_is_seen_by_an_ordinary_user(
+        loop_factory: Callable[..., Loop], public_dir: Path, through: str) -> None:
+    """A service's private mount (``unshare -m``) of the drive, or of a loop device over the
+    drive's file: without root the process's ns/mnt link cannot be read, but its mountinfo
+    can, and the drive is refused as root refuses it (before, every other user's namespace
+    was skipped and the drive was offered, and written through udisks2)."""
+    import json
+
+    from loopdev import attach
+
+    loop = loop_factory(16 * MiB)
+    mounted = loop.path if through == "itself" else attach(loop.backing)
+    subprocess.run(["mkfs.ext4", "-q", "-F", mounted], check=True)
+    mnt = tempfile.mkdtemp(prefix="popsicle-mnt-", dir="/tmp")
+    keep = public_dir / "keep"
+    keep.mkdir()
+    holder = subprocess.Popen(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+         f"{DROP_OTHER_TESTS_MOUNTS}mount {mounted} {mnt} && echo ready && exec sleep 600"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "ready\n"
+        listed = _as_nobody("list", "--all", "--json", keep=keep)
+        assert listed.returncode == 0, listed.stderr
+        ours = next(d for d in json.loads(listed.stdout) if d["path"] == loop.path)
+        as_root = subprocess.run([sys.executable, "-m", "popsicle_py", "list", "--all",
+                                  "--json"], capture_output=True, text=True, check=True,
+                                 timeout=60)
+        assert ours["busy"] == next(d for d in json.loads(as_root.stdout)
+                                    if d["path"] == loop.path)["busy"]
+        assert ours["busy"][0].startswith(f"mounted at {mnt} ")
+        assert f"in the mount namespace of pid {holder.pid} (sleep)" in ours["busy"][0]
+    finally:
+        holder.kill()
+        holder.wait()
+        os.rmdir(mnt)
+        if mounted != loop.path:
+            subprocess.run(["losetup", "-d", mounted], capture_output=True, check=False)

@@ -43,8 +43,9 @@ def require_access(paths: Sequence[str], *, writing: bool) -> None:
     if line is not None:
         from popsicle_py import udisks
 
-        if not udisks.available():
-            raise Refused([line])
+        why = udisks.unavailable_line(writing=writing)  # installed but hung: says so
+        if why is not None:
+            raise Refused([why])
 
 
 def may_write_future_drives() -> bool:
@@ -62,5 +63,6 @@ def require_future_access() -> None:
     if not may_write_future_drives():
         from popsicle_py import udisks
 
-        if not udisks.available():
-            raise Refused([udisks.NEEDS_ROOT])
+        why = udisks.unavailable_line(writing=True)
+        if why is not None:
+            raise Refused([why])

@@ -59,7 +59,9 @@ class PreparedCheck(ReadsDrives):
 
     def run(self, view: View, cancel: Cancellation) -> events.Summary:
         """Read every drive (nothing is written); the summary says which match."""
-        opened = self.open_drives(view)
+        opened = self.open_drives(view, cancel)
+        if opened is None:
+            return self.cancelled(view)
         for note in self.notes:
             view.handle(events.Note(note))
         summary = CheckJob(self.expected, opened, view.handle, cancel,

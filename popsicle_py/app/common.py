@@ -131,6 +131,35 @@ def cancelled_before_writing(devices: Sequence[str], infos: Sequence[events.Driv
     return summary
 
 
+def hear_cancel(cancel: Cancellation) -> None:
+    """Without root, drives are opened through udisks2, where polkit may wait at a password
+    prompt: a signal (Ctrl-C, SIGTERM) must end that wait too.  Root never loads D-Bus."""
+    if os.geteuid() != 0:
+        from popsicle_py import udisks
+
+        udisks.set_cancel(cancel)
+
+
+T = TypeVar("T")
+
+
+def open_or_cancelled(open_drives: Callable[[], T], cancel: Cancellation, view: View
+                      ) -> T | None:
+    """``open_drives()``, hearing signals at a polkit prompt: None when a signal came first or
+    ended the prompt (the caller reports every drive cancelled: the agent's end is no
+    refusal); a refusal otherwise is raised, the view closed first."""
+    hear_cancel(cancel)
+    if cancel():
+        return None
+    try:
+        return open_drives()
+    except Refused:
+        if cancel():
+            return None
+        view.close()
+        raise
+
+
 def exit_status(summary: events.Summary, cancel: Cancellation) -> int:
     """0 every drive ok, 1 one did not end ok, 128 + signal when a signal stopped the run."""
     if summary.cancelled or cancel():

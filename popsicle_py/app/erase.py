@@ -14,10 +14,11 @@ Without root the drives are opened as for a flash, through udisks2's ``Block.Ope
 
 from __future__ import annotations
 
-from popsicle_py import drives, erase, events, udisks
+from popsicle_py import drives, erase, events
 from popsicle_py.app.access import require_access
-from popsicle_py.app.common import cancelled_before_writing
+from popsicle_py.app.common import cancelled_before_writing, open_or_cancelled
 from popsicle_py.app.confirm import Confirmation, target_rows
+from popsicle_py.blockdev import BlockDevice
 from popsicle_py.defaults import DEFAULT_STALL_TIMEOUT
 from popsicle_py.erase_job import EraseJob, EraseOptions
 from popsicle_py.errors import Refused
@@ -94,20 +95,21 @@ class PreparedErase:
     def run(self, view: View, cancel: Cancellation) -> events.Summary:
         """Unmount if asked, open every drive (identity checked again), erase them all."""
         request = self.request
-        udisks.set_cancel(cancel)  # Ctrl-C at a polkit password prompt stops the wait
-        try:
+
+        def open_drives() -> list[BlockDevice]:
             if request.unmount:
                 for line in unmount_targets(self.plan):
                     view.handle(events.Note(line))
             if cancel():
-                return self._cancelled(view)
-            opened = open_targets(self.plan.targets,
-                                  check=drives.still_same_each(self.plan.targets))
-        except Refused:
-            if cancel():  # Ctrl-C at a polkit prompt: the agent's end is no refusal
-                return self._cancelled(view)
-            view.close()
-            raise
+                return []
+            return open_targets(self.plan.targets,
+                                check=drives.still_same_each(self.plan.targets))
+
+        opened = open_or_cancelled(open_drives, cancel, view)
+        if opened is None or cancel():  # Ctrl-C at a polkit prompt: no refusal
+            for device in opened or ():
+                device.close()
+            return self._cancelled(view)
         options = EraseOptions(fs=request.fs, label=request.label, zero=request.zero,
                                discard=request.discard, stall_timeout=request.stall_timeout)
         summary = EraseJob(opened, options, view.handle, cancel, self.infos).run()

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -23,6 +22,7 @@ from popsicle_py.app.common import (
     cancelled_before_writing,
     capacity_notes,
     emitter,
+    hear_cancel,
     open_sinks,
     speed_rule,
 )
@@ -124,10 +124,7 @@ class PreparedFlash(HeldFiles):
             view.handle(events.Note(note))
         image = self.image
         sources.attach(image, view.handle, cancel)  # until the job relays it from its thread
-        if os.geteuid() != 0:  # root opens drives itself, never through udisks2 (D-Bus)
-            from popsicle_py import udisks
-
-            udisks.set_cancel(cancel)  # Ctrl-C at a polkit password prompt stops the wait
+        hear_cancel(cancel)  # Ctrl-C at a polkit password prompt stops the wait
         with contextlib.ExitStack() as downloads:
             try:
                 if image.kind.needs_whole_file:  # a zip: its directory is at its end

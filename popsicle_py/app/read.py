@@ -13,6 +13,7 @@ once everything is written and synced: OUTPUT never exists half-written under it
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import os
 import secrets
@@ -76,12 +77,21 @@ class PreparedRead:
 
     def run(self, view: View, cancel: Cancellation) -> events.Summary:
         """Read the drive once into OUTPUT; the summary's one result says how it ended."""
+        from popsicle_py.app.common import open_or_cancelled  # images: not at start-up
+
+        device = open_or_cancelled(self.open, cancel, view)
+        if device is None:  # a signal first, or at a polkit prompt: nothing read
+            return cancelled_before_reading((self,), view)
+        return self.read_opened(device, view, cancel)
+
+    def open(self) -> BlockDevice:
+        """The drive, opened to be read, still the one checked; or :class:`Refused`."""
+        return _open(self.drive)
+
+    def read_opened(self, device: BlockDevice, view: View, cancel: Cancellation
+                    ) -> events.Summary:
+        """Read the opened drive (closed here, however it ends) once into OUTPUT."""
         path = self.drive.path
-        try:
-            device = _open(self.drive)
-        except Refused:
-            view.close()
-            raise
         started = time.monotonic()
         temps = [_temp_name(f) for f in self.files]
         result: events.DriveResult | None = None
@@ -120,6 +130,8 @@ class PreparedRead:
                 for temp in temps:
                     with contextlib.suppress(OSError):
                         os.unlink(temp)
+        if result.elapsed is None:  # how long it ran before it failed or was stopped
+            result = dataclasses.replace(result, elapsed=time.monotonic() - started)
         ok = result.status is events.Status.OK
         view.handle(events.Phase(path, events.Step.DONE if ok else events.Step.FAILED,
                                  result.error or result.status.value, result.cause))
@@ -161,6 +173,23 @@ class PreparedRead:
         if mapper is not None:
             _write_small(temps[2], reading.render_bmap(size, mapper.block, mapper.finish(size)))
         return done
+
+
+def cancelled_before_reading(jobs: tuple[PreparedRead, ...], view: View) -> events.Summary:
+    """A signal before any drive was read: every pair reported cancelled, no OUTPUT made."""
+    results = []
+    for job in jobs:
+        result = events.DriveResult(job.drive.path, events.Status.CANCELLED, 0,
+                                    "cancelled before reading", cause=events.Cause.CANCELLED,
+                                    drive=job.info)
+        view.handle(events.Phase(job.drive.path, events.Step.FAILED, result.error,
+                                 result.cause))
+        view.handle(events.Result(result))
+        results.append(result)
+    summary = events.Summary(tuple(results), cancelled=True)
+    view.handle(summary)
+    view.close()
+    return summary
 
 
 class _GuardedSink(reading.Sink):

@@ -3,20 +3,27 @@
 Each pair is prepared as :func:`popsicle_py.app.read.prepare_read` prepares one, and the pairs
 are checked against each other (a drive named twice, two pairs writing the same file, or one
 writing where flash looks for another's block map, an OUTPUT on any drive being read) before
-anything is read.  ``run`` reads every drive at once,
-one thread each under the engine's :class:`~popsicle_py.engine.supervisor.Supervisor`, whose
-outbox hands every event to the view on the calling thread; one drive's failure does not stop
-the others, a cancel stops them all, and none leaves its OUTPUT under its final name.
+anything is read.  ``run`` opens every drive first (a refusal: exit 2, nothing read), then
+reads them all at once, one thread each under the engine's
+:class:`~popsicle_py.engine.supervisor.Supervisor`, whose outbox hands every event to the
+view on the calling thread; one drive's failure does not stop the others, a cancel stops
+them all, and none leaves its OUTPUT under its final name.
 """
 
 from __future__ import annotations
 
-import errno
 import os
 from collections.abc import Sequence
 
 from popsicle_py import drives, events, master, reading
-from popsicle_py.app.read import PreparedRead, ReadRequest, checked_read, creatable
+from popsicle_py.app.read import (
+    PreparedRead,
+    ReadRequest,
+    cancelled_before_reading,
+    checked_read,
+    creatable,
+)
+from popsicle_py.blockdev import BlockDevice
 from popsicle_py.defaults import DEFAULT_STALL_TIMEOUT
 from popsicle_py.errors import Refused
 from popsicle_py.ports import drive_info
@@ -164,6 +171,22 @@ class _LaneView:
         pass
 
 
+def _open_each(jobs: Sequence[PreparedRead]) -> list[BlockDevice]:
+    """Every pair's drive opened, or none: every refusal said, in one :class:`Refused`."""
+    opened: list[BlockDevice] = []
+    lines: list[str] = []
+    for job in jobs:
+        try:
+            opened.append(job.open())
+        except Refused as exc:
+            lines += exc.lines
+    if lines:
+        for device in opened:
+            device.close()
+        raise Refused(lines)
+    return opened
+
+
 class ReadMany:
     """Reads that passed every check, alone and together."""
 
@@ -182,8 +205,15 @@ class ReadMany:
         """Read every drive at once; the summary holds one result per drive, in pair order."""
         if len(self.jobs) == 1:
             return self.jobs[0].run(view, cancel)
+        from popsicle_py.app.common import open_or_cancelled
         from popsicle_py.engine import Cancelled
         from popsicle_py.engine.supervisor import Lane, Supervisor
+
+        # Every drive opened before any is read, as flash opens all before writing: a
+        # refusal (polkit's, a drive changed) is exit 2 with nothing read.
+        devices = open_or_cancelled(lambda: _open_each(self.jobs), cancel, view)
+        if devices is None:
+            return cancelled_before_reading(self.jobs, view)
 
         results: dict[int, events.DriveResult] = {}
 
@@ -204,10 +234,8 @@ class ReadMany:
 
         def task(lane: Lane) -> None:
             lane_view = _LaneView(lane.post, lane.id)
-            try:
-                self.jobs[lane.id].run(lane_view, lambda: lane.stopped)  # type: ignore[arg-type]
-            except Refused as exc:  # the drive changed since it was checked: this one fails
-                raise OSError(errno.EIO, "; ".join(exc.lines)) from None
+            self.jobs[lane.id].read_opened(devices[lane.id], lane_view,
+                                           lambda: lane.stopped)  # type: ignore[arg-type]
 
         supervisor = Supervisor([job.drive.path for job in self.jobs], deliver, cancel,
                                 stall_timeout=None, errored=_Errored, name="read")
@@ -216,6 +244,9 @@ class ReadMany:
             supervisor.run(task)
         except Cancelled:
             cancelled = True
+        finally:
+            for device in devices:  # a lane that never started (each read closes its own)
+                device.close()
         for i, job in enumerate(self.jobs):
             if i not in results:
                 result = events.DriveResult(job.drive.path, events.Status.CANCELLED, 0,

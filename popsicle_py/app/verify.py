@@ -7,12 +7,11 @@ import contextlib
 from popsicle_py import drives, events
 from popsicle_py.app import sources
 from popsicle_py.app.access import require_access
-from popsicle_py.app.common import cancelled_before_writing
+from popsicle_py.app.common import cancelled_before_writing, open_or_cancelled
 from popsicle_py.app.confirm import Confirmation, target_rows
 from popsicle_py.app.requests import ProbeRequest, VerifyRequest
 from popsicle_py.blockdev import BlockDevice
 from popsicle_py.drives import Drive
-from popsicle_py.errors import Refused
 from popsicle_py.flash import ProbeJob, VerifyJob, open_targets
 from popsicle_py.plan import Plan, make_plan, make_read_plan, unmount_targets
 from popsicle_py.ports import drive_info
@@ -32,14 +31,19 @@ class ReadsDrives:
     def labels(self) -> dict[str, str]:
         return {d.path: d.label for d in self.targets}
 
-    def open_drives(self, view: View) -> list[BlockDevice]:
-        """Every drive opened read-only, or Refused (the view closed first)."""
-        try:
-            return open_targets(self.targets, for_writing=False,
-                                check=drives.writers_each(self.targets))
-        except Refused:
-            view.close()
-            raise
+    def open_drives(self, view: View, cancel: Cancellation) -> list[BlockDevice] | None:
+        """Every drive opened read-only, or Refused (the view closed first); None when a
+        signal came first or ended a polkit prompt."""
+        return open_or_cancelled(
+            lambda: open_targets(self.targets, for_writing=False,
+                                 check=drives.writers_each(self.targets)), cancel, view)
+
+    def cancelled(self, view: View) -> events.Summary:
+        """Every drive reported cancelled, none read."""
+        summary = cancelled_before_writing([d.path for d in self.targets], self.infos,
+                                           view.handle)
+        view.close()
+        return summary
 
 
 class PreparedVerify(ReadsDrives):
@@ -67,11 +71,10 @@ class PreparedVerify(ReadsDrives):
                     view.close()
                     raise
             if image is None:  # cancelled while downloading: no drive was read
-                summary = cancelled_before_writing([d.path for d in self.targets],
-                                                   self.infos, view.handle)
-                view.close()
-                return summary
-            opened = self.open_drives(view)
+                return self.cancelled(view)
+            opened = self.open_drives(view, cancel)
+            if opened is None:
+                return self.cancelled(view)
             job = VerifyJob(image, opened, view.handle, cancel, self.request.stall_timeout,
                             self.infos)
             sources.attach(image, job.relay, cancel)  # download news from the reader thread
@@ -111,16 +114,22 @@ class PreparedProbe:
 
     def run(self, view: View, cancel: Cancellation) -> events.Summary:
         """Unmount if asked, open every drive (identity checked again), probe them all."""
-        try:
+        def open_drives() -> list[BlockDevice]:
             if self.request.unmount:
                 for line in unmount_targets(self.plan):
                     view.handle(events.Note(line))
-            opened = open_targets(self.plan.targets,
-                                  check=drives.still_same_each(self.plan.targets))
-        except Refused:
+            return open_targets(self.plan.targets,
+                                check=drives.still_same_each(self.plan.targets))
+
+        infos = [drive_info(d, i) for i, d in enumerate(self.plan.targets, 1)]
+        opened = open_or_cancelled(open_drives, cancel, view)
+        if opened is None:
+            summary = cancelled_before_writing([d.path for d in self.plan.targets], infos,
+                                               view.handle)
             view.close()
-            raise
-        summary = ProbeJob(opened, view.handle, cancel, self.request.stall_timeout).run()
+            return summary
+        summary = ProbeJob(opened, view.handle, cancel, self.request.stall_timeout,
+                           infos).run()
         view.close()
         return summary
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import time
 from collections.abc import Callable, Sequence
 
 import xxhash
@@ -130,6 +131,7 @@ class CheckJob:
         self.infos = tuple(infos) + (None,) * (len(self.devices) - len(infos))
         self.results: list[DriveResult | None] = [None] * len(self.devices)
         self.cancelled = False
+        self.started = time.monotonic()
 
     def _end(self, index: int, status: Status, error: str | None = None,
              offset: int | None = None, cause: Cause | None = None,
@@ -138,6 +140,7 @@ class CheckJob:
             return
         path = self.devices[index].path
         result = DriveResult(path, status, 0, error, offset, cause=cause,
+                             elapsed=time.monotonic() - self.started,
                              verified=status is Status.OK, drive=self.infos[index],
                              device_sha256=sha256)
         self.results[index] = result
@@ -171,6 +174,7 @@ class CheckJob:
     def run(self) -> Summary:
         expected = self.expected
         paths = tuple(d.path for d in self.devices)
+        self.started = time.monotonic()
         self._emit(Started(expected.name, expected.kind, expected.size, paths,
                            drives=tuple(i for i in self.infos if i is not None)))
         for path in paths:

@@ -43,7 +43,7 @@ def _run(job: _Job, view: View) -> int:
 
 @click.command(name="read")
 @click.argument("pairs", nargs=-1, required=True, metavar="DEVICE OUTPUT [DEVICE OUTPUT]...",
-                type=click.Path(path_type=str))
+                type=click.Path(path_type=str, readable=False))
 @click.option("--bmap", is_flag=True,
               help="Also write a block map (bmaptool's format) of the blocks holding data, "
                    "named as bmaptool and flash look for it (disk.img.zst -> disk.img.bmap).")

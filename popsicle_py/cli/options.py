@@ -183,6 +183,8 @@ class ImagePath(click.Path):
 
     def convert(self, value: str | os.PathLike[str], param: click.Parameter | None,
                 ctx: click.Context | None) -> Any:
+        if not os.fspath(value):  # "" would be taken for the current directory
+            self.fail("the image's name is empty (an unset variable?)", param, ctx)
         return self.coerce_path_result(value)
 
 

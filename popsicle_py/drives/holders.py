@@ -108,28 +108,36 @@ def foreign_mounts(own: list[MountEntry] | None = None, answers: LoopAnswers | N
 
     A mount made inside ``unshare -m`` (a container, a service with PrivateMounts) is in no
     table of ours.  A copy that our unmount removes too is left out: ``--unmount`` covers it
-    (see :func:`_follows`).  Namespaces of processes we may not inspect (another user's,
-    without root) are not seen.
+    (see :func:`_follows`).  Without root, another user's ns/mnt link cannot be read but its
+    mountinfo can: that namespace is told apart by the mount ids in its table (see
+    :func:`_known_table`).
     """
     try:
         ours = os.readlink("/proc/self/ns/mnt")
     except OSError:
         return ()
-    groups = _unmount_groups(mount_table() if own is None else own)
+    own = mount_table() if own is None else own
+    groups = _unmount_groups(own)
     seen = {ours}
+    tables = [frozenset(e.mount_id for e in own)]
     backing = _Backings(answers)
     found: list[Mount] = []
     for pid in pids():
         try:
-            namespace = os.readlink(f"/proc/{pid}/ns/mnt")
+            namespace: str | None = os.readlink(f"/proc/{pid}/ns/mnt")
         except OSError:
-            continue
+            namespace = None
         if namespace in seen:
             continue
         text = _read(f"/proc/{pid}/mountinfo")
         if not text:
             continue
-        seen.add(namespace)
+        ids = _mount_ids(text)
+        if namespace is None and _known_table(ids, tables):
+            continue
+        if namespace is not None:
+            seen.add(namespace)
+        tables.append(ids)
         process = Process(pid, _program(pid))
         table = mount_table(text)
         parents = {e.mount_id: e for e in table}
@@ -144,6 +152,23 @@ def foreign_mounts(own: list[MountEntry] | None = None, answers: LoopAnswers | N
             found.append(Mount(entry.source, entry.mountpoint, devnums, files,
                                namespace=process, sources=frozenset(numbers)))
     return tuple(found)
+
+
+def _mount_ids(text: str) -> frozenset[int]:
+    """The mount ids of a mountinfo (its lines' first field)."""
+    ids = set()
+    for line in text.splitlines():
+        first = line.partition(" ")[0]
+        if first.isdigit():
+            ids.add(int(first))
+    return frozenset(ids)
+
+
+def _known_table(ids: frozenset[int], tables: list[frozenset[int]]) -> bool:
+    """Whether a mountinfo is of a namespace already seen: a mount id is the system's, never
+    shared by two namespaces (a namespace's copy of a mount gets an id of its own), so one id
+    in common is the same namespace, whatever mounts came or went between the two reads."""
+    return any(ids & known for known in tables)
 
 
 def _unmount_groups(own: list[MountEntry]) -> dict[tuple[int, str], set[int]]:

@@ -231,6 +231,8 @@ def explain(path: str, reason: str) -> str:
     if reason.startswith("system drive"):
         return f"{path} is a {reason}"
     if reason == REASON_NO_MEDIUM:
+        if os.path.basename(os.path.realpath(path)).startswith("loop"):  # /dev: no hang
+            return f"{path} is a loop device with no file attached"
         return f"{path} has no medium (is a card inserted?)"
     if reason == REASON_READ_ONLY:
         return f"{path} is read-only (write-protected)"

@@ -13,7 +13,9 @@ routine for the writer's own verification and for :class:`~.verifier.BusVerifier
 2. :meth:`Finisher.finish`, once every other bucket is written and synced: with verification,
    every extent read back and checked, the stamp included (the stamp reading back proves the
    head's blocks are shared with no other checked block, so writing the head next cannot change
-   anything already checked); then, once the reader has vouched for the whole source, the
+   anything already checked); with the surface test, the rest of the drive tested and every
+   extent checked once more (the test's writes land on the image on a drive that wraps
+   addresses); then, once the reader has vouched for the whole source, the
    caller's per-destination step if any (``Config.before_head``: --customize writes the boot
    partition's files; an exception fails the destination, its head unwritten), the head,
    fsync, and the head read back; then ``Completed``.
@@ -183,8 +185,12 @@ class Finisher:
         stamped = held is not None and head > 0  # since the start (see stamp)
         if config.verify and (lane.stopped or not self._verify(lane, stamp_head=stamped)):
             return
-        if config.surface and config.verify:
-            self._surface(lane)
+        if config.surface and config.verify and self._surface(lane):
+            # Its writes past the image may have landed on it (a drive that wraps addresses):
+            # the image is read back whole again, and only this pass vouches for the drive.
+            self.device_sha256.pop(lane.id, None)
+            if lane.stopped or not self._verify(lane, stamp_head=stamped, again=True):
+                return
         if not self.ring.wait_until(lane, lambda: self.ring.vouched):
             return
         if config.before_head is not None and not lane.stopped:
@@ -209,18 +215,21 @@ class Finisher:
         lane.post(Msg.Completed(lane.id, self.device_sha256.get(lane.id)
                                 if config.verify else None))
 
-    def _surface(self, lane: Lane) -> None:
-        """The rest of the drive tested (raises Rejected: the drive never gets the head)."""
+    def _surface(self, lane: Lane) -> bool:
+        """The rest of the drive tested (raises Rejected: the drive never gets the head);
+        whether anything was written."""
         size = getattr(lane.dest, "size", None)
         if not isinstance(size, int) or not size:
-            return
+            return False
         image_end = max([start + length for start, length in self.reader.extents]
                         + [self.config.expected_size or 0])
         first, last = surface.tested_range(image_end, size)
-        if first < last:
-            lane.post(Note(f"{getattr(lane.dest, 'path', 'the drive')}: surface test of bytes "
-                           f"{first}-{last - 1}"))
+        if first >= last:
+            return False
+        lane.post(Note(f"{getattr(lane.dest, 'path', 'the drive')}: surface test of bytes "
+                       f"{first}-{last - 1}"))
         surface.run(lane, image_end, size, self.config.retries)
+        return True
 
     def _image_sha256(self) -> str | None:
         """The SHA-256 of the image's range, when the extents cover it from byte 0 without a
@@ -280,11 +289,14 @@ class Finisher:
             lane.undoing = False
         lane.post(Msg.HeadUndone(lane.id, head, done))
 
-    def _verify(self, lane: Lane, *, stamp_head: bool = False, only_head: bool = False) -> bool:
+    def _verify(self, lane: Lane, *, stamp_head: bool = False, only_head: bool = False,
+                again: bool = False) -> bool:
         """Check the destination against the digests; repair, then check all again.
 
         With ``stamp_head`` the head's place must hold the stamp; with ``only_head`` only the
         head is checked.  False (and an ``Invalid`` or error posted) when it does not read back.
+        ``again``: the pass after the surface test, which changed nothing of the image on a
+        sound drive: no repairs, and a difference raises :func:`surface.image_changed`.
         """
         reader = self.reader
         extents, digests = list(reader.extents), list(reader.digests)
@@ -299,12 +311,15 @@ class Finisher:
             read[0] += n
             lane.post(Msg.Verified(lane.id, read[0]))
 
-        check = Check(extents, digests, self.config.bucket_size, repairs=self.config.repairs,
+        check = Check(extents, digests, self.config.bucket_size,
+                      repairs=0 if again else self.config.repairs,
                       source_bytes=lambda index: self._source_bytes(index, stamp_head),
                       can_repair=self._can_repair, retries=self.config.retries,
                       stage=lambda lane, step: lane.post(Msg.Stage(lane.id, step)))
         verdict = check.run(lane, indices, progressed)
         if verdict.ended is not None:
+            if again:
+                raise surface.image_changed(verdict.ended, ended=True)
             self._invalid(lane, verdict.ended, None, ended=True)
             return False
         if lane.stopped:
@@ -312,6 +327,8 @@ class Finisher:
         if verdict.bad:
             start, length = extents[verdict.bad[0]]
             exact = self._exact(lane, verdict.bad[0], stamp_head)
+            if again:
+                raise surface.image_changed(start if exact is None else exact)
             self._invalid(lane, start if exact is None else exact,
                           None if exact is not None else start + length)
             return False

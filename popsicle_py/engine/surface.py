@@ -5,7 +5,11 @@ its own offset (and this run), so a block that reads back wrong, or as another b
 that wraps addresses), is found; the first bad region rejects the drive (cause ``surface``),
 naming its offset.  Then the tested range is zeroed, so the drive carries no test pattern.
 It runs after the image is verified and before the image's head is written: a drive rejected
-here never holds the head.  It costs two writes and one read of the rest of the drive.
+here never holds the head.  Its writes may land on the image (a drive whose addresses past its
+real size wrap onto the first ones), so the image is read back whole once more after it
+(:func:`image_changed` rejects the drive when it changed), and only that pass vouches for the
+drive.  It costs two writes and one read of the rest of the drive, and one more read of the
+image.
 """
 
 from __future__ import annotations
@@ -42,6 +46,16 @@ def _pattern(buffer: memoryview, template: memoryview, offset: int, mark: bytes)
 
 def _rejected(offset: int, why: str) -> Rejected:
     return Rejected("surface", f"rejected: surface test: bad region at byte {offset}: {why}")
+
+
+def image_changed(offset: int, *, ended: bool = False) -> Rejected:
+    """The image, verified before the surface test, reads back otherwise after it (or ends at
+    ``offset``): the test's writes past the image landed on it."""
+    if ended:
+        return _rejected(offset, "the drive ends there, before the image's end, after the "
+                                 "surface test")
+    return _rejected(offset, "the image read back changed after the rest of the drive was "
+                             "written (its addresses wrap onto the image)")
 
 
 def run(lane: Lane, image_end: int, drive_size: int, retries: int) -> None:

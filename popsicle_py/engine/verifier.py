@@ -114,6 +114,9 @@ class _VerifyRun:
             self.ring.join(lane.id for lane in self.lanes)
             reader = Reader(source, self.ring, self.lanes, self.config, self.supervisor.stop,
                             None)
+            import hashlib  # here: a flash's start-up imports this module, not hashlib
+
+            reader.sha256 = hashlib.sha256()  # a drive that matched holds bytes of this digest
             self.reader = reader
             error = self.supervisor.run(self._compare_lane, reader.run, reader.clock)
         if error is not None:
@@ -127,7 +130,10 @@ class _VerifyRun:
     def _end(self, lane: Lane, valid: bool, offset: int = 0, end: int | None = None) -> None:
         self.verdicts[lane.id] = valid
         self.ring.leave(lane.id)
-        lane.post(Msg.Valid(lane.id) if valid else Msg.Invalid(lane.id, offset, end))
+        reader = self.reader  # at the ring's end, the reader has hashed every byte it read
+        digest = reader.sha256.hexdigest() if valid and reader is not None \
+            and reader.sha256 is not None and self.ring.eof else None
+        lane.post(Msg.Valid(lane.id, digest) if valid else Msg.Invalid(lane.id, offset, end))
 
     def _compare_lane(self, lane: Lane) -> None:
         ring = self.ring

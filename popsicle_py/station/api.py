@@ -80,6 +80,12 @@ async def _guard(request: web.Request, handler: Handler) -> web.StreamResponse:
     """The token for every POST; a time limit for every request but the streams."""
     station: Station = request.app[STATION_KEY]
     if request.method not in ("GET", "HEAD"):
+        # The token first: a body is read only for a client that may post one.
+        if not _authorized(request.headers.get("Authorization", ""), station.token):
+            return web.json_response({"error": "a POST needs Authorization: Bearer TOKEN "
+                                      "(the station printed it, and keeps it in its token "
+                                      "file)"}, status=401,
+                                     headers={"WWW-Authenticate": "Bearer"})
         try:
             await asyncio.wait_for(request.read(), REQUEST_SECONDS)  # bounded: MAX_BODY
         except web.HTTPRequestEntityTooLarge:
@@ -87,11 +93,8 @@ async def _guard(request: web.Request, handler: Handler) -> web.StreamResponse:
                                      status=413)
         except asyncio.TimeoutError:
             return web.json_response({"error": "timed out"}, status=408)
-        if not _authorized(request.headers.get("Authorization", ""), station.token):
-            return web.json_response({"error": "a POST needs Authorization: Bearer TOKEN "
-                                      "(the station printed it, and keeps it in its token "
-                                      "file)"}, status=401,
-                                     headers={"WWW-Authenticate": "Bearer"})
+        except ConnectionError:  # the client went away mid-body: nobody to answer
+            return web.Response(status=400)
     if request.path in STREAMS:
         if request.method == "HEAD":  # the headers alone: a stream's body never ends
             return web.Response(headers=_STREAM_HEADERS[request.path])

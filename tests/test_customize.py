@@ -20,6 +20,7 @@ from typing import Any
 import pi_image
 import pytest
 from conftest import Loop, popsicle_cmd
+from station_rig import slot_map
 from test_watch import WATCHING, C, needs_testbed, watch
 
 from popsicle_py.settings.fat import geometry
@@ -361,14 +362,19 @@ def test_files_that_do_not_fit_are_refused_before_anything_is_written(
         assert Path(loop.backing).read_bytes() == bytes([FILL]) * loop.size
 
 
-def test_watch_with_files_that_cannot_fit_is_refused_before_watching(tmp_path: Path) -> None:
-    """watch (and station, which prepares as watch does): every stick would be written and
-    failed; the session is refused up front instead."""
+@pytest.mark.parametrize("command", ["watch", "station"])
+def test_a_session_whose_files_cannot_fit_is_refused_before_watching(tmp_path: Path,
+                                                                     command: str) -> None:
+    """watch and station: every stick would be written and failed; the session is refused
+    up front instead."""
     image = pi_image.build(tmp_path, table="gpt")
     (tmp_path / "big.bin").write_bytes(os.urandom(45 << 20))
     toml, values = inputs(tmp_path, SETTINGS + '[files]\n"big.bin" = "big.bin"\n')
-    done = popsicle("watch", image, "--yes", "--customize", toml, "--values", values,
-                    timeout=60)
+    station = [] if command == "watch" else [
+        "--slots", slot_map(tmp_path / "slots.toml", {"A1": 3}),
+        "--journal", tmp_path / "j.sqlite", "--listen", "127.0.0.1:0"]
+    done = popsicle(command, image, "--yes", *station, "--customize", toml, "--values",
+                    values, timeout=60)
     assert "the first-boot files need at least 45." in one_line(done)
 
 

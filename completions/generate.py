@@ -9,7 +9,11 @@ The scripts are static: they hold the commands, options and arguments walked fro
 command object, so completing never starts Python.  What an argument completes is decided
 here from its click parameter: an argument whose name contains "device" completes drives
 (whole disks under /dev, /dev/disk/by-id), a click.Path or click.File completes files (or
-directories), a click.Choice its choices; any other value completes nothing.
+directories), a click.Choice its choices; any other value completes nothing.  An option of
+several values (click.Tuple) completes each by its own type.  A variadic argument's metavar
+names its words: "[CERT] DEVICE..." (a certificate file, or a drive under /dev/, then drives)
+and "DEVICE OUTPUT [DEVICE OUTPUT]..." (drives and files in turn); DEVICE is a drive, CERT a
+file, any other word what the argument's type says.
 """
 
 from __future__ import annotations
@@ -39,20 +43,25 @@ FILES = {"bash": "popsicle-py", "zsh": "_popsicle-py", "fish": "popsicle-py.fish
 class Opt:
     names: list[str]  # every spelling: -a, --all-usb (and --no-x for --x/--no-x flags)
     nvalues: int  # words the option consumes after it (0 for a flag)
-    kind: str  # what its value completes: none, file, dir, choice, device
+    kind: str  # what its (first) value completes: none, file, dir, choice, device
     choices: list[str]
     metavar: str
     help: str
     multiple: bool
     exits: bool  # --help, --version: nothing else follows
+    kinds: list[str] = field(default_factory=list)  # per value (click.Tuple); else [kind]
+
+    def kind_of(self, value: int) -> str:
+        """What value ``value`` (0-based) of the option completes."""
+        return self.kinds[value] if value < len(self.kinds) else self.kind
 
 
 @dataclass
 class Arg:
     name: str
-    nargs: int  # -1: any number
+    nargs: int  # -1: any number (consecutive such arguments take the rest in turn)
     required: bool
-    kind: str
+    kind: str  # none, file, dir, choice, device, or device-or-file (a drive under /dev/)
     choices: list[str]
 
 
@@ -81,9 +90,14 @@ def _clean(text: str | None) -> str:
 
 
 def _kind(param: click.Parameter) -> tuple[str, list[str]]:
-    ptype = param.type
     if isinstance(param, click.Argument) and "device" in (param.name or "").lower():
         return "device", []
+    return _type_kind(param.type)
+
+
+def _type_kind(ptype: click.ParamType) -> tuple[str, list[str]]:
+    if isinstance(ptype, click.Tuple):
+        return _type_kind(ptype.types[0]) if ptype.types else ("none", [])
     if isinstance(ptype, click.Choice):
         return "choice", [str(c) for c in ptype.choices]
     if isinstance(ptype, click.Path):
@@ -107,6 +121,8 @@ def _option(param: click.Option, ctx: click.Context) -> Opt:
             metavar = param.make_metavar(ctx)  # click >= 8.2
         except TypeError:
             metavar = param.make_metavar()  # type: ignore[call-arg]
+    kinds = ([_type_kind(t)[0] for t in param.type.types]
+             if isinstance(param.type, click.Tuple) and takes_value else [])
     return Opt(
         names=[*_ordered(param.opts), *_ordered(param.secondary_opts)],
         nvalues=max(param.nargs, 1) if takes_value else 0,
@@ -116,7 +132,33 @@ def _option(param: click.Option, ctx: click.Context) -> Opt:
         help=_clean(param.help),
         multiple=bool(param.multiple or param.count),
         exits=bool(param.is_eager and not param.expose_value),
+        kinds=kinds,
     )
+
+
+#: What a word of an argument's metavar completes, when the argument's type does not say.
+WORD_KINDS = {"DEVICE": "device", "CERT": "file"}
+
+
+def _arguments(param: click.Argument) -> list[Arg]:
+    """The argument as the completion sees it: one Arg, or as its metavar spells its words
+    ("[CERT] DEVICE...": an optional slot, then drives; "A B [A B]...": A and B in turn)."""
+    kind, choices = _kind(param)
+    metavar = param.metavar or ""
+
+    def word(name: str) -> Arg:
+        named = WORD_KINDS.get(name)
+        return Arg(name.lower(), -1, param.required, named or kind,
+                   [] if named else choices)
+
+    if param.nargs < 0 and (m := re.fullmatch(r"\[(\w+)\] (\w+)\.\.\.", metavar)):
+        first, rest = word(m.group(1)), word(m.group(2))
+        either = {first.kind, rest.kind} == {"file", "device"}
+        return [Arg(first.name, 1, False, "device-or-file" if either else first.kind,
+                    first.choices), rest]
+    if param.nargs < 0 and (m := re.fullmatch(r"((?:\w+ )*\w+) \[\1\]\.\.\.", metavar)):
+        return [word(name) for name in m.group(1).split()]
+    return [Arg(param.name or "arg", param.nargs, param.required, kind, choices)]
 
 
 def model(command: click.Command, prog: str, parent: click.Context | None = None,
@@ -132,8 +174,7 @@ def model(command: click.Command, prog: str, parent: click.Context | None = None
         if isinstance(param, click.Option):
             options.append(_option(param, ctx))
         elif isinstance(param, click.Argument):
-            kind, choices = _kind(param)
-            args.append(Arg(param.name or "arg", param.nargs, param.required, kind, choices))
+            args.extend(_arguments(param))
     limit = 200
     cmd = Cmd(path, _clean(command.get_short_help_str(limit)), options, args)
     if isinstance(command, click.Group):
@@ -165,14 +206,15 @@ def _sq(text: str) -> str:
     return "'" + text.replace("'", "'\\''") + "'"
 
 
-def _arg_at(args: list[Arg]) -> tuple[list[Arg], Arg | None]:
-    """Positional slots in order (an Arg per word) and the argument that takes the rest."""
+def _arg_at(args: list[Arg]) -> tuple[list[Arg], list[Arg]]:
+    """Positional slots in order (an Arg per word), and the arguments that take the rest,
+    word by word in turn (none, one, or a cycle such as DEVICE OUTPUT)."""
     slots: list[Arg] = []
-    for arg in args:
+    for i, arg in enumerate(args):
         if arg.nargs < 0:
-            return slots, arg
+            return slots, [a for a in args[i:] if a.nargs < 0]
         slots.extend([arg] * arg.nargs)
-    return slots, None
+    return slots, []
 
 
 # ----------------------------------------------------------------------------------------------
@@ -203,6 +245,16 @@ _{fn}_devices()
     fi
 }}
 
+# A certificate file, or a drive when the word starts with /dev/.
+_{fn}_devices_or_files()
+{{
+    if [[ $cur == /dev/* ]]; then
+        _{fn}_devices
+    else
+        _{fn}_files
+    fi
+}}
+
 _{fn}_files()
 {{
     if declare -F _filedir >/dev/null; then
@@ -222,6 +274,8 @@ _{fn}_files()
 def _bash_complete(kind: str, choices: list[str], fn: str, indent: str) -> str:
     if kind == "device":
         return f"{indent}_{fn}_devices"
+    if kind == "device-or-file":
+        return f"{indent}_{fn}_devices_or_files"
     if kind == "file":
         return f"{indent}_{fn}_files"
     if kind == "dir":
@@ -304,13 +358,22 @@ def bash(root: Cmd, prog: str) -> str:
     out('    [[ $cur == = ]] && ((skip > 0)) && cur=""')
     out("    if ((skip > 0)); then")
     valued = [(cmd, opt) for cmd in cmds for opt in cmd.options
-              if opt.nvalues and opt.kind != "none"]
+              if opt.nvalues and any(opt.kind_of(v) != "none" for v in range(opt.nvalues))]
     if valued:
         out('        case "$path:$valopt" in')
         for cmd, opt in valued:
             pats = "|".join(f'"{key(cmd.path)}:{name}"' for name in opt.names)
             out(f"            {pats})")
-            out(_bash_complete(opt.kind, opt.choices, fn, " " * 16))
+            kinds = [opt.kind_of(v) for v in range(opt.nvalues)]
+            if len(set(kinds)) == 1:
+                out(_bash_complete(opt.kind, opt.choices, fn, " " * 16))
+            else:  # $skip counts the values still to come: nvalues for the first
+                out('                case "$skip" in')
+                for v, kind in enumerate(kinds):
+                    out(f"                    {opt.nvalues - v})")
+                    out(_bash_complete(kind, opt.choices, fn, " " * 24))
+                    out("                        ;;")
+                out("                esac")
             out("                ;;")
         out("        esac")
     else:
@@ -326,7 +389,7 @@ def bash(root: Cmd, prog: str) -> str:
     out('        case "$path" in')
     for cmd in cmds:
         slots, rest = _arg_at(cmd.args)
-        if not cmd.is_group and not slots and rest is None:
+        if not cmd.is_group and not slots and not rest:
             continue
         out(f'            "{key(cmd.path)}")')
         if cmd.is_group:
@@ -338,9 +401,18 @@ def bash(root: Cmd, prog: str) -> str:
                 out(f"                    {i})")
                 out(_bash_complete(arg.kind, arg.choices, fn, " " * 24))
                 out("                        ;;")
-            if rest is not None:
+            if len(rest) == 1:
                 out("                    *)")
-                out(_bash_complete(rest.kind, rest.choices, fn, " " * 24))
+                out(_bash_complete(rest[0].kind, rest[0].choices, fn, " " * 24))
+                out("                        ;;")
+            elif rest:
+                out("                    *)")
+                out(f'                        case $(((npos - {len(slots)}) % {len(rest)})) in')
+                for i, arg in enumerate(rest):
+                    out(f"                            {i})")
+                    out(_bash_complete(arg.kind, arg.choices, fn, " " * 32))
+                    out("                                ;;")
+                out("                        esac")
                 out("                        ;;")
             out("                esac")
         out("                ;;")
@@ -376,6 +448,16 @@ _{fn}_devices() {{
   done
   _wanted devices expl 'drive' compadd -a devices || _files
 }}
+
+(( $+functions[_{fn}_devices_or_files] )) ||
+_{fn}_devices_or_files() {{
+  # A certificate file, or a drive when the word starts with /dev/.
+  if [[ $PREFIX == /dev/* ]]; then
+    _{fn}_devices
+  else
+    _files
+  fi
+}}
 """
 
 
@@ -390,6 +472,8 @@ def _zsh_escape_msg(text: str) -> str:
 def _zsh_action(kind: str, choices: list[str], fn: str) -> str:
     if kind == "device":
         return f"_{fn}_devices"
+    if kind == "device-or-file":
+        return f"_{fn}_devices_or_files"
     if kind == "file":
         return "_files"
     if kind == "dir":
@@ -410,9 +494,9 @@ def _zsh_specs(cmd: Cmd, fn: str) -> list[str]:
             spec = f"{exclusive}{star}{name}"
             if opt.nvalues:
                 spec += ("=" if name.startswith("--") else "+") + desc
-                action = _zsh_action(opt.kind, opt.choices, fn)
                 msg = _zsh_escape_msg(opt.metavar or "value")
-                spec += f":{msg}:{action}" * opt.nvalues
+                spec += "".join(f":{msg}:{_zsh_action(opt.kind_of(v), opt.choices, fn)}"
+                                for v in range(opt.nvalues))
             else:
                 spec += desc
             specs.append(spec)
@@ -424,9 +508,28 @@ def _zsh_specs(cmd: Cmd, fn: str) -> list[str]:
         colon = ":" if arg.required else "::"
         action = _zsh_action(arg.kind, arg.choices, fn)
         specs.append(f"{i}{colon}{_zsh_escape_msg(arg.name)}:{action}")
-    if rest is not None:
-        specs.append(f"*:{_zsh_escape_msg(rest.name)}:{_zsh_action(rest.kind, rest.choices, fn)}")
+    if len(rest) == 1:
+        action = _zsh_action(rest[0].kind, rest[0].choices, fn)
+        specs.append(f"*:{_zsh_escape_msg(rest[0].name)}:{action}")
+    elif rest:  # words in turn: decided after _arguments, by the count of normal arguments
+        specs.append("*: :->rest")
     return specs
+
+
+def _zsh_rest(cmd: Cmd, fn: str) -> list[str]:
+    """The state that completes the rest's words in turn ($line: the normal arguments, the
+    word being completed included)."""
+    slots, rest = _arg_at(cmd.args)
+    lines = ["  case $state in", "    rest)",
+             f"      case $(( (${{#line}} - 1 - {len(slots)}) % {len(rest)} )) in"]
+    for i, arg in enumerate(rest):
+        action = _zsh_action(arg.kind, arg.choices, fn)
+        if arg.kind == "choice":
+            action = "compadd -- " + " ".join(_sq(c) for c in arg.choices)
+        elif arg.kind == "none":
+            action = ":"
+        lines.append(f"        {i}) {action} && ret=0 ;;")
+    return [*lines, "      esac", "      ;;", "  esac", "  return ret"]
 
 
 def zsh(root: Cmd, prog: str) -> str:
@@ -443,7 +546,8 @@ def zsh(root: Cmd, prog: str) -> str:
         if cmd.path:
             out(f"(( $+functions[{name}] )) ||")
         out(f"{name}() {{")
-        if cmd.is_group:
+        stateful = cmd.is_group or len(_arg_at(cmd.args)[1]) > 1
+        if stateful:
             out("  local curcontext=$curcontext state state_descr line ret=1")
             out("  typeset -A opt_args")
             out("  _arguments -C -s -S \\")
@@ -452,7 +556,11 @@ def zsh(root: Cmd, prog: str) -> str:
         specs = _zsh_specs(cmd, fn)
         for i, spec in enumerate(specs):
             out(f"    {_sq(spec)}" + (" \\" if i < len(specs) - 1 else
-                                      (" && ret=0" if cmd.is_group else "")))
+                                      (" && ret=0" if stateful else "")))
+        if stateful and not cmd.is_group:
+            out("")
+            for line in _zsh_rest(cmd, fn):
+                out(line)
         if cmd.is_group:
             out("")
             out("  case $state in")
@@ -513,6 +621,16 @@ function __{fn}_devices --description '{prog}: whole disks a drive may be'
     end
     if set -q found[1]
         printf '%s\n' $found
+    else
+        __fish_complete_path $cur
+    end
+end
+
+function __{fn}_devices_or_files --description '{prog}: a certificate file, or a drive'
+    # A drive when the word starts with /dev/, else a file.
+    set -l cur (commandline -ct)
+    if string match -q -- '/dev/*' $cur
+        __{fn}_devices
     else
         __fish_complete_path $cur
     end
@@ -597,7 +715,7 @@ def fish(root: Cmd, prog: str) -> str:
             out("            echo @command")
             continue
         slots, rest = _arg_at(cmd.args)
-        if not slots and rest is None:
+        if not slots and not rest:
             out("            echo @none")
             continue
         out("            switch $npos")
@@ -605,7 +723,14 @@ def fish(root: Cmd, prog: str) -> str:
             out(f"                case {i}")
             out(f"                    echo {_fq(arg.name)}")
         out("                case '*'")
-        out(f"                    echo {_fq(rest.name) if rest else '@none'}")
+        if len(rest) > 1:
+            out(f"                    switch (math \"($npos - {len(slots)}) % {len(rest)}\")")
+            for i, arg in enumerate(rest):
+                out(f"                        case {i}")
+                out(f"                            echo {_fq(arg.name)}")
+            out("                    end")
+        else:
+            out(f"                    echo {_fq(rest[0].name) if rest else '@none'}")
         out("            end")
     out("    end")
     out("end")
@@ -660,6 +785,8 @@ def fish(root: Cmd, prog: str) -> str:
                 out(f"complete -c {prog} -n {cond} -F")
             elif arg.kind == "device":
                 out(f"complete -c {prog} -n {cond} -a '(__{fn}_devices)'")
+            elif arg.kind == "device-or-file":
+                out(f"complete -c {prog} -n {cond} -a '(__{fn}_devices_or_files)'")
             elif arg.kind == "choice":
                 out(f"complete -c {prog} -n {cond} -a {_fq(' '.join(arg.choices))}")
     return "\n".join(lines) + "\n"

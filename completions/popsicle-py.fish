@@ -25,6 +25,16 @@ function __popsicle_py_devices --description 'popsicle-py: whole disks a drive m
     end
 end
 
+function __popsicle_py_devices_or_files --description 'popsicle-py: a certificate file, or a drive'
+    # A drive when the word starts with /dev/, else a file.
+    set -l cur (commandline -ct)
+    if string match -q -- '/dev/*' $cur
+        __popsicle_py_devices
+    else
+        __fish_complete_path $cur
+    end
+end
+
 function __popsicle_py_state --description 'popsicle-py: the command, then what the word is'
     # Prints the command's key (- for the program itself), then the name of the
     # argument being completed: @command, an argument's name, @value or @none.
@@ -236,8 +246,10 @@ function __popsicle_py_state --description 'popsicle-py: the command, then what 
             echo @none
         case 'check'
             switch $npos
+                case 0
+                    echo 'cert'
                 case '*'
-                    echo 'args'
+                    echo 'device'
             end
         case 'erase'
             switch $npos
@@ -263,7 +275,12 @@ function __popsicle_py_state --description 'popsicle-py: the command, then what 
         case 'read'
             switch $npos
                 case '*'
-                    echo 'pairs'
+                    switch (math "($npos - 0) % 2")
+                        case 0
+                            echo 'device'
+                        case 1
+                            echo 'output'
+                    end
             end
         case 'records'
             echo @none
@@ -341,12 +358,14 @@ complete -c popsicle-py -n '__popsicle_py_at cache/list' -s 'h' -l 'help' -d 'Sh
 # popsicle-py check
 complete -c popsicle-py -n '__popsicle_py_at check' -l 'allowed-signers' -r -F -d 'ssh-keygen\'s allowed_signers: CERT must be signed (CERT.sig) by one of them.'
 complete -c popsicle-py -n '__popsicle_py_at check' -l 'sha256' -x -d 'Judge each DEVICE against this published SHA-256 of the image (no CERT).'
-complete -c popsicle-py -n '__popsicle_py_at check' -l 'sums' -x -d 'Take the SHA-256 of NAME from a SHA256SUMS file (no CERT).'
+complete -c popsicle-py -n '__popsicle_py_at check' -l 'sums' -r -F -d 'Take the SHA-256 of NAME from a SHA256SUMS file (no CERT).'
 complete -c popsicle-py -n '__popsicle_py_at check' -l 'size' -x -d 'The image\'s size in bytes, with --sha256 or --sums.'
 complete -c popsicle-py -n '__popsicle_py_at check' -l 'stall-timeout' -x -d 'Fail a drive whose reads make no progress for SECONDS.'
 complete -c popsicle-py -n '__popsicle_py_at check' -l 'json' -d 'Machine-readable events on stdout.'
 complete -c popsicle-py -n '__popsicle_py_at check' -l 'debug' -d 'Show debug messages and tracebacks.'
 complete -c popsicle-py -n '__popsicle_py_at check' -s 'h' -l 'help' -d 'Show this message and exit.'
+complete -c popsicle-py -n '__popsicle_py_at check cert' -a '(__popsicle_py_devices_or_files)'
+complete -c popsicle-py -n '__popsicle_py_at check device' -a '(__popsicle_py_devices)'
 
 # popsicle-py erase
 complete -c popsicle-py -n '__popsicle_py_at erase' -l 'fs' -x -a 'fat32 exfat none' -d 'File system of the one partition (default: fat32 up to 32 GiB, exfat above); none only wipes.'
@@ -425,7 +444,8 @@ complete -c popsicle-py -n '__popsicle_py_at read' -l 'stall-timeout' -x -d 'Fai
 complete -c popsicle-py -n '__popsicle_py_at read' -l 'json' -d 'Machine-readable events on stdout.'
 complete -c popsicle-py -n '__popsicle_py_at read' -l 'debug' -d 'Show debug messages and tracebacks.'
 complete -c popsicle-py -n '__popsicle_py_at read' -s 'h' -l 'help' -d 'Show this message and exit.'
-complete -c popsicle-py -n '__popsicle_py_at read pairs' -F
+complete -c popsicle-py -n '__popsicle_py_at read device' -a '(__popsicle_py_devices)'
+complete -c popsicle-py -n '__popsicle_py_at read output' -F
 
 # popsicle-py records
 complete -c popsicle-py -n '__popsicle_py_at records' -l 'journal' -r -F -d 'The station\'s journal (default: the station\'s default).'

@@ -49,6 +49,9 @@ GiB = 1 << 30
 PART_START = MiB
 #: Up to this size a drive gets FAT32 by default, above it exFAT (as Windows formats them).
 FAT32_DEFAULT_LIMIT = 32 * GiB
+#: The smallest partition holding FAT32's 65525 clusters of 512 bytes, with its two FATs
+#: and reserved sectors (mkfs.vfat makes 66512 clusters in 33 MiB): below, FAT16 or FAT12.
+FAT32_MIN_LENGTH = 33 * MiB
 #: An MBR counts sectors in 32 bits: 2 TiB of 512-byte sectors at most.
 MBR_MAX_SECTORS = 2**32 - 1
 WIPE_EDGE = MiB
@@ -84,23 +87,60 @@ class Layout:
     fat_bits: int = 0  # 12, 16 or 32 for FAT; 0 for exFAT
 
 
+def _length(size: int) -> int:
+    """The partition's length on a drive of ``size`` bytes (0: none fits)."""
+    length = min(size - PART_START, MBR_MAX_SECTORS * 512)
+    return max(0, length - length % 4096)
+
+
+def fat32_fits(size: int) -> bool:
+    """Whether a drive of ``size`` bytes can hold a real FAT32: at least 65525 clusters (the
+    count every system, Windows included, tells FAT32 by; mkfs.vfat takes 512-byte clusters
+    up to 260 MiB, as Windows does), so a partition of at least :data:`FAT32_MIN_LENGTH`."""
+    return _length(size) >= FAT32_MIN_LENGTH
+
+
+def no_fat32(path: str, size: int) -> str | None:
+    """Why ``--fs fat32`` cannot be made on the drive ``path`` (one line), or None (also for
+    a drive too small to partition at all: that has its own line)."""
+    if fat32_fits(size) or _length(size) < MiB:
+        return None
+    return (f"{path} is too small for FAT32 (a partition of at least "
+            f"{FAT32_MIN_LENGTH // MiB} MiB after the first MiB): leave out --fs to make "
+            f"{'FAT16' if _length(size) >= 16 * MiB else 'FAT12'}")
+
+
 def layout(size: int, fs: str) -> Layout:
     """One partition from 1 MiB to the drive's end (or the MBR's 2 TiB), whole 4 KiB blocks.
 
-    "fat32" is FAT32 from 64 MiB up; below, FAT16 (or FAT12 under 16 MiB), which mkfs.vfat
-    could not make FAT32 (too few clusters), under the MBR type that says which.
+    "fat32" is FAT32 wherever it fits (:func:`fat32_fits`); below, FAT16 (or FAT12 under
+    16 MiB), under the MBR type that says which.  :func:`made` names what is made.
     """
-    length = min(size - PART_START, MBR_MAX_SECTORS * 512)
-    length -= length % 4096
+    length = _length(size)
     if length < MiB:
         raise ValueError(f"the drive is too small to partition ({size} bytes)")
     if fs == "exfat":
         return Layout(PART_START, length, 0x07)
-    if length >= 64 * MiB:
+    if length >= FAT32_MIN_LENGTH:
         return Layout(PART_START, length, 0x0C, 32)
     if length >= 16 * MiB:
         return Layout(PART_START, length, 0x0E, 16)
     return Layout(PART_START, length, 0x01, 12)
+
+
+def made(size: int, fs: str) -> str:
+    """What an erase leaves on a drive of ``size`` bytes, as its note says it: "one FAT32
+    partition", "one FAT16 partition (too small for FAT32)", "wiped only"."""
+    if fs == "none":
+        return "wiped only"
+    try:
+        part = layout(size, fs)
+    except ValueError:
+        return "nothing: too small to partition"
+    if fs == "exfat":
+        return "one exFAT partition"
+    name = f"one FAT{part.fat_bits} partition"
+    return name if part.fat_bits == 32 else f"{name} (too small for FAT32)"
 
 
 def mbr(part: Layout, signature: bytes) -> bytes:

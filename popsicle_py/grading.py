@@ -110,7 +110,7 @@ def capacity_check(capacity: int | None, tolerance: float
     def check(device: Sized) -> None:
         why = capacity_verdict(device.size, capacity, tolerance)
         if why is not None:
-            raise Rejected("capacity", f"rejected: {why}")
+            raise Rejected("capacity", why)
 
     return check
 

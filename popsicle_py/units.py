@@ -17,18 +17,42 @@ _UNITS = {
     "p": 1 << 50, "pib": 1 << 50, "pb": 1000**5,
     "e": 1 << 60, "eib": 1 << 60, "eb": 1000**6,
 }
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
+_SIZE = re.compile(r"^\s*(\d+)(?:\.(\d+))?\s*([a-zA-Z]*)\s*$")
+#: The largest size taken: what a file offset (off_t, signed 64 bits) can reach, and more
+#: than any drive holds.  Anything above is refused, never rounded.
+MAX_SIZE = 1 << 63
+#: Digits beyond these cannot be a size at most MAX_SIZE (with leading zeros stripped).
+_MAX_DIGITS = len(str(MAX_SIZE)) + 1
+
+
+def _shown(text: str) -> str:
+    """``text`` for a message: a 400-digit argument is cut, so the message stays one line."""
+    text = text.strip()
+    return repr(text if len(text) <= 40 else f"{text[:20]}...{text[-10:]}")
 
 
 def parse_size(text: str) -> int:
-    """Bytes in ``text``: a number, or with K/M/G/T/P/E or KiB.. (binary), or KB.. (decimal)."""
+    """Bytes in ``text``: a number, or with K/M/G/T/P/E or KiB.. (binary), or KB.. (decimal).
+
+    Exact (integers, never a float: 9007199254740993 stays itself), and at most
+    :data:`MAX_SIZE`: a larger size is a ``ValueError`` that says so, whatever its length.
+    """
     match = _SIZE.match(text)
-    if not match or match.group(2).lower() not in _UNITS:
-        raise ValueError(f"not a size: {text!r} (examples: 16M, 4MiB, 1048576)")
-    value = float(match.group(1)) * _UNITS[match.group(2).lower()]
-    if value != int(value):
-        raise ValueError(f"not a whole number of bytes: {text!r}")
-    return int(value)
+    if not match or match.group(3).lower() not in _UNITS:
+        raise ValueError(f"not a size: {_shown(text)} (examples: 16M, 4MiB, 1048576)")
+    whole, fraction = match.group(1).lstrip("0"), (match.group(2) or "").rstrip("0")
+    if len(whole) > _MAX_DIGITS:  # before int(): 5000 digits would be its ValueError
+        raise ValueError(f"too large: {_shown(text)} (at most {format_size(MAX_SIZE)})")
+    if len(fraction) > 64:  # 2**-60 has 60 decimals: more can never be whole bytes
+        raise ValueError(f"not a whole number of bytes: {_shown(text)}")
+    unit = _UNITS[match.group(3).lower()]
+    scale: int = 10 ** len(fraction)
+    numerator = (int(whole or "0") * scale + int(fraction or "0")) * unit
+    if numerator % scale:
+        raise ValueError(f"not a whole number of bytes: {_shown(text)}")
+    if numerator // scale > MAX_SIZE:
+        raise ValueError(f"too large: {_shown(text)} (at most {format_size(MAX_SIZE)})")
+    return numerator // scale
 
 
 _BINARY_UNITS = ("KiB", "MiB", "GiB", "TiB", "PiB", "EiB")

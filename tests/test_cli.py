@@ -439,6 +439,8 @@ def _one_line_error(result: subprocess.CompletedProcess[str]) -> str:
     return lines[0]
 
 
+NINES = "9" * 400
+
 BAD_INPUTS: dict[str, tuple[Sequence[str], str]] = {
     # id: (arguments with IMAGE, LOOP, TMP, FILE, PART placeholders, a word the error says)
     "missing-image": (["flash", "TMP/nope.img", "LOOP", "--yes"], "does not exist"),
@@ -456,6 +458,18 @@ BAD_INPUTS: dict[str, tuple[Sequence[str], str]] = {
     "bucket-size-huge": (["flash", "IMAGE", "LOOP", "--yes", "--bucket-size", "1T"],
                          "--bucket-size"),
     "buckets-zero": (["flash", "IMAGE", "LOOP", "--yes", "--buckets", "0"], "--buckets"),
+    # Sizes are parsed exactly: 400 digits were an OverflowError's traceback (float infinity),
+    # and 99999999999999999999999E was taken as a capacity.
+    "bucket-size-400-digits": (["flash", "IMAGE", "LOOP", "--yes", "--bucket-size", NINES],
+                               "too large"),
+    "capacity-400-digits": (["flash", "IMAGE", "LOOP", "--yes", "--capacity", NINES],
+                            "too large"),
+    "capacity-beyond-2-63": (["flash", "IMAGE", "LOOP", "--yes", "--capacity",
+                              "99999999999999999999999E"], "too large"),
+    "min-write-speed-400-digits": (["flash", "IMAGE", "LOOP", "--yes", "--min-write-speed",
+                                    f"{NINES}MB/s"], "too large"),
+    "check-size-400-digits": (["check", "--sha256", "0" * 64, "--size", NINES, "LOOP"],
+                              "too large"),
     # nan and inf pass every comparison of a range: a drive would never be found stalled.
     "stall-timeout-nan": (["flash", "IMAGE", "LOOP", "--yes", "--stall-timeout", "nan"],
                           "not a finite number"),
@@ -497,6 +511,46 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(
         assert plain_file.read_bytes() == bytes([PATTERN]) * MiB
         if part:
             assert Path(parted.backing).read_bytes() == before
+
+
+def test_a_rejected_drive_is_said_rejected_once(loop_factory: Callable[..., Loop],
+                                               tmp_path: Path) -> None:
+    """The line was "LOOP: rejected: rejected: holds 16 MiB, ..."."""
+    image, _ = make_image(tmp_path, 1 * MiB)
+    loop = loop_factory(16 * MiB, fill=PATTERN)
+
+    result = popsicle("flash", image, loop.path, "--yes", "--capacity", "32GB",
+                      "--tolerance", "3")
+
+    assert result.returncode == 1, result.stdout + result.stderr
+    said = result.stdout + result.stderr
+    assert (f"{loop.path}: rejected: holds 16 MiB, outside the 29.8 GiB (+-3%) asked for"
+            in said), said
+    assert "rejected: rejected" not in said and said.count("rejected:") == 1, said
+    assert holds_pattern(loop)
+
+
+def _mem_available() -> int:
+    with open("/proc/meminfo", encoding="ascii") as meminfo:
+        return next(int(line.split()[1]) * 1024 for line in meminfo
+                    if line.startswith("MemAvailable:"))
+
+
+@pytest.mark.skipif(_mem_available() >= 128 << 30, reason="64 GiB is less than half of memory")
+def test_a_ring_larger_than_half_the_memory_is_refused(loop_factory: Callable[..., Loop],
+                                                       tmp_path: Path) -> None:
+    """--bucket-size 1G --buckets 64 was taken: a ring of 64 GiB, touched bucket by bucket
+    until the kernel killed the run for memory halfway through a write."""
+    image, _ = make_image(tmp_path, 1 * MiB)
+    loop = loop_factory(4 * MiB, fill=PATTERN)
+
+    result = popsicle("flash", image, loop.path, "--yes", "--bucket-size", "1G",
+                      "--buckets", "64")
+
+    assert result.returncode == 2, result.stdout + result.stderr
+    line = _one_line_error(result)
+    assert "a ring of 64 GiB (64 x 1 GiB) is more than half the memory available" in line
+    assert holds_pattern(loop)
 
 
 @pytest.mark.parametrize("compress", [["gzip"], ["xz"], ["zstd", "-q"], ["bzip2"]],

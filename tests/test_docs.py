@@ -339,6 +339,49 @@ def test_bash_completes_loop_devices(loop_factory, image_dir: Path) -> None:  # 
     assert not any(re.search(r"-part\d+$|^/dev/sd[a-z]+\d|^/dev/mmcblk\d+p", p) for p in empty)
 
 
+def _unattached_loops() -> set[str]:
+    """Loop device nodes with nothing attached (other tests attach and detach meanwhile)."""
+    return {str(d) for d in Path("/dev").glob("loop[0-9]*")
+            if not Path(f"/sys/block/{d.name}/loop/backing_file").exists()}
+
+
+@pytest.mark.root
+def test_check_and_read_complete_certificates_drives_and_files(  # type: ignore[no-untyped-def]
+        loop_factory, image_dir: Path) -> None:
+    """check completed nothing (no CERT, no DEVICE, no --sums file); read's DEVICE words
+    completed as plain files (/dev/loop8p1, loop devices with nothing attached)."""
+    loop = loop_factory(1 << 20)
+    prefix = loop.path[:-1]
+    cases = [[PROG, "check", "fo"], [PROG, "check", "focal.img", prefix],
+             [PROG, "check", prefix], [PROG, "check", "--sha256", "ab", "/dev/nul"],
+             [PROG, "check", "--sums", "fo"], [PROG, "check", "--sums", "focal.img", "fo"],
+             [PROG, "read", prefix], [PROG, "read", loop.path, "fo"],
+             [PROG, "read", loop.path, "out.img", "--force", prefix]]
+    unattached = _unattached_loops()
+    (cert, check_dev, check_dev0, null, sums, sums_name, read_dev, read_out,
+     read_dev2) = _bash_complete(COMPLETIONS / "popsicle-py", cases, cwd=image_dir)
+    unattached &= _unattached_loops()  # unattached all along
+
+    def whole_attached_loops(replies: list[str]) -> bool:
+        return all(re.fullmatch(r"/dev/loop\d+", r) and r not in unattached for r in replies)
+
+    assert cert == ["focal.img"] and sums == ["focal.img"] and read_out == ["focal.img"]
+    assert sums_name == []  # NAME: a name inside SHA256SUMS
+    assert null == ["/dev/null"]  # no drive matches: file names
+    for devices in (check_dev, check_dev0, read_dev, read_dev2):
+        assert loop.path in devices and whole_attached_loops(devices), devices
+    if shutil.which("fish") is None:
+        return
+    lines = [" ".join(c) for c in cases]
+    unattached = _unattached_loops()
+    got = _fish_complete(COMPLETIONS / "popsicle-py.fish", lines, image_dir)
+    unattached &= _unattached_loops()
+    assert got[0] == got[4] == got[7] == ["focal.img"], got
+    assert got[5] == [] and got[3] == ["/dev/null"], got
+    for devices in (got[1], got[2], got[6], got[8]):
+        assert loop.path in devices and whole_attached_loops(devices), devices
+
+
 def test_zsh_script_parses() -> None:
     zsh = shutil.which("zsh")
     if zsh is None:

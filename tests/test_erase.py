@@ -133,7 +133,7 @@ def test_discard_reads_back_zeros_and_fs_none_only_wipes(
 
 
 def test_many_drives_at_once_each_with_its_result(loop_factory: Callable[..., Loop]) -> None:
-    drives = [used_drive(loop_factory, 80 * MiB), loop_factory(40 * MiB, fill=PATTERN)]
+    drives = [used_drive(loop_factory, 80 * MiB), loop_factory(24 * MiB, fill=PATTERN)]
     result = popsicle("erase", *(d.path for d in drives), "--yes", "--json")
     assert result.returncode == 0, result.stderr
     events = [json.loads(line) for line in result.stdout.splitlines()]
@@ -143,6 +143,52 @@ def test_many_drives_at_once_each_with_its_result(loop_factory: Callable[..., Lo
     with partition_of(drives[1]) as part:
         assert blkid(part)["VERSION"] == "FAT16"  # too small for FAT32's clusters
     assert table(drives[1]) == [(2048, drives[1].size // 512 - 2048, "e")]
+
+
+def _clusters(part: str) -> int:
+    out = subprocess.run(["fsck.vfat", "-n", "-v", part], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+    return int(next(line.split()[0] for line in out.stdout.splitlines()
+                    if "data clusters" in line))
+
+
+@pytest.mark.parametrize("args", [["--fs", "fat32"], []], ids=["fs-fat32", "default"])
+def test_a_64_mib_drive_gets_the_fat32_it_is_told_of(loop_factory: Callable[..., Loop],
+                                                     args: list[str]) -> None:
+    """It was told "one fat32 partition" and given FAT16: FAT32 fits from 34 MiB, with the
+    65525 clusters every system tells FAT32 by."""
+    drive = loop_factory(64 * MiB, fill=PATTERN)
+    result = popsicle("erase", drive.path, "--yes", *args)
+    assert result.returncode == 0, result.stderr
+    assert f"{drive.path}: one FAT32 partition\n" in result.stdout + result.stderr
+    assert table(drive) == [(2048, drive.size // 512 - 2048, "c")]
+    with partition_of(drive) as part:
+        assert blkid(part)["VERSION"] == "FAT32"
+        assert _clusters(part) >= 65525
+
+
+def test_a_drive_too_small_for_fat32_is_told_what_it_gets(
+        loop_factory: Callable[..., Loop]) -> None:
+    drive = loop_factory(24 * MiB, fill=PATTERN)
+    result = popsicle("erase", drive.path, "--yes")
+    assert result.returncode == 0, result.stderr
+    assert (f"{drive.path}: one FAT16 partition (too small for FAT32)\n"
+            in result.stdout + result.stderr)
+    with partition_of(drive) as part:
+        assert blkid(part)["VERSION"] == "FAT16"
+
+
+@pytest.mark.parametrize(("size", "instead"), [(24 * MiB, "FAT16"), (12 * MiB, "FAT12")])
+def test_fs_fat32_on_a_drive_too_small_for_it_is_refused(
+        loop_factory: Callable[..., Loop], size: int, instead: str) -> None:
+    """Asked for by name, FAT32 is made or refused: never another FAT under its name."""
+    drive = loop_factory(size, fill=PATTERN)
+    result = popsicle("erase", drive.path, "--yes", "--fs", "fat32")
+    assert result.returncode == 2, result.stderr
+    assert result.stderr == (
+        f"popsicle-py: {drive.path} is too small for FAT32 (a partition of at least 33 MiB "
+        f"after the first MiB): leave out --fs to make {instead}\n")
+    assert drive.read() == bytes([PATTERN]) * drive.size
 
 
 @pytest.mark.parametrize(("args", "line"), [
@@ -213,6 +259,12 @@ def test_ctrl_c_while_zeroing_leaves_no_partition_table(
 
 def test_the_rules_on_plain_data() -> None:
     assert erase.default_fs(32 << 30) == "fat32" and erase.default_fs((32 << 30) + 1) == "exfat"
+    assert [erase.layout(n + MiB, "fat32").fat_bits for n in (
+        33 * MiB, 33 * MiB - 4096, 16 * MiB, 16 * MiB - 4096)] == [32, 16, 16, 12]
+    assert erase.made(64 * MiB, "fat32") == "one FAT32 partition"
+    assert erase.made(24 * MiB, "fat32") == "one FAT16 partition (too small for FAT32)"
+    assert erase.made(64 * MiB, "exfat") == "one exFAT partition"
+    assert erase.made(64 * MiB, "none") == "wiped only"
     part = erase.layout(100 * MiB, "fat32")
     assert (part.start, part.length, part.type_byte, part.fat_bits) == (
         MiB, 99 * MiB, 0x0C, 32)
@@ -355,7 +407,7 @@ def test_a_table_that_runs_past_the_drives_end_is_erased_the_first_time(
     result = popsicle("erase", drive.path, "--yes", "--json")
     assert result.returncode == 0, result.stderr
     assert result_line(result)["status"] == "ok"
-    assert table(drive) == [(2048, drive.size // 512 - 2048, "e")]
+    assert table(drive) == [(2048, drive.size // 512 - 2048, "c")]  # FAT32: it fits in 63 MiB
     with partition_of(drive) as part:
         fsck = subprocess.run(["fsck.vfat", "-n", part], capture_output=True, text=True)
         assert fsck.returncode == 0, fsck.stdout + fsck.stderr

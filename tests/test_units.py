@@ -37,3 +37,24 @@ def test_what_is_printed_reads_back_as_about_the_same_size(n: int) -> None:
 def test_input_suffixes_match_the_output_units() -> None:
     assert parse_size("16M") == parse_size("16MiB") == 16 * 2**20
     assert parse_size("1PiB") == 2**50 and parse_size("1PB") == 10**15
+
+
+def test_sizes_are_exact_not_rounded_through_a_float() -> None:
+    assert parse_size("9007199254740993") == 2**53 + 1
+    assert parse_size("1.5K") == 1536 and parse_size("0.0009765625K") == 1
+    assert parse_size("8EiB") == 2**63  # the largest size taken
+
+
+@pytest.mark.parametrize("text", ["9" * 400, "9" * 5000, "99999999999999999999999E",
+                                  str(2**63 + 1), "8.5EiB", "9.3EB"])
+def test_a_size_above_2_63_is_refused_in_one_short_line(text: str) -> None:
+    with pytest.raises(ValueError, match=r"^too large: '.*' \(at most 8 EiB\)$") as caught:
+        parse_size(text)
+    assert len(str(caught.value)) < 100
+
+
+@pytest.mark.parametrize("text", ["0.5", "1." + "0" * 5000 + "1", "1.1B"])
+def test_a_fraction_of_a_byte_is_refused(text: str) -> None:
+    with pytest.raises(ValueError, match=r"^not a whole number of bytes") as caught:
+        parse_size(text)
+    assert len(str(caught.value)) < 100

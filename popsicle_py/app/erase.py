@@ -79,8 +79,7 @@ class PreparedErase:
         request = self.request
         how = " after zeros everywhere" if request.zero else (
             " after discarding every block" if request.discard else "")
-        return tuple(f"{d.path}: " + ("wiped only" if fs_for(request, d.size) == "none" else
-                                      f"one {fs_for(request, d.size)} partition") + how
+        return tuple(f"{d.path}: {erase.made(d.size, fs_for(request, d.size))}{how}"
                      for d in self.plan.targets)
 
     @property
@@ -137,6 +136,8 @@ def prepare_erase(request: EraseRequest) -> PreparedErase:
                   if (line := erase.label_problem(fs, request.label)) is not None]
     lines += [f"{d.path} is too small to partition" for d in plan.targets
               if d.size < erase.PART_START + (1 << 20) and fs_for(request, d.size) != "none"]
+    if request.fs == "fat32":  # asked for by name: FAT32 or a refusal, never another FAT
+        lines += [line for d in plan.targets if (line := erase.no_fat32(d.path, d.size))]
     if request.label and not lines:  # what the tool itself says of the label, tried on a file
         lines += [line for fs in sorted(needed - {"none"})
                   if (line := erase.refused_label(fs, request.label)) is not None]

@@ -17,6 +17,7 @@ from popsicle_py.defaults import (
     DEFAULT_STALL_TIMEOUT,
 )
 from popsicle_py.records import record
+from popsicle_py.units import format_size
 
 
 @record
@@ -54,6 +55,27 @@ class EngineOptions:
     bucket_size: int = DEFAULT_BUCKET_SIZE
     buckets: int = DEFAULT_BUCKETS
     stall_timeout: float = DEFAULT_STALL_TIMEOUT
+
+    @property
+    def ring(self) -> int:
+        """The bytes the ring may hold at once (every bucket filled)."""
+        return self.bucket_size * self.buckets
+
+
+#: A ring this small (the default) is never refused, however little memory is free.
+ALWAYS_ALLOWED_RING = DEFAULT_BUCKET_SIZE * DEFAULT_BUCKETS
+
+
+def ring_refusal(engine: EngineOptions, available: int | None) -> str | None:
+    """Why the ring cannot be had, or None.  ``available`` is the memory the system has for
+    new allocations (MemAvailable; None: unknown).  A ring above half of it would push out
+    the page cache and other programs, or have the run killed for memory halfway through a
+    write (the buckets are only touched as they fill): refused before anything starts."""
+    if engine.ring <= ALWAYS_ALLOWED_RING or available is None or engine.ring <= available // 2:
+        return None
+    return (f"a ring of {format_size(engine.ring)} ({engine.buckets} x "
+            f"{format_size(engine.bucket_size)}) is more than half the memory available "
+            f"({format_size(available)}): use a smaller --bucket-size or fewer --buckets")
 
 
 @record

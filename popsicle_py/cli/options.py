@@ -23,6 +23,7 @@ from popsicle_py.app.requests import (
     TargetOptions,
     WatchRequest,
     WriteOptions,
+    ring_refusal,
 )
 from popsicle_py.defaults import (
     DEFAULT_BUCKETS,
@@ -227,9 +228,29 @@ target_options = OptionGroup(
     max_size_option("--all-usb skips drives larger than this."),
 )
 
+def available_memory() -> int | None:
+    """MemAvailable of /proc/meminfo in bytes (None: not said)."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _engine(bucket_size: int, buckets: int, stall_timeout: float) -> EngineOptions:
+    engine = EngineOptions(bucket_size, buckets, stall_timeout)
+    refusal = ring_refusal(engine, available_memory())
+    if refusal:
+        raise click.UsageError(refusal)
+    return engine
+
+
 #: How the bytes move.
 engine_options = OptionGroup(
-    "engine", EngineOptions,
+    "engine", _engine,
     click.option("--bucket-size", type=BUCKET_SIZE, default="16M", show_default=True,
                  help="Size of each buffer in the ring (16M, 4MiB, 1048576)."),
     click.option("--buckets", type=click.IntRange(1, 64), default=DEFAULT_BUCKETS,

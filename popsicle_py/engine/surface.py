@@ -45,7 +45,7 @@ def _pattern(buffer: memoryview, template: memoryview, offset: int, mark: bytes)
 
 
 def _rejected(offset: int, why: str) -> Rejected:
-    return Rejected("surface", f"rejected: surface test: bad region at byte {offset}: {why}")
+    return Rejected("surface", f"surface test: bad region at byte {offset}: {why}")
 
 
 def image_changed(offset: int, *, ended: bool = False) -> Rejected:

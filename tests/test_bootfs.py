@@ -133,3 +133,62 @@ def test_a_stopped_lane_runs_nothing_and_changes_nothing(tmp_path: Path,
         os.close(fd)
     assert reads > 3
     assert Path(loop.backing).read_bytes()[:image.stat().st_size] == image.read_bytes()
+
+
+def mdir_free_bytes(image: Path, offset: int) -> int:
+    """mtools' own count of the free space (an independent reader of the FAT)."""
+    out = subprocess.run(["mdir", "-i", f"{image}@@{offset}", "::/"], capture_output=True,
+                         text=True, check=True, env={**os.environ, "MTOOLS_SKIP_CHECK": "1"}
+                         ).stdout
+    (line,) = [line for line in out.splitlines() if line.endswith("bytes free")]
+    return int(line.removesuffix("bytes free").replace(" ", ""))
+
+
+@pytest.mark.parametrize("table,fat", [("mbr", 32), ("gpt", 32), ("mbr", 16)])
+def test_files_that_fit_by_the_count_are_written_and_one_cluster_more_is_refused(
+        tmp_path: Path, loop_factory: Callable[..., Loop], table: str, fat: int) -> None:
+    """The free space counted from the image's FAT is mtools' (mdir); files that fill it
+    exactly by the count are written (mcopy says no "Disk full", fsck.vfat is clean), and a
+    byte more is refused before any write."""
+    image, loop, boot = on_loop(tmp_path, loop_factory, table, fat=fat)
+    space = boot.space
+    assert space.free * space.cluster == mdir_free_bytes(image, boot.partition.offset)
+    sizes = {**{n: len(d) for n, d in FILES.items()}, "big.bin": 0}
+    base = space.clusters_for(sizes)
+    assert base is not None
+    files = {**FILES, "big.bin": os.urandom((space.free - base) * space.cluster)}
+    assert space.refusal({n: len(d) for n, d in files.items()}) is None
+    assert space.refusal({**{n: len(d) for n, d in files.items()},
+                          "big.bin": len(files["big.bin"]) + 1}) is not None
+    write(loop, boot.partition, files)
+    assert mtype(loop, boot.partition.offset, "big.bin") == files["big.bin"]
+
+
+def test_mcopys_messages_are_shown_each_on_its_own(tmp_path: Path,
+                                                   loop_factory: Callable[..., Loop]) -> None:
+    """mtools ends its geometry warning without a newline: "...for device)Disk full" was one
+    run-together message; the step's line shows each."""
+    _, loop, boot = on_loop(tmp_path, loop_factory, "mbr")
+    with pytest.raises(BootFsError) as caught:
+        write(loop, boot.partition, {"big.bin": b"x" * (45 << 20)})
+    message = str(caught.value)
+    assert message.startswith("mcopy failed: "), message
+    assert message.endswith("; Disk full") and ")Disk" not in message, message
+
+
+def test_a_fat16_root_directory_that_would_overflow_is_refused(
+        tmp_path: Path, loop_factory: Callable[..., Loop]) -> None:
+    """FAT12/16's root directory has a fixed number of entries: files that take every free
+    one by the count (a long name takes more than one) are written; one more is refused."""
+    _, loop, boot = on_loop(tmp_path, loop_factory, "mbr", fat=16)
+    space = boot.space
+    assert not space.root_grows
+    free = space.root_slots - sum(
+        -(-len(n) // 13) + 1 for n in FILES)
+    files = {**FILES, **{f"welcome-{n:05}": b"hi\n" for n in range(free // 2)}}  # 2 slots each
+    sizes = {n: len(d) for n, d in files.items()}
+    assert space.refusal(sizes) is None
+    why = space.refusal({**sizes, "one-more.txt": 3})
+    assert why is not None and "entries in the root directory" in why, why
+    write(loop, boot.partition, files)
+    assert mtype(loop, boot.partition.offset, f"welcome-{free // 2 - 1:05}") == b"hi\n"

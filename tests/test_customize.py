@@ -9,7 +9,10 @@ import csv
 import json
 import lzma
 import os
+import resource
+import signal
 import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,6 +20,8 @@ from typing import Any
 import pi_image
 import pytest
 from conftest import Loop, popsicle_cmd
+from station_rig import slot_map
+from test_watch import WATCHING, C, needs_testbed, watch
 
 from popsicle_py.settings.fat import geometry
 
@@ -37,9 +42,28 @@ country = "DE"
 FILL = 0x5A
 
 
-def popsicle(*args: object) -> subprocess.CompletedProcess[str]:
+#: Address space for a run that must not read or build without limit: a run that does ends
+#: in a MemoryError (exit 1) here, not by taking the machine's memory.
+MEMORY_LIMIT = 1 << 30
+
+
+def _limit_memory() -> None:
+    resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT, MEMORY_LIMIT))
+
+
+def popsicle(*args: object, timeout: float = 120, limited: bool = False
+             ) -> subprocess.CompletedProcess[str]:
     return subprocess.run([*popsicle_cmd(), *map(str, args)], stdin=subprocess.DEVNULL,
-                          capture_output=True, text=True, timeout=120, check=False)
+                          capture_output=True, text=True, timeout=timeout, check=False,
+                          preexec_fn=_limit_memory if limited else None)
+
+
+def one_line(done: subprocess.CompletedProcess[str]) -> str:
+    """The one line a refusal says (exit 2)."""
+    assert done.returncode == 2, done.stderr + done.stdout
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, done.stderr
+    return lines[0]
 
 
 def inputs(tmp_path: Path, settings: str | bytes = SETTINGS,
@@ -319,3 +343,145 @@ def test_a_certificate_and_customize_together_are_refused(tmp_path: Path,
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "--certificate" in lines[0], lines
     assert Path(loop.backing).read_bytes() == bytes([FILL]) * loop.size
+
+
+def test_files_that_do_not_fit_are_refused_before_anything_is_written(
+        tmp_path: Path, loop_factory: Callable[..., Loop]) -> None:
+    """45 MiB of [files] for a boot partition of 40 MiB: one line, exit 2, the drives as they
+    were (not written, verified, then failed at mcopy's "Disk full")."""
+    image = pi_image.build(tmp_path, table="mbr", xz=True)
+    (tmp_path / "big.bin").write_bytes(os.urandom(45 << 20))
+    toml, values = inputs(tmp_path, SETTINGS + '[files]\n"big.bin" = "big.bin"\n')
+    loops = [loop_factory(64 << 20, fill=FILL) for _ in range(2)]
+    done = popsicle("flash", image, *(lp.path for lp in loops), "--yes", "--customize", toml,
+                    "--values", values)
+    line = one_line(done)
+    assert "the first-boot files need at least 45." in line and "MiB free" in line, line
+    assert "big.bin" in line, line
+    for loop in loops:
+        assert Path(loop.backing).read_bytes() == bytes([FILL]) * loop.size
+
+
+@pytest.mark.parametrize("command", ["watch", "station"])
+def test_a_session_whose_files_cannot_fit_is_refused_before_watching(tmp_path: Path,
+                                                                     command: str) -> None:
+    """watch and station: every stick would be written and failed; the session is refused
+    up front instead."""
+    image = pi_image.build(tmp_path, table="gpt")
+    (tmp_path / "big.bin").write_bytes(os.urandom(45 << 20))
+    toml, values = inputs(tmp_path, SETTINGS + '[files]\n"big.bin" = "big.bin"\n')
+    station = [] if command == "watch" else [
+        "--slots", slot_map(tmp_path / "slots.toml", {"A1": 3}),
+        "--journal", tmp_path / "j.sqlite", "--listen", "127.0.0.1:0"]
+    done = popsicle(command, image, "--yes", *station, "--customize", toml, "--values",
+                    values, timeout=60)
+    assert "the first-boot files need at least 45." in one_line(done)
+
+
+def just_over(tmp_path: Path, image: Path) -> str:
+    """A [files] table whose one file fills the boot partition's free space (as mtools counts
+    it) less a cluster for each file the firstrun format writes: the run is not refused up
+    front, but no drive's real files (a first-run script of kilobytes) fit."""
+    cluster = geometry(image.read_bytes()[4 << 20:(4 << 20) + 512]).cluster
+    out = subprocess.run(["mdir", "-i", f"{image}@@{4 << 20}", "::/"], capture_output=True,
+                         text=True, check=True, env={**os.environ, "MTOOLS_SKIP_CHECK": "1"}
+                         ).stdout
+    (line,) = [line for line in out.splitlines() if line.endswith("bytes free")]
+    free = int(line.removesuffix("bytes free").replace(" ", ""))
+    (tmp_path / "big.bin").write_bytes(os.urandom(free - 2 * cluster))
+    return '[files]\n"big.bin" = "big.bin"\n'
+
+
+def test_a_drive_whose_own_files_do_not_fit_is_refused_before_writing(
+        tmp_path: Path, loop_factory: Callable[..., Loop]) -> None:
+    image = pi_image.build(tmp_path, table="mbr")
+    toml, values = inputs(tmp_path, SETTINGS + just_over(tmp_path, image))
+    loops = [loop_factory(image.stat().st_size, fill=FILL) for _ in range(2)]
+    done = popsicle("flash", image, *(lp.path for lp in loops), "--yes", "--customize", toml,
+                    "--values", values)
+    line = one_line(done)
+    assert "drive 1: the first-boot files need 3" in line and "MiB free" in line, line
+    for loop in loops:
+        assert Path(loop.backing).read_bytes() == bytes([FILL]) * loop.size
+
+
+@needs_testbed
+@pytest.mark.umockdev
+def test_watch_takes_no_stick_whose_files_do_not_fit(tmp_path: Path) -> None:
+    """The stick is announced with the reason and never written; the session goes on."""
+    image = pi_image.build(tmp_path, table="mbr")
+    toml, values = inputs(tmp_path, SETTINGS + just_over(tmp_path, image))
+    run = watch(tmp_path, [str(image), "--yes", "--customize", str(toml), "--values",
+                           str(values)],
+                [WATCHING, {"add": C.description},
+                 {"wait": {"event": "drive_added", "device": C.dev}},
+                 {"signal": int(signal.SIGTERM)}],
+                read=(C.dev,), timeout=60)
+    (added,) = run.of("drive_added", device=C.dev)
+    assert added["eligible"] is False, added
+    assert "not written: drive 1 (serial " in added["reason"], added
+    assert "): the first-boot files need 3" in added["reason"], added
+    assert run.files[C.dev] == b""  # never written
+    assert C.dev not in run.results()
+
+
+@pytest.mark.parametrize("source,kind", [
+    ("/dev/zero", "a character device"),  # read until memory ran out
+    ("loop", "a block device"),  # the target drive itself, read whole into memory
+    ("fifo", "a FIFO"),  # waited on for a writer, for ever
+])
+def test_a_files_source_that_is_not_a_regular_file_is_refused(
+        tmp_path: Path, loop_factory: Callable[..., Loop], source: str, kind: str) -> None:
+    image = pi_image.build(tmp_path, table="mbr")
+    loop = loop_factory(image.stat().st_size, fill=FILL)
+    if source == "fifo":
+        os.mkfifo(tmp_path / "fifo")
+        source = str(tmp_path / "fifo")
+    elif source == "loop":
+        source = loop.path
+    toml, values = inputs(tmp_path, SETTINGS + f'[files]\n"a.txt" = "{source}"\n')
+    done = popsicle("flash", image, loop.path, "--yes", "--customize", toml, "--values",
+                    values, timeout=60, limited=True)
+    line = one_line(done)
+    assert f"[files] 'a.txt': {source}: not a regular file ({kind})" in line, line
+    assert Path(loop.backing).read_bytes() == bytes([FILL]) * loop.size
+
+
+def test_a_files_source_too_large_to_hold_is_refused(tmp_path: Path,
+                                                     loop_factory: Callable[..., Loop]) -> None:
+    image = pi_image.build(tmp_path, table="mbr")
+    loop = loop_factory(image.stat().st_size, fill=FILL)
+    with open(tmp_path / "huge.bin", "wb") as f:
+        f.truncate((256 << 20) + 1)  # sparse
+    toml, values = inputs(tmp_path, SETTINGS + '[files]\n"huge.bin" = "huge.bin"\n')
+    done = popsicle("flash", image, loop.path, "--yes", "--customize", toml, "--values",
+                    values, timeout=60, limited=True)
+    assert f"{(256 << 20) + 1} bytes; at most 256 MiB" in one_line(done)
+    assert Path(loop.backing).read_bytes() == bytes([FILL]) * loop.size
+
+
+@pytest.mark.parametrize("template", ["pi-{seq:09999999999}", "pi-{seq:>65}",
+                                      "pi-{seq:.99999999f}", "pi-{seq:" + "9" * 5000 + "}"])
+def test_a_template_field_too_wide_is_refused_before_it_is_built(
+        tmp_path: Path, loop_factory: Callable[..., Loop], template: str) -> None:
+    """{seq:09999999999} would build a 10 GB string (killed, or an empty MemoryError)."""
+    image = pi_image.build(tmp_path, table="mbr")
+    loop = loop_factory(image.stat().st_size, fill=FILL)
+    toml, values = inputs(tmp_path, SETTINGS.replace('"{hostname}"', f'"{template}"'))
+    done = popsicle("flash", image, loop.path, "--yes", "--customize", toml, "--values",
+                    values, timeout=60, limited=True)
+    line = one_line(done)
+    assert "hostname: bad template {seq:" in line and "a width or precision over 64" in line
+    assert Path(loop.backing).read_bytes() == bytes([FILL]) * loop.size
+
+
+def test_an_unexpected_error_that_says_nothing_is_named() -> None:
+    """A MemoryError's text is empty: the line names it rather than saying nothing."""
+    code = ("from popsicle_py.cli.guard import run_guarded\n"
+            "def body() -> int:\n    raise MemoryError\n"
+            "run_guarded(False, False, body)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60, check=False)
+    assert done.returncode == 1
+    assert done.stderr.splitlines() == [
+        "popsicle-py: unexpected error: MemoryError (run with --debug to see where)"]

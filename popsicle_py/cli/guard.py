@@ -106,9 +106,10 @@ def run_guarded(debug: bool, as_json: bool, body: Callable[[], int]) -> NoReturn
             import traceback
 
             traceback.print_exc()
-        error(f"unexpected error: {exc} (run with --debug to see where)")
+        said = str(exc) or type(exc).__name__  # a MemoryError says nothing of itself
+        error(f"unexpected error: {said} (run with --debug to see where)")
         if as_json:  # a script's last line is a summary; this one says nothing went right
-            json_refusal([f"unexpected error: {exc}"])
+            json_refusal([f"unexpected error: {said}"])
         status = EXIT_FAILED
     sys.exit(status)
 

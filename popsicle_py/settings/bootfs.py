@@ -30,6 +30,7 @@ import atexit
 import contextlib
 import hashlib
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -274,7 +275,14 @@ def _mcopy(fd: int, part: BootPartition, files: Mapping[str, bytes],
         done = _run([_tool("mcopy"), "-o", "-i", f"{_path(fd)}@@{part.offset}", *paths, "::/"],
                     "writing the boot partition", stopped, fd)
     if done.returncode != 0:
-        raise BootFsError("mcopy failed: " + (done.stderr.strip().splitlines() or ["?"])[-1])
+        raise BootFsError("mcopy failed: " + ("; ".join(said_lines(done.stderr)) or "?"))
+
+
+def said_lines(stderr: str) -> list[str]:
+    """A program's messages, each on its own: mtools ends some without a newline (``Could not
+    get geometry of device (Inappropriate ioctl for device)Disk full``)."""
+    return [part.strip() for line in stderr.splitlines()
+            for part in re.split(r"(?<=\))(?=[A-Za-z])", line) if part.strip()]
 
 
 def _fsck(dev: _Device, geo: FatGeometry, fat: list[int]) -> None:

@@ -19,9 +19,11 @@ __all__ = [
     "FatError",
     "FatGeometry",
     "find_boot_partition",
+    "free_clusters",
     "geometry",
     "read_fat",
     "root_files",
+    "root_free_slots",
 ]
 
 SECTOR = 512
@@ -199,13 +201,35 @@ def root_clusters(geo: FatGeometry, fat: list[int]) -> list[int]:
     return chain(geo, fat, geo.root_cluster) if geo.bits == 32 else []
 
 
-def root_entries(geo: FatGeometry, fat: list[int], read: Read) -> list[Entry]:
+def _root_raw(geo: FatGeometry, fat: list[int], read: Read) -> bytes:
     if geo.bits == 32:
-        raw = b"".join(read(geo.cluster_offset(c), geo.cluster)
-                       for c in root_clusters(geo, fat))
-    else:
-        raw = read(geo.root_offset, geo.root_size)
-    return _entries(raw)
+        return b"".join(read(geo.cluster_offset(c), geo.cluster)
+                        for c in root_clusters(geo, fat))
+    return read(geo.root_offset, geo.root_size)
+
+
+def root_entries(geo: FatGeometry, fat: list[int], read: Read) -> list[Entry]:
+    return _entries(_root_raw(geo, fat, read))
+
+
+def root_free_slots(geo: FatGeometry, fat: list[int], read: Read) -> int:
+    """The root directory's free 32-byte slots after its last entry (those after the first
+    end mark); slots of deleted entries are not counted (a writer may not reuse them)."""
+    raw = _root_raw(geo, fat, read)
+    end = next((at for at in range(0, len(raw) - 31, 32) if raw[at] == 0), len(raw))
+    return (len(raw) - end) // 32
+
+
+def free_clusters(geo: FatGeometry, fat: list[int], fsinfo: bytes | None = None) -> int:
+    """Clusters the FAT says are free; FAT32: no more than FSInfo's free count when it has
+    one (mtools trusts that count and says "Disk full" by it)."""
+    free = sum(1 for entry in fat[2:geo.clusters + 2] if entry == 0)
+    if fsinfo is not None and len(fsinfo) >= SECTOR and fsinfo[:4] == b"RRaA" \
+            and fsinfo[484:488] == b"rrAa":
+        said = struct.unpack_from("<I", fsinfo, 488)[0]
+        if said <= geo.clusters:
+            free = min(free, said)
+    return free
 
 
 def directory_clusters(geo: FatGeometry, fat: list[int], read: Read) -> set[int]:

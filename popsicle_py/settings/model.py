@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import base64
 import binascii
+import os
 import re
+import stat
 import struct
 import zoneinfo
 from dataclasses import field, fields
@@ -89,6 +91,12 @@ _SHA512_HASH = re.compile(r"\$6\$(rounds=\d+\$)?[./0-9A-Za-z]{1,16}\$[./0-9A-Za-
 #: Names the formats write themselves: an extra file may not replace them.
 RESERVED_NAMES = frozenset({"user-data", "meta-data", "network-config", "firstrun.sh",
                             "cmdline.txt"})
+#: The largest extra file: it is held in memory (and must fit in the boot partition, checked
+#: once the image's is known; Raspberry Pi OS's is 512 MiB, mostly firmware).
+FILE_LIMIT = 256 << 20
+_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISBLK, "a block device"),
+          (stat.S_ISCHR, "a character device"), (stat.S_ISFIFO, "a FIFO"),
+          (stat.S_ISSOCK, "a socket"))
 
 
 def _str(where: str, key: str, value: object) -> str:
@@ -153,11 +161,33 @@ def _files(table: object, where: str, base: Path) -> tuple[tuple[str, bytes], ..
     for name, path in sorted(table.items()):
         local = base / _str(where, f"[files] {name!r}", path)
         try:
-            out.append((name, local.read_bytes()))
+            out.append((name, _read_file(local, f"{where}: [files] {name!r}: {local}")))
         except OSError as exc:
             raise SettingsError(f"{where}: [files] {name!r}: {local}: "
                                 f"{exc.strerror or exc}") from None
     return tuple(out)
+
+
+def _read_file(local: Path, where: str) -> bytes:
+    """A regular file's bytes, at most FILE_LIMIT, judged by what was opened (not by its
+    path, which can change between a check and a read): never a device read to its end
+    (``/dev/zero``, a drive), never a FIFO waited on (opened without blocking)."""
+    fd = os.open(local, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK)
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            kind = next((k for test, k in _KINDS if test(info.st_mode)), "not a file")
+            raise SettingsError(f"{where}: not a regular file ({kind})")
+        if info.st_size > FILE_LIMIT:
+            raise SettingsError(f"{where}: {info.st_size} bytes; at most {FILE_LIMIT >> 20} "
+                                "MiB")
+        with open(fd, "rb", closefd=False) as handle:
+            data = handle.read(info.st_size + 1)
+        if len(data) > info.st_size:
+            raise SettingsError(f"{where}: grew while it was read")
+        return data
+    finally:
+        os.close(fd)
 
 
 def _boot_name(name: str, seen: dict[str, str], where: str) -> None:

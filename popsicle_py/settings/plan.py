@@ -5,7 +5,7 @@ and each drive's files; built once before anything is written (every refusal fir
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 from popsicle_py.records import record
 from popsicle_py.settings.cloudinit import cloud_init_files
@@ -14,9 +14,11 @@ from popsicle_py.settings.fat import (
     FatError,
     Read,
     find_boot_partition,
+    free_clusters,
     geometry,
     read_fat,
     root_files,
+    root_free_slots,
 )
 from popsicle_py.settings.firstrun import firstrun_files
 from popsicle_py.settings.model import (
@@ -35,23 +37,75 @@ from popsicle_py.settings.values import (
     resolve_all,
 )
 
-__all__ = ["FORMATS", "HEAD_LIMIT", "BootImage", "Customization", "DriveFiles",
+__all__ = ["FORMATS", "HEAD_LIMIT", "BootImage", "BootSpace", "Customization", "DriveFiles",
            "inspect_boot", "load_customization"]
 
 FORMATS = ("cloud-init", "firstrun")
 CLOUD_INIT_NAMES = frozenset({"user-data", "meta-data", "network-config"})
+#: The files each format always writes besides the [files] (cloud-init: network-config too,
+#: with Wi-Fi).
+WRITTEN = {"cloud-init": ("user-data", "meta-data"), "firstrun": ("firstrun.sh", "cmdline.txt")}
+DIRENT = 32
 #: The engine writes the image's head last (up to its first partition, at least 64 KiB: see
 #: popsicle_py.engine.head): the boot partition must begin after 64 KiB.
 HEAD_LIMIT = 64 * 1024
 
 
+def _size(n: int) -> str:
+    return f"{n / (1 << 20):.1f} MiB" if n >= 1 << 20 else f"{n / 1024:.1f} KiB"
+
+
+@record
+class BootSpace:
+    """Room in the image's boot file system, counted from its FAT before any drive is written.
+
+    Counted so that files said to fit do: a file replaced (``cmdline.txt``, cloud-init's) is
+    taken to keep its clusters and entries, every name to need long-name entries, and the
+    root's deleted slots not to be reused."""
+
+    cluster: int  # bytes
+    free: int  # clusters
+    #: Free 32-byte slots at the end of the root directory.
+    root_slots: int
+    #: FAT32: the root directory grows into free clusters; FAT12/16: its size is fixed.
+    root_grows: bool
+
+    def clusters_for(self, sizes: Mapping[str, int]) -> int | None:
+        """Clusters the files and their directory entries take; None: the root has no room."""
+        data = sum(-(-size // self.cluster) for size in sizes.values())
+        slots = sum(-(-len(name) // 13) + 1 for name in sizes)
+        if slots <= self.root_slots:
+            return data
+        if not self.root_grows:
+            return None
+        return data + -(-slots * DIRENT // self.cluster)
+
+    def refusal(self, sizes: Mapping[str, int], at_least: bool = False) -> str | None:
+        """Why these files cannot be written into the boot partition, or None."""
+        need = self.clusters_for(sizes)
+        some = "at least " if at_least else ""
+        if need is None:
+            return (f"the first-boot files need {some}{len(sizes)} entries in the root "
+                    "directory of the image's boot partition (FAT12/16: a fixed size), which "
+                    f"has room for {self.root_slots} slots (a name over 12 characters takes "
+                    "more than one)")
+        if need <= self.free:
+            return None
+        name = max(sizes, key=lambda n: sizes[n])
+        return (f"the first-boot files need {some}{_size(need * self.cluster)} of the image's "
+                f"boot partition, which has {_size(self.free * self.cluster)} free "
+                f"({_size((need - self.free) * self.cluster)} short; the largest file, {name}, "
+                f"is {_size(sizes[name])})")
+
+
 @record
 class BootImage:
-    """The image's boot partition and the format its first boot reads."""
+    """The image's boot partition, the format its first boot reads and its room."""
 
     partition: BootPartition
     format: str
     cmdline: bytes | None
+    space: BootSpace
 
 
 def inspect_boot(read: Read, chosen: str | None) -> BootImage:
@@ -70,6 +124,9 @@ def inspect_boot(read: Read, chosen: str | None) -> BootImage:
         geo = geometry(in_part(0, 512))
         fat = read_fat(geo, in_part(geo.reserved, geo.fat_size))
         files = root_files(geo, fat, in_part, {"cmdline.txt", *CLOUD_INIT_NAMES})
+        fsinfo = in_part(geo.fsinfo, 512) if geo.fsinfo is not None else None
+        space = BootSpace(geo.cluster, free_clusters(geo, fat, fsinfo),
+                          root_free_slots(geo, fat, in_part), geo.bits == 32)
     except FatError as exc:
         raise SettingsError(f"cannot customise this image: {exc}") from None
     names = {n.lower() for n in files}
@@ -80,7 +137,7 @@ def inspect_boot(read: Read, chosen: str | None) -> BootImage:
     if fmt == "firstrun" and cmdline is None:
         raise SettingsError("--customize-format firstrun needs cmdline.txt in the image's "
                             "boot partition (Raspberry Pi OS)")
-    return BootImage(part, fmt, cmdline)
+    return BootImage(part, fmt, cmdline, space)
 
 
 @record
@@ -116,13 +173,23 @@ class Customization:
         files.update(settings.files)
         return DriveFiles(settings, files)
 
+    def fitting(self, files: DriveFiles, drive: DriveContext) -> DriveFiles:
+        """``files``, when they fit in the boot partition; raises :class:`SettingsError`."""
+        why = self.boot.space.refusal({n: len(d) for n, d in files.files.items()})
+        if why is not None:
+            raise SettingsError(f"{drive.name}: {why}")
+        return files
+
     def for_drive(self, drive: DriveContext) -> DriveFiles:
-        """Raises :class:`SettingsError` (no row for it, a bad value)."""
-        return self.files_for(resolve(self.settings, self.values, drive))
+        """Raises :class:`SettingsError` (no row for it, a bad value, no room)."""
+        return self.fitting(self.files_for(resolve(self.settings, self.values, drive)), drive)
 
     def for_batch(self, drives: Sequence[DriveContext]) -> tuple[DriveFiles, ...]:
-        """Every drive of a flash; no host name twice.  Raises :class:`SettingsError`."""
-        return tuple(self.files_for(s) for s in resolve_all(self.settings, self.values, drives))
+        """Every drive of a flash; no host name twice, each drive's files fit.  Raises
+        :class:`SettingsError`."""
+        resolved = resolve_all(self.settings, self.values, drives)
+        return tuple(self.fitting(self.files_for(s), d)
+                     for s, d in zip(resolved, drives, strict=True))
 
     @property
     def rows(self) -> int | None:
@@ -147,4 +214,13 @@ def load_customization(settings_path: str, values_path: str | None, chosen: str 
         raise SettingsError(f"unknown format {chosen!r} (known: {', '.join(FORMATS)})")
     boot = inspect_boot(read, chosen)
     check_format(settings, boot.format, settings_path)
+    why = boot.space.refusal(least_files(settings.files, WRITTEN[boot.format]), at_least=True)
+    if why is not None:  # every drive's would not fit: refused before the first (watch too)
+        raise SettingsError(why)
     return Customization(settings, values, boot)
+
+
+def least_files(extra: Iterable[tuple[str, bytes]], written: Iterable[str]) -> dict[str, int]:
+    """What every drive's files take at least: the [files] as they are, and one byte of each
+    file the format writes (its content depends on the drive)."""
+    return {**{name: 1 for name in written}, **{name: len(data) for name, data in extra}}

@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
+import re
 import string
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -25,6 +26,10 @@ __all__ = ["BUILTINS", "DriveContext", "Values", "check_templates", "duplicates"
 BUILTINS = ("seq", "slot", "serial", "port")
 KEY_COLUMNS = ("seq", "slot", "serial")
 _FORMATTER = string.Formatter()
+#: The widest field and the longest precision a template may ask for: ``{seq:09999999999}``
+#: would build a string of 10 GB.  No value needs more (a host name is at most 63).
+WIDTH_LIMIT = 64
+_NUMBERS = re.compile(r"\d+")
 
 
 @record
@@ -106,6 +111,12 @@ def _templates(settings: Settings) -> Iterable[tuple[str, str]]:
                 yield f"wifi.{sub}", getattr(value, sub)
 
 
+def _over_limit(digits: str) -> bool:
+    """A run of digits worth more than WIDTH_LIMIT (int() refuses over 4300 digits)."""
+    digits = digits.lstrip("0")
+    return len(digits) > 3 or (digits != "" and int(digits) > WIDTH_LIMIT)
+
+
 def fields_of(template: str, setting: str) -> set[str]:
     """The names a template uses; only plain names are allowed."""
     try:
@@ -119,6 +130,10 @@ def fields_of(template: str, setting: str) -> set[str]:
         if not name.isidentifier() or conversion or "{" in (spec or ""):
             raise SettingsError(f"{setting}: bad template {{{name}}}: use a plain column "
                                 "name, as {hostname} or {seq:02}")
+        # Only a width, a precision and a fill character hold digits, and a fill is one.
+        if any(_over_limit(n) for n in _NUMBERS.findall(spec or "")):
+            raise SettingsError(f"{setting}: bad template {{{name}:{(spec or '')[:20]}}}: a "
+                                f"width or precision over {WIDTH_LIMIT}")
         names.add(name)
     return names
 
@@ -136,6 +151,7 @@ def check_templates(settings: Settings, values: Values | None, where: str) -> No
 
 
 def _fill(template: str, setting: str, mapping: Mapping[str, object], drive: str) -> str:
+    fields_of(template, setting)  # a field too wide is refused before it is built
     try:
         return _FORMATTER.vformat(template, (), mapping)
     except (ValueError, KeyError, IndexError) as exc:

@@ -42,7 +42,7 @@ from popsicle_py import drives
 from popsicle_py import probe as probe_mod
 from popsicle_py.blockdev import BlockDevice
 from popsicle_py.drives import Drive, SystemFacts
-from popsicle_py.engine import HEAD, keep_signals_for_main_thread
+from popsicle_py.engine import HEAD, hear_signals_on_main_thread, keep_signals_for_main_thread
 from popsicle_py.errors import EXIT_FAILED, EXIT_OK
 from popsicle_py.events import (
     POWERED_OFF,
@@ -379,6 +379,7 @@ class WatchSession:
         self._present()
         self.emit(Watching())
         while not self.cancel() and not self._count_done():
+            hear_signals_on_main_thread()
             self._deliver()
             device = monitor.poll(timeout=POLL_INTERVAL)
             if device is not None:
@@ -397,6 +398,7 @@ class WatchSession:
         for seen in self._started:
             thread = seen.thread
             while thread is not None and thread.is_alive():
+                hear_signals_on_main_thread()
                 self._deliver()
                 thread.join(POLL_INTERVAL)
 

@@ -48,17 +48,18 @@ def test_watch_stops_taking_drives_when_the_rows_run_out(tmp_path: Path) -> None
 @needs_testbed
 @pytest.mark.umockdev
 def test_watch_refuses_a_second_stick_for_a_host_name_taken_in_flight(tmp_path: Path) -> None:
-    """Two sticks plugged in together whose settings give one host name: the second is refused
-    as it arrives, before a byte is written, not failed at its boot files after the image."""
+    """Two sticks whose settings give one host name, both taken as the session starts (as
+    two plugged in together): the second is refused as it arrives, before a byte is written,
+    not failed at its boot files after the image.  (Present at the start, the two are
+    admitted one after the other before the first is written: no race with its end.)"""
     image = pi_image.build(tmp_path, table="mbr", boot_mib=40, root_mib=8)
     toml = tmp_path / "one.toml"
     toml.write_text('hostname = "pi"\nuser = "student"\n')
-    run = watch(tmp_path, [str(image), "--yes", "--customize", str(toml),
+    run = watch(tmp_path, [str(image), "--yes", "--include-present", "--customize", str(toml),
                            "--customize-format", "cloud-init"],
-                [WATCHING, {"add": C.description}, {"add": D.description},
-                 {"wait": {"event": "drive_added", "device": D.dev}}, result_of(C),
+                [{"wait": {"event": "drive_added", "device": D.dev}}, result_of(C),
                  {"signal": int(signal.SIGTERM)}],
-                read=(C.dev, D.dev), timeout=60)
+                present=(C.description, D.description), read=(C.dev, D.dev), timeout=60)
     (added,) = run.of("drive_added", device=D.dev)
     assert added["eligible"] is False, added
     assert "hostname 'pi' was given to a drive already" in added["reason"]

@@ -334,3 +334,50 @@ def test_a_drive_that_hangs_after_its_write_cannot_hang_the_run(
         assert result.status == "cancelled" and summary.cancelled
     assert took < 10
     assert first_bucket_is_not_image(drive, data)
+
+
+#: A run whose main thread is handed a worker's mask mid-run, as umockdev 0.17's preload does
+#: (its issue 252: one shared variable for every thread's saved mask).
+_CLOBBERED = """
+import signal, sys, threading
+from popsicle_py.engine.supervisor import Supervisor
+from popsicle_py.errors import Cancelled
+from popsicle_py.records import record
+from popsicle_py.signals import Cancellation
+
+@record
+class Errored:
+    id: int
+    error: OSError
+
+cancel = Cancellation()
+idle = threading.Event()
+def task(lane):
+    lane.post("tick")
+    while not lane.stopped:
+        idle.wait(0.05)
+def callback(message):
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGHUP,
+                                              signal.SIGQUIT})
+    print("ready", flush=True)
+with cancel.installed():
+    try:
+        Supervisor(["a"], callback, cancel, stall_timeout=None, errored=Errored,
+                   name="t").run(task)
+    except Cancelled:
+        sys.exit(cancel.exit_status)
+"""
+
+
+def test_a_main_thread_handed_a_blocked_mask_still_hears_sigterm() -> None:
+    """The main thread takes the stop signals back at each tick: with the mask a preloaded
+    library left it, SIGTERM stayed pending and the run never ended."""
+    proc = subprocess.Popen([sys.executable, "-c", _CLOBBERED], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 143, proc.stderr.read() if proc.stderr else ""
+    finally:
+        proc.kill()
+        proc.wait()

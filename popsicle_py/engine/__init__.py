@@ -37,7 +37,10 @@ from popsicle_py.engine.config import (
     POLL,
 )
 from popsicle_py.engine.results import DestinationResult, WriteResult
-from popsicle_py.engine.supervisor import keep_signals_for_main_thread
+from popsicle_py.engine.supervisor import (
+    hear_signals_on_main_thread,
+    keep_signals_for_main_thread,
+)
 from popsicle_py.engine.verifier import BusVerifier
 from popsicle_py.engine.writer import BusWriter
 from popsicle_py.errors import (
@@ -66,6 +69,7 @@ __all__ = [
     "SourceChanged",
     "WriteResult",
     "first_difference",
+    "hear_signals_on_main_thread",
     "keep_signals_for_main_thread",
     "read_full",
     "sync",

@@ -35,7 +35,8 @@ _MAIN_THREAD_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM, signal.SIGHUP, 
 Callback = Callable[[Any], None]
 CancelCheck = Callable[[], bool]
 
-__all__ = ["Callback", "CancelCheck", "Lane", "Supervisor", "keep_signals_for_main_thread"]
+__all__ = ["Callback", "CancelCheck", "Lane", "Supervisor", "hear_signals_on_main_thread",
+           "keep_signals_for_main_thread"]
 
 
 def keep_signals_for_main_thread() -> None:
@@ -47,6 +48,19 @@ def keep_signals_for_main_thread() -> None:
     main thread, which runs Python's handlers anyway.
     """
     signal.pthread_sigmask(signal.SIG_BLOCK, _MAIN_THREAD_SIGNALS)
+
+
+def hear_signals_on_main_thread() -> None:
+    """Unblock the stop signals again on the main thread (a no-op on any other): it must
+    take them, or Ctrl-C and SIGTERM stay pending for good.
+
+    A library preloaded into the process can hand it a worker's mask: umockdev 0.17's
+    preload (what the tests run under) saves and restores each thread's mask through one
+    shared variable (its issue 252), so the main thread can end up with a lane's blocked
+    set.  The waiting loops call this at each tick.
+    """
+    if threading.current_thread() is threading.main_thread():
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _MAIN_THREAD_SIGNALS)
 
 
 @record
@@ -113,6 +127,7 @@ class Supervisor:
             lane.thread.start()
         cancelled = False
         deadline = 0.0
+        heard = time.monotonic()
         try:
             while not (reader_done and all(lane.finished or lane.abandoned
                                            for lane in self.lanes)):
@@ -120,6 +135,9 @@ class Supervisor:
                     message = self.outbox.get(timeout=POLL)
                 except queue.Empty:
                     message = None
+                if time.monotonic() - heard > POLL:  # once a tick, however busy
+                    hear_signals_on_main_thread()
+                    heard = time.monotonic()
                 if isinstance(message, _Finished):
                     self.lanes[message.id].finished = True
                 elif isinstance(message, _ReaderDone):

@@ -175,8 +175,11 @@ def refusals(path: str) -> list[str]:
     numbers = family(devnum)
     lines: list[str] = []
     said: set[str] = set()  # a service's copy of our own mount is not said again
+    seen_mounted = False
     for pid, text in mount_tables():
-        mounted = [m for m in rw_mountpoints(numbers, parse_mountinfo(text)) if m not in said]
+        table = parse_mountinfo(text)
+        seen_mounted = seen_mounted or any(m.devnum in numbers for m in table)
+        mounted = [m for m in rw_mountpoints(numbers, table) if m not in said]
         said.update(mounted)
         where = "" if pid is None else f" in the mount namespace of pid {pid} (a container?)"
         if mounted:
@@ -189,7 +192,22 @@ def refusals(path: str) -> list[str]:
                      "loop device): its bytes could change while it is read; deactivate that "
                      "first")
     lines.extend(writer_lines(path, writers(numbers)))
+    if not lines and not seen_mounted and kernel_holds(path):
+        lines.append(f"{path} is held exclusively (by the kernel or a program), though no "
+                     "process's mount table shows it mounted (a mount namespace no process is "
+                     "in?): its bytes could change while it is read")
     return lines
+
+
+def kernel_holds(path: str) -> bool:
+    """Whether the kernel refuses an exclusive open of ``path``: something holds it that no
+    table shows (a mount in a mount namespace kept by a bind mount alone)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_EXCL | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError as exc:
+        return exc.errno == errno.EBUSY
+    os.close(fd)
+    return False
 
 
 # --------------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 from conftest import Loop, needs_root, popsicle_cmd
-from loopdev import mounted_elsewhere, write_mbr
+from loopdev import DROP_OTHER_TESTS_MOUNTS, mounted_elsewhere, write_mbr
 
 from popsicle_py import reading
 from popsicle_py.blockdev import OpenSpec, open_for_reading
@@ -304,6 +304,32 @@ def test_a_drive_mounted_read_write_in_a_container_is_refused(
         assert (f"{drive.path} is mounted read-write at {mountpoint} in the mount namespace "
                 f"of pid {proc.pid}") in result.stderr, result.stderr
         assert not out.exists()
+
+
+def test_a_drive_mounted_in_a_namespace_no_process_is_in_is_refused(
+        loop_factory: Callable[..., Loop], tmp_path: Path) -> None:
+    """A mount namespace kept only by a bind mount of its nsfs file: no process's table shows
+    the read-write mount, but the kernel's exclusive open does."""
+    drive = loop_factory(32 * MiB)
+    subprocess.run(["mkfs.ext4", "-q", "-F", drive.path], check=True)
+    keep, inside = tmp_path / "ns", tmp_path / "inside"
+    keep.mkdir()
+    inside.mkdir()
+    subprocess.run(["mount", "--bind", str(keep), str(keep)], check=True)
+    try:
+        subprocess.run(["mount", "--make-private", str(keep)], check=True)
+        (keep / "mnt").touch()
+        subprocess.run(["unshare", f"--mount={keep / 'mnt'}", "--propagation", "private", "sh",
+                        "-c", DROP_OTHER_TESTS_MOUNTS + f"mount {drive.path} {inside}"],
+                       check=True)
+        out = tmp_path / "x.img"
+        result = popsicle("read", drive.path, out)
+        assert result.returncode == 2, result.stderr
+        assert f"{drive.path} is held exclusively" in result.stderr, result.stderr
+        assert not out.exists()
+    finally:
+        subprocess.run(["umount", str(keep / "mnt")], check=False)
+        subprocess.run(["umount", "-l", str(keep)], check=False)
 
 
 def test_a_drive_open_for_writing_is_refused(loop_factory: Callable[..., Loop],

@@ -447,6 +447,24 @@ def test_a_files_source_that_is_not_a_regular_file_is_refused(
     assert Path(loop.backing).read_bytes() == bytes([FILL]) * loop.size
 
 
+def test_files_sources_too_large_together_are_refused(tmp_path: Path,
+                                                     loop_factory: Callable[..., Loop]) -> None:
+    """Each under the limit, together over it: all are held in memory at once, so the limit
+    is for them all (before, twelve 250 MiB files were read, 3 GB)."""
+    image = pi_image.build(tmp_path, table="mbr")
+    loop = loop_factory(image.stat().st_size, fill=FILL)
+    with open(tmp_path / "big.bin", "wb") as f:
+        f.truncate(100 << 20)  # sparse
+    entries = "".join(f'"big{i}.bin" = "big.bin"\n' for i in range(3))
+    toml, values = inputs(tmp_path, SETTINGS + "[files]\n" + entries)
+    done = popsicle("flash", image, loop.path, "--yes", "--customize", toml, "--values",
+                    values, timeout=60, limited=True)
+    line = one_line(done)
+    assert "[files] 'big2.bin'" in line and "at most 256 MiB for all the [files] together" \
+        in line, line
+    assert Path(loop.backing).read_bytes() == bytes([FILL]) * loop.size
+
+
 def test_a_files_source_too_large_to_hold_is_refused(tmp_path: Path,
                                                      loop_factory: Callable[..., Loop]) -> None:
     image = pi_image.build(tmp_path, table="mbr")

@@ -158,18 +158,22 @@ def _files(table: object, where: str, base: Path) -> tuple[tuple[str, bytes], ..
     seen: dict[str, str] = {}
     for name in sorted(table):  # every name first: a missing file hides no bad name
         _boot_name(name, seen, where)
+    left = FILE_LIMIT  # for them all: memory holds every one of them at once
     for name, path in sorted(table.items()):
         local = base / _str(where, f"[files] {name!r}", path)
         try:
-            out.append((name, _read_file(local, f"{where}: [files] {name!r}: {local}")))
+            data = _read_file(local, f"{where}: [files] {name!r}: {local}", left)
+            left -= len(data)
+            out.append((name, data))
         except OSError as exc:
             raise SettingsError(f"{where}: [files] {name!r}: {local}: "
                                 f"{exc.strerror or exc}") from None
     return tuple(out)
 
 
-def _read_file(local: Path, where: str) -> bytes:
-    """A regular file's bytes, at most FILE_LIMIT, judged by what was opened (not by its
+def _read_file(local: Path, where: str, limit: int = FILE_LIMIT) -> bytes:
+    """A regular file's bytes, at most ``limit`` (what FILE_LIMIT leaves of the [files]
+    read before it), judged by what was opened (not by its
     path, which can change between a check and a read): never a device read to its end
     (``/dev/zero``, a drive), never a FIFO waited on (opened without blocking)."""
     fd = os.open(local, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK)
@@ -178,9 +182,9 @@ def _read_file(local: Path, where: str) -> bytes:
         if not stat.S_ISREG(info.st_mode):
             kind = next((k for test, k in _KINDS if test(info.st_mode)), "not a file")
             raise SettingsError(f"{where}: not a regular file ({kind})")
-        if info.st_size > FILE_LIMIT:
+        if info.st_size > limit:
             raise SettingsError(f"{where}: {info.st_size} bytes; at most {FILE_LIMIT >> 20} "
-                                "MiB")
+                                "MiB for all the [files] together")
         with open(fd, "rb", closefd=False) as handle:
             data = handle.read(info.st_size + 1)
         if len(data) > info.st_size:

@@ -447,6 +447,23 @@ def test_a_files_source_that_is_not_a_regular_file_is_refused(
     assert Path(loop.backing).read_bytes() == bytes([FILL]) * loop.size
 
 
+def test_a_files_name_of_a_boot_directory_is_refused(tmp_path: Path,
+                                                    loop_factory: Callable[..., Loop]) -> None:
+    """Raspberry Pi OS's boot partition has overlays/: a file of that name cannot be written
+    there (mcopy fails), so it is refused before, not found after the drive is written."""
+    image = pi_image.build(tmp_path, table="mbr")
+    subprocess.run(["mmd", "-i", f"{image}@@{4 << 20}", "::/overlays"], check=True)
+    loop = loop_factory(image.stat().st_size, fill=FILL)
+    (tmp_path / "hello.txt").write_text("hello\n")
+    toml, values = inputs(tmp_path, SETTINGS + '[files]\n"Overlays" = "hello.txt"\n')
+    done = popsicle("flash", image, loop.path, "--yes", "--customize", toml, "--values",
+                    values, timeout=60)
+    line = one_line(done)
+    assert "[files] 'Overlays': the image's boot partition has a directory of that name" \
+        in line, line
+    assert Path(loop.backing).read_bytes() == bytes([FILL]) * loop.size
+
+
 def test_files_sources_too_large_together_are_refused(tmp_path: Path,
                                                      loop_factory: Callable[..., Loop]) -> None:
     """Each under the limit, together over it: all are held in memory at once, so the limit

@@ -17,6 +17,7 @@ from popsicle_py.settings.fat import (
     free_clusters,
     geometry,
     read_fat,
+    root_entries,
     root_files,
     root_free_slots,
 )
@@ -106,6 +107,8 @@ class BootImage:
     format: str
     cmdline: bytes | None
     space: BootSpace
+    #: The root directory's subdirectories (lower case): a file cannot take one's name.
+    directories: frozenset[str] = frozenset()
 
 
 def inspect_boot(read: Read, chosen: str | None) -> BootImage:
@@ -124,6 +127,8 @@ def inspect_boot(read: Read, chosen: str | None) -> BootImage:
         geo = geometry(in_part(0, 512))
         fat = read_fat(geo, in_part(geo.reserved, geo.fat_size))
         files = root_files(geo, fat, in_part, {"cmdline.txt", *CLOUD_INIT_NAMES})
+        directories = frozenset(e.name.lower() for e in root_entries(geo, fat, in_part)
+                                if e.directory)
         fsinfo = in_part(geo.fsinfo, 512) if geo.fsinfo is not None else None
         space = BootSpace(geo.cluster, free_clusters(geo, fat, fsinfo),
                           root_free_slots(geo, fat, in_part), geo.bits == 32)
@@ -137,7 +142,7 @@ def inspect_boot(read: Read, chosen: str | None) -> BootImage:
     if fmt == "firstrun" and cmdline is None:
         raise SettingsError("--customize-format firstrun needs cmdline.txt in the image's "
                             "boot partition (Raspberry Pi OS)")
-    return BootImage(part, fmt, cmdline, space)
+    return BootImage(part, fmt, cmdline, space, directories)
 
 
 @record
@@ -214,6 +219,10 @@ def load_customization(settings_path: str, values_path: str | None, chosen: str 
         raise SettingsError(f"unknown format {chosen!r} (known: {', '.join(FORMATS)})")
     boot = inspect_boot(read, chosen)
     check_format(settings, boot.format, settings_path)
+    taken = sorted(name for name, _ in settings.files if name.lower() in boot.directories)
+    if taken:  # mcopy fails on it, with the drive written: refused before
+        raise SettingsError(f"{settings_path}: [files] {taken[0]!r}: the image's boot "
+                            "partition has a directory of that name")
     why = boot.space.refusal(least_files(settings.files, WRITTEN[boot.format]), at_least=True)
     if why is not None:  # every drive's would not fit: refused before the first (watch too)
         raise SettingsError(why)

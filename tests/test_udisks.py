@@ -488,6 +488,27 @@ def test_a_signal_at_the_polkit_prompt_cancels_every_use_case(prompting: Setup, 
     assert not list(home.iterdir()), "an OUTPUT was made"
 
 
+@pytest.fixture(scope="module")
+def prompting_stick() -> Iterator[Setup]:
+    """A stack where opening the USB stick /dev/sdb asks this user's password."""
+    with _setup(extra_rule=harness.AUTH_SELF_FOR_SDB) as setup:
+        os.chmod(setup.stack.testbed, 0o777)  # watch's udev monitor binds a socket there
+        yield setup
+
+
+@pytest.mark.parametrize("how", ["int", "term"])
+def test_a_signal_at_the_polkit_prompt_ends_watch(prompting_stick: Setup, how: str) -> None:
+    """watch (and the station on it): a stick's password prompt ends at the signal, as the
+    other use cases' do.  (Before, the stick's thread waited at the prompt, and the session
+    with it, until a second signal.)"""
+    setup = prompting_stick
+    setup.stick.fill()
+    status, said = _stopped_at_the_prompt(setup, how, "watch", "--yes", "--include-present",
+                                          "--no-probe", "--count", "1", str(setup.image))
+    assert status == (130 if how == "int" else 143), said + setup.stack.logs()
+    assert _untouched(setup.stick)
+
+
 def test_read_without_root(env: Setup) -> None:
     """read through udisks: the image file holds the drive's bytes (click no longer refuses
     a device node this user cannot read)."""

@@ -515,3 +515,14 @@ polkit.addRule(function(action, subject) {
     return polkit.Result.NOT_HANDLED;
 });
 """
+
+#: The stick (removable: open-device, not -system) asks this user's password.
+AUTH_SELF_FOR_SDB = """
+polkit.addRule(function(action, subject) {
+    if (action.id.indexOf("org.freedesktop.udisks2.open-device") === 0 &&
+        action.lookup("device") === "/dev/sdb" && subject.user === "popsicle-test") {
+        return polkit.Result.AUTH_SELF;
+    }
+    return polkit.Result.NOT_HANDLED;
+});
+"""

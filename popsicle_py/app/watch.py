@@ -9,7 +9,7 @@ from popsicle_py import drives, events
 from popsicle_py import watch as watch_mod
 from popsicle_py.app import customize, sources
 from popsicle_py.app.access import require_future_access
-from popsicle_py.app.common import HeldFiles, emitter, open_sinks, speed_rule
+from popsicle_py.app.common import HeldFiles, emitter, hear_cancel, open_sinks, speed_rule
 from popsicle_py.app.confirm import Confirmation, target_rows
 from popsicle_py.app.requests import WatchRequest
 from popsicle_py.app.trim import CERTIFICATE_READS_ALL, plan_trim
@@ -83,6 +83,7 @@ class PreparedWatch(HeldFiles):
         written is the normal end of an open-ended session).
         """
         request = self.request
+        hear_cancel(cancel)  # a stick's polkit prompt ends at a signal, as flash's does
         if self.udev_note is not None:
             view.handle(events.Note(self.udev_note))
         emit = emitter(view, self.report)

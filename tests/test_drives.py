@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import shutil
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -487,17 +489,39 @@ def test_an_empty_image_name_gets_one_clear_line(command: str) -> None:
     assert len(done.stderr.splitlines()) == 1, done.stderr
 
 
+@contextlib.contextmanager
+def unattached_loop() -> Iterator[str]:
+    """A loop device of our own with no file: made at a high index with LOOP_CTL_ADD (never
+    ``losetup -f``'s free one, which another test may attach meanwhile), removed after."""
+    import fcntl
+
+    loop_ctl_add, loop_ctl_remove = 0x4C80, 0x4C81
+    fd = os.open("/dev/loop-control", os.O_RDWR | os.O_CLOEXEC)
+    try:
+        for index in range(200 + os.getpid() % 50, 1 << 20, 50):
+            try:
+                fcntl.ioctl(fd, loop_ctl_add, index)
+                break
+            except OSError:  # taken: another
+                continue
+        try:
+            yield f"/dev/loop{index}"
+        finally:
+            with contextlib.suppress(OSError):
+                fcntl.ioctl(fd, loop_ctl_remove, index)
+    finally:
+        os.close(fd)
+
+
 def test_a_loop_device_with_no_file_is_named_so(tmp_path: Path) -> None:
     """An unattached /dev/loopN is not a card reader waiting for a card."""
     from conftest import popsicle_cmd
 
     image = tmp_path / "disk.img"
     image.write_bytes(os.urandom(1 << 20))
-    free = subprocess.run(["losetup", "-f"], capture_output=True, text=True,
-                          check=True).stdout.strip()
-    # No --yes: should another test attach that device meanwhile, no one confirms a write.
-    done = subprocess.run([*popsicle_cmd(), "flash", str(image), free],
-                          capture_output=True, text=True, stdin=subprocess.DEVNULL,
-                          timeout=60, check=False)
+    with unattached_loop() as free:
+        done = subprocess.run([*popsicle_cmd(), "flash", str(image), free, "--yes"],
+                              capture_output=True, text=True, stdin=subprocess.DEVNULL,
+                              timeout=60, check=False)
     assert done.returncode == 2, done.stderr
     assert done.stderr == f"popsicle-py: {free} is a loop device with no file attached\n"

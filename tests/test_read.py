@@ -277,6 +277,18 @@ def mount_dir(tmp_path: Path) -> Iterator[Path]:
     subprocess.run(["umount", "-l", str(path)], capture_output=True, check=False)
 
 
+def test_an_empty_output_name_gets_one_clear_line(loop_factory: Callable[..., Loop],
+                                                  tmp_path: Path) -> None:
+    """``read DEV ''`` (an unset shell variable): not "is a directory" for the current one."""
+    drive = loop_factory(4 * MiB)
+    result = subprocess.run([*popsicle_cmd(), "read", drive.path, ""], capture_output=True,
+                            text=True, timeout=60, cwd=tmp_path, stdin=subprocess.DEVNULL)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr == ("popsicle-py: the output's name is empty (an unset variable?); "
+                             "name a file such as stick.img.zst\n"), result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_output_on_the_drive_being_read_is_refused(loop_factory: Callable[..., Loop],
                                                   mount_dir: Path) -> None:
     drive = loop_factory(32 * MiB)

@@ -372,6 +372,9 @@ def creatable(job: PreparedRead) -> list[str]:
 
 def checked_read(request: ReadRequest) -> PreparedRead:
     """Every check of a read but :func:`creatable`; raises :class:`Refused`."""
+    if not request.output:  # "" would be taken for the current directory
+        raise Refused(["the output's name is empty (an unset variable?); name a file such "
+                       "as stick.img.zst"])
     drive = drives.drive_for_path(request.device)
     output = os.path.abspath(request.output)
     written = reading.bmap_path_for(output) if request.bmap else None

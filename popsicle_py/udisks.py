@@ -182,6 +182,12 @@ class Client:
         self.connection = connection
         self._agent: subprocess.Popen[bytes] | None = None
         self._agent_lock = threading.Lock()
+        # Our one text agent asks one password at a time, and polkit refuses a call that
+        # comes while it asks for another (two sticks plugged in together): a refused call
+        # retries once no other is in flight (any may be at the prompt), one at a time.
+        self._turns = threading.Condition()
+        self._calls = 0
+        self._retrying = False
         # Lanes call from their own threads over this one connection: sends are serialised,
         # and one caller at a time receives, filing every reply by serial for its caller.
         # No lock is held across a call, so a password prompt never stops the others.
@@ -313,20 +319,44 @@ class Client:
             raise UdisksError(errno.ENODEV, f"{shown}: udisks2 does not know this drive")
         return found
 
-    def _with_agent(self, attempt: Callable[[], Body]) -> Body:
+    def _with_agent(self, attempt: Callable[[], Body],
+                    cancel: Callable[[], bool] | None = None) -> Body:
         """Run a call; if polkit wants a password and nobody can ask, start a text agent
-        on the terminal (if there is one) and run it once more."""
-        before = self._agent
+        on the terminal (if there is one) and run it once more, in turn (see __init__)."""
         try:
-            return attempt()
+            return self._counted(attempt)
         except UdisksError as exc:
             if not exc.name.endswith("NotAuthorizedCanObtain"):
                 raise
             with self._agent_lock:  # lanes refused together start one agent, and all retry
-                started_meanwhile = self._agent is not None and self._agent is not before
-                if not started_meanwhile and not self.start_agent():
+                alive = self._agent is not None and self._agent.poll() is None
+                if not alive and not self.start_agent():
                     raise
-        return attempt()
+        stop = cancel or _cancel
+        with self._turns:
+            while self._calls or self._retrying:
+                if stop is not None and stop():
+                    raise UdisksError(errno.EINTR, "cancelled while another drive's password "
+                                      "was asked for")
+                self._turns.wait(POLL)
+            self._retrying = True
+        try:
+            return self._counted(attempt)
+        finally:
+            with self._turns:
+                self._retrying = False
+                self._turns.notify_all()
+
+    def _counted(self, attempt: Callable[[], Body]) -> Body:
+        """``attempt()``, counted among the calls in flight."""
+        with self._turns:
+            self._calls += 1
+        try:
+            return attempt()
+        finally:
+            with self._turns:
+                self._calls -= 1
+                self._turns.notify_all()
 
     def open_device(self, devnum: int, mode: str, flags: int, shown: str, *,
                     cancel: Callable[[], bool] | None = None) -> int:
@@ -339,7 +369,7 @@ class Client:
                              (mode, options), interactive=True, cancel=cancel, what="open",
                              shown=shown)
 
-        handle = self._with_agent(attempt)[0]
+        handle = self._with_agent(attempt, cancel)[0]
         fd: int = handle.to_raw_fd()
         try:
             st = os.fstat(fd)
@@ -361,7 +391,7 @@ class Client:
             return self.call(block.object_path, FILESYSTEM, "Unmount", "a{sv}", (INTERACTIVE,),
                              interactive=True, cancel=cancel, what="unmount", shown=shown)
 
-        self._with_agent(attempt)
+        self._with_agent(attempt, cancel)
 
     def power_off(self, devnum: int, shown: str, *,
                   cancel: Callable[[], bool] | None = None) -> None:
@@ -374,7 +404,7 @@ class Client:
             return self.call(block.drive, DRIVE, "PowerOff", "a{sv}", (INTERACTIVE,),
                              interactive=True, cancel=cancel, what="power off", shown=shown)
 
-        self._with_agent(attempt)
+        self._with_agent(attempt, cancel)
 
     # The text agent.
     def start_agent(self) -> bool:

@@ -509,6 +509,40 @@ def test_a_signal_at_the_polkit_prompt_ends_watch(prompting_stick: Setup, how: s
     assert _untouched(setup.stick)
 
 
+def test_two_sticks_that_ask_a_password_are_each_asked_in_turn() -> None:
+    """watch without root, two sticks plugged in together, each needing the password: the
+    one text agent asks for one, then the other, and both are written.  (Before, the second
+    call came while the agent asked for the first, polkit refused it, and that stick failed
+    though every prompt shown was answered.)"""
+    import pexpect
+
+    if why_not is not None:
+        pytest.skip(why_not)
+    with _loops(2) as (b, d):
+        drives = [_fake("sdb", b, True), _fake("sdd", d, True)]
+        with harness.running(drives, extra_rule=harness.AUTH_SELF_FOR_STICKS) as stack:
+            os.chmod(stack.testbed, 0o777)  # watch's udev monitor binds a socket there
+            image = stack.work / "image.img"
+            data = os.urandom(IMAGE_SIZE)
+            image.write_bytes(data)
+            image.chmod(0o644)
+            argv = stack.command([*popsicle_cmd(), "watch", "--yes", "--include-present",
+                                  "--no-probe", "--no-power-off", "--count", "2", str(image)])
+            child = pexpect.spawn(argv[0], argv[1:], encoding="utf-8", timeout=60,
+                                  cwd=str(stack.work))
+            try:
+                for _ in range(2):
+                    child.expect("Password:")
+                    child.sendline(harness.PASSWORD)
+                child.expect(pexpect.EOF)
+            finally:
+                child.close(force=True)
+            said = re.sub(r"\x1b\[[0-9;]*m", "", child.before or "")
+            assert child.exitstatus == 0, said + stack.logs()
+            for loop in (b, d):
+                assert loop.read(IMAGE_SIZE) == data
+
+
 def test_read_without_root(env: Setup) -> None:
     """read through udisks: the image file holds the drive's bytes (click no longer refuses
     a device node this user cannot read)."""

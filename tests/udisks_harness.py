@@ -526,3 +526,15 @@ polkit.addRule(function(action, subject) {
     return polkit.Result.NOT_HANDLED;
 });
 """
+
+#: Both sticks, /dev/sdb and /dev/sdd, ask this user's password.
+AUTH_SELF_FOR_STICKS = """
+polkit.addRule(function(action, subject) {
+    if (action.id.indexOf("org.freedesktop.udisks2.open-device") === 0 &&
+        ["/dev/sdb", "/dev/sdd"].indexOf(action.lookup("device")) >= 0 &&
+        subject.user === "popsicle-test") {
+        return polkit.Result.AUTH_SELF;
+    }
+    return polkit.Result.NOT_HANDLED;
+});
+"""

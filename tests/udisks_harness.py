@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 import re
 import shlex
@@ -505,36 +506,22 @@ def fake_drive(name: str, loop: str, size: int, usb: bool, fs: str = "") -> Fake
     return FakeDrive(name, loop, os.major(rdev), os.minor(rdev), size, usb, fs)
 
 
-#: A test's own rule: /dev/sdc may be opened by popsicle-test with their own password.
-AUTH_SELF_FOR_SDC = """
-polkit.addRule(function(action, subject) {
-    if (action.id === "org.freedesktop.udisks2.open-device-system" &&
-        action.lookup("device") === "/dev/sdc" && subject.user === "popsicle-test") {
-        return polkit.Result.AUTH_SELF;
-    }
-    return polkit.Result.NOT_HANDLED;
-});
-"""
+def auth_self_for(*devices: str) -> str:
+    """A test's own rule: opening ``devices`` (open-device, or -system for a fixed disk)
+    asks popsicle-test for their own password."""
+    listed = json.dumps(list(devices))
+    return (
+        "\npolkit.addRule(function(action, subject) {\n"
+        '    if (action.id.indexOf("org.freedesktop.udisks2.open-device") === 0 &&\n'
+        f'        {listed}.indexOf(action.lookup("device")) >= 0 &&\n'
+        '        subject.user === "popsicle-test") {\n'
+        "        return polkit.Result.AUTH_SELF;\n"
+        "    }\n"
+        "    return polkit.Result.NOT_HANDLED;\n"
+        "});\n")
 
-#: The stick (removable: open-device, not -system) asks this user's password.
-AUTH_SELF_FOR_SDB = """
-polkit.addRule(function(action, subject) {
-    if (action.id.indexOf("org.freedesktop.udisks2.open-device") === 0 &&
-        action.lookup("device") === "/dev/sdb" && subject.user === "popsicle-test") {
-        return polkit.Result.AUTH_SELF;
-    }
-    return polkit.Result.NOT_HANDLED;
-});
-"""
 
-#: Both sticks, /dev/sdb and /dev/sdd, ask this user's password.
-AUTH_SELF_FOR_STICKS = """
-polkit.addRule(function(action, subject) {
-    if (action.id.indexOf("org.freedesktop.udisks2.open-device") === 0 &&
-        ["/dev/sdb", "/dev/sdd"].indexOf(action.lookup("device")) >= 0 &&
-        subject.user === "popsicle-test") {
-        return polkit.Result.AUTH_SELF;
-    }
-    return polkit.Result.NOT_HANDLED;
-});
-"""
+AUTH_SELF_FOR_SDC = auth_self_for("/dev/sdc")
+#: The stick (removable: open-device, not -system).
+AUTH_SELF_FOR_SDB = auth_self_for("/dev/sdb")
+AUTH_SELF_FOR_STICKS = auth_self_for("/dev/sdb", "/dev/sdd")

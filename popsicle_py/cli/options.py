@@ -228,13 +228,9 @@ target_options = OptionGroup(
 )
 
 
-def _engine(bucket_size: int, buckets: int, stall_timeout: float) -> EngineOptions:
-    return EngineOptions(bucket_size, buckets, stall_timeout)  # its ring: prepare_flash
-
-
 #: How the bytes move.
 engine_options = OptionGroup(
-    "engine", _engine,
+    "engine", EngineOptions,  # its ring is judged by prepare_flash
     click.option("--bucket-size", type=BUCKET_SIZE, default="16M", show_default=True,
                  help="Size of each buffer in the ring (16M, 4MiB, 1048576)."),
     click.option("--buckets", type=click.IntRange(1, 64), default=DEFAULT_BUCKETS,

@@ -59,9 +59,21 @@ class Loop:
 
     def head_is_stamped(self, image: bytes) -> bool:
         """The first 64 KiB hold the engine's random stamp: neither the image's head nor what
-        the drive held before (what a drive stopped at any point after it started shows)."""
+        the drive held before (what a drive stopped at any point after it started shows).
+
+        Block by block: an image whose head is short (a block map's first range of 8 KiB)
+        is stamped only that far, and its head written alone would differ from the image's
+        first 64 KiB as a whole all the same."""
         head = self.read(64 << 10)
-        return head != image[: 64 << 10] and len(set(head)) > 200
+        blocks = range(0, 64 << 10, 4096)
+        return len(set(head[:4096])) > 200 and not any(
+            head[i : i + 4096] == image[i : i + 4096] for i in blocks if any(image[i : i + 4096]))
+
+    def head_is_safe(self, image: bytes, fill: int) -> bool:
+        """What a failed run must leave: the stamp in the head's place, or, when the run failed
+        before this drive's first write (the stamp comes first), the drive as it was, every
+        byte ``fill``.  Never the image's head, never part of the image under an old head."""
+        return self.head_is_stamped(image) or self.read() == bytes([fill]) * self.size
 
     def write_stat_sectors(self) -> int:
         return self._stat(6)

@@ -193,7 +193,8 @@ class EraseJob(_Job):
         # A counterfeit stick fails here, before anything but the probe's stamps (put back)
         # is written: it must never be formatted to a size it does not hold.
         result = probe.probe_device(device, stopped=stopped,
-                                    overwritten=whole if options.zero else ())
+                                    overwritten=whole if options.zero else (),
+                                    answered=lane.answered)
         if lane.stopped:
             return written
         if result.error is not None:

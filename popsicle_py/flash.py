@@ -562,7 +562,8 @@ class ProbeJob(_Job):
         def task(lane: Lane) -> None:
             lane.waiting = False
             lane.touch()
-            result = probe_mod.probe_device(lane.dest, stopped=lambda: lane.stopped)
+            result = probe_mod.probe_device(lane.dest, stopped=lambda: lane.stopped,
+                                            answered=lane.answered)
             lane.post(_Probed(lane.id, result))
 
         for drive in self.drives:

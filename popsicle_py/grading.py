@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol, TypeVar
+from typing import TYPE_CHECKING, ParamSpec, Protocol
 
 from popsicle_py.errors import Rejected
 from popsicle_py.records import record
@@ -23,7 +23,7 @@ from popsicle_py.units import format_size
 if TYPE_CHECKING:
     from popsicle_py.engine.config import PutBack
 
-T = TypeVar("T")
+P = ParamSpec("P")
 
 #: Seconds of each phase that are not judged (start-up, a write cache's burst).
 WARMUP = 2.0
@@ -101,13 +101,13 @@ class Sized(Protocol):
 
 
 def capacity_check(capacity: int | None, tolerance: float
-                   ) -> Callable[[Sized], None] | None:
-    """What a job runs on each drive before writing it: a drive outside the capacity is
-    rejected (cause ``capacity``) with nothing written."""
+                   ) -> Callable[[Sized, Callable[[], None]], None] | None:
+    """What a job runs on each drive before writing it (a :data:`~.engine.config.Prepare`):
+    a drive outside the capacity is rejected (cause ``capacity``) with nothing written."""
     if capacity is None:
         return None
 
-    def check(device: Sized) -> None:
+    def check(device: Sized, answered: Callable[[], None]) -> None:
         why = capacity_verdict(device.size, capacity, tolerance)
         if why is not None:
             raise Rejected("capacity", why)
@@ -115,8 +115,8 @@ def capacity_check(capacity: int | None, tolerance: float
     return check
 
 
-def chain(*steps: Callable[[T], PutBack | None] | None
-          ) -> Callable[[T], PutBack | None] | None:
+def chain(*steps: Callable[P, PutBack | None] | None
+          ) -> Callable[P, PutBack | None] | None:
     """The steps given (None: none), one after the other; the put-backs they return, as one
     (each step's put-back is called if a later step raises: nothing is left half done).
 
@@ -128,11 +128,11 @@ def chain(*steps: Callable[[T], PutBack | None] | None
     if len(given) == 1:
         return given[0]
 
-    def run(value: T) -> PutBack | None:
+    def run(*args: P.args, **kwargs: P.kwargs) -> PutBack | None:
         backs: list[PutBack] = []
         try:
             for step in given:
-                back = step(value)
+                back = step(*args, **kwargs)
                 if back is not None:
                     backs.append(back)
         except BaseException:

@@ -28,6 +28,10 @@ DEFAULT_RETRIES = 5
 #: 20 KiB/s an image would take days, so crawling is not progress (while any single call
 #: still is bounded).
 STALL_BYTES = 1 << 20
+#: What one small request answered (a capacity probe's single block) counts for: a stick that
+#: takes a flash page's time for every small write answers the probe's hundreds of them
+#: slowly, and answering 16 within the stall timeout is not a stall.
+SMALL_REQUEST = STALL_BYTES // 16
 RETRY_BACKOFF = 0.1
 
 
@@ -60,16 +64,25 @@ class Clock:
         self.waiting = True  # waiting for another thread, which is never a stall
         self.last_progress = time.monotonic()
         self.recent = 0  # bytes moved since last_progress, short of STALL_BYTES
+        self.answers = 0  # small requests answered since last_progress (see answered)
 
     def touch(self) -> None:
         """A new step begins (or a wait ended): the stall clock starts again."""
         self.last_progress = time.monotonic()
         self.recent = 0
+        self.answers = 0
 
     def advance(self, nbytes: int) -> None:
         """``nbytes`` more were moved; every STALL_BYTES of them count as progress."""
         self.recent += nbytes
         if self.recent >= STALL_BYTES:
+            self.touch()
+
+    def answered(self) -> None:
+        """One small request came back: worth :data:`SMALL_REQUEST` bytes of progress, and
+        counted apart from the bytes, so that a stall says what really moved."""
+        self.answers += 1
+        if self.recent + self.answers * SMALL_REQUEST >= STALL_BYTES:
             self.touch()
 
     @contextlib.contextmanager
@@ -82,6 +95,17 @@ class Clock:
             yield
         finally:
             self.waiting = True
+
+    def stall_reason(self, limit: float) -> str:
+        """Why a worker stalled, from what it moved in the last ``limit`` seconds: one request
+        answered before a hang is no progress."""
+        if self.recent:
+            return (f"stalled: only {self.recent // 1024} KiB in {limit:g} s (a dying or fake "
+                    "drive?)")
+        if self.answers > 1:
+            return (f"stalled: only {self.answers} small requests answered in {limit:g} s "
+                    "(a dying or fake drive?)")
+        return f"stalled: no progress for {limit:g} s"
 
     def stalled(self, now: float, limit: float) -> bool:
         """Busy (not waiting) with less than STALL_BYTES moved for more than ``limit`` s."""

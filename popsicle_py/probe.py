@@ -177,12 +177,16 @@ class DeviceIO:
     """:class:`BlockIO` over an opened :class:`~popsicle_py.blockdev.BlockDevice`.
 
     Every call goes through the device, so closing it while a call hangs is as safe as for
-    the flash's own writes; ``stopped()`` is checked before each call (a cancel, a stall).
+    the flash's own writes; ``stopped()`` is checked before each call (a cancel, a stall),
+    ``answered()`` is told after each (the stall clock: see
+    :data:`~popsicle_py.pacing.SMALL_REQUEST`).
     """
 
     def __init__(self, device: BlockDevice,
-                 stopped: Callable[[], bool] = lambda: False) -> None:
+                 stopped: Callable[[], bool] = lambda: False,
+                 answered: Callable[[], None] = lambda: None) -> None:
         self.device = device
+        self.answered = answered
         self.block = max(512, getattr(device, "block", 512))
         self.buf = memoryview(aligned_buffer(max(self.block, PROTECTED)))
         self.stopped = stopped
@@ -211,6 +215,7 @@ class DeviceIO:
             n = self.device.at(offset, view, write=True, synced=False)  # flushed per pass
         else:
             n = blockdev.write_at(self.device, offset, view)
+        self.answered()
         if n != len(data):
             raise OSError(errno.EIO, "short write")
 
@@ -220,6 +225,7 @@ class DeviceIO:
             n = self.device.at(offset, view)
         else:
             n = blockdev.read_at(self.device, offset, view)
+        self.answered()
         return bytes(view[:n])
 
     def restore(self, overwritten: Ranges = (), later: Ranges = ()) -> int:
@@ -261,6 +267,7 @@ class DeviceIO:
         if restored:
             try:
                 blockdev.sync(self.device)
+                self.answered()
             except OSError as exc:
                 flush = exc
         self.restored += restored
@@ -279,6 +286,7 @@ class DeviceIO:
     def settle(self) -> None:
         blockdev.sync(self.device)
         blockdev.drop_cache(self.device)
+        self.answered()
 
 
 class NotPutBack(OSError):
@@ -312,22 +320,25 @@ def covered(offset: int, length: int, ranges: Ranges) -> bool:
 
 def probe_device(device: BlockDevice, boundaries: Iterable[int] = (),
                  stopped: Callable[[], bool] = lambda: False,
-                 overwritten: Ranges = ()) -> ProbeResult:
+                 overwritten: Ranges = (),
+                 answered: Callable[[], None] = lambda: None) -> ProbeResult:
     """Probe an opened drive for its whole claimed size (``device.size``).
 
     What the stamps overwrote is put back unless the probe was stopped; when the drive
     passes, not inside ``overwritten`` (the ranges a flash writes next).  A drive that fails
-    or errs is put back whole: nothing will be written to it.
+    or errs is put back whole: nothing will be written to it.  ``answered()`` is told after
+    each request (the caller's stall clock).
     """
-    return _probe(device, boundaries, stopped, overwritten)[0]
+    return _probe(device, boundaries, stopped, overwritten, answered=answered)[0]
 
 
 def _probe(device: BlockDevice, boundaries: Iterable[int], stopped: Callable[[], bool],
-           overwritten: Ranges, head: int = 0) -> tuple[ProbeResult, DeviceIO]:
+           overwritten: Ranges, head: int = 0,
+           answered: Callable[[], None] = lambda: None) -> tuple[ProbeResult, DeviceIO]:
     """:func:`probe_device`; a drive that passes keeps its stamps in the first ``head`` bytes
     too, saved in the returned :class:`DeviceIO` to be put back later."""
     started = time.monotonic()
-    io = DeviceIO(device, stopped)
+    io = DeviceIO(device, stopped, answered)
     positions = plan_positions(device.size, io.block, boundaries)
     reads = plan_reads(device.size, io.block, positions)
     result = run_probe(io, device.size, positions, reads, started=started)
@@ -379,7 +390,7 @@ def certainly_written(size: int | None, block_map: Bmap | None, *, head: int,
 
 
 def checker(boundaries: Iterable[int], overwritten: Ranges = (), *, head: int = 0
-            ) -> Callable[[BlockDevice], Callable[[int], None] | None]:
+            ) -> Callable[[BlockDevice, Callable[[], None]], Callable[[int], None] | None]:
     """What a flash runs on each drive before writing it: raises Counterfeit if it lies.
 
     The last boundary is the image's end: when the image fits in what the drive really
@@ -393,8 +404,8 @@ def checker(boundaries: Iterable[int], overwritten: Ranges = (), *, head: int = 
     spots = tuple(boundaries)
     written = tuple(overwritten)
 
-    def check(device: BlockDevice) -> Callable[[int], None] | None:
-        result, io = _probe(device, spots, lambda: False, written, head)
+    def check(device: BlockDevice, answered: Callable[[], None]) -> Callable[[int], None] | None:
+        result, io = _probe(device, spots, lambda: False, written, head, answered)
         if result.error is not None:
             raise OSError(errno.EIO, result.message)
         if not result.ok:

@@ -142,7 +142,7 @@ class WatchOptions:
     #: Test the rest of each drive after verification (--surface-test).
     surface: bool = False
     #: Run on each drive before anything is written to it: raises Rejected (--capacity).
-    reject: Callable[[BlockDevice], None] | None = None
+    reject: Callable[[BlockDevice, Callable[[], None]], None] | None = None
     #: Plans, once, what of the raw image (or raw copy) the drives get: its file systems'
     #: free space is skipped (None: every byte).
     trim: TrimRule | None = None

@@ -115,7 +115,9 @@ def _detach_under(mounts: list[Path]) -> None:
 
 @pytest.fixture
 def throttle() -> Iterator[Callable[..., Callable[[int], None]]]:
-    """Slow drives down for one process: ``throttle((loop, bytes_per_s), ...)(pid)``.
+    """Slow drives down for one process: ``throttle((loop, bytes_per_s), ...)(pid)``; a
+    third member, ``(loop, bytes_per_s, iops)``, also limits requests per second (0 for
+    bytes_per_s: only that), as a stick whose every small write costs a flash page.
 
     A blkio (cgroup v1) group per call; processes are moved back and the group removed at the
     end.  Only direct I/O is throttled exactly, which is what popsicle-py does.
@@ -125,15 +127,19 @@ def throttle() -> Iterator[Callable[..., Callable[[int], None]]]:
         pytest.skip("needs root and the cgroup v1 blkio controller")
     groups: list[Path] = []
 
-    def make(*limits: tuple[Loop, int]) -> Callable[[int], None]:
+    def make(*limits: tuple[Loop, int] | tuple[Loop, int, int]) -> Callable[[int], None]:
         group = root / f"popsicle-test-{uuid.uuid4().hex[:8]}"
         group.mkdir()
         groups.append(group)
-        for loop, rate in limits:
+        for loop, rate, *iops in limits:
             major, minor = loop.major_minor
             for kind in ("write", "read"):
-                (group / f"blkio.throttle.{kind}_bps_device").write_text(
-                    f"{major}:{minor} {rate}\n")
+                if rate:
+                    (group / f"blkio.throttle.{kind}_bps_device").write_text(
+                        f"{major}:{minor} {rate}\n")
+                if iops:
+                    (group / f"blkio.throttle.{kind}_iops_device").write_text(
+                        f"{major}:{minor} {iops[0]}\n")
 
         def add(pid: int) -> None:
             (group / "cgroup.procs").write_text(f"{pid}\n")

@@ -35,6 +35,7 @@ from popsicle_py import (
 from popsicle_py.blockdev import OpenSpec, open_for_writing
 from popsicle_py.buffers import is_aligned
 from popsicle_py.engine import CANCEL_GRACE, HEAD
+from popsicle_py.pacing import Clock
 
 B = 64 << 10  # the bucket size most tests use: small, so that runs are fast
 HANG = 20.0  # no run in this file may take this long; a run that does is cancelled and fails
@@ -635,6 +636,25 @@ def test_stall_timeout_abandons_a_stuck_destination() -> None:
         stuck.release.set()
     assert_no_engine_threads()
     assert stuck.written <= B + B  # once released, the abandoned worker stops
+
+
+def test_a_clock_counts_small_requests_answered_as_progress_and_says_what_moved() -> None:
+    """Sixteen one-block requests answered within the stall timeout are progress (a capacity
+    probe on a stick slow at small writes); fewer are a stall that names them, not KiB."""
+    clock = Clock()
+    clock.waiting = False
+    clock.last_progress -= 10  # long past a 1 s limit
+    for _ in range(15):
+        clock.answered()
+    assert clock.stalled(time.monotonic(), 1.0)
+    assert clock.stall_reason(1.0) == ("stalled: only 15 small requests answered in 1 s (a dying "
+                                       "or fake drive?)")
+    clock.answered()
+    assert not clock.stalled(time.monotonic(), 1.0) and clock.answers == 0
+    clock.answered()  # one answer, then a hang: no progress
+    assert clock.stall_reason(1.0) == "stalled: no progress for 1 s"
+    clock.advance(300 << 10)  # bytes say what moved, whatever was answered
+    assert clock.stall_reason(1.0) == ("stalled: only 300 KiB in 1 s (a dying or fake drive?)")
 
 
 # --------------------------------------------------------------------------------------------

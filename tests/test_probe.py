@@ -314,6 +314,36 @@ def test_cli_probe_of_a_hung_drive_reports_on_time(faulty_drive: Callable[..., F
                         hung.path: ("failed", f"{hung.path}: stalled: no progress for 2 s")}
 
 
+@needs_root
+@pytest.mark.parametrize("command", ["probe", "flash", "erase"])
+def test_a_drive_slow_at_small_requests_is_not_stalled_by_its_probe(
+        command: str, loop_factory: Callable[..., Loop], throttle: Callable[..., Any],
+        tmp_path: Path) -> None:
+    """A stick that takes a flash page's time for every small write answers each of the
+    probe's hundreds of one-block requests, slowly: the probe takes longer than the stall
+    timeout, and that is no stall (each such drive failed as "stalled: no progress for 2 s"
+    before any byte was written)."""
+    drive = loop_factory(256 * MiB, fill=PATTERN)
+    add = throttle((drive, 0, 60))
+    image = tmp_path / "os.img"
+    data = os.urandom(4 * MiB)
+    image.write_bytes(data)
+    image_arg = [str(image)] if command == "flash" else []
+    options = {"probe": [], "flash": ["--bucket-size", "1M"], "erase": ["--fs", "none"]}
+    proc = subprocess.run([*popsicle_cmd(), command, *image_arg, drive.path, *options[command],
+                           "--yes", "--json", "--stall-timeout", "2"],
+                          capture_output=True, text=True, stdin=subprocess.DEVNULL,
+                          timeout=120, preexec_fn=lambda: add(os.getpid()))
+    events = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert proc.returncode == 0, (proc.stderr, events[-1])
+    assert [r["status"] for r in events[-1]["results"]] == ["ok"]
+    if command == "probe":
+        probed = next(e for e in events if e["event"] == "probe")
+        assert probed["ok"] and probed["elapsed"] > 2  # longer than the stall timeout
+    if command == "flash":
+        assert drive.read(len(data)) == data
+
+
 # -- a flash's probe: stamps the flash overwrites are not put back (issue 30) ------------------
 
 

@@ -50,7 +50,7 @@ if TYPE_CHECKING:
 
 
 def capacity_probe(image_size: int | None, bucket_size: int, written: Ranges = ()
-                   ) -> Callable[[BlockDevice], PutBack | None]:
+                   ) -> Callable[[BlockDevice, Callable[[], None]], PutBack | None]:
     """The probe a flash runs on each drive: every bucket boundary and the image's end.
     Its stamps inside ``written`` are left for the flash to overwrite, those in the head for
     the head's stamp (put back if the drive stops before it)."""

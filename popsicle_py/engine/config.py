@@ -37,9 +37,11 @@ SourceAt = Callable[[int, int], bytes]
 #: Puts back what a :data:`Prepare` changed on a destination, except in its first ``n`` bytes
 #: (what the head's stamp has overwritten since; 0: nothing).
 PutBack = Callable[[int], None]
-#: Run once before a destination is written; raises OSError to fail that destination.  What it
-#: returns, if anything, is called once: after the head's stamp, or as the lane ends before it.
-Prepare = Callable[[FileLike], PutBack | None]
+#: Run once before a destination is written: ``prepare(destination, answered)``, where
+#: ``answered()`` says one of its small requests came back (the stall clock's credit for it);
+#: raises OSError to fail that destination.  What it returns, if anything, is called once:
+#: after the head's stamp, or as the lane ends before it.
+Prepare = Callable[[FileLike, Callable[[], None]], PutBack | None]
 #: Run on a destination before its head: ``step(destination, progressed, stopped)``, where
 #: ``progressed(n)`` counts n bytes moved (a step that moves nothing for the stall timeout is a
 #: stall, as writing is) and ``stopped()`` says the lane is stopped (end at once, leaving nothing

@@ -212,11 +212,7 @@ class Supervisor:
             if lane.finished or lane.abandoned:
                 continue
             if lane.stalled(now, limit):
-                moved = lane.recent
-                why = (f"stalled: no progress for {limit:g} s" if not moved else
-                       f"stalled: only {moved // 1024} KiB in {limit:g} s (a dying or fake "
-                       "drive?)")
-                lane.error = Stalled(why)
+                lane.error = Stalled(lane.stall_reason(limit))
                 lane.abandoned = True
                 self._left(lane)
                 self._callback(self._errored(lane.id, lane.error))

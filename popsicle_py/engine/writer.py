@@ -169,7 +169,9 @@ class BusWriter(Builder):
         return self._set(select=selector)
 
     def prepare_each(self, prepare: Prepare | None) -> BusWriter:
-        """Run ``prepare(destination)`` on its own thread before writing it (a capacity probe).
+        """Run ``prepare(destination, answered)`` on its own thread before writing it (a
+        capacity probe; ``answered()`` after each of its small requests keeps the stall clock
+        from calling a slow but answering drive stalled).
 
         An OSError fails that destination before anything of the source is written to it.
         What it returns, if anything (a :data:`~.config.PutBack`), is called once the head's
@@ -395,7 +397,7 @@ class _WriteRun:
         if config.prepare is not None:
             lane.waiting = False
             lane.touch()
-            put_back = config.prepare(lane.dest)
+            put_back = config.prepare(lane.dest, lane.answered)
             lane.touch()
             lane.post(Msg.Stage(lane.id, Step.WRITING))
         if config.pipeline and self.held is not None:

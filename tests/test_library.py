@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from loopdev import Loop, python_env
 
-from popsicle_py.app.requests import available_memory
+from popsicle_py.app.requests import EngineOptions, available_memory, ring_refusal
 
 REPO = Path(__file__).resolve().parent.parent
 MiB = 1 << 20
@@ -107,3 +107,16 @@ def test_the_engine_example_writes_and_verifies_files(tmp_path: Path) -> None:
     assert "verified [True, True]" in done.stdout
     for name in ("a.img", "b.img"):
         assert (tmp_path / name).read_bytes()[:len(data)] == data
+
+
+def test_the_drives_own_buffers_count_with_the_ring() -> None:
+    """Each drive holds a read-back buffer of its own (4 MiB by default): a ring that fits
+    with one drive may not with 32 of them."""
+    engine = EngineOptions(256 << 20, 4)  # a ring of 1 GiB
+    available = (2 << 30) + (64 << 20)  # half: 1 GiB + 32 MiB
+    assert ring_refusal(engine, available, drives=1) is None
+    assert ring_refusal(engine, available, drives=8) is None
+    assert ring_refusal(engine, available, drives=32) == (
+        "a ring of 1 GiB (4 x 256 MiB) and 4 MiB per drive for 32 drives is more than half the "
+        "memory available (2.1 GiB): use a smaller --bucket-size or fewer --buckets")
+    assert ring_refusal(EngineOptions(), 64 << 20, drives=32) is None  # the default: never

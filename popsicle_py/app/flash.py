@@ -218,7 +218,7 @@ def prepare_flash(request: FlashRequest) -> PreparedFlash:
     targets, write = request.targets, request.write
     if not targets.devices and not targets.all_usb:
         raise Refused(["no target drives: name devices or use --all-usb"])
-    ring = ring_refusal(request.engine, available_memory())
+    ring = ring_refusal(request.engine, available_memory(), len(targets.devices))
     if ring is not None:  # here, not in the CLI: a library's request is checked too
         raise Refused([ring])
     if write.no_bmap and write.bmap is not None:
@@ -237,6 +237,10 @@ def prepare_flash(request: FlashRequest) -> PreparedFlash:
                          max_auto_size=targets.max_size)
     except Refused as exc:
         raise Refused([*exc.notes, *exc.lines]) from None
+    if targets.all_usb:  # how many drives, known only now
+        ring = ring_refusal(request.engine, available_memory(), len(plan.targets))
+        if ring is not None:
+            raise Refused([ring])
     if image_note is not None:
         plan = dataclasses.replace(plan, notes=(image_note, *plan.notes))
     personaliser = customize.for_flash(

@@ -16,6 +16,7 @@ from popsicle_py.defaults import (
     DEFAULT_REPAIR_ATTEMPTS,
     DEFAULT_STALL_TIMEOUT,
 )
+from popsicle_py.pacing import MAX_CALL
 from popsicle_py.records import record
 from popsicle_py.units import format_size
 
@@ -78,15 +79,25 @@ def available_memory() -> int | None:
     return None
 
 
-def ring_refusal(engine: EngineOptions, available: int | None) -> str | None:
-    """Why the ring cannot be had, or None.  ``available`` is the memory the system has for
-    new allocations (MemAvailable; None: unknown).  A ring above half of it would push out
-    the page cache and other programs, or have the run killed for memory halfway through a
-    write (the buckets are only touched as they fill): refused before anything starts."""
-    if engine.ring <= ALWAYS_ALLOWED_RING or available is None or engine.ring <= available // 2:
+def lane_memory(engine: EngineOptions) -> int:
+    """What each drive holds besides the ring: its read-back buffer, one read call (a laggard
+    on its own holds one such buffer instead)."""
+    return min(MAX_CALL, engine.bucket_size)
+
+
+def ring_refusal(engine: EngineOptions, available: int | None, drives: int = 1) -> str | None:
+    """Why the ring and the ``drives``' own buffers cannot be had, or None.  ``available`` is
+    the memory the system has for new allocations (MemAvailable; None: unknown).  Above half
+    of it, the run would push out the page cache and other programs, or be killed for memory
+    halfway through a write (the buckets are only touched as they fill): refused before
+    anything starts.  The default ring is never refused."""
+    need = engine.ring + drives * lane_memory(engine)
+    if engine.ring <= ALWAYS_ALLOWED_RING or available is None or need <= available // 2:
         return None
+    lanes = (f" and {format_size(lane_memory(engine))} per drive for {drives} drives"
+             if engine.ring <= available // 2 else "")  # said when they tip the balance
     return (f"a ring of {format_size(engine.ring)} ({engine.buckets} x "
-            f"{format_size(engine.bucket_size)}) is more than half the memory available "
+            f"{format_size(engine.bucket_size)}){lanes} is more than half the memory available "
             f"({format_size(available)}): use a smaller --bucket-size or fewer --buckets")
 
 

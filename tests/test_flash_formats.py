@@ -11,6 +11,7 @@ import bz2
 import gzip
 import hashlib
 import io
+import json
 import lzma
 import os
 import re
@@ -195,6 +196,38 @@ def test_refused_before_anything_is_written(case: str, force: bool, tmp_path: Pa
     assert len(lines(proc.stderr)) == 1, proc.stderr
     assert words in proc.stderr
     assert drive.read() == bytes([PATTERN]) * DRIVE
+
+
+END_ONLY = ["inside gzip", "standard input", "gzip on standard input", "URL"]
+
+
+@pytest.mark.parametrize("way", END_ONLY)
+def test_a_dmg_only_its_end_shows_fails_every_drive_with_its_head_unwritten(
+        way: str, tmp_path: Path, loop_factory: Callable[..., Loop]) -> None:
+    """An Apple disk image is known by its trailer alone: inside a .gz, or as a stream,
+    its end comes after the drives are written.  It was written raw and ended ok; now the
+    end is judged before the engine vouches, so no drive gets the head."""
+    dmg = _dmg(tmp_path, image_data()).read_bytes()
+    drives = [loop_factory(DRIVE, fill=PATTERN) for _ in range(2)]
+    paths = [d.path for d in drives]
+    if way == "inside gzip":
+        packed = tmp_path / "disk.img.gz"  # named as a disk image: only its end says DMG
+        packed.write_bytes(gzip.compress(dmg))
+        proc = run(str(packed), *paths, json=True)
+    elif way == "URL":
+        with serving() as server:
+            server.add("/disk.img", Served(dmg))
+            proc = run(server.url("/disk.img"), *paths, json=True)
+    else:
+        proc = run("-", *paths, json=True,
+                   stdin=gzip.compress(dmg) if way.startswith("gzip") else dmg)
+    assert proc.returncode == 1, proc.stderr
+    results = [json.loads(line) for line in proc.stdout.splitlines()][-1]["results"]
+    for r in results:
+        assert r["status"] == "failed", r
+        assert "is an Apple disk image (DMG)" in r["error"] and "dmg2img" in r["error"], r
+    for d in drives:
+        assert d.head_is_safe(dmg, PATTERN), d.read(32)
 
 
 def _windows_iso(d: Path) -> Path:

@@ -12,6 +12,7 @@ format is a new record in :data:`REGISTRY`; callers ask the record
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import TypeAlias
 
@@ -51,8 +52,11 @@ __all__ = [
     "damaged",
     "detect",
     "detect_format",
+    "end_refusal",
+    "ends_as",
     "judge",
     "name_warning",
+    "runnable",
 ]
 
 
@@ -190,6 +194,50 @@ def detect(head: bytes, tail: bytes = b"") -> Format:
     unrecognised is a raw image."""
     return next(f for f in REGISTRY
                 if f.matches(head) or (tail and f.at_end is not None and f.at_end(tail)))
+
+
+def ends_as(tail: bytes) -> Format | None:
+    """The format whose trailer ends ``tail`` (a DMG's, a zip's directory), if any: what a
+    stream shows only once it is read to its end."""
+    return next((f for f in REGISTRY if f.at_end is not None and f.at_end(tail)), None)
+
+
+def end_refusal(kind: Format, name: str) -> str:
+    """Why a stream that ends as ``kind`` does is no disk image."""
+    if kind.refusal is not None:
+        return kind.refusal.format(name=name)
+    return (f"{name} is a {kind.name} file (its end shows it), which cannot be read as a "
+            "stream: save it to a file and give its name")
+
+
+_LAYER = r" \(inside its (\S+) layer\)"
+
+
+def runnable(message: str, shown: str, stream: str | None = None) -> str:
+    """A refusal whose advice names the image in a command (`lzip -dk NAME`), made runnable.
+
+    A name that is no file (standard input, a URL: ``stream`` says what FILE then is) or an
+    inner layer (``NAME (inside its gzip layer)``) cannot be given to a command: the commands
+    name FILE, and the sentence says what FILE is.
+    """
+    inner = re.compile(re.escape(shown) + _LAYER)
+    layers: list[str] = []
+
+    def layer(m: re.Match[str]) -> str:
+        layers.append(m[1])
+        return "FILE"
+
+    def fix(command: re.Match[str]) -> str:
+        text = inner.sub(layer, command[0])
+        return text.replace(shown, "FILE") if stream is not None else text
+
+    fixed = re.sub(r"`[^`]*`", fix, message)
+    if fixed == message:
+        return message
+    if layers:
+        return (f"{fixed}, where FILE is what {shown}'s {layers[0]} layer holds, "
+                "decompressed into a file")
+    return f"{fixed}, where FILE is {stream}"
 
 
 def damaged(head: bytes) -> Format | None:

@@ -23,12 +23,16 @@ from popsicle_py.images.formats import (
     Format,
     Stored,
     by_name,
+    end_refusal,
+    ends_as,
     judge,
     name_warning,
+    runnable,
 )
 from popsicle_py.records import record
 
 __all__ = [
+    "EndJudged",
     "Image",
     "Replay",
     "decompress_to",
@@ -82,6 +86,47 @@ class Replay(io.RawIOBase):
     def close(self) -> None:
         if not self.closed:
             self._rest.close()
+        super().close()
+
+
+class EndJudged(io.RawIOBase):
+    """A stream judged at its end as a file is by its last bytes.
+
+    An Apple disk image shows only by its trailer: inside a .gz, or from standard input or a
+    URL, it would be written raw and end ok.  Its last :data:`TAIL_SIZE` bytes are kept as
+    they pass, and the read that finds the end raises ImageError when they end as a format
+    does: after every bucket is written, before the engine vouches for the source, so every
+    drive fails with its head (the partition table) never written.
+    """
+
+    def __init__(self, stream: io.RawIOBase | BinaryIO, name: str, shown: str,
+                 saved: str | None = None) -> None:
+        super().__init__()
+        self._stream = stream
+        self._tail = bytearray()
+        #: ``name`` in the refusal; ``shown`` and ``saved`` make its commands runnable (see
+        #: :func:`~.sample.runnable`).
+        self._words = (name, shown, saved)
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
+        view = memoryview(buffer).cast("B")
+        n = self._stream.readinto(view) or 0  # type: ignore[union-attr]
+        if n >= TAIL_SIZE:
+            self._tail[:] = view[n - TAIL_SIZE : n]
+        elif n:
+            self._tail += view[:n]
+            del self._tail[: max(0, len(self._tail) - TAIL_SIZE)]
+        elif len(view) and (kind := ends_as(bytes(self._tail))) is not None:
+            name, shown, saved = self._words
+            raise ImageError(runnable(end_refusal(kind, name), shown, saved))
+        return n
+
+    def close(self) -> None:
+        if not self.closed:
+            self._stream.close()
         super().close()
 
 
@@ -166,8 +211,9 @@ class Image:
         if decoder is None:
             raw: io.RawIOBase = open_file(self.path, self.path, tap)
             return raw
-        if not self.layers:
-            return decoder(self, tap)  # a zip's decoder leaves the tap unused: see tappable
+        if not self.layers:  # a zip's decoder leaves the tap unused: see tappable
+            return EndJudged(decoder(self, tap), f"{self.path} (inside its {self.format} "
+                             "layer)", self.path)
         stream = decoder(_Layer(self.path, self.outer_size, self.member), tap)
         above = self.format
         for i, name in enumerate(self.layers):
@@ -177,7 +223,7 @@ class Image:
             stream = inner(_Layer(f"{self.path} (inside its {above} layer)",
                                   self.size if last else None), raw=stream)
             above = name
-        return stream
+        return EndJudged(stream, f"{self.path} (inside its {above} layer)", self.path)
 
     @property
     def tappable(self) -> bool:
@@ -208,22 +254,25 @@ def read_head(image: Image, length: int) -> bytes:
         raise ImageError(f"{image.path} cannot be read: {e.strerror or e}") from None
 
 
-def open_stream(raw: BinaryIO, fmt: str, name: str, size: int | None = None) -> BinaryIO:
+def open_stream(raw: BinaryIO, fmt: str, name: str, size: int | None = None,
+                saved: str | None = None) -> BinaryIO:
     """Decode an already open stream of ``fmt`` data (a download, standard input) exactly as
-    open() decodes a file, with the layers inside it (each judged by its first bytes).
+    open() decodes a file, with the layers inside it (each judged by its first bytes), and
+    judged at its end as a file is by its last bytes (:class:`EndJudged`).
 
-    ``name`` is used in messages; ``size``, when known, is checked like a header's size (of the
-    outer layer's decoded bytes).  A zip needs its directory at the end of the file, so it
-    cannot be read from a stream.
+    ``name`` is used in messages (``saved`` says what FILE is in their commands); ``size``,
+    when known, is checked like a header's size (of the outer layer's decoded bytes).  A zip
+    needs its directory at the end of the file, so it cannot be read from a stream.
     """
     kind = by_name(fmt)
     if kind.decoder is None:
-        return raw
+        return EndJudged(raw, name, name, saved)  # type: ignore[return-value]
     if kind.needs_whole_file:
         raise ImageError(f"{name} is a {kind.name} file, which cannot be read as a stream: "
                          "save it to a file first")
-    stream, _ = peel(kind.decoder(_Layer(name, size), raw=raw), name, kind)
-    return stream  # type: ignore[return-value]
+    stream, inner = peel(kind.decoder(_Layer(name, size), raw=raw), name, kind)
+    where = f"{name} (inside its {(inner[-1] if inner else kind).name} layer)"
+    return EndJudged(stream, where, name, saved)  # type: ignore[return-value]
 
 
 def open_image(path: str) -> Image:

@@ -9,12 +9,11 @@ as that judgement needs, and kept: the stream that is written serves them again 
 from __future__ import annotations
 
 import io
-import re
 from collections.abc import Callable
 
 from popsicle_py import sanity
 from popsicle_py.images.files import ImageError
-from popsicle_py.images.formats import Format
+from popsicle_py.images.formats import Format, runnable
 from popsicle_py.images.image import LayerRefused, open_stream
 from popsicle_py.records import record
 
@@ -112,33 +111,3 @@ def take_sample(first: bytes, more: More, kind: Format, name: str,
     complete = ended and not source.cut
     whole = complete or len(head) >= sanity.HEAD_SIZE
     return Sample(bytes(source.kept), bytes(head) if whole else None, complete)
-
-
-_LAYER = r" \(inside its (\S+) layer\)"
-
-
-def runnable(message: str, shown: str, stream: str | None = None) -> str:
-    """A refusal whose advice names the image in a command (`lzip -dk NAME`), made runnable.
-
-    A name that is no file (standard input, a URL: ``stream`` says what FILE then is) or an
-    inner layer (``NAME (inside its gzip layer)``) cannot be given to a command: the commands
-    name FILE, and the sentence says what FILE is.
-    """
-    inner = re.compile(re.escape(shown) + _LAYER)
-    layers: list[str] = []
-
-    def layer(m: re.Match[str]) -> str:
-        layers.append(m[1])
-        return "FILE"
-
-    def fix(command: re.Match[str]) -> str:
-        text = inner.sub(layer, command[0])
-        return text.replace(shown, "FILE") if stream is not None else text
-
-    fixed = re.sub(r"`[^`]*`", fix, message)
-    if fixed == message:
-        return message
-    if layers:
-        return (f"{fixed}, where FILE is what {shown}'s {layers[0]} layer holds, "
-                "decompressed into a file")
-    return f"{fixed}, where FILE is {stream}"

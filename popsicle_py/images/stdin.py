@@ -96,7 +96,8 @@ class StdinImage:
             raw = tap.wrap(raw)  # type: ignore[arg-type]
         elif self.checksum is not None:
             raw = _Checked(raw, self.checksum)
-        return open_stream(raw, self.format, SHOWN)  # type: ignore[arg-type,return-value]
+        return open_stream(raw, self.format, SHOWN,  # type: ignore[arg-type,return-value]
+                           saved=_SAVED)
 
     def save(self, directory: str) -> str:
         """Copy the bytes as they come to a new private file in ``directory`` (``watch``

@@ -245,9 +245,9 @@ class RemoteImage:
             return local.open() if tap is None else local.open(tap)  # type: ignore[no-any-return]
         download = self.open_raw()
         raw: Any = download if tap is None else tap.wrap(download)
-        if not self.kind.decoded:
-            return download if tap is None else _Decoded(download, raw)  # type: ignore[return-value]
-        decoded = open_stream(raw, self.format, self.url)
+        # Judged at its end too (a DMG shows only there): see images.image.EndJudged.
+        decoded = open_stream(raw, self.format, self.url,
+                              saved=f"the file downloaded from {self.url}")
         return _Decoded(download, decoded)  # type: ignore[return-value]
 
     def read_at(self, offset: int, length: int) -> bytes:

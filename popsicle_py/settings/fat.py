@@ -109,7 +109,11 @@ def _gpt(read: Read) -> BootPartition:
 
 
 def geometry(boot: bytes) -> FatGeometry:
-    """The layout from a FAT boot sector (BIOS parameter block)."""
+    """The layout from a FAT boot sector (BIOS parameter block); raises :class:`FatError`
+    when the numbers do not make a file system (no cluster, a FAT too small for its clusters,
+    no data region), which nothing here could then read."""
+    if len(boot) < SECTOR:
+        raise FatError("the boot partition's FAT boot sector is cut short")
     (sector, per_cluster, reserved, fats, root_entries, total16, _, fat16, _, _, _,
      total32) = struct.unpack_from("<HBHBHHBHHHII", boot, 11)
     if sector not in (512, 1024, 2048, 4096) or per_cluster == 0 or fats == 0:
@@ -123,6 +127,9 @@ def geometry(boot: bytes) -> FatGeometry:
     data = root_offset + root_size
     clusters = (total - data) // (per_cluster * sector)
     bits = 32 if fat32 else (12 if clusters < 4085 else 16)
+    if clusters <= 0 or data >= total or fat_sectors * sector < -(-(clusters + 2) * bits // 8):
+        raise FatError("the boot partition's FAT boot sector is not valid (its sizes do not "
+                       "make a file system)")
     fsinfo_sector = struct.unpack_from("<H", boot, 48)[0] if fat32 else 0
     return FatGeometry(bits, sector, per_cluster * sector, first_fat, fat_sectors * sector,
                        fats, root_offset, root_size, data, clusters,
@@ -131,8 +138,11 @@ def geometry(boot: bytes) -> FatGeometry:
 
 
 def read_fat(geo: FatGeometry, data: bytes) -> list[int]:
-    """The first FAT as a list of entries (cluster -> next, 0 free)."""
+    """The first FAT as a list of entries (cluster -> next, 0 free); raises
+    :class:`FatError` when ``data`` is shorter than the FAT (a truncated image)."""
     count = geo.clusters + 2
+    if len(data) < -(-count * geo.bits // 8):
+        raise FatError("the boot partition's FAT is cut short")
     if geo.bits == 32:
         return [v & 0x0FFFFFFF for v in struct.unpack_from(f"<{count}I", data)]
     if geo.bits == 16:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 
+from popsicle_py.engine.head import head_length
 from popsicle_py.records import record
 from popsicle_py.settings.cloudinit import cloud_init_files
 from popsicle_py.settings.fat import (
@@ -27,6 +28,7 @@ from popsicle_py.settings.model import (
     SettingsError,
     check_format,
     load_settings,
+    read_input,
     redacted,
 )
 from popsicle_py.settings.values import (
@@ -46,10 +48,16 @@ CLOUD_INIT_NAMES = frozenset({"user-data", "meta-data", "network-config"})
 #: The files each format always writes besides the [files] (cloud-init: network-config too,
 #: with Wi-Fi).
 WRITTEN = {"cloud-init": ("user-data", "meta-data"), "firstrun": ("firstrun.sh", "cmdline.txt")}
+#: Every file a format may write (cloud-init: network-config with Wi-Fi only).
+FORMAT_NAMES = {"cloud-init": CLOUD_INIT_NAMES, "firstrun": frozenset(WRITTEN["firstrun"])}
 DIRENT = 32
-#: The engine writes the image's head last (up to its first partition, at least 64 KiB: see
-#: popsicle_py.engine.head): the boot partition must begin after 64 KiB.
+#: The engine writes the image's head last (up to its first partition, at least 64 KiB, at
+#: most 1 MiB: see popsicle_py.engine.head.head_length, judged from this much of the image):
+#: the boot partition must begin after the head.
 HEAD_LIMIT = 64 * 1024
+#: The boot sector's "dirty" flag (FAT12/16: byte 37, FAT32: byte 65), which ``fsck.vfat -n``
+#: (dosfstools 4.2) reports as "Dirty bit is set" (exit 1) whatever the extended signature.
+DIRTY_FLAG = {12: 37, 16: 37, 32: 65}
 
 
 def _size(n: int) -> str:
@@ -117,14 +125,28 @@ def inspect_boot(read: Read, chosen: str | None) -> BootImage:
     before Trixie), else cloud-init.  Raises :class:`SettingsError`."""
     try:
         part = find_boot_partition(read)
-        if part.offset < HEAD_LIMIT:
-            raise SettingsError("the image's boot partition begins in its first 64 KiB, "
-                                "which is written last; it cannot be customised")
+        head = head_length(read(0, HEAD_LIMIT))
+        if part.offset < head:
+            raise SettingsError(f"the image's boot partition begins in its first "
+                                f"{_size(head)}, which is written last; it cannot be "
+                                "customised")
 
         def in_part(offset: int, length: int) -> bytes:
-            return read(part.offset + offset, length)
+            data = read(part.offset + offset, length)
+            if len(data) < length:
+                raise FatError("the image ends inside its boot partition")
+            return data
 
-        geo = geometry(in_part(0, 512))
+        boot = in_part(0, 512)
+        geo = geometry(boot)
+        if geo.total > part.size:
+            raise FatError(f"its boot file system ({_size(geo.total)}) is larger than its "
+                           f"partition ({_size(part.size)})")
+        if boot[DIRTY_FLAG[geo.bits]] & 0x01:
+            raise SettingsError(
+                "the image's boot file system is marked dirty (it was imaged while mounted): "
+                "fsck.vfat would fail every drive; run fsck.vfat -a on the image's boot "
+                "partition, or unmount it cleanly before imaging")
         fat = read_fat(geo, in_part(geo.reserved, geo.fat_size))
         files = root_files(geo, fat, in_part, {"cmdline.txt", *CLOUD_INIT_NAMES})
         directories = frozenset(e.name.lower() for e in root_entries(geo, fat, in_part)
@@ -208,17 +230,19 @@ def load_customization(settings_path: str, values_path: str | None, chosen: str 
     values = None
     if values_path is not None:
         try:
-            with open(values_path, encoding="utf-8-sig", newline="") as handle:
-                text = handle.read()
-        except (OSError, UnicodeDecodeError) as exc:
-            raise SettingsError(f"{values_path}: {getattr(exc, 'strerror', None) or exc}"
-                                ) from None
+            text = read_input(values_path).decode("utf-8-sig")
+        except UnicodeDecodeError as exc:
+            raise SettingsError(f"{values_path}: {exc}") from None
         values = parse_values(text, values_path)
     check_templates(settings, values, settings_path)
     if chosen is not None and chosen not in FORMATS:
         raise SettingsError(f"unknown format {chosen!r} (known: {', '.join(FORMATS)})")
     boot = inspect_boot(read, chosen)
     check_format(settings, boot.format, settings_path)
+    own = sorted(FORMAT_NAMES[boot.format] & boot.directories)
+    if own:  # mcopy fails on it, with the drive written: refused before
+        raise SettingsError(f"the image's boot partition has a directory named {own[0]}, "
+                            f"where the {boot.format} format writes a file")
     taken = sorted(name for name, _ in settings.files if name.lower() in boot.directories)
     if taken:  # mcopy fails on it, with the drive written: refused before
         raise SettingsError(f"{settings_path}: [files] {taken[0]!r}: the image's boot "

@@ -23,8 +23,8 @@ import tomllib
 from popsicle_py.records import record
 from popsicle_py.settings.countries import COUNTRIES
 
-__all__ = ["REDACTED", "SECRET_KEYS", "Settings", "SettingsError", "Wifi", "check",
-           "check_format", "load_settings", "parse_settings", "redacted"]
+__all__ = ["INPUT_LIMIT", "REDACTED", "SECRET_KEYS", "Settings", "SettingsError", "Wifi",
+           "check", "check_format", "load_settings", "parse_settings", "read_input", "redacted"]
 
 REDACTED = "<redacted>"
 #: Settings never written in clear text anywhere but the drive's own Wi-Fi file (passphrase).
@@ -94,6 +94,8 @@ RESERVED_NAMES = frozenset({"user-data", "meta-data", "network-config", "firstru
 #: The largest extra file: it is held in memory (and must fit in the boot partition, checked
 #: once the image's is known; Raspberry Pi OS's is 512 MiB, mostly firmware).
 FILE_LIMIT = 256 << 20
+#: The largest settings or values file: each is read whole (a class's CSV is a few KiB).
+INPUT_LIMIT = 16 << 20
 _KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISBLK, "a block device"),
           (stat.S_ISCHR, "a character device"), (stat.S_ISFIFO, "a FIFO"),
           (stat.S_ISSOCK, "a socket"))
@@ -161,6 +163,8 @@ def _files(table: object, where: str, base: Path) -> tuple[tuple[str, bytes], ..
     left = FILE_LIMIT  # for them all: memory holds every one of them at once
     for name, path in sorted(table.items()):
         local = base / _str(where, f"[files] {name!r}", path)
+        if "\0" in str(local):  # os.open would raise ValueError
+            raise SettingsError(f"{where}: [files] {name!r}: the path holds a NUL character")
         try:
             data = _read_file(local, f"{where}: [files] {name!r}: {local}", left)
             left -= len(data)
@@ -171,7 +175,9 @@ def _files(table: object, where: str, base: Path) -> tuple[tuple[str, bytes], ..
     return tuple(out)
 
 
-def _read_file(local: Path, where: str, limit: int = FILE_LIMIT) -> bytes:
+def _read_file(local: Path | str, where: str, limit: int = FILE_LIMIT,
+               too_big: str = f"at most {FILE_LIMIT >> 20} MiB for all the [files] together"
+               ) -> bytes:
     """A regular file's bytes, at most ``limit`` (what FILE_LIMIT leaves of the [files]
     read before it), judged by what was opened (not by its
     path, which can change between a check and a read): never a device read to its end
@@ -183,8 +189,7 @@ def _read_file(local: Path, where: str, limit: int = FILE_LIMIT) -> bytes:
             kind = next((k for test, k in _KINDS if test(info.st_mode)), "not a file")
             raise SettingsError(f"{where}: not a regular file ({kind})")
         if info.st_size > limit:
-            raise SettingsError(f"{where}: {info.st_size} bytes; at most {FILE_LIMIT >> 20} "
-                                "MiB for all the [files] together")
+            raise SettingsError(f"{where}: {info.st_size} bytes; {too_big}")
         with open(fd, "rb", closefd=False) as handle:
             data = handle.read(info.st_size + 1)
         if len(data) > info.st_size:
@@ -212,17 +217,27 @@ def _boot_name(name: str, seen: dict[str, str], where: str) -> None:
     seen[name.lower()] = name
 
 
-def load_settings(path: str) -> Settings:
-    """Read and check a settings file; raises :class:`SettingsError`."""
+def read_input(path: str) -> bytes:
+    """A settings or values file's bytes: a regular file of at most INPUT_LIMIT (a device,
+    a FIFO or a huge file is refused, not read until memory runs out); raises
+    :class:`SettingsError`."""
+    if "\0" in path:
+        raise SettingsError(f"{path!r}: the path holds a NUL character")
     try:
-        with open(path, "rb") as handle:
-            data = tomllib.load(handle)
+        return _read_file(path, path, INPUT_LIMIT, f"at most {INPUT_LIMIT >> 20} MiB")
     except OSError as exc:
         raise SettingsError(f"{path}: {exc.strerror or exc}") from None
+
+
+def load_settings(path: str) -> Settings:
+    """Read and check a settings file; raises :class:`SettingsError`."""
+    raw = read_input(path)
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
     except tomllib.TOMLDecodeError as exc:
         raise SettingsError(f"{path}: not valid TOML: {exc}") from None
     except UnicodeDecodeError as exc:
-        line = exc.object[:exc.start].count(b"\n") + 1
+        line = raw[:exc.start].count(b"\n") + 1
         raise SettingsError(f"{path}: not UTF-8 text (line {line})") from None
     return parse_settings(data, path, Path(path).parent)
 

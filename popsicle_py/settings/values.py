@@ -66,28 +66,39 @@ class Values:
 def _norm(key: str, cell: str) -> str:
     """A key cell as compared: numbers without leading zeros (``07`` is seq 7)."""
     cell = cell.strip()
-    return str(int(cell)) if key != "serial" and cell.isdigit() else cell
+    return str(int(cell)) if key != "serial" and _number(cell) else cell
+
+
+def _number(cell: str) -> bool:
+    """ASCII digits only: ``str.isdigit`` also takes ``²``, which int() refuses."""
+    return cell.isascii() and cell.isdigit()
 
 
 def parse_values(text: str, path: str) -> Values:
     """The rows of a CSV file with a header line; raises :class:`SettingsError`."""
     reader = csv.DictReader(io.StringIO(text))
-    columns = tuple(c.strip() for c in (reader.fieldnames or ()))
+    try:
+        columns = tuple(c.strip() for c in (reader.fieldnames or ()))
+    except csv.Error as exc:
+        raise SettingsError(f"{path}: line {reader.reader.line_num}: {exc}") from None
     if not columns or any(not c for c in columns):
         raise SettingsError(f"{path}: the first line must name every column")
     if len(set(columns)) != len(columns):
         raise SettingsError(f"{path}: a column is named twice")
     rows = []
-    for number, raw in enumerate(reader, 2):
-        if None in raw or any(v is None for v in raw.values()):
-            raise SettingsError(f"{path}: line {number} has not {len(columns)} fields")
-        rows.append({k.strip(): v.strip() for k, v in raw.items() if k is not None})
+    try:
+        for number, raw in enumerate(reader, 2):
+            if None in raw or any(v is None for v in raw.values()):
+                raise SettingsError(f"{path}: line {number} has not {len(columns)} fields")
+            rows.append({k.strip(): v.strip() for k, v in raw.items() if k is not None})
+    except csv.Error as exc:  # a field over 128 KiB, a NUL
+        raise SettingsError(f"{path}: line {reader.reader.line_num}: {exc}") from None
     key = next((c for c in KEY_COLUMNS if c in columns), None)
     if key is not None:
         seen: set[str] = set()
         for number, row in enumerate(rows, 2):
             cell = row[key]
-            if not cell or (key == "seq" and not cell.isdigit()):
+            if not cell or (key == "seq" and not _number(cell)):
                 raise SettingsError(f"{path}: line {number}: {key} {cell!r} is not a number"
                                     if cell else f"{path}: line {number}: no {key}")
             norm = _norm(key, cell)

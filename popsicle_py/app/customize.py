@@ -181,13 +181,15 @@ class Personaliser:
                 del self._hostnames[hostname]
 
     def record(self, result: events.DriveResult) -> events.DriveResult:
-        """The result with the values written (only a drive whose step completed has them)."""
+        """The result with the values written (only a drive whose step completed has them),
+        and no device_sha256: the digest of the image's range read back in the verify pass,
+        before the boot files changed the drive (a failed step may have changed it too)."""
         key = (result.device, result.drive.seq if result.drive else None)
         if not result.ok:  # whatever failed it, before or after its step
             self._give_back(key)
         with self._lock:
             data = self._records.get(key) if result.ok else None
-        return result if data is None else dataclasses.replace(result, customized=data)
+        return dataclasses.replace(result, customized=data, device_sha256=None)
 
     def emitter(self, emit: Emit) -> Emit:
         """``emit`` with each drive's record in its result and in the summary."""

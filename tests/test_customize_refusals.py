@@ -1,0 +1,185 @@
+"""flash --customize refuses at load (one line, exit 2, no drive written) what would otherwise
+fail every drive after its whole write, or end in an "unexpected error": a dirty boot FAT, a
+file system larger than its partition, a boot partition inside the head the engine writes
+last, a directory named like a file the format writes, a truncated or nonsense boot sector,
+odd CSV cells, a NUL in a [files] path, a device given as the settings or the values.  A
+customised drive's result has no device_sha256 (its boot files are not the image's bytes)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import pi_image
+import pytest
+from conftest import Loop
+from test_customize import FILL, KEYS, SETTINGS, inputs, one_line, popsicle, summary_of
+
+from popsicle_py.engine.head import head_length
+
+pytestmark = pytest.mark.root
+BOOT = 4 << 20  # where pi_image puts the boot partition
+MIB = 1 << 20
+
+
+def _refused(tmp_path: Path, image: Path, loop_factory: Callable[..., Loop], *extra: object,
+             toml: Path | None = None, values: Path | None = None, size: int | None = None
+             ) -> str:
+    """The one line a flash of ``image`` with the settings says; the drive untouched."""
+    if toml is None or values is None:
+        toml, values = inputs(tmp_path)
+    loop = loop_factory(size or image.stat().st_size, fill=FILL)
+    done = popsicle("flash", image, loop.path, "--yes", "--customize", toml, "--values",
+                    values, *extra, timeout=60, limited=True)
+    line = one_line(done)
+    assert "unexpected error" not in line, line
+    assert Path(loop.backing).read_bytes() == bytes([FILL]) * loop.size
+    return line
+
+
+def _poke(image: Path, offset: int, data: bytes) -> None:
+    with open(image, "r+b") as f:
+        f.seek(offset)
+        f.write(data)
+
+
+@pytest.mark.parametrize("fat", [32, 16])
+def test_a_dirty_boot_fat_is_refused_at_load(tmp_path: Path, fat: int,
+                                             loop_factory: Callable[..., Loop]) -> None:
+    """A golden image read from a Pi with its boot partition mounted: fsck.vfat -n says
+    "Dirty bit is set" (exit 1) on every drive, after its whole write."""
+    image = pi_image.build(tmp_path, fat=fat)
+    at = BOOT + (65 if fat == 32 else 37)
+    _poke(image, at, bytes([image.read_bytes()[at] | 1]))
+    line = _refused(tmp_path, image, loop_factory)
+    assert "marked dirty" in line and "fsck.vfat -a" in line, line
+
+
+def test_a_boot_fat_larger_than_its_partition_is_refused_at_load(
+        tmp_path: Path, loop_factory: Callable[..., Loop]) -> None:
+    image = pi_image.build(tmp_path, table="mbr")  # 40 MiB of FAT32 in its partition
+    _poke(image, 446 + 12, ((39 * MIB) // 512).to_bytes(4, "little"))
+    line = _refused(tmp_path, image, loop_factory)
+    assert "larger than its partition" in line, line
+
+
+def test_a_boot_partition_inside_the_head_is_refused_at_load(
+        tmp_path: Path, loop_factory: Callable[..., Loop]) -> None:
+    """A GPT of 1024 entries (128 KiB) whose FAT begins at 256 KiB: the engine's head is
+    1 MiB (its table is not all in the first 64 KiB), stamped until the boot files are
+    written: the flash read the stamp as the boot sector and failed every drive."""
+    boot = tmp_path / "boot.vfat"
+    with open(boot, "wb") as f:
+        f.truncate(40 * MIB)
+    subprocess.run(["mkfs.vfat", "-F", "32", str(boot)], check=True, capture_output=True)
+    image = tmp_path / "early.img"
+    with open(image, "wb") as f:
+        f.truncate(256 * 1024 + 42 * MIB)
+    script = ("label: gpt\ntable-length: 1024\nfirst-lba: 264\n"
+              f"start=512, size={40 * MIB // 512}, type=EBD0A0A2-B9E5-4433-87C0-68B6B72699C7\n")
+    subprocess.run(["sfdisk", "-q", str(image)], input=script.encode(), check=True,
+                   capture_output=True)
+    _poke(image, 256 * 1024, boot.read_bytes())
+    assert head_length(image.read_bytes()[:64 << 10]) == MIB
+    line = _refused(tmp_path, image, loop_factory)
+    assert "is written last" in line, line
+
+
+@pytest.mark.parametrize(("name", "fmt"), [("firstrun.sh", "firstrun"),
+                                           ("meta-data", "cloud-init"),
+                                           ("network-config", "cloud-init")])
+def test_a_boot_directory_named_like_a_written_file_is_refused_at_load(
+        tmp_path: Path, loop_factory: Callable[..., Loop], name: str, fmt: str) -> None:
+    image = pi_image.build(tmp_path)
+    subprocess.run(["mmd", "-i", f"{image}@@{BOOT}", f"::/{name}"], check=True)
+    line = _refused(tmp_path, image, loop_factory, "--customize-format", fmt)
+    assert f"has a directory named {name}" in line, line
+
+
+@pytest.mark.parametrize("xz", [False, True])
+def test_a_truncated_image_is_refused_at_load(tmp_path: Path, xz: bool,
+                                              loop_factory: Callable[..., Loop]) -> None:
+    image = pi_image.build(tmp_path)
+    with open(image, "r+b") as f:
+        f.truncate(BOOT + 20000)
+    if xz:
+        subprocess.run(["xz", "-0", "-T1", str(image)], check=True)
+        image = image.with_name(image.name + ".xz")
+    line = _refused(tmp_path, image, loop_factory, "--force", size=BOOT + 1 * MIB)
+    assert "cannot customise this image" in line, line
+
+
+@pytest.mark.parametrize(("offset", "value"), [(36, 1), (32, 100), (36, 0xFFFFFFFF)])
+def test_a_nonsense_boot_sector_is_refused_at_load(tmp_path: Path, offset: int, value: int,
+                                                   loop_factory: Callable[..., Loop]) -> None:
+    """FAT32 sectors per FAT of 1 (or huge), total sectors of 100."""
+    image = pi_image.build(tmp_path)
+    _poke(image, BOOT + offset, value.to_bytes(4, "little"))
+    line = _refused(tmp_path, image, loop_factory)
+    assert "cannot customise this image" in line, line
+
+
+@pytest.mark.parametrize(("rows", "said"), [
+    (f"seq,hostname,ssh_key\n\u00b2,pi-01,{KEYS[0]}\n", "seq '²' is not a number"),
+    # A slot is a label (A1): ² is one, of no drive here.
+    (f"slot,hostname,ssh_key\n\u00b2,pi-01,{KEYS[0]}\n", "has no row for drive 1"),
+    (f"seq,hostname,ssh_key\n1,{'x' * (128 << 10)}y,{KEYS[0]}\n", "line 2:"),
+])
+def test_odd_csv_cells_are_refused(tmp_path: Path, loop_factory: Callable[..., Loop],
+                                   rows: str, said: str) -> None:
+    image = pi_image.build(tmp_path)
+    toml, values = inputs(tmp_path, rows=rows)
+    line = _refused(tmp_path, image, loop_factory, toml=toml, values=values)
+    assert "class.csv" in line and said in line, line
+
+
+def test_a_nul_in_a_files_path_is_refused(tmp_path: Path,
+                                          loop_factory: Callable[..., Loop]) -> None:
+    image = pi_image.build(tmp_path)
+    toml, values = inputs(tmp_path, SETTINGS + '[files]\n"a.txt" = "a\\u0000b"\n')
+    line = _refused(tmp_path, image, loop_factory, toml=toml, values=values)
+    assert "[files] 'a.txt'" in line and "NUL" in line, line
+
+
+@pytest.mark.parametrize("which", ["settings", "values"])
+def test_a_device_as_settings_or_values_is_refused(tmp_path: Path, which: str,
+                                                   loop_factory: Callable[..., Loop]) -> None:
+    """/dev/zero was read until memory ran out."""
+    image = pi_image.build(tmp_path)
+    toml, values = inputs(tmp_path)
+    if which == "settings":
+        toml = Path("/dev/zero")
+    else:
+        values = Path("/dev/zero")
+    line = _refused(tmp_path, image, loop_factory, toml=toml, values=values)
+    assert line.endswith("/dev/zero: not a regular file (a character device)"), line
+
+
+def test_a_fifo_as_values_is_refused(tmp_path: Path, loop_factory: Callable[..., Loop]) -> None:
+    image = pi_image.build(tmp_path)
+    toml, _ = inputs(tmp_path)
+    os.mkfifo(tmp_path / "fifo")
+    line = _refused(tmp_path, image, loop_factory, toml=toml, values=tmp_path / "fifo")
+    assert "not a regular file (a FIFO)" in line, line
+
+
+def test_a_customised_drive_has_no_device_sha256(tmp_path: Path,
+                                                 loop_factory: Callable[..., Loop]) -> None:
+    """Its boot files are written after the verify pass: the drive does not hold the image's
+    bytes, and no digest may say it does; a plain flash (read back whole) still has one."""
+    image = pi_image.build(tmp_path)
+    toml, values = inputs(tmp_path)
+    loop = loop_factory(image.stat().st_size)
+    done = popsicle("flash", image, loop.path, "--yes", "--json", "--no-trim", "--customize",
+                    toml, "--values", values)
+    assert done.returncode == 0, done.stderr
+    (result,) = summary_of(done.stdout)["results"]
+    assert result["customized"] is not None and result["device_sha256"] is None, result
+    results = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [e["device_sha256"] for e in results if e["event"] == "result"] == [None]
+    plain = popsicle("flash", image, loop.path, "--yes", "--json", "--no-trim")
+    assert plain.returncode == 0, plain.stderr
+    assert summary_of(plain.stdout)["results"][0]["device_sha256"]

@@ -183,3 +183,28 @@ def test_a_customised_drive_has_no_device_sha256(tmp_path: Path,
     plain = popsicle("flash", image, loop.path, "--yes", "--json", "--no-trim")
     assert plain.returncode == 0, plain.stderr
     assert summary_of(plain.stdout)["results"][0]["device_sha256"]
+
+
+def test_a_fat32_mtools_misreads_is_refused_at_load(tmp_path: Path,
+                                                    loop_factory: Callable[..., Loop]) -> None:
+    """FAT32 with fewer than 65525 clusters: mcopy takes it for FAT16 and fails every drive
+    ("No directory slots") after its write; fsck.vfat only warns."""
+    image = pi_image.build(tmp_path)
+    boot = tmp_path / "few.vfat"
+    with open(boot, "wb") as f:
+        f.truncate(32 * MIB)
+    subprocess.run(["mkfs.vfat", "-F", "32", "-s", "1", str(boot)], check=True,
+                   capture_output=True)
+    _poke(image, BOOT, boot.read_bytes())
+    line = _refused(tmp_path, image, loop_factory, "--customize-format", "cloud-init")
+    assert "FAT32 with" in line and "fewer than the 65525" in line, line
+
+
+def test_a_fat32_without_mirroring_is_refused_at_load(tmp_path: Path,
+                                                      loop_factory: Callable[..., Loop]) -> None:
+    """mtools writes the active FAT only: the first, read back, would not hold the files."""
+    image = pi_image.build(tmp_path)
+    for sector in (0, 6):  # and its backup, as fsck.vfat compares them
+        _poke(image, BOOT + sector * 512 + 40, b"\x81")
+    line = _refused(tmp_path, image, loop_factory)
+    assert "FAT mirroring off" in line, line

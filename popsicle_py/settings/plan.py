@@ -13,6 +13,7 @@ from popsicle_py.settings.cloudinit import cloud_init_files
 from popsicle_py.settings.fat import (
     BootPartition,
     FatError,
+    FatGeometry,
     Read,
     find_boot_partition,
     free_clusters,
@@ -58,6 +59,8 @@ HEAD_LIMIT = 64 * 1024
 #: The boot sector's "dirty" flag (FAT12/16: byte 37, FAT32: byte 65), which ``fsck.vfat -n``
 #: (dosfstools 4.2) reports as "Dirty bit is set" (exit 1) whatever the extended signature.
 DIRTY_FLAG = {12: 37, 16: 37, 32: 65}
+#: The fewest clusters of FAT32 (fewer is FAT16 by the specification, and to mtools).
+FAT32_MIN_CLUSTERS = 65525
 
 
 def _size(n: int) -> str:
@@ -142,6 +145,7 @@ def inspect_boot(read: Read, chosen: str | None) -> BootImage:
         if geo.total > part.size:
             raise FatError(f"its boot file system ({_size(geo.total)}) is larger than its "
                            f"partition ({_size(part.size)})")
+        _mtools_can_write(geo, boot)
         if boot[DIRTY_FLAG[geo.bits]] & 0x01:
             raise SettingsError(
                 "the image's boot file system is marked dirty (it was imaged while mounted): "
@@ -165,6 +169,21 @@ def inspect_boot(read: Read, chosen: str | None) -> BootImage:
         raise SettingsError("--customize-format firstrun needs cmdline.txt in the image's "
                             "boot partition (Raspberry Pi OS)")
     return BootImage(part, fmt, cmdline, space, directories)
+
+
+def _mtools_can_write(geo: FatGeometry, boot: bytes) -> None:
+    """FAT32 that mtools misreads: fewer clusters than FAT32 has by the specification (it
+    takes the file system for FAT16: "No directory slots"), or FAT mirroring off (it writes
+    the active FAT only, not the first, which the check reads back)."""
+    if geo.bits != 32:
+        return
+    if geo.clusters < FAT32_MIN_CLUSTERS:
+        raise SettingsError(f"cannot customise this image: its boot file system is FAT32 "
+                            f"with {geo.clusters} clusters, fewer than the "
+                            f"{FAT32_MIN_CLUSTERS} FAT32 needs, which mtools cannot write")
+    if boot[40] & 0x80:
+        raise SettingsError("cannot customise this image: its boot file system (FAT32) has "
+                            "FAT mirroring off, which mtools cannot write safely")
 
 
 @record

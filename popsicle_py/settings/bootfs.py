@@ -108,6 +108,34 @@ class _Stop(Exception):
     """The lane was stopped: the step ends at once, with nothing more read or run."""
 
 
+class _Moved:
+    """What the drive has read and written since the last look, from the kernel's counts of
+    its sectors (/sys/dev/block/MAJ:MIN/stat): mcopy's writes (and the reads the page cache
+    makes for its writes of less than a page), and the flush of them, move no byte of ours,
+    and the stall clock must see them move (a slow stick given 256 MiB of [files])."""
+
+    def __init__(self, fd: int) -> None:
+        rdev = os.fstat(fd).st_rdev
+        self.path = f"/sys/dev/block/{os.major(rdev)}:{os.minor(rdev)}/stat" if rdev else None
+        self.last = self._sectors()
+
+    def _sectors(self) -> int:
+        if self.path is None:
+            return 0
+        try:
+            with open(self.path, encoding="ascii") as stat:
+                fields = stat.read().split()
+            return int(fields[2]) + int(fields[6])  # sectors read, sectors written
+        except (OSError, ValueError, IndexError):
+            return 0
+
+    def moved(self) -> int:
+        """Bytes read and written since the last call."""
+        now = self._sectors()
+        moved, self.last = max(0, now - self.last) * 512, now
+        return moved
+
+
 class _Device:
     """Positional reads of one partition, from the medium (clean pages dropped first)."""
 
@@ -118,12 +146,43 @@ class _Device:
         self.part = part
         self.progressed = progressed  # the engine's stall clock: a read that moves counts
         self.stopped = stopped
+        self.moved = _Moved(self.fd)
 
     def close(self) -> None:
         os.close(self.fd)
 
+    def moving(self) -> bool:
+        """Tell the stall clock what the drive moved since the last look; whether it did."""
+        moved = self.moved.moved()
+        if moved:
+            self.progressed(moved)
+        return moved > 0
+
     def drop_cache(self) -> None:
-        os.fsync(self.fd)
+        """Flush what mcopy left in the page cache, then drop the clean pages.
+
+        The flush runs on a thread of its own while this one watches the drive's sectors
+        move (for the stall clock) and the lane's stop: at a slow stick's speed it can take
+        minutes.  A flush that never returns is left behind, as a hung write is."""
+        done = threading.Event()
+        failed: list[OSError] = []
+
+        def flush() -> None:
+            try:
+                os.fsync(self.fd)
+            except OSError as exc:
+                failed.append(exc)
+            finally:
+                done.set()
+
+        threading.Thread(target=flush, name="popsicle-boot-flush", daemon=True).start()
+        while not done.wait(POLL):
+            self.moving()
+            if self.stopped():
+                raise _Stop
+        self.moving()
+        if failed:
+            raise failed[0]
         os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_DONTNEED)
 
     def read(self, offset: int, length: int) -> bytes:
@@ -230,10 +289,11 @@ atexit.register(_end_children)
 signals.AT_QUIT.append(_kill_children)
 
 
-def _run(argv: list[str], what: str, stopped: Stopped, fd: int | None = None
-         ) -> subprocess.CompletedProcess[str]:
+def _run(argv: list[str], what: str, stopped: Stopped, fd: int | None = None,
+         moving: Callable[[], bool] = lambda: False) -> subprocess.CompletedProcess[str]:
     """Run a program to its end; killed and reaped as soon as ``stopped()`` (raises _Stop),
-    or after TIMEOUT (raises BootFsError): never left running behind the step."""
+    or after TIMEOUT with nothing ``moving()`` (raises BootFsError): never left running
+    behind the step."""
     if stopped():
         raise _Stop
     try:
@@ -254,8 +314,10 @@ def _run(argv: list[str], what: str, stopped: Stopped, fd: int | None = None
             except subprocess.TimeoutExpired:
                 if stopped():
                     raise _Stop from None
-                if time.monotonic() > deadline:
-                    raise BootFsError(f"{what}: {argv[0]} did not finish in {TIMEOUT:.0f} s"
+                if moving():
+                    deadline = time.monotonic() + TIMEOUT
+                elif time.monotonic() > deadline:
+                    raise BootFsError(f"{what}: {argv[0]} made no progress for {TIMEOUT:.0f} s"
                                       ) from None
                 continue
             return subprocess.CompletedProcess(argv, child.returncode, out, err)
@@ -264,7 +326,8 @@ def _run(argv: list[str], what: str, stopped: Stopped, fd: int | None = None
 
 
 def _mcopy(fd: int, part: BootPartition, files: Mapping[str, bytes],
-           stopped: Stopped = lambda: False) -> None:
+           stopped: Stopped = lambda: False, moving: Callable[[], bool] = lambda: False
+           ) -> None:
     with tempfile.TemporaryDirectory(prefix="popsicle-boot-") as tmp:
         paths = []
         for name, data in files.items():
@@ -273,7 +336,7 @@ def _mcopy(fd: int, part: BootPartition, files: Mapping[str, bytes],
                 handle.write(data)
             paths.append(path)
         done = _run([_tool("mcopy"), "-o", "-i", f"{_path(fd)}@@{part.offset}", *paths, "::/"],
-                    "writing the boot partition", stopped, fd)
+                    "writing the boot partition", stopped, fd, moving)
     if done.returncode != 0:
         raise BootFsError("mcopy failed: " + ("; ".join(said_lines(done.stderr)) or "?"))
 
@@ -345,7 +408,8 @@ def _write(fd: int, part: BootPartition, files: Mapping[str, bytes], fsck: bool,
             raise BootFsError(f"the boot partition: {exc}") from None
         checked = _in_use(geo, fat_before)
         before = dev.block_digests(_runs(checked))
-        _mcopy(fd, part, files, stopped)
+        dev.moved.moved()  # from here, what the drive moves is mcopy's (reads count themselves)
+        _mcopy(fd, part, files, stopped, dev.moving)
         dev.drop_cache()
         after = dev.block_digests(_runs(checked))
         try:

@@ -99,12 +99,14 @@ def test_a_boot_directory_named_like_a_written_file_is_refused_at_load(
     assert f"has a directory named {name}" in line, line
 
 
-@pytest.mark.parametrize("xz", [False, True])
-def test_a_truncated_image_is_refused_at_load(tmp_path: Path, xz: bool,
+@pytest.mark.parametrize(("xz", "table", "cut"), [(False, "mbr", BOOT + 20000),
+                                                  (True, "mbr", BOOT + 20000),
+                                                  (False, "gpt", 580)])  # in GPT's header
+def test_a_truncated_image_is_refused_at_load(tmp_path: Path, xz: bool, table: str, cut: int,
                                               loop_factory: Callable[..., Loop]) -> None:
-    image = pi_image.build(tmp_path)
+    image = pi_image.build(tmp_path, table=table)
     with open(image, "r+b") as f:
-        f.truncate(BOOT + 20000)
+        f.truncate(cut)
     if xz:
         subprocess.run(["xz", "-0", "-T1", str(image)], check=True)
         image = image.with_name(image.name + ".xz")

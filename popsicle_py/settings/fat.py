@@ -95,6 +95,8 @@ def _gpt(read: Read) -> BootPartition:
     header = read(SECTOR, 92)
     if header[:8] != b"EFI PART":
         raise FatError("the image's GPT header is missing")
+    if len(header) < 92:
+        raise FatError("the image's GPT header is cut short")
     entries_lba, count, size = struct.unpack_from("<QII", header, 72)
     table = read(entries_lba * SECTOR, min(count, 128) * size)
     for number in range(min(count, 128)):

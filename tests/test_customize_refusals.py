@@ -10,12 +10,14 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pi_image
 import pytest
 from conftest import Loop
+from loopdev import python_env
 from test_customize import FILL, KEYS, SETTINGS, inputs, one_line, popsicle, summary_of
 
 from popsicle_py.engine.head import head_length
@@ -210,3 +212,41 @@ def test_a_fat32_without_mirroring_is_refused_at_load(tmp_path: Path,
         _poke(image, BOOT + sector * 512 + 40, b"\x81")
     line = _refused(tmp_path, image, loop_factory)
     assert "FAT mirroring off" in line, line
+
+
+
+def test_a_partition_table_pointing_far_into_a_compressed_image_is_refused(
+        tmp_path: Path) -> None:
+    """A GPT whose entries lie 900 MiB into a 1 GiB image, as zstd: the load decoded the
+    image that far into memory (a MemoryError under a 1 GiB address space, or a machine's
+    memory for a larger image).  It decodes at most 256 MiB now and says why it stops.
+    (The load alone, as a library calls it: a flash checks the drive's size first.)"""
+    image = pi_image.build(tmp_path, table="gpt")
+    data = image.read_bytes()
+    far = 900 * MIB
+    big = tmp_path / "far.img"
+    with open(big, "wb") as f:
+        f.write(data[:512 + 72])
+        f.write((far // 512).to_bytes(8, "little"))  # where the entries are
+        f.write(data[512 + 80 :])
+        f.seek(far)
+        f.write(data[1024 : 1024 + 16384])  # the entries, moved there
+        f.truncate(1 << 30)
+    packed = tmp_path / "far.img.zst"
+    subprocess.run(["zstd", "-q", "-1", str(big), "-o", str(packed)], check=True)
+    big.unlink()
+    toml, values = inputs(tmp_path)
+    code = ("import resource, sys\n"
+            "resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))\n"
+            "from popsicle_py.app.customize import load\n"
+            "from popsicle_py.app.requests import CustomizeOptions\n"
+            "from popsicle_py.errors import Refused\n"
+            "from popsicle_py.images import open_image\n"
+            "try:\n"
+            f"    load(CustomizeOptions({str(toml)!r}, {str(values)!r}), "
+            f"open_image({str(packed)!r}))\n"
+            "except Refused as exc:\n"
+            "    sys.exit('refused: ' + ' '.join(exc.lines))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, env=python_env())
+    assert "past the first 256 MiB of the decompressed image" in done.stderr, done.stderr

@@ -36,10 +36,14 @@ __all__ = ["Personaliser", "context_of", "load"]
 Emit = Callable[[events.WatchEvent], None]
 #: Read at least this much of a compressed image at once (its boot partition's start).
 FIRST_READ = 16 << 20
+#: The most of a compressed image decoded into memory to find and read its boot partition:
+#: a partition table can point anywhere (a crafted GPT at the image's end).
+MOST_DECODED = 256 << 20
 
 
 class _ImageHead:
-    """Positional reads of the image's start, decompressing it once however often it is read."""
+    """Positional reads of the image: of a raw file by position, of a compressed one from its
+    start, decoded once however often it is read (at most :data:`MOST_DECODED`)."""
 
     def __init__(self, image: Image) -> None:
         self.image = image
@@ -47,6 +51,22 @@ class _ImageHead:
 
     def __call__(self, offset: int, length: int) -> bytes:
         end = offset + length
+        if length > MOST_DECODED or (end > MOST_DECODED and not self.image.seekable_raw):
+            from popsicle_py.settings.fat import FatError
+
+            raise FatError(f"its boot partition lies past the first {MOST_DECODED >> 20} MiB "
+                           "of the decompressed image, more than is decoded to customise it: "
+                           "decompress the image and give the file" if length <= MOST_DECODED
+                           else f"its partition table asks for {length} bytes at once")
+        if self.image.seekable_raw:
+            import os
+
+            try:
+                with open(self.image.path, "rb") as raw:
+                    return os.pread(raw.fileno(), length, offset)
+            except OSError as exc:
+                raise ImageError(f"{self.image.path} cannot be read: {exc.strerror or exc}"
+                                 ) from None
         if end > len(self.data):
             want = max(end, 2 * len(self.data), FIRST_READ)
             if self.image.size is not None:

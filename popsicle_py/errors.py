@@ -118,8 +118,10 @@ class SourceStalled(OSError):
     """Reading the image made (almost) no progress for the stall timeout: its disk or network
     share hangs (ETIMEDOUT).  No drive can hold the image; every one fails."""
 
-    def __init__(self, limit: float, moved: int) -> None:
+    def __init__(self, limit: float, moved: int, spill: str | None = None) -> None:
         super().__init__(errno.ETIMEDOUT, (
+            f"keeping the decompressed image in {spill} stalled: a write made no progress "
+            f"for {limit:g} s (is the disk it is on hung? set TMPDIR to another)" if spill else
             f"reading the image stalled: no data for {limit:g} s (is the disk or network "
             "share it is on hung?)" if not moved else
             f"reading the image stalled: only {moved // 1024} KiB in {limit:g} s"))

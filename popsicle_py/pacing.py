@@ -65,6 +65,9 @@ class Clock:
         self.last_progress = time.monotonic()
         self.recent = 0  # bytes moved since last_progress, short of STALL_BYTES
         self.answers = 0  # small requests answered since last_progress (see answered)
+        #: The spill file's directory while the reader writes a bucket there: a stall then
+        #: names it, not the image.
+        self.spilling: str | None = None
 
     def touch(self) -> None:
         """A new step begins (or a wait ended): the stall clock starts again."""

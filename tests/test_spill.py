@@ -134,3 +134,68 @@ def test_a_spill_without_room_falls_back_to_lock_step(
     assert any("slowest one's pace" in n and why in n for n in notes), notes
     for drive in drives:
         assert drive.read(len(data)) == data
+
+
+def _feed(pipe: Any, data: bytes) -> None:
+    """Write ``data`` and close, whatever the reader at the other end does meanwhile."""
+    try:
+        pipe.write(data)
+        pipe.close()
+    except (BrokenPipeError, ValueError):  # the run ended (or the test closed it) first
+        pass
+
+
+@needs_root
+def test_a_spill_directory_whose_writes_hang_fails_the_run_on_time(
+        loop_factory: Callable[..., Loop], tmp_path: Path) -> None:
+    """The spill's file system frozen mid-run (as a hung disk under /var/tmp would be): the
+    reader's next append never returned, and every drive waited for data, which is never a
+    stall: the run hung for good.  The append is on the reader's stall clock now: every
+    drive fails on time, naming the spill's directory, and no drive gets the head."""
+    import select
+    import time
+
+    from loopdev import mounted_ext4
+
+    store = loop_factory(512 << 20)  # the spill leaves 256 MiB free (sparse in /dev/shm)
+    drive = loop_factory(32 << 20, fill=0x5A)
+    data = os.urandom(24 << 20)
+    with mounted_ext4(store.path) as spill:
+        proc = subprocess.Popen(
+            [*popsicle_cmd(), "flash", "-", drive.path, "--yes", "--json", "--no-probe",
+             "--force", "--bucket-size", "1M", "--stall-timeout", "2"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            env={**os.environ, "TMPDIR": spill})
+        assert proc.stdin is not None and proc.stdout is not None
+        frozen = False
+        try:
+            proc.stdin.write(data[: 8 << 20])
+            proc.stdin.flush()
+            events: list[dict[str, Any]] = []
+            deadline = time.monotonic() + 60
+            buffered = b""
+            while not events or events[-1]["event"] != "summary":
+                left = deadline - time.monotonic()
+                assert left > 0, events[-3:]
+                if not select.select([proc.stdout], [], [], left)[0]:
+                    continue
+                chunk = os.read(proc.stdout.fileno(), 65536)
+                assert chunk, (events[-3:], proc.stderr.read() if proc.stderr else "")
+                buffered += chunk
+                *lines, buffered = buffered.split(b"\n")
+                events += [json.loads(line) for line in lines]
+                if not frozen and any(e["event"] == "progress" for e in events):
+                    subprocess.run(["fsfreeze", "-f", spill], check=True)
+                    frozen = True
+                    # The reader spills the rest: its write hangs, and so may this feed.
+                    threading.Thread(target=_feed, args=(proc.stdin, data[8 << 20 :]),
+                                     daemon=True).start()
+        finally:
+            if frozen:
+                subprocess.run(["fsfreeze", "-u", spill], check=True)
+            if proc.poll() is None:
+                proc.wait(timeout=60)
+    [result] = events[-1]["results"]
+    assert result["status"] == "failed", result
+    assert f"keeping the decompressed image in {spill} stalled" in result["error"], result
+    assert drive.head_is_safe(data, 0x5A), drive.read(32)

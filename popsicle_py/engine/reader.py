@@ -280,7 +280,17 @@ class Reader:
         """
         spill = self.spill
         assert spill is not None
-        if spill.stopped is not None or spill.append(offset, data):
+        if spill.stopped is not None:
+            return
+        # On the stall clock: a spill directory on a hung disk would hold the reader, and
+        # with it every drive, for good (each lane waits for data, never a stall).
+        self.clock.spilling = spill.directory
+        try:
+            with self.clock.busy():
+                appended = spill.append(offset, data)
+        finally:
+            self.clock.spilling = None
+        if appended:
             return
         with self.ring.cond:
             self.laggards = False

@@ -221,7 +221,7 @@ class Supervisor:
         limit = self._stall_timeout
         if limit is None or not source.stalled(now, limit):
             return None
-        return SourceStalled(limit, source.recent)
+        return SourceStalled(limit, source.recent, source.spilling)
 
     def _guard(self, lane: Lane, task: Callable[[Lane], None]) -> None:
         keep_signals_for_main_thread()

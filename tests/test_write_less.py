@@ -418,3 +418,37 @@ def test_block_map_ranges_inside_the_head_are_held_too(
     assert result(evs, dying.path)["status"] == "failed"
     probe = subprocess.run(["blkid", "-p", dying.path], capture_output=True, text=True).stdout
     assert "TYPE=" not in probe and "PTTYPE=" not in probe, probe
+
+
+def test_a_block_map_whose_first_range_is_past_the_head_still_gets_its_head_written(
+        loop_factory: Callable[..., Loop], tmp_path: Path) -> None:
+    """An image whose first MiB is unmapped (zeros) and a drive holding an old partition
+    table: the head is the image's zeros all the same, stamped first and written last.  The
+    drive ended ok with the old table over the new data (and a drive that died mid-write kept
+    it too: no stamp was written)."""
+    path = tmp_path / "late.img"
+    data = bytearray(8 * MiB)
+    data[2 * MiB : 5 * MiB] = os.urandom(3 * MiB)
+    with open(path, "wb") as f:  # sparse: only the data is mapped
+        f.truncate(len(data))
+        f.seek(2 * MiB)
+        f.write(data[2 * MiB : 5 * MiB])
+    subprocess.run(["bmaptool", "create", str(path), "-o", f"{path}.bmap"], check=True,
+                   capture_output=True)
+    assert "<Range" in Path(f"{path}.bmap").read_text() and " 512-1279 " in Path(
+        f"{path}.bmap").read_text()  # one range, 2 to 5 MiB
+    drive = loop_factory(16 * MiB, fill=PATTERN)
+    old = bytearray(4096)  # the table of an image written before
+    old[446:462] = bytes([0, 0, 0, 0, 0x83, 0, 0, 0]) + (2048).to_bytes(4, "little") \
+        + (8192).to_bytes(4, "little")
+    old[510:512] = b"\x55\xaa"
+    with open(drive.backing, "r+b") as f:
+        f.write(old)
+    rc, evs, err = flash(str(path), drive.path, "--force")
+    assert rc == 0, err
+    assert result(evs, drive.path)["status"] == "ok"
+    on_drive = drive.read(len(data))
+    assert on_drive[:HEAD] == bytes(HEAD)  # the image's head: no old table
+    assert on_drive[HEAD : 2 * MiB] == bytes([PATTERN]) * (2 * MiB - HEAD)  # unmapped
+    assert on_drive[2 * MiB : 5 * MiB] == data[2 * MiB : 5 * MiB]
+    assert on_drive[5 * MiB :] == bytes([PATTERN]) * (3 * MiB)  # unmapped past the head

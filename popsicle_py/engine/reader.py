@@ -306,6 +306,11 @@ class Reader:
             self.head_limit = head_length(data) if offset == 0 else HEAD
         limit = self.head_limit
         if offset >= limit:
+            if not self.held_length and not self._head_recorded:
+                # A block map whose first range lies past the head: the head is all holes,
+                # the image's zeros, held all the same (stamped first, written last), or the
+                # drive keeps the table it had over the new data.
+                self.held_length = limit
             return 0
         assert not self._head_recorded, "reads in order (only_extents checks the ranges)"
         n = min(len(data), limit - offset)

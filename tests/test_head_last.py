@@ -315,6 +315,10 @@ def assert_stamp_written_back(drive: FaultyDrive, data: bytes, evs: list[dict[st
     log = [line.split() for line in drive.log.read_text().splitlines()]
     hung = next(i for i, (_, _, what) in enumerate(log) if what == "read-hang")
     assert any(offset == "0" for offset, _, _ in log[hung + 1:]), log[hung:]
+    notes = [e["text"] for e in evs if e["event"] == "note"]
+    assert f"{drive.path}: given up inside its head's write or read-back; the stamp goes back " \
+        "over the image's head once that call returns (the process could not end before it " \
+        "anyway)" in notes, notes
     said = result(evs, drive.path)["error"]  # in the summary, said before the run ended
     assert said.endswith("; the image's first 1 MiB were overwritten again"), said
 

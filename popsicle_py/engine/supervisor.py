@@ -32,6 +32,7 @@ from popsicle_py.blockdev import FileLike, as_oserror
 from popsicle_py.engine.config import CANCEL_GRACE, POLL, UNDO_GRACE
 from popsicle_py.engine.lane import Clock, Lane, Late
 from popsicle_py.errors import Cancelled, SourceStalled, Stalled
+from popsicle_py.events import Note
 from popsicle_py.records import record
 
 #: Process signals that a worker thread must never take.
@@ -188,17 +189,26 @@ class Supervisor:
         """Wait for lanes given up with their head at risk to put the stamp back (see the
         module docstring); deliver what they post meanwhile."""
         deadline = time.monotonic() + UNDO_GRACE
+        said: set[int] = set()
         while True:
             pending = [lane for lane in self.lanes
                        if lane.abandoned and lane.at_risk and not lane.finished]
             if not pending:
                 return
             now = time.monotonic()
-            if any(not lane.undoing and getattr(lane.dest, "in_call", False)
-                   for lane in pending):
+            hung = [lane for lane in pending
+                    if not lane.undoing and getattr(lane.dest, "in_call", False)]
+            if hung:
                 deadline = now + UNDO_GRACE  # the call the process waits for anyway
             elif now > deadline:
                 return
+            for lane in hung:
+                if lane.id not in said:
+                    said.add(lane.id)
+                    self._callback(Note(
+                        f"{getattr(lane.dest, 'path', 'a drive')}: given up inside its head's "
+                        "write or read-back; the stamp goes back over the image's head once "
+                        "that call returns (the process could not end before it anyway)"))
             hear_signals_on_main_thread()
             try:
                 message = self.outbox.get(timeout=POLL)

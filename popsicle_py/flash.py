@@ -190,8 +190,7 @@ class _Drive:
         self.error: str | None = None
         self.mismatch: int | None = None
         self.ended: float | None = None
-        #: Said after a failure once the head had begun to be written (see HeadUndone).
-        self.head_note: str | None = None
+        self.head_note: str | None = None  # said on a failure once the head began (HeadUndone)
 
     @property
     def live(self) -> bool:
@@ -258,8 +257,7 @@ class _Job:
         """Free every descriptor, whatever the drive's end (see BlockDevice.close).
 
         A drive whose last call has not returned (hung in the kernel) gets a note: the summary
-        comes now, but the process can only end once the kernel gives that call up.
-        """
+        comes now, but the process can only end once the kernel gives that call up."""
         for drive in self.drives:
             with contextlib.suppress(OSError):
                 drive.device.close()
@@ -380,6 +378,9 @@ class FlashJob(_Job):
                     self._fail(drive, why)
                 case BusWriterMessage.HeadUndone(length=length, done=done):
                     drive.head_note = failures.head_undone(length, done)
+                    if not drive.live:  # given up (a stall) while its head was at risk
+                        drive.error = f"{drive.error}; {drive.head_note}"
+                        self.emit(Note(f"{drive.path}: {drive.head_note}"))
                 case BusWriterMessage.Completed(sha256=digest):
                     drive.device_sha256 = digest
                     self._end(drive, Status.OK)

@@ -16,7 +16,8 @@ The file is opened with FUSE ``direct_io``: every read of the loop device then r
 process (a buffered FUSE file would answer read-back from the page cache, and read faults would
 never be seen).  The control file (JSON, one object of faults) is re-read whenever it changes;
 every request checks it first, so a fault set by ``FaultyDrive.set`` applies to the very next
-request.  Each write is logged as ``offset length outcome`` to the log file.
+request.  Each write is logged as ``offset length outcome`` to the log file (and each read
+that ``read_hang_after`` holds, as ``offset length read-hang``).
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ os.environ.setdefault("FUSE_LIBRARY_NAME", "fuse3")
 import mfusepy
 
 FAULT_NAMES = ("drop_writes_after", "wrap", "bad_write", "bad_write_times", "bad_read",
-               "flip_bit", "crawl", "hang", "recent_after", "bad_read_from", "bad_write_from")
+               "flip_bit", "crawl", "hang", "recent_after", "bad_read_from", "bad_write_from",
+               "read_hang_after")
 NAME = "disk"
 
 
@@ -189,6 +191,7 @@ class FaultFS(mfusepy.Operations):  # type: ignore[misc]
                 self.read_counts[key] = count = self.read_counts.get(key, 0) + 1
             if count >= late[2]:
                 raise OSError(errno.EIO, "bad read (from the k-th on)")
+        self._read_hang(faults, offset, size)
         self._pace(faults, offset, size)
         data = bytearray(size)
         for at, physical, n in self._pieces(faults, offset, size):
@@ -209,11 +212,31 @@ class FaultFS(mfusepy.Operations):  # type: ignore[misc]
                 data[flip[0] - offset] ^= 0x01
         return bytes(data)
 
+    def _read_hang(self, faults: dict[str, Any], offset: int, size: int) -> None:
+        """``read_hang_after=[start, end, n, secs]``: once byte ``start`` was written ``n``
+        times, the first read of [start, end) sleeps ``secs`` (logged as ``read-hang``)."""
+        spec = faults.get("read_hang_after")
+        if not spec or not _overlaps(offset, size, spec[0], spec[1]):
+            return
+        key = ("read_hang_after", *spec)
+        with self.lock:
+            due = self.failures.get(key, 0) >= spec[2] and key not in self.fired
+            if due:
+                self.fired.add(key)
+        if due:
+            self._log(offset, size, "read-hang")
+            self._sleep_while("read_hang_after", spec, time.monotonic() + spec[3])
+
     def write(self, path: str, data: bytes, offset: int, fh: Any) -> int:
         faults = self.reload()
         length = len(data)
         if offset + length > self.size:
             raise OSError(errno.ENOSPC, "past the end")
+        spec = faults.get("read_hang_after")
+        if spec and offset <= spec[0] < offset + length:  # counted for read_hang_after
+            key = ("read_hang_after", *spec)
+            with self.lock:
+                self.failures[key] = self.failures.get(key, 0) + 1
         hang = faults.get("hang")
         if hang and offset <= hang[0] < offset + length:
             key = ("hang", *hang)

@@ -162,15 +162,22 @@ class FaultyFile:
                 pos += n
         return bytes(out)
 
+    def _logged(self) -> list[tuple[int, int, str]]:
+        return [(int(a), int(b), c) for a, b, c in
+                (line.split() for line in self.log.read_text().splitlines())]
+
     def writes(self) -> list[tuple[int, int]]:
         """Every write the daemon was asked for, as (offset, length), in arrival order."""
-        return [(int(a), int(b)) for a, b, *_ in
-                (line.split() for line in self.log.read_text().splitlines())]
+        return [(offset, length) for offset, length, _ in self.write_outcomes()]
 
     def write_outcomes(self) -> list[tuple[int, int, str]]:
         """Every write with what became of it: stored, dropped, partial:N, eio, hang."""
-        return [(int(a), int(b), c) for a, b, c in
-                (line.split() for line in self.log.read_text().splitlines())]
+        return [entry for entry in self._logged() if entry[2] != "read-hang"]
+
+    def read_hangs(self) -> list[tuple[int, int]]:
+        """The reads ``read_hang_after`` held, as (offset, length), once each began."""
+        return [(offset, length) for offset, length, what in self._logged()
+                if what == "read-hang"]
 
     def ever_written(self, start: int, end: int) -> bool:
         """Whether any write request touched [start, end)."""

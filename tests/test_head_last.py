@@ -14,12 +14,14 @@ import json
 import os
 import signal
 import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 from conftest import Loop, needs_root, popsicle_cmd
+from faulty import FaultyDrive
 
 MiB = 1 << 20
 HEAD = 64 << 10
@@ -280,3 +282,84 @@ def test_a_drive_reading_alone_a_file_changed_since_the_reader_fails_as_the_sour
                           f"{21 * MiB - 1}, read again for this drive, differ"), r
     assert slow.head_is_stamped(data)
     assert "TYPE=" not in signature(slow)
+
+
+# -- given up inside the head's read-back (a stall, a Ctrl-C) -------------------------------------
+
+#: The head's read-back hangs this long: its last write is the second write to touch byte 0
+#: (the stamp was the first).
+READ_HANG = 6
+
+
+def stamped(head: bytes, image: bytes) -> bool:
+    """``Loop.head_is_stamped`` for bytes read past a FaultyDrive's faults."""
+    blocks = range(0, HEAD, 4096)
+    return len(set(head[:4096])) > 200 and not any(
+        head[i : i + 4096] == image[i : i + 4096] for i in blocks if any(image[i : i + 4096]))
+
+
+def flash_hanging_head(image: Path, drive: FaultyDrive, stall_timeout: int
+                       ) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [*popsicle_cmd(), *FLASH, str(image), drive.path, "--yes", "--json", "--no-probe",
+         "--stall-timeout", str(stall_timeout)], stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+
+
+def assert_stamp_written_back(drive: FaultyDrive, data: bytes, evs: list[dict[str, Any]]) -> None:
+    hangs = drive.read_hangs()
+    assert [offset for offset, _ in hangs] == [0], hangs
+    assert stamped(drive.read(0, HEAD), data), "the drive holds the image's head"
+    assert drive.read(MiB, len(data) - MiB) == data[MiB:]  # all but the head (1 MiB) written
+    # The stamp went back after the hung read: a write at byte 0 is logged after it.
+    log = [line.split() for line in drive.log.read_text().splitlines()]
+    hung = next(i for i, (_, _, what) in enumerate(log) if what == "read-hang")
+    assert any(offset == "0" for offset, _, _ in log[hung + 1:]), log[hung:]
+    notes = [e["text"] for e in evs if e["event"] == "note"]
+    assert f"{drive.path}: given up inside its head's write or read-back; the stamp goes back " \
+        "over the image's head once that call returns (the process could not end before it " \
+        "anyway)" in notes, notes
+    said = result(evs, drive.path)["error"]  # in the summary, said before the run ended
+    assert said.endswith("; the image's first 1 MiB were overwritten again"), said
+
+
+def test_a_drive_stalled_in_its_heads_read_back_ends_holding_the_stamp(
+        faulty_drive: Callable[..., FaultyDrive], tmp_path: Path) -> None:
+    """Given up as stalled while its head reads back: once that read returns, the stamp goes
+    back over the head before the run ends (the device is not closed under the lane)."""
+    image = tmp_path / "fat.img"
+    data = vfat_image(image, 24 * MiB)
+    drive = faulty_drive(32 * MiB, fill=PATTERN, read_hang_after=(0, MiB, 2, READ_HANG))
+    proc = flash_hanging_head(image, drive, 2)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1, err
+    evs = events_of(out)
+    assert result(evs, drive.path)["cause"] == "stalled", result(evs, drive.path)
+    assert_stamp_written_back(drive, data, evs)
+
+
+def test_a_drive_cancelled_in_its_heads_read_back_ends_holding_the_stamp(
+        faulty_drive: Callable[..., FaultyDrive], tmp_path: Path) -> None:
+    """Ctrl-C while the head's read-back hangs: past the cancel's grace the lane is given up,
+    and the stamp still goes back once its read returns."""
+    image = tmp_path / "fat.img"
+    data = vfat_image(image, 24 * MiB)
+    drive = faulty_drive(32 * MiB, fill=PATTERN, read_hang_after=(0, MiB, 2, READ_HANG))
+    proc = flash_hanging_head(image, drive, 30)
+    assert proc.stdout is not None
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        event = json.loads(line)
+        if (event["event"], event.get("phase")) == ("phase", "syncing"):
+            break  # the head is being written: its read-back comes next
+    deadline = time.monotonic() + 20
+    while not drive.read_hangs():  # the hung read-back has reached the drive
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    evs = events_of("".join(lines) + out)
+    assert result(evs, drive.path)["status"] == "cancelled", result(evs, drive.path)
+    assert_stamp_written_back(drive, data, evs)

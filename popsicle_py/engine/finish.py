@@ -24,7 +24,9 @@ From the head's first write until it reads back, a lane that fails (an error, a 
 not read back) or is stopped (a cancel, a stall) gets the stamp written back over the head
 (:meth:`Finisher._undo`, best effort, said in a ``HeadUndone`` message before its failure): a
 failed drive never ends holding the image's head, unless the process is killed (SIGKILL) or a
-write stays stuck in the kernel past the process's end.
+write stays stuck in the kernel past the process's end.  A lane given up meanwhile (a stall, a
+cancel's grace over) is :attr:`Lane.at_risk`: its thread still writes the stamp back once its
+call returns, the supervisor waits for that and delivers its ``HeadUndone`` (a late message).
 """
 
 from __future__ import annotations
@@ -159,8 +161,6 @@ class Finisher:
         #: Where the head goes until the image's own may be written (random: no signature).
         self.stamp_bytes = memoryview(aligned_buffer(HEAD))
         self.stamp_bytes[:] = os.urandom(HEAD)
-        #: Lanes whose head is being written, not yet checked: a failure now undoes it.
-        self._at_risk: set[int] = set()
         #: Per lane: the image range's SHA-256, once a whole verify pass read every extent right.
         self.device_sha256: dict[int, str] = {}
 
@@ -201,7 +201,7 @@ class Finisher:
             return
         if held is not None and head:
             lane.post(Msg.Stage(lane.id, Step.SYNCING))
-            self._at_risk.add(lane.id)
+            lane.at_risk = True  # a failure (or a stop) from here on undoes it
             try:
                 good = self._head(lane, held) and not lane.stopped
             except Exception:
@@ -210,7 +210,7 @@ class Finisher:
             if not good:
                 self._undo(lane)
                 return
-            self._at_risk.discard(lane.id)
+            lane.at_risk = False
         # A head that read back while not stopped: done, even if the run stops right now.
         lane.post(Msg.Completed(lane.id, self.device_sha256.get(lane.id)
                                 if config.verify else None))
@@ -274,9 +274,8 @@ class Finisher:
     def _undo(self, lane: Lane) -> None:
         """The stamp back over the head of a lane that failed or stopped once its head was
         being written (best effort, never stopped: it is what makes the drive safe)."""
-        if lane.id not in self._at_risk:
+        if not lane.at_risk:
             return
-        self._at_risk.discard(lane.id)
         head = self.reader.held_length
         lane.undoing = True
         try:
@@ -287,7 +286,9 @@ class Finisher:
             done = False
         finally:
             lane.undoing = False
-        lane.post(Msg.HeadUndone(lane.id, head, done))
+        # Late: said even when the lane was given up (a stall) while the head was at risk.
+        lane.post(Msg.HeadUndone(lane.id, head, done), late=True)
+        lane.at_risk = False
 
     def _verify(self, lane: Lane, *, stamp_head: bool = False, only_head: bool = False,
                 again: bool = False) -> bool:

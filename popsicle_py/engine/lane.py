@@ -7,8 +7,16 @@ import threading
 
 from popsicle_py.blockdev import FileLike
 from popsicle_py.pacing import Clock, Pacer
+from popsicle_py.records import record
 
-__all__ = ["Clock", "Lane"]
+__all__ = ["Clock", "Lane", "Late"]
+
+
+@record
+class Late:
+    """A lane's message delivered even once the lane was given up (what became of its head)."""
+
+    message: object
 
 
 class Lane(Clock):
@@ -30,6 +38,9 @@ class Lane(Clock):
         self.solo = False  # reading the source by position on its own
         self.rejoin: int | None = None  # the bucket where a solo lane must come back to the ring
         self.undoing = False  # writing the stamp back over a head: a cancel waits for it
+        #: Its head is being written or read back: given up now, its thread still puts the
+        #: stamp back once its call returns, and the run waits for that (see Supervisor).
+        self.at_risk = False
         self.pacer = Pacer()
         self.thread: threading.Thread | None = None
         self._outbox = outbox
@@ -40,5 +51,6 @@ class Lane(Clock):
         """The run is ending or this lane was given up: do not start another system call."""
         return self._stop.is_set() or self.abandoned
 
-    def post(self, message: object) -> None:
-        self._outbox.put(message)
+    def post(self, message: object, *, late: bool = False) -> None:
+        """Hand a message to the supervisor; ``late``: delivered even if the lane was given up."""
+        self._outbox.put(Late(message) if late else message)

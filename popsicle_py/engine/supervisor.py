@@ -11,6 +11,12 @@ Cancellation is stated up front, trio-style: ``run`` returns only once every lan
 or been abandoned; a cancel raises :class:`~popsicle_py.errors.Cancelled` after that.  A lane
 checks :attr:`Lane.stopped` between system calls, and every call is bounded by the drive's
 pacer (about half a second of its measured speed), so giving up on one costs no more than that.
+
+One exception: a lane given up while its head is at risk (:attr:`Lane.at_risk`: being written or
+read back) puts the stamp back over it once its call returns.  ``run`` waits for that before it
+returns, so that the caller does not let the drive go (close it) under it and the process does
+not end before it: as long as that call has not returned (the process could not end before it
+anyway), then :data:`UNDO_GRACE` for the stamp's own write; its ``HeadUndone`` is delivered.
 """
 
 from __future__ import annotations
@@ -24,8 +30,9 @@ from typing import Any
 
 from popsicle_py.blockdev import FileLike, as_oserror
 from popsicle_py.engine.config import CANCEL_GRACE, POLL, UNDO_GRACE
-from popsicle_py.engine.lane import Clock, Lane
+from popsicle_py.engine.lane import Clock, Lane, Late
 from popsicle_py.errors import Cancelled, SourceStalled, Stalled
+from popsicle_py.events import Note
 from popsicle_py.records import record
 
 #: Process signals that a worker thread must never take.
@@ -163,6 +170,7 @@ class Supervisor:
                         if reader_error is not None:
                             reader_done = True
                             self.halt()
+            self._await_undos()
             self._drain()
         finally:
             # Whatever ends the run (the end, a cancel, an exception from the callback or from
@@ -177,7 +185,44 @@ class Supervisor:
         return late < UNDO_GRACE and any(lane.undoing and not lane.finished
                                          for lane in self.lanes)
 
+    def _await_undos(self) -> None:
+        """Wait for lanes given up with their head at risk to put the stamp back (see the
+        module docstring); deliver what they post meanwhile."""
+        deadline = time.monotonic() + UNDO_GRACE
+        said: set[int] = set()
+        while True:
+            pending = [lane for lane in self.lanes
+                       if lane.abandoned and lane.at_risk and not lane.finished]
+            if not pending:
+                return
+            now = time.monotonic()
+            hung = [lane for lane in pending
+                    if not lane.undoing and getattr(lane.dest, "in_call", False)]
+            if hung:
+                deadline = now + UNDO_GRACE  # the call the process waits for anyway
+            elif now > deadline:
+                return
+            for lane in hung:
+                if lane.id not in said:
+                    said.add(lane.id)
+                    self._callback(Note(
+                        f"{getattr(lane.dest, 'path', 'a drive')}: given up inside its head's "
+                        "write or read-back; the stamp goes back over the image's head once "
+                        "that call returns (the process could not end before it anyway)"))
+            hear_signals_on_main_thread()
+            try:
+                message = self.outbox.get(timeout=POLL)
+            except queue.Empty:
+                continue
+            if isinstance(message, _Finished):
+                self.lanes[message.id].finished = True
+            elif not isinstance(message, _ReaderDone):
+                self._deliver(message)
+
     def _deliver(self, message: object) -> None:
+        if isinstance(message, Late):  # what became of a head: said even for a lane given up
+            self._callback(message.message)
+            return
         lane_id = getattr(message, "id", None)
         if lane_id is not None and self.lanes[lane_id].abandoned:
             return

@@ -199,3 +199,50 @@ def test_a_spill_directory_whose_writes_hang_fails_the_run_on_time(
     assert result["status"] == "failed", result
     assert f"keeping the decompressed image in {spill} stalled" in result["error"], result
     assert drive.head_is_safe(data, 0x5A), drive.read(32)
+
+
+@needs_root
+def test_a_spill_directory_hung_from_the_start_leaves_the_drives_in_lock_step(
+        loop_factory: Callable[..., Loop]) -> None:
+    """TMPDIR frozen before the run (a hung NFS /var/tmp): making the spill's directory never
+    returned, on the calling thread, and nothing, not even Ctrl-C, was heard.  It is made on
+    a watched worker now: after the stall timeout the drives go on in lock-step, with a note
+    that names the directory, and end ok."""
+    import select
+    import time
+
+    from loopdev import mounted_ext4
+
+    store = loop_factory(512 << 20)
+    drive = loop_factory(32 << 20, fill=0x5A)
+    data = os.urandom(8 << 20)
+    with mounted_ext4(store.path) as spill:
+        subprocess.run(["fsfreeze", "-f", spill], check=True)
+        try:
+            proc = subprocess.Popen(
+                [*popsicle_cmd(), "flash", "-", drive.path, "--yes", "--json", "--no-probe",
+                 "--force", "--stall-timeout", "2"], stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "TMPDIR": spill})
+            assert proc.stdout is not None
+            threading.Thread(target=_feed, args=(proc.stdin, data), daemon=True).start()
+            events: list[dict[str, Any]] = []
+            deadline = time.monotonic() + 60
+            buffered = b""
+            while not events or events[-1]["event"] != "summary":
+                left = deadline - time.monotonic()
+                assert left > 0, events[-3:]
+                if not select.select([proc.stdout], [], [], left)[0]:
+                    continue
+                chunk = os.read(proc.stdout.fileno(), 65536)
+                assert chunk, events[-3:]
+                buffered += chunk
+                *lines, buffered = buffered.split(b"\n")
+                events += [json.loads(line) for line in lines]
+        finally:
+            subprocess.run(["fsfreeze", "-u", spill], check=True)
+        proc.wait(timeout=60)
+    [result] = events[-1]["results"]
+    assert result["status"] == "ok", result
+    assert drive.read(len(data)) == data
+    notes = [e["text"] for e in events if e["event"] == "note"]
+    assert any(f"{spill} did not answer for 2 s" in n for n in notes), notes

@@ -58,7 +58,7 @@ from popsicle_py.engine.lane import Lane
 from popsicle_py.engine.reader import Reader, pread_source
 from popsicle_py.engine.results import DestinationResult, WriteResult
 from popsicle_py.engine.ring import Ring
-from popsicle_py.engine.spill import Spill
+from popsicle_py.engine.spill import Spill, default_dir
 from popsicle_py.engine.supervisor import Callback, CancelCheck, Supervisor
 from popsicle_py.errors import AllDestinationsFailed, SourceChanged, SourceDiffers
 from popsicle_py.events import Step
@@ -309,6 +309,22 @@ class _ReadAlone:
         return None
 
 
+def _create_spill(config: Config, cancel: CancelCheck) -> Spill | str:
+    """The spill, or why there is none.  Made on a watched worker: its directory's statfs and
+    mkdir on a hung disk (a hung NFS /var/tmp) would hold the calling thread, Ctrl-C unheard;
+    one that does not answer within the stall timeout leaves the drives in lock-step."""
+    from popsicle_py.engine.watched import WorkStalled, watched
+
+    try:
+        made = watched(lambda clock, stopped: Spill.create(config.spill_dir or None,
+                                                           config.expected_size),
+                       cancel=cancel, stall_timeout=config.stall_timeout, name="spill")
+    except WorkStalled as exc:
+        where = config.spill_dir or default_dir()
+        return f"{where} did not answer for {exc.limit:g} s (is the disk it is on hung?)"
+    return made if made is not None else "cancelled"
+
+
 class _WriteRun:
     """One run of a BusWriter: all of its state, declared here."""
 
@@ -328,7 +344,7 @@ class _WriteRun:
         self.pread = None if lock_step else pread_source(source)
         self.spill: Spill | None = None
         if self.pread is None and not lock_step and config.spill_dir is not None:
-            made = Spill.create(config.spill_dir or None, config.expected_size)
+            made = _create_spill(config, cancel)
             if isinstance(made, Spill):
                 self.spill = made
                 self.pread = (made.fd, 0)

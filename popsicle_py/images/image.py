@@ -105,7 +105,7 @@ class EndJudged(io.RawIOBase):
         self._stream = stream
         self._tail = bytearray()
         #: ``name`` in the refusal; ``shown`` and ``saved`` make its commands runnable (see
-        #: :func:`~.sample.runnable`).
+        #: :func:`~.formats.runnable`).
         self._words = (name, shown, saved)
 
     def readable(self) -> bool:

@@ -10,15 +10,17 @@ from __future__ import annotations
 import io
 import json
 import os
+import select
 import subprocess
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 from conftest import Loop, needs_root, popsicle_cmd
-from loopdev import tiny_tmpfs
+from loopdev import mounted_ext4, tiny_tmpfs
 
 from popsicle_py import BusWriter, BusWriterMessage
 
@@ -136,6 +138,28 @@ def test_a_spill_without_room_falls_back_to_lock_step(
         assert drive.read(len(data)) == data
 
 
+def _events_until_summary(proc: subprocess.Popen[bytes],
+                          seen: Callable[[list[dict[str, Any]]], None] = lambda events: None
+                          ) -> list[dict[str, Any]]:
+    """The run's JSON events up to its summary (60 s at most), ``seen`` told after each read."""
+    assert proc.stdout is not None
+    events: list[dict[str, Any]] = []
+    deadline = time.monotonic() + 60
+    buffered = b""
+    while not events or events[-1]["event"] != "summary":
+        left = deadline - time.monotonic()
+        assert left > 0, events[-3:]
+        if not select.select([proc.stdout], [], [], left)[0]:
+            continue
+        chunk = os.read(proc.stdout.fileno(), 65536)
+        assert chunk, (events[-3:], proc.stderr.read() if proc.stderr else "")
+        buffered += chunk
+        *lines, buffered = buffered.split(b"\n")
+        events += [json.loads(line) for line in lines]
+        seen(events)
+    return events
+
+
 def _feed(pipe: Any, data: bytes) -> None:
     """Write ``data`` and close, whatever the reader at the other end does meanwhile."""
     try:
@@ -152,11 +176,6 @@ def test_a_spill_directory_whose_writes_hang_fails_the_run_on_time(
     reader's next append never returned, and every drive waited for data, which is never a
     stall: the run hung for good.  The append is on the reader's stall clock now: every
     drive fails on time, naming the spill's directory, and no drive gets the head."""
-    import select
-    import time
-
-    from loopdev import mounted_ext4
-
     store = loop_factory(512 << 20)  # the spill leaves 256 MiB free (sparse in /dev/shm)
     drive = loop_factory(32 << 20, fill=0x5A)
     data = os.urandom(24 << 20)
@@ -171,25 +190,17 @@ def test_a_spill_directory_whose_writes_hang_fails_the_run_on_time(
         try:
             proc.stdin.write(data[: 8 << 20])
             proc.stdin.flush()
-            events: list[dict[str, Any]] = []
-            deadline = time.monotonic() + 60
-            buffered = b""
-            while not events or events[-1]["event"] != "summary":
-                left = deadline - time.monotonic()
-                assert left > 0, events[-3:]
-                if not select.select([proc.stdout], [], [], left)[0]:
-                    continue
-                chunk = os.read(proc.stdout.fileno(), 65536)
-                assert chunk, (events[-3:], proc.stderr.read() if proc.stderr else "")
-                buffered += chunk
-                *lines, buffered = buffered.split(b"\n")
-                events += [json.loads(line) for line in lines]
+
+            def seen(events: list[dict[str, Any]]) -> None:
+                nonlocal frozen
                 if not frozen and any(e["event"] == "progress" for e in events):
                     subprocess.run(["fsfreeze", "-f", spill], check=True)
                     frozen = True
                     # The reader spills the rest: its write hangs, and so may this feed.
                     threading.Thread(target=_feed, args=(proc.stdin, data[8 << 20 :]),
                                      daemon=True).start()
+
+            events = _events_until_summary(proc, seen)
         finally:
             if frozen:
                 subprocess.run(["fsfreeze", "-u", spill], check=True)
@@ -208,11 +219,6 @@ def test_a_spill_directory_hung_from_the_start_leaves_the_drives_in_lock_step(
     returned, on the calling thread, and nothing, not even Ctrl-C, was heard.  It is made on
     a watched worker now: after the stall timeout the drives go on in lock-step, with a note
     that names the directory, and end ok."""
-    import select
-    import time
-
-    from loopdev import mounted_ext4
-
     store = loop_factory(512 << 20)
     drive = loop_factory(32 << 20, fill=0x5A)
     data = os.urandom(8 << 20)
@@ -225,19 +231,7 @@ def test_a_spill_directory_hung_from_the_start_leaves_the_drives_in_lock_step(
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "TMPDIR": spill})
             assert proc.stdout is not None
             threading.Thread(target=_feed, args=(proc.stdin, data), daemon=True).start()
-            events: list[dict[str, Any]] = []
-            deadline = time.monotonic() + 60
-            buffered = b""
-            while not events or events[-1]["event"] != "summary":
-                left = deadline - time.monotonic()
-                assert left > 0, events[-3:]
-                if not select.select([proc.stdout], [], [], left)[0]:
-                    continue
-                chunk = os.read(proc.stdout.fileno(), 65536)
-                assert chunk, events[-3:]
-                buffered += chunk
-                *lines, buffered = buffered.split(b"\n")
-                events += [json.loads(line) for line in lines]
+            events = _events_until_summary(proc)
         finally:
             subprocess.run(["fsfreeze", "-u", spill], check=True)
         proc.wait(timeout=60)

@@ -195,6 +195,10 @@ class DriveResult:
     device_sha256: str | None = None
     #: Bytes of the image in its file systems' free space: neither written nor verified.
     bytes_unused: int = 0
+    #: Seconds an ok drive spent writing (its head included) and reading back, timed by the
+    #: engine on the drive's own thread: the speeds shown are bytes over these.
+    write_seconds: float | None = None
+    verify_seconds: float | None = None
 
     @property
     def ok(self) -> bool:
@@ -204,6 +208,9 @@ class DriveResult:
         data = asdict(self)
         if self.elapsed is not None:
             data["elapsed"] = round(self.elapsed, 3)
+        for key in ("write_seconds", "verify_seconds"):  # a fast drive's pass: milliseconds
+            if data[key] is not None:
+                data[key] = round(data[key], 4)
         return data
 
 

@@ -191,6 +191,8 @@ class _Drive:
         self.mismatch: int | None = None
         self.ended: float | None = None
         self.head_note: str | None = None  # said on a failure once the head began (HeadUndone)
+        self.write_seconds: float | None = None  # its passes, as its own thread timed them
+        self.verify_seconds: float | None = None
 
     @property
     def live(self) -> bool:
@@ -238,7 +240,8 @@ class _Job:
                            drive.cause if drive.status is not None else Cause.CANCELLED,
                            verified=drive.status is Status.OK and self.verifies,
                            drive=drive.info, device_sha256=drive.device_sha256
-                           if drive.status is Status.OK else None)
+                           if drive.status is Status.OK else None,
+                           write_seconds=drive.write_seconds, verify_seconds=drive.verify_seconds)
 
     def _fail(self, drive: _Drive, exc: BaseException) -> None:
         why = failures.failure(exc, drive.path)
@@ -383,6 +386,8 @@ class FlashJob(_Job):
                         self.emit(Note(f"{drive.path}: {drive.head_note}"))
                 case BusWriterMessage.Completed(sha256=digest):
                     drive.device_sha256 = digest
+                    drive.write_seconds, drive.verify_seconds = msg.write_seconds, \
+                        msg.verify_seconds
                     self._end(drive, Status.OK)
                     self._certify(drive)
                 case Phase() | Progress() | Note() | Download():  # relayed: the download's news
@@ -505,8 +510,8 @@ class VerifyJob(_Job):
         match msg:
             case BusVerifierMessage.Read(bytes_read=n):
                 self.emit(Progress(drive.path, Step.VERIFYING, n, size))
-            case BusVerifierMessage.Valid(sha256=digest):
-                drive.device_sha256 = digest
+            case BusVerifierMessage.Valid(sha256=digest, seconds=seconds):
+                drive.device_sha256, drive.verify_seconds = digest, seconds
                 self._end(drive, Status.OK)
             case BusVerifierMessage.Invalid(offset=offset):
                 self._end(drive, Status.INVALID, f"{drive.path}: differs from the image at "

@@ -6,6 +6,8 @@ A message's ``id`` is the destination's index in the list given to the engine.
 
 from __future__ import annotations
 
+from dataclasses import field
+
 from popsicle_py.events import Step
 from popsicle_py.records import record
 
@@ -71,6 +73,11 @@ class BusWriterMessage:
         #: SHA-256 (hex) of the image's range as read back in the verify pass; None when not
         #: read back whole (no verification, a block map's holes).
         sha256: str | None = None
+        #: Seconds the destination spent writing (its head included) and verifying, timed on
+        #: its own thread; None where it did not (verifying, without ``verify_each``).  Not
+        #: compared: two runs that did the same are equal, however long they took.
+        write_seconds: float | None = field(default=None, compare=False)
+        verify_seconds: float | None = field(default=None, compare=False)
 
     @record
     class Errored:
@@ -115,6 +122,8 @@ class BusVerifierMessage:
 
         id: int
         sha256: str | None = None
+        #: Seconds it took to read it back, timed on its own thread (not compared).
+        seconds: float | None = field(default=None, compare=False)
 
     @record
     class Invalid:

@@ -16,6 +16,10 @@ the end: the row shows bytes and speed and no invented percentage.
 from __future__ import annotations
 
 from collections import deque
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from popsicle_py.events import DriveResult
 
 #: The speed shown is measured over this many seconds (long enough to smooth a bucket's burst).
 SPEED_WINDOW = 5.0
@@ -95,6 +99,17 @@ class DriveProgress:
             total = self.total
             if total is not None:
                 self._shown = total
+
+    def on_result(self, r: DriveResult, now: float, *, elapsed: bool = True) -> None:
+        """The drive's result: its bytes, its elapsed time (unless ``elapsed`` is False: a
+        station's slot times its own) and, where the engine timed them, its passes (their
+        messages come in bursts, so a fast drive's pass can look instant here)."""
+        self.on_end(r.status, now, r.bytes_written + r.bytes_skipped,
+                    r.elapsed if elapsed else None)
+        if r.write_seconds is not None:
+            self.write_time = r.write_seconds
+        if r.verify_seconds is not None:
+            self.verify_time = r.verify_seconds
 
     def _close_phase(self, now: float) -> None:
         if self._since is not None and self.phase is not None:

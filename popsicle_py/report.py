@@ -143,7 +143,7 @@ class Report:
 
     def _record(self, r: events.DriveResult, now: float) -> None:
         tracker = self._tracker(r.device)
-        tracker.on_end(r.status, now, r.bytes_written + r.bytes_skipped)
+        tracker.on_result(r, now, elapsed=False)
         data = record(r, tracker, image=self.image, sha256=self.sha256,
                       started=self.started.pop(r.device, None), ended=self.clock())
         self._append(format_record(data, self.fmt))

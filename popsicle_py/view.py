@@ -52,8 +52,7 @@ class PlainView:
                 self._trackers.setdefault(device, progress.DriveProgress()).on_progress(
                     phase, done, total, now)
             case events.Result(result=r) if r.device in self._trackers:
-                self._trackers[r.device].on_end(r.status, now,
-                                                r.bytes_written + r.bytes_skipped)
+                self._trackers[r.device].on_result(r, now, elapsed=False)
 
     def handle(self, event: events.WatchEvent) -> None:
         self._track(event)
@@ -240,7 +239,7 @@ class RichView:
         self.board.footer = text
 
     def _end(self, row: live.DriveRow, r: events.DriveResult, now: float) -> None:
-        row.tracker.on_end(r.status, now, r.bytes_written + r.bytes_skipped, r.elapsed)
+        row.tracker.on_result(r, now)
         if r.drive is not None and not row.port:  # a job that named its drives only here
             port, label = live.drive_names(r.drive)
             row.port, row.label = port, row.label or label
@@ -433,7 +432,7 @@ class WatchView:
                 self._row(None).hear(event, now)
             case events.Result(result=r):
                 row = self._row(r.device)
-                row.tracker.on_end(r.status, now, r.bytes_written + r.bytes_skipped, r.elapsed)
+                row.tracker.on_result(r, now)
                 if r.ok:
                     self.ok += 1
                     if r.verified:

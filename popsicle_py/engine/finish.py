@@ -185,6 +185,7 @@ class Finisher:
         stamped = held is not None and head > 0  # since the start (see stamp)
         if config.verify and (lane.stopped or not self._verify(lane, stamp_head=stamped)):
             return
+        lane.enter(None)  # the surface test, the source's vouch and the settings: no pass
         if config.surface and config.verify and self._surface(lane):
             # Its writes past the image may have landed on it (a drive that wraps addresses):
             # the image is read back whole again, and only this pass vouches for the drive.
@@ -200,7 +201,7 @@ class Finisher:
         if lane.stopped:  # before the head's first write: nothing to put back
             return
         if held is not None and head:
-            lane.post(Msg.Stage(lane.id, Step.SYNCING))
+            lane.stage(Step.SYNCING)
             lane.at_risk = True  # a failure (or a stop) from here on undoes it
             try:
                 good = self._head(lane, held) and not lane.stopped
@@ -213,7 +214,9 @@ class Finisher:
             lane.at_risk = False
         # A head that read back while not stopped: done, even if the run stops right now.
         lane.post(Msg.Completed(lane.id, self.device_sha256.get(lane.id)
-                                if config.verify else None))
+                                if config.verify else None,
+                                lane.spent(Step.WRITING, Step.SYNCING),
+                                lane.spent(Step.VERIFYING) if config.verify else None))
 
     def _surface(self, lane: Lane) -> bool:
         """The rest of the drive tested (raises Rejected: the drive never gets the head);
@@ -305,7 +308,7 @@ class Finisher:
             digests[0] = xxhash.xxh3_128_digest(self.stamp_bytes[: extents[0][1]])
         indices = [0] if only_head else list(range(len(extents)))
         drop_cache(lane.dest)
-        lane.post(Msg.Stage(lane.id, Step.VERIFYING))
+        lane.stage(Step.VERIFYING)
         read = [0]
 
         def progressed(n: int) -> None:
@@ -316,7 +319,7 @@ class Finisher:
                       repairs=0 if again else self.config.repairs,
                       source_bytes=lambda index: self._source_bytes(index, stamp_head),
                       can_repair=self._can_repair, retries=self.config.retries,
-                      stage=lambda lane, step: lane.post(Msg.Stage(lane.id, step)))
+                      stage=lambda lane, step: lane.stage(step))
         verdict = check.run(lane, indices, progressed)
         if verdict.ended is not None:
             if again:

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 
 from popsicle_py.blockdev import FileLike
+from popsicle_py.events import Step
+from popsicle_py.messages import BusWriterMessage
 from popsicle_py.pacing import Clock, Pacer
 from popsicle_py.records import record
 
@@ -43,8 +46,34 @@ class Lane(Clock):
         self.at_risk = False
         self.pacer = Pacer()
         self.thread: threading.Thread | None = None
+        #: Seconds spent in each of its steps, timed on its own thread: the supervisor
+        #: delivers messages in bursts, and a fast drive's whole pass can fit in one.
+        self.seconds: dict[Step, float] = {}
+        self._step: tuple[Step | None, float] | None = None
         self._outbox = outbox
         self._stop = stop
+
+    def enter(self, step: Step | None) -> None:
+        """Time ``step`` from now on (None: time nothing), closing the one before; posting it
+        is the caller's."""
+        now = time.monotonic()
+        if self._step is not None:
+            before, since = self._step
+            if before is not None:
+                self.seconds[before] = self.seconds.get(before, 0.0) + (now - since)
+        self._step = (step, now)
+
+    def stage(self, step: Step) -> None:
+        """Enter ``step`` and tell the supervisor (a writer's lane)."""
+        self.enter(step)
+        self.post(BusWriterMessage.Stage(self.id, step))
+
+    def spent(self, *steps: Step) -> float:
+        """Seconds spent so far in ``steps``, the current one up to now."""
+        total = sum(self.seconds.get(step, 0.0) for step in steps)
+        if self._step is not None and self._step[0] in steps:
+            total += time.monotonic() - self._step[1]
+        return total
 
     @property
     def stopped(self) -> bool:

@@ -22,6 +22,7 @@ from popsicle_py.engine.lane import Lane
 from popsicle_py.engine.reader import Reader
 from popsicle_py.engine.ring import Ring
 from popsicle_py.engine.supervisor import Callback, CancelCheck, Supervisor
+from popsicle_py.events import Step
 from popsicle_py.messages import BusVerifierMessage as Msg
 
 if TYPE_CHECKING:
@@ -133,9 +134,11 @@ class _VerifyRun:
         reader = self.reader  # at the ring's end, the reader has hashed every byte it read
         digest = reader.sha256.hexdigest() if valid and reader is not None \
             and reader.sha256 is not None and self.ring.eof else None
-        lane.post(Msg.Valid(lane.id, digest) if valid else Msg.Invalid(lane.id, offset, end))
+        lane.post(Msg.Valid(lane.id, digest, lane.spent(Step.VERIFYING)) if valid
+                  else Msg.Invalid(lane.id, offset, end))
 
     def _compare_lane(self, lane: Lane) -> None:
+        lane.enter(Step.VERIFYING)
         ring = self.ring
         seek(lane.dest, 0)
         mine = memoryview(aligned_buffer(CHUNK))
@@ -171,6 +174,7 @@ class _VerifyRun:
     def _digest_lane(self, lane: Lane) -> None:
         v = self.verifier
         assert v._digests is not None
+        lane.enter(Step.VERIFYING)
         lane.waiting = False
         check = Check(v._extents, v._digests, self.config.bucket_size)
         verdict = check.run(lane, v._indices, lambda n: self._progress(lane, n),

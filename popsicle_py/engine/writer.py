@@ -410,12 +410,13 @@ class _WriteRun:
     def _lane(self, lane: Lane) -> None:
         config = self.config
         put_back: PutBack | None = None
+        lane.enter(Step.PROBING if config.prepare is not None else Step.WRITING)
         if config.prepare is not None:
             lane.waiting = False
             lane.touch()
             put_back = config.prepare(lane.dest, lane.answered)
             lane.touch()
-            lane.post(Msg.Stage(lane.id, Step.WRITING))
+            lane.stage(Step.WRITING)
         if config.pipeline and self.held is not None:
             stamped = False
             try:
@@ -444,7 +445,7 @@ class _WriteRun:
         if config.pipeline:
             self.finisher.finish(lane)
         elif not lane.stopped:
-            lane.post(Msg.Completed(lane.id))
+            lane.post(Msg.Completed(lane.id, write_seconds=lane.spent(Step.WRITING)))
 
     def _check_alone(self, lane: Lane) -> bool:
         """What the lane read on its own matches what the reader read (once it read it all)."""

@@ -132,7 +132,7 @@ class Board:
     def _ended(self, tile: Tile, r: events.DriveResult, now: float) -> None:
         self._count(r)
         if tile.tracker is not None:
-            tile.tracker.on_end(r.status, now, r.bytes_written + r.bytes_skipped)
+            tile.tracker.on_result(r, now, elapsed=False)
             tile.write_speed = tile.tracker.write_speed
             tile.verify_speed = tile.tracker.verify_speed
         if r.ok:

@@ -137,7 +137,7 @@ class Recorder:
         if key in self.done or row is None or self.seqs.get(r.device) != key[1]:
             return
         tracker = self.trackers.pop(r.device)
-        tracker.on_end(r.status, now, r.bytes_written + r.bytes_skipped)
+        tracker.on_result(r, now, elapsed=False)
         data = record(r, tracker, image=self.image, sha256=self.sha256,
                       started=self.started.pop(r.device, None), ended=self.journal.clock())
         self.journal.finish(row, data)

@@ -322,7 +322,12 @@ class Client:
     def _with_agent(self, attempt: Callable[[], Body],
                     cancel: Callable[[], bool] | None = None) -> Body:
         """Run a call; if polkit wants a password and nobody can ask, start a text agent
-        on the terminal (if there is one) and run it once more, in turn (see __init__)."""
+        on the terminal (if there is one) and run it once more, in turn (see __init__).
+
+        With no agent at all it is run once more anyway: polkit answers "password" for what
+        a rule allows when it could not apply the rule (one that took too long on a busy
+        machine, or udisksd passing the call without the drive's details), and a station
+        must not fail a stick for that.  A real refusal says the same twice."""
         try:
             return self._counted(attempt)
         except UdisksError as exc:
@@ -330,8 +335,9 @@ class Client:
                 raise
             with self._agent_lock:  # lanes refused together start one agent, and all retry
                 alive = self._agent is not None and self._agent.poll() is None
-                if not alive and not self.start_agent():
-                    raise
+                asking = alive or self.start_agent()
+            if not asking:
+                return self._counted(attempt)
         stop = cancel or _cancel
         with self._turns:
             while self._calls or self._retrying:

@@ -2,7 +2,8 @@
 
 A stream cannot be re-read, so its laggards read the spill file the reader keeps.  These tests
 block a slow destination outright (no timing): with a spill the others finish while it is
-blocked; without room for one, every drive still finishes, in lock-step, with a note.
+blocked; without room for one, every drive still finishes, in lock-step, with a note.  A raw
+image's laggard reads the file itself, and an image that crawls then is the image's fault.
 """
 
 from __future__ import annotations
@@ -20,9 +21,11 @@ from typing import Any
 
 import pytest
 from conftest import Loop, needs_root, popsicle_cmd
+from faulty import FaultyFile
 from loopdev import mounted_ext4, tiny_tmpfs
 
 from popsicle_py import BusWriter, BusWriterMessage
+from popsicle_py.errors import SourceStalled
 
 B = 64 << 10
 HANG = 20.0
@@ -86,6 +89,36 @@ def test_laggard_of_a_stream_reads_the_spill_and_the_others_finish(spill_dir: Pa
     for dest in (*fast, slow):
         assert dest.getvalue() == payload
     assert os.listdir(spill_dir) == []  # unlinked from the start: nothing left behind
+
+
+def test_a_laggard_whose_image_crawls_blames_the_image_not_its_drive(
+        faulty_file: Callable[..., FaultyFile]) -> None:
+    """A raw image's laggard reads the file on its own; if the disk the image is on starts to
+    crawl then, the laggard fails as the image stalled (cause ``source``), never as "a dying
+    or fake drive" (before: "stalled: no progress for 2 s" on a sound drive)."""
+    payload = os.urandom(40 * B)
+    image = faulty_file(payload)
+    fast = io.BytesIO()
+    slow = Held(after=3 * B)
+    errors: list[OSError] = []
+
+    def on_message(msg: Any) -> None:
+        if isinstance(msg, BusWriterMessage.Completed) and msg.id == 0:
+            assert slow.blocked.is_set() and not slow.release.is_set()
+            image.set(crawl=(0, 20_000))  # 20 kB/s from here on: the image's disk, not ours
+            slow.release.set()
+        elif isinstance(msg, BusWriterMessage.Errored):
+            errors.append(msg.why)
+
+    with open(image.path, "rb", buffering=0) as source:
+        try:
+            result = (BusWriter(source, [fast, slow], on_message, lambda: False)
+                      .bucket_size(B).buckets(2).stall_timeout(2).write())
+        finally:
+            image.clear()  # the abandoned lane's read returns
+    assert fast.getvalue() == payload and result[0].ok
+    assert [type(e) for e in errors] == [SourceStalled], errors
+    assert str(errors[0]).startswith("[Errno 110] reading the image stalled"), errors
 
 
 def test_without_room_for_a_spill_every_drive_finishes_in_lock_step(

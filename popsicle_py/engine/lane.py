@@ -45,6 +45,10 @@ class Lane(Clock):
         #: stamp back once its call returns, and the run waits for that (see Supervisor).
         self.at_risk = False
         self.pacer = Pacer()
+        #: Its own reads of the image while it goes on alone (solo): that time is the image's,
+        #: not the drive's, and a stall there is the image's (see Supervisor).
+        self.source_clock = Clock()
+        self.source_pacer = Pacer()
         self.thread: threading.Thread | None = None
         #: Seconds spent in each of its steps, timed on its own thread: the supervisor
         #: delivers messages in bursts, and a fast drive's whole pass can fit in one.

@@ -256,11 +256,15 @@ class Supervisor:
         for lane in self.lanes:
             if lane.finished or lane.abandoned:
                 continue
-            if lane.stalled(now, limit):
+            if lane.source_clock.stalled(now, limit):  # its own reads of the image
+                lane.error = SourceStalled(limit, lane.source_clock.recent)
+            elif lane.stalled(now, limit):
                 lane.error = Stalled(lane.stall_reason(limit))
-                lane.abandoned = True
-                self._left(lane)
-                self._callback(self._errored(lane.id, lane.error))
+            else:
+                continue
+            lane.abandoned = True
+            self._left(lane)
+            self._callback(self._errored(lane.id, lane.error))
 
     def _source_stalled(self, source: Clock, now: float) -> SourceStalled | None:
         limit = self._stall_timeout

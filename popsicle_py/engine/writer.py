@@ -33,6 +33,7 @@ import contextlib
 import functools
 import os
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING
@@ -252,6 +253,28 @@ def _put_back(put_back: PutBack, stamped: int, *, quietly: bool) -> None:
         return
     with contextlib.suppress(Exception):  # a pulled or closed drive: nothing more to do
         put_back(stamped)
+
+
+def _read_alone(lane: Lane, fd: int, view: memoryview, at: int) -> int:
+    """Fill ``view`` from the source at ``at`` (short only at its end) for a lane on its own:
+    paced, and timed on the lane's source clock, so that an image that crawls or hangs is said
+    to be the image's fault, not the drive's (the lane waits meanwhile, as for the reader)."""
+    done = 0
+    lane.waiting = True
+    try:
+        with lane.source_clock.busy():
+            while done < len(view) and not lane.stopped:
+                began = time.monotonic()
+                n = os.preadv(fd, [view[done : done + lane.source_pacer.size()]], at + done)
+                if not n:
+                    break
+                lane.source_pacer.record(n, time.monotonic() - began)
+                lane.source_clock.advance(n)
+                done += n
+    finally:
+        lane.waiting = False
+        lane.touch()
+    return done
 
 
 class _ReadAlone:
@@ -545,8 +568,7 @@ class _WriteRun:
                 if lane.rejoin is not None and offset >= self.spill.end:
                     return lane.rejoin
                 limit = min(limit, self.spill.end - offset)
-            want = buf[:limit]
-            n = os.preadv(fd, [want], base + offset)
+            n = _read_alone(lane, fd, buf[:limit], base + offset)
             if n == 0:
                 # A laggard on its own can overtake the reader: the end is known only once the
                 # reader reaches it.

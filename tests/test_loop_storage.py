@@ -11,6 +11,7 @@ written.  And holders that come after the confirmation are judged by the same ru
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import signal
 import subprocess
@@ -39,6 +40,19 @@ def sysfs_backing(path: str) -> str | None:
                 ).read_text().rstrip("\n")
     except OSError:
         return None
+
+
+LOOP_CTL_ADD = 0x4C80
+
+
+def _add_loop_device(number: int) -> None:
+    """Have the kernel make /dev/loop``number`` (LOOP_CTL_ADD); nothing if it cannot."""
+    with contextlib.suppress(OSError):
+        fd = os.open("/dev/loop-control", os.O_RDWR)
+        try:
+            fcntl.ioctl(fd, LOOP_CTL_ADD, number)
+        finally:
+            os.close(fd)
 
 
 class Attached:
@@ -84,9 +98,12 @@ class Attached:
         "loop30"): asked after it, were the loop devices asked in turn."""
         for number in range(1024):
             path = f"/dev/loop{number}"
-            if f"loop{number}" <= name or sysfs_backing(path) is not None \
-                    or not os.path.exists(path):
+            if f"loop{number}" <= name or sysfs_backing(path) is not None:
                 continue
+            if not os.path.exists(path):  # made when asked for: "loop9" has only "loop90" on
+                _add_loop_device(number)
+                if not os.path.exists(path):
+                    continue
             if subprocess.run(["losetup", path, str(backing)], capture_output=True,
                               check=False).returncode == 0:
                 return self.add(path, backing)

@@ -166,6 +166,19 @@ def ineligibility(drive: Drive, image_size: int | None, max_size: int) -> str | 
     return found[0].reason if found else None
 
 
+def _swapped(known: Drive, device: pyudev.Device) -> bool:
+    """The medium under ``device`` is not ``known``'s: the kernel gave it a new diskseq (our
+    own writes' "change" events, a partition table re-read, keep it)."""
+    try:
+        value = device.attributes.get("diskseq")
+    except (KeyError, OSError):
+        return False
+    text = value.decode(errors="replace").strip() if isinstance(value, bytes) else str(value)
+    now = int(text) if text.isdigit() else None
+    return known.identity.diskseq is not None and now is not None \
+        and now != known.identity.diskseq
+
+
 def _sectors(device: pyudev.Device) -> int:
     try:
         value = device.attributes.get("size")
@@ -453,10 +466,18 @@ class WatchSession:
                 # The pulled card's job is still ending, and may hold the device open
                 # (O_EXCL): the new card arrives once it is over.
                 self._waiting[devnum] = device
-            elif before == 0:
-                if seen is not None:
-                    seen.present_at_start = False  # a reader that was there; the card is new
-                self._arrived(device)
+            elif before == 0 or (seen is not None and _swapped(seen.drive, device)):
+                # A card in an empty reader, or one swapped for another quicker than the
+                # kernel's media poll: one "change" with a new diskseq and no empty reader
+                # in between.  The card we knew is gone (a job writing it ends "removed").
+                if seen is not None and before != 0:
+                    self._gone(devnum, medium=True)
+                if seen is not None and seen.in_flight:
+                    self._waiting[devnum] = device  # once its job is over (see above)
+                else:
+                    if seen is not None:
+                        seen.present_at_start = False  # a reader that was there
+                    self._arrived(device)
             self._media[devnum] = size
 
     def _take_waiting(self) -> None:

@@ -458,6 +458,60 @@ def test_a_card_swapped_while_the_pulled_one_is_ending_is_written_after_it(
 
 @needs_testbed
 @pytest.mark.umockdev
+def test_a_card_swapped_quicker_than_the_media_poll_is_a_new_drive(tmp_path: Path) -> None:
+    """Card A written, then swapped for card B between two of the kernel's media polls: one
+    "change" uevent, the same size, no empty reader in between, but a new diskseq.  B is
+    written (before: never, and its slot said A's "done: pull me")."""
+    image, data = image_file(tmp_path, 1 * MiB)
+    reader = ("/sys/devices/pci0000:00/0000:00:14.0/usb1/1-4/1-4:1.0/host9/target9:0:0/"
+              "9:0:0:0/block/sdf")
+    size = str(64 * MiB // 512)
+    run = watch(tmp_path, [str(image), "--yes", "--count", "2", "--no-power-off"],
+                [WATCHING, {"change": reader, "attributes": {"size": size, "diskseq": "11"}},
+                 {"wait": {"event": "result", "device": "/dev/sdf", "status": "ok"}},
+                 {"change": reader, "attributes": {"size": size, "diskseq": "12"}},
+                 {"wait": {"event": "summary"}}],
+                present=(fixture("usb-reader-empty.umockdev"),), read=("/dev/sdf",),
+                timeout=60)
+    assert run.rc == 0, run.stderr
+    kinds = [(e["event"], e.get("status")) for e in run.events
+             if e.get("device") == "/dev/sdf" and e["event"] in ("drive_added", "result")]
+    assert kinds == [("drive_added", None), ("result", "ok"), ("drive_added", None),
+                     ("result", "ok")], kinds
+    assert (run.files["/dev/sdf"] or b"")[: len(data)] == data
+
+
+@needs_testbed
+@pytest.mark.umockdev
+def test_a_card_swapped_mid_write_in_one_change_fails_the_first_and_writes_the_second(
+        tmp_path: Path) -> None:
+    """The same swap while card A is being written: A ends "removed" (its job must not go on
+    writing B as if it were A), then B is written."""
+    data = os.urandom(8 * MiB + 512)
+    reader = ("/sys/devices/pci0000:00/0000:00:14.0/usb1/1-4/1-4:1.0/host9/target9:0:0/"
+              "9:0:0:0/block/sdf")
+    size = str(64 * MiB // 512)
+    with faulty_files() as made:
+        image = FaultyFile(len(data), content=data, faults={"crawl": (0, 2 * MiB)})
+        made.append(image)
+        run = watch(tmp_path, [str(image.file), "--yes", "--force", "--count", "2",
+                               "--no-power-off"],
+                    [WATCHING, {"change": reader, "attributes": {"size": size, "diskseq": "11"}},
+                     {"wait": {"event": "progress", "device": "/dev/sdf", "phase": "writing"}},
+                     {"change": reader, "attributes": {"size": size, "diskseq": "12"}},
+                     {"wait": {"event": "result", "device": "/dev/sdf", "status": "failed"}},
+                     {"wait": {"event": "result", "device": "/dev/sdf", "status": "ok"}}],
+                    present=(fixture("usb-reader-empty.umockdev"),), read=("/dev/sdf",),
+                    timeout=60)
+    assert run.rc == 1, run.stderr
+    first, second = run.summary["results"]
+    assert (first["status"], first["cause"]) == ("failed", "removed")
+    assert second["status"] == "ok" and second["verified"] is True
+    assert (run.files["/dev/sdf"] or b"")[: len(data)] == data
+
+
+@needs_testbed
+@pytest.mark.umockdev
 def test_include_present_writes_drives_plugged_in_before(tmp_path: Path) -> None:
     image, data = image_file(tmp_path, 1 * MiB)
     run = watch(tmp_path, [str(image), "--yes", "--count", "1", "--include-present"],

@@ -335,6 +335,29 @@ def test_a_head_write_that_hangs_then_lands_is_overwritten_again(payload: bytes)
     assert dest.getvalue()[HEAD:] == payload[HEAD:]
 
 
+def test_a_stamp_that_does_not_go_back_in_time_is_said(
+        payload: bytes, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Given up inside its head's write, and that write does not return within the grace the
+    run gives it: the run ends, and says the drive may still hold the image's head (before: a
+    plain "stalled", as if the stamp were back)."""
+    from popsicle_py import BusWriterMessage
+    from popsicle_py.engine import supervisor
+
+    monkeypatch.setattr(supervisor, "UNDO_GRACE", 0.5)
+    dest = SlowHead()
+    said: list[Any] = []
+    writer = BusWriter(io.BytesIO(payload), [dest], said.append, lambda: False)
+    writer.bucket_size(256 << 10).stall_timeout(0.5).finish_each(verify=True)
+    try:
+        with pytest.raises(AllDestinationsFailed):
+            writer.write()
+        assert dest.entered.is_set() and not dest.release.is_set()
+    finally:
+        dest.release.set()
+    undone = [m for m in said if isinstance(m, BusWriterMessage.HeadUndone)]
+    assert undone == [BusWriterMessage.HeadUndone(0, head_length(payload), False)], said
+
+
 def test_a_cancel_stops_a_slow_head_write_within_one_call(payload: bytes) -> None:
     """A drive that takes 20 s per MiB in the head's place: cancelled during the head's first
     call, no other call of the head starts, and the stamp goes back over what it wrote."""

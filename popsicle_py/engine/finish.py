@@ -202,7 +202,7 @@ class Finisher:
             return
         if held is not None and head:
             lane.stage(Step.SYNCING)
-            lane.at_risk = True  # a failure (or a stop) from here on undoes it
+            lane.at_risk = head  # a failure (or a stop) from here on undoes it
             try:
                 good = self._head(lane, held) and not lane.stopped
             except Exception:
@@ -211,7 +211,7 @@ class Finisher:
             if not good:
                 self._undo(lane)
                 return
-            lane.at_risk = False
+            lane.at_risk = 0
         # A head that read back while not stopped: done, even if the run stops right now.
         lane.post(Msg.Completed(lane.id, self.device_sha256.get(lane.id)
                                 if config.verify else None,
@@ -291,7 +291,7 @@ class Finisher:
             lane.undoing = False
         # Late: said even when the lane was given up (a stall) while the head was at risk.
         lane.post(Msg.HeadUndone(lane.id, head, done), late=True)
-        lane.at_risk = False
+        lane.at_risk = 0
 
     def _verify(self, lane: Lane, *, stamp_head: bool = False, only_head: bool = False,
                 again: bool = False) -> bool:

@@ -41,9 +41,10 @@ class Lane(Clock):
         self.solo = False  # reading the source by position on its own
         self.rejoin: int | None = None  # the bucket where a solo lane must come back to the ring
         self.undoing = False  # writing the stamp back over a head: a cancel waits for it
-        #: Its head is being written or read back: given up now, its thread still puts the
-        #: stamp back once its call returns, and the run waits for that (see Supervisor).
-        self.at_risk = False
+        #: The head's length while it is being written or read back (0: not): given up now,
+        #: its thread still puts the stamp back once its call returns, and the run waits for
+        #: that (see Supervisor).
+        self.at_risk = 0
         self.pacer = Pacer()
         #: Its own reads of the image while it goes on alone (solo): that time is the image's,
         #: not the drive's, and a stall there is the image's (see Supervisor).

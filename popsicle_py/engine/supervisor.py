@@ -16,7 +16,8 @@ One exception: a lane given up while its head is at risk (:attr:`Lane.at_risk`: 
 read back) puts the stamp back over it once its call returns.  ``run`` waits for that before it
 returns, so that the caller does not let the drive go (close it) under it and the process does
 not end before it: as long as that call has not returned (the process could not end before it
-anyway), then :data:`UNDO_GRACE` for the stamp's own write; its ``HeadUndone`` is delivered.
+anyway), then :data:`UNDO_GRACE` for the stamp's own write; its ``HeadUndone`` is delivered
+(one that says the stamp is not back, when that write does not return in time).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from popsicle_py.engine.config import CANCEL_GRACE, POLL, UNDO_GRACE
 from popsicle_py.engine.lane import Clock, Lane, Late
 from popsicle_py.errors import Cancelled, SourceStalled, Stalled
 from popsicle_py.events import Note
+from popsicle_py.messages import BusWriterMessage
 from popsicle_py.records import record
 
 #: Process signals that a worker thread must never take.
@@ -201,6 +203,8 @@ class Supervisor:
             if hung:
                 deadline = now + UNDO_GRACE  # the call the process waits for anyway
             elif now > deadline:
+                for lane in pending:  # no stamp back in time: the result must say so now
+                    self._callback(BusWriterMessage.HeadUndone(lane.id, lane.at_risk, False))
                 return
             for lane in hung:
                 if lane.id not in said:

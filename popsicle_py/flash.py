@@ -191,8 +191,7 @@ class _Drive:
         self.mismatch: int | None = None
         self.ended: float | None = None
         self.head_note: str | None = None  # said on a failure once the head began (HeadUndone)
-        self.write_seconds: float | None = None  # its passes, as its own thread timed them
-        self.verify_seconds: float | None = None
+        self.seconds: tuple[float | None, float | None] = (None, None)  # write, verify passes
 
     @property
     def live(self) -> bool:
@@ -241,7 +240,7 @@ class _Job:
                            verified=drive.status is Status.OK and self.verifies,
                            drive=drive.info, device_sha256=drive.device_sha256
                            if drive.status is Status.OK else None,
-                           write_seconds=drive.write_seconds, verify_seconds=drive.verify_seconds)
+                           write_seconds=drive.seconds[0], verify_seconds=drive.seconds[1])
 
     def _fail(self, drive: _Drive, exc: BaseException) -> None:
         why = failures.failure(exc, drive.path)
@@ -386,8 +385,7 @@ class FlashJob(_Job):
                         self.emit(Note(f"{drive.path}: {drive.head_note}"))
                 case BusWriterMessage.Completed(sha256=digest):
                     drive.device_sha256 = digest
-                    drive.write_seconds, drive.verify_seconds = msg.write_seconds, \
-                        msg.verify_seconds
+                    drive.seconds = (msg.write_seconds, msg.verify_seconds)
                     self._end(drive, Status.OK)
                     self._certify(drive)
                 case Phase() | Progress() | Note() | Download():  # relayed: the download's news
@@ -511,7 +509,7 @@ class VerifyJob(_Job):
             case BusVerifierMessage.Read(bytes_read=n):
                 self.emit(Progress(drive.path, Step.VERIFYING, n, size))
             case BusVerifierMessage.Valid(sha256=digest, seconds=seconds):
-                drive.device_sha256, drive.verify_seconds = digest, seconds
+                drive.device_sha256, drive.seconds = digest, (None, seconds)
                 self._end(drive, Status.OK)
             case BusVerifierMessage.Invalid(offset=offset):
                 self._end(drive, Status.INVALID, f"{drive.path}: differs from the image at "
@@ -544,11 +542,9 @@ class VerifyJob(_Job):
 
 
 class ProbeJob(_Job):
-    """Probe each opened drive's real capacity (``popsicle-py probe``), all at once.
-
-    One supervisor, as for a flash: each drive's probe runs on its own thread, events come from
-    the calling thread, and a drive that stops answering is failed as stalled on time.
-    """
+    """Probe each opened drive's real capacity (``popsicle-py probe``), all at once: one
+    supervisor, as for a flash (each probe on its own thread, events from the calling thread,
+    a drive that stops answering failed as stalled on time)."""
 
     verifies = False
 
@@ -593,10 +589,9 @@ class ProbeJob(_Job):
         self.emit(Probed(drive.path, result.claimed, result.real_estimate, result.ok,
                          result.message, result.elapsed))
         if result.ok:
-            self._end(drive, Status.OK)
-        else:
-            cause = Cause.IO_ERROR if result.error is not None else Cause.COUNTERFEIT
-            self._end(drive, Status.FAILED, f"{drive.path}: {result.message}", cause=cause)
+            return self._end(drive, Status.OK)
+        cause = Cause.IO_ERROR if result.error is not None else Cause.COUNTERFEIT
+        self._end(drive, Status.FAILED, f"{drive.path}: {result.message}", cause=cause)
 
 
 @record

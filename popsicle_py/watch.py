@@ -169,23 +169,17 @@ def ineligibility(drive: Drive, image_size: int | None, max_size: int) -> str | 
 def _swapped(known: Drive, device: pyudev.Device) -> bool:
     """The medium under ``device`` is not ``known``'s: the kernel gave it a new diskseq (our
     own writes' "change" events, a partition table re-read, keep it)."""
-    try:
-        value = device.attributes.get("diskseq")
-    except (KeyError, OSError):
-        return False
-    text = value.decode(errors="replace").strip() if isinstance(value, bytes) else str(value)
-    now = int(text) if text.isdigit() else None
-    return known.identity.diskseq is not None and now is not None \
-        and now != known.identity.diskseq
+    now, before = _number(device, "diskseq"), known.identity.diskseq
+    return now is not None and before is not None and now != before
 
 
-def _sectors(device: pyudev.Device) -> int:
+def _number(device: pyudev.Device, name: str) -> int | None:
     try:
-        value = device.attributes.get("size")
+        value = device.attributes.get(name)
     except (KeyError, OSError):
-        return 0
+        return None
     text = value.decode(errors="replace").strip() if isinstance(value, bytes) else str(value)
-    return int(text) * 512 if text.isdigit() else 0
+    return int(text) if text.isdigit() else None
 
 
 class _Seen:
@@ -454,7 +448,7 @@ class WatchSession:
             self._gone(devnum)
         elif action == "change":
             # A card reader's medium comes and goes without the disk itself being added.
-            size = _sectors(device)
+            size = _number(device, "size") or 0  # sectors: only 0 or not matters
             before = self._media.get(devnum)
             seen = self._current.get(devnum)
             busy = seen is not None and seen.in_flight

@@ -315,3 +315,26 @@ def test_two_cards_in_one_slot_the_second_is_refused_and_the_first_ones_failure_
     assert rig.read("/dev/sdf") == b"", "the second card in slot A1 was written"
     assert [(r["slot"], r["device"], r["result"]) for r in records(journal)] == [
         ("A1", "/dev/sde", "failed")]
+
+
+def test_a_powered_off_stick_stays_done_when_the_kernel_removes_its_disk(
+        rig: Rig, tmp_path: Path) -> None:
+    """Power-off (the default) writes the USB device's ``remove``: a real kernel then deletes
+    the disk ("remove" uevent) while the stick is still in its slot.  The testbed only stores
+    the write, so the test sends that uevent; the tile must go on saying "done: pull me"."""
+    path = image(tmp_path, 2 * MiB)[0]
+    stick = Stick("c", 3)
+    slots = slot_map(tmp_path / "slots.toml", {"A1": 3, "A2": 5})
+    rig.start([str(path), "--yes", "--slots", str(slots), "--journal",
+               str(tmp_path / "j.sqlite"), "--listen", "127.0.0.1:0"])
+    rig.add(stick.description)
+    assert rig.wait(event="result", device=stick.dev)["status"] == "ok"
+    rig.wait(event="phase", device=stick.dev, phase="done", detail="powered off")
+    assert rig.read(stick.remove_attr) is not None
+    rig.remove(stick.unplug)
+    rig.wait(event="drive_removed", device=stick.dev)
+    tiles = rig.get("/api/slots")["slots"]
+    assert [(t["label"], t["state"], t["device"], t["powered_off"]) for t in tiles] == [
+        ("A1", "done", stick.dev, True), ("A2", "empty", None, False)]
+    assert rig.post("/api/stop") == (202, {"stopping": True})
+    assert rig.wait_exit() == 0

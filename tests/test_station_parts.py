@@ -415,3 +415,23 @@ def test_a_slot_holds_one_drive_until_it_ends_or_leaves() -> None:
     assert unmapped.take("1-4", "/dev/sdf") is None
     assert unmapped.slot(_added("/dev/sdf", "1-4", 2)) == "1-4/sdf"
     assert unmapped.slot(_result("/dev/sdf", 2, ok=True)) == "1-4/sdf"
+
+
+def test_a_powered_off_drive_keeps_its_done_tile_when_the_kernel_removes_its_disk() -> None:
+    """Powering a stick off makes the kernel delete its disk ("remove"), the stick still in
+    its slot: the tile says "done", powered off (pull me), until another drive comes."""
+    board = _board()
+    board.apply(_added("/dev/sde", "1-4", 1), "1", 0)
+    board.apply(_result("/dev/sde", 1, ok=True), "1", 1)
+    board.apply(events.Phase("/dev/sde", "done", events.POWERED_OFF), "1", 1)
+    board.apply(events.DriveRemoved("/dev/sde"), "1", 2)
+    tile = board.snapshot(2)["slots"][0]
+    assert (tile["state"], tile["device"], tile["powered_off"]) == ("done", "/dev/sde", True)
+    board.apply(_added("/dev/sdf", "1-4", 2), "1", 3)
+    tile = board.snapshot(3)["slots"][0]
+    assert (tile["state"], tile["device"], tile["powered_off"]) == ("probing", "/dev/sdf",
+                                                                    False)
+    # A drive that was not powered off and leaves: the slot is empty.
+    board.apply(_result("/dev/sdf", 2, ok=True), "1", 4)
+    board.apply(events.DriveRemoved("/dev/sdf"), "1", 5)
+    assert board.snapshot(5)["slots"][0]["state"] == "empty"

@@ -117,6 +117,8 @@ class Board:
             case events.DriveRemoved(device=device) if device == tile.device:
                 if tile.busy:  # pulled too early: its result (failed, and why) follows
                     tile.why = "the drive was pulled out"
+                elif tile.powered_off:
+                    pass  # powering off removes the disk, the stick stays: "done: pull me"
                 else:
                     self.tiles[tile.label] = Tile(tile.label, identify=tile.identify)
             case events.DriveRemoved():

@@ -435,3 +435,27 @@ def test_a_powered_off_drive_keeps_its_done_tile_when_the_kernel_removes_its_dis
     board.apply(_result("/dev/sdf", 2, ok=True), "1", 4)
     board.apply(events.DriveRemoved("/dev/sdf"), "1", 5)
     assert board.snapshot(5)["slots"][0]["state"] == "empty"
+
+
+def test_records_of_a_journal_moved_or_replaced_is_a_json_error(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The journal moved away or overwritten while the station runs: GET /api/records says
+    so in one JSON line (503), and the station's log gets no traceback."""
+    import http.client
+
+    journal = tmp_path / "j.sqlite"
+    with _served(tmp_path) as (_, host, port):
+        def ask(path: str) -> tuple[int, Any]:
+            conn = http.client.HTTPConnection(host, port, timeout=10)
+            conn.request("GET", path)
+            response = conn.getresponse()
+            return response.status, json.loads(response.read())
+
+        journal.rename(tmp_path / "moved.sqlite")
+        assert ask("/api/records") == (503, {"error": f"--journal {journal}: no such file"})
+        journal.write_bytes(b"not a database" * 100)
+        status, body = ask("/api/records?format=csv")
+        assert status == 503 and body["error"].startswith(f"--journal {journal}: ")
+        assert "\n" not in body["error"]
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert not errors, [r.getMessage() for r in errors]

@@ -338,3 +338,38 @@ def test_a_powered_off_stick_stays_done_when_the_kernel_removes_its_disk(
         ("A1", "done", stick.dev, True), ("A2", "empty", None, False)]
     assert rig.post("/api/stop") == (202, {"stopping": True})
     assert rig.wait_exit() == 0
+
+
+def test_clients_holding_connections_take_no_descriptor_a_drive_needs(
+        rig: Rig, tmp_path: Path) -> None:
+    """Anyone who reaches --listen may open streams (the page needs no token).  With a low
+    descriptor limit, connections beyond the station's cap are answered 503 and closed; a
+    stick plugged in meanwhile is written, and the log gets no traceback."""
+    import socket
+
+    path, data = image(tmp_path, 2 * MiB)
+    stick = Stick("c", 3)
+    rig.start([str(path), "--yes", "--journal", str(tmp_path / "j.sqlite"), "--listen",
+               "127.0.0.1:0", "--no-power-off"],
+              prefix=("/bin/sh", "-c", 'ulimit -n 320; exec "$@"', "sh"))
+    host, port = rig.url.split("//")[1].rstrip("/").rsplit(":", 1)
+    held = []
+    try:
+        for _ in range(400):
+            conn = socket.create_connection((host, int(port)), timeout=10)
+            conn.sendall(b"GET /api/stream HTTP/1.1\r\nHost: x\r\n\r\n")
+            held.append(conn)
+        answers = [conn.recv(64).split(b"\r\n", 1)[0] for conn in held]
+        assert set(answers) == {b"HTTP/1.1 200 OK", b"HTTP/1.1 503 Service Unavailable"}
+        assert 8 <= answers.count(b"HTTP/1.1 200 OK") <= 64
+        rig.add(stick.description)
+        result = rig.wait(event="result", device=stick.dev)
+        assert result["status"] == "ok", result
+    finally:
+        for conn in held:
+            conn.close()
+    assert rig.post("/api/stop") == (202, {"stopping": True})
+    assert rig.wait_exit() == 0
+    assert rig.read(stick.dev)[: len(data)] == data  # type: ignore[index]
+    stderr = (rig.work / "stderr.txt").read_text()
+    assert "Traceback" not in stderr and len(stderr.splitlines()) <= 3, stderr[-2000:]

@@ -459,3 +459,44 @@ def test_records_of_a_journal_moved_or_replaced_is_a_json_error(
         assert "\n" not in body["error"]
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert not errors, [r.getMessage() for r in errors]
+
+
+def test_the_station_raises_its_descriptor_limit_to_the_hard_one(tmp_path: Path) -> None:
+    """A service's soft limit (often 1024) is raised before anything is opened; the
+    connections served at once leave the drives their share of it."""
+    script = ("import resource\n"
+              "from popsicle_py.station.server import connection_cap, raise_descriptor_limit\n"
+              "hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]\n"
+              "resource.setrlimit(resource.RLIMIT_NOFILE, (300, hard))\n"
+              "low = connection_cap()\n"
+              "raise_descriptor_limit()\n"
+              "print(low, resource.getrlimit(resource.RLIMIT_NOFILE) == (hard, hard),"
+              " connection_cap())\n")
+    done = subprocess.run([*popsicle_cmd()[:1], "-c", script], capture_output=True,
+                          text=True, check=True)
+    assert done.stdout.split() == ["44", "True", "256"]
+
+
+def test_malformed_requests_get_their_400_and_leave_no_traceback(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture,
+        capfd: pytest.CaptureFixture[str]) -> None:
+    """Anyone on the network can send a header line too long, too many headers, or not
+    HTTP at all: each gets its 400 and the station's stderr stays quiet."""
+    with _served(tmp_path) as (_, host, port):
+        def send(request: bytes) -> bytes:
+            with socket.create_connection((host, port), timeout=10) as raw:
+                raw.sendall(request)
+                answer = b""
+                while chunk := raw.recv(65536):
+                    answer += chunk
+                return answer.split(b"\r\n", 1)[0]
+
+        many = b"".join(b"X%d: a\r\n" % n for n in range(500))
+        head = b"GET /api/slots HTTP/1.1\r\nHost: x\r\n"
+        for request in (head + b"X: " + b"a" * 10000 + b"\r\n\r\n", head + many + b"\r\n",
+                        b"GET /" + b"a" * 10000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",
+                        b"GARBAGE\r\n\r\n", head + b"\x00\r\n\r\n"):
+            assert send(request).split(b" ", 1)[1].startswith(b"4"), request[:40]
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert not errors, [r.getMessage() for r in errors]
+    assert capfd.readouterr().err == ""

@@ -326,7 +326,8 @@ def test_a_powered_off_stick_stays_done_when_the_kernel_removes_its_disk(
     stick = Stick("c", 3)
     slots = slot_map(tmp_path / "slots.toml", {"A1": 3, "A2": 5})
     rig.start([str(path), "--yes", "--slots", str(slots), "--journal",
-               str(tmp_path / "j.sqlite"), "--listen", "127.0.0.1:0"])
+               str(tmp_path / "j.sqlite"), "--listen", "[::1]:0"])
+    assert rig.url.startswith("http://[::1]:")
     rig.add(stick.description)
     assert rig.wait(event="result", device=stick.dev)["status"] == "ok"
     rig.wait(event="phase", device=stick.dev, phase="done", detail="powered off")
@@ -349,9 +350,9 @@ def test_clients_holding_connections_take_no_descriptor_a_drive_needs(
 
     path, data = image(tmp_path, 2 * MiB)
     stick = Stick("c", 3)
-    rig.start([str(path), "--yes", "--journal", str(tmp_path / "j.sqlite"), "--listen",
-               "127.0.0.1:0", "--no-power-off"],
-              prefix=("/bin/sh", "-c", 'ulimit -n 320; exec "$@"', "sh"))
+    rig.start([str(path), "--yes", "--journal", str(tmp_path / "j.sqlite"), "--listen", "0",
+               "--no-power-off"], prefix=("/bin/sh", "-c", 'ulimit -n 320; exec "$@"', "sh"))
+    assert rig.url.startswith("http://127.0.0.1:") and not rig.url.endswith(":8737/")
     host, port = rig.url.split("//")[1].rstrip("/").rsplit(":", 1)
     held = []
     try:

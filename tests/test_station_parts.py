@@ -151,6 +151,33 @@ def test_a_port_in_use_or_a_bad_listen_is_refused(tmp_path: Path) -> None:
     done = _station(tmp_path, "--listen", "127.0.0.1:http")
     assert done.returncode == 2
     assert "the port must be a number" in done.stderr
+    done = _station(tmp_path, "--listen", "::1")
+    assert (done.returncode, done.stdout) == (2, "")
+    assert done.stderr == ("popsicle-py: --listen ::1: an IPv6 address goes in brackets "
+                           "(give HOST:PORT, HOST, PORT, :PORT, [IPv6] or [IPv6]:PORT)\n")
+
+
+@pytest.mark.parametrize("text, wanted", [
+    ("0", ("127.0.0.1", 0)), ("8080", ("127.0.0.1", 8080)), (":9", ("127.0.0.1", 9)),
+    ("[::1]", ("::1", 8737)), ("[::1]:0", ("::1", 0)), ("0.0.0.0:80", ("0.0.0.0", 80)),
+    ("localhost", ("localhost", 8737)), ("127.0.0.1:0", ("127.0.0.1", 0))])
+def test_listen_takes_a_port_a_host_or_both(text: str, wanted: tuple[str, int]) -> None:
+    from popsicle_py.station.server import parse_listen
+
+    assert parse_listen(text) == wanted
+
+
+@pytest.mark.parametrize("text, why", [
+    ("::1", "an IPv6 address goes in brackets"), ("[::1", "in brackets, the port after"),
+    ("[::1]8", "in brackets, the port after"), ("[x]:1", "x in brackets is no IPv6"),
+    ("", "not a host name"), ("a b", "not a host name"), ("h:", "the port must be a number"),
+    ("70000", "the port must be a number"), ("h:http", "the port must be a number")])
+def test_listen_refuses_anything_else_in_one_line(text: str, why: str) -> None:
+    from popsicle_py.station.server import ServerError, parse_listen
+
+    with pytest.raises(ServerError) as caught:
+        parse_listen(text)
+    assert why in str(caught.value) and "\n" not in str(caught.value)
 
 
 def test_a_hook_that_cannot_be_split_is_refused(tmp_path: Path) -> None:

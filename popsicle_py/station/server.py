@@ -45,23 +45,48 @@ class ServerError(Exception):
     """The server cannot start; one line for the user (exit 2, nothing written)."""
 
 
+#: What --listen takes, as said when it is given something else.
+LISTEN_FORMS = "HOST:PORT, HOST, PORT, :PORT, [IPv6] or [IPv6]:PORT"
+
+
 def parse_listen(text: str) -> tuple[str, int]:
-    """``HOST:PORT``, ``[v6]:PORT``, ``HOST`` or ``:PORT``; ServerError if not."""
-    host, sep, port_text = text.rpartition(":")
-    if not sep:
-        host, port_text = text, str(DEFAULT_PORT)
-    host = host.strip("[]") or DEFAULT_HOST
+    """``HOST:PORT``, ``HOST``, ``PORT`` (on the default host), ``:PORT``, ``[v6]`` or
+    ``[v6]:PORT``; ServerError, one line, for anything else."""
+    def refuse(why: str) -> ServerError:
+        return ServerError(f"--listen {text or repr(text)}: {why} (give {LISTEN_FORMS})")
+
+    if text.isdigit():  # a bare number is a port: "--listen 0", "--listen 8080"
+        host, port_text = DEFAULT_HOST, text
+    elif text.startswith("["):
+        inside, bracket, rest = text[1:].partition("]")
+        if not bracket or (rest and not rest.startswith(":")):
+            raise refuse("an IPv6 address goes in brackets, the port after them")
+        host, port_text = inside, rest[1:] if rest else str(DEFAULT_PORT)
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise refuse(f"{host or 'nothing'} in brackets is no IPv6 address") from None
+    elif text.count(":") > 1:
+        raise refuse("an IPv6 address goes in brackets")
+    else:
+        host, sep, port_text = text.partition(":")
+        if not sep:
+            port_text = str(DEFAULT_PORT)
+        host = host or DEFAULT_HOST
+        if not text or any(c.isspace() or c in "[]/" for c in host):
+            raise refuse("not a host name or address")
     if not port_text.isdigit() or int(port_text) > 65535:
-        raise ServerError(f"--listen {text}: the port must be a number from 0 to 65535")
+        raise refuse("the port must be a number from 0 to 65535")
     return host, int(port_text)
 
 
 def bind(host: str, port: int) -> socket.socket:
+    shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
                                    flags=socket.AI_PASSIVE)
     except socket.gaierror as exc:
-        raise ServerError(f"--listen {host}:{port}: {exc.strerror}") from None
+        raise ServerError(f"--listen {shown}: {exc.strerror}") from None
     family, _, _, _, address = infos[0]
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -70,7 +95,7 @@ def bind(host: str, port: int) -> socket.socket:
         sock.listen(128)
     except OSError as exc:
         sock.close()
-        raise ServerError(f"--listen {host}:{port}: {exc.strerror or exc}") from None
+        raise ServerError(f"--listen {shown}: {exc.strerror or exc}") from None
     sock.setblocking(False)
     return sock
 

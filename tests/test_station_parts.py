@@ -527,3 +527,28 @@ def test_malformed_requests_get_their_400_and_leave_no_traceback(
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert not errors, [r.getMessage() for r in errors]
     assert capfd.readouterr().err == ""
+
+
+@pytest.mark.parametrize("option", ["--token-file", "--slots"])
+def test_a_fifo_or_a_device_named_as_a_small_file_is_one_line_at_once(
+        tmp_path: Path, option: str) -> None:
+    """A FIFO would hold the start for ever (with Ctrl-C ignored), /dev/zero would fill
+    memory, a large file is no token or map: each is refused in one line, exit 2."""
+    import os
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    big = tmp_path / "big"
+    big.write_bytes(b"a" * (2 << 20))
+    image = tmp_path / "image.img"
+    image.write_bytes(b"\0" * MiB)
+    for path, words in ((fifo, "is a pipe, not a regular file"),
+                        ("/dev/zero", "is a character device, not a regular file"),
+                        (big, "is larger than")):
+        done = subprocess.run([*popsicle_cmd(), "station", str(image), "--yes", "--journal",
+                               str(tmp_path / "j.sqlite"), "--listen", "127.0.0.1:0", option,
+                               str(path)], capture_output=True, text=True, timeout=20,
+                              stdin=subprocess.DEVNULL, check=False)
+        assert (done.returncode, done.stdout) == (2, ""), done.stderr
+        assert done.stderr.startswith(f"popsicle-py: {option} {path}: {words}"), done.stderr
+        assert len(done.stderr.splitlines()) == 1

@@ -26,11 +26,14 @@ from typing import Any
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
+from popsicle_py import files
 from popsicle_py.signals import say_on_stderr
 from popsicle_py.station.api import PAGE_INTERVAL, Station, make_app
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8737
+#: A token file is a line; anything larger is not one.
+MAX_TOKEN_FILE = 4096
 #: Connections served at once, at most (a page holds one or two).
 MAX_CONNECTIONS = 256
 #: Descriptors left to the drives, the journal and the rest when the limit is low.
@@ -117,14 +120,13 @@ def read_token(path: str) -> tuple[str, bool]:
     """The token in ``path``; a new random one written there (0600) when it is missing.
     Returns (token, made)."""
     try:
-        with open(path, encoding="utf-8") as f:
-            token = f.read().strip()
+        token = files.read_regular(path, MAX_TOKEN_FILE).decode("utf-8").strip()
         if not token:
             raise ServerError(f"--token-file {path}: the file is empty")
         return token, False
     except FileNotFoundError:
         pass
-    except OSError as exc:
+    except OSError as exc:  # a FIFO, a device, a huge file too: one line, nothing waits
         raise ServerError(f"--token-file {path}: {exc.strerror or exc}") from None
     except UnicodeDecodeError:
         raise ServerError(f"--token-file {path}: not UTF-8 text") from None

@@ -374,3 +374,66 @@ def test_clients_holding_connections_take_no_descriptor_a_drive_needs(
     assert rig.read(stick.dev)[: len(data)] == data  # type: ignore[index]
     stderr = (rig.work / "stderr.txt").read_text()
     assert "Traceback" not in stderr and len(stderr.splitlines()) <= 3, stderr[-2000:]
+
+
+def _stderr_line(rig: Rig, text: str, timeout: float = 30) -> str:
+    """The first line of the station's stderr that holds ``text`` (waited for)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        for line in (rig.work / "stderr.txt").read_text().splitlines():
+            if text in line:
+                return line
+        assert time.monotonic() < deadline, (rig.work / "stderr.txt").read_text()
+        with rig.cond:
+            rig.cond.wait(0.05)
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1].startswith("Z")
+    except OSError:
+        return True
+
+
+@pytest.mark.parametrize("signals", [1, 2])
+def test_a_hook_still_running_at_the_end_is_said_and_a_signal_ends_it(
+        rig: Rig, tmp_path: Path, signals: int) -> None:
+    """The session ends with a hook running: the station says what it waits for; a signal
+    then (the session ended by --count) or a second one (a SIGTERM ended it) ends the hook
+    and the station at once."""
+    import re
+    import signal
+    import time
+
+    path = image(tmp_path, 1 * MiB)[0]
+    pids = tmp_path / "hook.pid"
+    stick = Stick("c", 3)
+    args = [str(path), "--yes", "--journal", str(tmp_path / "j.sqlite"), "--listen", "0",
+            "--no-power-off", "--hook", f"sh -c 'echo $$ > {pids}; exec sleep 60'"]
+    rig.start(args + (["--count", "1"] if signals == 1 else []))
+    rig.add(stick.description)
+    rig.wait(event="result", device=stick.dev)
+    if signals == 2:
+        rig.signal(signal.SIGTERM)
+    line = _stderr_line(rig, "waiting for")
+    again = "Ctrl-C again or another SIGTERM" if signals == 2 else "Ctrl-C or SIGTERM"
+    assert re.fullmatch(r"popsicle-py: waiting for 1 --hook command\(s\) still running, at "
+                        rf"most (2\d|3[01]) s \({again} ends them now\)", line), line
+    deadline = time.monotonic() + 10
+    while not pids.exists() or not pids.read_text().strip():
+        assert time.monotonic() < deadline, "the hook never started"
+        with rig.cond:
+            rig.cond.wait(0.05)
+    pid = int(pids.read_text())
+    start = time.monotonic()
+    rig.signal(signal.SIGTERM)
+    status = rig.wait_exit(20)
+    assert time.monotonic() - start < 5
+    assert status == (0 if signals == 1 else 128 + signal.SIGTERM)
+    deadline = time.monotonic() + 10
+    while not _gone(pid):
+        assert time.monotonic() < deadline, "the hook outlived the station"
+        with rig.cond:
+            rig.cond.wait(0.05)

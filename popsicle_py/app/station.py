@@ -185,7 +185,7 @@ class PreparedStation:
                                                first_seq=before + 1)
                 summary = watch.run(station_view, cancel, hooks=hooks)
                 if hook is not None:
-                    hook.join()
+                    hook.join(cancel, say_on_stderr)
             finally:
                 server.stop()
         finally:

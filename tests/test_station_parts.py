@@ -450,7 +450,7 @@ def test_a_powered_off_drive_keeps_its_done_tile_when_the_kernel_removes_its_dis
     board = _board()
     board.apply(_added("/dev/sde", "1-4", 1), "1", 0)
     board.apply(_result("/dev/sde", 1, ok=True), "1", 1)
-    board.apply(events.Phase("/dev/sde", "done", events.POWERED_OFF), "1", 1)
+    board.apply(events.Phase("/dev/sde", events.Step.DONE, events.POWERED_OFF), "1", 1)
     board.apply(events.DriveRemoved("/dev/sde"), "1", 2)
     tile = board.snapshot(2)["slots"][0]
     assert (tile["state"], tile["device"], tile["powered_off"]) == ("done", "/dev/sde", True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import socket
@@ -552,3 +553,62 @@ def test_a_fifo_or_a_device_named_as_a_small_file_is_one_line_at_once(
         assert (done.returncode, done.stdout) == (2, ""), done.stderr
         assert done.stderr.startswith(f"popsicle-py: {option} {path}: {words}"), done.stderr
         assert len(done.stderr.splitlines()) == 1
+
+
+def _feed(tmp_path: Path, slot_map: slots.SlotMap | None,
+          happened: list[events.WatchEvent]) -> tuple[Board, list[dict[str, Any]]]:
+    """The events through the slot tagger, the journal and the board, as a station does:
+    the board, and the journal's records."""
+    from popsicle_py.station.journal import Journal, read_records
+    from popsicle_py.station.recorder import Recorder, Tagger
+
+    path = str(tmp_path / "j.sqlite")
+    journal = Journal(path, station="s", session="x")
+    tagger, recorder = Tagger(slot_map), Recorder(journal, "image.img", "", verify=True)
+    board = Board.with_slots(slot_map.labels if slot_map is not None else (),
+                             image={}, station={})
+    for event in happened:
+        slot = tagger.slot(event)
+        recorder.handle(event, slot)
+        board.apply(event, slot, 0)
+    journal.close()
+    return board, read_records(path)
+
+
+def _on(device: str, port: str, seq: int) -> events.DriveAdded:
+    info = events.DriveInfo(seq, port, "SanDisk", "Cruzer", f"SN{seq}", 64 * MiB)
+    return events.DriveAdded(device, "SanDisk Cruzer", 64 * MiB, True, None, info)
+
+
+def _ended(device: str, port: str, seq: int, ok: bool) -> events.Result:
+    r = _result(device, seq, ok).result
+    info = events.DriveInfo(seq, port, "SanDisk", "Cruzer", f"SN{seq}", 64 * MiB)
+    return events.Result(dataclasses.replace(r, drive=info))
+
+
+def test_a_drive_pulled_mid_write_ends_in_its_own_slot_when_another_has_its_name(
+        tmp_path: Path) -> None:
+    """No map: stick 1 (port 1-3) is pulled mid-write and stick 2 (port 1-4) comes under the
+    same /dev name before stick 1's end: that end is stick 1's, in its slot and its row."""
+    board, found = _feed(tmp_path, None, [
+        _on("/dev/sdc", "1-3", 1), events.DriveRemoved("/dev/sdc"), _on("/dev/sdc", "1-4", 2),
+        _ended("/dev/sdc", "1-3", 1, ok=False)])
+    tiles = {t["label"]: (t["state"], t["device"]) for t in board.snapshot(0)["slots"]}
+    assert tiles == {"1-3": ("failed", "/dev/sdc"), "1-4": ("probing", "/dev/sdc")}
+    assert [(r["seq"], r["slot"], r["result"]) for r in found] == [
+        (1, "1-3", "failed"), (2, "1-4", "in-flight")]
+
+
+def test_a_stick_that_bounces_in_its_slot_leaves_no_row_in_flight(tmp_path: Path) -> None:
+    """A bad contact: plugged, out, in again at once.  The first appearance's end (failed)
+    is its own row's; the second one's tile and row are the second's."""
+    mapped = slots.SlotMap((slots.Slot("A1", "1-3"),))
+    board, found = _feed(tmp_path, mapped, [
+        _on("/dev/sdc", "1-3", 1), events.DriveRemoved("/dev/sdc"), _on("/dev/sdc", "1-3", 2),
+        _ended("/dev/sdc", "1-3", 1, ok=False), _ended("/dev/sdc", "1-3", 2, ok=True)])
+    snapshot = board.snapshot(0)
+    assert [(t["label"], t["state"]) for t in snapshot["slots"]] == [("A1", "done")]
+    assert snapshot["counters"] | {"in_flight": 0} == {"ok": 1, "failed": 1, "total": 2,
+                                                      "in_flight": 0, "target": None}
+    assert [(r["seq"], r["slot"], r["result"]) for r in found] == [
+        (1, "A1", "failed"), (2, "A1", "ok")]

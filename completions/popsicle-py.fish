@@ -470,7 +470,7 @@ complete -c popsicle-py -n '__popsicle_py_at station' -l 'force' -d 'Write an im
 complete -c popsicle-py -n '__popsicle_py_at station' -l 'keyring' -r -F -d 'Trust the checksum file only if its signature (.gpg, .sign, .asc, .sig) verifies with gpgv against this keyring.'
 complete -c popsicle-py -n '__popsicle_py_at station' -l 'cache' -l 'no-cache' -d 'Keep a downloaded IMAGE (a URL) in ~/.cache/popsicle-py for the next run (default: off, or $POPSICLE_PY_CACHE).'
 complete -c popsicle-py -n '__popsicle_py_at station' -l 'slots' -r -F -d 'The slot map (TOML, made by `popsicle-py slots`): write only the drives on its ports; a drive elsewhere is announced and never opened.'
-complete -c popsicle-py -n '__popsicle_py_at station' -l 'listen' -x -d 'Where the page and the API are served (port 0: a free one).'
+complete -c popsicle-py -n '__popsicle_py_at station' -l 'listen' -x -d 'Where the page and the API are served: HOST:PORT, HOST, PORT (on 127.0.0.1), :PORT, [IPv6] or [IPv6]:PORT; port 0: a free one.'
 complete -c popsicle-py -n '__popsicle_py_at station' -l 'token-file' -r -F -d 'The token POST requests need (made, mode 0600, when missing; default: station.token beside the journal).'
 complete -c popsicle-py -n '__popsicle_py_at station' -l 'journal' -r -F -d 'The SQLite journal (default: /var/lib/popsicle-py/journal.sqlite as root, else ~/.local/share/popsicle-py/journal.sqlite).'
 complete -c popsicle-py -n '__popsicle_py_at station' -l 'batch' -x -d 'The batch the records belong to.'

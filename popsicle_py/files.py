@@ -69,6 +69,39 @@ def create_regular(path: str | os.PathLike[str], *, exclusive: bool = False,
         raise
 
 
+def read_regular(path: str | os.PathLike[str], limit: int) -> bytes:
+    """The bytes of a regular file of at most ``limit`` bytes, for a small file read at the
+    start (a token, a slot map): a FIFO named there would hold the start for ever, and
+    /dev/zero would fill memory.  A symlink to a regular file is read (nothing is written).
+
+    Raises :class:`NotRegular` for anything but a regular file, :class:`TooLarge` beyond
+    ``limit``, OSError otherwise.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise NotRegular(errno.EINVAL, f"is {_kind(st.st_mode)}, not a regular file")
+        os.set_blocking(fd, True)
+        chunks: list[bytes] = []
+        size = 0
+        while size <= limit and (chunk := os.read(fd, limit + 1 - size)):
+            chunks.append(chunk)
+            size += len(chunk)
+        if size > limit:
+            raise TooLarge(errno.EFBIG, f"is larger than {limit} bytes")
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+class TooLarge(OSError):
+    """A file read whole is larger than it can be; ``str()`` says so in a few words."""
+
+    def __str__(self) -> str:
+        return self.strerror or "too large"
+
+
 def check_regular(path: str | os.PathLike[str], *, create: bool,
                   sidecars: tuple[str, ...] = ()) -> None:
     """For a file another library opens by name (SQLite): it, and every ``path + suffix``

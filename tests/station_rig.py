@@ -82,10 +82,12 @@ class Rig:
 
     # ------------------------------------------------------------------------------------
 
-    def start(self, args: list[str], env: dict[str, str] | None = None) -> None:
-        """Start ``popsicle-py station ARGS --json`` and wait for its URL."""
+    def start(self, args: list[str], env: dict[str, str] | None = None,
+              prefix: tuple[str, ...] = ()) -> None:
+        """Start ``popsicle-py station ARGS --json`` (after ``prefix``, a command that runs
+        the rest) and wait for its URL."""
         self.cursor = len(self.lines)
-        self.command({"start": {"cmd": [*popsicle_cmd(), "station", *args, "--json"],
+        self.command({"start": {"cmd": [*prefix, *popsicle_cmd(), "station", *args, "--json"],
                                 "env": env or {}}})
         note = self.wait(lambda e: e.get("event") == "note"
                          and e["text"].startswith("station "))

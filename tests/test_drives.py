@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
 import shutil
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from loopdev import (
@@ -525,3 +528,40 @@ def test_a_loop_device_with_no_file_is_named_so(tmp_path: Path) -> None:
                               timeout=60, check=False)
     assert done.returncode == 2, done.stderr
     assert done.stderr == f"popsicle-py: {free} is a loop device with no file attached\n"
+
+
+OUT_OF_DESCRIPTORS = """
+import json, os, resource, sys
+import pyudev
+from popsicle_py import drives
+from popsicle_py.drives.udev import udev_context
+
+path = sys.argv[1]
+facts = drives.gather_facts()
+st = os.stat(path)
+device = pyudev.Devices.from_device_number(udev_context(), "block", st.st_rdev)
+resource.setrlimit(resource.RLIMIT_NOFILE, (64, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+held = []
+try:
+    while True:
+        held.append(os.open("/dev/null", os.O_RDONLY))
+except OSError:
+    pass
+drive = drives.build_drive(device, facts, explicit=True)
+for fd in held:
+    os.close(fd)
+print(json.dumps([drive.eligible, drive.reason, drive.size]))
+"""
+
+
+def test_a_drive_read_while_out_of_descriptors_is_refused_saying_so_not_no_medium(
+        loop_factory: Any) -> None:
+    """EMFILE while reading a drive's sysfs size is no fact about the drive: it is refused
+    with that reason, never taken for a reader without a card ("no medium")."""
+    loop = loop_factory(4 << 20)
+    done = subprocess.run([sys.executable, "-c", OUT_OF_DESCRIPTORS, loop.path],
+                          capture_output=True, text=True, check=True)
+    eligible, reason, size = json.loads(done.stdout)
+    assert eligible is False and size == 0
+    assert reason == ("its attributes could not be read (Too many open files); plug it in "
+                      "again")

@@ -315,3 +315,125 @@ def test_two_cards_in_one_slot_the_second_is_refused_and_the_first_ones_failure_
     assert rig.read("/dev/sdf") == b"", "the second card in slot A1 was written"
     assert [(r["slot"], r["device"], r["result"]) for r in records(journal)] == [
         ("A1", "/dev/sde", "failed")]
+
+
+def test_a_powered_off_stick_stays_done_when_the_kernel_removes_its_disk(
+        rig: Rig, tmp_path: Path) -> None:
+    """Power-off (the default) writes the USB device's ``remove``: a real kernel then deletes
+    the disk ("remove" uevent) while the stick is still in its slot.  The testbed only stores
+    the write, so the test sends that uevent; the tile must go on saying "done: pull me"."""
+    path = image(tmp_path, 2 * MiB)[0]
+    stick = Stick("c", 3)
+    slots = slot_map(tmp_path / "slots.toml", {"A1": 3, "A2": 5})
+    rig.start([str(path), "--yes", "--slots", str(slots), "--journal",
+               str(tmp_path / "j.sqlite"), "--listen", "[::1]:0"])
+    assert rig.url.startswith("http://[::1]:")
+    rig.add(stick.description)
+    assert rig.wait(event="result", device=stick.dev)["status"] == "ok"
+    rig.wait(event="phase", device=stick.dev, phase="done", detail="powered off")
+    assert rig.read(stick.remove_attr) is not None
+    rig.remove(stick.unplug)
+    rig.wait(event="drive_removed", device=stick.dev)
+    tiles = rig.get("/api/slots")["slots"]
+    assert [(t["label"], t["state"], t["device"], t["powered_off"]) for t in tiles] == [
+        ("A1", "done", stick.dev, True), ("A2", "empty", None, False)]
+    assert rig.post("/api/stop") == (202, {"stopping": True})
+    assert rig.wait_exit() == 0
+
+
+def test_clients_holding_connections_take_no_descriptor_a_drive_needs(
+        rig: Rig, tmp_path: Path) -> None:
+    """Anyone who reaches --listen may open streams (the page needs no token).  With a low
+    descriptor limit, connections beyond the station's cap are answered 503 and closed; a
+    stick plugged in meanwhile is written, and the log gets no traceback."""
+    import socket
+
+    path, data = image(tmp_path, 2 * MiB)
+    stick = Stick("c", 3)
+    rig.start([str(path), "--yes", "--journal", str(tmp_path / "j.sqlite"), "--listen", "0",
+               "--no-power-off"], prefix=("/bin/sh", "-c", 'ulimit -n 320; exec "$@"', "sh"))
+    assert rig.url.startswith("http://127.0.0.1:") and not rig.url.endswith(":8737/")
+    host, port = rig.url.split("//")[1].rstrip("/").rsplit(":", 1)
+    held = []
+    try:
+        for _ in range(400):
+            conn = socket.create_connection((host, int(port)), timeout=10)
+            conn.sendall(b"GET /api/stream HTTP/1.1\r\nHost: x\r\n\r\n")
+            held.append(conn)
+        answers = [conn.recv(64).split(b"\r\n", 1)[0] for conn in held]
+        assert set(answers) == {b"HTTP/1.1 200 OK", b"HTTP/1.1 503 Service Unavailable"}
+        assert 8 <= answers.count(b"HTTP/1.1 200 OK") <= 64
+        rig.add(stick.description)
+        result = rig.wait(event="result", device=stick.dev)
+        assert result["status"] == "ok", result
+    finally:
+        for conn in held:
+            conn.close()
+    assert rig.post("/api/stop") == (202, {"stopping": True})
+    assert rig.wait_exit() == 0
+    assert rig.read(stick.dev)[: len(data)] == data  # type: ignore[index]
+    stderr = (rig.work / "stderr.txt").read_text()
+    assert "Traceback" not in stderr and len(stderr.splitlines()) <= 3, stderr[-2000:]
+
+
+def _stderr_line(rig: Rig, text: str, timeout: float = 30) -> str:
+    """The first line of the station's stderr that holds ``text`` (waited for)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        for line in (rig.work / "stderr.txt").read_text().splitlines():
+            if text in line:
+                return line
+        assert time.monotonic() < deadline, (rig.work / "stderr.txt").read_text()
+        with rig.cond:
+            rig.cond.wait(0.05)
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1].startswith("Z")
+    except OSError:
+        return True
+
+
+@pytest.mark.parametrize("signals", [1, 2])
+def test_a_hook_still_running_at_the_end_is_said_and_a_signal_ends_it(
+        rig: Rig, tmp_path: Path, signals: int) -> None:
+    """The session ends with a hook running: the station says what it waits for; a signal
+    then (the session ended by --count) or a second one (a SIGTERM ended it) ends the hook
+    and the station at once."""
+    import re
+    import signal
+    import time
+
+    path = image(tmp_path, 1 * MiB)[0]
+    pids = tmp_path / "hook.pid"
+    stick = Stick("c", 3)
+    args = [str(path), "--yes", "--journal", str(tmp_path / "j.sqlite"), "--listen", "0",
+            "--no-power-off", "--hook", f"sh -c 'echo $$ > {pids}; exec sleep 60'"]
+    rig.start(args + (["--count", "1"] if signals == 1 else []))
+    rig.add(stick.description)
+    rig.wait(event="result", device=stick.dev)
+    if signals == 2:
+        rig.signal(signal.SIGTERM)
+    line = _stderr_line(rig, "waiting for")
+    again = "Ctrl-C again or another SIGTERM" if signals == 2 else "Ctrl-C or SIGTERM"
+    assert re.fullmatch(r"popsicle-py: waiting for 1 --hook command\(s\) still running, at "
+                        rf"most (2\d|3[01]) s \({again} ends them now\)", line), line
+    deadline = time.monotonic() + 10
+    while not pids.exists() or not pids.read_text().strip():
+        assert time.monotonic() < deadline, "the hook never started"
+        with rig.cond:
+            rig.cond.wait(0.05)
+    pid = int(pids.read_text())
+    start = time.monotonic()
+    rig.signal(signal.SIGTERM)
+    status = rig.wait_exit(20)
+    assert time.monotonic() - start < 5
+    assert status == (0 if signals == 1 else 128 + signal.SIGTERM)
+    deadline = time.monotonic() + 10
+    while not _gone(pid):
+        assert time.monotonic() < deadline, "the hook outlived the station"
+        with rig.cond:
+            rig.cond.wait(0.05)

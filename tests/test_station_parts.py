@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import socket
@@ -151,6 +152,33 @@ def test_a_port_in_use_or_a_bad_listen_is_refused(tmp_path: Path) -> None:
     done = _station(tmp_path, "--listen", "127.0.0.1:http")
     assert done.returncode == 2
     assert "the port must be a number" in done.stderr
+    done = _station(tmp_path, "--listen", "::1")
+    assert (done.returncode, done.stdout) == (2, "")
+    assert done.stderr == ("popsicle-py: --listen ::1: an IPv6 address goes in brackets "
+                           "(give HOST:PORT, HOST, PORT, :PORT, [IPv6] or [IPv6]:PORT)\n")
+
+
+@pytest.mark.parametrize("text, wanted", [
+    ("0", ("127.0.0.1", 0)), ("8080", ("127.0.0.1", 8080)), (":9", ("127.0.0.1", 9)),
+    ("[::1]", ("::1", 8737)), ("[::1]:0", ("::1", 0)), ("0.0.0.0:80", ("0.0.0.0", 80)),
+    ("localhost", ("localhost", 8737)), ("127.0.0.1:0", ("127.0.0.1", 0))])
+def test_listen_takes_a_port_a_host_or_both(text: str, wanted: tuple[str, int]) -> None:
+    from popsicle_py.station.server import parse_listen
+
+    assert parse_listen(text) == wanted
+
+
+@pytest.mark.parametrize("text, why", [
+    ("::1", "an IPv6 address goes in brackets"), ("[::1", "in brackets, the port after"),
+    ("[::1]8", "in brackets, the port after"), ("[x]:1", "x in brackets is no IPv6"),
+    ("", "not a host name"), ("a b", "not a host name"), ("h:", "the port must be a number"),
+    ("70000", "the port must be a number"), ("h:http", "the port must be a number")])
+def test_listen_refuses_anything_else_in_one_line(text: str, why: str) -> None:
+    from popsicle_py.station.server import ServerError, parse_listen
+
+    with pytest.raises(ServerError) as caught:
+        parse_listen(text)
+    assert why in str(caught.value) and "\n" not in str(caught.value)
 
 
 def test_a_hook_that_cannot_be_split_is_refused(tmp_path: Path) -> None:
@@ -415,3 +443,172 @@ def test_a_slot_holds_one_drive_until_it_ends_or_leaves() -> None:
     assert unmapped.take("1-4", "/dev/sdf") is None
     assert unmapped.slot(_added("/dev/sdf", "1-4", 2)) == "1-4/sdf"
     assert unmapped.slot(_result("/dev/sdf", 2, ok=True)) == "1-4/sdf"
+
+
+def test_a_powered_off_drive_keeps_its_done_tile_when_the_kernel_removes_its_disk() -> None:
+    """Powering a stick off makes the kernel delete its disk ("remove"), the stick still in
+    its slot: the tile says "done", powered off (pull me), until another drive comes."""
+    board = _board()
+    board.apply(_added("/dev/sde", "1-4", 1), "1", 0)
+    board.apply(_result("/dev/sde", 1, ok=True), "1", 1)
+    board.apply(events.Phase("/dev/sde", events.Step.DONE, events.POWERED_OFF), "1", 1)
+    board.apply(events.DriveRemoved("/dev/sde"), "1", 2)
+    tile = board.snapshot(2)["slots"][0]
+    assert (tile["state"], tile["device"], tile["powered_off"]) == ("done", "/dev/sde", True)
+    board.apply(_added("/dev/sdf", "1-4", 2), "1", 3)
+    tile = board.snapshot(3)["slots"][0]
+    assert (tile["state"], tile["device"], tile["powered_off"]) == ("probing", "/dev/sdf",
+                                                                    False)
+    # A drive that was not powered off and leaves: the slot is empty.
+    board.apply(_result("/dev/sdf", 2, ok=True), "1", 4)
+    board.apply(events.DriveRemoved("/dev/sdf"), "1", 5)
+    assert board.snapshot(5)["slots"][0]["state"] == "empty"
+
+
+def test_records_of_a_journal_moved_or_replaced_is_a_json_error(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The journal moved away or overwritten while the station runs: GET /api/records says
+    so in one JSON line (503), and the station's log gets no traceback."""
+    import http.client
+
+    journal = tmp_path / "j.sqlite"
+    with _served(tmp_path) as (_, host, port):
+        def ask(path: str) -> tuple[int, Any]:
+            conn = http.client.HTTPConnection(host, port, timeout=10)
+            conn.request("GET", path)
+            response = conn.getresponse()
+            return response.status, json.loads(response.read())
+
+        journal.rename(tmp_path / "moved.sqlite")
+        assert ask("/api/records") == (503, {"error": f"--journal {journal}: no such file"})
+        journal.write_bytes(b"not a database" * 100)
+        status, body = ask("/api/records?format=csv")
+        assert status == 503 and body["error"].startswith(f"--journal {journal}: ")
+        assert "\n" not in body["error"]
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert not errors, [r.getMessage() for r in errors]
+
+
+def test_the_station_raises_its_descriptor_limit_to_the_hard_one(tmp_path: Path) -> None:
+    """A service's soft limit (often 1024) is raised before anything is opened; the
+    connections served at once leave the drives their share of it."""
+    script = ("import resource\n"
+              "from popsicle_py.station.server import connection_cap, raise_descriptor_limit\n"
+              "hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]\n"
+              "resource.setrlimit(resource.RLIMIT_NOFILE, (300, hard))\n"
+              "low = connection_cap()\n"
+              "raise_descriptor_limit()\n"
+              "print(low, resource.getrlimit(resource.RLIMIT_NOFILE) == (hard, hard),"
+              " connection_cap())\n")
+    done = subprocess.run([*popsicle_cmd()[:1], "-c", script], capture_output=True,
+                          text=True, check=True)
+    assert done.stdout.split() == ["44", "True", "256"]
+
+
+def test_malformed_requests_get_their_400_and_leave_no_traceback(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture,
+        capfd: pytest.CaptureFixture[str]) -> None:
+    """Anyone on the network can send a header line too long, too many headers, or not
+    HTTP at all: each gets its 400 and the station's stderr stays quiet."""
+    with _served(tmp_path) as (_, host, port):
+        def send(request: bytes) -> bytes:
+            with socket.create_connection((host, port), timeout=10) as raw:
+                raw.sendall(request)
+                answer = b""
+                while chunk := raw.recv(65536):
+                    answer += chunk
+                return answer.split(b"\r\n", 1)[0]
+
+        many = b"".join(b"X%d: a\r\n" % n for n in range(500))
+        head = b"GET /api/slots HTTP/1.1\r\nHost: x\r\n"
+        for request in (head + b"X: " + b"a" * 10000 + b"\r\n\r\n", head + many + b"\r\n",
+                        b"GET /" + b"a" * 10000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",
+                        b"GARBAGE\r\n\r\n", head + b"\x00\r\n\r\n"):
+            assert send(request).split(b" ", 1)[1].startswith(b"4"), request[:40]
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert not errors, [r.getMessage() for r in errors]
+    assert capfd.readouterr().err == ""
+
+
+@pytest.mark.parametrize("option", ["--token-file", "--slots"])
+def test_a_fifo_or_a_device_named_as_a_small_file_is_one_line_at_once(
+        tmp_path: Path, option: str) -> None:
+    """A FIFO would hold the start for ever (with Ctrl-C ignored), /dev/zero would fill
+    memory, a large file is no token or map: each is refused in one line, exit 2."""
+    import os
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    big = tmp_path / "big"
+    big.write_bytes(b"a" * (2 << 20))
+    image = tmp_path / "image.img"
+    image.write_bytes(b"\0" * MiB)
+    for path, words in ((fifo, "is a pipe, not a regular file"),
+                        ("/dev/zero", "is a character device, not a regular file"),
+                        (big, "is larger than")):
+        done = subprocess.run([*popsicle_cmd(), "station", str(image), "--yes", "--journal",
+                               str(tmp_path / "j.sqlite"), "--listen", "127.0.0.1:0", option,
+                               str(path)], capture_output=True, text=True, timeout=20,
+                              stdin=subprocess.DEVNULL, check=False)
+        assert (done.returncode, done.stdout) == (2, ""), done.stderr
+        assert done.stderr.startswith(f"popsicle-py: {option} {path}: {words}"), done.stderr
+        assert len(done.stderr.splitlines()) == 1
+
+
+def _feed(tmp_path: Path, slot_map: slots.SlotMap | None,
+          happened: list[events.WatchEvent]) -> tuple[Board, list[dict[str, Any]]]:
+    """The events through the slot tagger, the journal and the board, as a station does:
+    the board, and the journal's records."""
+    from popsicle_py.station.journal import Journal, read_records
+    from popsicle_py.station.recorder import Recorder, Tagger
+
+    path = str(tmp_path / "j.sqlite")
+    journal = Journal(path, station="s", session="x")
+    tagger, recorder = Tagger(slot_map), Recorder(journal, "image.img", "", verify=True)
+    board = Board.with_slots(slot_map.labels if slot_map is not None else (),
+                             image={}, station={})
+    for event in happened:
+        slot = tagger.slot(event)
+        recorder.handle(event, slot)
+        board.apply(event, slot, 0)
+    journal.close()
+    return board, read_records(path)
+
+
+def _on(device: str, port: str, seq: int) -> events.DriveAdded:
+    info = events.DriveInfo(seq, port, "SanDisk", "Cruzer", f"SN{seq}", 64 * MiB)
+    return events.DriveAdded(device, "SanDisk Cruzer", 64 * MiB, True, None, info)
+
+
+def _ended(device: str, port: str, seq: int, ok: bool) -> events.Result:
+    r = _result(device, seq, ok).result
+    info = events.DriveInfo(seq, port, "SanDisk", "Cruzer", f"SN{seq}", 64 * MiB)
+    return events.Result(dataclasses.replace(r, drive=info))
+
+
+def test_a_drive_pulled_mid_write_ends_in_its_own_slot_when_another_has_its_name(
+        tmp_path: Path) -> None:
+    """No map: stick 1 (port 1-3) is pulled mid-write and stick 2 (port 1-4) comes under the
+    same /dev name before stick 1's end: that end is stick 1's, in its slot and its row."""
+    board, found = _feed(tmp_path, None, [
+        _on("/dev/sdc", "1-3", 1), events.DriveRemoved("/dev/sdc"), _on("/dev/sdc", "1-4", 2),
+        _ended("/dev/sdc", "1-3", 1, ok=False)])
+    tiles = {t["label"]: (t["state"], t["device"]) for t in board.snapshot(0)["slots"]}
+    assert tiles == {"1-3": ("failed", "/dev/sdc"), "1-4": ("probing", "/dev/sdc")}
+    assert [(r["seq"], r["slot"], r["result"]) for r in found] == [
+        (1, "1-3", "failed"), (2, "1-4", "in-flight")]
+
+
+def test_a_stick_that_bounces_in_its_slot_leaves_no_row_in_flight(tmp_path: Path) -> None:
+    """A bad contact: plugged, out, in again at once.  The first appearance's end (failed)
+    is its own row's; the second one's tile and row are the second's."""
+    mapped = slots.SlotMap((slots.Slot("A1", "1-3"),))
+    board, found = _feed(tmp_path, mapped, [
+        _on("/dev/sdc", "1-3", 1), events.DriveRemoved("/dev/sdc"), _on("/dev/sdc", "1-3", 2),
+        _ended("/dev/sdc", "1-3", 1, ok=False), _ended("/dev/sdc", "1-3", 2, ok=True)])
+    snapshot = board.snapshot(0)
+    assert [(t["label"], t["state"]) for t in snapshot["slots"]] == [("A1", "done")]
+    assert snapshot["counters"] | {"in_flight": 0} == {"ok": 1, "failed": 1, "total": 2,
+                                                      "in_flight": 0, "target": None}
+    assert [(r["seq"], r["slot"], r["result"]) for r in found] == [
+        (1, "A1", "failed"), (2, "A1", "ok")]

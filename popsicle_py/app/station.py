@@ -44,6 +44,7 @@ from popsicle_py.station.server import (
     bind,
     is_loopback,
     parse_listen,
+    raise_descriptor_limit,
     read_token,
     url_of,
 )
@@ -184,7 +185,7 @@ class PreparedStation:
                                                first_seq=before + 1)
                 summary = watch.run(station_view, cancel, hooks=hooks)
                 if hook is not None:
-                    hook.join()
+                    hook.join(cancel, say_on_stderr)
             finally:
                 server.stop()
         finally:
@@ -212,6 +213,7 @@ class PreparedStation:
 
 def prepare_station(request: StationRequest) -> PreparedStation:
     """Every check of watch, then the slot map, the journal, the token, the socket."""
+    raise_descriptor_limit()
     slot_map = None
     if request.slots is not None:
         try:

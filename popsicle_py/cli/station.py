@@ -52,7 +52,8 @@ place_options = OptionGroup(
                  help="The slot map (TOML, made by `popsicle-py slots`): write only the drives "
                       "on its ports; a drive elsewhere is announced and never opened."),
     click.option("--listen", default=DEFAULT_LISTEN, metavar="HOST:PORT", show_default=True,
-                 help="Where the page and the API are served (port 0: a free one)."),
+                 help="Where the page and the API are served: HOST:PORT, HOST, PORT (on "
+                      "127.0.0.1), :PORT, [IPv6] or [IPv6]:PORT; port 0: a free one."),
     click.option("--token-file", type=FILE, metavar="FILE",
                  help="The token POST requests need (made, mode 0600, when missing; default: "
                       "station.token beside the journal)."),

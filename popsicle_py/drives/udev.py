@@ -10,7 +10,9 @@ open.  These are the drive layer's I/O edges (:func:`discover`, :func:`drive_for
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
+import errno
 import os
 import re
 import stat
@@ -79,14 +81,32 @@ def decode_udev(value: str) -> str:
     return re.sub(r"\\x([0-9a-fA-F]{2})", lambda m: chr(int(m.group(1), 16)), value)
 
 
+#: What says that this process, not the drive, could not read sysfs just now.
+_OUT_OF = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM})
+
+
+class SysfsUnreadable(OSError):
+    """A drive's sysfs attributes could not be read now (out of descriptors or memory): no
+    fact about the drive, least of all "no medium"."""
+
+
 def _attr(device: pyudev.Device | None, name: str) -> str | None:
+    """The attribute's text; None when the device has none.  SysfsUnreadable when it could
+    not be read for want of descriptors or memory (libudev says so in errno only)."""
     if device is None:
         return None
     try:
         value = device.attributes.get(name)
-    except (KeyError, OSError):
+    except OSError as exc:
+        if exc.errno in _OUT_OF:
+            raise SysfsUnreadable(exc.errno, exc.strerror) from None
+        return None
+    except KeyError:
         return None
     if value is None:
+        number = ctypes.get_errno()  # pyudev's libudev is loaded with use_errno
+        if number in _OUT_OF:
+            raise SysfsUnreadable(number, os.strerror(number))
         return None
     return value.decode(errors="replace").strip() if isinstance(value, bytes) else str(value)
 
@@ -220,7 +240,30 @@ def _loop_identity(node: str, devnum: int, facts: SystemFacts, backing: Backing
 
 def build_drive(device: pyudev.Device, facts: SystemFacts, *, explicit: bool,
                 path: str | None = None) -> Drive:
-    """A Drive for a whole-disk pyudev device, judged against ``facts``."""
+    """A Drive for a whole-disk pyudev device, judged against ``facts``; refused, saying
+    why, when its attributes cannot be read now (a size read as 0 would say "no medium")."""
+    try:
+        return _build_drive(device, facts, explicit=explicit, path=path)
+    except OSError as exc:  # SysfsUnreadable, or a directory of sysfs not listed
+        if exc.errno not in _OUT_OF:
+            raise
+        return _unreadable(device, path, exc)
+
+
+def _unreadable(device: pyudev.Device, path: str | None, exc: OSError) -> Drive:
+    port = None
+    with contextlib.suppress(OSError):
+        port = port_path_of(device)
+    return Drive(path=path or _node(device), name=device.sys_name,
+                 devnum=device.device_number, vendor="", model="", serial="", size=0,
+                 logical_block_size=512, bus="unknown", removable=False, read_only=False,
+                 has_media=False, partitions=(), mountpoints=(), swap=False, eligible=False,
+                 reason=f"its attributes could not be read ({exc.strerror}); plug it in "
+                        "again", system=False, port_path=port)
+
+
+def _build_drive(device: pyudev.Device, facts: SystemFacts, *, explicit: bool,
+                 path: str | None) -> Drive:
     devnum = devnum_of(device)
     sectors = _attr(device, "size")
     size = int(sectors) * 512 if sectors and sectors.isdigit() else 0

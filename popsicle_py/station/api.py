@@ -4,7 +4,7 @@
     GET  /api/slots                     the page's state as JSON
     GET  /api/stream                    that state as Server-Sent Events (what the page reads)
     GET  /api/events                    the events as NDJSON, each with its "slot"
-    GET  /api/records[?batch=B][&format=csv]    the journal
+    GET  /api/records[?batch=B][&format=csv]    the journal (503 when it cannot be read)
     POST /api/slots/{label}/identify    read that slot's drive a few seconds, highlight it
     POST /api/stop                      finish the drives being written, take no new one
     GET  /metrics                       Prometheus' text format
@@ -179,7 +179,10 @@ async def _events(request: web.Request) -> web.StreamResponse:
 async def _records(request: web.Request) -> web.Response:
     station: Station = request.app[STATION_KEY]
     batch = request.query.get("batch")
-    found = await asyncio.to_thread(journal_mod.read_records, station.journal_path, batch)
+    try:
+        found = await asyncio.to_thread(journal_mod.read_records, station.journal_path, batch)
+    except journal_mod.JournalError as exc:  # moved, replaced, damaged: the station goes on
+        return web.json_response({"error": str(exc)}, status=503)
     if request.query.get("format") == "csv":
         return web.Response(text=journal_mod.to_csv(found), content_type="text/csv")
     return web.json_response(found)

@@ -24,6 +24,7 @@ class Tile:
     label: str
     state: str = "empty"
     device: str | None = None
+    seq: int | None = None  # the drive's, told apart from another one of the same name
     drive: JsonObject | None = None
     why: str | None = None  # failed, stopped or ignored: the reason a person reads
     cause: str | None = None
@@ -48,6 +49,13 @@ class Tile:
     @property
     def busy(self) -> bool:
         return self.state in ("probing", "writing", "verifying")
+
+
+def _shows(tile: Tile, r: events.DriveResult) -> bool:
+    """Whether the tile shows the drive that ended: the same device name and, when both are
+    known, the same seq (the kernel gives a name again at once)."""
+    seq = r.drive.seq if r.drive is not None else None
+    return r.device == tile.device and (seq is None or tile.seq is None or seq == tile.seq)
 
 
 def _round(value: float | None) -> float | None:
@@ -94,7 +102,7 @@ class Board:
             case events.DriveAdded(eligible=False) if tile.busy:
                 self._unslotted(event)  # refused beside the slot's drive: the tile keeps it
             case events.DriveAdded(device=device, eligible=eligible, reason=reason, info=info):
-                tile.device = device
+                tile.device, tile.seq = device, info.seq if info is not None else None
                 tile.drive = info.to_json() if info is not None else None
                 tile.why, tile.cause, tile.powered_off = None, None, False
                 tile.state = "probing" if eligible else "ignored"
@@ -110,13 +118,15 @@ class Board:
             case events.Progress(device=device, phase=phase, done=done, total=total) \
                     if device == tile.device and tile.tracker is not None:
                 tile.tracker.on_progress(phase, done, total, now)
-            case events.Result(result=r) if r.device == tile.device:
+            case events.Result(result=r) if _shows(tile, r):
                 self._ended(tile, r, now)
             case events.Result(result=r):  # a drive the tile no longer shows: still counted
                 self._count(r)
             case events.DriveRemoved(device=device) if device == tile.device:
                 if tile.busy:  # pulled too early: its result (failed, and why) follows
                     tile.why = "the drive was pulled out"
+                elif tile.powered_off:
+                    pass  # powering off removes the disk, the stick stays: "done: pull me"
                 else:
                     self.tiles[tile.label] = Tile(tile.label, identify=tile.identify)
             case events.DriveRemoved():

@@ -4,20 +4,27 @@ The command is split like a shell line (no shell runs it) and told about the dri
 environment: ``POPSICLE_SLOT``, ``POPSICLE_DEVICE``, ``POPSICLE_RESULT`` (ok, failed,
 invalid, cancelled), ``POPSICLE_SERIAL``, ``POPSICLE_MODEL``, ``POPSICLE_ERROR``.  Each runs
 on its own thread, at most :data:`HOOK_SECONDS`: a hook never holds up a drive or the page.
-The station waits for the hooks still running before it exits.
+The station waits for the hooks still running before it exits, and says so; a signal during
+that wait (a second one, when a signal ended the session) ends them and the station at once.
 """
 
 from __future__ import annotations
 
+import contextlib
+import math
 import os
 import shlex
 import subprocess
 import threading
+import time
 from collections.abc import Callable
 
-from popsicle_py import events
+from popsicle_py import events, signals
+from popsicle_py.engine.supervisor import hear_signals_on_main_thread
 
 HOOK_SECONDS = 30.0
+#: How often the wait for the hooks looks at the signals.
+POLL_SECONDS = 0.1
 
 
 class HookError(Exception):
@@ -38,7 +45,9 @@ class Hook:
     def __init__(self, argv: list[str], warn: Callable[[str], None]) -> None:
         self.argv = argv
         self.warn = warn
-        self.threads: list[threading.Thread] = []
+        self.threads: list[tuple[threading.Thread, float]] = []  # and when each started
+        self.running: set[subprocess.Popen[bytes]] = set()
+        self._lock = threading.Lock()
         self._warned = False
 
     def environment(self, r: events.DriveResult, slot: str | None) -> dict[str, str]:
@@ -52,23 +61,59 @@ class Hook:
             env = {**os.environ, **self.environment(event.result, slot)}
             thread = threading.Thread(target=self._run, args=(env,), daemon=True,
                                       name="popsicle-station-hook")
-            self.threads = [t for t in self.threads if t.is_alive()] + [thread]
+            self.threads = [(t, at) for t, at in self.threads if t.is_alive()]
+            self.threads.append((thread, time.monotonic()))
             thread.start()
 
     def _run(self, env: dict[str, str]) -> None:
         try:
-            done = subprocess.run(self.argv, env=env, stdin=subprocess.DEVNULL,
-                                  stdout=subprocess.DEVNULL, timeout=HOOK_SECONDS,
-                                  check=False)
-            why = f"exited with {done.returncode}" if done.returncode else None
-        except subprocess.TimeoutExpired:
-            why = f"still running after {HOOK_SECONDS:.0f} s; stopped"
+            with subprocess.Popen(self.argv, env=env, stdin=subprocess.DEVNULL,
+                                  stdout=subprocess.DEVNULL) as proc:
+                with self._lock:
+                    self.running.add(proc)
+                try:
+                    code = proc.wait(HOOK_SECONDS)
+                    why = f"exited with {code}" if code else None
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    why = f"still running after {HOOK_SECONDS:.0f} s; stopped"
+                finally:
+                    with self._lock:
+                        self.running.discard(proc)
         except OSError as exc:
             why = exc.strerror or str(exc)
         if why is not None and not self._warned:
             self._warned = True  # once: a broken hook must not flood the log
             self.warn(f"--hook {shlex.join(self.argv)}: {why}; the drives go on")
 
-    def join(self) -> None:
-        for thread in self.threads:
-            thread.join(HOOK_SECONDS + 5)
+    def stop(self) -> None:
+        """Kill the hooks still running (the station is quitting at once): no lock, as it
+        may run in a signal handler."""
+        for proc in list(self.running):
+            with contextlib.suppress(OSError):
+                proc.kill()
+
+    def join(self, cancel: Callable[[], bool], say: Callable[[str], None]) -> None:
+        """Wait for the hooks still running, saying how many and for how long at most; a
+        signal that comes meanwhile ends them and the wait at once."""
+        alive = [(t, at) for t, at in self.threads if t.is_alive()]
+        if not alive:
+            return
+        deadline = max(at for _, at in alive) + HOOK_SECONDS + 1
+        signalled = cancel()
+        again = ("Ctrl-C again or another SIGTERM ends them now" if signalled
+                 else "Ctrl-C or SIGTERM ends them now")
+        left = math.ceil(max(0.0, deadline - time.monotonic()))
+        say(f"waiting for {len(alive)} --hook command(s) still running, at most {left} s "
+            f"({again})")
+        signals.AT_QUIT.append(self.stop)
+        try:
+            for thread, _ in alive:
+                while thread.is_alive() and time.monotonic() < deadline + 5:
+                    hear_signals_on_main_thread()
+                    if cancel() and not signalled:
+                        self.stop()
+                        return
+                    thread.join(POLL_SECONDS)
+        finally:
+            signals.AT_QUIT.remove(self.stop)

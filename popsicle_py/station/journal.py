@@ -212,8 +212,11 @@ def to_csv(found: list[JsonObject]) -> str:
 
 
 def read_records(path: str, batch: str | None = None) -> list[JsonObject]:
+    """The journal's records; JournalError (one line) when it cannot be read."""
     db = connect(path, create=False)
     try:
         return records(db, batch)
+    except sqlite3.Error as exc:  # damaged, or replaced meanwhile
+        raise JournalError(f"--journal {path}: {exc}") from None
     finally:
         db.close()

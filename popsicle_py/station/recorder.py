@@ -31,6 +31,9 @@ class Tagger:
 
     slots: SlotMap | None
     by_device: dict[str, str] = field(default_factory=dict)
+    #: seq -> the slot of the drive given that seq: its result finds its slot even when
+    #: another drive has its device name by then (a stick pulled mid-write, another in).
+    by_seq: dict[int, str | None] = field(default_factory=dict)
     #: slot -> (device, seq) of the drive it holds (seq once the drive was announced).
     held: dict[str, tuple[str, int | None]] = field(default_factory=dict)
     #: device -> the tile of its own a drive on a busy port gets (no map), until announced.
@@ -69,6 +72,8 @@ class Tagger:
             case events.DriveAdded(device=device, info=info, eligible=eligible):
                 label = self.assigned.pop(device, None) or self.label_for(
                     info.port_path if info else None, device)
+                if info is not None and info.seq is not None:
+                    self.by_seq[info.seq] = label
                 if label is None:
                     self.by_device.pop(device, None)
                 else:
@@ -86,8 +91,12 @@ class Tagger:
                     events.Probed(device=device):
                 return self.by_device.get(device)
             case events.Result(result=r):
-                label = self.by_device.get(r.device)
-                self._free(label, r.device, r.drive.seq if r.drive is not None else None)
+                seq = r.drive.seq if r.drive is not None else None
+                if seq is not None and seq in self.by_seq:
+                    label = self.by_seq.pop(seq)
+                else:
+                    label = self.by_device.get(r.device)
+                self._free(label, r.device, seq)
                 return label
         return None
 
@@ -100,10 +109,12 @@ class Recorder:
         self.journal = journal
         self.image, self.sha256, self.verify = image, sha256, verify
         self.clock = clock
-        self.rows: dict[str, int] = {}  # device -> its row, while in flight
-        self.seqs: dict[str, int | None] = {}
-        self.trackers: dict[str, rows.DriveProgress] = {}
-        self.started: dict[str, float] = {}
+        #: Each drive in flight is keyed (device, seq): a device name is reused by the
+        #: kernel, and a drive pulled mid-write ends after another one got its name.
+        self.rows: dict[tuple[str, int | None], int] = {}
+        self.current: dict[str, int | None] = {}  # device -> the seq of its latest drive
+        self.trackers: dict[tuple[str, int | None], rows.DriveProgress] = {}
+        self.started: dict[tuple[str, int | None], float] = {}
         self.done: set[tuple[str, int | None]] = set()
 
     def handle(self, event: events.WatchEvent, slot: str | None) -> None:
@@ -111,20 +122,23 @@ class Recorder:
         match event:
             case events.DriveAdded(device=device, eligible=True, info=info):
                 info = info or events.DriveInfo()
-                self.trackers[device] = rows.DriveProgress(verifies=self.verify)
-                self.started[device] = self.journal.clock()
-                self.seqs[device] = info.seq
-                self.rows[device] = self.journal.start(slot or "", {
+                key = (device, info.seq)
+                self.current[device] = info.seq
+                self.trackers[key] = rows.DriveProgress(verifies=self.verify)
+                self.started[key] = self.journal.clock()
+                self.rows[key] = self.journal.start(slot or "", {
                     "seq": info.seq, "device": device, "port_path": info.port_path or "",
                     "vendor": info.vendor, "model": info.model, "serial": info.serial,
                     "capacity": info.size or None, "image": self.image.rsplit("/", 1)[-1],
                     "image_sha256": self.sha256})
-            case events.Phase(device=str(device), phase=phase) if device in self.trackers:
+            case events.Phase(device=str(device), phase=phase) \
+                    if (device, self.current.get(device)) in self.trackers:
                 if phase not in (events.Step.DONE, events.Step.FAILED):
-                    self.trackers[device].on_phase(phase, now)
+                    self.trackers[device, self.current.get(device)].on_phase(phase, now)
             case events.Progress(device=str(device), phase=phase, done=done, total=total) \
-                    if device in self.trackers:
-                self.trackers[device].on_progress(phase, done, total, now)
+                    if (device, self.current.get(device)) in self.trackers:
+                self.trackers[device, self.current.get(device)].on_progress(phase, done,
+                                                                             total, now)
             case events.Result(result=r):
                 self._finish(r, now)
             case events.Summary(results=results):
@@ -132,14 +146,14 @@ class Recorder:
                     self._finish(r, now)
 
     def _finish(self, r: events.DriveResult, now: float) -> None:
-        key = (r.device, r.drive.seq if r.drive is not None else None)
-        row = self.rows.get(r.device)
-        if key in self.done or row is None or self.seqs.get(r.device) != key[1]:
+        key = (r.device, r.drive.seq if r.drive is not None else self.current.get(r.device))
+        row = self.rows.get(key)
+        if key in self.done or row is None:
             return
-        tracker = self.trackers.pop(r.device)
+        tracker = self.trackers.pop(key)
         tracker.on_result(r, now, elapsed=False)
         data = record(r, tracker, image=self.image, sha256=self.sha256,
-                      started=self.started.pop(r.device, None), ended=self.journal.clock())
+                      started=self.started.pop(key, None), ended=self.journal.clock())
         self.journal.finish(row, data)
         self.done.add(key)
-        del self.rows[r.device]
+        del self.rows[key]

@@ -18,6 +18,7 @@ import re
 import sys
 from collections.abc import Iterable, Sequence
 
+from popsicle_py import files
 from popsicle_py.records import record
 
 if sys.version_info >= (3, 11):
@@ -27,6 +28,8 @@ else:  # pragma: no cover - Python 3.10
 
 #: A USB port path as the kernel names it: bus, then port numbers (``1-1.2``, ``3-4``).
 PORT_PATH = re.compile(r"^\d+-\d+(\.\d+)*$")
+#: A map of 256 slots is some 20 KB; a file much larger is no slot map.
+MAX_MAP_FILE = 1 << 20
 #: A label a person reads on the hub and types in a URL: short, no slashes or spaces.
 LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,15}$")
 
@@ -102,9 +105,8 @@ def check_unique(slots: Sequence[Slot], name: str) -> None:
 
 def load(path: str) -> SlotMap:
     try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except OSError as exc:
+        text = files.read_regular(path, MAX_MAP_FILE).decode("utf-8")
+    except OSError as exc:  # a FIFO, a device, a huge file too: one line, nothing waits
         raise SlotMapError(f"--slots {path}: {exc.strerror or exc}") from None
     except UnicodeDecodeError:
         raise SlotMapError(f"--slots {path}: not a text file") from None

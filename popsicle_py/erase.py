@@ -52,6 +52,10 @@ FAT32_DEFAULT_LIMIT = 32 * GiB
 #: The smallest partition holding FAT32's 65525 clusters of 512 bytes, with its two FATs
 #: and reserved sectors (mkfs.vfat makes 66512 clusters in 33 MiB): below, FAT16 or FAT12.
 FAT32_MIN_LENGTH = 33 * MiB
+#: The smallest partition mkfs.exfat (exfatprogs 1.2) makes: more than twice its 1 MiB
+#: boundary alignment (a 2 MiB one fails, "boundary alignment is too big"), so 2 MiB and a
+#: 4 KiB block, found by trying sizes.
+EXFAT_MIN_LENGTH = 2 * MiB + 4096
 #: An MBR counts sectors in 32 bits: 2 TiB of 512-byte sectors at most.
 MBR_MAX_SECTORS = 2**32 - 1
 WIPE_EDGE = MiB
@@ -108,6 +112,15 @@ def no_fat32(path: str, size: int) -> str | None:
     return (f"{path} is too small for FAT32 (a partition of at least "
             f"{FAT32_MIN_LENGTH // MiB} MiB after the first MiB): leave out --fs to make "
             f"{'FAT16' if _length(size) >= 16 * MiB else 'FAT12'}")
+
+
+def no_exfat(path: str, size: int) -> str | None:
+    """Why ``--fs exfat`` cannot be made on the drive ``path`` (one line), or None (also for
+    a drive too small to partition at all: that has its own line)."""
+    if _length(size) >= EXFAT_MIN_LENGTH or _length(size) < MiB:
+        return None
+    return (f"{path} is too small for exFAT (mkfs.exfat needs a partition of more than "
+            f"{EXFAT_MIN_LENGTH // MiB} MiB after the first MiB): leave out --fs to make FAT12")
 
 
 def layout(size: int, fs: str) -> Layout:

@@ -191,6 +191,24 @@ def test_fs_fat32_on_a_drive_too_small_for_it_is_refused(
     assert drive.read() == bytes([PATTERN]) * drive.size
 
 
+def test_fs_exfat_below_mkfs_exfats_least_is_refused_and_just_above_is_made(
+        loop_factory: Callable[..., Loop]) -> None:
+    """mkfs.exfat refuses a partition of 2 MiB ("boundary alignment is too big"): a 3 MiB
+    drive is refused up front (exit 2, nothing written), not failed once confirmed."""
+    drive = loop_factory(3 * MiB, fill=PATTERN)
+    result = popsicle("erase", drive.path, "--yes", "--fs", "exfat")
+    assert result.returncode == 2, result.stderr
+    assert result.stderr == (
+        f"popsicle-py: {drive.path} is too small for exFAT (mkfs.exfat needs a partition of "
+        "more than 2 MiB after the first MiB): leave out --fs to make FAT12\n")
+    assert drive.read() == bytes([PATTERN]) * drive.size
+    bigger = loop_factory(3 * MiB + erase.EXFAT_MIN_LENGTH - 2 * MiB, fill=PATTERN)
+    result = popsicle("erase", bigger.path, "--yes", "--fs", "exfat")
+    assert result.returncode == 0, result.stderr
+    with partition_of(bigger) as part:
+        assert blkid(part)["TYPE"] == "exfat"
+
+
 @pytest.mark.parametrize(("args", "line"), [
     (["--zero", "--discard"], "--zero and --discard contradict each other; give one"),
     (["--label", "MUCH TOO LONG"], "--label 'MUCH TOO LONG': a FAT label is at most 11 ASCII "

@@ -30,9 +30,11 @@ import errno
 import fcntl
 import os
 import shutil
+import signal
 import struct
 import subprocess
 import tempfile
+import time
 from collections.abc import Callable, Iterator, Sequence
 
 from xxhash import xxh3_128_digest
@@ -40,6 +42,7 @@ from xxhash import xxh3_128_digest
 from popsicle_py import erase_probe
 from popsicle_py.blockdev import BlockDevice, drop_cache, first_difference, read_at, write_at
 from popsicle_py.buffers import aligned_buffer
+from popsicle_py.engine.config import POLL
 from popsicle_py.pacing import Pacer
 from popsicle_py.records import record
 
@@ -238,16 +241,83 @@ class ToolFailed(OSError):
         return self.message
 
 
-def _run(args: Sequence[str]) -> str:
+class Making:
+    """What a :func:`make_filesystem` under way is doing, for the thread that watches it for
+    a stall (its own calls can hang on a hung $TMPDIR, and so can the tool's) and cancels it.
+    """
+
+    def __init__(self) -> None:
+        self.calls = 0  # calls of make_filesystem's own that returned
+        self.tool: subprocess.Popen[str] | None = None
+        self._seen: tuple[float, ...] | None = None
+
+    def moved(self) -> bool:
+        """Whether a call returned, or the tool completed a system call or used CPU, since last
+        asked (True when the tool cannot be looked at: never a stall that cannot be seen)."""
+        now = (self.calls, *_activity(self.tool))
+        moved, self._seen = now != self._seen, now
+        return moved
+
+    def kill(self) -> None:
+        """End the tool and what it started (its process group), if one runs (cancelled or
+        stalled: the caller has given up on it)."""
+        tool = self.tool
+        if tool is not None and tool.poll() is None:
+            with contextlib.suppress(OSError):
+                os.killpg(tool.pid, signal.SIGKILL)
+
+
+def _activity(tool: subprocess.Popen[str] | None) -> tuple[float, ...]:
+    """The tool's completed system calls and CPU ticks, as the kernel counts them."""
+    if tool is None:
+        return ()
     try:
-        result = subprocess.run(list(args), capture_output=True, text=True,
-                                env={**os.environ, **_TOOL_ENV}, check=False)
+        with open(f"/proc/{tool.pid}/io", "rb") as f:
+            calls = [int(line.split()[1]) for line in f if line.startswith((b"syscr:",
+                                                                             b"syscw:"))]
+        with open(f"/proc/{tool.pid}/stat", "rb") as f:
+            ticks = [int(n) for n in f.read().rsplit(b")", 1)[1].split()[11:13]]
+    except (OSError, ValueError, IndexError):
+        return (time.monotonic(),)
+    return (*calls, *ticks)
+
+
+class ToolCancelled(Exception):
+    """The run was cancelled while a tool ran: it was killed (not a failure of anything)."""
+
+
+def _run(args: Sequence[str], fd: int | None = None, making: Making | None = None,
+         stopped: Callable[[], bool] = lambda: False) -> str:
+    """Run a tool in a process group of its own: Ctrl-C at the terminal is ours to hear
+    (the run's cancel then kills it), never a signal that kills it and reads as its failure.
+    ``fd`` is passed to it (named ``/dev/fd/N`` in ``args``)."""
+    making = making or Making()
+    try:
+        tool = subprocess.Popen(list(args), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, process_group=0,
+                                pass_fds=() if fd is None else (fd,),
+                                env={**os.environ, **_TOOL_ENV})
     except FileNotFoundError:
         raise OSError(errno.ENOENT, f"{args[0]} is not installed") from None
-    if result.returncode != 0:
-        why = (result.stderr.strip().splitlines() or [f"exit status {result.returncode}"])[-1]
+    making.tool = tool
+    try:
+        while True:
+            try:
+                out, err = tool.communicate(timeout=POLL)
+                break
+            except subprocess.TimeoutExpired:
+                if stopped():
+                    making.kill()
+                    raise ToolCancelled(args[0]) from None
+    finally:
+        making.tool = None
+        making.calls += 1
+    if stopped():
+        raise ToolCancelled(args[0])
+    if tool.returncode != 0:
+        why = (err.strip().splitlines() or [f"exit status {tool.returncode}"])[-1]
         raise ToolFailed(f"{args[0]} failed: {why.removeprefix(args[0] + ': ')}")
-    return result.stdout
+    return out
 
 
 def refused_label(fs: str, label: str, folder: str | None = None) -> str | None:
@@ -323,39 +393,56 @@ def found_inside(device: BlockDevice, parts: Sequence[tuple[int, int]]) -> list[
     return found
 
 
-def make_filesystem(fs: str, part: Layout, label: str | None, folder: str | None
+def make_filesystem(fs: str, part: Layout, label: str | None, folder: str | None,
+                    making: Making | None = None, stopped: Callable[[], bool] = lambda: False
                     ) -> tuple[int, list[tuple[int, int]]]:
     """Make the file system in a sparse file the partition's size: its open descriptor (the
-    file itself already unlinked) and the extents mkfs wrote.  Any failure is a
-    :class:`ToolFailed` (the folder's or the tool's, never the drive's)."""
+    file unlinked at once, so nothing is left behind even if the process is killed) and the
+    extents mkfs wrote.  Any failure is a :class:`ToolFailed` (the folder's or the tool's,
+    never the drive's); ``stopped()`` kills the tool (:class:`ToolCancelled`).  Each call
+    that returns counts in ``making``, which a watching thread reads (see
+    :func:`popsicle_py.erase_job.EraseJob`)."""
+    making = making or Making()
     try:
         fd, path = tempfile.mkstemp(prefix="popsicle-fs-", suffix=".img", dir=folder)
+        making.calls += 1
     except OSError as exc:
         raise _not_made(exc, folder) from exc
     try:
+        os.unlink(path)
+        making.calls += 1
         os.ftruncate(fd, part.length)
+        making.calls += 1
+        where = f"/dev/fd/{fd}"
         if fs == "exfat":
-            _run(["mkfs.exfat", *(["-L", label] if label else []), path])
+            _run(["mkfs.exfat", *(["-L", label] if label else []), where], fd, making, stopped)
         else:
             _run(["mkfs.vfat", "-F", str(part.fat_bits), "-h", str(part.start // 512),
-                  *(["-n", label.upper()] if label else []), path])
-        return fd, data_extents(fd, part.length)
+                  *(["-n", label.upper()] if label else []), where], fd, making, stopped)
+        return fd, data_extents(fd, part.length, making)
     except BaseException as exc:
         os.close(fd)
         if isinstance(exc, OSError) and not isinstance(exc, ToolFailed):
             raise _not_made(exc, folder) from exc
         raise
-    finally:
-        os.unlink(path)
 
 
 def _not_made(exc: OSError, folder: str | None) -> ToolFailed:
-    where = folder or tempfile.gettempdir()
-    return ToolFailed(f"cannot make the file system in {where}: {exc.strerror or exc}")
+    return ToolFailed(f"cannot make the file system in {workdir(folder)}: "
+                      f"{exc.strerror or exc}")
 
 
-def data_extents(fd: int, size: int) -> list[tuple[int, int]]:
+def workdir(folder: str | None) -> str:
+    """Where the file system is made: ``folder``, else $TMPDIR (or the system's default).
+    Never :func:`tempfile.gettempdir` itself: on its first call it writes a file there, and
+    holds a lock meanwhile, so on a hung $TMPDIR it would hang the caller that names it."""
+    return (folder or tempfile.tempdir or os.environ.get("TMPDIR") or os.environ.get("TEMP")
+            or os.environ.get("TMP") or "/tmp")
+
+
+def data_extents(fd: int, size: int, making: Making | None = None) -> list[tuple[int, int]]:
     """The (offset, length) ranges of a sparse file that hold data, 4 KiB aligned."""
+    making = making or Making()
     found: list[tuple[int, int]] = []
     offset = 0
     while offset < size:
@@ -366,6 +453,7 @@ def data_extents(fd: int, size: int) -> list[tuple[int, int]]:
                 break
             raise
         end = min(size, os.lseek(fd, start, os.SEEK_HOLE))
+        making.calls += 1
         found.append((start, end - start))
         offset = end
     return merge([(o - o % 4096, (o + n + 4095) // 4096 * 4096 - (o - o % 4096))

@@ -14,6 +14,7 @@ import os
 import shutil
 import signal
 import subprocess
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from typing import Any
 import pytest
 from conftest import Loop, needs_root, popsicle_cmd
 from faulty import FaultyDrive
-from loopdev import attach, detach, write_mbr
+from loopdev import attach, detach, mounted_ext4, write_mbr
 
 from popsicle_py import erase, erase_probe, failures
 from popsicle_py.events import Cause
@@ -273,6 +274,79 @@ def test_ctrl_c_while_zeroing_leaves_no_partition_table(
     assert proc.returncode == 130, err
     assert json.loads(out.splitlines()[-1])["results"][0]["status"] == "cancelled"
     assert "PTTYPE" not in blkid(drive.path)
+
+
+def _slow_mkfs(folder: Path) -> dict[str, str]:
+    """An environment whose mkfs.vfat sleeps first (a slow $TMPDIR, a big drive): a window
+    to press Ctrl-C in while it runs."""
+    folder.mkdir()
+    tool = folder / "mkfs.vfat"
+    tool.write_text(f"#!/bin/sh\nsleep 30\nexec {shutil.which('mkfs.vfat')} \"$@\"\n")
+    tool.chmod(0o755)
+    return {**os.environ, "PATH": f"{folder}:{os.environ['PATH']}"}
+
+
+def test_ctrl_c_while_mkfs_runs_is_a_cancel_not_mkfs_failing(
+        loop_factory: Callable[..., Loop], tmp_path: Path) -> None:
+    """Ctrl-C at a terminal goes to the whole foreground process group: it killed mkfs, and
+    the drive was reported failed ("mkfs.vfat failed: exit status -2", exit 1).  The tool
+    runs in a group of its own now: the cancel is ours, the drive is cancelled (130)."""
+    drive = loop_factory(40 * MiB, fill=PATTERN)
+    proc = subprocess.Popen([*popsicle_cmd(), "erase", drive.path, "--yes", "--fs", "fat32",
+                             "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, stdin=subprocess.DEVNULL, start_new_session=True,
+                            env=_slow_mkfs(tmp_path / "bin"))
+    try:
+        deadline = time.monotonic() + 30
+        while subprocess.run(["pgrep", "-f", str(tmp_path / "bin")],
+                             capture_output=True).returncode != 0:
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.05)  # polling for the tool to start: no event says it did
+        os.killpg(proc.pid, signal.SIGINT)  # what the terminal's Ctrl-C does
+        out, err = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    [result] = json.loads(out.splitlines()[-1])["results"]
+    assert (result["status"], result["cause"]) == ("cancelled", "cancelled"), result
+    assert drive.read() == bytes([PATTERN]) * drive.size
+    assert subprocess.run(["pgrep", "-f", str(tmp_path / "bin")]).returncode == 1  # killed
+
+
+def test_a_hung_tmpdir_is_named_not_the_healthy_drive_and_on_time(
+        loop_factory: Callable[..., Loop]) -> None:
+    """$TMPDIR frozen (a hung disk or NFS share under it): the file system, made there on the
+    drive's own lane, read as the drive's stall ("/dev/loopN: stalled"), and only once the
+    disk came back.  It is made on a watched worker now: the failure names $TMPDIR, its
+    cause is not the drive's, on time, and nothing was written to the drive."""
+    store = loop_factory(64 * MiB)
+    drive = loop_factory(40 * MiB, fill=PATTERN)
+    with mounted_ext4(store.path) as folder:
+        subprocess.run(["fsfreeze", "-f", folder], check=True)
+        try:
+            proc = subprocess.Popen([*popsicle_cmd(), "erase", drive.path, "--yes", "--json",
+                                     "--stall-timeout", "2"], stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL,
+                                    env={**os.environ, "TMPDIR": folder})
+            assert proc.stdout is not None
+            started = time.monotonic()
+            events: list[dict[str, Any]] = []
+            while not events or events[-1]["event"] != "summary":
+                line = proc.stdout.readline()  # the summary comes before the thaw below
+                assert line, (events, proc.stderr.read() if proc.stderr else "")
+                events.append(json.loads(line))
+            took = time.monotonic() - started
+        finally:
+            subprocess.run(["fsfreeze", "-u", folder], check=True)
+            proc.wait(timeout=60)
+    results = [e for e in events if e["event"] == "result"]
+    assert [(r["status"], r["cause"]) for r in results] == [("failed", "error")], results
+    assert results[0]["error"] == (
+        f"{drive.path}: making the file system in {folder} stalled: no progress for 2 s (is "
+        "the disk it is on hung? set TMPDIR to another)")
+    assert took < 15, took
+    assert drive.read() == bytes([PATTERN]) * drive.size
 
 
 def test_the_rules_on_plain_data() -> None:

@@ -471,9 +471,9 @@ Stopped = Callable[[], bool]
 class NotErased(OSError):
     """The drive does not read back as it was written (zeros, or the new file system)."""
 
-    def __init__(self, path: str, what: str, offset: int) -> None:
-        super().__init__(errno.EIO, f"{path}: verification failed: {what} differs at byte "
-                         f"{offset}")
+    def __init__(self, path: str, what: str, offset: int, hint: str = "") -> None:
+        super().__init__(errno.EIO, f"{path}: verification failed: byte {offset} does not "
+                         f"read back as {what}{hint}")
         self.offset = offset
 
 
@@ -493,8 +493,9 @@ def fill(device: BlockDevice, ranges: Sequence[tuple[int, int]], source: Callabl
 
 def check(device: BlockDevice, ranges: Sequence[tuple[int, int]], expected: Callable[
           [int, int], memoryview], what: str, *, pacer: Pacer, stopped: Stopped,
-          progress: Progress) -> None:
-    """Read each range back from the drive (O_DIRECT) and compare; raise :class:`NotErased`."""
+          progress: Progress, hint: str = "") -> None:
+    """Read each range back from the drive (O_DIRECT) and compare; raise :class:`NotErased`
+    (its line ends with ``hint``: what to do instead)."""
     scratch = aligned_buffer(CHUNK)
     try:
         for start, length in ranges:
@@ -507,7 +508,7 @@ def check(device: BlockDevice, ranges: Sequence[tuple[int, int]], expected: Call
                     if read < n or xxh3_128_digest(got) != xxh3_128_digest(want):
                         at = first_difference(got[:read], want[:read])
                         at = read if at < 0 else at
-                        raise NotErased(device.path, what, start + done + at)
+                        raise NotErased(device.path, what, start + done + at, hint)
                 progress(n)
                 done += n
     finally:

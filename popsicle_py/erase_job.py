@@ -286,7 +286,10 @@ class EraseJob(_Job):
         if options.zero or options.discard:
             step(Step.VERIFYING)
             erase.check(device, whole, zeros, "zeros", pacer=lane.pacer, stopped=stopped,
-                        progress=moved(Step.VERIFYING, size))
+                        progress=moved(Step.VERIFYING, size),
+                        hint="" if options.zero else (
+                            " after discarding (this drive does not zero discarded blocks: "
+                            "use --zero instead)"))
             step(Step.ERASING)
         if lane.stopped:
             return written

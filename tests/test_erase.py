@@ -435,7 +435,21 @@ def test_the_wiped_ranges_are_read_back_from_the_drive(
     assert result.returncode == 1, result.stderr
     line = result_line(result)
     assert (line["status"], line["cause"]) == ("invalid", "mismatch")
-    assert line["error"] == f"{drive.path}: verification failed: zeros differs at byte {at}"
+    assert line["error"] == (f"{drive.path}: verification failed: byte {at} does not read "
+                             "back as zeros")
+
+
+def test_a_drive_whose_discard_does_not_zero_is_told_to_use_zero(
+        faulty_drive: Callable[..., FaultyDrive]) -> None:
+    """Said "zeros differs at byte 0": the grammar, and nothing said what to do."""
+    drive = faulty_drive(64 * MiB, fill=PATTERN)  # a FUSE file: discarded blocks keep bytes
+    result = popsicle("erase", drive.path, "--yes", "--discard", "--json")
+    assert result.returncode == 1, result.stderr
+    line = result_line(result)
+    assert (line["status"], line["cause"]) == ("invalid", "mismatch")
+    assert line["error"] == (
+        f"{drive.path}: verification failed: byte 0 does not read back as zeros after "
+        "discarding (this drive does not zero discarded blocks: use --zero instead)")
 
 
 @pytest.mark.skipif(shutil.which("mkfs.exfat") is None, reason="needs exfatprogs")

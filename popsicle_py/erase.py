@@ -36,6 +36,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
+from typing import TypeVar
 
 from xxhash import xxh3_128_digest
 
@@ -43,6 +44,8 @@ from popsicle_py import erase_probe
 from popsicle_py.blockdev import BlockDevice, drop_cache, first_difference, read_at, write_at
 from popsicle_py.buffers import aligned_buffer
 from popsicle_py.engine.config import POLL
+from popsicle_py.engine.lane import Clock
+from popsicle_py.engine.watched import WorkStalled, watched
 from popsicle_py.pacing import Pacer
 from popsicle_py.records import record
 
@@ -320,21 +323,70 @@ def _run(args: Sequence[str], fd: int | None = None, making: Making | None = Non
     return out
 
 
-def refused_label(fs: str, label: str, folder: str | None = None) -> str | None:
+def refused_label(fs: str, label: str, folder: str | None = None,
+                  stall_timeout: float | None = None) -> str | None:
     """Why ``fs``'s mkfs refuses ``label``, found by making a small file system with it (the
     rules of :func:`label_problem` are the known ones; this finds the rest, such as a system
-    without the C.UTF-8 locale), or None.  One line: a refusal, nothing written to a drive."""
+    without the C.UTF-8 locale), or None.  One line: a refusal, nothing written to a drive.
+    Made on a watched worker (:func:`watched_making`): a hung folder is a refusal on time."""
     part = layout(64 * MiB + PART_START, fs)
+
+    def tried(making: Making, stopped: Stopped) -> str | None:
+        try:
+            os.close(make_filesystem(fs, part, label, folder, making, stopped)[0])
+            return None
+        except ToolFailed as exc:
+            why = exc.message
+        try:
+            os.close(make_filesystem(fs, part, None, folder, making, stopped)[0])
+        except ToolFailed as exc:  # whatever the label: the tool, or where it works
+            return f"--fs {fs}: {exc.message}"
+        return f"--label {label!r}: {why}"
+
     try:
-        os.close(make_filesystem(fs, part, label, folder)[0])
-        return None
-    except ToolFailed as exc:
-        why = exc.message
+        return watched_making(tried, folder, stall_timeout=stall_timeout)
+    except MakingStalled as exc:
+        return exc.message
+
+
+class MakingStalled(ToolFailed):
+    """Making a file system moved nothing for the stall timeout: the folder's disk hangs."""
+
+    def __init__(self, folder: str | None, limit: float) -> None:
+        super().__init__(f"making the file system in {workdir(folder)} stalled: no progress "
+                         f"for {limit:g} s (is the disk it is on hung? set TMPDIR to another)")
+        self.where = workdir(folder)
+
+
+T = TypeVar("T")
+
+
+def watched_making(work: Callable[[Making, Stopped], T], folder: str | None, *,
+                   stall_timeout: float | None, cancel: Callable[[], bool] | None = None
+                   ) -> T | None:
+    """``work(making, stopped)`` (file systems made in ``folder``) on a thread of its own,
+    its stall clock moved by its own calls and the tool's (:meth:`Making.moved`): a folder
+    on a hung disk raises :class:`MakingStalled` on time, and a cancel (None) or Ctrl-C is
+    heard at once; either way the tool is killed.  The thread is left in a call that hangs."""
+    making = Making()
+    clock = Clock()
+
+    def tick() -> None:
+        if making.moved():
+            clock.touch()
+
     try:
-        os.close(make_filesystem(fs, part, None, folder)[0])
-    except ToolFailed as exc:  # whatever the label: the tool, or where it works
-        return f"--fs {fs}: {exc.message}"
-    return f"--label {label!r}: {why}"
+        result = watched(lambda _clock, stopped: work(making, stopped), cancel=cancel,
+                         stall_timeout=stall_timeout, tick=tick, name="mkfs", clock=clock)
+    except WorkStalled as exc:
+        making.kill()
+        raise MakingStalled(folder, exc.limit) from None
+    except BaseException:
+        making.kill()
+        raise
+    if result is None:
+        making.kill()
+    return result
 
 
 @contextlib.contextmanager

@@ -17,12 +17,10 @@ from popsicle_py.blockdev import BlockDevice
 from popsicle_py.buffers import aligned_buffer
 from popsicle_py.engine import Cancelled
 from popsicle_py.engine.supervisor import CancelCheck, Lane, Supervisor
-from popsicle_py.engine.watched import WorkStalled, watched
 from popsicle_py.errors import Counterfeit
 from popsicle_py.events import Cause, DriveInfo, Note, Phase, Progress, Status, Step, Summary
 from popsicle_py.flash import Emit, _Job
 from popsicle_py.messages import BusWriterMessage
-from popsicle_py.pacing import Clock
 from popsicle_py.records import record
 
 
@@ -128,9 +126,8 @@ class EraseJob(_Job):
         options = self.options
         wanted = sorted({w for d in self.drives if (w := self._file_system(d.device.size))},
                         key=lambda w: (w[0], w[1].length))
-        making = erase.Making()
 
-        def work(clock: Clock, stopped: Callable[[], bool]) -> _Made | None:
+        def work(making: erase.Making, stopped: Callable[[], bool]) -> _Made | None:
             made: _Made = {}
             try:
                 for fs, part in wanted:
@@ -146,26 +143,15 @@ class EraseJob(_Job):
                 return None
             return made
 
-        def tick() -> None:
-            if making.moved():
-                clock.touch()
-
-        clock = Clock()
         try:
-            result = watched(work, cancel=self.cancel, stall_timeout=options.stall_timeout,
-                           tick=tick, name="mkfs", clock=clock)
-        except WorkStalled as exc:
-            making.kill()
-            where = erase.workdir(options.workdir)
-            stalled = erase.ToolFailed(
-                f"making the file system in {where} stalled: no progress for {exc.limit:g} s "
-                "(is the disk it is on hung? set TMPDIR to another)")
-            self.emit(Note(f"{where}: a call there has not returned; popsicle-py exits once it "
-                           "does (when the disk it is on answers again)"))
-            self._made = {(fs, part.length): stalled for fs, part in wanted}
+            result = erase.watched_making(work, options.workdir, cancel=self.cancel,
+                                          stall_timeout=options.stall_timeout)
+        except erase.MakingStalled as exc:
+            self.emit(Note(f"{exc.where}: a call there has not returned; popsicle-py exits "
+                           "once it does (when the disk it is on answers again)"))
+            self._made = {(fs, part.length): exc for fs, part in wanted}
             return True
         if result is None:
-            making.kill()
             return False
         self._made = result
         return True

@@ -337,9 +337,26 @@ def test_a_hung_tmpdir_is_named_not_the_healthy_drive_and_on_time(
                 assert line, (events, proc.stderr.read() if proc.stderr else "")
                 events.append(json.loads(line))
             took = time.monotonic() - started
+            # A --label is tried on a small file system there first, in prepare: refused.
+            started = time.monotonic()
+            tried = subprocess.Popen([*popsicle_cmd(), "erase", drive.path, "--yes",
+                                      "--label", "STICK", "--stall-timeout", "2"],
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                     stdin=subprocess.DEVNULL, env={**os.environ, "TMPDIR": folder})
+            assert tried.stderr is not None
+            refusal = tried.stderr.readline()  # the process itself exits after the thaw
+            took_label = time.monotonic() - started
         finally:
             subprocess.run(["fsfreeze", "-u", folder], check=True)
             proc.wait(timeout=60)
+            tried.wait(timeout=60)
+    assert tried.returncode == 2
+    assert refusal == (f"popsicle-py: making the file system in {folder} stalled: no progress "
+                       "for 2 s (is the disk it is on hung? set TMPDIR to another)\n")
+    assert took_label < 15, took_label
+    notes = [e["text"] for e in events if e["event"] == "note"]
+    assert (f"{folder}: a call there has not returned; popsicle-py exits once it does (when "
+            "the disk it is on answers again)") in notes, notes
     results = [e for e in events if e["event"] == "result"]
     assert [(r["status"], r["cause"]) for r in results] == [("failed", "error")], results
     assert results[0]["error"] == (

@@ -142,7 +142,9 @@ def prepare_erase(request: EraseRequest) -> PreparedErase:
         lines += [line for d in plan.targets if (line := erase.no_exfat(d.path, d.size))]
     if request.label and not lines:  # what the tool itself says of the label, tried on a file
         lines += [line for fs in sorted(needed - {"none"})
-                  if (line := erase.refused_label(fs, request.label)) is not None]
+                  if (line := erase.refused_label(fs, request.label,
+                                                  stall_timeout=request.stall_timeout))
+                  is not None]
     if lines:
         raise Refused(lines)
     require_access([d.path for d in plan.targets], writing=True)

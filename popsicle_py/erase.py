@@ -293,7 +293,7 @@ def _run(args: Sequence[str], fd: int | None = None, making: Making | None = Non
          stopped: Callable[[], bool] = lambda: False) -> str:
     """Run a tool in a process group of its own: Ctrl-C at the terminal is ours to hear
     (the run's cancel then kills it), never a signal that kills it and reads as its failure.
-    ``fd`` is passed to it (named ``/dev/fd/N`` in ``args``)."""
+    ``fd`` is passed to it (named ``/proc/self/fd/N`` in ``args``)."""
     making = making or Making()
     try:
         tool = subprocess.Popen(list(args), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
@@ -318,7 +318,11 @@ def _run(args: Sequence[str], fd: int | None = None, making: Making | None = Non
     if stopped():
         raise ToolCancelled(args[0])
     if tool.returncode != 0:
-        why = (err.strip().splitlines() or [f"exit status {tool.returncode}"])[-1]
+        code = tool.returncode
+        said = err.strip().splitlines()
+        why = said[-1] if said else (f"killed by {signal.Signals(-code).name}" if code < 0
+                                     and -code in signal.valid_signals() else
+                                     f"exit status {code}")
         raise ToolFailed(f"{args[0]} failed: {why.removeprefix(args[0] + ': ')}")
     return out
 
@@ -465,7 +469,7 @@ def make_filesystem(fs: str, part: Layout, label: str | None, folder: str | None
         making.calls += 1
         os.ftruncate(fd, part.length)
         making.calls += 1
-        where = f"/dev/fd/{fd}"
+        where = f"/proc/self/fd/{fd}"  # the tool's own, the same number (pass_fds)
         if fs == "exfat":
             _run(["mkfs.exfat", *(["-L", label] if label else []), where], fd, making, stopped)
         else:

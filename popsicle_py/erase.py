@@ -30,16 +30,22 @@ import errno
 import fcntl
 import os
 import shutil
+import signal
 import struct
 import subprocess
 import tempfile
+import time
 from collections.abc import Callable, Iterator, Sequence
+from typing import TypeVar
 
 from xxhash import xxh3_128_digest
 
 from popsicle_py import erase_probe
 from popsicle_py.blockdev import BlockDevice, drop_cache, first_difference, read_at, write_at
 from popsicle_py.buffers import aligned_buffer
+from popsicle_py.engine.config import POLL
+from popsicle_py.engine.lane import Clock
+from popsicle_py.engine.watched import WorkStalled, watched
 from popsicle_py.pacing import Pacer
 from popsicle_py.records import record
 
@@ -52,6 +58,10 @@ FAT32_DEFAULT_LIMIT = 32 * GiB
 #: The smallest partition holding FAT32's 65525 clusters of 512 bytes, with its two FATs
 #: and reserved sectors (mkfs.vfat makes 66512 clusters in 33 MiB): below, FAT16 or FAT12.
 FAT32_MIN_LENGTH = 33 * MiB
+#: The smallest partition mkfs.exfat (exfatprogs 1.2) makes: more than twice its 1 MiB
+#: boundary alignment (a 2 MiB one fails, "boundary alignment is too big"), so 2 MiB and a
+#: 4 KiB block, found by trying sizes.
+EXFAT_MIN_LENGTH = 2 * MiB + 4096
 #: An MBR counts sectors in 32 bits: 2 TiB of 512-byte sectors at most.
 MBR_MAX_SECTORS = 2**32 - 1
 WIPE_EDGE = MiB
@@ -108,6 +118,15 @@ def no_fat32(path: str, size: int) -> str | None:
     return (f"{path} is too small for FAT32 (a partition of at least "
             f"{FAT32_MIN_LENGTH // MiB} MiB after the first MiB): leave out --fs to make "
             f"{'FAT16' if _length(size) >= 16 * MiB else 'FAT12'}")
+
+
+def no_exfat(path: str, size: int) -> str | None:
+    """Why ``--fs exfat`` cannot be made on the drive ``path`` (one line), or None (also for
+    a drive too small to partition at all: that has its own line)."""
+    if _length(size) >= EXFAT_MIN_LENGTH or _length(size) < MiB:
+        return None
+    return (f"{path} is too small for exFAT (mkfs.exfat needs a partition of more than "
+            f"{EXFAT_MIN_LENGTH // MiB} MiB after the first MiB): leave out --fs to make FAT12")
 
 
 def layout(size: int, fs: str) -> Layout:
@@ -225,33 +244,153 @@ class ToolFailed(OSError):
         return self.message
 
 
-def _run(args: Sequence[str]) -> str:
+class Making:
+    """What a :func:`make_filesystem` under way is doing, for the thread that watches it for
+    a stall (its own calls can hang on a hung $TMPDIR, and so can the tool's) and cancels it.
+    """
+
+    def __init__(self) -> None:
+        self.calls = 0  # calls of make_filesystem's own that returned
+        self.tool: subprocess.Popen[str] | None = None
+        self._seen: tuple[float, ...] | None = None
+
+    def moved(self) -> bool:
+        """Whether a call returned, or the tool completed a system call or used CPU, since last
+        asked (True when the tool cannot be looked at: never a stall that cannot be seen)."""
+        now = (self.calls, *_activity(self.tool))
+        moved, self._seen = now != self._seen, now
+        return moved
+
+    def kill(self) -> None:
+        """End the tool and what it started (its process group), if one runs (cancelled or
+        stalled: the caller has given up on it)."""
+        tool = self.tool
+        if tool is not None and tool.poll() is None:
+            with contextlib.suppress(OSError):
+                os.killpg(tool.pid, signal.SIGKILL)
+
+
+def _activity(tool: subprocess.Popen[str] | None) -> tuple[float, ...]:
+    """The tool's completed system calls and CPU ticks, as the kernel counts them."""
+    if tool is None:
+        return ()
     try:
-        result = subprocess.run(list(args), capture_output=True, text=True,
-                                env={**os.environ, **_TOOL_ENV}, check=False)
+        with open(f"/proc/{tool.pid}/io", "rb") as f:
+            calls = [int(line.split()[1]) for line in f if line.startswith((b"syscr:",
+                                                                             b"syscw:"))]
+        with open(f"/proc/{tool.pid}/stat", "rb") as f:
+            ticks = [int(n) for n in f.read().rsplit(b")", 1)[1].split()[11:13]]
+    except (OSError, ValueError, IndexError):
+        return (time.monotonic(),)
+    return (*calls, *ticks)
+
+
+class ToolCancelled(Exception):
+    """The run was cancelled while a tool ran: it was killed (not a failure of anything)."""
+
+
+def _run(args: Sequence[str], fd: int | None = None, making: Making | None = None,
+         stopped: Callable[[], bool] = lambda: False) -> str:
+    """Run a tool in a process group of its own: Ctrl-C at the terminal is ours to hear
+    (the run's cancel then kills it), never a signal that kills it and reads as its failure.
+    ``fd`` is passed to it (named ``/proc/self/fd/N`` in ``args``)."""
+    making = making or Making()
+    try:
+        tool = subprocess.Popen(list(args), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, process_group=0,
+                                pass_fds=() if fd is None else (fd,),
+                                env={**os.environ, **_TOOL_ENV})
     except FileNotFoundError:
         raise OSError(errno.ENOENT, f"{args[0]} is not installed") from None
-    if result.returncode != 0:
-        why = (result.stderr.strip().splitlines() or [f"exit status {result.returncode}"])[-1]
+    making.tool = tool
+    try:
+        while True:
+            try:
+                out, err = tool.communicate(timeout=POLL)
+                break
+            except subprocess.TimeoutExpired:
+                if stopped():
+                    making.kill()
+                    raise ToolCancelled(args[0]) from None
+    finally:
+        making.tool = None
+        making.calls += 1
+    if stopped():
+        raise ToolCancelled(args[0])
+    if tool.returncode != 0:
+        code = tool.returncode
+        said = err.strip().splitlines()
+        why = said[-1] if said else (f"killed by {signal.Signals(-code).name}" if code < 0
+                                     and -code in signal.valid_signals() else
+                                     f"exit status {code}")
         raise ToolFailed(f"{args[0]} failed: {why.removeprefix(args[0] + ': ')}")
-    return result.stdout
+    return out
 
 
-def refused_label(fs: str, label: str, folder: str | None = None) -> str | None:
+def refused_label(fs: str, label: str, folder: str | None = None,
+                  stall_timeout: float | None = None) -> str | None:
     """Why ``fs``'s mkfs refuses ``label``, found by making a small file system with it (the
     rules of :func:`label_problem` are the known ones; this finds the rest, such as a system
-    without the C.UTF-8 locale), or None.  One line: a refusal, nothing written to a drive."""
+    without the C.UTF-8 locale), or None.  One line: a refusal, nothing written to a drive.
+    Made on a watched worker (:func:`watched_making`): a hung folder is a refusal on time."""
     part = layout(64 * MiB + PART_START, fs)
+
+    def tried(making: Making, stopped: Stopped) -> str | None:
+        try:
+            os.close(make_filesystem(fs, part, label, folder, making, stopped)[0])
+            return None
+        except ToolFailed as exc:
+            why = exc.message
+        try:
+            os.close(make_filesystem(fs, part, None, folder, making, stopped)[0])
+        except ToolFailed as exc:  # whatever the label: the tool, or where it works
+            return f"--fs {fs}: {exc.message}"
+        return f"--label {label!r}: {why}"
+
     try:
-        os.close(make_filesystem(fs, part, label, folder)[0])
-        return None
-    except ToolFailed as exc:
-        why = exc.message
+        return watched_making(tried, folder, stall_timeout=stall_timeout)
+    except MakingStalled as exc:
+        return exc.message
+
+
+class MakingStalled(ToolFailed):
+    """Making a file system moved nothing for the stall timeout: the folder's disk hangs."""
+
+    def __init__(self, folder: str | None, limit: float) -> None:
+        super().__init__(f"making the file system in {workdir(folder)} stalled: no progress "
+                         f"for {limit:g} s (is the disk it is on hung? set TMPDIR to another)")
+        self.where = workdir(folder)
+
+
+T = TypeVar("T")
+
+
+def watched_making(work: Callable[[Making, Stopped], T], folder: str | None, *,
+                   stall_timeout: float | None, cancel: Callable[[], bool] | None = None
+                   ) -> T | None:
+    """``work(making, stopped)`` (file systems made in ``folder``) on a thread of its own,
+    its stall clock moved by its own calls and the tool's (:meth:`Making.moved`): a folder
+    on a hung disk raises :class:`MakingStalled` on time, and a cancel (None) or Ctrl-C is
+    heard at once; either way the tool is killed.  The thread is left in a call that hangs."""
+    making = Making()
+    clock = Clock()
+
+    def tick() -> None:
+        if making.moved():
+            clock.touch()
+
     try:
-        os.close(make_filesystem(fs, part, None, folder)[0])
-    except ToolFailed as exc:  # whatever the label: the tool, or where it works
-        return f"--fs {fs}: {exc.message}"
-    return f"--label {label!r}: {why}"
+        result = watched(lambda _clock, stopped: work(making, stopped), cancel=cancel,
+                         stall_timeout=stall_timeout, tick=tick, name="mkfs", clock=clock)
+    except WorkStalled as exc:
+        making.kill()
+        raise MakingStalled(folder, exc.limit) from None
+    except BaseException:
+        making.kill()
+        raise
+    if result is None:
+        making.kill()
+    return result
 
 
 @contextlib.contextmanager
@@ -310,39 +449,56 @@ def found_inside(device: BlockDevice, parts: Sequence[tuple[int, int]]) -> list[
     return found
 
 
-def make_filesystem(fs: str, part: Layout, label: str | None, folder: str | None
+def make_filesystem(fs: str, part: Layout, label: str | None, folder: str | None,
+                    making: Making | None = None, stopped: Callable[[], bool] = lambda: False
                     ) -> tuple[int, list[tuple[int, int]]]:
     """Make the file system in a sparse file the partition's size: its open descriptor (the
-    file itself already unlinked) and the extents mkfs wrote.  Any failure is a
-    :class:`ToolFailed` (the folder's or the tool's, never the drive's)."""
+    file unlinked at once, so nothing is left behind even if the process is killed) and the
+    extents mkfs wrote.  Any failure is a :class:`ToolFailed` (the folder's or the tool's,
+    never the drive's); ``stopped()`` kills the tool (:class:`ToolCancelled`).  Each call
+    that returns counts in ``making``, which a watching thread reads (see
+    :func:`popsicle_py.erase_job.EraseJob`)."""
+    making = making or Making()
     try:
         fd, path = tempfile.mkstemp(prefix="popsicle-fs-", suffix=".img", dir=folder)
+        making.calls += 1
     except OSError as exc:
         raise _not_made(exc, folder) from exc
     try:
+        os.unlink(path)
+        making.calls += 1
         os.ftruncate(fd, part.length)
+        making.calls += 1
+        where = f"/proc/self/fd/{fd}"  # the tool's own, the same number (pass_fds)
         if fs == "exfat":
-            _run(["mkfs.exfat", *(["-L", label] if label else []), path])
+            _run(["mkfs.exfat", *(["-L", label] if label else []), where], fd, making, stopped)
         else:
             _run(["mkfs.vfat", "-F", str(part.fat_bits), "-h", str(part.start // 512),
-                  *(["-n", label.upper()] if label else []), path])
-        return fd, data_extents(fd, part.length)
+                  *(["-n", label.upper()] if label else []), where], fd, making, stopped)
+        return fd, data_extents(fd, part.length, making)
     except BaseException as exc:
         os.close(fd)
         if isinstance(exc, OSError) and not isinstance(exc, ToolFailed):
             raise _not_made(exc, folder) from exc
         raise
-    finally:
-        os.unlink(path)
 
 
 def _not_made(exc: OSError, folder: str | None) -> ToolFailed:
-    where = folder or tempfile.gettempdir()
-    return ToolFailed(f"cannot make the file system in {where}: {exc.strerror or exc}")
+    return ToolFailed(f"cannot make the file system in {workdir(folder)}: "
+                      f"{exc.strerror or exc}")
 
 
-def data_extents(fd: int, size: int) -> list[tuple[int, int]]:
+def workdir(folder: str | None) -> str:
+    """Where the file system is made: ``folder``, else $TMPDIR (or the system's default).
+    Never :func:`tempfile.gettempdir` itself: on its first call it writes a file there, and
+    holds a lock meanwhile, so on a hung $TMPDIR it would hang the caller that names it."""
+    return (folder or tempfile.tempdir or os.environ.get("TMPDIR") or os.environ.get("TEMP")
+            or os.environ.get("TMP") or "/tmp")
+
+
+def data_extents(fd: int, size: int, making: Making | None = None) -> list[tuple[int, int]]:
     """The (offset, length) ranges of a sparse file that hold data, 4 KiB aligned."""
+    making = making or Making()
     found: list[tuple[int, int]] = []
     offset = 0
     while offset < size:
@@ -353,6 +509,7 @@ def data_extents(fd: int, size: int) -> list[tuple[int, int]]:
                 break
             raise
         end = min(size, os.lseek(fd, start, os.SEEK_HOLE))
+        making.calls += 1
         found.append((start, end - start))
         offset = end
     return merge([(o - o % 4096, (o + n + 4095) // 4096 * 4096 - (o - o % 4096))
@@ -370,9 +527,9 @@ Stopped = Callable[[], bool]
 class NotErased(OSError):
     """The drive does not read back as it was written (zeros, or the new file system)."""
 
-    def __init__(self, path: str, what: str, offset: int) -> None:
-        super().__init__(errno.EIO, f"{path}: verification failed: {what} differs at byte "
-                         f"{offset}")
+    def __init__(self, path: str, what: str, offset: int, hint: str = "") -> None:
+        super().__init__(errno.EIO, f"{path}: verification failed: byte {offset} does not "
+                         f"read back as {what}{hint}")
         self.offset = offset
 
 
@@ -392,8 +549,9 @@ def fill(device: BlockDevice, ranges: Sequence[tuple[int, int]], source: Callabl
 
 def check(device: BlockDevice, ranges: Sequence[tuple[int, int]], expected: Callable[
           [int, int], memoryview], what: str, *, pacer: Pacer, stopped: Stopped,
-          progress: Progress) -> None:
-    """Read each range back from the drive (O_DIRECT) and compare; raise :class:`NotErased`."""
+          progress: Progress, hint: str = "") -> None:
+    """Read each range back from the drive (O_DIRECT) and compare; raise :class:`NotErased`
+    (its line ends with ``hint``: what to do instead)."""
     scratch = aligned_buffer(CHUNK)
     try:
         for start, length in ranges:
@@ -406,7 +564,7 @@ def check(device: BlockDevice, ranges: Sequence[tuple[int, int]], expected: Call
                     if read < n or xxh3_128_digest(got) != xxh3_128_digest(want):
                         at = first_difference(got[:read], want[:read])
                         at = read if at < 0 else at
-                        raise NotErased(device.path, what, start + done + at)
+                        raise NotErased(device.path, what, start + done + at, hint)
                 progress(n)
                 done += n
     finally:

@@ -65,6 +65,16 @@ class _Finished:
     offset: int | None = None
 
 
+#: The file systems made (descriptor, extents), or why one was not, by (fs, partition length).
+_Made = dict[tuple[str, int], tuple[int, list[tuple[int, int]]] | erase.ToolFailed]
+
+
+def _close(made: _Made) -> None:
+    for one in made.values():
+        if not isinstance(one, erase.ToolFailed):
+            os.close(one[0])
+
+
 _Message = _Step | _Moved | _Said | _Finished | BusWriterMessage.Errored
 
 
@@ -76,6 +86,7 @@ class EraseJob(_Job):
         super().__init__(devices, emit, cancel, infos)
         self.options = options
         self.verifies = True
+        self._made: _Made = {}  # each file system made, or why not, by (fs, partition length)
 
     def run(self) -> Summary:
         supervisor = Supervisor([d.device for d in self.drives], self._on_message, self.cancel,
@@ -84,10 +95,14 @@ class EraseJob(_Job):
         for drive in self.drives:
             self.emit(Phase(drive.path, Step.PROBING))
         try:
-            supervisor.run(self._erase)
+            if self._make_filesystems():
+                supervisor.run(self._erase)
+            else:
+                self._cancel_rest()
         except Cancelled:
             self._cancel_rest()
         finally:
+            _close(self._made)
             self._close_all()
             for drive in self.drives:
                 if drive.status is Status.OK:
@@ -95,6 +110,51 @@ class EraseJob(_Job):
         for drive in self._live():
             self._end(drive, Status.FAILED, f"{drive.path}: did not finish", cause=Cause.ERROR)
         return self._summary()
+
+    def _file_system(self, size: int) -> tuple[str, erase.Layout] | None:
+        """The file system and partition a drive of ``size`` bytes gets (None: only wiped)."""
+        fs = self.options.fs or erase.default_fs(size)
+        return None if fs == "none" else (fs, erase.layout(size, fs))
+
+    def _make_filesystems(self) -> bool:
+        """Each file system the drives need, made before any drive is touched, on a watched
+        worker (False: cancelled meanwhile).
+
+        Made in $TMPDIR, not on a drive: on a drive's own lane, a $TMPDIR on a hung disk read
+        as that healthy drive's stall, and held the run until the disk came back.  Here its
+        own stall names $TMPDIR, on time, and Ctrl-C is heard at once."""
+        options = self.options
+        wanted = sorted({w for d in self.drives if (w := self._file_system(d.device.size))},
+                        key=lambda w: (w[0], w[1].length))
+
+        def work(making: erase.Making, stopped: Callable[[], bool]) -> _Made | None:
+            made: _Made = {}
+            try:
+                for fs, part in wanted:
+                    try:
+                        made[fs, part.length] = erase.make_filesystem(
+                            fs, part, options.label, options.workdir, making, stopped)
+                    except erase.ToolFailed as exc:
+                        made[fs, part.length] = exc
+                    if stopped():
+                        raise erase.ToolCancelled(fs)
+            except erase.ToolCancelled:  # nobody takes them: closed here
+                _close(made)
+                return None
+            return made
+
+        try:
+            result = erase.watched_making(work, options.workdir, cancel=self.cancel,
+                                          stall_timeout=options.stall_timeout)
+        except erase.MakingStalled as exc:
+            self.emit(Note(f"{exc.where}: a call there has not returned; popsicle-py exits "
+                           "once it does (when the disk it is on answers again)"))
+            self._made = {(fs, part.length): exc for fs, part in wanted}
+            return True
+        if result is None:
+            return False
+        self._made = result
+        return True
 
     def _on_message(self, msg: _Message) -> None:
         drive = self.drives[msg.id]
@@ -129,7 +189,7 @@ class EraseJob(_Job):
             lane.post(_Finished(lane.id, written))
 
     def _steps(self, lane: Lane) -> int:
-        options, device = self.options, lane.dest
+        device = lane.dest
         size = device.size
 
         def stopped() -> bool:
@@ -148,25 +208,26 @@ class EraseJob(_Job):
             lane.touch()
             lane.post(_Step(lane.id, s))
 
-        fs = options.fs or erase.default_fs(size)
-        if fs == "none":
+        wanted = self._file_system(size)
+        if wanted is None:
             return self._wipe(lane, stopped, moved, step)
-        part = erase.layout(size, fs)
-        # The file system first, in a file: a mkfs that fails has written nothing to the drive.
-        fd, extents = erase.make_filesystem(fs, part, options.label, options.workdir)
-        try:
-            written = self._wipe(lane, stopped, moved, step)
-            if lane.stopped:
-                return written
-            where = [(part.start + o, n) for o, n in extents]
-            source = erase.file_source(fd, part.start)
-            erase.fill(device, where, source, pacer=lane.pacer, stopped=stopped,
-                       progress=lambda n: lane.advance(n))
-            erase.check(device, where, source, "the new file system", pacer=lane.pacer,
-                        stopped=stopped, progress=lambda n: lane.advance(n))
-            written += sum(n for _, n in where)
-        finally:
-            os.close(fd)
+        fs, part = wanted
+        # The file system was made first, in a file (see _make_filesystems): a mkfs that
+        # failed has written nothing to the drive.
+        made = self._made[fs, part.length]
+        if isinstance(made, erase.ToolFailed):
+            raise made
+        fd, extents = made
+        written = self._wipe(lane, stopped, moved, step)
+        if lane.stopped:
+            return written
+        where = [(part.start + o, n) for o, n in extents]
+        source = erase.file_source(fd, part.start)
+        erase.fill(device, where, source, pacer=lane.pacer, stopped=stopped,
+                   progress=lambda n: lane.advance(n))
+        erase.check(device, where, source, "the new file system", pacer=lane.pacer,
+                    stopped=stopped, progress=lambda n: lane.advance(n))
+        written += sum(n for _, n in where)
         if lane.stopped:
             return written
         table = memoryview(aligned_buffer(4096))  # the table last: an interrupted drive
@@ -211,7 +272,10 @@ class EraseJob(_Job):
         if options.zero or options.discard:
             step(Step.VERIFYING)
             erase.check(device, whole, zeros, "zeros", pacer=lane.pacer, stopped=stopped,
-                        progress=moved(Step.VERIFYING, size))
+                        progress=moved(Step.VERIFYING, size),
+                        hint="" if options.zero else (
+                            " after discarding (this drive does not zero discarded blocks: "
+                            "use --zero instead)"))
             step(Step.ERASING)
         if lane.stopped:
             return written

@@ -172,3 +172,13 @@ def head_undone(length: int, done: bool) -> str:
         return f"the image's first {size} were overwritten again"
     return (f"the image's first {size} could not be overwritten again: the drive may look like "
             "the image; do not use it")
+
+
+def call_not_returned(path: str, device: object) -> str | None:
+    """The note for a drive whose last read or write has not returned (hung in the kernel),
+    or None: the summary comes now, but the process can only end once that call does."""
+    if not getattr(device, "in_call", False):
+        return None
+    return (f"{path}: a read or write to this drive has not returned; popsicle-py exits once "
+            "it does: when the drive completes it at its present speed, or the kernel gives up "
+            "on it (about 30 s per try for a USB stick)")

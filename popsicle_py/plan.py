@@ -145,6 +145,7 @@ def make_plan(devices: Sequence[str], *, all_usb: bool, image_path: str | None,
 
 
 def make_read_plan(devices: Sequence[str], image_size: int | None, *,
+                   image_path: str | None = None,
                    context: pyudev.Context | None = None) -> Plan:
     """Resolve the drives to read back and compare with an image (``verify``); raise
     PlanError listing every refusal.
@@ -155,11 +156,20 @@ def make_read_plan(devices: Sequence[str], image_size: int | None, *,
     not known, not checked) and one another program holds open for writing (busy: what would
     be compared is changing).  Reading writes nothing, so the rest of the writing rules do not
     apply: a mounted, read-only or non-USB drive, or one that holds the image or that other
-    programs read, is read.
+    programs read, is read.  A drive that holds the image (``image_path``: the drive itself
+    under any name, a partition of it, a loop device over it, or a file on it) is refused as
+    flash refuses it: compared with itself, it would always "match".
     """
     facts = drives.gather_facts(of=drives.named_devnums(devices))
     targets, _, lines = _resolve(devices, None, context or udev_context(), facts)
+    image_devnums, image_files = (drives.path_storage(image_path, facts.answers)
+                                  if image_path else (frozenset(), frozenset()))
     for drive in targets:
+        if drive.backing is not None and drives.overwrites(drive.backing, image_devnums,
+                                                           image_files):
+            lines.append(f"{drive.path} holds the image being compared (it would match "
+                         "itself); name another image or drive")
+            continue
         small = drives.too_small(drive, image_size)
         if small is not None:
             lines.append(small.line)

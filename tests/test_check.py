@@ -18,6 +18,7 @@ import xxhash
 from popsicle_py.certify.model import Certificate, Chunk
 from popsicle_py.events import DriveInfo
 from tests.conftest import popsicle_cmd
+from tests.faulty import FaultyDrive
 from tests.loopdev import Loop
 
 MiB = 1 << 20
@@ -223,6 +224,9 @@ def test_sums_file(stick: tuple[Loop, bytes], tmp_path: Path) -> None:
     assert done.returncode == 2 and "no SHA-256 for missing.img" in done.stderr
     done = run("--sums", sums, "disk.img.xz", "--size", str(len(data)), loop.path)
     assert done.returncode == 2 and "compressed" in done.stderr
+    done = run("--sums", "/dev/zero", "disk.img", "--size", str(len(data)), loop.path)
+    assert (done.returncode, done.stderr) == (
+        2, "popsicle-py: /dev/zero: too large to be a SHA256SUMS file\n")  # not "a certificate"
 
 
 def test_bad_published_input_exits_2(stick: tuple[Loop, bytes]) -> None:
@@ -233,3 +237,32 @@ def test_bad_published_input_exits_2(stick: tuple[Loop, bytes]) -> None:
         done = run(*args)
         assert done.returncode == 2, (args, done.stderr)
         assert words in done.stderr, done.stderr
+
+
+def test_a_hung_drive_that_keeps_the_process_alive_is_said(
+        faulty_drive: Callable[..., FaultyDrive]) -> None:
+    """A drive whose read hangs fails as stalled and the summary comes, but the process can
+    only exit once the call returns: check said nothing of it (flash and verify do)."""
+    drive = faulty_drive(16 * MiB, fill=0x5A, crawl=(2 * MiB, 1, 16 * MiB))
+    proc = subprocess.Popen([*popsicle_cmd(), "check", "--sha256", "0" * 64, "--size",
+                             str(8 * MiB), drive.path, "--stall-timeout", "2", "--json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            stdin=subprocess.DEVNULL)
+    assert proc.stdout is not None
+    try:
+        events: list[dict[str, object]] = []
+        while not events or events[-1]["event"] != "summary":
+            line = proc.stdout.readline()
+            assert line, events
+            events.append(json.loads(line))
+        alive = proc.poll() is None
+    finally:
+        drive.clear()
+        proc.communicate(timeout=60)
+    assert alive  # the hung read holds the exit: what the note is for
+    [result] = [e for e in events if e["event"] == "result"]
+    assert (result["status"], result["cause"]) == ("failed", "stalled"), result
+    notes = [e["text"] for e in events if e["event"] == "note"]
+    assert (f"{drive.path}: a read or write to this drive has not returned; popsicle-py exits "
+            "once it does: when the drive completes it at its present speed, or the kernel "
+            "gives up on it (about 30 s per try for a USB stick)") in notes, notes

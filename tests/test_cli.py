@@ -264,6 +264,33 @@ def test_drive_dying_mid_write_among_healthy_ones(loop_factory: Callable[..., Lo
 # verify finds a corrupted byte
 
 
+def test_verify_refuses_a_drive_named_as_its_own_image(loop_factory: Callable[..., Loop],
+                                                     tmp_path: Path) -> None:
+    """``verify DEVICE DEVICE`` (or a link to it, a loop device over it, its backing file,
+    stdin from it) compared the drive with itself and said "ok (matches the image)": a
+    success that is none.  Refused as flash refuses a drive holding its image: exit 2."""
+    drive = loop_factory(4 * MiB, fill=PATTERN)
+    link = tmp_path / "link"
+    link.symlink_to(drive.path)
+    over = subprocess.run(["losetup", "-f", "--show", "-r", "-o", str(MiB), drive.path],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    line = (f"popsicle-py: {drive.path} holds the image being compared (it would match "
+            "itself); name another image or drive\n")
+    try:
+        for image in (drive.path, link, over, drive.backing):
+            result = popsicle("verify", image, drive.path)
+            assert (result.returncode, result.stdout, result.stderr) == (2, "", line), image
+        with open(drive.path, "rb") as stdin:
+            result = subprocess.run([*popsicle_cmd(), "verify", "-", drive.path], stdin=stdin,
+                                    capture_output=True, text=True, timeout=60, check=False)
+        assert (result.returncode, result.stderr) == (2, line)
+    finally:
+        subprocess.run(["losetup", "-d", over], check=False)
+    copy, _ = make_image(tmp_path, 0)
+    copy.write_bytes(drive.read())
+    assert popsicle("verify", copy, drive.path).returncode == 0  # a copy is compared
+
+
 @pytest.mark.parametrize("where", ["first", "middle", "last"])
 @pytest.mark.parametrize("as_json", [True, False], ids=["json", "plain"])
 def test_verify_reports_the_offset_of_a_corrupted_byte(loop_factory: Callable[..., Loop],

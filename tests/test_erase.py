@@ -14,6 +14,7 @@ import os
 import shutil
 import signal
 import subprocess
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from typing import Any
 import pytest
 from conftest import Loop, needs_root, popsicle_cmd
 from faulty import FaultyDrive
-from loopdev import attach, detach, write_mbr
+from loopdev import attach, detach, mounted_ext4, write_mbr
 
 from popsicle_py import erase, erase_probe, failures
 from popsicle_py.events import Cause
@@ -191,6 +192,24 @@ def test_fs_fat32_on_a_drive_too_small_for_it_is_refused(
     assert drive.read() == bytes([PATTERN]) * drive.size
 
 
+def test_fs_exfat_below_mkfs_exfats_least_is_refused_and_just_above_is_made(
+        loop_factory: Callable[..., Loop]) -> None:
+    """mkfs.exfat refuses a partition of 2 MiB ("boundary alignment is too big"): a 3 MiB
+    drive is refused up front (exit 2, nothing written), not failed once confirmed."""
+    drive = loop_factory(3 * MiB, fill=PATTERN)
+    result = popsicle("erase", drive.path, "--yes", "--fs", "exfat")
+    assert result.returncode == 2, result.stderr
+    assert result.stderr == (
+        f"popsicle-py: {drive.path} is too small for exFAT (mkfs.exfat needs a partition of "
+        "more than 2 MiB after the first MiB): leave out --fs to make FAT12\n")
+    assert drive.read() == bytes([PATTERN]) * drive.size
+    bigger = loop_factory(3 * MiB + erase.EXFAT_MIN_LENGTH - 2 * MiB, fill=PATTERN)
+    result = popsicle("erase", bigger.path, "--yes", "--fs", "exfat")
+    assert result.returncode == 0, result.stderr
+    with partition_of(bigger) as part:
+        assert blkid(part)["TYPE"] == "exfat"
+
+
 @pytest.mark.parametrize(("args", "line"), [
     (["--zero", "--discard"], "--zero and --discard contradict each other; give one"),
     (["--label", "MUCH TOO LONG"], "--label 'MUCH TOO LONG': a FAT label is at most 11 ASCII "
@@ -255,6 +274,96 @@ def test_ctrl_c_while_zeroing_leaves_no_partition_table(
     assert proc.returncode == 130, err
     assert json.loads(out.splitlines()[-1])["results"][0]["status"] == "cancelled"
     assert "PTTYPE" not in blkid(drive.path)
+
+
+def _slow_mkfs(folder: Path) -> dict[str, str]:
+    """An environment whose mkfs.vfat sleeps first (a slow $TMPDIR, a big drive): a window
+    to press Ctrl-C in while it runs."""
+    folder.mkdir()
+    tool = folder / "mkfs.vfat"
+    tool.write_text(f"#!/bin/sh\nsleep 30\nexec {shutil.which('mkfs.vfat')} \"$@\"\n")
+    tool.chmod(0o755)
+    return {**os.environ, "PATH": f"{folder}:{os.environ['PATH']}"}
+
+
+def test_ctrl_c_while_mkfs_runs_is_a_cancel_not_mkfs_failing(
+        loop_factory: Callable[..., Loop], tmp_path: Path) -> None:
+    """Ctrl-C at a terminal goes to the whole foreground process group: it killed mkfs, and
+    the drive was reported failed ("mkfs.vfat failed: exit status -2", exit 1).  The tool
+    runs in a group of its own now: the cancel is ours, the drive is cancelled (130)."""
+    drive = loop_factory(40 * MiB, fill=PATTERN)
+    proc = subprocess.Popen([*popsicle_cmd(), "erase", drive.path, "--yes", "--fs", "fat32",
+                             "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, stdin=subprocess.DEVNULL, start_new_session=True,
+                            env=_slow_mkfs(tmp_path / "bin"))
+    try:
+        deadline = time.monotonic() + 30
+        while subprocess.run(["pgrep", "-f", str(tmp_path / "bin")],
+                             capture_output=True).returncode != 0:
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.05)  # polling for the tool to start: no event says it did
+        os.killpg(proc.pid, signal.SIGINT)  # what the terminal's Ctrl-C does
+        out, err = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    [result] = json.loads(out.splitlines()[-1])["results"]
+    assert (result["status"], result["cause"]) == ("cancelled", "cancelled"), result
+    assert drive.read() == bytes([PATTERN]) * drive.size
+    assert subprocess.run(["pgrep", "-f", str(tmp_path / "bin")]).returncode == 1  # killed
+
+
+def test_a_hung_tmpdir_is_named_not_the_healthy_drive_and_on_time(
+        loop_factory: Callable[..., Loop]) -> None:
+    """$TMPDIR frozen (a hung disk or NFS share under it): the file system, made there on the
+    drive's own lane, read as the drive's stall ("/dev/loopN: stalled"), and only once the
+    disk came back.  It is made on a watched worker now: the failure names $TMPDIR, its
+    cause is not the drive's, on time, and nothing was written to the drive."""
+    store = loop_factory(64 * MiB)
+    drive = loop_factory(40 * MiB, fill=PATTERN)
+    with mounted_ext4(store.path) as folder:
+        subprocess.run(["fsfreeze", "-f", folder], check=True)
+        try:
+            proc = subprocess.Popen([*popsicle_cmd(), "erase", drive.path, "--yes", "--json",
+                                     "--stall-timeout", "2"], stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL,
+                                    env={**os.environ, "TMPDIR": folder})
+            assert proc.stdout is not None
+            started = time.monotonic()
+            events: list[dict[str, Any]] = []
+            while not events or events[-1]["event"] != "summary":
+                line = proc.stdout.readline()  # the summary comes before the thaw below
+                assert line, (events, proc.stderr.read() if proc.stderr else "")
+                events.append(json.loads(line))
+            took = time.monotonic() - started
+            # A --label is tried on a small file system there first, in prepare: refused.
+            started = time.monotonic()
+            tried = subprocess.Popen([*popsicle_cmd(), "erase", drive.path, "--yes",
+                                      "--label", "STICK", "--stall-timeout", "2"],
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                     stdin=subprocess.DEVNULL, env={**os.environ, "TMPDIR": folder})
+            assert tried.stderr is not None
+            refusal = tried.stderr.readline()  # the process itself exits after the thaw
+            took_label = time.monotonic() - started
+        finally:
+            subprocess.run(["fsfreeze", "-u", folder], check=True)
+            proc.wait(timeout=60)
+            tried.wait(timeout=60)
+    assert tried.returncode == 2
+    assert refusal == (f"popsicle-py: making the file system in {folder} stalled: no progress "
+                       "for 2 s (is the disk it is on hung? set TMPDIR to another)\n")
+    assert took_label < 15, took_label
+    notes = [e["text"] for e in events if e["event"] == "note"]
+    assert (f"{folder}: a call there has not returned; popsicle-py exits once it does (when "
+            "the disk it is on answers again)") in notes, notes
+    results = [e for e in events if e["event"] == "result"]
+    assert [(r["status"], r["cause"]) for r in results] == [("failed", "error")], results
+    assert results[0]["error"] == (
+        f"{drive.path}: making the file system in {folder} stalled: no progress for 2 s (is "
+        "the disk it is on hung? set TMPDIR to another)")
+    assert took < 15, took
+    assert drive.read() == bytes([PATTERN]) * drive.size
 
 
 def test_the_rules_on_plain_data() -> None:
@@ -343,7 +452,21 @@ def test_the_wiped_ranges_are_read_back_from_the_drive(
     assert result.returncode == 1, result.stderr
     line = result_line(result)
     assert (line["status"], line["cause"]) == ("invalid", "mismatch")
-    assert line["error"] == f"{drive.path}: verification failed: zeros differs at byte {at}"
+    assert line["error"] == (f"{drive.path}: verification failed: byte {at} does not read "
+                             "back as zeros")
+
+
+def test_a_drive_whose_discard_does_not_zero_is_told_to_use_zero(
+        faulty_drive: Callable[..., FaultyDrive]) -> None:
+    """Said "zeros differs at byte 0": the grammar, and nothing said what to do."""
+    drive = faulty_drive(64 * MiB, fill=PATTERN)  # a FUSE file: discarded blocks keep bytes
+    result = popsicle("erase", drive.path, "--yes", "--discard", "--json")
+    assert result.returncode == 1, result.stderr
+    line = result_line(result)
+    assert (line["status"], line["cause"]) == ("invalid", "mismatch")
+    assert line["error"] == (
+        f"{drive.path}: verification failed: byte 0 does not read back as zeros after "
+        "discarding (this drive does not zero discarded blocks: use --zero instead)")
 
 
 @pytest.mark.skipif(shutil.which("mkfs.exfat") is None, reason="needs exfatprogs")

@@ -70,14 +70,20 @@ class PreparedCheck(ReadsDrives):
         return summary
 
 
+#: What each small file read is, as a refusal names it.
+_SMALL_FILES = {"certificate": "a certificate", "signature": "a signature",
+                "--sums": "a SHA256SUMS file"}
+
+
 def _read_small(path: str, what: str) -> bytes:
+    """The whole of a small file (``what``: a key of :data:`_SMALL_FILES`), or a refusal."""
     try:
         with open(path, "rb") as f:
             data = f.read(model.MAX_BYTES + 1)
     except OSError as exc:
         raise Refused([f"{what} {path}: {exc.strerror or exc}"]) from None
     if len(data) > model.MAX_BYTES:
-        raise model.CertificateError(f"{path}: too large to be a certificate")
+        raise Refused([f"{path}: too large to be {_SMALL_FILES[what]}"])
     return data
 
 

@@ -138,9 +138,13 @@ def prepare_erase(request: EraseRequest) -> PreparedErase:
               if d.size < erase.PART_START + (1 << 20) and fs_for(request, d.size) != "none"]
     if request.fs == "fat32":  # asked for by name: FAT32 or a refusal, never another FAT
         lines += [line for d in plan.targets if (line := erase.no_fat32(d.path, d.size))]
+    if request.fs == "exfat":  # below mkfs.exfat's least: a refusal, not a run that fails
+        lines += [line for d in plan.targets if (line := erase.no_exfat(d.path, d.size))]
     if request.label and not lines:  # what the tool itself says of the label, tried on a file
         lines += [line for fs in sorted(needed - {"none"})
-                  if (line := erase.refused_label(fs, request.label)) is not None]
+                  if (line := erase.refused_label(fs, request.label,
+                                                  stall_timeout=request.stall_timeout))
+                  is not None]
     if lines:
         raise Refused(lines)
     require_access([d.path for d in plan.targets], writing=True)

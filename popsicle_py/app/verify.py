@@ -87,7 +87,8 @@ def prepare_verify(request: VerifyRequest) -> PreparedVerify:
     """Open the image and resolve the drives; raises :class:`Refused` (nothing is read)."""
     image = sources.watched_checks(lambda: sources.open_for_reading(request.image),
                                    request.image, request.stall_timeout)
-    targets = make_read_plan(request.devices, image.size).targets
+    local = "/dev/stdin" if request.image == "-" else request.image  # where it is stored
+    targets = make_read_plan(request.devices, image.size, image_path=local).targets
     require_access([d.path for d in targets], writing=False)
     return PreparedVerify(request, image, targets)
 

@@ -27,6 +27,7 @@ from popsicle_py.events import (
     DriveInfo,
     DriveResult,
     Event,
+    Note,
     Phase,
     Progress,
     Result,
@@ -190,6 +191,8 @@ class CheckJob:
             for device in self.devices:
                 with contextlib.suppress(OSError):
                     device.close()
+                if (line := failures.call_not_returned(device.path, device)) is not None:
+                    self._emit(Note(line))  # as flash says it: the exit waits for that call
         for i in range(len(self.devices)):
             if self.cancelled:
                 self._end(i, Status.CANCELLED, "cancelled", cause=Cause.CANCELLED)

@@ -67,6 +67,17 @@ def sidecar_path_for(output: str) -> str:
     return output + ".sha256"
 
 
+def sidecar_line(sha256: str, name: str) -> bytes:
+    r"""OUTPUT.sha256's line as GNU sha256sum writes it, so ``sha256sum -c`` reads it: the
+    name's own bytes (any, not only UTF-8), and a name holding a backslash, newline or
+    carriage return escaped (``\\``, ``\n``, ``\r``) behind a leading backslash."""
+    raw = os.fsencode(name)
+    if not any(c in raw for c in (b"\\", b"\n", b"\r")):
+        return sha256.encode() + b"  " + raw + b"\n"
+    escaped = raw.replace(b"\\", b"\\\\").replace(b"\n", b"\\n").replace(b"\r", b"\\r")
+    return b"\\" + sha256.encode() + b"  " + escaped + b"\n"
+
+
 # --------------------------------------------------------------------------------------------
 # The file side: hashing sink and compressors
 

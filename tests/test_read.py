@@ -7,6 +7,7 @@ Real loop devices with real file systems; the results are checked with the tools
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import re
@@ -25,6 +26,7 @@ from loopdev import DROP_OTHER_TESTS_MOUNTS, mounted_elsewhere, write_mbr
 
 from popsicle_py import reading
 from popsicle_py.blockdev import OpenSpec, open_for_reading
+from popsicle_py.images.checksums import find_sidecar
 
 MiB = 1 << 20
 
@@ -100,6 +102,28 @@ def test_read_writes_the_drive_compressed_by_suffix_with_its_sha256(
     assert progress[-1]["bytes"] == progress[-1]["total"] == drive.size
     summary = evs[-1]
     assert summary["event"] == "summary" and summary["results"][0]["status"] == "ok"
+    assert leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("name", [b"\xff.img", b"a\nb\\c.img"], ids=["not-utf8", "newline"])
+def test_any_output_name_gets_a_sidecar_sha256sum_and_flash_read(
+        loop_factory: Callable[..., Loop], tmp_path: Path, name: bytes) -> None:
+    """A name that is not UTF-8 read the whole drive and then failed ("unexpected error"),
+    and a name with a newline got a sidecar sha256sum could not parse: the sidecar holds the
+    name's own bytes, escaped as GNU sha256sum escapes them."""
+    drive = loop_factory(4 * MiB)
+    with open(drive.backing, "r+b") as f:
+        f.write(os.urandom(4 * MiB))
+    out = tmp_path / os.fsdecode(name)
+    result = popsicle("read", drive.path, out, "--json")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert events_of(result.stdout)[-1]["results"][0]["status"] == "ok"
+    check = subprocess.run(["sha256sum", "-c", os.fsencode(out) + b".sha256"],
+                           cwd=tmp_path, capture_output=True)
+    assert check.returncode == 0 and check.stdout.endswith(b": OK\n"), check
+    found = find_sidecar(str(out))
+    assert found is not None
+    assert found.hexdigest == hashlib.sha256(drive.read()).hexdigest()
     assert leftovers(tmp_path) == []
 
 

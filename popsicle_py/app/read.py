@@ -169,7 +169,7 @@ class PreparedRead:
         finally:
             os.close(fd)
         name = os.path.basename(self.output)
-        _write_small(temps[1], f"{done.sha256}  {name}\n")
+        _write_small(temps[1], reading.sidecar_line(done.sha256, name))
         if mapper is not None:
             _write_small(temps[2], reading.render_bmap(size, mapper.block, mapper.finish(size)))
         return done
@@ -238,10 +238,10 @@ def _create(path: str) -> int:
         raise OutputError(exc.errno, f"cannot create {path}: {exc.strerror}") from None
 
 
-def _write_small(path: str, text: str) -> None:
+def _write_small(path: str, text: str | bytes) -> None:
     fd = _create(path)
     try:
-        data = text.encode()
+        data = text.encode() if isinstance(text, str) else text
         _guarded(os.write, fd, data)
         _guarded(os.fsync, fd)
     finally:

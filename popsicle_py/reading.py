@@ -393,8 +393,15 @@ def read_drive(device: BlockDevice, size: int, enc: Encoder, sink: Sink, *,
         free.put(i)
     quit_ = threading.Event()
     clock = Clock()
+    got = 0  # of the bucket being read: where a failed read began
+
+    def moved(n: int) -> None:
+        nonlocal got
+        got += n
+        clock.advance(n)
 
     def reader() -> None:
+        nonlocal got
         pacer = Pacer()
         offset = 0
         try:
@@ -403,10 +410,17 @@ def read_drive(device: BlockDevice, size: int, enc: Encoder, sink: Sink, *,
                 if i < 0:
                     return
                 want = min(bucket, size - offset)
+                got = 0
                 with clock.busy():
                     seek(device, offset)
-                    n = read_full(device, memoryview(buffers[i])[:want], pacer=pacer,
-                                  progress=clock.advance)
+                    try:
+                        n = read_full(device, memoryview(buffers[i])[:want], pacer=pacer,
+                                      progress=moved)
+                    except OSError as exc:  # say where: the user can map it to a file
+                        start = offset + got
+                        end = start + min(pacer.size(), want - got) - 1
+                        raise OSError(exc.errno, f"{exc.strerror or exc} (reading bytes "
+                                      f"{start}-{end})") from exc
                 if n < want:
                     raise OSError(errno.EIO, f"the drive ended at byte {offset + n}, before "
                                   f"its size ({size} bytes)")

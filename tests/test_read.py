@@ -692,6 +692,22 @@ def test_a_drive_that_stops_answering_is_failed_on_time(
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_read_error_says_which_bytes(faulty_drive: Callable[..., Any],
+                                      tmp_path: Path) -> None:
+    """An unreadable block said only "I/O error" (flash says which bytes): the range of the
+    read that failed is named, and it holds the bad block."""
+    bad = 20 * MiB
+    drive = faulty_drive(32 * MiB, fill=0x22, bad_read=(bad, bad + 4096))
+    result = popsicle("read", drive.path, tmp_path / "bad.img", "--json")
+    assert result.returncode == 1, result.stderr
+    r = events_of(result.stdout)[-1]["results"][0]
+    assert r["status"] == "failed" and r["cause"] == "io-error", r
+    m = re.search(r"\(reading bytes (\d+)-(\d+)\)", r["error"])
+    assert m is not None, r["error"]
+    assert int(m[1]) <= bad < bad + 4096 <= int(m[2]) + 1, r["error"]
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("what", ["device node", "symlink to a device", "fifo as sidecar"])
 def test_an_output_that_is_not_a_file_is_refused_even_with_force(
         what: str, loop_factory: Callable[..., Loop], tmp_path: Path) -> None:

@@ -112,6 +112,14 @@ def failure(exc: BaseException, path: str) -> Failure:
     return Failure(Cause.ERROR, f"{path}: {detail}")
 
 
+def hung_call(path: str) -> str:
+    """The note for a drive whose last read or write has not returned (hung in the kernel):
+    the summary comes now, but the process can only end once the kernel gives that call up."""
+    return (f"{path}: a read or write to this drive has not returned; popsicle-py exits once "
+            "it does: when the drive completes it at its present speed, or the kernel gives up "
+            "on it (about 30 s per try for a USB stick)")
+
+
 def describe_error(exc: BaseException, path: str) -> str:
     """:func:`failure`'s line alone."""
     return failure(exc, path).text

@@ -265,10 +265,7 @@ class _Job:
             with contextlib.suppress(OSError):
                 drive.device.close()
             if getattr(drive.device, "in_call", False):
-                self.emit(Note(f"{drive.path}: a read or write to this drive has not returned; "
-                               "popsicle-py exits once it does: when the drive completes it at "
-                               "its present speed, or the kernel gives up on it (about 30 s "
-                               "per try for a USB stick)"))
+                self.emit(Note(failures.hung_call(drive.path)))
 
     def _summary(self) -> Summary:
         summary = Summary(tuple(self._result(d) for d in self.drives), self.cancelled)

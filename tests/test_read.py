@@ -672,12 +672,15 @@ def test_a_drive_that_stops_answering_is_failed_on_time(
                              "--stall-timeout", "2"], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
     assert proc.stdout is not None
+    notes = []
     try:
         started = None
         for line in proc.stdout:
             event = json.loads(line)
             if event["event"] == "phase" and started is None:
                 started = time.monotonic()
+            if event["event"] == "note":
+                notes.append(event["text"])
             if event["event"] == "summary":
                 break
         assert started is not None
@@ -690,6 +693,9 @@ def test_a_drive_that_stops_answering_is_failed_on_time(
     assert r["status"] == "failed" and r["error"].startswith(f"{drive.path}: stalled: "), r
     assert 2 <= took < 12, took  # 1 KiB/s would need minutes for the next MiB
     assert list(tmp_path.iterdir()) == []
+    # The process outlives the summary (the read left in the kernel): it says so, as flash.
+    assert any(n.startswith(f"{drive.path}: a read or write to this drive has not returned")
+               for n in notes), notes
 
 
 def test_a_read_error_says_which_bytes(faulty_drive: Callable[..., Any],

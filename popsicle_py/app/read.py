@@ -26,7 +26,7 @@ from popsicle_py.blockdev import BlockDevice, OpenSpec, confirmed, open_for_read
 from popsicle_py.defaults import DEFAULT_STALL_TIMEOUT
 from popsicle_py.drives import Drive
 from popsicle_py.errors import Refused
-from popsicle_py.failures import describe_error, failure
+from popsicle_py.failures import describe_error, failure, hung_call
 from popsicle_py.ports import drive_info
 from popsicle_py.protocols import View
 from popsicle_py.records import record
@@ -126,6 +126,8 @@ class PreparedRead:
                                         cause=why.cause, drive=self.info)
         finally:
             device.close()
+            if device.in_call:  # the reading thread is still in the kernel: the exit waits
+                view.handle(events.Note(hung_call(path)))
             if result is None or result.status is not events.Status.OK:
                 for temp in temps:
                     with contextlib.suppress(OSError):

@@ -395,7 +395,7 @@ def read_drive(device: BlockDevice, size: int, enc: Encoder, sink: Sink, *,
     clock = Clock()
     got = 0  # of the bucket being read: where a failed read began
 
-    def moved(n: int) -> None:
+    def counted(n: int) -> None:
         nonlocal got
         got += n
         clock.advance(n)
@@ -415,7 +415,7 @@ def read_drive(device: BlockDevice, size: int, enc: Encoder, sink: Sink, *,
                     seek(device, offset)
                     try:
                         n = read_full(device, memoryview(buffers[i])[:want], pacer=pacer,
-                                      progress=moved)
+                                      progress=counted)
                     except OSError as exc:  # say where: the user can map it to a file
                         start = offset + got
                         end = start + min(pacer.size(), want - got) - 1

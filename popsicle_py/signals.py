@@ -11,7 +11,7 @@ import contextlib
 import os
 import signal
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from types import FrameType
 
@@ -49,6 +49,9 @@ class Cancellation:
         #: True while no drive is being written (a watch session between sticks): the signal
         #: then ends the session rather than stopping drives.  Read in the signal handler.
         self.idle: Callable[[], bool] | None = None
+        #: Files a job writes under a temporary name (see :meth:`removed_on_quit`): a second
+        #: signal quits with os._exit, past every ``finally`` that would remove them.
+        self._temporary: set[str] = set()
 
     def __call__(self) -> bool:
         return self._event.is_set()
@@ -63,11 +66,25 @@ class Cancellation:
         """128 + the signal's number, as shells report a death by signal."""
         return 128 + (self.signum or signal.SIGINT)
 
+    @contextmanager
+    def removed_on_quit(self, paths: Iterable[str]) -> Iterator[None]:
+        """While inside, a second signal's quit at once removes ``paths`` (those that exist)
+        first: a partial image as large as the drive is not left hidden beside OUTPUT."""
+        names = set(paths)
+        self._temporary |= names
+        try:
+            yield
+        finally:
+            self._temporary -= names
+
     def _handler(self, signum: int, frame: FrameType | None) -> None:
         if self._event.is_set():  # asked twice: out now, as the user (or systemd) insists
             for undo in AT_QUIT:
                 with contextlib.suppress(Exception):
                     undo()
+            for name in tuple(self._temporary):  # a copy taken at once (lanes may change it)
+                with contextlib.suppress(OSError):
+                    os.unlink(name)
             os._exit(128 + signum)
         first = not self._event.is_set()
         # Set before saying so: a second Ctrl-C can run this handler again, nested, as soon

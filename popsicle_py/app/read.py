@@ -19,6 +19,7 @@ import os
 import secrets
 import stat
 import time
+from collections.abc import Callable
 
 from popsicle_py import drives, events, fsmap, master, reading
 from popsicle_py.app.access import require_access
@@ -88,17 +89,36 @@ class PreparedRead:
         """The drive, opened to be read, still the one checked; or :class:`Refused`."""
         return _open(self.drive)
 
-    def read_opened(self, device: BlockDevice, view: View, cancel: Cancellation
-                    ) -> events.Summary:
-        """Read the opened drive (closed here, however it ends) once into OUTPUT."""
+    def read_opened(self, device: BlockDevice, view: View, cancel: Cancellation,
+                    stopped: Callable[[], bool] | None = None) -> events.Summary:
+        """Read the opened drive (closed here, however it ends) once into OUTPUT; ``stopped``
+        (default: ``cancel``) ends it early.  A second signal's quit at once removes the
+        temporary files too."""
         path = self.drive.path
         started = time.monotonic()
         temps = [_temp_name(f) for f in self.files]
+        with cancel.removed_on_quit(temps):
+            result = self._read_into(temps, device, view, stopped or cancel, started)
+        if result.elapsed is None:  # how long it ran before it failed or was stopped
+            result = dataclasses.replace(result, elapsed=time.monotonic() - started)
+        ok = result.status is events.Status.OK
+        view.handle(events.Phase(path, events.Step.DONE if ok else events.Step.FAILED,
+                                 result.error or result.status.value, result.cause))
+        view.handle(events.Result(result))
+        summary = events.Summary((result,), cancelled=result.status is events.Status.CANCELLED)
+        view.handle(summary)
+        view.close()
+        return summary
+
+    def _read_into(self, temps: list[str], device: BlockDevice, view: View,
+                   stopped: Callable[[], bool], started: float) -> events.DriveResult:
+        """The read, its files published or removed: how it ended."""
+        path = self.drive.path
         result: events.DriveResult | None = None
         try:
             still = master.Stillness(path)
             view.handle(events.Phase(path, events.Step.READING))
-            done = self._read(device, temps, view, cancel)
+            done = self._read(device, temps, view, stopped)
             if done is None:
                 result = events.DriveResult(path, events.Status.CANCELLED, 0, "cancelled",
                                             cause=events.Cause.CANCELLED, drive=self.info)
@@ -132,19 +152,10 @@ class PreparedRead:
                 for temp in temps:
                     with contextlib.suppress(OSError):
                         os.unlink(temp)
-        if result.elapsed is None:  # how long it ran before it failed or was stopped
-            result = dataclasses.replace(result, elapsed=time.monotonic() - started)
-        ok = result.status is events.Status.OK
-        view.handle(events.Phase(path, events.Step.DONE if ok else events.Step.FAILED,
-                                 result.error or result.status.value, result.cause))
-        view.handle(events.Result(result))
-        summary = events.Summary((result,), cancelled=result.status is events.Status.CANCELLED)
-        view.handle(summary)
-        view.close()
-        return summary
+        return result
 
-    def _read(self, device: BlockDevice, temps: list[str], view: View, cancel: Cancellation
-              ) -> reading.Read | None:
+    def _read(self, device: BlockDevice, temps: list[str], view: View,
+              stopped: Callable[[], bool]) -> reading.Read | None:
         size, path = self.drive.size, self.drive.path
         fd = _create(temps[0])
         try:
@@ -163,7 +174,7 @@ class PreparedRead:
 
             done = reading.read_drive(
                 device, size, reading.encoder(self.format, sink, size), sink, mapper=mapper,
-                bucket=self.request.bucket_size, progress=progress, stopped=cancel,
+                bucket=self.request.bucket_size, progress=progress, stopped=stopped,
                 stall_timeout=self.request.stall_timeout)
             if done is None:
                 return None

@@ -16,6 +16,8 @@ from contextlib import contextmanager
 from types import FrameType
 
 HANDLED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+#: Process signals that a worker thread must never take.
+MAIN_THREAD_SIGNALS = frozenset({*HANDLED, signal.SIGQUIT})
 #: Run before a second signal quits at once (os._exit skips atexit): a terminal set back.
 AT_QUIT: list[Callable[[], None]] = []
 
@@ -107,3 +109,27 @@ class Cancellation:
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
+
+
+def keep_signals_for_main_thread() -> None:
+    """Block the stop signals in the calling (worker) thread.
+
+    The kernel hands a process signal to any thread that does not block it, and a thread
+    stuck in a throttled O_DIRECT write cannot run even the C-level handler until the write
+    returns: Ctrl-C would wait for the slowest drive.  Blocked here, the signal goes to the
+    main thread, which runs Python's handlers anyway.
+    """
+    signal.pthread_sigmask(signal.SIG_BLOCK, MAIN_THREAD_SIGNALS)
+
+
+def hear_signals_on_main_thread() -> None:
+    """Unblock the stop signals again on the main thread (a no-op on any other): it must
+    take them, or Ctrl-C and SIGTERM stay pending for good.
+
+    A library preloaded into the process can hand it a worker's mask: umockdev 0.17's
+    preload (what the tests run under) saves and restores each thread's mask through one
+    shared variable (its issue 252), so the main thread can end up with a lane's blocked
+    set.  The waiting loops call this at each tick.
+    """
+    if threading.current_thread() is threading.main_thread():
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, MAIN_THREAD_SIGNALS)

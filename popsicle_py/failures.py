@@ -120,6 +120,14 @@ def hung_call(path: str) -> str:
             "on it (about 30 s per try for a USB stick)")
 
 
+def hung_output(folder: str) -> str:
+    """The note for an OUTPUT whose file system stopped answering while a write or another
+    call to it was under way: the process can only end once that call returns."""
+    return (f"{folder}: a write or other call to this directory has not returned; "
+            "popsicle-py exits once it does (when its file system answers again), and its "
+            "partial files are removed then")
+
+
 def describe_error(exc: BaseException, path: str) -> str:
     """:func:`failure`'s line alone."""
     return failure(exc, path).text

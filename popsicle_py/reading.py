@@ -480,6 +480,8 @@ def read_drive(device: BlockDevice, size: int, enc: Encoder, sink: Sink, *,
     output's OSError (ENOSPC...).  Returns without waiting for a call that hangs: the
     caller's :meth:`Sink.close` keeps whatever comes late from the descriptor.
     """
+    from popsicle_py.engine.config import CANCEL_GRACE  # the engine: not at start-up
+
     free: queue.Queue[int] = queue.Queue()
     full: queue.Queue[tuple[int, int, int] | BaseException | None] = queue.Queue()
     encoded: queue.Queue[tuple[int, int] | None] = queue.Queue()
@@ -512,12 +514,14 @@ def read_drive(device: BlockDevice, size: int, enc: Encoder, sink: Sink, *,
                     seek(device, offset)
                     try:
                         n = read_full(device, memoryview(buffers[i])[:want], pacer=pacer,
-                                      progress=counted)
+                                      progress=counted, stop=quit_.is_set)
                     except OSError as exc:  # say where: the user can map it to a file
                         start = offset + got
                         end = start + min(pacer.size(), want - got) - 1
                         raise OSError(exc.errno, f"{exc.strerror or exc} (reading bytes "
                                       f"{start}-{end})") from exc
+                if quit_.is_set():
+                    return
                 if n < want:
                     raise OSError(errno.EIO, f"the drive ended at byte {offset + n}, before "
                                   f"its size ({size} bytes)")
@@ -552,6 +556,7 @@ def read_drive(device: BlockDevice, size: int, enc: Encoder, sink: Sink, *,
     for thread in threads:
         thread.start()
     done = 0
+    stalled = False  # the drive: its call is not waited for
     try:
         while True:
             if stopped():
@@ -561,6 +566,7 @@ def read_drive(device: BlockDevice, size: int, enc: Encoder, sink: Sink, *,
             except queue.Empty:
                 now = time.monotonic()
                 if stall_timeout is not None and clock.stalled(now, stall_timeout):
+                    stalled = True
                     moved = clock.recent
                     raise Stalled(f"stalled: no data from the drive for {stall_timeout:g} s"
                                   if not moved else f"stalled: only {moved // 1024} KiB from "
@@ -583,6 +589,8 @@ def read_drive(device: BlockDevice, size: int, enc: Encoder, sink: Sink, *,
         enc.abandon()
         free.put(-1)
         full.put(None)
+        if not stalled:  # the drive's call under way (paced to half a second) ends soon
+            threads[0].join(CANCEL_GRACE)
         if not any(t.is_alive() for t in threads):  # else one still holds a buffer: the GC
             for b in buffers:                          # frees them
                 with contextlib.suppress(BufferError):

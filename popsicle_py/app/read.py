@@ -129,7 +129,8 @@ class PreparedRead:
                                             cause=events.Cause.CANCELLED, drive=self.info)
             else:
                 still.check()
-                files.call(lambda: _publish(temps, self.files, self.stale))
+                files.call(lambda: _publish(temps, self.files, self.stale,
+                                            lambda: files.hung))
                 elapsed = time.monotonic() - started
                 result = events.DriveResult(path, events.Status.OK, self.drive.size,
                                             elapsed=elapsed, drive=self.info)
@@ -410,10 +411,13 @@ def _write_small(path: str, text: str | bytes) -> None:
         os.close(fd)
 
 
-def _publish(temps: list[str], finals: tuple[str, ...], stale: tuple[str, ...]) -> None:
+def _publish(temps: list[str], finals: tuple[str, ...], stale: tuple[str, ...],
+             given_up: Callable[[], bool] = lambda: False) -> None:
     """Old block maps gone first (never a new OUTPUT beside an old map, even for a moment:
     the one replaced by this read's map too), then OUTPUT, then its sidecars; the directory
-    synced so the names last a power cut."""
+    synced so the names last a power cut.  Once ``given_up()`` (a call here outlasted the
+    stall timeout, and the read was reported failed), no further name is given, and those
+    given are taken back: a failure leaves nothing under OUTPUT's name."""
     for name in (*stale, *finals[2:]):
         try:
             os.unlink(name)
@@ -421,7 +425,12 @@ def _publish(temps: list[str], finals: tuple[str, ...], stale: tuple[str, ...]) 
             pass
         except OSError as exc:
             raise OutputError(exc.errno, f"cannot remove {name}: {exc.strerror}") from None
-    for temp, final in zip(temps, finals, strict=True):
+    for done, (temp, final) in enumerate(zip(temps, finals, strict=True)):
+        if given_up():
+            for name in finals[:done]:
+                with contextlib.suppress(OSError):
+                    os.unlink(name)
+            raise OutputError(errno.ETIMEDOUT, "given up")
         _guarded(os.rename, temp, final)
     folder = os.path.dirname(finals[0])
     fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)

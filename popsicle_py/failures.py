@@ -112,6 +112,22 @@ def failure(exc: BaseException, path: str) -> Failure:
     return Failure(Cause.ERROR, f"{path}: {detail}")
 
 
+def hung_call(path: str) -> str:
+    """The note for a drive whose last read or write has not returned (hung in the kernel):
+    the summary comes now, but the process can only end once the kernel gives that call up."""
+    return (f"{path}: a read or write to this drive has not returned; popsicle-py exits once "
+            "it does: when the drive completes it at its present speed, or the kernel gives up "
+            "on it (about 30 s per try for a USB stick)")
+
+
+def hung_output(folder: str) -> str:
+    """The note for an OUTPUT whose file system stopped answering while a write or another
+    call to it was under way: the process can only end once that call returns."""
+    return (f"{folder}: a write or other call to this directory has not returned; "
+            "popsicle-py exits once it does (when its file system answers again), and its "
+            "partial files are removed then")
+
+
 def describe_error(exc: BaseException, path: str) -> str:
     """:func:`failure`'s line alone."""
     return failure(exc, path).text
@@ -177,8 +193,4 @@ def head_undone(length: int, done: bool) -> str:
 def call_not_returned(path: str, device: object) -> str | None:
     """The note for a drive whose last read or write has not returned (hung in the kernel),
     or None: the summary comes now, but the process can only end once that call does."""
-    if not getattr(device, "in_call", False):
-        return None
-    return (f"{path}: a read or write to this drive has not returned; popsicle-py exits once "
-            "it does: when the drive completes it at its present speed, or the kernel gives up "
-            "on it (about 30 s per try for a USB stick)")
+    return hung_call(path) if getattr(device, "in_call", False) else None

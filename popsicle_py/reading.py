@@ -11,6 +11,7 @@ written to a file the caller opened (a temporary name): naming it is the caller'
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import hashlib
@@ -27,6 +28,7 @@ from popsicle_py.buffers import aligned_buffer
 from popsicle_py.errors import Stalled
 from popsicle_py.pacing import Clock, Pacer
 from popsicle_py.records import record
+from popsicle_py.signals import keep_signals_for_main_thread
 
 #: Compression by OUTPUT's suffix; anything else is written raw.
 SUFFIXES = {".zst": "zstd", ".xz": "xz", ".gz": "gzip"}
@@ -42,6 +44,12 @@ ZSTD_LEVEL = 3
 ZSTD_CHUNK = 1 << 20
 #: At most this many chunks of compressed output wait for the spool's thread.
 SPOOL_DEPTH = 32
+#: The largest write call to OUTPUT: each is timed (one that does not return is a stall of
+#: OUTPUT's file system), and a slow disk's throttled page cache answers this much promptly.
+WRITE_CALL = 1 << 20
+#: xz and gzip are fed this much at a time: a stop is heard between pieces (xz takes a
+#: second or more for a whole bucket of incompressible bytes).
+STREAM_PIECE = 1 << 20
 
 
 def format_for(path: str) -> str:
@@ -67,17 +75,48 @@ def sidecar_path_for(output: str) -> str:
     return output + ".sha256"
 
 
+def sidecar_line(sha256: str, name: str) -> bytes:
+    r"""OUTPUT.sha256's line as GNU sha256sum writes it, so ``sha256sum -c`` reads it: the
+    name's own bytes (any, not only UTF-8), and a name holding a backslash, newline or
+    carriage return escaped (``\\``, ``\n``, ``\r``) behind a leading backslash."""
+    raw = os.fsencode(name)
+    if not any(c in raw for c in (b"\\", b"\n", b"\r")):
+        return sha256.encode() + b"  " + raw + b"\n"
+    escaped = raw.replace(b"\\", b"\\\\").replace(b"\n", b"\\n").replace(b"\r", b"\\r")
+    return b"\\" + sha256.encode() + b"  " + escaped + b"\n"
+
+
 # --------------------------------------------------------------------------------------------
 # The file side: hashing sink and compressors
 
 
+class OutputStalled(OSError):
+    """A write to OUTPUT did not return for the stall timeout (ETIMEDOUT): the file system
+    it is on stopped answering (a hung disk or network share, a frozen file system)."""
+
+    def __init__(self, limit: float) -> None:
+        super().__init__(errno.ETIMEDOUT, f"no write returned for {limit:g} s")
+        self.limit = limit
+
+
 class Sink:
-    """Writes whole buffers to a descriptor and hashes them (the SHA-256 of OUTPUT)."""
+    """Writes whole buffers to a descriptor it owns and hashes them (the SHA-256 of OUTPUT).
+
+    Each write call is timed on :attr:`clock` (a call that does not return is a stall of the
+    output, not of the drive).  :meth:`close` is safe while another thread is inside a write
+    (one hung on a file system that stopped answering): no write starts after it, and the
+    number is closed by whichever of the two finishes last, so a late write never reaches a
+    file opened since under the same number.
+    """
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
         self.hasher = hashlib.sha256()
         self.written = 0
+        self.clock = Clock()
+        self._lock = threading.Lock()
+        self._busy = 0  # write calls in flight
+        self._closing = False
 
     def write(self, data: bytes | memoryview) -> int:
         self.hasher.update(data)
@@ -88,15 +127,47 @@ class Sink:
         view = memoryview(data).cast("B")
         done = 0
         while done < len(view):
-            n = os.write(self.fd, view[done:])
+            with self._lock:
+                if self._closing:
+                    raise OSError(errno.EBADF, "the output was closed")
+                self._busy += 1
+            try:
+                with self.clock.busy():
+                    n = os.write(self.fd, view[done:done + WRITE_CALL])
+            finally:
+                self._leave()
             if n <= 0:
                 raise OSError(errno.ENOSPC, "no space left on the output's file system")
+            self.clock.advance(n)
             done += n
         self.written += done
         return done
 
     def flush(self) -> None:
         """zstandard's writer flushes its sink; every write above is already in the kernel."""
+
+    @property
+    def in_call(self) -> bool:
+        """A write of another thread has not returned (a file system that stopped answering)."""
+        with self._lock:
+            return self._busy > 0
+
+    def _leave(self) -> None:
+        with self._lock:
+            self._busy -= 1
+            last = self._closing and self._busy == 0 and self.fd >= 0
+            fd, self.fd = (self.fd, -1) if last else (-1, self.fd)
+        if last:
+            os.close(fd)
+
+    def close(self) -> None:
+        """No write after this; the descriptor closed now, or when the write under way ends."""
+        with self._lock:
+            self._closing = True
+            now = self._busy == 0 and self.fd >= 0
+            fd, self.fd = (self.fd, -1) if now else (-1, self.fd)
+        if now:
+            os.close(fd)
 
 
 class Spool:
@@ -107,24 +178,35 @@ class Spool:
     :meth:`write` queues a chunk (at most ``depth`` wait) that the thread hashes and writes;
     :meth:`put` has the thread write a buffer the caller still owns and hashes, and returns a
     wait for it.  The sink's error (ENOSPC...) is raised in the caller's thread at its next
-    call or at :meth:`close`; :meth:`abandon` drops what waits.  Both return only once the
-    thread is done with the descriptor, which the caller may then close.
+    call or at :meth:`close`.  :meth:`abandon` drops what waits and returns at once, even
+    while the thread's write hangs: the sink's :meth:`Sink.close` keeps that write from
+    reaching any other file.
     """
 
     def __init__(self, sink: Sink, depth: int = SPOOL_DEPTH) -> None:
         self.sink = sink
-        self._queue: queue.Queue[tuple[bytes | memoryview, bool, threading.Event | None]
-                                 | None] = queue.Queue(depth)
+        self._depth = depth
+        self._items: collections.deque[tuple[bytes | memoryview, bool,
+                                             threading.Event | None]] = collections.deque()
+        self._cond = threading.Condition()
+        self._closed = False  # nothing more comes: the thread ends once it wrote what waits
+        self.dropping = False  # abandoned: what waits is dropped, nothing more is taken
         self._error: BaseException | None = None
-        self._dropping = False
         self._thread = threading.Thread(target=self._run, name="popsicle-output", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
-        while (item := self._queue.get()) is not None:
-            data, hashed, done = item
+        keep_signals_for_main_thread()
+        while True:
+            with self._cond:
+                while not (self._items or self._closed or self.dropping):
+                    self._cond.wait()
+                if self.dropping or not self._items:
+                    return
+                data, hashed, done = self._items.popleft()
+                self._cond.notify_all()
             try:
-                if self._error is None and not self._dropping:
+                if self._error is None:
                     (self.sink.write if hashed else self.sink.put)(data)
             except BaseException as exc:  # raised in the caller's thread
                 self._error = exc
@@ -136,11 +218,23 @@ class Spool:
         if self._error is not None:
             raise self._error
 
+    def _queue(self, data: bytes | memoryview, hashed: bool,
+               done: threading.Event | None) -> None:
+        with self._cond:
+            while len(self._items) >= self._depth and not self.dropping:
+                self._cond.wait()
+            if self.dropping:
+                if done is not None:
+                    done.set()
+                return
+            self._items.append((data, hashed, done))
+            self._cond.notify_all()
+
     def write(self, data: bytes | memoryview) -> int:
         """Hash and write ``data`` on the thread (a view is copied: the caller reuses it)."""
         self._check()
         chunk = data if isinstance(data, bytes) else bytes(data)
-        self._queue.put((chunk, True, None))
+        self._queue(chunk, True, None)
         return len(chunk)
 
     def put(self, data: memoryview) -> Callable[[], None]:
@@ -148,7 +242,7 @@ class Spool:
         reusing ``data``: it waits for the write and raises its error."""
         self._check()
         done = threading.Event()
-        self._queue.put((data, False, done))
+        self._queue(data, False, done)
 
         def wait() -> None:
             done.wait()
@@ -160,22 +254,21 @@ class Spool:
 
     def close(self) -> None:
         """Wait until everything queued is hashed and written; raise the sink's error."""
-        if self._thread.is_alive():
-            self._queue.put(None)
-            self._thread.join()
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self._thread.join()
         self._check()
 
     def abandon(self) -> None:
-        """Drop what waits, wait for the write under way (if any): the descriptor is free."""
-        self._dropping = True
-        with contextlib.suppress(queue.Empty):
-            while True:
-                item = self._queue.get_nowait()
-                if item is not None and item[2] is not None:
-                    item[2].set()
-        if self._thread.is_alive():
-            self._queue.put(None)
-            self._thread.join()
+        """Drop what waits (its waits return); returns at once."""
+        with self._cond:
+            self.dropping = True
+            for _, _, done in self._items:
+                if done is not None:
+                    done.set()
+            self._items.clear()
+            self._cond.notify_all()
 
 
 class Hasher(Protocol):
@@ -193,7 +286,9 @@ class Encoder(Protocol):
         """Everything written, hashed and in the kernel (or the sink's error raised)."""
 
     def abandon(self) -> None:
-        """Stop without finishing; once it returns nothing writes to the descriptor."""
+        """Stop without finishing (called from another thread than :meth:`write`'s); returns
+        at once.  A write under way stops at its next piece; closing the sink then keeps
+        anything late from the descriptor."""
 
 
 class _Raw:
@@ -250,16 +345,21 @@ class Compressor(Protocol):
 
 
 class _Streaming:
-    """xz or gzip through the standard library's compressor objects."""
+    """xz or gzip through the standard library's compressor objects, fed in pieces of
+    ``STREAM_PIECE``: xz takes a second or more for a whole bucket of incompressible bytes,
+    and a stop is honoured between pieces."""
 
     def __init__(self, sink: Sink, compressor: Compressor) -> None:
         self.spool = Spool(sink)
         self.compressor = compressor
 
     def write(self, data: memoryview) -> None:
-        out = self.compressor.compress(data)
-        if out:
-            self.spool.write(out)
+        for start in range(0, len(data), STREAM_PIECE):
+            if self.spool.dropping:
+                return
+            out = self.compressor.compress(data[start:start + STREAM_PIECE])
+            if out:
+                self.spool.write(out)
 
     def finish(self) -> None:
         self.spool.write(self.compressor.flush())
@@ -372,18 +472,35 @@ def read_drive(device: BlockDevice, size: int, enc: Encoder, sink: Sink, *,
                stall_timeout: float | None = 60.0) -> Read | None:
     """Read ``size`` bytes of ``device`` once, in order, into ``enc``; None when stopped.
 
-    Raises the drive's OSError, :class:`~popsicle_py.errors.Stalled` (less than STALL_BYTES
-    read in ``stall_timeout``), or the output's OSError (ENOSPC...).
+    The caller's thread only watches (a stop, both stall clocks) and reports progress: the
+    drive is read on one thread and its bytes encoded and written on another, so neither a
+    drive nor an OUTPUT that stops answering holds it.  Raises the drive's OSError,
+    :class:`~popsicle_py.errors.Stalled` (less than STALL_BYTES read in ``stall_timeout``),
+    :class:`OutputStalled` (a write to OUTPUT did not return in ``stall_timeout``), or the
+    output's OSError (ENOSPC...).  Returns without waiting for a call that hangs: the
+    caller's :meth:`Sink.close` keeps whatever comes late from the descriptor.
     """
+    from popsicle_py.engine.config import CANCEL_GRACE  # the engine: not at start-up
+
     free: queue.Queue[int] = queue.Queue()
     full: queue.Queue[tuple[int, int, int] | BaseException | None] = queue.Queue()
+    encoded: queue.Queue[tuple[int, int] | None] = queue.Queue()
     buffers = [aligned_buffer(bucket) for _ in range(BUFFERS)]
     for i in range(BUFFERS):
         free.put(i)
     quit_ = threading.Event()
     clock = Clock()
+    got = 0  # of the bucket being read: where a failed read began
+    outcome: list[Read | BaseException] = []
+
+    def counted(n: int) -> None:
+        nonlocal got
+        got += n
+        clock.advance(n)
 
     def reader() -> None:
+        nonlocal got
+        keep_signals_for_main_thread()
         pacer = Pacer()
         offset = 0
         try:
@@ -392,10 +509,19 @@ def read_drive(device: BlockDevice, size: int, enc: Encoder, sink: Sink, *,
                 if i < 0:
                     return
                 want = min(bucket, size - offset)
+                got = 0
                 with clock.busy():
                     seek(device, offset)
-                    n = read_full(device, memoryview(buffers[i])[:want], pacer=pacer,
-                                  progress=clock.advance)
+                    try:
+                        n = read_full(device, memoryview(buffers[i])[:want], pacer=pacer,
+                                      progress=counted, stop=quit_.is_set)
+                    except OSError as exc:  # say where: the user can map it to a file
+                        start = offset + got
+                        end = start + min(pacer.size(), want - got) - 1
+                        raise OSError(exc.errno, f"{exc.strerror or exc} (reading bytes "
+                                      f"{start}-{end})") from exc
+                if quit_.is_set():
+                    return
                 if n < want:
                     raise OSError(errno.EIO, f"the drive ended at byte {offset + n}, before "
                                   f"its size ({size} bytes)")
@@ -405,44 +531,67 @@ def read_drive(device: BlockDevice, size: int, enc: Encoder, sink: Sink, *,
         except BaseException as exc:  # handed to the caller's thread
             full.put(exc)
 
-    thread = threading.Thread(target=reader, name="popsicle-read", daemon=True)
-    thread.start()
+    def encoder_() -> None:
+        keep_signals_for_main_thread()
+        try:
+            while (item := full.get()) is not None and not quit_.is_set():
+                if isinstance(item, BaseException):
+                    raise item
+                i, offset, n = item
+                with memoryview(buffers[i]) as whole, whole[:n] as view:
+                    if mapper is not None:
+                        mapper.feed(offset, view)
+                    enc.write(view)
+                encoded.put((i, n))  # the caller hands the buffer back to the reader
+            if not quit_.is_set():
+                enc.finish()
+                outcome.append(Read(size, sink.written, sink.hasher.hexdigest()))
+        except BaseException as exc:  # handed to the caller's thread
+            outcome.append(exc)
+        finally:
+            encoded.put(None)
+
+    threads = [threading.Thread(target=reader, name="popsicle-read", daemon=True),
+               threading.Thread(target=encoder_, name="popsicle-encode", daemon=True)]
+    for thread in threads:
+        thread.start()
     done = 0
-    finished = False
+    stalled = False  # the drive: its call is not waited for
     try:
         while True:
             if stopped():
                 return None
             try:
-                item = full.get(timeout=0.25)
+                item = encoded.get(timeout=0.25)
             except queue.Empty:
-                if stall_timeout is not None and clock.stalled(time.monotonic(), stall_timeout):
+                now = time.monotonic()
+                if stall_timeout is not None and clock.stalled(now, stall_timeout):
+                    stalled = True
                     moved = clock.recent
                     raise Stalled(f"stalled: no data from the drive for {stall_timeout:g} s"
                                   if not moved else f"stalled: only {moved // 1024} KiB from "
                                   f"the drive in {stall_timeout:g} s") from None
+                if stall_timeout is not None and sink.clock.stalled(now, stall_timeout):
+                    raise OutputStalled(stall_timeout) from None
                 continue
             if item is None:
                 break
-            if isinstance(item, BaseException):
-                raise item
-            i, offset, n = item
-            with memoryview(buffers[i]) as whole, whole[:n] as view:
-                if mapper is not None:
-                    mapper.feed(offset, view)
-                enc.write(view)
+            i, n = item
             free.put(i)
             done += n
             progress(done)
-        enc.finish()
-        finished = True
+        result = outcome[0] if outcome else None
+        if isinstance(result, BaseException):
+            raise result
+        return result
     finally:
-        if not finished:
-            enc.abandon()
         quit_.set()
+        enc.abandon()
         free.put(-1)
-        if not thread.is_alive():  # else the reader still fills one: the GC frees them
-            for b in buffers:
+        full.put(None)
+        if not stalled:  # the drive's call under way (paced to half a second) ends soon
+            threads[0].join(CANCEL_GRACE)
+        if not any(t.is_alive() for t in threads):  # else one still holds a buffer: the GC
+            for b in buffers:                          # frees them
                 with contextlib.suppress(BufferError):
                     b.close()
-    return Read(done, sink.written, sink.hasher.hexdigest())

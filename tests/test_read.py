@@ -7,9 +7,11 @@ Real loop devices with real file systems; the results are checked with the tools
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import re
+import select
 import signal
 import stat
 import subprocess
@@ -21,10 +23,11 @@ from typing import Any
 
 import pytest
 from conftest import Loop, needs_root, popsicle_cmd
-from loopdev import DROP_OTHER_TESTS_MOUNTS, mounted_elsewhere, write_mbr
+from loopdev import DROP_OTHER_TESTS_MOUNTS, mounted_elsewhere, mounted_ext4, write_mbr
 
 from popsicle_py import reading
 from popsicle_py.blockdev import OpenSpec, open_for_reading
+from popsicle_py.images.checksums import find_sidecar
 
 MiB = 1 << 20
 
@@ -100,6 +103,28 @@ def test_read_writes_the_drive_compressed_by_suffix_with_its_sha256(
     assert progress[-1]["bytes"] == progress[-1]["total"] == drive.size
     summary = evs[-1]
     assert summary["event"] == "summary" and summary["results"][0]["status"] == "ok"
+    assert leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("name", [b"\xff.img", b"a\nb\\c.img"], ids=["not-utf8", "newline"])
+def test_any_output_name_gets_a_sidecar_sha256sum_and_flash_read(
+        loop_factory: Callable[..., Loop], tmp_path: Path, name: bytes) -> None:
+    """A name that is not UTF-8 read the whole drive and then failed ("unexpected error"),
+    and a name with a newline got a sidecar sha256sum could not parse: the sidecar holds the
+    name's own bytes, escaped as GNU sha256sum escapes them."""
+    drive = loop_factory(4 * MiB)
+    with open(drive.backing, "r+b") as f:
+        f.write(os.urandom(4 * MiB))
+    out = tmp_path / os.fsdecode(name)
+    result = popsicle("read", drive.path, out, "--json")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert events_of(result.stdout)[-1]["results"][0]["status"] == "ok"
+    check = subprocess.run(["sha256sum", "-c", os.fsencode(out) + b".sha256"],
+                           cwd=tmp_path, capture_output=True)
+    assert check.returncode == 0 and check.stdout.endswith(b": OK\n"), check
+    found = find_sidecar(str(out))
+    assert found is not None
+    assert found.hexdigest == hashlib.sha256(drive.read()).hexdigest()
     assert leftovers(tmp_path) == []
 
 
@@ -399,6 +424,59 @@ def test_ctrl_c_leaves_no_output(loop_factory: Callable[..., Loop], throttle: Ca
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("suffix", [".img", ".img.zst"])
+def test_ctrl_c_twice_leaves_no_partial_image(loop_factory: Callable[..., Loop],
+                                             throttle: Callable[..., Any], tmp_path: Path,
+                                             suffix: str) -> None:
+    """The second Ctrl-C quits at once (os._exit), past the code that removes the temporary
+    file: a hidden .part as large as the drive was left beside OUTPUT.  It is removed first."""
+    drive = fat_drive(loop_factory, 32 * MiB)
+    add = throttle((drive, 4 * MiB))
+    proc = subprocess.Popen([*popsicle_cmd(), "read", drive.path, str(tmp_path / f"x{suffix}"),
+                             "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, stdin=subprocess.DEVNULL,
+                            preexec_fn=lambda: add(os.getpid()))
+    assert proc.stdout is not None and proc.stderr is not None
+    for line in proc.stdout:
+        if json.loads(line)["event"] == "progress":
+            break
+    assert leftovers(tmp_path), list(tmp_path.iterdir())  # the partial image is there
+    proc.send_signal(signal.SIGINT)
+    for line in proc.stderr:  # heard (a second signal sent before is merged into the first)
+        if "SIGINT: stopping" in line:
+            break
+    proc.send_signal(signal.SIGINT)
+    proc.communicate(timeout=60)
+    # 130, or SIGINT's own death when the run had ended first (its handlers put back)
+    assert proc.returncode in (130, -signal.SIGINT)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_ctrl_c_while_xz_compresses_is_heard_at_once(loop_factory: Callable[..., Loop],
+                                                     tmp_path: Path) -> None:
+    """xz took a whole 8 MiB bucket at a time on the main thread: on incompressible bytes
+    Ctrl-C waited 3.5 to 7 s for it.  The main thread only watches now, and xz is fed in
+    pieces of 1 MiB: the shell is back within a second or two."""
+    drive = loop_factory(64 * MiB)
+    with open(drive.backing, "r+b") as f:
+        f.write(os.urandom(64 * MiB))
+    proc = subprocess.Popen([*popsicle_cmd(), "read", drive.path, str(tmp_path / "x.img.xz"),
+                             "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, stdin=subprocess.DEVNULL)
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if json.loads(line)["event"] == "progress":
+            break
+    signalled = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    out_text, _ = proc.communicate(timeout=60)
+    took = time.monotonic() - signalled
+    assert proc.returncode == 130
+    assert json.loads(out_text.splitlines()[-1])["results"][0]["status"] == "cancelled"
+    assert took < 2, took
+    assert list(tmp_path.iterdir()) == []
+
+
 def written_while_read(drive: Loop, add: Callable[[int], None], args: list[str | Path],
                        when: Callable[[str], bool], offset: int, *, synced: bool = True
                        ) -> tuple[int, str, str]:
@@ -479,54 +557,74 @@ def test_the_map_leaves_zero_blocks_out_and_hashes_each_range() -> None:
 
 
 def output_threads() -> list[threading.Thread]:
-    return [t for t in threading.enumerate() if t.name == "popsicle-output" and t.is_alive()]
+    return [t for t in threading.enumerate()
+            if t.name in ("popsicle-output", "popsicle-encode") and t.is_alive()]
+
+
+def nothing_writes_after(sink: reading.Sink, out: Path, elsewhere: Path) -> None:
+    """read_drive returned and the sink is closed: no write reaches a file opened since under
+    the same number, and OUTPUT gets at most the one write call under way, up to the end of
+    every thread of the read (waited for)."""
+    sink.close()
+    size = out.stat().st_size
+    other = elsewhere / "other"
+    fd = os.open(other, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+    try:
+        for thread in output_threads():
+            thread.join(60)
+        assert output_threads() == []
+        assert size <= out.stat().st_size <= size + reading.WRITE_CALL
+        assert other.stat().st_size == 0
+    finally:
+        os.close(fd)
 
 
 @pytest.mark.parametrize("fmt", ["raw", "gzip", "xz", "zstd"])
 def test_a_full_output_raises_no_space_and_nothing_writes_after(
-        loop_factory: Callable[..., Loop], mount_dir: Path, fmt: str) -> None:
-    """The output's error reaches the caller however the output is written (on the feeding
-    thread or the spool's), and once read_drive returns nothing writes to the descriptor:
-    the caller closes it (a late write could reach a file opened since under its number)."""
+        loop_factory: Callable[..., Loop], mount_dir: Path, tmp_path: Path, fmt: str) -> None:
+    """The output's error reaches the caller however the output is written (on the encoding
+    thread or the spool's), and once read_drive returns and the caller closed the sink,
+    nothing writes to the descriptor (a late write could reach a file opened since under
+    its number)."""
     drive = loop_factory(16 * MiB)
     with open(drive.backing, "r+b") as f:
         f.write(os.urandom(16 * MiB))  # incompressible
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4M", "tmpfs", str(mount_dir)],
                    check=True)
-    fd = os.open(mount_dir / "out", os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+    out = mount_dir / "out"
+    sink = reading.Sink(os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL))
     device = open_for_reading(OpenSpec(drive.path, drive.size))
     try:
-        sink = reading.Sink(fd)
         with pytest.raises(OSError) as err:
             reading.read_drive(device, drive.size, reading.encoder(fmt, sink, drive.size),
                                sink, bucket=1 * MiB)
         assert err.value.errno == errno.ENOSPC
-        assert output_threads() == []
+        nothing_writes_after(sink, out, tmp_path)
     finally:
         device.close()
-        os.close(fd)
+        sink.close()
 
 
-@pytest.mark.parametrize("fmt", ["raw", "gzip", "zstd"])
+@pytest.mark.parametrize("fmt", ["raw", "gzip", "xz", "zstd"])
 def test_stopping_returns_none_and_nothing_writes_after(
         loop_factory: Callable[..., Loop], tmp_path: Path, fmt: str) -> None:
     drive = loop_factory(16 * MiB)
     with open(drive.backing, "r+b") as f:
         f.write(os.urandom(16 * MiB))
     out = tmp_path / "out"
-    fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+    sink = reading.Sink(os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL))
     device = open_for_reading(OpenSpec(drive.path, drive.size))
     seen: list[int] = []
     try:
-        sink = reading.Sink(fd)
         done = reading.read_drive(device, drive.size, reading.encoder(fmt, sink, drive.size),
                                   sink, bucket=1 * MiB, progress=seen.append,
                                   stopped=lambda: len(seen) >= 2)
-        assert done is None and output_threads() == []
-        assert os.fstat(fd).st_size < drive.size
+        assert done is None
+        nothing_writes_after(sink, out, tmp_path)
+        assert out.stat().st_size < drive.size
     finally:
         device.close()
-        os.close(fd)
+        sink.close()
 
 
 def test_the_terminal_table_says_read_not_written(loop_factory: Callable[..., Loop],
@@ -648,12 +746,15 @@ def test_a_drive_that_stops_answering_is_failed_on_time(
                              "--stall-timeout", "2"], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
     assert proc.stdout is not None
+    notes = []
     try:
         started = None
         for line in proc.stdout:
             event = json.loads(line)
             if event["event"] == "phase" and started is None:
                 started = time.monotonic()
+            if event["event"] == "note":
+                notes.append(event["text"])
             if event["event"] == "summary":
                 break
         assert started is not None
@@ -665,6 +766,25 @@ def test_a_drive_that_stops_answering_is_failed_on_time(
     r = event["results"][0]
     assert r["status"] == "failed" and r["error"].startswith(f"{drive.path}: stalled: "), r
     assert 2 <= took < 12, took  # 1 KiB/s would need minutes for the next MiB
+    assert list(tmp_path.iterdir()) == []
+    # The process outlives the summary (the read left in the kernel): it says so, as flash.
+    assert any(n.startswith(f"{drive.path}: a read or write to this drive has not returned")
+               for n in notes), notes
+
+
+def test_a_read_error_says_which_bytes(faulty_drive: Callable[..., Any],
+                                      tmp_path: Path) -> None:
+    """An unreadable block said only "I/O error" (flash says which bytes): the range of the
+    read that failed is named, and it holds the bad block."""
+    bad = 20 * MiB
+    drive = faulty_drive(32 * MiB, fill=0x22, bad_read=(bad, bad + 4096))
+    result = popsicle("read", drive.path, tmp_path / "bad.img", "--json")
+    assert result.returncode == 1, result.stderr
+    r = events_of(result.stdout)[-1]["results"][0]
+    assert r["status"] == "failed" and r["cause"] == "io-error", r
+    m = re.search(r"\(reading bytes (\d+)-(\d+)\)", r["error"])
+    assert m is not None, r["error"]
+    assert int(m[1]) <= bad < bad + 4096 <= int(m[2]) + 1, r["error"]
     assert list(tmp_path.iterdir()) == []
 
 
@@ -734,3 +854,76 @@ def test_a_drive_changed_while_it_is_read_is_not_called_a_failed_image(
     assert status == 1, err
     assert out_text.splitlines()[-1] == (f"finished with problems: 0 of 1 drives ok; not ok: "
                                          f"#1 {drive.path} failed (changed while it was read)")
+
+
+def events_until_summary(proc: subprocess.Popen[bytes], deadline: float,
+                         seen: Callable[[list[dict[str, Any]]], None] = lambda events: None
+                         ) -> tuple[list[dict[str, Any]], float]:
+    """The run's JSON events up to its summary (failing at ``deadline``, a monotonic time),
+    ``seen`` told after each read; and when the summary came."""
+    assert proc.stdout is not None
+    events: list[dict[str, Any]] = []
+    buffered = b""
+    while not events or events[-1]["event"] != "summary":
+        left = deadline - time.monotonic()
+        assert left > 0, events[-3:]
+        if not select.select([proc.stdout], [], [], left)[0]:
+            continue
+        chunk = os.read(proc.stdout.fileno(), 65536)
+        assert chunk, events[-3:]
+        buffered += chunk
+        *lines, buffered = buffered.split(b"\n")
+        events += [json.loads(line) for line in lines]
+        seen(events)
+    return events, time.monotonic()
+
+
+@pytest.mark.parametrize("suffix,sigint", [(".img", False), (".img.zst", False),
+                                           (".img.gz", True), (".img", True)])
+def test_an_output_whose_file_system_stops_answering_fails_on_time(
+        loop_factory: Callable[..., Loop], throttle: Callable[..., Any], suffix: str,
+        sigint: bool) -> None:
+    """OUTPUT's file system frozen mid-read (as a hung disk or share would be): the writes
+    were on no stall clock and the main thread waited in them, so the read hung for good,
+    Ctrl-C unheard.  Now the drive fails after the stall timeout, naming OUTPUT's directory
+    (or Ctrl-C ends it at once), with a note that the exit waits for the file system; once
+    it answers, the process ends and no partial file is left."""
+    store = loop_factory(64 * MiB)
+    drive = loop_factory(48 * MiB)
+    with open(drive.backing, "r+b") as f:
+        f.write(os.urandom(48 * MiB))
+    add = throttle((drive, 4 * MiB))
+    with mounted_ext4(store.path) as folder:
+        out = os.path.join(folder, f"o{suffix}")
+        proc = subprocess.Popen([*popsicle_cmd(), "read", drive.path, out, "--json",
+                                 "--stall-timeout", "2"], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                                preexec_fn=lambda: add(os.getpid()))
+        frozen: list[float] = []
+
+        def seen(events: list[dict[str, Any]]) -> None:
+            if not frozen and any(e["event"] == "progress" for e in events):
+                subprocess.run(["fsfreeze", "-f", folder], check=True)
+                frozen.append(time.monotonic())
+                if sigint:
+                    proc.send_signal(signal.SIGINT)
+        try:
+            events, when = events_until_summary(proc, time.monotonic() + 60, seen)
+            assert proc.poll() is None  # a write is still in the kernel
+        finally:
+            if frozen:
+                subprocess.run(["fsfreeze", "-u", folder], check=True)
+            proc.communicate(timeout=60)
+        assert proc.returncode == (130 if sigint else 1)
+        assert when - frozen[0] < (3 if sigint else 2 + 5), when - frozen[0]
+        [result] = events[-1]["results"]
+        if sigint:
+            assert result["status"] == "cancelled", result
+        else:
+            assert result["status"] == "failed", result
+            assert result["error"] == (f"writing {out} stalled: no call to {folder} returned "
+                                       "for 2 s (is the disk it is on hung?)"), result
+        notes = [e["text"] for e in events if e["event"] == "note"]
+        assert any(n.startswith(f"{folder}: a write or other call to this directory has not "
+                                "returned; popsicle-py exits once it does") for n in notes), notes
+        assert sorted(os.listdir(folder)) == ["lost+found"]

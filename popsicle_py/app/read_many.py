@@ -234,8 +234,8 @@ class ReadMany:
 
         def task(lane: Lane) -> None:
             lane_view = _LaneView(lane.post, lane.id)
-            self.jobs[lane.id].read_opened(devices[lane.id], lane_view,
-                                           lambda: lane.stopped)  # type: ignore[arg-type]
+            self.jobs[lane.id].read_opened(devices[lane.id], lane_view, cancel,
+                                           lambda: lane.stopped)
 
         supervisor = Supervisor([job.drive.path for job in self.jobs], deliver, cancel,
                                 stall_timeout=None, errored=_Errored, name="read")

@@ -23,7 +23,6 @@ anyway), then :data:`UNDO_GRACE` for the stamp's own write; its ``HeadUndone`` i
 from __future__ import annotations
 
 import queue
-import signal
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -36,9 +35,7 @@ from popsicle_py.errors import Cancelled, SourceStalled, Stalled
 from popsicle_py.events import Note
 from popsicle_py.messages import BusWriterMessage
 from popsicle_py.records import record
-
-#: Process signals that a worker thread must never take.
-_MAIN_THREAD_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT})
+from popsicle_py.signals import hear_signals_on_main_thread, keep_signals_for_main_thread
 
 #: Receives every message (the engine's, or the caller's own ``post``), on the calling thread.
 Callback = Callable[[Any], None]
@@ -46,30 +43,6 @@ CancelCheck = Callable[[], bool]
 
 __all__ = ["Callback", "CancelCheck", "Lane", "Supervisor", "hear_signals_on_main_thread",
            "keep_signals_for_main_thread"]
-
-
-def keep_signals_for_main_thread() -> None:
-    """Block the stop signals in the calling (worker) thread.
-
-    The kernel hands a process signal to any thread that does not block it, and a thread
-    stuck in a throttled O_DIRECT write cannot run even the C-level handler until the write
-    returns: Ctrl-C would wait for the slowest drive.  Blocked here, the signal goes to the
-    main thread, which runs Python's handlers anyway.
-    """
-    signal.pthread_sigmask(signal.SIG_BLOCK, _MAIN_THREAD_SIGNALS)
-
-
-def hear_signals_on_main_thread() -> None:
-    """Unblock the stop signals again on the main thread (a no-op on any other): it must
-    take them, or Ctrl-C and SIGTERM stay pending for good.
-
-    A library preloaded into the process can hand it a worker's mask: umockdev 0.17's
-    preload (what the tests run under) saves and restores each thread's mask through one
-    shared variable (its issue 252), so the main thread can end up with a lane's blocked
-    set.  The waiting loops call this at each tick.
-    """
-    if threading.current_thread() is threading.main_thread():
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, _MAIN_THREAD_SIGNALS)
 
 
 @record

@@ -927,3 +927,34 @@ def test_an_output_whose_file_system_stops_answering_fails_on_time(
         assert any(n.startswith(f"{folder}: a write or other call to this directory has not "
                                 "returned; popsicle-py exits once it does") for n in notes), notes
         assert sorted(os.listdir(folder)) == ["lost+found"]
+
+
+@needs_root
+def test_an_output_directory_hung_before_the_read_is_a_refusal_on_time(
+        loop_factory: Callable[..., Loop]) -> None:
+    """OUTPUT's file system frozen before the read starts (a hung disk or share): the check
+    that creates a file there waited on the main thread for good, Ctrl-C unheard.  Now it is
+    a refusal once --stall-timeout passes, and nothing of the drive was read."""
+    store = loop_factory(64 * MiB)
+    drive = loop_factory(8 * MiB)
+    with mounted_ext4(store.path) as folder:
+        out = os.path.join(folder, "o.img")
+        subprocess.run(["fsfreeze", "-f", folder], check=True)
+        try:
+            began = time.monotonic()
+            proc = subprocess.Popen([*popsicle_cmd(), "read", drive.path, out,
+                                     "--stall-timeout", "2"], stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+            assert proc.stderr is not None
+            ready, _, _ = select.select([proc.stderr], [], [], 30)
+            said_at = time.monotonic() - began
+            line = proc.stderr.readline().decode() if ready else ""
+        finally:
+            subprocess.run(["fsfreeze", "-u", folder], check=True)
+        out_text, rest = proc.communicate(timeout=60)
+        assert line == (f"popsicle-py: {folder} stopped answering while o.img was checked: "
+                        "no answer for 2 s (is the disk or share it is on hung?); popsicle-py "
+                        "exits once it answers\n"), (line, rest)
+        assert said_at < 2 + 8, said_at
+        assert proc.returncode == 2, (out_text, rest)
+        assert sorted(os.listdir(folder)) == ["lost+found"]

@@ -522,23 +522,48 @@ def _free(folder: str) -> int | None:
 
 def creatable(job: PreparedRead) -> list[str]:
     """Why OUTPUT's files cannot be created in its directory (read-only, no permission, a
-    name too long once made temporary), found by creating and removing the longest temporary
-    name: one line (empty: they can).  Run last, once nothing else refused: it writes."""
+    name too long once made temporary), found by creating a file there (without a name where
+    the file system allows, else the longest temporary name, removed): one line (empty: they
+    can).  Run last, once nothing else refused: it writes."""
     longest = max((_temp_name(name) for name in job.files), key=len)
+    folder = os.path.dirname(job.output)
     try:
-        fd = os.open(longest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
-                     | os.O_CLOEXEC, 0o600)
+        if len(os.fsencode(os.path.basename(longest))) > os.pathconf(folder, "PC_NAME_MAX"):
+            raise OSError(errno.ENAMETOOLONG, os.strerror(errno.ENAMETOOLONG))
+        try:  # a file with no name first: nothing is left of it whenever the process ends
+            fd = os.open(folder, os.O_WRONLY | os.O_TMPFILE | os.O_CLOEXEC, 0o600)
+            named = False
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+                raise
+            fd = os.open(longest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                         | os.O_CLOEXEC, 0o600)
+            named = True
     except OSError as exc:
         if exc.errno == errno.ENAMETOOLONG:
-            folder = os.path.dirname(job.output)
             extra = len(os.path.basename(longest)) - len(os.path.basename(job.output))
             most = os.pathconf(folder, "PC_NAME_MAX") - extra
             return [f"{job.output} cannot be written: its name is too long for the temporary "
                     f"files read writes beside it; shorten it to {most} characters or less"]
         return [f"{job.output} cannot be written: {exc.strerror or exc}"]
     os.close(fd)
-    os.unlink(longest)
+    if named:
+        os.unlink(longest)
     return []
+
+
+def watched_output(check: Callable[[], list[str]], output: str, stall_timeout: float
+                   ) -> list[str]:
+    """``check()`` of OUTPUT's directory on a thread of its own: a directory on a hung disk or
+    share holds that thread, not the command (Ctrl-C is heard), and is a refusal on time."""
+    from popsicle_py.engine.watched import WorkStalled, watched_calls
+
+    try:
+        return watched_calls(check, stall_timeout=stall_timeout, name="output-checks")
+    except WorkStalled as exc:
+        return [f"{os.path.dirname(output)} stopped answering while {os.path.basename(output)} "
+                f"was checked: no answer for {exc.limit:g} s (is the disk or share it is on "
+                "hung?); popsicle-py exits once it answers"]
 
 
 def checked_read(request: ReadRequest) -> PreparedRead:
@@ -554,8 +579,9 @@ def checked_read(request: ReadRequest) -> PreparedRead:
     lines = master.refusals(drive.path)
     if not drive.size:
         lines.append(f"{drive.path} holds nothing to read ({drive.reason or 'size 0'})")
-    lines += output_refusals(output, files, request.force, drive, reading.format_for(output),
-                             stale)
+    lines += watched_output(lambda: output_refusals(output, files, request.force, drive,
+                                                    reading.format_for(output), stale),
+                            output, request.stall_timeout)
     if lines:
         raise Refused(lines)
     require_access([drive.path], writing=False)
@@ -565,7 +591,7 @@ def checked_read(request: ReadRequest) -> PreparedRead:
 def prepare_read(request: ReadRequest) -> PreparedRead:
     """Every check of a read, before anything is read; raises :class:`Refused`."""
     job = checked_read(request)
-    lines = creatable(job)
+    lines = watched_output(lambda: creatable(job), job.output, request.stall_timeout)
     if lines:
         raise Refused(lines)
     return job

@@ -12,6 +12,7 @@ them all, and none leaves its OUTPUT under its final name.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Sequence
 
@@ -22,6 +23,7 @@ from popsicle_py.app.read import (
     cancelled_before_reading,
     checked_read,
     creatable,
+    watched_output,
 )
 from popsicle_py.blockdev import BlockDevice
 from popsicle_py.defaults import DEFAULT_STALL_TIMEOUT
@@ -132,7 +134,8 @@ def prepare_reads(request: ReadManyRequest) -> ReadMany:
     if not lines:
         lines = cross_refusals(jobs)
     if not lines:  # last: it creates (and removes) a file beside each OUTPUT
-        lines = [line for job in jobs for line in creatable(job)]
+        lines = [line for job in jobs for line in watched_output(
+            functools.partial(creatable, job), job.output, request.stall_timeout)]
     if lines:
         raise Refused(list(dict.fromkeys(lines)))
     for number, job in enumerate(jobs, 1):  # numbered as flash numbers its drives

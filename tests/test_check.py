@@ -266,3 +266,27 @@ def test_a_hung_drive_that_keeps_the_process_alive_is_said(
     assert (f"{drive.path}: a read or write to this drive has not returned; popsicle-py exits "
             "once it does: when the drive completes it at its present speed, or the kernel "
             "gives up on it (about 30 s per try for a USB stick)") in notes, notes
+
+
+@pytest.mark.parametrize("command", ["verify", "check"])
+def test_a_read_error_names_the_bytes_read_back(
+        command: str, faulty_drive: Callable[..., FaultyDrive], tmp_path: Path) -> None:
+    """An unreadable block said only "I/O error (the drive may be failing)" in verify and
+    check, where flash's read-back names the bytes: now each does."""
+    import re
+
+    bad = 20 * MiB
+    data = b"\x22" * (32 * MiB)
+    drive = faulty_drive(32 * MiB, fill=0x22, bad_read=(bad, bad + 4096))
+    image = tmp_path / "image.img"
+    image.write_bytes(data)
+    args = ((str(image), drive.path) if command == "verify" else
+            ("--sha256", hashlib.sha256(data).hexdigest(), "--size", str(len(data)), drive.path))
+    result = subprocess.run([*popsicle_cmd(), command, *args, "--json"], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 1, result.stdout + result.stderr
+    r = json.loads(result.stdout.splitlines()[-1])["results"][0]
+    assert r["status"] == "failed" and r["cause"] == "io-error", r
+    m = re.search(r"\(reading back bytes (\d+)-(\d+)\)", r["error"])
+    assert m is not None, r["error"]
+    assert int(m[1]) <= bad < bad + 4096 <= int(m[2]) + 1, r["error"]

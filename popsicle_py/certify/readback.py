@@ -19,6 +19,7 @@ from popsicle_py import failures
 from popsicle_py.blockdev import BlockDevice, read_at
 from popsicle_py.buffers import aligned_buffer
 from popsicle_py.certify.model import Chunk
+from popsicle_py.engine.checks import reading_back
 from popsicle_py.engine.config import CHUNK
 from popsicle_py.engine.supervisor import Lane, Supervisor
 from popsicle_py.errors import Cancelled
@@ -98,7 +99,8 @@ def read_range(lane: Lane, size: int, chunks: Sequence[Chunk]) -> None:
         want = min(len(scratch), size - offset, lane.pacer.size())
         if chunks:
             want = min(want, chunks[index].end - offset)
-        got = read_at(lane.dest, offset, scratch[:want], pacer=lane.pacer)
+        with reading_back(offset, want):
+            got = read_at(lane.dest, offset, scratch[:want], pacer=lane.pacer)
         if got == 0:
             lane.post(_Ended(lane.id, offset))
             return

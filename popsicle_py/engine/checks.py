@@ -3,7 +3,8 @@ writer's own verification and for :class:`~popsicle_py.engine.verifier.BusVerifi
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 
 import xxhash
 
@@ -21,6 +22,17 @@ class EndedEarly(Exception):
 
 #: Sees every piece read back: the extent's index and the bytes (valid during the call only).
 Tap = Callable[[int, memoryview], None]
+
+
+@contextlib.contextmanager
+def reading_back(start: int, length: int) -> Iterator[None]:
+    """An OSError of a read of ``length`` bytes at ``start`` names them: the user can map a
+    failing drive's bad place to a file on it."""
+    try:
+        yield
+    except OSError as exc:
+        raise OSError(exc.errno, f"{exc.strerror or exc} (reading back bytes {start}-"
+                      f"{start + length - 1})") from exc
 
 
 def check_extents(lane: Lane, extents: Sequence[tuple[int, int]], digests: Sequence[bytes],
@@ -43,11 +55,8 @@ def check_extents(lane: Lane, extents: Sequence[tuple[int, int]], digests: Seque
             if lane.stopped:
                 return bad
             want = scratch[: min(len(scratch), length - done, lane.pacer.size())]
-            try:
+            with reading_back(start + done, len(want)):
                 got = read_at(lane.dest, start + done, want, pacer=lane.pacer)
-            except OSError as exc:  # say where: the user can map it to a file on the drive
-                where = f"reading back bytes {start + done}-{start + done + len(want) - 1}"
-                raise OSError(exc.errno, f"{exc.strerror or exc} ({where})") from exc
             if got == 0:
                 raise EndedEarly(start + done)
             hasher.update(want[:got])

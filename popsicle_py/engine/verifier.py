@@ -16,6 +16,7 @@ import xxhash
 from popsicle_py.blockdev import FileLike, first_difference, read_full, seek
 from popsicle_py.buffers import aligned_buffer
 from popsicle_py.engine.builder import Builder
+from popsicle_py.engine.checks import reading_back
 from popsicle_py.engine.config import CHUNK, DEFAULT_BUCKET_SIZE
 from popsicle_py.engine.finish import Check
 from popsicle_py.engine.lane import Lane
@@ -156,7 +157,8 @@ class _VerifyRun:
                 if lane.stopped:
                     return
                 want = theirs[start : start + lane.pacer.size()]
-                got = read_full(lane.dest, mine[: len(want)], pacer=lane.pacer)
+                with reading_back(offset + start, len(want)):
+                    got = read_full(lane.dest, mine[: len(want)], pacer=lane.pacer)
                 a, b = mine[:got], want[:got]
                 if xxhash.xxh3_128_digest(a) != xxhash.xxh3_128_digest(b):
                     return self._end(lane, False, offset + start + first_difference(a, b))

@@ -7,10 +7,13 @@ need root are marked ``root``; CI runs as root, so they run there and never skip
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import select
 import shutil
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -164,6 +167,28 @@ def popsicle_cmd() -> list[str]:
     by ``pytest_configure`` above, for every subprocess of the tests).
     """
     return [sys.executable, "-m", "popsicle_py"]
+
+
+def events_until_summary(proc: subprocess.Popen[bytes], deadline: float,
+                         seen: Callable[[list[dict[str, Any]]], None] = lambda events: None
+                         ) -> tuple[list[dict[str, Any]], float]:
+    """The run's JSON events up to its summary (failing at ``deadline``, a monotonic time),
+    ``seen`` told after each read; and when the summary came."""
+    assert proc.stdout is not None
+    events: list[dict[str, Any]] = []
+    buffered = b""
+    while not events or events[-1]["event"] != "summary":
+        left = deadline - time.monotonic()
+        assert left > 0, events[-3:]
+        if not select.select([proc.stdout], [], [], left)[0]:
+            continue
+        chunk = os.read(proc.stdout.fileno(), 65536)
+        assert chunk, (events[-3:], proc.stderr.read() if proc.stderr else "")
+        buffered += chunk
+        *lines, buffered = buffered.split(b"\n")
+        events += [json.loads(line) for line in lines]
+        seen(events)
+    return events, time.monotonic()
 
 
 @pytest.hookimpl(hookwrapper=True)

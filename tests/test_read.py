@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Loop, needs_root, popsicle_cmd
+from conftest import Loop, events_until_summary, needs_root, popsicle_cmd
 from loopdev import DROP_OTHER_TESTS_MOUNTS, mounted_elsewhere, mounted_ext4, write_mbr
 
 from popsicle_py import reading
@@ -856,26 +856,6 @@ def test_a_drive_changed_while_it_is_read_is_not_called_a_failed_image(
                                          f"#1 {drive.path} failed (changed while it was read)")
 
 
-def events_until_summary(proc: subprocess.Popen[bytes], deadline: float,
-                         seen: Callable[[list[dict[str, Any]]], None] = lambda events: None
-                         ) -> tuple[list[dict[str, Any]], float]:
-    """The run's JSON events up to its summary (failing at ``deadline``, a monotonic time),
-    ``seen`` told after each read; and when the summary came."""
-    assert proc.stdout is not None
-    events: list[dict[str, Any]] = []
-    buffered = b""
-    while not events or events[-1]["event"] != "summary":
-        left = deadline - time.monotonic()
-        assert left > 0, events[-3:]
-        if not select.select([proc.stdout], [], [], left)[0]:
-            continue
-        chunk = os.read(proc.stdout.fileno(), 65536)
-        assert chunk, events[-3:]
-        buffered += chunk
-        *lines, buffered = buffered.split(b"\n")
-        events += [json.loads(line) for line in lines]
-        seen(events)
-    return events, time.monotonic()
 
 
 @pytest.mark.parametrize("suffix,sigint", [(".img", False), (".img.zst", False),

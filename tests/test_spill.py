@@ -11,7 +11,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import select
 import subprocess
 import threading
 import time
@@ -20,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Loop, needs_root, popsicle_cmd
+from conftest import Loop, events_until_summary, needs_root, popsicle_cmd
 from faulty import FaultyFile
 from loopdev import mounted_ext4, tiny_tmpfs
 
@@ -175,22 +174,7 @@ def _events_until_summary(proc: subprocess.Popen[bytes],
                           seen: Callable[[list[dict[str, Any]]], None] = lambda events: None
                           ) -> list[dict[str, Any]]:
     """The run's JSON events up to its summary (60 s at most), ``seen`` told after each read."""
-    assert proc.stdout is not None
-    events: list[dict[str, Any]] = []
-    deadline = time.monotonic() + 60
-    buffered = b""
-    while not events or events[-1]["event"] != "summary":
-        left = deadline - time.monotonic()
-        assert left > 0, events[-3:]
-        if not select.select([proc.stdout], [], [], left)[0]:
-            continue
-        chunk = os.read(proc.stdout.fileno(), 65536)
-        assert chunk, (events[-3:], proc.stderr.read() if proc.stderr else "")
-        buffered += chunk
-        *lines, buffered = buffered.split(b"\n")
-        events += [json.loads(line) for line in lines]
-        seen(events)
-    return events
+    return events_until_summary(proc, time.monotonic() + 60, seen)[0]
 
 
 def _feed(pipe: Any, data: bytes) -> None:

@@ -203,13 +203,14 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  
 
 @pytest.fixture
 def faulty_drive() -> Iterator[Callable[..., FaultyDrive]]:
-    """Misbehaving sticks: ``make(size, fill=None, **faults) -> FaultyDrive`` (tests/faulty.py)."""
+    """Misbehaving sticks: ``make(size, fill=None, content=None, **faults) -> FaultyDrive``
+    (tests/faulty.py)."""
     if not IS_ROOT:
         pytest.skip("needs root for FUSE and loop devices")
     with faulty_files() as made:
         def make(size: int, **faults: Any) -> FaultyDrive:
-            fill = faults.pop("fill", None)
-            drive = FaultyDrive(size, fill=fill, faults=faults)
+            fill, content = faults.pop("fill", None), faults.pop("content", None)
+            drive = FaultyDrive(size, fill=fill, content=content, faults=faults)
             made.append(drive)
             return drive
 

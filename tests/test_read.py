@@ -938,3 +938,34 @@ def test_an_output_directory_hung_before_the_read_is_a_refusal_on_time(
         assert said_at < 2 + 8, said_at
         assert proc.returncode == 2, (out_text, rest)
         assert sorted(os.listdir(folder)) == ["lost+found"]
+
+
+@needs_root
+def test_a_drive_that_hangs_while_its_free_blocks_are_read_fails_on_time(
+        faulty_drive: Callable[..., Any], tmp_path: Path) -> None:
+    """``--bmap`` reads the drive's file systems before the drive itself, and did so on the
+    main thread with no stall clock: a drive that stops answering there held the read for
+    good, Ctrl-C unheard.  Now it fails as stalled on time, OUTPUT never made."""
+    fs = tmp_path / "fs.img"
+    with open(fs, "wb") as f:
+        f.truncate(16 * MiB)
+    subprocess.run(["mkfs.ext4", "-q", "-F", str(fs)], check=True)
+    drive = faulty_drive(16 * MiB, content=fs.read_bytes())
+    drive.set(crawl=(0, 1))  # a byte a second: no read of its metadata returns
+    out = tmp_path / "out" / "o.img"
+    out.parent.mkdir()
+    proc = subprocess.Popen([*popsicle_cmd(), "read", drive.path, str(out), "--bmap",
+                             "--json", "--stall-timeout", "2"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    began = time.monotonic()
+    try:
+        events, when = events_until_summary(proc, began + 60)
+    finally:
+        drive.clear()  # the hung read returns: the process may end
+        proc.communicate(timeout=60)
+    [result] = events[-1]["results"]
+    assert (result["status"], result["cause"]) == ("failed", "stalled"), result
+    assert "while its file systems' free blocks were read" in result["error"], result
+    assert when - began < 2 + 10
+    assert proc.returncode == 1
+    assert list(out.parent.iterdir()) == []

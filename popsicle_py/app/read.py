@@ -22,14 +22,14 @@ import stat
 import threading
 import time
 from collections.abc import Callable
-from typing import TypeVar, cast
+from typing import TYPE_CHECKING, TypeVar, cast
 
 from popsicle_py import drives, events, fsmap, master, reading
 from popsicle_py.app.access import require_access
 from popsicle_py.blockdev import BlockDevice, OpenSpec, confirmed, open_for_reading
 from popsicle_py.defaults import DEFAULT_STALL_TIMEOUT
 from popsicle_py.drives import Drive
-from popsicle_py.errors import Refused
+from popsicle_py.errors import Refused, Stalled
 from popsicle_py.failures import describe_error, failure, hung_call, hung_output
 from popsicle_py.pacing import STALL_BYTES, Clock
 from popsicle_py.ports import drive_info
@@ -37,6 +37,9 @@ from popsicle_py.protocols import View
 from popsicle_py.records import record
 from popsicle_py.signals import Cancellation, keep_signals_for_main_thread
 from popsicle_py.units import format_size
+
+if TYPE_CHECKING:
+    from popsicle_py.usage.ranges import Range
 
 
 @record
@@ -172,8 +175,11 @@ class PreparedRead:
         files.sink = sink
         try:
             mapper = None
-            if self.request.bmap:
-                free, used = fsmap.free_ranges(device, size)
+            if self.request.bmap:  # on a watched thread: a drive that hangs here fails
+                found = _watched_free_ranges(device, size, self.request.stall_timeout, stopped)
+                if found is None:
+                    return None
+                free, used = found
                 mapper = reading.Mapper(free=fsmap.free_mask(free, size, reading.BMAP_BLOCK)
                                         if free else None)
                 if used:
@@ -199,6 +205,21 @@ class PreparedRead:
             text = reading.render_bmap(size, mapper.block, mapper.finish(size))
             files.call(lambda: _write_small(temps[2], text))
         return done
+
+
+def _watched_free_ranges(device: BlockDevice, size: int, stall_timeout: float,
+                        stopped: Callable[[], bool]
+                        ) -> tuple[list[Range], list[str]] | None:
+    """:func:`fsmap.free_ranges` on a thread of its own (None: stopped): the drive's
+    metadata read before the read proper is on the stall clock, and Ctrl-C is heard."""
+    from popsicle_py.engine.watched import WorkStalled, watched_reads
+
+    try:
+        return watched_reads(lambda: fsmap.free_ranges(device, size),
+                             stall_timeout=stall_timeout, cancel=stopped, name="free-blocks")
+    except WorkStalled as exc:
+        raise Stalled(f"stalled: no progress for {exc.limit:g} s while its file systems' "
+                      "free blocks were read") from None
 
 
 def cancelled_before_reading(jobs: tuple[PreparedRead, ...], view: View) -> events.Summary:

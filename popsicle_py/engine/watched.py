@@ -118,6 +118,13 @@ def watched_calls(work: Callable[[], T], *, stall_timeout: float | None,
     For work that reads a little, here and there (an image's head, its end, its partition
     tables), where a byte count would say nothing: a hung call is what is watched.
     """
+    return cast(T, watched_reads(work, stall_timeout=stall_timeout, cancel=None, name=name))
+
+
+def watched_reads(work: Callable[[], T], *, stall_timeout: float | None,
+                  cancel: Callable[[], bool] | None, name: str = "work") -> T | None:
+    """:func:`watched_calls`, and None once ``cancel()`` says so (a run's own stop flag,
+    where Ctrl-C sets a flag rather than raising)."""
     calls = _ReadCalls()
     clock = Clock()
 
@@ -129,5 +136,5 @@ def watched_calls(work: Callable[[], T], *, stall_timeout: float | None,
         if calls.moved():
             clock.touch()
 
-    return cast(T, watched(run, cancel=None, stall_timeout=stall_timeout, tick=tick,
-                           name=name, clock=clock))
+    return watched(run, cancel=cancel, stall_timeout=stall_timeout, tick=tick, name=name,
+                   clock=clock)

@@ -120,12 +120,18 @@ def hung_call(path: str) -> str:
             "on it (about 30 s per try for a USB stick)")
 
 
-def hung_output(folder: str) -> str:
+def hung_output(folder: str, publishing: str | None = None) -> str:
     """The note for an OUTPUT whose file system stopped answering while a write or another
-    call to it was under way: the process can only end once that call returns."""
-    return (f"{folder}: a write or other call to this directory has not returned; "
-            "popsicle-py exits once it does (when its file system answers again), and its "
-            "partial files are removed then")
+    call to it was under way: the process can only end once that call returns.  While the
+    finished files were being given their names (``publishing``: OUTPUT), the process ends
+    as that call returns, and what it named by then stays."""
+    said = (f"{folder}: a write or other call to this directory has not returned; "
+            "popsicle-py exits once it does (when its file system answers again)")
+    if publishing is None:
+        return f"{said}, and its partial files are removed then"
+    return (f"{said}; the read was whole and its files were being named: {publishing} and "
+            "its .sha256 may then stand (check them with sha256sum -c), or their temporary "
+            "files")
 
 
 def describe_error(exc: BaseException, path: str) -> str:

@@ -177,3 +177,15 @@ def test_unmount_says_what_it_unmounted(
         assert not os.path.ismount(mountpoint)
     with open(loop.path, "rb") as f:
         assert f.read(len(data)) == data
+
+
+def test_a_read_given_up_while_naming_its_files_does_not_promise_their_removal() -> None:
+    """The files thread is killed with the process once its hung call returns: what it named
+    by then stays, and the note must not say the files are removed (review of the 14th
+    session's diff: OUTPUT and its .sha256 stood after "its partial files are removed")."""
+    from popsicle_py.failures import hung_output
+
+    assert hung_output("/mnt").endswith("and its partial files are removed then")
+    said = hung_output("/mnt", publishing="/mnt/stick.img")
+    assert "removed" not in said
+    assert "/mnt/stick.img and its .sha256 may then stand (check them with sha256sum -c)" in said

@@ -17,8 +17,6 @@ import dataclasses
 import errno
 import os
 import queue
-import secrets
-import stat
 import threading
 import time
 from collections.abc import Callable
@@ -26,6 +24,7 @@ from typing import TYPE_CHECKING, TypeVar, cast
 
 from popsicle_py import drives, events, fsmap, master, reading
 from popsicle_py.app.access import require_access
+from popsicle_py.app.read_checks import creatable, output_refusals, temp_name, watched_output
 from popsicle_py.blockdev import BlockDevice, OpenSpec, confirmed, open_for_reading
 from popsicle_py.defaults import DEFAULT_STALL_TIMEOUT
 from popsicle_py.drives import Drive
@@ -103,7 +102,7 @@ class PreparedRead:
         temporary files too."""
         path = self.drive.path
         started = time.monotonic()
-        temps = [_temp_name(f) for f in self.files]
+        temps = [temp_name(f) for f in self.files]
         with cancel.removed_on_quit(temps):
             result = self._read_into(temps, device, view, stopped or cancel, started)
         if result.elapsed is None:  # how long it ran before it failed or was stopped
@@ -123,6 +122,7 @@ class PreparedRead:
         path = self.drive.path
         files = _Files(os.path.dirname(self.output), self.request.stall_timeout)
         result: events.DriveResult | None = None
+        publishing = False
         try:
             still = master.Stillness(path)
             view.handle(events.Phase(path, events.Step.READING))
@@ -132,6 +132,7 @@ class PreparedRead:
                                             cause=events.Cause.CANCELLED, drive=self.info)
             else:
                 still.check()
+                publishing = True  # a hang from here on may leave what it named
                 files.call(lambda: _publish(temps, self.files, self.stale,
                                             lambda: files.hung))
                 elapsed = time.monotonic() - started
@@ -164,7 +165,8 @@ class PreparedRead:
                 view.handle(events.Note(hung_call(path)))
             if (result is None or result.status is not events.Status.OK) \
                     and not files.remove(temps, hurry=stopped() or result is None):
-                view.handle(events.Note(hung_output(files.folder)))
+                view.handle(events.Note(hung_output(files.folder,
+                                                    self.output if publishing else None)))
             files.close()
         return result
 
@@ -408,11 +410,6 @@ def _open(drive: Drive) -> BlockDevice:
         raise Refused([describe_error(exc, drive.path)]) from None
 
 
-def _temp_name(final: str) -> str:
-    folder, name = os.path.split(final)
-    return os.path.join(folder, f".{name}.{secrets.token_hex(4)}.part")
-
-
 def _create(path: str) -> int:
     """A new file that is ours alone: never an existing one, never through a symlink."""
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -461,132 +458,6 @@ def _publish(temps: list[str], finals: tuple[str, ...], stale: tuple[str, ...],
         os.close(fd)
 
 
-# --------------------------------------------------------------------------------------------
-# The checks
-
-
-def _not_a_file(name: str, st: os.stat_result) -> str | None:
-    """Why ``name`` (lstat'ed) is not a file read may replace: anything but a regular file or
-    a symlink to one (a device node, a link to /dev/sdc...), whatever --force says."""
-    kind = _KINDS.get(stat.S_IFMT(st.st_mode))
-    if stat.S_ISLNK(st.st_mode):
-        try:
-            target = os.stat(name)
-        except OSError:
-            return None  # a link to nothing: replacing it loses nothing
-        what = _KINDS.get(stat.S_IFMT(target.st_mode))
-        return None if what is None else f"{name} is a symlink to a {what}: read replaces " \
-            "only files"
-    if kind == "directory":
-        return f"{name} is a directory"
-    return None if kind is None else f"{name} is a {kind}: read replaces only files"
-
-
-#: What a name may be that read refuses to replace (a regular file or a link is not here).
-_KINDS = {stat.S_IFDIR: "directory", stat.S_IFBLK: "block device",
-          stat.S_IFCHR: "character device", stat.S_IFIFO: "FIFO", stat.S_IFSOCK: "socket"}
-
-
-def output_refusals(output: str, files: tuple[str, ...], force: bool, drive: Drive,
-                    fmt: str, stale: tuple[str, ...] = ()) -> list[str]:
-    """Why OUTPUT cannot be written, one line each (empty: it can)."""
-    folder = os.path.dirname(output)
-    if not os.path.isdir(folder):
-        return [f"{folder} is not a directory: OUTPUT's directory must exist"]
-    lines: list[str] = []
-    suffix = os.path.splitext(output)[1].lower()
-    if suffix in reading.NOT_WRITTEN:
-        lines.append(f"{output} ends in {suffix}, which read does not write: end it in .zst, "
-                     ".xz or .gz to compress, or .img for a raw copy")
-    for name in (*files, *stale):
-        try:
-            st = os.lstat(name)
-        except FileNotFoundError:
-            continue
-        except OSError as exc:  # a name too long (its sidecars' are longer), no search...
-            lines.append(f"{name} cannot be written: {exc.strerror or exc}")
-            break
-        problem = _not_a_file(name, st)
-        owner = name.removesuffix(".bmap")
-        if problem:
-            lines.append(problem)
-        elif name.endswith(".bmap") and owner != output and os.path.lexists(owner):
-            # Another image's map: replacing or removing it would leave that image with a
-            # map that is not its own, or with none (whatever --force says).
-            lines.append(f"{name} is the block map of {owner}, and flash would take it for "
-                         f"{os.path.basename(output)} too: give OUTPUT another name")
-        elif force:
-            continue
-        elif name in stale:
-            lines.append(f"{name} exists: flash would take that old block map for "
-                         f"{os.path.basename(output)}; --force removes it")
-        else:
-            lines.append(f"{name} exists; --force replaces it")
-    devnums, _ = drives.path_storage(folder)
-    if devnums & master.family(drive.devnum):
-        lines.append(f"{output} is on {drive.path}, the drive being read; write it elsewhere")
-    if fmt == "raw":
-        room = _free(folder)
-        if room is not None and room < drive.size:
-            lines.append(f"not enough room for {output}: {format_size(drive.size)} needed, "
-                         f"{format_size(room)} free in {folder}")
-    return lines
-
-
-def _free(folder: str) -> int | None:
-    try:
-        st = os.statvfs(folder)
-    except OSError:
-        return None
-    return st.f_bavail * st.f_frsize
-
-
-def creatable(job: PreparedRead) -> list[str]:
-    """Why OUTPUT's files cannot be created in its directory (read-only, no permission, a
-    name too long once made temporary), found by creating a file there (without a name where
-    the file system allows, else the longest temporary name, removed): one line (empty: they
-    can).  Run last, once nothing else refused: it writes."""
-    longest = max((_temp_name(name) for name in job.files), key=len)
-    folder = os.path.dirname(job.output)
-    try:
-        if len(os.fsencode(os.path.basename(longest))) > os.pathconf(folder, "PC_NAME_MAX"):
-            raise OSError(errno.ENAMETOOLONG, os.strerror(errno.ENAMETOOLONG))
-        try:  # a file with no name first: nothing is left of it whenever the process ends
-            fd = os.open(folder, os.O_WRONLY | os.O_TMPFILE | os.O_CLOEXEC, 0o600)
-            named = False
-        except OSError as exc:
-            if exc.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
-                raise
-            fd = os.open(longest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
-                         | os.O_CLOEXEC, 0o600)
-            named = True
-    except OSError as exc:
-        if exc.errno == errno.ENAMETOOLONG:
-            extra = len(os.path.basename(longest)) - len(os.path.basename(job.output))
-            most = os.pathconf(folder, "PC_NAME_MAX") - extra
-            return [f"{job.output} cannot be written: its name is too long for the temporary "
-                    f"files read writes beside it; shorten it to {most} characters or less"]
-        return [f"{job.output} cannot be written: {exc.strerror or exc}"]
-    os.close(fd)
-    if named:
-        os.unlink(longest)
-    return []
-
-
-def watched_output(check: Callable[[], list[str]], output: str, stall_timeout: float
-                   ) -> list[str]:
-    """``check()`` of OUTPUT's directory on a thread of its own: a directory on a hung disk or
-    share holds that thread, not the command (Ctrl-C is heard), and is a refusal on time."""
-    from popsicle_py.engine.watched import WorkStalled, watched_calls
-
-    try:
-        return watched_calls(check, stall_timeout=stall_timeout, name="output-checks")
-    except WorkStalled as exc:
-        return [f"{os.path.dirname(output)} stopped answering while {os.path.basename(output)} "
-                f"was checked: no answer for {exc.limit:g} s (is the disk or share it is on "
-                "hung?); popsicle-py exits once it answers"]
-
-
 def checked_read(request: ReadRequest) -> PreparedRead:
     """Every check of a read but :func:`creatable`; raises :class:`Refused`."""
     if not request.output:  # "" would be taken for the current directory
@@ -612,7 +483,8 @@ def checked_read(request: ReadRequest) -> PreparedRead:
 def prepare_read(request: ReadRequest) -> PreparedRead:
     """Every check of a read, before anything is read; raises :class:`Refused`."""
     job = checked_read(request)
-    lines = watched_output(lambda: creatable(job), job.output, request.stall_timeout)
+    lines = watched_output(lambda: creatable(job.output, job.files), job.output,
+                           request.stall_timeout)
     if lines:
         raise Refused(lines)
     return job

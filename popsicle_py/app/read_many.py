@@ -22,9 +22,8 @@ from popsicle_py.app.read import (
     ReadRequest,
     cancelled_before_reading,
     checked_read,
-    creatable,
-    watched_output,
 )
+from popsicle_py.app.read_checks import creatable, watched_output
 from popsicle_py.blockdev import BlockDevice
 from popsicle_py.defaults import DEFAULT_STALL_TIMEOUT
 from popsicle_py.errors import Refused
@@ -135,7 +134,8 @@ def prepare_reads(request: ReadManyRequest) -> ReadMany:
         lines = cross_refusals(jobs)
     if not lines:  # last: it creates (and removes) a file beside each OUTPUT
         lines = [line for job in jobs for line in watched_output(
-            functools.partial(creatable, job), job.output, request.stall_timeout)]
+            functools.partial(creatable, job.output, job.files), job.output,
+            request.stall_timeout)]
     if lines:
         raise Refused(list(dict.fromkeys(lines)))
     for number, job in enumerate(jobs, 1):  # numbered as flash numbers its drives

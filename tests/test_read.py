@@ -969,3 +969,39 @@ def test_a_drive_that_hangs_while_its_free_blocks_are_read_fails_on_time(
     assert when - began < 2 + 10
     assert proc.returncode == 1
     assert list(out.parent.iterdir()) == []
+
+
+@needs_root
+def test_ctrl_c_during_the_final_sync_of_a_slow_disk_is_a_cancel_not_ok(
+        faulty_drive: Callable[..., Any], loop_factory: Callable[..., Loop],
+        tmp_path: Path) -> None:
+    """OUTPUT on a disk that takes 8 MB/s: the read is done, its sync takes seconds, and
+    Ctrl-C lands in it.  It said "ok" and published OUTPUT, yet exited 130; now it is
+    cancelled, and nothing is left."""
+    drive = loop_factory(64 * MiB)
+    with open(drive.backing, "r+b") as f:
+        f.write(os.urandom(64 * MiB))
+    disk = faulty_drive(512 * MiB)
+    with mounted_ext4(disk.path) as folder:
+        disk.set(crawl=(0, 8 * MiB))
+        out = os.path.join(folder, "o.img")
+        proc = subprocess.Popen([*popsicle_cmd(), "read", drive.path, out, "--json"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                stdin=subprocess.DEVNULL)
+
+        sent: list[bool] = []
+
+        def seen(events: list[dict[str, Any]]) -> None:  # read whole: its sync begins
+            if not sent and any(e["event"] == "progress" and e["bytes"] == 64 * MiB
+                                for e in events):
+                sent.append(True)
+                proc.send_signal(signal.SIGINT)
+        try:
+            events, _ = events_until_summary(proc, time.monotonic() + 120, seen)
+        finally:
+            disk.set(crawl=None)
+            proc.communicate(timeout=60)
+        [result] = events[-1]["results"]
+        assert result["status"] == "cancelled", result
+        assert proc.returncode == 130
+        assert sorted(os.listdir(folder)) == ["lost+found"]

@@ -199,6 +199,8 @@ class PreparedRead:
                 return None
             fd = sink.fd
             files.call(lambda: _guarded(os.fsync, fd), moved=_writes_of(fd))
+            if stopped():  # Ctrl-C during that sync (a slow disk): cancelled, never ok
+                return None
         finally:
             sink.close()
         name = os.path.basename(self.output)

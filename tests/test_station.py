@@ -437,3 +437,35 @@ def test_a_hook_still_running_at_the_end_is_said_and_a_signal_ends_it(
         assert time.monotonic() < deadline, "the hook outlived the station"
         with rig.cond:
             rig.cond.wait(0.05)
+
+
+def test_stop_while_the_url_image_downloads_ends_the_station_at_once(
+        rig: Rig, tmp_path: Path) -> None:
+    """The download is abandoned (it listens to the cancellation, not to the drain): the
+    station ends with 0 at once, not when the trickling download is done, a stick plugged in
+    meanwhile is left alone and the journal holds no row."""
+    from webserver import Served, serving
+
+    data = os.urandom(6 * MiB)
+    stick = Stick("c", 3)
+    journal = tmp_path / "j.sqlite"
+    with serving() as web:
+        web.add("/disk.img", Served(data, trickle_at=2 * MiB, trickle_every=0.05))
+        rig.cursor = len(rig.lines)
+        rig.command({"start": {"cmd": [
+            *popsicle_cmd(), "station", web.url("/disk.img"), "--yes", "--journal",
+            str(journal), "--listen", "127.0.0.1:0", "--no-power-off", "--json"],
+            "env": {"TMPDIR": str(tmp_path)}}})
+        note = rig.wait(lambda e: e.get("event") == "note"
+                        and e["text"].startswith("station "))
+        rig.url = note["text"].split(": ", 1)[1].split()[0]
+        rig.token = rig.wait(lambda e: e.get("event") == "note" and e["text"].startswith(
+            "token for POST"))["text"].split(": ", 1)[1].split()[0]
+        rig.wait(event="progress", device=None, phase="downloading")
+        rig.add(stick.description)
+        assert rig.post("/api/stop") == (202, {"stopping": True})
+        assert rig.wait_exit(timeout=15) == 0
+    assert rig.read(stick.dev) == b""
+    assert not [e for e in rig.events() if e.get("event") == "watching"]
+    assert records(journal) == []
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith("popsicle")] == []

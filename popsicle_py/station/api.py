@@ -60,6 +60,9 @@ class Station:
     journal_path: str
     drain: threading.Event
     identify_seconds: float = IDENTIFY_SECONDS
+    #: Called by ``POST /api/stop`` once ``drain`` is set: before any drive can be written
+    #: (a download, a decompression), the station's preparation is abandoned at once.
+    on_stop: Callable[[], None] | None = None
 
 
 #: What the application holds, typed (aiohttp's AppKey: string keys are deprecated there).
@@ -253,6 +256,8 @@ async def _cancel_tasks(app: web.Application) -> None:
 async def _stop(request: web.Request) -> web.Response:
     station: Station = request.app[STATION_KEY]
     station.drain.set()
+    if station.on_stop is not None:
+        station.on_stop()
     station.hub.board.stopping = True
     station.hub.board.version += 1
     station.hub.notify()

@@ -469,3 +469,37 @@ def test_stop_while_the_url_image_downloads_ends_the_station_at_once(
     assert not [e for e in rig.events() if e.get("event") == "watching"]
     assert records(journal) == []
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith("popsicle")] == []
+
+
+def test_identify_on_a_failed_tile_whose_name_another_stick_took_reads_nothing(
+        rig: Rig, tmp_path: Path) -> None:
+    """No map: stick A (port 1-3) is pulled mid-write and stick B (port 1-4) comes under the
+    same /dev name.  Identify on A's failed tile answers 409 (A is gone) and B is not read
+    for it; on B's own tile it reads B."""
+    from faulty import FaultyFile, faulty_files
+
+    data = os.urandom(6 * MiB)
+    a, b = Stick("c", 3, 128 * MiB), Stick("c", 4, 128 * MiB)
+    with faulty_files() as made:
+        source = FaultyFile(len(data), content=data, faults={"crawl": (0, 2 * MiB)})
+        made.append(source)
+        rig.start([source.file, "--yes", "--force", "--journal", str(tmp_path / "j.sqlite"),
+                   "--listen", "127.0.0.1:0", "--no-power-off"])
+        rig.add(a.description)
+        rig.wait(event="progress", device=a.dev, phase="writing")
+        rig.remove(a.unplug)
+        rig.add(b.description)
+        rig.wait(event="drive_added", device=b.dev, slot="1-4")
+        rig.wait(event="result", device=a.dev, status="failed", slot="1-3")
+        tiles = {t["label"]: t for t in rig.get("/api/slots")["slots"]}
+        assert (tiles["1-3"]["state"], tiles["1-3"]["device"]) == ("failed", a.dev)
+        status, answer = rig.post("/api/slots/1-3/identify")
+        assert status == 409, answer
+        assert answer["error"].startswith(f"slot 1-3: the drive it shows ({a.dev}) is gone: "
+                                          f"{a.dev} is another drive now (different serial")
+        assert not rig.get("/api/slots")["slots"][0]["identify"]
+        rig.wait(event="result", device=b.dev, status="ok", slot="1-4")
+        assert rig.post("/api/slots/1-4/identify") == (202, {"slot": "1-4", "reading": True,
+                                                             "seconds": 4.0})
+        assert rig.post("/api/stop")[0] == 202
+        assert rig.wait_exit() == 0

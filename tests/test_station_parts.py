@@ -297,6 +297,7 @@ def test_head_on_a_stream_is_its_headers_alone(tmp_path: Path) -> None:
 
 IDENTIFY_A_DEAD_DRIVE = """
 import os, sys, threading, time, urllib.request
+from popsicle_py.identity import MediaIdentity
 from popsicle_py.station.api import Station
 from popsicle_py.station.board import Board
 from popsicle_py.station.hub import Hub
@@ -307,6 +308,7 @@ work, dead = sys.argv[1], sys.argv[2]
 Journal(work + "/j.sqlite", station="s", session="x").close()
 board = Board.with_slots(("A1",), image={}, station={})
 board.tiles["A1"].device, board.tiles["A1"].state = dead, "done"
+board.tiles["A1"].identity = MediaIdentity(dead, 0, 0)  # as a FIFO reads: no device
 hub = Hub(board)
 sock = bind("127.0.0.1", 0)
 server = Server(Station(hub, "t", work + "/j.sqlite", threading.Event(), 0.5), sock)

@@ -169,7 +169,7 @@ class PreparedStation:
                     return why
             if early is not None and not early.take():
                 return "stopping: no new drive is written"
-            hub.devnums[drive.path] = drive.devnum
+            hub.admitted[seq] = drive.identity  # its tile's, for identify
             return None
 
         return admit

@@ -12,6 +12,7 @@ from typing import Any
 
 from popsicle_py import events, rows
 from popsicle_py.events import JsonObject
+from popsicle_py.identity import MediaIdentity
 
 #: The states a slot can be in, in the order a drive goes through them.
 STATES = ("empty", "probing", "writing", "verifying", "done", "failed", "stopped", "ignored")
@@ -33,6 +34,8 @@ class Tile:
     tracker: rows.DriveProgress | None = None
     write_speed: float | None = None
     verify_speed: float | None = None
+    #: The medium as it was when the drive came (not shown): identify reads no other one.
+    identity: MediaIdentity | None = None
 
     def to_json(self, now: float) -> JsonObject:
         t = self.tracker
@@ -92,7 +95,9 @@ class Board:
             self.tiles[label] = Tile(label)
         return self.tiles[label]
 
-    def apply(self, event: events.WatchEvent, slot: str | None, now: float) -> None:
+    def apply(self, event: events.WatchEvent, slot: str | None, now: float,
+              identity: MediaIdentity | None = None) -> None:
+        """One event about ``slot``; ``identity``: a ``drive_added``'s medium, as it came."""
         self.version += 1
         if slot is None:
             self._unslotted(event)
@@ -103,6 +108,7 @@ class Board:
                 self._unslotted(event)  # refused beside the slot's drive: the tile keeps it
             case events.DriveAdded(device=device, eligible=eligible, reason=reason, info=info):
                 tile.device, tile.seq = device, info.seq if info is not None else None
+                tile.identity = identity
                 tile.drive = info.to_json() if info is not None else None
                 tile.why, tile.cause, tile.powered_off = None, None, False
                 tile.state = "probing" if eligible else "ignored"

@@ -54,11 +54,17 @@ class Tile:
         return self.state in ("probing", "writing", "verifying")
 
 
+def _same(tile: Tile, seq: int | None) -> bool:
+    """Whether an event of the tile's device name is about its drive: the same seq, when
+    both are known (the kernel gives a name again at once: a late event of a drive pulled
+    out belongs to no other drive's tile)."""
+    return seq is None or tile.seq is None or seq == tile.seq
+
+
 def _shows(tile: Tile, r: events.DriveResult) -> bool:
-    """Whether the tile shows the drive that ended: the same device name and, when both are
-    known, the same seq (the kernel gives a name again at once)."""
-    seq = r.drive.seq if r.drive is not None else None
-    return r.device == tile.device and (seq is None or tile.seq is None or seq == tile.seq)
+    """Whether the tile shows the drive that ended: the same device name and seq."""
+    return r.device == tile.device and _same(tile, r.drive.seq if r.drive is not None
+                                             else None)
 
 
 def _round(value: float | None) -> float | None:
@@ -115,14 +121,15 @@ class Board:
                 tile.tracker = rows.DriveProgress(verifies=self.verify) if eligible else None
                 if not eligible:
                     tile.why = reason
-            case events.Phase(device=device, phase=phase) if device == tile.device:
+            case events.Phase(device=device, phase=phase, seq=seq) \
+                    if device == tile.device and _same(tile, seq):
                 if phase in _PHASE_STATE and tile.tracker is not None:
                     tile.state = _PHASE_STATE[phase]
                     tile.tracker.on_phase(phase, now)
                 elif phase == "done" and event.detail == events.POWERED_OFF:
                     tile.powered_off = True
-            case events.Progress(device=device, phase=phase, done=done, total=total) \
-                    if device == tile.device and tile.tracker is not None:
+            case events.Progress(device=device, phase=phase, done=done, total=total, seq=seq) \
+                    if device == tile.device and _same(tile, seq) and tile.tracker is not None:
                 tile.tracker.on_progress(phase, done, total, now)
             case events.Result(result=r) if _shows(tile, r):
                 self._ended(tile, r, now)

@@ -60,7 +60,9 @@ class Hub:
         self._lock = threading.Lock()
         self._pending: list[tuple[events.WatchEvent, str | None, float,
                                   MediaIdentity | None]] = []
-        self._progress_at: dict[str, int] = {}
+        #: (device, seq) -> the index of its progress waiting in ``_pending``: two drives of
+        #: one name (one pulled, still ending) are never merged into one.
+        self._progress_at: dict[tuple[str | None, int | None], int] = {}
         #: Set (then replaced) each time the board changes: pages wait on the current one.
         self.changed: asyncio.Event | None = None
         self.clients: set[EventClient] = set()
@@ -83,15 +85,17 @@ class Hub:
         ``identity``: a ``drive_added``'s medium, for its tile."""
         now = time.monotonic()
         device = getattr(event, "device", None)
+        key = (device, getattr(event, "seq", None))
         with self._lock:
             first = not self._pending
-            if isinstance(event, events.Progress) and device in self._progress_at:
-                self._pending[self._progress_at[device]] = (event, slot, now, None)
+            if isinstance(event, events.Progress) and key in self._progress_at:
+                self._pending[self._progress_at[key]] = (event, slot, now, None)
             else:
                 if isinstance(event, events.Progress) and device is not None:
-                    self._progress_at[device] = len(self._pending)
-                elif device is not None:
-                    self._progress_at.pop(device, None)
+                    self._progress_at[key] = len(self._pending)
+                elif device is not None:  # a phase, a result...: what follows is newer
+                    for waiting in [k for k in self._progress_at if k[0] == device]:
+                        del self._progress_at[waiting]
                 self._pending.append((event, slot, now, identity))
         loop = self.loop
         if first and loop is not None:

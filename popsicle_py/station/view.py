@@ -37,11 +37,11 @@ class SlotJsonView:
     def __init__(self, out: IO[str] | None = None, interval: float = JSON_INTERVAL) -> None:
         self.out = Out(out)
         self.interval = interval
-        self._last: dict[tuple[str | None, str], float] = {}
+        self._last: dict[tuple[str | None, int | None, str], float] = {}
 
     def handle(self, event: events.WatchEvent, slot: str | None) -> None:
         if isinstance(event, events.Progress):
-            key, now = (event.device, event.phase), time.monotonic()
+            key, now = (event.device, event.seq, event.phase), time.monotonic()
             complete = event.total is not None and event.done >= event.total
             if not complete and now - self._last.get(key, 0.0) < self.interval:
                 return

@@ -451,16 +451,9 @@ def test_stop_while_the_url_image_downloads_ends_the_station_at_once(
     journal = tmp_path / "j.sqlite"
     with serving() as web:
         web.add("/disk.img", Served(data, trickle_at=2 * MiB, trickle_every=0.05))
-        rig.cursor = len(rig.lines)
-        rig.command({"start": {"cmd": [
-            *popsicle_cmd(), "station", web.url("/disk.img"), "--yes", "--journal",
-            str(journal), "--listen", "127.0.0.1:0", "--no-power-off", "--json"],
-            "env": {"TMPDIR": str(tmp_path)}}})
-        note = rig.wait(lambda e: e.get("event") == "note"
-                        and e["text"].startswith("station "))
-        rig.url = note["text"].split(": ", 1)[1].split()[0]
-        rig.token = rig.wait(lambda e: e.get("event") == "note" and e["text"].startswith(
-            "token for POST"))["text"].split(": ", 1)[1].split()[0]
+        rig.start([web.url("/disk.img"), "--yes", "--journal", str(journal), "--listen",
+                   "127.0.0.1:0", "--no-power-off"], env={"TMPDIR": str(tmp_path)},
+                  watching=False)
         rig.wait(event="progress", device=None, phase="downloading")
         rig.add(stick.description)
         assert rig.post("/api/stop") == (202, {"stopping": True})
@@ -493,6 +486,9 @@ def test_identify_on_a_failed_tile_whose_name_another_stick_took_reads_nothing(
         rig.wait(event="result", device=a.dev, status="failed", slot="1-3")
         tiles = {t["label"]: t for t in rig.get("/api/slots")["slots"]}
         assert (tiles["1-3"]["state"], tiles["1-3"]["device"]) == ("failed", a.dev)
+        # A's last phase is A's (its slot), even when it came after B took the name.
+        assert [e["slot"] for e in rig.events() if e.get("event") == "phase"
+                and e["phase"] == "failed"] == ["1-3"]
         status, answer = rig.post("/api/slots/1-3/identify")
         assert status == 409, answer
         assert answer["error"].startswith(f"slot 1-3: the drive it shows ({a.dev}) is gone: "
@@ -503,3 +499,29 @@ def test_identify_on_a_failed_tile_whose_name_another_stick_took_reads_nothing(
                                                              "seconds": 4.0})
         assert rig.post("/api/stop")[0] == 202
         assert rig.wait_exit() == 0
+
+
+def test_stop_while_the_image_is_decompressed_ends_the_station_at_once(
+        rig: Rig, tmp_path: Path) -> None:
+    """An .xz whose middle crawls (a FUSE file at 4 MiB/s: 12 s to decompress, as long to
+    take its SHA-256 at the start): the decompression is abandoned on the stop (within the
+    4 MiB it is decoding), its copy removed, the station ends with 0."""
+    import lzma
+
+    from faulty import FaultyFile, faulty_files
+
+    packed = lzma.compress(os.urandom(52 * MiB), preset=0)  # random: the .xz is as large
+    journal = tmp_path / "j.sqlite"
+    with faulty_files() as made:
+        source = FaultyFile(len(packed), content=packed,
+                            faults={"crawl": (2 * MiB, 4 * MiB, 50 * MiB)})
+        made.append(source)
+        rig.start([source.file, "--yes", "--force", "--journal", str(journal),
+                   "--listen", "127.0.0.1:0", "--no-power-off"], env={"TMPDIR": str(tmp_path)},
+                  watching=False)
+        rig.wait(event="phase", device=None, phase="decompressing")
+        assert rig.post("/api/stop") == (202, {"stopping": True})
+        assert rig.wait_exit(timeout=8) == 0
+    assert not [e for e in rig.events() if e.get("event") == "watching"]
+    assert records(journal) == []
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith("popsicle")] == []

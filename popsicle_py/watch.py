@@ -594,8 +594,7 @@ class WatchSession:
         why = power_off_within(seen.device, seen.drive, cancel=self.cancel,
                                limit=self.options.stall_timeout)
         if why is None:
-            self.emit(Phase(seen.path, Step.DONE, POWERED_OFF,
-                            seq=seen.info.seq if seen.info is not None else None))
+            self._job_event(seen, Phase(seen.path, Step.DONE, POWERED_OFF))  # with its seq
         elif seen.drive.bus != "sd":  # a card in a built-in reader is simply taken out
             self.emit(Note(f"{seen.path}: done, but not powered off ({why}); "
                            "it can be pulled"))

@@ -149,6 +149,9 @@ class Phase:
     detail: str | None = None
     #: With the ``failed`` phase: why, as a typed value (the detail says it for people).
     cause: Cause | None = None
+    #: ``watch``: the drive's :attr:`DriveInfo.seq`, which tells it apart from the next drive
+    #: given its /dev name while it is still ending.  Not in the JSON (its order does that).
+    seq: int | None = None
 
     def to_json(self) -> JsonObject:
         data = {"event": "phase", "device": self.device, "phase": self.phase,
@@ -166,6 +169,8 @@ class Progress:
     phase: Step
     done: int
     total: int | None
+    #: ``watch``: the drive's seq, as :attr:`Phase.seq` (not in the JSON).
+    seq: int | None = None
 
     def to_json(self) -> JsonObject:
         return {"event": "progress", "device": self.device, "phase": self.phase,

@@ -275,6 +275,8 @@ class WatchSession:
             r = dataclasses.replace(r, drive=seen.info, bytes_unused=self._unused)
             event = Result(r)
             seen.result = r
+        if isinstance(event, (Phase, Progress)) and seen.info is not None:
+            event = dataclasses.replace(event, seq=seen.info.seq)  # whose, once a name is reused
         self.emit(event)
 
     # ------------------------------------------------------------------------------------
@@ -592,7 +594,7 @@ class WatchSession:
         why = power_off_within(seen.device, seen.drive, cancel=self.cancel,
                                limit=self.options.stall_timeout)
         if why is None:
-            self.emit(Phase(seen.path, Step.DONE, POWERED_OFF))
+            self._job_event(seen, Phase(seen.path, Step.DONE, POWERED_OFF))  # with its seq
         elif seen.drive.bus != "sd":  # a card in a built-in reader is simply taken out
             self.emit(Note(f"{seen.path}: done, but not powered off ({why}); "
                            "it can be pulled"))

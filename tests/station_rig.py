@@ -83,9 +83,9 @@ class Rig:
     # ------------------------------------------------------------------------------------
 
     def start(self, args: list[str], env: dict[str, str] | None = None,
-              prefix: tuple[str, ...] = ()) -> None:
+              prefix: tuple[str, ...] = (), watching: bool = True) -> None:
         """Start ``popsicle-py station ARGS --json`` (after ``prefix``, a command that runs
-        the rest) and wait for its URL."""
+        the rest) and wait for its URL (and, when ``watching``, for it to watch)."""
         self.cursor = len(self.lines)
         self.command({"start": {"cmd": [*prefix, *popsicle_cmd(), "station", *args, "--json"],
                                 "env": env or {}}})
@@ -95,7 +95,8 @@ class Rig:
         token = self.wait(lambda e: e.get("event") == "note"
                           and e["text"].startswith("token for POST"))
         self.token = token["text"].split(": ", 1)[1].split()[0]
-        self.wait(lambda e: e.get("event") == "watching")
+        if watching:
+            self.wait(lambda e: e.get("event") == "watching")
 
     def events(self) -> list[dict[str, Any]]:
         with self.cond:

@@ -437,3 +437,91 @@ def test_a_hook_still_running_at_the_end_is_said_and_a_signal_ends_it(
         assert time.monotonic() < deadline, "the hook outlived the station"
         with rig.cond:
             rig.cond.wait(0.05)
+
+
+def test_stop_while_the_url_image_downloads_ends_the_station_at_once(
+        rig: Rig, tmp_path: Path) -> None:
+    """The download is abandoned (it listens to the cancellation, not to the drain): the
+    station ends with 0 at once, not when the trickling download is done, a stick plugged in
+    meanwhile is left alone and the journal holds no row."""
+    from webserver import Served, serving
+
+    data = os.urandom(6 * MiB)
+    stick = Stick("c", 3)
+    journal = tmp_path / "j.sqlite"
+    with serving() as web:
+        web.add("/disk.img", Served(data, trickle_at=2 * MiB, trickle_every=0.05))
+        rig.start([web.url("/disk.img"), "--yes", "--journal", str(journal), "--listen",
+                   "127.0.0.1:0", "--no-power-off"], env={"TMPDIR": str(tmp_path)},
+                  watching=False)
+        rig.wait(event="progress", device=None, phase="downloading")
+        rig.add(stick.description)
+        assert rig.post("/api/stop") == (202, {"stopping": True})
+        assert rig.wait_exit(timeout=15) == 0
+    assert rig.read(stick.dev) == b""
+    assert not [e for e in rig.events() if e.get("event") == "watching"]
+    assert records(journal) == []
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith("popsicle")] == []
+
+
+def test_identify_on_a_failed_tile_whose_name_another_stick_took_reads_nothing(
+        rig: Rig, tmp_path: Path) -> None:
+    """No map: stick A (port 1-3) is pulled mid-write and stick B (port 1-4) comes under the
+    same /dev name.  Identify on A's failed tile answers 409 (A is gone) and B is not read
+    for it; on B's own tile it reads B."""
+    from faulty import FaultyFile, faulty_files
+
+    data = os.urandom(6 * MiB)
+    a, b = Stick("c", 3, 128 * MiB), Stick("c", 4, 128 * MiB)
+    with faulty_files() as made:
+        source = FaultyFile(len(data), content=data, faults={"crawl": (0, 2 * MiB)})
+        made.append(source)
+        rig.start([source.file, "--yes", "--force", "--journal", str(tmp_path / "j.sqlite"),
+                   "--listen", "127.0.0.1:0", "--no-power-off"])
+        rig.add(a.description)
+        rig.wait(event="progress", device=a.dev, phase="writing")
+        rig.remove(a.unplug)
+        rig.add(b.description)
+        rig.wait(event="drive_added", device=b.dev, slot="1-4")
+        rig.wait(event="result", device=a.dev, status="failed", slot="1-3")
+        tiles = {t["label"]: t for t in rig.get("/api/slots")["slots"]}
+        assert (tiles["1-3"]["state"], tiles["1-3"]["device"]) == ("failed", a.dev)
+        # A's last phase is A's (its slot), even when it came after B took the name.
+        assert [e["slot"] for e in rig.events() if e.get("event") == "phase"
+                and e["phase"] == "failed"] == ["1-3"]
+        status, answer = rig.post("/api/slots/1-3/identify")
+        assert status == 409, answer
+        assert answer["error"].startswith(f"slot 1-3: the drive it shows ({a.dev}) is gone: "
+                                          f"{a.dev} is another drive now (different serial")
+        assert not rig.get("/api/slots")["slots"][0]["identify"]
+        rig.wait(event="result", device=b.dev, status="ok", slot="1-4")
+        assert rig.post("/api/slots/1-4/identify") == (202, {"slot": "1-4", "reading": True,
+                                                             "seconds": 4.0})
+        assert rig.post("/api/stop")[0] == 202
+        assert rig.wait_exit() == 0
+
+
+def test_stop_while_the_image_is_decompressed_ends_the_station_at_once(
+        rig: Rig, tmp_path: Path) -> None:
+    """An .xz whose middle crawls (a FUSE file at 4 MiB/s: 12 s to decompress, as long to
+    take its SHA-256 at the start): the decompression is abandoned on the stop (within the
+    4 MiB it is decoding), its copy removed, the station ends with 0."""
+    import lzma
+
+    from faulty import FaultyFile, faulty_files
+
+    packed = lzma.compress(os.urandom(52 * MiB), preset=0)  # random: the .xz is as large
+    journal = tmp_path / "j.sqlite"
+    with faulty_files() as made:
+        source = FaultyFile(len(packed), content=packed,
+                            faults={"crawl": (2 * MiB, 4 * MiB, 50 * MiB)})
+        made.append(source)
+        rig.start([source.file, "--yes", "--force", "--journal", str(journal),
+                   "--listen", "127.0.0.1:0", "--no-power-off"], env={"TMPDIR": str(tmp_path)},
+                  watching=False)
+        rig.wait(event="phase", device=None, phase="decompressing")
+        assert rig.post("/api/stop") == (202, {"stopping": True})
+        assert rig.wait_exit(timeout=8) == 0
+    assert not [e for e in rig.events() if e.get("event") == "watching"]
+    assert records(journal) == []
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith("popsicle")] == []

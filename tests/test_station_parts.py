@@ -297,6 +297,7 @@ def test_head_on_a_stream_is_its_headers_alone(tmp_path: Path) -> None:
 
 IDENTIFY_A_DEAD_DRIVE = """
 import os, sys, threading, time, urllib.request
+from popsicle_py.identity import MediaIdentity
 from popsicle_py.station.api import Station
 from popsicle_py.station.board import Board
 from popsicle_py.station.hub import Hub
@@ -307,6 +308,7 @@ work, dead = sys.argv[1], sys.argv[2]
 Journal(work + "/j.sqlite", station="s", session="x").close()
 board = Board.with_slots(("A1",), image={}, station={})
 board.tiles["A1"].device, board.tiles["A1"].state = dead, "done"
+board.tiles["A1"].identity = MediaIdentity(dead, 0, 0)  # as a FIFO reads: no device
 hub = Hub(board)
 sock = bind("127.0.0.1", 0)
 server = Server(Station(hub, "t", work + "/j.sqlite", threading.Event(), 0.5), sock)
@@ -612,3 +614,62 @@ def test_a_stick_that_bounces_in_its_slot_leaves_no_row_in_flight(tmp_path: Path
                                                       "in_flight": 0, "target": None}
     assert [(r["seq"], r["slot"], r["result"]) for r in found] == [
         (1, "A1", "failed"), (2, "A1", "ok")]
+
+
+def _late(device: str, seq: int) -> list[events.WatchEvent]:
+    """What a pulled drive's lane says after another drive got its name: progress, its end."""
+    W, F = events.Step.WRITING, events.Step.FAILED
+    return [events.Progress(device, W, 32 * MiB, 64 * MiB, seq=seq),
+            events.Phase(device, F, f"{device}: the drive was removed", events.Cause.REMOVED,
+                         seq=seq)]
+
+
+def test_a_pulled_drives_late_progress_reaches_no_tile_of_the_next_drive_of_its_name(
+        tmp_path: Path) -> None:
+    """No map: stick 1 (port 1-3) pulled mid-write, stick 2 (port 1-4) comes as /dev/sdc
+    and is being probed when stick 1's lane says its last progress and its end: those are
+    stick 1's tile's (its slot), never stick 2's, whose tile stays as it was."""
+    W = events.Step.WRITING
+    happened = [_on("/dev/sdc", "1-3", 1), events.Phase("/dev/sdc", W, seq=1),
+                events.Progress("/dev/sdc", W, 8 * MiB, 64 * MiB, seq=1),
+                events.DriveRemoved("/dev/sdc"), _on("/dev/sdc", "1-4", 2),
+                events.Phase("/dev/sdc", events.Step.PROBING, seq=2), *_late("/dev/sdc", 1)]
+    from popsicle_py.station.recorder import Tagger
+
+    tagger = Tagger(None)
+    assert [tagger.slot(e) for e in happened] == [
+        "1-3", "1-3", "1-3", "1-3", "1-4", "1-4", "1-3", "1-3"]
+    board, found = _feed(tmp_path, None, happened)
+    tiles = {t["label"]: t for t in board.snapshot(0)["slots"]}
+    assert (tiles["1-4"]["state"], tiles["1-4"]["progress"]) == ("probing", None)
+    assert tiles["1-3"]["progress"] == 0.25  # half written, nothing verified
+    assert [(r["seq"], r["slot"], r["result"]) for r in found] == [
+        (1, "1-3", "in-flight"), (2, "1-4", "in-flight")]
+
+
+def test_a_pulled_drives_late_progress_reaches_no_new_drive_in_its_own_slot(
+        tmp_path: Path) -> None:
+    """A mapped slot: the stick bounces (out, in again as /dev/sdc): the first appearance's
+    late progress is not the second's, on the tile or in the second's row."""
+    mapped = slots.SlotMap((slots.Slot("A1", "1-3"),))
+    W = events.Step.WRITING
+    board, found = _feed(tmp_path, mapped, [
+        _on("/dev/sdc", "1-3", 1), events.Phase("/dev/sdc", W, seq=1),
+        events.DriveRemoved("/dev/sdc"), _on("/dev/sdc", "1-3", 2),
+        events.Phase("/dev/sdc", W, seq=2),
+        events.Progress("/dev/sdc", W, 4 * MiB, 64 * MiB, seq=2), *_late("/dev/sdc", 1),
+        _ended("/dev/sdc", "1-3", 1, ok=False)])
+    tile = board.snapshot(0)["slots"][0]
+    assert (tile["state"], tile["progress"]) == ("writing", 0.0312)  # its 4 MiB, not 32
+    assert [(r["seq"], r["result"]) for r in found] == [(1, "failed"), (2, "in-flight")]
+
+
+def test_the_hub_never_merges_the_progress_of_two_drives_of_one_name() -> None:
+    """A pulled drive still ending and the next drive given its name: each one's progress
+    waits for the page on its own (the newest of each wins), neither replaces the other."""
+    hub = Hub(_board())
+    W = events.Step.WRITING
+    for seq in (1, 2, 1, 2):
+        hub.post(events.Progress("/dev/sdb", W, seq * MiB, 64 * MiB, seq=seq), "1")
+    assert [(e.seq, e.done) for e, *_ in hub._pending] == [  # type: ignore[union-attr]
+        (1, MiB), (2, 2 * MiB)]

@@ -65,6 +65,37 @@ def image_sha256(path: str, cancel: Callable[[], bool] = lambda: False) -> str:
     return digest.hexdigest()
 
 
+class EarlyStop:
+    """A stop before the station took its first drive abandons what it is doing.
+
+    Downloading the image or decompressing it listens to the cancellation, not to the
+    drain: ``POST /api/stop`` then requests the cancellation, so that the step ends at once
+    rather than when it is done.  Once a drive has been taken a stop only drains (the drives
+    being written are finished).  :meth:`stop` runs on the server's loop, :meth:`take` on
+    the session's thread (the admission rule, last): the lock orders the two.
+    """
+
+    def __init__(self, drain: threading.Event, cancel: Cancellation) -> None:
+        self.drain, self.cancel = drain, cancel
+        self._lock = threading.Lock()
+        self._taken = False
+        self.cancelled = False  # the stop ended the preparation (no drive was ever taken)
+
+    def stop(self) -> None:
+        with self._lock:
+            if not self._taken and not self.cancel():
+                self.cancelled = True
+                self.cancel.request()
+
+    def take(self) -> bool:
+        """A drive is about to be taken: False once a stop came (it is refused)."""
+        with self._lock:
+            if self.drain.is_set():
+                return False
+            self._taken = True
+            return True
+
+
 class PreparedStation:
     """A station that passed every check; :meth:`run` serves and writes until stopped."""
 
@@ -121,9 +152,10 @@ class PreparedStation:
             os.close(self.lock)
             self.lock = None
 
-    def admit(self, hub: Hub, tagger: Tagger) -> Callable[[Drive, int], str | None]:
+    def admit(self, hub: Hub, tagger: Tagger,
+              early: EarlyStop | None = None) -> Callable[[Drive, int], str | None]:
         """The session's admission rule: a drive on a port of the map (or none at all), in a
-        slot no other drive holds."""
+        slot no other drive holds, and no stop asked for meanwhile."""
         slot_map = self.slot_map
 
         def admit(drive: Drive, seq: int) -> str | None:
@@ -135,7 +167,9 @@ class PreparedStation:
                 why = tagger.take(port, drive.path)
                 if why is not None:
                     return why
-            hub.devnums[drive.path] = drive.devnum
+            if early is not None and not early.take():
+                return "stopping: no new drive is written"
+            hub.admitted[seq] = drive.identity  # its tile's, for identify
             return None
 
         return admit
@@ -161,7 +195,9 @@ class PreparedStation:
                          "batch": request.batch, "operator": request.operator},
                 target=request.watch.count, counters=counters, verify=request.watch.verify)
             hub = Hub(board)
-            server = Server(Station(hub, self.token, self.journal_path, self.drain), self.sock)
+            early = EarlyStop(self.drain, cancel)
+            server = Server(Station(hub, self.token, self.journal_path, self.drain,
+                                    on_stop=early.stop), self.sock)
             try:
                 server.start()
             except ServerError as exc:
@@ -181,7 +217,8 @@ class PreparedStation:
                     terminal.handle(events.Note(note), None)
                 if watch.personaliser is not None and self.slot_map is not None:
                     watch.personaliser.slot_of = self.slot_map.label_of  # {slot}: the label
-                hooks = watch_mod.WatchOptions(admit=self.admit(hub, tagger), drain=self.drain,
+                hooks = watch_mod.WatchOptions(admit=self.admit(hub, tagger, early),
+                                               drain=self.drain,
                                                first_seq=before + 1)
                 summary = watch.run(station_view, cancel, hooks=hooks)
                 if hook is not None:
@@ -191,8 +228,10 @@ class PreparedStation:
         finally:
             journal.close()
         # Stopped (the API, or a signal) with no drive cut short: a station's normal end, 0;
-        # the drives that failed are in the journal.  A drive cancelled: 128 + signal.
-        stopped = (self.drain.is_set() or cancel()) and not summary.cancelled
+        # the drives that failed are in the journal.  A drive cancelled: 128 + signal.  The
+        # API's stop before any drive was taken cancelled the preparation: 0 as well.
+        stopped = (((self.drain.is_set() or cancel()) and not summary.cancelled)
+                   or early.cancelled)
         self.exit_status = EXIT_OK if stopped else watch.exit_status
         return summary
 

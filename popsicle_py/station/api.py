@@ -6,6 +6,7 @@
     GET  /api/events                    the events as NDJSON, each with its "slot"
     GET  /api/records[?batch=B][&format=csv]    the journal (503 when it cannot be read)
     POST /api/slots/{label}/identify    read that slot's drive a few seconds, highlight it
+                                        (409: the drive the slot shows is gone)
     POST /api/stop                      finish the drives being written, take no new one
     GET  /metrics                       Prometheus' text format
 
@@ -29,10 +30,11 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from popsicle_py.engine.supervisor import keep_signals_for_main_thread
+from popsicle_py.identity import MediaIdentity
 from popsicle_py.station import journal as journal_mod
 from popsicle_py.station import metrics
 from popsicle_py.station.hub import EventClient, Hub
-from popsicle_py.station.identify import IDENTIFY_SECONDS, read_for
+from popsicle_py.station.identify import IDENTIFY_SECONDS, gone, read_for
 
 MAX_BODY = 4096
 REQUEST_SECONDS = 10.0
@@ -60,6 +62,9 @@ class Station:
     journal_path: str
     drain: threading.Event
     identify_seconds: float = IDENTIFY_SECONDS
+    #: Called by ``POST /api/stop`` once ``drain`` is set: before any drive can be written
+    #: (a download, a decompression), the station's preparation is abandoned at once.
+    on_stop: Callable[[], None] | None = None
 
 
 #: What the application holds, typed (aiohttp's AppKey: string keys are deprecated there).
@@ -194,16 +199,22 @@ async def _identify(request: web.Request) -> web.Response:
     tile = hub.board.tiles.get(label)
     if tile is None:
         return web.json_response({"error": f"no slot {label!r}"}, status=404)
-    reading = (tile.device is not None and not tile.busy and not tile.powered_off
+    device, expected = tile.device, tile.identity
+    reading = (device is not None and not tile.busy and not tile.powered_off
                and tile.state != "empty")
+    if reading and device is not None:
+        # Its /dev name may be another stick's by now (pulled, another one in): never read
+        # that one.  Read from sysfs, off the loop (udev's database for the serial).
+        why = await asyncio.to_thread(gone, device, expected)
+        if why is not None:
+            return web.json_response({"error": f"slot {label}: the drive it shows "
+                                      f"({device}) is gone: {why}", "slot": label},
+                                     status=409)
+        _start_reading(request.app[READERS_KEY], device, expected, station.identify_seconds)
     tile.identify = True
     hub.board.version += 1
     hub.notify()
     seconds = station.identify_seconds
-
-    if reading and tile.device is not None:
-        _start_reading(request.app[READERS_KEY], tile.device, hub.devnums.get(tile.device),
-                       seconds)
 
     async def identify() -> None:
         try:  # the highlight ends after the identify time, whatever the read does
@@ -223,8 +234,8 @@ async def _identify(request: web.Request) -> web.Response:
                              status=202)
 
 
-def _start_reading(readers: dict[str, threading.Thread], device: str, devnum: int | None,
-                   seconds: float) -> None:
+def _start_reading(readers: dict[str, threading.Thread], device: str,
+                   expected: MediaIdentity | None, seconds: float) -> None:
     """Read ``device`` for ``seconds`` on a thread of its own, one per drive at a time.
 
     A daemon thread, waited for by nobody: a drive whose reads never return (a dying stick)
@@ -237,7 +248,7 @@ def _start_reading(readers: dict[str, threading.Thread], device: str, devnum: in
     def read() -> None:
         keep_signals_for_main_thread()  # stuck in a read, it must not take Ctrl-C or SIGTERM
         with contextlib.suppress(OSError):  # a drive pulled meanwhile: the highlight says
-            read_for(device, devnum, seconds)
+            read_for(device, expected, seconds)
 
     readers[device] = threading.Thread(target=read, name="popsicle-station-identify",
                                        daemon=True)
@@ -253,6 +264,8 @@ async def _cancel_tasks(app: web.Application) -> None:
 async def _stop(request: web.Request) -> web.Response:
     station: Station = request.app[STATION_KEY]
     station.drain.set()
+    if station.on_stop is not None:
+        station.on_stop()
     station.hub.board.stopping = True
     station.hub.board.version += 1
     station.hub.notify()

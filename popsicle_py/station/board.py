@@ -12,6 +12,7 @@ from typing import Any
 
 from popsicle_py import events, rows
 from popsicle_py.events import JsonObject
+from popsicle_py.identity import MediaIdentity
 
 #: The states a slot can be in, in the order a drive goes through them.
 STATES = ("empty", "probing", "writing", "verifying", "done", "failed", "stopped", "ignored")
@@ -33,6 +34,8 @@ class Tile:
     tracker: rows.DriveProgress | None = None
     write_speed: float | None = None
     verify_speed: float | None = None
+    #: The medium as it was when the drive came (not shown): identify reads no other one.
+    identity: MediaIdentity | None = None
 
     def to_json(self, now: float) -> JsonObject:
         t = self.tracker
@@ -51,11 +54,17 @@ class Tile:
         return self.state in ("probing", "writing", "verifying")
 
 
+def _same(tile: Tile, seq: int | None) -> bool:
+    """Whether an event of the tile's device name is about its drive: the same seq, when
+    both are known (the kernel gives a name again at once: a late event of a drive pulled
+    out belongs to no other drive's tile)."""
+    return seq is None or tile.seq is None or seq == tile.seq
+
+
 def _shows(tile: Tile, r: events.DriveResult) -> bool:
-    """Whether the tile shows the drive that ended: the same device name and, when both are
-    known, the same seq (the kernel gives a name again at once)."""
-    seq = r.drive.seq if r.drive is not None else None
-    return r.device == tile.device and (seq is None or tile.seq is None or seq == tile.seq)
+    """Whether the tile shows the drive that ended: the same device name and seq."""
+    return r.device == tile.device and _same(tile, r.drive.seq if r.drive is not None
+                                             else None)
 
 
 def _round(value: float | None) -> float | None:
@@ -92,7 +101,9 @@ class Board:
             self.tiles[label] = Tile(label)
         return self.tiles[label]
 
-    def apply(self, event: events.WatchEvent, slot: str | None, now: float) -> None:
+    def apply(self, event: events.WatchEvent, slot: str | None, now: float,
+              identity: MediaIdentity | None = None) -> None:
+        """One event about ``slot``; ``identity``: a ``drive_added``'s medium, as it came."""
         self.version += 1
         if slot is None:
             self._unslotted(event)
@@ -103,20 +114,22 @@ class Board:
                 self._unslotted(event)  # refused beside the slot's drive: the tile keeps it
             case events.DriveAdded(device=device, eligible=eligible, reason=reason, info=info):
                 tile.device, tile.seq = device, info.seq if info is not None else None
+                tile.identity = identity
                 tile.drive = info.to_json() if info is not None else None
                 tile.why, tile.cause, tile.powered_off = None, None, False
                 tile.state = "probing" if eligible else "ignored"
                 tile.tracker = rows.DriveProgress(verifies=self.verify) if eligible else None
                 if not eligible:
                     tile.why = reason
-            case events.Phase(device=device, phase=phase) if device == tile.device:
+            case events.Phase(device=device, phase=phase, seq=seq) \
+                    if device == tile.device and _same(tile, seq):
                 if phase in _PHASE_STATE and tile.tracker is not None:
                     tile.state = _PHASE_STATE[phase]
                     tile.tracker.on_phase(phase, now)
                 elif phase == "done" and event.detail == events.POWERED_OFF:
                     tile.powered_off = True
-            case events.Progress(device=device, phase=phase, done=done, total=total) \
-                    if device == tile.device and tile.tracker is not None:
+            case events.Progress(device=device, phase=phase, done=done, total=total, seq=seq) \
+                    if device == tile.device and _same(tile, seq) and tile.tracker is not None:
                 tile.tracker.on_progress(phase, done, total, now)
             case events.Result(result=r) if _shows(tile, r):
                 self._ended(tile, r, now)

@@ -19,6 +19,7 @@ from collections import deque
 
 from popsicle_py import events
 from popsicle_py.events import JsonObject
+from popsicle_py.identity import MediaIdentity
 from popsicle_py.station.board import Board
 
 #: A client of /api/events that falls this far behind loses its progress events first, and
@@ -57,14 +58,18 @@ class Hub:
         self.board = board
         self.loop: asyncio.AbstractEventLoop | None = None
         self._lock = threading.Lock()
-        self._pending: list[tuple[events.WatchEvent, str | None, float]] = []
-        self._progress_at: dict[str, int] = {}
+        self._pending: list[tuple[events.WatchEvent, str | None, float,
+                                  MediaIdentity | None]] = []
+        #: (device, seq) -> the index of its progress waiting in ``_pending``: two drives of
+        #: one name (one pulled, still ending) are never merged into one.
+        self._progress_at: dict[tuple[str | None, int | None], int] = {}
         #: Set (then replaced) each time the board changes: pages wait on the current one.
         self.changed: asyncio.Event | None = None
         self.clients: set[EventClient] = set()
         self.closing = False
-        #: Device numbers of the drives the station admitted (identify checks them).
-        self.devnums: dict[str, int] = {}
+        #: The media of the drives the station admitted, by seq, until their drive_added
+        #: is posted (their tile keeps it: identify checks it).  The session's thread only.
+        self.admitted: dict[int, MediaIdentity] = {}
 
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:
         """On the loop's thread, before the first event."""
@@ -74,20 +79,24 @@ class Hub:
     # ------------------------------------------------------------------------------------
     # The session's thread
 
-    def post(self, event: events.WatchEvent, slot: str | None) -> None:
-        """Hand an event to the loop; never blocks (a lock held for a list append)."""
+    def post(self, event: events.WatchEvent, slot: str | None,
+             identity: MediaIdentity | None = None) -> None:
+        """Hand an event to the loop; never blocks (a lock held for a list append).
+        ``identity``: a ``drive_added``'s medium, for its tile."""
         now = time.monotonic()
         device = getattr(event, "device", None)
+        key = (device, getattr(event, "seq", None))
         with self._lock:
             first = not self._pending
-            if isinstance(event, events.Progress) and device in self._progress_at:
-                self._pending[self._progress_at[device]] = (event, slot, now)
+            if isinstance(event, events.Progress) and key in self._progress_at:
+                self._pending[self._progress_at[key]] = (event, slot, now, None)
             else:
                 if isinstance(event, events.Progress) and device is not None:
-                    self._progress_at[device] = len(self._pending)
-                elif device is not None:
-                    self._progress_at.pop(device, None)
-                self._pending.append((event, slot, now))
+                    self._progress_at[key] = len(self._pending)
+                elif device is not None:  # a phase, a result...: what follows is newer
+                    for waiting in [k for k in self._progress_at if k[0] == device]:
+                        del self._progress_at[waiting]
+                self._pending.append((event, slot, now, identity))
         loop = self.loop
         if first and loop is not None:
             # A closed loop: the server is gone, and the drives go on.
@@ -101,8 +110,8 @@ class Hub:
         with self._lock:
             pending, self._pending = self._pending, []
             self._progress_at.clear()
-        for event, slot, at in pending:
-            self.board.apply(event, slot, at)
+        for event, slot, at, identity in pending:
+            self.board.apply(event, slot, at, identity)
             line = json.dumps(event_json(event, slot)).encode() + b"\n"
             progress = isinstance(event, events.Progress)
             for client in self.clients:

@@ -31,8 +31,9 @@ class Tagger:
 
     slots: SlotMap | None
     by_device: dict[str, str] = field(default_factory=dict)
-    #: seq -> the slot of the drive given that seq: its result finds its slot even when
-    #: another drive has its device name by then (a stick pulled mid-write, another in).
+    #: seq -> the slot of the drive given that seq: its events (phases, progress, result)
+    #: find their slot even when another drive has its device name by then (a stick pulled
+    #: mid-write, another in).  An int and a label per drive, kept for the session.
     by_seq: dict[int, str | None] = field(default_factory=dict)
     #: slot -> (device, seq) of the drive it holds (seq once the drive was announced).
     held: dict[str, tuple[str, int | None]] = field(default_factory=dict)
@@ -87,13 +88,16 @@ class Tagger:
                 label = self.by_device.get(device)
                 self._free(label, device)
                 return label
+            case events.Phase(seq=int(number)) | events.Progress(seq=int(number)) \
+                    if number in self.by_seq:
+                return self.by_seq[number]  # its drive's, whoever has its name by now
             case events.Phase(device=str(device)) | events.Progress(device=str(device)) | \
                     events.Probed(device=device):
                 return self.by_device.get(device)
             case events.Result(result=r):
                 seq = r.drive.seq if r.drive is not None else None
                 if seq is not None and seq in self.by_seq:
-                    label = self.by_seq.pop(seq)
+                    label = self.by_seq[seq]  # kept: a powered-off phase comes after
                 else:
                     label = self.by_device.get(r.device)
                 self._free(label, r.device, seq)
@@ -132,18 +136,23 @@ class Recorder:
                     "capacity": info.size or None, "image": self.image.rsplit("/", 1)[-1],
                     "image_sha256": self.sha256})
             case events.Phase(device=str(device), phase=phase) \
-                    if (device, self.current.get(device)) in self.trackers:
+                    if self._key(device, event.seq) in self.trackers:
                 if phase not in (events.Step.DONE, events.Step.FAILED):
-                    self.trackers[device, self.current.get(device)].on_phase(phase, now)
+                    self.trackers[self._key(device, event.seq)].on_phase(phase, now)
             case events.Progress(device=str(device), phase=phase, done=done, total=total) \
-                    if (device, self.current.get(device)) in self.trackers:
-                self.trackers[device, self.current.get(device)].on_progress(phase, done,
-                                                                             total, now)
+                    if self._key(device, event.seq) in self.trackers:
+                self.trackers[self._key(device, event.seq)].on_progress(phase, done, total,
+                                                                        now)
             case events.Result(result=r):
                 self._finish(r, now)
             case events.Summary(results=results):
                 for r in results:  # ended without a result event (cancelled early)
                     self._finish(r, now)
+
+    def _key(self, device: str, seq: int | None) -> tuple[str, int | None]:
+        """A phase's or progress's drive: its seq when it carries one (a late event of a
+        drive pulled, its name another one's now), else the name's latest drive."""
+        return (device, seq if seq is not None else self.current.get(device))
 
     def _finish(self, r: events.DriveResult, now: float) -> None:
         key = (r.device, r.drive.seq if r.drive is not None else self.current.get(r.device))

@@ -13,6 +13,8 @@ import time
 from typing import IO, Protocol
 
 from popsicle_py import events
+from popsicle_py.drives import media_identity
+from popsicle_py.identity import MediaIdentity
 from popsicle_py.signals import say_on_stderr
 from popsicle_py.station.hook import Hook
 from popsicle_py.station.hub import Hub, event_json
@@ -35,11 +37,11 @@ class SlotJsonView:
     def __init__(self, out: IO[str] | None = None, interval: float = JSON_INTERVAL) -> None:
         self.out = Out(out)
         self.interval = interval
-        self._last: dict[tuple[str | None, str], float] = {}
+        self._last: dict[tuple[str | None, int | None, str], float] = {}
 
     def handle(self, event: events.WatchEvent, slot: str | None) -> None:
         if isinstance(event, events.Progress):
-            key, now = (event.device, event.phase), time.monotonic()
+            key, now = (event.device, event.seq, event.phase), time.monotonic()
             complete = event.total is not None and event.done >= event.total
             if not complete and now - self._last.get(key, 0.0) < self.interval:
                 return
@@ -103,10 +105,23 @@ class StationView:
                                    f"{exc}; the drives go on without it")
                 self.hub.post(note, None)
                 self.terminal.handle(note, None)
-        self.hub.post(event, slot)
+        self.hub.post(event, slot, self._identity(event, slot))
         self.terminal.handle(event, slot)
         if self.hook is not None:
             self.hook.handle(event, slot)
+
+    def _identity(self, event: events.WatchEvent, slot: str | None) -> MediaIdentity | None:
+        """A drive's medium as it came, for its tile: an admitted drive's as the session
+        recorded it, another one's (refused: the tile says why) read now."""
+        if not isinstance(event, events.DriveAdded) or slot is None:
+            return None
+        seq = event.info.seq if event.info is not None else None
+        if seq is not None and seq in self.hub.admitted:
+            return self.hub.admitted.pop(seq)
+        try:
+            return media_identity(event.device)
+        except OSError:  # gone already
+            return None
 
     def close(self) -> None:
         self.terminal.close()

@@ -38,6 +38,9 @@ MAX_TOKEN_FILE = 4096
 MAX_CONNECTIONS = 256
 #: Descriptors left to the drives, the journal and the rest when the limit is low.
 RESERVED_DESCRIPTORS = 256
+#: Connections asyncio accepts in one go before it runs anything else: those beyond the cap
+#: hold a descriptor each until their 503 is sent, so they are reserved for too.
+ACCEPT_BURST = 128
 _BUSY_BODY = b'{"error": "too many connections to this station; try again later"}\n'
 _BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
          b"Retry-After: 5\r\nConnection: close\r\nContent-Length: "
@@ -58,7 +61,7 @@ def parse_listen(text: str) -> tuple[str, int]:
     def refuse(why: str) -> ServerError:
         return ServerError(f"--listen {text or repr(text)}: {why} (give {LISTEN_FORMS})")
 
-    if text.isdigit():  # a bare number is a port: "--listen 0", "--listen 8080"
+    if text.isascii() and text.isdigit():  # a bare port: "--listen 0", "--listen 8080"
         host, port_text = DEFAULT_HOST, text
     elif text.startswith("["):
         inside, bracket, rest = text[1:].partition("]")
@@ -78,7 +81,7 @@ def parse_listen(text: str) -> tuple[str, int]:
         host = host or DEFAULT_HOST
         if not text or any(c.isspace() or c in "[]/" for c in host):
             raise refuse("not a host name or address")
-    if not port_text.isdigit() or int(port_text) > 65535:
+    if not (port_text.isascii() and port_text.isdigit()) or int(port_text) > 65535:
         raise refuse("the port must be a number from 0 to 65535")
     return host, int(port_text)
 
@@ -152,11 +155,12 @@ def raise_descriptor_limit() -> None:
 
 def connection_cap() -> int:
     """How many connections are served at once: :data:`MAX_CONNECTIONS`, fewer when the
-    descriptor limit would leave less than :data:`RESERVED_DESCRIPTORS` to the drives."""
+    descriptor limit would leave less than :data:`RESERVED_DESCRIPTORS` to the drives once
+    a burst of :data:`ACCEPT_BURST` connections beyond the cap is being answered."""
     soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     if soft == resource.RLIM_INFINITY:
         return MAX_CONNECTIONS
-    return max(8, min(MAX_CONNECTIONS, soft - RESERVED_DESCRIPTORS))
+    return max(8, min(MAX_CONNECTIONS, soft - RESERVED_DESCRIPTORS - ACCEPT_BURST))
 
 
 class _Busy(asyncio.Protocol):

@@ -155,19 +155,25 @@ class Sink:
     def _leave(self) -> None:
         with self._lock:
             self._busy -= 1
-            last = self._closing and self._busy == 0 and self.fd >= 0
-            fd, self.fd = (self.fd, -1) if last else (-1, self.fd)
-        if last:
+            fd = self._closable()
+        if fd >= 0:
             os.close(fd)
 
     def close(self) -> None:
         """No write after this; the descriptor closed now, or when the write under way ends."""
         with self._lock:
             self._closing = True
-            now = self._busy == 0 and self.fd >= 0
-            fd, self.fd = (self.fd, -1) if now else (-1, self.fd)
-        if now:
+            fd = self._closable()
+        if fd >= 0:
             os.close(fd)
+
+    def _closable(self) -> int:
+        """The descriptor, taken, once closing with no write in flight; else -1 (the lock
+        is held)."""
+        if not self._closing or self._busy or self.fd < 0:
+            return -1
+        fd, self.fd = self.fd, -1
+        return fd
 
 
 class Spool:

@@ -153,27 +153,22 @@ class Sink:
             return self._busy > 0
 
     def _leave(self) -> None:
-        with self._lock:
-            self._busy -= 1
-            fd = self._closable()
-        if fd >= 0:
-            os.close(fd)
+        self._settle(-1)
 
     def close(self) -> None:
         """No write after this; the descriptor closed now, or when the write under way ends."""
+        self._settle(0, closing=True)
+
+    def _settle(self, change: int, closing: bool = False) -> None:
+        """Count a write's end (or the close); close the descriptor once closing with no
+        write in flight, by whichever of the two comes last."""
         with self._lock:
-            self._closing = True
-            fd = self._closable()
+            self._busy += change
+            self._closing |= closing
+            fd = self.fd if self._closing and not self._busy else -1
+            self.fd = -1 if fd >= 0 else self.fd
         if fd >= 0:
             os.close(fd)
-
-    def _closable(self) -> int:
-        """The descriptor, taken, once closing with no write in flight; else -1 (the lock
-        is held)."""
-        if not self._closing or self._busy or self.fd < 0:
-            return -1
-        fd, self.fd = self.fd, -1
-        return fd
 
 
 class Spool:

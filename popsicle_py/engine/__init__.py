@@ -26,30 +26,75 @@ images that fit in memory, so the source is still read from disk once.  A stream
 decompressor, a pipe) cannot be re-read, so its destinations stay in lock-step.
 """
 
-from popsicle_py.blockdev import first_difference, read_full, sync, write_all
-from popsicle_py.engine.config import (
-    CANCEL_GRACE,
-    CHUNK,
-    DEFAULT_BUCKET_SIZE,
-    DEFAULT_BUCKETS,
-    HEAD,
-    LAGGARD_PATIENCE,
-    POLL,
-)
-from popsicle_py.engine.results import DestinationResult, WriteResult
-from popsicle_py.engine.supervisor import (
-    hear_signals_on_main_thread,
-    keep_signals_for_main_thread,
-)
-from popsicle_py.engine.verifier import BusVerifier
-from popsicle_py.engine.writer import BusWriter
-from popsicle_py.errors import (
-    AllDestinationsFailed,
-    Cancelled,
-    ChecksumMismatch,
-    ExtentChecksumError,
-    SourceChanged,
-)
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the names below load on first use: a read needs only engine.watched
+    from popsicle_py.blockdev import first_difference, read_full, sync, write_all
+    from popsicle_py.engine.config import (
+        CANCEL_GRACE,
+        CHUNK,
+        DEFAULT_BUCKET_SIZE,
+        DEFAULT_BUCKETS,
+        HEAD,
+        LAGGARD_PATIENCE,
+        POLL,
+    )
+    from popsicle_py.engine.results import DestinationResult, WriteResult
+    from popsicle_py.engine.supervisor import (
+        hear_signals_on_main_thread,
+        keep_signals_for_main_thread,
+    )
+    from popsicle_py.engine.verifier import BusVerifier
+    from popsicle_py.engine.writer import BusWriter
+    from popsicle_py.errors import (
+        AllDestinationsFailed,
+        Cancelled,
+        ChecksumMismatch,
+        ExtentChecksumError,
+        SourceChanged,
+    )
+
+_HOMES = {
+    "popsicle_py.blockdev": ("first_difference", "read_full", "sync", "write_all"),
+    "popsicle_py.engine.config": (
+        "CANCEL_GRACE",
+        "CHUNK",
+        "DEFAULT_BUCKET_SIZE",
+        "DEFAULT_BUCKETS",
+        "HEAD",
+        "LAGGARD_PATIENCE",
+        "POLL",
+    ),
+    "popsicle_py.engine.results": ("DestinationResult", "WriteResult"),
+    "popsicle_py.engine.supervisor": (
+        "hear_signals_on_main_thread",
+        "keep_signals_for_main_thread",
+    ),
+    "popsicle_py.engine.verifier": ("BusVerifier",),
+    "popsicle_py.engine.writer": ("BusWriter",),
+    "popsicle_py.errors": (
+        "AllDestinationsFailed",
+        "Cancelled",
+        "ChecksumMismatch",
+        "ExtentChecksumError",
+        "SourceChanged",
+    ),
+}
+_HOME = {name: module for module, names in _HOMES.items() for name in names}
+
+
+def __getattr__(name: str) -> object:
+    """Load a re-exported name from its home module the first time it is asked for."""
+    home = _HOME.get(name)
+    if home is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value: object = getattr(importlib.import_module(home), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "CANCEL_GRACE",

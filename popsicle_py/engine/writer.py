@@ -569,6 +569,8 @@ class _WriteRun:
                     return lane.rejoin
                 limit = min(limit, self.spill.end - offset)
             n = _read_alone(lane, fd, buf[:limit], base + offset)
+            if lane.stopped:  # its read was cut short by the stop, not by the source's end
+                return None
             if n == 0:
                 # A laggard on its own can overtake the reader: the end is known only once the
                 # reader reaches it.

@@ -6,6 +6,9 @@
     ├── Cancelled                  130         a stop signal or cancel() ended the run
     └── AllDestinationsFailed      1           every destination failed (``results`` says how)
 
+    KeyboardInterrupt
+    └── InterruptedWhileHung       Ctrl-C while a check's call had not returned (``note`` says)
+
     OSError (a destination that failed, typed where it failed: failures.py words it)
     ├── Counterfeit                the capacity probe found less than the drive claims
     ├── TooSmall                   the image does not fit on the drive (ENOSPC)
@@ -76,6 +79,15 @@ class Cancelled(PopsicleError):
     """The run was cancelled; no unfinished destination was reported as completed."""
 
     exit_code = EXIT_SIGNAL_BASE + 2  # SIGINT, unless the caller knows the signal
+
+
+class InterruptedWhileHung(KeyboardInterrupt):
+    """Ctrl-C came while a check's call to a file system had not returned (a hung disk or
+    share): the process can end only once that call does, and ``note`` tells the user so."""
+
+    def __init__(self, note: str) -> None:
+        super().__init__(note)
+        self.note = note
 
 
 class Outcome(Protocol):

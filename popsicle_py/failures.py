@@ -120,6 +120,13 @@ def hung_call(path: str) -> str:
             "on it (about 30 s per try for a USB stick)")
 
 
+def hung_check(path: str, what: str) -> str:
+    """The note for Ctrl-C while a check of ``path`` (OUTPUT's directory, the image) waits on
+    its hung file system: nothing was written, but the process ends only once that call does."""
+    return (f"{path}: {what} has not returned; popsicle-py exits once it does (when the disk "
+            "or share it is on answers again)")
+
+
 def hung_output(folder: str, publishing: str | None = None) -> str:
     """The note for an OUTPUT whose file system stopped answering while a write or another
     call to it was under way: the process can only end once that call returns.  While the

@@ -940,6 +940,54 @@ def test_an_output_directory_hung_before_the_read_is_a_refusal_on_time(
         assert sorted(os.listdir(folder)) == ["lost+found"]
 
 
+def held_by_a_frozen_file_system(pid: int) -> bool:
+    """Some thread of ``pid`` waits for a frozen file system to thaw (in the kernel, state D)."""
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            if (task / "wchan").read_text() == "percpu_rwsem_wait":
+                return True
+        except OSError:
+            continue
+    return False
+
+
+@needs_root
+def test_ctrl_c_while_the_output_directory_hangs_says_why_the_shell_waits(
+        loop_factory: Callable[..., Loop]) -> None:
+    """Ctrl-C while OUTPUT's directory is being checked on a hung disk: nothing was read or
+    written, but the process can end only once the check's call returns.  It said only
+    "interrupted before writing", then sat there; now it says what it waits for, at once."""
+    store = loop_factory(64 * MiB)
+    drive = loop_factory(8 * MiB)
+    with mounted_ext4(store.path) as folder:
+        out = os.path.join(folder, "o.img")
+        subprocess.run(["fsfreeze", "-f", folder], check=True)
+        try:
+            proc = subprocess.Popen([*popsicle_cmd(), "read", drive.path, out,
+                                     "--stall-timeout", "60"], stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+            assert proc.stderr is not None
+            deadline = time.monotonic() + 30
+            while not held_by_a_frozen_file_system(proc.pid):
+                assert time.monotonic() < deadline and proc.poll() is None, "never checked"
+                threading.Event().wait(0.05)
+            proc.send_signal(signal.SIGINT)
+            said = b""
+            while said.count(b"\n") < 2 and select.select([proc.stderr], [], [], 10)[0]:
+                said += os.read(proc.stderr.fileno(), 4096)  # past Python's buffer: select
+            assert proc.poll() is None  # held by the frozen directory, as it said
+        finally:
+            subprocess.run(["fsfreeze", "-u", folder], check=True)
+        _, rest = proc.communicate(timeout=60)
+        assert said.decode().splitlines() == [
+            "popsicle-py: interrupted before writing: nothing was written",
+            f"popsicle-py: {folder}: a check that o.img can be written there has not returned; "
+            "popsicle-py exits once it does (when the disk or share it is on answers again)",
+        ], (said, rest)
+        assert proc.returncode == 130, rest
+        assert sorted(os.listdir(folder)) == ["lost+found"]
+
+
 @needs_root
 def test_a_drive_that_hangs_while_its_free_blocks_are_read_fails_on_time(
         faulty_drive: Callable[..., Any], tmp_path: Path) -> None:

@@ -134,9 +134,13 @@ def watched_output(check: Callable[[], list[str]], output: str, stall_timeout: f
     """``check()`` of OUTPUT's directory on a thread of its own: a directory on a hung disk or
     share holds that thread, not the command (Ctrl-C is heard), and is a refusal on time."""
     from popsicle_py.engine.watched import WorkStalled, watched_calls
+    from popsicle_py.failures import hung_check
 
     try:
-        return watched_calls(check, stall_timeout=stall_timeout, name="output-checks")
+        return watched_calls(check, stall_timeout=stall_timeout, name="output-checks",
+                             hung_note=hung_check(os.path.dirname(output),
+                                                  f"a check that {os.path.basename(output)} can "
+                                                  "be written there"))
     except WorkStalled as exc:
         return [f"{os.path.dirname(output)} stopped answering while {os.path.basename(output)} "
                 f"was checked: no answer for {exc.limit:g} s (is the disk or share it is on "

@@ -149,10 +149,13 @@ def watched_checks(checks: Callable[[], T], image: str, stall_timeout: float | N
     read that does not return for ``stall_timeout`` refuses the image (a download is left to
     its own timeouts)."""
     from popsicle_py.engine.watched import WorkStalled, watched_calls
+    from popsicle_py.failures import hung_check
 
+    local = not is_url(image)  # a download's socket dies with the process: no note for it
+    note = hung_check(image, "a read of the image to check it") if local else None
     try:
-        return watched_calls(checks, stall_timeout=None if is_url(image) else stall_timeout,
-                             name="image-checks")
+        return watched_calls(checks, stall_timeout=stall_timeout if local else None,
+                             name="image-checks", hung_note=note)
     except WorkStalled as exc:
         raise ImageError(f"{image} stopped answering while it was opened and checked: no "
                          f"answer for {exc.limit:g} s (is the disk or network share it is on "

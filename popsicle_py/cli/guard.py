@@ -10,7 +10,14 @@ from typing import Any, NoReturn
 import click
 
 from popsicle_py import events
-from popsicle_py.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, PROG, PopsicleError
+from popsicle_py.errors import (
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_USAGE,
+    PROG,
+    InterruptedWhileHung,
+    PopsicleError,
+)
 
 
 def _keep_hyphenated_words() -> None:
@@ -96,6 +103,8 @@ def run_guarded(debug: bool, as_json: bool, body: Callable[[], int]) -> NoReturn
             exc.__context__, KeyboardInterrupt)
         error("interrupted before writing: nothing was written" if interrupted
               else "no answer at the confirmation: nothing was written")
+        if isinstance(exc, InterruptedWhileHung):
+            error(exc.note)
         if as_json:
             json_refusal([])
         status = 130 if interrupted else EXIT_USAGE

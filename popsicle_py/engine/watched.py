@@ -18,8 +18,12 @@ from typing import Generic, TypeVar, cast
 from popsicle_py.engine.config import POLL
 from popsicle_py.engine.lane import Clock
 from popsicle_py.engine.supervisor import keep_signals_for_main_thread
+from popsicle_py.errors import InterruptedWhileHung
 
 T = TypeVar("T")
+
+#: How long a worker may take to leave its call after Ctrl-C before it is said to be hung.
+HUNG_GRACE = 0.5
 
 
 class WorkStalled(Exception):
@@ -43,12 +47,14 @@ class _Outcome(Generic[T]):
 def watched(work: Callable[[Clock, Callable[[], bool]], T], *,
             cancel: Callable[[], bool] | None, stall_timeout: float | None,
             tick: Callable[[], None] = lambda: None, name: str = "work",
-            clock: Clock | None = None) -> T | None:
+            clock: Clock | None = None, hung_note: str | None = None) -> T | None:
     """``work(clock, stopped)``'s result, or None once ``cancel()`` said so.
 
     ``work`` counts what it moves with ``clock.advance`` and checks ``stopped()`` between its
     calls (or ``tick`` moves ``clock``, if given, from the calling thread).  Raises what
-    ``work`` raised, or :class:`WorkStalled`.
+    ``work`` raised, or :class:`WorkStalled`.  Ctrl-C while ``work`` has not left its call
+    HUNG_GRACE later (a hung disk or share, which the process cannot end before) raises
+    :class:`~popsicle_py.errors.InterruptedWhileHung` with ``hung_note``.
     """
     if cancel is not None and cancel():
         return None
@@ -74,6 +80,11 @@ def watched(work: Callable[[Clock, Callable[[], bool]], T], *,
                 return None
             if stall_timeout is not None and clock.stalled(time.monotonic(), stall_timeout):
                 raise WorkStalled(stall_timeout, clock.recent)
+    except KeyboardInterrupt:
+        stop.set()
+        if hung_note is not None and not outcome.done.wait(HUNG_GRACE):
+            raise InterruptedWhileHung(hung_note) from None
+        raise
     finally:
         stop.set()
     tick()
@@ -110,7 +121,7 @@ class _ReadCalls:
 
 
 def watched_calls(work: Callable[[], T], *, stall_timeout: float | None,
-                  name: str = "work") -> T:
+                  name: str = "work", hung_note: str | None = None) -> T:
     """``work()`` on a thread of its own: Ctrl-C (KeyboardInterrupt on the calling thread) is
     heard while a read in it hangs, and no read call of it returning for ``stall_timeout``
     raises :class:`WorkStalled`.
@@ -118,11 +129,13 @@ def watched_calls(work: Callable[[], T], *, stall_timeout: float | None,
     For work that reads a little, here and there (an image's head, its end, its partition
     tables), where a byte count would say nothing: a hung call is what is watched.
     """
-    return cast(T, watched_reads(work, stall_timeout=stall_timeout, cancel=None, name=name))
+    return cast(T, watched_reads(work, stall_timeout=stall_timeout, cancel=None, name=name,
+                                 hung_note=hung_note))
 
 
 def watched_reads(work: Callable[[], T], *, stall_timeout: float | None,
-                  cancel: Callable[[], bool] | None, name: str = "work") -> T | None:
+                  cancel: Callable[[], bool] | None, name: str = "work",
+                  hung_note: str | None = None) -> T | None:
     """:func:`watched_calls`, and None once ``cancel()`` says so (a run's own stop flag,
     where Ctrl-C sets a flag rather than raising)."""
     calls = _ReadCalls()
@@ -137,4 +150,4 @@ def watched_reads(work: Callable[[], T], *, stall_timeout: float | None,
             clock.touch()
 
     return watched(run, cancel=cancel, stall_timeout=stall_timeout, tick=tick, name=name,
-                   clock=clock)
+                   clock=clock, hung_note=hung_note)

@@ -643,3 +643,67 @@ def test_a_holder_after_many_hung_shares_is_still_refused(loop_factory: Callable
         for share in shares:
             share.close()
     assert target.read() == bytes([PATTERN]) * target.size
+
+
+@contextlib.contextmanager
+def mounted_from(source: str, where: Path) -> Iterator[None]:
+    """A tmpfs whose mount source reads ``source``, as a FUSE image driver's (``fuse2fs
+    FILE DIR``) does: the mount table names the file, nothing else ties them."""
+    where.mkdir()
+    run_tool("mount", "-t", "tmpfs", source, str(where))
+    try:
+        yield
+    finally:
+        subprocess.run(["umount", "-l", str(where)], capture_output=True, check=False)
+
+
+@pytest.mark.root
+def test_a_mount_whose_source_lies_on_a_hung_share_never_hangs_the_look(
+        loop_factory: Callable[..., Loop], tmp_path: Path) -> None:
+    """A mount whose source is a file on a FUSE share whose daemon is stopped: the look at
+    the mount table stat()ed that source and waited for good, Ctrl-C unheard, so every
+    command hung before it wrote or refused anything.  Now a source on a share is not looked
+    at, and the flash of another drive goes through."""
+    from faulty import FaultyFile
+
+    path, data = image(tmp_path)
+    target = loop_factory(4 * MiB, fill=PATTERN)
+    share = FaultyFile(MiB, attr_timeout=0)  # every stat asks the daemon
+    try:
+        with mounted_from(share.file, tmp_path / "m"):
+            os.kill(share.pid, signal.SIGSTOP)
+            try:
+                done = subprocess.run(
+                    [*popsicle_cmd(), "flash", str(path), target.path, "--yes", "--no-probe"],
+                    capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=60,
+                    check=False)
+            finally:
+                os.kill(share.pid, signal.SIGCONT)
+    finally:
+        share.close()
+    assert done.returncode == 0, done.stderr
+    assert target.read(len(data)) == data
+
+
+@pytest.mark.root
+def test_a_loop_target_whose_file_a_share_mounts_is_refused_by_the_file_s_name(
+        tmp_path: Path) -> None:
+    """The same source not looked at, on a share that answers: a loop device stands on that
+    very file, and the mount is seen as holding the loop by the name the kernel gives its
+    backing file."""
+    from faulty import FaultyFile
+
+    path, _ = image(tmp_path)
+    share = FaultyFile(4 * MiB)
+    try:
+        loop = run_tool("losetup", "-f", "--show", share.file).strip()
+        try:
+            with mounted_from(share.file, tmp_path / "m"):
+                done = popsicle("flash", path, loop, "--yes", "--no-probe")
+        finally:
+            run_tool("losetup", "-d", loop)
+    finally:
+        share.close()
+    assert done.returncode == 2, done.stderr
+    assert refusal(done) == (f"{loop} is backed by {share.file}, which is in use "
+                             f"({share.file} is mounted at {tmp_path / 'm'})"), done.stderr

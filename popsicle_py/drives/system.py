@@ -26,6 +26,7 @@ from popsicle_py.drives.model import (
     Mount,
     Swap,
 )
+from popsicle_py.drives.reach import local_stat
 from popsicle_py.records import record
 
 _sys_dev = sysfs.block_dir
@@ -283,10 +284,11 @@ def filesystem_devnums(dev: int) -> frozenset[int] | None:
     tmpfs or FUSE); None when no mount of ours has that number."""
     if os.path.exists(_sys_dev(dev)):
         return frozenset({dev})
-    entries = [entry for entry in mount_table() if entry.devnum == dev]
+    table = mount_table()
+    entries = [entry for entry in table if entry.devnum == dev]
     if not entries:
         return None
-    return frozenset().union(*(_entry_devnums(entry) for entry in entries))
+    return frozenset().union(*(_entry_devnums(entry, table) for entry in entries))
 
 
 def _devnums_of_file(path: str) -> list[int]:
@@ -423,44 +425,52 @@ def devnums_holding(path: str, _depth: int = 0) -> frozenset[int]:
         st = os.stat(path)
     except OSError:
         return frozenset()
+    table = mount_table()
     numbers = {st.st_dev}
     if os.path.exists(_sys_dev(st.st_dev)) or _depth > 8:
         return frozenset(numbers)
-    entry = _mount_of(path, mount_table(), st.st_dev)
+    entry = _mount_of(path, table, st.st_dev)
     if entry is None:
         return frozenset(numbers)
-    return frozenset(numbers | _entry_devnums(entry, _depth))
+    return frozenset(numbers | _entry_devnums(entry, table, _depth))
 
 
-def _entry_devnums(entry: MountEntry, depth: int = 0) -> set[int]:
+def _entry_devnums(entry: MountEntry, table: list[MountEntry] | None = None,
+                   depth: int = 0) -> set[int]:
     """Block devices a mount's filesystem stores its data on (not yet walked down)."""
     numbers: set[int] = set()
     if os.path.exists(_sys_dev(entry.devnum)):
         numbers.add(entry.devnum)
-    if entry.source.startswith("/"):
-        try:
-            st = os.stat(entry.source)
-        except OSError:
-            st = None
-        if st is not None and stat.S_ISBLK(st.st_mode):
-            numbers.add(st.st_rdev)
+    table = mount_table() if table is None else table
+    st = local_stat(entry.source, table)
+    if st is not None and stat.S_ISBLK(st.st_mode):
+        numbers.add(st.st_rdev)
     if entry.fstype == "btrfs":
         numbers |= btrfs_group(numbers)
     elif entry.fstype == "overlay":
         for layer in overlay_layers(entry.options):
-            numbers |= devnums_holding(layer, depth + 1)
+            if local_stat(layer, table) is not None:  # not a layer on a share: it may hang
+                numbers |= devnums_holding(layer, depth + 1)
     return numbers
 
 
-def _file_source(entry: MountEntry) -> Inode | None:
-    """A filesystem mounted straight from a regular file (FUSE image drivers do this)."""
+def _file_sources(entry: MountEntry, table: list[MountEntry], answers: LoopAnswers | None
+                  ) -> set[Inode]:
+    """A filesystem mounted straight from a regular file (FUSE image drivers do this).  One
+    on a share, not looked at (see :mod:`.reach`), is taken by name: the files loop devices
+    stand on whose names the kernel gives as that source."""
     if not entry.source.startswith("/"):
-        return None
-    try:
-        st = os.stat(entry.source)
-    except OSError:
-        return None
-    return (st.st_dev, st.st_ino) if stat.S_ISREG(st.st_mode) else None
+        return set()
+    st = local_stat(entry.source, table)
+    if st is not None:
+        return {(st.st_dev, st.st_ino)} if stat.S_ISREG(st.st_mode) else set()
+    named: set[Inode] = set()
+    for devnum, key in (answers.keys.items() if answers is not None else ()):
+        base = os.path.realpath(_sys_dev(devnum))
+        if key is not None and not key.rdev and _read(f"{base}/loop/backing_file") == (
+                os.path.normpath(entry.source)):
+            named.add((key.dev, key.ino))
+    return named
 
 
 def current_mounts(table: list[MountEntry] | None = None,
@@ -472,13 +482,13 @@ def current_mounts(table: list[MountEntry] | None = None,
     ``table``: our own namespace's :func:`mount_table`, when already read.
     """
     mounts: list[Mount] = []
-    for entry in mount_table() if table is None else table:
-        numbers = _entry_devnums(entry)
-        source_file = _file_source(entry)
-        if not numbers and source_file is None:
+    table = mount_table() if table is None else table
+    for entry in table:
+        numbers = _entry_devnums(entry, table)
+        files = _file_sources(entry, table, answers)
+        if not numbers and not files:
             continue
         devnums: set[int] = set()
-        files: set[Inode] = {source_file} if source_file else set()
         for number in numbers:
             backing = backing_of(number, answers)
             devnums |= backing.all_devnums

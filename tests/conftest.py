@@ -247,3 +247,15 @@ def sparse_image(tmp_path: Path) -> tuple[Path, bytes]:
     subprocess.run(["bmaptool", "create", str(path), "-o", f"{path}.bmap"], check=True,
                    capture_output=True)
     return path, path.read_bytes()
+
+
+def waits_in_kernel(pid: int, wchan: str) -> bool:
+    """Some thread of ``pid`` sleeps in the kernel function ``wchan``: "request_wait_answer"
+    for a FUSE daemon's answer (a hung share), "percpu_rwsem_wait" for a frozen file system."""
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            if (task / "wchan").read_text() == wchan:
+                return True
+        except OSError:
+            continue
+    return False

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Loop, needs_root, popsicle_cmd
+from conftest import Loop, needs_root, popsicle_cmd, waits_in_kernel
 from faulty import FaultyDrive, FaultyFile, MiB, clean_eio_start
 
 from popsicle_py.units import format_size
@@ -474,17 +474,6 @@ def test_image_that_stops_answering_in_its_checksum_pass_gives_the_shell_back(
     assert drive.read(64 * MiB) == bytes([FILL]) * (64 * MiB)
 
 
-def waiting_on_fuse(pid: int) -> bool:
-    """Some thread of ``pid`` waits for a FUSE daemon's answer (a read of a hung share)."""
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
-            if (task / "wchan").read_text() == "request_wait_answer":
-                return True
-        except OSError:
-            continue
-    return False
-
-
 @pytest.mark.parametrize(("command", "how"), [("flash", "stall"), ("flash", "ctrl-c"),
                                               ("verify", "stall"), ("watch", "ctrl-c"),
                                               ("flash", "share hung"),
@@ -511,7 +500,7 @@ def test_image_that_hangs_while_it_is_opened_gives_the_shell_back(
     run = Timed([*popsicle_cmd(), *args, "--json"])
     try:
         deadline = time.monotonic() + 30
-        while not waiting_on_fuse(run.proc.pid):
+        while not waits_in_kernel(run.proc.pid, "request_wait_answer"):
             assert time.monotonic() < deadline and run.proc.poll() is None, "never read"
             threading.Event().wait(0.05)
         hung = time.monotonic() - run.started

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Loop, events_until_summary, needs_root, popsicle_cmd
+from conftest import Loop, events_until_summary, needs_root, popsicle_cmd, waits_in_kernel
 from loopdev import DROP_OTHER_TESTS_MOUNTS, mounted_elsewhere, mounted_ext4, write_mbr
 
 from popsicle_py import reading
@@ -940,17 +940,6 @@ def test_an_output_directory_hung_before_the_read_is_a_refusal_on_time(
         assert sorted(os.listdir(folder)) == ["lost+found"]
 
 
-def held_by_a_frozen_file_system(pid: int) -> bool:
-    """Some thread of ``pid`` waits for a frozen file system to thaw (in the kernel, state D)."""
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
-            if (task / "wchan").read_text() == "percpu_rwsem_wait":
-                return True
-        except OSError:
-            continue
-    return False
-
-
 @needs_root
 def test_ctrl_c_while_the_output_directory_hangs_says_why_the_shell_waits(
         loop_factory: Callable[..., Loop]) -> None:
@@ -968,7 +957,7 @@ def test_ctrl_c_while_the_output_directory_hangs_says_why_the_shell_waits(
                                     stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
             assert proc.stderr is not None
             deadline = time.monotonic() + 30
-            while not held_by_a_frozen_file_system(proc.pid):
+            while not waits_in_kernel(proc.pid, "percpu_rwsem_wait"):
                 assert time.monotonic() < deadline and proc.poll() is None, "never checked"
                 threading.Event().wait(0.05)
             proc.send_signal(signal.SIGINT)

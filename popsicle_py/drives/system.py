@@ -527,11 +527,14 @@ def current_swaps(answers: LoopAnswers | None = None) -> tuple[Swap, ...]:
     """Active swap areas from /proc/swaps, with the devices and files they rest on."""
     text = _read("/proc/swaps") or ""
     swaps: list[Swap] = []
+    table = mount_table()
     for line in text.splitlines()[1:]:
         fields = line.split()
         if not fields:
             continue
         path = _unescape_mount(fields[0])
+        if local_stat(path, table) is None:  # gone, or a swap file on NFS: no drive of ours
+            continue
         devnums, files = path_storage(path, answers)
         if devnums or files:
             swaps.append(Swap(path, devnums, files))

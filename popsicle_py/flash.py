@@ -34,7 +34,7 @@ from popsicle_py.engine import (
     BusWriter,
     Cancelled,
 )
-from popsicle_py.errors import Refused, Rejected
+from popsicle_py.errors import Refused, Rejected, SourceStalled
 from popsicle_py.events import (
     Cause,
     Download,
@@ -43,7 +43,6 @@ from popsicle_py.events import (
     Event,
     Note,
     Phase,
-    Probed,
     Progress,
     Result,
     Started,
@@ -63,8 +62,9 @@ from popsicle_py.protocols import Source
 from popsicle_py.records import record
 
 if TYPE_CHECKING:
+    import io
+
     from popsicle_py.engine.config import Prepare, Selector
-    from popsicle_py.probe import ProbeResult
 
 log = logging.getLogger(__name__)
 Emit = Callable[[Event], None]
@@ -403,7 +403,7 @@ class FlashJob(_Job):
                     writer.post(event)
                 self._early.clear()
                 self._writer = writer
-            source = self.image.open() if tap is None else self.image.open(tap)
+            source = self._open_image(tap)
             (
                 writer.from_source(source)
                 .bucket_size(options.bucket_size)
@@ -442,6 +442,20 @@ class FlashJob(_Job):
                     source.close()
         for drive in self._live():  # given up by the engine without a message of its own
             self._end(drive, Status.FAILED, f"{drive.path}: did not finish", cause=Cause.ERROR)
+
+    def _open_image(self, tap: ChecksumTap | None) -> io.RawIOBase:
+        """The image opened on a thread of its own: its share may have hung since it was
+        checked (a watch session lasts hours), and a stop must still be heard."""
+        from popsicle_py.engine.watched import WorkStalled, watched_reads
+
+        try:
+            source = watched_reads(lambda: self.image.open(tap), cancel=self.cancel,
+                                   stall_timeout=self.options.stall_timeout, name="image-open")
+        except WorkStalled as exc:
+            raise SourceStalled(exc.limit, 0) from None
+        if source is None:
+            raise Cancelled("cancelled")
+        return source
 
     def _judge(self, drive: _Drive, phase: str, done: int) -> None:
         """A drive below --min-write-speed or --min-read-speed at steady state is rejected at
@@ -536,62 +550,3 @@ class VerifyJob(_Job):
                     source.close()
             self._close_all()
         return self._summary()
-
-
-class ProbeJob(_Job):
-    """Probe each opened drive's real capacity (``popsicle-py probe``), all at once: one
-    supervisor, as for a flash (each probe on its own thread, events from the calling thread,
-    a drive that stops answering failed as stalled on time)."""
-
-    verifies = False
-
-    def __init__(self, devices: Sequence[BlockDevice], emit: Emit, cancel: CancelCheck,
-                 stall_timeout: float | None = 60.0, infos: Sequence[DriveInfo] = ()) -> None:
-        super().__init__(devices, emit, cancel, infos)
-        self.stall_timeout = stall_timeout
-
-    def run(self) -> Summary:
-        from popsicle_py import probe as probe_mod
-        from popsicle_py.engine.supervisor import Lane, Supervisor
-
-        supervisor = Supervisor([d.device for d in self.drives], self._on_message, self.cancel,
-                                stall_timeout=self.stall_timeout,
-                                errored=BusWriterMessage.Errored, name="probe")
-
-        def task(lane: Lane) -> None:
-            lane.waiting = False
-            lane.touch()
-            result = probe_mod.probe_device(lane.dest, stopped=lambda: lane.stopped,
-                                            answered=lane.answered)
-            lane.post(_Probed(lane.id, result))
-
-        for drive in self.drives:
-            self.emit(Phase(drive.path, Step.PROBING))
-        try:
-            supervisor.run(task)
-        except Cancelled:
-            self._cancel_rest()
-        finally:
-            self._close_all()
-        for drive in self._live():
-            self._end(drive, Status.FAILED, f"{drive.path}: did not finish", cause=Cause.ERROR)
-        return self._summary()
-
-    def _on_message(self, msg: _Probed | BusWriterMessage.Errored) -> None:
-        drive = self.drives[msg.id]
-        if isinstance(msg, BusWriterMessage.Errored):
-            self._fail(drive, msg.why)
-            return
-        result = msg.result
-        self.emit(Probed(drive.path, result.claimed, result.real_estimate, result.ok,
-                         result.message, result.elapsed))
-        if result.ok:
-            return self._end(drive, Status.OK)
-        cause = Cause.IO_ERROR if result.error is not None else Cause.COUNTERFEIT
-        self._end(drive, Status.FAILED, f"{drive.path}: {result.message}", cause=cause)
-
-
-@record
-class _Probed:
-    id: int
-    result: ProbeResult

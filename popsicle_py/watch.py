@@ -7,15 +7,12 @@ one ``flash --all-usb`` uses (USB and SD drives, not system drives, not read-onl
 medium, at most ``max_size``), plus what would make ``flash`` refuse the drive (smaller than
 the image, mounted, held by LVM/RAID/encryption): such drives are announced and left alone.
 
-The image is prepared once, before watching: its checksum is checked, and a compressed image
-is decompressed to a raw copy in a private temporary directory (deleted at the end), so that
-a drive that arrives late never decompresses the image again.  Every drive's job then opens
-the raw file itself; the page cache serves the later ones.
+The image is prepared once, before watching: its checksum checked, a compressed one
+decompressed to a private raw copy (deleted at the end) that every drive's job opens itself.
 
-A drive pulled while it is being written ("remove" uevent, or the medium gone from a reader;
-the writes fail with ENODEV/ENXIO) always ends ``failed`` with "the drive was removed", never
-ok.  A card put into a reader while the pulled card's job is still ending arrives once that
-job is over.
+A drive pulled while it is being written ("remove" uevent, or the medium gone from a reader)
+always ends ``failed``, "the drive was removed".  A card put into a reader while the pulled
+card's job is still ending arrives once that job is over.
 
 A drive that is done and verified is powered off as udisks2 does it (flush, then write 1 to
 its USB device's ``remove`` attribute; :mod:`popsicle_py.watch_power`), unless it is an SD
@@ -220,6 +217,7 @@ class WatchSession:
         self._trim: TrimPlan | None = None  # planned once the raw image is at hand
         self._copy_dir: str | None = None
         self._copy_devnums: frozenset[int] = frozenset()
+        self._image_facts: SystemFacts | None = None  # the image's storage (see _facts)
         self._current: dict[int, _Seen] = {}  # by device number, while present
         self._media: dict[int, int] = {}  # last size seen per device number (0: no medium)
         #: A card put into a reader while the pulled card's job is still ending, by device
@@ -415,11 +413,13 @@ class WatchSession:
     # Drives appearing and going
 
     def _facts(self) -> SystemFacts:
-        facts = drives.gather_facts(self.image.path)
-        if self._copy_devnums:
-            facts = dataclasses.replace(facts,
-                                        image_devnums=facts.image_devnums | self._copy_devnums)
-        return facts
+        """What holds which drive, now.  Where the image lies is looked at once: it is held
+        still for the session, and its share hanging later must not hang the session."""
+        facts = drives.gather_facts(None if self._image_facts else self.image.path)
+        image = self._image_facts = self._image_facts or facts
+        return dataclasses.replace(facts, image_inode=image.image_inode,
+                                   image_files=image.image_files,
+                                   image_devnums=image.image_devnums | self._copy_devnums)
 
     def _present(self) -> None:
         """Drives plugged in before watching: left alone (noted), unless include_present."""

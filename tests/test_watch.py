@@ -505,6 +505,31 @@ def test_a_card_swapped_mid_write_in_one_change_fails_the_first_and_writes_the_s
 
 @needs_testbed
 @pytest.mark.umockdev
+def test_a_stick_plugged_in_after_the_image_s_share_hung_does_not_hang_the_session(
+        tmp_path: Path) -> None:
+    """The image on a FUSE share whose daemon stops once watching: each stick that arrived
+    had the image's storage looked up again (stat() of the image), which waited for the share
+    for good, Ctrl-C unheard.  Now where the image lies is looked at once: the stick is
+    announced, and Ctrl-C ends the session."""
+    data = os.urandom(2 * MiB)
+    with faulty_files() as made:
+        image = FaultyFile(len(data), content=data, attr_timeout=0)  # every stat asks it
+        made.append(image)
+        try:
+            run = watch(tmp_path, [str(image.file), "--yes", "--force", "--no-power-off"],
+                        [WATCHING, {"kill": image.pid, "with": int(signal.SIGSTOP)},
+                         {"add": C.description},
+                         {"wait": {"event": "drive_added", "device": C.dev}},
+                         {"signal": int(signal.SIGINT)}], timeout=30)
+        finally:
+            os.kill(image.pid, signal.SIGCONT)
+    assert run.rc == 130, run.stderr
+    (added,) = run.of("drive_added", device=C.dev)
+    assert added["eligible"] is True, added
+
+
+@needs_testbed
+@pytest.mark.umockdev
 def test_include_present_writes_drives_plugged_in_before(tmp_path: Path) -> None:
     image, data = image_file(tmp_path, 1 * MiB)
     run = watch(tmp_path, [str(image), "--yes", "--count", "1", "--include-present"],

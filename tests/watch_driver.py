@@ -9,7 +9,7 @@ device").  The scenario is JSON written by tests/test_watch.py:
                {"remove": ["/sys/devices/.../block/sdc", ...]}, {"signal": 2},
                {"change": "/sys/devices/.../block/sdf", "attributes": {"size": "131072"}},
                {"wait_line": "text"}, {"flip": "/tmp/.../image.img", "offset": 100},
-               {"fifo": "/sys/devices/.../remove"}],
+               {"fifo": "/sys/devices/.../remove"}, {"kill": PID, "with": 19}],
      "read": ["/dev/sdb", "/sys/devices/.../remove"], "out": "report.json", "dir": "DIR"}
 
 ``present`` devices are in the testbed before the command starts.  Steps run in order; a
@@ -142,6 +142,8 @@ def run(scenario: dict, stderr) -> dict:
             os.mkfifo(root + step["fifo"])
         elif "signal" in step:
             proc.send_signal(step["signal"])
+        elif "kill" in step:  # another process: a FUSE daemon stopped (its share hangs)
+            os.kill(step["kill"], step["with"])
         elif "flip" in step:  # a byte of a file (the image) changed in place
             with open(step["flip"], "r+b") as f:
                 f.seek(step["offset"])

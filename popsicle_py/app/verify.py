@@ -12,9 +12,10 @@ from popsicle_py.app.confirm import Confirmation, target_rows
 from popsicle_py.app.requests import ProbeRequest, VerifyRequest
 from popsicle_py.blockdev import BlockDevice
 from popsicle_py.drives import Drive
-from popsicle_py.flash import ProbeJob, VerifyJob, open_targets
+from popsicle_py.flash import VerifyJob, open_targets
 from popsicle_py.plan import Plan, make_plan, make_read_plan, unmount_targets
 from popsicle_py.ports import drive_info
+from popsicle_py.probe_job import ProbeJob
 from popsicle_py.protocols import Source, View
 from popsicle_py.signals import Cancellation
 

@@ -160,6 +160,22 @@ def open_targets(drives: Sequence[D], *, for_writing: bool = True,
     return opened
 
 
+def open_watched(image: Source, tap: ChecksumTap | None, stall_timeout: float | None,
+                 cancel: CancelCheck) -> io.RawIOBase:
+    """The image opened on a thread of its own: its share may have hung since it was checked
+    (a watch session lasts hours), and a stop must still be heard."""
+    from popsicle_py.engine.watched import WorkStalled, watched_reads
+
+    try:
+        source = watched_reads(lambda: image.open(tap), cancel=cancel,
+                               stall_timeout=stall_timeout, name="image-open")
+    except WorkStalled as exc:
+        raise SourceStalled(exc.limit, 0) from None
+    if source is None:
+        raise Cancelled("cancelled")
+    return source
+
+
 def _both(*checks: Callable[[], None] | None) -> Callable[[], None] | None:
     """One vouching check made of those given (None: none to make)."""
     given = [c for c in checks if c is not None]
@@ -403,7 +419,7 @@ class FlashJob(_Job):
                     writer.post(event)
                 self._early.clear()
                 self._writer = writer
-            source = self._open_image(tap)
+            source = open_watched(self.image, tap, options.stall_timeout, self.cancel)
             (
                 writer.from_source(source)
                 .bucket_size(options.bucket_size)
@@ -442,20 +458,6 @@ class FlashJob(_Job):
                     source.close()
         for drive in self._live():  # given up by the engine without a message of its own
             self._end(drive, Status.FAILED, f"{drive.path}: did not finish", cause=Cause.ERROR)
-
-    def _open_image(self, tap: ChecksumTap | None) -> io.RawIOBase:
-        """The image opened on a thread of its own: its share may have hung since it was
-        checked (a watch session lasts hours), and a stop must still be heard."""
-        from popsicle_py.engine.watched import WorkStalled, watched_reads
-
-        try:
-            source = watched_reads(lambda: self.image.open(tap), cancel=self.cancel,
-                                   stall_timeout=self.options.stall_timeout, name="image-open")
-        except WorkStalled as exc:
-            raise SourceStalled(exc.limit, 0) from None
-        if source is None:
-            raise Cancelled("cancelled")
-        return source
 
     def _judge(self, drive: _Drive, phase: str, done: int) -> None:
         """A drive below --min-write-speed or --min-read-speed at steady state is rejected at
@@ -536,7 +538,7 @@ class VerifyJob(_Job):
             self.emit(Phase(drive.path, Step.VERIFYING))
         source = None
         try:
-            source = self.image.open()
+            source = open_watched(self.image, None, self.stall_timeout, self.cancel)
             self._verifier.from_source(source).stall_timeout(self.stall_timeout).verify()
         except Cancelled:
             self._cancel_rest()

@@ -151,6 +151,8 @@ function __popsicle_py_state --description 'popsicle-py: the command, then what 
                             set skip 1
                         case 'station:--report'
                             set skip 1
+                        case 'station:--stall-timeout'
+                            set skip 1
                         case 'station:--min-write-speed'
                             set skip 1
                         case 'station:--min-read-speed'
@@ -182,6 +184,8 @@ function __popsicle_py_state --description 'popsicle-py: the command, then what 
                         case 'watch:--max-size'
                             set skip 1
                         case 'watch:--report'
+                            set skip 1
+                        case 'watch:--stall-timeout'
                             set skip 1
                         case 'watch:--min-write-speed'
                             set skip 1
@@ -485,6 +489,7 @@ complete -c popsicle-py -n '__popsicle_py_at station' -l 'max-size' -x -d 'Skip 
 complete -c popsicle-py -n '__popsicle_py_at station' -l 'no-probe' -d 'Do not check, before writing, that each drive stores as much as it claims (the counterfeit-stick probe).'
 complete -c popsicle-py -n '__popsicle_py_at station' -l 'no-trim' -d 'Write every byte, also the free space of the image\'s ext2/3/4 and FAT file systems.'
 complete -c popsicle-py -n '__popsicle_py_at station' -l 'report' -r -F -d 'Append one record per drive to FILE (.csv or .jsonl).'
+complete -c popsicle-py -n '__popsicle_py_at station' -l 'stall-timeout' -x -d 'Fail a drive that makes no progress for SECONDS; also the image, read or decompressed.'
 complete -c popsicle-py -n '__popsicle_py_at station' -l 'min-write-speed' -x -d 'Reject a drive that writes slower than RATE (15MB/s) at steady state (not its first seconds): it is not written further.'
 complete -c popsicle-py -n '__popsicle_py_at station' -l 'min-read-speed' -x -d 'Reject a drive that reads back slower than RATE at steady state.'
 complete -c popsicle-py -n '__popsicle_py_at station' -l 'capacity' -x -d 'Reject, before writing, a drive whose size is not SIZE (32GB), within --tolerance.'
@@ -524,6 +529,7 @@ complete -c popsicle-py -n '__popsicle_py_at watch' -l 'max-size' -x -d 'Skip dr
 complete -c popsicle-py -n '__popsicle_py_at watch' -l 'no-probe' -d 'Do not check, before writing, that each drive stores as much as it claims (the counterfeit-stick probe).'
 complete -c popsicle-py -n '__popsicle_py_at watch' -l 'no-trim' -d 'Write every byte, also the free space of the image\'s ext2/3/4 and FAT file systems.'
 complete -c popsicle-py -n '__popsicle_py_at watch' -l 'report' -r -F -d 'Append one record per drive to FILE (.csv or .jsonl).'
+complete -c popsicle-py -n '__popsicle_py_at watch' -l 'stall-timeout' -x -d 'Fail a drive that makes no progress for SECONDS; also the image, read or decompressed.'
 complete -c popsicle-py -n '__popsicle_py_at watch' -l 'min-write-speed' -x -d 'Reject a drive that writes slower than RATE (15MB/s) at steady state (not its first seconds): it is not written further.'
 complete -c popsicle-py -n '__popsicle_py_at watch' -l 'min-read-speed' -x -d 'Reject a drive that reads back slower than RATE at steady state.'
 complete -c popsicle-py -n '__popsicle_py_at watch' -l 'capacity' -x -d 'Reject, before writing, a drive whose size is not SIZE (32GB), within --tolerance.'

@@ -167,8 +167,8 @@ def open_watched(image: Source, tap: ChecksumTap | None, stall_timeout: float | 
     from popsicle_py.engine.watched import WorkStalled, watched_reads
 
     try:
-        source = watched_reads(lambda: image.open(tap), cancel=cancel,
-                               stall_timeout=stall_timeout, name="image-open")
+        source = watched_reads(lambda: image.open() if tap is None else image.open(tap),
+                               cancel=cancel, stall_timeout=stall_timeout, name="image-open")
     except WorkStalled as exc:
         raise SourceStalled(exc.limit, 0) from None
     if source is None:

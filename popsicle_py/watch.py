@@ -357,7 +357,7 @@ class WatchSession:
         path = os.path.join(self._copy_dir, "image.raw")
         self.emit(Phase(None, Step.DECOMPRESSING, self.image.path))
         done = decompress_to(self.image, path, self.cancel, lambda n: self._emit_now(
-            Progress(None, Step.DECOMPRESSING, n, size)))
+            Progress(None, Step.DECOMPRESSING, n, size)), self.options.stall_timeout)
         if done is None:
             return None
         if self._still is not None:  # checked as it was at the start, decompressed as is now

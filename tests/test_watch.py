@@ -559,6 +559,37 @@ def test_compressed_image_is_decompressed_once_to_a_private_copy(tmp_path: Path)
 
 @needs_testbed
 @pytest.mark.umockdev
+@pytest.mark.parametrize("how", ["ctrl-c", "stall"])
+def test_a_compressed_image_whose_share_hangs_while_it_is_decompressed_ends_on_time(
+        tmp_path: Path, how: str) -> None:
+    """The image's share stops answering while its raw copy is made: the decompression read
+    it on the session's own thread, so neither Ctrl-C nor a stall ended the session.  Now
+    Ctrl-C ends it (130), and a stall is a refusal naming the image (2), the summary out while
+    the share still hangs (the process itself ends once the share's read returns)."""
+    packed = gzip.compress(os.urandom(16 * MiB), compresslevel=1)
+    with faulty_files() as made:
+        image = FaultyFile(len(packed), content=packed, faults={"crawl": (0, 2 * MiB)})
+        made.append(image)
+        stop = [{"signal": int(signal.SIGINT)}] if how == "ctrl-c" else []
+        try:  # the share answers again once the summary is out: the process can then end
+            run = watch(tmp_path, [str(image.file), "--yes", "--stall-timeout", "3"],
+                        [{"wait": {"event": "progress", "phase": "decompressing"}},
+                         {"kill": image.pid, "with": int(signal.SIGSTOP)}, *stop,
+                         {"wait": {"event": "summary"}},
+                         {"kill": image.pid, "with": int(signal.SIGCONT)}], timeout=30)
+        finally:
+            os.kill(image.pid, signal.SIGCONT)
+    if how == "ctrl-c":
+        assert run.rc == 130, run.stderr
+    else:
+        assert run.rc == 2, run.stderr
+        assert (f"{image.file} stopped answering while it was decompressed: no progress for 3 s"
+                in run.stderr), run.stderr
+    assert run.summary["ok"] is False and run.summary["results"] == []
+
+
+@needs_testbed
+@pytest.mark.umockdev
 def test_a_compressed_image_changed_after_its_copy_was_made_changes_no_stick(
         tmp_path: Path) -> None:
     """Every stick is written from the copy decompressed at the start: the original changing

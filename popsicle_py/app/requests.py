@@ -200,3 +200,5 @@ class WatchRequest:
     #: Skip the free space of the image's file systems, as flash does (the raw copy of a
     #: compressed image too): see :mod:`popsicle_py.app.trim`.
     trim: bool = True
+    #: A drive, or the image (read, checked or decompressed), making no progress this long fails.
+    stall_timeout: float = DEFAULT_STALL_TIMEOUT

@@ -14,7 +14,6 @@ from popsicle_py.app.confirm import Confirmation, target_rows
 from popsicle_py.app.requests import WatchRequest
 from popsicle_py.app.trim import CERTIFICATE_READS_ALL, plan_trim
 from popsicle_py.certify.writer import CertificateWriter
-from popsicle_py.defaults import DEFAULT_STALL_TIMEOUT
 from popsicle_py.drives import Drive
 from popsicle_py.errors import Refused
 from popsicle_py.grading import capacity_check
@@ -95,6 +94,7 @@ class PreparedWatch(HeldFiles):
                                          power_off=request.power_off,
                                          include_present=request.include_present,
                                          max_size=request.max_size,
+                                         stall_timeout=request.stall_timeout,
                                          checksum=self.source.checksum, probe=request.probe,
                                          admit=admit, before_head=customize.step_of(
                                              self.personaliser),
@@ -140,7 +140,7 @@ def prepare_watch(request: WatchRequest) -> PreparedWatch:
         return source, sources.sanity_note(source, request.source.image, request.source.force)
 
     source, image_note = sources.watched_checks(image_checks, request.source.image,
-                                                DEFAULT_STALL_TIMEOUT)
+                                                request.stall_timeout)
     require_future_access()
     present: tuple[Drive, ...] = ()
     if request.include_present:

@@ -317,12 +317,14 @@ class Session:
     no_probe: bool
     no_trim: bool
     report: str | None
+    stall_timeout: float
 
     def request(self, source: SourceOptions) -> WatchRequest:
         return WatchRequest(source, count=self.count, verify=not self.no_verify,
                             probe=not self.no_probe, power_off=not self.no_power_off,
                             include_present=self.include_present, max_size=self.max_size,
-                            report=self.report, trim=not self.no_trim)
+                            report=self.report, trim=not self.no_trim,
+                            stall_timeout=self.stall_timeout)
 
 
 #: The session's options, as ``watch`` has them.
@@ -339,6 +341,8 @@ session_options = OptionGroup(
     click.option("--no-probe", is_flag=True, help=NO_PROBE_HELP),
     click.option("--no-trim", is_flag=True, help=NO_TRIM_HELP),
     report_option(),
+    stall_timeout_option("Fail a drive that makes no progress for SECONDS; also the image, "
+                         "read or decompressed."),
 )
 
 

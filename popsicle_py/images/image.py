@@ -11,7 +11,7 @@ import io
 import os
 import stat
 from collections.abc import Callable
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 from popsicle_py.files import create_regular
 from popsicle_py.images.checksums import ChecksumTap
@@ -30,6 +30,9 @@ from popsicle_py.images.formats import (
     runnable,
 )
 from popsicle_py.records import record
+
+if TYPE_CHECKING:
+    from popsicle_py.pacing import Clock
 
 __all__ = [
     "EndJudged",
@@ -335,24 +338,43 @@ def _with_layers(image: Image, kind: Format) -> Image:
 
 
 def decompress_to(image: Image, path: str, cancel: Callable[[], bool],
-                  progress: Callable[[int], None]) -> int | None:
+                  progress: Callable[[int], None], stall_timeout: float | None = None
+                  ) -> int | None:
     """Write the image's decoded bytes to a new file at ``path``; their count, None if cancelled.
 
-    ImageError when the image is corrupt or the file cannot be written.
+    On a thread of its own (``progress`` is called on this one): a share or disk that stops
+    answering holds that thread, not the caller, so a stop is heard, and no progress for
+    ``stall_timeout`` is an ImageError.  ImageError too when the image is corrupt or the file
+    cannot be written.
     """
-    done = 0
-    buf = memoryview(bytearray(4 << 20))
-    try:
+    from popsicle_py.engine.watched import WorkStalled, watched
+
+    said = [0, 0]  # bytes done, bytes said
+
+    def work(clock: Clock, stopped: Callable[[], bool]) -> int | None:
+        buf = memoryview(bytearray(1 << 20))  # a MiB a step: the stall clock's unit
         with image.open() as source, create_regular(path) as out:
-            while True:
-                if cancel():
-                    return None
+            while not stopped():
                 n = source.readinto(buf) or 0
                 if not n:
-                    return done
+                    return said[0]
                 out.write(buf[:n])
-                done += n
-                progress(done)
+                said[0] += n
+                clock.advance(n)
+        return None
+
+    def tick() -> None:
+        if said[0] != said[1]:
+            said[1] = said[0]
+            progress(said[1])
+
+    try:
+        return watched(work, cancel=cancel, stall_timeout=stall_timeout, tick=tick,
+                       name="decompress")
+    except WorkStalled as exc:
+        raise ImageError(f"{image.path} stopped answering while it was decompressed: no "
+                         f"progress for {exc.limit:g} s (is the disk or share it is on, or "
+                         f"the one of {os.path.dirname(path)}, hung?)") from None
     except OSError as exc:
         raise ImageError(f"cannot decompress {image.path} to {path}: "
                          f"{exc.strerror or exc}") from None

@@ -65,3 +65,39 @@ def test_a_boot_partition_overlapping_another_is_refused(
     _next_free(image, 38 * MIB)
     line = _refused(tmp_path, image, loop_factory, "--customize-format", "cloud-init")
     assert "boot partition (partition 1) overlaps partition 2" in line, line
+
+
+def _fats(image: Path) -> tuple[int, int, int, int]:
+    """The FAT bits, the first FAT's offset in the image, one FAT's size and their count."""
+    boot = image.read_bytes()[BOOT:BOOT + 512]
+    sector, _, reserved, fats = struct.unpack_from("<HBHB", boot, 11)
+    fat16 = struct.unpack_from("<H", boot, 22)[0]
+    size = (fat16 or struct.unpack_from("<I", boot, 36)[0]) * sector
+    return (16 if fat16 else 32), BOOT + reserved * sector, size, fats
+
+
+@pytest.mark.parametrize("fat", [32, 16])
+def test_a_fat_whose_second_entry_says_dirty_is_refused(
+        tmp_path: Path, fat: int, loop_factory: Callable[..., Loop]) -> None:
+    """The clean-shutdown bit of FAT[1] cleared (in every FAT): fsck.vfat -n says "Dirty bit
+    is set" (exit 1) on every drive, after its whole write."""
+    image = pi_image.build(tmp_path, fat=fat)
+    bits, first, size, count = _fats(image)
+    width, clean = (4, 0x08000000) if bits == 32 else (2, 0x8000)
+    for n in range(count):
+        at = first + n * size + width
+        entry = int.from_bytes(image.read_bytes()[at:at + width], "little")
+        _poke(image, at, (entry & ~clean).to_bytes(width, "little"))
+    line = _refused(tmp_path, image, loop_factory)
+    assert "fsck.vfat -n finds problems in its boot partition (Dirty bit is set" in line, line
+    assert "run fsck.vfat -a" in line, line
+
+
+def test_fats_that_differ_are_refused(tmp_path: Path,
+                                      loop_factory: Callable[..., Loop]) -> None:
+    """A cluster taken in the second FAT only: "FATs differ" (exit 1) on every drive."""
+    image = pi_image.build(tmp_path)
+    _, first, size, _ = _fats(image)
+    _poke(image, first + size + 4 * 5000, struct.pack("<I", 0x0FFFFFFF))
+    line = _refused(tmp_path, image, loop_factory)
+    assert "finds problems in its boot partition (FATs differ" in line, line

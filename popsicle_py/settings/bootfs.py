@@ -53,7 +53,8 @@ from popsicle_py.settings.fat import (
     root_files,
 )
 
-__all__ = ["BLOCK", "TOOLS", "BootFsError", "files_digest", "missing_tools", "write_boot_files"]
+__all__ = ["BLOCK", "TOOLS", "BootFsError", "check_image_fs", "files_digest", "missing_tools",
+           "write_boot_files"]
 
 BLOCK = 4096
 CHUNK = 4 << 20
@@ -348,21 +349,42 @@ def said_lines(stderr: str) -> list[str]:
             for part in re.split(r"(?<=\))(?=[A-Za-z])", line) if part.strip()]
 
 
-def _fsck(dev: _Device, geo: FatGeometry, fat: list[int]) -> None:
+def _fsck_findings(read: Callable[[int, int], bytes], geo: FatGeometry, fat: list[int],
+                   stopped: Stopped = lambda: False) -> list[str]:
+    """What ``fsck.vfat -n`` says is wrong (empty: nothing) in the metadata and directories
+    read by ``read`` (offsets in the file system), copied into a sparse file."""
     with tempfile.NamedTemporaryFile(prefix="popsicle-bootfs-") as copy:
         copy.truncate(geo.total)
         for at in range(0, geo.data_offset, CHUNK):
-            os.pwrite(copy.fileno(), dev.read(at, min(CHUNK, geo.data_offset - at)), at)
-        for cluster in sorted(directory_clusters(geo, fat, dev.read)):
+            os.pwrite(copy.fileno(), read(at, min(CHUNK, geo.data_offset - at)), at)
+        for cluster in sorted(directory_clusters(geo, fat, read)):
             at = geo.cluster_offset(cluster)
-            os.pwrite(copy.fileno(), dev.read(at, geo.cluster), at)
+            os.pwrite(copy.fileno(), read(at, geo.cluster), at)
         copy.flush()
         check = _run([_tool("fsck.vfat"), "-n", copy.name], "checking the boot partition",
-                     dev.stopped)
-    if check.returncode != 0:
-        lines = [line for line in check.stdout.splitlines()[1:] if line.strip()]
+                     stopped)
+    if check.returncode == 0:
+        return []
+    lines = [line.strip() for line in check.stdout.splitlines()[1:]
+             if line.strip() and line.strip() != "Leaving filesystem unchanged."
+             and not line.startswith(copy.name)]
+    return lines[:3] or [f"exit status {check.returncode}"]
+
+
+def _fsck(read: Callable[[int, int], bytes], geo: FatGeometry, fat: list[int],
+          stopped: Stopped) -> None:
+    found = _fsck_findings(read, geo, fat, stopped)
+    if found:
         raise BootFsError("fsck.vfat -n found problems in the boot partition: "
-                          + "; ".join(lines[:3]))
+                          + "; ".join(found))
+
+
+def check_image_fs(read: Callable[[int, int], bytes], geo: FatGeometry, fat: list[int]
+                   ) -> list[str]:
+    """What ``fsck.vfat -n`` finds in the image's own boot file system, as it would on each
+    drive after its files are written (mcopy repairs nothing): there, it fails every drive
+    after its whole write.  Raises :class:`BootFsError` when fsck.vfat cannot run."""
+    return _fsck_findings(read, geo, fat)
 
 
 def _allowed_blocks(geo: FatGeometry, clusters: set[int]) -> set[int]:
@@ -434,7 +456,7 @@ def _write(fd: int, part: BootPartition, files: Mapping[str, bytes], fsck: bool,
                               f"({len(stray)} block(s), first at byte "
                               f"{part.offset + stray[0] * BLOCK})")
         if fsck:
-            _fsck(dev, geo, fat_after)
+            _fsck(dev.read, geo, fat_after, dev.stopped)
     finally:
         dev.close()
     return files_digest(files)

@@ -152,6 +152,7 @@ def inspect_boot(read: Read, chosen: str | None) -> BootImage:
                 "fsck.vfat would fail every drive; run fsck.vfat -a on the image's boot "
                 "partition, or unmount it cleanly before imaging")
         fat = read_fat(geo, in_part(geo.reserved, geo.fat_size))
+        _fsck_clean(in_part, geo, fat)
         files = root_files(geo, fat, in_part, {"cmdline.txt", *CLOUD_INIT_NAMES})
         directories = frozenset(e.name.lower() for e in root_entries(geo, fat, in_part)
                                 if e.directory)
@@ -169,6 +170,23 @@ def inspect_boot(read: Read, chosen: str | None) -> BootImage:
         raise SettingsError("--customize-format firstrun needs cmdline.txt in the image's "
                             "boot partition (Raspberry Pi OS)")
     return BootImage(part, fmt, cmdline, space, directories)
+
+
+def _fsck_clean(read: Read, geo: FatGeometry, fat: list[int]) -> None:
+    """What ``fsck.vfat -n`` finds in the image's boot file system (two FATs that differ, the
+    dirty bit of the FAT's second entry ...) it finds on every drive after its files are
+    written, and fails each after its whole write: refused before."""
+    from popsicle_py.settings.bootfs import BootFsError, check_image_fs
+
+    try:
+        found = check_image_fs(read, geo, fat)
+    except BootFsError as exc:
+        raise SettingsError(f"cannot customise this image: {exc}") from None
+    if found:
+        raise SettingsError("cannot customise this image: fsck.vfat -n finds problems in its "
+                            f"boot partition ({'; '.join(found)}), which every drive would "
+                            "fail on after its write: run fsck.vfat -a on the image's boot "
+                            "partition")
 
 
 def _mtools_can_write(geo: FatGeometry, boot: bytes) -> None:

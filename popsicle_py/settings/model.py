@@ -243,7 +243,9 @@ def load_settings(path: str) -> Settings:
 
 
 def check_key(key: str) -> None:
-    """An OpenSSH public key line: a known type, base64 whose blob names the same type."""
+    """An OpenSSH public key line: a known type, base64 of a whole key of that type (a key
+    cut short where its base64 still decodes, as a pasted line cut at a multiple of four
+    characters is, would be written and never let anyone in)."""
     parts = key.split()
     if len(parts) < 2 or parts[0] not in _KEY_TYPES:
         raise SettingsError(f"malformed SSH key {key[:40]!r}: expected "
@@ -259,6 +261,53 @@ def check_key(key: str) -> None:
     if named != parts[0]:
         raise SettingsError(f"malformed SSH key {key[:40]!r}: says {parts[0]} but holds "
                             f"{named or 'something else'}")
+    why = _key_fault(named, blob)
+    if why is not None:
+        raise SettingsError(f"malformed SSH key {key[:40]!r}: {why} (cut short?)")
+
+
+#: Bytes of an uncompressed point (0x04, x, y) of each ECDSA curve.
+_POINT = {"nistp256": 65, "nistp384": 97, "nistp521": 133}
+#: The smallest RSA modulus OpenSSH takes, in bits.
+_RSA_BITS = 1024
+
+
+def _strings(blob: bytes) -> list[bytes] | None:
+    """The SSH wire strings (uint32 length, bytes) the blob is made of; None: not whole."""
+    out, at = [], 0
+    while at < len(blob):
+        if at + 4 > len(blob):
+            return None
+        (length,) = struct.unpack_from(">I", blob, at)
+        if at + 4 + length > len(blob):
+            return None
+        out.append(blob[at + 4:at + 4 + length])
+        at += 4 + length
+    return out
+
+
+def _key_fault(kind: str, blob: bytes) -> str | None:
+    """What is wrong with a public key blob of ``kind`` (as ``ssh-keygen -l`` would refuse
+    it), or None."""
+    fields = _strings(blob)
+    if fields is None:
+        return "its key ends inside a field"
+    core = kind.removeprefix("sk-").removesuffix("@openssh.com")
+    want = {"ssh-ed25519": 2, "ssh-rsa": 3}.get(core, 3) + (kind != core)
+    if len(fields) != want:
+        return f"its key has {len(fields)} fields, not the {want} of {kind}"
+    if core == "ssh-ed25519" and len(fields[1]) != 32:
+        return f"its ed25519 key is {len(fields[1])} bytes, not 32"
+    if core == "ssh-rsa":
+        bits = int.from_bytes(fields[2], "big").bit_length()
+        if bits < _RSA_BITS:
+            return f"its RSA modulus is {bits} bits, under the {_RSA_BITS} OpenSSH takes"
+    if core.startswith("ecdsa-sha2-"):
+        curve = core.removeprefix("ecdsa-sha2-")
+        if fields[1] != curve.encode() or len(fields[2]) != _POINT[curve] \
+                or fields[2][:1] != b"\x04":
+            return f"its key is not a {curve} point"
+    return None
 
 
 def _known_timezone(name: str) -> bool:

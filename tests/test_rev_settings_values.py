@@ -1,0 +1,45 @@
+"""Settings values that were taken and then did not work on the board: each is refused in
+one line before anything is written (or written so the board reads what was meant)."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from popsicle_py.settings import DriveContext, SettingsError, load_settings
+from popsicle_py.settings.values import resolve
+
+KEY = ("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIK7y7UxIbBf10hjkkKaoDhFxSFdfZG1ZjTmXCUdxf9Rz "
+       "teacher@lab")
+
+
+def _resolved(tmp_path: Path, text: str) -> None:
+    path = tmp_path / "settings.toml"
+    path.write_text(text)
+    resolve(load_settings(str(path)), None, DriveContext(1, 1))
+
+
+def _keygen_refuses(key: str) -> bool:
+    return subprocess.run(["ssh-keygen", "-l", "-f", "-"], input=key, capture_output=True,
+                          text=True).returncode != 0
+
+
+@pytest.mark.parametrize("key", [
+    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5 a@x",  # the type's name alone
+    KEY.split()[0] + " " + KEY.split()[1][:48],  # a paste cut at a multiple of 4 characters
+    KEY.split()[0] + " " + KEY.split()[1][:64],
+])
+def test_a_key_cut_short_is_refused(tmp_path: Path, key: str) -> None:
+    """Base64 that still decodes, of a key cut short: it was written into authorized_keys,
+    the drive was ok, and no one could log in with it."""
+    assert _keygen_refuses(key)
+    with pytest.raises(SettingsError) as info:
+        _resolved(tmp_path, f'user = "u"\nssh_authorized_keys = ["{key}"]\n')
+    assert "malformed SSH key" in str(info.value) and "cut short?" in str(info.value)
+
+
+def test_a_whole_key_is_taken(tmp_path: Path) -> None:
+    assert not _keygen_refuses(KEY)
+    _resolved(tmp_path, f'user = "u"\nssh_authorized_keys = ["{KEY}"]\n')

@@ -43,3 +43,20 @@ def test_a_key_cut_short_is_refused(tmp_path: Path, key: str) -> None:
 def test_a_whole_key_is_taken(tmp_path: Path) -> None:
     assert not _keygen_refuses(KEY)
     _resolved(tmp_path, f'user = "u"\nssh_authorized_keys = ["{KEY}"]\n')
+
+
+@pytest.mark.parametrize("ssid", ["-010", "-1", "-0x1f", "-1_000", "-0", "-", "-a", "_1"])
+def test_an_ssid_with_a_sign_stays_that_string(ssid: str) -> None:
+    """Written as a plain key, YAML 1.1 (cloud-init reads network-config with PyYAML) read
+    "-010" as the number -8: the board was told to join "-8"."""
+    import json
+
+    from popsicle_py.settings.cloudinit import network_config
+    from popsicle_py.settings.model import Settings, Wifi
+
+    text = network_config(Settings(wifi=Wifi(ssid, "", "DE"))) or ""
+    loaded = subprocess.run(["/usr/bin/python3", "-c", "import json, sys, yaml; "
+                             "print(json.dumps(yaml.safe_load(sys.stdin)))"], input=text,
+                            capture_output=True, text=True, check=True).stdout
+    points = json.loads(loaded)["network"]["wifis"]["wlan0"]["access-points"]
+    assert list(points) == [ssid]

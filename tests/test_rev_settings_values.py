@@ -60,3 +60,16 @@ def test_an_ssid_with_a_sign_stays_that_string(ssid: str) -> None:
                             capture_output=True, text=True, check=True).stdout
     points = json.loads(loaded)["network"]["wifis"]["wlan0"]["access-points"]
     assert list(points) == [ssid]
+
+
+def test_an_empty_password_is_refused(tmp_path: Path) -> None:
+    """A row whose password cell is empty: the user got the hash of "" with lock_passwd
+    false and sudo without a password, and the drive was ok."""
+    from popsicle_py.settings import parse_values
+
+    path = tmp_path / "settings.toml"
+    path.write_text('hostname = "{hostname}"\nuser = "student"\npassword = "{pw}"\n')
+    values = parse_values("seq,hostname,pw\n1,pi-01,\n", "class.csv")
+    with pytest.raises(SettingsError) as info:
+        resolve(load_settings(str(path)), values, DriveContext(1, 1))
+    assert str(info.value).startswith("drive 1: password is empty: user 'student' would log in")

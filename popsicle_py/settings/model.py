@@ -344,6 +344,10 @@ def check(settings: Settings, drive: str) -> None:
                             "(lower case letters, digits, _ and -; not root)")
     if (s.password is not None or s.password_hash is not None) and s.user is None:
         raise SettingsError(f"{drive}: a password needs a user")
+    if s.password == "":  # an empty cell of the CSV: a login (and sudo) with no password
+        raise SettingsError(f"{drive}: password is empty: user {s.user!r} would log in with "
+                            "no password at all (leave password out for a user cloud-init "
+                            "locks)")
     if s.password is not None and len(s.password.encode()) > PASSWORD_BYTES:
         raise SettingsError(f"{drive}: password is {len(s.password.encode())} bytes; at most "
                             f"{PASSWORD_BYTES} (crypt() refuses longer ones: no one could log "

@@ -82,10 +82,16 @@ class BootSpace:
     #: FAT32: the root directory grows into free clusters; FAT12/16: its size is fixed.
     root_grows: bool
 
+    @staticmethod
+    def slots_for(names: Iterable[str]) -> int:
+        """Root directory slots the names take: each its short entry and, being lower case
+        or long, a long-name entry per 13 characters."""
+        return sum(-(-len(name) // 13) + 1 for name in names)
+
     def clusters_for(self, sizes: Mapping[str, int]) -> int | None:
         """Clusters the files and their directory entries take; None: the root has no room."""
         data = sum(-(-size // self.cluster) for size in sizes.values())
-        slots = sum(-(-len(name) // 13) + 1 for name in sizes)
+        slots = self.slots_for(sizes)
         if slots <= self.root_slots:
             return data
         if not self.root_grows:
@@ -97,10 +103,10 @@ class BootSpace:
         need = self.clusters_for(sizes)
         some = "at least " if at_least else ""
         if need is None:
-            return (f"the first-boot files need {some}{len(sizes)} entries in the root "
-                    "directory of the image's boot partition (FAT12/16: a fixed size), which "
-                    f"has room for {self.root_slots} slots (a name over 12 characters takes "
-                    "more than one)")
+            return (f"the first-boot files ({len(sizes)}) need {some}"
+                    f"{self.slots_for(sizes)} slots in the root directory of the image's boot "
+                    "partition (FAT12/16: a fixed size), which has room for "
+                    f"{self.root_slots} (each name takes one, and one more per 13 characters)")
         if need <= self.free:
             return None
         name = max(sizes, key=lambda n: sizes[n])

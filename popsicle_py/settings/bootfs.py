@@ -329,13 +329,14 @@ def _run(argv: list[str], what: str, stopped: Stopped, fd: int | None = None,
 def _mcopy(fd: int, part: BootPartition, files: Mapping[str, bytes],
            stopped: Stopped = lambda: False, moving: Callable[[], bool] = lambda: False
            ) -> None:
-    with tempfile.TemporaryDirectory(prefix="popsicle-boot-") as tmp:
+    with _scratch_dir() as tmp:
         paths = []
-        for name, data in files.items():
-            path = os.path.join(tmp, name)
-            with open(path, "wb") as handle:
-                handle.write(data)
-            paths.append(path)
+        with _scratch():
+            for name, data in files.items():
+                path = os.path.join(tmp, name)
+                with open(path, "wb") as handle:
+                    handle.write(data)
+                paths.append(path)
         done = _run([_tool("mcopy"), "-o", "-i", f"{_path(fd)}@@{part.offset}", *paths, "::/"],
                     "writing the boot partition", stopped, fd, moving)
     if done.returncode != 0:
@@ -349,18 +350,49 @@ def said_lines(stderr: str) -> list[str]:
             for part in re.split(r"(?<=\))(?=[A-Za-z])", line) if part.strip()]
 
 
+@contextlib.contextmanager
+def _scratch() -> Iterator[None]:
+    """An error of the temporary directory's (a full or read-only $TMPDIR) said as its own,
+    never as the drive's (ENOSPC read as "no space left on the drive")."""
+    try:
+        yield
+    except OSError as exc:
+        if isinstance(exc, BootFsError):
+            raise
+        raise BootFsError(f"the temporary directory {tempfile.gettempdir()} ($TMPDIR): "
+                          f"{exc.strerror or exc}") from None
+
+
+def _put(fd: int, data: bytes, at: int) -> None:
+    """``data`` at ``at`` of the sparse copy (no data: its size made ``at``)."""
+    with _scratch():
+        if data:
+            os.pwrite(fd, data, at)
+        else:
+            os.ftruncate(fd, at)
+
+
+@contextlib.contextmanager
+def _scratch_dir() -> Iterator[str]:
+    with _scratch():
+        made = tempfile.TemporaryDirectory(prefix="popsicle-boot-")
+    with made as tmp:
+        yield tmp
+
+
 def _fsck_findings(read: Callable[[int, int], bytes], geo: FatGeometry, fat: list[int],
                    stopped: Stopped = lambda: False) -> list[str]:
     """What ``fsck.vfat -n`` says is wrong (empty: nothing) in the metadata and directories
     read by ``read`` (offsets in the file system), copied into a sparse file."""
-    with tempfile.NamedTemporaryFile(prefix="popsicle-bootfs-") as copy:
-        copy.truncate(geo.total)
+    with _scratch():
+        copy = tempfile.NamedTemporaryFile(prefix="popsicle-bootfs-")  # noqa: SIM115
+    with copy:  # (made apart: an error making it is $TMPDIR's, one in it may be the drive's)
+        _put(copy.fileno(), b"", geo.total)
         for at in range(0, geo.data_offset, CHUNK):
-            os.pwrite(copy.fileno(), read(at, min(CHUNK, geo.data_offset - at)), at)
+            _put(copy.fileno(), read(at, min(CHUNK, geo.data_offset - at)), at)
         for cluster in sorted(directory_clusters(geo, fat, read)):
             at = geo.cluster_offset(cluster)
-            os.pwrite(copy.fileno(), read(at, geo.cluster), at)
-        copy.flush()
+            _put(copy.fileno(), read(at, geo.cluster), at)
         check = _run([_tool("fsck.vfat"), "-n", copy.name], "checking the boot partition",
                      stopped)
     if check.returncode == 0:

@@ -186,8 +186,8 @@ def _fsck_clean(read: Read, geo: FatGeometry, fat: list[int]) -> None:
 
     try:
         found = check_image_fs(read, geo, fat)
-    except BootFsError as exc:
-        raise SettingsError(f"cannot customise this image: {exc}") from None
+    except BootFsError as exc:  # fsck.vfat or $TMPDIR: not the image
+        raise SettingsError(f"cannot check the image's boot partition: {exc}") from None
     if found:
         raise SettingsError("cannot customise this image: fsck.vfat -n finds problems in its "
                             f"boot partition ({'; '.join(found)}), which every drive would "

@@ -73,3 +73,25 @@ def test_an_empty_password_is_refused(tmp_path: Path) -> None:
     with pytest.raises(SettingsError) as info:
         resolve(load_settings(str(path)), values, DriveContext(1, 1))
     assert str(info.value).startswith("drive 1: password is empty: user 'student' would log in")
+
+
+@pytest.mark.skipif(subprocess.run(["which", "wpa_passphrase"], capture_output=True
+                                   ).returncode != 0, reason="wpa_passphrase is not installed")
+@pytest.mark.parametrize("passphrase", ["ééééé", "é" * 31, "é" * 32, "é" * 40, "abcdefgh"])
+def test_a_wifi_passphrase_is_taken_as_wpa_supplicant_takes_it(tmp_path: Path,
+                                                                passphrase: str) -> None:
+    """Its length is counted in bytes, as wpa_supplicant counts it: "ééééé" (10 bytes) was
+    refused as 5 characters; 40 "é" (80 bytes, which no access point takes) was written."""
+    from popsicle_py.settings.cloudinit import wpa_psk
+    from popsicle_py.settings.model import Wifi
+
+    said = subprocess.run(["wpa_passphrase", "lab", passphrase], capture_output=True,
+                          text=True)
+    text = f'[wifi]\nssid = "lab"\npassphrase = "{passphrase}"\ncountry = "DE"\n'
+    if said.returncode == 0:
+        _resolved(tmp_path, text)
+        assert f"psk={wpa_psk(Wifi('lab', passphrase, 'DE'))}" in said.stdout
+    else:
+        with pytest.raises(SettingsError) as info:
+            _resolved(tmp_path, text)
+        assert "wifi.passphrase must be 8 to 63 bytes" in str(info.value)

@@ -392,10 +392,12 @@ def check_format(settings: Settings, fmt: str, where: str) -> None:
 def _check_wifi(wifi: Wifi, drive: str) -> None:
     if not 1 <= len(wifi.ssid.encode()) <= 32:
         raise SettingsError(f"{drive}: wifi.ssid must be 1 to 32 bytes")
-    if wifi.passphrase and not (8 <= len(wifi.passphrase) <= 63
+    # Bytes of UTF-8, as wpa_supplicant, NetworkManager and hostapd count them (and as the
+    # PSK is derived): "ééééé" is a passphrase of 10, 40 "é" one of 80 no access point takes.
+    if wifi.passphrase and not (8 <= len(wifi.passphrase.encode()) <= 63
                                 or re.fullmatch(r"[0-9A-Fa-f]{64}", wifi.passphrase)):
-        raise SettingsError(f"{drive}: wifi.passphrase must be 8 to 63 characters "
-                            "(or 64 hex digits)")
+        raise SettingsError(f"{drive}: wifi.passphrase must be 8 to 63 bytes (or 64 hex "
+                            f"digits), not {len(wifi.passphrase.encode())}")
     if wifi.country not in COUNTRIES:
         raise SettingsError(f"{drive}: wifi.country {wifi.country!r} is not an ISO 3166 "
                             "alpha-2 code (e.g. DE, GB, US)")

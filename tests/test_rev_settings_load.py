@@ -67,6 +67,17 @@ def test_a_boot_partition_overlapping_another_is_refused(
     assert "boot partition (partition 1) overlaps partition 2" in line, line
 
 
+
+def test_a_gpt_boot_partition_over_the_table_itself_is_refused(
+        tmp_path: Path, loop_factory: Callable[..., Loop]) -> None:
+    """Its header says partitions end before the boot partition does (the rest is the
+    backup table's): what mcopy puts there would be written over the GPT."""
+    image = pi_image.build(tmp_path, table="gpt")
+    _poke(image, 512 + 48, struct.pack("<Q", (BOOT + 20 * MIB) // 512))  # last usable LBA
+    _fix_gpt_crcs(image)
+    line = _refused(tmp_path, image, loop_factory, "--customize-format", "cloud-init")
+    assert "lies outside the sectors its GPT header says partitions may use" in line, line
+
 def _fats(image: Path) -> tuple[int, int, int, int]:
     """The FAT bits, the first FAT's offset in the image, one FAT's size and their count."""
     boot = image.read_bytes()[BOOT:BOOT + 512]

@@ -95,3 +95,24 @@ def test_a_wifi_passphrase_is_taken_as_wpa_supplicant_takes_it(tmp_path: Path,
         with pytest.raises(SettingsError) as info:
             _resolved(tmp_path, text)
         assert "wifi.passphrase must be 8 to 63 bytes" in str(info.value)
+
+
+@pytest.mark.parametrize(("cell", "refused"), [('"correct horse "', True), ('" pw-12345"', True),
+                                               ("pw-12345", False)])
+def test_a_secret_from_a_cell_with_spaces_at_its_ends_is_refused(
+        tmp_path: Path, cell: str, refused: bool) -> None:
+    """Every cell is stripped: a password (or Wi-Fi passphrase) "correct horse " became
+    "correct horse", hashed and written, and the drive was ok."""
+    from popsicle_py.settings import parse_values
+
+    path = tmp_path / "settings.toml"
+    path.write_text('user = "student"\npassword = "{pw}"\n'
+                    '[wifi]\nssid = "lab"\npassphrase = "{pw}"\ncountry = "DE"\n')
+    values = parse_values(f"seq,pw\n1,{cell}\n", "class.csv")
+    if not refused:
+        resolve(load_settings(str(path)), values, DriveContext(1, 1))
+        return
+    with pytest.raises(SettingsError) as info:
+        resolve(load_settings(str(path)), values, DriveContext(1, 1))
+    assert str(info.value).startswith("drive 1: password comes from the column 'pw' of "
+                                      "class.csv, whose cell has spaces at its start or end")

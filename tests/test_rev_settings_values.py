@@ -116,3 +116,22 @@ def test_a_secret_from_a_cell_with_spaces_at_its_ends_is_refused(
         resolve(load_settings(str(path)), values, DriveContext(1, 1))
     assert str(info.value).startswith("drive 1: password comes from the column 'pw' of "
                                       "class.csv, whose cell has spaces at its start or end")
+
+
+def test_an_empty_passphrase_cell_is_refused(tmp_path: Path) -> None:
+    """A row without its Wi-Fi passphrase was written as an open network: the board never
+    joined the class's WPA network, and the drive was ok."""
+    from popsicle_py.settings import parse_values
+    from popsicle_py.settings.cloudinit import network_config
+
+    path = tmp_path / "settings.toml"
+    path.write_text('[wifi]\nssid = "lab"\npassphrase = "{wifi}"\ncountry = "DE"\n')
+    values = parse_values("seq,wifi\n1,\n2,correct horse\n", "class.csv")
+    settings = load_settings(str(path))
+    with pytest.raises(SettingsError) as info:
+        resolve(settings, values, DriveContext(1, 1))
+    assert str(info.value).startswith("drive 1: wifi.passphrase '{wifi}' is empty for this "
+                                      "drive (an empty cell)")
+    assert "password" in (network_config(resolve(settings, values, DriveContext(2, 2))) or "")
+    path.write_text('[wifi]\nssid = "lab"\npassphrase = ""\ncountry = "DE"\n')  # open: said so
+    resolve(load_settings(str(path)), values, DriveContext(1, 1))

@@ -199,6 +199,10 @@ def resolve(settings: Settings, values: Values | None, drive: DriveContext) -> S
             wifi, ssid=fill("wifi.ssid", wifi.ssid) or "",
             passphrase=fill("wifi.passphrase", wifi.passphrase) or "",
             country=(fill("wifi.country", wifi.country) or "").upper())
+        if settings.wifi is not None and settings.wifi.passphrase and not wifi.passphrase:
+            raise SettingsError(f"{drive.name}: wifi.passphrase {settings.wifi.passphrase!r} "
+                                "is empty for this drive (an empty cell): an open network is "
+                                "passphrase = \"\" in the settings, not an empty value")
     strings: dict[str, Any] = {
         name: fill(name, getattr(settings, name)) for name in
         ("hostname", "user", "password", "password_hash", "timezone", "keyboard", "locale")}

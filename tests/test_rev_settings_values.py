@@ -135,3 +135,9 @@ def test_an_empty_passphrase_cell_is_refused(tmp_path: Path) -> None:
     assert "password" in (network_config(resolve(settings, values, DriveContext(2, 2))) or "")
     path.write_text('[wifi]\nssid = "lab"\npassphrase = ""\ncountry = "DE"\n')  # open: said so
     resolve(load_settings(str(path)), values, DriveContext(1, 1))
+
+
+@pytest.mark.parametrize("locale", ["C.UTF-8", "C", "POSIX", "en_GB.UTF-8", "sr_RS@latin"])
+def test_the_c_locale_is_a_locale(tmp_path: Path, locale: str) -> None:
+    """"locale 'C.UTF-8' is not a locale" was said of Debian's own default."""
+    _resolved(tmp_path, f'locale = "{locale}"\n')

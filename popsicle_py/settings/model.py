@@ -77,7 +77,8 @@ _KEY_TYPES = ("ssh-ed25519", "ssh-rsa", "ecdsa-sha2-nistp256", "ecdsa-sha2-nistp
               "sk-ecdsa-sha2-nistp256@openssh.com")
 _TIMEZONE = re.compile(r"[A-Za-z][A-Za-z0-9_+-]*(/[A-Za-z0-9_+-]+)*")
 _KEYBOARD = re.compile(r"[a-z]{2,8}")
-_LOCALE = re.compile(r"[a-z]{2,3}(_[A-Z]{2})?(\.[A-Za-z0-9-]+)?(@[a-z]+)?")
+#: A language's locale, or C (C.UTF-8, Debian's default) or POSIX.
+_LOCALE = re.compile(r"(C|POSIX|[a-z]{2,3}(_[A-Z]{2})?)(\.[A-Za-z0-9-]+)?(@[a-z]+)?")
 _BOOT_NAME = re.compile(r"[A-Za-z0-9._-]{0,63}[A-Za-z0-9_-]")  # FAT drops a final "."
 #: Names DOS (and so FAT drivers and mtools) take for devices, whatever the extension.
 _DEVICES = frozenset({"con", "prn", "aux", "nul", *(f"com{n}" for n in range(1, 10)),

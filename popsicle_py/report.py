@@ -9,6 +9,7 @@ one object per line).  An existing file is appended to, never truncated.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -151,14 +152,23 @@ class Report:
         del self.trackers[r.device]
 
     def _append(self, text: str, *, quiet: bool = False) -> None:
+        """Append one record whole, or nothing: a record cut short by a full disk is cut off
+        again (else the next run's first record would be glued to its half)."""
         if self.failed:
             return
+        end, written, data = None, 0, text.encode()
+        whole = len(data)
         try:
-            data = text.encode()
+            end = os.fstat(self.fd).st_size
             while data:
-                data = data[os.write(self.fd, data):]
+                done = os.write(self.fd, data)
+                written, data = written + done, data[done:]
             os.fsync(self.fd)
         except OSError as exc:
+            with contextlib.suppress(OSError):  # only when no one appended after it
+                if end is not None and 0 < written < whole \
+                        and os.fstat(self.fd).st_size == end + written:
+                    os.ftruncate(self.fd, end)
             self.failed = True
             self.failed_why = exc.strerror or str(exc)
             if not quiet:

@@ -189,6 +189,9 @@ def test_a_fat16_root_directory_that_would_overflow_is_refused(
     sizes = {n: len(d) for n, d in files.items()}
     assert space.refusal(sizes) is None
     why = space.refusal({**sizes, "one-more.txt": 3})
-    assert why is not None and "entries in the root directory" in why, why
+    # The slots needed and the slots free, in the same unit (it said "2 entries", "3 slots").
+    need = sum(-(-len(n) // 13) + 1 for n in sizes) + 2
+    assert why is not None and f"need {need} slots in the root directory" in why, why
+    assert f"which has room for {space.root_slots} (each name" in why, why
     write(loop, boot.partition, files)
     assert mtype(loop, boot.partition.offset, f"welcome-{free // 2 - 1:05}") == b"hi\n"

@@ -39,14 +39,24 @@ def _last_line(text: bytes) -> str:
 
 def sign(key: str, data: bytes) -> bytes:
     """The SSH signature of ``data`` with the private key (or the agent's, given the public
-    key file) ``key``; raises SignError."""
+    key file) ``key``; raises SignError.
+
+    ssh-keygen runs in a session of its own, with no terminal and no askpass program: a key
+    that needs a passphrase fails at once, never a prompt on popsicle's terminal, asked again
+    for each drive while the run waits (README: use ssh-agent and give the .pub file)."""
     try:
         done = subprocess.run([_keygen(), "-q", "-Y", "sign", "-f", key, "-n", NAMESPACE],
-                              input=data, capture_output=True, timeout=_TIMEOUT, check=False)
+                              input=data, capture_output=True, timeout=_TIMEOUT, check=False,
+                              start_new_session=True,
+                              env={**os.environ, "SSH_ASKPASS_REQUIRE": "never"})
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise SignError(f"ssh-keygen -Y sign: {exc}") from None
     if done.returncode != 0 or b"BEGIN SSH SIGNATURE" not in done.stdout:
-        raise SignError(f"ssh-keygen -Y sign -f {key}: {_last_line(done.stderr)}")
+        said = _last_line(done.stderr)
+        if "passphrase" in said:
+            raise SignError(f"{key} needs a passphrase, which popsicle-py does not ask for: "
+                            "add it to ssh-agent (ssh-add) and give its .pub file")
+        raise SignError(f"ssh-keygen -Y sign -f {key}: {said}")
     return done.stdout
 
 

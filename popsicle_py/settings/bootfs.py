@@ -53,7 +53,8 @@ from popsicle_py.settings.fat import (
     root_files,
 )
 
-__all__ = ["BLOCK", "TOOLS", "BootFsError", "files_digest", "missing_tools", "write_boot_files"]
+__all__ = ["BLOCK", "TOOLS", "BootFsError", "check_image_fs", "files_digest", "missing_tools",
+           "write_boot_files"]
 
 BLOCK = 4096
 CHUNK = 4 << 20
@@ -328,13 +329,14 @@ def _run(argv: list[str], what: str, stopped: Stopped, fd: int | None = None,
 def _mcopy(fd: int, part: BootPartition, files: Mapping[str, bytes],
            stopped: Stopped = lambda: False, moving: Callable[[], bool] = lambda: False
            ) -> None:
-    with tempfile.TemporaryDirectory(prefix="popsicle-boot-") as tmp:
+    with _scratch_dir() as tmp:
         paths = []
-        for name, data in files.items():
-            path = os.path.join(tmp, name)
-            with open(path, "wb") as handle:
-                handle.write(data)
-            paths.append(path)
+        with _scratch():
+            for name, data in files.items():
+                path = os.path.join(tmp, name)
+                with open(path, "wb") as handle:
+                    handle.write(data)
+                paths.append(path)
         done = _run([_tool("mcopy"), "-o", "-i", f"{_path(fd)}@@{part.offset}", *paths, "::/"],
                     "writing the boot partition", stopped, fd, moving)
     if done.returncode != 0:
@@ -348,21 +350,73 @@ def said_lines(stderr: str) -> list[str]:
             for part in re.split(r"(?<=\))(?=[A-Za-z])", line) if part.strip()]
 
 
-def _fsck(dev: _Device, geo: FatGeometry, fat: list[int]) -> None:
-    with tempfile.NamedTemporaryFile(prefix="popsicle-bootfs-") as copy:
-        copy.truncate(geo.total)
+@contextlib.contextmanager
+def _scratch() -> Iterator[None]:
+    """An error of the temporary directory's (a full or read-only $TMPDIR) said as its own,
+    never as the drive's (ENOSPC read as "no space left on the drive")."""
+    try:
+        yield
+    except OSError as exc:
+        if isinstance(exc, BootFsError):
+            raise
+        raise BootFsError(f"the temporary directory {tempfile.gettempdir()} ($TMPDIR): "
+                          f"{exc.strerror or exc}") from None
+
+
+def _put(fd: int, data: bytes, at: int) -> None:
+    """``data`` at ``at`` of the sparse copy (no data: its size made ``at``)."""
+    with _scratch():
+        if data:
+            os.pwrite(fd, data, at)
+        else:
+            os.ftruncate(fd, at)
+
+
+@contextlib.contextmanager
+def _scratch_dir() -> Iterator[str]:
+    with _scratch():
+        made = tempfile.TemporaryDirectory(prefix="popsicle-boot-")
+    with made as tmp:
+        yield tmp
+
+
+def _fsck_findings(read: Callable[[int, int], bytes], geo: FatGeometry, fat: list[int],
+                   stopped: Stopped = lambda: False) -> list[str]:
+    """What ``fsck.vfat -n`` says is wrong (empty: nothing) in the metadata and directories
+    read by ``read`` (offsets in the file system), copied into a sparse file."""
+    with _scratch():
+        copy = tempfile.NamedTemporaryFile(prefix="popsicle-bootfs-")  # noqa: SIM115
+    with copy:  # (made apart: an error making it is $TMPDIR's, one in it may be the drive's)
+        _put(copy.fileno(), b"", geo.total)
         for at in range(0, geo.data_offset, CHUNK):
-            os.pwrite(copy.fileno(), dev.read(at, min(CHUNK, geo.data_offset - at)), at)
-        for cluster in sorted(directory_clusters(geo, fat, dev.read)):
+            _put(copy.fileno(), read(at, min(CHUNK, geo.data_offset - at)), at)
+        for cluster in sorted(directory_clusters(geo, fat, read)):
             at = geo.cluster_offset(cluster)
-            os.pwrite(copy.fileno(), dev.read(at, geo.cluster), at)
-        copy.flush()
+            _put(copy.fileno(), read(at, geo.cluster), at)
         check = _run([_tool("fsck.vfat"), "-n", copy.name], "checking the boot partition",
-                     dev.stopped)
-    if check.returncode != 0:
-        lines = [line for line in check.stdout.splitlines()[1:] if line.strip()]
+                     stopped)
+    if check.returncode == 0:
+        return []
+    lines = [line.strip() for line in check.stdout.splitlines()[1:]
+             if line.strip() and line.strip() != "Leaving filesystem unchanged."
+             and not line.startswith(copy.name)]
+    return lines[:3] or [f"exit status {check.returncode}"]
+
+
+def _fsck(read: Callable[[int, int], bytes], geo: FatGeometry, fat: list[int],
+          stopped: Stopped) -> None:
+    found = _fsck_findings(read, geo, fat, stopped)
+    if found:
         raise BootFsError("fsck.vfat -n found problems in the boot partition: "
-                          + "; ".join(lines[:3]))
+                          + "; ".join(found))
+
+
+def check_image_fs(read: Callable[[int, int], bytes], geo: FatGeometry, fat: list[int]
+                   ) -> list[str]:
+    """What ``fsck.vfat -n`` finds in the image's own boot file system, as it would on each
+    drive after its files are written (mcopy repairs nothing): there, it fails every drive
+    after its whole write.  Raises :class:`BootFsError` when fsck.vfat cannot run."""
+    return _fsck_findings(read, geo, fat)
 
 
 def _allowed_blocks(geo: FatGeometry, clusters: set[int]) -> set[int]:
@@ -434,7 +488,7 @@ def _write(fd: int, part: BootPartition, files: Mapping[str, bytes], fsck: bool,
                               f"({len(stray)} block(s), first at byte "
                               f"{part.offset + stray[0] * BLOCK})")
         if fsck:
-            _fsck(dev, geo, fat_after)
+            _fsck(dev.read, geo, fat_after, dev.stopped)
     finally:
         dev.close()
     return files_digest(files)

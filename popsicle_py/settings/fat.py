@@ -87,8 +87,21 @@ def find_boot_partition(read: Read) -> BootPartition:
         return _gpt(read)
     for number, (_, kind, start, count) in enumerate(entries, 1):
         if kind in FAT_TYPES and count and _is_fat(read(start * SECTOR, SECTOR)):
+            _alone(number, start, count,
+                   [(n, s, c) for n, (_, k, s, c) in enumerate(entries, 1) if k and c])
             return BootPartition(start * SECTOR, count * SECTOR, number, "mbr")
     raise FatError("the image has no FAT boot partition")
+
+
+def _alone(number: int, first: int, count: int, others: list[tuple[int, int, int]]) -> None:
+    """The boot partition (sectors ``first`` .. ``first + count``) shares no sector with any
+    other partition of the table ((number, first, count) each): mtools may put a file in any
+    cluster its FAT says is free, and a cluster another partition holds would be written over
+    after that partition was verified."""
+    for other, start, length in others:
+        if other != number and start < first + count and first < start + length:
+            raise FatError(f"its boot partition (partition {number}) overlaps partition "
+                           f"{other}: a file written to it could land in the other")
 
 
 def _gpt(read: Read) -> BootPartition:
@@ -97,16 +110,27 @@ def _gpt(read: Read) -> BootPartition:
         raise FatError("the image's GPT header is missing")
     if len(header) < 92:
         raise FatError("the image's GPT header is cut short")
+    usable_first, usable_last = struct.unpack_from("<QQ", header, 40)
     entries_lba, count, size = struct.unpack_from("<QII", header, 72)
     table = read(entries_lba * SECTOR, min(count, 128) * size)
+    spans = []  # (number, first, count) of every partition in use
     for number in range(min(count, 128)):
         entry = table[number * size:(number + 1) * size]
         if len(entry) < 48:
             break
-        kind = uuid.UUID(bytes_le=entry[:16])
         first, last = struct.unpack_from("<QQ", entry, 32)
-        if kind in GPT_FAT_GUIDS and last >= first and _is_fat(read(first * SECTOR, SECTOR)):
-            return BootPartition(first * SECTOR, (last - first + 1) * SECTOR, number + 1, "gpt")
+        if any(entry[:16]):
+            spans.append((number + 1, first, max(0, last - first + 1)))
+    for number, first, length in spans:
+        entry = table[(number - 1) * size:number * size]
+        if uuid.UUID(bytes_le=entry[:16]) in GPT_FAT_GUIDS and length \
+                and _is_fat(read(first * SECTOR, SECTOR)):
+            if first < usable_first or first + length - 1 > usable_last:
+                raise FatError(f"its boot partition (partition {number}) lies outside the "
+                               "sectors its GPT header says partitions may use (over the "
+                               "partition table itself)")
+            _alone(number, first, length, spans)
+            return BootPartition(first * SECTOR, length * SECTOR, number, "gpt")
     raise FatError("the image has no FAT boot partition")
 
 

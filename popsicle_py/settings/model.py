@@ -77,7 +77,8 @@ _KEY_TYPES = ("ssh-ed25519", "ssh-rsa", "ecdsa-sha2-nistp256", "ecdsa-sha2-nistp
               "sk-ecdsa-sha2-nistp256@openssh.com")
 _TIMEZONE = re.compile(r"[A-Za-z][A-Za-z0-9_+-]*(/[A-Za-z0-9_+-]+)*")
 _KEYBOARD = re.compile(r"[a-z]{2,8}")
-_LOCALE = re.compile(r"[a-z]{2,3}(_[A-Z]{2})?(\.[A-Za-z0-9-]+)?(@[a-z]+)?")
+#: A language's locale, or C (C.UTF-8, Debian's default) or POSIX.
+_LOCALE = re.compile(r"(C|POSIX|[a-z]{2,3}(_[A-Z]{2})?)(\.[A-Za-z0-9-]+)?(@[a-z]+)?")
 _BOOT_NAME = re.compile(r"[A-Za-z0-9._-]{0,63}[A-Za-z0-9_-]")  # FAT drops a final "."
 #: Names DOS (and so FAT drivers and mtools) take for devices, whatever the extension.
 _DEVICES = frozenset({"con", "prn", "aux", "nul", *(f"com{n}" for n in range(1, 10)),
@@ -243,7 +244,9 @@ def load_settings(path: str) -> Settings:
 
 
 def check_key(key: str) -> None:
-    """An OpenSSH public key line: a known type, base64 whose blob names the same type."""
+    """An OpenSSH public key line: a known type, base64 of a whole key of that type (a key
+    cut short where its base64 still decodes, as a pasted line cut at a multiple of four
+    characters is, would be written and never let anyone in)."""
     parts = key.split()
     if len(parts) < 2 or parts[0] not in _KEY_TYPES:
         raise SettingsError(f"malformed SSH key {key[:40]!r}: expected "
@@ -259,6 +262,53 @@ def check_key(key: str) -> None:
     if named != parts[0]:
         raise SettingsError(f"malformed SSH key {key[:40]!r}: says {parts[0]} but holds "
                             f"{named or 'something else'}")
+    why = _key_fault(named, blob)
+    if why is not None:
+        raise SettingsError(f"malformed SSH key {key[:40]!r}: {why} (cut short?)")
+
+
+#: Bytes of an uncompressed point (0x04, x, y) of each ECDSA curve.
+_POINT = {"nistp256": 65, "nistp384": 97, "nistp521": 133}
+#: The smallest RSA modulus OpenSSH takes, in bits.
+_RSA_BITS = 1024
+
+
+def _strings(blob: bytes) -> list[bytes] | None:
+    """The SSH wire strings (uint32 length, bytes) the blob is made of; None: not whole."""
+    out, at = [], 0
+    while at < len(blob):
+        if at + 4 > len(blob):
+            return None
+        (length,) = struct.unpack_from(">I", blob, at)
+        if at + 4 + length > len(blob):
+            return None
+        out.append(blob[at + 4:at + 4 + length])
+        at += 4 + length
+    return out
+
+
+def _key_fault(kind: str, blob: bytes) -> str | None:
+    """What is wrong with a public key blob of ``kind`` (as ``ssh-keygen -l`` would refuse
+    it), or None."""
+    fields = _strings(blob)
+    if fields is None:
+        return "its key ends inside a field"
+    core = kind.removeprefix("sk-").removesuffix("@openssh.com")
+    want = {"ssh-ed25519": 2, "ssh-rsa": 3}.get(core, 3) + (kind != core)
+    if len(fields) != want:
+        return f"its key has {len(fields)} fields, not the {want} of {kind}"
+    if core == "ssh-ed25519" and len(fields[1]) != 32:
+        return f"its ed25519 key is {len(fields[1])} bytes, not 32"
+    if core == "ssh-rsa":
+        bits = int.from_bytes(fields[2], "big").bit_length()
+        if bits < _RSA_BITS:
+            return f"its RSA modulus is {bits} bits, under the {_RSA_BITS} OpenSSH takes"
+    if core.startswith("ecdsa-sha2-"):
+        curve = core.removeprefix("ecdsa-sha2-")
+        if fields[1] != curve.encode() or len(fields[2]) != _POINT[curve] \
+                or fields[2][:1] != b"\x04":
+            return f"its key is not a {curve} point"
+    return None
 
 
 def _known_timezone(name: str) -> bool:
@@ -295,6 +345,10 @@ def check(settings: Settings, drive: str) -> None:
                             "(lower case letters, digits, _ and -; not root)")
     if (s.password is not None or s.password_hash is not None) and s.user is None:
         raise SettingsError(f"{drive}: a password needs a user")
+    if s.password == "":  # an empty cell of the CSV: a login (and sudo) with no password
+        raise SettingsError(f"{drive}: password is empty: user {s.user!r} would log in with "
+                            "no password at all (leave password out for a user cloud-init "
+                            "locks)")
     if s.password is not None and len(s.password.encode()) > PASSWORD_BYTES:
         raise SettingsError(f"{drive}: password is {len(s.password.encode())} bytes; at most "
                             f"{PASSWORD_BYTES} (crypt() refuses longer ones: no one could log "
@@ -339,10 +393,12 @@ def check_format(settings: Settings, fmt: str, where: str) -> None:
 def _check_wifi(wifi: Wifi, drive: str) -> None:
     if not 1 <= len(wifi.ssid.encode()) <= 32:
         raise SettingsError(f"{drive}: wifi.ssid must be 1 to 32 bytes")
-    if wifi.passphrase and not (8 <= len(wifi.passphrase) <= 63
+    # Bytes of UTF-8, as wpa_supplicant, NetworkManager and hostapd count them (and as the
+    # PSK is derived): "ééééé" is a passphrase of 10, 40 "é" one of 80 no access point takes.
+    if wifi.passphrase and not (8 <= len(wifi.passphrase.encode()) <= 63
                                 or re.fullmatch(r"[0-9A-Fa-f]{64}", wifi.passphrase)):
-        raise SettingsError(f"{drive}: wifi.passphrase must be 8 to 63 characters "
-                            "(or 64 hex digits)")
+        raise SettingsError(f"{drive}: wifi.passphrase must be 8 to 63 bytes (or 64 hex "
+                            f"digits), not {len(wifi.passphrase.encode())}")
     if wifi.country not in COUNTRIES:
         raise SettingsError(f"{drive}: wifi.country {wifi.country!r} is not an ISO 3166 "
                             "alpha-2 code (e.g. DE, GB, US)")

@@ -82,10 +82,16 @@ class BootSpace:
     #: FAT32: the root directory grows into free clusters; FAT12/16: its size is fixed.
     root_grows: bool
 
+    @staticmethod
+    def slots_for(names: Iterable[str]) -> int:
+        """Root directory slots the names take: each its short entry and, being lower case
+        or long, a long-name entry per 13 characters."""
+        return sum(-(-len(name) // 13) + 1 for name in names)
+
     def clusters_for(self, sizes: Mapping[str, int]) -> int | None:
         """Clusters the files and their directory entries take; None: the root has no room."""
         data = sum(-(-size // self.cluster) for size in sizes.values())
-        slots = sum(-(-len(name) // 13) + 1 for name in sizes)
+        slots = self.slots_for(sizes)
         if slots <= self.root_slots:
             return data
         if not self.root_grows:
@@ -97,10 +103,10 @@ class BootSpace:
         need = self.clusters_for(sizes)
         some = "at least " if at_least else ""
         if need is None:
-            return (f"the first-boot files need {some}{len(sizes)} entries in the root "
-                    "directory of the image's boot partition (FAT12/16: a fixed size), which "
-                    f"has room for {self.root_slots} slots (a name over 12 characters takes "
-                    "more than one)")
+            return (f"the first-boot files ({len(sizes)}) need {some}"
+                    f"{self.slots_for(sizes)} slots in the root directory of the image's boot "
+                    "partition (FAT12/16: a fixed size), which has room for "
+                    f"{self.root_slots} (each name takes one, and one more per 13 characters)")
         if need <= self.free:
             return None
         name = max(sizes, key=lambda n: sizes[n])
@@ -152,6 +158,7 @@ def inspect_boot(read: Read, chosen: str | None) -> BootImage:
                 "fsck.vfat would fail every drive; run fsck.vfat -a on the image's boot "
                 "partition, or unmount it cleanly before imaging")
         fat = read_fat(geo, in_part(geo.reserved, geo.fat_size))
+        _fsck_clean(in_part, geo, fat)
         files = root_files(geo, fat, in_part, {"cmdline.txt", *CLOUD_INIT_NAMES})
         directories = frozenset(e.name.lower() for e in root_entries(geo, fat, in_part)
                                 if e.directory)
@@ -169,6 +176,23 @@ def inspect_boot(read: Read, chosen: str | None) -> BootImage:
         raise SettingsError("--customize-format firstrun needs cmdline.txt in the image's "
                             "boot partition (Raspberry Pi OS)")
     return BootImage(part, fmt, cmdline, space, directories)
+
+
+def _fsck_clean(read: Read, geo: FatGeometry, fat: list[int]) -> None:
+    """What ``fsck.vfat -n`` finds in the image's boot file system (two FATs that differ, the
+    dirty bit of the FAT's second entry ...) it finds on every drive after its files are
+    written, and fails each after its whole write: refused before."""
+    from popsicle_py.settings.bootfs import BootFsError, check_image_fs
+
+    try:
+        found = check_image_fs(read, geo, fat)
+    except BootFsError as exc:  # fsck.vfat or $TMPDIR: not the image
+        raise SettingsError(f"cannot check the image's boot partition: {exc}") from None
+    if found:
+        raise SettingsError("cannot customise this image: fsck.vfat -n finds problems in its "
+                            f"boot partition ({'; '.join(found)}), which every drive would "
+                            "fail on after its write: run fsck.vfat -a on the image's boot "
+                            "partition")
 
 
 def _mtools_can_write(geo: FatGeometry, boot: bytes) -> None:

@@ -55,6 +55,8 @@ class Values:
     columns: tuple[str, ...]
     rows: tuple[dict[str, str], ...]
     key: str | None
+    #: Each row's columns whose cell had spaces at its start or end (dropped from ``rows``).
+    padded: tuple[frozenset[str], ...] = ()
 
     def row_for(self, drive: DriveContext) -> dict[str, str] | None:
         if self.key is None:
@@ -85,12 +87,13 @@ def parse_values(text: str, path: str) -> Values:
         raise SettingsError(f"{path}: the first line must name every column")
     if len(set(columns)) != len(columns):
         raise SettingsError(f"{path}: a column is named twice")
-    rows = []
+    rows, padded = [], []
     try:
         for number, raw in enumerate(reader, 2):
             if None in raw or any(v is None for v in raw.values()):
                 raise SettingsError(f"{path}: line {number} has not {len(columns)} fields")
             rows.append({k.strip(): v.strip() for k, v in raw.items() if k is not None})
+            padded.append(frozenset(k.strip() for k, v in raw.items() if v != v.strip()))
     except csv.Error as exc:  # a field over 128 KiB, a NUL
         raise SettingsError(f"{path}: line {reader.reader.line_num}: {exc}") from None
     key = next((c for c in KEY_COLUMNS if c in columns), None)
@@ -105,7 +108,7 @@ def parse_values(text: str, path: str) -> Values:
             if norm in seen:
                 raise SettingsError(f"{path}: line {number}: {key} {cell} appears twice")
             seen.add(norm)
-    return Values(path, columns, tuple(rows), key)
+    return Values(path, columns, tuple(rows), key, tuple(padded))
 
 
 def _templates(settings: Settings) -> Iterable[tuple[str, str]]:
@@ -185,6 +188,7 @@ def resolve(settings: Settings, values: Values | None, drive: DriveContext) -> S
             raise SettingsError(f"{values.path} has no row for {drive.name} ({how}): "
                                 f"{len(values.rows)} rows")
         mapping.update({k: v for k, v in row.items() if k not in BUILTINS})
+        _no_padded_secret(settings, values, row, drive)
 
     def fill(setting: str, value: str | None) -> str | None:
         return None if value is None else _fill(value, setting, mapping, drive.name)
@@ -195,6 +199,10 @@ def resolve(settings: Settings, values: Values | None, drive: DriveContext) -> S
             wifi, ssid=fill("wifi.ssid", wifi.ssid) or "",
             passphrase=fill("wifi.passphrase", wifi.passphrase) or "",
             country=(fill("wifi.country", wifi.country) or "").upper())
+        if settings.wifi is not None and settings.wifi.passphrase and not wifi.passphrase:
+            raise SettingsError(f"{drive.name}: wifi.passphrase {settings.wifi.passphrase!r} "
+                                "is empty for this drive (an empty cell): an open network is "
+                                "passphrase = \"\" in the settings, not an empty value")
     strings: dict[str, Any] = {
         name: fill(name, getattr(settings, name)) for name in
         ("hostname", "user", "password", "password_hash", "timezone", "keyboard", "locale")}
@@ -206,6 +214,23 @@ def resolve(settings: Settings, values: Values | None, drive: DriveContext) -> S
         wifi=wifi)
     check(filled, drive.name)
     return filled
+
+
+def _no_padded_secret(settings: Settings, values: Values, row: dict[str, str],
+                      drive: DriveContext) -> None:
+    """A password or passphrase is not taken from a cell with spaces at its ends: they are
+    dropped (as every cell's are), and a secret that had them would be another secret, with
+    nothing to show it (no one could log in, the board would not join the Wi-Fi)."""
+    index = next(i for i, r in enumerate(values.rows) if r is row)
+    padded = values.padded[index] if index < len(values.padded) else frozenset()
+    for setting, template in _templates(settings):
+        if setting not in ("password", "wifi.passphrase"):  # a hash has no spaces to lose
+            continue
+        for name in sorted(fields_of(template, setting) & padded)[:1]:
+            raise SettingsError(f"{drive.name}: {setting} comes from the column {name!r} of "
+                                f"{values.path}, whose cell has spaces at its start or end, "
+                                "which are dropped: write the cell without them (a secret "
+                                "cannot begin or end with a space here)")
 
 
 def duplicates(resolved: Sequence[Settings]) -> str | None:

@@ -43,8 +43,8 @@ _SPECIAL = frozenset({"y", "n", "yes", "no", "on", "off", "true", "false", "null
 
 def _key(key: str) -> str:
     """A key as written: plain when it can only be read back as this string, else quoted
-    (an SSID named "on" or "123" stays a string)."""
-    plain = key.isascii() and key.replace("-", "_").isidentifier() \
+    (an SSID named "on", "123" or "-010", YAML 1.1's octal -8, stays a string)."""
+    plain = key.isascii() and key[:1].isalpha() and key.replace("-", "_").isidentifier() \
         and key.lower() not in _SPECIAL
     return key if plain else _scalar(key)
 

@@ -369,9 +369,13 @@ def drive_for_path(path: str, *, image_path: str | None = None,
     try:
         st = os.stat(real)
     except FileNotFoundError:
+        if real != path:
+            _same_to_the_kernel(path, real, None)
         raise TargetError(path, f"{shown} does not exist") from None
     except OSError as e:
         raise TargetError(path, f"{shown} cannot be examined: {e.strerror}") from None
+    if real != path:
+        _same_to_the_kernel(path, real, st)
     if not stat.S_ISBLK(st.st_mode):
         raise TargetError(path, f"{shown} is not a block device ({_kind_of_file(st.st_mode)})")
     sys_path = _sys_dev(st.st_rdev)
@@ -400,6 +404,27 @@ def drive_for_path(path: str, *, image_path: str | None = None,
         if kernel is not None:
             drive = dataclasses.replace(drive, busy=(kernel,))
     return drive
+
+
+def _same_to_the_kernel(path: str, real: str, st: os.stat_result | None) -> None:
+    """TargetError unless the kernel's walk of ``path`` finds what its resolved name ``real``
+    is (``st``; None: nothing).  realpath() reads links as text, which a magic link of /proc
+    (/proc/PID/root/..., /proc/PID/fd/N) is not: into another root or mount namespace, the
+    text names our own node of that name, another drive perhaps, which would be written."""
+    named = None
+    with contextlib.suppress(OSError):
+        named = os.stat(path)
+    if named is None or st is None or stat.S_IFMT(named.st_mode) != stat.S_IFMT(st.st_mode) \
+            or (stat.S_ISBLK(st.st_mode) and named.st_rdev != st.st_rdev):
+        if named is None and st is None:
+            return  # nothing either way: "does not exist"
+        node = f"/dev/{os.path.basename(os.path.realpath(_sys_dev(named.st_rdev)))}" \
+            if named is not None and stat.S_ISBLK(named.st_mode) else ""
+        hint = f", such as {node}" if node and named is not None \
+            and named_devnums([node]) == {named.st_rdev} else ""
+        raise TargetError(path, f"{path} is not what its resolved name {real} is (a link "
+                                "into another root or mount namespace?); name the drive by "
+                                f"its own name{hint}")
 
 
 def held_by_kernel(drive: Drive, facts: SystemFacts) -> str | None:

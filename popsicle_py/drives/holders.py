@@ -34,6 +34,7 @@ from popsicle_py.drives.system import (
     named_device,
     parse_devnum,
     path_storage,
+    source_stats,
 )
 
 _read = sysfs.read
@@ -84,19 +85,16 @@ class _Backings:
         return self.known[devnum]
 
 
-def _namespace_devnums(entry: MountEntry, pid: int) -> set[int]:
+def _namespace_devnums(entry: MountEntry, pid: int,
+                       stats: dict[str, os.stat_result | None]) -> set[int]:
     """Block devices a mount of another namespace stores its data on; its source is a path
-    in that namespace, so it is looked up through the process's root."""
+    in that namespace, so it is looked up through the process's root (``stats``)."""
     numbers: set[int] = set()
     if os.path.exists(_sys_dev(entry.devnum)):
         numbers.add(entry.devnum)
-    if entry.source.startswith("/dev/"):
-        try:
-            st = os.stat(f"/proc/{pid}/root{entry.source}")
-        except OSError:
-            st = None
-        if st is not None and stat.S_ISBLK(st.st_mode):
-            numbers.add(st.st_rdev)
+    st = stats.get(f"/proc/{pid}/root{entry.source}")
+    if st is not None and stat.S_ISBLK(st.st_mode):
+        numbers.add(st.st_rdev)
     if entry.fstype == "btrfs" and numbers:
         numbers |= btrfs_group(numbers)
     return numbers
@@ -141,10 +139,11 @@ def foreign_mounts(own: list[MountEntry] | None = None, answers: LoopAnswers | N
         process = Process(pid, _program(pid))
         table = mount_table(text)
         parents = {e.mount_id: e for e in table}
+        table = [e for e in table if not _follows(e, parents.get(e.parent_id), groups)]
+        stats = source_stats(f"/proc/{pid}/root{e.source}" for e in table
+                             if e.source.startswith("/dev/"))  # a node there: may hang
         for entry in table:
-            if _follows(entry, parents.get(entry.parent_id), groups):
-                continue
-            numbers = _namespace_devnums(entry, pid)
+            numbers = _namespace_devnums(entry, pid, stats)
             if not numbers:
                 continue
             devnums = frozenset().union(*(backing(n).all_devnums for n in numbers))

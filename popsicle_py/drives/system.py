@@ -134,20 +134,7 @@ def loop_status(devnum: int) -> LoopKey | None:
     name, the kernel's word holds when the file was deleted, renamed, or attached in another
     mount namespace (a container's path).  Either may hang on a file of a hung mount: ask it
     through :func:`loop_statuses`."""
-    name = os.path.basename(os.path.realpath(_sys_dev(devnum)))
-    try:
-        fd = os.open(f"/dev/{name}", os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
-    except OSError:
-        return media.loop_key_of_sysfs(devnum)
-    try:
-        st = os.fstat(fd)
-        if stat.S_ISBLK(st.st_mode) and st.st_rdev == devnum:
-            key = media.loop_key_of_fd(fd)
-            if key is not None:
-                return key
-    finally:
-        os.close(fd)
-    return media.loop_key_of_sysfs(devnum)  # a chroot's /dev, or a node reused meanwhile
+    return loop_key(f"/dev/{os.path.basename(os.path.realpath(_sys_dev(devnum)))}", devnum)
 
 
 _STOP_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
@@ -219,6 +206,50 @@ def _ask(devnum: int, answers: LoopAnswers | None) -> tuple[bool, LoopKey | None
     return devnum in found, found.get(devnum)
 
 
+#: Seconds a mount's source path is given to answer a stat() (see :func:`source_stats`).
+ASK_SOURCES = 2.0
+
+
+def source_stats(paths: Iterable[str], timeout: float = ASK_SOURCES
+                 ) -> dict[str, os.stat_result | None]:
+    """stat() of each path naming a mount's source (a FUSE image driver's file, a chroot's
+    node): those in devtmpfs at once, the others each on a thread of its own, all within
+    one ``timeout``; None for one that is not there.  One on a hung network or FUSE mount
+    is left out and never waited for: it would hang ``list`` and every plan, Ctrl-C unheard
+    (the mount's source names a file on another mount, which may hang)."""
+    found: dict[str, os.stat_result | None] = {}
+    lock = threading.Lock()
+    all_done = threading.Event()
+    waiting: set[str] = set()
+    in_dev = DeviceNames().in_dev
+
+    def look(path: str) -> os.stat_result | None:
+        try:
+            return os.stat(path)
+        except OSError:
+            return None
+
+    def ask(path: str) -> None:
+        st = look(path)
+        with lock:
+            found[path] = st
+            waiting.discard(path)
+            if not waiting:
+                all_done.set()
+
+    for path in dict.fromkeys(paths):
+        if in_dev(path):
+            found[path] = look(path)
+        else:
+            waiting.add(path)
+    for path in list(waiting):
+        start_quiet(ask, path, name="popsicle-mount-source")
+    if waiting:
+        all_done.wait(timeout)
+    with lock:
+        return dict(found)
+
+
 class DeviceNames:
     """Which paths may name a block device: under /dev (but not in a file system mounted
     inside it, as /dev/shm is), or named like one (a chroot's /dev).  Other files are never
@@ -286,7 +317,8 @@ def filesystem_devnums(dev: int) -> frozenset[int] | None:
     entries = [entry for entry in mount_table() if entry.devnum == dev]
     if not entries:
         return None
-    return frozenset().union(*(_entry_devnums(entry) for entry in entries))
+    stats = source_stats(e.source for e in entries if e.source.startswith("/"))
+    return frozenset().union(*(_entry_devnums(entry, stats=stats) for entry in entries))
 
 
 def _devnums_of_file(path: str) -> list[int]:
@@ -429,21 +461,20 @@ def devnums_holding(path: str, _depth: int = 0) -> frozenset[int]:
     entry = _mount_of(path, mount_table(), st.st_dev)
     if entry is None:
         return frozenset(numbers)
-    return frozenset(numbers | _entry_devnums(entry, _depth))
+    return frozenset(numbers | _entry_devnums(entry, _depth, source_stats(
+        [entry.source] if entry.source.startswith("/") else [])))
 
 
-def _entry_devnums(entry: MountEntry, depth: int = 0) -> set[int]:
-    """Block devices a mount's filesystem stores its data on (not yet walked down)."""
+def _entry_devnums(entry: MountEntry, depth: int = 0,
+                   stats: dict[str, os.stat_result | None] | None = None) -> set[int]:
+    """Block devices a mount's filesystem stores its data on (not yet walked down); its
+    source as :func:`source_stats` found it (``stats``)."""
     numbers: set[int] = set()
     if os.path.exists(_sys_dev(entry.devnum)):
         numbers.add(entry.devnum)
-    if entry.source.startswith("/"):
-        try:
-            st = os.stat(entry.source)
-        except OSError:
-            st = None
-        if st is not None and stat.S_ISBLK(st.st_mode):
-            numbers.add(st.st_rdev)
+    st = (stats or {}).get(entry.source)
+    if st is not None and stat.S_ISBLK(st.st_mode):
+        numbers.add(st.st_rdev)
     if entry.fstype == "btrfs":
         numbers |= btrfs_group(numbers)
     elif entry.fstype == "overlay":
@@ -452,15 +483,11 @@ def _entry_devnums(entry: MountEntry, depth: int = 0) -> set[int]:
     return numbers
 
 
-def _file_source(entry: MountEntry) -> Inode | None:
+def _file_source(entry: MountEntry, stats: dict[str, os.stat_result | None]
+                 ) -> Inode | None:
     """A filesystem mounted straight from a regular file (FUSE image drivers do this)."""
-    if not entry.source.startswith("/"):
-        return None
-    try:
-        st = os.stat(entry.source)
-    except OSError:
-        return None
-    return (st.st_dev, st.st_ino) if stat.S_ISREG(st.st_mode) else None
+    st = stats.get(entry.source)
+    return (st.st_dev, st.st_ino) if st is not None and stat.S_ISREG(st.st_mode) else None
 
 
 def current_mounts(table: list[MountEntry] | None = None,
@@ -472,9 +499,11 @@ def current_mounts(table: list[MountEntry] | None = None,
     ``table``: our own namespace's :func:`mount_table`, when already read.
     """
     mounts: list[Mount] = []
-    for entry in mount_table() if table is None else table:
-        numbers = _entry_devnums(entry)
-        source_file = _file_source(entry)
+    entries = mount_table() if table is None else table
+    stats = source_stats(e.source for e in entries if e.source.startswith("/"))
+    for entry in entries:
+        numbers = _entry_devnums(entry, stats=stats)
+        source_file = _file_source(entry, stats)
         if not numbers and source_file is None:
             continue
         devnums: set[int] = set()
@@ -560,4 +589,4 @@ def loop_key(path: str, devnum: int) -> LoopKey | None:
                 return key
     finally:
         os.close(fd)
-    return media.loop_key_of_sysfs(devnum)
+    return media.loop_key_of_sysfs(devnum)  # a chroot's /dev, or a node reused meanwhile

@@ -104,3 +104,31 @@ def test_a_link_to_the_same_device_is_still_a_target(loop_factory: Callable[...,
     done = popsicle("flash", "--yes", "--no-probe", image, link)
     assert done.returncode == 0, done.stderr
     assert target.read(MiB) == data
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("command", ["flash", "read"])
+def test_a_node_on_a_nodev_mount_is_refused_as_such(loop_factory: Callable[..., Loop],
+                                                    tmp_path: Path, command: str) -> None:
+    """A node made on a file system mounted nodev: the kernel refuses to open it, root too.
+    Before: refused only at the open, "permission denied; run as root (or with sudo)", to
+    root."""
+    target = loop_factory(4 * MiB, fill=PATTERN)
+    image = tmp_path / "disk.img"
+    image.write_bytes(os.urandom(MiB))
+    where = tmp_path / "nodev"
+    where.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "nodev", "nodev", str(where)], check=True)
+    try:
+        node = where / "stick"
+        os.mknod(node, 0o600 | 0o060000, target.devnum)
+        args = {"flash": ("flash", "--yes", "--no-probe", image, node),
+                "read": ("read", node, tmp_path / "out.img")}[command]
+        done = popsicle(*args)
+    finally:
+        subprocess.run(["umount", str(where)], check=True)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip() == (
+        f"popsicle-py: {node} is on a file system mounted nodev, where no device can be "
+        f"opened; name it as {target.path}")
+    assert target.read() == bytes([PATTERN]) * 4 * MiB

@@ -51,6 +51,7 @@ from popsicle_py.drives.rules import (
     system_reason,
 )
 from popsicle_py.drives.system import (
+    DeviceNames,
     ask_loops,
     backing_of,
     current_mounts,
@@ -331,17 +332,15 @@ def discover(context: pyudev.Context | None = None, *, include_all: bool = False
 
 
 def _kind_of_file(mode: int) -> str:
-    if stat.S_ISREG(mode):
-        return "a regular file"
-    if stat.S_ISDIR(mode):
-        return "a directory"
-    if stat.S_ISCHR(mode):
-        return "a character device"
-    if stat.S_ISFIFO(mode):
-        return "a pipe"
-    if stat.S_ISSOCK(mode):
-        return "a socket"
-    return "not a device"
+    kinds = {stat.S_IFREG: "a regular file", stat.S_IFDIR: "a directory", stat.S_IFCHR:
+             "a character device", stat.S_IFIFO: "a pipe", stat.S_IFSOCK: "a socket"}
+    return kinds.get(stat.S_IFMT(mode), "not a device")
+
+
+def _own_node(rdev: int) -> str:
+    """The block device's node in /dev (its kernel name), or "" when there is none."""
+    node = f"/dev/{os.path.basename(os.path.realpath(_sys_dev(rdev)))}"
+    return node if named_devnums([node]) == {rdev} else ""
 
 
 def drive_for_path(path: str, *, image_path: str | None = None,
@@ -381,6 +380,10 @@ def drive_for_path(path: str, *, image_path: str | None = None,
     sys_path = _sys_dev(st.st_rdev)
     if not os.path.exists(sys_path):
         raise TargetError(path, f"{shown} is a block device the kernel does not list in sysfs")
+    if not DeviceNames().in_dev(real) and os.statvfs(real).f_flag & os.ST_NODEV:  # EACCES
+        node = _own_node(st.st_rdev)
+        raise TargetError(path, f"{shown} is on a file system mounted nodev, where no device"
+                                f" can be opened{f'; name it as {node}' if node else ''}")
     context = context or udev_context()
     try:
         # The resolved path, as libudev would resolve it; under umockdev only the resolved
@@ -418,10 +421,9 @@ def _same_to_the_kernel(path: str, real: str, st: os.stat_result | None) -> None
             or (stat.S_ISBLK(st.st_mode) and named.st_rdev != st.st_rdev):
         if named is None and st is None:
             return  # nothing either way: "does not exist"
-        node = f"/dev/{os.path.basename(os.path.realpath(_sys_dev(named.st_rdev)))}" \
-            if named is not None and stat.S_ISBLK(named.st_mode) else ""
-        hint = f", such as {node}" if node and named is not None \
-            and named_devnums([node]) == {named.st_rdev} else ""
+        node = _own_node(named.st_rdev) if named is not None and stat.S_ISBLK(
+            named.st_mode) else ""
+        hint = f", such as {node}" if node else ""
         raise TargetError(path, f"{path} is not what its resolved name {real} is (a link "
                                 "into another root or mount namespace?); name the drive by "
                                 f"its own name{hint}")

@@ -76,3 +76,32 @@ def test_list_and_flash_with_a_mount_sourced_on_a_hung_share(
         done = popsicle("flash", "--yes", "--no-probe", image, target.path)
         assert done.returncode == 0, done.stderr
     assert target.read(MiB) == data
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("command", ["flash", "verify", "erase", "read"])
+def test_a_target_named_on_a_hung_share_is_refused_in_time(tmp_path: Path,
+                                                           command: str) -> None:
+    """The name itself is on a share whose daemon is stopped.  Before: click's stat() of it,
+    then the drive layer's, waited for ever, Ctrl-C unheard."""
+    from faulty import FaultyFile
+
+    image = tmp_path / "disk.img"
+    image.write_bytes(os.urandom(MiB))
+    share = FaultyFile(MiB, attr_timeout=0)
+    try:
+        os.kill(share.pid, signal.SIGSTOP)
+        try:
+            args = {"flash": ("flash", "--yes", "--no-probe", image, share.file),
+                    "verify": ("verify", image, share.file),
+                    "erase": ("erase", "--yes", share.file),
+                    "read": ("read", share.file, tmp_path / "out.img")}[command]
+            done = popsicle(*args)
+        finally:
+            os.kill(share.pid, signal.SIGCONT)
+    finally:
+        share.close()
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip() == (
+        f"popsicle-py: {share.file} does not answer (a name on a hung network or FUSE "
+        "mount?); name the drive as /dev/sdX")

@@ -37,6 +37,7 @@ from popsicle_py.drives.model import (
     SystemFacts,
     TargetError,
 )
+from popsicle_py.drives.names import named_devnums, resolve_name
 from popsicle_py.drives.opened import ExclusiveOpens
 from popsicle_py.drives.rules import (
     AUTO_BUSES,
@@ -51,7 +52,6 @@ from popsicle_py.drives.rules import (
     system_reason,
 )
 from popsicle_py.drives.system import (
-    DeviceNames,
     ask_loops,
     backing_of,
     current_mounts,
@@ -331,18 +331,6 @@ def discover(context: pyudev.Context | None = None, *, include_all: bool = False
     return sorted(drives, key=lambda d: natural_key(d.path))
 
 
-def _kind_of_file(mode: int) -> str:
-    kinds = {stat.S_IFREG: "a regular file", stat.S_IFDIR: "a directory", stat.S_IFCHR:
-             "a character device", stat.S_IFIFO: "a pipe", stat.S_IFSOCK: "a socket"}
-    return kinds.get(stat.S_IFMT(mode), "not a device")
-
-
-def _own_node(rdev: int) -> str:
-    """The block device's node in /dev (its kernel name), or "" when there is none."""
-    node = f"/dev/{os.path.basename(os.path.realpath(_sys_dev(rdev)))}"
-    return node if named_devnums([node]) == {rdev} else ""
-
-
 def drive_for_path(path: str, *, image_path: str | None = None,
                    context: pyudev.Context | None = None,
                    facts: SystemFacts | None = None) -> Drive:
@@ -353,37 +341,8 @@ def drive_for_path(path: str, *, image_path: str | None = None,
     report every refusal together.  Loop devices and other non-USB disks are allowed here:
     naming a drive is a deliberate act.
     """
-    shown = path
-    if not path:  # an unset shell variable: "/dev/" exists, and is not what was meant
-        raise TargetError(path, "the drive's name is empty (an unset variable?); name a drive"
-                                " such as /dev/sdb")
-    if not os.path.lexists(path):
-        hint = ""
-        if "/" not in path and os.path.exists(f"/dev/{path}"):  # typed "sdb" or "loop8"
-            hint = f"; did you mean /dev/{path}?"
-        raise TargetError(path, f"{path} does not exist{hint}")
-    real = os.path.realpath(path)
-    if real != path:
-        shown = f"{path} ({real})"
-    try:
-        st = os.stat(real)
-    except FileNotFoundError:
-        if real != path:
-            _same_to_the_kernel(path, real, None)
-        raise TargetError(path, f"{shown} does not exist") from None
-    except OSError as e:
-        raise TargetError(path, f"{shown} cannot be examined: {e.strerror}") from None
-    if real != path:
-        _same_to_the_kernel(path, real, st)
-    if not stat.S_ISBLK(st.st_mode):
-        raise TargetError(path, f"{shown} is not a block device ({_kind_of_file(st.st_mode)})")
+    real, shown, st = resolve_name(path)
     sys_path = _sys_dev(st.st_rdev)
-    if not os.path.exists(sys_path):
-        raise TargetError(path, f"{shown} is a block device the kernel does not list in sysfs")
-    if not DeviceNames().in_dev(real) and os.statvfs(real).f_flag & os.ST_NODEV:  # EACCES
-        node = _own_node(st.st_rdev)
-        raise TargetError(path, f"{shown} is on a file system mounted nodev, where no device"
-                                f" can be opened{f'; name it as {node}' if node else ''}")
     context = context or udev_context()
     try:
         # The resolved path, as libudev would resolve it; under umockdev only the resolved
@@ -407,26 +366,6 @@ def drive_for_path(path: str, *, image_path: str | None = None,
         if kernel is not None:
             drive = dataclasses.replace(drive, busy=(kernel,))
     return drive
-
-
-def _same_to_the_kernel(path: str, real: str, st: os.stat_result | None) -> None:
-    """TargetError unless the kernel's walk of ``path`` finds what its resolved name ``real``
-    is (``st``; None: nothing).  realpath() reads links as text, which a magic link of /proc
-    (/proc/PID/root/..., /proc/PID/fd/N) is not: into another root or mount namespace, the
-    text names our own node of that name, another drive perhaps, which would be written."""
-    named = None
-    with contextlib.suppress(OSError):
-        named = os.stat(path)
-    if named is None or st is None or stat.S_IFMT(named.st_mode) != stat.S_IFMT(st.st_mode) \
-            or (stat.S_ISBLK(st.st_mode) and named.st_rdev != st.st_rdev):
-        if named is None and st is None:
-            return  # nothing either way: "does not exist"
-        node = _own_node(named.st_rdev) if named is not None and stat.S_ISBLK(
-            named.st_mode) else ""
-        hint = f", such as {node}" if node else ""
-        raise TargetError(path, f"{path} is not what its resolved name {real} is (a link "
-                                "into another root or mount namespace?); name the drive by "
-                                f"its own name{hint}")
 
 
 def held_by_kernel(drive: Drive, facts: SystemFacts) -> str | None:
@@ -548,18 +487,6 @@ def still_same_each(drives: Iterable[Drive] | None = None) -> Callable[[Drive], 
     now = holders_now(of)
     return lambda drive: still_same(drive, holders=now if of is None or drive.devnum in of
                                     else holders_now())
-
-
-def named_devnums(paths: Iterable[str]) -> frozenset[int]:
-    """The device numbers of the block devices named (what cannot be examined is left out:
-    it is refused as a target anyway)."""
-    found = set()
-    for path in paths:
-        with contextlib.suppress(OSError):
-            st = os.stat(path)
-            if stat.S_ISBLK(st.st_mode):
-                found.add(st.st_rdev)
-    return frozenset(found)
 
 
 def writers_now(drive: Drive, facts: SystemFacts | None = None) -> str | None:

@@ -132,3 +132,36 @@ def test_a_node_on_a_nodev_mount_is_refused_as_such(loop_factory: Callable[..., 
         f"popsicle-py: {node} is on a file system mounted nodev, where no device can be "
         f"opened; name it as {target.path}")
     assert target.read() == bytes([PATTERN]) * 4 * MiB
+
+
+@pytest.mark.root
+def test_a_mount_in_a_namespace_kept_by_a_file_is_named(loop_factory: Callable[..., Loop],
+                                                        tmp_path: Path) -> None:
+    """``unshare --mount=FILE mount DRIVE /mnt``: a mount namespace no process is in, kept
+    by a bind mount of its nsfs file, holds the drive.  Before: refused as "in use by the
+    kernel ... (a file system on it unmounted with `umount -l` while in use?)"."""
+    target = loop_factory(16 * MiB)
+    subprocess.run(["mkfs.ext4", "-q", target.path], check=True)
+    image = tmp_path / "disk.img"
+    data = os.urandom(MiB)
+    image.write_bytes(data)
+    keep = tmp_path / "ns"
+    keep.mkdir()
+    subprocess.run(["mount", "--bind", str(keep), str(keep)], check=True)
+    try:
+        subprocess.run(["mount", "--make-private", str(keep)], check=True)
+        (keep / "mnt").touch()
+        subprocess.run(["unshare", f"--mount={keep}/mnt", "--propagation", "private",
+                        "mount", target.path, "/mnt"], check=True)
+        try:
+            done = popsicle("flash", "--yes", "--no-probe", image, target.path)
+        finally:
+            subprocess.run(["umount", str(keep / "mnt")], check=True)
+    finally:
+        subprocess.run(["umount", str(keep)], check=True)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip() == (
+        f"popsicle-py: {target.path} is mounted at /mnt in the mount namespace kept by "
+        f"{keep}/mnt, which no process is in: unmount it there, or let that namespace go "
+        f"(umount {keep}/mnt)")
+    assert target.read(MiB) != data  # the file system's own writes aside, nothing written

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import stat
+import subprocess
 import time
 
 from popsicle_py import sysfs
@@ -35,6 +36,7 @@ from popsicle_py.drives.system import (
     parse_devnum,
     path_storage,
     source_stats,
+    unescape_mount,
 )
 
 _read = sysfs.read
@@ -274,4 +276,33 @@ def _scan_openers(answers: LoopAnswers | None) -> tuple[Opener, ...]:
         else:  # a loop device's backing file, written: its drive's bytes
             found.append(Opener(process, one.name, 0, frozenset(), True,
                                 frozenset({one.inode})))
+    return tuple(found)
+
+
+#: Seconds ``nsenter`` is given to read the table of a mount namespace kept by a file.
+ASK_KEPT = 2.0
+
+
+def kept_namespace_mounts(on: frozenset[int]) -> tuple[str, ...]:
+    """Mounts of ``on`` (a disk and its partitions) in mount namespaces that no process is
+    in, kept by a bind mount of their nsfs file (``unshare --mount=FILE``): no process's
+    table lists them (:func:`foreign_mounts`), yet they hold the disk.  Each such table is
+    read with ``nsenter``, given :data:`ASK_KEPT` seconds."""
+    found: dict[str, None] = {}
+    for line in (_read("/proc/self/mountinfo") or "").splitlines():
+        fields = line.split()
+        if len(fields) < 5 or not fields[3].startswith("mnt:[") or " - nsfs " not in line:
+            continue
+        keeper = unescape_mount(fields[4])
+        try:
+            table = subprocess.run(["nsenter", f"--mount={keeper}", "cat",
+                                    "/proc/self/mountinfo"], capture_output=True, text=True,
+                                   stdin=subprocess.DEVNULL, timeout=ASK_KEPT, check=False)
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+        for entry in mount_table(table.stdout):
+            if entry.devnum in on:
+                found.setdefault(f"mounted at {entry.mountpoint} in the mount namespace kept by"
+                                 f" {keeper}, which no process is in: unmount it there, or "
+                                 f"let that namespace go (umount {keeper})", None)
     return tuple(found)

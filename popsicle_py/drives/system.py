@@ -350,7 +350,7 @@ class MountEntry:
     parent_id: int = 0
 
 
-def _unescape_mount(field: str) -> str:
+def unescape_mount(field: str) -> str:
     return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
 
 
@@ -377,8 +377,8 @@ def _parse_mountinfo(text: str) -> tuple[MountEntry, ...]:
         if devnum is None:
             continue
         tags = dict(tag.partition(":")[::2] for tag in fields[6:])
-        entries.append(MountEntry(devnum, _unescape_mount(fields[4]), tail[0],
-                                  _unescape_mount(tail[1]), tail[2] if len(tail) > 2 else "",
+        entries.append(MountEntry(devnum, unescape_mount(fields[4]), tail[0],
+                                  unescape_mount(tail[1]), tail[2] if len(tail) > 2 else "",
                                   _group(tags.get("shared")), _group(tags.get("master")),
                                   _group(fields[0]) or 0, _group(fields[1]) or 0))
     return tuple(entries)
@@ -395,7 +395,7 @@ def overlay_layers(options: str) -> list[str]:
         key, _, value = option.partition("=")
         if key in ("lowerdir", "lowerdir+", "upperdir", "workdir", "datadir+") and value:
             for layer in re.split(r"(?<!\\):", value):
-                layer = _unescape_mount(layer).replace("\\:", ":").replace("\\,", ",")
+                layer = unescape_mount(layer).replace("\\:", ":").replace("\\,", ",")
                 if layer:
                     layers.append(layer)
     return layers
@@ -550,7 +550,7 @@ def current_swaps(answers: LoopAnswers | None = None) -> tuple[Swap, ...]:
         fields = line.split()
         if not fields:
             continue
-        path = _unescape_mount(fields[0])
+        path = unescape_mount(fields[0])
         devnums, files = path_storage(path, answers)
         if devnums or files:
             swaps.append(Swap(path, devnums, files))

@@ -25,6 +25,7 @@ from popsicle_py import sysfs
 from popsicle_py.drives.holders import (
     foreign_mounts,
     gather_facts,
+    kept_namespace_mounts,
     loops_over_devices,
     openers,
 )
@@ -382,6 +383,9 @@ def held_by_kernel(drive: Drive, facts: SystemFacts) -> str | None:
     if not refused:
         return None
     on = {drive.devnum} | named_devnums(drive.partitions)
+    kept = kept_namespace_mounts(frozenset(on))
+    if kept:
+        return "; ".join(kept)
     loops = sorted((f"/dev/{os.path.basename(os.path.realpath(_sys_dev(devnum)))}"
                     for devnum, key in facts.answers.keys.items()
                     if key is not None and not key.rdev and key.dev in on),

@@ -165,3 +165,41 @@ def test_a_mount_in_a_namespace_kept_by_a_file_is_named(loop_factory: Callable[.
         f"{keep}/mnt, which no process is in: unmount it there, or let that namespace go "
         f"(umount {keep}/mnt)")
     assert target.read(MiB) != data  # the file system's own writes aside, nothing written
+
+
+@pytest.mark.root
+def test_a_swap_file_whose_mount_is_gone_is_named(loop_factory: Callable[..., Loop],
+                                                  tmp_path: Path) -> None:
+    """Swap on a file of the drive's file system, then ``umount -l``: /proc/swaps names a
+    path that is no longer there.  Before: only "a file system on it unmounted with `umount
+    -l` while in use?", not the swap that holds it."""
+    target = loop_factory(16 * MiB)
+    subprocess.run(["mkfs.ext4", "-q", target.path], check=True)
+    image = tmp_path / "disk.img"
+    data = os.urandom(MiB)
+    image.write_bytes(data)
+    where = tmp_path / "fs"
+    where.mkdir()
+    subprocess.run(["mount", target.path, str(where)], check=True)
+    swapped = False
+    try:
+        swap = where / "swapfile"
+        with open(swap, "wb") as f:
+            f.write(bytes(4 * MiB))
+        swap.chmod(0o600)
+        subprocess.run(["mkswap", "-q", str(swap)], check=True)
+        subprocess.run(["swapon", str(swap)], check=True)
+        swapped = True
+        subprocess.run(["umount", "-l", str(where)], check=True)
+        done = popsicle("flash", "--yes", "--no-probe", image, target.path)
+    finally:
+        if swapped:
+            subprocess.run(["mount", target.path, str(where)], capture_output=True, check=False)
+            subprocess.run(["swapoff", str(where / "swapfile")], check=True)
+        subprocess.run(["umount", str(where)], capture_output=True, check=False)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip() == (
+        f"popsicle-py: {target.path} is in use by the kernel, though no mount table lists it "
+        "and no program has it open (active swap on /swapfile, a file not found here, or a "
+        "file system on it unmounted with `umount -l` while in use?)")
+    assert target.read(MiB) != data

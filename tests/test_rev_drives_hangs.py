@@ -105,3 +105,37 @@ def test_a_target_named_on_a_hung_share_is_refused_in_time(tmp_path: Path,
     assert done.stderr.strip() == (
         f"popsicle-py: {share.file} does not answer (a name on a hung network or FUSE "
         "mount?); name the drive as /dev/sdX")
+
+
+@pytest.mark.root
+def test_an_overlay_with_a_layer_on_a_hung_share_never_hangs_list_or_flash(
+        loop_factory: Callable[..., Loop], tmp_path: Path) -> None:
+    """An overlay whose lower layer is a FUSE share whose daemon is then stopped: its layers
+    are followed to find the drives it rests on.  Before: ``list`` waited for ever."""
+    from faulty import FaultyFile
+
+    target = loop_factory(4 * MiB, fill=PATTERN)
+    image = tmp_path / "disk.img"
+    data = os.urandom(MiB)
+    image.write_bytes(data)
+    share = FaultyFile(MiB, attr_timeout=0)
+    merged = tmp_path / "merged"
+    for name in ("upper", "work", "merged"):
+        (tmp_path / name).mkdir()
+    try:
+        subprocess.run(["mount", "-t", "overlay", "overlay", "-o",
+                        f"lowerdir={share.mount},upperdir={tmp_path}/upper,"
+                        f"workdir={tmp_path}/work", str(merged)], check=True)
+        os.kill(share.pid, signal.SIGSTOP)
+        try:
+            listed = popsicle("list", "--all", "--json")
+            done = popsicle("flash", "--yes", "--no-probe", image, target.path)
+        finally:
+            os.kill(share.pid, signal.SIGCONT)
+    finally:
+        subprocess.run(["umount", str(merged)], capture_output=True, check=False)
+        share.close()
+    assert listed.returncode == 0, listed.stderr
+    assert target.path in {d["path"] for d in json.loads(listed.stdout)}
+    assert done.returncode == 0, done.stderr
+    assert target.read(MiB) == data

@@ -11,6 +11,8 @@ sysfs, which is what the kernel says rather than what a name suggests.
 - :mod:`.system`: the facts of the running system, read from sysfs and /proc (mounts, swaps,
   btrfs, overlays, what a disk is stored on: :func:`backing_of`, :func:`gather_facts`; who
   holds a disk: :func:`foreign_mounts`, :func:`loops_over_devices`, :func:`openers`);
+- :mod:`.asking`: questions that may hang (a stat() on a hung share) asked on a thread of
+  their own, waited for a bounded time;
 - :mod:`.names`: a target's name resolved to the device the kernel finds there
   (:func:`resolve_name`, looked up off the main thread: a name may be on a hung share);
 - :mod:`.udev`: the I/O edges that build drives with pyudev (:func:`discover`,

@@ -15,8 +15,9 @@ import threading
 from collections.abc import Iterable
 
 from popsicle_py import sysfs
+from popsicle_py.drives.asking import start_quiet
 from popsicle_py.drives.model import TargetError
-from popsicle_py.drives.system import DeviceNames, source_stats, start_quiet
+from popsicle_py.drives.system import DeviceNames, source_stats
 
 #: Seconds a target's name is given to answer (its links followed, its node stat()ed).
 ASK_NAME = 2.0

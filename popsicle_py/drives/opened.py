@@ -28,8 +28,9 @@ import time
 from collections.abc import Iterable
 
 from popsicle_py import sysfs
+from popsicle_py.drives.asking import start_quiet
 from popsicle_py.drives.model import Inode
-from popsicle_py.drives.system import DeviceNames, start_quiet
+from popsicle_py.drives.system import DeviceNames
 from popsicle_py.records import record
 
 #: Seconds one stat() may take before its file system is taken for hung.

@@ -12,12 +12,12 @@ from __future__ import annotations
 import functools
 import os
 import re
-import signal
 import stat
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 from popsicle_py import media, sysfs
+from popsicle_py.drives.asking import ASK_SOURCES, in_time, start_quiet
 from popsicle_py.drives.model import (
     Backing,
     Inode,
@@ -137,19 +137,6 @@ def loop_status(devnum: int) -> LoopKey | None:
     return loop_key(f"/dev/{os.path.basename(os.path.realpath(_sys_dev(devnum)))}", devnum)
 
 
-_STOP_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
-
-
-def start_quiet(target: Callable[..., None], *args: object, name: str) -> None:
-    """Start a daemon thread with the stop signals blocked, which it keeps: one left blocked
-    in the kernel (a hung share, a dying drive) must never be the thread a Ctrl-C is
-    delivered to, where it would wait unseen while the main thread waits for it."""
-    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
-    try:
-        threading.Thread(target=target, args=args, name=name, daemon=True).start()
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
-
 #: Seconds the kernel is given to say what a loop device stands on.  It stats the backing
 #: file to answer: one on a hung network or FUSE mount never answers.
 ASK_LOOPS = 2.0
@@ -204,10 +191,6 @@ def _ask(devnum: int, answers: LoopAnswers | None) -> tuple[bool, LoopKey | None
             return False, None
     found = loop_statuses([devnum])
     return devnum in found, found.get(devnum)
-
-
-#: Seconds a mount's source path is given to answer a stat() (see :func:`source_stats`).
-ASK_SOURCES = 2.0
 
 
 def source_stats(paths: Iterable[str], timeout: float = ASK_SOURCES
@@ -477,9 +460,9 @@ def _entry_devnums(entry: MountEntry, depth: int = 0,
         numbers.add(st.st_rdev)
     if entry.fstype == "btrfs":
         numbers |= btrfs_group(numbers)
-    elif entry.fstype == "overlay":
-        for layer in overlay_layers(entry.options):
-            numbers |= devnums_holding(layer, depth + 1)
+    elif entry.fstype == "overlay":  # a layer on a hung share never answers: 2 s for all
+        numbers |= in_time(lambda: set().union(*(devnums_holding(layer, depth + 1) for layer
+                                                in overlay_layers(entry.options))), set())
     return numbers
 
 

@@ -14,6 +14,7 @@ from popsicle_py.cli.ask import confirm, make_view
 from popsicle_py.cli.guard import run_guarded
 from popsicle_py.cli.options import (
     DEVICE,
+    DevicePath,
     OutputOptions,
     output_options,
     stall_timeout_option,
@@ -43,7 +44,7 @@ def _run(job: _Job, view: View) -> int:
 
 @click.command(name="read")
 @click.argument("pairs", nargs=-1, required=True, metavar="DEVICE OUTPUT [DEVICE OUTPUT]...",
-                type=click.Path(path_type=str, readable=False))
+                type=DevicePath(path_type=str, readable=False))  # no stat: a hung share
 @click.option("--bmap", is_flag=True,
               help="Also write a block map (bmaptool's format) of the blocks holding data, "
                    "named as bmaptool and flash look for it (disk.img.zst -> disk.img.bmap).")

@@ -102,9 +102,18 @@ class BucketSizeType(SizeType):
 
 
 BUCKET_SIZE = BucketSizeType()
+class DevicePath(click.Path):
+    """A drive's name, taken as given: the drive layer looks it up, off the main thread
+    (click's stat() of a name on a hung share would hang before it, Ctrl-C unheard)."""
+
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> Any:
+        return os.fsdecode(value) if isinstance(value, bytes) else value
+
+
 # Not readable=True: an ordinary user's "not readable" is said once, as what is needed
 # (the access check), after the usual checks of each path.
-DEVICE = click.Path(dir_okay=False, readable=False, path_type=str)
+DEVICE = DevicePath(dir_okay=False, readable=False, path_type=str)
 
 FORCE_HELP = "Write an image that does not look like a disk image (text, HTML, tiny)."
 NO_PROBE_HELP = ("Do not check, before writing, that each drive stores as much as it claims "

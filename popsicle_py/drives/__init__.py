@@ -11,6 +11,10 @@ sysfs, which is what the kernel says rather than what a name suggests.
 - :mod:`.system`: the facts of the running system, read from sysfs and /proc (mounts, swaps,
   btrfs, overlays, what a disk is stored on: :func:`backing_of`, :func:`gather_facts`; who
   holds a disk: :func:`foreign_mounts`, :func:`loops_over_devices`, :func:`openers`);
+- :mod:`.asking`: questions that may hang (a stat() on a hung share) asked on a thread of
+  their own, waited for a bounded time;
+- :mod:`.names`: a target's name resolved to the device the kernel finds there
+  (:func:`resolve_name`, looked up off the main thread: a name may be on a hung share);
 - :mod:`.udev`: the I/O edges that build drives with pyudev (:func:`discover`,
   :func:`drive_for_path`, :func:`still_same` and :func:`held_now` (the check before the first
   write), :func:`writers_now` (before ``verify`` reads), :func:`udev_hint`).
@@ -45,6 +49,7 @@ from popsicle_py.drives.model import (
     SystemFacts,
     TargetError,
 )
+from popsicle_py.drives.names import named_devnums, resolve_name
 from popsicle_py.drives.rules import (
     AUTO_BUSES,
     SYSTEM_MOUNTS,
@@ -86,7 +91,6 @@ from popsicle_py.drives.udev import (
     drive_for_path,
     held_now,
     media_identity,
-    named_devnums,
     port_path_of,
     still_same,
     still_same_each,
@@ -157,6 +161,7 @@ __all__ = [
     "path_storage",
     "port_path_of",
     "refusals",
+    "resolve_name",
     "same_media",
     "stack_of",
     "still_same",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import stat
+import subprocess
 import time
 
 from popsicle_py import sysfs
@@ -34,6 +35,8 @@ from popsicle_py.drives.system import (
     named_device,
     parse_devnum,
     path_storage,
+    source_stats,
+    unescape_mount,
 )
 
 _read = sysfs.read
@@ -84,19 +87,16 @@ class _Backings:
         return self.known[devnum]
 
 
-def _namespace_devnums(entry: MountEntry, pid: int) -> set[int]:
+def _namespace_devnums(entry: MountEntry, pid: int,
+                       stats: dict[str, os.stat_result | None]) -> set[int]:
     """Block devices a mount of another namespace stores its data on; its source is a path
-    in that namespace, so it is looked up through the process's root."""
+    in that namespace, so it is looked up through the process's root (``stats``)."""
     numbers: set[int] = set()
     if os.path.exists(_sys_dev(entry.devnum)):
         numbers.add(entry.devnum)
-    if entry.source.startswith("/dev/"):
-        try:
-            st = os.stat(f"/proc/{pid}/root{entry.source}")
-        except OSError:
-            st = None
-        if st is not None and stat.S_ISBLK(st.st_mode):
-            numbers.add(st.st_rdev)
+    st = stats.get(f"/proc/{pid}/root{entry.source}")
+    if st is not None and stat.S_ISBLK(st.st_mode):
+        numbers.add(st.st_rdev)
     if entry.fstype == "btrfs" and numbers:
         numbers |= btrfs_group(numbers)
     return numbers
@@ -141,10 +141,11 @@ def foreign_mounts(own: list[MountEntry] | None = None, answers: LoopAnswers | N
         process = Process(pid, _program(pid))
         table = mount_table(text)
         parents = {e.mount_id: e for e in table}
+        table = [e for e in table if not _follows(e, parents.get(e.parent_id), groups)]
+        stats = source_stats(f"/proc/{pid}/root{e.source}" for e in table
+                             if e.source.startswith("/dev/"))  # a node there: may hang
         for entry in table:
-            if _follows(entry, parents.get(entry.parent_id), groups):
-                continue
-            numbers = _namespace_devnums(entry, pid)
+            numbers = _namespace_devnums(entry, pid, stats)
             if not numbers:
                 continue
             devnums = frozenset().union(*(backing(n).all_devnums for n in numbers))
@@ -275,4 +276,33 @@ def _scan_openers(answers: LoopAnswers | None) -> tuple[Opener, ...]:
         else:  # a loop device's backing file, written: its drive's bytes
             found.append(Opener(process, one.name, 0, frozenset(), True,
                                 frozenset({one.inode})))
+    return tuple(found)
+
+
+#: Seconds ``nsenter`` is given to read the table of a mount namespace kept by a file.
+ASK_KEPT = 2.0
+
+
+def kept_namespace_mounts(on: frozenset[int]) -> tuple[str, ...]:
+    """Mounts of ``on`` (a disk and its partitions) in mount namespaces that no process is
+    in, kept by a bind mount of their nsfs file (``unshare --mount=FILE``): no process's
+    table lists them (:func:`foreign_mounts`), yet they hold the disk.  Each such table is
+    read with ``nsenter``, given :data:`ASK_KEPT` seconds."""
+    found: dict[str, None] = {}
+    for line in (_read("/proc/self/mountinfo") or "").splitlines():
+        fields = line.split()
+        if len(fields) < 5 or not fields[3].startswith("mnt:[") or " - nsfs " not in line:
+            continue
+        keeper = unescape_mount(fields[4])
+        try:
+            table = subprocess.run(["nsenter", f"--mount={keeper}", "cat",
+                                    "/proc/self/mountinfo"], capture_output=True, text=True,
+                                   stdin=subprocess.DEVNULL, timeout=ASK_KEPT, check=False)
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+        for entry in mount_table(table.stdout):
+            if entry.devnum in on:
+                found.setdefault(f"mounted at {entry.mountpoint} in the mount namespace kept by"
+                                 f" {keeper}, which no process is in: unmount it there, or "
+                                 f"let that namespace go (umount {keeper})", None)
     return tuple(found)

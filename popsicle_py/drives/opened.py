@@ -28,9 +28,9 @@ import time
 from collections.abc import Iterable
 
 from popsicle_py import sysfs
+from popsicle_py.drives.asking import start_quiet
 from popsicle_py.drives.model import Inode
-from popsicle_py.drives.reach import LOCAL_FILE_SYSTEMS
-from popsicle_py.drives.system import DeviceNames, start_quiet
+from popsicle_py.drives.system import DeviceNames
 from popsicle_py.records import record
 
 #: Seconds one stat() may take before its file system is taken for hung.
@@ -49,6 +49,16 @@ class Held:
     rdev: int
     inode: Inode
     writing: bool  # opened for writing; a shared writable mapping
+
+
+#: File systems whose stat() is answered from memory or a local disk: a slow one is not hung.
+LOCAL_FILE_SYSTEMS = frozenset({
+    "ext2", "ext3", "ext4", "xfs", "btrfs", "bcachefs", "f2fs", "jfs", "reiserfs", "nilfs2",
+    "zfs", "vfat", "msdos", "exfat", "ntfs", "ntfs3", "hfs", "hfsplus", "udf", "iso9660",
+    "squashfs", "erofs", "tmpfs", "ramfs", "devtmpfs", "devpts", "proc", "sysfs", "mqueue",
+    "hugetlbfs", "cgroup", "cgroup2", "bpf", "tracefs", "debugfs", "securityfs", "configfs",
+    "pstore", "efivarfs", "binfmt_misc",
+})
 
 
 def _mountinfo(text: str) -> Iterable[tuple[int, int, bool, bool]]:

@@ -128,7 +128,8 @@ def holder_reasons(devnum: int, facts: SystemFacts, backing: Backing | None = No
     """Who holds the disk ``devnum``, besides our own mounts and dm/md holders: a mount in
     another mount namespace (which ``--unmount`` cannot reach), a loop device over it at any
     offset, a process with it (a partition of it, a loop device over it) open.  With its
-    ``backing``, whoever holds what it is stored on too (a loop device over the same file).
+    ``backing``, whoever holds what it is stored on too (a loop device over the same file),
+    but not a loop device it stands on: that is its own storage, as a disk is a partition's.
 
     Each is refused: writing under a mounted filesystem destroys it, and a program reading
     the disk (a backup, ``dd``) would copy a half-written one.
@@ -142,8 +143,11 @@ def holder_reasons(devnum: int, facts: SystemFacts, backing: Backing | None = No
             found.setdefault(f"{in_namespace(mount, devnum)}; --unmount unmounts only in this"
                              " one: unmount it there", None)
     for loop in facts.loops:
-        if loop.devnum != devnum and holds(loop.devnums):
-            found.setdefault(f"in use by {loop.device}, a loop device over it at offset "
+        if loop.devnum == devnum or (backing is not None and loop.devnum in backing.devnums):
+            continue  # the disk itself, or what it is stored on (a loop over a loop device)
+        if holds(loop.devnums):
+            over = "it" if devnum in loop.devnums else "what it is stored on"
+            found.setdefault(f"in use by {loop.device}, a loop device over {over} at offset "
                              f"{loop.offset}", None)
     for opener in facts.openers:
         if holds(opener.devnums, opener.files) and not udev_probing(opener):

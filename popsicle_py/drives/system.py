@@ -12,12 +12,12 @@ from __future__ import annotations
 import functools
 import os
 import re
-import signal
 import stat
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 from popsicle_py import media, sysfs
+from popsicle_py.drives.asking import ASK_SOURCES, in_time, start_quiet
 from popsicle_py.drives.model import (
     Backing,
     Inode,
@@ -26,7 +26,6 @@ from popsicle_py.drives.model import (
     Mount,
     Swap,
 )
-from popsicle_py.drives.reach import local_stat
 from popsicle_py.records import record
 
 _sys_dev = sysfs.block_dir
@@ -135,34 +134,8 @@ def loop_status(devnum: int) -> LoopKey | None:
     name, the kernel's word holds when the file was deleted, renamed, or attached in another
     mount namespace (a container's path).  Either may hang on a file of a hung mount: ask it
     through :func:`loop_statuses`."""
-    name = os.path.basename(os.path.realpath(_sys_dev(devnum)))
-    try:
-        fd = os.open(f"/dev/{name}", os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
-    except OSError:
-        return media.loop_key_of_sysfs(devnum)
-    try:
-        st = os.fstat(fd)
-        if stat.S_ISBLK(st.st_mode) and st.st_rdev == devnum:
-            key = media.loop_key_of_fd(fd)
-            if key is not None:
-                return key
-    finally:
-        os.close(fd)
-    return media.loop_key_of_sysfs(devnum)  # a chroot's /dev, or a node reused meanwhile
+    return loop_key(f"/dev/{os.path.basename(os.path.realpath(_sys_dev(devnum)))}", devnum)
 
-
-_STOP_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
-
-
-def start_quiet(target: Callable[..., None], *args: object, name: str) -> None:
-    """Start a daemon thread with the stop signals blocked, which it keeps: one left blocked
-    in the kernel (a hung share, a dying drive) must never be the thread a Ctrl-C is
-    delivered to, where it would wait unseen while the main thread waits for it."""
-    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
-    try:
-        threading.Thread(target=target, args=args, name=name, daemon=True).start()
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
 #: Seconds the kernel is given to say what a loop device stands on.  It stats the backing
 #: file to answer: one on a hung network or FUSE mount never answers.
@@ -218,6 +191,46 @@ def _ask(devnum: int, answers: LoopAnswers | None) -> tuple[bool, LoopKey | None
             return False, None
     found = loop_statuses([devnum])
     return devnum in found, found.get(devnum)
+
+
+def source_stats(paths: Iterable[str], timeout: float = ASK_SOURCES
+                 ) -> dict[str, os.stat_result | None]:
+    """stat() of each path naming a mount's source (a FUSE image driver's file, a chroot's
+    node): those in devtmpfs at once, the others each on a thread of its own, all within
+    one ``timeout``; None for one that is not there.  One on a hung network or FUSE mount
+    is left out and never waited for: it would hang ``list`` and every plan, Ctrl-C unheard
+    (the mount's source names a file on another mount, which may hang)."""
+    found: dict[str, os.stat_result | None] = {}
+    lock = threading.Lock()
+    all_done = threading.Event()
+    waiting: set[str] = set()
+    in_dev = DeviceNames().in_dev
+
+    def look(path: str) -> os.stat_result | None:
+        try:
+            return os.stat(path)
+        except OSError:
+            return None
+
+    def ask(path: str) -> None:
+        st = look(path)
+        with lock:
+            found[path] = st
+            waiting.discard(path)
+            if not waiting:
+                all_done.set()
+
+    for path in dict.fromkeys(paths):
+        if in_dev(path):
+            found[path] = look(path)
+        else:
+            waiting.add(path)
+    for path in list(waiting):
+        start_quiet(ask, path, name="popsicle-mount-source")
+    if waiting:
+        all_done.wait(timeout)
+    with lock:
+        return dict(found)
 
 
 class DeviceNames:
@@ -284,11 +297,11 @@ def filesystem_devnums(dev: int) -> frozenset[int] | None:
     tmpfs or FUSE); None when no mount of ours has that number."""
     if os.path.exists(_sys_dev(dev)):
         return frozenset({dev})
-    table = mount_table()
-    entries = [entry for entry in table if entry.devnum == dev]
+    entries = [entry for entry in mount_table() if entry.devnum == dev]
     if not entries:
         return None
-    return frozenset().union(*(_entry_devnums(entry, table) for entry in entries))
+    stats = source_stats(e.source for e in entries if e.source.startswith("/"))
+    return frozenset().union(*(_entry_devnums(entry, stats=stats) for entry in entries))
 
 
 def _devnums_of_file(path: str) -> list[int]:
@@ -320,7 +333,7 @@ class MountEntry:
     parent_id: int = 0
 
 
-def _unescape_mount(field: str) -> str:
+def unescape_mount(field: str) -> str:
     return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
 
 
@@ -347,8 +360,8 @@ def _parse_mountinfo(text: str) -> tuple[MountEntry, ...]:
         if devnum is None:
             continue
         tags = dict(tag.partition(":")[::2] for tag in fields[6:])
-        entries.append(MountEntry(devnum, _unescape_mount(fields[4]), tail[0],
-                                  _unescape_mount(tail[1]), tail[2] if len(tail) > 2 else "",
+        entries.append(MountEntry(devnum, unescape_mount(fields[4]), tail[0],
+                                  unescape_mount(tail[1]), tail[2] if len(tail) > 2 else "",
                                   _group(tags.get("shared")), _group(tags.get("master")),
                                   _group(fields[0]) or 0, _group(fields[1]) or 0))
     return tuple(entries)
@@ -365,7 +378,7 @@ def overlay_layers(options: str) -> list[str]:
         key, _, value = option.partition("=")
         if key in ("lowerdir", "lowerdir+", "upperdir", "workdir", "datadir+") and value:
             for layer in re.split(r"(?<!\\):", value):
-                layer = _unescape_mount(layer).replace("\\:", ":").replace("\\,", ",")
+                layer = unescape_mount(layer).replace("\\:", ":").replace("\\,", ",")
                 if layer:
                     layers.append(layer)
     return layers
@@ -425,52 +438,39 @@ def devnums_holding(path: str, _depth: int = 0) -> frozenset[int]:
         st = os.stat(path)
     except OSError:
         return frozenset()
-    table = mount_table()
     numbers = {st.st_dev}
     if os.path.exists(_sys_dev(st.st_dev)) or _depth > 8:
         return frozenset(numbers)
-    entry = _mount_of(path, table, st.st_dev)
+    entry = _mount_of(path, mount_table(), st.st_dev)
     if entry is None:
         return frozenset(numbers)
-    return frozenset(numbers | _entry_devnums(entry, table, _depth))
+    return frozenset(numbers | _entry_devnums(entry, _depth, source_stats(
+        [entry.source] if entry.source.startswith("/") else [])))
 
 
-def _entry_devnums(entry: MountEntry, table: list[MountEntry] | None = None,
-                   depth: int = 0) -> set[int]:
-    """Block devices a mount's filesystem stores its data on (not yet walked down)."""
+def _entry_devnums(entry: MountEntry, depth: int = 0,
+                   stats: dict[str, os.stat_result | None] | None = None) -> set[int]:
+    """Block devices a mount's filesystem stores its data on (not yet walked down); its
+    source as :func:`source_stats` found it (``stats``)."""
     numbers: set[int] = set()
     if os.path.exists(_sys_dev(entry.devnum)):
         numbers.add(entry.devnum)
-    table = mount_table() if table is None else table
-    st = local_stat(entry.source, table)
+    st = (stats or {}).get(entry.source)
     if st is not None and stat.S_ISBLK(st.st_mode):
         numbers.add(st.st_rdev)
     if entry.fstype == "btrfs":
         numbers |= btrfs_group(numbers)
-    elif entry.fstype == "overlay":
-        for layer in overlay_layers(entry.options):
-            if local_stat(layer, table) is not None:  # not a layer on a share: it may hang
-                numbers |= devnums_holding(layer, depth + 1)
+    elif entry.fstype == "overlay":  # a layer on a hung share never answers: 2 s for all
+        numbers |= in_time(lambda: set().union(*(devnums_holding(layer, depth + 1) for layer
+                                                in overlay_layers(entry.options))), set())
     return numbers
 
 
-def _file_sources(entry: MountEntry, table: list[MountEntry], answers: LoopAnswers | None
-                  ) -> set[Inode]:
-    """A filesystem mounted straight from a regular file (FUSE image drivers do this).  One
-    on a share, not looked at (see :mod:`.reach`), is taken by name: the files loop devices
-    stand on whose names the kernel gives as that source."""
-    if not entry.source.startswith("/"):
-        return set()
-    st = local_stat(entry.source, table)
-    if st is not None:
-        return {(st.st_dev, st.st_ino)} if stat.S_ISREG(st.st_mode) else set()
-    named: set[Inode] = set()
-    for devnum, key in (answers.keys.items() if answers is not None else ()):
-        base = os.path.realpath(_sys_dev(devnum))
-        if key is not None and not key.rdev and _read(f"{base}/loop/backing_file") == (
-                os.path.normpath(entry.source)):
-            named.add((key.dev, key.ino))
-    return named
+def _file_source(entry: MountEntry, stats: dict[str, os.stat_result | None]
+                 ) -> Inode | None:
+    """A filesystem mounted straight from a regular file (FUSE image drivers do this)."""
+    st = stats.get(entry.source)
+    return (st.st_dev, st.st_ino) if st is not None and stat.S_ISREG(st.st_mode) else None
 
 
 def current_mounts(table: list[MountEntry] | None = None,
@@ -482,13 +482,15 @@ def current_mounts(table: list[MountEntry] | None = None,
     ``table``: our own namespace's :func:`mount_table`, when already read.
     """
     mounts: list[Mount] = []
-    table = mount_table() if table is None else table
-    for entry in table:
-        numbers = _entry_devnums(entry, table)
-        files = _file_sources(entry, table, answers)
-        if not numbers and not files:
+    entries = mount_table() if table is None else table
+    stats = source_stats(e.source for e in entries if e.source.startswith("/"))
+    for entry in entries:
+        numbers = _entry_devnums(entry, stats=stats)
+        source_file = _file_source(entry, stats)
+        if not numbers and source_file is None:
             continue
         devnums: set[int] = set()
+        files: set[Inode] = {source_file} if source_file else set()
         for number in numbers:
             backing = backing_of(number, answers)
             devnums |= backing.all_devnums
@@ -527,14 +529,13 @@ def current_swaps(answers: LoopAnswers | None = None) -> tuple[Swap, ...]:
     """Active swap areas from /proc/swaps, with the devices and files they rest on."""
     text = _read("/proc/swaps") or ""
     swaps: list[Swap] = []
-    table = mount_table()
     for line in text.splitlines()[1:]:
         fields = line.split()
         if not fields:
             continue
-        path = _unescape_mount(fields[0])
-        if local_stat(path, table) is None:  # gone, or a swap file on NFS: no drive of ours
-            continue
+        path = unescape_mount(fields[0])
+        if path.startswith("/") and source_stats([path]).get(path) is None:
+            continue  # gone, or a swap file on a hung NFS server: no drive of ours
         devnums, files = path_storage(path, answers)
         if devnums or files:
             swaps.append(Swap(path, devnums, files))
@@ -573,4 +574,4 @@ def loop_key(path: str, devnum: int) -> LoopKey | None:
                 return key
     finally:
         os.close(fd)
-    return media.loop_key_of_sysfs(devnum)
+    return media.loop_key_of_sysfs(devnum)  # a chroot's /dev, or a node reused meanwhile

@@ -25,6 +25,7 @@ from popsicle_py import sysfs
 from popsicle_py.drives.holders import (
     foreign_mounts,
     gather_facts,
+    kept_namespace_mounts,
     loops_over_devices,
     openers,
 )
@@ -37,6 +38,7 @@ from popsicle_py.drives.model import (
     SystemFacts,
     TargetError,
 )
+from popsicle_py.drives.names import named_devnums, resolve_name
 from popsicle_py.drives.opened import ExclusiveOpens
 from popsicle_py.drives.rules import (
     AUTO_BUSES,
@@ -58,6 +60,7 @@ from popsicle_py.drives.system import (
     holders_beneath,
     loop_key,
     parse_devnum,
+    unescape_mount,
 )
 from popsicle_py.identity import not_confirmed, same_media
 from popsicle_py.records import record
@@ -330,20 +333,6 @@ def discover(context: pyudev.Context | None = None, *, include_all: bool = False
     return sorted(drives, key=lambda d: natural_key(d.path))
 
 
-def _kind_of_file(mode: int) -> str:
-    if stat.S_ISREG(mode):
-        return "a regular file"
-    if stat.S_ISDIR(mode):
-        return "a directory"
-    if stat.S_ISCHR(mode):
-        return "a character device"
-    if stat.S_ISFIFO(mode):
-        return "a pipe"
-    if stat.S_ISSOCK(mode):
-        return "a socket"
-    return "not a device"
-
-
 def drive_for_path(path: str, *, image_path: str | None = None,
                    context: pyudev.Context | None = None,
                    facts: SystemFacts | None = None) -> Drive:
@@ -354,29 +343,8 @@ def drive_for_path(path: str, *, image_path: str | None = None,
     report every refusal together.  Loop devices and other non-USB disks are allowed here:
     naming a drive is a deliberate act.
     """
-    shown = path
-    if not path:  # an unset shell variable: "/dev/" exists, and is not what was meant
-        raise TargetError(path, "the drive's name is empty (an unset variable?); name a drive"
-                                " such as /dev/sdb")
-    if not os.path.lexists(path):
-        hint = ""
-        if "/" not in path and os.path.exists(f"/dev/{path}"):  # typed "sdb" or "loop8"
-            hint = f"; did you mean /dev/{path}?"
-        raise TargetError(path, f"{path} does not exist{hint}")
-    real = os.path.realpath(path)
-    if real != path:
-        shown = f"{path} ({real})"
-    try:
-        st = os.stat(real)
-    except FileNotFoundError:
-        raise TargetError(path, f"{shown} does not exist") from None
-    except OSError as e:
-        raise TargetError(path, f"{shown} cannot be examined: {e.strerror}") from None
-    if not stat.S_ISBLK(st.st_mode):
-        raise TargetError(path, f"{shown} is not a block device ({_kind_of_file(st.st_mode)})")
+    real, shown, st = resolve_name(path)
     sys_path = _sys_dev(st.st_rdev)
-    if not os.path.exists(sys_path):
-        raise TargetError(path, f"{shown} is a block device the kernel does not list in sysfs")
     context = context or udev_context()
     try:
         # The resolved path, as libudev would resolve it; under umockdev only the resolved
@@ -416,6 +384,9 @@ def held_by_kernel(drive: Drive, facts: SystemFacts) -> str | None:
     if not refused:
         return None
     on = {drive.devnum} | named_devnums(drive.partitions)
+    kept = kept_namespace_mounts(frozenset(on))
+    if kept:
+        return "; ".join(kept)
     loops = sorted((f"/dev/{os.path.basename(os.path.realpath(_sys_dev(devnum)))}"
                     for devnum, key in facts.answers.keys.items()
                     if key is not None and not key.rdev and key.dev in on),
@@ -425,8 +396,11 @@ def held_by_kernel(drive: Drive, facts: SystemFacts) -> str | None:
                 else "loop devices over files on it")
         return (f"in use by {', '.join(loops)}, {what} (its file system is mounted nowhere:"
                 " unmounted with `umount -l` while in use?)")
+    lost = [s.split()[0] for s in (_read("/proc/swaps") or "").splitlines()[1:] if s.split()
+            and not os.path.exists(unescape_mount(s.split()[0]))]  # a swap file's mount gone
+    swap = f"active swap on {', '.join(lost)}, a file not found here, or " if lost else ""
     return ("in use by the kernel, though no mount table lists it and no program has it open"
-            " (a file system on it unmounted with `umount -l` while in use?)")
+            f" ({swap}a file system on it unmounted with `umount -l` while in use?)")
 
 
 def media_identity(path: str, *, context: pyudev.Context | None = None) -> MediaIdentity:
@@ -521,18 +495,6 @@ def still_same_each(drives: Iterable[Drive] | None = None) -> Callable[[Drive], 
     now = holders_now(of)
     return lambda drive: still_same(drive, holders=now if of is None or drive.devnum in of
                                     else holders_now())
-
-
-def named_devnums(paths: Iterable[str]) -> frozenset[int]:
-    """The device numbers of the block devices named (what cannot be examined is left out:
-    it is refused as a target anyway)."""
-    found = set()
-    for path in paths:
-        with contextlib.suppress(OSError):
-            st = os.stat(path)
-            if stat.S_ISBLK(st.st_mode):
-                found.add(st.st_rdev)
-    return frozenset(found)
 
 
 def writers_now(drive: Drive, facts: SystemFacts | None = None) -> str | None:

@@ -1,0 +1,45 @@
+"""Asking the system without hanging: a question that may never be answered (a stat() on a
+hung network or FUSE share, which Ctrl-C does not interrupt) is asked on a thread of its own,
+and waited for a bounded time by the thread that asked, which stays free to hear Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from collections.abc import Callable
+from typing import TypeVar
+
+T = TypeVar("T")
+
+#: Seconds a mount's source path (or an overlay's layers) is given to answer a stat().
+ASK_SOURCES = 2.0
+
+_STOP_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
+
+
+def start_quiet(target: Callable[..., None], *args: object, name: str) -> None:
+    """Start a daemon thread with the stop signals blocked, which it keeps: one left blocked
+    in the kernel (a hung share, a dying drive) must never be the thread a Ctrl-C is
+    delivered to, where it would wait unseen while the main thread waits for it."""
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    try:
+        threading.Thread(target=target, args=args, name=name, daemon=True).start()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+
+
+def in_time(call: Callable[[], T], otherwise: T, timeout: float = ASK_SOURCES) -> T:
+    """``call()`` on a thread of its own (see :func:`start_quiet`), given ``timeout``;
+    ``otherwise`` when it has not returned by then (it is left to finish, or never)."""
+    answer: list[T] = []
+    done = threading.Event()
+
+    def run() -> None:
+        try:
+            answer.append(call())
+        finally:
+            done.set()
+
+    start_quiet(run, name="popsicle-in-time")
+    return answer[0] if done.wait(timeout) and answer else otherwise

@@ -20,6 +20,9 @@ if TYPE_CHECKING:  # parsed only when there is a block map: not before every fir
 
 #: Range checksums bmaptool writes, by format major version.
 _ALGOS = ("sha1", "sha256")
+#: The most of a block map read: bmaptool's for a large, fragmented image is a few MiB, and a
+#: "map" without end (``--bmap /dev/zero``) must not take all memory.
+MAX_SIZE = 64 << 20
 
 
 class BmapError(Refused):
@@ -157,11 +160,13 @@ def load(path: str, image_size: int | None) -> Bmap:
     """Read, parse and check a block map against the image it is for."""
     try:
         with open(path, encoding="utf-8") as f:
-            text = f.read()
+            text = f.read(MAX_SIZE + 1)
     except FileNotFoundError:
         raise BmapError(f"{path} does not exist") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise BmapError(f"{path} cannot be read: {exc}") from None
+    if len(text) > MAX_SIZE:
+        raise BmapError(f"{path} is larger than {MAX_SIZE >> 20} MiB: not a block map")
     bmap = parse(text, path)
     if image_size is not None and bmap.image_size != image_size:
         raise BmapError(f"{path} is for an image of {bmap.image_size} bytes, but the image "

@@ -3,10 +3,14 @@ it takes the machine's memory."""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
-from conftest import popsicle_cmd
+from conftest import Loop, needs_root, popsicle_cmd
 
 
 def test_a_bmap_without_end_is_refused_in_one_line(tmp_path: Path) -> None:
@@ -19,3 +23,38 @@ def test_a_bmap_without_end_is_refused_in_one_line(tmp_path: Path) -> None:
                           capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=60)
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr == ("popsicle-py: /dev/zero is larger than 64 MiB: not a block map\n")
+
+
+def _bmap(image: Path, blocks: int) -> Path:
+    """A bmap 2.0 (block size 4 KiB) mapping the image's first ``blocks`` blocks, one range."""
+    data = image.read_bytes()
+    size, mapped = len(data), data[: blocks * 4096]
+    text = (f'<?xml version="1.0" ?>\n<bmap version="2.0">\n<ImageSize> {size} </ImageSize>\n'
+            f"<BlockSize> 4096 </BlockSize>\n<BlocksCount> {-(-size // 4096)} </BlocksCount>\n"
+            f"<MappedBlocksCount> {blocks} </MappedBlocksCount>\n"
+            "<ChecksumType> sha256 </ChecksumType>\n<BlockMap>\n"
+            f'<Range chksum="{hashlib.sha256(mapped).hexdigest()}"> 0-{blocks - 1} </Range>\n'
+            "</BlockMap>\n</bmap>\n")
+    path = image.with_suffix(f".{blocks}.bmap")
+    path.write_text(text)
+    return path
+
+
+@needs_root
+def test_a_map_whose_holes_end_the_image_gives_no_device_sha256(
+        loop_factory: Callable[..., Loop], tmp_path: Path) -> None:
+    """The drive was read back only up to the map's last range: the SHA-256 of that prefix is
+    not the image's range's, which device_sha256 is said to be (it is null for a map's holes)."""
+    image = tmp_path / "os.img"
+    data = os.urandom(8 << 20) + bytes(8 << 20)  # data, then zeros bmaptool leaves unmapped
+    image.write_bytes(data)
+    drive = loop_factory(32 << 20, fill=0x5A)
+    for blocks, expected in ((2048, None), (4096, hashlib.sha256(data).hexdigest())):
+        proc = subprocess.run([*popsicle_cmd(), "flash", str(image), drive.path, "--yes",
+                               "--no-probe", "--json", "--bmap", str(_bmap(image, blocks))],
+                              capture_output=True, text=True, stdin=subprocess.DEVNULL,
+                              timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        result = [json.loads(line) for line in proc.stdout.splitlines()][-1]["results"][0]
+        assert result["status"] == "ok" and result["verified"]
+        assert result["device_sha256"] == expected, blocks

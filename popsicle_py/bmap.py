@@ -55,6 +55,20 @@ class Bmap:
     def mapped(self) -> int:
         return sum(e.length for e in self.extents)
 
+    @property
+    def unchecked(self) -> str | None:
+        """Why its ranges are not checked as they are read (``bmaptool create --no-checksum``,
+        format 1.0), or None: then a map of another image of the same size goes unnoticed, and
+        that image's data in the map's holes is left unwritten."""
+        missing = sum(1 for e in self.extents if e.checksum is None)
+        if not missing:
+            return None
+        which = ("its ranges carry" if missing == len(self.extents)
+                 else f"{missing} of its {len(self.extents)} ranges carry")
+        return (f"block map {self.path}: {which} no checksum: nothing checks that it is "
+                "this image's own (another image's map would leave data in its holes "
+                "unwritten)")
+
 
 def sidecar(image_path: str) -> str | None:
     """``IMAGE.bmap`` next to the image, also for ``IMAGE.xz`` -> ``IMAGE.bmap``."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -58,3 +59,21 @@ def test_a_map_whose_holes_end_the_image_gives_no_device_sha256(
         result = [json.loads(line) for line in proc.stdout.splitlines()][-1]["results"][0]
         assert result["status"] == "ok" and result["verified"]
         assert result["device_sha256"] == expected, blocks
+
+
+@needs_root
+def test_a_map_without_checksums_says_it_is_not_checked(loop_factory: Callable[..., Loop],
+                                                         tmp_path: Path) -> None:
+    """Another image's map of the same size leaves this one's data in its holes unwritten:
+    with no checksum nothing can see it, and the notes say so rather than nothing."""
+    image = tmp_path / "os.img"
+    image.write_bytes(os.urandom(16 << 20))
+    mapped = _bmap(image, 2048)
+    mapped.write_text(re.sub(r' chksum="[0-9a-f]+"', "", mapped.read_text()))
+    drive = loop_factory(32 << 20, fill=0x5A)
+    proc = subprocess.run([*popsicle_cmd(), "flash", str(image), drive.path, "--yes",
+                           "--no-probe", "--bmap", str(mapped)], capture_output=True,
+                          text=True, stdin=subprocess.DEVNULL, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert (f"block map {mapped}: its ranges carry no checksum: nothing checks that it is "
+            "this image's own" in proc.stdout + proc.stderr)

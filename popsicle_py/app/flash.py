@@ -86,6 +86,8 @@ class PreparedFlash(HeldFiles):
             notes.append(f"block map {block_map.path}: writing "
                          f"{format_size(block_map.mapped)} of "
                          f"{format_size(block_map.image_size)}")
+            if block_map.unchecked is not None:
+                notes.append(block_map.unchecked)
         notes.extend(trim.notes)
         #: What a person reads before the run (a terminal view shows them; JSON has none
         #: before its ``start`` event).

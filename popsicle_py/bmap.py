@@ -1,7 +1,8 @@
 """bmaptool's block maps: which ranges of a sparse image hold data, and their checksums.
 
-Format versions 1.x (optional ``sha1`` per range, ``BmapFileSHA1``) and 2.x (``ChecksumType``,
-``chksum`` per range, ``BmapFileChecksum``) are read.  Everything is checked before a byte is
+Format versions 1.0-1.3 (optional ``sha1`` per range, ``BmapFileSHA1``) and 2.x, with 1.4
+(``ChecksumType``, ``chksum`` per range, ``BmapFileChecksum``: bmap-tools 3.0 wrote the 2.0
+format as 1.4, and bmaptool reads 1.4 as 2.0) are read.  Everything is checked before a byte is
 written: a malformed map, a map whose own checksum is wrong, or one whose image size
 disagrees with the image is refused with one line.
 """
@@ -134,7 +135,7 @@ def parse(text: str, path: str = "bmap") -> Bmap:
     if blocks != -(-image_size // block_size):
         raise BmapError(f"{path} is not a valid bmap: {blocks} blocks of {block_size} bytes "
                         f"cannot hold {image_size} bytes")
-    if major == "2":
+    if major == "2" or version.strip() == "1.4":  # 1.4 is 2.0, as bmaptool reads it
         algo = (_text(root, "ChecksumType", path) or "").lower()
         if algo not in _ALGOS:
             raise BmapError(f"{path}: checksum type {algo!r} is not supported")

@@ -26,11 +26,12 @@ def test_a_bmap_without_end_is_refused_in_one_line(tmp_path: Path) -> None:
     assert proc.stderr == ("popsicle-py: /dev/zero is larger than 64 MiB: not a block map\n")
 
 
-def _bmap(image: Path, blocks: int) -> Path:
-    """A bmap 2.0 (block size 4 KiB) mapping the image's first ``blocks`` blocks, one range."""
+def _bmap(image: Path, blocks: int, version: str = "2.0") -> Path:
+    """A bmap ``version`` (4 KiB blocks) mapping the image's first ``blocks`` blocks."""
     data = image.read_bytes()
     size, mapped = len(data), data[: blocks * 4096]
-    text = (f'<?xml version="1.0" ?>\n<bmap version="2.0">\n<ImageSize> {size} </ImageSize>\n'
+    text = (f'<?xml version="1.0" ?>\n<bmap version="{version}">\n'
+            f"<ImageSize> {size} </ImageSize>\n"
             f"<BlockSize> 4096 </BlockSize>\n<BlocksCount> {-(-size // 4096)} </BlocksCount>\n"
             f"<MappedBlocksCount> {blocks} </MappedBlocksCount>\n"
             "<ChecksumType> sha256 </ChecksumType>\n<BlockMap>\n"
@@ -77,3 +78,23 @@ def test_a_map_without_checksums_says_it_is_not_checked(loop_factory: Callable[.
     assert proc.returncode == 0, proc.stderr
     assert (f"block map {mapped}: its ranges carry no checksum: nothing checks that it is "
             "this image's own" in proc.stdout + proc.stderr)
+
+
+@needs_root
+def test_a_format_1_4_map_has_its_checksums_checked(loop_factory: Callable[..., Loop],
+                                                     tmp_path: Path) -> None:
+    """bmap-tools 3.0 wrote the 2.0 format (ChecksumType, chksum) as version 1.4: its ranges'
+    SHA-256 were taken for absent sha1s, so another image's map went unnoticed."""
+    other = tmp_path / "other.img"
+    other.write_bytes(os.urandom(16 << 20))
+    mapped = _bmap(other, 2048, version="1.4")
+    image = tmp_path / "os.img"
+    image.write_bytes(os.urandom(16 << 20))
+    drive = loop_factory(32 << 20, fill=0x5A)
+    proc = subprocess.run([*popsicle_cmd(), "flash", str(image), drive.path, "--yes",
+                           "--no-probe", "--bmap", str(mapped)], capture_output=True,
+                          text=True, stdin=subprocess.DEVNULL, timeout=120)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "the image does not match its block map: bytes 0-8388607 fail their sha256 " \
+           "checksum" in proc.stdout + proc.stderr
+    assert drive.head_is_safe(image.read_bytes(), 0x5A)

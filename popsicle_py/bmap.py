@@ -174,7 +174,7 @@ def parse(text: str, path: str = "bmap") -> Bmap:
 def load(path: str, image_size: int | None) -> Bmap:
     """Read, parse and check a block map against the image it is for."""
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8", newline="") as f:  # its checksum is of its bytes
             text = f.read(MAX_SIZE + 1)
     except FileNotFoundError:
         raise BmapError(f"{path} does not exist") from None

@@ -13,6 +13,8 @@ from pathlib import Path
 
 from conftest import Loop, needs_root, popsicle_cmd
 
+from popsicle_py.bmap import load
+
 
 def test_a_bmap_without_end_is_refused_in_one_line(tmp_path: Path) -> None:
     image = tmp_path / "os.img"
@@ -98,3 +100,19 @@ def test_a_format_1_4_map_has_its_checksums_checked(loop_factory: Callable[..., 
     assert "the image does not match its block map: bytes 0-8388607 fail their sha256 " \
            "checksum" in proc.stdout + proc.stderr
     assert drive.head_is_safe(image.read_bytes(), 0x5A)
+
+
+def test_a_map_with_crlf_line_ends_is_read_as_bmaptool_reads_it(tmp_path: Path) -> None:
+    """The map's own checksum is of its bytes: read as text, its CRLFs became LFs and a map
+    bmaptool copies with was refused as corrupt."""
+    image = tmp_path / "os.img"
+    image.write_bytes(os.urandom(1 << 20))
+    text = _bmap(image, 128).read_text().replace("</ChecksumType>\n",
+                                                 "</ChecksumType>\n<BmapFileChecksum> "
+                                                 f"{'0' * 64} </BmapFileChecksum>\n")
+    text = text.replace("\n", "\r\n")
+    text = text.replace("0" * 64, hashlib.sha256(text.encode()).hexdigest(), 1)
+    mapped = tmp_path / "crlf.bmap"
+    mapped.write_bytes(text.encode())
+    loaded = load(str(mapped), 1 << 20)
+    assert loaded.mapped == 128 * 4096 and loaded.unchecked is None

@@ -11,6 +11,7 @@ import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 from conftest import Loop, needs_root, popsicle_cmd
 
 from popsicle_py.bmap import load
@@ -116,3 +117,46 @@ def test_a_map_with_crlf_line_ends_is_read_as_bmaptool_reads_it(tmp_path: Path) 
     mapped.write_bytes(text.encode())
     loaded = load(str(mapped), 1 << 20)
     assert loaded.mapped == 128 * 4096 and loaded.unchecked is None
+
+
+def _ranges_bmap(image: Path, ranges: list[tuple[int, int]]) -> Path:
+    """A bmap 2.0 of ``image`` (4 KiB blocks) mapping these (first, last) block ranges."""
+    data = image.read_bytes()
+    lines = "".join(
+        f'<Range chksum="{hashlib.sha256(data[a * 4096 : (b + 1) * 4096]).hexdigest()}"> '
+        f"{a}-{b} </Range>\n" for a, b in ranges)
+    path = image.with_suffix(".ranges.bmap")
+    path.write_text(f'<?xml version="1.0" ?>\n<bmap version="2.0">\n'
+                    f"<ImageSize> {len(data)} </ImageSize>\n<BlockSize> 4096 </BlockSize>\n"
+                    f"<BlocksCount> {-(-len(data) // 4096)} </BlocksCount>\n"
+                    "<ChecksumType> sha256 </ChecksumType>\n"
+                    f"<BlockMap>\n{lines}</BlockMap>\n</bmap>\n")
+    return path
+
+
+@needs_root
+@pytest.mark.parametrize("ranges", [[(0, 9), (300, 2047)], [(0, 9), (100, 120)]],
+                         ids=["next-range-past-the-head", "last-range-in-the-head"])
+def test_a_map_s_holes_in_the_head_get_the_image_s_zeros(
+        loop_factory: Callable[..., Loop], tmp_path: Path,
+        ranges: list[tuple[int, int]]) -> None:
+    """The head (its first MiB, here: no partition table) is written whole, the map's holes
+    as the image's zeros: a drive's old signatures there (an ISO 9660 descriptor, a btrfs
+    superblock, UDF anchors) must not outlive the flash.  Holes between the head's last
+    range and its end were left as the drive had them."""
+    image = tmp_path / "os.img"
+    data = bytearray(16 << 20)
+    for a, b in ranges:
+        data[a * 4096 : (b + 1) * 4096] = os.urandom((b - a + 1) * 4096)
+    image.write_bytes(data)
+    drive = loop_factory(32 << 20, fill=0x5A)
+    proc = subprocess.run([*popsicle_cmd(), "flash", str(image), drive.path, "--yes",
+                           "--no-probe", "--bmap", str(_ranges_bmap(image, ranges))],
+                          capture_output=True, text=True, stdin=subprocess.DEVNULL,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    got = drive.read(16 << 20)
+    assert got[: 1 << 20] == data[: 1 << 20]  # the whole head: ranges and zeros
+    for a, b in ranges:
+        assert got[a * 4096 : (b + 1) * 4096] == data[a * 4096 : (b + 1) * 4096]
+    assert set(got[(1 << 20) : 300 * 4096]) == {0x5A}  # holes past the head: left alone

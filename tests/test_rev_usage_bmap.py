@@ -160,3 +160,25 @@ def test_a_map_s_holes_in_the_head_get_the_image_s_zeros(
     for a, b in ranges:
         assert got[a * 4096 : (b + 1) * 4096] == data[a * 4096 : (b + 1) * 4096]
     assert set(got[(1 << 20) : 300 * 4096]) == {0x5A}  # holes past the head: left alone
+
+
+@needs_root
+def test_a_map_s_holes_are_said_not_written(loop_factory: Callable[..., Loop],
+                                            tmp_path: Path) -> None:
+    """A result said "8 MiB written and verified" of a 16 MiB image and nothing of the rest:
+    its holes past the head are bytes_unused, and the line says they were not written."""
+    image = tmp_path / "os.img"
+    image.write_bytes(os.urandom(8 << 20) + bytes(8 << 20))
+    mapped = _bmap(image, 2048)
+    drive = loop_factory(32 << 20, fill=0x5A)
+    args = [*popsicle_cmd(), "flash", str(image), drive.path, "--yes", "--no-probe",
+            "--bmap", str(mapped)]
+    proc = subprocess.run([*args, "--json"], capture_output=True, text=True,
+                          stdin=subprocess.DEVNULL, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    result = [json.loads(line) for line in proc.stdout.splitlines()][-1]["results"][0]
+    assert (result["bytes_written"], result["bytes_unused"]) == (8 << 20, 8 << 20)
+    proc = subprocess.run(args, capture_output=True, text=True, stdin=subprocess.DEVNULL,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "8 MiB written and verified, 8 MiB of free space not written" in proc.stdout

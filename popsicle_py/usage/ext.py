@@ -96,7 +96,7 @@ def _superblock(sb: bytes) -> _Super:
     if incompat & _INCOMPAT_64BIT:
         blocks |= struct.unpack_from("<I", sb, 0x150)[0] << 32
         desc_size = struct.unpack_from("<H", sb, 0xFE)[0]
-        if desc_size < 64 or desc_size & (desc_size - 1):
+        if not 64 <= desc_size <= 1024 or desc_size & (desc_size - 1):  # the kernel's bounds
             raise Inconsistent("its group descriptor size is not possible")
     if not 256 <= per_group <= 8 * block_size or per_group % 8 \
             or first_data != (block_size == 1024):

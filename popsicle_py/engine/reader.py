@@ -335,7 +335,8 @@ class Reader:
             return
         self._head_recorded = True
         expected = self.config.expected_size
-        if self.held is not None and self.head_limit is not None and expected is not None:
+        if self.held is not None and self.head_limit is not None and expected is not None \
+                and self.config.extents is not None:
             # A block map's last range ends in the head: its holes up to the head's end too.
             self.held_length = max(self.held_length, min(self.head_limit, expected))
         if self.held is not None and self.held_length:

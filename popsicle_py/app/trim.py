@@ -35,6 +35,7 @@ from popsicle_py.usage import (
     is_iso9660,
     worth_it,
 )
+from popsicle_py.usage.ranges import normalize
 
 if TYPE_CHECKING:
     from popsicle_py.usage.stream import StreamSelector
@@ -140,7 +141,12 @@ def read_usage(image: Image) -> Usage:
     try:
         def read_at(offset: int, length: int) -> bytes:
             return os.pread(fd, max(0, min(length, size - offset)), offset)
-        return image_usage(read_at, size)
+        usage = image_usage(read_at, size)
+        # The engine writes the image's head whole (a bare file system's free blocks in it
+        # too): counted as written, with the image's bytes rather than zeros there.
+        head = min(size, head_length(read_at(0, 64 << 10)))
+        ranges = normalize([*usage.ranges, (0, head)], size)
+        return dataclasses.replace(usage, ranges=ranges)
     except OSError as exc:
         raise ImageError(f"{image.path} cannot be read: {exc.strerror or exc}") from None
     finally:

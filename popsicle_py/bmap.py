@@ -1,7 +1,8 @@
 """bmaptool's block maps: which ranges of a sparse image hold data, and their checksums.
 
-Format versions 1.x (optional ``sha1`` per range, ``BmapFileSHA1``) and 2.x (``ChecksumType``,
-``chksum`` per range, ``BmapFileChecksum``) are read.  Everything is checked before a byte is
+Format versions 1.0-1.3 (optional ``sha1`` per range, ``BmapFileSHA1``) and 2.x, with 1.4
+(``ChecksumType``, ``chksum`` per range, ``BmapFileChecksum``: bmap-tools 3.0 wrote the 2.0
+format as 1.4, and bmaptool reads 1.4 as 2.0) are read.  Everything is checked before a byte is
 written: a malformed map, a map whose own checksum is wrong, or one whose image size
 disagrees with the image is refused with one line.
 """
@@ -20,6 +21,9 @@ if TYPE_CHECKING:  # parsed only when there is a block map: not before every fir
 
 #: Range checksums bmaptool writes, by format major version.
 _ALGOS = ("sha1", "sha256")
+#: The most of a block map read: bmaptool's for a large, fragmented image is a few MiB, and a
+#: "map" without end (``--bmap /dev/zero``) must not take all memory.
+MAX_SIZE = 64 << 20
 
 
 class BmapError(Refused):
@@ -51,6 +55,20 @@ class Bmap:
     @property
     def mapped(self) -> int:
         return sum(e.length for e in self.extents)
+
+    @property
+    def unchecked(self) -> str | None:
+        """Why its ranges are not checked as they are read (``bmaptool create --no-checksum``,
+        format 1.0), or None: then a map of another image of the same size goes unnoticed, and
+        that image's data in the map's holes is left unwritten."""
+        missing = sum(1 for e in self.extents if e.checksum is None)
+        if not missing:
+            return None
+        which = ("its ranges carry" if missing == len(self.extents)
+                 else f"{missing} of its {len(self.extents)} ranges carry")
+        return (f"block map {self.path}: {which} no checksum: nothing checks that it is "
+                "this image's own (another image's map would leave data in its holes "
+                "unwritten)")
 
 
 def sidecar(image_path: str) -> str | None:
@@ -117,7 +135,7 @@ def parse(text: str, path: str = "bmap") -> Bmap:
     if blocks != -(-image_size // block_size):
         raise BmapError(f"{path} is not a valid bmap: {blocks} blocks of {block_size} bytes "
                         f"cannot hold {image_size} bytes")
-    if major == "2":
+    if major == "2" or version.strip() == "1.4":  # 1.4 is 2.0, as bmaptool reads it
         algo = (_text(root, "ChecksumType", path) or "").lower()
         if algo not in _ALGOS:
             raise BmapError(f"{path}: checksum type {algo!r} is not supported")
@@ -156,12 +174,14 @@ def parse(text: str, path: str = "bmap") -> Bmap:
 def load(path: str, image_size: int | None) -> Bmap:
     """Read, parse and check a block map against the image it is for."""
     try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
+        with open(path, encoding="utf-8", newline="") as f:  # its checksum is of its bytes
+            text = f.read(MAX_SIZE + 1)
     except FileNotFoundError:
         raise BmapError(f"{path} does not exist") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise BmapError(f"{path} cannot be read: {exc}") from None
+    if len(text) > MAX_SIZE:
+        raise BmapError(f"{path} is larger than {MAX_SIZE >> 20} MiB: not a block map")
     bmap = parse(text, path)
     if image_size is not None and bmap.image_size != image_size:
         raise BmapError(f"{path} is for an image of {bmap.image_size} bytes, but the image "

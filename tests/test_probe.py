@@ -539,10 +539,14 @@ def test_a_block_maps_holes_get_their_stamps_put_back(
     mapped = [p for p in positions if p >= HEAD
               and any(e.offset <= p and p + 512 <= e.end for e in extents)]
     assert mapped == [8 * MiB]
-    assert cost == 512 * (2 * len(positions) - len(mapped))
+    # The head (its first MiB: no partition table) is stamped, then written whole, its holes
+    # as the image's zeros: the probe's stamps there need no putting back.
+    stamped_over = [p for p in positions if p + 512 <= HEAD]
+    assert stamped_over
+    assert cost == 512 * (2 * len(positions) - len(mapped) - len(stamped_over))
     on_drive = drive.read()
     for start in range(0, 24 * MiB, 4096):
-        if any(e.offset <= start < e.end for e in extents):
+        if start < HEAD or any(e.offset <= start < e.end for e in extents):
             assert on_drive[start:start + 4096] == data[start:start + 4096]
         else:
             assert set(on_drive[start:start + 4096]) == {PATTERN}, start

@@ -115,14 +115,19 @@ def test_bmap_writes_only_mapped_ranges(sparse_image: tuple[Path, bytes],
     before = sectors_written(drive)
     rc, evs, err = flash(str(path), drive.path)
     assert rc == 0, err
-    # The mapped ranges, and a random stamp where the image's head goes until the rest is
-    # verified (the head is the part of the first range that lies in the first 64 KiB).
-    head = min(block_map.extents[0].length, 64 << 10) if block_map.extents[0].offset == 0 else 0
-    assert (sectors_written(drive) - before) * 512 == block_map.mapped + head
-    assert result(evs, drive.path)["bytes_written"] == block_map.mapped
+    # The mapped ranges past the image's head (its first MiB: no partition table), and the
+    # head twice: a random stamp in its place until the rest is verified, then the head
+    # whole, its holes as the image's zeros (a drive's old signatures must not outlive it).
+    head = 1 << 20
+    past = sum(max(0, e.end - max(e.offset, head)) for e in block_map.extents)
+    assert (sectors_written(drive) - before) * 512 == past + 2 * head
+    r = result(evs, drive.path)
+    assert (r["bytes_written"], r["bytes_unused"]) == (block_map.mapped,
+                                                       len(data) - head - past)
     on_drive = drive.read()
+    assert on_drive[:head] == data[:head]
     holes = 0
-    for start in range(0, len(data), 4096):
+    for start in range(head, len(data), 4096):
         block = slice(start, start + 4096)
         mapped = any(e.offset <= start < e.end for e in block_map.extents)
         if mapped:

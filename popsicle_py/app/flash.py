@@ -28,7 +28,7 @@ from popsicle_py.app.common import (
 )
 from popsicle_py.app.confirm import Confirmation, target_rows
 from popsicle_py.app.requests import FlashRequest, available_memory, ring_refusal
-from popsicle_py.app.trim import CERTIFICATE_READS_ALL, NONE, Trim, plan_trim
+from popsicle_py.app.trim import CERTIFICATE_READS_ALL, NONE, Trim, map_holes, plan_trim
 from popsicle_py.blockdev import BlockDevice
 from popsicle_py.bmap import Bmap
 from popsicle_py.drives import still_same_each
@@ -86,6 +86,8 @@ class PreparedFlash(HeldFiles):
             notes.append(f"block map {block_map.path}: writing "
                          f"{format_size(block_map.mapped)} of "
                          f"{format_size(block_map.image_size)}")
+            if block_map.unchecked is not None:
+                notes.append(block_map.unchecked)
         notes.extend(trim.notes)
         #: What a person reads before the run (a terminal view shows them; JSON has none
         #: before its ``start`` event).
@@ -208,8 +210,8 @@ def _image_checks(request: FlashRequest
     sources.require_still(source.image.path)
     image_note = sources.sanity_note(source, request.source.image, request.source.force)
     block_map = sources.block_map(source.image, write.bmap, write.no_bmap)
-    trim = plan_trim(source.image, wanted=write.trim and block_map is None,
-                     whole_because=_whole_because(request, source))
+    trim = map_holes(source.image, block_map) if block_map is not None else plan_trim(
+        source.image, wanted=write.trim, whole_because=_whole_because(request, source))
     return source, image_note, block_map, trim
 
 

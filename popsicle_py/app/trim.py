@@ -12,6 +12,7 @@ trusted.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import stat
@@ -20,6 +21,7 @@ from typing import TYPE_CHECKING
 
 from popsicle_py import events
 from popsicle_py.bmap import Bmap, Extent
+from popsicle_py.engine.head import HEAD, head_length
 from popsicle_py.images import Image, ImageError, read_head
 from popsicle_py.protocols import Source
 from popsicle_py.records import record
@@ -33,6 +35,7 @@ from popsicle_py.usage import (
     is_iso9660,
     worth_it,
 )
+from popsicle_py.usage.ranges import normalize
 
 if TYPE_CHECKING:
     from popsicle_py.usage.stream import StreamSelector
@@ -50,6 +53,8 @@ class Trim:
     select: StreamSelector | None = None
     #: The image's decoded size, when known (a stream's progress totals shrink to what is kept).
     size: int | None = None
+    #: A block map's holes: neither written nor verified, counted as the free space trim skips.
+    holes: int = 0
 
     @property
     def block_map(self) -> Bmap | None:
@@ -66,7 +71,7 @@ class Trim:
         far, all of it once the stream was read to its end)."""
         if self.select is not None:
             return self.select.skipped
-        return self.usage.skipped if self.usage is not None else 0
+        return self.usage.skipped if self.usage is not None else self.holes
 
     def after(self) -> tuple[str, ...]:
         """What a stream's trim found, said once the flash ended (nothing for a raw image's,
@@ -136,11 +141,28 @@ def read_usage(image: Image) -> Usage:
     try:
         def read_at(offset: int, length: int) -> bytes:
             return os.pread(fd, max(0, min(length, size - offset)), offset)
-        return image_usage(read_at, size)
+        usage = image_usage(read_at, size)
+        # The engine writes the image's head whole (a bare file system's free blocks in it
+        # too): counted as written, with the image's bytes rather than zeros there.
+        head = min(size, head_length(read_at(0, 64 << 10)))
+        ranges = normalize([*usage.ranges, (0, head)], size)
+        return dataclasses.replace(usage, ranges=ranges)
     except OSError as exc:
         raise ImageError(f"{image.path} cannot be read: {exc.strerror or exc}") from None
     finally:
         os.close(fd)
+
+
+def map_holes(image: Source, block_map: Bmap) -> Trim:
+    """No trim, but a block map's holes said in each result (``bytes_unused``) and its line
+    ("... of free space not written"): a drive flashed from a map holds its ranges only, and
+    the image's head (written whole, its holes as the image's zeros)."""
+    head = HEAD
+    if isinstance(image, Image):
+        with contextlib.suppress(ImageError):  # left to the flash, which names the offset
+            head = head_length(read_head(image, 64 << 10))
+    mapped = sum(max(0, e.end - max(e.offset, head)) for e in block_map.extents)
+    return Trim(None, holes=max(0, block_map.image_size - head) - mapped)
 
 
 def plan_trim(image: Source, *, wanted: bool, whole_because: str | None = None) -> Trim:

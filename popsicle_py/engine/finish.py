@@ -235,8 +235,9 @@ class Finisher:
         return True
 
     def _image_sha256(self) -> str | None:
-        """The SHA-256 of the image's range, when the extents cover it from byte 0 without a
-        hole (not a block map's), as the reader computed it once, reading it.  A drive whose
+        """The SHA-256 of the image's range, when the extents cover it from byte 0 to its end
+        without a hole (not a block map's, nor one at its end: that would be a prefix's
+        SHA-256), as the reader computed it once, reading it.  A drive whose
         every extent read back with the image's XXH3-128 holds exactly those bytes: one
         SHA-256 per drive cost a core and a half of CPU at 32 drives and made their
         verification CPU-bound (issue 30)."""
@@ -248,7 +249,10 @@ class Finisher:
             if start != at:
                 return None
             at += length
-        return reader.sha256.hexdigest()
+        end = self.config.expected_size
+        if end is None and self.config.extents is not None:
+            return None  # a block map's image may go on past its last range
+        return reader.sha256.hexdigest() if at == (reader.total if end is None else end) else None
 
     def _head(self, lane: Lane, held: memoryview) -> bool:
         """Write the head, fsync, [check it]; False when stopped or it does not read back.

@@ -316,10 +316,10 @@ class Reader:
             self.head_limit = head_length(data) if offset == 0 else HEAD
         limit = self.head_limit
         if offset >= limit:
-            if not self.held_length and not self._head_recorded:
-                # A block map whose first range lies past the head: the head is all holes,
-                # the image's zeros, held all the same (stamped first, written last), or the
-                # drive keeps the table it had over the new data.
+            if self.held_length < limit and not self._head_recorded:
+                # A block map whose holes reach the head's end (or fill it): the image's
+                # zeros there, held all the same (stamped first, written last), or the drive
+                # keeps the table or signatures it had over the new data.
                 self.held_length = limit
             return 0
         assert not self._head_recorded, "reads in order (only_extents checks the ranges)"
@@ -334,6 +334,11 @@ class Reader:
         if self._head_recorded:
             return
         self._head_recorded = True
+        expected = self.config.expected_size
+        if self.held is not None and self.head_limit is not None and expected is not None \
+                and self.config.extents is not None:
+            # A block map's last range ends in the head: its holes up to the head's end too.
+            self.held_length = max(self.held_length, min(self.head_limit, expected))
         if self.held is not None and self.held_length:
             self._record(0, self.held[: self.held_length])
             if self.sha256 is not None:

@@ -4,9 +4,10 @@ Handled: 1-64 KiB blocks, 64-bit descriptors, flex_bg (bitmaps and inode tables 
 in another), sparse_super/sparse_super2 backups, resize_inode's reserved descriptor blocks,
 uninit_bg and metadata_csum (a BLOCK_UNINIT group's bitmap is not on disk: its used blocks are
 computed as the kernel does, from the metadata that lies in it).  Every bitmap read is checked:
-its checksum (metadata_csum), and its count of free blocks against its descriptor's.  Anything
-else (meta_bg, bigalloc, a journal to replay, unknown incompatible features, a descriptor whose
-checksum is wrong) raises, and the partition is written whole.
+its checksum (metadata_csum), its count of free blocks against its descriptor's, and that it
+marks the metadata lying in its group in use.  Anything else (meta_bg, bigalloc, a journal to
+replay, unknown incompatible features, a descriptor whose checksum is wrong) raises, and the
+partition is written whole.
 """
 
 from __future__ import annotations
@@ -95,7 +96,7 @@ def _superblock(sb: bytes) -> _Super:
     if incompat & _INCOMPAT_64BIT:
         blocks |= struct.unpack_from("<I", sb, 0x150)[0] << 32
         desc_size = struct.unpack_from("<H", sb, 0xFE)[0]
-        if desc_size < 64 or desc_size & (desc_size - 1):
+        if not 64 <= desc_size <= 1024 or desc_size & (desc_size - 1):  # the kernel's bounds
             raise Inconsistent("its group descriptor size is not possible")
     if not 256 <= per_group <= 8 * block_size or per_group % 8 \
             or first_data != (block_size == 1024):
@@ -268,9 +269,25 @@ class Layout:
             if free != group.free_blocks:
                 raise Inconsistent(f"group {index}'s block bitmap counts {free} free "
                                    f"blocks, its descriptor {group.free_blocks}")
+            self._metadata_marked(index, start, count, bitmap)
             found = [(start + first, n) for first, n in runs]
         bs = sup.block_size
         return [(self.offset + b * bs, n * bs) for b, n in found], free
+
+
+    def _metadata_marked(self, index: int, start: int, count: int, bitmap: bytes) -> None:
+        """Inconsistent unless ``bitmap`` marks in use what the group's metadata takes (its
+        superblock and descriptor copies, any group's bitmaps and inode table in it): a bitmap
+        that calls them free, its counts made to agree, could as well miss files' data."""
+        bits = int.from_bytes(bitmap, "little")
+        for block, n in _uninit_used(self.sup, index, self.meta, self.gdt_blocks,
+                                     max(1, self.itable_blocks)):
+            first = block - start
+            n = min(n, count - first)
+            mask = ((1 << n) - 1) << first
+            if n > 0 and bits & mask != mask:
+                raise Inconsistent(f"group {index}'s block bitmap marks its own metadata "
+                                   f"(block {block} on) free")
 
 
 def layout(read_at: ReadAt, offset: int, length: int) -> Layout:

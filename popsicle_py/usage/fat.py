@@ -2,7 +2,9 @@
 whose FAT entry is not free.
 
 The copies of the FAT must agree and every entry must be free, a cluster number within the
-volume, end of chain or bad; otherwise the partition is written whole.
+volume, end of chain or bad; otherwise the partition is written whole.  So is a volume marked
+dirty (not cleanly unmounted: Linux's flag in the boot sector, Windows' clean-shutdown bit in
+FAT entry 1): its FAT may lag behind the clusters its files already use.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import struct
 
 from popsicle_py.records import record
-from popsicle_py.usage.ranges import Inconsistent, Range, ReadAt, read_exact
+from popsicle_py.usage.ranges import Inconsistent, Range, ReadAt, Unsupported, read_exact
 
 
 @record
@@ -23,6 +25,7 @@ class _Bpb:
     total: int
     fat_sectors: int
     fat32: bool
+    dirty: bool  # the boot sector's state flag (Linux's FAT_STATE_DIRTY, Windows' too)
 
 
 def _bpb(boot: bytes) -> _Bpb | None:
@@ -41,8 +44,9 @@ def _bpb(boot: bytes) -> _Bpb | None:
     fat_sectors = fat16 or fat32
     if not total or not fat_sectors:
         return None
+    state = boot[0x41 if fat16 == 0 else 0x25]
     return _Bpb(sector, per_cluster, reserved, fats, root_entries, total, fat_sectors,
-                fat16 == 0)
+                fat16 == 0, bool(state & 0x01))
 
 
 def is_fat(read_at: ReadAt, offset: int) -> bool:
@@ -78,6 +82,11 @@ def used_ranges(read_at: ReadAt, offset: int, length: int) -> tuple[list[Range],
                            fat_bytes, "a copy of the FAT")
         if other != fat:
             raise Inconsistent("its copies of the FAT differ")
+    if bpb.dirty or _unclean(fat, bits):
+        # Mounted read-write and never unmounted (a stick pulled out, an image taken of a
+        # mounted volume): files' clusters may not be in the FAT yet.
+        raise Unsupported("it was not cleanly unmounted (marked dirty; fsck.fat has not "
+                          "repaired it)")
     runs = _used_runs(fat, bits, clusters)
     cluster = bpb.per_cluster * ss
     base = offset + data * ss
@@ -87,6 +96,16 @@ def used_ranges(read_at: ReadAt, offset: int, length: int) -> tuple[list[Range],
     ranges.append((offset + end, length - end))  # past the last cluster
     free = (clusters - sum(n for _, n in runs)) * cluster
     return ranges, f"FAT{bits}, {cluster} byte clusters, {free} bytes free"
+
+
+def _unclean(fat: bytes, bits: int) -> bool:
+    """FAT entry 1's clean-shutdown bit cleared (FAT16 and FAT32; Windows clears it while the
+    volume is mounted)."""
+    if bits == 16:
+        return not struct.unpack_from("<H", fat, 2)[0] & 0x8000
+    if bits == 32:
+        return not struct.unpack_from("<I", fat, 4)[0] & 0x08000000
+    return False
 
 
 def _used_runs(fat: bytes, bits: int, clusters: int) -> list[Range]:

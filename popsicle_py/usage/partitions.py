@@ -66,7 +66,9 @@ def _gpt(read_at: ReadAt, size: int, sector: int) -> Table | None:
     if zlib.crc32(header[:16] + b"\0\0\0\0" + header[20:]) != crc:
         raise Inconsistent("the GPT header's checksum is wrong")
     entries_lba, count, entry_size, entries_crc = struct.unpack_from("<QIII", header, 72)
-    if entry_size < 128 or count > 4096:
+    if not 128 <= entry_size <= 4096 or entry_size & (entry_size - 1) or count > 4096:
+        # (at most 16 MiB of entries: a header naming 4096 entries of 2 GiB each would have
+        # the image read into memory whole)
         raise Inconsistent("the GPT's partition entries are of an unusual size")
     table = read_exact(read_at, entries_lba * sector, count * entry_size, "the GPT's entries")
     if zlib.crc32(table) != entries_crc:

@@ -40,6 +40,7 @@ from popsicle_py.remote.http import (
     Validator,
     content_length,
     failure_reason,
+    hang_up,
     limit_wait,
     parse_content_range,
 )
@@ -106,6 +107,7 @@ class Download(io.RawIOBase):
         self._waited = 0.0  # seconds spent waiting in its reads meanwhile
         self._vouched = False  # a resume without validators was taken (a checksum judges)
         self._finished = False
+        self._closing = False  # close() began, maybe on another thread: a stop, no failure
         self._error: ImageError | None = None
         self._last_progress = 0.0
         self._reported = 0  # the bytes the last Progress event said
@@ -175,7 +177,8 @@ class Download(io.RawIOBase):
 
     def _fail(self, exc: ImageError) -> None:
         self._error = exc
-        if self.emit is not None and not (self.cancel is not None and self.cancel()):
+        stopped = self._closing or (self.cancel is not None and self.cancel())
+        if self.emit is not None and not stopped:
             self.emit(DownloadNews(Fetch.FAILED, self._handed, self.total, str(exc)))
         if self.sink is not None:
             self.sink.abort()
@@ -199,8 +202,7 @@ class Download(io.RawIOBase):
 
     def _from_connection(self, limit: int) -> bytes:
         while True:
-            if self.cancel is not None and self.cancel():
-                raise RemoteError(f"{self.url}: download cancelled")
+            self._check_stop()
             if self._resp is None:
                 self._reconnect()
                 continue
@@ -242,9 +244,14 @@ class Download(io.RawIOBase):
             return None
         return f"stalled: less than {STALL_BYTES >> 20} MiB came in {self.stall_timeout:g} s"
 
+    def _check_stop(self) -> None:
+        if self._closing or (self.cancel is not None and self.cancel()):
+            raise RemoteError(f"{self.url}: download cancelled")
+
     def _retry(self, why: str) -> None:
         """One more failed attempt: pause, or give up with what happened."""
         self._drop()
+        self._check_stop()  # a connection shut down by a stop is no drop to resume
         self._recent, self._waited = 0, 0.0  # the next connection gets a window of its own
         self._failures += 1
         if self._failures > self.client.settings.retries:
@@ -256,8 +263,7 @@ class Download(io.RawIOBase):
             self.emit(DownloadNews(Fetch.RESUMING, self._net, self.total, why))
         deadline = time.monotonic() + self.client.settings.pause(self._failures)
         while time.monotonic() < deadline:
-            if self.cancel is not None and self.cancel():
-                raise RemoteError(f"{self.url}: download cancelled")
+            self._check_stop()
             time.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
 
     def _reconnect(self) -> None:
@@ -413,7 +419,13 @@ class Download(io.RawIOBase):
             pass
 
     def close(self) -> None:
+        """Also from another thread (a stop) while a read waits on a silent connection: the
+        connection is shut down first, so that the read returns and releases it at once."""
         if not self.closed:
+            self._closing = True
+            resp = self._resp
+            if resp is not None:
+                hang_up(resp)
             self._drop()
             if self.sink is not None:
                 self.sink.abort()

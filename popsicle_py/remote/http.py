@@ -14,6 +14,7 @@ import http.client
 import logging
 import os
 import re
+import socket
 import time
 import urllib.parse
 from collections.abc import Mapping
@@ -44,6 +45,7 @@ __all__ = [
     "content_length",
     "failure_reason",
     "final_url",
+    "hang_up",
     "is_url",
     "limit_wait",
     "looks_like_html",
@@ -341,6 +343,16 @@ def limit_wait(resp: urllib3.BaseHTTPResponse, seconds: float) -> None:
     if sock is not None:
         with contextlib.suppress(OSError):
             sock.settimeout(max(0.01, seconds))
+
+
+def hang_up(resp: urllib3.BaseHTTPResponse) -> None:
+    """Shut ``resp``'s connection down, from any thread: a read blocked on it (a silent
+    server) returns at once, where closing the response would wait for that read's lock
+    until the read timeout."""
+    sock = getattr(getattr(resp, "connection", None), "sock", None)
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
 
 
 def _first_bytes(resp: urllib3.BaseHTTPResponse, seconds: float) -> bytes | None:

@@ -88,9 +88,9 @@ class _Decoded(io.RawIOBase):
         return self._decoded.readinto(buffer)  # type: ignore[attr-defined, no-any-return]
 
     def close(self) -> None:
-        if not self.closed:
-            self._decoded.close()
+        if not self.closed:  # the download first: it ends a read blocked under the decoder
             self.download.close()
+            self._decoded.close()
         super().close()
 
 

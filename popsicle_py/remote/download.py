@@ -353,8 +353,10 @@ class Download(io.RawIOBase):
             raise RemoteError(f"{self.url}: the server announced {self.total} bytes "
                               f"(Content-Length) but sent {self._handed}")
         self._drop()
-        if self.total is not None:
-            self._check_nothing_follows()
+        if not self._nothing_follows() and self.total is None and self.expected is None \
+                and self.emit is not None:
+            self.emit(Note(f"{self.url}: the server gave no length and no checksum was found: "
+                           "nothing shows that the download is complete"))
         if self.expected is not None and self.hasher is not None:
             actual = self.hasher.hexdigest()
             if actual != self.expected.hexdigest:
@@ -378,25 +380,36 @@ class Download(io.RawIOBase):
             if self.on_commit is not None:
                 self.on_commit(self.committed)
 
-    def _check_nothing_follows(self) -> None:
-        """A Content-Length shorter than the file is a truncated image: ask for what follows."""
-        headers = {"Range": f"bytes={self.total}-"}
+    def _nothing_follows(self) -> bool:
+        """Ask for what follows the body's end: a Content-Length shorter than the file, or a
+        body without one whose connection closed early, is a truncated image (raises).  True
+        when the answer shows the body was the whole file."""
+        end = self._net
+        headers = {"Range": f"bytes={end}-"}
         if self.validator.if_range:
             headers["If-Range"] = self.validator.if_range
         try:
             resp = self.client.get(self.final_url, headers)
         except RemoteError:
-            return  # no answer is no evidence; the body itself was complete
+            return False  # no answer is no evidence; the body itself was complete
         try:
+            length = content_length(resp.headers)
             # An empty 206 (some servers answer a Range past the end so) says nothing follows.
-            extra = (resp.status == 206 and content_length(resp.headers) != 0) or (
-                resp.status == 200 and content_length(resp.headers) not in (None, self.total))
+            extra = (resp.status == 206 and length != 0) or (
+                resp.status == 200 and length not in (None, end))
+            shown = resp.status == 416 or (resp.status == 206 and length == 0) or (
+                resp.status == 200 and length == end)
         finally:
             resp.close()
-        if extra:
+        if extra and self.total is not None:
             raise RemoteError(f"{self.url}: the server announced {self.total} bytes "
                               "(Content-Length) but the file is longer; refusing a truncated "
                               "image")
+        if extra:
+            raise RemoteError(f"{self.url}: the connection closed at byte {end} but the file "
+                              "is longer (the server gave no length); refusing a truncated "
+                              "image")
+        return shown
 
     def _progress(self, force: bool = False) -> None:
         if self.emit is None:

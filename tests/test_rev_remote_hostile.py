@@ -1,0 +1,168 @@
+"""Hostile web servers: answers tests/webserver.py cannot give, written byte by byte.
+
+Each case is a function that gets the request's bytes and the socket, and answers as a broken
+or hostile server would: a body without a length cut short, a redirect to another scheme,
+headers too large, credentials in the URL.  Flashes run the command against real loop devices.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from conftest import Loop, needs_root, popsicle_cmd
+
+MiB = 1 << 20
+PATTERN = 0x5A
+ENV = {"POPSICLE_PY_HTTP_TIMEOUT": "3", "POPSICLE_PY_HTTP_RETRIES": "1",
+       "POPSICLE_PY_HTTP_BACKOFF": "0.01"}
+Answer = Callable[[bytes, socket.socket], None]
+
+
+class RawServer:
+    """Answers each connection's request with ``answer(request, conn)``; 404 for any path
+    but the image's (no SHA256SUMS and the like unless ``sums`` is given)."""
+
+    def __init__(self, answer: Answer, sums: bytes | None = None) -> None:
+        self.answer, self.sums = answer, sums
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.requests: list[bytes] = []
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def url(self, path: str = "/disk.img", userinfo: str = "") -> str:
+        return f"http://{userinfo}127.0.0.1:{self.port}{path}"
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
+
+    def _handle(self, conn: socket.socket) -> None:
+        with conn:
+            request = b""
+            while b"\r\n\r\n" not in request:
+                got = conn.recv(65536)
+                if not got:
+                    return
+                request += got
+            self.requests.append(request)
+            try:
+                if request.startswith(b"GET /disk.img "):
+                    self.answer(request, conn)
+                elif request.startswith(b"GET /SHA256SUMS ") and self.sums is not None:
+                    send(conn, "200 OK", [("Content-Length", str(len(self.sums)))], self.sums)
+                else:
+                    send(conn, "404 Not Found", [("Content-Length", "0")])
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def send(conn: socket.socket, status: str, headers: list[tuple[str, str]],
+         body: bytes = b"") -> None:
+    head = f"HTTP/1.1 {status}\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers)
+    conn.sendall(head.encode() + b"Connection: close\r\n\r\n" + body)
+    conn.shutdown(socket.SHUT_RDWR)  # a clean end (FIN): what a finished body looks like
+
+
+def asked_range(request: bytes) -> int | None:
+    m = re.search(rb"\r\nRange: bytes=(\d+)-", request)
+    return int(m[1]) if m else None
+
+
+@pytest.fixture
+def image() -> bytes:
+    data = bytearray(os.urandom(3 * MiB))
+    data[510:512] = b"\x55\xaa"  # an MBR's signature: a disk image, no note about it
+    return bytes(data)
+
+
+@pytest.fixture
+def serve() -> Iterator[Callable[..., RawServer]]:
+    made: list[RawServer] = []
+
+    def start(answer: Answer, sums: bytes | None = None) -> RawServer:
+        made.append(RawServer(answer, sums))
+        return made[-1]
+
+    yield start
+    for server in made:
+        server.close()
+
+
+def flash(url: str, drive: Loop, *extra: str) -> tuple[int, list[dict[str, Any]], str]:
+    proc = subprocess.run([*popsicle_cmd(), "flash", url, drive.path, "--yes", "--json",
+                           *extra], capture_output=True, text=True, stdin=subprocess.DEVNULL,
+                          timeout=120, env={**os.environ, **ENV})
+    assert "Traceback" not in proc.stderr, proc.stderr
+    events = [json.loads(x) for x in proc.stdout.splitlines() if x.startswith("{")]
+    return proc.returncode, events, proc.stderr
+
+
+def untouched(drive: Loop) -> bool:
+    return drive.read(MiB) == bytes([PATTERN]) * MiB
+
+
+# ----------------------------------------------------------------------------------------------
+# A body without a length, cut short
+
+
+@needs_root
+def test_a_body_without_a_length_cut_short_is_never_ok(
+        serve: Callable[..., RawServer], image: bytes,
+        loop_factory: Callable[..., Loop]) -> None:
+    """No Content-Length, no chunked framing: the connection's close ends the body, and a cut
+    looks like the end.  The server does answer Range requests: asked what follows, it shows
+    the file is longer, so every drive fails, none bootable."""
+    def answer(request: bytes, conn: socket.socket) -> None:
+        start = asked_range(request)
+        if start is None:  # the body, cut at 2 MiB with a clean close
+            send(conn, "200 OK", [("ETag", '"v1"')], image[: 2 * MiB])
+        else:
+            size = len(image)
+            send(conn, "206 Partial Content",
+                 [("ETag", '"v1"'), ("Content-Length", str(size - start)),
+                  ("Content-Range", f"bytes {start}-{size - 1}/{size}")], image[start:])
+
+    server = serve(answer)
+    drive = loop_factory(4 * MiB, fill=PATTERN)
+    rc, events, err = flash(server.url(), drive)
+    assert rc == 1, err
+    result = events[-1]["results"][0]
+    assert result["status"] == "failed"
+    assert result["error"] == (f"{drive.path}: {server.url()}: the connection closed at byte "
+                               f"{2 * MiB} but the file is longer (the server gave no length); "
+                               "refusing a truncated image")
+    assert untouched(drive)
+
+
+@needs_root
+def test_a_body_without_a_length_nothing_can_check_says_so(
+        serve: Callable[..., RawServer], image: bytes,
+        loop_factory: Callable[..., Loop]) -> None:
+    """A server without lengths that ignores Range cannot show a cut: the flash is written as
+    it came, with a note that nothing shows it complete."""
+    def answer(request: bytes, conn: socket.socket) -> None:
+        send(conn, "200 OK", [("ETag", '"v1"')], image)
+
+    server = serve(answer)
+    drive = loop_factory(4 * MiB, fill=PATTERN)
+    rc, events, err = flash(server.url(), drive)
+    assert rc == 0, err
+    assert drive.read(len(image)) == image
+    notes = [e["text"] for e in events if e["event"] == "note"]
+    assert (f"{server.url()}: the server gave no length and no checksum was found: nothing "
+            "shows that the download is complete") in notes

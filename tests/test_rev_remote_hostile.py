@@ -7,12 +7,15 @@ headers too large, credentials in the URL.  Flashes run the command against real
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import os
 import re
 import socket
 import subprocess
 import threading
+import zipfile
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -166,3 +169,62 @@ def test_a_body_without_a_length_nothing_can_check_says_so(
     notes = [e["text"] for e in events if e["event"] == "note"]
     assert (f"{server.url()}: the server gave no length and no checksum was found: nothing "
             "shows that the download is complete") in notes
+
+
+# ----------------------------------------------------------------------------------------------
+# Credentials in the URL
+
+
+def guarded(body: bytes, user: str, password: str) -> Answer:
+    """A server that answers only with the right Basic credentials (else 401)."""
+    token = base64.b64encode(f"{user}:{password}".encode()).decode()
+
+    def answer(request: bytes, conn: socket.socket) -> None:
+        if f"\r\nAuthorization: Basic {token}\r\n".encode() not in request:
+            send(conn, "401 Unauthorized", [("WWW-Authenticate", 'Basic realm="x"'),
+                                            ("Content-Length", "0")])
+            return
+        send(conn, "200 OK", [("ETag", '"v1"'), ("Content-Length", str(len(body)))], body)
+
+    return answer
+
+
+@needs_root
+def test_credentials_in_a_url_are_sent_and_never_shown(
+        serve: Callable[..., RawServer], image: bytes,
+        loop_factory: Callable[..., Loop]) -> None:
+    """``http://user:password@host/...``: the password goes to the server (Basic), and no
+    message or event shows it (the URL is named without it)."""
+    server = serve(guarded(image, "me@home", "p:ss w0rd"))
+    url = server.url(userinfo="me%40home:p%3Ass%20w0rd@")
+    drive = loop_factory(4 * MiB, fill=PATTERN)
+    rc, events, err = flash(url, drive)
+    assert rc == 0, err
+    assert drive.read(len(image)) == image
+    shown = json.dumps(events) + err
+    assert "w0rd" not in shown and "me%40home" not in shown
+    assert events[0]["image"] == server.url()
+
+
+def zipped(data: bytes) -> bytes:
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w") as z:
+        z.writestr("disk.img", data)
+    return out.getvalue()
+
+
+@needs_root
+@pytest.mark.parametrize("packed", [False, True], ids=["streamed", "zip"])
+def test_a_refusal_of_a_url_with_credentials_does_not_show_them(
+        serve: Callable[..., RawServer], loop_factory: Callable[..., Loop],
+        packed: bool) -> None:
+    """Not a disk image (text): refused in one line naming the URL without its password,
+    judged from its start, or (a zip) once downloaded."""
+    text = b'{"error": "quota exceeded"}\n' * 200
+    server = serve(guarded(zipped(text) if packed else text, "me", "secret"))
+    drive = loop_factory(4 * MiB, fill=PATTERN)
+    rc, _, err = flash(server.url(userinfo="me:secret@"), drive)
+    assert rc == 2, err
+    assert err.startswith(f"popsicle-py: {server.url()} ")
+    assert "secret" not in err
+    assert untouched(drive)

@@ -9,6 +9,7 @@ and HTML are refused before anything is written.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import http.client
 import logging
@@ -53,6 +54,7 @@ __all__ = [
     "probe",
     "status_message",
     "transport_message",
+    "without_credentials",
 ]
 
 _HEAD = 4096  # bytes read before deciding what the body is
@@ -60,6 +62,31 @@ _HEAD = 4096  # bytes read before deciding what the body is
 
 class RemoteError(ImageError):
     """A download that cannot go on, as one line (an ImageError: the CLI refuses with it)."""
+
+
+def without_credentials(url: str) -> tuple[str, str | None]:
+    """The URL without its ``user:password@`` part (never shown: messages, events and the
+    cache name the URL), and that part as an Authorization header's value (Basic).
+
+    urllib3 ignores credentials in a URL: they are sent as a header instead, to that host only.
+    """
+    parts = urllib.parse.urlsplit(url)
+    userinfo, at, host = parts.netloc.rpartition("@")
+    if not at:
+        return url, None
+    user, _, password = userinfo.partition(":")
+    token = f"{urllib.parse.unquote(user)}:{urllib.parse.unquote(password)}"
+    clean = urllib.parse.urlunsplit(parts._replace(netloc=host))
+    return clean, "Basic " + base64.b64encode(token.encode()).decode("ascii")
+
+
+def _origin(url: str) -> tuple[str, str | None, int | None]:
+    parts = urllib.parse.urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    return parts.scheme.lower(), parts.hostname, port or (443 if parts.scheme == "https" else 80)
 
 
 def is_url(text: str) -> bool:
@@ -228,8 +255,12 @@ def _short(text: str) -> str:
 class Client:
     """One connection pool for a run: the probe, the body, its resumes and the sums files."""
 
-    def __init__(self, settings: HttpSettings | None = None) -> None:
+    def __init__(self, settings: HttpSettings | None = None,
+                 credentials: tuple[str, str] | None = None) -> None:
+        """``credentials``: (a URL, its Authorization value), sent to that URL's origin only
+        (urllib3 drops the header on a redirect to another host)."""
         self.settings = settings or HttpSettings.from_env()
+        self._auth = None if credentials is None else (_origin(credentials[0]), credentials[1])
         s = self.settings
         # urllib3 logs each retry as a warning: our own notes say it once, in the user's words.
         if not logging.getLogger().isEnabledFor(logging.DEBUG):
@@ -249,8 +280,11 @@ class Client:
                       redirect=s.max_redirects if redirects else 0, other=0,
                       status_forcelist=(429, 500, 502, 503, 504), backoff_factor=s.backoff,
                       backoff_max=8.0, raise_on_status=False, raise_on_redirect=True)
+        sent = dict(headers or {})
+        if self._auth is not None and _origin(url) == self._auth[0]:
+            sent["Authorization"] = self._auth[1]
         try:
-            return self.pool.request("GET", url, headers=dict(headers or {}), retries=retry,
+            return self.pool.request("GET", url, headers=sent, retries=retry,
                                      preload_content=False, decode_content=False)
         except (HTTPError, OSError) as exc:
             raise RemoteError(transport_message(url, exc)) from None

@@ -8,6 +8,7 @@ headers too large, credentials in the URL.  Flashes run the command against real
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import json
 import os
@@ -17,6 +18,7 @@ import subprocess
 import threading
 import zipfile
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -228,3 +230,34 @@ def test_a_refusal_of_a_url_with_credentials_does_not_show_them(
     assert err.startswith(f"popsicle-py: {server.url()} ")
     assert "secret" not in err
     assert untouched(drive)
+
+
+# ----------------------------------------------------------------------------------------------
+# Published checksums
+
+
+@needs_root
+@pytest.mark.parametrize("line", ["{short}  disk.img", "SHA256 (disk.img) = {short}",
+                                  "{digest}0  disk.img"], ids=["gnu", "bsd", "long"])
+def test_a_sums_file_listing_the_image_without_a_usable_checksum_is_refused(
+        serve: Callable[..., RawServer], image: bytes, loop_factory: Callable[..., Loop],
+        tmp_path: Path, line: str) -> None:
+    """A SHA256SUMS that names the image with a digest cut short or mangled does list it:
+    refused in one line (exit 2, nothing written), not flashed unchecked.  So for a file."""
+    digest = hashlib.sha256(image).hexdigest()
+    sums = (line.format(short=digest[:40], digest=digest) + "\r\n").encode()
+
+    def answer(request: bytes, conn: socket.socket) -> None:
+        send(conn, "200 OK", [("ETag", '"v1"'), ("Content-Length", str(len(image)))], image)
+
+    server = serve(answer, sums=sums)
+    (tmp_path / "disk.img").write_bytes(image)
+    (tmp_path / "SHA256SUMS").write_bytes(sums)
+    for where, name in ((server.url(), server.url("/SHA256SUMS")),
+                        (str(tmp_path / "disk.img"), str(tmp_path / "SHA256SUMS"))):
+        drive = loop_factory(4 * MiB, fill=PATTERN)
+        rc, _, err = flash(where, drive)
+        assert rc == 2, err
+        assert err == (f"popsicle-py: checksum file {name} lists disk.img without a usable "
+                       "sha256 checksum (cut short or mangled)\n")
+        assert untouched(drive)

@@ -8,6 +8,7 @@ headers too large, credentials in the URL.  Flashes run the command against real
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import io
 import json
@@ -73,6 +74,10 @@ class RawServer:
                 pass
 
     def close(self) -> None:
+        # Wakes the accepting thread first: a closed descriptor's number is soon another
+        # test's listener, which that thread would then serve.
+        with contextlib.suppress(OSError):
+            self.listener.shutdown(socket.SHUT_RDWR)
         self.listener.close()
 
 
@@ -261,3 +266,51 @@ def test_a_sums_file_listing_the_image_without_a_usable_checksum_is_refused(
         assert err == (f"popsicle-py: checksum file {name} lists disk.img without a usable "
                        "sha256 checksum (cut short or mangled)\n")
         assert untouched(drive)
+
+
+# ----------------------------------------------------------------------------------------------
+# Answers that are not what HTTP allows, in one line each
+
+
+def redirect_to(location: str) -> Answer:
+    def answer(request: bytes, conn: socket.socket) -> None:
+        send(conn, "302 Found", [("Location", location), ("Content-Length", "0")])
+
+    return answer
+
+
+def huge_header(request: bytes, conn: socket.socket) -> None:
+    send(conn, "200 OK", [("X-Junk", "a" * 70000), ("Content-Length", "4096")], bytes(4096))
+
+
+def many_headers(request: bytes, conn: socket.socket) -> None:
+    send(conn, "200 OK", [*((f"X-H{i}", "a") for i in range(150)),
+                          ("Content-Length", "4096")], bytes(4096))
+
+
+@needs_root
+@pytest.mark.parametrize(("answer", "said"), [
+    (redirect_to("file:///etc/passwd"), "redirected to an address that is not an http:// or "
+                                        "https:// URL; nothing was downloaded"),
+    (redirect_to("ftp://127.0.0.1/disk.img"), "redirected to an address that is not an "
+                                              "http:// or https:// URL; nothing was downloaded"),
+    (huge_header, "the server's answer is malformed: got more than 65536 bytes when reading "
+                  "header line"),
+    (many_headers, "the server's answer is malformed: got more than 100 headers"),
+], ids=["file", "ftp", "huge-header", "many-headers"])
+def test_answers_outside_http_are_one_line_saying_what_happened(
+        serve: Callable[..., RawServer], loop_factory: Callable[..., Loop],
+        answer: Answer, said: str) -> None:
+    server = serve(answer)
+    drive = loop_factory(4 * MiB, fill=PATTERN)
+    rc, _, err = flash(server.url(), drive)
+    assert rc == 2, err
+    assert err == f"popsicle-py: {server.url()}: {said}\n"
+    assert untouched(drive)
+
+
+@needs_root
+def test_a_url_without_a_host_is_said_to_be_one(loop_factory: Callable[..., Loop]) -> None:
+    drive = loop_factory(4 * MiB, fill=PATTERN)
+    rc, _, err = flash("http:///disk.img", drive)
+    assert (rc, err) == (2, "popsicle-py: http:///disk.img: not a valid URL (no host)\n")

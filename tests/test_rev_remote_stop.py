@@ -7,6 +7,7 @@ being copied whole (a zip, watch, the station) is abandoned within a couple of s
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import re
@@ -87,6 +88,10 @@ class StallingServer:
 
     def close(self) -> None:
         self.done.set()
+        # Wakes the accepting thread first: a closed descriptor's number is soon another
+        # test's listener, which that thread would then serve.
+        with contextlib.suppress(OSError):
+            self.listener.shutdown(socket.SHUT_RDWR)
         self.listener.close()
         for conn in self.conns:
             conn.close()

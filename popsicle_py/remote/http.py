@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import urllib3
 from urllib3.exceptions import (
     HTTPError,
+    LocationValueError,
     MaxRetryError,
     NewConnectionError,
     ProtocolError,
@@ -240,6 +241,13 @@ def transport_message(url: str, exc: BaseException) -> str:
         return f"{url}: cannot connect to {host}: {cause}"
     if isinstance(reason, ReadTimeoutError) or "timed out" in text.lower():
         return f"{url}: {host} did not answer in time"
+    if isinstance(reason, LocationValueError):  # the URL itself was checked: a redirect's
+        if not urllib.parse.urlsplit(url).hostname:
+            return f"{url}: not a valid URL (no host)"
+        return (f"{url}: redirected to an address that is not an http:// or https:// URL; "
+                "nothing was downloaded")
+    if isinstance(reason, ProtocolError):
+        return f"{url}: {failure_reason(reason)}"
     return f"{url}: {_short(text)}"
 
 
@@ -424,6 +432,10 @@ def failure_reason(exc: BaseException) -> str:
         inner = exc.args[1] if len(exc.args) > 1 else exc
         if isinstance(inner, http.client.IncompleteRead):
             return "the connection closed before the body ended"
+        if isinstance(inner, http.client.HTTPException):  # headers too long or too many
+            return f"the server's answer is malformed: {_short(str(inner))}"
+        if isinstance(inner, OSError) and inner.strerror:
+            return f"connection broken: {inner.strerror}"
         return f"connection broken: {_short(str(inner))}"
     return _short(str(exc)) or type(exc).__name__
 

@@ -314,3 +314,33 @@ def test_a_url_without_a_host_is_said_to_be_one(loop_factory: Callable[..., Loop
     drive = loop_factory(4 * MiB, fill=PATTERN)
     rc, _, err = flash("http:///disk.img", drive)
     assert (rc, err) == (2, "popsicle-py: http:///disk.img: not a valid URL (no host)\n")
+
+
+# ----------------------------------------------------------------------------------------------
+# A zip at a URL: downloaded to a private copy first, named by its URL
+
+
+@needs_root
+def test_a_zip_url_is_named_by_its_url_not_its_private_copy(
+        serve: Callable[..., RawServer], image: bytes,
+        loop_factory: Callable[..., Loop]) -> None:
+    """The start of the run (JSON `start`, the human `image ... -> DRIVE` line) names the URL,
+    for flash and verify: the private copy is an implementation detail, removed at the end."""
+    body = zipped(image)
+
+    def answer(request: bytes, conn: socket.socket) -> None:
+        send(conn, "200 OK", [("ETag", '"v1"'), ("Content-Length", str(len(body)))], body)
+
+    server = serve(answer)
+    drive = loop_factory(4 * MiB, fill=PATTERN)
+    rc, events, err = flash(server.url(), drive)
+    assert rc == 0, err
+    assert [e["image"] for e in events if e["event"] == "start"] == [server.url()]
+    for command in ("flash", "verify"):
+        args = ("--yes",) if command == "flash" else ()
+        proc = subprocess.run([*popsicle_cmd(), command, server.url(), drive.path, *args],
+                              capture_output=True, text=True, stdin=subprocess.DEVNULL,
+                              timeout=120, env={**os.environ, **ENV})
+        assert proc.returncode == 0, proc.stderr
+        assert f"image {server.url()} (3 MiB) -> {drive.path}\n" in proc.stdout, proc.stdout
+        assert "popsicle-py-download" not in proc.stdout + proc.stderr

@@ -447,7 +447,8 @@ def materialize(image: RemoteImage, emit: Emit, cancel: Callable[[], bool],
     assert path is not None
     image.local = path
     if emit is not None:
-        emit(Note(f"downloaded {image.url} once to {path}; every drive is written from it"))
+        where = "a private copy, removed at the end" if private is not None else path
+        emit(Note(f"downloaded {image.url} once to {where}; every drive is written from it"))
     try:
         local = open_image(path)
     except ImageError as exc:

@@ -14,6 +14,7 @@ import io
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import threading
@@ -344,3 +345,27 @@ def test_a_zip_url_is_named_by_its_url_not_its_private_copy(
         assert proc.returncode == 0, proc.stderr
         assert f"image {server.url()} (3 MiB) -> {drive.path}\n" in proc.stdout, proc.stdout
         assert "popsicle-py-download" not in proc.stdout + proc.stderr
+
+
+# ----------------------------------------------------------------------------------------------
+# Signatures that are not signatures
+
+
+@needs_root
+@pytest.mark.skipif(shutil.which("gpgv") is None, reason="needs gpgv")
+def test_a_signature_file_that_is_no_signature_is_said_to_be_one(
+        image: bytes, loop_factory: Callable[..., Loop], tmp_path: Path) -> None:
+    """A SHA256SUMS.gpg of junk: refused (exit 2, nothing written) with gpgv's reason, not
+    with the tail of its advice ("should be the first file given on the command line")."""
+    sums = f"{hashlib.sha256(image).hexdigest()}  disk.img\n".encode()
+    (tmp_path / "disk.img").write_bytes(image)
+    (tmp_path / "SHA256SUMS").write_bytes(sums)
+    (tmp_path / "SHA256SUMS.gpg").write_bytes(b"<html>not found</html>\n")
+    keyring = tmp_path / "keyring.gpg"
+    keyring.write_bytes(os.urandom(64))
+    drive = loop_factory(4 * MiB, fill=PATTERN)
+    rc, _, err = flash(str(tmp_path / "disk.img"), drive, "--keyring", str(keyring))
+    assert rc == 2, err
+    assert err == (f"popsicle-py: the signature of {tmp_path}/SHA256SUMS does not verify with "
+                   f"{keyring}: no valid OpenPGP data found.\n")
+    assert untouched(drive)

@@ -175,3 +175,35 @@ def test_station_stop_while_the_download_is_stalled_ends_it_at_once(
         took = time.monotonic() - started
         assert took < 3, f"the station ended {took:.1f} s after the stop"
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith("popsicle")] == []
+
+
+@needs_root
+def test_ctrl_c_while_a_cached_download_streams_leaves_nothing_in_the_cache(
+        loop_factory: Callable[..., Loop], tmp_path: Path) -> None:
+    """flash --cache of a URL, Ctrl-C while its connection is silent: the shell is back with
+    130, and the cache holds no partial download (it would stay until `cache clean`, as
+    large as what arrived, one per try)."""
+    from webserver import Served, serving
+
+    data = os.urandom(3 * MiB)
+    drive = loop_factory(4 * MiB, fill=0x5A)
+    home = tmp_path / "home"
+    with serving() as web:
+        web.add("/disk.img", Served(data, stall_at=[2 * MiB]))
+        proc = subprocess.Popen([*popsicle_cmd(), "flash", web.url("/disk.img"), drive.path,
+                                 "--yes", "--json", "--cache", "--bucket-size", "1M"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                stdin=subprocess.DEVNULL,
+                                env={**os.environ, "POPSICLE_PY_HTTP_TIMEOUT": "60",
+                                     "XDG_CACHE_HOME": str(home)})
+        try:
+            # Once the drive holds what came before the silence, the download waits on it.
+            wait_for(lambda: drive.read(MiB, MiB) == data[MiB : 2 * MiB], timeout=60)
+            proc.send_signal(signal.SIGINT)
+            _, err = proc.communicate(timeout=30)
+            assert proc.returncode == 130, err
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert list((home / "popsicle-py").iterdir()) == []

@@ -18,6 +18,7 @@ import shutil
 import socket
 import subprocess
 import threading
+import time
 import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -39,6 +40,7 @@ class RawServer:
 
     def __init__(self, answer: Answer, sums: bytes | None = None) -> None:
         self.answer, self.sums = answer, sums
+        self.sums_answer: Answer | None = None  # answers SHA256SUMS instead, when set
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         self.requests: list[bytes] = []
@@ -67,6 +69,8 @@ class RawServer:
             try:
                 if request.startswith(b"GET /disk.img "):
                     self.answer(request, conn)
+                elif request.startswith(b"GET /SHA256SUMS ") and self.sums_answer is not None:
+                    self.sums_answer(request, conn)
                 elif request.startswith(b"GET /SHA256SUMS ") and self.sums is not None:
                     send(conn, "200 OK", [("Content-Length", str(len(self.sums)))], self.sums)
                 else:
@@ -368,4 +372,44 @@ def test_a_signature_file_that_is_no_signature_is_said_to_be_one(
     assert rc == 2, err
     assert err == (f"popsicle-py: the signature of {tmp_path}/SHA256SUMS does not verify with "
                    f"{keyring}: no valid OpenPGP data found.\n")
+    assert untouched(drive)
+
+
+# ----------------------------------------------------------------------------------------------
+# A checksum file that trickles
+
+
+@needs_root
+def test_a_trickling_checksum_file_is_refused_within_the_read_timeout(
+        image: bytes, loop_factory: Callable[..., Loop]) -> None:
+    """SHA256SUMS at a byte a second keeps every read timeout (3 s here) alive: it is refused
+    once the timeout passed without 1 MiB of it (the whole file), nothing written, instead of
+    holding the run for as long as the server likes (75 s here; hours for a larger file)."""
+    body = f"{hashlib.sha256(image).hexdigest()}  disk.img\n".encode()
+    stop = threading.Event()
+
+    def trickle(request: bytes, conn: socket.socket) -> None:
+        conn.sendall(f"HTTP/1.1 200 OK\r\nContent-Length: {len(body)}\r\n\r\n".encode())
+        for byte in body:
+            conn.sendall(bytes([byte]))
+            if stop.wait(1):
+                return
+
+    def answer(request: bytes, conn: socket.socket) -> None:
+        send(conn, "200 OK", [("ETag", '"v1"'), ("Content-Length", str(len(image)))], image)
+
+    server = RawServer(answer, sums=b"")
+    server.sums_answer = trickle
+    drive = loop_factory(4 * MiB, fill=PATTERN)
+    try:
+        started = time.monotonic()
+        rc, _, err = flash(server.url(), drive)
+        took = time.monotonic() - started
+    finally:
+        stop.set()
+        server.close()
+    assert rc == 2, err
+    assert err == (f"popsicle-py: checksum file {server.url('/SHA256SUMS')}: stalled: less "
+                   "than 1 MiB came in 3 s; nothing was written\n")
+    assert took < 15
     assert untouched(drive)

@@ -59,6 +59,7 @@ __all__ = [
 ]
 
 _HEAD = 4096  # bytes read before deciding what the body is
+_MiB = 1 << 20
 
 
 class RemoteError(ImageError):
@@ -300,12 +301,19 @@ class Client:
     def fetch_small(self, url: str) -> bytes | None:
         """A sums or signature file; None when it is not there (404, 410, or an HTML page)."""
         resp = self.get(url)
+        read = False  # the body came in time (a trickling connection is never reused)
         try:
             if resp.status in (403, 404, 410):
+                left = resp.length_remaining
+                if left is not None and left <= 64 << 10:  # its page read in time: reused
+                    with contextlib.suppress(RemoteError, HTTPError, OSError):
+                        self._read_small(resp, url)
+                        read = True
                 return None
             if resp.status != 200:
                 raise RemoteError(f"checksum file {status_message(url, resp.status, resp.reason)}")
-            data = resp.read(SIDECAR_LIMIT + 1)
+            data = self._read_small(resp, url)
+            read = True
             if len(data) > SIDECAR_LIMIT:
                 raise RemoteError(f"checksum file {url} is larger than 16 MiB: not a checksum "
                                   "file")
@@ -316,11 +324,40 @@ class Client:
             raise RemoteError(transport_message(url, exc)) from None
         finally:
             left = resp.length_remaining
-            if left is not None and left <= 64 << 10:  # read the little left: reuse it
+            if read and left is not None and left <= 64 << 10:  # read the little left: reuse
                 resp.drain_conn()
                 resp.release_conn()
             else:
                 resp.close()  # never hand back a connection in the middle of a body
+
+
+    def _read_small(self, resp: urllib3.BaseHTTPResponse, url: str) -> bytes:
+        """The body (SIDECAR_LIMIT + 1 bytes at most), each MiB of it within the read timeout:
+        a server that trickles keeps every read timeout alive, and would hold the run for as
+        long as it likes before anything is written."""
+        window = self.settings.read_timeout
+        deadline = time.monotonic() + window
+        data = bytearray()
+        mark = _MiB
+        while len(data) <= SIDECAR_LIMIT:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise RemoteError(f"checksum file {url}: stalled: less than 1 MiB came in "
+                                  f"{window:g} s; nothing was written")
+            limit_wait(resp, left)
+            try:
+                more = resp.read1(min(SIDECAR_LIMIT + 1 - len(data), 64 << 10))
+            except ReadTimeoutError:
+                if time.monotonic() < deadline - 0.05:
+                    raise
+                continue  # the deadline said above
+            if not more:
+                break
+            data += more
+            if len(data) >= mark:  # a MiB moved: the next one gets a window of its own
+                mark += _MiB
+                deadline = time.monotonic() + window
+        return bytes(data)
 
 
 @dataclass

@@ -413,3 +413,33 @@ def test_a_trickling_checksum_file_is_refused_within_the_read_timeout(
                    "than 1 MiB came in 3 s; nothing was written\n")
     assert took < 15
     assert untouched(drive)
+
+
+@needs_root
+def test_headers_that_trickle_are_a_timeout_not_a_hang(
+        loop_factory: Callable[..., Loop]) -> None:
+    """A server sending its headers a byte at a time keeps every read timeout (3 s) alive:
+    each attempt ends once the headers did not all come within it, and the image is refused
+    ("did not answer in time", exit 2) after the retries, not when the server is done."""
+    stop = threading.Event()
+
+    def trickle(request: bytes, conn: socket.socket) -> None:
+        head = b"HTTP/1.1 200 OK\r\nX-Slow: " + b"a" * 2000 + b"\r\n\r\n"
+        for byte in head:
+            conn.sendall(bytes([byte]))
+            if stop.wait(0.1):
+                return
+
+    server = RawServer(trickle)
+    drive = loop_factory(4 * MiB, fill=PATTERN)
+    try:
+        started = time.monotonic()
+        rc, _, err = flash(server.url(), drive)
+        took = time.monotonic() - started
+    finally:
+        stop.set()
+        server.close()
+    assert rc == 2, err
+    assert err == f"popsicle-py: {server.url()}: 127.0.0.1 did not answer in time\n"
+    assert took < 20
+    assert untouched(drive)

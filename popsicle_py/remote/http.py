@@ -16,12 +16,15 @@ import logging
 import os
 import re
 import socket
+import threading
 import time
 import urllib.parse
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import urllib3
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.exceptions import (
     HTTPError,
     LocationValueError,
@@ -31,6 +34,7 @@ from urllib3.exceptions import (
     ReadTimeoutError,
     SSLError,
 )
+from urllib3.response import HTTPResponse
 from urllib3.util import Retry, Timeout
 
 from popsicle_py._version import __version__
@@ -261,6 +265,63 @@ def _short(text: str) -> str:
 # The client
 
 
+def _headers_in_time(conn: HTTPConnection, get: Callable[[], HTTPResponse]) -> HTTPResponse:
+    """``get()`` (the status line and headers) within the connection's read timeout, all of
+    them: a server that trickles them keeps every read timeout alive, and would hold the run
+    for as long as it likes.  Past it the socket is shut down, and the attempt is a timeout
+    (retried as one)."""
+    seconds, sock = conn.timeout, conn.sock
+    if not isinstance(seconds, (int, float)) or seconds <= 0 or sock is None:
+        return get()
+    lock = threading.Lock()
+    state = {"done": False, "fired": False}
+
+    def fire() -> None:
+        with lock:
+            if state["done"]:
+                return
+            state["fired"] = True
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+
+    timer = threading.Timer(seconds, fire)
+    timer.daemon = True
+    timer.start()
+    try:
+        response = get()
+    except BaseException:
+        if state["fired"]:
+            raise TimeoutError(f"no complete answer in {seconds:g} s") from None
+        raise
+    finally:
+        with lock:
+            state["done"] = True
+        timer.cancel()
+    if state["fired"]:  # cut in its headers: what came looks like an answer, and is none
+        response.close()
+        raise TimeoutError(f"no complete answer in {seconds:g} s")
+    return response
+
+
+class _Connection(HTTPConnection):
+    def getresponse(self) -> HTTPResponse:  # type: ignore[override]
+        return _headers_in_time(self, super().getresponse)
+
+
+class _TLSConnection(HTTPSConnection):
+    def getresponse(self) -> HTTPResponse:  # type: ignore[override]
+        return _headers_in_time(self, super().getresponse)
+
+
+class _Pool(HTTPConnectionPool):
+    ConnectionCls = _Connection
+
+
+class _TLSPool(HTTPSConnectionPool):
+    ConnectionCls = _TLSConnection
+
+
+
 class Client:
     """One connection pool for a run: the probe, the body, its resumes and the sums files."""
 
@@ -280,6 +341,7 @@ class Client:
             headers={"User-Agent": f"popsicle-py/{__version__}",
                      "Accept-Encoding": "identity"},  # Range offsets are offsets in the file
         )
+        self.pool.pool_classes_by_scheme = {"http": _Pool, "https": _TLSPool}
 
     def get(self, url: str, headers: Mapping[str, str] | None = None,
             redirects: bool = True) -> urllib3.BaseHTTPResponse:

@@ -443,3 +443,47 @@ def test_headers_that_trickle_are_a_timeout_not_a_hang(
     assert err == f"popsicle-py: {server.url()}: 127.0.0.1 did not answer in time\n"
     assert took < 20
     assert untouched(drive)
+
+
+# ----------------------------------------------------------------------------------------------
+# A resume the server never answers
+
+
+@needs_root
+def test_resumes_never_answered_give_up_after_the_documented_attempts(
+        image: bytes, loop_factory: Callable[..., Loop]) -> None:
+    """The body is cut at 1 MiB, and the server takes every resume and never answers it.
+    README: after POPSICLE_PY_HTTP_RETRIES failed resumes in a row every drive fails; each
+    resume is one attempt of the read timeout (1 s here), not itself retried as many times
+    (3 resumes of 4 attempts: 16 s and more, instead of about 4)."""
+    stop = threading.Event()
+
+    def answer(request: bytes, conn: socket.socket) -> None:
+        if asked_range(request) is not None:
+            stop.wait(60)  # taken, never answered
+            return
+        head = (f"HTTP/1.1 200 OK\r\nETag: \"v1\"\r\nContent-Length: {len(image)}\r\n\r\n")
+        conn.sendall(head.encode() + image[:MiB])
+        conn.shutdown(socket.SHUT_RDWR)
+
+    server = RawServer(answer)
+    drive = loop_factory(4 * MiB, fill=PATTERN)
+    try:
+        started = time.monotonic()
+        proc = subprocess.run([*popsicle_cmd(), "flash", server.url(), drive.path, "--yes",
+                               "--json"], capture_output=True, text=True,
+                              stdin=subprocess.DEVNULL, timeout=120,
+                              env={**os.environ, "POPSICLE_PY_HTTP_TIMEOUT": "1",
+                                   "POPSICLE_PY_HTTP_RETRIES": "3",
+                                   "POPSICLE_PY_HTTP_BACKOFF": "0.01"})
+        took = time.monotonic() - started
+    finally:
+        stop.set()
+        server.close()
+    assert proc.returncode == 1, proc.stderr
+    result = [json.loads(x) for x in proc.stdout.splitlines()][-1]["results"][0]
+    assert result["error"] == (f"{drive.path}: {server.url()}: download failed at byte {MiB} "
+                               f"of {len(image)} after 4 attempts: 127.0.0.1 did not answer "
+                               "in time")
+    assert took < 10, f"{took:.1f} s"
+    assert untouched(drive)

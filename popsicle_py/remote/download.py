@@ -282,8 +282,8 @@ class Download(io.RawIOBase):
         headers = {} if blind else {"Range": f"bytes={self._net}-"}
         if self.validator.if_range:
             headers["If-Range"] = self.validator.if_range
-        try:
-            resp = self.client.get(self.final_url, headers)
+        try:  # one attempt: this loop counts them (_retry)
+            resp = self.client.get(self.final_url, headers, retries=False)
         except RemoteError as exc:
             self._retry(str(exc).removeprefix(f"{self.final_url}: "))
             return
@@ -389,7 +389,7 @@ class Download(io.RawIOBase):
         if self.validator.if_range:
             headers["If-Range"] = self.validator.if_range
         try:
-            resp = self.client.get(self.final_url, headers)
+            resp = self.client.get(self.final_url, headers, retries=False)
         except RemoteError:
             return False  # no answer is no evidence; the body itself was complete
         try:

@@ -344,10 +344,14 @@ class Client:
         self.pool.pool_classes_by_scheme = {"http": _Pool, "https": _TLSPool}
 
     def get(self, url: str, headers: Mapping[str, str] | None = None,
-            redirects: bool = True) -> urllib3.BaseHTTPResponse:
-        """GET with redirects and retries of the connection; transport errors as RemoteError."""
+            redirects: bool = True, retries: bool = True) -> urllib3.BaseHTTPResponse:
+        """GET with redirects and retries of the connection; transport errors as RemoteError.
+
+        ``retries=False``: one attempt, for a caller that counts its own (a download's
+        resumes: each is one of POPSICLE_PY_HTTP_RETRIES, not that many again)."""
         s = self.settings
-        retry = Retry(total=None, connect=s.retries, read=s.retries, status=s.retries,
+        n = s.retries if retries else 0
+        retry = Retry(total=None, connect=n, read=n, status=n,
                       redirect=s.max_redirects if redirects else 0, other=0,
                       status_forcelist=(429, 500, 502, 503, 504), backoff_factor=s.backoff,
                       backoff_max=8.0, raise_on_status=False, raise_on_redirect=True)

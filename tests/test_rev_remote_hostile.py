@@ -487,3 +487,18 @@ def test_resumes_never_answered_give_up_after_the_documented_attempts(
                                "in time")
     assert took < 10, f"{took:.1f} s"
     assert untouched(drive)
+
+
+def test_a_connection_error_to_an_ipv6_host_keeps_its_cause_whole() -> None:
+    """The cause follows the connection's name, whose host may hold colons (an IPv6 literal
+    with a zone): not cut at the host's last colon ("1%lo' ([Errno -2] ...")."""
+    from urllib3.connection import HTTPConnection
+    from urllib3.exceptions import NameResolutionError
+
+    from popsicle_py.remote import transport_message
+
+    error = NameResolutionError("::1%lo", HTTPConnection("::1%lo", 80),
+                                socket.gaierror(-2, "Name or service not known"))
+    assert transport_message("http://[::1%25lo]/disk.img", error) == (
+        "http://[::1%25lo]/disk.img: cannot connect to ::1%25lo: Failed to resolve '::1%lo' "
+        "([Errno -2] Name or service not known)")

@@ -242,7 +242,10 @@ def transport_message(url: str, exc: BaseException) -> str:
                     "nothing was downloaded")
         return f"{url}: TLS error with {host}: {_short(text)}"
     if isinstance(reason, NewConnectionError):
-        cause = text.rsplit(":", 1)[-1].strip() or "refused"
+        # "HTTPConnection(host='::1%lo', port=80): Failed to ...": the host may hold colons
+        m = re.match(r"\w+\(host=.*?, port=\d+\): (.*)", text, re.S)
+        cause = (m[1] if m else text.rsplit(":", 1)[-1]).strip() or "refused"
+        cause = cause.removeprefix("Failed to establish a new connection: ")
         return f"{url}: cannot connect to {host}: {cause}"
     if isinstance(reason, ReadTimeoutError) or "timed out" in text.lower():
         return f"{url}: {host} did not answer in time"

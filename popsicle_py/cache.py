@@ -2,19 +2,23 @@
 
 An entry is keyed by the URL and the server's validator (ETag, else Last-Modified), so a file
 that changed on the server is never served from an old copy.  Entries appear only complete:
-the bytes go to ``KEY.part`` and are renamed to ``KEY.img`` once the whole body arrived (and
-matched its published checksum, when there is one); ``KEY.json`` says what the entry is, with
+the bytes go to a file without a name (else ``KEY.*.part``) that becomes ``KEY.img`` once the
+whole body arrived (and matched its published checksum, when there is one), so that a run cut
+short leaves nothing behind; ``KEY.json`` says what the entry is, with
 the SHA-256 of its bytes as they arrived, so that a copy damaged since is never written.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import secrets
 import time
 from collections.abc import Mapping
 from pathlib import Path
+from typing import BinaryIO
 
 from popsicle_py import files
 from popsicle_py.records import record
@@ -63,7 +67,13 @@ class CacheEntry:
 
 
 class CacheWriter:
-    """Receives the bytes of one download; commit() makes the entry, abort() forgets them."""
+    """Receives the bytes of one download; commit() makes the entry, abort() forgets them.
+
+    The bytes go to a file without a name (O_TMPFILE) that commit() links into the cache: a
+    run that ends without either (Ctrl-C while the download is read, a kill) leaves nothing
+    behind, and two runs of one URL never write into each other's file.  Where the file
+    system cannot (no O_TMPFILE), a ``.part`` file of this writer's own is used.
+    """
 
     def __init__(self, cache: Cache, url: str, validator: str) -> None:
         self.cache = cache
@@ -72,9 +82,28 @@ class CacheWriter:
         self.key = cache_key(url, validator)
         self.where = str(cache.root)
         cache.root.mkdir(parents=True, exist_ok=True)
-        self.part = cache.root / f"{self.key}.part"
-        self._file = files.create_regular(self.part)  # closed by commit() or abort()
+        self.part: Path | None = None  # a named file, where O_TMPFILE is not available
+        self._file = self._unnamed() or self._named()  # closed by commit() or abort()
+        self._linked: Path | None = None  # the name commit() gave the file, until renamed
+        self._placed = False  # commit() put the data file in place (abort() removes it)
+        self._meta: Path | None = None  # the description, until renamed
         self.size = 0
+
+    def _unnamed(self) -> BinaryIO | None:
+        flag = getattr(os, "O_TMPFILE", 0)
+        if not flag or not os.path.isdir("/proc/self/fd"):
+            return None
+        try:
+            fd = os.open(self.cache.root, flag | os.O_WRONLY | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            if exc.errno in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+                return None  # this file system cannot: a named file instead
+            raise
+        return os.fdopen(fd, "wb")
+
+    def _named(self) -> BinaryIO:
+        self.part = self.cache.root / f"{self.key}.{os.getpid()}-{secrets.token_hex(4)}.part"
+        return files.create_regular(self.part, exclusive=True)
 
     @property
     def path(self) -> Path:
@@ -89,23 +118,41 @@ class CacheWriter:
         (with ``sha256``, the digest of the bytes written)."""
         self._file.flush()
         os.fsync(self._file.fileno())
+        if self.part is None:  # give the unnamed file a name of its own, then the entry's
+            name = f"{self.key}.{secrets.token_hex(4)}.part"
+            folder = os.open(self.cache.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:  # a directory descriptor makes it linkat(), which follows /proc's link
+                os.link(f"/proc/self/fd/{self._file.fileno()}", name, dst_dir_fd=folder,
+                        follow_symlinks=True)
+            finally:
+                os.close(folder)
+            self._linked = self.cache.root / name
         self._file.close()
-        os.replace(self.part, self.path)
+        named = self._linked or self.part
+        assert named is not None
+        os.replace(named, self.path)
+        self._linked = self.part = None
+        self._placed = True
         meta = {"url": self.url, "validator": self.validator, "size": self.size,
                 "created": time.time(), "sha256": sha256}
-        tmp = self.cache.root / f"{self.key}.json.part"
-        with files.create_regular(tmp) as f:
+        self._meta = self.cache.root / f"{self.key}.{secrets.token_hex(4)}.json.part"
+        with files.create_regular(self._meta, exclusive=True) as f:
             f.write(json.dumps(meta).encode())
-        os.replace(tmp, self.cache.root / f"{self.key}.json")
+        os.replace(self._meta, self.cache.root / f"{self.key}.json")
+        self._meta = None
         return self.path
 
     def abort(self) -> None:
         """Forget the bytes (also after a failed commit: its data file goes too)."""
         with contextlib.suppress(OSError):
             self._file.close()
-        for leftover in (self.part, self.path, self.cache.root / f"{self.key}.json.part"):
-            with contextlib.suppress(OSError):
-                leftover.unlink()
+        leftovers = [self.part, self._linked, self._meta]
+        if self._placed:
+            leftovers.append(self.path)
+        for leftover in leftovers:
+            if leftover is not None:
+                with contextlib.suppress(OSError):
+                    leftover.unlink()
 
 
 class Cache:

@@ -325,7 +325,8 @@ class FlashJob(_Job):
 
     def run(self) -> Summary:
         try:
-            self.emit(Started(self.image.path, self.image.format, self.image.size,
+            shown = getattr(self.image, "url", None) or self.image.path  # a download's copy
+            self.emit(Started(shown, self.image.format, self.image.size,
                               tuple(d.path for d in self.drives), verify=self.options.verify,
                               drives=self.infos))
             self._write()
@@ -532,7 +533,8 @@ class VerifyJob(_Job):
 
     def run(self) -> Summary:
         size = self.image.size
-        self.emit(Started(self.image.path, self.image.format, size,
+        shown = getattr(self.image, "url", None) or self.image.path  # a download's copy
+        self.emit(Started(shown, self.image.format, size,
                           tuple(d.path for d in self.drives), drives=self.infos))
         for drive in self.drives:
             self.emit(Phase(drive.path, Step.VERIFYING))

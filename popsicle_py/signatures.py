@@ -45,7 +45,11 @@ def _signature_check(name: str, data: bytes, signature: bytes | None, keyring: s
         except (OSError, subprocess.TimeoutExpired) as exc:
             raise ImageError(f"gpgv could not check {name}: {exc}") from None
     if proc.returncode != 0:
-        lines = [ln.removeprefix("gpgv: ") for ln in proc.stderr.splitlines() if ln.strip()]
+        # Its own lines only: not its advice to give the signature first (it was), nor the
+        # "could not be verified" that every failure ends with; the cause is the last left.
+        lines = [ln.removeprefix("gpgv: ").strip() for ln in proc.stderr.splitlines()
+                 if ln.startswith("gpgv: ")]
+        lines = [ln for ln in lines if ln and ln != "the signature could not be verified."]
         why = lines[-1] if lines else f"gpgv exited with {proc.returncode}"
         raise ImageError(f"the signature of {name} does not verify with {keyring}: {why}")
 

@@ -78,6 +78,11 @@ def refuse_other_schemes(text: str) -> None:
                          "https:// URLs (download the image and give the file)")
 
 
+def shown_name(text: str) -> str:
+    """The image as messages name it: a URL without its ``user:password@`` (never shown)."""
+    return remote().without_credentials(text)[0] if is_url(text) else text
+
+
 def is_stdin(text: str) -> bool:
     """``-``: the image comes from standard input."""
     return text == "-"
@@ -216,6 +221,7 @@ def sanity_note(source: OpenedSource, shown: str, force: bool) -> str | None:
     the offset (as for damage further in), exactly as without this check.
     """
     img = source.image
+    shown = shown_name(shown)
     if isinstance(img, Image):
         return _judge_file(img, shown, force)
     warning: str | None = getattr(img, "warning", None)
@@ -296,7 +302,7 @@ def download_first(image: Source, emit: Emit, cancel: Cancellation, tmpdir: str,
     stack.callback(cleanup)
     if local is not None and judged is not None and image.kind.needs_whole_file:
         copy = dataclasses.replace(local, warning=getattr(image, "warning", None))
-        if (note := _judge_file(copy, *judged)) is not None:
+        if (note := _judge_file(copy, shown_name(judged[0]), judged[1])) is not None:
             emit(events.Note(note))
     return local  # type: ignore[no-any-return]
 

@@ -168,6 +168,38 @@ def _sidecar_entries(text: str, algo: str) -> Iterator[tuple[str, str, str | Non
                 yield algo, hexdigest.lower(), name
 
 
+def _listed_badly(text: str, algo: str, base: str, bare: bool) -> bool:
+    """A line names ``base`` but its digest is not one of its algorithm (cut short, mangled):
+    a tagged line's, or (``bare``: the list is named after ``algo``) ``algo``'s."""
+    for line in signed_part(text).splitlines():
+        line = line.strip()
+        if m := _BSD_LINE.fullmatch(line):
+            escaped, tag, name, hexdigest = m.groups()
+            line_algo = tag.lower().split("-")[0]
+        elif bare and (m := _GNU_LINE.fullmatch(line)) and m[3] is not None:
+            escaped, hexdigest, name = m.groups()
+            line_algo = algo
+        else:
+            continue
+        name = _unescape(name) if escaped else name
+        if name in (base, "./" + base) and not _valid_hex(line_algo, hexdigest):
+            return True
+    return False
+
+
+def _listed(text: str, algo: str, where: str, base: str, bare: bool = True
+            ) -> Checksum | None:
+    """The entry for ``base`` in the list ``where``; a line for it that holds no usable
+    checksum is an error (the list does name the image: flashing unchecked would hide it).
+    ``bare``: the list is named after ``algo`` (SHA256SUMS, b2sums.txt), so its untagged
+    lines are of that algorithm (not so in a CHECKSUM file)."""
+    picked = _pick(list(_sidecar_entries(text, algo)), where, base)
+    if picked is None and _listed_badly(text, algo, base, bare):
+        raise ImageError(f"checksum file {where} lists {base} without a usable {algo} "
+                         "checksum (cut short or mangled)")
+    return picked
+
+
 def _read_sidecar(path: str) -> str:
     try:
         with open(path, "rb") as f:
@@ -262,7 +294,7 @@ def choose_sidecar(base: str, beside: Callable[[str], str],
         sums = beside(f"{algo.upper()}SUMS")
         text = read(sums) if sums != beside(base) else None
         if text is not None:
-            picked = _pick(list(_sidecar_entries(text, algo)), sums, base)
+            picked = _listed(text, algo, sums, base)
             if picked:
                 return picked
     lists = [*_LISTS, *((n, "sha256") for n in dict.fromkeys([*listed, *fedora_names(base)]))]
@@ -270,7 +302,7 @@ def choose_sidecar(base: str, beside: Callable[[str], str],
         where = beside(name)
         text = read(where) if name != base else None
         if text is not None:
-            picked = _pick(list(_sidecar_entries(text, algo)), where, base)
+            picked = _listed(text, algo, where, base, bare=(name, algo) in _LISTS[:3])
             if picked:
                 return picked
     return None

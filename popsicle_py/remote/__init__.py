@@ -35,6 +35,7 @@ if TYPE_CHECKING:
         probe,
         status_message,
         transport_message,
+        without_credentials,
     )
     from popsicle_py.remote.image import (
         RemoteImage,
@@ -51,7 +52,8 @@ _HOMES = {
     **dict.fromkeys(("DOWNLOADING", "Download", "Emit", "FileSink"), "popsicle_py.remote.download"),
     **dict.fromkeys(("Client", "HttpSettings", "Probe", "RemoteError", "Validator",
                      "content_length", "final_url", "is_url", "looks_like_html",
-                     "parse_content_range", "probe", "status_message", "transport_message"),
+                     "parse_content_range", "probe", "status_message", "transport_message",
+                     "without_credentials"),
                     "popsicle_py.remote.http"),
     **dict.fromkeys(("RemoteImage", "UrlImage", "attach", "materialize", "open_url",
                      "published_checksum"), "popsicle_py.remote.image"),
@@ -86,6 +88,7 @@ __all__ = [
     "read_local",
     "status_message",
     "transport_message",
+    "without_credentials",
 ]
 
 

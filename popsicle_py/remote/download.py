@@ -40,6 +40,7 @@ from popsicle_py.remote.http import (
     Validator,
     content_length,
     failure_reason,
+    hang_up,
     limit_wait,
     parse_content_range,
 )
@@ -106,6 +107,7 @@ class Download(io.RawIOBase):
         self._waited = 0.0  # seconds spent waiting in its reads meanwhile
         self._vouched = False  # a resume without validators was taken (a checksum judges)
         self._finished = False
+        self._closing = False  # close() began, maybe on another thread: a stop, no failure
         self._error: ImageError | None = None
         self._last_progress = 0.0
         self._reported = 0  # the bytes the last Progress event said
@@ -175,7 +177,8 @@ class Download(io.RawIOBase):
 
     def _fail(self, exc: ImageError) -> None:
         self._error = exc
-        if self.emit is not None and not (self.cancel is not None and self.cancel()):
+        stopped = self._closing or (self.cancel is not None and self.cancel())
+        if self.emit is not None and not stopped:
             self.emit(DownloadNews(Fetch.FAILED, self._handed, self.total, str(exc)))
         if self.sink is not None:
             self.sink.abort()
@@ -199,8 +202,7 @@ class Download(io.RawIOBase):
 
     def _from_connection(self, limit: int) -> bytes:
         while True:
-            if self.cancel is not None and self.cancel():
-                raise RemoteError(f"{self.url}: download cancelled")
+            self._check_stop()
             if self._resp is None:
                 self._reconnect()
                 continue
@@ -242,9 +244,14 @@ class Download(io.RawIOBase):
             return None
         return f"stalled: less than {STALL_BYTES >> 20} MiB came in {self.stall_timeout:g} s"
 
+    def _check_stop(self) -> None:
+        if self._closing or (self.cancel is not None and self.cancel()):
+            raise RemoteError(f"{self.url}: download cancelled")
+
     def _retry(self, why: str) -> None:
         """One more failed attempt: pause, or give up with what happened."""
         self._drop()
+        self._check_stop()  # a connection shut down by a stop is no drop to resume
         self._recent, self._waited = 0, 0.0  # the next connection gets a window of its own
         self._failures += 1
         if self._failures > self.client.settings.retries:
@@ -256,8 +263,7 @@ class Download(io.RawIOBase):
             self.emit(DownloadNews(Fetch.RESUMING, self._net, self.total, why))
         deadline = time.monotonic() + self.client.settings.pause(self._failures)
         while time.monotonic() < deadline:
-            if self.cancel is not None and self.cancel():
-                raise RemoteError(f"{self.url}: download cancelled")
+            self._check_stop()
             time.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
 
     def _reconnect(self) -> None:
@@ -276,8 +282,8 @@ class Download(io.RawIOBase):
         headers = {} if blind else {"Range": f"bytes={self._net}-"}
         if self.validator.if_range:
             headers["If-Range"] = self.validator.if_range
-        try:
-            resp = self.client.get(self.final_url, headers)
+        try:  # one attempt: this loop counts them (_retry)
+            resp = self.client.get(self.final_url, headers, retries=False)
         except RemoteError as exc:
             self._retry(str(exc).removeprefix(f"{self.final_url}: "))
             return
@@ -347,8 +353,10 @@ class Download(io.RawIOBase):
             raise RemoteError(f"{self.url}: the server announced {self.total} bytes "
                               f"(Content-Length) but sent {self._handed}")
         self._drop()
-        if self.total is not None:
-            self._check_nothing_follows()
+        if not self._nothing_follows() and self.total is None and self.expected is None \
+                and self.emit is not None:
+            self.emit(Note(f"{self.url}: the server gave no length and no checksum was found: "
+                           "nothing shows that the download is complete"))
         if self.expected is not None and self.hasher is not None:
             actual = self.hasher.hexdigest()
             if actual != self.expected.hexdigest:
@@ -372,25 +380,36 @@ class Download(io.RawIOBase):
             if self.on_commit is not None:
                 self.on_commit(self.committed)
 
-    def _check_nothing_follows(self) -> None:
-        """A Content-Length shorter than the file is a truncated image: ask for what follows."""
-        headers = {"Range": f"bytes={self.total}-"}
+    def _nothing_follows(self) -> bool:
+        """Ask for what follows the body's end: a Content-Length shorter than the file, or a
+        body without one whose connection closed early, is a truncated image (raises).  True
+        when the answer shows the body was the whole file."""
+        end = self._net
+        headers = {"Range": f"bytes={end}-"}
         if self.validator.if_range:
             headers["If-Range"] = self.validator.if_range
         try:
-            resp = self.client.get(self.final_url, headers)
+            resp = self.client.get(self.final_url, headers, retries=False)
         except RemoteError:
-            return  # no answer is no evidence; the body itself was complete
+            return False  # no answer is no evidence; the body itself was complete
         try:
+            length = content_length(resp.headers)
             # An empty 206 (some servers answer a Range past the end so) says nothing follows.
-            extra = (resp.status == 206 and content_length(resp.headers) != 0) or (
-                resp.status == 200 and content_length(resp.headers) not in (None, self.total))
+            extra = (resp.status == 206 and length != 0) or (
+                resp.status == 200 and length not in (None, end))
+            shown = resp.status == 416 or (resp.status == 206 and length == 0) or (
+                resp.status == 200 and length == end)
         finally:
             resp.close()
-        if extra:
+        if extra and self.total is not None:
             raise RemoteError(f"{self.url}: the server announced {self.total} bytes "
                               "(Content-Length) but the file is longer; refusing a truncated "
                               "image")
+        if extra:
+            raise RemoteError(f"{self.url}: the connection closed at byte {end} but the file "
+                              "is longer (the server gave no length); refusing a truncated "
+                              "image")
+        return shown
 
     def _progress(self, force: bool = False) -> None:
         if self.emit is None:
@@ -413,7 +432,13 @@ class Download(io.RawIOBase):
             pass
 
     def close(self) -> None:
+        """Also from another thread (a stop) while a read waits on a silent connection: the
+        connection is shut down first, so that the read returns and releases it at once."""
         if not self.closed:
+            self._closing = True
+            resp = self._resp
+            if resp is not None:
+                hang_up(resp)
             self._drop()
             if self.sink is not None:
                 self.sink.abort()

@@ -9,25 +9,32 @@ and HTML are refused before anything is written.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import http.client
 import logging
 import os
 import re
+import socket
+import threading
 import time
 import urllib.parse
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import urllib3
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.exceptions import (
     HTTPError,
+    LocationValueError,
     MaxRetryError,
     NewConnectionError,
     ProtocolError,
     ReadTimeoutError,
     SSLError,
 )
+from urllib3.response import HTTPResponse
 from urllib3.util import Retry, Timeout
 
 from popsicle_py._version import __version__
@@ -44,6 +51,7 @@ __all__ = [
     "content_length",
     "failure_reason",
     "final_url",
+    "hang_up",
     "is_url",
     "limit_wait",
     "looks_like_html",
@@ -51,13 +59,40 @@ __all__ = [
     "probe",
     "status_message",
     "transport_message",
+    "without_credentials",
 ]
 
 _HEAD = 4096  # bytes read before deciding what the body is
+_MiB = 1 << 20
 
 
 class RemoteError(ImageError):
     """A download that cannot go on, as one line (an ImageError: the CLI refuses with it)."""
+
+
+def without_credentials(url: str) -> tuple[str, str | None]:
+    """The URL without its ``user:password@`` part (never shown: messages, events and the
+    cache name the URL), and that part as an Authorization header's value (Basic).
+
+    urllib3 ignores credentials in a URL: they are sent as a header instead, to that host only.
+    """
+    parts = urllib.parse.urlsplit(url)
+    userinfo, at, host = parts.netloc.rpartition("@")
+    if not at:
+        return url, None
+    user, _, password = userinfo.partition(":")
+    token = f"{urllib.parse.unquote(user)}:{urllib.parse.unquote(password)}"
+    clean = urllib.parse.urlunsplit(parts._replace(netloc=host))
+    return clean, "Basic " + base64.b64encode(token.encode()).decode("ascii")
+
+
+def _origin(url: str) -> tuple[str, str | None, int | None]:
+    parts = urllib.parse.urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    return parts.scheme.lower(), parts.hostname, port or (443 if parts.scheme == "https" else 80)
 
 
 def is_url(text: str) -> bool:
@@ -207,10 +242,20 @@ def transport_message(url: str, exc: BaseException) -> str:
                     "nothing was downloaded")
         return f"{url}: TLS error with {host}: {_short(text)}"
     if isinstance(reason, NewConnectionError):
-        cause = text.rsplit(":", 1)[-1].strip() or "refused"
+        # "HTTPConnection(host='::1%lo', port=80): Failed to ...": the host may hold colons
+        m = re.match(r"\w+\(host=.*?, port=\d+\): (.*)", text, re.S)
+        cause = (m[1] if m else text.rsplit(":", 1)[-1]).strip() or "refused"
+        cause = cause.removeprefix("Failed to establish a new connection: ")
         return f"{url}: cannot connect to {host}: {cause}"
     if isinstance(reason, ReadTimeoutError) or "timed out" in text.lower():
         return f"{url}: {host} did not answer in time"
+    if isinstance(reason, LocationValueError):  # the URL itself was checked: a redirect's
+        if not urllib.parse.urlsplit(url).hostname:
+            return f"{url}: not a valid URL (no host)"
+        return (f"{url}: redirected to an address that is not an http:// or https:// URL; "
+                "nothing was downloaded")
+    if isinstance(reason, ProtocolError):
+        return f"{url}: {failure_reason(reason)}"
     return f"{url}: {_short(text)}"
 
 
@@ -223,11 +268,72 @@ def _short(text: str) -> str:
 # The client
 
 
+def _headers_in_time(conn: HTTPConnection, get: Callable[[], HTTPResponse]) -> HTTPResponse:
+    """``get()`` (the status line and headers) within the connection's read timeout, all of
+    them: a server that trickles them keeps every read timeout alive, and would hold the run
+    for as long as it likes.  Past it the socket is shut down, and the attempt is a timeout
+    (retried as one)."""
+    seconds, sock = conn.timeout, conn.sock
+    if not isinstance(seconds, (int, float)) or seconds <= 0 or sock is None:
+        return get()
+    lock = threading.Lock()
+    state = {"done": False, "fired": False}
+
+    def fire() -> None:
+        with lock:
+            if state["done"]:
+                return
+            state["fired"] = True
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+
+    timer = threading.Timer(seconds, fire)
+    timer.daemon = True
+    timer.start()
+    try:
+        response = get()
+    except BaseException:
+        if state["fired"]:
+            raise TimeoutError(f"no complete answer in {seconds:g} s") from None
+        raise
+    finally:
+        with lock:
+            state["done"] = True
+        timer.cancel()
+    if state["fired"]:  # cut in its headers: what came looks like an answer, and is none
+        response.close()
+        raise TimeoutError(f"no complete answer in {seconds:g} s")
+    return response
+
+
+class _Connection(HTTPConnection):
+    def getresponse(self) -> HTTPResponse:  # type: ignore[override]
+        return _headers_in_time(self, super().getresponse)
+
+
+class _TLSConnection(HTTPSConnection):
+    def getresponse(self) -> HTTPResponse:  # type: ignore[override]
+        return _headers_in_time(self, super().getresponse)
+
+
+class _Pool(HTTPConnectionPool):
+    ConnectionCls = _Connection
+
+
+class _TLSPool(HTTPSConnectionPool):
+    ConnectionCls = _TLSConnection
+
+
+
 class Client:
     """One connection pool for a run: the probe, the body, its resumes and the sums files."""
 
-    def __init__(self, settings: HttpSettings | None = None) -> None:
+    def __init__(self, settings: HttpSettings | None = None,
+                 credentials: tuple[str, str] | None = None) -> None:
+        """``credentials``: (a URL, its Authorization value), sent to that URL's origin only
+        (urllib3 drops the header on a redirect to another host)."""
         self.settings = settings or HttpSettings.from_env()
+        self._auth = None if credentials is None else (_origin(credentials[0]), credentials[1])
         s = self.settings
         # urllib3 logs each retry as a warning: our own notes say it once, in the user's words.
         if not logging.getLogger().isEnabledFor(logging.DEBUG):
@@ -238,17 +344,25 @@ class Client:
             headers={"User-Agent": f"popsicle-py/{__version__}",
                      "Accept-Encoding": "identity"},  # Range offsets are offsets in the file
         )
+        self.pool.pool_classes_by_scheme = {"http": _Pool, "https": _TLSPool}
 
     def get(self, url: str, headers: Mapping[str, str] | None = None,
-            redirects: bool = True) -> urllib3.BaseHTTPResponse:
-        """GET with redirects and retries of the connection; transport errors as RemoteError."""
+            redirects: bool = True, retries: bool = True) -> urllib3.BaseHTTPResponse:
+        """GET with redirects and retries of the connection; transport errors as RemoteError.
+
+        ``retries=False``: one attempt, for a caller that counts its own (a download's
+        resumes: each is one of POPSICLE_PY_HTTP_RETRIES, not that many again)."""
         s = self.settings
-        retry = Retry(total=None, connect=s.retries, read=s.retries, status=s.retries,
+        n = s.retries if retries else 0
+        retry = Retry(total=None, connect=n, read=n, status=n,
                       redirect=s.max_redirects if redirects else 0, other=0,
                       status_forcelist=(429, 500, 502, 503, 504), backoff_factor=s.backoff,
                       backoff_max=8.0, raise_on_status=False, raise_on_redirect=True)
+        sent = dict(headers or {})
+        if self._auth is not None and _origin(url) == self._auth[0]:
+            sent["Authorization"] = self._auth[1]
         try:
-            return self.pool.request("GET", url, headers=dict(headers or {}), retries=retry,
+            return self.pool.request("GET", url, headers=sent, retries=retry,
                                      preload_content=False, decode_content=False)
         except (HTTPError, OSError) as exc:
             raise RemoteError(transport_message(url, exc)) from None
@@ -256,12 +370,19 @@ class Client:
     def fetch_small(self, url: str) -> bytes | None:
         """A sums or signature file; None when it is not there (404, 410, or an HTML page)."""
         resp = self.get(url)
+        read = False  # the body came in time (a trickling connection is never reused)
         try:
             if resp.status in (403, 404, 410):
+                left = resp.length_remaining
+                if left is not None and left <= 64 << 10:  # its page read in time: reused
+                    with contextlib.suppress(RemoteError, HTTPError, OSError):
+                        self._read_small(resp, url)
+                        read = True
                 return None
             if resp.status != 200:
                 raise RemoteError(f"checksum file {status_message(url, resp.status, resp.reason)}")
-            data = resp.read(SIDECAR_LIMIT + 1)
+            data = self._read_small(resp, url)
+            read = True
             if len(data) > SIDECAR_LIMIT:
                 raise RemoteError(f"checksum file {url} is larger than 16 MiB: not a checksum "
                                   "file")
@@ -272,11 +393,40 @@ class Client:
             raise RemoteError(transport_message(url, exc)) from None
         finally:
             left = resp.length_remaining
-            if left is not None and left <= 64 << 10:  # read the little left: reuse it
+            if read and left is not None and left <= 64 << 10:  # read the little left: reuse
                 resp.drain_conn()
                 resp.release_conn()
             else:
                 resp.close()  # never hand back a connection in the middle of a body
+
+
+    def _read_small(self, resp: urllib3.BaseHTTPResponse, url: str) -> bytes:
+        """The body (SIDECAR_LIMIT + 1 bytes at most), each MiB of it within the read timeout:
+        a server that trickles keeps every read timeout alive, and would hold the run for as
+        long as it likes before anything is written."""
+        window = self.settings.read_timeout
+        deadline = time.monotonic() + window
+        data = bytearray()
+        mark = _MiB
+        while len(data) <= SIDECAR_LIMIT:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise RemoteError(f"checksum file {url}: stalled: less than 1 MiB came in "
+                                  f"{window:g} s; nothing was written")
+            limit_wait(resp, left)
+            try:
+                more = resp.read1(min(SIDECAR_LIMIT + 1 - len(data), 64 << 10))
+            except ReadTimeoutError:
+                if time.monotonic() < deadline - 0.05:
+                    raise
+                continue  # the deadline said above
+            if not more:
+                break
+            data += more
+            if len(data) >= mark:  # a MiB moved: the next one gets a window of its own
+                mark += _MiB
+                deadline = time.monotonic() + window
+        return bytes(data)
 
 
 @dataclass
@@ -343,6 +493,16 @@ def limit_wait(resp: urllib3.BaseHTTPResponse, seconds: float) -> None:
             sock.settimeout(max(0.01, seconds))
 
 
+def hang_up(resp: urllib3.BaseHTTPResponse) -> None:
+    """Shut ``resp``'s connection down, from any thread: a read blocked on it (a silent
+    server) returns at once, where closing the response would wait for that read's lock
+    until the read timeout."""
+    sock = getattr(getattr(resp, "connection", None), "sock", None)
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+
+
 def _first_bytes(resp: urllib3.BaseHTTPResponse, seconds: float) -> bytes | None:
     """The body's first _HEAD bytes (fewer when it is shorter), or None when they do not come
     in ``seconds``: a trickle resets every read timeout, and would hold the probe for hours."""
@@ -378,6 +538,10 @@ def failure_reason(exc: BaseException) -> str:
         inner = exc.args[1] if len(exc.args) > 1 else exc
         if isinstance(inner, http.client.IncompleteRead):
             return "the connection closed before the body ended"
+        if isinstance(inner, http.client.HTTPException):  # headers too long or too many
+            return f"the server's answer is malformed: {_short(str(inner))}"
+        if isinstance(inner, OSError) and inner.strerror:
+            return f"connection broken: {inner.strerror}"
         return f"connection broken: {_short(str(inner))}"
     return _short(str(exc)) or type(exc).__name__
 

@@ -14,6 +14,7 @@ import http.client
 import io
 import os
 import posixpath
+import re
 import threading
 import time
 import urllib.parse
@@ -44,7 +45,14 @@ from popsicle_py.images.sample import Sample, runnable, take_sample
 from popsicle_py.images.stillness import holding_still
 from popsicle_py.records import record
 from popsicle_py.remote.download import CHUNK, Download, Emit, FileSink
-from popsicle_py.remote.http import Client, HttpSettings, Probe, RemoteError, probe
+from popsicle_py.remote.http import (
+    Client,
+    HttpSettings,
+    Probe,
+    RemoteError,
+    probe,
+    without_credentials,
+)
 from popsicle_py.signatures import check_signature
 
 __all__ = [
@@ -88,9 +96,9 @@ class _Decoded(io.RawIOBase):
         return self._decoded.readinto(buffer)  # type: ignore[attr-defined, no-any-return]
 
     def close(self) -> None:
-        if not self.closed:
-            self._decoded.close()
+        if not self.closed:  # the download first: it ends a read blocked under the decoder
             self.download.close()
+            self._decoded.close()
         super().close()
 
 
@@ -335,10 +343,12 @@ def open_url(url: str, *, sha256: str | None = None, checksum: str | None = None
         raise ImageError("--keyring checks a published checksum file; it cannot be combined "
                          "with --sha256, --checksum or --no-checksum")
     try:
+        url, auth = without_credentials(url)  # a password is never shown, nor cached
         urllib.parse.urlsplit(url).port  # noqa: B018 - raises for a malformed host or port
     except ValueError as exc:
-        raise RemoteError(f"{url}: not a valid URL ({exc})") from None
-    client = Client(settings)
+        shown = re.sub(r"//[^/?#]*@", "//", url, count=1)
+        raise RemoteError(f"{shown}: not a valid URL ({exc})") from None
+    client = Client(settings, None if auth is None else (url, auth))
     first = probe(client, url)
     try:
         notes: list[str] = []
@@ -437,7 +447,8 @@ def materialize(image: RemoteImage, emit: Emit, cancel: Callable[[], bool],
     assert path is not None
     image.local = path
     if emit is not None:
-        emit(Note(f"downloaded {image.url} once to {path}; every drive is written from it"))
+        where = "a private copy, removed at the end" if private is not None else path
+        emit(Note(f"downloaded {image.url} once to {where}; every drive is written from it"))
     try:
         local = open_image(path)
     except ImageError as exc:

@@ -29,11 +29,12 @@ def free_mask(free: Sequence[tuple[int, int]], size: int, block: int) -> bytearr
     return mask
 
 
-def free_ranges(device: FileLike, size: int) -> tuple[list[Range], list[str]]:
-    """Free byte ranges of the drive's ext2/3/4 and FAT file systems, and a line for each one
-    read (for a note), read through ``device`` before the drive itself is read (and put back
-    at its start).  :func:`popsicle_py.usage.image_usage` decides, as for trim: a file system
-    not understood or not consistent keeps all its blocks."""
+def free_ranges(device: FileLike, size: int) -> tuple[list[Range], list[str], list[str]]:
+    """Free byte ranges of the drive's ext2/3/4 and FAT file systems, a line for each one
+    read, and one for each kept whole and why (for notes), read through ``device`` before the
+    drive itself is read (and put back at its start).  :func:`popsicle_py.usage.image_usage`
+    decides, as for trim: a file system not understood or not consistent keeps all its
+    blocks."""
     def read(offset: int, length: int) -> bytes:
         buffer = bytearray(max(0, min(length, size - offset)))
         got = read_at(device, offset, memoryview(buffer)) if buffer else 0
@@ -51,4 +52,11 @@ def free_ranges(device: FileLike, size: int) -> tuple[list[Range], list[str]]:
         position = offset + length
     if position < size:
         free.append((position, size - position))
-    return free, list(usage.found)
+    kept = [f"{_on_a_drive(note).removesuffix(': written whole')}: every block kept"
+            for note in usage.notes]
+    return free, list(usage.found), kept
+
+
+def _on_a_drive(note: str) -> str:
+    """A note of :mod:`popsicle_py.usage` (which reads images) as said of a drive."""
+    return f"the drive{note.removeprefix('the image')}" if note.startswith("the image:") else note

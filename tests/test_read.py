@@ -128,6 +128,22 @@ def test_any_output_name_gets_a_sidecar_sha256sum_and_flash_read(
     assert leftovers(tmp_path) == []
 
 
+def test_bmap_of_a_dirty_fat_says_why_its_free_blocks_are_kept(
+        loop_factory: Callable[..., Loop], tmp_path: Path) -> None:
+    """A FAT not cleanly unmounted is not trusted, and its free blocks are mapped all the
+    same: said in a note (it was silent, so a map larger than expected had no reason given)."""
+    drive = fat_drive(loop_factory)
+    with open(drive.path, "r+b") as f:  # Linux's "dirty" state flag (FAT16 boot sector)
+        f.seek(0x25)
+        f.write(b"\x01")
+    out = tmp_path / "stick.img"
+    result = popsicle("read", drive.path, out, "--bmap", "--json")
+    assert result.returncode == 0, result.stderr
+    notes = [e["text"] for e in events_of(result.stdout) if e["event"] == "note"]
+    assert ("block map: the drive: it was not cleanly unmounted (marked dirty; fsck.fat has "
+            "not repaired it): every block kept") in notes, notes
+
+
 def test_bmap_is_bmaptools_and_flash_uses_it(loop_factory: Callable[..., Loop],
                                             tmp_path: Path) -> None:
     drive = fat_drive(loop_factory)

@@ -181,12 +181,14 @@ class PreparedRead:
                 found = _watched_free_ranges(device, size, self.request.stall_timeout, stopped)
                 if found is None:
                     return None
-                free, used = found
+                free, used, kept = found
                 mapper = reading.Mapper(free=fsmap.free_mask(free, size, reading.BMAP_BLOCK)
                                         if free else None)
                 if used:
                     view.handle(events.Note("block map: free blocks left out, as the file "
                                             f"systems say ({'; '.join(used)})"))
+                for line in kept:  # a file system not trusted: why its free blocks are kept
+                    view.handle(events.Note(f"block map: {line}"))
 
             def progress(done: int) -> None:
                 view.handle(events.Progress(path, events.Step.READING, done, size))
@@ -213,7 +215,7 @@ class PreparedRead:
 
 def _watched_free_ranges(device: BlockDevice, size: int, stall_timeout: float,
                         stopped: Callable[[], bool]
-                        ) -> tuple[list[Range], list[str]] | None:
+                        ) -> tuple[list[Range], list[str], list[str]] | None:
     """:func:`fsmap.free_ranges` on a thread of its own (None: stopped): the drive's
     metadata read before the read proper is on the stall clock, and Ctrl-C is heard."""
     from popsicle_py.engine.watched import WorkStalled, watched_reads

@@ -52,13 +52,15 @@ def same_media(recorded: MediaIdentity, now: MediaIdentity) -> str | None:
     """
     if recorded.devnum != now.devnum:
         return "different device number"
+    if (recorded.is_loop or now.is_loop) and now.loop is None and recorded.loop is not None:
+        return "the loop device was detached"  # its size is 0 now: said as what happened
+    if recorded.size and not now.size:
+        return "no medium now: pulled, or its card taken out"
     if recorded.size != now.size:
         return "different size"
     if recorded.serial is not None and now.serial is not None and recorded.serial != now.serial:
         return "different serial"
     if recorded.is_loop or now.is_loop:
-        if now.loop is None and recorded.loop is not None:
-            return "the loop device was detached"
         if recorded.loop is not None and now.loop is not None:
             a, b = recorded.loop, now.loop
             if (a.dev, a.ino, a.rdev) != (b.dev, b.ino, b.rdev):

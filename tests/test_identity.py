@@ -136,6 +136,10 @@ def test_same_media_says_what_differs() -> None:
     assert same_media(a, _identity(loop=LoopKey(27, 199, 0, 512))) == (
         "different offset into its backing file")
     assert same_media(a, _identity(loop=None)) == "the loop device was detached"
+    assert same_media(a, _identity(loop=None, size=0)) == "the loop device was detached"
+    stick = _identity(loop=None, is_loop=False)
+    assert same_media(stick, _identity(loop=None, is_loop=False, size=0)) == (
+        "no medium now: pulled, or its card taken out")
     assert same_media(a, _identity(diskseq=1728)) == "different medium: diskseq 1726, now 1728"
     # Unknown on one side (an old kernel, a serial not read from a descriptor): not compared.
     assert same_media(a, _identity(diskseq=None, serial=None)) is None

@@ -127,6 +127,14 @@ def flash(url: str, drive: Loop, *extra: str) -> tuple[int, list[dict[str, Any]]
     return proc.returncode, events, proc.stderr
 
 
+def refusal_after_retries(err: str) -> str:
+    """The refusal's one line, after a line for each attempt that failed before it."""
+    *retries, last = err.splitlines()
+    assert all(re.fullmatch(r"popsicle-py: .*; trying again \(attempt \d+ of \d+\)", line)
+               for line in retries), err
+    return last
+
+
 def untouched(drive: Loop) -> bool:
     return drive.read(MiB) == bytes([PATTERN]) * MiB
 
@@ -310,7 +318,7 @@ def test_answers_outside_http_are_one_line_saying_what_happened(
     drive = loop_factory(4 * MiB, fill=PATTERN)
     rc, _, err = flash(server.url(), drive)
     assert rc == 2, err
-    assert err == f"popsicle-py: {server.url()}: {said}\n"
+    assert refusal_after_retries(err) == f"popsicle-py: {server.url()}: {said}"
     assert untouched(drive)
 
 
@@ -440,7 +448,8 @@ def test_headers_that_trickle_are_a_timeout_not_a_hang(
         stop.set()
         server.close()
     assert rc == 2, err
-    assert err == f"popsicle-py: {server.url()}: 127.0.0.1 did not answer in time\n"
+    assert refusal_after_retries(err) == (f"popsicle-py: {server.url()}: 127.0.0.1 did not "
+                                          "answer in time")
     assert took < 20
     assert untouched(drive)
 
@@ -486,6 +495,35 @@ def test_resumes_never_answered_give_up_after_the_documented_attempts(
                                f"of {len(image)} after 4 attempts: 127.0.0.1 did not answer "
                                "in time")
     assert took < 10, f"{took:.1f} s"
+    assert untouched(drive)
+
+
+@needs_root
+def test_each_attempt_the_server_does_not_answer_is_said(
+        loop_factory: Callable[..., Loop]) -> None:
+    """A server that takes the connection and never answers: each attempt waits the read
+    timeout (30 s by default, 6 of them), and nothing was said until the last one failed,
+    which looked like a hang.  Each failed attempt is now said on stderr as it happens."""
+    stop = threading.Event()
+
+    def answer(request: bytes, conn: socket.socket) -> None:
+        stop.wait(60)  # taken, never answered
+
+    server = RawServer(answer)
+    drive = loop_factory(4 * MiB, fill=PATTERN)
+    try:
+        proc = subprocess.run([*popsicle_cmd(), "flash", server.url(), drive.path, "--yes"],
+                              capture_output=True, text=True, stdin=subprocess.DEVNULL,
+                              timeout=60, env={**os.environ, "POPSICLE_PY_HTTP_TIMEOUT": "1",
+                                               "POPSICLE_PY_HTTP_RETRIES": "2",
+                                               "POPSICLE_PY_HTTP_BACKOFF": "0.01"})
+    finally:
+        stop.set()
+        server.close()
+    said = f"popsicle-py: {server.url()}: 127.0.0.1 did not answer in time"
+    assert proc.stderr.splitlines() == [f"{said}; trying again (attempt 2 of 3)",
+                                        f"{said}; trying again (attempt 3 of 3)", said]
+    assert proc.returncode == 2
     assert untouched(drive)
 
 

@@ -21,6 +21,7 @@ import time
 import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import urllib3
 from urllib3.connection import HTTPConnection, HTTPSConnection
@@ -64,6 +65,8 @@ __all__ = [
 
 _HEAD = 4096  # bytes read before deciding what the body is
 _MiB = 1 << 20
+
+log = logging.getLogger(__name__)
 
 
 class RemoteError(ImageError):
@@ -225,6 +228,32 @@ def status_message(url: str, status: int, reason: str | None) -> str:
 _VERIFY_FAILED = re.compile(r"certificate verify failed: ([^(]*?)\s*(?:\(|$)")
 
 
+class _SaidRetry(Retry):
+    """urllib3's retries, each failed attempt said on stderr: a host that drops connections
+    takes minutes to give up (every attempt waits out the connect timeout), and silence all
+    that time looks like a hang."""
+
+    attempts = 1  # in all, the first one included
+    shown = ""  # the URL asked for, as messages name it
+
+    def new(self, **kw: Any) -> _SaidRetry:
+        made = super().new(**kw)
+        made.attempts, made.shown = self.attempts, self.shown
+        return made
+
+    def increment(self, method: str | None = None, url: str | None = None,
+                  response: Any = None, error: Exception | None = None, _pool: Any = None,
+                  _stacktrace: Any = None) -> _SaidRetry:
+        made = super().increment(method, url, response, error, _pool, _stacktrace)
+        failed = len(made.history)
+        answered = response is not None and response.status in (self.status_forcelist or ())
+        if failed < self.attempts and (error is not None or answered):
+            why = (transport_message(self.shown, error) if error is not None
+                   else f"{self.shown}: the server answered {response.status}")
+            log.warning("%s; trying again (attempt %d of %d)", why, failed + 1, self.attempts)
+        return made
+
+
 def transport_message(url: str, exc: BaseException) -> str:
     """One line for a connection that could not be made or went wrong (no traceback text)."""
     reason = exc.reason if isinstance(exc, MaxRetryError) else exc
@@ -354,10 +383,11 @@ class Client:
         resumes: each is one of POPSICLE_PY_HTTP_RETRIES, not that many again)."""
         s = self.settings
         n = s.retries if retries else 0
-        retry = Retry(total=None, connect=n, read=n, status=n,
-                      redirect=s.max_redirects if redirects else 0, other=0,
-                      status_forcelist=(429, 500, 502, 503, 504), backoff_factor=s.backoff,
-                      backoff_max=8.0, raise_on_status=False, raise_on_redirect=True)
+        retry = _SaidRetry(total=None, connect=n, read=n, status=n,
+                           redirect=s.max_redirects if redirects else 0, other=0,
+                           status_forcelist=(429, 500, 502, 503, 504), backoff_factor=s.backoff,
+                           backoff_max=8.0, raise_on_status=False, raise_on_redirect=True)
+        retry.attempts, retry.shown = n + 1, url
         sent = dict(headers or {})
         if self._auth is not None and _origin(url) == self._auth[0]:
             sent["Authorization"] = self._auth[1]

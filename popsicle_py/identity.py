@@ -60,14 +60,13 @@ def same_media(recorded: MediaIdentity, now: MediaIdentity) -> str | None:
         return "different size"
     if recorded.serial is not None and now.serial is not None and recorded.serial != now.serial:
         return "different serial"
-    if recorded.is_loop or now.is_loop:
-        if recorded.loop is not None and now.loop is not None:
-            a, b = recorded.loop, now.loop
-            if (a.dev, a.ino, a.rdev) != (b.dev, b.ino, b.rdev):
-                return "attached to a different file" if not (a.rdev or b.rdev) \
-                    else "attached to a different device"
-            if a.offset != b.offset:
-                return "different offset into its backing file"
+    if (recorded.is_loop or now.is_loop) and recorded.loop is not None and now.loop is not None:
+        a, b = recorded.loop, now.loop
+        if (a.dev, a.ino, a.rdev) != (b.dev, b.ino, b.rdev):
+            return "attached to a different file" if not (a.rdev or b.rdev) \
+                else "attached to a different device"
+        if a.offset != b.offset:
+            return "different offset into its backing file"
     if recorded.diskseq is not None and now.diskseq is not None \
             and recorded.diskseq != now.diskseq:
         return f"different medium: diskseq {recorded.diskseq}, now {now.diskseq}"

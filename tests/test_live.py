@@ -78,7 +78,7 @@ def test_a_download_that_stalls_resumes_and_fails_says_so_on_its_row(
     drives = [loop_factory(24 * MiB, fill=PATTERN) for _ in range(2)]
     p = pane(80, 24)
     env = ("POPSICLE_PY_HTTP_TIMEOUT=6 POPSICLE_PY_HTTP_RETRIES=1 "
-           "POPSICLE_PY_HTTP_BACKOFF=2")
+           "POPSICLE_PY_HTTP_BACKOFF=2 POPSICLE_PY_HTTP_OUTAGE=0")
     p.start(command("flash", server.url("/stick.img"), *(d.path for d in drives), "--yes",
                     "--bucket-size", "1M", "--no-checksum", env=env), tmp_path)
     p.go()

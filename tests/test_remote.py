@@ -41,9 +41,9 @@ from popsicle_py.remote import HttpSettings, Validator
 MiB = 1 << 20
 SIZE = 3 * MiB + 333  # not a multiple of the bucket size nor of 512
 PATTERN = 0x5A
-FAST = HttpSettings(connect_timeout=2, read_timeout=0.5, retries=2, backoff=0.01)
+FAST = HttpSettings(connect_timeout=2, read_timeout=0.5, retries=2, backoff=0.01, outage=0)
 FAST_ENV = {"POPSICLE_PY_HTTP_TIMEOUT": "1", "POPSICLE_PY_HTTP_RETRIES": "2",
-            "POPSICLE_PY_HTTP_BACKOFF": "0.01"}
+            "POPSICLE_PY_HTTP_BACKOFF": "0.01", "POPSICLE_PY_HTTP_OUTAGE": "0"}
 
 
 @pytest.fixture

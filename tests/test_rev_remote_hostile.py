@@ -30,7 +30,7 @@ from conftest import Loop, needs_root, popsicle_cmd
 MiB = 1 << 20
 PATTERN = 0x5A
 ENV = {"POPSICLE_PY_HTTP_TIMEOUT": "3", "POPSICLE_PY_HTTP_RETRIES": "1",
-       "POPSICLE_PY_HTTP_BACKOFF": "0.01"}
+       "POPSICLE_PY_HTTP_BACKOFF": "0.01", "POPSICLE_PY_HTTP_OUTAGE": "0"}
 Answer = Callable[[bytes, socket.socket], None]
 
 
@@ -484,7 +484,8 @@ def test_resumes_never_answered_give_up_after_the_documented_attempts(
                               stdin=subprocess.DEVNULL, timeout=120,
                               env={**os.environ, "POPSICLE_PY_HTTP_TIMEOUT": "1",
                                    "POPSICLE_PY_HTTP_RETRIES": "3",
-                                   "POPSICLE_PY_HTTP_BACKOFF": "0.01"})
+                                   "POPSICLE_PY_HTTP_BACKOFF": "0.01",
+                                   "POPSICLE_PY_HTTP_OUTAGE": "0"})
         took = time.monotonic() - started
     finally:
         stop.set()
@@ -525,6 +526,43 @@ def test_each_attempt_the_server_does_not_answer_is_said(
                                         f"{said}; trying again (attempt 3 of 3)", said]
     assert proc.returncode == 2
     assert untouched(drive)
+
+
+@needs_root
+def test_a_server_down_for_a_while_mid_download_is_waited_out(
+        image: bytes, loop_factory: Callable[..., Loop]) -> None:
+    """The connection drops at 1 MiB and the server answers 503 for 2 s (a restart): each
+    resume is one attempt, and 1 failed attempt in a row was enough to fail every drive,
+    in a fraction of a second.  Failures must also have lasted POPSICLE_PY_HTTP_OUTAGE (4 s
+    here) before the download gives up: the drive is written, ok."""
+    back_at: list[float] = []
+
+    def answer(request: bytes, conn: socket.socket) -> None:
+        at = asked_range(request)
+        if at is None:
+            conn.sendall(f"HTTP/1.1 200 OK\r\nETag: \"v1\"\r\nContent-Length: {len(image)}"
+                         "\r\n\r\n".encode() + image[:MiB])
+            back_at.append(time.monotonic() + 2)
+            conn.shutdown(socket.SHUT_RDWR)
+        elif time.monotonic() < back_at[0]:
+            send(conn, "503 Service Unavailable", [("Content-Length", "0")])
+        else:
+            send(conn, "206 Partial Content", [
+                ("ETag", '"v1"'), ("Content-Length", str(len(image) - at)),
+                ("Content-Range", f"bytes {at}-{len(image) - 1}/{len(image)}")], image[at:])
+
+    server = RawServer(answer)
+    drive = loop_factory(4 * MiB, fill=PATTERN)
+    try:
+        proc = subprocess.run([*popsicle_cmd(), "flash", server.url(), drive.path, "--yes",
+                               "--no-checksum"], capture_output=True, text=True,
+                              stdin=subprocess.DEVNULL, timeout=60,
+                              env={**os.environ, **ENV, "POPSICLE_PY_HTTP_BACKOFF": "0.2",
+                                   "POPSICLE_PY_HTTP_OUTAGE": "4"})
+    finally:
+        server.close()
+    assert proc.returncode == 0, proc.stderr
+    assert drive.read(len(image)) == image
 
 
 def test_a_connection_error_to_an_ipv6_host_keeps_its_cause_whole() -> None:

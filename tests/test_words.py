@@ -86,7 +86,8 @@ def test_https_to_a_plain_http_port_says_so(web: WebServer) -> None:
     web.add("/plain.img", Served(b"x" * 4096))
     url = web.url("/plain.img").replace("http://", "https://")
     with pytest.raises(Exception) as caught:
-        open_url(url, settings=HttpSettings(connect_timeout=2, read_timeout=2, retries=0))
+        open_url(url, settings=HttpSettings(connect_timeout=2, read_timeout=2, retries=0,
+                                            outage=0))
     text = str(caught.value)
     assert "does not answer with TLS on that port" in text and "try http://" in text
     assert "WRONG_VERSION_NUMBER" not in text and "SSL" not in text
@@ -96,7 +97,8 @@ def test_an_empty_206_past_the_end_is_not_more_data(web: WebServer) -> None:
     data = os.urandom(MiB + 7)
     web.add("/e206.img", Served(data, empty_206=True))
     opened = open_url(web.url("/e206.img"), no_checksum=True,
-                      settings=HttpSettings(connect_timeout=2, read_timeout=2, retries=0))
+                      settings=HttpSettings(connect_timeout=2, read_timeout=2, retries=0,
+                                            outage=0))
     with opened.image.open() as stream:
         assert stream.read() == data
 

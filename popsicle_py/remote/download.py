@@ -102,6 +102,7 @@ class Download(io.RawIOBase):
         self._net = len(probe_.head)  # offset of the next byte from the connection
         self._handed = 0
         self._failures = 0
+        self._failing_since = 0.0  # monotonic time of the first failure in a row
         self.stall_timeout = stall_timeout
         self._recent = 0  # bytes from this connection since it last moved STALL_BYTES
         self._waited = 0.0  # seconds spent waiting in its reads meanwhile
@@ -254,14 +255,18 @@ class Download(io.RawIOBase):
         self._check_stop()  # a connection shut down by a stop is no drop to resume
         self._recent, self._waited = 0, 0.0  # the next connection gets a window of its own
         self._failures += 1
-        if self._failures > self.client.settings.retries:
+        now = time.monotonic()
+        if self._failures == 1:
+            self._failing_since = now
+        if (self._failures > self.client.settings.retries
+                and now - self._failing_since >= self.client.settings.outage):
             of = f" of {self.total}" if self.total is not None else ""
             raise RemoteError(f"{self.url}: download failed at byte {self._net}{of} after "
                               f"{self._failures} attempts: {why}")
         if self.emit is not None:
             self.emit(Note(f"download interrupted at byte {self._net} ({why}); resuming"))
             self.emit(DownloadNews(Fetch.RESUMING, self._net, self.total, why))
-        deadline = time.monotonic() + self.client.settings.pause(self._failures)
+        deadline = now + self.client.settings.pause(self._failures)
         while time.monotonic() < deadline:
             self._check_stop()
             time.sleep(min(0.05, max(0.0, deadline - time.monotonic())))

@@ -112,10 +112,13 @@ class HttpSettings:
     retries: int = 5  # consecutive failed attempts without progress before giving up
     backoff: float = 0.5  # first pause between attempts, doubled each time (at most 8 s)
     max_redirects: int = 10
+    #: A download gives up after ``retries`` failed resumes in a row only once they have
+    #: lasted this long: a router restart or a Wi-Fi roam of a minute or two is waited out.
+    outage: float = 120.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> HttpSettings:
-        """POPSICLE_PY_HTTP_TIMEOUT, _RETRIES and _BACKOFF override the defaults."""
+        """POPSICLE_PY_HTTP_TIMEOUT, _RETRIES, _BACKOFF and _OUTAGE override the defaults."""
         env = os.environ if env is None else env
         base = cls()
         try:
@@ -124,10 +127,11 @@ class HttpSettings:
                 read_timeout=float(env.get("POPSICLE_PY_HTTP_TIMEOUT", base.read_timeout)),
                 retries=int(env.get("POPSICLE_PY_HTTP_RETRIES", base.retries)),
                 backoff=float(env.get("POPSICLE_PY_HTTP_BACKOFF", base.backoff)),
+                outage=float(env.get("POPSICLE_PY_HTTP_OUTAGE", base.outage)),
             )
         except ValueError:
-            raise ImageError("POPSICLE_PY_HTTP_TIMEOUT, _RETRIES and _BACKOFF must be "
-                             "numbers") from None
+            raise ImageError("POPSICLE_PY_HTTP_TIMEOUT, _RETRIES, _BACKOFF and _OUTAGE must "
+                             "be numbers") from None
 
     def pause(self, attempt: int) -> float:
         return float(min(8.0, self.backoff * 2 ** (attempt - 1)))

@@ -70,17 +70,20 @@ NEEDS_ROOT = ("writing drives needs root: run with sudo, or install udisks2 so p
               "can ask for permission")
 NEEDS_ROOT_TO_READ = ("reading drives needs root: run with sudo, or install udisks2 so "
                       "popsicle-py can ask for permission")
+LOST = ("the system bus went away during the run, so this user's drives cannot be opened "
+        "through udisks2: run with sudo, or try again once it is back")
 HUNG = (f"udisks2 did not answer within {CALL_TIMEOUT:g} s, so this user's drives cannot be "
         "opened through it: run with sudo, or restart udisks2")
 
 
 class Unavailable(Exception):
     """No system bus, or no udisks2 daemon on it; ``hung``: udisks2 is there but did not
-    answer (installing it is not the advice then)."""
+    answer, ``lost``: the bus went away during the run (installing it is not the advice)."""
 
-    def __init__(self, why: str, *, hung: bool = False) -> None:
+    def __init__(self, why: str, *, hung: bool = False, lost: bool = False) -> None:
         super().__init__(why)
         self.hung = hung
+        self.lost = lost
 
 
 # --------------------------------------------------------------------------------------------
@@ -108,6 +111,7 @@ class Client:
         self._receiving = False
         self._replies: dict[int, Message] = {}
         self._abandoned: set[int] = set()
+        self.broken = False  # the bus connection broke: not to be used again
 
     @classmethod
     def connect(cls) -> Client:
@@ -155,10 +159,10 @@ class Client:
         message = new_method_call(address, method, signature or None, body)
         if interactive:
             message.header.flags |= MessageFlag.allow_interactive_authorization
-        serial = self._send(message)
+        serial = self._send(message, shown or path)
         deadline = None if interactive else time.monotonic() + CALL_TIMEOUT
         # No time limit for a password, but one for a daemon that stopped answering.
-        alive = Heartbeat(self._send, self._answered, self._abandon,
+        alive = Heartbeat(lambda m: self._send(m, shown or path), self._answered, self._abandon,
                           every=PROBE_EVERY, limit=CALL_TIMEOUT) if interactive else None
         try:
             reply = self._reply(serial, deadline, cancel, shown or path, alive)
@@ -170,11 +174,21 @@ class Client:
                 alive.close()
         return _unwrap(reply, what, shown or path)
 
-    def _send(self, message: Message) -> int:
+    def _send(self, message: Message, shown: str) -> int:
         with self._send_lock:
             serial: int = next(self.connection.outgoing_serial)
-            self.connection.send(message, serial=serial)
+            try:
+                self.connection.send(message, serial=serial)
+            except OSError as exc:
+                raise self._lost(exc, shown) from None
         return serial
+
+    def _lost(self, exc: OSError, shown: str) -> UdisksError:
+        """The bus connection broke (dbus-daemon gone): said as that, not as the drive's
+        fault, and the next command's client connects anew."""
+        self.broken = True
+        return UdisksError(errno.ECONNRESET, f"{shown}: the connection to udisks2 was lost "
+                           f"(the system bus went away: {exc.strerror or exc})")
 
     def _answered(self, serial: int) -> bool:
         """True once the reply to ``serial`` came (taken: a probe's answer, see udisks_alive)."""
@@ -211,6 +225,8 @@ class Client:
                 message = self.connection.receive(timeout=POLL)
             except TimeoutError:
                 pass
+            except OSError as exc:
+                raise self._lost(exc, shown) from None
             finally:
                 with self._filed:
                     self._receiving = False
@@ -447,6 +463,11 @@ def client() -> Client:
     """The shared client; raises :class:`Unavailable` (remembered) when udisks is not there."""
     global _client, _unavailable
     with _connecting:  # lanes asking at once share one connection
+        lost = _client is not None and _client.broken
+        if _client is not None and lost:  # the bus went away: connect anew (it may be back)
+            with contextlib.suppress(OSError):
+                _client.close()
+            _client = None
         if _client is not None:
             return _client
         if _unavailable is not None:
@@ -454,6 +475,8 @@ def client() -> Client:
         try:
             _client = Client.connect()
         except Unavailable as exc:
+            if lost:  # not remembered: a session may find the bus back for its next drive
+                raise Unavailable(str(exc), lost=True) from None
             _unavailable = exc
             log.debug("udisks2 not used: %s", exc)
             raise
@@ -475,10 +498,17 @@ def unavailable_line(*, writing: bool) -> str | None:
     try:
         client()
     except Unavailable as exc:
-        if exc.hung:
-            return HUNG
-        return NEEDS_ROOT if writing else NEEDS_ROOT_TO_READ
+        return unavailable_words(exc, writing=writing)
     return None
+
+
+def unavailable_words(exc: Unavailable, *, writing: bool) -> str:
+    """The one line for ``exc``: install udisks2, or it hung, or the bus went away."""
+    if exc.hung:
+        return HUNG
+    if exc.lost:
+        return LOST
+    return NEEDS_ROOT if writing else NEEDS_ROOT_TO_READ
 
 
 def close() -> None:

@@ -23,6 +23,8 @@ import udisks_harness as harness
 from conftest import popsicle_cmd
 from test_udisks import _setup, _untouched
 
+from popsicle_py import udisks
+
 #: Generous: the liveness questions go out every 5 s and each has 25 s to be answered.
 GIVE_UP = 60.0
 
@@ -117,3 +119,35 @@ def test_polkitd_frozen_fails_the_run_on_time() -> None:
             "or run with sudo"]
         assert _untouched(setup.stick)
 
+
+
+def test_the_system_bus_gone_during_the_open_is_said_so() -> None:
+    """dbus-daemon dies while the stick's open waits: one line saying the bus went away, not
+    the drive's fault.  (Before: "/dev/sdb: Connection reset by peer", as if the stick had.)"""
+    with _marks() as marks, _setup(extra_rule=_hold_the_open(marks)) as setup:
+        setup.stick.fill()
+        argv = setup.stack.command([*popsicle_cmd(), "flash", str(setup.image), "/dev/sdb",
+                                    "--yes", "--no-probe"])
+        process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True)
+        _wait_for(marks / "asked", process)
+        os.kill(_pid(setup.stack, "dbus-daemon"), signal.SIGKILL)
+        (marks / "go").touch()
+        status, out, err = _finish(process)
+        assert status == 2, out + err
+        lines = err.splitlines()
+        assert len(lines) == 1, err
+        assert lines[0].startswith("popsicle-py: /dev/sdb: the connection to udisks2 was lost "
+                                   "(the system bus went away: "), err
+        assert _untouched(setup.stick)
+
+
+def test_after_the_bus_went_away_the_line_says_so_not_install_udisks2() -> None:
+    """A drive opened after the bus was lost (the next of a run, a later stick in a watch
+    session) is refused with that reason, not "install udisks2"."""
+    lost = udisks.Unavailable("no system bus", lost=True)
+    assert udisks.unavailable_words(lost, writing=True) == (
+        "the system bus went away during the run, so this user's drives cannot be opened "
+        "through udisks2: run with sudo, or try again once it is back")
+    assert udisks.unavailable_words(udisks.Unavailable("no system bus"), writing=False) == (
+        udisks.NEEDS_ROOT_TO_READ)

@@ -72,18 +72,19 @@ NEEDS_ROOT_TO_READ = ("reading drives needs root: run with sudo, or install udis
                       "popsicle-py can ask for permission")
 LOST = ("the system bus went away during the run, so this user's drives cannot be opened "
         "through udisks2: run with sudo, or try again once it is back")
+BUS_HUNG = ("the system bus (dbus-daemon) did not answer, so this user's drives cannot be "
+            "opened through udisks2: run with sudo, or restart it")
 HUNG = (f"udisks2 did not answer within {CALL_TIMEOUT:g} s, so this user's drives cannot be "
         "opened through it: run with sudo, or restart udisks2")
 
 
 class Unavailable(Exception):
-    """No system bus, or no udisks2 daemon on it; ``hung``: udisks2 is there but did not
-    answer, ``lost``: the bus went away during the run (installing it is not the advice)."""
+    """No system bus, or no udisks2 daemon on it; ``words``: what the user reads when that
+    is not "install udisks2" (it hung, the bus hung or went away), else None."""
 
-    def __init__(self, why: str, *, hung: bool = False, lost: bool = False) -> None:
+    def __init__(self, why: str, *, words: str | None = None) -> None:
         super().__init__(why)
-        self.hung = hung
-        self.lost = lost
+        self.words = words
 
 
 # --------------------------------------------------------------------------------------------
@@ -120,6 +121,8 @@ class Client:
 
         try:
             connection = open_dbus_connection(bus="SYSTEM", enable_fds=True)
+        except TimeoutError as exc:  # it took the connection and said nothing: frozen
+            raise Unavailable(f"the system bus does not answer: {exc}", words=BUS_HUNG) from None
         except (OSError, ValueError, KeyError) as exc:
             raise Unavailable(f"no system bus: {exc}") from None
         client = cls(connection)
@@ -128,7 +131,8 @@ class Client:
         except (UdisksError, TimeoutError) as exc:
             connection.close()
             hung = isinstance(exc, TimeoutError) or exc.errno == errno.ETIMEDOUT
-            raise Unavailable(f"udisks2 does not answer: {exc}", hung=hung) from None
+            raise Unavailable(f"udisks2 does not answer: {exc}",
+                              words=HUNG if hung else None) from None
         return client
 
     def close(self) -> None:
@@ -471,12 +475,12 @@ def client() -> Client:
         if _client is not None:
             return _client
         if _unavailable is not None:
-            raise Unavailable(str(_unavailable), hung=_unavailable.hung)
+            raise Unavailable(str(_unavailable), words=_unavailable.words)
         try:
             _client = Client.connect()
         except Unavailable as exc:
             if lost:  # not remembered: a session may find the bus back for its next drive
-                raise Unavailable(str(exc), lost=True) from None
+                raise Unavailable(str(exc), words=exc.words or LOST) from None
             _unavailable = exc
             log.debug("udisks2 not used: %s", exc)
             raise
@@ -504,10 +508,8 @@ def unavailable_line(*, writing: bool) -> str | None:
 
 def unavailable_words(exc: Unavailable, *, writing: bool) -> str:
     """The one line for ``exc``: install udisks2, or it hung, or the bus went away."""
-    if exc.hung:
-        return HUNG
-    if exc.lost:
-        return LOST
+    if exc.words is not None:
+        return exc.words
     return NEEDS_ROOT if writing else NEEDS_ROOT_TO_READ
 
 

@@ -145,9 +145,28 @@ def test_the_system_bus_gone_during_the_open_is_said_so() -> None:
 def test_after_the_bus_went_away_the_line_says_so_not_install_udisks2() -> None:
     """A drive opened after the bus was lost (the next of a run, a later stick in a watch
     session) is refused with that reason, not "install udisks2"."""
-    lost = udisks.Unavailable("no system bus", lost=True)
+    lost = udisks.Unavailable("no system bus", words=udisks.LOST)
     assert udisks.unavailable_words(lost, writing=True) == (
         "the system bus went away during the run, so this user's drives cannot be opened "
         "through udisks2: run with sudo, or try again once it is back")
     assert udisks.unavailable_words(udisks.Unavailable("no system bus"), writing=False) == (
         udisks.NEEDS_ROOT_TO_READ)
+
+
+def test_a_frozen_system_bus_is_named_not_told_to_install_udisks2() -> None:
+    """dbus-daemon stopped: one line says the bus did not answer, exit 2, nothing written.
+    (Before: "install udisks2", which is installed and was never reached.)"""
+    with _setup() as setup:
+        setup.stick.fill()
+        bus = _pid(setup.stack, "dbus-daemon")
+        os.kill(bus, signal.SIGSTOP)
+        try:
+            result = setup.stack.run([*popsicle_cmd(), "flash", str(setup.image), "/dev/sdb",
+                                      "--yes", "--no-probe"], timeout=GIVE_UP)
+        finally:
+            os.kill(bus, signal.SIGCONT)
+        assert result.returncode == 2, result.stdout + result.stderr
+        assert result.stderr.splitlines() == [
+            "popsicle-py: the system bus (dbus-daemon) did not answer, so this user's drives "
+            "cannot be opened through udisks2: run with sudo, or restart it"]
+        assert _untouched(setup.stick)

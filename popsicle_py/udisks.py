@@ -153,7 +153,8 @@ class Client:
         """A method call on udisks; raises :class:`UdisksError` with one line.
 
         An interactive call may wait for a password as long as the user takes; it is polled
-        every :data:`POLL` seconds so that ``cancel()`` ends the wait.
+        every :data:`POLL` seconds so that ``cancel()`` ends the wait, and ends when udisks2
+        or polkit stops answering meanwhile (:mod:`popsicle_py.udisks_alive`).
         """
         from jeepney import DBusAddress, new_method_call
         from jeepney.low_level import MessageFlag
@@ -189,7 +190,7 @@ class Client:
 
     def _lost(self, exc: OSError, shown: str) -> UdisksError:
         """The bus connection broke (dbus-daemon gone): said as that, not as the drive's
-        fault, and the next command's client connects anew."""
+        fault; :func:`client` connects anew for the next drive."""
         self.broken = True
         return UdisksError(errno.ECONNRESET, f"{shown}: the connection to udisks2 was lost "
                            f"(the system bus went away: {exc.strerror or exc})")

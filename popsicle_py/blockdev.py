@@ -351,8 +351,8 @@ def open_fd(path: str, flags: int) -> int:
 
     try:
         udisks.client()
-    except udisks.Unavailable:
-        line = udisks.NEEDS_ROOT if flags & os.O_ACCMODE else udisks.NEEDS_ROOT_TO_READ
+    except udisks.Unavailable as exc:  # not installed, hung, or the bus gone since
+        line = udisks.unavailable_words(exc, writing=bool(flags & os.O_ACCMODE))
         raise udisks.UdisksError(errno.EACCES, line) from None
     access = flags & os.O_ACCMODE
     mode = {os.O_RDONLY: "r", os.O_WRONLY: "w", os.O_RDWR: "rw"}[access]

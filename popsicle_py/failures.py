@@ -71,11 +71,17 @@ UNLESS_REMOVED: tuple[tuple[type[BaseException], Cause, Callable[[BaseException,
 )
 
 
+#: The cause of a failure udisks2 worded, by its errno: only polkit's refusals are about
+#: permission (a hung or vanished udisks2, the bus gone, are not).
+_WORDED = {errno.EACCES: Cause.PERMISSION, errno.EBUSY: Cause.BUSY, errno.EINTR: Cause.CANCELLED,
+           errno.ENXIO: Cause.CHANGED, errno.ENODEV: Cause.NOT_FOUND}
+
+
 def failure(exc: BaseException, path: str) -> Failure:
     """One line in the user's language (which drive, what happened, what to do), and its cause."""
     line = getattr(exc, "line", None)
     if isinstance(line, str):  # already said in the user's language (udisks, polkit)
-        return Failure(Cause.PERMISSION, line)
+        return Failure(_WORDED.get(getattr(exc, "errno", 0) or 0, Cause.ERROR), line)
     if isinstance(exc, Rejected):  # graded out: the cause is the grade's
         return Failure(Cause(exc.cause), _on_drive(exc, path))
     for kind, cause, words in BY_TYPE:

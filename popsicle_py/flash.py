@@ -152,7 +152,10 @@ def open_targets(drives: Sequence[D], *, for_writing: bool = True,
             opener = blockdev.open_for_writing if for_writing else blockdev.open_for_reading
             opened.append(blockdev.confirmed(opener(spec), getattr(drive, "identity", None)))
         except OSError as exc:
-            problems.append(failures.describe_error(exc, drive.path))
+            said = failures.failure(exc, drive.path)
+            problems.append(said.text)
+            if said.cause is Cause.PERMISSION:
+                break  # refused (polkit): asking for the next drives' passwords is in vain
     if problems:
         for device in opened:
             device.close()

@@ -32,7 +32,15 @@ import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from popsicle_py.records import record
+from popsicle_py.udisks_alive import Heartbeat
+from popsicle_py.udisks_replies import BLOCK as BLOCK
+from popsicle_py.udisks_replies import ERROR as ERROR
+from popsicle_py.udisks_replies import FILESYSTEM as FILESYSTEM
+from popsicle_py.udisks_replies import BlockObject as BlockObject
+from popsicle_py.udisks_replies import Objects, Props
+from popsicle_py.udisks_replies import UdisksError as UdisksError
+from popsicle_py.udisks_replies import block_for_devnum as block_for_devnum
+from popsicle_py.udisks_replies import describe_refusal as describe_refusal
 
 if TYPE_CHECKING:  # jeepney is imported on the first call: root never needs D-Bus
     from jeepney import Message
@@ -42,133 +50,41 @@ log = logging.getLogger(__name__)
 
 BUS_NAME = "org.freedesktop.UDisks2"
 ROOT_PATH = "/org/freedesktop/UDisks2"
-BLOCK = "org.freedesktop.UDisks2.Block"
-FILESYSTEM = "org.freedesktop.UDisks2.Filesystem"
 DRIVE = "org.freedesktop.UDisks2.Drive"
-ERROR = "org.freedesktop.UDisks2.Error."
 
 #: A call that polkit may turn into a password prompt waits for the user, but in short steps,
 #: so that a cancel is seen; a call that cannot prompt gives up after this.
 POLL = 0.25
 CALL_TIMEOUT = 25.0  # D-Bus' own default
+#: While a call waits for a password, how often udisks2 and polkit are asked whether they are
+#: still there (see :mod:`popsicle_py.udisks_alive`).
+PROBE_EVERY = 5.0
 AGENT_START_TIMEOUT = 10.0
 
-#: udisks' option (false is its default, said anyway): polkit may ask the user for a password.
-#: D-Bus values as jeepney gives them: (signature, value), the value of any D-Bus type; a
-#: message body; an interface's properties; GetManagedObjects' answer.
-Variant = tuple[str, Any]
-Body = tuple[Any, ...]
-Props = dict[str, Variant]
-Objects = dict[str, dict[str, Props]]
+Body = tuple[Any, ...]  # a D-Bus message's body, as jeepney gives it
 
+#: udisks' option (false is its default, said anyway): polkit may ask the user for a password.
 INTERACTIVE: Props = {"auth.no_user_interaction": ("b", False)}
 
 NEEDS_ROOT = ("writing drives needs root: run with sudo, or install udisks2 so popsicle-py "
               "can ask for permission")
 NEEDS_ROOT_TO_READ = ("reading drives needs root: run with sudo, or install udisks2 so "
                       "popsicle-py can ask for permission")
+LOST = ("the system bus went away during the run, so this user's drives cannot be opened "
+        "through udisks2: run with sudo, or try again once it is back")
+BUS_HUNG = ("the system bus (dbus-daemon) did not answer, so this user's drives cannot be "
+            "opened through udisks2: run with sudo, or restart it")
 HUNG = (f"udisks2 did not answer within {CALL_TIMEOUT:g} s, so this user's drives cannot be "
         "opened through it: run with sudo, or restart udisks2")
 
 
 class Unavailable(Exception):
-    """No system bus, or no udisks2 daemon on it; ``hung``: udisks2 is there but did not
-    answer (installing it is not the advice then)."""
+    """No system bus, or no udisks2 daemon on it; ``words``: what the user reads when that
+    is not "install udisks2" (it hung, the bus hung or went away), else None."""
 
-    def __init__(self, why: str, *, hung: bool = False) -> None:
+    def __init__(self, why: str, *, words: str | None = None) -> None:
         super().__init__(why)
-        self.hung = hung
-
-
-class UdisksError(OSError):
-    """udisks refused or failed; ``line`` is what the user reads (one line, the drive named)."""
-
-    def __init__(self, code: int, line: str, name: str = "") -> None:
-        super().__init__(code, line)
-        self.line = line
-        self.name = name
-
-    def __str__(self) -> str:
-        return self.line
-
-
-@record
-class BlockObject:
-    """What udisks says of one block device; only ``devnum`` is used to choose it."""
-
-    object_path: str
-    device: str
-    devnum: int
-    drive: str
-    hint_system: bool
-    mount_points: tuple[str, ...]
-
-
-# --------------------------------------------------------------------------------------------
-# Pure decisions
-
-
-def block_for_devnum(objects: Objects, devnum: int
-                     ) -> BlockObject | None:
-    """The block object of ``GetManagedObjects``' answer whose device number is ``devnum``."""
-    for path, interfaces in objects.items():
-        block = interfaces.get(BLOCK)
-        if block is None or _value(block, "DeviceNumber") != devnum:
-            continue
-        fs = interfaces.get(FILESYSTEM)
-        mounts = tuple(_bytes_path(m) for m in _value(fs, "MountPoints") or ()) if fs else ()
-        return BlockObject(path, _bytes_path(_value(block, "Device") or b""), devnum,
-                           str(_value(block, "Drive") or "/"),
-                           bool(_value(block, "HintSystem")), mounts)
-    return None
-
-
-def _value(props: Props | None, name: str) -> Any:
-    if not props or name not in props:
-        return None
-    return props[name][1]
-
-
-def _bytes_path(value: Any) -> str:
-    """udisks sends paths as NUL-terminated byte arrays."""
-    data = bytes(value) if not isinstance(value, str) else value.encode()
-    return data.rstrip(b"\0").decode(errors="surrogateescape")
-
-
-_STRERROR = {os.strerror(code): code for code in sorted(errno.errorcode, reverse=True)}
-
-
-def errno_of(message: str) -> int | None:
-    """The errno behind udisks' "Error opening device /dev/sdb: Device or resource busy"."""
-    for text, code in _STRERROR.items():
-        if message.endswith(text):
-            return code
-    return None
-
-
-def describe_refusal(name: str, message: str, what: str, path: str) -> OSError:
-    """The error for a udisks error reply: polkit's refusals as one line (:class:`UdisksError`),
-    the kernel's refusals as a plain OSError with their errno, which
-    :func:`popsicle_py.failures.describe_error` words as for root (busy, read-only...).
-
-    ``what`` is the verb ("open", "unmount", "power off").
-    """
-    short = name.removeprefix(ERROR)
-    if short == "NotAuthorizedDismissed":
-        return UdisksError(errno.EACCES, f"not authorized to {what} {path} "
-                           "(authentication dismissed)", name)
-    if short == "NotAuthorizedCanObtain":
-        return UdisksError(errno.EACCES, f"not authorized to {what} {path} (polkit refused: "
-                           "a password is needed and no authentication agent could ask)", name)
-    if short.startswith("NotAuthorized") or name.endswith(".AccessDenied"):
-        return UdisksError(errno.EACCES, f"not authorized to {what} {path} (polkit refused)",
-                           name)
-    code = errno_of(message)
-    if code is not None:
-        return OSError(code, os.strerror(code))
-    if short == "DeviceBusy":
-        return UdisksError(errno.EBUSY, f"{path}: busy: {message}", name)
-    return UdisksError(errno.EIO, f"could not {what} {path} through udisks2: {message}", name)
+        self.words = words
 
 
 # --------------------------------------------------------------------------------------------
@@ -196,6 +112,7 @@ class Client:
         self._receiving = False
         self._replies: dict[int, Message] = {}
         self._abandoned: set[int] = set()
+        self.broken = False  # the bus connection broke: not to be used again
 
     @classmethod
     def connect(cls) -> Client:
@@ -204,6 +121,8 @@ class Client:
 
         try:
             connection = open_dbus_connection(bus="SYSTEM", enable_fds=True)
+        except TimeoutError as exc:  # it took the connection and said nothing: frozen
+            raise Unavailable(f"the system bus does not answer: {exc}", words=BUS_HUNG) from None
         except (OSError, ValueError, KeyError) as exc:
             raise Unavailable(f"no system bus: {exc}") from None
         client = cls(connection)
@@ -212,7 +131,8 @@ class Client:
         except (UdisksError, TimeoutError) as exc:
             connection.close()
             hung = isinstance(exc, TimeoutError) or exc.errno == errno.ETIMEDOUT
-            raise Unavailable(f"udisks2 does not answer: {exc}", hung=hung) from None
+            raise Unavailable(f"udisks2 does not answer: {exc}",
+                              words=HUNG if hung else None) from None
         return client
 
     def close(self) -> None:
@@ -233,7 +153,8 @@ class Client:
         """A method call on udisks; raises :class:`UdisksError` with one line.
 
         An interactive call may wait for a password as long as the user takes; it is polled
-        every :data:`POLL` seconds so that ``cancel()`` ends the wait.
+        every :data:`POLL` seconds so that ``cancel()`` ends the wait, and ends when udisks2
+        or polkit stops answering meanwhile (:mod:`popsicle_py.udisks_alive`).
         """
         from jeepney import DBusAddress, new_method_call
         from jeepney.low_level import MessageFlag
@@ -243,27 +164,59 @@ class Client:
         message = new_method_call(address, method, signature or None, body)
         if interactive:
             message.header.flags |= MessageFlag.allow_interactive_authorization
-        with self._send_lock:
-            serial = next(self.connection.outgoing_serial)
-            self.connection.send(message, serial=serial)
+        serial = self._send(message, shown or path)
         deadline = None if interactive else time.monotonic() + CALL_TIMEOUT
+        # No time limit for a password, but one for a daemon that stopped answering.
+        alive = Heartbeat(lambda m: self._send(m, shown or path), self._answered, self._abandon,
+                          every=PROBE_EVERY, limit=CALL_TIMEOUT) if interactive else None
         try:
-            reply = self._reply(serial, deadline, cancel, shown or path)
+            reply = self._reply(serial, deadline, cancel, shown or path, alive)
         except BaseException:
             self._abandon(serial)
             raise
+        finally:
+            if alive is not None:
+                alive.close()
         return _unwrap(reply, what, shown or path)
 
+    def _send(self, message: Message, shown: str) -> int:
+        with self._send_lock:
+            serial: int = next(self.connection.outgoing_serial)
+            try:
+                self.connection.send(message, serial=serial)
+            except OSError as exc:
+                raise self._lost(exc, shown) from None
+        return serial
+
+    def _lost(self, exc: OSError, shown: str) -> UdisksError:
+        """The bus connection broke (dbus-daemon gone): said as that, not as the drive's
+        fault; :func:`client` connects anew for the next drive."""
+        self.broken = True
+        return UdisksError(errno.ECONNRESET, f"{shown}: the connection to udisks2 was lost "
+                           f"(the system bus went away: {exc.strerror or exc})")
+
+    def _answered(self, serial: int) -> bool:
+        """True once the reply to ``serial`` came (taken: a probe's answer, see udisks_alive)."""
+        with self._filed:
+            reply = self._replies.pop(serial, None)
+        if reply is not None:
+            _close_descriptors(reply.body)
+        return reply is not None
+
     def _reply(self, serial: int, deadline: float | None, cancel: Callable[[], bool] | None,
-               shown: str) -> Message:
+               shown: str, alive: Heartbeat | None = None) -> Message:
         """The reply to ``serial``: filed by whichever caller was receiving, or received here
-        when nobody is; cancel and deadline are looked at every :data:`POLL` seconds."""
+        when nobody is; cancel, deadline and ``alive`` are looked at every :data:`POLL` s."""
         while True:
             if cancel is not None and cancel():
                 raise UdisksError(errno.EINTR, f"{shown}: cancelled")
             if deadline is not None and time.monotonic() > deadline:
                 raise UdisksError(errno.ETIMEDOUT, f"{shown}: udisks2 did not answer "
                                   f"within {CALL_TIMEOUT:g} s")
+            hung = alive.hung() if alive is not None else None
+            if hung is not None:
+                raise UdisksError(errno.ETIMEDOUT, f"{shown}: {hung} stopped answering (nothing "
+                                  f"for {CALL_TIMEOUT:g} s): restart it, or run with sudo")
             with self._filed:
                 reply = self._replies.pop(serial, None)
                 if reply is not None:
@@ -277,6 +230,8 @@ class Client:
                 message = self.connection.receive(timeout=POLL)
             except TimeoutError:
                 pass
+            except OSError as exc:
+                raise self._lost(exc, shown) from None
             finally:
                 with self._filed:
                     self._receiving = False
@@ -513,13 +468,20 @@ def client() -> Client:
     """The shared client; raises :class:`Unavailable` (remembered) when udisks is not there."""
     global _client, _unavailable
     with _connecting:  # lanes asking at once share one connection
+        lost = _client is not None and _client.broken
+        if _client is not None and lost:  # the bus went away: connect anew (it may be back)
+            with contextlib.suppress(OSError):
+                _client.close()
+            _client = None
         if _client is not None:
             return _client
         if _unavailable is not None:
-            raise Unavailable(str(_unavailable), hung=_unavailable.hung)
+            raise Unavailable(str(_unavailable), words=_unavailable.words)
         try:
             _client = Client.connect()
         except Unavailable as exc:
+            if lost:  # not remembered: a session may find the bus back for its next drive
+                raise Unavailable(str(exc), words=exc.words or LOST) from None
             _unavailable = exc
             log.debug("udisks2 not used: %s", exc)
             raise
@@ -541,10 +503,15 @@ def unavailable_line(*, writing: bool) -> str | None:
     try:
         client()
     except Unavailable as exc:
-        if exc.hung:
-            return HUNG
-        return NEEDS_ROOT if writing else NEEDS_ROOT_TO_READ
+        return unavailable_words(exc, writing=writing)
     return None
+
+
+def unavailable_words(exc: Unavailable, *, writing: bool) -> str:
+    """The one line for ``exc``: install udisks2, or it hung, or the bus went away."""
+    if exc.words is not None:
+        return exc.words
+    return NEEDS_ROOT if writing else NEEDS_ROOT_TO_READ
 
 
 def close() -> None:

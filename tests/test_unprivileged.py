@@ -133,6 +133,31 @@ def test_ordinary_user_still_hears_of_a_missing_drive_first(public_dir: Path) ->
 
 
 @pytest.mark.root
+@pytest.mark.parametrize("command", ["flash", "verify", "read"])
+def test_a_drive_named_through_a_closed_folder_is_not_said_missing(
+        loop_factory: Callable[..., Loop], public_dir: Path, command: str) -> None:
+    """A name this user cannot look up (a folder on the way is closed to them) says so, not
+    "does not exist" (the drive is there: the user is sent looking for the wrong fault)."""
+    loop = loop_factory(4 * MiB, fill=PATTERN)
+    closed = public_dir / "closed"
+    closed.mkdir(mode=0o700)
+    (closed / "stick").symlink_to(loop.path)
+    image = public_dir / "image.img"
+    image.write_bytes(os.urandom(1 * MiB))
+    image.chmod(0o644)
+    keep = public_dir / "keep"
+    keep.mkdir()
+    args: list[object] = {"flash": ["flash", "--yes", image, closed / "stick"],
+                          "verify": ["verify", image, closed / "stick"],
+                          "read": ["read", closed / "stick", public_dir / "out.img"]}[command]
+    result = _as_nobody(*args, keep=keep)
+    assert result.stderr.splitlines() == [
+        f"popsicle-py: {closed / 'stick'} cannot be examined: Permission denied"]
+    assert result.returncode == 2
+    assert loop.read() == bytes([PATTERN]) * loop.size
+
+
+@pytest.mark.root
 def test_a_loop_device_whose_file_nobody_can_find_is_busy_for_an_ordinary_user(
         public_dir: Path) -> None:
     """Without root the kernel cannot be asked what a loop device stands on, and the name

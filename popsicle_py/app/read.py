@@ -411,7 +411,7 @@ def _open(drive: Drive) -> BlockDevice:
     try:
         return confirmed(open_for_reading(spec), drive.identity)
     except OSError as exc:
-        raise Refused([describe_error(exc, drive.path)]) from None
+        raise Refused([describe_error(exc, drive.path)]) from exc  # read_many: polkit's?
 
 
 def _create(path: str) -> int:

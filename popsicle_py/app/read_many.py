@@ -27,6 +27,7 @@ from popsicle_py.app.read_checks import creatable, watched_output
 from popsicle_py.blockdev import BlockDevice
 from popsicle_py.defaults import DEFAULT_STALL_TIMEOUT
 from popsicle_py.errors import Refused
+from popsicle_py.failures import failure
 from popsicle_py.ports import drive_info
 from popsicle_py.protocols import View
 from popsicle_py.records import record
@@ -183,6 +184,9 @@ def _open_each(jobs: Sequence[PreparedRead]) -> list[BlockDevice]:
             opened.append(job.open())
         except Refused as exc:
             lines += exc.lines
+            why = exc.__cause__
+            if isinstance(why, OSError) and failure(why, "").cause is events.Cause.PERMISSION:
+                break  # refused (polkit): asking for the next drives' passwords is in vain
     if lines:
         for device in opened:
             device.close()

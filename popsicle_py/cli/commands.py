@@ -301,9 +301,11 @@ def polkit_rule() -> None:
     """Print the opt-in polkit rule: group "popsicle" may write USB drives without sudo.
 
     Members of the group may then open removable USB drives through udisks2 without a
-    password; nothing else changes. Install it with:
+    password; nothing else changes. Install it, and make the group, with:
 
+    \b
     popsicle-py polkit-rule | sudo tee /etc/polkit-1/rules.d/50-popsicle-py.rules
+    sudo groupadd --system popsicle && sudo usermod -aG popsicle "$USER"
     """
     from importlib import resources
 

@@ -52,6 +52,12 @@ def _resolve(path: str) -> _Named:
     if not path:  # an unset shell variable: "/dev/" exists, and is not what was meant
         raise TargetError(path, "the drive's name is empty (an unset variable?); name a drive"
                                 " such as /dev/sdb")
+    try:
+        os.lstat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        pass
+    except OSError as e:  # a folder on the way closed to this user: not "does not exist"
+        raise TargetError(path, f"{path} cannot be examined: {e.strerror}") from None
     if not os.path.lexists(path):
         hint = ""
         if "/" not in path and os.path.exists(f"/dev/{path}"):  # typed "sdb" or "loop8"

@@ -250,3 +250,47 @@ def test_a_partition_table_pointing_far_into_a_compressed_image_is_refused(
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=120, env=python_env())
     assert "past the first 256 MiB of the decompressed image" in done.stderr, done.stderr
+
+
+def test_a_compressed_image_whose_boot_directory_lies_far_in_is_customised(
+        tmp_path: Path) -> None:
+    """A FAT32 boot partition of 512 MiB whose subdirectory's cluster lies past the first
+    256 MiB of the image, as .zst: the fsck of the boot partition before the run reads every
+    directory, and refused the image as "past the first 256 MiB", which only a directory was.
+    That check is skipped there (each drive's boot partition is checked after its write)."""
+    boot = tmp_path / "boot.vfat"
+    with open(boot, "wb") as f:
+        f.truncate(512 * MIB)
+    subprocess.run(["mkfs.vfat", "-F", "32", "-s", "8", str(boot)], check=True,
+                   capture_output=True)
+    env = {**os.environ, "MTOOLS_SKIP_CHECK": "1"}
+    cmdline = tmp_path / "cmdline.txt"
+    cmdline.write_text("console=serial0,115200 root=PARTUUID=abcdef-02 rootwait\n")
+    subprocess.run(["mcopy", "-i", str(boot), str(cmdline), "::/cmdline.txt"], check=True,
+                   env=env)
+    with open(boot, "r+b") as f:  # FSInfo's next-free hint: the next cluster taken, far in
+        f.seek(512 + 492)
+        f.write(((300 * MIB) // (8 * 512)).to_bytes(4, "little"))
+    subprocess.run(["mmd", "-i", str(boot), "::/overlays"], check=True, env=env)
+    image = tmp_path / "far.img"
+    with open(image, "wb") as f:
+        f.truncate(4 * MIB + 512 * MIB + MIB)
+    subprocess.run(["sfdisk", "-q", str(image)], input=f"label: dos\nstart=8192, size="
+                   f"{512 * MIB // 512}, type=c\n", text=True, check=True)
+    with open(image, "r+b") as f, open(boot, "rb") as b:
+        f.seek(4 * MIB)
+        while chunk := b.read(16 * MIB):
+            f.write(chunk)
+    packed = tmp_path / "far.img.zst"
+    subprocess.run(["zstd", "-q", "-1", str(image), "-o", str(packed)], check=True)
+    toml, values = inputs(tmp_path)
+    code = ("from popsicle_py.app.customize import load\n"
+            "from popsicle_py.app.requests import CustomizeOptions\n"
+            "from popsicle_py.images import open_image\n"
+            f"plan = load(CustomizeOptions({str(toml)!r}, {str(values)!r}), "
+            f"open_image({str(packed)!r}))\n"
+            "print(plan.boot.format)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, env=python_env())
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "firstrun"

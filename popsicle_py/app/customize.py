@@ -52,9 +52,9 @@ class _ImageHead:
     def __call__(self, offset: int, length: int) -> bytes:
         end = offset + length
         if length > MOST_DECODED or (end > MOST_DECODED and not self.image.seekable_raw):
-            from popsicle_py.settings.fat import FatError
+            from popsicle_py.settings.fat import PastDecoded
 
-            raise FatError(f"its boot partition lies past the first {MOST_DECODED >> 20} MiB "
+            raise PastDecoded(f"its boot partition lies past the first {MOST_DECODED >> 20} MiB "
                            "of the decompressed image, more than is decoded to customise it: "
                            "decompress the image and give the file" if length <= MOST_DECODED
                            else f"its partition table asks for {length} bytes at once")

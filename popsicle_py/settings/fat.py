@@ -41,6 +41,11 @@ class FatError(ValueError):
     """No FAT boot partition, or one this reader cannot make sense of."""
 
 
+class PastDecoded(FatError):
+    """A read of a compressed image past what is decoded to customise it (the rest is only
+    ever streamed to the drives)."""
+
+
 @record
 class BootPartition:
     offset: int

@@ -14,6 +14,7 @@ from popsicle_py.settings.fat import (
     BootPartition,
     FatError,
     FatGeometry,
+    PastDecoded,
     Read,
     find_boot_partition,
     free_clusters,
@@ -188,6 +189,8 @@ def _fsck_clean(read: Read, geo: FatGeometry, fat: list[int]) -> None:
         found = check_image_fs(read, geo, fat)
     except BootFsError as exc:  # fsck.vfat or $TMPDIR: not the image
         raise SettingsError(f"cannot check the image's boot partition: {exc}") from None
+    except PastDecoded:  # a compressed image's directory far in: each drive is checked after
+        return
     if found:
         raise SettingsError("cannot customise this image: fsck.vfat -n finds problems in its "
                             f"boot partition ({'; '.join(found)}), which every drive would "

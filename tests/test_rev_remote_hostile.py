@@ -226,6 +226,26 @@ def test_credentials_in_a_url_are_sent_and_never_shown(
     assert events[0]["image"] == server.url()
 
 
+@needs_root
+def test_credentials_are_kept_from_a_redirect_elsewhere_and_the_refusal_says_so(
+        serve: Callable[..., RawServer], image: bytes,
+        loop_factory: Callable[..., Loop]) -> None:
+    """A redirect to the same host on another port (as http:// to https:// is): the password
+    is not sent there (as curl does), and the 401 that follows said only "access refused",
+    which read as a wrong password."""
+    target = serve(guarded(image, "me", "secret"))
+    first = serve(redirect_to(target.url()))
+    drive = loop_factory(4 * MiB, fill=PATTERN)
+    rc, _, err = flash(first.url(userinfo="me:secret@"), drive)
+    assert rc == 2, err
+    assert refusal_after_retries(err) == (
+        f"popsicle-py: {first.url()}: access refused (HTTP 401 Unauthorized) at {target.url()}, "
+        "where it was redirected: the URL's user and password go to its own scheme, host and "
+        "port only; give that URL")
+    assert b"Authorization" not in b"".join(target.requests)
+    assert untouched(drive)
+
+
 def zipped(data: bytes) -> bytes:
     out = io.BytesIO()
     with zipfile.ZipFile(out, "w") as z:

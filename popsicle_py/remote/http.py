@@ -379,6 +379,10 @@ class Client:
         )
         self.pool.pool_classes_by_scheme = {"http": _Pool, "https": _TLSPool}
 
+    def sends_credentials_to(self, url: str) -> bool:
+        """Whether the URL's user and password go to ``url`` (its origin, as curl does)."""
+        return self._auth is not None and _origin(url) == self._auth[0]
+
     def get(self, url: str, headers: Mapping[str, str] | None = None,
             redirects: bool = True, retries: bool = True) -> urllib3.BaseHTTPResponse:
         """GET with redirects and retries of the connection; transport errors as RemoteError.
@@ -495,7 +499,13 @@ def probe(client: Client, url: str) -> Probe:
     resp = client.get(url)
     if resp.status != 200:
         resp.close()
-        raise RemoteError(status_message(url, resp.status, resp.reason))
+        said = status_message(url, resp.status, resp.reason)
+        final = final_url(url, resp)
+        if resp.status == 401 and client.sends_credentials_to(url) \
+                and not client.sends_credentials_to(final):
+            said += (f" at {final}, where it was redirected: the URL's user and password go to "
+                     "its own scheme, host and port only; give that URL")
+        raise RemoteError(said)
     final = final_url(url, resp)
     try:
         head = _first_bytes(resp, client.settings.read_timeout)

@@ -169,6 +169,8 @@ def open_watched(image: Source, tap: ChecksumTap | None, stall_timeout: float | 
     (a watch session lasts hours), and a stop must still be heard."""
     from popsicle_py.engine.watched import WorkStalled, watched_reads
 
+    if image.path.lower().startswith(("http://", "https://")):
+        stall_timeout = None  # a socket's reads are not counted: the download's own clock
     try:
         source = watched_reads(lambda: image.open() if tap is None else image.open(tap),
                                cancel=cancel, stall_timeout=stall_timeout, name="image-open")

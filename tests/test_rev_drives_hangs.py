@@ -139,3 +139,20 @@ def test_an_overlay_with_a_layer_on_a_hung_share_never_hangs_list_or_flash(
     assert target.path in {d["path"] for d in json.loads(listed.stdout)}
     assert done.returncode == 0, done.stderr
     assert target.read(MiB) == data
+
+
+def test_a_question_that_fails_is_unanswered_not_a_traceback(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A look that raises on its thread (a layer that vanished mid-walk) is as unanswered:
+    it went to the thread's excepthook, a traceback on the user's terminal."""
+    import threading
+
+    from popsicle_py.drives.asking import in_time
+
+    raised: list[object] = []
+    monkeypatch.setattr(threading, "excepthook", raised.append)
+    assert in_time(lambda: 1 // 0, "unanswered") == "unanswered"
+    for thread in threading.enumerate():
+        if thread.name == "popsicle-in-time":
+            thread.join(10)
+    assert raised == []

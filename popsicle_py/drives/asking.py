@@ -5,12 +5,14 @@ and waited for a bounded time by the thread that asked, which stays free to hear
 
 from __future__ import annotations
 
+import logging
 import signal
 import threading
 from collections.abc import Callable
 from typing import TypeVar
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 #: Seconds a mount's source path (or an overlay's layers) is given to answer a stat().
 ASK_SOURCES = 2.0
@@ -38,6 +40,8 @@ def in_time(call: Callable[[], T], otherwise: T, timeout: float = ASK_SOURCES) -
     def run() -> None:
         try:
             answer.append(call())
+        except Exception:  # as unanswered (``otherwise``), never a thread's traceback
+            log.debug("%s failed", call, exc_info=True)
         finally:
             done.set()
 

@@ -60,6 +60,7 @@ from popsicle_py.drives.system import (
     holders_beneath,
     loop_key,
     parse_devnum,
+    source_stats,
     unescape_mount,
 )
 from popsicle_py.identity import not_confirmed, same_media
@@ -396,8 +397,9 @@ def held_by_kernel(drive: Drive, facts: SystemFacts) -> str | None:
                 else "loop devices over files on it")
         return (f"in use by {', '.join(loops)}, {what} (its file system is mounted nowhere:"
                 " unmounted with `umount -l` while in use?)")
-    lost = [s.split()[0] for s in (_read("/proc/swaps") or "").splitlines()[1:] if s.split()
-            and not os.path.exists(unescape_mount(s.split()[0]))]  # a swap file's mount gone
+    swaps = [s.split()[0] for s in (_read("/proc/swaps") or "").splitlines()[1:] if s.split()]
+    there = source_stats(unescape_mount(name) for name in swaps)  # on threads: a hung NFS
+    lost = [name for name in swaps if there.get(unescape_mount(name)) is None]  # mount gone
     swap = f"active swap on {', '.join(lost)}, a file not found here, or " if lost else ""
     return ("in use by the kernel, though no mount table lists it and no program has it open"
             f" ({swap}a file system on it unmounted with `umount -l` while in use?)")

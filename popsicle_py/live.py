@@ -28,6 +28,7 @@ from rich.text import Text
 from popsicle_py import events, progress, rows, signals, verdicts
 from popsicle_py.defaults import DEFAULT_BUCKET_SIZE
 from popsicle_py.units import format_link_speed, format_size
+from popsicle_py.view_json import printable
 
 STYLES = {"done": "green", "ok": "green", "written": "green", "checked": "green", "ready": "green",
           "downloaded": "green", "failed": "red", "invalid": "red", "rejected": "red",
@@ -123,9 +124,11 @@ class DriveRow:
             state, long = "stalled", f"stalled: {detail}"
         ended = t.ended is not None
         fraction = t.fraction
-        return rows.Row(name=self.name, state=state, port=self.port, label=self.label,
+        return rows.Row(name=printable(self.name), state=printable(state),
+                        port=printable(self.port), label=printable(self.label),
                         link=self.link, fraction=fraction if self.bar else 0.0, done=t.pass_done,
-                        total=t.pass_size, speed=speed, eta=eta, detail=detail, long=long,
+                        total=t.pass_size, speed=speed, eta=eta, detail=printable(detail),
+                        long=printable(long),
                         style=STYLES.get(state, ""), bar=self.bar, pulse=int(now * 10),
                         moving=not ended, pass_word=self.pass_word())
 
@@ -215,6 +218,22 @@ class Board:
 
 # ----------------------------------------------------------------------------------------------
 # The terminal's edges
+
+
+class ShownConsole(Console):
+    """A Rich console for text that is anybody's (file names, mount points, model strings).
+
+    No markup (``[/x]`` in a path is no closing tag that fails the run, ``[conceal]`` hides
+    nothing), no emoji codes (``:warning:`` stays as typed), and no character that is not
+    printable: see :func:`popsicle_py.view_json.printable`.  Styles are given as styles.
+    """
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**{"highlight": False, **options, "markup": False, "emoji": False})
+
+    def render_str(self, text: str, **options: Any) -> Text:
+        return super().render_str(printable(text, newlines=True), **options)
+
 
 
 class _Reflowed(LiveRender):
@@ -345,11 +364,11 @@ def summary_table(summary: events.Summary, details: dict[str, str] | None = None
         words = verdicts.strip_device(r.error, r.device) or ""
         if r.ok:
             words = details.get(r.device) or verdicts.ok_words(r) + verdicts.extras(r)
-        cells = [str(r.drive.seq)] if seqs and r.drive is not None else []
+        cells: list[str | Text] = [str(r.drive.seq)] if seqs and r.drive is not None else []
         cells.append(r.device)
         if ports:
             cells.append((r.drive.port_path if r.drive is not None else None) or "")
-        cells += [f"[{styles.get(r.status, '')}]{r.status}", format_size(r.bytes_written),
+        cells += [Text(r.status, styles.get(r.status, "")), format_size(r.bytes_written),
                   "" if r.elapsed is None else f"{r.elapsed:.1f} s", words]
         if digests:
             cells.append(r.device_sha256 or "")

@@ -21,6 +21,7 @@ from popsicle_py.verdicts import ok_words as ok_words  # its old home: callers i
 from popsicle_py.view_json import JSON_INTERVAL as JSON_INTERVAL  # re-exported: its old home
 from popsicle_py.view_json import JsonView as JsonView
 from popsicle_py.view_json import Out as Out
+from popsicle_py.view_json import printable
 from popsicle_py.view_json import write_out as write_out
 
 #: Plain output prints a drive's progress at most this often.
@@ -38,7 +39,7 @@ class PlainView:
         self._probed: dict[str, str] = {}  # a probe's verdict, said once
 
     def _line(self, text: str) -> None:
-        self.out.write(text + "\n")
+        self.out.write(printable(text) + "\n")  # one line, whatever a name holds
 
     def _track(self, event: events.WatchEvent) -> None:
         now = time.monotonic()
@@ -128,7 +129,7 @@ class RichView:
 
     def __init__(self, console: Console | None = None, labels: dict[str, str] | None = None,
                  *, writes: bool = True) -> None:
-        self.console = console or Console(stderr=False)
+        self.console = console or live.ShownConsole()
         self.labels = labels or {}
         self.writes = writes
         self.verifies = True
@@ -167,7 +168,7 @@ class RichView:
         if self.closed:
             return
         if not self.started and isinstance(event, events.Note):
-            self.console.print(event.text)  # before any row: no live display to start yet
+            self.console.print(event.text, markup=False)  # before any row: no live display yet
             return
         if not self.started and not isinstance(event, events.Summary):
             self._start()
@@ -178,10 +179,10 @@ class RichView:
                 for i, device in enumerate(devices):
                     self._row(device, infos[i] if i < len(infos) else None)
             case events.Note(text=text):
-                self.live.console.print(text)
+                self.live.console.print(text, markup=False)
             case events.Probed(device=device, message=message):
                 self.probed[device] = message
-                self.live.console.print(f"{device}: {message}")
+                self.live.console.print(f"{device}: {message}", markup=False)
             case events.Phase(device=None, phase=phase, detail=detail):
                 row = self._row(None)
                 row.tracker.on_phase(phase, now)
@@ -293,7 +294,8 @@ class _Header:
             "in progress ", str(v._busy())]
         finished = "" if v.count is None else f"  ({v.ok + v.failed} of {v.count} finished)"
         size = f" ({format_size(v.size)})  "
-        for image, prefix in ((v.image, "Duplicating "), (os.path.basename(v.image), "")):
+        shown = printable(v.image)
+        for image, prefix in ((shown, "Duplicating "), (os.path.basename(shown), "")):
             text = Text.assemble((prefix, "bold"), (image, "bold"), size, *counts, finished)
             if text.cell_len <= options.max_width:
                 break
@@ -315,7 +317,7 @@ class WatchView:
     def __init__(self, console: Console | None = None, image: str = "",
                  size: int | None = None, count: int | None = None, *,
                  verify: bool = True) -> None:
-        self.console = console or Console(stderr=False)
+        self.console = console or live.ShownConsole()
         self.image, self.size, self.count = image, size, count
         self.verify = verify
         self.board = live.Board(reserve=4)
@@ -415,7 +417,7 @@ class WatchView:
                 elif gone is not None:
                     self.pulled.add(device)  # its job's end comes next: nothing to pull then
             case events.Note(text=text):
-                self.live.console.print(text)
+                self.live.console.print(text, markup=False)
             case events.Phase(device=device, phase="done", detail=events.POWERED_OFF):
                 row = self._row(device)
                 row.say(row.state, "powered off: pull it", f"{row.state}, powered off: pull it")

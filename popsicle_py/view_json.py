@@ -20,6 +20,37 @@ from popsicle_py.signals import say_on_stderr
 JSON_INTERVAL = 0.5
 
 
+def printable(text: str, *, newlines: bool = False) -> str:
+    """``text`` as it may reach a terminal or a log: every character that is not printable
+    shown as its escape (``\\x1b``, ``\\u202e``; a byte of a name that is not UTF-8 as
+    ``\\xff``).
+
+    File names, mount points and a drive's model string are anybody's: an escape sequence in
+    one could retitle the terminal, hide the lines after it (the drives about to be
+    overwritten) or move the cursor to draw over them; a newline would forge a line of a
+    log; a byte that is not UTF-8 would fail the write to a strict UTF-8 terminal.
+    ``newlines`` keeps line breaks (a message of several lines).
+    """
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() or (newlines and ch == "\n") else _escape(ch)
+                   for ch in text)
+
+
+_NAMED = {"\n": "\\n", "\t": "\\t", "\r": "\\r"}
+
+
+def _escape(ch: str) -> str:
+    if ch in _NAMED:
+        return _NAMED[ch]
+    code = ord(ch)
+    if 0xDC80 <= code <= 0xDCFF:  # a byte that is not UTF-8, as Python decodes file names
+        return f"\\x{code - 0xDC00:02x}"
+    if code < 0x100:
+        return f"\\x{code:02x}"
+    return f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
+
+
 class Out:
     """A view's output stream.  When the reader goes away (``| head -1``), it stops writing.
 

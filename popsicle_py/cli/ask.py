@@ -27,12 +27,13 @@ def confirm(confirmation: Confirmation, yes: bool) -> None:
     if yes:
         return
     require_terminal()
-    from rich.console import Console
     from rich.table import Table
 
-    console = Console(stderr=True, highlight=False)
+    from popsicle_py.live import ShownConsole
+
+    console = ShownConsole(stderr=True)  # names are shown as they are, never as markup
     if confirmation.watch:
-        console.print(confirmation.title, markup=False)
+        console.print(confirmation.title)
         if confirmation.rows:
             table = Table(title="Plugged in now, and overwritten too (--include-present)",
                           title_justify="left")
@@ -42,8 +43,8 @@ def confirm(confirmation: Confirmation, yes: bool) -> None:
                 table.add_row(row.device, row.drive, format_size(row.size))
             console.print(table)
         for note in confirmation.notes:
-            console.print(note, markup=False)
-        console.print(f"[bold]{confirmation.warning}[/bold]")
+            console.print(note)
+        console.print(confirmation.warning, style="bold")
     else:
         table = Table(title=confirmation.title, title_justify="left")
         for column in ("Device", "Port", "Drive", "Size", "Mounted at", "Warnings"):
@@ -78,9 +79,9 @@ def make_view(as_json: bool, labels: dict[str, str], *, writes: bool = True) -> 
     from popsicle_py import view
 
     if sys.stdout is not None and sys.stdout.isatty():
-        from rich.console import Console
+        from popsicle_py.live import ShownConsole
 
-        return view.RichView(Console(highlight=False), labels, writes=writes)
+        return view.RichView(ShownConsole(), labels, writes=writes)
     return view.PlainView()
 
 
@@ -94,7 +95,7 @@ def make_watch_view(as_json: bool, image: str, size: int | None, count: int | No
     from popsicle_py import view
 
     if sys.stdout is not None and sys.stdout.isatty():
-        from rich.console import Console
+        from popsicle_py.live import ShownConsole
 
-        return view.WatchView(Console(highlight=False), image, size, count, verify=verify)
+        return view.WatchView(ShownConsole(), image, size, count, verify=verify)
     return view.PlainView()

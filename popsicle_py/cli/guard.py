@@ -3,6 +3,7 @@ scripts that asked for JSON a last ``summary`` line even when nothing ran."""
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
@@ -68,8 +69,19 @@ def exit_at_once(code: object) -> NoReturn:
 
 
 def error(line: str) -> None:
-    """``popsicle-py: LINE`` on stderr."""
-    click.echo(f"{PROG}: {line}", err=True)
+    """``popsicle-py: LINE`` on stderr, one line whatever a name in it holds (an escape
+    sequence, a newline, a byte that is not UTF-8: see :func:`~popsicle_py.view_json.printable`);
+    a closed or full stderr is no reason to fail: the exit status says it."""
+    from popsicle_py.view_json import printable
+
+    with contextlib.suppress(OSError, ValueError):
+        click.echo(f"{PROG}: {printable(line)}", err=True)
+
+
+def show(exc: PopsicleError) -> None:
+    """An error of ours, a line per problem, as :func:`error` says them."""
+    for line in exc.messages():
+        error(line)
 
 
 def json_refusal(lines: Sequence[str]) -> None:
@@ -92,7 +104,7 @@ def run_guarded(debug: bool, as_json: bool, body: Callable[[], int]) -> NoReturn
     try:
         status = body()
     except PopsicleError as exc:
-        exc.show()
+        show(exc)
         if as_json:
             json_refusal(exc.messages())
         status = exc.exit_code

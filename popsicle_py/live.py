@@ -12,6 +12,8 @@ from __future__ import annotations
 import atexit
 import contextlib
 import dataclasses
+import errno
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -233,6 +235,16 @@ class ShownConsole(Console):
 
     def render_str(self, text: str, **options: Any) -> Text:
         return super().render_str(printable(text, newlines=True), **options)
+
+    def on_broken_pipe(self) -> None:
+        """The reader left (``list | head -1``): Rich's own answer is to exit 1 at once, as
+        though the command had failed; the caller says what a reader that left means."""
+        self.quiet = True
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, self.file.fileno())  # so that the exit's own flush is quiet
+            os.close(devnull)
+        raise BrokenPipeError(errno.EPIPE, os.strerror(errno.EPIPE))
 
 
 

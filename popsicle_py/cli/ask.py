@@ -27,6 +27,21 @@ def confirm(confirmation: Confirmation, yes: bool) -> None:
     if yes:
         return
     require_terminal()
+    try:
+        _show(confirmation)
+        answer = click.confirm(confirmation.question, default=False, err=True)
+    except OSError as exc:  # stderr gone (a reader that left): no question without the list
+        raise Refused([f"cannot show the confirmation ({exc.strerror or exc}): nothing was "
+                       "written"]) from exc
+    except (KeyboardInterrupt, click.Abort):
+        click.echo(err=True)  # ^C or end of input: what follows goes below the prompt's line
+        raise
+    if not answer:
+        raise Refused(["cancelled at the confirmation: nothing was written"])
+
+
+def _show(confirmation: Confirmation) -> None:
+    """What the question is about, on stderr: the drives, what they hold, the warnings."""
     from rich.table import Table
 
     from popsicle_py.live import ShownConsole
@@ -55,13 +70,6 @@ def confirm(confirmation: Confirmation, yes: bool) -> None:
         console.print(table)
         for note in confirmation.notes:
             console.print(note)
-    try:
-        answer = click.confirm(confirmation.question, default=False, err=True)
-    except (KeyboardInterrupt, click.Abort):
-        click.echo(err=True)  # ^C or end of input: what follows goes below the prompt's line
-        raise
-    if not answer:
-        raise Refused(["cancelled at the confirmation: nothing was written"])
 
 
 def said_without_asking(confirmation: Confirmation) -> str:

@@ -4,6 +4,7 @@ scripts that asked for JSON a last ``summary`` line even when nothing ran."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
@@ -172,5 +173,10 @@ class Group(click.Group):
             sys.exit(exc.exit_code)
         except click.Abort:
             error("aborted")
+            sys.exit(EXIT_FAILED)
+        except OSError as exc:  # --help or --version to a full disk: one line, not a traceback
+            if exc.errno not in (errno.ENOSPC, errno.EIO, errno.EBADF, errno.EDQUOT):
+                raise
+            error(f"cannot write the output ({exc.strerror or exc})")
             sys.exit(EXIT_FAILED)
         sys.exit(status if isinstance(status, int) else EXIT_OK)

@@ -11,6 +11,8 @@ from popsicle_py.errors import Refused
 from popsicle_py.units import format_size
 
 if TYPE_CHECKING:
+    from rich.console import Console
+
     from popsicle_py.app.confirm import Confirmation
     from popsicle_py.protocols import View
 
@@ -86,10 +88,9 @@ def make_view(as_json: bool, labels: dict[str, str], *, writes: bool = True) -> 
         return JsonView()
     from popsicle_py import view
 
-    if sys.stdout is not None and sys.stdout.isatty():
-        from popsicle_py.live import ShownConsole
-
-        return view.RichView(ShownConsole(), labels, writes=writes)
+    console = _live_console()
+    if console is not None:
+        return view.RichView(console, labels, writes=writes)
     return view.PlainView()
 
 
@@ -102,8 +103,18 @@ def make_watch_view(as_json: bool, image: str, size: int | None, count: int | No
         return JsonView()
     from popsicle_py import view
 
-    if sys.stdout is not None and sys.stdout.isatty():
-        from popsicle_py.live import ShownConsole
-
-        return view.WatchView(ShownConsole(), image, size, count, verify=verify)
+    console = _live_console()
+    if console is not None:
+        return view.WatchView(console, image, size, count, verify=verify)
     return view.PlainView()
+
+
+def _live_console() -> Console | None:
+    """A console for live rows, or None for plain lines: stdout is no terminal, or one that
+    cannot move its cursor (TERM=dumb), where Rich would show nothing until the run ends."""
+    if sys.stdout is None or not sys.stdout.isatty():
+        return None
+    from popsicle_py.live import ShownConsole
+
+    console = ShownConsole()
+    return None if console.is_dumb_terminal else console

@@ -1,0 +1,38 @@
+"""What a person sees on terminals that cannot draw live rows."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from conftest import Loop, popsicle_cmd
+
+MiB = 1 << 20
+
+pytestmark = pytest.mark.root
+
+
+def test_a_dumb_terminal_gets_the_lines_of_a_log_as_the_run_goes(
+        loop_factory: Callable[..., Loop], tmp_path: Path) -> None:
+    """TERM=dumb (an Emacs shell, a serial console) cannot move the cursor, so Rich drew the
+    live rows once, at the end: minutes of a blank screen, as though the run hung."""
+    pexpect = pytest.importorskip("pexpect")
+    image = tmp_path / "image.img"
+    data = os.urandom(3 * MiB)
+    image.write_bytes(data)
+    loop = loop_factory(4 * MiB)
+    env = {k: v for k, v in os.environ.items() if k not in ("NO_COLOR", "FORCE_COLOR")}
+    env.update(TERM="dumb", COLUMNS="100", LINES="30")
+    cmd = popsicle_cmd()
+    child = pexpect.spawn(cmd[0], [*cmd[1:], "flash", "--yes", str(image), loop.path],
+                          env=env, dimensions=(30, 100), timeout=60, encoding="utf-8")
+    child.expect(pexpect.EOF)
+    lines = child.before.splitlines()
+    child.close()
+    assert child.exitstatus == 0, lines
+    assert f"{loop.path}: writing" in lines  # said when it starts, not at the end
+    assert any(line.startswith(f"{loop.path}: ok (") for line in lines), lines
+    assert lines[-1] == "done: 1 of 1 drives ok"
+    assert loop.read(len(data)) == data

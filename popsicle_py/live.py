@@ -348,10 +348,11 @@ def link_of(info: events.DriveInfo | None) -> str:
 
 
 def summary_table(summary: events.Summary, details: dict[str, str] | None = None, *,
-                  moved: str = "Written") -> Table:
+                  moved: str = "Written", digests: bool = True) -> Table:
     """The end of a run: one line per drive, those that did not end ok first, with the words
     a person acts on.  ``details`` replaces an ok drive's words (a probe's verdict, "read");
-    ``moved`` heads the bytes' column ("Read" for drives read into files)."""
+    ``moved`` heads the bytes' column ("Read" for drives read into files); ``digests``: a
+    column of what each drive read back, when some drive has it (see :class:`FinalTable`)."""
     details = details or {}
     table = Table(title=verdicts.summary_line(summary, names=False), title_justify="left")
     results = sorted(summary.results, key=lambda r: r.ok)  # stable: in order within each
@@ -367,7 +368,7 @@ def summary_table(summary: events.Summary, details: dict[str, str] | None = None
     table.add_column(moved, justify="right", no_wrap=True)
     table.add_column("Time", justify="right", no_wrap=True)
     table.add_column("Details", overflow="fold", ratio=1)
-    digests = any(r.device_sha256 for r in results)
+    digests = digests and any(r.device_sha256 for r in results)
     if digests:  # what each drive read back: the proof a person copies (whole, folded)
         table.add_column("SHA-256 (read back)", overflow="fold", min_width=16)
     styles = {"ok": "green", "failed": "bold red", "invalid": "bold red",
@@ -386,3 +387,41 @@ def summary_table(summary: events.Summary, details: dict[str, str] | None = None
             cells.append(r.device_sha256 or "")
         table.add_row(*cells)
     return table
+
+
+class FinalTable:
+    """The table at the end, fitted to the width it is printed at.
+
+    A table wider than the terminal is cut at its edge, and a digest cut there is a wrong one
+    that a person may copy (at 80 columns, ten drives or more: the 16th character of each of
+    its lines was gone).  When the digests do not fit beside the other columns, the table goes
+    without them and each follows whole on a line of its own, as ``sha256sum`` prints it.
+    """
+
+    def __init__(self, summary: events.Summary, details: dict[str, str] | None = None, *,
+                 moved: str = "Written") -> None:
+        self.summary, self.details, self.moved = summary, details, moved
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        table = summary_table(self.summary, self.details, moved=self.moved)
+        read_back = [r for r in sorted(self.summary.results, key=lambda r: r.ok)
+                     if r.device_sha256]
+        if not read_back or not _cut(console, options, table):
+            yield table
+            return
+        yield summary_table(self.summary, self.details, moved=self.moved, digests=False)
+        yield Text("SHA-256 of what each drive read back:")
+        for r in read_back:
+            seq = f"#{r.drive.seq} " if r.drive is not None and r.drive.seq is not None else ""
+            yield Text(f"{r.device_sha256}  {seq}{r.device}", overflow="fold")
+
+
+def _cut(console: Console, options: ConsoleOptions, table: Table) -> bool:
+    """``table`` is wider than the width: its top border, as drawn, misses its right corner."""
+    if table.box is None:
+        return False
+    for line in console.render_lines(table, options, pad=False):
+        drawn = "".join(segment.text for segment in line).rstrip()
+        if drawn.startswith(table.box.top_left):
+            return not drawn.endswith(table.box.top_right)
+    return False

@@ -209,7 +209,7 @@ class RichView:
                 self._stop_image(now, event)
                 self.close()
                 reads = self._reads(event)
-                self.console.print(summary_table(
+                self.console.print(live.FinalTable(
                     event, {**self._verdicts(event), **reads},
                     moved="Read" if reads and len(reads) == len(event.results) else "Written"))
                 if not event.ok and event.results and not all(r.ok for r in event.results):
@@ -455,7 +455,7 @@ class WatchView:
                         row.say(r.status, f"pull it ({why})")
             case events.Summary():
                 self.close()
-                self.console.print(summary_table(event))
+                self.console.print(live.FinalTable(event))
 
     def close(self) -> None:
         if self.started and not self.closed:

@@ -36,3 +36,34 @@ def test_a_dumb_terminal_gets_the_lines_of_a_log_as_the_run_goes(
     assert any(line.startswith(f"{loop.path}: ok (") for line in lines), lines
     assert lines[-1] == "done: 1 of 1 drives ok"
     assert loop.read(len(data)) == data
+
+
+def test_the_digests_at_the_end_are_whole_on_an_80_column_terminal(
+        loop_factory: Callable[..., Loop], tmp_path: Path) -> None:
+    """Ten drives or more at 80 columns: the table was wider than the terminal and cut at its
+    edge, and each SHA-256 read back lost a character on each of its lines, shown as though
+    whole (60 of its 64 digits: a wrong proof for a person to copy)."""
+    import hashlib
+    import re
+
+    pexpect = pytest.importorskip("pexpect")
+    image = tmp_path / "image.img"
+    data = os.urandom(MiB)
+    image.write_bytes(data)
+    digest = hashlib.sha256(data).hexdigest()
+    loops = [loop_factory(2 * MiB) for _ in range(10)]
+    env = {k: v for k, v in os.environ.items() if k not in ("NO_COLOR", "FORCE_COLOR")}
+    env.update(TERM="xterm-256color", COLUMNS="80", LINES="60")
+    cmd = popsicle_cmd()
+    child = pexpect.spawn(cmd[0], [*cmd[1:], "flash", "--yes", str(image),
+                                   *(loop.path for loop in loops)],
+                          env=env, dimensions=(60, 80), timeout=120, encoding="utf-8")
+    child.expect(pexpect.EOF)
+    output = child.before
+    child.close()
+    assert child.exitstatus == 0, output
+    end = output[output.rindex("done: 10 of 10 drives ok"):]
+    lines = [line.rstrip() for line in re.split(r"\r\n|\r|\n",
+                                                re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", end))]
+    assert all(len(line) <= 80 for line in lines), "\n".join(lines)
+    assert sum(line.startswith(digest) for line in lines) == 10, "\n".join(lines)

@@ -128,3 +128,22 @@ def test_an_error_naming_a_file_is_one_line_of_text(tmp_path: Path) -> None:
     assert done.returncode == 2
     assert done.stderr.splitlines() == [
         f"popsicle-py: {tmp_path}/x\\x1b[8m\\x1b]0;t\\x07.img does not exist"]
+
+
+def test_a_name_the_locale_cannot_encode_keeps_the_output(
+        loop_factory: Callable[..., Loop], tmp_path: Path) -> None:
+    """Under ISO-8859-1 a name in Chinese failed the first write: a log lost every line after
+    it (the results, the summary), and on a terminal the run ended "unexpected error"."""
+    image = tmp_path / "中.img"
+    data = _image(image)
+    loop = loop_factory(4 * MiB, fill=FILL)
+    done = subprocess.run([*popsicle_cmd(), "flash", "--yes", str(image), loop.path],
+                          capture_output=True, timeout=60, stdin=subprocess.DEVNULL,
+                          env={**os.environ, "PYTHONIOENCODING": "latin-1"})
+    out, err = done.stdout.decode("latin-1"), done.stderr.decode("latin-1")
+    assert done.returncode == 0, err
+    assert "cannot write the output" not in err
+    assert "\\u4e2d.img" in out
+    assert f"{loop.path}: ok (" in out
+    assert out.splitlines()[-1] == "done: 1 of 1 drives ok"
+    assert loop.read(len(data)) == data

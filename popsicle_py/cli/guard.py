@@ -96,10 +96,23 @@ def json_refusal(lines: Sequence[str]) -> None:
     view.close()
 
 
+def _forgiving_output() -> None:
+    """A character the locale cannot encode (a name in Chinese under ISO-8859-1) is written as
+    its escape, as Python writes stderr: it failed the write, which crashed the live view
+    and silenced every later line of a log."""
+    import io
+
+    for stream in (sys.stdout, sys.stderr):
+        if isinstance(stream, io.TextIOWrapper):
+            with contextlib.suppress(ValueError, OSError):
+                stream.reconfigure(errors="backslashreplace")
+
+
 def run_guarded(debug: bool, as_json: bool, body: Callable[[], int]) -> NoReturn:
     """Run a command body; errors of ours show themselves and carry their exit status."""
     import logging  # here, not at the top: --help and --version do not log
 
+    _forgiving_output()
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING,
                         format=f"{PROG}: %(message)s")
     try:

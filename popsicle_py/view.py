@@ -38,8 +38,9 @@ class PlainView:
         self._trackers: dict[str, progress.DriveProgress] = {}  # for the average speeds
         self._probed: dict[str, str] = {}  # a probe's verdict, said once
 
-    def _line(self, text: str) -> None:
-        self.out.write(printable(text) + "\n")  # one line, whatever a name holds
+    def _line(self, text: str, *, droppable: bool = False) -> None:
+        """One line, whatever a name in it holds; ``droppable`` while the reader is behind."""
+        self.out.write(printable(text) + "\n", droppable=droppable)
 
     def _track(self, event: events.WatchEvent) -> None:
         now = time.monotonic()
@@ -79,7 +80,7 @@ class PlainView:
                 self._last[device] = now
                 percent = f" ({100 * done // total}%)" if total else ""
                 self._line(f"{device or 'image'}: {phase} {format_size(done)} of "
-                           f"{format_size(total)}{percent}")
+                           f"{format_size(total)}{percent}", droppable=True)
             case events.Result(result=r):
                 tracker = self._trackers.pop(r.device, None)
                 probed = self._probed.pop(r.device, None)

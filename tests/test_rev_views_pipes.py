@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 from conftest import Loop, popsicle_cmd
@@ -64,3 +65,59 @@ def test_a_confirmation_that_cannot_be_shown_writes_nothing_and_exits_2(
             os.close(fd)
     assert status == 2
     assert loop.read() == bytes([FILL]) * loop.size
+
+
+@pytest.mark.root
+def test_a_reader_that_pauses_never_fails_the_drives_as_stalled(
+        loop_factory: Callable[..., Loop], throttle: Callable[..., Callable[[int], None]],
+        tmp_path: object) -> None:
+    """``| less`` left on its page, a program that reads its child's output at the end: the
+    pipe filled and the thread that runs the drives blocked writing an event.  The drives
+    waited for the reader (nothing written while it was away), and those still at work when
+    it came back were judged "stalled: no progress for N s" (exit 1).  The run must not
+    wait for its reader."""
+    import fcntl
+    import json
+    import time
+
+    image = os.path.join(str(tmp_path), "image.img")
+    data = os.urandom(8 * MiB)
+    with open(image, "wb") as f:
+        f.write(data)
+    loop = loop_factory(16 * MiB, fill=FILL)
+    add = throttle((loop, 4_000_000))
+    read, write = os.pipe()
+    fcntl.fcntl(write, 1031, 4096)  # F_SETPIPE_SZ: one page
+    os.write(write, b"#" * 3995 + b"\n")  # nearly full: the first event does not fit
+    stall = 1.5
+    os.mkfifo(image + ".go")  # the command waits on it until it is throttled
+    proc = subprocess.Popen(
+        ["sh", "-c", 'echo "$$" > "$0.pid"; read go < "$0.go"; exec "$@"', image,
+         *popsicle_cmd(), "flash", "--yes", "--json", "--stall-timeout", str(stall), image,
+         loop.path], stdout=write, stderr=subprocess.PIPE)
+    os.close(write)
+    try:
+        deadline = time.monotonic() + 10
+        while not os.path.exists(image + ".pid") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        add(int(Path(image + ".pid").read_text()))  # throttled before it starts: 4 MB/s
+        with open(image + ".go", "w") as go:
+            go.write("go\n")
+        deadline = time.monotonic() + 60
+        while loop.read(len(data)) != data:  # the drive written, head last, reader away
+            assert time.monotonic() < deadline, "the drive was never written"
+            time.sleep(0.2)
+        time.sleep(2 * stall)  # the reader still away, longer than --stall-timeout
+        out = b""
+        while chunk := os.read(read, 65536):
+            out += chunk
+        assert proc.wait(timeout=60) == 0, proc.stderr.read() if proc.stderr else ""
+    finally:
+        os.close(read)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    lines = out.decode().splitlines()[1:]  # the page that was there before
+    summary = json.loads(lines[-1])
+    assert summary["event"] == "summary" and summary["ok"] is True, lines[-1]
+    assert [r["status"] for r in summary["results"]] == ["ok"]

@@ -411,8 +411,11 @@ class FinalTable:
             return
         yield summary_table(self.summary, self.details, moved=self.moved, digests=False)
         yield Text("SHA-256 of what each drive read back:")
+        devices = [r.device for r in read_back]
+        twice = len(set(devices)) < len(devices)  # a watch session: the kernel reuses names
         for r in read_back:
-            seq = f"#{r.drive.seq} " if r.drive is not None and r.drive.seq is not None else ""
+            seq = f"#{r.drive.seq} " if twice and r.drive is not None \
+                and r.drive.seq is not None else ""
             yield Text(f"{r.device_sha256}  {seq}{r.device}", overflow="fold")
 
 

@@ -210,11 +210,9 @@ class RichView:
                 self._stop_image(now, event)
                 self.close()
                 reads = self._reads(event)
-                self.console.print(live.FinalTable(
+                _print_end(self.console, event, live.FinalTable(
                     event, {**self._verdicts(event), **reads},
                     moved="Read" if reads and len(reads) == len(event.results) else "Written"))
-                if not event.ok and event.results and not all(r.ok for r in event.results):
-                    self.console.print(verdicts.not_ok(event), highlight=False, soft_wrap=True)
 
     def _stop_image(self, now: float, summary: events.Summary) -> None:
         """A run that ended while the image was still read: its row keeps its numbers."""
@@ -269,6 +267,17 @@ class RichView:
             self._undo_keys()
         self.closed = self.closed or self.started
         self.started = False
+
+
+def _print_end(console: Console, summary: events.Summary, table: live.FinalTable) -> None:
+    """The table at the end, then its last word: the drives that did not end ok and why, or,
+    when the table is taller than the screen (32 drives on 24 lines, its title scrolled
+    away), how the run ended."""
+    console.print(table)
+    if not summary.ok and summary.results and not all(r.ok for r in summary.results):
+        console.print(verdicts.not_ok(summary), highlight=False, soft_wrap=True)
+    elif summary.results and len(console.render_lines(table, pad=False)) >= console.height:
+        console.print(verdicts.summary_line(summary), highlight=False, soft_wrap=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -456,7 +465,7 @@ class WatchView:
                         row.say(r.status, f"pull it ({why})")
             case events.Summary():
                 self.close()
-                self.console.print(live.FinalTable(event))
+                _print_end(self.console, event, live.FinalTable(event))
 
     def close(self) -> None:
         if self.started and not self.closed:

@@ -67,3 +67,28 @@ def test_the_digests_at_the_end_are_whole_on_an_80_column_terminal(
                                                 re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", end))]
     assert all(len(line) <= 80 for line in lines), "\n".join(lines)
     assert sum(line.startswith(digest) for line in lines) == 10, "\n".join(lines)
+
+
+def test_a_table_taller_than_the_screen_ends_with_how_the_run_ended(
+        loop_factory: Callable[..., Loop], tmp_path: Path) -> None:
+    """Ten drives on a 12-line terminal: the table's title ("done: 10 of 10 drives ok") had
+    scrolled away, and the screen ended on the rows of the last drives."""
+    import re
+
+    pexpect = pytest.importorskip("pexpect")
+    image = tmp_path / "image.img"
+    image.write_bytes(os.urandom(MiB))
+    loops = [loop_factory(2 * MiB) for _ in range(10)]
+    env = {k: v for k, v in os.environ.items() if k not in ("NO_COLOR", "FORCE_COLOR")}
+    env.update(TERM="xterm-256color", COLUMNS="100", LINES="12")
+    cmd = popsicle_cmd()
+    child = pexpect.spawn(cmd[0], [*cmd[1:], "flash", "--yes", str(image),
+                                   *(loop.path for loop in loops)],
+                          env=env, dimensions=(12, 100), timeout=120, encoding="utf-8")
+    child.expect(pexpect.EOF)
+    output = child.before
+    child.close()
+    assert child.exitstatus == 0, output
+    lines = [line.strip() for line in re.split(r"\r\n|\r|\n",
+                                               re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", output))]
+    assert [line for line in lines if line][-1] == "done: 10 of 10 drives ok"

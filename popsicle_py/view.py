@@ -107,6 +107,7 @@ class PlainView:
 
     def announce(self, text: str) -> None:
         """A signal's news: on stderr, beside the log on stdout."""
+        self.out.interrupted()
         say_on_stderr(text)
 
 

@@ -68,14 +68,20 @@ class Out:
     the reader came back.  Into a pipe, a socket or a terminal, text is written only as far
     as it goes without blocking; the rest waits in memory, in order, and a ``droppable``
     text (progress, which the next progress says again) is dropped while some waits.
-    :meth:`close` writes what waits at the reader's pace: the run is over by then.
+    :meth:`close` writes what waits at the reader's pace: the run is over by then.  After a
+    signal (:meth:`interrupted`), a reader that takes nothing for ``GIVE_UP`` seconds loses
+    the rest: Ctrl-C gives the shell back, and the exit status says how the run ended.
     """
+
+    #: Seconds a reader may take nothing, once a signal came, before the rest is dropped.
+    GIVE_UP = 3.0
 
     def __init__(self, stream: IO[str] | None = None) -> None:
         self.stream = stream if stream is not None else sys.stdout
         self.gone = self.stream is None  # stdout closed at start (``>&-``): nowhere to write
         self._fd = _pollable(self.stream)
         self._waiting: list[str] = []
+        self._signalled = False
 
     def write(self, text: str, *, droppable: bool = False) -> None:
         if self.gone or self.stream is None:
@@ -97,11 +103,15 @@ class Out:
                 self._waiting.insert(0, text[_PIECE:])
             self._put(text[:_PIECE])  # a reader that left: nothing waits any more
 
-    def _ready(self) -> bool:
+    def interrupted(self) -> None:
+        """A signal came (called from its handler: only a flag is set)."""
+        self._signalled = True
+
+    def _ready(self, wait: float = 0) -> bool:
         if self._fd is None:
             return True
         try:
-            return bool(select.select([], [self._fd], [], 0)[1])
+            return bool(select.select([], [self._fd], [], wait)[1])
         except (OSError, ValueError):  # closed meanwhile: the write says how
             return True
 
@@ -130,10 +140,22 @@ class Out:
         os.close(devnull)
 
     def close(self) -> None:
-        """Write what waits, however long the reader takes: the summary is the last line."""
-        waiting, self._waiting, self._fd = "".join(self._waiting), [], None
+        """Write what waits, however long the reader takes (the summary is the last line),
+        unless a signal came and the reader has taken nothing for ``GIVE_UP`` seconds."""
+        stuck: float | None = None
+        while self._waiting and not self.gone:
+            if self._ready(0.1):
+                self._drain()
+                stuck = None
+            elif self._signalled:
+                stuck = stuck if stuck is not None else time.monotonic()
+                if time.monotonic() - stuck >= self.GIVE_UP:
+                    with contextlib.suppress(OSError, ValueError, AttributeError):
+                        print("popsicle-py: the output's reader takes nothing: the rest of "
+                              "the output is dropped", file=sys.stderr, flush=True)
+                    self.reader_left()
         if not self.gone and self.stream is not None:
-            self._put(waiting)
+            self._put("")  # flushed; a failed write said
 
 
 #: The most characters written at once into a pipe with room: at most 10 bytes each (an
@@ -184,4 +206,5 @@ class JsonView:
 
     def announce(self, text: str) -> None:
         """A signal's news goes to stderr: stdout is for events only."""
+        self.out.interrupted()
         say_on_stderr(text)

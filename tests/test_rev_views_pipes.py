@@ -121,3 +121,41 @@ def test_a_reader_that_pauses_never_fails_the_drives_as_stalled(
     summary = json.loads(lines[-1])
     assert summary["event"] == "summary" and summary["ok"] is True, lines[-1]
     assert [r["status"] for r in summary["results"]] == ["ok"]
+
+
+@pytest.mark.root
+def test_ctrl_c_gives_the_shell_back_when_the_reader_takes_nothing(
+        loop_factory: Callable[..., Loop], tmp_path: object) -> None:
+    """A reader that neither reads nor leaves: the run blocked on its first event, and the
+    first Ctrl-C could not end it (only a second one did).  Now the drives are written, and
+    once a signal came a reader that takes nothing for a few seconds loses the rest."""
+    import fcntl
+    import signal
+    import time
+
+    image = os.path.join(str(tmp_path), "image.img")
+    data = os.urandom(2 * MiB)
+    Path(image).write_bytes(data)
+    loop = loop_factory(4 * MiB, fill=FILL)
+    read, write = os.pipe()
+    fcntl.fcntl(write, 1031, 4096)  # F_SETPIPE_SZ: one page
+    os.write(write, b"#" * 4096)  # full: nothing more goes in until somebody reads
+    proc = subprocess.Popen([*popsicle_cmd(), "flash", "--yes", "--json", image, loop.path],
+                            stdout=write, stderr=subprocess.PIPE, text=True)
+    os.close(write)
+    try:
+        deadline = time.monotonic() + 60
+        while loop.read(len(data)) != data:  # written, its head last, though nobody reads
+            assert time.monotonic() < deadline, "the drive was never written"
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGINT)
+        status = proc.wait(timeout=4 * 3.0)
+    finally:
+        os.close(read)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert status == 130
+    assert proc.stderr is not None
+    assert "the output's reader takes nothing: the rest of the output is dropped" in \
+        proc.stderr.read()

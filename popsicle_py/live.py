@@ -12,6 +12,8 @@ from __future__ import annotations
 import atexit
 import contextlib
 import dataclasses
+import errno
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -28,6 +30,7 @@ from rich.text import Text
 from popsicle_py import events, progress, rows, signals, verdicts
 from popsicle_py.defaults import DEFAULT_BUCKET_SIZE
 from popsicle_py.units import format_link_speed, format_size
+from popsicle_py.view_json import printable
 
 STYLES = {"done": "green", "ok": "green", "written": "green", "checked": "green", "ready": "green",
           "downloaded": "green", "failed": "red", "invalid": "red", "rejected": "red",
@@ -123,9 +126,11 @@ class DriveRow:
             state, long = "stalled", f"stalled: {detail}"
         ended = t.ended is not None
         fraction = t.fraction
-        return rows.Row(name=self.name, state=state, port=self.port, label=self.label,
+        return rows.Row(name=printable(self.name), state=printable(state),
+                        port=printable(self.port), label=printable(self.label),
                         link=self.link, fraction=fraction if self.bar else 0.0, done=t.pass_done,
-                        total=t.pass_size, speed=speed, eta=eta, detail=detail, long=long,
+                        total=t.pass_size, speed=speed, eta=eta, detail=printable(detail),
+                        long=printable(long),
                         style=STYLES.get(state, ""), bar=self.bar, pulse=int(now * 10),
                         moving=not ended, pass_word=self.pass_word())
 
@@ -215,6 +220,32 @@ class Board:
 
 # ----------------------------------------------------------------------------------------------
 # The terminal's edges
+
+
+class ShownConsole(Console):
+    """A Rich console for text that is anybody's (file names, mount points, model strings).
+
+    No markup (``[/x]`` in a path is no closing tag that fails the run, ``[conceal]`` hides
+    nothing), no emoji codes (``:warning:`` stays as typed), and no character that is not
+    printable: see :func:`popsicle_py.view_json.printable`.  Styles are given as styles.
+    """
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**{"highlight": False, **options, "markup": False, "emoji": False})
+
+    def render_str(self, text: str, **options: Any) -> Text:
+        return super().render_str(printable(text, newlines=True), **options)
+
+    def on_broken_pipe(self) -> None:
+        """The reader left (``list | head -1``): Rich's own answer is to exit 1 at once, as
+        though the command had failed; the caller says what a reader that left means."""
+        self.quiet = True
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, self.file.fileno())  # so that the exit's own flush is quiet
+            os.close(devnull)
+        raise BrokenPipeError(errno.EPIPE, os.strerror(errno.EPIPE))
+
 
 
 class _Reflowed(LiveRender):
@@ -317,10 +348,11 @@ def link_of(info: events.DriveInfo | None) -> str:
 
 
 def summary_table(summary: events.Summary, details: dict[str, str] | None = None, *,
-                  moved: str = "Written") -> Table:
+                  moved: str = "Written", digests: bool = True) -> Table:
     """The end of a run: one line per drive, those that did not end ok first, with the words
     a person acts on.  ``details`` replaces an ok drive's words (a probe's verdict, "read");
-    ``moved`` heads the bytes' column ("Read" for drives read into files)."""
+    ``moved`` heads the bytes' column ("Read" for drives read into files); ``digests``: a
+    column of what each drive read back, when some drive has it (see :class:`FinalTable`)."""
     details = details or {}
     table = Table(title=verdicts.summary_line(summary, names=False), title_justify="left")
     results = sorted(summary.results, key=lambda r: r.ok)  # stable: in order within each
@@ -336,7 +368,7 @@ def summary_table(summary: events.Summary, details: dict[str, str] | None = None
     table.add_column(moved, justify="right", no_wrap=True)
     table.add_column("Time", justify="right", no_wrap=True)
     table.add_column("Details", overflow="fold", ratio=1)
-    digests = any(r.device_sha256 for r in results)
+    digests = digests and any(r.device_sha256 for r in results)
     if digests:  # what each drive read back: the proof a person copies (whole, folded)
         table.add_column("SHA-256 (read back)", overflow="fold", min_width=16)
     styles = {"ok": "green", "failed": "bold red", "invalid": "bold red",
@@ -345,13 +377,54 @@ def summary_table(summary: events.Summary, details: dict[str, str] | None = None
         words = verdicts.strip_device(r.error, r.device) or ""
         if r.ok:
             words = details.get(r.device) or verdicts.ok_words(r) + verdicts.extras(r)
-        cells = [str(r.drive.seq)] if seqs and r.drive is not None else []
+        cells: list[str | Text] = [str(r.drive.seq)] if seqs and r.drive is not None else []
         cells.append(r.device)
         if ports:
             cells.append((r.drive.port_path if r.drive is not None else None) or "")
-        cells += [f"[{styles.get(r.status, '')}]{r.status}", format_size(r.bytes_written),
+        cells += [Text(r.status, styles.get(r.status, "")), format_size(r.bytes_written),
                   "" if r.elapsed is None else f"{r.elapsed:.1f} s", words]
         if digests:
             cells.append(r.device_sha256 or "")
         table.add_row(*cells)
     return table
+
+
+class FinalTable:
+    """The table at the end, fitted to the width it is printed at.
+
+    A table wider than the terminal is cut at its edge, and a digest cut there is a wrong one
+    that a person may copy (at 80 columns, ten drives or more: the 16th character of each of
+    its lines was gone).  When the digests do not fit beside the other columns, the table goes
+    without them and each follows whole on a line of its own, as ``sha256sum`` prints it.
+    """
+
+    def __init__(self, summary: events.Summary, details: dict[str, str] | None = None, *,
+                 moved: str = "Written") -> None:
+        self.summary, self.details, self.moved = summary, details, moved
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        table = summary_table(self.summary, self.details, moved=self.moved)
+        read_back = [r for r in sorted(self.summary.results, key=lambda r: r.ok)
+                     if r.device_sha256]
+        if not read_back or not _cut(console, options, table):
+            yield table
+            return
+        yield summary_table(self.summary, self.details, moved=self.moved, digests=False)
+        yield Text("SHA-256 of what each drive read back:")
+        devices = [r.device for r in read_back]
+        twice = len(set(devices)) < len(devices)  # a watch session: the kernel reuses names
+        for r in read_back:
+            seq = f"#{r.drive.seq} " if twice and r.drive is not None \
+                and r.drive.seq is not None else ""
+            yield Text(f"{r.device_sha256}  {seq}{r.device}", overflow="fold")
+
+
+def _cut(console: Console, options: ConsoleOptions, table: Table) -> bool:
+    """``table`` is wider than the width: its top border, as drawn, misses its right corner."""
+    if table.box is None:
+        return False
+    for line in console.render_lines(table, options, pad=False):
+        drawn = "".join(segment.text for segment in line).rstrip()
+        if drawn.startswith(table.box.top_left):
+            return not drawn.endswith(table.box.top_right)
+    return False

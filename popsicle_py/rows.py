@@ -10,6 +10,8 @@ from __future__ import annotations
 import textwrap
 from collections.abc import Callable, Sequence
 
+from rich.cells import cell_len, chop_cells, set_cell_size
+
 from popsicle_py.progress import SPEED_WINDOW, VERIFY_PHASES, WRITE_PHASES, DriveProgress
 from popsicle_py.records import record
 from popsicle_py.units import format_size
@@ -102,9 +104,16 @@ def byte_counts(row: Row) -> str:
 
 
 def _cut(text: str, width: int) -> str:
+    """``text`` in at most ``width`` cells (a wide character, as in Chinese, takes two)."""
     if width <= 0:
         return ""
-    return text if len(text) <= width else text[: max(width - 1, 0)] + "…"
+    return text if cell_len(text) <= width else set_cell_size(text, width - 1) + "…"
+
+
+def _fill(text: str, width: int, *, right: bool = False) -> str:
+    """``text`` padded to ``width`` cells, on the left when ``right``."""
+    pad = " " * max(0, width - cell_len(text))
+    return pad + text if right else text + pad
 
 
 def _bar(row: Row, width: int) -> Line:
@@ -261,7 +270,7 @@ class _Plan:
         if self.bar() < bar:
             self.cells[key] = [_short(t) for t in self.cells[key]]
             room = self.bar(**{key: 0}) - bar  # what the bar leaves it
-            self.widths[key] = min(max(map(len, self.cells[key])), max(MIN_NAME, room))
+            self.widths[key] = min(max(map(cell_len, self.cells[key])), max(MIN_NAME, room))
 
     def _drop(self, key: str, bar: int) -> None:
         if self.bar() < bar:
@@ -274,7 +283,7 @@ class _Plan:
 
     def _widen(self, key: str, bar: int) -> None:
         """The detail beside the state, when the bar stays wide enough."""
-        detail = max(map(len, self.details))
+        detail = max(map(cell_len, self.details))
         if detail and self.bar(**{key: detail}) >= bar:
             self.inline = True
             self.widths[key] = max(self.widths[key], detail)
@@ -282,7 +291,7 @@ class _Plan:
 
 
 def _widest(texts: Sequence[str], column: Column) -> int:
-    widest = max(column.least, *map(len, texts))
+    widest = max(column.least, *map(cell_len, texts))
     return widest if column.most is None else min(column.most, widest)
 
 
@@ -314,9 +323,9 @@ def _line(plan: _Plan, i: int, row: Row, bar_w: int) -> Line:
         if column.key == "bar":
             pieces += [*_bar(row, bar_w), Piece(" ")]
         elif column.right and (w or column.kept):
-            pieces += [Piece(text.rjust(w)), Piece(" ")]
+            pieces += [Piece(_fill(text, w, right=True)), Piece(" ")]
         elif w or column.kept:
-            pieces += [Piece(_cut(text, w).ljust(w), column.style(row)), Piece(" ")]
+            pieces += [Piece(_fill(_cut(text, w), w), column.style(row)), Piece(" ")]
     return _trim(pieces[:-1], plan.width)
 
 
@@ -324,9 +333,24 @@ def _under(plan: _Plan, row: Row) -> list[Line]:
     """The detail's lines under the row, when it is not beside the state."""
     if not row.detail or plan.inline:
         return []
-    wrapped = textwrap.wrap(row.detail, max(10, plan.width - 4), max_lines=3, placeholder=" …")
+    wrapped = _wrap(row.detail, max(10, plan.width - 4))
     return [(Piece("    " if j else "  ↳ ", "dim"), Piece(text, row.style))
             for j, text in enumerate(wrapped)]
+
+
+def _wrap(text: str, width: int, lines: int = 3) -> list[str]:
+    """``text`` in at most ``lines`` lines of ``width`` cells, the last ending " …" if cut."""
+    if text.isascii():  # a cell a character
+        return textwrap.wrap(text, width, max_lines=lines, placeholder=" …")
+    out: list[str] = []
+    for word in text.split():
+        if out and cell_len(out[-1]) + 1 + cell_len(word) <= width:
+            out[-1] += " " + word
+        else:
+            out += chop_cells(word, width)
+    if len(out) > lines:
+        out = [*out[: lines - 1], set_cell_size(out[lines - 1], width - 2).rstrip() + " …"]
+    return out
 
 
 def _short(name: str) -> str:
@@ -347,9 +371,9 @@ def _trim(pieces: Sequence[Piece], width: int) -> Line:
         room = width - used
         if room <= 0:
             break
-        text = p.text[:room]
+        text = p.text if cell_len(p.text) <= room else set_cell_size(p.text, room)
         out.append(Piece(text, p.style))
-        used += len(text)
+        used += cell_len(text)
     while out and not out[-1].text.rstrip():
         out.pop()
     if out:

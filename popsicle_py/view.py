@@ -21,6 +21,7 @@ from popsicle_py.verdicts import ok_words as ok_words  # its old home: callers i
 from popsicle_py.view_json import JSON_INTERVAL as JSON_INTERVAL  # re-exported: its old home
 from popsicle_py.view_json import JsonView as JsonView
 from popsicle_py.view_json import Out as Out
+from popsicle_py.view_json import printable
 from popsicle_py.view_json import write_out as write_out
 
 #: Plain output prints a drive's progress at most this often.
@@ -37,8 +38,9 @@ class PlainView:
         self._trackers: dict[str, progress.DriveProgress] = {}  # for the average speeds
         self._probed: dict[str, str] = {}  # a probe's verdict, said once
 
-    def _line(self, text: str) -> None:
-        self.out.write(text + "\n")
+    def _line(self, text: str, *, droppable: bool = False) -> None:
+        """One line, whatever a name in it holds; ``droppable`` while the reader is behind."""
+        self.out.write(printable(text) + "\n", droppable=droppable)
 
     def _track(self, event: events.WatchEvent) -> None:
         now = time.monotonic()
@@ -78,7 +80,7 @@ class PlainView:
                 self._last[device] = now
                 percent = f" ({100 * done // total}%)" if total else ""
                 self._line(f"{device or 'image'}: {phase} {format_size(done)} of "
-                           f"{format_size(total)}{percent}")
+                           f"{format_size(total)}{percent}", droppable=True)
             case events.Result(result=r):
                 tracker = self._trackers.pop(r.device, None)
                 probed = self._probed.pop(r.device, None)
@@ -105,6 +107,7 @@ class PlainView:
 
     def announce(self, text: str) -> None:
         """A signal's news: on stderr, beside the log on stdout."""
+        self.out.interrupted()
         say_on_stderr(text)
 
 
@@ -128,7 +131,7 @@ class RichView:
 
     def __init__(self, console: Console | None = None, labels: dict[str, str] | None = None,
                  *, writes: bool = True) -> None:
-        self.console = console or Console(stderr=False)
+        self.console = console or live.ShownConsole()
         self.labels = labels or {}
         self.writes = writes
         self.verifies = True
@@ -167,7 +170,7 @@ class RichView:
         if self.closed:
             return
         if not self.started and isinstance(event, events.Note):
-            self.console.print(event.text)  # before any row: no live display to start yet
+            self.console.print(event.text, markup=False)  # before any row: no live display yet
             return
         if not self.started and not isinstance(event, events.Summary):
             self._start()
@@ -178,10 +181,10 @@ class RichView:
                 for i, device in enumerate(devices):
                     self._row(device, infos[i] if i < len(infos) else None)
             case events.Note(text=text):
-                self.live.console.print(text)
+                self.live.console.print(text, markup=False)
             case events.Probed(device=device, message=message):
                 self.probed[device] = message
-                self.live.console.print(f"{device}: {message}")
+                self.live.console.print(f"{device}: {message}", markup=False)
             case events.Phase(device=None, phase=phase, detail=detail):
                 row = self._row(None)
                 row.tracker.on_phase(phase, now)
@@ -208,11 +211,9 @@ class RichView:
                 self._stop_image(now, event)
                 self.close()
                 reads = self._reads(event)
-                self.console.print(summary_table(
+                _print_end(self.console, event, live.FinalTable(
                     event, {**self._verdicts(event), **reads},
                     moved="Read" if reads and len(reads) == len(event.results) else "Written"))
-                if not event.ok and event.results and not all(r.ok for r in event.results):
-                    self.console.print(verdicts.not_ok(event), highlight=False, soft_wrap=True)
 
     def _stop_image(self, now: float, summary: events.Summary) -> None:
         """A run that ended while the image was still read: its row keeps its numbers."""
@@ -269,6 +270,17 @@ class RichView:
         self.started = False
 
 
+def _print_end(console: Console, summary: events.Summary, table: live.FinalTable) -> None:
+    """The table at the end, then its last word: the drives that did not end ok and why, or,
+    when the table is taller than the screen (32 drives on 24 lines, its title scrolled
+    away), how the run ended."""
+    console.print(table)
+    if not summary.ok and summary.results and not all(r.ok for r in summary.results):
+        console.print(verdicts.not_ok(summary), highlight=False, soft_wrap=True)
+    elif summary.results and len(console.render_lines(table, pad=False)) >= console.height:
+        console.print(verdicts.summary_line(summary), highlight=False, soft_wrap=True)
+
+
 # ----------------------------------------------------------------------------------------------
 # Duplicator mode (``popsicle-py watch``)
 
@@ -293,7 +305,8 @@ class _Header:
             "in progress ", str(v._busy())]
         finished = "" if v.count is None else f"  ({v.ok + v.failed} of {v.count} finished)"
         size = f" ({format_size(v.size)})  "
-        for image, prefix in ((v.image, "Duplicating "), (os.path.basename(v.image), "")):
+        shown = printable(v.image)
+        for image, prefix in ((shown, "Duplicating "), (os.path.basename(shown), "")):
             text = Text.assemble((prefix, "bold"), (image, "bold"), size, *counts, finished)
             if text.cell_len <= options.max_width:
                 break
@@ -315,7 +328,7 @@ class WatchView:
     def __init__(self, console: Console | None = None, image: str = "",
                  size: int | None = None, count: int | None = None, *,
                  verify: bool = True) -> None:
-        self.console = console or Console(stderr=False)
+        self.console = console or live.ShownConsole()
         self.image, self.size, self.count = image, size, count
         self.verify = verify
         self.board = live.Board(reserve=4)
@@ -415,7 +428,7 @@ class WatchView:
                 elif gone is not None:
                     self.pulled.add(device)  # its job's end comes next: nothing to pull then
             case events.Note(text=text):
-                self.live.console.print(text)
+                self.live.console.print(text, markup=False)
             case events.Phase(device=device, phase="done", detail=events.POWERED_OFF):
                 row = self._row(device)
                 row.say(row.state, "powered off: pull it", f"{row.state}, powered off: pull it")
@@ -453,7 +466,7 @@ class WatchView:
                         row.say(r.status, f"pull it ({why})")
             case events.Summary():
                 self.close()
-                self.console.print(summary_table(event))
+                _print_end(self.console, event, live.FinalTable(event))
 
     def close(self) -> None:
         if self.started and not self.closed:

@@ -11,6 +11,8 @@ from popsicle_py.errors import Refused
 from popsicle_py.units import format_size
 
 if TYPE_CHECKING:
+    from rich.console import Console
+
     from popsicle_py.app.confirm import Confirmation
     from popsicle_py.protocols import View
 
@@ -27,12 +29,28 @@ def confirm(confirmation: Confirmation, yes: bool) -> None:
     if yes:
         return
     require_terminal()
-    from rich.console import Console
+    try:
+        _show(confirmation)
+        answer = click.confirm(confirmation.question, default=False, err=True)
+    except OSError as exc:  # stderr gone (a reader that left): no question without the list
+        raise Refused([f"cannot show the confirmation ({exc.strerror or exc}): nothing was "
+                       "written"]) from exc
+    except (KeyboardInterrupt, click.Abort):
+        click.echo(err=True)  # ^C or end of input: what follows goes below the prompt's line
+        raise
+    if not answer:
+        raise Refused(["cancelled at the confirmation: nothing was written"])
+
+
+def _show(confirmation: Confirmation) -> None:
+    """What the question is about, on stderr: the drives, what they hold, the warnings."""
     from rich.table import Table
 
-    console = Console(stderr=True, highlight=False)
+    from popsicle_py.live import ShownConsole
+
+    console = ShownConsole(stderr=True)  # names are shown as they are, never as markup
     if confirmation.watch:
-        console.print(confirmation.title, markup=False)
+        console.print(confirmation.title)
         if confirmation.rows:
             table = Table(title="Plugged in now, and overwritten too (--include-present)",
                           title_justify="left")
@@ -42,8 +60,8 @@ def confirm(confirmation: Confirmation, yes: bool) -> None:
                 table.add_row(row.device, row.drive, format_size(row.size))
             console.print(table)
         for note in confirmation.notes:
-            console.print(note, markup=False)
-        console.print(f"[bold]{confirmation.warning}[/bold]")
+            console.print(note)
+        console.print(confirmation.warning, style="bold")
     else:
         table = Table(title=confirmation.title, title_justify="left")
         for column in ("Device", "Port", "Drive", "Size", "Mounted at", "Warnings"):
@@ -54,13 +72,6 @@ def confirm(confirmation: Confirmation, yes: bool) -> None:
         console.print(table)
         for note in confirmation.notes:
             console.print(note)
-    try:
-        answer = click.confirm(confirmation.question, default=False, err=True)
-    except (KeyboardInterrupt, click.Abort):
-        click.echo(err=True)  # ^C or end of input: what follows goes below the prompt's line
-        raise
-    if not answer:
-        raise Refused(["cancelled at the confirmation: nothing was written"])
 
 
 def said_without_asking(confirmation: Confirmation) -> str:
@@ -77,10 +88,9 @@ def make_view(as_json: bool, labels: dict[str, str], *, writes: bool = True) -> 
         return JsonView()
     from popsicle_py import view
 
-    if sys.stdout is not None and sys.stdout.isatty():
-        from rich.console import Console
-
-        return view.RichView(Console(highlight=False), labels, writes=writes)
+    console = _live_console()
+    if console is not None:
+        return view.RichView(console, labels, writes=writes)
     return view.PlainView()
 
 
@@ -93,8 +103,18 @@ def make_watch_view(as_json: bool, image: str, size: int | None, count: int | No
         return JsonView()
     from popsicle_py import view
 
-    if sys.stdout is not None and sys.stdout.isatty():
-        from rich.console import Console
-
-        return view.WatchView(Console(highlight=False), image, size, count, verify=verify)
+    console = _live_console()
+    if console is not None:
+        return view.WatchView(console, image, size, count, verify=verify)
     return view.PlainView()
+
+
+def _live_console() -> Console | None:
+    """A console for live rows, or None for plain lines: stdout is no terminal, or one that
+    cannot move its cursor (TERM=dumb), where Rich would show nothing until the run ends."""
+    if sys.stdout is None or not sys.stdout.isatty():
+        return None
+    from popsicle_py.live import ShownConsole
+
+    console = ShownConsole()
+    return None if console.is_dumb_terminal else console

@@ -3,6 +3,8 @@ scripts that asked for JSON a last ``summary`` line even when nothing ran."""
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
@@ -68,8 +70,19 @@ def exit_at_once(code: object) -> NoReturn:
 
 
 def error(line: str) -> None:
-    """``popsicle-py: LINE`` on stderr."""
-    click.echo(f"{PROG}: {line}", err=True)
+    """``popsicle-py: LINE`` on stderr, one line whatever a name in it holds (an escape
+    sequence, a newline, a byte that is not UTF-8: see :func:`~popsicle_py.view_json.printable`);
+    a closed or full stderr is no reason to fail: the exit status says it."""
+    from popsicle_py.view_json import printable
+
+    with contextlib.suppress(OSError, ValueError):
+        click.echo(f"{PROG}: {printable(line)}", err=True)
+
+
+def show(exc: PopsicleError) -> None:
+    """An error of ours, a line per problem, as :func:`error` says them."""
+    for line in exc.messages():
+        error(line)
 
 
 def json_refusal(lines: Sequence[str]) -> None:
@@ -83,16 +96,29 @@ def json_refusal(lines: Sequence[str]) -> None:
     view.close()
 
 
+def _forgiving_output() -> None:
+    """A character the locale cannot encode (a name in Chinese under ISO-8859-1) is written as
+    its escape, as Python writes stderr: it failed the write, which crashed the live view
+    and silenced every later line of a log."""
+    import io
+
+    for stream in (sys.stdout, sys.stderr):
+        if isinstance(stream, io.TextIOWrapper):
+            with contextlib.suppress(ValueError, OSError):
+                stream.reconfigure(errors="backslashreplace")
+
+
 def run_guarded(debug: bool, as_json: bool, body: Callable[[], int]) -> NoReturn:
     """Run a command body; errors of ours show themselves and carry their exit status."""
     import logging  # here, not at the top: --help and --version do not log
 
+    _forgiving_output()
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING,
                         format=f"{PROG}: %(message)s")
     try:
         status = body()
     except PopsicleError as exc:
-        exc.show()
+        show(exc)
         if as_json:
             json_refusal(exc.messages())
         status = exc.exit_code
@@ -160,5 +186,10 @@ class Group(click.Group):
             sys.exit(exc.exit_code)
         except click.Abort:
             error("aborted")
+            sys.exit(EXIT_FAILED)
+        except OSError as exc:  # --help or --version to a full disk: one line, not a traceback
+            if exc.errno not in (errno.ENOSPC, errno.EIO, errno.EBADF, errno.EDQUOT):
+                raise
+            error(f"cannot write the output ({exc.strerror or exc})")
             sys.exit(EXIT_FAILED)
         sys.exit(status if isinstance(status, int) else EXIT_OK)

@@ -16,7 +16,6 @@ from popsicle_py.cli.guard import error
 from popsicle_py.errors import EXIT_FAILED, EXIT_OK
 
 if TYPE_CHECKING:
-    from rich.console import Console
     from rich.table import Table
 
 
@@ -69,7 +68,7 @@ def table(columns: Sequence[str], rows: Sequence[Sequence[str]], *,
 
 def print_table(table_: Table) -> int:
     """A Rich table on stdout, as :func:`emit` judges it."""
-    from rich.console import Console
+    from popsicle_py.live import ShownConsole
 
-    console: Console = Console(highlight=False)
+    console = ShownConsole()  # a mount point's "[/x]" is a name, not markup
     return emit(lambda: console.print(table_))

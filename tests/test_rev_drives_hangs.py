@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 from conftest import Loop, popsicle_cmd
+from loopdev import DROP_OTHER_TESTS_MOUNTS
 
 MiB = 1 << 20
 PATTERN = 0xA5
@@ -39,7 +40,8 @@ def hung_source(tmp_path: Path, where: str) -> Iterator[None]:
         else:
             keeper = subprocess.Popen(
                 ["unshare", "-m", "--propagation", "private", "sh", "-c",
-                 f"mount -t tmpfs {share.file} {mountpoint} && echo ready && exec sleep 60"],
+                 DROP_OTHER_TESTS_MOUNTS
+                 + f"mount -t tmpfs {share.file} {mountpoint} && echo ready && exec sleep 60"],
                 stdout=subprocess.PIPE)
             assert keeper.stdout is not None and keeper.stdout.readline() == b"ready\n"
         os.kill(share.pid, signal.SIGSTOP)

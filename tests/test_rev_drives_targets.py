@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from conftest import Loop, popsicle_cmd
+from loopdev import DROP_OTHER_TESTS_MOUNTS
 
 MiB = 1 << 20
 PATTERN = 0xA5
@@ -25,7 +26,7 @@ PATTERN = 0xA5
 _CONTAINED = """
 import os, sys, time
 root, major, minor = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-os.system(f"mount --make-rprivate / && mount -t tmpfs contained {root}")
+os.system(f"mount --make-rprivate / && {sys.argv[4]} mount -t tmpfs contained {root}")
 os.mkdir(f"{root}/dev")
 os.mknod(f"{root}/dev/target", 0o600 | 0o060000, os.makedev(major, minor))
 fd = os.open(f"{root}/dev/target", os.O_RDONLY)
@@ -46,7 +47,8 @@ def contained(root: Path, loop: Loop) -> Iterator[tuple[int, int]]:
     ``dev/target`` there standing for ``loop`` (and open): (its pid, the descriptor)."""
     major, minor = loop.major_minor
     proc = subprocess.Popen(["unshare", "-m", sys.executable, "-c", _CONTAINED, str(root),
-                             str(major), str(minor)], stdout=subprocess.PIPE, text=True)
+                             str(major), str(minor), DROP_OTHER_TESTS_MOUNTS],
+                            stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None
         pid, fd = proc.stdout.readline().split()
@@ -151,8 +153,9 @@ def test_a_mount_in_a_namespace_kept_by_a_file_is_named(loop_factory: Callable[.
     try:
         subprocess.run(["mount", "--make-private", str(keep)], check=True)
         (keep / "mnt").touch()
-        subprocess.run(["unshare", f"--mount={keep}/mnt", "--propagation", "private",
-                        "mount", target.path, "/mnt"], check=True)
+        subprocess.run(["unshare", f"--mount={keep}/mnt", "--propagation", "private", "sh",
+                        "-c", DROP_OTHER_TESTS_MOUNTS + f"mount {target.path} /mnt"],
+                       check=True)
         try:
             done = popsicle("flash", "--yes", "--no-probe", image, target.path)
         finally:

@@ -8,10 +8,11 @@ from __future__ import annotations
 import logging
 import signal
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TypeVar
 
 T = TypeVar("T")
+K = TypeVar("K")
 log = logging.getLogger(__name__)
 
 #: Seconds a mount's source path (or an overlay's layers) is given to answer a stat().
@@ -47,3 +48,29 @@ def in_time(call: Callable[[], T], otherwise: T, timeout: float = ASK_SOURCES) -
 
     start_quiet(run, name="popsicle-in-time")
     return answer[0] if done.wait(timeout) and answer else otherwise
+
+
+def ask_each(items: Iterable[K], question: Callable[[K], T], timeout: float,
+             name: str) -> dict[K, T]:
+    """``question(item)`` of each item, each on a thread of its own, all within one
+    ``timeout``: the answers that came.  One that does not come (a hung share) is left out,
+    hides no other, and is never waited for again: many hung items cost no more than one."""
+    answers: dict[K, T] = {}
+    lock = threading.Lock()
+    all_done = threading.Event()
+    waiting = set(items)
+
+    def ask(item: K) -> None:
+        answer = question(item)
+        with lock:
+            answers[item] = answer
+            waiting.discard(item)
+            if not waiting:
+                all_done.set()
+
+    for item in list(waiting):
+        start_quiet(ask, item, name=name)
+    if waiting:
+        all_done.wait(timeout)
+    with lock:
+        return dict(answers)

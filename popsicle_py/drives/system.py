@@ -13,11 +13,10 @@ import functools
 import os
 import re
 import stat
-import threading
 from collections.abc import Iterable
 
 from popsicle_py import media, sysfs
-from popsicle_py.drives.asking import ASK_SOURCES, in_time, start_quiet
+from popsicle_py.drives.asking import ASK_SOURCES, ask_each, in_time
 from popsicle_py.drives.model import (
     Backing,
     Inode,
@@ -147,25 +146,7 @@ def loop_statuses(devnums: list[int], timeout: float = ASK_LOOPS) -> dict[int, L
     within one ``timeout``: those that answered.  One that does not (its backing file is on
     a hung mount) is left out, hides no other, and is never waited for: listing drives must
     not hang, and many hung devices cost no more than one."""
-    answers: dict[int, LoopKey | None] = {}
-    lock = threading.Lock()
-    all_done = threading.Event()
-    waiting = set(devnums)
-
-    def ask(devnum: int) -> None:
-        key = loop_status(devnum)
-        with lock:
-            answers[devnum] = key
-            waiting.discard(devnum)
-            if not waiting:
-                all_done.set()
-
-    for devnum in set(devnums):
-        start_quiet(ask, devnum, name="popsicle-loop-status")
-    if devnums:
-        all_done.wait(timeout)
-    with lock:
-        return dict(answers)
+    return ask_each(devnums, loop_status, timeout, "popsicle-loop-status")
 
 
 def ask_loops() -> LoopAnswers:
@@ -200,37 +181,18 @@ def source_stats(paths: Iterable[str], timeout: float = ASK_SOURCES
     one ``timeout``; None for one that is not there.  One on a hung network or FUSE mount
     is left out and never waited for: it would hang ``list`` and every plan, Ctrl-C unheard
     (the mount's source names a file on another mount, which may hang)."""
-    found: dict[str, os.stat_result | None] = {}
-    lock = threading.Lock()
-    all_done = threading.Event()
-    waiting: set[str] = set()
     in_dev = DeviceNames().in_dev
+    asked = list(dict.fromkeys(paths))
+    found = {path: _stat_or_none(path) for path in asked if in_dev(path)}
+    return {**found, **ask_each([p for p in asked if p not in found], _stat_or_none, timeout,
+                                "popsicle-mount-source")}
 
-    def look(path: str) -> os.stat_result | None:
-        try:
-            return os.stat(path)
-        except OSError:
-            return None
 
-    def ask(path: str) -> None:
-        st = look(path)
-        with lock:
-            found[path] = st
-            waiting.discard(path)
-            if not waiting:
-                all_done.set()
-
-    for path in dict.fromkeys(paths):
-        if in_dev(path):
-            found[path] = look(path)
-        else:
-            waiting.add(path)
-    for path in list(waiting):
-        start_quiet(ask, path, name="popsicle-mount-source")
-    if waiting:
-        all_done.wait(timeout)
-    with lock:
-        return dict(found)
+def _stat_or_none(path: str) -> os.stat_result | None:
+    try:
+        return os.stat(path)
+    except OSError:
+        return None
 
 
 class DeviceNames:

@@ -47,27 +47,33 @@ class PopsicleError(Exception):
     exit_code = EXIT_FAILED
 
     def messages(self) -> list[str]:
-        """What to show: one line per problem."""
-        return [line for line in str(self).splitlines() if line]
+        """What to show: one line per problem. The message is one line whatever a name in it
+        holds: a file name with a newline must not forge a line of its own (the viewer
+        escapes it), so nothing here splits."""
+        text = str(self)
+        return [text] if text else []
 
     def show(self, file: IO[str] | None = None) -> None:
         """Print ``popsicle-py: LINE`` for each line, to stderr by default."""
         out = file if file is not None else sys.stderr
         if out is None:  # stderr closed (``2>&-``): the exit status still says it
             return
+        from popsicle_py.view_json import printable  # here: view_json imports events, us
+
         with contextlib.suppress(OSError, ValueError):
             for line in self.messages():
-                print(f"{PROG}: {line}", file=out, flush=True)
+                print(f"{PROG}: {printable(line)}", file=out, flush=True)
 
 
 class Refused(PopsicleError):
-    """Bad usage or input found before anything was written (exit 2), one line per problem."""
+    """Bad usage or input found before anything was written (exit 2), one line per problem:
+    each text given is one line, never split, since a name in it may hold a newline."""
 
     exit_code = EXIT_USAGE
 
     def __init__(self, lines: Sequence[str] | str = (), notes: Sequence[str] = ()) -> None:
         given = [lines] if isinstance(lines, str) else list(lines)
-        self.lines = [line for text in given for line in text.splitlines() if line]
+        self.lines = [text for text in given if text]
         self.notes = tuple(notes)
         super().__init__("\n".join(self.lines))
 

@@ -8,6 +8,7 @@ terminal; an error line stays one line.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from collections.abc import Callable
@@ -128,6 +129,29 @@ def test_an_error_naming_a_file_is_one_line_of_text(tmp_path: Path) -> None:
     assert done.returncode == 2
     assert done.stderr.splitlines() == [
         f"popsicle-py: {tmp_path}/x\\x1b[8m\\x1b]0;t\\x07.img does not exist"]
+
+
+@pytest.mark.parametrize("as_json", [False, True])
+def test_a_newline_in_a_name_forges_no_line_of_its_own(tmp_path: Path, as_json: bool) -> None:
+    """A refusal was split at every newline, names' included: an image named
+    ``x.img<newline>popsicle-py: all checks passed`` gave a line that said so, word for word,
+    to a person and to a script reading stderr a line at a time."""
+    forged = "popsicle-py: all checks passed"
+    image = tmp_path / f"x.img\n{forged}"
+    image.write_text("hello")
+    args = ["flash", "--yes", *(["--json"] if as_json else []), str(image), "/dev/null"]
+    done = subprocess.run([*popsicle_cmd(), *args], capture_output=True, text=True, timeout=60,
+                          stdin=subprocess.DEVNULL)
+    assert done.returncode == 2
+    lines = done.stderr.splitlines()
+    assert forged not in lines, done.stderr
+    assert len(lines) == 1 and lines[0].startswith(f"popsicle-py: {tmp_path}/x.img\\n{forged} "), \
+        done.stderr
+    if as_json:
+        # JSON keeps the name as it is, in one line of its own encoding
+        errors = [json.loads(line) for line in done.stdout.splitlines()][:-1]
+        assert [e["message"] for e in errors] == [
+            lines[0].removeprefix("popsicle-py: ").replace("\\n", "\n")]
 
 
 def test_a_name_the_locale_cannot_encode_keeps_the_output(

@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 from faulty import FaultyDrive, FaultyFile, faulty_files
-from loopdev import Loop, MiB, attach, detach
+from loopdev import NAMESPACE_TEMPLATE, Loop, MiB, attach, detach
 
 IS_ROOT = os.geteuid() == 0
 needs_root = pytest.mark.skipif(not IS_ROOT, reason="needs root for loop devices")
@@ -39,10 +39,22 @@ def pytest_configure(config: pytest.Config) -> None:
     _SAVED_PYTHONPATH.append(os.environ.get("PYTHONPATH"))
     os.environ["PYTHONPATH"] = os.pathsep.join(
         filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    if not hasattr(config, "workerinput"):  # the controller, before any worker starts
+        _SESSION.start = time.time()
+        _SESSION.template = _namespace_template()
+        if _SESSION.template is not None:
+            os.environ[NAMESPACE_TEMPLATE] = str(_SESSION.template.pid)
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
-    """The environment as it was before the session."""
+    """The environment as it was before the session; the template namespace ended, and the
+    testbeds of umockdev runs a test killed removed."""
+    if not hasattr(config, "workerinput"):
+        if _SESSION.template is not None:
+            _SESSION.template.kill()
+            _SESSION.template.wait()
+            os.environ.pop(NAMESPACE_TEMPLATE, None)
+        _remove_orphan_testbeds(_SESSION.start)
     if not _SAVED_PYTHONPATH:
         return
     saved = _SAVED_PYTHONPATH.pop()
@@ -50,6 +62,58 @@ def pytest_unconfigure(config: pytest.Config) -> None:
         os.environ.pop("PYTHONPATH", None)
     else:
         os.environ["PYTHONPATH"] = saved
+
+
+class _Session:
+    """What the controller starts with the session and ends with it."""
+
+    start = 0.0
+    template: subprocess.Popen[bytes] | None = None
+
+
+_SESSION = _Session()
+
+
+def _namespace_template() -> subprocess.Popen[bytes] | None:
+    """A ``sleep`` in a mount namespace copied before any test mounted anything (see
+    :func:`loopdev.new_mount_namespace`); it dies with the controller. None without root."""
+    if not IS_ROOT or shutil.which("unshare") is None or shutil.which("nsenter") is None:
+        return None
+    proc = subprocess.Popen(["unshare", "-m", "--propagation", "private", "sh", "-c",
+                             "echo ready && exec sleep infinity"],
+                            stdout=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                            preexec_fn=_die_with_parent)
+    assert proc.stdout is not None
+    if proc.stdout.readline() != b"ready\n":
+        proc.kill()
+        proc.wait()
+        return None
+    return proc
+
+
+def _die_with_parent() -> None:
+    import ctypes
+    import signal
+
+    ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def _remove_orphan_testbeds(since: float) -> None:
+    """umockdev-run removes its ``/tmp/umockdev.*`` when it ends; a run a test killed leaves
+    it. Those made since ``since`` that no process still uses go (another session's stay)."""
+    made = [p for p in Path(os.environ.get("TMPDIR", "/tmp")).glob("umockdev.*")
+            if p.is_dir() and p.stat().st_mtime >= since]
+    if not made:
+        return
+    used: set[str] = set()
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        with contextlib.suppress(OSError):
+            for item in environ.read_bytes().split(b"\0"):
+                if item.startswith(b"UMOCKDEV_DIR="):
+                    used.add(os.fsdecode(item[len(b"UMOCKDEV_DIR="):]))
+    for path in made:
+        if str(path) not in used:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def fill_pattern(path: Path, size: int, byte: int = 0xA5) -> None:

@@ -221,6 +221,26 @@ DROP_OTHER_TESTS_MOUNTS = (
     'umount -l "$m" 2>/dev/null || true; done; ')
 
 
+#: The environment variable naming a process (``sleep``) in the session's template mount
+#: namespace, made by ``conftest`` before any test mounted anything.
+NAMESPACE_TEMPLATE = "POPSICLE_TEST_NAMESPACE_TEMPLATE"
+
+
+def new_mount_namespace() -> list[str]:
+    """The start of a command line run in a new private mount namespace.
+
+    Copied from the session's template (:data:`NAMESPACE_TEMPLATE`), not from ours: ``unshare
+    -m`` alone copies every mount of the moment, another xdist worker's among them, and until
+    :data:`DROP_OTHER_TESTS_MOUNTS` has run that copy holds the other test's drive "mounted in
+    the mount namespace of pid N" (``test_busy_unmount_is_a_clear_error`` failed so). The
+    template has only the mounts made before the session; a test's own mounts after it are not
+    there (entering it also makes ``/`` the working directory)."""
+    pid = os.environ.get(NAMESPACE_TEMPLATE, "")
+    template = f"/proc/{pid}/ns/mnt"
+    enter = ["nsenter", f"--mount={template}", "--"] if pid and os.path.exists(template) else []
+    return [*enter, "unshare", "-m", "--propagation", "private"]
+
+
 @contextlib.contextmanager
 def mounted_elsewhere(device: str, mountpoint: Path, *, read_only: bool = True
                       ) -> Iterator[subprocess.Popen[str]]:
@@ -231,7 +251,7 @@ def mounted_elsewhere(device: str, mountpoint: Path, *, read_only: bool = True
     mountpoint.mkdir(exist_ok=True)
     options = "-o ro " if read_only else ""
     proc = subprocess.Popen(
-        ["unshare", "-m", "--propagation", "private", "sh", "-c", DROP_OTHER_TESTS_MOUNTS
+        [*new_mount_namespace(), "sh", "-c", DROP_OTHER_TESTS_MOUNTS
          + f"mount {options}{device} {mountpoint} && echo ready && exec sleep 60"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:

@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 from conftest import Loop, popsicle_cmd
-from loopdev import DROP_OTHER_TESTS_MOUNTS, loop_device, mounted_elsewhere
+from loopdev import DROP_OTHER_TESTS_MOUNTS, loop_device, mounted_elsewhere, new_mount_namespace
 from loopdev import run as run_tool
 
 from popsicle_py.drives import (
@@ -446,7 +446,7 @@ def test_a_node_in_a_container_s_own_dev_is_seen(loop_factory: Callable[..., Loo
     private.mkdir()
     major, minor = target.major_minor
     holder = subprocess.Popen(
-        ["unshare", "-m", "--propagation", "private", "sh", "-c", DROP_OTHER_TESTS_MOUNTS
+        [*new_mount_namespace(), "sh", "-c", DROP_OTHER_TESTS_MOUNTS
          + f"mount -t tmpfs tmpfs {private} && mknod {private}/disk b {major} {minor} && "
          f"echo ready && exec sleep 60 < {private}/disk"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 from conftest import Loop, fill_pattern, popsicle_cmd
-from loopdev import DROP_OTHER_TESTS_MOUNTS
+from loopdev import DROP_OTHER_TESTS_MOUNTS, new_mount_namespace
 
 from popsicle_py import drives, media, plan, watch
 from popsicle_py.drives import Backing, Drive, Mount
@@ -370,7 +370,7 @@ def test_a_loop_over_a_system_drive_is_a_system_drive(loop_factory: Callable[...
         script = DROP_OTHER_TESTS_MOUNTS + \
             'mount "$1" /boot && exec "$2" -m popsicle_py flash -y --unmount "$3" "$4"'
         result = subprocess.run(
-            ["unshare", "-m", "--propagation", "private", "sh", "-c", script, "sh",
+            [*new_mount_namespace(), "sh", "-c", script, "sh",
              lower.path, sys.executable, str(image), upper],
             capture_output=True, text=True, timeout=60, check=False)
         assert result.returncode == 2, result.stderr

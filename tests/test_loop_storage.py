@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 from conftest import Loop, popsicle_cmd
 from faulty import FaultyDrive
-from loopdev import DROP_OTHER_TESTS_MOUNTS
+from loopdev import DROP_OTHER_TESTS_MOUNTS, new_mount_namespace
 from loopdev import run as run_tool
 
 MiB = 1 << 20
@@ -84,7 +84,7 @@ class Attached:
                      f"mknod {inside}/xvda b {device[0]} {device[1]} && ")
             name = inside / "xvda"
         done = subprocess.run(
-            ["unshare", "-m", "--propagation", "private", "sh", "-c",
+            [*new_mount_namespace(), "sh", "-c",
              DROP_OTHER_TESTS_MOUNTS + setup + f"losetup -f --show {' '.join(args)} {name}"],
             capture_output=True, text=True, check=True, timeout=60)
         os.rmdir(inside)

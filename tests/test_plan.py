@@ -21,6 +21,7 @@ from loopdev import (
     is_mounted,
     loop_device,
     mounted_ext4,
+    new_mount_namespace,
     python_env,
 )
 
@@ -259,7 +260,7 @@ def test_system_drive_refused_in_private_mount_namespace(where: str, purpose: st
         before = is_mounted(where)
         script = DROP_OTHER_TESTS_MOUNTS + f'mount "$1" {where} && exec "$2" -c "$3" "$1" "$4"'
         result = subprocess.run(
-            ["unshare", "-m", "--propagation", "private", "sh", "-c", script, "sh",
+            [*new_mount_namespace(), "sh", "-c", script, "sh",
              loop.path, sys.executable, SYSTEM_DRIVE, purpose],
             capture_output=True, text=True, env=python_env(), timeout=60, check=False)
         assert result.returncode == 0, result.stderr

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 from conftest import Loop, popsicle_cmd
-from loopdev import DROP_OTHER_TESTS_MOUNTS
+from loopdev import DROP_OTHER_TESTS_MOUNTS, new_mount_namespace
 
 MiB = 1 << 20
 PATTERN = 0xA5
@@ -39,7 +39,7 @@ def hung_source(tmp_path: Path, where: str) -> Iterator[None]:
             subprocess.run(["mount", "-t", "tmpfs", share.file, str(mountpoint)], check=True)
         else:
             keeper = subprocess.Popen(
-                ["unshare", "-m", "--propagation", "private", "sh", "-c",
+                [*new_mount_namespace(), "sh", "-c",
                  DROP_OTHER_TESTS_MOUNTS
                  + f"mount -t tmpfs {share.file} {mountpoint} && echo ready && exec sleep 60"],
                 stdout=subprocess.PIPE)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from conftest import Loop, popsicle_cmd
-from loopdev import DROP_OTHER_TESTS_MOUNTS
+from loopdev import DROP_OTHER_TESTS_MOUNTS, new_mount_namespace
 
 MiB = 1 << 20
 PATTERN = 0xA5
@@ -46,7 +46,7 @@ def contained(root: Path, loop: Loop) -> Iterator[tuple[int, int]]:
     """A process whose root is a tmpfs over ``root`` in a mount namespace of its own, with
     ``dev/target`` there standing for ``loop`` (and open): (its pid, the descriptor)."""
     major, minor = loop.major_minor
-    proc = subprocess.Popen(["unshare", "-m", sys.executable, "-c", _CONTAINED, str(root),
+    proc = subprocess.Popen([*new_mount_namespace(), sys.executable, "-c", _CONTAINED, str(root),
                              str(major), str(minor), DROP_OTHER_TESTS_MOUNTS],
                             stdout=subprocess.PIPE, text=True)
     try:

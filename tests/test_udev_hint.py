@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from conftest import popsicle_cmd
-from loopdev import DROP_OTHER_TESTS_MOUNTS
+from loopdev import DROP_OTHER_TESTS_MOUNTS, new_mount_namespace
 
 from popsicle_py.drives import NO_UDEV_NOTE, udev_note
 
@@ -38,7 +38,7 @@ def _watch_events(tmp_path: Path, with_control: bool) -> list[dict[str, object]]
     command = " ".join(f"'{c}'" for c in popsicle_cmd())
     env = {k: v for k, v in os.environ.items() if k != "UMOCKDEV_DIR"}
     proc = subprocess.Popen(
-        ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+        [*new_mount_namespace(), "sh", "-c",
          f"{DROP_OTHER_TESTS_MOUNTS}{setup} && exec {command} watch --yes --json '{image}'"],
         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env=env)

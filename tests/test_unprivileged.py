@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO, Loop
-from loopdev import DROP_OTHER_TESTS_MOUNTS
+from loopdev import DROP_OTHER_TESTS_MOUNTS, new_mount_namespace
 
 from popsicle_py.app.access import NEEDS_ROOT_TO_READ, NEEDS_ROOT_TO_WRITE, access_refusal
 
@@ -210,7 +210,7 @@ def test_a_drive_mounted_in_another_namespace_is_seen_by_an_ordinary_user(
     keep = public_dir / "keep"
     keep.mkdir()
     holder = subprocess.Popen(
-        ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+        [*new_mount_namespace(), "sh", "-c",
          f"{DROP_OTHER_TESTS_MOUNTS}mount {mounted} {mnt} && echo ready && exec sleep 600"],
         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True)
     try:

@@ -184,6 +184,25 @@ def test_list_plain_names_the_sticks_and_not_the_internal_disks(vm: Guest) -> No
         assert where[disk_id] not in result.stdout
 
 
+def test_list_says_no_for_a_stick_a_program_holds(vm: Guest) -> None:
+    """``flash`` refuses a stick another program has open; ``list`` said "yes" for it."""
+    node = guest_drives(vm)["twin"]
+    holder = vm.spawn(["/bin/sh", "-c", f"exec sleep 600 < {node}"])
+    try:
+        poll(lambda: vm.sh(f"readlink /proc/{holder.pid}/fd/0 || true").strip() == node, 60,
+             "the holder to open the stick")
+        why = f"open in sleep (pid {holder.pid})"
+        listed = vm.popsicle("list", "--json")
+        assert listed.rc == 0, listed.stderr
+        drive = next(d for d in json.loads(listed.stdout) if d["path"] == node)
+        assert (drive["eligible"], drive["reason"]) == (False, why)
+        shown = vm.popsicle("list")
+        row = next(line for line in shown.stdout.splitlines() if line.startswith(node + " "))
+        assert row.rstrip().endswith(f"no: {why}"), shown.stdout
+    finally:
+        holder.stop()
+
+
 # ------------------------------------------------------------------------------------------
 # Flashing
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from popsicle_py.cache import Cache, CacheEntry
-from popsicle_py.drives import discover
+from popsicle_py.drives import Drive, discover, refusals
 from popsicle_py.events import JsonObject
 from popsicle_py.ports import link_notes, link_of, port_path_of
 from popsicle_py.records import record
@@ -41,11 +41,23 @@ def list_drives_with_notes(*, include_all: bool = False) -> tuple[list[DriveList
         link = link_of(d)
         speed = None if link is None else link.speed
         links.append((d.path, link))
+        eligible, reason = verdict(d)
         found.append(DriveListing(d.path, port, d.label, d.size, d.bus, tuple(d.mountpoints),
-                                  d.eligible, d.reason,
-                                  {**d.to_json(), "port_path": port, "link_speed": speed},
+                                  eligible, reason,
+                                  {**d.to_json(), "eligible": eligible, "reason": reason,
+                                   "port_path": port, "link_speed": speed},
                                   speed))
     return found, link_notes(links)
+
+
+def verdict(drive: Drive) -> tuple[bool, str | None]:
+    """Whether ``flash`` would write ``drive`` named with ``--unmount``, and why not.
+
+    A stick a program holds open, or one mounted in a container, was listed "yes" and then
+    refused by ``flash``.  A mount of its own is no "no": the Mounted at column shows it, and
+    ``--unmount`` takes it."""
+    refused = refusals(drive, image_size=None, unmount=True)
+    return (not refused, refused[0].reason if refused else None)
 
 
 def cache_entries() -> tuple[str, list[CacheEntry]]:

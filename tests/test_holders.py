@@ -21,7 +21,14 @@ from typing import Any
 
 import pytest
 from conftest import Loop, popsicle_cmd
-from loopdev import DROP_OTHER_TESTS_MOUNTS, loop_device, mounted_elsewhere, new_mount_namespace
+from loopdev import (
+    DROP_OTHER_TESTS_MOUNTS,
+    is_mounted,
+    loop_device,
+    mounted_elsewhere,
+    new_mount_namespace,
+    partition_paths,
+)
 from loopdev import run as run_tool
 
 from popsicle_py.drives import (
@@ -517,13 +524,13 @@ def test_a_program_writing_a_loop_target_s_backing_file_holds_it(
 
 
 @contextlib.contextmanager
-def lazily_unmounted(target: Loop, mountpoint: Path) -> Iterator[str]:
+def lazily_unmounted(target: str, mountpoint: Path) -> Iterator[str]:
     """A file system on ``target`` still used by a loop device over a file on it, then
     unmounted with ``umount -l``: no mount table lists it, no program has the drive open,
     and the kernel still holds it (O_EXCL).  Yields that loop device."""
-    run_tool("mkfs.ext4", "-q", target.path)
+    run_tool("mkfs.ext4", "-q", target)
     mountpoint.mkdir()
-    run_tool("mount", target.path, str(mountpoint))
+    run_tool("mount", target, str(mountpoint))
     inner = ""
     try:
         with open(mountpoint / "disk.bin", "wb") as f:
@@ -543,7 +550,7 @@ def test_a_drive_held_by_a_lazily_unmounted_file_system_is_refused_before_confir
         loop_factory: Callable[..., Loop], tmp_path: Path) -> None:
     path, _ = image(tmp_path)
     target = loop_factory(32 * MiB)
-    with lazily_unmounted(target, tmp_path / "mnt") as inner:
+    with lazily_unmounted(target.path, tmp_path / "mnt") as inner:
         before = target.read()
         done = popsicle("flash", path, target.path, "--yes")
         assert done.returncode == 2, done.stderr
@@ -551,6 +558,31 @@ def test_a_drive_held_by_a_lazily_unmounted_file_system_is_refused_before_confir
             f"{target.path} is in use by {inner}, a loop device over a file on it (its file "
             "system is mounted nowhere: unmounted with `umount -l` while in use?)"), done.stderr
         assert target.read() == before
+
+
+@pytest.mark.root
+def test_unmount_is_not_done_for_a_drive_one_of_whose_partitions_the_kernel_holds(
+        tmp_path: Path) -> None:
+    """``--unmount`` unmounted the first partition, and then the exclusive open was refused
+    by what held the second (mounted nowhere): the refusal came after the unmount."""
+    path, _ = image(tmp_path)
+    with loop_device(64 * MiB, partitions=[(2048, 32768), (34816, 94208)]) as target:
+        first, second = partition_paths(target)
+        run_tool("mkfs.ext4", "-q", first)
+        mounted = tmp_path / "first"
+        mounted.mkdir()
+        run_tool("mount", "-o", "ro", first, str(mounted))
+        try:
+            with lazily_unmounted(second, tmp_path / "second") as inner:
+                done = popsicle("flash", "--unmount", path, target.path, "--yes")
+                assert done.returncode == 2, done.stderr
+                assert refusal(done) == (
+                    f"{target.path} is in use by {inner}, a loop device over a file on it (its "
+                    "file system is mounted nowhere: unmounted with `umount -l` while in use?)"
+                ), done.stderr
+                assert is_mounted(str(mounted)), "unmounted, then refused"
+        finally:
+            subprocess.run(["umount", "-l", str(mounted)], capture_output=True, check=False)
 
 
 @pytest.mark.root
@@ -568,7 +600,7 @@ def test_a_drive_the_kernel_holds_when_it_is_opened_gets_true_words(
     request = app.FlashRequest(app.SourceOptions(str(path)),
                                app.TargetOptions(devices=(target.path,)))
     job = app.prepare_flash(request)  # nobody holds it yet: the plan passes
-    with job, lazily_unmounted(target, tmp_path / "mnt"), pytest.raises(Refused) as refused:
+    with job, lazily_unmounted(target.path, tmp_path / "mnt"), pytest.raises(Refused) as refused:
         before = target.read()
         job.run(PlainView(), Cancellation())
     assert target.read() == before

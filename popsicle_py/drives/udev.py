@@ -364,8 +364,9 @@ def drive_for_path(path: str, *, image_path: str | None = None,
     drive = build_drive(device, facts, explicit=True, path=real)
     if drive.system and drive.reason:
         raise TargetError(path, explain(shown, drive.reason))
-    if drive.eligible and not (drive.mountpoints or drive.holders or drive.busy):
-        kernel = held_by_kernel(drive, facts)
+    if drive.eligible and not (drive.holders or drive.busy):
+        kernel = (held_beside_mounts(drive, facts) if drive.mountpoints
+                  else held_by_kernel(drive, facts))
         if kernel is not None:
             drive = dataclasses.replace(drive, busy=(kernel,))
     return drive
@@ -384,7 +385,23 @@ def held_by_kernel(drive: Drive, facts: SystemFacts) -> str | None:
         refused = ExclusiveOpens([drive.devnum]).refused()[drive.devnum]
     if not refused:
         return None
-    on = {drive.devnum} | named_devnums(drive.partitions)
+    return _why_held(frozenset({drive.devnum} | named_devnums(drive.partitions)), facts)
+
+
+def held_beside_mounts(drive: Drive, facts: SystemFacts) -> str | None:
+    """:func:`held_by_kernel` for a mounted drive: its own mount refuses the whole disk's
+    exclusive open, so each partition mounted nowhere is tried instead.  ``--unmount``
+    unmounted the rest, and then the open was refused; now nothing is unmounted."""
+    mounted = {devnum for mount in facts.mounts for devnum in mount.devnums}
+    free = named_devnums(drive.partitions) - mounted
+    refused = frozenset(devnum for devnum, busy in ExclusiveOpens(free).refused().items()
+                        if busy)
+    return _why_held(refused, facts) if refused else None
+
+
+def _why_held(on: frozenset[int], facts: SystemFacts) -> str:
+    """What may hold ``on`` (a disk and its partitions), which the kernel refused to open
+    exclusively though nothing we see explains it."""
     kept = kept_namespace_mounts(frozenset(on))
     if kept:
         return "; ".join(kept)

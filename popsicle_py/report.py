@@ -79,8 +79,21 @@ def format_record(data: events.JsonObject, fmt: str) -> str:
     csv.writer(buf, lineterminator="\n").writerow(
         ["" if data[k] is None else str(data[k]).lower() if isinstance(data[k], bool)
          else json.dumps(data[k], sort_keys=True) if isinstance(data[k], dict)
-         else data[k] for k in FIELDS])
+         else csv_cell(data[k]) for k in FIELDS])
     return buf.getvalue()
+
+
+#: What a spreadsheet takes for the start of a formula in a cell of a CSV file it opens.
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_cell(value: object) -> object:
+    """``value`` for a CSV cell: a text that a spreadsheet would run as a formula gets a
+    leading ``'`` (shown, not run). A stick's model and serial are the stick's own words:
+    one named ``=HYPERLINK(...)`` must not act in the sheet of whoever opens the report."""
+    if isinstance(value, str) and value.startswith(FORMULA_STARTS):
+        return "'" + value
+    return value
 
 
 class Report:

@@ -75,6 +75,23 @@ def test_flash_report_has_a_record_per_drive_with_its_outcome(
 
 
 @pytest.mark.root
+def test_a_csv_report_keeps_a_formula_a_name_spells_from_running_in_a_spreadsheet(
+        loop_factory: Callable[..., Loop], tmp_path: Path) -> None:
+    """A cell beginning with = runs as a formula when the report is opened in a spreadsheet
+    (an image named so here; a stick's model and serial are the stick's own words)."""
+    named = tmp_path / "=HYPERLINK(1).img"
+    named.write_bytes(os.urandom(MiB))
+    target = loop_factory(4 * MiB, fill=PATTERN)
+    sheet, lines = tmp_path / "run.csv", tmp_path / "run.jsonl"
+    for report in (sheet, lines):
+        done = run("flash", named, target.path, "--yes", "--no-verify", "--report", report)
+        assert done.returncode == 0, done.stderr
+    (row,) = csv.DictReader(sheet.open())
+    assert row["image"] == "'=HYPERLINK(1).img"
+    assert json.loads(lines.read_text())["image"] == "=HYPERLINK(1).img"  # JSON as it is
+
+
+@pytest.mark.root
 def test_a_finished_drive_is_in_the_report_before_the_run_ends(
         loop_factory: Callable[..., Loop], throttle: Callable[..., Any],
         tmp_path: Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import csv
 import dataclasses
 import json
 import logging
@@ -355,21 +356,28 @@ def test_records_exports_the_journal_as_text_csv_and_json(tmp_path: Path) -> Non
     journal.finish(row, {"result": "ok", "verified": True, "bytes_written": MiB,
                          "ended": "2027-01-15T08:00:00Z", "error": ""})
     journal.start("A2", {"seq": 2, "device": "/dev/sdc", "serial": "SN2"})
+    journal.start("A3", {"seq": 3, "device": "/dev/sdd", "serial": "=HYPERLINK(\"x\")",
+                         "model": "+1", "vendor": "-"})
     journal.close()
 
     def records(*args: str) -> str:
         return subprocess.run([*popsicle_cmd(), "records", "--journal", str(path), *args],
                               capture_output=True, text=True, check=True).stdout
 
-    assert records().splitlines() == [
+    assert records().splitlines()[:2] == [
         "    1  2027-01-15T08:00:00Z  slot A1  ok           SanDisk Cruzer SN1",
         "    2  2027-01-15T08:00:00Z  slot A2  in-flight    SN2"]
     rows = json.loads(records("--json", "--batch", "b1"))
     assert [(r["slot"], r["result"], r["verified"]) for r in rows] == [
-        ("A1", "ok", True), ("A2", "in-flight", None)]
+        ("A1", "ok", True), ("A2", "in-flight", None), ("A3", "in-flight", None)]
+    assert (rows[2]["serial"], rows[2]["model"]) == ('=HYPERLINK("x")', "+1")
     lines = records("--csv").splitlines()
     assert lines[0].split(",")[:6] == ["id", "session", "station", "batch", "operator", "slot"]
-    assert ",ok,true," in lines[1] and len(lines) == 3
+    assert ",ok,true," in lines[1] and len(lines) == 4
+    # A cell a spreadsheet would run as a formula (the stick's own words) gets a leading '.
+    third = list(csv.DictReader(lines))[2]
+    assert (third["serial"], third["model"], third["vendor"]) == (
+        "'=HYPERLINK(\"x\")", "'+1", "'-")
     assert records("--json", "--batch", "none") == "[]\n"
 
 

@@ -21,7 +21,7 @@ from contextlib import contextmanager
 
 from popsicle_py import files
 from popsicle_py.events import JsonObject
-from popsicle_py.report import FIELDS, iso
+from popsicle_py.report import FIELDS, csv_cell, iso
 
 #: The result of a row whose drive is being written.
 IN_FLIGHT = "in-flight"
@@ -201,13 +201,15 @@ def records(db: sqlite3.Connection, batch: str | None = None) -> list[JsonObject
 
 
 def to_csv(found: list[JsonObject]) -> str:
-    """Records as CSV with a header line (booleans as true/false, None as empty)."""
+    """Records as CSV with a header line (booleans as true/false, None as empty; a text a
+    spreadsheet would run as a formula with a leading ``'``: see
+    :func:`~popsicle_py.report.csv_cell`)."""
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
     writer.writeheader()
     for row in found:
         writer.writerow({k: "" if v is None else str(v).lower() if isinstance(v, bool)
-                         else v for k, v in row.items()})
+                         else csv_cell(v) for k, v in row.items()})
     return buf.getvalue()
 
 

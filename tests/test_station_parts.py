@@ -204,6 +204,48 @@ def test_records_of_a_missing_journal_is_one_line(tmp_path: Path) -> None:
     assert done.stderr == f"popsicle-py: --journal {tmp_path / 'no.db'}: no such file\n"
 
 
+def _foreign_database(path: Path) -> str:
+    """Another program's SQLite file with a table named as ours; its SHA-256."""
+    import hashlib
+    import sqlite3
+
+    db = sqlite3.connect(path)
+    db.execute("CREATE TABLE records (name TEXT)")
+    db.execute("INSERT INTO records VALUES ('theirs')")
+    db.commit()
+    db.close()
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_records_and_a_station_leave_another_programs_database_as_it_is(
+        tmp_path: Path) -> None:
+    """``records --journal FILE`` put another program's database in WAL mode and added 30
+    columns to its table before failing with "unexpected error"; a station given it would
+    have written its rows there. Both refuse it and change nothing; an empty file is no
+    journal to export (it became a database)."""
+    import hashlib
+
+    theirs = tmp_path / "j.sqlite"
+    before = _foreign_database(theirs)
+    done = subprocess.run([*popsicle_cmd(), "records", "--journal", str(theirs)],
+                          capture_output=True, text=True, check=False)
+    assert (done.returncode, done.stdout) == (2, "")
+    assert done.stderr == (f"popsicle-py: --journal {theirs}: not a station's journal (a "
+                           "database of another program?); name a new file or a station's "
+                           "journal\n")
+    station = _station(tmp_path, "--listen", "127.0.0.1:0")
+    assert (station.returncode, station.stderr) == (2, done.stderr), station.stderr
+    assert hashlib.sha256(theirs.read_bytes()).hexdigest() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["image.img", "j.sqlite"]
+    empty = tmp_path / "empty.sqlite"
+    empty.touch()
+    done = subprocess.run([*popsicle_cmd(), "records", "--journal", str(empty)],
+                          capture_output=True, text=True, check=False)
+    assert (done.returncode, done.stderr) == (
+        2, f"popsicle-py: --journal {empty}: empty, not a station's journal\n")
+    assert empty.stat().st_size == 0 and not (tmp_path / "empty.sqlite-wal").exists()
+
+
 @contextlib.contextmanager
 def _served(tmp_path: Path) -> Iterator[tuple[Any, str, int]]:
     """A station's web server in this process (token "secret"): (server, host, port)."""

@@ -18,6 +18,7 @@ import sqlite3
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 from popsicle_py import files
 from popsicle_py.events import JsonObject
@@ -44,9 +45,28 @@ _SCHEMA = ("CREATE TABLE IF NOT EXISTS records ("
            + ")")
 
 
-def _add_new_columns(db: sqlite3.Connection) -> None:
+#: The columns every station's journal has had: a records table without them is another
+#: program's, never to be added to nor read as ours.
+CORE = frozenset({"id", "session", "station", "batch", "slot", "result"})
+
+
+def _columns(db: sqlite3.Connection) -> set[str]:
+    return {row[1] for row in db.execute("PRAGMA table_info(records)").fetchall()}
+
+
+def _ours(db: sqlite3.Connection, path: str) -> set[str]:
+    """The journal's columns; JournalError when the file is a database of another program
+    (a --journal typed wrong must not get our table, our columns, our rows, or WAL mode)."""
+    have = _columns(db)
+    tables = db.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
+    if (have or tables) and not CORE.issubset(have):
+        raise JournalError(f"--journal {path}: not a station's journal (a database of "
+                           "another program?); name a new file or a station's journal")
+    return have
+
+
+def _add_new_columns(db: sqlite3.Connection, have: set[str]) -> None:
     """A journal made by an older popsicle-py gets the columns added since (empty there)."""
-    have = {row[1] for row in db.execute("PRAGMA table_info(records)").fetchall()}
     for column in COLUMNS:
         if have and column not in have:
             db.execute(f"ALTER TABLE records ADD COLUMN {column} {_type(column)}")
@@ -78,12 +98,17 @@ def connect(path: str, *, create: bool) -> sqlite3.Connection:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         files.check_regular(path, create=create, sidecars=("-wal", "-shm", "-journal"))
         db = sqlite3.connect(path, timeout=10, isolation_level=None, check_same_thread=False)
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=FULL")
-        if create:
-            db.execute(_SCHEMA)
-        _add_new_columns(db)
-        db.execute("SELECT count(*) FROM records").fetchone()
+        try:
+            have = _ours(db, path)  # before anything is changed in it
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")
+            if create:
+                db.execute(_SCHEMA)
+            _add_new_columns(db, have)
+            db.execute("SELECT count(*) FROM records").fetchone()
+        except BaseException:
+            db.close()
+            raise
     except (OSError, sqlite3.Error) as exc:
         raise JournalError(f"--journal {path}: {getattr(exc, 'strerror', None) or exc}"
                            ) from None
@@ -193,10 +218,13 @@ def last_seq(db: sqlite3.Connection, batch: str) -> int:
     return int(row[0] or 0)
 
 
-def records(db: sqlite3.Connection, batch: str | None = None) -> list[JsonObject]:
-    """Every row (of a batch), oldest first, as plain data."""
+def records(db: sqlite3.Connection, batch: str | None = None,
+            have: set[str] | None = None) -> list[JsonObject]:
+    """Every row (of a batch), oldest first, as plain data; the columns a journal of an
+    older popsicle-py lacks (``have``: the ones it has) are None."""
     where, args = ("WHERE batch = ?", (batch,)) if batch is not None else ("", ())
-    cur = db.execute(f"SELECT {', '.join(COLUMNS)} FROM records {where} ORDER BY id", args)
+    columns = ", ".join(c if have is None or c in have else f"NULL AS {c}" for c in COLUMNS)
+    cur = db.execute(f"SELECT {columns} FROM records {where} ORDER BY id", args)
     return [_row(cur, values) for values in cur.fetchall()]
 
 
@@ -214,10 +242,26 @@ def to_csv(found: list[JsonObject]) -> str:
 
 
 def read_records(path: str, batch: str | None = None) -> list[JsonObject]:
-    """The journal's records; JournalError (one line) when it cannot be read."""
-    db = connect(path, create=False)
+    """The journal's records; JournalError (one line) when it cannot be read.
+
+    Opened read-only: an export changes nothing in the file (it made an empty file a
+    database, put another program's database in WAL mode and added our columns to it)."""
+    if not os.path.exists(path):
+        raise JournalError(f"--journal {path}: no such file")
     try:
-        return records(db, batch)
+        files.check_regular(path, create=False, sidecars=("-wal", "-shm", "-journal"))
+        if os.path.getsize(path) == 0:
+            raise JournalError(f"--journal {path}: empty, not a station's journal")
+        db = sqlite3.connect(f"{Path(path).absolute().as_uri()}?mode=ro", uri=True,
+                             timeout=10, check_same_thread=False)
+    except (OSError, sqlite3.Error) as exc:
+        raise JournalError(f"--journal {path}: {getattr(exc, 'strerror', None) or exc}"
+                           ) from None
+    try:
+        have = _ours(db, path)
+        if not have:
+            raise JournalError(f"--journal {path}: not a station's journal (no records)")
+        return records(db, batch, have)
     except sqlite3.Error as exc:  # damaged, or replaced meanwhile
         raise JournalError(f"--journal {path}: {exc}") from None
     finally:

@@ -28,6 +28,7 @@ from popsicle_py.certify.writer import Place
 from popsicle_py.drives import Drive
 from popsicle_py.errors import EXIT_OK, Refused
 from popsicle_py.events import JsonObject
+from popsicle_py.pacing import Clock
 from popsicle_py.ports import port_path_of
 from popsicle_py.signals import Cancellation, say_on_stderr
 from popsicle_py.station import hook as hook_mod
@@ -54,15 +55,39 @@ __all__ = ["LearnRequest", "PreparedStation", "StationRequest", "learn_slots",
            "prepare_station", "read_records"]
 
 
-def image_sha256(path: str, cancel: Callable[[], bool] = lambda: False) -> str:
-    """The image file's SHA-256, for the records and the page."""
+def image_sha256(path: str, stall_timeout: float | None = None) -> str:
+    """The image file's SHA-256, for the records and the page.
+
+    Read on a thread of its own (as a checksum is): an image on a hung disk or network
+    share holds neither Ctrl-C nor the station for good; less than 1 MiB in
+    ``stall_timeout`` seconds, or a read error, is a refusal (exit 2, nothing written).
+    """
+    from popsicle_py.engine.watched import WorkStalled, watched
+    from popsicle_py.failures import hung_check
+
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(4 << 20):
-            digest.update(chunk)
-            if cancel():
-                return ""
-    return digest.hexdigest()
+    read = [0]
+
+    def work(clock: Clock, stopped: Callable[[], bool]) -> str:
+        with open(path, "rb") as f:
+            while not stopped() and (chunk := f.read(1 << 20)):
+                digest.update(chunk)
+                read[0] += len(chunk)
+                clock.advance(len(chunk))
+        return digest.hexdigest()
+
+    try:
+        found = watched(work, cancel=None, stall_timeout=stall_timeout, name="image-sha256",
+                        hung_note=hung_check(path, "a read of the image for its SHA-256"))
+    except WorkStalled as exc:
+        raise Refused([f"{path} stopped answering while its SHA-256 was computed: "
+                       + (f"no data for {exc.limit:g} s (is the disk or network share it "
+                          "is on hung?)" if not exc.moved
+                          else f"only {exc.moved // 1024} KiB in {exc.limit:g} s")]) from None
+    except OSError as exc:
+        raise Refused([f"{path} could not be read for its SHA-256 (at byte {read[0]}): "
+                       f"{exc.strerror or exc}"]) from None
+    return found or ""
 
 
 class EarlyStop:
@@ -293,12 +318,17 @@ def _prepare(request: StationRequest, slot_map: slots_mod.SlotMap | None,
         watch.close()
         raise Refused([str(exc)]) from None
     checksum = watch.source.checksum
-    if checksum is not None and checksum.algo == "sha256":
-        sha256 = checksum.hexdigest.lower()
-    elif watch.source.local:
-        sha256 = image_sha256(watch.image.path)
-    else:
-        sha256 = ""
+    try:
+        if checksum is not None and checksum.algo == "sha256":
+            sha256 = checksum.hexdigest.lower()
+        elif watch.source.local:
+            sha256 = image_sha256(watch.image.path, request.watch.stall_timeout)
+        else:
+            sha256 = ""
+    except BaseException:
+        sock.close()
+        watch.close()
+        raise
     return PreparedStation(request, watch, slot_map, sock, token, token_file, made,
                            journal_path, sha256, hook, lock)
 

@@ -1,10 +1,12 @@
 """The station's image before any drive: its SHA-256 (for the page, the journal and the
 certificates) is read from a share that may hang; a stall or Ctrl-C there ends the station on
-time, in one line, nothing written."""
+time, in one line, nothing written.  And the sticks are copies of the image that digest is of:
+an image changed after it was read (at the confirmation) is refused."""
 
 from __future__ import annotations
 
 import os
+import pty
 import signal
 import subprocess
 import threading
@@ -109,3 +111,59 @@ def test_ctrl_c_while_the_image_share_hangs_says_so_at_once(tmp_path: Path) -> N
         said = err.wait("nothing was written", timeout=5)
         assert said, "".join(err.lines)
     assert proc.returncode == 130, "".join(err.lines)
+
+
+def test_an_image_changed_at_the_confirmation_is_refused_not_served_under_its_old_sha256(
+        tmp_path: Path) -> None:
+    """The SHA-256 was read before the confirmation, the image held still only from the
+    session's start: an image edited while the question waited was written to every stick,
+    the page, the journal and the certificates naming the old digest.  Now it is refused."""
+    image = tmp_path / "image.img"
+    image.write_bytes(os.urandom(MiB))
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(
+        [*popsicle_cmd(), "station", str(image), "--force", "--listen", "127.0.0.1:0",
+         "--journal", str(tmp_path / "journal.sqlite")],
+        stdin=slave, stdout=subprocess.PIPE, stderr=slave, text=True)
+    os.close(slave)
+    said = bytearray()
+    cond = threading.Condition()
+
+    def read() -> None:
+        while True:
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:
+                chunk = b""
+            with cond:
+                said.extend(chunk)
+                cond.notify_all()
+            if not chunk:
+                return
+
+    threading.Thread(target=read, daemon=True).start()
+    try:
+        with cond:
+            assert cond.wait_for(lambda: b"Continue?" in said, 30), said.decode()
+        with open(image, "r+b") as f:  # edited in place while the question waits
+            f.seek(100)
+            f.write(b"edited")
+        os.write(master, b"y\n")
+        try:
+            rc = proc.wait(20)
+        except subprocess.TimeoutExpired:  # serving, under the old digest
+            proc.send_signal(signal.SIGINT)
+            rc = proc.wait(20)
+        with cond:
+            cond.wait_for(lambda: b"start again" in said, 5)
+            text = bytes(said).decode(errors="replace")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        os.close(master)
+        assert proc.stdout is not None
+        proc.stdout.close()
+    assert rc == 2, text
+    assert f"{image} changed since its SHA-256 was read (it was written to): start again" in (
+        " ".join(text.split())), text

@@ -28,6 +28,7 @@ from popsicle_py.certify.writer import Place
 from popsicle_py.drives import Drive
 from popsicle_py.errors import EXIT_OK, Refused
 from popsicle_py.events import JsonObject
+from popsicle_py.images.stillness import ImageChanged
 from popsicle_py.pacing import Clock
 from popsicle_py.ports import port_path_of
 from popsicle_py.signals import Cancellation, say_on_stderr
@@ -204,6 +205,13 @@ class PreparedStation:
         its slot.  :attr:`exit_status`: 0 after a stop (the API, or a signal while no drive is
         being written), 128 + signal when a signal cut a drive short, else as ``watch``."""
         request, watch = self.request, self.watch
+        still = watch.source.still  # taken as the image was opened, before its SHA-256
+        if still is not None:
+            try:
+                still()
+            except ImageChanged as exc:  # at the confirmation, say: the digest is another's
+                raise Refused([f"{watch.image.path} changed since its SHA-256 was read "
+                               f"({exc.how}): start again; nothing was written"]) from None
         journal = journal_mod.Journal(self.journal_path, station=self.name,
                                       session=uuid.uuid4().hex, batch=request.batch,
                                       operator=request.operator)
@@ -244,7 +252,7 @@ class PreparedStation:
                     watch.personaliser.slot_of = self.slot_map.label_of  # {slot}: the label
                 hooks = watch_mod.WatchOptions(admit=self.admit(hub, tagger, early),
                                                drain=self.drain,
-                                               first_seq=before + 1)
+                                               first_seq=before + 1, still=still)
                 summary = watch.run(station_view, cancel, hooks=hooks)
                 if hook is not None:
                     hook.join(cancel, say_on_stderr)

@@ -230,7 +230,8 @@ class PreparedStation:
             hub = Hub(board)
             early = EarlyStop(self.drain, cancel)
             server = Server(Station(hub, self.token, self.journal_path, self.drain,
-                                    on_stop=early.stop), self.sock)
+                                    on_stop=early.stop, loopback=is_loopback(self.sock)),
+                            self.sock)
             try:
                 server.start()
             except ServerError as exc:

@@ -1,0 +1,70 @@
+"""The station's HTTP API against a web page of another site: on a loopback --listen, a
+request addressed to another name (DNS rebinding: the attacker's name pointed at 127.0.0.1)
+reads nothing, posts nothing; the station's own addresses are answered as before."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import re
+import signal
+import subprocess
+from pathlib import Path
+
+from conftest import popsicle_cmd
+
+MiB = 1 << 20
+
+
+def ask(port: int, method: str, path: str, host: str,
+        token: str | None = None) -> tuple[int, bytes]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    headers = {"Host": host, **({"Authorization": f"Bearer {token}"} if token else {})}
+    conn.request(method, path, headers=headers, body=b"" if method == "POST" else None)
+    response = conn.getresponse()
+    answer = response.status, response.read()
+    conn.close()
+    return answer
+
+
+def test_a_page_of_another_site_rebound_to_the_loopback_reads_and_stops_nothing(
+        tmp_path: Path) -> None:
+    image = tmp_path / "image.img"
+    image.write_bytes(os.urandom(MiB))
+    proc = subprocess.Popen(
+        [*popsicle_cmd(), "station", str(image), "--yes", "--force", "--listen", "127.0.0.1:0",
+         "--journal", str(tmp_path / "journal.sqlite"), "--operator", "ada"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        url = token = ""
+        for line in proc.stdout:
+            found = re.search(r"http://127\.0\.0\.1:(\d+)/", line)
+            url = found.group(1) if found else url
+            if line.startswith("token for POST requests: "):
+                token = line.split(": ", 1)[1].split()[0]
+            if line.startswith("watching"):
+                break
+        port = int(url)
+        for evil in ("evil.example", f"evil.example:{port}", "127.0.0.1.evil.example",
+                     "localhost.evil.example:80"):
+            for path in ("/api/records", "/api/slots", "/api/records?format=csv", "/"):
+                status, body = ask(port, "GET", path, evil)
+                assert status == 421, (evil, path, status)
+                assert b"ada" not in body and b"loopback" in body
+            assert ask(port, "POST", "/api/stop", evil, token)[0] == 421
+        for own in (f"127.0.0.1:{port}", f"localhost:{port}", "localhost", f"[::1]:{port}",
+                    "127.0.0.2"):
+            status, body = ask(port, "GET", "/api/slots", own)
+            assert status == 200 and json.loads(body)["station"]["operator"] == "ada", own
+        assert proc.poll() is None, "a POST from another name stopped the station"
+        assert ask(port, "POST", "/api/stop", f"127.0.0.1:{port}", token)[0] == 202
+        assert proc.wait(20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            proc.wait(20)
+        for stream in (proc.stdout, proc.stderr):
+            if stream is not None:
+                stream.close()

@@ -348,8 +348,12 @@ def learn_slots(request: LearnRequest, say: Callable[[str], None],
 
     Nothing is opened: a stick's port is read from sysfs as it appears.
     """
+    from popsicle_py.drives import udev_hint
     from popsicle_py.station.learn import learn
 
+    note = udev_hint()  # without udevd no stick is ever seen: say so, never wait in silence
+    if note is not None:
+        say(note)
     found = learn(request.labels, say, cancel)
     if found is None:
         return None

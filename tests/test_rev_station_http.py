@@ -68,3 +68,30 @@ def test_a_page_of_another_site_rebound_to_the_loopback_reads_and_stops_nothing(
         for stream in (proc.stdout, proc.stderr):
             if stream is not None:
                 stream.close()
+
+
+def test_a_stop_through_the_api_is_said_on_the_terminal(tmp_path: Path) -> None:
+    """The station ended on POST /api/stop and its terminal said only "no drive was
+    written": the operator there could not tell why.  Now the stop is said, once."""
+    image = tmp_path / "image.img"
+    image.write_bytes(os.urandom(MiB))
+    proc = subprocess.Popen(
+        [*popsicle_cmd(), "station", str(image), "--yes", "--force", "--listen", "127.0.0.1:0",
+         "--journal", str(tmp_path / "journal.sqlite")],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    port, token = 0, ""
+    for line in proc.stdout:
+        found = re.search(r"http://127\.0\.0\.1:(\d+)/", line)
+        port = int(found.group(1)) if found else port
+        if line.startswith("token for POST requests: "):
+            token = line.split(": ", 1)[1].split()[0]
+        if line.startswith("watching"):
+            break
+    for _ in range(2):
+        assert ask(port, "POST", "/api/stop", f"127.0.0.1:{port}", token)[0] == 202
+    _out, err = proc.communicate(timeout=20)
+    assert proc.returncode == 0, err
+    said = [line for line in err.splitlines() if "POST /api/stop" in line]
+    assert said == ["popsicle-py: stop asked for (POST /api/stop): no drive is being "
+                    "written, ending now"], err

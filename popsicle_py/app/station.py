@@ -106,12 +106,18 @@ class EarlyStop:
         self._lock = threading.Lock()
         self._taken = False
         self.cancelled = False  # the stop ended the preparation (no drive was ever taken)
+        self._said = False
 
     def stop(self) -> None:
         with self._lock:
             if not self._taken and not self.cancel():
                 self.cancelled = True
                 self.cancel.request()
+            if not self._said:  # the terminal's operator learns why the station ends
+                self._said = True
+                say_on_stderr("stop asked for (POST /api/stop): " + (
+                    "no drive is being written, ending now" if self.cancelled
+                    else "the drives being written are finished, no new one is taken"))
 
     def take(self) -> bool:
         """A drive is about to be taken: False once a stop came (it is refused)."""

@@ -95,3 +95,38 @@ def test_a_stop_through_the_api_is_said_on_the_terminal(tmp_path: Path) -> None:
     said = [line for line in err.splitlines() if "POST /api/stop" in line]
     assert said == ["popsicle-py: stop asked for (POST /api/stop): no drive is being "
                     "written, ending now"], err
+
+
+def test_a_batch_started_again_counts_to_its_count_beyond_what_it_had(tmp_path: Path) -> None:
+    """The page's counters are the batch's (the journal's, across restarts), and its target
+    was --count alone: a batch of 2 started again with --count 3 showed "2 of 3", then "3 of
+    3" with two drives still to come.  The target is now 2 + 3."""
+    from popsicle_py.station.journal import Journal
+
+    journal = tmp_path / "journal.sqlite"
+    earlier = Journal(str(journal), station="s", session="before", batch="b1")
+    for result in ("ok", "failed"):
+        earlier.finish(earlier.start("A1", {"seq": 1, "device": "/dev/sdc"}),
+                       {"result": result})
+    earlier.close()
+    image = tmp_path / "image.img"
+    image.write_bytes(os.urandom(MiB))
+    proc = subprocess.Popen(
+        [*popsicle_cmd(), "station", str(image), "--yes", "--force", "--listen", "127.0.0.1:0",
+         "--journal", str(journal), "--batch", "b1", "--count", "3"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        port = 0
+        for line in proc.stdout:
+            found = re.search(r"http://127\.0\.0\.1:(\d+)/", line)
+            port = int(found.group(1)) if found else port
+            if line.startswith("watching"):
+                break
+        status, body = ask(port, "GET", "/api/slots", f"127.0.0.1:{port}")
+        assert status == 200, body
+        counters = json.loads(body)["counters"]
+        assert (counters["total"], counters["target"]) == (2, 5), counters
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=20)

@@ -232,7 +232,10 @@ class PreparedStation:
                        "size": image.size, "sha256": self.sha256},
                 station={"name": self.name, "id": uuid.uuid4().hex, "started": time.time(),
                          "batch": request.batch, "operator": request.operator},
-                target=request.watch.count, counters=counters, verify=request.watch.verify)
+                # The counters are the batch's, so is the target: --count more than it had.
+                target=None if request.watch.count is None
+                else counters["total"] + request.watch.count,
+                counters=counters, verify=request.watch.verify)
             hub = Hub(board)
             early = EarlyStop(self.drain, cancel)
             server = Server(Station(hub, self.token, self.journal_path, self.drain,

@@ -46,16 +46,17 @@ class Lines:
                 text in line for line in self.lines)
 
 
-def in_the_share(pid: int) -> bool:
-    """Whether a thread of ``pid`` waits on a FUSE request (the image's share)."""
+def waiting_on_the_share(pid: int) -> set[str]:
+    """The threads of ``pid`` waiting on a FUSE request (the image's share) now."""
+    found = set()
     for tid in os.listdir(f"/proc/{pid}/task"):
         try:
             with open(f"/proc/{pid}/task/{tid}/wchan") as f:
                 if f.read().startswith("request_wait_answer"):
-                    return True
+                    found.add(tid)
         except OSError:
             pass
-    return False
+    return found
 
 
 @contextmanager
@@ -101,15 +102,22 @@ def test_a_station_whose_image_share_hangs_is_refused_after_the_stall_timeout(
 
 def test_ctrl_c_while_the_image_share_hangs_says_so_at_once(tmp_path: Path) -> None:
     """Ctrl-C while the SHA-256's read waits on the share: said at once (130, nothing
-    written), never silence until the share answers."""
+    written, and that the process ends once the share answers), never silence until then."""
     with station_on_a_hanging_share(tmp_path) as (proc, _image, err):
         waited = threading.Event()
-        while not in_the_share(proc.pid):
+        before: set[str] = set()
+        while True:  # a thread that stays in the share: the hash in its crawl, not a check
+            now = waiting_on_the_share(proc.pid)
+            if now & before:
+                break
+            before = now
             assert proc.poll() is None, "".join(err.lines)
-            waited.wait(0.05)
+            waited.wait(0.3)
         proc.send_signal(signal.SIGINT)
         said = err.wait("nothing was written", timeout=5)
         assert said, "".join(err.lines)
+        assert err.wait("a read of the image for its SHA-256 has not returned", timeout=5), \
+            "".join(err.lines)
     assert proc.returncode == 130, "".join(err.lines)
 
 

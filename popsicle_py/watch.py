@@ -96,7 +96,6 @@ POLL_INTERVAL = 0.1
 COPY_MARGIN = 64 << 20
 
 
-
 def removed_message(path: str) -> str:
     """What a drive pulled before it was finished says (the words of ENODEV/ENXIO failures)."""
     return f"{path}: the drive was removed"
@@ -143,6 +142,8 @@ class WatchOptions:
     #: Plans, once, what of the raw image (or raw copy) the drives get: its file systems'
     #: free space is skipped (None: every byte).
     trim: TrimRule | None = None
+    #: The image's stillness check taken earlier (a station's, before its SHA-256 was read).
+    still: Callable[[], None] | None = None
 
 
 @record
@@ -183,8 +184,7 @@ class _Seen:
     """One appearance of a drive in this session (the same stick re-inserted is a new one)."""
 
     def __init__(self, device: pyudev.Device, drive: Drive) -> None:
-        self.device = device
-        self.drive = drive
+        self.device, self.drive = device, drive
         self.path = drive.path
         self.announced = False  # drive_added was emitted
         self.present_at_start = False  # plugged in before watching, and left alone
@@ -226,7 +226,7 @@ class WatchSession:
         self._started: list[_Seen] = []
         #: Raises once the image file changed since the watch began: the sticks written
         #: after it would not be copies of one image (the checksum was checked at the start).
-        self._still = holding_still(image.path)
+        self._still = self.options.still or holding_still(image.path)
 
     # ------------------------------------------------------------------------------------
     # Events

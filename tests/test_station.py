@@ -358,7 +358,7 @@ def test_clients_holding_connections_take_no_descriptor_a_drive_needs(
     try:
         for _ in range(400):
             conn = socket.create_connection((host, int(port)), timeout=10)
-            conn.sendall(b"GET /api/stream HTTP/1.1\r\nHost: x\r\n\r\n")
+            conn.sendall(b"GET /api/stream HTTP/1.1\r\nHost: localhost\r\n\r\n")
             held.append(conn)
         answers = [conn.recv(64).split(b"\r\n", 1)[0] for conn in held]
         assert set(answers) == {b"HTTP/1.1 200 OK", b"HTTP/1.1 503 Service Unavailable"}

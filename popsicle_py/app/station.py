@@ -28,6 +28,8 @@ from popsicle_py.certify.writer import Place
 from popsicle_py.drives import Drive
 from popsicle_py.errors import EXIT_OK, Refused
 from popsicle_py.events import JsonObject
+from popsicle_py.images.stillness import ImageChanged
+from popsicle_py.pacing import Clock
 from popsicle_py.ports import port_path_of
 from popsicle_py.signals import Cancellation, say_on_stderr
 from popsicle_py.station import hook as hook_mod
@@ -54,15 +56,39 @@ __all__ = ["LearnRequest", "PreparedStation", "StationRequest", "learn_slots",
            "prepare_station", "read_records"]
 
 
-def image_sha256(path: str, cancel: Callable[[], bool] = lambda: False) -> str:
-    """The image file's SHA-256, for the records and the page."""
+def image_sha256(path: str, stall_timeout: float | None = None) -> str:
+    """The image file's SHA-256, for the records and the page.
+
+    Read on a thread of its own (as a checksum is): an image on a hung disk or network
+    share holds neither Ctrl-C nor the station for good; less than 1 MiB in
+    ``stall_timeout`` seconds, or a read error, is a refusal (exit 2, nothing written).
+    """
+    from popsicle_py.engine.watched import WorkStalled, watched
+    from popsicle_py.failures import hung_check
+
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(4 << 20):
-            digest.update(chunk)
-            if cancel():
-                return ""
-    return digest.hexdigest()
+    read = [0]
+
+    def work(clock: Clock, stopped: Callable[[], bool]) -> str:
+        with open(path, "rb") as f:
+            while not stopped() and (chunk := f.read(1 << 20)):
+                digest.update(chunk)
+                read[0] += len(chunk)
+                clock.advance(len(chunk))
+        return digest.hexdigest()
+
+    try:
+        found = watched(work, cancel=None, stall_timeout=stall_timeout, name="image-sha256",
+                        hung_note=hung_check(path, "a read of the image for its SHA-256"))
+    except WorkStalled as exc:
+        raise Refused([f"{path} stopped answering while its SHA-256 was computed: "
+                       + (f"no data for {exc.limit:g} s (is the disk or network share it "
+                          "is on hung?)" if not exc.moved
+                          else f"only {exc.moved // 1024} KiB in {exc.limit:g} s")]) from None
+    except OSError as exc:
+        raise Refused([f"{path} could not be read for its SHA-256 (at byte {read[0]}): "
+                       f"{exc.strerror or exc}"]) from None
+    return found or ""
 
 
 class EarlyStop:
@@ -80,12 +106,18 @@ class EarlyStop:
         self._lock = threading.Lock()
         self._taken = False
         self.cancelled = False  # the stop ended the preparation (no drive was ever taken)
+        self._said = False
 
     def stop(self) -> None:
         with self._lock:
             if not self._taken and not self.cancel():
                 self.cancelled = True
                 self.cancel.request()
+            if not self._said:  # the terminal's operator learns why the station ends
+                self._said = True
+                say_on_stderr("stop asked for (POST /api/stop): " + (
+                    "no drive is being written, ending now" if self.cancelled
+                    else "the drives being written are finished, no new one is taken"))
 
     def take(self) -> bool:
         """A drive is about to be taken: False once a stop came (it is refused)."""
@@ -179,6 +211,13 @@ class PreparedStation:
         its slot.  :attr:`exit_status`: 0 after a stop (the API, or a signal while no drive is
         being written), 128 + signal when a signal cut a drive short, else as ``watch``."""
         request, watch = self.request, self.watch
+        still = watch.source.still  # taken as the image was opened, before its SHA-256
+        if still is not None:
+            try:
+                still()
+            except ImageChanged as exc:  # at the confirmation, say: the digest is another's
+                raise Refused([f"{watch.image.path} changed since its SHA-256 was read "
+                               f"({exc.how}): start again; nothing was written"]) from None
         journal = journal_mod.Journal(self.journal_path, station=self.name,
                                       session=uuid.uuid4().hex, batch=request.batch,
                                       operator=request.operator)
@@ -193,11 +232,15 @@ class PreparedStation:
                        "size": image.size, "sha256": self.sha256},
                 station={"name": self.name, "id": uuid.uuid4().hex, "started": time.time(),
                          "batch": request.batch, "operator": request.operator},
-                target=request.watch.count, counters=counters, verify=request.watch.verify)
+                # The counters are the batch's, so is the target: --count more than it had.
+                target=None if request.watch.count is None
+                else counters["total"] + request.watch.count,
+                counters=counters, verify=request.watch.verify)
             hub = Hub(board)
             early = EarlyStop(self.drain, cancel)
             server = Server(Station(hub, self.token, self.journal_path, self.drain,
-                                    on_stop=early.stop), self.sock)
+                                    on_stop=early.stop, loopback=is_loopback(self.sock)),
+                            self.sock)
             try:
                 server.start()
             except ServerError as exc:
@@ -219,7 +262,7 @@ class PreparedStation:
                     watch.personaliser.slot_of = self.slot_map.label_of  # {slot}: the label
                 hooks = watch_mod.WatchOptions(admit=self.admit(hub, tagger, early),
                                                drain=self.drain,
-                                               first_seq=before + 1)
+                                               first_seq=before + 1, still=still)
                 summary = watch.run(station_view, cancel, hooks=hooks)
                 if hook is not None:
                     hook.join(cancel, say_on_stderr)
@@ -293,12 +336,17 @@ def _prepare(request: StationRequest, slot_map: slots_mod.SlotMap | None,
         watch.close()
         raise Refused([str(exc)]) from None
     checksum = watch.source.checksum
-    if checksum is not None and checksum.algo == "sha256":
-        sha256 = checksum.hexdigest.lower()
-    elif watch.source.local:
-        sha256 = image_sha256(watch.image.path)
-    else:
-        sha256 = ""
+    try:
+        if checksum is not None and checksum.algo == "sha256":
+            sha256 = checksum.hexdigest.lower()
+        elif watch.source.local:
+            sha256 = image_sha256(watch.image.path, request.watch.stall_timeout)
+        else:
+            sha256 = ""
+    except BaseException:
+        sock.close()
+        watch.close()
+        raise
     return PreparedStation(request, watch, slot_map, sock, token, token_file, made,
                            journal_path, sha256, hook, lock)
 
@@ -309,8 +357,12 @@ def learn_slots(request: LearnRequest, say: Callable[[str], None],
 
     Nothing is opened: a stick's port is read from sysfs as it appears.
     """
+    from popsicle_py.drives import udev_hint
     from popsicle_py.station.learn import learn
 
+    note = udev_hint()  # without udevd no stick is ever seen: say so, never wait in silence
+    if note is not None:
+        say(note)
     found = learn(request.labels, say, cancel)
     if found is None:
         return None

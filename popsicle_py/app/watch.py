@@ -75,8 +75,8 @@ class PreparedWatch(HeldFiles):
             hooks: watch_mod.WatchOptions | None = None) -> events.Summary:
         """Download (a URL), check, decompress once, then write each drive as it comes.
 
-        ``hooks`` brings a station's ``admit``, ``drain`` and ``first_seq`` (the rest of it is
-        ignored).
+        ``hooks`` brings a station's ``admit``, ``drain``, ``first_seq`` and ``still`` (the
+        rest of it is ignored).
 
         :attr:`exit_status` says how the session ended (a signal while no drive was being
         written is the normal end of an open-ended session).
@@ -100,6 +100,7 @@ class PreparedWatch(HeldFiles):
                                              self.personaliser),
                                          drain=hooks.drain if hooks else None,
                                          first_seq=hooks.first_seq if hooks else 1,
+                                         still=hooks.still if hooks else None,
                                          certify=None if self.certificates is None
                                          else self.certificates.certify,
                                          speeds=speed_rule(request.grade),

@@ -142,6 +142,7 @@ def slots_command(file: str, count: int | None, labels: str | None, debug: bool)
             click.echo(line)
 
         cancel = Cancellation()
+        cancel.announce = lambda _text: None  # no drive to stop: "cancelled" says it all
         with cancel.installed():
             found = learn_slots(LearnRequest(file, wanted), say, cancel)
         if found is None:

@@ -12,7 +12,9 @@
 
 Every POST needs ``Authorization: Bearer TOKEN``.  Only the page's own three assets are
 served; request bodies are bounded (:data:`MAX_BODY`) and so is the time of every request
-that is not a stream (:data:`REQUEST_SECONDS`).
+that is not a stream (:data:`REQUEST_SECONDS`).  On a loopback address, a request whose
+``Host`` names anything else is answered 421: a web page of another site whose name was
+pointed at 127.0.0.1 (DNS rebinding) reads no journal, serials or operator names.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import ipaddress
 import json
 import threading
 from collections.abc import Awaitable, Callable
@@ -65,6 +68,8 @@ class Station:
     #: Called by ``POST /api/stop`` once ``drain`` is set: before any drive can be written
     #: (a download, a decompression), the station's preparation is abandoned at once.
     on_stop: Callable[[], None] | None = None
+    #: Served on a loopback address: only requests addressed to a loopback name are answered.
+    loopback: bool = False
 
 
 #: What the application holds, typed (aiohttp's AppKey: string keys are deprecated there).
@@ -84,6 +89,11 @@ def _assets() -> dict[str, bytes]:
 async def _guard(request: web.Request, handler: Handler) -> web.StreamResponse:
     """The token for every POST; a time limit for every request but the streams."""
     station: Station = request.app[STATION_KEY]
+    host = request.headers.get("Host")
+    if station.loopback and host is not None and not addressed_locally(host):
+        return web.json_response({"error": f"this station answers only at a loopback address "
+                                  f"(localhost, 127.0.0.1, [::1]), not at {host[:100]!r}"},
+                                 status=421)
     if request.method not in ("GET", "HEAD"):
         # The token first: a body is read only for a client that may post one.
         if not _authorized(request.headers.get("Authorization", ""), station.token):
@@ -108,6 +118,23 @@ async def _guard(request: web.Request, handler: Handler) -> web.StreamResponse:
         return await asyncio.wait_for(handler(request), REQUEST_SECONDS)
     except asyncio.TimeoutError:
         return web.json_response({"error": "timed out"}, status=503)
+
+
+def addressed_locally(host: str) -> bool:
+    """Whether a ``Host`` header names this machine's loopback: ``localhost`` (and its
+    subdomains), a loopback address, with or without a port."""
+    name = host.strip()
+    if name.startswith("["):
+        name = name[1:].partition("]")[0]
+    elif name.count(":") == 1:
+        name = name.partition(":")[0]
+    name = name.rstrip(".").lower()
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
 
 
 def _authorized(given: str, token: str) -> bool:

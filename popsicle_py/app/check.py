@@ -72,7 +72,7 @@ class PreparedCheck(ReadsDrives):
 
 #: What each small file read is, as a refusal names it.
 _SMALL_FILES = {"certificate": "a certificate", "signature": "a signature",
-                "--sums": "a SHA256SUMS file"}
+                "--sums": "a SHA256SUMS file", "--allowed-signers": "an allowed_signers file"}
 
 
 def _read_small(path: str, what: str) -> bytes:
@@ -102,6 +102,8 @@ def identity_notes(cert: model.Certificate, drive: Drive) -> list[str]:
 def _from_certificate(request: CheckRequest) -> tuple[Expected, list[str], model.Certificate]:
     path = request.certificate
     assert path is not None
+    if request.allowed_signers is not None:  # ssh-keygen would say only "No principal matched"
+        _read_small(request.allowed_signers, "--allowed-signers")
     data = _read_small(path, "certificate")
     cert = model.parse(data.decode("utf-8", errors="replace"), path)
     sig_path = path + sshsig.SIG_SUFFIX

@@ -98,8 +98,10 @@ def verify(where: str, data: bytes, signature: bytes, allowed_signers: str) -> s
              "-s", "{sig}"], data, signature)
         if code == 0:
             return principal
-    raise CertificateError(f"{where}: the signature does not match the certificate: it was "
-                           f"changed after signing ({why})")
+    # Intact, yet refused: the file restricts that key (its namespaces, its validity).
+    check_intact(where, data, signature)
+    raise CertificateError(f"{where}: signed by {', '.join(principals)}, whom "
+                           f"{allowed_signers} does not allow to sign it ({why})")
 
 
 def check_intact(where: str, data: bytes, signature: bytes) -> None:

@@ -1,0 +1,64 @@
+"""``popsicle-py check --allowed-signers``: a refusal says what is wrong (review, session 16).
+
+Before: a missing allowed_signers file read "signed by a key that FILE does not allow (No
+principal matched.)", and a signer the file restricts (``namespaces=``, ``valid-before=``)
+read "the signature does not match the certificate: it was changed after signing".
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import popsicle_cmd
+from tests.loopdev import Loop
+from tests.test_check import certificate_for, image_bytes
+
+pytestmark = pytest.mark.skipif(shutil.which("ssh-keygen") is None,
+                                reason="ssh-keygen is not installed")
+
+
+def signed_certificate(tmp_path: Path, loop_factory: Callable[..., Loop]
+                       ) -> tuple[Path, Path, str]:
+    """A drive holding an image, its certificate signed with a new key: (cert, key, drive)."""
+    data = image_bytes()
+    loop = loop_factory(8 * (1 << 20), fill=0x5A)
+    with open(loop.backing, "r+b") as f:
+        f.write(data)
+    key, cert = tmp_path / "key", tmp_path / "c.json"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    cert.write_text(certificate_for(data).text())
+    subprocess.run(["ssh-keygen", "-q", "-Y", "sign", "-f", str(key), "-n", "popsicle-py",
+                    str(cert)], check=True, capture_output=True)
+    return cert, key, loop.path
+
+
+def check(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*popsicle_cmd(), "check", *map(str, args)], capture_output=True,
+                          text=True, stdin=subprocess.DEVNULL, timeout=120)
+
+
+def test_a_missing_allowed_signers_file_is_named(loop_factory: Callable[..., Loop],
+                                                  tmp_path: Path) -> None:
+    cert, _, drive = signed_certificate(tmp_path, loop_factory)
+    missing = tmp_path / "allowed_signers"
+    done = check(cert, drive, "--allowed-signers", missing)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert done.stderr == f"popsicle-py: --allowed-signers {missing}: No such file or directory\n"
+    assert done.stdout == ""
+
+
+@pytest.mark.parametrize("option", ['namespaces="file"', 'valid-before="20200101"'])
+def test_a_signer_the_file_restricts_is_not_called_a_changed_certificate(
+        loop_factory: Callable[..., Loop], tmp_path: Path, option: str) -> None:
+    cert, key, drive = signed_certificate(tmp_path, loop_factory)
+    allowed = tmp_path / "allowed_signers"
+    allowed.write_text(f"release@example.org {option} {key.with_suffix('.pub').read_text()}")
+    done = check(cert, drive, "--allowed-signers", allowed)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "changed after signing" not in done.stderr
+    assert "does not allow" in done.stderr and done.stderr.count("\n") == 1, done.stderr

@@ -7,6 +7,7 @@ read "the signature does not match the certificate: it was changed after signing
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from collections.abc import Callable
@@ -62,3 +63,19 @@ def test_a_signer_the_file_restricts_is_not_called_a_changed_certificate(
     assert done.returncode == 2, done.stdout + done.stderr
     assert "changed after signing" not in done.stderr
     assert "does not allow" in done.stderr and done.stderr.count("\n") == 1, done.stderr
+
+
+def test_a_certificate_directory_that_is_a_pipe_is_refused_as_not_a_directory(
+        loop_factory: Callable[..., Loop], tmp_path: Path) -> None:
+    """Before: "--certificate PATH: File exists" (what makedirs said), as if taken."""
+    image = tmp_path / "disk.img"
+    image.write_bytes(image_bytes())
+    drive = loop_factory(8 * (1 << 20), fill=0x5A)
+    pipe = tmp_path / "certs"
+    os.mkfifo(pipe)
+    done = subprocess.run([*popsicle_cmd(), "flash", str(image), drive.path, "--yes",
+                           "--certificate", str(pipe)], capture_output=True, text=True,
+                          stdin=subprocess.DEVNULL, timeout=120)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert done.stderr == f"popsicle-py: --certificate {pipe}: not a directory\n"
+    assert set(drive.read()) == {0x5A}

@@ -79,3 +79,19 @@ def test_a_certificate_directory_that_is_a_pipe_is_refused_as_not_a_directory(
     assert done.returncode == 2, done.stdout + done.stderr
     assert done.stderr == f"popsicle-py: --certificate {pipe}: not a directory\n"
     assert set(drive.read()) == {0x5A}
+
+
+def test_a_sign_key_that_is_no_key_is_not_called_missing(
+        loop_factory: Callable[..., Loop], tmp_path: Path) -> None:
+    """Before: "Couldn't load public key PATH: No such file or directory" (ssh-keygen's words,
+    about a .pub it looked for) for a file that is there."""
+    image = tmp_path / "disk.img"
+    image.write_bytes(image_bytes())
+    drive = loop_factory(8 * (1 << 20), fill=0x5A)
+    done = subprocess.run([*popsicle_cmd(), "flash", str(image), drive.path, "--yes",
+                           "--certificate", str(tmp_path / "certs"), "--sign-key", str(image)],
+                          capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=120)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert done.stderr == (f"popsicle-py: --sign-key {image}: {image} is not an OpenSSH private "
+                           "key, nor the .pub of one held by ssh-agent\n")
+    assert set(drive.read()) == {0x5A}

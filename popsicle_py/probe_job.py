@@ -59,6 +59,8 @@ class ProbeJob(_Job):
             self._fail(drive, msg.why)
             return
         result = msg.result
+        if result.error is not None and self.cancel():  # stopped by the signal, not the drive
+            return self._end(drive, Status.CANCELLED, "cancelled", cause=Cause.CANCELLED)
         self.emit(Probed(drive.path, result.claimed, result.real_estimate, result.ok,
                          result.message, result.elapsed))
         if result.ok:

@@ -25,7 +25,8 @@ R; R itself is found by dividing G by its prime factors while "write at x, read 
 still shows the fresh stamp (true exactly when R divides r).  For dropped writes, bisection
 between the highest good and the lowest failing position.  Each of these test writes is
 followed by a decoy write elsewhere: a drive that answers every address past R with its most
-recent write (its write buffer) then shows the decoy, not the fresh stamp, past R.  Its
+recent write (its write buffer) then shows the decoy, not the fresh stamp, past R; the
+flush stamps (:func:`~popsicle_py.probe_plan.flush_runs`) follow, past a write cache.  Its
 aliases have no period (G is not a multiple of R, which "write at x, read at x + G" shows),
 so it is sized by the bisection.
 
@@ -467,7 +468,8 @@ def probe(target: int | str, claimed: int, positions: Sequence[int] | None = Non
     ``target`` is an open descriptor (O_DIRECT, as the flash opens drives; left open) or a
     device path (opened with :func:`open_for_probe` and closed).  Positions and reads default
     to :func:`plan_positions` / :func:`plan_reads` for ``claimed``.  Data at the stamp
-    positions is destroyed; the first 64 KiB are never written.
+    positions and over the rest of the first MiB is destroyed; the first 64 KiB are never
+    written.
     """
     started = clock()
     fd = open_for_probe(target) if isinstance(target, str) else target

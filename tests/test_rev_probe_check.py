@@ -95,3 +95,21 @@ def test_a_sign_key_that_is_no_key_is_not_called_missing(
     assert done.stderr == (f"popsicle-py: --sign-key {image}: {image} is not an OpenSSH private "
                            "key, nor the .pub of one held by ssh-agent\n")
     assert set(drive.read()) == {0x5A}
+
+
+@pytest.mark.parametrize("where", ["certificate", "--sums", "--allowed-signers"])
+def test_a_named_pipe_nobody_writes_to_is_refused_at_once(
+        loop_factory: Callable[..., Loop], tmp_path: Path, where: str) -> None:
+    """Before: ``check`` waited for a writer for ever (until Ctrl-C)."""
+    cert, _, drive = signed_certificate(tmp_path, loop_factory)
+    pipe = tmp_path / "pipe"
+    os.mkfifo(pipe)
+    args: list[str | Path] = {
+        "certificate": [pipe, drive],
+        "--sums": ["--sums", pipe, "disk.img", "--size", "4096", drive],
+        "--allowed-signers": [cert, drive, "--allowed-signers", pipe]}[where]
+    done = subprocess.run([*popsicle_cmd(), "check", *map(str, args)], capture_output=True,
+                          text=True, stdin=subprocess.DEVNULL, timeout=20)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert done.stderr.startswith("popsicle-py: ") and done.stderr.count("\n") == 1
+    assert done.stdout == ""

@@ -104,10 +104,11 @@ def test_a_named_pipe_nobody_writes_to_is_refused_at_once(
     cert, _, drive = signed_certificate(tmp_path, loop_factory)
     pipe = tmp_path / "pipe"
     os.mkfifo(pipe)
-    args: list[str | Path] = {
+    cases: dict[str, list[str | Path]] = {
         "certificate": [pipe, drive],
         "--sums": ["--sums", pipe, "disk.img", "--size", "4096", drive],
-        "--allowed-signers": [cert, drive, "--allowed-signers", pipe]}[where]
+        "--allowed-signers": [cert, drive, "--allowed-signers", pipe]}
+    args = cases[where]
     done = subprocess.run([*popsicle_cmd(), "check", *map(str, args)], capture_output=True,
                           text=True, stdin=subprocess.DEVNULL, timeout=20)
     assert done.returncode == 2, done.stdout + done.stderr

@@ -114,3 +114,16 @@ def test_a_named_pipe_nobody_writes_to_is_refused_at_once(
     assert done.returncode == 2, done.stdout + done.stderr
     assert done.stderr.startswith("popsicle-py: ") and done.stderr.count("\n") == 1
     assert done.stdout == ""
+
+
+def test_a_certificate_nested_too_deep_is_refused_in_one_line(
+        loop_factory: Callable[..., Loop], tmp_path: Path) -> None:
+    """Before: "popsicle-py: unexpected error: maximum recursion depth exceeded", exit 1."""
+    drive = loop_factory(1 << 20)
+    cert = tmp_path / "deep.json"
+    cert.write_text("[" * 100_000)
+    done = subprocess.run([*popsicle_cmd(), "check", str(cert), drive.path], capture_output=True,
+                          text=True, stdin=subprocess.DEVNULL, timeout=60)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert done.stderr.startswith(f"popsicle-py: {cert}: not JSON (")
+    assert done.stderr.count("\n") == 1 and "unexpected" not in done.stderr

@@ -337,20 +337,23 @@ def covered(offset: int, length: int, ranges: Ranges) -> bool:
 def probe_device(device: BlockDevice, boundaries: Iterable[int] = (),
                  stopped: Callable[[], bool] = lambda: False,
                  overwritten: Ranges = (),
-                 answered: Callable[[], None] = lambda: None) -> ProbeResult:
+                 answered: Callable[[], None] = lambda: None,
+                 given_up: Callable[[], bool] | None = None) -> ProbeResult:
     """Probe an opened drive for its whole claimed size (``device.size``).
 
-    What the stamps overwrote is put back unless the probe was stopped; when the drive
-    passes, not inside ``overwritten`` (the ranges a flash writes next).  A drive that fails
-    or errs is put back whole: nothing will be written to it.  ``answered()`` is told after
-    each request (the caller's stall clock).
+    What the stamps overwrote is put back unless the probe was stopped and the drive given
+    up (``given_up``, default ``stopped``: a Ctrl-C leaves a drive that answers its own);
+    when the drive passes, not inside ``overwritten`` (the ranges a flash writes next).  A
+    drive that fails or errs is put back whole: nothing will be written to it.
+    ``answered()`` is told after each request (the caller's stall clock).
     """
-    return _probe(device, boundaries, stopped, overwritten, answered=answered)[0]
+    return _probe(device, boundaries, stopped, overwritten, answered=answered,
+                  given_up=given_up or stopped)[0]
 
 
 def _probe(device: BlockDevice, boundaries: Iterable[int], stopped: Callable[[], bool],
-           overwritten: Ranges, head: int = 0,
-           answered: Callable[[], None] = lambda: None) -> tuple[ProbeResult, DeviceIO]:
+           overwritten: Ranges, head: int = 0, answered: Callable[[], None] = lambda: None,
+           given_up: Callable[[], bool] = lambda: True) -> tuple[ProbeResult, DeviceIO]:
     """:func:`probe_device`; a drive that passes keeps its stamps in the first ``head`` bytes
     too, saved in the returned :class:`DeviceIO` to be put back later."""
     started = time.monotonic()
@@ -358,7 +361,7 @@ def _probe(device: BlockDevice, boundaries: Iterable[int], stopped: Callable[[],
     positions = plan_positions(device.size, io.block, boundaries)
     reads = plan_reads(device.size, io.block, positions)
     result = run_probe(io, device.size, positions, reads, started=started)
-    if not stopped():
+    if not stopped() or not given_up():
         try:
             if result.ok:
                 io.restore(overwritten, ((0, head),))

@@ -38,7 +38,8 @@ class ProbeJob(_Job):
             lane.waiting = False
             lane.touch()
             result = probe_mod.probe_device(lane.dest, stopped=lambda: lane.stopped,
-                                            answered=lane.answered)
+                                            answered=lane.answered,
+                                            given_up=lambda: lane.abandoned)
             lane.post(_Probed(lane.id, result))
 
         for drive in self.drives:

@@ -38,3 +38,27 @@ def test_ctrl_c_during_a_probe_cancels_the_drive_and_exits_130(
     (result,) = json.loads(out.splitlines()[-1])["results"]
     assert (result["status"], result["cause"]) == ("cancelled", "cancelled"), result
     assert "I/O error" not in out + err
+
+
+@needs_root
+def test_ctrl_c_during_a_probe_puts_back_what_its_stamps_overwrote(
+        faulty_drive: Callable[..., FaultyDrive]) -> None:
+    """Before: a probe stopped by the signal put nothing back (its stamps, and the stamps
+    over the first MiB, stayed on a drive that still answered)."""
+    drive = faulty_drive(64 * MiB, fill=0x5A, crawl=(0, 1_000_000))
+    proc = subprocess.Popen([*popsicle_cmd(), "probe", drive.path, "--yes"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            stdin=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while len(drive.writes()) < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(drive.writes()) >= 3
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=15)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, out + err
+    assert drive.read(0, 64 * MiB) == bytes([0x5A]) * (64 * MiB)

@@ -25,7 +25,8 @@ R; R itself is found by dividing G by its prime factors while "write at x, read 
 still shows the fresh stamp (true exactly when R divides r).  For dropped writes, bisection
 between the highest good and the lowest failing position.  Each of these test writes is
 followed by a decoy write elsewhere: a drive that answers every address past R with its most
-recent write (its write buffer) then shows the decoy, not the fresh stamp, past R.  Its
+recent write (its write buffer) then shows the decoy, not the fresh stamp, past R; the
+flush stamps (:func:`~popsicle_py.probe_plan.flush_runs`) follow, past a write cache.  Its
 aliases have no period (G is not a multiple of R, which "write at x, read at x + G" shows),
 so it is sized by the bisection.
 
@@ -61,6 +62,7 @@ from popsicle_py.probe_plan import (
     Ranges,
     Reading,
     Verdict,
+    flush_runs,
     judge,
     plan_positions,
     plan_reads,
@@ -202,11 +204,16 @@ class DeviceIO:
             raise OSError(errno.ECANCELED, "probe stopped")
 
     def write(self, offset: int, data: bytes) -> None:
+        """Write whole blocks, each first saved as it was before the probe's first write
+        to it (one entry a block: a run over earlier stamps keeps their first content)."""
         self._check()
-        if offset not in self.saved:
-            self.saved[offset] = self._read(offset, len(data))
+        blocks = range(offset, offset + len(data), self.block)
+        if any(at not in self.saved for at in blocks):
+            old = self._read(offset, len(data))
+            for at in blocks:
+                self.saved.setdefault(at, old[at - offset:at - offset + self.block])
         self._write(offset, data)
-        self.writes += 1
+        self.writes += len(blocks)
 
     def _write(self, offset: int, data: bytes) -> None:
         view = self.buf[: len(data)]
@@ -247,22 +254,31 @@ class DeviceIO:
         left: dict[int, bytes] = {}  # not put back by this call, last written first
         spared: set[int] = set()
         failed: list[tuple[int, OSError]] = []
+        runs: list[tuple[int, bytes]] = []  # adjacent blocks put back in one write
         for offset, data in reversed(self.saved.items()):
             if len(data) != self.block:
                 continue
             if covered(offset, self.block, overwritten):
                 left[offset] = data
                 spared.add(offset)
-                continue
-            if covered(offset, self.block, later):
+            elif covered(offset, self.block, later):
                 left[offset] = data
-                continue
+            elif runs and runs[-1][0] == offset + self.block \
+                    and len(runs[-1][1]) < len(self.buf):
+                runs[-1] = (offset, data + runs[-1][1])
+            else:
+                runs.append((offset, data))
+        for offset, data in runs:
             try:
                 self._write(offset, data)
             except OSError as exc:
-                failed.append((offset, exc))
+                if len(data) == self.block:
+                    failed.append((offset, exc))
+                    continue
+                runs.extend((at, data[at - offset:at - offset + self.block])  # one by one
+                            for at in range(offset, offset + len(data), self.block))
                 continue
-            restored += 1
+            restored += len(data) // self.block
         flush: OSError | None = None
         if restored:
             try:
@@ -321,20 +337,23 @@ def covered(offset: int, length: int, ranges: Ranges) -> bool:
 def probe_device(device: BlockDevice, boundaries: Iterable[int] = (),
                  stopped: Callable[[], bool] = lambda: False,
                  overwritten: Ranges = (),
-                 answered: Callable[[], None] = lambda: None) -> ProbeResult:
+                 answered: Callable[[], None] = lambda: None,
+                 given_up: Callable[[], bool] | None = None) -> ProbeResult:
     """Probe an opened drive for its whole claimed size (``device.size``).
 
-    What the stamps overwrote is put back unless the probe was stopped; when the drive
-    passes, not inside ``overwritten`` (the ranges a flash writes next).  A drive that fails
-    or errs is put back whole: nothing will be written to it.  ``answered()`` is told after
-    each request (the caller's stall clock).
+    What the stamps overwrote is put back unless the probe was stopped and the drive given
+    up (``given_up``, default ``stopped``: a Ctrl-C leaves a drive that answers its own);
+    when the drive passes, not inside ``overwritten`` (the ranges a flash writes next).  A
+    drive that fails or errs is put back whole: nothing will be written to it.
+    ``answered()`` is told after each request (the caller's stall clock).
     """
-    return _probe(device, boundaries, stopped, overwritten, answered=answered)[0]
+    return _probe(device, boundaries, stopped, overwritten, answered=answered,
+                  given_up=given_up or stopped)[0]
 
 
 def _probe(device: BlockDevice, boundaries: Iterable[int], stopped: Callable[[], bool],
-           overwritten: Ranges, head: int = 0,
-           answered: Callable[[], None] = lambda: None) -> tuple[ProbeResult, DeviceIO]:
+           overwritten: Ranges, head: int = 0, answered: Callable[[], None] = lambda: None,
+           given_up: Callable[[], bool] = lambda: True) -> tuple[ProbeResult, DeviceIO]:
     """:func:`probe_device`; a drive that passes keeps its stamps in the first ``head`` bytes
     too, saved in the returned :class:`DeviceIO` to be put back later."""
     started = time.monotonic()
@@ -342,7 +361,7 @@ def _probe(device: BlockDevice, boundaries: Iterable[int], stopped: Callable[[],
     positions = plan_positions(device.size, io.block, boundaries)
     reads = plan_reads(device.size, io.block, positions)
     result = run_probe(io, device.size, positions, reads, started=started)
-    if not stopped():
+    if not stopped() or not given_up():
         try:
             if result.ok:
                 io.restore(overwritten, ((0, head),))
@@ -452,7 +471,8 @@ def probe(target: int | str, claimed: int, positions: Sequence[int] | None = Non
     ``target`` is an open descriptor (O_DIRECT, as the flash opens drives; left open) or a
     device path (opened with :func:`open_for_probe` and closed).  Positions and reads default
     to :func:`plan_positions` / :func:`plan_reads` for ``claimed``.  Data at the stamp
-    positions is destroyed; the first 64 KiB are never written.
+    positions and over the rest of the first MiB is destroyed; the first 64 KiB are never
+    written.
     """
     started = clock()
     fd = open_for_probe(target) if isinstance(target, str) else target
@@ -489,9 +509,18 @@ def run_probe(dev: BlockIO, claimed: int, positions: Sequence[int], reads: Seque
                            verdict.aliases if verdict else ())
 
     at = 0
+
+    def flush(*fresh: int) -> None:
+        """:data:`~popsicle_py.probe_plan.FLUSH` bytes of stamps past a write cache (all
+        but the stamps written and ``fresh``): what is read next comes from the drive."""
+        nonlocal at
+        for at, length in flush_runs(claimed, block, {*positions, *fresh}):
+            dev.write(at, b"".join(stamp(nonce, at + k, block) for k in range(0, length, block)))
+
     try:
         for at in sorted(positions, reverse=True):  # highest first: see the module docstring
             dev.write(at, stamp(nonce, at, block))
+        flush()
         at = 0
         dev.settle()
         readings: list[Reading] = []
@@ -507,27 +536,36 @@ def run_probe(dev: BlockIO, claimed: int, positions: Sequence[int], reads: Seque
             return done(True, claimed)
         sequence = 0
 
-        def fresh(offset: int, decoy: int) -> bytes:
+        def fresh(offset: int, decoy: int, flushed: bool = False) -> bytes:
             """A new stamp at ``offset``, then one at ``decoy``: a drive that answers
-            addresses it does not have with its most recent write shows the decoy there."""
-            nonlocal sequence
+            addresses it does not have with its most recent write shows the decoy there.
+            ``flushed``: then the flush stamps too, out of a write cache's reach."""
+            nonlocal sequence, at
             sequence += 2
             data = stamp(nonce, offset, block, sequence - 1)
+            at = offset
             dev.write(offset, data)
             dev.write(decoy, stamp(nonce, decoy, block, sequence))
+            if flushed:
+                flush(offset, decoy)
             dev.settle()
             return data
 
         if verdict.aliases:
             # A write at x shows at x + r exactly when R divides r; a stamp written at
             # x carries x's offset, so compare the whole block with what was just written.
+            # Tried without the flush stamps, then with them (a write cache): they would
+            # overwrite a wrap at most FLUSH long, and never make a stamp show where it is not.
             def check(r: int) -> bool:
                 nonlocal at
-                at = PROTECTED + r
-                if at > claimed - block:
+                if PROTECTED + r > claimed - block:
                     return False
-                data = fresh(PROTECTED, PROTECTED + block)
-                return dev.read(at, block) == data
+                for flushed in (False, True):
+                    data = fresh(PROTECTED, PROTECTED + block, flushed)
+                    at = PROTECTED + r
+                    if dev.read(at, block) == data:
+                        return True
+                return False
 
             # The aliases' gcd is a multiple of R only for a true wrap; a drive that answers
             # every address past R with its latest write shows aliases of no period.  (A gcd
@@ -546,8 +584,8 @@ def run_probe(dev: BlockIO, claimed: int, positions: Sequence[int], reads: Seque
             mid -= mid % block
             if mid <= lo:
                 mid = lo + block
+            data = fresh(mid, PROTECTED if mid != PROTECTED else PROTECTED + block, True)
             at = mid
-            data = fresh(mid, PROTECTED if mid != PROTECTED else PROTECTED + block)
             if dev.read(mid, block) == data:
                 lo = mid
             else:

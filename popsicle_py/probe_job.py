@@ -38,7 +38,8 @@ class ProbeJob(_Job):
             lane.waiting = False
             lane.touch()
             result = probe_mod.probe_device(lane.dest, stopped=lambda: lane.stopped,
-                                            answered=lane.answered)
+                                            answered=lane.answered,
+                                            given_up=lambda: lane.abandoned)
             lane.post(_Probed(lane.id, result))
 
         for drive in self.drives:
@@ -59,6 +60,8 @@ class ProbeJob(_Job):
             self._fail(drive, msg.why)
             return
         result = msg.result
+        if result.error is not None and self.cancel():  # stopped by the signal, not the drive
+            return self._end(drive, Status.CANCELLED, "cancelled", cause=Cause.CANCELLED)
         self.emit(Probed(drive.path, result.claimed, result.real_estimate, result.ok,
                          result.message, result.elapsed))
         if result.ok:

@@ -13,6 +13,12 @@ Which positions (:func:`plan_positions`, :func:`plan_reads`), pure functions:
   64 KiB (partition table, boot code) are read, never written: a stamp found there is the
   last block wrapped onto them.
 - A drive that drops writes past R fails at the last block whatever R is.
+- A counterfeit's controller may keep its latest writes in a cache it answers reads from,
+  past every flush the host asks for: a stamp still in it reads back right however the drive
+  lost it (wrapped onto another block, or dropped), and a stamp not yet out of it is not where
+  its alias is read.  So :data:`FLUSH` bytes of stamps are written last, before anything is
+  read back (:func:`flush_runs`): they push every other stamp out of a cache of up to that
+  size (a drive that caches more can pass for genuine).
 """
 
 from __future__ import annotations
@@ -28,6 +34,10 @@ PROTECTED = 64 << 10
 MIN_UNIT = 64 << 10
 #: At most this many units in a claim: bounds the number of writes and reads.
 MAX_UNITS = 1 << 16
+#: Stamps over the drive's first MiB past :data:`PROTECTED` are written after the others and
+#: before any read: a write cache up to 896 KiB (960 KiB but for the stamps among them) is
+#: emptied of the others (see the module docstring).  A flash overwrites them with its head's stamp.
+FLUSH = (1 << 20) - PROTECTED
 MAGIC = b"POPSICLE-PROBE\0\0"
 _HEADER = struct.Struct("<16s16sQI")  # magic, nonce, offset, sequence
 #: Byte ranges of a drive as (offset, length) pairs.
@@ -92,6 +102,23 @@ def plan_reads(claimed_size: int, block_size: int, positions: Iterable[int] = ()
     found.update(PROTECTED + m * g.unit for m in range(max(0, top - g.babies), top + 1))
     written = set(positions)
     return sorted(p for p in found if p <= g.last and p not in written)
+
+
+def flush_runs(claimed_size: int, block_size: int, skip: Iterable[int] = ()
+               ) -> list[tuple[int, int]]:
+    """Where the :data:`FLUSH` stamps go, as (offset, length) runs of at most 64 KiB: the
+    blocks of ``[PROTECTED, PROTECTED + FLUSH)`` on the drive, but for ``skip`` (the stamps
+    they must not overwrite)."""
+    skipped = set(skip)
+    end = min(PROTECTED + FLUSH, grid(claimed_size, block_size).last + block_size)
+    runs: list[tuple[int, int]] = []
+    start = PROTECTED
+    for at in range(PROTECTED, end + block_size, block_size):
+        if at >= end or at in skipped or at - start >= MIN_UNIT:
+            if at > start:
+                runs.append((start, at - start))
+            start = at + block_size if at in skipped else at
+    return runs
 
 
 # ----------------------------------------------------------------------------------------------

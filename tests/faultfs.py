@@ -40,7 +40,7 @@ import mfusepy
 
 FAULT_NAMES = ("drop_writes_after", "wrap", "bad_write", "bad_write_times", "bad_read",
                "flip_bit", "crawl", "hang", "recent_after", "bad_read_from", "bad_write_from",
-               "read_hang_after")
+               "read_hang_after", "cache_writes")
 NAME = "disk"
 
 
@@ -69,6 +69,7 @@ class FaultFS(mfusepy.Operations):  # type: ignore[misc]
         self.fired: set[tuple[Any, ...]] = set()
         self.next_free = 0.0  # crawl: when the paced "drive" is free again
         self.recent = b""  # recent_after: the most recent write's bytes
+        self.cached: list[tuple[int, bytes]] = []  # cache_writes: the latest writes, in order
         self.reload()
         self.started = time.time_ns()
         threading.Thread(target=self._watch, daemon=True).start()
@@ -203,6 +204,12 @@ class FaultFS(mfusepy.Operations):  # type: ignore[misc]
             start = max(0, recent - offset)
             if last:  # the most recent write, repeated over what is past the real size
                 data[start:] = (last * ((size - start) // len(last) + 1))[:size - start]
+        with self.lock:
+            cached = list(self.cached) if faults.get("cache_writes") else []
+        for at, held in cached:  # oldest first: the latest write to a byte wins
+            lo, hi = max(at, offset), min(at + len(held), offset + size)
+            if lo < hi:
+                data[lo - offset:hi - offset] = held[lo - at:hi - at]
         flip = faults.get("flip_bit")
         if flip and offset <= flip[0] < offset + size:
             key = tuple(flip)
@@ -276,8 +283,18 @@ class FaultFS(mfusepy.Operations):  # type: ignore[misc]
                 keep = max(0, min(keep, past - offset))
         with self.lock:
             self.recent = bytes(data)
-        for at, physical, n in self._pieces(faults, offset, keep):
-            os.pwrite(self.store, data[at:at + n], physical)
+            out = [(offset, bytes(data))]
+            if faults.get("cache_writes"):  # held; the oldest go on to the store
+                self.cached.append(out.pop())
+                out, self.cached = (self.cached[:-faults["cache_writes"]],
+                                    self.cached[-faults["cache_writes"]:])
+        for start, held in out:
+            kept = len(held)
+            for past in (faults.get("drop_writes_after"), faults.get("recent_after")):
+                if past is not None:
+                    kept = max(0, min(kept, past - start))
+            for at, physical, n in self._pieces(faults, start, kept):
+                os.pwrite(self.store, held[at:at + n], physical)
         self._log(offset, length, "stored" if keep == length else
                   "dropped" if keep == 0 else f"partial:{keep}")
         return length

@@ -8,6 +8,9 @@ device on top (a stick that misbehaves).  Faults, all optional, offsets in bytes
 - ``recent_after=R``: only R bytes stored; writes past R are dropped and reads past R return
   the most recent write, wherever it went (a counterfeit whose controller answers unmapped
   addresses from its write buffer);
+- ``cache_writes=K``: the latest K write requests are held in a cache that answers reads,
+  past every flush; only older ones reach the store, dropped or wrapped as the faults say (a
+  counterfeit's controller cache that hides where its writes really go);
 - ``bad_write=(start, end)``: writes touching [start, end) fail with EIO, forever;
 - ``bad_write_times=(start, end, k)``: they fail k times, then work (transient);
 - ``bad_write_from=(start, end, k)``: they fail from the k-th such write on (a block that

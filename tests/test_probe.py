@@ -23,7 +23,7 @@ from popsicle_py.blockdev import OpenSpec, open_for_writing
 from popsicle_py.engine import HEAD
 from popsicle_py.engine.head import head_length
 from popsicle_py.probe import certainly_written, probe, probe_device, run_probe
-from popsicle_py.probe_plan import PROTECTED, grid, plan_positions, plan_reads
+from popsicle_py.probe_plan import PROTECTED, flush_runs, grid, plan_positions, plan_reads
 from popsicle_py.units import format_size
 from tests.fs_images import needs_fs_tools, rpi_image, tree, usage_of
 
@@ -371,12 +371,14 @@ def test_a_passing_probe_puts_back_only_what_the_flash_will_not_overwrite(
         assert result.restored == len(past)
         assert stamped(loop, positions) == [p for p in positions if p not in past]
         rest = bytearray(loop.read())
-        for p in positions:
-            rest[p:p + 512] = bytes([PATTERN]) * 512
+        flushed = flush_runs(size, 512, positions)  # inside the image too: left stamped
+        for p, length in [*((p, 512) for p in positions), *flushed]:
+            rest[p:p + length] = bytes([PATTERN]) * length
         assert set(rest) == {PATTERN}  # nothing else was touched
         # The probe command's way (nothing to be written next): everything is put back.
         result = probe_device(device, bounds)
-        assert result.ok and result.restored == len(positions)
+        assert result.ok
+        assert result.restored == len(positions) + sum(n for _, n in flushed) // 512
     finally:
         device.close()
     assert stamped(loop, positions) == [p for p in positions if p not in past]
@@ -433,6 +435,15 @@ def probe_cost(image: Path, size: int, drive_size: int, *args: str,
     return written - baseline, with_probe, result
 
 
+def flush_cost(size: int, positions: list[int], kept: Callable[[int], bool] = lambda p: True
+               ) -> int:
+    """Bytes the probe's flush stamps (its first MiB) cost a flash: each written once, and
+    those not ``kept`` (not overwritten by the flash) written back."""
+    blocks = [p for start, n in flush_runs(size, 512, positions)
+              for p in range(start, start + n, 512)]
+    return 512 * (len(blocks) + sum(not kept(p) for p in blocks))
+
+
 @needs_root
 def test_a_flash_writes_its_stamps_once_and_puts_back_only_those_past_the_image(
         loop_factory: Callable[..., Loop], tmp_path: Path) -> None:
@@ -447,7 +458,7 @@ def test_a_flash_writes_its_stamps_once_and_puts_back_only_those_past_the_image(
     assert past == [len(data) // 512 * 512, 16 * MiB - 512]  # the image's last block, partly
     head = [p for p in positions if p < HEAD]  # under the head's stamp
     assert head and len(head) + len(past) < len(positions)
-    assert cost == 512 * (len(positions) + len(past))  # was 2 * 512 * len(positions)
+    assert cost == 512 * (len(positions) + len(past)) + flush_cost(16 * MiB, positions)
     assert image_then_old_pattern(drive, data)
 
 
@@ -521,7 +532,8 @@ def test_skip_identical_gets_every_stamp_put_back(loop_factory: Callable[..., Lo
     bare, baseline = flash_counted(image, drives[1], "--skip-identical", "--no-probe")
     positions = plan_positions(16 * MiB, 512, flash_bounds(len(data)))
     head = [p for p in positions if p < HEAD]
-    assert written - baseline == 512 * (2 * len(positions) - len(head))
+    assert written - baseline == 512 * (2 * len(positions) - len(head)) + flush_cost(
+        16 * MiB, positions)
     assert (result["bytes_written"], result["bytes_skipped"]) == (
         bare["bytes_written"], bare["bytes_skipped"])
     assert result["bytes_skipped"] >= 3 * MiB
@@ -543,7 +555,8 @@ def test_a_block_maps_holes_get_their_stamps_put_back(
     # as the image's zeros: the probe's stamps there need no putting back.
     stamped_over = [p for p in positions if p + 512 <= HEAD]
     assert stamped_over
-    assert cost == 512 * (2 * len(positions) - len(mapped) - len(stamped_over))
+    assert cost == 512 * (2 * len(positions) - len(mapped) - len(stamped_over)) + flush_cost(
+        24 * MiB, positions)
     on_drive = drive.read()
     for start in range(0, 24 * MiB, 4096):
         if start < HEAD or any(e.offset <= start < e.end for e in extents):
@@ -571,7 +584,10 @@ def test_a_trimmed_flash_gets_the_stamps_in_free_space_put_back(
     assert any(p < len(data) and p not in written for p in positions)  # in free space
     stamped_over = [p for p in positions if p + 512 <= head_length(data[:HEAD])]
     assert stamped_over  # by the head's stamp: left
-    assert cost == 512 * (2 * len(positions) - len(written) - len(stamped_over))
+    head = head_length(data[:HEAD])
+    assert cost == 512 * (2 * len(positions) - len(written) - len(stamped_over)) + flush_cost(
+        len(data) + 8 * MiB, positions, lambda p: p + 512 <= head or any(
+            o <= p and p + 512 <= o + n for o, n in usage.ranges))
     on_drive = drive.read()
     position = 0
     for offset, length in usage.ranges:

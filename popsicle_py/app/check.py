@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 
 from popsicle_py import events
 from popsicle_py.app.access import require_access
@@ -72,16 +73,29 @@ class PreparedCheck(ReadsDrives):
 
 #: What each small file read is, as a refusal names it.
 _SMALL_FILES = {"certificate": "a certificate", "signature": "a signature",
-                "--sums": "a SHA256SUMS file"}
+                "--sums": "a SHA256SUMS file", "--allowed-signers": "an allowed_signers file"}
 
 
-def _read_small(path: str, what: str) -> bytes:
-    """The whole of a small file (``what``: a key of :data:`_SMALL_FILES`), or a refusal."""
+def _read_small(path: str, what: str, *, regular: bool = False) -> bytes:
+    """The whole of a small file (``what``: a key of :data:`_SMALL_FILES`), or a refusal.
+
+    Opened without blocking: a named pipe nobody writes to reads as empty at once, where a
+    plain open would wait for a writer for ever (a pipe that has one, ``<(...)``, is read).
+    ``regular``: anything but a regular file is refused (ssh-keygen reads it again)."""
     try:
-        with open(path, "rb") as f:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise Refused([f"{what} {path}: {exc.strerror or exc}"]) from None
+    try:
+        if regular and not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise Refused([f"{what} {path}: not a regular file"])
+        os.set_blocking(fd, True)
+        with open(fd, "rb", closefd=False) as f:
             data = f.read(model.MAX_BYTES + 1)
     except OSError as exc:
         raise Refused([f"{what} {path}: {exc.strerror or exc}"]) from None
+    finally:
+        os.close(fd)
     if len(data) > model.MAX_BYTES:
         raise Refused([f"{path}: too large to be {_SMALL_FILES[what]}"])
     return data
@@ -102,6 +116,8 @@ def identity_notes(cert: model.Certificate, drive: Drive) -> list[str]:
 def _from_certificate(request: CheckRequest) -> tuple[Expected, list[str], model.Certificate]:
     path = request.certificate
     assert path is not None
+    if request.allowed_signers is not None:  # ssh-keygen would say only "No principal matched"
+        _read_small(request.allowed_signers, "--allowed-signers", regular=True)
     data = _read_small(path, "certificate")
     cert = model.parse(data.decode("utf-8", errors="replace"), path)
     sig_path = path + sshsig.SIG_SUFFIX

@@ -37,6 +37,8 @@ def open_directory(path: str) -> int:
     try:
         os.makedirs(path, exist_ok=True)
         fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except FileExistsError:  # makedirs, on a name that is a file, a pipe, a device ...
+        raise Refused([f"--certificate {path}: not a directory"]) from None
     except OSError as exc:
         raise Refused([f"--certificate {path}: {exc.strerror or exc}"]) from None
     if not os.access(f"/proc/self/fd/{fd}", os.W_OK):

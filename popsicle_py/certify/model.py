@@ -164,7 +164,7 @@ def parse(text: str, where: str) -> Certificate:
     """The certificate in ``text`` (from the file ``where``); raises CertificateError."""
     try:
         data = json.loads(text)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:  # nested too deep for the decoder, too
         raise CertificateError(f"{where}: not JSON ({exc})") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise CertificateError(f"{where}: not a popsicle-py certificate")

@@ -53,6 +53,9 @@ def sign(key: str, data: bytes) -> bytes:
         raise SignError(f"ssh-keygen -Y sign: {exc}") from None
     if done.returncode != 0 or b"BEGIN SSH SIGNATURE" not in done.stdout:
         said = _last_line(done.stderr)
+        if said.startswith("Couldn't load") and os.path.isfile(key):  # "No such file", it says
+            raise SignError(f"{key} is not an OpenSSH private key, nor the .pub of one held by "
+                            "ssh-agent")
         if "passphrase" in said:
             raise SignError(f"{key} needs a passphrase, which popsicle-py does not ask for: "
                             "add it to ssh-agent (ssh-add) and give its .pub file")
@@ -98,8 +101,10 @@ def verify(where: str, data: bytes, signature: bytes, allowed_signers: str) -> s
              "-s", "{sig}"], data, signature)
         if code == 0:
             return principal
-    raise CertificateError(f"{where}: the signature does not match the certificate: it was "
-                           f"changed after signing ({why})")
+    # Intact, yet refused: the file restricts that key (its namespaces, its validity).
+    check_intact(where, data, signature)
+    raise CertificateError(f"{where}: signed by {', '.join(principals)}, whom "
+                           f"{allowed_signers} does not allow to sign it ({why})")
 
 
 def check_intact(where: str, data: bytes, signature: bytes) -> None:

@@ -252,7 +252,8 @@ def test_the_journal_and_report_keep_device_sha256_and_link_speed(tmp_path: Path
     import sqlite3
 
     old = sqlite3.connect(path)
-    old.execute("CREATE TABLE records (id INTEGER PRIMARY KEY, result TEXT)")
+    old.execute("CREATE TABLE records (id INTEGER PRIMARY KEY, session TEXT, station TEXT, "
+                "batch TEXT, operator TEXT, slot TEXT, result TEXT)")
     old.close()
     journal = journal_mod.Journal(path, station="s", session="x")
     row = journal.start("1", fields)

@@ -123,7 +123,7 @@ def test_the_target_mounted_in_another_namespace_is_refused_even_with_unmount(
         assert done.returncode == 2, done.stderr
         assert refusal(done) == (
             f"{target.path} is mounted at {tmp_path / 'mnt'} in the mount namespace of pid "
-            f"{holder.pid} (sleep); --unmount unmounts only in this one: unmount it there"
+            f"{holder.pid} (sleep), not ours: unmount it there"
         ), done.stderr
         assert target.read() == before
 
@@ -292,7 +292,7 @@ def test_holder_reasons_name_each_holder_over_plain_facts() -> None:
         openers=(Opener(dd, "/dev/sdb1", PART, frozenset({PART, DISK}), writing=False),
                  Opener(sleep, "/dev/sdb", DISK, frozenset({DISK}), writing=True),
                  Opener(dd, "/dev/sdc", OTHER, frozenset({OTHER}), writing=True)))
-    advice = "; --unmount unmounts only in this one: unmount it there"
+    advice = ", not ours: unmount it there"
     assert holder_reasons(DISK, facts) == (
         f"mounted at /mnt (/dev/loop9) in the mount namespace of pid 1234 (sleep){advice}",
         f"mounted at /srv in the mount namespace of pid 1234 (sleep){advice}",

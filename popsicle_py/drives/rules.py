@@ -140,8 +140,8 @@ def holder_reasons(devnum: int, facts: SystemFacts, backing: Backing | None = No
     found: dict[str, None] = {}
     for mount in facts.foreign_mounts:
         if mount.namespace is not None and holds(mount.devnums, mount.files):
-            found.setdefault(f"{in_namespace(mount, devnum)}; --unmount unmounts only in this"
-                             " one: unmount it there", None)
+            found.setdefault(f"{in_namespace(mount, devnum)}, not ours:"
+                             " unmount it there", None)
     for loop in facts.loops:
         if loop.devnum == devnum or (backing is not None and loop.devnum in backing.devnums):
             continue  # the disk itself, or what it is stored on (a loop over a loop device)

@@ -52,6 +52,7 @@ from popsicle_py.engine.lane import Lane
 from popsicle_py.engine.reader import Reader
 from popsicle_py.engine.ring import Ring
 from popsicle_py.engine.spill import Spill
+from popsicle_py.errors import SourceUnreadable
 from popsicle_py.events import Note, Step
 from popsicle_py.messages import BusWriterMessage as Msg
 from popsicle_py.pacing import CALL_ALIGN, DEFAULT_RETRIES, Pacer
@@ -363,13 +364,18 @@ class Finisher:
         if index == 0 and self.reader.held_length:
             assert self.held is not None
             return (self.stamp_bytes if stamp_head else self.held)[:length]
-        if self.pread is not None and (self.spill is None or start + length <= self.spill.end):
-            fd, base = self.pread
-            buf = memoryview(aligned_buffer(length))[:length]
-            got = os.preadv(fd, [buf], base + start)
-            return buf[:got]
-        if self.config.source_at is not None:
-            return memoryview(self.config.source_at(start, length))
+        try:  # a failure here is the image's (or its spill's), not the drive's
+            if self.pread is not None and (self.spill is None
+                                           or start + length <= self.spill.end):
+                fd, base = self.pread
+                buf = memoryview(aligned_buffer(length))[:length]
+                got = os.preadv(fd, [buf], base + start)
+                return buf[:got]
+            if self.config.source_at is not None:
+                return memoryview(self.config.source_at(start, length))
+        except OSError as exc:
+            raise SourceUnreadable(exc, start, "the image" if self.spill is None else
+                                   f"the image's spill file in {self.spill.directory}") from exc
         return None
 
     def _can_repair(self, index: int) -> bool:

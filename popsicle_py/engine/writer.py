@@ -61,7 +61,12 @@ from popsicle_py.engine.results import DestinationResult, WriteResult
 from popsicle_py.engine.ring import Ring
 from popsicle_py.engine.spill import Spill, default_dir
 from popsicle_py.engine.supervisor import Callback, CancelCheck, Supervisor
-from popsicle_py.errors import AllDestinationsFailed, SourceChanged, SourceDiffers
+from popsicle_py.errors import (
+    AllDestinationsFailed,
+    SourceChanged,
+    SourceDiffers,
+    SourceUnreadable,
+)
 from popsicle_py.events import Step
 from popsicle_py.messages import BusWriterMessage as Msg
 
@@ -568,7 +573,12 @@ class _WriteRun:
                 if lane.rejoin is not None and offset >= self.spill.end:
                     return lane.rejoin
                 limit = min(limit, self.spill.end - offset)
-            n = _read_alone(lane, fd, buf[:limit], base + offset)
+            try:
+                n = _read_alone(lane, fd, buf[:limit], base + offset)
+            except OSError as exc:  # the image's fault (or its spill's), not the drive's
+                raise SourceUnreadable(exc, offset, "the image" if self.spill is None else
+                                       f"the image's spill file in {self.spill.directory}"
+                                       ) from exc
             if lane.stopped:  # its read was cut short by the stop, not by the source's end
                 return None
             if n == 0:

@@ -38,6 +38,7 @@ from collections.abc import Callable, Sequence
 import xxhash
 
 from popsicle_py.blockdev import (
+    FileLike,
     drop_cache,
     first_difference,
     read_at,
@@ -258,21 +259,13 @@ class Finisher:
     def _head(self, lane: Lane, held: memoryview) -> bool:
         """Write the head, fsync, [check it]; False when stopped or it does not read back.
 
-        Written from its end back to byte 0 in calls of a fresh pacer (the first is 16 KiB,
-        each about half a second of the drive's speed at most), so that a stop is seen within
-        one call whatever the calls before were, and the partition table lands last.
+        Written from its end back to byte 0 (:func:`_backwards`), so that a stop is seen
+        within one call whatever the calls before were, and the partition table lands last.
         """
         config = self.config
-        pacer = Pacer()
-        end = len(held)
-        while end > 0:
-            if lane.stopped:
-                return False
-            start = max(0, end - pacer.size())
-            start -= start % CALL_ALIGN
-            write_at(lane.dest, start, held[start:end], stop=lambda: lane.stopped,
-                     progress=lane.advance, retries=config.retries, pacer=pacer)
-            end = start
+        if not _backwards(lane.dest, held, stop=lambda: lane.stopped, progress=lane.advance,
+                          retries=config.retries):
+            return False
         sync(lane.dest)
         if lane.stopped:
             return False
@@ -281,13 +274,18 @@ class Finisher:
 
     def _undo(self, lane: Lane) -> None:
         """The stamp back over the head of a lane that failed or stopped once its head was
-        being written (best effort, never stopped: it is what makes the drive safe)."""
+        being written (best effort, never stopped: it is what makes the drive safe).
+
+        From the end back, as the head went: a head that failed at a block had reached it from
+        above, so every block it wrote takes the stamp again before that one fails once more
+        (from byte 0, the first block's failure left the rest of the image's head in place).
+        """
         if not lane.at_risk:
             return
         head = self.reader.held_length
         lane.undoing = True
         try:
-            write_at(lane.dest, 0, self.stamp_bytes[:head], retries=1, pacer=Pacer())
+            _backwards(lane.dest, self.stamp_bytes[:head], stop=lambda: False, retries=1)
             sync(lane.dest)
             done = True
         except Exception:  # a pulled or dying drive: said in the result
@@ -399,3 +397,22 @@ class Finisher:
         if diff >= 0:
             return start + diff
         return start + got if got < len(want) else None
+
+
+def _backwards(dest: FileLike, data: memoryview, *, stop: Callable[[], bool],
+               progress: Callable[[int], None] | None = None, retries: int) -> bool:
+    """Write ``data`` at byte 0 of ``dest`` from its end back to its start, in calls of a fresh
+    pacer (the first is 16 KiB, each about half a second of the drive's speed at most);
+    False once ``stop()`` said so.  Raises at the first call that fails, with all above it
+    written."""
+    pacer = Pacer()
+    end = len(data)
+    while end > 0:
+        if stop():
+            return False
+        start = max(0, end - pacer.size())
+        start -= start % CALL_ALIGN
+        write_at(dest, start, data[start:end], stop=stop, progress=progress, retries=retries,
+                 pacer=pacer)
+        end = start
+    return True

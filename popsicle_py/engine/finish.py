@@ -204,6 +204,7 @@ class Finisher:
             return
         if held is not None and head:
             lane.stage(Step.SYNCING)
+            lane.head_from = head  # nothing of it written yet
             lane.at_risk = head  # a failure (or a stop) from here on undoes it
             try:
                 good = self._head(lane, held) and not lane.stopped
@@ -263,8 +264,11 @@ class Finisher:
         within one call whatever the calls before were, and the partition table lands last.
         """
         config = self.config
+        def began(start: int) -> None:
+            lane.head_from = start
+
         if not _backwards(lane.dest, held, stop=lambda: lane.stopped, progress=lane.advance,
-                          retries=config.retries):
+                          retries=config.retries, began=began):
             return False
         sync(lane.dest)
         if lane.stopped:
@@ -285,7 +289,8 @@ class Finisher:
         head = self.reader.held_length
         lane.undoing = True
         try:
-            _backwards(lane.dest, self.stamp_bytes[:head], stop=lambda: False, retries=1)
+            _backwards(lane.dest, self.stamp_bytes[:head], stop=lambda: False, retries=1,
+                       floor=min(lane.head_from, head))
             sync(lane.dest)
             done = True
         except Exception:  # a pulled or dying drive: said in the result
@@ -400,18 +405,21 @@ class Finisher:
 
 
 def _backwards(dest: FileLike, data: memoryview, *, stop: Callable[[], bool],
-               progress: Callable[[int], None] | None = None, retries: int) -> bool:
-    """Write ``data`` at byte 0 of ``dest`` from its end back to its start, in calls of a fresh
-    pacer (the first is 16 KiB, each about half a second of the drive's speed at most);
-    False once ``stop()`` said so.  Raises at the first call that fails, with all above it
-    written."""
+               progress: Callable[[int], None] | None = None, retries: int, floor: int = 0,
+               began: Callable[[int], None] | None = None) -> bool:
+    """Write ``data[floor:]`` at byte ``floor`` of ``dest``, from its end back, in calls of a
+    fresh pacer (the first is 16 KiB, each about half a second of the drive's speed at most);
+    ``began(start)`` before each.  False once ``stop()`` said so.  Raises at the first call
+    that fails, with all above it written."""
     pacer = Pacer()
     end = len(data)
-    while end > 0:
+    while end > floor:
         if stop():
             return False
-        start = max(0, end - pacer.size())
+        start = max(floor, end - pacer.size())
         start -= start % CALL_ALIGN
+        if began is not None:
+            began(start)
         write_at(dest, start, data[start:end], stop=stop, progress=progress, retries=retries,
                  pacer=pacer)
         end = start

@@ -280,19 +280,19 @@ class Finisher:
         """The stamp back over the head of a lane that failed or stopped once its head was
         being written (best effort, never stopped: it is what makes the drive safe).
 
-        From the end back, as the head went: a head that failed at a block had reached it from
-        above, so every block it wrote takes the stamp again before that one fails once more
-        (from byte 0, the first block's failure left the rest of the image's head in place).
+        Only over what the head's writes began to cover (below :attr:`Lane.head_from` the
+        drive still holds the first stamp), from there up: the partition table first when the
+        whole head was written, so that a process killed meanwhile leaves it stamped.  A call
+        that fails is skipped, not the end of it: the blocks past it still take the stamp (a
+        bad first block, where a head that failed stopped, left all the rest of the image's
+        head in place); a second failure ends it (a drive that is gone).
         """
         if not lane.at_risk:
             return
         head = self.reader.held_length
         lane.undoing = True
         try:
-            _backwards(lane.dest, self.stamp_bytes[:head], stop=lambda: False, retries=1,
-                       floor=min(lane.head_from, head))
-            sync(lane.dest)
-            done = True
+            done = _stamp_over(lane.dest, self.stamp_bytes[:head], min(lane.head_from, head))
         except Exception:  # a pulled or dying drive: said in the result
             done = False
         finally:
@@ -404,19 +404,42 @@ class Finisher:
         return start + got if got < len(want) else None
 
 
+#: Failed calls after which putting the stamp back gives up (a drive that is gone).
+UNDO_FAILURES = 2
+
+
+def _stamp_over(dest: FileLike, stamp: memoryview, floor: int) -> bool:
+    """Write ``stamp[floor:]`` at byte ``floor`` of ``dest``, from there up, in calls of a
+    fresh pacer, skipping a call that fails (up to :data:`UNDO_FAILURES`); then flush.
+    True when every call and the flush succeeded."""
+    pacer = Pacer()
+    at = floor - floor % CALL_ALIGN
+    failed = 0
+    while at < len(stamp):
+        end = min(len(stamp), at + pacer.size())
+        try:
+            write_at(dest, at, stamp[at:end], retries=1, pacer=pacer)
+        except OSError:
+            failed += 1
+            if failed >= UNDO_FAILURES:
+                return False
+        at = end
+    sync(dest)
+    return not failed
+
+
 def _backwards(dest: FileLike, data: memoryview, *, stop: Callable[[], bool],
-               progress: Callable[[int], None] | None = None, retries: int, floor: int = 0,
+               progress: Callable[[int], None] | None = None, retries: int,
                began: Callable[[int], None] | None = None) -> bool:
-    """Write ``data[floor:]`` at byte ``floor`` of ``dest``, from its end back, in calls of a
-    fresh pacer (the first is 16 KiB, each about half a second of the drive's speed at most);
-    ``began(start)`` before each.  False once ``stop()`` said so.  Raises at the first call
-    that fails, with all above it written."""
+    """Write ``data`` at byte 0 of ``dest`` from its end back, in calls of a fresh pacer (the
+    first is 16 KiB, each about half a second of the drive's speed at most); ``began(start)``
+    before each.  False once ``stop()`` said so; raises at the first call that fails."""
     pacer = Pacer()
     end = len(data)
-    while end > floor:
+    while end > 0:
         if stop():
             return False
-        start = max(floor, end - pacer.size())
+        start = max(0, end - pacer.size())
         start -= start % CALL_ALIGN
         if began is not None:
             began(start)

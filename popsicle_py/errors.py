@@ -18,6 +18,7 @@
     OSError (a source that cannot be trusted; raised by the engine's reader)
     ├── SourceChanged              the source held more or fewer bytes than it was said to
     ├── SourceStalled              reading the source made no progress within the stall timeout
+    ├── SourceUnreadable           a read of the source for one destination alone failed
     ├── ExtentChecksumError        a block-map range fails its checksum
     └── ChecksumMismatch           the bytes read do not match the image's checksum
 
@@ -154,6 +155,18 @@ class SourceDiffers(OSError):
                          f"{offset + length - 1}, read again for this drive, differ")
         self.offset = offset
         self.length = length
+
+
+class SourceUnreadable(OSError):
+    """A read of the image (or of its spill file) for one drive alone failed: a laggard's
+    own read, a repair's.  The image's fault (its disk, its share), though only that drive
+    fails: not to be worded as the drive's I/O error."""
+
+    def __init__(self, cause: OSError, offset: int, what: str = "the image") -> None:
+        why = cause.strerror or str(cause)
+        super().__init__(cause.errno, f"reading {what} again for this drive failed (from byte "
+                         f"{offset}): {why}")
+        self.offset = offset
 
 
 class ExtentChecksumError(OSError):

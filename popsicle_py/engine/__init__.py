@@ -13,7 +13,7 @@ Where each concern lives:
 - :mod:`.reader`: fills the ring (head kept back, digests, block-map checks, laggards);
 - :mod:`.supervisor`: threads, message delivery, cancellation and stalls;
 - :mod:`.lane`: one destination's thread as everyone sees it (:class:`Lane`);
-- :mod:`.writer`: :class:`BusWriter`;
+- :mod:`.writer`: :class:`BusWriter` (:mod:`.alone`: a laggard's own reads);
 - :mod:`.finish`: each destination's finish (stamp, verification and repairs, head last), and
   the check against digests that :mod:`.verifier`'s :class:`BusVerifier` shares
   (:mod:`.checks` reads extents back);

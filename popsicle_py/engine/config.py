@@ -25,6 +25,9 @@ LAGGARD_PATIENCE = 0.25
 CANCEL_GRACE = 1.5
 #: How much longer it waits for a lane that writes the stamp back over a head it had begun.
 UNDO_GRACE = 10.0
+#: How long a second Ctrl-C (which quits at once) waits for lanes putting the stamp back over a
+#: head they had begun: enough for a slow stick's MiB, and the shell is back soon all the same.
+QUIT_GRACE = 3.0
 #: The image's head: the bytes that make a drive look like the image to a computer (MBR, GPT
 #: header and entries, ISO 9660 descriptors, UDF anchors, btrfs's superblock: see :mod:`.head`,
 #: which sizes it per image, never more than this).  Written last, only once all else is good.

@@ -38,6 +38,7 @@ from collections.abc import Callable, Sequence
 import xxhash
 
 from popsicle_py.blockdev import (
+    FileLike,
     drop_cache,
     first_difference,
     read_at,
@@ -52,6 +53,7 @@ from popsicle_py.engine.lane import Lane
 from popsicle_py.engine.reader import Reader
 from popsicle_py.engine.ring import Ring
 from popsicle_py.engine.spill import Spill
+from popsicle_py.errors import SourceUnreadable
 from popsicle_py.events import Note, Step
 from popsicle_py.messages import BusWriterMessage as Msg
 from popsicle_py.pacing import CALL_ALIGN, DEFAULT_RETRIES, Pacer
@@ -202,6 +204,7 @@ class Finisher:
             return
         if held is not None and head:
             lane.stage(Step.SYNCING)
+            lane.head_from = head  # nothing of it written yet
             lane.at_risk = head  # a failure (or a stop) from here on undoes it
             try:
                 good = self._head(lane, held) and not lane.stopped
@@ -257,21 +260,16 @@ class Finisher:
     def _head(self, lane: Lane, held: memoryview) -> bool:
         """Write the head, fsync, [check it]; False when stopped or it does not read back.
 
-        Written from its end back to byte 0 in calls of a fresh pacer (the first is 16 KiB,
-        each about half a second of the drive's speed at most), so that a stop is seen within
-        one call whatever the calls before were, and the partition table lands last.
+        Written from its end back to byte 0 (:func:`_backwards`), so that a stop is seen
+        within one call whatever the calls before were, and the partition table lands last.
         """
         config = self.config
-        pacer = Pacer()
-        end = len(held)
-        while end > 0:
-            if lane.stopped:
-                return False
-            start = max(0, end - pacer.size())
-            start -= start % CALL_ALIGN
-            write_at(lane.dest, start, held[start:end], stop=lambda: lane.stopped,
-                     progress=lane.advance, retries=config.retries, pacer=pacer)
-            end = start
+        def began(start: int) -> None:
+            lane.head_from = start
+
+        if not _backwards(lane.dest, held, stop=lambda: lane.stopped, progress=lane.advance,
+                          retries=config.retries, began=began):
+            return False
         sync(lane.dest)
         if lane.stopped:
             return False
@@ -280,15 +278,21 @@ class Finisher:
 
     def _undo(self, lane: Lane) -> None:
         """The stamp back over the head of a lane that failed or stopped once its head was
-        being written (best effort, never stopped: it is what makes the drive safe)."""
+        being written (best effort, never stopped: it is what makes the drive safe).
+
+        Only over what the head's writes began to cover (below :attr:`Lane.head_from` the
+        drive still holds the first stamp), from there up: the partition table first when the
+        whole head was written, so that a process killed meanwhile leaves it stamped.  A call
+        that fails is skipped, not the end of it: the blocks past it still take the stamp (a
+        bad first block, where a head that failed stopped, left all the rest of the image's
+        head in place); a second failure ends it (a drive that is gone).
+        """
         if not lane.at_risk:
             return
         head = self.reader.held_length
         lane.undoing = True
         try:
-            write_at(lane.dest, 0, self.stamp_bytes[:head], retries=1, pacer=Pacer())
-            sync(lane.dest)
-            done = True
+            done = _stamp_over(lane.dest, self.stamp_bytes[:head], min(lane.head_from, head))
         except Exception:  # a pulled or dying drive: said in the result
             done = False
         finally:
@@ -363,13 +367,18 @@ class Finisher:
         if index == 0 and self.reader.held_length:
             assert self.held is not None
             return (self.stamp_bytes if stamp_head else self.held)[:length]
-        if self.pread is not None and (self.spill is None or start + length <= self.spill.end):
-            fd, base = self.pread
-            buf = memoryview(aligned_buffer(length))[:length]
-            got = os.preadv(fd, [buf], base + start)
-            return buf[:got]
-        if self.config.source_at is not None:
-            return memoryview(self.config.source_at(start, length))
+        try:  # a failure here is the image's (or its spill's), not the drive's
+            if self.pread is not None and (self.spill is None
+                                           or start + length <= self.spill.end):
+                fd, base = self.pread
+                buf = memoryview(aligned_buffer(length))[:length]
+                got = os.preadv(fd, [buf], base + start)
+                return buf[:got]
+            if self.config.source_at is not None:
+                return memoryview(self.config.source_at(start, length))
+        except OSError as exc:
+            raise SourceUnreadable(exc, start, "the image" if self.spill is None else
+                                   f"the image's spill file in {self.spill.directory}") from exc
         return None
 
     def _can_repair(self, index: int) -> bool:
@@ -393,3 +402,48 @@ class Finisher:
         if diff >= 0:
             return start + diff
         return start + got if got < len(want) else None
+
+
+#: Failed calls after which putting the stamp back gives up (a drive that is gone).
+UNDO_FAILURES = 2
+
+
+def _stamp_over(dest: FileLike, stamp: memoryview, floor: int) -> bool:
+    """Write ``stamp[floor:]`` at byte ``floor`` of ``dest``, from there up, in calls of a
+    fresh pacer, skipping a call that fails (up to :data:`UNDO_FAILURES`); then flush.
+    True when every call and the flush succeeded."""
+    pacer = Pacer()
+    at = floor - floor % CALL_ALIGN
+    failed = 0
+    while at < len(stamp):
+        end = min(len(stamp), at + pacer.size())
+        try:
+            write_at(dest, at, stamp[at:end], retries=1, pacer=pacer)
+        except OSError:
+            failed += 1
+            if failed >= UNDO_FAILURES:
+                return False
+        at = end
+    sync(dest)
+    return not failed
+
+
+def _backwards(dest: FileLike, data: memoryview, *, stop: Callable[[], bool],
+               progress: Callable[[int], None] | None = None, retries: int,
+               began: Callable[[int], None] | None = None) -> bool:
+    """Write ``data`` at byte 0 of ``dest`` from its end back, in calls of a fresh pacer (the
+    first is 16 KiB, each about half a second of the drive's speed at most); ``began(start)``
+    before each.  False once ``stop()`` said so; raises at the first call that fails."""
+    pacer = Pacer()
+    end = len(data)
+    while end > 0:
+        if stop():
+            return False
+        start = max(0, end - pacer.size())
+        start -= start % CALL_ALIGN
+        if began is not None:
+            began(start)
+        write_at(dest, start, data[start:end], stop=stop, progress=progress, retries=retries,
+                 pacer=pacer)
+        end = start
+    return True

@@ -45,6 +45,9 @@ class Lane(Clock):
         #: its thread still puts the stamp back once its call returns, and the run waits for
         #: that (see Supervisor).
         self.at_risk = 0
+        #: The lowest byte of the head a write has begun at (the head goes from its end back):
+        #: below it the drive still holds the stamp, so the undo need not write there.
+        self.head_from = 0
         self.pacer = Pacer()
         #: Its own reads of the image while it goes on alone (solo): that time is the image's,
         #: not the drive's, and a stall there is the image's (see Supervisor).

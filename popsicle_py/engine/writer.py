@@ -31,21 +31,21 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
-import xxhash
-
+from popsicle_py import signals
 from popsicle_py.blockdev import FileLike, holds, seek, sync, write_all, write_at
 from popsicle_py.buffers import aligned_buffer, is_aligned
+from popsicle_py.engine.alone import ReadAlone, read_alone
 from popsicle_py.engine.builder import Builder
 from popsicle_py.engine.config import (
     CHUNK,
     HEAD,
+    QUIT_GRACE,
     BeforeHead,
     Config,
     Extent,
@@ -61,7 +61,12 @@ from popsicle_py.engine.results import DestinationResult, WriteResult
 from popsicle_py.engine.ring import Ring
 from popsicle_py.engine.spill import Spill, default_dir
 from popsicle_py.engine.supervisor import Callback, CancelCheck, Supervisor
-from popsicle_py.errors import AllDestinationsFailed, SourceChanged, SourceDiffers
+from popsicle_py.errors import (
+    AllDestinationsFailed,
+    SourceChanged,
+    SourceDiffers,
+    SourceUnreadable,
+)
 from popsicle_py.events import Step
 from popsicle_py.messages import BusWriterMessage as Msg
 
@@ -255,83 +260,6 @@ def _put_back(put_back: PutBack, stamped: int, *, quietly: bool) -> None:
         put_back(stamped)
 
 
-def _read_alone(lane: Lane, fd: int, view: memoryview, at: int) -> int:
-    """Fill ``view`` from the source at ``at`` (short only at its end) for a lane on its own:
-    paced, and timed on the lane's source clock, so that an image that crawls or hangs is said
-    to be the image's fault, not the drive's (the lane waits meanwhile, as for the reader)."""
-    done = 0
-    lane.waiting = True
-    try:
-        with lane.source_clock.busy():
-            while done < len(view) and not lane.stopped:
-                began = time.monotonic()
-                n = os.preadv(fd, [view[done : done + lane.source_pacer.size()]], at + done)
-                if not n:
-                    break
-                lane.source_pacer.record(n, time.monotonic() - began)
-                lane.source_clock.advance(n)
-                done += n
-    finally:
-        lane.waiting = False
-        lane.touch()
-    return done
-
-
-class _ReadAlone:
-    """What one lane read of the source on its own, bucket by bucket, with XXH3 digests.
-
-    The others were fed by the reader, whose digests the lane's must match before its head is
-    written: a file changed between the two reads must not reach one drive unseen (with or
-    without verification, which would only call it a mismatch).
-    """
-
-    def __init__(self, bucket_size: int) -> None:
-        self.bucket_size = bucket_size
-        self.start: int | None = None  # of the bucket being read
-        self.hasher = xxhash.xxh3_128()
-        self.buckets: list[tuple[int, int, bytes]] = []  # (offset, length, digest) of each
-
-    def end_of(self, offset: int) -> int:
-        """Where the reader's bucket holding ``offset`` ends (after the head, whole buckets)."""
-        return (offset // self.bucket_size + 1) * self.bucket_size
-
-    def begin(self, start: int, prefix: memoryview) -> None:
-        """A bucket begun from the ring (what it gave is the reader's own bytes)."""
-        self.start = start
-        self.hasher = xxhash.xxh3_128()
-        self.hasher.update(prefix)
-
-    def feed(self, offset: int, data: memoryview) -> None:
-        """Bytes read alone at ``offset`` (split here at the reader's bucket ends)."""
-        while len(data):
-            if self.start is None:
-                self.start = offset
-                self.hasher = xxhash.xxh3_128()
-            end = self.end_of(self.start)
-            piece = data[: end - offset]
-            self.hasher.update(piece)
-            offset += len(piece)
-            data = data[len(piece) :]
-            if offset == end:
-                self.close(offset)
-
-    def close(self, end: int) -> None:
-        """The bucket being read ends at ``end`` (its own end, or the source's)."""
-        if self.start is not None and end > self.start:
-            self.buckets.append((self.start, end - self.start, self.hasher.digest()))
-        self.start = None
-
-    def differing(self, extents: Sequence[tuple[int, int]], digests: Sequence[bytes]
-                  ) -> tuple[int, int] | None:
-        """The first bucket read alone that the reader read otherwise (or never), if any."""
-        known = {offset: (length, digest)
-                 for (offset, length), digest in zip(extents, digests, strict=True)}
-        for offset, length, digest in self.buckets:
-            if known.get(offset) != (length, digest):
-                return offset, length
-        return None
-
-
 def _create_spill(config: Config, cancel: CancelCheck) -> Spill | str:
     """The spill, or why there is none.  Made on a watched worker: its directory's statfs and
     mkdir on a hung disk (a hung NFS /var/tmp) would hold the calling thread, Ctrl-C unheard;
@@ -379,10 +307,11 @@ class _WriteRun:
         self.finisher = Finisher(config, self.ring, self.reader, self.held, self.pread,
                                  self.spill, self._written)
         self._spill_orphaned = False
+        self._quitting = False  # a second Ctrl-C's wait for the heads (see _on_quit) began
         self._spill_lock = threading.Lock()
         self._running = len(self.lanes)  # lane threads not yet returned
         #: Each lane's reads on its own, checked before its head (only with recorded digests).
-        self.alone = {lane.id: _ReadAlone(config.bucket_size) for lane in self.lanes}
+        self.alone = {lane.id: ReadAlone(config.bucket_size) for lane in self.lanes}
         self.ring.join(lane.id for lane in self.lanes)
 
     def _close_spill(self) -> None:
@@ -406,9 +335,12 @@ class _WriteRun:
                     self.spill.close()
 
     def run(self) -> WriteResult:
+        signals.AT_QUIT.append(self._on_quit)
         try:
             error = self.supervisor.run(self._task, self.reader.run, self.reader.clock)
         finally:
+            with contextlib.suppress(ValueError):
+                signals.AT_QUIT.remove(self._on_quit)
             if self.spill is not None:
                 self._close_spill()
         if error is not None:
@@ -420,6 +352,22 @@ class _WriteRun:
         if all(r.error is not None for r in results):
             raise AllDestinationsFailed(results)
         return result
+
+    def _on_quit(self) -> None:
+        """A second Ctrl-C quits at once, in its signal handler: but first, for QUIT_GRACE at
+        most, the lanes that began their head (stopped by the first) put the stamp back over
+        it, so that an interrupted drive does not hold part of the image's head.  A third
+        signal meanwhile quits without waiting."""
+        if self._quitting:
+            return
+        self._quitting = True
+        if not any(lane.at_risk for lane in self.lanes):
+            return
+        signals.say_on_stderr("writing the stamp back over the heads begun first (at most "
+                              f"{QUIT_GRACE:g} s)")
+        deadline = time.monotonic() + QUIT_GRACE
+        while any(lane.at_risk for lane in self.lanes) and time.monotonic() < deadline:
+            time.sleep(0.02)
 
     def source_read(self) -> WriteResult:
         reader = self.reader
@@ -568,7 +516,12 @@ class _WriteRun:
                 if lane.rejoin is not None and offset >= self.spill.end:
                     return lane.rejoin
                 limit = min(limit, self.spill.end - offset)
-            n = _read_alone(lane, fd, buf[:limit], base + offset)
+            try:
+                n = read_alone(lane, fd, buf[:limit], base + offset)
+            except OSError as exc:  # the image's fault (or its spill's), not the drive's
+                raise SourceUnreadable(exc, offset, "the image" if self.spill is None else
+                                       f"the image's spill file in {self.spill.directory}"
+                                       ) from exc
             if lane.stopped:  # its read was cut short by the stop, not by the source's end
                 return None
             if n == 0:

@@ -103,14 +103,16 @@ class TooLarge(OSError):
 
 
 def check_regular(path: str | os.PathLike[str], *, create: bool,
-                  sidecars: tuple[str, ...] = ()) -> None:
+                  sidecars: tuple[str, ...] = (), write: bool = True) -> None:
     """For a file another library opens by name (SQLite): it, and every ``path + suffix``
     that exists, must be a regular file and no symlink; with ``create``, it is created.
+    ``write=False`` for a file only read: one the user may read but not write passes.
 
     The library opens the name again afterwards: this refuses a wrong name (a link to a disk
     typed or planted where the journal goes), not a race inside a directory we own.
     """
-    os.close(open_regular(path, os.O_RDWR | (os.O_CREAT if create else 0), 0o644))
+    access = os.O_RDWR if write else os.O_RDONLY
+    os.close(open_regular(path, access | (os.O_CREAT if create else 0), 0o644))
     for suffix in sidecars:
         side = f"{os.fspath(path)}{suffix}"
         try:

@@ -17,7 +17,7 @@ import os
 import sqlite3
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from popsicle_py import files
@@ -249,20 +249,33 @@ def read_records(path: str, batch: str | None = None) -> list[JsonObject]:
     if not os.path.exists(path):
         raise JournalError(f"--journal {path}: no such file")
     try:
-        files.check_regular(path, create=False, sidecars=("-wal", "-shm", "-journal"))
+        files.check_regular(path, create=False, sidecars=("-wal", "-shm", "-journal"),
+                            write=False)  # a journal the user may only read is exported
         if os.path.getsize(path) == 0:
             raise JournalError(f"--journal {path}: empty, not a station's journal")
-        db = sqlite3.connect(f"{Path(path).absolute().as_uri()}?mode=ro", uri=True,
-                             timeout=10, check_same_thread=False)
     except (OSError, sqlite3.Error) as exc:
         raise JournalError(f"--journal {path}: {getattr(exc, 'strerror', None) or exc}"
                            ) from None
+    try:
+        return _read_only(path, batch, "mode=ro")
+    except sqlite3.Error as exc:  # damaged, or replaced meanwhile
+        if (getattr(exc, "sqlite_errorcode", 0) & 0xFF == sqlite3.SQLITE_READONLY
+                and not os.path.exists(f"{path}-wal")):
+            # WAL mode, closed, in a directory the user may not write: SQLite cannot make the
+            # -shm it reads through.  No -wal: no writer, all of it is in the file itself.
+            with suppress(sqlite3.Error):
+                return _read_only(path, batch, "mode=ro&immutable=1")
+        raise JournalError(f"--journal {path}: {exc}") from None
+
+
+def _read_only(path: str, batch: str | None, how: str) -> list[JsonObject]:
+    """:func:`read_records` over a connection opened with the URI parameters ``how``."""
+    db = sqlite3.connect(f"{Path(path).absolute().as_uri()}?{how}", uri=True, timeout=10,
+                         check_same_thread=False)
     try:
         have = _ours(db, path)
         if not have:
             raise JournalError(f"--journal {path}: not a station's journal (no records)")
         return records(db, batch, have)
-    except sqlite3.Error as exc:  # damaged, or replaced meanwhile
-        raise JournalError(f"--journal {path}: {exc}") from None
     finally:
         db.close()

@@ -4,6 +4,7 @@ export): the journal is opened read-only, so no write permission is asked for.""
 from __future__ import annotations
 
 import os
+import sqlite3
 import sys
 import tempfile
 import traceback
@@ -31,7 +32,7 @@ def shared() -> Iterator[Path]:
         yield Path(name)
 
 
-def _station_journal(path: Path) -> journal.sqlite3.Connection:
+def _station_journal(path: Path) -> sqlite3.Connection:
     db = journal.connect(str(path), create=True)
     db.execute("INSERT INTO records (session, station, batch, slot, result, serial)"
                 " VALUES ('s', 'st', 'b', '1', 'ok', 'SER42')")

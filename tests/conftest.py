@@ -100,20 +100,19 @@ def _die_with_parent() -> None:
 
 def _remove_orphan_testbeds(since: float) -> None:
     """umockdev-run removes its ``/tmp/umockdev.*`` when it ends; a run a test killed leaves
-    it. Those made since ``since`` that no process still uses go (another session's stay)."""
+    it. Those made since ``since`` go, but only when no process maps umockdev's preload
+    library: a testbed made inside a process (``station_driver``) says its directory nowhere
+    another could read, and another session's testbeds must stay."""
     made = [p for p in Path(os.environ.get("TMPDIR", "/tmp")).glob("umockdev.*")
             if p.is_dir() and p.stat().st_mtime >= since]
     if not made:
         return
-    used: set[str] = set()
-    for environ in Path("/proc").glob("[0-9]*/environ"):
+    for maps in Path("/proc").glob("[0-9]*/maps"):
         with contextlib.suppress(OSError):
-            for item in environ.read_bytes().split(b"\0"):
-                if item.startswith(b"UMOCKDEV_DIR="):
-                    used.add(os.fsdecode(item[len(b"UMOCKDEV_DIR="):]))
+            if b"libumockdev-preload" in maps.read_bytes():
+                return
     for path in made:
-        if str(path) not in used:
-            shutil.rmtree(path, ignore_errors=True)
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def fill_pattern(path: Path, size: int, byte: int = 0xA5) -> None:

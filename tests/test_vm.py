@@ -203,6 +203,29 @@ def test_list_says_no_for_a_stick_a_program_holds(vm: Guest) -> None:
         holder.stop()
 
 
+def test_list_says_no_for_a_stick_the_kernel_holds_unseen(vm: Guest) -> None:
+    """A file system unmounted with ``umount -l`` while a loop device still uses a file on
+    it: in no mount table, no program has the stick open, and ``flash`` refuses it; ``list``
+    said "yes"."""
+    node = guest_drives(vm)["twin"]
+    inner = vm.sh(f"modprobe loop && mkfs.vfat {node} >/dev/null && mkdir -p /tmp/lazy"
+                  f" && mount {node} /tmp/lazy"
+                  " && truncate -s 1M /tmp/lazy/f && losetup -f --show -r /tmp/lazy/f"
+                  " && umount -l /tmp/lazy").strip()
+    try:
+        listed = vm.popsicle("list", "--json")
+        assert listed.rc == 0, listed.stderr
+        drive = next(d for d in json.loads(listed.stdout) if d["path"] == node)
+        assert drive["eligible"] is False
+        assert drive["reason"] == (f"in use by {inner}, a loop device over a file on it (its "
+                                   "file system is mounted nowhere: unmounted with `umount -l`"
+                                   " while in use?)")
+        others = [d for d in json.loads(listed.stdout) if d["path"] != node]
+        assert others and all(d["eligible"] for d in others)
+    finally:
+        vm.sh(f"losetup -d {inner}")
+
+
 # ------------------------------------------------------------------------------------------
 # Flashing
 

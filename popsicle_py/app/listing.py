@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from popsicle_py.cache import Cache, CacheEntry
-from popsicle_py.drives import Drive, discover, refusals
+from popsicle_py.drives import Drive, discover, gather_facts, refusals, with_kernel_hold
+from popsicle_py.drives.opened import ExclusiveOpens
 from popsicle_py.events import JsonObject
 from popsicle_py.ports import link_notes, link_of, port_path_of
 from popsicle_py.records import record
@@ -36,7 +39,14 @@ def list_drives_with_notes(*, include_all: bool = False) -> tuple[list[DriveList
     """:func:`list_drives`, and what to know about their USB links (USB 2.0, a shared hub)."""
     found = []
     links = []
-    for d in discover(include_all=include_all):
+    facts = gather_facts()
+    listed = discover(include_all=include_all, facts=facts)
+    # What the kernel holds that no table shows (a file system unmounted with umount -l
+    # while in use): flash refuses such a drive, so list says so too.  One test of them all.
+    free = [d.devnum for d in listed if d.eligible and not (d.mountpoints or d.holders
+                                                             or d.busy)]
+    facts = dataclasses.replace(facts, exclusive=ExclusiveOpens(free).refused())
+    for d in (with_kernel_hold(d, facts) for d in listed):
         port = port_path_of(d)
         link = link_of(d)
         speed = None if link is None else link.speed

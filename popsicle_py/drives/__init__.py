@@ -96,6 +96,7 @@ from popsicle_py.drives.udev import (
     still_same_each,
     udev_hint,
     udev_note,
+    with_kernel_hold,
     writers_each,
     writers_now,
 )
@@ -170,6 +171,7 @@ __all__ = [
     "too_small",
     "udev_hint",
     "udev_note",
+    "with_kernel_hold",
     "writer_reasons",
     "writers_each",
     "writers_now",

@@ -364,11 +364,17 @@ def drive_for_path(path: str, *, image_path: str | None = None,
     drive = build_drive(device, facts, explicit=True, path=real)
     if drive.system and drive.reason:
         raise TargetError(path, explain(shown, drive.reason))
+    return with_kernel_hold(drive, facts)
+
+
+def with_kernel_hold(drive: Drive, facts: SystemFacts) -> Drive:
+    """``drive``, busy with what the kernel holds of it that nothing we see explains (see
+    :func:`held_by_kernel`), when it is otherwise free to be written."""
     if drive.eligible and not (drive.holders or drive.busy):
         kernel = (held_beside_mounts(drive, facts) if drive.mountpoints
                   else held_by_kernel(drive, facts))
         if kernel is not None:
-            drive = dataclasses.replace(drive, busy=(kernel,))
+            return dataclasses.replace(drive, busy=(kernel,))
     return drive
 
 

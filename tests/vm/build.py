@@ -25,14 +25,15 @@ from pathlib import Path
 CACHE = Path(os.environ.get("POPSICLE_VM_CACHE", "/var/cache/popsicle-vm"))
 HERE = Path(__file__).resolve().parent
 #: Bump when what is built from the same packages changes.
-FORMAT = "3"
+FORMAT = "4"
 
 #: Module directories unpacked from the kernel package: enough for virtio, 9p, overlay, USB,
-#: SCSI, SATA and their helpers.  Leaving the rest out keeps the first build quick and the
-#: guest from probing hardware it does not have.
+#: SCSI, SATA and their helpers, and FAT (a file system on a stick, for the holder tests).
+#: Leaving the rest out keeps the first build quick and the guest from probing hardware it
+#: does not have.
 MODULE_DIRS = ("block", "drivers/usb", "drivers/scsi", "drivers/ata", "drivers/virtio",
                "drivers/block", "drivers/char", "drivers/cdrom", "fs/9p", "fs/overlayfs",
-               "fs/netfs", "fs/fscache", "net/9p", "lib", "crypto")
+               "fs/netfs", "fs/fscache", "fs/fat", "fs/nls", "net/9p", "lib", "crypto")
 
 #: Loaded by the initramfs, dependencies first: what it takes to mount the host's root.
 INITRAMFS_MODULES = ("virtio_pci", "9pnet_virtio", "9p", "overlay")

@@ -34,7 +34,7 @@ from popsicle_py.images import (
     read_head,
     verify_checksum,
 )
-from popsicle_py.images.formats import Format
+from popsicle_py.images.formats import Format, unchecked_note
 from popsicle_py.images.sample import Sample, runnable
 from popsicle_py.images.stdin import SHOWN as STDIN_SHOWN
 from popsicle_py.images.stillness import holding_still
@@ -220,8 +220,13 @@ def sanity_note(source: OpenedSource, shown: str, force: bool) -> str | None:
     that cannot be decoded is left to the job, which fails every drive naming the image and
     the offset (as for damage further in), exactly as without this check.
     """
-    img = source.image
     shown = shown_name(shown)
+    notes = [_judged(source, shown, force), _unchecked(source, shown)]
+    return "; ".join(note for note in notes if note) or None
+
+
+def _judged(source: OpenedSource, shown: str, force: bool) -> str | None:
+    img = source.image
     if isinstance(img, Image):
         return _judge_file(img, shown, force)
     warning: str | None = getattr(img, "warning", None)
@@ -232,6 +237,19 @@ def sanity_note(source: OpenedSource, shown: str, force: bool) -> str | None:
         return None
     return _verdict(sample.head, len(sample.head) if sample.complete else None, img.kind,
                     warning, (), STDIN_SHOWN if is_stdin(shown) else shown, force)
+
+
+def _unchecked(source: OpenedSource, shown: str) -> str | None:
+    """A note for a file without an integrity check of its own (xz --check=none, zstd
+    --no-check, .lzma) when no checksum is checked either: damage to it would be written,
+    and every drive would read back right."""
+    img = source.image
+    how: str | None = getattr(img, "unchecked", None)
+    if how is None or source.checksum is not None or getattr(img, "checksum", None) is not None:
+        return None
+    if is_stdin(shown):
+        return unchecked_note(how, STDIN_SHOWN, beside=False)
+    return unchecked_note(how, shown)
 
 
 def _judge_file(img: Image, shown: str, force: bool) -> str | None:

@@ -26,6 +26,7 @@ from popsicle_py.images.formats import (
     end_refusal,
     ends_as,
     judge,
+    lacks_check,
     name_warning,
     runnable,
 )
@@ -186,6 +187,8 @@ class Image:
     warning: str | None = None  # e.g. named .xz but not xz inside; worth showing, not fatal
     layers: tuple[str, ...] = ()  # formats inside the outer one, decoded one after the other
     outer_size: int | None = None  # the outer layer's decoded size, when there are layers
+    #: How the file lacks an integrity check of its own (formats.lacks_check), or None.
+    unchecked: str | None = None
 
     @property
     def kind(self) -> Format:
@@ -308,7 +311,8 @@ def open_image(path: str) -> Image:
         except OSError as e:
             raise ImageError(f"{shown} cannot be read: {e.strerror or e}") from None
     warning = name_warning(shown, os.path.splitext(path)[1], kind)
-    image = Image(path, kind.name, size, file_size, member, warning)
+    image = Image(path, kind.name, size, file_size, member, warning,
+                  unchecked=lacks_check(kind, head))
     return _with_layers(image, kind)
 
 

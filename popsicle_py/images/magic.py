@@ -34,6 +34,8 @@ __all__ = [
     "near_gzip",
     "near_xz",
     "near_zstd",
+    "xz_unchecked",
+    "zstd_unchecked",
 ]
 
 #: Bytes at the start of a file that detection looks at.
@@ -123,6 +125,20 @@ def is_compress(head: bytes) -> bool:
 def is_sparse(head: bytes) -> bool:
     """An Android sparse image (what fastboot flashes)."""
     return head.startswith(b"\x3a\xff\x26\xed")
+
+
+def xz_unchecked(head: bytes) -> bool:
+    """An xz stream without an integrity check (``xz --check=none``): damage to its stored
+    (incompressible) chunks decodes without an error."""
+    return is_xz(head) and head[7] & 0x0F == 0
+
+
+def zstd_unchecked(head: bytes) -> bool:
+    """A zstd frame without its content checksum (``zstd --no-check``, python-zstandard's
+    default): damage to its raw blocks and literals decodes without an error.  A file that
+    starts with a skippable frame is not judged (its frames are not read here)."""
+    return (len(head) >= 5 and int.from_bytes(head[:4], "little") == ZSTD_MAGIC
+            and not head[4] & 0x04)
 
 
 # --------------------------------------------------------------------------- at the end

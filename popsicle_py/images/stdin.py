@@ -15,7 +15,7 @@ from typing import Any
 
 from popsicle_py.images.checksums import Checksum, ChecksumTap, new_hasher
 from popsicle_py.images.files import READ_SIZE, ImageError
-from popsicle_py.images.formats import HEAD_SIZE, Format, by_name, judge
+from popsicle_py.images.formats import HEAD_SIZE, Format, by_name, judge, lacks_check
 from popsicle_py.images.image import Replay, open_stream, read_full
 from popsicle_py.images.sample import Sample, runnable, take_sample
 
@@ -71,6 +71,8 @@ class StdinImage:
         self.sample = sample
         self.format = kind.name
         self.checksum = checksum
+        #: How the stream lacks an integrity check of its own (formats.lacks_check), or None.
+        self.unchecked = lacks_check(kind, head[:HEAD_SIZE])
         self._opened = False
 
     @property

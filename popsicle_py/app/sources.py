@@ -36,6 +36,7 @@ from popsicle_py.images import (
 )
 from popsicle_py.images.formats import Format, unchecked_note
 from popsicle_py.images.sample import Sample, runnable
+from popsicle_py.images.stdin import SAVED as STDIN_SAVED
 from popsicle_py.images.stdin import SHOWN as STDIN_SHOWN
 from popsicle_py.images.stillness import holding_still
 from popsicle_py.protocols import Source
@@ -315,7 +316,10 @@ def download_first(image: Source, emit: Emit, cancel: Cancellation, tmpdir: str,
     if isinstance(image, StdinImage):  # read once, into a private file removed at the end
         path = image.save(tmpdir)
         stack.callback(os.unlink, path)
-        return open_image(path)
+        try:  # named as the user gave it: the private copy is no name of theirs
+            return open_image(path, STDIN_SHOWN)
+        except ImageError as exc:
+            raise ImageError(runnable(str(exc), STDIN_SHOWN, STDIN_SAVED)) from None
     local, cleanup = remote().materialize(image, emit, cancel, tmpdir, stall_timeout)
     stack.callback(cleanup)
     if local is not None and judged is not None and image.kind.needs_whole_file:

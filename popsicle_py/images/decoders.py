@@ -41,10 +41,14 @@ __all__ = [
 
 
 class Decodable(Protocol):
-    """What a decoder needs of the image (images.Image): where it is and what it should hold."""
+    """What a decoder needs of the image (images.Image): where it is, how messages name it
+    (``name``: the path, or "standard input" for a copy of it), and what it should hold."""
 
     @property
     def path(self) -> str: ...
+
+    @property
+    def name(self) -> str: ...
 
     @property
     def size(self) -> int | None: ...
@@ -154,12 +158,12 @@ class _Stream(io.RawIOBase):
         if consumed is not None:
             where += f", byte {consumed} of the compressed file"
         if isinstance(e, OSError) and e.errno is not None:  # the disk, not the data
-            return ImageError(f"{self._image.path} could not be read ({where}): {e.strerror or e}")
+            return ImageError(f"{self._image.name} could not be read ({where}): {e.strerror or e}")
         if isinstance(e, EOFError):
             reason = "the compressed data ends early (incomplete download?)"
         else:
             reason = str(e) or type(e).__name__
-        return ImageError(f"{self._image.path} is corrupt or truncated ({where}): {reason}")
+        return ImageError(f"{self._image.name} is corrupt or truncated ({where}): {reason}")
 
     def read(self, size: int = -1) -> bytes:
         if size is None or size < 0:
@@ -451,9 +455,9 @@ class ZipStream(_Stream):
             with zipfile.ZipFile(image.path) as zf:  # the member keeps the file open
                 self._member = zf.open(image.member)
         except (zipfile.BadZipFile, KeyError, EOFError, ValueError) as e:
-            raise ImageError(f"{image.path} is a corrupt or truncated zip file: {e}") from None
+            raise ImageError(f"{image.name} is a corrupt or truncated zip file: {e}") from None
         except OSError as e:
-            raise ImageError(f"{image.path} cannot be read: {e.strerror or e}") from None
+            raise ImageError(f"{image.name} cannot be read: {e.strerror or e}") from None
 
     def _fill(self, out: memoryview) -> int:
         data = self._member.read(len(out))

@@ -53,11 +53,17 @@ MAX_LAYERS = 4
 
 @record
 class _Layer:
-    """What one layer's decoder needs: its name in messages, its decoded size, its member."""
+    """What one layer's decoder needs: its file (or its name in messages, for an inner layer),
+    its decoded size, its member, and how messages name it when not by ``path``."""
 
     path: str
     size: int | None
     member: str | None = None
+    shown: str | None = None
+
+    @property
+    def name(self) -> str:
+        return self.shown or self.path
 
 
 class LayerRefused(ImageError):
@@ -189,6 +195,13 @@ class Image:
     outer_size: int | None = None  # the outer layer's decoded size, when there are layers
     #: How the file lacks an integrity check of its own (formats.lacks_check), or None.
     unchecked: str | None = None
+    #: How messages name the image when not by its path (a copy of standard input).
+    shown: str | None = None
+
+    @property
+    def name(self) -> str:
+        """The image as messages name it."""
+        return self.shown or self.path
 
     @property
     def kind(self) -> Format:
@@ -215,21 +228,21 @@ class Image:
         """
         decoder = self.kind.decoder
         if decoder is None:
-            raw: io.RawIOBase = open_file(self.path, self.path, tap)
+            raw: io.RawIOBase = open_file(self.path, self.name, tap)
             return raw
         if not self.layers:  # a zip's decoder leaves the tap unused: see tappable
-            return EndJudged(decoder(self, tap), f"{self.path} (inside its {self.format} "
-                             "layer)", self.path)
-        stream = decoder(_Layer(self.path, self.outer_size, self.member), tap)
+            return EndJudged(decoder(self, tap), f"{self.name} (inside its {self.format} "
+                             "layer)", self.name)
+        stream = decoder(_Layer(self.path, self.outer_size, self.member, self.shown), tap)
         above = self.format
         for i, name in enumerate(self.layers):
             inner = by_name(name).decoder
             assert inner is not None
             last = i == len(self.layers) - 1
-            stream = inner(_Layer(f"{self.path} (inside its {above} layer)",
+            stream = inner(_Layer(f"{self.name} (inside its {above} layer)",
                                   self.size if last else None), raw=stream)
             above = name
-        return EndJudged(stream, f"{self.path} (inside its {above} layer)", self.path)
+        return EndJudged(stream, f"{self.name} (inside its {above} layer)", self.name)
 
     @property
     def tappable(self) -> bool:
@@ -257,7 +270,7 @@ def read_head(image: Image, length: int) -> bytes:
         with image.open() as stream:
             return read_full(stream, length)
     except OSError as e:
-        raise ImageError(f"{image.path} cannot be read: {e.strerror or e}") from None
+        raise ImageError(f"{image.name} cannot be read: {e.strerror or e}") from None
 
 
 def open_stream(raw: BinaryIO, fmt: str, name: str, size: int | None = None,
@@ -281,9 +294,12 @@ def open_stream(raw: BinaryIO, fmt: str, name: str, size: int | None = None,
     return EndJudged(stream, where, name, saved)  # type: ignore[return-value]
 
 
-def open_image(path: str) -> Image:
-    """Check the file, detect its format by magic bytes and learn its size where possible."""
-    shown = path
+def open_image(path: str, shown: str | None = None) -> Image:
+    """Check the file, detect its format by magic bytes and learn its size where possible.
+
+    ``shown``: how messages name it when not by the path given (a copy of standard input)."""
+    named = shown
+    shown = shown or path
     path = os.path.abspath(path)
     try:
         st = os.stat(path)
@@ -312,7 +328,7 @@ def open_image(path: str) -> Image:
             raise ImageError(f"{shown} cannot be read: {e.strerror or e}") from None
     warning = name_warning(shown, os.path.splitext(path)[1], kind)
     image = Image(path, kind.name, size, file_size, member, warning,
-                  unchecked=lacks_check(kind, head))
+                  unchecked=lacks_check(kind, head), shown=named)
     return _with_layers(image, kind)
 
 
@@ -328,7 +344,7 @@ def _with_layers(image: Image, kind: Format) -> Image:
     except ImageError:
         return image
     try:
-        _, inner = peel(stream, image.path, kind)
+        _, inner = peel(stream, image.name, kind)
     except LayerRefused:
         raise
     except ImageError:
@@ -376,9 +392,9 @@ def decompress_to(image: Image, path: str, cancel: Callable[[], bool],
         return watched(work, cancel=cancel, stall_timeout=stall_timeout, tick=tick,
                        name="decompress")
     except WorkStalled as exc:
-        raise ImageError(f"{image.path} stopped answering while it was decompressed: no "
+        raise ImageError(f"{image.name} stopped answering while it was decompressed: no "
                          f"progress for {exc.limit:g} s (is the disk or share it is on, or "
                          f"the one of {os.path.dirname(path)}, hung?)") from None
     except OSError as exc:
-        raise ImageError(f"cannot decompress {image.path} to {path}: "
+        raise ImageError(f"cannot decompress {image.name} to {path}: "
                          f"{exc.strerror or exc}") from None

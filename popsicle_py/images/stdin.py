@@ -99,7 +99,7 @@ class StdinImage:
         elif self.checksum is not None:
             raw = _Checked(raw, self.checksum)
         return open_stream(raw, self.format, SHOWN,  # type: ignore[arg-type,return-value]
-                           saved=_SAVED)
+                           saved=SAVED)
 
     def save(self, directory: str) -> str:
         """Copy the bytes as they come to a new private file in ``directory`` (``watch``
@@ -145,14 +145,14 @@ def open_stdin(checksum: Checksum | None = None, fd: int = 0) -> StdinImage:
                 # Judged like a file before any drive is opened; kept, and written first.
                 sample = take_sample(head, _reader(f), kind, SHOWN)
             except ImageError as e:
-                raise ImageError(runnable(str(e), SHOWN, _SAVED)) from None
+                raise ImageError(runnable(str(e), SHOWN, SAVED)) from None
     except OSError as e:
         raise ImageError(f"{SHOWN} cannot be read: {e.strerror or e}") from None
     return StdinImage(fd, sample.raw, kind, checksum, sample)
 
 
 #: What FILE is in advice given for standard input (`lzip -dk FILE`).
-_SAVED = "what came through standard input, saved to a file"
+SAVED = "what came through standard input, saved to a file"
 
 
 def _reader(f: io.RawIOBase) -> Callable[[int], bytes | None]:

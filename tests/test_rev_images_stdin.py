@@ -1,0 +1,58 @@
+"""Standard input is named as the user gave it, never by the private copy made of it.
+
+``watch -`` keeps what comes through the pipe in a private file (every drive is written from
+it) and removes it at the end: a refusal naming that file names something the user never
+gave, and that no longer exists.  Through the command; these refusals come before any drive.
+"""
+
+from __future__ import annotations
+
+import gzip
+import lzma
+import os
+import struct
+import subprocess
+from collections.abc import Callable
+
+import pytest
+from conftest import popsicle_cmd
+
+
+def image() -> bytes:
+    data = bytearray(os.urandom(1 << 20))
+    data[510:512] = b"\x55\xaa"
+    return bytes(data)
+
+
+def dmg() -> bytes:
+    """Bytes ending with an Apple disk image's "koly" trailer (version 4, 512 bytes)."""
+    koly = b"koly" + struct.pack(">II", 4, 512)
+    return image() + koly.ljust(512, b"\0")
+
+
+def watch(stdin: bytes) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run([*popsicle_cmd(), "watch", "-", "--yes"], capture_output=True,
+                          input=stdin, timeout=120)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, proc.stdout.decode(),
+                                       proc.stderr.decode())
+
+
+CASES: dict[str, tuple[Callable[[], bytes], str]] = {
+    "cut xz": (lambda: lzma.compress(image(), preset=0)[:300_000],
+               "standard input does not end with a complete xz index and footer"),
+    "cut gzip": (lambda: gzip.compress(image(), 1)[:300_000],
+                 "standard input is corrupt or truncated"),
+    "dmg": (dmg, "standard input is an Apple disk image (DMG)"),
+    "dmg in gzip": (lambda: gzip.compress(dmg(), 1),
+                    "standard input (inside its gzip layer) is an Apple disk image (DMG)"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_watch_names_standard_input_not_its_copy(case: str) -> None:
+    make, said = CASES[case]
+    result = watch(make())
+    refusal = result.stderr.strip().splitlines()[-1]
+    assert result.returncode == 2, result.stderr
+    assert said in refusal, refusal
+    assert "popsicle-py-stdin-" not in result.stdout + result.stderr

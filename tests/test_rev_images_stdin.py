@@ -13,6 +13,7 @@ import os
 import struct
 import subprocess
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 from conftest import popsicle_cmd
@@ -56,3 +57,26 @@ def test_watch_names_standard_input_not_its_copy(case: str) -> None:
     assert result.returncode == 2, result.stderr
     assert said in refusal, refusal
     assert "popsicle-py-stdin-" not in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("command", ["flash", "verify"])
+def test_a_silent_pipe_is_named_as_one(command: str, tmp_path: Path) -> None:
+    """A pipe whose writer sends nothing (stuck, or asking for a password) is refused after
+    --stall-timeout as standard input, not as a hung disk or network share."""
+    target = tmp_path / "target"  # refused before any drive is looked at
+    target.write_bytes(b"")
+    args = [*popsicle_cmd(), command, "-", str(target), "--stall-timeout", "1"]
+    if command == "flash":
+        args.append("--yes")
+    with subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True) as proc:
+        try:
+            proc.wait(timeout=60)  # the pipe stays open, silent, meanwhile
+        finally:
+            assert proc.stdin is not None
+            proc.stdin.close()
+        assert proc.stderr is not None
+        err = proc.stderr.read()
+    assert proc.returncode == 2, err
+    assert "standard input gave nothing for 1 s" in err, err
+    assert "disk or network share" not in err

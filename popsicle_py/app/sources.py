@@ -163,6 +163,10 @@ def watched_checks(checks: Callable[[], T], image: str, stall_timeout: float | N
         return watched_calls(checks, stall_timeout=stall_timeout if local else None,
                              name="image-checks", hung_note=note)
     except WorkStalled as exc:
+        if is_stdin(image):  # a pipe: its writer is what stopped, no disk
+            raise ImageError(f"{STDIN_SHOWN} gave nothing for {exc.limit:g} s while its start "
+                             "was read to judge it (is the program feeding the pipe stuck, or "
+                             "waiting for input itself?)") from None
         raise ImageError(f"{image} stopped answering while it was opened and checked: no "
                          f"answer for {exc.limit:g} s (is the disk or network share it is on "
                          "hung?)") from None

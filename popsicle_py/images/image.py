@@ -171,14 +171,24 @@ def peel(stream: io.RawIOBase, name: str, outer: Format) -> tuple[io.RawIOBase, 
         stream = Replay(head, stream)
         if not kind.decoded:
             return stream, inner
-        if kind.needs_whole_file or len(inner) + 1 >= MAX_LAYERS:
+        if kind.needs_whole_file:
             stream.close()
-            raise LayerRefused(f"{where} is a {kind.name} file, which cannot be decoded inside "
-                             f"another layer: decompress the {above.name} layer first")
+            raise LayerRefused(f"{where} is {_a(kind.name)} file, which cannot be decoded "
+                               f"inside another layer: decompress the {above.name} layer first")
+        if len(inner) + 1 >= MAX_LAYERS:
+            stream.close()
+            raise LayerRefused(f"{where} is {_a(kind.name)} file, one layer more than the "
+                               f"{MAX_LAYERS} popsicle-py decodes one inside the other: "
+                               f"decompress the outer layers first")
         assert kind.decoder is not None
         stream = kind.decoder(_Layer(where, None), raw=stream)
         inner.append(kind)
         above = kind
+
+
+def _a(name: str) -> str:
+    """A format's name with its article, as it is said: "an xz", "an lzma", "a gzip"."""
+    return f"{'an' if name.startswith(('x', 'l')) else 'a'} {name}"
 
 
 @record

@@ -80,3 +80,17 @@ def test_a_silent_pipe_is_named_as_one(command: str, tmp_path: Path) -> None:
     assert proc.returncode == 2, err
     assert "standard input gave nothing for 1 s" in err, err
     assert "disk or network share" not in err
+
+
+def test_a_named_pipe_is_pointed_to_standard_input(tmp_path: Path) -> None:
+    """A FIFO as IMAGE is refused (every pass opens the image again) saying how it is read."""
+    fifo = tmp_path / "image.fifo"
+    os.mkfifo(fifo)
+    target = tmp_path / "target"
+    target.write_bytes(b"")
+    result = subprocess.run([*popsicle_cmd(), "flash", str(fifo), str(target), "--yes"],
+                            capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=60)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2, result.stderr
+    assert lines == [f"popsicle-py: {fifo} is a named pipe (FIFO), which can be read only "
+                     f"once: give it as standard input (`popsicle-py flash - DEVICE < {fifo}`)"]

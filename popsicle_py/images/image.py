@@ -319,8 +319,11 @@ def open_image(path: str, shown: str | None = None) -> Image:
         raise ImageError(f"{shown} cannot be opened: {e.strerror or e}") from None
     if stat.S_ISDIR(st.st_mode):
         raise ImageError(f"{shown} is a directory, not an image")
+    if stat.S_ISFIFO(st.st_mode):
+        # Read only once, while every pass (checksum, write, verify) reopens a file: as "-".
+        raise ImageError(f"{shown} is a named pipe (FIFO), which can be read only once: give "
+                         f"it as standard input (`popsicle-py flash - DEVICE < {shown}`)")
     if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
-        # A pipe could be read only once, but every pass (checksum, write, verify) reopens it.
         raise ImageError(f"{shown} is not a regular file or block device")
     with open_file(path, shown) as f:
         file_size = st.st_size if stat.S_ISREG(st.st_mode) else os.lseek(f.fileno(), 0, os.SEEK_END)

@@ -26,6 +26,8 @@ if TYPE_CHECKING:
 #: nothing measurable (a Python call per 256 KiB).
 _STEP = 256 << 10
 _FEED = 64 << 10
+#: The largest zstd window decoded: 2 GiB, the most zstd itself writes (``--long=31``).
+_ZSTD_WINDOW = 1 << 31
 
 __all__ = [
     "Bzip2Stream",
@@ -417,7 +419,10 @@ class ZstdStream(_Stream):
         self._tap = _Tap(self._file, self._layout)
         import zstandard
 
-        self._reader = zstandard.ZstdDecompressor().stream_reader(
+        # Any window the format allows (zstd --long=31 streams: 2 GiB), as xz's dictionary:
+        # zstandard's default stops at 128 MiB and fails such a sound file.  Memory is taken
+        # as the window fills, so no more than the image's size.
+        self._reader = zstandard.ZstdDecompressor(max_window_size=_ZSTD_WINDOW).stream_reader(
             self._tap,  # type: ignore[arg-type]  # anything with read() will do
             read_size=READ_SIZE, read_across_frames=True, closefd=False,
         )

@@ -10,13 +10,15 @@ from __future__ import annotations
 import gzip
 import lzma
 import os
+import signal
 import struct
 import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import popsicle_cmd
+from conftest import popsicle_cmd, waits_in_kernel
 
 
 def image() -> bytes:
@@ -94,3 +96,33 @@ def test_a_named_pipe_is_pointed_to_standard_input(tmp_path: Path) -> None:
     assert result.returncode == 2, result.stderr
     assert lines == [f"popsicle-py: {fifo} is a named pipe (FIFO), which can be read only "
                      f"once: give it as standard input (`popsicle-py flash - DEVICE < {fifo}`)"]
+
+
+@pytest.mark.parametrize("command", ["flash", "verify"])
+def test_ctrl_c_on_a_silent_pipe_says_nothing_of_a_hung_disk(command: str,
+                                                              tmp_path: Path) -> None:
+    """Ctrl-C while the start of standard input is awaited: one line, exit 130; not the
+    note for a hung disk ("... has not returned; popsicle-py exits once it does"), which a
+    pipe never is: its read ends with the process."""
+    target = tmp_path / "target"
+    target.write_bytes(b"")
+    args = [*popsicle_cmd(), command, "-", str(target)] + (["--yes"] if command == "flash"
+                                                            else [])
+    with subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True) as proc:
+        try:
+            deadline = time.monotonic() + 30
+            while not any(waits_in_kernel(proc.pid, wchan)  # as kernels name it
+                          for wchan in ("anon_pipe_read", "pipe_read")):
+                assert time.monotonic() < deadline, "never read standard input"
+                time.sleep(0.01)
+            proc.send_signal(signal.SIGINT)
+            proc.wait(timeout=10)
+        finally:
+            assert proc.stdin is not None
+            proc.stdin.close()
+        assert proc.stderr is not None
+        err = proc.stderr.read()
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines() == ["popsicle-py: interrupted before writing: nothing "
+                                        "was written"]

@@ -158,7 +158,9 @@ def watched_checks(checks: Callable[[], T], image: str, stall_timeout: float | N
     from popsicle_py.failures import hung_check
 
     local = not is_url(image)  # a download's socket dies with the process: no note for it
-    note = hung_check(image, "a read of the image to check it") if local else None
+    # Nor a pipe: a read of it ends with the process.
+    note = (hung_check(image, "a read of the image to check it")
+            if local and not is_stdin(image) else None)
     try:
         return watched_calls(checks, stall_timeout=stall_timeout if local else None,
                              name="image-checks", hung_note=note)

@@ -9,6 +9,7 @@ checked instead.  Real loop devices, through the command.
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import lzma
 import os
@@ -106,3 +107,16 @@ def test_no_note_when_something_checks_it(how: str, tmp_path: Path,
     out = result.stdout + result.stderr
     assert result.returncode == 0, out
     assert NOTE not in out, out
+
+
+def test_a_checked_layer_inside_covers_the_outer_one(
+        tmp_path: Path, loop_factory: Callable[..., Loop]) -> None:
+    """A gzip inside an xz without a check: gzip's CRC sees damage to the xz's bytes too."""
+    data = image()
+    path = tmp_path / "disk.img.gz.xz"
+    path.write_bytes(CASES["img.xz"](gzip.compress(data, 1)))
+    loop = loop_factory(4 << 20)
+    result = flash(str(path), loop.path)
+    assert result.returncode == 0, result.stderr
+    assert NOTE not in result.stdout + result.stderr
+    assert loop.read(len(data)) == data

@@ -366,8 +366,11 @@ def _with_layers(image: Image, kind: Format) -> Image:
         stream.close()
     if not inner:
         return image
+    # A layer inside whose format always checks what it holds (gzip, bzip2) sees damage to
+    # the outer one's bytes too.
+    unchecked = image.unchecked if all(f.unchecked is not None for f in inner) else None
     return dataclasses.replace(image, layers=tuple(f.name for f in inner),
-                               outer_size=image.size, size=None)
+                               outer_size=image.size, size=None, unchecked=unchecked)
 
 
 def decompress_to(image: Image, path: str, cancel: Callable[[], bool],

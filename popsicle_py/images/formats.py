@@ -159,7 +159,7 @@ XZ = Format("xz", magic.is_xz, (".xz",), XzStream, near=magic.near_xz,
             unchecked=_when(magic.xz_unchecked, "an xz file without an integrity check "
                             "(made with `xz --check=none`)"))
 LZMA = Format("lzma", magic.is_lzma_alone, (".lzma",), LzmaAloneStream,
-              measure=lambda f: (lzma_size(f.head), None),
+              measure=lambda f: (lzma_size(f.head), None), near=magic.near_lzma,
               unchecked=_when(_anything, "an LZMA-alone (.lzma) file, which has no integrity "
                               "check"))
 BZIP2 = Format("bzip2", magic.is_bzip2, (".bz2",), Bzip2Stream, near=magic.near_bzip2)

@@ -126,3 +126,26 @@ def test_ctrl_c_on_a_silent_pipe_says_nothing_of_a_hung_disk(command: str,
     assert proc.returncode == 130, err
     assert err.strip().splitlines() == ["popsicle-py: interrupted before writing: nothing "
                                         "was written"]
+
+
+def test_watch_says_standard_input_was_decompressed(tmp_path: Path) -> None:
+    """``watch -`` with a compressed image decompresses it once to a raw copy, and says so
+    of standard input, not of the private file it kept the pipe's bytes in."""
+    source = tmp_path / "disk.img.gz"
+    source.write_bytes(gzip.compress(image(), 1))
+    with source.open("rb") as stdin, subprocess.Popen(
+            [*popsicle_cmd(), "watch", "-", "--yes", "--json"], stdin=stdin,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
+        assert proc.stdout is not None
+        seen = []
+        for line in proc.stdout:  # until the image is ready: it watches for drives then
+            seen.append(line)
+            if '"decompressed ' in line:
+                break
+        proc.send_signal(signal.SIGINT)
+        seen += proc.stdout.readlines()
+        proc.wait(timeout=30)
+    out = "".join(seen)
+    assert '"detail": "standard input"' in out, out
+    assert "decompressed standard input once (1 MiB)" in out, out
+    assert "popsicle-py-stdin-" not in out

@@ -72,6 +72,9 @@ _NOT_RAW: tuple[tuple[int, bytes, str, str], ...] = (
     (0, b"QFI\xfb", "a QEMU qcow2 image", _CONVERT),
     (0, b"KDMV", "a VMware VMDK image", _CONVERT),
     (0, b"vhdxfile", "a Hyper-V VHDX image", _CONVERT),
+    # A dynamic or differencing VHD starts with a copy of its footer; a fixed one is the raw
+    # disk with the footer after it, written as it is.
+    (0, b"conectix", "a VHD (Virtual PC, Hyper-V) dynamic image", _CONVERT),
     (64, b"\x7f\x10\xda\xbe", "a VirtualBox VDI image", _CONVERT),
     (0, b"7z\xbc\xaf\x27\x1c", "a 7-Zip archive", "extract the image from it first"),
     (0, b"Rar!\x1a\x07", "a RAR archive", "extract the image from it first"),

@@ -355,7 +355,7 @@ class WatchSession:
                              f"({format_size(size)} needed, {format_size(free)} free); set "
                              "TMPDIR to a directory with more room")
         path = os.path.join(self._copy_dir, "image.raw")
-        self.emit(Phase(None, Step.DECOMPRESSING, self.image.path))
+        self.emit(Phase(None, Step.DECOMPRESSING, self.image.name))
         done = decompress_to(self.image, path, self.cancel, lambda n: self._emit_now(
             Progress(None, Step.DECOMPRESSING, n, size)), self.options.stall_timeout)
         if done is None:
@@ -364,10 +364,10 @@ class WatchSession:
             try:
                 self._still()
             except ImageChanged as exc:
-                raise ImageError(f"{self.image.path} changed while it was decompressed "
+                raise ImageError(f"{self.image.name} changed while it was decompressed "
                                  f"({exc.how}): start again") from None
         self._still = holding_still(path)  # every drive is written from the copy from now on
-        self.emit(Note(f"decompressed {self.image.path} once ({format_size(done)}) to a "
+        self.emit(Note(f"decompressed {self.image.name} once ({format_size(done)}) to a "
                        "temporary raw copy; every drive is written from it"))
         copy = open_image(path)
         with contextlib.suppress(OSError):

@@ -21,7 +21,7 @@ from popsicle_py.certify.readback import CheckJob, Expected
 from popsicle_py.defaults import DEFAULT_STALL_TIMEOUT
 from popsicle_py.drives import Drive
 from popsicle_py.errors import Refused
-from popsicle_py.images.checksums import choose_sidecar
+from popsicle_py.images.checksums import choose_sidecar, sidecar_text
 from popsicle_py.plan import make_read_plan
 from popsicle_py.protocols import View
 from popsicle_py.records import record
@@ -149,7 +149,7 @@ def _published(request: CheckRequest) -> Expected:
         if name.lower().endswith(_COMPRESSED):
             raise Refused([f"{name} is compressed: a drive holds the decompressed image; give "
                            "the digest of the uncompressed image"])
-        text = _read_small(sums, "--sums").decode("utf-8", errors="replace")
+        text = sidecar_text(_read_small(sums, "--sums"))
         found = choose_sidecar(name, lambda n: n,
                                lambda n: text if n == _SUMS else None)
         if found is None or found.algo != "sha256":

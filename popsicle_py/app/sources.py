@@ -34,8 +34,9 @@ from popsicle_py.images import (
     read_head,
     verify_checksum,
 )
-from popsicle_py.images.formats import Format
+from popsicle_py.images.formats import Format, unchecked_note
 from popsicle_py.images.sample import Sample, runnable
+from popsicle_py.images.stdin import SAVED as STDIN_SAVED
 from popsicle_py.images.stdin import SHOWN as STDIN_SHOWN
 from popsicle_py.images.stillness import holding_still
 from popsicle_py.protocols import Source
@@ -157,11 +158,17 @@ def watched_checks(checks: Callable[[], T], image: str, stall_timeout: float | N
     from popsicle_py.failures import hung_check
 
     local = not is_url(image)  # a download's socket dies with the process: no note for it
-    note = hung_check(image, "a read of the image to check it") if local else None
+    # Nor a pipe: a read of it ends with the process.
+    note = (hung_check(image, "a read of the image to check it")
+            if local and not is_stdin(image) else None)
     try:
         return watched_calls(checks, stall_timeout=stall_timeout if local else None,
                              name="image-checks", hung_note=note)
     except WorkStalled as exc:
+        if is_stdin(image):  # a pipe: its writer is what stopped, no disk
+            raise ImageError(f"{STDIN_SHOWN} gave nothing for {exc.limit:g} s while its start "
+                             "was read to judge it (is the program feeding the pipe stuck, or "
+                             "waiting for input itself?)") from None
         raise ImageError(f"{image} stopped answering while it was opened and checked: no "
                          f"answer for {exc.limit:g} s (is the disk or network share it is on "
                          "hung?)") from None
@@ -220,8 +227,13 @@ def sanity_note(source: OpenedSource, shown: str, force: bool) -> str | None:
     that cannot be decoded is left to the job, which fails every drive naming the image and
     the offset (as for damage further in), exactly as without this check.
     """
-    img = source.image
     shown = shown_name(shown)
+    notes = [_judged(source, shown, force), _unchecked(source, shown)]
+    return "; ".join(note for note in notes if note) or None
+
+
+def _judged(source: OpenedSource, shown: str, force: bool) -> str | None:
+    img = source.image
     if isinstance(img, Image):
         return _judge_file(img, shown, force)
     warning: str | None = getattr(img, "warning", None)
@@ -232,6 +244,19 @@ def sanity_note(source: OpenedSource, shown: str, force: bool) -> str | None:
         return None
     return _verdict(sample.head, len(sample.head) if sample.complete else None, img.kind,
                     warning, (), STDIN_SHOWN if is_stdin(shown) else shown, force)
+
+
+def _unchecked(source: OpenedSource, shown: str) -> str | None:
+    """A note for a file without an integrity check of its own (xz --check=none, zstd
+    --no-check, .lzma) when no checksum is checked either: damage to it would be written,
+    and every drive would read back right."""
+    img = source.image
+    how: str | None = getattr(img, "unchecked", None)
+    if how is None or source.checksum is not None or getattr(img, "checksum", None) is not None:
+        return None
+    if is_stdin(shown):
+        return unchecked_note(how, STDIN_SHOWN, beside=False)
+    return unchecked_note(how, shown)
 
 
 def _judge_file(img: Image, shown: str, force: bool) -> str | None:
@@ -297,7 +322,10 @@ def download_first(image: Source, emit: Emit, cancel: Cancellation, tmpdir: str,
     if isinstance(image, StdinImage):  # read once, into a private file removed at the end
         path = image.save(tmpdir)
         stack.callback(os.unlink, path)
-        return open_image(path)
+        try:  # named as the user gave it: the private copy is no name of theirs
+            return open_image(path, STDIN_SHOWN)
+        except ImageError as exc:
+            raise ImageError(runnable(str(exc), STDIN_SHOWN, STDIN_SAVED)) from None
     local, cleanup = remote().materialize(image, emit, cancel, tmpdir, stall_timeout)
     stack.callback(cleanup)
     if local is not None and judged is not None and image.kind.needs_whole_file:

@@ -29,6 +29,7 @@ __all__ = [
     "find_sidecar",
     "new_hasher",
     "parse_checksum_option",
+    "sidecar_text",
     "signed_part",
     "verify_checksum",
 ]
@@ -154,7 +155,7 @@ def signed_part(text: str) -> str:
 def _sidecar_entries(text: str, algo: str) -> Iterator[tuple[str, str, str | None]]:
     """(algo, hex, name or None) for each usable line; lines of other shapes are ignored."""
     for line in signed_part(text).splitlines():
-        line = line.strip()
+        line = line.strip().lstrip(_BOM)
         if m := _BSD_LINE.fullmatch(line):
             escaped, tag, name, hexdigest = m.groups()
             line_algo = tag.lower().split("-")[0]
@@ -169,20 +170,18 @@ def _sidecar_entries(text: str, algo: str) -> Iterator[tuple[str, str, str | Non
 
 
 def _listed_badly(text: str, algo: str, base: str, bare: bool) -> bool:
-    """A line names ``base`` but its digest is not one of its algorithm (cut short, mangled):
-    a tagged line's, or (``bare``: the list is named after ``algo``) ``algo``'s."""
+    """A line names ``base`` but gives no usable checksum for it (cut short, mangled, a stray
+    character in its digest): a tagged line (``SHA256 (NAME) = ...``), or (``bare``: the list
+    is named after ``algo``) an untagged one too (``HEX  NAME``).  Asked only when no line gave
+    one; comment lines (Fedora's ``# NAME: N bytes``) do not count."""
+    name = rf"(?:\./)?{re.escape(base)}"
+    tagged = re.compile(rf"\({name}\)")
+    untagged = re.compile(rf"(?:^|[ \t]\*?){name}$")
     for line in signed_part(text).splitlines():
-        line = line.strip()
-        if m := _BSD_LINE.fullmatch(line):
-            escaped, tag, name, hexdigest = m.groups()
-            line_algo = tag.lower().split("-")[0]
-        elif bare and (m := _GNU_LINE.fullmatch(line)) and m[3] is not None:
-            escaped, hexdigest, name = m.groups()
-            line_algo = algo
-        else:
+        line = line.strip().lstrip(_BOM)
+        if line.startswith("#"):
             continue
-        name = _unescape(name) if escaped else name
-        if name in (base, "./" + base) and not _valid_hex(line_algo, hexdigest):
+        if tagged.search(line) or (bare and untagged.search(line)):
             return True
     return False
 
@@ -200,10 +199,22 @@ def _listed(text: str, algo: str, where: str, base: str, bare: bool = True
     return picked
 
 
+#: A byte order mark, as Notepad and PowerShell start a text file with.
+_BOM = "\ufeff"
+
+
+def sidecar_text(data: bytes) -> str:
+    """A checksum file's text: UTF-8, or UTF-16 with its byte order mark (what Windows
+    PowerShell's ``>`` writes); a UTF-8 byte order mark (Notepad's) is dropped."""
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return data.decode("utf-16", errors="replace")
+    return data.decode("utf-8-sig", errors="replace")
+
+
 def _read_sidecar(path: str) -> str:
     try:
         with open(path, "rb") as f:
-            return f.read(16 << 20).decode("utf-8", errors="replace")
+            return sidecar_text(f.read(16 << 20))
     except OSError as e:
         raise ImageError(f"checksum file {path} cannot be read: {e.strerror or e}") from None
 

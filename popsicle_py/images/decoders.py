@@ -26,6 +26,8 @@ if TYPE_CHECKING:
 #: nothing measurable (a Python call per 256 KiB).
 _STEP = 256 << 10
 _FEED = 64 << 10
+#: The largest zstd window decoded: 2 GiB, the most zstd itself writes (``--long=31``).
+_ZSTD_WINDOW = 1 << 31
 
 __all__ = [
     "Bzip2Stream",
@@ -41,10 +43,14 @@ __all__ = [
 
 
 class Decodable(Protocol):
-    """What a decoder needs of the image (images.Image): where it is and what it should hold."""
+    """What a decoder needs of the image (images.Image): where it is, how messages name it
+    (``name``: the path, or "standard input" for a copy of it), and what it should hold."""
 
     @property
     def path(self) -> str: ...
+
+    @property
+    def name(self) -> str: ...
 
     @property
     def size(self) -> int | None: ...
@@ -154,12 +160,12 @@ class _Stream(io.RawIOBase):
         if consumed is not None:
             where += f", byte {consumed} of the compressed file"
         if isinstance(e, OSError) and e.errno is not None:  # the disk, not the data
-            return ImageError(f"{self._image.path} could not be read ({where}): {e.strerror or e}")
+            return ImageError(f"{self._image.name} could not be read ({where}): {e.strerror or e}")
         if isinstance(e, EOFError):
             reason = "the compressed data ends early (incomplete download?)"
         else:
             reason = str(e) or type(e).__name__
-        return ImageError(f"{self._image.path} is corrupt or truncated ({where}): {reason}")
+        return ImageError(f"{self._image.name} is corrupt or truncated ({where}): {reason}")
 
     def read(self, size: int = -1) -> bytes:
         if size is None or size < 0:
@@ -413,7 +419,10 @@ class ZstdStream(_Stream):
         self._tap = _Tap(self._file, self._layout)
         import zstandard
 
-        self._reader = zstandard.ZstdDecompressor().stream_reader(
+        # Any window the format allows (zstd --long=31 streams: 2 GiB), as xz's dictionary:
+        # zstandard's default stops at 128 MiB and fails such a sound file.  Memory is taken
+        # as the window fills, so no more than the image's size.
+        self._reader = zstandard.ZstdDecompressor(max_window_size=_ZSTD_WINDOW).stream_reader(
             self._tap,  # type: ignore[arg-type]  # anything with read() will do
             read_size=READ_SIZE, read_across_frames=True, closefd=False,
         )
@@ -451,9 +460,9 @@ class ZipStream(_Stream):
             with zipfile.ZipFile(image.path) as zf:  # the member keeps the file open
                 self._member = zf.open(image.member)
         except (zipfile.BadZipFile, KeyError, EOFError, ValueError) as e:
-            raise ImageError(f"{image.path} is a corrupt or truncated zip file: {e}") from None
+            raise ImageError(f"{image.name} is a corrupt or truncated zip file: {e}") from None
         except OSError as e:
-            raise ImageError(f"{image.path} cannot be read: {e.strerror or e}") from None
+            raise ImageError(f"{image.name} cannot be read: {e.strerror or e}") from None
 
     def _fill(self, out: memoryview) -> int:
         data = self._member.read(len(out))

@@ -55,8 +55,10 @@ __all__ = [
     "end_refusal",
     "ends_as",
     "judge",
+    "lacks_check",
     "name_warning",
     "runnable",
+    "unchecked_note",
 ]
 
 
@@ -91,6 +93,8 @@ class Format:
     ImageError for one that is cut off or cannot be used.  ``refusal``: recognised but not
     decoded; the sentence (``{name}``: the file as the user wrote it) says what to do.
     ``problem`` finds, in the head, a header this program must not decode (None: fine).
+    ``unchecked`` says, from the head, how the file lacks an integrity check of its own (None:
+    it has one), so that damage to it may decode cleanly (:func:`unchecked_note`).
     """
 
     name: str
@@ -103,6 +107,7 @@ class Format:
     near: Callable[[bytes], bool] | None = None
     refusal: str | None = None
     problem: Callable[[bytes], str | None] | None = None
+    unchecked: Callable[[bytes], str | None] | None = None
 
     @property
     def decoded(self) -> bool:
@@ -143,15 +148,25 @@ def _xz_problem(head: bytes) -> str | None:
             "if you trust it, `xz -dc` it into a file or pipe it to `popsicle-py flash -`")
 
 
+def _when(judge: Callable[[bytes], bool], how: str) -> Callable[[bytes], str | None]:
+    return lambda head: how if judge(head) else None
+
+
 RAW = Format("raw", _anything, measure=lambda f: (f.size, None))
 GZIP = Format("gzip", magic.is_gzip, (".gz",), GzipStream, near=magic.near_gzip)
 XZ = Format("xz", magic.is_xz, (".xz",), XzStream, near=magic.near_xz,
-            measure=lambda f: (xz_measure(f.fd, f.size, f.shown), None), problem=_xz_problem)
+            measure=lambda f: (xz_measure(f.fd, f.size, f.shown), None), problem=_xz_problem,
+            unchecked=_when(magic.xz_unchecked, "an xz file without an integrity check "
+                            "(made with `xz --check=none`)"))
 LZMA = Format("lzma", magic.is_lzma_alone, (".lzma",), LzmaAloneStream,
-              measure=lambda f: (lzma_size(f.head), None))
+              measure=lambda f: (lzma_size(f.head), None), near=magic.near_lzma,
+              unchecked=_when(_anything, "an LZMA-alone (.lzma) file, which has no integrity "
+                              "check"))
 BZIP2 = Format("bzip2", magic.is_bzip2, (".bz2",), Bzip2Stream, near=magic.near_bzip2)
 ZSTD = Format("zstd", magic.is_zstd, (".zst", ".zstd"), ZstdStream, near=magic.near_zstd,
-              measure=lambda f: (zstd_measure(f.fd, f.size, f.shown), None))
+              measure=lambda f: (zstd_measure(f.fd, f.size, f.shown), None),
+              unchecked=_when(magic.zstd_unchecked, "a zstd file without its checksum (made "
+                              "with `zstd --no-check`, or by a library that leaves it out)"))
 ZIP = Format("zip", magic.is_zip, (".zip",), ZipStream, needs_whole_file=True,
              measure=_zip_measure, at_end=magic.is_zip_at_end)
 # lzip: the one PyPI binding (lzip 1.2.0, 2022) is not kept up enough to trust with every
@@ -259,6 +274,22 @@ def judge(head: bytes, shown: str, tail: bytes = b"") -> Format:
     if kind.problem is not None and (problem := kind.problem(head)) is not None:
         raise ImageError(f"{shown} is not written: {problem}")
     return kind
+
+
+def lacks_check(kind: Format, head: bytes) -> str | None:
+    """How a file of ``kind`` whose first bytes are ``head`` lacks an integrity check of its
+    own (None: it has one, or its format never needs one)."""
+    return kind.unchecked(head) if kind.unchecked is not None else None
+
+
+def unchecked_note(how: str, shown: str, *, beside: bool = True) -> str:
+    """The note for a file without an integrity check (``how``, from :func:`lacks_check`):
+    damage to it may decode without an error, and a drive holding the damaged image reads
+    back right.  For when no checksum is checked instead (the caller knows); ``beside``: a
+    checksum file beside it would be found (not so for standard input)."""
+    where = "--sha256, or a SHA256SUMS beside it" if beside else "--sha256"
+    return (f"{shown} is {how}: damage to it may decode without an error and be written as "
+            f"it is; give its checksum ({where}) to have it checked")
 
 
 def detect_format(head: bytes) -> str:

@@ -26,6 +26,7 @@ from popsicle_py.images.formats import (
     end_refusal,
     ends_as,
     judge,
+    lacks_check,
     name_warning,
     runnable,
 )
@@ -52,11 +53,17 @@ MAX_LAYERS = 4
 
 @record
 class _Layer:
-    """What one layer's decoder needs: its name in messages, its decoded size, its member."""
+    """What one layer's decoder needs: its file (or its name in messages, for an inner layer),
+    its decoded size, its member, and how messages name it when not by ``path``."""
 
     path: str
     size: int | None
     member: str | None = None
+    shown: str | None = None
+
+    @property
+    def name(self) -> str:
+        return self.shown or self.path
 
 
 class LayerRefused(ImageError):
@@ -164,14 +171,24 @@ def peel(stream: io.RawIOBase, name: str, outer: Format) -> tuple[io.RawIOBase, 
         stream = Replay(head, stream)
         if not kind.decoded:
             return stream, inner
-        if kind.needs_whole_file or len(inner) + 1 >= MAX_LAYERS:
+        if kind.needs_whole_file:
             stream.close()
-            raise LayerRefused(f"{where} is a {kind.name} file, which cannot be decoded inside "
-                             f"another layer: decompress the {above.name} layer first")
+            raise LayerRefused(f"{where} is {_a(kind.name)} file, which cannot be decoded "
+                               f"inside another layer: decompress the {above.name} layer first")
+        if len(inner) + 1 >= MAX_LAYERS:
+            stream.close()
+            raise LayerRefused(f"{where} is {_a(kind.name)} file, one layer more than the "
+                               f"{MAX_LAYERS} popsicle-py decodes one inside the other: "
+                               f"decompress the outer layers first")
         assert kind.decoder is not None
         stream = kind.decoder(_Layer(where, None), raw=stream)
         inner.append(kind)
         above = kind
+
+
+def _a(name: str) -> str:
+    """A format's name with its article, as it is said: "an xz", "an lzma", "a gzip"."""
+    return f"{'an' if name.startswith(('x', 'l')) else 'a'} {name}"
 
 
 @record
@@ -186,6 +203,15 @@ class Image:
     warning: str | None = None  # e.g. named .xz but not xz inside; worth showing, not fatal
     layers: tuple[str, ...] = ()  # formats inside the outer one, decoded one after the other
     outer_size: int | None = None  # the outer layer's decoded size, when there are layers
+    #: How the file lacks an integrity check of its own (formats.lacks_check), or None.
+    unchecked: str | None = None
+    #: How messages name the image when not by its path (a copy of standard input).
+    shown: str | None = None
+
+    @property
+    def name(self) -> str:
+        """The image as messages name it."""
+        return self.shown or self.path
 
     @property
     def kind(self) -> Format:
@@ -212,21 +238,21 @@ class Image:
         """
         decoder = self.kind.decoder
         if decoder is None:
-            raw: io.RawIOBase = open_file(self.path, self.path, tap)
+            raw: io.RawIOBase = open_file(self.path, self.name, tap)
             return raw
         if not self.layers:  # a zip's decoder leaves the tap unused: see tappable
-            return EndJudged(decoder(self, tap), f"{self.path} (inside its {self.format} "
-                             "layer)", self.path)
-        stream = decoder(_Layer(self.path, self.outer_size, self.member), tap)
+            return EndJudged(decoder(self, tap), f"{self.name} (inside its {self.format} "
+                             "layer)", self.name)
+        stream = decoder(_Layer(self.path, self.outer_size, self.member, self.shown), tap)
         above = self.format
         for i, name in enumerate(self.layers):
             inner = by_name(name).decoder
             assert inner is not None
             last = i == len(self.layers) - 1
-            stream = inner(_Layer(f"{self.path} (inside its {above} layer)",
+            stream = inner(_Layer(f"{self.name} (inside its {above} layer)",
                                   self.size if last else None), raw=stream)
             above = name
-        return EndJudged(stream, f"{self.path} (inside its {above} layer)", self.path)
+        return EndJudged(stream, f"{self.name} (inside its {above} layer)", self.name)
 
     @property
     def tappable(self) -> bool:
@@ -254,7 +280,7 @@ def read_head(image: Image, length: int) -> bytes:
         with image.open() as stream:
             return read_full(stream, length)
     except OSError as e:
-        raise ImageError(f"{image.path} cannot be read: {e.strerror or e}") from None
+        raise ImageError(f"{image.name} cannot be read: {e.strerror or e}") from None
 
 
 def open_stream(raw: BinaryIO, fmt: str, name: str, size: int | None = None,
@@ -278,9 +304,12 @@ def open_stream(raw: BinaryIO, fmt: str, name: str, size: int | None = None,
     return EndJudged(stream, where, name, saved)  # type: ignore[return-value]
 
 
-def open_image(path: str) -> Image:
-    """Check the file, detect its format by magic bytes and learn its size where possible."""
-    shown = path
+def open_image(path: str, shown: str | None = None) -> Image:
+    """Check the file, detect its format by magic bytes and learn its size where possible.
+
+    ``shown``: how messages name it when not by the path given (a copy of standard input)."""
+    named = shown
+    shown = shown or path
     path = os.path.abspath(path)
     try:
         st = os.stat(path)
@@ -290,8 +319,11 @@ def open_image(path: str) -> Image:
         raise ImageError(f"{shown} cannot be opened: {e.strerror or e}") from None
     if stat.S_ISDIR(st.st_mode):
         raise ImageError(f"{shown} is a directory, not an image")
+    if stat.S_ISFIFO(st.st_mode):
+        # Read only once, while every pass (checksum, write, verify) reopens a file: as "-".
+        raise ImageError(f"{shown} is a named pipe (FIFO), which can be read only once: give "
+                         f"it as standard input (`popsicle-py flash - DEVICE < {shown}`)")
     if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
-        # A pipe could be read only once, but every pass (checksum, write, verify) reopens it.
         raise ImageError(f"{shown} is not a regular file or block device")
     with open_file(path, shown) as f:
         file_size = st.st_size if stat.S_ISREG(st.st_mode) else os.lseek(f.fileno(), 0, os.SEEK_END)
@@ -308,7 +340,8 @@ def open_image(path: str) -> Image:
         except OSError as e:
             raise ImageError(f"{shown} cannot be read: {e.strerror or e}") from None
     warning = name_warning(shown, os.path.splitext(path)[1], kind)
-    image = Image(path, kind.name, size, file_size, member, warning)
+    image = Image(path, kind.name, size, file_size, member, warning,
+                  unchecked=lacks_check(kind, head), shown=named)
     return _with_layers(image, kind)
 
 
@@ -324,7 +357,7 @@ def _with_layers(image: Image, kind: Format) -> Image:
     except ImageError:
         return image
     try:
-        _, inner = peel(stream, image.path, kind)
+        _, inner = peel(stream, image.name, kind)
     except LayerRefused:
         raise
     except ImageError:
@@ -333,8 +366,11 @@ def _with_layers(image: Image, kind: Format) -> Image:
         stream.close()
     if not inner:
         return image
+    # A layer inside whose format always checks what it holds (gzip, bzip2) sees damage to
+    # the outer one's bytes too.
+    unchecked = image.unchecked if all(f.unchecked is not None for f in inner) else None
     return dataclasses.replace(image, layers=tuple(f.name for f in inner),
-                               outer_size=image.size, size=None)
+                               outer_size=image.size, size=None, unchecked=unchecked)
 
 
 def decompress_to(image: Image, path: str, cancel: Callable[[], bool],
@@ -372,9 +408,9 @@ def decompress_to(image: Image, path: str, cancel: Callable[[], bool],
         return watched(work, cancel=cancel, stall_timeout=stall_timeout, tick=tick,
                        name="decompress")
     except WorkStalled as exc:
-        raise ImageError(f"{image.path} stopped answering while it was decompressed: no "
+        raise ImageError(f"{image.name} stopped answering while it was decompressed: no "
                          f"progress for {exc.limit:g} s (is the disk or share it is on, or "
                          f"the one of {os.path.dirname(path)}, hung?)") from None
     except OSError as exc:
-        raise ImageError(f"cannot decompress {image.path} to {path}: "
+        raise ImageError(f"cannot decompress {image.name} to {path}: "
                          f"{exc.strerror or exc}") from None

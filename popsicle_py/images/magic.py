@@ -32,8 +32,11 @@ __all__ = [
     "is_zstd",
     "near_bzip2",
     "near_gzip",
+    "near_lzma",
     "near_xz",
     "near_zstd",
+    "xz_unchecked",
+    "zstd_unchecked",
 ]
 
 #: Bytes at the start of a file that detection looks at.
@@ -91,15 +94,25 @@ def is_zip(head: bytes) -> bool:
 def is_lzma_alone(head: bytes) -> bool:
     """An LZMA-alone (.lzma) header as liblzma's picky check takes it: properties that fit
     lc/lp/pb, a dictionary of 2^n or 2^n + 2^(n-1) bytes, and a size unknown or below 256 GiB."""
-    if len(head) < 13 or head[0] > (4 * 5 + 4) * 9 + 8:
+    if len(head) < 13 or head[0] > _LZMA_PROPS_MAX:
         return False
+    return _lzma_dictionary_ok(head) and _lzma_size_ok(head)
+
+
+_LZMA_PROPS_MAX = (4 * 5 + 4) * 9 + 8  # lc <= 8, lp <= 4, pb <= 4
+_LZMA_PROPS = 0x5D  # lc=3, lp=0, pb=2: what xz, lzma and 7-Zip write
+
+
+def _lzma_dictionary_ok(head: bytes) -> bool:
     dictionary = int.from_bytes(head[1:5], "little")
-    size = int.from_bytes(head[5:13], "little")
     if dictionary < 4096:
         return False
     top = 1 << (dictionary.bit_length() - 1)
-    if dictionary not in (top, top + (top >> 1)):
-        return False
+    return dictionary in (top, top + (top >> 1))
+
+
+def _lzma_size_ok(head: bytes) -> bool:
+    size = int.from_bytes(head[5:13], "little")
     return size == 0xFFFF_FFFF_FFFF_FFFF or 0 < size < 1 << 38
 
 
@@ -123,6 +136,20 @@ def is_compress(head: bytes) -> bool:
 def is_sparse(head: bytes) -> bool:
     """An Android sparse image (what fastboot flashes)."""
     return head.startswith(b"\x3a\xff\x26\xed")
+
+
+def xz_unchecked(head: bytes) -> bool:
+    """An xz stream without an integrity check (``xz --check=none``): damage to its stored
+    (incompressible) chunks decodes without an error."""
+    return is_xz(head) and head[7] & 0x0F == 0
+
+
+def zstd_unchecked(head: bytes) -> bool:
+    """A zstd frame without its content checksum (``zstd --no-check``, python-zstandard's
+    default): damage to its raw blocks and literals decodes without an error.  A file that
+    starts with a skippable frame is not judged (its frames are not read here)."""
+    return (len(head) >= 5 and int.from_bytes(head[:4], "little") == ZSTD_MAGIC
+            and not head[4] & 0x04)
 
 
 # --------------------------------------------------------------------------- at the end
@@ -182,6 +209,16 @@ def near_bzip2(head: bytes) -> bool:
     if head[:3] == b"BZh":
         return True
     return head[4:10] in (_BZ_BLOCK, _BZ_END) and _same(head[:3], b"BZh") >= 2
+
+
+def near_lzma(head: bytes) -> bool:
+    """An LZMA-alone header with one of its three fields damaged, the other two intact: two
+    of the usual properties (0x5D), a dictionary that fits, and a size that fits or is
+    unknown (all 0xFF) but for a byte or two."""
+    if len(head) < 13 or is_lzma_alone(head):
+        return False
+    size = _lzma_size_ok(head) or head[5:13].count(0xFF) >= 6
+    return sum((head[0] == _LZMA_PROPS, _lzma_dictionary_ok(head), size)) >= 2
 
 
 def near_zstd(head: bytes) -> bool:

@@ -15,7 +15,7 @@ from typing import Any
 
 from popsicle_py.images.checksums import Checksum, ChecksumTap, new_hasher
 from popsicle_py.images.files import READ_SIZE, ImageError
-from popsicle_py.images.formats import HEAD_SIZE, Format, by_name, judge
+from popsicle_py.images.formats import HEAD_SIZE, Format, by_name, judge, lacks_check
 from popsicle_py.images.image import Replay, open_stream, read_full
 from popsicle_py.images.sample import Sample, runnable, take_sample
 
@@ -71,6 +71,8 @@ class StdinImage:
         self.sample = sample
         self.format = kind.name
         self.checksum = checksum
+        #: How the stream lacks an integrity check of its own (formats.lacks_check), or None.
+        self.unchecked = lacks_check(kind, head[:HEAD_SIZE])
         self._opened = False
 
     @property
@@ -97,7 +99,7 @@ class StdinImage:
         elif self.checksum is not None:
             raw = _Checked(raw, self.checksum)
         return open_stream(raw, self.format, SHOWN,  # type: ignore[arg-type,return-value]
-                           saved=_SAVED)
+                           saved=SAVED)
 
     def save(self, directory: str) -> str:
         """Copy the bytes as they come to a new private file in ``directory`` (``watch``
@@ -143,14 +145,14 @@ def open_stdin(checksum: Checksum | None = None, fd: int = 0) -> StdinImage:
                 # Judged like a file before any drive is opened; kept, and written first.
                 sample = take_sample(head, _reader(f), kind, SHOWN)
             except ImageError as e:
-                raise ImageError(runnable(str(e), SHOWN, _SAVED)) from None
+                raise ImageError(runnable(str(e), SHOWN, SAVED)) from None
     except OSError as e:
         raise ImageError(f"{SHOWN} cannot be read: {e.strerror or e}") from None
     return StdinImage(fd, sample.raw, kind, checksum, sample)
 
 
 #: What FILE is in advice given for standard input (`lzip -dk FILE`).
-_SAVED = "what came through standard input, saved to a file"
+SAVED = "what came through standard input, saved to a file"
 
 
 def _reader(f: io.RawIOBase) -> Callable[[int], bytes | None]:

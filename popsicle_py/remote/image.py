@@ -39,7 +39,7 @@ from popsicle_py.images import (
     parse_checksum_option,
     read_decoded,
 )
-from popsicle_py.images.checksums import Hasher
+from popsicle_py.images.checksums import Hasher, sidecar_text
 from popsicle_py.images.formats import Format
 from popsicle_py.images.sample import Sample, runnable, take_sample
 from popsicle_py.images.stillness import holding_still
@@ -296,7 +296,7 @@ def published_checksum(client: Client, probe_: Probe, keyring: str | None
 
     def read_text(url: str) -> str | None:
         data = read_bytes(url)
-        return None if data is None else data.decode("utf-8", errors="replace")
+        return None if data is None else sidecar_text(data)
 
     found = None
     for where in dict.fromkeys((probe_.url, probe_.final_url)):

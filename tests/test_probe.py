@@ -477,6 +477,23 @@ def test_an_image_shorter_than_the_head_gets_the_stamps_past_it_put_back(
 
 
 @needs_root
+@pytest.mark.parametrize("size", [1_000_001, 70_000, HEAD - 1])
+def test_a_short_image_ending_inside_a_block_is_not_repaired_on_a_sound_drive(
+        loop_factory: Callable[..., Loop], tmp_path: Path, size: int) -> None:
+    """The stamp over the head covers its last block whole; putting back the probe's block
+    there wrote over the stamp's tail, and verification then 'repaired 1 bucket'."""
+    data = os.urandom(size)
+    image = tmp_path / "tiny.img"
+    image.write_bytes(data)
+    drive = loop_factory(16 * MiB, fill=PATTERN)
+    result, _ = flash_counted(image, drive)
+    assert (result["status"], result["repaired"]) == ("ok", 0), result
+    on_drive = drive.read()
+    assert on_drive[:size] == data
+    assert set(on_drive[-(-size // 512) * 512:]) == {PATTERN}  # past its last block: as it was
+
+
+@needs_root
 def test_a_flash_that_stops_before_its_first_bucket_puts_every_stamp_back(
         loop_factory: Callable[..., Loop], tmp_path: Path) -> None:
     """The head's stamps wait for the head's stamp, which a source failing first never brings:

@@ -323,7 +323,8 @@ class _Zstd:
     def __init__(self, sink: Sink, size: int) -> None:
         import zstandard
 
-        cctx = zstandard.ZstdCompressor(level=ZSTD_LEVEL, threads=-1, write_content_size=True)
+        cctx = zstandard.ZstdCompressor(level=ZSTD_LEVEL, threads=-1, write_content_size=True,
+                                        write_checksum=True)  # as zstd(1): damage is found
         self.writer = cctx.stream_writer(cast(IO[bytes], sink), size=size, closefd=False,
                                          write_size=ZSTD_CHUNK, write_return_read=True)
 

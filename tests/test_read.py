@@ -93,6 +93,10 @@ def test_read_writes_the_drive_compressed_by_suffix_with_its_sha256(
     decoded = subprocess.run([*DECODERS[suffix], str(out)], capture_output=True,
                              check=True).stdout
     assert decoded == drive.read()
+    if suffix in (".zst", ".xz"):  # a check of its own, so flash never warns it lacks one
+        listed = subprocess.run([DECODERS[suffix][0], "-lv", str(out)], capture_output=True,
+                                text=True, check=True).stdout
+        assert ("XXH64" if suffix == ".zst" else "CRC64") in listed, listed
     check = subprocess.run(["sha256sum", "-c", out.name + ".sha256"], cwd=tmp_path,
                            capture_output=True, text=True)
     assert check.returncode == 0 and check.stdout == f"{out.name}: OK\n", check

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Loop, events_until_summary, needs_root, popsicle_cmd
+from conftest import Loop, events_until_summary, needs_root, popsicle_cmd, waits_in_kernel
 from faulty import FaultyFile
 from loopdev import mounted_ext4, tiny_tmpfs
 
@@ -257,3 +257,40 @@ def test_a_spill_directory_hung_from_the_start_leaves_the_drives_in_lock_step(
     assert drive.read(len(data)) == data
     notes = [e["text"] for e in events if e["event"] == "note"]
     assert any(f"{spill} did not answer for 2 s" in n for n in notes), notes
+
+
+@needs_root
+def test_a_spill_closed_under_a_hung_append_keeps_its_number_until_the_append_returns(
+        loop_factory: Callable[..., Loop]) -> None:
+    """The run closes the spill while an abandoned reader's append hangs (a frozen spill
+    disk). Closed then, its descriptor's number went to the next file opened (another
+    stick, in watch), where that append's bytes would land. Now the number points at
+    /dev/null until the append returns, and is freed then."""
+    from popsicle_py.engine.spill import Spill
+
+    store = loop_factory(512 << 20)  # the spill leaves 256 MiB free (sparse in /dev/shm)
+    with mounted_ext4(store.path) as where:
+        spill = Spill.create(where, None)
+        assert isinstance(spill, Spill)
+        number = spill.fd
+        subprocess.run(["fsfreeze", "-f", where], check=True)
+        try:
+            appended: list[bool] = []
+            writer = threading.Thread(
+                target=lambda: appended.append(spill.append(0, memoryview(b"x" * 4096))))
+            writer.start()
+            deadline = time.monotonic() + 30
+            while not waits_in_kernel(os.getpid(), "percpu_rwsem_wait"):
+                assert time.monotonic() < deadline, "the append did not reach the frozen disk"
+                time.sleep(0.01)
+            spill.close()
+            other = os.open(os.devnull, os.O_RDONLY)
+            os.close(other)
+            assert other != number, "the hung append's number was given to the next open"
+            assert os.readlink(f"/proc/self/fd/{number}") == os.devnull
+        finally:
+            subprocess.run(["fsfreeze", "-u", where], check=True)
+        writer.join(timeout=30)
+        assert appended == [True]
+        assert not os.path.exists(f"/proc/self/fd/{number}") or \
+            os.readlink(f"/proc/self/fd/{number}") != os.devnull  # freed (or reused since)

@@ -44,6 +44,8 @@ class Spill:
         self.end = 0  # bytes spilled so far, from offset 0, all of them complete
         self.stopped: str | None = None  # why spilling stopped, once it has
         self._lock = threading.Lock()
+        self._busy = 0  # appends under way (the reader's, perhaps abandoned by the run)
+        self._closing = False
 
     @classmethod
     def create(cls, parent: str | None, size: int | None) -> Spill | str:
@@ -68,18 +70,26 @@ class Spill:
 
     def append(self, offset: int, data: memoryview) -> bool:
         """Write the bytes at ``offset`` (= ``end``); False once spilling has stopped."""
-        if self.stopped is not None:
-            return False
+        with self._lock:
+            if self.stopped is not None or self.fd < 0 or self._closing:
+                return False
+            self._busy += 1
+            fd = self.fd
         try:
             if shutil.disk_usage(self.directory).free < len(data) + MARGIN:
                 self.stop(f"{self.directory} is nearly full")
                 return False
             done = 0
             while done < len(data):
-                done += os.pwrite(self.fd, data[done:], offset + done)
+                done += os.pwrite(fd, data[done:], offset + done)
         except OSError as exc:
             self.stop(f"{self.directory}: {exc.strerror or exc}")
             return False
+        finally:
+            with self._lock:
+                self._busy -= 1
+                if self._busy == 0 and self._closing:
+                    self._close_now()
         self.end = offset + len(data)
         return True
 
@@ -88,7 +98,27 @@ class Spill:
             self.stopped = why
 
     def close(self) -> None:
+        """Free the file now; its descriptor's number once no append uses it.
+
+        An append of a reader the run gave up on (a hung decompressor, a hung spill disk)
+        may be between reading the number and its write: closed under it, the number could
+        be reused by the next open, another stick's say, and the image's bytes written
+        there. So it is pointed at /dev/null (atomically: the file goes) and kept taken
+        until that append returns."""
         with self._lock:
-            fd, self.fd = self.fd, -1
+            if self.fd < 0 or self._closing:
+                return
+            if self._busy == 0:
+                self._close_now()
+                return
+            self._closing = True
+            null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+            try:
+                os.dup2(null, self.fd)
+            finally:
+                os.close(null)
+
+    def _close_now(self) -> None:
+        fd, self.fd = self.fd, -1
         if fd >= 0:
             os.close(fd)

@@ -18,10 +18,18 @@ if TYPE_CHECKING:
 
 
 def require_terminal() -> None:
-    """A script that forgot --yes must never write: no terminal, no question, no writing."""
-    if not sys.stdin.isatty():
+    """A script that forgot --yes must never write: no terminal, no question, no writing.
+
+    A closed standard input (``<&-``: ``sys.stdin`` is None) is no terminal either; so is a
+    closed standard error, where the drives about to be lost could not be shown: both are
+    refusals (exit 2), not an unexpected error.
+    """
+    if sys.stdin is None or not sys.stdin.isatty():
         raise Refused(["refusing to write without confirmation: standard input is not a "
                        "terminal; pass --yes to confirm in scripts"])
+    if sys.stderr is None:
+        raise Refused(["cannot show the confirmation (standard error is closed): nothing "
+                       "was written; pass --yes to confirm in scripts"])
 
 
 def confirm(confirmation: Confirmation, yes: bool) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import click
 
-from popsicle_py.cli.guard import run_guarded
+from popsicle_py.cli.guard import run_guarded, running
 from popsicle_py.cli.options import SIZE, OutputOptions, output_options, stall_timeout_option
 from popsicle_py.errors import Refused
 
@@ -51,7 +51,7 @@ def check(args: tuple[str, ...], allowed_signers: str | None, sha256: str | None
         view = make_view(output.json, job.labels, writes=False)
         cancel = Cancellation()
         cancel.announce = view.announce
-        with cancel.installed():
+        with running(cancel):
             summary = job.run(HangUpView(view, cancel), cancel)  # a terminal gone: 129
         return exit_status(summary, cancel)
 

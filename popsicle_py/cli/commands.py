@@ -41,7 +41,7 @@ from popsicle_py.cli.ask import (
     said_without_asking,
 )
 from popsicle_py.cli.check import check as check_command
-from popsicle_py.cli.guard import Group, run_guarded
+from popsicle_py.cli.guard import Group, run_guarded, running
 from popsicle_py.cli.options import (
     DEVICE,
     FORCE_HELP,
@@ -84,7 +84,7 @@ def _run(job: PreparedFlash | PreparedVerify | PreparedProbe, view: View) -> int
 
     cancel = Cancellation()
     cancel.announce = view.announce
-    with cancel.installed():
+    with running(cancel):
         summary = job.run(HangUpView(view, cancel), cancel)
     return exit_status(summary, cancel)
 
@@ -222,7 +222,7 @@ def watch(source: SourceOptions, session: Session, grade: GradeOptions, yes: boo
             _show_notes(view, job, yes, output)
             cancel = Cancellation()
             cancel.announce = view.announce
-            with cancel.installed():
+            with running(cancel):
                 job.run(HangUpView(view, cancel), cancel)
             return job.exit_status
 

@@ -11,7 +11,7 @@ import click
 
 from popsicle_py import events
 from popsicle_py.cli.ask import confirm, make_view
-from popsicle_py.cli.guard import run_guarded
+from popsicle_py.cli.guard import run_guarded, running
 from popsicle_py.cli.options import (
     DEVICE,
     DevicePath,
@@ -42,7 +42,7 @@ def _run(job: _Job, view: View) -> int:
 
     cancel = Cancellation()
     cancel.announce = view.announce
-    with cancel.installed():
+    with running(cancel):
         summary = job.run(HangUpView(view, cancel), cancel)
     return exit_status(summary, cancel)
 

@@ -11,7 +11,7 @@ import click
 from popsicle_py import events
 from popsicle_py.app.requests import CustomizeOptions, GradeOptions, SourceOptions
 from popsicle_py.cli.ask import confirm
-from popsicle_py.cli.guard import run_guarded
+from popsicle_py.cli.guard import run_guarded, running
 from popsicle_py.cli.options import (
     OptionGroup,
     OutputOptions,
@@ -106,7 +106,7 @@ def station(source: SourceOptions, place: Place, session: Session, grade: GradeO
                 for note in job.notes:
                     terminal.handle(events.Note(note), None)
             cancel = Cancellation()
-            with cancel.installed():
+            with running(cancel):
                 job.run(terminal, cancel)
             return job.exit_status
 
@@ -143,7 +143,7 @@ def slots_command(file: str, count: int | None, labels: str | None, debug: bool)
 
         cancel = Cancellation()
         cancel.announce = lambda _text: None  # no drive to stop: "cancelled" says it all
-        with cancel.installed():
+        with running(cancel):
             found = learn_slots(LearnRequest(file, wanted), say, cancel)
         if found is None:
             click.echo("cancelled: no slot map written", err=True)

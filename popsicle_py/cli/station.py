@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, replace
 
 import click
@@ -137,6 +138,10 @@ def slots_command(file: str, count: int | None, labels: str | None, debug: bool)
             wanted = learn_labels(count, labels)
         except SlotMapError as exc:
             raise Refused([str(exc)]) from None
+        where = os.path.dirname(os.path.abspath(file))
+        if not os.path.isdir(where) or not os.access(where, os.W_OK):
+            # Said now, not once a stick was plugged into every slot: that work is lost.
+            raise Refused([f"{file}: its directory {where} is not a writable directory"])
 
         def say(line: str) -> None:
             click.echo(line)

@@ -1,4 +1,4 @@
-"""``slots FILE`` refuses a FILE it could never write before asking for the first stick.
+"""``slots FILE`` and ``records``: bad input refused at once (one line, exit 2).
 
 The map is written only once a stick was plugged into every slot in turn; a FILE in a
 directory that does not exist was found out only then (the person's work lost), and until
@@ -22,3 +22,12 @@ def test_slots_refuses_a_file_in_a_missing_directory_at_once(tmp_path: Path) -> 
     assert done.stderr == (f"popsicle-py: {target}: its directory {target.parent} is not a "
                            "writable directory\n")
     assert "plug" not in done.stdout
+
+
+def test_records_refuses_json_and_csv_together() -> None:
+    """``records --json --csv`` printed JSON, the --csv dropped without a word."""
+    done = subprocess.run([*popsicle_cmd(), "records", "--csv", "--json"],
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                          timeout=20, check=False)
+    assert done.returncode == 2
+    assert "popsicle-py: --json and --csv contradict each other; give one\n" in done.stderr

@@ -172,8 +172,11 @@ def records(journal: str | None, batch: str | None, as_json: bool, as_csv: bool,
 
     def body() -> int:
         from popsicle_py.app.station import read_records
+        from popsicle_py.errors import Refused
         from popsicle_py.station.journal import to_csv
 
+        if as_json and as_csv:  # one of them was silently dropped: a script's file the wrong one
+            raise Refused(["--json and --csv contradict each other; give one"])
         found = read_records(journal, batch)
         if as_json:
             return write_text(json.dumps(found) + "\n")

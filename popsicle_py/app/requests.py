@@ -85,12 +85,38 @@ def lane_memory(engine: EngineOptions) -> int:
     return min(MAX_CALL, engine.bucket_size)
 
 
+#: A bucket is written with O_DIRECT: whole pages, and not so large that the ring cannot be had.
+BUCKET_ALIGN = 4096
+MAX_BUCKET_SIZE = 1 << 30
+MAX_BUCKETS = 64
+MIN_STALL_TIMEOUT = 0.1
+
+
+def engine_refusal(engine: EngineOptions) -> str | None:
+    """Why the engine cannot run with these settings (the CLI's options cannot give them)."""
+    size, count, stall = engine.bucket_size, engine.buckets, engine.stall_timeout
+    if not isinstance(size, int) or not BUCKET_ALIGN <= size <= MAX_BUCKET_SIZE \
+            or size % BUCKET_ALIGN:
+        return (f"bucket size {size!r}: must be a multiple of 4 KiB (4096 bytes), "
+                "at most 1 GiB")
+    if not isinstance(count, int) or not 1 <= count <= MAX_BUCKETS:
+        return f"buckets {count!r}: must be 1 to {MAX_BUCKETS}"
+    if not isinstance(stall, (int, float)) or not MIN_STALL_TIMEOUT <= stall < float("inf"):
+        return f"stall timeout {stall!r}: must be a finite number of seconds, at least 0.1"
+    return None
+
+
 def ring_refusal(engine: EngineOptions, available: int | None, drives: int = 1) -> str | None:
     """Why the ring and the ``drives``' own buffers cannot be had, or None.  ``available`` is
     the memory the system has for new allocations (MemAvailable; None: unknown).  Above half
     of it, the run would push out the page cache and other programs, or be killed for memory
     halfway through a write (the buckets are only touched as they fill): refused before
-    anything starts.  The default ring is never refused."""
+    anything starts.  The default ring is never refused; nor is a ring the engine cannot
+    run (a library's request, which no option parsing checked), refused here rather than
+    failing with a ValueError in the run, the drives already opened."""
+    unusable = engine_refusal(engine)
+    if unusable is not None:
+        return unusable
     need = engine.ring + drives * lane_memory(engine)
     if engine.ring <= ALWAYS_ALLOWED_RING or available is None or need <= available // 2:
         return None

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 import click
 
+from popsicle_py import events
 from popsicle_py.errors import Refused
 from popsicle_py.units import format_size
 
@@ -18,10 +19,18 @@ if TYPE_CHECKING:
 
 
 def require_terminal() -> None:
-    """A script that forgot --yes must never write: no terminal, no question, no writing."""
-    if not sys.stdin.isatty():
+    """A script that forgot --yes must never write: no terminal, no question, no writing.
+
+    A closed standard input (``<&-``: ``sys.stdin`` is None) is no terminal either; so is a
+    closed standard error, where the drives about to be lost could not be shown: both are
+    refusals (exit 2), not an unexpected error.
+    """
+    if sys.stdin is None or not sys.stdin.isatty():
         raise Refused(["refusing to write without confirmation: standard input is not a "
                        "terminal; pass --yes to confirm in scripts"])
+    if sys.stderr is None:
+        raise Refused(["cannot show the confirmation (standard error is closed): nothing "
+                       "was written; pass --yes to confirm in scripts"])
 
 
 def confirm(confirmation: Confirmation, yes: bool) -> None:
@@ -92,6 +101,36 @@ def make_view(as_json: bool, labels: dict[str, str], *, writes: bool = True) -> 
     if console is not None:
         return view.RichView(console, labels, writes=writes)
     return view.PlainView()
+
+
+class NotesAfterStart:
+    """A JSON view that says the confirmation's notes (a drive ``--all-usb`` skipped, an
+    image that does not look like a disk image, a slow USB link...) as ``note`` events:
+    nothing showed them to a script, which was asked nothing.  They follow the ``start``
+    event (a script may take the first line for it), or come before the summary of a run
+    that ended before it started."""
+
+    def __init__(self, view: View, notes: tuple[str, ...]) -> None:
+        self.view = view
+        self.notes = notes
+
+    def handle(self, event: events.WatchEvent) -> None:
+        if isinstance(event, events.Summary):
+            self._say()
+        self.view.handle(event)
+        if isinstance(event, events.Started):
+            self._say()
+
+    def _say(self) -> None:
+        notes, self.notes = self.notes, ()
+        for note in notes:
+            self.view.handle(events.Note(note))
+
+    def close(self) -> None:
+        self.view.close()
+
+    def announce(self, text: str) -> None:
+        self.view.announce(text)
 
 
 def make_watch_view(as_json: bool, image: str, size: int | None, count: int | None,

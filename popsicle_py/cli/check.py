@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import click
 
-from popsicle_py.cli.guard import run_guarded
+from popsicle_py.cli.guard import run_guarded, running
 from popsicle_py.cli.options import SIZE, OutputOptions, output_options, stall_timeout_option
 from popsicle_py.errors import Refused
 
@@ -39,6 +39,7 @@ def check(args: tuple[str, ...], allowed_signers: str | None, sha256: str | None
         from popsicle_py.app.check import CheckRequest, prepare_check
         from popsicle_py.app.common import exit_status
         from popsicle_py.cli.ask import make_view
+        from popsicle_py.cli.hangup import HangUpView
         from popsicle_py.signals import Cancellation
 
         published = sha256 is not None or sums is not None
@@ -50,8 +51,8 @@ def check(args: tuple[str, ...], allowed_signers: str | None, sha256: str | None
         view = make_view(output.json, job.labels, writes=False)
         cancel = Cancellation()
         cancel.announce = view.announce
-        with cancel.installed():
-            summary = job.run(view, cancel)
+        with running(cancel):
+            summary = job.run(HangUpView(view, cancel), cancel)  # a terminal gone: 129
         return exit_status(summary, cancel)
 
     run_guarded(output.debug, output.json, body)

@@ -33,9 +33,15 @@ from popsicle_py.app.requests import (
     WriteOptions,
 )
 from popsicle_py.cli import life
-from popsicle_py.cli.ask import confirm, make_view, make_watch_view, said_without_asking
+from popsicle_py.cli.ask import (
+    NotesAfterStart,
+    confirm,
+    make_view,
+    make_watch_view,
+    said_without_asking,
+)
 from popsicle_py.cli.check import check as check_command
-from popsicle_py.cli.guard import Group, run_guarded
+from popsicle_py.cli.guard import Group, run_guarded, running
 from popsicle_py.cli.options import (
     DEVICE,
     FORCE_HELP,
@@ -78,15 +84,16 @@ def _run(job: PreparedFlash | PreparedVerify | PreparedProbe, view: View) -> int
 
     cancel = Cancellation()
     cancel.announce = view.announce
-    with cancel.installed():
+    with running(cancel):
         summary = job.run(HangUpView(view, cancel), cancel)
     return exit_status(summary, cancel)
 
 
 def _show_notes(view: View, job: PreparedFlash | PreparedWatch, yes: bool,
                 output: OutputOptions) -> None:
-    """The notes of the confirmation, again in the run's output (JSON has none before its
-    first event); with --yes, first what is written where, as nothing asked it."""
+    """The notes of the confirmation, again in the run's output (JSON: flash's come after its
+    ``start`` event, :class:`~popsicle_py.cli.ask.NotesAfterStart`); with --yes, first what
+    is written where, as nothing asked it."""
     if output.json:
         return
     if yes:
@@ -133,6 +140,8 @@ def flash(source: SourceOptions, targets: TargetOptions, yes: bool, write: Write
         with prepare_flash(request) as job:
             confirm(job.confirmation, yes)
             view = make_view(output.json, job.labels)
+            if output.json:
+                view = NotesAfterStart(view, job.notes)
             _show_notes(view, job, yes, output)
             return _run(job, view)
 
@@ -213,7 +222,7 @@ def watch(source: SourceOptions, session: Session, grade: GradeOptions, yes: boo
             _show_notes(view, job, yes, output)
             cancel = Cancellation()
             cancel.announce = view.announce
-            with cancel.installed():
+            with running(cancel):
                 job.run(HangUpView(view, cancel), cancel)
             return job.exit_status
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import signal
 import sys
-from collections.abc import Callable, Sequence
-from typing import Any, NoReturn
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 
@@ -20,6 +21,9 @@ from popsicle_py.errors import (
     InterruptedWhileHung,
     PopsicleError,
 )
+
+if TYPE_CHECKING:
+    from popsicle_py.signals import Cancellation
 
 
 def _keep_hyphenated_words() -> None:
@@ -108,11 +112,58 @@ def _forgiving_output() -> None:
                 stream.reconfigure(errors="backslashreplace")
 
 
+class SignalledBeforeRun(KeyboardInterrupt):
+    """SIGTERM or SIGHUP before the run handles signals (the plan, the question): the
+    command ends as Ctrl-C does there, saying so (with --json, its summary last)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _stop_before_run(signum: int, frame: object) -> None:
+    raise SignalledBeforeRun(signum)
+
+
+def _hear_stops_before_run() -> None:
+    """SIGTERM and SIGHUP raise, as SIGINT does, until the run's own handlers take over
+    (:func:`running`); by default they killed the process at the question with no word and,
+    for a script, no summary.  An ignored one (``nohup``) stays ignored."""
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        with contextlib.suppress(ValueError, OSError):  # not the main thread: leave it
+            if signal.getsignal(signum) is signal.SIG_DFL:
+                signal.signal(signum, _stop_before_run)
+
+
+@contextlib.contextmanager
+def running(cancel: Cancellation) -> Iterator[None]:
+    """The run's signals are ``cancel``'s (the first stops the drives, a second quits).  Once
+    the run is over, its summary said, a signal ends the process as signals do, with nothing
+    more said: "interrupted before writing" and an empty summary would be false then."""
+    try:
+        with cancel.installed():
+            yield
+    finally:
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            with contextlib.suppress(ValueError, OSError):
+                if signal.getsignal(signum) is not signal.SIG_IGN:
+                    signal.signal(signum, signal.SIG_DFL)
+
+
+def _stopped_by(exc: BaseException) -> SignalledBeforeRun | None:
+    """The SIGTERM or SIGHUP behind ``exc`` (click turns it into Abort at the prompt)."""
+    for cause in (exc, exc.__context__):
+        if isinstance(cause, SignalledBeforeRun):
+            return cause
+    return None
+
+
 def run_guarded(debug: bool, as_json: bool, body: Callable[[], int]) -> NoReturn:
     """Run a command body; errors of ours show themselves and carry their exit status."""
     import logging  # here, not at the top: --help and --version do not log
 
     _forgiving_output()
+    _hear_stops_before_run()
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING,
                         format=f"{PROG}: %(message)s")
     try:
@@ -125,15 +176,22 @@ def run_guarded(debug: bool, as_json: bool, body: Callable[[], int]) -> NoReturn
     except (KeyboardInterrupt, click.Abort) as exc:
         # Ctrl-C (also at the prompt, which click turns into Abort) is a SIGINT: 130.
         # End of input at the prompt is an unanswered question: refused, 2.
+        # SIGTERM or SIGHUP before the run: 128 + its number, as the run would say.
         interrupted = isinstance(exc, KeyboardInterrupt) or isinstance(
             exc.__context__, KeyboardInterrupt)
-        error("interrupted before writing: nothing was written" if interrupted
-              else "no answer at the confirmation: nothing was written")
+        stopped = _stopped_by(exc)
+        if stopped is not None:
+            error(f"{signal.Signals(stopped.signum).name}: stopped before writing: "
+                  "nothing was written")
+        else:
+            error("interrupted before writing: nothing was written" if interrupted
+                  else "no answer at the confirmation: nothing was written")
         if isinstance(exc, InterruptedWhileHung):
             error(exc.note)
         if as_json:
             json_refusal([])
-        status = 130 if interrupted else EXIT_USAGE
+        status = (128 + stopped.signum if stopped is not None
+                  else 130 if interrupted else EXIT_USAGE)
     except click.exceptions.Exit:
         raise
     except Exception as exc:

@@ -11,7 +11,7 @@ import click
 
 from popsicle_py import events
 from popsicle_py.cli.ask import confirm, make_view
-from popsicle_py.cli.guard import run_guarded
+from popsicle_py.cli.guard import run_guarded, running
 from popsicle_py.cli.options import (
     DEVICE,
     DevicePath,
@@ -31,14 +31,19 @@ class _Job(Protocol):
 
 
 def _run(job: _Job, view: View) -> int:
-    """Run with the signals handled (the first stops the job); the exit status it means."""
+    """Run with the signals handled (the first stops the job); the exit status it means.
+
+    A terminal that goes away (EIO from the view) is a hang-up, as for flash: the job is
+    cancelled and exits 129, not an "unexpected error" that left the drive mid-erase.
+    """
     from popsicle_py.app.common import exit_status
+    from popsicle_py.cli.hangup import HangUpView
     from popsicle_py.signals import Cancellation
 
     cancel = Cancellation()
     cancel.announce = view.announce
-    with cancel.installed():
-        summary = job.run(view, cancel)
+    with running(cancel):
+        summary = job.run(HangUpView(view, cancel), cancel)
     return exit_status(summary, cancel)
 
 

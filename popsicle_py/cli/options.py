@@ -16,6 +16,8 @@ from typing import Any, TypeVar
 import click
 
 from popsicle_py.app.requests import (
+    BUCKET_ALIGN,
+    MAX_BUCKET_SIZE,
     CustomizeOptions,
     EngineOptions,
     GradeOptions,
@@ -77,9 +79,6 @@ def stall_timeout_option(help_text: str = "Fail a drive that makes no progress f
                         default=DEFAULT_STALL_TIMEOUT, metavar="SECONDS", show_default=True,
                         help=help_text)
 
-#: A bucket is written with O_DIRECT: whole pages, and not so large that the ring cannot be had.
-BUCKET_ALIGN = 4096
-MAX_BUCKET_SIZE = 1 << 30
 
 
 class BucketSizeType(SizeType):

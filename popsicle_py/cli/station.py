@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, replace
 
 import click
@@ -11,7 +12,7 @@ import click
 from popsicle_py import events
 from popsicle_py.app.requests import CustomizeOptions, GradeOptions, SourceOptions
 from popsicle_py.cli.ask import confirm
-from popsicle_py.cli.guard import run_guarded
+from popsicle_py.cli.guard import run_guarded, running
 from popsicle_py.cli.options import (
     OptionGroup,
     OutputOptions,
@@ -106,7 +107,7 @@ def station(source: SourceOptions, place: Place, session: Session, grade: GradeO
                 for note in job.notes:
                     terminal.handle(events.Note(note), None)
             cancel = Cancellation()
-            with cancel.installed():
+            with running(cancel):
                 job.run(terminal, cancel)
             return job.exit_status
 
@@ -137,13 +138,17 @@ def slots_command(file: str, count: int | None, labels: str | None, debug: bool)
             wanted = learn_labels(count, labels)
         except SlotMapError as exc:
             raise Refused([str(exc)]) from None
+        where = os.path.dirname(os.path.abspath(file))
+        if not os.path.isdir(where) or not os.access(where, os.W_OK):
+            # Said now, not once a stick was plugged into every slot: that work is lost.
+            raise Refused([f"{file}: its directory {where} is not a writable directory"])
 
         def say(line: str) -> None:
             click.echo(line)
 
         cancel = Cancellation()
         cancel.announce = lambda _text: None  # no drive to stop: "cancelled" says it all
-        with cancel.installed():
+        with running(cancel):
             found = learn_slots(LearnRequest(file, wanted), say, cancel)
         if found is None:
             click.echo("cancelled: no slot map written", err=True)
@@ -167,8 +172,11 @@ def records(journal: str | None, batch: str | None, as_json: bool, as_csv: bool,
 
     def body() -> int:
         from popsicle_py.app.station import read_records
+        from popsicle_py.errors import Refused
         from popsicle_py.station.journal import to_csv
 
+        if as_json and as_csv:  # one of them was silently dropped: a script's file the wrong one
+            raise Refused(["--json and --csv contradict each other; give one"])
         found = read_records(journal, batch)
         if as_json:
             return write_text(json.dumps(found) + "\n")

@@ -127,3 +127,17 @@ def test_a_certificate_nested_too_deep_is_refused_in_one_line(
     assert done.returncode == 2, done.stdout + done.stderr
     assert done.stderr.startswith(f"popsicle-py: {cert}: not JSON (")
     assert done.stderr.count("\n") == 1 and "unexpected" not in done.stderr
+
+
+@pytest.mark.parametrize("version", ["true", "1.0"])
+def test_a_certificate_whose_version_is_not_the_number_one_is_refused(
+        loop_factory: Callable[..., Loop], tmp_path: Path, version: str) -> None:
+    """Python's True == 1 == 1.0: a certificate saying "version": true was read as one."""
+    drive = loop_factory(1 << 20)
+    cert = tmp_path / "odd.json"
+    cert.write_text(f'{{"format": "popsicle-py certificate", "version": {version}}}')
+    done = subprocess.run([*popsicle_cmd(), "check", str(cert), drive.path], capture_output=True,
+                          text=True, stdin=subprocess.DEVNULL, timeout=60)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert done.stderr == (f"popsicle-py: {cert}: certificate version {version.title()} is not "
+                           "one this popsicle-py reads (1)\n")

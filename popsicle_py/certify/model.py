@@ -168,7 +168,8 @@ def parse(text: str, where: str) -> Certificate:
         raise CertificateError(f"{where}: not JSON ({exc})") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise CertificateError(f"{where}: not a popsicle-py certificate")
-    if data.get("version") != VERSION:
+    version = data.get("version")
+    if type(version) is not int or version != VERSION:  # JSON's true and 1.0 are no 1
         raise CertificateError(f"{where}: certificate version {data.get('version')!r} is not "
                                f"one this popsicle-py reads ({VERSION})")
     image = _need(data, "image", dict, where)

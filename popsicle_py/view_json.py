@@ -135,7 +135,9 @@ class Out:
         if self.stream is None:
             return
         devnull = os.open(os.devnull, os.O_WRONLY)
-        with contextlib.suppress(OSError, ValueError):
+        # A stream with no descriptor of its own (the station's slot prefixer) is no reason
+        # to crash: the run goes on, and only its output is lost.
+        with contextlib.suppress(OSError, ValueError, AttributeError, io.UnsupportedOperation):
             os.dup2(devnull, self.stream.fileno())  # so that the exit's own flush is quiet
         os.close(devnull)
 

@@ -92,9 +92,13 @@ def _run(job: PreparedFlash | PreparedVerify | PreparedProbe, view: View) -> int
 def _show_notes(view: View, job: PreparedFlash | PreparedWatch, yes: bool,
                 output: OutputOptions) -> None:
     """The notes of the confirmation, again in the run's output (JSON: flash's come after its
-    ``start`` event, :class:`~popsicle_py.cli.ask.NotesAfterStart`); with --yes, first what
-    is written where, as nothing asked it."""
+    ``start`` event, :class:`~popsicle_py.cli.ask.NotesAfterStart`; watch has none, and says
+    them first, as ``note`` events: a script passed --yes and saw no confirmation); with
+    --yes, first what is written where, as nothing asked it."""
     if output.json:
+        if not isinstance(view, NotesAfterStart):
+            for note in job.notes:
+                view.handle(events.Note(note))
         return
     if yes:
         view.handle(events.Note(said_without_asking(job.confirmation)))

@@ -103,9 +103,8 @@ def station(source: SourceOptions, place: Place, session: Session, grade: GradeO
         with prepare_station(request) as job:
             confirm(job.confirmation, yes)
             terminal: Terminal = SlotJsonView() if output.json else SlotPlainView()
-            if not output.json:
-                for note in job.notes:
-                    terminal.handle(events.Note(note), None)
+            for note in job.notes:  # JSON too: a script (--yes) saw no confirmation
+                terminal.handle(events.Note(note), None)
             cancel = Cancellation()
             with running(cancel):
                 job.run(terminal, cancel)

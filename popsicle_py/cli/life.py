@@ -71,9 +71,8 @@ def read_command(pairs: tuple[str, ...], bmap: bool, force: bool,
         job = prepare_reads(ReadManyRequest(pairs_of(pairs), force=force, bmap=bmap,
                                             stall_timeout=stall_timeout))
         view = make_view(output.json, job.labels, writes=False)
-        if not output.json:
-            for note in job.notes:
-                view.handle(events.Note(note))
+        for note in job.notes:  # JSON too (first: no start event), as flash says its own
+            view.handle(events.Note(note))
         return _run(job, view)
 
     run_guarded(output.debug, output.json, body)
@@ -111,9 +110,8 @@ def erase_command(devices: tuple[str, ...], fs: str | None, label: str | None, z
                                          stall_timeout=stall_timeout))
         confirm(job.confirmation, yes)
         view = make_view(output.json, job.labels)
-        if not output.json:
-            for note in job.notes:
-                view.handle(events.Note(note))
+        for note in job.notes:  # JSON too: a script (--yes) saw no confirmation
+            view.handle(events.Note(note))
         return _run(job, view)
 
     run_guarded(output.debug, output.json, body)

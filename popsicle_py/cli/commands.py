@@ -41,7 +41,7 @@ from popsicle_py.cli.ask import (
     said_without_asking,
 )
 from popsicle_py.cli.check import check as check_command
-from popsicle_py.cli.guard import Group, run_guarded, running
+from popsicle_py.cli.guard import DocumentCommand, Group, run_guarded, running
 from popsicle_py.cli.options import (
     DEVICE,
     FORCE_HELP,
@@ -233,10 +233,10 @@ def watch(source: SourceOptions, session: Session, grade: GradeOptions, yes: boo
     run_guarded(output.debug, output.json, body)
 
 
-@main.command(name="list")
+@main.command(name="list", cls=DocumentCommand)
 @click.option("--all", "show_all", is_flag=True,
               help="Every disk, and why it is not eligible.")
-@output_options("One JSON array of drives on stdout.")
+@output_options("One JSON array of drives on stdout (nothing when refused).")
 def list_drives(show_all: bool, output: OutputOptions) -> None:
     """List USB and SD drives (with --all, every disk) and whether each may be written."""
 
@@ -258,7 +258,7 @@ def list_drives(show_all: bool, output: OutputOptions) -> None:
                                    optional=("Port", "Link", "Mounted at")))
         return status or write_text("".join(f"note: {n}\n" for n in notes))
 
-    run_guarded(output.debug, output.json, body)
+    run_guarded(output.debug, False, body)  # JSON: an array, or nothing (DocumentCommand)
 
 
 @main.group(name="cache")
@@ -266,8 +266,8 @@ def cache_group() -> None:
     """The downloads kept by --cache, in $XDG_CACHE_HOME/popsicle-py (~/.cache/popsicle-py)."""
 
 
-@cache_group.command(name="list")
-@output_options("One JSON array of entries on stdout.")
+@cache_group.command(name="list", cls=DocumentCommand)
+@output_options("One JSON array of entries on stdout (nothing when refused).")
 def cache_list(output: OutputOptions) -> None:
     """List the cached downloads: URL, size, file."""
 
@@ -285,7 +285,7 @@ def cache_list(output: OutputOptions) -> None:
         return print_table(table(("URL", "Size", "File"),
                                  [(e.url, format_size(e.size), str(e.path)) for e in found]))
 
-    run_guarded(output.debug, output.json, body)
+    run_guarded(output.debug, False, body)  # JSON: an array, or nothing (DocumentCommand)
 
 
 @cache_group.command(name="clean")

@@ -207,6 +207,13 @@ def run_guarded(debug: bool, as_json: bool, body: Callable[[], int]) -> NoReturn
     sys.exit(status)
 
 
+class DocumentCommand(click.Command):
+    """A command whose ``--json`` is one JSON document (``list``'s array), not events: a
+    refusal or usage error leaves stdout empty (the line on stderr, the exit status say
+    it), as an ``error`` event and a summary are no array, and ``[]`` would be a false
+    "none"."""
+
+
 class Group(click.Group):
     """Click's group, with usage errors on one line (``popsicle-py: what; see --help``), and
     every command's whole first sentence in ``--help`` (click cuts it at the terminal's width).
@@ -236,7 +243,8 @@ class Group(click.Group):
             hint = f" (see '{exc.ctx.command_path} --help')" if exc.ctx is not None else ""
             message = " ".join(exc.format_message().split())
             error(message + hint)
-            if "--json" in (sys.argv[1:] if args is None else list(args)):
+            document = exc.ctx is not None and isinstance(exc.ctx.command, DocumentCommand)
+            if "--json" in (sys.argv[1:] if args is None else list(args)) and not document:
                 json_refusal([message])  # a script's last line is a summary, even for a typo
             sys.exit(exc.exit_code)
         except click.ClickException as exc:

@@ -12,7 +12,7 @@ import click
 from popsicle_py import events
 from popsicle_py.app.requests import CustomizeOptions, GradeOptions, SourceOptions
 from popsicle_py.cli.ask import confirm
-from popsicle_py.cli.guard import run_guarded, running
+from popsicle_py.cli.guard import DocumentCommand, run_guarded, running
 from popsicle_py.cli.options import (
     OptionGroup,
     OutputOptions,
@@ -158,11 +158,12 @@ def slots_command(file: str, count: int | None, labels: str | None, debug: bool)
     run_guarded(debug, False, body)
 
 
-@click.command()
+@click.command(cls=DocumentCommand)
 @click.option("--journal", type=FILE, metavar="FILE",
               help="The station's journal (default: the station's default).")
 @click.option("--batch", default=None, metavar="NAME", help="Only this batch's records.")
-@click.option("--json", "as_json", is_flag=True, help="One JSON array of records.")
+@click.option("--json", "as_json", is_flag=True,
+              help="One JSON array of records (nothing when refused).")
 @click.option("--csv", "as_csv", is_flag=True, help="CSV with a header line.")
 @click.option("--debug", is_flag=True, help="Show debug messages and tracebacks.")
 def records(journal: str | None, batch: str | None, as_json: bool, as_csv: bool,
@@ -189,7 +190,7 @@ def records(journal: str | None, batch: str | None, as_json: bool, as_csv: bool,
                          + (f"  {row['error']}" if row["error"] else "") + "\n")
         return write_text("".join(lines))
 
-    run_guarded(debug, as_json, body)
+    run_guarded(debug, False, body)  # JSON: an array, or nothing (DocumentCommand)
 
 
 def register(group: click.Group) -> None:

@@ -355,7 +355,7 @@ complete -c popsicle-py -n '__popsicle_py_at cache/clean' -l 'debug' -d 'Show de
 complete -c popsicle-py -n '__popsicle_py_at cache/clean' -s 'h' -l 'help' -d 'Show this message and exit.'
 
 # popsicle-py cache list
-complete -c popsicle-py -n '__popsicle_py_at cache/list' -l 'json' -d 'One JSON array of entries on stdout.'
+complete -c popsicle-py -n '__popsicle_py_at cache/list' -l 'json' -d 'One JSON array of entries on stdout (nothing when refused).'
 complete -c popsicle-py -n '__popsicle_py_at cache/list' -l 'debug' -d 'Show debug messages and tracebacks.'
 complete -c popsicle-py -n '__popsicle_py_at cache/list' -s 'h' -l 'help' -d 'Show this message and exit.'
 
@@ -425,7 +425,7 @@ complete -c popsicle-py -n '__popsicle_py_at flash devices' -a '(__popsicle_py_d
 
 # popsicle-py list
 complete -c popsicle-py -n '__popsicle_py_at list' -l 'all' -d 'Every disk, and why it is not eligible.'
-complete -c popsicle-py -n '__popsicle_py_at list' -l 'json' -d 'One JSON array of drives on stdout.'
+complete -c popsicle-py -n '__popsicle_py_at list' -l 'json' -d 'One JSON array of drives on stdout (nothing when refused).'
 complete -c popsicle-py -n '__popsicle_py_at list' -l 'debug' -d 'Show debug messages and tracebacks.'
 complete -c popsicle-py -n '__popsicle_py_at list' -s 'h' -l 'help' -d 'Show this message and exit.'
 
@@ -454,7 +454,7 @@ complete -c popsicle-py -n '__popsicle_py_at read output' -F
 # popsicle-py records
 complete -c popsicle-py -n '__popsicle_py_at records' -l 'journal' -r -F -d 'The station\'s journal (default: the station\'s default).'
 complete -c popsicle-py -n '__popsicle_py_at records' -l 'batch' -x -d 'Only this batch\'s records.'
-complete -c popsicle-py -n '__popsicle_py_at records' -l 'json' -d 'One JSON array of records.'
+complete -c popsicle-py -n '__popsicle_py_at records' -l 'json' -d 'One JSON array of records (nothing when refused).'
 complete -c popsicle-py -n '__popsicle_py_at records' -l 'csv' -d 'CSV with a header line.'
 complete -c popsicle-py -n '__popsicle_py_at records' -l 'debug' -d 'Show debug messages and tracebacks.'
 complete -c popsicle-py -n '__popsicle_py_at records' -s 'h' -l 'help' -d 'Show this message and exit.'

@@ -101,8 +101,9 @@ def test_read_writes_the_drive_compressed_by_suffix_with_its_sha256(
                            capture_output=True, text=True)
     assert check.returncode == 0 and check.stdout == f"{out.name}: OK\n", check
     evs = events_of(result.stdout)
+    assert evs[0]["event"] == "note" and evs[0]["text"].startswith(f"reading {drive.path} ")
     assert {"event": "phase", "device": drive.path, "phase": "reading"}.items() <= \
-        evs[0].items()
+        evs[1].items()
     progress = [e for e in evs if e["event"] == "progress"]
     assert progress[-1]["bytes"] == progress[-1]["total"] == drive.size
     summary = evs[-1]

@@ -106,6 +106,7 @@ def station(source: SourceOptions, place: Place, session: Session, grade: GradeO
             for note in job.notes:  # JSON too: a script (--yes) saw no confirmation
                 terminal.handle(events.Note(note), None)
             cancel = Cancellation()
+            cancel.announce = terminal.announce  # else a stuck stdout reader held the end
             with running(cancel):
                 job.run(terminal, cancel)
             return job.exit_status

@@ -30,6 +30,8 @@ class Terminal(Protocol):
 
     def close(self) -> None: ...
 
+    def announce(self, text: str) -> None: ...
+
 
 class SlotJsonView:
     """watch's JSON lines, each with its ``slot`` (null: the image, or an unmapped port)."""
@@ -51,22 +53,32 @@ class SlotJsonView:
     def close(self) -> None:
         self.out.close()
 
+    def announce(self, text: str) -> None:
+        """A signal's news, on stderr; and a reader that takes nothing no longer holds the
+        end (:meth:`Out.close` gives it up after ``GIVE_UP`` seconds, as watch's does)."""
+        self.out.interrupted()
+        say_on_stderr(text)
+
 
 class _Prefixed:
-    """A text stream that starts each line with the slot of the event being shown."""
+    """A text stream that starts each line with the slot of the event being shown.
+
+    The prefix is put on as the line is made; the lines then go to an :class:`Out` of their
+    own, on the real stream: a reader that stops reading (``| less`` left on its first page)
+    neither blocks the thread that judges the drives nor, after a signal, the end.
+    """
 
     def __init__(self, stream: IO[str] | None) -> None:
-        import sys
-
-        self.stream = stream if stream is not None else sys.stdout
+        self.out = Out(stream)
         self.prefix = ""
 
     def write(self, text: str) -> int:
         lines = text.splitlines(keepends=True)
-        return self.stream.write("".join(self.prefix + line for line in lines))
+        self.out.write("".join(self.prefix + line for line in lines))
+        return len(text)
 
     def flush(self) -> None:
-        self.stream.flush()
+        pass  # each line went to ``out`` whole, which writes what the reader takes
 
 
 class SlotPlainView:
@@ -83,6 +95,12 @@ class SlotPlainView:
     def close(self) -> None:
         self._stream.prefix = ""
         self._plain.close()
+        self._stream.out.close()
+
+    def announce(self, text: str) -> None:
+        """As SlotJsonView's: on stderr, and a stuck reader no longer holds the end."""
+        self._stream.out.interrupted()
+        say_on_stderr(text)
 
 
 class StationView:

@@ -237,6 +237,21 @@ class EraseJob(_Job):
         erase.check(device, where, source, "the new file system", pacer=lane.pacer,
                     stopped=stopped, progress=lambda n: lane.advance(n))
         written += sum(n for _, n in where)
+
+        def final(offset: int, n: int) -> memoryview:
+            """The drive's bytes as this erase leaves them before its table: zeros, then
+            the file system."""
+            got = memoryview(bytearray(n))
+            if offset + n > part.start:
+                at = max(offset, part.start)
+                got[at - offset:] = source(at, offset + n - at)
+            return got
+        tail = erase.wipe_ranges(size, ())[-1]
+        end = max((o + n for o, n in where), default=part.start)
+        if not lane.stopped:  # before the table: an interrupted drive still has none
+            written += self._past_cache(lane, stopped, end, tail[0],
+                                        erase.merge([(0, part.start), *where, tail], size),
+                                        final)
         if lane.stopped:
             return written
         table = memoryview(aligned_buffer(4096))  # the table last: an interrupted drive
@@ -248,23 +263,6 @@ class EraseJob(_Job):
         blockdev.sync(device)
         erase.check(device, head, lambda o, n: fixed[o:o + n], "the partition table",
                     pacer=lane.pacer, stopped=stopped, progress=lambda n: None)
-
-        def final(offset: int, n: int) -> memoryview:
-            """The drive's bytes as this erase left them: table, zeros, file system."""
-            got = memoryview(bytearray(n))
-            if offset < len(fixed):
-                head = fixed[offset:offset + n]
-                got[:len(head)] = head
-            if offset + n > part.start:
-                at = max(offset, part.start)
-                got[at - offset:] = source(at, offset + n - at)
-            return got
-        tail = erase.wipe_ranges(size, ())[-1]
-        end = max((o + n for o, n in where), default=part.start)
-        if not lane.stopped:
-            written += self._past_cache(lane, stopped, end, tail[0],
-                                        erase.merge([(0, part.start), *where, tail], size),
-                                        final)
         return written + 4096
 
     def _past_cache(self, lane: Lane, stopped: Callable[[], bool], start: int, end: int,

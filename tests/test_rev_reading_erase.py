@@ -5,7 +5,9 @@ reported erased while it held none of it."""
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -56,3 +58,29 @@ def test_a_healthy_drive_is_still_erased(faulty_drive: Callable[..., FaultyDrive
     check = subprocess.run(["fsck.exfat", "-n", str(part)], capture_output=True, text=True,
                            check=False)
     assert check.returncode == 0, check.stdout
+
+
+def test_ctrl_c_while_writing_past_the_cache_leaves_no_partition_table(
+        faulty_drive: Callable[..., FaultyDrive]) -> None:
+    """The zeros past the cache go before the table: a drive interrupted there has none."""
+    drive = faulty_drive(64 * MiB, fill=PATTERN, crawl=(8 * MiB, 2 * MiB, 24 * MiB))
+    erase = subprocess.Popen([*popsicle_cmd(), "erase", drive.path, "--yes", "--json"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             stdin=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while not any(start >= 8 * MiB and length > 64 << 10  # not the probe's stamps
+                      for start, length in drive.writes()):
+            assert erase.poll() is None, erase.communicate()
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        erase.send_signal(signal.SIGINT)
+        out, err = erase.communicate(timeout=30)
+    finally:
+        if erase.poll() is None:
+            erase.kill()
+            erase.communicate()
+    summary = json.loads(out.splitlines()[-1])
+    assert (erase.returncode, summary["results"][0]["status"]) == (130, "cancelled"), err
+    drive.clear()
+    assert drive.read(510, 2) != b"\x55\xaa"

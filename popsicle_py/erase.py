@@ -15,7 +15,8 @@ nothing); the capacity probe of :mod:`popsicle_py.probe` (a counterfeit stick fa
 stamps put back); [``--zero``: zeros everywhere, read back | ``--discard``: BLKDISCARD, read
 back as zeros]; the signatures ``wipefs`` finds (and the first and last MiB, where partition
 tables, boot sectors and RAID superblocks live) zeroed and read back, and libblkid asked
-again; the file system's extents written and verified; the MBR written and verified.
+again; the file system's extents written and verified; 16 MiB of zeros to free space, past
+a write cache, and all of it read back again (erase_job); the MBR written and verified.
 
 Nothing here opens the device node by name: signatures and old partitions are asked of
 libblkid through the drive's own descriptor (:mod:`popsicle_py.erase_probe`).  So a user

@@ -23,6 +23,9 @@ from popsicle_py.flash import Emit, _Job
 from popsicle_py.messages import BusWriterMessage
 from popsicle_py.records import record
 
+#: Zeros written to free space before the last read-back: past a drive's write cache.
+PAST_CACHE = 16 << 20
+
 
 @record
 class EraseOptions:
@@ -210,7 +213,13 @@ class EraseJob(_Job):
 
         wanted = self._file_system(size)
         if wanted is None:
-            return self._wipe(lane, stopped, moved, step)
+            written = self._wipe(lane, stopped, moved, step)
+            edges = erase.wipe_ranges(size, ())
+            if not lane.stopped and len(edges) == 2:
+                zeros = erase.zeros_source()
+                written += self._past_cache(lane, stopped, edges[0][1], edges[1][0], edges,
+                                            zeros)
+            return written
         fs, part = wanted
         # The file system was made first, in a file (see _make_filesystems): a mkfs that
         # failed has written nothing to the drive.
@@ -228,6 +237,21 @@ class EraseJob(_Job):
         erase.check(device, where, source, "the new file system", pacer=lane.pacer,
                     stopped=stopped, progress=lambda n: lane.advance(n))
         written += sum(n for _, n in where)
+
+        def final(offset: int, n: int) -> memoryview:
+            """The drive's bytes as this erase leaves them before its table: zeros, then
+            the file system."""
+            got = memoryview(bytearray(n))
+            if offset + n > part.start:
+                at = max(offset, part.start)
+                got[at - offset:] = source(at, offset + n - at)
+            return got
+        tail = erase.wipe_ranges(size, ())[-1]
+        end = max((o + n for o, n in where), default=part.start)
+        if not lane.stopped:  # before the table: an interrupted drive still has none
+            written += self._past_cache(lane, stopped, end, tail[0],
+                                        erase.merge([(0, part.start), *where, tail], size),
+                                        final)
         if lane.stopped:
             return written
         table = memoryview(aligned_buffer(4096))  # the table last: an interrupted drive
@@ -240,6 +264,28 @@ class EraseJob(_Job):
         erase.check(device, head, lambda o, n: fixed[o:o + n], "the partition table",
                     pacer=lane.pacer, stopped=stopped, progress=lambda n: None)
         return written + 4096
+
+    def _past_cache(self, lane: Lane, stopped: Callable[[], bool], start: int, end: int,
+                    ranges: list[tuple[int, int]],
+                    expected: Callable[[int, int], memoryview]) -> int:
+        """Everything this erase promised read back once more, after :data:`PAST_CACHE`
+        bytes of zeros written to [start, end), a place it leaves free: a drive that drops
+        its writes but answers reads from a write cache of a few MiB (each step's own
+        read-back came from that cache) fails here instead of being reported erased."""
+        device = lane.dest
+        start = -(-start // 4096) * 4096
+        length = min(PAST_CACHE, end - start)
+        length -= length % 4096
+        if length <= 0:
+            return 0
+        erase.fill(device, [(start, length)], erase.zeros_source(),
+                   pacer=lane.pacer, stopped=stopped, progress=lambda n: lane.advance(n))
+        blockdev.sync(device)
+        blockdev.drop_cache(device)
+        erase.check(device, ranges, expected, "what was written before", pacer=lane.pacer,
+                    stopped=stopped, progress=lambda n: lane.advance(n),
+                    hint=" (it dropped writes a cache had answered for: the drive is failing)")
+        return length
 
     def _wipe(self, lane: Lane, stopped: Callable[[], bool],
               moved: Callable[[Step, int], Callable[[int], None]],

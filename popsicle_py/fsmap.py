@@ -17,15 +17,31 @@ from popsicle_py.blockdev import FileLike, read_at, seek
 from popsicle_py.usage import image_usage
 from popsicle_py.usage.ranges import Range
 
+#: Marks of a map's mask: a free block (left out of the map), a block always mapped.
+FREE, KEEP = 1, 2
+#: The drive's first and last MiB are always mapped, zeros included: a partition table's
+#: zeros count (a GPT's entry arrays, the backup one at the drive's end, are checksummed
+#: whole), and a map's holes keep what the drive it is copied to held there.
+EDGE = 1 << 20
+
 
 def free_mask(free: Sequence[tuple[int, int]], size: int, block: int) -> bytearray:
-    """One byte per map block of the drive: 1 where the whole block lies in a free range."""
+    """One byte per map block of the drive: :data:`FREE` where the whole block lies in a
+    free range, else 0."""
     mask = bytearray(-(-size // block))
     for offset, length in free:
         first = -(-offset // block)
         last = (offset + length) // block  # exclusive
         if last > first:
-            mask[first:last] = b"\x01" * (last - first)
+            mask[first:last] = bytes([FREE]) * (last - first)
+    return mask
+
+
+def keep_edges(mask: bytearray, block: int) -> bytearray:
+    """``mask`` with its first and last :data:`EDGE` bytes marked :data:`KEEP`."""
+    edge = min(len(mask), -(-EDGE // block))
+    mask[:edge] = bytes([KEEP]) * edge
+    mask[len(mask) - edge:] = bytes([KEEP]) * edge
     return mask
 
 

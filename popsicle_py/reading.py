@@ -5,8 +5,8 @@ One thread reads the drive (through :mod:`popsicle_py.blockdev`, paced, into a f
 buffers) while the caller's thread compresses and writes, so the drive never waits for the
 compressor unless it is slower.  A drive that moves less than STALL_BYTES in the stall
 timeout is given up (the reading thread is left to the kernel: nothing waits for it); a slow
-drive that keeps moving is read to its end.  Everything is
-written to a file the caller opened (a temporary name): naming it is the caller's job.
+drive that keeps moving is read to its end.  Everything is written to a file the caller
+opened (a temporary name): naming it is the caller's job.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from typing import IO, Protocol, cast
 from popsicle_py.blockdev import BlockDevice, read_full, seek
 from popsicle_py.buffers import aligned_buffer
 from popsicle_py.errors import Stalled
+from popsicle_py.fsmap import KEEP
 from popsicle_py.pacing import Clock, Pacer
 from popsicle_py.records import record
 from popsicle_py.signals import keep_signals_for_main_thread
@@ -106,8 +107,7 @@ class Sink:
     output, not of the drive).  :meth:`close` is safe while another thread is inside a write
     (one hung on a file system that stopped answering): no write starts after it, and the
     number is closed by whichever of the two finishes last, so a late write never reaches a
-    file opened since under the same number.
-    """
+    file opened since under the same number."""
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
@@ -181,8 +181,7 @@ class Spool:
     wait for it.  The sink's error (ENOSPC...) is raised in the caller's thread at its next
     call or at :meth:`close`.  :meth:`abandon` drops what waits and returns at once, even
     while the thread's write hangs: the sink's :meth:`Sink.close` keeps that write from
-    reaching any other file.
-    """
+    reaching any other file."""
 
     def __init__(self, sink: Sink, depth: int = SPOOL_DEPTH) -> None:
         self.sink = sink
@@ -395,7 +394,7 @@ class Mapper:
 
     def __init__(self, block: int = BMAP_BLOCK, free: bytearray | None = None) -> None:
         self.block = block
-        #: One byte per block, 1 where a file system says the block is free (left out).
+        #: One byte per block: FREE where a file system says so (left out), KEEP (fsmap).
         self.free = free
         self.zero = bytes(block)
         self.ranges: list[tuple[int, int, str]] = []  # first block, last block, sha256
@@ -408,15 +407,17 @@ class Mapper:
         block = self.block
         if len(self._zeros) < len(data):
             self._zeros = bytes(len(data))
-        if data == self._zeros[: len(data)]:
+        free = self.free
+        if data == self._zeros[: len(data)] and not (free and KEEP in free[
+                offset // block:-(-(offset + len(data)) // block)]):
             self._close(offset // block - 1)
             return
         run = 0  # start (in data) of the bytes not yet hashed
-        free = self.free
         for start in range(0, len(data), block):
             piece = data[start:start + block]
             index = (offset + start) // block
-            if piece != self.zero[: len(piece)] and not (free and free[index]):
+            mark = free[index] if free else 0
+            if mark == KEEP or (mark == 0 and piece != self.zero[: len(piece)]):
                 if self._first is None:
                     self._first, self._hasher, run = index, hashlib.sha256(), start
                 continue

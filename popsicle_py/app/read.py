@@ -182,8 +182,9 @@ class PreparedRead:
                 if found is None:
                     return None
                 free, used, kept = found
-                mapper = reading.Mapper(free=fsmap.free_mask(free, size, reading.BMAP_BLOCK)
-                                        if free else None)
+                block = reading.BMAP_BLOCK
+                mapper = reading.Mapper(free=fsmap.keep_edges(fsmap.free_mask(free, size, block),
+                                                              block))
                 if used:
                     view.handle(events.Note("block map: free blocks left out, as the file "
                                             f"systems say ({'; '.join(used)})"))

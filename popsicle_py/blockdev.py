@@ -30,6 +30,7 @@ import xxhash
 
 from popsicle_py.buffers import address_of, aligned_buffer
 from popsicle_py.errors import TooSmall
+from popsicle_py.files import park_on_devnull
 
 # Re-exported: flash checks the opened drive with blockdev.confirmed, and the failure wording
 # imports MediaChanged from here; media identity itself lives in popsicle_py.media.
@@ -253,13 +254,7 @@ class BlockDevice:
                 self._close_now()
                 return
             self._closing = True
-            null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
-            try:
-                for fd in (self.fd, self._plain):
-                    if fd is not None and fd >= 0:
-                        os.dup2(null, fd)  # atomically drops the drive, keeps the number taken
-            finally:
-                os.close(null)
+            park_on_devnull(self.fd, self._plain)  # drops the drive, keeps the numbers taken
 
     def _close_now(self) -> None:
         fd, self.fd = self.fd, -1

@@ -123,3 +123,16 @@ def check_regular(path: str | os.PathLike[str], *, create: bool,
             raise NotRegular(errno.ELOOP, f"{side} is a symbolic link")
         if not stat.S_ISREG(st.st_mode):
             raise NotRegular(errno.EINVAL, f"{side} is {_kind(st.st_mode)}, not a regular file")
+
+
+def park_on_devnull(*fds: int | None) -> None:
+    """Point each open descriptor at /dev/null, atomically: the file it held is let go, and
+    its number stays taken, so a call another thread is making with it cannot reach the file
+    the next open would get that number for (closed later, by whoever uses it last)."""
+    null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        for fd in fds:
+            if fd is not None and fd >= 0:
+                os.dup2(null, fd)
+    finally:
+        os.close(null)

@@ -25,6 +25,8 @@ import shutil
 import tempfile
 import threading
 
+from popsicle_py.files import park_on_devnull
+
 #: Free space the spill always leaves on its filesystem (full filesystems misbehave).
 MARGIN = 256 << 20
 
@@ -112,11 +114,7 @@ class Spill:
                 self._close_now()
                 return
             self._closing = True
-            null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
-            try:
-                os.dup2(null, self.fd)
-            finally:
-                os.close(null)
+            park_on_devnull(self.fd)
 
     def _close_now(self) -> None:
         fd, self.fd = self.fd, -1

@@ -136,3 +136,19 @@ def park_on_devnull(*fds: int | None) -> None:
                 os.dup2(null, fd)
     finally:
         os.close(null)
+
+
+def silence_hung_up_terminal(fds: tuple[int, ...] = (1, 2)) -> None:
+    """Point each of ``fds`` that is a terminal gone away (an ssh connection dropped, a window
+    closed) at /dev/null: the rest of the output, and Python's own flush at exit (a failed one
+    is exit status 120), then go nowhere rather than fail.  Such a terminal fails every write
+    with EIO, one of no bytes too (it no longer answers isatty); another file takes that as a
+    write of nothing."""
+    gone = []
+    for fd in fds:
+        try:
+            os.write(fd, b"")
+        except OSError as exc:
+            if exc.errno == errno.EIO:
+                gone.append(fd)
+    park_on_devnull(*gone)

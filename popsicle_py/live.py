@@ -29,6 +29,7 @@ from rich.text import Text
 
 from popsicle_py import events, progress, rows, signals, verdicts
 from popsicle_py.defaults import DEFAULT_BUCKET_SIZE
+from popsicle_py.files import silence_hung_up_terminal
 from popsicle_py.units import format_link_speed, format_size
 from popsicle_py.view_json import printable
 
@@ -245,6 +246,20 @@ class ShownConsole(Console):
             os.dup2(devnull, self.file.fileno())  # so that the exit's own flush is quiet
             os.close(devnull)
         raise BrokenPipeError(errno.EPIPE, os.strerror(errno.EPIPE))
+
+    def _check_buffer(self) -> None:
+        """A terminal that went away (EIO): the output ends there and the run goes on.  The
+        live rows are drawn from Rich's own thread, where the error went unseen (the thread
+        died, its traceback on stderr) or, from a refresh at the end, escaped as "unexpected
+        error"; a foreground run that goes on hears the hang-up as SIGHUP."""
+        try:
+            super()._check_buffer()
+        except OSError as exc:
+            if exc.errno != errno.EIO:
+                raise
+            self.quiet = True
+            del self._buffer[:]
+            silence_hung_up_terminal()
 
 
 

@@ -102,8 +102,14 @@ class Cancellation:
 
     @contextmanager
     def installed(self) -> Iterator[Cancellation]:
-        """Handle the signals for the duration of a run, then restore the previous handlers."""
-        previous = {s: signal.signal(s, self._handler) for s in HANDLED}
+        """Handle the signals for the duration of a run, then restore the previous handlers.
+
+        A signal the process was started ignoring stays ignored, as Python leaves an ignored
+        SIGINT: ``nohup`` ignores SIGHUP so that the run outlives its terminal (a station
+        left running at logout), a shell's background job ignores SIGINT.
+        """
+        previous = {s: signal.signal(s, self._handler) for s in HANDLED
+                    if signal.getsignal(s) is not signal.SIG_IGN}
         try:
             yield self
         finally:

@@ -52,7 +52,7 @@ def check(args: tuple[str, ...], allowed_signers: str | None, sha256: str | None
         cancel = Cancellation()
         cancel.announce = view.announce
         with running(cancel):
-            summary = job.run(HangUpView(view, cancel), cancel)  # a terminal gone: 129
+            summary = job.run(HangUpView(view), cancel)  # a terminal gone: its output only
         return exit_status(summary, cancel)
 
     run_guarded(output.debug, output.json, body)

@@ -85,7 +85,7 @@ def _run(job: PreparedFlash | PreparedVerify | PreparedProbe, view: View) -> int
     cancel = Cancellation()
     cancel.announce = view.announce
     with running(cancel):
-        summary = job.run(HangUpView(view, cancel), cancel)
+        summary = job.run(HangUpView(view), cancel)
     return exit_status(summary, cancel)
 
 
@@ -227,7 +227,7 @@ def watch(source: SourceOptions, session: Session, grade: GradeOptions, yes: boo
             cancel = Cancellation()
             cancel.announce = view.announce
             with running(cancel):
-                job.run(HangUpView(view, cancel), cancel)
+                job.run(HangUpView(view), cancel)
             return job.exit_status
 
     run_guarded(output.debug, output.json, body)

@@ -1,43 +1,29 @@
-"""A terminal that goes away (an ssh connection dropped, its window closed) is a hang-up.
+"""A terminal that goes away (an ssh connection dropped, its window closed) loses the output.
 
-SIGHUP stops the run like any stop signal (:mod:`popsicle_py.signals`).  But the terminal can
-be gone with no SIGHUP handled first (nohup, or our write came before the signal): a write to
-it then fails with EIO, from whatever event was being shown.  :class:`HangUpView` takes that
-EIO as the hang-up it is: the run is cancelled as by SIGHUP (the drives stop and are closed,
-exit 129), and from then on what was meant for the terminal goes to /dev/null, so that the
-summary, the last lines and Python's own flush at exit cannot turn a hang-up into a crash.
+SIGHUP is the hang-up: it stops the run like any stop signal (:mod:`popsicle_py.signals`),
+and a foreground run gets it (from the kernel, or from its shell).  A run that gets none was
+told to outlive its terminal: ``nohup`` ignores SIGHUP, ``setsid`` and ``disown`` leave it
+no terminal to hear it from.  Its writes to the vanished terminal then fail with EIO, from
+whatever was being shown; :class:`HangUpView` takes that EIO as the end of the output only:
+what was meant for the terminal goes to /dev/null from then on, so that the summary, the
+last lines and Python's own flush at exit cannot turn it into a crash, and the run goes on.
+A live view's rows do the same (:class:`popsicle_py.live.ShownConsole`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import errno
-import os
-import signal
 
 from popsicle_py.events import WatchEvent
+from popsicle_py.files import silence_hung_up_terminal
 from popsicle_py.protocols import View
-from popsicle_py.signals import Cancellation
-
-
-def silence_terminal() -> None:
-    """Point standard output and error, where they are a terminal, at /dev/null."""
-    null = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
-    try:
-        for fd in (1, 2):
-            with contextlib.suppress(OSError):
-                if os.isatty(fd):
-                    os.dup2(null, fd)
-    finally:
-        os.close(null)
 
 
 class HangUpView:
-    """A view whose terminal may hang up: EIO from it cancels the run as SIGHUP does."""
+    """A view whose terminal may go away: its EIO ends the output, not the run."""
 
-    def __init__(self, view: View, cancel: Cancellation) -> None:
+    def __init__(self, view: View) -> None:
         self.view = view
-        self.cancel = cancel
         self.gone = False
 
     def handle(self, event: WatchEvent) -> None:
@@ -61,5 +47,4 @@ class HangUpView:
         if exc.errno != errno.EIO:
             raise exc
         self.gone = True
-        silence_terminal()
-        self.cancel.request(signal.SIGHUP)
+        silence_hung_up_terminal()

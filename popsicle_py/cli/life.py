@@ -43,7 +43,7 @@ def _run(job: _Job, view: View) -> int:
     cancel = Cancellation()
     cancel.announce = view.announce
     with running(cancel):
-        summary = job.run(HangUpView(view, cancel), cancel)
+        summary = job.run(HangUpView(view), cancel)
     return exit_status(summary, cancel)
 
 

@@ -250,7 +250,10 @@ class Group(click.Group):
         except click.ClickException as exc:
             error(" ".join(exc.format_message().split()))
             sys.exit(exc.exit_code)
-        except click.Abort:
+        except click.Abort as exc:
+            if isinstance(exc.__cause__, KeyboardInterrupt):  # Ctrl-C while click parsed
+                error("interrupted before writing: nothing was written")
+                sys.exit(130)
             error("aborted")
             sys.exit(EXIT_FAILED)
         except OSError as exc:  # --help or --version to a full disk: one line, not a traceback

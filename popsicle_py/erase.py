@@ -75,8 +75,9 @@ EXFAT_LABEL_UNITS = 11
 #: The tools' environment: their messages in English, and labels read as UTF-8 (under plain
 #: "C" mkfs.exfat refuses every label beyond ASCII).
 _TOOL_ENV = {"LC_ALL": "C.UTF-8"}
-#: Characters a FAT volume label may not hold.
-_FAT_BAD = set('"*+,./:;<=>?[\\]|')
+#: Characters a FAT volume label may not hold, and an exFAT one (a file name's: Windows
+#: refuses to set them, mkfs.exfat does not).
+_FAT_BAD, _EXFAT_BAD = set('"*+,./:;<=>?[\\]|'), set('"*/:<>?\\|')
 
 
 # --------------------------------------------------------------------------------------------
@@ -193,6 +194,9 @@ def label_problem(fs: str, label: str | None) -> str | None:
         units = len(label.encode("utf-16-le")) // 2
     except UnicodeEncodeError:  # a lone surrogate (undecodable bytes in argv)
         return f"--label {label!r}: not a valid Unicode string"
+    if set(label) & _EXFAT_BAD or any(ord(c) < 0x20 for c in label):
+        return (f"--label {label!r}: an exFAT label cannot hold control characters or "
+                f"{' '.join(sorted(_EXFAT_BAD))}")
     if units > EXFAT_LABEL_UNITS:
         return (f"--label {label!r}: an exFAT label is at most {EXFAT_LABEL_UNITS} characters "
                 "(UTF-16 units)")

@@ -221,6 +221,10 @@ def test_fs_exfat_below_mkfs_exfats_least_is_refused_and_just_above_is_made(
      "--label '" + "\U0001f600" * 6 + "': an exFAT label is at most 11 characters (UTF-16 "
      "units)"),
     (["--label", " A"], "--label ' A': a FAT label cannot start with a space"),
+    (["--fs", "exfat", "--label", "A/B"], "--label 'A/B': an exFAT label cannot hold "
+                                          'control characters or " * / : < > ? \\ |'),
+    (["--fs", "exfat", "--label", "A\x01"], "--label 'A\\x01': an exFAT label cannot hold "
+                                            'control characters or " * / : < > ? \\ |'),
     (["--fs", "fat32", "--label", "A\tB"],
      "--label 'A\\tB': a FAT label cannot hold control characters"),
 ])

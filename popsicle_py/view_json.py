@@ -78,6 +78,7 @@ class Out:
 
     def __init__(self, stream: IO[str] | None = None) -> None:
         self.stream = stream if stream is not None else sys.stdout
+        self.prefix = ""  # put before each line written (a station's ``[slot A3] ``)
         self.gone = self.stream is None  # stdout closed at start (``>&-``): nowhere to write
         self._fd = _pollable(self.stream)
         self._waiting: list[str] = []
@@ -86,6 +87,8 @@ class Out:
     def write(self, text: str, *, droppable: bool = False) -> None:
         if self.gone or self.stream is None:
             return
+        if self.prefix:
+            text = "".join(self.prefix + line for line in text.splitlines(keepends=True))
         if self._fd is None:
             self._put(text)
             return

@@ -19,7 +19,7 @@ from popsicle_py.signals import say_on_stderr
 from popsicle_py.station.hook import Hook
 from popsicle_py.station.hub import Hub, event_json
 from popsicle_py.station.recorder import Recorder, Tagger
-from popsicle_py.view import Out, PlainView
+from popsicle_py.view import PLAIN_INTERVAL, Out, PlainView
 
 #: The terminal's JSON lines get a drive's progress this often at most (the page: at once).
 JSON_INTERVAL = 1.0
@@ -48,7 +48,8 @@ class SlotJsonView:
             if not complete and now - self._last.get(key, 0.0) < self.interval:
                 return
             self._last[key] = now
-        self.out.write(json.dumps(event_json(event, slot)) + "\n")
+        self.out.write(json.dumps(event_json(event, slot)) + "\n",
+                       droppable=isinstance(event, events.Progress))
 
     def close(self) -> None:
         self.out.close()
@@ -60,47 +61,23 @@ class SlotJsonView:
         say_on_stderr(text)
 
 
-class _Prefixed:
-    """A text stream that starts each line with the slot of the event being shown.
-
-    The prefix is put on as the line is made; the lines then go to an :class:`Out` of their
-    own, on the real stream: a reader that stops reading (``| less`` left on its first page)
-    neither blocks the thread that judges the drives nor, after a signal, the end.
-    """
-
-    def __init__(self, stream: IO[str] | None) -> None:
-        self.out = Out(stream)
-        self.prefix = ""
-
-    def write(self, text: str) -> int:
-        lines = text.splitlines(keepends=True)
-        self.out.write("".join(self.prefix + line for line in lines))
-        return len(text)
-
-    def flush(self) -> None:
-        pass  # each line went to ``out`` whole, which writes what the reader takes
-
-
 class SlotPlainView:
     """watch's plain lines, each after ``[slot LABEL]`` when it is about a slot's drive."""
 
-    def __init__(self, out: IO[str] | None = None) -> None:
-        self._stream = _Prefixed(out)
-        self._plain = PlainView(self._stream)  # type: ignore[arg-type]
+    def __init__(self, out: IO[str] | None = None, interval: float = PLAIN_INTERVAL) -> None:
+        self._plain = PlainView(out, interval)
 
     def handle(self, event: events.WatchEvent, slot: str | None) -> None:
-        self._stream.prefix = f"[slot {slot}] " if slot is not None else ""
+        self._plain.out.prefix = f"[slot {slot}] " if slot is not None else ""
         self._plain.handle(event)
 
     def close(self) -> None:
-        self._stream.prefix = ""
+        self._plain.out.prefix = ""
         self._plain.close()
-        self._stream.out.close()
 
     def announce(self, text: str) -> None:
         """As SlotJsonView's: on stderr, and a stuck reader no longer holds the end."""
-        self._stream.out.interrupted()
-        say_on_stderr(text)
+        self._plain.announce(text)
 
 
 class StationView:

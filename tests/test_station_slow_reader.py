@@ -31,7 +31,7 @@ def test_a_paused_reader_gets_every_line_but_not_every_progress(kind: str) -> No
         out, interval=0)
     total = 1 << 40
     for i in range(2000):  # far more than the pipe holds, and the reader takes nothing
-        view.handle(events.Progress("/dev/sdc", "writing", i << 19, total), "A3")
+        view.handle(events.Progress("/dev/sdc", events.Step.WRITING, i << 19, total), "A3")
         if i % 500 == 0:
             view.handle(events.Note(f"note {i}"), "A3")
     view.handle(events.Note("last"), None)

@@ -258,10 +258,16 @@ def corrupt_bitmap(image: Path, ext_at: int) -> None:
 
 
 def compress(image: Path, kind: str) -> Path:
+    """The image compressed.  Its free space is random (a used drive's), which xz takes
+    a minute to compress at 160 MiB: the flashes below use gzip and zstd (the selector
+    sees decoded buckets, whatever decodes them); xz's decoder is tested on small images."""
     if kind == "xz":
         out = image.with_name(image.name + ".xz")
         out.write_bytes(lzma.compress(image.read_bytes(), preset=0))
         return out
+    if kind == "gz":
+        run("gzip", "-1", "-k", "-f", str(image))
+        return image.with_name(image.name + ".gz")
     if shutil.which("zstd") is None:
         pytest.skip("zstd is not installed")
     out = image.with_name(image.name + ".zst")
@@ -281,7 +287,7 @@ def rpi(tmp_path: Path, content: tuple[Path, Path, dict[str, str]]
     return image, fat_at, ext_at, sums
 
 
-@pytest.mark.parametrize("kind", ["xz", "zst"])
+@pytest.mark.parametrize("kind", ["gz", "zst"])
 def test_a_compressed_image_is_trimmed_as_it_is_decoded(
         kind: str, loop_factory: Callable[..., Loop],
         rpi: tuple[Path, int, int, dict[str, str]]) -> None:
@@ -313,15 +319,17 @@ def test_a_compressed_image_is_trimmed_as_it_is_decoded(
         assert fat_files(drive.backing, fat_at, list(sums)) == sums
         assert e2fsck(drive.backing, ext_at, ROOT).returncode == 0
         assert ext_files(drive.backing, ext_at, ROOT, list(sums)) == sums
-        progress = [e for e in evs if e["event"] == "progress" and e["device"] == drive.path]
-        assert progress[-1]["bytes"] == progress[-1]["total"] == size - unused
+        if kind != "gz":  # gzip does not say its decoded size: no total to reach
+            progress = [e for e in evs
+                        if e["event"] == "progress" and e["device"] == drive.path]
+            assert progress[-1]["bytes"] == progress[-1]["total"] == size - unused
 
 
 def test_a_corrupt_bitmap_in_a_compressed_image_writes_that_partition_whole(
         loop_factory: Callable[..., Loop], rpi: tuple[Path, int, int, dict[str, str]]) -> None:
     image, fat_at, ext_at, sums = rpi
     corrupt_bitmap(image, ext_at)
-    packed = compress(image, "xz")
+    packed = compress(image, "zst")
     size = image.stat().st_size
     drive = loop_factory(size, fill=PATTERN)
     rc, evs, err = flash(str(packed), drive.path)
@@ -337,7 +345,7 @@ def test_a_corrupt_bitmap_in_a_compressed_image_writes_that_partition_whole(
 def test_no_trim_writes_every_byte_of_a_compressed_image(
         loop_factory: Callable[..., Loop], rpi: tuple[Path, int, int, dict[str, str]]) -> None:
     image = rpi[0]
-    packed = compress(image, "xz")
+    packed = compress(image, "zst")
     size = image.stat().st_size
     drive = loop_factory(size, fill=PATTERN)
     rc, evs, err = flash(str(packed), drive.path, "--no-trim")
@@ -376,15 +384,16 @@ def test_a_compressed_iso_hybrid_is_not_trimmed_and_keeps_its_spill(tmp_path: Pa
     with open(raw, "r+b") as f:
         f.seek(32769)
         f.write(b"CD001")
-    trim = plan_trim(open_image(str(compress(raw, "xz"))), wanted=True)
+    trim = plan_trim(open_image(str(compress(raw, "zst"))), wanted=True)
     assert (trim.select, trim.notes) == (None, (ISO_NOTE,))
     raw.write_bytes(raw.read_bytes()[:32769] + b"XXXXX" + raw.read_bytes()[32774:])
-    trim = plan_trim(open_image(str(compress(raw, "xz"))), wanted=True)
+    packed = str(compress(raw, "zst"))
+    trim = plan_trim(open_image(packed), wanted=True)
     assert trim.select is not None and trim.notes == (STREAMED,)
-    whole = plan_trim(open_image(str(compress(raw, "xz"))), wanted=True,
+    whole = plan_trim(open_image(packed), wanted=True,
                       whole_because="--certificate reads the whole image back")
     assert whole.select is None and "--certificate" in whole.notes[0]
-    assert plan_trim(open_image(str(compress(raw, "xz"))), wanted=False).select is None
+    assert plan_trim(open_image(packed), wanted=False).select is None
 
 
 def test_a_corrupt_bitmap_after_groups_were_skipped_leaves_the_rest_written(
@@ -468,7 +477,7 @@ def test_a_compressed_image_with_nothing_to_skip_reports_its_sha256(
     garbage(raw, 24 * MiB)
     partition(raw, f"{2 * MiB // 512},{20 * MiB // 512},83\n")
     drive = loop_factory(24 * MiB, fill=PATTERN)
-    rc, evs, err = flash(str(compress(raw, "xz")), drive.path)
+    rc, evs, err = flash(str(compress(raw, "zst")), drive.path)
     assert rc == 0, err
     r = result(evs, drive.path)
     assert (r["bytes_written"], r["bytes_unused"]) == (24 * MiB, 0)

@@ -35,10 +35,11 @@ def test_sigterm_mid_write_cancels_the_drives_in_flight_and_keeps_their_heads_sa
     slots = slot_map(tmp_path / "slots.toml", {"A1": 3, "A2": 5})
     journal = tmp_path / "journal.sqlite"
     with faulty_files() as made:
-        image = FaultyFile(len(data), content=data, faults={"crawl": (0, 2 * MiB)})
+        image = FaultyFile(len(data), content=data)
         made.append(image)
         rig.start([image.file, "--yes", "--force", "--slots", str(slots), "--journal",
                    str(journal), "--listen", "127.0.0.1:0", "--no-power-off"])
+        image.set(crawl=(0, 2 * MiB))  # once its SHA-256 is read: the sticks' read crawls
         rig.add(a.description)
         rig.add(b.description)
         rig.wait(event="progress", device=a.dev, phase="writing")

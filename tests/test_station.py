@@ -167,11 +167,12 @@ def test_stop_finishes_the_drive_being_written_and_takes_no_new_one(
     data = os.urandom(6 * MiB)
     with faulty_files() as made:
         # The image crawls (a FUSE file): the drive is still being written when stop comes.
-        source = FaultyFile(len(data), content=data, faults={"crawl": (0, 4 * MiB)})
+        source = FaultyFile(len(data), content=data)
         made.append(source)
         writing, late = Stick("c", 3), Stick("d", 5)
         rig.start([source.file, "--yes", "--force", "--journal", str(tmp_path / "j.sqlite"),
                    "--listen", "127.0.0.1:0", "--no-power-off"])
+        source.set(crawl=(0, 4 * MiB))  # once its SHA-256 is read (the station watches)
         rig.add(writing.description)
         rig.wait(event="progress", device=writing.dev, phase="writing")
         assert rig.post("/api/stop") == (202, {"stopping": True})
@@ -196,11 +197,12 @@ def test_a_second_station_on_the_same_journal_is_refused_and_the_first_keeps_its
     journal = tmp_path / "j.sqlite"
     with faulty_files() as made:
         # The image crawls (a FUSE file): the first station's drive is in flight throughout.
-        source = FaultyFile(len(data), content=data, faults={"crawl": (0, MiB)})
+        source = FaultyFile(len(data), content=data)
         made.append(source)
         stick = Stick("c", 3)
         rig.start([source.file, "--yes", "--force", "--journal", str(journal),
                    "--listen", "127.0.0.1:0", "--no-power-off", "--name", "tower1"])
+        source.set(crawl=(0, MiB))  # once its SHA-256 is read (the station watches)
         rig.add(stick.description)
         rig.wait(event="progress", device=stick.dev, phase="writing")
         other = tmp_path / "other.img"
@@ -289,10 +291,11 @@ def test_two_cards_in_one_slot_the_second_is_refused_and_the_first_ones_failure_
     usb = "/devices/pci0000:00/0000:00:14.0/usb1/1-4"
     with faulty_files() as made:
         # The image crawls (a FUSE file): the first card is still being written when pulled.
-        source = FaultyFile(len(data), content=data, faults={"crawl": (0, MiB)})
+        source = FaultyFile(len(data), content=data)
         made.append(source)
         rig.start([source.file, "--yes", "--force", "--slots", str(slots), "--journal",
                    str(journal), "--listen", "127.0.0.1:0", "--no-power-off"])
+        source.set(crawl=(0, MiB))  # once its SHA-256 is read (the station watches)
         rig.add(card_reader(4, {0: "e", 1: "f"}))
         second = rig.wait(event="drive_added", device="/dev/sdf")
         assert (second["eligible"], second["slot"]) == (False, "A1")
@@ -474,10 +477,11 @@ def test_identify_on_a_failed_tile_whose_name_another_stick_took_reads_nothing(
     data = os.urandom(6 * MiB)
     a, b = Stick("c", 3, 128 * MiB), Stick("c", 4, 128 * MiB)
     with faulty_files() as made:
-        source = FaultyFile(len(data), content=data, faults={"crawl": (0, 2 * MiB)})
+        source = FaultyFile(len(data), content=data)
         made.append(source)
         rig.start([source.file, "--yes", "--force", "--journal", str(tmp_path / "j.sqlite"),
                    "--listen", "127.0.0.1:0", "--no-power-off"])
+        source.set(crawl=(0, 2 * MiB))  # once its SHA-256 is read (the station watches)
         rig.add(a.description)
         rig.wait(event="progress", device=a.dev, phase="writing")
         rig.remove(a.unplug)

@@ -102,12 +102,13 @@ def test_tiles_follow_plug_write_verify_done_pull_and_a_failure_says_why(
     # loaded machine (at one second a pass, a pull seen late found the drive done).
     data = os.urandom(8 * MiB)
     with faulty_files() as made:
-        source = FaultyFile(len(data), content=data, faults={"crawl": (0, 2 * MiB)})
+        source = FaultyFile(len(data), content=data)
         made.append(source)
         slots = slot_map(tmp_path / "slots.toml", {"A": 2, "B": 3, "C": 5})
         args = [source.file, "--yes", "--force", "--slots", str(slots), "--journal",
                 str(tmp_path / "j.sqlite"), "--listen", "127.0.0.1:0"]
         rig.start(args)
+        source.set(crawl=(0, 2 * MiB))  # once its SHA-256 is read (the station watches)
         browser.get(rig.url)
         until(browser, "three empty slots in the map's order", lambda b: [
             (t.get_attribute("data-slot"), t.get_attribute("data-state"))
@@ -198,11 +199,12 @@ def test_a_second_card_in_a_slot_is_listed_apart_and_the_first_ones_failure_coun
     data = os.urandom(8 * MiB)
     usb = "/devices/pci0000:00/0000:00:14.0/usb1/1-4"
     with faulty_files() as made:
-        source = FaultyFile(len(data), content=data, faults={"crawl": (0, MiB)})
+        source = FaultyFile(len(data), content=data)
         made.append(source)
         slots = slot_map(tmp_path / "slots.toml", {"A1": 4, "A2": 5})
         rig.start([source.file, "--yes", "--force", "--slots", str(slots), "--journal",
                    str(tmp_path / "j.sqlite"), "--listen", "127.0.0.1:0", "--no-power-off"])
+        source.set(crawl=(0, MiB))  # once its SHA-256 is read (the station watches)
         browser.get(rig.url)
         until(browser, "two empty slots", lambda b: state_of(b, "A2") == "empty")
         rig.add(card_reader(4, {0: "e", 1: "f"}))

@@ -100,6 +100,9 @@ class Download(io.RawIOBase):
         probe_.response = None  # ours now
         self._pending = probe_.head
         self._net = len(probe_.head)  # offset of the next byte from the connection
+        #: After a start over: the bytes first sent and judged (not a disk image? HTML?),
+        #: which the new body must repeat (see _same_start).
+        self._judged = b""
         self._handed = 0
         self._failures = 0
         self._failing_since = 0.0  # monotonic time of the first failure in a row
@@ -215,6 +218,8 @@ class Download(io.RawIOBase):
                 self._retry(self._crawled() or failure_reason(exc))
                 continue
             if data:
+                if self._net < len(self._judged):
+                    self._same_start(data)
                 self._net += len(data)
                 self._recent += len(data)
                 if self._recent >= STALL_BYTES:  # progress: the window and the count restart
@@ -313,6 +318,7 @@ class Download(io.RawIOBase):
             return
         if resp.status == 200:
             if self._handed == 0:  # nothing used yet: starting over is harmless
+                self._judged = self._judged or self._pending
                 self._pending = b""
                 self._net = 0
                 self._resp = resp
@@ -335,6 +341,23 @@ class Download(io.RawIOBase):
         status, reason = resp.status, resp.reason
         resp.close()
         self._retry(f"HTTP {status}{' ' + reason if reason else ''}")
+
+    def _same_start(self, data: bytes) -> None:
+        """A body started over must begin with the bytes first sent: those were judged
+        before any drive was opened (an HTML page, not a disk image?), and a server that
+        now sends others (a login page of a captive portal, another version of a file
+        without validators) would have them written unjudged."""
+        at = self._net
+        first = self._judged[at : at + len(data)]
+        if data[: len(first)] != first:
+            differ = at + next(i for i, (a, b) in enumerate(zip(data, first, strict=False))
+                                 if a != b)
+            raise RemoteError(f"{self.url}: the connection was lost before anything was "
+                              "written and the server started the file over with other "
+                              f"bytes than it first sent (they differ at byte {differ}); "
+                              "not writing what was not checked: run again")
+        if at + len(data) >= len(self._judged):
+            self._judged = b""  # all of it seen again
 
     def _unconfirmed(self, resp: Any) -> None:
         """An answer without the first one's validator cannot show it is the same file: not

@@ -1,0 +1,53 @@
+"""Hostile servers, second review of URLs: answers that change between two requests, encodings
+on the wire, an end check that finds another version, credentials in URLs that do not parse.
+
+A raw server (tests/webserver.py's RawServer) sends exactly the bytes a test gives: chunked
+bodies cut in a chunk, encodings the client did not ask for.  Flashes run the command against
+real loop devices and check their bytes, the exit status and the JSON events.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+
+import pytest
+from conftest import Loop
+from test_remote import PATTERN, flash, of, untouched
+from webserver import RawRequest, RawServer, answer, chunk, raw_serving
+
+MiB = 1 << 20
+#: A disk image's start: an MBR with one partition, then random bytes.
+IMAGE = (b"\0" * 446 + bytes([0x80, 0, 2, 0, 0x0C, 0, 0x20, 0, 0, 8, 0, 0, 0, 0x20, 0, 0])
+         + b"\0" * 48 + b"\x55\xaa" + os.urandom(2 * MiB - 512))
+
+
+@pytest.fixture
+def raw() -> Iterator[RawServer]:
+    with raw_serving() as server:
+        yield server
+
+
+def test_a_body_started_over_with_other_bytes_is_never_written(
+        raw: RawServer, loop_factory: Callable[..., Loop]) -> None:
+    """No validators, no length: the first answer is cut inside the start read to judge the
+    image, and the server starts over with a login page (a captive portal).  That page was
+    never judged: it must not be written as the image, nor end ok."""
+    portal = (b"<html><head><title>Wi-Fi login</title></head><body>"
+              + b"<p>please log in</p>" * 20000 + b"</body></html>")
+
+    def image(req: RawRequest) -> tuple[bytes, bool]:
+        head = answer("200 OK", {"Content-Type": "application/octet-stream",
+                                 "Transfer-Encoding": "chunked"})
+        if req.n == 1:  # a chunk of 1 MiB announced, 100 bytes of it sent
+            return head + chunk(IMAGE[:8192]) + b"100000\r\n" + IMAGE[8192:8292], True
+        return head + chunk(portal) + b"0\r\n\r\n", False
+
+    raw.routes["/os.img"] = image
+    drive = loop_factory(4 * MiB, fill=PATTERN)
+    code, events, _ = flash(raw.url("/os.img"), drive, extra=("--no-probe",))
+    (result,) = of(events, "result")
+    assert (code, result["status"], result["cause"]) == (1, "failed", "source"), result
+    assert ("the server started the file over with other bytes than it first sent"
+            in result["error"]), result
+    assert untouched(drive)

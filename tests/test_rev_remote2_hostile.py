@@ -8,13 +8,15 @@ real loop devices and check their bytes, the exit status and the JSON events.
 
 from __future__ import annotations
 
+import gzip
+import hashlib
 import os
 from collections.abc import Callable, Iterator
 
 import pytest
 from conftest import Loop
 from test_remote import PATTERN, flash, of, untouched
-from webserver import RawRequest, RawServer, answer, chunk, raw_serving
+from webserver import RawRequest, RawRoute, RawServer, answer, chunk, raw_serving
 
 MiB = 1 << 20
 #: A disk image's start: an MBR with one partition, then random bytes.
@@ -51,3 +53,51 @@ def test_a_body_started_over_with_other_bytes_is_never_written(
     assert ("the server started the file over with other bytes than it first sent"
             in result["error"]), result
     assert untouched(drive)
+
+
+def _plain(body: bytes, **headers: str) -> RawRoute:
+    """A whole body with its length and these headers, every time (no Range)."""
+    def route(req: RawRequest) -> tuple[bytes, bool]:
+        return answer("200 OK", {"Content-Length": str(len(body)), "ETag": '"v1"',
+                                 **{k.replace("_", "-"): v for k, v in headers.items()}},
+                      body), False
+    return route
+
+
+def test_an_image_encoded_on_the_wire_is_refused_before_anything_is_written(
+        raw: RawServer, loop_factory: Callable[..., Loop]) -> None:
+    """Content-Encoding: br although identity was asked for: the bytes are brotli, not the
+    image's, and nothing decodes them; they were written and verified ok."""
+    raw.routes["/os.img"] = _plain(os.urandom(MiB), Content_Encoding="br")
+    drive = loop_factory(4 * MiB, fill=PATTERN)
+    code, events, err = flash(raw.url("/os.img"), drive, extra=("--no-probe",))
+    assert code == 2, events
+    assert ("/os.img: the server sent it encoded (Content-Encoding: br) though it was asked "
+            "for the file as it is (Accept-Encoding: identity)") in err, err
+    assert untouched(drive)
+
+
+def test_a_gzip_file_sent_with_content_encoding_gzip_is_still_the_file(
+        raw: RawServer, loop_factory: Callable[..., Loop]) -> None:
+    """A server that says gzip for a .gz file sends the file's own bytes: flashed as ever."""
+    raw.routes["/os.img.gz"] = _plain(gzip.compress(IMAGE, 1), Content_Encoding="gzip")
+    drive = loop_factory(4 * MiB, fill=PATTERN)
+    code, events, _ = flash(raw.url("/os.img.gz"), drive, extra=("--no-probe",))
+    assert code == 0, events
+    assert drive.read(len(IMAGE)) == IMAGE
+
+
+def test_a_checksum_file_compressed_on_the_wire_is_still_checked(
+        raw: RawServer, loop_factory: Callable[..., Loop]) -> None:
+    """SHA256SUMS gzip-encoded on the wire: read as it came it listed nothing, and the
+    published checksum was silently not checked (a wrong download flashed ok)."""
+    sums = f"{hashlib.sha256(b'another file').hexdigest()}  os.img\n".encode()
+    raw.routes["/os.img"] = _plain(IMAGE)
+    raw.routes["/SHA256SUMS"] = _plain(gzip.compress(sums), Content_Encoding="gzip",
+                                       Content_Type="text/plain")
+    drive = loop_factory(4 * MiB, fill=PATTERN)
+    code, events, _ = flash(raw.url("/os.img"), drive, extra=("--no-probe",))
+    (result,) = of(events, "result")
+    assert (code, result["status"], result["cause"]) == (1, "failed", "source"), result
+    assert "checksum mismatch" in result["error"], result
+    assert drive.head_is_safe(IMAGE, PATTERN)

@@ -349,5 +349,5 @@ def wait_for(predicate: object, timeout: float = 10.0) -> None:
         time.sleep(0.01)
 
 
-__all__ = ["RawRequest", "RawServer", "Served", "WebServer", "answer", "chunk", "raw_serving",
-           "self_signed", "serving", "wait_for"]
+__all__ = ["RawRequest", "RawRoute", "RawServer", "Served", "WebServer", "answer", "chunk",
+           "raw_serving", "self_signed", "serving", "wait_for"]

@@ -4,6 +4,7 @@ The package reads from the bottom up:
 
 - :mod:`.http`: the urllib3 client (pool, timeouts, redirects, TLS), the pure decisions over
   its answers (validators, Content-Range, HTML pages) and its errors as one line each;
+- :mod:`.coding`: a Content-Encoding the server sent although none was asked for;
 - :mod:`.download`: the body as a stream, resumed after drops and stalls, hashed as it is
   handed out, kept in a sink (the cache, or a private file) committed at its end;
 - :mod:`.image`: the remote image (probed once, its published checksum, a cached copy) and

@@ -41,6 +41,7 @@ from urllib3.util import Retry, Timeout
 from popsicle_py._version import __version__
 from popsicle_py.images import ImageError, detect
 from popsicle_py.records import record
+from popsicle_py.remote.coding import CODED_FILES, coding, decoded_small, encoded
 from popsicle_py.signatures import SIDECAR_LIMIT
 
 __all__ = [
@@ -421,6 +422,7 @@ class Client:
                 raise RemoteError(f"checksum file {status_message(url, resp.status, resp.reason)}")
             data = self._read_small(resp, url)
             read = True
+            data = decoded_small(data, resp.headers, url)
             if len(data) > SIDECAR_LIMIT:
                 raise RemoteError(f"checksum file {url} is larger than 16 MiB: not a checksum "
                                   "file")
@@ -521,6 +523,11 @@ def probe(client: Client, url: str) -> Probe:
     if not head:
         result.close()
         raise RemoteError(f"{url} is empty (the server sent no bytes)")
+    value = coding(resp.headers)
+    if value is not None and CODED_FILES.get(value) != detect(head).name:
+        result.close()
+        raise RemoteError(f"{encoded(url, value)} (a misconfigured server or proxy); "
+                          "nothing was written")
     if not detect(head).decoded and looks_like_html(head, result.content_type):
         result.close()
         raise RemoteError(f"{url} is an HTML page, not a disk image (an error or download "

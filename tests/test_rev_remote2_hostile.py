@@ -101,3 +101,41 @@ def test_a_checksum_file_compressed_on_the_wire_is_still_checked(
     assert (code, result["status"], result["cause"]) == (1, "failed", "source"), result
     assert "checksum mismatch" in result["error"], result
     assert drive.head_is_safe(IMAGE, PATTERN)
+
+
+def _replaced(first: RawRoute, then: RawRoute) -> RawRoute:
+    """``first`` for the first request, ``then`` from the second on (the file replaced)."""
+    return lambda req: first(req) if req.n == 1 else then(req)
+
+
+def test_a_file_replaced_as_its_download_ends_is_not_called_truncated(
+        raw: RawServer, loop_factory: Callable[..., Loop]) -> None:
+    """The download was whole (its length as announced, its published checksum matched) when
+    the file was replaced by a longer one: the end check's answer is the new version, and
+    every drive failed with "the file is longer; refusing a truncated image"."""
+    newer = IMAGE + os.urandom(MiB)
+    raw.routes["/os.img"] = _replaced(_plain(IMAGE), _plain(newer, ETag='"v2"'))
+    raw.routes["/SHA256SUMS"] = _plain(f"{hashlib.sha256(IMAGE).hexdigest()}  os.img\n".encode())
+    drive = loop_factory(4 * MiB, fill=PATTERN)
+    code, events, _ = flash(raw.url("/os.img"), drive, extra=("--no-probe",))
+    (result,) = of(events, "result")
+    assert (code, result["status"]) == (0, "ok"), result
+    assert drive.read(len(IMAGE)) == IMAGE
+
+
+def test_a_file_replaced_as_a_download_without_length_ends_says_so(
+        raw: RawServer, loop_factory: Callable[..., Loop]) -> None:
+    """Without a length or a checksum the end check is all that shows the body was whole: a
+    new version there fails every drive, saying what happened (not "the connection closed":
+    the chunked body ended as it should)."""
+    def first(req: RawRequest) -> tuple[bytes, bool]:
+        return answer("200 OK", {"ETag": '"v1"', "Transfer-Encoding": "chunked"},
+                      chunk(IMAGE) + b"0\r\n\r\n"), False
+
+    raw.routes["/os.img"] = _replaced(first, _plain(IMAGE + os.urandom(MiB), ETag='"v2"'))
+    drive = loop_factory(4 * MiB, fill=PATTERN)
+    code, events, _ = flash(raw.url("/os.img"), drive, extra=("--no-probe",))
+    (result,) = of(events, "result")
+    assert (code, result["status"], result["cause"]) == (1, "failed", "source"), result
+    assert "/os.img changed on the server as its download ended" in result["error"], result
+    assert drive.head_is_safe(IMAGE, PATTERN)

@@ -420,6 +420,13 @@ class Download(io.RawIOBase):
             resp = self.client.get(self.final_url, headers, retries=False)
         except RemoteError:
             return False  # no answer is no evidence; the body itself was complete
+        if self.validator.contradicts(Validator.of(resp.headers)):
+            resp.close()  # another version now: its length says nothing of the one read
+            if self.total is not None or self.expected is not None:
+                return False  # the announced length (checked) or the checksum judges
+            raise RemoteError(f"{self.url} changed on the server as its download ended (the "
+                              "server's ETag/Last-Modified differ) and nothing shows the body "
+                              "was the whole file (no length, no checksum); run again")
         try:
             length = content_length(resp.headers)
             # An empty 206 (some servers answer a Range past the end so) says nothing follows.

@@ -53,7 +53,7 @@ from popsicle_py.engine.lane import Lane
 from popsicle_py.engine.reader import Reader
 from popsicle_py.engine.ring import Ring
 from popsicle_py.engine.spill import Spill
-from popsicle_py.errors import SourceUnreadable
+from popsicle_py.errors import SourceDiffers, SourceUnreadable
 from popsicle_py.events import Note, Step
 from popsicle_py.messages import BusWriterMessage as Msg
 from popsicle_py.pacing import CALL_ALIGN, DEFAULT_RETRIES, Pacer
@@ -140,6 +140,8 @@ class Check:
         if data is None:
             return
         start, length = self.extents[index]
+        if xxhash.xxh3_128_digest(data) != self.digests[index]:  # the image changed since
+            raise SourceDiffers(start, length)  # (a URL read again): not the drive's fault
         aligned = memoryview(aligned_buffer(length))[:length]
         aligned[: len(data)] = data
         # Not counted in ``done`` (bytes of the image written): those were counted once already,

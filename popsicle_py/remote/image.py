@@ -10,6 +10,7 @@ the whole body in a file first, for watch and zip images.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import http.client
 import io
 import os
@@ -259,10 +260,16 @@ class RemoteImage:
         return _Decoded(download, decoded)  # type: ignore[return-value]
 
     def read_at(self, offset: int, length: int) -> bytes:
-        """``length`` bytes of the image at ``offset`` (repairs): from the copy, else again."""
+        """``length`` bytes of the image at ``offset`` (repairs): from the copy, else again.
+
+        A download that fails here is an OSError: the engine names the image, not the drive
+        it repairs ("reading the image again for this drive failed ...", cause source)."""
         stream: Any
-        with self.open() as stream:
-            return read_decoded(stream, offset, length)
+        try:
+            with self.open() as stream:
+                return read_decoded(stream, offset, length)
+        except ImageError as exc:
+            raise OSError(errno.EIO, str(exc)) from None
 
     def close(self) -> None:
         if self._probe is not None:

@@ -139,3 +139,18 @@ def test_a_file_replaced_as_a_download_without_length_ends_says_so(
     assert (code, result["status"], result["cause"]) == (1, "failed", "source"), result
     assert "/os.img changed on the server as its download ended" in result["error"], result
     assert drive.head_is_safe(IMAGE, PATTERN)
+
+
+@pytest.mark.parametrize("url", [
+    "http://user:pa/S3CRET@127.0.0.1:1/os.img",  # a / in the password, not written %2F
+    "http://user:S3C#RET@127.0.0.1:1/os.img",
+    "ftp://user:S3CRET@127.0.0.1/os.img",
+])
+def test_a_password_in_a_url_that_cannot_be_used_is_never_shown(
+        url: str, loop_factory: Callable[..., Loop]) -> None:
+    drive = loop_factory(4 * MiB, fill=PATTERN)
+    code, events, err = flash(url, drive)
+    assert code == 2, events
+    assert "S3C" not in err + str(events), err
+    assert "127.0.0.1" in err, err
+    assert untouched(drive)

@@ -60,6 +60,7 @@ __all__ = [
     "RemoteImage",
     "UrlImage",
     "attach",
+    "hidden_credentials",
     "materialize",
     "open_url",
     "published_checksum",
@@ -353,8 +354,12 @@ def open_url(url: str, *, sha256: str | None = None, checksum: str | None = None
         url, auth = without_credentials(url)  # a password is never shown, nor cached
         urllib.parse.urlsplit(url).port  # noqa: B018 - raises for a malformed host or port
     except ValueError as exc:
-        shown = re.sub(r"//[^/?#]*@", "//", url, count=1)
-        raise RemoteError(f"{shown}: not a valid URL ({exc})") from None
+        shown = hidden_credentials(url)
+        hidden = url.partition("//")[2].rpartition("@")[0]
+        quoted = any(part in str(exc) for part in re.split(r"[:/?#@]", hidden) if part)
+        why = (f"{exc}" if not quoted else  # its words quote a part of the password
+               "is a / ? # or @ in its password not written %2F %3F %23 %40?")
+        raise RemoteError(f"{shown}: not a valid URL ({why})") from None
     client = Client(settings, None if auth is None else (url, auth))
     first = probe(client, url)
     try:
@@ -388,6 +393,16 @@ def open_url(url: str, *, sha256: str | None = None, checksum: str | None = None
         notes.append(f"checksum: {expected.algo} from {expected.source}, checked while "
                      "downloading")
     return UrlImage(image, None, notes)
+
+
+def hidden_credentials(text: str) -> str:
+    """``text`` (a URL, or what was meant as one and does not parse) as a refusal shows it:
+    what stands between its ``//`` and its last ``@`` is taken for a user and a password and
+    left out (a password with an unencoded / or # ends the URL's host part early)."""
+    head, sep, rest = text.partition("//")
+    if not sep or "@" not in rest:
+        return text
+    return head + sep + rest.rpartition("@")[2]
 
 
 def attach(image: object, emit: Emit | None, cancel: Callable[[], bool] | None = None) -> None:

@@ -154,3 +154,19 @@ def test_a_password_in_a_url_that_cannot_be_used_is_never_shown(
     assert "S3C" not in err + str(events), err
     assert "127.0.0.1" in err, err
     assert untouched(drive)
+
+
+def test_an_end_check_answered_with_the_whole_file_is_no_truncation(
+        raw: RawServer, loop_factory: Callable[..., Loop]) -> None:
+    """A server that answers every Range with a 206 of the whole file ("bytes 0-N/N+1")
+    says the file is N+1 bytes long, which the body was: every drive failed with "the file is
+    longer; refusing a truncated image"."""
+    whole = answer("206 Partial Content", {"ETag": '"v1"', "Content-Length": str(len(IMAGE)),
+                                           "Content-Range": f"bytes 0-{len(IMAGE) - 1}/"
+                                                            f"{len(IMAGE)}"}, IMAGE)
+    raw.routes["/os.img"] = _replaced(_plain(IMAGE), lambda req: (whole, False))
+    drive = loop_factory(4 * MiB, fill=PATTERN)
+    code, events, _ = flash(raw.url("/os.img"), drive, extra=("--no-probe",))
+    (result,) = of(events, "result")
+    assert (code, result["status"]) == (0, "ok"), result
+    assert drive.read(len(IMAGE)) == IMAGE

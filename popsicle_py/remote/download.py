@@ -17,6 +17,7 @@ import contextlib
 import http.client
 import io
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -434,6 +435,9 @@ class Download(io.RawIOBase):
                 resp.status == 200 and length not in (None, end))
             shown = resp.status == 416 or (resp.status == 206 and length == 0) or (
                 resp.status == 200 and length == end)
+            whole = _complete_length(resp.headers.get("Content-Range"))
+            if resp.status in (206, 416) and whole is not None:  # the file's length, said
+                extra, shown = whole > end, whole == end  # (a 206 of other bytes than asked)
         finally:
             resp.close()
         if extra and self.total is not None:
@@ -479,6 +483,12 @@ class Download(io.RawIOBase):
                 self.sink.abort()
                 self.sink = None
         super().close()
+
+
+def _complete_length(content_range: str | None) -> int | None:
+    """The file's length a Content-Range gives ("bytes 0-9/10", "bytes */10"), if any."""
+    m = re.fullmatch(r"bytes\s+(?:\d+-\d+|\*)/(\d+)", (content_range or "").strip(), re.I)
+    return int(m[1]) if m else None
 
 
 class FileSink:

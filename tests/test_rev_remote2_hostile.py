@@ -11,6 +11,8 @@ from __future__ import annotations
 import gzip
 import hashlib
 import os
+import threading
+import time
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -167,6 +169,31 @@ def test_an_end_check_answered_with_the_whole_file_is_no_truncation(
     raw.routes["/os.img"] = _replaced(_plain(IMAGE), lambda req: (whole, False))
     drive = loop_factory(4 * MiB, fill=PATTERN)
     code, events, _ = flash(raw.url("/os.img"), drive, extra=("--no-probe",))
+    (result,) = of(events, "result")
+    assert (code, result["status"]) == (0, "ok"), result
+    assert drive.read(len(IMAGE)) == IMAGE
+
+
+def test_an_end_check_never_answered_waits_no_longer_than_the_stall_timeout(
+        raw: RawServer, loop_factory: Callable[..., Loop]) -> None:
+    """The body came whole; the request for what follows it gets no answer.  It waited out
+    the read timeout (30 s here), silently, whatever --stall-timeout said."""
+    released = threading.Event()
+
+    def silent(req: RawRequest) -> tuple[bytes, bool]:
+        released.wait(60)
+        return b"", True
+
+    raw.routes["/os.img"] = _replaced(_plain(IMAGE), silent)
+    drive = loop_factory(4 * MiB, fill=PATTERN)
+    began = time.monotonic()
+    try:
+        code, events, _ = flash(raw.url("/os.img"), drive,
+                                extra=("--no-probe", "--stall-timeout", "2"),
+                                env={"POPSICLE_PY_HTTP_TIMEOUT": "30"})
+    finally:
+        released.set()
+    assert time.monotonic() - began < 15
     (result,) = of(events, "result")
     assert (code, result["status"]) == (0, "ok"), result
     assert drive.read(len(IMAGE)) == IMAGE

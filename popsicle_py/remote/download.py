@@ -417,8 +417,9 @@ class Download(io.RawIOBase):
         headers = {"Range": f"bytes={end}-"}
         if self.validator.if_range:
             headers["If-Range"] = self.validator.if_range
-        try:
-            resp = self.client.get(self.final_url, headers, retries=False)
+        try:  # within the stall timeout too: the body is all there, nothing more to wait for
+            resp = self.client.get(self.final_url, headers, retries=False,
+                                   wait=self.stall_timeout)
         except RemoteError:
             return False  # no answer is no evidence; the body itself was complete
         if self.validator.contradicts(Validator.of(resp.headers)):

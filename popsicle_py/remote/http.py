@@ -358,7 +358,6 @@ class _TLSPool(HTTPSConnectionPool):
     ConnectionCls = _TLSConnection
 
 
-
 class Client:
     """One connection pool for a run: the probe, the body, its resumes and the sums files."""
 
@@ -384,13 +383,16 @@ class Client:
         """Whether the URL's user and password go to ``url`` (its origin, as curl does)."""
         return self._auth is not None and _origin(url) == self._auth[0]
 
-    def get(self, url: str, headers: Mapping[str, str] | None = None,
-            redirects: bool = True, retries: bool = True) -> urllib3.BaseHTTPResponse:
+    def get(self, url: str, headers: Mapping[str, str] | None = None, redirects: bool = True,
+            retries: bool = True, wait: float | None = None) -> urllib3.BaseHTTPResponse:
         """GET with redirects and retries of the connection; transport errors as RemoteError.
 
         ``retries=False``: one attempt, for a caller that counts its own (a download's
-        resumes: each is one of POPSICLE_PY_HTTP_RETRIES, not that many again)."""
+        resumes: each is one of POPSICLE_PY_HTTP_RETRIES, not that many again).  ``wait``:
+        the most seconds to wait for the connection and the answer, if less than set."""
         s = self.settings
+        most = float("inf") if wait is None else wait
+        limit = Timeout(connect=min(s.connect_timeout, most), read=min(s.read_timeout, most))
         n = s.retries if retries else 0
         retry = _SaidRetry(total=None, connect=n, read=n, status=n,
                            redirect=s.max_redirects if redirects else 0, other=0,
@@ -401,7 +403,7 @@ class Client:
         if self._auth is not None and _origin(url) == self._auth[0]:
             sent["Authorization"] = self._auth[1]
         try:
-            return self.pool.request("GET", url, headers=sent, retries=retry,
+            return self.pool.request("GET", url, headers=sent, retries=retry, timeout=limit,
                                      preload_content=False, decode_content=False)
         except (HTTPError, OSError) as exc:
             raise RemoteError(transport_message(url, exc)) from None
@@ -438,7 +440,6 @@ class Client:
                 resp.release_conn()
             else:
                 resp.close()  # never hand back a connection in the middle of a body
-
 
     def _read_small(self, resp: urllib3.BaseHTTPResponse, url: str) -> bytes:
         """The body (SIDECAR_LIMIT + 1 bytes at most), each MiB of it within the read timeout:

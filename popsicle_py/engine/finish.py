@@ -31,9 +31,10 @@ call returns, the supervisor waits for that and delivers its ``HeadUndone`` (a l
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import xxhash
 
@@ -327,7 +328,7 @@ class Finisher:
 
         check = Check(extents, digests, self.config.bucket_size,
                       repairs=0 if again else self.config.repairs,
-                      source_bytes=lambda index: self._source_bytes(index, stamp_head),
+                      source_bytes=lambda index: self._source_bytes(index, stamp_head, lane),
                       can_repair=self._can_repair, retries=self.config.retries,
                       stage=lambda lane, step: lane.stage(step))
         verdict = check.run(lane, indices, progressed)
@@ -362,9 +363,12 @@ class Finisher:
         self.ring.leave(lane.id)
         lane.post(Msg.Invalid(lane.id, offset, end, ended))
 
-    def _source_bytes(self, index: int, stamp_head: bool) -> memoryview | None:
+    def _source_bytes(self, index: int, stamp_head: bool, lane: Lane | None = None
+                      ) -> memoryview | None:
         """What extent ``index`` should hold, when it can be had without a second decompression
-        (the head or stamp from memory, a raw source by position), else from ``source_at``."""
+        (the head or stamp from memory, a raw source by position), else from ``source_at``:
+        timed on ``lane``'s source clock, as a laggard's reads are (a URL downloaded again
+        that hangs is the image's stall, not the drive's)."""
         start, length = self.reader.extents[index]
         if index == 0 and self.reader.held_length:
             assert self.held is not None
@@ -377,7 +381,8 @@ class Finisher:
                 got = os.preadv(fd, [buf], base + start)
                 return buf[:got]
             if self.config.source_at is not None:
-                return memoryview(self.config.source_at(start, length))
+                with _on_source_clock(lane):
+                    return memoryview(self.config.source_at(start, length))
         except OSError as exc:
             raise SourceUnreadable(exc, start, "the image" if self.spill is None else
                                    f"the image's spill file in {self.spill.directory}") from exc
@@ -404,6 +409,22 @@ class Finisher:
         if diff >= 0:
             return start + diff
         return start + got if got < len(want) else None
+
+
+@contextlib.contextmanager
+def _on_source_clock(lane: Lane | None) -> Iterator[None]:
+    """A read of the image for ``lane`` alone: the lane waits meanwhile, its source clock
+    is watched (see :func:`.alone.read_alone`)."""
+    if lane is None:
+        yield
+        return
+    lane.waiting = True
+    try:
+        with lane.source_clock.busy():
+            yield
+    finally:
+        lane.waiting = False
+        lane.touch()
 
 
 #: Failed calls after which putting the stamp back gives up (a drive that is gone).

@@ -51,6 +51,8 @@ from popsicle_py.remote.http import (
     HttpSettings,
     Probe,
     RemoteError,
+    Validator,
+    parse_content_range,
     probe,
     without_credentials,
 )
@@ -267,10 +269,36 @@ class RemoteImage:
         it repairs ("reading the image again for this drive failed ...", cause source)."""
         stream: Any
         try:
+            if not self.kind.decoded and (self.local is None or not os.path.exists(self.local)):
+                ranged = self._ranged(offset, length)
+                if ranged is not None:
+                    return ranged
             with self.open() as stream:
                 return read_decoded(stream, offset, length)
-        except ImageError as exc:
+        except (ImageError, HTTPError, http.client.HTTPException) as exc:
             raise OSError(errno.EIO, str(exc)) from None
+
+    def _ranged(self, offset: int, length: int) -> bytes | None:
+        """A raw image's bytes by a Range request of their own, when the server answers it
+        as asked (None: download from the start instead).  A repair near the end of a large
+        image would otherwise download all that comes before, and its drive wait that long
+        (the engine checks these bytes against the digests of the first read)."""
+        headers = {"Range": f"bytes={offset}-{offset + length - 1}"}
+        if self.validator.if_range:
+            headers["If-Range"] = self.validator.if_range
+        resp = self.client.get(self.final_url, headers, wait=self.stall_timeout)
+        try:
+            span = parse_content_range(resp.headers.get("Content-Range"))
+            if resp.status != 206 or span is None or span[0] != offset \
+                    or not self.validator.confirms(Validator.of(resp.headers)):
+                return None
+            data = resp.read(length)
+        finally:
+            resp.close()
+        if len(data) != length:
+            raise RemoteError(f"{self.url}: the server sent {len(data)} of the {length} bytes "
+                              f"asked for at byte {offset}")
+        return bytes(data)
 
     def close(self) -> None:
         if self._probe is not None:

@@ -11,14 +11,16 @@ from __future__ import annotations
 import gzip
 import hashlib
 import os
+import signal
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
 
 import pytest
-from conftest import Loop
+from conftest import Loop, popsicle_cmd
 from test_remote import PATTERN, flash, of, untouched
-from webserver import RawRequest, RawRoute, RawServer, answer, chunk, raw_serving
+from webserver import RawRequest, RawRoute, RawServer, answer, chunk, raw_serving, wait_for
 
 MiB = 1 << 20
 #: A disk image's start: an MBR with one partition, then random bytes.
@@ -197,3 +199,35 @@ def test_an_end_check_never_answered_waits_no_longer_than_the_stall_timeout(
     (result,) = of(events, "result")
     assert (code, result["status"]) == (0, "ok"), result
     assert drive.read(len(IMAGE)) == IMAGE
+
+
+def test_watch_resumes_a_stalled_download_within_its_stall_timeout(raw: RawServer) -> None:
+    """``watch URL --stall-timeout 2``: the download's stall rule was the default's, whatever
+    the option said (the read timeout, 30 s here, passed before the resume)."""
+    released = threading.Event()
+
+    def route(req: RawRequest) -> tuple[bytes, bool]:
+        if req.n > 1:
+            return _plain(IMAGE)(req)
+        req.send(answer("200 OK", {"ETag": '"v1"', "Content-Length": str(len(IMAGE))},
+                        IMAGE[:MiB]))
+        released.wait(60)  # then silence
+        return b"", True
+
+    raw.routes["/os.img"] = route
+    proc = subprocess.Popen([*popsicle_cmd(), "watch", raw.url("/os.img"), "--yes", "--json",
+                             "--stall-timeout", "2", "--count", "1"],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "POPSICLE_PY_HTTP_TIMEOUT": "30"})
+    began = time.monotonic()
+    try:
+        wait_for(lambda: sum(r.path == "/os.img" for r in raw.requests) >= 2
+                 or proc.poll() is not None, timeout=40)
+        resumed = time.monotonic() - began
+    finally:
+        released.set()
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    assert resumed < 10, (out, err)
+    assert "less than 1 MiB came in 2 s" in out, out

@@ -267,6 +267,8 @@ class RawRequest:
     path: str
     headers: dict[str, str]
     n: int
+    #: Sends at once (a route that sends part of its answer, then stalls).
+    send: Callable[[bytes], None]
 
 
 #: What a raw route answers: the bytes to send, and whether to close the connection after.
@@ -305,7 +307,7 @@ class RawServer:
                     headers[name.strip().lower()] = value.strip()
                 path = line.split()[1]
                 n = 1 + sum(r.path == path for r in self.requests)
-                self.requests.append(RawRequest(path, headers, n))
+                self.requests.append(RawRequest(path, headers, n, conn.sendall))
                 route = self.routes.get(path)
                 data, close = (route(self.requests[-1]) if route is not None else
                                (b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n", False))

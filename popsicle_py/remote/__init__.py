@@ -2,9 +2,11 @@
 
 The package reads from the bottom up:
 
-- :mod:`.http`: the urllib3 client (pool, timeouts, redirects, TLS), the pure decisions over
-  its answers (validators, Content-Range, HTML pages) and its errors as one line each;
+- :mod:`.headers`: pure decisions over an answer's headers (validators, Content-Range,
+  HTML pages, status lines);
 - :mod:`.coding`: a Content-Encoding the server sent although none was asked for;
+- :mod:`.http`: the urllib3 client (pool, timeouts, redirects, TLS), the first answer for a
+  URL (probed) and transport errors as one line each;
 - :mod:`.download`: the body as a stream, resumed after drops and stalls, hashed as it is
   handed out, kept in a sink (the cache, or a private file) committed at its end;
 - :mod:`.image`: the remote image (probed once, its published checksum, a cached copy) and

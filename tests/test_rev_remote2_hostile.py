@@ -231,3 +231,17 @@ def test_watch_resumes_a_stalled_download_within_its_stall_timeout(raw: RawServe
         out, err = proc.communicate(timeout=30)
     assert resumed < 10, (out, err)
     assert "less than 1 MiB came in 2 s" in out, out
+
+
+def test_a_retry_after_of_an_hour_is_not_waited_out(
+        raw: RawServer, loop_factory: Callable[..., Loop]) -> None:
+    """503 with "Retry-After: 3600": urllib3 slept an hour before each attempt, silent."""
+    raw.routes["/os.img"] = lambda req: (answer("503 Service Unavailable", {
+        "Retry-After": "3600", "Content-Length": "0"}), False)
+    drive = loop_factory(4 * MiB, fill=PATTERN)
+    began = time.monotonic()
+    code, _, err = flash(raw.url("/os.img"), drive, env={"POPSICLE_PY_HTTP_RETRIES": "1"},
+                         timeout=40)
+    assert time.monotonic() - began < 25
+    assert code == 2 and "/os.img: the server answered HTTP 503" in err, err
+    assert untouched(drive)

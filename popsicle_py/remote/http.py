@@ -165,6 +165,12 @@ class _SaidRetry(Retry):
         made.attempts, made.shown = self.attempts, self.shown
         return made
 
+    def get_retry_after(self, response: Any) -> float | None:
+        """A Retry-After of at most 8 s (the longest pause between attempts): a server that
+        says "in an hour" would hold the command that long, silent, on every attempt."""
+        wanted = super().get_retry_after(response)
+        return None if wanted is None else min(wanted, 8.0)
+
     def increment(self, method: str | None = None, url: str | None = None,
                   response: Any = None, error: Exception | None = None, _pool: Any = None,
                   _stacktrace: Any = None) -> _SaidRetry:

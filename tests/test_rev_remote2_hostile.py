@@ -245,3 +245,33 @@ def test_a_retry_after_of_an_hour_is_not_waited_out(
     assert time.monotonic() - began < 25
     assert code == 2 and "/os.img: the server answered HTTP 503" in err, err
     assert untouched(drive)
+
+
+def test_a_resume_never_answered_is_a_stall_of_the_stall_timeout(
+        raw: RawServer, loop_factory: Callable[..., Loop]) -> None:
+    """The body is cut; the requests to resume it get no answer.  Each waited the read
+    timeout (30 s here), not --stall-timeout, before it counted as a failed attempt."""
+    released = threading.Event()
+
+    def route(req: RawRequest) -> tuple[bytes, bool]:
+        if req.n == 1:  # half the body announced whole, then the connection closes
+            return answer("200 OK", {"ETag": '"v1"', "Content-Length": str(len(IMAGE))},
+                          IMAGE[:MiB]), True
+        released.wait(60)
+        return b"", True
+
+    raw.routes["/os.img"] = route
+    drive = loop_factory(4 * MiB, fill=PATTERN)
+    began = time.monotonic()
+    try:
+        code, events, _ = flash(raw.url("/os.img"), drive,
+                                extra=("--no-probe", "--stall-timeout", "2"),
+                                env={"POPSICLE_PY_HTTP_TIMEOUT": "30",
+                                     "POPSICLE_PY_HTTP_RETRIES": "1"}, timeout=90)
+    finally:
+        released.set()
+    assert time.monotonic() - began < 20
+    (result,) = of(events, "result")
+    assert (code, result["status"], result["cause"]) == (1, "failed", "source"), result
+    assert "download failed at byte" in result["error"], result
+    assert drive.head_is_safe(IMAGE, PATTERN)

@@ -293,8 +293,9 @@ class Download(io.RawIOBase):
         headers = {} if blind else {"Range": f"bytes={self._net}-"}
         if self.validator.if_range:
             headers["If-Range"] = self.validator.if_range
-        try:  # one attempt: this loop counts them (_retry)
-            resp = self.client.get(self.final_url, headers, retries=False)
+        try:  # one attempt: this loop counts them (_retry); no answer in time is a stall
+            resp = self.client.get(self.final_url, headers, retries=False,
+                                   wait=self.stall_timeout)
         except RemoteError as exc:
             self._retry(str(exc).removeprefix(f"{self.final_url}: "))
             return

@@ -275,3 +275,20 @@ def test_a_resume_never_answered_is_a_stall_of_the_stall_timeout(
     assert (code, result["status"], result["cause"]) == (1, "failed", "source"), result
     assert "download failed at byte" in result["error"], result
     assert drive.head_is_safe(IMAGE, PATTERN)
+
+
+def test_a_password_a_redirect_gives_is_never_shown(
+        raw: RawServer, loop_factory: Callable[..., Loop]) -> None:
+    """A redirect to ``http://user:password@mirror/...``: the checksum found beside it was
+    named with the password in the notes (the JSON events, a station's journal)."""
+    raw.routes["/a/os.img"] = lambda req: (answer("302 Found", {
+        "Location": f"http://mirror:S3CRET@127.0.0.1:{raw.port}/m/os.img",
+        "Content-Length": "0"}), False)
+    raw.routes["/m/os.img"] = _plain(IMAGE)
+    raw.routes["/m/SHA256SUMS"] = _plain(f"{hashlib.sha256(IMAGE).hexdigest()}  os.img\n"
+                                         .encode())
+    drive = loop_factory(4 * MiB, fill=PATTERN)
+    code, events, err = flash(raw.url("/a/os.img"), drive, extra=("--no-probe",))
+    assert code == 0, err
+    assert f"checksum: sha256 from {raw.url('/m/SHA256SUMS')}" in str(events), events
+    assert "S3CRET" not in err + str(events)

@@ -414,12 +414,13 @@ class Probe:
 
 
 def final_url(url: str, resp: urllib3.BaseHTTPResponse) -> str:
-    """Where the redirects ended (resume requests go there, to the same mirror)."""
+    """Where the redirects ended (resume requests go there, to the same mirror), without a
+    user and password a Location gave (urllib3 never sends them; messages name this URL)."""
     retries = getattr(resp, "retries", None)
     for step in getattr(retries, "history", ()) or ():
         if step.redirect_location:
             url = urllib.parse.urljoin(url, step.redirect_location)
-    return url
+    return without_credentials(url)[0]
 
 
 def probe(client: Client, url: str) -> Probe:

@@ -292,3 +292,33 @@ def test_a_password_a_redirect_gives_is_never_shown(
     assert code == 0, err
     assert f"checksum: sha256 from {raw.url('/m/SHA256SUMS')}" in str(events), events
     assert "S3CRET" not in err + str(events)
+
+
+def test_a_resume_answered_encoded_on_the_wire_is_never_stitched_in(
+        raw: RawServer, loop_factory: Callable[..., Loop]) -> None:
+    """A chunked body (no length) is cut; the resume's 206 comes gzip-encoded (a proxy that
+    compresses some answers): its bytes were written after the first ones, and the flash
+    ended ok with a note, though the server's Content-Range said how long the file is."""
+    size = len(IMAGE)
+
+    def route(req: RawRequest) -> tuple[bytes, bool]:
+        if req.n == 1:  # a chunk of 1 MiB announced, 10 bytes of it sent
+            return answer("200 OK", {"ETag": '"v1"', "Transfer-Encoding": "chunked"},
+                          chunk(IMAGE[:MiB]) + b"100000\r\n" + IMAGE[MiB : MiB + 10]), True
+        start = int(req.headers["range"].removeprefix("bytes=").split("-")[0])
+        if start >= size:
+            return answer("416 Range Not Satisfiable", {
+                "ETag": '"v1"', "Content-Range": f"bytes */{size}", "Content-Length": "0"}), False
+        body = gzip.compress(IMAGE[start:], 1)
+        return answer("206 Partial Content", {
+            "ETag": '"v1"', "Content-Encoding": "gzip", "Content-Length": str(len(body)),
+            "Content-Range": f"bytes {start}-{size - 1}/{size}"}, body), False
+
+    raw.routes["/os.img"] = route
+    drive = loop_factory(4 * MiB, fill=PATTERN)
+    code, events, _ = flash(raw.url("/os.img"), drive, extra=("--no-probe",))
+    (result,) = of(events, "result")
+    assert (code, result["status"], result["cause"]) == (1, "failed", "source"), result
+    assert "the server answered the resume at byte 1048586 with Content-Encoding gzip" \
+        in result["error"], result
+    assert drive.head_is_safe(IMAGE, PATTERN)

@@ -34,6 +34,7 @@ from popsicle_py.events import Event, Fetch, Note, Phase, Progress, Step
 from popsicle_py.images import Checksum, ImageError, new_hasher
 from popsicle_py.images.checksums import Hasher
 from popsicle_py.pacing import STALL_BYTES
+from popsicle_py.remote.coding import coding
 from popsicle_py.remote.http import (
     Client,
     Probe,
@@ -83,6 +84,7 @@ class Download(io.RawIOBase):
         self.final_url = probe_.final_url
         self.validator = probe_.validator
         self.total = probe_.total
+        self.coding = probe_.coding
         self.expected = expected
         # No cost unless a checksum is expected.
         self.hasher: Hasher | None = new_hasher(expected) if expected else None
@@ -308,6 +310,12 @@ class Download(io.RawIOBase):
                               "run again")
         if resp.status in (200, 206) and not self.validator.confirms(now):
             self._unconfirmed(resp)
+        if resp.status in (200, 206) and coding(resp.headers) != self.coding:
+            resp.close()  # other bytes than the file's (a proxy that compresses some answers)
+            raise RemoteError(f"{self.url}: the server answered the resume at byte {self._net} "
+                              f"with Content-Encoding {coding(resp.headers) or 'none'}, the "
+                              f"download with {self.coding or 'none'}; not stitching other "
+                              "bytes in: run again")
         if resp.status == 206:
             span = parse_content_range(resp.headers.get("Content-Range"))
             if span is None or span[0] != self._net or (
@@ -316,6 +324,8 @@ class Download(io.RawIOBase):
                 raise RemoteError(f"{self.url}: the server resumed at the wrong place "
                                   f"(asked for byte {self._net}, got "
                                   f"{resp.headers.get('Content-Range')!r})")
+            if self.total is None:  # the file's length, known at last: the end is checked
+                self.total = span[2]
             self._resp = resp
             return
         if resp.status == 200:
@@ -442,6 +452,9 @@ class Download(io.RawIOBase):
                 extra, shown = whole > end, whole == end  # (a 206 of other bytes than asked)
         finally:
             resp.close()
+        if resp.status in (206, 416) and whole is not None and whole < end:
+            raise RemoteError(f"{self.url}: the server sent {end} bytes but says the file is "
+                              f"{whole} bytes long; refusing a damaged image")
         if extra and self.total is not None:
             raise RemoteError(f"{self.url}: the server announced {self.total} bytes "
                               "(Content-Length) but the file is longer; refusing a truncated "

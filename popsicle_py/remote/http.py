@@ -406,6 +406,7 @@ class Probe:
     total: int | None
     validator: Validator
     content_type: str | None
+    coding: str | None = None  # its Content-Encoding (see .coding): every resume's must match
 
     def close(self) -> None:
         if self.response is not None:
@@ -446,7 +447,8 @@ def probe(client: Client, url: str) -> Probe:
         raise RemoteError(f"{url}: the server sent less than {_HEAD} bytes in "
                           f"{client.settings.read_timeout:g} s (stalled); nothing was written")
     result = Probe(url, final, resp, head, content_length(resp.headers),
-                   Validator.of(resp.headers), resp.headers.get("Content-Type"))
+                   Validator.of(resp.headers), resp.headers.get("Content-Type"),
+                   coding(resp.headers))
     if not head:
         result.close()
         raise RemoteError(f"{url} is empty (the server sent no bytes)")

@@ -15,7 +15,7 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -259,6 +259,89 @@ def self_signed(directory: Path) -> tuple[Path, Path]:
     return cert, key
 
 
+@dataclass
+class RawRequest:
+    """One request to a :class:`RawServer`: its path, headers (lower-case names) and its
+    number among the requests for that path (1 for the first)."""
+
+    path: str
+    headers: dict[str, str]
+    n: int
+    #: Sends at once (a route that sends part of its answer, then stalls).
+    send: Callable[[bytes], None]
+
+
+#: What a raw route answers: the bytes to send, and whether to close the connection after.
+RawRoute = Callable[[RawRequest], tuple[bytes, bool]]
+
+
+class RawServer:
+    """A server that sends exactly the bytes a route gives (status line and headers too):
+    chunked bodies cut short, encodings on the wire, anything ``http.server`` would fix."""
+
+    def __init__(self) -> None:
+        self.routes: dict[str, RawRoute] = {}
+        self.requests: list[RawRequest] = []
+        self._sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self._sock.getsockname()[1]
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with contextlib.suppress(OSError), conn, conn.makefile("rb") as f:
+            while line := f.readline().decode("latin1").strip():
+                headers = {}
+                while header := f.readline().decode("latin1").strip():
+                    name, _, value = header.partition(":")
+                    headers[name.strip().lower()] = value.strip()
+                path = line.split()[1]
+                n = 1 + sum(r.path == path for r in self.requests)
+                self.requests.append(RawRequest(path, headers, n, conn.sendall))
+                route = self.routes.get(path)
+                data, close = (route(self.requests[-1]) if route is not None else
+                               (b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n", False))
+                conn.sendall(data)
+                if close:
+                    conn.shutdown(socket.SHUT_RDWR)
+                    return
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)  # wakes the accept
+        self._sock.close()
+
+
+@contextlib.contextmanager
+def raw_serving() -> Iterator[RawServer]:
+    server = RawServer()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+def answer(status: str, headers: dict[str, str], body: bytes = b"") -> bytes:
+    """A status line, headers and a body, as sent."""
+    lines = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+    return f"HTTP/1.1 {status}\r\n{lines}\r\n".encode("latin1") + body
+
+
+def chunk(data: bytes) -> bytes:
+    """One chunk of a chunked body."""
+    return b"%x\r\n" % len(data) + data + b"\r\n"
+
+
 def wait_for(predicate: object, timeout: float = 10.0) -> None:
     """Poll ``predicate()`` until true (no fixed sleeps in tests)."""
     deadline = time.monotonic() + timeout
@@ -268,4 +351,5 @@ def wait_for(predicate: object, timeout: float = 10.0) -> None:
         time.sleep(0.01)
 
 
-__all__ = ["Served", "WebServer", "self_signed", "serving", "wait_for"]
+__all__ = ["RawRequest", "RawRoute", "RawServer", "Served", "WebServer", "answer", "chunk",
+           "raw_serving", "self_signed", "serving", "wait_for"]

@@ -75,7 +75,8 @@ def refuse_other_schemes(text: str) -> None:
     rather than looked for as a file that does not exist."""
     m = _SCHEME.match(text)
     if m and not is_url(text) and not os.path.exists(text):
-        raise ImageError(f"{text}: {m[1]}:// URLs are not supported, only http:// and "
+        shown = remote().hidden_credentials(text)  # never a password
+        raise ImageError(f"{shown}: {m[1]}:// URLs are not supported, only http:// and "
                          "https:// URLs (download the image and give the file)")
 
 

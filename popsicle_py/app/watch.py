@@ -114,7 +114,8 @@ class PreparedWatch(HeldFiles):
             try:
                 image = sources.download_first(
                     self.image, view.handle, cancel, watch_mod.default_tmpdir(), downloads,
-                    judged=(self.request.source.image, self.request.source.force))
+                    judged=(self.request.source.image, self.request.source.force),
+                    stall_timeout=self.request.stall_timeout)
                 if image is None:
                     summary = events.Summary((), cancelled=True)
                     view.handle(summary)

@@ -31,9 +31,10 @@ call returns, the supervisor waits for that and delivers its ``HeadUndone`` (a l
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import xxhash
 
@@ -53,7 +54,7 @@ from popsicle_py.engine.lane import Lane
 from popsicle_py.engine.reader import Reader
 from popsicle_py.engine.ring import Ring
 from popsicle_py.engine.spill import Spill
-from popsicle_py.errors import SourceUnreadable
+from popsicle_py.errors import SourceDiffers, SourceUnreadable
 from popsicle_py.events import Note, Step
 from popsicle_py.messages import BusWriterMessage as Msg
 from popsicle_py.pacing import CALL_ALIGN, DEFAULT_RETRIES, Pacer
@@ -140,6 +141,8 @@ class Check:
         if data is None:
             return
         start, length = self.extents[index]
+        if xxhash.xxh3_128_digest(data) != self.digests[index]:  # the image changed since
+            raise SourceDiffers(start, length)  # (a URL read again): not the drive's fault
         aligned = memoryview(aligned_buffer(length))[:length]
         aligned[: len(data)] = data
         # Not counted in ``done`` (bytes of the image written): those were counted once already,
@@ -325,7 +328,7 @@ class Finisher:
 
         check = Check(extents, digests, self.config.bucket_size,
                       repairs=0 if again else self.config.repairs,
-                      source_bytes=lambda index: self._source_bytes(index, stamp_head),
+                      source_bytes=lambda index: self._source_bytes(index, stamp_head, lane),
                       can_repair=self._can_repair, retries=self.config.retries,
                       stage=lambda lane, step: lane.stage(step))
         verdict = check.run(lane, indices, progressed)
@@ -360,9 +363,12 @@ class Finisher:
         self.ring.leave(lane.id)
         lane.post(Msg.Invalid(lane.id, offset, end, ended))
 
-    def _source_bytes(self, index: int, stamp_head: bool) -> memoryview | None:
+    def _source_bytes(self, index: int, stamp_head: bool, lane: Lane | None = None
+                      ) -> memoryview | None:
         """What extent ``index`` should hold, when it can be had without a second decompression
-        (the head or stamp from memory, a raw source by position), else from ``source_at``."""
+        (the head or stamp from memory, a raw source by position), else from ``source_at``:
+        timed on ``lane``'s source clock, as a laggard's reads are (a URL downloaded again
+        that hangs is the image's stall, not the drive's)."""
         start, length = self.reader.extents[index]
         if index == 0 and self.reader.held_length:
             assert self.held is not None
@@ -375,7 +381,8 @@ class Finisher:
                 got = os.preadv(fd, [buf], base + start)
                 return buf[:got]
             if self.config.source_at is not None:
-                return memoryview(self.config.source_at(start, length))
+                with _on_source_clock(lane):
+                    return memoryview(self.config.source_at(start, length))
         except OSError as exc:
             raise SourceUnreadable(exc, start, "the image" if self.spill is None else
                                    f"the image's spill file in {self.spill.directory}") from exc
@@ -402,6 +409,22 @@ class Finisher:
         if diff >= 0:
             return start + diff
         return start + got if got < len(want) else None
+
+
+@contextlib.contextmanager
+def _on_source_clock(lane: Lane | None) -> Iterator[None]:
+    """A read of the image for ``lane`` alone: the lane waits meanwhile, its source clock
+    is watched (see :func:`.alone.read_alone`)."""
+    if lane is None:
+        yield
+        return
+    lane.waiting = True
+    try:
+        with lane.source_clock.busy():
+            yield
+    finally:
+        lane.waiting = False
+        lane.touch()
 
 
 #: Failed calls after which putting the stamp back gives up (a drive that is gone).

@@ -2,8 +2,11 @@
 
 The package reads from the bottom up:
 
-- :mod:`.http`: the urllib3 client (pool, timeouts, redirects, TLS), the pure decisions over
-  its answers (validators, Content-Range, HTML pages) and its errors as one line each;
+- :mod:`.headers`: pure decisions over an answer's headers (validators, Content-Range,
+  HTML pages, status lines);
+- :mod:`.coding`: a Content-Encoding the server sent although none was asked for;
+- :mod:`.http`: the urllib3 client (pool, timeouts, redirects, TLS), the first answer for a
+  URL (probed) and transport errors as one line each;
 - :mod:`.download`: the body as a stream, resumed after drops and stalls, hashed as it is
   handed out, kept in a sink (the cache, or a private file) committed at its end;
 - :mod:`.image`: the remote image (probed once, its published checksum, a cached copy) and
@@ -41,6 +44,7 @@ if TYPE_CHECKING:
         RemoteImage,
         UrlImage,
         attach,
+        hidden_credentials,
         materialize,
         open_url,
         published_checksum,
@@ -55,8 +59,9 @@ _HOMES = {
                      "parse_content_range", "probe", "status_message", "transport_message",
                      "without_credentials"),
                     "popsicle_py.remote.http"),
-    **dict.fromkeys(("RemoteImage", "UrlImage", "attach", "materialize", "open_url",
-                     "published_checksum"), "popsicle_py.remote.image"),
+    **dict.fromkeys(("RemoteImage", "UrlImage", "attach", "hidden_credentials",
+                     "materialize", "open_url", "published_checksum"),
+                    "popsicle_py.remote.image"),
     **dict.fromkeys(("SIGNATURE_SUFFIXES", "check_signature", "read_local"),
                     "popsicle_py.signatures"),
 }
@@ -78,6 +83,7 @@ __all__ = [
     "check_signature",
     "content_length",
     "final_url",
+    "hidden_credentials",
     "is_url",
     "looks_like_html",
     "materialize",

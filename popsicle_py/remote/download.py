@@ -17,6 +17,7 @@ import contextlib
 import http.client
 import io
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -33,6 +34,7 @@ from popsicle_py.events import Event, Fetch, Note, Phase, Progress, Step
 from popsicle_py.images import Checksum, ImageError, new_hasher
 from popsicle_py.images.checksums import Hasher
 from popsicle_py.pacing import STALL_BYTES
+from popsicle_py.remote.coding import coding
 from popsicle_py.remote.http import (
     Client,
     Probe,
@@ -82,6 +84,7 @@ class Download(io.RawIOBase):
         self.final_url = probe_.final_url
         self.validator = probe_.validator
         self.total = probe_.total
+        self.coding = probe_.coding
         self.expected = expected
         # No cost unless a checksum is expected.
         self.hasher: Hasher | None = new_hasher(expected) if expected else None
@@ -100,6 +103,9 @@ class Download(io.RawIOBase):
         probe_.response = None  # ours now
         self._pending = probe_.head
         self._net = len(probe_.head)  # offset of the next byte from the connection
+        #: After a start over: the bytes first sent and judged (not a disk image? HTML?),
+        #: which the new body must repeat (see _same_start).
+        self._judged = b""
         self._handed = 0
         self._failures = 0
         self._failing_since = 0.0  # monotonic time of the first failure in a row
@@ -215,6 +221,8 @@ class Download(io.RawIOBase):
                 self._retry(self._crawled() or failure_reason(exc))
                 continue
             if data:
+                if self._net < len(self._judged):
+                    self._same_start(data)
                 self._net += len(data)
                 self._recent += len(data)
                 if self._recent >= STALL_BYTES:  # progress: the window and the count restart
@@ -287,8 +295,9 @@ class Download(io.RawIOBase):
         headers = {} if blind else {"Range": f"bytes={self._net}-"}
         if self.validator.if_range:
             headers["If-Range"] = self.validator.if_range
-        try:  # one attempt: this loop counts them (_retry)
-            resp = self.client.get(self.final_url, headers, retries=False)
+        try:  # one attempt: this loop counts them (_retry); no answer in time is a stall
+            resp = self.client.get(self.final_url, headers, retries=False,
+                                   wait=self.stall_timeout)
         except RemoteError as exc:
             self._retry(str(exc).removeprefix(f"{self.final_url}: "))
             return
@@ -301,6 +310,12 @@ class Download(io.RawIOBase):
                               "run again")
         if resp.status in (200, 206) and not self.validator.confirms(now):
             self._unconfirmed(resp)
+        if resp.status in (200, 206) and coding(resp.headers) != self.coding:
+            resp.close()  # other bytes than the file's (a proxy that compresses some answers)
+            raise RemoteError(f"{self.url}: the server answered the resume at byte {self._net} "
+                              f"with Content-Encoding {coding(resp.headers) or 'none'}, the "
+                              f"download with {self.coding or 'none'}; not stitching other "
+                              "bytes in: run again")
         if resp.status == 206:
             span = parse_content_range(resp.headers.get("Content-Range"))
             if span is None or span[0] != self._net or (
@@ -309,10 +324,13 @@ class Download(io.RawIOBase):
                 raise RemoteError(f"{self.url}: the server resumed at the wrong place "
                                   f"(asked for byte {self._net}, got "
                                   f"{resp.headers.get('Content-Range')!r})")
+            if self.total is None:  # the file's length, known at last: the end is checked
+                self.total = span[2]
             self._resp = resp
             return
         if resp.status == 200:
             if self._handed == 0:  # nothing used yet: starting over is harmless
+                self._judged = self._judged or self._pending
                 self._pending = b""
                 self._net = 0
                 self._resp = resp
@@ -335,6 +353,23 @@ class Download(io.RawIOBase):
         status, reason = resp.status, resp.reason
         resp.close()
         self._retry(f"HTTP {status}{' ' + reason if reason else ''}")
+
+    def _same_start(self, data: bytes) -> None:
+        """A body started over must begin with the bytes first sent: those were judged
+        before any drive was opened (an HTML page, not a disk image?), and a server that
+        now sends others (a login page of a captive portal, another version of a file
+        without validators) would have them written unjudged."""
+        at = self._net
+        first = self._judged[at : at + len(data)]
+        if data[: len(first)] != first:
+            differ = at + next(i for i, (a, b) in enumerate(zip(data, first, strict=False))
+                                 if a != b)
+            raise RemoteError(f"{self.url}: the connection was lost before anything was "
+                              "written and the server started the file over with other "
+                              f"bytes than it first sent (they differ at byte {differ}); "
+                              "not writing what was not checked: run again")
+        if at + len(data) >= len(self._judged):
+            self._judged = b""  # all of it seen again
 
     def _unconfirmed(self, resp: Any) -> None:
         """An answer without the first one's validator cannot show it is the same file: not
@@ -393,10 +428,18 @@ class Download(io.RawIOBase):
         headers = {"Range": f"bytes={end}-"}
         if self.validator.if_range:
             headers["If-Range"] = self.validator.if_range
-        try:
-            resp = self.client.get(self.final_url, headers, retries=False)
+        try:  # within the stall timeout too: the body is all there, nothing more to wait for
+            resp = self.client.get(self.final_url, headers, retries=False,
+                                   wait=self.stall_timeout)
         except RemoteError:
             return False  # no answer is no evidence; the body itself was complete
+        if self.validator.contradicts(Validator.of(resp.headers)):
+            resp.close()  # another version now: its length says nothing of the one read
+            if self.total is not None or self.expected is not None:
+                return False  # the announced length (checked) or the checksum judges
+            raise RemoteError(f"{self.url} changed on the server as its download ended (the "
+                              "server's ETag/Last-Modified differ) and nothing shows the body "
+                              "was the whole file (no length, no checksum); run again")
         try:
             length = content_length(resp.headers)
             # An empty 206 (some servers answer a Range past the end so) says nothing follows.
@@ -404,8 +447,14 @@ class Download(io.RawIOBase):
                 resp.status == 200 and length not in (None, end))
             shown = resp.status == 416 or (resp.status == 206 and length == 0) or (
                 resp.status == 200 and length == end)
+            whole = _complete_length(resp.headers.get("Content-Range"))
+            if resp.status in (206, 416) and whole is not None:  # the file's length, said
+                extra, shown = whole > end, whole == end  # (a 206 of other bytes than asked)
         finally:
             resp.close()
+        if resp.status in (206, 416) and whole is not None and whole < end:
+            raise RemoteError(f"{self.url}: the server sent {end} bytes but says the file is "
+                              f"{whole} bytes long; refusing a damaged image")
         if extra and self.total is not None:
             raise RemoteError(f"{self.url}: the server announced {self.total} bytes "
                               "(Content-Length) but the file is longer; refusing a truncated "
@@ -449,6 +498,12 @@ class Download(io.RawIOBase):
                 self.sink.abort()
                 self.sink = None
         super().close()
+
+
+def _complete_length(content_range: str | None) -> int | None:
+    """The file's length a Content-Range gives ("bytes 0-9/10", "bytes */10"), if any."""
+    m = re.fullmatch(r"bytes\s+(?:\d+-\d+|\*)/(\d+)", (content_range or "").strip(), re.I)
+    return int(m[1]) if m else None
 
 
 class FileSink:

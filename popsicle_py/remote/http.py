@@ -41,6 +41,14 @@ from urllib3.util import Retry, Timeout
 from popsicle_py._version import __version__
 from popsicle_py.images import ImageError, detect
 from popsicle_py.records import record
+from popsicle_py.remote.coding import CODED_FILES, coding, decoded_small, encoded
+from popsicle_py.remote.headers import (
+    Validator,
+    content_length,
+    looks_like_html,
+    parse_content_range,
+    status_message,
+)
 from popsicle_py.signatures import SIDECAR_LIMIT
 
 __all__ = [
@@ -138,95 +146,7 @@ class HttpSettings:
 
 
 # ----------------------------------------------------------------------------------------------
-# Pure decisions over headers
-
-
-@record
-class Validator:
-    """What identifies one version of the file on the server."""
-
-    etag: str | None
-    last_modified: str | None
-
-    @classmethod
-    def of(cls, headers: Mapping[str, str]) -> Validator:
-        return cls(headers.get("ETag"), headers.get("Last-Modified"))
-
-    @property
-    def if_range(self) -> str | None:
-        """If-Range takes a strong ETag or a date (RFC 9110 13.1.5), never a weak ETag."""
-        if self.etag and not self.etag.startswith("W/"):
-            return self.etag
-        return self.last_modified
-
-    @property
-    def key(self) -> str | None:
-        """The cache's notion of a version; None when the server gives no validator."""
-        if self.etag:
-            return f"etag:{self.etag}"
-        if self.last_modified:
-            return f"date:{self.last_modified}"
-        return None
-
-    def contradicts(self, other: Validator) -> bool:
-        """True when ``other`` (a later response's) says the file is another version."""
-        if self.etag and other.etag:
-            return self.etag.removeprefix("W/") != other.etag.removeprefix("W/")
-        if self.last_modified and other.last_modified:
-            return self.last_modified != other.last_modified
-        return False
-
-    def confirms(self, other: Validator) -> bool:
-        """True when ``other`` (a later response's) shows it is this version: the same ETag,
-        or the same Last-Modified when that is all this one had.  An answer without them
-        cannot show it, whatever its bytes are (a mirror that ignores If-Range)."""
-        if self.etag:
-            return other.etag is not None and (
-                self.etag.removeprefix("W/") == other.etag.removeprefix("W/"))
-        if self.last_modified:
-            return other.last_modified == self.last_modified
-        return True  # nothing to show (see Download: resumed only when a checksum judges)
-
-
-_CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)", re.I)
-
-
-def parse_content_range(value: str | None) -> tuple[int, int, int | None] | None:
-    """(first, last, total or None) of a 206's Content-Range; None when absent or malformed."""
-    m = _CONTENT_RANGE.fullmatch((value or "").strip())
-    if not m:
-        return None
-    return int(m[1]), int(m[2]), None if m[3] == "*" else int(m[3])
-
-
-def content_length(headers: Mapping[str, str]) -> int | None:
-    value = headers.get("Content-Length")
-    if value is None or not value.strip().isdigit():
-        return None
-    return int(value)
-
-
-_HTML_STARTS = (b"<!doctype html", b"<html", b"<head", b"<body", b"<!--", b"<?xml")
-
-
-def looks_like_html(head: bytes, content_type: str | None) -> bool:
-    """An error or download page where an image was expected: markup, or text/html text."""
-    text = head.lstrip(b"\xef\xbb\xbf \t\r\n").lower()
-    if text.startswith(_HTML_STARTS):
-        return True
-    kind = (content_type or "").split(";")[0].strip().lower()
-    return kind in ("text/html", "application/xhtml+xml") and b"\0" not in head
-
-
-def status_message(url: str, status: int, reason: str | None) -> str:
-    what = f"HTTP {status}{' ' + reason if reason else ''}"
-    if status == 404:
-        return f"{url}: not found ({what})"
-    if status == 410:
-        return f"{url}: gone from the server ({what})"
-    if status in (401, 403):
-        return f"{url}: access refused ({what})"
-    return f"{url}: the server answered {what}"
+# Transport errors, each as one line
 
 
 _VERIFY_FAILED = re.compile(r"certificate verify failed: ([^(]*?)\s*(?:\(|$)")
@@ -244,6 +164,12 @@ class _SaidRetry(Retry):
         made = super().new(**kw)
         made.attempts, made.shown = self.attempts, self.shown
         return made
+
+    def get_retry_after(self, response: Any) -> float | None:
+        """A Retry-After of at most 8 s (the longest pause between attempts): a server that
+        says "in an hour" would hold the command that long, silent, on every attempt."""
+        wanted = super().get_retry_after(response)
+        return None if wanted is None else min(wanted, 8.0)
 
     def increment(self, method: str | None = None, url: str | None = None,
                   response: Any = None, error: Exception | None = None, _pool: Any = None,
@@ -357,7 +283,6 @@ class _TLSPool(HTTPSConnectionPool):
     ConnectionCls = _TLSConnection
 
 
-
 class Client:
     """One connection pool for a run: the probe, the body, its resumes and the sums files."""
 
@@ -383,13 +308,16 @@ class Client:
         """Whether the URL's user and password go to ``url`` (its origin, as curl does)."""
         return self._auth is not None and _origin(url) == self._auth[0]
 
-    def get(self, url: str, headers: Mapping[str, str] | None = None,
-            redirects: bool = True, retries: bool = True) -> urllib3.BaseHTTPResponse:
+    def get(self, url: str, headers: Mapping[str, str] | None = None, redirects: bool = True,
+            retries: bool = True, wait: float | None = None) -> urllib3.BaseHTTPResponse:
         """GET with redirects and retries of the connection; transport errors as RemoteError.
 
         ``retries=False``: one attempt, for a caller that counts its own (a download's
-        resumes: each is one of POPSICLE_PY_HTTP_RETRIES, not that many again)."""
+        resumes: each is one of POPSICLE_PY_HTTP_RETRIES, not that many again).  ``wait``:
+        the most seconds to wait for the connection and the answer, if less than set."""
         s = self.settings
+        most = float("inf") if wait is None else wait
+        limit = Timeout(connect=min(s.connect_timeout, most), read=min(s.read_timeout, most))
         n = s.retries if retries else 0
         retry = _SaidRetry(total=None, connect=n, read=n, status=n,
                            redirect=s.max_redirects if redirects else 0, other=0,
@@ -400,7 +328,7 @@ class Client:
         if self._auth is not None and _origin(url) == self._auth[0]:
             sent["Authorization"] = self._auth[1]
         try:
-            return self.pool.request("GET", url, headers=sent, retries=retry,
+            return self.pool.request("GET", url, headers=sent, retries=retry, timeout=limit,
                                      preload_content=False, decode_content=False)
         except (HTTPError, OSError) as exc:
             raise RemoteError(transport_message(url, exc)) from None
@@ -421,6 +349,7 @@ class Client:
                 raise RemoteError(f"checksum file {status_message(url, resp.status, resp.reason)}")
             data = self._read_small(resp, url)
             read = True
+            data = decoded_small(data, resp.headers, url)
             if len(data) > SIDECAR_LIMIT:
                 raise RemoteError(f"checksum file {url} is larger than 16 MiB: not a checksum "
                                   "file")
@@ -436,7 +365,6 @@ class Client:
                 resp.release_conn()
             else:
                 resp.close()  # never hand back a connection in the middle of a body
-
 
     def _read_small(self, resp: urllib3.BaseHTTPResponse, url: str) -> bytes:
         """The body (SIDECAR_LIMIT + 1 bytes at most), each MiB of it within the read timeout:
@@ -478,6 +406,7 @@ class Probe:
     total: int | None
     validator: Validator
     content_type: str | None
+    coding: str | None = None  # its Content-Encoding (see .coding): every resume's must match
 
     def close(self) -> None:
         if self.response is not None:
@@ -486,12 +415,13 @@ class Probe:
 
 
 def final_url(url: str, resp: urllib3.BaseHTTPResponse) -> str:
-    """Where the redirects ended (resume requests go there, to the same mirror)."""
+    """Where the redirects ended (resume requests go there, to the same mirror), without a
+    user and password a Location gave (urllib3 never sends them; messages name this URL)."""
     retries = getattr(resp, "retries", None)
     for step in getattr(retries, "history", ()) or ():
         if step.redirect_location:
             url = urllib.parse.urljoin(url, step.redirect_location)
-    return url
+    return without_credentials(url)[0]
 
 
 def probe(client: Client, url: str) -> Probe:
@@ -517,10 +447,16 @@ def probe(client: Client, url: str) -> Probe:
         raise RemoteError(f"{url}: the server sent less than {_HEAD} bytes in "
                           f"{client.settings.read_timeout:g} s (stalled); nothing was written")
     result = Probe(url, final, resp, head, content_length(resp.headers),
-                   Validator.of(resp.headers), resp.headers.get("Content-Type"))
+                   Validator.of(resp.headers), resp.headers.get("Content-Type"),
+                   coding(resp.headers))
     if not head:
         result.close()
         raise RemoteError(f"{url} is empty (the server sent no bytes)")
+    value = coding(resp.headers)
+    if value is not None and CODED_FILES.get(value) != detect(head).name:
+        result.close()
+        raise RemoteError(f"{encoded(url, value)} (a misconfigured server or proxy); "
+                          "nothing was written")
     if not detect(head).decoded and looks_like_html(head, result.content_type):
         result.close()
         raise RemoteError(f"{url} is an HTML page, not a disk image (an error or download "

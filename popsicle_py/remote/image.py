@@ -10,6 +10,7 @@ the whole body in a file first, for watch and zip images.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import http.client
 import io
 import os
@@ -50,6 +51,8 @@ from popsicle_py.remote.http import (
     HttpSettings,
     Probe,
     RemoteError,
+    Validator,
+    parse_content_range,
     probe,
     without_credentials,
 )
@@ -59,6 +62,7 @@ __all__ = [
     "RemoteImage",
     "UrlImage",
     "attach",
+    "hidden_credentials",
     "materialize",
     "open_url",
     "published_checksum",
@@ -259,10 +263,42 @@ class RemoteImage:
         return _Decoded(download, decoded)  # type: ignore[return-value]
 
     def read_at(self, offset: int, length: int) -> bytes:
-        """``length`` bytes of the image at ``offset`` (repairs): from the copy, else again."""
+        """``length`` bytes of the image at ``offset`` (repairs): from the copy, else again.
+
+        A download that fails here is an OSError: the engine names the image, not the drive
+        it repairs ("reading the image again for this drive failed ...", cause source)."""
         stream: Any
-        with self.open() as stream:
-            return read_decoded(stream, offset, length)
+        try:
+            if not self.kind.decoded and (self.local is None or not os.path.exists(self.local)):
+                ranged = self._ranged(offset, length)
+                if ranged is not None:
+                    return ranged
+            with self.open() as stream:
+                return read_decoded(stream, offset, length)
+        except (ImageError, HTTPError, http.client.HTTPException) as exc:
+            raise OSError(errno.EIO, str(exc)) from None
+
+    def _ranged(self, offset: int, length: int) -> bytes | None:
+        """A raw image's bytes by a Range request of their own, when the server answers it
+        as asked (None: download from the start instead).  A repair near the end of a large
+        image would otherwise download all that comes before, and its drive wait that long
+        (the engine checks these bytes against the digests of the first read)."""
+        headers = {"Range": f"bytes={offset}-{offset + length - 1}"}
+        if self.validator.if_range:
+            headers["If-Range"] = self.validator.if_range
+        resp = self.client.get(self.final_url, headers, wait=self.stall_timeout)
+        try:
+            span = parse_content_range(resp.headers.get("Content-Range"))
+            if resp.status != 206 or span is None or span[0] != offset \
+                    or not self.validator.confirms(Validator.of(resp.headers)):
+                return None
+            data = resp.read(length)
+        finally:
+            resp.close()
+        if len(data) != length:
+            raise RemoteError(f"{self.url}: the server sent {len(data)} of the {length} bytes "
+                              f"asked for at byte {offset}")
+        return bytes(data)
 
     def close(self) -> None:
         if self._probe is not None:
@@ -346,8 +382,12 @@ def open_url(url: str, *, sha256: str | None = None, checksum: str | None = None
         url, auth = without_credentials(url)  # a password is never shown, nor cached
         urllib.parse.urlsplit(url).port  # noqa: B018 - raises for a malformed host or port
     except ValueError as exc:
-        shown = re.sub(r"//[^/?#]*@", "//", url, count=1)
-        raise RemoteError(f"{shown}: not a valid URL ({exc})") from None
+        shown = hidden_credentials(url)
+        hidden = url.partition("//")[2].rpartition("@")[0]
+        quoted = any(part in str(exc) for part in re.split(r"[:/?#@]", hidden) if part)
+        why = (f"{exc}" if not quoted else  # its words quote a part of the password
+               "is a / ? # or @ in its password not written %2F %3F %23 %40?")
+        raise RemoteError(f"{shown}: not a valid URL ({why})") from None
     client = Client(settings, None if auth is None else (url, auth))
     first = probe(client, url)
     try:
@@ -381,6 +421,16 @@ def open_url(url: str, *, sha256: str | None = None, checksum: str | None = None
         notes.append(f"checksum: {expected.algo} from {expected.source}, checked while "
                      "downloading")
     return UrlImage(image, None, notes)
+
+
+def hidden_credentials(text: str) -> str:
+    """``text`` (a URL, or what was meant as one and does not parse) as a refusal shows it:
+    what stands between its ``//`` and its last ``@`` is taken for a user and a password and
+    left out (a password with an unencoded / or # ends the URL's host part early)."""
+    head, sep, rest = text.partition("//")
+    if not sep or "@" not in rest:
+        return text
+    return head + sep + rest.rpartition("@")[2]
 
 
 def attach(image: object, emit: Emit | None, cancel: Callable[[], bool] | None = None) -> None:

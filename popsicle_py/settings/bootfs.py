@@ -9,8 +9,9 @@ stamp at this point: the head is written last), and needs no root.  Python's FAT
 1. of the blocks that hold anything (the boot sector, the FATs, the root directory and every
    cluster in use; free clusters hold nothing and are not read), the only ones that changed are
    the FATs, FSInfo, the root directory and the clusters of the files written: the rest is
-   still the image's, which the engine verified just before; the boot sector is unchanged and
-   no cluster of another file changed in the FAT;
+   still the image's, which the engine verified just before; the sectors before the FAT (the
+   boot sector, FAT32's backup of it) are unchanged but FSInfo, every other entry of the root
+   directory is byte for byte as it was, and no cluster of another file changed in the FAT;
 2. the files read back through :mod:`popsicle_py.settings.fat` (no mtools code) are the bytes
    meant;
 3. ``fsck.vfat -n`` finds nothing in what it reads of the partition, copied from the drive into
@@ -37,11 +38,13 @@ import subprocess
 import tempfile
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 
 from popsicle_py import signals
 from popsicle_py.settings.fat import (
     BootPartition,
+    Entry,
     FatError,
     FatGeometry,
     chain,
@@ -453,8 +456,10 @@ def _write(fd: int, part: BootPartition, files: Mapping[str, bytes], fsck: bool,
             geo = geometry(boot)
             if geo.total > part.size:
                 raise BootFsError("the boot file system is larger than its partition")
+            reserved = dev.read(0, geo.reserved)  # boot sector, FSInfo, the backup's
             fat_before = read_fat(geo, dev.read(geo.reserved, geo.fat_size))
-            replaced = {c for e in root_entries(geo, fat_before, dev.read)
+            entries = root_entries(geo, fat_before, dev.read)
+            replaced = {c for e in entries
                         if e.name.lower() in {n.lower() for n in files} and e.first
                         for c in chain(geo, fat_before, e.first)}
             dir_before = set(root_clusters(geo, fat_before))
@@ -471,10 +476,10 @@ def _write(fd: int, part: BootPartition, files: Mapping[str, bytes], fsck: bool,
             back = root_files(geo, fat_after, dev.read, set(files))
             written = {c for _, clusters in back.values() for c in clusters}
             dirs = dir_before | set(root_clusters(geo, fat_after))
+            _same_entries(entries, root_entries(geo, fat_after, dev.read), files)
         except FatError as exc:
             raise BootFsError(f"the boot partition does not read back: {exc}") from None
-        if dev.read(0, 512) != boot:
-            raise BootFsError("the boot partition's boot sector changed")
+        _same_reserved(reserved, dev.read(0, geo.reserved), geo)
         _compare_files(files, back)
         moved = {c for c, (a, b) in enumerate(zip(fat_before, fat_after, strict=True))
                  if a != b} - replaced - written - dirs
@@ -492,6 +497,36 @@ def _write(fd: int, part: BootPartition, files: Mapping[str, bytes], fsck: bool,
     finally:
         dev.close()
     return files_digest(files)
+
+
+def _same_reserved(before: bytes, after: bytes, geo: FatGeometry) -> None:
+    """The sectors before the FAT as they were (the boot sector, FAT32's backup of it), but
+    FSInfo (its free count): the block comparison allows the whole 4 KiB block FSInfo is in."""
+    for at in range(0, len(before), geo.sector):
+        if at != geo.fsinfo and before[at:at + geo.sector] != after[at:at + geo.sector]:
+            raise BootFsError("the boot partition's boot sector changed" if at == 0 else
+                              f"the boot partition's reserved sector {at // geo.sector} "
+                              "(before its FAT: the backup boot sector's area) changed")
+
+
+def _same_entries(before: list[Entry], after: list[Entry], files: Mapping[str, bytes]) -> None:
+    """Every other entry of the root directory byte for byte as it was (a file renamed, made
+    hidden or resized there reads back as no FAT change and no block outside the root
+    directory), and each file written there once."""
+    names = {n.lower() for n in files}
+    was = Counter((e.name.lower(), e.raw) for e in before if e.name.lower() not in names)
+    now = Counter((e.name.lower(), e.raw) for e in after if e.name.lower() not in names)
+    gone, new = sorted(n for n, _ in was - now), sorted(n for n, _ in now - was)
+    if gone:
+        raise BootFsError(f"the boot partition's directory entry of {gone[0]}, a file not "
+                          "written, changed or is gone")
+    if new:
+        raise BootFsError(f"the boot partition's root directory holds {new[0]}, which was not "
+                          "written")
+    for name in sorted(names):
+        count = sum(1 for e in after if e.name.lower() == name)
+        if count > 1:
+            raise BootFsError(f"{name} is in the boot partition's root directory {count} times")
 
 
 def _compare_files(files: Mapping[str, bytes], back: Mapping[str, tuple[bytes, list[int]]]

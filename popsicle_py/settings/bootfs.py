@@ -145,11 +145,13 @@ class _Device:
 
     def __init__(self, fd: int, part: BootPartition,
                  progressed: Callable[[int], None] = lambda n: None,
-                 stopped: Stopped = lambda: False) -> None:
+                 stopped: Stopped = lambda: False,
+                 flushing: Callable[[bool], None] = lambda on: None) -> None:
         self.fd = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
         self.part = part
         self.progressed = progressed  # the engine's stall clock: a read that moves counts
         self.stopped = stopped
+        self.flushing = flushing  # told when a flush begins and when it has returned
         self.moved = _Moved(self.fd)
 
     def close(self) -> None:
@@ -167,7 +169,9 @@ class _Device:
 
         The flush runs on a thread of its own while this one watches the drive's sectors
         move (for the stall clock) and the lane's stop: at a slow stick's speed it can take
-        minutes.  A flush that never returns is left behind, as a hung write is."""
+        minutes.  A flush that never returns is left behind, as a hung write is; the process
+        cannot exit before it returns (mcopy's writes are the page cache's, and waited for
+        uninterruptibly), which ``flushing`` is told, to say so."""
         done = threading.Event()
         failed: list[OSError] = []
 
@@ -177,7 +181,10 @@ class _Device:
             except OSError as exc:
                 failed.append(exc)
             finally:
+                self.flushing(False)
                 done.set()
+
+        self.flushing(True)
 
         threading.Thread(target=flush, name="popsicle-boot-flush", daemon=True).start()
         while not done.wait(POLL):
@@ -434,21 +441,25 @@ def _allowed_blocks(geo: FatGeometry, clusters: set[int]) -> set[int]:
 def write_boot_files(fd: int, part: BootPartition, files: Mapping[str, bytes],
                      *, fsck: bool = True,
                      progressed: Callable[[int], None] = lambda n: None,
-                     stopped: Stopped = lambda: False) -> str | None:
+                     stopped: Stopped = lambda: False,
+                     flushing: Callable[[bool], None] = lambda on: None) -> str | None:
     """Write ``files`` into the root of the boot partition of the drive open on ``fd``, read
     them back and check the rest; returns :func:`files_digest`.  Raises :class:`BootFsError`.
 
     Returns None, at once, once ``stopped()`` says the lane is stopped: nothing more is read,
-    and the program running is killed and reaped first (the drive is not done)."""
+    and the program running is killed and reaped first (the drive is not done).  ``flushing``
+    is told True as a flush of the drive begins and False once it has returned: one still
+    running when the drive ends holds the process until the kernel gives it up."""
     try:
-        return _write(fd, part, files, fsck, progressed, stopped)
+        return _write(fd, part, files, fsck, progressed, stopped, flushing)
     except _Stop:
         return None
 
 
 def _write(fd: int, part: BootPartition, files: Mapping[str, bytes], fsck: bool,
-           progressed: Callable[[int], None], stopped: Stopped) -> str:
-    dev = _Device(fd, part, progressed, stopped)
+           progressed: Callable[[int], None], stopped: Stopped,
+           flushing: Callable[[bool], None]) -> str:
+    dev = _Device(fd, part, progressed, stopped, flushing)
     try:
         dev.drop_cache()
         try:

@@ -234,9 +234,12 @@ def load_settings(path: str) -> Settings:
     """Read and check a settings file; raises :class:`SettingsError`."""
     raw = read_input(path)
     try:
-        data = tomllib.loads(raw.decode("utf-8"))
+        data = tomllib.loads(raw.decode("utf-8").removeprefix("\ufeff"))  # Notepad's BOM
     except tomllib.TOMLDecodeError as exc:
         raise SettingsError(f"{path}: not valid TOML: {exc}") from None
+    except RecursionError:  # tomllib's parser recurses for each array or table in another
+        raise SettingsError(f"{path}: not valid TOML here: arrays or tables nested too "
+                            "deeply") from None
     except UnicodeDecodeError as exc:
         line = raw[:exc.start].count(b"\n") + 1
         raise SettingsError(f"{path}: not UTF-8 text (line {line})") from None

@@ -9,7 +9,8 @@ stamp at this point: the head is written last), and needs no root.  Python's FAT
 1. of the blocks that hold anything (the boot sector, the FATs, the root directory and every
    cluster in use; free clusters hold nothing and are not read), the only ones that changed are
    the FATs, FSInfo, the root directory and the clusters of the files written: the rest is
-   still the image's, which the engine verified just before; the sectors before the FAT (the
+   still the image's, which the engine verified just before (cluster by cluster where a block
+   also holds another file's: see :func:`_neighbours`); the sectors before the FAT (the
    boot sector, FAT32's backup of it) are unchanged but FSInfo, every other entry of the root
    directory is byte for byte as it was, and no cluster of another file changed in the FAT;
 2. the files read back through :mod:`popsicle_py.settings.fat` (no mtools code) are the bytes
@@ -205,16 +206,18 @@ class _Device:
         self.progressed(length)
         return data
 
-    def block_digests(self, runs: list[tuple[int, int]]) -> dict[int, bytes]:
-        """A digest of every 4 KiB block of the runs (first block, count) given."""
+    def block_digests(self, runs: list[tuple[int, int]], unit: int = BLOCK, base: int = 0
+                      ) -> dict[int, bytes]:
+        """A digest of every 4 KiB block (or ``unit`` bytes at ``base + number * unit``: a
+        cluster) of the runs (first number, count) given."""
         out: dict[int, bytes] = {}
-        per_chunk = CHUNK // BLOCK
+        per_chunk = max(1, CHUNK // unit)
         for first, count in runs:
             for block in range(first, first + count, per_chunk):
                 n = min(per_chunk, first + count - block)
-                data = self.read(block * BLOCK, n * BLOCK)
+                data = self.read(base + block * unit, n * unit)
                 for i in range(n):
-                    out[block + i] = hashlib.blake2b(data[i * BLOCK:(i + 1) * BLOCK],
+                    out[block + i] = hashlib.blake2b(data[i * unit:(i + 1) * unit],
                                                      digest_size=16).digest()
         return out
 
@@ -244,6 +247,23 @@ def _in_use(geo: FatGeometry, fat: list[int]) -> set[int]:
     head = set(range(0, (geo.data_offset + BLOCK - 1) // BLOCK))
     used = {c for c in range(2, len(fat)) if fat[c]}
     return head | _blocks_of(geo, used)
+
+
+def _neighbours(geo: FatGeometry, fat: list[int], replaced: set[int]) -> set[int]:
+    """Clusters in use that share a 4 KiB block with one a file written may take (a free
+    one, or a replaced file's): clusters under 4 KiB, or a data region not 4 KiB aligned.
+    The files' blocks may change, so these are compared cluster by cluster: the kernel writes
+    whole pages, and a drive that stores one wrong spoils the file next door."""
+    def edges(c: int) -> tuple[int, int]:  # only a cluster's first and last block are shared
+        at = geo.cluster_offset(c)
+        return at // BLOCK, (at + geo.cluster - 1) // BLOCK
+
+    if geo.cluster % BLOCK == 0 and geo.data_offset % BLOCK == 0:
+        return set()  # every block holds one cluster's bytes only
+    numbers = range(2, min(len(fat), geo.clusters + 2))
+    takeable = {b for c in numbers if fat[c] == 0 or c in replaced for b in edges(c)}
+    return {c for c in numbers if fat[c] and c not in replaced
+            and not takeable.isdisjoint(edges(c))}
 
 
 _children: set[subprocess.Popen[str]] = set()
@@ -478,6 +498,9 @@ def _write(fd: int, part: BootPartition, files: Mapping[str, bytes], fsck: bool,
             raise BootFsError(f"the boot partition: {exc}") from None
         checked = _in_use(geo, fat_before)
         before = dev.block_digests(_runs(checked))
+        cluster_base = geo.data_offset - 2 * geo.cluster
+        neighbours = _neighbours(geo, fat_before, replaced)
+        kept = dev.block_digests(_runs(neighbours), geo.cluster, cluster_base)
         dev.moved.moved()  # from here, what the drive moves is mcopy's (reads count themselves)
         _mcopy(fd, part, files, stopped, dev.moving)
         dev.drop_cache()
@@ -498,6 +521,12 @@ def _write(fd: int, part: BootPartition, files: Mapping[str, bytes], fsck: bool,
             raise BootFsError(f"the boot partition's FAT changed for {len(moved)} cluster(s) "
                               f"of no file written (first: {min(moved)})")
         allowed = _allowed_blocks(geo, written | dirs)
+        now = dev.block_digests(_runs(neighbours - written - dirs), geo.cluster, cluster_base)
+        spoilt = sorted(c for c, digest in now.items() if kept[c] != digest)
+        if spoilt:
+            raise BootFsError(f"the boot partition changed outside the files written (cluster "
+                              f"{spoilt[0]}, of a file not written, at byte "
+                              f"{part.offset + geo.cluster_offset(spoilt[0])})")
         stray = sorted(i for i in checked if before[i] != after[i] and i not in allowed)
         if stray:
             raise BootFsError(f"the boot partition changed outside the files written "

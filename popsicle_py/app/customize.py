@@ -16,6 +16,7 @@ have it.
 from __future__ import annotations
 
 import dataclasses
+import os
 import threading
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
@@ -141,6 +142,9 @@ class Personaliser:
         made again when it is written, with the seq it got."""
         from popsicle_py.settings import SettingsError
 
+        why = not_openable(drive.path)
+        if why is not None:
+            return f"not written: {why}"
         try:
             files = self.customization.for_drive(self._context(drive_info(drive, seq)))
         except SettingsError as exc:
@@ -266,9 +270,26 @@ def for_flash(options: CustomizeOptions | None, image: Source, paths: Sequence[s
     """A flash's customisation, every drive resolved; raises :class:`Refused`."""
     if options is None:
         return None
+    why = next((w for path in paths if (w := not_openable(path)) is not None), None)
+    if why is not None:
+        raise Refused([why])
     personaliser = Personaliser(load(options, image))
     personaliser.plan_batch(paths, infos)
     return personaliser
+
+
+def not_openable(path: str) -> str | None:
+    """Why the boot-files step could not open the drive ``path`` again, or None.
+
+    mcopy and the read-back open the drive anew through the engine's descriptor (/dev/fd/N,
+    /proc/self/fd/N), which the kernel checks against the device node: a drive udisks2 opened
+    for an ordinary user cannot be, and each drive would fail with EACCES after its whole
+    write.  Refused before instead."""
+    if os.geteuid() == 0 or os.access(path, os.R_OK | os.W_OK, effective_ids=True):
+        return None
+    return (f"--customize needs to open {path} again itself (mcopy writes the boot files "
+            "through it), which this user may not (a drive opened through udisks2 cannot be "
+            "opened again): run with sudo")
 
 
 def for_watch(options: CustomizeOptions | None, image: Source) -> Personaliser | None:

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import errno
 import hashlib
 import os
 import re
@@ -474,6 +475,12 @@ def write_boot_files(fd: int, part: BootPartition, files: Mapping[str, bytes],
         return _write(fd, part, files, fsck, progressed, stopped, flushing)
     except _Stop:
         return None
+    except OSError as exc:  # a pulled drive fails mcopy ("seek: Invalid argument") or a read
+        from popsicle_py.failures import drive_gone
+
+        if exc.errno not in (errno.ENODEV, errno.ENXIO) and drive_gone(f"/proc/self/fd/{fd}"):
+            raise OSError(errno.ENODEV, os.strerror(errno.ENODEV)) from exc  # "was removed"
+        raise
 
 
 def _write(fd: int, part: BootPartition, files: Mapping[str, bytes], fsck: bool,

@@ -206,10 +206,14 @@ def resolve(settings: Settings, values: Values | None, drive: DriveContext) -> S
     if values is not None:
         row = values.row_for(drive)
         if row is None:
-            how = f"{values.key} {getattr(drive, values.key)}" if values.key else \
-                f"row {drive.seq}"
-            raise SettingsError(f"{values.path} has no row for {drive.name} ({how}): "
-                                f"{len(values.rows)} rows")
+            key = str(getattr(drive, values.key)) if values.key else ""
+            how = (f" ({values.key} {key})" if key else f" (it reports no {values.key}, so "
+                   "no row can be its)") if values.key else f" (row {drive.seq})"
+            if values.key == "serial" and key:
+                how = ""  # the drive's name says it
+            rows = len(values.rows)
+            raise SettingsError(f"{values.path} has no row for {drive.name}{how}: "
+                                f"{rows} row{'' if rows == 1 else 's'}")
         mapping.update({k: v for k, v in row.items() if k not in BUILTINS})
         _no_padded_secret(settings, values, row, drive)
 

@@ -190,6 +190,7 @@ class Personaliser:
                                   "drive already")
             if hostname:
                 self._hostnames[hostname] = drive
+
         def flushing(on: bool) -> None:
             with self._lock:
                 if on:

@@ -16,6 +16,7 @@ have it.
 from __future__ import annotations
 
 import dataclasses
+import os
 import threading
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
@@ -24,6 +25,7 @@ from popsicle_py import events
 from popsicle_py.app.requests import CustomizeOptions
 from popsicle_py.drives import Drive
 from popsicle_py.errors import Refused
+from popsicle_py.failures import hung_call
 from popsicle_py.images import Image, ImageError, read_head
 from popsicle_py.ports import drive_info
 from popsicle_py.protocols import Source
@@ -114,6 +116,8 @@ class Personaliser:
         self._hostnames: dict[str, tuple[str, int | None]] = {}
         #: A station's slot label of a USB port path (None: ``{slot}`` is the drive's seq).
         self.slot_of: Callable[[str | None], str | None] | None = None
+        #: The drives (path) whose flush of the boot files has not returned yet.
+        self._flushing: set[str] = set()
 
     def _context(self, info: events.DriveInfo) -> DriveContext:
         slot = self.slot_of(info.port_path) if self.slot_of is not None else None
@@ -138,6 +142,9 @@ class Personaliser:
         made again when it is written, with the seq it got."""
         from popsicle_py.settings import SettingsError
 
+        why = not_openable(drive.path)
+        if why is not None:
+            return f"not written: {why}"
         try:
             files = self.customization.for_drive(self._context(drive_info(drive, seq)))
         except SettingsError as exc:
@@ -183,10 +190,19 @@ class Personaliser:
                                   "drive already")
             if hostname:
                 self._hostnames[hostname] = drive
+
+        def flushing(on: bool) -> None:
+            with self._lock:
+                if on:
+                    self._flushing.add(path)
+                else:
+                    self._flushing.discard(path)
+
         digest = None
         try:
             digest = write_boot_files(fd, self.customization.boot.partition, files.files,
-                                      progressed=progressed, stopped=stopped)
+                                      progressed=progressed, stopped=stopped,
+                                      flushing=flushing)
         finally:
             if digest is None:  # failed, or stopped: this drive will not end ok
                 self._give_back(drive)
@@ -211,13 +227,22 @@ class Personaliser:
             data = self._records.get(key) if result.ok else None
         return dataclasses.replace(result, customized=data, device_sha256=None)
 
+    def hung(self, device: str) -> bool:
+        """The drive's flush of its boot files has not returned (hung in the kernel)."""
+        with self._lock:
+            return device in self._flushing
+
     def emitter(self, emit: Emit) -> Emit:
-        """``emit`` with each drive's record in its result and in the summary."""
+        """``emit`` with each drive's record in its result and in the summary; a drive that
+        ends while its flush has not returned gets the engine's note for a hung call (the
+        process can exit only once the kernel gives it up)."""
         def relay(event: events.WatchEvent) -> None:
             if isinstance(event, events.Result):
                 event = dataclasses.replace(event, result=self.record(event.result))
                 if event.result.customized is not None:  # said before the result line
                     emit(events.Note(said(event.result.device, event.result.customized)))
+                elif self.hung(event.result.device):
+                    emit(events.Note(hung_call(event.result.device)))
             elif isinstance(event, events.Summary):
                 event = dataclasses.replace(
                     event, results=tuple(self.record(r) for r in event.results))
@@ -246,9 +271,26 @@ def for_flash(options: CustomizeOptions | None, image: Source, paths: Sequence[s
     """A flash's customisation, every drive resolved; raises :class:`Refused`."""
     if options is None:
         return None
+    why = next((w for path in paths if (w := not_openable(path)) is not None), None)
+    if why is not None:
+        raise Refused([why])
     personaliser = Personaliser(load(options, image))
     personaliser.plan_batch(paths, infos)
     return personaliser
+
+
+def not_openable(path: str) -> str | None:
+    """Why the boot-files step could not open the drive ``path`` again, or None.
+
+    mcopy and the read-back open the drive anew through the engine's descriptor (/dev/fd/N,
+    /proc/self/fd/N), which the kernel checks against the device node: a drive udisks2 opened
+    for an ordinary user cannot be, and each drive would fail with EACCES after its whole
+    write.  Refused before instead."""
+    if os.geteuid() == 0 or os.access(path, os.R_OK | os.W_OK, effective_ids=True):
+        return None
+    return (f"--customize needs to open {path} again itself (mcopy writes the boot files "
+            "through it), which this user may not (a drive opened through udisks2 cannot be "
+            "opened again): run with sudo")
 
 
 def for_watch(options: CustomizeOptions | None, image: Source) -> Personaliser | None:

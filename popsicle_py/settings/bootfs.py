@@ -9,8 +9,10 @@ stamp at this point: the head is written last), and needs no root.  Python's FAT
 1. of the blocks that hold anything (the boot sector, the FATs, the root directory and every
    cluster in use; free clusters hold nothing and are not read), the only ones that changed are
    the FATs, FSInfo, the root directory and the clusters of the files written: the rest is
-   still the image's, which the engine verified just before; the boot sector is unchanged and
-   no cluster of another file changed in the FAT;
+   still the image's, which the engine verified just before (cluster by cluster where a block
+   also holds another file's: see :func:`_neighbours`); the sectors before the FAT (the
+   boot sector, FAT32's backup of it) are unchanged but FSInfo, every other entry of the root
+   directory is byte for byte as it was, and no cluster of another file changed in the FAT;
 2. the files read back through :mod:`popsicle_py.settings.fat` (no mtools code) are the bytes
    meant;
 3. ``fsck.vfat -n`` finds nothing in what it reads of the partition, copied from the drive into
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import errno
 import hashlib
 import os
 import re
@@ -37,11 +40,13 @@ import subprocess
 import tempfile
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 
 from popsicle_py import signals
 from popsicle_py.settings.fat import (
     BootPartition,
+    Entry,
     FatError,
     FatGeometry,
     chain,
@@ -142,11 +147,13 @@ class _Device:
 
     def __init__(self, fd: int, part: BootPartition,
                  progressed: Callable[[int], None] = lambda n: None,
-                 stopped: Stopped = lambda: False) -> None:
+                 stopped: Stopped = lambda: False,
+                 flushing: Callable[[bool], None] = lambda on: None) -> None:
         self.fd = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
         self.part = part
         self.progressed = progressed  # the engine's stall clock: a read that moves counts
         self.stopped = stopped
+        self.flushing = flushing  # told when a flush begins and when it has returned
         self.moved = _Moved(self.fd)
 
     def close(self) -> None:
@@ -164,7 +171,9 @@ class _Device:
 
         The flush runs on a thread of its own while this one watches the drive's sectors
         move (for the stall clock) and the lane's stop: at a slow stick's speed it can take
-        minutes.  A flush that never returns is left behind, as a hung write is."""
+        minutes.  A flush that never returns is left behind, as a hung write is; the process
+        cannot exit before it returns (mcopy's writes are the page cache's, and waited for
+        uninterruptibly), which ``flushing`` is told, to say so."""
         done = threading.Event()
         failed: list[OSError] = []
 
@@ -174,7 +183,10 @@ class _Device:
             except OSError as exc:
                 failed.append(exc)
             finally:
+                self.flushing(False)
                 done.set()
+
+        self.flushing(True)
 
         threading.Thread(target=flush, name="popsicle-boot-flush", daemon=True).start()
         while not done.wait(POLL):
@@ -195,16 +207,18 @@ class _Device:
         self.progressed(length)
         return data
 
-    def block_digests(self, runs: list[tuple[int, int]]) -> dict[int, bytes]:
-        """A digest of every 4 KiB block of the runs (first block, count) given."""
+    def block_digests(self, runs: list[tuple[int, int]], unit: int = BLOCK, base: int = 0
+                      ) -> dict[int, bytes]:
+        """A digest of every 4 KiB block (or ``unit`` bytes at ``base + number * unit``: a
+        cluster) of the runs (first number, count) given."""
         out: dict[int, bytes] = {}
-        per_chunk = CHUNK // BLOCK
+        per_chunk = max(1, CHUNK // unit)
         for first, count in runs:
             for block in range(first, first + count, per_chunk):
                 n = min(per_chunk, first + count - block)
-                data = self.read(block * BLOCK, n * BLOCK)
+                data = self.read(base + block * unit, n * unit)
                 for i in range(n):
-                    out[block + i] = hashlib.blake2b(data[i * BLOCK:(i + 1) * BLOCK],
+                    out[block + i] = hashlib.blake2b(data[i * unit:(i + 1) * unit],
                                                      digest_size=16).digest()
         return out
 
@@ -234,6 +248,23 @@ def _in_use(geo: FatGeometry, fat: list[int]) -> set[int]:
     head = set(range(0, (geo.data_offset + BLOCK - 1) // BLOCK))
     used = {c for c in range(2, len(fat)) if fat[c]}
     return head | _blocks_of(geo, used)
+
+
+def _neighbours(geo: FatGeometry, fat: list[int], replaced: set[int]) -> set[int]:
+    """Clusters in use that share a 4 KiB block with one a file written may take (a free
+    one, or a replaced file's): clusters under 4 KiB, or a data region not 4 KiB aligned.
+    The files' blocks may change, so these are compared cluster by cluster: the kernel writes
+    whole pages, and a drive that stores one wrong spoils the file next door."""
+    def edges(c: int) -> tuple[int, int]:  # only a cluster's first and last block are shared
+        at = geo.cluster_offset(c)
+        return at // BLOCK, (at + geo.cluster - 1) // BLOCK
+
+    if geo.cluster % BLOCK == 0 and geo.data_offset % BLOCK == 0:
+        return set()  # every block holds one cluster's bytes only
+    numbers = range(2, min(len(fat), geo.clusters + 2))
+    takeable = {b for c in numbers if fat[c] == 0 or c in replaced for b in edges(c)}
+    return {c for c in numbers if fat[c] and c not in replaced
+            and not takeable.isdisjoint(edges(c))}
 
 
 _children: set[subprocess.Popen[str]] = set()
@@ -431,21 +462,31 @@ def _allowed_blocks(geo: FatGeometry, clusters: set[int]) -> set[int]:
 def write_boot_files(fd: int, part: BootPartition, files: Mapping[str, bytes],
                      *, fsck: bool = True,
                      progressed: Callable[[int], None] = lambda n: None,
-                     stopped: Stopped = lambda: False) -> str | None:
+                     stopped: Stopped = lambda: False,
+                     flushing: Callable[[bool], None] = lambda on: None) -> str | None:
     """Write ``files`` into the root of the boot partition of the drive open on ``fd``, read
     them back and check the rest; returns :func:`files_digest`.  Raises :class:`BootFsError`.
 
     Returns None, at once, once ``stopped()`` says the lane is stopped: nothing more is read,
-    and the program running is killed and reaped first (the drive is not done)."""
+    and the program running is killed and reaped first (the drive is not done).  ``flushing``
+    is told True as a flush of the drive begins and False once it has returned: one still
+    running when the drive ends holds the process until the kernel gives it up."""
     try:
-        return _write(fd, part, files, fsck, progressed, stopped)
+        return _write(fd, part, files, fsck, progressed, stopped, flushing)
     except _Stop:
         return None
+    except OSError as exc:  # a pulled drive fails mcopy ("seek: Invalid argument") or a read
+        from popsicle_py.failures import drive_gone
+
+        if exc.errno not in (errno.ENODEV, errno.ENXIO) and drive_gone(f"/proc/self/fd/{fd}"):
+            raise OSError(errno.ENODEV, os.strerror(errno.ENODEV)) from exc  # "was removed"
+        raise
 
 
 def _write(fd: int, part: BootPartition, files: Mapping[str, bytes], fsck: bool,
-           progressed: Callable[[int], None], stopped: Stopped) -> str:
-    dev = _Device(fd, part, progressed, stopped)
+           progressed: Callable[[int], None], stopped: Stopped,
+           flushing: Callable[[bool], None]) -> str:
+    dev = _Device(fd, part, progressed, stopped, flushing)
     try:
         dev.drop_cache()
         try:
@@ -453,8 +494,10 @@ def _write(fd: int, part: BootPartition, files: Mapping[str, bytes], fsck: bool,
             geo = geometry(boot)
             if geo.total > part.size:
                 raise BootFsError("the boot file system is larger than its partition")
+            reserved = dev.read(0, geo.reserved)  # boot sector, FSInfo, the backup's
             fat_before = read_fat(geo, dev.read(geo.reserved, geo.fat_size))
-            replaced = {c for e in root_entries(geo, fat_before, dev.read)
+            entries = root_entries(geo, fat_before, dev.read)
+            replaced = {c for e in entries
                         if e.name.lower() in {n.lower() for n in files} and e.first
                         for c in chain(geo, fat_before, e.first)}
             dir_before = set(root_clusters(geo, fat_before))
@@ -462,6 +505,9 @@ def _write(fd: int, part: BootPartition, files: Mapping[str, bytes], fsck: bool,
             raise BootFsError(f"the boot partition: {exc}") from None
         checked = _in_use(geo, fat_before)
         before = dev.block_digests(_runs(checked))
+        cluster_base = geo.data_offset - 2 * geo.cluster
+        neighbours = _neighbours(geo, fat_before, replaced)
+        kept = dev.block_digests(_runs(neighbours), geo.cluster, cluster_base)
         dev.moved.moved()  # from here, what the drive moves is mcopy's (reads count themselves)
         _mcopy(fd, part, files, stopped, dev.moving)
         dev.drop_cache()
@@ -471,10 +517,10 @@ def _write(fd: int, part: BootPartition, files: Mapping[str, bytes], fsck: bool,
             back = root_files(geo, fat_after, dev.read, set(files))
             written = {c for _, clusters in back.values() for c in clusters}
             dirs = dir_before | set(root_clusters(geo, fat_after))
+            _same_entries(entries, root_entries(geo, fat_after, dev.read), files)
         except FatError as exc:
             raise BootFsError(f"the boot partition does not read back: {exc}") from None
-        if dev.read(0, 512) != boot:
-            raise BootFsError("the boot partition's boot sector changed")
+        _same_reserved(reserved, dev.read(0, geo.reserved), geo)
         _compare_files(files, back)
         moved = {c for c, (a, b) in enumerate(zip(fat_before, fat_after, strict=True))
                  if a != b} - replaced - written - dirs
@@ -482,6 +528,12 @@ def _write(fd: int, part: BootPartition, files: Mapping[str, bytes], fsck: bool,
             raise BootFsError(f"the boot partition's FAT changed for {len(moved)} cluster(s) "
                               f"of no file written (first: {min(moved)})")
         allowed = _allowed_blocks(geo, written | dirs)
+        now = dev.block_digests(_runs(neighbours - written - dirs), geo.cluster, cluster_base)
+        spoilt = sorted(c for c, digest in now.items() if kept[c] != digest)
+        if spoilt:
+            raise BootFsError(f"the boot partition changed outside the files written (cluster "
+                              f"{spoilt[0]}, of a file not written, at byte "
+                              f"{part.offset + geo.cluster_offset(spoilt[0])})")
         stray = sorted(i for i in checked if before[i] != after[i] and i not in allowed)
         if stray:
             raise BootFsError(f"the boot partition changed outside the files written "
@@ -492,6 +544,36 @@ def _write(fd: int, part: BootPartition, files: Mapping[str, bytes], fsck: bool,
     finally:
         dev.close()
     return files_digest(files)
+
+
+def _same_reserved(before: bytes, after: bytes, geo: FatGeometry) -> None:
+    """The sectors before the FAT as they were (the boot sector, FAT32's backup of it), but
+    FSInfo (its free count): the block comparison allows the whole 4 KiB block FSInfo is in."""
+    for at in range(0, len(before), geo.sector):
+        if at != geo.fsinfo and before[at:at + geo.sector] != after[at:at + geo.sector]:
+            raise BootFsError("the boot partition's boot sector changed" if at == 0 else
+                              f"the boot partition's reserved sector {at // geo.sector} "
+                              "(before its FAT: the backup boot sector's area) changed")
+
+
+def _same_entries(before: list[Entry], after: list[Entry], files: Mapping[str, bytes]) -> None:
+    """Every other entry of the root directory byte for byte as it was (a file renamed, made
+    hidden or resized there reads back as no FAT change and no block outside the root
+    directory), and each file written there once."""
+    names = {n.lower() for n in files}
+    was = Counter((e.name.lower(), e.raw) for e in before if e.name.lower() not in names)
+    now = Counter((e.name.lower(), e.raw) for e in after if e.name.lower() not in names)
+    gone, new = sorted(n for n, _ in was - now), sorted(n for n, _ in now - was)
+    if gone:
+        raise BootFsError(f"the boot partition's directory entry of {gone[0]}, a file not "
+                          "written, changed or is gone")
+    if new:
+        raise BootFsError(f"the boot partition's root directory holds {new[0]}, which was not "
+                          "written")
+    for name in sorted(names):
+        count = sum(1 for e in after if e.name.lower() == name)
+        if count > 1:
+            raise BootFsError(f"{name} is in the boot partition's root directory {count} times")
 
 
 def _compare_files(files: Mapping[str, bytes], back: Mapping[str, tuple[bytes, list[int]]]

@@ -206,6 +206,8 @@ class Entry:
     first: int
     size: int
     directory: bool
+    #: The 32 bytes of its short entry (name, attributes, times, first cluster, size).
+    raw: bytes = b""
 
 
 def _entries(raw: bytes) -> list[Entry]:
@@ -233,7 +235,7 @@ def _entries(raw: bytes) -> list[Entry]:
         first = struct.unpack_from("<H", record, 26)[0] | \
             (struct.unpack_from("<H", record, 20)[0] << 16)
         out.append(Entry(name, first, struct.unpack_from("<I", record, 28)[0],
-                         bool(record[11] & 0x10)))
+                         bool(record[11] & 0x10), bytes(record)))
         long = {}
     return out
 

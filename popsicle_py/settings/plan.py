@@ -275,10 +275,13 @@ def load_customization(settings_path: str, values_path: str | None, chosen: str 
     settings = load_settings(settings_path)
     values = None
     if values_path is not None:
+        raw = read_input(values_path)
         try:
-            text = read_input(values_path).decode("utf-8-sig")
-        except UnicodeDecodeError as exc:
-            raise SettingsError(f"{values_path}: {exc}") from None
+            text = raw.decode("utf-8-sig")
+        except UnicodeDecodeError as exc:  # Excel's "CSV" is the Windows code page
+            line = raw[:exc.start].count(b"\n") + 1
+            raise SettingsError(f"{values_path}: not UTF-8 text (line {line}): save it as "
+                                "\"CSV UTF-8\"") from None
         values = parse_values(text, values_path)
     check_templates(settings, values, settings_path)
     if chosen is not None and chosen not in FORMATS:

@@ -131,22 +131,36 @@ def _over_limit(digits: str) -> bool:
     return len(digits) > 3 or (digits != "" and int(digits) > WIDTH_LIMIT)
 
 
+#: What a refusal of a secret's template says: a brace in a password is most likely the
+#: password's own, which no message may show.
+BRACES = "a literal { or } is written {{ or }}"
+
+
+def secret(setting: str) -> bool:
+    """A setting whose value is never shown (a password, a passphrase, a hash)."""
+    return setting.split(".")[-1] in SECRET_KEYS
+
+
 def fields_of(template: str, setting: str) -> set[str]:
-    """The names a template uses; only plain names are allowed."""
+    """The names a template uses; only plain names are allowed.  A refusal shows neither a
+    secret's template nor its fields (a password that holds a brace)."""
     try:
         parsed = list(_FORMATTER.parse(template))
     except ValueError as exc:
-        raise SettingsError(f"{setting}: bad template {template!r}: {exc}") from None
+        shown = f"{REDACTED} ({BRACES})" if secret(setting) else repr(template)
+        raise SettingsError(f"{setting}: bad template {shown}: {exc}") from None
     names = set()
     for _, name, spec, conversion in parsed:
         if name is None:
             continue
+        field = f"{{{name}}}" if not secret(setting) else f"{REDACTED} ({BRACES})"
         if not name.isidentifier() or conversion or "{" in (spec or ""):
-            raise SettingsError(f"{setting}: bad template {{{name}}}: use a plain column "
+            raise SettingsError(f"{setting}: bad template {field}: use a plain column "
                                 "name, as {hostname} or {seq:02}")
         # Only a width, a precision and a fill character hold digits, and a fill is one.
         if any(_over_limit(n) for n in _NUMBERS.findall(spec or "")):
-            raise SettingsError(f"{setting}: bad template {{{name}:{(spec or '')[:20]}}}: a "
+            shown = f"{{{name}:{(spec or '')[:20]}}}" if not secret(setting) else field
+            raise SettingsError(f"{setting}: bad template {shown}: a "
                                 f"width or precision over {WIDTH_LIMIT}")
         names.add(name)
     return names
@@ -156,10 +170,17 @@ def check_templates(settings: Settings, values: Values | None, where: str) -> No
     """Every name a template uses is a builtin or a column of the CSV."""
     columns = set(values.columns) if values is not None else set()
     for setting, template in _templates(settings):
-        for name in sorted(fields_of(template, setting)):
+        try:
+            names = fields_of(template, setting)
+        except SettingsError as exc:
+            raise SettingsError(f"{where}: {exc}") from None
+        for name in sorted(names):
             if name not in BUILTINS and name not in columns:
                 source = f"no column of {values.path}" if values is not None else \
                     "no built-in value and no --values file is given"
+                if secret(setting):  # its name may be a piece of the password itself
+                    raise SettingsError(f"{where}: {setting} uses a template field that names "
+                                        f"{source} ({BRACES})")
                 raise SettingsError(f"{where}: {setting} uses {{{name}}}, which names "
                                     f"{source} (built-in: {', '.join(BUILTINS)})")
 
@@ -169,8 +190,10 @@ def _fill(template: str, setting: str, mapping: Mapping[str, object], drive: str
     try:
         return _FORMATTER.vformat(template, (), mapping)
     except (ValueError, KeyError, IndexError) as exc:
-        shown = REDACTED if setting.split(".")[-1] in SECRET_KEYS else repr(template)
-        raise SettingsError(f"{drive}: {setting} {shown}: {exc}") from None
+        if secret(setting):  # what format says quotes the template (a spec, a field name)
+            raise SettingsError(f"{drive}: {setting} {REDACTED}: cannot be filled in "
+                                f"({BRACES})") from None
+        raise SettingsError(f"{drive}: {setting} {template!r}: {exc}") from None
 
 
 def resolve(settings: Settings, values: Values | None, drive: DriveContext) -> Settings:
@@ -183,10 +206,14 @@ def resolve(settings: Settings, values: Values | None, drive: DriveContext) -> S
     if values is not None:
         row = values.row_for(drive)
         if row is None:
-            how = f"{values.key} {getattr(drive, values.key)}" if values.key else \
-                f"row {drive.seq}"
-            raise SettingsError(f"{values.path} has no row for {drive.name} ({how}): "
-                                f"{len(values.rows)} rows")
+            key = str(getattr(drive, values.key)) if values.key else ""
+            how = (f" ({values.key} {key})" if key else f" (it reports no {values.key}, so "
+                   "no row can be its)") if values.key else f" (row {drive.seq})"
+            if values.key == "serial" and key:
+                how = ""  # the drive's name says it
+            rows = len(values.rows)
+            raise SettingsError(f"{values.path} has no row for {drive.name}{how}: "
+                                f"{rows} row{'' if rows == 1 else 's'}")
         mapping.update({k: v for k, v in row.items() if k not in BUILTINS})
         _no_padded_secret(settings, values, row, drive)
 

@@ -30,7 +30,7 @@ import xxhash
 
 from popsicle_py.buffers import address_of, aligned_buffer
 from popsicle_py.errors import TooSmall
-from popsicle_py.files import park_on_devnull
+from popsicle_py.files import close_within, park_on_devnull
 
 # Re-exported: flash checks the opened drive with blockdev.confirmed, and the failure wording
 # imports MediaChanged from here; media identity itself lives in popsicle_py.media.
@@ -259,10 +259,7 @@ class BlockDevice:
     def _close_now(self) -> None:
         fd, self.fd = self.fd, -1
         plain, self._plain = self._plain, -1
-        if plain is not None and plain >= 0:
-            os.close(plain)
-        if fd >= 0:
-            os.close(fd)
+        close_within(tuple(n for n in (plain, fd) if n is not None and n >= 0))
 
     def release(self) -> None:
         """Kept for callers of the first API: closing already frees the descriptor."""

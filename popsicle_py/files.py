@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import threading
 from typing import BinaryIO
 
 _KINDS = ((stat.S_ISBLK, "a block device"), (stat.S_ISCHR, "a character device"),
@@ -152,3 +153,35 @@ def silence_hung_up_terminal(fds: tuple[int, ...] = (1, 2)) -> None:
             if exc.errno == errno.EIO:
                 gone.append(fd)
     park_on_devnull(*gone)
+
+
+#: How long closing a drive is waited for before the run goes on without it (see below).
+CLOSE_WAIT = 2.0
+
+
+def close_within(fds: tuple[int, ...], limit: float = CLOSE_WAIT) -> None:
+    """Close ``fds`` on a thread of their own, waited for ``limit`` seconds at most.
+
+    The last close of a block device takes its disk's open mutex, which any process's
+    ``sync`` holds while the disk's writeback drains: a stick that hangs with pages still to
+    write (mcopy's boot files) held the closing thread, and the summary behind it, until the
+    kernel gave the stick up.  The numbers are free at once (the kernel drops them before the
+    release); the process exits once the release returns.  A close that failed in time raises.
+    """
+    from popsicle_py.signals import keep_signals_for_main_thread
+
+    done = threading.Event()
+    failed: list[OSError] = []
+
+    def close() -> None:
+        keep_signals_for_main_thread()
+        for fd in fds:
+            try:
+                os.close(fd)
+            except OSError as exc:
+                failed.append(exc)
+        done.set()
+
+    threading.Thread(target=close, name="popsicle-close", daemon=True).start()
+    if done.wait(limit) and failed:
+        raise failed[0]

@@ -27,6 +27,7 @@ from popsicle_py.drives.holders import (
     gather_facts,
     kept_namespace_mounts,
     loops_over_devices,
+    loops_over_files,
     openers,
 )
 from popsicle_py.drives.model import (
@@ -59,6 +60,7 @@ from popsicle_py.drives.system import (
     current_swaps,
     holders_beneath,
     loop_key,
+    mount_table,
     parse_devnum,
     source_stats,
     unescape_mount,
@@ -490,9 +492,11 @@ def holders_now(of: frozenset[int] | None = None) -> Holders:
     """Read every holder once (the mount table, swaps, each namespace's mounts, loop devices
     over disks, every process's open descriptors: a scan of /proc, settled for ``of``)."""
     answers = ask_loops()
-    return Holders(current_mounts(answers=answers), SystemFacts(
-        swaps=current_swaps(answers), foreign_mounts=foreign_mounts(answers=answers),
-        loops=loops_over_devices(answers), openers=openers(of, answers), answers=answers))
+    own = mount_table()
+    return Holders(current_mounts(own, answers=answers), SystemFacts(
+        swaps=current_swaps(answers), foreign_mounts=foreign_mounts(own, answers=answers),
+        loops=loops_over_devices(answers), file_loops=loops_over_files(own, answers),
+        openers=openers(of, answers), answers=answers))
 
 
 def held_now(drive: Drive, now: Holders | None = None) -> str | None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -152,3 +153,43 @@ def test_a_stale_raid_superblock_of_a_stopped_array_is_no_holder(
     result = vm.popsicle("flash", "--yes", image, node)
     assert result.rc == 0, result.stderr
     assert vm.disks["stale"].read(len(data)) == data
+
+
+#: Plans a flash of argv[2], then a mapping is made over argv[3], then the job runs.
+RACE = """
+import subprocess, sys
+from popsicle_py import app
+from popsicle_py.errors import Refused
+from popsicle_py.signals import Cancellation
+from popsicle_py.view import PlainView
+image, target, under = sys.argv[1:4]
+job = app.prepare_flash(app.FlashRequest(app.SourceOptions(image),
+                                         app.TargetOptions(devices=(target,))))
+subprocess.run(["dmsetup", "create", "--noudevsync", "late", "--table",
+                "0 1024 linear " + under + " 0"], check=True)
+try:
+    with job:
+        job.run(PlainView(), Cancellation())
+    print("written")
+except Refused as refused:
+    print("\\n".join(refused.lines))
+finally:
+    subprocess.run(["dmsetup", "remove", "--retry", "late"], check=True)
+"""
+
+
+def test_a_mapping_made_after_the_plan_is_named_when_the_drive_is_opened(
+        vm: Guest, held: dict[str, Any]) -> None:
+    """Between the checks and the first write a mapping is made over the stick's partition:
+    refused naming it (the kernel's refusal of the exclusive open said "a program or a file
+    system unmounted with `umount -l`", and named no mapping)."""
+    node = held["where"]["stale"]  # written by the test above: a plain stick now
+    vm.sh(f"printf 'label: dos\\nstart=2048, size=20480, type=83\\n' | sfdisk -q {node}"
+          " && udevadm settle")
+    before = vm.disks["stale"].read(4 * MiB)
+    image = vm.put("late.img", os.urandom(IMAGE_SIZE))
+    result = vm.run([sys.executable, "-c", RACE, image, node, f"{node}1"], env=vm._env())
+    assert result.rc == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        f"{node} is in use by /dev/dm-3 (LVM, encryption or RAID)"], result.stdout
+    assert vm.disks["stale"].read(4 * MiB) == before

@@ -506,8 +506,18 @@ def current_swaps(answers: LoopAnswers | None = None) -> tuple[Swap, ...]:
 
 def holders_beneath(backing: Backing, devnum: int) -> tuple[str, ...]:
     """Devices stacked on what backs a loop device (dm over its backing device...)."""
+    return _stacked(sorted(backing.devnums - {devnum}))
+
+
+def stacked_on(devnum: int) -> tuple[str, ...]:
+    """Devices stacked on the disk ``devnum`` or a partition of it now (sysfs ``holders/``:
+    device-mapper, md RAID), as ``/dev`` names."""
+    return _stacked([devnum])
+
+
+def _stacked(numbers: list[int]) -> tuple[str, ...]:
     found: dict[str, None] = {}
-    for number in sorted(backing.devnums - {devnum}):
+    for number in numbers:
         base = _sys_dev(number)
         if not os.path.exists(base):
             continue

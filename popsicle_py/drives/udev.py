@@ -63,6 +63,7 @@ from popsicle_py.drives.system import (
     mount_table,
     parse_devnum,
     source_stats,
+    stacked_on,
     unescape_mount,
 )
 from popsicle_py.identity import not_confirmed, same_media
@@ -507,6 +508,9 @@ def held_now(drive: Drive, now: Holders | None = None) -> str | None:
     now = now or holders_now()
     backing = backing_of(drive.devnum, now.facts.answers)
     own = tuple(f"mounted at {m}" for m in mountpoints_of(drive.devnum, now.mounts))
+    stacked = stacked_on(drive.devnum)
+    if stacked:  # a mapping or an array made since: the open would fail, saying less
+        own += (f"in use by {', '.join(stacked)} (LVM, encryption or RAID)",)
     swap = tuple(f"in use as swap ({s.path})" for s in now.facts.swaps
                  if overwrites(backing, s.devnums, s.files))
     reasons = tuple(dict.fromkeys(

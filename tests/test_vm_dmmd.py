@@ -102,12 +102,12 @@ def listed(vm: Guest, held: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 def _reasons(held: dict[str, Any]) -> dict[str, str]:
     """What ``list`` and ``flash`` must say of each held stick."""
-    return {"whole": "in use by /dev/dm-0 (LVM, encryption or RAID)",
-            "part": "in use by /dev/dm-1 (LVM, encryption or RAID)",
+    return {"whole": "in use by /dev/mapper/whole (LVM, encryption or RAID)",
+            "part": "in use by /dev/mapper/part (LVM, encryption or RAID)",
             "member": "in use by /dev/md0 (LVM, encryption or RAID)",
-            "stacked": f"in use by {held['loop']} (itself in use by /dev/dm-2), a loop device"
-                       " over /run/stacked/disk.img, a file on it (its file system cannot be"
-                       " unmounted while it is used)"}
+            "stacked": f"in use by {held['loop']} (itself in use by /dev/mapper/over), a loop"
+                       " device over /run/stacked/disk.img, a file on it (its file system"
+                       " cannot be unmounted while it is used)"}
 
 
 def test_list_says_no_for_every_stick_a_mapping_or_an_array_holds(
@@ -191,5 +191,22 @@ def test_a_mapping_made_after_the_plan_is_named_when_the_drive_is_opened(
     result = vm.run([sys.executable, "-c", RACE, image, node, f"{node}1"], env=vm._env())
     assert result.rc == 0, result.stderr
     assert result.stdout.splitlines() == [
-        f"{node} is in use by /dev/dm-3 (LVM, encryption or RAID)"], result.stdout
+        f"{node} is in use by /dev/mapper/late (LVM, encryption or RAID)"], result.stdout
     assert vm.disks["stale"].read(4 * MiB) == before
+
+
+def test_watch_leaves_the_held_sticks_alone_saying_why(vm: Guest, held: dict[str, Any]) -> None:
+    """``watch --include-present`` takes the free stick only; each held one is announced
+    with the reason ``list`` gives (``watch`` unmounts nothing: the stacked stick is
+    mounted, first)."""
+    where = held["where"]
+    image = vm.put("watch.img", os.urandom(IMAGE_SIZE))
+    result = vm.popsicle("watch", "--include-present", "--no-power-off", "--yes", "--json",
+                         "--count", "1", image)
+    assert result.rc == 0, result.stderr
+    added = {e["device"]: e for e in result.json_lines() if e["event"] == "drive_added"}
+    reasons = {**_reasons(held), "stacked": "mounted at /run/stacked"}
+    for disk_id, reason in reasons.items():
+        assert (added[where[disk_id]]["eligible"], added[where[disk_id]]["reason"]) == (
+            False, reason), disk_id
+    assert added[where["stale"]]["eligible"] is True

@@ -31,6 +31,7 @@ from popsicle_py.drives.system import (
     btrfs_group,
     current_mounts,
     current_swaps,
+    holder_path,
     mount_table,
     named_device,
     parse_devnum,
@@ -252,7 +253,7 @@ def loops_over_files(own: list[MountEntry] | None = None, answers: LoopAnswers |
             continue  # a file of tmpfs, FUSE: on no drive
         real = os.path.realpath(_sys_dev(devnum))
         try:
-            above = tuple(f"/dev/{name}" for name in sorted(os.listdir(f"{real}/holders")))
+            above = tuple(holder_path(name) for name in sorted(os.listdir(f"{real}/holders")))
         except OSError:
             above = ()
         found.append(LoopOver(f"/dev/{os.path.basename(real)}", devnum, 0, on,

@@ -528,8 +528,24 @@ def _stacked(numbers: list[int]) -> tuple[str, ...]:
             holders = os.path.join(directory, "holders")
             if os.path.isdir(holders):
                 for name in sorted(os.listdir(holders)):
-                    found.setdefault(f"/dev/{name}", None)
+                    found.setdefault(holder_path(name), None)
     return tuple(found)
+
+
+def holder_path(name: str) -> str:
+    """How to name the device ``name`` (sysfs) stacked on a drive: a device-mapper volume
+    by its /dev/mapper link (``/dev/mapper/luks-...``, ``/dev/mapper/vg-lv``: what the user
+    made, not ``/dev/dm-0``) when that link is there and is that device."""
+    node = f"/dev/{name}"
+    mapped = _read(f"{sysfs.ROOT}/class/block/{name}/dm/name")
+    if not mapped or "/" in mapped:
+        return node
+    link = f"/dev/mapper/{mapped}"
+    try:
+        same = os.stat(link).st_rdev == os.stat(node).st_rdev  # in devtmpfs: never hangs
+    except OSError:
+        return node
+    return link if same else node
 
 
 def loop_key(path: str, devnum: int) -> LoopKey | None:

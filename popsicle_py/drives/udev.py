@@ -58,6 +58,7 @@ from popsicle_py.drives.system import (
     backing_of,
     current_mounts,
     current_swaps,
+    holder_path,
     holders_beneath,
     loop_key,
     mount_table,
@@ -217,7 +218,7 @@ def _holders(device: pyudev.Device, parts: list[pyudev.Device]) -> tuple[str, ..
         directory = os.path.join(dev.sys_path, "holders")
         if os.path.isdir(directory):
             for name in sorted(os.listdir(directory)):
-                found.setdefault(f"/dev/{name}", None)
+                found.setdefault(holder_path(name), None)
     return tuple(found)
 
 

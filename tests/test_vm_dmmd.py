@@ -24,7 +24,8 @@ import pytest
 from test_vm import _skip_reason
 from vm.guest import Disk, Guest, MiB, Topology, booted
 
-pytestmark = [pytest.mark.vm, pytest.mark.xdist_group("vm")]
+#: A guest of its own: its own xdist group, so that it may run beside tests/test_vm.py.
+pytestmark = [pytest.mark.vm, pytest.mark.xdist_group("vm_dmmd")]
 
 IMAGE_SIZE = 2 * MiB + 4096
 #: Stick id -> (xHCI port, serial).

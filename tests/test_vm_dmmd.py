@@ -1,13 +1,15 @@
 """The VM tier: sticks held through device-mapper and md RAID, which this machine's kernel
 lacks and Debian's kernel in the guest has (modules dm-mod and raid1).
 
-One guest for the module (tests/vm/guest.py), booted with five USB sticks, each held its own
+One guest for the module (tests/vm/guest.py), booted with six USB sticks, each held its own
 way before anything is asked: a dm-linear mapping over the whole stick (open by nobody); a
 mapping over a partition, its table naming the partition by major:minor, held open by a
 program; an assembled RAID1 array with the stick as a member; a stale RAID superblock of an
 array stopped since; and a mounted stick with a loop device over a file on it and a mapping
-stacked on that loop device.  ``list`` is run once and ``flash``, ``erase`` and ``probe``
-once each for all of them: each CLI start costs seconds under emulation.
+stacked on that loop device; and one whose file system, a loop device over a file of it
+still attached, was unmounted with ``umount -l``.  ``list`` is run once and ``flash``,
+``erase`` and ``probe`` once each for all of them: each CLI start costs seconds under
+emulation.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ IMAGE_SIZE = 2 * MiB + 4096
 #: Stick id -> (xHCI port, serial).
 STICKS = {"whole": ("1", "DM-WHOLE-1"), "part": ("2", "DM-PART-1"),
           "member": ("3", "MD-MEMBER-1"), "stale": ("4", "MD-STALE-1"),
-          "stacked": ("5", "DM-STACKED-1")}
+          "stacked": ("5", "DM-STACKED-1"), "lazy": ("6", "LAZY-1")}
 
 
 def _topology(workdir: Path) -> Topology:
@@ -64,7 +66,7 @@ def held(vm: Guest) -> Iterator[dict[str, Any]]:
     where = _nodes(vm)
     assert set(where) == set(STICKS), where
     mdadm = vm.files.mdadm
-    whole, part, member, stale, stacked = (where[s] for s in STICKS)
+    whole, part, member, stale, stacked, lazy = (where[s] for s in STICKS)
     # The holder of "part" is a program reading the mapping, started below.
     script = f"""
 set -e
@@ -84,12 +86,15 @@ mkfs.vfat -I {stacked} >/dev/null; mkdir -p /run/stacked; mount {stacked} /run/s
 truncate -s 4M /run/stacked/disk.img
 L=$(losetup -f --show /run/stacked/disk.img)
 dmsetup create --noudevsync over --table "0 2048 linear $L 0"
-echo $L
+mkfs.vfat -I {lazy} >/dev/null; mkdir -p /run/lazy; mount {lazy} /run/lazy
+truncate -s 1M /run/lazy/disk.img
+Z=$(losetup -f --show -r /run/lazy/disk.img); umount -l /run/lazy
+echo $Z $L
 """
-    loop = vm.sh(script, timeout=120).strip().splitlines()[-1]
+    lazy_loop, loop = vm.sh(script, timeout=120).strip().splitlines()[-1].split()
     reader = vm.spawn(["/bin/sh", "-c", "exec sleep 600 < /dev/mapper/part"])
     try:
-        yield {"where": where, "loop": loop, "reader": reader}
+        yield {"where": where, "loop": loop, "lazy_loop": lazy_loop, "reader": reader}
     finally:
         reader.stop()
 
@@ -108,7 +113,9 @@ def _reasons(held: dict[str, Any]) -> dict[str, str]:
             "member": "in use by /dev/md0 (LVM, encryption or RAID)",
             "stacked": f"in use by {held['loop']} (itself in use by /dev/mapper/over), a loop"
                        " device over /run/stacked/disk.img, a file on it (its file system"
-                       " cannot be unmounted while it is used)"}
+                       " cannot be unmounted while it is used)",
+            "lazy": f"in use by {held['lazy_loop']}, a loop device over a file on it (its file"
+                    " system is mounted nowhere: unmounted with `umount -l` while in use?)"}
 
 
 def test_list_says_no_for_every_stick_a_mapping_or_an_array_holds(
@@ -199,7 +206,8 @@ def test_a_mapping_made_after_the_plan_is_named_when_the_drive_is_opened(
 def test_watch_leaves_the_held_sticks_alone_saying_why(vm: Guest, held: dict[str, Any]) -> None:
     """``watch --include-present`` takes the free stick only; each held one is announced
     with the reason ``list`` gives (``watch`` unmounts nothing: the stacked stick is
-    mounted, first)."""
+    mounted, first).  The one the kernel holds unseen (``umount -l``) was announced
+    eligible, then failed "the drive is busy" (exit 1)."""
     where = held["where"]
     image = vm.put("watch.img", os.urandom(IMAGE_SIZE))
     result = vm.popsicle("watch", "--include-present", "--no-power-off", "--yes", "--json",

@@ -426,8 +426,7 @@ class WatchSession:
         facts = self._facts()
         left: list[str] = []
         for device in self.context.list_devices(subsystem="block", DEVTYPE="disk"):
-            drive = drives.with_kernel_hold(drives.build_drive(device, facts, explicit=False),
-                                            facts)
+            drive = drives.build_discovered(device, facts)
             self._media[drive.devnum] = drive.size
             if self.options.include_present:
                 self._arrived(device, drive)
@@ -486,10 +485,7 @@ class WatchSession:
                 self._arrived(device)
 
     def _arrived(self, device: pyudev.Device, drive: Drive | None = None) -> None:
-        if drive is None:  # held by the kernel unseen (umount -l): refused, as list says
-            facts = self._facts()
-            drive = drives.with_kernel_hold(drives.build_drive(device, facts, explicit=False),
-                                            facts)
+        drive = drive or drives.build_discovered(device, self._facts())
         self._media[drive.devnum] = drive.size
         previous = self._current.get(drive.devnum)
         if previous is not None and (previous.in_flight or previous.present_at_start):

@@ -371,6 +371,13 @@ def drive_for_path(path: str, *, image_path: str | None = None,
     return with_kernel_hold(drive, facts)
 
 
+def build_discovered(device: pyudev.Device, facts: SystemFacts) -> Drive:
+    """A drive nobody named (``watch``), judged as ``list`` judges it: busy with what the
+    kernel holds unseen too (a stick whose file system was unmounted with ``umount -l``
+    was announced eligible, then failed "the drive is busy")."""
+    return with_kernel_hold(build_drive(device, facts, explicit=False), facts)
+
+
 def with_kernel_hold(drive: Drive, facts: SystemFacts) -> Drive:
     """``drive``, busy with what the kernel holds of it that nothing we see explains (see
     :func:`held_by_kernel`), when it is otherwise free to be written."""

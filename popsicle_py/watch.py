@@ -426,7 +426,7 @@ class WatchSession:
         facts = self._facts()
         left: list[str] = []
         for device in self.context.list_devices(subsystem="block", DEVTYPE="disk"):
-            drive = drives.build_drive(device, facts, explicit=False)
+            drive = drives.build_discovered(device, facts)
             self._media[drive.devnum] = drive.size
             if self.options.include_present:
                 self._arrived(device, drive)
@@ -485,7 +485,7 @@ class WatchSession:
                 self._arrived(device)
 
     def _arrived(self, device: pyudev.Device, drive: Drive | None = None) -> None:
-        drive = drive or drives.build_drive(device, self._facts(), explicit=False)
+        drive = drive or drives.build_discovered(device, self._facts())
         self._media[drive.devnum] = drive.size
         previous = self._current.get(drive.devnum)
         if previous is not None and (previous.in_flight or previous.present_at_start):

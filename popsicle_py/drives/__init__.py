@@ -83,6 +83,7 @@ from popsicle_py.drives.system import (
 )
 from popsicle_py.drives.udev import (
     NO_UDEV_NOTE,
+    build_discovered,
     build_drive,
     bus_of,
     decode_udev,
@@ -128,6 +129,7 @@ __all__ = [
     "TargetError",
     "backing_of",
     "btrfs_groups",
+    "build_discovered",
     "build_drive",
     "bus_of",
     "busy_for_reading",

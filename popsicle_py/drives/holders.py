@@ -31,6 +31,7 @@ from popsicle_py.drives.system import (
     btrfs_group,
     current_mounts,
     current_swaps,
+    holder_path,
     mount_table,
     named_device,
     parse_devnum,
@@ -61,10 +62,11 @@ def gather_facts(image_path: str | None = None,
         except OSError:
             pass
     own = mount_table()
-    return SystemFacts(current_mounts(own, answers), current_swaps(answers), image_devnums,
+    mounts = current_mounts(own, answers)
+    return SystemFacts(mounts, current_swaps(answers), image_devnums,
                        image_inode, image_files, foreign_mounts(own, answers),
-                       loops_over_devices(answers), openers(of, answers), answers,
-                       ExclusiveOpens(of or ()).refused())
+                       loops_over_devices(answers), loops_over_files(own, answers),
+                       openers(of, answers), answers, ExclusiveOpens(of or ()).refused())
 
 
 # -- Holders: what other namespaces mount, loop devices over disks, who has a disk open -----
@@ -224,6 +226,38 @@ def loops_over_devices(answers: LoopAnswers | None = None) -> tuple[LoopOver, ..
         offset = _read(f"{sysfs.ROOT}/class/block/{name}/loop/offset") or "0"
         found.append(LoopOver(f"/dev/{name}", devnum, int(offset) if offset.isdigit() else 0,
                               backing(rdev).devnums))
+    return tuple(found)
+
+
+def loops_over_files(own: list[MountEntry] | None = None, answers: LoopAnswers | None = None
+                     ) -> tuple[LoopOver, ...]:
+    """Loop devices over a file of a file system mounted here, each with the devices that
+    file rests on (a dm mapping stacked on such a loop device holds it as well).
+
+    The file system cannot be unmounted while one uses a file on it (``--unmount`` fails
+    "target is busy"), so the drive beneath is held, not merely mounted: ``list`` said
+    "yes" for it, and ``flash`` told the user to use ``--unmount``, which then failed.  One
+    on a file system mounted nowhere (``umount -l``) is for
+    :func:`~.udev.held_by_kernel`.
+    """
+    answers = answers or ask_loops()
+    backing = _Backings(answers)
+    mounted = {entry.devnum for entry in (mount_table() if own is None else own)}
+    found: list[LoopOver] = []
+    for devnum, key in sorted(answers.keys.items()):
+        if key is None or key.rdev or key.dev not in mounted:
+            continue
+        stored = backing(devnum)
+        on = stored.under
+        if not on:
+            continue  # a file of tmpfs, FUSE: on no drive
+        real = os.path.realpath(_sys_dev(devnum))
+        try:
+            above = tuple(holder_path(name) for name in sorted(os.listdir(f"{real}/holders")))
+        except OSError:
+            above = ()
+        found.append(LoopOver(f"/dev/{os.path.basename(real)}", devnum, 0, on,
+                              stored.name, above))
     return tuple(found)
 
 

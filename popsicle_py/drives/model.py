@@ -194,6 +194,10 @@ class LoopOver:
     offset: int
     #: Every device its writes land on: the backing device and what that rests on.
     devnums: frozenset[int]
+    #: For a loop device over a file (:attr:`SystemFacts.file_loops`): that file's name,
+    #: and the devices stacked on the loop device (dm, md), for messages.
+    file: str | None = None
+    holders: tuple[str, ...] = ()
 
 
 @record
@@ -232,6 +236,9 @@ class SystemFacts:
     foreign_mounts: tuple[Mount, ...] = ()
     #: Loop devices standing on block devices.
     loops: tuple[LoopOver, ...] = ()
+    #: Loop devices over a file of a file system mounted here, with the devices holding
+    #: that file: the file system cannot be unmounted while they use it.
+    file_loops: tuple[LoopOver, ...] = ()
     #: Block devices other processes hold open (our own descriptors never count).
     openers: tuple[Opener, ...] = ()
     #: What every loop device stands on, as the kernel said when these facts were gathered.

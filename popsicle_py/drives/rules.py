@@ -23,6 +23,7 @@ from popsicle_py.drives.model import (
     Backing,
     Drive,
     Inode,
+    LoopOver,
     Mount,
     Opener,
     Refusal,
@@ -149,10 +150,22 @@ def holder_reasons(devnum: int, facts: SystemFacts, backing: Backing | None = No
             over = "it" if devnum in loop.devnums else "what it is stored on"
             found.setdefault(f"in use by {loop.device}, a loop device over {over} at offset "
                              f"{loop.offset}", None)
+    for loop in facts.file_loops:
+        if loop.devnum != devnum and holds(loop.devnums):
+            found.setdefault(_loop_over_file(loop, devnum), None)
     for opener in facts.openers:
         if holds(opener.devnums, opener.files) and not udev_probing(opener):
             found.setdefault(_open_in(opener, devnum), None)
     return tuple(found)
+
+
+def _loop_over_file(loop: LoopOver, devnum: int) -> str:
+    """``in use by /dev/loop1 (itself in use by /dev/dm-0), a loop device over
+    /mnt/disk.img, a file on it: detach it first``."""
+    above = f" (itself in use by {', '.join(loop.holders)})" if loop.holders else ""
+    on = "it" if devnum in loop.devnums else "what it is stored on"
+    return (f"in use by {loop.device}{above}, a loop device over {loop.file or 'a file'}, a "
+            f"file on {on} (its file system cannot be unmounted while it is used)")
 
 
 #: udev's own workers: on every "add" or "change" of a disk (a stick just plugged in, a drive

@@ -506,8 +506,18 @@ def current_swaps(answers: LoopAnswers | None = None) -> tuple[Swap, ...]:
 
 def holders_beneath(backing: Backing, devnum: int) -> tuple[str, ...]:
     """Devices stacked on what backs a loop device (dm over its backing device...)."""
+    return _stacked(sorted(backing.devnums - {devnum}))
+
+
+def stacked_on(devnum: int) -> tuple[str, ...]:
+    """Devices stacked on the disk ``devnum`` or a partition of it now (sysfs ``holders/``:
+    device-mapper, md RAID), as ``/dev`` names."""
+    return _stacked([devnum])
+
+
+def _stacked(numbers: list[int]) -> tuple[str, ...]:
     found: dict[str, None] = {}
-    for number in sorted(backing.devnums - {devnum}):
+    for number in numbers:
         base = _sys_dev(number)
         if not os.path.exists(base):
             continue
@@ -518,8 +528,24 @@ def holders_beneath(backing: Backing, devnum: int) -> tuple[str, ...]:
             holders = os.path.join(directory, "holders")
             if os.path.isdir(holders):
                 for name in sorted(os.listdir(holders)):
-                    found.setdefault(f"/dev/{name}", None)
+                    found.setdefault(holder_path(name), None)
     return tuple(found)
+
+
+def holder_path(name: str) -> str:
+    """How to name the device ``name`` (sysfs) stacked on a drive: a device-mapper volume
+    by its /dev/mapper link (``/dev/mapper/luks-...``, ``/dev/mapper/vg-lv``: what the user
+    made, not ``/dev/dm-0``) when that link is there and is that device."""
+    node = f"/dev/{name}"
+    mapped = _read(f"{sysfs.ROOT}/class/block/{name}/dm/name")
+    if not mapped or "/" in mapped:
+        return node
+    link = f"/dev/mapper/{mapped}"
+    try:
+        same = os.stat(link).st_rdev == os.stat(node).st_rdev  # in devtmpfs: never hangs
+    except OSError:
+        return node
+    return link if same else node
 
 
 def loop_key(path: str, devnum: int) -> LoopKey | None:

@@ -27,6 +27,7 @@ from popsicle_py.drives.holders import (
     gather_facts,
     kept_namespace_mounts,
     loops_over_devices,
+    loops_over_files,
     openers,
 )
 from popsicle_py.drives.model import (
@@ -57,10 +58,13 @@ from popsicle_py.drives.system import (
     backing_of,
     current_mounts,
     current_swaps,
+    holder_path,
     holders_beneath,
     loop_key,
+    mount_table,
     parse_devnum,
     source_stats,
+    stacked_on,
     unescape_mount,
 )
 from popsicle_py.identity import not_confirmed, same_media
@@ -214,7 +218,7 @@ def _holders(device: pyudev.Device, parts: list[pyudev.Device]) -> tuple[str, ..
         directory = os.path.join(dev.sys_path, "holders")
         if os.path.isdir(directory):
             for name in sorted(os.listdir(directory)):
-                found.setdefault(f"/dev/{name}", None)
+                found.setdefault(holder_path(name), None)
     return tuple(found)
 
 
@@ -367,6 +371,13 @@ def drive_for_path(path: str, *, image_path: str | None = None,
     return with_kernel_hold(drive, facts)
 
 
+def build_discovered(device: pyudev.Device, facts: SystemFacts) -> Drive:
+    """A drive nobody named (``watch``), judged as ``list`` judges it: busy with what the
+    kernel holds unseen too (a stick whose file system was unmounted with ``umount -l``
+    was announced eligible, then failed "the drive is busy")."""
+    return with_kernel_hold(build_drive(device, facts, explicit=False), facts)
+
+
 def with_kernel_hold(drive: Drive, facts: SystemFacts) -> Drive:
     """``drive``, busy with what the kernel holds of it that nothing we see explains (see
     :func:`held_by_kernel`), when it is otherwise free to be written."""
@@ -490,9 +501,11 @@ def holders_now(of: frozenset[int] | None = None) -> Holders:
     """Read every holder once (the mount table, swaps, each namespace's mounts, loop devices
     over disks, every process's open descriptors: a scan of /proc, settled for ``of``)."""
     answers = ask_loops()
-    return Holders(current_mounts(answers=answers), SystemFacts(
-        swaps=current_swaps(answers), foreign_mounts=foreign_mounts(answers=answers),
-        loops=loops_over_devices(answers), openers=openers(of, answers), answers=answers))
+    own = mount_table()
+    return Holders(current_mounts(own, answers=answers), SystemFacts(
+        swaps=current_swaps(answers), foreign_mounts=foreign_mounts(own, answers=answers),
+        loops=loops_over_devices(answers), file_loops=loops_over_files(own, answers),
+        openers=openers(of, answers), answers=answers))
 
 
 def held_now(drive: Drive, now: Holders | None = None) -> str | None:
@@ -503,6 +516,9 @@ def held_now(drive: Drive, now: Holders | None = None) -> str | None:
     now = now or holders_now()
     backing = backing_of(drive.devnum, now.facts.answers)
     own = tuple(f"mounted at {m}" for m in mountpoints_of(drive.devnum, now.mounts))
+    stacked = stacked_on(drive.devnum)
+    if stacked:  # a mapping or an array made since: the open would fail, saying less
+        own += (f"in use by {', '.join(stacked)} (LVM, encryption or RAID)",)
     swap = tuple(f"in use as swap ({s.path})" for s in now.facts.swaps
                  if overwrites(backing, s.devnums, s.files))
     reasons = tuple(dict.fromkeys(

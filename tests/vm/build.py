@@ -25,15 +25,17 @@ from pathlib import Path
 CACHE = Path(os.environ.get("POPSICLE_VM_CACHE", "/var/cache/popsicle-vm"))
 HERE = Path(__file__).resolve().parent
 #: Bump when what is built from the same packages changes.
-FORMAT = "4"
+FORMAT = "5"
 
 #: Module directories unpacked from the kernel package: enough for virtio, 9p, overlay, USB,
-#: SCSI, SATA and their helpers, and FAT (a file system on a stick, for the holder tests).
+#: SCSI, SATA and their helpers, FAT (a file system on a stick, for the holder tests), and
+#: device-mapper and md RAID (what stands between a stick and a name, tests/test_vm_dmmd.py).
 #: Leaving the rest out keeps the first build quick and the guest from probing hardware it
 #: does not have.
 MODULE_DIRS = ("block", "drivers/usb", "drivers/scsi", "drivers/ata", "drivers/virtio",
                "drivers/block", "drivers/char", "drivers/cdrom", "fs/9p", "fs/overlayfs",
-               "fs/netfs", "fs/fscache", "fs/fat", "fs/nls", "net/9p", "lib", "crypto")
+               "fs/netfs", "fs/fscache", "fs/fat", "fs/nls", "net/9p", "lib", "crypto",
+               "drivers/md")
 
 #: Loaded by the initramfs, dependencies first: what it takes to mount the host's root.
 INITRAMFS_MODULES = ("virtio_pci", "9pnet_virtio", "9p", "overlay")
@@ -50,6 +52,7 @@ class GuestFiles:
     release: str
     udev: Path  # the unpacked ``udev`` package
     udev_libs: Path | None  # a matching libsystemd-shared when the host's differs
+    mdadm: Path  # Debian's mdadm program, unpacked (never installed on the host)
 
 
 def _out(*argv: str) -> str:
@@ -91,7 +94,7 @@ def plan() -> dict[str, str]:
     udev = host_shared if host_shared and _available("udev", host_shared) else _candidate("udev")
     return {"format": FORMAT, "kernel": kernel, "kernel_version": _candidate(kernel),
             "udev": udev, "host_libsystemd_shared": host_shared,
-            "busybox": _candidate("busybox-static"),
+            "busybox": _candidate("busybox-static"), "mdadm": _candidate("mdadm"),
             "modules": ",".join(MODULE_DIRS + INITRAMFS_MODULES)}
 
 
@@ -173,7 +176,8 @@ def _files(root: Path, info: dict[str, str]) -> GuestFiles:
     libs = root / "udev-libs"
     return GuestFiles(root=root, kernel=root / "kernel" / "boot" / f"vmlinuz-{release}",
                       initrd=root / "initrd.cpio", modules=root / "kernel", release=release,
-                      udev=root / "udev", udev_libs=libs if libs.is_dir() else None)
+                      udev=root / "udev", udev_libs=libs if libs.is_dir() else None,
+                      mdadm=root / "mdadm" / "sbin" / "mdadm")
 
 
 def prepare(log: bool = True) -> GuestFiles:
@@ -202,7 +206,7 @@ def _build(root: Path, key: str, info: dict[str, str], log: bool) -> None:
         for path in (tmp, debs):  # apt-get download works as user _apt
             path.chmod(0o755 if path == tmp else 0o777)
         specs = [f"{info['kernel']}={info['kernel_version']}", f"udev={info['udev']}",
-                 f"busybox-static={info['busybox']}"]
+                 f"busybox-static={info['busybox']}", f"mdadm={info['mdadm']}"]
         if info["udev"] != info["host_libsystemd_shared"]:
             specs.append(f"libsystemd-shared={info['udev']}")
         downloaded = _download(debs, *specs)
@@ -220,6 +224,8 @@ def _build(root: Path, key: str, info: dict[str, str], log: bool) -> None:
                 shutil.copy2(found, tmp / "udev-libs" / found.name)
             elif name == "busybox-static":
                 _extract(deb, tmp / "busybox", "./bin/busybox")
+            elif name == "mdadm":
+                _extract(deb, tmp / "mdadm", "./sbin/mdadm")
         release = info["kernel"].removeprefix("linux-image-")
         subprocess.run(["depmod", "-b", str(tmp / "kernel"), release], check=True)
         modules = module_order(tmp / "kernel", release, INITRAMFS_MODULES)

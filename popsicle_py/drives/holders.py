@@ -243,12 +243,16 @@ def loops_over_files(own: list[MountEntry] | None = None, answers: LoopAnswers |
     answers = answers or ask_loops()
     backing = _Backings(answers)
     mounted = {entry.devnum for entry in (mount_table() if own is None else own)}
+    rests_on: dict[int, frozenset[int]] = {}
     found: list[LoopOver] = []
     for devnum, key in sorted(answers.keys.items()):
         if key is None or key.rdev or key.dev not in mounted:
             continue
-        stored = backing(devnum)
-        on = stored.under
+        # What the file's file system rests on, walked once for all the loop devices over
+        # files of it (32 targets over files in one directory: one walk, not 32).
+        on = rests_on.get(key.dev)
+        if on is None:
+            on = rests_on[key.dev] = backing(devnum).under
         if not on:
             continue  # a file of tmpfs, FUSE: on no drive
         real = os.path.realpath(_sys_dev(devnum))
@@ -257,7 +261,7 @@ def loops_over_files(own: list[MountEntry] | None = None, answers: LoopAnswers |
         except OSError:
             above = ()
         found.append(LoopOver(f"/dev/{os.path.basename(real)}", devnum, 0, on,
-                              stored.name, above))
+                              _read(f"{real}/loop/backing_file"), above))
     return tuple(found)
 
 

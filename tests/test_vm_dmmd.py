@@ -175,6 +175,7 @@ job = app.prepare_flash(app.FlashRequest(app.SourceOptions(image),
                                          app.TargetOptions(devices=(target,))))
 subprocess.run(["dmsetup", "create", "--noudevsync", "late", "--table",
                 "0 1024 linear " + under + " 0"], check=True)
+subprocess.run(["udevadm", "settle"], check=True)  # its /dev/mapper link, named below
 try:
     with job:
         job.run(PlainView(), Cancellation())

@@ -13,22 +13,9 @@ import pi_image
 import pytest
 from conftest import Loop
 from test_customize import FILL, one_line, popsicle
+from test_rev_settings2_secrets import flash, nothing_written
 
 pytestmark = pytest.mark.root
-
-
-def flash(tmp_path: Path, loop_factory: Callable[..., Loop], settings: bytes,
-          ) -> tuple[int, str, Loop]:
-    image = pi_image.build(tmp_path, table="mbr")
-    toml = tmp_path / "settings.toml"
-    toml.write_bytes(settings)
-    loop = loop_factory(image.stat().st_size, fill=FILL)
-    done = popsicle("flash", image, loop.path, "--yes", "--customize", toml)
-    return done.returncode, done.stderr + done.stdout, loop
-
-
-def nothing_written(loop: Loop) -> bool:
-    return Path(loop.backing).read_bytes() == bytes([FILL]) * loop.size
 
 
 @pytest.mark.parametrize("nested", ["[" * 3000 + "]" * 3000, "{a=" * 3000 + "1" + "}" * 3000])

@@ -282,14 +282,16 @@ class Download(io.RawIOBase):
     def _reconnect(self) -> None:
         """Ask for the rest; take the answer only if it is the same file from the same byte.
 
-        A server that gives neither ETag nor Last-Modified cannot show that the file changed:
-        its download starts over while nothing was used, and is resumed afterwards only when a
-        checksum will judge the result.
+        A server that gives neither a strong ETag nor Last-Modified cannot show that the file
+        changed: its download starts over while nothing was used, and is resumed afterwards
+        only when a checksum will judge the result.
         """
-        blind = self.validator.key is None and self.expected is None
+        blind = not self.validator.strong and self.expected is None
         if blind and self._handed:
+            which = ("only a weak ETag (W/: the same meaning, not the same bytes) and no "
+                     "Last-Modified" if self.validator.etag else "no ETag or Last-Modified")
             raise RemoteError(f"{self.url}: the connection was lost at byte {self._net} and "
-                              "the server gives no ETag or Last-Modified, so a resumed "
+                              f"the server gives {which}, so a resumed "
                               "download could mix two versions of the file; run again, or "
                               "give its checksum (--sha256) to allow resuming")
         headers = {} if blind else {"Range": f"bytes={self._net}-"}
@@ -308,8 +310,8 @@ class Download(io.RawIOBase):
             raise RemoteError(f"{self.url} changed on the server during the download (the "
                               "server's ETag/Last-Modified differ); not mixing two versions: "
                               "run again")
-        if resp.status in (200, 206) and not self.validator.confirms(now):
-            self._unconfirmed(resp)
+        if resp.status in (200, 206) and not blind and not self.validator.same_bytes(now):
+            self._unconfirmed(resp)  # (a blind start over is judged by its first bytes)
         if resp.status in (200, 206) and coding(resp.headers) != self.coding:
             resp.close()  # other bytes than the file's (a proxy that compresses some answers)
             raise RemoteError(f"{self.url}: the server answered the resume at byte {self._net} "
@@ -374,9 +376,14 @@ class Download(io.RawIOBase):
     def _unconfirmed(self, resp: Any) -> None:
         """An answer without the first one's validator cannot show it is the same file: not
         taken, unless the checksum will judge the whole download (then said once)."""
-        which = "ETag" if self.validator.etag else "Last-Modified"
-        why = (f"the server answered the resume at byte {self._net} without the file's "
-               f"{which}, so nothing shows the rest is of the same version")
+        if not self.validator.strong:
+            why = (f"the server gives only a weak ETag (W/: the same meaning, not the same "
+                   f"bytes), so nothing shows the rest from byte {self._net} is of the same "
+                   "version")
+        else:
+            which = "ETag" if self.validator.etag else "Last-Modified"
+            why = (f"the server answered the resume at byte {self._net} without the file's "
+                   f"{which}, so nothing shows the rest is of the same version")
         if self.expected is None:
             resp.close()
             raise RemoteError(f"{self.url}: {why}; not stitching two versions together: run "

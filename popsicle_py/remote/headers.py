@@ -48,6 +48,24 @@ class Validator:
             return self.last_modified != other.last_modified
         return False
 
+    @property
+    def strong(self) -> bool:
+        """True when a later answer can show it carries this version's very bytes: a strong
+        ETag, or a Last-Modified date.  A weak ETag (``W/``) promises only the same meaning
+        (RFC 9110 8.8.1: a body compressed again, a page rendered again), so a resume must
+        not stitch on it, and If-Range cannot carry it."""
+        return bool(self.etag and not self.etag.startswith("W/")) or bool(self.last_modified)
+
+    def same_bytes(self, other: Validator) -> bool:
+        """True when ``other`` shows, by a strong validator, that it is this version byte for
+        byte: what stitching a resumed body onto the first needs (a weak ETag shows only the
+        same meaning; Last-Modified stands in when that is all there is)."""
+        if self.etag and not self.etag.startswith("W/"):
+            return other.etag == self.etag
+        if self.last_modified:
+            return other.last_modified == self.last_modified
+        return not self.etag  # no validator at all: Download resumes only under a checksum
+
     def confirms(self, other: Validator) -> bool:
         """True when ``other`` (a later response's) shows it is this version: the same ETag,
         or the same Last-Modified when that is all this one had.  An answer without them

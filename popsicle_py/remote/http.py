@@ -41,7 +41,7 @@ from urllib3.util import Retry, Timeout
 from popsicle_py._version import __version__
 from popsicle_py.images import ImageError, detect
 from popsicle_py.records import record
-from popsicle_py.remote.coding import CODED_FILES, coding, decoded_small, encoded
+from popsicle_py.remote.coding import coding, decoded_small, encoded, the_files_own
 from popsicle_py.remote.headers import (
     Validator,
     content_length,
@@ -453,7 +453,7 @@ def probe(client: Client, url: str) -> Probe:
         result.close()
         raise RemoteError(f"{url} is empty (the server sent no bytes)")
     value = coding(resp.headers)
-    if value is not None and CODED_FILES.get(value) != detect(head).name:
+    if value is not None and not the_files_own(value, detect(head).name, (url, final)):
         result.close()
         raise RemoteError(f"{encoded(url, value)} (a misconfigured server or proxy); "
                           "nothing was written")

@@ -1,20 +1,24 @@
-"""A weak ETag (``W/"..."``) promises the same meaning, not the same bytes (RFC 9110 8.8.1):
-a resumed download must never stitch another version's bytes on because its weak ETag matched.
+"""Third review of URLs.  A weak ETag (``W/"..."``) promises the same meaning, not the same
+bytes (RFC 9110 8.8.1): a resumed download must never stitch another version's bytes on
+because its weak ETag matched.
 
 The threaded web server of tests/webserver.py cuts the first answer and serves the file's
 next version, under the same weak ETag, from the second request on; no Last-Modified.
+A raw server (RawServer) sends a plain image compressed on the wire.
 """
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import os
 from collections.abc import Callable, Iterator
 
 import pytest
 from conftest import Loop, needs_root
-from test_remote import PATTERN, SIZE, flash, not_bootable, read_url
-from webserver import Served, WebServer, serving
+from test_remote import PATTERN, SIZE, flash, not_bootable, read_url, untouched
+from test_rev_remote2_hostile import _plain
+from webserver import Served, WebServer, raw_serving, serving
 
 from popsicle_py.images import ImageError
 
@@ -75,3 +79,23 @@ def test_a_flash_resumed_under_a_weak_etag_onto_another_version_fails_the_drive(
     assert "gives only a weak ETag" in result["error"], result
     assert not_bootable(drive, data)
     assert drive.read(MiB, 2 * MiB) != other[2 * MiB : 3 * MiB]
+
+
+@needs_root
+def test_a_plain_image_gzip_encoded_on_the_wire_is_refused_not_blamed_on_its_checksum(
+        loop_factory: Callable[..., Loop]) -> None:
+    """``disk.img`` sent with ``Content-Encoding: gzip`` (a server compressing on the way
+    although identity was asked for): taken as a .gz file, decoded and written, then failed
+    "checksum mismatch" after the whole write, the published checksum compared with the
+    wire's bytes.  The bytes are not the file's: refused before anything is written."""
+    image = os.urandom(2 * MiB)
+    sums = f"{hashlib.sha256(image).hexdigest()}  os.img\n".encode()
+    with raw_serving() as raw:
+        raw.routes["/os.img"] = _plain(gzip.compress(image, 1), Content_Encoding="gzip")
+        raw.routes["/SHA256SUMS"] = _plain(sums, Content_Type="text/plain")
+        drive = loop_factory(4 * MiB, fill=PATTERN)
+        code, _, err = flash(raw.url("/os.img"), drive, extra=("--no-probe",))
+    assert code == 2, err
+    assert ("/os.img: the server sent it encoded (Content-Encoding: gzip) though it was "
+            "asked for the file as it is (Accept-Encoding: identity)") in err, err
+    assert untouched(drive)

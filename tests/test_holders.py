@@ -561,6 +561,35 @@ def test_a_drive_held_by_a_lazily_unmounted_file_system_is_refused_before_confir
 
 
 @pytest.mark.root
+def test_a_mounted_drive_a_loop_device_uses_is_not_told_to_use_unmount(
+        loop_factory: Callable[..., Loop], tmp_path: Path) -> None:
+    """Mounted, and a loop device over a file on it: the first line advised --unmount, which
+    then failed on that loop device after the question.  The lines say what holds it."""
+    path, _ = image(tmp_path)
+    target = loop_factory(32 * MiB)
+    mountpoint = tmp_path / "mnt"
+    run_tool("mkfs.ext4", "-q", target.path)
+    mountpoint.mkdir()
+    run_tool("mount", target.path, str(mountpoint))
+    inner = ""
+    try:
+        (mountpoint / "disk.bin").write_bytes(bytes(MiB))
+        inner = run_tool("losetup", "-f", "--show", "-r", str(mountpoint / "disk.bin")).strip()
+        done = popsicle("flash", path, target.path, "--yes")
+    finally:
+        if inner:
+            subprocess.run(["losetup", "-d", inner], capture_output=True, check=False)
+        subprocess.run(["umount", "-l", str(mountpoint)], capture_output=True, check=False)
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.splitlines()
+    assert f"popsicle-py: {target.path} is mounted at {mountpoint}" in lines, lines
+    assert (f"popsicle-py: {target.path} is in use by {inner}, a loop device over "
+            f"{mountpoint}/disk.bin, a file on it (its file system cannot be unmounted while "
+            "it is used)") in lines, lines
+    assert "--unmount" not in done.stderr, lines
+
+
+@pytest.mark.root
 def test_unmount_is_not_done_for_a_drive_one_of_whose_partitions_the_kernel_holds(
         tmp_path: Path) -> None:
     """``--unmount`` unmounted the first partition, and then the exclusive open was refused

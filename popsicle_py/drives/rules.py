@@ -283,8 +283,11 @@ def refusals(drive: Drive, *, image_size: int | None, unmount: bool = False,
         found.append(small)
     if drive.mountpoints and not unmount:
         at = ", ".join(drive.mountpoints)
+        # --unmount cures a mount alone: with a holder or a user beside it (a loop device over
+        # a file on it, a program in it) the unmount would fail, and the advice mislead.
+        advice = "" if drive.holders or drive.busy else "; use --unmount to unmount it"
         found.append(Refusal("mounted", f"mounted at {at}",
-                             f"{path} is mounted at {at}; use --unmount to unmount it"))
+                             f"{path} is mounted at {at}{advice}"))
     if drive.holders:
         by = ", ".join(drive.holders)
         found.append(Refusal("held", f"in use by {by} (LVM, encryption or RAID)",

@@ -188,6 +188,10 @@ BAD = {
     "ssh-without-a-way-in": ('user = "station"\npassword = "pw"\nssh = true\n', None,
                              "ssh = true without ssh_authorized_keys needs "
                              "ssh_password_auth = true"),
+    # ssh off with keys: firstrun left the keys out, cloud-init installed them.
+    "ssh-off-with-keys": (f'user = "station"\npassword = "pw"\nssh = false\n'
+                          f'ssh_authorized_keys = ["{KEYS[0]}"]\n', None,
+                          "ssh = false with ssh_authorized_keys: keys for an SSH that is off"),
     "not-utf-8": (b'hostname = "caf\xe9"\n', None, "settings.toml: not UTF-8 text"),
     # Names FAT cannot hold as given: the drive would be written, then fail.
     "file-dot-dot": (SETTINGS + '[files]\n".." = "welcome.txt"\n', None,

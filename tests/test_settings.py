@@ -99,6 +99,8 @@ def test_templates_fill_seq_and_columns(tmp_path: Path) -> None:
      "ssh = true without ssh_authorized_keys needs ssh_password_auth = true"),
     ('user = "u"\nssh = true\nssh_authorized_keys = ["{k}"]\n', f"seq,k\n1,{KEY}\n2,\n",
      "SER2): ssh = true without ssh_authorized_keys"),
+    ('user = "u"\nssh = false\nssh_authorized_keys = ["{k}"]\n', f"seq,k\n1,{KEY}\n2,{KEY}\n",
+     "SER1): ssh = false with ssh_authorized_keys"),
     # Names FAT cannot hold as given.
     ('[files]\n"." = "w.txt"\n', None, "[files] '.': not a file name"),
     ('[files]\n"..." = "w.txt"\n', None, "[files] '...': not a file name"),

@@ -373,6 +373,9 @@ def check(settings: Settings, drive: str) -> None:
             raise SettingsError(f"{drive}: {exc}") from None
     if s.ssh_authorized_keys and s.user is None:
         raise SettingsError(f"{drive}: ssh_authorized_keys need a user")
+    if s.ssh is False and s.ssh_authorized_keys:  # firstrun and cloud-init differed here
+        raise SettingsError(f"{drive}: ssh = false with ssh_authorized_keys: keys for an SSH "
+                            "that is off; remove one of them")
     if s.ssh and not s.ssh_authorized_keys and not s.ssh_password_auth:
         raise SettingsError(f"{drive}: ssh = true without ssh_authorized_keys needs "
                             "ssh_password_auth = true (else no one can log in over SSH)")

@@ -162,10 +162,16 @@ def geometry(boot: bytes) -> FatGeometry:
         raise FatError("the boot partition's FAT boot sector is not valid (its sizes do not "
                        "make a file system)")
     fsinfo_sector = struct.unpack_from("<H", boot, 48)[0] if fat32 else 0
+    if fsinfo_sector in (0, 0xFFFF):  # none (as mtools and the kernel read them)
+        fsinfo_sector = 0
+    elif fsinfo_sector >= reserved:  # the write check would let a data block change
+        raise FatError(f"the boot partition's FAT32 boot sector puts FSInfo at sector "
+                       f"{fsinfo_sector}, outside its {reserved} reserved sectors (a damaged "
+                       "image?)")
     return FatGeometry(bits, sector, per_cluster * sector, first_fat, fat_sectors * sector,
                        fats, root_offset, root_size, data, clusters,
                        struct.unpack_from("<I", boot, 44)[0] if fat32 else 0,
-                       fsinfo_sector * sector if fat32 and fsinfo_sector else None, total)
+                       fsinfo_sector * sector if fsinfo_sector else None, total)
 
 
 def read_fat(geo: FatGeometry, data: bytes) -> list[int]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -11,8 +12,13 @@ import pytest
 
 from popsicle_py.settings import DriveContext, SettingsError, load_settings, parse_values
 from popsicle_py.settings.cloudinit import cloud_init_files, wpa_psk
-from popsicle_py.settings.firstrun import HOOK, cmdline_with_hook, firstrun_files
-from popsicle_py.settings.model import Wifi, check_key, redacted
+from popsicle_py.settings.firstrun import (
+    HOOK,
+    cmdline_with_hook,
+    firstrun_files,
+    firstrun_script,
+)
+from popsicle_py.settings.model import Settings, Wifi, check_key, redacted
 from popsicle_py.settings.sha512crypt import sha512_crypt
 from popsicle_py.settings.values import check_templates, resolve, resolve_all
 
@@ -228,6 +234,23 @@ def test_firstrun_script_is_clean_shell(tmp_path: Path) -> None:
 def test_hook_is_not_repeated() -> None:
     once = cmdline_with_hook(b"console=tty1 rootwait\n")
     assert cmdline_with_hook(once) == once
+
+
+def test_an_earlier_hook_is_replaced_and_what_follows_it_stays_after_first_boot(
+        tmp_path: Path) -> None:
+    """An image customised before (Imager's hook in the middle of the line): everything after
+    ``systemd.run=`` was dropped, ``quiet splash`` and the root's options with it."""
+    image = (b"console=serial0,115200 root=PARTUUID=1-02 systemd.run=/boot/firstrun.sh "
+             b"systemd.run_success_action=reboot systemd.unit=kernel-command-line.target "
+             b"rootfstype=ext4 fsck.repair=yes rootwait quiet splash\n")
+    cmdline = tmp_path / "cmdline.txt"
+    cmdline.write_bytes(cmdline_with_hook(image))
+    assert cmdline.read_bytes().count(b"systemd.run=") == 1
+    sed = re.search(r"sed -i '(.*?)' ", firstrun_script(Settings(hostname="pi"), None))
+    assert sed is not None
+    subprocess.run(["sed", "-i", sed[1], str(cmdline)], check=True)  # the first boot's
+    assert cmdline.read_bytes() == (b"console=serial0,115200 root=PARTUUID=1-02 "
+                                    b"rootfstype=ext4 fsck.repair=yes rootwait quiet splash\n")
 
 
 @pytest.mark.parametrize("ssid", ["on", "No", "123", "a: b", "classroom"])

@@ -168,11 +168,20 @@ def firstrun_script(settings: Settings, hashed: str | None) -> str:
     return "\n".join(lines)
 
 
+#: The words of a first-run hook (ours, or Raspberry Pi Imager's before it).
+_HOOK_WORDS = ("systemd.run=", "systemd.run_success_action=", "systemd.run_failure_action=",
+               "systemd.unit=kernel-command-line.target")
+
+
 def cmdline_with_hook(cmdline: bytes) -> bytes:
-    """The image's ``cmdline.txt`` (one line) with the first-run hook at its end."""
-    line = cmdline.decode("utf-8", "replace").strip().split("\n")[0].rstrip()
-    line = line.split(" systemd.run=")[0]  # an earlier hook is replaced, not repeated
-    return (line + HOOK + "\n").encode()
+    """The image's ``cmdline.txt`` (one line) with the first-run hook at its end.
+
+    An earlier hook is replaced, not repeated, word by word: what follows it in the line
+    (``quiet splash``...) stays, and the hook stays last, where the script's own ``sed`` at
+    first boot cuts it off (every word from `` systemd.run`` on)."""
+    line = cmdline.decode("utf-8", "replace").strip().split("\n")[0]
+    words = [w for w in line.split() if not w.startswith(_HOOK_WORDS)]
+    return (" ".join(words) + HOOK + "\n").encode()
 
 
 def firstrun_files(settings: Settings, cmdline: bytes) -> dict[str, bytes]:

@@ -2,9 +2,9 @@
 lacks and Debian's kernel in the guest has (modules dm-mod and raid1).
 
 One guest for the module (tests/vm/guest.py), booted with six USB sticks, each held its own
-way before anything is asked: a dm-linear mapping over the whole stick (open by nobody); a
-mapping over a partition, its table naming the partition by major:minor, held open by a
-program; an assembled RAID1 array with the stick as a member; a stale RAID superblock of an
+way before anything is asked: a dm-linear mapping over the whole stick (open by nobody, its
+uuid cryptsetup's kind); a mapping over a partition, its table naming the partition by
+major:minor, held open by a program (its uuid LVM's kind); an assembled RAID1 array with the stick as a member; a stale RAID superblock of an
 array stopped since; and a mounted stick with a loop device over a file on it and a mapping
 stacked on that loop device; and one whose file system, a loop device over a file of it
 still attached, was unmounted with ``umount -l``.  ``list`` is run once and ``flash``,
@@ -71,10 +71,11 @@ def held(vm: Guest) -> Iterator[dict[str, Any]]:
     script = f"""
 set -e
 modprobe dm_mod; modprobe raid1; modprobe loop
-dmsetup create --noudevsync whole --table "0 2048 linear {whole} 0"
+dmsetup create --noudevsync whole --uuid CRYPT-LUKS2-0f1e2d3c-whole --table "0 2048 linear {whole} 0"
 printf 'label: dos\\nstart=2048, size=20480, type=83\\n' | sfdisk -q {part}
 udevadm settle
-dmsetup create --noudevsync part --table "0 2048 linear $(cat /sys/class/block/{part[5:]}1/dev) 0"
+dmsetup create --noudevsync part --uuid LVM-K2Zq0Yp8 \\
+    --table "0 2048 linear $(cat /sys/class/block/{part[5:]}1/dev) 0"
 truncate -s 32M /run/md-a.img /run/md-b.img
 A=$(losetup -f --show /run/md-a.img); B=$(losetup -f --show /run/md-b.img)
 {mdadm} --create /dev/md0 --run --quiet --assume-clean --level=1 --raid-devices=2 \\
@@ -108,9 +109,9 @@ def listed(vm: Guest, held: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 def _reasons(held: dict[str, Any]) -> dict[str, str]:
     """What ``list`` and ``flash`` must say of each held stick."""
-    return {"whole": "in use by /dev/mapper/whole (LVM, encryption or RAID)",
-            "part": "in use by /dev/mapper/part (LVM, encryption or RAID)",
-            "member": "in use by /dev/md0 (LVM, encryption or RAID)",
+    return {"whole": "in use by /dev/mapper/whole (dm-crypt encryption)",
+            "part": "in use by /dev/mapper/part (LVM)",
+            "member": "in use by /dev/md0 (md RAID)",
             "stacked": f"in use by {held['loop']} (itself in use by /dev/mapper/over), a loop"
                        " device over /run/stacked/disk.img, a file on it (its file system"
                        " cannot be unmounted while it is used)",
@@ -200,7 +201,7 @@ def test_a_mapping_made_after_the_plan_is_named_when_the_drive_is_opened(
     result = vm.run([sys.executable, "-c", RACE, image, node, f"{node}1"], env=vm._env())
     assert result.rc == 0, result.stderr
     assert result.stdout.splitlines() == [
-        f"{node} is in use by /dev/mapper/late (LVM, encryption or RAID)"], result.stdout
+        f"{node} is in use by /dev/mapper/late (a device-mapper mapping)"], result.stdout
     assert vm.disks["stale"].read(4 * MiB) == before
 
 

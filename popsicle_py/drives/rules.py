@@ -290,9 +290,8 @@ def refusals(drive: Drive, *, image_size: int | None, unmount: bool = False,
                              f"{path} is mounted at {at}{advice}"))
     if drive.holders:
         by = ", ".join(drive.holders)
-        found.append(Refusal("held", f"in use by {by} (LVM, encryption or RAID)",
-                             f"{path} is in use by {by} (LVM, encryption or RAID);"
-                             " deactivate that first"))
+        found.append(Refusal("held", f"in use by {by}",
+                             f"{path} is in use by {by}; deactivate that first"))
     for reason in drive.busy:
         found.append(Refusal("busy", reason, f"{path} is {reason}"))
     return found

@@ -528,8 +528,31 @@ def _stacked(numbers: list[int]) -> tuple[str, ...]:
             holders = os.path.join(directory, "holders")
             if os.path.isdir(holders):
                 for name in sorted(os.listdir(holders)):
-                    found.setdefault(holder_path(name), None)
+                    found.setdefault(holder_named(name), None)
     return tuple(found)
+
+
+#: What made a device-mapper device, by its uuid's prefix (cryptsetup, LVM, multipath set
+#: one; a plain ``dmsetup create`` none).
+_DM_MAKERS = {"CRYPT": "dm-crypt encryption", "LVM": "LVM", "MPATH": "multipath",
+              "PART": "a partition mapping", "STRATIS": "Stratis", "VDO": "VDO"}
+
+
+def holder_kind(name: str) -> str:
+    """What the device ``name`` (sysfs) stacked on a drive is, in words: md RAID, or what
+    made a device-mapper device (its uuid's prefix), so that the user knows what to stop."""
+    base = f"{sysfs.ROOT}/class/block/{name}"
+    if os.path.isdir(f"{base}/md"):
+        return "md RAID"
+    if os.path.isdir(f"{base}/dm"):
+        maker = (_read(f"{base}/dm/uuid") or "").split("-", 1)[0].upper()
+        return _DM_MAKERS.get(maker, "a device-mapper mapping")
+    return "a device stacked on it"
+
+
+def holder_named(name: str) -> str:
+    """``/dev/mapper/vg-lv (LVM)``: a holder as refusals name it."""
+    return f"{holder_path(name)} ({holder_kind(name)})"
 
 
 def holder_path(name: str) -> str:

@@ -58,7 +58,7 @@ from popsicle_py.drives.system import (
     backing_of,
     current_mounts,
     current_swaps,
-    holder_path,
+    holder_named,
     holders_beneath,
     loop_key,
     mount_table,
@@ -218,7 +218,7 @@ def _holders(device: pyudev.Device, parts: list[pyudev.Device]) -> tuple[str, ..
         directory = os.path.join(dev.sys_path, "holders")
         if os.path.isdir(directory):
             for name in sorted(os.listdir(directory)):
-                found.setdefault(holder_path(name), None)
+                found.setdefault(holder_named(name), None)
     return tuple(found)
 
 
@@ -518,7 +518,7 @@ def held_now(drive: Drive, now: Holders | None = None) -> str | None:
     own = tuple(f"mounted at {m}" for m in mountpoints_of(drive.devnum, now.mounts))
     stacked = stacked_on(drive.devnum)
     if stacked:  # a mapping or an array made since: the open would fail, saying less
-        own += (f"in use by {', '.join(stacked)} (LVM, encryption or RAID)",)
+        own += (f"in use by {', '.join(stacked)}",)
     swap = tuple(f"in use as swap ({s.path})" for s in now.facts.swaps
                  if overwrites(backing, s.devnums, s.files))
     reasons = tuple(dict.fromkeys(

@@ -533,7 +533,7 @@ def _stacked(numbers: list[int]) -> tuple[str, ...]:
 
 
 #: What made a device-mapper device, by its uuid's prefix (cryptsetup, LVM, multipath set
-#: one; a plain ``dmsetup create`` none).
+#: one, kpartx ``part1-``; a plain ``dmsetup create`` none).
 _DM_MAKERS = {"CRYPT": "dm-crypt encryption", "LVM": "LVM", "MPATH": "multipath",
               "PART": "a partition mapping", "STRATIS": "Stratis", "VDO": "VDO"}
 
@@ -545,7 +545,7 @@ def holder_kind(name: str) -> str:
     if os.path.isdir(f"{base}/md"):
         return "md RAID"
     if os.path.isdir(f"{base}/dm"):
-        maker = (_read(f"{base}/dm/uuid") or "").split("-", 1)[0].upper()
+        maker = (_read(f"{base}/dm/uuid") or "").split("-", 1)[0].upper().rstrip("0123456789")
         return _DM_MAKERS.get(maker, "a device-mapper mapping")
     return "a device stacked on it"
 

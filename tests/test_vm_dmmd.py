@@ -1,15 +1,15 @@
 """The VM tier: sticks held through device-mapper and md RAID, which this machine's kernel
 lacks and Debian's kernel in the guest has (modules dm-mod and raid1).
 
-One guest for the module (tests/vm/guest.py), booted with six USB sticks, each held its own
-way before anything is asked: a dm-linear mapping over the whole stick (open by nobody, its
-uuid cryptsetup's kind); a mapping over a partition, its table naming the partition by
-major:minor, held open by a program (its uuid LVM's kind); an assembled RAID1 array with the stick as a member; a stale RAID superblock of an
-array stopped since; and a mounted stick with a loop device over a file on it and a mapping
-stacked on that loop device; and one whose file system, a loop device over a file of it
-still attached, was unmounted with ``umount -l``.  ``list`` is run once and ``flash``,
-``erase`` and ``probe`` once each for all of them: each CLI start costs seconds under
-emulation.
+One guest for the module (tests/vm/guest.py), booted with six USB sticks, each held its own way
+before anything is asked: a dm-linear mapping over the whole stick (open by nobody, its uuid
+cryptsetup's kind); a mapping over a partition, its table naming the partition by major:minor,
+held open by a program (its uuid LVM's kind); an assembled RAID1 array with the stick as a
+member; a stale RAID superblock of an array stopped since; and a mounted stick with a loop
+device over a file on it and a mapping stacked on that loop device; and one whose file system,
+a loop device over a file of it still attached, was unmounted with ``umount -l``. ``list`` is
+run once and ``flash``, ``erase`` and ``probe`` once each for all of them: each CLI start costs
+seconds under emulation.
 """
 
 from __future__ import annotations
@@ -71,7 +71,8 @@ def held(vm: Guest) -> Iterator[dict[str, Any]]:
     script = f"""
 set -e
 modprobe dm_mod; modprobe raid1; modprobe loop
-dmsetup create --noudevsync whole --uuid CRYPT-LUKS2-0f1e2d3c-whole --table "0 2048 linear {whole} 0"
+dmsetup create --noudevsync whole --uuid CRYPT-LUKS2-0f1e2d3c-whole \\
+    --table "0 2048 linear {whole} 0"
 printf 'label: dos\\nstart=2048, size=20480, type=83\\n' | sfdisk -q {part}
 udevadm settle
 dmsetup create --noudevsync part --uuid LVM-K2Zq0Yp8 \\

@@ -23,6 +23,7 @@ from rich.console import Console, ConsoleOptions, RenderableType, RenderResult
 from rich.control import Control
 from rich.live import Live
 from rich.live_render import LiveRender
+from rich.measure import Measurement
 from rich.segment import ControlType, Segment
 from rich.table import Table
 from rich.text import Text
@@ -362,8 +363,19 @@ def link_of(info: events.DriveInfo | None) -> str:
     return format_link_speed(info.link_speed) if info is not None and info.link_speed else ""
 
 
+_STYLES = {"ok": "green", "failed": "bold red", "invalid": "bold red", "rejected": "bold red",
+           "cancelled": "yellow"}
+
+
+def _words(r: events.DriveResult, details: dict[str, str]) -> str:
+    """What a person acts on, for one drive's row or line."""
+    if r.ok:
+        return details.get(r.device) or verdicts.ok_words(r) + verdicts.extras(r)
+    return verdicts.strip_device(r.error, r.device) or ""
+
+
 def summary_table(summary: events.Summary, details: dict[str, str] | None = None, *,
-                  moved: str = "Written", digests: bool = True) -> Table:
+                  moved: str = "Written", digests: bool = True, words: bool = True) -> Table:
     """The end of a run: one line per drive, those that did not end ok first, with the words
     a person acts on.  ``details`` replaces an ok drive's words (a probe's verdict, "read");
     ``moved`` heads the bytes' column ("Read" for drives read into files); ``digests``: a
@@ -382,22 +394,20 @@ def summary_table(summary: events.Summary, details: dict[str, str] | None = None
     table.add_column("Result", no_wrap=True)
     table.add_column(moved, justify="right", no_wrap=True)
     table.add_column("Time", justify="right", no_wrap=True)
-    table.add_column("Details", overflow="fold", ratio=1)
+    if words:
+        table.add_column("Details", overflow="fold", ratio=1)
     digests = digests and any(r.device_sha256 for r in results)
     if digests:  # what each drive read back: the proof a person copies (whole, folded)
         table.add_column("SHA-256 (read back)", overflow="fold", min_width=16)
-    styles = {"ok": "green", "failed": "bold red", "invalid": "bold red",
-              "rejected": "bold red", "cancelled": "yellow"}
     for r in results:
-        words = verdicts.strip_device(r.error, r.device) or ""
-        if r.ok:
-            words = details.get(r.device) or verdicts.ok_words(r) + verdicts.extras(r)
         cells: list[str | Text] = [str(r.drive.seq)] if seqs and r.drive is not None else []
         cells.append(r.device)
         if ports:
             cells.append((r.drive.port_path if r.drive is not None else None) or "")
-        cells += [Text(r.status, styles.get(r.status, "")), format_size(r.bytes_written),
-                  "" if r.elapsed is None else f"{r.elapsed:.1f} s", words]
+        cells += [Text(r.status, _STYLES.get(r.status, "")), format_size(r.bytes_written),
+                  "" if r.elapsed is None else f"{r.elapsed:.1f} s"]
+        if words:
+            cells.append(_words(r, details))
         if digests:
             cells.append(r.device_sha256 or "")
         table.add_row(*cells)
@@ -418,13 +428,18 @@ class FinalTable:
         self.summary, self.details, self.moved = summary, details, moved
 
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
-        table = summary_table(self.summary, self.details, moved=self.moved)
         read_back = [r for r in sorted(self.summary.results, key=lambda r: r.ok)
                      if r.device_sha256]
-        if not read_back or not _cut(console, options, table):
-            yield table
+        if self._narrow(console, options):
+            yield from summary_lines(self.summary, self.details or {})
+        else:
+            table = summary_table(self.summary, self.details, moved=self.moved)
+            if not read_back or not _cut(console, options, table):
+                yield table
+                return
+            yield summary_table(self.summary, self.details, moved=self.moved, digests=False)
+        if not read_back:
             return
-        yield summary_table(self.summary, self.details, moved=self.moved, digests=False)
         yield Text("SHA-256 of what each drive read back:")
         devices = [r.device for r in read_back]
         twice = len(set(devices)) < len(devices)  # a watch session: the kernel reuses names
@@ -432,6 +447,44 @@ class FinalTable:
             seq = f"#{r.drive.seq} " if twice and r.drive is not None \
                 and r.drive.seq is not None else ""
             yield Text(f"{r.device_sha256}  {seq}{r.device}", overflow="fold")
+
+
+    def _narrow(self, console: Console, options: ConsoleOptions) -> bool:
+        """Too narrow for a table: its Details column would get fewer than DETAILS_MIN
+        columns (at 50, each drive's words stood one letter per line)."""
+        if not self.summary.results:
+            return False
+        fixed = summary_table(self.summary, self.details, moved=self.moved, digests=False,
+                              words=False)
+        width = Measurement.get(console, options, fixed).maximum
+        return options.max_width - width - 3 < DETAILS_MIN  # its border and padding
+
+
+#: The fewest columns a drive's words may have in the table's Details column.
+DETAILS_MIN = 24
+
+
+def summary_lines(summary: events.Summary, details: dict[str, str]) -> list[Text]:
+    """The end of a run in a narrow terminal: the summary, then one paragraph per drive,
+    wrapped at words (``#1 /dev/sdb (port 1-2): ok, 8 MiB in 2.4 s: written and ...``)."""
+    lines = [Text(verdicts.summary_line(summary, names=False))]
+    for r in sorted(summary.results, key=lambda r: r.ok):
+        line = Text()
+        if r.drive is not None and r.drive.seq is not None and len(summary.results) > 1:
+            line.append(f"#{r.drive.seq} ")
+        line.append(r.device)
+        if r.drive is not None and r.drive.port_path:
+            line.append(f" (port {r.drive.port_path})")
+        line.append(": ")
+        line.append(r.status, _STYLES.get(r.status, ""))
+        line.append(f", {format_size(r.bytes_written)}")
+        if r.elapsed is not None:
+            line.append(f" in {r.elapsed:.1f} s")
+        words = _words(r, details)
+        if words:
+            line.append(f": {words}")
+        lines.append(line)
+    return lines
 
 
 def _cut(console: Console, options: ConsoleOptions, table: Table) -> bool:

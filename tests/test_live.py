@@ -331,6 +331,40 @@ def test_the_last_line_names_the_drives_that_did_not_end_ok() -> None:
     assert first == ["/dev/loop1", "/dev/loop32"], first
 
 
+def _end_at(width: int, summary: events.Summary) -> list[str]:
+    import io
+
+    from rich.console import Console
+
+    out = io.StringIO()
+    Console(file=out, width=width, color_system=None).print(live.FinalTable(summary))
+    return out.getvalue().splitlines()
+
+
+def test_the_end_in_a_narrow_terminal_keeps_each_drives_words_together() -> None:
+    """At 50 columns the table's Details column was one letter wide: "no space left on
+    device" stood one letter per line down the screen.  Below room for the words the end is
+    one paragraph per drive, wrapped at words; a table again where it fits."""
+    digest = "416b0183de1fea185a18eb2f6e7ce58bf6c5112b3b589db384064bed6641574f"
+    results = (
+        DriveResult("/dev/sdb", Status.OK, 8 * MiB, verified=True, elapsed=2.4,
+                    device_sha256=digest, drive=DriveInfo(seq=1, port_path="1-1.2")),
+        DriveResult("/dev/sdc", Status.FAILED, 4 * MiB, "no space left on device",
+                    cause=Cause.NO_SPACE, elapsed=1.1, drive=DriveInfo(seq=2, port_path="1-1.3")))
+    summary = events.Summary(results)
+    for width in (40, 50, 60):
+        lines = _end_at(width, summary)
+        assert all(len(line) <= width for line in lines), (width, lines)
+        text = " ".join(line.strip() for line in lines)
+        assert "#2 /dev/sdc (port 1-1.3): failed, 4 MiB in 1.1 s: no space left on device" \
+            in text, (width, lines)
+        assert "#1 /dev/sdb (port 1-1.2): ok, 8 MiB in 2.4 s: written and verified" in text, \
+            (width, lines)
+        assert digest in "".join(lines), (width, lines)  # whole, folded, as sha256sum's
+    wide = _end_at(120, summary)
+    assert wide[1].startswith("┏") and "no space left on device" in " ".join(wide), wide
+
+
 @pytest.mark.root
 def test_probe_ends_each_drive_with_its_verdict_not_nothing_to_write(
         loop_factory: Callable[..., Loop]) -> None:

@@ -144,7 +144,10 @@ def family(devnum: int) -> frozenset[int]:
 
 
 def holders(devnums: Iterable[int]) -> tuple[str, ...]:
-    """Device-mapper or RAID devices stacked on the drive or its partitions."""
+    """Device-mapper or RAID devices stacked on the drive or its partitions, named as flash
+    names them (a mapping by its /dev/mapper link, else /dev/NAME)."""
+    from popsicle_py.drives.system import holder_path
+
     seen: dict[str, None] = {}
     for number in devnums:
         try:
@@ -152,7 +155,7 @@ def holders(devnums: Iterable[int]) -> tuple[str, ...]:
         except OSError:
             continue
         for name in names:
-            seen.setdefault(name, None)
+            seen.setdefault(holder_path(name), None)
     return tuple(seen)
 
 

@@ -20,7 +20,7 @@ import pytest
 from conftest import Loop, needs_root, popsicle_cmd
 from loopdev import attach, detach, loop_device
 
-from popsicle_py import master
+from popsicle_py import master, sysfs
 from popsicle_py.identity import LoopKey
 from popsicle_py.master import LoopOn
 
@@ -59,6 +59,20 @@ def test_a_read_write_loop_over_the_drive_or_its_file_can_write_it() -> None:
         "is stored on, attached read-write): its bytes could change while it is read; detach "
         "it, or attach it read-only (losetup -r)"]
     assert master.loop_lines("/dev/loop1", []) == []
+
+
+def test_a_mapping_over_the_drive_is_named_as_flash_names_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``/dev/dm-0`` (or its /dev/mapper link when there is one), never a bare "dm-0"."""
+    disk = tmp_path / "devices" / "usb" / "block" / "sdz"
+    (disk / "holders" / "dm-0").mkdir(parents=True)
+    (tmp_path / "dev" / "block").mkdir(parents=True)
+    (tmp_path / "dev" / "block" / "8:240").symlink_to(disk)
+    (tmp_path / "class" / "block" / "dm-0" / "dm").mkdir(parents=True)
+    (tmp_path / "class" / "block" / "dm-0" / "dm" / "name").write_text(
+        "popsicle-test-no-such-mapping\n")
+    monkeypatch.setattr(sysfs, "ROOT", str(tmp_path))
+    assert master.holders([os.makedev(8, 240)]) == ("/dev/dm-0",)
 
 
 # --------------------------------------------------------------------------------------------

@@ -181,3 +181,18 @@ def test_a_master_with_an_active_swap_partition_is_refused(
             subprocess.run(["umount", str(mountpoint)], check=False)
     assert a.read() == bytes([PATTERN]) * (16 * MiB)
     assert not (tmp_path / "m.img").exists()
+
+
+@needs_root
+def test_read_into_dash_is_refused_not_a_file_named_dash(loop_factory: Callable[..., Loop],
+                                                         tmp_path: Path) -> None:
+    """``read /dev/sdb - | ...`` (as flash reads ``-``): one line, exit 2, and no file "-"
+    (a drive's size of it in the current directory) written."""
+    drive = loop_factory(4 * MiB, fill=PATTERN)
+    result = subprocess.run([*popsicle_cmd(), "read", drive.path, "-"], capture_output=True,
+                            text=True, timeout=60, cwd=tmp_path, stdin=subprocess.DEVNULL)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr == ("popsicle-py: read writes a file, not standard output (-): name "
+                             "a file such as stick.img.zst (and its .sha256 is written beside "
+                             "it)\n")
+    assert result.stdout == "" and list(tmp_path.iterdir()) == []

@@ -483,6 +483,9 @@ def checked_read(request: ReadRequest) -> PreparedRead:
     if not request.output:  # "" would be taken for the current directory
         raise Refused(["the output's name is empty (an unset variable?); name a file such "
                        "as stick.img.zst"])
+    if request.output == "-":  # flash's standard input: never a file named "-" instead
+        raise Refused(["read writes a file, not standard output (-): name a file such as "
+                       "stick.img.zst (and its .sha256 is written beside it)"])
     drive = drives.drive_for_path(request.device)
     output = os.path.abspath(request.output)
     written = reading.bmap_path_for(output) if request.bmap else None

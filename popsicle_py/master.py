@@ -359,6 +359,24 @@ class DriveChanged(OSError):
         self.how = how
 
 
+def nodes(path: str) -> list[str]:
+    """``path`` and the /dev node of each of its partitions (each has a page cache of its
+    own: a buffered write through /dev/sdb1 is not written back by a sync of /dev/sdb)."""
+    found = [path]
+    try:
+        devnum = os.stat(path).st_rdev
+    except OSError:
+        return found
+    for number in sorted(family(devnum) - {devnum}):
+        node = "/dev/" + os.path.basename(os.path.realpath(sysfs.block_dir(number)))
+        try:
+            if os.stat(node).st_rdev == number:  # devtmpfs: never hangs
+                found.append(node)
+        except OSError:
+            continue
+    return found
+
+
 class Stillness:
     """Takes the drive's counters when made; :meth:`check` raises :class:`DriveChanged` if
     they moved since (the engine calls it once the source is read, before any drive gets its
@@ -366,13 +384,18 @@ class Stillness:
 
     def __init__(self, path: str) -> None:
         self.path = path
-        _write_back(path)  # a read-only mount's last dirty pages, before counting
+        self.nodes = nodes(path)
+        for node in self.nodes:  # a read-only mount's last dirty pages, before counting
+            _write_back(node)
         self.before = counters(path)
 
     def check(self) -> None:
         # A buffered write (dd without oflag=direct) sits in the page cache, uncounted, until
-        # written back: write it back first, or a drive written mid-read would pass as still.
-        _write_back(self.path)
+        # written back: write it back first, or a drive written mid-read would pass as still;
+        # through a partition's node too, whose pages a sync of the disk leaves alone (the
+        # writer may hold it open: its last close would have written them back).
+        for node in self.nodes:
+            _write_back(node)
         how = change(self.before, counters(self.path))
         if how is not None:
             raise DriveChanged(self.path, how)

@@ -2,12 +2,13 @@
 
 A drive is read once; if something writes to it meanwhile, what was read is a mix of before and
 after, and every copy of it is wrong.  So a drive to be read is refused while it is mounted
-read-write, stacked under device-mapper or open for writing by a process (:func:`refusals`),
-and its kernel write counters (and, for a loop device, its backing file) are compared before
-and after the read (:class:`Stillness`): a drive written in between fails the run.
+read-write, stacked under device-mapper, active as swap, under a read-write loop device or
+open for writing by a process (:func:`refusals`), and its kernel write counters (and, for a
+loop device, its backing file) are compared before and after the read (:class:`Stillness`):
+a drive written in between fails the run.
 
-The decisions (:func:`rw_mountpoints`, :func:`writer_lines`, :func:`change`) are plain
-functions over plain data; the rest reads /proc and sysfs.
+The decisions (:func:`rw_mountpoints`, :func:`writer_lines`, :func:`loops_writing`,
+:func:`change`) are plain functions over plain data; the rest reads /proc and sysfs.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from collections.abc import Iterable, Sequence
 
 from popsicle_py import sysfs
 from popsicle_py.drives.holders import openers
+from popsicle_py.identity import LoopKey
 from popsicle_py.records import record
 
 # --------------------------------------------------------------------------------------------
@@ -83,6 +85,44 @@ def writer_lines(path: str, writers: Sequence[Writer]) -> list[str]:
             " close it first"]
 
 
+@record
+class LoopOn:
+    """A loop device and what the kernel says it stands on."""
+
+    device: str
+    devnum: int
+    key: LoopKey
+    read_only: bool
+
+
+def loops_writing(devnum: int, numbers: frozenset[int], loops: Sequence[LoopOn]
+                  ) -> tuple[str, ...]:
+    """The read-write loop devices through which the drive ``devnum`` (``numbers``: it and
+    its partitions) can be written: over it or a partition of it, at any offset, or, when
+    it is a loop device itself, over what it stands on (the same file or device)."""
+    own = next((loop.key for loop in loops if loop.devnum == devnum), None)
+    found: list[str] = []
+    for loop in loops:
+        if loop.devnum in numbers or loop.read_only:
+            continue
+        over_it = loop.key.rdev in numbers
+        same_store = own is not None and (
+            loop.key.rdev == own.rdev if own.rdev
+            else not loop.key.rdev and (loop.key.dev, loop.key.ino) == (own.dev, own.ino))
+        if over_it or same_store:
+            found.append(loop.device)
+    return tuple(found)
+
+
+def loop_lines(path: str, devices: Sequence[str]) -> list[str]:
+    """One refusal line for the read-write loop devices over the drive being read."""
+    if not devices:
+        return []
+    return [f"{path} can be written through {', '.join(devices)} (a loop device over it or "
+            "over what it is stored on, attached read-write): its bytes could change while it "
+            "is read; detach it, or attach it read-only (losetup -r)"]
+
+
 # --------------------------------------------------------------------------------------------
 # Reading the system (I/O)
 
@@ -104,7 +144,10 @@ def family(devnum: int) -> frozenset[int]:
 
 
 def holders(devnums: Iterable[int]) -> tuple[str, ...]:
-    """Device-mapper, RAID or loop devices stacked on the drive or its partitions."""
+    """Device-mapper or RAID devices stacked on the drive or its partitions, named as flash
+    names them (a mapping by its /dev/mapper link, else /dev/NAME)."""
+    from popsicle_py.drives.system import holder_path
+
     seen: dict[str, None] = {}
     for number in devnums:
         try:
@@ -112,8 +155,45 @@ def holders(devnums: Iterable[int]) -> tuple[str, ...]:
         except OSError:
             continue
         for name in names:
-            seen.setdefault(name, None)
+            seen.setdefault(holder_path(name), None)
     return tuple(seen)
+
+
+def loops() -> list[LoopOn]:
+    """Every loop device that told the kernel's answer in time (one whose backing file is on
+    a hung mount is left out: listing never hangs)."""
+    from popsicle_py.drives.system import ask_loops
+
+    found: list[LoopOn] = []
+    for number, key in ask_loops().keys.items():
+        if key is not None:
+            name = os.path.basename(os.path.realpath(sysfs.block_dir(number)))
+            found.append(LoopOn(f"/dev/{name}", number, key, sysfs.attr(number, "ro") == "1"))
+    return found
+
+
+def swap_partitions(devnums: Iterable[int]) -> tuple[str, ...]:
+    """The partitions among ``devnums`` in use as swap (the kernel writes them at will);
+    swap files are not looked at (a stat() of one on a hung share would hang, and a file
+    system holding one is mounted read-write, refused already)."""
+    wanted = frozenset(devnums)
+    try:
+        with open("/proc/swaps") as f:
+            lines = f.read().splitlines()[1:]
+    except OSError:
+        return ()
+    found: list[str] = []
+    for line in lines:
+        fields = line.split()
+        if len(fields) < 2 or fields[1] != "partition":
+            continue
+        name = _unescape(fields[0])
+        try:
+            if os.stat(name).st_rdev in wanted:
+                found.append(name)
+        except OSError:
+            continue
+    return tuple(found)
 
 
 def writers(devnums: Iterable[int]) -> list[Writer]:
@@ -165,8 +245,9 @@ def mount_tables() -> list[tuple[int | None, str]]:
 def refusals(path: str) -> list[str]:
     """Why the drive at ``path`` cannot be read as a whole now, one line each (empty: it can).
 
-    Mounted read-only is fine; mounted read-write, stacked under another device (which may
-    write to it) or open for writing by a process is not: its bytes could change mid-read.
+    Mounted read-only is fine (so is a read-only loop device over it); mounted read-write,
+    stacked under another device, active as swap, under a read-write loop device or open for
+    writing by a process is not: any of them may write to it, changing its bytes mid-read.
     """
     try:
         devnum = os.stat(path).st_rdev
@@ -188,9 +269,13 @@ def refusals(path: str) -> list[str]:
                          "read-only")
     stacked = holders(numbers)
     if stacked:
-        lines.append(f"{path} is in use by {', '.join(stacked)} (LVM, encryption, RAID or a "
-                     "loop device): its bytes could change while it is read; deactivate that "
-                     "first")
+        lines.append(f"{path} is in use by {', '.join(stacked)} (LVM, encryption or RAID): "
+                     "its bytes could change while it is read; deactivate that first")
+    swaps = swap_partitions(numbers)
+    if swaps:
+        lines.append(f"{path} is in use as swap ({', '.join(swaps)}): its bytes could change "
+                     "while it is read; swapoff first")
+    lines.extend(loop_lines(path, loops_writing(devnum, numbers, loops())))
     lines.extend(writer_lines(path, writers(numbers)))
     if not lines and not seen_mounted and kernel_holds(path):
         lines.append(f"{path} is held exclusively (by the kernel or a program), though no "
@@ -274,6 +359,24 @@ class DriveChanged(OSError):
         self.how = how
 
 
+def nodes(path: str) -> list[str]:
+    """``path`` and the /dev node of each of its partitions (each has a page cache of its
+    own: a buffered write through /dev/sdb1 is not written back by a sync of /dev/sdb)."""
+    found = [path]
+    try:
+        devnum = os.stat(path).st_rdev
+    except OSError:
+        return found
+    for number in sorted(family(devnum) - {devnum}):
+        node = "/dev/" + os.path.basename(os.path.realpath(sysfs.block_dir(number)))
+        try:
+            if os.stat(node).st_rdev == number:  # devtmpfs: never hangs
+                found.append(node)
+        except OSError:
+            continue
+    return found
+
+
 class Stillness:
     """Takes the drive's counters when made; :meth:`check` raises :class:`DriveChanged` if
     they moved since (the engine calls it once the source is read, before any drive gets its
@@ -281,13 +384,18 @@ class Stillness:
 
     def __init__(self, path: str) -> None:
         self.path = path
-        _write_back(path)  # a read-only mount's last dirty pages, before counting
+        self.nodes = nodes(path)
+        for node in self.nodes:  # a read-only mount's last dirty pages, before counting
+            _write_back(node)
         self.before = counters(path)
 
     def check(self) -> None:
         # A buffered write (dd without oflag=direct) sits in the page cache, uncounted, until
-        # written back: write it back first, or a drive written mid-read would pass as still.
-        _write_back(self.path)
+        # written back: write it back first, or a drive written mid-read would pass as still;
+        # through a partition's node too, whose pages a sync of the disk leaves alone (the
+        # writer may hold it open: its last close would have written them back).
+        for node in self.nodes:
+            _write_back(node)
         how = change(self.before, counters(self.path))
         if how is not None:
             raise DriveChanged(self.path, how)

@@ -401,18 +401,33 @@ def _guarded(call: object, *args: object) -> None:
 
 
 def _open(drive: Drive) -> BlockDevice:
-    """The drive, opened to be read from the device (O_DIRECT), still the one checked.
+    """The drive, opened to be read from the device (O_DIRECT), still the one checked and
+    still free to be read: the rules of a drive read (:func:`master.refusals`) asked again,
+    not those of a drive written (a read-only mount is no reason to refuse it).
 
     (Not through :func:`popsicle_py.flash.open_targets`: ``read`` needs none of the engine,
     whose import costs a start-up it does not need.)"""
-    problem = drives.still_same(drive)
-    if problem:
-        raise Refused([problem])
+    problems = _changed(drive) or master.refusals(drive.path)
+    if problems:
+        raise Refused(problems)
     spec = OpenSpec(drive.path, drive.size, drive.logical_block_size)
     try:
         return confirmed(open_for_reading(spec), drive.identity)
     except OSError as exc:
         raise Refused([describe_error(exc, drive.path)]) from exc  # read_many: polkit's?
+
+
+def _changed(drive: Drive) -> list[str]:
+    """Why ``drive.path`` no longer holds the medium checked (gone, another stick, a loop
+    device re-attached), one line; empty when it still does."""
+    try:
+        now = drives.media_identity(drive.path)
+    except FileNotFoundError:
+        return [f"{drive.path} is gone since it was selected: was it unplugged?"]
+    except OSError as exc:
+        return [f"{drive.path} cannot be examined: {exc.strerror}"]
+    why = drives.same_media(drive.identity, now)
+    return [drives.not_confirmed(drive.path, why)] if why else []
 
 
 def _create(path: str) -> int:
@@ -468,6 +483,9 @@ def checked_read(request: ReadRequest) -> PreparedRead:
     if not request.output:  # "" would be taken for the current directory
         raise Refused(["the output's name is empty (an unset variable?); name a file such "
                        "as stick.img.zst"])
+    if request.output == "-":  # flash's standard input: never a file named "-" instead
+        raise Refused(["read writes a file, not standard output (-): name a file such as "
+                       "stick.img.zst (and its .sha256 is written beside it)"])
     drive = drives.drive_for_path(request.device)
     output = os.path.abspath(request.output)
     written = reading.bmap_path_for(output) if request.bmap else None

@@ -55,9 +55,27 @@ def pairs_of(args: Sequence[str]) -> tuple[tuple[str, str], ...]:
 
 
 def _same_file_key(path: str) -> tuple[str, str]:
-    """One file however it is spelled: its directory's real path and its name."""
+    """One file however it is spelled: its directory's real path and its name, case folded
+    (on FAT, exFAT or NTFS, where images are often kept, ``A.img`` and ``a.img`` are one
+    file: the second rename would replace the first pair's image, both reported ok)."""
     folder, name = os.path.split(os.path.abspath(path))
-    return os.path.realpath(folder), name
+    return os.path.realpath(folder), name.casefold()
+
+
+def _clash(job: PreparedRead, holder: PreparedRead, name: str) -> str:
+    """The line for ``name`` of ``job`` that is also a file of ``holder``."""
+    if job.output == holder.output:
+        return (f"{job.output} is the OUTPUT of two pairs ({holder.request.device}, "
+                f"{job.request.device}): give each pair its own OUTPUT")
+    what = "" if name == job.output else f" ({os.path.basename(name)})"
+    theirs = next((f for f in holder.files if _same_file_key(f) == _same_file_key(name)),
+                  name)
+    if os.path.basename(theirs) != os.path.basename(name) and \
+            os.path.basename(theirs).casefold() == os.path.basename(name).casefold():
+        return (f"{job.output}{what} and {theirs} differ only in case: on a FAT, exFAT or "
+                "NTFS file system they are one file; give each pair its own OUTPUT")
+    return (f"{job.output}{what} would overwrite a file of {holder.output}: give each pair "
+            "its own OUTPUT")
 
 
 def cross_refusals(jobs: Sequence[PreparedRead]) -> list[str]:
@@ -77,13 +95,7 @@ def cross_refusals(jobs: Sequence[PreparedRead]) -> list[str]:
             if holder is job or (id(job), id(holder)) in clashes:
                 continue
             clashes.add((id(job), id(holder)))
-            if job.output == holder.output:
-                lines.append(f"{job.output} is the OUTPUT of two pairs ({holder.request.device}"
-                             f", {job.request.device}): give each pair its own OUTPUT")
-            else:
-                what = "" if name == job.output else f" ({os.path.basename(name)})"
-                lines.append(f"{job.output}{what} would overwrite a file of {holder.output}: "
-                             "give each pair its own OUTPUT")
+            lines.append(_clash(job, holder, name))
     for job in jobs:  # a file one pair writes where flash looks for another's block map
         for name in job.stale:
             holder = owner.get(_same_file_key(name), job)

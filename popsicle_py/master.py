@@ -145,8 +145,8 @@ def family(devnum: int) -> frozenset[int]:
 
 def holders(devnums: Iterable[int]) -> tuple[str, ...]:
     """Device-mapper or RAID devices stacked on the drive or its partitions, named as flash
-    names them (a mapping by its /dev/mapper link, else /dev/NAME)."""
-    from popsicle_py.drives.system import holder_path
+    names them (a mapping by its /dev/mapper link, else /dev/NAME, and what it is)."""
+    from popsicle_py.drives.system import holder_named
 
     seen: dict[str, None] = {}
     for number in devnums:
@@ -155,7 +155,7 @@ def holders(devnums: Iterable[int]) -> tuple[str, ...]:
         except OSError:
             continue
         for name in names:
-            seen.setdefault(holder_path(name), None)
+            seen.setdefault(holder_named(name), None)
     return tuple(seen)
 
 
@@ -269,8 +269,8 @@ def refusals(path: str) -> list[str]:
                          "read-only")
     stacked = holders(numbers)
     if stacked:
-        lines.append(f"{path} is in use by {', '.join(stacked)} (LVM, encryption or RAID): "
-                     "its bytes could change while it is read; deactivate that first")
+        lines.append(f"{path} is in use by {', '.join(stacked)}: its bytes could change "
+                     "while it is read; deactivate that first")
     swaps = swap_partitions(numbers)
     if swaps:
         lines.append(f"{path} is in use as swap ({', '.join(swaps)}): its bytes could change "

@@ -63,7 +63,8 @@ def test_a_read_write_loop_over_the_drive_or_its_file_can_write_it() -> None:
 
 def test_a_mapping_over_the_drive_is_named_as_flash_names_it(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """``/dev/dm-0`` (or its /dev/mapper link when there is one), never a bare "dm-0"."""
+    """``/dev/dm-0`` (or its /dev/mapper link when there is one), never a bare "dm-0", and
+    what it is (its uuid's kind)."""
     disk = tmp_path / "devices" / "usb" / "block" / "sdz"
     (disk / "holders" / "dm-0").mkdir(parents=True)
     (tmp_path / "dev" / "block").mkdir(parents=True)
@@ -72,7 +73,8 @@ def test_a_mapping_over_the_drive_is_named_as_flash_names_it(
     (tmp_path / "class" / "block" / "dm-0" / "dm" / "name").write_text(
         "popsicle-test-no-such-mapping\n")
     monkeypatch.setattr(sysfs, "ROOT", str(tmp_path))
-    assert master.holders([os.makedev(8, 240)]) == ("/dev/dm-0",)
+    (tmp_path / "class" / "block" / "dm-0" / "dm" / "uuid").write_text("LVM-K2Zq0Yp8\n")
+    assert master.holders([os.makedev(8, 240)]) == ("/dev/dm-0 (LVM)",)
 
 
 # --------------------------------------------------------------------------------------------

@@ -58,12 +58,14 @@ def parse_mountinfo(text: str) -> list[MountLine]:
     return found
 
 
-def rw_mountpoints(devnums: Iterable[int], mounts: Iterable[MountLine]) -> tuple[str, ...]:
-    """Where any of ``devnums`` (a drive and its partitions) is mounted read-write."""
+def rw_mountpoints(devnums: Iterable[int], mounts: Iterable[MountLine], *,
+                   read_only_too: bool = False) -> tuple[str, ...]:
+    """Where any of ``devnums`` (a drive and its partitions) is mounted read-write (or at
+    all, ``read_only_too``)."""
     wanted = set(devnums)
     seen: dict[str, None] = {}
     for m in mounts:
-        if m.devnum in wanted and m.read_write:
+        if m.devnum in wanted and (m.read_write or read_only_too):
             seen.setdefault(m.mountpoint, None)
     return tuple(seen)
 
@@ -242,12 +244,15 @@ def mount_tables() -> list[tuple[int | None, str]]:
     return tables
 
 
-def refusals(path: str) -> list[str]:
+def refusals(path: str, *, cached: bool = False) -> list[str]:
     """Why the drive at ``path`` cannot be read as a whole now, one line each (empty: it can).
 
     Mounted read-only is fine (so is a read-only loop device over it); mounted read-write,
     stacked under another device, active as swap, under a read-write loop device or open for
     writing by a process is not: any of them may write to it, changing its bytes mid-read.
+    ``cached``: the drive is read through the page cache (a master cloned by ``flash`` or
+    ``watch``), where a file system mounted even read-only shows blocks it changed in memory
+    only (ext4 its journal's superblock): the copies would differ from the drive.
     """
     try:
         devnum = os.stat(path).st_rdev
@@ -265,8 +270,17 @@ def refusals(path: str) -> list[str]:
         where = "" if pid is None else f" in the mount namespace of pid {pid} (a container?)"
         if mounted:
             lines.append(f"{path} is mounted read-write at {', '.join(mounted)}{where}: its "
-                         "bytes could change while it is read; unmount it or remount it "
-                         "read-only")
+                         "bytes could change while it is read; unmount it"
+                         + ("" if cached else " or remount it read-only"))
+        if cached:
+            quiet = [m for m in rw_mountpoints(numbers, table, read_only_too=True)
+                     if m not in said]
+            said.update(quiet)
+            if quiet:
+                lines.append(f"{path} is mounted read-only at {', '.join(quiet)}{where}: a "
+                             "mounted file system's blocks in memory can differ from the "
+                             "drive's (ext4 changes its journal's even read-only), and the "
+                             "copies would hold those; unmount it first")
     stacked = holders(numbers)
     if stacked:
         lines.append(f"{path} is in use by {', '.join(stacked)}: its bytes could change "

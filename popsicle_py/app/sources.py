@@ -195,13 +195,14 @@ def source_check(source: OpenedSource) -> Callable[[], None] | None:
 
 
 def require_still(path: str) -> None:
-    """A master drive must hold still while it is read: refuse it mounted read-write, stacked
-    under another device or open for writing (see :mod:`popsicle_py.master`)."""
+    """A master drive must hold still while it is read, and be read as it is: refuse it
+    mounted (its cached blocks may differ from the drive's, even read-only), stacked under
+    another device or open for writing (see :mod:`popsicle_py.master`)."""
     if not is_drive(path):
         return
     from popsicle_py import master  # imported for a master drive only
 
-    if lines := master.refusals(path):
+    if lines := master.refusals(path, cached=True):
         raise Refused(lines)
 
 

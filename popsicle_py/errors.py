@@ -16,6 +16,7 @@
     └── Rejected                   graded out: too slow, the wrong size, a bad surface
 
     OSError (a source that cannot be trusted; raised by the engine's reader)
+    ├── SourceReadFailed           a read of the source failed: where, its error as __cause__
     ├── SourceChanged              the source held more or fewer bytes than it was said to
     ├── SourceStalled              reading the source made no progress within the stall timeout
     ├── SourceUnreadable           a read of the source for one destination alone failed
@@ -144,6 +145,16 @@ class SourceStalled(OSError):
             f"reading the image stalled: no data for {limit:g} s (is the disk or network "
             "share it is on hung?)" if not moved else
             f"reading the image stalled: only {moved // 1024} KiB in {limit:g} s"))
+
+
+class SourceReadFailed(OSError):
+    """The image's own read failed (a bad block of a master drive, a dying disk under the
+    file): said as the image's, with where, not as a bare "Input/output error" that reads
+    like the drive's."""
+
+    def __init__(self, start: int, length: int, cause: OSError) -> None:
+        super().__init__(cause.errno, f"reading the image failed in its bytes {start}-"
+                         f"{start + length - 1}: {cause.strerror or cause}")
 
 
 class SourceDiffers(OSError):

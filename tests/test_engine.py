@@ -35,6 +35,7 @@ from popsicle_py import (
 from popsicle_py.blockdev import OpenSpec, open_for_writing
 from popsicle_py.buffers import is_aligned
 from popsicle_py.engine import CANCEL_GRACE, HEAD
+from popsicle_py.errors import SourceReadFailed
 from popsicle_py.pacing import Clock
 
 B = 64 << 10  # the bucket size most tests use: small, so that runs are fast
@@ -738,9 +739,11 @@ def test_a_failing_source_raises_its_error() -> None:
     source = Stream(data(10 * B), fail_at=5 * B + 7, error=error)
     dests = [Sink(), Sink()]
     rec = Recorder()
-    with pytest.raises(OSError) as info:
+    with pytest.raises(SourceReadFailed) as info:
         BusWriter(source, dests, rec, Deadline()).bucket_size(B).write()
-    assert info.value is error
+    assert info.value.__cause__ is error  # where it failed, then the source's own error
+    assert info.value.strerror == ("reading the image failed in its bytes 327680-393215: bad "
+                                   "sector in the image")
     assert rec.of(BusWriterMessage.Completed) == []
     assert rec.of(BusWriterMessage.Errored) == []
 
@@ -891,10 +894,12 @@ def test_a_source_failing_during_verify(tmp_path: Path) -> None:
     payload = data(8 * B)
     dests = write_files(tmp_path, payload, 2)
     error = OSError(errno.EIO, "the image went away")
-    with pytest.raises(OSError) as info:
+    with pytest.raises(SourceReadFailed) as info:
         BusVerifier(Stream(payload, fail_at=3 * B, error=error), dests, Recorder(),
                     Deadline()).bucket_size(B).verify()
-    assert info.value is error
+    assert info.value.__cause__ is error and info.value.errno == errno.EIO
+    assert info.value.strerror == ("reading the image failed in its bytes 196608-262143: the "
+                                   "image went away")
     for d in dests:
         d.close()
 

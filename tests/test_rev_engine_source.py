@@ -40,3 +40,24 @@ def test_a_laggards_failed_read_of_the_image_is_the_images_fault(
     assert "reading the image again for this drive failed" in bad["error"]
     assert "drive may be failing" not in bad["error"]
     assert slow.read(0, 64 << 10) != content[: 64 << 10]  # never the image's head
+
+
+def test_a_bad_block_of_the_image_is_said_as_the_images_with_where(
+        faulty_file: Callable[..., FaultyFile], loop_factory: Callable[..., Loop]) -> None:
+    """A bad block under the image (or a master drive's): each drive failed with a bare
+    "Input/output error", which reads as the drive's own, and nothing said where."""
+    content = os.urandom(IMAGE)
+    source = faulty_file(content, bad_read=(BAD + 4096, BAD + 8192))
+    drives = [loop_factory(64 * MiB) for _ in range(2)]
+    proc = subprocess.run(
+        [*popsicle_cmd(), "flash", source.file, *(d.path for d in drives), "--yes", "--json",
+         "--no-probe", "--no-checksum", "--bucket-size", "1M"],
+        capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    events: list[dict[str, Any]] = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert proc.returncode == 1, proc.stderr
+    for result in events[-1]["results"]:
+        assert (result["status"], result["cause"]) == ("failed", "source"), result
+        assert result["error"] == (f"{result['device']}: reading the image failed in its "
+                                   f"bytes {BAD}-{BAD + MiB - 1}: Input/output error"), result
+    for drive in drives:
+        assert drive.read(0, 64 << 10) != content[: 64 << 10]  # never the image's head

@@ -28,7 +28,7 @@ from popsicle_py.engine.head import head_length
 from popsicle_py.engine.lane import Clock, Lane
 from popsicle_py.engine.ring import Ring
 from popsicle_py.engine.spill import Spill
-from popsicle_py.errors import ExtentChecksumError, SourceChanged
+from popsicle_py.errors import ExtentChecksumError, SourceChanged, SourceReadFailed
 from popsicle_py.messages import BusWriterMessage
 from popsicle_py.pacing import Pacer
 
@@ -103,8 +103,16 @@ class Reader:
     def _fill(self, view: memoryview) -> int:
         """``read_full`` of the source, paced, on the stall clock."""
         with self.clock.busy(watched=not self.judged):  # a download judges its own stalls
-            got = read_full(self.source, view, pacer=self.pacer, progress=self.clock.advance,
-                            stop=self.stopped.is_set)
+            try:
+                got = read_full(self.source, view, pacer=self.pacer,
+                                progress=self.clock.advance, stop=self.stopped.is_set)
+            except OSError as exc:
+                if type(exc) is not OSError:  # already worded (a decoder's, a download's)
+                    raise
+                end = self._pos + len(view)
+                if self.config.expected_size is not None:  # not past the image's end
+                    end = max(self._pos + 1, min(end, self.config.expected_size))
+                raise SourceReadFailed(self._pos, end - self._pos, exc) from exc
         if self.stopped.is_set():  # what was read may be short of the source: never its end
             raise _Stopped
         return got

@@ -1,0 +1,110 @@
+"""--sign-key through an ssh-agent that stops answering mid-run (a hung agent, a stopped
+forwarding): the run's Ctrl-C must still give the shell back at once, and no later drive
+waits for that signer again."""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import popsicle_cmd
+from tests.loopdev import Loop
+
+pytestmark = pytest.mark.root
+MiB = 1 << 20
+
+
+@pytest.fixture
+def agent(tmp_path: Path) -> Iterator[tuple[dict[str, str], int, Path]]:
+    """A real ssh-agent holding a fresh key: its environment, its pid and the key's .pub."""
+    key = tmp_path / "release.key"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    sock = tmp_path / "agent.sock"
+    proc = subprocess.Popen(["ssh-agent", "-D", "-a", str(sock)], stdout=subprocess.DEVNULL)
+    try:
+        end = time.monotonic() + 10
+        while not sock.exists() and time.monotonic() < end:
+            time.sleep(0.02)
+        env = {**os.environ, "SSH_AUTH_SOCK": str(sock)}
+        subprocess.run(["ssh-add", "-q", str(key)], env=env, check=True,
+                       stderr=subprocess.DEVNULL)
+        key.unlink()  # only the agent can sign now
+        yield env, proc.pid, Path(f"{key}.pub")
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
+        proc.kill()
+        proc.wait()
+
+
+class _Events:
+    """The JSON events a process prints, read as they come (no buffer between: select)."""
+
+    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
+        assert proc.stdout is not None
+        self.fd = proc.stdout.fileno()
+        self.pending = b""
+
+    def until(self, done: Callable[[dict[str, object]], bool], deadline: float
+              ) -> list[dict[str, object]]:
+        """The events up to the first that is ``done`` (or the deadline, or the end)."""
+        seen: list[dict[str, object]] = []
+        end = time.monotonic() + deadline
+        while time.monotonic() < end:
+            while b"\n" in self.pending:
+                line, self.pending = self.pending.split(b"\n", 1)
+                seen.append(json.loads(line))
+                if done(seen[-1]):
+                    return seen
+            if select.select([self.fd], [], [], 0.1)[0]:
+                chunk = os.read(self.fd, 65536)
+                if not chunk:
+                    break
+                self.pending += chunk
+        return seen
+
+
+def test_ctrl_c_while_a_hung_agent_signs_gives_the_shell_back(
+        tmp_path: Path, loop_factory: Callable[..., Loop],
+        agent: tuple[dict[str, str], int, Path]) -> None:
+    """It waited for ssh-keygen's full minute: Ctrl-C gave the shell back ~60 s later."""
+    env, agent_pid, pub = agent
+    image = tmp_path / "disk.img"
+    image.write_bytes(os.urandom(1 * MiB))
+    loop = loop_factory(2 * MiB)
+    certs = tmp_path / "certs"
+    proc = subprocess.Popen(
+        [*popsicle_cmd(), "flash", str(image), loop.path, "--yes", "--json", "--no-probe",
+         "--certificate", str(certs), "--sign-key", str(pub)],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env)
+    events = _Events(proc)
+    try:
+        first = events.until(lambda e: True, 30)  # the key was tried: it signed
+        assert first and first[0]["event"] == "start", first
+        os.kill(agent_pid, signal.SIGSTOP)  # from here on the agent never answers
+        seen = events.until(lambda e: e["event"] == "result", 30)
+        assert seen and seen[-1]["status"] == "ok", seen
+        time.sleep(0.5)  # ssh-keygen now waits for the agent
+        os.kill(proc.pid, signal.SIGINT)
+        sent = time.monotonic()
+        rest = events.until(lambda e: e["event"] == "summary", 15)
+        code = proc.wait(timeout=15)
+        took = time.monotonic() - sent
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        os.kill(agent_pid, signal.SIGCONT)
+    assert took < 5, took
+    assert code == 130
+    notes = [e["text"] for e in rest if e["event"] == "note"]
+    assert f"{loop.path}: no certificate: cancelled while ssh-keygen was signing" in notes, rest
+    assert not list(certs.iterdir())  # no certificate, signed or not, no temporary file
+    assert loop.read(1 * MiB) == image.read_bytes()  # the drive itself is done: ok

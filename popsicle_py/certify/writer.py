@@ -94,8 +94,11 @@ class CertificateWriter:
         # Signed first: a certificate that could not be signed is never left behind.
         signature = (None if self.sign_key is None else
                      (sshsig.SIG_SUFFIX, self._sign(self.sign_key, data, stopped)))
-        name = files.write_new(self.fd, files.certificate_name(stamp, info.seq, info.serial,
-                                                               info.port_path), data, signature)
+        try:
+            name = files.write_new(self.fd, files.certificate_name(
+                stamp, info.seq, info.serial, info.port_path), data, signature)
+        except OSError as exc:  # "No space left on device" alone did not say where
+            raise OSError(f"{self.path}: {exc.strerror or exc}") from None
         return os.path.join(self.path, name)
 
     def _sign(self, key: str, data: bytes, stopped: Callable[[], bool] | None) -> bytes:

@@ -470,9 +470,10 @@ class FlashJob(_Job):
         once: the engine gives it up (no further write, never the image's head)."""
         if drive.judge is None or not drive.live or self._writer is None:
             return
-        why = drive.judge.feed(phase, done, time.monotonic())
+        index = self.drives.index(drive)
+        why = drive.judge.feed(phase, done, time.monotonic(), waited=self._writer.starved(index))
         if why is not None:
-            self._writer.give_up(self.drives.index(drive), Rejected(Cause.SLOW.value, why))
+            self._writer.give_up(index, Rejected(Cause.SLOW.value, why))
 
     def _certify(self, drive: _Drive) -> None:
         """The certificate of a drive that read back as the image, when asked for; a note says

@@ -108,3 +108,31 @@ def test_ctrl_c_while_a_hung_agent_signs_gives_the_shell_back(
     assert f"{loop.path}: no certificate: cancelled while ssh-keygen was signing" in notes, rest
     assert not list(certs.iterdir())  # no certificate, signed or not, no temporary file
     assert loop.read(1 * MiB) == image.read_bytes()  # the drive itself is done: ok
+
+
+def test_a_signer_that_timed_out_is_not_waited_for_again(
+        tmp_path: Path, agent: tuple[dict[str, str], int, Path],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each drive's end stood the whole timeout (60 s) again, the job's thread held."""
+    from popsicle_py import events
+    from popsicle_py.certify import sshsig
+    from popsicle_py.certify.writer import CertificateWriter
+
+    env, agent_pid, pub = agent
+    monkeypatch.setenv("SSH_AUTH_SOCK", env["SSH_AUTH_SOCK"])
+    monkeypatch.setattr(sshsig, "_TIMEOUT", 1)  # the minute, made a second
+    writer = CertificateWriter(str(tmp_path / "certs"), str(pub), "disk.img", None)
+    done = events.DriveResult("/dev/sdb", events.Status.OK, 1 * MiB, verified=True,
+                              device_sha256="ab" * 32)
+    os.kill(agent_pid, signal.SIGSTOP)
+    try:
+        with pytest.raises(sshsig.SignError, match="did not answer in 1 s"):
+            writer.certify(done, [((0, 1 * MiB), bytes(16))], 0.0)
+        began = time.monotonic()
+        with pytest.raises(sshsig.SignError, match="not asked again this run"):
+            writer.certify(done, [((0, 1 * MiB), bytes(16))], 0.0)
+        assert time.monotonic() - began < 0.5
+    finally:
+        os.kill(agent_pid, signal.SIGCONT)
+        writer.close()
+    assert list((tmp_path / "certs").iterdir()) == []

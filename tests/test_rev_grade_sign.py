@@ -136,3 +136,28 @@ def test_a_signer_that_timed_out_is_not_waited_for_again(
         os.kill(agent_pid, signal.SIGCONT)
         writer.close()
     assert list((tmp_path / "certs").iterdir()) == []
+
+
+def test_a_sign_key_that_is_no_key_file_is_said_so_at_once(
+        tmp_path: Path, loop_factory: Callable[..., Loop]) -> None:
+    """/dev/null was "No such file or directory" (ssh-keygen's words); a FIFO held the run a
+    minute before its refusal."""
+    image = tmp_path / "disk.img"
+    image.write_bytes(os.urandom(1 * MiB))
+    loop = loop_factory(2 * MiB, fill=0x5A)
+    before = loop.read(2 * MiB)
+    fifo = tmp_path / "key.fifo"
+    os.mkfifo(fifo)
+    cases = {tmp_path / "nokey": "no such file", Path("/dev/null"): "not a key file",
+             fifo: "not a key file"}
+    for key, words in cases.items():
+        began = time.monotonic()
+        done = subprocess.run([*popsicle_cmd(), "flash", str(image), loop.path, "--yes",
+                               "--certificate", str(tmp_path / "certs"),
+                               "--sign-key", str(key)],
+                              capture_output=True, text=True, timeout=90)
+        assert done.returncode == 2, done.stderr
+        assert done.stderr.startswith(f"popsicle-py: --sign-key {key}: {words}"), done.stderr
+        assert len(done.stderr.splitlines()) == 1, done.stderr
+        assert time.monotonic() - began < 10
+    assert loop.read(2 * MiB) == before

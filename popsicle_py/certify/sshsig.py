@@ -97,7 +97,13 @@ def sign(key: str, data: bytes, stopped: Callable[[], bool] | None = None) -> by
 
 
 def check_key(key: str) -> None:
-    """Refuse (exit 2) before anything is written when ``key`` cannot sign."""
+    """Refuse (exit 2) before anything is written when ``key`` cannot sign.  A name that is
+    no file is said so (ssh-keygen said "No such file or directory" of /dev/null, and
+    waited a minute on a FIFO)."""
+    if not os.path.exists(key):  # a dangling link too
+        raise Refused([f"--sign-key {key}: no such file"])
+    if not os.path.isfile(key):
+        raise Refused([f"--sign-key {key}: not a key file (a directory, a device, a pipe)"])
     try:
         sign(key, b"popsicle-py: can this key sign?\n")
     except SignError as exc:

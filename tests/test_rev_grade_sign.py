@@ -161,3 +161,46 @@ def test_a_sign_key_that_is_no_key_file_is_said_so_at_once(
         assert len(done.stderr.splitlines()) == 1, done.stderr
         assert time.monotonic() - began < 10
     assert loop.read(2 * MiB) == before
+
+
+def test_a_slow_signature_does_not_make_another_drive_too_slow(
+        tmp_path: Path, loop_factory: Callable[..., Loop],
+        throttle: Callable[..., Callable[[int], None]],
+        agent: tuple[dict[str, str], int, Path]) -> None:
+    """The job's thread judged each drive's speed when it got to its progress messages: held
+    by the first drive's signature (a key that waits for a touch, an agent slow to answer),
+    it took the bytes another drive wrote before as written after, and that drive, writing
+    at 24 MB/s, was "too slow: writes at ..." with a 16MB/s minimum (12 and 8: 928.9 KiB/s)."""
+    env, agent_pid, pub = agent
+    data = os.urandom(96 * MiB)
+    image = tmp_path / "disk.img"
+    image.write_bytes(data)
+    fast, slow = loop_factory(100 * MiB), loop_factory(100 * MiB)
+    add = throttle((fast, 80_000_000), (slow, 24_000_000))
+    proc = subprocess.Popen(
+        [*popsicle_cmd(), "flash", str(image), fast.path, slow.path, "--yes", "--json",
+         "--no-probe", "--min-write-speed", "16MB/s", "--certificate", str(tmp_path / "c"),
+         "--sign-key", str(pub)],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env,
+        preexec_fn=lambda: add(os.getpid()))
+    events = _Events(proc)
+    try:
+        first = events.until(lambda e: True, 30)  # the key was tried: it signed
+        assert first and first[0]["event"] == "start", first
+        os.kill(agent_pid, signal.SIGSTOP)
+        one = events.until(lambda e: e["event"] == "result", 30)
+        assert one[-1]["device"] == fast.path and one[-1]["status"] == "ok", one
+        time.sleep(4)  # the fast drive's signature holds the job's thread meanwhile
+        os.kill(agent_pid, signal.SIGCONT)
+        rest = events.until(lambda e: e["event"] == "summary", 60)
+        proc.wait(timeout=30)
+    finally:
+        os.kill(agent_pid, signal.SIGCONT)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    results = {e["device"]: (e["status"], e["error"]) for e in rest if e["event"] == "result"}
+    assert results == {slow.path: ("ok", None)}, rest
+    assert proc.returncode == 0
+    assert slow.read(len(data)) == data
+    assert len(list((tmp_path / "c").glob("*.json.sig"))) == 2

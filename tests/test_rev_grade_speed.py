@@ -21,6 +21,7 @@ pytestmark = pytest.mark.root
 MiB = 1 << 20
 
 
+
 def _paced(pipe: IO[bytes], data: bytes, rate: int) -> None:
     """``data`` into ``pipe`` at about ``rate`` bytes per second, then closed."""
     step = rate // 20
@@ -63,3 +64,4 @@ def test_a_fast_drive_fed_by_a_slow_source_is_not_too_slow(
     assert [(r["status"], r["error"]) for r in results] == [("ok", None)], out
     assert proc.returncode == 0
     assert loop.read(len(data)) == data
+

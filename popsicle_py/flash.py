@@ -376,20 +376,20 @@ class FlashJob(_Job):
         def on_message(msg: WriterMessage | Phase | Progress | Note | Download) -> None:
             drive = self.drives[getattr(msg, "id", 0)]
             match msg:
-                case BusWriterMessage.Written(bytes_written=n):
+                case BusWriterMessage.Written(bytes_written=n, at=at):
                     drive.written = n
                     self.emit(Progress(drive.path, Step.WRITING, n + drive.skipped, total))
-                    self._judge(drive, "write", n + drive.skipped)
-                case BusWriterMessage.Skipped(bytes_skipped=n):
+                    self._judge(drive, "write", n + drive.skipped, at)
+                case BusWriterMessage.Skipped(bytes_skipped=n, at=at):
                     drive.skipped = n
                     self.emit(Progress(drive.path, Step.WRITING, drive.written + n, total))
-                    self._judge(drive, "write", drive.written + n)  # its pace through it
+                    self._judge(drive, "write", drive.written + n, at)  # its pace through it
                 case BusWriterMessage.Stage(step=step):
                     self.emit(Phase(drive.path, step))
-                case BusWriterMessage.Verified(bytes_read=n):
+                case BusWriterMessage.Verified(bytes_read=n, at=at):
                     drive.verified = n
                     self.emit(Progress(drive.path, Step.VERIFYING, n, total))
-                    self._judge(drive, "read", n)
+                    self._judge(drive, "read", n, at)
                 case BusWriterMessage.Repaired(buckets=k):
                     drive.repaired += k
                     self.emit(Note(f"{drive.path}: repaired {k} bucket(s)"))
@@ -465,14 +465,16 @@ class FlashJob(_Job):
         for drive in self._live():  # given up by the engine without a message of its own
             self._end(drive, Status.FAILED, f"{drive.path}: did not finish", cause=Cause.ERROR)
 
-    def _judge(self, drive: _Drive, phase: str, done: int) -> None:
+    def _judge(self, drive: _Drive, phase: str, done: int, at: float) -> None:
         """A drive below --min-write-speed or --min-read-speed at steady state is rejected at
-        once: the engine gives it up (no further write, never the image's head)."""
+        once: the engine gives it up (no further write, never the image's head).  ``at``: when
+        the drive's thread posted ``done`` (this thread may have been held meanwhile)."""
         if drive.judge is None or not drive.live or self._writer is None:
             return
-        why = drive.judge.feed(phase, done, time.monotonic())
+        index = self.drives.index(drive)
+        why = drive.judge.feed(phase, done, at, waited=self._writer.starved(index))
         if why is not None:
-            self._writer.give_up(self.drives.index(drive), Rejected(Cause.SLOW.value, why))
+            self._writer.give_up(index, Rejected(Cause.SLOW.value, why))
 
     def _certify(self, drive: _Drive) -> None:
         """The certificate of a drive that read back as the image, when asked for; a note says

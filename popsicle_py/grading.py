@@ -6,7 +6,8 @@ rejected drive (a :class:`~popsicle_py.errors.Rejected` failure: status ``reject
 
 Speed is judged at steady state only: the first seconds of each phase are ignored (a stick's
 write cache takes bursts far above what it sustains), then the speed over a sliding window
-must stay above the minimum.  A phase shorter than that is never judged.
+must stay above the minimum.  A phase shorter than that is never judged.  Time spent waiting
+for the image is not the drive's: it is left out of the write speed.
 """
 
 from __future__ import annotations
@@ -69,10 +70,17 @@ class SpeedJudge:
     started: float = 0.0
     samples: deque[tuple[float, int]] = field(default_factory=deque)
     last: int = 0
+    clock: float = float("-inf")  # the drive's own time: never goes back
 
-    def feed(self, phase: str, done: int, now: float) -> str | None:
+    def feed(self, phase: str, done: int, now: float, waited: float = 0.0) -> str | None:
         """``done`` bytes of ``phase`` ("write" or "read") at ``now``: why the drive is too
-        slow, once that is clear, else None."""
+        slow, once that is clear, else None.
+
+        ``waited``: the seconds the drive has spent so far waiting for the image (a download,
+        a decompression, a pipe slower than the drive), which are not its own: only the time
+        it had data to write is counted (a fast stick fed at 5 MB/s was rejected as slow)."""
+        # A wait is counted once it ends: the drive's time never goes back meanwhile.
+        now = self.clock = max(self.clock, now - waited)
         minimum = self.rule.min_write if phase == "write" else self.rule.min_read
         if phase != self.phase or done < self.last:  # a new pass (the head read back alone)
             self.phase, self.started = phase, now

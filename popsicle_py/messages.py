@@ -6,6 +6,7 @@ A message's ``id`` is the destination's index in the list given to the engine.
 
 from __future__ import annotations
 
+import time
 from dataclasses import field
 
 from popsicle_py.events import Step
@@ -21,6 +22,9 @@ class BusWriterMessage:
 
         id: int
         bytes_written: int
+        #: When it was posted (on the destination's thread): the speed rule's clock, not the
+        #: moment the job got round to it (a certificate being signed holds the job's thread).
+        at: float = field(default_factory=time.monotonic, compare=False, repr=False)
 
     @record
     class Skipped:
@@ -28,6 +32,9 @@ class BusWriterMessage:
 
         id: int
         bytes_skipped: int
+        #: When it was posted (on the destination's thread): the speed rule's clock, not the
+        #: moment the job got round to it (a certificate being signed holds the job's thread).
+        at: float = field(default_factory=time.monotonic, compare=False, repr=False)
 
     @record
     class Stage:
@@ -42,6 +49,9 @@ class BusWriterMessage:
 
         id: int
         bytes_read: int
+        #: When it was posted (on the destination's thread): the speed rule's clock, not the
+        #: moment the job got round to it (a certificate being signed holds the job's thread).
+        at: float = field(default_factory=time.monotonic, compare=False, repr=False)
 
     @record
     class Repaired:

@@ -176,7 +176,8 @@ class PreparedFlash(HeldFiles):
                             capacity_probe(size, engine.bucket_size, written)
                             if write.probe else None),
                 speeds=speed_rule(grade), surface=grade.surface_test,
-                certify=None if self.certificates is None else self.certificates.certify,
+                certify=None if self.certificates is None
+                else self.certificates.until(cancel),  # a signature ends at a Ctrl-C
                 before_head=customize.step_of(self.personaliser),
                 # A master drive written to, or an image file changed, meanwhile: all fail.
                 source_check=sources.source_check(self.source))

@@ -102,7 +102,7 @@ class PreparedWatch(HeldFiles):
                                          first_seq=hooks.first_seq if hooks else 1,
                                          still=hooks.still if hooks else None,
                                          certify=None if self.certificates is None
-                                         else self.certificates.certify,
+                                         else self.certificates.until(cancel),
                                          speeds=speed_rule(request.grade),
                                          surface=request.grade.surface_test,
                                          reject=capacity_check(request.grade.capacity,

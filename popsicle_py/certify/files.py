@@ -18,6 +18,8 @@ import secrets
 from popsicle_py.errors import Refused
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+#: Bytes written (and removed) at the start: room for a few certificates and signatures.
+PROBE = 64 << 10
 _FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
@@ -44,6 +46,12 @@ def open_directory(path: str) -> int:
     if not os.access(f"/proc/self/fd/{fd}", os.W_OK):
         os.close(fd)
         raise Refused([f"--certificate {path}: the directory is not writable"])
+    try:  # a full file system (or a quota) is found now, not after the drives are written
+        os.unlink(_temporary(fd, "probe", bytes(PROBE)), dir_fd=fd)
+    except OSError as exc:
+        os.close(fd)
+        raise Refused([f"--certificate {path}: cannot write a certificate there: "
+                       f"{exc.strerror or exc}"]) from None
     return fd
 
 

@@ -11,6 +11,8 @@ import os
 import shutil
 import subprocess
 import tempfile
+import time
+from collections.abc import Callable
 
 from popsicle_py.certify.model import NAMESPACE, CertificateError
 from popsicle_py.errors import Refused
@@ -18,10 +20,16 @@ from popsicle_py.errors import Refused
 #: The suffix of a certificate's signature file.
 SIG_SUFFIX = ".sig"
 _TIMEOUT = 60
+#: How often a signature's wait looks at the run's cancellation, in seconds.
+_POLL = 0.2
 
 
 class SignError(OSError):
     """ssh-keygen could not sign (a key that needs a passphrase, a missing agent ...)."""
+
+
+class SignTimeout(SignError):
+    """ssh-keygen did not answer in time (an agent that hangs): no use asking it again."""
 
 
 def _keygen() -> str:
@@ -37,22 +45,47 @@ def _last_line(text: bytes) -> str:
     return lines[-1].strip() if lines else "no message"
 
 
-def sign(key: str, data: bytes) -> bytes:
+def _answer(proc: subprocess.Popen[bytes], data: bytes, key: str,
+            stopped: Callable[[], bool] | None) -> tuple[bytes, bytes]:
+    """What ssh-keygen wrote, once it ends; SignError at ``stopped`` or at the timeout."""
+    deadline = time.monotonic() + _TIMEOUT
+    given: bytes | None = data
+    while True:
+        try:  # the data is given once: a later call goes on with what is left of it
+            return proc.communicate(given, timeout=_POLL)
+        except subprocess.TimeoutExpired:
+            given = None
+            if stopped is not None and stopped():
+                raise SignError("cancelled while ssh-keygen was signing") from None
+            if time.monotonic() >= deadline:
+                raise SignTimeout(f"ssh-keygen -Y sign -f {key} did not answer in {_TIMEOUT} s "
+                                "(an ssh-agent that hangs?)") from None
+
+
+def sign(key: str, data: bytes, stopped: Callable[[], bool] | None = None) -> bytes:
     """The SSH signature of ``data`` with the private key (or the agent's, given the public
     key file) ``key``; raises SignError.
 
     ssh-keygen runs in a session of its own, with no terminal and no askpass program: a key
     that needs a passphrase fails at once, never a prompt on popsicle's terminal, asked again
-    for each drive while the run waits (README: use ssh-agent and give the .pub file)."""
+    for each drive while the run waits (README: use ssh-agent and give the .pub file).
+    ``stopped`` (the run's cancellation) is heard while it waits: an agent that stopped
+    answering held a Ctrl-C for the whole timeout, a minute at each drive's end."""
     try:
-        done = subprocess.run([_keygen(), "-q", "-Y", "sign", "-f", key, "-n", NAMESPACE],
-                              input=data, capture_output=True, timeout=_TIMEOUT, check=False,
-                              start_new_session=True,
-                              env={**os.environ, "SSH_ASKPASS_REQUIRE": "never"})
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise SignError(f"ssh-keygen -Y sign: {exc}") from None
-    if done.returncode != 0 or b"BEGIN SSH SIGNATURE" not in done.stdout:
-        said = _last_line(done.stderr)
+        proc = subprocess.Popen([_keygen(), "-q", "-Y", "sign", "-f", key, "-n", NAMESPACE],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, start_new_session=True,
+                                env={**os.environ, "SSH_ASKPASS_REQUIRE": "never"})
+    except OSError as exc:
+        raise SignError(f"ssh-keygen -Y sign: {exc.strerror or exc}") from None
+    with proc:  # its pipes closed and the process reaped, whatever ends the wait
+        try:
+            out, err = _answer(proc, data, key, stopped)
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+    if proc.returncode != 0 or b"BEGIN SSH SIGNATURE" not in out:
+        said = _last_line(err)
         if said.startswith("Couldn't load") and os.path.isfile(key):  # "No such file", it says
             raise SignError(f"{key} is not an OpenSSH private key, nor the .pub of one held by "
                             "ssh-agent")
@@ -60,11 +93,17 @@ def sign(key: str, data: bytes) -> bytes:
             raise SignError(f"{key} needs a passphrase, which popsicle-py does not ask for: "
                             "add it to ssh-agent (ssh-add) and give its .pub file")
         raise SignError(f"ssh-keygen -Y sign -f {key}: {said}")
-    return done.stdout
+    return out
 
 
 def check_key(key: str) -> None:
-    """Refuse (exit 2) before anything is written when ``key`` cannot sign."""
+    """Refuse (exit 2) before anything is written when ``key`` cannot sign.  A name that is
+    no file is said so (ssh-keygen said "No such file or directory" of /dev/null, and
+    waited a minute on a FIFO)."""
+    if not os.path.exists(key):  # a dangling link too
+        raise Refused([f"--sign-key {key}: no such file"])
+    if not os.path.isfile(key):
+        raise Refused([f"--sign-key {key}: not a key file (a directory, a device, a pipe)"])
     try:
         sign(key, b"popsicle-py: can this key sign?\n")
     except SignError as exc:

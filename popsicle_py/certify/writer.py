@@ -22,6 +22,8 @@ from popsicle_py.report import iso
 
 #: What the job hands over: each extent's (offset, length) and the XXH3-128 digest it read.
 Evidence = Sequence[tuple[tuple[int, int], bytes]]
+#: What the job calls for each verified drive (the flash job's ``Certify``).
+Certify = Callable[[DriveResult, Evidence, float], str]
 
 
 @record
@@ -50,6 +52,16 @@ class CertificateWriter:
         self.image_sha256 = image_sha256
         self.place = place or Place()
         self.clock = clock
+        #: Why signing cannot work this run (a signer that did not answer): no drive waits
+        #: for it again.
+        self.unsigned: str | None = None
+
+    def until(self, stopped: Callable[[], bool]) -> Certify:
+        """:meth:`certify` for a run whose cancellation is ``stopped``: a signature waited
+        for ends at it (the job's Ctrl-C is heard, not held by a hung ssh-agent)."""
+        def certify(result: DriveResult, evidence: Evidence, started: float) -> str:
+            return self.certify(result, evidence, started, stopped=stopped)
+        return certify
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -57,7 +69,8 @@ class CertificateWriter:
                 os.close(self.fd)
             self.fd = -1
 
-    def certify(self, result: DriveResult, evidence: Evidence, started: float) -> str:
+    def certify(self, result: DriveResult, evidence: Evidence, started: float, *,
+                stopped: Callable[[], bool] | None = None) -> str:
         """Write the certificate of a drive that read back as the image; its path.
 
         Raises OSError (or :class:`~.sshsig.SignError`) when it cannot be written or signed;
@@ -80,7 +93,21 @@ class CertificateWriter:
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now))
         # Signed first: a certificate that could not be signed is never left behind.
         signature = (None if self.sign_key is None else
-                     (sshsig.SIG_SUFFIX, sshsig.sign(self.sign_key, data)))
-        name = files.write_new(self.fd, files.certificate_name(stamp, info.seq, info.serial,
-                                                               info.port_path), data, signature)
+                     (sshsig.SIG_SUFFIX, self._sign(self.sign_key, data, stopped)))
+        try:
+            name = files.write_new(self.fd, files.certificate_name(
+                stamp, info.seq, info.serial, info.port_path), data, signature)
+        except OSError as exc:  # "No space left on device" alone did not say where
+            raise OSError(f"{self.path}: {exc.strerror or exc}") from None
         return os.path.join(self.path, name)
+
+    def _sign(self, key: str, data: bytes, stopped: Callable[[], bool] | None) -> bytes:
+        """The signature of ``data``; a signer that once did not answer is not waited for
+        again (each drive's end held the run a minute more)."""
+        if self.unsigned is not None:
+            raise sshsig.SignError(self.unsigned)
+        try:
+            return sshsig.sign(key, data, stopped)
+        except sshsig.SignTimeout as exc:
+            self.unsigned = f"{exc}; not asked again this run"
+            raise

@@ -18,6 +18,7 @@ def read_alone(lane: Lane, fd: int, view: memoryview, at: int) -> int:
     to be the image's fault, not the drive's (the lane waits meanwhile, as for the reader)."""
     done = 0
     lane.waiting = True
+    began = time.monotonic()
     try:
         with lane.source_clock.busy():
             while done < len(view) and not lane.stopped:
@@ -30,6 +31,7 @@ def read_alone(lane: Lane, fd: int, view: memoryview, at: int) -> int:
                 done += n
     finally:
         lane.waiting = False
+        lane.starved += time.monotonic() - began
         lane.touch()
     return done
 

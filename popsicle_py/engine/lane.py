@@ -53,6 +53,9 @@ class Lane(Clock):
         #: not the drive's, and a stall there is the image's (see Supervisor).
         self.source_clock = Clock()
         self.source_pacer = Pacer()
+        #: Seconds it waited for the image (the ring's next bucket, its own reads of it): the
+        #: image's time, not the drive's, which --min-write-speed judges.
+        self.starved = 0.0
         self.thread: threading.Thread | None = None
         #: Seconds spent in each of its steps, timed on its own thread: the supervisor
         #: delivers messages in bursts, and a fast drive's whole pass can fit in one.

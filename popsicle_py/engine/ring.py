@@ -9,6 +9,7 @@ writer's lanes and the verifier's alike.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterable
 
 from popsicle_py.buffers import aligned_buffer
@@ -99,8 +100,10 @@ class Ring:
             self.starving.add(lane.id)
             if nudge and seq >= self.head and not self.eof:
                 self.cond.notify_all()
+            began = time.monotonic()
             while not leaving() and seq >= self.head and not self.eof:
                 self.cond.wait(POLL)
+            lane.starved += time.monotonic() - began
             self.starving.discard(lane.id)
             lane.waiting = False
             lane.touch()

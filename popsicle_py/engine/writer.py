@@ -222,6 +222,11 @@ class BusWriter(Builder):
         if self._run is not None:
             self._run.supervisor.give_up(index, error)
 
+    def starved(self, index: int) -> float:
+        """Seconds destination ``index`` has waited for the image so far (not its time)."""
+        run = self._run
+        return run.lanes[index].starved if run is not None else 0.0
+
     def source_read(self) -> WriteResult:
         """What the source gave so far (size, digests, held head), without any results."""
         if self._run is None:

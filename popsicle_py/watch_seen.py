@@ -1,0 +1,52 @@
+"""One appearance of a drive in a duplicator session, and what its uevents say about it."""
+
+from __future__ import annotations
+
+import threading
+
+import pyudev
+
+from popsicle_py.drives import Drive
+from popsicle_py.events import DriveInfo, DriveResult
+
+
+def swapped(known: Drive, device: pyudev.Device) -> bool:
+    """The medium under ``device`` is not ``known``'s: the kernel gave it a new diskseq (our
+    own writes' "change" events, a partition table re-read, keep it)."""
+    now, before = sysfs_number(device, "diskseq"), known.identity.diskseq
+    return now is not None and before is not None and now != before
+
+
+def sysfs_number(device: pyudev.Device, name: str) -> int | None:
+    """A number of the device's sysfs attributes (``size``, ``diskseq``), None if absent."""
+    try:
+        value = device.attributes.get(name)
+    except (KeyError, OSError):
+        return None
+    text = value.decode(errors="replace").strip() if isinstance(value, bytes) else str(value)
+    return int(text) if text.isdigit() else None
+
+
+class Seen:
+    """One appearance of a drive in this session (the same stick re-inserted is a new one)."""
+
+    def __init__(self, device: pyudev.Device, drive: Drive) -> None:
+        self.device, self.drive = device, drive
+        self.path = drive.path
+        self.announced = False  # drive_added was emitted
+        self.present_at_start = False  # plugged in before watching, and left alone
+        self.removed = threading.Event()  # pulled (or medium gone) since it appeared
+        self.thread: threading.Thread | None = None
+        self.finished = threading.Event()  # its job (and power off) is over
+        self.result: DriveResult | None = None
+        self.ended_removed = False  # the job's end was judged "removed"
+        self.info: DriveInfo | None = None  # who it is, with its number in this session
+
+    @property
+    def known(self) -> bool:
+        """Present at the start, or taken: another "add" for its medium is not a new drive."""
+        return self.present_at_start or self.thread is not None
+
+    @property
+    def in_flight(self) -> bool:
+        return self.thread is not None and not self.finished.is_set()

@@ -79,7 +79,14 @@ from popsicle_py.signals import Cancellation
 from popsicle_py.units import format_size
 from popsicle_py.watch_power import power_off as power_off  # importable here too
 from popsicle_py.watch_power import power_off_within
-from popsicle_py.watch_seen import Seen, swapped, sysfs_number
+from popsicle_py.watch_seen import (
+    Present,
+    Seen,
+    disks_present,
+    swapped,
+    sysfs_number,
+    was_present,
+)
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +151,9 @@ class WatchOptions:
     trim: TrimRule | None = None
     #: The image's stillness check taken earlier (a station's, before its SHA-256 was read).
     still: Callable[[], None] | None = None
+    #: The disks plugged in when the session was asked for (None: when :meth:`run` starts):
+    #: those are left alone, one plugged in since (while the image is prepared) is new.
+    present: Present | None = None
 
 
 @record
@@ -188,6 +198,7 @@ class WatchSession:
         #: number: it arrives once that job is over (see _take_waiting).
         self._waiting: dict[int, pyudev.Device] = {}
         self._started: list[Seen] = []
+        self._present_before = self.options.present
         #: Raises once the image file changed since the watch began: the sticks written
         #: after it would not be copies of one image (the checksum was checked at the start).
         self._still = self.options.still or holding_still(image.path)
@@ -251,6 +262,8 @@ class WatchSession:
         decompressed.
         """
         try:
+            if self._present_before is None:
+                self._present_before = disks_present(self.context)
             if not self._prepare():
                 summary = Summary((), cancelled=True)
                 self._deliver()
@@ -386,13 +399,15 @@ class WatchSession:
                                    image_devnums=image.image_devnums | self._copy_devnums)
 
     def _present(self) -> None:
-        """Drives plugged in before watching: left alone (noted), unless include_present."""
+        """Drives plugged in before the session was asked for: left alone (noted), unless
+        include_present; one plugged in since, while the image was prepared, arrives now."""
         facts = self._facts()
         left: list[str] = []
         for device in self.context.list_devices(subsystem="block", DEVTYPE="disk"):
             drive = drives.build_discovered(device, facts)
             self._media[drive.devnum] = drive.size
-            if self.options.include_present:
+            if self.options.include_present or not was_present(self._present_before or {},
+                                                               drive):
                 self._arrived(device, drive)
                 continue
             seen = Seen(device, drive)
@@ -401,7 +416,7 @@ class WatchSession:
             if drive.bus in drives.AUTO_BUSES:
                 left.append(drive.describe())
         if left:
-            self.emit(Note(f"left alone (plugged in before watching): {', '.join(left)}; "
+            self.emit(Note(f"left alone (plugged in before the start): {', '.join(left)}; "
                            "--include-present writes them too"))
 
     def _uevent(self, device: pyudev.Device) -> None:

@@ -3,11 +3,33 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Mapping
 
 import pyudev
 
+from popsicle_py import drives
 from popsicle_py.drives import Drive
 from popsicle_py.events import DriveInfo, DriveResult
+from popsicle_py.identity import MediaIdentity
+
+#: The disks plugged in when a session was asked for, by device number.
+Present = Mapping[int, MediaIdentity]
+
+
+def disks_present(context: pyudev.Context | None = None) -> dict[int, MediaIdentity]:
+    """The disks plugged in now: taken when a session is asked for, before its download,
+    checksum and decompression, so that a drive plugged in meanwhile is a new one."""
+    facts = drives.gather_facts(None)
+    found = (context or pyudev.Context()).list_devices(subsystem="block", DEVTYPE="disk")
+    identities = (drives.build_drive(device, facts, explicit=False).identity
+                  for device in found)
+    return {identity.devnum: identity for identity in identities}
+
+
+def was_present(present: Present, drive: Drive) -> bool:
+    """``drive`` is the medium that was there when the session was asked for (pure)."""
+    before = present.get(drive.devnum)
+    return before is not None and drives.same_media(before, drive.identity) is None
 
 
 def swapped(known: Drive, device: pyudev.Device) -> bool:
@@ -34,7 +56,7 @@ class Seen:
         self.device, self.drive = device, drive
         self.path = drive.path
         self.announced = False  # drive_added was emitted
-        self.present_at_start = False  # plugged in before watching, and left alone
+        self.present_at_start = False  # plugged in before the start, and left alone
         self.removed = threading.Event()  # pulled (or medium gone) since it appeared
         self.thread: threading.Thread | None = None
         self.finished = threading.Event()  # its job (and power off) is over

@@ -437,6 +437,8 @@ class WatchSession:
                 self._waiting.pop(devnum, None)  # a card waiting for its turn is out again
                 if seen is not None and busy and not seen.removed.is_set():
                     self._gone(devnum, medium=True)
+                elif seen is not None:  # out: the next card is new, however like this one
+                    seen.removed.set()
             elif before == 0 and busy:
                 # The pulled card's job is still ending, and may hold the device open
                 # (O_EXCL): the new card arrives once it is over.

@@ -83,6 +83,7 @@ from popsicle_py.watch_seen import (
     Present,
     Seen,
     disks_present,
+    node_gone,
     swapped,
     sysfs_number,
     was_present,
@@ -540,6 +541,8 @@ class WatchSession:
         try:
             opened = open_targets([seen.drive], check=drives.still_same)
         except OpenError as exc:
+            if node_gone(seen.drive):  # pulled before its "remove" was heard: said as such
+                seen.removed.set()
             self._end_unstarted(seen, exc.lines[0] if exc.lines else
                                 f"{seen.path}: could not be opened")
             return

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Mapping
 
@@ -47,6 +48,17 @@ def sysfs_number(device: pyudev.Device, name: str) -> int | None:
         return None
     text = value.decode(errors="replace").strip() if isinstance(value, bytes) else str(value)
     return int(text) if text.isdigit() else None
+
+
+def node_gone(drive: Drive) -> bool:
+    """``drive``'s node is gone, or is another device's: it was pulled (its "remove" uevent
+    perhaps not read yet), so a job that could not open it ends "removed", not an error."""
+    try:
+        return os.stat(drive.path).st_rdev != drive.devnum
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
 
 
 class Seen:

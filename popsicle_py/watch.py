@@ -45,7 +45,6 @@ from popsicle_py.events import (
     POWERED_OFF,
     Cause,
     DriveAdded,
-    DriveInfo,
     DriveRemoved,
     DriveResult,
     Event,
@@ -80,6 +79,15 @@ from popsicle_py.signals import Cancellation
 from popsicle_py.units import format_size
 from popsicle_py.watch_power import power_off as power_off  # importable here too
 from popsicle_py.watch_power import power_off_within
+from popsicle_py.watch_seen import (
+    Present,
+    Seen,
+    disks_present,
+    node_gone,
+    swapped,
+    sysfs_number,
+    was_present,
+)
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +152,9 @@ class WatchOptions:
     trim: TrimRule | None = None
     #: The image's stillness check taken earlier (a station's, before its SHA-256 was read).
     still: Callable[[], None] | None = None
+    #: The disks plugged in when the session was asked for (None: when :meth:`run` starts):
+    #: those are left alone, one plugged in since (while the image is prepared) is new.
+    present: Present | None = None
 
 
 @record
@@ -164,42 +175,6 @@ def ineligibility(drive: Drive, image_size: int | None, max_size: int) -> str | 
     return found[0].reason if found else None
 
 
-def _swapped(known: Drive, device: pyudev.Device) -> bool:
-    """The medium under ``device`` is not ``known``'s: the kernel gave it a new diskseq (our
-    own writes' "change" events, a partition table re-read, keep it)."""
-    now, before = _number(device, "diskseq"), known.identity.diskseq
-    return now is not None and before is not None and now != before
-
-
-def _number(device: pyudev.Device, name: str) -> int | None:
-    try:
-        value = device.attributes.get(name)
-    except (KeyError, OSError):
-        return None
-    text = value.decode(errors="replace").strip() if isinstance(value, bytes) else str(value)
-    return int(text) if text.isdigit() else None
-
-
-class _Seen:
-    """One appearance of a drive in this session (the same stick re-inserted is a new one)."""
-
-    def __init__(self, device: pyudev.Device, drive: Drive) -> None:
-        self.device, self.drive = device, drive
-        self.path = drive.path
-        self.announced = False  # drive_added was emitted
-        self.present_at_start = False  # plugged in before watching, and left alone
-        self.removed = threading.Event()  # pulled (or medium gone) since it appeared
-        self.thread: threading.Thread | None = None
-        self.finished = threading.Event()  # its job (and power off) is over
-        self.result: DriveResult | None = None
-        self.ended_removed = False  # the job's end was judged "removed"
-        self.info: DriveInfo | None = None  # who it is, with its number in this session
-
-    @property
-    def in_flight(self) -> bool:
-        return self.thread is not None and not self.finished.is_set()
-
-
 class WatchSession:
     """Follow udev and flash each eligible drive as it appears, until a count or a signal."""
 
@@ -218,12 +193,13 @@ class WatchSession:
         self._copy_dir: str | None = None
         self._copy_devnums: frozenset[int] = frozenset()
         self._image_facts: SystemFacts | None = None  # the image's storage (see _facts)
-        self._current: dict[int, _Seen] = {}  # by device number, while present
+        self._current: dict[int, Seen] = {}  # by device number, while present
         self._media: dict[int, int] = {}  # last size seen per device number (0: no medium)
         #: A card put into a reader while the pulled card's job is still ending, by device
         #: number: it arrives once that job is over (see _take_waiting).
         self._waiting: dict[int, pyudev.Device] = {}
-        self._started: list[_Seen] = []
+        self._started: list[Seen] = []
+        self._present_before = self.options.present
         #: Raises once the image file changed since the watch began: the sticks written
         #: after it would not be copies of one image (the checksum was checked at the start).
         self._still = self.options.still or holding_still(image.path)
@@ -248,7 +224,7 @@ class WatchSession:
                 return
             self._emit_to(event)
 
-    def _job_event(self, seen: _Seen, event: Event) -> None:
+    def _job_event(self, seen: Seen, event: Event) -> None:
         """An event from a drive's FlashJob, as the session reports it.
 
         The job's own start and summary are the session's business.  A drive pulled before
@@ -287,6 +263,8 @@ class WatchSession:
         decompressed.
         """
         try:
+            if self._present_before is None:
+                self._present_before = disks_present(self.context)
             if not self._prepare():
                 summary = Summary((), cancelled=True)
                 self._deliver()
@@ -422,22 +400,24 @@ class WatchSession:
                                    image_devnums=image.image_devnums | self._copy_devnums)
 
     def _present(self) -> None:
-        """Drives plugged in before watching: left alone (noted), unless include_present."""
+        """Drives plugged in before the session was asked for: left alone (noted), unless
+        include_present; one plugged in since, while the image was prepared, arrives now."""
         facts = self._facts()
         left: list[str] = []
         for device in self.context.list_devices(subsystem="block", DEVTYPE="disk"):
             drive = drives.build_discovered(device, facts)
             self._media[drive.devnum] = drive.size
-            if self.options.include_present:
+            if self.options.include_present or not was_present(self._present_before or {},
+                                                               drive):
                 self._arrived(device, drive)
                 continue
-            seen = _Seen(device, drive)
+            seen = Seen(device, drive)
             seen.present_at_start = True
             self._current[drive.devnum] = seen
             if drive.bus in drives.AUTO_BUSES:
                 left.append(drive.describe())
         if left:
-            self.emit(Note(f"left alone (plugged in before watching): {', '.join(left)}; "
+            self.emit(Note(f"left alone (plugged in before the start): {', '.join(left)}; "
                            "--include-present writes them too"))
 
     def _uevent(self, device: pyudev.Device) -> None:
@@ -450,7 +430,7 @@ class WatchSession:
             self._gone(devnum)
         elif action == "change":
             # A card reader's medium comes and goes without the disk itself being added.
-            size = _number(device, "size") or 0  # sectors: only 0 or not matters
+            size = sysfs_number(device, "size") or 0  # sectors: only 0 or not matters
             before = self._media.get(devnum)
             seen = self._current.get(devnum)
             busy = seen is not None and seen.in_flight
@@ -458,11 +438,13 @@ class WatchSession:
                 self._waiting.pop(devnum, None)  # a card waiting for its turn is out again
                 if seen is not None and busy and not seen.removed.is_set():
                     self._gone(devnum, medium=True)
+                elif seen is not None:  # out: the next card is new, however like this one
+                    seen.removed.set()
             elif before == 0 and busy:
                 # The pulled card's job is still ending, and may hold the device open
                 # (O_EXCL): the new card arrives once it is over.
                 self._waiting[devnum] = device
-            elif before == 0 or (seen is not None and _swapped(seen.drive, device)):
+            elif before == 0 or (seen is not None and swapped(seen.drive, device)):
                 # A card in an empty reader, or one swapped for another quicker than the
                 # kernel's media poll: one "change" with a new diskseq and no empty reader
                 # in between.  The card we knew is gone (a job writing it ends "removed").
@@ -488,16 +470,17 @@ class WatchSession:
         drive = drive or drives.build_discovered(device, self._facts())
         self._media[drive.devnum] = drive.size
         previous = self._current.get(drive.devnum)
-        if previous is not None and (previous.in_flight or previous.present_at_start):
+        if previous is not None and previous.known and not previous.removed.is_set():
             if drives.same_media(previous.drive.identity, drive.identity) is None:
-                # An "add" queued before the drive was listed as present, or a second one for
-                # a drive being written: the same appearance, not a new drive.
+                # An "add" queued before the drive was listed as present, or another for one
+                # being or already written (``udevadm trigger --action=add``): the same
+                # appearance, not a new drive to count and write again.
                 log.debug("%s: add event for a drive already known; ignored", drive.path)
                 return
             # Another medium under the same device number (diskseq, size or serial moved):
             # the one we knew is gone, whatever events were lost on the way.
             self._gone(drive.devnum)
-        seen = _Seen(device, drive)
+        seen = Seen(device, drive)
         self._current[drive.devnum] = seen
         admit, drain, first = self.options.admit, self.options.drain, self.options.first_seq
         reason = ineligibility(drive, self._source.size, self.options.max_size)
@@ -535,7 +518,7 @@ class WatchSession:
     # ------------------------------------------------------------------------------------
     # One drive, on its own thread
 
-    def _run_drive(self, seen: _Seen) -> None:
+    def _run_drive(self, seen: Seen) -> None:
         keep_signals_for_main_thread()  # a flush to a slow stick must not hold up Ctrl-C
         try:
             self._flash(seen)
@@ -551,13 +534,15 @@ class WatchSession:
                 self._end_unstarted(seen, "cancelled", status=Status.CANCELLED)
             seen.finished.set()
 
-    def _flash(self, seen: _Seen) -> None:
+    def _flash(self, seen: Seen) -> None:
         def cancel() -> bool:
             return self.cancel() or seen.removed.is_set()
 
         try:
             opened = open_targets([seen.drive], check=drives.still_same)
         except OpenError as exc:
+            if node_gone(seen.drive):  # pulled before its "remove" was heard: said as such
+                seen.removed.set()
             self._end_unstarted(seen, exc.lines[0] if exc.lines else
                                 f"{seen.path}: could not be opened")
             return
@@ -579,7 +564,7 @@ class WatchSession:
         FlashJob(self._source, opened, options, lambda e: self._job_event(seen, e),
                  cancel, [seen.info] if seen.info is not None else ()).run()
 
-    def _end_unstarted(self, seen: _Seen, why: str, status: Status = Status.FAILED,
+    def _end_unstarted(self, seen: Seen, why: str, status: Status = Status.FAILED,
                        cause: Cause = Cause.ERROR) -> None:
         """End a drive whose job never ran (it could not be opened, or something broke)."""
         if status is Status.CANCELLED:
@@ -589,7 +574,7 @@ class WatchSession:
         self._job_event(seen, Phase(seen.path, Step.FAILED, why, cause))
         self._job_event(seen, Result(DriveResult(seen.path, status, 0, why, cause=cause)))
 
-    def _power_off(self, seen: _Seen) -> None:
+    def _power_off(self, seen: Seen) -> None:
         """Within the stall timeout, and not past a stop: a dead stick holds no session."""
         why = power_off_within(seen.device, seen.drive, cancel=self.cancel,
                                limit=self.options.stall_timeout)

@@ -9,7 +9,9 @@ device").  The scenario is JSON written by tests/test_watch.py:
                {"remove": ["/sys/devices/.../block/sdc", ...]}, {"signal": 2},
                {"change": "/sys/devices/.../block/sdf", "attributes": {"size": "131072"}},
                {"wait_line": "text"}, {"flip": "/tmp/.../image.img", "offset": 100},
-               {"fifo": "/sys/devices/.../remove"}, {"kill": PID, "with": 19}],
+               {"fifo": "/sys/devices/.../remove"}, {"kill": PID, "with": 19},
+               {"uevent": "/sys/devices/.../block/sdc", "action": "add"},
+               {"unlink": "/tmp/.../image.img"}],
      "read": ["/dev/sdb", "/sys/devices/.../remove"], "out": "report.json", "dir": "DIR"}
 
 ``present`` devices are in the testbed before the command starts.  Steps run in order; a
@@ -137,6 +139,10 @@ def run(scenario: dict, stderr) -> dict:
             for name, value in step.get("attributes", {}).items():
                 tb.set_attribute(step["change"], name, value)
             tb.uevent(step["change"], "change")
+        elif "uevent" in step:  # an event alone, the device unchanged (``udevadm trigger``)
+            tb.uevent(step["uevent"], step.get("action", "change"))
+        elif "unlink" in step:  # a file (the image) deleted
+            os.unlink(step["unlink"])
         elif "fifo" in step:
             os.unlink(root + step["fifo"])
             os.mkfifo(root + step["fifo"])

@@ -21,6 +21,7 @@ from popsicle_py.protocols import View
 from popsicle_py.report import Report
 from popsicle_py.signals import Cancellation
 from popsicle_py.units import format_size
+from popsicle_py.watch_seen import disks_present
 
 
 class PreparedWatch(HeldFiles):
@@ -82,6 +83,7 @@ class PreparedWatch(HeldFiles):
         written is the normal end of an open-ended session).
         """
         request = self.request
+        present = disks_present()  # left alone; one plugged in from now on is new
         hear_cancel(cancel)  # a stick's polkit prompt ends at a signal, as flash's does
         if self.udev_note is not None:
             view.handle(events.Note(self.udev_note))
@@ -107,7 +109,7 @@ class PreparedWatch(HeldFiles):
                                          surface=request.grade.surface_test,
                                          reject=capacity_check(request.grade.capacity,
                                                                request.grade.tolerance),
-                                         trim=self._trim_rule())
+                                         trim=self._trim_rule(), present=present)
         for note in self.source.notes:
             view.handle(events.Note(note))
         with contextlib.ExitStack() as downloads:

@@ -181,6 +181,7 @@ def test_stop_finishes_the_drive_being_written_and_takes_no_new_one(
         added = rig.wait(event="drive_added", device=late.dev)
         assert added["eligible"] is False
         assert added["reason"] == "stopping: no new drive is written"
+        source.set(crawl=None)  # stop and refusal seen mid-write: the rest at full speed
         result = rig.wait(event="result", device=writing.dev)
         assert result["status"] == "ok" and result["verified"] is True
         assert rig.wait_exit() == 0
@@ -218,6 +219,7 @@ def test_a_second_station_on_the_same_journal_is_refused_and_the_first_keeps_its
                                  "this journal; give each station its own --journal\n")
         assert [(r["station"], r["result"]) for r in records(journal)] == [
             ("tower1", "in-flight")]
+        source.set(crawl=None)  # refused while the drive was in flight: the rest at full speed
         result = rig.wait(event="result", device=stick.dev)
         assert result["status"] == "ok"
         assert rig.post("/api/stop") == (202, {"stopping": True})
@@ -498,6 +500,7 @@ def test_identify_on_a_failed_tile_whose_name_another_stick_took_reads_nothing(
         assert answer["error"].startswith(f"slot 1-3: the drive it shows ({a.dev}) is gone: "
                                           f"{a.dev} is another drive now (different serial")
         assert not rig.get("/api/slots")["slots"][0]["identify"]
+        source.set(crawl=None)  # A failed and its tile was answered: B at full speed
         rig.wait(event="result", device=b.dev, status="ok", slot="1-4")
         assert rig.post("/api/slots/1-4/identify") == (202, {"slot": "1-4", "reading": True,
                                                              "seconds": 4.0})

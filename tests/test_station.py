@@ -510,9 +510,10 @@ def test_identify_on_a_failed_tile_whose_name_another_stick_took_reads_nothing(
 
 def test_stop_while_the_image_is_decompressed_ends_the_station_at_once(
         rig: Rig, tmp_path: Path) -> None:
-    """An .xz whose middle crawls (a FUSE file at 2 MiB/s: 9 s to decompress, as long to
-    take its SHA-256 at the start): the decompression is abandoned on the stop (within the
-    4 MiB it is decoding), its copy removed, the station ends with 0."""
+    """An .xz whose middle crawls as it is decompressed (a FUSE file at 2 MiB/s from the
+    second read of its byte 2 MiB on: 9 s to decompress; its SHA-256, the first read, is
+    taken at full speed): the decompression is abandoned on the stop (within the 4 MiB it
+    is decoding), its copy removed, the station ends with 0."""
     import lzma
 
     from faulty import FaultyFile, faulty_files
@@ -525,7 +526,7 @@ def test_stop_while_the_image_is_decompressed_ends_the_station_at_once(
     journal = tmp_path / "j.sqlite"
     with faulty_files() as made:
         source = FaultyFile(len(packed), content=packed,
-                            faults={"crawl": (2 * MiB, 2 * MiB, 20 * MiB)})
+                            faults={"crawl": (2 * MiB, 2 * MiB, 20 * MiB, 2)})
         made.append(source)
         rig.start([source.file, "--yes", "--force", "--journal", str(journal),
                    "--listen", "127.0.0.1:0", "--no-power-off"], env={"TMPDIR": str(tmp_path)},

@@ -205,8 +205,10 @@ class FaultyFile:
             time.sleep(0.1)
         if os.path.ismount(self.mount):
             subprocess.run([_fusermount(), "-u", "-z", str(self.mount)], capture_output=True)
+        # Unmounted, a daemon exits within milliseconds; one that has not after a second (now
+        # and then, after a crawl, its mount already gone) serves nothing: do not wait 5 s.
         try:
-            self.proc.wait(timeout=5)
+            self.proc.wait(timeout=1)
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait(timeout=5)

@@ -113,11 +113,19 @@ class FaultFS(mfusepy.Operations):  # type: ignore[misc]
             while time.monotonic() < until and self.faults.get(name) == value:
                 self.changed.wait(min(0.1, max(0.0, until - time.monotonic())))
 
-    def _pace(self, faults: dict[str, Any], offset: int, length: int) -> None:
+    def _pace(self, faults: dict[str, Any], offset: int, length: int, reading: bool = False
+              ) -> None:
         crawl = faults.get("crawl")
-        if not crawl or offset + length <= crawl[0] or (len(crawl) > 2 and offset >= crawl[2]):
+        if not crawl or offset + length <= crawl[0] or (
+                len(crawl) > 2 and crawl[2] is not None and offset >= crawl[2]):
             return
         with self.lock:
+            if len(crawl) > 3:  # only from the k-th read of byte from_offset on
+                key = ("crawl", *crawl)
+                if reading and offset <= crawl[0] < offset + length:
+                    self.read_counts[key] = self.read_counts.get(key, 0) + 1
+                if self.read_counts.get(key, 0) < crawl[3]:
+                    return
             start = max(time.monotonic(), self.next_free)
             self.next_free = start + length / crawl[1]
             until = self.next_free
@@ -193,7 +201,7 @@ class FaultFS(mfusepy.Operations):  # type: ignore[misc]
             if count >= late[2]:
                 raise OSError(errno.EIO, "bad read (from the k-th on)")
         self._read_hang(faults, offset, size)
-        self._pace(faults, offset, size)
+        self._pace(faults, offset, size, reading=True)
         data = bytearray(size)
         for at, physical, n in self._pieces(faults, offset, size):
             data[at:at + n] = os.pread(self.store, n, physical).ljust(n, b"\0")

@@ -20,8 +20,9 @@ device on top (a stick that misbehaves).  Faults, all optional, offsets in bytes
   bad between two read-backs);
 - ``flip_bit=(offset, k)``: from the k-th read of that byte on (1: every read), its low bit
   reads flipped;
-- ``crawl=(from_offset, bytes_per_s[, to_offset])``: I/O touching [from_offset, to_offset or
-  the end) paced to that rate;
+- ``crawl=(from_offset, bytes_per_s[, to_offset[, k]])``: I/O touching [from_offset,
+  to_offset or the end (None)) paced to that rate; with ``k``, only from the k-th read of
+  byte from_offset on (an image's second pass crawls, not the first);
 - ``hang=(offset, seconds)``: the first write touching offset answers only after that long.
 
 Kernel quirks (../shared/TESTING.md): a 4 MiB write reaches FUSE as 1280 KiB loop requests cut
@@ -204,8 +205,10 @@ class FaultyFile:
             time.sleep(0.1)
         if os.path.ismount(self.mount):
             subprocess.run([_fusermount(), "-u", "-z", str(self.mount)], capture_output=True)
+        # Unmounted, a daemon exits within milliseconds; one that has not after a second (now
+        # and then, after a crawl, its mount already gone) serves nothing: do not wait 5 s.
         try:
-            self.proc.wait(timeout=5)
+            self.proc.wait(timeout=1)
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait(timeout=5)

@@ -844,11 +844,14 @@ def test_verify_with_digests_reports_the_bad_bucket(tmp_path: Path) -> None:
 
 
 class SlowReader:
-    """A destination read back slowly: each read waits for ``release`` (after ``free`` reads)."""
+    """A destination read back slowly: each read waits for ``release`` (after ``free`` reads),
+    calling ``on_block`` first: the moment it is stuck."""
 
-    def __init__(self, f: Any, free: int) -> None:
+    def __init__(self, f: Any, free: int, on_block: Callable[[], object] = lambda: None
+                 ) -> None:
         self.f = f
         self.free = free
+        self.on_block = on_block
         self.release = threading.Event()
 
     def seek(self, offset: int) -> int:
@@ -858,6 +861,7 @@ class SlowReader:
         if self.free:
             self.free -= 1
         else:
+            self.on_block()
             self.release.wait()
         return self.f.readinto(view)
 
@@ -868,12 +872,13 @@ def test_cancel_during_verify(tmp_path: Path, digests: bool) -> None:
     dests = files(tmp_path, 3)
     result = BusWriter(io.BytesIO(payload), dests, Recorder(), Deadline()).bucket_size(
         B).record_digests().write()
-    slow = SlowReader(dests[2], free=3)
     rec = Recorder()
     deadline = Deadline()
+    # Cancelled as destination 2's read-back gets stuck after a few reads.  (A hook on its
+    # Read messages reaching 3 buckets never fired: its 3 free reads are smaller than a
+    # bucket, so the run waited for HANG, 20 s, to be cancelled.)
+    slow = SlowReader(dests[2], free=3, on_block=deadline.set)
     deadline.on_cancel.append(slow.release.set)
-    rec.hooks.append(lambda m: deadline.set() if isinstance(m, BusVerifierMessage.Read)
-                     and m.id == 2 and m.bytes_read >= 3 * B else None)
     verifier = BusVerifier(io.BytesIO(payload), [*dests[:2], slow], rec, deadline).bucket_size(
         B).buckets(2)
     if digests:

@@ -169,6 +169,25 @@ def test_crawl_paces_io_past_an_offset(faulty_drive: Callable[..., FaultyDrive],
     assert 1.8 <= slow < 6, slow  # 512 KiB at 256 KiB/s
 
 
+def test_a_crawl_from_the_kth_read_leaves_the_reads_before_it_fast(
+        faulty_file: Callable[..., FaultyFile]) -> None:
+    """``crawl=(from, rate, to, 2)``: a first pass over the file at full speed, the second
+    paced (an image hashed at the start, then decoded slowly)."""
+    data = os.urandom(4 * MiB)
+    source = faulty_file(data, crawl=(MiB, 512 * 1024, 3 * MiB, 2))
+    fd = os.open(source.file, os.O_RDONLY)
+    try:
+        passes = []
+        for _ in range(2):
+            started = time.monotonic()
+            assert os.pread(fd, MiB, 0) + os.pread(fd, MiB, MiB) == data[: 2 * MiB]
+            passes.append(time.monotonic() - started)
+    finally:
+        os.close(fd)
+    assert passes[0] < 1.0, passes
+    assert 1.8 <= passes[1] < 6, passes  # 1 MiB at 512 KiB/s
+
+
 def test_hang_holds_one_write_and_nothing_else(faulty_drive: Callable[..., FaultyDrive],
                                                direct: Callable[[FaultyDrive], int]) -> None:
     """The daemon answers other requests while one write hangs.

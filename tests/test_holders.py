@@ -332,7 +332,7 @@ def test_verify_of_a_drive_another_popsicle_py_is_writing_says_busy(
         faulty_drive: Callable[..., Any], tmp_path: Path) -> None:
     """Not "differs at byte 0": what verify would compare is being written."""
     path, _ = image(tmp_path, 8 * MiB)
-    drive = faulty_drive(16 * MiB, crawl=(0, 256 * 1024))  # a writer that stays busy
+    drive = faulty_drive(16 * MiB, crawl=(0, MiB))  # a writer that stays busy (8 s)
     writer = subprocess.Popen([*popsicle_cmd(), "flash", str(path), drive.path, "--yes",
                                "--json", "--no-probe"], stdout=subprocess.PIPE,
                               stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, text=True)
@@ -348,6 +348,7 @@ def test_verify_of_a_drive_another_popsicle_py_is_writing_says_busy(
                                  f"{Path(f'/proc/{writer.pid}/comm').read_text().strip()} "
                                  f"(pid {writer.pid})"), done.stderr
     finally:
+        drive.clear()  # its write in flight need not hold the stop
         writer.send_signal(signal.SIGINT)
         writer.wait(timeout=60)
 

@@ -74,7 +74,8 @@ def test_a_download_that_stalls_resumes_and_fails_says_so_on_its_row(
         tmp_path: Path) -> None:
     size = 16 * MiB
     data = os.urandom(size)
-    server.add("/stick.img", Served(data, stall_at=[4 * MiB, 10 * MiB], refuse_from=10 * MiB))
+    server.add("/stick.img", Served(data, stall_at=[4 * MiB], drop_at=[10 * MiB],
+                                    refuse_from=10 * MiB))
     drives = [loop_factory(24 * MiB, fill=PATTERN) for _ in range(2)]
     p = pane(80, 24)
     env = ("POPSICLE_PY_HTTP_TIMEOUT=6 POPSICLE_PY_HTTP_RETRIES=1 "

@@ -181,6 +181,7 @@ def test_stop_finishes_the_drive_being_written_and_takes_no_new_one(
         added = rig.wait(event="drive_added", device=late.dev)
         assert added["eligible"] is False
         assert added["reason"] == "stopping: no new drive is written"
+        source.set(crawl=None)  # stop and refusal seen mid-write: the rest at full speed
         result = rig.wait(event="result", device=writing.dev)
         assert result["status"] == "ok" and result["verified"] is True
         assert rig.wait_exit() == 0
@@ -218,6 +219,7 @@ def test_a_second_station_on_the_same_journal_is_refused_and_the_first_keeps_its
                                  "this journal; give each station its own --journal\n")
         assert [(r["station"], r["result"]) for r in records(journal)] == [
             ("tower1", "in-flight")]
+        source.set(crawl=None)  # refused while the drive was in flight: the rest at full speed
         result = rig.wait(event="result", device=stick.dev)
         assert result["status"] == "ok"
         assert rig.post("/api/stop") == (202, {"stopping": True})
@@ -498,6 +500,7 @@ def test_identify_on_a_failed_tile_whose_name_another_stick_took_reads_nothing(
         assert answer["error"].startswith(f"slot 1-3: the drive it shows ({a.dev}) is gone: "
                                           f"{a.dev} is another drive now (different serial")
         assert not rig.get("/api/slots")["slots"][0]["identify"]
+        source.set(crawl=None)  # A failed and its tile was answered: B at full speed
         rig.wait(event="result", device=b.dev, status="ok", slot="1-4")
         assert rig.post("/api/slots/1-4/identify") == (202, {"slot": "1-4", "reading": True,
                                                              "seconds": 4.0})
@@ -507,9 +510,10 @@ def test_identify_on_a_failed_tile_whose_name_another_stick_took_reads_nothing(
 
 def test_stop_while_the_image_is_decompressed_ends_the_station_at_once(
         rig: Rig, tmp_path: Path) -> None:
-    """An .xz whose middle crawls (a FUSE file at 2 MiB/s: 9 s to decompress, as long to
-    take its SHA-256 at the start): the decompression is abandoned on the stop (within the
-    4 MiB it is decoding), its copy removed, the station ends with 0."""
+    """An .xz whose middle crawls as it is decompressed (a FUSE file at 2 MiB/s from the
+    second read of its byte 2 MiB on: 9 s to decompress; its SHA-256, the first read, is
+    taken at full speed): the decompression is abandoned on the stop (within the 4 MiB it
+    is decoding), its copy removed, the station ends with 0."""
     import lzma
 
     from faulty import FaultyFile, faulty_files
@@ -522,7 +526,7 @@ def test_stop_while_the_image_is_decompressed_ends_the_station_at_once(
     journal = tmp_path / "j.sqlite"
     with faulty_files() as made:
         source = FaultyFile(len(packed), content=packed,
-                            faults={"crawl": (2 * MiB, 2 * MiB, 20 * MiB)})
+                            faults={"crawl": (2 * MiB, 2 * MiB, 20 * MiB, 2)})
         made.append(source)
         rig.start([source.file, "--yes", "--force", "--journal", str(journal),
                    "--listen", "127.0.0.1:0", "--no-power-off"], env={"TMPDIR": str(tmp_path)},

@@ -48,6 +48,12 @@ def result(evs: list[dict[str, Any]], device: str) -> dict[str, Any]:
     return next(r for r in evs[-1]["results"] if r["device"] == device)
 
 
+def only(chunk: bytes, fill: int) -> bool:
+    """Every byte of ``chunk`` is ``fill`` (true of none): ``set(chunk) <= {fill}`` without
+    making a set of 100 MiB byte by byte (1.7 s)."""
+    return chunk.count(fill) == len(chunk)
+
+
 def sectors(loop: Loop) -> tuple[int, int]:
     """(read, written) sectors of the device, as the kernel counts them."""
     major, minor = loop.major_minor
@@ -98,9 +104,9 @@ def test_only_the_used_ranges_are_written_and_verified(
         position = 0
         for offset, length in usage.ranges:
             assert got[offset : offset + length] == data[offset : offset + length]
-            assert set(got[position:offset]) <= {PATTERN}  # skipped: the drive's old bytes
+            assert only(got[position:offset], PATTERN), position  # skipped: the old bytes
             position = offset + length
-        assert set(got[position:]) <= {PATTERN}
+        assert only(got[position:], PATTERN), position
         check_drive(drive, fat_at, ext_at, sums)
         read, written = (now - then for now, then in zip(sectors(drive), before[drive.path],
                                                           strict=True))

@@ -41,7 +41,7 @@ from tests.fs_images import (
     trimmed_copy,
     usage_of,
 )
-from tests.test_trim import flash, result
+from tests.test_trim import flash, only, result
 
 pytestmark = needs_fs_tools
 
@@ -312,9 +312,9 @@ def test_a_compressed_image_is_trimmed_as_it_is_decoded(
         position = 0
         for offset, length in kept:
             assert got[offset : offset + length] == data[offset : offset + length]
-            assert set(got[position:offset]) <= {PATTERN}  # skipped: the drive's old bytes
+            assert only(got[position:offset], PATTERN), position  # skipped: the old bytes
             position = offset + length
-        assert set(got[position:]) <= {PATTERN}
+        assert only(got[position:], PATTERN), position
         assert fsck_vfat(drive.backing, fat_at, 48 * MiB).returncode == 0
         assert fat_files(drive.backing, fat_at, list(sums)) == sums
         assert e2fsck(drive.backing, ext_at, ROOT).returncode == 0

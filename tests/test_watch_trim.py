@@ -63,7 +63,9 @@ def test_watch_writes_only_what_the_file_systems_use(tmp_path: Path, packed: boo
     position = 0
     for offset, length in usage.ranges:
         assert got[offset : offset + length] == data[offset : offset + length]
-        assert not any(got[position:offset]), "a skipped range was written"
+        # (count, not any(): any() looks at over 20 MiB of zeros one byte at a time)
+        assert got.count(0, position, offset) == offset - position, \
+            f"a skipped range was written: {position}-{offset}"
         position = offset + length
     drive = tmp_path / "drive.img"
     drive.write_bytes(got)

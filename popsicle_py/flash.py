@@ -51,7 +51,7 @@ from popsicle_py.events import (
     Summary,
 )
 from popsicle_py.grading import SpeedJudge, SpeedRule
-from popsicle_py.images import Checksum, ChecksumTap
+from popsicle_py.images import Checksum, ChecksumTap, Image
 from popsicle_py.messages import (
     BusVerifierMessage,
     BusWriterMessage,
@@ -462,8 +462,22 @@ class FlashJob(_Job):
             if source is not None and not still_reading:
                 with contextlib.suppress(Exception):
                     source.close()
+            if still_reading and isinstance(self.image, Image) and self._stuck_reading():
+                self.emit(Note(failures.hung_check(self.image.path, "a read of the image")))
         for drive in self._live():  # given up by the engine without a message of its own
             self._end(drive, Status.FAILED, f"{drive.path}: did not finish", cause=Cause.ERROR)
+
+    def _stuck_reading(self) -> bool:
+        """The reader still inside a read of the image file a second after the run ended: its
+        disk or share hangs (a FUSE daemon, a dead master drive), and the kernel lets the
+        process end only once that read returns: said, or the shell seems to hang unexplained.
+        (A download's socket or a pipe ends with the process: never said for those.)"""
+        deadline = time.monotonic() + 1.0
+        while self._writer is not None and self._writer.reading():
+            if time.monotonic() >= deadline:
+                return True
+            time.sleep(0.02)
+        return False
 
     def _judge(self, drive: _Drive, phase: str, done: int, at: float) -> None:
         """A drive below --min-write-speed or --min-read-speed at steady state is rejected at

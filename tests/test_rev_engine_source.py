@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+import queue
+import signal
 import subprocess
+import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -61,3 +65,44 @@ def test_a_bad_block_of_the_image_is_said_as_the_images_with_where(
                                    f"bytes {BAD}-{BAD + MiB - 1}: Input/output error"), result
     for drive in drives:
         assert drive.read(0, 64 << 10) != content[: 64 << 10]  # never the image's head
+
+
+def _events_of(proc: subprocess.Popen[str], into: queue.Queue[dict[str, Any]]) -> None:
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        into.put(json.loads(line))
+
+
+def test_ctrl_c_while_the_images_read_hangs_says_why_the_shell_waits(
+        faulty_file: Callable[..., FaultyFile], loop_factory: Callable[..., Loop]) -> None:
+    """The image's read stuck in its FUSE daemon (a hung share, a dead master drive): after a
+    Ctrl-C the summary came, and then the shell did not, with nothing saying why (the kernel
+    ends the process only once that read returns)."""
+    content = os.urandom(IMAGE)
+    # The first read of byte 8 MiB answers in 10 minutes, or once the fault is lifted.
+    source = faulty_file(content, read_hang_after=(8 * MiB, 8 * MiB + 4096, 0, 600))
+    drive = loop_factory(64 * MiB)
+    proc = subprocess.Popen(
+        [*popsicle_cmd(), "flash", source.file, drive.path, "--yes", "--json", "--no-probe",
+         "--no-checksum", "--bucket-size", "1M"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+    lines: queue.Queue[dict[str, Any]] = queue.Queue()
+    threading.Thread(target=_events_of, args=(proc, lines), daemon=True).start()
+    try:
+        seen: list[dict[str, Any]] = []
+        while not any(e["event"] == "progress" for e in seen):  # the image checked, written
+            seen.append(lines.get(timeout=60))
+        deadline = time.monotonic() + 30
+        while not source.read_hangs():  # the reader inside that read (logged as it begins)
+            assert time.monotonic() < deadline, "the read of byte 8 MiB never came"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        while seen[-1]["event"] != "summary":
+            seen.append(lines.get(timeout=15))
+        notes = [e["text"] for e in seen if e["event"] == "note"]
+        assert (f"{source.file}: a read of the image has not returned; popsicle-py exits once "
+                "it does (when the disk or share it is on answers again)") in notes, notes
+        assert proc.poll() is None  # still held by the kernel, as the note says
+    finally:
+        source.set(read_hang_after=None)
+    assert proc.wait(timeout=30) == 130, proc.stderr.read()  # type: ignore[union-attr]

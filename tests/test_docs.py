@@ -340,9 +340,18 @@ def test_bash_completes_loop_devices(loop_factory, image_dir: Path) -> None:  # 
 
 
 def _unattached_loops() -> set[str]:
-    """Loop device nodes with nothing attached (other tests attach and detach meanwhile)."""
-    return {str(d) for d in Path("/dev").glob("loop[0-9]*")
-            if not Path(f"/sys/block/{d.name}/loop/backing_file").exists()}
+    """Loop device nodes with nothing attached (other tests attach and detach meanwhile),
+    each with its diskseq: a loop attached and detached again in between (another test's)
+    has another one, and was no unattached loop all along."""
+    found = set()
+    for d in Path("/dev").glob("loop[0-9]*"):
+        if not Path(f"/sys/block/{d.name}/loop/backing_file").exists():
+            try:
+                seq = Path(f"/sys/block/{d.name}/diskseq").read_text().strip()
+            except OSError:
+                continue
+            found.add(f"{d}@{seq}")
+    return found
 
 
 @pytest.mark.root
@@ -363,7 +372,8 @@ def test_check_and_read_complete_certificates_drives_and_files(  # type: ignore[
     unattached &= _unattached_loops()  # unattached all along
 
     def whole_attached_loops(replies: list[str]) -> bool:
-        return all(re.fullmatch(r"/dev/loop\d+", r) and r not in unattached for r in replies)
+        never = {entry.split("@")[0] for entry in unattached}  # the nodes of those
+        return all(re.fullmatch(r"/dev/loop\d+", r) and r not in never for r in replies)
 
     assert cert == ["focal.img"] and sums == ["focal.img"] and read_out == ["focal.img"]
     assert sums_name == []  # NAME: a name inside SHA256SUMS

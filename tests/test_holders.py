@@ -15,6 +15,7 @@ import stat
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -656,7 +657,12 @@ def test_a_file_held_on_a_hung_share_never_hangs_the_look(loop_factory: Callable
         inode = os.stat(share.file)
         wanted = frozenset({(inode.st_dev, inode.st_ino)})  # as if a loop device stood on it
         with holding(share.file, os.O_RDWR) as writer, holding(target.path) as reader:
-            assert writer.pid in {h.pid for h in opened.held(wanted)}  # while it answers
+            # While it answers.  Under load a stat slower than STEP is taken for hung until
+            # it returns: looked at again, once the share answered us too.
+            deadline = time.monotonic() + 20
+            while writer.pid not in {h.pid for h in opened.held(wanted)}:
+                assert time.monotonic() < deadline, "the writer never seen while it answers"
+                os.stat(share.file)
             os.kill(share.pid, signal.SIGSTOP)
             try:
                 for _ in range(2):

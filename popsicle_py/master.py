@@ -175,27 +175,13 @@ def loops() -> list[LoopOn]:
 
 
 def swap_partitions(devnums: Iterable[int]) -> tuple[str, ...]:
-    """The partitions among ``devnums`` in use as swap (the kernel writes them at will);
-    swap files are not looked at (a stat() of one on a hung share would hang, and a file
-    system holding one is mounted read-write, refused already)."""
+    """The swap areas that rest on any of ``devnums`` (the kernel writes them at will): the
+    drives layer's reading of /proc/swaps, whose stat() of a swap file on a hung share is
+    given up in time."""
+    from popsicle_py.drives.system import current_swaps
+
     wanted = frozenset(devnums)
-    try:
-        with open("/proc/swaps") as f:
-            lines = f.read().splitlines()[1:]
-    except OSError:
-        return ()
-    found: list[str] = []
-    for line in lines:
-        fields = line.split()
-        if len(fields) < 2 or fields[1] != "partition":
-            continue
-        name = _unescape(fields[0])
-        try:
-            if os.stat(name).st_rdev in wanted:
-                found.append(name)
-        except OSError:
-            continue
-    return tuple(found)
+    return tuple(swap.path for swap in current_swaps() if swap.devnums & wanted)
 
 
 def writers(devnums: Iterable[int]) -> list[Writer]:

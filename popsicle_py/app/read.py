@@ -407,7 +407,8 @@ def _open(drive: Drive) -> BlockDevice:
 
     (Not through :func:`popsicle_py.flash.open_targets`: ``read`` needs none of the engine,
     whose import costs a start-up it does not need.)"""
-    problems = _changed(drive) or master.refusals(drive.path)
+    changed = drives.media_changed(drive)
+    problems = [changed] if changed else master.refusals(drive.path)
     if problems:
         raise Refused(problems)
     spec = OpenSpec(drive.path, drive.size, drive.logical_block_size)
@@ -415,19 +416,6 @@ def _open(drive: Drive) -> BlockDevice:
         return confirmed(open_for_reading(spec), drive.identity)
     except OSError as exc:
         raise Refused([describe_error(exc, drive.path)]) from exc  # read_many: polkit's?
-
-
-def _changed(drive: Drive) -> list[str]:
-    """Why ``drive.path`` no longer holds the medium checked (gone, another stick, a loop
-    device re-attached), one line; empty when it still does."""
-    try:
-        now = drives.media_identity(drive.path)
-    except FileNotFoundError:
-        return [f"{drive.path} is gone since it was selected: was it unplugged?"]
-    except OSError as exc:
-        return [f"{drive.path} cannot be examined: {exc.strerror}"]
-    why = drives.same_media(drive.identity, now)
-    return [drives.not_confirmed(drive.path, why)] if why else []
 
 
 def _create(path: str) -> int:

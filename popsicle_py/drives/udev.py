@@ -475,6 +475,12 @@ def still_same(drive: Drive, *, context: pyudev.Context | None = None,
     number and size.  The media identity (diskseq, loop backing) tells them apart.  Then
     whoever holds it now (:func:`held_now`) refuses it, as the plan would have.
     """
+    return media_changed(drive, context=context) or held_now(drive, holders)
+
+
+def media_changed(drive: Drive, *, context: pyudev.Context | None = None) -> str | None:
+    """Why ``drive.path`` no longer holds the medium that was selected (gone, another stick,
+    a loop device re-attached), in one line; None when it still does."""
     try:
         now = media_identity(drive.path, context=context)
     except FileNotFoundError:
@@ -484,9 +490,7 @@ def still_same(drive: Drive, *, context: pyudev.Context | None = None,
     if now.devnum == drive.devnum and not os.path.exists(_sys_dev(drive.devnum)):
         return f"{drive.path} is gone since it was selected: was it unplugged?"
     why = same_media(drive.identity, now)
-    if why:
-        return not_confirmed(drive.path, why)
-    return held_now(drive, holders)
+    return not_confirmed(drive.path, why) if why else None
 
 
 @record

@@ -321,8 +321,10 @@ def test_a_surface_test_that_lands_on_the_image_is_no_success(
     first ones: --surface-test's writes past the 8 MiB image (and its zeros) land on the image
     after it was verified.  The image is read back whole after the surface test: the drive is
     rejected, never gets the head, and has no certificate (before: ok, certified with the
-    SHA-256 of the pass before the surface test, while the drive held other bytes)."""
-    data = os.urandom(8 * MiB)
+    SHA-256 of the pass before the surface test, while the drive held other bytes).  The
+    image's first bytes are never zero: the surface test's last writes, its zeros, land there,
+    and a random zero at byte 0 would move the first difference to byte 1."""
+    data = b"\xa5" * 4096 + os.urandom(8 * MiB - 4096)
     image = tmp_path / "disk.img"
     image.write_bytes(data)
     drive = faulty_drive(64 * MiB, fill=0x5A, wrap=real)

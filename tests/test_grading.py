@@ -174,7 +174,9 @@ def test_grading_refusals(loop_factory: Callable[..., Loop], tmp_path: Path) -> 
     loop = loop_factory(4 * MiB, fill=0x5A)
     for extra, words in ((("--tolerance", "5"), "--capacity"),
                          (("--min-read-speed", "1MB/s", "--no-verify"), "contradict"),
-                         (("--min-write-speed", "fast"), "not a size")):
+                         (("--min-write-speed", "fast"), "not a speed: 'fast'"),
+                         (("--min-write-speed", "/s"), "not a speed: '/s'"),
+                         (("--min-read-speed", "0MB/s"), "at least 1 byte per second")):
         rc, _, stderr = flash(image, loop.path, extra=extra)
         assert rc == 2 and words in stderr, (extra, stderr)
     assert loop.read(MiB) == bytes([0x5A]) * MiB

@@ -361,8 +361,18 @@ class RateType(SizeType):
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None
                 ) -> int:
+        if isinstance(value, int):
+            return value
         text = str(value).strip()
-        return super().convert(text[:-2] if text.lower().endswith("/s") else text, param, ctx)
+        try:
+            size = parse_size(text[:-2] if text.lower().endswith("/s") else text)
+        except ValueError as exc:  # named as given, "/s" and all ("/s" alone was "not a size: ''")
+            why = (f"not a speed: {text[:40]!r} (examples: 15MB/s, 12MiB/s, 15M)"
+                   if str(exc).startswith("not a size") else str(exc))
+            self.fail(why, param, ctx)
+        if size < 1:
+            self.fail("must be at least 1 byte per second", param, ctx)
+        return size
 
 
 RATE = RateType()

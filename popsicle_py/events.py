@@ -204,6 +204,10 @@ class DriveResult:
     #: engine on the drive's own thread: the speeds shown are bytes over these.
     write_seconds: float | None = None
     verify_seconds: float | None = None
+    #: With --certificate: the path of an ok drive's certificate, or why it has none (the
+    #: drive stays ok, the run does not: see :attr:`Summary.ok`).
+    certificate: str | None = None
+    certificate_error: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -257,8 +261,14 @@ class Summary:
 
     @property
     def ok(self) -> bool:
+        """Every drive ok and, when certificates were asked for, certified."""
         return ((bool(self.results) or self.none_is_ok) and all(r.ok for r in self.results)
-                and not self.cancelled)
+                and not self.uncertified and not self.cancelled)
+
+    @property
+    def uncertified(self) -> tuple[DriveResult, ...]:
+        """The ok drives whose certificate, asked for, could not be written."""
+        return tuple(r for r in self.results if r.ok and r.certificate_error is not None)
 
     def to_json(self) -> JsonObject:
         return {"event": "summary", "ok": self.ok,

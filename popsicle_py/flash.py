@@ -213,6 +213,8 @@ class _Drive:
         self.ended: float | None = None
         self.head_note: str | None = None  # said on a failure once the head began (HeadUndone)
         self.seconds: tuple[float | None, float | None] = (None, None)  # write, verify passes
+        self.certificate: str | None = None  # its certificate's path, with --certificate
+        self.certificate_error: str | None = None  # why an ok drive has none, when asked
 
     @property
     def live(self) -> bool:
@@ -242,15 +244,26 @@ class _Job:
 
     def _end(self, drive: _Drive, status: Status, error: str | None = None,
              mismatch: int | None = None, cause: Cause | None = None) -> None:
+        if self._settle(drive, status, error, mismatch, cause):
+            self._announce(drive)
+
+    def _settle(self, drive: _Drive, status: Status, error: str | None = None,
+                mismatch: int | None = None, cause: Cause | None = None) -> bool:
+        """Fix how a drive ended (once: False when it already had); :meth:`_announce` says
+        it.  Apart, so that an ok drive's certificate is in its result."""
         if not drive.live:
-            return
+            return False
         if status is not Status.OK and drive.head_note is not None:
             error = f"{error or status.value}; {drive.head_note}"
         drive.status, drive.error, drive.mismatch = status, error, mismatch
         drive.cause = None if status is Status.OK else (cause or Cause.ERROR)
         drive.ended = time.monotonic()
+        return True
+
+    def _announce(self, drive: _Drive) -> None:
+        status = drive.status or Status.CANCELLED
         self.emit(Phase(drive.path, Step.DONE if status is Status.OK else Step.FAILED,
-                        error or status.value, drive.cause))
+                        drive.error or status.value, drive.cause))
         self.emit(Result(self._result(drive)))
 
     def _result(self, drive: _Drive) -> DriveResult:
@@ -261,7 +274,9 @@ class _Job:
                            verified=drive.status is Status.OK and self.verifies,
                            drive=drive.info, device_sha256=drive.device_sha256
                            if drive.status is Status.OK else None,
-                           write_seconds=drive.seconds[0], verify_seconds=drive.seconds[1])
+                           write_seconds=drive.seconds[0], verify_seconds=drive.seconds[1],
+                           certificate=drive.certificate,
+                           certificate_error=drive.certificate_error)
 
     def _fail(self, drive: _Drive, exc: BaseException) -> None:
         why = failures.failure(exc, drive.path)
@@ -405,8 +420,9 @@ class FlashJob(_Job):
                 case BusWriterMessage.Completed(sha256=digest):
                     drive.device_sha256 = digest
                     drive.seconds = (msg.write_seconds, msg.verify_seconds)
-                    self._end(drive, Status.OK)
-                    self._certify(drive)
+                    if self._settle(drive, Status.OK):
+                        self._certify(drive)
+                        self._announce(drive)
                 case Phase() | Progress() | Note() | Download():  # relayed: the download's news
                     self.emit(msg)
                 case BusWriterMessage.LockStep(reason=reason):
@@ -491,19 +507,22 @@ class FlashJob(_Job):
             self._writer.give_up(index, Rejected(Cause.SLOW.value, why))
 
     def _certify(self, drive: _Drive) -> None:
-        """The certificate of a drive that read back as the image, when asked for; a note says
-        where it is, or why there is none (the drive stays ok: its bytes are right)."""
+        """The certificate of a drive that read back as the image, when asked for, before its
+        result (which names it); a note says where it is, or why there is none.  The drive
+        stays ok (its bytes are right), but a run asked for certificates that lacks one is
+        not (exit 1): a script that hands out certified sticks must be able to tell."""
         certify, writer = self.options.certify, self._writer
         if certify is None or writer is None or not self.verifies:
             return
         read = writer.source_read()
         try:
-            path = certify(self._result(drive), list(zip(read.extents, read.digests,
-                                                         strict=True)), self._wall_start)
+            drive.certificate = certify(self._result(drive), list(
+                zip(read.extents, read.digests, strict=True)), self._wall_start)
         except (OSError, ValueError) as exc:
-            self.emit(Note(f"{drive.path}: no certificate: {exc}"))
+            drive.certificate_error = str(exc) or type(exc).__name__
+            self.emit(Note(f"{drive.path}: no certificate: {drive.certificate_error}"))
             return
-        self.emit(Note(f"{drive.path}: certificate {path}"))
+        self.emit(Note(f"{drive.path}: certificate {drive.certificate}"))
 
     def _invalid(self, drive: _Drive, offset: int, end: int | None, ended: bool) -> None:
         if ended:

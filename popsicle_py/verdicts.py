@@ -7,12 +7,14 @@ device, or only written.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+
 from popsicle_py import events, progress, rows
 from popsicle_py.units import format_size
 
 
 def extras(r: events.DriveResult) -> str:
-    """What a result says beyond its status: bytes skipped, buckets repaired."""
+    """What a result says beyond its status: bytes skipped, buckets repaired, no certificate."""
     parts = []
     if r.bytes_skipped:
         parts.append(f"{format_size(r.bytes_skipped)} already there")
@@ -20,6 +22,8 @@ def extras(r: events.DriveResult) -> str:
         parts.append(f"{format_size(r.bytes_unused)} of free space not written")
     if r.repaired:
         parts.append(f"repaired {r.repaired} bucket{'s' if r.repaired != 1 else ''}")
+    if r.certificate_error is not None:
+        parts.append(f"no certificate: {r.certificate_error}")
     return "".join(f", {p}" for p in parts)
 
 
@@ -76,7 +80,8 @@ def summary_line(summary: events.Summary, *, names: bool = True) -> str:
         return f"done: {good} of {total} drives ok"
     said = f"cancelled: {good} of {total} drives ok" if summary.cancelled \
         else f"finished with problems: {good} of {total} drives ok"
-    return f"{said}; {not_ok(summary)}" if names and good < total else said
+    return (f"{said}; {not_ok(summary)}" if names and (good < total or summary.uncertified)
+            else said)
 
 
 #: How many drives the last line names; the table (or the result lines) has the others.
@@ -96,12 +101,21 @@ def cause_words(r: events.DriveResult) -> str:
 
 
 def not_ok(summary: events.Summary) -> str:
-    """``not ok: #3 /dev/sdd failed (no space left), /dev/sde invalid (counterfeit)``."""
+    """``not ok: #3 /dev/sdd failed (no space left), /dev/sde invalid (counterfeit)``, and
+    ``no certificate: /dev/sdf`` for ok drives whose certificate could not be written."""
     bad = [r for r in summary.results if not r.ok]
+    said = [f"not ok: {_named(bad, lambda r: f' {cause_words(r)}')}"] if bad else []
+    if summary.uncertified:
+        said.append(f"no certificate: {_named(summary.uncertified, lambda r: '')}")
+    return "; ".join(said)
+
+
+def _named(results: Sequence[events.DriveResult],
+           words: Callable[[events.DriveResult], str]) -> str:
     named = [f"{'' if r.drive is None or r.drive.seq is None else f'#{r.drive.seq} '}"
-             f"{r.device} {cause_words(r)}" for r in bad[:NAMED]]
-    more = f" and {len(bad) - NAMED} more" if len(bad) > NAMED else ""
-    return f"not ok: {', '.join(named)}{more}"
+             f"{r.device}{words(r)}" for r in results[:NAMED]]
+    more = f" and {len(results) - NAMED} more" if len(results) > NAMED else ""
+    return f"{', '.join(named)}{more}"
 
 
 def speeds(tracker: progress.DriveProgress | None) -> str:

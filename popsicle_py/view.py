@@ -275,7 +275,8 @@ def _print_end(console: Console, summary: events.Summary, table: live.FinalTable
     when the table is taller than the screen (32 drives on 24 lines, its title scrolled
     away), how the run ended."""
     console.print(table)
-    if not summary.ok and summary.results and not all(r.ok for r in summary.results):
+    if not summary.ok and summary.results and (not all(r.ok for r in summary.results)
+                                               or summary.uncertified):
         console.print(verdicts.not_ok(summary), highlight=False, soft_wrap=True)
     elif summary.results and len(console.render_lines(table, pad=False)) >= console.height:
         console.print(verdicts.summary_line(summary), highlight=False, soft_wrap=True)

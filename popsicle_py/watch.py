@@ -283,10 +283,8 @@ class WatchSession:
         interrupted = any(r.status == Status.CANCELLED for r in results)
         summary = Summary(results, cancelled=interrupted, none_is_ok=True)
         self._emit_to(summary)
-        if interrupted:
-            status = self.cancel.exit_status
-        else:
-            status = EXIT_OK if all(r.ok for r in results) else EXIT_FAILED
+        # Not ok: a drive not ok, or an ok one whose certificate could not be written.
+        status = self.cancel.exit_status if interrupted else EXIT_OK if summary.ok else EXIT_FAILED
         return WatchOutcome(summary, status)
 
     def _prepare(self) -> bool:

@@ -158,8 +158,10 @@ class Board:
             tile.tracker.on_result(r, now, elapsed=False)
             tile.write_speed = tile.tracker.write_speed
             tile.verify_speed = tile.tracker.verify_speed
-        if r.ok:
-            tile.state, tile.why = "done", None
+        if r.ok:  # done, but an operator who asked for certificates is told of a missing one
+            tile.state = "done"
+            tile.why = (None if r.certificate_error is None
+                        else f"no certificate: {r.certificate_error}")
         elif r.status == events.Status.CANCELLED:
             tile.state, tile.why, tile.cause = "stopped", r.error, str(r.cause or "cancelled")
         else:

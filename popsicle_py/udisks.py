@@ -74,8 +74,12 @@ LOST = ("the system bus went away during the run, so this user's drives cannot b
         "through udisks2: run with sudo, or try again once it is back")
 BUS_HUNG = ("the system bus (dbus-daemon) did not answer, so this user's drives cannot be "
             "opened through udisks2: run with sudo, or restart it")
-HUNG = (f"udisks2 did not answer within {CALL_TIMEOUT:g} s, so this user's drives cannot be "
-        "opened through it: run with sudo, or restart udisks2")
+
+
+def hung_words(limit: float) -> str:
+    """Why nothing can be opened: udisks2 is there but did not answer within ``limit`` s."""
+    return (f"udisks2 did not answer within {limit:g} s, so this user's drives cannot be "
+            "opened through it: run with sudo, or restart udisks2")
 
 
 class Unavailable(Exception):
@@ -132,7 +136,7 @@ class Client:
             connection.close()
             hung = isinstance(exc, TimeoutError) or exc.errno == errno.ETIMEDOUT
             raise Unavailable(f"udisks2 does not answer: {exc}",
-                              words=HUNG if hung else None) from None
+                              words=hung_words(_limit) if hung else None) from None
         return client
 
     def close(self) -> None:
@@ -165,12 +169,13 @@ class Client:
         if interactive:
             message.header.flags |= MessageFlag.allow_interactive_authorization
         serial = self._send(message, shown or path)
-        deadline = None if interactive else time.monotonic() + CALL_TIMEOUT
+        limit = _limit
+        deadline = None if interactive else time.monotonic() + limit
         # No time limit for a password, but one for a daemon that stopped answering.
         alive = Heartbeat(lambda m: self._send(m, shown or path), self._answered, self._abandon,
-                          every=PROBE_EVERY, limit=CALL_TIMEOUT) if interactive else None
+                          every=min(PROBE_EVERY, limit), limit=limit) if interactive else None
         try:
-            reply = self._reply(serial, deadline, cancel, shown or path, alive)
+            reply = self._reply(serial, deadline, cancel, shown or path, alive, limit)
         except BaseException:
             self._abandon(serial)
             raise
@@ -204,7 +209,8 @@ class Client:
         return reply is not None
 
     def _reply(self, serial: int, deadline: float | None, cancel: Callable[[], bool] | None,
-               shown: str, alive: Heartbeat | None = None) -> Message:
+               shown: str, alive: Heartbeat | None = None,
+               limit: float = CALL_TIMEOUT) -> Message:
         """The reply to ``serial``: filed by whichever caller was receiving, or received here
         when nobody is; cancel, deadline and ``alive`` are looked at every :data:`POLL` s."""
         while True:
@@ -212,11 +218,11 @@ class Client:
                 raise UdisksError(errno.EINTR, f"{shown}: cancelled")
             if deadline is not None and time.monotonic() > deadline:
                 raise UdisksError(errno.ETIMEDOUT, f"{shown}: udisks2 did not answer "
-                                  f"within {CALL_TIMEOUT:g} s")
+                                  f"within {limit:g} s")
             hung = alive.hung() if alive is not None else None
             if hung is not None:
                 raise UdisksError(errno.ETIMEDOUT, f"{shown}: {hung} stopped answering (nothing "
-                                  f"for {CALL_TIMEOUT:g} s): restart it, or run with sudo")
+                                  f"for {limit:g} s): restart it, or run with sudo")
             with self._filed:
                 reply = self._replies.pop(serial, None)
                 if reply is not None:
@@ -455,13 +461,25 @@ def _has_terminal() -> bool:
 _client: Client | None = None
 _unavailable: Unavailable | None = None
 _cancel: Callable[[], bool] | None = None
+_limit = CALL_TIMEOUT
 _connecting = threading.Lock()
+#: A daemon's answer may take this long on a loaded machine: a shorter --stall-timeout is not
+#: taken for udisks2 and polkit.
+LIMIT_FLOOR = 1.0
 
 
 def set_cancel(check: Callable[[], bool] | None) -> None:
     """Calls waiting for polkit (a password prompt) end when ``check()`` turns true (Ctrl-C)."""
     global _cancel
     _cancel = check
+
+
+def set_limit(seconds: float | None) -> None:
+    """udisks2 or polkit silent for ``seconds`` (the run's ``--stall-timeout``) fails the call,
+    when that is shorter than D-Bus' 25 s: a user who asked that a hung drive be failed in 5 s
+    is not held 25 s by a hung daemon.  None: D-Bus' own 25 s."""
+    global _limit
+    _limit = CALL_TIMEOUT if seconds is None else max(LIMIT_FLOOR, min(CALL_TIMEOUT, seconds))
 
 
 def client() -> Client:

@@ -34,15 +34,18 @@ def access_refusal(euid: int, denied: Sequence[str], *, writing: bool) -> str | 
     return udisks.NEEDS_ROOT if writing else udisks.NEEDS_ROOT_TO_READ
 
 
-def require_access(paths: Sequence[str], *, writing: bool) -> None:
+def require_access(paths: Sequence[str], *, writing: bool, limit: float | None = None
+                   ) -> None:
     """Refuse at once, in one line, when this user cannot open the drives at all: not root,
-    not allowed by the kernel, and no udisks2 to ask polkit."""
+    not allowed by the kernel, and no udisks2 to ask polkit (or none that answers within
+    ``limit`` s, the run's --stall-timeout when under D-Bus' 25 s)."""
     mode = os.R_OK | (os.W_OK if writing else 0)
     line = access_refusal(os.geteuid(), [p for p in paths if not os.access(p, mode)],
                           writing=writing)
     if line is not None:
         from popsicle_py import udisks
 
+        udisks.set_limit(limit)
         why = udisks.unavailable_line(writing=writing)  # installed but hung: says so
         if why is not None:
             raise Refused([why])
@@ -58,11 +61,12 @@ def may_write_future_drives() -> bool:
         return False
 
 
-def require_future_access() -> None:
+def require_future_access(limit: float | None = None) -> None:
     """watch: drives plugged in later must be openable by this user, or through udisks2."""
     if not may_write_future_drives():
         from popsicle_py import udisks
 
+        udisks.set_limit(limit)
         why = udisks.unavailable_line(writing=True)
         if why is not None:
             raise Refused([why])

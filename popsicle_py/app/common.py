@@ -131,24 +131,27 @@ def cancelled_before_writing(devices: Sequence[str], infos: Sequence[events.Driv
     return summary
 
 
-def hear_cancel(cancel: Cancellation) -> None:
+def hear_cancel(cancel: Cancellation, limit: float | None = None) -> None:
     """Without root, drives are opened through udisks2, where polkit may wait at a password
-    prompt: a signal (Ctrl-C, SIGTERM) must end that wait too.  Root never loads D-Bus."""
+    prompt: a signal (Ctrl-C, SIGTERM) must end that wait too, and a daemon silent for
+    ``limit`` s (the run's --stall-timeout, when under D-Bus' 25 s) fails it.  Root never
+    loads D-Bus."""
     if os.geteuid() != 0:
         from popsicle_py import udisks
 
         udisks.set_cancel(cancel)
+        udisks.set_limit(limit)
 
 
 T = TypeVar("T")
 
 
-def open_or_cancelled(open_drives: Callable[[], T], cancel: Cancellation, view: View
-                      ) -> T | None:
+def open_or_cancelled(open_drives: Callable[[], T], cancel: Cancellation, view: View,
+                      limit: float | None = None) -> T | None:
     """``open_drives()``, hearing signals at a polkit prompt: None when a signal came first or
     ended the prompt (the caller reports every drive cancelled: the agent's end is no
     refusal); a refusal otherwise is raised, the view closed first."""
-    hear_cancel(cancel)
+    hear_cancel(cancel, limit)
     if cancel():
         return None
     try:

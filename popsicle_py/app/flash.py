@@ -126,7 +126,7 @@ class PreparedFlash(HeldFiles):
             view.handle(events.Note(note))
         image = self.image
         sources.attach(image, view.handle, cancel)  # until the job relays it from its thread
-        hear_cancel(cancel)  # Ctrl-C at a polkit password prompt stops the wait
+        hear_cancel(cancel, self.request.engine.stall_timeout)  # Ctrl-C at a polkit prompt
         with contextlib.ExitStack() as downloads:
             try:
                 if image.kind.needs_whole_file:  # a zip: its directory is at its end
@@ -259,7 +259,8 @@ def prepare_flash(request: FlashRequest) -> PreparedFlash:
              *capacity_notes(request.grade, plan.targets)]
     if links:
         plan = dataclasses.replace(plan, notes=(*plan.notes, *links))
-    require_access([d.path for d in plan.targets], writing=True)
+    require_access([d.path for d in plan.targets], writing=True,
+                   limit=request.engine.stall_timeout)
     if write.checksum_while_writing and source.checksum is not None and block_map is not None:
         # The write pass reads only the mapped ranges: the checksum would never be checked.
         raise Refused([f"--checksum-while-writing cannot check the checksum: the block map "

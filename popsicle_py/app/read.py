@@ -86,7 +86,7 @@ class PreparedRead:
         """Read the drive once into OUTPUT; the summary's one result says how it ended."""
         from popsicle_py.app.common import open_or_cancelled  # images: not at start-up
 
-        device = open_or_cancelled(self.open, cancel, view)
+        device = open_or_cancelled(self.open, cancel, view, self.request.stall_timeout)
         if device is None:  # a signal first, or at a polkit prompt: nothing read
             return cancelled_before_reading((self,), view)
         return self.read_opened(device, view, cancel)
@@ -487,7 +487,7 @@ def checked_read(request: ReadRequest) -> PreparedRead:
                             output, request.stall_timeout)
     if lines:
         raise Refused(lines)
-    require_access([drive.path], writing=False)
+    require_access([drive.path], writing=False, limit=request.stall_timeout)
     return PreparedRead(request, drive, output, files, stale)
 
 

@@ -230,7 +230,8 @@ class ReadMany:
 
         # Every drive opened before any is read, as flash opens all before writing: a
         # refusal (polkit's, a drive changed) is exit 2 with nothing read.
-        devices = open_or_cancelled(lambda: _open_each(self.jobs), cancel, view)
+        devices = open_or_cancelled(lambda: _open_each(self.jobs), cancel, view,
+                                    self.jobs[0].request.stall_timeout)
         if devices is None:
             return cancelled_before_reading(self.jobs, view)
 

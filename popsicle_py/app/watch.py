@@ -84,7 +84,7 @@ class PreparedWatch(HeldFiles):
         """
         request = self.request
         present = disks_present()  # left alone; one plugged in from now on is new
-        hear_cancel(cancel)  # a stick's polkit prompt ends at a signal, as flash's does
+        hear_cancel(cancel, request.stall_timeout)  # as flash's: a signal, a hung daemon
         if self.udev_note is not None:
             view.handle(events.Note(self.udev_note))
         emit = emitter(view, self.report)
@@ -145,7 +145,7 @@ def prepare_watch(request: WatchRequest) -> PreparedWatch:
 
     source, image_note = sources.watched_checks(image_checks, request.source.image,
                                                 request.stall_timeout)
-    require_future_access()
+    require_future_access(request.stall_timeout)
     present: tuple[Drive, ...] = ()
     if request.include_present:
         present = tuple(d for d in drives.discover(image_path=source.image.path)

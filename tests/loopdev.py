@@ -290,6 +290,19 @@ def tiny_tmpfs(parent: Path, size: str) -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(mnt)], capture_output=True, check=False)
 
 
+def fill_up(folder: Path) -> None:
+    """Every byte of the file system ``folder`` is on, taken by one file (a tiny_tmpfs that
+    had room when a run began fills up)."""
+    fd = os.open(folder / "filler", os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        while os.write(fd, bytes(4096)):
+            pass
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def is_mounted(mountpoint: str) -> bool:
     with open("/proc/self/mounts") as f:
         return any(line.split()[1] == mountpoint for line in f)

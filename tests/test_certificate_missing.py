@@ -16,22 +16,10 @@ import pytest
 from popsicle_py import events, verdicts
 from popsicle_py.station.board import Board
 from tests.conftest import popsicle_cmd
-from tests.loopdev import Loop, tiny_tmpfs
+from tests.loopdev import Loop, fill_up, tiny_tmpfs
 from tests.test_rev_grade_sign import _Events
 
 MiB = 1 << 20
-
-
-def _fill(folder: Path) -> None:
-    """Every byte of the file system ``folder`` is on, taken by one file."""
-    fd = os.open(folder / "filler", os.O_WRONLY | os.O_CREAT, 0o600)
-    try:
-        while os.write(fd, bytes(4096)):
-            pass
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 @pytest.mark.root
@@ -54,7 +42,7 @@ def test_a_drive_whose_certificate_could_not_be_written_fails_the_run(
             first = seen[-1]
             assert (first["device"], first["status"]) == (plain.path, "ok"), seen
             assert first["certificate"] and first["certificate_error"] is None, first
-            _fill(certs)  # the directory fills up while the other drive is written
+            fill_up(certs)  # the directory fills up while the other drive is written
             held.clear()
             rest = said.until(lambda e: e["event"] == "summary", 60)
             proc.wait(timeout=30)

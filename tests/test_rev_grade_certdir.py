@@ -13,22 +13,10 @@ import pytest
 
 from popsicle_py import events
 from tests.conftest import popsicle_cmd
-from tests.loopdev import Loop, tiny_tmpfs
+from tests.loopdev import Loop, fill_up, tiny_tmpfs
 
 pytestmark = pytest.mark.root
 MiB = 1 << 20
-
-
-def _fill(mnt: Path) -> None:
-    """Every byte of the file system taken."""
-    fd = os.open(mnt / "filler", os.O_WRONLY | os.O_CREAT, 0o644)
-    try:
-        while os.write(fd, bytes(4096)):
-            pass
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def test_a_full_certificate_directory_is_refused_before_writing(
@@ -39,7 +27,7 @@ def test_a_full_certificate_directory_is_refused_before_writing(
     before = loop.read(2 * MiB)
     with tiny_tmpfs(tmp_path, "256k") as mnt:
         (mnt / "certs").mkdir()
-        _fill(mnt)
+        fill_up(mnt)
         done = subprocess.run([*popsicle_cmd(), "flash", str(image), loop.path, "--yes",
                                "--certificate", str(mnt / "certs")],
                               capture_output=True, text=True, timeout=60)
@@ -57,7 +45,7 @@ def test_a_directory_that_fills_up_is_named_in_the_failure(tmp_path: Path) -> No
     with tiny_tmpfs(tmp_path, "256k") as mnt:
         writer = CertificateWriter(str(mnt), None, "disk.img", None)
         try:
-            _fill(mnt)
+            fill_up(mnt)
             result = events.DriveResult("/dev/sdb", events.Status.OK, 1 * MiB, verified=True,
                                         device_sha256="ab" * 32)
             with pytest.raises(OSError) as failed:

@@ -10,7 +10,9 @@ from popsicle_py.cli.guard import run_guarded, running
 from popsicle_py.cli.options import SIZE, OutputOptions, output_options, stall_timeout_option
 from popsicle_py.errors import Refused
 
-FILE = click.Path(dir_okay=False, path_type=str)
+#: A file named by an option: a plain string, looked at by the app on a thread of its own
+#: (click.Path's stat() of a name on a hung share held the command before it began).
+FILE = str
 
 
 @click.command(name="check")

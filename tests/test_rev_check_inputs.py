@@ -1,0 +1,108 @@
+"""``popsicle-py check``: what it is given to judge by (review and fix, session 19).
+
+A certificate, its signature, a SHA256SUMS file or an allowed_signers file on a hung share
+held the command for ever, Ctrl-C unheard.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import popsicle_cmd
+from tests.faulty import FaultyFile
+from tests.loopdev import Loop
+from tests.test_check import certificate_for, image_bytes
+
+MiB = 1 << 20
+
+
+def check(*args: str | Path, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*popsicle_cmd(), "check", *map(str, args)], capture_output=True,
+                          text=True, stdin=subprocess.DEVNULL, timeout=timeout)
+
+
+@pytest.fixture
+def stick(loop_factory: Callable[..., Loop], tmp_path: Path) -> tuple[Path, str, bytes]:
+    """(an unsigned certificate, the drive it certifies, the image's bytes)."""
+    data = image_bytes(3 * MiB)
+    loop = loop_factory(4 * MiB, fill=0x5A)
+    with open(loop.backing, "r+b") as f:
+        f.write(data)
+    cert = tmp_path / "c.json"
+    cert.write_text(certificate_for(data).text())
+    return cert, loop.path, data
+
+
+@contextlib.contextmanager
+def hung_file() -> Iterator[FaultyFile]:
+    """A file on a FUSE share whose daemon is stopped: every look at it waits."""
+    share = FaultyFile(4096, fill=0x20, attr_timeout=0)
+    try:
+        os.kill(share.pid, signal.SIGSTOP)
+        try:
+            yield share
+        finally:
+            os.kill(share.pid, signal.SIGCONT)
+    finally:
+        share.close()
+
+
+def _args(where: str, share: str, cert: Path, drive: str) -> list[str | Path]:
+    return {"certificate": [share, drive],
+            "--sums": ["--sums", share, "disk.img", "--size", "4096", drive],
+            "--allowed-signers": [cert, drive, "--allowed-signers", share]}[where]
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("where", ["certificate", "--sums", "--allowed-signers"])
+def test_a_file_on_a_hung_share_is_refused_on_time(stick: tuple[Path, str, bytes],
+                                                   where: str) -> None:
+    """Before: no answer, ever (the test's 20 s ran out)."""
+    cert, drive, _ = stick
+    with hung_file() as share:
+        done = check(*_args(where, share.file, cert, drive), "--stall-timeout", "1",
+                     timeout=20)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert done.stderr == (f"popsicle-py: {where} {share.file} stopped answering: no answer "
+                           "for 1 s (is the disk or network share it is on hung?)\n")
+
+
+def _waits_on_fuse(pid: int) -> bool:
+    """Whether a thread of ``pid`` waits for a FUSE daemon's answer (its wchan says so)."""
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/task/{task}/wchan") as f:
+            if "fuse" in (where := f.read()) or "request_wait_answer" in where:
+                return True
+    return False
+
+
+@pytest.mark.root
+def test_ctrl_c_is_heard_while_a_certificate_on_a_hung_share_is_read(
+        stick: tuple[Path, str, bytes]) -> None:
+    """Before: SIGINT was not heard at all (the main thread sat in the FUSE request)."""
+    _, drive, _ = stick
+    with hung_file() as share:
+        proc = subprocess.Popen([*popsicle_cmd(), "check", share.file, drive],
+                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        try:
+            deadline = time.monotonic() + 20
+            while not _waits_on_fuse(proc.pid):  # until the command waits on the share
+                assert time.monotonic() < deadline and proc.poll() is None
+                time.sleep(0.05)
+            proc.send_signal(signal.SIGINT)
+            _, err = proc.communicate(timeout=10)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert proc.returncode == 130, err
+    assert err.startswith("popsicle-py: interrupted before writing: nothing was written\n")

@@ -1,7 +1,8 @@
 """``popsicle-py check``: what it is given to judge by (review and fix, session 19).
 
 A certificate, its signature, a SHA256SUMS file or an allowed_signers file on a hung share
-held the command for ever, Ctrl-C unheard.
+held the command for ever, Ctrl-C unheard; a drive named where the certificate goes was read
+(256 MiB of it) before "too large to be a certificate".
 """
 
 from __future__ import annotations
@@ -106,3 +107,13 @@ def test_ctrl_c_is_heard_while_a_certificate_on_a_hung_share_is_read(
                 proc.wait()
     assert proc.returncode == 130, err
     assert err.startswith("popsicle-py: interrupted before writing: nothing was written\n")
+
+
+def test_a_drive_named_as_the_certificate_is_not_read(stick: tuple[Path, str, bytes]) -> None:
+    """``check DEVICE CERT``, the two swapped.  Before: the drive was read as a certificate,
+    up to 256 MiB of it, then "not JSON" (or "too large to be a certificate")."""
+    cert, drive, _ = stick
+    done = check(drive, cert)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert done.stderr == (f"popsicle-py: certificate {drive}: a drive, not a certificate "
+                           "(give CERT first, then DEVICE)\n")

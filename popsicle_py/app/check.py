@@ -111,8 +111,13 @@ def _read_now(path: str, what: str, regular: bool = False) -> bytes:
     """:func:`_read_small`'s read.  Opened without blocking: a named pipe nobody writes to
     reads as empty at once, where a plain open would wait for a writer for ever (a pipe that
     has one, ``<(...)``, is read).  ``regular``: anything but a regular file is refused
-    (ssh-keygen reads it again)."""
+    (ssh-keygen reads it again).  A block device is never read: ``check /dev/sdb CERT`` read
+    256 MiB of the drive before it said "too large to be a certificate"."""
     try:
+        if stat.S_ISBLK(os.stat(path).st_mode):
+            raise Refused([f"{what} {path}: a drive, not {_SMALL_FILES[what]}"
+                           + (" (give CERT first, then DEVICE)" if what == "certificate"
+                              else "")])
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
     except OSError as exc:
         raise Refused([f"{what} {path}: {exc.strerror or exc}"]) from None

@@ -2,13 +2,15 @@
 
 A certificate, its signature, a SHA256SUMS file or an allowed_signers file on a hung share
 held the command for ever, Ctrl-C unheard; a drive named where the certificate goes was read
-(256 MiB of it) before "too large to be a certificate".
+(256 MiB of it) before "too large to be a certificate"; a signature made for another
+namespace, or a file that is no signature, was called a certificate "changed after signing".
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -117,3 +119,41 @@ def test_a_drive_named_as_the_certificate_is_not_read(stick: tuple[Path, str, by
     assert done.returncode == 2, done.stdout + done.stderr
     assert done.stderr == (f"popsicle-py: certificate {drive}: a drive, not a certificate "
                            "(give CERT first, then DEVICE)\n")
+
+
+@pytest.fixture
+def key(tmp_path: Path) -> Path:
+    if shutil.which("ssh-keygen") is None:
+        pytest.skip("ssh-keygen is not installed")
+    key = tmp_path / "key"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    (tmp_path / "allowed_signers").write_text(
+        f"release@example.org {key.with_suffix('.pub').read_text()}")
+    return key
+
+
+@pytest.mark.parametrize("allowed", [False, True])
+def test_a_signature_for_another_namespace_is_said_so(
+        stick: tuple[Path, str, bytes], key: Path, allowed: bool) -> None:
+    """Made with ``ssh-keygen -Y sign -n file``: the certificate was not changed."""
+    cert, drive, _ = stick
+    subprocess.run(["ssh-keygen", "-q", "-Y", "sign", "-f", str(key), "-n", "file", str(cert)],
+                   check=True, capture_output=True)
+    extra = ["--allowed-signers", key.parent / "allowed_signers"] if allowed else []
+    done = check(cert, drive, *extra)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert done.stderr == (f"popsicle-py: {cert}.sig: a signature for namespace 'file', not "
+                           "'popsicle-py': not made to sign a certificate\n")
+
+
+@pytest.mark.parametrize("junk", [b"", b"not a signature\n",
+                                  b"-----BEGIN SSH SIGNATURE-----\n!!\n"
+                                  b"-----END SSH SIGNATURE-----\n"])
+def test_a_signature_file_that_is_none_is_said_so(stick: tuple[Path, str, bytes],
+                                                 junk: bytes) -> None:
+    cert, drive, _ = stick
+    Path(f"{cert}.sig").write_bytes(junk)
+    done = check(cert, drive)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert done.stderr == (f"popsicle-py: {cert}.sig: not an SSH signature (one of "
+                           "ssh-keygen -Y sign -n popsicle-py)\n")

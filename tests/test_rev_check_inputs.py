@@ -3,12 +3,14 @@
 A certificate, its signature, a SHA256SUMS file or an allowed_signers file on a hung share
 held the command for ever, Ctrl-C unheard; a drive named where the certificate goes was read
 (256 MiB of it) before "too large to be a certificate"; a signature made for another
-namespace, or a file that is no signature, was called a certificate "changed after signing".
+namespace, or a file that is no signature, was called a certificate "changed after signing";
+a SHA256SUMS with SHA-512 lines too (``sha256sum --tag; sha512sum --tag``) had "no SHA-256".
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import shutil
 import signal
@@ -157,3 +159,19 @@ def test_a_signature_file_that_is_none_is_said_so(stick: tuple[Path, str, bytes]
     assert done.returncode == 2, done.stdout + done.stderr
     assert done.stderr == (f"popsicle-py: {cert}.sig: not an SSH signature (one of "
                            "ssh-keygen -Y sign -n popsicle-py)\n")
+
+
+def test_sums_tagged_with_sha256_and_sha512_give_the_sha256(
+        stick: tuple[Path, str, bytes], tmp_path: Path) -> None:
+    """``sha256sum --tag disk.img; sha512sum --tag disk.img`` (CRLF line ends, too)."""
+    _, drive, data = stick
+    sums = tmp_path / "sums.txt"
+    sums.write_text(f"SHA256 (disk.img) = {hashlib.sha256(data).hexdigest()}\r\n"
+                    f"SHA512 (disk.img) = {hashlib.sha512(data).hexdigest()}\r\n")
+    done = check("--sums", sums, "disk.img", "--size", len(data), drive)
+    assert done.returncode == 0, done.stdout + done.stderr
+    sums.write_text(f"{hashlib.sha256(data).hexdigest()} *disk.img\n{'1' * 64}  disk.img\n")
+    done = check("--sums", sums, "disk.img", "--size", len(data), drive)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert done.stderr == (f"popsicle-py: checksum file {sums} lists disk.img with different "
+                           "checksums\n")  # the file given, not "SHA256SUMS"

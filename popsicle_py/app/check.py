@@ -33,6 +33,9 @@ _SHA256 = re.compile(r"[0-9a-fA-F]{64}")
 #: Names whose published digest is of a compressed file, which no drive holds.
 _COMPRESSED = (".gz", ".xz", ".bz2", ".zst", ".zip", ".lz", ".lzma", ".7z")
 _SUMS = "SHA256SUMS"
+#: A line of another algorithm (``sha256sum --tag; sha512sum --tag``): the strongest listed
+#: was picked, and a list with a SHA-256 of NAME in it said "no SHA-256 for NAME".
+_OTHER_TAG = re.compile(r"\s*\ufeff?\\?(?:SHA1|SHA512|BLAKE2b(?:-\d+)?) ?\(", re.I)
 T = TypeVar("T")
 
 
@@ -185,9 +188,13 @@ def _published(request: CheckRequest) -> Expected:
         if name.lower().endswith(_COMPRESSED):
             raise Refused([f"{name} is compressed: a drive holds the decompressed image; give "
                            "the digest of the uncompressed image"])
-        text = sidecar_text(_read_small(sums, "--sums", request.stall_timeout))
-        found = choose_sidecar(name, lambda n: n,
-                               lambda n: text if n == _SUMS else None)
+        text = "\n".join(line for line in sidecar_text(_read_small(
+            sums, "--sums", request.stall_timeout)).splitlines()
+            if not _OTHER_TAG.match(line))
+        # Only the file given is read, as SHA256SUMS (no IMAGE.sha256 beside NAME), and its
+        # refusals name it ("\0": a name no file has).
+        found = choose_sidecar(name, lambda n: sums if n == _SUMS else "\0" + n,
+                               lambda n: text if n == sums else None)
         if found is None or found.algo != "sha256":
             raise Refused([f"--sums {sums}: no SHA-256 for {name}"])
         digest = found.hexdigest

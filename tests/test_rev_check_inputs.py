@@ -61,9 +61,11 @@ def hung_file() -> Iterator[FaultyFile]:
 
 
 def _args(where: str, share: str, cert: Path, drive: str) -> list[str | Path]:
-    return {"certificate": [share, drive],
-            "--sums": ["--sums", share, "disk.img", "--size", "4096", drive],
-            "--allowed-signers": [cert, drive, "--allowed-signers", share]}[where]
+    cases: dict[str, list[str | Path]] = {
+        "certificate": [share, drive],
+        "--sums": ["--sums", share, "disk.img", "--size", "4096", drive],
+        "--allowed-signers": [cert, drive, "--allowed-signers", share]}
+    return cases[where]
 
 
 @pytest.mark.root
@@ -141,7 +143,8 @@ def test_a_signature_for_another_namespace_is_said_so(
     cert, drive, _ = stick
     subprocess.run(["ssh-keygen", "-q", "-Y", "sign", "-f", str(key), "-n", "file", str(cert)],
                    check=True, capture_output=True)
-    extra = ["--allowed-signers", key.parent / "allowed_signers"] if allowed else []
+    extra: list[str | Path] = (["--allowed-signers", key.parent / "allowed_signers"] if allowed
+                               else [])
     done = check(cert, drive, *extra)
     assert done.returncode == 2, done.stdout + done.stderr
     assert done.stderr == (f"popsicle-py: {cert}.sig: a signature for namespace 'file', not "
@@ -168,10 +171,10 @@ def test_sums_tagged_with_sha256_and_sha512_give_the_sha256(
     sums = tmp_path / "sums.txt"
     sums.write_text(f"SHA256 (disk.img) = {hashlib.sha256(data).hexdigest()}\r\n"
                     f"SHA512 (disk.img) = {hashlib.sha512(data).hexdigest()}\r\n")
-    done = check("--sums", sums, "disk.img", "--size", len(data), drive)
+    done = check("--sums", sums, "disk.img", "--size", str(len(data)), drive)
     assert done.returncode == 0, done.stdout + done.stderr
     sums.write_text(f"{hashlib.sha256(data).hexdigest()} *disk.img\n{'1' * 64}  disk.img\n")
-    done = check("--sums", sums, "disk.img", "--size", len(data), drive)
+    done = check("--sums", sums, "disk.img", "--size", str(len(data)), drive)
     assert done.returncode == 2, done.stdout + done.stderr
     assert done.stderr == (f"popsicle-py: checksum file {sums} lists disk.img with different "
                            "checksums\n")  # the file given, not "SHA256SUMS"

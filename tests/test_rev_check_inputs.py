@@ -178,3 +178,20 @@ def test_sums_tagged_with_sha256_and_sha512_give_the_sha256(
     assert done.returncode == 2, done.stdout + done.stderr
     assert done.stderr == (f"popsicle-py: checksum file {sums} lists disk.img with different "
                            "checksums\n")  # the file given, not "SHA256SUMS"
+
+
+def test_a_signer_whose_key_expired_is_said_so(stick: tuple[Path, str, bytes],
+                                               key: Path) -> None:
+    """``valid-before`` passed: ssh-keygen's last line alone read "No principal matched.", as
+    if the key were not in the file at all."""
+    cert, drive, _ = stick
+    subprocess.run(["ssh-keygen", "-q", "-Y", "sign", "-f", str(key), "-n", "popsicle-py",
+                    str(cert)], check=True, capture_output=True)
+    allowed = key.parent / "allowed_signers"
+    allowed.write_text(f'release@example.org valid-before="20200101" '
+                       f"{key.with_suffix('.pub').read_text()}")
+    done = check(cert, drive, "--allowed-signers", allowed)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert done.stderr.startswith(f"popsicle-py: {cert}: signed by a key that {allowed} does "
+                                  f"not allow ({allowed}:1: key has expired: "), done.stderr
+    assert done.stderr.count("\n") == 1

@@ -126,7 +126,14 @@ def _run_with_signature(args: list[str], data: bytes, signature: bytes) -> tuple
         except (OSError, subprocess.TimeoutExpired) as exc:
             raise CertificateError(f"ssh-keygen -Y: {exc}") from None
     return (done.returncode, done.stdout.decode(errors="replace"),
-            _last_line(done.stderr or done.stdout))
+            _all_lines(done.stderr or done.stdout))
+
+
+def _all_lines(text: bytes) -> str:
+    """Every line ssh-keygen said, on one line: its last alone ("No principal matched.")
+    hid the one before that says why ("key has expired", "not permitted ... namespace")."""
+    lines = [line.strip() for line in text.decode(errors="replace").splitlines()]
+    return "; ".join(dict.fromkeys(line for line in lines if line)) or "no message"
 
 
 def namespace_of(signature: bytes) -> str | None:

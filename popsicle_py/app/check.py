@@ -128,8 +128,11 @@ def _read_now(path: str, what: str, regular: bool = False) -> bytes:
         if regular and not stat.S_ISREG(os.fstat(fd).st_mode):
             raise Refused([f"{what} {path}: not a regular file"])
         os.set_blocking(fd, True)
-        with open(fd, "rb", closefd=False) as f:
-            data = f.read(model.MAX_BYTES + 1)
+        with open(fd, "rb", closefd=False) as f:  # 1 MiB a call: the watch sees it move
+            pieces: list[bytes] = []
+            while sum(map(len, pieces)) <= model.MAX_BYTES and (piece := f.read(1 << 20)):
+                pieces.append(piece)
+            data = b"".join(pieces)
     except OSError as exc:
         raise Refused([f"{what} {path}: {exc.strerror or exc}"]) from None
     finally:

@@ -582,8 +582,9 @@ class VerifyJob(_Job):
         source = None
         try:
             source = open_watched(self.image, None, self.stall_timeout, self.cancel)
+            still = holding_still(self.image.path) if isinstance(self.image, Image) else None
             self._verifier.from_source(source).stall_timeout(self.stall_timeout).expect_size(
-                size, holding_still(self.image.path)).verify()  # size: cut short mid-read
+                size, still).verify()  # cut short or changed mid-read: no drive matches it
         except Cancelled:
             self._cancel_rest()
         except Exception as exc:

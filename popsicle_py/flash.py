@@ -52,6 +52,7 @@ from popsicle_py.events import (
 )
 from popsicle_py.grading import SpeedJudge, SpeedRule
 from popsicle_py.images import Checksum, ChecksumTap, Image
+from popsicle_py.images.stillness import holding_still
 from popsicle_py.messages import (
     BusVerifierMessage,
     BusWriterMessage,
@@ -581,7 +582,9 @@ class VerifyJob(_Job):
         source = None
         try:
             source = open_watched(self.image, None, self.stall_timeout, self.cancel)
-            self._verifier.from_source(source).stall_timeout(self.stall_timeout).verify()
+            still = holding_still(self.image.path) if isinstance(self.image, Image) else None
+            self._verifier.from_source(source).stall_timeout(self.stall_timeout).expect_size(
+                size, still).verify()  # cut short or changed mid-read: no drive matches it
         except Cancelled:
             self._cancel_rest()
         except Exception as exc:

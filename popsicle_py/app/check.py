@@ -12,6 +12,8 @@ from __future__ import annotations
 import os
 import re
 import stat
+from collections.abc import Callable
+from typing import TypeVar
 
 from popsicle_py import events
 from popsicle_py.app.access import require_access
@@ -31,6 +33,10 @@ _SHA256 = re.compile(r"[0-9a-fA-F]{64}")
 #: Names whose published digest is of a compressed file, which no drive holds.
 _COMPRESSED = (".gz", ".xz", ".bz2", ".zst", ".zip", ".lz", ".lzma", ".7z")
 _SUMS = "SHA256SUMS"
+#: A line of another algorithm (``sha256sum --tag; sha512sum --tag``): the strongest listed
+#: was picked, and a list with a SHA-256 of NAME in it said "no SHA-256 for NAME".
+_OTHER_TAG = re.compile(r"\s*\ufeff?\\?(?:SHA1|SHA512|BLAKE2b(?:-\d+)?) ?\(", re.I)
+T = TypeVar("T")
 
 
 @record
@@ -76,13 +82,45 @@ _SMALL_FILES = {"certificate": "a certificate", "signature": "a signature",
                 "--sums": "a SHA256SUMS file", "--allowed-signers": "an allowed_signers file"}
 
 
-def _read_small(path: str, what: str, *, regular: bool = False) -> bytes:
-    """The whole of a small file (``what``: a key of :data:`_SMALL_FILES`), or a refusal.
+def _read_small(path: str, what: str, stall_timeout: float | None, *,
+                regular: bool = False) -> bytes:
+    """The whole of a small file (``what``: a key of :data:`_SMALL_FILES`), or a refusal;
+    read on a thread of its own (:func:`_watched`)."""
+    return _watched(path, what, stall_timeout, lambda: _read_now(path, what, regular))
 
-    Opened without blocking: a named pipe nobody writes to reads as empty at once, where a
-    plain open would wait for a writer for ever (a pipe that has one, ``<(...)``, is read).
-    ``regular``: anything but a regular file is refused (ssh-keygen reads it again)."""
+
+def _read_signature(path: str, stall_timeout: float | None) -> bytes | None:
+    """The signature file's bytes, or None when there is none (a dangling link too)."""
+    return _watched(path, "signature", stall_timeout,
+                    lambda: _read_now(path, "signature") if os.path.exists(path) else None)
+
+
+def _watched(path: str, what: str, stall_timeout: float | None, work: Callable[[], T]) -> T:
+    """``work()``, a look at ``path``, on a thread of its own: a file on a hung disk or
+    network share (certificates kept on a server) held the command for ever, Ctrl-C unheard;
+    now Ctrl-C is heard at once, and no answer in ``stall_timeout`` seconds is a refusal."""
+    from popsicle_py.engine.watched import WorkStalled, watched_calls
+    from popsicle_py.failures import hung_check
+
     try:
+        return watched_calls(work, stall_timeout=stall_timeout, name="check-input",
+                             hung_note=hung_check(path, f"a read of {_SMALL_FILES[what]}"))
+    except WorkStalled as exc:
+        raise Refused([f"{what} {path} stopped answering: no answer for {exc.limit:g} s (is "
+                       "the disk or network share it is on hung?)"]) from None
+
+
+def _read_now(path: str, what: str, regular: bool = False) -> bytes:
+    """:func:`_read_small`'s read.  Opened without blocking: a named pipe nobody writes to
+    reads as empty at once, where a plain open would wait for a writer for ever (a pipe that
+    has one, ``<(...)``, is read).  ``regular``: anything but a regular file is refused
+    (ssh-keygen reads it again).  A block device is never read: ``check /dev/sdb CERT`` read
+    256 MiB of the drive before it said "too large to be a certificate"."""
+    try:
+        if stat.S_ISBLK(os.stat(path).st_mode):
+            raise Refused([f"{what} {path}: a drive, not {_SMALL_FILES[what]}"
+                           + (" (give CERT first, then DEVICE)" if what == "certificate"
+                              else "")])
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
     except OSError as exc:
         raise Refused([f"{what} {path}: {exc.strerror or exc}"]) from None
@@ -90,8 +128,11 @@ def _read_small(path: str, what: str, *, regular: bool = False) -> bytes:
         if regular and not stat.S_ISREG(os.fstat(fd).st_mode):
             raise Refused([f"{what} {path}: not a regular file"])
         os.set_blocking(fd, True)
-        with open(fd, "rb", closefd=False) as f:
-            data = f.read(model.MAX_BYTES + 1)
+        with open(fd, "rb", closefd=False) as f:  # 1 MiB a call: the watch sees it move
+            pieces: list[bytes] = []
+            while sum(map(len, pieces)) <= model.MAX_BYTES and (piece := f.read(1 << 20)):
+                pieces.append(piece)
+            data = b"".join(pieces)
     except OSError as exc:
         raise Refused([f"{what} {path}: {exc.strerror or exc}"]) from None
     finally:
@@ -116,14 +157,15 @@ def identity_notes(cert: model.Certificate, drive: Drive) -> list[str]:
 def _from_certificate(request: CheckRequest) -> tuple[Expected, list[str], model.Certificate]:
     path = request.certificate
     assert path is not None
+    stall = request.stall_timeout
     if request.allowed_signers is not None:  # ssh-keygen would say only "No principal matched"
-        _read_small(request.allowed_signers, "--allowed-signers", regular=True)
-    data = _read_small(path, "certificate")
+        _read_small(request.allowed_signers, "--allowed-signers", stall, regular=True)
+    data = _read_small(path, "certificate", stall)
     cert = model.parse(data.decode("utf-8", errors="replace"), path)
     sig_path = path + sshsig.SIG_SUFFIX
     notes = []
-    if os.path.exists(sig_path):
-        signature = _read_small(sig_path, "signature")
+    signature = _read_signature(sig_path, stall)
+    if signature is not None:
         if request.allowed_signers is not None:
             who = sshsig.verify(path, data, signature, request.allowed_signers)
             notes.append(f"{path}: signed by {who}")
@@ -149,9 +191,13 @@ def _published(request: CheckRequest) -> Expected:
         if name.lower().endswith(_COMPRESSED):
             raise Refused([f"{name} is compressed: a drive holds the decompressed image; give "
                            "the digest of the uncompressed image"])
-        text = sidecar_text(_read_small(sums, "--sums"))
-        found = choose_sidecar(name, lambda n: n,
-                               lambda n: text if n == _SUMS else None)
+        text = "\n".join(line for line in sidecar_text(_read_small(
+            sums, "--sums", request.stall_timeout)).splitlines()
+            if not _OTHER_TAG.match(line))
+        # Only the file given is read, as SHA256SUMS (no IMAGE.sha256 beside NAME), and its
+        # refusals name it ("\0": a name no file has).
+        found = choose_sidecar(name, lambda n: sums if n == _SUMS else "\0" + n,
+                               lambda n: text if n == sums else None)
         if found is None or found.algo != "sha256":
             raise Refused([f"--sums {sums}: no SHA-256 for {name}"])
         digest = found.hexdigest

@@ -119,6 +119,18 @@ def read_range(lane: Lane, size: int, chunks: Sequence[Chunk]) -> None:
     lane.post(_Done(lane.id, whole.hexdigest()))
 
 
+def _other_sha256(path: str, expected: Expected, digest: str) -> str:
+    """Why a drive whose SHA-256 is not the expected one is invalid, with what was hashed:
+    a wrong ``--size`` (GB for GiB) read as "differs" without the number of bytes read; and
+    a certificate whose every chunk matched but whose SHA-256 did not contradicts itself."""
+    if expected.chunks:
+        return (f"{path}: every chunk matches the certificate, but its {expected.size} bytes "
+                f"read back with SHA-256 {digest}, not the certificate's {expected.sha256}: "
+                "the certificate contradicts itself (edited?)")
+    return (f"{path}: its first {expected.size} bytes (--size) read back with SHA-256 "
+            f"{digest}, not {expected.sha256}")
+
+
 class CheckJob:
     """Read every opened drive against ``expected``; each ends ok (it matches), invalid (it
     differs, or is shorter) or failed (it could not be read)."""
@@ -159,9 +171,9 @@ class CheckJob:
             case _Done(id=i, sha256=digest) if digest == expected.sha256:
                 self._end(i, Status.OK, sha256=digest)
             case _Done(id=i, sha256=digest):
-                self._end(i, Status.INVALID, f"{self.devices[i].path}: reads back with SHA-256 "
-                          f"{digest}, not {expected.sha256}", cause=Cause.MISMATCH,
-                          sha256=digest)
+                self._end(i, Status.INVALID, _other_sha256(self.devices[i].path, expected,
+                                                           digest),
+                          cause=Cause.MISMATCH, sha256=digest)
             case _Differs(id=i, chunk=chunk, index=k):
                 self._end(i, Status.INVALID, f"{self.devices[i].path}: differs from the "
                           f"certificate in bytes {chunk.offset}-{chunk.end - 1} (chunk {k + 1} "

@@ -7,7 +7,10 @@ signature is written beside the certificate like the certificate itself.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -22,6 +25,7 @@ SIG_SUFFIX = ".sig"
 _TIMEOUT = 60
 #: How often a signature's wait looks at the run's cancellation, in seconds.
 _POLL = 0.2
+_ARMOR = re.compile(rb"-----BEGIN SSH SIGNATURE-----(.*?)-----END SSH SIGNATURE-----", re.S)
 
 
 class SignError(OSError):
@@ -122,12 +126,56 @@ def _run_with_signature(args: list[str], data: bytes, signature: bytes) -> tuple
         except (OSError, subprocess.TimeoutExpired) as exc:
             raise CertificateError(f"ssh-keygen -Y: {exc}") from None
     return (done.returncode, done.stdout.decode(errors="replace"),
-            _last_line(done.stderr or done.stdout))
+            _all_lines(done.stderr or done.stdout))
+
+
+def _all_lines(text: bytes) -> str:
+    """Every line ssh-keygen said, on one line: its last alone ("No principal matched.")
+    hid the one before that says why ("key has expired", "not permitted ... namespace")."""
+    lines = [line.strip() for line in text.decode(errors="replace").splitlines()]
+    return "; ".join(dict.fromkeys(line for line in lines if line)) or "no message"
+
+
+def namespace_of(signature: bytes) -> str | None:
+    """The namespace an SSH signature (``ssh-keygen -Y sign -n NAMESPACE``) was made for, or
+    None when ``signature`` is no SSH signature (PROTOCOL.sshsig: "SSHSIG", a version, then
+    the public key and the namespace as SSH strings)."""
+    found = _ARMOR.search(signature)
+    if found is None:
+        return None
+    try:
+        blob = base64.b64decode(b"".join(found[1].split()), validate=True)
+    except (binascii.Error, ValueError):
+        return None
+    if not blob.startswith(b"SSHSIG"):
+        return None
+    fields: list[bytes] = []
+    at = 10  # past the magic and the version
+    for _ in range(2):
+        size = int.from_bytes(blob[at:at + 4], "big")
+        if at + 4 + size > len(blob):
+            return None
+        fields.append(blob[at + 4:at + 4 + size])
+        at += 4 + size
+    return fields[1].decode(errors="replace")
+
+
+def _made_for_certificates(where: str, signature: bytes) -> None:
+    """Refuse a signature file that is none, or one made for another namespace, in words
+    that say so: ssh-keygen's refusal read "it was changed after signing"."""
+    namespace = namespace_of(signature)
+    if namespace is None:
+        raise CertificateError(f"{where}{SIG_SUFFIX}: not an SSH signature (one of "
+                               f"ssh-keygen -Y sign -n {NAMESPACE})")
+    if namespace != NAMESPACE:
+        raise CertificateError(f"{where}{SIG_SUFFIX}: a signature for namespace {namespace!r}, "
+                               f"not {NAMESPACE!r}: not made to sign a certificate")
 
 
 def verify(where: str, data: bytes, signature: bytes, allowed_signers: str) -> str:
     """The principal of ``allowed_signers`` whose key made ``signature`` over ``data``;
     raises CertificateError (exit 2) when no allowed signer made it, or it does not match."""
+    _made_for_certificates(where, signature)
     code, out, why = _run_with_signature(
         ["-Y", "find-principals", "-f", allowed_signers, "-s", "{sig}"], b"", signature)
     principals = [line.strip() for line in out.splitlines() if line.strip()]
@@ -149,6 +197,7 @@ def verify(where: str, data: bytes, signature: bytes, allowed_signers: str) -> s
 def check_intact(where: str, data: bytes, signature: bytes) -> None:
     """The signature is a good one over ``data`` by *some* key (no signer list to trust);
     raises CertificateError (exit 2) when it is not."""
+    _made_for_certificates(where, signature)
     code, _, why = _run_with_signature(
         ["-Y", "check-novalidate", "-n", NAMESPACE, "-s", "{sig}"], data, signature)
     if code != 0:

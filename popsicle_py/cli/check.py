@@ -4,13 +4,27 @@ says?  Options in, a :class:`~popsicle_py.app.check.CheckRequest` out; exit 0 it
 
 from __future__ import annotations
 
+import os
+from typing import Any
+
 import click
 
 from popsicle_py.cli.guard import run_guarded, running
 from popsicle_py.cli.options import SIZE, OutputOptions, output_options, stall_timeout_option
 from popsicle_py.errors import Refused
 
-FILE = click.Path(dir_okay=False, path_type=str)
+
+class _FileName(click.Path):
+    """A file's name, completed as a file's, but not looked at here: the app reads it on a
+    thread of its own (click.Path's stat() of a name on a hung share held the command for
+    ever, Ctrl-C unheard, before it began)."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+                ) -> Any:
+        return os.fsdecode(value)
+
+
+FILE = _FileName(path_type=str)
 
 
 @click.command(name="check")

@@ -8,7 +8,7 @@ after dropping their cached pages): the engine reads whatever they return.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import xxhash
@@ -47,6 +47,12 @@ class BusVerifier(Builder):
         cancel): as for :meth:`.BusWriter.reading`, the source is then left to it."""
         return self._run is not None and self._run.reader is not None \
             and self._run.reader.reading
+
+    def expect_size(self, size: int | None, still: Callable[[], None] | None = None
+                    ) -> BusVerifier:
+        """Fail the run if the source does not hold exactly ``size`` bytes, or if ``still()``
+        raises once it is read (it changed meanwhile): no destination matches it before."""
+        return self._set(expected_size=size, vouch=still)
 
     def with_bucket(self, buffer: WriteableBuffer) -> BusVerifier:
         """The buffer's length sets the bucket size (the verifier keeps its own memory)."""
@@ -171,7 +177,9 @@ class _VerifyRun:
             del theirs
             ring.moved_past(lane.id, seq)
             seq += 1
-        self._end(lane, True)
+        # The source's end checked first: a file cut short or changed mid-read matched "ok".
+        if ring.wait_until(lane, lambda: ring.vouched):
+            self._end(lane, True)
 
     def _digest_lane(self, lane: Lane) -> None:
         v = self.verifier

@@ -68,8 +68,8 @@ class _Finished:
     offset: int | None = None
 
 
-#: The file systems made (descriptor, extents), or why one was not, by (fs, partition length).
-_Made = dict[tuple[str, int], tuple[int, list[tuple[int, int]]] | erase.ToolFailed]
+#: The file systems made (descriptor, extents), or why one was not, by (fs, partition).
+_Made = dict[tuple[str, erase.Layout], tuple[int, list[tuple[int, int]]] | erase.ToolFailed]
 
 
 def _close(made: _Made) -> None:
@@ -89,7 +89,7 @@ class EraseJob(_Job):
         super().__init__(devices, emit, cancel, infos)
         self.options = options
         self.verifies = True
-        self._made: _Made = {}  # each file system made, or why not, by (fs, partition length)
+        self._made: _Made = {}  # each file system made, or why not, by (fs, partition)
 
     def run(self) -> Summary:
         supervisor = Supervisor([d.device for d in self.drives], self._on_message, self.cancel,
@@ -114,10 +114,11 @@ class EraseJob(_Job):
             self._end(drive, Status.FAILED, f"{drive.path}: did not finish", cause=Cause.ERROR)
         return self._summary()
 
-    def _file_system(self, size: int) -> tuple[str, erase.Layout] | None:
-        """The file system and partition a drive of ``size`` bytes gets (None: only wiped)."""
-        fs = self.options.fs or erase.default_fs(size)
-        return None if fs == "none" else (fs, erase.layout(size, fs))
+    def _file_system(self, device: BlockDevice) -> tuple[str, erase.Layout] | None:
+        """The file system and partition ``device`` gets (None: only wiped), in its own
+        logical sectors."""
+        fs = self.options.fs or erase.default_fs(device.size, device.block)
+        return None if fs == "none" else (fs, erase.layout(device.size, fs, device.block))
 
     def _make_filesystems(self) -> bool:
         """Each file system the drives need, made before any drive is touched, on a watched
@@ -127,18 +128,18 @@ class EraseJob(_Job):
         as that healthy drive's stall, and held the run until the disk came back.  Here its
         own stall names $TMPDIR, on time, and Ctrl-C is heard at once."""
         options = self.options
-        wanted = sorted({w for d in self.drives if (w := self._file_system(d.device.size))},
-                        key=lambda w: (w[0], w[1].length))
+        wanted = sorted({w for d in self.drives if (w := self._file_system(d.device))},
+                        key=lambda w: (w[0], w[1].sector, w[1].length))
 
         def work(making: erase.Making, stopped: Callable[[], bool]) -> _Made | None:
             made: _Made = {}
             try:
                 for fs, part in wanted:
                     try:
-                        made[fs, part.length] = erase.make_filesystem(
+                        made[fs, part] = erase.make_filesystem(
                             fs, part, options.label, options.workdir, making, stopped)
                     except erase.ToolFailed as exc:
-                        made[fs, part.length] = exc
+                        made[fs, part] = exc
                     if stopped():
                         raise erase.ToolCancelled(fs)
             except erase.ToolCancelled:  # nobody takes them: closed here
@@ -152,7 +153,7 @@ class EraseJob(_Job):
         except erase.MakingStalled as exc:
             self.emit(Note(f"{exc.where}: a call there has not returned; popsicle-py exits "
                            "once it does (when the disk it is on answers again)"))
-            self._made = {(fs, part.length): exc for fs, part in wanted}
+            self._made = {(fs, part): exc for fs, part in wanted}
             return True
         if result is None:
             return False
@@ -211,7 +212,7 @@ class EraseJob(_Job):
             lane.touch()
             lane.post(_Step(lane.id, s))
 
-        wanted = self._file_system(size)
+        wanted = self._file_system(device)
         if wanted is None:
             written = self._wipe(lane, stopped, moved, step)
             edges = erase.wipe_ranges(size, ())
@@ -223,7 +224,7 @@ class EraseJob(_Job):
         fs, part = wanted
         # The file system was made first, in a file (see _make_filesystems): a mkfs that
         # failed has written nothing to the drive.
-        made = self._made[fs, part.length]
+        made = self._made[fs, part]
         if isinstance(made, erase.ToolFailed):
             raise made
         fd, extents = made

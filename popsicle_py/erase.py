@@ -4,19 +4,20 @@ Every byte reaches the drive through :mod:`popsicle_py.blockdev` (O_DIRECT, pace
 cancel-aware), on each drive's own thread under the engine's supervisor, as a flash does.
 
 The file system is made by the real tools (``mkfs.vfat`` from dosfstools, ``mkfs.exfat`` from
-exfatprogs) in a sparse file the size of the partition; its written extents are then copied to
-the partition's place on the drive and read back.  So no partition device is needed (kernels
-without partition tables for a device, as this one for loop devices, and no ``loopNp1``), the
-tools never open the drive, and the partition table is written last: a drive interrupted
-before the end has none, rather than one that points at a half-made file system.  Sizes and
-the table count in the drive's logical sectors (:mod:`popsicle_py.erase_layout`).
+exfatprogs) in a sparse file the size of the partition; the file up to its last data (holes as
+zeros: see :func:`copied_span`) is then copied to the partition's place on the drive and read
+back.  So no partition device is needed (kernels without partition tables for a device, as
+this one for loop devices, and no ``loopNp1``), the tools never open the drive, and the
+partition table is written last: a drive interrupted before the end has none, rather than one
+that points at a half-made file system.  Sizes and the table count in the drive's logical
+sectors (:mod:`popsicle_py.erase_layout`).
 
 Per drive, in order: the file system made in its file (a mkfs that fails has written
 nothing); the capacity probe of :mod:`popsicle_py.probe` (a counterfeit stick fails, its
 stamps put back); [``--zero``: zeros everywhere, read back | ``--discard``: BLKDISCARD, read
 back as zeros]; the signatures ``wipefs`` finds (and the first and last MiB, where partition
 tables, boot sectors and RAID superblocks live) zeroed and read back, and libblkid asked
-again; the file system's extents written and verified; 16 MiB of zeros to free space, past
+again; the file system written and verified; 16 MiB of zeros to free space, past
 a write cache, and all of it read back again (erase_job); the MBR written and verified.
 
 Nothing here opens the device node by name: signatures and old partitions are asked of
@@ -411,6 +412,15 @@ def workdir(folder: str | None) -> str:
     holds a lock meanwhile, so on a hung $TMPDIR it would hang the caller that names it."""
     return (folder or tempfile.tempdir or os.environ.get("TMPDIR") or os.environ.get("TEMP")
             or os.environ.get("TMP") or "/tmp")
+
+
+def copied_span(base: int, extents: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Where on the drive the made file system goes (the partition at ``base``): its file
+    from the start through its last data, holes included (read as zeros).  mkfs writes
+    zeros over its FATs and bitmaps, and a $TMPDIR that stores zeros as holes (ZFS with
+    compression) reports them as holes: left out, the drive's old bytes were the new FAT."""
+    end = max((o + n for o, n in extents), default=0)
+    return [(base, end)] if end > 0 else []
 
 
 def data_extents(fd: int, size: int, making: Making | None = None) -> list[tuple[int, int]]:

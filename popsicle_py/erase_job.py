@@ -231,7 +231,7 @@ class EraseJob(_Job):
         written = self._wipe(lane, stopped, moved, step)
         if lane.stopped:
             return written
-        where = [(part.start + o, n) for o, n in extents]
+        where = erase.copied_span(part.start, extents)
         source = erase.file_source(fd, part.start)
         erase.fill(device, where, source, pacer=lane.pacer, stopped=stopped,
                    progress=lambda n: lane.advance(n))

@@ -25,6 +25,14 @@ from popsicle_py.records import record
 
 #: Zeros written to free space before the last read-back: past a drive's write cache.
 PAST_CACHE = 16 << 20
+#: A cancelled drive's result, by how far its erase got (:attr:`EraseJob._reached`): what
+#: the drive holds now, and what to do.
+CANCELLED = (
+    "cancelled before wiping began: the drive still holds what it held",
+    "cancelled while wiping: the drive is partly wiped (its old partition table may be gone); "
+    "erase it again",
+    "cancelled while its new partition table was written: erase it again to be sure of it",
+)
 
 
 @record
@@ -90,6 +98,9 @@ class EraseJob(_Job):
         self.options = options
         self.verifies = True
         self._made: _Made = {}  # each file system made, or why not, by (fs, partition)
+        #: How far each drive's erase got (an index of :data:`CANCELLED`), set by its lane
+        #: just before the step's first write: a cancel says what the drive holds now.
+        self._reached = [0] * len(self.drives)
 
     def run(self) -> Summary:
         supervisor = Supervisor([d.device for d in self.drives], self._on_message, self.cancel,
@@ -159,6 +170,12 @@ class EraseJob(_Job):
             return False
         self._made = result
         return True
+
+    def _cancel_rest(self) -> None:
+        """Every drive not ended is cancelled, saying what it holds now."""
+        self.cancelled = True
+        for drive, reached in zip(self.drives, self._reached, strict=True):
+            self._end(drive, Status.CANCELLED, CANCELLED[reached], cause=Cause.CANCELLED)
 
     def _on_message(self, msg: _Message) -> None:
         drive = self.drives[msg.id]
@@ -255,6 +272,7 @@ class EraseJob(_Job):
                                         final)
         if lane.stopped:
             return written
+        self._reached[lane.id] = 2
         table = memoryview(aligned_buffer(4096))  # the table last: an interrupted drive
         table[:512] = erase.mbr(part, secrets.token_bytes(4))  # has none
         head = [(0, 4096)]
@@ -310,6 +328,8 @@ class EraseJob(_Job):
         if not result.ok:
             raise Counterfeit(result.message)
         step(Step.WRITING if options.zero else Step.ERASING)
+        if options.zero or options.discard:  # the first write, or discard, comes next
+            self._reached[lane.id] = 1
         if options.zero:
             erase.fill(device, whole, zeros, pacer=lane.pacer, stopped=stopped,
                        progress=moved(Step.WRITING, size))
@@ -333,6 +353,7 @@ class EraseJob(_Job):
         ranges = erase.merge([*erase.wipe_ranges(size, [o for o, _ in found]),
                               *erase.partition_ranges(parts)], size)
         if not (options.zero or options.discard):  # already zeros everywhere otherwise
+            self._reached[lane.id] = 1
             erase.fill(device, ranges, zeros, pacer=lane.pacer, stopped=stopped,
                        progress=lambda n: lane.advance(n))
             written += sum(n for _, n in ranges)

@@ -127,10 +127,16 @@ def made(size: int, fs: str, sector: int = 512) -> str:
         part = layout(size, fs, sector)
     except ValueError:
         return "nothing: too small to partition"
+    used = "" if part.start + part.length + max(4096, sector) > size else (
+        f" over its first {_tib(part.start + part.length)} (the most an MBR addresses)")
     if fs == "exfat":
-        return "one exFAT partition"
-    name = f"one FAT{part.fat_bits} partition"
+        return f"one exFAT partition{used}"
+    name = f"one FAT{part.fat_bits} partition{used}"
     return name if part.fat_bits == 32 else f"{name} (too small for FAT32)"
+
+
+def _tib(size: int) -> str:
+    return f"{size / (1 << 40):.2f} TiB".replace(".00 ", " ")
 
 
 def mbr(part: Layout, signature: bytes) -> bytes:

@@ -43,7 +43,7 @@ from typing import TypeVar
 
 from xxhash import xxh3_128_digest
 
-from popsicle_py import erase_probe
+from popsicle_py import erase_probe, sysfs
 from popsicle_py.blockdev import BlockDevice, drop_cache, first_difference, read_at, write_at
 from popsicle_py.buffers import aligned_buffer
 from popsicle_py.engine.config import POLL
@@ -518,5 +518,20 @@ def file_source(fd: int, base: int) -> Callable[[int, int], memoryview]:
 
 def discard(device: BlockDevice, size: int) -> None:
     """BLKDISCARD over the whole drive (the drive decides what discarded blocks read as)."""
-    fcntl.ioctl(device.fileno(), BLKDISCARD, struct.pack("QQ", 0, size))
+    try:
+        fcntl.ioctl(device.fileno(), BLKDISCARD, struct.pack("QQ", 0, size))
+    except OSError as exc:
+        if exc.errno != errno.EOPNOTSUPP:
+            raise
+        raise OSError(exc.errno, NO_DISCARD) from None  # not a bare "Operation not supported"
     drop_cache(device)
+
+
+#: A drive that does not discard, said as what to do instead.
+NO_DISCARD = "the drive does not support discarding (BLKDISCARD): use --zero instead"
+
+
+def discards(devnum: int) -> bool | None:
+    """Whether the kernel lets the drive discard (None: it does not say)."""
+    most = sysfs.attr(devnum, "queue/discard_max_bytes")
+    return None if most is None or not most.isdigit() else int(most) > 0

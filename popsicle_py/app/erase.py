@@ -148,6 +148,9 @@ def prepare_erase(request: EraseRequest) -> PreparedErase:
     if request.fs == "exfat":  # below mkfs.exfat's least: a refusal, not a run that fails
         lines += [line for d in plan.targets
                   if (line := erase.no_exfat(d.path, d.size, _sector(d)))]
+    if request.discard:  # the kernel says so: refused now, not a drive failed once confirmed
+        lines += [f"{d.path}: {erase.NO_DISCARD}" for d in plan.targets
+                  if erase.discards(d.devnum) is False]
     if request.label and not lines:  # what the tool itself says of the label, tried on a file
         lines += [line for fs in sorted(needed - {"none"})
                   if (line := erase.refused_label(fs, request.label,

@@ -97,6 +97,9 @@ def label_problem(fs: str, label: str | None) -> str | None:
             return f"--label {label!r}: a FAT label cannot hold control characters"
         if label.startswith(" "):
             return f"--label {label!r}: a FAT label cannot start with a space"
+        if label.upper().rstrip() == "NO NAME":  # FAT's word for none: blkid, Windows read none
+            return (f"--label {label!r}: \"NO NAME\" is what FAT calls a volume without a "
+                    "label; choose another")
         if bad := sorted(set(label) & _FAT_BAD):
             return f"--label {label!r}: a FAT label cannot hold {' '.join(bad)}"
         return None

@@ -25,10 +25,13 @@ from popsicle_py.records import record
 
 #: Zeros written to free space before the last read-back: past a drive's write cache.
 PAST_CACHE = 16 << 20
-#: A cancelled drive's result, by how far its erase got (:attr:`EraseJob._reached`): what
-#: the drive holds now, and what to do.
+#: How far a drive's erase got (:attr:`EraseJob._reached`), and a cancelled drive's result
+#: for each: what the drive holds now, and what to do.
+BEFORE, PROBING, WIPING, TABLE = range(4)
 CANCELLED = (
     "cancelled before wiping began: the drive still holds what it held",
+    "cancelled while its capacity was probed: the blocks the probe wrote were put back, "
+    "unless the drive had stopped answering",
     "cancelled while wiping: the drive is partly wiped (its old partition table may be gone); "
     "erase it again",
     "cancelled while its new partition table was written: erase it again to be sure of it",
@@ -100,7 +103,7 @@ class EraseJob(_Job):
         self._made: _Made = {}  # each file system made, or why not, by (fs, partition)
         #: How far each drive's erase got (an index of :data:`CANCELLED`), set by its lane
         #: just before the step's first write: a cancel says what the drive holds now.
-        self._reached = [0] * len(self.drives)
+        self._reached = [BEFORE] * len(self.drives)
 
     def run(self) -> Summary:
         supervisor = Supervisor([d.device for d in self.drives], self._on_message, self.cancel,
@@ -272,7 +275,7 @@ class EraseJob(_Job):
                                         final)
         if lane.stopped:
             return written
-        self._reached[lane.id] = 2
+        self._reached[lane.id] = TABLE
         table = memoryview(aligned_buffer(4096))  # the table last: an interrupted drive
         table[:512] = erase.mbr(part, secrets.token_bytes(4))  # has none
         head = [(0, 4096)]
@@ -317,10 +320,15 @@ class EraseJob(_Job):
         zeros = erase.zeros_source()
         whole = [(0, size)]
         # A counterfeit stick fails here, before anything but the probe's stamps (put back)
-        # is written: it must never be formatted to a size it does not hold.
+        # is written: it must never be formatted to a size it does not hold.  Put back after
+        # a Ctrl-C too, as by `probe`, unless the drive stopped answering (given up): they
+        # were left on a drive the user had just told to stop.
+        self._reached[lane.id] = PROBING
         result = probe.probe_device(device, stopped=stopped,
                                     overwritten=whole if options.zero else (),
-                                    answered=lane.answered)
+                                    answered=lane.answered, given_up=lambda: lane.abandoned)
+        if not lane.stopped and result.error is None:  # --zero keeps its stamps: zeros go next
+            self._reached[lane.id] = WIPING if options.zero else BEFORE
         if lane.stopped:
             return written
         if result.error is not None:
@@ -329,7 +337,7 @@ class EraseJob(_Job):
             raise Counterfeit(result.message)
         step(Step.WRITING if options.zero else Step.ERASING)
         if options.zero or options.discard:  # the first write, or discard, comes next
-            self._reached[lane.id] = 1
+            self._reached[lane.id] = WIPING
         if options.zero:
             erase.fill(device, whole, zeros, pacer=lane.pacer, stopped=stopped,
                        progress=moved(Step.WRITING, size))
@@ -353,7 +361,7 @@ class EraseJob(_Job):
         ranges = erase.merge([*erase.wipe_ranges(size, [o for o, _ in found]),
                               *erase.partition_ranges(parts)], size)
         if not (options.zero or options.discard):  # already zeros everywhere otherwise
-            self._reached[lane.id] = 1
+            self._reached[lane.id] = WIPING
             erase.fill(device, ranges, zeros, pacer=lane.pacer, stopped=stopped,
                        progress=lambda n: lane.advance(n))
             written += sum(n for _, n in ranges)

@@ -88,3 +88,20 @@ def test_ctrl_c_before_wiping_says_the_drive_is_as_it_was(
         "cancelled", "cancelled before wiping began: the drive still holds what it held")
     assert took < 10, took
     assert drive.read(0, 4 * MiB) == bytes([PATTERN]) * 4 * MiB
+
+
+def test_ctrl_c_while_probing_puts_the_probes_stamps_back(
+        faulty_drive: Callable[..., FaultyDrive]) -> None:
+    """The probe's stamps were left on a drive the user had just told to stop (``probe``
+    itself puts them back after a Ctrl-C): 32 blocks of it overwritten, "cancelled"."""
+    drive = faulty_drive(64 * MiB, fill=PATTERN, crawl=(0, 256 << 10))
+    proc = subprocess.Popen([*popsicle_cmd(), "erase", drive.path, "--yes", "--json", "--fs",
+                             "none"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, stdin=subprocess.DEVNULL)
+    result, took = interrupted(proc, lambda: len(drive.writes()) >= 3)  # stamps, crawling
+    assert (result["status"], result["error"]) == (
+        "cancelled", "cancelled while its capacity was probed: the blocks the probe wrote "
+        "were put back, unless the drive had stopped answering")
+    assert took < 10, took
+    drive.clear()
+    assert drive.read(0, 64 * MiB) == bytes([PATTERN]) * 64 * MiB

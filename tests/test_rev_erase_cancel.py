@@ -20,6 +20,9 @@ from conftest import needs_root, popsicle_cmd
 from faulty import FaultyDrive
 from loopdev import write_mbr
 
+from popsicle_py.events import DriveResult, Status
+from popsicle_py.verdicts import result_line
+
 MiB = 1 << 20
 PATTERN = 0x5A
 
@@ -105,3 +108,16 @@ def test_ctrl_c_while_probing_puts_the_probes_stamps_back(
     assert took < 10, took
     drive.clear()
     assert drive.read(0, 64 * MiB) == bytes([PATTERN]) * 64 * MiB
+
+
+def test_the_line_says_cancelled_once() -> None:
+    """A result that starts with its status is not said after it again ("cancelled:
+    cancelled while wiping: ..."), flash's "cancelled; the image's ..." neither."""
+    for error in ("cancelled while wiping: erase it again",
+                  "cancelled; the image's first 1 MiB were overwritten again"):
+        result = DriveResult("/dev/sdx", Status.CANCELLED, 0, error)
+        assert result_line(result) == f"/dev/sdx: {error}"
+    assert result_line(DriveResult("/dev/sdx", Status.CANCELLED, 0, "cancelled")) == (
+        "/dev/sdx: cancelled")
+    assert result_line(DriveResult("/dev/sdx", Status.FAILED, 0, "/dev/sdx: stalled")) == (
+        "/dev/sdx: failed: stalled")

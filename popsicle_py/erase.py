@@ -4,18 +4,20 @@ Every byte reaches the drive through :mod:`popsicle_py.blockdev` (O_DIRECT, pace
 cancel-aware), on each drive's own thread under the engine's supervisor, as a flash does.
 
 The file system is made by the real tools (``mkfs.vfat`` from dosfstools, ``mkfs.exfat`` from
-exfatprogs) in a sparse file the size of the partition; its written extents are then copied to
-the partition's place on the drive and read back.  So no partition device is needed (kernels
-without partition tables for a device, as this one for loop devices, and no ``loopNp1``), the
-tools never open the drive, and the partition table is written last: a drive interrupted
-before the end has none, rather than one that points at a half-made file system.
+exfatprogs) in a sparse file the size of the partition; the file up to its last data (holes as
+zeros: see :func:`copied_span`) is then copied to the partition's place on the drive and read
+back.  So no partition device is needed (kernels without partition tables for a device, as
+this one for loop devices, and no ``loopNp1``), the tools never open the drive, and the
+partition table is written last: a drive interrupted before the end has none, rather than one
+that points at a half-made file system.  Sizes and the table count in the drive's logical
+sectors (:mod:`popsicle_py.erase_layout`).
 
 Per drive, in order: the file system made in its file (a mkfs that fails has written
 nothing); the capacity probe of :mod:`popsicle_py.probe` (a counterfeit stick fails, its
 stamps put back); [``--zero``: zeros everywhere, read back | ``--discard``: BLKDISCARD, read
 back as zeros]; the signatures ``wipefs`` finds (and the first and last MiB, where partition
 tables, boot sectors and RAID superblocks live) zeroed and read back, and libblkid asked
-again; the file system's extents written and verified; 16 MiB of zeros to free space, past
+again; the file system written and verified; 16 MiB of zeros to free space, past
 a write cache, and all of it read back again (erase_job); the MBR written and verified.
 
 Nothing here opens the device node by name: signatures and old partitions are asked of
@@ -41,30 +43,29 @@ from typing import TypeVar
 
 from xxhash import xxh3_128_digest
 
-from popsicle_py import erase_probe
+from popsicle_py import erase_probe, sysfs
 from popsicle_py.blockdev import BlockDevice, drop_cache, first_difference, read_at, write_at
 from popsicle_py.buffers import aligned_buffer
 from popsicle_py.engine.config import POLL
 from popsicle_py.engine.lane import Clock
 from popsicle_py.engine.watched import WorkStalled, watched
+from popsicle_py.erase_layout import EXFAT_MIN_LENGTH as EXFAT_MIN_LENGTH
+from popsicle_py.erase_layout import FAT32_DEFAULT_LIMIT as FAT32_DEFAULT_LIMIT
+from popsicle_py.erase_layout import FAT32_MIN_LENGTH as FAT32_MIN_LENGTH
+from popsicle_py.erase_layout import MBR_MAX_SECTORS as MBR_MAX_SECTORS
+from popsicle_py.erase_layout import PART_START as PART_START
+from popsicle_py.erase_layout import GiB as GiB
+from popsicle_py.erase_layout import Layout as Layout
+from popsicle_py.erase_layout import MiB as MiB
+from popsicle_py.erase_layout import default_fs as default_fs
+from popsicle_py.erase_layout import fat32_fits as fat32_fits
+from popsicle_py.erase_layout import layout as layout
+from popsicle_py.erase_layout import made as made
+from popsicle_py.erase_layout import mbr as mbr
+from popsicle_py.erase_layout import no_exfat as no_exfat
+from popsicle_py.erase_layout import no_fat32 as no_fat32
 from popsicle_py.pacing import Pacer
-from popsicle_py.records import record
 
-MiB = 1 << 20
-GiB = 1 << 30
-#: The partition starts at 1 MiB (what every partitioning tool does: erase blocks align).
-PART_START = MiB
-#: Up to this size a drive gets FAT32 by default, above it exFAT (as Windows formats them).
-FAT32_DEFAULT_LIMIT = 32 * GiB
-#: The smallest partition holding FAT32's 65525 clusters of 512 bytes, with its two FATs
-#: and reserved sectors (mkfs.vfat makes 66512 clusters in 33 MiB): below, FAT16 or FAT12.
-FAT32_MIN_LENGTH = 33 * MiB
-#: The smallest partition mkfs.exfat (exfatprogs 1.2) makes: more than twice its 1 MiB
-#: boundary alignment (a 2 MiB one fails, "boundary alignment is too big"), so 2 MiB and a
-#: 4 KiB block, found by trying sizes.
-EXFAT_MIN_LENGTH = 2 * MiB + 4096
-#: An MBR counts sectors in 32 bits: 2 TiB of 512-byte sectors at most.
-MBR_MAX_SECTORS = 2**32 - 1
 WIPE_EDGE = MiB
 CHUNK = 4 << 20
 FILESYSTEMS = ("fat32", "exfat", "none")
@@ -81,98 +82,7 @@ _FAT_BAD, _EXFAT_BAD = set('"*+,./:;<=>?[\\]|'), set('"*/:<>?\\|')
 
 
 # --------------------------------------------------------------------------------------------
-# Decisions (pure)
-
-
-def default_fs(size: int) -> str:
-    """FAT32 up to 32 GiB, exFAT above (what Windows, macOS and Linux all read)."""
-    return "fat32" if size <= FAT32_DEFAULT_LIMIT else "exfat"
-
-
-@record
-class Layout:
-    """The one partition: where it starts, how long it is, its MBR type, its FAT size."""
-
-    start: int
-    length: int
-    type_byte: int
-    fat_bits: int = 0  # 12, 16 or 32 for FAT; 0 for exFAT
-
-
-def _length(size: int) -> int:
-    """The partition's length on a drive of ``size`` bytes (0: none fits)."""
-    length = min(size - PART_START, MBR_MAX_SECTORS * 512)
-    return max(0, length - length % 4096)
-
-
-def fat32_fits(size: int) -> bool:
-    """Whether a drive of ``size`` bytes can hold a real FAT32: at least 65525 clusters (the
-    count every system, Windows included, tells FAT32 by; mkfs.vfat takes 512-byte clusters
-    up to 260 MiB, as Windows does), so a partition of at least :data:`FAT32_MIN_LENGTH`."""
-    return _length(size) >= FAT32_MIN_LENGTH
-
-
-def no_fat32(path: str, size: int) -> str | None:
-    """Why ``--fs fat32`` cannot be made on the drive ``path`` (one line), or None (also for
-    a drive too small to partition at all: that has its own line)."""
-    if fat32_fits(size) or _length(size) < MiB:
-        return None
-    return (f"{path} is too small for FAT32 (a partition of at least "
-            f"{FAT32_MIN_LENGTH // MiB} MiB after the first MiB): leave out --fs to make "
-            f"{'FAT16' if _length(size) >= 16 * MiB else 'FAT12'}")
-
-
-def no_exfat(path: str, size: int) -> str | None:
-    """Why ``--fs exfat`` cannot be made on the drive ``path`` (one line), or None (also for
-    a drive too small to partition at all: that has its own line)."""
-    if _length(size) >= EXFAT_MIN_LENGTH or _length(size) < MiB:
-        return None
-    return (f"{path} is too small for exFAT (mkfs.exfat needs a partition of more than "
-            f"{EXFAT_MIN_LENGTH // MiB} MiB after the first MiB): leave out --fs to make FAT12")
-
-
-def layout(size: int, fs: str) -> Layout:
-    """One partition from 1 MiB to the drive's end (or the MBR's 2 TiB), whole 4 KiB blocks.
-
-    "fat32" is FAT32 wherever it fits (:func:`fat32_fits`); below, FAT16 (or FAT12 under
-    16 MiB), under the MBR type that says which.  :func:`made` names what is made.
-    """
-    length = _length(size)
-    if length < MiB:
-        raise ValueError(f"the drive is too small to partition ({size} bytes)")
-    if fs == "exfat":
-        return Layout(PART_START, length, 0x07)
-    if length >= FAT32_MIN_LENGTH:
-        return Layout(PART_START, length, 0x0C, 32)
-    if length >= 16 * MiB:
-        return Layout(PART_START, length, 0x0E, 16)
-    return Layout(PART_START, length, 0x01, 12)
-
-
-def made(size: int, fs: str) -> str:
-    """What an erase leaves on a drive of ``size`` bytes, as its note says it: "one FAT32
-    partition", "one FAT16 partition (too small for FAT32)", "wiped only"."""
-    if fs == "none":
-        return "wiped only"
-    try:
-        part = layout(size, fs)
-    except ValueError:
-        return "nothing: too small to partition"
-    if fs == "exfat":
-        return "one exFAT partition"
-    name = f"one FAT{part.fat_bits} partition"
-    return name if part.fat_bits == 32 else f"{name} (too small for FAT32)"
-
-
-def mbr(part: Layout, signature: bytes) -> bytes:
-    """A DOS partition table with the one partition (LBA addressing, CHS fields "past 8 GiB")."""
-    sector = bytearray(512)
-    sector[440:444] = signature[:4]
-    entry = struct.pack("<B3sB3sII", 0x00, b"\xfe\xff\xff", part.type_byte, b"\xfe\xff\xff",
-                        part.start // 512, part.length // 512)
-    sector[446:462] = entry
-    sector[510:512] = b"\x55\xaa"
-    return bytes(sector)
+# Decisions (pure): the partition's are erase_layout's
 
 
 def label_problem(fs: str, label: str | None) -> str | None:
@@ -187,6 +97,9 @@ def label_problem(fs: str, label: str | None) -> str | None:
             return f"--label {label!r}: a FAT label cannot hold control characters"
         if label.startswith(" "):
             return f"--label {label!r}: a FAT label cannot start with a space"
+        if label.upper().rstrip() == "NO NAME":  # FAT's word for none: blkid, Windows read none
+            return (f"--label {label!r}: \"NO NAME\" is what FAT calls a volume without a "
+                    "label; choose another")
         if bad := sorted(set(label) & _FAT_BAD):
             return f"--label {label!r}: a FAT label cannot hold {' '.join(bad)}"
         return None
@@ -476,9 +389,12 @@ def make_filesystem(fs: str, part: Layout, label: str | None, folder: str | None
         making.calls += 1
         where = f"/proc/self/fd/{fd}"  # the tool's own, the same number (pass_fds)
         if fs == "exfat":
+            if part.sector != 512:  # in a file it makes 512-byte sectors (no option says)
+                raise ToolFailed(f"mkfs.exfat cannot make {part.sector}-byte sectors")
             _run(["mkfs.exfat", *(["-L", label] if label else []), where], fd, making, stopped)
-        else:
-            _run(["mkfs.vfat", "-F", str(part.fat_bits), "-h", str(part.start // 512),
+        else:  # the drive's sector: a smaller one is a volume no system mounts there
+            _run(["mkfs.vfat", "-F", str(part.fat_bits), "-S", str(part.sector),
+                  "-h", str(part.start // part.sector),
                   *(["-n", label.upper()] if label else []), where], fd, making, stopped)
         return fd, data_extents(fd, part.length, making)
     except BaseException as exc:
@@ -499,6 +415,15 @@ def workdir(folder: str | None) -> str:
     holds a lock meanwhile, so on a hung $TMPDIR it would hang the caller that names it."""
     return (folder or tempfile.tempdir or os.environ.get("TMPDIR") or os.environ.get("TEMP")
             or os.environ.get("TMP") or "/tmp")
+
+
+def copied_span(base: int, extents: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Where on the drive the made file system goes (the partition at ``base``): its file
+    from the start through its last data, holes included (read as zeros).  mkfs writes
+    zeros over its FATs and bitmaps, and a $TMPDIR that stores zeros as holes (ZFS with
+    compression) reports them as holes: left out, the drive's old bytes were the new FAT."""
+    end = max((o + n for o, n in extents), default=0)
+    return [(base, end)] if end > 0 else []
 
 
 def data_extents(fd: int, size: int, making: Making | None = None) -> list[tuple[int, int]]:
@@ -596,5 +521,20 @@ def file_source(fd: int, base: int) -> Callable[[int, int], memoryview]:
 
 def discard(device: BlockDevice, size: int) -> None:
     """BLKDISCARD over the whole drive (the drive decides what discarded blocks read as)."""
-    fcntl.ioctl(device.fileno(), BLKDISCARD, struct.pack("QQ", 0, size))
+    try:
+        fcntl.ioctl(device.fileno(), BLKDISCARD, struct.pack("QQ", 0, size))
+    except OSError as exc:
+        if exc.errno != errno.EOPNOTSUPP:
+            raise
+        raise OSError(exc.errno, NO_DISCARD) from None  # not a bare "Operation not supported"
     drop_cache(device)
+
+
+#: A drive that does not discard, said as what to do instead.
+NO_DISCARD = "the drive does not support discarding (BLKDISCARD): use --zero instead"
+
+
+def discards(devnum: int) -> bool | None:
+    """Whether the kernel lets the drive discard (None: it does not say)."""
+    most = sysfs.attr(devnum, "queue/discard_max_bytes")
+    return None if most is None or not most.isdigit() else int(most) > 0

@@ -25,6 +25,17 @@ from popsicle_py.records import record
 
 #: Zeros written to free space before the last read-back: past a drive's write cache.
 PAST_CACHE = 16 << 20
+#: How far a drive's erase got (:attr:`EraseJob._reached`), and a cancelled drive's result
+#: for each: what the drive holds now, and what to do.
+BEFORE, PROBING, WIPING, TABLE = range(4)
+CANCELLED = (
+    "cancelled before wiping began: the drive still holds what it held",
+    "cancelled while its capacity was probed: the blocks the probe wrote were put back, "
+    "unless the drive had stopped answering",
+    "cancelled while wiping: the drive is partly wiped (its old partition table may be gone); "
+    "erase it again",
+    "cancelled while its new partition table was written: erase it again to be sure of it",
+)
 
 
 @record
@@ -68,8 +79,8 @@ class _Finished:
     offset: int | None = None
 
 
-#: The file systems made (descriptor, extents), or why one was not, by (fs, partition length).
-_Made = dict[tuple[str, int], tuple[int, list[tuple[int, int]]] | erase.ToolFailed]
+#: The file systems made (descriptor, extents), or why one was not, by (fs, partition).
+_Made = dict[tuple[str, erase.Layout], tuple[int, list[tuple[int, int]]] | erase.ToolFailed]
 
 
 def _close(made: _Made) -> None:
@@ -89,7 +100,10 @@ class EraseJob(_Job):
         super().__init__(devices, emit, cancel, infos)
         self.options = options
         self.verifies = True
-        self._made: _Made = {}  # each file system made, or why not, by (fs, partition length)
+        self._made: _Made = {}  # each file system made, or why not, by (fs, partition)
+        #: How far each drive's erase got (an index of :data:`CANCELLED`), set by its lane
+        #: just before the step's first write: a cancel says what the drive holds now.
+        self._reached = [BEFORE] * len(self.drives)
 
     def run(self) -> Summary:
         supervisor = Supervisor([d.device for d in self.drives], self._on_message, self.cancel,
@@ -114,10 +128,11 @@ class EraseJob(_Job):
             self._end(drive, Status.FAILED, f"{drive.path}: did not finish", cause=Cause.ERROR)
         return self._summary()
 
-    def _file_system(self, size: int) -> tuple[str, erase.Layout] | None:
-        """The file system and partition a drive of ``size`` bytes gets (None: only wiped)."""
-        fs = self.options.fs or erase.default_fs(size)
-        return None if fs == "none" else (fs, erase.layout(size, fs))
+    def _file_system(self, device: BlockDevice) -> tuple[str, erase.Layout] | None:
+        """The file system and partition ``device`` gets (None: only wiped), in its own
+        logical sectors."""
+        fs = self.options.fs or erase.default_fs(device.size, device.block)
+        return None if fs == "none" else (fs, erase.layout(device.size, fs, device.block))
 
     def _make_filesystems(self) -> bool:
         """Each file system the drives need, made before any drive is touched, on a watched
@@ -127,18 +142,18 @@ class EraseJob(_Job):
         as that healthy drive's stall, and held the run until the disk came back.  Here its
         own stall names $TMPDIR, on time, and Ctrl-C is heard at once."""
         options = self.options
-        wanted = sorted({w for d in self.drives if (w := self._file_system(d.device.size))},
-                        key=lambda w: (w[0], w[1].length))
+        wanted = sorted({w for d in self.drives if (w := self._file_system(d.device))},
+                        key=lambda w: (w[0], w[1].sector, w[1].length))
 
         def work(making: erase.Making, stopped: Callable[[], bool]) -> _Made | None:
             made: _Made = {}
             try:
                 for fs, part in wanted:
                     try:
-                        made[fs, part.length] = erase.make_filesystem(
+                        made[fs, part] = erase.make_filesystem(
                             fs, part, options.label, options.workdir, making, stopped)
                     except erase.ToolFailed as exc:
-                        made[fs, part.length] = exc
+                        made[fs, part] = exc
                     if stopped():
                         raise erase.ToolCancelled(fs)
             except erase.ToolCancelled:  # nobody takes them: closed here
@@ -152,12 +167,18 @@ class EraseJob(_Job):
         except erase.MakingStalled as exc:
             self.emit(Note(f"{exc.where}: a call there has not returned; popsicle-py exits "
                            "once it does (when the disk it is on answers again)"))
-            self._made = {(fs, part.length): exc for fs, part in wanted}
+            self._made = {(fs, part): exc for fs, part in wanted}
             return True
         if result is None:
             return False
         self._made = result
         return True
+
+    def _cancel_rest(self) -> None:
+        """Every drive not ended is cancelled, saying what it holds now."""
+        self.cancelled = True
+        for drive, reached in zip(self.drives, self._reached, strict=True):
+            self._end(drive, Status.CANCELLED, CANCELLED[reached], cause=Cause.CANCELLED)
 
     def _on_message(self, msg: _Message) -> None:
         drive = self.drives[msg.id]
@@ -211,7 +232,7 @@ class EraseJob(_Job):
             lane.touch()
             lane.post(_Step(lane.id, s))
 
-        wanted = self._file_system(size)
+        wanted = self._file_system(device)
         if wanted is None:
             written = self._wipe(lane, stopped, moved, step)
             edges = erase.wipe_ranges(size, ())
@@ -223,14 +244,14 @@ class EraseJob(_Job):
         fs, part = wanted
         # The file system was made first, in a file (see _make_filesystems): a mkfs that
         # failed has written nothing to the drive.
-        made = self._made[fs, part.length]
+        made = self._made[fs, part]
         if isinstance(made, erase.ToolFailed):
             raise made
         fd, extents = made
         written = self._wipe(lane, stopped, moved, step)
         if lane.stopped:
             return written
-        where = [(part.start + o, n) for o, n in extents]
+        where = erase.copied_span(part.start, extents)
         source = erase.file_source(fd, part.start)
         erase.fill(device, where, source, pacer=lane.pacer, stopped=stopped,
                    progress=lambda n: lane.advance(n))
@@ -254,6 +275,7 @@ class EraseJob(_Job):
                                         final)
         if lane.stopped:
             return written
+        self._reached[lane.id] = TABLE
         table = memoryview(aligned_buffer(4096))  # the table last: an interrupted drive
         table[:512] = erase.mbr(part, secrets.token_bytes(4))  # has none
         head = [(0, 4096)]
@@ -298,10 +320,15 @@ class EraseJob(_Job):
         zeros = erase.zeros_source()
         whole = [(0, size)]
         # A counterfeit stick fails here, before anything but the probe's stamps (put back)
-        # is written: it must never be formatted to a size it does not hold.
+        # is written: it must never be formatted to a size it does not hold.  Put back after
+        # a Ctrl-C too, as by `probe`, unless the drive stopped answering (given up): they
+        # were left on a drive the user had just told to stop.
+        self._reached[lane.id] = PROBING
         result = probe.probe_device(device, stopped=stopped,
                                     overwritten=whole if options.zero else (),
-                                    answered=lane.answered)
+                                    answered=lane.answered, given_up=lambda: lane.abandoned)
+        if not lane.stopped and result.error is None:  # --zero keeps its stamps: zeros go next
+            self._reached[lane.id] = WIPING if options.zero else BEFORE
         if lane.stopped:
             return written
         if result.error is not None:
@@ -309,6 +336,8 @@ class EraseJob(_Job):
         if not result.ok:
             raise Counterfeit(result.message)
         step(Step.WRITING if options.zero else Step.ERASING)
+        if options.zero or options.discard:  # the first write, or discard, comes next
+            self._reached[lane.id] = WIPING
         if options.zero:
             erase.fill(device, whole, zeros, pacer=lane.pacer, stopped=stopped,
                        progress=moved(Step.WRITING, size))
@@ -332,6 +361,7 @@ class EraseJob(_Job):
         ranges = erase.merge([*erase.wipe_ranges(size, [o for o, _ in found]),
                               *erase.partition_ranges(parts)], size)
         if not (options.zero or options.discard):  # already zeros everywhere otherwise
+            self._reached[lane.id] = WIPING
             erase.fill(device, ranges, zeros, pacer=lane.pacer, stopped=stopped,
                        progress=lambda n: lane.advance(n))
             written += sum(n for _, n in ranges)

@@ -55,6 +55,8 @@ def result_line(r: events.DriveResult, speeds: str = "") -> str:
         return f"{r.device}: ok ({what}{extras(r)}{speeds}){identity(r)}"
     why = strip_device(r.error, r.device)
     said = f": {why}" if why and why != r.status else ""  # not "cancelled: cancelled"
+    if why and why.startswith((f"{r.status} ", f"{r.status};")):  # "cancelled while ..."
+        said = why[len(r.status):]
     return f"{r.device}: {r.status}{said}{identity(r)}"
 
 

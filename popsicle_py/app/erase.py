@@ -20,6 +20,7 @@ from popsicle_py.app.common import cancelled_before_writing, open_or_cancelled
 from popsicle_py.app.confirm import Confirmation, target_rows
 from popsicle_py.blockdev import BlockDevice
 from popsicle_py.defaults import DEFAULT_STALL_TIMEOUT
+from popsicle_py.drives import Drive
 from popsicle_py.erase_job import EraseJob, EraseOptions
 from popsicle_py.errors import Refused
 from popsicle_py.flash import open_targets
@@ -44,8 +45,13 @@ class EraseRequest:
     stall_timeout: float = DEFAULT_STALL_TIMEOUT
 
 
-def fs_for(request: EraseRequest, size: int) -> str:
-    return request.fs or erase.default_fs(size)
+def fs_for(request: EraseRequest, drive: Drive) -> str:
+    return request.fs or erase.default_fs(drive.size, _sector(drive))
+
+
+def _sector(drive: Drive) -> int:
+    """The drive's logical sector, the unit of its table and its file system."""
+    return max(512, drive.logical_block_size)
 
 
 def request_refusals(request: EraseRequest) -> list[str]:
@@ -79,7 +85,7 @@ class PreparedErase:
         request = self.request
         how = " after zeros everywhere" if request.zero else (
             " after discarding every block" if request.discard else "")
-        return tuple(f"{d.path}: {erase.made(d.size, fs_for(request, d.size))}{how}"
+        return tuple(f"{d.path}: {erase.made(d.size, fs_for(request, d), _sector(d))}{how}"
                      for d in self.plan.targets)
 
     @property
@@ -129,17 +135,22 @@ def prepare_erase(request: EraseRequest) -> PreparedErase:
         raise Refused(lines)
     plan = make_plan(request.devices, all_usb=False, image_path=None, image_size=None,
                      unmount=request.unmount)
-    needed = {fs_for(request, d.size) for d in plan.targets}
+    needed = {fs_for(request, d) for d in plan.targets}
     lines = [line for fs in sorted(needed) if (line := erase.missing_tool(fs)) is not None]
     if request.fs is None:  # the label's rules are those of each drive's file system
         lines += [line for fs in sorted(needed)
                   if (line := erase.label_problem(fs, request.label)) is not None]
     lines += [f"{d.path} is too small to partition" for d in plan.targets
-              if d.size < erase.PART_START + (1 << 20) and fs_for(request, d.size) != "none"]
+              if d.size < erase.PART_START + (1 << 20) and fs_for(request, d) != "none"]
     if request.fs == "fat32":  # asked for by name: FAT32 or a refusal, never another FAT
-        lines += [line for d in plan.targets if (line := erase.no_fat32(d.path, d.size))]
+        lines += [line for d in plan.targets
+                  if (line := erase.no_fat32(d.path, d.size, _sector(d)))]
     if request.fs == "exfat":  # below mkfs.exfat's least: a refusal, not a run that fails
-        lines += [line for d in plan.targets if (line := erase.no_exfat(d.path, d.size))]
+        lines += [line for d in plan.targets
+                  if (line := erase.no_exfat(d.path, d.size, _sector(d)))]
+    if request.discard:  # the kernel says so: refused now, not a drive failed once confirmed
+        lines += [f"{d.path}: {erase.NO_DISCARD}" for d in plan.targets
+                  if erase.discards(d.devnum) is False]
     if request.label and not lines:  # what the tool itself says of the label, tried on a file
         lines += [line for fs in sorted(needed - {"none"})
                   if (line := erase.refused_label(fs, request.label,

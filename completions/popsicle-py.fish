@@ -372,7 +372,7 @@ complete -c popsicle-py -n '__popsicle_py_at check cert' -a '(__popsicle_py_devi
 complete -c popsicle-py -n '__popsicle_py_at check device' -a '(__popsicle_py_devices)'
 
 # popsicle-py erase
-complete -c popsicle-py -n '__popsicle_py_at erase' -l 'fs' -x -a 'fat32 exfat none' -d 'File system of the one partition (default: fat32 up to 32 GiB, exfat above); none only wipes.'
+complete -c popsicle-py -n '__popsicle_py_at erase' -l 'fs' -x -a 'fat32 exfat none' -d 'File system of the one partition (default: fat32 up to 32 GiB, exfat above; fat32 on a drive with 4096-byte sectors); none only wipes.'
 complete -c popsicle-py -n '__popsicle_py_at erase' -l 'label' -x -d 'Volume label (FAT: 11 ASCII characters; exFAT: 11, any script).'
 complete -c popsicle-py -n '__popsicle_py_at erase' -l 'zero' -d 'Write zeros over the whole drive first, and read them back.'
 complete -c popsicle-py -n '__popsicle_py_at erase' -l 'discard' -d 'Discard every block first (BLKDISCARD), and read zeros back.'

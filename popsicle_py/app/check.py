@@ -66,7 +66,7 @@ class PreparedCheck(ReadsDrives):
 
     def run(self, view: View, cancel: Cancellation) -> events.Summary:
         """Read every drive (nothing is written); the summary says which match."""
-        opened = self.open_drives(view, cancel)
+        opened = self.open_drives(view, cancel, self.request.stall_timeout)
         if opened is None:
             return self.cancelled(view)
         for note in self.notes:
@@ -235,7 +235,7 @@ def prepare_check(request: CheckRequest) -> PreparedCheck:
         expected, cert = _published(request), None
     # A drive smaller than the image is not refused: it does not hold it (exit 1, "ends at").
     targets = make_read_plan(request.devices, None).targets
-    require_access([d.path for d in targets], writing=False)
+    require_access([d.path for d in targets], writing=False, limit=request.stall_timeout)
     if cert is not None:
         notes += identity_notes(cert, targets[0])
     return PreparedCheck(request, expected, targets, tuple(notes))

@@ -110,7 +110,7 @@ class PreparedErase:
             return open_targets(self.plan.targets,
                                 check=drives.still_same_each(self.plan.targets))
 
-        opened = open_or_cancelled(open_drives, cancel, view)
+        opened = open_or_cancelled(open_drives, cancel, view, request.stall_timeout)
         if opened is None or cancel():  # Ctrl-C at a polkit prompt: no refusal
             for device in opened or ():
                 device.close()
@@ -158,5 +158,5 @@ def prepare_erase(request: EraseRequest) -> PreparedErase:
                   is not None]
     if lines:
         raise Refused(lines)
-    require_access([d.path for d in plan.targets], writing=True)
+    require_access([d.path for d in plan.targets], writing=True, limit=request.stall_timeout)
     return PreparedErase(request, plan)

@@ -32,12 +32,13 @@ class ReadsDrives:
     def labels(self) -> dict[str, str]:
         return {d.path: d.label for d in self.targets}
 
-    def open_drives(self, view: View, cancel: Cancellation) -> list[BlockDevice] | None:
+    def open_drives(self, view: View, cancel: Cancellation, limit: float | None = None
+                    ) -> list[BlockDevice] | None:
         """Every drive opened read-only, or Refused (the view closed first); None when a
-        signal came first or ended a polkit prompt."""
+        signal came first or ended a polkit prompt (or a daemon silent for ``limit`` s)."""
         return open_or_cancelled(
             lambda: open_targets(self.targets, for_writing=False,
-                                 check=drives.writers_each(self.targets)), cancel, view)
+                                 check=drives.writers_each(self.targets)), cancel, view, limit)
 
     def cancelled(self, view: View) -> events.Summary:
         """Every drive reported cancelled, none read."""
@@ -73,7 +74,7 @@ class PreparedVerify(ReadsDrives):
                     raise
             if image is None:  # cancelled while downloading: no drive was read
                 return self.cancelled(view)
-            opened = self.open_drives(view, cancel)
+            opened = self.open_drives(view, cancel, self.request.stall_timeout)
             if opened is None:
                 return self.cancelled(view)
             job = VerifyJob(image, opened, view.handle, cancel, self.request.stall_timeout,
@@ -90,7 +91,7 @@ def prepare_verify(request: VerifyRequest) -> PreparedVerify:
                                    request.image, request.stall_timeout)
     local = "/dev/stdin" if request.image == "-" else request.image  # where it is stored
     targets = make_read_plan(request.devices, image.size, image_path=local).targets
-    require_access([d.path for d in targets], writing=False)
+    require_access([d.path for d in targets], writing=False, limit=request.stall_timeout)
     return PreparedVerify(request, image, targets)
 
 
@@ -124,7 +125,7 @@ class PreparedProbe:
                                 check=drives.still_same_each(self.plan.targets))
 
         infos = [drive_info(d, i) for i, d in enumerate(self.plan.targets, 1)]
-        opened = open_or_cancelled(open_drives, cancel, view)
+        opened = open_or_cancelled(open_drives, cancel, view, self.request.stall_timeout)
         if opened is None:
             summary = cancelled_before_writing([d.path for d in self.plan.targets], infos,
                                                view.handle)
@@ -140,5 +141,5 @@ def prepare_probe(request: ProbeRequest) -> PreparedProbe:
     """Check the drives as a flash would (no image); raises :class:`Refused`."""
     plan = make_plan(request.devices, all_usb=False, image_path=None, image_size=None,
                      unmount=request.unmount)
-    require_access([d.path for d in plan.targets], writing=True)
+    require_access([d.path for d in plan.targets], writing=True, limit=request.stall_timeout)
     return PreparedProbe(request, plan)

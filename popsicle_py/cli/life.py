@@ -83,7 +83,7 @@ def read_command(pairs: tuple[str, ...], bmap: bool, force: bool,
 @click.argument("devices", nargs=-1, required=True, type=DEVICE, metavar="DEVICE...")
 @click.option("--fs", type=click.Choice(["fat32", "exfat", "none"]), default=None,
               help="File system of the one partition (default: fat32 up to 32 GiB, exfat "
-                   "above); none only wipes.")
+                   "above; fat32 on a drive with 4096-byte sectors); none only wipes.")
 @click.option("--label", metavar="NAME",
               help="Volume label (FAT: 11 ASCII characters; exFAT: 11, any script).")
 @click.option("--zero", is_flag=True, help="Write zeros over the whole drive first, and "

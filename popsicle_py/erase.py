@@ -113,6 +113,8 @@ def label_problem(fs: str, label: str | None) -> str | None:
     if units > EXFAT_LABEL_UNITS:
         return (f"--label {label!r}: an exFAT label is at most {EXFAT_LABEL_UNITS} characters "
                 "(UTF-16 units)")
+    if label and not label.strip(" "):  # made, but blkid and the desktop read no label
+        return f"--label {label!r}: an exFAT label of spaces alone reads as no label"
     return None
 
 
